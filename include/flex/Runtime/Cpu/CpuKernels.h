@@ -1,0 +1,280 @@
+//===- CpuKernels.h - CPU kernels of the plan step ops ----------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares the CPU backend's compute kernels: one function per step
+// op of the plan format (docs/PlanFormat.md), forward and backward. They take
+// plain pointers and sizes; the executor binds plan buffers to them.
+//
+// Common conventions:
+//  - Typed buffers (tokens, weights, activations, their gradients) are f32,
+//    bf16 or f16 in storage; the math is fp32 and every elementwise result is
+//    rounded once, round-to-nearest-even, into the output buffer's type.
+//  - Routing buffers are f32 (scores, gates) and i32 (indices, locations,
+//    capacity, expert offsets and rows), laid out as in PlanFormat.md.
+//  - Steps after the gate touch only the valid rows of each expert
+//    (`expertOffsets[e] .. expertOffsets[e] + expertRows[e]`); other rows of
+//    a dispatch-shaped buffer are neither read nor written.
+//  - Element offsets are computed in int64 arithmetic.
+//  - Kernels run on OpenMP threads and OpenBLAS; their results do not depend
+//    on the number of threads (each output element is reduced in a fixed
+//    order), except for the order of fp32 sums inside BLAS.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_CPU_CPUKERNELS_H
+#define FLEX_RUNTIME_CPU_CPUKERNELS_H
+
+#include "flex/Runtime/LayerConfig.h"
+
+#include <cstdint>
+
+namespace flex::cpu {
+
+//===----------------------------------------------------------------------===//
+// Buffer views
+//===----------------------------------------------------------------------===//
+
+/// A typed buffer a kernel reads. `type` is F32, BF16 or F16.
+struct ReadBuffer {
+  const void *data = nullptr;
+  DType type = DType::F32;
+};
+
+/// A typed buffer a kernel writes (and, where a kernel accumulates, reads).
+struct WriteBuffer {
+  void *data = nullptr;
+  DType type = DType::F32;
+};
+
+/// The row segments of a dispatch-shaped buffer: expert e owns rows
+/// `[offsets[e], offsets[e] + rows[e])`.
+struct ExpertSegments {
+  const int32_t *offsets = nullptr; ///< [experts + 1]
+  const int32_t *rows = nullptr;    ///< [experts]
+  int64_t experts = 0;
+};
+
+/// The routing of one call, as written by `gate`. A slot (t, j) is kept when
+/// `locations[t, j] < *capacity`; its row is
+/// `expertOffsets[indices[t, j]] + locations[t, j]`.
+struct Routing {
+  const int32_t *indices = nullptr;       ///< [tokens, topK]
+  const int32_t *locations = nullptr;     ///< [tokens, topK]
+  const float *gates = nullptr;           ///< [tokens, topK]
+  const int32_t *capacity = nullptr;      ///< [1]
+  const int32_t *expertOffsets = nullptr; ///< [experts + 1]
+  const int32_t *expertRows = nullptr;    ///< [experts]
+  int64_t tokens = 0;
+  int64_t topK = 0; ///< k after clamping to experts.
+  int64_t experts = 0;
+
+  ExpertSegments segments() const {
+    return {expertOffsets, expertRows, experts};
+  }
+};
+
+//===----------------------------------------------------------------------===//
+// Gate constants and noise
+//===----------------------------------------------------------------------===//
+
+/// [gate-3] The floor of the normalizing sum: `g /= max(sum_k g, eps)`. It is
+/// fp32's machine epsilon, as in Tutel (torch.finfo(float32).eps).
+inline constexpr float kGateNormalizeEps = 1.1920928955078125e-7f;
+
+/// [gate-1] The training noise of token t, expert e: a standard normal sample
+/// that is a pure function of (seed, t, e), so neither threads nor call order
+/// change it. Computed as Box-Muller over two uniforms in (0, 1) drawn from
+/// splitmix64 of a hash of (seed, t, e):
+///   h  = splitmix64(seed ^ splitmix64(t * 0x9E3779B97F4A7C15 + e))
+///   u1 = ((splitmix64(h) >> 11) + 0.5) * 2^-53
+///   u2 = ((splitmix64(h + 1) >> 11) + 0.5) * 2^-53
+///   sample = sqrt(-2 ln u1) * cos(2 pi u2)
+/// The gate adds `noise * sample / E` to logits[t, e] (Tutel's scaling of
+/// `gate_noise`), in fp64, and rounds the sum to fp32.
+double gateNoiseSample(uint64_t seed, int64_t token, int64_t expert);
+
+/// How `gate` lays out expert rows in the dispatch buffer.
+enum class Layout : uint8_t {
+  /// `expertOffsets[e] = e * C`: the capacity-padded layout of [dispatch-1].
+  Padded,
+  /// `expertOffsets[e] = sum of expertRows before e`: no padding.
+  Ragged,
+};
+
+struct GateAttrs {
+  /// k; clamped to the number of experts ([gate-2]).
+  int64_t topK = 1;
+  CapacityMode capacityMode = CapacityMode::Fixed;
+  /// f > 0 for Fixed and Bounded.
+  double capacityFactor = 1.0;
+  /// [gate-3] normalize the k gates of a token (only when k > 1).
+  bool normalize = true;
+  /// [loc-1] order tokens by descending max score before assigning slots.
+  bool batchPrioritized = false;
+  /// Standard deviation of the training noise (0 = none); see
+  /// gateNoiseSample.
+  double noise = 0.0;
+  uint64_t seed = 0;
+  Layout layout = Layout::Padded;
+  /// [cap-1] C is rounded up to a multiple of this (pipelining degree,
+  /// sharding); 1 = no rounding.
+  int64_t capacityAlignment = 1;
+};
+
+/// Where `gate` writes. Every pointer is required.
+struct GateOutputs {
+  float *scores = nullptr;         ///< [T, E]
+  int32_t *indices = nullptr;      ///< [T, k]
+  int32_t *locations = nullptr;    ///< [T, k]
+  float *gates = nullptr;          ///< [T, k]
+  int32_t *capacity = nullptr;     ///< [1]
+  int32_t *expertOffsets = nullptr; ///< [E + 1]
+  int32_t *expertRows = nullptr;   ///< [E]
+  float *lAux = nullptr;           ///< [1]
+};
+
+/// The capacity C of [cap-1] for the given per-expert slot counts:
+/// spe = ceil(T / E); Fixed: k * int(f * spe); Dropless: max count; Bounded:
+/// min(max count, k * int(f * spe)); then rounded up to `alignment`.
+/// int(f * spe) == 0 gives C = 0 (every slot is dropped) in Fixed and Bounded.
+int64_t computeCapacity(CapacityMode mode, double factor, int64_t tokens,
+                        int64_t experts, int64_t topK, int64_t maxCount,
+                        int64_t alignment = 1);
+
+//===----------------------------------------------------------------------===//
+// Forward step ops
+//===----------------------------------------------------------------------===//
+
+/// `router` ([gate-1]): logits[T, E] = x[T, d] @ wg[d, E], fp32 accumulate.
+void router(ReadBuffer x, ReadBuffer wg, float *logits, int64_t tokens,
+            int64_t modelDim, int64_t experts);
+
+/// `gate`: [gate-1..3], [loc-1], [cap-1], [loss-1] on fp32 logits[T, E].
+///  - scores = softmax(logits + noise) over E, in fp32 (max-subtracted).
+///  - top-k by score, ties to the lower expert index; the k experts of a token
+///    are distinct.
+///  - gates = the chosen scores, normalized over all k choices (dropped or
+///    not) when `normalize` and k > 1, by max(sum, kGateNormalizeEps).
+///  - locations per [loc-1]; with batchPrioritized tokens are visited by
+///    descending max score, ties by token order (a stable sort).
+///  - capacity per computeCapacity; expertRows[e] = min(count_e, C);
+///    expertOffsets per `layout`, expertOffsets[E] = rows used.
+///  - lAux = E * sum_e mean_t(scores[t, e]) * frac_e, frac_e = share of tokens
+///    whose first choice is e (dropped or not), accumulated in fp64.
+/// NaN: a NaN (or +-inf, making exp() NaN) in a token's logits makes its
+/// scores NaN. Selection ranks NaN below every number, so indices stay in
+/// [0, E) (an all-NaN row picks experts 0..k-1) and locations stay exact; the
+/// token's gates, its output and lAux are NaN (propagated, never hidden).
+/// batchPrioritized orders a NaN max score last.
+void gate(const float *logits, int64_t tokens, int64_t experts,
+          const GateAttrs &attrs, const GateOutputs &out);
+
+/// `dispatch` ([dispatch-1]): dispatched[row(t, j)] = x[t] for every kept
+/// slot. Writes only the valid rows; dispatched has x's type.
+void dispatch(ReadBuffer x, int64_t modelDim, const Routing &routing,
+              WriteBuffer dispatched);
+
+/// The elementwise function applied after a grouped GEMM.
+enum class Epilogue : uint8_t { None, Relu, Gelu, Silu };
+
+Epilogue toEpilogue(Activation act);
+
+struct GroupedGemmOptions {
+  /// b is [E, N, K] and used transposed (b[e]^T).
+  bool transB = false;
+  Epilogue epilogue = Epilogue::None;
+  /// c = epi(c + a @ b[e] + bias[e]): adds to what c holds (backward sums).
+  bool accumulate = false;
+};
+
+/// `grouped_gemm` ([expert-1]): for each expert e and its valid rows,
+/// `c = epi(a @ b[e] + bias[e])`. a [R, K], b [E, K, N] (or [E, N, K] with
+/// transB), bias [E, N] (bias.data may be null), c [R, N]. When `pre.data` is
+/// not null it also receives `a @ b[e] + bias[e]` before the epilogue (what
+/// activation_backward needs in training), so one GEMM serves both.
+/// GELU is the exact erf form: x * Phi(x).
+void groupedGemm(ReadBuffer a, ReadBuffer b, ReadBuffer bias, WriteBuffer c,
+                 int64_t k, int64_t n, const ExpertSegments &segments,
+                 const GroupedGemmOptions &options, WriteBuffer pre = {});
+
+/// Elementwise `out = act(pre)` over the valid rows of [R, N] buffers (the
+/// forward of activation_backward when the GEMM did not apply it).
+void activation(ReadBuffer pre, WriteBuffer out, int64_t n,
+                const ExpertSegments &segments, Activation act);
+
+/// `glu` ([expert-1], gated): c = silu(gateIn) * upIn over valid rows.
+void glu(ReadBuffer gateIn, ReadBuffer upIn, WriteBuffer c, int64_t n,
+         const ExpertSegments &segments);
+
+/// `combine` ([combine-1]): out[t] = sum over kept j of
+/// gates[t, j] * expertOut[row(t, j)], summed in choice order in fp32.
+/// Writes every row of out; a token whose slots are all dropped gets zeros.
+void combine(ReadBuffer expertOut, int64_t modelDim, const Routing &routing,
+             WriteBuffer out);
+
+//===----------------------------------------------------------------------===//
+// Backward step ops
+//===----------------------------------------------------------------------===//
+
+/// `combine_backward`: for each kept slot, gradExpertOut[row(t, j)] =
+/// gates[t, j] * gradOut[t] and gradGates[t, j] = <gradOut[t],
+/// expertOut[row(t, j)]>; gradGates of a dropped slot is 0. Every valid row
+/// of gradExpertOut is written (each is the row of exactly one kept slot).
+void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut,
+                     int64_t modelDim, const Routing &routing,
+                     WriteBuffer gradExpertOut, float *gradGates);
+
+/// `grouped_gemm_wgrad`: gradB[e] = a_e^T @ gradC_e ([K, N]) and, when
+/// gradBias.data is not null, gradBias[e] = column sums of gradC_e. Writes
+/// all of gradB and gradBias: an expert with no rows gets zeros.
+void groupedGemmWgrad(ReadBuffer a, ReadBuffer gradC, int64_t k, int64_t n,
+                      const ExpertSegments &segments, WriteBuffer gradB,
+                      WriteBuffer gradBias);
+
+/// `activation_backward`: gradPre = grad * act'(pre) over valid rows. relu'
+/// is 1 for pre > 0 and 0 otherwise.
+void activationBackward(ReadBuffer pre, ReadBuffer grad, WriteBuffer gradPre,
+                        int64_t n, const ExpertSegments &segments,
+                        Activation act);
+
+/// `glu_backward`: with c = silu(g) * u, gradGateIn = grad * u * silu'(g)
+/// and gradUpIn = grad * silu(g), over valid rows.
+void gluBackward(ReadBuffer gateIn, ReadBuffer upIn, ReadBuffer grad,
+                 WriteBuffer gradGateIn, WriteBuffer gradUpIn, int64_t n,
+                 const ExpertSegments &segments);
+
+/// `dispatch_backward`: gradX[t] = sum over kept j of
+/// gradDispatched[row(t, j)] (choice order, fp32), zeros when none is kept.
+/// Overwrites every row of gradX.
+void dispatchBackward(ReadBuffer gradDispatched, int64_t modelDim,
+                      const Routing &routing, WriteBuffer gradX);
+
+struct GateBackwardAttrs {
+  int64_t topK = 1; ///< clamped to experts, as in the forward.
+  bool normalize = true;
+};
+
+/// `gate_backward`: grad_logits[T, E] (f32) through [gate-3], the softmax
+/// and [loss-1]. gradGates [T, k] is d loss / d gates (all k choices, 0 for
+/// dropped ones as combine_backward writes); gradLAux [1] is the weight of
+/// l_aux in the loss (null = 0). frac_e of [loss-1] is piecewise constant
+/// (argmax), so l_aux reaches the logits through its mean scores only. The
+/// noise is additive, so the gradient of the noisy logits is the gradient of
+/// the logits. Reads routing.indices (and nothing else of routing but the
+/// sizes).
+void gateBackward(const float *gradGates, const float *gradLAux,
+                  const float *scores, const Routing &routing,
+                  const GateBackwardAttrs &attrs, float *gradLogits);
+
+/// `router_backward`: gradX += gradLogits @ wg^T (gradX.data may be null to
+/// skip) and gradWg = x^T @ gradLogits (overwritten).
+void routerBackward(ReadBuffer x, ReadBuffer wg, const float *gradLogits,
+                    int64_t tokens, int64_t modelDim, int64_t experts,
+                    WriteBuffer gradX, WriteBuffer gradWg);
+
+} // namespace flex::cpu
+
+#endif // FLEX_RUNTIME_CPU_CPUKERNELS_H
