@@ -1,0 +1,79 @@
+//===- Backend.h - The interface an executor runs steps through -*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares Backend, the abstract device an Executor runs plan steps
+// on. The executor resolves every operand of a step to a pointer and hands the
+// step over; a backend maps it to its kernels. The CPU backend runs each step
+// to completion; a CUDA backend will queue on streams (Step::stream,
+// Step::wait) and synchronize at the end of a pass.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_BACKEND_H
+#define FLEX_RUNTIME_BACKEND_H
+
+#include "flex/Runtime/Plan.h"
+#include "flex/Runtime/Status.h"
+
+#include <array>
+#include <memory>
+#include <string_view>
+
+namespace flex {
+
+/// The operands of one step, resolved to memory. `data` is null where the
+/// step has no operand in that role; `desc` gives dtype and shape.
+struct TensorView {
+  void *data = nullptr;
+  const BufferDesc *desc = nullptr;
+
+  bool isPresent() const { return data != nullptr; }
+};
+
+struct StepOperands {
+  std::array<TensorView, kNumOperandRoles> inputs{};
+  std::array<TensorView, kNumOperandRoles> outputs{};
+
+  const TensorView &in(OperandRole role) const {
+    return inputs[static_cast<int>(role)];
+  }
+  const TensorView &out(OperandRole role) const {
+    return outputs[static_cast<int>(role)];
+  }
+};
+
+class Backend {
+public:
+  virtual ~Backend();
+
+  /// "cpu", "cuda", ...
+  virtual std::string_view name() const = 0;
+
+  /// Runs (or queues) one step. The plan has been verified: every required
+  /// operand is present with the dtype and shape its op needs.
+  virtual Status runStep(const Plan &plan, const Step &step,
+                         const StepOperands &operands) = 0;
+
+  /// Waits until every queued step has finished. The CPU backend runs steps
+  /// synchronously and returns at once.
+  virtual Status synchronize() { return Status::ok(); }
+
+  /// The stream the next steps go to (a cudaStream_t on CUDA). The CPU
+  /// backend accepts only null.
+  virtual Status setStream(void *stream);
+
+  /// Memory for the workspace, in the backend's memory space.
+  virtual void *allocate(int64_t bytes, int64_t alignment);
+  virtual void deallocate(void *data);
+};
+
+/// The CPU backend (lib/Runtime/Cpu/CpuBackend.cpp): R1's kernels of
+/// include/flex/Runtime/Cpu/CpuKernels.h, run in step order.
+std::unique_ptr<Backend> createCpuBackend();
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_BACKEND_H

@@ -1,0 +1,143 @@
+//===- Executor.h - Run a plan on caller buffers ----------------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares the Executor: it binds the caller's buffers to a plan's
+// arguments by name, owns or borrows the workspace, selects a variant and
+// runs the variant's forward or backward steps through a Backend, timing each
+// step. See docs/Runtime.md for the rules a caller follows.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_EXECUTOR_H
+#define FLEX_RUNTIME_EXECUTOR_H
+
+#include "flex/Runtime/Backend.h"
+#include "flex/Runtime/Plan.h"
+#include "flex/Runtime/Status.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flex {
+
+/// One caller buffer for one argument: its name, memory and size in bytes
+/// (which must equal the argument's byte size exactly).
+struct Binding {
+  std::string_view name;
+  void *data = nullptr;
+  int64_t bytes = 0;
+};
+
+struct RunOptions {
+  /// Reject NaN/Inf in the pass's float inputs before running (NumericError,
+  /// nothing written), and report NaN/Inf in its outputs after running
+  /// (NumericError, outputs written). Also on with FLEX_CHECK_NAN=1.
+  bool checkNonFinite = false;
+  /// Time every step (steady clock, after Backend::synchronize).
+  bool timeSteps = true;
+};
+
+struct StepTiming {
+  int32_t index = 0; ///< in the variant's forward or backward list
+  StepOp op = StepOp::Router;
+  double micros = 0;
+};
+
+/// What the last successful run did.
+struct RunStats {
+  int64_t variant = -1;
+  bool backward = false;
+  std::vector<StepTiming> steps; ///< empty unless RunOptions::timeSteps
+  double totalMicros = 0;
+};
+
+/// Per-variant measurements, for the cost model to come. Means over every
+/// successful run of the variant in this executor.
+struct VariantMeasurements {
+  int64_t forwardRuns = 0;
+  double forwardMeanMicros = 0;
+  int64_t backwardRuns = 0;
+  double backwardMeanMicros = 0;
+};
+
+class Executor {
+public:
+  /// Checks the plan (verifyPlan) and the FLEX_VARIANT environment variable
+  /// (a variant name or index; InvalidArgument when it names none), then
+  /// selects FLEX_VARIANT or else the plan's default variant.
+  static Status create(std::shared_ptr<const Plan> plan,
+                       std::unique_ptr<Backend> backend,
+                       std::unique_ptr<Executor> &executor);
+  ~Executor();
+
+  const Plan &plan() const { return *plan_; }
+  Backend &backend() { return *backend_; }
+
+  /// Variant selection. Takes effect at the next forward; a backward always
+  /// runs the variant of the forward it follows.
+  Status selectVariant(int64_t index);
+  Status selectVariant(std::string_view name);
+  int64_t selectedVariant() const { return selected_; }
+
+  /// Bytes and alignment the workspace needs.
+  int64_t workspaceBytes() const { return plan_->workspace.bytes; }
+  int64_t workspaceAlignment() const { return plan_->workspace.alignment; }
+  /// Use the caller's workspace (at least workspaceBytes(), aligned to
+  /// workspaceAlignment(), alive until replaced or the executor is gone), or
+  /// with null go back to a runtime-allocated one. Invalidates a pending
+  /// backward.
+  Status setWorkspace(void *data, int64_t bytes);
+
+  /// Runs the selected variant's forward. Every `input` and `output`
+  /// argument must be bound; other arguments of the plan may be bound too
+  /// (checked, then ignored).
+  Status forward(const Binding *bindings, size_t count,
+                 const RunOptions &options = {});
+  /// Runs the backward of the last forward's variant. Needs a successful
+  /// forward since the last backward or setWorkspace (its routing and
+  /// activations are in the workspace); binds every `input`, `grad_input`
+  /// and `grad_output` argument, the inputs holding the forward's values.
+  Status backward(const Binding *bindings, size_t count,
+                  const RunOptions &options = {});
+
+  const RunStats &lastRunStats() const { return lastStats_; }
+  const VariantMeasurements &measurements(int64_t variant) const {
+    return measurements_[variant];
+  }
+
+private:
+  Executor(std::shared_ptr<const Plan> plan, std::unique_ptr<Backend> backend);
+  Status run(bool backward, const Binding *bindings, size_t count,
+             const RunOptions &options);
+  Status bind(bool backward, const Binding *bindings, size_t count);
+  Status ensureWorkspace();
+
+  std::shared_ptr<const Plan> plan_;
+  std::unique_ptr<Backend> backend_;
+  int64_t selected_ = 0;
+  /// The variant whose forward state the workspace holds; -1 when none.
+  int64_t pendingBackwardVariant_ = -1;
+  bool checkNonFiniteFromEnv_ = false;
+
+  void *workspace_ = nullptr;
+  void *ownedWorkspace_ = nullptr;
+
+  /// Per argument: the pointer bound for the current run (null when not).
+  std::vector<void *> argumentData_;
+  RunStats lastStats_;
+  std::vector<VariantMeasurements> measurements_;
+};
+
+/// Parses FLEX_VARIANT-style text: a variant name, or a decimal index.
+/// Returns the index, or -1 when `text` names no variant of `plan`.
+int64_t resolveVariant(const Plan &plan, std::string_view text);
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_EXECUTOR_H

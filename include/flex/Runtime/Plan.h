@@ -1,0 +1,232 @@
+//===- Plan.h - The in-memory model of a plan (format v1) -------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file defines the plan as the runtime holds it after loading: a layer,
+// its arguments, a static workspace and one or more variants, each a forward
+// and a backward list of steps over named buffers. docs/PlanFormat.md is the
+// specification; PlanLoader.h reads and writes the JSON form.
+//
+// Buffer names are resolved to BufferRef when a plan is loaded, and operand
+// roles to OperandRole, so executing a step does no string lookup.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_PLAN_H
+#define FLEX_RUNTIME_PLAN_H
+
+#include "flex/Runtime/LayerConfig.h"
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flex {
+
+/// The plan format versions this runtime reads.
+inline constexpr int kPlanFormatVersion = 1;
+inline constexpr std::string_view kPlanFormatName = "flex-plan";
+
+/// One step op of the plan (one `moert` op).
+enum class StepOp : uint8_t {
+  Router,
+  Gate,
+  Dispatch,
+  GroupedGemm,
+  Glu,
+  Combine,
+  CombineBackward,
+  GroupedGemmWgrad,
+  ActivationBackward,
+  GluBackward,
+  DispatchBackward,
+  GateBackward,
+  RouterBackward,
+};
+inline constexpr int kNumStepOps = 13;
+
+std::string_view toString(StepOp op);
+std::optional<StepOp> parseStepOp(std::string_view text);
+
+/// The role an operand plays in a step: the keys of a step's `in` and `out`
+/// objects. One enum for all ops; each op accepts a subset (see
+/// getStepSignature).
+enum class OperandRole : uint8_t {
+  X,
+  Wg,
+  Logits,
+  Scores,
+  Indices,
+  Locations,
+  Gates,
+  Capacity,
+  ExpertOffsets,
+  ExpertRows,
+  LAux,
+  Dispatched,
+  A,
+  B,
+  Bias,
+  C,
+  GateIn,
+  UpIn,
+  ExpertOut,
+  Out,
+  GradOut,
+  GradExpertOut,
+  GradGates,
+  GradC,
+  GradB,
+  GradBias,
+  Pre,
+  Grad,
+  GradPre,
+  GradGateIn,
+  GradUpIn,
+  GradDispatched,
+  GradX,
+  GradLAux,
+  GradLogits,
+  GradWg,
+};
+inline constexpr int kNumOperandRoles = 36;
+
+std::string_view toString(OperandRole role);
+std::optional<OperandRole> parseOperandRole(std::string_view text);
+
+/// The operands an op takes: `required` must be present, `optional` may be.
+/// Roles outside both are rejected by the loader.
+struct StepSignature {
+  std::vector<OperandRole> requiredInputs;
+  std::vector<OperandRole> optionalInputs;
+  std::vector<OperandRole> requiredOutputs;
+  std::vector<OperandRole> optionalOutputs;
+};
+const StepSignature &getStepSignature(StepOp op);
+
+/// Caller-owned argument roles ("role" of an argument).
+enum class ArgumentRole : uint8_t { Input, Output, GradInput, GradOutput };
+std::string_view toString(ArgumentRole role);
+std::optional<ArgumentRole> parseArgumentRole(std::string_view text);
+
+/// How the gate lays the dispatch buffer out (the `layout` attr of `gate`).
+enum class DispatchLayout : uint8_t { Padded, Ragged };
+std::string_view toString(DispatchLayout layout);
+std::optional<DispatchLayout> parseDispatchLayout(std::string_view text);
+
+/// The epilogue of `grouped_gemm`.
+enum class Epilogue : uint8_t { None, Relu, Gelu, Silu };
+std::string_view toString(Epilogue epilogue);
+std::optional<Epilogue> parseEpilogue(std::string_view text);
+
+/// A buffer: name, element type and static row-major shape.
+struct BufferDesc {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+
+  /// Product of the dims; the loader has checked it does not overflow.
+  int64_t numElements() const;
+  /// numElements() * dtypeSize(dtype); checked like numElements().
+  int64_t numBytes() const;
+};
+
+struct Argument : BufferDesc {
+  ArgumentRole role = ArgumentRole::Input;
+};
+
+struct WorkspaceBuffer : BufferDesc {
+  int64_t offset = 0; ///< from the start of the workspace block
+  int64_t bytes = 0;  ///< reserved bytes, >= numBytes()
+};
+
+struct Workspace {
+  int64_t bytes = 0;
+  int64_t alignment = 256; ///< of the block and of every offset
+  std::vector<WorkspaceBuffer> buffers;
+};
+
+/// Where an operand lives: a caller argument or a workspace buffer, by index.
+struct BufferRef {
+  enum class Kind : uint8_t { None, Argument, Workspace };
+  Kind kind = Kind::None;
+  int32_t index = -1;
+
+  bool isValid() const { return kind != Kind::None; }
+  friend bool operator==(const BufferRef &, const BufferRef &) = default;
+};
+
+/// Attributes of a step. Which ones an op reads is in PlanFormat.md; the
+/// loader fills the ones present and checks those the op requires.
+struct StepAttrs {
+  // gate, gate_backward
+  int64_t topK = 1;
+  CapacityMode capacityMode = CapacityMode::Fixed;
+  double capacityFactor = 1.0;
+  bool normalize = true;
+  bool batchPrioritized = false;
+  double noise = 0.0;
+  uint64_t seed = 0;
+  DispatchLayout layout = DispatchLayout::Padded;
+  /// C is rounded up to a multiple of this (pipelining, sharding).
+  int64_t capacityAlignment = 1;
+  // grouped_gemm
+  bool transB = false;
+  Epilogue epilogue = Epilogue::None;
+  // activation_backward
+  Activation activation = Activation::Relu;
+};
+
+struct Step {
+  StepOp op = StepOp::Router;
+  /// Operands by role; BufferRef::Kind::None where the role is absent.
+  std::array<BufferRef, kNumOperandRoles> inputs{};
+  std::array<BufferRef, kNumOperandRoles> outputs{};
+  StepAttrs attrs;
+  int32_t stream = 0;         ///< reserved for the CUDA backend
+  std::vector<int32_t> wait;  ///< step indices; reserved for the CUDA backend
+
+  const BufferRef &in(OperandRole role) const {
+    return inputs[static_cast<int>(role)];
+  }
+  const BufferRef &out(OperandRole role) const {
+    return outputs[static_cast<int>(role)];
+  }
+};
+
+struct Variant {
+  std::string name;
+  std::vector<Step> forward;
+  std::vector<Step> backward;
+  /// The cost model's prediction and measurement, in microseconds.
+  std::optional<double> predictedUs;
+  std::optional<double> measuredUs;
+  /// The free-form `parallel` object, kept as JSON text ("" when absent).
+  std::string parallelJson;
+};
+
+struct Plan {
+  int version = kPlanFormatVersion;
+  std::string producer;
+  LayerConfig layer;
+  bool training = false;
+  std::vector<Argument> arguments;
+  Workspace workspace;
+  std::vector<Variant> variants;
+  int64_t defaultVariant = 0;
+
+  /// Index of the argument or workspace buffer named `name`.
+  BufferRef findBuffer(std::string_view name) const;
+  const BufferDesc &getBuffer(BufferRef ref) const;
+  int64_t findArgument(std::string_view name) const; ///< -1 when absent
+  int64_t findVariant(std::string_view name) const;  ///< -1 when absent
+};
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_PLAN_H

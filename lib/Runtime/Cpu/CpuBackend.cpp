@@ -1,0 +1,196 @@
+//===- CpuBackend.cpp - Plan steps on the CPU kernels ---------------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the CPU backend: it maps each plan step to its kernel
+// in CpuKernels.h, with sizes taken from the (verified) buffer shapes. Steps
+// run synchronously on the calling thread (the kernels use OpenMP inside).
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Backend.h"
+#include "flex/Runtime/Cpu/CpuKernels.h"
+
+#include <algorithm>
+
+namespace flex {
+namespace {
+
+using R = OperandRole;
+
+cpu::ReadBuffer read(const TensorView &view) {
+  if (!view.isPresent())
+    return {};
+  return {view.data, view.desc->dtype};
+}
+
+cpu::WriteBuffer write(const TensorView &view) {
+  if (!view.isPresent())
+    return {};
+  return {view.data, view.desc->dtype};
+}
+
+template <typename T> const T *readAs(const TensorView &view) {
+  return static_cast<const T *>(view.data);
+}
+template <typename T> T *writeAs(const TensorView &view) {
+  return static_cast<T *>(view.data);
+}
+
+cpu::Epilogue toCpu(Epilogue epilogue) {
+  switch (epilogue) {
+  case Epilogue::None: return cpu::Epilogue::None;
+  case Epilogue::Relu: return cpu::Epilogue::Relu;
+  case Epilogue::Gelu: return cpu::Epilogue::Gelu;
+  case Epilogue::Silu: return cpu::Epilogue::Silu;
+  }
+  return cpu::Epilogue::None;
+}
+
+class CpuBackend final : public Backend {
+public:
+  std::string_view name() const override { return "cpu"; }
+  Status runStep(const Plan &plan, const Step &step,
+                 const StepOperands &ops) override;
+};
+
+Status CpuBackend::runStep(const Plan &plan, const Step &step,
+                           const StepOperands &ops) {
+  const LayerConfig &layer = plan.layer;
+  const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts;
+  const int64_t k = std::min(layer.topK, layer.experts);
+  // Routing is read from whichever side of the step holds it.
+  cpu::Routing routing;
+  routing.indices = readAs<int32_t>(ops.in(R::Indices));
+  routing.locations = readAs<int32_t>(ops.in(R::Locations));
+  routing.gates = readAs<float>(ops.in(R::Gates));
+  routing.capacity = readAs<int32_t>(ops.in(R::Capacity));
+  routing.expertOffsets = readAs<int32_t>(ops.in(R::ExpertOffsets));
+  routing.expertRows = readAs<int32_t>(ops.in(R::ExpertRows));
+  routing.tokens = T;
+  routing.topK = k;
+  routing.experts = E;
+  const cpu::ExpertSegments segments = routing.segments();
+  // The column count of a [R, N] operand.
+  auto cols = [](const TensorView &view) { return view.desc->shape.back(); };
+
+  switch (step.op) {
+  case StepOp::Router:
+    cpu::router(read(ops.in(R::X)), read(ops.in(R::Wg)),
+                writeAs<float>(ops.out(R::Logits)), T, d, E);
+    break;
+  case StepOp::Gate: {
+    const StepAttrs &a = step.attrs;
+    cpu::GateAttrs attrs;
+    attrs.topK = a.topK;
+    attrs.capacityMode = a.capacityMode;
+    attrs.capacityFactor = a.capacityFactor;
+    attrs.normalize = a.normalize;
+    attrs.batchPrioritized = a.batchPrioritized;
+    attrs.noise = a.noise;
+    attrs.seed = a.seed;
+    attrs.layout = a.layout == DispatchLayout::Padded ? cpu::Layout::Padded
+                                                      : cpu::Layout::Ragged;
+    attrs.capacityAlignment = a.capacityAlignment;
+    cpu::GateOutputs out;
+    out.scores = writeAs<float>(ops.out(R::Scores));
+    out.indices = writeAs<int32_t>(ops.out(R::Indices));
+    out.locations = writeAs<int32_t>(ops.out(R::Locations));
+    out.gates = writeAs<float>(ops.out(R::Gates));
+    out.capacity = writeAs<int32_t>(ops.out(R::Capacity));
+    out.expertOffsets = writeAs<int32_t>(ops.out(R::ExpertOffsets));
+    out.expertRows = writeAs<int32_t>(ops.out(R::ExpertRows));
+    out.lAux = writeAs<float>(ops.out(R::LAux));
+    cpu::gate(readAs<float>(ops.in(R::Logits)), T, E, attrs, out);
+    // The plan sized the dispatch buffers for C <= the aligned static bound
+    // (the loader checked); a larger C would write past them.
+    int64_t alignment = a.capacityAlignment;
+    int64_t bound =
+        (staticCapacityBound(layer) + alignment - 1) / alignment * alignment;
+    if (*out.capacity < 0 || *out.capacity > bound)
+      return Status(StatusCode::Internal,
+                    "gate computed capacity " +
+                        std::to_string(*out.capacity) +
+                        ", outside the static bound [0, " +
+                        std::to_string(bound) +
+                        "] the plan's buffers were sized for");
+    break;
+  }
+  case StepOp::Dispatch:
+    cpu::dispatch(read(ops.in(R::X)), d, routing,
+                  write(ops.out(R::Dispatched)));
+    break;
+  case StepOp::GroupedGemm: {
+    const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
+    cpu::GroupedGemmOptions options;
+    options.transB = step.attrs.transB;
+    options.epilogue = toCpu(step.attrs.epilogue);
+    cpu::groupedGemm(read(a), read(ops.in(R::B)), read(ops.in(R::Bias)),
+                     write(c), cols(a), cols(c), segments, options,
+                     write(ops.out(R::Pre)));
+    break;
+  }
+  case StepOp::Glu:
+    cpu::glu(read(ops.in(R::GateIn)), read(ops.in(R::UpIn)),
+             write(ops.out(R::C)), cols(ops.out(R::C)), segments);
+    break;
+  case StepOp::Combine:
+    cpu::combine(read(ops.in(R::ExpertOut)), d, routing,
+                 write(ops.out(R::Out)));
+    break;
+  case StepOp::CombineBackward:
+    cpu::combineBackward(read(ops.in(R::GradOut)), read(ops.in(R::ExpertOut)),
+                         d, routing, write(ops.out(R::GradExpertOut)),
+                         writeAs<float>(ops.out(R::GradGates)));
+    break;
+  case StepOp::GroupedGemmWgrad: {
+    const TensorView &a = ops.in(R::A), &gradC = ops.in(R::GradC);
+    cpu::groupedGemmWgrad(read(a), read(gradC), cols(a), cols(gradC),
+                          segments, write(ops.out(R::GradB)),
+                          write(ops.out(R::GradBias)));
+    break;
+  }
+  case StepOp::ActivationBackward:
+    cpu::activationBackward(read(ops.in(R::Pre)), read(ops.in(R::Grad)),
+                            write(ops.out(R::GradPre)),
+                            cols(ops.out(R::GradPre)), segments,
+                            step.attrs.activation);
+    break;
+  case StepOp::GluBackward:
+    cpu::gluBackward(read(ops.in(R::GateIn)), read(ops.in(R::UpIn)),
+                     read(ops.in(R::Grad)), write(ops.out(R::GradGateIn)),
+                     write(ops.out(R::GradUpIn)), cols(ops.in(R::Grad)),
+                     segments);
+    break;
+  case StepOp::DispatchBackward:
+    cpu::dispatchBackward(read(ops.in(R::GradDispatched)), d, routing,
+                          write(ops.out(R::GradX)));
+    break;
+  case StepOp::GateBackward: {
+    cpu::GateBackwardAttrs attrs;
+    attrs.topK = step.attrs.topK;
+    attrs.normalize = step.attrs.normalize;
+    cpu::gateBackward(readAs<float>(ops.in(R::GradGates)),
+                      readAs<float>(ops.in(R::GradLAux)),
+                      readAs<float>(ops.in(R::Scores)), routing, attrs,
+                      writeAs<float>(ops.out(R::GradLogits)));
+    break;
+  }
+  case StepOp::RouterBackward:
+    cpu::routerBackward(read(ops.in(R::X)), read(ops.in(R::Wg)),
+                        readAs<float>(ops.in(R::GradLogits)), T, d, E,
+                        write(ops.out(R::GradX)), write(ops.out(R::GradWg)));
+    break;
+  }
+  return Status::ok();
+}
+
+} // namespace
+
+std::unique_ptr<Backend> createCpuBackend() {
+  return std::make_unique<CpuBackend>();
+}
+
+} // namespace flex

@@ -1,0 +1,433 @@
+//===- Executor.cpp - Run a plan on caller buffers ------------------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the Executor and the default memory and stream hooks
+// of Backend.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Executor.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include <algorithm>
+#include <bit>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace flex {
+
+//===----------------------------------------------------------------------===//
+// Backend defaults
+//===----------------------------------------------------------------------===//
+
+Backend::~Backend() = default;
+
+Status Backend::setStream(void *stream) {
+  if (stream)
+    return Status(StatusCode::Unavailable,
+                  "backend '" + std::string(name()) +
+                      "' runs on the calling thread and takes no stream; "
+                      "pass a null stream");
+  return Status::ok();
+}
+
+void *Backend::allocate(int64_t bytes, int64_t alignment) {
+  // aligned_alloc needs a size that is a multiple of the alignment.
+  size_t align = std::max<size_t>(alignment, 64);
+  size_t size = (static_cast<size_t>(bytes) + align - 1) / align * align;
+  return std::aligned_alloc(align, std::max(size, align));
+}
+
+void Backend::deallocate(void *data) { std::free(data); }
+
+//===----------------------------------------------------------------------===//
+// Helpers
+//===----------------------------------------------------------------------===//
+
+namespace {
+
+std::string shapeString(const std::vector<int64_t> &shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+std::string describe(const Argument &arg) {
+  return shapeString(arg.shape) + " " + std::string(toString(arg.dtype)) +
+         " = " + std::to_string(arg.numBytes()) + " bytes";
+}
+
+bool isFloat(DType type) { return type != DType::I32; }
+
+/// Index of the first NaN or Inf element, or -1.
+int64_t findNonFinite(const void *data, DType type, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    float value;
+    switch (type) {
+    case DType::F32:
+      value = static_cast<const float *>(data)[i];
+      break;
+    case DType::BF16:
+      value = std::bit_cast<float>(
+          static_cast<uint32_t>(static_cast<const uint16_t *>(data)[i]) << 16);
+      break;
+    case DType::F16:
+      // An f16 is non-finite exactly when its exponent bits are all set.
+      if ((static_cast<const uint16_t *>(data)[i] & 0x7c00u) == 0x7c00u)
+        return i;
+      continue;
+    case DType::I32:
+      return -1;
+    }
+    if (!std::isfinite(value))
+      return i;
+  }
+  return -1;
+}
+
+std::string elementPosition(const Argument &arg, int64_t index) {
+  std::string text = "element " + std::to_string(index) + " (index [";
+  std::vector<int64_t> coords(arg.shape.size());
+  int64_t rest = index;
+  for (size_t i = arg.shape.size(); i-- > 0;) {
+    coords[i] = arg.shape[i] ? rest % arg.shape[i] : 0;
+    rest = arg.shape[i] ? rest / arg.shape[i] : 0;
+  }
+  for (size_t i = 0; i < coords.size(); ++i)
+    text += (i ? ", " : "") + std::to_string(coords[i]);
+  return text + "])";
+}
+
+bool envFlag(const char *name) {
+  const char *value = std::getenv(name);
+  return value && *value && std::string_view(value) != "0";
+}
+
+} // namespace
+
+int64_t resolveVariant(const Plan &plan, std::string_view text) {
+  int64_t byName = plan.findVariant(text);
+  if (byName >= 0)
+    return byName;
+  int64_t index = -1;
+  auto [end, error] = std::from_chars(text.data(), text.data() + text.size(),
+                                      index);
+  if (error != std::errc() || end != text.data() + text.size() || index < 0 ||
+      index >= static_cast<int64_t>(plan.variants.size()))
+    return -1;
+  return index;
+}
+
+//===----------------------------------------------------------------------===//
+// Executor
+//===----------------------------------------------------------------------===//
+
+Executor::Executor(std::shared_ptr<const Plan> plan,
+                   std::unique_ptr<Backend> backend)
+    : plan_(std::move(plan)), backend_(std::move(backend)) {
+  argumentData_.assign(plan_->arguments.size(), nullptr);
+  measurements_.assign(plan_->variants.size(), {});
+  selected_ = plan_->defaultVariant;
+  checkNonFiniteFromEnv_ = envFlag("FLEX_CHECK_NAN");
+}
+
+Executor::~Executor() {
+  if (ownedWorkspace_)
+    backend_->deallocate(ownedWorkspace_);
+}
+
+Status Executor::create(std::shared_ptr<const Plan> plan,
+                        std::unique_ptr<Backend> backend,
+                        std::unique_ptr<Executor> &executor) {
+  executor.reset();
+  if (!plan)
+    return Status(StatusCode::InvalidArgument, "no plan given");
+  if (!backend)
+    return Status(StatusCode::InvalidArgument, "no backend given");
+  if (Status status = verifyPlan(*plan); !status)
+    return status;
+  std::unique_ptr<Executor> result(
+      new Executor(std::move(plan), std::move(backend)));
+  if (const char *env = std::getenv("FLEX_VARIANT"); env && *env) {
+    int64_t index = resolveVariant(result->plan(), env);
+    if (index < 0) {
+      std::string names;
+      for (const Variant &variant : result->plan().variants)
+        names += (names.empty() ? "" : ", ") + variant.name;
+      return Status(StatusCode::InvalidArgument,
+                    "FLEX_VARIANT='" + std::string(env) +
+                        "' names no variant of the plan; allowed: " + names +
+                        " or an index below " +
+                        std::to_string(result->plan().variants.size()));
+    }
+    result->selected_ = index;
+  }
+  executor = std::move(result);
+  return Status::ok();
+}
+
+Status Executor::selectVariant(int64_t index) {
+  int64_t count = static_cast<int64_t>(plan_->variants.size());
+  if (index < 0 || index >= count)
+    return Status(StatusCode::OutOfRange,
+                  "variant index " + std::to_string(index) +
+                      " is out of range; the plan has " +
+                      std::to_string(count) + " variants (0 to " +
+                      std::to_string(count - 1) + ")");
+  selected_ = index;
+  return Status::ok();
+}
+
+Status Executor::selectVariant(std::string_view name) {
+  int64_t index = plan_->findVariant(name);
+  if (index < 0) {
+    std::string names;
+    for (const Variant &variant : plan_->variants)
+      names += (names.empty() ? "" : ", ") + variant.name;
+    return Status(StatusCode::NotFound, "no variant named '" +
+                                            std::string(name) +
+                                            "'; the plan has: " + names);
+  }
+  selected_ = index;
+  return Status::ok();
+}
+
+Status Executor::setWorkspace(void *data, int64_t bytes) {
+  if (!data) {
+    workspace_ = ownedWorkspace_;
+    pendingBackwardVariant_ = -1;
+    return Status::ok();
+  }
+  if (bytes < workspaceBytes())
+    return Status(StatusCode::InvalidArgument,
+                  "workspace of " + std::to_string(bytes) +
+                      " bytes is too small; the plan needs " +
+                      std::to_string(workspaceBytes()));
+  if (reinterpret_cast<uintptr_t>(data) % workspaceAlignment() != 0)
+    return Status(StatusCode::InvalidArgument,
+                  "workspace address is not aligned to " +
+                      std::to_string(workspaceAlignment()) + " bytes");
+  workspace_ = data;
+  pendingBackwardVariant_ = -1;
+  return Status::ok();
+}
+
+Status Executor::ensureWorkspace() {
+  if (workspace_ || workspaceBytes() == 0)
+    return Status::ok();
+  if (!ownedWorkspace_) {
+    ownedWorkspace_ = backend_->allocate(workspaceBytes(), workspaceAlignment());
+    if (!ownedWorkspace_)
+      return Status(StatusCode::Internal,
+                    "cannot allocate a workspace of " +
+                        std::to_string(workspaceBytes()) + " bytes");
+  }
+  workspace_ = ownedWorkspace_;
+  return Status::ok();
+}
+
+Status Executor::bind(bool backward, const Binding *bindings, size_t count) {
+  const Plan &plan = *plan_;
+  std::fill(argumentData_.begin(), argumentData_.end(), nullptr);
+  if (count && !bindings)
+    return Status(StatusCode::InvalidArgument,
+                  "bindings is null but count is " + std::to_string(count));
+  for (size_t i = 0; i < count; ++i) {
+    const Binding &binding = bindings[i];
+    int64_t index = plan.findArgument(binding.name);
+    if (index < 0) {
+      std::string names;
+      for (const Argument &arg : plan.arguments)
+        names += (names.empty() ? "" : ", ") + arg.name;
+      return Status(StatusCode::NotFound,
+                    "binding " + std::to_string(i) + ": '" +
+                        std::string(binding.name) +
+                        "' is not an argument of the plan; its arguments are " +
+                        names);
+    }
+    const Argument &arg = plan.arguments[index];
+    if (argumentData_[index])
+      return Status(StatusCode::InvalidArgument,
+                    "binding " + std::to_string(i) + ": argument '" +
+                        arg.name + "' is bound twice");
+    if (!binding.data)
+      return Status(StatusCode::InvalidArgument,
+                    "binding " + std::to_string(i) + ": argument '" +
+                        arg.name + "' has a null pointer");
+    if (binding.bytes != arg.numBytes())
+      return Status(StatusCode::InvalidArgument,
+                    "binding " + std::to_string(i) + ": argument '" +
+                        arg.name + "' is " + describe(arg) + "; got " +
+                        std::to_string(binding.bytes) + " bytes");
+    argumentData_[index] = binding.data;
+  }
+  // What this pass reads and writes must be bound.
+  for (size_t i = 0; i < plan.arguments.size(); ++i) {
+    const Argument &arg = plan.arguments[i];
+    bool needed = arg.role == ArgumentRole::Input ||
+                  (backward ? arg.role == ArgumentRole::GradInput ||
+                                  arg.role == ArgumentRole::GradOutput
+                            : arg.role == ArgumentRole::Output);
+    if (needed && !argumentData_[i])
+      return Status(StatusCode::InvalidArgument,
+                    "argument '" + arg.name + "' (role " +
+                        std::string(toString(arg.role)) + ", " +
+                        describe(arg) + ") is not bound; " +
+                        (backward ? "backward" : "forward") +
+                        " needs every input" +
+                        (backward ? ", grad_input and grad_output"
+                                  : " and output") +
+                        " argument");
+  }
+  // A written argument must not share bytes with any other bound one:
+  // inputs are never written, and outputs do not clobber each other.
+  ArgumentRole written =
+      backward ? ArgumentRole::GradOutput : ArgumentRole::Output;
+  for (size_t i = 0; i < plan.arguments.size(); ++i) {
+    if (!argumentData_[i] || plan.arguments[i].role != written)
+      continue;
+    auto begin = reinterpret_cast<uintptr_t>(argumentData_[i]);
+    auto end = begin + plan.arguments[i].numBytes();
+    for (size_t j = 0; j < plan.arguments.size(); ++j) {
+      if (j == i || !argumentData_[j])
+        continue;
+      auto otherBegin = reinterpret_cast<uintptr_t>(argumentData_[j]);
+      auto otherEnd = otherBegin + plan.arguments[j].numBytes();
+      if (begin < otherEnd && otherBegin < end)
+        return Status(StatusCode::InvalidArgument,
+                      "argument '" + plan.arguments[i].name +
+                          "' (written) overlaps the memory of argument '" +
+                          plan.arguments[j].name + "'");
+    }
+  }
+  return Status::ok();
+}
+
+Status Executor::forward(const Binding *bindings, size_t count,
+                         const RunOptions &options) {
+  return run(/*backward=*/false, bindings, count, options);
+}
+
+Status Executor::backward(const Binding *bindings, size_t count,
+                          const RunOptions &options) {
+  return run(/*backward=*/true, bindings, count, options);
+}
+
+Status Executor::run(bool backward, const Binding *bindings, size_t count,
+                     const RunOptions &options) {
+  const Plan &plan = *plan_;
+  if (backward && !plan.training)
+    return Status(StatusCode::FailedPrecondition,
+                  "the plan was compiled for inference (training false); it "
+                  "has no backward");
+  if (backward && pendingBackwardVariant_ < 0)
+    return Status(StatusCode::FailedPrecondition,
+                  "backward needs a forward first: it reads the routing and "
+                  "activations that forward leaves in the workspace (one "
+                  "backward per forward)");
+  if (Status status = bind(backward, bindings, count); !status)
+    return status;
+  if (Status status = ensureWorkspace(); !status)
+    return status;
+
+  bool checkNonFinite = options.checkNonFinite || checkNonFiniteFromEnv_;
+  auto checkArguments = [&](bool outputs) -> Status {
+    for (size_t i = 0; i < plan.arguments.size(); ++i) {
+      const Argument &arg = plan.arguments[i];
+      bool selected =
+          outputs ? arg.role == (backward ? ArgumentRole::GradOutput
+                                          : ArgumentRole::Output)
+                  : (arg.role == ArgumentRole::Input ||
+                     (backward && arg.role == ArgumentRole::GradInput));
+      if (!selected || !isFloat(arg.dtype))
+        continue;
+      int64_t at = findNonFinite(argumentData_[i], arg.dtype, arg.numElements());
+      if (at >= 0)
+        return Status(StatusCode::NumericError,
+                      std::string(outputs ? "output" : "input") +
+                          " argument '" + arg.name + "' has NaN or Inf at " +
+                          elementPosition(arg, at) +
+                          (outputs ? " (inputs were finite)"
+                                   : "; nothing was run"));
+    }
+    return Status::ok();
+  };
+  if (checkNonFinite)
+    if (Status status = checkArguments(/*outputs=*/false); !status)
+      return status;
+
+  int64_t variantIndex = backward ? pendingBackwardVariant_ : selected_;
+  const Variant &variant = plan.variants[variantIndex];
+  const std::vector<Step> &steps = backward ? variant.backward : variant.forward;
+  auto *workspaceBase = static_cast<char *>(workspace_);
+  auto resolve = [&](const BufferRef &ref) -> TensorView {
+    if (ref.kind == BufferRef::Kind::Argument)
+      return {argumentData_[ref.index], &plan.arguments[ref.index]};
+    if (ref.kind == BufferRef::Kind::Workspace) {
+      const WorkspaceBuffer &buffer = plan.workspace.buffers[ref.index];
+      return {workspaceBase + buffer.offset, &buffer};
+    }
+    return {};
+  };
+
+  // A failed forward leaves no state a backward may use.
+  if (!backward)
+    pendingBackwardVariant_ = -1;
+  RunStats stats;
+  stats.variant = variantIndex;
+  stats.backward = backward;
+  using Clock = std::chrono::steady_clock;
+  auto runStart = Clock::now();
+  for (size_t s = 0; s < steps.size(); ++s) {
+    const Step &step = steps[s];
+    StepOperands operands;
+    for (int r = 0; r < kNumOperandRoles; ++r) {
+      operands.inputs[r] = resolve(step.inputs[r]);
+      operands.outputs[r] = resolve(step.outputs[r]);
+    }
+    auto stepStart = Clock::now();
+    Status status = backend_->runStep(plan, step, operands);
+    if (status && options.timeSteps)
+      status = backend_->synchronize();
+    if (!status)
+      return Status(status.code(),
+                    "variant '" + variant.name + "' " +
+                        (backward ? "backward" : "forward") + " step " +
+                        std::to_string(s) + " (" +
+                        std::string(toString(step.op)) +
+                        "): " + status.message());
+    if (options.timeSteps)
+      stats.steps.push_back(
+          {static_cast<int32_t>(s), step.op,
+           std::chrono::duration<double, std::micro>(Clock::now() - stepStart)
+               .count()});
+  }
+  if (Status status = backend_->synchronize(); !status)
+    return status;
+  stats.totalMicros =
+      std::chrono::duration<double, std::micro>(Clock::now() - runStart)
+          .count();
+
+  VariantMeasurements &m = measurements_[variantIndex];
+  int64_t &runs = backward ? m.backwardRuns : m.forwardRuns;
+  double &mean = backward ? m.backwardMeanMicros : m.forwardMeanMicros;
+  ++runs;
+  mean += (stats.totalMicros - mean) / static_cast<double>(runs);
+  lastStats_ = std::move(stats);
+  pendingBackwardVariant_ = backward ? -1 : variantIndex;
+
+  if (checkNonFinite)
+    if (Status status = checkArguments(/*outputs=*/true); !status)
+      return status;
+  return Status::ok();
+}
+
+} // namespace flex
