@@ -2,6 +2,7 @@
 # lit configuration of the Flex tests.
 
 import os
+import sys
 
 import lit.formats
 from lit.llvm import llvm_config
@@ -18,6 +19,8 @@ config.environment["FILECHECK_OPTS"] = "-enable-var-scope --allow-unused-prefixe
 
 llvm_config.use_default_substitutions()
 config.substitutions.append(("%flex_src_root", config.flex_src_root))
+config.substitutions.append(("%python", sys.executable))
+config.substitutions.append(("%moe_opt", os.path.join(config.flex_tools_dir, "moe-opt")))
 config.substitutions.append(("%examples", os.path.join(config.flex_src_root, "examples")))
 
 tool_dirs = [config.flex_tools_dir, config.llvm_tools_dir]

@@ -291,14 +291,14 @@ LogicalResult DispatchOp::verify() {
     return emitOpError("[dispatch-1] input has ")
            << input.getDimSize(0) << " tokens but the routing has "
            << routing.getTokens();
-  if (failed(verifyShape(*this, "dispatch-1", "result [E, C, d]", result,
-                         {routing.getExperts(), routing.getCapacity(),
-                          input.getDimSize(1)})))
-    return failure();
   if (routing.hasStaticCapacity() != !result.isDynamicDim(1))
     return emitOpError("[dispatch-1] result capacity must be ")
            << (routing.hasStaticCapacity() ? "static" : "'?'")
            << " as the routing's, got " << formatShape(result.getShape());
+  if (failed(verifyShape(*this, "dispatch-1", "result [E, C, d]", result,
+                         {routing.getExperts(), routing.getCapacity(),
+                          input.getDimSize(1)})))
+    return failure();
   return verifySameElementType(*this, "dispatch-1", "result", result,
                                input.getElementType());
 }
@@ -334,14 +334,14 @@ LogicalResult CombineOp::verify() {
   if (failed(verifyStaticShape(*this, "input", input, /*allowDynamicDim=*/1)) ||
       failed(verifyStaticShape(*this, "result", result)))
     return failure();
-  if (failed(verifyShape(*this, "combine-1", "input [E, C, d]", input,
-                         {routing.getExperts(), routing.getCapacity(),
-                          result.getDimSize(1)})))
-    return failure();
   if (routing.hasStaticCapacity() != !input.isDynamicDim(1))
     return emitOpError("[combine-1] input capacity must be ")
            << (routing.hasStaticCapacity() ? "static" : "'?'")
            << " as the routing's, got " << formatShape(input.getShape());
+  if (failed(verifyShape(*this, "combine-1", "input [E, C, d]", input,
+                         {routing.getExperts(), routing.getCapacity(),
+                          result.getDimSize(1)})))
+    return failure();
   if (result.getDimSize(0) != routing.getTokens())
     return emitOpError("[combine-1] result has ")
            << result.getDimSize(0) << " tokens but the routing has "
