@@ -389,6 +389,8 @@ std::optional<double> readMicros(const Json &json, const char *key,
   return std::nullopt;
 }
 
+void verifyHeader(const Plan &plan);
+
 void readPlan(const Json &root, Plan &plan) {
   expectObject(root, "<document>");
   std::string format = asString(field(root, "", "format"), "format");
@@ -450,6 +452,7 @@ void readPlan(const Json &root, Plan &plan) {
            "buffer name '" + plan.workspace.buffers[i].name +
                "' is defined twice");
 
+  verifyHeader(plan);
   NameTable names{plan};
   const Json &variants = field(root, "", "variants");
   expectArray(variants, "variants");
@@ -744,7 +747,10 @@ std::string stepPath(size_t variant, bool backward, size_t index) {
          (backward ? "backward[" : "forward[") + std::to_string(index) + "]";
 }
 
-void verify(const Plan &plan, const PlanCheckOptions &options) {
+/// The checks that need no steps: layer, sizes, argument table, workspace.
+/// The reader runs them before it resolves step operands, so a missing
+/// argument is reported as such, not as an unknown buffer name.
+void verifyHeader(const Plan &plan) {
   if (std::optional<std::string> error = verifyLayerConfig(plan.layer))
     fail("layer", *error);
   const LayerConfig &layer = plan.layer;
@@ -826,6 +832,11 @@ void verify(const Plan &plan, const PlanCheckOptions &options) {
                      std::to_string(ws.bytes) + ")");
   }
 
+}
+
+void verify(const Plan &plan, const PlanCheckOptions &options) {
+  verifyHeader(plan);
+  const Workspace &ws = plan.workspace;
   // Variants.
   if (plan.variants.empty())
     fail("variants", "a plan needs at least one variant");

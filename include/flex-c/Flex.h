@@ -1,0 +1,282 @@
+/*===- Flex.h - The C API of the Flex runtime ---------------------*- C -*-===*\
+|*                                                                            *|
+|* Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.   *|
+|*                                                                            *|
+\*===----------------------------------------------------------------------===*/
+/*
+ * This file declares the C API for embedding Flex (PyTorch, other runtimes):
+ * load a plan, query its layer, arguments and workspace, and run forward and
+ * backward on caller-owned buffers given as (name, pointer, size) arrays.
+ * docs/CAPI.md describes the rules; the short form:
+ *
+ *  - Every function returns a FlexStatus. On failure, flexGetLastError()
+ *    gives the message of the failed call on this thread; calls on an
+ *    executable also store it there (flexExecutableGetLastError).
+ *  - Handles are opaque. Destroying a handle twice, or passing a destroyed
+ *    handle, is detected and returns FLEX_STATUS_INVALID_ARGUMENT (the
+ *    runtime keeps a registry of live handles).
+ *  - One executable is not thread-safe: call it from one thread at a time.
+ *    Distinct executables may run concurrently.
+ *  - Strings the API returns stay valid until the handle is destroyed (or,
+ *    for flexGetLastError, until the next failing call on the thread).
+ *  - Compiling (flexCompileLayer) needs the MLIR compiler, which lives in a
+ *    separate library that registers itself with flexSetCompiler(); without
+ *    it the call returns FLEX_STATUS_UNAVAILABLE.
+\*===----------------------------------------------------------------------===*/
+
+#ifndef FLEX_C_FLEX_H
+#define FLEX_C_FLEX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The version of this header. flexGetVersion() returns the library's; a
+ * caller checks they agree. Raised on any incompatible change. */
+#define FLEX_C_API_VERSION 1
+
+/* Numbering matches flex::StatusCode. */
+typedef enum FlexStatus {
+  FLEX_STATUS_OK = 0,
+  FLEX_STATUS_INVALID_ARGUMENT = 1,    /* a value the call does not allow */
+  FLEX_STATUS_NOT_FOUND = 2,           /* unknown argument or variant name */
+  FLEX_STATUS_OUT_OF_RANGE = 3,        /* index out of range */
+  FLEX_STATUS_FAILED_PRECONDITION = 4, /* e.g. backward before forward */
+  FLEX_STATUS_UNAVAILABLE = 5,         /* not built or linked in */
+  FLEX_STATUS_NUMERIC_ERROR = 6,       /* NaN/Inf found by a requested check */
+  FLEX_STATUS_IO_ERROR = 7,            /* a file could not be read */
+  FLEX_STATUS_INVALID_PLAN = 8,        /* the plan document is rejected */
+  FLEX_STATUS_INTERNAL = 9,            /* a bug in Flex */
+} FlexStatus;
+
+/* Numbering matches flex::DType. */
+typedef enum FlexDType {
+  FLEX_DTYPE_F32 = 0,
+  FLEX_DTYPE_BF16 = 1,
+  FLEX_DTYPE_F16 = 2,
+  FLEX_DTYPE_I32 = 3,
+} FlexDType;
+
+typedef enum FlexArgumentRole {
+  FLEX_ROLE_INPUT = 0,       /* read, never written */
+  FLEX_ROLE_OUTPUT = 1,      /* written by forward */
+  FLEX_ROLE_GRAD_INPUT = 2,  /* read by backward */
+  FLEX_ROLE_GRAD_OUTPUT = 3, /* written by backward */
+} FlexArgumentRole;
+
+typedef enum FlexCapacityMode {
+  FLEX_CAPACITY_FIXED = 0,
+  FLEX_CAPACITY_DROPLESS = 1,
+  FLEX_CAPACITY_BOUNDED = 2,
+} FlexCapacityMode;
+
+typedef enum FlexExpertKind {
+  FLEX_EXPERT_FFN = 0,
+  FLEX_EXPERT_GATED = 1,
+} FlexExpertKind;
+
+typedef enum FlexActivation {
+  FLEX_ACTIVATION_RELU = 0,
+  FLEX_ACTIVATION_GELU = 1,
+  FLEX_ACTIVATION_SILU = 2,
+} FlexActivation;
+
+/* flex::LayerConfig; see docs/PlanFormat.md for the fields. */
+typedef struct FlexLayerConfig {
+  int64_t tokens;
+  int64_t model_dim;
+  int64_t hidden_dim;
+  int64_t experts;
+  int64_t top_k;
+  int32_t capacity_mode; /* FlexCapacityMode */
+  int32_t expert_kind;   /* FlexExpertKind */
+  double capacity_factor;
+  int32_t activation;    /* FlexActivation */
+  int32_t dtype;         /* FlexDType */
+  int32_t bias;          /* 0 or 1 */
+  int32_t router_fp32;
+  int32_t batch_prioritized;
+  int32_t normalize_gate;
+  double gate_noise;
+  uint64_t seed;
+} FlexLayerConfig;
+
+#define FLEX_MAX_RANK 8
+
+typedef struct FlexArgumentInfo {
+  const char *name; /* valid while the executable lives */
+  int32_t dtype;    /* FlexDType */
+  int32_t role;     /* FlexArgumentRole */
+  int32_t rank;
+  int64_t shape[FLEX_MAX_RANK]; /* row-major; entries past rank are 0 */
+  int64_t bytes;                /* the exact size a binding must give */
+} FlexArgumentInfo;
+
+/* One caller buffer: host memory for the CPU backend (device memory for the
+ * CUDA backend to come). `bytes` must equal the argument's size exactly. */
+typedef struct FlexBinding {
+  const char *name;
+  void *data;
+  int64_t bytes;
+} FlexBinding;
+
+/* Flags of FlexRunOptions. */
+#define FLEX_RUN_CHECK_NONFINITE 0x1u /* NaN/Inf check of inputs and outputs */
+#define FLEX_RUN_NO_TIMING 0x2u       /* skip per-step timing */
+
+typedef struct FlexRunOptions {
+  uint32_t struct_size; /* sizeof(FlexRunOptions), for later extension */
+  uint32_t flags;       /* FLEX_RUN_* */
+  void *stream;         /* cudaStream_t for CUDA; must be NULL on CPU */
+} FlexRunOptions;
+
+typedef struct FlexContextImpl *FlexContext;
+typedef struct FlexExecutableImpl *FlexExecutable;
+
+/*===--------------------------------------------------------------------===*
+ * Version and errors
+ *===--------------------------------------------------------------------===*/
+
+/* FLEX_C_API_VERSION of the library. */
+uint32_t flexGetVersion(void);
+/* "flex <major.minor> (C API <n>)". */
+const char *flexGetVersionString(void);
+/* "FLEX_STATUS_OK", ... ; "FLEX_STATUS_<unknown>" for other values. */
+const char *flexStatusName(FlexStatus status);
+/* The message of the last failed call on this thread ("" when none). */
+const char *flexGetLastError(void);
+
+/*===--------------------------------------------------------------------===*
+ * Context: the backend executables run on. Holds no other state yet.
+ *===--------------------------------------------------------------------===*/
+
+/* `backend` is "cpu" (or NULL for the default, "cpu"). */
+FlexStatus flexContextCreate(const char *backend, FlexContext *context);
+FlexStatus flexContextDestroy(FlexContext context);
+
+/*===--------------------------------------------------------------------===*
+ * Executables
+ *===--------------------------------------------------------------------===*/
+
+/* Loads a plan from JSON text of `length` bytes (not NUL-terminated is ok).
+ * The FLEX_VARIANT environment variable, when set, selects the initial
+ * variant (name or index) and an unknown one fails the call. */
+FlexStatus flexExecutableCreateFromPlan(FlexContext context, const char *text,
+                                        size_t length,
+                                        FlexExecutable *executable);
+FlexStatus flexExecutableCreateFromPlanFile(FlexContext context,
+                                            const char *path,
+                                            FlexExecutable *executable);
+FlexStatus flexExecutableDestroy(FlexExecutable executable);
+/* The message of the last failed call on this executable ("" when none). */
+const char *flexExecutableGetLastError(FlexExecutable executable);
+
+FlexStatus flexExecutableGetLayerConfig(FlexExecutable executable,
+                                        FlexLayerConfig *config);
+/* 1 when the plan has backward steps, else 0. */
+FlexStatus flexExecutableIsTraining(FlexExecutable executable,
+                                    int32_t *training);
+FlexStatus flexExecutableGetNumArguments(FlexExecutable executable,
+                                         int64_t *count);
+FlexStatus flexExecutableGetArgument(FlexExecutable executable, int64_t index,
+                                     FlexArgumentInfo *info);
+/* Index of the argument `name`, or FLEX_STATUS_NOT_FOUND. */
+FlexStatus flexExecutableFindArgument(FlexExecutable executable,
+                                      const char *name, int64_t *index);
+FlexStatus flexExecutableGetWorkspaceSize(FlexExecutable executable,
+                                          int64_t *bytes, int64_t *alignment);
+/* Use the caller's workspace (>= the size, aligned); NULL goes back to one
+ * the runtime allocates at the first run. */
+FlexStatus flexExecutableSetWorkspace(FlexExecutable executable, void *data,
+                                      int64_t bytes);
+
+/* Variants: ways to run the same layer; any may run on the same buffers. */
+FlexStatus flexExecutableGetNumVariants(FlexExecutable executable,
+                                        int64_t *count);
+FlexStatus flexExecutableGetVariantName(FlexExecutable executable,
+                                        int64_t index, const char **name);
+FlexStatus flexExecutableSelectVariant(FlexExecutable executable,
+                                       int64_t index);
+FlexStatus flexExecutableSelectVariantByName(FlexExecutable executable,
+                                             const char *name);
+FlexStatus flexExecutableGetSelectedVariant(FlexExecutable executable,
+                                            int64_t *index);
+
+/* Forward: binds every input and output argument (others may be passed).
+ * `options` may be NULL (no checks, timing on). */
+FlexStatus flexExecutableForward(FlexExecutable executable,
+                                 const FlexBinding *bindings, int64_t count,
+                                 const FlexRunOptions *options);
+/* Backward of the last forward (same inputs, same workspace): binds every
+ * input, grad_input and grad_output argument. */
+FlexStatus flexExecutableBackward(FlexExecutable executable,
+                                  const FlexBinding *bindings, int64_t count,
+                                  const FlexRunOptions *options);
+
+/* Per-step times of the last successful run (microseconds). `op` is the
+ * plan step op name. */
+FlexStatus flexExecutableGetNumStepTimings(FlexExecutable executable,
+                                           int64_t *count);
+FlexStatus flexExecutableGetStepTiming(FlexExecutable executable,
+                                       int64_t index, const char **op,
+                                       double *micros);
+FlexStatus flexExecutableGetLastRunMicros(FlexExecutable executable,
+                                          double *micros);
+
+/*===--------------------------------------------------------------------===*
+ * Compiling (needs the compiler library, FlexCompilerCAPI)
+ *===--------------------------------------------------------------------===*/
+
+typedef struct FlexCompileOptions {
+  uint32_t struct_size; /* sizeof(FlexCompileOptions) */
+  int32_t world_size;   /* W ranks; 0 or 1 = one rank */
+  int32_t rank;
+  int32_t training;     /* emit backward steps */
+  const char *pipeline; /* extra compiler options text, may be NULL */
+} FlexCompileOptions;
+
+/* What the compiler library registers. Both functions return a malloc'ed
+ * NUL-terminated plan JSON in *plan_json, or on failure a malloc'ed message
+ * in *error (either may be left NULL); the runtime free()s them. */
+typedef struct FlexCompilerHooks {
+  uint32_t struct_size; /* sizeof(FlexCompilerHooks) */
+  FlexStatus (*compile_mlir)(void *user_data, const char *mlir_text,
+                             size_t length, const FlexCompileOptions *options,
+                             char **plan_json, char **error);
+  FlexStatus (*compile_config)(void *user_data, const FlexLayerConfig *config,
+                               const FlexCompileOptions *options,
+                               char **plan_json, char **error);
+  void *user_data;
+} FlexCompilerHooks;
+
+/* Registers the compiler (the hooks are copied); NULL unregisters. Called by
+ * the compiler library's flexCompilerRegister() or its user. */
+FlexStatus flexSetCompiler(const FlexCompilerHooks *hooks);
+/* 1 when a compiler is registered. */
+int32_t flexHasCompiler(void);
+
+/* Compiles a layer from `moe` dialect MLIR text into an executable.
+ * FLEX_STATUS_UNAVAILABLE when no compiler is registered. */
+FlexStatus flexCompileLayer(FlexContext context, const char *mlir_text,
+                            size_t length, const FlexCompileOptions *options,
+                            FlexExecutable *executable);
+/* The same from a layer configuration. */
+FlexStatus flexCompileLayerConfig(FlexContext context,
+                                  const FlexLayerConfig *config,
+                                  const FlexCompileOptions *options,
+                                  FlexExecutable *executable);
+/* Compiles MLIR text to plan JSON only; *plan_json is malloc'ed, free it with
+ * flexFreeString. */
+FlexStatus flexCompileLayerToPlan(const char *mlir_text, size_t length,
+                                  const FlexCompileOptions *options,
+                                  char **plan_json);
+void flexFreeString(char *text);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FLEX_C_FLEX_H */

@@ -1,0 +1,408 @@
+//===- PlanLoaderTest.cpp - Tests of the plan loader and writer -----------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file tests that the loader accepts the hand-written plans of
+// unittests/Runtime/plans, that writing and reading a plan gives it back, and
+// that each class of bad document is rejected with a message naming the field
+// and the value, never a crash.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/PlanLoader.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <random>
+#include <sstream>
+
+using namespace flex;
+using Json = nlohmann::ordered_json;
+using ::testing::HasSubstr;
+
+namespace {
+
+std::string readText(const std::string &name) {
+  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+Json readJson(const std::string &name) { return Json::parse(readText(name)); }
+
+/// Parses `doc` and expects rejection with a message containing each of
+/// `parts`.
+void expectRejected(const Json &doc, std::initializer_list<const char *> parts,
+                    const PlanCheckOptions &options = {}) {
+  Plan plan;
+  Status status = parsePlan(doc.dump(), plan, options);
+  ASSERT_FALSE(status.isOk()) << "accepted: " << doc.dump().substr(0, 200);
+  EXPECT_EQ(status.code(), StatusCode::InvalidPlan);
+  for (const char *part : parts)
+    EXPECT_THAT(status.message(), HasSubstr(part));
+}
+
+const char *const kPlans[] = {"ffn_fixed_train.json",
+                              "ffn_dropless_ragged_train.json",
+                              "gated_bounded_infer.json"};
+
+Json &findWorkspaceBuffer(Json &doc, const std::string &name) {
+  for (Json &buffer : doc["workspace"]["buffers"])
+    if (buffer["name"] == name)
+      return buffer;
+  throw std::runtime_error("no buffer " + name);
+}
+
+} // namespace
+
+TEST(PlanLoader, AcceptsHandWrittenPlans) {
+  for (const char *name : kPlans) {
+    Plan plan;
+    PlanCheckOptions options;
+    options.checkWorkspaceOverlap = true;
+    Status status = parsePlan(readText(name), plan, options);
+    ASSERT_TRUE(status.isOk()) << name << ": " << status.message();
+    EXPECT_FALSE(plan.variants.empty());
+  }
+  Plan plan;
+  ASSERT_TRUE(parsePlan(readText("ffn_fixed_train.json"), plan).isOk());
+  EXPECT_EQ(plan.layer.tokens, 8);
+  EXPECT_EQ(plan.layer.topK, 2);
+  EXPECT_TRUE(plan.training);
+  EXPECT_EQ(plan.variants.size(), 2u);
+  EXPECT_EQ(plan.variants[1].name, "ragged");
+  EXPECT_EQ(plan.variants[0].forward[1].op, StepOp::Gate);
+  EXPECT_EQ(plan.variants[1].forward[1].attrs.layout, DispatchLayout::Ragged);
+  EXPECT_NE(plan.variants[0].parallelJson.find("\"r\""), std::string::npos);
+  EXPECT_FALSE(plan.variants[0].predictedUs.has_value());
+  const Step &router = plan.variants[0].forward[0];
+  EXPECT_EQ(router.in(OperandRole::X).kind, BufferRef::Kind::Argument);
+  EXPECT_EQ(plan.getBuffer(router.out(OperandRole::Logits)).name, "logits");
+}
+
+TEST(PlanLoader, LoadsFromFileAndReportsMissingFile) {
+  Plan plan;
+  EXPECT_TRUE(loadPlanFile(std::string(FLEX_TEST_PLANS_DIR) +
+                               "/gated_bounded_infer.json",
+                           plan)
+                  .isOk());
+  Status status = loadPlanFile("/nonexistent/plan.json", plan);
+  EXPECT_EQ(status.code(), StatusCode::IOError);
+  EXPECT_THAT(status.message(), HasSubstr("/nonexistent/plan.json"));
+}
+
+TEST(PlanLoader, WriteThenReadGivesThePlanBack) {
+  for (const char *name : kPlans) {
+    Plan plan;
+    ASSERT_TRUE(parsePlan(readText(name), plan).isOk()) << name;
+    plan.variants[0].measuredUs = 12.5;
+    std::string written = writePlan(plan);
+    Plan again;
+    Status status = parsePlan(written, again);
+    ASSERT_TRUE(status.isOk()) << name << ": " << status.message();
+    EXPECT_EQ(writePlan(again), written) << name;
+    EXPECT_EQ(again.variants[0].measuredUs, 12.5);
+    EXPECT_EQ(again.arguments.size(), plan.arguments.size());
+    EXPECT_EQ(again.workspace.bytes, plan.workspace.bytes);
+    // One-line form reads the same.
+    Plan compact;
+    ASSERT_TRUE(parsePlan(writePlan(plan, -1), compact).isOk());
+    EXPECT_EQ(writePlan(compact), written);
+  }
+}
+
+TEST(PlanLoader, VerifiesPlansBuiltInMemory) {
+  Plan plan;
+  ASSERT_TRUE(parsePlan(readText("gated_bounded_infer.json"), plan).isOk());
+  EXPECT_TRUE(verifyPlan(plan).isOk());
+  plan.arguments[0].shape = {3, 3};
+  Status status = verifyPlan(plan);
+  EXPECT_EQ(status.code(), StatusCode::InvalidPlan);
+  EXPECT_THAT(status.message(), HasSubstr("arguments[0].shape"));
+}
+
+TEST(PlanLoader, RejectsTextThatIsNotJson) {
+  Plan plan;
+  for (std::string text : {"", "hello", "{\"format\": ", "[1, 2"}) {
+    Status status = parsePlan(text, plan);
+    EXPECT_EQ(status.code(), StatusCode::InvalidPlan) << text;
+    EXPECT_THAT(status.message(), HasSubstr("not valid JSON")) << text;
+  }
+}
+
+TEST(PlanLoader, RejectsTruncatedDocument) {
+  std::string text = readText("ffn_fixed_train.json");
+  Plan plan;
+  Status status = parsePlan(text.substr(0, text.size() / 2), plan);
+  EXPECT_EQ(status.code(), StatusCode::InvalidPlan);
+  EXPECT_THAT(status.message(), HasSubstr("not valid JSON"));
+}
+
+TEST(PlanLoader, RejectsWrongFormatAndVersion) {
+  Json doc = readJson("gated_bounded_infer.json");
+  expectRejected(Json::array(), {"expected an object"});
+  Json wrong = doc;
+  wrong["format"] = "onnx";
+  expectRejected(wrong, {"'format'", "'onnx' is not a Flex plan"});
+  wrong = doc;
+  wrong["version"] = 2;
+  expectRejected(wrong, {"'version'", "version 2 is not supported",
+                         "reads version 1"});
+  wrong = doc;
+  wrong["version"] = "1";
+  expectRejected(wrong, {"'version'", "expected an integer, got string"});
+}
+
+TEST(PlanLoader, RejectsMissingAndMistypedFields) {
+  Json doc = readJson("ffn_fixed_train.json");
+  for (const char *key : {"format", "version", "layer", "training",
+                          "arguments", "workspace", "variants"}) {
+    Json wrong = doc;
+    wrong.erase(key);
+    expectRejected(wrong, {(std::string("'") + key + "'").c_str(),
+                           "missing (required)"});
+  }
+  Json wrong = doc;
+  wrong["layer"].erase("model_dim");
+  expectRejected(wrong, {"'layer.model_dim'", "missing"});
+  wrong = doc;
+  wrong["layer"]["tokens"] = "8";
+  expectRejected(wrong, {"'layer.tokens'", "expected an integer, got string"});
+  wrong = doc;
+  wrong["layer"]["tokens"] = 8.5;
+  expectRejected(wrong, {"'layer.tokens'", "expected an integer, got number"});
+  wrong = doc;
+  wrong["layer"]["capacity_mode"] = "elastic";
+  expectRejected(wrong, {"'layer.capacity_mode'", "'elastic'",
+                         "allowed: fixed, dropless, bounded"});
+  wrong = doc;
+  wrong["layer"]["dtype"] = "f64";
+  expectRejected(wrong, {"'layer.dtype'", "'f64'", "f32, bf16, f16, i32"});
+  wrong = doc;
+  wrong["training"] = 1;
+  expectRejected(wrong, {"'training'", "expected true or false"});
+  wrong = doc;
+  wrong["arguments"][2]["shape"] = "[4, 4, 6]";
+  expectRejected(wrong, {"'arguments[2].shape'", "expected an array"});
+  wrong = doc;
+  wrong["workspace"]["buffers"][0].erase("offset");
+  expectRejected(wrong, {"'workspace.buffers[0].offset'", "missing"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][2]["in"]["x"] = 3;
+  expectRejected(wrong, {"'variants[0].forward[2].in.x'",
+                         "expected a string"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][1]["attrs"]["layout"] = "sparse";
+  expectRejected(wrong, {"'variants[0].forward[1].attrs.layout'",
+                         "allowed: padded, ragged"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][1]["attrs"].erase("layout");
+  expectRejected(wrong, {"attrs.layout'", "required by op 'gate'"});
+}
+
+TEST(PlanLoader, RejectsInvalidLayer) {
+  Json doc = readJson("ffn_fixed_train.json");
+  doc["layer"]["top_k"] = 0;
+  expectRejected(doc, {"'layer'", "top_k"});
+}
+
+TEST(PlanLoader, RejectsUnknownOpRoleAndBuffer) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json wrong = doc;
+  wrong["variants"][0]["forward"][0]["op"] = "conv2d";
+  expectRejected(wrong, {"'variants[0].forward[0].op'", "'conv2d'",
+                         "router, gate"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][0]["in"]["x"] = "tokens";
+  expectRejected(wrong, {"'variants[0].forward[0].in.x'", "'tokens'",
+                         "defined by no argument and no workspace buffer"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][0]["in"]["bias"] = "b1";
+  expectRejected(wrong, {"'variants[0].forward[0].in.bias'",
+                         "op 'router' has no input role 'bias'",
+                         "allowed: x, wg"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][0]["in"].erase("wg");
+  expectRejected(wrong, {"'variants[0].forward[0].in.wg'",
+                         "required by op 'router'"});
+}
+
+TEST(PlanLoader, RejectsArgumentsThatDisagreeWithTheLayer) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json wrong = doc;
+  wrong["arguments"][0]["shape"] = {8, 5};
+  expectRejected(wrong, {"'arguments[0].shape'", "[8, 5]",
+                         "disagrees with the layer", "[8, 4]"});
+  wrong = doc;
+  wrong["arguments"][0]["dtype"] = "bf16";
+  expectRejected(wrong, {"'arguments[0].dtype'", "bf16", "needs f32"});
+  wrong = doc;
+  wrong["arguments"][0]["role"] = "output";
+  expectRejected(wrong, {"'arguments[0].role'", "expected 'input'"});
+  wrong = doc;
+  wrong["arguments"][0]["role"] = "scratch";
+  expectRejected(wrong, {"'arguments[0].role'", "'scratch'",
+                         "input, output, grad_input, grad_output"});
+  wrong = doc;
+  wrong["arguments"][0]["name"] = "tokens";
+  expectRejected(wrong, {"'arguments[0].name'",
+                         "'tokens' is not an argument of this layer"});
+  wrong = doc;
+  wrong["arguments"].erase(2); // w1
+  expectRejected(wrong, {"argument 'w1'", "is missing"});
+  wrong = doc;
+  wrong["arguments"].push_back(wrong["arguments"][0]);
+  expectRejected(wrong, {"'x' is defined twice"});
+}
+
+TEST(PlanLoader, RejectsStepShapesThatDisagreeWithTheLayer) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json wrong = doc;
+  findWorkspaceBuffer(wrong, "logits")["shape"] = {8, 3};
+  expectRejected(wrong, {"'variants[0].forward[0].out.logits'",
+                         "buffer 'logits' has shape [8, 3]",
+                         "expected [8, 4]"});
+  wrong = doc;
+  findWorkspaceBuffer(wrong, "indices")["dtype"] = "f32";
+  expectRejected(wrong, {"buffer 'indices' has dtype f32", "needs i32"});
+  wrong = doc;
+  findWorkspaceBuffer(wrong, "disp")["shape"] = {12, 4};
+  expectRejected(wrong, {"'variants[0].forward[2].out.dispatched'",
+                         "has 12 rows", "at least 16"});
+  wrong = doc;
+  findWorkspaceBuffer(wrong, "hid")["shape"] = {16, 5};
+  expectRejected(wrong, {"'hid'", "[16, 5]"});
+}
+
+TEST(PlanLoader, RejectsWorkspaceOutOfRange) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json wrong = doc;
+  findWorkspaceBuffer(wrong, "grad_logits")["offset"] =
+      doc["workspace"]["bytes"];
+  expectRejected(wrong, {"buffer 'grad_logits'", "lies outside the workspace"});
+  wrong = doc;
+  findWorkspaceBuffer(wrong, "logits")["offset"] = 4;
+  expectRejected(wrong, {"'workspace.buffers[0].offset'",
+                         "offset 4 of buffer 'logits'", "alignment 64"});
+  wrong = doc;
+  findWorkspaceBuffer(wrong, "logits")["bytes"] = 16;
+  expectRejected(wrong, {"reserves 16 bytes", "needs 128"});
+  wrong = doc;
+  wrong["workspace"]["alignment"] = 48;
+  expectRejected(wrong, {"'workspace.alignment'", "48 is not a power of two"});
+  wrong = doc;
+  wrong["workspace"]["bytes"] = -1;
+  expectRejected(wrong, {"'workspace.bytes'", "negative"});
+}
+
+TEST(PlanLoader, RejectsSizesThatOverflow64Bits) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json wrong = doc;
+  // 2^40 * 2^40 elements do not fit in int64.
+  findWorkspaceBuffer(wrong, "logits")["shape"] = {1LL << 40, 1LL << 40};
+  expectRejected(wrong, {"buffer 'logits'", "more elements than fit in int64"});
+  wrong = doc;
+  // 2^62 elements fit; 2^62 * 4 bytes do not.
+  findWorkspaceBuffer(wrong, "logits")["shape"] = {1LL << 31, 1LL << 31};
+  expectRejected(wrong, {"buffer 'logits'", "byte size that overflows int64"});
+  wrong = doc;
+  findWorkspaceBuffer(wrong, "logits")["offset"] = 1LL << 62;
+  findWorkspaceBuffer(wrong, "logits")["bytes"] = (1LL << 62) + (1LL << 61);
+  expectRejected(wrong, {"lies outside the workspace"});
+  wrong = doc;
+  wrong["workspace"]["bytes"] = 18446744073709551615ULL;
+  expectRejected(wrong, {"'workspace.bytes'", "does not fit in int64"});
+  // Byte sizes past 32 bits are computed in int64: x is 2^20 x 2^12 f32 =
+  // 2^34 bytes here.
+  wrong = doc;
+  wrong["layer"]["tokens"] = 1LL << 20;
+  wrong["layer"]["model_dim"] = 1LL << 12;
+  wrong["arguments"][0]["shape"] = {1LL << 20, 1LL << 11};
+  expectRejected(wrong, {"'arguments[0].shape'", "[1048576, 2048]",
+                         "expected [1048576, 4096]"});
+}
+
+TEST(PlanLoader, RejectsBrokenDataFlow) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json wrong = doc;
+  wrong["variants"][0]["forward"].erase(0); // no router: logits unwritten
+  expectRejected(wrong, {"'variants[0].forward[0].in.logits'",
+                         "'logits' is read before any step writes it"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][0]["out"]["logits"] = "x";
+  expectRejected(wrong, {"'variants[0].forward[0].out.logits'",
+                         "writes argument 'x' of role 'input'"});
+  wrong = doc;
+  // A step that writes an input argument.
+  wrong["variants"][0]["backward"][8]["out"]["grad_wg"] = "wg";
+  expectRejected(wrong, {"'variants[0].backward[8].out.grad_wg'",
+                         "writes argument 'wg' of role 'input'"});
+  wrong = doc;
+  wrong["variants"][0]["forward"].erase(6); // combine: out never written
+  expectRejected(wrong, {"argument 'out' (role output) is written by no step"});
+  wrong = doc;
+  wrong["variants"][0]["backward"] = Json::array();
+  expectRejected(wrong, {"'variants[0].backward'", "needs backward steps"});
+  wrong = doc;
+  wrong["variants"][0]["forward"].push_back(doc["variants"][0]["forward"][1]);
+  expectRejected(wrong, {"more than one 'gate' step"});
+}
+
+TEST(PlanLoader, RejectsBadVariants) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json wrong = doc;
+  wrong["default_variant"] = 2;
+  expectRejected(wrong, {"'default_variant'", "index 2 is out of range",
+                         "2 variants"});
+  wrong = doc;
+  wrong["variants"][1]["name"] = "padded";
+  expectRejected(wrong, {"'variants[1].name'", "'padded' is used twice"});
+  wrong = doc;
+  wrong["variants"] = Json::array();
+  expectRejected(wrong, {"at least one variant"});
+  wrong = readJson("gated_bounded_infer.json");
+  wrong["variants"][0]["backward"] = doc["variants"][0]["backward"];
+  expectRejected(wrong, {"'variants[0].backward", "defined by no argument"});
+}
+
+TEST(PlanLoader, OverlapCheckIsOnRequest) {
+  Json doc = readJson("ffn_fixed_train.json");
+  // scores and indices are both live from gate to gate_backward.
+  findWorkspaceBuffer(doc, "indices")["offset"] =
+      findWorkspaceBuffer(doc, "scores")["offset"];
+  Plan plan;
+  EXPECT_TRUE(parsePlan(doc.dump(), plan).isOk());
+  PlanCheckOptions options;
+  options.checkWorkspaceOverlap = true;
+  expectRejected(doc, {"buffer 'indices'", "overlaps buffer 'scores'",
+                       "while both are live"},
+                 options);
+}
+
+// Damaged documents (cut anywhere, bytes flipped) give a Status, never a
+// crash or an exception.
+TEST(PlanLoader, SurvivesDamagedDocuments) {
+  std::string text = readText("ffn_dropless_ragged_train.json");
+  Plan plan;
+  for (size_t cut = 0; cut < text.size(); cut += 37)
+    EXPECT_FALSE(parsePlan(text.substr(0, cut), plan).isOk());
+  std::mt19937 random(1234);
+  int accepted = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    std::string damaged = text;
+    for (int flips = 0; flips < 3; ++flips)
+      damaged[random() % damaged.size()] = static_cast<char>(random() % 128);
+    Status status = parsePlan(damaged, plan);
+    if (status.isOk())
+      ++accepted;
+    else
+      EXPECT_EQ(status.code(), StatusCode::InvalidPlan);
+  }
+  EXPECT_LT(accepted, 300);
+}
