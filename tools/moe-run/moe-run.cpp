@@ -1,0 +1,666 @@
+//===- moe-run.cpp - Run, time and check one MoE layer plan ---------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements moe-run: it loads a plan (or compiles a .mlir layer
+// through flexCompileLayer when a compiler is linked), fills the inputs from
+// .npy files or a seeded generator, runs forward (and with --train backward)
+// through the C API, prints per-step times, and with --check compares every
+// output with the fp64 reference. docs/Runtime.md documents the options.
+//
+//===----------------------------------------------------------------------===//
+
+#include "Npy.h"
+
+#include "flex-c/Flex.h"
+#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Executor.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#ifdef FLEX_MOE_RUN_HAVE_REFERENCE
+#include "ReferenceMoE.h"
+#endif
+#ifdef FLEX_HAVE_COMPILER_CAPI
+extern "C" FlexStatus flexCompilerRegister(void);
+#endif
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using namespace flex;
+namespace fs = std::filesystem;
+
+namespace {
+
+const char *const kUsage = R"(usage: moe-run <plan.json | layer.mlir> [options]
+
+Runs one MoE layer: loads a plan (a .mlir layer is compiled first, which
+needs the compiler library), fills its inputs, runs forward (and backward
+with --train) and prints per-step times.
+
+options:
+  --seed N          seed of the random inputs (default 0)
+  --inputs DIR      read inputs from DIR/<argument>.npy (every input must be
+                    there; grad_out and grad_l_aux fall back to random / 1.0)
+  --save-inputs DIR write the inputs used to DIR/<argument>.npy
+  --outputs DIR     write out.npy, l_aux.npy (and grad_*.npy with --train)
+  --train           run backward too (needs a training plan)
+  --check           compare with the fp64 reference ([num-1]: relative L2
+                    <= 1e-5 for f32, 2e-2 for bf16/f16)
+  --variant V       variant name or index (default: FLEX_VARIANT, else the
+                    plan's default)
+  --iters N         timed iterations (default 1; with N > 1 one untimed
+                    warm-up run comes first)
+  --check-nan       reject NaN/Inf in inputs and outputs
+  --json            print one JSON object instead of text
+  --help            this text
+
+random inputs (a splitmix64 + Box-Muller stream per argument, seeded by
+--seed and the argument name): x ~ N(0, 1); wg, w1, w3 ~ N(0, 1/d);
+w2 ~ N(0, 1/h) (std 1/sqrt(fan_in)); b1, b2 ~ N(0, 0.01); grad_out ~ N(0, 1);
+grad_l_aux = 1. Values are rounded to the argument's dtype.
+
+.npy files: f32 '<f4', f16 '<f2', i32 '<i4'; bf16 is written as '<f4' (exact)
+and read from '<u2' (raw bits) or '<f4'/'<f8' (rounded to nearest even).
+exit status: 0 ok, 1 run or check failed, 2 bad usage or input.
+)";
+
+struct Options {
+  std::string path;
+  uint64_t seed = 0;
+  std::string inputsDir, saveInputsDir, outputsDir, variant;
+  bool train = false, check = false, json = false, checkNan = false;
+  int64_t iters = 1;
+};
+
+[[noreturn]] void usageError(const std::string &message) {
+  std::cerr << "moe-run: " << message << "\n(moe-run --help for usage)\n";
+  std::exit(2);
+}
+
+int64_t parseInteger(const std::string &flag, const std::string &text,
+                     int64_t min) {
+  errno = 0;
+  char *end = nullptr;
+  long long value = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end || errno == ERANGE || value < min)
+    usageError(flag + " needs an integer >= " + std::to_string(min) +
+               ", got '" + text + "'");
+  return value;
+}
+
+Options parseOptions(int argc, char **argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc)
+        usageError(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (arg == "--seed") {
+      std::string text = value();
+      errno = 0;
+      char *end = nullptr;
+      unsigned long long seed = std::strtoull(text.c_str(), &end, 10);
+      if (text.empty() || *end || errno == ERANGE || text[0] == '-')
+        usageError("--seed needs an integer in [0, 2^64), got '" + text +
+                   "'");
+      options.seed = seed;
+    } else if (arg == "--inputs") {
+      options.inputsDir = value();
+    } else if (arg == "--save-inputs") {
+      options.saveInputsDir = value();
+    } else if (arg == "--outputs") {
+      options.outputsDir = value();
+    } else if (arg == "--variant") {
+      options.variant = value();
+    } else if (arg == "--iters") {
+      options.iters = parseInteger(arg, value(), 1);
+    } else if (arg == "--train") {
+      options.train = true;
+    } else if (arg == "--check") {
+      options.check = true;
+    } else if (arg == "--json") {
+      options.json = true;
+    } else if (arg == "--check-nan") {
+      options.checkNan = true;
+    } else if (!arg.empty() && arg[0] == '-') {
+      usageError("unknown option '" + arg + "'");
+    } else if (options.path.empty()) {
+      options.path = arg;
+    } else {
+      usageError("more than one input file: '" + options.path + "' and '" +
+                 arg + "'");
+    }
+  }
+  if (options.path.empty())
+    usageError("no plan or layer file given");
+  return options;
+}
+
+//===----------------------------------------------------------------------===//
+// Random inputs
+//===----------------------------------------------------------------------===//
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+/// N(0, 1) samples, a pure function of (seed, name, index).
+struct NormalStream {
+  uint64_t state;
+  NormalStream(uint64_t seed, const std::string &name) {
+    uint64_t hash = 0xcbf29ce484222325ull; // FNV-1a of the name
+    for (char c : name)
+      hash = (hash ^ static_cast<uint8_t>(c)) * 0x100000001b3ull;
+    state = splitmix64(seed ^ splitmix64(hash));
+  }
+  double next() {
+    uint64_t a = splitmix64(state++), b = splitmix64(state++);
+    double u1 = ((a >> 11) + 0.5) * 0x1p-53, u2 = ((b >> 11) + 0.5) * 0x1p-53;
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+  }
+};
+
+double randomStd(const std::string &name, const FlexLayerConfig &layer) {
+  if (name == "wg" || name == "w1" || name == "w3")
+    return 1.0 / std::sqrt(static_cast<double>(layer.model_dim));
+  if (name == "w2")
+    return 1.0 / std::sqrt(static_cast<double>(layer.hidden_dim));
+  if (name == "b1" || name == "b2")
+    return 0.1;
+  return 1.0; // x, grad_out
+}
+
+void storeValue(uint8_t *data, DType dtype, int64_t i, double value) {
+  switch (dtype) {
+  case DType::F32: {
+    float v = static_cast<float>(value);
+    std::memcpy(data + 4 * i, &v, 4);
+    break;
+  }
+  case DType::BF16: {
+    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
+    std::memcpy(data + 2 * i, &v, 2);
+    break;
+  }
+  case DType::F16: {
+    uint16_t v = cpu::floatToF16(static_cast<float>(value));
+    std::memcpy(data + 2 * i, &v, 2);
+    break;
+  }
+  case DType::I32: {
+    int32_t v = static_cast<int32_t>(value);
+    std::memcpy(data + 4 * i, &v, 4);
+    break;
+  }
+  }
+}
+
+double loadValue(const uint8_t *data, DType dtype, int64_t i) {
+  switch (dtype) {
+  case DType::F32: {
+    float v;
+    std::memcpy(&v, data + 4 * i, 4);
+    return v;
+  }
+  case DType::BF16: {
+    uint16_t v;
+    std::memcpy(&v, data + 2 * i, 2);
+    return cpu::bf16ToFloat(v);
+  }
+  case DType::F16: {
+    uint16_t v;
+    std::memcpy(&v, data + 2 * i, 2);
+    return cpu::f16ToFloat(v);
+  }
+  case DType::I32: {
+    int32_t v;
+    std::memcpy(&v, data + 4 * i, 4);
+    return v;
+  }
+  }
+  return 0;
+}
+
+//===----------------------------------------------------------------------===//
+// Running
+//===----------------------------------------------------------------------===//
+
+struct ArgumentBuffer {
+  FlexArgumentInfo info;
+  std::vector<int64_t> shape;
+  DType dtype;
+  std::vector<uint8_t> data;
+  std::string source; ///< "random", "file", "output"
+
+  int64_t count() const {
+    int64_t n = 1;
+    for (int64_t dim : shape)
+      n *= dim;
+    return n;
+  }
+  std::vector<double> values() const {
+    std::vector<double> result(count());
+    for (int64_t i = 0; i < count(); ++i)
+      result[i] = loadValue(data.data(), dtype, i);
+    return result;
+  }
+};
+
+std::string shapeText(const std::vector<int64_t> &shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+[[noreturn]] void fatal(int code, const std::string &message) {
+  std::cerr << "moe-run: " << message << "\n";
+  std::exit(code);
+}
+
+void checkApi(FlexStatus status, const char *what) {
+  if (status != FLEX_STATUS_OK)
+    fatal(status == FLEX_STATUS_INVALID_PLAN || status == FLEX_STATUS_IO_ERROR ||
+                  status == FLEX_STATUS_UNAVAILABLE ||
+                  status == FLEX_STATUS_NOT_FOUND
+              ? 2
+              : 1,
+          std::string(what) + " failed (" + flexStatusName(status) +
+              "): " + flexGetLastError());
+}
+
+std::string readFile(const std::string &path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file)
+    fatal(2, "cannot open '" + path + "'");
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+struct StepTimes {
+  std::vector<std::string> ops;
+  std::vector<double> totalMicros;
+  double runMicros = 0;
+  void add(FlexExecutable exe) {
+    int64_t count = 0;
+    checkApi(flexExecutableGetNumStepTimings(exe, &count), "step timings");
+    if (ops.empty()) {
+      ops.resize(count);
+      totalMicros.assign(count, 0);
+    }
+    for (int64_t i = 0; i < count && i < static_cast<int64_t>(ops.size());
+         ++i) {
+      const char *op = nullptr;
+      double micros = 0;
+      checkApi(flexExecutableGetStepTiming(exe, i, &op, &micros),
+               "step timing");
+      ops[i] = op;
+      totalMicros[i] += micros;
+    }
+    double total = 0;
+    checkApi(flexExecutableGetLastRunMicros(exe, &total), "run time");
+    runMicros += total;
+  }
+};
+
+} // namespace
+
+int main(int argc, char **argv) {
+  Options options = parseOptions(argc, argv);
+#ifdef FLEX_HAVE_COMPILER_CAPI
+  flexCompilerRegister();
+#endif
+
+  // The plan text: read, or compiled from MLIR.
+  std::string planText;
+  bool isMlir = fs::path(options.path).extension() == ".mlir";
+  if (isMlir) {
+    std::string mlir = readFile(options.path);
+    FlexCompileOptions compileOptions{};
+    compileOptions.struct_size = sizeof(FlexCompileOptions);
+    compileOptions.world_size = 1;
+    compileOptions.training = options.train ? 1 : 0;
+    char *json = nullptr;
+    FlexStatus status = flexCompileLayerToPlan(mlir.data(), mlir.size(),
+                                               &compileOptions, &json);
+    if (status == FLEX_STATUS_UNAVAILABLE)
+      fatal(2, "cannot run '" + options.path + "': " + flexGetLastError());
+    checkApi(status, ("compiling '" + options.path + "'").c_str());
+    planText = json;
+    flexFreeString(json);
+  } else {
+    planText = readFile(options.path);
+  }
+
+  FlexContext context = nullptr;
+  checkApi(flexContextCreate("cpu", &context), "creating the cpu context");
+  FlexExecutable exe = nullptr;
+  {
+    FlexStatus status = flexExecutableCreateFromPlan(
+        context, planText.data(), planText.size(), &exe);
+    if (status != FLEX_STATUS_OK)
+      fatal(2, "cannot load '" + options.path + "' (" +
+                   flexStatusName(status) + "): " + flexGetLastError());
+  }
+  // The C++ view of the same plan, for what the C API does not expose (the
+  // capacity alignment of the variant, for the reference).
+  Plan plan;
+  if (Status status = parsePlan(planText, plan); !status)
+    fatal(2, status.message());
+
+  if (!options.variant.empty()) {
+    FlexStatus status =
+        flexExecutableSelectVariantByName(exe, options.variant.c_str());
+    if (status == FLEX_STATUS_NOT_FOUND) {
+      int64_t index = resolveVariant(plan, options.variant);
+      if (index < 0)
+        fatal(2, "--variant '" + options.variant +
+                     "' names no variant: " + flexGetLastError());
+      status = flexExecutableSelectVariant(exe, index);
+    }
+    checkApi(status, "selecting the variant");
+  }
+  int64_t variant = 0;
+  checkApi(flexExecutableGetSelectedVariant(exe, &variant), "variant");
+  const char *variantName = nullptr;
+  checkApi(flexExecutableGetVariantName(exe, variant, &variantName), "name");
+
+  FlexLayerConfig layer;
+  checkApi(flexExecutableGetLayerConfig(exe, &layer), "layer");
+  int32_t training = 0;
+  checkApi(flexExecutableIsTraining(exe, &training), "training");
+  if (options.train && !training)
+    fatal(2, "--train needs a training plan; '" + options.path +
+                 "' was compiled for inference (training false)");
+
+  // Arguments: fill inputs, poison outputs so an unwritten element shows.
+  int64_t numArguments = 0;
+  checkApi(flexExecutableGetNumArguments(exe, &numArguments), "arguments");
+  std::vector<ArgumentBuffer> args(numArguments);
+  std::vector<std::string> missing;
+  for (int64_t i = 0; i < numArguments; ++i) {
+    ArgumentBuffer &arg = args[i];
+    checkApi(flexExecutableGetArgument(exe, i, &arg.info), "argument");
+    arg.shape.assign(arg.info.shape, arg.info.shape + arg.info.rank);
+    arg.dtype = static_cast<DType>(arg.info.dtype);
+    arg.data.assign(arg.info.bytes, 0);
+    std::string name = arg.info.name;
+    bool isInput = arg.info.role == FLEX_ROLE_INPUT ||
+                   (arg.info.role == FLEX_ROLE_GRAD_INPUT && options.train);
+    if (!isInput) {
+      for (int64_t e = 0; e < arg.count(); ++e)
+        storeValue(arg.data.data(), arg.dtype, e,
+                   std::numeric_limits<double>::quiet_NaN());
+      arg.source = "output";
+      continue;
+    }
+    std::string file = options.inputsDir.empty()
+                           ? std::string()
+                           : (fs::path(options.inputsDir) / (name + ".npy"))
+                                 .string();
+    if (!file.empty() && fs::exists(file)) {
+      if (Status status = npy::readAs(file, arg.dtype, arg.shape, arg.data);
+          !status)
+        fatal(2, "input '" + name + "': " + status.message());
+      arg.source = "file";
+      continue;
+    }
+    if (!file.empty() && arg.info.role == FLEX_ROLE_INPUT) {
+      missing.push_back(file);
+      continue;
+    }
+    arg.source = "random";
+    if (name == "grad_l_aux") {
+      storeValue(arg.data.data(), arg.dtype, 0, 1.0);
+      continue;
+    }
+    NormalStream stream(options.seed, name);
+    double stddev = randomStd(name, layer);
+    for (int64_t e = 0; e < arg.count(); ++e)
+      storeValue(arg.data.data(), arg.dtype, e, stddev * stream.next());
+  }
+  if (!missing.empty()) {
+    std::string list;
+    for (const std::string &file : missing)
+      list += "\n  " + file;
+    fatal(2, "--inputs: these input files are missing:" + list);
+  }
+  if (!options.saveInputsDir.empty()) {
+    fs::create_directories(options.saveInputsDir);
+    for (const ArgumentBuffer &arg : args)
+      if (arg.source != "output")
+        if (Status status = npy::writeFrom(
+                (fs::path(options.saveInputsDir) /
+                 (std::string(arg.info.name) + ".npy"))
+                    .string(),
+                arg.dtype, arg.shape, arg.data.data());
+            !status)
+          fatal(1, status.message());
+  }
+
+  std::vector<FlexBinding> bindings;
+  for (ArgumentBuffer &arg : args)
+    bindings.push_back({arg.info.name, arg.data.data(), arg.info.bytes});
+  FlexRunOptions runOptions{};
+  runOptions.struct_size = sizeof(FlexRunOptions);
+  runOptions.flags = options.checkNan ? FLEX_RUN_CHECK_NONFINITE : 0;
+
+  // Runs: one untimed warm-up when iterating, then the timed ones.
+  StepTimes forwardTimes, backwardTimes;
+  int64_t warmup = options.iters > 1 ? 1 : 0;
+  for (int64_t iter = 0; iter < warmup + options.iters; ++iter) {
+    checkApi(flexExecutableForward(exe, bindings.data(), bindings.size(),
+                                   &runOptions),
+             "forward");
+    if (iter >= warmup)
+      forwardTimes.add(exe);
+    if (options.train) {
+      checkApi(flexExecutableBackward(exe, bindings.data(), bindings.size(),
+                                      &runOptions),
+               "backward");
+      if (iter >= warmup)
+        backwardTimes.add(exe);
+    }
+  }
+
+  if (!options.outputsDir.empty()) {
+    fs::create_directories(options.outputsDir);
+    for (const ArgumentBuffer &arg : args) {
+      bool written = arg.info.role == FLEX_ROLE_OUTPUT ||
+                     (options.train && arg.info.role == FLEX_ROLE_GRAD_OUTPUT);
+      if (!written)
+        continue;
+      std::string file =
+          (fs::path(options.outputsDir) / (std::string(arg.info.name) + ".npy"))
+              .string();
+      if (Status status =
+              npy::writeFrom(file, arg.dtype, arg.shape, arg.data.data());
+          !status)
+        fatal(1, status.message());
+    }
+  }
+
+  // --check: every output and gradient against the fp64 reference.
+  struct CheckResult {
+    std::string name;
+    double error;
+    bool pass;
+  };
+  std::vector<CheckResult> checks;
+  double tolerance = static_cast<DType>(layer.dtype) == DType::F32 ? 1e-5 : 2e-2;
+  double routingMargin = std::numeric_limits<double>::quiet_NaN();
+  bool checkFailed = false;
+  if (options.check) {
+#ifdef FLEX_MOE_RUN_HAVE_REFERENCE
+    auto find = [&](const std::string &name) -> ArgumentBuffer * {
+      for (ArgumentBuffer &arg : args)
+        if (arg.info.name == name)
+          return &arg;
+      return nullptr;
+    };
+    auto valuesOf = [&](const char *name) {
+      ArgumentBuffer *arg = find(name);
+      return arg ? arg->values() : std::vector<double>();
+    };
+    LayerConfig config = plan.layer;
+    reference::LayerInputs inputs;
+    inputs.x = valuesOf("x");
+    inputs.wg = valuesOf("wg");
+    inputs.w1 = valuesOf("w1");
+    inputs.b1 = valuesOf("b1");
+    inputs.w2 = valuesOf("w2");
+    inputs.b2 = valuesOf("b2");
+    inputs.w3 = valuesOf("w3");
+    reference::ReferenceOptions refOptions;
+    for (const Step &step : plan.variants[variant].forward)
+      if (step.op == StepOp::Gate) {
+        refOptions.capacityAlignment = step.attrs.capacityAlignment;
+        // The gate's attributes are what the plan runs.
+        config.gateNoise = step.attrs.noise;
+        config.seed = step.attrs.seed;
+      }
+    reference::LayerForward forward;
+    reference::LayerGradients grads;
+    if (options.train) {
+      grads = reference::referenceBackward(config, inputs,
+                                           valuesOf("grad_out"),
+                                           valuesOf("grad_l_aux").at(0),
+                                           refOptions, &forward);
+    } else {
+      forward = reference::referenceForward(config, inputs, refOptions);
+    }
+    routingMargin = reference::routingMargins(config, forward.routing).logitGap;
+    auto compare = [&](const char *name, const std::vector<double> &want) {
+      if (!find(name))
+        return;
+      double error = reference::relativeL2(valuesOf(name), want);
+      checks.push_back({name, error, error <= tolerance});
+      checkFailed |= !(error <= tolerance);
+    };
+    compare("out", forward.out);
+    compare("l_aux", {forward.lAux});
+    if (options.train) {
+      compare("grad_x", grads.x);
+      compare("grad_wg", grads.wg);
+      compare("grad_w1", grads.w1);
+      compare("grad_b1", grads.b1);
+      compare("grad_w2", grads.w2);
+      compare("grad_b2", grads.b2);
+      compare("grad_w3", grads.w3);
+    }
+#else
+    fatal(2, "--check is unavailable: moe-run was built without the fp64 "
+             "reference (unittests/Runtime/ReferenceMoE.cpp)");
+#endif
+  }
+
+  auto layerSummary = [&]() {
+    std::ostringstream text;
+    text << "T=" << layer.tokens << " d=" << layer.model_dim
+         << " h=" << layer.hidden_dim << " E=" << layer.experts
+         << " k=" << layer.top_k << " "
+         << toString(static_cast<CapacityMode>(layer.capacity_mode))
+         << (layer.capacity_mode != FLEX_CAPACITY_DROPLESS
+                 ? "(" + std::to_string(layer.capacity_factor).substr(0, 4) +
+                       ")"
+                 : "")
+         << " " << toString(static_cast<ExpertKind>(layer.expert_kind))
+         << " " << toString(static_cast<DType>(layer.dtype));
+    return text.str();
+  };
+
+  if (options.json) {
+    nlohmann::ordered_json out;
+    out["plan"] = options.path;
+    out["layer"] = layerSummary();
+    out["variant"] = variantName;
+    out["iters"] = options.iters;
+    out["seed"] = options.seed;
+    auto steps = [&](const StepTimes &times) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (size_t i = 0; i < times.ops.size(); ++i)
+        list.push_back({{"index", i},
+                        {"op", times.ops[i]},
+                        {"mean_us", times.totalMicros[i] / options.iters}});
+      return list;
+    };
+    out["forward"] = {{"mean_us", forwardTimes.runMicros / options.iters},
+                      {"steps", steps(forwardTimes)}};
+    if (options.train)
+      out["backward"] = {{"mean_us", backwardTimes.runMicros / options.iters},
+                         {"steps", steps(backwardTimes)}};
+    if (options.check) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (const CheckResult &check : checks)
+        list.push_back({{"name", check.name},
+                        {"relative_l2",
+                         std::isfinite(check.error)
+                             ? nlohmann::ordered_json(check.error)
+                             : nlohmann::ordered_json("inf")},
+                        {"pass", check.pass}});
+      out["check"] = {{"tolerance", tolerance},
+                      {"routing_margin", routingMargin},
+                      {"pass", !checkFailed},
+                      {"results", list}};
+    }
+    std::cout << out.dump(2) << "\n";
+  } else {
+    std::printf("plan     %s\n", options.path.c_str());
+    std::printf("layer    %s\n", layerSummary().c_str());
+    std::printf("variant  %s (%lld)   iters %lld   seed %llu\n", variantName,
+                static_cast<long long>(variant),
+                static_cast<long long>(options.iters),
+                static_cast<unsigned long long>(options.seed));
+    auto table = [&](const char *title, const StepTimes &times) {
+      double total = times.runMicros / options.iters;
+      std::printf("%s: %.1f us per call\n", title, total);
+      for (size_t i = 0; i < times.ops.size(); ++i) {
+        double mean = times.totalMicros[i] / options.iters;
+        std::printf("  %2zu %-20s %10.1f us %5.1f%%\n", i, times.ops[i].c_str(),
+                    mean, total > 0 ? 100.0 * mean / total : 0.0);
+      }
+    };
+    table("forward", forwardTimes);
+    if (options.train)
+      table("backward", backwardTimes);
+    if (options.check) {
+      std::printf("check vs fp64 reference (relative L2, tolerance %.0e):\n",
+                  tolerance);
+      for (const CheckResult &check : checks)
+        std::printf("  %-10s %.3e  %s\n", check.name.c_str(), check.error,
+                    check.pass ? "ok" : "FAIL");
+      if (checkFailed && routingMargin < 1e-5)
+        std::printf("  note: the routing margin is %.1e, close to a tie that "
+                    "fp32 cannot resolve; try another --seed\n",
+                    routingMargin);
+      std::printf("check %s\n", checkFailed ? "FAILED" : "passed");
+    }
+  }
+  flexExecutableDestroy(exe);
+  flexContextDestroy(context);
+  return checkFailed ? 1 : 0;
+}
