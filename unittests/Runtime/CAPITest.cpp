@@ -1,0 +1,427 @@
+//===- CAPITest.cpp - Tests of the C API ----------------------------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file tests include/flex-c/Flex.h through the C functions only:
+// version, handles, queries, status codes and last-error messages for bad
+// calls, a forward and backward compared with the fp64 reference, and the
+// compiler hook.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex-c/Flex.h"
+
+#include "flex/Runtime/Cpu/Half.h"
+
+#include "ReferenceMoE.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+using ::testing::HasSubstr;
+
+extern "C" int flexCHeaderCheck(void);
+
+namespace {
+
+std::string planPath(const std::string &name) {
+  return std::string(FLEX_TEST_PLANS_DIR) + "/" + name;
+}
+
+std::string readText(const std::string &name) {
+  std::ifstream file(planPath(name));
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+class CAPI : public ::testing::Test {
+protected:
+  void SetUp() override {
+    ASSERT_EQ(flexContextCreate("cpu", &context), FLEX_STATUS_OK);
+  }
+  void TearDown() override {
+    if (exe)
+      EXPECT_EQ(flexExecutableDestroy(exe), FLEX_STATUS_OK);
+    EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_OK);
+  }
+  void load(const std::string &name) {
+    std::string text = readText(name);
+    ASSERT_EQ(flexExecutableCreateFromPlan(context, text.data(), text.size(),
+                                           &exe),
+              FLEX_STATUS_OK)
+        << flexGetLastError();
+  }
+  /// f32 buffers for every argument, zeroed.
+  void makeBuffers() {
+    int64_t count = 0;
+    ASSERT_EQ(flexExecutableGetNumArguments(exe, &count), FLEX_STATUS_OK);
+    for (int64_t i = 0; i < count; ++i) {
+      FlexArgumentInfo info;
+      ASSERT_EQ(flexExecutableGetArgument(exe, i, &info), FLEX_STATUS_OK);
+      infos[info.name] = info;
+      buffers[info.name].assign(info.bytes / 4, 0.0f);
+    }
+  }
+  std::vector<FlexBinding> bindings() {
+    std::vector<FlexBinding> result;
+    for (auto &[name, data] : buffers)
+      result.push_back({infos[name].name, data.data(),
+                        static_cast<int64_t>(data.size() * 4)});
+    return result;
+  }
+
+  FlexContext context = nullptr;
+  FlexExecutable exe = nullptr;
+  std::map<std::string, FlexArgumentInfo> infos;
+  std::map<std::string, std::vector<float>> buffers;
+};
+
+} // namespace
+
+TEST(CAPIVersion, ReportsTheVersion) {
+  EXPECT_EQ(flexGetVersion(), static_cast<uint32_t>(FLEX_C_API_VERSION));
+  EXPECT_THAT(flexGetVersionString(), HasSubstr("C API 1"));
+  EXPECT_STREQ(flexStatusName(FLEX_STATUS_UNAVAILABLE),
+               "FLEX_STATUS_UNAVAILABLE");
+  EXPECT_STREQ(flexStatusName(static_cast<FlexStatus>(99)),
+               "FLEX_STATUS_<unknown>");
+  EXPECT_EQ(flexCHeaderCheck(), 0);
+}
+
+TEST(CAPIContext, RejectsUnknownBackendAndDoubleDestroy) {
+  FlexContext context = nullptr;
+  EXPECT_EQ(flexContextCreate("cuda", &context), FLEX_STATUS_UNAVAILABLE);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("backend 'cuda'"));
+  EXPECT_EQ(context, nullptr);
+  EXPECT_EQ(flexContextCreate(nullptr, nullptr), FLEX_STATUS_INVALID_ARGUMENT);
+  ASSERT_EQ(flexContextCreate(nullptr, &context), FLEX_STATUS_OK);
+  EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_OK);
+  EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("destroyed already"));
+  EXPECT_EQ(flexContextDestroy(nullptr), FLEX_STATUS_INVALID_ARGUMENT);
+}
+
+TEST_F(CAPI, RejectsBadPlans) {
+  FlexExecutable bad = nullptr;
+  const char text[] = "{\"format\": \"flex-plan\", \"version\": 3}";
+  EXPECT_EQ(flexExecutableCreateFromPlan(context, text, sizeof(text) - 1, &bad),
+            FLEX_STATUS_INVALID_PLAN);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("version 3 is not supported"));
+  EXPECT_EQ(bad, nullptr);
+  EXPECT_EQ(flexExecutableCreateFromPlan(context, "{", 1, &bad),
+            FLEX_STATUS_INVALID_PLAN);
+  EXPECT_EQ(flexExecutableCreateFromPlanFile(context, "/no/such/plan.json",
+                                             &bad),
+            FLEX_STATUS_IO_ERROR);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("/no/such/plan.json"));
+  EXPECT_EQ(flexExecutableCreateFromPlan(nullptr, text, 1, &bad),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(flexExecutableCreateFromPlan(context, nullptr, 5, &bad),
+            FLEX_STATUS_INVALID_ARGUMENT);
+}
+
+TEST_F(CAPI, QueriesLayerArgumentsWorkspaceAndVariants) {
+  ASSERT_EQ(flexExecutableCreateFromPlanFile(
+                context, planPath("ffn_fixed_train.json").c_str(), &exe),
+            FLEX_STATUS_OK)
+      << flexGetLastError();
+  FlexLayerConfig layer;
+  ASSERT_EQ(flexExecutableGetLayerConfig(exe, &layer), FLEX_STATUS_OK);
+  EXPECT_EQ(layer.tokens, 8);
+  EXPECT_EQ(layer.model_dim, 4);
+  EXPECT_EQ(layer.hidden_dim, 6);
+  EXPECT_EQ(layer.experts, 4);
+  EXPECT_EQ(layer.top_k, 2);
+  EXPECT_EQ(layer.capacity_mode, FLEX_CAPACITY_FIXED);
+  EXPECT_EQ(layer.dtype, FLEX_DTYPE_F32);
+  EXPECT_EQ(layer.bias, 1);
+  int32_t training = 0;
+  ASSERT_EQ(flexExecutableIsTraining(exe, &training), FLEX_STATUS_OK);
+  EXPECT_EQ(training, 1);
+
+  int64_t count = 0;
+  ASSERT_EQ(flexExecutableGetNumArguments(exe, &count), FLEX_STATUS_OK);
+  EXPECT_EQ(count, 16); // 6 inputs, 2 outputs, 2 grad inputs, 6 grads
+  int64_t index = -1;
+  ASSERT_EQ(flexExecutableFindArgument(exe, "w2", &index), FLEX_STATUS_OK);
+  FlexArgumentInfo info;
+  ASSERT_EQ(flexExecutableGetArgument(exe, index, &info), FLEX_STATUS_OK);
+  EXPECT_STREQ(info.name, "w2");
+  EXPECT_EQ(info.rank, 3);
+  EXPECT_EQ(info.shape[0], 4);
+  EXPECT_EQ(info.shape[1], 6);
+  EXPECT_EQ(info.shape[2], 4);
+  EXPECT_EQ(info.shape[3], 0);
+  EXPECT_EQ(info.bytes, 4 * 6 * 4 * 4);
+  EXPECT_EQ(info.dtype, FLEX_DTYPE_F32);
+  EXPECT_EQ(info.role, FLEX_ROLE_INPUT);
+  EXPECT_EQ(flexExecutableFindArgument(exe, "w9", &index),
+            FLEX_STATUS_NOT_FOUND);
+  EXPECT_EQ(flexExecutableGetArgument(exe, count, &info),
+            FLEX_STATUS_OUT_OF_RANGE);
+  EXPECT_THAT(flexExecutableGetLastError(exe), HasSubstr("out of range"));
+
+  int64_t bytes = 0, alignment = 0;
+  ASSERT_EQ(flexExecutableGetWorkspaceSize(exe, &bytes, &alignment),
+            FLEX_STATUS_OK);
+  EXPECT_GT(bytes, 0);
+  EXPECT_EQ(alignment, 64);
+
+  ASSERT_EQ(flexExecutableGetNumVariants(exe, &count), FLEX_STATUS_OK);
+  EXPECT_EQ(count, 2);
+  const char *name = nullptr;
+  ASSERT_EQ(flexExecutableGetVariantName(exe, 1, &name), FLEX_STATUS_OK);
+  EXPECT_STREQ(name, "ragged");
+  EXPECT_EQ(flexExecutableSelectVariantByName(exe, "ragged"), FLEX_STATUS_OK);
+  ASSERT_EQ(flexExecutableGetSelectedVariant(exe, &index), FLEX_STATUS_OK);
+  EXPECT_EQ(index, 1);
+  EXPECT_EQ(flexExecutableSelectVariant(exe, 5), FLEX_STATUS_OUT_OF_RANGE);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("variant index 5"));
+  EXPECT_EQ(flexExecutableSelectVariantByName(exe, "fast"),
+            FLEX_STATUS_NOT_FOUND);
+  EXPECT_THAT(flexExecutableGetLastError(exe),
+              HasSubstr("no variant named 'fast'"));
+  EXPECT_EQ(flexExecutableSelectVariantByName(exe, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  ASSERT_EQ(flexExecutableGetSelectedVariant(exe, &index), FLEX_STATUS_OK);
+  EXPECT_EQ(index, 1);
+}
+
+TEST_F(CAPI, RunsForwardAndBackwardLikeTheReference) {
+  load("ffn_fixed_train.json");
+  makeBuffers();
+  flex::LayerConfig config;
+  FlexLayerConfig layer;
+  ASSERT_EQ(flexExecutableGetLayerConfig(exe, &layer), FLEX_STATUS_OK);
+  config.tokens = layer.tokens;
+  config.modelDim = layer.model_dim;
+  config.hiddenDim = layer.hidden_dim;
+  config.experts = layer.experts;
+  config.topK = layer.top_k;
+  config.capacityMode = static_cast<flex::CapacityMode>(layer.capacity_mode);
+  config.capacityFactor = layer.capacity_factor;
+  config.expertKind = static_cast<flex::ExpertKind>(layer.expert_kind);
+  config.activation = static_cast<flex::Activation>(layer.activation);
+  config.bias = layer.bias;
+  config.dtype = static_cast<flex::DType>(layer.dtype);
+  config.routerFp32 = layer.router_fp32;
+  config.batchPrioritized = layer.batch_prioritized;
+  config.normalizeGate = layer.normalize_gate;
+  config.gateNoise = layer.gate_noise;
+  config.seed = layer.seed;
+
+  std::mt19937_64 rng(21);
+  flex::reference::LayerInputs inputs;
+  for (;;) {
+    inputs = flex::reference::makeRandomInputs(config, rng);
+    auto forward = flex::reference::referenceForward(config, inputs);
+    if (flex::reference::routingMargins(config, forward.routing).logitGap >
+        1e-4)
+      break;
+  }
+  std::vector<double> gradOut(config.tokens * config.modelDim);
+  std::normal_distribution<double> normal;
+  for (double &value : gradOut)
+    value = static_cast<float>(normal(rng));
+  auto set = [&](const char *name, const std::vector<double> &values) {
+    buffers[name].assign(values.begin(), values.end());
+  };
+  set("x", inputs.x);
+  set("wg", inputs.wg);
+  set("w1", inputs.w1);
+  set("b1", inputs.b1);
+  set("w2", inputs.w2);
+  set("b2", inputs.b2);
+  set("grad_out", gradOut);
+  set("grad_l_aux", {0.25});
+  for (auto &[name, info] : infos)
+    if (info.role == FLEX_ROLE_OUTPUT || info.role == FLEX_ROLE_GRAD_OUTPUT)
+      std::fill(buffers[name].begin(), buffers[name].end(), NAN);
+
+  std::vector<FlexBinding> all = bindings();
+  FlexRunOptions options{sizeof(FlexRunOptions), FLEX_RUN_CHECK_NONFINITE,
+                         nullptr};
+  ASSERT_EQ(flexExecutableForward(exe, all.data(), all.size(), &options),
+            FLEX_STATUS_OK)
+      << flexGetLastError();
+  int64_t steps = 0;
+  ASSERT_EQ(flexExecutableGetNumStepTimings(exe, &steps), FLEX_STATUS_OK);
+  EXPECT_EQ(steps, 7);
+  const char *op = nullptr;
+  double micros = -1;
+  ASSERT_EQ(flexExecutableGetStepTiming(exe, 1, &op, &micros),
+            FLEX_STATUS_OK);
+  EXPECT_STREQ(op, "gate");
+  EXPECT_GE(micros, 0);
+  ASSERT_EQ(flexExecutableBackward(exe, all.data(), all.size(), nullptr),
+            FLEX_STATUS_OK)
+      << flexGetLastError();
+
+  flex::reference::LayerForward forward;
+  auto grads = flex::reference::referenceBackward(config, inputs, gradOut,
+                                                  0.25, {}, &forward);
+  auto get = [&](const char *name) {
+    return std::vector<double>(buffers[name].begin(), buffers[name].end());
+  };
+  EXPECT_LE(flex::reference::relativeL2(get("out"), forward.out), 1e-5);
+  EXPECT_LE(flex::reference::relativeL2(get("l_aux"), {forward.lAux}), 1e-5);
+  EXPECT_LE(flex::reference::relativeL2(get("grad_x"), grads.x), 1e-5);
+  EXPECT_LE(flex::reference::relativeL2(get("grad_wg"), grads.wg), 1e-5);
+  EXPECT_LE(flex::reference::relativeL2(get("grad_w1"), grads.w1), 1e-5);
+  EXPECT_LE(flex::reference::relativeL2(get("grad_b1"), grads.b1), 1e-5);
+  EXPECT_LE(flex::reference::relativeL2(get("grad_w2"), grads.w2), 1e-5);
+  EXPECT_LE(flex::reference::relativeL2(get("grad_b2"), grads.b2), 1e-5);
+}
+
+TEST_F(CAPI, RejectsBadRuns) {
+  load("ffn_fixed_train.json");
+  makeBuffers();
+  std::vector<FlexBinding> good = bindings();
+  auto expectFailure = [&](std::vector<FlexBinding> list, FlexStatus code,
+                           const char *part,
+                           const FlexRunOptions *options = nullptr) {
+    EXPECT_EQ(flexExecutableForward(exe, list.data(), list.size(), options),
+              code);
+    EXPECT_THAT(flexGetLastError(), HasSubstr(part));
+    EXPECT_THAT(flexExecutableGetLastError(exe), HasSubstr(part));
+  };
+  auto changed = [&](const char *name, auto change) {
+    std::vector<FlexBinding> list = good;
+    for (FlexBinding &binding : list)
+      if (std::strcmp(binding.name, name) == 0)
+        change(binding);
+    return list;
+  };
+  expectFailure(changed("w1", [](FlexBinding &b) { b.bytes = 12; }),
+                FLEX_STATUS_INVALID_ARGUMENT,
+                "argument 'w1' is [4, 4, 6] f32 = 384 bytes; got 12 bytes");
+  expectFailure(changed("x", [](FlexBinding &b) { b.data = nullptr; }),
+                FLEX_STATUS_INVALID_ARGUMENT, "'x' has a null pointer");
+  expectFailure(changed("x", [](FlexBinding &b) { b.name = "X"; }),
+                FLEX_STATUS_NOT_FOUND, "'X' is not an argument of the plan");
+  expectFailure(changed("x", [](FlexBinding &b) { b.name = nullptr; }),
+                FLEX_STATUS_INVALID_ARGUMENT, "has a null name");
+  EXPECT_EQ(flexExecutableForward(exe, good.data(), -1, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(flexExecutableForward(exe, nullptr, 2, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  int stream = 0;
+  FlexRunOptions withStream{sizeof(FlexRunOptions), 0, &stream};
+  expectFailure(good, FLEX_STATUS_UNAVAILABLE, "takes no stream", &withStream);
+  FlexRunOptions tooSmall{4, 0, nullptr};
+  expectFailure(good, FLEX_STATUS_INVALID_ARGUMENT, "struct_size 4",
+                &tooSmall);
+  EXPECT_EQ(flexExecutableBackward(exe, good.data(), good.size(), nullptr),
+            FLEX_STATUS_FAILED_PRECONDITION);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("needs a forward first"));
+  EXPECT_EQ(flexExecutableForward(exe, good.data(), good.size(), nullptr),
+            FLEX_STATUS_OK);
+  // A later success does not clear the handle's last error text, but the
+  // next failure replaces it.
+  buffers["x"][0] = NAN;
+  FlexRunOptions check{sizeof(FlexRunOptions), FLEX_RUN_CHECK_NONFINITE,
+                       nullptr};
+  expectFailure(good, FLEX_STATUS_NUMERIC_ERROR,
+                "input argument 'x' has NaN or Inf at element 0", &check);
+}
+
+TEST_F(CAPI, DetectsDestroyedHandles) {
+  load("gated_bounded_infer.json");
+  FlexExecutable dead = exe;
+  EXPECT_EQ(flexExecutableDestroy(exe), FLEX_STATUS_OK);
+  exe = nullptr;
+  EXPECT_EQ(flexExecutableDestroy(dead), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("not a live handle"));
+  int64_t count = 0;
+  EXPECT_EQ(flexExecutableGetNumArguments(dead, &count),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(flexExecutableForward(dead, nullptr, 0, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(flexExecutableDestroy(nullptr), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_STREQ(flexExecutableGetLastError(dead),
+               "the executable is not a live handle");
+}
+
+TEST_F(CAPI, LastErrorIsPerThread) {
+  load("gated_bounded_infer.json");
+  EXPECT_EQ(flexExecutableSelectVariant(exe, 9), FLEX_STATUS_OUT_OF_RANGE);
+  std::string mine = flexGetLastError();
+  std::string theirs;
+  std::thread other([&] {
+    EXPECT_EQ(flexExecutableSelectVariantByName(exe, "other"),
+              FLEX_STATUS_NOT_FOUND);
+    theirs = flexGetLastError();
+  });
+  other.join();
+  EXPECT_EQ(flexGetLastError(), mine);
+  EXPECT_THAT(theirs, HasSubstr("no variant named 'other'"));
+}
+
+namespace {
+std::string fakeCompilerPlan;
+
+FlexStatus fakeCompileMlir(void *userData, const char *text, size_t length,
+                           const FlexCompileOptions *, char **planJson,
+                           char **error) {
+  ++*static_cast<int *>(userData);
+  if (std::string_view(text, length).find("moe.layer") ==
+      std::string_view::npos) {
+    *error = strdup("expected a moe.layer op");
+    return FLEX_STATUS_INVALID_ARGUMENT;
+  }
+  *planJson = strdup(fakeCompilerPlan.c_str());
+  return FLEX_STATUS_OK;
+}
+} // namespace
+
+TEST_F(CAPI, CompilesThroughTheRegisteredCompiler) {
+  const char mlir[] = "moe.layer ...";
+  FlexExecutable compiled = nullptr;
+  ASSERT_EQ(flexHasCompiler(), 0);
+  EXPECT_EQ(flexCompileLayer(context, mlir, sizeof(mlir) - 1, nullptr,
+                             &compiled),
+            FLEX_STATUS_UNAVAILABLE);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("no compiler is linked in"));
+  FlexLayerConfig config{};
+  config.tokens = config.model_dim = config.hidden_dim = config.experts = 4;
+  config.top_k = 1;
+  config.capacity_factor = 1.0;
+  EXPECT_EQ(flexCompileLayerConfig(context, &config, nullptr, &compiled),
+            FLEX_STATUS_UNAVAILABLE);
+
+  int calls = 0;
+  fakeCompilerPlan = readText("gated_bounded_infer.json");
+  FlexCompilerHooks hooks{sizeof(FlexCompilerHooks), fakeCompileMlir, nullptr,
+                          &calls};
+  ASSERT_EQ(flexSetCompiler(&hooks), FLEX_STATUS_OK);
+  EXPECT_EQ(flexHasCompiler(), 1);
+  ASSERT_EQ(flexCompileLayer(context, mlir, sizeof(mlir) - 1, nullptr,
+                             &compiled),
+            FLEX_STATUS_OK)
+      << flexGetLastError();
+  int64_t count = 0;
+  EXPECT_EQ(flexExecutableGetNumArguments(compiled, &count), FLEX_STATUS_OK);
+  EXPECT_EQ(count, 7);
+  EXPECT_EQ(flexExecutableDestroy(compiled), FLEX_STATUS_OK);
+  EXPECT_EQ(flexCompileLayer(context, "func", 4, nullptr, &compiled),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("expected a moe.layer op"));
+  // The config entry point is not provided by this compiler.
+  EXPECT_EQ(flexCompileLayerConfig(context, &config, nullptr, &compiled),
+            FLEX_STATUS_UNAVAILABLE);
+  EXPECT_EQ(calls, 2);
+  FlexCompilerHooks old{8, nullptr, nullptr, nullptr};
+  EXPECT_EQ(flexSetCompiler(&old), FLEX_STATUS_INVALID_ARGUMENT);
+  ASSERT_EQ(flexSetCompiler(nullptr), FLEX_STATUS_OK);
+  EXPECT_EQ(flexHasCompiler(), 0);
+}

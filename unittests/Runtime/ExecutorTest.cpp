@@ -1,0 +1,486 @@
+//===- ExecutorTest.cpp - End-to-end tests of the executor ----------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file runs the hand-written plans through the executor and the CPU
+// backend on fresh random inputs, with outputs poisoned first, and compares
+// every output and gradient with the fp64 reference ([num-1]). It also tests
+// the executor's rules: bindings, workspace, variants, backward after forward,
+// inputs never written, the NaN check.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Executor.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include "ReferenceMoE.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <sstream>
+
+using namespace flex;
+using ::testing::HasSubstr;
+using Json = nlohmann::ordered_json;
+
+namespace {
+
+std::string readText(const std::string &name) {
+  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+std::shared_ptr<const Plan> loadPlan(const std::string &text) {
+  auto plan = std::make_shared<Plan>();
+  Status status = parsePlan(text, *plan);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return plan;
+}
+
+std::unique_ptr<Executor> makeExecutor(std::shared_ptr<const Plan> plan) {
+  std::unique_ptr<Executor> executor;
+  Status status = Executor::create(std::move(plan), createCpuBackend(),
+                                   executor);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return executor;
+}
+
+void store(std::vector<uint8_t> &bytes, DType type, int64_t i, double value) {
+  switch (type) {
+  case DType::F32: {
+    float v = static_cast<float>(value);
+    std::memcpy(bytes.data() + 4 * i, &v, 4);
+    return;
+  }
+  case DType::BF16: {
+    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
+    std::memcpy(bytes.data() + 2 * i, &v, 2);
+    return;
+  }
+  case DType::F16: {
+    uint16_t v = cpu::floatToF16(static_cast<float>(value));
+    std::memcpy(bytes.data() + 2 * i, &v, 2);
+    return;
+  }
+  case DType::I32:
+    return;
+  }
+}
+
+double load(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
+  uint16_t half;
+  float single;
+  switch (type) {
+  case DType::F32:
+    std::memcpy(&single, bytes.data() + 4 * i, 4);
+    return single;
+  case DType::BF16:
+    std::memcpy(&half, bytes.data() + 2 * i, 2);
+    return cpu::bf16ToFloat(half);
+  case DType::F16:
+    std::memcpy(&half, bytes.data() + 2 * i, 2);
+    return cpu::f16ToFloat(half);
+  case DType::I32:
+    return 0;
+  }
+  return 0;
+}
+
+/// Caller buffers for every argument of a plan.
+struct Buffers {
+  const Plan &plan;
+  std::map<std::string, std::vector<uint8_t>> data;
+
+  explicit Buffers(const Plan &plan) : plan(plan) {
+    for (const Argument &arg : plan.arguments)
+      data[arg.name].assign(arg.numBytes(), 0);
+  }
+  const Argument &arg(const std::string &name) const {
+    return plan.arguments[plan.findArgument(name)];
+  }
+  void set(const std::string &name, const std::vector<double> &values) {
+    if (plan.findArgument(name) < 0)
+      return;
+    ASSERT_EQ(static_cast<int64_t>(values.size()), arg(name).numElements())
+        << name;
+    for (size_t i = 0; i < values.size(); ++i)
+      store(data[name], arg(name).dtype, i, values[i]);
+  }
+  std::vector<double> get(const std::string &name) const {
+    const Argument &a = arg(name);
+    std::vector<double> values(a.numElements());
+    for (int64_t i = 0; i < a.numElements(); ++i)
+      values[i] = load(data.at(name), a.dtype, i);
+    return values;
+  }
+  /// NaN in every output, so an element no step writes cannot pass.
+  void poison(ArgumentRole role) {
+    for (const Argument &a : plan.arguments)
+      if (a.role == role)
+        set(a.name, std::vector<double>(
+                        a.numElements(),
+                        std::numeric_limits<double>::quiet_NaN()));
+  }
+  std::vector<Binding> bindings() {
+    std::vector<Binding> result;
+    for (auto &[name, bytes] : data)
+      result.push_back({arg(name).name, bytes.data(),
+                        static_cast<int64_t>(bytes.size())});
+    return result;
+  }
+};
+
+/// Random inputs whose routing is not within fp32 rounding of a tie.
+reference::LayerInputs makeInputs(const LayerConfig &config, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  for (;;) {
+    reference::LayerInputs inputs = reference::makeRandomInputs(config, rng);
+    reference::LayerForward forward =
+        reference::referenceForward(config, inputs);
+    reference::RoutingMargins margins =
+        reference::routingMargins(config, forward.routing);
+    if (margins.logitGap > 1e-4 &&
+        (!config.batchPrioritized || margins.priorityGap > 1e-4))
+      return inputs;
+  }
+}
+
+struct Tolerance {
+  double value;
+};
+
+/// Runs variant `variant` of `plan` (forward, and backward when training)
+/// and compares with the reference.
+void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
+                   uint64_t seed, double tolerance) {
+  SCOPED_TRACE("variant " + plan->variants[variant].name + " seed " +
+               std::to_string(seed));
+  const LayerConfig &config = plan->layer;
+  reference::LayerInputs inputs = makeInputs(config, seed);
+  std::mt19937_64 rng(seed + 1000);
+  std::normal_distribution<double> normal;
+  std::vector<double> gradOut(config.tokens * config.modelDim);
+  for (double &value : gradOut)
+    value = normal(rng);
+  gradOut = reference::roundTo(gradOut, config.dtype);
+  double gradLAux = 0.5;
+
+  Buffers buffers(*plan);
+  buffers.set("x", inputs.x);
+  buffers.set("wg", inputs.wg);
+  buffers.set("w1", inputs.w1);
+  buffers.set("b1", inputs.b1);
+  buffers.set("w2", inputs.w2);
+  buffers.set("b2", inputs.b2);
+  buffers.set("w3", inputs.w3);
+  buffers.set("grad_out", gradOut);
+  buffers.set("grad_l_aux", {gradLAux});
+  buffers.poison(ArgumentRole::Output);
+  buffers.poison(ArgumentRole::GradOutput);
+  auto inputsBefore = buffers.data;
+
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  ASSERT_TRUE(executor->selectVariant(variant).isOk());
+  std::vector<Binding> bindings = buffers.bindings();
+  Status status = executor->forward(bindings.data(), bindings.size());
+  ASSERT_TRUE(status.isOk()) << status.message();
+  EXPECT_EQ(executor->lastRunStats().steps.size(),
+            plan->variants[variant].forward.size());
+  if (plan->training) {
+    status = executor->backward(bindings.data(), bindings.size());
+    ASSERT_TRUE(status.isOk()) << status.message();
+  }
+
+  // Inputs are never written.
+  for (const Argument &arg : plan->arguments)
+    if (arg.role == ArgumentRole::Input || arg.role == ArgumentRole::GradInput)
+      EXPECT_EQ(buffers.data[arg.name], inputsBefore[arg.name]) << arg.name;
+
+  reference::LayerForward forward;
+  reference::LayerGradients grads;
+  if (plan->training)
+    grads = reference::referenceBackward(config, inputs, gradOut, gradLAux, {},
+                                         &forward);
+  else
+    forward = reference::referenceForward(config, inputs);
+  EXPECT_LE(reference::relativeL2(buffers.get("out"), forward.out), tolerance);
+  EXPECT_LE(reference::relativeL2(buffers.get("l_aux"), {forward.lAux}),
+            tolerance);
+  if (!plan->training)
+    return;
+  std::pair<const char *, const std::vector<double> *> gradients[] = {
+      {"grad_x", &grads.x},   {"grad_wg", &grads.wg}, {"grad_w1", &grads.w1},
+      {"grad_b1", &grads.b1}, {"grad_w2", &grads.w2}, {"grad_b2", &grads.b2},
+      {"grad_w3", &grads.w3}};
+  for (auto [name, want] : gradients)
+    if (plan->findArgument(name) >= 0)
+      EXPECT_LE(reference::relativeL2(buffers.get(name), *want), tolerance)
+          << name;
+}
+
+/// The dropless plan with bf16 tokens and weights (router in fp32):
+/// arguments and the float intermediates of the experts become bf16.
+std::string makeBf16Plan() {
+  Json doc = Json::parse(readText("ffn_dropless_ragged_train.json"));
+  doc["layer"]["dtype"] = "bf16";
+  for (Json &arg : doc["arguments"]) {
+    std::string name = arg["name"];
+    if (name != "wg" && name != "grad_wg" && name != "l_aux" &&
+        name != "grad_l_aux")
+      arg["dtype"] = "bf16";
+  }
+  for (Json &buffer : doc["workspace"]["buffers"]) {
+    std::string name = buffer["name"];
+    for (const char *expertBuffer :
+         {"disp", "hid_pre", "hid", "y", "grad_y", "grad_hid", "grad_hid_pre",
+          "grad_disp"})
+      if (name == expertBuffer)
+        buffer["dtype"] = "bf16"; // reserved bytes stay (bytes >= needed)
+  }
+  return doc.dump();
+}
+
+} // namespace
+
+TEST(Executor, HandWrittenPlansMatchTheReference) {
+  for (const char *name : {"ffn_fixed_train.json",
+                           "ffn_dropless_ragged_train.json",
+                           "gated_bounded_infer.json"}) {
+    SCOPED_TRACE(name);
+    std::shared_ptr<const Plan> plan = loadPlan(readText(name));
+    for (size_t variant = 0; variant < plan->variants.size(); ++variant)
+      for (uint64_t seed : {1, 2, 3})
+        runAndCompare(plan, variant, seed, 1e-5);
+  }
+}
+
+TEST(Executor, Bf16PlanMatchesTheReference) {
+  std::shared_ptr<const Plan> plan = loadPlan(makeBf16Plan());
+  for (uint64_t seed : {4, 5})
+    runAndCompare(plan, 0, seed, 2e-2);
+}
+
+TEST(Executor, RejectsBadBindings) {
+  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  Buffers buffers(*plan);
+  std::vector<Binding> good = buffers.bindings();
+  auto expectError = [&](std::vector<Binding> bindings, StatusCode code,
+                         std::initializer_list<const char *> parts) {
+    Status status = executor->forward(bindings.data(), bindings.size());
+    EXPECT_EQ(status.code(), code) << status.message();
+    for (const char *part : parts)
+      EXPECT_THAT(status.message(), HasSubstr(part));
+  };
+  auto withChange = [&](const char *name, auto change) {
+    std::vector<Binding> bindings = good;
+    for (Binding &binding : bindings)
+      if (binding.name == name)
+        change(binding);
+    return bindings;
+  };
+  expectError(withChange("x", [](Binding &b) { b.bytes -= 4; }),
+              StatusCode::InvalidArgument,
+              {"argument 'x' is [8, 4] f32 = 128 bytes; got 124 bytes"});
+  expectError(withChange("w1", [](Binding &b) { b.data = nullptr; }),
+              StatusCode::InvalidArgument, {"'w1' has a null pointer"});
+  expectError(withChange("x", [](Binding &b) { b.name = "tokens"; }),
+              StatusCode::NotFound,
+              {"'tokens' is not an argument of the plan"});
+  std::vector<Binding> twice = good;
+  twice.push_back(good[0]);
+  expectError(twice, StatusCode::InvalidArgument, {"is bound twice"});
+  std::vector<Binding> missing;
+  for (const Binding &binding : good)
+    if (binding.name != "b2")
+      missing.push_back(binding);
+  expectError(missing, StatusCode::InvalidArgument,
+              {"argument 'b2' (role input", "is not bound"});
+  // An output sharing memory with an input would write the input.
+  expectError(withChange("out",
+                         [&](Binding &b) { b.data = buffers.data["x"].data(); }),
+              StatusCode::InvalidArgument,
+              {"'out' (written) overlaps the memory of argument 'x'"});
+  Status status = executor->forward(nullptr, 3);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  // Forward needs no grad arguments.
+  std::vector<Binding> forwardOnly;
+  for (const Binding &binding : good)
+    if (plan->arguments[plan->findArgument(binding.name)].role ==
+            ArgumentRole::Input ||
+        plan->arguments[plan->findArgument(binding.name)].role ==
+            ArgumentRole::Output)
+      forwardOnly.push_back(binding);
+  EXPECT_TRUE(
+      executor->forward(forwardOnly.data(), forwardOnly.size()).isOk());
+  // ... but backward does.
+  status = executor->backward(forwardOnly.data(), forwardOnly.size());
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("grad_out"));
+}
+
+TEST(Executor, BackwardNeedsAForwardFirst) {
+  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  Buffers buffers(*plan);
+  std::vector<Binding> bindings = buffers.bindings();
+  Status status = executor->backward(bindings.data(), bindings.size());
+  EXPECT_EQ(status.code(), StatusCode::FailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("backward needs a forward first"));
+  ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+  EXPECT_TRUE(executor->backward(bindings.data(), bindings.size()).isOk());
+  // One backward per forward.
+  EXPECT_EQ(executor->backward(bindings.data(), bindings.size()).code(),
+            StatusCode::FailedPrecondition);
+  // A new workspace loses the forward's state.
+  ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+  ASSERT_TRUE(executor->setWorkspace(nullptr, 0).isOk());
+  EXPECT_EQ(executor->backward(bindings.data(), bindings.size()).code(),
+            StatusCode::FailedPrecondition);
+
+  std::shared_ptr<const Plan> inference =
+      loadPlan(readText("gated_bounded_infer.json"));
+  std::unique_ptr<Executor> inferenceExecutor = makeExecutor(inference);
+  Buffers inferenceBuffers(*inference);
+  std::vector<Binding> inferenceBindings = inferenceBuffers.bindings();
+  ASSERT_TRUE(inferenceExecutor
+                  ->forward(inferenceBindings.data(), inferenceBindings.size())
+                  .isOk());
+  status = inferenceExecutor->backward(inferenceBindings.data(),
+                                       inferenceBindings.size());
+  EXPECT_EQ(status.code(), StatusCode::FailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("inference"));
+}
+
+TEST(Executor, BackwardRunsTheVariantOfItsForward) {
+  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  Buffers buffers(*plan);
+  reference::LayerInputs inputs = makeInputs(plan->layer, 9);
+  buffers.set("x", inputs.x);
+  buffers.set("wg", inputs.wg);
+  buffers.set("w1", inputs.w1);
+  buffers.set("b1", inputs.b1);
+  buffers.set("w2", inputs.w2);
+  buffers.set("b2", inputs.b2);
+  std::vector<Binding> bindings = buffers.bindings();
+  ASSERT_TRUE(executor->selectVariant("ragged").isOk());
+  ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+  ASSERT_TRUE(executor->selectVariant("padded").isOk());
+  ASSERT_TRUE(executor->backward(bindings.data(), bindings.size()).isOk());
+  EXPECT_EQ(executor->lastRunStats().variant, 1);
+  EXPECT_TRUE(executor->lastRunStats().backward);
+  EXPECT_EQ(executor->measurements(1).forwardRuns, 1);
+  EXPECT_EQ(executor->measurements(1).backwardRuns, 1);
+  EXPECT_EQ(executor->measurements(0).forwardRuns, 0);
+}
+
+TEST(Executor, SelectsVariants) {
+  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  EXPECT_EQ(executor->selectedVariant(), 0);
+  EXPECT_TRUE(executor->selectVariant("ragged").isOk());
+  EXPECT_EQ(executor->selectedVariant(), 1);
+  Status status = executor->selectVariant("pipelined");
+  EXPECT_EQ(status.code(), StatusCode::NotFound);
+  EXPECT_THAT(status.message(), HasSubstr("padded, ragged"));
+  status = executor->selectVariant(2);
+  EXPECT_EQ(status.code(), StatusCode::OutOfRange);
+  EXPECT_THAT(status.message(), HasSubstr("index 2 is out of range"));
+  EXPECT_EQ(executor->selectedVariant(), 1);
+
+  ::setenv("FLEX_VARIANT", "ragged", 1);
+  EXPECT_EQ(makeExecutor(plan)->selectedVariant(), 1);
+  ::setenv("FLEX_VARIANT", "1", 1);
+  EXPECT_EQ(makeExecutor(plan)->selectedVariant(), 1);
+  ::setenv("FLEX_VARIANT", "7", 1);
+  std::unique_ptr<Executor> rejected;
+  status = Executor::create(plan, createCpuBackend(), rejected);
+  ::unsetenv("FLEX_VARIANT");
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("FLEX_VARIANT='7'"));
+  EXPECT_FALSE(rejected);
+}
+
+TEST(Executor, UsesTheCallersWorkspace) {
+  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  int64_t bytes = executor->workspaceBytes();
+  int64_t alignment = executor->workspaceAlignment();
+  std::vector<uint8_t> storage(bytes + 2 * alignment);
+  auto address = reinterpret_cast<uintptr_t>(storage.data());
+  uint8_t *aligned = storage.data() + (alignment - address % alignment);
+  Status status = executor->setWorkspace(aligned + 1, bytes);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("not aligned to 64"));
+  status = executor->setWorkspace(aligned, bytes - 1);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("too small"));
+  ASSERT_TRUE(executor->setWorkspace(aligned, bytes).isOk());
+
+  Buffers buffers(*plan);
+  reference::LayerInputs inputs = makeInputs(plan->layer, 11);
+  buffers.set("x", inputs.x);
+  buffers.set("wg", inputs.wg);
+  buffers.set("w1", inputs.w1);
+  buffers.set("b1", inputs.b1);
+  buffers.set("w2", inputs.w2);
+  buffers.set("b2", inputs.b2);
+  std::vector<Binding> bindings = buffers.bindings();
+  ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+  std::vector<double> withCallers = buffers.get("out");
+  ASSERT_TRUE(executor->setWorkspace(nullptr, 0).isOk());
+  buffers.poison(ArgumentRole::Output);
+  ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+  EXPECT_EQ(buffers.get("out"), withCallers);
+}
+
+// NaN behaviour: by default NaN propagates (never hidden); with the check,
+// NaN in an input is reported before anything runs.
+TEST(Executor, NonFiniteInputs) {
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readText("gated_bounded_infer.json"));
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  Buffers buffers(*plan);
+  reference::LayerInputs inputs = makeInputs(plan->layer, 12);
+  inputs.x[5 * plan->layer.modelDim + 3] =
+      std::numeric_limits<double>::quiet_NaN();
+  buffers.set("x", inputs.x);
+  buffers.set("wg", inputs.wg);
+  buffers.set("w1", inputs.w1);
+  buffers.set("w2", inputs.w2);
+  buffers.set("w3", inputs.w3);
+  std::vector<Binding> bindings = buffers.bindings();
+
+  ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+  std::vector<double> out = buffers.get("out");
+  EXPECT_TRUE(std::isnan(out[5 * plan->layer.modelDim])) << "NaN was hidden";
+
+  buffers.poison(ArgumentRole::Output);
+  RunOptions options;
+  options.checkNonFinite = true;
+  Status status = executor->forward(bindings.data(), bindings.size(), options);
+  EXPECT_EQ(status.code(), StatusCode::NumericError);
+  EXPECT_THAT(status.message(),
+              HasSubstr("input argument 'x' has NaN or Inf at element 43 "
+                        "(index [5, 3])"));
+
+  ::setenv("FLEX_CHECK_NAN", "1", 1);
+  std::unique_ptr<Executor> checking = makeExecutor(plan);
+  ::unsetenv("FLEX_CHECK_NAN");
+  EXPECT_EQ(checking->forward(bindings.data(), bindings.size()).code(),
+            StatusCode::NumericError);
+}
