@@ -11,19 +11,25 @@
 
 #include "flex/InitAll.h"
 
+#include "flex/Conversion/Passes.h"
 #include "flex/Dialect/Moe/IR/MoeDialect.h"
 #include "flex/Dialect/Moe/Transforms/Passes.h"
+#include "flex/Dialect/MoeRT/IR/MoeRTOps.h"
+#include "flex/Dialect/MoeRT/Transforms/Passes.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/IR/DialectRegistry.h"
 #include "mlir/Transforms/Passes.h"
 
 void flex::registerAllDialects(mlir::DialectRegistry &registry) {
-  registry.insert<mlir::func::FuncDialect, moe::MoeDialect>();
+  registry.insert<mlir::func::FuncDialect, moe::MoeDialect,
+                  moert::MoeRTDialect>();
 }
 
 void flex::registerAllPasses() {
   moe::registerMoePasses();
+  moert::registerMoeRTPasses();
+  registerConversionPasses();
   mlir::registerCanonicalizerPass();
   mlir::registerCSEPass();
 }

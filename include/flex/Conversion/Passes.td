@@ -1,0 +1,40 @@
+//===- Passes.td - Conversion passes of Flex ---------------*- tablegen -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares the passes that convert between Flex's dialects.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_CONVERSION_PASSES_TD
+#define FLEX_CONVERSION_PASSES_TD
+
+include "mlir/Pass/PassBase.td"
+
+def ConvertMoeToMoeRTPass : Pass<"convert-moe-to-moert", "::mlir::ModuleOp"> {
+  let summary = "Lower each function holding one MoE layer to a moert.plan";
+  let description = [{
+    Each `func.func` whose body is one expanded layer (`moe.gate`,
+    `moe.dispatch`, `moe.expert`, `moe.combine`; run `--moe-expand-layer`
+    first) becomes a `moert.plan` of the same name: its arguments named as
+    in docs/PlanFormat.md (`x`, `wg`, `w1`, ..., `out`, `l_aux`), workspace
+    buffers for the routing and the expert activations, and one variant
+    whose forward (and, with `training`, backward) steps compute the layer.
+
+    `layout` chooses how expert rows are laid out: `padded` (E * C rows, the
+    layout of [dispatch-1]), `ragged` (the kept rows only, no padding), or
+    `auto`: padded for a fixed capacity, ragged otherwise (dropless and
+    bounded capacities would pad to T rows per expert).
+  }];
+  let options = [
+    Option<"training", "training", "bool", /*default=*/"false",
+           "Also emit the backward steps and keep what they read">,
+    Option<"layout", "layout", "std::string", /*default=*/"\"auto\"",
+           "Expert row layout: auto, padded or ragged">,
+  ];
+  let dependentDialects = ["::flex::moert::MoeRTDialect"];
+}
+
+#endif // FLEX_CONVERSION_PASSES_TD

@@ -1,0 +1,259 @@
+//===- MoeRTOps.td - Operations of the moert dialect -------*- tablegen -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file defines the plan structure (plan, variant, argument, alloc) and
+// the steps of the `moert` dialect, one op per step of docs/PlanFormat.md.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_DIALECT_MOERT_IR_MOERTOPS_TD
+#define FLEX_DIALECT_MOERT_IR_MOERTOPS_TD
+
+include "flex/Dialect/MoeRT/IR/MoeRTDialect.td"
+include "flex/Dialect/MoeRT/IR/MoeRTEnums.td"
+include "flex/Dialect/Moe/IR/MoeAttrs.td"
+include "mlir/IR/EnumAttr.td"
+include "mlir/IR/SymbolInterfaces.td"
+include "mlir/IR/RegionKindInterface.td"
+
+//===----------------------------------------------------------------------===//
+// Plan structure
+//===----------------------------------------------------------------------===//
+
+def MoeRT_PlanOp : MoeRT_Op<"plan", [Symbol, SymbolTable, SingleBlock,
+    NoTerminator, IsolatedFromAbove, NoRegionArguments]> {
+  let summary = "one MoE layer lowered for the runtime";
+  let description = [{
+    Holds the layer's configuration (`layer`, the fields of
+    `flex::LayerConfig`), its arguments and workspace buffers, and its
+    variants. `workspace_bytes` is set by `--moert-plan-memory`.
+
+    ```mlir
+    moert.plan @c1 attributes {layer = {...}, training} {
+      %x = moert.argument "x" input : memref<16384x4096xbf16>
+      %logits = moert.alloc "logits" : memref<16384x8xf32>
+      moert.variant "single" forward {
+        moert.router ins(x = %x : ..., wg = %wg : ...) outs(logits = %logits : ...)
+        ...
+      } backward {
+        ...
+      }
+    }
+    ```
+  }];
+  let arguments = (ins SymbolNameAttr:$sym_name, DictionaryAttr:$layer,
+                       UnitAttr:$training,
+                       OptionalAttr<I64Attr>:$workspace_bytes,
+                       DefaultValuedAttr<I64Attr, "256">:$workspace_alignment);
+  let regions = (region SizedRegion<1>:$body);
+  let assemblyFormat = "$sym_name attr-dict-with-keyword $body";
+  let hasVerifier = 1;
+}
+
+def MoeRT_VariantOp : MoeRT_Op<"variant", [HasParent<"PlanOp">, NoTerminator,
+    NoRegionArguments]> {
+  let summary = "one way to run the plan's layer: forward and backward steps";
+  let description = [{
+    `forward` and `backward` hold steps in the order the runtime runs them.
+    A plan for inference leaves `backward` empty.
+  }];
+  let arguments = (ins StrAttr:$name);
+  let regions = (region SizedRegion<1>:$forward, SizedRegion<1>:$backward);
+  let assemblyFormat = [{
+    $name attr-dict-with-keyword `forward` $forward `backward` $backward
+  }];
+}
+
+def MoeRT_ArgumentOp : MoeRT_Op<"argument", [HasParent<"PlanOp">]> {
+  let summary = "a buffer the caller binds by name";
+  let description = [{
+    Names are fixed by docs/PlanFormat.md (`x`, `wg`, `w1`, `out`, `grad_x`,
+    ...); the role says whether the runtime reads or writes it, in forward or
+    in backward. The runtime never writes an `input`.
+  }];
+  let arguments = (ins StrAttr:$name, MoeRT_ArgumentRoleAttr:$role);
+  let results = (outs AnyStaticShapeMemRef:$buffer);
+  let assemblyFormat = "$name $role attr-dict `:` type($buffer)";
+}
+
+def MoeRT_AllocOp : MoeRT_Op<"alloc", [HasParent<"PlanOp">]> {
+  let summary = "a workspace buffer";
+  let description = [{
+    A buffer in the plan's workspace block, at byte `offset` once
+    `--moert-plan-memory` has placed it. Shapes are static upper bounds: the
+    valid rows of expert buffers are known only after the gate.
+  }];
+  let arguments = (ins StrAttr:$name, OptionalAttr<I64Attr>:$offset);
+  let results = (outs AnyStaticShapeMemRef:$buffer);
+  let assemblyFormat = "$name attr-dict `:` type($buffer)";
+}
+
+//===----------------------------------------------------------------------===//
+// Steps
+//===----------------------------------------------------------------------===//
+
+def MoeRT_StepOpInterface : OpInterface<"StepOpInterface"> {
+  let cppNamespace = "::flex::moert";
+  let description = [{
+    A step of a variant: its operands named by role, as in the plan file.
+  }];
+  let methods = [
+    InterfaceMethod<"The step's operands with their roles, inputs first.",
+      "::llvm::SmallVector<::flex::moert::StepOperand>", "getStepOperands",
+      (ins), [{}], [{
+        return ::flex::moert::detail::collectStepOperands(
+            ::llvm::cast<ConcreteOp>($_op));
+      }]>,
+    InterfaceMethod<"The op's name in the plan file.", "::llvm::StringRef",
+      "getStepName", (ins), [{}], [{ return ConcreteOp::getOperationName().drop_front(6); }]>,
+  ];
+}
+
+// A step whose operands are the memrefs of `inRoles` then `outRoles`, in that
+// order. A role ending in `?` is optional. The roles give the custom syntax
+// `ins(role = %v : type, ...) outs(...)` and the plan file's role names.
+class MoeRT_StepOp<string mnemonic, list<string> inRoles,
+                   list<string> outRoles, list<Trait> traits = []>
+    : MoeRT_Op<mnemonic, !listconcat(traits,
+          [DeclareOpInterfaceMethods<MoeRT_StepOpInterface>])> {
+  list<string> allRoles = !listconcat(inRoles, outRoles);
+  let extraClassDeclaration = [{
+    static constexpr ::llvm::StringLiteral kRoles[] = {}] #
+      !interleave(!foreach(role, allRoles, "\"" # role # "\""), ", ") # [{};
+    static constexpr unsigned kNumInputRoles = }] # !size(inRoles) # [{;
+  }];
+  let hasCustomAssemblyFormat = 1;
+  let hasVerifier = 1;
+  let extraClassDefinition = [{
+    ::mlir::ParseResult $cppClass::parse(::mlir::OpAsmParser &parser,
+                                         ::mlir::OperationState &result) {
+      return ::flex::moert::detail::parseStepOp<$cppClass>(parser, result);
+    }
+    void $cppClass::print(::mlir::OpAsmPrinter &printer) {
+      ::flex::moert::detail::printStepOp(*this, printer);
+    }
+  }];
+}
+
+defvar Buf = AnyStaticShapeMemRef;
+defvar OptBuf = Optional<AnyStaticShapeMemRef>;
+
+def MoeRT_RouterOp : MoeRT_StepOp<"router", ["x", "wg"], ["logits"]> {
+  let summary = "logits = x @ wg with fp32 accumulation ([gate-1])";
+  let arguments = (ins Buf:$x, Buf:$wg, Buf:$logits);
+}
+
+def MoeRT_GateOp : MoeRT_StepOp<"gate", ["logits"],
+    ["scores", "indices", "locations", "gates", "capacity", "expert_offsets",
+     "expert_rows", "l_aux"]> {
+  let summary = "softmax, top-k, locations, capacity and aux loss";
+  let description = [{
+    [gate-1..3], [loc-1], [cap-1], [loss-1] of DESIGN.md; the routing buffers
+    it writes are described in docs/PlanFormat.md.
+  }];
+  let arguments = (ins Buf:$logits, Buf:$scores, Buf:$indices, Buf:$locations,
+      Buf:$gates, Buf:$capacity_out, Buf:$expert_offsets, Buf:$expert_rows,
+      Buf:$l_aux, I64Attr:$top_k, Moe_CapacityAttr:$capacity,
+      UnitAttr:$normalize, UnitAttr:$batch_prioritized,
+      DefaultValuedAttr<F64Attr, "0.0">:$noise,
+      DefaultValuedAttr<I64Attr, "0">:$seed, MoeRT_LayoutAttr:$layout);
+}
+
+def MoeRT_DispatchOp : MoeRT_StepOp<"dispatch",
+    ["x", "indices", "locations", "capacity", "expert_offsets"], ["dispatched"]> {
+  let summary = "copy each kept slot's token to its row ([dispatch-1])";
+  let arguments = (ins Buf:$x, Buf:$indices, Buf:$locations, Buf:$capacity,
+                       Buf:$expert_offsets, Buf:$dispatched);
+}
+
+def MoeRT_GroupedGemmOp : MoeRT_StepOp<"grouped_gemm",
+    ["a", "b", "bias?", "expert_offsets", "expert_rows"], ["c", "pre?"],
+    [AttrSizedOperandSegments]> {
+  let summary = "per expert: c = epilogue(a @ b[e] + bias[e])";
+  let description = [{
+    Over the valid rows of each expert. `trans_b` reads b as [E, N, K];
+    `accumulate` adds to c; `pre`, when given, receives the value before the
+    epilogue (kept for the backward of the activation).
+  }];
+  let arguments = (ins Buf:$a, Buf:$b, OptBuf:$bias, Buf:$expert_offsets,
+      Buf:$expert_rows, Buf:$c, OptBuf:$pre, UnitAttr:$trans_b,
+      UnitAttr:$accumulate, OptionalAttr<Moe_ActivationAttr>:$epilogue);
+}
+
+def MoeRT_GluOp : MoeRT_StepOp<"glu",
+    ["gate_in", "up_in", "expert_offsets", "expert_rows"], ["c"]> {
+  let summary = "c = silu(gate_in) * up_in (SwiGLU)";
+  let arguments = (ins Buf:$gate_in, Buf:$up_in, Buf:$expert_offsets,
+                       Buf:$expert_rows, Buf:$c);
+}
+
+def MoeRT_CombineOp : MoeRT_StepOp<"combine",
+    ["expert_out", "indices", "locations", "gates", "capacity",
+     "expert_offsets"], ["out"]> {
+  let summary = "out[t] = sum of kept gates * expert rows ([combine-1])";
+  let arguments = (ins Buf:$expert_out, Buf:$indices, Buf:$locations,
+                       Buf:$gates, Buf:$capacity, Buf:$expert_offsets,
+                       Buf:$out);
+}
+
+def MoeRT_CombineBackwardOp : MoeRT_StepOp<"combine_backward",
+    ["grad_out", "expert_out", "indices", "locations", "gates", "capacity",
+     "expert_offsets"], ["grad_expert_out", "grad_gates"]> {
+  let summary = "gradients of combine for the expert rows and the gates";
+  let arguments = (ins Buf:$grad_out, Buf:$expert_out, Buf:$indices,
+                       Buf:$locations, Buf:$gates, Buf:$capacity,
+                       Buf:$expert_offsets, Buf:$grad_expert_out,
+                       Buf:$grad_gates);
+}
+
+def MoeRT_GroupedGemmWgradOp : MoeRT_StepOp<"grouped_gemm_wgrad",
+    ["a", "grad_c", "expert_offsets", "expert_rows"], ["grad_b", "grad_bias?"]> {
+  let summary = "per expert: grad_b[e] = a^T grad_c, grad_bias[e] = colsum";
+  let arguments = (ins Buf:$a, Buf:$grad_c, Buf:$expert_offsets,
+                       Buf:$expert_rows, Buf:$grad_b, OptBuf:$grad_bias);
+}
+
+def MoeRT_ActivationBackwardOp : MoeRT_StepOp<"activation_backward",
+    ["pre", "grad", "expert_offsets", "expert_rows"], ["grad_pre"]> {
+  let summary = "grad_pre = grad * act'(pre)";
+  let arguments = (ins Buf:$pre, Buf:$grad, Buf:$expert_offsets,
+                       Buf:$expert_rows, Buf:$grad_pre,
+                       Moe_ActivationAttr:$activation);
+}
+
+def MoeRT_GluBackwardOp : MoeRT_StepOp<"glu_backward",
+    ["gate_in", "up_in", "grad", "expert_offsets", "expert_rows"],
+    ["grad_gate_in", "grad_up_in"]> {
+  let summary = "gradients of glu";
+  let arguments = (ins Buf:$gate_in, Buf:$up_in, Buf:$grad,
+                       Buf:$expert_offsets, Buf:$expert_rows,
+                       Buf:$grad_gate_in, Buf:$grad_up_in);
+}
+
+def MoeRT_DispatchBackwardOp : MoeRT_StepOp<"dispatch_backward",
+    ["grad_dispatched", "indices", "locations", "capacity", "expert_offsets"],
+    ["grad_x"]> {
+  let summary = "grad_x[t] = sum of the kept rows of token t (overwrites)";
+  let arguments = (ins Buf:$grad_dispatched, Buf:$indices, Buf:$locations,
+                       Buf:$capacity, Buf:$expert_offsets, Buf:$grad_x);
+}
+
+def MoeRT_GateBackwardOp : MoeRT_StepOp<"gate_backward",
+    ["grad_gates", "grad_l_aux", "scores", "indices"], ["grad_logits"]> {
+  let summary = "gradient of the logits through gates and aux loss";
+  let arguments = (ins Buf:$grad_gates, Buf:$grad_l_aux, Buf:$scores,
+                       Buf:$indices, Buf:$grad_logits, I64Attr:$top_k,
+                       UnitAttr:$normalize);
+}
+
+def MoeRT_RouterBackwardOp : MoeRT_StepOp<"router_backward",
+    ["x", "wg", "grad_logits"], ["grad_x", "grad_wg"]> {
+  let summary = "grad_x += grad_logits @ wg^T; grad_wg = x^T @ grad_logits";
+  let arguments = (ins Buf:$x, Buf:$wg, Buf:$grad_logits, Buf:$grad_x,
+                       Buf:$grad_wg);
+}
+
+#endif // FLEX_DIALECT_MOERT_IR_MOERTOPS_TD

@@ -1,0 +1,380 @@
+//===- MoeRTOps.cpp - Operations of the moert dialect ---------------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the role-named syntax of the steps and their
+// verifiers: every operand of a step has the shape and element type its role
+// needs (rules [plan-1] shapes, [plan-2] element types, [plan-3] structure).
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Dialect/MoeRT/IR/MoeRTOps.h"
+
+#include "mlir/IR/Builders.h"
+#include "mlir/IR/OpImplementation.h"
+#include "llvm/ADT/StringMap.h"
+#include "llvm/ADT/StringSet.h"
+
+using namespace mlir;
+using namespace flex::moert;
+
+#include "flex/Dialect/MoeRT/IR/MoeRTInterfaces.cpp.inc"
+
+//===----------------------------------------------------------------------===//
+// Role-named operand syntax
+//===----------------------------------------------------------------------===//
+
+ParseResult flex::moert::detail::parseStepOperands(OpAsmParser &parser,
+                                      OperationState &result,
+                                      ArrayRef<StringLiteral> roles,
+                                      unsigned numInputRoles,
+                                      SmallVectorImpl<int32_t> &segments) {
+  // Operands by role index, as parsed.
+  SmallVector<std::optional<std::pair<OpAsmParser::UnresolvedOperand, Type>>>
+      byRole(roles.size());
+  auto parseGroup = [&](StringRef keyword, unsigned first,
+                        unsigned last) -> ParseResult {
+    if (parser.parseKeyword(keyword) || parser.parseLParen())
+      return failure();
+    if (succeeded(parser.parseOptionalRParen()))
+      return success();
+    auto parseOne = [&]() -> ParseResult {
+      SMLoc loc = parser.getCurrentLocation();
+      std::string role;
+      OpAsmParser::UnresolvedOperand operand;
+      Type type;
+      if (parser.parseKeywordOrString(&role) || parser.parseEqual() ||
+          parser.parseOperand(operand) || parser.parseColonType(type))
+        return failure();
+      for (unsigned i = first; i < last; ++i) {
+        if (roles[i].rtrim("?") != role)
+          continue;
+        if (byRole[i])
+          return parser.emitError(loc, "[plan-3] role '") << role
+                                                          << "' given twice";
+        byRole[i] = {operand, type};
+        return success();
+      }
+      std::string allowed;
+      for (unsigned i = first; i < last; ++i)
+        allowed += (i == first ? "" : ", ") + roles[i].str();
+      return parser.emitError(loc, "[plan-3] unknown ")
+             << keyword << " role '" << role << "'; expected one of "
+             << allowed;
+    };
+    return failure(parser.parseCommaSeparatedList(parseOne) ||
+                   parser.parseRParen());
+  };
+  SMLoc loc = parser.getCurrentLocation();
+  if (parseGroup("ins", 0, numInputRoles) ||
+      parseGroup("outs", numInputRoles, roles.size()) ||
+      parser.parseOptionalAttrDict(result.attributes))
+    return failure();
+  for (auto [role, operand] : llvm::zip(roles, byRole)) {
+    bool optional = role.ends_with("?");
+    segments.push_back(operand ? 1 : 0);
+    if (!operand) {
+      if (!optional)
+        return parser.emitError(loc, "[plan-3] missing role '") << role << "'";
+      continue;
+    }
+    if (parser.resolveOperand(operand->first, operand->second,
+                              result.operands))
+      return failure();
+  }
+  return success();
+}
+
+void flex::moert::detail::printStepOperands(Operation *op, ArrayRef<StepOperand> operands,
+                               OpAsmPrinter &printer) {
+  auto printGroup = [&](StringRef keyword, bool outputs) {
+    printer << ' ' << keyword << '(';
+    bool first = true;
+    for (const StepOperand &operand : operands) {
+      if (operand.isOutput != outputs)
+        continue;
+      if (!first)
+        printer << ", ";
+      first = false;
+      printer << operand.role << " = " << operand.value << " : "
+              << operand.value.getType();
+    }
+    printer << ')';
+  };
+  printGroup("ins", false);
+  printGroup("outs", true);
+  printer.printOptionalAttrDict(op->getAttrs(),
+                                /*elidedAttrs=*/{"operandSegmentSizes"});
+}
+
+//===----------------------------------------------------------------------===//
+// Shape checks
+//===----------------------------------------------------------------------===//
+
+namespace {
+/// Checks operands against shapes written with named sizes ({"T", "d"}):
+/// the first use of a name binds it, later uses must agree. "E+1" is one
+/// more than E.
+class ShapeMatcher {
+public:
+  explicit ShapeMatcher(Operation *op) : op(op) {}
+
+  /// `value` (skipped when null) must have `dims` and, when given, `element`.
+  LogicalResult expect(StringRef role, Value value, ArrayRef<StringRef> dims,
+                       Type element = {}) {
+    if (!value)
+      return success();
+    auto type = cast<MemRefType>(value.getType());
+    if (element && type.getElementType() != element)
+      return op->emitOpError("[plan-2] '")
+             << role << "' must have element type " << element << ", got "
+             << type.getElementType();
+    if (type.getRank() != int64_t(dims.size()))
+      return mismatch(role, type, dims);
+    for (auto [size, name] : llvm::zip(type.getShape(), dims)) {
+      auto [base, plusOne] = name.split('+');
+      int64_t offset = plusOne.empty() ? 0 : 1;
+      auto [it, inserted] = sizes.try_emplace(base, size - offset);
+      if (!inserted && it->second + offset != size)
+        return mismatch(role, type, dims);
+    }
+    return success();
+  }
+
+  /// Both values have the same element type.
+  LogicalResult sameElement(StringRef role, Value value, StringRef otherRole,
+                            Value other) {
+    if (!value || !other)
+      return success();
+    Type a = cast<MemRefType>(value.getType()).getElementType();
+    Type b = cast<MemRefType>(other.getType()).getElementType();
+    if (a == b)
+      return success();
+    return op->emitOpError("[plan-2] '")
+           << role << "' must have the element type of '" << otherRole
+           << "' (" << b << "), got " << a;
+  }
+
+  int64_t size(StringRef name) const { return sizes.lookup(name); }
+
+private:
+  LogicalResult mismatch(StringRef role, MemRefType type,
+                         ArrayRef<StringRef> dims) {
+    InFlightDiagnostic diag = op->emitOpError("[plan-1] '")
+                              << role << "' must be [";
+    llvm::interleaveComma(dims, diag, [&](StringRef name) {
+      diag << name;
+      auto [base, plusOne] = name.split('+');
+      if (sizes.count(base))
+        diag << " = " << sizes.lookup(base) + (plusOne.empty() ? 0 : 1);
+    });
+    diag << "], got " << type;
+    return diag;
+  }
+
+  Operation *op;
+  llvm::StringMap<int64_t> sizes;
+};
+
+Type i32(Operation *op) { return IntegerType::get(op->getContext(), 32); }
+Type f32(Operation *op) { return Float32Type::get(op->getContext()); }
+
+/// The routing buffers every step after the gate reads.
+LogicalResult expectRouting(ShapeMatcher &m, Operation *op, Value indices,
+                            Value locations, Value gates, Value capacity,
+                            Value offsets) {
+  return failure(failed(m.expect("indices", indices, {"T", "k"}, i32(op))) ||
+                 failed(m.expect("locations", locations, {"T", "k"}, i32(op))) ||
+                 failed(m.expect("gates", gates, {"T", "k"}, f32(op))) ||
+                 failed(m.expect("capacity", capacity, {"1"}, i32(op))) ||
+                 failed(m.expect("expert_offsets", offsets, {"E+1"}, i32(op))));
+}
+
+/// Per-expert segments of a grouped step: [G+1] offsets and [G] rows.
+LogicalResult expectSegments(ShapeMatcher &m, Operation *op, Value offsets,
+                             Value rows) {
+  return failure(
+      failed(m.expect("expert_rows", rows, {"G"}, i32(op))) ||
+      failed(m.expect("expert_offsets", offsets, {"G+1"}, i32(op))));
+}
+} // namespace
+
+//===----------------------------------------------------------------------===//
+// Plan structure
+//===----------------------------------------------------------------------===//
+
+LogicalResult PlanOp::verify() {
+  llvm::StringSet<> names;
+  for (Operation &op : getBody().front()) {
+    StringRef name;
+    if (auto argument = dyn_cast<ArgumentOp>(op))
+      name = argument.getName();
+    else if (auto alloc = dyn_cast<AllocOp>(op))
+      name = alloc.getName();
+    else if (!isa<VariantOp>(op))
+      return op.emitOpError("[plan-3] a plan holds only moert.argument, "
+                            "moert.alloc and moert.variant");
+    if (!name.empty() && !names.insert(name).second)
+      return op.emitOpError("[plan-3] buffer name '")
+             << name << "' is defined twice in the plan";
+  }
+  if (getWorkspaceAlignment() < 1 ||
+      !llvm::isPowerOf2_64(getWorkspaceAlignment()))
+    return emitOpError("[plan-3] workspace alignment must be a power of two, "
+                       "got ")
+           << getWorkspaceAlignment();
+  return success();
+}
+
+//===----------------------------------------------------------------------===//
+// Steps
+//===----------------------------------------------------------------------===//
+
+LogicalResult RouterOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(failed(m.expect("x", getX(), {"T", "d"})) ||
+                 failed(m.expect("wg", getWg(), {"d", "E"})) ||
+                 failed(m.expect("logits", getLogits(), {"T", "E"}, f32(*this))));
+}
+
+LogicalResult GateOp::verify() {
+  ShapeMatcher m(*this);
+  Operation *op = *this;
+  if (failed(m.expect("logits", getLogits(), {"T", "E"}, f32(op))) ||
+      failed(m.expect("scores", getScores(), {"T", "E"}, f32(op))) ||
+      failed(expectRouting(m, op, getIndices(), getLocations(), getGates(),
+                           getCapacityOut(), getExpertOffsets())) ||
+      failed(m.expect("expert_rows", getExpertRows(), {"E"}, i32(op))) ||
+      failed(m.expect("l_aux", getLAux(), {"1"}, f32(op))))
+    return failure();
+  if (getTopK() != m.size("k"))
+    return emitOpError("[plan-1] top_k = ")
+           << getTopK() << " must equal k = " << m.size("k")
+           << " of the routing buffers";
+  return success();
+}
+
+LogicalResult DispatchOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("x", getX(), {"T", "d"})) ||
+      failed(expectRouting(m, *this, getIndices(), getLocations(), Value(),
+                           getCapacity(), getExpertOffsets())) ||
+      failed(m.expect("dispatched", getDispatched(), {"R", "d"})) ||
+      failed(m.sameElement("dispatched", getDispatched(), "x", getX())));
+}
+
+LogicalResult GroupedGemmOp::verify() {
+  ShapeMatcher m(*this);
+  static const StringRef kB[] = {"G", "K", "N"}, kTransposedB[] = {"G", "N", "K"};
+  ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
+  return failure(
+      failed(m.expect("a", getA(), {"R", "K"})) ||
+      failed(m.expect("b", getB(), bShape)) ||
+      failed(m.expect("bias", getBias(), {"G", "N"})) ||
+      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("c", getC(), {"R", "N"})) ||
+      failed(m.expect("pre", getPre(), {"R", "N"})) ||
+      failed(m.sameElement("b", getB(), "a", getA())) ||
+      failed(m.sameElement("c", getC(), "a", getA())));
+}
+
+LogicalResult GluOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("gate_in", getGateIn(), {"R", "N"})) ||
+      failed(m.expect("up_in", getUpIn(), {"R", "N"})) ||
+      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("c", getC(), {"R", "N"})));
+}
+
+LogicalResult CombineOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("expert_out", getExpertOut(), {"R", "d"})) ||
+      failed(expectRouting(m, *this, getIndices(), getLocations(), getGates(),
+                           getCapacity(), getExpertOffsets())) ||
+      failed(m.expect("out", getOut(), {"T", "d"})) ||
+      failed(m.sameElement("out", getOut(), "expert_out", getExpertOut())));
+}
+
+LogicalResult CombineBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("grad_out", getGradOut(), {"T", "d"})) ||
+      failed(m.expect("expert_out", getExpertOut(), {"R", "d"})) ||
+      failed(expectRouting(m, *this, getIndices(), getLocations(), getGates(),
+                           getCapacity(), getExpertOffsets())) ||
+      failed(m.expect("grad_expert_out", getGradExpertOut(), {"R", "d"})) ||
+      failed(m.expect("grad_gates", getGradGates(), {"T", "k"}, f32(*this))));
+}
+
+LogicalResult GroupedGemmWgradOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("a", getA(), {"R", "K"})) ||
+      failed(m.expect("grad_c", getGradC(), {"R", "N"})) ||
+      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("grad_b", getGradB(), {"G", "K", "N"})) ||
+      failed(m.expect("grad_bias", getGradBias(), {"G", "N"})));
+}
+
+LogicalResult ActivationBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("pre", getPre(), {"R", "N"})) ||
+      failed(m.expect("grad", getGrad(), {"R", "N"})) ||
+      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("grad_pre", getGradPre(), {"R", "N"})));
+}
+
+LogicalResult GluBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("gate_in", getGateIn(), {"R", "N"})) ||
+      failed(m.expect("up_in", getUpIn(), {"R", "N"})) ||
+      failed(m.expect("grad", getGrad(), {"R", "N"})) ||
+      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("grad_gate_in", getGradGateIn(), {"R", "N"})) ||
+      failed(m.expect("grad_up_in", getGradUpIn(), {"R", "N"})));
+}
+
+LogicalResult DispatchBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("grad_dispatched", getGradDispatched(), {"R", "d"})) ||
+      failed(expectRouting(m, *this, getIndices(), getLocations(), Value(),
+                           getCapacity(), getExpertOffsets())) ||
+      failed(m.expect("grad_x", getGradX(), {"T", "d"})));
+}
+
+LogicalResult GateBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  Operation *op = *this;
+  if (failed(m.expect("grad_gates", getGradGates(), {"T", "k"}, f32(op))) ||
+      failed(m.expect("grad_l_aux", getGradLAux(), {"1"}, f32(op))) ||
+      failed(m.expect("scores", getScores(), {"T", "E"}, f32(op))) ||
+      failed(m.expect("indices", getIndices(), {"T", "k"}, i32(op))) ||
+      failed(m.expect("grad_logits", getGradLogits(), {"T", "E"}, f32(op))))
+    return failure();
+  if (getTopK() != m.size("k"))
+    return emitOpError("[plan-1] top_k = ")
+           << getTopK() << " must equal k = " << m.size("k")
+           << " of the routing buffers";
+  return success();
+}
+
+LogicalResult RouterBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("x", getX(), {"T", "d"})) ||
+      failed(m.expect("wg", getWg(), {"d", "E"})) ||
+      failed(m.expect("grad_logits", getGradLogits(), {"T", "E"}, f32(*this))) ||
+      failed(m.expect("grad_x", getGradX(), {"T", "d"})) ||
+      failed(m.expect("grad_wg", getGradWg(), {"d", "E"})));
+}
+
+#define GET_OP_CLASSES
+#include "flex/Dialect/MoeRT/IR/MoeRTOps.cpp.inc"

@@ -1,0 +1,257 @@
+//===- PlanEmitter.cpp - Serialize a moert plan for the runtime -----------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file translates a `moert.plan` into the runtime's flex::Plan, then
+// writes it with the runtime's own writer, so that the format has one
+// writer and one reader, both in the runtime.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Target/Plan/PlanEmitter.h"
+
+#include "flex/Runtime/PlanLoader.h"
+
+#include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "mlir/IR/BuiltinAttributes.h"
+#include "mlir/Tools/mlir-translate/Translation.h"
+#include "llvm/ADT/DenseMap.h"
+
+using namespace mlir;
+using namespace flex;
+
+namespace {
+std::optional<DType> toDType(Type type) {
+  if (type.isF32())
+    return DType::F32;
+  if (type.isBF16())
+    return DType::BF16;
+  if (type.isF16())
+    return DType::F16;
+  if (type.isInteger(32))
+    return DType::I32;
+  return std::nullopt;
+}
+
+/// Reads the `layer` dictionary of a plan into a LayerConfig.
+FailureOr<LayerConfig> readLayer(moert::PlanOp plan) {
+  DictionaryAttr dict = plan.getLayer();
+  LayerConfig layer;
+  bool ok = true;
+  auto integer = [&](StringRef name, int64_t &field) {
+    auto attr = dict.getAs<IntegerAttr>(name);
+    ok &= static_cast<bool>(attr);
+    if (attr)
+      field = attr.getInt();
+  };
+  auto real = [&](StringRef name, double &field) {
+    auto attr = dict.getAs<FloatAttr>(name);
+    ok &= static_cast<bool>(attr);
+    if (attr)
+      field = attr.getValueAsDouble();
+  };
+  auto boolean = [&](StringRef name, bool &field) {
+    auto attr = dict.getAs<BoolAttr>(name);
+    ok &= static_cast<bool>(attr);
+    if (attr)
+      field = attr.getValue();
+  };
+  auto text = [&](StringRef name) -> std::string {
+    auto attr = dict.getAs<StringAttr>(name);
+    ok &= static_cast<bool>(attr);
+    return attr ? attr.getValue().str() : std::string();
+  };
+  integer("tokens", layer.tokens);
+  integer("model_dim", layer.modelDim);
+  integer("hidden_dim", layer.hiddenDim);
+  integer("experts", layer.experts);
+  integer("top_k", layer.topK);
+  real("capacity_factor", layer.capacityFactor);
+  boolean("bias", layer.bias);
+  boolean("router_fp32", layer.routerFp32);
+  boolean("batch_prioritized", layer.batchPrioritized);
+  boolean("normalize_gate", layer.normalizeGate);
+  real("gate_noise", layer.gateNoise);
+  int64_t seed = 0;
+  integer("seed", seed);
+  layer.seed = static_cast<uint64_t>(seed);
+  auto mode = parseCapacityMode(text("capacity_mode"));
+  auto kind = parseExpertKind(text("expert_kind"));
+  auto act = parseActivation(text("activation"));
+  auto dtype = parseDType(text("dtype"));
+  if (!ok || !mode || !kind || !act || !dtype)
+    return plan.emitOpError("[plan-3] the layer dictionary misses a field or "
+                            "has one of the wrong kind: ")
+           << dict;
+  layer.capacityMode = *mode;
+  layer.expertKind = *kind;
+  layer.activation = *act;
+  layer.dtype = *dtype;
+  return layer;
+}
+
+/// Fills the attributes of a step from the op's attributes.
+void readStepAttrs(Operation *op, StepAttrs &attrs) {
+  if (auto gate = dyn_cast<moert::GateOp>(op)) {
+    moe::CapacityAttr capacity = gate.getCapacity();
+    attrs.topK = gate.getTopK();
+    attrs.capacityMode = static_cast<CapacityMode>(capacity.getMode());
+    attrs.capacityFactor = capacity.getMode() == moe::CapacityMode::Dropless
+                               ? 1.0
+                               : capacity.getFactorValue();
+    attrs.capacityAlignment = capacity.getAlignment();
+    attrs.normalize = gate.getNormalize();
+    attrs.batchPrioritized = gate.getBatchPrioritized();
+    attrs.noise = gate.getNoise().convertToDouble();
+    attrs.seed = static_cast<uint64_t>(gate.getSeed());
+    attrs.layout = gate.getLayout() == moert::Layout::Padded
+                       ? DispatchLayout::Padded
+                       : DispatchLayout::Ragged;
+  } else if (auto gemm = dyn_cast<moert::GroupedGemmOp>(op)) {
+    attrs.transB = gemm.getTransB();
+    attrs.accumulate = gemm.getAccumulate();
+    attrs.epilogue = Epilogue::None;
+    if (auto epilogue = gemm.getEpilogueAttr())
+      attrs.epilogue = static_cast<Epilogue>(
+          static_cast<int>(epilogue.getValue()) + 1);
+  } else if (auto backward = dyn_cast<moert::ActivationBackwardOp>(op)) {
+    attrs.activation = static_cast<Activation>(backward.getActivation());
+  } else if (auto gateBackward = dyn_cast<moert::GateBackwardOp>(op)) {
+    attrs.topK = gateBackward.getTopK();
+    attrs.normalize = gateBackward.getNormalize();
+  }
+}
+
+static_assert(static_cast<int>(moe::Activation::Relu) + 1 ==
+                      static_cast<int>(Epilogue::Relu) &&
+                  static_cast<int>(moe::Activation::Gelu) + 1 ==
+                      static_cast<int>(Epilogue::Gelu) &&
+                  static_cast<int>(moe::Activation::Silu) + 1 ==
+                      static_cast<int>(Epilogue::Silu),
+              "epilogues are the activations shifted by one");
+static_assert(static_cast<int>(moe::CapacityMode::Bounded) ==
+                  static_cast<int>(CapacityMode::Bounded),
+              "the dialect's capacity modes are the runtime's");
+} // namespace
+
+FailureOr<Plan> flex::translateToRuntimePlan(moert::PlanOp planOp) {
+  if (!planOp.getWorkspaceBytes())
+    return planOp.emitOpError("[plan-3] place the workspace first "
+                              "(--moert-plan-memory)");
+  FailureOr<LayerConfig> layer = readLayer(planOp);
+  if (failed(layer))
+    return failure();
+
+  Plan plan;
+  plan.producer = "flex moe-opt 0.1";
+  plan.layer = *layer;
+  plan.training = planOp.getTraining();
+  plan.workspace.bytes = *planOp.getWorkspaceBytes();
+  plan.workspace.alignment = planOp.getWorkspaceAlignment();
+
+  llvm::DenseMap<Value, BufferRef> buffers;
+  auto describe = [&](BufferDesc &desc, StringRef name,
+                      Value value) -> LogicalResult {
+    auto type = cast<MemRefType>(value.getType());
+    std::optional<DType> dtype = toDType(type.getElementType());
+    if (!dtype)
+      return value.getDefiningOp()->emitOpError("[plan-2] element type ")
+             << type.getElementType() << " has no plan dtype";
+    desc.name = name.str();
+    desc.dtype = *dtype;
+    desc.shape.assign(type.getShape().begin(), type.getShape().end());
+    return success();
+  };
+
+  for (Operation &op : planOp.getBody().front()) {
+    if (auto argument = dyn_cast<moert::ArgumentOp>(op)) {
+      Argument desc;
+      if (failed(describe(desc, argument.getName(), argument.getBuffer())))
+        return failure();
+      desc.role = static_cast<ArgumentRole>(argument.getRole());
+      buffers[argument.getBuffer()] = {BufferRef::Kind::Argument,
+                                       int32_t(plan.arguments.size())};
+      plan.arguments.push_back(std::move(desc));
+    } else if (auto alloc = dyn_cast<moert::AllocOp>(op)) {
+      WorkspaceBuffer desc;
+      if (failed(describe(desc, alloc.getName(), alloc.getBuffer())))
+        return failure();
+      if (!alloc.getOffset())
+        return alloc.emitOpError("[plan-3] has no offset: run "
+                                 "--moert-plan-memory");
+      desc.offset = *alloc.getOffset();
+      desc.bytes = desc.numBytes();
+      buffers[alloc.getBuffer()] = {BufferRef::Kind::Workspace,
+                                    int32_t(plan.workspace.buffers.size())};
+      plan.workspace.buffers.push_back(std::move(desc));
+    }
+  }
+
+  for (auto variantOp : planOp.getBody().getOps<moert::VariantOp>()) {
+    Variant variant;
+    variant.name = variantOp.getName().str();
+    for (auto [region, steps] :
+         {std::pair{&variantOp.getForward(), &variant.forward},
+          std::pair{&variantOp.getBackward(), &variant.backward}}) {
+      for (Operation &op : region->front()) {
+        auto stepOp = dyn_cast<moert::StepOpInterface>(op);
+        if (!stepOp)
+          return op.emitOpError("[plan-3] is not a plan step");
+        std::optional<StepOp> kind = parseStepOp(stepOp.getStepName().str());
+        if (!kind)
+          return op.emitOpError("[plan-3] the runtime has no step '")
+                 << stepOp.getStepName() << "'";
+        Step step;
+        step.op = *kind;
+        for (const moert::StepOperand &operand : stepOp.getStepOperands()) {
+          std::optional<OperandRole> role =
+              parseOperandRole(operand.role.str());
+          auto it = buffers.find(operand.value);
+          if (!role || it == buffers.end())
+            return op.emitOpError("[plan-3] operand '")
+                   << operand.role << "' is not a plan buffer";
+          auto &slots = operand.isOutput ? step.outputs : step.inputs;
+          slots[static_cast<int>(*role)] = it->second;
+        }
+        readStepAttrs(&op, step.attrs);
+        steps->push_back(std::move(step));
+      }
+    }
+    plan.variants.push_back(std::move(variant));
+  }
+
+  if (Status status = verifyPlan(plan, {/*checkWorkspaceOverlap=*/true});
+      !status)
+    return planOp.emitOpError("[plan-3] the runtime rejects the plan: ")
+           << status.message();
+  return plan;
+}
+
+LogicalResult flex::emitPlanFile(ModuleOp module, raw_ostream &os) {
+  auto plans = module.getOps<moert::PlanOp>();
+  if (std::distance(plans.begin(), plans.end()) != 1)
+    return module.emitError("[plan-3] a plan file holds one moert.plan; "
+                            "the module has ")
+           << std::distance(plans.begin(), plans.end());
+  FailureOr<Plan> plan = translateToRuntimePlan(*plans.begin());
+  if (failed(plan))
+    return failure();
+  os << writePlan(*plan) << '\n';
+  return success();
+}
+
+void flex::registerPlanTranslation() {
+  TranslateFromMLIRRegistration registration(
+      "moert-to-plan", "Write the plan file of a moert.plan",
+      [](Operation *op, raw_ostream &os) -> LogicalResult {
+        auto module = dyn_cast<ModuleOp>(op);
+        if (!module)
+          return op->emitError("expected a module");
+        return emitPlanFile(module, os);
+      },
+      [](DialectRegistry &registry) {
+        registry.insert<moert::MoeRTDialect, moe::MoeDialect>();
+      });
+}
