@@ -178,6 +178,8 @@ struct StepAttrs {
   // grouped_gemm
   bool transB = false;
   Epilogue epilogue = Epilogue::None;
+  /// c += instead of c = (a backward sums two products into one buffer).
+  bool accumulate = false;
   // activation_backward
   Activation activation = Activation::Relu;
 };

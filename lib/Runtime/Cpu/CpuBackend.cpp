@@ -126,6 +126,7 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
     cpu::GroupedGemmOptions options;
     options.transB = step.attrs.transB;
+    options.accumulate = step.attrs.accumulate;
     options.epilogue = toCpu(step.attrs.epilogue);
     cpu::groupedGemm(read(a), read(ops.in(R::B)), read(ops.in(R::Bias)),
                      write(c), cols(a), cols(c), segments, options,

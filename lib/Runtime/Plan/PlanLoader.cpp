@@ -287,6 +287,8 @@ StepAttrs readAttrs(const Json *json, const std::string &path, StepOp op,
   }
   if (const Json *v = has("trans_b"))
     attrs.transB = asBool(*v, at + "trans_b");
+  if (const Json *v = has("accumulate"))
+    attrs.accumulate = asBool(*v, at + "accumulate");
   if (const Json *v = has("epilogue"))
     attrs.epilogue = asEnum<Epilogue>(*v, at + "epilogue", parseEpilogue,
                                       {"none", "relu", "gelu", "silu"});
@@ -1019,6 +1021,8 @@ Json writeStep(const Plan &plan, const Step &step) {
   case StepOp::GroupedGemm:
     attrs["trans_b"] = a.transB;
     attrs["epilogue"] = std::string(toString(a.epilogue));
+    if (a.accumulate)
+      attrs["accumulate"] = true;
     break;
   case StepOp::ActivationBackward:
     attrs["activation"] = std::string(toString(a.activation));
