@@ -258,7 +258,8 @@ std::string makeBf16Plan() {
 TEST(Executor, HandWrittenPlansMatchTheReference) {
   for (const char *name : {"ffn_fixed_train.json",
                            "ffn_dropless_ragged_train.json",
-                           "gated_bounded_infer.json"}) {
+                           "gated_bounded_infer.json",
+                           "gated_fixed_train.json"}) {
     SCOPED_TRACE(name);
     std::shared_ptr<const Plan> plan = loadPlan(readText(name));
     for (size_t variant = 0; variant < plan->variants.size(); ++variant)

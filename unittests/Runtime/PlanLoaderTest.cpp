@@ -50,7 +50,9 @@ void expectRejected(const Json &doc, std::initializer_list<const char *> parts,
 
 const char *const kPlans[] = {"ffn_fixed_train.json",
                               "ffn_dropless_ragged_train.json",
-                              "gated_bounded_infer.json"};
+                              "gated_bounded_infer.json",
+                              "ffn_dropless_ragged_train_bf16.json",
+                              "gated_fixed_train.json"};
 
 Json &findWorkspaceBuffer(Json &doc, const std::string &name) {
   for (Json &buffer : doc["workspace"]["buffers"])
@@ -343,6 +345,17 @@ TEST(PlanLoader, RejectsBrokenDataFlow) {
   wrong["variants"][0]["backward"][8]["out"]["grad_wg"] = "wg";
   expectRejected(wrong, {"'variants[0].backward[8].out.grad_wg'",
                          "writes argument 'wg' of role 'input'"});
+  wrong = doc;
+  // router_backward adds into grad_x: dispatch_backward must write it first.
+  std::swap(wrong["variants"][0]["backward"][6],
+            wrong["variants"][0]["backward"][8]);
+  expectRejected(wrong, {"'variants[0].backward[6].out.grad_x'",
+                         "op 'router_backward' adds into 'grad_x', which no "
+                         "earlier step writes"});
+  wrong = doc;
+  wrong["variants"][0]["forward"][3]["attrs"]["accumulate"] = true;
+  expectRejected(wrong, {"'variants[0].forward[3].out.c'",
+                         "adds into 'hid_pre'"});
   wrong = doc;
   wrong["variants"][0]["forward"].erase(6); // combine: out never written
   expectRejected(wrong, {"argument 'out' (role output) is written by no step"});

@@ -892,6 +892,25 @@ void verify(const Plan &plan, const PlanCheckOptions &options) {
         const Step &step = steps[s];
         std::string at = stepPath(v, backward, s);
         checkStepShapes(plan, step, at, gate->attrs);
+        // A step that adds into its output reads it first: it must hold a
+        // value written earlier, not uninitialized memory.
+        OperandRole accumulated = OperandRole::GradX;
+        bool accumulates = step.op == StepOp::RouterBackward;
+        if (step.op == StepOp::GroupedGemm && step.attrs.accumulate) {
+          accumulated = OperandRole::C;
+          accumulates = true;
+        }
+        if (const BufferRef &target = step.out(accumulated);
+            accumulates && target.isValid()) {
+          bool wasWritten = target.kind == BufferRef::Kind::Workspace
+                                ? static_cast<bool>(written[target.index])
+                                : static_cast<bool>(argWritten[target.index]);
+          if (!wasWritten)
+            fail(at + ".out." + std::string(toString(accumulated)),
+                 "op '" + std::string(toString(step.op)) +
+                     "' adds into '" + plan.getBuffer(target).name +
+                     "', which no earlier step writes");
+        }
         for (int32_t waitOn : step.wait)
           if (waitOn >= static_cast<int32_t>(s))
             fail(at + ".wait", "step " + std::to_string(s) +
