@@ -66,6 +66,8 @@ options:
   --iters N         timed iterations (default 1; with N > 1 one untimed
                     warm-up run comes first)
   --check-nan       reject NaN/Inf in inputs and outputs
+  --check-overlap   also reject workspace buffers that share bytes while
+                    both are live (checks the compiler's memory plan)
   --json            print one JSON object instead of text
   --help            this text
 
@@ -84,6 +86,7 @@ struct Options {
   uint64_t seed = 0;
   std::string inputsDir, saveInputsDir, outputsDir, variant;
   bool train = false, check = false, json = false, checkNan = false;
+  bool checkOverlap = false;
   int64_t iters = 1;
 };
 
@@ -142,6 +145,8 @@ Options parseOptions(int argc, char **argv) {
       options.json = true;
     } else if (arg == "--check-nan") {
       options.checkNan = true;
+    } else if (arg == "--check-overlap") {
+      options.checkOverlap = true;
     } else if (!arg.empty() && arg[0] == '-') {
       usageError("unknown option '" + arg + "'");
     } else if (options.path.empty()) {
@@ -369,8 +374,10 @@ int main(int argc, char **argv) {
   // The C++ view of the same plan, for what the C API does not expose (the
   // capacity alignment of the variant, for the reference).
   Plan plan;
-  if (Status status = parsePlan(planText, plan); !status)
-    fatal(2, status.message());
+  PlanCheckOptions checkOptions;
+  checkOptions.checkWorkspaceOverlap = options.checkOverlap;
+  if (Status status = parsePlan(planText, plan, checkOptions); !status)
+    fatal(2, "'" + options.path + "': " + status.message());
 
   if (!options.variant.empty()) {
     FlexStatus status =
