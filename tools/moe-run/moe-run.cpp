@@ -274,13 +274,6 @@ struct ArgumentBuffer {
   }
 };
 
-std::string shapeText(const std::vector<int64_t> &shape) {
-  std::string text = "[";
-  for (size_t i = 0; i < shape.size(); ++i)
-    text += (i ? ", " : "") + std::to_string(shape[i]);
-  return text + "]";
-}
-
 [[noreturn]] void fatal(int code, const std::string &message) {
   std::cerr << "moe-run: " << message << "\n";
   std::exit(code);
