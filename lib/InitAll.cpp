@@ -16,6 +16,7 @@
 #include "flex/Dialect/Moe/Transforms/Passes.h"
 #include "flex/Dialect/MoeRT/IR/MoeRTOps.h"
 #include "flex/Dialect/MoeRT/Transforms/Passes.h"
+#include "flex/Pipelines/Pipelines.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/IR/DialectRegistry.h"
@@ -30,6 +31,7 @@ void flex::registerAllPasses() {
   moe::registerMoePasses();
   moert::registerMoeRTPasses();
   registerConversionPasses();
+  registerPipelines();
   mlir::registerCanonicalizerPass();
   mlir::registerCSEPass();
 }

@@ -107,10 +107,12 @@ TEST_F(MoeOpsTest, CapacityAttrVerifierNamesTheRule) {
     return success();
   });
   EXPECT_FALSE(CapacityAttr::getChecked(emitError, &context,
-                                        CapacityMode::Fixed, llvm::APFloat(-1.0), 1));
+                                        CapacityMode::Fixed, llvm::APFloat(-1.0),
+                                        int64_t(1)));
   EXPECT_NE(message.find("[cap-1]"), std::string::npos) << message;
   EXPECT_FALSE(CapacityAttr::getChecked(emitError, &context,
-                                        CapacityMode::Bounded, llvm::APFloat(1.0), 0));
+                                        CapacityMode::Bounded, llvm::APFloat(1.0),
+                                        int64_t(0)));
   EXPECT_NE(message.find("alignment"), std::string::npos) << message;
 }
 
@@ -173,11 +175,13 @@ TEST_F(MoeOpsTest, RoutingTypeRejectsTopKAboveExperts) {
   auto emitError = [&]() {
     return mlir::emitError(UnknownLoc::get(&context));
   };
-  EXPECT_FALSE(RoutingType::getChecked(emitError, &context, 10, 4, 5, 3));
+  EXPECT_FALSE(RoutingType::getChecked(emitError, &context, int64_t(10),
+                                       int64_t(4), int64_t(5), int64_t(3)));
   EXPECT_NE(message.find("[gate-2] top_k must be in [1, experts = 4], got 5"),
             std::string::npos)
       << message;
-  EXPECT_TRUE(RoutingType::getChecked(emitError, &context, 10, 4, 4,
+  EXPECT_TRUE(RoutingType::getChecked(emitError, &context, int64_t(10),
+                                      int64_t(4), int64_t(4),
                                       ShapedType::kDynamic));
 }
 

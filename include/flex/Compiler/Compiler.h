@@ -1,0 +1,41 @@
+//===- Compiler.h - Compile a moe layer to a plan in-process ----*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares the in-process compiler behind the C API's
+// flexCompileLayer: moe IR text (or a layer configuration) in, plan JSON out,
+// with the diagnostics as the error text.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_COMPILER_COMPILER_H
+#define FLEX_COMPILER_COMPILER_H
+
+#include "flex/Runtime/LayerConfig.h"
+
+#include <string>
+#include <string_view>
+
+namespace flex {
+
+struct CompileOptions {
+  bool training = false;
+  /// auto, padded or ragged (see --convert-moe-to-moert).
+  std::string layout = "auto";
+};
+
+/// Compiles one layer of `moe` IR (a function holding moe.layer, or its
+/// expanded form) to plan JSON. On failure returns false and sets `error` to
+/// the diagnostics.
+bool compileLayerToPlan(std::string_view mlirText,
+                        const CompileOptions &options, std::string &planJson,
+                        std::string &error);
+
+/// The `moe.layer` function that `config` describes, as MLIR text.
+std::string layerConfigToMlir(const LayerConfig &config);
+
+} // namespace flex
+
+#endif // FLEX_COMPILER_COMPILER_H

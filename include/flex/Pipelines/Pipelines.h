@@ -1,0 +1,40 @@
+//===- Pipelines.h - Flex pass pipelines ------------------------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares Flex's pass pipelines, shared by moe-opt (as
+// --moe-lower-to-plan) and the C API's compiler.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_PIPELINES_PIPELINES_H
+#define FLEX_PIPELINES_PIPELINES_H
+
+#include "mlir/Pass/PassManager.h"
+#include "mlir/Pass/PassOptions.h"
+
+namespace flex {
+
+struct LowerToPlanOptions
+    : public mlir::PassPipelineOptions<LowerToPlanOptions> {
+  Option<bool> training{*this, "training",
+                        llvm::cl::desc("Emit backward steps too"),
+                        llvm::cl::init(false)};
+  Option<std::string> layout{
+      *this, "layout",
+      llvm::cl::desc("Expert row layout: auto, padded or ragged"),
+      llvm::cl::init("auto")};
+};
+
+/// moe IR -> placed moert plans: expand layers, canonicalize, lower each
+/// layer function to a plan, place its workspace.
+void buildLowerToPlanPipeline(mlir::OpPassManager &pm,
+                              const LowerToPlanOptions &options);
+
+void registerPipelines();
+
+} // namespace flex
+
+#endif // FLEX_PIPELINES_PIPELINES_H

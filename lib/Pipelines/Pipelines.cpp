@@ -1,0 +1,35 @@
+//===- Pipelines.cpp - Flex pass pipelines --------------------------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the pass pipelines of Flex.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Pipelines/Pipelines.h"
+
+#include "flex/Conversion/Passes.h"
+#include "flex/Dialect/Moe/Transforms/Passes.h"
+#include "flex/Dialect/MoeRT/Transforms/Passes.h"
+
+#include "mlir/Pass/PassRegistry.h"
+#include "mlir/Transforms/Passes.h"
+
+void flex::buildLowerToPlanPipeline(mlir::OpPassManager &pm,
+                                    const LowerToPlanOptions &options) {
+  pm.addPass(moe::createMoeExpandLayerPass());
+  pm.addPass(mlir::createCanonicalizerPass());
+  pm.addPass(createConvertMoeToMoeRTPass(
+      ConvertMoeToMoeRTPassOptions{options.training, options.layout}));
+  pm.addNestedPass<moert::PlanOp>(moert::createMoeRTPlanMemoryPass());
+}
+
+void flex::registerPipelines() {
+  mlir::PassPipelineRegistration<LowerToPlanOptions>(
+      "moe-lower-to-plan",
+      "Lower moe layers to placed moert plans, ready for moe-translate "
+      "--moert-to-plan",
+      buildLowerToPlanPipeline);
+}
