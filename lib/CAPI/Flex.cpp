@@ -275,8 +275,9 @@ FlexStatus noCompiler(const char *function) {
                   ": no compiler is linked in: this runtime was built "
                   "without the MLIR compiler (FlexCompilerCAPI), or it was "
                   "not registered (flexCompilerRegister / flexSetCompiler). "
-                  "Compile the layer to a plan with moe-opt --moe-emit-plan "
-                  "and load the plan instead");
+                  "Compile the layer to a plan file with `moe-opt "
+                  "--moe-lower-to-plan layer.mlir | moe-translate "
+                  "--moert-to-plan` and load the plan instead");
 }
 
 } // namespace
