@@ -1,7 +1,8 @@
 # Runs moe-run twice on the same plan: first with --seed, saving the inputs
 # and the outputs; then reading those inputs back from .npy. Both runs must
 # write identical outputs (the .npy round trip and determinism of a run).
-# Usage: cmake -DMOE_RUN=... -DPLAN=... -DDIR=... -P MoeRunRoundTrip.cmake
+# Usage: cmake -DMOE_RUN=... -DPLAN=... -DDIR=... [-DCHECK=--check]
+#        -P MoeRunRoundTrip.cmake
 file(REMOVE_RECURSE ${DIR})
 execute_process(
   COMMAND ${MOE_RUN} ${PLAN} --train --seed 5 --save-inputs ${DIR}/inputs
@@ -12,7 +13,7 @@ if(NOT status EQUAL 0)
 endif()
 execute_process(
   COMMAND ${MOE_RUN} ${PLAN} --train --inputs ${DIR}/inputs
-          --outputs ${DIR}/second --check
+          --outputs ${DIR}/second ${CHECK}
   RESULT_VARIABLE status)
 if(NOT status EQUAL 0)
   message(FATAL_ERROR "moe-run with --inputs failed: ${status}")
