@@ -252,6 +252,7 @@ void flex::registerPlanTranslation() {
         return emitPlanFile(module, os);
       },
       [](DialectRegistry &registry) {
-        registry.insert<moert::MoeRTDialect, moe::MoeDialect>();
+        registry.insert<moert::MoeRTDialect, moe::MoeDialect,
+                        func::FuncDialect>();
       });
 }

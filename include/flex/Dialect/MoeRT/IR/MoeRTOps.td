@@ -53,7 +53,7 @@ def MoeRT_PlanOp : MoeRT_Op<"plan", [Symbol, SymbolTable, SingleBlock,
   let hasVerifier = 1;
 }
 
-def MoeRT_VariantOp : MoeRT_Op<"variant", [HasParent<"PlanOp">, NoTerminator,
+def MoeRT_VariantOp : MoeRT_Op<"variant", [HasParent<"PlanOp">, SingleBlock, NoTerminator,
     NoRegionArguments]> {
   let summary = "one way to run the plan's layer: forward and backward steps";
   let description = [{
@@ -76,7 +76,7 @@ def MoeRT_ArgumentOp : MoeRT_Op<"argument", [HasParent<"PlanOp">]> {
   }];
   let arguments = (ins StrAttr:$name, MoeRT_ArgumentRoleAttr:$role);
   let results = (outs AnyStaticShapeMemRef:$buffer);
-  let assemblyFormat = "$name $role attr-dict `:` type($buffer)";
+  let assemblyFormat = "$name `` $role attr-dict `:` type($buffer)";
 }
 
 def MoeRT_AllocOp : MoeRT_Op<"alloc", [HasParent<"PlanOp">]> {

@@ -1,0 +1,47 @@
+// RUN: moe-opt %s --split-input-file --verify-diagnostics
+
+// Negative tests of [plan-2]: routing buffers are i32 or f32, and data
+// moves between buffers of one element type.
+
+moert.plan @indices_i32 attributes {layer = {}} {
+  %x = moert.argument "x" input : memref<8x4xf32>
+  %indices = moert.alloc "indices" : memref<8x2xf32>
+  %locations = moert.alloc "locations" : memref<8x2xi32>
+  %capacity = moert.alloc "capacity" : memref<1xi32>
+  %offsets = moert.alloc "expert_offsets" : memref<5xi32>
+  %d = moert.alloc "dispatched" : memref<16x4xf32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'indices' must have element type 'i32', got 'f32'}}
+    moert.dispatch ins(x = %x : memref<8x4xf32>, indices = %indices : memref<8x2xf32>, locations = %locations : memref<8x2xi32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<5xi32>) outs(dispatched = %d : memref<16x4xf32>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @logits_f32 attributes {layer = {}} {
+  %x = moert.argument "x" input : memref<8x4xbf16>
+  %wg = moert.argument "wg" input : memref<4x2xbf16>
+  %logits = moert.alloc "logits" : memref<8x2xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'logits' must have element type 'f32', got 'bf16'}}
+    moert.router ins(x = %x : memref<8x4xbf16>, wg = %wg : memref<4x2xbf16>) outs(logits = %logits : memref<8x2xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @dispatch_element attributes {layer = {}} {
+  %x = moert.argument "x" input : memref<8x4xbf16>
+  %indices = moert.alloc "indices" : memref<8x2xi32>
+  %locations = moert.alloc "locations" : memref<8x2xi32>
+  %capacity = moert.alloc "capacity" : memref<1xi32>
+  %offsets = moert.alloc "expert_offsets" : memref<5xi32>
+  %d = moert.alloc "dispatched" : memref<16x4xf32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'dispatched' must have the element type of 'x' ('bf16'), got 'f32'}}
+    moert.dispatch ins(x = %x : memref<8x4xbf16>, indices = %indices : memref<8x2xi32>, locations = %locations : memref<8x2xi32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<5xi32>) outs(dispatched = %d : memref<16x4xf32>)
+  } backward {
+  }
+}
