@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The main job: installs what is missing, builds, then compiles example MoE
+# layers and runs them, checking each against the fp64 reference.
+#
+#   scripts/run.sh                 the small examples, forward and backward,
+#                                  checked; then the PERF.md layers compiled
+#                                  to plans (their workspace and steps shown)
+#   scripts/run.sh LAYER.mlir ...  these layers instead (forward + backward)
+#
+# Runs on the CPU; the GPU backend plugs in with the CUDA issue.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+flex_build
+
+bin="$FLEX_BUILD/bin"
+examples="$FLEX_ROOT/examples"
+
+run_layer() {
+  echo
+  echo "=== $1"
+  "$bin/moe-run" "$1" --train --check --iters 3
+}
+
+if [ $# -gt 0 ]; then
+  for layer in "$@"; do run_layer "$layer"; done
+  exit 0
+fi
+
+for layer in "$examples"/small_*.mlir; do run_layer "$layer"; done
+
+# The PERF.md layers are too large to check on two CPU cores in seconds:
+# compile them and show what the runtime would run.
+for layer in c1_ffn_relu c3_fine_grained mixtral_swiglu; do
+  echo
+  echo "=== $examples/$layer.mlir (compiled, not run on the CPU)"
+  "$bin/moe-opt" "$examples/$layer.mlir" --moe-lower-to-plan="training=true" \
+    | "$bin/moe-translate" --moert-to-plan > "$FLEX_BUILD/$layer.plan.json"
+  python3 - "$FLEX_BUILD/$layer.plan.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+layer, variant = plan["layer"], plan["variants"][0]
+print(f"plan     {sys.argv[1]}")
+print("layer    T={tokens} d={model_dim} h={hidden_dim} E={experts} k={top_k} "
+      "{capacity_mode} {expert_kind} {dtype}".format(**layer))
+print(f"workspace {plan['workspace']['bytes'] / 2**20:.1f} MiB for "
+      f"{len(plan['workspace']['buffers'])} buffers")
+print("forward  " + " ".join(s["op"] for s in variant["forward"]))
+print("backward " + " ".join(s["op"] for s in variant["backward"]))
+PY
+done
