@@ -186,10 +186,21 @@ LogicalResult verifyExpertWeights(Operation *op, ExpertKind kind,
 LogicalResult verifyCapacity(Operation *op, CapacityAttr capacity,
                              int64_t tokens, int64_t experts, int64_t topK,
                              std::optional<int64_t> routingCapacity) {
-  if (capacity.getMode() != CapacityMode::Dropless &&
-      !capacity.getCapacityBound(tokens, experts, topK))
-    return op->emitOpError("[cap-1] capacity factor ")
-           << capacity.getFactorValue() << " gives a capacity that overflows int64";
+  if (capacity.getMode() != CapacityMode::Dropless) {
+    std::optional<int64_t> bound =
+        capacity.getCapacityBound(tokens, experts, topK);
+    if (!bound)
+      return op->emitOpError("[cap-1] capacity factor ")
+             << capacity.getFactorValue()
+             << " gives a capacity that overflows int64";
+    // A zero capacity drops every token: the layer would output zeros.
+    if (*bound == 0)
+      return op->emitOpError("[cap-1] capacity factor ")
+             << capacity.getFactorValue() << " gives capacity 0 (k * int(f * "
+             << "ceil(T/E)) with T = " << tokens << ", E = " << experts
+             << ", k = " << topK
+             << "): every token would be dropped; raise the factor";
+  }
   if (!routingCapacity)
     return success();
   std::optional<int64_t> expected =

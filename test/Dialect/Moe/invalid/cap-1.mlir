@@ -79,3 +79,12 @@ func.func @cap_1_overflow(%x: tensor<100x4xf32>, %wg: tensor<4x4xf32>, %w1: tens
 func.func @cap_1_negative_capacity(%r: !moe.routing<tokens = 8, experts = 4, top_k = 1, capacity = -3>) {
   return
 }
+
+// -----
+
+// cap-1: a capacity of 0 would drop every token.
+func.func @cap_1_zero_capacity(%x: tensor<8x4xf32>, %wg: tensor<4x8xf32>, %w1: tensor<8x4x8xf32>, %w2: tensor<8x8x4xf32>) {
+  // expected-error @+1 {{[cap-1] capacity factor 5.000000e-01 gives capacity 0 (k * int(f * ceil(T/E)) with T = 8, E = 8, k = 1): every token would be dropped; raise the factor}}
+  %o, %a = moe.layer ffn<relu> %x, %wg, %w1, %w2 {top_k = 1, capacity = #moe.capacity<fixed 0.5>} : (tensor<8x4xf32>, tensor<4x8xf32>, tensor<8x4x8xf32>, tensor<8x8x4xf32>) -> (tensor<8x4xf32>, tensor<f32>)
+  return
+}
