@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <sstream>
 
@@ -64,8 +65,7 @@ public:
                   uint16_t{0x7e00});
       break;
     case DType::I32:
-      std::fill_n(reinterpret_cast<int32_t *>(bytes.data()), count,
-                  0x7f7f7f7f);
+      std::fill_n(reinterpret_cast<int32_t *>(bytes.data()), count, 0x7f7f7f7f);
       break;
     }
   }
@@ -99,10 +99,12 @@ public:
         values[i] = reinterpret_cast<const float *>(bytes.data())[i];
         break;
       case DType::BF16:
-        values[i] = bf16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
+        values[i] =
+            bf16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
         break;
       case DType::F16:
-        values[i] = f16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
+        values[i] =
+            f16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
         break;
       case DType::I32:
         values[i] = reinterpret_cast<const int32_t *>(bytes.data())[i];
@@ -207,9 +209,15 @@ KernelResult runKernels(const LayerConfig &config, const LayerInputs &in,
   gate(logits.f32(), T, E, attrs,
        {scores.f32(), indices.i32(), locations.i32(), gates.f32(),
         capacity.i32(), offsets.i32(), rows.i32(), lAux.f32()});
-  Routing routing{indices.i32(), locations.i32(), gates.f32(),
-                  capacity.i32(), offsets.i32(),   rows.i32(),
-                  T,              k,               E};
+  Routing routing{indices.i32(),
+                  locations.i32(),
+                  gates.f32(),
+                  capacity.i32(),
+                  offsets.i32(),
+                  rows.i32(),
+                  T,
+                  k,
+                  E};
   ExpertSegments seg = routing.segments();
   EXPECT_LE(offsets.i32()[E], R) << "rows used exceed the buffer bound";
 
@@ -277,8 +285,7 @@ KernelResult runKernels(const LayerConfig &config, const LayerInputs &in,
                    gB2.write());
   GroupedGemmOptions transposed;
   transposed.transB = true;
-  groupedGemm(gY.read(), w2.read(), {}, gHidden.write(), d, h, seg,
-              transposed);
+  groupedGemm(gY.read(), w2.read(), {}, gHidden.write(), d, h, seg, transposed);
   if (gated) {
     gW3 = Buffer(dt, E * d * h);
     Buffer gGateIn(dt, R * h), gUpIn(dt, R * h);
@@ -334,14 +341,14 @@ std::string describe(const RandomCase &c) {
   const LayerConfig &l = c.config;
   std::ostringstream os;
   os << "T=" << l.tokens << " d=" << l.modelDim << " h=" << l.hiddenDim
-     << " E=" << l.experts << " k=" << l.topK << " mode="
-     << toString(l.capacityMode) << " f=" << l.capacityFactor
+     << " E=" << l.experts << " k=" << l.topK
+     << " mode=" << toString(l.capacityMode) << " f=" << l.capacityFactor
      << " kind=" << toString(l.expertKind) << " act=" << toString(l.activation)
      << " bias=" << l.bias << " dtype=" << toString(l.dtype)
      << " router_fp32=" << l.routerFp32 << " bp=" << l.batchPrioritized
      << " normalize=" << l.normalizeGate << " noise=" << l.gateNoise
-     << " seed=" << l.seed << " layout="
-     << (c.options.layout == Layout::Padded ? "padded" : "ragged")
+     << " seed=" << l.seed
+     << " layout=" << (c.options.layout == Layout::Padded ? "padded" : "ragged")
      << " align=" << c.options.capacityAlignment
      << " first_gemm=" << static_cast<int>(c.options.firstGemm);
   return os.str();
@@ -434,7 +441,8 @@ int64_t &adaptedTolerances() {
 
 double recordError(const LayerConfig &config, const std::string &what,
                    double error) {
-  double &worst = worstErrors()[std::string(toString(config.dtype)) + " " + what];
+  double &worst =
+      worstErrors()[std::string(toString(config.dtype)) + " " + what];
   worst = std::max(worst, error);
   return error;
 }
@@ -477,9 +485,9 @@ void expectMatchesReference(const RandomCase &c, const LayerInputs &in,
     used += rows;
   }
 
-  EXPECT_LE(recordError(config, "gates",
-                        relativeL2(got.gates, ref.routing.gates)),
-            1e-6)
+  EXPECT_LE(
+      recordError(config, "gates", relativeL2(got.gates, ref.routing.gates)),
+      1e-6)
       << "[gate-3]";
   EXPECT_LE(recordError(config, "l_aux", relativeL2({got.lAux}, {ref.lAux})),
             1e-6)
@@ -532,8 +540,8 @@ void expectMatchesReference(const RandomCase &c, const LayerInputs &in,
     for (int i = 0; i < kPerturbations; ++i) {
       LayerInputs perturbed = in;
       std::vector<double> perturbedGradOut = gradOut;
-      std::vector<std::vector<double> *> moved = {
-          &perturbed.w2, &perturbed.b2, &perturbedGradOut};
+      std::vector<std::vector<double> *> moved = {&perturbed.w2, &perturbed.b2,
+                                                  &perturbedGradOut};
       // fp32 routing margins (1e-4) are far above a 2^-24 move of the
       // router's inputs, whose fp32 gate math then counts too.
       if (config.dtype == DType::F32)
@@ -542,8 +550,8 @@ void expectMatchesReference(const RandomCase &c, const LayerInputs &in,
       // moving W1 would flip relu's kinks: keep W1 and b1 for relu.
       if (config.expertKind == ExpertKind::Gated ||
           config.activation != Activation::Relu)
-        moved.insert(moved.end(), {&perturbed.w1, &perturbed.b1,
-                                   &perturbed.w3});
+        moved.insert(moved.end(),
+                     {&perturbed.w1, &perturbed.b1, &perturbed.w3});
       for (std::vector<double> *values : moved)
         for (double &v : *values)
           v *= 1.0 + unitRoundoff * normal(rng);
@@ -562,16 +570,14 @@ void expectMatchesReference(const RandomCase &c, const LayerInputs &in,
       for (int i = 0; i < kPerturbations; ++i) {
         const std::vector<double> &moved =
             q.grad ? perturbedGrads[i].*(q.grad) : perturbedForward[i].out;
-        sensitivity =
-            std::max(sensitivity, relativeL2(moved, q.want, q.floor));
+        sensitivity = std::max(sensitivity, relativeL2(moved, q.want, q.floor));
       }
       allowed = std::max(tol, kSensitivityFactor * sensitivity);
     }
     double error = relativeL2(q.got, q.want, q.floor);
     if (error > tol && error <= allowed) {
       ++adaptedTolerances();
-      recordError(config, std::string(q.name) + " passed by widening",
-                  error);
+      recordError(config, std::string(q.name) + " passed by widening", error);
       std::cout << "[ widened  ] " << q.name << " error " << error
                 << " allowed " << allowed << ": " << describe(c) << "\n";
     }
@@ -620,14 +626,147 @@ TEST(CpuKernelsLayer, RandomConfigsMatchReference) {
   }
   std::cout << "[ coverage ] cases with dropped slots: " << withDrops
             << ", f32/bf16/f16: " << perDType[0] << "/" << perDType[1] << "/"
-            << perDType[2] << ", passed only by widened tolerance: "
-            << adaptedTolerances() << "\n";
+            << perDType[2]
+            << ", passed only by widened tolerance: " << adaptedTolerances()
+            << "\n";
   for (const auto &[what, error] : worstErrors())
     std::cout << "[ worst    ] " << what << ": " << error << "\n";
   if (only < 0) {
     EXPECT_GT(withDrops, kCases / 10);
     EXPECT_GT(perDType[1], kCases / 10);
     EXPECT_GT(perDType[2], kCases / 10);
+  }
+}
+
+//===----------------------------------------------------------------------===//
+// Edge cases
+//===----------------------------------------------------------------------===//
+
+LayerConfig edgeConfig(int64_t T, int64_t E, int64_t k, CapacityMode mode,
+                       double factor) {
+  LayerConfig l;
+  l.tokens = T;
+  l.modelDim = 6;
+  l.hiddenDim = 5;
+  l.experts = E;
+  l.topK = k;
+  l.capacityMode = mode;
+  l.capacityFactor = factor;
+  l.bias = true;
+  l.activation = Activation::Gelu;
+  l.seed = 5;
+  return l;
+}
+
+/// Runs one edge case in both layouts against the reference.
+void expectEdgeCase(const LayerConfig &config,
+                    void (*shape)(const LayerConfig &,
+                                  LayerInputs &) = nullptr) {
+  for (Layout layout : {Layout::Padded, Layout::Ragged}) {
+    SCOPED_TRACE(layout == Layout::Padded ? "padded" : "ragged");
+    std::mt19937_64 rng(77);
+    RandomCase c;
+    c.config = config;
+    c.options.layout = layout;
+    c.gradLAux = 0.5;
+    ASSERT_EQ(verifyLayerConfig(config), std::nullopt);
+    LayerInputs in = makeRandomInputs(config, rng);
+    if (shape)
+      shape(config, in);
+    else
+      separateRouting(config, in, rng);
+    std::vector<double> gradOut(config.tokens * config.modelDim);
+    std::normal_distribution<double> normal;
+    for (double &v : gradOut)
+      v = normal(rng);
+    expectMatchesReference(c, in, gradOut);
+  }
+}
+
+TEST(CpuKernelsLayerEdge, SingleExpert) {
+  expectEdgeCase(edgeConfig(9, 1, 1, CapacityMode::Fixed, 1.0));
+  expectEdgeCase(edgeConfig(9, 1, 1, CapacityMode::Fixed, 0.5)); // drops
+}
+
+TEST(CpuKernelsLayerEdge, TopKEqualsExperts) {
+  for (CapacityMode mode :
+       {CapacityMode::Fixed, CapacityMode::Dropless, CapacityMode::Bounded}) {
+    LayerConfig config = edgeConfig(11, 4, 4, mode, 0.5);
+    expectEdgeCase(config);
+    config.normalizeGate = false;
+    config.batchPrioritized = true;
+    expectEdgeCase(config);
+  }
+}
+
+TEST(CpuKernelsLayerEdge, SingleToken) {
+  expectEdgeCase(edgeConfig(1, 5, 2, CapacityMode::Fixed, 1.0));
+  expectEdgeCase(edgeConfig(1, 5, 3, CapacityMode::Dropless, 1.0));
+  LayerConfig gated = edgeConfig(1, 3, 3, CapacityMode::Bounded, 1.0);
+  gated.expertKind = ExpertKind::Gated;
+  gated.bias = false;
+  expectEdgeCase(gated);
+}
+
+/// Every token's first choice is expert 2.
+void sendAllToExpertTwo(const LayerConfig &config, LayerInputs &in) {
+  const int64_t d = config.modelDim, E = config.experts;
+  for (int64_t t = 0; t < config.tokens; ++t)
+    in.x[t * d] = 1.0 + std::fabs(in.x[t * d]);
+  in.wg[0 * E + 2] = 50.0;
+}
+
+TEST(CpuKernelsLayerEdge, AllTokensToOneExpert) {
+  for (CapacityMode mode :
+       {CapacityMode::Fixed, CapacityMode::Dropless, CapacityMode::Bounded}) {
+    for (int64_t k : {1, 2}) {
+      LayerConfig config = edgeConfig(13, 4, k, mode, 1.0);
+      config.batchPrioritized = k == 2;
+      expectEdgeCase(config, sendAllToExpertTwo);
+    }
+  }
+}
+
+// int(f * spe) == 0 gives C = 0: every slot is dropped, out is all zeros
+// and only l_aux reaches the router.
+TEST(CpuKernelsLayerEdge, ZeroCapacityDropsEverything) {
+  LayerConfig config = edgeConfig(7, 3, 2, CapacityMode::Fixed, 0.2);
+  expectEdgeCase(config);
+  std::mt19937_64 rng(3);
+  LayerInputs in = makeRandomInputs(config, rng);
+  std::vector<double> gradOut(config.tokens * config.modelDim, 1.0);
+  KernelResult got = runKernels(config, in, gradOut, 0.5, {});
+  EXPECT_EQ(got.capacity, 0);
+  for (double v : got.out)
+    EXPECT_EQ(v, 0.0);
+  for (double v : got.grads.w1)
+    EXPECT_EQ(v, 0.0);
+  for (double v : got.grads.b2)
+    EXPECT_EQ(v, 0.0);
+}
+
+// NaN in a token (documented in CpuKernels.h): its routing stays in range,
+// its output is NaN, and no other token's output is NaN.
+TEST(CpuKernelsLayerEdge, NaNTokenPropagatesOnlyToItsOutput) {
+  for (bool prioritized : {false, true}) {
+    LayerConfig config = edgeConfig(8, 4, 2, CapacityMode::Dropless, 1.0);
+    config.batchPrioritized = prioritized;
+    std::mt19937_64 rng(9);
+    LayerInputs in = makeRandomInputs(config, rng);
+    const int64_t d = config.modelDim, nanToken = 3;
+    in.x[nanToken * d + 1] = std::numeric_limits<double>::quiet_NaN();
+    KernelOptions options;
+    options.backward = false;
+    KernelResult got = runKernels(config, in, {}, 0.0, options);
+    for (int32_t index : got.indices) {
+      EXPECT_GE(index, 0);
+      EXPECT_LT(index, config.experts);
+    }
+    for (int64_t t = 0; t < config.tokens; ++t)
+      for (int64_t i = 0; i < d; ++i)
+        EXPECT_EQ(std::isnan(got.out[t * d + i]), t == nanToken)
+            << "token " << t;
+    EXPECT_TRUE(std::isnan(got.lAux));
   }
 }
 

@@ -16,8 +16,8 @@
 #include <gtest/gtest.h>
 
 #include <bit>
-#include <cstring>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -62,9 +62,9 @@ TEST(Half, F16RoundsToNearestEven) {
   EXPECT_EQ(floatToF16(65519.0f), 0x7bff);
   EXPECT_EQ(floatToF16(65520.0f), 0x7c00); // tie at max rounds to inf
   EXPECT_EQ(floatToF16(-kInf), 0xfc00);
-  EXPECT_EQ(floatToF16(0x1p-24f), 0x0001);      // smallest subnormal
-  EXPECT_EQ(floatToF16(0x1p-25f), 0x0000);      // tie to even: 0
-  EXPECT_EQ(floatToF16(0x3p-25f), 0x0002);      // tie to even: 2
+  EXPECT_EQ(floatToF16(0x1p-24f), 0x0001);         // smallest subnormal
+  EXPECT_EQ(floatToF16(0x1p-25f), 0x0000);         // tie to even: 0
+  EXPECT_EQ(floatToF16(0x3p-25f), 0x0002);         // tie to even: 2
   EXPECT_EQ(floatToF16(bits(0x3f801000)), 0x3c00); // tie, even stays
   EXPECT_EQ(floatToF16(bits(0x3f803000)), 0x3c02); // tie, odd rounds up
   EXPECT_EQ(floatToF16(-0.0f), 0x8000);
@@ -198,9 +198,8 @@ struct GateRun {
       : scores(T * E, kNaN), indices(T * k, -7), locations(T * k, -7),
         gates(T * k, kNaN), offsets(E + 1, -7), rows(E, -7) {}
   GateOutputs outputs() {
-    return {scores.data(),    indices.data(), locations.data(),
-            gates.data(),     &capacity,      offsets.data(),
-            rows.data(),      &lAux};
+    return {scores.data(), indices.data(), locations.data(), gates.data(),
+            &capacity,     offsets.data(), rows.data(),      &lAux};
   }
   std::vector<float> scores;
   std::vector<int32_t> indices, locations;
@@ -358,8 +357,8 @@ TEST(GroupedGemm, TouchesOnlyValidRows) {
     EXPECT_EQ(gradB[1 * K * N + i], 0.0f);
   for (int64_t n = 0; n < N; ++n) {
     EXPECT_EQ(gradBias[1 * N + n], 0.0f);
-    EXPECT_NEAR(gradBias[2 * N + n], c[8 * N + n] + c[9 * N + n] + c[10 * N + n],
-                1e-5);
+    EXPECT_NEAR(gradBias[2 * N + n],
+                c[8 * N + n] + c[9 * N + n] + c[10 * N + n], 1e-5);
   }
   for (float v : gradB)
     EXPECT_FALSE(std::isnan(v));
@@ -387,8 +386,8 @@ TEST(GroupedGemm, AccumulateAndTransposeInBf16) {
       for (int64_t n = 0; n < N; ++n) {
         float want = 1.0f;
         for (int64_t i = 0; i < K; ++i)
-          want += bf16ToFloat(a[r * K + i]) *
-                  bf16ToFloat(bT[(e * N + n) * K + i]);
+          want +=
+              bf16ToFloat(a[r * K + i]) * bf16ToFloat(bT[(e * N + n) * K + i]);
         EXPECT_EQ(c[r * N + n], floatToBf16(want));
       }
 }
@@ -402,8 +401,14 @@ TEST(Combine, DroppedTokensGetZerosAndZeroGateGradients) {
   std::vector<float> gates = {0.6f, 0.4f, 0.7f, 0.3f, 0.5f, 0.5f};
   int32_t capacity = 2;
   std::vector<int32_t> offsets = {0, 2, 4}, rows = {2, 2};
-  Routing routing{indices.data(), locations.data(), gates.data(), &capacity,
-                  offsets.data(), rows.data(),      T,            k,
+  Routing routing{indices.data(),
+                  locations.data(),
+                  gates.data(),
+                  &capacity,
+                  offsets.data(),
+                  rows.data(),
+                  T,
+                  k,
                   E};
   std::vector<float> y = {1, 2, 3, 4, 5, 6, 7, 8};
   std::vector<float> out(T * d, kNaN);
@@ -446,18 +451,22 @@ TEST(Threads, GateCombineAndGateBackwardAreThreadCountInvariant) {
     attrs.noise = 0.5;
     GateRun run(T, E, k);
     gate(logits.data(), T, E, attrs, run.outputs());
-    Routing routing{run.indices.data(), run.locations.data(),
-                    run.gates.data(),   &run.capacity,
-                    run.offsets.data(), run.rows.data(),
-                    T,                  k,
+    Routing routing{run.indices.data(),
+                    run.locations.data(),
+                    run.gates.data(),
+                    &run.capacity,
+                    run.offsets.data(),
+                    run.rows.data(),
+                    T,
+                    k,
                     E};
     int64_t R = int64_t{run.offsets[E]};
     std::vector<float> disp(R * d, kNaN), out(T * d, kNaN),
         gradGates(T * k, kNaN), gradY(R * d, kNaN), gradLogits(T * E, kNaN);
     dispatch({x.data()}, d, routing, {disp.data()});
     combine({disp.data()}, d, routing, {out.data()});
-    combineBackward({gradOut.data()}, {disp.data()}, d, routing,
-                    {gradY.data()}, gradGates.data());
+    combineBackward({gradOut.data()}, {disp.data()}, d, routing, {gradY.data()},
+                    gradGates.data());
     float gradLAux = 0.3f;
     gateBackward(gradGates.data(), &gradLAux, run.scores.data(), routing,
                  {k, true}, gradLogits.data());

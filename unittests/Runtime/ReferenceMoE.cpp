@@ -264,12 +264,10 @@ LayerRouting referenceRouting(const LayerConfig &config,
   return route(config, inputs, options);
 }
 
-LayerGradients referenceBackward(const LayerConfig &config,
-                                 const LayerInputs &in,
-                                 const std::vector<double> &gradOut,
-                                 double gradLAux,
-                                 const ReferenceOptions &options,
-                                 LayerForward *forward) {
+LayerGradients
+referenceBackward(const LayerConfig &config, const LayerInputs &in,
+                  const std::vector<double> &gradOut, double gradLAux,
+                  const ReferenceOptions &options, LayerForward *forward) {
   DenseState s = forwardDense(config, in, options);
   const int64_t T = s.T, d = s.d, h = s.h, E = s.E, k = s.k, C = s.C;
   const bool gated = config.expertKind == ExpertKind::Gated;
@@ -396,8 +394,8 @@ LayerGradients referenceBackward(const LayerConfig &config,
     std::vector<double> gradLogits(E, 0.0);
     for (int64_t e = 0; e < E; ++e)
       for (int64_t f = 0; f < E; ++f) {
-        double jacobian = r.scores[t * E + f] *
-                          ((e == f ? 1.0 : 0.0) - r.scores[t * E + e]);
+        double jacobian =
+            r.scores[t * E + f] * ((e == f ? 1.0 : 0.0) - r.scores[t * E + e]);
         gradLogits[e] += gradScores[t * E + f] * jacobian;
       }
     for (int64_t i = 0; i < d; ++i)
@@ -457,8 +455,8 @@ LayerInputs makeRandomInputs(const LayerConfig &config, std::mt19937_64 &rng) {
     in.b2 = roundTo(normal(E * d, 0.1), config.dtype);
   }
   if (gated)
-    in.w3 = roundTo(normal(E * d * h, 1.0 / std::sqrt(double(d))),
-                    config.dtype);
+    in.w3 =
+        roundTo(normal(E * d * h, 1.0 / std::sqrt(double(d))), config.dtype);
   return in;
 }
 

@@ -38,14 +38,14 @@ struct ReferenceOptions {
 
 /// The routing of one call, as [gate-1..3], [loc-1], [cap-1] define it.
 struct LayerRouting {
-  int64_t topK = 0;                ///< k clamped to E.
-  std::vector<double> logits;      ///< [T, E] with noise added.
-  std::vector<double> scores;      ///< [T, E]
-  std::vector<int32_t> indices;    ///< [T, k]
-  std::vector<int32_t> locations;  ///< [T, k]
-  std::vector<double> gates;       ///< [T, k], normalized per [gate-3]
-  std::vector<int64_t> counts;     ///< [E] slots routed to e, kept or not
-  int64_t capacity = 0;            ///< C
+  int64_t topK = 0;               ///< k clamped to E.
+  std::vector<double> logits;     ///< [T, E] with noise added.
+  std::vector<double> scores;     ///< [T, E]
+  std::vector<int32_t> indices;   ///< [T, k]
+  std::vector<int32_t> locations; ///< [T, k]
+  std::vector<double> gates;      ///< [T, k], normalized per [gate-3]
+  std::vector<int64_t> counts;    ///< [E] slots routed to e, kept or not
+  int64_t capacity = 0;           ///< C
 };
 
 struct LayerForward {

@@ -199,7 +199,7 @@ TEST(ReferenceRouting, HandComputedSlotsAndCapacity) {
   c.capacityMode = CapacityMode::Bounded;
   c.capacityFactor = 1.0;
   EXPECT_EQ(referenceForward(c, in).routing.capacity, 4); // min(4, 2 * 2)
-  c.capacityFactor = 0.4;                                  // int(0.8) = 0
+  c.capacityFactor = 0.4;                                 // int(0.8) = 0
   EXPECT_EQ(referenceForward(c, in).routing.capacity, 0);
 }
 

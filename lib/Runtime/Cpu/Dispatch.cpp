@@ -110,9 +110,9 @@ void combine(ReadBuffer expertOut, int64_t modelDim, const Routing &routing,
   }
 }
 
-void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut,
-                     int64_t modelDim, const Routing &routing,
-                     WriteBuffer gradExpertOut, float *gradGates) {
+void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut, int64_t modelDim,
+                     const Routing &routing, WriteBuffer gradExpertOut,
+                     float *gradGates) {
 #pragma omp parallel if (worthThreads(routing, modelDim))
   {
     std::vector<float> grad(static_cast<size_t>(modelDim));

@@ -86,57 +86,64 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
       attrs.noise != 0.0 ? attrs.noise / static_cast<double>(experts) : 0.0;
 
   // Scores, top-k and gates: independent per token.
-#pragma omp parallel for schedule(static) if (tokens * experts > 8192)
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float *logitRow = logits + t * experts;
-    float *scoreRow = out.scores + t * experts;
-    float maxLogit = -std::numeric_limits<float>::infinity();
-    for (int64_t e = 0; e < experts; ++e) {
-      float value = logitRow[e];
-      if (noiseScale != 0.0)
-        value = static_cast<float>(static_cast<double>(value) +
-                                   noiseScale *
-                                       gateNoiseSample(attrs.seed, t, e));
-      scoreRow[e] = value;
-      if (value > maxLogit)
-        maxLogit = value;
-    }
-    // A NaN logit never becomes maxLogit, but exp(NaN) makes the sum and
-    // so the whole row NaN, which is what [gate-1] of a NaN means.
-    bool anyNaN = false;
-    float sum = 0.0f;
-    for (int64_t e = 0; e < experts; ++e) {
-      anyNaN |= std::isnan(scoreRow[e]);
-      scoreRow[e] = std::exp(scoreRow[e] - maxLogit);
-      sum += scoreRow[e];
-    }
-    float inverse = anyNaN ? std::numeric_limits<float>::quiet_NaN()
-                           : 1.0f / sum;
-    for (int64_t e = 0; e < experts; ++e)
-      scoreRow[e] *= inverse;
-
-    int32_t *indexRow = out.indices + t * k;
-    float *gateRow = out.gates + t * k;
-    float gateSum = 0.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      int64_t best = -1;
+#pragma omp parallel if (tokens * experts > 8192)
+  {
+    std::vector<float> noisy(static_cast<size_t>(experts));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float *logitRow = logits + t * experts;
+      float *scoreRow = out.scores + t * experts;
+      float maxLogit = -std::numeric_limits<float>::infinity();
       for (int64_t e = 0; e < experts; ++e) {
-        if (std::find(indexRow, indexRow + j, static_cast<int32_t>(e)) !=
-            indexRow + j)
-          continue;
-        // Strictly above: ties keep the lower expert index.
-        if (best < 0 || ranksAbove(scoreRow[e], scoreRow[best]))
-          best = e;
+        float value = logitRow[e];
+        if (noiseScale != 0.0)
+          value = static_cast<float>(static_cast<double>(value) +
+                                     noiseScale *
+                                         gateNoiseSample(attrs.seed, t, e));
+        noisy[e] = value;
+        if (value > maxLogit)
+          maxLogit = value;
       }
-      indexRow[j] = static_cast<int32_t>(best);
-      gateRow[j] = scoreRow[best];
-      gateSum += gateRow[j];
-    }
-    if (normalize) {
-      // std::max(NaN, eps) keeps the NaN.
-      float denominator = std::max(gateSum, kGateNormalizeEps);
-      for (int64_t j = 0; j < k; ++j)
-        gateRow[j] /= denominator;
+      // A NaN logit never becomes maxLogit, but exp(NaN) makes the sum and
+      // so the whole row NaN, which is what [gate-1] of a NaN means.
+      bool anyNaN = false;
+      float sum = 0.0f;
+      for (int64_t e = 0; e < experts; ++e) {
+        anyNaN |= std::isnan(noisy[e]);
+        scoreRow[e] = std::exp(noisy[e] - maxLogit);
+        sum += scoreRow[e];
+      }
+      float inverse =
+          anyNaN ? std::numeric_limits<float>::quiet_NaN() : 1.0f / sum;
+      for (int64_t e = 0; e < experts; ++e)
+        scoreRow[e] *= inverse;
+
+      // [gate-2] ranks by the (noisy) logits: softmax is monotonic, and
+      // logits do not underflow where fp32 scores of far-behind experts all
+      // become 0 and would tie.
+      int32_t *indexRow = out.indices + t * k;
+      float *gateRow = out.gates + t * k;
+      float gateSum = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < experts; ++e) {
+          if (std::find(indexRow, indexRow + j, static_cast<int32_t>(e)) !=
+              indexRow + j)
+            continue;
+          // Strictly above: ties keep the lower expert index.
+          if (best < 0 || ranksAbove(noisy[e], noisy[best]))
+            best = e;
+        }
+        indexRow[j] = static_cast<int32_t>(best);
+        gateRow[j] = scoreRow[best];
+        gateSum += gateRow[j];
+      }
+      if (normalize) {
+        // std::max(NaN, eps) keeps the NaN.
+        float denominator = std::max(gateSum, kGateNormalizeEps);
+        for (int64_t j = 0; j < k; ++j)
+          gateRow[j] /= denominator;
+      }
     }
   }
 
@@ -170,10 +177,9 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
       priority[t] =
           std::isnan(top) ? -std::numeric_limits<float>::infinity() : top;
     }
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) {
-                       return priority[a] > priority[b];
-                     });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return priority[a] > priority[b];
+    });
   }
   std::vector<int64_t> counts(static_cast<size_t>(experts), 0);
   for (int64_t j = 0; j < k; ++j)
@@ -185,8 +191,8 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
   // [cap-1]
   int64_t maxCount = *std::max_element(counts.begin(), counts.end());
   int64_t capacity =
-      computeCapacity(attrs.capacityMode, attrs.capacityFactor, tokens,
-                      experts, k, maxCount, attrs.capacityAlignment);
+      computeCapacity(attrs.capacityMode, attrs.capacityFactor, tokens, experts,
+                      k, maxCount, attrs.capacityAlignment);
   // C beyond i32 only happens with configs verifyLayerConfig rejects; keep
   // the buffer meaningful anyway (no slot reaches it).
   *out.capacity = static_cast<int32_t>(

@@ -24,8 +24,8 @@ void groupedGemm(ReadBuffer a, ReadBuffer b, ReadBuffer bias, WriteBuffer c,
     if (rows <= 0)
       continue;
     int64_t firstRow = segments.offsets[e];
-    detail::typedGemm(a, firstRow, b, e * k * n, bias, e * n, c, firstRow,
-                      pre, rows, k, n, options);
+    detail::typedGemm(a, firstRow, b, e * k * n, bias, e * n, c, firstRow, pre,
+                      rows, k, n, options);
   }
 }
 

@@ -107,8 +107,8 @@ const float *fp32View(ReadBuffer buffer, int64_t offset, int64_t count,
 } // namespace
 
 void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
-               ReadBuffer bias, int64_t biasOffset, WriteBuffer c,
-               int64_t cRow, WriteBuffer pre, int64_t m, int64_t k, int64_t n,
+               ReadBuffer bias, int64_t biasOffset, WriteBuffer c, int64_t cRow,
+               WriteBuffer pre, int64_t m, int64_t k, int64_t n,
                const GroupedGemmOptions &options) {
   if (m <= 0 || n <= 0)
     return;
@@ -125,13 +125,13 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
   // Where the GEMM writes: straight into an fp32 output when no other copy
   // of the result is needed, else into a scratch block.
   bool intoC = c.type == DType::F32 && !pre.data;
-  bool intoPre = !intoC && pre.data && pre.type == DType::F32 &&
-                 !options.accumulate;
-  bool needsPass = bias.data || options.epilogue != Epilogue::None ||
-                   pre.data || !intoC;
+  bool intoPre =
+      !intoC && pre.data && pre.type == DType::F32 && !options.accumulate;
+  bool needsPass =
+      bias.data || options.epilogue != Epilogue::None || pre.data || !intoC;
   bool aDirect = a.type == DType::F32;
-  int64_t rowsPerBlock =
-      intoC || intoPre ? (aDirect ? m : blockRows(m, k)) : blockRows(m, std::max(n, k));
+  int64_t rowsPerBlock = intoC || intoPre ? (aDirect ? m : blockRows(m, k))
+                                          : blockRows(m, std::max(n, k));
 
   std::vector<float> aScratch, accScratch;
   for (int64_t r0 = 0; r0 < m; r0 += rowsPerBlock) {
@@ -160,8 +160,7 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
       if (!intoC)
         convertRows(ReadBuffer{c.data, c.type}, outRow, mb, n, acc);
     }
-    sgemm(false, options.transB, mb, n, k, 1.0f, aF, k, bF, ldb, beta, acc,
-          n);
+    sgemm(false, options.transB, mb, n, k, 1.0f, aF, k, bF, ldb, beta, acc, n);
     if (!needsPass)
       continue;
     const float *biasPtr = bias.data ? biasF.data() : nullptr;
@@ -237,8 +236,8 @@ void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
     int64_t mb = std::min(rowsPerBlock, m - r0);
     const float *aF = fp32View(a, (row + r0) * k, mb, k, aScratch);
     const float *gF = fp32View(gradC, (row + r0) * n, mb, n, gScratch);
-    sgemm(true, false, k, n, mb, 1.0f, aF, k, gF, n, r0 == 0 ? 0.0f : 1.0f,
-          acc, n);
+    sgemm(true, false, k, n, mb, 1.0f, aF, k, gF, n, r0 == 0 ? 0.0f : 1.0f, acc,
+          n);
   }
   if (!direct) {
 #pragma omp parallel for schedule(static) if (k * n > 65536)

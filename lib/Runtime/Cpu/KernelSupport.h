@@ -182,8 +182,8 @@ void sgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k,
 /// element bOffset, [k, n] or [n, k] with transB) plus bias (at biasOffset,
 /// may be null) into rows [cRow, cRow + m) of c[*, n] (and pre).
 void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
-               ReadBuffer bias, int64_t biasOffset, WriteBuffer c,
-               int64_t cRow, WriteBuffer pre, int64_t m, int64_t k, int64_t n,
+               ReadBuffer bias, int64_t biasOffset, WriteBuffer c, int64_t cRow,
+               WriteBuffer pre, int64_t m, int64_t k, int64_t n,
                const GroupedGemmOptions &options);
 
 /// gradB[k, n] (at gradBOffset) = a[aRow.., k]^T @ gradC[aRow.., n] over m

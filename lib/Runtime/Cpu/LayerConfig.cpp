@@ -191,8 +191,7 @@ std::optional<ExpertKind> parseExpertKind(std::string_view text) {
 }
 
 std::optional<Activation> parseActivation(std::string_view text) {
-  for (Activation act :
-       {Activation::Relu, Activation::Gelu, Activation::Silu})
+  for (Activation act : {Activation::Relu, Activation::Gelu, Activation::Silu})
     if (text == toString(act))
       return act;
   return std::nullopt;

@@ -126,14 +126,14 @@ struct GateAttrs {
 
 /// Where `gate` writes. Every pointer is required.
 struct GateOutputs {
-  float *scores = nullptr;         ///< [T, E]
-  int32_t *indices = nullptr;      ///< [T, k]
-  int32_t *locations = nullptr;    ///< [T, k]
-  float *gates = nullptr;          ///< [T, k]
-  int32_t *capacity = nullptr;     ///< [1]
+  float *scores = nullptr;          ///< [T, E]
+  int32_t *indices = nullptr;       ///< [T, k]
+  int32_t *locations = nullptr;     ///< [T, k]
+  float *gates = nullptr;           ///< [T, k]
+  int32_t *capacity = nullptr;      ///< [1]
   int32_t *expertOffsets = nullptr; ///< [E + 1]
-  int32_t *expertRows = nullptr;   ///< [E]
-  float *lAux = nullptr;           ///< [1]
+  int32_t *expertRows = nullptr;    ///< [E]
+  float *lAux = nullptr;            ///< [1]
 };
 
 /// The capacity C of [cap-1] for the given per-expert slot counts:
@@ -155,7 +155,8 @@ void router(ReadBuffer x, ReadBuffer wg, float *logits, int64_t tokens,
 /// `gate`: [gate-1..3], [loc-1], [cap-1], [loss-1] on fp32 logits[T, E].
 ///  - scores = softmax(logits + noise) over E, in fp32 (max-subtracted).
 ///  - top-k by score, ties to the lower expert index; the k experts of a token
-///    are distinct.
+///    are distinct. Ranking uses the noisy logits (softmax is monotonic), so
+///    fp32 scores that underflow to 0 for far-behind experts do not tie.
 ///  - gates = the chosen scores, normalized over all k choices (dropped or
 ///    not) when `normalize` and k > 1, by max(sum, kGateNormalizeEps).
 ///  - locations per [loc-1]; with batchPrioritized tokens are visited by
@@ -165,10 +166,11 @@ void router(ReadBuffer x, ReadBuffer wg, float *logits, int64_t tokens,
 ///  - lAux = E * sum_e mean_t(scores[t, e]) * frac_e, frac_e = share of tokens
 ///    whose first choice is e (dropped or not), accumulated in fp64.
 /// NaN: a NaN (or +-inf, making exp() NaN) in a token's logits makes its
-/// scores NaN. Selection ranks NaN below every number, so indices stay in
-/// [0, E) (an all-NaN row picks experts 0..k-1) and locations stay exact; the
-/// token's gates, its output and lAux are NaN (propagated, never hidden).
-/// batchPrioritized orders a NaN max score last.
+/// scores NaN. Selection ranks a NaN logit below every number, so indices
+/// stay in [0, E) (an all-NaN row picks experts 0..k-1) and locations stay
+/// exact; the token's gates, its output and lAux are NaN (propagated, never
+/// hidden); other tokens' outputs stay finite. batchPrioritized orders a NaN
+/// max score last.
 void gate(const float *logits, int64_t tokens, int64_t experts,
           const GateAttrs &attrs, const GateOutputs &out);
 
@@ -223,9 +225,9 @@ void combine(ReadBuffer expertOut, int64_t modelDim, const Routing &routing,
 /// gates[t, j] * gradOut[t] and gradGates[t, j] = <gradOut[t],
 /// expertOut[row(t, j)]>; gradGates of a dropped slot is 0. Every valid row
 /// of gradExpertOut is written (each is the row of exactly one kept slot).
-void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut,
-                     int64_t modelDim, const Routing &routing,
-                     WriteBuffer gradExpertOut, float *gradGates);
+void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut, int64_t modelDim,
+                     const Routing &routing, WriteBuffer gradExpertOut,
+                     float *gradGates);
 
 /// `grouped_gemm_wgrad`: gradB[e] = a_e^T @ gradC_e ([K, N]) and, when
 /// gradBias.data is not null, gradBias[e] = column sums of gradC_e. Writes

@@ -60,7 +60,8 @@ inline uint16_t floatToF16(float value) {
     // Subnormal or zero: adding 0.5 aligns the half ulp (2^-24) with fp32's
     // last mantissa bit, so the fp32 adder does the rounding.
     constexpr uint32_t denormMagic = 126u << 23;
-    float shifted = std::bit_cast<float>(bits) + std::bit_cast<float>(denormMagic);
+    float shifted =
+        std::bit_cast<float>(bits) + std::bit_cast<float>(denormMagic);
     result = std::bit_cast<uint32_t>(shifted) - denormMagic;
   } else {
     uint32_t mantissaOdd = (bits >> 13) & 1u;
