@@ -165,6 +165,9 @@ TEST(LayerConfigTest, VerifyNamesRuleAndValues) {
   EXPECT_NE(m.find("i32"), std::string::npos) << m;
   m = message([](LayerConfig &c) { c.gateNoise = -1.0; });
   EXPECT_NE(m.find("[gate-1]"), std::string::npos) << m;
+  m = message([](LayerConfig &c) { c.capacityFactor = 0.3; }); // int(0.9)
+  EXPECT_NE(m.find("[cap-1]"), std::string::npos) << m;
+  EXPECT_NE(m.find("capacity 0"), std::string::npos) << m;
   m = message([](LayerConfig &c) {
     c.capacityFactor = 1e9;
     c.tokens = 1 << 20;

@@ -90,6 +90,17 @@ std::optional<std::string> verifyLayerConfig(const LayerConfig &config) {
             << config.gateNoise;
     return message.str();
   }
+  // As the compiler's verifier: C = 0 would drop every token and the layer
+  // would output zeros. (The kernels still handle C = 0: all slots dropped.)
+  if (config.capacityMode != CapacityMode::Dropless &&
+      staticCapacityBound(config) == 0) {
+    message << "[cap-1] capacity factor " << config.capacityFactor
+            << " gives capacity 0 (k * int(f * ceil(T/E)) with T = "
+            << config.tokens << ", E = " << config.experts
+            << ", k = " << config.topK
+            << "): every token would be dropped; raise the factor";
+    return message.str();
+  }
   // Routing buffers are i32: capacity, locations and the rows of both
   // layouts (padded E * C, ragged T * k) must fit.
   constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
