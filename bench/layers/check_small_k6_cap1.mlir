@@ -1,0 +1,12 @@
+// Correctness layer of the benchmark (moe-run --check against the fp64
+// reference before timing), shaped like the benchmark's but small, capacity factor 1.0:
+// T 1024, d 256, h 128, E 64, top-6, FFN relu, bf16, fp32 router, normalized gates.
+func.func @check_small_k6_cap1(%x: tensor<1024x256xbf16>, %wg: tensor<256x64xf32>,
+    %w1: tensor<64x256x128xbf16>, %w2: tensor<64x128x256xbf16>)
+    -> (tensor<1024x256xbf16>, tensor<f32>) {
+  %out, %aux = moe.layer ffn<relu> %x, %wg, %w1, %w2
+      {top_k = 6, capacity = #moe.capacity<fixed 1.0>, normalize}
+      : (tensor<1024x256xbf16>, tensor<256x64xf32>, tensor<64x256x128xbf16>,
+         tensor<64x128x256xbf16>) -> (tensor<1024x256xbf16>, tensor<f32>)
+  return %out, %aux : tensor<1024x256xbf16>, tensor<f32>
+}
