@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole benchmark in ONE device call (bench/RESULTS.md says how to run it):
-#   1. build the runtime with CUDA (no compiler: the GPU machine has no MLIR),
-#   2. ctest (CPU and CUDA tests),
-#   3. the PyTorch baseline with its fp64 check and the two ceilings,
+#   1. the PyTorch baseline with its fp64 check and the two ceilings,
+#   2. build the runtime with CUDA (no compiler: the GPU machine has no MLIR),
+#   3. ctest (CPU and CUDA tests),
 #   4. Flex: moe-run --check on the small plans, then the benchmark plans
 #      (forward on the inference plan, forward+backward on the training plan,
 #      each with and without --graph), if moe-run has the CUDA device,
@@ -80,7 +80,14 @@ info = {
 json.dump(info, open(path, "w"), indent=2)
 EOF
 
-# --- 1. build --------------------------------------------------------------
+# --- 1. PyTorch baseline (first: it needs no build) ---------------------------------------------------
+if ! skipped torch; then
+  configs_csv="$(echo $CONFIGS | tr ' ' ',')"
+  step torch "" timeout "$(limit 240)" env FLEX_COMMIT="$commit" python3 -u bench/torch_moe_layer.py \
+      --configs "$configs_csv" --iters "$ITERS" --out "$WORK/torch.json"
+fi
+
+# --- 2. build --------------------------------------------------------------
 build() {
   cmake -S "$root" -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
         -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
@@ -92,7 +99,7 @@ build() {
 }
 skipped build || step build "" timeout "$(limit 330)" bash -c "$(declare -f build); OUT='$OUT' BUILD='$BUILD' root='$root' build"
 
-# --- 2. tests --------------------------------------------------------------
+# --- 3. tests --------------------------------------------------------------
 if ! skipped ctest; then
   if [[ -d "$BUILD" ]]; then
     step ctest "" timeout "$(limit 200)" ctest --test-dir "$BUILD" -j 16 --timeout 120 --output-on-failure > "$OUT/ctest.log" 2>&1
@@ -100,13 +107,6 @@ if ! skipped ctest; then
   else
     printf 'ctest\t1\t0\tno build directory\n' >> "$WORK/steps.tsv"
   fi
-fi
-
-# --- 3. PyTorch baseline ---------------------------------------------------
-if ! skipped torch; then
-  configs_csv="$(echo $CONFIGS | tr ' ' ',')"
-  step torch "" timeout "$(limit 240)" env FLEX_COMMIT="$commit" python3 -u bench/torch_moe_layer.py \
-      --configs "$configs_csv" --iters "$ITERS" --out "$WORK/torch.json"
 fi
 
 # --- 4. Flex ---------------------------------------------------------------
