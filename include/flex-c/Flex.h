@@ -115,8 +115,9 @@ typedef struct FlexArgumentInfo {
   int64_t bytes;                /* the exact size a binding must give */
 } FlexArgumentInfo;
 
-/* One caller buffer: host memory for the CPU backend (device memory for the
- * CUDA backend to come). `bytes` must equal the argument's size exactly. */
+/* One caller buffer: host memory for the CPU backend, device memory
+ * (cudaMalloc, or a framework's device tensor) of the executable's device for
+ * the CUDA backend. `bytes` must equal the argument's size exactly. */
 typedef struct FlexBinding {
   const char *name;
   void *data;
@@ -125,12 +126,18 @@ typedef struct FlexBinding {
 
 /* Flags of FlexRunOptions. */
 #define FLEX_RUN_CHECK_NONFINITE 0x1u /* NaN/Inf check of inputs and outputs */
-#define FLEX_RUN_NO_TIMING 0x2u       /* skip per-step timing */
+#define FLEX_RUN_NO_TIMING 0x2u       /* skip per-step timing; on CUDA the
+                                         call then returns without waiting */
+#define FLEX_RUN_CUDA_GRAPH 0x4u /* CUDA: record the pass as a graph and
+                                    replay it (fixed capacity, padded layout;
+                                    other plans run step by step) */
 
 typedef struct FlexRunOptions {
   uint32_t struct_size; /* sizeof(FlexRunOptions), for later extension */
   uint32_t flags;       /* FLEX_RUN_* */
-  void *stream;         /* cudaStream_t for CUDA; must be NULL on CPU */
+  void *stream;         /* cudaStream_t for CUDA (NULL = the executable's own
+                           stream, which waits for the legacy default
+                           stream); must be NULL on CPU */
 } FlexRunOptions;
 
 typedef struct FlexContextImpl *FlexContext;
@@ -153,7 +160,9 @@ const char *flexGetLastError(void);
  * Context: the backend executables run on. Holds no other state yet.
  *===--------------------------------------------------------------------===*/
 
-/* `backend` is "cpu" (or NULL for the default, "cpu"). */
+/* `backend` is "cpu" (or NULL for the default, "cpu") or "cuda" (the
+ * current CUDA device of the calling thread; FLEX_STATUS_UNAVAILABLE when
+ * this build has no CUDA backend or no device is visible). */
 FlexStatus flexContextCreate(const char *backend, FlexContext *context);
 FlexStatus flexContextDestroy(FlexContext context);
 

@@ -12,6 +12,7 @@
 
 #include "flex-c/Flex.h"
 
+#include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
@@ -135,18 +136,25 @@ FlexStatus checkContext(FlexContext context, const char *function) {
   return FLEX_STATUS_OK;
 }
 
-std::unique_ptr<Backend> createBackend(const FlexContextImpl &context) {
-  // Only "cpu" exists; flexContextCreate checked the name.
-  (void)context;
-  return createCpuBackend();
+/// Each executable gets its own backend: on CUDA its own stream state,
+/// cuBLAS handle, scratch and graphs (executables may run concurrently).
+Status createBackend(const FlexContextImpl &context,
+                     std::unique_ptr<Backend> &backend) {
+  if (context.backend == "cuda")
+    return createCudaBackend(backend);
+  backend = createCpuBackend();
+  return Status::ok();
 }
 
 FlexStatus createExecutable(FlexContext context, Plan plan,
                             FlexExecutable *executable, const char *function) {
   auto shared = std::make_shared<const Plan>(std::move(plan));
+  std::unique_ptr<Backend> backend;
+  if (Status status = createBackend(*context, backend); !status)
+    return fail(static_cast<FlexStatus>(status.code()),
+                std::string(function) + ": " + status.message());
   std::unique_ptr<Executor> executor;
-  Status status =
-      Executor::create(shared, createBackend(*context), executor);
+  Status status = Executor::create(shared, std::move(backend), executor);
   if (!status)
     return fail(static_cast<FlexStatus>(status.code()),
                 std::string(function) + ": " + status.message());
@@ -215,7 +223,13 @@ FlexStatus run(FlexExecutable exe, bool backward, const FlexBinding *bindings,
                       std::to_string(count),
                   exe);
     RunOptions runOptions;
-    if (options) {
+    if (!options) {
+      // No options: the backend's own stream (CUDA), no checks, timing on.
+      if (Status status = exe->executor->backend().setStream(nullptr);
+          !status)
+        return fail(static_cast<FlexStatus>(status.code()),
+                    std::string(function) + ": " + status.message(), exe);
+    } else {
       if (options->struct_size < sizeof(uint32_t) * 2)
         return fail(FLEX_STATUS_INVALID_ARGUMENT,
                     std::string(function) + ": options->struct_size " +
@@ -224,6 +238,7 @@ FlexStatus run(FlexExecutable exe, bool backward, const FlexBinding *bindings,
                     exe);
       runOptions.checkNonFinite = options->flags & FLEX_RUN_CHECK_NONFINITE;
       runOptions.timeSteps = !(options->flags & FLEX_RUN_NO_TIMING);
+      runOptions.useGraph = options->flags & FLEX_RUN_CUDA_GRAPH;
       void *stream = options->struct_size >= sizeof(FlexRunOptions)
                          ? options->stream
                          : nullptr;
@@ -317,10 +332,15 @@ FlexStatus flexContextCreate(const char *backend, FlexContext *context) {
     return s;
   *context = nullptr;
   std::string name = backend ? backend : "cpu";
-  if (name != "cpu")
+  if (name != "cpu" && name != "cuda")
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                "flexContextCreate: unknown backend '" + name +
+                    "'; the backends are: cpu, cuda");
+  std::string reason;
+  if (name == "cuda" && !isCudaBackendUsable(&reason))
     return fail(FLEX_STATUS_UNAVAILABLE,
-                "flexContextCreate: backend '" + name +
-                    "' is not available; this build has: cpu");
+                "flexContextCreate: backend 'cuda' is not available: " +
+                    reason);
   auto *impl = new (std::nothrow) FlexContextImpl{name};
   if (!impl)
     return fail(FLEX_STATUS_INTERNAL, "flexContextCreate: out of memory");

@@ -100,9 +100,18 @@ TEST(CAPIVersion, ReportsTheVersion) {
 
 TEST(CAPIContext, RejectsUnknownBackendAndDoubleDestroy) {
   FlexContext context = nullptr;
-  EXPECT_EQ(flexContextCreate("cuda", &context), FLEX_STATUS_UNAVAILABLE);
-  EXPECT_THAT(flexGetLastError(), HasSubstr("backend 'cuda'"));
+  EXPECT_EQ(flexContextCreate("tpu", &context), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("unknown backend 'tpu'"));
   EXPECT_EQ(context, nullptr);
+  // "cuda" is known; without a device (or a CUDA build) it is unavailable.
+  FlexStatus cuda = flexContextCreate("cuda", &context);
+  if (cuda == FLEX_STATUS_OK) {
+    EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_OK);
+  } else {
+    EXPECT_EQ(cuda, FLEX_STATUS_UNAVAILABLE);
+    EXPECT_THAT(flexGetLastError(), HasSubstr("backend 'cuda'"));
+  }
+  context = nullptr;
   EXPECT_EQ(flexContextCreate(nullptr, nullptr), FLEX_STATUS_INVALID_ARGUMENT);
   ASSERT_EQ(flexContextCreate(nullptr, &context), FLEX_STATUS_OK);
   EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_OK);

@@ -7,8 +7,8 @@
 // This file declares Backend, the abstract device an Executor runs plan steps
 // on. The executor resolves every operand of a step to a pointer and hands the
 // step over; a backend maps it to its kernels. The CPU backend runs each step
-// to completion; a CUDA backend will queue on streams (Step::stream,
-// Step::wait) and synchronize at the end of a pass.
+// to completion; the CUDA backend (Cuda/CudaBackend.h) queues them on a
+// stream, times them with device events and can record a pass as a graph.
 //
 //===----------------------------------------------------------------------===//
 
@@ -20,6 +20,7 @@
 
 #include <array>
 #include <memory>
+#include <string>
 #include <string_view>
 
 namespace flex {
@@ -68,6 +69,33 @@ public:
   /// Memory for the workspace, in the backend's memory space.
   virtual void *allocate(int64_t bytes, int64_t alignment);
   virtual void deallocate(void *data);
+
+  /// Whether buffers of this backend (the caller's and the workspace) can be
+  /// read by the host. When not, the executor's NaN check reads them through
+  /// copyToHost, after synchronize().
+  virtual bool isHostMemory() const { return true; }
+  virtual Status copyToHost(void *hostDst, const void *src, int64_t bytes);
+
+  /// Device timers (CUDA events): recordTimestamp(i) queues marker i on the
+  /// stream; after synchronize(), elapsedMicros(a, b) is the device time
+  /// between markers a and b. Backends without them time on the host.
+  virtual bool hasDeviceTimer() const { return false; }
+  virtual Status recordTimestamp(int32_t marker);
+  virtual Status elapsedMicros(int32_t from, int32_t to, double &micros);
+
+  /// Whole-pass graphs (CUDA graphs). canCapturePass says whether the pass
+  /// (forward or backward of a variant) queues the same work on every call
+  /// with no host synchronization, so that it can be recorded once and
+  /// replayed. The executor brackets the steps of one pass with
+  /// beginGraphCapture / endGraphCapture(key) (steps are recorded, not run)
+  /// and runs a recorded pass with launchGraph(key). `key` names the pass and
+  /// every pointer it was recorded with.
+  virtual bool canCapturePass(const Plan &plan, int64_t variant,
+                              bool backward) const;
+  virtual Status beginGraphCapture();
+  virtual Status endGraphCapture(const std::string &key);
+  /// Runs the pass recorded under `key`; *launched is false when none is.
+  virtual Status launchGraph(const std::string &key, bool &launched);
 };
 
 /// The CPU backend (lib/Runtime/Cpu/CpuBackend.cpp): R1's kernels of

@@ -39,8 +39,17 @@ struct RunOptions {
   /// nothing written), and report NaN/Inf in its outputs after running
   /// (NumericError, outputs written). Also on with FLEX_CHECK_NAN=1.
   bool checkNonFinite = false;
-  /// Time every step (steady clock, after Backend::synchronize).
+  /// Time every step and the pass: with device timers (CUDA events) where
+  /// the backend has them, which costs one synchronization at the end of the
+  /// pass; else with a steady clock after Backend::synchronize. Off, a pass
+  /// on the CUDA backend returns without waiting for the device.
   bool timeSteps = true;
+  /// Record the pass as a graph and replay it on later calls with the same
+  /// buffers (CUDA graphs), when the backend can (fixed capacity, padded
+  /// layout); otherwise the pass runs step by step. The first call with a
+  /// given set of buffers runs eagerly, the second records and replays, later
+  /// ones replay. Also on with FLEX_CUDA_GRAPH=1.
+  bool useGraph = false;
 };
 
 struct StepTiming {
@@ -53,6 +62,8 @@ struct StepTiming {
 struct RunStats {
   int64_t variant = -1;
   bool backward = false;
+  /// The pass ran as a replayed graph (no per-step times then).
+  bool replayedGraph = false;
   std::vector<StepTiming> steps; ///< empty unless RunOptions::timeSteps
   double totalMicros = 0;
 };
@@ -124,6 +135,9 @@ private:
   /// The variant whose forward state the workspace holds; -1 when none.
   int64_t pendingBackwardVariant_ = -1;
   bool checkNonFiniteFromEnv_ = false;
+  bool useGraphFromEnv_ = false;
+  /// Graph keys of passes run once eagerly (the next call records them).
+  std::vector<std::string> warmGraphKeys_;
 
   void *workspace_ = nullptr;
   void *ownedWorkspace_ = nullptr;

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
 
 namespace flex {
 
@@ -46,6 +47,39 @@ void *Backend::allocate(int64_t bytes, int64_t alignment) {
 }
 
 void Backend::deallocate(void *data) { std::free(data); }
+
+Status Backend::copyToHost(void *hostDst, const void *src, int64_t bytes) {
+  std::memcpy(hostDst, src, static_cast<size_t>(bytes));
+  return Status::ok();
+}
+
+Status Backend::recordTimestamp(int32_t) {
+  return Status(StatusCode::Unavailable, "backend '" + std::string(name()) +
+                                             "' has no device timer");
+}
+
+Status Backend::elapsedMicros(int32_t, int32_t, double &micros) {
+  micros = 0;
+  return recordTimestamp(0);
+}
+
+bool Backend::canCapturePass(const Plan &, int64_t, bool) const {
+  return false;
+}
+
+Status Backend::beginGraphCapture() {
+  return Status(StatusCode::Unavailable, "backend '" + std::string(name()) +
+                                             "' cannot record graphs");
+}
+
+Status Backend::endGraphCapture(const std::string &) {
+  return beginGraphCapture();
+}
+
+Status Backend::launchGraph(const std::string &, bool &launched) {
+  launched = false;
+  return Status::ok();
+}
 
 //===----------------------------------------------------------------------===//
 // Helpers
@@ -137,6 +171,7 @@ Executor::Executor(std::shared_ptr<const Plan> plan,
   measurements_.assign(plan_->variants.size(), {});
   selected_ = plan_->defaultVariant;
   checkNonFiniteFromEnv_ = envFlag("FLEX_CHECK_NAN");
+  useGraphFromEnv_ = envFlag("FLEX_CUDA_GRAPH");
 }
 
 Executor::~Executor() {
@@ -349,7 +384,20 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
                      (backward && arg.role == ArgumentRole::GradInput));
       if (!selected || !isFloat(arg.dtype))
         continue;
-      int64_t at = findNonFinite(argumentData_[i], arg.dtype, arg.numElements());
+      const void *data = argumentData_[i];
+      std::vector<uint8_t> hostCopy;
+      if (!backend_->isHostMemory()) {
+        // Device memory: the host reads a copy, once the device is done.
+        if (Status status = backend_->synchronize(); !status)
+          return status;
+        hostCopy.resize(static_cast<size_t>(arg.numBytes()));
+        if (Status status = backend_->copyToHost(hostCopy.data(), data,
+                                                 arg.numBytes());
+            !status)
+          return status;
+        data = hostCopy.data();
+      }
+      int64_t at = findNonFinite(data, arg.dtype, arg.numElements());
       if (at >= 0)
         return Status(StatusCode::NumericError,
                       std::string(outputs ? "output" : "input") +
@@ -384,9 +432,45 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
   RunStats stats;
   stats.variant = variantIndex;
   stats.backward = backward;
+  auto fail = [&](const Status &status, const std::string &where) {
+    return Status(status.code(), "variant '" + variant.name + "' " +
+                                     (backward ? "backward" : "forward") +
+                                     where + ": " + status.message());
+  };
+  // Device timers: marker 0 before the first step, marker s + 1 after step s
+  // (or 1 after a replayed graph); read after one synchronize at the end.
+  const bool deviceTimer = options.timeSteps && backend_->hasDeviceTimer();
+  auto mark = [&](int32_t marker) -> Status {
+    return deviceTimer ? backend_->recordTimestamp(marker) : Status::ok();
+  };
+
+  // Graphs: the key is the pass and every pointer its steps were bound to.
+  bool useGraph = (options.useGraph || useGraphFromEnv_) &&
+                  backend_->canCapturePass(plan, variantIndex, backward);
+  std::string graphKey;
+  if (useGraph) {
+    graphKey = std::to_string(variantIndex) + (backward ? "b" : "f") + ":" +
+               std::to_string(reinterpret_cast<uintptr_t>(workspace_));
+    for (void *data : argumentData_)
+      graphKey += "," + std::to_string(reinterpret_cast<uintptr_t>(data));
+  }
+  bool warm = useGraph &&
+              std::find(warmGraphKeys_.begin(), warmGraphKeys_.end(),
+                        graphKey) != warmGraphKeys_.end();
+
   using Clock = std::chrono::steady_clock;
   auto runStart = Clock::now();
-  for (size_t s = 0; s < steps.size(); ++s) {
+  if (Status status = mark(0); !status)
+    return fail(status, "");
+  bool launched = false;
+  if (useGraph)
+    if (Status status = backend_->launchGraph(graphKey, launched); !status)
+      return fail(status, " graph replay");
+  bool capturing = useGraph && !launched && warm;
+  if (capturing)
+    if (Status status = backend_->beginGraphCapture(); !status)
+      return fail(status, " graph capture");
+  for (size_t s = 0; !launched && s < steps.size(); ++s) {
     const Step &step = steps[s];
     StepOperands operands;
     for (int r = 0; r < kNumOperandRoles; ++r) {
@@ -395,26 +479,58 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     }
     auto stepStart = Clock::now();
     Status status = backend_->runStep(plan, step, operands);
-    if (status && options.timeSteps)
-      status = backend_->synchronize();
-    if (!status)
-      return Status(status.code(),
-                    "variant '" + variant.name + "' " +
-                        (backward ? "backward" : "forward") + " step " +
-                        std::to_string(s) + " (" +
-                        std::string(toString(step.op)) +
-                        "): " + status.message());
-    if (options.timeSteps)
+    if (status && options.timeSteps && !capturing)
+      status = deviceTimer ? mark(static_cast<int32_t>(s) + 1)
+                           : backend_->synchronize();
+    if (!status) {
+      if (capturing)
+        (void)backend_->endGraphCapture(std::string());
+      return fail(status, " step " + std::to_string(s) + " (" +
+                              std::string(toString(step.op)) + ")");
+    }
+    if (options.timeSteps && !capturing)
       stats.steps.push_back(
           {static_cast<int32_t>(s), step.op,
            std::chrono::duration<double, std::micro>(Clock::now() - stepStart)
                .count()});
   }
-  if (Status status = backend_->synchronize(); !status)
-    return status;
+  if (capturing) {
+    if (Status status = backend_->endGraphCapture(graphKey); !status)
+      return fail(status, " graph capture");
+    if (Status status = backend_->launchGraph(graphKey, launched); !status)
+      return fail(status, " graph replay");
+    if (!launched)
+      return Status(StatusCode::Internal,
+                    "the graph just recorded for key " + graphKey +
+                        " was not found");
+  }
+  if (useGraph && !warm && !launched)
+    warmGraphKeys_.push_back(graphKey);
+  stats.replayedGraph = launched;
+  int32_t lastMarker = launched ? 1 : static_cast<int32_t>(steps.size());
+  if (launched)
+    if (Status status = mark(1); !status)
+      return fail(status, "");
+  if (launched)
+    stats.steps.clear();
+  // A device backend returns without waiting unless the times are wanted.
+  if (options.timeSteps || backend_->isHostMemory())
+    if (Status status = backend_->synchronize(); !status)
+      return fail(status, "");
   stats.totalMicros =
       std::chrono::duration<double, std::micro>(Clock::now() - runStart)
           .count();
+  if (deviceTimer) {
+    for (StepTiming &timing : stats.steps)
+      if (Status status = backend_->elapsedMicros(
+              timing.index, timing.index + 1, timing.micros);
+          !status)
+        return fail(status, " timing");
+    if (Status status =
+            backend_->elapsedMicros(0, lastMarker, stats.totalMicros);
+        !status)
+      return fail(status, " timing");
+  }
 
   VariantMeasurements &m = measurements_[variantIndex];
   int64_t &runs = backward ? m.backwardRuns : m.forwardRuns;

@@ -1,0 +1,193 @@
+//===- CudaKernels.h - CUDA kernels of the plan step ops --------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares the CUDA backend's kernels: one function per step op, as
+// in Cpu/CpuKernels.h (whose semantics they reproduce), over device pointers,
+// queued on the stream of a KernelContext. No function synchronizes with the
+// host, except the grouped GEMMs of a routing whose row counts are only known
+// on the device (ExpertRowSpace::isStatic() false): they read the counts once
+// per routing (KernelContext::hostSegments).
+//
+// Padding rows. With a static routing (padded layout, fixed capacity: C is
+// known on the host) the GEMMs run over all E * C rows as one strided batch,
+// so every step over dispatch-shaped buffers writes every one of those rows:
+// rows past an expert's valid ones hold zeros (dispatch, combine_backward) or
+// the finite result of zeros (GEMMs, elementwise ops), so a weight gradient
+// summed over them adds exact zeros. With a dynamic routing only the valid
+// rows are touched, as on the CPU.
+//
+// The header needs no CUDA header: streams and handles are opaque.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_CUDA_CUDAKERNELS_H
+#define FLEX_RUNTIME_CUDA_CUDAKERNELS_H
+
+#include "flex/Runtime/Cpu/CpuKernels.h"
+#include "flex/Runtime/Status.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct CUstream_st;
+
+namespace flex::cuda {
+
+using Stream = CUstream_st *;
+
+// The buffer views, routing and attributes are those of the CPU kernels,
+// holding device pointers here.
+using cpu::Epilogue;
+using cpu::GateAttrs;
+using cpu::GateBackwardAttrs;
+using cpu::GateOutputs;
+using cpu::GroupedGemmOptions;
+using cpu::Layout;
+using cpu::ReadBuffer;
+using cpu::Routing;
+using cpu::WriteBuffer;
+
+/// Which rows of a dispatch-shaped buffer [rowBound, N] a step touches.
+struct ExpertRowSpace {
+  const int32_t *offsets = nullptr; ///< device [experts + 1]
+  const int32_t *rows = nullptr;    ///< device [experts]
+  int64_t experts = 0;
+  /// R, the rows of the buffers as the plan declared them.
+  int64_t rowBound = 0;
+  /// C when the layout is padded and the capacity fixed (known on the
+  /// host); -1 otherwise. Static: every row of [0, E * C) is touched.
+  int64_t staticCapacity = -1;
+
+  bool isStatic() const { return staticCapacity >= 0; }
+};
+
+/// The per-backend state the kernels share: the stream, the cuBLAS handle,
+/// a grow-only device scratch area and pinned host memory for the one
+/// read-back of dynamic routings. Not thread-safe (one executor, one thread).
+class KernelContext {
+public:
+  /// Creates the handles on the current device. Unavailable with the CUDA
+  /// error when that fails.
+  static Status create(std::unique_ptr<KernelContext> &context);
+  ~KernelContext();
+
+  Stream stream() const { return stream_; }
+  /// null = the context's own stream (created with the context).
+  Status setStream(Stream stream);
+
+  /// Device scratch of at least `bytes` bytes, 256-aligned, valid until the
+  /// next call of scratch() with a larger size. `slot` picks one of a few
+  /// independent areas (a step may need two at once).
+  Status scratch(int slot, int64_t bytes, void *&data);
+  /// True while a graph is being recorded: growing scratch is not allowed
+  /// then (the pass ran eagerly once before, so it need not).
+  bool capturing = false;
+
+  /// The valid rows per expert, on the host, for a dynamic routing: copies
+  /// offsets and rows once per routing (keyed by their device addresses and
+  /// `generation`, bumped by every gate) and waits for the copy.
+  Status hostSegments(const ExpertRowSpace &space,
+                      const int32_t *&hostOffsets, const int32_t *&hostRows);
+  uint64_t generation = 0;
+
+  void *cublasHandle() const { return cublas_; }
+  void *cublasWorkspace() const { return cublasWorkspace_; }
+  int64_t cublasWorkspaceBytes() const { return cublasWorkspaceBytes_; }
+  int multiprocessors() const { return multiprocessors_; }
+
+private:
+  KernelContext() = default;
+  Stream ownStream_ = nullptr;
+  Stream stream_ = nullptr;
+  void *cublas_ = nullptr;
+  void *cublasWorkspace_ = nullptr;
+  int64_t cublasWorkspaceBytes_ = 0;
+  int multiprocessors_ = 1;
+  struct ScratchArea {
+    void *data = nullptr;
+    int64_t bytes = 0;
+  };
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(4);
+  int32_t *pinned_ = nullptr;
+  int64_t pinnedCount_ = 0;
+  const int32_t *hostKeyOffsets_ = nullptr;
+  uint64_t hostKeyGeneration_ = ~uint64_t{0};
+};
+
+/// The message of the last CUDA error as a Status, or ok. `what` names the
+/// call ("dispatch kernel").
+Status checkCuda(int error, const char *what);
+Status checkLaunch(const char *what);
+
+//===----------------------------------------------------------------------===//
+// Forward step ops (see the CPU functions of the same name)
+//===----------------------------------------------------------------------===//
+
+Status router(KernelContext &ctx, ReadBuffer x, ReadBuffer wg, float *logits,
+              int64_t tokens, int64_t modelDim, int64_t experts);
+
+/// `gate`. The host side only launches: capacity, offsets and rows stay on
+/// the device. Indices and locations equal the CPU kernel's bit for bit on
+/// the same logits (same fp32 operation order; exp in fp64 rounded once).
+Status gate(KernelContext &ctx, const float *logits, int64_t tokens,
+            int64_t experts, const GateAttrs &attrs, const GateOutputs &out);
+
+Status dispatch(KernelContext &ctx, ReadBuffer x, int64_t modelDim,
+                const Routing &routing, const ExpertRowSpace &space,
+                WriteBuffer dispatched);
+
+Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                   ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
+                   const ExpertRowSpace &space,
+                   const GroupedGemmOptions &options, WriteBuffer pre = {});
+
+Status glu(KernelContext &ctx, ReadBuffer gateIn, ReadBuffer upIn,
+           WriteBuffer c, int64_t n, const ExpertRowSpace &space);
+
+Status combine(KernelContext &ctx, ReadBuffer expertOut, int64_t modelDim,
+               const Routing &routing, WriteBuffer out);
+
+//===----------------------------------------------------------------------===//
+// Backward step ops
+//===----------------------------------------------------------------------===//
+
+Status combineBackward(KernelContext &ctx, ReadBuffer gradOut,
+                       ReadBuffer expertOut, int64_t modelDim,
+                       const Routing &routing, const ExpertRowSpace &space,
+                       WriteBuffer gradExpertOut, float *gradGates);
+
+Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
+                        int64_t k, int64_t n, const ExpertRowSpace &space,
+                        WriteBuffer gradB, WriteBuffer gradBias);
+
+Status activationBackward(KernelContext &ctx, ReadBuffer pre, ReadBuffer grad,
+                          WriteBuffer gradPre, int64_t n,
+                          const ExpertRowSpace &space, Activation act);
+
+Status gluBackward(KernelContext &ctx, ReadBuffer gateIn, ReadBuffer upIn,
+                   ReadBuffer grad, WriteBuffer gradGateIn,
+                   WriteBuffer gradUpIn, int64_t n,
+                   const ExpertRowSpace &space);
+
+Status dispatchBackward(KernelContext &ctx, ReadBuffer gradDispatched,
+                        int64_t modelDim, const Routing &routing,
+                        WriteBuffer gradX);
+
+Status gateBackward(KernelContext &ctx, const float *gradGates,
+                    const float *gradLAux, const float *scores,
+                    const Routing &routing, const GateBackwardAttrs &attrs,
+                    float *gradLogits);
+
+Status routerBackward(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
+                      const float *gradLogits, int64_t tokens,
+                      int64_t modelDim, int64_t experts, WriteBuffer gradX,
+                      WriteBuffer gradWg);
+
+} // namespace flex::cuda
+
+#endif // FLEX_RUNTIME_CUDA_CUDAKERNELS_H

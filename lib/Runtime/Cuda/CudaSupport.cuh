@@ -1,0 +1,208 @@
+//===- CudaSupport.cuh - Shared pieces of the CUDA kernels ------*- CUDA -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file defines what the CUDA kernels share: typed loads and stores (fp32
+// math, one round-to-nearest-even per store, as the CPU kernels), dispatch on
+// the storage type, the activations, and the map from a row of a
+// dispatch-shaped buffer to its expert.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef LIB_RUNTIME_CUDA_CUDASUPPORT_CUH
+#define LIB_RUNTIME_CUDA_CUDASUPPORT_CUH
+
+#include "flex/Runtime/Cuda/CudaKernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+namespace flex::cuda::detail {
+
+//===----------------------------------------------------------------------===//
+// Storage types
+//===----------------------------------------------------------------------===//
+
+__device__ __forceinline__ float toFloat(float v) { return v; }
+__device__ __forceinline__ float toFloat(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ __forceinline__ float toFloat(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T fromFloat(float v);
+template <> __device__ __forceinline__ float fromFloat<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half fromFloat<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+/// Elements of T in 16 bytes: the unit of the vectorized copies.
+template <typename T> constexpr int kVector = 16 / sizeof(T);
+
+/// Loads kVector<T> elements at p (16-byte aligned) as fp32.
+template <typename T>
+__device__ __forceinline__ void loadVector(const T *p, float *out) {
+  uint4 raw = *reinterpret_cast<const uint4 *>(p);
+  const T *values = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVector<T>; ++i)
+    out[i] = toFloat(values[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void storeVector(T *p, const float *in) {
+  uint4 raw;
+  T *values = reinterpret_cast<T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVector<T>; ++i)
+    values[i] = fromFloat<T>(in[i]);
+  *reinterpret_cast<uint4 *>(p) = raw;
+}
+
+/// Whether rows of `width` elements of T at these addresses allow 16-byte
+/// accesses.
+inline bool vectorizable(int64_t width, size_t elementBytes,
+                         std::initializer_list<const void *> pointers) {
+  if ((width * static_cast<int64_t>(elementBytes)) % 16 != 0)
+    return false;
+  for (const void *p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+      return false;
+  return true;
+}
+
+/// Calls fn(T{}) with T the storage type of `type` (F32, BF16 or F16).
+template <typename Fn> Status withType(DType type, Fn &&fn) {
+  switch (type) {
+  case DType::F32:
+    return fn(float{});
+  case DType::BF16:
+    return fn(__nv_bfloat16{});
+  case DType::F16:
+    return fn(__half{});
+  case DType::I32:
+    break;
+  }
+  return Status(StatusCode::Internal,
+                "a float buffer (f32, bf16 or f16) was expected; got i32");
+}
+
+//===----------------------------------------------------------------------===//
+// Activations (the CPU kernels' formulas, fp32)
+//===----------------------------------------------------------------------===//
+
+__device__ __forceinline__ float reluForward(float v) {
+  return v > 0.0f || v != v ? v : 0.0f;
+}
+__device__ __forceinline__ float reluDerivative(float v) {
+  return v > 0.0f ? 1.0f : 0.0f;
+}
+__device__ __forceinline__ float geluForward(float v) {
+  return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+}
+__device__ __forceinline__ float geluDerivative(float v) {
+  float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+  float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+  return cdf + v * pdf;
+}
+__device__ __forceinline__ float sigmoid(float v) {
+  return 1.0f / (1.0f + expf(-v));
+}
+__device__ __forceinline__ float siluForward(float v) { return v * sigmoid(v); }
+__device__ __forceinline__ float siluDerivative(float v) {
+  float s = sigmoid(v);
+  return s * (1.0f + v * (1.0f - s));
+}
+
+__device__ __forceinline__ float applyEpilogue(int epilogue, float v) {
+  switch (epilogue) {
+  case 1:
+    return reluForward(v);
+  case 2:
+    return geluForward(v);
+  case 3:
+    return siluForward(v);
+  default:
+    return v;
+  }
+}
+
+__device__ __forceinline__ float activationDerivative(int act, float v) {
+  switch (act) {
+  case 0:
+    return reluDerivative(v);
+  case 1:
+    return geluDerivative(v);
+  default:
+    return siluDerivative(v);
+  }
+}
+
+//===----------------------------------------------------------------------===//
+// Rows of dispatch-shaped buffers
+//===----------------------------------------------------------------------===//
+
+/// The kernel-side copy of ExpertRowSpace.
+struct RowSpace {
+  const int32_t *offsets;
+  const int32_t *rows;
+  int32_t experts;
+  int64_t staticCapacity; ///< -1 when dynamic
+
+  /// Rows a kernel visits: E * C when static, else the declared bound.
+  static int64_t launchRows(const ExpertRowSpace &space) {
+    return space.isStatic() ? space.experts * space.staticCapacity
+                            : space.rowBound;
+  }
+
+  /// The expert of `row`, or -1 when the row is not touched (a dynamic
+  /// routing's padding or unused tail).
+  __device__ __forceinline__ int32_t expertOf(int64_t row) const {
+    if (staticCapacity >= 0)
+      return staticCapacity > 0 ? static_cast<int32_t>(row / staticCapacity)
+                                : -1;
+    // Offsets are non-decreasing: the last expert whose segment starts at
+    // or before the row.
+    int32_t lo = 0, hi = experts - 1;
+    while (lo < hi) {
+      int32_t mid = (lo + hi + 1) / 2;
+      if (offsets[mid] <= row)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    int64_t first = offsets[lo];
+    if (row < first || row >= first + rows[lo])
+      return -1;
+    return lo;
+  }
+};
+
+inline RowSpace toKernel(const ExpertRowSpace &space) {
+  return {space.offsets, space.rows, static_cast<int32_t>(space.experts),
+          space.staticCapacity};
+}
+
+inline unsigned gridFor(int64_t work, int64_t perBlock, int64_t cap = 1 << 20) {
+  int64_t blocks = (work + perBlock - 1) / perBlock;
+  if (blocks < 1)
+    blocks = 1;
+  return static_cast<unsigned>(blocks < cap ? blocks : cap);
+}
+
+} // namespace flex::cuda::detail
+
+#endif // LIB_RUNTIME_CUDA_CUDASUPPORT_CUH

@@ -1,0 +1,278 @@
+//===- GroupedGemm.cu - grouped_gemm and grouped_gemm_wgrad on cuBLAS -----===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the per-expert GEMMs of [expert-1] and their weight
+// gradients through cuBLAS, fp32 accumulation (CUBLAS_COMPUTE_32F, no TF32):
+//  - static routing (padded layout, fixed capacity C known on the host): one
+//    strided-batched GEMM over the E experts' C rows each, padding rows
+//    included (they hold zeros or finite values, see CudaKernels.h); no host
+//    synchronization, so the pass can be recorded as a CUDA graph;
+//  - dynamic routing (ragged layout, or a capacity known only after gating):
+//    the valid rows per expert are read to the host once per routing
+//    (KernelContext::hostSegments, the one synchronization) and each expert
+//    with rows is one cublasGemmEx on the stream.
+// Bias, activations and `pre` run as one fused elementwise pass afterwards
+// (Elementwise.cu): the exact-erf GELU has no cuBLASLt epilogue.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaSupport.cuh"
+#include "Elementwise.h"
+
+#include <cublas_v2.h>
+
+namespace flex::cuda {
+
+namespace {
+
+cudaDataType_t cudaTypeOf(DType type) {
+  switch (type) {
+  case DType::BF16:
+    return CUDA_R_16BF;
+  case DType::F16:
+    return CUDA_R_16F;
+  default:
+    return CUDA_R_32F;
+  }
+}
+
+Status checkCublas(cublasStatus_t status, const char *what) {
+  if (status == CUBLAS_STATUS_SUCCESS)
+    return Status::ok();
+  return Status(status == CUBLAS_STATUS_ALLOC_FAILED ? StatusCode::OutOfRange
+                                                     : StatusCode::Internal,
+                std::string(what) + " failed: " + cublasGetStatusName(status) +
+                    " (" + cublasGetStatusString(status) + ")");
+}
+
+Status checkOneType(std::initializer_list<DType> types, const char *what) {
+  DType first = *types.begin();
+  for (DType type : types)
+    if (type != first)
+      return Status(StatusCode::Unavailable,
+                    std::string(what) +
+                        " on CUDA needs operands of one dtype; got " +
+                        std::string(toString(first)) + " and " +
+                        std::string(toString(type)));
+  return Status::ok();
+}
+
+char *at(void *base, int64_t elements, DType type) {
+  return static_cast<char *>(base) +
+         elements * static_cast<int64_t>(dtypeSize(type));
+}
+const char *at(const void *base, int64_t elements, DType type) {
+  return static_cast<const char *>(base) +
+         elements * static_cast<int64_t>(dtypeSize(type));
+}
+
+constexpr int kBiasSplits = 16;
+constexpr int kBiasThreads = 256;
+
+/// partial[e][split][col] = sum of gradC over the split's rows of expert e.
+template <typename T>
+__global__ void biasPartialKernel(const T *__restrict__ gradC, int64_t n,
+                                  detail::RowSpace space,
+                                  float *__restrict__ partial) {
+  int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  int32_t split = blockIdx.y, expert = blockIdx.z;
+  if (col >= n)
+    return;
+  int64_t first, count;
+  if (space.staticCapacity >= 0) {
+    first = expert * space.staticCapacity;
+    count = space.staticCapacity;
+  } else {
+    first = space.offsets[expert];
+    count = max(0, space.rows[expert]);
+  }
+  int64_t perSplit = (count + kBiasSplits - 1) / kBiasSplits;
+  int64_t begin = first + split * perSplit;
+  int64_t end = min(first + count, begin + perSplit);
+  float sum = 0.0f;
+  for (int64_t row = begin; row < end; ++row)
+    sum += detail::toFloat(gradC[row * n + col]);
+  partial[(static_cast<int64_t>(expert) * kBiasSplits + split) * n + col] = sum;
+}
+
+template <typename T>
+__global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
+                                 int64_t experts, T *__restrict__ gradBias) {
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= experts * n)
+    return;
+  int64_t expert = i / n, col = i - expert * n;
+  float sum = 0.0f;
+  for (int s = 0; s < kBiasSplits; ++s)
+    sum += partial[(expert * kBiasSplits + s) * n + col];
+  gradBias[i] = detail::fromFloat<T>(sum);
+}
+
+} // namespace
+
+Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                   ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
+                   const ExpertRowSpace &space,
+                   const GroupedGemmOptions &options, WriteBuffer pre) {
+  if (Status s = checkOneType({a.type, b.type, c.type}, "grouped_gemm"); !s)
+    return s;
+  if (pre.data)
+    if (Status s = checkOneType({c.type, pre.type}, "grouped_gemm"); !s)
+      return s;
+  if (bias.data)
+    if (Status s = checkOneType({c.type, bias.type}, "grouped_gemm"); !s)
+      return s;
+  auto handle = static_cast<cublasHandle_t>(ctx.cublasHandle());
+  const cudaDataType_t type = cudaTypeOf(c.type);
+  const DType dtype = c.type;
+  // The GEMM writes into pre when pre is the value it produces; the
+  // epilogue then derives c from it.
+  WriteBuffer target = pre.data && !options.accumulate ? pre : c;
+  const float alpha = 1.0f, beta = options.accumulate ? 1.0f : 0.0f;
+  const cublasOperation_t opB = options.transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int64_t ldb = options.transB ? k : n;
+  if (n == 0)
+    return Status::ok();
+
+  // Row-major C[rows, n] = A[rows, k] B[k, n] is column-major
+  // C^T[n, rows] = B^T[n, k] A^T[k, rows]: B goes first.
+  if (space.isStatic()) {
+    const int64_t capacity = space.staticCapacity;
+    if (capacity > 0 && space.experts > 0) {
+      if (Status s = checkCublas(
+              cublasGemmStridedBatchedEx(
+                  handle, opB, CUBLAS_OP_N, static_cast<int>(n),
+                  static_cast<int>(capacity), static_cast<int>(k), &alpha,
+                  b.data, type, static_cast<int>(ldb), k * n, a.data, type,
+                  static_cast<int>(k), capacity * k, &beta, target.data, type,
+                  static_cast<int>(n), capacity * n,
+                  static_cast<int>(space.experts), CUBLAS_COMPUTE_32F,
+                  CUBLAS_GEMM_DEFAULT),
+              "cublasGemmStridedBatchedEx (grouped_gemm)");
+          !s)
+        return s;
+    }
+  } else {
+    const int32_t *offsets = nullptr, *rows = nullptr;
+    if (Status s = ctx.hostSegments(space, offsets, rows); !s)
+      return s;
+    for (int64_t e = 0; e < space.experts; ++e) {
+      if (rows[e] <= 0)
+        continue;
+      int64_t first = offsets[e];
+      if (Status s = checkCublas(
+              cublasGemmEx(handle, opB, CUBLAS_OP_N, static_cast<int>(n),
+                           rows[e], static_cast<int>(k), &alpha,
+                           at(b.data, e * k * n, dtype), type,
+                           static_cast<int>(ldb), at(a.data, first * k, dtype),
+                           type, static_cast<int>(k), &beta,
+                           at(target.data, first * n, dtype), type,
+                           static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT),
+              "cublasGemmEx (grouped_gemm)");
+          !s)
+        return s;
+    }
+  }
+  if (!bias.data && options.epilogue == Epilogue::None && !pre.data)
+    return Status::ok();
+  return applyGemmEpilogue(ctx, target.data, bias,
+                           pre.data ? pre : WriteBuffer{}, c, n, space,
+                           options.epilogue);
+}
+
+Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
+                        int64_t k, int64_t n, const ExpertRowSpace &space,
+                        WriteBuffer gradB, WriteBuffer gradBias) {
+  if (Status s = checkOneType({a.type, gradC.type, gradB.type},
+                              "grouped_gemm_wgrad");
+      !s)
+    return s;
+  auto handle = static_cast<cublasHandle_t>(ctx.cublasHandle());
+  const DType dtype = gradB.type;
+  const cudaDataType_t type = cudaTypeOf(dtype);
+  const float alpha = 1.0f, beta = 0.0f;
+  cudaStream_t stream = ctx.stream();
+  const int64_t E = space.experts;
+  const int64_t sliceBytes = k * n * static_cast<int64_t>(dtypeSize(dtype));
+
+  // Column-major gradB^T[n, k] = gradC^T[n, rows] (a^T)^T[rows, k].
+  if (space.isStatic()) {
+    const int64_t capacity = space.staticCapacity;
+    if (capacity == 0) {
+      if (Status s = checkCuda(cudaMemsetAsync(gradB.data, 0, E * sliceBytes,
+                                               stream),
+                               "clearing grad_b");
+          !s)
+        return s;
+    } else if (E > 0 && k > 0 && n > 0) {
+      if (Status s = checkCublas(
+              cublasGemmStridedBatchedEx(
+                  handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(n),
+                  static_cast<int>(k), static_cast<int>(capacity), &alpha,
+                  gradC.data, type, static_cast<int>(n), capacity * n, a.data,
+                  type, static_cast<int>(k), capacity * k, &beta, gradB.data,
+                  type, static_cast<int>(n), k * n, static_cast<int>(E),
+                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              "cublasGemmStridedBatchedEx (grouped_gemm_wgrad)");
+          !s)
+        return s;
+    }
+  } else {
+    const int32_t *offsets = nullptr, *rows = nullptr;
+    if (Status s = ctx.hostSegments(space, offsets, rows); !s)
+      return s;
+    for (int64_t e = 0; e < E; ++e) {
+      char *slice = at(gradB.data, e * k * n, dtype);
+      if (rows[e] <= 0) {
+        // An expert with no rows gets zeros, as on the CPU.
+        if (Status s = checkCuda(cudaMemsetAsync(slice, 0, sliceBytes, stream),
+                                 "clearing grad_b");
+            !s)
+          return s;
+        continue;
+      }
+      int64_t first = offsets[e];
+      if (Status s = checkCublas(
+              cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T,
+                           static_cast<int>(n), static_cast<int>(k), rows[e],
+                           &alpha, at(gradC.data, first * n, dtype), type,
+                           static_cast<int>(n), at(a.data, first * k, dtype),
+                           type, static_cast<int>(k), &beta, slice, type,
+                           static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT),
+              "cublasGemmEx (grouped_gemm_wgrad)");
+          !s)
+        return s;
+    }
+  }
+
+  if (!gradBias.data || E == 0 || n == 0)
+    return Status::ok();
+  if (Status s = checkOneType({gradC.type, gradBias.type},
+                              "grouped_gemm_wgrad");
+      !s)
+    return s;
+  void *scratch = nullptr;
+  if (Status s = ctx.scratch(2, 4 * E * kBiasSplits * n, scratch); !s)
+    return s;
+  auto *partial = static_cast<float *>(scratch);
+  return detail::withType(dtype, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    dim3 grid(detail::gridFor(n, kBiasThreads), kBiasSplits,
+              static_cast<unsigned>(E));
+    biasPartialKernel<T><<<grid, kBiasThreads, 0, stream>>>(
+        static_cast<const T *>(gradC.data), n, detail::toKernel(space),
+        partial);
+    if (Status s = checkLaunch("grad_bias partial kernel"); !s)
+      return s;
+    biasReduceKernel<T><<<detail::gridFor(E * n, 256), 256, 0, stream>>>(
+        partial, n, E, static_cast<T *>(gradBias.data));
+    return checkLaunch("grad_bias reduce kernel");
+  });
+}
+
+} // namespace flex::cuda

@@ -1,0 +1,186 @@
+//===- KernelContext.cu - Stream, cuBLAS handle and scratch ---------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the state the CUDA kernels share and the translation
+// of CUDA errors into Status.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaSupport.cuh"
+
+#include <cublas_v2.h>
+
+#include <string>
+
+namespace flex::cuda {
+
+Status checkCuda(int error, const char *what) {
+  if (error == cudaSuccess)
+    return Status::ok();
+  auto code = static_cast<cudaError_t>(error);
+  StatusCode status = code == cudaErrorMemoryAllocation
+                          ? StatusCode::OutOfRange
+                          : StatusCode::Internal;
+  std::string message = std::string(what) + " failed: " +
+                        cudaGetErrorName(code) + " (" +
+                        cudaGetErrorString(code) + ")";
+  if (code == cudaErrorMemoryAllocation)
+    message += "; the device is out of memory";
+  return Status(status, message);
+}
+
+Status checkLaunch(const char *what) {
+  return checkCuda(cudaGetLastError(), what);
+}
+
+namespace {
+constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
+}
+
+Status KernelContext::create(std::unique_ptr<KernelContext> &context) {
+  std::unique_ptr<KernelContext> result(new KernelContext());
+  int device = 0;
+  if (Status s = checkCuda(cudaGetDevice(&device), "cudaGetDevice"); !s)
+    return Status(StatusCode::Unavailable, s.message());
+  if (Status s = checkCuda(
+          cudaDeviceGetAttribute(&result->multiprocessors_,
+                                 cudaDevAttrMultiProcessorCount, device),
+          "cudaDeviceGetAttribute");
+      !s)
+    return Status(StatusCode::Unavailable, s.message());
+  // A blocking stream: it waits for work the caller queued on the legacy
+  // default stream (cudaMemcpy of the inputs) without an explicit event.
+  if (Status s = checkCuda(cudaStreamCreate(&result->ownStream_),
+                           "cudaStreamCreate");
+      !s)
+    return s;
+  result->stream_ = result->ownStream_;
+  cublasHandle_t handle = nullptr;
+  cublasStatus_t status = cublasCreate(&handle);
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return Status(StatusCode::Unavailable,
+                  std::string("cublasCreate failed: ") +
+                      cublasGetStatusName(status));
+  result->cublas_ = handle;
+  // cuBLAS gets its own workspace, so it allocates nothing while a graph
+  // is recorded.
+  if (Status s = checkCuda(cudaMalloc(&result->cublasWorkspace_,
+                                      kCublasWorkspaceBytes),
+                           "cudaMalloc of the cuBLAS workspace");
+      !s)
+    return s;
+  result->cublasWorkspaceBytes_ = kCublasWorkspaceBytes;
+  cublasSetWorkspace(handle, result->cublasWorkspace_, kCublasWorkspaceBytes);
+  cublasSetStream(handle, result->stream_);
+  // fp32 GEMMs stay fp32 ([num-1] allows 1e-5): no TF32.
+  cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH);
+  context = std::move(result);
+  return Status::ok();
+}
+
+KernelContext::~KernelContext() {
+  for (ScratchArea &area : scratch_)
+    if (area.data)
+      cudaFree(area.data);
+  if (pinned_)
+    cudaFreeHost(pinned_);
+  if (cublas_)
+    cublasDestroy(static_cast<cublasHandle_t>(cublas_));
+  if (cublasWorkspace_)
+    cudaFree(cublasWorkspace_);
+  if (ownStream_)
+    cudaStreamDestroy(ownStream_);
+}
+
+Status KernelContext::setStream(Stream stream) {
+  stream_ = stream ? stream : ownStream_;
+  cublasStatus_t status =
+      cublasSetStream(static_cast<cublasHandle_t>(cublas_), stream_);
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return Status(StatusCode::Internal, std::string("cublasSetStream: ") +
+                                            cublasGetStatusName(status));
+  return Status::ok();
+}
+
+Status KernelContext::scratch(int slot, int64_t bytes, void *&data) {
+  ScratchArea &area = scratch_.at(static_cast<size_t>(slot));
+  if (area.bytes < bytes) {
+    if (capturing)
+      return Status(StatusCode::Internal,
+                    "scratch area " + std::to_string(slot) + " must grow to " +
+                        std::to_string(bytes) +
+                        " bytes while a graph is recorded; the pass should "
+                        "have run eagerly first");
+    // The old area may still be read by queued work.
+    if (area.data) {
+      if (Status s = checkCuda(cudaStreamSynchronize(stream_),
+                               "cudaStreamSynchronize before growing scratch");
+          !s)
+        return s;
+      cudaFree(area.data);
+      area = {};
+    }
+    int64_t rounded = (bytes + (int64_t{1} << 20) - 1) >> 20 << 20;
+    if (Status s = checkCuda(cudaMalloc(&area.data, rounded),
+                             ("cudaMalloc of " + std::to_string(rounded) +
+                              " bytes of kernel scratch")
+                                 .c_str());
+        !s)
+      return s;
+    area.bytes = rounded;
+  }
+  data = area.data;
+  return Status::ok();
+}
+
+Status KernelContext::hostSegments(const ExpertRowSpace &space,
+                                   const int32_t *&hostOffsets,
+                                   const int32_t *&hostRows) {
+  int64_t count = 2 * space.experts + 1;
+  if (hostKeyOffsets_ != space.offsets || hostKeyGeneration_ != generation ||
+      pinnedCount_ < count) {
+    if (capturing)
+      return Status(StatusCode::Internal,
+                    "a grouped GEMM of a dynamic routing needs the row counts "
+                    "on the host, which a graph cannot record");
+    if (pinnedCount_ < count) {
+      if (pinned_)
+        cudaFreeHost(pinned_);
+      pinned_ = nullptr;
+      pinnedCount_ = 0;
+      if (Status s = checkCuda(cudaMallocHost(&pinned_, count * 4),
+                               "cudaMallocHost of the routing read-back");
+          !s)
+        return s;
+      pinnedCount_ = count;
+    }
+    // The one host synchronization of a dynamic routing.
+    if (Status s = checkCuda(
+            cudaMemcpyAsync(pinned_, space.offsets, (space.experts + 1) * 4,
+                            cudaMemcpyDeviceToHost, stream_),
+            "reading the expert offsets");
+        !s)
+      return s;
+    if (Status s = checkCuda(
+            cudaMemcpyAsync(pinned_ + space.experts + 1, space.rows,
+                            space.experts * 4, cudaMemcpyDeviceToHost,
+                            stream_),
+            "reading the expert rows");
+        !s)
+      return s;
+    if (Status s = checkCuda(cudaStreamSynchronize(stream_),
+                             "waiting for the routing read-back");
+        !s)
+      return s;
+    hostKeyOffsets_ = space.offsets;
+    hostKeyGeneration_ = generation;
+  }
+  hostOffsets = pinned_;
+  hostRows = pinned_ + space.experts + 1;
+  return Status::ok();
+}
+
+} // namespace flex::cuda
