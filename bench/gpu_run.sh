@@ -15,7 +15,8 @@
 # ("c1 c2 c3"), BENCH_SKIP="build ctest torch flex" (any subset),
 # BENCH_DEADLINE (540: seconds after which no new step or Flex run starts,
 # so the report still comes back inside the device tool's 600 s),
-# FLEX_COMMIT (the commit to report when .git does not travel).
+# BENCH_BUILD_DIR (build-gpu), FLEX_COMMIT (the commit to report when .git
+# does not travel).
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,7 +28,7 @@ CONFIGS="${BENCH_CONFIGS:-c1 c2 c3}"
 MODES="cap1 dropless"
 SKIP=" ${BENCH_SKIP:-} "
 DEADLINE="${BENCH_DEADLINE:-540}"
-BUILD="$root/build-gpu"
+BUILD="${BENCH_BUILD_DIR:-$root/build-gpu}"
 MOE_RUN="$BUILD/bin/moe-run"
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off (the device docs ask it for every machine).
@@ -141,6 +142,12 @@ flex_runs() {
     moe_run "check_$name" "$plan" --train --check --seed "$RANDOM" || failed=1
     echo "  check $name: $(python3 -c "import json,sys; c=json.load(open(sys.argv[1])).get('check',{}); print('pass' if c.get('pass') else 'FAIL', [(r['name'], r['relative_l2']) for r in c.get('results', [])])" "$WORK/raw/check_$name.json" 2>&1 | tail -c 400)"
   done
+  # No CUDA device for moe-run (every check said so): the timings would fail
+  # the same way, so stop here with the reason.
+  if grep -qs "not available" "$WORK"/raw/check_*.err && ! grep -qs '"results"' "$WORK"/raw/check_*.json; then
+    echo "moe-run --device cuda is unavailable: $(head -c 300 "$(ls "$WORK"/raw/check_*.err | head -1)")" | tee "$WORK/flex_note.txt"
+    return 1
+  fi
   for cfg in $CONFIGS; do
     local inputs="$WORK/inputs/$cfg"
     # One set of random inputs per config, shared by every plan of it.

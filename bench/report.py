@@ -143,10 +143,8 @@ def build_rows(results):
     runs = results.get("flex", {}).get("runs", {})
     gemm_ceiling, _ = ceilings(results)
     rows = []
-    from_torch = {"c1": dict(d=4096, h=4096, k=2), "c2": dict(d=4096, h=14336, k=2),
-                  "c3": dict(d=2048, h=1408, k=6)}
     for cfg in CONFIG_ORDER:
-        shape = configs.get(cfg, from_torch[cfg])
+        shape = configs.get(cfg, SHAPES[cfg])
         flops = 16384 * shape["d"] * shape["h"] * 4 * shape["k"]
         for mode in MODE_ORDER:
             for pass_name, factor in (("fwd", 1), ("fwd_bwd", 3)):
@@ -180,11 +178,11 @@ def stage_times(results, cfg, mode, pass_name):
     if pass_name == "fwd" and "fwd" in tm:
         bars["PyTorch"] = {s: v["median_ms"] for s, v in tm["fwd"]["stages"].items()}
     elif pass_name == "fwd_bwd" and "fwd_bwd" in tm:
-        # autograd's backward is not split by stage: one 'other' block.
+        # autograd's backward is not split by stage: one 'backward' block.
         parts = tm["fwd_bwd"]["parts"]
-        bars["PyTorch"] = {"other": tm["fwd_bwd"]["median_ms"]}
+        bars["PyTorch"] = {"backward": tm["fwd_bwd"]["median_ms"]}
         if "forward" in parts:
-            bars["PyTorch"] = {"other": parts["backward"]["median_ms"]}
+            bars["PyTorch"] = {"backward": parts["backward"]["median_ms"]}
             fwd_stages = tm.get("fwd", {}).get("stages")
             if fwd_stages:  # forward split as measured without autograd, scaled
                 scale = parts["forward"]["median_ms"] / max(1e-9, sum(
@@ -212,7 +210,9 @@ def draw_chart(results, path):
         print("report.py: matplotlib is missing; no chart", file=sys.stderr)
         return False
     colors = {"gate": "#4C72B0", "dispatch": "#DD8452", "experts": "#55A868",
-              "combine": "#C44E52", "other": "#8C8C8C"}
+              "combine": "#C44E52", "other": "#8C8C8C",
+              "backward": "#4D4D4D"}  # PyTorch's autograd backward, not split by stage
+    chart_stages = STAGES + ("backward",)
     fig, axes = plt.subplots(2, 3, figsize=(17, 9))
     configs = results.get("torch", {}).get("configs", {})
     for col, cfg in enumerate(CONFIG_ORDER):
@@ -222,7 +222,7 @@ def draw_chart(results, path):
             for mode in MODE_ORDER:
                 for label, stages in stage_times(results, cfg, mode, pass_name).items():
                     bottom = 0.0
-                    for stage in STAGES:
+                    for stage in chart_stages:
                         value = stages.get(stage, 0.0)
                         if value > 0:
                             ax.bar(x, value, bottom=bottom, color=colors[stage])
@@ -242,6 +242,7 @@ def draw_chart(results, path):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     handles = [Patch(color=colors[s], label=s) for s in STAGES]
+    handles.append(Patch(color=colors["backward"], label="PyTorch backward (autograd, unsplit)"))
     handles.append(Line2D([0], [0], color="black", linestyle="--", label="expert GEMMs alone (bmm)"))
     fig.legend(handles=handles, loc="upper right", fontsize=8)
     info = results.get("info", {})
@@ -251,6 +252,29 @@ def draw_chart(results, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+SHAPES = {"c1": dict(d=4096, h=4096, k=2), "c2": dict(d=4096, h=14336, k=2),
+          "c3": dict(d=2048, h=1408, k=6)}
+
+
+def min_bytes(cfg, stage, T=16384):
+    """Fewest bytes a forward stage must move (bf16, every slot kept): dispatch
+    reads and writes T*k rows of d; combine reads T*k rows and writes T."""
+    shape = SHAPES[cfg]
+    if stage == "dispatch":
+        return 2 * T * shape["k"] * shape["d"] * 2
+    if stage == "combine":
+        return (T * shape["k"] + T) * shape["d"] * 2
+    return None
+
+
+def copy_fraction(cfg, stage, ms, copy_tbps):
+    """Share of the copy ceiling that a memory-bound stage reaches."""
+    nbytes = min_bytes(cfg, stage)
+    if not nbytes or not ms or not copy_tbps:
+        return None
+    return nbytes / (ms * 1e-3) / 1e12 / copy_tbps
 
 
 def fmt(value, spec):
@@ -306,19 +330,29 @@ def print_table(results):
               f"{fmt(flex_tflops / gemm * 100 if flex_tflops and gemm else None, '10.0f')}%"
               f"{fmt(r['torch_ms'] / best_flex if best_flex and 'torch_ms' in r else None, '8.2f')}")
     # PyTorch forward stages (ms), to see where the gap is.
-    print("PyTorch forward stages (median ms): gate / dispatch / experts / combine; dropped %")
+    print("PyTorch forward stages (median ms): gate / dispatch / experts / combine; "
+          "dispatch, combine as % of the copy ceiling; dropped %")
     for cfg, entry in torch_res.get("configs", {}).items():
         for mode, m in entry.get("modes", {}).items():
             st = m["fwd"]["stages"]
+            frac = [copy_fraction(cfg, s, st[s]["median_ms"], copy) for s in ("dispatch", "combine")]
             print(f"  {cfg} {mode:<9}" + " / ".join(f"{st[s]['median_ms']:.3f}" for s in STAGES[:4])
+                  + f"; {fmt(frac[0] and 100 * frac[0], '.0f')}%, {fmt(frac[1] and 100 * frac[1], '.0f')}%"
                   + f"; dropped {100 * m['dropped_fraction']:.2f}%")
     runs = flex.get("runs", {})
     if any("stages" in v and v["stages"] for v in runs.values()):
-        print("Flex stages (ms): gate / dispatch / experts / combine / other")
+        print("Flex stages (ms): gate / dispatch / experts / combine / other; forward "
+              "dispatch, combine as % of the copy ceiling")
         for key, run in runs.items():
             if run.get("stages"):
                 st = run["stages"]
-                print(f"  {key:<26}" + " / ".join(fmt(st.get(s), '.3f') for s in STAGES))
+                line = f"  {key:<26}" + " / ".join(fmt(st.get(s), '.3f') for s in STAGES)
+                cfg = key.split("_")[0]
+                if key.endswith("_fwd") or key.endswith("_fwd_graph"):
+                    frac = [copy_fraction(cfg, s, st.get(s), copy) for s in ("dispatch", "combine")]
+                    line += (f"; {fmt(frac[0] and 100 * frac[0], '.0f')}%, "
+                             f"{fmt(frac[1] and 100 * frac[1], '.0f')}%")
+                print(line)
 
 
 def main():
