@@ -25,9 +25,13 @@
 #ifdef FLEX_HAVE_COMPILER_CAPI
 extern "C" FlexStatus flexCompilerRegister(void);
 #endif
+#ifdef FLEX_MOE_RUN_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -65,6 +69,13 @@ options:
                     plan's default)
   --iters N         timed iterations (default 1; with N > 1 one untimed
                     warm-up run comes first)
+  --device D        cpu (default) or cuda: with cuda the arguments live in
+                    device memory (inputs copied in, outputs copied back for
+                    --outputs and --check) and times come from CUDA events
+  --graph           cuda: record each pass as a CUDA graph and replay it
+                    (plans with a fixed capacity and padded layout; others
+                    run step by step); per-step times then come from the
+                    first, eager run
   --check-nan       reject NaN/Inf in inputs and outputs
   --check-overlap   also reject workspace buffers that share bytes while
                     both are live (checks the compiler's memory plan)
@@ -88,6 +99,8 @@ struct Options {
   bool train = false, check = false, json = false, checkNan = false;
   bool checkOverlap = false;
   int64_t iters = 1;
+  std::string device = "cpu";
+  bool graph = false;
 };
 
 [[noreturn]] void usageError(const std::string &message) {
@@ -147,6 +160,12 @@ Options parseOptions(int argc, char **argv) {
       options.checkNan = true;
     } else if (arg == "--check-overlap") {
       options.checkOverlap = true;
+    } else if (arg == "--device") {
+      options.device = value();
+      if (options.device != "cpu" && options.device != "cuda")
+        usageError("--device needs cpu or cuda, got '" + options.device + "'");
+    } else if (arg == "--graph") {
+      options.graph = true;
     } else if (!arg.empty() && arg[0] == '-') {
       usageError("unknown option '" + arg + "'");
     } else if (options.path.empty()) {
@@ -158,6 +177,8 @@ Options parseOptions(int argc, char **argv) {
   }
   if (options.path.empty())
     usageError("no plan or layer file given");
+  if (options.graph && options.device != "cuda")
+    usageError("--graph needs --device cuda");
   return options;
 }
 
@@ -301,29 +322,73 @@ std::string readFile(const std::string &path) {
 
 struct StepTimes {
   std::vector<std::string> ops;
-  std::vector<double> totalMicros;
-  double runMicros = 0;
-  void add(FlexExecutable exe) {
+  std::vector<double> totalMicros; ///< summed over stepRuns runs
+  int64_t stepRuns = 0;
+  std::vector<double> runs; ///< whole-pass time of each timed run
+
+  /// Adds the last run's step times (when it has them) and, when `timed`,
+  /// its whole-pass time.
+  void add(FlexExecutable exe, bool timed) {
     int64_t count = 0;
     checkApi(flexExecutableGetNumStepTimings(exe, &count), "step timings");
-    if (ops.empty()) {
-      ops.resize(count);
-      totalMicros.assign(count, 0);
+    if (count > 0 && (ops.empty() || static_cast<int64_t>(ops.size()) == count)) {
+      if (ops.empty()) {
+        ops.resize(count);
+        totalMicros.assign(count, 0);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const char *op = nullptr;
+        double micros = 0;
+        checkApi(flexExecutableGetStepTiming(exe, i, &op, &micros),
+                 "step timing");
+        ops[i] = op;
+        totalMicros[i] += micros;
+      }
+      ++stepRuns;
     }
-    for (int64_t i = 0; i < count && i < static_cast<int64_t>(ops.size());
-         ++i) {
-      const char *op = nullptr;
-      double micros = 0;
-      checkApi(flexExecutableGetStepTiming(exe, i, &op, &micros),
-               "step timing");
-      ops[i] = op;
-      totalMicros[i] += micros;
+    if (timed) {
+      double total = 0;
+      checkApi(flexExecutableGetLastRunMicros(exe, &total), "run time");
+      runs.push_back(total);
     }
-    double total = 0;
-    checkApi(flexExecutableGetLastRunMicros(exe, &total), "run time");
-    runMicros += total;
+  }
+  double stepMean(size_t i) const {
+    return stepRuns ? totalMicros[i] / static_cast<double>(stepRuns) : 0.0;
+  }
+  double mean() const {
+    double sum = 0;
+    for (double run : runs)
+      sum += run;
+    return runs.empty() ? 0.0 : sum / static_cast<double>(runs.size());
+  }
+  double quantile(double q) const {
+    if (runs.empty())
+      return 0.0;
+    std::vector<double> sorted = runs;
+    std::sort(sorted.begin(), sorted.end());
+    return sorted[static_cast<size_t>(q * static_cast<double>(sorted.size() - 1) + 0.5)];
   }
 };
+
+/// Device copies of the arguments for --device cuda.
+struct DeviceBuffers {
+  std::vector<void *> data;
+  ~DeviceBuffers() {
+#ifdef FLEX_MOE_RUN_HAVE_CUDA
+    for (void *p : data)
+      if (p)
+        cudaFree(p);
+#endif
+  }
+};
+
+#ifdef FLEX_MOE_RUN_HAVE_CUDA
+void checkCudaCall(cudaError_t error, const std::string &what) {
+  if (error != cudaSuccess)
+    fatal(1, what + " failed: " + cudaGetErrorName(error) + " (" +
+                 cudaGetErrorString(error) + ")");
+}
+#endif
 
 } // namespace
 
@@ -355,7 +420,13 @@ int main(int argc, char **argv) {
   }
 
   FlexContext context = nullptr;
-  checkApi(flexContextCreate("cpu", &context), "creating the cpu context");
+  {
+    FlexStatus status = flexContextCreate(options.device.c_str(), &context);
+    if (status == FLEX_STATUS_UNAVAILABLE)
+      fatal(2, "--device " + options.device + ": " + flexGetLastError());
+    checkApi(status, ("creating the " + options.device + " context").c_str());
+  }
+  const bool onDevice = options.device == "cuda";
   FlexExecutable exe = nullptr;
   {
     FlexStatus status = flexExecutableCreateFromPlan(
@@ -462,30 +533,62 @@ int main(int argc, char **argv) {
           fatal(1, status.message());
   }
 
+  // With --device cuda every argument gets device memory: inputs are
+  // copied in, outputs start as the same NaN poison.
+  DeviceBuffers device;
   std::vector<FlexBinding> bindings;
-  for (ArgumentBuffer &arg : args)
-    bindings.push_back({arg.info.name, arg.data.data(), arg.info.bytes});
+  for (ArgumentBuffer &arg : args) {
+    void *data = arg.data.data();
+    if (onDevice) {
+#ifdef FLEX_MOE_RUN_HAVE_CUDA
+      void *buffer = nullptr;
+      checkCudaCall(cudaMalloc(&buffer, std::max<int64_t>(arg.info.bytes, 1)),
+                    std::string("cudaMalloc for '") + arg.info.name + "'");
+      device.data.push_back(buffer);
+      checkCudaCall(cudaMemcpy(buffer, arg.data.data(), arg.info.bytes,
+                               cudaMemcpyHostToDevice),
+                    std::string("copying '") + arg.info.name + "' in");
+      data = buffer;
+#else
+      fatal(2, "--device cuda: moe-run was built without CUDA");
+#endif
+    }
+    bindings.push_back({arg.info.name, data, arg.info.bytes});
+  }
   FlexRunOptions runOptions{};
   runOptions.struct_size = sizeof(FlexRunOptions);
-  runOptions.flags = options.checkNan ? FLEX_RUN_CHECK_NONFINITE : 0;
+  runOptions.flags = (options.checkNan ? FLEX_RUN_CHECK_NONFINITE : 0) |
+                     (options.graph ? FLEX_RUN_CUDA_GRAPH : 0);
 
-  // Runs: one untimed warm-up when iterating, then the timed ones.
+  // Runs: warm-up when iterating (with --graph two: the eager run and the
+  // one that records), then the timed ones. The eager runs' step times are
+  // kept, as a replayed graph has none.
   StepTimes forwardTimes, backwardTimes;
-  int64_t warmup = options.iters > 1 ? 1 : 0;
+  int64_t warmup = options.graph ? 2 : (options.iters > 1 ? 1 : 0);
   for (int64_t iter = 0; iter < warmup + options.iters; ++iter) {
+    bool timed = iter >= warmup;
     checkApi(flexExecutableForward(exe, bindings.data(), bindings.size(),
                                    &runOptions),
              "forward");
-    if (iter >= warmup)
-      forwardTimes.add(exe);
+    if (timed || options.graph)
+      forwardTimes.add(exe, timed);
     if (options.train) {
       checkApi(flexExecutableBackward(exe, bindings.data(), bindings.size(),
                                       &runOptions),
                "backward");
-      if (iter >= warmup)
-        backwardTimes.add(exe);
+      if (timed || options.graph)
+        backwardTimes.add(exe, timed);
     }
   }
+#ifdef FLEX_MOE_RUN_HAVE_CUDA
+  if (onDevice) {
+    checkCudaCall(cudaDeviceSynchronize(), "waiting for the device");
+    for (size_t i = 0; i < args.size(); ++i)
+      checkCudaCall(cudaMemcpy(args[i].data.data(), device.data[i],
+                               args[i].info.bytes, cudaMemcpyDeviceToHost),
+                    std::string("copying '") + args[i].info.name + "' back");
+  }
+#endif
 
   if (!options.outputsDir.empty()) {
     fs::create_directories(options.outputsDir);
@@ -600,19 +703,26 @@ int main(int argc, char **argv) {
     out["variant"] = variantName;
     out["iters"] = options.iters;
     out["seed"] = options.seed;
+    out["device"] = options.device;
+    out["graph"] = options.graph;
     auto steps = [&](const StepTimes &times) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
       for (size_t i = 0; i < times.ops.size(); ++i)
         list.push_back({{"index", i},
                         {"op", times.ops[i]},
-                        {"mean_us", times.totalMicros[i] / options.iters}});
+                        {"mean_us", times.stepMean(i)}});
       return list;
     };
-    out["forward"] = {{"mean_us", forwardTimes.runMicros / options.iters},
-                      {"steps", steps(forwardTimes)}};
+    auto pass = [&](const StepTimes &times) {
+      return nlohmann::ordered_json{{"mean_us", times.mean()},
+                                    {"median_us", times.quantile(0.5)},
+                                    {"min_us", times.quantile(0.0)},
+                                    {"max_us", times.quantile(1.0)},
+                                    {"steps", steps(times)}};
+    };
+    out["forward"] = pass(forwardTimes);
     if (options.train)
-      out["backward"] = {{"mean_us", backwardTimes.runMicros / options.iters},
-                         {"steps", steps(backwardTimes)}};
+      out["backward"] = pass(backwardTimes);
     if (options.check) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
       for (const CheckResult &check : checks)
@@ -631,15 +741,18 @@ int main(int argc, char **argv) {
   } else {
     std::printf("plan     %s\n", options.path.c_str());
     std::printf("layer    %s\n", layerSummary().c_str());
-    std::printf("variant  %s (%lld)   iters %lld   seed %llu\n", variantName,
-                static_cast<long long>(variant),
+    std::printf("variant  %s (%lld)   iters %lld   seed %llu   device %s%s\n",
+                variantName, static_cast<long long>(variant),
                 static_cast<long long>(options.iters),
-                static_cast<unsigned long long>(options.seed));
+                static_cast<unsigned long long>(options.seed),
+                options.device.c_str(), options.graph ? " (graph)" : "");
     auto table = [&](const char *title, const StepTimes &times) {
-      double total = times.runMicros / options.iters;
-      std::printf("%s: %.1f us per call\n", title, total);
+      double total = times.mean();
+      std::printf("%s: %.1f us per call (median %.1f, min %.1f, max %.1f)\n",
+                  title, total, times.quantile(0.5), times.quantile(0.0),
+                  times.quantile(1.0));
       for (size_t i = 0; i < times.ops.size(); ++i) {
-        double mean = times.totalMicros[i] / options.iters;
+        double mean = times.stepMean(i);
         std::printf("  %2zu %-20s %10.1f us %5.1f%%\n", i, times.ops[i].c_str(),
                     mean, total > 0 ? 100.0 * mean / total : 0.0);
       }

@@ -1,0 +1,494 @@
+//===- CudaKernelsTest.cpp - CUDA kernels against the CPU kernels ---------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file runs every CUDA step kernel, forward and backward, next to the
+// CPU kernel of the same op on the same fresh random inputs (GPU outputs
+// poisoned with NaN first): integer routing must match exactly, float
+// results within [num-1]-style tolerances. Cases sweep the dtypes (f32,
+// bf16, f16), layouts (padded, ragged), capacity modes, batch-prioritized
+// routing, k, alignment, noise and row widths that do and do not allow
+// 16-byte vectors. With a static routing (padded, fixed) the padding rows
+// must come out zero or finite.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaTestSupport.h"
+
+#include "flex/Runtime/Cpu/CpuKernels.h"
+#include "flex/Runtime/Cuda/CudaKernels.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <random>
+#include <sstream>
+
+using namespace flex;
+using flex::cudatest::Buffer;
+
+namespace {
+
+struct Case {
+  DType dtype;
+  cpu::Layout layout;
+  CapacityMode mode;
+  bool batchPrioritized;
+  int64_t k;
+  int64_t d;
+  int64_t alignment;
+  double noise;
+  Activation act;
+
+  std::string name() const {
+    std::ostringstream text;
+    text << toString(dtype) << "_"
+         << (layout == cpu::Layout::Padded ? "padded" : "ragged") << "_"
+         << toString(mode) << (batchPrioritized ? "_bp" : "") << "_k" << k
+         << "_d" << d << "_a" << alignment << (noise != 0 ? "_noise" : "")
+         << "_" << toString(act);
+    return text.str();
+  }
+};
+
+std::vector<Case> allCases() {
+  std::vector<Case> cases;
+  int index = 0;
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16})
+    for (cpu::Layout layout : {cpu::Layout::Padded, cpu::Layout::Ragged})
+      for (CapacityMode mode : {CapacityMode::Fixed, CapacityMode::Dropless,
+                                CapacityMode::Bounded})
+        for (bool bp : {false, true}) {
+          Case c{dtype,
+                 layout,
+                 mode,
+                 bp,
+                 1 + index % 3,
+                 index % 2 ? 36 : 64,
+                 index % 4 == 0 ? 4 : 1,
+                 index % 5 == 0 ? 1.0 : 0.0,
+                 static_cast<Activation>(index % 3)};
+          cases.push_back(c);
+          ++index;
+        }
+  return cases;
+}
+
+constexpr int64_t kTokens = 300, kExperts = 8, kHidden = 96;
+
+std::vector<double> normals(std::mt19937_64 &rng, size_t count, double std) {
+  std::normal_distribution<double> normal(0.0, std);
+  std::vector<double> values(count);
+  for (double &v : values)
+    v = normal(rng);
+  return values;
+}
+
+double tolerance(DType type) { return type == DType::F32 ? 1e-5 : 1e-2; }
+
+/// Relative L2 of the rows in `rowList` (each `width` wide); NaN fails.
+double rowError(const Buffer &got, const Buffer &want,
+                const std::vector<int64_t> &rowList, int64_t width) {
+  double diff = 0, norm = 0;
+  for (int64_t row : rowList)
+    for (int64_t i = 0; i < width; ++i) {
+      double g = got.at(row * width + i), w = want.at(row * width + i);
+      if (!std::isfinite(g))
+        return INFINITY;
+      diff += (g - w) * (g - w);
+      norm += w * w;
+    }
+  return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+}
+
+std::vector<int64_t> allRows(int64_t count) {
+  std::vector<int64_t> rows(count);
+  for (int64_t i = 0; i < count; ++i)
+    rows[i] = i;
+  return rows;
+}
+
+class CudaKernels : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaKernels, MatchTheCpuKernels) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const Case c = GetParam();
+  const int64_t T = kTokens, E = kExperts, d = c.d, h = kHidden;
+  const int64_t k = std::min(c.k, E);
+  const DType dt = c.dtype;
+  std::unique_ptr<cuda::KernelContext> ctx;
+  Status status = cuda::KernelContext::create(ctx);
+  ASSERT_TRUE(status.isOk()) << status.message();
+  std::mt19937_64 rng(1234 + static_cast<uint64_t>(c.k * 31 + c.d));
+
+  // Logits with exact ties (every 7th token repeats expert 0's logit), so
+  // tie-breaking is exercised; rounded to fp32.
+  std::vector<double> logitValues = normals(rng, T * E, 1.0);
+  for (int64_t t = 0; t < T; t += 7)
+    logitValues[t * E + 3] = logitValues[t * E + 1] = logitValues[t * E];
+  Buffer logits(DType::F32, T * E);
+  logits.set(logitValues);
+
+  cpu::GateAttrs attrs;
+  attrs.topK = c.k;
+  attrs.capacityMode = c.mode;
+  attrs.capacityFactor = 1.0;
+  attrs.normalize = true;
+  attrs.batchPrioritized = c.batchPrioritized;
+  attrs.noise = c.noise;
+  attrs.seed = 99;
+  attrs.layout = c.layout;
+  attrs.capacityAlignment = c.alignment;
+
+  // Row bound of the dispatch buffers, as a plan sizes them.
+  int64_t fixedC = cpu::computeCapacity(CapacityMode::Fixed, 1.0, T, E, k, 0,
+                                        c.alignment);
+  int64_t boundC = c.mode == CapacityMode::Dropless
+                       ? (T + c.alignment - 1) / c.alignment * c.alignment
+                       : fixedC;
+  const int64_t R = c.layout == cpu::Layout::Padded ? E * boundC : T * k;
+  const bool isStatic =
+      c.layout == cpu::Layout::Padded && c.mode == CapacityMode::Fixed;
+
+  // --- gate ---
+  std::vector<float> cScores(T * E), cGates(T * k);
+  std::vector<int32_t> cIndices(T * k), cLocations(T * k), cOffsets(E + 1),
+      cRows(E);
+  int32_t cCapacity = 0;
+  float cLAux = 0;
+  cpu::gate(logits.hostAs<float>(), T, E, attrs,
+            {cScores.data(), cIndices.data(), cLocations.data(), cGates.data(),
+             &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
+  Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
+      locations(DType::I32, T * k), gates(DType::F32, T * k),
+      capacity(DType::I32, 1), offsets(DType::I32, E + 1),
+      rowsBuf(DType::I32, E), lAux(DType::F32, 1);
+  for (Buffer *b : {&scores, &indices, &locations, &gates, &capacity,
+                    &offsets, &rowsBuf, &lAux})
+    b->poison();
+  status = cuda::gate(*ctx, logits.as<float>(), T, E, attrs,
+                      {scores.as<float>(), indices.as<int32_t>(),
+                       locations.as<int32_t>(), gates.as<float>(),
+                       capacity.as<int32_t>(), offsets.as<int32_t>(),
+                       rowsBuf.as<int32_t>(), lAux.as<float>()});
+  ASSERT_TRUE(status.isOk()) << status.message();
+  for (Buffer *b : {&scores, &indices, &locations, &gates, &capacity,
+                    &offsets, &rowsBuf, &lAux})
+    b->download();
+  for (int64_t i = 0; i < T * k; ++i) {
+    ASSERT_EQ(indices.hostAs<int32_t>()[i], cIndices[i]) << "slot " << i;
+    ASSERT_EQ(locations.hostAs<int32_t>()[i], cLocations[i]) << "slot " << i;
+    EXPECT_EQ(gates.hostAs<float>()[i], cGates[i]) << "slot " << i;
+  }
+  for (int64_t i = 0; i < T * E; ++i)
+    ASSERT_EQ(scores.hostAs<float>()[i], cScores[i]) << "score " << i;
+  ASSERT_EQ(capacity.hostAs<int32_t>()[0], cCapacity);
+  for (int64_t e = 0; e <= E; ++e)
+    ASSERT_EQ(offsets.hostAs<int32_t>()[e], cOffsets[e]) << "offset " << e;
+  for (int64_t e = 0; e < E; ++e)
+    ASSERT_EQ(rowsBuf.hostAs<int32_t>()[e], cRows[e]) << "rows " << e;
+  EXPECT_NEAR(lAux.hostAs<float>()[0], cLAux, 1e-6 * std::abs(cLAux));
+  if (isStatic) {
+    ASSERT_EQ(cCapacity, fixedC);
+  }
+
+  cpu::Routing cpuRouting{cIndices.data(), cLocations.data(), cGates.data(),
+                          &cCapacity,      cOffsets.data(),   cRows.data(),
+                          T,               k,                 E};
+  cpu::Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
+                          gates.as<float>(),     capacity.as<int32_t>(),
+                          offsets.as<int32_t>(), rowsBuf.as<int32_t>(),
+                          T,                     k,
+                          E};
+  cpu::ExpertSegments segments = cpuRouting.segments();
+  cuda::ExpertRowSpace space;
+  space.offsets = offsets.as<int32_t>();
+  space.rows = rowsBuf.as<int32_t>();
+  space.experts = E;
+  space.rowBound = R;
+  space.staticCapacity = isStatic ? fixedC : -1;
+  std::vector<int64_t> validRows;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = 0; r < cRows[e]; ++r)
+      validRows.push_back(cOffsets[e] + r);
+  std::vector<int64_t> paddingRows;
+  if (isStatic)
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = cRows[e]; r < fixedC; ++r)
+        paddingRows.push_back(e * fixedC + r);
+
+  // A typed pair: `cpu` for the CPU kernel (host memory), `gpu` poisoned.
+  struct Pair {
+    Buffer cpu, gpu;
+    Pair(DType type, size_t count) : cpu(type, count), gpu(type, count) {
+      gpu.poison();
+    }
+    cpu::ReadBuffer cr() { return {cpu.host.data(), cpu.type}; }
+    cpu::WriteBuffer cw() { return {cpu.host.data(), cpu.type}; }
+    cpu::ReadBuffer gr() { return {gpu.device, gpu.type}; }
+    cpu::WriteBuffer gw() { return {gpu.device, gpu.type}; }
+  };
+  auto input = [&](DType type, size_t count, double std) {
+    Pair pair(type, count);
+    std::vector<double> values = normals(rng, count, std);
+    pair.cpu.set(values);
+    pair.gpu.set(values);
+    return pair;
+  };
+  auto expectRows = [&](Pair &pair, const std::vector<int64_t> &rowList,
+                        int64_t width, double tol, const char *what) {
+    pair.gpu.download();
+    EXPECT_LE(rowError(pair.gpu, pair.cpu, rowList, width), tol) << what;
+  };
+  auto expectZeroRows = [&](Pair &pair, int64_t width, const char *what) {
+    for (int64_t row : paddingRows)
+      for (int64_t i = 0; i < width; ++i)
+        ASSERT_EQ(pair.gpu.at(row * width + i), 0.0)
+            << what << " padding row " << row;
+  };
+  auto expectFiniteRows = [&](Pair &pair, int64_t width, const char *what) {
+    for (int64_t row : paddingRows)
+      for (int64_t i = 0; i < width; ++i)
+        ASSERT_TRUE(std::isfinite(pair.gpu.at(row * width + i)))
+            << what << " padding row " << row;
+  };
+  const double tol = tolerance(dt);
+
+  // --- dispatch ---
+  Pair x = input(dt, T * d, 1.0);
+  Pair disp(dt, R * d);
+  cpu::dispatch(x.cr(), d, cpuRouting, disp.cw());
+  ASSERT_TRUE(
+      cuda::dispatch(*ctx, x.gr(), d, gpuRouting, space, disp.gw()).isOk());
+  expectRows(disp, validRows, d, 0.0, "dispatch");
+  expectZeroRows(disp, d, "dispatch");
+
+  // --- grouped_gemm with bias, activation and pre ---
+  Pair w1 = input(dt, E * d * h, 1.0 / std::sqrt(d));
+  Pair b1 = input(dt, E * h, 0.1);
+  Pair hid(dt, R * h), hidPre(dt, R * h);
+  cpu::GroupedGemmOptions fc1;
+  fc1.epilogue = cpu::toEpilogue(c.act);
+  cpu::groupedGemm(disp.cr(), w1.cr(), b1.cr(), hid.cw(), d, h, segments, fc1,
+                   hidPre.cw());
+  status = cuda::groupedGemm(*ctx, disp.gr(), w1.gr(), b1.gr(), hid.gw(), d, h,
+                             space, fc1, hidPre.gw());
+  ASSERT_TRUE(status.isOk()) << status.message();
+  expectRows(hid, validRows, h, tol, "grouped_gemm c");
+  expectRows(hidPre, validRows, h, tol, "grouped_gemm pre");
+  expectFiniteRows(hid, h, "grouped_gemm c");
+
+  // --- glu (pre as the gate, c as the up projection) ---
+  Pair glued(dt, R * h);
+  cpu::glu(hidPre.cr(), hid.cr(), glued.cw(), h, segments);
+  ASSERT_TRUE(
+      cuda::glu(*ctx, hidPre.gr(), hid.gr(), glued.gw(), h, space).isOk());
+  // The GPU's inputs differ from the CPU's by the GEMM's rounding.
+  expectRows(glued, validRows, h, tol * 2, "glu");
+
+  // --- grouped_gemm without epilogue, then combine ---
+  Pair w2 = input(dt, E * h * d, 1.0 / std::sqrt(h));
+  Pair b2 = input(dt, E * d, 0.1);
+  Pair y(dt, R * d);
+  cpu::GroupedGemmOptions fc2;
+  cpu::groupedGemm(hid.cr(), w2.cr(), b2.cr(), y.cw(), h, d, segments, fc2);
+  ASSERT_TRUE(cuda::groupedGemm(*ctx, hid.gr(), w2.gr(), b2.gr(), y.gw(), h, d,
+                                space, fc2)
+                  .isOk());
+  expectRows(y, validRows, d, tol, "grouped_gemm fc2");
+  Pair out(dt, T * d);
+  cpu::combine(y.cr(), d, cpuRouting, out.cw());
+  ASSERT_TRUE(cuda::combine(*ctx, y.gr(), d, gpuRouting, out.gw()).isOk());
+  expectRows(out, allRows(T), d, tol, "combine");
+
+  // --- combine_backward ---
+  Pair gradOut = input(dt, T * d, 1.0);
+  Pair gradY(dt, R * d);
+  Pair gradGates(DType::F32, T * k);
+  cpu::combineBackward(gradOut.cr(), y.cr(), d, cpuRouting, gradY.cw(),
+                       gradGates.cpu.hostAs<float>());
+  ASSERT_TRUE(cuda::combineBackward(*ctx, gradOut.gr(), y.gr(), d, gpuRouting,
+                                    space, gradY.gw(),
+                                    gradGates.gpu.as<float>())
+                  .isOk());
+  expectRows(gradY, validRows, d, tol, "combine_backward grad");
+  expectZeroRows(gradY, d, "combine_backward grad");
+  expectRows(gradGates, allRows(T * k), 1, tol, "combine_backward gates");
+
+  // --- grouped_gemm_wgrad with grad_bias ---
+  Pair gradW2(dt, E * h * d), gradB2(dt, E * d);
+  cpu::groupedGemmWgrad(hid.cr(), gradY.cr(), h, d, segments, gradW2.cw(),
+                        gradB2.cw());
+  ASSERT_TRUE(cuda::groupedGemmWgrad(*ctx, hid.gr(), gradY.gr(), h, d, space,
+                                     gradW2.gw(), gradB2.gw())
+                  .isOk());
+  expectRows(gradW2, allRows(E * h), d, tol, "wgrad");
+  expectRows(gradB2, allRows(E), d, tol, "wgrad bias");
+
+  // --- grouped_gemm transB (data gradient), activation_backward ---
+  Pair gradHid(dt, R * h);
+  cpu::GroupedGemmOptions dgrad;
+  dgrad.transB = true;
+  cpu::groupedGemm(gradY.cr(), w2.cr(), {}, gradHid.cw(), d, h, segments,
+                   dgrad);
+  ASSERT_TRUE(cuda::groupedGemm(*ctx, gradY.gr(), w2.gr(), {}, gradHid.gw(),
+                                d, h, space, dgrad)
+                  .isOk());
+  expectRows(gradHid, validRows, h, tol, "grouped_gemm transB");
+  Pair gradPre(dt, R * h);
+  cpu::activationBackward(hidPre.cr(), gradHid.cr(), gradPre.cw(), h,
+                          segments, c.act);
+  ASSERT_TRUE(cuda::activationBackward(*ctx, hidPre.gr(), gradHid.gr(),
+                                       gradPre.gw(), h, space, c.act)
+                  .isOk());
+  expectRows(gradPre, validRows, h, tol * 2, "activation_backward");
+  expectZeroRows(gradPre, h, "activation_backward");
+
+  // --- glu_backward ---
+  Pair gradGateIn(dt, R * h), gradUpIn(dt, R * h);
+  cpu::gluBackward(hidPre.cr(), hid.cr(), gradHid.cr(), gradGateIn.cw(),
+                   gradUpIn.cw(), h, segments);
+  ASSERT_TRUE(cuda::gluBackward(*ctx, hidPre.gr(), hid.gr(), gradHid.gr(),
+                                gradGateIn.gw(), gradUpIn.gw(), h, space)
+                  .isOk());
+  expectRows(gradGateIn, validRows, h, tol * 2, "glu_backward gate");
+  expectRows(gradUpIn, validRows, h, tol * 2, "glu_backward up");
+
+  // --- grouped_gemm accumulate (c += a @ b^T), dispatch_backward ---
+  Pair gradDisp(dt, R * d);
+  cpu::GroupedGemmOptions dgrad1 = dgrad;
+  cpu::groupedGemm(gradPre.cr(), w1.cr(), {}, gradDisp.cw(), h, d, segments,
+                   dgrad1);
+  ASSERT_TRUE(cuda::groupedGemm(*ctx, gradPre.gr(), w1.gr(), {},
+                                gradDisp.gw(), h, d, space, dgrad1)
+                  .isOk());
+  dgrad1.accumulate = true;
+  cpu::groupedGemm(gradGateIn.cr(), w1.cr(), {}, gradDisp.cw(), h, d,
+                   segments, dgrad1);
+  ASSERT_TRUE(cuda::groupedGemm(*ctx, gradGateIn.gr(), w1.gr(), {},
+                                gradDisp.gw(), h, d, space, dgrad1)
+                  .isOk());
+  expectRows(gradDisp, validRows, d, tol * 2, "grouped_gemm accumulate");
+  Pair gradX(dt, T * d);
+  cpu::dispatchBackward(gradDisp.cr(), d, cpuRouting, gradX.cw());
+  ASSERT_TRUE(
+      cuda::dispatchBackward(*ctx, gradDisp.gr(), d, gpuRouting, gradX.gw())
+          .isOk());
+  expectRows(gradX, allRows(T), d, tol * 2, "dispatch_backward");
+
+  // --- gate_backward (on the CPU's grad_gates, so only the op differs) ---
+  Buffer gradGatesIn(DType::F32, T * k);
+  gradGatesIn.host = gradGates.cpu.host;
+  gradGatesIn.upload();
+  Buffer gradLAux(DType::F32, 1);
+  gradLAux.set({0.5});
+  Pair gradLogits(DType::F32, T * E);
+  cpu::GateBackwardAttrs backAttrs{c.k, true};
+  cpu::gateBackward(gradGates.cpu.hostAs<float>(), gradLAux.hostAs<float>(),
+                    cScores.data(), cpuRouting, backAttrs,
+                    gradLogits.cpu.hostAs<float>());
+  ASSERT_TRUE(cuda::gateBackward(*ctx, gradGatesIn.as<float>(),
+                                 gradLAux.as<float>(), scores.as<float>(),
+                                 gpuRouting, backAttrs,
+                                 gradLogits.gpu.as<float>())
+                  .isOk());
+  expectRows(gradLogits, allRows(T * E), 1, 1e-6, "gate_backward");
+
+  // --- router and router_backward (fp32 router and dtype router) ---
+  for (bool routerFp32 : {true, false}) {
+    DType wt = routerFp32 ? DType::F32 : dt;
+    Pair wg = input(wt, d * E, 1.0 / std::sqrt(d));
+    Pair logitsOut(DType::F32, T * E);
+    cpu::router(x.cr(), wg.cr(), logitsOut.cpu.hostAs<float>(), T, d, E);
+    ASSERT_TRUE(cuda::router(*ctx, x.gr(), wg.gr(),
+                             logitsOut.gpu.as<float>(), T, d, E)
+                    .isOk());
+    expectRows(logitsOut, allRows(T * E), 1, 1e-5, "router");
+    Pair gradXRouter = input(dt, T * d, 1.0); // accumulated into
+    Pair gradWg(wt, d * E);
+    cpu::routerBackward(x.cr(), wg.cr(), gradLogits.cpu.hostAs<float>(), T, d,
+                        E, gradXRouter.cw(), gradWg.cw());
+    Buffer gradLogitsIn(DType::F32, T * E);
+    gradLogitsIn.host = gradLogits.cpu.host;
+    gradLogitsIn.upload();
+    ASSERT_TRUE(cuda::routerBackward(*ctx, x.gr(), wg.gr(),
+                                     gradLogitsIn.as<float>(), T, d, E,
+                                     gradXRouter.gw(), gradWg.gw())
+                    .isOk());
+    expectRows(gradXRouter, allRows(T), d, tol, "router_backward grad_x");
+    expectRows(gradWg, allRows(d), E, tolerance(wt), "router_backward grad_wg");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllCases, CudaKernels,
+                         ::testing::ValuesIn(allCases()),
+                         [](const ::testing::TestParamInfo<Case> &info) {
+                           return info.param.name();
+                         });
+
+/// NaN logits: indices stay in range and equal the CPU's; the gate of the
+/// NaN token is NaN on both.
+TEST(CudaGate, NaNLogitsRouteLikeTheCpu) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  const int64_t T = 64, E = 8, k = 2;
+  std::mt19937_64 rng(5);
+  std::vector<double> values = normals(rng, T * E, 1.0);
+  values[3 * E + 2] = NAN;
+  for (int64_t e = 0; e < E; ++e)
+    values[9 * E + e] = NAN;
+  Buffer logits(DType::F32, T * E);
+  logits.set(values);
+  cpu::GateAttrs attrs;
+  attrs.topK = k;
+  attrs.batchPrioritized = true;
+  attrs.capacityMode = CapacityMode::Dropless;
+  std::vector<float> cScores(T * E), cGates(T * k);
+  std::vector<int32_t> cIndices(T * k), cLocations(T * k), cOffsets(E + 1),
+      cRows(E);
+  int32_t cCapacity;
+  float cLAux;
+  cpu::gate(logits.hostAs<float>(), T, E, attrs,
+            {cScores.data(), cIndices.data(), cLocations.data(), cGates.data(),
+             &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
+  Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
+      locations(DType::I32, T * k), gates(DType::F32, T * k),
+      capacity(DType::I32, 1), offsets(DType::I32, E + 1),
+      rows(DType::I32, E), lAux(DType::F32, 1);
+  ASSERT_TRUE(cuda::gate(*ctx, logits.as<float>(), T, E, attrs,
+                         {scores.as<float>(), indices.as<int32_t>(),
+                          locations.as<int32_t>(), gates.as<float>(),
+                          capacity.as<int32_t>(), offsets.as<int32_t>(),
+                          rows.as<int32_t>(), lAux.as<float>()})
+                  .isOk());
+  indices.download();
+  locations.download();
+  gates.download();
+  lAux.download();
+  for (int64_t i = 0; i < T * k; ++i) {
+    EXPECT_EQ(indices.hostAs<int32_t>()[i], cIndices[i]) << i;
+    EXPECT_EQ(locations.hostAs<int32_t>()[i], cLocations[i]) << i;
+    EXPECT_EQ(std::isnan(gates.hostAs<float>()[i]), std::isnan(cGates[i]));
+  }
+  EXPECT_TRUE(std::isnan(lAux.hostAs<float>()[0]));
+}
+
+/// Out of memory is a Status, not an abort.
+TEST(CudaBackend, OutOfMemoryIsAStatus) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  void *data = nullptr;
+  Status status = ctx->scratch(0, int64_t{1} << 50, data);
+  EXPECT_FALSE(status.isOk());
+  EXPECT_NE(status.message().find("out of memory"), std::string::npos)
+      << status.message();
+  // The context keeps working.
+  EXPECT_TRUE(ctx->scratch(0, 1024, data).isOk());
+}
+
+} // namespace

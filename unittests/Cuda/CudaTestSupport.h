@@ -1,0 +1,141 @@
+//===- CudaTestSupport.h - Device buffers for the CUDA tests ----*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file defines what the CUDA tests share: the skip when no device is
+// usable, device buffers filled from and read back to host vectors, and
+// typed conversions of host values.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef UNITTESTS_CUDA_CUDATESTSUPPORT_H
+#define UNITTESTS_CUDA_CUDATESTSUPPORT_H
+
+#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Cuda/CudaBackend.h"
+#include "flex/Runtime/LayerConfig.h"
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace flex::cudatest {
+
+#define FLEX_SKIP_WITHOUT_CUDA()                                               \
+  do {                                                                         \
+    std::string reason;                                                        \
+    if (!::flex::isCudaBackendUsable(&reason))                                 \
+      GTEST_SKIP() << "no CUDA device: " << reason;                            \
+  } while (0)
+
+inline void storeValue(std::vector<uint8_t> &bytes, DType type, size_t i,
+                       double value) {
+  switch (type) {
+  case DType::F32: {
+    float v = static_cast<float>(value);
+    std::memcpy(bytes.data() + 4 * i, &v, 4);
+    return;
+  }
+  case DType::BF16: {
+    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
+    std::memcpy(bytes.data() + 2 * i, &v, 2);
+    return;
+  }
+  case DType::F16: {
+    uint16_t v = cpu::floatToF16(static_cast<float>(value));
+    std::memcpy(bytes.data() + 2 * i, &v, 2);
+    return;
+  }
+  case DType::I32: {
+    int32_t v = static_cast<int32_t>(value);
+    std::memcpy(bytes.data() + 4 * i, &v, 4);
+    return;
+  }
+  }
+}
+
+inline double loadValue(const std::vector<uint8_t> &bytes, DType type,
+                        size_t i) {
+  uint16_t half;
+  float single;
+  int32_t integer;
+  switch (type) {
+  case DType::F32:
+    std::memcpy(&single, bytes.data() + 4 * i, 4);
+    return single;
+  case DType::BF16:
+    std::memcpy(&half, bytes.data() + 2 * i, 2);
+    return cpu::bf16ToFloat(half);
+  case DType::F16:
+    std::memcpy(&half, bytes.data() + 2 * i, 2);
+    return cpu::f16ToFloat(half);
+  case DType::I32:
+    std::memcpy(&integer, bytes.data() + 4 * i, 4);
+    return integer;
+  }
+  return 0;
+}
+
+/// A typed buffer with a host copy and a device copy.
+struct Buffer {
+  DType type = DType::F32;
+  size_t count = 0;
+  std::vector<uint8_t> host;
+  void *device = nullptr;
+
+  Buffer() = default;
+  Buffer(DType type, size_t count) : type(type), count(count) {
+    host.assign(count * dtypeSize(type), 0);
+    EXPECT_EQ(cudaMalloc(&device, std::max<size_t>(host.size(), 1)),
+              cudaSuccess);
+  }
+  Buffer(const Buffer &) = delete;
+  Buffer &operator=(const Buffer &) = delete;
+  Buffer(Buffer &&other) noexcept { *this = std::move(other); }
+  Buffer &operator=(Buffer &&other) noexcept {
+    std::swap(type, other.type);
+    std::swap(count, other.count);
+    std::swap(host, other.host);
+    std::swap(device, other.device);
+    return *this;
+  }
+  ~Buffer() {
+    if (device)
+      cudaFree(device);
+  }
+
+  void set(const std::vector<double> &values) {
+    for (size_t i = 0; i < values.size() && i < count; ++i)
+      storeValue(host, type, i, values[i]);
+    upload();
+  }
+  /// All bits set: NaN in f32, bf16 and f16, -1 in i32.
+  void poison() {
+    std::fill(host.begin(), host.end(), 0xff);
+    upload();
+  }
+  void upload() {
+    EXPECT_EQ(cudaMemcpy(device, host.data(), host.size(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+  /// Device to host (waits for the device).
+  void download() {
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(host.data(), device, host.size(),
+                         cudaMemcpyDeviceToHost),
+              cudaSuccess);
+  }
+  double at(size_t i) const { return loadValue(host, type, i); }
+  template <typename T> T *as() { return static_cast<T *>(device); }
+  template <typename T> T *hostAs() { return reinterpret_cast<T *>(host.data()); }
+};
+
+} // namespace flex::cudatest
+
+#endif // UNITTESTS_CUDA_CUDATESTSUPPORT_H
