@@ -25,6 +25,8 @@
 
 namespace flex {
 
+class Communicator;
+
 /// The operands of one step, resolved to memory. `data` is null where the
 /// step has no operand in that role; `desc` gives dtype and shape.
 struct TensorView {
@@ -96,6 +98,14 @@ public:
   virtual Status endGraphCapture(const std::string &key);
   /// Runs the pass recorded under `key`; *launched is false when none is.
   virtual Status launchGraph(const std::string &key, bool &launched);
+
+  /// The communicator collective steps (isCollective) run through; the
+  /// executor sets it (Executor::setCommunicator) and has checked its size
+  /// and memory space. The default keeps it in communicator_.
+  virtual Status setCommunicator(std::shared_ptr<Communicator> communicator);
+
+protected:
+  std::shared_ptr<Communicator> communicator_;
 };
 
 /// The CPU backend (lib/Runtime/Cpu/CpuBackend.cpp): R1's kernels of

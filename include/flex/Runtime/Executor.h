@@ -15,6 +15,7 @@
 #define FLEX_RUNTIME_EXECUTOR_H
 
 #include "flex/Runtime/Backend.h"
+#include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Plan.h"
 #include "flex/Runtime/Status.h"
 
@@ -105,6 +106,17 @@ public:
   /// backward.
   Status setWorkspace(void *data, int64_t bytes);
 
+  /// The communicator of the plan's collective steps (docs/Runtime.md,
+  /// "Many ranks"); this executor is its rank. A plan for W ranks
+  /// (`world.size`) runs only on a communicator of W ranks (InvalidArgument
+  /// otherwise), whose memory space is the backend's. A one-rank plan starts
+  /// with the self communicator, and null goes back to it; a multi-rank plan
+  /// starts with none, and forward fails until one is set.
+  Status setCommunicator(std::shared_ptr<Communicator> communicator);
+  const std::shared_ptr<Communicator> &communicator() const {
+    return communicator_;
+  }
+
   /// Runs the selected variant's forward. Every `input` and `output`
   /// argument must be bound; other arguments of the plan may be bound too
   /// (checked, then ignored).
@@ -141,6 +153,7 @@ private:
 
   void *workspace_ = nullptr;
   void *ownedWorkspace_ = nullptr;
+  std::shared_ptr<Communicator> communicator_;
 
   /// Per argument: the pointer bound for the current run (null when not).
   std::vector<void *> argumentData_;

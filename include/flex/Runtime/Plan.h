@@ -47,11 +47,22 @@ enum class StepOp : uint8_t {
   DispatchBackward,
   GateBackward,
   RouterBackward,
+  // Collectives of multi-rank plans (PlanFormat.md, "Many ranks").
+  SyncCapacity,
+  AllToAll,
+  UniformSegments,
+  AllGather,
+  ReduceScatter,
 };
-inline constexpr int kNumStepOps = 13;
+inline constexpr int kNumStepOps = 18;
 
 std::string_view toString(StepOp op);
 std::optional<StepOp> parseStepOp(std::string_view text);
+
+/// Whether `op` talks to other ranks through the communicator. Every rank
+/// runs the same collective steps in the same order. `uniform_segments` is
+/// local and not one of them.
+bool isCollective(StepOp op);
 
 /// The role an operand plays in a step: the keys of a step's `in` and `out`
 /// objects. One enum for all ops; each op accepts a subset (see
@@ -93,8 +104,10 @@ enum class OperandRole : uint8_t {
   GradLAux,
   GradLogits,
   GradWg,
+  Input,  ///< all_to_all, all_gather, reduce_scatter
+  Output, ///< all_to_all, all_gather, reduce_scatter
 };
-inline constexpr int kNumOperandRoles = 36;
+inline constexpr int kNumOperandRoles = 38;
 
 std::string_view toString(OperandRole role);
 std::optional<OperandRole> parseOperandRole(std::string_view text);
@@ -123,6 +136,16 @@ std::optional<DispatchLayout> parseDispatchLayout(std::string_view text);
 enum class Epilogue : uint8_t { None, Relu, Gelu, Silu };
 std::string_view toString(Epilogue epilogue);
 std::optional<Epilogue> parseEpilogue(std::string_view text);
+
+/// Which way `all_to_all` moves rows (PlanFormat.md, "Many ranks").
+enum class AllToAllDirection : uint8_t {
+  /// Dispatch buffer [W, L, C, *] -> received buffer [D, L, W, Cq, *].
+  Dispatch,
+  /// The inverse: received-buffer layout back to the dispatch layout.
+  Combine,
+};
+std::string_view toString(AllToAllDirection direction);
+std::optional<AllToAllDirection> parseAllToAllDirection(std::string_view text);
 
 /// A buffer: name, element type and static row-major shape.
 struct BufferDesc {
@@ -178,8 +201,17 @@ struct StepAttrs {
   // grouped_gemm
   bool transB = false;
   Epilogue epilogue = Epilogue::None;
-  /// c += instead of c = (a backward sums two products into one buffer).
+  /// grouped_gemm: c += instead of c = (a backward sums two products into
+  /// one buffer). grouped_gemm_wgrad: grad_b += (and grad_bias +=), so the
+  /// chunks of a pipelined backward sum into one gradient.
   bool accumulate = false;
+  // all_to_all, uniform_segments
+  AllToAllDirection direction = AllToAllDirection::Dispatch;
+  int64_t chunks = 1; ///< D: the capacity is split into D chunks
+  int64_t chunk = 0;  ///< q in [0, D)
+  // uniform_segments
+  int64_t groups = 0; ///< G: local experts of the received buffer
+  int64_t ranks = 0;  ///< W
   // activation_backward
   Activation activation = Activation::Relu;
 };
@@ -216,11 +248,20 @@ struct Plan {
   int version = kPlanFormatVersion;
   std::string producer;
   LayerConfig layer;
+  /// W, the ranks the plan runs on (`world.size`; 1 when absent). With
+  /// W > 1 each rank holds L = E / W experts: w1, w2, w3, b1, b2 and their
+  /// gradients are [L, ...].
+  int64_t worldSize = 1;
   bool training = false;
   std::vector<Argument> arguments;
   Workspace workspace;
   std::vector<Variant> variants;
   int64_t defaultVariant = 0;
+
+  /// L, the experts each rank holds (E / W; the loader checks E % W == 0).
+  int64_t localExperts() const {
+    return worldSize > 0 ? layer.experts / worldSize : layer.experts;
+  }
 
   /// Index of the argument or workspace buffer named `name`.
   BufferRef findBuffer(std::string_view name) const;

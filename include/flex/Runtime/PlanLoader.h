@@ -49,9 +49,12 @@ std::string writePlan(const Plan &plan, int indent = 2);
 
 /// The argument table of PlanFormat.md for `layer`: the arguments a plan of
 /// this layer must have, in canonical order (inputs, outputs, and with
-/// `training` the grad inputs and grad outputs).
+/// `training` the grad inputs and grad outputs). On `worldSize` W > 1 ranks
+/// the expert parameters and their gradients are the rank's L = E / W
+/// experts, [L, ...].
 std::vector<Argument> getExpectedArguments(const LayerConfig &layer,
-                                           bool training);
+                                           bool training,
+                                           int64_t worldSize = 1);
 
 } // namespace flex
 

@@ -31,6 +31,7 @@ enum class StatusCode : int {
   IOError = 7,            ///< a file could not be read or written
   InvalidPlan = 8,        ///< the plan document is rejected by the loader
   Internal = 9,           ///< a bug in Flex
+  CommunicationError = 10, ///< a collective failed or timed out
 };
 
 const char *toString(StatusCode code);

@@ -5,15 +5,20 @@
 //===----------------------------------------------------------------------===//
 //
 // This file implements the CPU backend: it maps each plan step to its kernel
-// in CpuKernels.h, with sizes taken from the (verified) buffer shapes. Steps
-// run synchronously on the calling thread (the kernels use OpenMP inside).
+// in CpuKernels.h, with sizes taken from the (verified) buffer shapes, and
+// each collective step to the communicator (all_to_all packs its rows per
+// AllToAllLayout.h into staging blocks). Steps run synchronously on the
+// calling thread (the kernels use OpenMP inside).
 //
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Backend.h"
+#include "flex/Runtime/Comm/AllToAllLayout.h"
+#include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace flex {
 namespace {
@@ -54,7 +59,99 @@ public:
   std::string_view name() const override { return "cpu"; }
   Status runStep(const Plan &plan, const Step &step,
                  const StepOperands &ops) override;
+
+private:
+  Status runCollective(const Plan &plan, const Step &step,
+                       const StepOperands &ops);
+  /// all_to_all staging blocks, kept between calls.
+  std::vector<uint8_t> sendStaging_, recvStaging_;
 };
+
+std::string bufferName(const TensorView &view) {
+  return "'" + view.desc->name + "'";
+}
+
+Status CpuBackend::runCollective(const Plan &plan, const Step &step,
+                                 const StepOperands &ops) {
+  if (!communicator_)
+    return Status(StatusCode::FailedPrecondition,
+                  "no communicator is set for the collective step");
+  Communicator &comm = *communicator_;
+  const int64_t E = plan.layer.experts, W = comm.size();
+  switch (step.op) {
+  case StepOp::SyncCapacity: {
+    // One C on every rank: the largest keeps every slot each rank keeps.
+    int32_t *capacity = writeAs<int32_t>(ops.out(R::Capacity));
+    if (Status status = comm.allReduceMaxInt32(capacity, 1, "sync_capacity");
+        !status)
+      return status;
+    int32_t *offsets = writeAs<int32_t>(ops.out(R::ExpertOffsets));
+    for (int64_t e = 0; e <= E; ++e)
+      offsets[e] = static_cast<int32_t>(e * *capacity);
+    return Status::ok();
+  }
+  case StepOp::AllToAll: {
+    const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
+    const StepAttrs &a = step.attrs;
+    AllToAllLayout layout;
+    layout.ranks = W;
+    layout.localExperts = E / W;
+    layout.capacity = *readAs<int32_t>(ops.in(R::Capacity));
+    layout.chunks = a.chunks;
+    layout.chunk = a.chunk;
+    std::string what = "all_to_all " + std::string(toString(a.direction)) +
+                       " " + bufferName(input) + " -> " + bufferName(output) +
+                       ", chunk " + std::to_string(a.chunk) + " of " +
+                       std::to_string(a.chunks);
+    if (layout.capacity % a.chunks != 0)
+      return Status(StatusCode::Internal,
+                    what + ": capacity " + std::to_string(layout.capacity) +
+                        " is not a multiple of the " +
+                        std::to_string(a.chunks) + " chunks");
+    const int64_t rows = E * layout.capacity;
+    if (rows > input.desc->shape[0] || rows > output.desc->shape[0])
+      return Status(StatusCode::Internal,
+                    what + ": E * C = " + std::to_string(rows) +
+                        " rows exceed the buffers' " +
+                        std::to_string(std::min(input.desc->shape[0],
+                                                output.desc->shape[0])));
+    const int64_t rowBytes =
+        input.desc->shape[1] * static_cast<int64_t>(dtypeSize(input.desc->dtype));
+    const int64_t blockBytes = layout.blockRows() * rowBytes;
+    sendStaging_.resize(static_cast<size_t>(W * blockBytes));
+    recvStaging_.resize(static_cast<size_t>(W * blockBytes));
+    std::vector<int64_t> offsets(W), sizes(W, blockBytes);
+    for (int64_t p = 0; p < W; ++p)
+      offsets[p] = p * blockBytes;
+    layout.pack(a.direction, input.data, rowBytes, sendStaging_.data());
+    if (Status status = comm.allToAll(sendStaging_.data(), offsets.data(),
+                                      sizes.data(), recvStaging_.data(),
+                                      offsets.data(), sizes.data(), what);
+        !status)
+      return status;
+    layout.unpack(a.direction, recvStaging_.data(), rowBytes, output.data);
+    return Status::ok();
+  }
+  case StepOp::AllGather: {
+    const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
+    return comm.allGather(input.data, input.desc->numBytes(), output.data,
+                          "all_gather " + bufferName(input) + " -> " +
+                              bufferName(output));
+  }
+  case StepOp::ReduceScatter: {
+    const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
+    return comm.reduceScatterSum(input.data, output.data,
+                                 output.desc->numElements(),
+                                 output.desc->dtype,
+                                 "reduce_scatter " + bufferName(input) +
+                                     " -> " + bufferName(output));
+  }
+  default:
+    return Status(StatusCode::Internal,
+                  "op '" + std::string(toString(step.op)) +
+                      "' is not a collective");
+  }
+}
 
 Status CpuBackend::runStep(const Plan &plan, const Step &step,
                            const StepOperands &ops) {
@@ -72,7 +169,11 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
   routing.tokens = T;
   routing.topK = k;
   routing.experts = E;
-  const cpu::ExpertSegments segments = routing.segments();
+  // The row groups of a segment op: the gate's E experts, or the L local
+  // experts of a received buffer (uniform_segments).
+  cpu::ExpertSegments segments = routing.segments();
+  if (ops.in(R::ExpertRows).isPresent())
+    segments.experts = ops.in(R::ExpertRows).desc->shape[0];
   // The column count of a [R, N] operand.
   auto cols = [](const TensorView &view) { return view.desc->shape.back(); };
 
@@ -148,9 +249,11 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     break;
   case StepOp::GroupedGemmWgrad: {
     const TensorView &a = ops.in(R::A), &gradC = ops.in(R::GradC);
+    cpu::GroupedGemmWgradOptions options;
+    options.accumulate = step.attrs.accumulate;
     cpu::groupedGemmWgrad(read(a), read(gradC), cols(a), cols(gradC),
                           segments, write(ops.out(R::GradB)),
-                          write(ops.out(R::GradBias)));
+                          write(ops.out(R::GradBias)), options);
     break;
   }
   case StepOp::ActivationBackward:
@@ -184,6 +287,24 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
                         readAs<float>(ops.in(R::GradLogits)), T, d, E,
                         write(ops.out(R::GradX)), write(ops.out(R::GradWg)));
     break;
+  case StepOp::UniformSegments: {
+    // The received buffer of chunk q is [L, W, Cq] rows per chunk: group g
+    // is one block of W * Cq rows.
+    const StepAttrs &a = step.attrs;
+    const int64_t C = *routing.capacity, n = a.ranks * (C / a.chunks);
+    int32_t *offsets = writeAs<int32_t>(ops.out(R::ExpertOffsets));
+    int32_t *rows = writeAs<int32_t>(ops.out(R::ExpertRows));
+    for (int64_t g = 0; g <= a.groups; ++g)
+      offsets[g] = static_cast<int32_t>(a.chunk * a.groups * n + g * n);
+    for (int64_t g = 0; g < a.groups; ++g)
+      rows[g] = static_cast<int32_t>(n);
+    break;
+  }
+  case StepOp::SyncCapacity:
+  case StepOp::AllToAll:
+  case StepOp::AllGather:
+  case StepOp::ReduceScatter:
+    return runCollective(plan, step, ops);
   }
   return Status::ok();
 }

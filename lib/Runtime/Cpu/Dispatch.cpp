@@ -35,10 +35,41 @@ bool worthThreads(const Routing &routing, int64_t width) {
   return routing.tokens * routing.topK * width > 16384;
 }
 
+/// Zeros every row of [0, expertOffsets[E]) that no kept slot maps to: the
+/// padding of the padded layout (the ragged layout has none). GEMMs over
+/// whole capacity blocks, here or on the rank the block is sent to, then
+/// read finite zeros that add nothing (PlanFormat.md, "Many ranks").
+void zeroUnkeptRows(const Routing &routing, int64_t width,
+                    WriteBuffer buffer) {
+  int64_t used = routing.expertOffsets[routing.experts];
+  if (used <= 0)
+    return;
+  std::vector<uint8_t> kept(static_cast<size_t>(used), 0);
+  for (int64_t t = 0; t < routing.tokens; ++t)
+    for (int64_t j = 0; j < routing.topK; ++j) {
+      int64_t row = keptRow(routing, t, j);
+      if (row >= 0 && row < used)
+        kept[row] = 1;
+    }
+  // Padding rows come in runs (the tail of each expert's block).
+  for (int64_t row = 0; row < used;) {
+    if (kept[row]) {
+      ++row;
+      continue;
+    }
+    int64_t end = row;
+    while (end < used && !kept[end])
+      ++end;
+    detail::storeZeros(buffer, row * width, (end - row) * width);
+    row = end;
+  }
+}
+
 } // namespace
 
 void dispatch(ReadBuffer x, int64_t modelDim, const Routing &routing,
               WriteBuffer dispatched) {
+  zeroUnkeptRows(routing, modelDim, dispatched);
   bool sameType = x.type == dispatched.type;
   int64_t elementBytes = static_cast<int64_t>(dtypeSize(x.type));
 #pragma omp parallel if (worthThreads(routing, modelDim))
@@ -113,6 +144,7 @@ void combine(ReadBuffer expertOut, int64_t modelDim, const Routing &routing,
 void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut, int64_t modelDim,
                      const Routing &routing, WriteBuffer gradExpertOut,
                      float *gradGates) {
+  zeroUnkeptRows(routing, modelDim, gradExpertOut);
 #pragma omp parallel if (worthThreads(routing, modelDim))
   {
     std::vector<float> grad(static_cast<size_t>(modelDim));

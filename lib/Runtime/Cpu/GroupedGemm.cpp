@@ -31,11 +31,12 @@ void groupedGemm(ReadBuffer a, ReadBuffer b, ReadBuffer bias, WriteBuffer c,
 
 void groupedGemmWgrad(ReadBuffer a, ReadBuffer gradC, int64_t k, int64_t n,
                       const ExpertSegments &segments, WriteBuffer gradB,
-                      WriteBuffer gradBias) {
+                      WriteBuffer gradBias,
+                      const GroupedGemmWgradOptions &options) {
   for (int64_t e = 0; e < segments.experts; ++e)
     detail::typedWgrad(a, gradC, segments.offsets[e],
                        std::max<int64_t>(0, segments.rows[e]), k, n, gradB,
-                       e * k * n, gradBias, e * n);
+                       e * k * n, gradBias, e * n, options.accumulate);
 }
 
 } // namespace flex::cpu

@@ -196,7 +196,8 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
 
 void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
                 int64_t k, int64_t n, WriteBuffer gradB, int64_t gradBOffset,
-                WriteBuffer gradBias, int64_t gradBiasOffset) {
+                WriteBuffer gradBias, int64_t gradBiasOffset,
+                bool accumulate) {
   if (gradBias.data) {
     // Column sums in row order, split by columns: the same bits for any
     // number of threads.
@@ -208,6 +209,8 @@ void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
       int64_t width = std::min(kColumnBlock, n - j0);
       float sums[kColumnBlock] = {};
       float values[kColumnBlock];
+      if (accumulate)
+        loadRow(gradBias, gradBiasOffset + j0, width, sums);
       for (int64_t i = 0; i < m; ++i) {
         loadRow(gradC, (row + i) * n + j0, width, values);
         for (int64_t j = 0; j < width; ++j)
@@ -217,7 +220,8 @@ void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
     }
   }
   if (m <= 0 || k <= 0) {
-    storeZeros(gradB, gradBOffset, k * n);
+    if (!accumulate)
+      storeZeros(gradB, gradBOffset, k * n);
     return;
   }
   bool direct = gradB.type == DType::F32;
@@ -228,6 +232,8 @@ void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
   } else {
     accScratch.resize(static_cast<size_t>(k * n));
     acc = accScratch.data();
+    if (accumulate)
+      loadRow(gradB, gradBOffset, k * n, acc);
   }
   bool bothFp32 = a.type == DType::F32 && gradC.type == DType::F32;
   int64_t rowsPerBlock = bothFp32 ? m : blockRows(m, std::max(k, n));
@@ -236,8 +242,8 @@ void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
     int64_t mb = std::min(rowsPerBlock, m - r0);
     const float *aF = fp32View(a, (row + r0) * k, mb, k, aScratch);
     const float *gF = fp32View(gradC, (row + r0) * n, mb, n, gScratch);
-    sgemm(true, false, k, n, mb, 1.0f, aF, k, gF, n, r0 == 0 ? 0.0f : 1.0f, acc,
-          n);
+    sgemm(true, false, k, n, mb, 1.0f, aF, k, gF, n,
+          r0 == 0 && !accumulate ? 0.0f : 1.0f, acc, n);
   }
   if (!direct) {
 #pragma omp parallel for schedule(static) if (k * n > 65536)

@@ -188,10 +188,12 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
 
 /// gradB[k, n] (at gradBOffset) = a[aRow.., k]^T @ gradC[aRow.., n] over m
 /// rows; gradBias[n] (at gradBiasOffset, may be null) = column sums.
-/// m == 0 writes zeros.
+/// m == 0 writes zeros. With `accumulate` both add to what they hold (m == 0
+/// leaves them as they are).
 void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
                 int64_t k, int64_t n, WriteBuffer gradB, int64_t gradBOffset,
-                WriteBuffer gradBias, int64_t gradBiasOffset);
+                WriteBuffer gradBias, int64_t gradBiasOffset,
+                bool accumulate = false);
 
 } // namespace flex::cpu::detail
 

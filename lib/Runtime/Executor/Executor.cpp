@@ -81,6 +81,11 @@ Status Backend::launchGraph(const std::string &, bool &launched) {
   return Status::ok();
 }
 
+Status Backend::setCommunicator(std::shared_ptr<Communicator> communicator) {
+  communicator_ = std::move(communicator);
+  return Status::ok();
+}
+
 //===----------------------------------------------------------------------===//
 // Helpers
 //===----------------------------------------------------------------------===//
@@ -172,6 +177,11 @@ Executor::Executor(std::shared_ptr<const Plan> plan,
   selected_ = plan_->defaultVariant;
   checkNonFiniteFromEnv_ = envFlag("FLEX_CHECK_NAN");
   useGraphFromEnv_ = envFlag("FLEX_CUDA_GRAPH");
+  // One rank needs no setup; more ranks need the caller's communicator.
+  if (plan_->worldSize == 1) {
+    communicator_ = createSelfCommunicator();
+    (void)backend_->setCommunicator(communicator_);
+  }
 }
 
 Executor::~Executor() {
@@ -252,6 +262,37 @@ Status Executor::setWorkspace(void *data, int64_t bytes) {
                       std::to_string(workspaceAlignment()) + " bytes");
   workspace_ = data;
   pendingBackwardVariant_ = -1;
+  return Status::ok();
+}
+
+Status Executor::setCommunicator(std::shared_ptr<Communicator> communicator) {
+  const int64_t world = plan_->worldSize;
+  if (!communicator && world == 1)
+    communicator = createSelfCommunicator();
+  if (communicator) {
+    if (communicator->size() != world)
+      return Status(StatusCode::InvalidArgument,
+                    "the plan runs on " + std::to_string(world) +
+                        " rank(s) (world.size), but communicator '" +
+                        std::string(communicator->name()) + "' has " +
+                        std::to_string(communicator->size()) +
+                        "; run it with " + std::to_string(world) +
+                        " ranks (e.g. mpirun -np " + std::to_string(world) +
+                        ")");
+    bool deviceComm = communicator->memory() == CommMemory::Device;
+    if (world > 1 && deviceComm == backend_->isHostMemory())
+      return Status(StatusCode::InvalidArgument,
+                    "communicator '" + std::string(communicator->name()) +
+                        "' works on " + (deviceComm ? "device" : "host") +
+                        " memory, but backend '" +
+                        std::string(backend_->name()) + "' keeps buffers in " +
+                        (deviceComm ? "host" : "device") +
+                        " memory; use a communicator of the backend's "
+                        "memory space");
+  }
+  if (Status status = backend_->setCommunicator(communicator); !status)
+    return status;
+  communicator_ = std::move(communicator);
   return Status::ok();
 }
 
@@ -368,6 +409,12 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
                   "backward needs a forward first: it reads the routing and "
                   "activations that forward leaves in the workspace (one "
                   "backward per forward)");
+  if (!communicator_)
+    return Status(StatusCode::FailedPrecondition,
+                  "the plan runs on " + std::to_string(plan.worldSize) +
+                      " ranks (world.size) and no communicator is set "
+                      "(Executor::setCommunicator, "
+                      "flexExecutableSetCommunicator; moe-run under mpirun)");
   if (Status status = bind(backward, bindings, count); !status)
     return status;
   if (Status status = ensureWorkspace(); !status)
@@ -485,8 +532,13 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     if (!status) {
       if (capturing)
         (void)backend_->endGraphCapture(std::string());
-      return fail(status, " step " + std::to_string(s) + " (" +
-                              std::string(toString(step.op)) + ")");
+      Status failed = fail(status, " step " + std::to_string(s) + " (" +
+                                       std::string(toString(step.op)) + ")");
+      // A failed collective may leave peers waiting in it: the
+      // communicator ends the job (MPI) or stays broken.
+      if (status.code() == StatusCode::CommunicationError)
+        communicator_->abort(failed);
+      return failed;
     }
     if (options.timeSteps && !capturing)
       stats.steps.push_back(

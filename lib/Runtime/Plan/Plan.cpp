@@ -28,6 +28,7 @@ const char *toString(StatusCode code) {
   case StatusCode::IOError: return "I/O error";
   case StatusCode::InvalidPlan: return "invalid plan";
   case StatusCode::Internal: return "internal error";
+  case StatusCode::CommunicationError: return "communication error";
   }
   return "unknown status";
 }
@@ -48,6 +49,11 @@ constexpr std::string_view kStepOpNames[kNumStepOps] = {
     "dispatch_backward",
     "gate_backward",
     "router_backward",
+    "sync_capacity",
+    "all_to_all",
+    "uniform_segments",
+    "all_gather",
+    "reduce_scatter",
 };
 
 constexpr std::string_view kOperandRoleNames[kNumOperandRoles] = {
@@ -63,6 +69,7 @@ constexpr std::string_view kOperandRoleNames[kNumOperandRoles] = {
     "grad",        "grad_pre",     "grad_gate_in",
     "grad_up_in",  "grad_dispatched", "grad_x",
     "grad_l_aux",  "grad_logits",  "grad_wg",
+    "input",       "output",
 };
 
 template <typename Enum, size_t N>
@@ -78,6 +85,7 @@ constexpr std::string_view kArgumentRoleNames[] = {"input", "output",
                                                    "grad_input", "grad_output"};
 constexpr std::string_view kLayoutNames[] = {"padded", "ragged"};
 constexpr std::string_view kEpilogueNames[] = {"none", "relu", "gelu", "silu"};
+constexpr std::string_view kDirectionNames[] = {"dispatch", "combine"};
 } // namespace
 
 std::string_view toString(StepOp op) {
@@ -109,6 +117,25 @@ std::string_view toString(Epilogue epilogue) {
 }
 std::optional<Epilogue> parseEpilogue(std::string_view text) {
   return parseByName<Epilogue>(kEpilogueNames, text);
+}
+std::string_view toString(AllToAllDirection direction) {
+  return kDirectionNames[static_cast<int>(direction)];
+}
+std::optional<AllToAllDirection>
+parseAllToAllDirection(std::string_view text) {
+  return parseByName<AllToAllDirection>(kDirectionNames, text);
+}
+
+bool isCollective(StepOp op) {
+  switch (op) {
+  case StepOp::SyncCapacity:
+  case StepOp::AllToAll:
+  case StepOp::AllGather:
+  case StepOp::ReduceScatter:
+    return true;
+  default:
+    return false;
+  }
 }
 
 const StepSignature &getStepSignature(StepOp op) {
@@ -173,6 +200,13 @@ const StepSignature &getStepSignature(StepOp op) {
        {}},
       /*router_backward*/
       {{R::X, R::Wg, R::GradLogits}, {}, {R::GradX, R::GradWg}, {}},
+      // sync_capacity reads and rewrites its outputs (the gate's).
+      /*sync_capacity*/ {{}, {}, {R::Capacity, R::ExpertOffsets}, {}},
+      /*all_to_all*/ {{R::Input, R::Capacity}, {}, {R::Output}, {}},
+      /*uniform_segments*/
+      {{R::Capacity}, {}, {R::ExpertOffsets, R::ExpertRows}, {}},
+      /*all_gather*/ {{R::Input}, {}, {R::Output}, {}},
+      /*reduce_scatter*/ {{R::Input}, {}, {R::Output}, {}},
   };
   return signatures[static_cast<int>(op)];
 }

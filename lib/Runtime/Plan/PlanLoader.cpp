@@ -296,6 +296,25 @@ StepAttrs readAttrs(const Json *json, const std::string &path, StepOp op,
     attrs.activation = asEnum<Activation>(*v, at + "activation",
                                           parseActivation,
                                           {"relu", "gelu", "silu"});
+  // Collectives (PlanFormat.md, "Many ranks"). Ranges are the verifier's.
+  if (const Json *v = has("direction"))
+    attrs.direction = asEnum<AllToAllDirection>(
+        *v, at + "direction", parseAllToAllDirection, {"dispatch", "combine"});
+  else if (op == StepOp::AllToAll)
+    fail(at + "direction", "missing (required by op 'all_to_all'); allowed: "
+                           "dispatch, combine");
+  if (const Json *v = has("chunks"))
+    attrs.chunks = asInt(*v, at + "chunks");
+  if (const Json *v = has("chunk"))
+    attrs.chunk = asInt(*v, at + "chunk");
+  if (const Json *v = has("groups"))
+    attrs.groups = asInt(*v, at + "groups");
+  else if (op == StepOp::UniformSegments)
+    fail(at + "groups", "missing (required by op 'uniform_segments')");
+  if (const Json *v = has("ranks"))
+    attrs.ranks = asInt(*v, at + "ranks");
+  else if (op == StepOp::UniformSegments)
+    fail(at + "ranks", "missing (required by op 'uniform_segments')");
   return attrs;
 }
 
@@ -357,7 +376,8 @@ Step readStep(const Json &json, const std::string &path,
       {"router", "gate", "dispatch", "grouped_gemm", "glu", "combine",
        "combine_backward", "grouped_gemm_wgrad", "activation_backward",
        "glu_backward", "dispatch_backward", "gate_backward",
-       "router_backward"});
+       "router_backward", "sync_capacity", "all_to_all", "uniform_segments",
+       "all_gather", "reduce_scatter"});
   readOperands(optionalField(json, "in"), path + ".in", names, step.op,
                /*isInput=*/true, step.inputs);
   readOperands(optionalField(json, "out"), path + ".out", names, step.op,
@@ -409,6 +429,11 @@ void readPlan(const Json &root, Plan &plan) {
     plan.producer = asString(*producer, "producer");
   plan.layer = readLayer(field(root, "", "layer"), "layer");
   plan.training = asBool(field(root, "", "training"), "training");
+  // Absent = one rank (PlanFormat.md, "Many ranks").
+  if (const Json *world = optionalField(root, "world")) {
+    expectObject(*world, "world");
+    plan.worldSize = asInt(field(*world, "world", "size"), "world.size");
+  }
 
   const Json &arguments = field(root, "", "arguments");
   expectArray(arguments, "arguments");
@@ -603,6 +628,18 @@ struct OperandChecker {
 constexpr std::initializer_list<DType> kFloatTypes = {DType::F32, DType::BF16,
                                                      DType::F16};
 
+/// The chunks D and chunk q of all_to_all and uniform_segments.
+void checkChunks(const Step &step, const std::string &path) {
+  const StepAttrs &a = step.attrs;
+  if (a.chunks < 1 || a.chunks > (1 << 20))
+    fail(path + ".attrs.chunks", "chunks " + std::to_string(a.chunks) +
+                                     " is out of range; allowed: 1 to 2^20");
+  if (a.chunk < 0 || a.chunk >= a.chunks)
+    fail(path + ".attrs.chunk",
+         "chunk " + std::to_string(a.chunk) + " is out of range; allowed: 0 "
+         "to chunks - 1 = " + std::to_string(a.chunks - 1));
+}
+
 void checkStepShapes(const Plan &plan, const Step &step,
                      const std::string &path, const StepAttrs &gateAttrs) {
   const LayerConfig &layer = plan.layer;
@@ -626,6 +663,28 @@ void checkStepShapes(const Plan &plan, const Step &step,
   OperandChecker c{plan, step, path};
   using R = OperandRole;
   const bool in = true, out = false;
+  const int64_t W = plan.worldSize, L = plan.localExperts();
+
+  // The ops that run per group of rows take their groups from
+  // expert_offsets/expert_rows: the gate's E experts, or the L = E / W
+  // local experts of a received buffer (uniform_segments).
+  const bool segmentOp =
+      step.op == StepOp::GroupedGemm || step.op == StepOp::Glu ||
+      step.op == StepOp::ActivationBackward ||
+      step.op == StepOp::GluBackward || step.op == StepOp::GroupedGemmWgrad ||
+      step.op == StepOp::UniformSegments;
+  int64_t G = E;
+  if (segmentOp) {
+    const BufferDesc *rows =
+        c.get(R::ExpertRows, step.op != StepOp::UniformSegments);
+    if (rows && rows->shape.size() == 1 && rows->shape[0] == L)
+      G = L;
+  }
+  const std::string groupsMeaning =
+      segmentOp && L != E ? " (G = E = " + std::to_string(E) +
+                                " experts, or L = E / W = " +
+                                std::to_string(L) + " local experts)"
+                          : "";
 
   // Routing buffers have the same shape wherever they appear.
   for (bool isInput : {in, out}) {
@@ -635,10 +694,14 @@ void checkStepShapes(const Plan &plan, const Step &step,
              "locations [T, k] i32");
     c.expect(R::Gates, isInput, {DType::F32}, {T, k}, "gates [T, k] f32");
     c.expect(R::Capacity, isInput, {DType::I32}, {1}, "capacity [1] i32");
-    c.expect(R::ExpertOffsets, isInput, {DType::I32}, {E + 1},
-             "expert_offsets [E + 1] i32");
-    c.expect(R::ExpertRows, isInput, {DType::I32}, {E},
-             "expert_rows [E] i32");
+    c.expect(R::ExpertOffsets, isInput, {DType::I32}, {G + 1},
+             std::string(segmentOp ? "expert_offsets [G + 1] i32"
+                                   : "expert_offsets [E + 1] i32") +
+                 groupsMeaning);
+    c.expect(R::ExpertRows, isInput, {DType::I32}, {G},
+             std::string(segmentOp ? "expert_rows [G] i32"
+                                   : "expert_rows [E] i32") +
+                 groupsMeaning);
     c.expect(R::LAux, isInput, {DType::F32}, {1}, "l_aux [1] f32");
     c.expect(R::GradLAux, isInput, {DType::F32}, {1}, "grad_l_aux [1] f32");
     c.expect(R::Logits, isInput, {DType::F32}, {T, E}, "logits [T, E] f32");
@@ -693,8 +756,9 @@ void checkStepShapes(const Plan &plan, const Step &step,
         c.expect(R::A, in, kFloatTypes, {-1, -1}, "a [R, K]");
     int64_t K = a->shape[1];
     const BufferDesc *b =
-        c.expect(R::B, in, kFloatTypes, {E, -1, -1},
-                 step.attrs.transB ? "b [E, N, K]" : "b [E, K, N]");
+        c.expect(R::B, in, kFloatTypes, {G, -1, -1},
+                 (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") +
+                     groupsMeaning);
     int64_t bK = b->shape[step.attrs.transB ? 2 : 1];
     int64_t N = b->shape[step.attrs.transB ? 1 : 2];
     if (bK != K)
@@ -704,7 +768,7 @@ void checkStepShapes(const Plan &plan, const Step &step,
                "' has K = " + std::to_string(K) +
                (step.attrs.transB ? " (trans_b: b is [E, N, K])"
                                   : " (b is [E, K, N])"));
-    c.expect(R::Bias, in, kFloatTypes, {E, N}, "bias [E, N]");
+    c.expect(R::Bias, in, kFloatTypes, {G, N}, "bias [G, N]" + groupsMeaning);
     c.expectRows(R::A, in, K, minRows, "a [R, K]");
     c.expect(R::C, out, kFloatTypes, {a->shape[0], N}, "c [R, N], R of a");
     c.expect(R::Pre, out, kFloatTypes, {a->shape[0], N},
@@ -718,8 +782,70 @@ void checkStepShapes(const Plan &plan, const Step &step,
         c.expect(R::GradC, in, kFloatTypes, {a->shape[0], -1},
                  "grad_c [R, N], R of a");
     int64_t K = a->shape[1], N = gradC->shape[1];
-    c.expect(R::GradB, out, kFloatTypes, {E, K, N}, "grad_b [E, K, N]");
-    c.expect(R::GradBias, out, kFloatTypes, {E, N}, "grad_bias [E, N]");
+    c.expect(R::GradB, out, kFloatTypes, {G, K, N},
+             "grad_b [G, K, N]" + groupsMeaning);
+    c.expect(R::GradBias, out, kFloatTypes, {G, N},
+             "grad_bias [G, N]" + groupsMeaning);
+    break;
+  }
+  case StepOp::SyncCapacity:
+    // capacity and expert_offsets: the routing shapes above.
+    break;
+  case StepOp::AllToAll: {
+    checkChunks(step, path);
+    // Both sides hold E * C rows: [W, L, C, n] and [D, L, W, C / D, n].
+    const BufferDesc *input = c.expectRows(R::Input, in, -1, paddedRows,
+                                           "input [E * C, n]");
+    c.expectRows(R::Output, out, input->shape[1], paddedRows,
+                 "output [E * C, n], n of input");
+    c.expect(R::Output, out, {input->dtype}, {-1, input->shape[1]},
+             "output has the dtype of input");
+    break;
+  }
+  case StepOp::UniformSegments:
+    checkChunks(step, path);
+    if (step.attrs.groups != L)
+      fail(path + ".attrs.groups",
+           "groups " + std::to_string(step.attrs.groups) +
+               " disagrees with the local experts of the plan: L = E / W = " +
+               std::to_string(E) + " / " + std::to_string(W) + " = " +
+               std::to_string(L));
+    if (step.attrs.ranks != W)
+      fail(path + ".attrs.ranks",
+           "ranks " + std::to_string(step.attrs.ranks) +
+               " disagrees with the plan's world size " + std::to_string(W));
+    break;
+  case StepOp::AllGather:
+  case StepOp::ReduceScatter: {
+    // The rank's block is 1/W of the full buffer's first dimension.
+    bool gather = step.op == StepOp::AllGather;
+    const BufferDesc *input = c.get(R::Input, in);
+    const BufferDesc *output = c.get(R::Output, out);
+    const BufferDesc *block = gather ? input : output;
+    const BufferDesc *full = gather ? output : input;
+    std::string fullPath = c.where(gather ? R::Output : R::Input, !gather);
+    if (!gather && input->dtype == DType::I32)
+      fail(c.where(R::Input, in), "buffer '" + input->name +
+                                      "' has dtype i32; op 'reduce_scatter' "
+                                      "sums f32, bf16 or f16");
+    if (input->dtype != output->dtype)
+      fail(c.where(R::Output, out),
+           "buffer '" + output->name + "' has dtype " +
+               std::string(toString(output->dtype)) + "; op '" +
+               std::string(toString(step.op)) +
+               "' keeps the dtype of its input (" +
+               std::string(toString(input->dtype)) + ")");
+    std::vector<int64_t> want = block->shape;
+    if (!want.empty())
+      want[0] = checkedMul(want[0], W).value_or(-1);
+    if (block->shape.empty() || full->shape != want)
+      fail(fullPath, "buffer '" + full->name + "' has shape " +
+                         shapeString(full->shape) + "; op '" +
+                         std::string(toString(step.op)) +
+                         "' needs the rank's block " +
+                         shapeString(block->shape) + " times W = " +
+                         std::to_string(W) + " in the first dimension, " +
+                         shapeString(want));
     break;
   }
   case StepOp::Glu:
@@ -749,6 +875,96 @@ std::string stepPath(size_t variant, bool backward, size_t index) {
          (backward ? "backward[" : "forward[") + std::to_string(index) + "]";
 }
 
+/// The outputs a step reads before writing: accumulation targets, and what
+/// sync_capacity rewrites.
+std::vector<OperandRole> readOutputs(const Step &step) {
+  using R = OperandRole;
+  switch (step.op) {
+  case StepOp::RouterBackward:
+    return {R::GradX};
+  case StepOp::GroupedGemm:
+    return step.attrs.accumulate ? std::vector<R>{R::C} : std::vector<R>{};
+  case StepOp::GroupedGemmWgrad:
+    return step.attrs.accumulate ? std::vector<R>{R::GradB, R::GradBias}
+                                 : std::vector<R>{};
+  case StepOp::SyncCapacity:
+    return {R::Capacity, R::ExpertOffsets};
+  default:
+    return {};
+  }
+}
+
+/// The rules of multi-rank steps over one variant (PlanFormat.md, "Many
+/// ranks"): the padded layout, chunks that divide the capacity, and one C
+/// on every rank before tokens move.
+void verifyRanks(const Plan &plan, size_t v, const Step &gate) {
+  const Variant &variant = plan.variants[v];
+  const std::string path = "variants[" + std::to_string(v) + "]";
+  bool movesTokens = false;
+  for (bool backward : {false, true}) {
+    const std::vector<Step> &steps =
+        backward ? variant.backward : variant.forward;
+    for (size_t s = 0; s < steps.size(); ++s) {
+      const Step &step = steps[s];
+      if (step.op != StepOp::AllToAll && step.op != StepOp::UniformSegments)
+        continue;
+      movesTokens = true;
+      // The chunks split the capacity C, which the gate aligns.
+      if (step.attrs.chunks >= 1 &&
+          gate.attrs.capacityAlignment % step.attrs.chunks != 0)
+        fail(stepPath(v, backward, s) + ".attrs.chunks",
+             "op '" + std::string(toString(step.op)) + "' splits the "
+             "capacity into " + std::to_string(step.attrs.chunks) +
+                 " chunks, but the gate's capacity_alignment " +
+                 std::to_string(gate.attrs.capacityAlignment) +
+                 " is not a multiple of it");
+    }
+  }
+  if ((plan.worldSize > 1 || movesTokens) &&
+      gate.attrs.layout != DispatchLayout::Padded)
+    fail(path + ".forward",
+         std::string("the gate's layout is 'ragged'; ") +
+             (plan.worldSize > 1 ? "multi-rank plans"
+                                 : "plans with all_to_all or "
+                                   "uniform_segments") +
+             " use the 'padded' layout (PlanFormat.md, \"Many ranks\")");
+  // With a data-dependent C, every rank must use one C before rows move:
+  // sync_capacity between the gate and any step reading the gate's
+  // capacity or offsets.
+  if (!movesTokens || plan.worldSize == 1 ||
+      plan.layer.capacityMode == CapacityMode::Fixed)
+    return;
+  const BufferRef capacity = gate.out(OperandRole::Capacity);
+  const BufferRef offsets = gate.out(OperandRole::ExpertOffsets);
+  bool afterGate = false;
+  for (size_t s = 0; s < variant.forward.size(); ++s) {
+    const Step &step = variant.forward[s];
+    if (&step == &gate) {
+      afterGate = true;
+      continue;
+    }
+    if (!afterGate)
+      continue;
+    if (step.op == StepOp::SyncCapacity)
+      return;
+    for (const BufferRef &ref : step.inputs)
+      if (ref.isValid() && (ref == capacity || ref == offsets))
+        fail(stepPath(v, false, s),
+             "op '" + std::string(toString(step.op)) + "' reads '" +
+                 plan.getBuffer(ref).name +
+                 "' before a 'sync_capacity' step: with capacity_mode '" +
+                 std::string(toString(plan.layer.capacityMode)) +
+                 "' on " + std::to_string(plan.worldSize) +
+                 " ranks, every rank must use one C before tokens move; "
+                 "put 'sync_capacity' right after the gate");
+  }
+  fail(path + ".forward",
+       "no 'sync_capacity' step after the gate: with capacity_mode '" +
+           std::string(toString(plan.layer.capacityMode)) + "' on " +
+           std::to_string(plan.worldSize) +
+           " ranks the all_to_all steps need one C on every rank");
+}
+
 /// The checks that need no steps: layer, sizes, argument table, workspace.
 /// The reader runs them before it resolves step operands, so a missing
 /// argument is reported as such, not as an unknown buffer name.
@@ -756,6 +972,18 @@ void verifyHeader(const Plan &plan) {
   if (std::optional<std::string> error = verifyLayerConfig(plan.layer))
     fail("layer", *error);
   const LayerConfig &layer = plan.layer;
+  const int64_t W = plan.worldSize;
+  if (W < 1 || W > (1 << 20))
+    fail("world.size", "world size " + std::to_string(W) +
+                           " is out of range; allowed: 1 to 2^20");
+  // Each rank holds L = E / W whole experts (PlanFormat.md, "Many ranks").
+  if (W > 1 && layer.experts % W != 0)
+    fail("world.size",
+         std::to_string(W) + " ranks cannot hold the " +
+             std::to_string(layer.experts) +
+             " experts whole: a multi-rank plan needs E % W == 0 (each rank "
+             "holds L = E / W experts); experts sharded over ranks (E < W or "
+             "E % W != 0) are not supported yet");
 
   // Sizes first: every later check multiplies dims.
   for (size_t i = 0; i < plan.arguments.size(); ++i)
@@ -765,7 +993,8 @@ void verifyHeader(const Plan &plan) {
                     "workspace.buffers[" + std::to_string(i) + "]");
 
   // The argument table is fixed by the layer (PlanFormat.md).
-  std::vector<Argument> expected = getExpectedArguments(layer, plan.training);
+  std::vector<Argument> expected =
+      getExpectedArguments(layer, plan.training, W);
   std::vector<std::string> expectedNames;
   for (const Argument &arg : expected)
     expectedNames.push_back(arg.name);
@@ -877,6 +1106,7 @@ void verify(const Plan &plan, const PlanCheckOptions &options) {
     for (const Step &step : variant.backward)
       if (step.op == StepOp::Gate)
         fail(path + ".backward", "a 'gate' step belongs in forward");
+    verifyRanks(plan, v, *gate);
 
     // Data flow: workspace buffers are written before they are read,
     // inputs are never written, outputs are written in the right pass.
@@ -892,23 +1122,22 @@ void verify(const Plan &plan, const PlanCheckOptions &options) {
         const Step &step = steps[s];
         std::string at = stepPath(v, backward, s);
         checkStepShapes(plan, step, at, gate->attrs);
-        // A step that adds into its output reads it first: it must hold a
-        // value written earlier, not uninitialized memory.
-        OperandRole accumulated = OperandRole::GradX;
-        bool accumulates = step.op == StepOp::RouterBackward;
-        if (step.op == StepOp::GroupedGemm && step.attrs.accumulate) {
-          accumulated = OperandRole::C;
-          accumulates = true;
-        }
-        if (const BufferRef &target = step.out(accumulated);
-            accumulates && target.isValid()) {
+        // A step that adds into its output (or rewrites it) reads it
+        // first: it must hold a value written earlier, not uninitialized
+        // memory.
+        for (OperandRole accumulated : readOutputs(step)) {
+          const BufferRef &target = step.out(accumulated);
+          if (!target.isValid())
+            continue;
           bool wasWritten = target.kind == BufferRef::Kind::Workspace
                                 ? static_cast<bool>(written[target.index])
                                 : static_cast<bool>(argWritten[target.index]);
           if (!wasWritten)
             fail(at + ".out." + std::string(toString(accumulated)),
                  "op '" + std::string(toString(step.op)) +
-                     "' adds into '" + plan.getBuffer(target).name +
+                     (step.op == StepOp::SyncCapacity ? "' rewrites '"
+                                                      : "' adds into '") +
+                     plan.getBuffer(target).name +
                      "', which no earlier step writes");
         }
         for (int32_t waitOn : step.wait)
@@ -1046,6 +1275,21 @@ Json writeStep(const Plan &plan, const Step &step) {
   case StepOp::ActivationBackward:
     attrs["activation"] = std::string(toString(a.activation));
     break;
+  case StepOp::GroupedGemmWgrad:
+    if (a.accumulate)
+      attrs["accumulate"] = true;
+    break;
+  case StepOp::AllToAll:
+    attrs["direction"] = std::string(toString(a.direction));
+    attrs["chunks"] = a.chunks;
+    attrs["chunk"] = a.chunk;
+    break;
+  case StepOp::UniformSegments:
+    attrs["groups"] = a.groups;
+    attrs["ranks"] = a.ranks;
+    attrs["chunks"] = a.chunks;
+    attrs["chunk"] = a.chunk;
+    break;
   default:
     break;
   }
@@ -1060,9 +1304,11 @@ Json writeStep(const Plan &plan, const Step &step) {
 } // namespace
 
 std::vector<Argument> getExpectedArguments(const LayerConfig &layer,
-                                           bool training) {
+                                           bool training, int64_t worldSize) {
   const int64_t T = layer.tokens, d = layer.modelDim, h = layer.hiddenDim,
                 E = layer.experts;
+  // Expert parameters are the rank's L = E / W experts.
+  const int64_t L = worldSize > 1 ? E / worldSize : E;
   const DType dt = layer.dtype;
   const DType routerType = layer.routerFp32 ? DType::F32 : dt;
   const bool ffn = layer.expertKind == ExpertKind::FFN;
@@ -1088,11 +1334,11 @@ std::vector<Argument> getExpectedArguments(const LayerConfig &layer,
   std::vector<Param> params = {
       {"x", "grad_x", dt, {T, d}, true},
       {"wg", "grad_wg", routerType, {d, E}, true},
-      {"w1", "grad_w1", dt, {E, d, h}, true},
-      {"b1", "grad_b1", dt, {E, h}, bias},
-      {"w2", "grad_w2", dt, {E, h, d}, true},
-      {"b2", "grad_b2", dt, {E, d}, bias},
-      {"w3", "grad_w3", dt, {E, d, h}, gated},
+      {"w1", "grad_w1", dt, {L, d, h}, true},
+      {"b1", "grad_b1", dt, {L, h}, bias},
+      {"w2", "grad_w2", dt, {L, h, d}, true},
+      {"b2", "grad_b2", dt, {L, d}, bias},
+      {"w3", "grad_w3", dt, {L, d, h}, gated},
   };
   for (const Param &p : params)
     if (p.present)
@@ -1191,6 +1437,8 @@ std::string writePlan(const Plan &plan, int indent) {
   layer["gate_noise"] = l.gateNoise;
   layer["seed"] = l.seed;
   root["layer"] = std::move(layer);
+  if (plan.worldSize != 1)
+    root["world"] = {{"size", plan.worldSize}};
   root["training"] = plan.training;
   Json arguments = Json::array();
   for (const Argument &arg : plan.arguments) {

@@ -16,7 +16,9 @@
 //    capacity, expert offsets and rows), laid out as in PlanFormat.md.
 //  - Steps after the gate touch only the valid rows of each expert
 //    (`expertOffsets[e] .. expertOffsets[e] + expertRows[e]`); other rows of
-//    a dispatch-shaped buffer are neither read nor written.
+//    a dispatch-shaped buffer are neither read nor written, except that
+//    `dispatch` and `combineBackward` write zeros into the padding rows of
+//    [0, expertOffsets[E]) (the padded layout's zero-fill rule).
 //  - Element offsets are computed in int64 arithmetic.
 //  - Kernels run on OpenMP threads and OpenBLAS; their results do not depend
 //    on the number of threads (each output element is reduced in a fixed
@@ -175,7 +177,11 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
           const GateAttrs &attrs, const GateOutputs &out);
 
 /// `dispatch` ([dispatch-1]): dispatched[row(t, j)] = x[t] for every kept
-/// slot. Writes only the valid rows; dispatched has x's type.
+/// slot, and zeros in every other row of [0, expertOffsets[E]) (the padding
+/// of the padded layout; the ragged layout has none), so GEMMs over whole
+/// capacity blocks read finite zeros. Rows past expertOffsets[E] are not
+/// written.
+/// dispatched has x's type.
 void dispatch(ReadBuffer x, int64_t modelDim, const Routing &routing,
               WriteBuffer dispatched);
 
@@ -224,17 +230,27 @@ void combine(ReadBuffer expertOut, int64_t modelDim, const Routing &routing,
 /// `combine_backward`: for each kept slot, gradExpertOut[row(t, j)] =
 /// gates[t, j] * gradOut[t] and gradGates[t, j] = <gradOut[t],
 /// expertOut[row(t, j)]>; gradGates of a dropped slot is 0. Every valid row
-/// of gradExpertOut is written (each is the row of exactly one kept slot).
+/// of gradExpertOut is written (each is the row of exactly one kept slot),
+/// and the padding rows of [0, expertOffsets[E]) get zeros, as in
+/// `dispatch`.
 void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut, int64_t modelDim,
                      const Routing &routing, WriteBuffer gradExpertOut,
                      float *gradGates);
 
+struct GroupedGemmWgradOptions {
+  /// gradB += and gradBias += instead of =: the chunks of a pipelined
+  /// backward sum into one gradient.
+  bool accumulate = false;
+};
+
 /// `grouped_gemm_wgrad`: gradB[e] = a_e^T @ gradC_e ([K, N]) and, when
 /// gradBias.data is not null, gradBias[e] = column sums of gradC_e. Writes
-/// all of gradB and gradBias: an expert with no rows gets zeros.
+/// all of gradB and gradBias: an expert with no rows gets zeros (with
+/// `accumulate`, keeps its value).
 void groupedGemmWgrad(ReadBuffer a, ReadBuffer gradC, int64_t k, int64_t n,
                       const ExpertSegments &segments, WriteBuffer gradB,
-                      WriteBuffer gradBias);
+                      WriteBuffer gradBias,
+                      const GroupedGemmWgradOptions &options = {});
 
 /// `activation_backward`: gradPre = grad * act'(pre) over valid rows. relu'
 /// is 1 for pre > 0 and 0 otherwise.

@@ -1,0 +1,114 @@
+//===- Communicator.h - Collectives between the ranks of a plan -*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares Communicator, the collectives the collective steps of a
+// multi-rank plan run through (docs/PlanFormat.md, "Many ranks"), and the
+// communicators that need no library: "self" (one rank) and "local" (W ranks
+// as W threads of one process, for tests and machines without MPI). MPI is
+// in MpiCommunicator.h; NCCL will implement the same interface with device
+// pointers queued on a stream (memory() == Device, setStream).
+//
+// Every rank calls the same collectives in the same order. Every collective
+// has a bounded wait: FLEX_COLLECTIVE_TIMEOUT_S seconds (default 300). A
+// collective that times out or fails returns CommunicationError naming the
+// collective (`what`) and the ranks it waited for; the communicator is then
+// broken (later calls fail at once), and abort() ends the job where the
+// transport cannot recover (MPI).
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_COMM_COMMUNICATOR_H
+#define FLEX_RUNTIME_COMM_COMMUNICATOR_H
+
+#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Status.h"
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+namespace flex {
+
+/// Where the buffers of a communicator's calls live.
+enum class CommMemory : uint8_t {
+  /// Host memory; calls complete before they return (self, local, MPI).
+  Host,
+  /// Device memory; calls are queued on the stream of setStream and return
+  /// before they complete (NCCL, to come).
+  Device,
+};
+
+/// The default of FLEX_COLLECTIVE_TIMEOUT_S.
+inline constexpr double kDefaultCollectiveTimeoutSeconds = 300.0;
+
+/// The bounded wait of every collective: FLEX_COLLECTIVE_TIMEOUT_S (a number
+/// of seconds > 0) or the default. InvalidArgument when the variable is set
+/// to something else.
+Status getCollectiveTimeout(double &seconds);
+
+class Communicator {
+public:
+  virtual ~Communicator();
+
+  /// "self", "local", "mpi".
+  virtual std::string_view name() const = 0;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  virtual CommMemory memory() const { return CommMemory::Host; }
+  /// The stream device calls are queued on; host communicators accept only
+  /// null.
+  virtual Status setStream(void *stream);
+
+  /// All-to-all of byte blocks. To each rank p this rank sends
+  /// `sendBytes[p]` bytes at `send + sendOffsets[p]`, and from each rank p
+  /// it receives `recvBytes[p]` bytes into `recv + recvOffsets[p]`; the
+  /// arrays have size() entries. recvBytes[p] must be what p sends here.
+  /// Send and receive memory must not overlap.
+  virtual Status allToAll(const void *send, const int64_t *sendOffsets,
+                          const int64_t *sendBytes, void *recv,
+                          const int64_t *recvOffsets, const int64_t *recvBytes,
+                          std::string_view what) = 0;
+
+  /// values[i] = the largest values[i] over the ranks.
+  virtual Status allReduceMaxInt32(int32_t *values, int64_t count,
+                                   std::string_view what) = 0;
+
+  /// Block p of `recv` (`bytes` bytes at recv + p * bytes) = `send` of rank
+  /// p.
+  virtual Status allGather(const void *send, int64_t bytes, void *recv,
+                           std::string_view what) = 0;
+
+  /// recv[i] = sum over ranks p of p's send[rank() * count + i], for `count`
+  /// elements of `type` (F32, BF16, F16): `send` is [size(), count]. Sums
+  /// are fp32, rounded once into `type`.
+  virtual Status reduceScatterSum(const void *send, void *recv, int64_t count,
+                                  DType type, std::string_view what) = 0;
+
+  virtual Status barrier(std::string_view what) = 0;
+
+  /// Called by the executor when a collective step failed with
+  /// CommunicationError (`status` names the step). The MPI communicator
+  /// prints the message and calls MPI_Abort (unless built not to); others
+  /// stay broken, so later collectives fail at once instead of waiting.
+  virtual void abort(const Status &status);
+};
+
+/// The communicator of one rank: W = 1, every collective a local copy.
+std::shared_ptr<Communicator> createSelfCommunicator();
+
+/// W communicators for W threads of this process (rank i is element i);
+/// thread i must make rank i's calls. The collectives meet in shared memory
+/// and wait at most `timeoutSeconds` (< 0: FLEX_COLLECTIVE_TIMEOUT_S or its
+/// default). For tests and for running a multi-rank plan without MPI.
+Status createLocalCommunicators(int size,
+                                std::vector<std::shared_ptr<Communicator>> &ranks,
+                                double timeoutSeconds = -1);
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_COMM_COMMUNICATOR_H
