@@ -5,17 +5,20 @@
 //===----------------------------------------------------------------------===//
 //
 // This file implements --convert-moe-to-moert. A layer is lowered as a whole
-// rather than op by op with the dialect conversion framework: its four ops
-// share routing buffers, and the backward steps of one op need buffers of
-// another, so the plan is built from the layer's structure at once.
+// rather than op by op with the dialect conversion framework: its ops share
+// routing buffers, and the backward steps of one op need buffers of another,
+// so the plan is built from the layer's structure at once. Functions tagged
+// `moe.variant_of` (by --moe-multiversion) become the variants of one plan.
 //
 //===----------------------------------------------------------------------===//
 
 #include "flex/Conversion/MoeToMoeRT/MoeToMoeRT.h"
 
+#include "flex/Dialect/Moe/Transforms/LayerTransforms.h"
+
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/BuiltinOps.h"
-#include "llvm/ADT/TypeSwitch.h"
+#include "llvm/ADT/MapVector.h"
 
 namespace flex {
 #define GEN_PASS_DEF_CONVERTMOETOMOERTPASS
@@ -25,134 +28,109 @@ namespace flex {
 using namespace mlir;
 using namespace flex;
 using namespace flex::moert;
+using moe::ExpandedLayer;
 
 namespace {
-/// The four ops of one expanded layer and the function's return.
-struct LayerOps {
-  moe::GateOp gate;
-  moe::DispatchOp dispatch;
-  moe::ExpertOp expert;
-  moe::CombineOp combine;
-  func::ReturnOp ret;
-};
-
-/// Finds the layer in `func` and checks that it is one chain over the
-/// function's arguments.
-FailureOr<LayerOps> matchLayer(func::FuncOp func) {
-  LayerOps ops;
-  auto once = [&](auto &slot, auto op) -> LogicalResult {
-    if (slot)
-      return op.emitOpError("[plan-3] a plan holds one layer; this function "
-                            "has a second ")
-             << op->getName();
-    slot = op;
-    return success();
-  };
-  if (!func.getBody().hasOneBlock())
-    return func.emitOpError("[plan-3] a layer function has one block");
-  for (Operation &op : func.getBody().front()) {
-    LogicalResult matched =
-        llvm::TypeSwitch<Operation *, LogicalResult>(&op)
-            .Case([&](moe::GateOp gate) { return once(ops.gate, gate); })
-            .Case([&](moe::DispatchOp d) { return once(ops.dispatch, d); })
-            .Case([&](moe::ExpertOp e) { return once(ops.expert, e); })
-            .Case([&](moe::CombineOp c) { return once(ops.combine, c); })
-            .Case([&](func::ReturnOp r) { return once(ops.ret, r); })
-            .Case([&](moe::LayerOp layer) {
-              return layer.emitOpError(
-                  "[plan-3] expand moe.layer first (--moe-expand-layer)");
-            })
-            .Default([&](Operation *other) {
-              return other->emitOpError(
-                  "[plan-3] cannot be lowered into a plan: a layer function "
-                  "holds only moe.gate, moe.dispatch, moe.expert and "
-                  "moe.combine");
-            });
-    if (failed(matched))
-      return failure();
-  }
-  if (!ops.gate || !ops.dispatch || !ops.expert || !ops.combine)
-    return func.emitOpError("[plan-3] a layer function needs one moe.gate, "
-                            "moe.dispatch, moe.expert and moe.combine");
-
-  Value routing = ops.gate.getRouting();
-  if (ops.dispatch.getInput() != ops.gate.getInput() ||
-      ops.dispatch.getRouting() != routing)
-    return ops.dispatch.emitOpError(
-        "[plan-3] must dispatch the gate's input with the gate's routing");
-  if (ops.expert.getInput() != ops.dispatch.getResult())
-    return ops.expert.emitOpError("[plan-3] must read the dispatch buffer");
-  if (ops.combine.getInput() != ops.expert.getResult() ||
-      ops.combine.getRouting() != routing)
-    return ops.combine.emitOpError(
-        "[plan-3] must combine the experts' output with the gate's routing");
-
-  // Tokens and weights are the caller's buffers, bound by name.
-  for (Value value : {ops.gate.getInput(), ops.gate.getRouterWeight(),
-                      ops.expert.getFc1Weight(), ops.expert.getFc2Weight(),
-                      ops.expert.getUpWeight(), ops.expert.getFc1Bias(),
-                      ops.expert.getFc2Bias()}) {
-    if (value && !isa<BlockArgument>(value))
-      return value.getDefiningOp()->emitOpError(
-          "[plan-3] tokens and weights of a plan must be function arguments");
-  }
-  for (Value result : ops.ret.getOperands()) {
-    if (result != ops.combine.getResult() && result != ops.gate.getAuxLoss())
-      return ops.ret.emitOpError("[plan-3] a layer function returns the "
-                                 "combined output and the aux loss only");
-  }
-  return ops;
-}
-
 MemRefType memref(ArrayRef<int64_t> shape, Type element) {
   return MemRefType::get(shape, element);
 }
 
-/// Builds a plan for `ops` at the builder's insertion point.
+MemRefType memrefOf(Value tensor) {
+  auto type = cast<RankedTensorType>(tensor.getType());
+  return memref(type.getShape(), type.getElementType());
+}
+
+using Roles = SmallVector<std::pair<StringRef, Value>>;
+
+/// The expert weights an expert step reads, or their gradients.
+struct ExpertWeights {
+  Value w1, w2, w3, b1, b2;
+};
+
+/// Builds one plan, with one variant per layer function, at the builder's
+/// insertion point. The first function's arguments are the plan's (every
+/// variant has the same, by construction of --moe-multiversion).
 class PlanBuilder {
 public:
-  PlanBuilder(OpBuilder &builder, LayerOps ops,
+  PlanBuilder(OpBuilder &builder, ExpandedLayer first,
               const MoeToMoeRTOptions &options)
-      : b(builder), ops(ops), options(options),
-        loc(ops.gate.getLoc()) {}
+      : b(builder), first(first), options(options),
+        loc(first.gate.getLoc()) {}
 
-  PlanOp build(StringRef name);
+  FailureOr<PlanOp> build(StringRef name,
+                          ArrayRef<std::pair<std::string, ExpandedLayer>>
+                              variants);
 
 private:
   Value argument(StringRef name, ArgumentRole role, MemRefType type) {
     return ArgumentOp::create(b, loc, type, name, role).getBuffer();
   }
+  /// A workspace buffer of the variant being built (its name prefixed by
+  /// the variant's when the plan has several).
   Value alloc(StringRef name, MemRefType type) {
-    return AllocOp::create(b, loc, type, name, IntegerAttr()).getBuffer();
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPoint(variantOp);
+    std::string full = (prefix + name).str();
+    return AllocOp::create(b, loc, type, full, IntegerAttr()).getBuffer();
   }
   DictionaryAttr layerAttr();
-  void buildForward();
-  void buildBackward();
+  void declareArguments();
+  void buildVariant(ExpandedLayer layer);
+  void buildForward(ExpandedLayer layer);
+  void buildBackward(ExpandedLayer layer);
+  /// Expert steps over `segments` of `rows`: input `a` -> output `y`.
+  void expertsForward(Value a, Value y, std::pair<Value, Value> segments,
+                      const ExpertWeights &weights, int64_t chunk);
+  /// Their backward: `gradY` -> `gradA`, weight gradients into `grads`
+  /// (summed over chunks when `chunk` > 0).
+  void expertsBackward(Value a, Value gradY, Value gradA,
+                       std::pair<Value, Value> segments,
+                       const ExpertWeights &weights,
+                       const ExpertWeights &grads, int64_t chunk);
+  Roles withSegments(Roles roles, std::pair<Value, Value> segments) {
+    roles.push_back({"expert_offsets", segments.first});
+    roles.push_back({"expert_rows", segments.second});
+    return roles;
+  }
 
   OpBuilder &b;
-  LayerOps ops;
+  ExpandedLayer first;
   const MoeToMoeRTOptions &options;
   Location loc;
+  VariantOp variantOp;
+  std::string prefix;
 
   // Sizes and types.
-  int64_t tokens, modelDim, hiddenDim, experts, topK, rows;
+  int64_t tokens, modelDim, hiddenDim, experts, topK, ranks;
   Type element, routerElement, f32, i32;
-  Layout layout;
   bool gated, bias;
+  moe::CapacityAttr capacityAttr;
+  int64_t capacityBound;
 
   // Arguments.
-  Value x, wg, w1, b1, w2, b2, w3, out, lAux;
-  Value gradOut, gradLAux, gradX, gradWg, gradW1, gradB1, gradW2, gradB2,
-      gradW3;
-  // Workspace.
+  Value x, wg, out, lAux, gradOut, gradLAux, gradX, gradWg;
+  ExpertWeights weights, weightGrads;
+
+  // Per variant: layout, rows of the dispatch-side buffers, buffers.
+  Layout layout;
+  int64_t rows;
   Value logits, scores, indices, locations, gates, capacity, offsets,
-      expertRows, dispatched, hidden, hiddenPre, gateProj, upProj, expertOut;
+      expertRows, dispatched, expertOut;
+  // Per variant and chunk: activations the backward reads.
+  struct ChunkBuffers {
+    std::pair<Value, Value> segments;
+    Value input, hidden, hiddenPre, gateProj, upProj, output;
+  };
+  SmallVector<ChunkBuffers> chunks;
+  Value gradHidden, gradHiddenPre, gradGateProj, gradUpProj;
+  ExpertWeights fullWeights; // data parallel: gathered
 };
 
 DictionaryAttr PlanBuilder::layerAttr() {
-  moe::CapacityAttr cap = ops.gate.getCapacity();
+  moe::GateOp gate = first.gate;
+  moe::ExpertOp expert = first.experts.front();
   std::optional<moe::Activation> act;
-  if (auto attr = ops.expert.getActivationAttr())
+  if (auto attr = expert.getActivationAttr())
     act = attr.getValue();
   auto dtypeName = [](Type type) -> StringRef {
     if (type.isF32())
@@ -161,18 +139,18 @@ DictionaryAttr PlanBuilder::layerAttr() {
       return "bf16";
     return "f16";
   };
+  bool dropless = capacityAttr.getMode() == moe::CapacityMode::Dropless;
   SmallVector<NamedAttribute> fields = {
       b.getNamedAttr("tokens", b.getI64IntegerAttr(tokens)),
       b.getNamedAttr("model_dim", b.getI64IntegerAttr(modelDim)),
       b.getNamedAttr("hidden_dim", b.getI64IntegerAttr(hiddenDim)),
       b.getNamedAttr("experts", b.getI64IntegerAttr(experts)),
       b.getNamedAttr("top_k", b.getI64IntegerAttr(topK)),
-      b.getNamedAttr("capacity_mode",
-                     b.getStringAttr(moe::stringifyCapacityMode(cap.getMode()))),
+      b.getNamedAttr("capacity_mode", b.getStringAttr(moe::stringifyCapacityMode(
+                                          capacityAttr.getMode()))),
       b.getNamedAttr("capacity_factor",
-                     b.getF64FloatAttr(cap.getMode() == moe::CapacityMode::Dropless
-                                           ? 1.0
-                                           : cap.getFactorValue())),
+                     b.getF64FloatAttr(dropless ? 1.0
+                                                : capacityAttr.getFactorValue())),
       b.getNamedAttr("expert_kind", b.getStringAttr(gated ? "gated" : "ffn")),
       b.getNamedAttr("activation",
                      b.getStringAttr(moe::stringifyActivation(
@@ -181,93 +159,108 @@ DictionaryAttr PlanBuilder::layerAttr() {
       b.getNamedAttr("dtype", b.getStringAttr(dtypeName(element))),
       b.getNamedAttr("router_fp32", b.getBoolAttr(routerElement.isF32())),
       b.getNamedAttr("batch_prioritized",
-                     b.getBoolAttr(ops.gate.getBatchPrioritized())),
-      b.getNamedAttr("normalize_gate", b.getBoolAttr(ops.gate.getNormalize())),
-      b.getNamedAttr("gate_noise", ops.gate.getNoiseAttr()),
-      b.getNamedAttr("seed", ops.gate.getSeedAttr()),
+                     b.getBoolAttr(gate.getBatchPrioritized())),
+      b.getNamedAttr("normalize_gate", b.getBoolAttr(gate.getNormalize())),
+      b.getNamedAttr("gate_noise", gate.getNoiseAttr()),
+      b.getNamedAttr("seed", gate.getSeedAttr()),
   };
   return b.getDictionaryAttr(fields);
 }
 
-PlanOp PlanBuilder::build(StringRef name) {
-  auto input = cast<RankedTensorType>(ops.gate.getInput().getType());
-  auto router = cast<RankedTensorType>(ops.gate.getRouterWeight().getType());
-  auto routingType = ops.gate.getRouting().getType();
-  tokens = input.getDimSize(0);
-  modelDim = input.getDimSize(1);
-  experts = routingType.getExperts();
-  topK = routingType.getTopK();
-  hiddenDim = ops.expert.getHiddenDim();
-  element = input.getElementType();
-  routerElement = router.getElementType();
-  f32 = b.getF32Type();
-  i32 = b.getI32Type();
-  gated = ops.expert.getKind() == moe::ExpertKind::Gated;
-  bias = static_cast<bool>(ops.expert.getFc1Bias());
-
-  // Rows of the dispatch buffer: E * C_bound padded, T * k ragged (the
-  // kept rows never exceed either). [cap-1]: no expert gets more than T.
-  moe::CapacityAttr cap = ops.gate.getCapacity();
-  int64_t bound = tokens;
-  if (auto capBound = cap.getCapacityBound(tokens, experts, topK))
-    bound = cap.getMode() == moe::CapacityMode::Fixed
-                ? *capBound
-                : std::min(*capBound, tokens);
-  int64_t align = cap.getAlignment();
-  int64_t alignedBound = (bound + align - 1) / align * align;
-  layout = options.layout.value_or(cap.getMode() == moe::CapacityMode::Fixed
-                                       ? Layout::Padded
-                                       : Layout::Ragged);
-  rows = experts * alignedBound;
-  if (layout == Layout::Ragged)
-    rows = std::min(rows, tokens * topK);
-
-  auto plan = PlanOp::create(b, loc, b.getStringAttr(name), layerAttr(),
-                             options.training ? b.getUnitAttr() : UnitAttr(),
-                             IntegerAttr(), b.getI64IntegerAttr(256));
-  Block *body = new Block();
-  plan.getBody().push_back(body);
-  OpBuilder::InsertionGuard guard(b);
-  b.setInsertionPointToStart(body);
-
-  auto weight = [&](Value tensor) {
-    return memref(cast<RankedTensorType>(tensor.getType()).getShape(),
-                  element);
-  };
+void PlanBuilder::declareArguments() {
+  moe::ExpertOp expert = first.experts.front();
   MemRefType tokensType = memref({tokens, modelDim}, element);
   x = argument("x", ArgumentRole::Input, tokensType);
   wg = argument("wg", ArgumentRole::Input,
                 memref({modelDim, experts}, routerElement));
-  w1 = argument("w1", ArgumentRole::Input, weight(ops.expert.getFc1Weight()));
-  if (bias)
-    b1 = argument("b1", ArgumentRole::Input, weight(ops.expert.getFc1Bias()));
-  w2 = argument("w2", ArgumentRole::Input, weight(ops.expert.getFc2Weight()));
-  if (bias)
-    b2 = argument("b2", ArgumentRole::Input, weight(ops.expert.getFc2Bias()));
-  if (gated)
-    w3 = argument("w3", ArgumentRole::Input, weight(ops.expert.getUpWeight()));
+  // Each rank's slice [E / W, ...] of the expert parameters.
+  auto weightArgument = [&](StringRef name, Value operand, ArgumentRole role) {
+    Value argument = first.weightArgument(operand);
+    return argument ? this->argument(name, role, memrefOf(argument)) : Value();
+  };
+  weights.w1 = weightArgument("w1", expert.getFc1Weight(), ArgumentRole::Input);
+  weights.b1 = weightArgument("b1", expert.getFc1Bias(), ArgumentRole::Input);
+  weights.w2 = weightArgument("w2", expert.getFc2Weight(), ArgumentRole::Input);
+  weights.b2 = weightArgument("b2", expert.getFc2Bias(), ArgumentRole::Input);
+  weights.w3 = weightArgument("w3", expert.getUpWeight(), ArgumentRole::Input);
   out = argument("out", ArgumentRole::Output, tokensType);
   lAux = argument("l_aux", ArgumentRole::Output, memref({1}, f32));
-  if (options.training) {
-    gradOut = argument("grad_out", ArgumentRole::GradInput, tokensType);
-    gradLAux = argument("grad_l_aux", ArgumentRole::GradInput, memref({1}, f32));
-    gradX = argument("grad_x", ArgumentRole::GradOutput, tokensType);
-    gradWg = argument("grad_wg", ArgumentRole::GradOutput,
-                      memref({modelDim, experts}, routerElement));
-    gradW1 = argument("grad_w1", ArgumentRole::GradOutput,
-                      weight(ops.expert.getFc1Weight()));
-    if (bias)
-      gradB1 = argument("grad_b1", ArgumentRole::GradOutput,
-                        weight(ops.expert.getFc1Bias()));
-    gradW2 = argument("grad_w2", ArgumentRole::GradOutput,
-                      weight(ops.expert.getFc2Weight()));
-    if (bias)
-      gradB2 = argument("grad_b2", ArgumentRole::GradOutput,
-                        weight(ops.expert.getFc2Bias()));
-    if (gated)
-      gradW3 = argument("grad_w3", ArgumentRole::GradOutput,
-                        weight(ops.expert.getUpWeight()));
+  if (!options.training)
+    return;
+  gradOut = argument("grad_out", ArgumentRole::GradInput, tokensType);
+  gradLAux = argument("grad_l_aux", ArgumentRole::GradInput, memref({1}, f32));
+  gradX = argument("grad_x", ArgumentRole::GradOutput, tokensType);
+  gradWg = argument("grad_wg", ArgumentRole::GradOutput,
+                    memref({modelDim, experts}, routerElement));
+  ArgumentRole grad = ArgumentRole::GradOutput;
+  weightGrads.w1 = weightArgument("grad_w1", expert.getFc1Weight(), grad);
+  weightGrads.b1 = weightArgument("grad_b1", expert.getFc1Bias(), grad);
+  weightGrads.w2 = weightArgument("grad_w2", expert.getFc2Weight(), grad);
+  weightGrads.b2 = weightArgument("grad_b2", expert.getFc2Bias(), grad);
+  weightGrads.w3 = weightArgument("grad_w3", expert.getUpWeight(), grad);
+}
+
+FailureOr<PlanOp> PlanBuilder::build(
+    StringRef name,
+    ArrayRef<std::pair<std::string, ExpandedLayer>> variants) {
+  moe::GateOp gate = first.gate;
+  auto input = cast<RankedTensorType>(gate.getInput().getType());
+  auto router = cast<RankedTensorType>(gate.getRouterWeight().getType());
+  moe::RoutingType routingType = gate.getRouting().getType();
+  tokens = input.getDimSize(0);
+  modelDim = input.getDimSize(1);
+  experts = routingType.getExperts();
+  topK = routingType.getTopK();
+  ranks = gate.getRanks();
+  hiddenDim = first.experts.front().getHiddenDim();
+  element = input.getElementType();
+  routerElement = router.getElementType();
+  f32 = b.getF32Type();
+  i32 = b.getI32Type();
+  gated = first.experts.front().getKind() == moe::ExpertKind::Gated;
+  bias = static_cast<bool>(first.experts.front().getFc1Bias());
+  capacityAttr = gate.getCapacity();
+
+  // [cap-1]: no expert gets more than T slots; C is aligned up.
+  int64_t bound = tokens;
+  if (auto capBound = capacityAttr.getCapacityBound(tokens, experts, topK))
+    bound = capacityAttr.getMode() == moe::CapacityMode::Fixed
+                ? *capBound
+                : std::min(*capBound, tokens);
+  int64_t align = capacityAttr.getAlignment();
+  capacityBound = (bound + align - 1) / align * align;
+
+  auto plan = PlanOp::create(b, loc, b.getStringAttr(name), layerAttr(),
+                             options.training ? b.getUnitAttr() : UnitAttr(),
+                             b.getI64IntegerAttr(ranks), IntegerAttr(),
+                             b.getI64IntegerAttr(256));
+  plan.getBody().push_back(new Block());
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(&plan.getBody().front());
+  declareArguments();
+  for (auto [variantName, layer] : variants) {
+    if (layer.gate.getRanks() != ranks)
+      return layer.gate.emitOpError("[plan-3] every variant of a plan runs "
+                                    "on the same ranks");
+    variantOp = VariantOp::create(b, loc, b.getStringAttr(variantName));
+    variantOp.getForward().push_back(new Block());
+    variantOp.getBackward().push_back(new Block());
+    prefix = variants.size() > 1 ? variantName + "." : "";
+    buildVariant(layer);
+    b.setInsertionPointAfter(variantOp);
   }
+  return plan;
+}
+
+void PlanBuilder::buildVariant(ExpandedLayer layer) {
+  // Ranks exchange whole capacity blocks: multi-rank plans are padded.
+  bool fixed = capacityAttr.getMode() == moe::CapacityMode::Fixed;
+  layout = ranks > 1 ? Layout::Padded
+                     : options.layout.value_or(fixed ? Layout::Padded
+                                                     : Layout::Ragged);
+  rows = experts * capacityBound;
+  if (layout == Layout::Ragged)
+    rows = std::min(rows, tokens * topK);
 
   logits = alloc("logits", memref({tokens, experts}, f32));
   scores = alloc("scores", memref({tokens, experts}, f32));
@@ -278,32 +271,151 @@ PlanOp PlanBuilder::build(StringRef name) {
   offsets = alloc("expert_offsets", memref({experts + 1}, i32));
   expertRows = alloc("expert_rows", memref({experts}, i32));
   dispatched = alloc("dispatched", memref({rows, modelDim}, element));
-  MemRefType hiddenType = memref({rows, hiddenDim}, element);
-  if (gated) {
-    gateProj = alloc("gate_proj", hiddenType);
-    upProj = alloc("up_proj", hiddenType);
-  } else if (options.training) {
-    hiddenPre = alloc("hidden_pre", hiddenType);
-  }
-  hidden = alloc("hidden", hiddenType);
   expertOut = alloc("expert_out", memref({rows, modelDim}, element));
 
-  auto variant = VariantOp::create(b, loc, b.getStringAttr("single"));
-  variant.getForward().push_back(new Block());
-  variant.getBackward().push_back(new Block());
-  b.setInsertionPointToStart(&variant.getForward().front());
-  buildForward();
+  b.setInsertionPointToStart(&variantOp.getForward().front());
+  buildForward(layer);
   if (options.training) {
-    b.setInsertionPointToStart(&variant.getBackward().front());
-    buildBackward();
+    b.setInsertionPointToStart(&variantOp.getBackward().front());
+    buildBackward(layer);
   }
-  return plan;
 }
 
-void PlanBuilder::buildForward() {
+void PlanBuilder::expertsForward(Value a, Value y,
+                                 std::pair<Value, Value> segments,
+                                 const ExpertWeights &w, int64_t chunk) {
+  // Chunks write disjoint rows of one set of activation buffers.
+  MemRefType hiddenType = memref({rows, hiddenDim}, element);
+  ChunkBuffers &c = chunks[chunk];
+  c.input = a;
+  c.output = y;
+  c.segments = segments;
+  if (chunk > 0) {
+    c.hidden = chunks[0].hidden;
+    c.hiddenPre = chunks[0].hiddenPre;
+    c.gateProj = chunks[0].gateProj;
+    c.upProj = chunks[0].upProj;
+  } else {
+    c.hidden = alloc("hidden", hiddenType);
+    if (gated) {
+      c.gateProj = alloc("gate_proj", hiddenType);
+      c.upProj = alloc("up_proj", hiddenType);
+    } else if (options.training) {
+      c.hiddenPre = alloc("hidden_pre", hiddenType);
+    }
+  }
+  if (gated) {
+    createStep<GroupedGemmOp>(
+        b, loc, withSegments({{"a", a}, {"b", w.w1}, {"c", c.gateProj}},
+                             segments));
+    createStep<GroupedGemmOp>(
+        b, loc, withSegments({{"a", a}, {"b", w.w3}, {"c", c.upProj}},
+                             segments));
+    createStep<GluOp>(b, loc,
+                      withSegments({{"gate_in", c.gateProj},
+                                    {"up_in", c.upProj},
+                                    {"c", c.hidden}},
+                                   segments));
+  } else {
+    // With training, the GEMM also keeps the value before the activation
+    // for activation_backward.
+    createStep<GroupedGemmOp>(
+        b, loc,
+        withSegments({{"a", a}, {"b", w.w1}, {"bias", w.b1}, {"c", c.hidden},
+                      {"pre", c.hiddenPre}},
+                     segments),
+        {b.getNamedAttr("epilogue",
+                        first.experts.front().getActivationAttr())});
+  }
+  createStep<GroupedGemmOp>(
+      b, loc,
+      withSegments({{"a", c.hidden}, {"b", w.w2}, {"bias", w.b2}, {"c", y}},
+                   segments));
+}
+
+void PlanBuilder::expertsBackward(Value a, Value gradY, Value gradA,
+                                  std::pair<Value, Value> segments,
+                                  const ExpertWeights &w,
+                                  const ExpertWeights &grads, int64_t chunk) {
+  MemRefType hiddenType = memref({rows, hiddenDim}, element);
+  ChunkBuffers &c = chunks[chunk];
+  NamedAttribute transB = b.getNamedAttr("trans_b", b.getUnitAttr());
+  SmallVector<NamedAttribute> sum;
+  if (chunk > 0)
+    sum.push_back(b.getNamedAttr("accumulate", b.getUnitAttr()));
+  // Chunks use disjoint rows of one set of gradient buffers.
+  if (chunk == 0) {
+    gradHidden = alloc("grad_hidden", hiddenType);
+    if (gated) {
+      gradGateProj = alloc("grad_gate_proj", hiddenType);
+      gradUpProj = alloc("grad_up_proj", hiddenType);
+    } else {
+      gradHiddenPre = alloc("grad_hidden_pre", hiddenType);
+    }
+  }
+
+  createStep<GroupedGemmWgradOp>(
+      b, loc,
+      withSegments({{"a", c.hidden}, {"grad_c", gradY}, {"grad_b", grads.w2},
+                    {"grad_bias", grads.b2}},
+                   segments),
+      sum);
+  createStep<GroupedGemmOp>(
+      b, loc, withSegments({{"a", gradY}, {"b", w.w2}, {"c", gradHidden}},
+                           segments),
+      {transB});
+  if (gated) {
+    createStep<GluBackwardOp>(
+        b, loc,
+        withSegments({{"gate_in", c.gateProj}, {"up_in", c.upProj},
+                      {"grad", gradHidden}, {"grad_gate_in", gradGateProj},
+                      {"grad_up_in", gradUpProj}},
+                     segments));
+    createStep<GroupedGemmWgradOp>(
+        b, loc,
+        withSegments({{"a", a}, {"grad_c", gradGateProj}, {"grad_b", grads.w1}},
+                     segments),
+        sum);
+    createStep<GroupedGemmWgradOp>(
+        b, loc,
+        withSegments({{"a", a}, {"grad_c", gradUpProj}, {"grad_b", grads.w3}},
+                     segments),
+        sum);
+    createStep<GroupedGemmOp>(
+        b, loc,
+        withSegments({{"a", gradGateProj}, {"b", w.w1}, {"c", gradA}},
+                     segments),
+        {transB});
+    createStep<GroupedGemmOp>(
+        b, loc,
+        withSegments({{"a", gradUpProj}, {"b", w.w3}, {"c", gradA}}, segments),
+        {transB, b.getNamedAttr("accumulate", b.getUnitAttr())});
+    return;
+  }
+  createStep<ActivationBackwardOp>(
+      b, loc,
+      withSegments({{"pre", c.hiddenPre}, {"grad", gradHidden},
+                    {"grad_pre", gradHiddenPre}},
+                   segments),
+      {b.getNamedAttr("activation",
+                      first.experts.front().getActivationAttr())});
+  createStep<GroupedGemmWgradOp>(
+      b, loc,
+      withSegments({{"a", a}, {"grad_c", gradHiddenPre}, {"grad_b", grads.w1},
+                    {"grad_bias", grads.b1}},
+                   segments),
+      sum);
+  createStep<GroupedGemmOp>(
+      b, loc,
+      withSegments({{"a", gradHiddenPre}, {"b", w.w1}, {"c", gradA}},
+                   segments),
+      {transB});
+}
+
+void PlanBuilder::buildForward(ExpandedLayer layer) {
+  moe::GateOp gate = layer.gate;
   createStep<RouterOp>(b, loc, {{"x", x}, {"wg", wg}, {"logits", logits}});
-  moe::GateOp gate = ops.gate;
-  createStep<GateOp>(
+  auto gateStep = createStep<GateOp>(
       b, loc,
       {{"logits", logits}, {"scores", scores}, {"indices", indices},
        {"locations", locations}, {"gates", gates}, {"capacity", capacity},
@@ -314,43 +426,85 @@ void PlanBuilder::buildForward() {
        b.getNamedAttr("noise", gate.getNoiseAttr()),
        b.getNamedAttr("seed", gate.getSeedAttr()),
        b.getNamedAttr("layout", LayoutAttr::get(b.getContext(), layout))});
-  if (gate.getNormalize())
-    cast<GateOp>(b.getInsertionBlock()->back()).setNormalize(true);
-  if (gate.getBatchPrioritized())
-    cast<GateOp>(b.getInsertionBlock()->back()).setBatchPrioritized(true);
+  gateStep.setNormalize(gate.getNormalize());
+  gateStep.setBatchPrioritized(gate.getBatchPrioritized());
+  // One capacity for every rank when it depends on the routing.
+  if (ranks > 1 && !gate.getRouting().getType().hasStaticCapacity())
+    createStep<SyncCapacityOp>(
+        b, loc, {{"capacity", capacity}, {"expert_offsets", offsets}});
 
   createStep<DispatchOp>(b, loc,
                          {{"x", x}, {"indices", indices},
                           {"locations", locations}, {"capacity", capacity},
                           {"expert_offsets", offsets},
                           {"dispatched", dispatched}});
-  auto segments = [&](std::initializer_list<std::pair<StringRef, Value>> roles) {
-    SmallVector<std::pair<StringRef, Value>> all(roles);
-    all.push_back({"expert_offsets", offsets});
-    all.push_back({"expert_rows", expertRows});
-    return all;
-  };
-  if (gated) {
-    createStep<GroupedGemmOp>(
-        b, loc, segments({{"a", dispatched}, {"b", w1}, {"c", gateProj}}));
-    createStep<GroupedGemmOp>(
-        b, loc, segments({{"a", dispatched}, {"b", w3}, {"c", upProj}}));
-    createStep<GluOp>(b, loc,
-                      segments({{"gate_in", gateProj},
-                                {"up_in", upProj},
-                                {"c", hidden}}));
+
+  if (!layer.isExpertParallel()) {
+    ExpertWeights w = weights;
+    if (!layer.gathers.empty()) {
+      // r = 0: gather every rank's experts.
+      auto gather = [&](StringRef name, Value local) -> Value {
+        if (!local)
+          return local;
+        auto type = cast<MemRefType>(local.getType());
+        SmallVector<int64_t> shape(type.getShape());
+        shape[0] *= ranks;
+        Value full = alloc(name, memref(shape, type.getElementType()));
+        createStep<AllGatherOp>(b, loc, {{"input", local}, {"output", full}});
+        return full;
+      };
+      w = {gather("full_w1", weights.w1), gather("full_w2", weights.w2),
+           gather("full_w3", weights.w3), gather("full_b1", weights.b1),
+           gather("full_b2", weights.b2)};
+    }
+    fullWeights = w;
+    chunks.assign(1, {});
+    expertsForward(dispatched, expertOut, {offsets, expertRows}, w, 0);
   } else {
-    // With training, the GEMM also keeps the value before the activation
-    // for activation_backward.
-    createStep<GroupedGemmOp>(
-        b, loc,
-        segments({{"a", dispatched}, {"b", w1}, {"bias", b1}, {"c", hidden},
-                  {"pre", hiddenPre}}),
-        {b.getNamedAttr("epilogue", ops.expert.getActivationAttr())});
+    // r = 1: per capacity chunk, exchange rows, run this rank's experts on
+    // the rows of every rank, exchange back.
+    int64_t numChunks = layer.experts.size();
+    int64_t localExperts = experts / ranks;
+    Value received = alloc("received", memref({rows, modelDim}, element));
+    Value produced = alloc("produced", memref({rows, modelDim}, element));
+    chunks.assign(numChunks, {});
+    for (int64_t q = 0; q < numChunks; ++q) {
+      std::string suffix = numChunks > 1 ? "." + std::to_string(q) : "";
+      SmallVector<NamedAttribute> chunkAttrs = {
+          b.getNamedAttr("chunks", b.getI64IntegerAttr(numChunks)),
+          b.getNamedAttr("chunk", b.getI64IntegerAttr(q))};
+      auto direction = [&](Direction d) {
+        SmallVector<NamedAttribute> attrs(chunkAttrs);
+        attrs.push_back(b.getNamedAttr(
+            "direction", DirectionAttr::get(b.getContext(), d)));
+        return attrs;
+      };
+      createStep<AllToAllOp>(b, loc,
+                             {{"input", dispatched}, {"capacity", capacity},
+                              {"output", received}},
+                             direction(Direction::Dispatch));
+      Value segmentOffsets = alloc("segment_offsets" + suffix,
+                                   memref({localExperts + 1}, i32));
+      Value segmentRows =
+          alloc("segment_rows" + suffix, memref({localExperts}, i32));
+      SmallVector<NamedAttribute> segmentAttrs(chunkAttrs);
+      segmentAttrs.push_back(
+          b.getNamedAttr("groups", b.getI64IntegerAttr(localExperts)));
+      segmentAttrs.push_back(
+          b.getNamedAttr("ranks", b.getI64IntegerAttr(ranks)));
+      createStep<UniformSegmentsOp>(b, loc,
+                                    {{"capacity", capacity},
+                                     {"expert_offsets", segmentOffsets},
+                                     {"expert_rows", segmentRows}},
+                                    segmentAttrs);
+      expertsForward(received, produced, {segmentOffsets, segmentRows},
+                     weights, q);
+      createStep<AllToAllOp>(b, loc,
+                             {{"input", produced}, {"capacity", capacity},
+                              {"output", expertOut}},
+                             direction(Direction::Combine));
+    }
   }
-  createStep<GroupedGemmOp>(
-      b, loc,
-      segments({{"a", hidden}, {"b", w2}, {"bias", b2}, {"c", expertOut}}));
   createStep<CombineOp>(b, loc,
                         {{"expert_out", expertOut}, {"indices", indices},
                          {"locations", locations}, {"gates", gates},
@@ -358,34 +512,12 @@ void PlanBuilder::buildForward() {
                          {"out", out}});
 }
 
-void PlanBuilder::buildBackward() {
-  MemRefType hiddenType = memref({rows, hiddenDim}, element);
+void PlanBuilder::buildBackward(ExpandedLayer layer) {
   MemRefType rowsType = memref({rows, modelDim}, element);
-  // Backward-only buffers: the memory plan may reuse forward-only bytes.
-  OpBuilder::InsertionGuard guard(b);
-  Block *backward = b.getInsertionBlock();
-  b.setInsertionPoint(backward->getParentOp());
   Value gradExpertOut = alloc("grad_expert_out", rowsType);
   Value gradGates = alloc("grad_gates", memref({tokens, topK}, f32));
-  Value gradHidden = alloc("grad_hidden", hiddenType);
-  Value gradHiddenPre, gradGateProj, gradUpProj;
-  if (gated) {
-    gradGateProj = alloc("grad_gate_proj", hiddenType);
-    gradUpProj = alloc("grad_up_proj", hiddenType);
-  } else {
-    gradHiddenPre = alloc("grad_hidden_pre", hiddenType);
-  }
   Value gradDispatched = alloc("grad_dispatched", rowsType);
   Value gradLogits = alloc("grad_logits", memref({tokens, experts}, f32));
-  b.setInsertionPointToEnd(backward);
-
-  auto segments = [&](std::initializer_list<std::pair<StringRef, Value>> roles) {
-    SmallVector<std::pair<StringRef, Value>> all(roles);
-    all.push_back({"expert_offsets", offsets});
-    all.push_back({"expert_rows", expertRows});
-    return all;
-  };
-  NamedAttribute transB = b.getNamedAttr("trans_b", b.getUnitAttr());
 
   createStep<CombineBackwardOp>(
       b, loc,
@@ -393,49 +525,67 @@ void PlanBuilder::buildBackward() {
        {"locations", locations}, {"gates", gates}, {"capacity", capacity},
        {"expert_offsets", offsets}, {"grad_expert_out", gradExpertOut},
        {"grad_gates", gradGates}});
-  createStep<GroupedGemmWgradOp>(
-      b, loc,
-      segments({{"a", hidden}, {"grad_c", gradExpertOut}, {"grad_b", gradW2},
-                {"grad_bias", gradB2}}));
-  createStep<GroupedGemmOp>(
-      b, loc, segments({{"a", gradExpertOut}, {"b", w2}, {"c", gradHidden}}),
-      {transB});
-  if (gated) {
-    createStep<GluBackwardOp>(
-        b, loc,
-        segments({{"gate_in", gateProj}, {"up_in", upProj},
-                  {"grad", gradHidden}, {"grad_gate_in", gradGateProj},
-                  {"grad_up_in", gradUpProj}}));
-    createStep<GroupedGemmWgradOp>(
-        b, loc,
-        segments({{"a", dispatched}, {"grad_c", gradGateProj},
-                  {"grad_b", gradW1}}));
-    createStep<GroupedGemmWgradOp>(
-        b, loc,
-        segments({{"a", dispatched}, {"grad_c", gradUpProj},
-                  {"grad_b", gradW3}}));
-    createStep<GroupedGemmOp>(
-        b, loc,
-        segments({{"a", gradGateProj}, {"b", w1}, {"c", gradDispatched}}),
-        {transB});
-    createStep<GroupedGemmOp>(
-        b, loc, segments({{"a", gradUpProj}, {"b", w3}, {"c", gradDispatched}}),
-        {transB, b.getNamedAttr("accumulate", b.getUnitAttr())});
+
+  if (!layer.isExpertParallel()) {
+    ExpertWeights grads = weightGrads;
+    bool gathered = !layer.gathers.empty();
+    if (gathered) {
+      // r = 0: gradients of every expert, then each rank keeps the sum
+      // over ranks of its own.
+      auto full = [&](StringRef name, Value local) -> Value {
+        if (!local)
+          return local;
+        auto type = cast<MemRefType>(local.getType());
+        SmallVector<int64_t> shape(type.getShape());
+        shape[0] *= ranks;
+        return alloc(name, memref(shape, type.getElementType()));
+      };
+      grads = {full("full_grad_w1", weightGrads.w1),
+               full("full_grad_w2", weightGrads.w2),
+               full("full_grad_w3", weightGrads.w3),
+               full("full_grad_b1", weightGrads.b1),
+               full("full_grad_b2", weightGrads.b2)};
+    }
+    expertsBackward(dispatched, gradExpertOut, gradDispatched,
+                    {offsets, expertRows}, fullWeights, grads, 0);
+    if (gathered) {
+      for (auto [fullGrad, localGrad] :
+           {std::pair{grads.w1, weightGrads.w1}, {grads.w2, weightGrads.w2},
+            {grads.w3, weightGrads.w3}, {grads.b1, weightGrads.b1},
+            {grads.b2, weightGrads.b2}}) {
+        if (fullGrad)
+          createStep<ReduceScatterOp>(
+              b, loc, {{"input", fullGrad}, {"output", localGrad}});
+      }
+    }
   } else {
-    createStep<ActivationBackwardOp>(
-        b, loc,
-        segments({{"pre", hiddenPre}, {"grad", gradHidden},
-                  {"grad_pre", gradHiddenPre}}),
-        {b.getNamedAttr("activation", ops.expert.getActivationAttr())});
-    createStep<GroupedGemmWgradOp>(
-        b, loc,
-        segments({{"a", dispatched}, {"grad_c", gradHiddenPre},
-                  {"grad_b", gradW1}, {"grad_bias", gradB1}}));
-    createStep<GroupedGemmOp>(
-        b, loc,
-        segments({{"a", gradHiddenPre}, {"b", w1}, {"c", gradDispatched}}),
-        {transB});
+    int64_t numChunks = chunks.size();
+    Value gradProduced = alloc("grad_produced", rowsType);
+    Value gradReceived = alloc("grad_received", rowsType);
+    for (int64_t q = 0; q < numChunks; ++q) {
+      SmallVector<NamedAttribute> chunkAttrs = {
+          b.getNamedAttr("chunks", b.getI64IntegerAttr(numChunks)),
+          b.getNamedAttr("chunk", b.getI64IntegerAttr(q))};
+      auto direction = [&](Direction d) {
+        SmallVector<NamedAttribute> attrs(chunkAttrs);
+        attrs.push_back(b.getNamedAttr(
+            "direction", DirectionAttr::get(b.getContext(), d)));
+        return attrs;
+      };
+      // The backward of the combine exchange is a dispatch exchange.
+      createStep<AllToAllOp>(b, loc,
+                             {{"input", gradExpertOut}, {"capacity", capacity},
+                              {"output", gradProduced}},
+                             direction(Direction::Dispatch));
+      expertsBackward(chunks[q].input, gradProduced, gradReceived,
+                      chunks[q].segments, weights, weightGrads, q);
+      createStep<AllToAllOp>(b, loc,
+                             {{"input", gradReceived}, {"capacity", capacity},
+                              {"output", gradDispatched}},
+                             direction(Direction::Combine));
+    }
   }
+
   createStep<DispatchBackwardOp>(
       b, loc,
       {{"grad_dispatched", gradDispatched}, {"indices", indices},
@@ -446,11 +596,39 @@ void PlanBuilder::buildBackward() {
       {{"grad_gates", gradGates}, {"grad_l_aux", gradLAux}, {"scores", scores},
        {"indices", indices}, {"grad_logits", gradLogits}},
       {b.getNamedAttr("top_k", b.getI64IntegerAttr(topK))});
-  gateBackward.setNormalize(ops.gate.getNormalize());
+  gateBackward.setNormalize(layer.gate.getNormalize());
   createStep<RouterBackwardOp>(b, loc,
                                {{"x", x}, {"wg", wg},
                                 {"grad_logits", gradLogits},
                                 {"grad_x", gradX}, {"grad_wg", gradWg}});
+}
+
+/// Lowers the layer functions of one plan (one, or the variants of one
+/// layer) and erases them.
+LogicalResult lowerPlan(StringRef name, ArrayRef<func::FuncOp> functions,
+                        const MoeToMoeRTOptions &options) {
+  SmallVector<std::pair<std::string, ExpandedLayer>> variants;
+  func::FuncOp firstFunction = functions.front();
+  for (func::FuncOp func : functions) {
+    FailureOr<ExpandedLayer> layer = moe::matchExpandedLayer(func);
+    if (failed(layer))
+      return failure();
+    if (func.getFunctionType() != firstFunction.getFunctionType())
+      return func.emitOpError("[plan-3] every variant of a plan has the same "
+                              "arguments (one parameter layout), expected ")
+             << firstFunction.getFunctionType();
+    std::string variantName = "single";
+    if (auto attr = func->getAttrOfType<StringAttr>("moe.variant"))
+      variantName = attr.str();
+    variants.push_back({variantName, *layer});
+  }
+  OpBuilder builder(functions.front());
+  PlanBuilder planBuilder(builder, variants.front().second, options);
+  if (failed(planBuilder.build(name, variants)))
+    return failure();
+  for (func::FuncOp func : functions)
+    func.erase();
+  return success();
 }
 
 struct ConvertMoeToMoeRTPass final
@@ -470,19 +648,23 @@ struct ConvertMoeToMoeRTPass final
           << layout << "'";
       return signalPassFailure();
     }
-    SmallVector<func::FuncOp> layers;
+    // Plans by name: a function's own, or the layer it is a variant of.
+    llvm::MapVector<StringRef, SmallVector<func::FuncOp>> plans;
     getOperation().walk([&](func::FuncOp func) {
       bool hasMoe = false;
       func.walk([&](Operation *op) {
         hasMoe |= isa<moe::MoeDialect>(op->getDialect());
       });
-      if (hasMoe)
-        layers.push_back(func);
+      if (!hasMoe)
+        return;
+      StringRef name = func.getSymName();
+      if (auto of = func->getAttrOfType<StringAttr>("moe.variant_of"))
+        name = of.getValue();
+      plans[name].push_back(func);
     });
-    for (func::FuncOp func : layers) {
-      if (failed(lowerLayerToPlan(func, lowering)))
+    for (auto &[name, functions] : plans) {
+      if (failed(lowerPlan(name, functions, lowering)))
         return signalPassFailure();
-      func.erase();
     }
   }
 };
@@ -490,10 +672,11 @@ struct ConvertMoeToMoeRTPass final
 
 FailureOr<PlanOp> flex::lowerLayerToPlan(func::FuncOp func,
                                          const MoeToMoeRTOptions &options) {
-  FailureOr<LayerOps> ops = matchLayer(func);
-  if (failed(ops))
+  FailureOr<ExpandedLayer> layer = moe::matchExpandedLayer(func);
+  if (failed(layer))
     return failure();
   OpBuilder builder(func);
-  PlanBuilder planBuilder(builder, *ops, options);
-  return planBuilder.build(func.getSymName());
+  PlanBuilder planBuilder(builder, *layer, options);
+  std::string variantName = "single";
+  return planBuilder.build(func.getSymName(), {{variantName, *layer}});
 }

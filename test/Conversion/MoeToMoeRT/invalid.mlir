@@ -13,7 +13,7 @@ func.func @not_expanded(%x: tensor<8x4xf32>, %wg: tensor<4x2xf32>, %w1: tensor<2
 !r = !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = ?>
 func.func @two_gates(%x: tensor<8x4xf32>, %wg: tensor<4x2xf32>) -> !r {
   %r, %a = moe.gate %x, %wg {capacity = #moe.capacity<dropless>} : tensor<8x4xf32>, tensor<4x2xf32> -> !r
-  // expected-error @+1 {{[plan-3] a plan holds one layer; this function has a second moe.gate}}
+  // expected-error @+1 {{[plan-3] a layer function holds one layer; this one has a second moe.gate}}
   %r2, %a2 = moe.gate %x, %wg {capacity = #moe.capacity<dropless>} : tensor<8x4xf32>, tensor<4x2xf32> -> !r
   return %r : !r
 }
@@ -35,7 +35,7 @@ func.func @foreign_op(%x: tensor<8x4xf32>, %wg: tensor<4x2xf32>, %w1: tensor<2x4
   %d = moe.dispatch %x, %r : tensor<8x4xf32>, !r -> tensor<2x?x4xf32>
   %y = moe.expert ffn<relu> %d, %w1, %w2 : (tensor<2x?x4xf32>, tensor<2x4x8xf32>, tensor<2x8x4xf32>) -> tensor<2x?x4xf32>
   %o = moe.combine %y, %r : tensor<2x?x4xf32>, !r -> tensor<8x4xf32>
-  // expected-error @+1 {{[plan-3] cannot be lowered into a plan}}
+  // expected-error @+1 {{[plan-3] is not part of a layer}}
   %c:2 = func.call @foreign_op(%x, %wg, %w1, %w2) : (tensor<8x4xf32>, tensor<4x2xf32>, tensor<2x4x8xf32>, tensor<2x8x4xf32>) -> (tensor<8x4xf32>, tensor<f32>)
   return %o, %a : tensor<8x4xf32>, tensor<f32>
 }

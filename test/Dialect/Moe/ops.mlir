@@ -105,3 +105,22 @@ func.func @layer_gated(%x: tensor<64x8xf32>, %wg: tensor<8x4xf32>,
          tensor<4x8x16xf32>) -> (tensor<64x8xf32>, tensor<f32>)
   return %out, %aux : tensor<64x8xf32>, tensor<f32>
 }
+
+// -----
+
+// CHECK-LABEL: func.func @exchanges
+func.func @exchanges(%d: tensor<8x4x16xbf16>, %w: tensor<2x16x32xbf16>,
+                     %dd: tensor<8x?x16xbf16>) {
+  // CHECK: %[[C:.+]]:2 = moe.all_to_all dispatch %{{.+}} {ranks = 4 : i64} : tensor<8x4x16xbf16> -> tensor<2x8x16xbf16>, tensor<2x8x16xbf16>
+  %c0, %c1 = moe.all_to_all dispatch %d {ranks = 4 : i64}
+      : tensor<8x4x16xbf16> -> tensor<2x8x16xbf16>, tensor<2x8x16xbf16>
+  // CHECK: moe.all_to_all combine %[[C]]#0, %[[C]]#1 {ranks = 4 : i64} : tensor<2x8x16xbf16>, tensor<2x8x16xbf16> -> tensor<8x4x16xbf16>
+  %back = moe.all_to_all combine %c0, %c1 {ranks = 4 : i64}
+      : tensor<2x8x16xbf16>, tensor<2x8x16xbf16> -> tensor<8x4x16xbf16>
+  // CHECK: moe.all_to_all dispatch {{.+}} : tensor<8x?x16xbf16> -> tensor<2x?x16xbf16>
+  %dyn = moe.all_to_all dispatch %dd {ranks = 4 : i64}
+      : tensor<8x?x16xbf16> -> tensor<2x?x16xbf16>
+  // CHECK: moe.all_gather %{{.+}} {ranks = 4 : i64} : tensor<2x16x32xbf16> -> tensor<8x16x32xbf16>
+  %full = moe.all_gather %w {ranks = 4 : i64} : tensor<2x16x32xbf16> -> tensor<8x16x32xbf16>
+  return
+}

@@ -278,6 +278,10 @@ LogicalResult GateOp::verify() {
   RoutingType routing = getRouting().getType();
   int64_t tokens = input.getDimSize(0);
   int64_t experts = routerWeight.getDimSize(1);
+  if (getRanks() < 1 || experts % getRanks() != 0)
+    return emitOpError("[par-1] ")
+           << experts << " experts cannot be split evenly over " << getRanks()
+           << " ranks (ranks >= 1 and E % W == 0)";
   if (routing.getTokens() != tokens || routing.getExperts() != experts)
     return emitOpError("[gate-1] routing must be for T = ")
            << tokens << " tokens and E = " << experts
@@ -358,6 +362,82 @@ LogicalResult CombineOp::verify() {
            << result.getDimSize(0) << " tokens but the routing has "
            << routing.getTokens();
   return verifySameElementType(*this, "combine-1", "result", result,
+                               input.getElementType());
+}
+
+//===----------------------------------------------------------------------===//
+// AllToAllOp
+//===----------------------------------------------------------------------===//
+
+LogicalResult AllToAllOp::verify() {
+  int64_t ranks = getRanks();
+  if (ranks < 1)
+    return emitOpError("[par-1] ranks must be >= 1, got ") << ranks;
+  bool dispatch = getDirection() == AllToAllDirection::Dispatch;
+  ValueRange whole = dispatch ? getInputs() : ValueRange(getResults());
+  ValueRange chunks = dispatch ? ValueRange(getResults()) : getInputs();
+  if (whole.size() != 1)
+    return emitOpError("[par-1] a ")
+           << stringifyAllToAllDirection(getDirection())
+           << " all-to-all has one " << (dispatch ? "input" : "result")
+           << " [E, C, d], got " << whole.size();
+  if (chunks.empty())
+    return emitOpError("[pipe-1] an all-to-all moves at least one chunk");
+  RankedTensorType buffer = tensorType(whole[0]);
+  if (failed(verifyStaticShape(*this, "expert buffer", buffer,
+                               /*allowDynamicDim=*/1)))
+    return failure();
+  int64_t experts = buffer.getDimSize(0);
+  if (experts % ranks != 0)
+    return emitOpError("[par-1] ")
+           << experts << " experts cannot be split evenly over " << ranks
+           << " ranks (E % W must be 0)";
+  int64_t numChunks = chunks.size();
+  int64_t capacity = buffer.getDimSize(1);
+  int64_t rows = ShapedType::kDynamic;
+  if (!ShapedType::isDynamic(capacity)) {
+    if (capacity % numChunks != 0)
+      return emitOpError("[pipe-1] ")
+             << numChunks << " chunks must divide the capacity " << capacity;
+    rows = ranks * (capacity / numChunks);
+  }
+  for (Value chunk : chunks) {
+    RankedTensorType type = tensorType(chunk);
+    if (failed(verifyShape(*this, "par-1", "chunk [L, W * C / D, d]", type,
+                           {experts / ranks, rows, buffer.getDimSize(2)})) ||
+        failed(verifySameElementType(*this, "par-1", "chunk", type,
+                                     buffer.getElementType())))
+      return failure();
+    if (ShapedType::isDynamic(rows) != type.isDynamicDim(1))
+      return emitOpError("[par-1] chunk rows must be ")
+             << (ShapedType::isDynamic(rows) ? "'?'" : "static")
+             << " as the capacity, got " << formatShape(type.getShape());
+  }
+  return success();
+}
+
+//===----------------------------------------------------------------------===//
+// AllGatherOp
+//===----------------------------------------------------------------------===//
+
+LogicalResult AllGatherOp::verify() {
+  int64_t ranks = getRanks();
+  if (ranks < 1)
+    return emitOpError("[par-1] ranks must be >= 1, got ") << ranks;
+  RankedTensorType input = tensorType(getInput());
+  RankedTensorType result = getResult().getType();
+  if (failed(verifyStaticShape(*this, "input", input)))
+    return failure();
+  SmallVector<int64_t> expected(input.getShape());
+  int64_t gathered;
+  if (llvm::MulOverflow(expected[0], ranks, gathered))
+    return emitOpError("[size-1] gathering ")
+           << expected[0] << " rows from " << ranks << " ranks overflows";
+  expected[0] = gathered;
+  if (failed(verifyShape(*this, "par-1", "result [W * L, ...]", result,
+                         expected)))
+    return failure();
+  return verifySameElementType(*this, "par-1", "result", result,
                                input.getElementType());
 }
 

@@ -376,5 +376,67 @@ LogicalResult RouterBackwardOp::verify() {
       failed(m.expect("grad_wg", getGradWg(), {"d", "E"})));
 }
 
+LogicalResult SyncCapacityOp::verify() {
+  ShapeMatcher m(*this);
+  return failure(
+      failed(m.expect("capacity", getCapacity(), {"1"}, i32(*this))) ||
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"},
+                      i32(*this))));
+}
+
+LogicalResult AllToAllOp::verify() {
+  ShapeMatcher m(*this);
+  if (failed(m.expect("input", getInput(), {"R", "d"})) ||
+      failed(m.expect("capacity", getCapacity(), {"1"}, i32(*this))) ||
+      failed(m.expect("output", getOutput(), {"R", "d"})) ||
+      failed(m.sameElement("output", getOutput(), "input", getInput())))
+    return failure();
+  if (getChunks() < 1 || getChunk() < 0 || getChunk() >= getChunks())
+    return emitOpError("[plan-3] chunk ")
+           << getChunk() << " must be in [0, chunks = " << getChunks() << ")";
+  return success();
+}
+
+LogicalResult UniformSegmentsOp::verify() {
+  ShapeMatcher m(*this);
+  if (failed(m.expect("capacity", getCapacity(), {"1"}, i32(*this))) ||
+      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())))
+    return failure();
+  if (getGroups() != m.size("G"))
+    return emitOpError("[plan-1] groups = ")
+           << getGroups() << " must equal G = " << m.size("G")
+           << " of the segment buffers";
+  if (getRanks() < 1 || getChunks() < 1 || getChunk() < 0 ||
+      getChunk() >= getChunks())
+    return emitOpError("[plan-3] ranks >= 1 and 0 <= chunk < chunks, got "
+                       "ranks = ")
+           << getRanks() << ", chunk = " << getChunk()
+           << ", chunks = " << getChunks();
+  return success();
+}
+
+/// `gathered` is [W*L, ...] of `local` [L, ...] for some W.
+static LogicalResult verifyGathered(Operation *op, Value local,
+                                    Value gathered) {
+  auto localType = cast<MemRefType>(local.getType());
+  auto fullType = cast<MemRefType>(gathered.getType());
+  if (localType.getElementType() != fullType.getElementType() ||
+      localType.getRank() != fullType.getRank() ||
+      localType.getShape().drop_front() != fullType.getShape().drop_front() ||
+      fullType.getDimSize(0) % localType.getDimSize(0) != 0)
+    return op->emitOpError("[plan-1] the full buffer must be [W * L, ...] of "
+                           "the local one ")
+           << localType << ", got " << fullType;
+  return success();
+}
+
+LogicalResult AllGatherOp::verify() {
+  return verifyGathered(*this, getInput(), getOutput());
+}
+
+LogicalResult ReduceScatterOp::verify() {
+  return verifyGathered(*this, getOutput(), getInput());
+}
+
 #define GET_OP_CLASSES
 #include "flex/Dialect/MoeRT/IR/MoeRTOps.cpp.inc"

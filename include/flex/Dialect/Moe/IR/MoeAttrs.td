@@ -44,6 +44,19 @@ def Moe_Activation : I32EnumAttr<"Activation", "activation of an FFN expert", [
   let genSpecializedAttr = 0;
 }
 
+def Moe_AllToAllDirection : I32EnumAttr<"AllToAllDirection",
+    "which way an all-to-all moves expert rows", [
+      I32EnumAttrCase<"Dispatch", 0, "dispatch">,
+      I32EnumAttrCase<"Combine", 1, "combine">]> {
+  let cppNamespace = "::flex::moe";
+  let genSpecializedAttr = 0;
+}
+
+def Moe_AllToAllDirectionAttr
+    : EnumAttr<Moe_Dialect, Moe_AllToAllDirection, "all_to_all_direction"> {
+  let assemblyFormat = "$value";
+}
+
 def Moe_ExpertKindAttr : EnumAttr<Moe_Dialect, Moe_ExpertKind, "expert_kind"> {
   let assemblyFormat = "$value";
 }

@@ -55,7 +55,9 @@ def Moe_GateOp : Moe_Op<"gate", [Pure]> {
     the GShard auxiliary loss ([loss-1]).
 
     The routing type carries T, E, k and C; C is static only in the fixed
-    capacity mode.
+    capacity mode. With `ranks = W` > 1 the layer runs on W ranks and a
+    capacity that depends on the routing is agreed over them (the largest
+    count over experts and ranks, [cap-1]).
 
     ```mlir
     %routing, %aux = moe.gate %x, %wg {capacity = #moe.capacity<fixed 1.0>, normalize}
@@ -67,7 +69,8 @@ def Moe_GateOp : Moe_Op<"gate", [Pure]> {
                        Moe_CapacityAttr:$capacity,
                        UnitAttr:$normalize, UnitAttr:$batch_prioritized,
                        DefaultValuedAttr<F64Attr, "0.0">:$noise,
-                       DefaultValuedAttr<I64Attr, "0">:$seed);
+                       DefaultValuedAttr<I64Attr, "0">:$seed,
+                       DefaultValuedAttr<I64Attr, "1">:$ranks);
   let results = (outs Moe_RoutingType:$routing, Moe_AuxLossTensor:$aux_loss);
   let assemblyFormat = [{
     $input `,` $router_weight attr-dict `:` type($input) `,`
@@ -174,6 +177,71 @@ def Moe_CombineOp : Moe_Op<"combine", [Pure]> {
     $input `,` $routing attr-dict `:` type($input) `,` qualified(type($routing))
     `->` type($result)
   }];
+  let hasVerifier = 1;
+}
+
+//===----------------------------------------------------------------------===//
+// AllToAllOp
+//===----------------------------------------------------------------------===//
+
+def Moe_AllToAllOp : Moe_Op<"all_to_all", [Pure]> {
+  let summary = "exchange expert rows between ranks (expert parallelism)";
+  let description = [{
+    On W ranks with E experts, rank j owns the L = E / W experts
+    `j*L .. j*L+L-1` (DESIGN.md section 4).
+
+    `dispatch` takes the dispatch buffer `[E, C, d]` of this rank's tokens
+    and returns, in D chunks of the capacity (`Cq = C / D`), the rows of this
+    rank's experts from every rank: chunk q is `[L, W * Cq, d]`, the slots
+    `q*Cq .. (q+1)*Cq-1` of local expert l from rank i at rows
+    `i*Cq .. (i+1)*Cq-1`. With D > 1, the exchange of one chunk can overlap
+    the experts of another (`--moe-pipeline`).
+
+    `combine` is the inverse: D chunks `[L, W * Cq, d]` of expert outputs
+    back to this rank's `[E, C, d]`.
+
+    ```mlir
+    %c0, %c1 = moe.all_to_all dispatch %d {ranks = 4}
+        : tensor<8x512x1024xbf16> -> tensor<2x1024x1024xbf16>, tensor<2x1024x1024xbf16>
+    %y = moe.all_to_all combine %y0, %y1 {ranks = 4}
+        : tensor<2x1024x1024xbf16>, tensor<2x1024x1024xbf16> -> tensor<8x512x1024xbf16>
+    ```
+  }];
+  let arguments = (ins Moe_AllToAllDirectionAttr:$direction,
+                       Variadic<Moe_ExpertBatch>:$inputs, I64Attr:$ranks);
+  let results = (outs Variadic<Moe_ExpertBatch>:$results);
+  let assemblyFormat = [{
+    `` $direction $inputs attr-dict `:` type($inputs) `->` type($results)
+  }];
+  let hasVerifier = 1;
+  let extraClassDeclaration = [{
+    /// D: the number of capacity chunks.
+    int64_t getNumChunks() {
+      return getDirection() == AllToAllDirection::Dispatch
+                 ? getResults().size() : getInputs().size();
+    }
+  }];
+}
+
+//===----------------------------------------------------------------------===//
+// AllGatherOp
+//===----------------------------------------------------------------------===//
+
+def Moe_AllGatherOp : Moe_Op<"all_gather", [Pure]> {
+  let summary = "gather every rank's experts (data parallelism)";
+  let description = [{
+    Rank i holds `[L, ...]` of an expert parameter (its slice of the one
+    layout); the result is `[W * L, ...]`, block i from rank i: every
+    expert, on every rank. Its gradient is a reduce-scatter.
+
+    ```mlir
+    %w1 = moe.all_gather %w1_local {ranks = 4}
+        : tensor<2x1024x4096xbf16> -> tensor<8x1024x4096xbf16>
+    ```
+  }];
+  let arguments = (ins AnyRankedTensor:$input, I64Attr:$ranks);
+  let results = (outs AnyRankedTensor:$result);
+  let assemblyFormat = "$input attr-dict `:` type($input) `->` type($result)";
   let hasVerifier = 1;
 }
 

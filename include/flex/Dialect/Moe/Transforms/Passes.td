@@ -40,4 +40,69 @@ def MoeExpandLayerPass : Pass<"moe-expand-layer"> {
   let dependentDialects = ["::flex::moe::MoeDialect"];
 }
 
+def MoeParallelizePass : Pass<"moe-parallelize", "::mlir::func::FuncOp"> {
+  let summary = "Parallelize an expanded layer over ranks with one layout";
+  let description = [{
+    Rewrites the expanded layer of a function to run on `ranks` ranks
+    (DESIGN.md section 4). Every variant uses one parameter layout: rank j
+    holds experts `j*L .. j*L+L-1` (L = E / W), so the expert weight
+    arguments become `[L, ...]`; tokens stay on their rank.
+
+    * `expert-parallel=1` (r = 1): the dispatch buffer `[E, C, d]` is
+      exchanged (`moe.all_to_all dispatch`) so this rank's experts see their
+      rows from every rank (`[L, W * C, d]`), and exchanged back before
+      combine.
+    * `expert-parallel=0` (r = 0): every rank gathers every expert
+      (`moe.all_gather`) and runs them on its own tokens.
+
+    A capacity that depends on the routing is agreed over ranks (the gate's
+    `ranks`). E < W (experts sharded over ranks) is rejected for now.
+  }];
+  let options = [
+    Option<"ranks", "ranks", "int64_t", /*default=*/"1", "Number of ranks W">,
+    Option<"expertParallel", "expert-parallel", "bool", /*default=*/"true",
+           "Exchange tokens (r = 1) instead of gathering weights (r = 0)">,
+  ];
+  let dependentDialects = ["::flex::moe::MoeDialect"];
+}
+
+def MoePipelinePass : Pass<"moe-pipeline", "::mlir::func::FuncOp"> {
+  let summary = "Split the expert exchange into capacity chunks";
+  let description = [{
+    Splits the capacity of an expert-parallel layer into `chunks` chunks
+    (DESIGN.md section 5): the all-to-all of one chunk can then overlap the
+    experts of another. The chunks must divide C: a static C must be a
+    multiple of `chunks`, a dynamic one must be aligned to it
+    (`#moe.capacity<..., align = n>` with `chunks` dividing n).
+  }];
+  let options = [
+    Option<"chunks", "chunks", "int64_t", /*default=*/"1",
+           "Pipelining degree D">,
+  ];
+  let dependentDialects = ["::flex::moe::MoeDialect"];
+}
+
+def MoeMultiversionPass : Pass<"moe-multiversion", "::mlir::ModuleOp"> {
+  let summary = "Keep several parallel variants of each layer side by side";
+  let description = [{
+    For each function holding one `moe.layer`, makes one function per
+    variant, named `<name>__<variant>` and tagged `moe.variant_of = "<name>"`,
+    expanded, parallelized over `ranks` and pipelined as the variant says;
+    `--convert-moe-to-moert` turns them into one plan with one
+    `moert.variant` each, and the runtime picks one per call.
+
+    A variant is `r<0|1>d<D>`: r = 1 expert parallel, r = 0 data parallel;
+    D the pipelining degree (r = 1 only). Every variant computes the same
+    function with the same parameter layout, so the capacity is aligned to
+    the least common multiple of every variant's D first: switching
+    variants never changes which tokens are kept.
+  }];
+  let options = [
+    Option<"ranks", "ranks", "int64_t", /*default=*/"1", "Number of ranks W">,
+    ListOption<"variants", "variants", "std::string",
+               "Variants, e.g. r1d1,r1d2,r0d1">,
+  ];
+  let dependentDialects = ["::flex::moe::MoeDialect"];
+}
+
 #endif // FLEX_DIALECT_MOE_TRANSFORMS_PASSES_TD

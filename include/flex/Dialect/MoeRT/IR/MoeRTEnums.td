@@ -42,4 +42,15 @@ def MoeRT_LayoutAttr : EnumAttr<MoeRT_Dialect, MoeRT_Layout, "layout"> {
   let assemblyFormat = "$value";
 }
 
+def MoeRT_Direction : I32EnumAttr<"Direction",
+    "which way an all-to-all moves expert rows", [
+    I32EnumAttrCase<"Dispatch", 0, "dispatch">,
+    I32EnumAttrCase<"Combine", 1, "combine">]> {
+  let cppNamespace = "::flex::moert";
+  let genSpecializedAttr = 0;
+}
+def MoeRT_DirectionAttr : EnumAttr<MoeRT_Dialect, MoeRT_Direction, "direction"> {
+  let assemblyFormat = "$value";
+}
+
 #endif // FLEX_DIALECT_MOERT_IR_MOERTENUMS_TD

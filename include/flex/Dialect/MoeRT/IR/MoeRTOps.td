@@ -46,6 +46,7 @@ def MoeRT_PlanOp : MoeRT_Op<"plan", [Symbol, SymbolTable, SingleBlock,
   }];
   let arguments = (ins SymbolNameAttr:$sym_name, DictionaryAttr:$layer,
                        UnitAttr:$training,
+                       DefaultValuedAttr<I64Attr, "1">:$world_size,
                        OptionalAttr<I64Attr>:$workspace_bytes,
                        DefaultValuedAttr<I64Attr, "256">:$workspace_alignment);
   let regions = (region SizedRegion<1>:$body);
@@ -212,8 +213,13 @@ def MoeRT_CombineBackwardOp : MoeRT_StepOp<"combine_backward",
 def MoeRT_GroupedGemmWgradOp : MoeRT_StepOp<"grouped_gemm_wgrad",
     ["a", "grad_c", "expert_offsets", "expert_rows"], ["grad_b", "grad_bias?"]> {
   let summary = "per expert: grad_b[e] = a^T grad_c, grad_bias[e] = colsum";
+  let description = [{
+    With `accumulate`, the sums are added to grad_b and grad_bias (the
+    pipelined backward sums the chunks of each expert).
+  }];
   let arguments = (ins Buf:$a, Buf:$grad_c, Buf:$expert_offsets,
-                       Buf:$expert_rows, Buf:$grad_b, OptBuf:$grad_bias);
+                       Buf:$expert_rows, Buf:$grad_b, OptBuf:$grad_bias,
+                       UnitAttr:$accumulate);
 }
 
 def MoeRT_ActivationBackwardOp : MoeRT_StepOp<"activation_backward",
@@ -254,6 +260,58 @@ def MoeRT_RouterBackwardOp : MoeRT_StepOp<"router_backward",
   let summary = "grad_x += grad_logits @ wg^T; grad_wg = x^T @ grad_logits";
   let arguments = (ins Buf:$x, Buf:$wg, Buf:$grad_logits, Buf:$grad_x,
                        Buf:$grad_wg);
+}
+
+//===----------------------------------------------------------------------===//
+// Collective steps (docs/PlanFormat.md, "Many ranks")
+//===----------------------------------------------------------------------===//
+
+def MoeRT_SyncCapacityOp : MoeRT_StepOp<"sync_capacity", [],
+    ["capacity", "expert_offsets"]> {
+  let summary = "agree on the capacity over ranks: the largest C";
+  let description = [{
+    Reads and rewrites `capacity` (the max over ranks) and the padded
+    `expert_offsets` (`e * C`), so every rank exchanges blocks of one C.
+  }];
+  let arguments = (ins Buf:$capacity, Buf:$expert_offsets);
+}
+
+def MoeRT_AllToAllOp : MoeRT_StepOp<"all_to_all", ["input", "capacity"],
+    ["output"]> {
+  let summary = "exchange one capacity chunk of expert rows between ranks";
+  let description = [{
+    `dispatch`: `input` viewed as `[W, L, C, d]` -> chunk q of `output`
+    viewed as `[D, L, W, C/D, d]`; `combine`: the inverse. The exact index
+    mapping is in docs/PlanFormat.md.
+  }];
+  let arguments = (ins Buf:$input, Buf:$capacity, Buf:$output,
+                       MoeRT_DirectionAttr:$direction,
+                       DefaultValuedAttr<I64Attr, "1">:$chunks,
+                       DefaultValuedAttr<I64Attr, "0">:$chunk);
+}
+
+def MoeRT_UniformSegmentsOp : MoeRT_StepOp<"uniform_segments", ["capacity"],
+    ["expert_offsets", "expert_rows"]> {
+  let summary = "the per-expert segments of an exchanged chunk";
+  let description = [{
+    `n = ranks * C / chunks` rows per group; `expert_offsets[g] =
+    chunk * groups * n + g * n`, `expert_rows[g] = n`.
+  }];
+  let arguments = (ins Buf:$capacity, Buf:$expert_offsets, Buf:$expert_rows,
+                       I64Attr:$groups, I64Attr:$ranks,
+                       DefaultValuedAttr<I64Attr, "1">:$chunks,
+                       DefaultValuedAttr<I64Attr, "0">:$chunk);
+}
+
+def MoeRT_AllGatherOp : MoeRT_StepOp<"all_gather", ["input"], ["output"]> {
+  let summary = "output [W*L, ...] = every rank's input [L, ...], rank-major";
+  let arguments = (ins Buf:$input, Buf:$output);
+}
+
+def MoeRT_ReduceScatterOp : MoeRT_StepOp<"reduce_scatter", ["input"],
+    ["output"]> {
+  let summary = "output [L, ...] = sum over ranks of this rank's block";
+  let arguments = (ins Buf:$input, Buf:$output);
 }
 
 #endif // FLEX_DIALECT_MOERT_IR_MOERTOPS_TD
