@@ -116,6 +116,19 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
     if (auto epilogue = gemm.getEpilogueAttr())
       attrs.epilogue = static_cast<Epilogue>(
           static_cast<int>(epilogue.getValue()) + 1);
+  } else if (auto wgrad = dyn_cast<moert::GroupedGemmWgradOp>(op)) {
+    attrs.accumulate = wgrad.getAccumulate();
+  } else if (auto exchange = dyn_cast<moert::AllToAllOp>(op)) {
+    attrs.direction = exchange.getDirection() == moert::Direction::Dispatch
+                          ? AllToAllDirection::Dispatch
+                          : AllToAllDirection::Combine;
+    attrs.chunks = exchange.getChunks();
+    attrs.chunk = exchange.getChunk();
+  } else if (auto segments = dyn_cast<moert::UniformSegmentsOp>(op)) {
+    attrs.groups = segments.getGroups();
+    attrs.ranks = segments.getRanks();
+    attrs.chunks = segments.getChunks();
+    attrs.chunk = segments.getChunk();
   } else if (auto backward = dyn_cast<moert::ActivationBackwardOp>(op)) {
     attrs.activation = static_cast<Activation>(backward.getActivation());
   } else if (auto gateBackward = dyn_cast<moert::GateBackwardOp>(op)) {
@@ -148,6 +161,7 @@ FailureOr<Plan> flex::translateToRuntimePlan(moert::PlanOp planOp) {
   plan.producer = "flex moe-opt 0.1";
   plan.layer = *layer;
   plan.training = planOp.getTraining();
+  plan.worldSize = planOp.getWorldSize();
   plan.workspace.bytes = *planOp.getWorkspaceBytes();
   plan.workspace.alignment = planOp.getWorkspaceAlignment();
 
