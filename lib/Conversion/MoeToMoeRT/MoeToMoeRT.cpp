@@ -477,6 +477,8 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
         SmallVector<NamedAttribute> attrs(chunkAttrs);
         attrs.push_back(b.getNamedAttr(
             "direction", DirectionAttr::get(b.getContext(), d)));
+        attrs.push_back(b.getNamedAttr(
+            "ranks_per_node", layer.dispatchExchange.getRanksPerNodeAttr()));
         return attrs;
       };
       createStep<AllToAllOp>(b, loc,
@@ -570,6 +572,8 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
         SmallVector<NamedAttribute> attrs(chunkAttrs);
         attrs.push_back(b.getNamedAttr(
             "direction", DirectionAttr::get(b.getContext(), d)));
+        attrs.push_back(b.getNamedAttr(
+            "ranks_per_node", layer.dispatchExchange.getRanksPerNodeAttr()));
         return attrs;
       };
       // The backward of the combine exchange is a dispatch exchange.

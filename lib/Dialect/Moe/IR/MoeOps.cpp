@@ -373,6 +373,11 @@ LogicalResult AllToAllOp::verify() {
   int64_t ranks = getRanks();
   if (ranks < 1)
     return emitOpError("[par-1] ranks must be >= 1, got ") << ranks;
+  int64_t perNode = getRanksPerNode();
+  if (perNode < 0 || (perNode > 0 && ranks % perNode != 0))
+    return emitOpError("[a2a-1] ranks_per_node must be 0 (flat) or divide "
+                       "the ranks ")
+           << ranks << ", got " << perNode;
   bool dispatch = getDirection() == AllToAllDirection::Dispatch;
   ValueRange whole = dispatch ? getInputs() : ValueRange(getResults());
   ValueRange chunks = dispatch ? ValueRange(getResults()) : getInputs();

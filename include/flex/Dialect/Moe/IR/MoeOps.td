@@ -200,6 +200,11 @@ def Moe_AllToAllOp : Moe_Op<"all_to_all", [Pure]> {
     `combine` is the inverse: D chunks `[L, W * Cq, d]` of expert outputs
     back to this rank's `[E, C, d]`.
 
+    `ranks_per_node = N` (> 0, dividing W; `--moe-a2a-2dh`) asks for the
+    two-dimensional hierarchical algorithm: an exchange inside each node of
+    N ranks, then one between nodes, so each pair of nodes trades one large
+    message instead of N * N small ones. The result is the same.
+
     ```mlir
     %c0, %c1 = moe.all_to_all dispatch %d {ranks = 4}
         : tensor<8x512x1024xbf16> -> tensor<2x1024x1024xbf16>, tensor<2x1024x1024xbf16>
@@ -208,7 +213,8 @@ def Moe_AllToAllOp : Moe_Op<"all_to_all", [Pure]> {
     ```
   }];
   let arguments = (ins Moe_AllToAllDirectionAttr:$direction,
-                       Variadic<Moe_ExpertBatch>:$inputs, I64Attr:$ranks);
+                       Variadic<Moe_ExpertBatch>:$inputs, I64Attr:$ranks,
+                       DefaultValuedAttr<I64Attr, "0">:$ranks_per_node);
   let results = (outs Variadic<Moe_ExpertBatch>:$results);
   let assemblyFormat = [{
     `` $direction $inputs attr-dict `:` type($inputs) `->` type($results)

@@ -12,6 +12,7 @@
 #define FLEX_DIALECT_MOE_TRANSFORMS_PASSES_H
 
 #include "flex/Dialect/Moe/IR/MoeOps.h"
+#include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/Pass/Pass.h"
 
 namespace flex::moe {

@@ -82,6 +82,23 @@ def MoePipelinePass : Pass<"moe-pipeline", "::mlir::func::FuncOp"> {
   let dependentDialects = ["::flex::moe::MoeDialect"];
 }
 
+def MoeA2A2DHPass : Pass<"moe-a2a-2dh", "::mlir::func::FuncOp"> {
+  let summary = "Use the hierarchical all-to-all for ranks spread over nodes";
+  let description = [{
+    Marks every `moe.all_to_all` with `ranks_per_node`: the runtime then
+    exchanges rows in two steps (inside each node of `ranks-per-node` ranks,
+    then between nodes), Tutel's 2DH all-to-all, which trades N * N small
+    messages between two nodes for one large one. `ranks-per-node` must
+    divide the ranks ([a2a-1]); with one node (equal to the ranks) the flat
+    algorithm is kept.
+  }];
+  let options = [
+    Option<"ranksPerNode", "ranks-per-node", "int64_t", /*default=*/"8",
+           "Ranks (GPUs) per node">,
+  ];
+  let dependentDialects = ["::flex::moe::MoeDialect"];
+}
+
 def MoeMultiversionPass : Pass<"moe-multiversion", "::mlir::ModuleOp"> {
   let summary = "Keep several parallel variants of each layer side by side";
   let description = [{

@@ -282,12 +282,14 @@ def MoeRT_AllToAllOp : MoeRT_StepOp<"all_to_all", ["input", "capacity"],
   let description = [{
     `dispatch`: `input` viewed as `[W, L, C, d]` -> chunk q of `output`
     viewed as `[D, L, W, C/D, d]`; `combine`: the inverse. The exact index
-    mapping is in docs/PlanFormat.md.
+    mapping is in docs/PlanFormat.md. `ranks_per_node` > 0 selects the
+    hierarchical (2DH) algorithm; the result is the same.
   }];
   let arguments = (ins Buf:$input, Buf:$capacity, Buf:$output,
                        MoeRT_DirectionAttr:$direction,
                        DefaultValuedAttr<I64Attr, "1">:$chunks,
-                       DefaultValuedAttr<I64Attr, "0">:$chunk);
+                       DefaultValuedAttr<I64Attr, "0">:$chunk,
+                       DefaultValuedAttr<I64Attr, "0">:$ranks_per_node);
 }
 
 def MoeRT_UniformSegmentsOp : MoeRT_StepOp<"uniform_segments", ["capacity"],
