@@ -477,8 +477,10 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
         SmallVector<NamedAttribute> attrs(chunkAttrs);
         attrs.push_back(b.getNamedAttr(
             "direction", DirectionAttr::get(b.getContext(), d)));
-        attrs.push_back(b.getNamedAttr(
-            "ranks_per_node", layer.dispatchExchange.getRanksPerNodeAttr()));
+        if (layer.dispatchExchange.getRanksPerNode() > 0)
+          attrs.push_back(b.getNamedAttr(
+              "ranks_per_node",
+              layer.dispatchExchange.getRanksPerNodeAttr()));
         return attrs;
       };
       createStep<AllToAllOp>(b, loc,
@@ -572,8 +574,10 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
         SmallVector<NamedAttribute> attrs(chunkAttrs);
         attrs.push_back(b.getNamedAttr(
             "direction", DirectionAttr::get(b.getContext(), d)));
-        attrs.push_back(b.getNamedAttr(
-            "ranks_per_node", layer.dispatchExchange.getRanksPerNodeAttr()));
+        if (layer.dispatchExchange.getRanksPerNode() > 0)
+          attrs.push_back(b.getNamedAttr(
+              "ranks_per_node",
+              layer.dispatchExchange.getRanksPerNodeAttr()));
         return attrs;
       };
       // The backward of the combine exchange is a dispatch exchange.
