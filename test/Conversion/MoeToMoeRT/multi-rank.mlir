@@ -16,7 +16,7 @@
 // CHECK: moert.gate {{.+}}layout = #moert<layout padded>
 // CHECK-NOT: moert.sync_capacity
 // CHECK: moert.dispatch
-// CHECK-NEXT: moert.all_to_all ins(input = {{.+}}) outs(output = %[[RECV:.+]] : memref<32x8xf32>) {chunk = 0 : i64, chunks = 1 : i64, direction = #moert<direction dispatch>}
+// CHECK-NEXT: moert.all_to_all ins(input = {{.+}}) outs(output = %[[RECV:.+]] : memref<32x8xf32>) {chunk = 0 : i64, chunks = 1 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
 // CHECK-NEXT: moert.uniform_segments {{.+}} {chunk = 0 : i64, chunks = 1 : i64, groups = 2 : i64, ranks = 2 : i64}
 // CHECK-NEXT: moert.grouped_gemm ins(a = %[[RECV]]
 // CHECK-NEXT: moert.grouped_gemm
@@ -30,8 +30,8 @@
 
 // r = 1, D = 2: two chunks; the second chunk's weight gradients add up.
 // CHECK: moert.variant "r1d2" forward {
-// CHECK: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>}
-// CHECK: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>}
+// CHECK: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
+// CHECK: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
 // CHECK: } backward {
 // CHECK: moert.grouped_gemm_wgrad {{.+}}outs(grad_b = {{.+}}) {accumulate}
 
