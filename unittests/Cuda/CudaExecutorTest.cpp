@@ -24,6 +24,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -171,6 +172,10 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
       for (uint64_t seed : {1, 2}) {
         SCOPED_TRACE(file.label + " variant " + plan->variants[v].name +
                      " seed " + std::to_string(seed));
+        // Progress, so a hang names its plan.
+        std::fprintf(stderr, "[ plan     ] %s variant %s seed %d\n",
+                     file.label.c_str(), plan->variants[v].name.c_str(),
+                     static_cast<int>(seed));
         LayerData data = makeData(config, seed);
         int64_t alignment = 1;
         for (const Step &step : plan->variants[v].forward)

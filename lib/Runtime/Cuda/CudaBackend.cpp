@@ -113,6 +113,10 @@ private:
 
   int device_;
   std::unique_ptr<cuda::KernelContext> ctx_;
+  /// The gate that wrote the current routing. Variants may share routing
+  /// buffer names with different layouts, so later steps (and the backward
+  /// after this forward) take the layout from the gate that actually ran.
+  const Step *lastGate_ = nullptr;
   std::vector<cudaEvent_t> events_;
   std::map<std::string, cudaGraphExec_t> graphs_;
 };
@@ -280,8 +284,11 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     result.rows = routing.expertRows;
     result.experts = E;
     result.rowBound = view.desc->shape.front();
-    result.staticCapacity =
-        staticCapacity(plan, findGate(plan, step.in(R::ExpertOffsets)));
+    const Step *gate =
+        lastGate_ && lastGate_->out(R::ExpertOffsets) == step.in(R::ExpertOffsets)
+            ? lastGate_
+            : findGate(plan, step.in(R::ExpertOffsets));
+    result.staticCapacity = staticCapacity(plan, gate);
     return result;
   };
   auto cols = [](const TensorView &view) { return view.desc->shape.back(); };
@@ -312,6 +319,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     out.expertOffsets = writeAs<int32_t>(ops.out(R::ExpertOffsets));
     out.expertRows = writeAs<int32_t>(ops.out(R::ExpertRows));
     out.lAux = writeAs<float>(ops.out(R::LAux));
+    lastGate_ = &step;
     // The capacity stays on the device; by [cap-1] it never exceeds the
     // static bound the plan sized its buffers for (the CPU backend checks).
     return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, attrs,

@@ -21,6 +21,9 @@ Status checkCuda(int error, const char *what) {
   if (error == cudaSuccess)
     return Status::ok();
   auto code = static_cast<cudaError_t>(error);
+  // Clear a non-sticky error (a failed allocation), so the next launch check
+  // does not report it again.
+  cudaGetLastError();
   StatusCode status = code == cudaErrorMemoryAllocation
                           ? StatusCode::OutOfRange
                           : StatusCode::Internal;
