@@ -1,0 +1,861 @@
+//===- MultiRankTest.cpp - Multi-rank plans without MPI -------------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file tests what multi-rank plans need apart from MPI: the row mapping
+// of all_to_all, the self and local (threads) communicators, the loader's
+// rules for `world` and the collective steps, the padded zero-fill and the
+// accumulating weight gradient of the kernels, and every multi-rank test plan
+// run on W threads against the fp64 reference of the one-rank layer applied
+// to each rank's tokens (expert weight gradients summed over ranks).
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Comm/AllToAllLayout.h"
+#include "flex/Runtime/Comm/Communicator.h"
+#include "flex/Runtime/Cpu/CpuKernels.h"
+#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Executor.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include "ReferenceMoE.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <thread>
+
+using namespace flex;
+using ::testing::HasSubstr;
+using Json = nlohmann::ordered_json;
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+std::string readText(const std::string &name) {
+  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+/// Runs fn(rank) on `size` threads and joins them.
+void onRanks(int size, const std::function<void(int)> &fn) {
+  std::vector<std::thread> threads;
+  for (int r = 0; r < size; ++r)
+    threads.emplace_back(fn, r);
+  for (std::thread &thread : threads)
+    thread.join();
+}
+
+std::vector<std::shared_ptr<Communicator>> localRanks(int size,
+                                                      double timeout = 30) {
+  std::vector<std::shared_ptr<Communicator>> ranks;
+  Status status = createLocalCommunicators(size, ranks, timeout);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return ranks;
+}
+
+//===----------------------------------------------------------------------===//
+// all_to_all row mapping
+//===----------------------------------------------------------------------===//
+
+// Every row says where it came from: (rank, global expert, slot).
+float rowTag(int64_t rank, int64_t expert, int64_t slot) {
+  return static_cast<float>(rank * 10000 + expert * 100 + slot);
+}
+
+struct AllToAllCase {
+  int64_t world, local, capacity, chunks;
+};
+
+class AllToAllMapping : public ::testing::TestWithParam<AllToAllCase> {};
+
+// PlanFormat.md: for chunk q, rank i sends input[j, :, q*Cq:(q+1)*Cq] to
+// rank j, which stores it at output[q, :, i] ([D, L, W, Cq]); combine is the
+// exact inverse.
+TEST_P(AllToAllMapping, DispatchFollowsThePlanFormatAndCombineInvertsIt) {
+  const AllToAllCase c = GetParam();
+  const int64_t W = c.world, L = c.local, C = c.capacity, D = c.chunks;
+  const int64_t E = W * L, Cq = C / D, width = 2;
+  const int64_t rowBytes = width * sizeof(float);
+  auto ranks = localRanks(static_cast<int>(W));
+  std::vector<std::vector<float>> input(W), received(W), back(W);
+  for (int64_t r = 0; r < W; ++r) {
+    input[r].assign(E * C * width, kNaN);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t s = 0; s < C; ++s)
+        for (int64_t i = 0; i < width; ++i)
+          input[r][(e * C + s) * width + i] = rowTag(r, e, s) + 0.5f * i;
+    received[r].assign(E * C * width, kNaN);
+    back[r].assign(E * C * width, kNaN);
+  }
+  onRanks(static_cast<int>(W), [&](int rank) {
+    std::vector<uint8_t> send(E * C * rowBytes), recv(E * C * rowBytes);
+    for (int64_t q = 0; q < D; ++q)
+      for (AllToAllDirection direction :
+           {AllToAllDirection::Dispatch, AllToAllDirection::Combine}) {
+        AllToAllLayout layout{W, L, C, D, q};
+        int64_t block = layout.blockRows() * rowBytes;
+        std::vector<int64_t> offsets(W), sizes(W, block);
+        for (int64_t p = 0; p < W; ++p)
+          offsets[p] = p * block;
+        bool dispatch = direction == AllToAllDirection::Dispatch;
+        layout.pack(direction,
+                    dispatch ? input[rank].data() : received[rank].data(),
+                    rowBytes, send.data());
+        Status status = ranks[rank]->allToAll(
+            send.data(), offsets.data(), sizes.data(), recv.data(),
+            offsets.data(), sizes.data(), "test all_to_all");
+        ASSERT_TRUE(status.isOk()) << status.message();
+        layout.unpack(direction, recv.data(), rowBytes,
+                      dispatch ? received[rank].data() : back[rank].data());
+      }
+  });
+  for (int64_t j = 0; j < W; ++j) {
+    for (int64_t q = 0; q < D; ++q)
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t i = 0; i < W; ++i)
+          for (int64_t s = 0; s < Cq; ++s) {
+            int64_t row = ((q * L + l) * W + i) * Cq + s;
+            EXPECT_EQ(received[j][row * width],
+                      rowTag(i, j * L + l, q * Cq + s))
+                << "rank " << j << " row " << row;
+          }
+    EXPECT_EQ(back[j], input[j]) << "combine(dispatch(x)) != x on rank " << j;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AllToAllMapping,
+    ::testing::Values(AllToAllCase{1, 3, 4, 2}, AllToAllCase{2, 2, 3, 1},
+                      AllToAllCase{2, 1, 4, 2}, AllToAllCase{4, 2, 6, 3},
+                      AllToAllCase{3, 2, 4, 4}),
+    [](const ::testing::TestParamInfo<AllToAllCase> &info) {
+      const AllToAllCase &c = info.param;
+      return "W" + std::to_string(c.world) + "_L" + std::to_string(c.local) +
+             "_C" + std::to_string(c.capacity) + "_D" +
+             std::to_string(c.chunks);
+    });
+
+//===----------------------------------------------------------------------===//
+// Communicators
+//===----------------------------------------------------------------------===//
+
+TEST(LocalCommunicator, CollectivesOnFourThreads) {
+  const int W = 4;
+  auto ranks = localRanks(W);
+  const int64_t count = 3;
+  std::vector<std::vector<float>> gathered(W);
+  std::vector<std::vector<uint16_t>> reduced(W);
+  std::vector<int32_t> maxima(W);
+  onRanks(W, [&](int r) {
+    Communicator &comm = *ranks[r];
+    EXPECT_EQ(comm.rank(), r);
+    EXPECT_EQ(comm.size(), W);
+    int32_t value = 10 * r + 1;
+    ASSERT_TRUE(comm.allReduceMaxInt32(&value, 1, "max").isOk());
+    maxima[r] = value;
+    float mine[2] = {static_cast<float>(r), static_cast<float>(-r)};
+    gathered[r].assign(2 * W, kNaN);
+    ASSERT_TRUE(comm.allGather(mine, sizeof(mine), gathered[r].data(),
+                               "gather")
+                    .isOk());
+    // bf16 blocks [W, count]: 1 + 2^-8 four times is exact in fp32 and
+    // rounds once; summed in bf16 it would lose the small parts.
+    std::vector<uint16_t> send(W * count);
+    for (int64_t i = 0; i < W * count; ++i)
+      send[i] = cpu::floatToBf16(i % count == 0 ? 1.0f + 0x1p-7f : 1.0f);
+    reduced[r].assign(count, 0);
+    ASSERT_TRUE(comm.reduceScatterSum(send.data(), reduced[r].data(), count,
+                                      DType::BF16, "reduce_scatter")
+                    .isOk());
+    ASSERT_TRUE(comm.barrier("barrier").isOk());
+  });
+  for (int r = 0; r < W; ++r) {
+    EXPECT_EQ(maxima[r], 31);
+    for (int p = 0; p < W; ++p) {
+      EXPECT_EQ(gathered[r][2 * p], static_cast<float>(p));
+      EXPECT_EQ(gathered[r][2 * p + 1], static_cast<float>(-p));
+    }
+    EXPECT_EQ(cpu::bf16ToFloat(reduced[r][0]), 4.0f + 4 * 0x1p-7f);
+    EXPECT_EQ(cpu::bf16ToFloat(reduced[r][1]), 4.0f);
+  }
+}
+
+TEST(LocalCommunicator, TimesOutNamingTheMissingRank) {
+  auto ranks = localRanks(3, /*timeout=*/0.2);
+  std::vector<Status> results(3);
+  onRanks(3, [&](int r) {
+    if (r != 2)
+      results[r] = ranks[r]->barrier("all_to_all dispatch chunk 0");
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(results[r].code(), StatusCode::CommunicationError);
+    EXPECT_THAT(results[r].message(), HasSubstr("all_to_all dispatch"));
+  }
+  // The first rank to time out names rank 2; the communicator stays broken.
+  EXPECT_THAT(results[0].message() + results[1].message(),
+              HasSubstr("waiting for rank(s) 2"));
+  Status later = ranks[0]->barrier("later");
+  EXPECT_EQ(later.code(), StatusCode::CommunicationError);
+  EXPECT_THAT(later.message(), HasSubstr("failed earlier"));
+}
+
+TEST(LocalCommunicator, RejectsRanksInDifferentCollectives) {
+  auto ranks = localRanks(2);
+  std::vector<Status> results(2);
+  onRanks(2, [&](int r) {
+    int32_t value = r;
+    results[r] = r == 0 ? ranks[r]->barrier("barrier")
+                        : ranks[r]->allReduceMaxInt32(&value, 1,
+                                                      "sync_capacity");
+  });
+  for (const Status &status : results) {
+    EXPECT_EQ(status.code(), StatusCode::CommunicationError);
+    EXPECT_THAT(status.message(), HasSubstr("same collectives"));
+  }
+}
+
+TEST(SelfCommunicator, IsOneRank) {
+  std::shared_ptr<Communicator> self = createSelfCommunicator();
+  EXPECT_EQ(self->size(), 1);
+  EXPECT_EQ(self->rank(), 0);
+  int32_t value = 5;
+  EXPECT_TRUE(self->allReduceMaxInt32(&value, 1, "max").isOk());
+  EXPECT_EQ(value, 5);
+  float in[2] = {1, 2}, out[2] = {0, 0};
+  EXPECT_TRUE(self->reduceScatterSum(in, out, 2, DType::F32, "rs").isOk());
+  EXPECT_EQ(out[1], 2.0f);
+  EXPECT_EQ(self->reduceScatterSum(in, out, 2, DType::I32, "rs").code(),
+            StatusCode::InvalidArgument);
+  int dummy = 0;
+  EXPECT_FALSE(self->setStream(&dummy).isOk());
+}
+
+TEST(CollectiveTimeout, ReadsTheEnvironment) {
+  double seconds = 0;
+  setenv("FLEX_COLLECTIVE_TIMEOUT_S", "2.5", 1);
+  EXPECT_TRUE(getCollectiveTimeout(seconds).isOk());
+  EXPECT_EQ(seconds, 2.5);
+  setenv("FLEX_COLLECTIVE_TIMEOUT_S", "soon", 1);
+  Status status = getCollectiveTimeout(seconds);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("FLEX_COLLECTIVE_TIMEOUT_S='soon'"));
+  unsetenv("FLEX_COLLECTIVE_TIMEOUT_S");
+  EXPECT_TRUE(getCollectiveTimeout(seconds).isOk());
+  EXPECT_EQ(seconds, kDefaultCollectiveTimeoutSeconds);
+}
+
+//===----------------------------------------------------------------------===//
+// Kernels: padded zero-fill, accumulating weight gradient
+//===----------------------------------------------------------------------===//
+
+// In the padded layout dispatch writes zeros into every row of [0, E*C) no
+// kept slot fills, and combine_backward likewise into grad_expert_out; rows
+// past E*C stay untouched.
+TEST(PaddedLayout, DispatchAndCombineBackwardZeroThePadding) {
+  const int64_t T = 3, k = 2, E = 2, d = 2, C = 3;
+  std::vector<int32_t> indices = {0, 1, 1, 0, 0, 1};
+  std::vector<int32_t> locations = {0, 0, 1, 1, 2, 3};
+  std::vector<float> gates = {0.6f, 0.4f, 0.7f, 0.3f, 0.5f, 0.5f};
+  int32_t capacity = C;
+  std::vector<int32_t> offsets = {0, 3, 6}, rows = {3, 2};
+  cpu::Routing routing{indices.data(), locations.data(), gates.data(),
+                       &capacity,      offsets.data(),   rows.data(),
+                       T,              k,                E};
+  std::vector<float> x = {1, 2, 3, 4, 5, 6};
+  // One row past E * C keeps its poison.
+  std::vector<float> disp((E * C + 1) * d, kNaN);
+  cpu::dispatch({x.data()}, d, routing, {disp.data()});
+  EXPECT_EQ(std::vector<float>(disp.begin(), disp.begin() + E * C * d),
+            (std::vector<float>{1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 0, 0}));
+  EXPECT_TRUE(std::isnan(disp[E * C * d]));
+  std::vector<float> gradOut = {1, 1, 1, 1, 1, 1};
+  std::vector<float> gradY((E * C + 1) * d, kNaN), gradGates(T * k, kNaN);
+  cpu::combineBackward({gradOut.data()}, {disp.data()}, d, routing,
+                       {gradY.data()}, gradGates.data());
+  EXPECT_EQ(gradY[5 * d], 0.0f); // expert 1, slot 2: padding
+  EXPECT_EQ(gradY[5 * d + 1], 0.0f);
+  EXPECT_TRUE(std::isnan(gradY[E * C * d]));
+  for (int64_t i = 0; i < E * C * d; ++i)
+    EXPECT_FALSE(std::isnan(gradY[i])) << i;
+}
+
+// accumulate adds a^T grad_c and the column sums to what grad_b and
+// grad_bias hold, in f32 and bf16; an expert without rows keeps its value.
+TEST(GroupedGemmWgrad, AccumulateAddsToTheGradient) {
+  const int64_t E = 2, K = 2, N = 2;
+  std::vector<int32_t> offsets = {0, 2, 2}, rows = {2, 0};
+  cpu::ExpertSegments seg{offsets.data(), rows.data(), E};
+  std::vector<float> a = {1, 2, 3, 4}, gradC = {1, 0, 0, 1};
+  for (DType type : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(std::string(toString(type)));
+    std::vector<float> startB(E * K * N, 0.5f), startBias(E * N, 0.25f);
+    std::vector<uint8_t> gradB(E * K * N * 4), gradBias(E * N * 4);
+    auto put = [&](std::vector<uint8_t> &bytes, const std::vector<float> &v) {
+      for (size_t i = 0; i < v.size(); ++i) {
+        if (type == DType::F32)
+          std::memcpy(bytes.data() + 4 * i, &v[i], 4);
+        else
+          reinterpret_cast<uint16_t *>(bytes.data())[i] =
+              cpu::floatToBf16(v[i]);
+      }
+    };
+    auto get = [&](const std::vector<uint8_t> &bytes, size_t i) {
+      return type == DType::F32
+                 ? reinterpret_cast<const float *>(bytes.data())[i]
+                 : cpu::bf16ToFloat(
+                       reinterpret_cast<const uint16_t *>(bytes.data())[i]);
+    };
+    put(gradB, startB);
+    put(gradBias, startBias);
+    cpu::GroupedGemmWgradOptions options;
+    options.accumulate = true;
+    cpu::groupedGemmWgrad({a.data()}, {gradC.data()}, K, N, seg,
+                          {gradB.data(), type}, {gradBias.data(), type},
+                          options);
+    // a^T grad_c = [[1, 3], [2, 4]] for expert 0.
+    EXPECT_EQ(get(gradB, 0), 1.5f);
+    EXPECT_EQ(get(gradB, 1), 3.5f);
+    EXPECT_EQ(get(gradB, 2), 2.5f);
+    EXPECT_EQ(get(gradB, 3), 4.5f);
+    EXPECT_EQ(get(gradBias, 0), 1.25f);
+    EXPECT_EQ(get(gradBias, 1), 1.25f);
+    for (size_t i = K * N; i < E * K * N; ++i)
+      EXPECT_EQ(get(gradB, i), 0.5f);
+    EXPECT_EQ(get(gradBias, 2), 0.25f);
+  }
+}
+
+// sync_capacity makes C the largest C over ranks. In the dropless and
+// bounded modes that keeps exactly the slots each rank keeps with its own
+// C: C only grows, and a rank that drops a slot already has C at the bound,
+// which no rank exceeds.
+TEST(SyncCapacity, KeepsExactlyTheSlotsEachRankKeeps) {
+  const int64_t T = 24, E = 6, W = 4;
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (CapacityMode mode : {CapacityMode::Dropless, CapacityMode::Bounded})
+    for (int64_t k : {1, 2})
+      for (int64_t alignment : {1, 2, 4})
+        for (int trial = 0; trial < 20; ++trial) {
+          cpu::GateAttrs attrs;
+          attrs.topK = k;
+          attrs.capacityMode = mode;
+          attrs.capacityFactor = 0.75;
+          attrs.capacityAlignment = alignment;
+          std::vector<std::vector<int32_t>> locations(W);
+          std::vector<int32_t> capacity(W);
+          for (int64_t r = 0; r < W; ++r) {
+            std::vector<float> logits(T * E);
+            for (float &v : logits)
+              v = normal(rng);
+            std::vector<float> scores(T * E), gates(T * k);
+            std::vector<int32_t> indices(T * k), offsets(E + 1), rows(E);
+            float lAux;
+            locations[r].resize(T * k);
+            cpu::gate(logits.data(), T, E, attrs,
+                      {scores.data(), indices.data(), locations[r].data(),
+                       gates.data(), &capacity[r], offsets.data(),
+                       rows.data(), &lAux});
+          }
+          int32_t synced = *std::max_element(capacity.begin(), capacity.end());
+          for (int64_t r = 0; r < W; ++r)
+            for (int32_t location : locations[r])
+              ASSERT_EQ(location < capacity[r], location < synced)
+                  << toString(mode) << " k=" << k << " rank " << r
+                  << " location " << location << " C " << capacity[r]
+                  << " synced " << synced;
+        }
+}
+
+//===----------------------------------------------------------------------===//
+// Loader
+//===----------------------------------------------------------------------===//
+
+const char *const kMultiRankPlans[] = {
+    "mr_ffn_fixed_w2_train.json", "mr_ffn_dropless_w4_train.json",
+    "mr_gated_bounded_w2_train_bf16.json", "mr_ffn_fixed_w4_infer.json"};
+
+TEST(MultiRankPlanLoader, LoadsAndRoundTripsEveryTestPlan) {
+  for (const char *name : kMultiRankPlans) {
+    SCOPED_TRACE(name);
+    Plan plan;
+    Status status = parsePlan(readText(name), plan);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    EXPECT_GT(plan.worldSize, 1);
+    EXPECT_EQ(plan.layer.experts % plan.worldSize, 0);
+    const Argument &w1 = plan.arguments[plan.findArgument("w1")];
+    EXPECT_EQ(w1.shape[0], plan.localExperts());
+    Plan again;
+    status = parsePlan(writePlan(plan), again);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    EXPECT_EQ(writePlan(again), writePlan(plan));
+  }
+}
+
+/// Parses `doc` after `edit`, expecting InvalidPlan with `what` in the
+/// message.
+void expectRejected(const std::string &name,
+                    const std::function<void(Json &)> &edit,
+                    const std::string &what) {
+  Json doc = Json::parse(readText(name));
+  edit(doc);
+  Plan plan;
+  Status status = parsePlan(doc.dump(), plan);
+  EXPECT_EQ(status.code(), StatusCode::InvalidPlan) << what;
+  EXPECT_THAT(status.message(), HasSubstr(what));
+}
+
+Json *findStep(Json &doc, const std::string &variant, const std::string &op,
+               int skip = 0) {
+  for (Json &v : doc["variants"])
+    if (v["name"] == variant)
+      for (const char *list : {"forward", "backward"})
+        for (Json &step : v[list])
+          if (step["op"] == op && skip-- == 0)
+            return &step;
+  return nullptr;
+}
+
+TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
+  const std::string fixed = "mr_ffn_fixed_w2_train.json";
+  const std::string dropless = "mr_ffn_dropless_w4_train.json";
+  // E % W != 0: sharded experts are not supported yet.
+  expectRejected(
+      fixed, [](Json &doc) { doc["world"]["size"] = 3; },
+      "3 ranks cannot hold the 4 experts whole");
+  expectRejected(
+      fixed, [](Json &doc) { doc["world"]["size"] = 8; },
+      "not supported yet");
+  expectRejected(
+      fixed, [](Json &doc) { doc["world"]["size"] = 0; },
+      "world size 0 is out of range");
+  expectRejected(
+      fixed, [](Json &doc) { doc["world"] = 2; }, "world");
+  // Parameters are the rank's L = E / W experts.
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        for (Json &arg : doc["arguments"])
+          if (arg["name"] == "w1")
+            arg["shape"][0] = 4;
+      },
+      "argument 'w1' has shape [4, 8, 12], which disagrees with the layer: "
+      "expected [2, 8, 12]");
+  // Multi-rank plans use the padded layout.
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "dp", "gate"))["attrs"]["layout"] = "ragged";
+      },
+      "use the 'padded' layout");
+  // Dropless on several ranks: one C before tokens move.
+  expectRejected(
+      dropless,
+      [](Json &doc) {
+        for (Json &v : doc["variants"])
+          if (v["name"] == "ep1") {
+            Json kept = Json::array();
+            for (Json &step : v["forward"])
+              if (step["op"] != "sync_capacity")
+                kept.push_back(step);
+            v["forward"] = kept;
+          }
+      },
+      "reads 'capacity' before a 'sync_capacity' step");
+  // Chunks must divide the aligned capacity.
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "ep2", "gate"))["attrs"]["capacity_alignment"] = 1;
+      },
+      "the gate's capacity_alignment 1 is not a multiple of it");
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "ep2", "all_to_all"))["attrs"]["chunk"] = 2;
+      },
+      "chunk 2 is out of range");
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "ep1", "all_to_all"))["attrs"].erase("direction");
+      },
+      "missing (required by op 'all_to_all')");
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "ep1", "uniform_segments"))["attrs"]["groups"] = 4;
+      },
+      "groups 4 disagrees with the local experts of the plan: L = E / W = 4 "
+      "/ 2 = 2");
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "ep1", "uniform_segments"))["attrs"]["ranks"] = 4;
+      },
+      "ranks 4 disagrees with the plan's world size 2");
+  // all_gather gives W times the rank's block.
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "dp", "all_gather"))["out"]["output"] = "w1";
+      },
+      "needs the rank's block [2, 8, 12] times W = 2");
+  // Accumulating weight gradients need an earlier write.
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "ep2", "grouped_gemm_wgrad"))["attrs"]["accumulate"] =
+            true;
+      },
+      "adds into 'grad_w2', which no earlier step writes");
+  // An unknown direction names the allowed ones.
+  expectRejected(
+      fixed,
+      [](Json &doc) {
+        (*findStep(doc, "ep1", "all_to_all"))["attrs"]["direction"] = "up";
+      },
+      "allowed: dispatch, combine");
+}
+
+//===----------------------------------------------------------------------===//
+// Multi-rank plans on local ranks vs the fp64 reference
+//===----------------------------------------------------------------------===//
+
+void store(std::vector<uint8_t> &bytes, DType type, int64_t i, double value) {
+  switch (type) {
+  case DType::F32: {
+    float v = static_cast<float>(value);
+    std::memcpy(bytes.data() + 4 * i, &v, 4);
+    return;
+  }
+  case DType::BF16:
+    reinterpret_cast<uint16_t *>(bytes.data())[i] =
+        cpu::floatToBf16(static_cast<float>(value));
+    return;
+  case DType::F16:
+    reinterpret_cast<uint16_t *>(bytes.data())[i] =
+        cpu::floatToF16(static_cast<float>(value));
+    return;
+  case DType::I32:
+    return;
+  }
+}
+
+double load(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
+  switch (type) {
+  case DType::F32:
+    return reinterpret_cast<const float *>(bytes.data())[i];
+  case DType::BF16:
+    return cpu::bf16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
+  case DType::F16:
+    return cpu::f16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
+  case DType::I32:
+    return 0;
+  }
+  return 0;
+}
+
+/// The arguments of one rank.
+struct RankBuffers {
+  std::map<std::string, std::vector<uint8_t>> data;
+  const Plan *plan = nullptr;
+
+  void init(const Plan &p) {
+    plan = &p;
+    for (const Argument &arg : p.arguments) {
+      data[arg.name].assign(arg.numBytes(), 0);
+      bool output = arg.role == ArgumentRole::Output ||
+                    arg.role == ArgumentRole::GradOutput;
+      if (output)
+        set(arg.name, std::vector<double>(
+                          arg.numElements(),
+                          std::numeric_limits<double>::quiet_NaN()));
+    }
+  }
+  const Argument &arg(const std::string &name) const {
+    return plan->arguments[plan->findArgument(name)];
+  }
+  bool has(const std::string &name) const {
+    return plan->findArgument(name) >= 0;
+  }
+  void set(const std::string &name, const std::vector<double> &values) {
+    if (!has(name))
+      return;
+    ASSERT_EQ(static_cast<int64_t>(values.size()), arg(name).numElements())
+        << name;
+    for (size_t i = 0; i < values.size(); ++i)
+      store(data[name], arg(name).dtype, i, values[i]);
+  }
+  std::vector<double> get(const std::string &name) const {
+    std::vector<double> values(arg(name).numElements());
+    for (size_t i = 0; i < values.size(); ++i)
+      values[i] = load(data.at(name), arg(name).dtype, i);
+    return values;
+  }
+  std::vector<Binding> bindings() {
+    std::vector<Binding> result;
+    for (auto &[name, bytes] : data)
+      result.push_back(
+          {arg(name).name, bytes.data(), static_cast<int64_t>(bytes.size())});
+    return result;
+  }
+};
+
+/// Rank r's slice (experts r*L .. r*L+L-1) of a global [E, ...] parameter.
+std::vector<double> slice(const std::vector<double> &global, int64_t rank,
+                          int64_t world) {
+  if (global.empty())
+    return {};
+  size_t block = global.size() / world;
+  return std::vector<double>(global.begin() + rank * block,
+                             global.begin() + (rank + 1) * block);
+}
+
+struct PlanVariant {
+  const char *plan;
+  const char *variant;
+};
+
+void PrintTo(const PlanVariant &value, std::ostream *os) {
+  *os << value.plan << " variant " << value.variant;
+}
+void PrintTo(const AllToAllCase &c, std::ostream *os) {
+  *os << "W=" << c.world << " L=" << c.local << " C=" << c.capacity
+      << " D=" << c.chunks;
+}
+
+std::string caseName(const ::testing::TestParamInfo<PlanVariant> &info) {
+  std::string name = std::string(info.param.plan) + "_" + info.param.variant;
+  for (char &c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)))
+      c = '_';
+  return name;
+}
+
+class MultiRankRun : public ::testing::TestWithParam<PlanVariant> {};
+
+// Each rank runs the plan on its own tokens with its slice of one global
+// layer. Per-rank capacity makes the W-rank layer equal to the one-rank layer
+// applied to each rank's tokens: out, l_aux, grad_x and grad_wg (the rank's
+// partial) compare directly; expert weight gradients are the reference's
+// summed over ranks, sliced.
+TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
+  auto plan = std::make_shared<Plan>();
+  Status status = parsePlan(readText(GetParam().plan), *plan);
+  ASSERT_TRUE(status.isOk()) << status.message();
+  const int64_t variant = plan->findVariant(GetParam().variant);
+  ASSERT_GE(variant, 0);
+  const int W = static_cast<int>(plan->worldSize);
+  const LayerConfig &config = plan->layer;
+  reference::ReferenceOptions refOptions;
+  for (const Step &step : plan->variants[variant].forward)
+    if (step.op == StepOp::Gate)
+      refOptions.capacityAlignment = step.attrs.capacityAlignment;
+
+  for (uint64_t seed : {1u, 2u, 3u}) {
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    // One global layer; each rank's tokens drawn apart, away from ties.
+    std::mt19937_64 rng(seed);
+    std::vector<reference::LayerInputs> inputs(W);
+    std::vector<std::vector<double>> gradOut(W);
+    reference::LayerInputs global = reference::makeRandomInputs(config, rng);
+    for (int r = 0; r < W; ++r) {
+      for (;;) {
+        inputs[r] = global;
+        inputs[r].x = reference::makeRandomInputs(config, rng).x;
+        reference::LayerRouting routing =
+            reference::referenceRouting(config, inputs[r], refOptions);
+        reference::RoutingMargins margins =
+            reference::routingMargins(config, routing);
+        if (margins.logitGap > 1e-3 &&
+            (!config.batchPrioritized || margins.priorityGap > 1e-3))
+          break;
+      }
+      std::normal_distribution<double> normal;
+      gradOut[r].resize(config.tokens * config.modelDim);
+      for (double &v : gradOut[r])
+        v = normal(rng);
+      gradOut[r] = reference::roundTo(gradOut[r], config.dtype);
+    }
+    const double gradLAux = 0.5;
+
+    std::vector<RankBuffers> buffers(W);
+    for (int r = 0; r < W; ++r) {
+      RankBuffers &b = buffers[r];
+      b.init(*plan);
+      b.set("x", inputs[r].x);
+      b.set("wg", global.wg);
+      b.set("w1", slice(global.w1, r, W));
+      b.set("b1", slice(global.b1, r, W));
+      b.set("w2", slice(global.w2, r, W));
+      b.set("b2", slice(global.b2, r, W));
+      b.set("w3", slice(global.w3, r, W));
+      b.set("grad_out", gradOut[r]);
+      b.set("grad_l_aux", {gradLAux});
+    }
+    auto ranks = localRanks(W);
+    std::vector<Status> results(W);
+    onRanks(W, [&](int r) {
+      std::unique_ptr<Executor> executor;
+      Status s = Executor::create(plan, createCpuBackend(), executor);
+      // A workspace of NaN bytes: a padding row no step zeroes would reach
+      // the GEMMs over whole capacity blocks and show.
+      const size_t align = plan->workspace.alignment;
+      const size_t bytes = (plan->workspace.bytes + align - 1) / align * align;
+      std::unique_ptr<void, void (*)(void *)> workspace(
+          std::aligned_alloc(align, bytes), std::free);
+      std::memset(workspace.get(), 0xff, bytes);
+      if (s)
+        s = executor->setWorkspace(workspace.get(), plan->workspace.bytes);
+      if (s)
+        s = executor->setCommunicator(ranks[r]);
+      if (s)
+        s = executor->selectVariant(variant);
+      std::vector<Binding> bindings = buffers[r].bindings();
+      if (s)
+        s = executor->forward(bindings.data(), bindings.size());
+      if (s && plan->training)
+        s = executor->backward(bindings.data(), bindings.size());
+      results[r] = s;
+    });
+    for (int r = 0; r < W; ++r)
+      ASSERT_TRUE(results[r].isOk()) << "rank " << r << ": "
+                                     << results[r].message();
+
+    const double tolerance = config.dtype == DType::F32 ? 1e-5 : 2e-2;
+    std::vector<reference::LayerForward> forward(W);
+    std::vector<reference::LayerGradients> grads(W);
+    reference::LayerGradients sum;
+    for (int r = 0; r < W; ++r) {
+      if (plan->training)
+        grads[r] = reference::referenceBackward(config, inputs[r], gradOut[r],
+                                                gradLAux, refOptions,
+                                                &forward[r]);
+      else
+        forward[r] =
+            reference::referenceForward(config, inputs[r], refOptions);
+      auto add = [](std::vector<double> &to, const std::vector<double> &v) {
+        to.resize(v.size(), 0.0);
+        for (size_t i = 0; i < v.size(); ++i)
+          to[i] += v[i];
+      };
+      add(sum.w1, grads[r].w1);
+      add(sum.b1, grads[r].b1);
+      add(sum.w2, grads[r].w2);
+      add(sum.b2, grads[r].b2);
+      add(sum.w3, grads[r].w3);
+    }
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      const RankBuffers &b = buffers[r];
+      EXPECT_LE(reference::relativeL2(b.get("out"), forward[r].out),
+                tolerance);
+      EXPECT_LE(reference::relativeL2(b.get("l_aux"), {forward[r].lAux}),
+                tolerance);
+      if (!plan->training)
+        continue;
+      EXPECT_LE(reference::relativeL2(b.get("grad_x"), grads[r].x), tolerance);
+      EXPECT_LE(reference::relativeL2(b.get("grad_wg"), grads[r].wg),
+                tolerance);
+      std::pair<const char *, const std::vector<double> *> experts[] = {
+          {"grad_w1", &sum.w1}, {"grad_b1", &sum.b1}, {"grad_w2", &sum.w2},
+          {"grad_b2", &sum.b2}, {"grad_w3", &sum.w3}};
+      for (auto [name, want] : experts)
+        if (b.has(name))
+          EXPECT_LE(reference::relativeL2(b.get(name), slice(*want, r, W)),
+                    tolerance)
+              << name;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Plans, MultiRankRun,
+    ::testing::Values(
+        PlanVariant{"mr_ffn_fixed_w2_train.json", "ep1"},
+        PlanVariant{"mr_ffn_fixed_w2_train.json", "ep2"},
+        PlanVariant{"mr_ffn_fixed_w2_train.json", "dp"},
+        PlanVariant{"mr_ffn_dropless_w4_train.json", "ep1"},
+        PlanVariant{"mr_ffn_dropless_w4_train.json", "ep2"},
+        PlanVariant{"mr_ffn_dropless_w4_train.json", "dp"},
+        PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "ep2"},
+        PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "dp"},
+        PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep1"},
+        PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"},
+        PlanVariant{"mr_ffn_fixed_w4_infer.json", "dp"}),
+    caseName);
+
+//===----------------------------------------------------------------------===//
+// Executor rules
+//===----------------------------------------------------------------------===//
+
+TEST(MultiRankExecutor, NeedsACommunicatorOfTheWorldSize) {
+  auto plan = std::make_shared<Plan>();
+  ASSERT_TRUE(parsePlan(readText("mr_ffn_fixed_w4_infer.json"), *plan).isOk());
+  std::unique_ptr<Executor> executor;
+  ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
+  EXPECT_EQ(executor->communicator(), nullptr);
+  RankBuffers buffers;
+  buffers.init(*plan);
+  std::vector<Binding> bindings = buffers.bindings();
+  Status status = executor->forward(bindings.data(), bindings.size());
+  EXPECT_EQ(status.code(), StatusCode::FailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("no communicator is set"));
+  auto two = localRanks(2);
+  status = executor->setCommunicator(two[0]);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(),
+              HasSubstr("the plan runs on 4 rank(s) (world.size), but "
+                        "communicator 'local' has 2"));
+  status = executor->setCommunicator(createSelfCommunicator());
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+}
+
+TEST(MultiRankExecutor, OneRankPlansStartWithTheSelfCommunicator) {
+  auto plan = std::make_shared<Plan>();
+  ASSERT_TRUE(parsePlan(readText("ffn_fixed_train.json"), *plan).isOk());
+  std::unique_ptr<Executor> executor;
+  ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
+  ASSERT_NE(executor->communicator(), nullptr);
+  EXPECT_EQ(executor->communicator()->name(), "self");
+  EXPECT_FALSE(executor->setCommunicator(localRanks(2)[0]).isOk());
+  EXPECT_TRUE(executor->setCommunicator(nullptr).isOk());
+  EXPECT_EQ(executor->communicator()->name(), "self");
+}
+
+// A rank that stops calling collectives makes the others fail with the step
+// named, instead of hanging.
+TEST(MultiRankExecutor, ACollectiveTimeoutNamesTheStep) {
+  auto plan = std::make_shared<Plan>();
+  ASSERT_TRUE(parsePlan(readText("mr_ffn_fixed_w2_train.json"), *plan).isOk());
+  auto ranks = localRanks(2, /*timeout=*/0.3);
+  std::unique_ptr<Executor> executor;
+  ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
+  ASSERT_TRUE(executor->setCommunicator(ranks[0]).isOk());
+  RankBuffers buffers;
+  buffers.init(*plan);
+  std::vector<Binding> bindings = buffers.bindings();
+  Status status = executor->forward(bindings.data(), bindings.size());
+  EXPECT_EQ(status.code(), StatusCode::CommunicationError);
+  EXPECT_THAT(status.message(),
+              HasSubstr("variant 'ep1' forward step 3 (all_to_all)"));
+  EXPECT_THAT(status.message(), HasSubstr("waiting for rank(s) 1"));
+}
+
+} // namespace
