@@ -50,6 +50,7 @@ typedef enum FlexStatus {
   FLEX_STATUS_IO_ERROR = 7,            /* a file could not be read */
   FLEX_STATUS_INVALID_PLAN = 8,        /* the plan document is rejected */
   FLEX_STATUS_INTERNAL = 9,            /* a bug in Flex */
+  FLEX_STATUS_COMMUNICATION_ERROR = 10, /* a collective failed or timed out */
 } FlexStatus;
 
 /* Numbering matches flex::DType. */
@@ -142,6 +143,7 @@ typedef struct FlexRunOptions {
 
 typedef struct FlexContextImpl *FlexContext;
 typedef struct FlexExecutableImpl *FlexExecutable;
+typedef struct FlexCommunicatorImpl *FlexCommunicator;
 
 /*===--------------------------------------------------------------------===*
  * Version and errors
@@ -234,6 +236,40 @@ FlexStatus flexExecutableGetStepTiming(FlexExecutable executable,
                                        double *micros);
 FlexStatus flexExecutableGetLastRunMicros(FlexExecutable executable,
                                           double *micros);
+
+/*===--------------------------------------------------------------------===*
+ * Many ranks (docs/Runtime.md, "Many ranks")
+ *===--------------------------------------------------------------------===*/
+
+/* A plan for W ranks (`world.size`) runs on every rank with a communicator
+ * of W ranks; its collective steps run through it. Collectives wait at most
+ * FLEX_COLLECTIVE_TIMEOUT_S seconds (default 300); a timeout or transport
+ * error fails the call with FLEX_STATUS_COMMUNICATION_ERROR naming the step
+ * and the ranks, after the MPI communicator has printed it and called
+ * MPI_Abort (a failed collective leaves MPI unusable). */
+
+/* 1 when this build has the MPI communicator, else 0. */
+int32_t flexHasMpi(void);
+/* A communicator over a duplicate of the MPI communicator at `mpi_comm` (the
+ * address of an MPI_Comm; NULL = MPI_COMM_WORLD). MPI must be initialized
+ * by the caller (FLEX_STATUS_FAILED_PRECONDITION otherwise);
+ * FLEX_STATUS_UNAVAILABLE when this build has no MPI. */
+FlexStatus flexCommunicatorCreateMpi(const void *mpi_comm,
+                                     FlexCommunicator *communicator);
+FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator);
+/* This process's rank and the number of ranks (either may be NULL). */
+FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator,
+                                   int32_t *rank, int32_t *size);
+/* W, the ranks the plan runs on (1 for a one-rank plan). */
+FlexStatus flexExecutableGetWorldSize(FlexExecutable executable,
+                                      int32_t *world_size);
+/* The communicator the executable's collective steps run through; its size
+ * must be the plan's world size (FLEX_STATUS_INVALID_ARGUMENT otherwise).
+ * The executable keeps it alive, so the handle may be destroyed after. NULL
+ * goes back to the default: a one-rank communicator for a one-rank plan,
+ * none for a multi-rank plan (whose runs then fail until one is set). */
+FlexStatus flexExecutableSetCommunicator(FlexExecutable executable,
+                                         FlexCommunicator communicator);
 
 /*===--------------------------------------------------------------------===*
  * Compiling (needs the compiler library, FlexCompilerCAPI)

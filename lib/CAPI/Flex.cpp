@@ -12,6 +12,7 @@
 
 #include "flex-c/Flex.h"
 
+#include "flex/Runtime/Comm/MpiCommunicator.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
@@ -24,6 +25,9 @@
 
 using namespace flex;
 
+static_assert(static_cast<int>(StatusCode::CommunicationError) ==
+                  FLEX_STATUS_COMMUNICATION_ERROR,
+              "FlexStatus and flex::StatusCode must agree");
 static_assert(static_cast<int>(StatusCode::Internal) == FLEX_STATUS_INTERNAL &&
                   static_cast<int>(StatusCode::InvalidPlan) ==
                       FLEX_STATUS_INVALID_PLAN,
@@ -37,6 +41,10 @@ static_assert(static_cast<int>(ArgumentRole::GradOutput) ==
 
 struct FlexContextImpl {
   std::string backend;
+};
+
+struct FlexCommunicatorImpl {
+  std::shared_ptr<Communicator> communicator;
 };
 
 struct FlexExecutableImpl {
@@ -321,6 +329,8 @@ const char *flexStatusName(FlexStatus status) {
   case FLEX_STATUS_IO_ERROR: return "FLEX_STATUS_IO_ERROR";
   case FLEX_STATUS_INVALID_PLAN: return "FLEX_STATUS_INVALID_PLAN";
   case FLEX_STATUS_INTERNAL: return "FLEX_STATUS_INTERNAL";
+  case FLEX_STATUS_COMMUNICATION_ERROR:
+    return "FLEX_STATUS_COMMUNICATION_ERROR";
   }
   return "FLEX_STATUS_<unknown>";
 }
@@ -738,5 +748,84 @@ FlexStatus flexCompileLayerConfig(FlexContext context,
 }
 
 void flexFreeString(char *text) { std::free(text); }
+
+int32_t flexHasMpi(void) { return isMpiAvailable() ? 1 : 0; }
+
+FlexStatus flexCommunicatorCreateMpi(const void *mpiComm,
+                                     FlexCommunicator *communicator) {
+  const char *function = "flexCommunicatorCreateMpi";
+  if (FlexStatus s = checkOut(communicator, function, "communicator"))
+    return s;
+  *communicator = nullptr;
+  try {
+    MpiCommunicatorOptions options;
+    options.comm = mpiComm;
+    std::shared_ptr<Communicator> comm;
+    if (Status status = createMpiCommunicator(comm, options); !status)
+      return fail(static_cast<FlexStatus>(status.code()),
+                  std::string(function) + ": " + status.message());
+    auto *handle = new FlexCommunicatorImpl{std::move(comm)};
+    registry().add(handle);
+    *communicator = handle;
+    return FLEX_STATUS_OK;
+  } catch (const std::exception &error) {
+    return fail(FLEX_STATUS_INTERNAL,
+                std::string(function) + ": internal error: " + error.what());
+  }
+}
+
+FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator) {
+  if (!communicator)
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                "flexCommunicatorDestroy: the communicator is null");
+  if (!registry().remove(communicator))
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                "flexCommunicatorDestroy: the communicator is not a live "
+                "handle (destroyed already, or not created by flex)");
+  delete communicator;
+  return FLEX_STATUS_OK;
+}
+
+FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator,
+                                   int32_t *rank, int32_t *size) {
+  if (!communicator || !registry().contains(communicator))
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                "flexCommunicatorGetRank: the communicator is null or not a "
+                "live handle");
+  if (rank)
+    *rank = communicator->communicator->rank();
+  if (size)
+    *size = communicator->communicator->size();
+  return FLEX_STATUS_OK;
+}
+
+FlexStatus flexExecutableGetWorldSize(FlexExecutable exe,
+                                      int32_t *worldSize) {
+  const char *function = "flexExecutableGetWorldSize";
+  return withExecutable(exe, function, [&]() -> FlexStatus {
+    if (FlexStatus s = checkOut(worldSize, function, "world_size"))
+      return s;
+    *worldSize = static_cast<int32_t>(exe->plan->worldSize);
+    return FLEX_STATUS_OK;
+  });
+}
+
+FlexStatus flexExecutableSetCommunicator(FlexExecutable exe,
+                                         FlexCommunicator communicator) {
+  const char *function = "flexExecutableSetCommunicator";
+  return withExecutable(exe, function, [&]() -> FlexStatus {
+    if (communicator && !registry().contains(communicator))
+      return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                  std::string(function) +
+                      ": the communicator is not a live handle",
+                  exe);
+    Status status = exe->executor->setCommunicator(
+        communicator ? communicator->communicator : nullptr);
+    if (!status)
+      return fail(static_cast<FlexStatus>(status.code()),
+                  std::string(function) + ": " + status.message(), exe);
+    return FLEX_STATUS_OK;
+  });
+}
 
 } // extern "C"

@@ -15,6 +15,9 @@
 #include "flex/Runtime/Comm/MpiCommunicator.h"
 #include "flex/Runtime/Cpu/Half.h"
 
+// The C API only: the C++ bindings of OpenMPI/MPICH need their own library.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
 #include <algorithm>
