@@ -9,7 +9,8 @@
 //  1. one thread per token: noise, softmax, top-k, gates, the priority key
 //     (the same fp32 operations in the same order as the CPU kernel, expf as
 //     glibc computes it, explicit roundings where nvcc would fuse a
-//     multiply-add), so scores and indices match the CPU bit for bit;
+//     multiply-add; top-k ranked by the noisy logits), so scores and indices
+//     match the CPU bit for bit;
 //  2. batch-prioritized order: a stable CUB radix sort of the tokens by
 //     descending priority (stable = std::stable_sort's order);
 //  3. locations: the k*T (choice, token) pairs in [loc-1] order are cut into
@@ -121,12 +122,14 @@ __global__ void gateTokensKernel(const float *__restrict__ logits,
                                  uint64_t seed, float *__restrict__ scores,
                                  int32_t *__restrict__ indices,
                                  float *__restrict__ gates,
-                                 float *__restrict__ priority) {
+                                 float *__restrict__ priority,
+                                 float *__restrict__ noisyLogits) {
   int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (t >= tokens)
     return;
   const float *logitRow = logits + t * experts;
   float *scoreRow = scores + t * experts;
+  float *noisy = noisyLogits + t * experts;
   float maxLogit = -INFINITY;
   for (int32_t e = 0; e < experts; ++e) {
     float value = logitRow[e];
@@ -134,14 +137,14 @@ __global__ void gateTokensKernel(const float *__restrict__ logits,
       value = static_cast<float>(__dadd_rn(
           static_cast<double>(value),
           __dmul_rn(noiseScale, noiseSample(seed, t, e))));
-    scoreRow[e] = value;
+    noisy[e] = value;
     if (value > maxLogit)
       maxLogit = value;
   }
   bool anyNaN = false;
   float sum = 0.0f;
   for (int32_t e = 0; e < experts; ++e) {
-    float value = scoreRow[e];
+    float value = noisy[e];
     anyNaN |= isnan(value);
     value = glibcExpf(__fsub_rn(value, maxLogit));
     scoreRow[e] = value;
@@ -151,27 +154,29 @@ __global__ void gateTokensKernel(const float *__restrict__ logits,
   for (int32_t e = 0; e < experts; ++e)
     scoreRow[e] = __fmul_rn(scoreRow[e], inverse);
 
+  // [gate-2] ranks by the noisy logits, as the CPU kernel (scores of
+  // far-behind experts underflow to equal zeros; logits do not).
   int32_t *indexRow = indices + t * k;
   float *gateRow = gates + t * k;
   float gateSum = 0.0f;
   for (int32_t j = 0; j < k; ++j) {
     int32_t best = -1;
-    float bestScore = 0.0f;
+    float bestLogit = 0.0f;
     for (int32_t e = 0; e < experts; ++e) {
       bool taken = false;
       for (int32_t i = 0; i < j; ++i)
         taken |= indexRow[i] == e;
       if (taken)
         continue;
-      float score = scoreRow[e];
-      if (best < 0 || ranksAbove(score, bestScore)) {
+      float logit = noisy[e];
+      if (best < 0 || ranksAbove(logit, bestLogit)) {
         best = e;
-        bestScore = score;
+        bestLogit = logit;
       }
     }
     indexRow[j] = best;
-    gateRow[j] = bestScore;
-    gateSum = __fadd_rn(gateSum, bestScore);
+    gateRow[j] = scoreRow[best];
+    gateSum = __fadd_rn(gateSum, gateRow[j]);
   }
   if (normalize) {
     // std::max(sum, eps) keeps a NaN sum.
@@ -402,7 +407,8 @@ Status gate(KernelContext &ctx, const float *logits, int64_t tokens,
   int64_t offKeys = offPriority + align(4 * tokens);
   int64_t offOrder = offKeys + align(4 * tokens);
   int64_t offSorted = offOrder + align(4 * tokens);
-  int64_t offTemp = offSorted + align(4 * tokens);
+  int64_t offNoisy = offSorted + align(4 * tokens);
+  int64_t offTemp = offNoisy + align(4 * tokens * E);
   int64_t total = offTemp + align(sortTempBytes);
   void *base = nullptr;
   if (Status s = ctx.scratch(0, total, base); !s)
@@ -416,6 +422,7 @@ Status gate(KernelContext &ctx, const float *logits, int64_t tokens,
   auto *keys = reinterpret_cast<float *>(bytes + offKeys);
   auto *order = reinterpret_cast<int32_t *>(bytes + offOrder);
   auto *sorted = reinterpret_cast<int32_t *>(bytes + offSorted);
+  auto *noisy = reinterpret_cast<float *>(bytes + offNoisy);
 
   // scoreSums and firstChoices are adjacent: one memset.
   if (Status s = checkCuda(
@@ -430,7 +437,8 @@ Status gate(KernelContext &ctx, const float *logits, int64_t tokens,
   if (tokens > 0) {
     gateTokensKernel<<<detail::gridFor(tokens, 128), 128, 0, stream>>>(
         logits, tokens, E, k, normalize, noiseScale, attrs.seed, out.scores,
-        out.indices, out.gates, attrs.batchPrioritized ? priority : nullptr);
+        out.indices, out.gates, attrs.batchPrioritized ? priority : nullptr,
+        noisy);
     if (Status s = checkLaunch("gate token kernel"); !s)
       return s;
     gateLossKernel<<<detail::gridFor(tokens, 256), 256, 8 * E, stream>>>(
