@@ -8,13 +8,15 @@
 // through flexCompileLayer when a compiler is linked), fills the inputs from
 // .npy files or a seeded generator, runs forward (and with --train backward)
 // through the C API, prints per-step times, and with --check compares every
-// output with the fp64 reference. docs/Runtime.md documents the options.
+// output with the fp64 reference. Under mpirun it runs a multi-rank plan, one
+// rank per process (rank 0 prints). docs/Runtime.md documents the options.
 //
 //===----------------------------------------------------------------------===//
 
 #include "Npy.h"
 
 #include "flex-c/Flex.h"
+#include "flex/Runtime/Comm/MpiCommunicator.h"
 #include "flex/Runtime/Cpu/Half.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
@@ -27,6 +29,11 @@ extern "C" FlexStatus flexCompilerRegister(void);
 #endif
 #ifdef FLEX_MOE_RUN_HAVE_CUDA
 #include <cuda_runtime.h>
+#endif
+#ifdef FLEX_HAVE_MPI
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
 #endif
 
 #include <nlohmann/json.hpp>
@@ -51,10 +58,13 @@ namespace fs = std::filesystem;
 namespace {
 
 const char *const kUsage = R"(usage: moe-run <plan.json | layer.mlir> [options]
+       mpirun -np W moe-run <plan.json> [options]
 
 Runs one MoE layer: loads a plan (a .mlir layer is compiled first, which
 needs the compiler library), fills its inputs, runs forward (and backward
-with --train) and prints per-step times.
+with --train) and prints per-step times. A plan for W ranks (world.size)
+runs under an MPI launcher with W processes, one rank each; rank 0 prints
+the times (the largest over ranks) and the check.
 
 options:
   --seed N          seed of the random inputs (default 0)
@@ -85,7 +95,10 @@ options:
 random inputs (a splitmix64 + Box-Muller stream per argument, seeded by
 --seed and the argument name): x ~ N(0, 1); wg, w1, w3 ~ N(0, 1/d);
 w2 ~ N(0, 1/h) (std 1/sqrt(fan_in)); b1, b2 ~ N(0, 0.01); grad_out ~ N(0, 1);
-grad_l_aux = 1. Values are rounded to the argument's dtype.
+grad_l_aux = 1. Values are rounded to the argument's dtype. On W ranks every
+rank draws the global parameters ([E, ...]) and keeps its experts
+r*L .. r*L+L-1; x and grad_out are drawn per rank (rank 0 as on one rank).
+--inputs, --save-inputs and --outputs then use DIR/rank<r>/.
 
 .npy files: f32 '<f4', f16 '<f2', i32 '<i4'; bf16 is written as '<f4' (exact)
 and read from '<u2' (raw bits) or '<f4'/'<f8' (rounded to nearest even).
@@ -202,6 +215,8 @@ struct NormalStream {
       hash = (hash ^ static_cast<uint8_t>(c)) * 0x100000001b3ull;
     state = splitmix64(seed ^ splitmix64(hash));
   }
+  /// Skips n samples (each takes two states).
+  void skip(int64_t n) { state += 2 * static_cast<uint64_t>(n); }
   double next() {
     uint64_t a = splitmix64(state++), b = splitmix64(state++);
     double u1 = ((a >> 11) + 0.5) * 0x1p-53, u2 = ((b >> 11) + 0.5) * 0x1p-53;
@@ -295,8 +310,69 @@ struct ArgumentBuffer {
   }
 };
 
+//===----------------------------------------------------------------------===//
+// Ranks
+//===----------------------------------------------------------------------===//
+
+/// This process among the ranks of an MPI launch (rank 0 of 1 otherwise),
+/// with the fp64 reductions the summary and --check need.
+struct Ranks {
+  int rank = 0;
+  int size = 1;
+  bool mpi = false; ///< MPI is running
+
+  void maxInPlace(std::vector<double> &values) const {
+#ifdef FLEX_HAVE_MPI
+    if (mpi && size > 1)
+      MPI_Allreduce(MPI_IN_PLACE, values.data(),
+                    static_cast<int>(values.size()), MPI_DOUBLE, MPI_MAX,
+                    MPI_COMM_WORLD);
+#endif
+    (void)values;
+  }
+  void sumInPlace(std::vector<double> &values) const {
+#ifdef FLEX_HAVE_MPI
+    if (mpi && size > 1)
+      MPI_Allreduce(MPI_IN_PLACE, values.data(),
+                    static_cast<int>(values.size()), MPI_DOUBLE, MPI_SUM,
+                    MPI_COMM_WORLD);
+#endif
+    (void)values;
+  }
+  /// Every rank's `values` (one size on all ranks), in rank order.
+  std::vector<double> gather(const std::vector<double> &values) const {
+    std::vector<double> all(values.size() * size);
+#ifdef FLEX_HAVE_MPI
+    if (mpi && size > 1) {
+      MPI_Allgather(values.data(), static_cast<int>(values.size()),
+                    MPI_DOUBLE, all.data(), static_cast<int>(values.size()),
+                    MPI_DOUBLE, MPI_COMM_WORLD);
+      return all;
+    }
+#endif
+    return values;
+  }
+  /// `dir` on one rank, `dir/rank<r>` on many.
+  std::string dir(const std::string &dir) const {
+    return size > 1 ? (fs::path(dir) / ("rank" + std::to_string(rank))).string()
+                    : dir;
+  }
+};
+
+Ranks ranks;
+
 [[noreturn]] void fatal(int code, const std::string &message) {
-  std::cerr << "moe-run: " << message << "\n";
+  std::cerr << "moe-run: "
+            << (ranks.size > 1 ? "rank " + std::to_string(ranks.rank) + ": "
+                               : std::string())
+            << message << "\n";
+#ifdef FLEX_HAVE_MPI
+  // The other ranks may wait in a collective: end them too.
+  if (ranks.mpi && ranks.size > 1) {
+    std::cerr.flush();
+    MPI_Abort(MPI_COMM_WORLD, code);
+  }
+#endif
   std::exit(code);
 }
 
@@ -393,6 +469,26 @@ void checkCudaCall(cudaError_t error, const std::string &what) {
 } // namespace
 
 int main(int argc, char **argv) {
+  // Under mpirun (or mpiexec, srun) each process is one rank.
+  if (isLaunchedByMpi()) {
+    Status status = initMpi(&argc, &argv);
+    if (status.code() == StatusCode::Unavailable) {
+      const char *size = std::getenv("OMPI_COMM_WORLD_SIZE");
+      if (!size)
+        size = std::getenv("PMI_SIZE");
+      if (size && std::string(size) != "1")
+        fatal(2, "started by an MPI launcher with " + std::string(size) +
+                     " processes, but " + status.message());
+    } else if (!status) {
+      fatal(2, status.message());
+    } else {
+      ranks.mpi = true;
+#ifdef FLEX_HAVE_MPI
+      MPI_Comm_rank(MPI_COMM_WORLD, &ranks.rank);
+      MPI_Comm_size(MPI_COMM_WORLD, &ranks.size);
+#endif
+    }
+  }
   Options options = parseOptions(argc, argv);
 #ifdef FLEX_HAVE_COMPILER_CAPI
   flexCompilerRegister();
@@ -405,7 +501,8 @@ int main(int argc, char **argv) {
     std::string mlir = readFile(options.path);
     FlexCompileOptions compileOptions{};
     compileOptions.struct_size = sizeof(FlexCompileOptions);
-    compileOptions.world_size = 1;
+    compileOptions.world_size = ranks.size;
+    compileOptions.rank = ranks.rank;
     compileOptions.training = options.train ? 1 : 0;
     char *json = nullptr;
     FlexStatus status = flexCompileLayerToPlan(mlir.data(), mlir.size(),
@@ -442,6 +539,26 @@ int main(int argc, char **argv) {
   checkOptions.checkWorkspaceOverlap = options.checkOverlap;
   if (Status status = parsePlan(planText, plan, checkOptions); !status)
     fatal(2, "'" + options.path + "': " + status.message());
+
+  // The ranks: a plan for W ranks needs W processes.
+  int32_t world = 1;
+  checkApi(flexExecutableGetWorldSize(exe, &world), "world size");
+  if (ranks.mpi) {
+    FlexCommunicator communicator = nullptr;
+    checkApi(flexCommunicatorCreateMpi(nullptr, &communicator),
+             "creating the MPI communicator");
+    FlexStatus status = flexExecutableSetCommunicator(exe, communicator);
+    flexCommunicatorDestroy(communicator);
+    if (status != FLEX_STATUS_OK)
+      fatal(2, "'" + options.path + "': " + flexGetLastError());
+  } else if (world > 1) {
+    fatal(2, "'" + options.path + "' runs on " + std::to_string(world) +
+                 " ranks (world.size); start it with mpirun -np " +
+                 std::to_string(world) + " moe-run ..." +
+                 (flexHasMpi() ? ""
+                               : " (this moe-run was built without MPI: "
+                                 "install an MPI and reconfigure)"));
+  }
 
   if (!options.variant.empty()) {
     FlexStatus status =
@@ -489,10 +606,11 @@ int main(int argc, char **argv) {
       arg.source = "output";
       continue;
     }
-    std::string file = options.inputsDir.empty()
-                           ? std::string()
-                           : (fs::path(options.inputsDir) / (name + ".npy"))
-                                 .string();
+    std::string file =
+        options.inputsDir.empty()
+            ? std::string()
+            : (fs::path(ranks.dir(options.inputsDir)) / (name + ".npy"))
+                  .string();
     if (!file.empty() && fs::exists(file)) {
       if (Status status = npy::readAs(file, arg.dtype, arg.shape, arg.data);
           !status)
@@ -509,7 +627,18 @@ int main(int argc, char **argv) {
       storeValue(arg.data.data(), arg.dtype, 0, 1.0);
       continue;
     }
-    NormalStream stream(options.seed, name);
+    // One global layer on every rank: a rank's experts [L, ...] are its
+    // slice of the global [E, ...] stream. Tokens differ per rank (rank 0
+    // draws what one rank draws).
+    bool perRank = name == "x" || name == "grad_out";
+    NormalStream stream(options.seed,
+                        perRank && ranks.rank > 0
+                            ? name + "@rank" + std::to_string(ranks.rank)
+                            : name);
+    bool expertParam = name == "w1" || name == "w2" || name == "w3" ||
+                       name == "b1" || name == "b2";
+    if (expertParam && world > 1)
+      stream.skip(ranks.rank * arg.count());
     double stddev = randomStd(name, layer);
     for (int64_t e = 0; e < arg.count(); ++e)
       storeValue(arg.data.data(), arg.dtype, e, stddev * stream.next());
@@ -521,11 +650,12 @@ int main(int argc, char **argv) {
     fatal(2, "--inputs: these input files are missing:" + list);
   }
   if (!options.saveInputsDir.empty()) {
-    fs::create_directories(options.saveInputsDir);
+    std::string saveDir = ranks.dir(options.saveInputsDir);
+    fs::create_directories(saveDir);
     for (const ArgumentBuffer &arg : args)
       if (arg.source != "output")
         if (Status status = npy::writeFrom(
-                (fs::path(options.saveInputsDir) /
+                (fs::path(saveDir) /
                  (std::string(arg.info.name) + ".npy"))
                     .string(),
                 arg.dtype, arg.shape, arg.data.data());
@@ -590,15 +720,22 @@ int main(int argc, char **argv) {
   }
 #endif
 
+  // Times: the largest over ranks (a step ends when its slowest rank does).
+  for (StepTimes *times : {&forwardTimes, &backwardTimes}) {
+    ranks.maxInPlace(times->totalMicros);
+    ranks.maxInPlace(times->runs);
+  }
+
   if (!options.outputsDir.empty()) {
-    fs::create_directories(options.outputsDir);
+    std::string outputsDir = ranks.dir(options.outputsDir);
+    fs::create_directories(outputsDir);
     for (const ArgumentBuffer &arg : args) {
       bool written = arg.info.role == FLEX_ROLE_OUTPUT ||
                      (options.train && arg.info.role == FLEX_ROLE_GRAD_OUTPUT);
       if (!written)
         continue;
       std::string file =
-          (fs::path(options.outputsDir) / (std::string(arg.info.name) + ".npy"))
+          (fs::path(outputsDir) / (std::string(arg.info.name) + ".npy"))
               .string();
       if (Status status =
               npy::writeFrom(file, arg.dtype, arg.shape, arg.data.data());
@@ -629,15 +766,21 @@ int main(int argc, char **argv) {
       ArgumentBuffer *arg = find(name);
       return arg ? arg->values() : std::vector<double>();
     };
+    // On W ranks: the one-rank layer on this rank's tokens with the global
+    // weights (every rank's slice, gathered). With per-rank capacity that
+    // is exactly what the W-rank layer computes for these tokens.
+    auto global = [&](const char *name) {
+      return world > 1 ? ranks.gather(valuesOf(name)) : valuesOf(name);
+    };
     LayerConfig config = plan.layer;
     reference::LayerInputs inputs;
     inputs.x = valuesOf("x");
     inputs.wg = valuesOf("wg");
-    inputs.w1 = valuesOf("w1");
-    inputs.b1 = valuesOf("b1");
-    inputs.w2 = valuesOf("w2");
-    inputs.b2 = valuesOf("b2");
-    inputs.w3 = valuesOf("w3");
+    inputs.w1 = global("w1");
+    inputs.b1 = global("b1");
+    inputs.w2 = global("w2");
+    inputs.b2 = global("b2");
+    inputs.w3 = global("w3");
     reference::ReferenceOptions refOptions;
     for (const Step &step : plan.variants[variant].forward)
       if (step.op == StepOp::Gate) {
@@ -657,12 +800,26 @@ int main(int argc, char **argv) {
       forward = reference::referenceForward(config, inputs, refOptions);
     }
     routingMargin = reference::routingMargins(config, forward.routing).logitGap;
+    // An expert weight's gradient sums over every rank's tokens: the
+    // reference's, summed over ranks, in this rank's slice.
+    auto expertGradient = [&](std::vector<double> grad) {
+      if (world == 1 || grad.empty())
+        return grad;
+      ranks.sumInPlace(grad);
+      size_t block = grad.size() / world;
+      return std::vector<double>(grad.begin() + ranks.rank * block,
+                                 grad.begin() + (ranks.rank + 1) * block);
+    };
+    grads.w1 = expertGradient(grads.w1);
+    grads.b1 = expertGradient(grads.b1);
+    grads.w2 = expertGradient(grads.w2);
+    grads.b2 = expertGradient(grads.b2);
+    grads.w3 = expertGradient(grads.w3);
     auto compare = [&](const char *name, const std::vector<double> &want) {
       if (!find(name))
         return;
       double error = reference::relativeL2(valuesOf(name), want);
       checks.push_back({name, error, error <= tolerance});
-      checkFailed |= !(error <= tolerance);
     };
     compare("out", forward.out);
     compare("l_aux", {forward.lAux});
@@ -674,6 +831,20 @@ int main(int argc, char **argv) {
       compare("grad_w2", grads.w2);
       compare("grad_b2", grads.b2);
       compare("grad_w3", grads.w3);
+    }
+    // Each result is the worst over ranks (NaN counts as infinite).
+    std::vector<double> worst;
+    for (const CheckResult &check : checks)
+      worst.push_back(std::isnan(check.error)
+                          ? std::numeric_limits<double>::infinity()
+                          : check.error);
+    worst.push_back(-routingMargin);
+    ranks.maxInPlace(worst);
+    routingMargin = -worst.back();
+    for (size_t i = 0; i < checks.size(); ++i) {
+      checks[i].error = worst[i];
+      checks[i].pass = worst[i] <= tolerance;
+      checkFailed |= !checks[i].pass;
     }
 #else
     fatal(2, "--check is unavailable: moe-run was built without the fp64 "
@@ -693,8 +864,20 @@ int main(int argc, char **argv) {
                  : "")
          << " " << toString(static_cast<ExpertKind>(layer.expert_kind))
          << " " << toString(static_cast<DType>(layer.dtype));
+    if (world > 1)
+      text << " W=" << world << " (L=" << layer.experts / world
+           << " experts per rank)";
     return text.str();
   };
+  auto finish = [&](int code) {
+    flexExecutableDestroy(exe);
+    flexContextDestroy(context);
+    finalizeMpi();
+    return code;
+  };
+  // Rank 0 speaks for all: times and check results are over every rank.
+  if (ranks.rank != 0)
+    return finish(checkFailed ? 1 : 0);
 
   if (options.json) {
     nlohmann::ordered_json out;
@@ -705,6 +888,7 @@ int main(int argc, char **argv) {
     out["seed"] = options.seed;
     out["device"] = options.device;
     out["graph"] = options.graph;
+    out["ranks"] = ranks.size;
     auto steps = [&](const StepTimes &times) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
       for (size_t i = 0; i < times.ops.size(); ++i)
@@ -746,6 +930,10 @@ int main(int argc, char **argv) {
                 static_cast<long long>(options.iters),
                 static_cast<unsigned long long>(options.seed),
                 options.device.c_str(), options.graph ? " (graph)" : "");
+    if (ranks.size > 1)
+      std::printf("ranks    %d (MPI); times are the largest over ranks, the "
+                  "check the worst rank's\n",
+                  ranks.size);
     auto table = [&](const char *title, const StepTimes &times) {
       double total = times.mean();
       std::printf("%s: %.1f us per call (median %.1f, min %.1f, max %.1f)\n",
@@ -773,7 +961,5 @@ int main(int argc, char **argv) {
       std::printf("check %s\n", checkFailed ? "FAILED" : "passed");
     }
   }
-  flexExecutableDestroy(exe);
-  flexContextDestroy(context);
-  return checkFailed ? 1 : 0;
+  return finish(checkFailed ? 1 : 0);
 }
