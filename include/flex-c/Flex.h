@@ -41,15 +41,15 @@ extern "C" {
 /* Numbering matches flex::StatusCode. */
 typedef enum FlexStatus {
   FLEX_STATUS_OK = 0,
-  FLEX_STATUS_INVALID_ARGUMENT = 1,    /* a value the call does not allow */
-  FLEX_STATUS_NOT_FOUND = 2,           /* unknown argument or variant name */
-  FLEX_STATUS_OUT_OF_RANGE = 3,        /* index out of range */
-  FLEX_STATUS_FAILED_PRECONDITION = 4, /* e.g. backward before forward */
-  FLEX_STATUS_UNAVAILABLE = 5,         /* not built or linked in */
-  FLEX_STATUS_NUMERIC_ERROR = 6,       /* NaN/Inf found by a requested check */
-  FLEX_STATUS_IO_ERROR = 7,            /* a file could not be read */
-  FLEX_STATUS_INVALID_PLAN = 8,        /* the plan document is rejected */
-  FLEX_STATUS_INTERNAL = 9,            /* a bug in Flex */
+  FLEX_STATUS_INVALID_ARGUMENT = 1,     /* a value the call does not allow */
+  FLEX_STATUS_NOT_FOUND = 2,            /* unknown argument or variant name */
+  FLEX_STATUS_OUT_OF_RANGE = 3,         /* index out of range */
+  FLEX_STATUS_FAILED_PRECONDITION = 4,  /* e.g. backward before forward */
+  FLEX_STATUS_UNAVAILABLE = 5,          /* not built or linked in */
+  FLEX_STATUS_NUMERIC_ERROR = 6,        /* NaN/Inf found by a requested check */
+  FLEX_STATUS_IO_ERROR = 7,             /* a file could not be read */
+  FLEX_STATUS_INVALID_PLAN = 8,         /* the plan document is rejected */
+  FLEX_STATUS_INTERNAL = 9,             /* a bug in Flex */
   FLEX_STATUS_COMMUNICATION_ERROR = 10, /* a collective failed or timed out */
 } FlexStatus;
 
@@ -258,8 +258,8 @@ FlexStatus flexCommunicatorCreateMpi(const void *mpi_comm,
                                      FlexCommunicator *communicator);
 FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator);
 /* This process's rank and the number of ranks (either may be NULL). */
-FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator,
-                                   int32_t *rank, int32_t *size);
+FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator, int32_t *rank,
+                                   int32_t *size);
 /* W, the ranks the plan runs on (1 for a one-rank plan). */
 FlexStatus flexExecutableGetWorldSize(FlexExecutable executable,
                                       int32_t *world_size);

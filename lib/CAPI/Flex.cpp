@@ -786,8 +786,8 @@ FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator) {
   return FLEX_STATUS_OK;
 }
 
-FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator,
-                                   int32_t *rank, int32_t *size) {
+FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator, int32_t *rank,
+                                   int32_t *size) {
   if (!communicator || !registry().contains(communicator))
     return fail(FLEX_STATUS_INVALID_ARGUMENT,
                 "flexCommunicatorGetRank: the communicator is null or not a "
@@ -799,8 +799,7 @@ FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator,
   return FLEX_STATUS_OK;
 }
 
-FlexStatus flexExecutableGetWorldSize(FlexExecutable exe,
-                                      int32_t *worldSize) {
+FlexStatus flexExecutableGetWorldSize(FlexExecutable exe, int32_t *worldSize) {
   const char *function = "flexExecutableGetWorldSize";
   return withExecutable(exe, function, [&]() -> FlexStatus {
     if (FlexStatus s = checkOut(worldSize, function, "world_size"))

@@ -344,9 +344,9 @@ struct Ranks {
     std::vector<double> all(values.size() * size);
 #ifdef FLEX_HAVE_MPI
     if (mpi && size > 1) {
-      MPI_Allgather(values.data(), static_cast<int>(values.size()),
-                    MPI_DOUBLE, all.data(), static_cast<int>(values.size()),
-                    MPI_DOUBLE, MPI_COMM_WORLD);
+      MPI_Allgather(values.data(), static_cast<int>(values.size()), MPI_DOUBLE,
+                    all.data(), static_cast<int>(values.size()), MPI_DOUBLE,
+                    MPI_COMM_WORLD);
       return all;
     }
 #endif
@@ -655,8 +655,7 @@ int main(int argc, char **argv) {
     for (const ArgumentBuffer &arg : args)
       if (arg.source != "output")
         if (Status status = npy::writeFrom(
-                (fs::path(saveDir) /
-                 (std::string(arg.info.name) + ".npy"))
+                (fs::path(saveDir) / (std::string(arg.info.name) + ".npy"))
                     .string(),
                 arg.dtype, arg.shape, arg.data.data());
             !status)

@@ -109,8 +109,8 @@ TEST(MpiCommunicator, ReductionsAndGather) {
     EXPECT_EQ(cpu::bf16ToFloat(recvBf16[i]), want);
   }
   ASSERT_TRUE(comm->barrier("barrier").isOk());
-  EXPECT_EQ(comm->reduceScatterSum(send.data(), recv.data(), count,
-                                   DType::I32, "rs i32")
+  EXPECT_EQ(comm->reduceScatterSum(send.data(), recv.data(), count, DType::I32,
+                                   "rs i32")
                 .code(),
             StatusCode::InvalidArgument);
 }
@@ -162,7 +162,9 @@ int main(int argc, char **argv) {
   // One report: rank 0's. A failure on another rank still fails the run.
   if (rank != 0)
     delete ::testing::UnitTest::GetInstance()->listeners().Release(
-        ::testing::UnitTest::GetInstance()->listeners().default_result_printer());
+        ::testing::UnitTest::GetInstance()
+            ->listeners()
+            .default_result_printer());
   int failed = RUN_ALL_TESTS();
   int anyFailed = 0;
   MPI_Allreduce(&failed, &anyFailed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);

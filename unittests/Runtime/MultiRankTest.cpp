@@ -170,8 +170,7 @@ TEST(LocalCommunicator, CollectivesOnFourThreads) {
     maxima[r] = value;
     float mine[2] = {static_cast<float>(r), static_cast<float>(-r)};
     gathered[r].assign(2 * W, kNaN);
-    ASSERT_TRUE(comm.allGather(mine, sizeof(mine), gathered[r].data(),
-                               "gather")
+    ASSERT_TRUE(comm.allGather(mine, sizeof(mine), gathered[r].data(), "gather")
                     .isOk());
     // bf16 blocks [W, count]: 1 + 2^-8 four times is exact in fp32 and
     // rounds once; summed in bf16 it would lose the small parts.
@@ -219,9 +218,9 @@ TEST(LocalCommunicator, RejectsRanksInDifferentCollectives) {
   std::vector<Status> results(2);
   onRanks(2, [&](int r) {
     int32_t value = r;
-    results[r] = r == 0 ? ranks[r]->barrier("barrier")
-                        : ranks[r]->allReduceMaxInt32(&value, 1,
-                                                      "sync_capacity");
+    results[r] = r == 0
+                     ? ranks[r]->barrier("barrier")
+                     : ranks[r]->allReduceMaxInt32(&value, 1, "sync_capacity");
   });
   for (const Status &status : results) {
     EXPECT_EQ(status.code(), StatusCode::CommunicationError);
@@ -273,9 +272,15 @@ TEST(PaddedLayout, DispatchAndCombineBackwardZeroThePadding) {
   std::vector<float> gates = {0.6f, 0.4f, 0.7f, 0.3f, 0.5f, 0.5f};
   int32_t capacity = C;
   std::vector<int32_t> offsets = {0, 3, 6}, rows = {3, 2};
-  cpu::Routing routing{indices.data(), locations.data(), gates.data(),
-                       &capacity,      offsets.data(),   rows.data(),
-                       T,              k,                E};
+  cpu::Routing routing{indices.data(),
+                       locations.data(),
+                       gates.data(),
+                       &capacity,
+                       offsets.data(),
+                       rows.data(),
+                       T,
+                       k,
+                       E};
   std::vector<float> x = {1, 2, 3, 4, 5, 6};
   // One row past E * C keeps its poison.
   std::vector<float> disp((E * C + 1) * d, kNaN);
@@ -369,8 +374,8 @@ TEST(SyncCapacity, KeepsExactlyTheSlotsEachRankKeeps) {
             locations[r].resize(T * k);
             cpu::gate(logits.data(), T, E, attrs,
                       {scores.data(), indices.data(), locations[r].data(),
-                       gates.data(), &capacity[r], offsets.data(),
-                       rows.data(), &lAux});
+                       gates.data(), &capacity[r], offsets.data(), rows.data(),
+                       &lAux});
           }
           int32_t synced = *std::max_element(capacity.begin(), capacity.end());
           for (int64_t r = 0; r < W; ++r)
@@ -439,8 +444,7 @@ TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
       fixed, [](Json &doc) { doc["world"]["size"] = 3; },
       "3 ranks cannot hold the 4 experts whole");
   expectRejected(
-      fixed, [](Json &doc) { doc["world"]["size"] = 8; },
-      "not supported yet");
+      fixed, [](Json &doc) { doc["world"]["size"] = 8; }, "not supported yet");
   expectRejected(
       fixed, [](Json &doc) { doc["world"]["size"] = 0; },
       "world size 0 is out of range");
@@ -562,7 +566,8 @@ double load(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
   case DType::F32:
     return reinterpret_cast<const float *>(bytes.data())[i];
   case DType::BF16:
-    return cpu::bf16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
+    return cpu::bf16ToFloat(
+        reinterpret_cast<const uint16_t *>(bytes.data())[i]);
   case DType::F16:
     return cpu::f16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
   case DType::I32:
@@ -583,9 +588,9 @@ struct RankBuffers {
       bool output = arg.role == ArgumentRole::Output ||
                     arg.role == ArgumentRole::GradOutput;
       if (output)
-        set(arg.name, std::vector<double>(
-                          arg.numElements(),
-                          std::numeric_limits<double>::quiet_NaN()));
+        set(arg.name,
+            std::vector<double>(arg.numElements(),
+                                std::numeric_limits<double>::quiet_NaN()));
     }
   }
   const Argument &arg(const std::string &name) const {
@@ -735,8 +740,8 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
       results[r] = s;
     });
     for (int r = 0; r < W; ++r)
-      ASSERT_TRUE(results[r].isOk()) << "rank " << r << ": "
-                                     << results[r].message();
+      ASSERT_TRUE(results[r].isOk())
+          << "rank " << r << ": " << results[r].message();
 
     const double tolerance = config.dtype == DType::F32 ? 1e-5 : 2e-2;
     std::vector<reference::LayerForward> forward(W);
@@ -744,12 +749,10 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
     reference::LayerGradients sum;
     for (int r = 0; r < W; ++r) {
       if (plan->training)
-        grads[r] = reference::referenceBackward(config, inputs[r], gradOut[r],
-                                                gradLAux, refOptions,
-                                                &forward[r]);
+        grads[r] = reference::referenceBackward(
+            config, inputs[r], gradOut[r], gradLAux, refOptions, &forward[r]);
       else
-        forward[r] =
-            reference::referenceForward(config, inputs[r], refOptions);
+        forward[r] = reference::referenceForward(config, inputs[r], refOptions);
       auto add = [](std::vector<double> &to, const std::vector<double> &v) {
         to.resize(v.size(), 0.0);
         for (size_t i = 0; i < v.size(); ++i)
@@ -764,8 +767,7 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
     for (int r = 0; r < W; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));
       const RankBuffers &b = buffers[r];
-      EXPECT_LE(reference::relativeL2(b.get("out"), forward[r].out),
-                tolerance);
+      EXPECT_LE(reference::relativeL2(b.get("out"), forward[r].out), tolerance);
       EXPECT_LE(reference::relativeL2(b.get("l_aux"), {forward[r].lAux}),
                 tolerance);
       if (!plan->training)
@@ -774,8 +776,11 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
       EXPECT_LE(reference::relativeL2(b.get("grad_wg"), grads[r].wg),
                 tolerance);
       std::pair<const char *, const std::vector<double> *> experts[] = {
-          {"grad_w1", &sum.w1}, {"grad_b1", &sum.b1}, {"grad_w2", &sum.w2},
-          {"grad_b2", &sum.b2}, {"grad_w3", &sum.w3}};
+          {"grad_w1", &sum.w1},
+          {"grad_b1", &sum.b1},
+          {"grad_w2", &sum.w2},
+          {"grad_b2", &sum.b2},
+          {"grad_w3", &sum.w3}};
       for (auto [name, want] : experts)
         if (b.has(name))
           EXPECT_LE(reference::relativeL2(b.get(name), slice(*want, r, W)),
@@ -787,18 +792,17 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
 
 INSTANTIATE_TEST_SUITE_P(
     Plans, MultiRankRun,
-    ::testing::Values(
-        PlanVariant{"mr_ffn_fixed_w2_train.json", "ep1"},
-        PlanVariant{"mr_ffn_fixed_w2_train.json", "ep2"},
-        PlanVariant{"mr_ffn_fixed_w2_train.json", "dp"},
-        PlanVariant{"mr_ffn_dropless_w4_train.json", "ep1"},
-        PlanVariant{"mr_ffn_dropless_w4_train.json", "ep2"},
-        PlanVariant{"mr_ffn_dropless_w4_train.json", "dp"},
-        PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "ep2"},
-        PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "dp"},
-        PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep1"},
-        PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"},
-        PlanVariant{"mr_ffn_fixed_w4_infer.json", "dp"}),
+    ::testing::Values(PlanVariant{"mr_ffn_fixed_w2_train.json", "ep1"},
+                      PlanVariant{"mr_ffn_fixed_w2_train.json", "ep2"},
+                      PlanVariant{"mr_ffn_fixed_w2_train.json", "dp"},
+                      PlanVariant{"mr_ffn_dropless_w4_train.json", "ep1"},
+                      PlanVariant{"mr_ffn_dropless_w4_train.json", "ep2"},
+                      PlanVariant{"mr_ffn_dropless_w4_train.json", "dp"},
+                      PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "ep2"},
+                      PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "dp"},
+                      PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep1"},
+                      PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"},
+                      PlanVariant{"mr_ffn_fixed_w4_infer.json", "dp"}),
     caseName);
 
 //===----------------------------------------------------------------------===//

@@ -22,15 +22,15 @@ namespace flex {
 /// Keep the numbering in step with FlexStatus in include/flex-c/Flex.h.
 enum class StatusCode : int {
   Ok = 0,
-  InvalidArgument = 1,    ///< a caller-provided value is not allowed
-  NotFound = 2,           ///< a name (argument, variant) is unknown
-  OutOfRange = 3,         ///< an index or size is out of range
-  FailedPrecondition = 4, ///< the call is not allowed in this state
-  Unavailable = 5,        ///< the feature is not built or linked in
-  NumericError = 6,       ///< NaN or Inf found by a requested check
-  IOError = 7,            ///< a file could not be read or written
-  InvalidPlan = 8,        ///< the plan document is rejected by the loader
-  Internal = 9,           ///< a bug in Flex
+  InvalidArgument = 1,     ///< a caller-provided value is not allowed
+  NotFound = 2,            ///< a name (argument, variant) is unknown
+  OutOfRange = 3,          ///< an index or size is out of range
+  FailedPrecondition = 4,  ///< the call is not allowed in this state
+  Unavailable = 5,         ///< the feature is not built or linked in
+  NumericError = 6,        ///< NaN or Inf found by a requested check
+  IOError = 7,             ///< a file could not be read or written
+  InvalidPlan = 8,         ///< the plan document is rejected by the loader
+  Internal = 9,            ///< a bug in Flex
   CommunicationError = 10, ///< a collective failed or timed out
 };
 

@@ -48,13 +48,13 @@ Status getCollectiveTimeout(double &seconds) {
   char *end = nullptr;
   double value = std::strtod(text, &end);
   if (*end || !std::isfinite(value) || value <= 0)
-    return Status(StatusCode::InvalidArgument,
-                  "FLEX_COLLECTIVE_TIMEOUT_S='" + std::string(text) +
-                      "' is not a number of seconds > 0 (the bounded wait "
-                      "of every collective; default " +
-                      std::to_string(
-                          static_cast<int>(kDefaultCollectiveTimeoutSeconds)) +
-                      ")");
+    return Status(
+        StatusCode::InvalidArgument,
+        "FLEX_COLLECTIVE_TIMEOUT_S='" + std::string(text) +
+            "' is not a number of seconds > 0 (the bounded wait "
+            "of every collective; default " +
+            std::to_string(static_cast<int>(kDefaultCollectiveTimeoutSeconds)) +
+            ")");
   seconds = value;
   return Status::ok();
 }
@@ -114,11 +114,10 @@ public:
                   const int64_t *recvOffsets, const int64_t *recvBytes,
                   std::string_view what) override {
     if (sendBytes[0] != recvBytes[0])
-      return Status(StatusCode::InvalidArgument,
-                    std::string(what) + ": rank 0 sends " +
-                        std::to_string(sendBytes[0]) +
-                        " bytes to itself but expects " +
-                        std::to_string(recvBytes[0]));
+      return Status(
+          StatusCode::InvalidArgument,
+          std::string(what) + ": rank 0 sends " + std::to_string(sendBytes[0]) +
+              " bytes to itself but expects " + std::to_string(recvBytes[0]));
     std::memcpy(static_cast<char *>(recv) + recvOffsets[0],
                 static_cast<const char *>(send) + sendOffsets[0],
                 static_cast<size_t>(sendBytes[0]));
@@ -228,11 +227,10 @@ struct LocalGroup {
           if (!arrived[r])
             missing += (missing.empty() ? "" : ", ") + std::to_string(r);
         broken = true;
-        brokenReason = "rank " + std::to_string(rank) + ": " +
-                       std::string(what) + ": timed out after " +
-                       std::to_string(timeoutSeconds) +
-                       " s (FLEX_COLLECTIVE_TIMEOUT_S) waiting for rank(s) " +
-                       missing;
+        brokenReason =
+            "rank " + std::to_string(rank) + ": " + std::string(what) +
+            ": timed out after " + std::to_string(timeoutSeconds) +
+            " s (FLEX_COLLECTIVE_TIMEOUT_S) waiting for rank(s) " + missing;
         wakeup.notify_all();
         return Status(StatusCode::CommunicationError, brokenReason);
       }
@@ -267,8 +265,8 @@ public:
         for (int to = 0; to < group_->size; ++to)
           if (posts[from].sendBytes[to] != posts[to].recvBytes[from])
             return Status(StatusCode::InvalidArgument,
-                          std::string(what) + ": rank " +
-                              std::to_string(from) + " sends " +
+                          std::string(what) + ": rank " + std::to_string(from) +
+                              " sends " +
                               std::to_string(posts[from].sendBytes[to]) +
                               " bytes to rank " + std::to_string(to) +
                               ", which expects " +
@@ -354,10 +352,9 @@ public:
 private:
   template <typename Body>
   Status collective(Post post, std::string_view what, Body &&body) {
-    auto deadline =
-        Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                           std::chrono::duration<double>(
-                               group_->timeoutSeconds));
+    auto deadline = Clock::now() +
+                    std::chrono::duration_cast<Clock::duration>(
+                        std::chrono::duration<double>(group_->timeoutSeconds));
     post.what = std::string(what);
     const CollectiveKind kind = post.kind;
     const int64_t count = post.count;
@@ -399,9 +396,10 @@ std::shared_ptr<Communicator> createSelfCommunicator() {
   return std::make_shared<SelfCommunicator>();
 }
 
-Status createLocalCommunicators(
-    int size, std::vector<std::shared_ptr<Communicator>> &ranks,
-    double timeoutSeconds) {
+Status
+createLocalCommunicators(int size,
+                         std::vector<std::shared_ptr<Communicator>> &ranks,
+                         double timeoutSeconds) {
   ranks.clear();
   if (size < 1)
     return Status(StatusCode::InvalidArgument,

@@ -81,21 +81,21 @@ public:
     for (int p = 0; p < size_; ++p) {
       if (p == rank_)
         continue;
-      if (Status status = postMessages(
-              requests, /*isSend=*/false, static_cast<char *>(recv) +
-                                              recvOffsets[p],
-              recvBytes[p], p, what);
+      if (Status status =
+              postMessages(requests, /*isSend=*/false,
+                           static_cast<char *>(recv) + recvOffsets[p],
+                           recvBytes[p], p, what);
           !status)
         return status;
     }
     for (int p = 0; p < size_; ++p) {
       if (p == rank_)
         continue;
-      if (Status status = postMessages(
-              requests, /*isSend=*/true,
-              const_cast<char *>(static_cast<const char *>(send)) +
-                  sendOffsets[p],
-              sendBytes[p], p, what);
+      if (Status status =
+              postMessages(requests, /*isSend=*/true,
+                           const_cast<char *>(static_cast<const char *>(send)) +
+                               sendOffsets[p],
+                           sendBytes[p], p, what);
           !status)
         return status;
     }
@@ -118,9 +118,9 @@ public:
                             " values exceed one MPI call's int count");
     Requests requests;
     requests.add(-1);
-    int code = MPI_Iallreduce(MPI_IN_PLACE, values, static_cast<int>(count),
-                              MPI_INT32_T, MPI_MAX, comm_,
-                              &requests.handles.back());
+    int code =
+        MPI_Iallreduce(MPI_IN_PLACE, values, static_cast<int>(count),
+                       MPI_INT32_T, MPI_MAX, comm_, &requests.handles.back());
     if (code != MPI_SUCCESS)
       return fail(what, "MPI_Iallreduce: " + mpiErrorText(code));
     return wait(requests, what);
@@ -267,8 +267,9 @@ private:
                         : MPI_Irecv(data + done, piece, MPI_BYTE, peer, kTag,
                                     comm_, &requests.handles.back());
       if (code != MPI_SUCCESS)
-        return fail(what, std::string(isSend ? "MPI_Isend to" : "MPI_Irecv "
-                                                                "from") +
+        return fail(what, std::string(isSend ? "MPI_Isend to"
+                                             : "MPI_Irecv "
+                                               "from") +
                               " rank " + std::to_string(peer) + ": " +
                               mpiErrorText(code));
       done += piece;
@@ -295,8 +296,8 @@ private:
       // Spin briefly (short collectives), then sleep a little so that
       // oversubscribed ranks leave the cores to their peers.
       if (polls > 64)
-        std::this_thread::sleep_for(std::chrono::microseconds(
-            polls > 4096 ? 1000 : 20));
+        std::this_thread::sleep_for(
+            std::chrono::microseconds(polls > 4096 ? 1000 : 20));
     }
     std::string pending;
     bool everyone = false;
@@ -412,8 +413,8 @@ Status createMpiCommunicator(std::shared_ptr<Communicator> &communicator,
                   "MPI_Comm_dup failed: " + mpiErrorText(code));
   // Errors come back as codes, so the call can name the collective.
   MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
-  communicator = std::make_shared<MpiCommunicator>(comm, timeout,
-                                                   options.abortOnFailure);
+  communicator =
+      std::make_shared<MpiCommunicator>(comm, timeout, options.abortOnFailure);
   return Status::ok();
 }
 

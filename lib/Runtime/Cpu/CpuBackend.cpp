@@ -115,8 +115,8 @@ Status CpuBackend::runCollective(const Plan &plan, const Step &step,
                         " rows exceed the buffers' " +
                         std::to_string(std::min(input.desc->shape[0],
                                                 output.desc->shape[0])));
-    const int64_t rowBytes =
-        input.desc->shape[1] * static_cast<int64_t>(dtypeSize(input.desc->dtype));
+    const int64_t rowBytes = input.desc->shape[1] *
+                             static_cast<int64_t>(dtypeSize(input.desc->dtype));
     const int64_t blockBytes = layout.blockRows() * rowBytes;
     sendStaging_.resize(static_cast<size_t>(W * blockBytes));
     recvStaging_.resize(static_cast<size_t>(W * blockBytes));
@@ -140,16 +140,14 @@ Status CpuBackend::runCollective(const Plan &plan, const Step &step,
   }
   case StepOp::ReduceScatter: {
     const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
-    return comm.reduceScatterSum(input.data, output.data,
-                                 output.desc->numElements(),
-                                 output.desc->dtype,
-                                 "reduce_scatter " + bufferName(input) +
-                                     " -> " + bufferName(output));
+    return comm.reduceScatterSum(
+        input.data, output.data, output.desc->numElements(), output.desc->dtype,
+        "reduce_scatter " + bufferName(input) + " -> " + bufferName(output));
   }
   default:
-    return Status(StatusCode::Internal,
-                  "op '" + std::string(toString(step.op)) +
-                      "' is not a collective");
+    return Status(StatusCode::Internal, "op '" +
+                                            std::string(toString(step.op)) +
+                                            "' is not a collective");
   }
 }
 
@@ -251,9 +249,9 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     const TensorView &a = ops.in(R::A), &gradC = ops.in(R::GradC);
     cpu::GroupedGemmWgradOptions options;
     options.accumulate = step.attrs.accumulate;
-    cpu::groupedGemmWgrad(read(a), read(gradC), cols(a), cols(gradC),
-                          segments, write(ops.out(R::GradB)),
-                          write(ops.out(R::GradBias)), options);
+    cpu::groupedGemmWgrad(read(a), read(gradC), cols(a), cols(gradC), segments,
+                          write(ops.out(R::GradB)), write(ops.out(R::GradBias)),
+                          options);
     break;
   }
   case StepOp::ActivationBackward:

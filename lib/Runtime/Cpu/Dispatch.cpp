@@ -39,8 +39,7 @@ bool worthThreads(const Routing &routing, int64_t width) {
 /// padding of the padded layout (the ragged layout has none). GEMMs over
 /// whole capacity blocks, here or on the rank the block is sent to, then
 /// read finite zeros that add nothing (PlanFormat.md, "Many ranks").
-void zeroUnkeptRows(const Routing &routing, int64_t width,
-                    WriteBuffer buffer) {
+void zeroUnkeptRows(const Routing &routing, int64_t width, WriteBuffer buffer) {
   int64_t used = routing.expertOffsets[routing.experts];
   if (used <= 0)
     return;

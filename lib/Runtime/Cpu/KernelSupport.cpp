@@ -196,8 +196,7 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
 
 void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
                 int64_t k, int64_t n, WriteBuffer gradB, int64_t gradBOffset,
-                WriteBuffer gradBias, int64_t gradBiasOffset,
-                bool accumulate) {
+                WriteBuffer gradBias, int64_t gradBiasOffset, bool accumulate) {
   if (gradBias.data) {
     // Column sums in row order, split by columns: the same bits for any
     // number of threads.

@@ -375,9 +375,9 @@ Step readStep(const Json &json, const std::string &path,
       field(json, path, "op"), path + ".op", parseStepOp,
       {"router", "gate", "dispatch", "grouped_gemm", "glu", "combine",
        "combine_backward", "grouped_gemm_wgrad", "activation_backward",
-       "glu_backward", "dispatch_backward", "gate_backward",
-       "router_backward", "sync_capacity", "all_to_all", "uniform_segments",
-       "all_gather", "reduce_scatter"});
+       "glu_backward", "dispatch_backward", "gate_backward", "router_backward",
+       "sync_capacity", "all_to_all", "uniform_segments", "all_gather",
+       "reduce_scatter"});
   readOperands(optionalField(json, "in"), path + ".in", names, step.op,
                /*isInput=*/true, step.inputs);
   readOperands(optionalField(json, "out"), path + ".out", names, step.op,
@@ -635,9 +635,10 @@ void checkChunks(const Step &step, const std::string &path) {
     fail(path + ".attrs.chunks", "chunks " + std::to_string(a.chunks) +
                                      " is out of range; allowed: 1 to 2^20");
   if (a.chunk < 0 || a.chunk >= a.chunks)
-    fail(path + ".attrs.chunk",
-         "chunk " + std::to_string(a.chunk) + " is out of range; allowed: 0 "
-         "to chunks - 1 = " + std::to_string(a.chunks - 1));
+    fail(path + ".attrs.chunk", "chunk " + std::to_string(a.chunk) +
+                                    " is out of range; allowed: 0 "
+                                    "to chunks - 1 = " +
+                                    std::to_string(a.chunks - 1));
 }
 
 void checkStepShapes(const Plan &plan, const Step &step,
@@ -670,9 +671,8 @@ void checkStepShapes(const Plan &plan, const Step &step,
   // local experts of a received buffer (uniform_segments).
   const bool segmentOp =
       step.op == StepOp::GroupedGemm || step.op == StepOp::Glu ||
-      step.op == StepOp::ActivationBackward ||
-      step.op == StepOp::GluBackward || step.op == StepOp::GroupedGemmWgrad ||
-      step.op == StepOp::UniformSegments;
+      step.op == StepOp::ActivationBackward || step.op == StepOp::GluBackward ||
+      step.op == StepOp::GroupedGemmWgrad || step.op == StepOp::UniformSegments;
   int64_t G = E;
   if (segmentOp) {
     const BufferDesc *rows =
@@ -681,10 +681,11 @@ void checkStepShapes(const Plan &plan, const Step &step,
       G = L;
   }
   const std::string groupsMeaning =
-      segmentOp && L != E ? " (G = E = " + std::to_string(E) +
-                                " experts, or L = E / W = " +
-                                std::to_string(L) + " local experts)"
-                          : "";
+      segmentOp && L != E
+          ? " (G = E = " + std::to_string(E) +
+                " experts, or L = E / W = " + std::to_string(L) +
+                " local experts)"
+          : "";
 
   // Routing buffers have the same shape wherever they appear.
   for (bool isInput : {in, out}) {
@@ -698,10 +699,10 @@ void checkStepShapes(const Plan &plan, const Step &step,
              std::string(segmentOp ? "expert_offsets [G + 1] i32"
                                    : "expert_offsets [E + 1] i32") +
                  groupsMeaning);
-    c.expect(R::ExpertRows, isInput, {DType::I32}, {G},
-             std::string(segmentOp ? "expert_rows [G] i32"
-                                   : "expert_rows [E] i32") +
-                 groupsMeaning);
+    c.expect(
+        R::ExpertRows, isInput, {DType::I32}, {G},
+        std::string(segmentOp ? "expert_rows [G] i32" : "expert_rows [E] i32") +
+            groupsMeaning);
     c.expect(R::LAux, isInput, {DType::F32}, {1}, "l_aux [1] f32");
     c.expect(R::GradLAux, isInput, {DType::F32}, {1}, "grad_l_aux [1] f32");
     c.expect(R::Logits, isInput, {DType::F32}, {T, E}, "logits [T, E] f32");
@@ -755,10 +756,9 @@ void checkStepShapes(const Plan &plan, const Step &step,
     const BufferDesc *a =
         c.expect(R::A, in, kFloatTypes, {-1, -1}, "a [R, K]");
     int64_t K = a->shape[1];
-    const BufferDesc *b =
-        c.expect(R::B, in, kFloatTypes, {G, -1, -1},
-                 (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") +
-                     groupsMeaning);
+    const BufferDesc *b = c.expect(
+        R::B, in, kFloatTypes, {G, -1, -1},
+        (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") + groupsMeaning);
     int64_t bK = b->shape[step.attrs.transB ? 2 : 1];
     int64_t N = b->shape[step.attrs.transB ? 1 : 2];
     if (bK != K)
@@ -794,8 +794,8 @@ void checkStepShapes(const Plan &plan, const Step &step,
   case StepOp::AllToAll: {
     checkChunks(step, path);
     // Both sides hold E * C rows: [W, L, C, n] and [D, L, W, C / D, n].
-    const BufferDesc *input = c.expectRows(R::Input, in, -1, paddedRows,
-                                           "input [E * C, n]");
+    const BufferDesc *input =
+        c.expectRows(R::Input, in, -1, paddedRows, "input [E * C, n]");
     c.expectRows(R::Output, out, input->shape[1], paddedRows,
                  "output [E * C, n], n of input");
     c.expect(R::Output, out, {input->dtype}, {-1, input->shape[1]},
@@ -811,9 +811,9 @@ void checkStepShapes(const Plan &plan, const Step &step,
                std::to_string(E) + " / " + std::to_string(W) + " = " +
                std::to_string(L));
     if (step.attrs.ranks != W)
-      fail(path + ".attrs.ranks",
-           "ranks " + std::to_string(step.attrs.ranks) +
-               " disagrees with the plan's world size " + std::to_string(W));
+      fail(path + ".attrs.ranks", "ranks " + std::to_string(step.attrs.ranks) +
+                                      " disagrees with the plan's world size " +
+                                      std::to_string(W));
     break;
   case StepOp::AllGather:
   case StepOp::ReduceScatter: {
@@ -839,13 +839,12 @@ void checkStepShapes(const Plan &plan, const Step &step,
     if (!want.empty())
       want[0] = checkedMul(want[0], W).value_or(-1);
     if (block->shape.empty() || full->shape != want)
-      fail(fullPath, "buffer '" + full->name + "' has shape " +
-                         shapeString(full->shape) + "; op '" +
-                         std::string(toString(step.op)) +
-                         "' needs the rank's block " +
-                         shapeString(block->shape) + " times W = " +
-                         std::to_string(W) + " in the first dimension, " +
-                         shapeString(want));
+      fail(fullPath,
+           "buffer '" + full->name + "' has shape " + shapeString(full->shape) +
+               "; op '" + std::string(toString(step.op)) +
+               "' needs the rank's block " + shapeString(block->shape) +
+               " times W = " + std::to_string(W) + " in the first dimension, " +
+               shapeString(want));
     break;
   }
   case StepOp::Glu:
@@ -913,8 +912,10 @@ void verifyRanks(const Plan &plan, size_t v, const Step &gate) {
       if (step.attrs.chunks >= 1 &&
           gate.attrs.capacityAlignment % step.attrs.chunks != 0)
         fail(stepPath(v, backward, s) + ".attrs.chunks",
-             "op '" + std::string(toString(step.op)) + "' splits the "
-             "capacity into " + std::to_string(step.attrs.chunks) +
+             "op '" + std::string(toString(step.op)) +
+                 "' splits the "
+                 "capacity into " +
+                 std::to_string(step.attrs.chunks) +
                  " chunks, but the gate's capacity_alignment " +
                  std::to_string(gate.attrs.capacityAlignment) +
                  " is not a multiple of it");
@@ -953,8 +954,8 @@ void verifyRanks(const Plan &plan, size_t v, const Step &gate) {
              "op '" + std::string(toString(step.op)) + "' reads '" +
                  plan.getBuffer(ref).name +
                  "' before a 'sync_capacity' step: with capacity_mode '" +
-                 std::string(toString(plan.layer.capacityMode)) +
-                 "' on " + std::to_string(plan.worldSize) +
+                 std::string(toString(plan.layer.capacityMode)) + "' on " +
+                 std::to_string(plan.worldSize) +
                  " ranks, every rank must use one C before tokens move; "
                  "put 'sync_capacity' right after the gate");
   }

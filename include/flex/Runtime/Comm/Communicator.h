@@ -105,9 +105,10 @@ std::shared_ptr<Communicator> createSelfCommunicator();
 /// thread i must make rank i's calls. The collectives meet in shared memory
 /// and wait at most `timeoutSeconds` (< 0: FLEX_COLLECTIVE_TIMEOUT_S or its
 /// default). For tests and for running a multi-rank plan without MPI.
-Status createLocalCommunicators(int size,
-                                std::vector<std::shared_ptr<Communicator>> &ranks,
-                                double timeoutSeconds = -1);
+Status
+createLocalCommunicators(int size,
+                         std::vector<std::shared_ptr<Communicator>> &ranks,
+                         double timeoutSeconds = -1);
 
 } // namespace flex
 
