@@ -434,3 +434,37 @@ TEST_F(CAPI, CompilesThroughTheRegisteredCompiler) {
   ASSERT_EQ(flexSetCompiler(nullptr), FLEX_STATUS_OK);
   EXPECT_EQ(flexHasCompiler(), 0);
 }
+
+// A multi-rank plan needs a communicator of its world size; without MPI
+// running, the MPI communicator is refused with a reason.
+TEST_F(CAPI, ManyRanksNeedACommunicator) {
+  EXPECT_STREQ(flexStatusName(FLEX_STATUS_COMMUNICATION_ERROR),
+               "FLEX_STATUS_COMMUNICATION_ERROR");
+  load("mr_ffn_fixed_w2_train.json");
+  int32_t world = 0;
+  ASSERT_EQ(flexExecutableGetWorldSize(exe, &world), FLEX_STATUS_OK);
+  EXPECT_EQ(world, 2);
+  makeBuffers();
+  std::vector<FlexBinding> args = bindings();
+  EXPECT_EQ(flexExecutableForward(exe, args.data(), args.size(), nullptr),
+            FLEX_STATUS_FAILED_PRECONDITION);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("no communicator is set"));
+  EXPECT_EQ(flexExecutableSetCommunicator(exe, nullptr), FLEX_STATUS_OK);
+
+  FlexCommunicator comm = nullptr;
+  FlexStatus status = flexCommunicatorCreateMpi(nullptr, &comm);
+  if (flexHasMpi()) {
+    EXPECT_EQ(status, FLEX_STATUS_FAILED_PRECONDITION);
+    EXPECT_THAT(flexGetLastError(), HasSubstr("initialized first"));
+  } else {
+    EXPECT_EQ(status, FLEX_STATUS_UNAVAILABLE);
+  }
+  EXPECT_EQ(comm, nullptr);
+  EXPECT_EQ(flexCommunicatorDestroy(nullptr), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(flexCommunicatorGetRank(nullptr, nullptr, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  int fake = 0;
+  EXPECT_EQ(flexExecutableSetCommunicator(
+                exe, reinterpret_cast<FlexCommunicator>(&fake)),
+            FLEX_STATUS_INVALID_ARGUMENT);
+}
