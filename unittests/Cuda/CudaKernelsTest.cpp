@@ -328,6 +328,19 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   expectRows(gradW2, allRows(E * h), d, tol, "wgrad");
   expectRows(gradB2, allRows(E), d, tol, "wgrad bias");
 
+  // --- grouped_gemm_wgrad accumulate: a second product adds to the first
+  // (the chunks of a pipelined backward). ---
+  cpu::GroupedGemmWgradOptions sum;
+  sum.accumulate = true;
+  cpu::groupedGemmWgrad(hid.cr(), gradY.cr(), h, d, segments, gradW2.cw(),
+                        gradB2.cw(), sum);
+  ASSERT_TRUE(cuda::groupedGemmWgrad(*ctx, hid.gr(), gradY.gr(), h, d, space,
+                                     gradW2.gw(), gradB2.gw(),
+                                     /*accumulate=*/true)
+                  .isOk());
+  expectRows(gradW2, allRows(E * h), d, tol, "wgrad accumulate");
+  expectRows(gradB2, allRows(E), d, tol, "wgrad bias accumulate");
+
   // --- grouped_gemm transB (data gradient), activation_backward ---
   Pair gradHid(dt, R * h);
   cpu::GroupedGemmOptions dgrad;

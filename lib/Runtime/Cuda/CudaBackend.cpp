@@ -356,7 +356,8 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     return cuda::groupedGemmWgrad(ctx, read(a), read(gradC), cols(a),
                                   cols(gradC), space(a),
                                   write(ops.out(R::GradB)),
-                                  write(ops.out(R::GradBias)));
+                                  write(ops.out(R::GradBias)),
+                                  step.attrs.accumulate);
   }
   case StepOp::ActivationBackward:
     return cuda::activationBackward(
@@ -386,6 +387,16 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
                                 readAs<float>(ops.in(R::GradLogits)), T, d, E,
                                 write(ops.out(R::GradX)),
                                 write(ops.out(R::GradWg)));
+  case StepOp::SyncCapacity:
+  case StepOp::AllToAll:
+  case StepOp::UniformSegments:
+  case StepOp::AllGather:
+  case StepOp::ReduceScatter:
+    return Status(StatusCode::Unavailable,
+                  std::string("step '") + std::string(toString(step.op)) +
+                      "' of a multi-rank plan needs the NCCL communicator, "
+                      "which the CUDA backend does not have yet; run "
+                      "multi-rank plans on CPU ranks (mpirun moe-run)");
   }
   return Status(StatusCode::Internal, "unknown step op");
 }

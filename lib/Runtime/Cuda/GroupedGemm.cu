@@ -100,7 +100,8 @@ __global__ void biasPartialKernel(const T *__restrict__ gradC, int64_t n,
 
 template <typename T>
 __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
-                                 int64_t experts, T *__restrict__ gradBias) {
+                                 int64_t experts, bool accumulate,
+                                 T *__restrict__ gradBias) {
   int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= experts * n)
     return;
@@ -108,6 +109,8 @@ __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
   float sum = 0.0f;
   for (int s = 0; s < kBiasSplits; ++s)
     sum += partial[(expert * kBiasSplits + s) * n + col];
+  if (accumulate)
+    sum += detail::toFloat(gradBias[i]);
   gradBias[i] = detail::fromFloat<T>(sum);
 }
 
@@ -186,7 +189,8 @@ Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
 
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
-                        WriteBuffer gradB, WriteBuffer gradBias) {
+                        WriteBuffer gradB, WriteBuffer gradBias,
+                        bool accumulate) {
   if (Status s = checkOneType({a.type, gradC.type, gradB.type},
                               "grouped_gemm_wgrad");
       !s)
@@ -194,7 +198,8 @@ Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
   auto handle = static_cast<cublasHandle_t>(ctx.cublasHandle());
   const DType dtype = gradB.type;
   const cudaDataType_t type = cudaTypeOf(dtype);
-  const float alpha = 1.0f, beta = 0.0f;
+  // With accumulate the chunks of a pipelined backward add up (beta = 1).
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   cudaStream_t stream = ctx.stream();
   const int64_t E = space.experts;
   const int64_t sliceBytes = k * n * static_cast<int64_t>(dtypeSize(dtype));
@@ -203,6 +208,8 @@ Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
   if (space.isStatic()) {
     const int64_t capacity = space.staticCapacity;
     if (capacity == 0) {
+      if (accumulate)
+        return Status::ok();
       if (Status s = checkCuda(cudaMemsetAsync(gradB.data, 0, E * sliceBytes,
                                                stream),
                                "clearing grad_b");
@@ -229,6 +236,8 @@ Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
       char *slice = at(gradB.data, e * k * n, dtype);
       if (rows[e] <= 0) {
         // An expert with no rows gets zeros, as on the CPU.
+        if (accumulate)
+          continue;
         if (Status s = checkCuda(cudaMemsetAsync(slice, 0, sliceBytes, stream),
                                  "clearing grad_b");
             !s)
@@ -270,7 +279,7 @@ Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
     if (Status s = checkLaunch("grad_bias partial kernel"); !s)
       return s;
     biasReduceKernel<T><<<detail::gridFor(E * n, 256), 256, 0, stream>>>(
-        partial, n, E, static_cast<T *>(gradBias.data));
+        partial, n, E, accumulate, static_cast<T *>(gradBias.data));
     return checkLaunch("grad_bias reduce kernel");
   });
 }

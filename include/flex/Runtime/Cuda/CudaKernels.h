@@ -163,7 +163,8 @@ Status combineBackward(KernelContext &ctx, ReadBuffer gradOut,
 
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
-                        WriteBuffer gradB, WriteBuffer gradBias);
+                        WriteBuffer gradB, WriteBuffer gradBias,
+                        bool accumulate = false);
 
 Status activationBackward(KernelContext &ctx, ReadBuffer pre, ReadBuffer grad,
                           WriteBuffer gradPre, int64_t n,
