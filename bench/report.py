@@ -193,7 +193,10 @@ def stage_times(results, cfg, mode, pass_name):
     for graph, label in (("", "Flex"), ("_graph", "Flex graph")):
         run = runs.get(f"{cfg}_{mode}_{pass_name}{graph}")
         if run and "total_ms" in run:
-            stages = dict(run.get("stages", {}))
+            # A graph replays the whole pass at once: the per-step times moe-run
+            # prints for it are not the steps' (they include the replay), so
+            # the chart shows its total only.
+            stages = {} if graph else dict(run.get("stages", {}))
             covered = sum(stages.values())
             if covered < run["total_ms"] * 0.999:  # time outside steps (or a graph: no steps)
                 stages["other"] = stages.get("other", 0.0) + run["total_ms"] - covered
