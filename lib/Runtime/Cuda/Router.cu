@@ -4,15 +4,19 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// This file implements the router GEMM of [gate-1] and its backward as
-// tiled fp32 kernels rather than cuBLAS: the router mixes storage types
-// (bf16 tokens with an fp32 Wg when router_fp32), which no cuBLAS GEMM
-// takes without an fp32 copy of x, and its N = E is small, where a GEMM
-// library tiles poorly. All three are bound by reading x once.
+// This file implements the router GEMM of [gate-1] and its backward. The
+// router mixes storage types (bf16 tokens with an fp32 Wg when router_fp32),
+// which no cuBLAS GEMM takes as they are, and its N = E is small: the forward
+// and the f32/f16 backward are tiled fp32 kernels. The bf16 backward goes
+// through cuBLAS on bf16 tensor cores with fp32 operands split into bf16
+// parts (v = h1 + h2 + h3 exactly to fp32 precision), so it keeps fp32
+// accuracy at the speed of reading x and grad_x once.
 //
 //===----------------------------------------------------------------------===//
 
 #include "CudaSupport.cuh"
+
+#include <cublas_v2.h>
 
 namespace flex::cuda {
 
@@ -207,6 +211,148 @@ __global__ void splitReduceKernel(const float *__restrict__ partial,
   out[i] = detail::fromFloat<TW>(sum);
 }
 
+/// Splits grad_logits [T, E] into bf16 parts: parts3 [T, 3E] = [h1 | h2 | h3]
+/// (for grad_wg) and pairs [T, 3E] = [h1 | h1 | h2] (for grad_x, against
+/// [w1 | w2 | w1]).
+__global__ void splitGradLogitsKernel(const float *__restrict__ gradLogits,
+                                      int64_t tokens, int64_t experts,
+                                      __nv_bfloat16 *__restrict__ parts3,
+                                      __nv_bfloat16 *__restrict__ pairs) {
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= tokens * experts)
+    return;
+  int64_t t = i / experts, e = i - t * experts;
+  float v = gradLogits[i];
+  __nv_bfloat16 h1 = __float2bfloat16_rn(v);
+  float r1 = v - __bfloat162float(h1);
+  __nv_bfloat16 h2 = __float2bfloat16_rn(r1);
+  __nv_bfloat16 h3 = __float2bfloat16_rn(r1 - __bfloat162float(h2));
+  int64_t row = t * 3 * experts;
+  parts3[row + e] = h1;
+  parts3[row + experts + e] = h2;
+  parts3[row + 2 * experts + e] = h3;
+  pairs[row + e] = h1;
+  pairs[row + experts + e] = h1;
+  pairs[row + 2 * experts + e] = h2;
+}
+
+/// wg [d, E] -> [d, 3E] = [w1 | w2 | w1] with w = w1 + w2 in bf16 parts.
+template <typename TW>
+__global__ void splitRouterWeightKernel(const TW *__restrict__ wg,
+                                        int64_t width, int64_t experts,
+                                        __nv_bfloat16 *__restrict__ out) {
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= width * experts)
+    return;
+  int64_t c = i / experts, e = i - c * experts;
+  float w = detail::toFloat(wg[i]);
+  __nv_bfloat16 w1 = __float2bfloat16_rn(w);
+  __nv_bfloat16 w2 = __float2bfloat16_rn(w - __bfloat162float(w1));
+  int64_t row = c * 3 * experts;
+  out[row + e] = w1;
+  out[row + experts + e] = w2;
+  out[row + 2 * experts + e] = w1;
+}
+
+/// grad_wg[c, e] = sum of the three part columns of sums [d, 3E].
+template <typename TW>
+__global__ void sumPartsKernel(const float *__restrict__ sums, int64_t width,
+                               int64_t experts, TW *__restrict__ gradWg) {
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= width * experts)
+    return;
+  int64_t c = i / experts, e = i - c * experts;
+  const float *row = sums + c * 3 * experts;
+  gradWg[i] = detail::fromFloat<TW>(row[e] + row[experts + e] +
+                                    row[2 * experts + e]);
+}
+
+Status checkCublasCall(cublasStatus_t status, const char *what) {
+  if (status == CUBLAS_STATUS_SUCCESS)
+    return Status::ok();
+  return Status(StatusCode::Internal, std::string(what) + " failed: " +
+                                          cublasGetStatusName(status));
+}
+
+/// router_backward for bf16 tokens through cuBLAS (see the file comment):
+/// grad_x [T, d] += [h1 | h1 | h2] [T, 3E] @ [w1 | w2 | w1]^T [3E, d] in
+/// one GEMM (one pass over grad_x), and grad_wg = x^T [h1 | h2 | h3] summed
+/// over the three parts (one pass over x).
+Status routerBackwardBf16(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
+                          const float *gradLogits, int64_t tokens,
+                          int64_t modelDim, int64_t experts,
+                          WriteBuffer gradX, WriteBuffer gradWg) {
+  cudaStream_t stream = ctx.stream();
+  auto handle = static_cast<cublasHandle_t>(ctx.cublasHandle());
+  const int64_t k3 = 3 * experts;
+  auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+  const int64_t partsBytes = align(tokens * k3 * 2);
+  const int64_t weightBytes = align(modelDim * k3 * 2);
+  const int64_t sumsBytes = align(modelDim * k3 * 4);
+  void *scratch = nullptr;
+  if (Status s = ctx.scratch(3, 2 * partsBytes + weightBytes + sumsBytes,
+                             scratch);
+      !s)
+    return s;
+  char *base = static_cast<char *>(scratch);
+  auto *parts3 = reinterpret_cast<__nv_bfloat16 *>(base);
+  auto *pairs = reinterpret_cast<__nv_bfloat16 *>(base + partsBytes);
+  auto *weights = reinterpret_cast<__nv_bfloat16 *>(base + 2 * partsBytes);
+  auto *sums = reinterpret_cast<float *>(base + 2 * partsBytes + weightBytes);
+
+  splitGradLogitsKernel<<<detail::gridFor(tokens * experts, 256, INT32_MAX),
+                          256, 0, stream>>>(gradLogits, tokens, experts,
+                                            parts3, pairs);
+  if (Status s = checkLaunch("router grad_logits split kernel"); !s)
+    return s;
+  const float one = 1.0f, zero = 0.0f;
+  if (gradX.data) {
+    Status status = detail::withType(wg.type, [&](auto wTag) -> Status {
+      using TW = decltype(wTag);
+      splitRouterWeightKernel<TW>
+          <<<detail::gridFor(modelDim * experts, 256, INT32_MAX), 256, 0,
+             stream>>>(static_cast<const TW *>(wg.data), modelDim, experts,
+                       weights);
+      return checkLaunch("router weight split kernel");
+    });
+    if (!status)
+      return status;
+    // Column-major: grad_x^T [d, T] += weights^T [d, 3E] pairs^T [3E, T].
+    if (Status s = checkCublasCall(
+            cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N,
+                         static_cast<int>(modelDim), static_cast<int>(tokens),
+                         static_cast<int>(k3), &one, weights, CUDA_R_16BF,
+                         static_cast<int>(k3), pairs, CUDA_R_16BF,
+                         static_cast<int>(k3), &one, gradX.data, CUDA_R_16BF,
+                         static_cast<int>(modelDim), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT),
+            "cublasGemmEx (router_backward grad_x)");
+        !s)
+      return s;
+  }
+  if (!gradWg.data)
+    return Status::ok();
+  // Column-major: sums [3E, d] = parts3 [3E, T] (its row-major [T, 3E]
+  // read as is) times x [T, d] (x's column-major [d, T], transposed).
+  if (Status s = checkCublasCall(
+          cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(k3),
+                       static_cast<int>(modelDim), static_cast<int>(tokens),
+                       &one, parts3, CUDA_R_16BF, static_cast<int>(k3), x.data,
+                       CUDA_R_16BF, static_cast<int>(modelDim), &zero, sums,
+                       CUDA_R_32F, static_cast<int>(k3), CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx (router_backward grad_wg)");
+      !s)
+    return s;
+  return detail::withType(gradWg.type, [&](auto wTag) -> Status {
+    using TW = decltype(wTag);
+    sumPartsKernel<TW><<<detail::gridFor(modelDim * experts, 256, INT32_MAX),
+                         256, 0, stream>>>(sums, modelDim, experts,
+                                           static_cast<TW *>(gradWg.data));
+    return checkLaunch("router grad_wg sum kernel");
+  });
+}
+
 } // namespace
 
 Status router(KernelContext &ctx, ReadBuffer x, ReadBuffer wg, float *logits,
@@ -244,6 +390,12 @@ Status routerBackward(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                       int64_t modelDim, int64_t experts, WriteBuffer gradX,
                       WriteBuffer gradWg) {
   cudaStream_t stream = ctx.stream();
+  // bf16 tokens: cuBLAS on bf16 parts (int-sized dimensions only).
+  if (x.type == DType::BF16 && (!gradX.data || gradX.type == DType::BF16) &&
+      tokens > 0 && modelDim > 0 && experts > 0 && tokens < INT32_MAX &&
+      modelDim < INT32_MAX && 3 * experts < INT32_MAX)
+    return routerBackwardBf16(ctx, x, wg, gradLogits, tokens, modelDim,
+                              experts, gradX, gradWg);
   if (gradX.data && tokens > 0 && modelDim > 0) {
     Status status = detail::withType(gradX.type, [&](auto xTag) -> Status {
       using TX = decltype(xTag);
