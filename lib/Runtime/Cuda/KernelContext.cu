@@ -109,7 +109,10 @@ Status KernelContext::setStream(Stream stream) {
 }
 
 Status KernelContext::scratch(int slot, int64_t bytes, void *&data) {
-  ScratchArea &area = scratch_.at(static_cast<size_t>(slot));
+  if (slot < 0 || static_cast<size_t>(slot) >= scratch_.size())
+    return Status(StatusCode::Internal,
+                  "scratch area " + std::to_string(slot) + " does not exist");
+  ScratchArea &area = scratch_[static_cast<size_t>(slot)];
   if (area.bytes < bytes) {
     if (capturing)
       return Status(StatusCode::Internal,

@@ -6,11 +6,12 @@
 //
 // This file implements the router GEMM of [gate-1] and its backward. The
 // router mixes storage types (bf16 tokens with an fp32 Wg when router_fp32),
-// which no cuBLAS GEMM takes as they are, and its N = E is small: the forward
-// and the f32/f16 backward are tiled fp32 kernels. The bf16 backward goes
-// through cuBLAS on bf16 tensor cores with fp32 operands split into bf16
-// parts (v = h1 + h2 + h3 exactly to fp32 precision), so it keeps fp32
-// accuracy at the speed of reading x and grad_x once.
+// which no cuBLAS GEMM takes as they are, and its N = E is small. With bf16
+// tokens both directions go through cuBLAS on bf16 tensor cores, the fp32
+// operands split into bf16 parts (v = h1 + h2 + h3 to fp32 precision; the
+// products of bf16 values are exact in fp32), so they keep fp32 accuracy at
+// the speed of reading x (and grad_x) once. f32 and f16 tokens use the tiled
+// fp32 kernels below.
 //
 //===----------------------------------------------------------------------===//
 
@@ -353,12 +354,96 @@ Status routerBackwardBf16(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
   });
 }
 
+/// wg [d, E] -> [d, P*E]: P bf16 parts of each weight, w = w1 + ... + wP to
+/// fp32 precision (P = 3 for an fp32 wg, 1 for a bf16 one).
+template <typename TW>
+__global__ void weightPartsKernel(const TW *__restrict__ wg, int64_t width,
+                                  int64_t experts, int parts,
+                                  __nv_bfloat16 *__restrict__ out) {
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= width * experts)
+    return;
+  int64_t c = i / experts, e = i - c * experts;
+  float rest = detail::toFloat(wg[i]);
+  for (int p = 0; p < parts; ++p) {
+    __nv_bfloat16 part = __float2bfloat16_rn(rest);
+    out[(c * parts + p) * experts + e] = part;
+    rest -= __bfloat162float(part);
+  }
+}
+
+/// logits[t, e] = sum over the P part columns of sums [T, P*E].
+__global__ void sumLogitPartsKernel(const float *__restrict__ sums,
+                                    int64_t tokens, int64_t experts, int parts,
+                                    float *__restrict__ logits) {
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= tokens * experts)
+    return;
+  int64_t t = i / experts, e = i - t * experts;
+  const float *row = sums + t * parts * experts;
+  float sum = 0.0f;
+  for (int p = 0; p < parts; ++p)
+    sum += row[p * experts + e];
+  logits[i] = sum;
+}
+
+/// The router for bf16 tokens through cuBLAS: logits [T, E] = x [T, d] @
+/// [w1 .. wP] [d, P*E], the parts summed in fp32 (one pass over x).
+Status routerBf16(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
+                  float *logits, int64_t tokens, int64_t modelDim,
+                  int64_t experts) {
+  cudaStream_t stream = ctx.stream();
+  auto handle = static_cast<cublasHandle_t>(ctx.cublasHandle());
+  const int parts = wg.type == DType::BF16 ? 1 : 3;
+  const int64_t n = parts * experts;
+  auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+  const int64_t weightBytes = align(modelDim * n * 2);
+  void *scratch = nullptr;
+  if (Status s = ctx.scratch(4, weightBytes + align(tokens * n * 4), scratch);
+      !s)
+    return s;
+  auto *weights = static_cast<__nv_bfloat16 *>(scratch);
+  auto *sums = reinterpret_cast<float *>(static_cast<char *>(scratch) +
+                                         weightBytes);
+  Status status = detail::withType(wg.type, [&](auto wTag) -> Status {
+    using TW = decltype(wTag);
+    weightPartsKernel<TW>
+        <<<detail::gridFor(modelDim * experts, 256, INT32_MAX), 256, 0,
+           stream>>>(static_cast<const TW *>(wg.data), modelDim, experts,
+                     parts, weights);
+    return checkLaunch("router weight parts kernel");
+  });
+  if (!status)
+    return status;
+  // Column-major: sums [P*E, T] = weights [P*E, d] x [d, T] (both row-major
+  // buffers read as they are).
+  const float one = 1.0f, zero = 0.0f;
+  if (Status s = checkCublasCall(
+          cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(n),
+                       static_cast<int>(tokens), static_cast<int>(modelDim),
+                       &one, weights, CUDA_R_16BF, static_cast<int>(n), x.data,
+                       CUDA_R_16BF, static_cast<int>(modelDim), &zero, sums,
+                       CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx (router)");
+      !s)
+    return s;
+  sumLogitPartsKernel<<<detail::gridFor(tokens * experts, 256, INT32_MAX),
+                        256, 0, stream>>>(sums, tokens, experts, parts,
+                                          logits);
+  return checkLaunch("router logits sum kernel");
+}
+
 } // namespace
 
 Status router(KernelContext &ctx, ReadBuffer x, ReadBuffer wg, float *logits,
               int64_t tokens, int64_t modelDim, int64_t experts) {
   if (tokens == 0 || experts == 0)
     return Status::ok();
+  // bf16 tokens: cuBLAS on bf16 parts of wg (int-sized dimensions only).
+  if (x.type == DType::BF16 && modelDim > 0 && tokens < INT32_MAX &&
+      modelDim < INT32_MAX && 3 * experts < INT32_MAX)
+    return routerBf16(ctx, x, wg, logits, tokens, modelDim, experts);
   return detail::withType(x.type, [&](auto xTag) -> Status {
     using TA = decltype(xTag);
     return detail::withType(wg.type, [&](auto wTag) -> Status {

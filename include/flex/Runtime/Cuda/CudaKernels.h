@@ -112,7 +112,7 @@ private:
     void *data = nullptr;
     int64_t bytes = 0;
   };
-  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(4);
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(5);
   int32_t *pinned_ = nullptr;
   int64_t pinnedCount_ = 0;
   const int32_t *hostKeyOffsets_ = nullptr;
