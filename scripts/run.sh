@@ -7,7 +7,8 @@
 #                                  to plans (their workspace and steps shown)
 #   scripts/run.sh LAYER.mlir ...  these layers instead (forward + backward)
 #
-# Runs on the CPU; the GPU backend plugs in with the CUDA issue.
+# Runs on the GPU when there is one (and the build has the CUDA backend),
+# on the CPU otherwise; FLEX_DEVICE=cpu|cuda chooses.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 flex_build
@@ -15,10 +16,18 @@ flex_build
 bin="$FLEX_BUILD/bin"
 examples="$FLEX_ROOT/examples"
 
+device="${FLEX_DEVICE:-cpu}"
+if [ -z "${FLEX_DEVICE:-}" ] && command -v nvidia-smi >/dev/null 2>&1 &&
+   nvidia-smi -L >/dev/null 2>&1 &&
+   [ -d "$FLEX_BUILD/lib/Runtime/Cuda" ]; then
+  device=cuda
+fi
+echo "flex: running on $device"
+
 run_layer() {
   echo
-  echo "=== $1"
-  "$bin/moe-run" "$1" --train --check --iters 3
+  echo "=== $1 ($device)"
+  "$bin/moe-run" "$1" --device "$device" --train --check --iters 3
 }
 
 if [ $# -gt 0 ]; then
