@@ -87,6 +87,20 @@ private:
                        std::pair<Value, Value> segments,
                        const ExpertWeights &weights,
                        const ExpertWeights &grads, int64_t chunk);
+  /// The attributes of the exchange of chunk `chunk` of `chunks`.
+  SmallVector<NamedAttribute> exchangeAttrs(ExpandedLayer layer,
+                                            int64_t chunks, int64_t chunk,
+                                            Direction direction) {
+    SmallVector<NamedAttribute> attrs = {
+        b.getNamedAttr("chunks", b.getI64IntegerAttr(chunks)),
+        b.getNamedAttr("chunk", b.getI64IntegerAttr(chunk)),
+        b.getNamedAttr("direction",
+                       DirectionAttr::get(b.getContext(), direction))};
+    if (layer.dispatchExchange.getRanksPerNode() > 0)
+      attrs.push_back(b.getNamedAttr(
+          "ranks_per_node", layer.dispatchExchange.getRanksPerNodeAttr()));
+    return attrs;
+  }
   Roles withSegments(Roles roles, std::pair<Value, Value> segments) {
     roles.push_back({"expert_offsets", segments.first});
     roles.push_back({"expert_rows", segments.second});
@@ -470,18 +484,8 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
     chunks.assign(numChunks, {});
     for (int64_t q = 0; q < numChunks; ++q) {
       std::string suffix = numChunks > 1 ? "." + std::to_string(q) : "";
-      SmallVector<NamedAttribute> chunkAttrs = {
-          b.getNamedAttr("chunks", b.getI64IntegerAttr(numChunks)),
-          b.getNamedAttr("chunk", b.getI64IntegerAttr(q))};
       auto direction = [&](Direction d) {
-        SmallVector<NamedAttribute> attrs(chunkAttrs);
-        attrs.push_back(b.getNamedAttr(
-            "direction", DirectionAttr::get(b.getContext(), d)));
-        if (layer.dispatchExchange.getRanksPerNode() > 0)
-          attrs.push_back(b.getNamedAttr(
-              "ranks_per_node",
-              layer.dispatchExchange.getRanksPerNodeAttr()));
-        return attrs;
+        return exchangeAttrs(layer, numChunks, q, d);
       };
       createStep<AllToAllOp>(b, loc,
                              {{"input", dispatched}, {"capacity", capacity},
@@ -491,7 +495,9 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
                                    memref({localExperts + 1}, i32));
       Value segmentRows =
           alloc("segment_rows" + suffix, memref({localExperts}, i32));
-      SmallVector<NamedAttribute> segmentAttrs(chunkAttrs);
+      SmallVector<NamedAttribute> segmentAttrs = {
+          b.getNamedAttr("chunks", b.getI64IntegerAttr(numChunks)),
+          b.getNamedAttr("chunk", b.getI64IntegerAttr(q))};
       segmentAttrs.push_back(
           b.getNamedAttr("groups", b.getI64IntegerAttr(localExperts)));
       segmentAttrs.push_back(
@@ -567,18 +573,8 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
     Value gradProduced = alloc("grad_produced", rowsType);
     Value gradReceived = alloc("grad_received", rowsType);
     for (int64_t q = 0; q < numChunks; ++q) {
-      SmallVector<NamedAttribute> chunkAttrs = {
-          b.getNamedAttr("chunks", b.getI64IntegerAttr(numChunks)),
-          b.getNamedAttr("chunk", b.getI64IntegerAttr(q))};
       auto direction = [&](Direction d) {
-        SmallVector<NamedAttribute> attrs(chunkAttrs);
-        attrs.push_back(b.getNamedAttr(
-            "direction", DirectionAttr::get(b.getContext(), d)));
-        if (layer.dispatchExchange.getRanksPerNode() > 0)
-          attrs.push_back(b.getNamedAttr(
-              "ranks_per_node",
-              layer.dispatchExchange.getRanksPerNodeAttr()));
-        return attrs;
+        return exchangeAttrs(layer, numChunks, q, d);
       };
       // The backward of the combine exchange is a dispatch exchange.
       createStep<AllToAllOp>(b, loc,
