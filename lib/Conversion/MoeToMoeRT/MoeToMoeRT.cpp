@@ -87,6 +87,16 @@ private:
                        std::pair<Value, Value> segments,
                        const ExpertWeights &weights,
                        const ExpertWeights &grads, int64_t chunk);
+  /// A workspace buffer for every rank's experts [W * L, ...] of the
+  /// rank's `local` [L, ...] (null for a null `local`).
+  Value allocAllExperts(StringRef name, Value local) {
+    if (!local)
+      return local;
+    auto type = cast<MemRefType>(local.getType());
+    SmallVector<int64_t> shape(type.getShape());
+    shape[0] *= ranks;
+    return alloc(name, memref(shape, type.getElementType()));
+  }
   /// The attributes of the exchange of chunk `chunk` of `chunks`.
   SmallVector<NamedAttribute> exchangeAttrs(ExpandedLayer layer,
                                             int64_t chunks, int64_t chunk,
@@ -458,13 +468,9 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
     if (!layer.gathers.empty()) {
       // r = 0: gather every rank's experts.
       auto gather = [&](StringRef name, Value local) -> Value {
-        if (!local)
-          return local;
-        auto type = cast<MemRefType>(local.getType());
-        SmallVector<int64_t> shape(type.getShape());
-        shape[0] *= ranks;
-        Value full = alloc(name, memref(shape, type.getElementType()));
-        createStep<AllGatherOp>(b, loc, {{"input", local}, {"output", full}});
+        Value full = allocAllExperts(name, local);
+        if (full)
+          createStep<AllGatherOp>(b, loc, {{"input", local}, {"output", full}});
         return full;
       };
       w = {gather("full_w1", weights.w1), gather("full_w2", weights.w2),
@@ -542,13 +548,8 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
     if (gathered) {
       // r = 0: gradients of every expert, then each rank keeps the sum
       // over ranks of its own.
-      auto full = [&](StringRef name, Value local) -> Value {
-        if (!local)
-          return local;
-        auto type = cast<MemRefType>(local.getType());
-        SmallVector<int64_t> shape(type.getShape());
-        shape[0] *= ranks;
-        return alloc(name, memref(shape, type.getElementType()));
+      auto full = [&](StringRef name, Value local) {
+        return allocAllExperts(name, local);
       };
       grads = {full("full_grad_w1", weightGrads.w1),
                full("full_grad_w2", weightGrads.w2),
