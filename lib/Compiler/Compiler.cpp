@@ -12,6 +12,7 @@
 
 #include "flex/Compiler/Compiler.h"
 
+#include "flex/Dialect/Moe/Transforms/Passes.h"
 #include "flex/InitAll.h"
 #include "flex/Pipelines/Pipelines.h"
 #include "flex/Target/Plan/PlanEmitter.h"
@@ -48,6 +49,15 @@ bool flex::compileLayerToPlan(std::string_view mlirText,
     return false;
 
   PassManager pm(&context);
+  std::vector<std::string> variants = options.variants;
+  if (variants.empty() && options.ranks > 1)
+    variants = {"r1d1", "r0d1"};
+  if (!variants.empty()) {
+    moe::MoeMultiversionPassOptions multiversion;
+    multiversion.ranks = options.ranks;
+    multiversion.variants.assign(variants.begin(), variants.end());
+    pm.addPass(moe::createMoeMultiversionPass(multiversion));
+  }
   LowerToPlanOptions pipeline;
   pipeline.training = options.training;
   pipeline.layout = options.layout;

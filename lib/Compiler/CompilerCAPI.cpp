@@ -12,7 +12,9 @@
 #include "flex-c/Flex.h"
 #include "flex/Compiler/Compiler.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <string_view>
 #include <cstring>
 #include <exception>
 
@@ -24,27 +26,45 @@ char *copyString(const std::string &text) {
   return copy;
 }
 
-flex::CompileOptions readOptions(const FlexCompileOptions *options) {
-  flex::CompileOptions compile;
-  if (options && options->struct_size >= sizeof(FlexCompileOptions))
-    compile.training = options->training != 0;
-  return compile;
+/// The compile options of the C API: `world_size` ranks, and in `pipeline`
+/// an optional `variants=r1d1,r1d2,...` (docs/CAPI.md).
+bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
+                 std::string &error) {
+  if (!options || options->struct_size < sizeof(FlexCompileOptions))
+    return true;
+  out.training = options->training != 0;
+  out.ranks = std::max<int64_t>(1, options->world_size);
+  if (!options->pipeline || !*options->pipeline)
+    return true;
+  std::string_view text(options->pipeline);
+  constexpr std::string_view key = "variants=";
+  if (text.substr(0, key.size()) != key) {
+    error = "unknown compile option '" + std::string(text) +
+            "'; the one option is variants=r<0|1>d<D>,...";
+    return false;
+  }
+  text.remove_prefix(key.size());
+  while (!text.empty()) {
+    size_t comma = text.find(',');
+    out.variants.emplace_back(text.substr(0, comma));
+    if (comma == std::string_view::npos)
+      break;
+    text.remove_prefix(comma + 1);
+  }
+  return true;
 }
 
 /// Runs the compiler; no C++ exception crosses the C boundary.
 FlexStatus compile(std::string_view text, const FlexCompileOptions *options,
                    char **planJson, char **error) {
-  if (options && options->struct_size >= sizeof(FlexCompileOptions) &&
-      options->world_size > 1) {
-    *error = copyString("[plan-3] compiling for " +
-                        std::to_string(options->world_size) +
-                        " ranks is not supported yet: the parallelizing "
-                        "passes come with multi-rank support");
-    return FLEX_STATUS_UNAVAILABLE;
-  }
   std::string plan, message;
+  flex::CompileOptions compile;
+  if (!readOptions(options, compile, message)) {
+    *error = copyString(message);
+    return FLEX_STATUS_INVALID_ARGUMENT;
+  }
   try {
-    if (!flex::compileLayerToPlan(text, readOptions(options), plan, message)) {
+    if (!flex::compileLayerToPlan(text, compile, plan, message)) {
       *error = copyString(message.empty() ? "compilation failed" : message);
       return FLEX_STATUS_INVALID_ARGUMENT;
     }

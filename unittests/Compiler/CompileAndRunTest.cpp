@@ -16,6 +16,7 @@
 #include "ReferenceMoE.h"
 
 #include "flex/Compiler/Compiler.h"
+#include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
@@ -27,6 +28,7 @@
 #include <iostream>
 #include <limits>
 #include <random>
+#include <thread>
 
 using namespace flex;
 using namespace flex::reference;
@@ -243,6 +245,175 @@ TEST(CompileAndRun, RandomLayersMatchReference) {
     }
   }
   EXPECT_EQ(compiled, kCases);
+}
+
+/// Rank r's slice [L, ...] of a global [E, ...] expert parameter.
+std::vector<double> expertSlice(const std::vector<double> &global, int rank,
+                                int ranks) {
+  if (global.empty())
+    return global;
+  size_t per = global.size() / ranks;
+  return std::vector<double>(global.begin() + rank * per,
+                             global.begin() + (rank + 1) * per);
+}
+
+// DESIGN.md section 4: every variant of a multi-rank plan reads one
+// parameter layout, so one executable per rank switches variant between two
+// calls with the same bindings (no parameter moves), every variant equals
+// the single-rank layer on each rank's tokens, and the inputs stay intact.
+TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
+  const uint64_t seed = runSeed();
+  std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (CapacityMode mode : {CapacityMode::Fixed, CapacityMode::Dropless}) {
+    LayerConfig config;
+    config.tokens = 13;
+    config.modelDim = 6;
+    config.hiddenDim = 5;
+    config.experts = 4;
+    config.topK = 2;
+    config.capacityMode = mode;
+    config.capacityFactor = 1.0;
+    config.activation = Activation::Gelu;
+    config.bias = true;
+    config.normalizeGate = true;
+    const int W = 2;
+    CompileOptions options;
+    options.training = true;
+    options.ranks = W;
+    options.variants = {"r1d1", "r1d2", "r0d1"};
+    std::string planJson, error;
+    ASSERT_TRUE(compileLayerToPlan(layerConfigToMlir(config), options,
+                                   planJson, error))
+        << error;
+    auto plan = std::make_shared<Plan>();
+    Status loaded =
+        parsePlan(planJson, *plan, {/*checkWorkspaceOverlap=*/true});
+    ASSERT_TRUE(loaded.isOk()) << loaded.message();
+    ASSERT_EQ(plan->variants.size(), 3u);
+    // Every variant aligned the capacity to every degree (2): the reference
+    // must use the same C.
+    reference::ReferenceOptions refOptions;
+    refOptions.capacityAlignment = 2;
+
+    // The global layer, each rank's tokens, the reference per rank.
+    LayerInputs global = makeRandomInputs(config, rng);
+    std::vector<LayerInputs> rankInputs(W);
+    std::vector<std::vector<double>> gradOut(W);
+    std::vector<LayerForward> want(W);
+    std::vector<LayerGradients> wantGrads(W);
+    std::normal_distribution<double> normal;
+    auto asF32 = [](std::vector<double> v) { return toDouble(toFloat(v)); };
+    for (std::vector<double> *v : {&global.wg, &global.w1, &global.b1,
+                                   &global.w2, &global.b2})
+      *v = asF32(*v);
+    for (int r = 0; r < W; ++r) {
+      rankInputs[r] = global;
+      rankInputs[r].x = makeRandomInputs(config, rng).x;
+      ASSERT_TRUE(separateRouting(config, rankInputs[r], rng));
+      rankInputs[r].x = asF32(rankInputs[r].x);
+      gradOut[r].resize(config.tokens * config.modelDim);
+      for (double &g : gradOut[r])
+        g = normal(rng);
+      gradOut[r] = asF32(gradOut[r]);
+      wantGrads[r] = referenceBackward(config, rankInputs[r], gradOut[r], 0.5,
+                                       refOptions, &want[r]);
+    }
+
+    // One executor per rank, on W threads, every variant in turn on the
+    // same bindings.
+    std::vector<std::shared_ptr<Communicator>> comms;
+    ASSERT_TRUE(createLocalCommunicators(W, comms, 30).isOk());
+    std::vector<Buffers> buffers(W);
+    std::vector<std::map<std::string, std::vector<float>>> inputsBefore(W);
+    for (int r = 0; r < W; ++r) {
+      Buffers &b = buffers[r];
+      b.set("x", rankInputs[r].x);
+      b.set("wg", global.wg);
+      b.set("w1", expertSlice(global.w1, r, W));
+      b.set("b1", expertSlice(global.b1, r, W));
+      b.set("w2", expertSlice(global.w2, r, W));
+      b.set("b2", expertSlice(global.b2, r, W));
+      b.set("grad_out", gradOut[r]);
+      b.set("grad_l_aux", {0.5});
+      inputsBefore[r] = b.byName;
+    }
+    std::vector<std::map<std::string, std::vector<float>>> firstVariant(W);
+    std::vector<std::string> failures(W);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r) {
+      threads.emplace_back([&, r] {
+        std::unique_ptr<Executor> executor;
+        Status s = Executor::create(plan, createCpuBackend(), executor);
+        if (s)
+          s = executor->setCommunicator(comms[r]);
+        for (size_t v = 0; s && v < plan->variants.size(); ++v) {
+          Buffers &b = buffers[r];
+          for (const char *name :
+               {"out", "l_aux", "grad_x", "grad_wg", "grad_w1", "grad_b1",
+                "grad_w2", "grad_b2"}) {
+            size_t count = name == std::string("l_aux") ? 1
+                           : name == std::string("out") ||
+                                   name == std::string("grad_x")
+                               ? b.byName["x"].size()
+                           : name == std::string("grad_wg")
+                               ? b.byName["wg"].size()
+                               : b.byName[std::string(name).substr(5)].size();
+            b.poison(name, count);
+          }
+          std::vector<Binding> bindings = b.bindings();
+          s = executor->selectVariant(static_cast<int64_t>(v));
+          if (s)
+            s = executor->forward(bindings.data(), bindings.size());
+          if (s)
+            s = executor->backward(bindings.data(), bindings.size());
+          if (!s)
+            failures[r] = plan->variants[v].name + ": " + s.message();
+          // Each variant against the reference on this rank's tokens.
+          auto check = [&](const char *name, const std::vector<double> &ref) {
+            double error = relativeL2(toDouble(b.byName[name]), ref,
+                                      normL2(ref) == 0.0 ? 1.0 : 0.0);
+            if (!(error <= 1e-5))
+              failures[r] += std::string(" ") + plan->variants[v].name +
+                             ":" + name + "=" + std::to_string(error);
+          };
+          check("out", want[r].out);
+          check("l_aux", {want[r].lAux});
+          check("grad_x", wantGrads[r].x);
+          check("grad_wg", wantGrads[r].wg);
+          // Expert gradients: the rank's experts, summed over every rank's
+          // tokens.
+          auto summed = [&](std::vector<double> LayerGradients::*field) {
+            std::vector<double> sum;
+            for (int q = 0; q < W; ++q) {
+              const std::vector<double> &g = wantGrads[q].*field;
+              sum.resize(g.size(), 0.0);
+              for (size_t i = 0; i < g.size(); ++i)
+                sum[i] += g[i];
+            }
+            return expertSlice(sum, r, W);
+          };
+          check("grad_w1", summed(&LayerGradients::w1));
+          check("grad_b1", summed(&LayerGradients::b1));
+          check("grad_w2", summed(&LayerGradients::w2));
+          check("grad_b2", summed(&LayerGradients::b2));
+        }
+      });
+    }
+    for (std::thread &thread : threads)
+      thread.join();
+    for (int r = 0; r < W; ++r) {
+      EXPECT_TRUE(failures[r].empty())
+          << toString(mode) << " rank " << r << ": " << failures[r];
+      // The executor never writes an input: the parameters are where they
+      // were, bit for bit, after three variants.
+      for (auto &[name, values] : inputsBefore[r])
+        EXPECT_EQ(std::memcmp(values.data(), buffers[r].byName[name].data(),
+                              values.size() * sizeof(float)),
+                  0)
+            << name;
+    }
+  }
 }
 
 TEST(CompileAndRun, InvalidConfigIsAnErrorNotACrash) {

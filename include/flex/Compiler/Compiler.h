@@ -16,6 +16,7 @@
 #include "flex/Runtime/LayerConfig.h"
 
 #include <string>
+#include <vector>
 #include <string_view>
 
 namespace flex {
@@ -24,6 +25,12 @@ struct CompileOptions {
   bool training = false;
   /// auto, padded or ragged (see --convert-moe-to-moert).
   std::string layout = "auto";
+  /// W ranks: the plan's variants run on W ranks with one parameter layout
+  /// (--moe-multiversion).
+  int64_t ranks = 1;
+  /// The variants to keep, `r<0|1>d<D>`; empty: r1d1 and r0d1 when
+  /// ranks > 1, the single-rank plan otherwise.
+  std::vector<std::string> variants;
 };
 
 /// Compiles one layer of `moe` IR (a function holding moe.layer, or its
