@@ -209,6 +209,10 @@ struct StepAttrs {
   AllToAllDirection direction = AllToAllDirection::Dispatch;
   int64_t chunks = 1; ///< D: the capacity is split into D chunks
   int64_t chunk = 0;  ///< q in [0, D)
+  // all_to_all
+  /// N > 0: the ranks are on nodes of N ranks and the exchange runs as the
+  /// two-phase hierarchical (2DH) all-to-all; 0: flat. Same result either way.
+  int64_t ranksPerNode = 0;
   // uniform_segments
   int64_t groups = 0; ///< G: local experts of the received buffer
   int64_t ranks = 0;  ///< W

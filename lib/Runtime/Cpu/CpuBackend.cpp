@@ -7,7 +7,8 @@
 // This file implements the CPU backend: it maps each plan step to its kernel
 // in CpuKernels.h, with sizes taken from the (verified) buffer shapes, and
 // each collective step to the communicator (all_to_all packs its rows per
-// AllToAllLayout.h into staging blocks). Steps run synchronously on the
+// AllToAllLayout.h into staging blocks and exchanges them flat or, with
+// ranks_per_node, per HierarchicalAllToAll.h). Steps run synchronously on the
 // calling thread (the kernels use OpenMP inside).
 //
 //===----------------------------------------------------------------------===//
@@ -15,6 +16,7 @@
 #include "flex/Runtime/Backend.h"
 #include "flex/Runtime/Comm/AllToAllLayout.h"
 #include "flex/Runtime/Comm/Communicator.h"
+#include "flex/Runtime/Comm/HierarchicalAllToAll.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
 
 #include <algorithm>
@@ -65,6 +67,8 @@ private:
                        const StepOperands &ops);
   /// all_to_all staging blocks, kept between calls.
   std::vector<uint8_t> sendStaging_, recvStaging_;
+  /// The reordered blocks of the hierarchical all_to_all.
+  std::vector<uint8_t> scratchStaging_;
 };
 
 std::string bufferName(const TensorView &view) {
@@ -124,10 +128,19 @@ Status CpuBackend::runCollective(const Plan &plan, const Step &step,
     for (int64_t p = 0; p < W; ++p)
       offsets[p] = p * blockBytes;
     layout.pack(a.direction, input.data, rowBytes, sendStaging_.data());
-    if (Status status = comm.allToAll(sendStaging_.data(), offsets.data(),
-                                      sizes.data(), recvStaging_.data(),
-                                      offsets.data(), sizes.data(), what);
-        !status)
+    // 2DH moves the same staging blocks in two phases; with one node
+    // (N == W) or one rank per node (N == 1) it degenerates to the flat
+    // exchange plus copies, so those run flat.
+    const bool hierarchical = a.ranksPerNode > 1 && a.ranksPerNode < W;
+    Status status =
+        hierarchical
+            ? hierarchicalAllToAll(comm, a.ranksPerNode, sendStaging_.data(),
+                                   recvStaging_.data(), blockBytes,
+                                   scratchStaging_, what)
+            : comm.allToAll(sendStaging_.data(), offsets.data(), sizes.data(),
+                            recvStaging_.data(), offsets.data(), sizes.data(),
+                            what);
+    if (!status)
       return status;
     layout.unpack(a.direction, recvStaging_.data(), rowBytes, output.data);
     return Status::ok();

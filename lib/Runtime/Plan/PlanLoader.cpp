@@ -307,6 +307,8 @@ StepAttrs readAttrs(const Json *json, const std::string &path, StepOp op,
     attrs.chunks = asInt(*v, at + "chunks");
   if (const Json *v = has("chunk"))
     attrs.chunk = asInt(*v, at + "chunk");
+  if (const Json *v = has("ranks_per_node"))
+    attrs.ranksPerNode = asInt(*v, at + "ranks_per_node");
   if (const Json *v = has("groups"))
     attrs.groups = asInt(*v, at + "groups");
   else if (op == StepOp::UniformSegments)
@@ -641,6 +643,21 @@ void checkChunks(const Step &step, const std::string &path) {
                                     std::to_string(a.chunks - 1));
 }
 
+/// ranks_per_node of all_to_all: 0 (flat) or N dividing W (W / N nodes).
+void checkRanksPerNode(const Step &step, const std::string &path, int64_t W) {
+  const int64_t N = step.attrs.ranksPerNode;
+  if (N == 0 || (N > 0 && N <= W && W % N == 0))
+    return;
+  std::string divisors;
+  for (int64_t n = 1; n <= W; ++n)
+    if (W % n == 0)
+      divisors += ", " + std::to_string(n);
+  fail(path + ".attrs.ranks_per_node",
+       "ranks_per_node " + std::to_string(N) +
+           " does not divide the plan's world size " + std::to_string(W) +
+           "; allowed: 0 (flat)" + divisors);
+}
+
 void checkStepShapes(const Plan &plan, const Step &step,
                      const std::string &path, const StepAttrs &gateAttrs) {
   const LayerConfig &layer = plan.layer;
@@ -793,6 +810,7 @@ void checkStepShapes(const Plan &plan, const Step &step,
     break;
   case StepOp::AllToAll: {
     checkChunks(step, path);
+    checkRanksPerNode(step, path, W);
     // Both sides hold E * C rows: [W, L, C, n] and [D, L, W, C / D, n].
     const BufferDesc *input =
         c.expectRows(R::Input, in, -1, paddedRows, "input [E * C, n]");
@@ -1284,6 +1302,8 @@ Json writeStep(const Plan &plan, const Step &step) {
     attrs["direction"] = std::string(toString(a.direction));
     attrs["chunks"] = a.chunks;
     attrs["chunk"] = a.chunk;
+    if (a.ranksPerNode != 0)
+      attrs["ranks_per_node"] = a.ranksPerNode;
     break;
   case StepOp::UniformSegments:
     attrs["groups"] = a.groups;

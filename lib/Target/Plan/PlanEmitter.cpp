@@ -124,6 +124,7 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
                           : AllToAllDirection::Combine;
     attrs.chunks = exchange.getChunks();
     attrs.chunk = exchange.getChunk();
+    attrs.ranksPerNode = exchange.getRanksPerNode();
   } else if (auto segments = dyn_cast<moert::UniformSegmentsOp>(op)) {
     attrs.groups = segments.getGroups();
     attrs.ranks = segments.getRanks();
