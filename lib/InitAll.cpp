@@ -23,8 +23,8 @@
 #include "mlir/Transforms/Passes.h"
 
 void flex::registerAllDialects(mlir::DialectRegistry &registry) {
-  registry.insert<mlir::func::FuncDialect, moe::MoeDialect,
-                  moert::MoeRTDialect>();
+  registry
+      .insert<mlir::func::FuncDialect, moe::MoeDialect, moert::MoeRTDialect>();
 }
 
 void flex::registerAllPasses() {

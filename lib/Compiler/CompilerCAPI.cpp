@@ -14,9 +14,9 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string_view>
 #include <cstring>
 #include <exception>
+#include <string_view>
 
 namespace {
 char *copyString(const std::string &text) {

@@ -109,8 +109,8 @@ struct Buffers {
   std::vector<Binding> bindings() {
     std::vector<Binding> result;
     for (auto &[name, values] : byName)
-      result.push_back({name, values.data(),
-                        int64_t(values.size() * sizeof(float))});
+      result.push_back(
+          {name, values.data(), int64_t(values.size() * sizeof(float))});
     return result;
   }
 };
@@ -135,8 +135,7 @@ TEST(CompileAndRun, RandomLayersMatchReference) {
         std::to_string(config.capacityFactor) + ") " +
         std::string(toString(config.expertKind)) + " " +
         std::string(toString(config.activation)) +
-        (config.bias ? " bias" : "") +
-        (config.batchPrioritized ? " bpr" : "") +
+        (config.bias ? " bias" : "") + (config.batchPrioritized ? " bpr" : "") +
         (config.normalizeGate ? " norm" : "") + " layout=" + layout;
     SCOPED_TRACE(describe);
 
@@ -145,8 +144,8 @@ TEST(CompileAndRun, RandomLayersMatchReference) {
     if (config.capacityMode != CapacityMode::Dropless &&
         config.topK * int64_t(config.capacityFactor * perExpert) == 0) {
       std::string planJson, error;
-      EXPECT_FALSE(compileLayerToPlan(layerConfigToMlir(config), {}, planJson,
-                                      error));
+      EXPECT_FALSE(
+          compileLayerToPlan(layerConfigToMlir(config), {}, planJson, error));
       EXPECT_NE(error.find("gives capacity 0"), std::string::npos) << error;
       ++compiled;
       continue;
@@ -157,12 +156,13 @@ TEST(CompileAndRun, RandomLayersMatchReference) {
     options.training = true;
     options.layout = layout;
     std::string planJson, error;
-    ASSERT_TRUE(compileLayerToPlan(layerConfigToMlir(config), options,
-                                   planJson, error))
+    ASSERT_TRUE(
+        compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
         << error;
     auto plan = std::make_shared<Plan>();
     // The compiler's memory plan must never let live buffers share bytes.
-    Status loaded = parsePlan(planJson, *plan, {/*checkWorkspaceOverlap=*/true});
+    Status loaded =
+        parsePlan(planJson, *plan, {/*checkWorkspaceOverlap=*/true});
     ASSERT_TRUE(loaded.isOk()) << loaded.message();
     std::unique_ptr<Executor> executor;
     Status created = Executor::create(plan, createCpuBackend(), executor);
@@ -283,8 +283,8 @@ TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
     options.ranks = W;
     options.variants = {"r1d1", "r1d2", "r0d1"};
     std::string planJson, error;
-    ASSERT_TRUE(compileLayerToPlan(layerConfigToMlir(config), options,
-                                   planJson, error))
+    ASSERT_TRUE(
+        compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
         << error;
     auto plan = std::make_shared<Plan>();
     Status loaded =
@@ -304,8 +304,8 @@ TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
     std::vector<LayerGradients> wantGrads(W);
     std::normal_distribution<double> normal;
     auto asF32 = [](std::vector<double> v) { return toDouble(toFloat(v)); };
-    for (std::vector<double> *v : {&global.wg, &global.w1, &global.b1,
-                                   &global.w2, &global.b2})
+    for (std::vector<double> *v :
+         {&global.wg, &global.w1, &global.b1, &global.w2, &global.b2})
       *v = asF32(*v);
     for (int r = 0; r < W; ++r) {
       rankInputs[r] = global;
@@ -352,13 +352,13 @@ TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
           for (const char *name :
                {"out", "l_aux", "grad_x", "grad_wg", "grad_w1", "grad_b1",
                 "grad_w2", "grad_b2"}) {
-            size_t count = name == std::string("l_aux") ? 1
-                           : name == std::string("out") ||
-                                   name == std::string("grad_x")
-                               ? b.byName["x"].size()
-                           : name == std::string("grad_wg")
-                               ? b.byName["wg"].size()
-                               : b.byName[std::string(name).substr(5)].size();
+            size_t count =
+                name == std::string("l_aux") ? 1
+                : name == std::string("out") || name == std::string("grad_x")
+                    ? b.byName["x"].size()
+                : name == std::string("grad_wg")
+                    ? b.byName["wg"].size()
+                    : b.byName[std::string(name).substr(5)].size();
             b.poison(name, count);
           }
           std::vector<Binding> bindings = b.bindings();
@@ -374,8 +374,8 @@ TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
             double error = relativeL2(toDouble(b.byName[name]), ref,
                                       normL2(ref) == 0.0 ? 1.0 : 0.0);
             if (!(error <= 1e-5))
-              failures[r] += std::string(" ") + plan->variants[v].name +
-                             ":" + name + "=" + std::to_string(error);
+              failures[r] += std::string(" ") + plan->variants[v].name + ":" +
+                             name + "=" + std::to_string(error);
           };
           check("out", want[r].out);
           check("l_aux", {want[r].lAux});
@@ -424,8 +424,8 @@ TEST(CompileAndRun, InvalidConfigIsAnErrorNotACrash) {
   config.experts = 2;
   config.topK = 3; // > E
   std::string planJson, error;
-  EXPECT_FALSE(compileLayerToPlan(layerConfigToMlir(config), {}, planJson,
-                                  error));
+  EXPECT_FALSE(
+      compileLayerToPlan(layerConfigToMlir(config), {}, planJson, error));
   EXPECT_NE(error.find("[gate-2]"), std::string::npos) << error;
 }
 

@@ -99,20 +99,18 @@ TEST_F(MoeOpsTest, CapacityAttrOverflowIsReported) {
 
 TEST_F(MoeOpsTest, CapacityAttrVerifierNamesTheRule) {
   std::string message;
-  auto emitError = [&]() {
-    return mlir::emitError(UnknownLoc::get(&context));
-  };
+  auto emitError = [&]() { return mlir::emitError(UnknownLoc::get(&context)); };
   ScopedDiagnosticHandler handler(&context, [&](Diagnostic &diag) {
     message = diag.str();
     return success();
   });
   EXPECT_FALSE(CapacityAttr::getChecked(emitError, &context,
-                                        CapacityMode::Fixed, llvm::APFloat(-1.0),
-                                        int64_t(1)));
+                                        CapacityMode::Fixed,
+                                        llvm::APFloat(-1.0), int64_t(1)));
   EXPECT_NE(message.find("[cap-1]"), std::string::npos) << message;
   EXPECT_FALSE(CapacityAttr::getChecked(emitError, &context,
-                                        CapacityMode::Bounded, llvm::APFloat(1.0),
-                                        int64_t(0)));
+                                        CapacityMode::Bounded,
+                                        llvm::APFloat(1.0), int64_t(0)));
   EXPECT_NE(message.find("alignment"), std::string::npos) << message;
 }
 
@@ -120,21 +118,20 @@ TEST_F(MoeOpsTest, BuildsAndVerifiesExpandedLayer) {
   Type f32 = builder.getF32Type();
   Type bf16 = builder.getBF16Type();
   const int64_t tokens = 100, dim = 16, hidden = 32, experts = 4, topK = 2;
-  Block *entry = makeFunction(
-      {tensor({tokens, dim}, bf16), tensor({dim, experts}, f32),
-       tensor({experts, dim, hidden}, bf16),
-       tensor({experts, hidden, dim}, bf16)});
+  Block *entry =
+      makeFunction({tensor({tokens, dim}, bf16), tensor({dim, experts}, f32),
+                    tensor({experts, dim, hidden}, bf16),
+                    tensor({experts, hidden, dim}, bf16)});
   Location loc = builder.getUnknownLoc();
   auto capacity = CapacityAttr::get(&context, CapacityMode::Fixed, 1.0, 1);
   int64_t c = *capacity.getStaticCapacity(tokens, experts, topK);
   auto routingType = RoutingType::get(&context, tokens, experts, topK, c);
-  auto gate = GateOp::create(builder, loc, routingType,
-                             RankedTensorType::get({}, f32),
-                             entry->getArgument(0), entry->getArgument(1),
-                             capacity, /*normalize=*/builder.getUnitAttr(),
-                             /*batch_prioritized=*/nullptr,
-                             builder.getF64FloatAttr(0.0),
-                             builder.getI64IntegerAttr(0));
+  auto gate = GateOp::create(
+      builder, loc, routingType, RankedTensorType::get({}, f32),
+      entry->getArgument(0), entry->getArgument(1), capacity,
+      /*normalize=*/builder.getUnitAttr(),
+      /*batch_prioritized=*/nullptr, builder.getF64FloatAttr(0.0),
+      builder.getI64IntegerAttr(0));
   auto bufferType = tensor({experts, c, dim}, bf16);
   auto dispatch = DispatchOp::create(builder, loc, bufferType,
                                      entry->getArgument(0), gate.getRouting());
@@ -143,9 +140,8 @@ TEST_F(MoeOpsTest, BuildsAndVerifiesExpandedLayer) {
       entry->getArgument(3), Value(), Value(), Value(),
       ExpertKindAttr::get(&context, ExpertKind::FFN),
       ActivationAttr::get(&context, Activation::Gelu));
-  auto combine =
-      CombineOp::create(builder, loc, tensor({tokens, dim}, bf16),
-                        expert.getResult(), gate.getRouting());
+  auto combine = CombineOp::create(builder, loc, tensor({tokens, dim}, bf16),
+                                   expert.getResult(), gate.getRouting());
   func::ReturnOp::create(builder, loc);
   EXPECT_EQ(verifyAndGetError(*module), "");
   EXPECT_EQ(c, 50);
@@ -172,9 +168,7 @@ TEST_F(MoeOpsTest, RoutingTypeRejectsTopKAboveExperts) {
     message = diag.str();
     return success();
   });
-  auto emitError = [&]() {
-    return mlir::emitError(UnknownLoc::get(&context));
-  };
+  auto emitError = [&]() { return mlir::emitError(UnknownLoc::get(&context)); };
   EXPECT_FALSE(RoutingType::getChecked(emitError, &context, int64_t(10),
                                        int64_t(4), int64_t(5), int64_t(3)));
   EXPECT_NE(message.find("[gate-2] top_k must be in [1, experts = 4], got 5"),

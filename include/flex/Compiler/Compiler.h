@@ -16,8 +16,8 @@
 #include "flex/Runtime/LayerConfig.h"
 
 #include <string>
-#include <vector>
 #include <string_view>
+#include <vector>
 
 namespace flex {
 

@@ -54,12 +54,11 @@ class PlanBuilder {
 public:
   PlanBuilder(OpBuilder &builder, ExpandedLayer first,
               const MoeToMoeRTOptions &options)
-      : b(builder), first(first), options(options),
-        loc(first.gate.getLoc()) {}
+      : b(builder), first(first), options(options), loc(first.gate.getLoc()) {}
 
-  FailureOr<PlanOp> build(StringRef name,
-                          ArrayRef<std::pair<std::string, ExpandedLayer>>
-                              variants);
+  FailureOr<PlanOp>
+  build(StringRef name,
+        ArrayRef<std::pair<std::string, ExpandedLayer>> variants);
 
 private:
   Value argument(StringRef name, ArgumentRole role, MemRefType type) {
@@ -85,8 +84,8 @@ private:
   /// (summed over chunks when `chunk` > 0).
   void expertsBackward(Value a, Value gradY, Value gradA,
                        std::pair<Value, Value> segments,
-                       const ExpertWeights &weights,
-                       const ExpertWeights &grads, int64_t chunk);
+                       const ExpertWeights &weights, const ExpertWeights &grads,
+                       int64_t chunk);
   /// A workspace buffer for every rank's experts [W * L, ...] of the
   /// rank's `local` [L, ...] (null for a null `local`).
   Value allocAllExperts(StringRef name, Value local) {
@@ -98,8 +97,8 @@ private:
     return alloc(name, memref(shape, type.getElementType()));
   }
   /// The attributes of the exchange of chunk `chunk` of `chunks`.
-  SmallVector<NamedAttribute> exchangeAttrs(ExpandedLayer layer,
-                                            int64_t chunks, int64_t chunk,
+  SmallVector<NamedAttribute> exchangeAttrs(ExpandedLayer layer, int64_t chunks,
+                                            int64_t chunk,
                                             Direction direction) {
     SmallVector<NamedAttribute> attrs = {
         b.getNamedAttr("chunks", b.getI64IntegerAttr(chunks)),
@@ -170,15 +169,15 @@ DictionaryAttr PlanBuilder::layerAttr() {
       b.getNamedAttr("hidden_dim", b.getI64IntegerAttr(hiddenDim)),
       b.getNamedAttr("experts", b.getI64IntegerAttr(experts)),
       b.getNamedAttr("top_k", b.getI64IntegerAttr(topK)),
-      b.getNamedAttr("capacity_mode", b.getStringAttr(moe::stringifyCapacityMode(
-                                          capacityAttr.getMode()))),
-      b.getNamedAttr("capacity_factor",
-                     b.getF64FloatAttr(dropless ? 1.0
-                                                : capacityAttr.getFactorValue())),
+      b.getNamedAttr(
+          "capacity_mode",
+          b.getStringAttr(moe::stringifyCapacityMode(capacityAttr.getMode()))),
+      b.getNamedAttr(
+          "capacity_factor",
+          b.getF64FloatAttr(dropless ? 1.0 : capacityAttr.getFactorValue())),
       b.getNamedAttr("expert_kind", b.getStringAttr(gated ? "gated" : "ffn")),
-      b.getNamedAttr("activation",
-                     b.getStringAttr(moe::stringifyActivation(
-                         act.value_or(moe::Activation::Silu)))),
+      b.getNamedAttr("activation", b.getStringAttr(moe::stringifyActivation(
+                                       act.value_or(moe::Activation::Silu)))),
       b.getNamedAttr("bias", b.getBoolAttr(bias)),
       b.getNamedAttr("dtype", b.getStringAttr(dtypeName(element))),
       b.getNamedAttr("router_fp32", b.getBoolAttr(routerElement.isF32())),
@@ -224,9 +223,9 @@ void PlanBuilder::declareArguments() {
   weightGrads.w3 = weightArgument("grad_w3", expert.getUpWeight(), grad);
 }
 
-FailureOr<PlanOp> PlanBuilder::build(
-    StringRef name,
-    ArrayRef<std::pair<std::string, ExpandedLayer>> variants) {
+FailureOr<PlanOp>
+PlanBuilder::build(StringRef name,
+                   ArrayRef<std::pair<std::string, ExpandedLayer>> variants) {
   moe::GateOp gate = first.gate;
   auto input = cast<RankedTensorType>(gate.getInput().getType());
   auto router = cast<RankedTensorType>(gate.getRouterWeight().getType());
@@ -330,22 +329,25 @@ void PlanBuilder::expertsForward(Value a, Value y,
   }
   if (gated) {
     createStep<GroupedGemmOp>(
-        b, loc, withSegments({{"a", a}, {"b", w.w1}, {"c", c.gateProj}},
-                             segments));
+        b, loc,
+        withSegments({{"a", a}, {"b", w.w1}, {"c", c.gateProj}}, segments));
     createStep<GroupedGemmOp>(
-        b, loc, withSegments({{"a", a}, {"b", w.w3}, {"c", c.upProj}},
-                             segments));
-    createStep<GluOp>(b, loc,
-                      withSegments({{"gate_in", c.gateProj},
-                                    {"up_in", c.upProj},
-                                    {"c", c.hidden}},
-                                   segments));
+        b, loc,
+        withSegments({{"a", a}, {"b", w.w3}, {"c", c.upProj}}, segments));
+    createStep<GluOp>(
+        b, loc,
+        withSegments(
+            {{"gate_in", c.gateProj}, {"up_in", c.upProj}, {"c", c.hidden}},
+            segments));
   } else {
     // With training, the GEMM also keeps the value before the activation
     // for activation_backward.
     createStep<GroupedGemmOp>(
         b, loc,
-        withSegments({{"a", a}, {"b", w.w1}, {"bias", w.b1}, {"c", c.hidden},
+        withSegments({{"a", a},
+                      {"b", w.w1},
+                      {"bias", w.b1},
+                      {"c", c.hidden},
                       {"pre", c.hiddenPre}},
                      segments),
         {b.getNamedAttr("epilogue",
@@ -378,23 +380,25 @@ void PlanBuilder::expertsBackward(Value a, Value gradY, Value gradA,
     }
   }
 
-  createStep<GroupedGemmWgradOp>(
-      b, loc,
-      withSegments({{"a", c.hidden}, {"grad_c", gradY}, {"grad_b", grads.w2},
-                    {"grad_bias", grads.b2}},
-                   segments),
-      sum);
+  createStep<GroupedGemmWgradOp>(b, loc,
+                                 withSegments({{"a", c.hidden},
+                                               {"grad_c", gradY},
+                                               {"grad_b", grads.w2},
+                                               {"grad_bias", grads.b2}},
+                                              segments),
+                                 sum);
   createStep<GroupedGemmOp>(
-      b, loc, withSegments({{"a", gradY}, {"b", w.w2}, {"c", gradHidden}},
-                           segments),
+      b, loc,
+      withSegments({{"a", gradY}, {"b", w.w2}, {"c", gradHidden}}, segments),
       {transB});
   if (gated) {
-    createStep<GluBackwardOp>(
-        b, loc,
-        withSegments({{"gate_in", c.gateProj}, {"up_in", c.upProj},
-                      {"grad", gradHidden}, {"grad_gate_in", gradGateProj},
-                      {"grad_up_in", gradUpProj}},
-                     segments));
+    createStep<GluBackwardOp>(b, loc,
+                              withSegments({{"gate_in", c.gateProj},
+                                            {"up_in", c.upProj},
+                                            {"grad", gradHidden},
+                                            {"grad_gate_in", gradGateProj},
+                                            {"grad_up_in", gradUpProj}},
+                                           segments));
     createStep<GroupedGemmWgradOp>(
         b, loc,
         withSegments({{"a", a}, {"grad_c", gradGateProj}, {"grad_b", grads.w1}},
@@ -418,21 +422,22 @@ void PlanBuilder::expertsBackward(Value a, Value gradY, Value gradA,
   }
   createStep<ActivationBackwardOp>(
       b, loc,
-      withSegments({{"pre", c.hiddenPre}, {"grad", gradHidden},
+      withSegments({{"pre", c.hiddenPre},
+                    {"grad", gradHidden},
                     {"grad_pre", gradHiddenPre}},
                    segments),
       {b.getNamedAttr("activation",
                       first.experts.front().getActivationAttr())});
-  createStep<GroupedGemmWgradOp>(
-      b, loc,
-      withSegments({{"a", a}, {"grad_c", gradHiddenPre}, {"grad_b", grads.w1},
-                    {"grad_bias", grads.b1}},
-                   segments),
-      sum);
+  createStep<GroupedGemmWgradOp>(b, loc,
+                                 withSegments({{"a", a},
+                                               {"grad_c", gradHiddenPre},
+                                               {"grad_b", grads.w1},
+                                               {"grad_bias", grads.b1}},
+                                              segments),
+                                 sum);
   createStep<GroupedGemmOp>(
       b, loc,
-      withSegments({{"a", gradHiddenPre}, {"b", w.w1}, {"c", gradA}},
-                   segments),
+      withSegments({{"a", gradHiddenPre}, {"b", w.w1}, {"c", gradA}}, segments),
       {transB});
 }
 
@@ -441,9 +446,14 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
   createStep<RouterOp>(b, loc, {{"x", x}, {"wg", wg}, {"logits", logits}});
   auto gateStep = createStep<GateOp>(
       b, loc,
-      {{"logits", logits}, {"scores", scores}, {"indices", indices},
-       {"locations", locations}, {"gates", gates}, {"capacity", capacity},
-       {"expert_offsets", offsets}, {"expert_rows", expertRows},
+      {{"logits", logits},
+       {"scores", scores},
+       {"indices", indices},
+       {"locations", locations},
+       {"gates", gates},
+       {"capacity", capacity},
+       {"expert_offsets", offsets},
+       {"expert_rows", expertRows},
        {"l_aux", lAux}},
       {b.getNamedAttr("top_k", b.getI64IntegerAttr(topK)),
        b.getNamedAttr("capacity", gate.getCapacityAttr()),
@@ -458,8 +468,10 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
         b, loc, {{"capacity", capacity}, {"expert_offsets", offsets}});
 
   createStep<DispatchOp>(b, loc,
-                         {{"x", x}, {"indices", indices},
-                          {"locations", locations}, {"capacity", capacity},
+                         {{"x", x},
+                          {"indices", indices},
+                          {"locations", locations},
+                          {"capacity", capacity},
                           {"expert_offsets", offsets},
                           {"dispatched", dispatched}});
 
@@ -493,12 +505,12 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
       auto direction = [&](Direction d) {
         return exchangeAttrs(layer, numChunks, q, d);
       };
-      createStep<AllToAllOp>(b, loc,
-                             {{"input", dispatched}, {"capacity", capacity},
-                              {"output", received}},
-                             direction(Direction::Dispatch));
-      Value segmentOffsets = alloc("segment_offsets" + suffix,
-                                   memref({localExperts + 1}, i32));
+      createStep<AllToAllOp>(
+          b, loc,
+          {{"input", dispatched}, {"capacity", capacity}, {"output", received}},
+          direction(Direction::Dispatch));
+      Value segmentOffsets =
+          alloc("segment_offsets" + suffix, memref({localExperts + 1}, i32));
       Value segmentRows =
           alloc("segment_rows" + suffix, memref({localExperts}, i32));
       SmallVector<NamedAttribute> segmentAttrs = {
@@ -513,18 +525,21 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
                                      {"expert_offsets", segmentOffsets},
                                      {"expert_rows", segmentRows}},
                                     segmentAttrs);
-      expertsForward(received, produced, {segmentOffsets, segmentRows},
-                     weights, q);
-      createStep<AllToAllOp>(b, loc,
-                             {{"input", produced}, {"capacity", capacity},
-                              {"output", expertOut}},
-                             direction(Direction::Combine));
+      expertsForward(received, produced, {segmentOffsets, segmentRows}, weights,
+                     q);
+      createStep<AllToAllOp>(
+          b, loc,
+          {{"input", produced}, {"capacity", capacity}, {"output", expertOut}},
+          direction(Direction::Combine));
     }
   }
   createStep<CombineOp>(b, loc,
-                        {{"expert_out", expertOut}, {"indices", indices},
-                         {"locations", locations}, {"gates", gates},
-                         {"capacity", capacity}, {"expert_offsets", offsets},
+                        {{"expert_out", expertOut},
+                         {"indices", indices},
+                         {"locations", locations},
+                         {"gates", gates},
+                         {"capacity", capacity},
+                         {"expert_offsets", offsets},
                          {"out", out}});
 }
 
@@ -535,12 +550,16 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
   Value gradDispatched = alloc("grad_dispatched", rowsType);
   Value gradLogits = alloc("grad_logits", memref({tokens, experts}, f32));
 
-  createStep<CombineBackwardOp>(
-      b, loc,
-      {{"grad_out", gradOut}, {"expert_out", expertOut}, {"indices", indices},
-       {"locations", locations}, {"gates", gates}, {"capacity", capacity},
-       {"expert_offsets", offsets}, {"grad_expert_out", gradExpertOut},
-       {"grad_gates", gradGates}});
+  createStep<CombineBackwardOp>(b, loc,
+                                {{"grad_out", gradOut},
+                                 {"expert_out", expertOut},
+                                 {"indices", indices},
+                                 {"locations", locations},
+                                 {"gates", gates},
+                                 {"capacity", capacity},
+                                 {"expert_offsets", offsets},
+                                 {"grad_expert_out", gradExpertOut},
+                                 {"grad_gates", gradGates}});
 
   if (!layer.isExpertParallel()) {
     ExpertWeights grads = weightGrads;
@@ -560,10 +579,11 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
     expertsBackward(dispatched, gradExpertOut, gradDispatched,
                     {offsets, expertRows}, fullWeights, grads, 0);
     if (gathered) {
-      for (auto [fullGrad, localGrad] :
-           {std::pair{grads.w1, weightGrads.w1}, {grads.w2, weightGrads.w2},
-            {grads.w3, weightGrads.w3}, {grads.b1, weightGrads.b1},
-            {grads.b2, weightGrads.b2}}) {
+      for (auto [fullGrad, localGrad] : {std::pair{grads.w1, weightGrads.w1},
+                                         {grads.w2, weightGrads.w2},
+                                         {grads.w3, weightGrads.w3},
+                                         {grads.b1, weightGrads.b1},
+                                         {grads.b2, weightGrads.b2}}) {
         if (fullGrad)
           createStep<ReduceScatterOp>(
               b, loc, {{"input", fullGrad}, {"output", localGrad}});
@@ -579,33 +599,42 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
       };
       // The backward of the combine exchange is a dispatch exchange.
       createStep<AllToAllOp>(b, loc,
-                             {{"input", gradExpertOut}, {"capacity", capacity},
+                             {{"input", gradExpertOut},
+                              {"capacity", capacity},
                               {"output", gradProduced}},
                              direction(Direction::Dispatch));
       expertsBackward(chunks[q].input, gradProduced, gradReceived,
                       chunks[q].segments, weights, weightGrads, q);
       createStep<AllToAllOp>(b, loc,
-                             {{"input", gradReceived}, {"capacity", capacity},
+                             {{"input", gradReceived},
+                              {"capacity", capacity},
                               {"output", gradDispatched}},
                              direction(Direction::Combine));
     }
   }
 
-  createStep<DispatchBackwardOp>(
-      b, loc,
-      {{"grad_dispatched", gradDispatched}, {"indices", indices},
-       {"locations", locations}, {"capacity", capacity},
-       {"expert_offsets", offsets}, {"grad_x", gradX}});
+  createStep<DispatchBackwardOp>(b, loc,
+                                 {{"grad_dispatched", gradDispatched},
+                                  {"indices", indices},
+                                  {"locations", locations},
+                                  {"capacity", capacity},
+                                  {"expert_offsets", offsets},
+                                  {"grad_x", gradX}});
   auto gateBackward = createStep<GateBackwardOp>(
       b, loc,
-      {{"grad_gates", gradGates}, {"grad_l_aux", gradLAux}, {"scores", scores},
-       {"indices", indices}, {"grad_logits", gradLogits}},
+      {{"grad_gates", gradGates},
+       {"grad_l_aux", gradLAux},
+       {"scores", scores},
+       {"indices", indices},
+       {"grad_logits", gradLogits}},
       {b.getNamedAttr("top_k", b.getI64IntegerAttr(topK))});
   gateBackward.setNormalize(layer.gate.getNormalize());
   createStep<RouterBackwardOp>(b, loc,
-                               {{"x", x}, {"wg", wg},
+                               {{"x", x},
+                                {"wg", wg},
                                 {"grad_logits", gradLogits},
-                                {"grad_x", gradX}, {"grad_wg", gradWg}});
+                                {"grad_x", gradX},
+                                {"grad_wg", gradWg}});
 }
 
 /// Lowers the layer functions of one plan (one, or the variants of one

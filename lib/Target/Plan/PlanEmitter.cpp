@@ -114,8 +114,8 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
     attrs.accumulate = gemm.getAccumulate();
     attrs.epilogue = Epilogue::None;
     if (auto epilogue = gemm.getEpilogueAttr())
-      attrs.epilogue = static_cast<Epilogue>(
-          static_cast<int>(epilogue.getValue()) + 1);
+      attrs.epilogue =
+          static_cast<Epilogue>(static_cast<int>(epilogue.getValue()) + 1);
   } else if (auto wgrad = dyn_cast<moert::GroupedGemmWgradOp>(op)) {
     attrs.accumulate = wgrad.getAccumulate();
   } else if (auto exchange = dyn_cast<moert::AllToAllOp>(op)) {
@@ -267,7 +267,7 @@ void flex::registerPlanTranslation() {
         return emitPlanFile(module, os);
       },
       [](DialectRegistry &registry) {
-        registry.insert<moert::MoeRTDialect, moe::MoeDialect,
-                        func::FuncDialect>();
+        registry
+            .insert<moert::MoeRTDialect, moe::MoeDialect, func::FuncDialect>();
       });
 }

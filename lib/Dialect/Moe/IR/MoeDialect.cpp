@@ -77,8 +77,8 @@ Attribute CapacityAttr::parse(AsmParser &parser, Type) {
   }
   if (parser.parseGreater())
     return {};
-  return getChecked([&] { return parser.emitError(loc); },
-                    parser.getContext(), *mode, APFloat(factor), alignment);
+  return getChecked([&] { return parser.emitError(loc); }, parser.getContext(),
+                    *mode, APFloat(factor), alignment);
 }
 
 void CapacityAttr::print(AsmPrinter &printer) const {
@@ -87,8 +87,8 @@ void CapacityAttr::print(AsmPrinter &printer) const {
     // The shortest text that reads back to the same double (`1.25`), with a
     // dot, since the parser takes no integer literal for a float (`1.0`).
     char text[32];
-    auto [end, error] = std::to_chars(text, text + sizeof(text),
-                                      getFactorValue());
+    auto [end, error] =
+        std::to_chars(text, text + sizeof(text), getFactorValue());
     std::string_view printed(text, end - text);
     size_t exponent = std::min(printed.find('e'), printed.size());
     std::string_view mantissa = printed.substr(0, exponent);
@@ -102,10 +102,9 @@ void CapacityAttr::print(AsmPrinter &printer) const {
   printer << '>';
 }
 
-LogicalResult
-CapacityAttr::verify(function_ref<InFlightDiagnostic()> emitError,
-                     CapacityMode mode, APFloat factorValue,
-                     int64_t alignment) {
+LogicalResult CapacityAttr::verify(function_ref<InFlightDiagnostic()> emitError,
+                                   CapacityMode mode, APFloat factorValue,
+                                   int64_t alignment) {
   double factor = factorValue.convertToDouble();
   if (mode == CapacityMode::Dropless) {
     if (factor != 0.0)
@@ -166,9 +165,8 @@ Type RoutingType::parse(AsmParser &parser) {
       parser.parseComma() || parser.parseKeyword("experts") ||
       parser.parseEqual() || parser.parseInteger(experts) ||
       parser.parseComma() || parser.parseKeyword("top_k") ||
-      parser.parseEqual() || parser.parseInteger(topK) ||
-      parser.parseComma() || parser.parseKeyword("capacity") ||
-      parser.parseEqual())
+      parser.parseEqual() || parser.parseInteger(topK) || parser.parseComma() ||
+      parser.parseKeyword("capacity") || parser.parseEqual())
     return {};
   if (failed(parser.parseOptionalQuestion())) {
     if (parser.parseInteger(capacity))
@@ -176,8 +174,8 @@ Type RoutingType::parse(AsmParser &parser) {
   }
   if (parser.parseGreater())
     return {};
-  return getChecked([&] { return parser.emitError(loc); },
-                    parser.getContext(), tokens, experts, topK, capacity);
+  return getChecked([&] { return parser.emitError(loc); }, parser.getContext(),
+                    tokens, experts, topK, capacity);
 }
 
 void RoutingType::print(AsmPrinter &printer) const {
@@ -190,10 +188,9 @@ void RoutingType::print(AsmPrinter &printer) const {
   printer << '>';
 }
 
-LogicalResult
-RoutingType::verify(function_ref<InFlightDiagnostic()> emitError,
-                    int64_t tokens, int64_t experts, int64_t topK,
-                    int64_t capacity) {
+LogicalResult RoutingType::verify(function_ref<InFlightDiagnostic()> emitError,
+                                  int64_t tokens, int64_t experts, int64_t topK,
+                                  int64_t capacity) {
   if (tokens < 1)
     return emitError() << "[shape-1] routing needs at least one token, got "
                        << tokens;

@@ -74,8 +74,7 @@ LogicalResult verifyStaticShape(Operation *op, StringRef what,
 /// Checks that `actual` has the shape `expected`; `?` in `expected` matches
 /// anything.
 LogicalResult verifyShape(Operation *op, StringRef rule, StringRef what,
-                          RankedTensorType actual,
-                          ArrayRef<int64_t> expected) {
+                          RankedTensorType actual, ArrayRef<int64_t> expected) {
   bool same = actual.getRank() == int64_t(expected.size());
   for (size_t i = 0; same && i < expected.size(); ++i)
     same = ShapedType::isDynamic(expected[i]) ||
@@ -83,9 +82,8 @@ LogicalResult verifyShape(Operation *op, StringRef rule, StringRef what,
   if (same)
     return success();
   return op->emitOpError("[")
-         << rule << "] " << what << " must have shape "
-         << formatShape(expected) << ", got "
-         << formatShape(actual.getShape());
+         << rule << "] " << what << " must have shape " << formatShape(expected)
+         << ", got " << formatShape(actual.getShape());
 }
 
 LogicalResult verifySameElementType(Operation *op, StringRef rule,
@@ -310,9 +308,9 @@ LogicalResult DispatchOp::verify() {
     return emitOpError("[dispatch-1] result capacity must be ")
            << (routing.hasStaticCapacity() ? "static" : "'?'")
            << " as the routing's, got " << formatShape(result.getShape());
-  if (failed(verifyShape(*this, "dispatch-1", "result [E, C, d]", result,
-                         {routing.getExperts(), routing.getCapacity(),
-                          input.getDimSize(1)})))
+  if (failed(verifyShape(
+          *this, "dispatch-1", "result [E, C, d]", result,
+          {routing.getExperts(), routing.getCapacity(), input.getDimSize(1)})))
     return failure();
   return verifySameElementType(*this, "dispatch-1", "result", result,
                                input.getElementType());
@@ -353,9 +351,9 @@ LogicalResult CombineOp::verify() {
     return emitOpError("[combine-1] input capacity must be ")
            << (routing.hasStaticCapacity() ? "static" : "'?'")
            << " as the routing's, got " << formatShape(input.getShape());
-  if (failed(verifyShape(*this, "combine-1", "input [E, C, d]", input,
-                         {routing.getExperts(), routing.getCapacity(),
-                          result.getDimSize(1)})))
+  if (failed(verifyShape(
+          *this, "combine-1", "input [E, C, d]", input,
+          {routing.getExperts(), routing.getCapacity(), result.getDimSize(1)})))
     return failure();
   if (result.getDimSize(0) != routing.getTokens())
     return emitOpError("[combine-1] result has ")
@@ -439,8 +437,8 @@ LogicalResult AllGatherOp::verify() {
     return emitOpError("[size-1] gathering ")
            << expected[0] << " rows from " << ranks << " ranks overflows";
   expected[0] = gathered;
-  if (failed(verifyShape(*this, "par-1", "result [W * L, ...]", result,
-                         expected)))
+  if (failed(
+          verifyShape(*this, "par-1", "result [W * L, ...]", result, expected)))
     return failure();
   return verifySameElementType(*this, "par-1", "result", result,
                                input.getElementType());
@@ -515,9 +513,8 @@ struct BoundedCapacityCoveringAllTokensIsDropless : OpRewritePattern<OpTy> {
         capacity.getCapacityBound(tokens, experts, topK);
     if (!bound || *bound < tokens)
       return failure();
-    auto dropless =
-        CapacityAttr::get(op.getContext(), CapacityMode::Dropless,
-                          /*factor=*/0.0, capacity.getAlignment());
+    auto dropless = CapacityAttr::get(op.getContext(), CapacityMode::Dropless,
+                                      /*factor=*/0.0, capacity.getAlignment());
     rewriter.modifyOpInPlace(op, [&] { op.setCapacityAttr(dropless); });
     return success();
   }

@@ -145,8 +145,7 @@ FailureOr<ExpandedLayer> flex::moe::matchExpandedLayer(func::FuncOp func) {
         other.getFc2Bias() != expert.getFc2Bias() ||
         other.getKindAttr() != expert.getKindAttr() ||
         other.getActivationAttr() != expert.getActivationAttr())
-      return other.emitOpError(
-          "[plan-3] every chunk runs the same experts");
+      return other.emitOpError("[plan-3] every chunk runs the same experts");
   }
   if (ops.ret) {
     for (Value result : ops.ret.getOperands()) {
@@ -192,8 +191,7 @@ void flex::moe::expandLayer(LayerOp layer, RewriterBase &rewriter) {
       layer.getFc2Bias(), layer.getKindAttr(), layer.getActivationAttr());
   auto combine = CombineOp::create(rewriter, loc, input, expert.getResult(),
                                    gate.getRouting());
-  rewriter.replaceOp(layer,
-                     ValueRange{combine.getResult(), gate.getAuxLoss()});
+  rewriter.replaceOp(layer, ValueRange{combine.getResult(), gate.getAuxLoss()});
 }
 
 //===----------------------------------------------------------------------===//
@@ -212,9 +210,9 @@ RankedTensorType withDim(Type type, int64_t dim, int64_t size) {
 /// b1, b2 (all [E, ...]).
 SmallVector<Value> expertWeights(ExpertOp expert) {
   SmallVector<Value> weights;
-  for (Value value : {expert.getFc1Weight(), expert.getFc2Weight(),
-                      expert.getUpWeight(), expert.getFc1Bias(),
-                      expert.getFc2Bias()})
+  for (Value value :
+       {expert.getFc1Weight(), expert.getFc2Weight(), expert.getUpWeight(),
+        expert.getFc1Bias(), expert.getFc2Bias()})
     if (value)
       weights.push_back(value);
   return weights;
@@ -275,24 +273,23 @@ LogicalResult flex::moe::parallelizeLayer(func::FuncOp func, int64_t ranks,
   // r = 1: this rank's experts get the rows of every rank.
   auto buffer = cast<RankedTensorType>(expert.getInput().getType());
   int64_t capacity = buffer.getDimSize(1);
-  int64_t rows = ShapedType::isDynamic(capacity) ? ShapedType::kDynamic
-                                                 : ranks * capacity;
-  auto local = RankedTensorType::get(
-      {localExperts, rows, buffer.getDimSize(2)}, buffer.getElementType());
+  int64_t rows =
+      ShapedType::isDynamic(capacity) ? ShapedType::kDynamic : ranks * capacity;
+  auto local = RankedTensorType::get({localExperts, rows, buffer.getDimSize(2)},
+                                     buffer.getElementType());
   builder.setInsertionPoint(expert);
   IntegerAttr ranksAttr = builder.getI64IntegerAttr(ranks);
-  auto exchange = AllToAllOp::create(
-      builder, loc, TypeRange{local},
-      AllToAllDirectionAttr::get(func.getContext(),
-                                 AllToAllDirection::Dispatch),
-      ValueRange{expert.getInput()}, ranksAttr);
+  auto exchange =
+      AllToAllOp::create(builder, loc, TypeRange{local},
+                         AllToAllDirectionAttr::get(
+                             func.getContext(), AllToAllDirection::Dispatch),
+                         ValueRange{expert.getInput()}, ranksAttr);
   expert.getInputMutable().assign(exchange.getResult(0));
   expert.getResult().setType(local);
   builder.setInsertionPointAfter(expert);
   auto back = AllToAllOp::create(
       builder, loc, TypeRange{buffer},
-      AllToAllDirectionAttr::get(func.getContext(),
-                                 AllToAllDirection::Combine),
+      AllToAllDirectionAttr::get(func.getContext(), AllToAllDirection::Combine),
       ValueRange{expert.getResult()}, ranksAttr);
   layer->combine.getInputMutable().assign(back.getResult(0));
   return success();
@@ -327,8 +324,9 @@ LogicalResult flex::moe::pipelineLayer(func::FuncOp func, int64_t chunks) {
   } else if (capacity.getAlignment() % chunks != 0) {
     return layer->gate.emitOpError("[pipe-1] ")
            << chunks << " chunks must divide the capacity: align it to a "
-           << "multiple of " << chunks << " (#moe.capacity<..., align = "
-           << chunks << ">), got align = " << capacity.getAlignment();
+           << "multiple of " << chunks
+           << " (#moe.capacity<..., align = " << chunks
+           << ">), got align = " << capacity.getAlignment();
   }
 
   AllToAllOp dispatch = layer->dispatchExchange;
@@ -336,15 +334,14 @@ LogicalResult flex::moe::pipelineLayer(func::FuncOp func, int64_t chunks) {
   ExpertOp expert = layer->experts.front();
   auto whole = cast<RankedTensorType>(expert.getInput().getType());
   int64_t rows = whole.getDimSize(1);
-  auto chunkType = withDim(
-      whole, 1, ShapedType::isDynamic(rows) ? rows : rows / chunks);
+  auto chunkType =
+      withDim(whole, 1, ShapedType::isDynamic(rows) ? rows : rows / chunks);
 
   OpBuilder builder(dispatch);
   SmallVector<Type> chunkTypes(chunks, chunkType);
-  auto split = AllToAllOp::create(builder, dispatch.getLoc(), chunkTypes,
-                                  dispatch.getDirectionAttr(),
-                                  dispatch.getInputs(),
-                                  dispatch.getRanksAttr());
+  auto split = AllToAllOp::create(
+      builder, dispatch.getLoc(), chunkTypes, dispatch.getDirectionAttr(),
+      dispatch.getInputs(), dispatch.getRanksAttr());
   SmallVector<Value> outputs;
   builder.setInsertionPoint(expert);
   for (int64_t q = 0; q < chunks; ++q) {
@@ -354,10 +351,9 @@ LogicalResult flex::moe::pipelineLayer(func::FuncOp func, int64_t chunks) {
     outputs.push_back(chunk.getResult());
   }
   builder.setInsertionPoint(combine);
-  auto merged = AllToAllOp::create(builder, combine.getLoc(),
-                                   combine.getResultTypes(),
-                                   combine.getDirectionAttr(), outputs,
-                                   combine.getRanksAttr());
+  auto merged = AllToAllOp::create(
+      builder, combine.getLoc(), combine.getResultTypes(),
+      combine.getDirectionAttr(), outputs, combine.getRanksAttr());
   combine.getResult(0).replaceAllUsesWith(merged.getResult(0));
   combine.erase();
   expert.erase();

@@ -101,12 +101,12 @@ struct MoeMultiversionPass final
       CapacityAttr capacity = layer.getCapacity();
       int64_t aligned = std::lcm(capacity.getAlignment(), alignment);
       if (aligned != capacity.getAlignment())
-        layer.setCapacityAttr(CapacityAttr::get(
-            &getContext(), capacity.getMode(),
-            capacity.getMode() == CapacityMode::Dropless
-                ? 0.0
-                : capacity.getFactorValue(),
-            aligned));
+        layer.setCapacityAttr(
+            CapacityAttr::get(&getContext(), capacity.getMode(),
+                              capacity.getMode() == CapacityMode::Dropless
+                                  ? 0.0
+                                  : capacity.getFactorValue(),
+                              aligned));
 
       rewriter.setInsertionPoint(func);
       for (const Variant &variant : parsed) {

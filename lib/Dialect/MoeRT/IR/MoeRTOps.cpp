@@ -26,11 +26,9 @@ using namespace flex::moert;
 // Role-named operand syntax
 //===----------------------------------------------------------------------===//
 
-ParseResult flex::moert::detail::parseStepOperands(OpAsmParser &parser,
-                                      OperationState &result,
-                                      ArrayRef<StringLiteral> roles,
-                                      unsigned numInputRoles,
-                                      SmallVectorImpl<int32_t> &segments) {
+ParseResult flex::moert::detail::parseStepOperands(
+    OpAsmParser &parser, OperationState &result, ArrayRef<StringLiteral> roles,
+    unsigned numInputRoles, SmallVectorImpl<int32_t> &segments) {
   // Operands by role index, as parsed.
   SmallVector<std::optional<std::pair<OpAsmParser::UnresolvedOperand, Type>>>
       byRole(roles.size());
@@ -52,8 +50,8 @@ ParseResult flex::moert::detail::parseStepOperands(OpAsmParser &parser,
         if (roles[i].rtrim("?") != role)
           continue;
         if (byRole[i])
-          return parser.emitError(loc, "[plan-3] role '") << role
-                                                          << "' given twice";
+          return parser.emitError(loc, "[plan-3] role '")
+                 << role << "' given twice";
         byRole[i] = {operand, type};
         return success();
       }
@@ -80,15 +78,15 @@ ParseResult flex::moert::detail::parseStepOperands(OpAsmParser &parser,
         return parser.emitError(loc, "[plan-3] missing role '") << role << "'";
       continue;
     }
-    if (parser.resolveOperand(operand->first, operand->second,
-                              result.operands))
+    if (parser.resolveOperand(operand->first, operand->second, result.operands))
       return failure();
   }
   return success();
 }
 
-void flex::moert::detail::printStepOperands(Operation *op, ArrayRef<StepOperand> operands,
-                               OpAsmPrinter &printer) {
+void flex::moert::detail::printStepOperands(Operation *op,
+                                            ArrayRef<StepOperand> operands,
+                                            OpAsmPrinter &printer) {
   auto printGroup = [&](StringRef keyword, bool outputs) {
     printer << ' ' << keyword << '(';
     bool first = true;
@@ -153,8 +151,8 @@ public:
     if (a == b)
       return success();
     return op->emitOpError("[plan-2] '")
-           << role << "' must have the element type of '" << otherRole
-           << "' (" << b << "), got " << a;
+           << role << "' must have the element type of '" << otherRole << "' ("
+           << b << "), got " << a;
   }
 
   int64_t size(StringRef name) const { return sizes.lookup(name); }
@@ -185,19 +183,19 @@ Type f32(Operation *op) { return Float32Type::get(op->getContext()); }
 LogicalResult expectRouting(ShapeMatcher &m, Operation *op, Value indices,
                             Value locations, Value gates, Value capacity,
                             Value offsets) {
-  return failure(failed(m.expect("indices", indices, {"T", "k"}, i32(op))) ||
-                 failed(m.expect("locations", locations, {"T", "k"}, i32(op))) ||
-                 failed(m.expect("gates", gates, {"T", "k"}, f32(op))) ||
-                 failed(m.expect("capacity", capacity, {"1"}, i32(op))) ||
-                 failed(m.expect("expert_offsets", offsets, {"E+1"}, i32(op))));
+  return failure(
+      failed(m.expect("indices", indices, {"T", "k"}, i32(op))) ||
+      failed(m.expect("locations", locations, {"T", "k"}, i32(op))) ||
+      failed(m.expect("gates", gates, {"T", "k"}, f32(op))) ||
+      failed(m.expect("capacity", capacity, {"1"}, i32(op))) ||
+      failed(m.expect("expert_offsets", offsets, {"E+1"}, i32(op))));
 }
 
 /// Per-expert segments of a grouped step: [G+1] offsets and [G] rows.
 LogicalResult expectSegments(ShapeMatcher &m, Operation *op, Value offsets,
                              Value rows) {
-  return failure(
-      failed(m.expect("expert_rows", rows, {"G"}, i32(op))) ||
-      failed(m.expect("expert_offsets", offsets, {"G+1"}, i32(op))));
+  return failure(failed(m.expect("expert_rows", rows, {"G"}, i32(op))) ||
+                 failed(m.expect("expert_offsets", offsets, {"G+1"}, i32(op))));
 }
 } // namespace
 
@@ -234,9 +232,10 @@ LogicalResult PlanOp::verify() {
 
 LogicalResult RouterOp::verify() {
   ShapeMatcher m(*this);
-  return failure(failed(m.expect("x", getX(), {"T", "d"})) ||
-                 failed(m.expect("wg", getWg(), {"d", "E"})) ||
-                 failed(m.expect("logits", getLogits(), {"T", "E"}, f32(*this))));
+  return failure(
+      failed(m.expect("x", getX(), {"T", "d"})) ||
+      failed(m.expect("wg", getWg(), {"d", "E"})) ||
+      failed(m.expect("logits", getLogits(), {"T", "E"}, f32(*this))));
 }
 
 LogicalResult GateOp::verify() {
@@ -268,7 +267,8 @@ LogicalResult DispatchOp::verify() {
 
 LogicalResult GroupedGemmOp::verify() {
   ShapeMatcher m(*this);
-  static const StringRef kB[] = {"G", "K", "N"}, kTransposedB[] = {"G", "N", "K"};
+  static const StringRef kB[] = {"G", "K", "N"},
+                         kTransposedB[] = {"G", "N", "K"};
   ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
   return failure(
       failed(m.expect("a", getA(), {"R", "K"})) ||
@@ -368,20 +368,20 @@ LogicalResult GateBackwardOp::verify() {
 
 LogicalResult RouterBackwardOp::verify() {
   ShapeMatcher m(*this);
-  return failure(
-      failed(m.expect("x", getX(), {"T", "d"})) ||
-      failed(m.expect("wg", getWg(), {"d", "E"})) ||
-      failed(m.expect("grad_logits", getGradLogits(), {"T", "E"}, f32(*this))) ||
-      failed(m.expect("grad_x", getGradX(), {"T", "d"})) ||
-      failed(m.expect("grad_wg", getGradWg(), {"d", "E"})));
+  return failure(failed(m.expect("x", getX(), {"T", "d"})) ||
+                 failed(m.expect("wg", getWg(), {"d", "E"})) ||
+                 failed(m.expect("grad_logits", getGradLogits(), {"T", "E"},
+                                 f32(*this))) ||
+                 failed(m.expect("grad_x", getGradX(), {"T", "d"})) ||
+                 failed(m.expect("grad_wg", getGradWg(), {"d", "E"})));
 }
 
 LogicalResult SyncCapacityOp::verify() {
   ShapeMatcher m(*this);
   return failure(
       failed(m.expect("capacity", getCapacity(), {"1"}, i32(*this))) ||
-      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"},
-                      i32(*this))));
+      failed(
+          m.expect("expert_offsets", getExpertOffsets(), {"E+1"}, i32(*this))));
 }
 
 LogicalResult AllToAllOp::verify() {

@@ -51,9 +51,9 @@ struct MoeRTPlanMemoryPass final
     DenseMap<Value, size_t> intervalOf;
     for (AllocOp alloc : plan.getBody().getOps<AllocOp>()) {
       auto type = cast<MemRefType>(alloc.getBuffer().getType());
-      int64_t bytes = type.getNumElements() *
-                      int64_t(llvm::divideCeil(
-                          type.getElementTypeBitWidth(), 8));
+      int64_t bytes =
+          type.getNumElements() *
+          int64_t(llvm::divideCeil(type.getElementTypeBitWidth(), 8));
       intervalOf[alloc.getBuffer()] = intervals.size();
       intervals.push_back({alloc, bytes});
     }

@@ -45,8 +45,8 @@ llvm::SmallVector<StepOperand> collectStepOperands(OpTy op) {
   llvm::SmallVector<StepOperand> operands;
   for (auto [index, role] : llvm::enumerate(OpTy::kRoles)) {
     for (mlir::Value value : op.getODSOperands(index))
-      operands.push_back({role.ltrim("?").rtrim("?"),
-                          index >= OpTy::kNumInputRoles, value});
+      operands.push_back(
+          {role.ltrim("?").rtrim("?"), index >= OpTy::kNumInputRoles, value});
   }
   return operands;
 }
@@ -113,8 +113,7 @@ OpTy createStep(mlir::OpBuilder &builder, mlir::Location loc,
                     mlir::OpTrait::AttrSizedOperandSegments>())
     allAttributes.push_back(builder.getNamedAttr(
         "operandSegmentSizes", builder.getDenseI32ArrayAttr(segments)));
-  return OpTy::create(builder, loc, mlir::TypeRange{}, operands,
-                      allAttributes);
+  return OpTy::create(builder, loc, mlir::TypeRange{}, operands, allAttributes);
 }
 } // namespace flex::moert
 
