@@ -256,6 +256,33 @@ int32_t flexHasMpi(void);
  * FLEX_STATUS_UNAVAILABLE when this build has no MPI. */
 FlexStatus flexCommunicatorCreateMpi(const void *mpi_comm,
                                      FlexCommunicator *communicator);
+/* 1 when this build has the NCCL communicator (CUDA backend and NCCL >=
+ * 2.14 found), else 0. The NCCL communicator is for executables of the
+ * "cuda" context: its collectives move device memory on the executable's
+ * stream, one GPU per rank. Every wait (joining, each collective, the
+ * stream) is bounded by FLEX_COLLECTIVE_TIMEOUT_S; on a timeout or an NCCL
+ * error it aborts the NCCL communicator and the run fails with
+ * FLEX_STATUS_COMMUNICATION_ERROR. `device` is the rank's GPU (-1 = the
+ * calling thread's current device); FLEX_STATUS_UNAVAILABLE without NCCL. */
+int32_t flexHasNccl(void);
+/* Over the ranks of the MPI communicator at `mpi_comm` (NULL =
+ * MPI_COMM_WORLD; MPI initialized by the caller): rank 0 makes the NCCL id
+ * and MPI broadcasts it. */
+FlexStatus flexCommunicatorCreateNcclFromMpi(const void *mpi_comm,
+                                             int32_t device,
+                                             FlexCommunicator *communicator);
+/* From a torchrun-style environment: RANK, WORLD_SIZE, MASTER_ADDR and
+ * MASTER_PORT (FLEX_RENDEZVOUS_PORT overrides the port; under torchrun,
+ * whose own store holds MASTER_PORT, MASTER_PORT + 1 is used). Rank 0
+ * listens there and sends the NCCL id to the others over TCP. */
+FlexStatus flexCommunicatorCreateNcclFromEnv(int32_t device,
+                                             FlexCommunicator *communicator);
+/* From an id the caller shares (e.g. with torch.distributed): rank 0 calls
+ * flexNcclGetUniqueId, every rank passes those 128 bytes. */
+FlexStatus flexNcclGetUniqueId(char id[128]);
+FlexStatus flexCommunicatorCreateNccl(const char id[128], int32_t rank,
+                                      int32_t size, int32_t device,
+                                      FlexCommunicator *communicator);
 FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator);
 /* This process's rank and the number of ranks (either may be NULL). */
 FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator, int32_t *rank,

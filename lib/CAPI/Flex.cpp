@@ -13,6 +13,7 @@
 #include "flex-c/Flex.h"
 
 #include "flex/Runtime/Comm/MpiCommunicator.h"
+#include "flex/Runtime/Comm/NcclCommunicator.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
@@ -301,6 +302,28 @@ FlexStatus noCompiler(const char *function) {
                   "Compile the layer to a plan file with `moe-opt "
                   "--moe-lower-to-plan layer.mlir | moe-translate "
                   "--moert-to-plan` and load the plan instead");
+}
+
+/// Wraps a communicator made by `create` in a live handle.
+template <typename Create>
+FlexStatus makeCommunicator(const char *function,
+                            FlexCommunicator *communicator, Create &&create) {
+  if (FlexStatus s = checkOut(communicator, function, "communicator"))
+    return s;
+  *communicator = nullptr;
+  try {
+    std::shared_ptr<Communicator> comm;
+    if (Status status = create(comm); !status)
+      return fail(static_cast<FlexStatus>(status.code()),
+                  std::string(function) + ": " + status.message());
+    auto *handle = new FlexCommunicatorImpl{std::move(comm)};
+    registry().add(handle);
+    *communicator = handle;
+    return FLEX_STATUS_OK;
+  } catch (const std::exception &error) {
+    return fail(FLEX_STATUS_INTERNAL,
+                std::string(function) + ": internal error: " + error.what());
+  }
 }
 
 } // namespace
@@ -772,6 +795,61 @@ FlexStatus flexCommunicatorCreateMpi(const void *mpiComm,
     return fail(FLEX_STATUS_INTERNAL,
                 std::string(function) + ": internal error: " + error.what());
   }
+}
+
+int32_t flexHasNccl(void) { return isNcclAvailable() ? 1 : 0; }
+
+
+FlexStatus flexCommunicatorCreateNcclFromMpi(const void *mpiComm,
+                                             int32_t device,
+                                             FlexCommunicator *communicator) {
+  return makeCommunicator(
+      "flexCommunicatorCreateNcclFromMpi", communicator,
+      [&](std::shared_ptr<Communicator> &comm) {
+        NcclCommunicatorOptions options;
+        options.device = device;
+        return createNcclCommunicatorFromMpi(comm, mpiComm, options);
+      });
+}
+
+FlexStatus flexCommunicatorCreateNcclFromEnv(int32_t device,
+                                             FlexCommunicator *communicator) {
+  return makeCommunicator(
+      "flexCommunicatorCreateNcclFromEnv", communicator,
+      [&](std::shared_ptr<Communicator> &comm) {
+        NcclCommunicatorOptions options;
+        options.device = device;
+        return createNcclCommunicatorFromEnvironment(comm, options);
+      });
+}
+
+FlexStatus flexNcclGetUniqueId(char id[128]) {
+  if (!id)
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                "flexNcclGetUniqueId: id is null");
+  NcclUniqueId unique;
+  if (Status status = createNcclUniqueId(unique); !status)
+    return fail(static_cast<FlexStatus>(status.code()),
+                std::string("flexNcclGetUniqueId: ") + status.message());
+  std::memcpy(id, unique.data(), unique.size());
+  return FLEX_STATUS_OK;
+}
+
+FlexStatus flexCommunicatorCreateNccl(const char id[128], int32_t rank,
+                                      int32_t size, int32_t device,
+                                      FlexCommunicator *communicator) {
+  const char *function = "flexCommunicatorCreateNccl";
+  if (!id)
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                std::string(function) + ": id is null");
+  return makeCommunicator(
+      function, communicator, [&](std::shared_ptr<Communicator> &comm) {
+        NcclUniqueId unique;
+        std::memcpy(unique.data(), id, unique.size());
+        NcclCommunicatorOptions options;
+        options.device = device;
+        return createNcclCommunicator(comm, unique, rank, size, options);
+      });
 }
 
 FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator) {

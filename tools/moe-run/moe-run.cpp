@@ -8,8 +8,10 @@
 // through flexCompileLayer when a compiler is linked), fills the inputs from
 // .npy files or a seeded generator, runs forward (and with --train backward)
 // through the C API, prints per-step times, and with --check compares every
-// output with the fp64 reference. Under mpirun it runs a multi-rank plan, one
-// rank per process (rank 0 prints). docs/Runtime.md documents the options.
+// output with the fp64 reference. Under mpirun (or a torchrun-style launch:
+// RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) it runs a multi-rank plan, one
+// rank per process (rank 0 prints); with --device cuda each rank takes one
+// GPU and the NCCL communicator. docs/Runtime.md documents the options.
 //
 //===----------------------------------------------------------------------===//
 
@@ -17,6 +19,7 @@
 
 #include "flex-c/Flex.h"
 #include "flex/Runtime/Comm/MpiCommunicator.h"
+#include "flex/Runtime/Comm/TcpRendezvous.h"
 #include "flex/Runtime/Cpu/Half.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
@@ -47,6 +50,7 @@ extern "C" FlexStatus flexCompilerRegister(void);
 #include <iostream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -59,12 +63,17 @@ namespace {
 
 const char *const kUsage = R"(usage: moe-run <plan.json | layer.mlir> [options]
        mpirun -np W moe-run <plan.json> [options]
+       RANK=r WORLD_SIZE=W MASTER_ADDR=host MASTER_PORT=p moe-run ...
 
 Runs one MoE layer: loads a plan (a .mlir layer is compiled first, which
 needs the compiler library), fills its inputs, runs forward (and backward
 with --train) and prints per-step times. A plan for W ranks (world.size)
 runs under an MPI launcher with W processes, one rank each; rank 0 prints
-the times (the largest over ranks) and the check.
+the times (the largest over ranks) and the check. With --device cuda each
+rank uses GPU (local rank mod GPU count) and the NCCL communicator; such
+ranks may also be started without MPI, torchrun-style, from RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT (rank 0 listens on that port, or
+on FLEX_RENDEZVOUS_PORT, or under torchrun on MASTER_PORT + 1).
 
 options:
   --seed N          seed of the random inputs (default 0)
@@ -91,6 +100,7 @@ options:
                     both are live (checks the compiler's memory plan)
   --json            print one JSON object instead of text
   --help            this text
+  --cuda-devices    (alone) print how many CUDA devices are usable and exit
 
 random inputs (a splitmix64 + Box-Muller stream per argument, seeded by
 --seed and the argument name): x ~ N(0, 1); wg, w1, w3 ~ N(0, 1/d);
@@ -320,8 +330,22 @@ struct Ranks {
   int rank = 0;
   int size = 1;
   bool mpi = false; ///< MPI is running
+  /// A torchrun-style launch: the reductions below go through rank 0 over
+  /// TCP (set up once the NCCL communicator is).
+  bool environment = false;
+  std::unique_ptr<TcpRendezvous> tcp;
+
+  /// Every rank's values through the TCP rendezvous, [size][n].
+  std::vector<double> tcpGather(const std::vector<double> &values) const;
 
   void maxInPlace(std::vector<double> &values) const {
+    if (tcp && size > 1) {
+      std::vector<double> all = tcpGather(values);
+      for (int r = 0; r < size; ++r)
+        for (size_t i = 0; i < values.size(); ++i)
+          values[i] = std::max(values[i], all[r * values.size() + i]);
+      return;
+    }
 #ifdef FLEX_HAVE_MPI
     if (mpi && size > 1)
       MPI_Allreduce(MPI_IN_PLACE, values.data(),
@@ -331,6 +355,16 @@ struct Ranks {
     (void)values;
   }
   void sumInPlace(std::vector<double> &values) const {
+    if (tcp && size > 1) {
+      std::vector<double> all = tcpGather(values);
+      for (size_t i = 0; i < values.size(); ++i) {
+        double sum = 0; // in rank order, as MPI_SUM on one host
+        for (int r = 0; r < size; ++r)
+          sum += all[r * values.size() + i];
+        values[i] = sum;
+      }
+      return;
+    }
 #ifdef FLEX_HAVE_MPI
     if (mpi && size > 1)
       MPI_Allreduce(MPI_IN_PLACE, values.data(),
@@ -341,6 +375,8 @@ struct Ranks {
   }
   /// Every rank's `values` (one size on all ranks), in rank order.
   std::vector<double> gather(const std::vector<double> &values) const {
+    if (tcp && size > 1)
+      return tcpGather(values);
     std::vector<double> all(values.size() * size);
 #ifdef FLEX_HAVE_MPI
     if (mpi && size > 1) {
@@ -360,6 +396,18 @@ struct Ranks {
 };
 
 Ranks ranks;
+
+std::vector<double> Ranks::tcpGather(const std::vector<double> &values) const {
+  std::vector<double> all(values.size() * size);
+  Status status = tcp->allGather(
+      values.data(), static_cast<int64_t>(values.size() * sizeof(double)),
+      all.data(), "moe-run results");
+  if (!status) {
+    std::cerr << "moe-run: rank " << rank << ": " << status.message() << "\n";
+    std::exit(1);
+  }
+  return all;
+}
 
 [[noreturn]] void fatal(int code, const std::string &message) {
   std::cerr << "moe-run: "
@@ -469,6 +517,16 @@ void checkCudaCall(cudaError_t error, const std::string &what) {
 } // namespace
 
 int main(int argc, char **argv) {
+  // For scripts and tests that need GPUs: how many this process sees.
+  if (argc == 2 && std::string(argv[1]) == "--cuda-devices") {
+    int count = 0;
+#ifdef FLEX_MOE_RUN_HAVE_CUDA
+    if (cudaGetDeviceCount(&count) != cudaSuccess)
+      count = 0;
+#endif
+    std::cout << count << "\n";
+    return 0;
+  }
   // Under mpirun (or mpiexec, srun) each process is one rank.
   if (isLaunchedByMpi()) {
     Status status = initMpi(&argc, &argv);
@@ -488,8 +546,33 @@ int main(int argc, char **argv) {
       MPI_Comm_size(MPI_COMM_WORLD, &ranks.size);
 #endif
     }
+  } else if (isLaunchedByEnvironment()) {
+    // torchrun-style: the rank and size come from the environment.
+    RendezvousInfo info;
+    if (Status status = readRendezvousEnvironment(info); !status)
+      fatal(2, status.message());
+    ranks.rank = info.rank;
+    ranks.size = info.size;
+    ranks.environment = true;
   }
   Options options = parseOptions(argc, argv);
+  if (ranks.environment && options.device != "cuda")
+    fatal(2, "started torchrun-style (RANK, WORLD_SIZE) without MPI: such "
+             "ranks talk through NCCL, so they need --device cuda; start CPU "
+             "ranks with mpirun");
+#ifdef FLEX_MOE_RUN_HAVE_CUDA
+  // One GPU per rank: the local rank's (or the rank's) modulo the count,
+  // before the context takes the current device.
+  if (options.device == "cuda" && ranks.size > 1) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) == cudaSuccess && count > 0) {
+      int local = localRankFromEnvironment();
+      cudaSetDevice((local >= 0 ? local : ranks.rank) % count);
+    } else {
+      cudaGetLastError();
+    }
+  }
+#endif
 #ifdef FLEX_HAVE_COMPILER_CAPI
   flexCompilerRegister();
 #endif
@@ -543,10 +626,31 @@ int main(int argc, char **argv) {
   // The ranks: a plan for W ranks needs W processes.
   int32_t world = 1;
   checkApi(flexExecutableGetWorldSize(exe, &world), "world size");
-  if (ranks.mpi) {
+  if (ranks.mpi || ranks.environment) {
+    // GPU ranks exchange device memory through NCCL, CPU ranks through MPI.
     FlexCommunicator communicator = nullptr;
-    checkApi(flexCommunicatorCreateMpi(nullptr, &communicator),
-             "creating the MPI communicator");
+    if (onDevice && world > 1) {
+      FlexStatus status =
+          ranks.environment
+              ? flexCommunicatorCreateNcclFromEnv(-1, &communicator)
+              : flexCommunicatorCreateNcclFromMpi(nullptr, -1, &communicator);
+      if (status == FLEX_STATUS_UNAVAILABLE)
+        fatal(2, "--device cuda on " + std::to_string(world) +
+                     " ranks: " + flexGetLastError());
+      checkApi(status, "creating the NCCL communicator");
+    } else {
+      checkApi(flexCommunicatorCreateMpi(nullptr, &communicator),
+               "creating the MPI communicator");
+    }
+    if (ranks.environment) {
+      // moe-run's own reductions (times, --check) meet at the same port.
+      RendezvousInfo info;
+      Status status = readRendezvousEnvironment(info);
+      if (status)
+        status = TcpRendezvous::connect(info, ranks.tcp);
+      if (!status)
+        fatal(1, status.message());
+    }
     FlexStatus status = flexExecutableSetCommunicator(exe, communicator);
     flexCommunicatorDestroy(communicator);
     if (status != FLEX_STATUS_OK)

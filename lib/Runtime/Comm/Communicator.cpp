@@ -38,6 +38,10 @@ Status Communicator::setStream(void *stream) {
   return Status::ok();
 }
 
+Status Communicator::synchronizeStream(void *, std::string_view) {
+  return Status::ok();
+}
+
 void Communicator::abort(const Status &) {}
 
 Status getCollectiveTimeout(double &seconds) {

@@ -11,8 +11,17 @@
 // the steps; a pass with a static routing can be recorded as a CUDA graph
 // and replayed. Every CUDA and cuBLAS error comes back as a Status.
 //
+// Collective steps run through a device communicator (NCCL), queued on the
+// same stream: all_to_all packs its rows per AllToAllLayout.h into staging
+// blocks with a kernel (or sends and receives in place where a peer's rows
+// are contiguous), sync_capacity and uniform_segments compute offsets from
+// the capacity on the device. all_to_all needs C on the host for its byte
+// counts: known there for a fixed capacity, else read back once per routing
+// (one bounded wait, as the grouped GEMMs of a dynamic routing).
+//
 //===----------------------------------------------------------------------===//
 
+#include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
 
@@ -66,6 +75,26 @@ const Step *findGate(const Plan &plan, const BufferRef &offsets) {
   return nullptr;
 }
 
+/// The uniform_segments step that writes `offsets`, in any variant.
+const Step *findSegments(const Plan &plan, const BufferRef &offsets) {
+  for (const Variant &variant : plan.variants)
+    for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
+      for (const Step &step : *steps)
+        if (step.op == StepOp::UniformSegments &&
+            step.out(R::ExpertOffsets) == offsets)
+          return &step;
+  return nullptr;
+}
+
+/// The gate step that writes the capacity buffer `capacity`.
+const Step *findCapacityGate(const Plan &plan, const BufferRef &capacity) {
+  for (const Variant &variant : plan.variants)
+    for (const Step &step : variant.forward)
+      if (step.op == StepOp::Gate && step.out(R::Capacity) == capacity)
+        return &step;
+  return nullptr;
+}
+
 /// C when the gate lays rows out padded with a fixed capacity (known on the
 /// host before gating); -1 when the rows are only known on the device.
 int64_t staticCapacity(const Plan &plan, const Step *gate) {
@@ -106,10 +135,22 @@ public:
   Status endGraphCapture(const std::string &key) override;
   Status launchGraph(const std::string &key, bool &launched) override;
 
+  Status setCommunicator(std::shared_ptr<Communicator> communicator) override;
+
 private:
   Status makeCurrent() {
     return cuda::checkCuda(cudaSetDevice(device_), "cudaSetDevice");
   }
+  Status runCollective(const Plan &plan, const Step &step,
+                       const StepOperands &ops);
+  Status allToAll(const Plan &plan, const Step &step, const StepOperands &ops,
+                  Communicator &comm);
+  /// C on the host for the capacity buffer `view` (written by the gate or
+  /// sync_capacity of the current routing).
+  Status hostCapacity(const Plan &plan, const BufferRef &ref,
+                      const TensorView &view, int64_t &capacity);
+  /// Grow-only device staging for all_to_all, kept between steps.
+  Status staging(int slot, int64_t bytes, void *&data);
 
   int device_;
   std::unique_ptr<cuda::KernelContext> ctx_;
@@ -119,20 +160,121 @@ private:
   const Step *lastGate_ = nullptr;
   std::vector<cudaEvent_t> events_;
   std::map<std::string, cudaGraphExec_t> graphs_;
+  /// Bumped by every step that (re)writes a capacity: gate, sync_capacity.
+  uint64_t capacityEpoch_ = 0;
+  const void *capacityKey_ = nullptr;
+  uint64_t capacityKeyEpoch_ = ~uint64_t{0};
+  int64_t cachedCapacity_ = 0;
+  int32_t *pinnedCapacity_ = nullptr;
+  struct Staging {
+    void *data = nullptr;
+    int64_t bytes = 0;
+  };
+  Staging staging_[3];
 };
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
+  // Queued collectives may still read the staging blocks.
+  cudaStreamSynchronize(ctx_->stream());
   for (auto &[key, exec] : graphs_)
     cudaGraphExecDestroy(exec);
   for (cudaEvent_t event : events_)
     cudaEventDestroy(event);
+  for (Staging &area : staging_)
+    if (area.data)
+      cudaFree(area.data);
+  if (pinnedCapacity_)
+    cudaFreeHost(pinnedCapacity_);
+}
+
+bool hasDeviceCommunicator(const std::shared_ptr<Communicator> &comm) {
+  return comm && comm->memory() == CommMemory::Device;
 }
 
 Status CudaBackend::synchronize() {
+  // A device communicator bounds the wait: a dead peer fails the call with
+  // CommunicationError instead of hanging here.
+  if (hasDeviceCommunicator(communicator_))
+    return communicator_->synchronizeStream(ctx_->stream(),
+                                            "waiting for the stream");
   return cuda::checkCuda(cudaStreamSynchronize(ctx_->stream()),
                          "waiting for the stream (an earlier kernel may have "
                          "failed)");
+}
+
+Status CudaBackend::setCommunicator(std::shared_ptr<Communicator> comm) {
+  ctx_->streamWaiter = nullptr;
+  if (hasDeviceCommunicator(comm)) {
+    Communicator *raw = comm.get();
+    ctx_->streamWaiter = [raw](cuda::Stream stream) {
+      return raw->synchronizeStream(stream, "waiting for the stream");
+    };
+  }
+  communicator_ = std::move(comm);
+  return Status::ok();
+}
+
+Status CudaBackend::staging(int slot, int64_t bytes, void *&data) {
+  Staging &area = staging_[slot];
+  if (area.bytes < bytes) {
+    if (ctx_->capturing)
+      return Status(StatusCode::Internal,
+                    "all_to_all staging cannot grow while a graph records");
+    if (area.data) {
+      // Earlier collectives may still use it.
+      if (Status s = synchronize(); !s)
+        return s;
+      cudaFree(area.data);
+      area = {};
+    }
+    int64_t rounded = (bytes + (int64_t{1} << 20) - 1) >> 20 << 20;
+    if (Status s = cuda::checkCuda(
+            cudaMalloc(&area.data, static_cast<size_t>(rounded)),
+            ("cudaMalloc of " + std::to_string(rounded) +
+             " bytes of all_to_all staging")
+                .c_str());
+        !s)
+      return s;
+    area.bytes = rounded;
+  }
+  data = area.data;
+  return Status::ok();
+}
+
+Status CudaBackend::hostCapacity(const Plan &plan, const BufferRef &ref,
+                                 const TensorView &view, int64_t &capacity) {
+  // A fixed capacity is the same on every rank and known before gating.
+  if (int64_t c = staticCapacity(plan, findCapacityGate(plan, ref)); c >= 0) {
+    capacity = c;
+    return Status::ok();
+  }
+  if (capacityKey_ == view.data && capacityKeyEpoch_ == capacityEpoch_) {
+    capacity = cachedCapacity_;
+    return Status::ok();
+  }
+  if (ctx_->capturing)
+    return Status(StatusCode::Internal,
+                  "all_to_all of a capacity known only on the device cannot "
+                  "be recorded as a graph");
+  if (!pinnedCapacity_)
+    if (Status s = cuda::checkCuda(cudaMallocHost(&pinnedCapacity_, 4),
+                                   "cudaMallocHost of the capacity read-back");
+        !s)
+      return s;
+  if (Status s = cuda::checkCuda(
+          cudaMemcpyAsync(pinnedCapacity_, view.data, 4,
+                          cudaMemcpyDeviceToHost, ctx_->stream()),
+          "reading the capacity");
+      !s)
+    return s;
+  if (Status s = ctx_->waitForStream("waiting for the capacity read-back"); !s)
+    return s;
+  capacityKey_ = view.data;
+  capacityKeyEpoch_ = capacityEpoch_;
+  cachedCapacity_ = *pinnedCapacity_;
+  capacity = cachedCapacity_;
+  return Status::ok();
 }
 
 Status CudaBackend::setStream(void *stream) {
@@ -196,6 +338,12 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
   // Backward reads the forward's routing: both are static when every gate of
   // the forward is.
   const Variant &v = plan.variants[variant];
+  // Passes with collective steps run eagerly: the communicator's bounded
+  // waits poll on the host, which a graph cannot record.
+  for (const std::vector<Step> *steps : {&v.forward, &v.backward})
+    for (const Step &step : *steps)
+      if (isCollective(step.op) || step.op == StepOp::UniformSegments)
+        return false;
   bool anyGate = false;
   for (const Step &step : v.forward)
     if (step.op == StepOp::Gate) {
@@ -277,18 +425,54 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
   routing.tokens = T;
   routing.topK = k;
   routing.experts = E;
+  // The row groups of a segment op: the gate's E experts, or the G = L local
+  // experts of a received buffer (expert_rows from uniform_segments).
+  const int64_t groups = ops.in(R::ExpertRows).isPresent()
+                             ? ops.in(R::ExpertRows).desc->shape[0]
+                             : E;
+  // A received buffer of a fixed capacity is static too: chunk q's groups
+  // are G blocks of n = W * C / D rows from row q * G * n. The kernels see
+  // the buffers from that row on (`shift`), as one static batch.
+  int64_t baseRow = 0;
+  const Step *segments = nullptr;
+  int64_t segmentRows = -1;
+  if (!findGate(plan, step.in(R::ExpertOffsets)))
+    if ((segments = findSegments(plan, step.in(R::ExpertOffsets)))) {
+      const StepAttrs &a = segments->attrs;
+      int64_t c = staticCapacity(
+          plan, findCapacityGate(plan, segments->in(R::Capacity)));
+      if (c >= 0 && a.chunks > 0) {
+        segmentRows = a.ranks * (c / a.chunks);
+        baseRow = a.chunk * a.groups * segmentRows;
+      }
+    }
   // The rows of the dispatch-shaped operand `view`.
   auto space = [&](const TensorView &view) {
     cuda::ExpertRowSpace result;
     result.offsets = routing.expertOffsets;
     result.rows = routing.expertRows;
-    result.experts = E;
+    result.experts = groups;
     result.rowBound = view.desc->shape.front();
+    if (segments) {
+      result.staticCapacity = segmentRows;
+      result.rowBound = std::max<int64_t>(0, result.rowBound - baseRow);
+      return result;
+    }
     const Step *gate =
         lastGate_ && lastGate_->out(R::ExpertOffsets) == step.in(R::ExpertOffsets)
             ? lastGate_
             : findGate(plan, step.in(R::ExpertOffsets));
     result.staticCapacity = staticCapacity(plan, gate);
+    result.padded = gate && gate->attrs.layout == DispatchLayout::Padded;
+    return result;
+  };
+  // A dispatch-shaped operand from the first row of the space on.
+  auto shift = [&](const TensorView &view) {
+    TensorView result = view;
+    if (baseRow > 0 && view.isPresent())
+      result.data = static_cast<char *>(view.data) +
+                    baseRow * view.desc->shape.back() *
+                        static_cast<int64_t>(dtypeSize(view.desc->dtype));
     return result;
   };
   auto cols = [](const TensorView &view) { return view.desc->shape.back(); };
@@ -320,6 +504,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     out.expertRows = writeAs<int32_t>(ops.out(R::ExpertRows));
     out.lAux = writeAs<float>(ops.out(R::LAux));
     lastGate_ = &step;
+    ++capacityEpoch_;
     // The capacity stays on the device; by [cap-1] it never exceeds the
     // static bound the plan sized its buffers for (the CPU backend checks).
     return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, attrs,
@@ -330,19 +515,21 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
                           space(ops.out(R::Dispatched)),
                           write(ops.out(R::Dispatched)));
   case StepOp::GroupedGemm: {
-    const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
+    const TensorView a = shift(ops.in(R::A)), c = shift(ops.out(R::C));
     cpu::GroupedGemmOptions options;
     options.transB = step.attrs.transB;
     options.accumulate = step.attrs.accumulate;
     options.epilogue = toKernel(step.attrs.epilogue);
     return cuda::groupedGemm(ctx, read(a), read(ops.in(R::B)),
                              read(ops.in(R::Bias)), write(c), cols(a), cols(c),
-                             space(a), options, write(ops.out(R::Pre)));
+                             space(a), options,
+                             write(shift(ops.out(R::Pre))));
   }
   case StepOp::Glu:
-    return cuda::glu(ctx, read(ops.in(R::GateIn)), read(ops.in(R::UpIn)),
-                     write(ops.out(R::C)), cols(ops.out(R::C)),
-                     space(ops.out(R::C)));
+    return cuda::glu(ctx, read(shift(ops.in(R::GateIn))),
+                     read(shift(ops.in(R::UpIn))),
+                     write(shift(ops.out(R::C))), cols(ops.out(R::C)),
+                     space(shift(ops.out(R::C))));
   case StepOp::Combine:
     return cuda::combine(ctx, read(ops.in(R::ExpertOut)), d, routing,
                          write(ops.out(R::Out)));
@@ -352,7 +539,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
         space(ops.out(R::GradExpertOut)), write(ops.out(R::GradExpertOut)),
         writeAs<float>(ops.out(R::GradGates)));
   case StepOp::GroupedGemmWgrad: {
-    const TensorView &a = ops.in(R::A), &gradC = ops.in(R::GradC);
+    const TensorView a = shift(ops.in(R::A)), gradC = shift(ops.in(R::GradC));
     return cuda::groupedGemmWgrad(ctx, read(a), read(gradC), cols(a),
                                   cols(gradC), space(a),
                                   write(ops.out(R::GradB)),
@@ -361,15 +548,15 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
   }
   case StepOp::ActivationBackward:
     return cuda::activationBackward(
-        ctx, read(ops.in(R::Pre)), read(ops.in(R::Grad)),
-        write(ops.out(R::GradPre)), cols(ops.out(R::GradPre)),
-        space(ops.out(R::GradPre)), step.attrs.activation);
+        ctx, read(shift(ops.in(R::Pre))), read(shift(ops.in(R::Grad))),
+        write(shift(ops.out(R::GradPre))), cols(ops.out(R::GradPre)),
+        space(shift(ops.out(R::GradPre))), step.attrs.activation);
   case StepOp::GluBackward:
     return cuda::gluBackward(
-        ctx, read(ops.in(R::GateIn)), read(ops.in(R::UpIn)),
-        read(ops.in(R::Grad)), write(ops.out(R::GradGateIn)),
-        write(ops.out(R::GradUpIn)), cols(ops.in(R::Grad)),
-        space(ops.in(R::Grad)));
+        ctx, read(shift(ops.in(R::GateIn))), read(shift(ops.in(R::UpIn))),
+        read(shift(ops.in(R::Grad))), write(shift(ops.out(R::GradGateIn))),
+        write(shift(ops.out(R::GradUpIn))), cols(ops.in(R::Grad)),
+        space(shift(ops.in(R::Grad))));
   case StepOp::DispatchBackward:
     return cuda::dispatchBackward(ctx, read(ops.in(R::GradDispatched)), d,
                                   routing, write(ops.out(R::GradX)));
@@ -387,18 +574,158 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
                                 readAs<float>(ops.in(R::GradLogits)), T, d, E,
                                 write(ops.out(R::GradX)),
                                 write(ops.out(R::GradWg)));
+  case StepOp::UniformSegments: {
+    const StepAttrs &a = step.attrs;
+    // New offsets in the same buffer: the GEMMs' host copy is stale.
+    ++ctx.generation;
+    return cuda::uniformSegments(
+        ctx, routing.capacity, a.groups, a.ranks, a.chunks, a.chunk,
+        writeAs<int32_t>(ops.out(R::ExpertOffsets)),
+        writeAs<int32_t>(ops.out(R::ExpertRows)));
+  }
   case StepOp::SyncCapacity:
   case StepOp::AllToAll:
-  case StepOp::UniformSegments:
   case StepOp::AllGather:
   case StepOp::ReduceScatter:
-    return Status(StatusCode::Unavailable,
-                  std::string("step '") + std::string(toString(step.op)) +
-                      "' of a multi-rank plan needs the NCCL communicator, "
-                      "which the CUDA backend does not have yet; run "
-                      "multi-rank plans on CPU ranks (mpirun moe-run)");
+    return runCollective(plan, step, ops);
   }
   return Status(StatusCode::Internal, "unknown step op");
+}
+
+std::string bufferName(const TensorView &view) {
+  return "'" + view.desc->name + "'";
+}
+
+Status CudaBackend::runCollective(const Plan &plan, const Step &step,
+                                  const StepOperands &ops) {
+  if (!communicator_)
+    return Status(StatusCode::FailedPrecondition,
+                  "no communicator is set for the collective step");
+  Communicator &comm = *communicator_;
+  if (comm.memory() != CommMemory::Device)
+    return Status(StatusCode::InvalidArgument,
+                  "step '" + std::string(toString(step.op)) +
+                      "' on the CUDA backend needs a device communicator "
+                      "(NCCL); communicator '" +
+                      std::string(comm.name()) + "' works on host memory");
+  if (Status s = comm.setStream(ctx_->stream()); !s)
+    return s;
+  switch (step.op) {
+  case StepOp::SyncCapacity: {
+    // One C on every rank, then the padded offsets e * C, on the device.
+    int32_t *capacity = writeAs<int32_t>(ops.out(R::Capacity));
+    if (Status s = comm.allReduceMaxInt32(capacity, 1, "sync_capacity"); !s)
+      return s;
+    ++capacityEpoch_;
+    ++ctx_->generation;
+    return cuda::writeCapacityOffsets(
+        *ctx_, capacity, plan.layer.experts,
+        writeAs<int32_t>(ops.out(R::ExpertOffsets)));
+  }
+  case StepOp::AllToAll:
+    return allToAll(plan, step, ops, comm);
+  case StepOp::AllGather: {
+    const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
+    return comm.allGather(input.data, input.desc->numBytes(), output.data,
+                          "all_gather " + bufferName(input) + " -> " +
+                              bufferName(output));
+  }
+  case StepOp::ReduceScatter: {
+    const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
+    return comm.reduceScatterSum(
+        input.data, output.data, output.desc->numElements(), output.desc->dtype,
+        "reduce_scatter " + bufferName(input) + " -> " + bufferName(output));
+  }
+  default:
+    return Status(StatusCode::Internal, "op '" +
+                                            std::string(toString(step.op)) +
+                                            "' is not a collective");
+  }
+}
+
+Status CudaBackend::allToAll(const Plan &plan, const Step &step,
+                             const StepOperands &ops, Communicator &comm) {
+  const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
+  const StepAttrs &a = step.attrs;
+  const int64_t E = plan.layer.experts, W = comm.size();
+  std::string what = "all_to_all " + std::string(toString(a.direction)) + " " +
+                     bufferName(input) + " -> " + bufferName(output) +
+                     ", chunk " + std::to_string(a.chunk) + " of " +
+                     std::to_string(a.chunks);
+  cuda::AllToAllShape shape;
+  shape.ranks = W;
+  shape.localExperts = E / W;
+  shape.chunks = a.chunks;
+  shape.chunk = a.chunk;
+  if (Status s = hostCapacity(plan, step.in(R::Capacity), ops.in(R::Capacity),
+                              shape.capacity);
+      !s)
+    return s;
+  if (shape.capacity % a.chunks != 0)
+    return Status(StatusCode::Internal,
+                  what + ": capacity " + std::to_string(shape.capacity) +
+                      " is not a multiple of the " + std::to_string(a.chunks) +
+                      " chunks");
+  const int64_t rows = E * shape.capacity;
+  if (rows > input.desc->shape[0] || rows > output.desc->shape[0])
+    return Status(StatusCode::Internal,
+                  what + ": E * C = " + std::to_string(rows) +
+                      " rows exceed the buffers' " +
+                      std::to_string(std::min(input.desc->shape[0],
+                                              output.desc->shape[0])));
+  if (a.ranksPerNode > 1 && a.ranksPerNode < W)
+    return Status(StatusCode::Unavailable,
+                  what + ": ranks_per_node " + std::to_string(a.ranksPerNode) +
+                      " (the hierarchical all_to_all) is not implemented on "
+                      "the CUDA backend yet; compile the plan without it "
+                      "(flat exchange)");
+  const int64_t rowBytes = input.desc->shape[1] *
+                           static_cast<int64_t>(dtypeSize(input.desc->dtype));
+  const int64_t Cq = shape.capacity / a.chunks;
+  const int64_t blockBytes = shape.localExperts * Cq * rowBytes;
+  // The sending side is in the dispatch layout for `dispatch`, in the
+  // received layout for `combine`; the receiving side the other one. A
+  // side whose rows per peer are contiguous (dispatch layout with one
+  // chunk; received layout with one local expert) needs no staging.
+  const bool sendDispatchLayout = a.direction == AllToAllDirection::Dispatch;
+  auto contiguous = [&](bool dispatchLayout) {
+    return dispatchLayout ? a.chunks == 1 : shape.localExperts == 1;
+  };
+  auto firstRow = [&](bool dispatchLayout, int64_t peer) {
+    return dispatchLayout
+               ? peer * shape.localExperts * shape.capacity + a.chunk * Cq
+               : (a.chunk * W + peer) * Cq; // L == 1
+  };
+  std::vector<int64_t> sendOffsets(W), recvOffsets(W), sizes(W, blockBytes);
+  void *send = input.data, *recv = output.data;
+  const bool sendDirect = contiguous(sendDispatchLayout);
+  const bool recvDirect = contiguous(!sendDispatchLayout);
+  if (!sendDirect)
+    if (Status s = staging(0, W * blockBytes, send); !s)
+      return s;
+  if (!recvDirect)
+    if (Status s = staging(1, W * blockBytes, recv); !s)
+      return s;
+  for (int64_t p = 0; p < W; ++p) {
+    sendOffsets[p] = sendDirect ? firstRow(sendDispatchLayout, p) * rowBytes
+                                : p * blockBytes;
+    recvOffsets[p] = recvDirect ? firstRow(!sendDispatchLayout, p) * rowBytes
+                                : p * blockBytes;
+  }
+  if (!sendDirect)
+    if (Status s = cuda::allToAllCopy(*ctx_, shape, sendDispatchLayout,
+                                      /*pack=*/true, input.data, send,
+                                      rowBytes);
+        !s)
+      return s;
+  if (Status s = comm.allToAll(send, sendOffsets.data(), sizes.data(), recv,
+                               recvOffsets.data(), sizes.data(), what);
+      !s)
+    return s;
+  if (!recvDirect)
+    return cuda::allToAllCopy(*ctx_, shape, !sendDispatchLayout,
+                              /*pack=*/false, output.data, recv, rowBytes);
+  return Status::ok();
 }
 
 } // namespace

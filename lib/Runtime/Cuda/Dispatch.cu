@@ -11,7 +11,8 @@
 // Steps that write a dispatch-shaped buffer (dispatch, combine_backward) are
 // row-driven: a slot map (row -> slot t * k + j, or -1) is built first, so
 // each row is written exactly once, the padding rows of a static routing
-// with zeros. Steps that write token rows (combine, dispatch_backward) are
+// (or of any padded-layout routing, ExpertRowSpace::padded) with zeros.
+// Steps that write token rows (combine, dispatch_backward) are
 // token-driven and sum the k choices in choice order in fp32, as the CPU.
 //
 //===----------------------------------------------------------------------===//
@@ -260,7 +261,8 @@ Status dispatch(KernelContext &ctx, ReadBuffer x, int64_t modelDim,
     auto launch = [&](auto kernel) {
       kernel<<<warpGrid(ctx, rows), kThreads, 0, ctx.stream()>>>(
           static_cast<const T *>(x.data), modelDim,
-          static_cast<int32_t>(routing.topK), rowSlot, rows, space.isStatic(),
+          static_cast<int32_t>(routing.topK), rowSlot, rows,
+          space.isStatic() || space.padded,
           static_cast<T *>(dispatched.data));
     };
     if (vector)
@@ -354,7 +356,8 @@ Status combineBackward(KernelContext &ctx, ReadBuffer gradOut,
       kernel<<<warpGrid(ctx, rows), kThreads, 0, ctx.stream()>>>(
           static_cast<const T *>(gradOut.data),
           static_cast<const T *>(expertOut.data), modelDim, routing.gates,
-          static_cast<int32_t>(routing.topK), rowSlot, rows, space.isStatic(),
+          static_cast<int32_t>(routing.topK), rowSlot, rows,
+          space.isStatic() || space.padded,
           static_cast<T *>(gradExpertOut.data), gradGates);
     };
     if (vector)

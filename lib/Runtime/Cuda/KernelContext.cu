@@ -142,6 +142,12 @@ Status KernelContext::scratch(int slot, int64_t bytes, void *&data) {
   return Status::ok();
 }
 
+Status KernelContext::waitForStream(const char *what) {
+  if (streamWaiter)
+    return streamWaiter(stream_);
+  return checkCuda(cudaStreamSynchronize(stream_), what);
+}
+
 Status KernelContext::hostSegments(const ExpertRowSpace &space,
                                    const int32_t *&hostOffsets,
                                    const int32_t *&hostRows) {
@@ -177,9 +183,7 @@ Status KernelContext::hostSegments(const ExpertRowSpace &space,
             "reading the expert rows");
         !s)
       return s;
-    if (Status s = checkCuda(cudaStreamSynchronize(stream_),
-                             "waiting for the routing read-back");
-        !s)
+    if (Status s = waitForStream("waiting for the routing read-back"); !s)
       return s;
     hostKeyOffsets_ = space.offsets;
     hostKeyGeneration_ = generation;

@@ -8,8 +8,9 @@
 // multi-rank plan run through (docs/PlanFormat.md, "Many ranks"), and the
 // communicators that need no library: "self" (one rank) and "local" (W ranks
 // as W threads of one process, for tests and machines without MPI). MPI is
-// in MpiCommunicator.h; NCCL will implement the same interface with device
-// pointers queued on a stream (memory() == Device, setStream).
+// in MpiCommunicator.h; NCCL (NcclCommunicator.h) implements the same
+// interface with device pointers queued on a stream (memory() == Device,
+// setStream, synchronizeStream).
 //
 // Every rank calls the same collectives in the same order. Every collective
 // has a bounded wait: FLEX_COLLECTIVE_TIMEOUT_S seconds (default 300). A
@@ -38,7 +39,7 @@ enum class CommMemory : uint8_t {
   /// Host memory; calls complete before they return (self, local, MPI).
   Host,
   /// Device memory; calls are queued on the stream of setStream and return
-  /// before they complete (NCCL, to come).
+  /// before they complete (NCCL).
   Device,
 };
 
@@ -90,6 +91,15 @@ public:
                                   DType type, std::string_view what) = 0;
 
   virtual Status barrier(std::string_view what) = 0;
+
+  /// Device communicators: waits until the work queued on `stream` (a
+  /// cudaStream_t) has completed, at most the collective timeout, watching
+  /// for transport errors meanwhile; on a timeout or an error the
+  /// communicator is aborted and the call fails with CommunicationError
+  /// naming `what`. A device backend waits through it instead of
+  /// cudaStreamSynchronize, so a dead peer cannot hang the host. Host
+  /// communicators: done at once (their calls complete before returning).
+  virtual Status synchronizeStream(void *stream, std::string_view what);
 
   /// Called by the executor when a collective step failed with
   /// CommunicationError (`status` names the step). The MPI communicator

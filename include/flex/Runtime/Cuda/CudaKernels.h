@@ -30,6 +30,7 @@
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -62,6 +63,11 @@ struct ExpertRowSpace {
   /// C when the layout is padded and the capacity fixed (known on the
   /// host); -1 otherwise. Static: every row of [0, E * C) is touched.
   int64_t staticCapacity = -1;
+  /// The padded layout: dispatch and combine_backward write zeros into the
+  /// rows no kept slot fills even when C is only known on the device, since
+  /// all_to_all sends whole capacity blocks (docs/PlanFormat.md, "Many
+  /// ranks").
+  bool padded = false;
 
   bool isStatic() const { return staticCapacity >= 0; }
 };
@@ -94,6 +100,12 @@ public:
   Status hostSegments(const ExpertRowSpace &space,
                       const int32_t *&hostOffsets, const int32_t *&hostRows);
   uint64_t generation = 0;
+
+  /// How the host waits for the stream; empty = cudaStreamSynchronize. A
+  /// multi-rank backend waits through its device communicator, whose wait
+  /// is bounded (Communicator::synchronizeStream).
+  std::function<Status(Stream)> streamWaiter;
+  Status waitForStream(const char *what);
 
   void *cublasHandle() const { return cublas_; }
   void *cublasWorkspace() const { return cublasWorkspace_; }
@@ -188,6 +200,36 @@ Status routerBackward(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                       const float *gradLogits, int64_t tokens,
                       int64_t modelDim, int64_t experts, WriteBuffer gradX,
                       WriteBuffer gradWg);
+
+//===----------------------------------------------------------------------===//
+// Collective steps: the device side (the communicator moves the bytes)
+//===----------------------------------------------------------------------===//
+
+/// sync_capacity after the all-reduce: offsets[e] = e * capacity[0] for e in
+/// [0, experts], reading the capacity on the device.
+Status writeCapacityOffsets(KernelContext &ctx, const int32_t *capacity,
+                            int64_t experts, int32_t *offsets);
+
+/// uniform_segments: with n = ranks * (C / chunks), offsets[g] =
+/// chunk * groups * n + g * n (g <= groups) and rows[g] = n, C read on the
+/// device.
+Status uniformSegments(KernelContext &ctx, const int32_t *capacity,
+                       int64_t groups, int64_t ranks, int64_t chunks,
+                       int64_t chunk, int32_t *offsets, int32_t *rows);
+
+/// The all_to_all row mapping of AllToAllLayout.h for W ranks, L local
+/// experts, capacity C in D chunks, chunk q.
+struct AllToAllShape {
+  int64_t ranks = 1, localExperts = 1, capacity = 0, chunks = 1, chunk = 0;
+};
+
+/// Copies the runs exchanged with each peer between `layoutBuffer` (the
+/// dispatch layout [W, L, C] when `dispatchLayout`, else the received layout
+/// [D, L, W, Cq]) and `staging` ([W, L, Cq] rows of `rowBytes` bytes, block
+/// p for peer p): toward the staging buffer when `pack`, else back.
+Status allToAllCopy(KernelContext &ctx, const AllToAllShape &shape,
+                    bool dispatchLayout, bool pack, void *layoutBuffer,
+                    void *staging, int64_t rowBytes);
 
 } // namespace flex::cuda
 

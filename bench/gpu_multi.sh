@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The 2-GPU run in ONE device call (nvidia-h200-x2), issue 5:
+#   1. build the runtime with CUDA and NCCL (no compiler: no MLIR there),
+#   2. the NCCL tests: the communicator, the multi-rank plans on 2 GPUs vs
+#      the fp64 reference, moe-run under mpirun and started torchrun-style
+#      (ctest -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous'), then the
+#      whole ctest,
+#   3. timings: mpirun -np 2 moe-run on bench/plans/mr2_{c1,c3}_*.train.json
+#      (16384 tokens per GPU; variants r1d1, r1d2, r0d1; forward+backward),
+#      one JSON per run in $OUT/multi/,
+#   4. NCCL's own all-to-all bandwidth through torch.distributed (torchrun,
+#      bench/nccl_a2a_bw.py) for comparison.
+# A failed step is recorded and the next one still runs; a summary comes
+# last. Needs bench/plans from bench/make_multi_plans.sh (run where the
+# compiler is), carried with the call:
+#   run(kind="nvidia-h200-x2", carry=["bench/plans"],
+#       command="bash bench/gpu_multi.sh")
+# Knobs: BENCH_ITERS (10), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
+# c3_dropless"), BENCH_VARIANTS ("r1d1 r1d2 r0d1"), BENCH_SKIP ("build tests
+# ctest flex nccl", any subset), BENCH_DEADLINE (540 s: no new step after).
+set -uo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+OUT="${OUT:-$root/bench/out}"
+ITERS="${BENCH_ITERS:-10}"
+CONFIGS="${BENCH_MULTI_CONFIGS:-c1_cap1 c3_cap1 c1_dropless c3_dropless}"
+VARIANTS="${BENCH_VARIANTS:-r1d1 r1d2 r0d1}"
+SKIP=" ${BENCH_SKIP:-} "
+DEADLINE="${BENCH_DEADLINE:-540}"
+BUILD="${BENCH_BUILD_DIR:-$root/build-gpu-multi}"
+MOE_RUN="$BUILD/bin/moe-run"
+# NVLink multicast stays off: it can take the host's shared GPUs down.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export FLEX_COLLECTIVE_TIMEOUT_S="${FLEX_COLLECTIVE_TIMEOUT_S:-120}"
+export PYTHONUNBUFFERED=1
+MPIRUN=(mpirun --oversubscribe --allow-run-as-root
+        -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST
+        -x NVSHMEM_DISABLE_NVLS -x FLEX_COLLECTIVE_TIMEOUT_S -np 2)
+
+mkdir -p "$OUT/multi" || exit 1
+exec > >(tee "$OUT/multi_log.txt") 2>&1
+start=$SECONDS
+failed=()
+skip() { [[ "$SKIP" == *" $1 "* ]]; }
+late() { (( SECONDS - start > DEADLINE )); }
+step() { # step NAME COMMAND...: runs unless skipped or past the deadline
+  local name=$1; shift
+  if skip "$name"; then echo "== $name: skipped (BENCH_SKIP)"; return 0; fi
+  if late; then echo "== $name: skipped (past ${DEADLINE}s)"; failed+=("$name:late"); return 0; fi
+  echo "== $name ($((SECONDS - start)) s)"
+  "$@" || { echo "== $name FAILED ($?)"; failed+=("$name"); }
+}
+
+echo "gpu_multi.sh: commit ${FLEX_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+nvidia-smi -L || true
+nvidia-smi topo -m 2>/dev/null | head -5 || true
+python3 -c 'import torch; print("torch", torch.__version__, "GPUs", torch.cuda.device_count(), "NCCL", torch.cuda.nccl.version())' || true
+ls /usr/include/nccl.h /usr/lib/x86_64-linux-gnu/libnccl.so* 2>/dev/null || true
+
+build() {
+  cmake -S "$root" -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
+    -DFLEX_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_BUILD_TYPE=Release >"$OUT/multi/cmake.txt" 2>&1 \
+    || { tail -30 "$OUT/multi/cmake.txt"; return 1; }
+  grep "Flex:" "$OUT/multi/cmake.txt"
+  grep -q "NCCL communicator with" "$OUT/multi/cmake.txt" \
+    || { echo "no NCCL communicator in this build"; return 1; }
+  ninja -C "$BUILD" -j"$(nproc)" >"$OUT/multi/build.txt" 2>&1 \
+    || { grep -B2 -A8 "error" "$OUT/multi/build.txt" | head -80; return 1; }
+}
+step build build
+
+tests() {
+  "$BUILD/unittests/Cuda/FlexNcclCommunicatorTests" &&
+  "$BUILD/unittests/Cuda/FlexCudaMultiRankTests" --gtest_brief=1 &&
+  (cd "$BUILD" && ctest --output-on-failure -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous')
+}
+step tests tests
+step ctest bash -c "cd '$BUILD' && ctest -j8 --output-on-failure 2>&1 | tail -40"
+
+flex() {
+  local ok=0
+  for config in $CONFIGS; do
+    local plan="$root/bench/plans/mr2_$config.train.json"
+    [[ -f "$plan" ]] || { echo "missing $plan (bench/make_multi_plans.sh, carry bench/plans)"; ok=1; continue; }
+    for variant in $VARIANTS; do
+      late && { echo "past ${DEADLINE}s: no more runs"; return 1; }
+      local json="$OUT/multi/flex_${config}_${variant}.json"
+      echo "-- $config $variant"
+      if timeout 120 "${MPIRUN[@]}" "$MOE_RUN" "$plan" --device cuda --train \
+           --variant "$variant" --iters "$ITERS" --json >"$json.tmp" 2>"$json.err"; then
+        mv "$json.tmp" "$json"
+        python3 - "$json" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+keys = [k for k in d if any(s in k for s in ("micros", "ms", "time"))]
+print("  ", {k: d[k] for k in keys} if keys else list(d)[:12])
+PY
+      else
+        echo "   FAILED"; tail -5 "$json.err"; ok=1
+      fi
+    done
+  done
+  return $ok
+}
+step flex flex
+
+nccl() {
+  timeout 180 torchrun --standalone --nproc_per_node 2 \
+    "$root/bench/nccl_a2a_bw.py" "$OUT/multi/nccl_a2a_bw.json"
+}
+step nccl nccl
+
+echo "== done in $((SECONDS - start)) s; failed: ${failed[*]:-none}"
+(( ${#failed[@]} == 0 ))

@@ -1,0 +1,499 @@
+//===- NcclCommunicator.cpp - Collectives over NCCL on GPUs ---------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the NCCL communicator of NcclCommunicator.h on a
+// non-blocking ncclComm_t: every NCCL call that answers ncclInProgress is
+// polled with ncclCommGetAsyncError until it is enqueued, against the
+// collective deadline, and synchronizeStream polls cudaStreamQuery the same
+// way. Bootstrap through MPI (when built with it) or TcpRendezvous.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Comm/NcclCommunicator.h"
+#include "flex/Runtime/Comm/TcpRendezvous.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#ifdef FLEX_HAVE_MPI
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
+
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace flex {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Clock::time_point deadlineAfter(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                            std::chrono::duration<double>(seconds));
+}
+
+/// Spins briefly, then sleeps: collectives of a step usually finish in
+/// microseconds, a stuck one should not burn a core.
+void backOff(int &polls) {
+  if (++polls < 2000)
+    std::this_thread::yield();
+  else
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+}
+
+std::string ncclText(ncclResult_t result, ncclComm_t comm) {
+  std::string text = std::string(ncclGetErrorString(result));
+  const char *last = ncclGetLastError(comm);
+  if (last && *last)
+    text += " (" + std::string(last) + ")";
+  return text;
+}
+
+Status cudaStatus(cudaError_t error, const std::string &what) {
+  if (error == cudaSuccess)
+    return Status::ok();
+  cudaGetLastError();
+  return Status(StatusCode::Internal, what + ": " + cudaGetErrorName(error) +
+                                          " (" + cudaGetErrorString(error) +
+                                          ")");
+}
+
+/// Waits until a non-blocking communicator has no operation in progress.
+/// ncclSuccess, the error, or ncclInProgress at the deadline.
+ncclResult_t pollComm(ncclComm_t comm, ncclResult_t result,
+                      Clock::time_point deadline) {
+  int polls = 0;
+  while (result == ncclInProgress) {
+    if (Clock::now() >= deadline)
+      return ncclInProgress;
+    backOff(polls);
+    if (ncclResult_t r = ncclCommGetAsyncError(comm, &result);
+        r != ncclSuccess)
+      return r;
+  }
+  return result;
+}
+
+class NcclCommunicator final : public Communicator {
+public:
+  NcclCommunicator(ncclComm_t comm, int rank, int size, int device,
+                   double timeoutSeconds)
+      : comm_(comm), rank_(rank), size_(size), device_(device),
+        timeoutSeconds_(timeoutSeconds) {}
+  ~NcclCommunicator() override {
+    if (!comm_)
+      return;
+    cudaSetDevice(device_);
+    if (barrierFlag_)
+      cudaFree(barrierFlag_);
+    // Finalize flushes queued work; a peer that never comes must not hang
+    // the destructor, so a late finalize aborts instead.
+    ncclResult_t result =
+        pollComm(comm_, ncclCommFinalize(comm_), deadlineAfter(timeoutSeconds_));
+    if (result == ncclSuccess)
+      ncclCommDestroy(comm_);
+    else
+      ncclCommAbort(comm_);
+  }
+
+  std::string_view name() const override { return "nccl"; }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  CommMemory memory() const override { return CommMemory::Device; }
+
+  Status setStream(void *stream) override {
+    stream_ = static_cast<cudaStream_t>(stream);
+    return Status::ok();
+  }
+
+  Status allToAll(const void *send, const int64_t *sendOffsets,
+                  const int64_t *sendBytes, void *recv,
+                  const int64_t *recvOffsets, const int64_t *recvBytes,
+                  std::string_view what) override {
+    if (Status s = begin(what); !s)
+      return s;
+    if (sendBytes[rank_] != recvBytes[rank_])
+      return Status(StatusCode::InvalidArgument,
+                    std::string(what) + ": rank " + std::to_string(rank_) +
+                        " sends " + std::to_string(sendBytes[rank_]) +
+                        " bytes to itself but expects " +
+                        std::to_string(recvBytes[rank_]));
+    // The own block is a device copy; the rest one group of point-to-point
+    // calls, so NCCL runs them concurrently without deadlock.
+    if (sendBytes[rank_] > 0)
+      if (Status s = cudaStatus(
+              cudaMemcpyAsync(static_cast<char *>(recv) + recvOffsets[rank_],
+                              static_cast<const char *>(send) +
+                                  sendOffsets[rank_],
+                              static_cast<size_t>(sendBytes[rank_]),
+                              cudaMemcpyDeviceToDevice, stream_),
+              std::string(what) + ": copying this rank's own block");
+          !s)
+        return s;
+    ncclResult_t result = ncclGroupStart();
+    for (int p = 0; p < size_ && result == ncclSuccess; ++p) {
+      if (p == rank_)
+        continue;
+      if (recvBytes[p] > 0)
+        result = ncclRecv(static_cast<char *>(recv) + recvOffsets[p],
+                          static_cast<size_t>(recvBytes[p]), ncclUint8, p,
+                          comm_, stream_);
+      if (result == ncclSuccess && sendBytes[p] > 0)
+        result = ncclSend(static_cast<const char *>(send) + sendOffsets[p],
+                          static_cast<size_t>(sendBytes[p]), ncclUint8, p,
+                          comm_, stream_);
+    }
+    // The group must be closed whatever happened inside it.
+    ncclResult_t end = ncclGroupEnd();
+    return finish(result != ncclSuccess && result != ncclInProgress ? result
+                                                                    : end,
+                  what, "ncclSend/ncclRecv group");
+  }
+
+  Status allReduceMaxInt32(int32_t *values, int64_t count,
+                           std::string_view what) override {
+    if (Status s = begin(what); !s)
+      return s;
+    return finish(ncclAllReduce(values, values, static_cast<size_t>(count),
+                                ncclInt32, ncclMax, comm_, stream_),
+                  what, "ncclAllReduce");
+  }
+
+  Status allGather(const void *send, int64_t bytes, void *recv,
+                   std::string_view what) override {
+    if (Status s = begin(what); !s)
+      return s;
+    return finish(ncclAllGather(send, recv, static_cast<size_t>(bytes),
+                                ncclUint8, comm_, stream_),
+                  what, "ncclAllGather");
+  }
+
+  Status reduceScatterSum(const void *send, void *recv, int64_t count,
+                          DType type, std::string_view what) override {
+    if (Status s = begin(what); !s)
+      return s;
+    ncclDataType_t ncclType;
+    switch (type) {
+    case DType::F32:
+      ncclType = ncclFloat32;
+      break;
+    case DType::BF16:
+      ncclType = ncclBfloat16;
+      break;
+    case DType::F16:
+      ncclType = ncclFloat16;
+      break;
+    default:
+      return Status(StatusCode::InvalidArgument,
+                    std::string(what) +
+                        ": reduce_scatter sums f32, bf16 or f16, not i32");
+    }
+    return finish(ncclReduceScatter(send, recv, static_cast<size_t>(count),
+                                    ncclType, ncclSum, comm_, stream_),
+                  what, "ncclReduceScatter");
+  }
+
+  Status barrier(std::string_view what) override {
+    if (Status s = begin(what); !s)
+      return s;
+    if (!barrierFlag_)
+      if (Status s = cudaStatus(cudaMalloc(&barrierFlag_, sizeof(int32_t)),
+                                std::string(what) + ": cudaMalloc");
+          !s)
+        return s;
+    if (Status s = finish(ncclAllReduce(barrierFlag_, barrierFlag_, 1,
+                                        ncclInt32, ncclMax, comm_, stream_),
+                          what, "ncclAllReduce (barrier)");
+        !s)
+      return s;
+    return synchronizeStream(stream_, what);
+  }
+
+  Status synchronizeStream(void *stream, std::string_view what) override {
+    if (broken_)
+      return brokenStatus(what);
+    if (Status s = cudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s)
+      return s;
+    auto deadline = deadlineAfter(timeoutSeconds_);
+    auto s = static_cast<cudaStream_t>(stream);
+    int polls = 0;
+    for (;;) {
+      cudaError_t query = cudaStreamQuery(s);
+      if (query == cudaSuccess)
+        return Status::ok();
+      if (query != cudaErrorNotReady)
+        return cudaStatus(query, "rank " + std::to_string(rank_) + ": " +
+                                     std::string(what) +
+                                     " (an earlier kernel or collective "
+                                     "failed)");
+      ncclResult_t async = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &async);
+      if (async != ncclSuccess && async != ncclInProgress)
+        return breakWith(what, "NCCL failed while the stream ran: " +
+                                   ncclText(async, comm_));
+      if (Clock::now() >= deadline)
+        return breakWith(what, "the stream did not finish within " +
+                                   std::to_string(timeoutSeconds_) +
+                                   " s (FLEX_COLLECTIVE_TIMEOUT_S); a peer "
+                                   "may have left or be stuck");
+      backOff(polls);
+    }
+  }
+
+  void abort(const Status &status) override {
+    if (broken_)
+      return;
+    broken_ = true;
+    brokenReason_ = status.message();
+    abortComm();
+  }
+
+private:
+  Status begin(std::string_view what) {
+    if (broken_)
+      return brokenStatus(what);
+    return cudaStatus(cudaSetDevice(device_),
+                      std::string(what) + ": cudaSetDevice");
+  }
+
+  /// Waits until the call `result` came back from is enqueued.
+  Status finish(ncclResult_t result, std::string_view what,
+                const char *call) {
+    result = pollComm(comm_, result, deadlineAfter(timeoutSeconds_));
+    if (result == ncclSuccess)
+      return Status::ok();
+    if (result == ncclInProgress)
+      return breakWith(what, std::string(call) + " was not enqueued within " +
+                                 std::to_string(timeoutSeconds_) +
+                                 " s (FLEX_COLLECTIVE_TIMEOUT_S)");
+    return breakWith(what, std::string(call) + ": " + ncclText(result, comm_));
+  }
+
+  Status brokenStatus(std::string_view what) const {
+    return Status(StatusCode::CommunicationError,
+                  "rank " + std::to_string(rank_) + ": " + std::string(what) +
+                      ": the NCCL communicator failed earlier: " +
+                      brokenReason_);
+  }
+
+  /// Aborts the communicator (its kernels stop waiting) and fails.
+  Status breakWith(std::string_view what, const std::string &reason) {
+    std::string message = "rank " + std::to_string(rank_) + " of " +
+                          std::to_string(size_) + ": " + std::string(what) +
+                          ": " + reason + "; the NCCL communicator is aborted";
+    if (!broken_) {
+      broken_ = true;
+      brokenReason_ = message;
+      abortComm();
+    }
+    return Status(StatusCode::CommunicationError, message);
+  }
+
+  void abortComm() {
+    if (!comm_)
+      return;
+    cudaSetDevice(device_);
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+  }
+
+  ncclComm_t comm_;
+  int rank_, size_, device_;
+  double timeoutSeconds_;
+  cudaStream_t stream_ = nullptr;
+  int32_t *barrierFlag_ = nullptr;
+  bool broken_ = false;
+  std::string brokenReason_;
+};
+
+Status unavailableWithoutMpi() {
+  return Status(StatusCode::Unavailable,
+                "this Flex build has no MPI, so the NCCL communicator cannot "
+                "start through MPI; start the ranks torchrun-style (RANK, "
+                "WORLD_SIZE, MASTER_ADDR, MASTER_PORT) instead");
+}
+
+} // namespace
+
+bool isNcclAvailable() { return true; }
+
+Status createNcclUniqueId(NcclUniqueId &id) {
+  static_assert(sizeof(ncclUniqueId) == sizeof(NcclUniqueId));
+  ncclUniqueId unique;
+  if (ncclResult_t r = ncclGetUniqueId(&unique); r != ncclSuccess)
+    return Status(StatusCode::CommunicationError,
+                  std::string("ncclGetUniqueId failed: ") +
+                      ncclGetErrorString(r));
+  std::memcpy(id.data(), &unique, id.size());
+  return Status::ok();
+}
+
+Status createNcclCommunicator(std::shared_ptr<Communicator> &communicator,
+                              const NcclUniqueId &id, int rank, int size,
+                              const NcclCommunicatorOptions &options) {
+  communicator.reset();
+  double timeout = options.timeoutSeconds;
+  if (timeout < 0)
+    if (Status s = getCollectiveTimeout(timeout); !s)
+      return s;
+  if (size < 1 || rank < 0 || rank >= size)
+    return Status(StatusCode::InvalidArgument,
+                  "NCCL communicator: rank " + std::to_string(rank) + " of " +
+                      std::to_string(size) + " is out of range");
+  int device = options.device;
+  if (device < 0) {
+    if (Status s = cudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !s)
+      return Status(StatusCode::Unavailable,
+                    "NCCL communicator: no usable GPU: " + s.message());
+  }
+  if (Status s = cudaStatus(cudaSetDevice(device),
+                            "cudaSetDevice(" + std::to_string(device) + ")");
+      !s)
+    return Status(StatusCode::Unavailable,
+                  "NCCL communicator: " + s.message());
+  ncclUniqueId unique;
+  std::memcpy(&unique, id.data(), id.size());
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0; // every wait is polled against the deadline
+  ncclComm_t comm = nullptr;
+  ncclResult_t result =
+      ncclCommInitRankConfig(&comm, size, unique, rank, &config);
+  if (comm && (result == ncclSuccess || result == ncclInProgress))
+    result = pollComm(comm, result, deadlineAfter(timeout));
+  if (result != ncclSuccess) {
+    std::string why =
+        result == ncclInProgress
+            ? "the other ranks did not join within " + std::to_string(timeout) +
+                  " s (FLEX_COLLECTIVE_TIMEOUT_S)"
+            : ncclText(result, comm);
+    if (comm)
+      ncclCommAbort(comm);
+    return Status(StatusCode::CommunicationError,
+                  "NCCL communicator: rank " + std::to_string(rank) + " of " +
+                      std::to_string(size) + " on GPU " +
+                      std::to_string(device) +
+                      ": initialization failed: " + why);
+  }
+  communicator =
+      std::make_shared<NcclCommunicator>(comm, rank, size, device, timeout);
+  return Status::ok();
+}
+
+Status createNcclCommunicatorFromMpi(
+    std::shared_ptr<Communicator> &communicator, const void *mpiComm,
+    const NcclCommunicatorOptions &options) {
+  communicator.reset();
+#ifdef FLEX_HAVE_MPI
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized)
+    return Status(StatusCode::FailedPrecondition,
+                  "the NCCL communicator starts through MPI, which is not "
+                  "initialized (call MPI_Init first)");
+  MPI_Comm comm = mpiComm ? *static_cast<const MPI_Comm *>(mpiComm)
+                          : MPI_COMM_WORLD;
+  int rank = 0, size = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+  double timeout = options.timeoutSeconds;
+  if (timeout < 0)
+    if (Status s = getCollectiveTimeout(timeout); !s)
+      return s;
+  NcclUniqueId id{};
+  Status made = rank == 0 ? createNcclUniqueId(id) : Status::ok();
+  // Rank 0 broadcasts the id, or zeros when it has none (every rank then
+  // fails alike instead of waiting).
+  int ok = made ? 1 : 0;
+  std::vector<char> message(id.size() + 1);
+  std::memcpy(message.data(), id.data(), id.size());
+  message.back() = static_cast<char>(ok);
+  MPI_Request request;
+  if (MPI_Ibcast(message.data(), static_cast<int>(message.size()), MPI_BYTE, 0,
+                 comm, &request) != MPI_SUCCESS)
+    return Status(StatusCode::CommunicationError,
+                  "NCCL communicator: MPI_Ibcast of the NCCL id failed");
+  auto deadline = deadlineAfter(timeout);
+  int done = 0, polls = 0;
+  while (!done) {
+    MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+    if (done)
+      break;
+    if (Clock::now() >= deadline)
+      return Status(StatusCode::CommunicationError,
+                    "NCCL communicator: rank " + std::to_string(rank) +
+                        ": the NCCL id from rank 0 did not arrive within " +
+                        std::to_string(timeout) +
+                        " s (FLEX_COLLECTIVE_TIMEOUT_S)");
+    backOff(polls);
+  }
+  if (!made)
+    return made;
+  if (!message.back())
+    return Status(StatusCode::CommunicationError,
+                  "NCCL communicator: rank 0 could not create the NCCL id "
+                  "(see rank 0's error)");
+  std::memcpy(id.data(), message.data(), id.size());
+  NcclCommunicatorOptions withTimeout = options;
+  withTimeout.timeoutSeconds = timeout;
+  return createNcclCommunicator(communicator, id, rank, size, withTimeout);
+#else
+  (void)mpiComm;
+  (void)options;
+  return unavailableWithoutMpi();
+#endif
+}
+
+Status createNcclCommunicatorFromEnvironment(
+    std::shared_ptr<Communicator> &communicator,
+    const NcclCommunicatorOptions &options) {
+  communicator.reset();
+  RendezvousInfo info;
+  if (Status s = readRendezvousEnvironment(info); !s)
+    return s;
+  double timeout = options.timeoutSeconds;
+  if (timeout < 0)
+    if (Status s = getCollectiveTimeout(timeout); !s)
+      return s;
+  std::unique_ptr<TcpRendezvous> rendezvous;
+  if (Status s = TcpRendezvous::connect(info, rendezvous, timeout); !s)
+    return s;
+  // Block 0 of the gather is rank 0's id; one flag byte says whether it
+  // made one, so a failure there fails every rank at once.
+  std::vector<char> mine(NcclUniqueId{}.size() + 1, 0);
+  Status made = Status::ok();
+  if (info.rank == 0) {
+    NcclUniqueId id;
+    made = createNcclUniqueId(id);
+    std::memcpy(mine.data(), id.data(), id.size());
+    mine.back() = made ? 1 : 0;
+  }
+  std::vector<char> all(mine.size() * info.size);
+  if (Status s = rendezvous->allGather(mine.data(),
+                                       static_cast<int64_t>(mine.size()),
+                                       all.data(), "sharing the NCCL id");
+      !s)
+    return s;
+  if (!made)
+    return made;
+  if (!all[mine.size() - 1])
+    return Status(StatusCode::CommunicationError,
+                  "NCCL communicator: rank 0 could not create the NCCL id "
+                  "(see rank 0's error)");
+  NcclUniqueId id;
+  std::memcpy(id.data(), all.data(), id.size());
+  NcclCommunicatorOptions withTimeout = options;
+  withTimeout.timeoutSeconds = timeout;
+  return createNcclCommunicator(communicator, id, info.rank, info.size,
+                                withTimeout);
+}
+
+} // namespace flex

@@ -1,0 +1,276 @@
+//===- CudaMultiRankTest.cpp - Multi-rank plans on GPUs through NCCL ------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file runs the multi-rank test plans (unittests/Runtime/plans/mr_*)
+// on the CUDA backend, one rank per GPU as one thread each, through the
+// NCCL communicator, against the fp64 reference of the one-rank layer
+// applied to each rank's tokens (expert weight gradients summed over ranks),
+// as MultiRankTest.cpp does on CPU ranks. The workspace starts as NaN bytes,
+// so a padding row that no step zeroes shows. A plan for W ranks skips
+// without W usable GPUs, with the reason.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Comm/NcclCommunicator.h"
+#include "flex/Runtime/Cuda/CudaBackend.h"
+#include "flex/Runtime/Executor.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include "CudaTestSupport.h"
+#include "ReferenceMoE.h"
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <sstream>
+#include <thread>
+
+using namespace flex;
+using namespace flex::cudatest;
+
+namespace {
+
+std::string readPlan(const std::string &name) {
+  std::ifstream file(std::string(FLEX_RUNTIME_PLANS_DIR) + "/" + name);
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+/// Rank r's slice (experts r*L .. r*L+L-1) of a global [E, ...] parameter.
+std::vector<double> slice(const std::vector<double> &global, int64_t rank,
+                          int64_t world) {
+  if (global.empty())
+    return {};
+  size_t block = global.size() / world;
+  return std::vector<double>(global.begin() + rank * block,
+                             global.begin() + (rank + 1) * block);
+}
+
+struct PlanVariant {
+  const char *plan;
+  const char *variant;
+};
+
+void PrintTo(const PlanVariant &value, std::ostream *os) {
+  *os << value.plan << " variant " << value.variant;
+}
+
+std::string caseName(const ::testing::TestParamInfo<PlanVariant> &info) {
+  std::string name = std::string(info.param.plan) + "_" + info.param.variant;
+  for (char &c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)))
+      c = '_';
+  return name;
+}
+
+class CudaMultiRankRun : public ::testing::TestWithParam<PlanVariant> {};
+
+TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  if (!isNcclAvailable())
+    GTEST_SKIP() << "this build has no NCCL communicator";
+  auto plan = std::make_shared<Plan>();
+  Status status = parsePlan(readPlan(GetParam().plan), *plan);
+  ASSERT_TRUE(status.isOk()) << status.message();
+  const int64_t variant = plan->findVariant(GetParam().variant);
+  ASSERT_GE(variant, 0);
+  const int W = static_cast<int>(plan->worldSize);
+  int devices = 0;
+  cudaGetDeviceCount(&devices);
+  if (devices < W)
+    GTEST_SKIP() << "the plan runs on " << W << " ranks, one GPU each; this "
+                 << "machine has " << devices;
+  const LayerConfig &config = plan->layer;
+  reference::ReferenceOptions refOptions;
+  for (const Step &step : plan->variants[variant].forward)
+    if (step.op == StepOp::Gate)
+      refOptions.capacityAlignment = step.attrs.capacityAlignment;
+
+  // One communicator per rank, kept over the seeds.
+  NcclUniqueId id;
+  ASSERT_TRUE(createNcclUniqueId(id).isOk());
+  std::vector<std::shared_ptr<Communicator>> comms(W);
+  {
+    std::vector<Status> made(W);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r)
+      threads.emplace_back([&, r] {
+        NcclCommunicatorOptions options;
+        options.device = r;
+        options.timeoutSeconds = 120;
+        made[r] = createNcclCommunicator(comms[r], id, r, W, options);
+      });
+    for (std::thread &t : threads)
+      t.join();
+    for (int r = 0; r < W; ++r)
+      ASSERT_TRUE(made[r].isOk()) << "rank " << r << ": " << made[r].message();
+  }
+
+  for (uint64_t seed : {1u, 2u}) {
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    std::mt19937_64 rng(seed);
+    std::vector<reference::LayerInputs> inputs(W);
+    std::vector<std::vector<double>> gradOut(W);
+    reference::LayerInputs global = reference::makeRandomInputs(config, rng);
+    for (int r = 0; r < W; ++r) {
+      for (;;) {
+        inputs[r] = global;
+        inputs[r].x = reference::makeRandomInputs(config, rng).x;
+        reference::LayerRouting routing =
+            reference::referenceRouting(config, inputs[r], refOptions);
+        reference::RoutingMargins margins =
+            reference::routingMargins(config, routing);
+        if (margins.logitGap > 1e-3 &&
+            (!config.batchPrioritized || margins.priorityGap > 1e-3))
+          break;
+      }
+      std::normal_distribution<double> normal;
+      gradOut[r].resize(config.tokens * config.modelDim);
+      for (double &v : gradOut[r])
+        v = normal(rng);
+      gradOut[r] = reference::roundTo(gradOut[r], config.dtype);
+    }
+    const double gradLAux = 0.5;
+
+    // Per rank: the arguments in device memory on its GPU, read back after.
+    std::vector<std::map<std::string, std::vector<double>>> results(W);
+    std::vector<Status> statuses(W);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r)
+      threads.emplace_back([&, r] {
+        cudaSetDevice(r);
+        std::map<std::string, std::vector<double>> values = {
+            {"x", inputs[r].x},
+            {"wg", global.wg},
+            {"w1", slice(global.w1, r, W)},
+            {"b1", slice(global.b1, r, W)},
+            {"w2", slice(global.w2, r, W)},
+            {"b2", slice(global.b2, r, W)},
+            {"w3", slice(global.w3, r, W)},
+            {"grad_out", gradOut[r]},
+            {"grad_l_aux", {gradLAux}}};
+        std::map<std::string, Buffer> buffers;
+        std::vector<Binding> bindings;
+        for (const Argument &arg : plan->arguments) {
+          Buffer buffer(arg.dtype, static_cast<size_t>(arg.numElements()));
+          auto given = values.find(arg.name);
+          if (given != values.end() && !given->second.empty())
+            buffer.set(given->second);
+          else
+            buffer.poison();
+          auto [it, inserted] = buffers.emplace(arg.name, std::move(buffer));
+          bindings.push_back(
+              {arg.name, it->second.device, arg.numBytes()});
+        }
+        std::unique_ptr<Backend> backend;
+        CudaBackendOptions options;
+        options.device = r;
+        Status s = createCudaBackend(backend, options);
+        std::unique_ptr<Executor> executor;
+        if (s)
+          s = Executor::create(plan, std::move(backend), executor);
+        // A workspace of NaN bytes.
+        void *workspace = nullptr;
+        const int64_t bytes = std::max<int64_t>(plan->workspace.bytes, 1);
+        if (s && cudaMalloc(&workspace, bytes) != cudaSuccess)
+          s = Status(StatusCode::Internal, "cudaMalloc of the workspace");
+        if (s && cudaMemset(workspace, 0xff, bytes) != cudaSuccess)
+          s = Status(StatusCode::Internal, "cudaMemset of the workspace");
+        if (s)
+          s = executor->setWorkspace(workspace, plan->workspace.bytes);
+        if (s)
+          s = executor->setCommunicator(comms[r]);
+        if (s)
+          s = executor->selectVariant(variant);
+        if (s)
+          s = executor->forward(bindings.data(), bindings.size());
+        if (s && plan->training)
+          s = executor->backward(bindings.data(), bindings.size());
+        if (s && cudaDeviceSynchronize() != cudaSuccess)
+          s = Status(StatusCode::Internal, "cudaDeviceSynchronize");
+        statuses[r] = s;
+        for (auto &[name, buffer] : buffers) {
+          buffer.download();
+          std::vector<double> got(buffer.count);
+          for (size_t i = 0; i < buffer.count; ++i)
+            got[i] = buffer.at(i);
+          results[r][name] = std::move(got);
+        }
+        executor.reset();
+        if (workspace)
+          cudaFree(workspace);
+      });
+    for (std::thread &t : threads)
+      t.join();
+    for (int r = 0; r < W; ++r)
+      ASSERT_TRUE(statuses[r].isOk())
+          << "rank " << r << ": " << statuses[r].message();
+
+    const double tolerance = config.dtype == DType::F32 ? 1e-5 : 2e-2;
+    std::vector<reference::LayerForward> forward(W);
+    std::vector<reference::LayerGradients> grads(W);
+    reference::LayerGradients sum;
+    auto add = [](std::vector<double> &to, const std::vector<double> &v) {
+      to.resize(v.size(), 0.0);
+      for (size_t i = 0; i < v.size(); ++i)
+        to[i] += v[i];
+    };
+    for (int r = 0; r < W; ++r) {
+      if (plan->training)
+        grads[r] = reference::referenceBackward(
+            config, inputs[r], gradOut[r], gradLAux, refOptions, &forward[r]);
+      else
+        forward[r] = reference::referenceForward(config, inputs[r], refOptions);
+      add(sum.w1, grads[r].w1);
+      add(sum.b1, grads[r].b1);
+      add(sum.w2, grads[r].w2);
+      add(sum.b2, grads[r].b2);
+      add(sum.w3, grads[r].w3);
+    }
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      auto &got = results[r];
+      EXPECT_LE(reference::relativeL2(got["out"], forward[r].out), tolerance);
+      EXPECT_LE(reference::relativeL2(got["l_aux"], {forward[r].lAux}),
+                tolerance);
+      if (!plan->training)
+        continue;
+      EXPECT_LE(reference::relativeL2(got["grad_x"], grads[r].x), tolerance);
+      EXPECT_LE(reference::relativeL2(got["grad_wg"], grads[r].wg), tolerance);
+      std::pair<const char *, const std::vector<double> *> experts[] = {
+          {"grad_w1", &sum.w1},
+          {"grad_b1", &sum.b1},
+          {"grad_w2", &sum.w2},
+          {"grad_b2", &sum.b2},
+          {"grad_w3", &sum.w3}};
+      for (auto [name, want] : experts)
+        if (got.count(name))
+          EXPECT_LE(reference::relativeL2(got[name], slice(*want, r, W)),
+                    tolerance)
+              << name;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Plans, CudaMultiRankRun,
+    ::testing::Values(PlanVariant{"mr_ffn_fixed_w2_train.json", "ep1"},
+                      PlanVariant{"mr_ffn_fixed_w2_train.json", "ep2"},
+                      PlanVariant{"mr_ffn_fixed_w2_train.json", "dp"},
+                      PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "ep2"},
+                      PlanVariant{"mr_gated_bounded_w2_train_bf16.json", "dp"},
+                      PlanVariant{"mr_ffn_dropless_w4_train.json", "ep1"},
+                      PlanVariant{"mr_ffn_dropless_w4_train.json", "ep2"},
+                      PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep1"},
+                      PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"}),
+    caseName);
+
+} // namespace

@@ -1,0 +1,251 @@
+//===- NcclCommunicatorTest.cpp - The NCCL communicator on 2 GPUs ---------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file tests the NCCL communicator with two ranks as two threads of
+// this process, each on its own GPU, started from one shared unique id:
+// every collective against host-computed results, and the bounded wait (a
+// rank that never joins the collective fails the other with
+// CommunicationError naming it, after aborting NCCL). Without two usable
+// GPUs every test skips with the reason.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Comm/NcclCommunicator.h"
+#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Cuda/CudaBackend.h"
+
+#include <cuda_runtime.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <functional>
+#include <thread>
+#include <vector>
+
+using namespace flex;
+using ::testing::HasSubstr;
+
+namespace {
+
+constexpr int kRanks = 2;
+
+#define FLEX_SKIP_WITHOUT_GPUS(n)                                              \
+  do {                                                                         \
+    std::string reason;                                                        \
+    if (!::flex::isCudaBackendUsable(&reason))                                 \
+      GTEST_SKIP() << "no CUDA device: " << reason;                            \
+    int count = 0;                                                             \
+    cudaGetDeviceCount(&count);                                                \
+    if (count < (n))                                                           \
+      GTEST_SKIP() << "needs " << (n) << " GPUs, this machine has " << count;  \
+  } while (0)
+
+void onRanks(const std::function<void(int)> &fn) {
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks; ++r)
+    threads.emplace_back(fn, r);
+  for (std::thread &thread : threads)
+    thread.join();
+}
+
+/// The communicators of both ranks, each made on its own thread and GPU.
+std::vector<std::shared_ptr<Communicator>> makeRanks(double timeout) {
+  NcclUniqueId id;
+  Status status = createNcclUniqueId(id);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  std::vector<std::shared_ptr<Communicator>> ranks(kRanks);
+  std::vector<Status> results(kRanks);
+  onRanks([&](int r) {
+    NcclCommunicatorOptions options;
+    options.device = r;
+    options.timeoutSeconds = timeout;
+    results[r] = createNcclCommunicator(ranks[r], id, r, kRanks, options);
+  });
+  for (int r = 0; r < kRanks; ++r)
+    EXPECT_TRUE(results[r].isOk()) << "rank " << r << ": "
+                                   << results[r].message();
+  return ranks;
+}
+
+template <typename T> T *deviceCopy(const std::vector<T> &host) {
+  void *data = nullptr;
+  EXPECT_EQ(cudaMalloc(&data, std::max<size_t>(host.size() * sizeof(T), 1)),
+            cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(data, host.data(), host.size() * sizeof(T),
+                       cudaMemcpyHostToDevice),
+            cudaSuccess);
+  return static_cast<T *>(data);
+}
+
+template <typename T> std::vector<T> hostCopy(const T *device, size_t count) {
+  std::vector<T> host(count);
+  EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T),
+                       cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  return host;
+}
+
+TEST(NcclCommunicator, IsADeviceCommunicator) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  auto ranks = makeRanks(60);
+  ASSERT_TRUE(ranks[0] && ranks[1]);
+  EXPECT_EQ(ranks[1]->name(), "nccl");
+  EXPECT_EQ(ranks[1]->rank(), 1);
+  EXPECT_EQ(ranks[1]->size(), kRanks);
+  EXPECT_EQ(ranks[1]->memory(), CommMemory::Device);
+}
+
+TEST(NcclCommunicator, CollectivesOnTwoGpus) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  auto ranks = makeRanks(60);
+  ASSERT_TRUE(ranks[0] && ranks[1]);
+  std::vector<std::string> failures(kRanks);
+  onRanks([&](int r) {
+    auto check = [&](Status status, const char *what) {
+      if (!status && failures[r].empty())
+        failures[r] = std::string(what) + ": " + status.message();
+      return status.isOk();
+    };
+    ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    Communicator &comm = *ranks[r];
+    check(comm.setStream(stream), "setStream");
+
+    // allToAll with blocks of different sizes at scattered offsets: to p,
+    // (r + 1) * (p + 1) * 8 bytes of value 16 * r + p.
+    auto bytes = [](int from, int to) { return int64_t{(from + 1) * (to + 1) * 8}; };
+    std::vector<int64_t> sendOffsets(kRanks), sendBytes(kRanks),
+        recvOffsets(kRanks), recvBytes(kRanks);
+    int64_t sendTotal = 0, recvTotal = 0;
+    for (int p = 0; p < kRanks; ++p) {
+      sendOffsets[p] = sendTotal + 16; // a gap before each block
+      sendBytes[p] = bytes(r, p);
+      sendTotal += 16 + sendBytes[p];
+      recvOffsets[p] = recvTotal + 32;
+      recvBytes[p] = bytes(p, r);
+      recvTotal += 32 + recvBytes[p];
+    }
+    std::vector<uint8_t> sendHost(sendTotal, 0xee);
+    for (int p = 0; p < kRanks; ++p)
+      std::fill_n(sendHost.begin() + sendOffsets[p], sendBytes[p],
+                  static_cast<uint8_t>(16 * r + p));
+    uint8_t *send = deviceCopy(sendHost);
+    uint8_t *recv = deviceCopy(std::vector<uint8_t>(recvTotal, 0));
+    check(comm.allToAll(send, sendOffsets.data(), sendBytes.data(), recv,
+                        recvOffsets.data(), recvBytes.data(), "a2a-test"),
+          "allToAll");
+
+    // allReduceMaxInt32: [r, 10 - r, -r] -> [1, 10, 0].
+    int32_t *values = deviceCopy(std::vector<int32_t>{r, 10 - r, -r});
+    check(comm.allReduceMaxInt32(values, 3, "max-test"), "allReduceMax");
+
+    // allGather of 40 bytes of value r + 1.
+    uint8_t *mine = deviceCopy(std::vector<uint8_t>(40, r + 1));
+    uint8_t *gathered = deviceCopy(std::vector<uint8_t>(40 * kRanks, 0));
+    check(comm.allGather(mine, 40, gathered, "gather-test"), "allGather");
+
+    // reduceScatterSum f32 and bf16: send[p][i] = r + p + i / 8.
+    const int64_t count = 24;
+    std::vector<float> sendF(kRanks * count);
+    std::vector<uint16_t> sendB(kRanks * count);
+    for (int p = 0; p < kRanks; ++p)
+      for (int64_t i = 0; i < count; ++i) {
+        float v = static_cast<float>(r + p) + static_cast<float>(i) / 8.0f;
+        sendF[p * count + i] = v;
+        sendB[p * count + i] = cpu::floatToBf16(v);
+      }
+    float *sendFd = deviceCopy(sendF);
+    float *recvFd = deviceCopy(std::vector<float>(count, -1.0f));
+    uint16_t *sendBd = deviceCopy(sendB);
+    uint16_t *recvBd = deviceCopy(std::vector<uint16_t>(count, 0));
+    check(comm.reduceScatterSum(sendFd, recvFd, count, DType::F32, "rs-f32"),
+          "reduceScatter f32");
+    check(comm.reduceScatterSum(sendBd, recvBd, count, DType::BF16, "rs-bf16"),
+          "reduceScatter bf16");
+    Status i32 = comm.reduceScatterSum(sendFd, recvFd, count, DType::I32, "x");
+    EXPECT_EQ(i32.code(), StatusCode::InvalidArgument);
+    check(comm.barrier("barrier-test"), "barrier");
+    check(comm.synchronizeStream(stream, "sync-test"), "synchronizeStream");
+
+    std::vector<uint8_t> received = hostCopy(recv, recvTotal);
+    for (int p = 0; p < kRanks; ++p)
+      for (int64_t b = 0; b < recvBytes[p]; ++b)
+        ASSERT_EQ(received[recvOffsets[p] + b], 16 * p + r)
+            << "rank " << r << " from " << p << " byte " << b;
+    EXPECT_EQ(hostCopy(values, 3), (std::vector<int32_t>{1, 10, 0}));
+    std::vector<uint8_t> all = hostCopy(gathered, 40 * kRanks);
+    for (int p = 0; p < kRanks; ++p)
+      for (int b = 0; b < 40; ++b)
+        ASSERT_EQ(all[p * 40 + b], p + 1);
+    std::vector<float> sumF = hostCopy(recvFd, count);
+    std::vector<uint16_t> sumB = hostCopy(recvBd, count);
+    for (int64_t i = 0; i < count; ++i) {
+      // Block r of every rank p: p + r + i / 8, summed over p.
+      float want = 0;
+      for (int p = 0; p < kRanks; ++p)
+        want += static_cast<float>(p + r) + static_cast<float>(i) / 8.0f;
+      EXPECT_FLOAT_EQ(sumF[i], want) << "rank " << r << " i " << i;
+      EXPECT_NEAR(cpu::bf16ToFloat(sumB[i]), want, 0.02 * want + 0.01);
+    }
+    for (void *p : {static_cast<void *>(send), static_cast<void *>(recv),
+                    static_cast<void *>(values), static_cast<void *>(mine),
+                    static_cast<void *>(gathered), static_cast<void *>(sendFd),
+                    static_cast<void *>(recvFd), static_cast<void *>(sendBd),
+                    static_cast<void *>(recvBd)})
+      cudaFree(p);
+    cudaStreamDestroy(stream);
+  });
+  for (int r = 0; r < kRanks; ++r)
+    EXPECT_TRUE(failures[r].empty()) << "rank " << r << ": " << failures[r];
+}
+
+// Rank 1 never joins the all-reduce: rank 0's wait for its stream ends
+// after the timeout with an error naming the collective, NCCL aborted.
+TEST(NcclCommunicator, AMissingRankTimesOutAndAborts) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  auto ranks = makeRanks(3);
+  ASSERT_TRUE(ranks[0] && ranks[1]);
+  std::atomic<bool> rank0Done{false};
+  Status waited;
+  onRanks([&](int r) {
+    ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
+    if (r == 1) {
+      while (!rank0Done)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      ranks[1]->abort(Status(StatusCode::CommunicationError, "test over"));
+      return;
+    }
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    ASSERT_TRUE(ranks[0]->setStream(stream).isOk());
+    int32_t *value = deviceCopy(std::vector<int32_t>{1});
+    Status queued = ranks[0]->allReduceMaxInt32(value, 1, "lonely all-reduce");
+    waited = queued ? ranks[0]->synchronizeStream(stream, "lonely all-reduce")
+                    : queued;
+    rank0Done = true;
+    // Broken now: later calls fail at once.
+    Status later = ranks[0]->allReduceMaxInt32(value, 1, "after");
+    EXPECT_EQ(later.code(), StatusCode::CommunicationError);
+    cudaFree(value);
+    cudaStreamDestroy(stream);
+  });
+  EXPECT_EQ(waited.code(), StatusCode::CommunicationError);
+  EXPECT_THAT(waited.message(), HasSubstr("lonely all-reduce"));
+  EXPECT_THAT(waited.message(), HasSubstr("aborted"));
+}
+
+TEST(NcclCommunicator, RejectsARankOutOfRange) {
+  std::shared_ptr<Communicator> comm;
+  Status status = createNcclCommunicator(comm, NcclUniqueId{}, 2, 2);
+  EXPECT_FALSE(status.isOk());
+  EXPECT_FALSE(comm);
+  if (isNcclAvailable())
+    EXPECT_THAT(status.message(), HasSubstr("out of range"));
+}
+
+} // namespace
