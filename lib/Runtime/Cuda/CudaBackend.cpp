@@ -22,6 +22,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/Communicator.h"
+#include "flex/Runtime/Comm/HierarchicalAllToAll.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
 
@@ -149,6 +150,13 @@ private:
   /// sync_capacity of the current routing).
   Status hostCapacity(const Plan &plan, const BufferRef &ref,
                       const TensorView &view, int64_t &capacity);
+  /// The two-phase all_to_all of ranks_per_node (HierarchicalAllToAll.h)
+  /// on device staging blocks.
+  Status hierarchicalAllToAll(const cuda::AllToAllShape &shape,
+                              bool sendDispatchLayout, void *input,
+                              void *output, int64_t rowBytes,
+                              int64_t ranksPerNode, Communicator &comm,
+                              const std::string &what);
   /// Grow-only device staging for all_to_all, kept between steps.
   Status staging(int slot, int64_t bytes, void *&data);
 
@@ -673,12 +681,6 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
                       " rows exceed the buffers' " +
                       std::to_string(std::min(input.desc->shape[0],
                                               output.desc->shape[0])));
-  if (a.ranksPerNode > 1 && a.ranksPerNode < W)
-    return Status(StatusCode::Unavailable,
-                  what + ": ranks_per_node " + std::to_string(a.ranksPerNode) +
-                      " (the hierarchical all_to_all) is not implemented on "
-                      "the CUDA backend yet; compile the plan without it "
-                      "(flat exchange)");
   const int64_t rowBytes = input.desc->shape[1] *
                            static_cast<int64_t>(dtypeSize(input.desc->dtype));
   const int64_t Cq = shape.capacity / a.chunks;
@@ -696,6 +698,12 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
                ? peer * shape.localExperts * shape.capacity + a.chunk * Cq
                : (a.chunk * W + peer) * Cq; // L == 1
   };
+  // 2DH (ranks_per_node N with 1 < N < W) moves the same staging blocks in
+  // two phases; N == 1 or N == W degenerate to the flat exchange.
+  if (a.ranksPerNode > 1 && a.ranksPerNode < W)
+    return hierarchicalAllToAll(shape, sendDispatchLayout, input.data,
+                                output.data, rowBytes, a.ranksPerNode, comm,
+                                what);
   std::vector<int64_t> sendOffsets(W), recvOffsets(W), sizes(W, blockBytes);
   void *send = input.data, *recv = output.data;
   const bool sendDirect = contiguous(sendDispatchLayout);
@@ -726,6 +734,54 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
     return cuda::allToAllCopy(*ctx_, shape, !sendDispatchLayout,
                               /*pack=*/false, output.data, recv, rowBytes);
   return Status::ok();
+}
+
+Status CudaBackend::hierarchicalAllToAll(const cuda::AllToAllShape &shape,
+                                          bool sendDispatchLayout, void *input,
+                                          void *output, int64_t rowBytes,
+                                          int64_t ranksPerNode,
+                                          Communicator &comm,
+                                          const std::string &what) {
+  const int64_t W = shape.ranks;
+  const int64_t blockBytes =
+      shape.localExperts * (shape.capacity / shape.chunks) * rowBytes;
+  void *send = nullptr, *recv = nullptr, *scratch = nullptr;
+  for (auto [slot, data] : {std::pair{0, &send}, {1, &recv}, {2, &scratch}})
+    if (Status s = staging(slot, W * blockBytes, *data); !s)
+      return s;
+  if (Status s = cuda::allToAllCopy(*ctx_, shape, sendDispatchLayout,
+                                    /*pack=*/true, input, send, rowBytes);
+      !s)
+    return s;
+  HierarchicalAllToAll h{W, ranksPerNode, comm.rank()};
+  auto *sendBlocks = static_cast<char *>(send);
+  auto *scratchBlocks = static_cast<char *>(scratch);
+  std::vector<int64_t> offsets, sizes;
+  for (int phase = 1; phase <= 2; ++phase) {
+    // Reorder the blocks (phase 1 from the packed blocks, phase 2 from
+    // what phase 1 received into `send`), then exchange among the peers
+    // of the phase.
+    for (int64_t i = 0; i < W; ++i) {
+      int64_t source = phase == 1 ? h.phase1Source(i) : h.phase2Source(i);
+      if (Status s = cuda::checkCuda(
+              cudaMemcpyAsync(scratchBlocks + i * blockBytes,
+                              sendBlocks + source * blockBytes,
+                              static_cast<size_t>(blockBytes),
+                              cudaMemcpyDeviceToDevice, ctx_->stream()),
+              "reordering the 2DH all_to_all blocks");
+          !s)
+        return s;
+    }
+    h.phaseBlocks(phase, blockBytes, offsets, sizes);
+    if (Status s = comm.allToAll(
+            scratch, offsets.data(), sizes.data(), phase == 1 ? send : recv,
+            offsets.data(), sizes.data(),
+            what + (phase == 1 ? " (2DH intra-node)" : " (2DH inter-node)"));
+        !s)
+      return s;
+  }
+  return cuda::allToAllCopy(*ctx_, shape, !sendDispatchLayout,
+                            /*pack=*/false, output, recv, rowBytes);
 }
 
 } // namespace
