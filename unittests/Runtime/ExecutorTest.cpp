@@ -205,9 +205,11 @@ void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
   }
 
   // Inputs are never written.
-  for (const Argument &arg : plan->arguments)
-    if (arg.role == ArgumentRole::Input || arg.role == ArgumentRole::GradInput)
+  for (const Argument &arg : plan->arguments) {
+    if (arg.role == ArgumentRole::Input || arg.role == ArgumentRole::GradInput) {
       EXPECT_EQ(buffers.data[arg.name], inputsBefore[arg.name]) << arg.name;
+    }
+  }
 
   reference::LayerForward forward;
   reference::LayerGradients grads;
@@ -226,9 +228,10 @@ void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
       {"grad_b1", &grads.b1}, {"grad_w2", &grads.w2}, {"grad_b2", &grads.b2},
       {"grad_w3", &grads.w3}};
   for (auto [name, want] : gradients)
-    if (plan->findArgument(name) >= 0)
+    if (plan->findArgument(name) >= 0) {
       EXPECT_LE(reference::relativeL2(buffers.get(name), *want), tolerance)
           << name;
+    }
 }
 
 /// The dropless plan with bf16 tokens and weights (router in fp32):

@@ -142,10 +142,11 @@ TEST(MpiCommunicator, TimeoutNamesTheCollectiveAndTheRank) {
     EXPECT_THAT(later.message(), HasSubstr("failed earlier"));
   }
   MPI_Barrier(MPI_COMM_WORLD);
-  if (me == 1)
+  if (me == 1) {
     EXPECT_TRUE(comm->allToAll(&send, offsets.data(), bytes.data(), &recv,
                                offsets.data(), bytes.data(), "late")
                     .isOk());
+  }
   MPI_Barrier(MPI_COMM_WORLD);
 }
 

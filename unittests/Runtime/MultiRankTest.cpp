@@ -782,10 +782,11 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
           {"grad_b2", &sum.b2},
           {"grad_w3", &sum.w3}};
       for (auto [name, want] : experts)
-        if (b.has(name))
+        if (b.has(name)) {
           EXPECT_LE(reference::relativeL2(b.get(name), slice(*want, r, W)),
                     tolerance)
               << name;
+        }
     }
   }
 }
