@@ -18,6 +18,7 @@
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Comm/HierarchicalAllToAll.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
+#include "flex/Runtime/StepViews.h"
 
 #include <algorithm>
 #include <vector>
@@ -27,34 +28,10 @@ namespace {
 
 using R = OperandRole;
 
-cpu::ReadBuffer read(const TensorView &view) {
-  if (!view.isPresent())
-    return {};
-  return {view.data, view.desc->dtype};
-}
-
-cpu::WriteBuffer write(const TensorView &view) {
-  if (!view.isPresent())
-    return {};
-  return {view.data, view.desc->dtype};
-}
-
-template <typename T> const T *readAs(const TensorView &view) {
-  return static_cast<const T *>(view.data);
-}
-template <typename T> T *writeAs(const TensorView &view) {
-  return static_cast<T *>(view.data);
-}
-
-cpu::Epilogue toCpu(Epilogue epilogue) {
-  switch (epilogue) {
-  case Epilogue::None: return cpu::Epilogue::None;
-  case Epilogue::Relu: return cpu::Epilogue::Relu;
-  case Epilogue::Gelu: return cpu::Epilogue::Gelu;
-  case Epilogue::Silu: return cpu::Epilogue::Silu;
-  }
-  return cpu::Epilogue::None;
-}
+using step_views::read;
+using step_views::readAs;
+using step_views::write;
+using step_views::writeAs;
 
 class CpuBackend final : public Backend {
 public:
@@ -239,7 +216,7 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     cpu::GroupedGemmOptions options;
     options.transB = step.attrs.transB;
     options.accumulate = step.attrs.accumulate;
-    options.epilogue = toCpu(step.attrs.epilogue);
+    options.epilogue = step_views::toKernelEpilogue(step.attrs.epilogue);
     cpu::groupedGemm(read(a), read(ops.in(R::B)), read(ops.in(R::Bias)),
                      write(c), cols(a), cols(c), segments, options,
                      write(ops.out(R::Pre)));

@@ -25,6 +25,7 @@
 #include "flex/Runtime/Comm/HierarchicalAllToAll.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
+#include "flex/Runtime/StepViews.h"
 
 #include <cuda_runtime.h>
 
@@ -38,34 +39,10 @@ namespace {
 
 using R = OperandRole;
 
-cpu::ReadBuffer read(const TensorView &view) {
-  if (!view.isPresent())
-    return {};
-  return {view.data, view.desc->dtype};
-}
-
-cpu::WriteBuffer write(const TensorView &view) {
-  if (!view.isPresent())
-    return {};
-  return {view.data, view.desc->dtype};
-}
-
-template <typename T> const T *readAs(const TensorView &view) {
-  return static_cast<const T *>(view.data);
-}
-template <typename T> T *writeAs(const TensorView &view) {
-  return static_cast<T *>(view.data);
-}
-
-cpu::Epilogue toKernel(Epilogue epilogue) {
-  switch (epilogue) {
-  case Epilogue::None: return cpu::Epilogue::None;
-  case Epilogue::Relu: return cpu::Epilogue::Relu;
-  case Epilogue::Gelu: return cpu::Epilogue::Gelu;
-  case Epilogue::Silu: return cpu::Epilogue::Silu;
-  }
-  return cpu::Epilogue::None;
-}
+using step_views::read;
+using step_views::readAs;
+using step_views::write;
+using step_views::writeAs;
 
 /// The gate step that writes the routing buffer `offsets`, in any variant.
 const Step *findGate(const Plan &plan, const BufferRef &offsets) {
@@ -527,7 +504,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     cpu::GroupedGemmOptions options;
     options.transB = step.attrs.transB;
     options.accumulate = step.attrs.accumulate;
-    options.epilogue = toKernel(step.attrs.epilogue);
+    options.epilogue = step_views::toKernelEpilogue(step.attrs.epilogue);
     return cuda::groupedGemm(ctx, read(a), read(ops.in(R::B)),
                              read(ops.in(R::Bias)), write(c), cols(a), cols(c),
                              space(a), options,
