@@ -55,6 +55,37 @@ inline cpu::Epilogue toKernelEpilogue(Epilogue epilogue) {
   return cpu::Epilogue::None;
 }
 
+/// The gate step's attributes as the gate kernels take them.
+inline cpu::GateAttrs gateAttrs(const StepAttrs &a) {
+  cpu::GateAttrs attrs;
+  attrs.topK = a.topK;
+  attrs.capacityMode = a.capacityMode;
+  attrs.capacityFactor = a.capacityFactor;
+  attrs.normalize = a.normalize;
+  attrs.batchPrioritized = a.batchPrioritized;
+  attrs.noise = a.noise;
+  attrs.seed = a.seed;
+  attrs.layout = a.layout == DispatchLayout::Padded ? cpu::Layout::Padded
+                                                    : cpu::Layout::Ragged;
+  attrs.capacityAlignment = a.capacityAlignment;
+  return attrs;
+}
+
+/// The gate step's routing outputs as the gate kernels take them.
+inline cpu::GateOutputs gateOutputs(const StepOperands &ops) {
+  using R = OperandRole;
+  cpu::GateOutputs out;
+  out.scores = writeAs<float>(ops.out(R::Scores));
+  out.indices = writeAs<int32_t>(ops.out(R::Indices));
+  out.locations = writeAs<int32_t>(ops.out(R::Locations));
+  out.gates = writeAs<float>(ops.out(R::Gates));
+  out.capacity = writeAs<int32_t>(ops.out(R::Capacity));
+  out.expertOffsets = writeAs<int32_t>(ops.out(R::ExpertOffsets));
+  out.expertRows = writeAs<int32_t>(ops.out(R::ExpertRows));
+  out.lAux = writeAs<float>(ops.out(R::LAux));
+  return out;
+}
+
 } // namespace flex::step_views
 
 #endif // FLEX_RUNTIME_STEPVIEWS_H

@@ -468,26 +468,8 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
                         writeAs<float>(ops.out(R::Logits)), T, d, E);
   case StepOp::Gate: {
     const StepAttrs &a = step.attrs;
-    cpu::GateAttrs attrs;
-    attrs.topK = a.topK;
-    attrs.capacityMode = a.capacityMode;
-    attrs.capacityFactor = a.capacityFactor;
-    attrs.normalize = a.normalize;
-    attrs.batchPrioritized = a.batchPrioritized;
-    attrs.noise = a.noise;
-    attrs.seed = a.seed;
-    attrs.layout = a.layout == DispatchLayout::Padded ? cpu::Layout::Padded
-                                                      : cpu::Layout::Ragged;
-    attrs.capacityAlignment = a.capacityAlignment;
-    cpu::GateOutputs out;
-    out.scores = writeAs<float>(ops.out(R::Scores));
-    out.indices = writeAs<int32_t>(ops.out(R::Indices));
-    out.locations = writeAs<int32_t>(ops.out(R::Locations));
-    out.gates = writeAs<float>(ops.out(R::Gates));
-    out.capacity = writeAs<int32_t>(ops.out(R::Capacity));
-    out.expertOffsets = writeAs<int32_t>(ops.out(R::ExpertOffsets));
-    out.expertRows = writeAs<int32_t>(ops.out(R::ExpertRows));
-    out.lAux = writeAs<float>(ops.out(R::LAux));
+    cpu::GateAttrs attrs = step_views::gateAttrs(a);
+    cpu::GateOutputs out = step_views::gateOutputs(ops);
     lastGate_ = &step;
     ++capacityEpoch_;
     // The capacity stays on the device; by [cap-1] it never exceeds the
