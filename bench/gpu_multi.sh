@@ -73,12 +73,13 @@ build() {
 step build build
 
 tests() {
-  "$BUILD/unittests/Cuda/FlexNcclCommunicatorTests" &&
-  "$BUILD/unittests/Cuda/FlexCudaMultiRankTests" --gtest_brief=1 &&
-  (cd "$BUILD" && ctest --output-on-failure -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous')
+  # Bounded: a hung collective must not spend the call's device time.
+  timeout 120 "$BUILD/unittests/Cuda/FlexNcclCommunicatorTests" &&
+  timeout 120 "$BUILD/unittests/Cuda/FlexCudaMultiRankTests" --gtest_brief=1 &&
+  (cd "$BUILD" && ctest --timeout 120 --output-on-failure -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous')
 }
 step tests tests
-step ctest bash -c "cd '$BUILD' && ctest -j8 --output-on-failure 2>&1 | tail -40"
+step ctest bash -c "cd '$BUILD' && ctest -j8 --timeout 120 --output-on-failure 2>&1 | tail -40"
 
 flex() {
   local ok=0

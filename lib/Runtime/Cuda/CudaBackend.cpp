@@ -53,17 +53,6 @@ const Step *findGate(const Plan &plan, const BufferRef &offsets) {
   return nullptr;
 }
 
-/// The uniform_segments step that writes `offsets`, in any variant.
-const Step *findSegments(const Plan &plan, const BufferRef &offsets) {
-  for (const Variant &variant : plan.variants)
-    for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
-      for (const Step &step : *steps)
-        if (step.op == StepOp::UniformSegments &&
-            step.out(R::ExpertOffsets) == offsets)
-          return &step;
-  return nullptr;
-}
-
 /// The gate step that writes the capacity buffer `capacity`.
 const Step *findCapacityGate(const Plan &plan, const BufferRef &capacity) {
   for (const Variant &variant : plan.variants)
@@ -143,6 +132,34 @@ private:
   /// buffer names with different layouts, so later steps (and the backward
   /// after this forward) take the layout from the gate that actually ran.
   const Step *lastGate_ = nullptr;
+  /// Per offsets buffer, the uniform_segments step that last wrote it, and
+  /// the plan it belongs to. Chunks and variants may share one offsets
+  /// buffer, each with its own (chunks, chunk), so the static rows of a
+  /// segment op come from the step that ran last, never from a search of
+  /// the plan (which finds another chunk's or variant's step).
+  const Plan *segmentsPlan_ = nullptr;
+  std::vector<std::pair<BufferRef, const Step *>> lastSegments_;
+  const Step *lastSegmentsFor(const Plan &plan, const BufferRef &offsets) const {
+    if (segmentsPlan_ != &plan)
+      return nullptr;
+    for (const auto &[ref, step] : lastSegments_)
+      if (ref == offsets)
+        return step;
+    return nullptr;
+  }
+  void noteSegments(const Plan &plan, const Step &step) {
+    if (segmentsPlan_ != &plan) {
+      segmentsPlan_ = &plan;
+      lastSegments_.clear();
+    }
+    const BufferRef &offsets = step.out(R::ExpertOffsets);
+    for (auto &[ref, last] : lastSegments_)
+      if (ref == offsets) {
+        last = &step;
+        return;
+      }
+    lastSegments_.push_back({offsets, &step});
+  }
   std::vector<cudaEvent_t> events_;
   std::map<std::string, cudaGraphExec_t> graphs_;
   /// Bumped by every step that (re)writes a capacity: gate, sync_capacity.
@@ -422,7 +439,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
   const Step *segments = nullptr;
   int64_t segmentRows = -1;
   if (!findGate(plan, step.in(R::ExpertOffsets)))
-    if ((segments = findSegments(plan, step.in(R::ExpertOffsets)))) {
+    if ((segments = lastSegmentsFor(plan, step.in(R::ExpertOffsets)))) {
       const StepAttrs &a = segments->attrs;
       int64_t c = staticCapacity(
           plan, findCapacityGate(plan, segments->in(R::Capacity)));
@@ -545,6 +562,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     const StepAttrs &a = step.attrs;
     // New offsets in the same buffer: the GEMMs' host copy is stale.
     ++ctx.generation;
+    noteSegments(plan, step);
     return cuda::uniformSegments(
         ctx, routing.capacity, a.groups, a.ranks, a.chunks, a.chunk,
         writeAs<int32_t>(ops.out(R::ExpertOffsets)),
