@@ -494,21 +494,25 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
     expertsForward(dispatched, expertOut, {offsets, expertRows}, w, 0);
   } else {
     // r = 1: per capacity chunk, exchange rows, run this rank's experts on
-    // the rows of every rank, exchange back.
+    // the rows of every rank, exchange back. Every chunk's rows are sent
+    // first, so a device runtime that queues exchanges on their own stream
+    // receives chunk q + 1 while the experts of chunk q run, and returns
+    // chunk q while the experts of chunk q + 1 run.
     int64_t numChunks = layer.experts.size();
     int64_t localExperts = experts / ranks;
     Value received = alloc("received", memref({rows, modelDim}, element));
     Value produced = alloc("produced", memref({rows, modelDim}, element));
     chunks.assign(numChunks, {});
-    for (int64_t q = 0; q < numChunks; ++q) {
-      std::string suffix = numChunks > 1 ? "." + std::to_string(q) : "";
-      auto direction = [&](Direction d) {
-        return exchangeAttrs(layer, numChunks, q, d);
-      };
+    auto direction = [&](int64_t q, Direction d) {
+      return exchangeAttrs(layer, numChunks, q, d);
+    };
+    for (int64_t q = 0; q < numChunks; ++q)
       createStep<AllToAllOp>(
           b, loc,
           {{"input", dispatched}, {"capacity", capacity}, {"output", received}},
-          direction(Direction::Dispatch));
+          direction(q, Direction::Dispatch));
+    for (int64_t q = 0; q < numChunks; ++q) {
+      std::string suffix = numChunks > 1 ? "." + std::to_string(q) : "";
       Value segmentOffsets =
           alloc("segment_offsets" + suffix, memref({localExperts + 1}, i32));
       Value segmentRows =
@@ -530,7 +534,7 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
       createStep<AllToAllOp>(
           b, loc,
           {{"input", produced}, {"capacity", capacity}, {"output", expertOut}},
-          direction(Direction::Combine));
+          direction(q, Direction::Combine));
     }
   }
   createStep<CombineOp>(b, loc,
@@ -593,23 +597,25 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
     int64_t numChunks = chunks.size();
     Value gradProduced = alloc("grad_produced", rowsType);
     Value gradReceived = alloc("grad_received", rowsType);
-    for (int64_t q = 0; q < numChunks; ++q) {
-      auto direction = [&](Direction d) {
-        return exchangeAttrs(layer, numChunks, q, d);
-      };
-      // The backward of the combine exchange is a dispatch exchange.
+    auto direction = [&](int64_t q, Direction d) {
+      return exchangeAttrs(layer, numChunks, q, d);
+    };
+    // The backward of the combine exchange is a dispatch exchange; as in
+    // the forward, every chunk is sent before the experts run.
+    for (int64_t q = 0; q < numChunks; ++q)
       createStep<AllToAllOp>(b, loc,
                              {{"input", gradExpertOut},
                               {"capacity", capacity},
                               {"output", gradProduced}},
-                             direction(Direction::Dispatch));
+                             direction(q, Direction::Dispatch));
+    for (int64_t q = 0; q < numChunks; ++q) {
       expertsBackward(chunks[q].input, gradProduced, gradReceived,
                       chunks[q].segments, weights, weightGrads, q);
       createStep<AllToAllOp>(b, loc,
                              {{"input", gradReceived},
                               {"capacity", capacity},
                               {"output", gradDispatched}},
-                             direction(Direction::Combine));
+                             direction(q, Direction::Combine));
     }
   }
 

@@ -29,11 +29,25 @@
 // CHECK-NEXT: moert.dispatch_backward
 
 // r = 1, D = 2: two chunks; the second chunk's weight gradients add up.
+// Both chunks are sent before the experts run (chunk 1 arrives while
+// chunk 0's experts run), then each chunk's experts and its way back.
 // CHECK: moert.variant "r1d2" forward {
-// CHECK: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
-// CHECK: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
+// CHECK: moert.dispatch
+// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
+// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
+// CHECK-NEXT: moert.uniform_segments {{.+}} {chunk = 0 : i64, chunks = 2 : i64
+// CHECK: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction combine>
+// CHECK-NEXT: moert.uniform_segments {{.+}} {chunk = 1 : i64, chunks = 2 : i64
+// CHECK: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction combine>
+// CHECK-NEXT: moert.combine
 // CHECK: } backward {
+// CHECK-NEXT: moert.combine_backward
+// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>
+// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>
+// CHECK: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction combine>
 // CHECK: moert.grouped_gemm_wgrad {{.+}}outs(grad_b = {{.+}}) {accumulate}
+// CHECK: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction combine>
+// CHECK-NEXT: moert.dispatch_backward
 
 // r = 0: gather the experts, run them all, reduce-scatter their gradients.
 // CHECK: moert.variant "r0d1" forward {
