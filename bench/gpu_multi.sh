@@ -16,7 +16,7 @@
 #   run(kind="nvidia-h200-x2", carry=["bench/plans"],
 #       command="bash bench/gpu_multi.sh")
 # Knobs: BENCH_ITERS (10), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
-# c3_dropless"), BENCH_VARIANTS ("r1d1 r1d2 r0d1"), BENCH_SKIP ("build tests
+# c3_dropless"), BENCH_VARIANTS ("r1d1 r1d2 r1d4 r0d1"), BENCH_SKIP ("build tests
 # ctest flex nccl", any subset), BENCH_DEADLINE (540 s: no new step after).
 set -uo pipefail
 
@@ -25,7 +25,7 @@ cd "$root"
 OUT="${OUT:-$root/bench/out}"
 ITERS="${BENCH_ITERS:-10}"
 CONFIGS="${BENCH_MULTI_CONFIGS:-c1_cap1 c3_cap1 c1_dropless c3_dropless}"
-VARIANTS="${BENCH_VARIANTS:-r1d1 r1d2 r0d1}"
+VARIANTS="${BENCH_VARIANTS:-r1d1 r1d2 r1d4 r0d1}"
 SKIP=" ${BENCH_SKIP:-} "
 DEADLINE="${BENCH_DEADLINE:-540}"
 BUILD="${BENCH_BUILD_DIR:-$root/build-gpu-multi}"
@@ -76,34 +76,60 @@ tests() {
   # Bounded: a hung collective must not spend the call's device time.
   timeout 120 "$BUILD/unittests/Cuda/FlexNcclCommunicatorTests" &&
   timeout 120 "$BUILD/unittests/Cuda/FlexCudaMultiRankTests" --gtest_brief=1 &&
+  # The other two exchange paths: on the compute stream, and staged.
+  FLEX_CUDA_OVERLAP=0 timeout 120 "$BUILD/unittests/Cuda/FlexCudaMultiRankTests" --gtest_brief=1 &&
+  FLEX_CUDA_OVERLAP=0 FLEX_A2A_STAGING=1 timeout 120 "$BUILD/unittests/Cuda/FlexCudaMultiRankTests" --gtest_brief=1 &&
   (cd "$BUILD" && ctest --timeout 120 --output-on-failure -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous')
 }
 step tests tests
 step ctest bash -c "cd '$BUILD' && ctest -j8 --timeout 120 --output-on-failure 2>&1 | tail -40"
 
+# One run: mpirun -np 2 moe-run, forward+backward, one JSON; prints the
+# totals and the exchange's share. Extra environment goes in front (A=B ...).
+flex_run() { # flex_run CONFIG VARIANT TAG [ENV=VALUE ...]
+  local config=$1 variant=$2 tag=$3; shift 3
+  local plan="$root/bench/plans/mr2_$config.train.json"
+  local json="$OUT/multi/flex_${config}_${variant}_${tag}.json"
+  local envs=() e
+  for e in "$@"; do envs+=(-x "$e"); done
+  if env "$@" timeout 120 "${MPIRUN[@]}" "${envs[@]}" "$MOE_RUN" "$plan" \
+       --device cuda --train --variant "$variant" --iters "$ITERS" --json \
+       >"$json.tmp" 2>"$json.err"; then
+    mv "$json.tmp" "$json"
+    python3 - "$json" "$config" "$variant" "$tag" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+def comm(steps):
+    return sum(s["mean_us"] for s in steps
+               if s["op"] in ("all_to_all", "all_gather", "reduce_scatter"))
+f, b = d["forward"], d["backward"]
+print(f"   {sys.argv[2]:12} {sys.argv[3]:5} {sys.argv[4]:8} fwd {f['median_us']/1000:7.3f} ms "
+      f"fwd+bwd {(f['median_us'] + b['median_us'])/1000:7.3f} ms  "
+      f"(exchange steps {comm(f['steps'])/1000:.3f} + {comm(b['steps'])/1000:.3f} ms)")
+PY
+  else
+    echo "   $config $variant $tag FAILED"; tail -5 "$json.err"; return 1
+  fi
+}
+
 flex() {
   local ok=0
   for config in $CONFIGS; do
-    local plan="$root/bench/plans/mr2_$config.train.json"
-    [[ -f "$plan" ]] || { echo "missing $plan (bench/make_multi_plans.sh, carry bench/plans)"; ok=1; continue; }
+    [[ -f "$root/bench/plans/mr2_$config.train.json" ]] || {
+      echo "missing bench/plans/mr2_$config.train.json (bench/make_multi_plans.sh, carry bench/plans)"; ok=1; continue; }
     for variant in $VARIANTS; do
       late && { echo "past ${DEADLINE}s: no more runs"; return 1; }
-      local json="$OUT/multi/flex_${config}_${variant}.json"
-      echo "-- $config $variant"
-      if timeout 120 "${MPIRUN[@]}" "$MOE_RUN" "$plan" --device cuda --train \
-           --variant "$variant" --iters "$ITERS" --json >"$json.tmp" 2>"$json.err"; then
-        mv "$json.tmp" "$json"
-        python3 - "$json" <<'PY' || true
-import json, sys
-d = json.load(open(sys.argv[1]))
-keys = [k for k in d if any(s in k for s in ("micros", "ms", "time"))]
-print("  ", {k: d[k] for k in keys} if keys else list(d)[:12])
-PY
-      else
-        echo "   FAILED"; tail -5 "$json.err"; ok=1
+      flex_run "$config" "$variant" overlap || ok=1
+      # Exchanges on the compute stream: exact per-step times, the
+      # compute-only time, and so the exposed communication.
+      if [[ "$config" == *cap1 ]]; then
+        flex_run "$config" "$variant" serial FLEX_CUDA_OVERLAP=0 || ok=1
       fi
     done
   done
+  # Packing rows into staging blocks against sending them in place.
+  flex_run c1_cap1 r1d1 staged FLEX_CUDA_OVERLAP=0 FLEX_A2A_STAGING=1 || ok=1
+  flex_run c3_cap1 r1d1 staged FLEX_CUDA_OVERLAP=0 FLEX_A2A_STAGING=1 || ok=1
   return $ok
 }
 step flex flex
@@ -114,5 +140,7 @@ nccl() {
 }
 step nccl nccl
 
+# One file comes back instead of dozens.
+tar czf "$OUT/multi_results.tgz" -C "$OUT" multi && rm -rf "$OUT/multi"
 echo "== done in $((SECONDS - start)) s; failed: ${failed[*]:-none}"
 (( ${#failed[@]} == 0 ))

@@ -136,6 +136,46 @@ TEST_P(AllToAllMapping, DispatchFollowsThePlanFormatAndCombineInvertsIt) {
           }
     EXPECT_EQ(back[j], input[j]) << "combine(dispatch(x)) != x on rank " << j;
   }
+
+  // The in-place blocks (allToAllBlocks, what device ranks use) move every
+  // row to the same place as pack, allToAll, unpack.
+  std::vector<std::vector<float>> blockReceived(W), blockBack(W);
+  for (int64_t r = 0; r < W; ++r) {
+    blockReceived[r].assign(E * C * width, kNaN);
+    blockBack[r].assign(E * C * width, kNaN);
+  }
+  onRanks(static_cast<int>(W), [&](int rank) {
+    for (int64_t q = 0; q < D; ++q)
+      for (AllToAllDirection direction :
+           {AllToAllDirection::Dispatch, AllToAllDirection::Combine}) {
+        AllToAllLayout layout{W, L, C, D, q};
+        std::vector<Communicator::Block> sendBlocks, recvBlocks;
+        layout.blocks(direction, rowBytes, sendBlocks, recvBlocks);
+        bool dispatch = direction == AllToAllDirection::Dispatch;
+        Status status = ranks[rank]->allToAllBlocks(
+            dispatch ? input[rank].data() : blockReceived[rank].data(),
+            sendBlocks,
+            dispatch ? blockReceived[rank].data() : blockBack[rank].data(),
+            recvBlocks, "test all_to_all blocks");
+        ASSERT_TRUE(status.isOk()) << status.message();
+      }
+  });
+  for (int64_t j = 0; j < W; ++j) {
+    EXPECT_EQ(0, std::memcmp(blockReceived[j].data(), received[j].data(),
+                             received[j].size() * sizeof(float)))
+        << "rank " << j << ": blocks and staging received different rows";
+    EXPECT_EQ(blockBack[j], input[j]) << "rank " << j;
+  }
+}
+
+TEST(LocalCommunicator, AllToAllBlocksRejectsAPeerOutOfRange) {
+  auto ranks = localRanks(1);
+  float data[2] = {1, 2}, out[2] = {kNaN, kNaN};
+  std::vector<Communicator::Block> bad = {{3, 0, sizeof(float)}};
+  Status status = ranks[0]->allToAllBlocks(data, bad, out, bad, "blocks");
+  EXPECT_FALSE(status.isOk());
+  EXPECT_THAT(status.message(), HasSubstr("peer 3 of 1"));
+  EXPECT_TRUE(std::isnan(out[0]));
 }
 
 INSTANTIATE_TEST_SUITE_P(

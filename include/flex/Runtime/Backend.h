@@ -64,6 +64,11 @@ public:
   /// synchronously and returns at once.
   virtual Status synchronize() { return Status::ok(); }
 
+  /// Called after the last step of a pass: work the backend queued on
+  /// streams of its own joins the caller's stream here, so the pass is
+  /// complete in stream order when run() returns.
+  virtual Status endPass() { return Status::ok(); }
+
   /// The stream the next steps go to (a cudaStream_t on CUDA). The CPU
   /// backend accepts only null.
   virtual Status setStream(void *stream);

@@ -46,4 +46,22 @@ void AllToAllLayout::unpack(AllToAllDirection direction, const void *staging,
     }
 }
 
+void AllToAllLayout::blocks(AllToAllDirection direction, int64_t rowBytes,
+                            std::vector<Communicator::Block> &send,
+                            std::vector<Communicator::Block> &recv) const {
+  const int64_t runBytes = chunkRows() * rowBytes;
+  const bool dispatch = direction == AllToAllDirection::Dispatch;
+  send.clear();
+  recv.clear();
+  for (int64_t peer = 0; peer < ranks; ++peer)
+    for (int64_t l = 0; l < localExperts; ++l) {
+      int64_t from = dispatch ? dispatchLayoutRow(peer, l)
+                              : receivedLayoutRow(peer, l);
+      int64_t to = dispatch ? receivedLayoutRow(peer, l)
+                            : dispatchLayoutRow(peer, l);
+      send.push_back({static_cast<int>(peer), from * rowBytes, runBytes});
+      recv.push_back({static_cast<int>(peer), to * rowBytes, runBytes});
+    }
+}
+
 } // namespace flex

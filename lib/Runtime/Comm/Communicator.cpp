@@ -29,6 +29,68 @@ namespace flex {
 
 Communicator::~Communicator() = default;
 
+Status Communicator::allToAllBlocks(const void *send,
+                                    const std::vector<Block> &sendBlocks,
+                                    void *recv,
+                                    const std::vector<Block> &recvBlocks,
+                                    std::string_view what) {
+  if (memory() != CommMemory::Host)
+    return Status(StatusCode::Internal,
+                  std::string(what) + ": communicator '" + std::string(name()) +
+                      "' on device memory has no allToAllBlocks");
+  const int W = size();
+  // Per peer, the blocks back to back in their order: the packed layout.
+  std::vector<int64_t> sendBytes(W, 0), recvBytes(W, 0);
+  auto count = [&](const std::vector<Block> &blocks,
+                   std::vector<int64_t> &bytes) -> Status {
+    for (const Block &block : blocks) {
+      if (block.peer < 0 || block.peer >= W || block.bytes < 0 ||
+          block.offset < 0)
+        return Status(StatusCode::InvalidArgument,
+                      std::string(what) + ": a block names peer " +
+                          std::to_string(block.peer) + " of " +
+                          std::to_string(W) + " with " +
+                          std::to_string(block.bytes) + " bytes at offset " +
+                          std::to_string(block.offset));
+      bytes[block.peer] += block.bytes;
+    }
+    return Status::ok();
+  };
+  if (Status s = count(sendBlocks, sendBytes); !s)
+    return s;
+  if (Status s = count(recvBlocks, recvBytes); !s)
+    return s;
+  std::vector<int64_t> sendOffsets(W, 0), recvOffsets(W, 0);
+  for (int p = 1; p < W; ++p) {
+    sendOffsets[p] = sendOffsets[p - 1] + sendBytes[p - 1];
+    recvOffsets[p] = recvOffsets[p - 1] + recvBytes[p - 1];
+  }
+  std::vector<char> packedSend(
+      static_cast<size_t>(sendOffsets[W - 1] + sendBytes[W - 1]));
+  std::vector<char> packedRecv(
+      static_cast<size_t>(recvOffsets[W - 1] + recvBytes[W - 1]));
+  std::vector<int64_t> at = sendOffsets;
+  for (const Block &block : sendBlocks) {
+    std::memcpy(packedSend.data() + at[block.peer],
+                static_cast<const char *>(send) + block.offset,
+                static_cast<size_t>(block.bytes));
+    at[block.peer] += block.bytes;
+  }
+  if (Status s = allToAll(packedSend.data(), sendOffsets.data(),
+                          sendBytes.data(), packedRecv.data(),
+                          recvOffsets.data(), recvBytes.data(), what);
+      !s)
+    return s;
+  at = recvOffsets;
+  for (const Block &block : recvBlocks) {
+    std::memcpy(static_cast<char *>(recv) + block.offset,
+                packedRecv.data() + at[block.peer],
+                static_cast<size_t>(block.bytes));
+    at[block.peer] += block.bytes;
+  }
+  return Status::ok();
+}
+
 Status Communicator::setStream(void *stream) {
   if (stream)
     return Status(StatusCode::InvalidArgument,

@@ -11,16 +11,24 @@
 // the steps; a pass with a static routing can be recorded as a CUDA graph
 // and replayed. Every CUDA and cuBLAS error comes back as a Status.
 //
-// Collective steps run through a device communicator (NCCL), queued on the
-// same stream: all_to_all packs its rows per AllToAllLayout.h into staging
-// blocks with a kernel (or sends and receives in place where a peer's rows
-// are contiguous), sync_capacity and uniform_segments compute offsets from
-// the capacity on the device. all_to_all needs C on the host for its byte
-// counts: known there for a fixed capacity, else read back once per routing
-// (one bounded wait, as the grouped GEMMs of a dynamic routing).
+// Collective steps run through a device communicator (NCCL). all_to_all
+// sends and receives its rows in place, one run of Cq rows per (peer, local
+// expert) (AllToAllLayout::blocks), on an exchange stream of its own: it
+// waits for the compute queued before it, and a later compute step waits
+// for a pending exchange only when their bytes overlap (the rows of one
+// chunk, for the segment ops of a pipelined variant). So chunk q + 1 moves
+// while chunk q's experts run. FLEX_CUDA_OVERLAP=0 queues exchanges on the
+// compute stream instead; FLEX_A2A_STAGING=1 packs rows into staging blocks
+// with a kernel first (the 2DH exchange always does). The other collectives
+// run on the compute stream after every pending exchange. sync_capacity and
+// uniform_segments compute offsets from the capacity on the device;
+// all_to_all needs C on the host for its byte counts: known there for a
+// fixed capacity, else read back once per routing (one bounded wait, as the
+// grouped GEMMs of a dynamic routing).
 //
 //===----------------------------------------------------------------------===//
 
+#include "flex/Runtime/Comm/AllToAllLayout.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Comm/HierarchicalAllToAll.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
@@ -30,6 +38,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -78,7 +87,12 @@ int64_t staticCapacity(const Plan &plan, const Step *gate) {
 class CudaBackend final : public Backend {
 public:
   CudaBackend(int device, std::unique_ptr<cuda::KernelContext> context)
-      : device_(device), ctx_(std::move(context)) {}
+      : device_(device), ctx_(std::move(context)) {
+    const char *overlap = std::getenv("FLEX_CUDA_OVERLAP");
+    overlap_ = !(overlap && std::string_view(overlap) == "0");
+    const char *stagingEnv = std::getenv("FLEX_A2A_STAGING");
+    stagingExchange_ = stagingEnv && std::string_view(stagingEnv) == "1";
+  }
   ~CudaBackend() override;
 
   std::string_view name() const override { return "cuda"; }
@@ -125,6 +139,33 @@ private:
                               const std::string &what);
   /// Grow-only device staging for all_to_all, kept between steps.
   Status staging(int slot, int64_t bytes, void *&data);
+
+  /// Bytes a step reads or writes, for ordering it after pending exchanges.
+  struct ByteRange {
+    const char *begin = nullptr, *end = nullptr;
+    bool overlaps(const ByteRange &other) const {
+      return begin < other.end && other.begin < end;
+    }
+  };
+  /// An all_to_all queued on the exchange stream, not yet waited for.
+  struct PendingExchange {
+    cudaEvent_t done = nullptr;
+    std::vector<ByteRange> reads, writes;
+  };
+  /// Makes the compute stream wait for pending exchange `index` (and so for
+  /// every one before it, in stream order) and forgets them.
+  Status waitForExchange(size_t index);
+  /// Waits for every pending exchange (a join of the two streams).
+  Status joinExchanges() {
+    return pending_.empty() ? Status::ok() : waitForExchange(pending_.size() - 1);
+  }
+  /// Waits for the pending exchanges whose bytes overlap what `step` touches.
+  Status waitForOverlappingExchanges(const Step &step, const StepOperands &ops,
+                                     const Step *segments, int64_t chunkRows);
+  Status endPass() override;
+  /// The exchange stream and its events, made on first use.
+  Status exchangeStream(cudaStream_t &stream);
+  Status takeEvent(cudaEvent_t &event);
 
   int device_;
   std::unique_ptr<cuda::KernelContext> ctx_;
@@ -173,12 +214,30 @@ private:
     int64_t bytes = 0;
   };
   Staging staging_[3];
+  /// FLEX_CUDA_OVERLAP (default 1): exchanges on their own stream.
+  bool overlap_ = true;
+  /// FLEX_A2A_STAGING=1: pack rows into staging blocks (A/B measurements).
+  bool stagingExchange_ = false;
+  cudaStream_t exchangeStream_ = nullptr;
+  cudaEvent_t computeReady_ = nullptr;
+  std::vector<PendingExchange> pending_;
+  std::vector<cudaEvent_t> freeEvents_;
 };
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
   // Queued collectives may still read the staging blocks.
   cudaStreamSynchronize(ctx_->stream());
+  if (exchangeStream_) {
+    cudaStreamSynchronize(exchangeStream_);
+    cudaStreamDestroy(exchangeStream_);
+  }
+  for (PendingExchange &exchange : pending_)
+    freeEvents_.push_back(exchange.done);
+  for (cudaEvent_t event : freeEvents_)
+    cudaEventDestroy(event);
+  if (computeReady_)
+    cudaEventDestroy(computeReady_);
   for (auto &[key, exec] : graphs_)
     cudaGraphExecDestroy(exec);
   for (cudaEvent_t event : events_)
@@ -195,6 +254,8 @@ bool hasDeviceCommunicator(const std::shared_ptr<Communicator> &comm) {
 }
 
 Status CudaBackend::synchronize() {
+  if (Status s = joinExchanges(); !s)
+    return s;
   // A device communicator bounds the wait: a dead peer fails the call with
   // CommunicationError instead of hanging here.
   if (hasDeviceCommunicator(communicator_))
@@ -241,6 +302,117 @@ Status CudaBackend::staging(int slot, int64_t bytes, void *&data) {
     area.bytes = rounded;
   }
   data = area.data;
+  return Status::ok();
+}
+
+Status CudaBackend::exchangeStream(cudaStream_t &stream) {
+  if (!exchangeStream_) {
+    // The highest priority: exchange blocks start as soon as SMs free up,
+    // ahead of the expert GEMMs' waiting blocks.
+    int least = 0, greatest = 0;
+    if (Status s = cuda::checkCuda(
+            cudaDeviceGetStreamPriorityRange(&least, &greatest),
+            "cudaDeviceGetStreamPriorityRange");
+        !s)
+      return s;
+    if (Status s = cuda::checkCuda(
+            cudaStreamCreateWithPriority(&exchangeStream_,
+                                         cudaStreamNonBlocking, greatest),
+            "creating the exchange stream");
+        !s)
+      return s;
+  }
+  if (!computeReady_)
+    if (Status s = cuda::checkCuda(
+            cudaEventCreateWithFlags(&computeReady_, cudaEventDisableTiming),
+            "cudaEventCreate");
+        !s)
+      return s;
+  stream = exchangeStream_;
+  return Status::ok();
+}
+
+Status CudaBackend::takeEvent(cudaEvent_t &event) {
+  if (!freeEvents_.empty()) {
+    event = freeEvents_.back();
+    freeEvents_.pop_back();
+    return Status::ok();
+  }
+  return cuda::checkCuda(
+      cudaEventCreateWithFlags(&event, cudaEventDisableTiming),
+      "cudaEventCreate");
+}
+
+Status CudaBackend::waitForExchange(size_t index) {
+  if (Status s = cuda::checkCuda(
+          cudaStreamWaitEvent(ctx_->stream(), pending_[index].done, 0),
+          "waiting for an all_to_all on the exchange stream");
+      !s)
+    return s;
+  for (size_t i = 0; i <= index; ++i)
+    freeEvents_.push_back(pending_[i].done);
+  pending_.erase(pending_.begin(), pending_.begin() + index + 1);
+  return Status::ok();
+}
+
+Status CudaBackend::endPass() {
+  if (Status s = makeCurrent(); !s)
+    return s;
+  return joinExchanges();
+}
+
+Status CudaBackend::waitForOverlappingExchanges(const Step &step,
+                                                const StepOperands &ops,
+                                                const Step *segments,
+                                                int64_t chunkRows) {
+  // The dispatch-shaped operands of a segment op touch only their chunk's
+  // rows [q * G * n, (q + 1) * G * n) when n is known on the host; every
+  // other operand its whole buffer.
+  static constexpr OperandRole kChunkRoles[] = {
+      R::A,   R::C,       R::Pre,     R::GateIn,     R::UpIn,
+      R::GradC, R::Grad,  R::GradPre, R::GradGateIn, R::GradUpIn};
+  auto range = [&](OperandRole role, const TensorView &view) {
+    auto *data = static_cast<const char *>(view.data);
+    ByteRange r{data, data + view.desc->numBytes()};
+    if (segments && chunkRows >= 0 &&
+        std::find(std::begin(kChunkRoles), std::end(kChunkRoles), role) !=
+            std::end(kChunkRoles)) {
+      const int64_t rowBytes =
+          view.desc->shape.back() *
+          static_cast<int64_t>(dtypeSize(view.desc->dtype));
+      const int64_t rows = segments->attrs.groups * chunkRows;
+      r.begin = data + segments->attrs.chunk * rows * rowBytes;
+      r.end = std::min(r.end, r.begin + rows * rowBytes);
+    }
+    return r;
+  };
+  std::vector<ByteRange> reads, writes;
+  for (int i = 0; i < kNumOperandRoles; ++i) {
+    auto role = static_cast<OperandRole>(i);
+    if (ops.inputs[i].isPresent())
+      reads.push_back(range(role, ops.inputs[i]));
+    if (ops.outputs[i].isPresent())
+      writes.push_back(range(role, ops.outputs[i]));
+  }
+  auto conflicts = [&](const PendingExchange &exchange) {
+    for (const ByteRange &w : exchange.writes) {
+      for (const ByteRange &r : reads)
+        if (w.overlaps(r))
+          return true;
+      for (const ByteRange &x : writes)
+        if (w.overlaps(x))
+          return true;
+    }
+    for (const ByteRange &r : exchange.reads)
+      for (const ByteRange &x : writes)
+        if (r.overlaps(x))
+          return true;
+    return false;
+  };
+  (void)step;
+  for (size_t i = pending_.size(); i-- > 0;)
+    if (conflicts(pending_[i]))
+      return waitForExchange(i);
   return Status::ok();
 }
 
@@ -479,6 +651,26 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
   };
   auto cols = [](const TensorView &view) { return view.desc->shape.back(); };
 
+  // Order this step after the pending exchanges it depends on: all of them
+  // for another collective, the overlapping ones for compute.
+  if (!pending_.empty() && step.op != StepOp::AllToAll) {
+    if (isCollective(step.op)) {
+      if (Status s = joinExchanges(); !s)
+        return s;
+    } else {
+      // n = W * C / D rows per group of a chunk, when C is on the host.
+      int64_t chunkRows = segmentRows;
+      if (segments && chunkRows < 0 && segments->attrs.chunks > 0 &&
+          capacityKeyEpoch_ == capacityEpoch_)
+        chunkRows =
+            segments->attrs.ranks * (cachedCapacity_ / segments->attrs.chunks);
+      if (Status s =
+              waitForOverlappingExchanges(step, ops, segments, chunkRows);
+          !s)
+        return s;
+    }
+  }
+
   switch (step.op) {
   case StepOp::Router:
     return cuda::router(ctx, read(ops.in(R::X)), read(ops.in(R::Wg)),
@@ -677,10 +869,73 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
   };
   // 2DH (ranks_per_node N with 1 < N < W) moves the same staging blocks in
   // two phases; N == 1 or N == W degenerate to the flat exchange.
-  if (a.ranksPerNode > 1 && a.ranksPerNode < W)
+  if (a.ranksPerNode > 1 && a.ranksPerNode < W) {
+    // Its staging kernels run on the compute stream.
+    if (Status s = joinExchanges(); !s)
+      return s;
     return hierarchicalAllToAll(shape, sendDispatchLayout, input.data,
                                 output.data, rowBytes, a.ranksPerNode, comm,
                                 what);
+  }
+  if (!stagingExchange_) {
+    // In place: one run of Cq rows per (peer, local expert), no packing.
+    AllToAllLayout layout{W, shape.localExperts, shape.capacity, a.chunks,
+                          a.chunk};
+    std::vector<Communicator::Block> sendBlocks, recvBlocks;
+    layout.blocks(a.direction, rowBytes, sendBlocks, recvBlocks);
+    if (!overlap_)
+      return comm.allToAllBlocks(input.data, sendBlocks, output.data,
+                                 recvBlocks, what);
+    // On the exchange stream, after the compute queued so far (which wrote
+    // the rows it sends and may still read the rows it overwrites).
+    cudaStream_t exchange = nullptr;
+    if (Status s = exchangeStream(exchange); !s)
+      return s;
+    if (Status s = cuda::checkCuda(
+            cudaEventRecord(computeReady_, ctx_->stream()), "cudaEventRecord");
+        !s)
+      return s;
+    if (Status s = cuda::checkCuda(
+            cudaStreamWaitEvent(exchange, computeReady_, 0),
+            "the exchange stream waiting for compute");
+        !s)
+      return s;
+    if (Status s = comm.setStream(exchange); !s)
+      return s;
+    Status sent = comm.allToAllBlocks(input.data, sendBlocks, output.data,
+                                      recvBlocks, what);
+    if (Status s = comm.setStream(ctx_->stream()); !s)
+      return s;
+    if (!sent)
+      return sent;
+    PendingExchange pending;
+    if (Status s = takeEvent(pending.done); !s)
+      return s;
+    if (Status s = cuda::checkCuda(cudaEventRecord(pending.done, exchange),
+                                   "cudaEventRecord");
+        !s) {
+      freeEvents_.push_back(pending.done);
+      return s;
+    }
+    auto ranges = [](const void *base, const std::vector<Communicator::Block>
+                                           &blocks) {
+      std::vector<ByteRange> result;
+      for (const Communicator::Block &block : blocks) {
+        const char *begin = static_cast<const char *>(base) + block.offset;
+        result.push_back({begin, begin + block.bytes});
+      }
+      return result;
+    };
+    pending.reads = ranges(input.data, sendBlocks);
+    pending.writes = ranges(output.data, recvBlocks);
+    pending_.push_back(std::move(pending));
+    return Status::ok();
+  }
+
+  // Staged: rows packed per peer into staging blocks by a kernel, on the
+  // compute stream after every pending exchange.
+  if (Status s = joinExchanges(); !s)
+    return s;
   std::vector<int64_t> sendOffsets(W), recvOffsets(W), sizes(W, blockBytes);
   void *send = input.data, *recv = output.data;
   const bool sendDirect = contiguous(sendDispatchLayout);

@@ -546,6 +546,17 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
            std::chrono::duration<double, std::micro>(Clock::now() - stepStart)
                .count()});
   }
+  if (!launched) {
+    Status status = backend_->endPass();
+    // The last step's time includes the join.
+    if (status && options.timeSteps && !capturing && !steps.empty())
+      status = mark(static_cast<int32_t>(steps.size()));
+    if (!status) {
+      if (capturing)
+        (void)backend_->endGraphCapture(std::string());
+      return fail(status, " end of pass");
+    }
+  }
   if (capturing) {
     if (Status status = backend_->endGraphCapture(graphKey); !status)
       return fail(status, " graph capture");

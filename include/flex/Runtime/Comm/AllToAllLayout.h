@@ -24,6 +24,7 @@
 #ifndef FLEX_RUNTIME_COMM_ALLTOALLLAYOUT_H
 #define FLEX_RUNTIME_COMM_ALLTOALLLAYOUT_H
 
+#include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Plan.h"
 
 #include <cstdint>
@@ -57,6 +58,14 @@ struct AllToAllLayout {
   /// Copies the received rows from `staging` into `output`.
   void unpack(AllToAllDirection direction, const void *staging,
               int64_t rowBytes, void *output) const;
+
+  /// The same exchange in place, for Communicator::allToAllBlocks: one run
+  /// of Cq rows per (peer, local expert), sent from its row in the sending
+  /// layout and received at its row in the other one, in (peer, l) order on
+  /// both sides, so the i-th block to p is p's i-th block from here.
+  void blocks(AllToAllDirection direction, int64_t rowBytes,
+              std::vector<Communicator::Block> &send,
+              std::vector<Communicator::Block> &recv) const;
 };
 
 } // namespace flex

@@ -75,6 +75,25 @@ public:
                           const int64_t *recvOffsets, const int64_t *recvBytes,
                           std::string_view what) = 0;
 
+  /// A run of bytes one all_to_all sends to, or receives from, `peer`.
+  struct Block {
+    int peer = 0;
+    int64_t offset = 0;
+    int64_t bytes = 0;
+  };
+
+  /// All-to-all of any number of blocks per peer, each in place: the i-th
+  /// send block to p is the i-th receive block on p from this rank (same
+  /// byte count). Exchanging rows where they lie needs no packing: a device
+  /// communicator sends and receives each block directly (one group of
+  /// point-to-point calls). This default packs the blocks per peer into
+  /// host memory around allToAll, for host communicators.
+  virtual Status allToAllBlocks(const void *send,
+                                const std::vector<Block> &sendBlocks,
+                                void *recv,
+                                const std::vector<Block> &recvBlocks,
+                                std::string_view what);
+
   /// values[i] = the largest values[i] over the ranks.
   virtual Status allReduceMaxInt32(int32_t *values, int64_t count,
                                    std::string_view what) = 0;
