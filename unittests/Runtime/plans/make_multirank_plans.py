@@ -15,6 +15,9 @@
 #          q) -> back; combine. Backward mirrors it, chunks in reverse, the
 #          weight gradients summed over chunks (grouped_gemm_wgrad
 #          accumulate).
+#   ex<D>  ep<D> in the compiler's order: every chunk's all_to_all first,
+#          then per chunk uniform_segments, the experts and the way back
+#          (backward alike), so a device runtime overlaps them.
 #   dp     data parallel: all_gather of every expert parameter into an
 #          [E, ...] workspace buffer, then the one-rank steps; backward
 #          reduce_scatters the full weight gradients into grad_w*.
@@ -106,7 +109,7 @@ def arguments(layer, world, training):
 
 
 def make_variant(b, kind, chunks):
-    """One variant: kind 'ep' (chunks D) or 'dp'."""
+    """One variant: kind 'ep' or 'ex' (chunks D) or 'dp'."""
     layer, world = b.layer, b.world
     t, d, h, e = (layer["tokens"], layer["model_dim"], layer["hidden_dim"],
                   layer["experts"])
@@ -159,7 +162,7 @@ def make_variant(b, kind, chunks):
     fwd.append(step("router", {"x": "x", "wg": "wg"}, {"logits": "logits"}))
     fwd.append(step("gate", {"logits": "logits"},
                     dict(routing, l_aux="l_aux"), gate_attrs))
-    if kind == "ep" and world > 1 and layer["capacity_mode"] != "fixed":
+    if kind in ("ep", "ex") and world > 1 and layer["capacity_mode"] != "fixed":
         fwd.append(step("sync_capacity", {},
                         {"capacity": routing["capacity"],
                          "expert_offsets": routing["expert_offsets"]}))
@@ -266,11 +269,23 @@ def make_variant(b, kind, chunks):
         back = b.buf("back", dt, [rows, d])
         seg = {"expert_offsets": b.buf("segment_offsets", "i32", [local + 1]),
                "expert_rows": b.buf("segment_rows", "i32", [local])}
+        first = kind == "ex"
+        if first:
+            for q in range(chunks):
+                a2a = {"chunks": chunks, "chunk": q}
+                fwd.append(step("all_to_all",
+                                {"input": disp,
+                                 "capacity": routing["capacity"]},
+                                {"output": recv},
+                                dict(a2a, direction="dispatch")))
         for q in range(chunks):
             a2a = {"chunks": chunks, "chunk": q}
-            fwd.append(step("all_to_all", {"input": disp,
-                                           "capacity": routing["capacity"]},
-                            {"output": recv}, dict(a2a, direction="dispatch")))
+            if not first:
+                fwd.append(step("all_to_all",
+                                {"input": disp,
+                                 "capacity": routing["capacity"]},
+                                {"output": recv},
+                                dict(a2a, direction="dispatch")))
             fwd.append(step("uniform_segments",
                             {"capacity": routing["capacity"]}, seg,
                             dict(a2a, groups=local, ranks=world)))
@@ -296,13 +311,23 @@ def make_variant(b, kind, chunks):
         else:
             grad_y = b.buf("grad_y", dt, [rows, d])
             grad_disp = b.buf("grad_disp", dt, [rows, d])
+            first = kind == "ex"
+            if first:
+                for q in reversed(range(chunks)):
+                    a2a = {"chunks": chunks, "chunk": q}
+                    bwd.append(step("all_to_all",
+                                    {"input": grad_back,
+                                     "capacity": routing["capacity"]},
+                                    {"output": grad_y},
+                                    dict(a2a, direction="dispatch")))
             for q in reversed(range(chunks)):
                 a2a = {"chunks": chunks, "chunk": q}
-                bwd.append(step("all_to_all",
-                                {"input": grad_back,
-                                 "capacity": routing["capacity"]},
-                                {"output": grad_y},
-                                dict(a2a, direction="dispatch")))
+                if not first:
+                    bwd.append(step("all_to_all",
+                                    {"input": grad_back,
+                                     "capacity": routing["capacity"]},
+                                    {"output": grad_y},
+                                    dict(a2a, direction="dispatch")))
                 bwd.append(step("uniform_segments",
                                 {"capacity": routing["capacity"]}, seg,
                                 dict(a2a, groups=local, ranks=world)))
@@ -328,7 +353,7 @@ def make_variant(b, kind, chunks):
                         {"x": "x", "wg": "wg", "grad_logits": "grad_logits"},
                         {"grad_x": "grad_x", "grad_wg": "grad_wg"}))
 
-    name = kind if kind == "dp" else "ep%d" % chunks
+    name = kind if kind == "dp" else "%s%d" % (kind, chunks)
     parallel = {"r": 0 if kind == "dp" else 1, "pipeline": chunks,
                 "world": world}
     return {"name": name, "parallel": parallel, "predicted_us": None,
@@ -373,7 +398,7 @@ PLANS = {
     # pipelining, and DP.
     "mr_ffn_fixed_w2_train.json": (
         layer(12, 8, 12, 4, 2, "fixed", 1.25), 2,
-        [("ep", 1), ("ep", 2), ("dp", 1)]),
+        [("ep", 1), ("ep", 2), ("dp", 1), ("ex", 2)]),
     # W = 4, E = 8 (L = 2), dropless: sync_capacity before tokens move.
     "mr_ffn_dropless_w4_train.json": (
         layer(10, 8, 6, 8, 2, "dropless", 0.0, act="gelu",
@@ -382,7 +407,7 @@ PLANS = {
     # W = 2, E = 4, SwiGLU experts, bounded capacity in bf16.
     "mr_gated_bounded_w2_train_bf16.json": (
         layer(16, 8, 8, 4, 2, "bounded", 1.0, kind="gated", dtype="bf16"), 2,
-        [("ep", 2), ("dp", 1)]),
+        [("ep", 2), ("dp", 1), ("ex", 2)]),
     # W = 4, E = 4 (L = 1), top-1, fixed, inference.
     "mr_ffn_fixed_w4_infer.json": (
         layer(9, 4, 8, 4, 1, "fixed", 1.5, act="silu", bias=False), 4,
