@@ -12,6 +12,8 @@
 
 #include "flex/Compiler/Compiler.h"
 
+#include "flex/Dialect/Moe/IR/MoeOps.h"
+
 #include "flex/Dialect/Moe/Transforms/Passes.h"
 #include "flex/InitAll.h"
 #include "flex/Pipelines/Pipelines.h"
@@ -49,9 +51,19 @@ bool flex::compileLayerToPlan(std::string_view mlirText,
     return false;
 
   PassManager pm(&context);
+  // Default variants: the full exchange (r = 1, or r = s for experts
+  // sharded over s = W / E ranks) and data parallel.
   std::vector<std::string> variants = options.variants;
-  if (variants.empty() && options.ranks > 1)
-    variants = {"r1d1", "r0d1"};
+  if (variants.empty() && options.ranks > 1) {
+    int64_t exchange = 1;
+    module->walk([&](moe::LayerOp layer) {
+      int64_t experts = layer.getNumExperts();
+      if (experts > 0 && experts < options.ranks &&
+          options.ranks % experts == 0)
+        exchange = options.ranks / experts;
+    });
+    variants = {"r" + std::to_string(exchange) + "d1", "r0d1"};
+  }
   if (!variants.empty()) {
     moe::MoeMultiversionPassOptions multiversion;
     multiversion.ranks = options.ranks;

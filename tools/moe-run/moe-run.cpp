@@ -22,6 +22,7 @@
 #include "flex/Runtime/Comm/TcpRendezvous.h"
 #include "flex/Runtime/Cpu/Half.h"
 #include "flex/Runtime/Executor.h"
+#include "flex/Runtime/ExpertSlices.h"
 #include "flex/Runtime/PlanLoader.h"
 
 #ifdef FLEX_MOE_RUN_HAVE_REFERENCE
@@ -741,9 +742,25 @@ int main(int argc, char **argv) {
                             : name);
     bool expertParam = name == "w1" || name == "w2" || name == "w3" ||
                        name == "b1" || name == "b2";
+    double stddev = randomStd(name, layer);
+    if (expertParam && plan.shards() > 1) {
+      // A shard is not contiguous in the global [E, ...] stream (w1, w3
+      // take columns): draw the global parameter and keep the shard.
+      // W shards of h / s units each; b2 [d] is one expert's whole row.
+      int64_t globalCount = name == "b2"
+                                ? plan.layer.experts * plan.layer.modelDim
+                                : arg.count() * world;
+      std::vector<double> global(globalCount);
+      for (double &value : global)
+        value = stddev * stream.next();
+      std::vector<double> slice =
+          sliceExpertParameter(plan.layer, world, ranks.rank, name, global);
+      for (int64_t e = 0; e < arg.count(); ++e)
+        storeValue(arg.data.data(), arg.dtype, e, slice[e]);
+      continue;
+    }
     if (expertParam && world > 1)
       stream.skip(ranks.rank * arg.count());
-    double stddev = randomStd(name, layer);
     for (int64_t e = 0; e < arg.count(); ++e)
       storeValue(arg.data.data(), arg.dtype, e, stddev * stream.next());
   }
@@ -873,7 +890,9 @@ int main(int argc, char **argv) {
     // weights (every rank's slice, gathered). With per-rank capacity that
     // is exactly what the W-rank layer computes for these tokens.
     auto global = [&](const char *name) {
-      return world > 1 ? ranks.gather(valuesOf(name)) : valuesOf(name);
+      return world > 1 ? assembleExpertParameter(plan.layer, world, name,
+                                                 ranks.gather(valuesOf(name)))
+                       : valuesOf(name);
     };
     LayerConfig config = plan.layer;
     reference::LayerInputs inputs;
@@ -905,19 +924,19 @@ int main(int argc, char **argv) {
     routingMargin = reference::routingMargins(config, forward.routing).logitGap;
     // An expert weight's gradient sums over every rank's tokens: the
     // reference's, summed over ranks, in this rank's slice.
-    auto expertGradient = [&](std::vector<double> grad) {
+    // A b2 replicated over the shards of an expert gets its whole gradient
+    // on each of them.
+    auto expertGradient = [&](const char *name, std::vector<double> grad) {
       if (world == 1 || grad.empty())
         return grad;
       ranks.sumInPlace(grad);
-      size_t block = grad.size() / world;
-      return std::vector<double>(grad.begin() + ranks.rank * block,
-                                 grad.begin() + (ranks.rank + 1) * block);
+      return sliceExpertParameter(plan.layer, world, ranks.rank, name, grad);
     };
-    grads.w1 = expertGradient(grads.w1);
-    grads.b1 = expertGradient(grads.b1);
-    grads.w2 = expertGradient(grads.w2);
-    grads.b2 = expertGradient(grads.b2);
-    grads.w3 = expertGradient(grads.w3);
+    grads.w1 = expertGradient("w1", grads.w1);
+    grads.b1 = expertGradient("b1", grads.b1);
+    grads.w2 = expertGradient("w2", grads.w2);
+    grads.b2 = expertGradient("b2", grads.b2);
+    grads.w3 = expertGradient("w3", grads.w3);
     auto compare = [&](const char *name, const std::vector<double> &want) {
       if (!find(name))
         return;
@@ -967,7 +986,10 @@ int main(int argc, char **argv) {
                  : "")
          << " " << toString(static_cast<ExpertKind>(layer.expert_kind))
          << " " << toString(static_cast<DType>(layer.dtype));
-    if (world > 1)
+    if (world > 1 && plan.shards() > 1)
+      text << " W=" << world << " (each expert sharded over " << plan.shards()
+           << " ranks)";
+    else if (world > 1)
       text << " W=" << world << " (L=" << layer.experts / world
            << " experts per rank)";
     return text.str();

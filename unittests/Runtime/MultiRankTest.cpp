@@ -479,12 +479,18 @@ Json *findStep(Json &doc, const std::string &variant, const std::string &op,
 TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
   const std::string fixed = "mr_ffn_fixed_w2_train.json";
   const std::string dropless = "mr_ffn_dropless_w4_train.json";
-  // E % W != 0: sharded experts are not supported yet.
+  // E % W != 0 and W % E != 0; W % E == 0 shards each expert over W / E
+  // ranks (h / s hidden units each, [1, ...] arguments).
   expectRejected(
       fixed, [](Json &doc) { doc["world"]["size"] = 3; },
       "3 ranks cannot hold the 4 experts whole");
   expectRejected(
-      fixed, [](Json &doc) { doc["world"]["size"] = 8; }, "not supported yet");
+      fixed, [](Json &doc) { doc["world"]["size"] = 8; },
+      "argument 'w1' has shape [2, 8, 12], which disagrees with the layer: "
+      "expected [1, 8, 6]");
+  expectRejected(
+      fixed, [](Json &doc) { doc["world"]["size"] = 20; },
+      "hidden_dim 12 is not a multiple of s");
   expectRejected(
       fixed, [](Json &doc) { doc["world"]["size"] = 0; },
       "world size 0 is out of range");

@@ -69,6 +69,15 @@ struct LayerConfig {
 /// as the k choices of one token are distinct experts).
 int64_t staticCapacityBound(const LayerConfig &config);
 
+/// s, the ranks that share each expert when `experts` experts run on
+/// `worldSize` ranks: W / E when E < W and W % E == 0 (each rank holds h / s
+/// hidden units of one expert), else 1 (whole experts per rank).
+inline int64_t expertShards(int64_t experts, int64_t worldSize) {
+  return experts > 0 && worldSize > experts && worldSize % experts == 0
+             ? worldSize / experts
+             : 1;
+}
+
 /// Checks every rule that a configuration must meet; returns a message naming
 /// the rule and the values, or std::nullopt when the configuration is valid.
 std::optional<std::string> verifyLayerConfig(const LayerConfig &config);

@@ -53,8 +53,11 @@ enum class StepOp : uint8_t {
   UniformSegments,
   AllGather,
   ReduceScatter,
+  // Experts sharded over ranks (PlanFormat.md, "Experts sharded over ranks").
+  ShardRouting,
+  ShardRoutingBackward,
 };
-inline constexpr int kNumStepOps = 18;
+inline constexpr int kNumStepOps = 20;
 
 std::string_view toString(StepOp op);
 std::optional<StepOp> parseStepOp(std::string_view text);
@@ -201,6 +204,9 @@ struct StepAttrs {
   // grouped_gemm
   bool transB = false;
   Epilogue epilogue = Epilogue::None;
+  /// The bias is added times this (1 / s in fc2 of experts sharded over s
+  /// ranks, so the s partial outputs add b2 once).
+  double biasScale = 1.0;
   /// grouped_gemm: c += instead of c = (a backward sums two products into
   /// one buffer). grouped_gemm_wgrad: grad_b += (and grad_bias +=), so the
   /// chunks of a pipelined backward sum into one gradient.
@@ -218,6 +224,8 @@ struct StepAttrs {
   int64_t ranks = 0;  ///< W
   // activation_backward
   Activation activation = Activation::Relu;
+  // shard_routing, shard_routing_backward
+  int64_t shards = 1; ///< s: the ranks that share each expert
 };
 
 struct Step {
@@ -253,8 +261,10 @@ struct Plan {
   std::string producer;
   LayerConfig layer;
   /// W, the ranks the plan runs on (`world.size`; 1 when absent). With
-  /// W > 1 each rank holds L = E / W experts: w1, w2, w3, b1, b2 and their
-  /// gradients are [L, ...].
+  /// E >= W each rank holds L = E / W experts: w1, w2, w3, b1, b2 and their
+  /// gradients are [L, ...]. With E < W (W % E == 0) each expert is sharded
+  /// over s = W / E ranks and each rank holds one shard ([1, ...], h / s
+  /// hidden units; b2 whole).
   int64_t worldSize = 1;
   bool training = false;
   std::vector<Argument> arguments;
@@ -262,9 +272,14 @@ struct Plan {
   std::vector<Variant> variants;
   int64_t defaultVariant = 0;
 
-  /// L, the experts each rank holds (E / W; the loader checks E % W == 0).
+  /// s, the ranks that share each expert: W / E when E < W, else 1.
+  int64_t shards() const { return expertShards(layer.experts, worldSize); }
+  /// E * s: the experts the routing after `shard_routing` (and every
+  /// dispatch-shaped buffer) counts; E without sharding.
+  int64_t virtualExperts() const { return layer.experts * shards(); }
+  /// L, the (virtual) experts each rank holds: E / W, or 1 when sharded.
   int64_t localExperts() const {
-    return worldSize > 0 ? layer.experts / worldSize : layer.experts;
+    return worldSize > 0 ? virtualExperts() / worldSize : layer.experts;
   }
 
   /// Index of the argument or workspace buffer named `name`.

@@ -123,8 +123,11 @@ private:
   VariantOp variantOp;
   std::string prefix;
 
-  // Sizes and types.
-  int64_t tokens, modelDim, hiddenDim, experts, topK, ranks;
+  // Sizes and types. With experts sharded over `shards` = s ranks, hiddenDim
+  // is a shard's (h / s) and the routing after the gate counts E * s virtual
+  // experts (`virtualExperts`) with k * s choices.
+  int64_t tokens, modelDim, hiddenDim, experts, topK, ranks, shards,
+      virtualExperts;
   Type element, routerElement, f32, i32;
   bool gated, bias;
   moe::CapacityAttr capacityAttr;
@@ -139,6 +142,8 @@ private:
   int64_t rows;
   Value logits, scores, indices, locations, gates, capacity, offsets,
       expertRows, dispatched, expertOut;
+  // The routing dispatch and combine use: the gate's, or shard_routing's.
+  Value rowIndices, rowLocations, rowGates, rowOffsets, rowRows;
   // Per variant and chunk: activations the backward reads.
   struct ChunkBuffers {
     std::pair<Value, Value> segments;
@@ -166,7 +171,7 @@ DictionaryAttr PlanBuilder::layerAttr() {
   SmallVector<NamedAttribute> fields = {
       b.getNamedAttr("tokens", b.getI64IntegerAttr(tokens)),
       b.getNamedAttr("model_dim", b.getI64IntegerAttr(modelDim)),
-      b.getNamedAttr("hidden_dim", b.getI64IntegerAttr(hiddenDim)),
+      b.getNamedAttr("hidden_dim", b.getI64IntegerAttr(hiddenDim * shards)),
       b.getNamedAttr("experts", b.getI64IntegerAttr(experts)),
       b.getNamedAttr("top_k", b.getI64IntegerAttr(topK)),
       b.getNamedAttr(
@@ -236,6 +241,8 @@ PlanBuilder::build(StringRef name,
   topK = routingType.getTopK();
   ranks = gate.getRanks();
   hiddenDim = first.experts.front().getHiddenDim();
+  shards = first.shardRouting ? first.shardRouting.getShards() : 1;
+  virtualExperts = experts * shards;
   element = input.getElementType();
   routerElement = router.getElementType();
   f32 = b.getF32Type();
@@ -281,7 +288,7 @@ void PlanBuilder::buildVariant(ExpandedLayer layer) {
   layout = ranks > 1 ? Layout::Padded
                      : options.layout.value_or(fixed ? Layout::Padded
                                                      : Layout::Ragged);
-  rows = experts * capacityBound;
+  rows = virtualExperts * capacityBound;
   if (layout == Layout::Ragged)
     rows = std::min(rows, tokens * topK);
 
@@ -293,6 +300,20 @@ void PlanBuilder::buildVariant(ExpandedLayer layer) {
   capacity = alloc("capacity", memref({1}, i32));
   offsets = alloc("expert_offsets", memref({experts + 1}, i32));
   expertRows = alloc("expert_rows", memref({experts}, i32));
+  rowIndices = indices;
+  rowLocations = locations;
+  rowGates = gates;
+  rowOffsets = offsets;
+  rowRows = expertRows;
+  if (shards > 1) {
+    int64_t choices = topK * shards;
+    rowIndices = alloc("shard_indices", memref({tokens, choices}, i32));
+    rowLocations = alloc("shard_locations", memref({tokens, choices}, i32));
+    rowGates = alloc("shard_gates", memref({tokens, choices}, f32));
+    rowOffsets =
+        alloc("shard_expert_offsets", memref({virtualExperts + 1}, i32));
+    rowRows = alloc("shard_expert_rows", memref({virtualExperts}, i32));
+  }
   dispatched = alloc("dispatched", memref({rows, modelDim}, element));
   expertOut = alloc("expert_out", memref({rows, modelDim}, element));
 
@@ -353,10 +374,16 @@ void PlanBuilder::expertsForward(Value a, Value y,
         {b.getNamedAttr("epilogue",
                         first.experts.front().getActivationAttr())});
   }
+  // Each of s shards adds b2 / s: their sum adds b2 once.
+  SmallVector<NamedAttribute> fc2Attrs;
+  if (shards > 1 && w.b2)
+    fc2Attrs.push_back(b.getNamedAttr(
+        "bias_scale", b.getF64FloatAttr(1.0 / static_cast<double>(shards))));
   createStep<GroupedGemmOp>(
       b, loc,
       withSegments({{"a", c.hidden}, {"b", w.w2}, {"bias", w.b2}, {"c", y}},
-                   segments));
+                   segments),
+      fc2Attrs);
 }
 
 void PlanBuilder::expertsBackward(Value a, Value gradY, Value gradA,
@@ -466,13 +493,29 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
   if (ranks > 1 && !gate.getRouting().getType().hasStaticCapacity())
     createStep<SyncCapacityOp>(
         b, loc, {{"capacity", capacity}, {"expert_offsets", offsets}});
+  // Sharded experts: route to the s shards of each chosen expert (the same
+  // role names in and out; inputs first).
+  if (shards > 1)
+    createStep<ShardRoutingOp>(
+        b, loc,
+        {{"indices", indices},
+         {"locations", locations},
+         {"gates", gates},
+         {"capacity", capacity},
+         {"expert_rows", expertRows},
+         {"indices", rowIndices},
+         {"locations", rowLocations},
+         {"gates", rowGates},
+         {"expert_offsets", rowOffsets},
+         {"expert_rows", rowRows}},
+        {b.getNamedAttr("shards", b.getI64IntegerAttr(shards))});
 
   createStep<DispatchOp>(b, loc,
                          {{"x", x},
-                          {"indices", indices},
-                          {"locations", locations},
+                          {"indices", rowIndices},
+                          {"locations", rowLocations},
                           {"capacity", capacity},
-                          {"expert_offsets", offsets},
+                          {"expert_offsets", rowOffsets},
                           {"dispatched", dispatched}});
 
   if (!layer.isExpertParallel()) {
@@ -491,7 +534,7 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
     }
     fullWeights = w;
     chunks.assign(1, {});
-    expertsForward(dispatched, expertOut, {offsets, expertRows}, w, 0);
+    expertsForward(dispatched, expertOut, {rowOffsets, rowRows}, w, 0);
   } else {
     // r = 1: per capacity chunk, exchange rows, run this rank's experts on
     // the rows of every rank, exchange back. Every chunk's rows are sent
@@ -499,7 +542,7 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
     // receives chunk q + 1 while the experts of chunk q run, and returns
     // chunk q while the experts of chunk q + 1 run.
     int64_t numChunks = layer.experts.size();
-    int64_t localExperts = experts / ranks;
+    int64_t localExperts = virtualExperts / ranks;
     Value received = alloc("received", memref({rows, modelDim}, element));
     Value produced = alloc("produced", memref({rows, modelDim}, element));
     chunks.assign(numChunks, {});
@@ -539,11 +582,11 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
   }
   createStep<CombineOp>(b, loc,
                         {{"expert_out", expertOut},
-                         {"indices", indices},
-                         {"locations", locations},
-                         {"gates", gates},
+                         {"indices", rowIndices},
+                         {"locations", rowLocations},
+                         {"gates", rowGates},
                          {"capacity", capacity},
-                         {"expert_offsets", offsets},
+                         {"expert_offsets", rowOffsets},
                          {"out", out}});
 }
 
@@ -553,17 +596,26 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
   Value gradGates = alloc("grad_gates", memref({tokens, topK}, f32));
   Value gradDispatched = alloc("grad_dispatched", rowsType);
   Value gradLogits = alloc("grad_logits", memref({tokens, experts}, f32));
+  // Sharded experts: combine's gate gradients are per shard, [T, k * s].
+  Value rowGradGates = gradGates;
+  if (shards > 1)
+    rowGradGates =
+        alloc("shard_grad_gates", memref({tokens, topK * shards}, f32));
 
   createStep<CombineBackwardOp>(b, loc,
                                 {{"grad_out", gradOut},
                                  {"expert_out", expertOut},
-                                 {"indices", indices},
-                                 {"locations", locations},
-                                 {"gates", gates},
+                                 {"indices", rowIndices},
+                                 {"locations", rowLocations},
+                                 {"gates", rowGates},
                                  {"capacity", capacity},
-                                 {"expert_offsets", offsets},
+                                 {"expert_offsets", rowOffsets},
                                  {"grad_expert_out", gradExpertOut},
-                                 {"grad_gates", gradGates}});
+                                 {"grad_gates", rowGradGates}});
+  if (shards > 1)
+    createStep<ShardRoutingBackwardOp>(
+        b, loc, {{"grad_gates", rowGradGates}, {"grad_gates", gradGates}},
+        {b.getNamedAttr("shards", b.getI64IntegerAttr(shards))});
 
   if (!layer.isExpertParallel()) {
     ExpertWeights grads = weightGrads;
@@ -581,7 +633,7 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
                full("full_grad_b2", weightGrads.b2)};
     }
     expertsBackward(dispatched, gradExpertOut, gradDispatched,
-                    {offsets, expertRows}, fullWeights, grads, 0);
+                    {rowOffsets, rowRows}, fullWeights, grads, 0);
     if (gathered) {
       for (auto [fullGrad, localGrad] : {std::pair{grads.w1, weightGrads.w1},
                                          {grads.w2, weightGrads.w2},
@@ -621,10 +673,10 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
 
   createStep<DispatchBackwardOp>(b, loc,
                                  {{"grad_dispatched", gradDispatched},
-                                  {"indices", indices},
-                                  {"locations", locations},
+                                  {"indices", rowIndices},
+                                  {"locations", rowLocations},
                                   {"capacity", capacity},
-                                  {"expert_offsets", offsets},
+                                  {"expert_offsets", rowOffsets},
                                   {"grad_x", gradX}});
   auto gateBackward = createStep<GateBackwardOp>(
       b, loc,

@@ -58,7 +58,8 @@ Status CpuBackend::runCollective(const Plan &plan, const Step &step,
     return Status(StatusCode::FailedPrecondition,
                   "no communicator is set for the collective step");
   Communicator &comm = *communicator_;
-  const int64_t E = plan.layer.experts, W = comm.size();
+  // all_to_all moves the blocks of every (virtual) expert.
+  const int64_t E = plan.virtualExperts(), W = comm.size();
   switch (step.op) {
   case StepOp::SyncCapacity: {
     // One C on every rank: the largest keeps every slot each rank keeps.
@@ -66,8 +67,9 @@ Status CpuBackend::runCollective(const Plan &plan, const Step &step,
     if (Status status = comm.allReduceMaxInt32(capacity, 1, "sync_capacity");
         !status)
       return status;
+    // The gate's offsets: one per expert.
     int32_t *offsets = writeAs<int32_t>(ops.out(R::ExpertOffsets));
-    for (int64_t e = 0; e <= E; ++e)
+    for (int64_t e = 0; e <= plan.layer.experts; ++e)
       offsets[e] = static_cast<int32_t>(e * *capacity);
     return Status::ok();
   }
@@ -76,7 +78,7 @@ Status CpuBackend::runCollective(const Plan &plan, const Step &step,
     const StepAttrs &a = step.attrs;
     AllToAllLayout layout;
     layout.ranks = W;
-    layout.localExperts = E / W;
+    layout.localExperts = plan.localExperts();
     layout.capacity = *readAs<int32_t>(ops.in(R::Capacity));
     layout.chunks = a.chunks;
     layout.chunk = a.chunk;
@@ -157,6 +159,12 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
   routing.tokens = T;
   routing.topK = k;
   routing.experts = E;
+  // After shard_routing the routing counts k * s choices over E * s
+  // (virtual) experts; the loader checked that the step's buffers agree.
+  if (ops.in(R::Indices).isPresent())
+    routing.topK = ops.in(R::Indices).desc->shape[1];
+  if (ops.in(R::ExpertOffsets).isPresent())
+    routing.experts = ops.in(R::ExpertOffsets).desc->shape[0] - 1;
   // The row groups of a segment op: the gate's E experts, or the L local
   // experts of a received buffer (uniform_segments).
   cpu::ExpertSegments segments = routing.segments();
@@ -199,6 +207,7 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     options.transB = step.attrs.transB;
     options.accumulate = step.attrs.accumulate;
     options.epilogue = step_views::toKernelEpilogue(step.attrs.epilogue);
+    options.biasScale = static_cast<float>(step.attrs.biasScale);
     cpu::groupedGemm(read(a), read(ops.in(R::B)), read(ops.in(R::Bias)),
                      write(c), cols(a), cols(c), segments, options,
                      write(ops.out(R::Pre)));
@@ -270,6 +279,19 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
       rows[g] = static_cast<int32_t>(n);
     break;
   }
+  case StepOp::ShardRouting:
+    cpu::shardRouting(routing, step.attrs.shards,
+                      writeAs<int32_t>(ops.out(R::Indices)),
+                      writeAs<int32_t>(ops.out(R::Locations)),
+                      writeAs<float>(ops.out(R::Gates)),
+                      writeAs<int32_t>(ops.out(R::ExpertOffsets)),
+                      writeAs<int32_t>(ops.out(R::ExpertRows)));
+    break;
+  case StepOp::ShardRoutingBackward:
+    cpu::shardRoutingBackward(readAs<float>(ops.in(R::GradGates)), T, k,
+                              step.attrs.shards,
+                              writeAs<float>(ops.out(R::GradGates)));
+    break;
   case StepOp::SyncCapacity:
   case StepOp::AllToAll:
   case StepOp::AllGather:

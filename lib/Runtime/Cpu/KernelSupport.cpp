@@ -120,6 +120,9 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
   if (bias.data) {
     biasF.resize(static_cast<size_t>(n));
     loadRow(bias, biasOffset, n, biasF.data());
+    if (options.biasScale != 1.0f)
+      for (float &value : biasF)
+        value *= options.biasScale;
   }
 
   // Where the GEMM writes: straight into an fp32 output when no other copy

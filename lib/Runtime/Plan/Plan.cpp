@@ -54,6 +54,8 @@ constexpr std::string_view kStepOpNames[kNumStepOps] = {
     "uniform_segments",
     "all_gather",
     "reduce_scatter",
+    "shard_routing",
+    "shard_routing_backward",
 };
 
 constexpr std::string_view kOperandRoleNames[kNumOperandRoles] = {
@@ -207,6 +209,13 @@ const StepSignature &getStepSignature(StepOp op) {
       {{R::Capacity}, {}, {R::ExpertOffsets, R::ExpertRows}, {}},
       /*all_gather*/ {{R::Input}, {}, {R::Output}, {}},
       /*reduce_scatter*/ {{R::Input}, {}, {R::Output}, {}},
+      // The gate's routing in, the routing over E * s virtual experts out.
+      /*shard_routing*/
+      {{R::Indices, R::Locations, R::Gates, R::Capacity, R::ExpertRows},
+       {R::ExpertOffsets},
+       {R::Indices, R::Locations, R::Gates, R::ExpertOffsets, R::ExpertRows},
+       {}},
+      /*shard_routing_backward*/ {{R::GradGates}, {}, {R::GradGates}, {}},
   };
   return signatures[static_cast<int>(op)];
 }

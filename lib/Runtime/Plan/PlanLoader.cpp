@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -317,6 +318,19 @@ StepAttrs readAttrs(const Json *json, const std::string &path, StepOp op,
     attrs.ranks = asInt(*v, at + "ranks");
   else if (op == StepOp::UniformSegments)
     fail(at + "ranks", "missing (required by op 'uniform_segments')");
+  // Experts sharded over ranks. Ranges are the verifier's.
+  if (const Json *v = has("shards"))
+    attrs.shards = asInt(*v, at + "shards");
+  else if (op == StepOp::ShardRouting || op == StepOp::ShardRoutingBackward)
+    fail(at + "shards",
+         "missing (required by op '" + std::string(toString(op)) + "')");
+  if (const Json *v = has("bias_scale")) {
+    attrs.biasScale = asNumber(*v, at + "bias_scale");
+    if (!(attrs.biasScale > 0.0) || !std::isfinite(attrs.biasScale))
+      fail(at + "bias_scale", "bias_scale " + brief(*v) +
+                                  " is out of range; allowed: a finite "
+                                  "number > 0");
+  }
   return attrs;
 }
 
@@ -668,10 +682,14 @@ void checkStepShapes(const Plan &plan, const Step &step,
   const int64_t capacityBound =
       (staticCapacityBound(layer) + alignment - 1) / alignment * alignment;
   const DispatchLayout layout = gateAttrs.layout;
+  // Experts sharded over s ranks: after shard_routing the routing is over
+  // E * s virtual experts with k * s choices, and every dispatch-shaped
+  // buffer holds E * s capacity blocks.
+  const int64_t s = plan.shards(), Ev = plan.virtualExperts(), kv = k * s;
   // The rows of the dispatch buffer: E * C for padded, at most T * k for
   // ragged (never more than E * C either).
-  int64_t paddedRows = checkedMul(E, capacityBound).value_or(
-      std::numeric_limits<int64_t>::max());
+  int64_t paddedRows = checkedMul(Ev, capacityBound)
+                           .value_or(std::numeric_limits<int64_t>::max());
   int64_t minRows = layout == DispatchLayout::Padded
                         ? paddedRows
                         : std::min(checkedMul(T, k).value_or(paddedRows),
@@ -690,7 +708,7 @@ void checkStepShapes(const Plan &plan, const Step &step,
       step.op == StepOp::GroupedGemm || step.op == StepOp::Glu ||
       step.op == StepOp::ActivationBackward || step.op == StepOp::GluBackward ||
       step.op == StepOp::GroupedGemmWgrad || step.op == StepOp::UniformSegments;
-  int64_t G = E;
+  int64_t G = Ev;
   if (segmentOp) {
     const BufferDesc *rows =
         c.get(R::ExpertRows, step.op != StepOp::UniformSegments);
@@ -698,35 +716,68 @@ void checkStepShapes(const Plan &plan, const Step &step,
       G = L;
   }
   const std::string groupsMeaning =
-      segmentOp && L != E
+      segmentOp && s > 1 ? " (G = E * s = " + std::to_string(Ev) +
+                               " virtual experts (shards), or 1 shard per rank)"
+      : segmentOp && L != E
           ? " (G = E = " + std::to_string(E) +
                 " experts, or L = E / W = " + std::to_string(L) +
                 " local experts)"
           : "";
 
+  // Which routing each side of the step holds: the gate's (k choices over
+  // E experts) or, with sharded experts, shard_routing's (k * s over E * s).
+  bool shardedIn = false, shardedOut = false;
+  switch (step.op) {
+  case StepOp::ShardRouting:
+    shardedOut = true;
+    break;
+  case StepOp::ShardRoutingBackward:
+    shardedIn = true;
+    break;
+  case StepOp::Dispatch:
+  case StepOp::Combine:
+  case StepOp::CombineBackward:
+  case StepOp::DispatchBackward:
+    shardedIn = shardedOut = s > 1;
+    break;
+  default:
+    break;
+  }
+
   // Routing buffers have the same shape wherever they appear.
   for (bool isInput : {in, out}) {
+    const bool sharded = isInput ? shardedIn : shardedOut;
+    const int64_t kk = sharded ? kv : k, EE = sharded ? Ev : E;
+    const std::string kName = sharded ? "k * s" : "k";
+    const std::string eName = sharded ? "E * s" : "E";
+    const std::string kMeaning =
+        sharded ? " (k * s = " + std::to_string(kv) +
+                      ": the routing over the shards of each expert)"
+                : "";
     c.expect(R::Scores, isInput, {DType::F32}, {T, E}, "scores [T, E] f32");
-    c.expect(R::Indices, isInput, {DType::I32}, {T, k}, "indices [T, k] i32");
-    c.expect(R::Locations, isInput, {DType::I32}, {T, k},
-             "locations [T, k] i32");
-    c.expect(R::Gates, isInput, {DType::F32}, {T, k}, "gates [T, k] f32");
+    c.expect(R::Indices, isInput, {DType::I32}, {T, kk},
+             "indices [T, " + kName + "] i32" + kMeaning);
+    c.expect(R::Locations, isInput, {DType::I32}, {T, kk},
+             "locations [T, " + kName + "] i32" + kMeaning);
+    c.expect(R::Gates, isInput, {DType::F32}, {T, kk},
+             "gates [T, " + kName + "] f32" + kMeaning);
     c.expect(R::Capacity, isInput, {DType::I32}, {1}, "capacity [1] i32");
-    c.expect(R::ExpertOffsets, isInput, {DType::I32}, {G + 1},
-             std::string(segmentOp ? "expert_offsets [G + 1] i32"
-                                   : "expert_offsets [E + 1] i32") +
+    c.expect(R::ExpertOffsets, isInput, {DType::I32},
+             {segmentOp ? G + 1 : EE + 1},
+             (segmentOp ? std::string("expert_offsets [G + 1] i32")
+                        : "expert_offsets [" + eName + " + 1] i32") +
                  groupsMeaning);
-    c.expect(
-        R::ExpertRows, isInput, {DType::I32}, {G},
-        std::string(segmentOp ? "expert_rows [G] i32" : "expert_rows [E] i32") +
-            groupsMeaning);
+    c.expect(R::ExpertRows, isInput, {DType::I32}, {segmentOp ? G : EE},
+             (segmentOp ? std::string("expert_rows [G] i32")
+                        : "expert_rows [" + eName + "] i32") +
+                 groupsMeaning);
     c.expect(R::LAux, isInput, {DType::F32}, {1}, "l_aux [1] f32");
     c.expect(R::GradLAux, isInput, {DType::F32}, {1}, "grad_l_aux [1] f32");
     c.expect(R::Logits, isInput, {DType::F32}, {T, E}, "logits [T, E] f32");
     c.expect(R::GradLogits, isInput, {DType::F32}, {T, E},
              "grad_logits [T, E] f32");
-    c.expect(R::GradGates, isInput, {DType::F32}, {T, k},
-             "grad_gates [T, k] f32");
+    c.expect(R::GradGates, isInput, {DType::F32}, {T, kk},
+             "grad_gates [T, " + kName + "] f32" + kMeaning);
   }
 
   switch (step.op) {
@@ -807,6 +858,21 @@ void checkStepShapes(const Plan &plan, const Step &step,
   }
   case StepOp::SyncCapacity:
     // capacity and expert_offsets: the routing shapes above.
+    break;
+  case StepOp::ShardRouting:
+  case StepOp::ShardRoutingBackward:
+    // The routing shapes above say the rest.
+    if (s == 1)
+      fail(path + ".op", "op '" + std::string(toString(step.op)) +
+                             "' needs experts sharded over ranks (E < W, "
+                             "W % E == 0); this plan has E = " +
+                             std::to_string(E) +
+                             " experts on W = " + std::to_string(W) + " ranks");
+    if (step.attrs.shards != s)
+      fail(path + ".attrs.shards",
+           "shards " + std::to_string(step.attrs.shards) +
+               " disagrees with the plan: s = W / E = " + std::to_string(W) +
+               " / " + std::to_string(E) + " = " + std::to_string(s));
     break;
   case StepOp::AllToAll: {
     checkChunks(step, path);
@@ -995,14 +1061,23 @@ void verifyHeader(const Plan &plan) {
   if (W < 1 || W > (1 << 20))
     fail("world.size", "world size " + std::to_string(W) +
                            " is out of range; allowed: 1 to 2^20");
-  // Each rank holds L = E / W whole experts (PlanFormat.md, "Many ranks").
-  if (W > 1 && layer.experts % W != 0)
+  // Each rank holds L = E / W whole experts, or one shard of h / s hidden
+  // units of an expert shared by s = W / E ranks (PlanFormat.md, "Many
+  // ranks").
+  if (W > 1 && layer.experts % W != 0 && W % layer.experts != 0)
     fail("world.size",
          std::to_string(W) + " ranks cannot hold the " +
              std::to_string(layer.experts) +
-             " experts whole: a multi-rank plan needs E % W == 0 (each rank "
-             "holds L = E / W experts); experts sharded over ranks (E < W or "
-             "E % W != 0) are not supported yet");
+             " experts whole or sharded: a multi-rank plan needs E % W == 0 "
+             "(each rank "
+             "holds L = E / W experts) or W % E == 0 (each expert sharded "
+             "over s = W / E ranks)");
+  if (const int64_t s = plan.shards(); s > 1 && layer.hiddenDim % s != 0)
+    fail("world.size",
+         std::to_string(W) + " ranks shard each of the " +
+             std::to_string(layer.experts) + " experts over s = " +
+             std::to_string(s) + " ranks, but hidden_dim " +
+             std::to_string(layer.hiddenDim) + " is not a multiple of s");
 
   // Sizes first: every later check multiplies dims.
   for (size_t i = 0; i < plan.arguments.size(); ++i)
@@ -1290,6 +1365,12 @@ Json writeStep(const Plan &plan, const Step &step) {
     attrs["epilogue"] = std::string(toString(a.epilogue));
     if (a.accumulate)
       attrs["accumulate"] = true;
+    if (a.biasScale != 1.0)
+      attrs["bias_scale"] = a.biasScale;
+    break;
+  case StepOp::ShardRouting:
+  case StepOp::ShardRoutingBackward:
+    attrs["shards"] = a.shards;
     break;
   case StepOp::ActivationBackward:
     attrs["activation"] = std::string(toString(a.activation));
@@ -1328,8 +1409,11 @@ std::vector<Argument> getExpectedArguments(const LayerConfig &layer,
                                            bool training, int64_t worldSize) {
   const int64_t T = layer.tokens, d = layer.modelDim, h = layer.hiddenDim,
                 E = layer.experts;
-  // Expert parameters are the rank's L = E / W experts.
-  const int64_t L = worldSize > 1 ? E / worldSize : E;
+  // Expert parameters are the rank's L = E / W experts, or its shard of
+  // h / s hidden units of one expert (b2 whole) when E < W.
+  const int64_t s = expertShards(E, worldSize);
+  const int64_t L = s > 1 ? 1 : worldSize > 1 ? E / worldSize : E;
+  const int64_t hl = h / s;
   const DType dt = layer.dtype;
   const DType routerType = layer.routerFp32 ? DType::F32 : dt;
   const bool ffn = layer.expertKind == ExpertKind::FFN;
@@ -1355,11 +1439,11 @@ std::vector<Argument> getExpectedArguments(const LayerConfig &layer,
   std::vector<Param> params = {
       {"x", "grad_x", dt, {T, d}, true},
       {"wg", "grad_wg", routerType, {d, E}, true},
-      {"w1", "grad_w1", dt, {L, d, h}, true},
-      {"b1", "grad_b1", dt, {L, h}, bias},
-      {"w2", "grad_w2", dt, {L, h, d}, true},
+      {"w1", "grad_w1", dt, {L, d, hl}, true},
+      {"b1", "grad_b1", dt, {L, hl}, bias},
+      {"w2", "grad_w2", dt, {L, hl, d}, true},
       {"b2", "grad_b2", dt, {L, d}, bias},
-      {"w3", "grad_w3", dt, {L, d, h}, gated},
+      {"w3", "grad_w3", dt, {L, d, hl}, gated},
   };
   for (const Param &p : params)
     if (p.present)

@@ -116,6 +116,12 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
     if (auto epilogue = gemm.getEpilogueAttr())
       attrs.epilogue =
           static_cast<Epilogue>(static_cast<int>(epilogue.getValue()) + 1);
+    if (auto scale = gemm.getBiasScaleAttr())
+      attrs.biasScale = scale.getValueAsDouble();
+  } else if (auto shard = dyn_cast<moert::ShardRoutingOp>(op)) {
+    attrs.shards = shard.getShards();
+  } else if (auto shardBackward = dyn_cast<moert::ShardRoutingBackwardOp>(op)) {
+    attrs.shards = shardBackward.getShards();
   } else if (auto wgrad = dyn_cast<moert::GroupedGemmWgradOp>(op)) {
     attrs.accumulate = wgrad.getAccumulate();
   } else if (auto exchange = dyn_cast<moert::AllToAllOp>(op)) {

@@ -1,5 +1,5 @@
 // RUN: moe-opt %s --split-input-file --moe-parallelize="ranks=2" | FileCheck %s --check-prefix=EP
-// RUN: moe-opt %s --split-input-file --moe-parallelize="ranks=2 expert-parallel=0" | FileCheck %s --check-prefix=DP
+// RUN: moe-opt %s --split-input-file --moe-parallelize="ranks=2 r=0" | FileCheck %s --check-prefix=DP
 // RUN: moe-opt %s --split-input-file --moe-parallelize="ranks=1" | FileCheck %s --check-prefix=ONE
 
 // One parameter layout for both variants: each rank holds E / W = 2 of the

@@ -196,6 +196,9 @@ struct GroupedGemmOptions {
   Epilogue epilogue = Epilogue::None;
   /// c = epi(c + a @ b[e] + bias[e]): adds to what c holds (backward sums).
   bool accumulate = false;
+  /// The bias is added times this (fp32): 1 / s in fc2 of an expert sharded
+  /// over s ranks, so that the s partial outputs add b2 once.
+  float biasScale = 1.0f;
 };
 
 /// `grouped_gemm` ([expert-1]): for each expert e and its valid rows,
@@ -263,6 +266,22 @@ void activationBackward(ReadBuffer pre, ReadBuffer grad, WriteBuffer gradPre,
 void gluBackward(ReadBuffer gateIn, ReadBuffer upIn, ReadBuffer grad,
                  WriteBuffer gradGateIn, WriteBuffer gradUpIn, int64_t n,
                  const ExpertSegments &segments);
+
+/// `shard_routing` (experts sharded over `shards` = s ranks, padded layout):
+/// the gate's top-k routing over E experts -> top-(k * s) over E * s virtual
+/// experts. Choice i * s + q of token t is virtual expert indices[t, i] * s +
+/// q with the location and gate of choice i; virtual expert v has the rows
+/// of expert v / s and the padded offset v * C. Outputs: indices, locations,
+/// gates [T, k * s], expertOffsets [E * s + 1], expertRows [E * s].
+void shardRouting(const Routing &routing, int64_t shards, int32_t *indices,
+                  int32_t *locations, float *gates, int32_t *expertOffsets,
+                  int32_t *expertRows);
+
+/// `shard_routing_backward`: gradGates[t, i] = sum over q of
+/// shardGradGates[t, i * s + q] (q in order, fp32), for [T, k] out of
+/// [T, k * s].
+void shardRoutingBackward(const float *shardGradGates, int64_t tokens,
+                          int64_t topK, int64_t shards, float *gradGates);
 
 /// `dispatch_backward`: gradX[t] = sum over kept j of
 /// gradDispatched[row(t, j)] (choice order, fp32), zeros when none is kept.

@@ -276,10 +276,14 @@ LogicalResult GateOp::verify() {
   RoutingType routing = getRouting().getType();
   int64_t tokens = input.getDimSize(0);
   int64_t experts = routerWeight.getDimSize(1);
-  if (getRanks() < 1 || experts % getRanks() != 0)
+  // Whole experts per rank (E % W == 0), or each expert sharded over
+  // s = W / E ranks (W % E == 0).
+  int64_t ranks = getRanks();
+  if (ranks < 1 || (experts % ranks != 0 && ranks % experts != 0))
     return emitOpError("[par-1] ")
-           << experts << " experts cannot be split evenly over " << getRanks()
-           << " ranks (ranks >= 1 and E % W == 0)";
+           << experts << " experts cannot be split evenly over " << ranks
+           << " ranks (ranks >= 1 and E % W == 0, or W % E == 0 with each "
+              "expert sharded over W / E ranks)";
   if (routing.getTokens() != tokens || routing.getExperts() != experts)
     return emitOpError("[gate-1] routing must be for T = ")
            << tokens << " tokens and E = " << experts
@@ -327,6 +331,9 @@ LogicalResult ExpertOp::verify() {
   if (getResult().getType() != input)
     return emitOpError("[expert-1] result must have the input's type ")
            << input << ", got " << getResult().getType();
+  if (getHiddenShards() < 1)
+    return emitOpError("[par-1] hidden_shards must be >= 1, got ")
+           << getHiddenShards();
   std::optional<Activation> activation;
   if (getActivationAttr())
     activation = getActivationAttr().getValue();
@@ -334,6 +341,32 @@ LogicalResult ExpertOp::verify() {
                              input.getDimSize(2), input.getElementType(),
                              getFc1Weight(), getFc2Weight(), getUpWeight(),
                              getFc1Bias(), getFc2Bias());
+}
+
+//===----------------------------------------------------------------------===//
+// ShardRoutingOp
+//===----------------------------------------------------------------------===//
+
+LogicalResult ShardRoutingOp::verify() {
+  int64_t shards = getShards();
+  if (shards < 1)
+    return emitOpError("[par-1] shards must be >= 1, got ") << shards;
+  RoutingType routing = getRouting().getType();
+  RoutingType result = getResult().getType();
+  int64_t experts, topK;
+  if (llvm::MulOverflow(routing.getExperts(), shards, experts) ||
+      llvm::MulOverflow(routing.getTopK(), shards, topK))
+    return emitOpError("[size-1] ")
+           << shards << " shards of " << routing << " overflow int64";
+  if (result.getTokens() != routing.getTokens() ||
+      result.getExperts() != experts || result.getTopK() != topK ||
+      result.getCapacity() != routing.getCapacity())
+    return emitOpError("[par-1] result must be routing<tokens = T, experts = "
+                       "E * s, top_k = k * s, capacity = C> = ")
+           << RoutingType::get(getContext(), routing.getTokens(), experts, topK,
+                               routing.getCapacity())
+           << " for s = " << shards << " shards, got " << result;
+  return success();
 }
 
 //===----------------------------------------------------------------------===//

@@ -46,6 +46,9 @@ FailureOr<ExpandedLayer> flex::moe::matchExpandedLayer(func::FuncOp func) {
     LogicalResult matched =
         llvm::TypeSwitch<Operation *, LogicalResult>(&op)
             .Case([&](GateOp gate) { return once(ops.gate, gate); })
+            .Case([&](ShardRoutingOp shard) {
+              return once(ops.shardRouting, shard);
+            })
             .Case([&](DispatchOp d) { return once(ops.dispatch, d); })
             .Case([&](ExpertOp e) {
               ops.experts.push_back(e);
@@ -69,8 +72,9 @@ FailureOr<ExpandedLayer> flex::moe::matchExpandedLayer(func::FuncOp func) {
             .Default([&](Operation *other) {
               return other->emitOpError(
                   "[plan-3] is not part of a layer: a layer function holds "
-                  "moe.gate, moe.dispatch, moe.all_to_all, moe.all_gather, "
-                  "moe.expert and moe.combine only");
+                  "moe.gate, moe.shard_routing, moe.dispatch, "
+                  "moe.all_to_all, moe.all_gather, moe.expert and "
+                  "moe.combine only");
             });
     if (failed(matched))
       return failure();
@@ -84,14 +88,24 @@ FailureOr<ExpandedLayer> flex::moe::matchExpandedLayer(func::FuncOp func) {
                             "rows both ways: one dispatch and one combine "
                             "moe.all_to_all");
 
+  // Dispatch and combine use the gate's routing, or its expansion to the
+  // shards of each expert.
   Value routing = ops.gate.getRouting();
+  if (ops.shardRouting) {
+    if (ops.shardRouting.getRouting() != routing)
+      return ops.shardRouting.emitOpError(
+          "[plan-3] must expand the gate's routing");
+    routing = ops.shardRouting.getResult();
+  }
   if (ops.dispatch.getInput() != ops.gate.getInput() ||
       ops.dispatch.getRouting() != routing)
     return ops.dispatch.emitOpError(
-        "[plan-3] must dispatch the gate's input with the gate's routing");
+        "[plan-3] must dispatch the gate's input with the gate's routing "
+        "(or its moe.shard_routing)");
   if (ops.combine.getRouting() != routing)
     return ops.combine.emitOpError(
-        "[plan-3] must combine with the gate's routing");
+        "[plan-3] must combine with the gate's routing (or its "
+        "moe.shard_routing)");
 
   // The experts read the dispatch buffer (or its chunks) and feed combine
   // (or the combine exchange), chunk by chunk.
@@ -144,9 +158,16 @@ FailureOr<ExpandedLayer> flex::moe::matchExpandedLayer(func::FuncOp func) {
         other.getFc1Bias() != expert.getFc1Bias() ||
         other.getFc2Bias() != expert.getFc2Bias() ||
         other.getKindAttr() != expert.getKindAttr() ||
-        other.getActivationAttr() != expert.getActivationAttr())
+        other.getActivationAttr() != expert.getActivationAttr() ||
+        other.getHiddenShards() != expert.getHiddenShards())
       return other.emitOpError("[plan-3] every chunk runs the same experts");
   }
+  // b2 / s in every shard's fc2 adds b2 once to the sum of s shards.
+  int64_t shards = ops.shardRouting ? ops.shardRouting.getShards() : 1;
+  if (expert.getHiddenShards() != shards)
+    return expert.emitOpError("[plan-3] hidden_shards ")
+           << expert.getHiddenShards()
+           << " must equal the shards of the routing (" << shards << ")";
   if (ops.ret) {
     for (Value result : ops.ret.getOperands()) {
       if (result != ops.combine.getResult() && result != ops.gate.getAuxLoss())
@@ -220,49 +241,102 @@ SmallVector<Value> expertWeights(ExpertOp expert) {
 } // namespace
 
 LogicalResult flex::moe::parallelizeLayer(func::FuncOp func, int64_t ranks,
-                                          bool expertParallel) {
+                                          int64_t parallelism) {
   FailureOr<ExpandedLayer> layer = matchExpandedLayer(func);
   if (failed(layer))
     return failure();
   if (layer->ranks() != 1 || layer->isExpertParallel() ||
-      !layer->gathers.empty())
+      !layer->gathers.empty() || layer->shardRouting)
     return func.emitOpError("[par-1] the layer is parallelized already");
   if (ranks < 1)
     return func.emitOpError("[par-1] ranks must be >= 1, got ") << ranks;
+  if (parallelism < 0 && parallelism != kExchangeOverAllShards)
+    return func.emitOpError("[par-2] r must be >= 0, got ") << parallelism;
   if (ranks == 1)
     return success();
   RoutingType routing = layer->gate.getRouting().getType();
   int64_t experts = routing.getExperts();
-  if (experts < ranks)
-    return func.emitOpError("[par-1] ")
-           << experts << " experts on " << ranks
-           << " ranks needs experts sharded over ranks (E < W), which is not "
-              "supported yet";
-  if (experts % ranks != 0)
+  if (experts % ranks != 0 && ranks % experts != 0)
     return func.emitOpError("[par-1] ")
            << experts << " experts cannot be split evenly over " << ranks
-           << " ranks (E % W must be 0)";
-  int64_t localExperts = experts / ranks;
-
-  // One layout for every variant: each rank holds its slice of experts.
+           << " ranks (E % W must be 0, or W % E for experts sharded over "
+              "W / E ranks)";
+  // s ranks share each expert, each holding h / s of its hidden units.
+  int64_t shards = experts < ranks ? ranks / experts : 1;
   ExpertOp expert = layer->experts.front();
+  int64_t hidden = expert.getHiddenDim();
+  if (hidden % shards != 0)
+    return func.emitOpError("[par-1] ")
+           << experts << " experts on " << ranks << " ranks shard each expert "
+           << "over s = " << shards << " ranks, but the hidden size " << hidden
+           << " is not a multiple of s";
+  // r: 0 gathers the weights; r > 0 exchanges tokens over r shards of each
+  // expert (DESIGN.md section 4: r in the divisors of s).
+  if (parallelism == kExchangeOverAllShards)
+    parallelism = shards;
+  if (parallelism > 0 && shards % parallelism != 0)
+    return func.emitOpError("[par-1] r = ")
+           << parallelism << " does not divide s = " << shards
+           << " (the ranks that share each expert, W / E for E < W, else 1); "
+              "allowed: 0 or a divisor of s";
+  if (parallelism > 0 && parallelism != shards)
+    return func.emitOpError("[par-1] r = ")
+           << parallelism << " with experts sharded over s = " << shards
+           << " ranks: 1 <= r < s (groups of s / r ranks gathering their "
+              "shards) is not supported yet; use r = "
+           << shards << " or r = 0";
+  int64_t virtualExperts = experts * shards;
+  int64_t localExperts = virtualExperts / ranks;
+
+  // One layout for every variant: each rank holds its slice of experts, or
+  // its shard (hidden units q*h/s .. (q+1)*h/s) of one expert, with b2
+  // whole.
   OpBuilder builder(func.getContext());
+  auto localType = [&](Value weight) {
+    RankedTensorType type =
+        withDim(weight.getType(), 0, shards > 1 ? 1 : localExperts);
+    if (weight == expert.getFc1Weight() || weight == expert.getUpWeight())
+      return withDim(type, 2, hidden / shards);
+    if (weight == expert.getFc2Weight() || weight == expert.getFc1Bias())
+      return withDim(type, 1, hidden / shards);
+    return type;
+  };
   for (Value weight : expertWeights(expert)) {
     auto argument = cast<BlockArgument>(weight);
-    argument.setType(withDim(argument.getType(), 0, localExperts));
+    argument.setType(localType(weight));
   }
   func.setType(builder.getFunctionType(
       func.getBody().front().getArgumentTypes(), func.getResultTypes()));
   layer->gate.setRanks(ranks);
 
   Location loc = expert.getLoc();
-  if (!expertParallel) {
-    // r = 0: every rank gathers every expert and keeps its own tokens.
+  auto buffer = cast<RankedTensorType>(expert.getInput().getType());
+  if (shards > 1) {
+    // The E * s virtual experts, one per rank: dispatch writes each token
+    // to the s shards of each chosen expert, combine sums them.
+    builder.setInsertionPointAfter(layer->gate);
+    RoutingType virtualRouting =
+        RoutingType::get(func.getContext(), routing.getTokens(), virtualExperts,
+                         routing.getTopK() * shards, routing.getCapacity());
+    auto shardRouting = ShardRoutingOp::create(
+        builder, layer->gate.getLoc(), virtualRouting, layer->gate.getRouting(),
+        builder.getI64IntegerAttr(shards));
+    layer->dispatch.getRoutingMutable().assign(shardRouting.getResult());
+    layer->combine.getRoutingMutable().assign(shardRouting.getResult());
+    buffer = withDim(buffer, 0, virtualExperts);
+    layer->dispatch.getResult().setType(buffer);
+    expert.getResult().setType(buffer);
+    expert.setHiddenShards(shards);
+  }
+
+  if (parallelism == 0) {
+    // r = 0: every rank gathers every expert (every shard) and keeps its
+    // own tokens.
     builder.setInsertionPoint(expert);
     for (OpOperand &operand : expert->getOpOperands()) {
       if (operand.getOperandNumber() == 0)
         continue;
-      auto full = withDim(operand.get().getType(), 0, experts);
+      auto full = withDim(operand.get().getType(), 0, virtualExperts);
       auto gather = AllGatherOp::create(builder, loc, full, operand.get(),
                                         builder.getI64IntegerAttr(ranks));
       operand.set(gather.getResult());
@@ -270,8 +344,7 @@ LogicalResult flex::moe::parallelizeLayer(func::FuncOp func, int64_t ranks,
     return success();
   }
 
-  // r = 1: this rank's experts get the rows of every rank.
-  auto buffer = cast<RankedTensorType>(expert.getInput().getType());
+  // r = 1 (r = s sharded): this rank's experts get the rows of every rank.
   int64_t capacity = buffer.getDimSize(1);
   int64_t rows =
       ShapedType::isDynamic(capacity) ? ShapedType::kDynamic : ranks * capacity;
@@ -310,7 +383,7 @@ LogicalResult flex::moe::pipelineLayer(func::FuncOp func, int64_t chunks) {
   if (!layer->isExpertParallel())
     return func.emitOpError("[pipe-1] pipelining overlaps the all-to-all "
                             "with experts: it needs an expert-parallel "
-                            "layer (--moe-parallelize=\"expert-parallel=1\")");
+                            "layer (--moe-parallelize=\"r=1\")");
   if (layer->experts.size() != 1)
     return func.emitOpError("[pipe-1] the layer is pipelined already");
   RoutingType routing = layer->gate.getRouting().getType();

@@ -30,20 +30,25 @@ using namespace flex::moe;
 namespace {
 struct Variant {
   std::string name;
-  bool expertParallel;
+  /// r: 0 data parallel; 1 (s for experts sharded over s ranks) expert
+  /// parallel.
+  int64_t parallelism;
   int64_t chunks;
 };
 
-/// Parses `r<0|1>d<D>`.
+/// Parses `r<R>d<D>` (R >= 0, D >= 1; decimal, no sign).
 std::optional<Variant> parseVariant(StringRef text) {
-  Variant variant{text.str(), true, 1};
-  if (!text.consume_front("r") || text.empty() ||
-      (text.front() != '0' && text.front() != '1'))
+  Variant variant{text.str(), 1, 1};
+  if (!text.consume_front("r"))
     return std::nullopt;
-  variant.expertParallel = text.front() == '1';
-  text = text.drop_front();
-  if (!text.consume_front("d") || text.getAsInteger(10, variant.chunks) ||
-      variant.chunks < 1)
+  size_t digits = text.find_first_not_of("0123456789");
+  if (digits == 0 || digits == StringRef::npos ||
+      text.take_front(digits).getAsInteger(10, variant.parallelism))
+    return std::nullopt;
+  text = text.drop_front(digits);
+  if (!text.consume_front("d") || text.empty() ||
+      text.find_first_not_of("0123456789") != StringRef::npos ||
+      text.getAsInteger(10, variant.chunks) || variant.chunks < 1)
     return std::nullopt;
   return variant;
 }
@@ -65,13 +70,14 @@ struct MoeMultiversionPass final
       std::optional<Variant> variant = parseVariant(text);
       if (!variant) {
         module.emitError("[par-2] variant '")
-            << text << "' is not r<0|1>d<D> (r = 1 expert parallel, r = 0 "
-            << "data parallel, D >= 1 the pipelining degree)";
+            << text << "' is not r<R>d<D> (R = 0 data parallel, R = 1 expert "
+            << "parallel or R = s = W / E for experts sharded over s ranks, "
+            << "D >= 1 the pipelining degree)";
         return signalPassFailure();
       }
-      if (!variant->expertParallel && variant->chunks > 1) {
+      if (variant->parallelism == 0 && variant->chunks > 1) {
         module.emitError("[pipe-1] variant '")
-            << text << "': pipelining needs expert parallelism (r = 1)";
+            << text << "': pipelining needs expert parallelism (r >= 1)";
         return signalPassFailure();
       }
       if (llvm::any_of(parsed, [&](const Variant &other) {
@@ -115,7 +121,7 @@ struct MoeMultiversionPass final
         clone->setAttr("moe.variant_of", func.getSymNameAttr());
         clone->setAttr("moe.variant", rewriter.getStringAttr(variant.name));
         expandLayer(*clone.getOps<LayerOp>().begin(), rewriter);
-        if (failed(parallelizeLayer(clone, ranks, variant.expertParallel)) ||
+        if (failed(parallelizeLayer(clone, ranks, variant.parallelism)) ||
             failed(pipelineLayer(clone, variant.chunks)))
           return signalPassFailure();
       }

@@ -6,7 +6,8 @@
 //
 // This file implements --moe-parallelize: an expanded single-rank layer runs
 // on W ranks, expert parallel (all-to-all of tokens) or data parallel
-// (all-gather of experts), with one parameter layout for both.
+// (all-gather of experts), with one parameter layout for both; with fewer
+// experts than ranks each expert is sharded over W / E ranks.
 //
 //===----------------------------------------------------------------------===//
 
@@ -32,7 +33,7 @@ struct MoeParallelizePass final
     func.walk([&](GateOp) { hasGate = true; });
     if (!hasGate)
       return;
-    if (failed(parallelizeLayer(func, ranks, expertParallel)))
+    if (failed(parallelizeLayer(func, ranks, parallelism)))
       signalPassFailure();
   }
 };

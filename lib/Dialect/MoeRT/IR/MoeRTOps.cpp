@@ -17,6 +17,8 @@
 #include "llvm/ADT/StringMap.h"
 #include "llvm/ADT/StringSet.h"
 
+#include <cmath>
+
 using namespace mlir;
 using namespace flex::moert;
 
@@ -270,15 +272,68 @@ LogicalResult GroupedGemmOp::verify() {
   static const StringRef kB[] = {"G", "K", "N"},
                          kTransposedB[] = {"G", "N", "K"};
   ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
-  return failure(
-      failed(m.expect("a", getA(), {"R", "K"})) ||
+  if (failed(m.expect("a", getA(), {"R", "K"})) ||
       failed(m.expect("b", getB(), bShape)) ||
       failed(m.expect("bias", getBias(), {"G", "N"})) ||
       failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("c", getC(), {"R", "N"})) ||
       failed(m.expect("pre", getPre(), {"R", "N"})) ||
       failed(m.sameElement("b", getB(), "a", getA())) ||
-      failed(m.sameElement("c", getC(), "a", getA())));
+      failed(m.sameElement("c", getC(), "a", getA())))
+    return failure();
+  double scale =
+      getBiasScaleAttr() ? getBiasScaleAttr().getValueAsDouble() : 1.0;
+  if (!std::isfinite(scale) || !(scale > 0.0))
+    return emitOpError("[plan-3] bias_scale must be finite and > 0, got ")
+           << scale;
+  return success();
+}
+
+LogicalResult ShardRoutingOp::verify() {
+  ShapeMatcher m(*this);
+  Operation *op = *this;
+  if (failed(m.expect("indices", getIndices(), {"T", "k"}, i32(op))) ||
+      failed(m.expect("locations", getLocations(), {"T", "k"}, i32(op))) ||
+      failed(m.expect("gates", getGates(), {"T", "k"}, f32(op))) ||
+      failed(m.expect("capacity", getCapacity(), {"1"}, i32(op))) ||
+      failed(m.expect("expert_rows", getExpertRows(), {"E"}, i32(op))) ||
+      failed(
+          m.expect("out indices", getShardIndices(), {"T", "ks"}, i32(op))) ||
+      failed(m.expect("out locations", getShardLocations(), {"T", "ks"},
+                      i32(op))) ||
+      failed(m.expect("out gates", getShardGates(), {"T", "ks"}, f32(op))) ||
+      failed(m.expect("out expert_rows", getShardRows(), {"Es"}, i32(op))) ||
+      failed(
+          m.expect("out expert_offsets", getShardOffsets(), {"Es+1"}, i32(op))))
+    return failure();
+  int64_t shards = getShards();
+  if (shards < 1)
+    return emitOpError("[plan-3] shards must be >= 1, got ") << shards;
+  if (m.size("ks") != m.size("k") * shards ||
+      m.size("Es") != m.size("E") * shards)
+    return emitOpError("[plan-1] the out routing must be [T, k * s] over "
+                       "E * s experts: k = ")
+           << m.size("k") << ", E = " << m.size("E") << ", s = " << shards
+           << ", got k * s = " << m.size("ks")
+           << " and E * s = " << m.size("Es");
+  return success();
+}
+
+LogicalResult ShardRoutingBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  Operation *op = *this;
+  if (failed(m.expect("in grad_gates", getShardGradGates(), {"T", "ks"},
+                      f32(op))) ||
+      failed(m.expect("grad_gates", getGradGates(), {"T", "k"}, f32(op))))
+    return failure();
+  int64_t shards = getShards();
+  if (shards < 1)
+    return emitOpError("[plan-3] shards must be >= 1, got ") << shards;
+  if (m.size("ks") != m.size("k") * shards)
+    return emitOpError("[plan-1] 'in grad_gates' must be [T, k * s]: k = ")
+           << m.size("k") << ", s = " << shards
+           << ", got k * s = " << m.size("ks");
+  return success();
 }
 
 LogicalResult GluOp::verify() {

@@ -1,7 +1,8 @@
 // RUN: moe-opt %s --split-input-file --verify-diagnostics
 
 // Negative tests of [par-1]: the parallel layout (E / W whole experts per
-// rank) and the shapes of exchanges and gathers.
+// rank, or each expert sharded over W / E ranks) and the shapes of
+// exchanges, gathers and the routing over shards.
 
 func.func @par_1_uneven_exchange(%d: tensor<6x8x4xf32>) {
   // expected-error @+1 {{[par-1] 6 experts cannot be split evenly over 4 ranks (E % W must be 0)}}
@@ -36,7 +37,39 @@ func.func @par_1_gather_shape(%w: tensor<2x8x12xf32>) {
 // -----
 
 func.func @par_1_gate_ranks(%x: tensor<8x4xf32>, %wg: tensor<4x6xf32>) {
-  // expected-error @+1 {{[par-1] 6 experts cannot be split evenly over 4 ranks (ranks >= 1 and E % W == 0)}}
+  // expected-error @+1 {{[par-1] 6 experts cannot be split evenly over 4 ranks (ranks >= 1 and E % W == 0, or W % E == 0 with each expert sharded over W / E ranks)}}
   %r, %a = moe.gate %x, %wg {capacity = #moe.capacity<dropless>, ranks = 4 : i64} : tensor<8x4xf32>, tensor<4x6xf32> -> !moe.routing<tokens = 8, experts = 6, top_k = 1, capacity = ?>
+  return
+}
+
+// -----
+
+func.func @par_1_shard_routing_experts(%r: !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = 4>) {
+  // expected-error @+1 {{[par-1] result must be routing<tokens = T, experts = E * s, top_k = k * s, capacity = C> = '!moe.routing<tokens = 8, experts = 4, top_k = 2, capacity = 4>' for s = 2 shards, got '!moe.routing<tokens = 8, experts = 2, top_k = 2, capacity = 4>'}}
+  %v = moe.shard_routing %r {shards = 2} : !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = 4> -> !moe.routing<tokens = 8, experts = 2, top_k = 2, capacity = 4>
+  return
+}
+
+// -----
+
+func.func @par_1_shard_routing_capacity(%r: !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = ?>) {
+  // expected-error @+1 {{[par-1] result must be routing<tokens = T, experts = E * s, top_k = k * s, capacity = C>}}
+  %v = moe.shard_routing %r {shards = 2} : !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = ?> -> !moe.routing<tokens = 8, experts = 4, top_k = 2, capacity = 4>
+  return
+}
+
+// -----
+
+func.func @par_1_shard_routing_shards(%r: !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = 4>) {
+  // expected-error @+1 {{[par-1] shards must be >= 1, got 0}}
+  %v = moe.shard_routing %r {shards = 0} : !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = 4> -> !moe.routing<tokens = 8, experts = 2, top_k = 1, capacity = 4>
+  return
+}
+
+// -----
+
+func.func @par_1_hidden_shards(%d: tensor<1x8x4xf32>, %w1: tensor<1x4x6xf32>, %w2: tensor<1x6x4xf32>) {
+  // expected-error @+1 {{[par-1] hidden_shards must be >= 1, got 0}}
+  %y = moe.expert ffn<relu> %d, %w1, %w2 {hidden_shards = 0 : i64} : (tensor<1x8x4xf32>, tensor<1x4x6xf32>, tensor<1x6x4xf32>) -> tensor<1x8x4xf32>
   return
 }

@@ -1,9 +1,11 @@
-// RUN: not moe-opt %s --moe-multiversion="ranks=2 variants=r2d1" 2>&1 | FileCheck %s --check-prefix=SPELLING
+// RUN: not moe-opt %s --moe-multiversion="ranks=2 variants=r1x1" 2>&1 | FileCheck %s --check-prefix=SPELLING
+// RUN: not moe-opt %s --moe-multiversion="ranks=2 variants=r-1d1" 2>&1 | FileCheck %s --check-prefix=SIGN
 // RUN: not moe-opt %s --moe-multiversion="ranks=2 variants=r1d1,r1d1" 2>&1 | FileCheck %s --check-prefix=TWICE
 // RUN: not moe-opt %s --moe-multiversion="ranks=2" 2>&1 | FileCheck %s --check-prefix=NONE
 
 // [par-2]: the variants --moe-multiversion keeps.
-// SPELLING: error: [par-2] variant 'r2d1' is not r<0|1>d<D>
+// SPELLING: error: [par-2] variant 'r1x1' is not r<R>d<D>
+// SIGN: error: [par-2] variant 'r-1d1' is not r<R>d<D>
 // TWICE: error: [par-2] variant 'r1d1' is listed twice
 // NONE: error: [par-2] name the variants to keep, e.g. variants=r1d1,r1d2,r0d1
 

@@ -8,7 +8,7 @@
 // CHECK: error: 'moe.gate' op [pipe-1] 3 chunks must divide the capacity 8: align it (#moe.capacity<..., align = 3>)
 // CHECK: error: 'moe.gate' op [pipe-1] 3 chunks must divide the capacity: align it to a multiple of 3 (#moe.capacity<..., align = 3>), got align = 2
 // NOEP: error: 'func.func' op [pipe-1] pipelining overlaps the all-to-all with experts: it needs an expert-parallel layer
-// DP: error: [pipe-1] variant 'r0d2': pipelining needs expert parallelism (r = 1)
+// DP: error: [pipe-1] variant 'r0d2': pipelining needs expert parallelism (r >= 1)
 
 !r = !moe.routing<tokens = 16, experts = 4, top_k = 2, capacity = 8>
 func.func @fixed(%x: tensor<16x8xf32>, %wg: tensor<8x4xf32>, %w1: tensor<4x8x12xf32>, %w2: tensor<4x12x8xf32>) -> (tensor<16x8xf32>, tensor<f32>) {

@@ -122,6 +122,13 @@ def Moe_ExpertOp : Moe_Op<"expert", [Pure, AttrSizedOperandSegments]> {
     Shapes: input `[E, C, d]`, W1 and W3 `[E, d, h]`, W2 `[E, h, d]`,
     b1 `[E, h]`, b2 `[E, d]`; the result has the input's type.
 
+    `hidden_shards = s` (> 1 only for experts sharded over ranks,
+    `--moe-parallelize`): each expert of the batch is one of s shards of a
+    whole expert, holding h of its s * h hidden units. The FFN is exact under
+    that split (the activation is per hidden unit and fc2 sums over them), so
+    the s shards' outputs sum to the whole expert's; fc2 adds `b2 / s` so
+    that the bias is added once in that sum.
+
     ```mlir
     %y = moe.expert ffn<relu> %d, %w1, %w2 bias(%b1, %b2)
         : (tensor<8x256x512xbf16>, tensor<8x512x2048xbf16>, tensor<8x2048x512xbf16>,
@@ -137,7 +144,8 @@ def Moe_ExpertOp : Moe_Op<"expert", [Pure, AttrSizedOperandSegments]> {
                        Optional<Moe_Matrix>:$fc1_bias,
                        Optional<Moe_Matrix>:$fc2_bias,
                        Moe_ExpertKindAttr:$kind,
-                       OptionalAttr<Moe_ActivationAttr>:$activation);
+                       OptionalAttr<Moe_ActivationAttr>:$activation,
+                       DefaultValuedAttr<I64Attr, "1">:$hidden_shards);
   let results = (outs Moe_ExpertBatch:$result);
   let assemblyFormat = [{
     custom<ExpertKind>($kind, $activation) $input `,` $fc1_weight `,` $fc2_weight
@@ -152,6 +160,39 @@ def Moe_ExpertOp : Moe_Op<"expert", [Pure, AttrSizedOperandSegments]> {
           .getDimSize(2);
     }
   }];
+}
+
+//===----------------------------------------------------------------------===//
+// ShardRoutingOp
+//===----------------------------------------------------------------------===//
+
+def Moe_ShardRoutingOp : Moe_Op<"shard_routing", [Pure]> {
+  let summary = "route to the hidden shards of each chosen expert";
+  let description = [{
+    With E experts sharded over s ranks each (E < W, s = W / E), the layer
+    runs as E * s *virtual experts* `e * s + q`, shard q of expert e. This op
+    turns the gate's top-k routing over E experts into top-(k * s) routing
+    over E * s virtual experts: choice `i * s + q` of token t is virtual
+    expert `indices[t, i] * s + q`, with the location and gate of choice i.
+    Every virtual expert keeps the capacity C. Dispatch then writes each
+    token to the s shards of each chosen expert, and combine sums the s
+    partial outputs (`gate * sum over q of y_q = gate * y`). The gradient of
+    a gate is the sum of its s copies' ([par-1]: result is
+    `routing<T, E * s, k * s, C>`).
+
+    ```mlir
+    %v = moe.shard_routing %r {shards = 2}
+        : !moe.routing<tokens = 16, experts = 2, top_k = 1, capacity = 8>
+        -> !moe.routing<tokens = 16, experts = 4, top_k = 2, capacity = 8>
+    ```
+  }];
+  let arguments = (ins Moe_RoutingType:$routing, I64Attr:$shards);
+  let results = (outs Moe_RoutingType:$result);
+  let assemblyFormat = [{
+    $routing attr-dict `:` qualified(type($routing)) `->`
+    qualified(type($result))
+  }];
+  let hasVerifier = 1;
 }
 
 //===----------------------------------------------------------------------===//

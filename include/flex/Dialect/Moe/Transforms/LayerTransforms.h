@@ -26,6 +26,8 @@ namespace flex::moe {
 /// for data parallelism (keyed by the gathered weight argument).
 struct ExpandedLayer {
   GateOp gate;
+  /// Experts sharded over ranks: the gate's routing over their shards.
+  ShardRoutingOp shardRouting;
   DispatchOp dispatch;
   AllToAllOp dispatchExchange;
   llvm::SmallVector<ExpertOp> experts;
@@ -48,11 +50,16 @@ mlir::FailureOr<ExpandedLayer> matchExpandedLayer(mlir::func::FuncOp func);
 void expandLayer(LayerOp layer, mlir::RewriterBase &rewriter);
 
 /// Parallelizes a single-rank expanded layer over `ranks` ranks with one
-/// parameter layout: each rank's expert weights become its slice [E/W, ...];
-/// `expertParallel` exchanges tokens with all-to-alls (r = 1), otherwise the
-/// weights are gathered (r = 0).
+/// parameter layout: each rank's expert weights become its slice [E/W, ...],
+/// or, with E < W, its shard [1, ...] of h / s hidden units of one expert
+/// (s = W / E ranks per expert; the layer then routes to E * s virtual
+/// experts, moe.shard_routing). `parallelism` is r: r = 0 gathers the
+/// weights; r = 1 (whole experts) or r = s (sharded) exchanges tokens with
+/// all-to-alls. Other r are rejected ([par-1]).
+/// `kExchangeOverAllShards` (the pass's default) is r = 1 or r = s.
 mlir::LogicalResult parallelizeLayer(mlir::func::FuncOp func, int64_t ranks,
-                                     bool expertParallel);
+                                     int64_t parallelism);
+inline constexpr int64_t kExchangeOverAllShards = -1;
 
 /// Splits the capacity of an expert-parallel layer into `chunks` chunks.
 mlir::LogicalResult pipelineLayer(mlir::func::FuncOp func, int64_t chunks);

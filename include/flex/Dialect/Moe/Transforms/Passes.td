@@ -44,24 +44,32 @@ def MoeParallelizePass : Pass<"moe-parallelize", "::mlir::func::FuncOp"> {
   let summary = "Parallelize an expanded layer over ranks with one layout";
   let description = [{
     Rewrites the expanded layer of a function to run on `ranks` ranks
-    (DESIGN.md section 4). Every variant uses one parameter layout: rank j
-    holds experts `j*L .. j*L+L-1` (L = E / W), so the expert weight
-    arguments become `[L, ...]`; tokens stay on their rank.
+    (DESIGN.md section 4). Every variant uses one parameter layout: with
+    E >= W, rank j holds experts `j*L .. j*L+L-1` (L = E / W), so the expert
+    weight arguments become `[L, ...]`. With E < W (W % E == 0) each expert
+    is sharded over s = W / E ranks: rank j holds shard q = j % s of expert
+    e = j / s, the hidden units `q*h/s .. (q+1)*h/s` (W1, W3 `[1, d, h/s]`,
+    b1 `[1, h/s]`, W2 `[1, h/s, d]`) and the whole b2 `[1, d]`; the layer
+    then routes to E * s virtual experts, one per rank
+    (`moe.shard_routing`, experts with `hidden_shards = s`). Tokens stay on
+    their rank.
 
-    * `expert-parallel=1` (r = 1): the dispatch buffer `[E, C, d]` is
-      exchanged (`moe.all_to_all dispatch`) so this rank's experts see their
-      rows from every rank (`[L, W * C, d]`), and exchanged back before
-      combine.
-    * `expert-parallel=0` (r = 0): every rank gathers every expert
-      (`moe.all_gather`) and runs them on its own tokens.
+    * `r=1` (s = 1) or `r=s` (sharded): the dispatch buffer is exchanged
+      (`moe.all_to_all dispatch`) so this rank's experts see their rows from
+      every rank (`[L, W * C, d]`), and exchanged back before combine.
+    * `r=0`: every rank gathers every expert, or every shard
+      (`moe.all_gather`), and runs them on its own tokens.
 
+    r must be 0 or divide s ([par-1]); 1 <= r < s is not supported yet.
     A capacity that depends on the routing is agreed over ranks (the gate's
-    `ranks`). E < W (experts sharded over ranks) is rejected for now.
+    `ranks`).
   }];
   let options = [
     Option<"ranks", "ranks", "int64_t", /*default=*/"1", "Number of ranks W">,
-    Option<"expertParallel", "expert-parallel", "bool", /*default=*/"true",
-           "Exchange tokens (r = 1) instead of gathering weights (r = 0)">,
+    Option<"parallelism", "r", "int64_t", /*default=*/"-1",
+           "r: 0 gathers weights (data parallel); 1, or s = W / E for "
+           "sharded experts, exchanges tokens (expert parallel); -1 (the "
+           "default) is 1 or s">,
   ];
   let dependentDialects = ["::flex::moe::MoeDialect"];
 }
@@ -108,8 +116,9 @@ def MoeMultiversionPass : Pass<"moe-multiversion", "::mlir::ModuleOp"> {
     `--convert-moe-to-moert` turns them into one plan with one
     `moert.variant` each, and the runtime picks one per call.
 
-    A variant is `r<0|1>d<D>`: r = 1 expert parallel, r = 0 data parallel;
-    D the pipelining degree (r = 1 only). Every variant computes the same
+    A variant is `r<R>d<D>`: R = 0 data parallel, R = 1 expert parallel
+    (R = s = W / E when each expert is sharded over s ranks, E < W; R must
+    be 0 or divide s, [par-1]); D the pipelining degree (R >= 1 only). Every variant computes the same
     function with the same parameter layout, so the capacity is aligned to
     the least common multiple of every variant's D first: switching
     variants never changes which tokens are kept.

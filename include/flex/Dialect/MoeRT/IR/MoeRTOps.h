@@ -91,17 +91,24 @@ void printStepOp(OpTy op, mlir::OpAsmPrinter &printer) {
 
 namespace flex::moert {
 /// Creates a step from its operands by role (`{"x", %x}`); optional roles may
-/// be left out or given a null value. A required role left out is a bug.
+/// be left out or given a null value. A required role left out is a bug. A
+/// role named in both ins and outs (shard_routing) takes the given values of
+/// that name in order: the first for the input.
 template <typename OpTy>
 OpTy createStep(mlir::OpBuilder &builder, mlir::Location loc,
                 llvm::ArrayRef<std::pair<llvm::StringRef, mlir::Value>> roles,
                 llvm::ArrayRef<mlir::NamedAttribute> attributes = {}) {
   llvm::SmallVector<mlir::Value> operands;
   llvm::SmallVector<int32_t> segments;
+  llvm::SmallVector<bool> used(roles.size(), false);
   for (llvm::StringLiteral role : OpTy::kRoles) {
     llvm::StringRef name = role.rtrim("?");
-    const auto *it = llvm::find_if(
-        roles, [&](const auto &given) { return given.first == name; });
+    const auto *it = roles.begin();
+    for (; it != roles.end(); ++it)
+      if (it->first == name && !used[it - roles.begin()])
+        break;
+    if (it != roles.end())
+      used[it - roles.begin()] = true;
     bool present = it != roles.end() && it->second;
     assert((present || role.ends_with("?")) && "missing required step role");
     if (present)

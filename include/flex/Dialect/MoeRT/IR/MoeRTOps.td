@@ -173,15 +173,18 @@ def MoeRT_DispatchOp : MoeRT_StepOp<"dispatch",
 def MoeRT_GroupedGemmOp : MoeRT_StepOp<"grouped_gemm",
     ["a", "b", "bias?", "expert_offsets", "expert_rows"], ["c", "pre?"],
     [AttrSizedOperandSegments]> {
-  let summary = "per expert: c = epilogue(a @ b[e] + bias[e])";
+  let summary = "per expert: c = epilogue(a @ b[e] + bias_scale * bias[e])";
   let description = [{
     Over the valid rows of each expert. `trans_b` reads b as [E, N, K];
     `accumulate` adds to c; `pre`, when given, receives the value before the
-    epilogue (kept for the backward of the activation).
+    epilogue (kept for the backward of the activation). `bias_scale` (> 0,
+    default 1) scales the bias: 1 / s in fc2 of experts sharded over s
+    ranks, whose s partial outputs then add b2 once.
   }];
   let arguments = (ins Buf:$a, Buf:$b, OptBuf:$bias, Buf:$expert_offsets,
       Buf:$expert_rows, Buf:$c, OptBuf:$pre, UnitAttr:$trans_b,
-      UnitAttr:$accumulate, OptionalAttr<Moe_ActivationAttr>:$epilogue);
+      UnitAttr:$accumulate, OptionalAttr<Moe_ActivationAttr>:$epilogue,
+      OptionalAttr<F64Attr>:$bias_scale);
 }
 
 def MoeRT_GluOp : MoeRT_StepOp<"glu",
@@ -303,6 +306,34 @@ def MoeRT_UniformSegmentsOp : MoeRT_StepOp<"uniform_segments", ["capacity"],
                        I64Attr:$groups, I64Attr:$ranks,
                        DefaultValuedAttr<I64Attr, "1">:$chunks,
                        DefaultValuedAttr<I64Attr, "0">:$chunk);
+}
+
+def MoeRT_ShardRoutingOp : MoeRT_StepOp<"shard_routing",
+    ["indices", "locations", "gates", "capacity", "expert_rows"],
+    ["indices", "locations", "gates", "expert_offsets", "expert_rows"]> {
+  let summary = "the gate's routing over the shards of each expert";
+  let description = [{
+    Experts sharded over `shards` = s ranks (docs/PlanFormat.md): the
+    gate's `[T, k]` routing over E experts in, `[T, k * s]` over E * s
+    virtual experts out. Out choice `i * s + q` is virtual expert
+    `indices[t, i] * s + q` with the location and gate of choice i;
+    `expert_offsets[v] = v * C` (padded), `expert_rows[v]` = the rows of
+    expert v / s. The same role names appear in `ins` and `outs`.
+  }];
+  let arguments = (ins Buf:$indices, Buf:$locations, Buf:$gates,
+                       Buf:$capacity, Buf:$expert_rows, Buf:$shard_indices,
+                       Buf:$shard_locations, Buf:$shard_gates,
+                       Buf:$shard_offsets, Buf:$shard_rows, I64Attr:$shards);
+}
+
+def MoeRT_ShardRoutingBackwardOp : MoeRT_StepOp<"shard_routing_backward",
+    ["grad_gates"], ["grad_gates"]> {
+  let summary = "sum the gradients of each gate's s shard copies";
+  let description = [{
+    `grad_gates [T, k]` out, `[t, i] = sum over q of in [t, i * s + q]`.
+  }];
+  let arguments = (ins Buf:$shard_grad_gates, Buf:$grad_gates,
+                       I64Attr:$shards);
 }
 
 def MoeRT_AllGatherOp : MoeRT_StepOp<"all_gather", ["input"], ["output"]> {
