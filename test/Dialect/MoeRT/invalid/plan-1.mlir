@@ -78,3 +78,55 @@ moert.plan @gemm_segments attributes {layer = {}} {
   } backward {
   }
 }
+
+// -----
+
+moert.plan @shard_routing_choices attributes {layer = {}} {
+  %i = moert.alloc "indices" : memref<8x1xi32>
+  %l = moert.alloc "locations" : memref<8x1xi32>
+  %g = moert.alloc "gates" : memref<8x1xf32>
+  %c = moert.alloc "capacity" : memref<1xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %vi = moert.alloc "shard_indices" : memref<8x3xi32>
+  %vl = moert.alloc "shard_locations" : memref<8x3xi32>
+  %vg = moert.alloc "shard_gates" : memref<8x3xf32>
+  %vo = moert.alloc "shard_expert_offsets" : memref<5xi32>
+  %vr = moert.alloc "shard_expert_rows" : memref<4xi32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] the out routing must be [T, k * s] over E * s experts: k = 1, E = 2, s = 2, got k * s = 3 and E * s = 4}}
+    moert.shard_routing ins(indices = %i : memref<8x1xi32>, locations = %l : memref<8x1xi32>, gates = %g : memref<8x1xf32>, capacity = %c : memref<1xi32>, expert_rows = %r : memref<2xi32>) outs(indices = %vi : memref<8x3xi32>, locations = %vl : memref<8x3xi32>, gates = %vg : memref<8x3xf32>, expert_offsets = %vo : memref<5xi32>, expert_rows = %vr : memref<4xi32>) {shards = 2 : i64}
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @shard_routing_offsets attributes {layer = {}} {
+  %i = moert.alloc "indices" : memref<8x1xi32>
+  %l = moert.alloc "locations" : memref<8x1xi32>
+  %g = moert.alloc "gates" : memref<8x1xf32>
+  %c = moert.alloc "capacity" : memref<1xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %vi = moert.alloc "shard_indices" : memref<8x2xi32>
+  %vl = moert.alloc "shard_locations" : memref<8x2xi32>
+  %vg = moert.alloc "shard_gates" : memref<8x2xf32>
+  %vo = moert.alloc "shard_expert_offsets" : memref<4xi32>
+  %vr = moert.alloc "shard_expert_rows" : memref<4xi32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'out expert_offsets' must be [Es+1 = 5], got 'memref<4xi32>'}}
+    moert.shard_routing ins(indices = %i : memref<8x1xi32>, locations = %l : memref<8x1xi32>, gates = %g : memref<8x1xf32>, capacity = %c : memref<1xi32>, expert_rows = %r : memref<2xi32>) outs(indices = %vi : memref<8x2xi32>, locations = %vl : memref<8x2xi32>, gates = %vg : memref<8x2xf32>, expert_offsets = %vo : memref<4xi32>, expert_rows = %vr : memref<4xi32>) {shards = 2 : i64}
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @shard_routing_backward_choices attributes {layer = {}} {
+  %vg = moert.alloc "shard_grad_gates" : memref<8x4xf32>
+  %g = moert.alloc "grad_gates" : memref<8x1xf32>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-1] 'in grad_gates' must be [T, k * s]: k = 1, s = 2, got k * s = 4}}
+    moert.shard_routing_backward ins(grad_gates = %vg : memref<8x4xf32>) outs(grad_gates = %g : memref<8x1xf32>) {shards = 2 : i64}
+  }
+}

@@ -52,3 +52,31 @@ moert.plan @alignment attributes {layer = {}, workspace_alignment = 100 : i64} {
 
 // expected-error @+1 {{'moert.alloc' op expects parent op 'moert.plan'}}
 %a = moert.alloc "a" : memref<4xf32>
+
+// -----
+
+moert.plan @shard_routing_shards attributes {layer = {}} {
+  %vg = moert.alloc "shard_grad_gates" : memref<8x1xf32>
+  %g = moert.alloc "grad_gates" : memref<8x1xf32>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-3] shards must be >= 1, got 0}}
+    moert.shard_routing_backward ins(grad_gates = %vg : memref<8x1xf32>) outs(grad_gates = %g : memref<8x1xf32>) {shards = 0 : i64}
+  }
+}
+
+// -----
+
+moert.plan @bias_scale attributes {layer = {}} {
+  %a = moert.alloc "a" : memref<8x4xf32>
+  %b = moert.alloc "b" : memref<2x4x3xf32>
+  %bias = moert.alloc "bias" : memref<2x3xf32>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %c = moert.alloc "c" : memref<8x3xf32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-3] bias_scale must be finite and > 0, got -5.000000e-01}}
+    moert.grouped_gemm ins(a = %a : memref<8x4xf32>, b = %b : memref<2x4x3xf32>, bias = %bias : memref<2x3xf32>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %c : memref<8x3xf32>) {bias_scale = -5.000000e-01 : f64}
+  } backward {
+  }
+}
