@@ -40,7 +40,7 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
   constexpr std::string_view key = "variants=";
   if (text.substr(0, key.size()) != key) {
     error = "unknown compile option '" + std::string(text) +
-            "'; the one option is variants=r<0|1>d<D>,...";
+            "'; the one option is variants=r<R>d<D>,...";
     return false;
   }
   text.remove_prefix(key.size());

@@ -28,8 +28,9 @@ struct CompileOptions {
   /// W ranks: the plan's variants run on W ranks with one parameter layout
   /// (--moe-multiversion).
   int64_t ranks = 1;
-  /// The variants to keep, `r<0|1>d<D>`; empty: r1d1 and r0d1 when
-  /// ranks > 1, the single-rank plan otherwise.
+  /// The variants to keep, `r<R>d<D>`; empty: r1d1 (r<s>d1 for experts
+  /// sharded over s = W / E ranks) and r0d1 when ranks > 1, the single-rank
+  /// plan otherwise.
   std::vector<std::string> variants;
 };
 

@@ -201,7 +201,8 @@ void PlanBuilder::declareArguments() {
   x = argument("x", ArgumentRole::Input, tokensType);
   wg = argument("wg", ArgumentRole::Input,
                 memref({modelDim, experts}, routerElement));
-  // Each rank's slice [E / W, ...] of the expert parameters.
+  // Each rank's slice [E / W, ...] of the expert parameters, or its shard
+  // [1, ...] of one expert (E < W).
   auto weightArgument = [&](StringRef name, Value operand, ArgumentRole role) {
     Value argument = first.weightArgument(operand);
     return argument ? this->argument(name, role, memrefOf(argument)) : Value();
