@@ -163,9 +163,9 @@ public:
                         std::string_view what) override {
     if (Status s = begin(what); !s)
       return s;
-    // This rank's own blocks are device copies, paired in order; the rest
-    // one group of point-to-point calls, which NCCL matches in order per
-    // peer and runs concurrently without deadlock.
+    // One group of point-to-point calls, this rank's own blocks included
+    // (NCCL copies them in the same kernels, alongside the transfers),
+    // which NCCL matches in order per peer and runs without deadlock.
     for (const std::vector<Block> *blocks : {&sendBlocks, &recvBlocks})
       for (const Block &block : *blocks)
         if (block.peer < 0 || block.peer >= size_ || block.bytes < 0 ||
@@ -177,45 +177,26 @@ public:
                             std::to_string(block.bytes) +
                             " bytes at offset " +
                             std::to_string(block.offset));
-    std::vector<const Block *> ownSends, ownRecvs;
+    int64_t ownSent = 0, ownReceived = 0;
     for (const Block &block : sendBlocks)
       if (block.peer == rank_)
-        ownSends.push_back(&block);
+        ownSent += block.bytes;
     for (const Block &block : recvBlocks)
       if (block.peer == rank_)
-        ownRecvs.push_back(&block);
-    if (ownSends.size() != ownRecvs.size())
+        ownReceived += block.bytes;
+    if (ownSent != ownReceived)
       return Status(StatusCode::InvalidArgument,
                     std::string(what) + ": rank " + std::to_string(rank_) +
-                        " sends itself " + std::to_string(ownSends.size()) +
-                        " blocks but receives " +
-                        std::to_string(ownRecvs.size()));
-    for (size_t i = 0; i < ownSends.size(); ++i) {
-      if (ownSends[i]->bytes != ownRecvs[i]->bytes)
-        return Status(StatusCode::InvalidArgument,
-                      std::string(what) + ": own block " + std::to_string(i) +
-                          " sends " + std::to_string(ownSends[i]->bytes) +
-                          " bytes but receives " +
-                          std::to_string(ownRecvs[i]->bytes));
-      if (ownSends[i]->bytes > 0)
-        if (Status s = cudaStatus(
-                cudaMemcpyAsync(
-                    static_cast<char *>(recv) + ownRecvs[i]->offset,
-                    static_cast<const char *>(send) + ownSends[i]->offset,
-                    static_cast<size_t>(ownSends[i]->bytes),
-                    cudaMemcpyDeviceToDevice, stream_),
-                std::string(what) + ": copying this rank's own block");
-            !s)
-          return s;
-    }
+                        " sends itself " + std::to_string(ownSent) +
+                        " bytes but expects " + std::to_string(ownReceived));
     ncclResult_t result = ncclGroupStart();
     for (const Block &block : recvBlocks)
-      if (result == ncclSuccess && block.peer != rank_ && block.bytes > 0)
+      if (result == ncclSuccess && block.bytes > 0)
         result = ncclRecv(static_cast<char *>(recv) + block.offset,
                           static_cast<size_t>(block.bytes), ncclUint8,
                           block.peer, comm_, stream_);
     for (const Block &block : sendBlocks)
-      if (result == ncclSuccess && block.peer != rank_ && block.bytes > 0)
+      if (result == ncclSuccess && block.bytes > 0)
         result = ncclSend(static_cast<const char *>(send) + block.offset,
                           static_cast<size_t>(block.bytes), ncclUint8,
                           block.peer, comm_, stream_);

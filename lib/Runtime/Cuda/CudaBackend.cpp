@@ -18,8 +18,9 @@
 // for a pending exchange only when their bytes overlap (the rows of one
 // chunk, for the segment ops of a pipelined variant). So chunk q + 1 moves
 // while chunk q's experts run. FLEX_CUDA_OVERLAP=0 queues exchanges on the
-// compute stream instead; FLEX_A2A_STAGING=1 packs rows into staging blocks
-// with a kernel first (the 2DH exchange always does). The other collectives
+// compute stream instead. Runs smaller than kMinInPlaceRunBytes are packed
+// into one staging block per peer with a kernel first (FLEX_A2A_STAGING=1
+// always, =0 never; the 2DH exchange always packs). The other collectives
 // run on the compute stream after every pending exchange. sync_capacity and
 // uniform_segments compute offsets from the capacity on the device;
 // all_to_all needs C on the host for its byte counts: known there for a
@@ -71,6 +72,16 @@ const Step *findCapacityGate(const Plan &plan, const BufferRef &capacity) {
   return nullptr;
 }
 
+/// The shard_routing step that writes the virtual-expert offsets `offsets`.
+const Step *findShardRouting(const Plan &plan, const BufferRef &offsets) {
+  for (const Variant &variant : plan.variants)
+    for (const Step &step : variant.forward)
+      if (step.op == StepOp::ShardRouting &&
+          step.out(R::ExpertOffsets) == offsets)
+        return &step;
+  return nullptr;
+}
+
 /// C when the gate lays rows out padded with a fixed capacity (known on the
 /// host before gating); -1 when the rows are only known on the device.
 int64_t staticCapacity(const Plan &plan, const Step *gate) {
@@ -90,8 +101,12 @@ public:
       : device_(device), ctx_(std::move(context)) {
     const char *overlap = std::getenv("FLEX_CUDA_OVERLAP");
     overlap_ = !(overlap && std::string_view(overlap) == "0");
-    const char *stagingEnv = std::getenv("FLEX_A2A_STAGING");
-    stagingExchange_ = stagingEnv && std::string_view(stagingEnv) == "1";
+    if (const char *staging = std::getenv("FLEX_A2A_STAGING"))
+      exchangeStaging_ = std::string_view(staging) == "1"
+                             ? ExchangeStaging::Always
+                             : std::string_view(staging) == "0"
+                                   ? ExchangeStaging::Never
+                                   : ExchangeStaging::Auto;
   }
   ~CudaBackend() override;
 
@@ -173,6 +188,17 @@ private:
   /// buffer names with different layouts, so later steps (and the backward
   /// after this forward) take the layout from the gate that actually ran.
   const Step *lastGate_ = nullptr;
+  /// The shard_routing that wrote the current virtual-expert routing (same
+  /// reason).
+  const Step *lastShardRouting_ = nullptr;
+  /// The step (gate or shard_routing) that wrote the routing offsets
+  /// `offsets`, preferring the ones that ran last; null for other offsets
+  /// (uniform_segments').
+  const Step *routingWriter(const Plan &plan, const BufferRef &offsets) const;
+  /// The gate whose capacity C the rows of `writer` use: itself for a gate;
+  /// for shard_routing the gate that wrote its capacity (every virtual
+  /// expert keeps the gate's C).
+  const Step *capacityGateOf(const Plan &plan, const Step *writer) const;
   /// Per offsets buffer, the uniform_segments step that last wrote it, and
   /// the plan it belongs to. Chunks and variants may share one offsets
   /// buffer, each with its own (chunks, chunk), so the static rows of a
@@ -216,8 +242,11 @@ private:
   Staging staging_[3];
   /// FLEX_CUDA_OVERLAP (default 1): exchanges on their own stream.
   bool overlap_ = true;
-  /// FLEX_A2A_STAGING=1: pack rows into staging blocks (A/B measurements).
-  bool stagingExchange_ = false;
+  /// FLEX_A2A_STAGING: 1 packs rows into staging blocks, 0 sends them in
+  /// place; unset, runs under kMinInPlaceRunBytes are packed.
+  enum class ExchangeStaging { Auto, Always, Never };
+  ExchangeStaging exchangeStaging_ = ExchangeStaging::Auto;
+  static constexpr int64_t kMinInPlaceRunBytes = int64_t{8} << 20;
   cudaStream_t exchangeStream_ = nullptr;
   cudaEvent_t computeReady_ = nullptr;
   std::vector<PendingExchange> pending_;
@@ -581,6 +610,26 @@ Status CudaBackend::launchGraph(const std::string &key, bool &launched) {
   return Status::ok();
 }
 
+const Step *CudaBackend::routingWriter(const Plan &plan,
+                                       const BufferRef &offsets) const {
+  for (const Step *last : {lastGate_, lastShardRouting_})
+    if (last && last->out(R::ExpertOffsets) == offsets)
+      return last;
+  if (const Step *gate = findGate(plan, offsets))
+    return gate;
+  return findShardRouting(plan, offsets);
+}
+
+const Step *CudaBackend::capacityGateOf(const Plan &plan,
+                                        const Step *writer) const {
+  if (!writer || writer->op == StepOp::Gate)
+    return writer;
+  const BufferRef &capacity = writer->in(R::Capacity);
+  if (lastGate_ && lastGate_->out(R::Capacity) == capacity)
+    return lastGate_;
+  return findCapacityGate(plan, capacity);
+}
+
 Status CudaBackend::runStep(const Plan &plan, const Step &step,
                             const StepOperands &ops) {
   if (Status s = makeCurrent(); !s)
@@ -599,18 +648,26 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
   routing.tokens = T;
   routing.topK = k;
   routing.experts = E;
-  // The row groups of a segment op: the gate's E experts, or the G = L local
-  // experts of a received buffer (expert_rows from uniform_segments).
+  // After shard_routing the routing counts k * s choices over E * s
+  // (virtual) experts; the loader checked that the step's buffers agree.
+  if (ops.in(R::Indices).isPresent())
+    routing.topK = ops.in(R::Indices).desc->shape[1];
+  if (ops.in(R::ExpertOffsets).isPresent())
+    routing.experts = ops.in(R::ExpertOffsets).desc->shape[0] - 1;
+  // The row groups of a segment op: the routing's (virtual) experts, or the
+  // G = L local experts of a received buffer (expert_rows from
+  // uniform_segments).
   const int64_t groups = ops.in(R::ExpertRows).isPresent()
                              ? ops.in(R::ExpertRows).desc->shape[0]
-                             : E;
+                             : routing.experts;
   // A received buffer of a fixed capacity is static too: chunk q's groups
   // are G blocks of n = W * C / D rows from row q * G * n. The kernels see
   // the buffers from that row on (`shift`), as one static batch.
   int64_t baseRow = 0;
   const Step *segments = nullptr;
   int64_t segmentRows = -1;
-  if (!findGate(plan, step.in(R::ExpertOffsets)))
+  const Step *routingStep = routingWriter(plan, step.in(R::ExpertOffsets));
+  if (!routingStep)
     if ((segments = lastSegmentsFor(plan, step.in(R::ExpertOffsets)))) {
       const StepAttrs &a = segments->attrs;
       int64_t c = staticCapacity(
@@ -632,12 +689,12 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
       result.rowBound = std::max<int64_t>(0, result.rowBound - baseRow);
       return result;
     }
-    const Step *gate =
-        lastGate_ && lastGate_->out(R::ExpertOffsets) == step.in(R::ExpertOffsets)
-            ? lastGate_
-            : findGate(plan, step.in(R::ExpertOffsets));
+    // shard_routing's virtual experts keep the gate's C, padded whatever
+    // the gate's own layout.
+    const Step *gate = capacityGateOf(plan, routingStep);
     result.staticCapacity = staticCapacity(plan, gate);
-    result.padded = gate && gate->attrs.layout == DispatchLayout::Padded;
+    result.padded = (gate && gate->attrs.layout == DispatchLayout::Padded) ||
+                    (routingStep && routingStep->op == StepOp::ShardRouting);
     return result;
   };
   // A dispatch-shaped operand from the first row of the space on.
@@ -760,6 +817,47 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
         writeAs<int32_t>(ops.out(R::ExpertOffsets)),
         writeAs<int32_t>(ops.out(R::ExpertRows)));
   }
+  case StepOp::ShardRouting: {
+    const int64_t s = step.attrs.shards;
+    const TensorView &indices = ops.out(R::Indices);
+    const TensorView &offsets = ops.out(R::ExpertOffsets);
+    // The kernel writes k * s choices and E * s + 1 offsets: buffers of
+    // other shapes would be overrun (the loader rejects such plans).
+    if (s < 1 || indices.desc->shape[1] != routing.topK * s ||
+        offsets.desc->shape[0] != routing.experts * s + 1)
+      return Status(StatusCode::InvalidArgument,
+                    "shard_routing with shards = " + std::to_string(s) +
+                        " over k = " + std::to_string(routing.topK) +
+                        " choices and E = " + std::to_string(routing.experts) +
+                        " experts needs '" + indices.desc->name +
+                        "' [T, k*s] and '" + offsets.desc->name +
+                        "' [E*s + 1]; got " +
+                        std::to_string(indices.desc->shape[1]) + " and " +
+                        std::to_string(offsets.desc->shape[0]));
+    // New offsets for the later steps (as after sync_capacity): a host copy
+    // of earlier ones is stale.
+    ++ctx.generation;
+    lastShardRouting_ = &step;
+    return cuda::shardRouting(ctx, routing, s, writeAs<int32_t>(indices),
+                              writeAs<int32_t>(ops.out(R::Locations)),
+                              writeAs<float>(ops.out(R::Gates)),
+                              writeAs<int32_t>(offsets),
+                              writeAs<int32_t>(ops.out(R::ExpertRows)));
+  }
+  case StepOp::ShardRoutingBackward: {
+    const int64_t s = step.attrs.shards;
+    const TensorView &in = ops.in(R::GradGates), &out = ops.out(R::GradGates);
+    if (s < 1 || in.desc->shape[1] != k * s || out.desc->shape[1] != k)
+      return Status(StatusCode::InvalidArgument,
+                    "shard_routing_backward with shards = " +
+                        std::to_string(s) + " and k = " + std::to_string(k) +
+                        " needs '" + in.desc->name + "' [T, k*s] and '" +
+                        out.desc->name + "' [T, k]; got " +
+                        std::to_string(in.desc->shape[1]) + " and " +
+                        std::to_string(out.desc->shape[1]) + " columns");
+    return cuda::shardRoutingBackward(ctx, readAs<float>(in), T, k, s,
+                                      writeAs<float>(out));
+  }
   case StepOp::SyncCapacity:
   case StepOp::AllToAll:
   case StepOp::AllGather:
@@ -824,14 +922,16 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
                              const StepOperands &ops, Communicator &comm) {
   const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
   const StepAttrs &a = step.attrs;
-  const int64_t E = plan.layer.experts, W = comm.size();
+  // Rows are in E * s blocks of C (virtual experts when experts are
+  // sharded over s ranks), L = E * s / W of them per rank.
+  const int64_t E = plan.virtualExperts(), W = comm.size();
   std::string what = "all_to_all " + std::string(toString(a.direction)) + " " +
                      bufferName(input) + " -> " + bufferName(output) +
                      ", chunk " + std::to_string(a.chunk) + " of " +
                      std::to_string(a.chunks);
   cuda::AllToAllShape shape;
   shape.ranks = W;
-  shape.localExperts = E / W;
+  shape.localExperts = plan.localExperts();
   shape.chunks = a.chunks;
   shape.chunk = a.chunk;
   if (Status s = hostCapacity(plan, step.in(R::Capacity), ops.in(R::Capacity),
@@ -877,94 +977,108 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
                                 output.data, rowBytes, a.ranksPerNode, comm,
                                 what);
   }
-  if (!stagingExchange_) {
-    // In place: one run of Cq rows per (peer, local expert), no packing.
-    AllToAllLayout layout{W, shape.localExperts, shape.capacity, a.chunks,
-                          a.chunk};
-    std::vector<Communicator::Block> sendBlocks, recvBlocks;
-    layout.blocks(a.direction, rowBytes, sendBlocks, recvBlocks);
-    if (!overlap_)
+  AllToAllLayout layout{W, shape.localExperts, shape.capacity, a.chunks,
+                        a.chunk};
+  std::vector<Communicator::Block> sendBlocks, recvBlocks;
+  layout.blocks(a.direction, rowBytes, sendBlocks, recvBlocks);
+  // In place (one run of Cq rows per peer and local expert, no packing)
+  // unless the runs are small: NCCL moves many small runs slower than one
+  // packed block per peer (bench/RESULTS.md, Run 5: C3's 32 runs of 6 MiB).
+  const bool staged =
+      exchangeStaging_ == ExchangeStaging::Always ||
+      (exchangeStaging_ == ExchangeStaging::Auto &&
+       Cq * rowBytes < kMinInPlaceRunBytes && layout.localExperts > 1);
+
+  // Staged: rows packed per peer into staging blocks by a kernel.
+  auto stagedExchange = [&]() -> Status {
+    std::vector<int64_t> sendOffsets(W), recvOffsets(W), sizes(W, blockBytes);
+    void *send = input.data, *recv = output.data;
+    const bool sendDirect = contiguous(sendDispatchLayout);
+    const bool recvDirect = contiguous(!sendDispatchLayout);
+    if (!sendDirect)
+      if (Status s = staging(0, W * blockBytes, send); !s)
+        return s;
+    if (!recvDirect)
+      if (Status s = staging(1, W * blockBytes, recv); !s)
+        return s;
+    for (int64_t p = 0; p < W; ++p) {
+      sendOffsets[p] = sendDirect ? firstRow(sendDispatchLayout, p) * rowBytes
+                                  : p * blockBytes;
+      recvOffsets[p] = recvDirect ? firstRow(!sendDispatchLayout, p) * rowBytes
+                                  : p * blockBytes;
+    }
+    if (!sendDirect)
+      if (Status s = cuda::allToAllCopy(*ctx_, shape, sendDispatchLayout,
+                                        /*pack=*/true, input.data, send,
+                                        rowBytes);
+          !s)
+        return s;
+    if (Status s = comm.allToAll(send, sendOffsets.data(), sizes.data(), recv,
+                                 recvOffsets.data(), sizes.data(), what);
+        !s)
+      return s;
+    if (!recvDirect)
+      return cuda::allToAllCopy(*ctx_, shape, !sendDispatchLayout,
+                                /*pack=*/false, output.data, recv, rowBytes);
+    return Status::ok();
+  };
+  auto exchangeOn = [&](cudaStream_t stream) -> Status {
+    if (Status s = comm.setStream(stream); !s)
+      return s;
+    if (!staged)
       return comm.allToAllBlocks(input.data, sendBlocks, output.data,
                                  recvBlocks, what);
-    // On the exchange stream, after the compute queued so far (which wrote
-    // the rows it sends and may still read the rows it overwrites).
-    cudaStream_t exchange = nullptr;
-    if (Status s = exchangeStream(exchange); !s)
-      return s;
-    if (Status s = cuda::checkCuda(
-            cudaEventRecord(computeReady_, ctx_->stream()), "cudaEventRecord");
-        !s)
-      return s;
-    if (Status s = cuda::checkCuda(
-            cudaStreamWaitEvent(exchange, computeReady_, 0),
-            "the exchange stream waiting for compute");
-        !s)
-      return s;
-    if (Status s = comm.setStream(exchange); !s)
-      return s;
-    Status sent = comm.allToAllBlocks(input.data, sendBlocks, output.data,
-                                      recvBlocks, what);
-    if (Status s = comm.setStream(ctx_->stream()); !s)
-      return s;
-    if (!sent)
-      return sent;
-    PendingExchange pending;
-    if (Status s = takeEvent(pending.done); !s)
-      return s;
-    if (Status s = cuda::checkCuda(cudaEventRecord(pending.done, exchange),
-                                   "cudaEventRecord");
-        !s) {
-      freeEvents_.push_back(pending.done);
-      return s;
-    }
-    auto ranges = [](const void *base, const std::vector<Communicator::Block>
-                                           &blocks) {
-      std::vector<ByteRange> result;
-      for (const Communicator::Block &block : blocks) {
-        const char *begin = static_cast<const char *>(base) + block.offset;
-        result.push_back({begin, begin + block.bytes});
-      }
-      return result;
-    };
-    pending.reads = ranges(input.data, sendBlocks);
-    pending.writes = ranges(output.data, recvBlocks);
-    pending_.push_back(std::move(pending));
-    return Status::ok();
-  }
+    return stagedExchange();
+  };
+  if (!overlap_)
+    return exchangeOn(ctx_->stream());
 
-  // Staged: rows packed per peer into staging blocks by a kernel, on the
-  // compute stream after every pending exchange.
-  if (Status s = joinExchanges(); !s)
+  // On the exchange stream, after the compute queued so far (which wrote
+  // the rows it sends and may still read the rows it overwrites). The
+  // staging kernels go there too, for the duration of the exchange.
+  cudaStream_t exchange = nullptr, compute = ctx_->stream();
+  if (Status s = exchangeStream(exchange); !s)
     return s;
-  std::vector<int64_t> sendOffsets(W), recvOffsets(W), sizes(W, blockBytes);
-  void *send = input.data, *recv = output.data;
-  const bool sendDirect = contiguous(sendDispatchLayout);
-  const bool recvDirect = contiguous(!sendDispatchLayout);
-  if (!sendDirect)
-    if (Status s = staging(0, W * blockBytes, send); !s)
-      return s;
-  if (!recvDirect)
-    if (Status s = staging(1, W * blockBytes, recv); !s)
-      return s;
-  for (int64_t p = 0; p < W; ++p) {
-    sendOffsets[p] = sendDirect ? firstRow(sendDispatchLayout, p) * rowBytes
-                                : p * blockBytes;
-    recvOffsets[p] = recvDirect ? firstRow(!sendDispatchLayout, p) * rowBytes
-                                : p * blockBytes;
-  }
-  if (!sendDirect)
-    if (Status s = cuda::allToAllCopy(*ctx_, shape, sendDispatchLayout,
-                                      /*pack=*/true, input.data, send,
-                                      rowBytes);
-        !s)
-      return s;
-  if (Status s = comm.allToAll(send, sendOffsets.data(), sizes.data(), recv,
-                               recvOffsets.data(), sizes.data(), what);
+  if (Status s = cuda::checkCuda(cudaEventRecord(computeReady_, compute),
+                                 "cudaEventRecord");
       !s)
     return s;
-  if (!recvDirect)
-    return cuda::allToAllCopy(*ctx_, shape, !sendDispatchLayout,
-                              /*pack=*/false, output.data, recv, rowBytes);
+  if (Status s = cuda::checkCuda(cudaStreamWaitEvent(exchange, computeReady_, 0),
+                                 "the exchange stream waiting for compute");
+      !s)
+    return s;
+  if (Status s = ctx_->setStream(exchange); !s)
+    return s;
+  Status sent = exchangeOn(exchange);
+  Status back = ctx_->setStream(compute);
+  if (Status s = comm.setStream(compute); !s)
+    return s;
+  if (!sent)
+    return sent;
+  if (!back)
+    return back;
+  PendingExchange pending;
+  if (Status s = takeEvent(pending.done); !s)
+    return s;
+  if (Status s = cuda::checkCuda(cudaEventRecord(pending.done, exchange),
+                                 "cudaEventRecord");
+      !s) {
+    freeEvents_.push_back(pending.done);
+    return s;
+  }
+  // The bytes it reads and writes are the runs' (staging is its own).
+  auto ranges = [](const void *base,
+                   const std::vector<Communicator::Block> &blocks) {
+    std::vector<ByteRange> result;
+    for (const Communicator::Block &block : blocks) {
+      const char *begin = static_cast<const char *>(base) + block.offset;
+      result.push_back({begin, begin + block.bytes});
+    }
+    return result;
+  };
+  pending.reads = ranges(input.data, sendBlocks);
+  pending.writes = ranges(output.data, recvBlocks);
+  pending_.push_back(std::move(pending));
   return Status::ok();
 }
 
