@@ -11,7 +11,8 @@
 // bf16, f16), layouts (padded, ragged), capacity modes, batch-prioritized
 // routing, k, alignment, noise and row widths that do and do not allow
 // 16-byte vectors. With a static routing (padded, fixed) the padding rows
-// must come out zero or finite.
+// must come out zero or finite. The sharded-expert pieces (shard_routing,
+// its backward, E * s virtual experts, bias_scale) are tested the same way.
 //
 //===----------------------------------------------------------------------===//
 
@@ -23,6 +24,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -488,6 +491,350 @@ TEST(CudaGate, NaNLogitsRouteLikeTheCpu) {
     EXPECT_EQ(std::isnan(gates.hostAs<float>()[i]), std::isnan(cGates[i]));
   }
   EXPECT_TRUE(std::isnan(lAux.hostAs<float>()[0]));
+}
+
+//===----------------------------------------------------------------------===//
+// Experts sharded over ranks: shard_routing, virtual experts, bias_scale
+//===----------------------------------------------------------------------===//
+
+/// A padded routing of T tokens over E = 3 experts, k = 2, capacity C, as a
+/// gate writes it: locations count each expert's slots in order, so experts
+/// 0 and 1 (chosen by every token) drop slots past C while expert 2 (every
+/// fifth token) leaves padding rows.
+struct HandRouting {
+  static constexpr int64_t experts = 3, topK = 2;
+  int64_t tokens;
+  int32_t capacity;
+  std::vector<float> gates;
+  std::vector<int32_t> indices, locations, offsets, rows;
+
+  HandRouting(std::mt19937_64 &rng, int64_t T, int32_t C)
+      : tokens(T), capacity(C), gates(T * topK), indices(T * topK),
+        locations(T * topK), offsets(experts + 1), rows(experts) {
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    std::vector<int32_t> count(experts, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t first = static_cast<int32_t>(t % 2);
+      const int32_t second = t % 5 == 0 ? 2 : 1 - first;
+      for (int64_t j = 0; j < topK; ++j) {
+        const int32_t e = j == 0 ? first : second;
+        indices[t * topK + j] = e;
+        locations[t * topK + j] = count[e]++;
+        gates[t * topK + j] = uniform(rng);
+      }
+    }
+    for (int64_t e = 0; e <= experts; ++e)
+      offsets[e] = static_cast<int32_t>(e * C);
+    for (int64_t e = 0; e < experts; ++e)
+      rows[e] = std::min(count[e], C);
+  }
+  int64_t dropped() const {
+    int64_t n = 0;
+    for (int32_t location : locations)
+      n += location >= capacity;
+    return n;
+  }
+  int64_t paddingRows() const {
+    int64_t n = 0;
+    for (int32_t r : rows)
+      n += capacity - r;
+    return n;
+  }
+  cpu::Routing routing() const {
+    return {indices.data(), locations.data(), gates.data(), &capacity,
+            offsets.data(), rows.data(),      tokens,       topK,
+            experts};
+  }
+};
+
+bool sameBits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
+
+// Both directions equal the CPU kernels exactly, on a routing with dropped
+// slots (their location kept, >= C), out-of-range locations and a NaN gate,
+// for s = 1, 2, 4; every output element is written.
+TEST(CudaShardRouting, MatchesTheCpuKernels) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(21);
+  HandRouting g(rng, 45, 14);
+  const int64_t T = g.tokens, E = g.experts, k = g.topK;
+  ASSERT_GT(g.dropped(), 0) << "the routing should drop slots";
+  // Locations no gate writes (negative, far past C) are copied as they are,
+  // and a NaN gate keeps its bits.
+  g.locations[1] = -1;
+  g.locations[4] = 1 << 20;
+  g.gates[7] = std::numeric_limits<float>::quiet_NaN();
+  Buffer indices(DType::I32, T * k), locations(DType::I32, T * k),
+      gates(DType::F32, T * k), capacity(DType::I32, 1),
+      rows(DType::I32, E);
+  std::memcpy(indices.host.data(), g.indices.data(), 4 * T * k);
+  std::memcpy(locations.host.data(), g.locations.data(), 4 * T * k);
+  std::memcpy(gates.host.data(), g.gates.data(), 4 * T * k);
+  std::memcpy(capacity.host.data(), &g.capacity, 4);
+  std::memcpy(rows.host.data(), g.rows.data(), 4 * E);
+  for (Buffer *b : {&indices, &locations, &gates, &capacity, &rows})
+    b->upload();
+  cpu::Routing cpuRouting = g.routing();
+  cpu::Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
+                          gates.as<float>(),     capacity.as<int32_t>(),
+                          nullptr,               rows.as<int32_t>(),
+                          T,                     k,
+                          E};
+  for (int64_t s : {1, 2, 4}) {
+    SCOPED_TRACE("shards " + std::to_string(s));
+    const int64_t V = E * s, K = k * s;
+    std::vector<int32_t> cIndices(T * K), cLocations(T * K), cOffsets(V + 1),
+        cRows(V);
+    std::vector<float> cGates(T * K);
+    cpu::shardRouting(cpuRouting, s, cIndices.data(), cLocations.data(),
+                      cGates.data(), cOffsets.data(), cRows.data());
+    Buffer vIndices(DType::I32, T * K), vLocations(DType::I32, T * K),
+        vGates(DType::F32, T * K), vOffsets(DType::I32, V + 1),
+        vRows(DType::I32, V);
+    for (Buffer *b : {&vIndices, &vLocations, &vGates, &vOffsets, &vRows})
+      b->poison();
+    Status status = cuda::shardRouting(
+        *ctx, gpuRouting, s, vIndices.as<int32_t>(), vLocations.as<int32_t>(),
+        vGates.as<float>(), vOffsets.as<int32_t>(), vRows.as<int32_t>());
+    ASSERT_TRUE(status.isOk()) << status.message();
+    for (Buffer *b : {&vIndices, &vLocations, &vGates, &vOffsets, &vRows})
+      b->download();
+    for (int64_t i = 0; i < T * K; ++i) {
+      ASSERT_EQ(vIndices.hostAs<int32_t>()[i], cIndices[i]) << "slot " << i;
+      ASSERT_EQ(vLocations.hostAs<int32_t>()[i], cLocations[i])
+          << "slot " << i;
+      ASSERT_TRUE(sameBits(vGates.hostAs<float>()[i], cGates[i]))
+          << "slot " << i;
+    }
+    for (int64_t v = 0; v <= V; ++v)
+      ASSERT_EQ(vOffsets.hostAs<int32_t>()[v], cOffsets[v]) << "offset " << v;
+    for (int64_t v = 0; v < V; ++v)
+      ASSERT_EQ(vRows.hostAs<int32_t>()[v], cRows[v]) << "rows " << v;
+
+    // Backward: sums of s values in shard order, in fp32, bit for bit.
+    std::vector<double> gradValues = normals(rng, T * K, 1.0);
+    Buffer shardGrad(DType::F32, T * K), grad(DType::F32, T * k);
+    shardGrad.set(gradValues);
+    grad.poison();
+    std::vector<float> cGrad(T * k);
+    cpu::shardRoutingBackward(shardGrad.hostAs<float>(), T, k, s,
+                              cGrad.data());
+    status = cuda::shardRoutingBackward(*ctx, shardGrad.as<float>(), T, k, s,
+                                        grad.as<float>());
+    ASSERT_TRUE(status.isOk()) << status.message();
+    grad.download();
+    for (int64_t i = 0; i < T * k; ++i)
+      ASSERT_TRUE(sameBits(grad.hostAs<float>()[i], cGrad[i]))
+          << "choice " << i << ": " << grad.hostAs<float>()[i] << " vs "
+          << cGrad[i];
+  }
+
+  // No shards is a Status, not a launch.
+  Buffer one(DType::I32, T * k);
+  Status bad = cuda::shardRouting(*ctx, gpuRouting, 0, one.as<int32_t>(),
+                                  one.as<int32_t>(), gates.as<float>(),
+                                  one.as<int32_t>(), one.as<int32_t>());
+  EXPECT_EQ(bad.code(), StatusCode::InvalidArgument);
+  EXPECT_NE(bad.message().find("shards is 0"), std::string::npos)
+      << bad.message();
+  bad = cuda::shardRoutingBackward(*ctx, gates.as<float>(), T, k, -1,
+                                   gates.as<float>());
+  EXPECT_EQ(bad.code(), StatusCode::InvalidArgument);
+}
+
+// The routing shard_routing writes drives dispatch, combine and
+// combine_backward over E * s virtual experts (k * s choices) as on the
+// CPU, static (C on the host) and padded with C only on the device: every
+// row of [0, E * s * C) is written (padding as zeros) over NaN.
+TEST(CudaShardRouting, VirtualExpertsDispatchAndCombineLikeTheCpu) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(33);
+  HandRouting g(rng, 20, 12);
+  ASSERT_GT(g.dropped(), 0) << "the routing should drop slots";
+  ASSERT_GT(g.paddingRows(), 0) << "the routing should leave padding rows";
+  const int64_t T = g.tokens, E = g.experts, k = g.topK, s = 2, d = 36;
+  const int64_t V = E * s, K = k * s;
+  const int64_t C = g.capacity, R = V * C;
+  cpu::Routing gateRouting = g.routing();
+  std::vector<int32_t> vIndices(T * K), vLocations(T * K), vOffsets(V + 1),
+      vRows(V);
+  std::vector<float> vGates(T * K);
+  cpu::shardRouting(gateRouting, s, vIndices.data(), vLocations.data(),
+                    vGates.data(), vOffsets.data(), vRows.data());
+  cpu::Routing cpuRouting{vIndices.data(), vLocations.data(), vGates.data(),
+                          &g.capacity,     vOffsets.data(),   vRows.data(),
+                          T,               K,                 V};
+  auto device = [](DType type, const void *data, size_t count) {
+    Buffer buffer(type, count);
+    std::memcpy(buffer.host.data(), data, buffer.host.size());
+    buffer.upload();
+    return buffer;
+  };
+  Buffer dIndices = device(DType::I32, vIndices.data(), T * K);
+  Buffer dLocations = device(DType::I32, vLocations.data(), T * K);
+  Buffer dGates = device(DType::F32, vGates.data(), T * K);
+  Buffer dCapacity = device(DType::I32, &g.capacity, 1);
+  Buffer dOffsets = device(DType::I32, vOffsets.data(), V + 1);
+  Buffer dRows = device(DType::I32, vRows.data(), V);
+  cpu::Routing gpuRouting{dIndices.as<int32_t>(), dLocations.as<int32_t>(),
+                          dGates.as<float>(),     dCapacity.as<int32_t>(),
+                          dOffsets.as<int32_t>(), dRows.as<int32_t>(),
+                          T,                      K,
+                          V};
+
+  Buffer x(DType::F32, T * d), gradOut(DType::F32, T * d),
+      expertOut(DType::F32, R * d);
+  x.set(normals(rng, T * d, 1.0));
+  gradOut.set(normals(rng, T * d, 1.0));
+  expertOut.set(normals(rng, R * d, 1.0));
+  std::vector<float> cDispatched(R * d), cOut(T * d), cGradExpertOut(R * d),
+      cGradGates(T * K);
+  cpu::dispatch({x.host.data(), DType::F32}, d, cpuRouting,
+                {cDispatched.data(), DType::F32});
+  cpu::combine({expertOut.host.data(), DType::F32}, d, cpuRouting,
+               {cOut.data(), DType::F32});
+  cpu::combineBackward({gradOut.host.data(), DType::F32},
+                       {expertOut.host.data(), DType::F32}, d, cpuRouting,
+                       {cGradExpertOut.data(), DType::F32},
+                       cGradGates.data());
+
+  for (bool isStatic : {true, false}) {
+    SCOPED_TRACE(isStatic ? "static" : "padded, C on the device");
+    cuda::ExpertRowSpace space;
+    space.offsets = dOffsets.as<int32_t>();
+    space.rows = dRows.as<int32_t>();
+    space.experts = V;
+    space.rowBound = R;
+    space.staticCapacity = isStatic ? C : -1;
+    space.padded = true;
+    Buffer dispatched(DType::F32, R * d), out(DType::F32, T * d),
+        gradExpertOut(DType::F32, R * d), gradGates(DType::F32, T * K);
+    for (Buffer *b : {&dispatched, &out, &gradExpertOut, &gradGates})
+      b->poison();
+    ASSERT_TRUE(cuda::dispatch(*ctx, {x.device, DType::F32}, d, gpuRouting,
+                               space, {dispatched.device, DType::F32})
+                    .isOk());
+    ASSERT_TRUE(cuda::combine(*ctx, {expertOut.device, DType::F32}, d,
+                              gpuRouting, {out.device, DType::F32})
+                    .isOk());
+    ASSERT_TRUE(cuda::combineBackward(*ctx, {gradOut.device, DType::F32},
+                                      {expertOut.device, DType::F32}, d,
+                                      gpuRouting, space,
+                                      {gradExpertOut.device, DType::F32},
+                                      gradGates.as<float>())
+                    .isOk());
+    for (Buffer *b : {&dispatched, &out, &gradExpertOut, &gradGates})
+      b->download();
+    // Copies and zeros are exact.
+    for (int64_t i = 0; i < R * d; ++i) {
+      ASSERT_EQ(dispatched.hostAs<float>()[i], cDispatched[i])
+          << "dispatch row " << i / d;
+      ASSERT_EQ(gradExpertOut.hostAs<float>()[i], cGradExpertOut[i])
+          << "combine_backward row " << i / d;
+    }
+    for (int64_t i = 0; i < T * d; ++i)
+      ASSERT_NEAR(out.hostAs<float>()[i], cOut[i],
+                  1e-6 * std::max(1.0f, std::abs(cOut[i])))
+          << "combine element " << i;
+    for (int64_t i = 0; i < T * K; ++i)
+      ASSERT_NEAR(gradGates.hostAs<float>()[i], cGradGates[i],
+                  1e-6 * std::max(1.0f, std::abs(cGradGates[i])))
+          << "combine_backward gate " << i;
+  }
+}
+
+// fc2 of a sharded expert adds bias_scale * bias (fp32, before the add), in
+// c and pre, static and dynamic, as the CPU kernel; a scale of 1 would not
+// pass.
+TEST(CudaGroupedGemm, BiasScaleMatchesTheCpu) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(45);
+  const int64_t E = 3, C = 8, R = E * C, K = 24, N = 20;
+  std::vector<int32_t> offsets = {0, C, 2 * C, 3 * C}, rows = {C, 5, 0};
+  Buffer dOffsets(DType::I32, E + 1), dRows(DType::I32, E);
+  std::memcpy(dOffsets.host.data(), offsets.data(), 4 * (E + 1));
+  std::memcpy(dRows.host.data(), rows.data(), 4 * E);
+  dOffsets.upload();
+  dRows.upload();
+  cpu::ExpertSegments segments{offsets.data(), rows.data(), E};
+  std::vector<int64_t> validRows;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = 0; r < rows[e]; ++r)
+      validRows.push_back(offsets[e] + r);
+  for (DType dt : {DType::F32, DType::BF16})
+    for (float scale : {0.5f, 0.25f})
+      for (bool isStatic : {true, false}) {
+        SCOPED_TRACE(std::string(toString(dt)) + " scale " +
+                     std::to_string(scale) +
+                     (isStatic ? " static" : " dynamic"));
+        // Zero padding rows, as dispatch leaves them.
+        std::vector<double> aValues = normals(rng, R * K, 1.0);
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t r = rows[e]; r < C; ++r)
+            for (int64_t i = 0; i < K; ++i)
+              aValues[(e * C + r) * K + i] = 0.0;
+        Buffer a(dt, R * K), b(dt, E * K * N), bias(dt, E * N);
+        a.set(aValues);
+        b.set(normals(rng, E * K * N, 1.0 / std::sqrt(K)));
+        bias.set(normals(rng, E * N, 1.0));
+        Buffer cWant(dt, R * N), preWant(dt, R * N), cUnscaled(dt, R * N);
+        cpu::GroupedGemmOptions options;
+        options.epilogue = cpu::Epilogue::Gelu;
+        options.biasScale = scale;
+        cpu::groupedGemm({a.host.data(), dt}, {b.host.data(), dt},
+                         {bias.host.data(), dt}, {cWant.host.data(), dt}, K,
+                         N, segments, options, {preWant.host.data(), dt});
+        cpu::GroupedGemmOptions unscaled = options;
+        unscaled.biasScale = 1.0f;
+        cpu::groupedGemm({a.host.data(), dt}, {b.host.data(), dt},
+                         {bias.host.data(), dt}, {cUnscaled.host.data(), dt},
+                         K, N, segments, unscaled);
+        cuda::ExpertRowSpace space;
+        space.offsets = dOffsets.as<int32_t>();
+        space.rows = dRows.as<int32_t>();
+        space.experts = E;
+        space.rowBound = R;
+        space.staticCapacity = isStatic ? C : -1;
+        space.padded = true;
+        Buffer c(dt, R * N), pre(dt, R * N);
+        c.poison();
+        pre.poison();
+        Status status = cuda::groupedGemm(
+            *ctx, {a.device, dt}, {b.device, dt}, {bias.device, dt},
+            {c.device, dt}, K, N, space, options, {pre.device, dt});
+        ASSERT_TRUE(status.isOk()) << status.message();
+        c.download();
+        pre.download();
+        const double tol = tolerance(dt);
+        EXPECT_LE(rowError(c, cWant, validRows, N), tol);
+        EXPECT_LE(rowError(pre, preWant, validRows, N), tol);
+        // The scale matters: the unscaled result is far off.
+        EXPECT_GT(rowError(c, cUnscaled, validRows, N), 10 * tol);
+      }
+
+  // A scale that is not a finite number > 0 is a Status.
+  cuda::ExpertRowSpace space;
+  space.offsets = dOffsets.as<int32_t>();
+  space.rows = dRows.as<int32_t>();
+  space.experts = E;
+  space.rowBound = R;
+  space.staticCapacity = C;
+  Buffer a(DType::F32, R * K), b(DType::F32, E * K * N),
+      bias(DType::F32, E * N), c(DType::F32, R * N);
+  cpu::GroupedGemmOptions bad;
+  bad.biasScale = 0.0f;
+  Status status =
+      cuda::groupedGemm(*ctx, {a.device, DType::F32}, {b.device, DType::F32},
+                        {bias.device, DType::F32}, {c.device, DType::F32}, K,
+                        N, space, bad);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_NE(status.message().find("bias_scale"), std::string::npos)
+      << status.message();
 }
 
 /// Out of memory is a Status, not an abort.

@@ -9,14 +9,17 @@
 // NCCL communicator, against the fp64 reference of the one-rank layer
 // applied to each rank's tokens (expert weight gradients summed over ranks),
 // as MultiRankTest.cpp does on CPU ranks. The workspace starts as NaN bytes,
-// so a padding row that no step zeroes shows. A plan for W ranks skips
-// without W usable GPUs, with the reason.
+// so a padding row that no step zeroes shows. The sharded-expert plans
+// (mr_shard_*, E < W: each rank holds one shard, ExpertSlices.h) run the
+// same way, as ShardedExpertsTest.cpp does on CPU ranks. A plan for W ranks
+// skips without W usable GPUs, with the reason.
 //
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/NcclCommunicator.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Executor.h"
+#include "flex/Runtime/ExpertSlices.h"
 #include "flex/Runtime/PlanLoader.h"
 
 #include "CudaTestSupport.h"
@@ -42,16 +45,6 @@ std::string readPlan(const std::string &name) {
   std::ostringstream text;
   text << file.rdbuf();
   return text.str();
-}
-
-/// Rank r's slice (experts r*L .. r*L+L-1) of a global [E, ...] parameter.
-std::vector<double> slice(const std::vector<double> &global, int64_t rank,
-                          int64_t world) {
-  if (global.empty())
-    return {};
-  size_t block = global.size() / world;
-  return std::vector<double>(global.begin() + rank * block,
-                             global.begin() + (rank + 1) * block);
 }
 
 struct PlanVariant {
@@ -147,14 +140,18 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
     for (int r = 0; r < W; ++r)
       threads.emplace_back([&, r] {
         cudaSetDevice(r);
+        // Rank r's experts r*L .. r*L+L-1, or its shard of expert r / s.
+        auto slice = [&](const char *name, const std::vector<double> &all) {
+          return sliceExpertParameter(config, W, r, name, all);
+        };
         std::map<std::string, std::vector<double>> values = {
             {"x", inputs[r].x},
             {"wg", global.wg},
-            {"w1", slice(global.w1, r, W)},
-            {"b1", slice(global.b1, r, W)},
-            {"w2", slice(global.w2, r, W)},
-            {"b2", slice(global.b2, r, W)},
-            {"w3", slice(global.w3, r, W)},
+            {"w1", slice("w1", global.w1)},
+            {"b1", slice("b1", global.b1)},
+            {"w2", slice("w2", global.w2)},
+            {"b2", slice("b2", global.b2)},
+            {"w3", slice("w3", global.w3)},
             {"grad_out", gradOut[r]},
             {"grad_l_aux", {gradLAux}}};
         std::map<std::string, Buffer> buffers;
@@ -251,9 +248,12 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
           {"grad_w2", &sum.w2},
           {"grad_b2", &sum.b2},
           {"grad_w3", &sum.w3}};
+      // A sharded rank's grad_b2 is the whole b2 gradient of its expert.
       for (auto [name, want] : experts)
         if (got.count(name))
-          EXPECT_LE(reference::relativeL2(got[name], slice(*want, r, W)),
+          EXPECT_LE(reference::relativeL2(
+                        got[name], sliceExpertParameter(config, W, r, name,
+                                                        *want)),
                     tolerance)
               << name;
     }
@@ -272,7 +272,23 @@ INSTANTIATE_TEST_SUITE_P(
                       PlanVariant{"mr_ffn_dropless_w4_train.json", "ep1"},
                       PlanVariant{"mr_ffn_dropless_w4_train.json", "ep2"},
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep1"},
-                      PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"}),
+                      PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"},
+                      // Experts sharded over ranks (E < W).
+                      PlanVariant{"mr_shard_ffn_e1_w2_train.json", "r2d1"},
+                      PlanVariant{"mr_shard_ffn_e1_w2_train.json", "r2d2"},
+                      PlanVariant{"mr_shard_ffn_e1_w2_train.json", "r0d1"},
+                      PlanVariant{"mr_shard_gated_e2_w4_train.json", "r2d1"},
+                      PlanVariant{"mr_shard_gated_e2_w4_train.json", "r2d2"},
+                      PlanVariant{"mr_shard_gated_e2_w4_train.json", "r0d1"},
+                      PlanVariant{"mr_shard_ffn_e2_w4_train_bf16.json",
+                                  "r2d1"},
+                      PlanVariant{"mr_shard_ffn_e2_w4_train_bf16.json",
+                                  "r2d2"},
+                      PlanVariant{"mr_shard_ffn_e2_w4_train_bf16.json",
+                                  "r0d1"},
+                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r4d1"},
+                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r4d2"},
+                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r0d1"}),
     caseName);
 
 } // namespace

@@ -61,8 +61,8 @@ __device__ __forceinline__ void forEachRow(const RowSpace &space, int64_t rows,
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     epilogueKernel(const T *source, const T *__restrict__ bias, T *pre, T *c,
-                   int64_t width, RowSpace space, int64_t rows,
-                   int epilogue) {
+                   int64_t width, RowSpace space, int64_t rows, int epilogue,
+                   float biasScale) {
   const int lane = threadIdx.x & 31;
   forEachRow(space, rows, [&](int64_t row, int32_t expert) {
     for (int64_t i = lane * V; i < width; i += 32 * V) {
@@ -71,9 +71,11 @@ __global__ void __launch_bounds__(kThreads)
       if (bias) {
         float b[V];
         Unit<T, V>::load(bias + expert * width + i, b);
+        // Scaled first, as the CPU kernel (1 / s in fc2 of a sharded
+        // expert: the s partial outputs add the bias once).
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          v[j] = __fadd_rn(v[j], b[j]);
+          v[j] = __fadd_rn(v[j], __fmul_rn(b[j], biasScale));
       }
       if (pre)
         Unit<T, V>::store(pre + row * width + i, v);
@@ -171,7 +173,7 @@ Status checkTypes(std::initializer_list<DType> types, const char *what) {
 Status applyGemmEpilogue(KernelContext &ctx, const void *source,
                          ReadBuffer bias, WriteBuffer pre, WriteBuffer c,
                          int64_t n, const ExpertRowSpace &space,
-                         Epilogue epilogue) {
+                         Epilogue epilogue, float biasScale) {
   int64_t rows = RowSpace::launchRows(space);
   if (rows == 0 || n == 0)
     return Status::ok();
@@ -183,7 +185,8 @@ Status applyGemmEpilogue(KernelContext &ctx, const void *source,
       kernel<<<warpGrid(ctx, rows), kThreads, 0, ctx.stream()>>>(
           static_cast<const T *>(source), static_cast<const T *>(bias.data),
           static_cast<T *>(pre.data), static_cast<T *>(c.data), n,
-          detail::toKernel(space), rows, static_cast<int>(epilogue));
+          detail::toKernel(space), rows, static_cast<int>(epilogue),
+          biasScale);
     };
     if (vector)
       launch(epilogueKernel<T, kVector<T>>);

@@ -16,12 +16,13 @@
 
 namespace flex::cuda {
 
-/// Over the rows of `space`: v = source + bias[expert] (bias may be absent);
-/// pre = v when pre is present; c = epilogue(v). `source` may be pre or c.
+/// Over the rows of `space`: v = source + biasScale * bias[expert] (bias
+/// may be absent; the scale applies in fp32 before the add); pre = v when
+/// pre is present; c = epilogue(v). `source` may be pre or c.
 Status applyGemmEpilogue(KernelContext &ctx, const void *source,
                          ReadBuffer bias, WriteBuffer pre, WriteBuffer c,
                          int64_t n, const ExpertRowSpace &space,
-                         Epilogue epilogue);
+                         Epilogue epilogue, float biasScale = 1.0f);
 
 } // namespace flex::cuda
 

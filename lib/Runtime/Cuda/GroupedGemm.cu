@@ -24,6 +24,8 @@
 
 #include <cublas_v2.h>
 
+#include <cmath>
+
 namespace flex::cuda {
 
 namespace {
@@ -128,6 +130,11 @@ Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   if (bias.data)
     if (Status s = checkOneType({c.type, bias.type}, "grouped_gemm"); !s)
       return s;
+  if (!(options.biasScale > 0.0f) || std::isinf(options.biasScale))
+    return Status(StatusCode::InvalidArgument,
+                  "grouped_gemm: bias_scale is " +
+                      std::to_string(options.biasScale) +
+                      "; it must be a finite number > 0");
   auto handle = static_cast<cublasHandle_t>(ctx.cublasHandle());
   const cudaDataType_t type = cudaTypeOf(c.type);
   const DType dtype = c.type;
@@ -184,7 +191,7 @@ Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     return Status::ok();
   return applyGemmEpilogue(ctx, target.data, bias,
                            pre.data ? pre : WriteBuffer{}, c, n, space,
-                           options.epilogue);
+                           options.epilogue, options.biasScale);
 }
 
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,

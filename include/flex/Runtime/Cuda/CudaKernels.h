@@ -202,6 +202,25 @@ Status routerBackward(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                       WriteBuffer gradWg);
 
 //===----------------------------------------------------------------------===//
+// Experts sharded over ranks (see cpu::shardRouting)
+//===----------------------------------------------------------------------===//
+
+/// `shard_routing`: slot (t * k + i) * s + q of the outputs gets choice
+/// (t, i)'s index * s + q, location and gate; expertOffsets[v] = v * C (C
+/// read on the device) for v <= E * s, expertRows[v] = routing's rows of
+/// v / s. `routing` is the gate's (k = topK choices over E = experts).
+/// InvalidArgument when shards < 1.
+Status shardRouting(KernelContext &ctx, const Routing &routing, int64_t shards,
+                    int32_t *indices, int32_t *locations, float *gates,
+                    int32_t *expertOffsets, int32_t *expertRows);
+
+/// `shard_routing_backward`: gradGates[t, i] = sum over q in order of
+/// shardGradGates[(t * topK + i) * shards + q], in fp32.
+Status shardRoutingBackward(KernelContext &ctx, const float *shardGradGates,
+                            int64_t tokens, int64_t topK, int64_t shards,
+                            float *gradGates);
+
+//===----------------------------------------------------------------------===//
 // Collective steps: the device side (the communicator moves the bytes)
 //===----------------------------------------------------------------------===//
 
