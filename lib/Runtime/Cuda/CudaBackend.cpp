@@ -753,6 +753,8 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     options.transB = step.attrs.transB;
     options.accumulate = step.attrs.accumulate;
     options.epilogue = step_views::toKernelEpilogue(step.attrs.epilogue);
+    // 1 / s in fc2 of a sharded expert: the s partial outputs add b2 once.
+    options.biasScale = static_cast<float>(step.attrs.biasScale);
     return cuda::groupedGemm(ctx, read(a), read(ops.in(R::B)),
                              read(ops.in(R::Bias)), write(c), cols(a), cols(c),
                              space(a), options,
