@@ -15,7 +15,7 @@
 # compiler is), carried with the call:
 #   run(kind="nvidia-h200-x2", carry=["bench/plans"],
 #       command="bash bench/gpu_multi.sh")
-# Knobs: BENCH_ITERS (10), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
+# Knobs: BENCH_EXTRA (A/B runs, see flex()), BENCH_ITERS (10), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
 # c3_dropless"), BENCH_VARIANTS ("r1d1 r1d2 r1d4 r0d1"), BENCH_SKIP ("build tests
 # ctest flex nccl", any subset), BENCH_DEADLINE (540 s: no new step after).
 set -uo pipefail
@@ -135,10 +135,16 @@ flex() {
       fi
     done
   done
-  # Packing rows into staging blocks against sending them in place (the
-  # default packs runs under 8 MiB: C3 packs, C1 does not).
-  flex_run c1_cap1 r1d1 staged FLEX_CUDA_OVERLAP=0 FLEX_A2A_STAGING=1 || ok=1
-  flex_run c3_cap1 r1d1 inplace FLEX_CUDA_OVERLAP=0 FLEX_A2A_STAGING=0 || ok=1
+  # A/B runs, "config:variant:tag[:ENV=VALUE,...]" each. The default packs
+  # rows into staging blocks against sending them in place (runs under
+  # 8 MiB are packed: C3 packs, C1 does not).
+  local extra config variant tag envs
+  for extra in ${BENCH_EXTRA-c1_cap1:r1d1:staged:FLEX_CUDA_OVERLAP=0,FLEX_A2A_STAGING=1 c3_cap1:r1d1:inplace:FLEX_CUDA_OVERLAP=0,FLEX_A2A_STAGING=0}; do
+    IFS=: read -r config variant tag envs <<<"$extra"
+    late && { echo "past ${DEADLINE}s: no more runs"; return 1; }
+    # shellcheck disable=SC2086
+    flex_run "$config" "$variant" "$tag" ${envs//,/ } || ok=1
+  done
   return $ok
 }
 step flex flex
