@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The 2-GPU run in ONE device call (nvidia-h200-x2), issue 5:
+# The multi-GPU run in ONE device call (nvidia-h200-x2 or -x4), issue 5:
 #   1. build the runtime with CUDA and NCCL (no compiler: no MLIR there),
 #   2. the NCCL tests: the communicator, the multi-rank plans on 2 GPUs vs
 #      the fp64 reference, moe-run under mpirun and started torchrun-style
 #      (ctest -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous'), then the
 #      whole ctest,
-#   3. timings: mpirun -np 2 moe-run on bench/plans/mr2_{c1,c3}_*.train.json
+#   3. timings: mpirun -np W moe-run on bench/plans/mr<W>_{c1,c3}_*.train.json
+#      (W = the GPUs, or BENCH_RANKS; 2DH plans for W = 4)
 #      (16384 tokens per GPU; variants r1d1, r1d2, r0d1; forward+backward),
 #      one JSON per run in $OUT/multi/,
 #   4. NCCL's own all-to-all bandwidth through torch.distributed (torchrun,
@@ -24,7 +25,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 OUT="${OUT:-$root/bench/out}"
 ITERS="${BENCH_ITERS:-10}"
-CONFIGS="${BENCH_MULTI_CONFIGS:-c1_cap1 c3_cap1 c1_dropless c3_dropless}"
+CONFIGS="${BENCH_MULTI_CONFIGS:-c1_cap1 c3_cap1 c1_dropless c3_dropless c1_cap1_2dh c3_cap1_2dh}"
 VARIANTS="${BENCH_VARIANTS:-r1d1 r1d2 r1d4 r0d1}"
 SKIP=" ${BENCH_SKIP:-} "
 DEADLINE="${BENCH_DEADLINE:-540}"
@@ -35,9 +36,12 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export FLEX_COLLECTIVE_TIMEOUT_S="${FLEX_COLLECTIVE_TIMEOUT_S:-120}"
 export PYTHONUNBUFFERED=1
+# One rank per GPU (BENCH_RANKS to use fewer); plans mr<RANKS>_*.
+RANKS="${BENCH_RANKS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}"
+(( RANKS >= 2 )) || RANKS=2
 MPIRUN=(mpirun --oversubscribe --allow-run-as-root
         -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST
-        -x NVSHMEM_DISABLE_NVLS -x FLEX_COLLECTIVE_TIMEOUT_S -np 2)
+        -x NVSHMEM_DISABLE_NVLS -x FLEX_COLLECTIVE_TIMEOUT_S -np "$RANKS")
 
 mkdir -p "$OUT/multi" || exit 1
 exec > >(tee "$OUT/multi_log.txt") 2>&1
@@ -87,7 +91,7 @@ step tests tests
 step ctest bash -c "cd '$BUILD' && ctest -j8 --timeout 120 --output-on-failure 2>&1 | tail -40"
 
 nccl() {
-  timeout 180 torchrun --standalone --nproc_per_node 2 \
+  timeout 180 torchrun --standalone --nproc_per_node "$RANKS" \
     "$root/bench/nccl_a2a_bw.py" "$OUT/multi/nccl_a2a_bw.json"
 }
 step nccl nccl
@@ -96,7 +100,7 @@ step nccl nccl
 # totals and the exchange's share. Extra environment goes in front (A=B ...).
 flex_run() { # flex_run CONFIG VARIANT TAG [ENV=VALUE ...]
   local config=$1 variant=$2 tag=$3; shift 3
-  local plan="$root/bench/plans/mr2_$config.train.json"
+  local plan="$root/bench/plans/mr${RANKS}_$config.train.json"
   local json="$OUT/multi/flex_${config}_${variant}_${tag}.json"
   local envs=() e
   for e in "$@"; do envs+=(-x "$e"); done
@@ -123,9 +127,14 @@ PY
 flex() {
   local ok=0
   for config in $CONFIGS; do
-    [[ -f "$root/bench/plans/mr2_$config.train.json" ]] || {
-      echo "missing bench/plans/mr2_$config.train.json (bench/make_multi_plans.sh, carry bench/plans)"; ok=1; continue; }
+    local plan="$root/bench/plans/mr${RANKS}_$config.train.json"
+    # 2DH needs more than one simulated node of 2.
+    [[ -f "$plan" || ( "$config" == *_2dh && RANKS -le 2 ) ]] || {
+      echo "missing $plan (bench/make_multi_plans.sh, carry bench/plans)"; ok=1; continue; }
+    [[ -f "$plan" ]] || continue
     for variant in $VARIANTS; do
+      # 2DH plans hold r1d1 and r1d2 only.
+      grep -q "\"name\": *\"$variant\"" "$plan" || continue
       late && { echo "past ${DEADLINE}s: no more runs"; return 1; }
       flex_run "$config" "$variant" overlap || ok=1
       # Exchanges on the compute stream: exact per-step times, the
