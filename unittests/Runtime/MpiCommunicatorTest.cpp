@@ -150,6 +150,45 @@ TEST(MpiCommunicator, TimeoutNamesTheCollectiveAndTheRank) {
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
+// Groups of 2 consecutive ranks and the ranks of one parity (W even): each
+// sub-communicator holds its group in index order; a gather and a sum reach
+// exactly the group's ranks.
+TEST(MpiCommunicator, SplitIntoGroupsOfRanks) {
+  auto comm = makeComm();
+  const int W = comm->size(), me = comm->rank();
+  if (W % 2 != 0)
+    GTEST_SKIP() << "needs an even number of ranks";
+  for (RankGroups groups : {RankGroups{2, 1}, RankGroups{W / 2, 2}}) {
+    SCOPED_TRACE("size " + std::to_string(groups.size) + " stride " +
+                 std::to_string(groups.stride));
+    std::shared_ptr<Communicator> group;
+    Status status = splitIntoGroups(*comm, groups, group);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    ASSERT_EQ(group->size(), groups.size);
+    EXPECT_EQ(group->rank(), groups.index(me));
+    int32_t mine = me;
+    std::vector<int32_t> members(groups.size, -1);
+    ASSERT_TRUE(
+        group->allGather(&mine, sizeof(mine), members.data(), "gather").isOk());
+    const int base = me / (groups.size * groups.stride) *
+                         (groups.size * groups.stride) +
+                     me % groups.stride;
+    for (int i = 0; i < groups.size; ++i)
+      EXPECT_EQ(members[i], base + i * groups.stride);
+    std::vector<float> send(groups.size, float(me + 1)), recv(1, -1);
+    ASSERT_TRUE(
+        group->reduceScatterSum(send.data(), recv.data(), 1, DType::F32, "rs")
+            .isOk());
+    float want = 0;
+    for (int i = 0; i < groups.size; ++i)
+      want += float(base + i * groups.stride + 1);
+    EXPECT_EQ(recv[0], want);
+  }
+  std::shared_ptr<Communicator> none;
+  EXPECT_EQ(splitIntoGroups(*comm, RankGroups{W + 1, 1}, none).code(),
+            StatusCode::InvalidArgument);
+}
+
 } // namespace
 
 int main(int argc, char **argv) {

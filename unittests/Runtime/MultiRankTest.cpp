@@ -234,6 +234,65 @@ TEST(LocalCommunicator, CollectivesOnFourThreads) {
   }
 }
 
+// Groups of 2 consecutive ranks and of the ranks of one parity on 4
+// threads, then a split of a split: each sub-communicator holds its group
+// in index order, and a gather, a sum and an all-to-all reach exactly it.
+TEST(LocalCommunicator, SplitIntoGroupsOfRanks) {
+  const int W = 4;
+  std::vector<std::shared_ptr<Communicator>> ranks;
+  ASSERT_TRUE(createLocalCommunicators(W, ranks, 10).isOk());
+  std::vector<std::string> failures(W);
+  std::vector<std::thread> threads;
+  for (int me = 0; me < W; ++me)
+    threads.emplace_back([&, me] {
+      auto check = [&](bool ok, const std::string &what) {
+        if (!ok && failures[me].empty())
+          failures[me] = what;
+      };
+      for (RankGroups groups : {RankGroups{2, 1}, RankGroups{2, 2}}) {
+        std::shared_ptr<Communicator> group;
+        Status status = splitIntoGroups(*ranks[me], groups, group);
+        check(status.isOk(), status.message());
+        if (!status)
+          return;
+        check(group->size() == 2 && group->rank() == groups.index(me),
+              "rank/size");
+        int32_t mine = me, members[2] = {-1, -1};
+        check(group->allGather(&mine, 4, members, "gather").isOk(), "gather");
+        const int base = groups.stride == 1 ? me / 2 * 2 : me % 2;
+        check(members[0] == base && members[1] == base + groups.stride,
+              "members " + std::to_string(members[0]) + "," +
+                  std::to_string(members[1]));
+        float send[2] = {float(me), float(10 * me)}, recv = -1;
+        check(group->reduceScatterSum(send, &recv, 1, DType::F32, "rs").isOk(),
+              "rs");
+        float want = group->rank() == 0 ? float(2 * base + groups.stride)
+                                        : float(10 * (2 * base + groups.stride));
+        check(recv == want, "sum " + std::to_string(recv));
+        int64_t offsets[2] = {0, 1}, bytes[2] = {1, 1};
+        uint8_t out[2] = {uint8_t(me * 2), uint8_t(me * 2 + 1)}, in[2] = {};
+        check(group->allToAll(out, offsets, bytes, in, offsets, bytes, "a2a")
+                  .isOk(),
+              "a2a");
+        const int other = members[1 - group->rank()];
+        check(in[1 - group->rank()] == uint8_t(other * 2 + group->rank()),
+              "a2a bytes");
+        // A split of the group: one rank each.
+        std::shared_ptr<Communicator> single;
+        check(group->split(group->rank(), 0, single, "again").isOk() &&
+                  single->size() == 1,
+              "split of a split");
+      }
+    });
+  for (std::thread &thread : threads)
+    thread.join();
+  for (int me = 0; me < W; ++me)
+    EXPECT_EQ(failures[me], "") << "rank " << me;
+  std::shared_ptr<Communicator> self;
+  EXPECT_TRUE(createSelfCommunicator()->split(0, 0, self, "self").isOk());
+  EXPECT_EQ(self->size(), 1);
+}
+
 TEST(LocalCommunicator, TimesOutNamingTheMissingRank) {
   auto ranks = localRanks(3, /*timeout=*/0.2);
   std::vector<Status> results(3);

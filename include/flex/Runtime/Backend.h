@@ -22,6 +22,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace flex {
 
@@ -109,8 +110,25 @@ public:
   /// and memory space. The default keeps it in communicator_.
   virtual Status setCommunicator(std::shared_ptr<Communicator> communicator);
 
+  /// The sub-communicator of grouped collective steps (`group_size` =
+  /// `size`, `group_stride` = `stride`; PlanFormat.md, "Groups of ranks"),
+  /// or why the executor could not make it (`made` fails).
+  void setGroupCommunicator(int64_t size, int64_t stride,
+                            std::shared_ptr<Communicator> communicator,
+                            Status made);
+
 protected:
+  /// The communicator a collective step runs through: the whole world's,
+  /// or its group's. Fails, naming the step, when there is none.
+  Status communicatorFor(const Step &step, Communicator *&communicator) const;
+
   std::shared_ptr<Communicator> communicator_;
+  struct GroupCommunicator {
+    int64_t size = 0, stride = 1;
+    std::shared_ptr<Communicator> communicator;
+    Status made;
+  };
+  std::vector<GroupCommunicator> groupCommunicators_;
 };
 
 /// The CPU backend (lib/Runtime/Cpu/CpuBackend.cpp): R1's kernels of

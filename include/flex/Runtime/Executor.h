@@ -140,6 +140,9 @@ private:
              const RunOptions &options);
   Status bind(bool backward, const Binding *bindings, size_t count);
   Status ensureWorkspace();
+  /// Splits communicator_ into the sub-communicators of the plan's grouped
+  /// collective steps and hands them to the backend.
+  Status makeGroupCommunicators();
 
   std::shared_ptr<const Plan> plan_;
   std::unique_ptr<Backend> backend_;

@@ -226,6 +226,15 @@ struct StepAttrs {
   Activation activation = Activation::Relu;
   // shard_routing, shard_routing_backward
   int64_t shards = 1; ///< s: the ranks that share each expert
+  // all_to_all, all_gather, reduce_scatter (PlanFormat.md, "Groups of ranks")
+  /// > 0: the collective runs among groups of this many ranks,
+  /// `groupStride` apart (RankGroups in Comm/Communicator.h); 0: all W.
+  int64_t groupSize = 0;
+  int64_t groupStride = 1;
+  /// The ranks one collective runs among: groupSize, or W.
+  int64_t groupRanks(int64_t worldSize) const {
+    return groupSize > 0 ? groupSize : worldSize;
+  }
 };
 
 struct Step {

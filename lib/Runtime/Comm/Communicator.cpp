@@ -13,6 +13,7 @@
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Cpu/Half.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -105,6 +106,29 @@ Status Communicator::synchronizeStream(void *, std::string_view) {
 }
 
 void Communicator::abort(const Status &) {}
+
+Status Communicator::split(int, int, std::shared_ptr<Communicator> &group,
+                           std::string_view what) {
+  group.reset();
+  return Status(StatusCode::Unavailable,
+                std::string(what) + ": communicator '" + std::string(name()) +
+                    "' cannot split into groups of ranks");
+}
+
+Status splitIntoGroups(Communicator &communicator, const RankGroups &groups,
+                       std::shared_ptr<Communicator> &group) {
+  const int64_t W = communicator.size();
+  std::string what = "split into groups of " + std::to_string(groups.size) +
+                     " rank(s) " + std::to_string(groups.stride) + " apart";
+  if (groups.size < 1 || groups.stride < 1 ||
+      W % (groups.size * groups.stride) != 0)
+    return Status(StatusCode::InvalidArgument,
+                  what + ": size * stride must divide the " +
+                      std::to_string(W) + " ranks");
+  const int rank = communicator.rank();
+  return communicator.split(static_cast<int>(groups.color(rank)),
+                            static_cast<int>(groups.index(rank)), group, what);
+}
 
 Status getCollectiveTimeout(double &seconds) {
   seconds = kDefaultCollectiveTimeoutSeconds;
@@ -205,6 +229,16 @@ public:
     return Status::ok();
   }
   Status barrier(std::string_view) override { return Status::ok(); }
+  Status split(int color, int, std::shared_ptr<Communicator> &group,
+               std::string_view what) override {
+    group.reset();
+    if (color < 0)
+      return Status(StatusCode::InvalidArgument,
+                    std::string(what) + ": color must be >= 0, got " +
+                        std::to_string(color));
+    group = std::make_shared<SelfCommunicator>();
+    return Status::ok();
+  }
 };
 
 //===----------------------------------------------------------------------===//
@@ -240,11 +274,13 @@ struct Post {
 struct LocalGroup {
   LocalGroup(int size, double timeoutSeconds)
       : size(size), timeoutSeconds(timeoutSeconds), posts(size),
-        arrived(size, false) {}
+        splitGroups(size), arrived(size, false) {}
 
   const int size;
   const double timeoutSeconds;
   std::vector<Post> posts;
+  /// split: the group each color's first rank makes, by that rank.
+  std::vector<std::shared_ptr<LocalGroup>> splitGroups;
 
   std::mutex mutex;
   std::condition_variable wakeup;
@@ -409,6 +445,49 @@ public:
     post.kind = CollectiveKind::Barrier;
     return collective(std::move(post), what,
                       []() -> Status { return Status::ok(); });
+  }
+
+  Status split(int color, int key, std::shared_ptr<Communicator> &group,
+               std::string_view what) override {
+    group.reset();
+    // Every rank learns every (color, key); the first rank of each color
+    // makes the shared state of its group, the others pick it up.
+    const int W = group_->size;
+    int32_t mine[2] = {color, key};
+    std::vector<int32_t> all(2 * static_cast<size_t>(W));
+    if (Status status = allGather(mine, sizeof(mine), all.data(), what);
+        !status)
+      return status;
+    std::vector<std::pair<int32_t, int>> members; // (key, rank)
+    for (int p = 0; p < W; ++p) {
+      if (all[2 * p] < 0)
+        return Status(StatusCode::InvalidArgument,
+                      std::string(what) + ": rank " + std::to_string(p) +
+                          " passed color " + std::to_string(all[2 * p]) +
+                          "; colors must be >= 0");
+      if (all[2 * p] == color)
+        members.push_back({all[2 * p + 1], p});
+    }
+    std::sort(members.begin(), members.end());
+    const int leader = std::min_element(members.begin(), members.end(),
+                                        [](auto a, auto b) {
+                                          return a.second < b.second;
+                                        })
+                           ->second;
+    int newRank = 0;
+    while (members[newRank].second != rank_)
+      ++newRank;
+    if (leader == rank_)
+      group_->splitGroups[rank_] = std::make_shared<LocalGroup>(
+          static_cast<int>(members.size()), group_->timeoutSeconds);
+    if (Status status = barrier(what); !status)
+      return status;
+    std::shared_ptr<LocalGroup> shared = group_->splitGroups[leader];
+    // Nobody makes the next split's groups before every rank took its own.
+    if (Status status = barrier(what); !status)
+      return status;
+    group = std::make_shared<LocalCommunicator>(std::move(shared), newRank);
+    return Status::ok();
   }
 
   void abort(const Status &status) override {

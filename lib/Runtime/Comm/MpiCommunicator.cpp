@@ -191,6 +191,27 @@ public:
     return wait(requests, what);
   }
 
+  Status split(int color, int key, std::shared_ptr<Communicator> &group,
+               std::string_view what) override {
+    group.reset();
+    if (color < 0)
+      return Status(StatusCode::InvalidArgument,
+                    std::string(what) + ": color must be >= 0, got " +
+                        std::to_string(color));
+    // MPI_Comm_split blocks: meet in a bounded barrier first, so a missing
+    // rank is an error and not a hang.
+    if (Status status = barrier(what); !status)
+      return status;
+    MPI_Comm comm;
+    int code = MPI_Comm_split(comm_, color, key, &comm);
+    if (code != MPI_SUCCESS)
+      return fail(what, "MPI_Comm_split: " + mpiErrorText(code));
+    MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+    group = std::make_shared<MpiCommunicator>(comm, timeoutSeconds_,
+                                              abortOnFailure_);
+    return Status::ok();
+  }
+
   void abort(const Status &status) override {
     broken_ = true;
     if (brokenReason_.empty())

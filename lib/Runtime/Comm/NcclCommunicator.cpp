@@ -312,6 +312,40 @@ private:
                       std::string(what) + ": cudaSetDevice");
   }
 
+public:
+  /// ncclCommSplit (non-blocking, polled against the deadline): the
+  /// sub-communicator of grouped collective steps.
+  Status split(int color, int key, std::shared_ptr<Communicator> &group,
+               std::string_view what) override {
+    group.reset();
+    if (color < 0)
+      return Status(StatusCode::InvalidArgument,
+                    std::string(what) + ": color must be >= 0, got " +
+                        std::to_string(color));
+    if (Status s = begin(what); !s)
+      return s;
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t comm = nullptr;
+    ncclResult_t result = ncclCommSplit(comm_, color, key, &comm, &config);
+    if (Status s = finish(result, what, "ncclCommSplit"); !s)
+      return s;
+    if (comm)
+      result = pollComm(comm, ncclInProgress, deadlineAfter(timeoutSeconds_));
+    int rank = 0, size = 0;
+    if (!comm || result != ncclSuccess ||
+        ncclCommUserRank(comm, &rank) != ncclSuccess ||
+        ncclCommCount(comm, &size) != ncclSuccess) {
+      if (comm)
+        ncclCommAbort(comm);
+      return breakWith(what, "ncclCommSplit gave no usable communicator");
+    }
+    group = std::make_shared<NcclCommunicator>(comm, rank, size, device_,
+                                               timeoutSeconds_);
+    return Status::ok();
+  }
+
+private:
   /// Waits until the call `result` came back from is enqueued.
   Status finish(ncclResult_t result, std::string_view what,
                 const char *call) {

@@ -54,11 +54,12 @@ std::string bufferName(const TensorView &view) {
 
 Status CpuBackend::runCollective(const Plan &plan, const Step &step,
                                  const StepOperands &ops) {
-  if (!communicator_)
-    return Status(StatusCode::FailedPrecondition,
-                  "no communicator is set for the collective step");
-  Communicator &comm = *communicator_;
-  // all_to_all moves the blocks of every (virtual) expert.
+  Communicator *group = nullptr;
+  if (Status status = communicatorFor(step, group); !status)
+    return status;
+  Communicator &comm = *group;
+  // all_to_all moves the blocks of every (virtual) expert among the ranks
+  // of its group (all W, or one group of a grouped step).
   const int64_t E = plan.virtualExperts(), W = comm.size();
   switch (step.op) {
   case StepOp::SyncCapacity: {
@@ -78,7 +79,7 @@ Status CpuBackend::runCollective(const Plan &plan, const Step &step,
     const StepAttrs &a = step.attrs;
     AllToAllLayout layout;
     layout.ranks = W;
-    layout.localExperts = plan.localExperts();
+    layout.localExperts = E / W;
     layout.capacity = *readAs<int32_t>(ops.in(R::Capacity));
     layout.chunks = a.chunks;
     layout.chunk = a.chunk;

@@ -632,6 +632,18 @@ const Step *CudaBackend::capacityGateOf(const Plan &plan,
 
 Status CudaBackend::runStep(const Plan &plan, const Step &step,
                             const StepOperands &ops) {
+  // Grouped collectives (experts sharded over ranks with 1 <= r < s) are
+  // built and tested on the CPU only: refuse them rather than exchange over
+  // the wrong ranks.
+  if (isCollective(step.op) && step.attrs.groupSize > 0)
+    return Status(StatusCode::Unavailable,
+                  "step '" + std::string(toString(step.op)) +
+                      "' runs among groups of " +
+                      std::to_string(step.attrs.groupSize) + " ranks " +
+                      std::to_string(step.attrs.groupStride) +
+                      " apart (experts sharded over ranks with 1 <= r < s); "
+                      "the CUDA backend does not run grouped collectives yet: "
+                      "select a variant with r = s or r = 0");
   if (Status s = makeCurrent(); !s)
     return s;
   cuda::KernelContext &ctx = *ctx_;

@@ -86,6 +86,53 @@ Status Backend::setCommunicator(std::shared_ptr<Communicator> communicator) {
   return Status::ok();
 }
 
+void Backend::setGroupCommunicator(int64_t size, int64_t stride,
+                                   std::shared_ptr<Communicator> communicator,
+                                   Status made) {
+  for (GroupCommunicator &group : groupCommunicators_)
+    if (group.size == size && group.stride == stride) {
+      group.communicator = std::move(communicator);
+      group.made = std::move(made);
+      return;
+    }
+  groupCommunicators_.push_back(
+      {size, stride, std::move(communicator), std::move(made)});
+}
+
+Status Backend::communicatorFor(const Step &step,
+                                Communicator *&communicator) const {
+  communicator = nullptr;
+  const std::string what = "op '" + std::string(toString(step.op)) + "'";
+  if (step.attrs.groupSize == 0) {
+    communicator = communicator_.get();
+    if (!communicator)
+      return Status(StatusCode::FailedPrecondition,
+                    what + ": no communicator is set for the collective step");
+    return Status::ok();
+  }
+  for (const GroupCommunicator &group : groupCommunicators_)
+    if (group.size == step.attrs.groupSize &&
+        group.stride == step.attrs.groupStride) {
+      if (!group.communicator)
+        return Status(group.made ? StatusCode::FailedPrecondition
+                                 : group.made.code(),
+                      what + " runs among groups of " +
+                          std::to_string(group.size) + " ranks " +
+                          std::to_string(group.stride) +
+                          " apart, but there is no such sub-communicator" +
+                          (group.made ? std::string()
+                                      : ": " + group.made.message()));
+      communicator = group.communicator.get();
+      return Status::ok();
+    }
+  return Status(StatusCode::FailedPrecondition,
+                what + " runs among groups of " +
+                    std::to_string(step.attrs.groupSize) + " ranks " +
+                    std::to_string(step.attrs.groupStride) +
+                    " apart; no sub-communicator was made for them (set the "
+                    "communicator through the executor)");
+}
+
 //===----------------------------------------------------------------------===//
 // Helpers
 //===----------------------------------------------------------------------===//
@@ -181,7 +228,36 @@ Executor::Executor(std::shared_ptr<const Plan> plan,
   if (plan_->worldSize == 1) {
     communicator_ = createSelfCommunicator();
     (void)backend_->setCommunicator(communicator_);
+    (void)makeGroupCommunicators();
   }
+}
+
+Status Executor::makeGroupCommunicators() {
+  // Every rank holds the same plan, so every rank splits the same groups in
+  // the same order (split is a collective).
+  std::vector<RankGroups> made;
+  for (const Variant &variant : plan_->variants)
+    for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
+      for (const Step &step : *steps) {
+        if (step.attrs.groupSize == 0 || !isCollective(step.op))
+          continue;
+        RankGroups groups{step.attrs.groupSize, step.attrs.groupStride};
+        bool seen = false;
+        for (const RankGroups &other : made)
+          seen |= other.size == groups.size && other.stride == groups.stride;
+        if (seen)
+          continue;
+        made.push_back(groups);
+        std::shared_ptr<Communicator> group;
+        Status status = splitIntoGroups(*communicator_, groups, group);
+        // A communicator that cannot split (Unavailable) fails the grouped
+        // steps when they run, naming them; the other variants still run.
+        if (!status && status.code() != StatusCode::Unavailable)
+          return status;
+        backend_->setGroupCommunicator(groups.size, groups.stride,
+                                       std::move(group), status);
+      }
+  return Status::ok();
 }
 
 Executor::~Executor() {
@@ -293,6 +369,8 @@ Status Executor::setCommunicator(std::shared_ptr<Communicator> communicator) {
   if (Status status = backend_->setCommunicator(communicator); !status)
     return status;
   communicator_ = std::move(communicator);
+  if (communicator_)
+    return makeGroupCommunicators();
   return Status::ok();
 }
 

@@ -318,6 +318,10 @@ StepAttrs readAttrs(const Json *json, const std::string &path, StepOp op,
     attrs.ranks = asInt(*v, at + "ranks");
   else if (op == StepOp::UniformSegments)
     fail(at + "ranks", "missing (required by op 'uniform_segments')");
+  if (const Json *v = has("group_size"))
+    attrs.groupSize = asInt(*v, at + "group_size");
+  if (const Json *v = has("group_stride"))
+    attrs.groupStride = asInt(*v, at + "group_stride");
   // Experts sharded over ranks. Ranges are the verifier's.
   if (const Json *v = has("shards"))
     attrs.shards = asInt(*v, at + "shards");
@@ -672,6 +676,34 @@ void checkRanksPerNode(const Step &step, const std::string &path, int64_t W) {
            "; allowed: 0 (flat)" + divisors);
 }
 
+/// group_size / group_stride of a collective: 0 (all W ranks), or groups of
+/// n ranks S apart with n * S dividing W; not with ranks_per_node.
+void checkGroups(const Step &step, const std::string &path, int64_t W) {
+  const int64_t n = step.attrs.groupSize, S = step.attrs.groupStride;
+  const bool grouped = n != 0 || S != 1;
+  if (!grouped)
+    return;
+  if (step.op != StepOp::AllToAll && step.op != StepOp::AllGather &&
+      step.op != StepOp::ReduceScatter)
+    fail(path + ".attrs.group_size",
+         "op '" + std::string(toString(step.op)) +
+             "' takes no group; group_size and group_stride are attributes "
+             "of all_to_all, all_gather and reduce_scatter");
+  if (n < 1 || S < 1 || n > W || S > W || W % (n * S) != 0)
+    fail(path + ".attrs.group_size",
+         "groups of group_size " + std::to_string(n) + " ranks group_stride " +
+             std::to_string(S) +
+             " apart do not partition the plan's world size " +
+             std::to_string(W) +
+             "; need group_size >= 1, group_stride >= 1 and group_size * "
+             "group_stride dividing W");
+  if (step.attrs.ranksPerNode != 0)
+    fail(path + ".attrs.ranks_per_node",
+         "ranks_per_node (2DH) runs over all W ranks; a grouped all_to_all "
+         "(group_size " +
+             std::to_string(n) + ") is flat");
+}
+
 void checkStepShapes(const Plan &plan, const Step &step,
                      const std::string &path, const StepAttrs &gateAttrs) {
   const LayerConfig &layer = plan.layer;
@@ -700,6 +732,9 @@ void checkStepShapes(const Plan &plan, const Step &step,
   using R = OperandRole;
   const bool in = true, out = false;
   const int64_t W = plan.worldSize, L = plan.localExperts();
+  checkGroups(step, path, W);
+  // The ranks a collective runs among: W, or its group's.
+  const int64_t groupW = step.attrs.groupRanks(W);
 
   // The ops that run per group of rows take their groups from
   // expert_offsets/expert_rows: the gate's E experts, or the L = E / W
@@ -714,6 +749,11 @@ void checkStepShapes(const Plan &plan, const Step &step,
         c.get(R::ExpertRows, step.op != StepOp::UniformSegments);
     if (rows && rows->shape.size() == 1 && rows->shape[0] == L)
       G = L;
+    // Sharded experts exchanged among groups of n ranks: E * s / n local
+    // (virtual) experts per rank (PlanFormat.md, "Groups of ranks").
+    else if (rows && rows->shape.size() == 1 && s > 1 && rows->shape[0] > 0 &&
+             Ev % rows->shape[0] == 0 && W % (Ev / rows->shape[0]) == 0)
+      G = rows->shape[0];
   }
   const std::string groupsMeaning =
       segmentOp && s > 1 ? " (G = E * s = " + std::to_string(Ev) +
@@ -888,6 +928,19 @@ void checkStepShapes(const Plan &plan, const Step &step,
   }
   case StepOp::UniformSegments:
     checkChunks(step, path);
+    // Sharded experts exchanged among groups of n ranks (n dividing W):
+    // G = E * s / n local virtual experts.
+    if (s > 1 && step.attrs.ranks >= 1 && step.attrs.ranks < W &&
+        W % step.attrs.ranks == 0) {
+      if (step.attrs.groups * step.attrs.ranks != Ev)
+        fail(path + ".attrs.groups",
+             "groups " + std::to_string(step.attrs.groups) + " on ranks " +
+                 std::to_string(step.attrs.ranks) +
+                 " disagrees with the plan: groups * ranks must be the E * s "
+                 "= " +
+                 std::to_string(Ev) + " virtual experts");
+      break;
+    }
     if (step.attrs.groups != L)
       fail(path + ".attrs.groups",
            "groups " + std::to_string(step.attrs.groups) +
@@ -921,13 +974,14 @@ void checkStepShapes(const Plan &plan, const Step &step,
                std::string(toString(input->dtype)) + ")");
     std::vector<int64_t> want = block->shape;
     if (!want.empty())
-      want[0] = checkedMul(want[0], W).value_or(-1);
+      want[0] = checkedMul(want[0], groupW).value_or(-1);
     if (block->shape.empty() || full->shape != want)
       fail(fullPath,
            "buffer '" + full->name + "' has shape " + shapeString(full->shape) +
                "; op '" + std::string(toString(step.op)) +
                "' needs the rank's block " + shapeString(block->shape) +
-               " times W = " + std::to_string(W) + " in the first dimension, " +
+               " times " + (step.attrs.groupSize > 0 ? "group_size" : "W") +
+               " = " + std::to_string(groupW) + " in the first dimension, " +
                shapeString(want));
     break;
   }
@@ -1394,6 +1448,10 @@ Json writeStep(const Plan &plan, const Step &step) {
     break;
   default:
     break;
+  }
+  if (isCollective(step.op) && (a.groupSize != 0 || a.groupStride != 1)) {
+    attrs["group_size"] = a.groupSize;
+    attrs["group_stride"] = a.groupStride;
   }
   json["attrs"] = std::move(attrs);
   if (step.stream != 0)

@@ -111,6 +111,14 @@ public:
 
   virtual Status barrier(std::string_view what) = 0;
 
+  /// A collective over this communicator: the ranks that pass the same
+  /// `color` (>= 0) form one new communicator, ranked by (`key`, rank()),
+  /// as MPI_Comm_split. Grouped collective steps (PlanFormat.md, "Groups
+  /// of ranks") run through such sub-communicators. The default says the
+  /// communicator cannot split (Unavailable).
+  virtual Status split(int color, int key, std::shared_ptr<Communicator> &group,
+                       std::string_view what);
+
   /// Device communicators: waits until the work queued on `stream` (a
   /// cudaStream_t) has completed, at most the collective timeout, watching
   /// for transport errors meanwhile; on a timeout or an error the
@@ -126,6 +134,30 @@ public:
   /// stay broken, so later collectives fail at once instead of waiting.
   virtual void abort(const Status &status);
 };
+
+/// A partition of W ranks into groups of `size` ranks `stride` apart (the
+/// `group_size`, `group_stride` of a collective step; size * stride divides
+/// W): rank p's group is the ranks `base + i * stride`, i in [0, size), with
+/// `base = p / (size * stride) * (size * stride) + p % stride`; p is the
+/// i-th of them. stride 1: `size` consecutive ranks; size * stride == W:
+/// the ranks of one residue modulo `stride`.
+struct RankGroups {
+  int64_t size = 0;
+  int64_t stride = 1;
+
+  int64_t color(int64_t rank) const {
+    const int64_t block = size * stride;
+    return rank / block * stride + rank % stride;
+  }
+  int64_t index(int64_t rank) const {
+    return rank % (size * stride) / stride;
+  }
+};
+
+/// The sub-communicator of this rank's group of `groups` (split by color
+/// and index).
+Status splitIntoGroups(Communicator &communicator, const RankGroups &groups,
+                       std::shared_ptr<Communicator> &group);
 
 /// The communicator of one rank: W = 1, every collective a local copy.
 std::shared_ptr<Communicator> createSelfCommunicator();
