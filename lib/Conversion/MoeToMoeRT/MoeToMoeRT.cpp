@@ -86,15 +86,84 @@ private:
                        std::pair<Value, Value> segments,
                        const ExpertWeights &weights, const ExpertWeights &grads,
                        int64_t chunk);
-  /// A workspace buffer for every rank's experts [W * L, ...] of the
-  /// rank's `local` [L, ...] (null for a null `local`).
-  Value allocAllExperts(StringRef name, Value local) {
+  /// A workspace buffer for the experts of `count` ranks [count * L, ...]
+  /// of the rank's `local` [L, ...] (null for a null `local`): every rank
+  /// (r = 0) or the rank's shard group (1 <= r < s).
+  Value allocAllExperts(StringRef name, Value local, int64_t count) {
     if (!local)
       return local;
     auto type = cast<MemRefType>(local.getType());
     SmallVector<int64_t> shape(type.getShape());
-    shape[0] *= ranks;
+    shape[0] *= count;
     return alloc(name, memref(shape, type.getElementType()));
+  }
+  /// The ranks a gather of `layer` runs among: W (r = 0), g = s / r
+  /// consecutive ranks (1 <= r < s), 1 (none).
+  int64_t gatherRanks(ExpandedLayer layer) {
+    return layer.gathers.empty() ? 1 : layer.gathers.front().getRanks();
+  }
+  /// group_size / group_stride of a collective among `count` ranks `stride`
+  /// apart; none when they are all W ranks.
+  void addGroup(SmallVector<NamedAttribute> &attrs, int64_t count,
+                int64_t stride) {
+    if (count == ranks)
+      return;
+    attrs.push_back(b.getNamedAttr("group_size", b.getI64IntegerAttr(count)));
+    attrs.push_back(
+        b.getNamedAttr("group_stride", b.getI64IntegerAttr(stride)));
+  }
+  /// The weights the experts of `layer` run on: the rank's own, or the
+  /// gathered ones (workspace buffers named `full_*`).
+  ExpertWeights gatherWeights(ExpandedLayer layer) {
+    int64_t count = gatherRanks(layer);
+    if (count == 1)
+      return weights;
+    auto gather = [&](StringRef name, Value local) -> Value {
+      Value full = allocAllExperts(name, local, count);
+      if (full) {
+        SmallVector<NamedAttribute> attrs;
+        addGroup(attrs, count, 1);
+        createStep<AllGatherOp>(b, loc, {{"input", local}, {"output", full}},
+                                attrs);
+      }
+      return full;
+    };
+    return {gather("full_w1", weights.w1), gather("full_w2", weights.w2),
+            gather("full_w3", weights.w3), gather("full_b1", weights.b1),
+            gather("full_b2", weights.b2)};
+  }
+  /// Gradient buffers of the gathered weights ([count * L, ...]), or the
+  /// rank's own gradients when nothing was gathered.
+  ExpertWeights gatheredGrads(ExpandedLayer layer) {
+    int64_t count = gatherRanks(layer);
+    if (count == 1)
+      return weightGrads;
+    auto full = [&](StringRef name, Value local) {
+      return allocAllExperts(name, local, count);
+    };
+    return {full("full_grad_w1", weightGrads.w1),
+            full("full_grad_w2", weightGrads.w2),
+            full("full_grad_w3", weightGrads.w3),
+            full("full_grad_b1", weightGrads.b1),
+            full("full_grad_b2", weightGrads.b2)};
+  }
+  /// Each rank keeps the sum over its gather's ranks of its own block.
+  void scatterGrads(ExpandedLayer layer, const ExpertWeights &grads) {
+    int64_t count = gatherRanks(layer);
+    if (count == 1)
+      return;
+    for (auto [fullGrad, localGrad] : {std::pair{grads.w1, weightGrads.w1},
+                                       {grads.w2, weightGrads.w2},
+                                       {grads.w3, weightGrads.w3},
+                                       {grads.b1, weightGrads.b1},
+                                       {grads.b2, weightGrads.b2}}) {
+      if (!fullGrad)
+        continue;
+      SmallVector<NamedAttribute> attrs;
+      addGroup(attrs, count, 1);
+      createStep<ReduceScatterOp>(
+          b, loc, {{"input", fullGrad}, {"output", localGrad}}, attrs);
+    }
   }
   /// The attributes of the exchange of chunk `chunk` of `chunks`.
   SmallVector<NamedAttribute> exchangeAttrs(ExpandedLayer layer, int64_t chunks,
@@ -108,6 +177,8 @@ private:
     if (layer.dispatchExchange.getRanksPerNode() > 0)
       attrs.push_back(b.getNamedAttr(
           "ranks_per_node", layer.dispatchExchange.getRanksPerNodeAttr()));
+    addGroup(attrs, layer.dispatchExchange.getRanks(),
+             layer.dispatchExchange.getGroupStride());
     return attrs;
   }
   Roles withSegments(Roles roles, std::pair<Value, Value> segments) {
@@ -519,21 +590,11 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
                           {"expert_offsets", rowOffsets},
                           {"dispatched", dispatched}});
 
+  // r = 0 gathers every rank's experts; 1 <= r < s the shards of the
+  // rank's shard group.
+  fullWeights = gatherWeights(layer);
   if (!layer.isExpertParallel()) {
-    ExpertWeights w = weights;
-    if (!layer.gathers.empty()) {
-      // r = 0: gather every rank's experts.
-      auto gather = [&](StringRef name, Value local) -> Value {
-        Value full = allocAllExperts(name, local);
-        if (full)
-          createStep<AllGatherOp>(b, loc, {{"input", local}, {"output", full}});
-        return full;
-      };
-      w = {gather("full_w1", weights.w1), gather("full_w2", weights.w2),
-           gather("full_w3", weights.w3), gather("full_b1", weights.b1),
-           gather("full_b2", weights.b2)};
-    }
-    fullWeights = w;
+    ExpertWeights w = fullWeights;
     chunks.assign(1, {});
     expertsForward(dispatched, expertOut, {rowOffsets, rowRows}, w, 0);
   } else {
@@ -543,7 +604,9 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
     // receives chunk q + 1 while the experts of chunk q run, and returns
     // chunk q while the experts of chunk q + 1 run.
     int64_t numChunks = layer.experts.size();
-    int64_t localExperts = virtualExperts / ranks;
+    // All W ranks, or (1 <= r < s) the W / g ranks of the token class.
+    int64_t exchangeRanks = layer.dispatchExchange.getRanks();
+    int64_t localExperts = virtualExperts / exchangeRanks;
     Value received = alloc("received", memref({rows, modelDim}, element));
     Value produced = alloc("produced", memref({rows, modelDim}, element));
     chunks.assign(numChunks, {});
@@ -567,14 +630,14 @@ void PlanBuilder::buildForward(ExpandedLayer layer) {
       segmentAttrs.push_back(
           b.getNamedAttr("groups", b.getI64IntegerAttr(localExperts)));
       segmentAttrs.push_back(
-          b.getNamedAttr("ranks", b.getI64IntegerAttr(ranks)));
+          b.getNamedAttr("ranks", b.getI64IntegerAttr(exchangeRanks)));
       createStep<UniformSegmentsOp>(b, loc,
                                     {{"capacity", capacity},
                                      {"expert_offsets", segmentOffsets},
                                      {"expert_rows", segmentRows}},
                                     segmentAttrs);
-      expertsForward(received, produced, {segmentOffsets, segmentRows}, weights,
-                     q);
+      expertsForward(received, produced, {segmentOffsets, segmentRows},
+                     fullWeights, q);
       createStep<AllToAllOp>(
           b, loc,
           {{"input", produced}, {"capacity", capacity}, {"output", expertOut}},
@@ -619,34 +682,18 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
         {b.getNamedAttr("shards", b.getI64IntegerAttr(shards))});
 
   if (!layer.isExpertParallel()) {
-    ExpertWeights grads = weightGrads;
-    bool gathered = !layer.gathers.empty();
-    if (gathered) {
-      // r = 0: gradients of every expert, then each rank keeps the sum
-      // over ranks of its own.
-      auto full = [&](StringRef name, Value local) {
-        return allocAllExperts(name, local);
-      };
-      grads = {full("full_grad_w1", weightGrads.w1),
-               full("full_grad_w2", weightGrads.w2),
-               full("full_grad_w3", weightGrads.w3),
-               full("full_grad_b1", weightGrads.b1),
-               full("full_grad_b2", weightGrads.b2)};
-    }
+    // r = 0: gradients of every expert, then each rank keeps the sum over
+    // ranks of its own.
+    ExpertWeights grads = gatheredGrads(layer);
     expertsBackward(dispatched, gradExpertOut, gradDispatched,
                     {rowOffsets, rowRows}, fullWeights, grads, 0);
-    if (gathered) {
-      for (auto [fullGrad, localGrad] : {std::pair{grads.w1, weightGrads.w1},
-                                         {grads.w2, weightGrads.w2},
-                                         {grads.w3, weightGrads.w3},
-                                         {grads.b1, weightGrads.b1},
-                                         {grads.b2, weightGrads.b2}}) {
-        if (fullGrad)
-          createStep<ReduceScatterOp>(
-              b, loc, {{"input", fullGrad}, {"output", localGrad}});
-      }
-    }
+    scatterGrads(layer, grads);
   } else {
+    // 1 <= r < s: gradients of the shard group's shards, summed over the
+    // group (its g token classes), each rank keeping its own; for b2 (the
+    // same on every shard) the sum of the class partials is the whole
+    // gradient.
+    ExpertWeights grads = gatheredGrads(layer);
     int64_t numChunks = chunks.size();
     Value gradProduced = alloc("grad_produced", rowsType);
     Value gradReceived = alloc("grad_received", rowsType);
@@ -663,13 +710,14 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
                              direction(q, Direction::Dispatch));
     for (int64_t q = 0; q < numChunks; ++q) {
       expertsBackward(chunks[q].input, gradProduced, gradReceived,
-                      chunks[q].segments, weights, weightGrads, q);
+                      chunks[q].segments, fullWeights, grads, q);
       createStep<AllToAllOp>(b, loc,
                              {{"input", gradReceived},
                               {"capacity", capacity},
                               {"output", gradDispatched}},
                              direction(q, Direction::Combine));
     }
+    scatterGrads(layer, grads);
   }
 
   createStep<DispatchBackwardOp>(b, loc,

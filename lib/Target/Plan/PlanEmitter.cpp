@@ -131,6 +131,14 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
     attrs.chunks = exchange.getChunks();
     attrs.chunk = exchange.getChunk();
     attrs.ranksPerNode = exchange.getRanksPerNode();
+    attrs.groupSize = exchange.getGroupSize();
+    attrs.groupStride = exchange.getGroupStride();
+  } else if (auto gather = dyn_cast<moert::AllGatherOp>(op)) {
+    attrs.groupSize = gather.getGroupSize();
+    attrs.groupStride = gather.getGroupStride();
+  } else if (auto scatter = dyn_cast<moert::ReduceScatterOp>(op)) {
+    attrs.groupSize = scatter.getGroupSize();
+    attrs.groupStride = scatter.getGroupStride();
   } else if (auto segments = dyn_cast<moert::UniformSegmentsOp>(op)) {
     attrs.groups = segments.getGroups();
     attrs.ranks = segments.getRanks();

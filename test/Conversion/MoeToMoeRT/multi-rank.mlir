@@ -16,7 +16,7 @@
 // CHECK: moert.gate {{.+}}layout = #moert<layout padded>
 // CHECK-NOT: moert.sync_capacity
 // CHECK: moert.dispatch
-// CHECK-NEXT: moert.all_to_all ins(input = {{.+}}) outs(output = %[[RECV:.+]] : memref<32x8xf32>) {chunk = 0 : i64, chunks = 1 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
+// CHECK-NEXT: moert.all_to_all ins(input = {{.+}}) outs(output = %[[RECV:.+]] : memref<32x8xf32>) {chunk = 0 : i64, chunks = 1 : i64, direction = #moert<direction dispatch>, group_size = 0 : i64, group_stride = 1 : i64, ranks_per_node = 0 : i64}
 // CHECK-NEXT: moert.uniform_segments {{.+}} {chunk = 0 : i64, chunks = 1 : i64, groups = 2 : i64, ranks = 2 : i64}
 // CHECK-NEXT: moert.grouped_gemm ins(a = %[[RECV]]
 // CHECK-NEXT: moert.grouped_gemm
@@ -33,8 +33,8 @@
 // chunk 0's experts run), then each chunk's experts and its way back.
 // CHECK: moert.variant "r1d2" forward {
 // CHECK: moert.dispatch
-// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
-// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, ranks_per_node = 0 : i64}
+// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, group_size = 0 : i64, group_stride = 1 : i64, ranks_per_node = 0 : i64}
+// CHECK-NEXT: moert.all_to_all {{.+}} {chunk = 1 : i64, chunks = 2 : i64, direction = #moert<direction dispatch>, group_size = 0 : i64, group_stride = 1 : i64, ranks_per_node = 0 : i64}
 // CHECK-NEXT: moert.uniform_segments {{.+}} {chunk = 0 : i64, chunks = 2 : i64
 // CHECK: moert.all_to_all {{.+}} {chunk = 0 : i64, chunks = 2 : i64, direction = #moert<direction combine>
 // CHECK-NEXT: moert.uniform_segments {{.+}} {chunk = 1 : i64, chunks = 2 : i64

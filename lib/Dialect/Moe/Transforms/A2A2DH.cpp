@@ -31,6 +31,11 @@ struct MoeA2A2DHPass final : flex::moe::impl::MoeA2A2DHPassBase<MoeA2A2DHPass> {
     Builder builder(&getContext());
     WalkResult result = getOperation().walk([&](AllToAllOp exchange) {
       int64_t ranks = exchange.getRanks();
+      // A grouped exchange (experts sharded with 1 <= r < s) runs among
+      // ranks `group_stride` apart, which nodes of consecutive ranks do not
+      // describe: it stays flat.
+      if (exchange.getGroupStride() > 1)
+        return WalkResult::advance();
       if (ranksPerNode < 1 || ranks % ranksPerNode != 0) {
         exchange.emitOpError("[a2a-1] ranks-per-node must divide the ")
             << ranks << " ranks, got " << int64_t(ranksPerNode);

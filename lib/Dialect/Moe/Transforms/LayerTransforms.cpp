@@ -279,12 +279,6 @@ LogicalResult flex::moe::parallelizeLayer(func::FuncOp func, int64_t ranks,
            << parallelism << " does not divide s = " << shards
            << " (the ranks that share each expert, W / E for E < W, else 1); "
               "allowed: 0 or a divisor of s";
-  if (parallelism > 0 && parallelism != shards)
-    return func.emitOpError("[par-1] r = ")
-           << parallelism << " with experts sharded over s = " << shards
-           << " ranks: 1 <= r < s (groups of s / r ranks gathering their "
-              "shards) is not supported yet; use r = "
-           << shards << " or r = 0";
   int64_t virtualExperts = experts * shards;
   int64_t localExperts = virtualExperts / ranks;
 
@@ -329,34 +323,44 @@ LogicalResult flex::moe::parallelizeLayer(func::FuncOp func, int64_t ranks,
     expert.setHiddenShards(shards);
   }
 
-  if (parallelism == 0) {
-    // r = 0: every rank gathers every expert (every shard) and keeps its
-    // own tokens.
+  // Every rank gathers the shards of `gatherRanks` consecutive ranks as
+  // local virtual experts: all W for r = 0, the g = s / r ranks of its
+  // shard group for 1 <= r < s, none for r = s.
+  int64_t gatherRanks = parallelism == 0 ? ranks : shards / parallelism;
+  if (gatherRanks > 1) {
     builder.setInsertionPoint(expert);
     for (OpOperand &operand : expert->getOpOperands()) {
       if (operand.getOperandNumber() == 0)
         continue;
-      auto full = withDim(operand.get().getType(), 0, virtualExperts);
+      auto type = cast<RankedTensorType>(operand.get().getType());
+      auto full = withDim(type, 0, type.getDimSize(0) * gatherRanks);
       auto gather = AllGatherOp::create(builder, loc, full, operand.get(),
-                                        builder.getI64IntegerAttr(ranks));
+                                        builder.getI64IntegerAttr(gatherRanks));
       operand.set(gather.getResult());
     }
-    return success();
   }
+  if (parallelism == 0)
+    return success();
 
   // r = 1 (r = s sharded): this rank's experts get the rows of every rank.
+  // 1 <= r < s: rank p exchanges with the W / g ranks of its token class
+  // p % g (ranks g apart), which hold every virtual expert once: g of them
+  // each, its shard group's.
+  int64_t exchangeRanks = ranks / gatherRanks;
+  localExperts = virtualExperts / exchangeRanks;
   int64_t capacity = buffer.getDimSize(1);
-  int64_t rows =
-      ShapedType::isDynamic(capacity) ? ShapedType::kDynamic : ranks * capacity;
+  int64_t rows = ShapedType::isDynamic(capacity) ? ShapedType::kDynamic
+                                                 : exchangeRanks * capacity;
   auto local = RankedTensorType::get({localExperts, rows, buffer.getDimSize(2)},
                                      buffer.getElementType());
   builder.setInsertionPoint(expert);
-  IntegerAttr ranksAttr = builder.getI64IntegerAttr(ranks);
+  IntegerAttr ranksAttr = builder.getI64IntegerAttr(exchangeRanks);
   auto exchange =
       AllToAllOp::create(builder, loc, TypeRange{local},
                          AllToAllDirectionAttr::get(
                              func.getContext(), AllToAllDirection::Dispatch),
                          ValueRange{expert.getInput()}, ranksAttr);
+  exchange.setGroupStride(gatherRanks);
   expert.getInputMutable().assign(exchange.getResult(0));
   expert.getResult().setType(local);
   builder.setInsertionPointAfter(expert);
@@ -364,6 +368,7 @@ LogicalResult flex::moe::parallelizeLayer(func::FuncOp func, int64_t ranks,
       builder, loc, TypeRange{buffer},
       AllToAllDirectionAttr::get(func.getContext(), AllToAllDirection::Combine),
       ValueRange{expert.getResult()}, ranksAttr);
+  back.setGroupStride(gatherRanks);
   layer->combine.getInputMutable().assign(back.getResult(0));
   return success();
 }
@@ -415,6 +420,7 @@ LogicalResult flex::moe::pipelineLayer(func::FuncOp func, int64_t chunks) {
   auto split = AllToAllOp::create(
       builder, dispatch.getLoc(), chunkTypes, dispatch.getDirectionAttr(),
       dispatch.getInputs(), dispatch.getRanksAttr());
+  split.setGroupStride(dispatch.getGroupStride());
   SmallVector<Value> outputs;
   builder.setInsertionPoint(expert);
   for (int64_t q = 0; q < chunks; ++q) {
@@ -427,6 +433,7 @@ LogicalResult flex::moe::pipelineLayer(func::FuncOp func, int64_t chunks) {
   auto merged = AllToAllOp::create(
       builder, combine.getLoc(), combine.getResultTypes(),
       combine.getDirectionAttr(), outputs, combine.getRanksAttr());
+  merged.setGroupStride(combine.getGroupStride());
   combine.getResult(0).replaceAllUsesWith(merged.getResult(0));
   combine.erase();
   expert.erase();

@@ -1,13 +1,14 @@
 // RUN: not moe-opt %s --moe-expand-layer --moe-parallelize="ranks=4 r=3" 2>&1 | FileCheck %s --check-prefix=NOT-DIVIDING
-// RUN: not moe-opt %s --moe-expand-layer --moe-parallelize="ranks=4 r=1" 2>&1 | FileCheck %s --check-prefix=INTERMEDIATE
+// RUN: not moe-opt %s --moe-expand-layer --moe-parallelize="ranks=8 r=3" 2>&1 | FileCheck %s --check-prefix=NOT-DIVIDING-4
 // RUN: not moe-opt %s --moe-expand-layer --moe-parallelize="ranks=2 r=2" 2>&1 | FileCheck %s --check-prefix=WHOLE
 // RUN: not moe-opt %s --moe-multiversion="ranks=4 variants=r2d1,r3d1" 2>&1 | FileCheck %s --check-prefix=NOT-DIVIDING
 // RUN: not moe-opt %s --moe-multiversion="ranks=4 variants=r0d2" 2>&1 | FileCheck %s --check-prefix=PIPE
 
 // [par-1] r must be 0 or divide s, the ranks that share each expert (here
-// E = 2 experts: s = 2 on 4 ranks, s = 1 on 2); 1 <= r < s is not built yet.
+// E = 2 experts: s = 2 on 4 ranks, s = 4 on 8, s = 1 on 2); every divisor
+// of s is built (parallelize-sharded-groups.mlir).
 // NOT-DIVIDING: error: 'func.func' op [par-1] r = 3 does not divide s = 2 (the ranks that share each expert, W / E for E < W, else 1); allowed: 0 or a divisor of s
-// INTERMEDIATE: error: 'func.func' op [par-1] r = 1 with experts sharded over s = 2 ranks: 1 <= r < s (groups of s / r ranks gathering their shards) is not supported yet; use r = 2 or r = 0
+// NOT-DIVIDING-4: error: 'func.func' op [par-1] r = 3 does not divide s = 4
 // WHOLE: error: 'func.func' op [par-1] r = 2 does not divide s = 1
 // PIPE: error: [pipe-1] variant 'r0d2': pipelining needs expert parallelism (r >= 1)
 

@@ -246,6 +246,11 @@ def Moe_AllToAllOp : Moe_Op<"all_to_all", [Pure]> {
     N ranks, then one between nodes, so each pair of nodes trades one large
     message instead of N * N small ones. The result is the same.
 
+    `group_stride = S` > 1 runs the exchange among `ranks` ranks S apart
+    (the ranks p with the same p % S, in a block of ranks * S), not all of
+    them: experts sharded over ranks with 1 <= r < s exchange among the
+    ranks of one token class (docs/Architecture.md).
+
     ```mlir
     %c0, %c1 = moe.all_to_all dispatch %d {ranks = 4}
         : tensor<8x512x1024xbf16> -> tensor<2x1024x1024xbf16>, tensor<2x1024x1024xbf16>
@@ -255,7 +260,8 @@ def Moe_AllToAllOp : Moe_Op<"all_to_all", [Pure]> {
   }];
   let arguments = (ins Moe_AllToAllDirectionAttr:$direction,
                        Variadic<Moe_ExpertBatch>:$inputs, I64Attr:$ranks,
-                       DefaultValuedAttr<I64Attr, "0">:$ranks_per_node);
+                       DefaultValuedAttr<I64Attr, "0">:$ranks_per_node,
+                       DefaultValuedAttr<I64Attr, "1">:$group_stride);
   let results = (outs Variadic<Moe_ExpertBatch>:$results);
   let assemblyFormat = [{
     `` $direction $inputs attr-dict `:` type($inputs) `->` type($results)
@@ -279,14 +285,18 @@ def Moe_AllGatherOp : Moe_Op<"all_gather", [Pure]> {
   let description = [{
     Rank i holds `[L, ...]` of an expert parameter (its slice of the one
     layout); the result is `[W * L, ...]`, block i from rank i: every
-    expert, on every rank. Its gradient is a reduce-scatter.
+    expert, on every rank. Its gradient is a reduce-scatter. With `ranks`
+    less than the layer's W, it gathers among groups of `ranks` ranks
+    `group_stride` apart (experts sharded over ranks with 1 <= r < s: the
+    g = s / r consecutive shard ranks of a group).
 
     ```mlir
     %w1 = moe.all_gather %w1_local {ranks = 4}
         : tensor<2x1024x4096xbf16> -> tensor<8x1024x4096xbf16>
     ```
   }];
-  let arguments = (ins AnyRankedTensor:$input, I64Attr:$ranks);
+  let arguments = (ins AnyRankedTensor:$input, I64Attr:$ranks,
+                       DefaultValuedAttr<I64Attr, "1">:$group_stride);
   let results = (outs AnyRankedTensor:$result);
   let assemblyFormat = "$input attr-dict `:` type($input) `->` type($result)";
   let hasVerifier = 1;

@@ -286,13 +286,17 @@ def MoeRT_AllToAllOp : MoeRT_StepOp<"all_to_all", ["input", "capacity"],
     `dispatch`: `input` viewed as `[W, L, C, d]` -> chunk q of `output`
     viewed as `[D, L, W, C/D, d]`; `combine`: the inverse. The exact index
     mapping is in docs/PlanFormat.md. `ranks_per_node` > 0 selects the
-    hierarchical (2DH) algorithm; the result is the same.
+    hierarchical (2DH) algorithm; the result is the same. `group_size` > 0
+    runs it among groups of that many ranks `group_stride` apart (W is the
+    group's size then).
   }];
   let arguments = (ins Buf:$input, Buf:$capacity, Buf:$output,
                        MoeRT_DirectionAttr:$direction,
                        DefaultValuedAttr<I64Attr, "1">:$chunks,
                        DefaultValuedAttr<I64Attr, "0">:$chunk,
-                       DefaultValuedAttr<I64Attr, "0">:$ranks_per_node);
+                       DefaultValuedAttr<I64Attr, "0">:$ranks_per_node,
+                       DefaultValuedAttr<I64Attr, "0">:$group_size,
+                       DefaultValuedAttr<I64Attr, "1">:$group_stride);
 }
 
 def MoeRT_UniformSegmentsOp : MoeRT_StepOp<"uniform_segments", ["capacity"],
@@ -338,13 +342,24 @@ def MoeRT_ShardRoutingBackwardOp : MoeRT_StepOp<"shard_routing_backward",
 
 def MoeRT_AllGatherOp : MoeRT_StepOp<"all_gather", ["input"], ["output"]> {
   let summary = "output [W*L, ...] = every rank's input [L, ...], rank-major";
-  let arguments = (ins Buf:$input, Buf:$output);
+  let description = [{
+    `group_size` > 0: among groups of that many ranks `group_stride` apart
+    (W is the group's size).
+  }];
+  let arguments = (ins Buf:$input, Buf:$output,
+                       DefaultValuedAttr<I64Attr, "0">:$group_size,
+                       DefaultValuedAttr<I64Attr, "1">:$group_stride);
 }
 
 def MoeRT_ReduceScatterOp : MoeRT_StepOp<"reduce_scatter", ["input"],
     ["output"]> {
   let summary = "output [L, ...] = sum over ranks of this rank's block";
-  let arguments = (ins Buf:$input, Buf:$output);
+  let description = [{
+    `group_size` > 0: among groups of that many ranks `group_stride` apart.
+  }];
+  let arguments = (ins Buf:$input, Buf:$output,
+                       DefaultValuedAttr<I64Attr, "0">:$group_size,
+                       DefaultValuedAttr<I64Attr, "1">:$group_stride);
 }
 
 #endif // FLEX_DIALECT_MOERT_IR_MOERTOPS_TD
