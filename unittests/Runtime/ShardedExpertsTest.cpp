@@ -246,6 +246,53 @@ void expectRejected(const std::string &name,
   EXPECT_THAT(status.message(), HasSubstr(what));
 }
 
+/// The first step of `op` with a group_size (a grouped collective).
+Json *findGroupedStep(Json &doc, const std::string &op) {
+  for (Json &v : doc["variants"])
+    for (const char *list : {"forward", "backward"})
+      for (Json &step : v[list])
+        if (step["op"] == op && step["attrs"].contains("group_size"))
+          return &step;
+  return nullptr;
+}
+
+// Grouped collectives (1 <= r < s): the groups must partition the W ranks,
+// the gathered buffers must be group_size blocks, and only the collectives
+// take a group.
+TEST(ShardedPlanLoader, RejectsGroupsThatDoNotPartitionTheRanks) {
+  const std::string plan = "mr_shard_ffn_e1_w4_train.json";
+  expectRejected(
+      plan,
+      [](Json &doc) {
+        (*findGroupedStep(doc, "all_to_all"))["attrs"]["group_size"] = 3;
+      },
+      "do not partition the plan's world size 4");
+  expectRejected(
+      plan,
+      [](Json &doc) {
+        (*findGroupedStep(doc, "all_to_all"))["attrs"]["group_stride"] = 0;
+      },
+      "group_stride >= 1");
+  expectRejected(
+      plan,
+      [](Json &doc) {
+        (*findGroupedStep(doc, "all_gather"))["attrs"]["group_size"] = 4;
+      },
+      "times group_size = 4 in the first dimension");
+  expectRejected(
+      plan,
+      [](Json &doc) {
+        (*findGroupedStep(doc, "all_to_all"))["attrs"]["ranks_per_node"] = 2;
+      },
+      "a grouped all_to_all (group_size 2) is flat");
+  expectRejected(
+      plan,
+      [](Json &doc) {
+        (*findStep(doc, "dispatch"))["attrs"]["group_size"] = 2;
+      },
+      "op 'dispatch' takes no group");
+}
+
 TEST(ShardedPlanLoader, RejectsInconsistentShards) {
   const std::string plan = "mr_shard_ffn_e1_w2_train.json";
   expectRejected(
