@@ -60,7 +60,13 @@ def MoeParallelizePass : Pass<"moe-parallelize", "::mlir::func::FuncOp"> {
     * `r=0`: every rank gathers every expert, or every shard
       (`moe.all_gather`), and runs them on its own tokens.
 
-    r must be 0 or divide s ([par-1]); 1 <= r < s is not supported yet.
+    * `1 <= r < s` (sharded, g = s / r): the g consecutive ranks of a shard
+      group gather their shards (`moe.all_gather {ranks = g}`) as g local
+      virtual experts, and the dispatch buffer is exchanged among the W / g
+      ranks of the token class (`moe.all_to_all {ranks = W / g,
+      group_stride = g}`).
+
+    r must be 0 or divide s ([par-1]).
     A capacity that depends on the routing is agreed over ranks (the gate's
     `ranks`).
   }];
