@@ -30,6 +30,28 @@ namespace flex {
 
 Communicator::~Communicator() = default;
 
+Status checkBlocks(const std::vector<Communicator::Block> &blocks, int size,
+                   std::string_view what) {
+  for (const Communicator::Block &block : blocks)
+    if (block.peer < 0 || block.peer >= size || block.bytes < 0 ||
+        block.offset < 0)
+      return Status(StatusCode::InvalidArgument,
+                    std::string(what) + ": a block names peer " +
+                        std::to_string(block.peer) + " of " +
+                        std::to_string(size) + " with " +
+                        std::to_string(block.bytes) + " bytes at offset " +
+                        std::to_string(block.offset));
+  return Status::ok();
+}
+
+Status checkSplitColor(int color, std::string_view what) {
+  if (color < 0)
+    return Status(StatusCode::InvalidArgument,
+                  std::string(what) + ": color must be >= 0, got " +
+                      std::to_string(color));
+  return Status::ok();
+}
+
 Status Communicator::allToAllBlocks(const void *send,
                                     const std::vector<Block> &sendBlocks,
                                     void *recv,
@@ -44,17 +66,10 @@ Status Communicator::allToAllBlocks(const void *send,
   std::vector<int64_t> sendBytes(W, 0), recvBytes(W, 0);
   auto count = [&](const std::vector<Block> &blocks,
                    std::vector<int64_t> &bytes) -> Status {
-    for (const Block &block : blocks) {
-      if (block.peer < 0 || block.peer >= W || block.bytes < 0 ||
-          block.offset < 0)
-        return Status(StatusCode::InvalidArgument,
-                      std::string(what) + ": a block names peer " +
-                          std::to_string(block.peer) + " of " +
-                          std::to_string(W) + " with " +
-                          std::to_string(block.bytes) + " bytes at offset " +
-                          std::to_string(block.offset));
+    if (Status s = checkBlocks(blocks, W, what); !s)
+      return s;
+    for (const Block &block : blocks)
       bytes[block.peer] += block.bytes;
-    }
     return Status::ok();
   };
   if (Status s = count(sendBlocks, sendBytes); !s)
@@ -232,10 +247,8 @@ public:
   Status split(int color, int, std::shared_ptr<Communicator> &group,
                std::string_view what) override {
     group.reset();
-    if (color < 0)
-      return Status(StatusCode::InvalidArgument,
-                    std::string(what) + ": color must be >= 0, got " +
-                        std::to_string(color));
+    if (Status status = checkSplitColor(color, what); !status)
+      return status;
     group = std::make_shared<SelfCommunicator>();
     return Status::ok();
   }

@@ -194,10 +194,8 @@ public:
   Status split(int color, int key, std::shared_ptr<Communicator> &group,
                std::string_view what) override {
     group.reset();
-    if (color < 0)
-      return Status(StatusCode::InvalidArgument,
-                    std::string(what) + ": color must be >= 0, got " +
-                        std::to_string(color));
+    if (Status status = checkSplitColor(color, what); !status)
+      return status;
     // MPI_Comm_split blocks: meet in a bounded barrier first, so a missing
     // rank is an error and not a hang.
     if (Status status = barrier(what); !status)

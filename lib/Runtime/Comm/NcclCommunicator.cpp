@@ -167,16 +167,8 @@ public:
     // (NCCL copies them in the same kernels, alongside the transfers),
     // which NCCL matches in order per peer and runs without deadlock.
     for (const std::vector<Block> *blocks : {&sendBlocks, &recvBlocks})
-      for (const Block &block : *blocks)
-        if (block.peer < 0 || block.peer >= size_ || block.bytes < 0 ||
-            block.offset < 0)
-          return Status(StatusCode::InvalidArgument,
-                        std::string(what) + ": a block names peer " +
-                            std::to_string(block.peer) + " of " +
-                            std::to_string(size_) + " with " +
-                            std::to_string(block.bytes) +
-                            " bytes at offset " +
-                            std::to_string(block.offset));
+      if (Status s = checkBlocks(*blocks, size_, what); !s)
+        return s;
     int64_t ownSent = 0, ownReceived = 0;
     for (const Block &block : sendBlocks)
       if (block.peer == rank_)
@@ -318,10 +310,8 @@ public:
   Status split(int color, int key, std::shared_ptr<Communicator> &group,
                std::string_view what) override {
     group.reset();
-    if (color < 0)
-      return Status(StatusCode::InvalidArgument,
-                    std::string(what) + ": color must be >= 0, got " +
-                        std::to_string(color));
+    if (Status status = checkSplitColor(color, what); !status)
+      return status;
     if (Status s = begin(what); !s)
       return s;
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;

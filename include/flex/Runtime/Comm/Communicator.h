@@ -160,6 +160,14 @@ Status splitIntoGroups(Communicator &communicator, const RankGroups &groups,
                        std::shared_ptr<Communicator> &group);
 
 /// The communicator of one rank: W = 1, every collective a local copy.
+/// InvalidArgument naming `what` unless every block names a peer in
+/// [0, size) with a non-negative offset and byte count.
+Status checkBlocks(const std::vector<Communicator::Block> &blocks, int size,
+                   std::string_view what);
+
+/// InvalidArgument naming `what` for a negative split color.
+Status checkSplitColor(int color, std::string_view what);
+
 std::shared_ptr<Communicator> createSelfCommunicator();
 
 /// W communicators for W threads of this process (rank i is element i);
