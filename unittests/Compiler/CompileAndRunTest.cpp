@@ -13,6 +13,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "MultiRankTestSupport.h"
 #include "ReferenceMoE.h"
 
 #include "flex/Compiler/Compiler.h"
@@ -32,14 +33,11 @@
 
 using namespace flex;
 using namespace flex::reference;
+using flex::test::expertSlice;
+using flex::test::runSeed;
+using flex::test::runVariant;
 
 namespace {
-
-uint64_t runSeed() {
-  if (const char *fixed = std::getenv("FLEX_TEST_SEED"))
-    return std::strtoull(fixed, nullptr, 10);
-  return std::random_device{}();
-}
 
 /// A random small layer: every capacity mode, expert kind, activation, bias,
 /// routing option, with T rarely a multiple of E.
@@ -247,16 +245,6 @@ TEST(CompileAndRun, RandomLayersMatchReference) {
   EXPECT_EQ(compiled, kCases);
 }
 
-/// Rank r's slice [L, ...] of a global [E, ...] expert parameter.
-std::vector<double> expertSlice(const std::vector<double> &global, int rank,
-                                int ranks) {
-  if (global.empty())
-    return global;
-  size_t per = global.size() / ranks;
-  return std::vector<double>(global.begin() + rank * per,
-                             global.begin() + (rank + 1) * per);
-}
-
 // DESIGN.md section 4: every variant of a multi-rank plan reads one
 // parameter layout, so one executable per rank switches variant between two
 // calls with the same bindings (no parameter moves), every variant equals
@@ -362,11 +350,8 @@ TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
             b.poison(name, count);
           }
           std::vector<Binding> bindings = b.bindings();
-          s = executor->selectVariant(static_cast<int64_t>(v));
-          if (s)
-            s = executor->forward(bindings.data(), bindings.size());
-          if (s)
-            s = executor->backward(bindings.data(), bindings.size());
+          s = runVariant(*executor, static_cast<int64_t>(v), bindings,
+                         /*backward=*/true);
           if (!s)
             failures[r] = plan->variants[v].name + ": " + s.message();
           // Each variant against the reference on this rank's tokens.

@@ -23,46 +23,21 @@
 #include "flex/Runtime/PlanLoader.h"
 
 #include "CudaTestSupport.h"
+#include "MultiRankTestSupport.h"
 #include "ReferenceMoE.h"
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <fstream>
-#include <functional>
 #include <map>
 #include <random>
-#include <sstream>
 #include <thread>
 
 using namespace flex;
 using namespace flex::cudatest;
+using namespace flex::test;
 
 namespace {
-
-std::string readPlan(const std::string &name) {
-  std::ifstream file(std::string(FLEX_RUNTIME_PLANS_DIR) + "/" + name);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
-
-struct PlanVariant {
-  const char *plan;
-  const char *variant;
-};
-
-void PrintTo(const PlanVariant &value, std::ostream *os) {
-  *os << value.plan << " variant " << value.variant;
-}
-
-std::string caseName(const ::testing::TestParamInfo<PlanVariant> &info) {
-  std::string name = std::string(info.param.plan) + "_" + info.param.variant;
-  for (char &c : name)
-    if (!std::isalnum(static_cast<unsigned char>(c)))
-      c = '_';
-  return name;
-}
 
 class CudaMultiRankRun : public ::testing::TestWithParam<PlanVariant> {};
 
@@ -71,7 +46,7 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
   if (!isNcclAvailable())
     GTEST_SKIP() << "this build has no NCCL communicator";
   auto plan = std::make_shared<Plan>();
-  Status status = parsePlan(readPlan(GetParam().plan), *plan);
+  Status status = parsePlan(readTestPlan(GetParam().plan), *plan);
   ASSERT_TRUE(status.isOk()) << status.message();
   const int64_t variant = plan->findVariant(GetParam().variant);
   ASSERT_GE(variant, 0);
@@ -110,27 +85,8 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
   for (uint64_t seed : {1u, 2u}) {
     SCOPED_TRACE("seed " + std::to_string(seed));
     std::mt19937_64 rng(seed);
-    std::vector<reference::LayerInputs> inputs(W);
-    std::vector<std::vector<double>> gradOut(W);
-    reference::LayerInputs global = reference::makeRandomInputs(config, rng);
-    for (int r = 0; r < W; ++r) {
-      for (;;) {
-        inputs[r] = global;
-        inputs[r].x = reference::makeRandomInputs(config, rng).x;
-        reference::LayerRouting routing =
-            reference::referenceRouting(config, inputs[r], refOptions);
-        reference::RoutingMargins margins =
-            reference::routingMargins(config, routing);
-        if (margins.logitGap > 1e-3 &&
-            (!config.batchPrioritized || margins.priorityGap > 1e-3))
-          break;
-      }
-      std::normal_distribution<double> normal;
-      gradOut[r].resize(config.tokens * config.modelDim);
-      for (double &v : gradOut[r])
-        v = normal(rng);
-      gradOut[r] = reference::roundTo(gradOut[r], config.dtype);
-    }
+    RankInputs drawn;
+    ASSERT_TRUE(makeRankInputs(config, refOptions, W, rng, drawn));
     const double gradLAux = 0.5;
 
     // Per rank: the arguments in device memory on its GPU, read back after.
@@ -144,16 +100,8 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
         auto slice = [&](const char *name, const std::vector<double> &all) {
           return sliceExpertParameter(config, W, r, name, all);
         };
-        std::map<std::string, std::vector<double>> values = {
-            {"x", inputs[r].x},
-            {"wg", global.wg},
-            {"w1", slice("w1", global.w1)},
-            {"b1", slice("b1", global.b1)},
-            {"w2", slice("w2", global.w2)},
-            {"b2", slice("b2", global.b2)},
-            {"w3", slice("w3", global.w3)},
-            {"grad_out", gradOut[r]},
-            {"grad_l_aux", {gradLAux}}};
+        std::map<std::string, std::vector<double>> values =
+            rankArgumentValues(drawn, r, gradLAux, slice);
         std::map<std::string, Buffer> buffers;
         std::vector<Binding> bindings;
         for (const Argument &arg : plan->arguments) {
@@ -212,26 +160,11 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
           << "rank " << r << ": " << statuses[r].message();
 
     const double tolerance = config.dtype == DType::F32 ? 1e-5 : 2e-2;
-    std::vector<reference::LayerForward> forward(W);
-    std::vector<reference::LayerGradients> grads(W);
-    reference::LayerGradients sum;
-    auto add = [](std::vector<double> &to, const std::vector<double> &v) {
-      to.resize(v.size(), 0.0);
-      for (size_t i = 0; i < v.size(); ++i)
-        to[i] += v[i];
-    };
-    for (int r = 0; r < W; ++r) {
-      if (plan->training)
-        grads[r] = reference::referenceBackward(
-            config, inputs[r], gradOut[r], gradLAux, refOptions, &forward[r]);
-      else
-        forward[r] = reference::referenceForward(config, inputs[r], refOptions);
-      add(sum.w1, grads[r].w1);
-      add(sum.b1, grads[r].b1);
-      add(sum.w2, grads[r].w2);
-      add(sum.b2, grads[r].b2);
-      add(sum.w3, grads[r].w3);
-    }
+    const RankReference ref =
+        referenceOnRanks(config, refOptions, drawn, gradLAux, plan->training);
+    const std::vector<reference::LayerForward> &forward = ref.forward;
+    const std::vector<reference::LayerGradients> &grads = ref.grads;
+    const reference::LayerGradients &sum = ref.expertSum;
     for (int r = 0; r < W; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));
       auto &got = results[r];
@@ -289,6 +222,6 @@ INSTANTIATE_TEST_SUITE_P(
                       PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r4d1"},
                       PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r4d2"},
                       PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r0d1"}),
-    caseName);
+    planVariantName);
 
 } // namespace

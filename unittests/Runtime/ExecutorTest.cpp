@@ -12,10 +12,10 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "flex/Runtime/Cpu/Half.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include "MultiRankTestSupport.h"
 #include "ReferenceMoE.h"
 
 #include <gmock/gmock.h>
@@ -24,24 +24,17 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
-#include <fstream>
 #include <limits>
 #include <map>
-#include <sstream>
 
 using namespace flex;
+using flex::test::loadValue;
+using flex::test::readTestPlan;
+using flex::test::storeValue;
 using ::testing::HasSubstr;
 using Json = nlohmann::ordered_json;
 
 namespace {
-
-std::string readText(const std::string &name) {
-  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
 
 std::shared_ptr<const Plan> loadPlan(const std::string &text) {
   auto plan = std::make_shared<Plan>();
@@ -56,47 +49,6 @@ std::unique_ptr<Executor> makeExecutor(std::shared_ptr<const Plan> plan) {
                                    executor);
   EXPECT_TRUE(status.isOk()) << status.message();
   return executor;
-}
-
-void store(std::vector<uint8_t> &bytes, DType type, int64_t i, double value) {
-  switch (type) {
-  case DType::F32: {
-    float v = static_cast<float>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  case DType::BF16: {
-    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
-    std::memcpy(bytes.data() + 2 * i, &v, 2);
-    return;
-  }
-  case DType::F16: {
-    uint16_t v = cpu::floatToF16(static_cast<float>(value));
-    std::memcpy(bytes.data() + 2 * i, &v, 2);
-    return;
-  }
-  case DType::I32:
-    return;
-  }
-}
-
-double load(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
-  uint16_t half;
-  float single;
-  switch (type) {
-  case DType::F32:
-    std::memcpy(&single, bytes.data() + 4 * i, 4);
-    return single;
-  case DType::BF16:
-    std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return cpu::bf16ToFloat(half);
-  case DType::F16:
-    std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return cpu::f16ToFloat(half);
-  case DType::I32:
-    return 0;
-  }
-  return 0;
 }
 
 /// Caller buffers for every argument of a plan.
@@ -117,13 +69,13 @@ struct Buffers {
     ASSERT_EQ(static_cast<int64_t>(values.size()), arg(name).numElements())
         << name;
     for (size_t i = 0; i < values.size(); ++i)
-      store(data[name], arg(name).dtype, i, values[i]);
+      storeValue(data[name], arg(name).dtype, i, values[i]);
   }
   std::vector<double> get(const std::string &name) const {
     const Argument &a = arg(name);
     std::vector<double> values(a.numElements());
     for (int64_t i = 0; i < a.numElements(); ++i)
-      values[i] = load(data.at(name), a.dtype, i);
+      values[i] = loadValue(data.at(name), a.dtype, i);
     return values;
   }
   /// NaN in every output, so an element no step writes cannot pass.
@@ -237,7 +189,7 @@ void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
 /// The dropless plan with bf16 tokens and weights (router in fp32):
 /// arguments and the float intermediates of the experts become bf16.
 std::string makeBf16Plan() {
-  Json doc = Json::parse(readText("ffn_dropless_ragged_train.json"));
+  Json doc = Json::parse(readTestPlan("ffn_dropless_ragged_train.json"));
   doc["layer"]["dtype"] = "bf16";
   for (Json &arg : doc["arguments"]) {
     std::string name = arg["name"];
@@ -264,7 +216,7 @@ TEST(Executor, HandWrittenPlansMatchTheReference) {
                            "gated_bounded_infer.json",
                            "gated_fixed_train.json"}) {
     SCOPED_TRACE(name);
-    std::shared_ptr<const Plan> plan = loadPlan(readText(name));
+    std::shared_ptr<const Plan> plan = loadPlan(readTestPlan(name));
     for (size_t variant = 0; variant < plan->variants.size(); ++variant)
       for (uint64_t seed : {1, 2, 3})
         runAndCompare(plan, variant, seed, 1e-5);
@@ -278,7 +230,8 @@ TEST(Executor, Bf16PlanMatchesTheReference) {
 }
 
 TEST(Executor, RejectsBadBindings) {
-  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_fixed_train.json"));
   std::unique_ptr<Executor> executor = makeExecutor(plan);
   Buffers buffers(*plan);
   std::vector<Binding> good = buffers.bindings();
@@ -337,7 +290,8 @@ TEST(Executor, RejectsBadBindings) {
 }
 
 TEST(Executor, BackwardNeedsAForwardFirst) {
-  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_fixed_train.json"));
   std::unique_ptr<Executor> executor = makeExecutor(plan);
   Buffers buffers(*plan);
   std::vector<Binding> bindings = buffers.bindings();
@@ -356,7 +310,7 @@ TEST(Executor, BackwardNeedsAForwardFirst) {
             StatusCode::FailedPrecondition);
 
   std::shared_ptr<const Plan> inference =
-      loadPlan(readText("gated_bounded_infer.json"));
+      loadPlan(readTestPlan("gated_bounded_infer.json"));
   std::unique_ptr<Executor> inferenceExecutor = makeExecutor(inference);
   Buffers inferenceBuffers(*inference);
   std::vector<Binding> inferenceBindings = inferenceBuffers.bindings();
@@ -370,7 +324,8 @@ TEST(Executor, BackwardNeedsAForwardFirst) {
 }
 
 TEST(Executor, BackwardRunsTheVariantOfItsForward) {
-  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_fixed_train.json"));
   std::unique_ptr<Executor> executor = makeExecutor(plan);
   Buffers buffers(*plan);
   reference::LayerInputs inputs = makeInputs(plan->layer, 9);
@@ -393,7 +348,8 @@ TEST(Executor, BackwardRunsTheVariantOfItsForward) {
 }
 
 TEST(Executor, SelectsVariants) {
-  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_fixed_train.json"));
   std::unique_ptr<Executor> executor = makeExecutor(plan);
   EXPECT_EQ(executor->selectedVariant(), 0);
   EXPECT_TRUE(executor->selectVariant("ragged").isOk());
@@ -420,7 +376,8 @@ TEST(Executor, SelectsVariants) {
 }
 
 TEST(Executor, UsesTheCallersWorkspace) {
-  std::shared_ptr<const Plan> plan = loadPlan(readText("ffn_fixed_train.json"));
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_fixed_train.json"));
   std::unique_ptr<Executor> executor = makeExecutor(plan);
   int64_t bytes = executor->workspaceBytes();
   int64_t alignment = executor->workspaceAlignment();
@@ -456,7 +413,7 @@ TEST(Executor, UsesTheCallersWorkspace) {
 // NaN in an input is reported before anything runs.
 TEST(Executor, NonFiniteInputs) {
   std::shared_ptr<const Plan> plan =
-      loadPlan(readText("gated_bounded_infer.json"));
+      loadPlan(readTestPlan("gated_bounded_infer.json"));
   std::unique_ptr<Executor> executor = makeExecutor(plan);
   Buffers buffers(*plan);
   reference::LayerInputs inputs = makeInputs(plan->layer, 12);

@@ -19,47 +19,21 @@
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include "MultiRankTestSupport.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <cstdlib>
-#include <cstring>
-#include <fstream>
-#include <functional>
 #include <map>
 #include <random>
-#include <sstream>
-#include <thread>
 
 using namespace flex;
+using namespace flex::test;
 using ::testing::HasSubstr;
 using Json = nlohmann::ordered_json;
 
 namespace {
-
-std::string readText(const std::string &name) {
-  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
-
-/// Runs fn(rank) on `size` threads and joins them.
-void onRanks(int size, const std::function<void(int)> &fn) {
-  std::vector<std::thread> threads;
-  for (int r = 0; r < size; ++r)
-    threads.emplace_back(fn, r);
-  for (std::thread &thread : threads)
-    thread.join();
-}
-
-std::vector<std::shared_ptr<Communicator>> localRanks(int size) {
-  std::vector<std::shared_ptr<Communicator>> ranks;
-  Status status = createLocalCommunicators(size, ranks, /*timeout=*/30);
-  EXPECT_TRUE(status.isOk()) << status.message();
-  return ranks;
-}
 
 std::vector<uint8_t> randomBytes(size_t count, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -226,7 +200,7 @@ void setRanksPerNode(Json &doc, const Json &value) {
 }
 
 Status parseWith(const std::string &name, const Json &perNode, Plan &plan) {
-  Json doc = Json::parse(readText(name));
+  Json doc = Json::parse(readTestPlan(name));
   setRanksPerNode(doc, perNode);
   return parsePlan(doc.dump(), plan);
 }
@@ -301,42 +275,21 @@ runOnRanks(const std::shared_ptr<Plan> &plan, const std::string &variant) {
   auto ranks = localRanks(W);
   std::vector<Status> results(W);
   onRanks(W, [&](int r) {
-    std::unique_ptr<Executor> executor;
-    Status s = Executor::create(plan, createCpuBackend(), executor);
-    const size_t align = plan->workspace.alignment;
-    const size_t bytes = (plan->workspace.bytes + align - 1) / align * align;
-    std::unique_ptr<void, void (*)(void *)> workspace(
-        std::aligned_alloc(align, bytes), std::free);
-    std::memset(workspace.get(), 0, bytes);
-    if (s)
-      s = executor->setWorkspace(workspace.get(), plan->workspace.bytes);
-    if (s)
-      s = executor->setCommunicator(ranks[r]);
-    if (s)
-      s = executor->selectVariant(plan->findVariant(variant));
+    CpuRankExecutor rank;
+    Status s = rank.create(plan, ranks[r], 0);
     std::vector<Binding> bindings;
     for (auto &[name, data] : args[r])
       bindings.push_back(
           {name.c_str(), data.data(), static_cast<int64_t>(data.size())});
     if (s)
-      s = executor->forward(bindings.data(), bindings.size());
-    if (s && plan->training)
-      s = executor->backward(bindings.data(), bindings.size());
+      s = runVariant(*rank.executor, plan->findVariant(variant), bindings,
+                     plan->training);
     results[r] = s;
   });
   for (int r = 0; r < W; ++r)
     EXPECT_TRUE(results[r].isOk())
         << "rank " << r << ": " << results[r].message();
   return args;
-}
-
-struct PlanVariant {
-  const char *plan;
-  const char *variant;
-};
-
-void PrintTo(const PlanVariant &value, std::ostream *os) {
-  *os << value.plan << " variant " << value.variant;
 }
 
 class TwoDHPlan : public ::testing::TestWithParam<PlanVariant> {};
@@ -357,13 +310,6 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(PlanVariant{"mr_ffn_dropless_w4_train.json", "ep1"},
                       PlanVariant{"mr_ffn_dropless_w4_train.json", "ep2"},
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"}),
-    [](const ::testing::TestParamInfo<PlanVariant> &info) {
-      std::string name =
-          std::string(info.param.plan) + "_" + info.param.variant;
-      for (char &ch : name)
-        if (!std::isalnum(static_cast<unsigned char>(ch)))
-          ch = '_';
-      return name;
-    });
+    planVariantName);
 
 } // namespace

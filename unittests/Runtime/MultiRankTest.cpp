@@ -20,6 +20,7 @@
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include "MultiRankTestSupport.h"
 #include "ReferenceMoE.h"
 
 #include <gmock/gmock.h>
@@ -29,44 +30,19 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
-#include <sstream>
 #include <thread>
 
 using namespace flex;
+using namespace flex::test;
 using ::testing::HasSubstr;
 using Json = nlohmann::ordered_json;
 
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-std::string readText(const std::string &name) {
-  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
-
-/// Runs fn(rank) on `size` threads and joins them.
-void onRanks(int size, const std::function<void(int)> &fn) {
-  std::vector<std::thread> threads;
-  for (int r = 0; r < size; ++r)
-    threads.emplace_back(fn, r);
-  for (std::thread &thread : threads)
-    thread.join();
-}
-
-std::vector<std::shared_ptr<Communicator>> localRanks(int size,
-                                                      double timeout = 30) {
-  std::vector<std::shared_ptr<Communicator>> ranks;
-  Status status = createLocalCommunicators(size, ranks, timeout);
-  EXPECT_TRUE(status.isOk()) << status.message();
-  return ranks;
-}
 
 //===----------------------------------------------------------------------===//
 // all_to_all row mapping
@@ -498,7 +474,7 @@ TEST(MultiRankPlanLoader, LoadsAndRoundTripsEveryTestPlan) {
   for (const char *name : kMultiRankPlans) {
     SCOPED_TRACE(name);
     Plan plan;
-    Status status = parsePlan(readText(name), plan);
+    Status status = parsePlan(readTestPlan(name), plan);
     ASSERT_TRUE(status.isOk()) << status.message();
     EXPECT_GT(plan.worldSize, 1);
     EXPECT_EQ(plan.layer.experts % plan.worldSize, 0);
@@ -509,19 +485,6 @@ TEST(MultiRankPlanLoader, LoadsAndRoundTripsEveryTestPlan) {
     ASSERT_TRUE(status.isOk()) << status.message();
     EXPECT_EQ(writePlan(again), writePlan(plan));
   }
-}
-
-/// Parses `doc` after `edit`, expecting InvalidPlan with `what` in the
-/// message.
-void expectRejected(const std::string &name,
-                    const std::function<void(Json &)> &edit,
-                    const std::string &what) {
-  Json doc = Json::parse(readText(name));
-  edit(doc);
-  Plan plan;
-  Status status = parsePlan(doc.dump(), plan);
-  EXPECT_EQ(status.code(), StatusCode::InvalidPlan) << what;
-  EXPECT_THAT(status.message(), HasSubstr(what));
 }
 
 Json *findStep(Json &doc, const std::string &variant, const std::string &op,
@@ -540,23 +503,23 @@ TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
   const std::string dropless = "mr_ffn_dropless_w4_train.json";
   // E % W != 0 and W % E != 0; W % E == 0 shards each expert over W / E
   // ranks (h / s hidden units each, [1, ...] arguments).
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed, [](Json &doc) { doc["world"]["size"] = 3; },
       "3 ranks cannot hold the 4 experts whole");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed, [](Json &doc) { doc["world"]["size"] = 8; },
       "argument 'w1' has shape [2, 8, 12], which disagrees with the layer: "
       "expected [1, 8, 6]");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed, [](Json &doc) { doc["world"]["size"] = 20; },
       "hidden_dim 12 is not a multiple of s");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed, [](Json &doc) { doc["world"]["size"] = 0; },
       "world size 0 is out of range");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed, [](Json &doc) { doc["world"] = 2; }, "world");
   // Parameters are the rank's L = E / W experts.
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         for (Json &arg : doc["arguments"])
@@ -566,14 +529,14 @@ TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
       "argument 'w1' has shape [4, 8, 12], which disagrees with the layer: "
       "expected [2, 8, 12]");
   // Multi-rank plans use the padded layout.
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "dp", "gate"))["attrs"]["layout"] = "ragged";
       },
       "use the 'padded' layout");
   // Dropless on several ranks: one C before tokens move.
-  expectRejected(
+  expectRejectedAfterEdit(
       dropless,
       [](Json &doc) {
         for (Json &v : doc["variants"])
@@ -587,46 +550,46 @@ TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
       },
       "reads 'capacity' before a 'sync_capacity' step");
   // Chunks must divide the aligned capacity.
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "ep2", "gate"))["attrs"]["capacity_alignment"] = 1;
       },
       "the gate's capacity_alignment 1 is not a multiple of it");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "ep2", "all_to_all"))["attrs"]["chunk"] = 2;
       },
       "chunk 2 is out of range");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "ep1", "all_to_all"))["attrs"].erase("direction");
       },
       "missing (required by op 'all_to_all')");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "ep1", "uniform_segments"))["attrs"]["groups"] = 4;
       },
       "groups 4 disagrees with the local experts of the plan: L = E / W = 4 "
       "/ 2 = 2");
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "ep1", "uniform_segments"))["attrs"]["ranks"] = 4;
       },
       "ranks 4 disagrees with the plan's world size 2");
   // all_gather gives W times the rank's block.
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "dp", "all_gather"))["out"]["output"] = "w1";
       },
       "needs the rank's block [2, 8, 12] times W = 2");
   // Accumulating weight gradients need an earlier write.
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "ep2", "grouped_gemm_wgrad"))["attrs"]["accumulate"] =
@@ -634,7 +597,7 @@ TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
       },
       "adds into 'grad_w2', which no earlier step writes");
   // An unknown direction names the allowed ones.
-  expectRejected(
+  expectRejectedAfterEdit(
       fixed,
       [](Json &doc) {
         (*findStep(doc, "ep1", "all_to_all"))["attrs"]["direction"] = "up";
@@ -646,116 +609,9 @@ TEST(MultiRankPlanLoader, RejectsWhatTheFormatForbids) {
 // Multi-rank plans on local ranks vs the fp64 reference
 //===----------------------------------------------------------------------===//
 
-void store(std::vector<uint8_t> &bytes, DType type, int64_t i, double value) {
-  switch (type) {
-  case DType::F32: {
-    float v = static_cast<float>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  case DType::BF16:
-    reinterpret_cast<uint16_t *>(bytes.data())[i] =
-        cpu::floatToBf16(static_cast<float>(value));
-    return;
-  case DType::F16:
-    reinterpret_cast<uint16_t *>(bytes.data())[i] =
-        cpu::floatToF16(static_cast<float>(value));
-    return;
-  case DType::I32:
-    return;
-  }
-}
-
-double load(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
-  switch (type) {
-  case DType::F32:
-    return reinterpret_cast<const float *>(bytes.data())[i];
-  case DType::BF16:
-    return cpu::bf16ToFloat(
-        reinterpret_cast<const uint16_t *>(bytes.data())[i]);
-  case DType::F16:
-    return cpu::f16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
-  case DType::I32:
-    return 0;
-  }
-  return 0;
-}
-
-/// The arguments of one rank.
-struct RankBuffers {
-  std::map<std::string, std::vector<uint8_t>> data;
-  const Plan *plan = nullptr;
-
-  void init(const Plan &p) {
-    plan = &p;
-    for (const Argument &arg : p.arguments) {
-      data[arg.name].assign(arg.numBytes(), 0);
-      bool output = arg.role == ArgumentRole::Output ||
-                    arg.role == ArgumentRole::GradOutput;
-      if (output)
-        set(arg.name,
-            std::vector<double>(arg.numElements(),
-                                std::numeric_limits<double>::quiet_NaN()));
-    }
-  }
-  const Argument &arg(const std::string &name) const {
-    return plan->arguments[plan->findArgument(name)];
-  }
-  bool has(const std::string &name) const {
-    return plan->findArgument(name) >= 0;
-  }
-  void set(const std::string &name, const std::vector<double> &values) {
-    if (!has(name))
-      return;
-    ASSERT_EQ(static_cast<int64_t>(values.size()), arg(name).numElements())
-        << name;
-    for (size_t i = 0; i < values.size(); ++i)
-      store(data[name], arg(name).dtype, i, values[i]);
-  }
-  std::vector<double> get(const std::string &name) const {
-    std::vector<double> values(arg(name).numElements());
-    for (size_t i = 0; i < values.size(); ++i)
-      values[i] = load(data.at(name), arg(name).dtype, i);
-    return values;
-  }
-  std::vector<Binding> bindings() {
-    std::vector<Binding> result;
-    for (auto &[name, bytes] : data)
-      result.push_back(
-          {arg(name).name, bytes.data(), static_cast<int64_t>(bytes.size())});
-    return result;
-  }
-};
-
-/// Rank r's slice (experts r*L .. r*L+L-1) of a global [E, ...] parameter.
-std::vector<double> slice(const std::vector<double> &global, int64_t rank,
-                          int64_t world) {
-  if (global.empty())
-    return {};
-  size_t block = global.size() / world;
-  return std::vector<double>(global.begin() + rank * block,
-                             global.begin() + (rank + 1) * block);
-}
-
-struct PlanVariant {
-  const char *plan;
-  const char *variant;
-};
-
-void PrintTo(const PlanVariant &value, std::ostream *os) {
-  *os << value.plan << " variant " << value.variant;
-}
 void PrintTo(const AllToAllCase &c, std::ostream *os) {
   *os << "W=" << c.world << " L=" << c.local << " C=" << c.capacity
       << " D=" << c.chunks;
-}
-
-std::string caseName(const ::testing::TestParamInfo<PlanVariant> &info) {
-  std::string name = std::string(info.param.plan) + "_" + info.param.variant;
-  for (char &c : name)
-    if (!std::isalnum(static_cast<unsigned char>(c)))
-      c = '_';
-  return name;
 }
 
 class MultiRankRun : public ::testing::TestWithParam<PlanVariant> {};
@@ -767,7 +623,7 @@ class MultiRankRun : public ::testing::TestWithParam<PlanVariant> {};
 // summed over ranks, sliced.
 TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
   auto plan = std::make_shared<Plan>();
-  Status status = parsePlan(readText(GetParam().plan), *plan);
+  Status status = parsePlan(readTestPlan(GetParam().plan), *plan);
   ASSERT_TRUE(status.isOk()) << status.message();
   const int64_t variant = plan->findVariant(GetParam().variant);
   ASSERT_GE(variant, 0);
@@ -782,66 +638,29 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
     SCOPED_TRACE("seed " + std::to_string(seed));
     // One global layer; each rank's tokens drawn apart, away from ties.
     std::mt19937_64 rng(seed);
-    std::vector<reference::LayerInputs> inputs(W);
-    std::vector<std::vector<double>> gradOut(W);
-    reference::LayerInputs global = reference::makeRandomInputs(config, rng);
-    for (int r = 0; r < W; ++r) {
-      for (;;) {
-        inputs[r] = global;
-        inputs[r].x = reference::makeRandomInputs(config, rng).x;
-        reference::LayerRouting routing =
-            reference::referenceRouting(config, inputs[r], refOptions);
-        reference::RoutingMargins margins =
-            reference::routingMargins(config, routing);
-        if (margins.logitGap > 1e-3 &&
-            (!config.batchPrioritized || margins.priorityGap > 1e-3))
-          break;
-      }
-      std::normal_distribution<double> normal;
-      gradOut[r].resize(config.tokens * config.modelDim);
-      for (double &v : gradOut[r])
-        v = normal(rng);
-      gradOut[r] = reference::roundTo(gradOut[r], config.dtype);
-    }
+    RankInputs drawn;
+    ASSERT_TRUE(makeRankInputs(config, refOptions, W, rng, drawn));
     const double gradLAux = 0.5;
 
     std::vector<RankBuffers> buffers(W);
     for (int r = 0; r < W; ++r) {
-      RankBuffers &b = buffers[r];
-      b.init(*plan);
-      b.set("x", inputs[r].x);
-      b.set("wg", global.wg);
-      b.set("w1", slice(global.w1, r, W));
-      b.set("b1", slice(global.b1, r, W));
-      b.set("w2", slice(global.w2, r, W));
-      b.set("b2", slice(global.b2, r, W));
-      b.set("w3", slice(global.w3, r, W));
-      b.set("grad_out", gradOut[r]);
-      b.set("grad_l_aux", {gradLAux});
+      buffers[r].init(*plan);
+      auto slice = [&](const char *, const std::vector<double> &global) {
+        return expertSlice(global, r, W);
+      };
+      for (const auto &[name, values] :
+           rankArgumentValues(drawn, r, gradLAux, slice))
+        buffers[r].set(name, values);
     }
     auto ranks = localRanks(W);
     std::vector<Status> results(W);
     onRanks(W, [&](int r) {
-      std::unique_ptr<Executor> executor;
-      Status s = Executor::create(plan, createCpuBackend(), executor);
-      // A workspace of NaN bytes: a padding row no step zeroes would reach
-      // the GEMMs over whole capacity blocks and show.
-      const size_t align = plan->workspace.alignment;
-      const size_t bytes = (plan->workspace.bytes + align - 1) / align * align;
-      std::unique_ptr<void, void (*)(void *)> workspace(
-          std::aligned_alloc(align, bytes), std::free);
-      std::memset(workspace.get(), 0xff, bytes);
-      if (s)
-        s = executor->setWorkspace(workspace.get(), plan->workspace.bytes);
-      if (s)
-        s = executor->setCommunicator(ranks[r]);
-      if (s)
-        s = executor->selectVariant(variant);
+      // A workspace of NaN bytes.
+      CpuRankExecutor rank;
+      Status s = rank.create(plan, ranks[r], 0xff);
       std::vector<Binding> bindings = buffers[r].bindings();
       if (s)
-        s = executor->forward(bindings.data(), bindings.size());
-      if (s && plan->training)
-        s = executor->backward(bindings.data(), bindings.size());
+        s = runVariant(*rank.executor, variant, bindings, plan->training);
       results[r] = s;
     });
     for (int r = 0; r < W; ++r)
@@ -849,26 +668,11 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
           << "rank " << r << ": " << results[r].message();
 
     const double tolerance = config.dtype == DType::F32 ? 1e-5 : 2e-2;
-    std::vector<reference::LayerForward> forward(W);
-    std::vector<reference::LayerGradients> grads(W);
-    reference::LayerGradients sum;
-    for (int r = 0; r < W; ++r) {
-      if (plan->training)
-        grads[r] = reference::referenceBackward(
-            config, inputs[r], gradOut[r], gradLAux, refOptions, &forward[r]);
-      else
-        forward[r] = reference::referenceForward(config, inputs[r], refOptions);
-      auto add = [](std::vector<double> &to, const std::vector<double> &v) {
-        to.resize(v.size(), 0.0);
-        for (size_t i = 0; i < v.size(); ++i)
-          to[i] += v[i];
-      };
-      add(sum.w1, grads[r].w1);
-      add(sum.b1, grads[r].b1);
-      add(sum.w2, grads[r].w2);
-      add(sum.b2, grads[r].b2);
-      add(sum.w3, grads[r].w3);
-    }
+    const RankReference ref =
+        referenceOnRanks(config, refOptions, drawn, gradLAux, plan->training);
+    const std::vector<reference::LayerForward> &forward = ref.forward;
+    const std::vector<reference::LayerGradients> &grads = ref.grads;
+    const reference::LayerGradients &sum = ref.expertSum;
     for (int r = 0; r < W; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));
       const RankBuffers &b = buffers[r];
@@ -888,8 +692,9 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
           {"grad_w3", &sum.w3}};
       for (auto [name, want] : experts)
         if (b.has(name)) {
-          EXPECT_LE(reference::relativeL2(b.get(name), slice(*want, r, W)),
-                    tolerance)
+          EXPECT_LE(
+              reference::relativeL2(b.get(name), expertSlice(*want, r, W)),
+              tolerance)
               << name;
         }
     }
@@ -911,7 +716,7 @@ INSTANTIATE_TEST_SUITE_P(
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep1"},
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"},
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "dp"}),
-    caseName);
+    planVariantName);
 
 //===----------------------------------------------------------------------===//
 // Executor rules
@@ -919,7 +724,8 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(MultiRankExecutor, NeedsACommunicatorOfTheWorldSize) {
   auto plan = std::make_shared<Plan>();
-  ASSERT_TRUE(parsePlan(readText("mr_ffn_fixed_w4_infer.json"), *plan).isOk());
+  ASSERT_TRUE(
+      parsePlan(readTestPlan("mr_ffn_fixed_w4_infer.json"), *plan).isOk());
   std::unique_ptr<Executor> executor;
   ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
   EXPECT_EQ(executor->communicator(), nullptr);
@@ -941,7 +747,7 @@ TEST(MultiRankExecutor, NeedsACommunicatorOfTheWorldSize) {
 
 TEST(MultiRankExecutor, OneRankPlansStartWithTheSelfCommunicator) {
   auto plan = std::make_shared<Plan>();
-  ASSERT_TRUE(parsePlan(readText("ffn_fixed_train.json"), *plan).isOk());
+  ASSERT_TRUE(parsePlan(readTestPlan("ffn_fixed_train.json"), *plan).isOk());
   std::unique_ptr<Executor> executor;
   ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
   ASSERT_NE(executor->communicator(), nullptr);
@@ -955,7 +761,8 @@ TEST(MultiRankExecutor, OneRankPlansStartWithTheSelfCommunicator) {
 // named, instead of hanging.
 TEST(MultiRankExecutor, ACollectiveTimeoutNamesTheStep) {
   auto plan = std::make_shared<Plan>();
-  ASSERT_TRUE(parsePlan(readText("mr_ffn_fixed_w2_train.json"), *plan).isOk());
+  ASSERT_TRUE(
+      parsePlan(readTestPlan("mr_ffn_fixed_w2_train.json"), *plan).isOk());
   auto ranks = localRanks(2, /*timeout=*/0.3);
   std::unique_ptr<Executor> executor;
   ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());

@@ -13,28 +13,24 @@
 
 #include "flex/Runtime/PlanLoader.h"
 
+#include "MultiRankTestSupport.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 #include <random>
-#include <sstream>
 
 using namespace flex;
+using flex::test::readTestPlan;
 using Json = nlohmann::ordered_json;
 using ::testing::HasSubstr;
 
 namespace {
 
-std::string readText(const std::string &name) {
-  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
+Json readJson(const std::string &name) {
+  return Json::parse(readTestPlan(name));
 }
-
-Json readJson(const std::string &name) { return Json::parse(readText(name)); }
 
 /// Parses `doc` and expects rejection with a message containing each of
 /// `parts`.
@@ -68,12 +64,12 @@ TEST(PlanLoader, AcceptsHandWrittenPlans) {
     Plan plan;
     PlanCheckOptions options;
     options.checkWorkspaceOverlap = true;
-    Status status = parsePlan(readText(name), plan, options);
+    Status status = parsePlan(readTestPlan(name), plan, options);
     ASSERT_TRUE(status.isOk()) << name << ": " << status.message();
     EXPECT_FALSE(plan.variants.empty());
   }
   Plan plan;
-  ASSERT_TRUE(parsePlan(readText("ffn_fixed_train.json"), plan).isOk());
+  ASSERT_TRUE(parsePlan(readTestPlan("ffn_fixed_train.json"), plan).isOk());
   EXPECT_EQ(plan.layer.tokens, 8);
   EXPECT_EQ(plan.layer.topK, 2);
   EXPECT_TRUE(plan.training);
@@ -102,7 +98,7 @@ TEST(PlanLoader, LoadsFromFileAndReportsMissingFile) {
 TEST(PlanLoader, WriteThenReadGivesThePlanBack) {
   for (const char *name : kPlans) {
     Plan plan;
-    ASSERT_TRUE(parsePlan(readText(name), plan).isOk()) << name;
+    ASSERT_TRUE(parsePlan(readTestPlan(name), plan).isOk()) << name;
     plan.variants[0].measuredUs = 12.5;
     std::string written = writePlan(plan);
     Plan again;
@@ -121,7 +117,7 @@ TEST(PlanLoader, WriteThenReadGivesThePlanBack) {
 
 TEST(PlanLoader, VerifiesPlansBuiltInMemory) {
   Plan plan;
-  ASSERT_TRUE(parsePlan(readText("gated_bounded_infer.json"), plan).isOk());
+  ASSERT_TRUE(parsePlan(readTestPlan("gated_bounded_infer.json"), plan).isOk());
   EXPECT_TRUE(verifyPlan(plan).isOk());
   plan.arguments[0].shape = {3, 3};
   Status status = verifyPlan(plan);
@@ -139,7 +135,7 @@ TEST(PlanLoader, RejectsTextThatIsNotJson) {
 }
 
 TEST(PlanLoader, RejectsTruncatedDocument) {
-  std::string text = readText("ffn_fixed_train.json");
+  std::string text = readTestPlan("ffn_fixed_train.json");
   Plan plan;
   Status status = parsePlan(text.substr(0, text.size() / 2), plan);
   EXPECT_EQ(status.code(), StatusCode::InvalidPlan);
@@ -401,7 +397,7 @@ TEST(PlanLoader, OverlapCheckIsOnRequest) {
 // Damaged documents (cut anywhere, bytes flipped) give a Status, never a
 // crash or an exception.
 TEST(PlanLoader, SurvivesDamagedDocuments) {
-  std::string text = readText("ffn_dropless_ragged_train.json");
+  std::string text = readTestPlan("ffn_dropless_ragged_train.json");
   Plan plan;
   for (size_t cut = 0; cut < text.size(); cut += 37)
     EXPECT_FALSE(parsePlan(text.substr(0, cut), plan).isOk());

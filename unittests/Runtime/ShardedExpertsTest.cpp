@@ -17,46 +17,27 @@
 
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
-#include "flex/Runtime/Cpu/Half.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/ExpertSlices.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include "MultiRankTestSupport.h"
 #include "ReferenceMoE.h"
 
-#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <cstdlib>
-#include <cstring>
-#include <fstream>
 #include <functional>
 #include <iostream>
 #include <limits>
 #include <map>
 #include <random>
-#include <sstream>
-#include <thread>
 
 using namespace flex;
-using ::testing::HasSubstr;
+using namespace flex::test;
 using Json = nlohmann::ordered_json;
 
 namespace {
-
-std::string readText(const std::string &name) {
-  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
-
-uint64_t runSeed() {
-  if (const char *fixed = std::getenv("FLEX_TEST_SEED"))
-    return std::strtoull(fixed, nullptr, 10);
-  return std::random_device{}();
-}
 
 const char *const kShardPlans[] = {
     "mr_shard_ffn_e1_w2_train.json", "mr_shard_gated_e2_w4_train.json",
@@ -210,7 +191,7 @@ TEST(ShardedPlanLoader, LoadsAndRoundTripsEveryShardPlan) {
   for (const char *name : kShardPlans) {
     SCOPED_TRACE(name);
     Plan plan;
-    Status status = parsePlan(readText(name), plan, {true});
+    Status status = parsePlan(readTestPlan(name), plan, {true});
     ASSERT_TRUE(status.isOk()) << status.message();
     EXPECT_GT(plan.shards(), 1);
     EXPECT_EQ(plan.layer.experts * plan.shards(), plan.worldSize);
@@ -235,17 +216,6 @@ Json *findStep(Json &doc, const std::string &op) {
   return nullptr;
 }
 
-void expectRejected(const std::string &name,
-                    const std::function<void(Json &)> &edit,
-                    const std::string &what) {
-  Json doc = Json::parse(readText(name));
-  edit(doc);
-  Plan plan;
-  Status status = parsePlan(doc.dump(), plan);
-  EXPECT_EQ(status.code(), StatusCode::InvalidPlan) << what;
-  EXPECT_THAT(status.message(), HasSubstr(what));
-}
-
 /// The first step of `op` with a group_size (a grouped collective).
 Json *findGroupedStep(Json &doc, const std::string &op) {
   for (Json &v : doc["variants"])
@@ -261,31 +231,31 @@ Json *findGroupedStep(Json &doc, const std::string &op) {
 // take a group.
 TEST(ShardedPlanLoader, RejectsGroupsThatDoNotPartitionTheRanks) {
   const std::string plan = "mr_shard_ffn_e1_w4_train.json";
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findGroupedStep(doc, "all_to_all"))["attrs"]["group_size"] = 3;
       },
       "do not partition the plan's world size 4");
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findGroupedStep(doc, "all_to_all"))["attrs"]["group_stride"] = 0;
       },
       "group_stride >= 1");
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findGroupedStep(doc, "all_gather"))["attrs"]["group_size"] = 4;
       },
       "times group_size = 4 in the first dimension");
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findGroupedStep(doc, "all_to_all"))["attrs"]["ranks_per_node"] = 2;
       },
       "a grouped all_to_all (group_size 2) is flat");
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findStep(doc, "dispatch"))["attrs"]["group_size"] = 2;
@@ -295,33 +265,33 @@ TEST(ShardedPlanLoader, RejectsGroupsThatDoNotPartitionTheRanks) {
 
 TEST(ShardedPlanLoader, RejectsInconsistentShards) {
   const std::string plan = "mr_shard_ffn_e1_w2_train.json";
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findStep(doc, "shard_routing"))["attrs"]["shards"] = 4;
       },
       "shards 4 disagrees with the plan: s = W / E = 2 / 1 = 2");
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findStep(doc, "shard_routing"))["attrs"].erase("shards");
       },
       "missing (required by op 'shard_routing')");
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         (*findStep(doc, "shard_routing_backward"))["attrs"]["shards"] = 1;
       },
       "shards 1 disagrees with the plan");
   // Dispatch of a sharded plan reads the routing over the shards.
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         Json &dispatch = *findStep(doc, "dispatch");
         dispatch["in"]["indices"] = (*findStep(doc, "gate"))["out"]["indices"];
       },
       "indices [T, k * s] i32 (k * s = 2");
-  expectRejected(
+  expectRejectedAfterEdit(
       plan,
       [](Json &doc) {
         for (Json &v : doc["variants"])
@@ -332,7 +302,7 @@ TEST(ShardedPlanLoader, RejectsInconsistentShards) {
       },
       "bias_scale 0 is out of range");
   // shard_routing needs E < W.
-  expectRejected(
+  expectRejectedAfterEdit(
       "mr_ffn_fixed_w2_train.json",
       [](Json &doc) {
         Json step = {{"op", "shard_routing_backward"},
@@ -348,89 +318,6 @@ TEST(ShardedPlanLoader, RejectsInconsistentShards) {
 // Plans on local ranks vs the reference
 //===----------------------------------------------------------------------===//
 
-void store(std::vector<uint8_t> &bytes, DType type, int64_t i, double value) {
-  switch (type) {
-  case DType::F32: {
-    float v = static_cast<float>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  case DType::BF16:
-    reinterpret_cast<uint16_t *>(bytes.data())[i] =
-        cpu::floatToBf16(static_cast<float>(value));
-    return;
-  case DType::F16:
-    reinterpret_cast<uint16_t *>(bytes.data())[i] =
-        cpu::floatToF16(static_cast<float>(value));
-    return;
-  case DType::I32:
-    return;
-  }
-}
-
-double load(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
-  switch (type) {
-  case DType::F32:
-    return reinterpret_cast<const float *>(bytes.data())[i];
-  case DType::BF16:
-    return cpu::bf16ToFloat(
-        reinterpret_cast<const uint16_t *>(bytes.data())[i]);
-  case DType::F16:
-    return cpu::f16ToFloat(reinterpret_cast<const uint16_t *>(bytes.data())[i]);
-  case DType::I32:
-    return 0;
-  }
-  return 0;
-}
-
-/// The arguments of one rank, by name.
-struct RankBuffers {
-  std::map<std::string, std::vector<uint8_t>> data;
-  const Plan *plan = nullptr;
-
-  const Argument &arg(const std::string &name) const {
-    return plan->arguments[plan->findArgument(name)];
-  }
-  bool has(const std::string &name) const {
-    return plan->findArgument(name) >= 0;
-  }
-  void init(const Plan &p) {
-    plan = &p;
-    for (const Argument &a : p.arguments)
-      data[a.name].assign(a.numBytes(), 0);
-    poison();
-  }
-  /// Outputs start as NaN: an element no step writes cannot pass.
-  void poison() {
-    for (const Argument &a : plan->arguments)
-      if (a.role == ArgumentRole::Output || a.role == ArgumentRole::GradOutput)
-        set(a.name,
-            std::vector<double>(a.numElements(),
-                                std::numeric_limits<double>::quiet_NaN()));
-  }
-  void set(const std::string &name, const std::vector<double> &values) {
-    if (!has(name))
-      return;
-    ASSERT_EQ(static_cast<int64_t>(values.size()), arg(name).numElements())
-        << name;
-    for (size_t i = 0; i < values.size(); ++i)
-      store(data[name], arg(name).dtype, i, values[i]);
-  }
-  std::vector<double> get(const std::string &name) const {
-    std::vector<double> values(arg(name).numElements());
-    for (size_t i = 0; i < values.size(); ++i)
-      values[i] = load(data.at(name), arg(name).dtype, i);
-    return values;
-  }
-  std::vector<Binding> bindings() {
-    std::vector<Binding> result;
-    for (auto &[name, bytes] : data)
-      result.push_back(
-          {arg(name).name, bytes.data(), static_cast<int64_t>(bytes.size())});
-    return result;
-  }
-};
-
 class ShardedRun : public ::testing::TestWithParam<const char *> {};
 
 // One executor per rank runs every variant in turn on the same bindings, then
@@ -440,7 +327,7 @@ class ShardedRun : public ::testing::TestWithParam<const char *> {};
 // the same bytes as its first run, and no input changes.
 TEST_P(ShardedRun, EveryVariantMatchesTheReferenceAndSwitchingIsFree) {
   auto plan = std::make_shared<Plan>();
-  Status status = parsePlan(readText(GetParam()), *plan);
+  Status status = parsePlan(readTestPlan(GetParam()), *plan);
   ASSERT_TRUE(status.isOk()) << status.message();
   const int W = static_cast<int>(plan->worldSize);
   const LayerConfig &config = plan->layer;
@@ -453,43 +340,19 @@ TEST_P(ShardedRun, EveryVariantMatchesTheReferenceAndSwitchingIsFree) {
   std::mt19937_64 rng(seed);
 
   // One global layer; each rank's tokens drawn apart, away from ties.
-  reference::LayerInputs global = reference::makeRandomInputs(config, rng);
-  std::vector<reference::LayerInputs> inputs(W);
-  std::vector<std::vector<double>> gradOut(W);
-  for (int r = 0; r < W; ++r) {
-    for (int attempt = 0;; ++attempt) {
-      ASSERT_LT(attempt, 1000) << "no tie-free tokens";
-      inputs[r] = global;
-      inputs[r].x = reference::makeRandomInputs(config, rng).x;
-      reference::RoutingMargins margins = reference::routingMargins(
-          config, reference::referenceRouting(config, inputs[r], refOptions));
-      if (margins.logitGap > 1e-3 &&
-          (!config.batchPrioritized || margins.priorityGap > 1e-3))
-        break;
-    }
-    std::normal_distribution<double> normal;
-    gradOut[r].resize(config.tokens * config.modelDim);
-    for (double &v : gradOut[r])
-      v = normal(rng);
-    gradOut[r] = reference::roundTo(gradOut[r], config.dtype);
-  }
+  RankInputs drawn;
+  ASSERT_TRUE(makeRankInputs(config, refOptions, W, rng, drawn));
   const double gradLAux = 0.5;
   std::vector<RankBuffers> buffers(W);
   for (int r = 0; r < W; ++r) {
-    RankBuffers &b = buffers[r];
-    b.init(*plan);
-    b.set("x", inputs[r].x);
-    b.set("wg", global.wg);
-    for (auto [name, values] :
-         {std::pair<const char *, const std::vector<double> *>{"w1",
-                                                               &global.w1},
-          {"b1", &global.b1},
-          {"w2", &global.w2},
-          {"b2", &global.b2},
-          {"w3", &global.w3}})
-      b.set(name, sliceExpertParameter(config, W, r, name, *values));
-    b.set("grad_out", gradOut[r]);
-    b.set("grad_l_aux", {gradLAux});
+    buffers[r].init(*plan);
+    // Rank r's shard of expert r / s.
+    auto slice = [&](const char *name, const std::vector<double> &global) {
+      return sliceExpertParameter(config, W, r, name, global);
+    };
+    for (const auto &[name, values] :
+         rankArgumentValues(drawn, r, gradLAux, slice))
+      buffers[r].set(name, values);
   }
   std::vector<std::map<std::string, std::vector<uint8_t>>> inputsBefore(W);
   for (int r = 0; r < W; ++r)
@@ -498,23 +361,8 @@ TEST_P(ShardedRun, EveryVariantMatchesTheReferenceAndSwitchingIsFree) {
         inputsBefore[r][a.name] = buffers[r].data[a.name];
 
   // The reference per rank; expert gradients summed over ranks.
-  std::vector<reference::LayerForward> forward(W);
-  std::vector<reference::LayerGradients> grads(W);
-  reference::LayerGradients sum;
-  for (int r = 0; r < W; ++r) {
-    grads[r] = reference::referenceBackward(config, inputs[r], gradOut[r],
-                                            gradLAux, refOptions, &forward[r]);
-    for (auto field :
-         {&reference::LayerGradients::w1, &reference::LayerGradients::b1,
-          &reference::LayerGradients::w2, &reference::LayerGradients::b2,
-          &reference::LayerGradients::w3}) {
-      std::vector<double> &to = sum.*field;
-      const std::vector<double> &v = grads[r].*field;
-      to.resize(v.size(), 0.0);
-      for (size_t i = 0; i < v.size(); ++i)
-        to[i] += v[i];
-    }
-  }
+  const RankReference want =
+      referenceOnRanks(config, refOptions, drawn, gradLAux, /*training=*/true);
 
   // Variants 0, 1, ..., n-1, then 0 again.
   const size_t numVariants = plan->variants.size();
@@ -522,43 +370,26 @@ TEST_P(ShardedRun, EveryVariantMatchesTheReferenceAndSwitchingIsFree) {
   std::vector<std::vector<std::map<std::string, std::vector<uint8_t>>>> results(
       W, std::vector<std::map<std::string, std::vector<uint8_t>>>(numVariants +
                                                                   1));
-  std::vector<std::shared_ptr<Communicator>> ranks;
-  ASSERT_TRUE(createLocalCommunicators(W, ranks, 30).isOk());
+  auto ranks = localRanks(W);
+  ASSERT_EQ(static_cast<int>(ranks.size()), W);
   std::vector<std::string> failures(W);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r)
-    threads.emplace_back([&, r] {
-      std::unique_ptr<Executor> executor;
-      Status s = Executor::create(plan, createCpuBackend(), executor);
-      // A workspace of NaN bytes: a padding row no step zeroes would reach
-      // the GEMMs over whole capacity blocks and show.
-      const size_t align = plan->workspace.alignment;
-      const size_t bytes = (plan->workspace.bytes + align - 1) / align * align;
-      std::unique_ptr<void, void (*)(void *)> workspace(
-          std::aligned_alloc(align, bytes), std::free);
-      std::memset(workspace.get(), 0xff, bytes);
-      if (s)
-        s = executor->setWorkspace(workspace.get(), plan->workspace.bytes);
-      if (s)
-        s = executor->setCommunicator(ranks[r]);
-      for (size_t run = 0; s && run <= numVariants; ++run) {
-        size_t v = run % numVariants;
-        buffers[r].poison();
-        std::vector<Binding> bindings = buffers[r].bindings();
-        s = executor->selectVariant(static_cast<int64_t>(v));
-        if (s)
-          s = executor->forward(bindings.data(), bindings.size());
-        if (s)
-          s = executor->backward(bindings.data(), bindings.size());
-        if (!s)
-          failures[r] = plan->variants[v].name + ": " + s.message();
-        results[r][run] = buffers[r].data;
-      }
-      if (!s && failures[r].empty())
-        failures[r] = s.message();
-    });
-  for (std::thread &thread : threads)
-    thread.join();
+  onRanks(W, [&](int r) {
+    // A workspace of NaN bytes.
+    CpuRankExecutor rank;
+    Status s = rank.create(plan, ranks[r], 0xff);
+    for (size_t run = 0; s && run <= numVariants; ++run) {
+      size_t v = run % numVariants;
+      buffers[r].poison();
+      std::vector<Binding> bindings = buffers[r].bindings();
+      s = runVariant(*rank.executor, static_cast<int64_t>(v), bindings,
+                     /*backward=*/true);
+      if (!s)
+        failures[r] = plan->variants[v].name + ": " + s.message();
+      results[r][run] = buffers[r].data;
+    }
+    if (!s && failures[r].empty())
+      failures[r] = s.message();
+  });
   for (int r = 0; r < W; ++r)
     ASSERT_TRUE(failures[r].empty()) << "rank " << r << ": " << failures[r];
 
@@ -569,22 +400,27 @@ TEST_P(ShardedRun, EveryVariantMatchesTheReferenceAndSwitchingIsFree) {
                    plan->variants[v].name);
       RankBuffers b = buffers[r];
       b.data = results[r][v];
-      auto check = [&](const char *name, const std::vector<double> &want) {
+      auto check = [&](const char *name, const std::vector<double> &ref) {
         if (!b.has(name))
           return;
-        double floor = reference::normL2(want) == 0.0 ? 1.0 : 0.0;
-        EXPECT_LE(reference::relativeL2(b.get(name), want, floor), tolerance)
+        double floor = reference::normL2(ref) == 0.0 ? 1.0 : 0.0;
+        EXPECT_LE(reference::relativeL2(b.get(name), ref, floor), tolerance)
             << name;
       };
-      check("out", forward[r].out);
-      check("l_aux", {forward[r].lAux});
-      check("grad_x", grads[r].x);
-      check("grad_wg", grads[r].wg);
-      check("grad_w1", sliceExpertParameter(config, W, r, "w1", sum.w1));
-      check("grad_b1", sliceExpertParameter(config, W, r, "b1", sum.b1));
-      check("grad_w2", sliceExpertParameter(config, W, r, "w2", sum.w2));
-      check("grad_b2", sliceExpertParameter(config, W, r, "b2", sum.b2));
-      check("grad_w3", sliceExpertParameter(config, W, r, "w3", sum.w3));
+      check("out", want.forward[r].out);
+      check("l_aux", {want.forward[r].lAux});
+      check("grad_x", want.grads[r].x);
+      check("grad_wg", want.grads[r].wg);
+      check("grad_w1",
+            sliceExpertParameter(config, W, r, "w1", want.expertSum.w1));
+      check("grad_b1",
+            sliceExpertParameter(config, W, r, "b1", want.expertSum.b1));
+      check("grad_w2",
+            sliceExpertParameter(config, W, r, "w2", want.expertSum.w2));
+      check("grad_b2",
+            sliceExpertParameter(config, W, r, "b2", want.expertSum.b2));
+      check("grad_w3",
+            sliceExpertParameter(config, W, r, "w3", want.expertSum.w3));
     }
     // Back to variant 0: the same bytes; the inputs never changed.
     for (const auto &[name, bytes] : results[r][0])

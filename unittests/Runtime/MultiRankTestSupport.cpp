@@ -1,0 +1,269 @@
+//===- MultiRankTestSupport.cpp - Helpers of the multi-rank tests ---------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+
+#include "MultiRankTestSupport.h"
+
+#include "flex/Runtime/Backend.h"
+#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include <gmock/gmock.h>
+
+#include <cctype>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <thread>
+
+namespace flex::test {
+
+std::string readTestPlan(const std::string &name) {
+  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+uint64_t runSeed() {
+  if (const char *fixed = std::getenv("FLEX_TEST_SEED"))
+    return std::strtoull(fixed, nullptr, 10);
+  return std::random_device{}();
+}
+
+void onRanks(int size, const std::function<void(int)> &fn) {
+  std::vector<std::thread> threads;
+  for (int r = 0; r < size; ++r)
+    threads.emplace_back(fn, r);
+  for (std::thread &thread : threads)
+    thread.join();
+}
+
+std::vector<std::shared_ptr<Communicator>> localRanks(int size,
+                                                      double timeout) {
+  std::vector<std::shared_ptr<Communicator>> ranks;
+  Status status = createLocalCommunicators(size, ranks, timeout);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return ranks;
+}
+
+void storeValue(std::vector<uint8_t> &bytes, DType type, int64_t i,
+                double value) {
+  switch (type) {
+  case DType::F32: {
+    float v = static_cast<float>(value);
+    std::memcpy(bytes.data() + 4 * i, &v, 4);
+    return;
+  }
+  case DType::BF16: {
+    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
+    std::memcpy(bytes.data() + 2 * i, &v, 2);
+    return;
+  }
+  case DType::F16: {
+    uint16_t v = cpu::floatToF16(static_cast<float>(value));
+    std::memcpy(bytes.data() + 2 * i, &v, 2);
+    return;
+  }
+  case DType::I32:
+    return;
+  }
+}
+
+double loadValue(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
+  uint16_t half;
+  float single;
+  switch (type) {
+  case DType::F32:
+    std::memcpy(&single, bytes.data() + 4 * i, 4);
+    return single;
+  case DType::BF16:
+    std::memcpy(&half, bytes.data() + 2 * i, 2);
+    return cpu::bf16ToFloat(half);
+  case DType::F16:
+    std::memcpy(&half, bytes.data() + 2 * i, 2);
+    return cpu::f16ToFloat(half);
+  case DType::I32:
+    return 0;
+  }
+  return 0;
+}
+
+void RankBuffers::init(const Plan &p) {
+  plan = &p;
+  for (const Argument &a : p.arguments)
+    data[a.name].assign(a.numBytes(), 0);
+  poison();
+}
+
+void RankBuffers::poison() {
+  for (const Argument &a : plan->arguments)
+    if (a.role == ArgumentRole::Output || a.role == ArgumentRole::GradOutput)
+      set(a.name,
+          std::vector<double>(a.numElements(),
+                              std::numeric_limits<double>::quiet_NaN()));
+}
+
+void RankBuffers::set(const std::string &name,
+                      const std::vector<double> &values) {
+  if (!has(name))
+    return;
+  ASSERT_EQ(static_cast<int64_t>(values.size()), arg(name).numElements())
+      << name;
+  for (size_t i = 0; i < values.size(); ++i)
+    storeValue(data[name], arg(name).dtype, i, values[i]);
+}
+
+std::vector<double> RankBuffers::get(const std::string &name) const {
+  std::vector<double> values(arg(name).numElements());
+  for (size_t i = 0; i < values.size(); ++i)
+    values[i] = loadValue(data.at(name), arg(name).dtype, i);
+  return values;
+}
+
+std::vector<Binding> RankBuffers::bindings() {
+  std::vector<Binding> result;
+  for (auto &[name, bytes] : data)
+    result.push_back(
+        {arg(name).name, bytes.data(), static_cast<int64_t>(bytes.size())});
+  return result;
+}
+
+std::vector<double> expertSlice(const std::vector<double> &global, int64_t rank,
+                                int64_t world) {
+  if (global.empty())
+    return {};
+  size_t block = global.size() / world;
+  return std::vector<double>(global.begin() + rank * block,
+                             global.begin() + (rank + 1) * block);
+}
+
+void PrintTo(const PlanVariant &value, std::ostream *os) {
+  *os << value.plan << " variant " << value.variant;
+}
+
+std::string planVariantName(const ::testing::TestParamInfo<PlanVariant> &info) {
+  std::string name = std::string(info.param.plan) + "_" + info.param.variant;
+  for (char &c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)))
+      c = '_';
+  return name;
+}
+
+bool makeRankInputs(const LayerConfig &config,
+                    const reference::ReferenceOptions &options, int world,
+                    std::mt19937_64 &rng, RankInputs &result) {
+  result.global = reference::makeRandomInputs(config, rng);
+  result.inputs.assign(world, {});
+  result.gradOut.assign(world, {});
+  for (int r = 0; r < world; ++r) {
+    for (int attempt = 0;; ++attempt) {
+      if (attempt == 1000) {
+        ADD_FAILURE() << "no tie-free tokens for rank " << r;
+        return false;
+      }
+      result.inputs[r] = result.global;
+      result.inputs[r].x = reference::makeRandomInputs(config, rng).x;
+      reference::RoutingMargins margins = reference::routingMargins(
+          config,
+          reference::referenceRouting(config, result.inputs[r], options));
+      if (margins.logitGap > 1e-3 &&
+          (!config.batchPrioritized || margins.priorityGap > 1e-3))
+        break;
+    }
+    std::normal_distribution<double> normal;
+    std::vector<double> &gradOut = result.gradOut[r];
+    gradOut.resize(config.tokens * config.modelDim);
+    for (double &v : gradOut)
+      v = normal(rng);
+    gradOut = reference::roundTo(gradOut, config.dtype);
+  }
+  return true;
+}
+
+RankReference referenceOnRanks(const LayerConfig &config,
+                               const reference::ReferenceOptions &options,
+                               const RankInputs &inputs, double gradLAux,
+                               bool training) {
+  const size_t world = inputs.inputs.size();
+  RankReference result;
+  result.forward.resize(world);
+  result.grads.resize(world);
+  for (size_t r = 0; r < world; ++r) {
+    if (training)
+      result.grads[r] = reference::referenceBackward(
+          config, inputs.inputs[r], inputs.gradOut[r], gradLAux, options,
+          &result.forward[r]);
+    else
+      result.forward[r] =
+          reference::referenceForward(config, inputs.inputs[r], options);
+    for (auto field :
+         {&reference::LayerGradients::w1, &reference::LayerGradients::b1,
+          &reference::LayerGradients::w2, &reference::LayerGradients::b2,
+          &reference::LayerGradients::w3}) {
+      std::vector<double> &to = result.expertSum.*field;
+      const std::vector<double> &v = result.grads[r].*field;
+      to.resize(v.size(), 0.0);
+      for (size_t i = 0; i < v.size(); ++i)
+        to[i] += v[i];
+    }
+  }
+  return result;
+}
+
+std::map<std::string, std::vector<double>>
+rankArgumentValues(const RankInputs &inputs, int r, double gradLAux,
+                   const ExpertSliceFn &slice) {
+  const reference::LayerInputs &global = inputs.global;
+  return {
+      {"x", inputs.inputs[r].x},      {"wg", global.wg},
+      {"w1", slice("w1", global.w1)}, {"b1", slice("b1", global.b1)},
+      {"w2", slice("w2", global.w2)}, {"b2", slice("b2", global.b2)},
+      {"w3", slice("w3", global.w3)}, {"grad_out", inputs.gradOut[r]},
+      {"grad_l_aux", {gradLAux}},
+  };
+}
+
+Status CpuRankExecutor::create(std::shared_ptr<const Plan> plan,
+                               std::shared_ptr<Communicator> comm,
+                               uint8_t workspaceFill) {
+  const size_t align = plan->workspace.alignment;
+  const size_t bytes = (plan->workspace.bytes + align - 1) / align * align;
+  workspace.reset(std::aligned_alloc(align, bytes));
+  std::memset(workspace.get(), workspaceFill, bytes);
+  const int64_t workspaceBytes = plan->workspace.bytes;
+  Status s = Executor::create(std::move(plan), createCpuBackend(), executor);
+  if (s)
+    s = executor->setWorkspace(workspace.get(), workspaceBytes);
+  if (s)
+    s = executor->setCommunicator(std::move(comm));
+  return s;
+}
+
+Status runVariant(Executor &executor, int64_t variant,
+                  std::vector<Binding> &bindings, bool backward) {
+  Status s = executor.selectVariant(variant);
+  if (s)
+    s = executor.forward(bindings.data(), bindings.size());
+  if (s && backward)
+    s = executor.backward(bindings.data(), bindings.size());
+  return s;
+}
+
+void expectRejectedAfterEdit(
+    const std::string &name,
+    const std::function<void(nlohmann::ordered_json &)> &edit,
+    const std::string &what) {
+  nlohmann::ordered_json doc =
+      nlohmann::ordered_json::parse(readTestPlan(name));
+  edit(doc);
+  Plan plan;
+  Status status = parsePlan(doc.dump(), plan);
+  EXPECT_EQ(status.code(), StatusCode::InvalidPlan) << what;
+  EXPECT_THAT(status.message(), ::testing::HasSubstr(what));
+}
+
+} // namespace flex::test

@@ -1,0 +1,179 @@
+//===- MultiRankTestSupport.h - Helpers of the multi-rank tests -*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares what the tests that run plans on several ranks share:
+// the test plans, W ranks as W threads with local communicators, typed host
+// buffers of a plan's arguments, per-rank inputs and the fp64 reference per
+// rank, and a CPU executor per rank. Host-only, so the GPU tests use it too.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef UNITTESTS_RUNTIME_MULTIRANKTESTSUPPORT_H
+#define UNITTESTS_RUNTIME_MULTIRANKTESTSUPPORT_H
+
+#include "flex/Runtime/Comm/Communicator.h"
+#include "flex/Runtime/Executor.h"
+#include "flex/Runtime/Plan.h"
+
+#include "ReferenceMoE.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace flex::test {
+
+/// The text of unittests/Runtime/plans/<name>.
+std::string readTestPlan(const std::string &name);
+
+/// FLEX_TEST_SEED when set (to replay a failure), else a fresh random seed.
+uint64_t runSeed();
+
+//===----------------------------------------------------------------------===//
+// Ranks on threads
+//===----------------------------------------------------------------------===//
+
+/// Runs fn(rank) on `size` threads and joins them.
+void onRanks(int size, const std::function<void(int)> &fn);
+
+/// `size` local (thread) communicators; a failure to make them fails the test.
+std::vector<std::shared_ptr<Communicator>> localRanks(int size,
+                                                      double timeout = 30);
+
+//===----------------------------------------------------------------------===//
+// Host buffers of a plan's arguments
+//===----------------------------------------------------------------------===//
+
+/// Element i of `bytes` as `type`; i32 is left alone (no test sets one).
+void storeValue(std::vector<uint8_t> &bytes, DType type, int64_t i,
+                double value);
+/// Element i of `bytes` as `type`; i32 reads as 0.
+double loadValue(const std::vector<uint8_t> &bytes, DType type, int64_t i);
+
+/// The arguments of one rank, by name.
+struct RankBuffers {
+  std::map<std::string, std::vector<uint8_t>> data;
+  const Plan *plan = nullptr;
+
+  const Argument &arg(const std::string &name) const {
+    return plan->arguments[plan->findArgument(name)];
+  }
+  bool has(const std::string &name) const {
+    return plan->findArgument(name) >= 0;
+  }
+  /// Zeroed arguments, outputs poisoned.
+  void init(const Plan &p);
+  /// Outputs start as NaN: an element no step writes cannot pass.
+  void poison();
+  /// Sets `name` if the plan has it (a plan without w3 ignores it).
+  void set(const std::string &name, const std::vector<double> &values);
+  std::vector<double> get(const std::string &name) const;
+  std::vector<Binding> bindings();
+};
+
+/// Rank r's experts r*L .. r*L+L-1 of a global [E, ...] parameter (E >= W),
+/// sliced here rather than by the runtime, as an independent check of it.
+std::vector<double> expertSlice(const std::vector<double> &global, int64_t rank,
+                                int64_t world);
+
+//===----------------------------------------------------------------------===//
+// Parameterized plan runs
+//===----------------------------------------------------------------------===//
+
+struct PlanVariant {
+  const char *plan;
+  const char *variant;
+};
+
+void PrintTo(const PlanVariant &value, std::ostream *os);
+
+/// "<plan>_<variant>" with every other character '_': the gtest name.
+std::string planVariantName(const ::testing::TestParamInfo<PlanVariant> &info);
+
+//===----------------------------------------------------------------------===//
+// Inputs and the reference per rank
+//===----------------------------------------------------------------------===//
+
+/// One global layer and each rank's own tokens and output gradient.
+struct RankInputs {
+  reference::LayerInputs global;
+  std::vector<reference::LayerInputs> inputs; ///< per rank
+  std::vector<std::vector<double>> gradOut;   ///< per rank, in the dtype
+};
+
+/// Draws each rank's tokens apart, away from routing ties (a tie may route
+/// differently in fp32 and fp64); false, with a failure, when none is found.
+bool makeRankInputs(const LayerConfig &config,
+                    const reference::ReferenceOptions &options, int world,
+                    std::mt19937_64 &rng, RankInputs &result);
+
+/// The one-rank layer on each rank's tokens: W ranks with per-rank capacity
+/// compute exactly this.
+struct RankReference {
+  std::vector<reference::LayerForward> forward;
+  std::vector<reference::LayerGradients> grads; ///< empty when not training
+  /// Expert weight gradients (w1, b1, w2, b2, w3) summed over ranks: every
+  /// rank's tokens reach every expert.
+  reference::LayerGradients expertSum;
+};
+
+RankReference referenceOnRanks(const LayerConfig &config,
+                               const reference::ReferenceOptions &options,
+                               const RankInputs &inputs, double gradLAux,
+                               bool training);
+
+/// Rank r's slice of a global expert parameter, by name.
+using ExpertSliceFn = std::function<std::vector<double>(
+    const char *name, const std::vector<double> &global)>;
+
+/// Rank r's input arguments by name (x, wg, the expert parameters through
+/// `slice`, grad_out, grad_l_aux); an absent parameter is empty.
+std::map<std::string, std::vector<double>>
+rankArgumentValues(const RankInputs &inputs, int r, double gradLAux,
+                   const ExpertSliceFn &slice);
+
+//===----------------------------------------------------------------------===//
+// Executors on CPU ranks
+//===----------------------------------------------------------------------===//
+
+/// One rank's CPU executor and the workspace it runs in.
+struct CpuRankExecutor {
+  std::unique_ptr<void, void (*)(void *)> workspace{nullptr, std::free};
+  std::unique_ptr<Executor> executor;
+
+  /// Every workspace byte starts as `workspaceFill`: 0xff is NaN, so a
+  /// padding row that no step zeroes reaches the GEMMs and shows.
+  Status create(std::shared_ptr<const Plan> plan,
+                std::shared_ptr<Communicator> comm, uint8_t workspaceFill);
+};
+
+/// Selects `variant`, runs forward, then backward when `backward`.
+Status runVariant(Executor &executor, int64_t variant,
+                  std::vector<Binding> &bindings, bool backward);
+
+//===----------------------------------------------------------------------===//
+// Loader rules
+//===----------------------------------------------------------------------===//
+
+/// Parses plan `name` after `edit`, expecting InvalidPlan with `what` in the
+/// message.
+void expectRejectedAfterEdit(
+    const std::string &name,
+    const std::function<void(nlohmann::ordered_json &)> &edit,
+    const std::string &what);
+
+} // namespace flex::test
+
+#endif // UNITTESTS_RUNTIME_MULTIRANKTESTSUPPORT_H
