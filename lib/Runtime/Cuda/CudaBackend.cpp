@@ -29,11 +29,12 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Comm/AllToAllLayout.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Comm/HierarchicalAllToAll.h"
-#include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
+#include "flex/Runtime/StepBytes.h"
 #include "flex/Runtime/StepViews.h"
 
 #include <cuda_runtime.h>
@@ -91,8 +92,8 @@ int64_t staticCapacity(const Plan &plan, const Step *gate) {
   const LayerConfig &layer = plan.layer;
   return cpu::computeCapacity(
       CapacityMode::Fixed, gate->attrs.capacityFactor, layer.tokens,
-      layer.experts, std::clamp<int64_t>(gate->attrs.topK, 1, layer.experts),
-      0, gate->attrs.capacityAlignment);
+      layer.experts, std::clamp<int64_t>(gate->attrs.topK, 1, layer.experts), 0,
+      gate->attrs.capacityAlignment);
 }
 
 class CudaBackend final : public Backend {
@@ -102,11 +103,10 @@ public:
     const char *overlap = std::getenv("FLEX_CUDA_OVERLAP");
     overlap_ = !(overlap && std::string_view(overlap) == "0");
     if (const char *staging = std::getenv("FLEX_A2A_STAGING"))
-      exchangeStaging_ = std::string_view(staging) == "1"
-                             ? ExchangeStaging::Always
-                             : std::string_view(staging) == "0"
-                                   ? ExchangeStaging::Never
-                                   : ExchangeStaging::Auto;
+      exchangeStaging_ =
+          std::string_view(staging) == "1"   ? ExchangeStaging::Always
+          : std::string_view(staging) == "0" ? ExchangeStaging::Never
+                                             : ExchangeStaging::Auto;
   }
   ~CudaBackend() override;
 
@@ -158,28 +158,17 @@ private:
   /// Grow-only device staging for all_to_all, kept between steps.
   Status staging(int slot, int64_t bytes, void *&data);
 
-  /// Bytes a step reads or writes, for ordering it after pending exchanges.
-  struct ByteRange {
-    const char *begin = nullptr, *end = nullptr;
-    bool overlaps(const ByteRange &other) const {
-      return begin < other.end && other.begin < end;
-    }
-  };
-  /// An all_to_all queued on the exchange stream, not yet waited for.
-  struct PendingExchange {
-    cudaEvent_t done = nullptr;
-    std::vector<ByteRange> reads, writes;
-  };
   /// Makes the compute stream wait for pending exchange `index` (and so for
   /// every one before it, in stream order) and forgets them.
   Status waitForExchange(size_t index);
   /// Waits for every pending exchange (a join of the two streams).
   Status joinExchanges() {
-    return pending_.empty() ? Status::ok() : waitForExchange(pending_.size() - 1);
+    return pendingEvents_.empty() ? Status::ok()
+                                  : waitForExchange(pendingEvents_.size() - 1);
   }
-  /// Waits for the pending exchanges whose bytes overlap what `step` touches.
-  Status waitForOverlappingExchanges(const Step &step, const StepOperands &ops,
-                                     const Step *segments, int64_t chunkRows);
+  /// Waits for the pending exchanges whose bytes overlap what the step with
+  /// operands `ops` touches (StepBytes.h).
+  Status waitForOverlappingExchanges(const StepOperands &ops, ChunkRows chunk);
   Status endPass() override;
   /// The exchange stream and its events, made on first use.
   Status exchangeStream(cudaStream_t &stream);
@@ -209,7 +198,8 @@ private:
   /// the plan (which finds another chunk's or variant's step).
   const Plan *segmentsPlan_ = nullptr;
   std::vector<std::pair<BufferRef, const Step *>> lastSegments_;
-  const Step *lastSegmentsFor(const Plan &plan, const BufferRef &offsets) const {
+  const Step *lastSegmentsFor(const Plan &plan,
+                              const BufferRef &offsets) const {
     if (segmentsPlan_ != &plan)
       return nullptr;
     for (const auto &[ref, step] : lastSegments_)
@@ -252,7 +242,10 @@ private:
   static constexpr int64_t kMinInPlaceRunBytes = int64_t{8} << 20;
   cudaStream_t exchangeStream_ = nullptr;
   cudaEvent_t computeReady_ = nullptr;
-  std::vector<PendingExchange> pending_;
+  /// all_to_alls queued on the exchange stream and not yet waited for,
+  /// oldest first: the event each records, and the bytes it reads and writes.
+  std::vector<cudaEvent_t> pendingEvents_;
+  std::vector<StepBytes> pendingBytes_;
   std::vector<cudaEvent_t> freeEvents_;
 };
 
@@ -264,8 +257,8 @@ CudaBackend::~CudaBackend() {
     cudaStreamSynchronize(exchangeStream_);
     cudaStreamDestroy(exchangeStream_);
   }
-  for (PendingExchange &exchange : pending_)
-    freeEvents_.push_back(exchange.done);
+  for (cudaEvent_t event : pendingEvents_)
+    freeEvents_.push_back(event);
   for (cudaEvent_t event : freeEvents_)
     cudaEventDestroy(event);
   if (computeReady_)
@@ -342,9 +335,9 @@ Status CudaBackend::exchangeStream(cudaStream_t &stream) {
     // The highest priority: exchange blocks start as soon as SMs free up,
     // ahead of the expert GEMMs' waiting blocks.
     int least = 0, greatest = 0;
-    if (Status s = cuda::checkCuda(
-            cudaDeviceGetStreamPriorityRange(&least, &greatest),
-            "cudaDeviceGetStreamPriorityRange");
+    if (Status s =
+            cuda::checkCuda(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+                            "cudaDeviceGetStreamPriorityRange");
         !s)
       return s;
     if (Status s = cuda::checkCuda(
@@ -377,13 +370,15 @@ Status CudaBackend::takeEvent(cudaEvent_t &event) {
 
 Status CudaBackend::waitForExchange(size_t index) {
   if (Status s = cuda::checkCuda(
-          cudaStreamWaitEvent(ctx_->stream(), pending_[index].done, 0),
+          cudaStreamWaitEvent(ctx_->stream(), pendingEvents_[index], 0),
           "waiting for an all_to_all on the exchange stream");
       !s)
     return s;
-  for (size_t i = 0; i <= index; ++i)
-    freeEvents_.push_back(pending_[i].done);
-  pending_.erase(pending_.begin(), pending_.begin() + index + 1);
+  const auto count = static_cast<std::ptrdiff_t>(index + 1);
+  freeEvents_.insert(freeEvents_.end(), pendingEvents_.begin(),
+                     pendingEvents_.begin() + count);
+  pendingEvents_.erase(pendingEvents_.begin(), pendingEvents_.begin() + count);
+  pendingBytes_.erase(pendingBytes_.begin(), pendingBytes_.begin() + count);
   return Status::ok();
 }
 
@@ -393,59 +388,10 @@ Status CudaBackend::endPass() {
   return joinExchanges();
 }
 
-Status CudaBackend::waitForOverlappingExchanges(const Step &step,
-                                                const StepOperands &ops,
-                                                const Step *segments,
-                                                int64_t chunkRows) {
-  // The dispatch-shaped operands of a segment op touch only their chunk's
-  // rows [q * G * n, (q + 1) * G * n) when n is known on the host; every
-  // other operand its whole buffer.
-  static constexpr OperandRole kChunkRoles[] = {
-      R::A,   R::C,       R::Pre,     R::GateIn,     R::UpIn,
-      R::GradC, R::Grad,  R::GradPre, R::GradGateIn, R::GradUpIn};
-  auto range = [&](OperandRole role, const TensorView &view) {
-    auto *data = static_cast<const char *>(view.data);
-    ByteRange r{data, data + view.desc->numBytes()};
-    if (segments && chunkRows >= 0 &&
-        std::find(std::begin(kChunkRoles), std::end(kChunkRoles), role) !=
-            std::end(kChunkRoles)) {
-      const int64_t rowBytes =
-          view.desc->shape.back() *
-          static_cast<int64_t>(dtypeSize(view.desc->dtype));
-      const int64_t rows = segments->attrs.groups * chunkRows;
-      r.begin = data + segments->attrs.chunk * rows * rowBytes;
-      r.end = std::min(r.end, r.begin + rows * rowBytes);
-    }
-    return r;
-  };
-  std::vector<ByteRange> reads, writes;
-  for (int i = 0; i < kNumOperandRoles; ++i) {
-    auto role = static_cast<OperandRole>(i);
-    if (ops.inputs[i].isPresent())
-      reads.push_back(range(role, ops.inputs[i]));
-    if (ops.outputs[i].isPresent())
-      writes.push_back(range(role, ops.outputs[i]));
-  }
-  auto conflicts = [&](const PendingExchange &exchange) {
-    for (const ByteRange &w : exchange.writes) {
-      for (const ByteRange &r : reads)
-        if (w.overlaps(r))
-          return true;
-      for (const ByteRange &x : writes)
-        if (w.overlaps(x))
-          return true;
-    }
-    for (const ByteRange &r : exchange.reads)
-      for (const ByteRange &x : writes)
-        if (r.overlaps(x))
-          return true;
-    return false;
-  };
-  (void)step;
-  for (size_t i = pending_.size(); i-- > 0;)
-    if (conflicts(pending_[i]))
-      return waitForExchange(i);
-  return Status::ok();
+Status CudaBackend::waitForOverlappingExchanges(const StepOperands &ops,
+                                                ChunkRows chunk) {
+  int64_t index = newestToFollow(pendingBytes_, stepBytes(ops, chunk));
+  return index < 0 ? Status::ok() : waitForExchange(static_cast<size_t>(index));
 }
 
 Status CudaBackend::hostCapacity(const Plan &plan, const BufferRef &ref,
@@ -468,10 +414,10 @@ Status CudaBackend::hostCapacity(const Plan &plan, const BufferRef &ref,
                                    "cudaMallocHost of the capacity read-back");
         !s)
       return s;
-  if (Status s = cuda::checkCuda(
-          cudaMemcpyAsync(pinnedCapacity_, view.data, 4,
-                          cudaMemcpyDeviceToHost, ctx_->stream()),
-          "reading the capacity");
+  if (Status s = cuda::checkCuda(cudaMemcpyAsync(pinnedCapacity_, view.data, 4,
+                                                 cudaMemcpyDeviceToHost,
+                                                 ctx_->stream()),
+                                 "reading the capacity");
       !s)
     return s;
   if (Status s = ctx_->waitForStream("waiting for the capacity read-back"); !s)
@@ -506,10 +452,9 @@ void CudaBackend::deallocate(void *data) {
 }
 
 Status CudaBackend::copyToHost(void *hostDst, const void *src, int64_t bytes) {
-  return cuda::checkCuda(
-      cudaMemcpy(hostDst, src, static_cast<size_t>(bytes),
-                 cudaMemcpyDeviceToHost),
-      "copying a buffer to the host");
+  return cuda::checkCuda(cudaMemcpy(hostDst, src, static_cast<size_t>(bytes),
+                                    cudaMemcpyDeviceToHost),
+                         "copying a buffer to the host");
 }
 
 Status CudaBackend::recordTimestamp(int32_t marker) {
@@ -530,9 +475,9 @@ Status CudaBackend::elapsedMicros(int32_t from, int32_t to, double &micros) {
     return Status(StatusCode::Internal,
                   "timing marker " + std::to_string(to) + " was not recorded");
   float ms = 0;
-  if (Status s = cuda::checkCuda(
-          cudaEventElapsedTime(&ms, events_[from], events_[to]),
-          "cudaEventElapsedTime");
+  if (Status s =
+          cuda::checkCuda(cudaEventElapsedTime(&ms, events_[from], events_[to]),
+                          "cudaEventElapsedTime");
       !s)
     return s;
   micros = 1000.0 * ms;
@@ -725,20 +670,24 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
 
   // Order this step after the pending exchanges it depends on: all of them
   // for another collective, the overlapping ones for compute.
-  if (!pending_.empty() && step.op != StepOp::AllToAll) {
+  if (!pendingEvents_.empty() && step.op != StepOp::AllToAll) {
     if (isCollective(step.op)) {
       if (Status s = joinExchanges(); !s)
         return s;
     } else {
-      // n = W * C / D rows per group of a chunk, when C is on the host.
-      int64_t chunkRows = segmentRows;
-      if (segments && chunkRows < 0 && segments->attrs.chunks > 0 &&
-          capacityKeyEpoch_ == capacityEpoch_)
-        chunkRows =
-            segments->attrs.ranks * (cachedCapacity_ / segments->attrs.chunks);
-      if (Status s =
-              waitForOverlappingExchanges(step, ops, segments, chunkRows);
-          !s)
+      // A segment op's chunk: G groups of n = W * C / D rows, when C is on
+      // the host.
+      ChunkRows chunk;
+      if (segments) {
+        int64_t n = segmentRows;
+        if (n < 0 && segments->attrs.chunks > 0 &&
+            capacityKeyEpoch_ == capacityEpoch_)
+          n = segments->attrs.ranks *
+              (cachedCapacity_ / segments->attrs.chunks);
+        if (n >= 0)
+          chunk = {segments->attrs.chunk, segments->attrs.groups * n};
+      }
+      if (Status s = waitForOverlappingExchanges(ops, chunk); !s)
         return s;
     }
   }
@@ -755,8 +704,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     ++capacityEpoch_;
     // The capacity stays on the device; by [cap-1] it never exceeds the
     // static bound the plan sized its buffers for (the CPU backend checks).
-    return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, attrs,
-                      out);
+    return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, attrs, out);
   }
   case StepOp::Dispatch:
     return cuda::dispatch(ctx, read(ops.in(R::X)), d, routing,
@@ -772,14 +720,12 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     options.biasScale = static_cast<float>(step.attrs.biasScale);
     return cuda::groupedGemm(ctx, read(a), read(ops.in(R::B)),
                              read(ops.in(R::Bias)), write(c), cols(a), cols(c),
-                             space(a), options,
-                             write(shift(ops.out(R::Pre))));
+                             space(a), options, write(shift(ops.out(R::Pre))));
   }
   case StepOp::Glu:
     return cuda::glu(ctx, read(shift(ops.in(R::GateIn))),
-                     read(shift(ops.in(R::UpIn))),
-                     write(shift(ops.out(R::C))), cols(ops.out(R::C)),
-                     space(shift(ops.out(R::C))));
+                     read(shift(ops.in(R::UpIn))), write(shift(ops.out(R::C))),
+                     cols(ops.out(R::C)), space(shift(ops.out(R::C))));
   case StepOp::Combine:
     return cuda::combine(ctx, read(ops.in(R::ExpertOut)), d, routing,
                          write(ops.out(R::Out)));
@@ -790,11 +736,10 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
         writeAs<float>(ops.out(R::GradGates)));
   case StepOp::GroupedGemmWgrad: {
     const TensorView a = shift(ops.in(R::A)), gradC = shift(ops.in(R::GradC));
-    return cuda::groupedGemmWgrad(ctx, read(a), read(gradC), cols(a),
-                                  cols(gradC), space(a),
-                                  write(ops.out(R::GradB)),
-                                  write(ops.out(R::GradBias)),
-                                  step.attrs.accumulate);
+    return cuda::groupedGemmWgrad(
+        ctx, read(a), read(gradC), cols(a), cols(gradC), space(a),
+        write(ops.out(R::GradB)), write(ops.out(R::GradBias)),
+        step.attrs.accumulate);
   }
   case StepOp::ActivationBackward:
     return cuda::activationBackward(
@@ -816,8 +761,8 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     attrs.normalize = step.attrs.normalize;
     return cuda::gateBackward(ctx, readAs<float>(ops.in(R::GradGates)),
                               readAs<float>(ops.in(R::GradLAux)),
-                              readAs<float>(ops.in(R::Scores)), routing,
-                              attrs, writeAs<float>(ops.out(R::GradLogits)));
+                              readAs<float>(ops.in(R::Scores)), routing, attrs,
+                              writeAs<float>(ops.out(R::GradLogits)));
   }
   case StepOp::RouterBackward:
     return cuda::routerBackward(ctx, read(ops.in(R::X)), read(ops.in(R::Wg)),
@@ -829,10 +774,10 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     // New offsets in the same buffer: the GEMMs' host copy is stale.
     ++ctx.generation;
     noteSegments(plan, step);
-    return cuda::uniformSegments(
-        ctx, routing.capacity, a.groups, a.ranks, a.chunks, a.chunk,
-        writeAs<int32_t>(ops.out(R::ExpertOffsets)),
-        writeAs<int32_t>(ops.out(R::ExpertRows)));
+    return cuda::uniformSegments(ctx, routing.capacity, a.groups, a.ranks,
+                                 a.chunks, a.chunk,
+                                 writeAs<int32_t>(ops.out(R::ExpertOffsets)),
+                                 writeAs<int32_t>(ops.out(R::ExpertRows)));
   }
   case StepOp::ShardRouting: {
     const int64_t s = step.attrs.shards;
@@ -865,13 +810,13 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     const int64_t s = step.attrs.shards;
     const TensorView &in = ops.in(R::GradGates), &out = ops.out(R::GradGates);
     if (s < 1 || in.desc->shape[1] != k * s || out.desc->shape[1] != k)
-      return Status(StatusCode::InvalidArgument,
-                    "shard_routing_backward with shards = " +
-                        std::to_string(s) + " and k = " + std::to_string(k) +
-                        " needs '" + in.desc->name + "' [T, k*s] and '" +
-                        out.desc->name + "' [T, k]; got " +
-                        std::to_string(in.desc->shape[1]) + " and " +
-                        std::to_string(out.desc->shape[1]) + " columns");
+      return Status(
+          StatusCode::InvalidArgument,
+          "shard_routing_backward with shards = " + std::to_string(s) +
+              " and k = " + std::to_string(k) + " needs '" + in.desc->name +
+              "' [T, k*s] and '" + out.desc->name + "' [T, k]; got " +
+              std::to_string(in.desc->shape[1]) + " and " +
+              std::to_string(out.desc->shape[1]) + " columns");
     return cuda::shardRoutingBackward(ctx, readAs<float>(in), T, k, s,
                                       writeAs<float>(out));
   }
@@ -967,8 +912,8 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
                       " rows exceed the buffers' " +
                       std::to_string(std::min(input.desc->shape[0],
                                               output.desc->shape[0])));
-  const int64_t rowBytes = input.desc->shape[1] *
-                           static_cast<int64_t>(dtypeSize(input.desc->dtype));
+  const int64_t rowBytes =
+      input.desc->shape[1] * static_cast<int64_t>(dtypeSize(input.desc->dtype));
   const int64_t Cq = shape.capacity / a.chunks;
   const int64_t blockBytes = shape.localExperts * Cq * rowBytes;
   // The sending side is in the dispatch layout for `dispatch`, in the
@@ -1025,9 +970,9 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
                                   : p * blockBytes;
     }
     if (!sendDirect)
-      if (Status s = cuda::allToAllCopy(*ctx_, shape, sendDispatchLayout,
-                                        /*pack=*/true, input.data, send,
-                                        rowBytes);
+      if (Status s =
+              cuda::allToAllCopy(*ctx_, shape, sendDispatchLayout,
+                                 /*pack=*/true, input.data, send, rowBytes);
           !s)
         return s;
     if (Status s = comm.allToAll(send, sendOffsets.data(), sizes.data(), recv,
@@ -1060,8 +1005,9 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
                                  "cudaEventRecord");
       !s)
     return s;
-  if (Status s = cuda::checkCuda(cudaStreamWaitEvent(exchange, computeReady_, 0),
-                                 "the exchange stream waiting for compute");
+  if (Status s =
+          cuda::checkCuda(cudaStreamWaitEvent(exchange, computeReady_, 0),
+                          "the exchange stream waiting for compute");
       !s)
     return s;
   if (Status s = ctx_->setStream(exchange); !s)
@@ -1074,37 +1020,28 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
     return sent;
   if (!back)
     return back;
-  PendingExchange pending;
-  if (Status s = takeEvent(pending.done); !s)
+  cudaEvent_t done = nullptr;
+  if (Status s = takeEvent(done); !s)
     return s;
-  if (Status s = cuda::checkCuda(cudaEventRecord(pending.done, exchange),
-                                 "cudaEventRecord");
+  if (Status s =
+          cuda::checkCuda(cudaEventRecord(done, exchange), "cudaEventRecord");
       !s) {
-    freeEvents_.push_back(pending.done);
+    freeEvents_.push_back(done);
     return s;
   }
   // The bytes it reads and writes are the runs' (staging is its own).
-  auto ranges = [](const void *base,
-                   const std::vector<Communicator::Block> &blocks) {
-    std::vector<ByteRange> result;
-    for (const Communicator::Block &block : blocks) {
-      const char *begin = static_cast<const char *>(base) + block.offset;
-      result.push_back({begin, begin + block.bytes});
-    }
-    return result;
-  };
-  pending.reads = ranges(input.data, sendBlocks);
-  pending.writes = ranges(output.data, recvBlocks);
-  pending_.push_back(std::move(pending));
+  pendingEvents_.push_back(done);
+  pendingBytes_.push_back({byteRangesOf(input.data, sendBlocks),
+                           byteRangesOf(output.data, recvBlocks)});
   return Status::ok();
 }
 
 Status CudaBackend::hierarchicalAllToAll(const cuda::AllToAllShape &shape,
-                                          bool sendDispatchLayout, void *input,
-                                          void *output, int64_t rowBytes,
-                                          int64_t ranksPerNode,
-                                          Communicator &comm,
-                                          const std::string &what) {
+                                         bool sendDispatchLayout, void *input,
+                                         void *output, int64_t rowBytes,
+                                         int64_t ranksPerNode,
+                                         Communicator &comm,
+                                         const std::string &what) {
   const int64_t W = shape.ranks;
   const int64_t blockBytes =
       shape.localExperts * (shape.capacity / shape.chunks) * rowBytes;
@@ -1165,8 +1102,7 @@ Status createCudaBackend(std::unique_ptr<Backend> &backend,
   }
   int device = options.device;
   if (device < 0) {
-    if (Status s = cuda::checkCuda(cudaGetDevice(&device), "cudaGetDevice");
-        !s)
+    if (Status s = cuda::checkCuda(cudaGetDevice(&device), "cudaGetDevice"); !s)
       return Status(StatusCode::Unavailable, s.message());
   }
   if (device >= count)
@@ -1189,10 +1125,9 @@ bool isCudaBackendUsable(std::string *reason) {
   cudaError_t error = cudaGetDeviceCount(&count);
   if (error != cudaSuccess || count == 0) {
     if (reason)
-      *reason = error != cudaSuccess
-                    ? std::string(cudaGetErrorName(error)) + ": " +
-                          cudaGetErrorString(error)
-                    : "no CUDA device is visible";
+      *reason = error != cudaSuccess ? std::string(cudaGetErrorName(error)) +
+                                           ": " + cudaGetErrorString(error)
+                                     : "no CUDA device is visible";
     cudaGetLastError();
     return false;
   }
