@@ -24,6 +24,7 @@
 #include "MultiRankTestSupport.h"
 #include "ReferenceMoE.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -312,6 +313,19 @@ TEST(ShardedPlanLoader, RejectsInconsistentShards) {
         doc["variants"][0]["backward"].push_back(step);
       },
       "needs experts sharded over ranks");
+}
+
+// The routing buffers are i32: shard_routing writes expert_offsets[v] = v * C
+// for the E * s virtual experts, so E * s * C must fit, not only E * C (the
+// plan has T = C = 2^29, E = 1, s = 4: E * C fits, E * s * C = 2^31 does
+// not).
+TEST(ShardedPlanLoader, RejectsVirtualExpertRowsBeyondI32) {
+  Plan plan;
+  Status status = parsePlan(readTestPlan("bad_shard_i32_rows.json"), plan);
+  EXPECT_EQ(status.code(), StatusCode::InvalidPlan);
+  EXPECT_THAT(status.message(),
+              ::testing::HasSubstr("E * s = 4 virtual experts"));
+  EXPECT_THAT(status.message(), ::testing::HasSubstr("i32 range"));
 }
 
 //===----------------------------------------------------------------------===//

@@ -913,6 +913,16 @@ void checkStepShapes(const Plan &plan, const Step &step,
            "shards " + std::to_string(step.attrs.shards) +
                " disagrees with the plan: s = W / E = " + std::to_string(W) +
                " / " + std::to_string(E) + " = " + std::to_string(s));
+    // [cap-1] The routing buffers are i32 and shard_routing writes
+    // expert_offsets[v] = v * C up to E * s * C: the layer's check of
+    // E * C is not enough.
+    if (step.op == StepOp::ShardRouting &&
+        paddedRows > std::numeric_limits<int32_t>::max())
+      fail(path + ".op",
+           "[cap-1] the capacity bound " + std::to_string(capacityBound) +
+               " times the E * s = " + std::to_string(Ev) +
+               " virtual experts exceeds the i32 range of the routing "
+               "buffers (expert_offsets); lower capacity_factor or tokens");
     break;
   case StepOp::AllToAll: {
     checkChunks(step, path);

@@ -15,6 +15,9 @@
 #   mr_shard_gated_e2_w4_train      shard_gated_e2.mlir on 4 ranks (s = 2)
 #   mr_shard_ffn_e2_w4_train_bf16   shard_ffn_e2.mlir on 4 ranks (s = 2), 2DH
 #   mr_shard_ffn_e1_w4_train        shard_ffn_e1.mlir on 4 ranks (s = 4), 2DH
+#   bad_shard_i32_rows              shard_ffn_e1.mlir with T = 2^29 on 4 ranks:
+#                                   E * C fits i32 but E * s * C = 2^31 does
+#                                   not (the loader must reject it; never run)
 # (2DH: --moe-a2a-2dh, 2 nodes of 2 ranks; the grouped exchanges of
 # 1 <= r < s stay flat.) Committed so the runtime tests run without the
 # compiler; rerun after compiler changes that alter the
@@ -37,3 +40,7 @@ compile shard_ffn_e2.mlir 4 r2d1,r2d2,r0d1,r1d1 \
   mr_shard_ffn_e2_w4_train_bf16.json --moe-a2a-2dh="ranks-per-node=2"
 compile shard_ffn_e1.mlir 4 r4d1,r4d2,r0d1,r2d1,r2d2,r1d1 \
   mr_shard_ffn_e1_w4_train.json --moe-a2a-2dh="ranks-per-node=2"
+sed 's/<12x8xf32>/<536870912x8xf32>/g' "$dir/shard_ffn_e1.mlir" |
+  "$bin/moe-opt" --moe-multiversion="ranks=4 variants=r4d1" \
+    --moe-lower-to-plan="training=false" |
+  "$bin/moe-translate" --moert-to-plan >"$dir/bad_shard_i32_rows.json"
