@@ -409,6 +409,14 @@ LogicalResult AllToAllOp::verify() {
     return emitOpError("[a2a-1] ranks_per_node must be 0 (flat) or divide "
                        "the ranks ")
            << ranks << ", got " << perNode;
+  // Ranks group_stride apart (experts sharded with 1 <= r < s); 2DH runs
+  // over all ranks, so a grouped exchange is flat.
+  int64_t stride = getGroupStride();
+  if (stride < 1)
+    return emitOpError("[par-1] group_stride must be >= 1, got ") << stride;
+  if (stride > 1 && perNode != 0)
+    return emitOpError("[a2a-1] a grouped all-to-all (group_stride ")
+           << stride << ") is flat: ranks_per_node must be 0, got " << perNode;
   bool dispatch = getDirection() == AllToAllDirection::Dispatch;
   ValueRange whole = dispatch ? getInputs() : ValueRange(getResults());
   ValueRange chunks = dispatch ? ValueRange(getResults()) : getInputs();
@@ -460,6 +468,9 @@ LogicalResult AllGatherOp::verify() {
   int64_t ranks = getRanks();
   if (ranks < 1)
     return emitOpError("[par-1] ranks must be >= 1, got ") << ranks;
+  int64_t stride = getGroupStride();
+  if (stride < 1)
+    return emitOpError("[par-1] group_stride must be >= 1, got ") << stride;
   RankedTensorType input = tensorType(getInput());
   RankedTensorType result = getResult().getType();
   if (failed(verifyStaticShape(*this, "input", input)))

@@ -439,6 +439,16 @@ LogicalResult SyncCapacityOp::verify() {
           m.expect("expert_offsets", getExpertOffsets(), {"E+1"}, i32(*this))));
 }
 
+/// group_size / group_stride of a collective (PlanFormat.md, "Groups of
+/// ranks"): 0 and 1 (all ranks), or a group of >= 1 ranks >= 1 apart.
+static LogicalResult verifyGroup(Operation *op, int64_t size, int64_t stride) {
+  if (size < 0 || stride < 1 || (size == 0 && stride != 1))
+    return op->emitOpError("[plan-3] group_size must be 0 (all ranks) or >= 1 "
+                           "with group_stride >= 1, got group_size = ")
+           << size << ", group_stride = " << stride;
+  return success();
+}
+
 LogicalResult AllToAllOp::verify() {
   ShapeMatcher m(*this);
   if (failed(m.expect("input", getInput(), {"R", "d"})) ||
@@ -449,7 +459,7 @@ LogicalResult AllToAllOp::verify() {
   if (getChunks() < 1 || getChunk() < 0 || getChunk() >= getChunks())
     return emitOpError("[plan-3] chunk ")
            << getChunk() << " must be in [0, chunks = " << getChunks() << ")";
-  return success();
+  return verifyGroup(*this, getGroupSize(), getGroupStride());
 }
 
 LogicalResult UniformSegmentsOp::verify() {
@@ -486,11 +496,15 @@ static LogicalResult verifyGathered(Operation *op, Value local,
 }
 
 LogicalResult AllGatherOp::verify() {
-  return verifyGathered(*this, getInput(), getOutput());
+  return failure(
+      failed(verifyGroup(*this, getGroupSize(), getGroupStride())) ||
+      failed(verifyGathered(*this, getInput(), getOutput())));
 }
 
 LogicalResult ReduceScatterOp::verify() {
-  return verifyGathered(*this, getOutput(), getInput());
+  return failure(
+      failed(verifyGroup(*this, getGroupSize(), getGroupStride())) ||
+      failed(verifyGathered(*this, getOutput(), getInput())));
 }
 
 #define GET_OP_CLASSES

@@ -73,3 +73,29 @@ func.func @par_1_hidden_shards(%d: tensor<1x8x4xf32>, %w1: tensor<1x4x6xf32>, %w
   %y = moe.expert ffn<relu> %d, %w1, %w2 {hidden_shards = 0 : i64} : (tensor<1x8x4xf32>, tensor<1x4x6xf32>, tensor<1x6x4xf32>) -> tensor<1x8x4xf32>
   return
 }
+
+// -----
+
+// A group of ranks group_stride apart needs group_stride >= 1.
+func.func @par_1_exchange_group_stride(%d: tensor<4x8x4xf32>) {
+  // expected-error @+1 {{[par-1] group_stride must be >= 1, got 0}}
+  %c = moe.all_to_all dispatch %d {ranks = 2 : i64, group_stride = 0 : i64} : tensor<4x8x4xf32> -> tensor<2x16x4xf32>
+  return
+}
+
+// -----
+
+func.func @par_1_gather_group_stride(%w: tensor<1x8x12xf32>) {
+  // expected-error @+1 {{[par-1] group_stride must be >= 1, got -2}}
+  %f = moe.all_gather %w {ranks = 2 : i64, group_stride = -2 : i64} : tensor<1x8x12xf32> -> tensor<2x8x12xf32>
+  return
+}
+
+// -----
+
+// 2DH runs over all ranks: a grouped exchange (group_stride > 1) is flat.
+func.func @par_1_grouped_exchange_2dh(%d: tensor<4x8x4xf32>) {
+  // expected-error @+1 {{[a2a-1] a grouped all-to-all (group_stride 2) is flat: ranks_per_node must be 0, got 2}}
+  %c = moe.all_to_all dispatch %d {ranks = 2 : i64, group_stride = 2 : i64, ranks_per_node = 2 : i64} : tensor<4x8x4xf32> -> tensor<2x16x4xf32>
+  return
+}

@@ -80,3 +80,42 @@ moert.plan @bias_scale attributes {layer = {}} {
   } backward {
   }
 }
+
+// -----
+
+// group_size 0 (all ranks) or >= 1, group_stride >= 1, and no stride without
+// a group size (PlanFormat.md, "Groups of ranks").
+moert.plan @group_stride_zero attributes {layer = {}} {
+  %w = moert.argument "w1" input : memref<1x8x6xf32>
+  %f = moert.alloc "full_w1" : memref<2x8x6xf32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-3] group_size must be 0 (all ranks) or >= 1 with group_stride >= 1, got group_size = 2, group_stride = 0}}
+    moert.all_gather ins(input = %w : memref<1x8x6xf32>) outs(output = %f : memref<2x8x6xf32>) {group_size = 2 : i64, group_stride = 0 : i64}
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @group_size_negative attributes {layer = {}} {
+  %g = moert.alloc "full_grad_w1" : memref<2x8x6xf32>
+  %w = moert.argument "grad_w1" output : memref<1x8x6xf32>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-3] group_size must be 0 (all ranks) or >= 1 with group_stride >= 1, got group_size = -2, group_stride = 1}}
+    moert.reduce_scatter ins(input = %g : memref<2x8x6xf32>) outs(output = %w : memref<1x8x6xf32>) {group_size = -2 : i64}
+  }
+}
+
+// -----
+
+moert.plan @group_stride_without_size attributes {layer = {}} {
+  %x = moert.alloc "send" : memref<32x8xf32>
+  %c = moert.alloc "capacity" : memref<1xi32>
+  %y = moert.alloc "recv" : memref<32x8xf32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-3] group_size must be 0 (all ranks) or >= 1 with group_stride >= 1, got group_size = 0, group_stride = 2}}
+    moert.all_to_all ins(input = %x : memref<32x8xf32>, capacity = %c : memref<1xi32>) outs(output = %y : memref<32x8xf32>) {chunk = 0 : i64, chunks = 1 : i64, direction = #moert<direction dispatch>, group_stride = 2 : i64}
+  } backward {
+  }
+}
