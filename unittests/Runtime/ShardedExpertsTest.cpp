@@ -262,6 +262,38 @@ TEST(ShardedPlanLoader, RejectsGroupsThatDoNotPartitionTheRanks) {
         (*findStep(doc, "dispatch"))["attrs"]["group_size"] = 2;
       },
       "op 'dispatch' takes no group");
+  // Groups that partition the ranks but are not the shard groups / token
+  // classes ran and gave a wrong answer: the exchange must be among the
+  // W / g ranks g apart, the gathers among g consecutive ranks.
+  expectRejectedAfterEdit(
+      plan,
+      [](Json &doc) {
+        for (Json &v : doc["variants"])
+          for (const char *list : {"forward", "backward"})
+            for (Json &step : v[list])
+              if (step["op"] == "all_to_all" &&
+                  step["attrs"].contains("group_size"))
+                step["attrs"]["group_stride"] = 1;
+      },
+      "a grouped all_to_all runs among a token class");
+  expectRejectedAfterEdit(
+      plan,
+      [](Json &doc) {
+        (*findGroupedStep(doc, "all_gather"))["attrs"]["group_stride"] = 2;
+      },
+      "a grouped all_gather runs among consecutive ranks");
+  // Without sharded experts the segment ops run L = E / W experts: a grouped
+  // exchange (E / n per rank) cannot feed them.
+  expectRejectedAfterEdit(
+      "mr_ffn_fixed_w4_infer.json",
+      [](Json &doc) {
+        for (Json &step : doc["variants"][0]["forward"])
+          if (step["op"] == "all_to_all") {
+            step["attrs"]["group_size"] = 2;
+            step["attrs"]["group_stride"] = 2;
+          }
+      },
+      "needs experts sharded over ranks");
 }
 
 TEST(ShardedPlanLoader, RejectsInconsistentShards) {

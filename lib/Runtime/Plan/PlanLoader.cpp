@@ -677,8 +677,11 @@ void checkRanksPerNode(const Step &step, const std::string &path, int64_t W) {
 }
 
 /// group_size / group_stride of a collective: 0 (all W ranks), or groups of
-/// n ranks S apart with n * S dividing W; not with ranks_per_node.
-void checkGroups(const Step &step, const std::string &path, int64_t W) {
+/// n ranks S apart with n * S dividing W; not with ranks_per_node. A
+/// grouped all_to_all is a token class (n * S == W, experts sharded), a
+/// grouped gather or scatter a shard group (S == 1).
+void checkGroups(const Step &step, const std::string &path, int64_t W,
+                 int64_t s) {
   const int64_t n = step.attrs.groupSize, S = step.attrs.groupStride;
   const bool grouped = n != 0 || S != 1;
   if (!grouped)
@@ -702,6 +705,32 @@ void checkGroups(const Step &step, const std::string &path, int64_t W) {
          "ranks_per_node (2DH) runs over all W ranks; a grouped all_to_all "
          "(group_size " +
              std::to_string(n) + ") is flat");
+  // The groups the layout needs (PlanFormat.md, "Groups of ranks"): a
+  // shard group gathers g consecutive ranks' shards, and a token class of
+  // W / g ranks g apart exchanges them. Other groups partition the ranks too
+  // but hold other experts than the segment ops run: a wrong answer.
+  if (n == W)
+    return; // all W ranks: no group
+  if (step.op == StepOp::AllToAll) {
+    if (s == 1)
+      fail(path + ".attrs.group_size",
+           "a grouped all_to_all (group_size " + std::to_string(n) +
+               ") needs experts sharded over ranks (E < W, W % E == 0): "
+               "with whole experts the segment ops run L = E / W experts "
+               "per rank");
+    if (n * S != W)
+      fail(path + ".attrs.group_stride",
+           "a grouped all_to_all runs among a token class: group_size " +
+               std::to_string(n) + " ranks group_stride = W / group_size = " +
+               std::to_string(W / n) + " apart, got group_stride " +
+               std::to_string(S));
+  } else if (S != 1) {
+    fail(path + ".attrs.group_stride",
+         "a grouped " + std::string(toString(step.op)) +
+             " runs among consecutive ranks (a shard group): group_stride "
+             "must be 1, got " +
+             std::to_string(S));
+  }
 }
 
 void checkStepShapes(const Plan &plan, const Step &step,
@@ -732,7 +761,7 @@ void checkStepShapes(const Plan &plan, const Step &step,
   using R = OperandRole;
   const bool in = true, out = false;
   const int64_t W = plan.worldSize, L = plan.localExperts();
-  checkGroups(step, path, W);
+  checkGroups(step, path, W, plan.shards());
   // The ranks a collective runs among: W, or its group's.
   const int64_t groupW = step.attrs.groupRanks(W);
 
