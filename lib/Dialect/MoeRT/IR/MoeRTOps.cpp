@@ -16,6 +16,7 @@
 #include "mlir/IR/OpImplementation.h"
 #include "llvm/ADT/StringMap.h"
 #include "llvm/ADT/StringSet.h"
+#include "llvm/Support/MathExtras.h"
 
 #include <cmath>
 
@@ -309,8 +310,10 @@ LogicalResult ShardRoutingOp::verify() {
   int64_t shards = getShards();
   if (shards < 1)
     return emitOpError("[plan-3] shards must be >= 1, got ") << shards;
-  if (m.size("ks") != m.size("k") * shards ||
-      m.size("Es") != m.size("E") * shards)
+  int64_t ks = 0, es = 0;
+  if (llvm::MulOverflow(m.size("k"), shards, ks) ||
+      llvm::MulOverflow(m.size("E"), shards, es) || m.size("ks") != ks ||
+      m.size("Es") != es)
     return emitOpError("[plan-1] the out routing must be [T, k * s] over "
                        "E * s experts: k = ")
            << m.size("k") << ", E = " << m.size("E") << ", s = " << shards
@@ -329,7 +332,8 @@ LogicalResult ShardRoutingBackwardOp::verify() {
   int64_t shards = getShards();
   if (shards < 1)
     return emitOpError("[plan-3] shards must be >= 1, got ") << shards;
-  if (m.size("ks") != m.size("k") * shards)
+  int64_t ks = 0;
+  if (llvm::MulOverflow(m.size("k"), shards, ks) || m.size("ks") != ks)
     return emitOpError("[plan-1] 'in grad_gates' must be [T, k * s]: k = ")
            << m.size("k") << ", s = " << shards
            << ", got k * s = " << m.size("ks");
@@ -485,7 +489,10 @@ static LogicalResult verifyGathered(Operation *op, Value local,
                                     Value gathered) {
   auto localType = cast<MemRefType>(local.getType());
   auto fullType = cast<MemRefType>(gathered.getType());
-  if (localType.getElementType() != fullType.getElementType() ||
+  // Rank 0 or an empty first dimension has no [L, ...] blocks to gather.
+  if (localType.getRank() < 1 || fullType.getRank() < 1 ||
+      localType.getDimSize(0) < 1 || fullType.getDimSize(0) < 1 ||
+      localType.getElementType() != fullType.getElementType() ||
       localType.getRank() != fullType.getRank() ||
       localType.getShape().drop_front() != fullType.getShape().drop_front() ||
       fullType.getDimSize(0) % localType.getDimSize(0) != 0)

@@ -130,3 +130,41 @@ moert.plan @shard_routing_backward_choices attributes {layer = {}} {
     moert.shard_routing_backward ins(grad_gates = %vg : memref<8x4xf32>) outs(grad_gates = %g : memref<8x1xf32>) {shards = 2 : i64}
   }
 }
+
+// -----
+
+// A gather of an empty or rank-0 buffer is rejected, not divided by zero.
+moert.plan @gather_empty attributes {layer = {}} {
+  %w = moert.argument "w1" input : memref<0x8x6xf32>
+  %f = moert.alloc "full_w1" : memref<2x8x6xf32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] the full buffer must be [W * L, ...] of the local one 'memref<0x8x6xf32>', got 'memref<2x8x6xf32>'}}
+    moert.all_gather ins(input = %w : memref<0x8x6xf32>) outs(output = %f : memref<2x8x6xf32>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gather_scalar attributes {layer = {}} {
+  %w = moert.argument "w1" input : memref<f32>
+  %f = moert.alloc "full_w1" : memref<f32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] the full buffer must be [W * L, ...] of the local one 'memref<f32>', got 'memref<f32>'}}
+    moert.all_gather ins(input = %w : memref<f32>) outs(output = %f : memref<f32>)
+  } backward {
+  }
+}
+
+// -----
+
+// k * s is checked for overflow: 4 * (2^62 + 2) wraps to 8 in 64 bits.
+moert.plan @shards_overflow attributes {layer = {}} {
+  %g = moert.alloc "shard_grad_gates" : memref<8x8xf32>
+  %o = moert.alloc "grad_gates" : memref<8x4xf32>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-1] 'in grad_gates' must be [T, k * s]: k = 4, s = 4611686018427387906, got k * s = 8}}
+    moert.shard_routing_backward ins(grad_gates = %g : memref<8x8xf32>) outs(grad_gates = %o : memref<8x4xf32>) {shards = 4611686018427387906 : i64}
+  }
+}
