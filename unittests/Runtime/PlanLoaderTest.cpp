@@ -84,6 +84,19 @@ TEST(PlanLoader, AcceptsHandWrittenPlans) {
   EXPECT_EQ(plan.getBuffer(router.out(OperandRole::Logits)).name, "logits");
 }
 
+// bad_aligned_i32_rows.json: a one-expert top-1 layer of T = 2^31 - 1
+// tokens compiled by moe-opt (E * C = 2^31 - 1 fits i32), then the gate's
+// capacity_alignment set to 2, so the aligned C = 2^31 does not: the gate's
+// expert offsets would overflow.
+TEST(PlanLoader, RejectsAnAlignedCapacityBeyondI32) {
+  Plan plan;
+  Status status = parsePlan(readTestPlan("bad_aligned_i32_rows.json"), plan);
+  EXPECT_EQ(status.code(), StatusCode::InvalidPlan);
+  EXPECT_THAT(status.message(),
+              ::testing::HasSubstr("capacity bound 2147483648 aligned to 2"));
+  EXPECT_THAT(status.message(), ::testing::HasSubstr("i32 range"));
+}
+
 TEST(PlanLoader, LoadsFromFileAndReportsMissingFile) {
   Plan plan;
   EXPECT_TRUE(loadPlanFile(std::string(FLEX_TEST_PLANS_DIR) +

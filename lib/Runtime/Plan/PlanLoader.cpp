@@ -869,6 +869,18 @@ void checkStepShapes(const Plan &plan, const Step &step,
            "'" + std::string(toString(step.attrs.capacityMode)) +
                "' disagrees with the layer's capacity_mode '" +
                std::string(toString(layer.capacityMode)) + "'");
+    // [cap-1] The gate writes expert_offsets[e] = e * C with C rounded up
+    // to the alignment: the layer's check of the unaligned bound is not
+    // enough.
+    if (step.op == StepOp::Gate &&
+        checkedMul(layer.experts, capacityBound)
+                .value_or(std::numeric_limits<int64_t>::max()) >
+            std::numeric_limits<int32_t>::max())
+      fail(path + ".attrs.capacity_alignment",
+           "[cap-1] the capacity bound " + std::to_string(capacityBound) +
+               " aligned to " + std::to_string(alignment) + " times " +
+               std::to_string(layer.experts) +
+               " experts exceeds the i32 range of the routing buffers");
     break;
   case StepOp::Dispatch:
     c.expect(R::X, in, {tokenType}, {T, d}, "x [T, d]");
