@@ -17,6 +17,7 @@
 #include "mlir/IR/PatternMatch.h"
 
 #include <cmath>
+#include <limits>
 
 using namespace mlir;
 using namespace flex::moe;
@@ -288,8 +289,27 @@ LogicalResult GateOp::verify() {
     return emitOpError("[gate-1] routing must be for T = ")
            << tokens << " tokens and E = " << experts
            << " experts from the operands, got " << routing;
-  return verifyCapacity(*this, getCapacity(), tokens, experts,
-                        routing.getTopK(), routing.getCapacity());
+  if (failed(verifyCapacity(*this, getCapacity(), tokens, experts,
+                            routing.getTopK(), routing.getCapacity())))
+    return failure();
+  // The routing buffers are i32: the rows of both layouts (T * k kept
+  // choices, E * C padded slots, E * s * C once experts are sharded over
+  // s = W / E ranks) must fit, or the plan's offsets would wrap.
+  constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
+  int64_t choices = 0, slots = 0;
+  int64_t shards = ranks > experts ? ranks / experts : 1;
+  if (llvm::MulOverflow(tokens, routing.getTopK(), choices) ||
+      choices > kI32Max)
+    return emitOpError("[size-1] tokens * top_k = ")
+           << tokens << " * " << routing.getTopK()
+           << " exceeds the i32 range of the routing buffers";
+  if (routing.hasStaticCapacity() &&
+      (llvm::MulOverflow(experts * shards, routing.getCapacity(), slots) ||
+       slots > kI32Max))
+    return emitOpError("[size-1] experts * shards * capacity = ")
+           << experts << " * " << shards << " * " << routing.getCapacity()
+           << " exceeds the i32 range of the routing buffers";
+  return success();
 }
 
 //===----------------------------------------------------------------------===//
