@@ -101,18 +101,40 @@ FlexStatus report(const Status &status, FlexExecutable exe = nullptr) {
   return fail(static_cast<FlexStatus>(status.code()), status.message(), exe);
 }
 
+/// INVALID_ARGUMENT naming `function` unless `handle` (a `what`) is live.
+FlexStatus checkHandle(const void *handle, const char *function,
+                       const char *what) {
+  if (!handle)
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                std::string(function) + ": the " + what + " is null");
+  if (!registry().contains(handle))
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                std::string(function) + ": the " + what +
+                    " is not a live handle (destroyed already, or not "
+                    "created by flex)");
+  return FLEX_STATUS_OK;
+}
+
+/// Checks a handle, forgets it and deletes it.
+template <typename Handle>
+FlexStatus destroyHandle(Handle handle, const char *function,
+                         const char *what) {
+  if (FlexStatus status = checkHandle(handle, function, what);
+      status != FLEX_STATUS_OK)
+    return status;
+  if (!registry().remove(handle)) // destroyed by another thread meanwhile
+    return checkHandle(handle, function, what);
+  delete handle;
+  return FLEX_STATUS_OK;
+}
+
 /// Runs `body` with the handle checked and exceptions caught.
 template <typename Body>
 FlexStatus withExecutable(FlexExecutable exe, const char *function,
                           Body &&body) {
-  if (!exe)
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                std::string(function) + ": the executable is null");
-  if (!registry().contains(exe))
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                std::string(function) +
-                    ": the executable is not a live handle (destroyed "
-                    "already, or not created by flex)");
+  if (FlexStatus status = checkHandle(exe, function, "executable");
+      status != FLEX_STATUS_OK)
+    return status;
   try {
     return body();
   } catch (const std::exception &error) {
@@ -134,15 +156,7 @@ FlexStatus checkOut(const void *pointer, const char *function,
 }
 
 FlexStatus checkContext(FlexContext context, const char *function) {
-  if (!context)
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                std::string(function) + ": the context is null");
-  if (!registry().contains(context))
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                std::string(function) +
-                    ": the context is not a live handle (destroyed already, "
-                    "or not created by flex)");
-  return FLEX_STATUS_OK;
+  return checkHandle(context, function, "context");
 }
 
 /// Each executable gets its own backend: on CUDA its own stream state,
@@ -383,15 +397,7 @@ FlexStatus flexContextCreate(const char *backend, FlexContext *context) {
 }
 
 FlexStatus flexContextDestroy(FlexContext context) {
-  if (!context)
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexContextDestroy: the context is null");
-  if (!registry().remove(context))
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexContextDestroy: the context is not a live handle "
-                "(destroyed already, or not created by flex)");
-  delete context;
-  return FLEX_STATUS_OK;
+  return destroyHandle(context, "flexContextDestroy", "context");
 }
 
 FlexStatus flexExecutableCreateFromPlan(FlexContext context, const char *text,
@@ -445,15 +451,7 @@ FlexStatus flexExecutableCreateFromPlanFile(FlexContext context,
 }
 
 FlexStatus flexExecutableDestroy(FlexExecutable executable) {
-  if (!executable)
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexExecutableDestroy: the executable is null");
-  if (!registry().remove(executable))
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexExecutableDestroy: the executable is not a live handle "
-                "(destroyed already, or not created by flex)");
-  delete executable;
-  return FLEX_STATUS_OK;
+  return destroyHandle(executable, "flexExecutableDestroy", "executable");
 }
 
 const char *flexExecutableGetLastError(FlexExecutable executable) {
@@ -853,15 +851,8 @@ FlexStatus flexCommunicatorCreateNccl(const char id[128], int32_t rank,
 }
 
 FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator) {
-  if (!communicator)
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexCommunicatorDestroy: the communicator is null");
-  if (!registry().remove(communicator))
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexCommunicatorDestroy: the communicator is not a live "
-                "handle (destroyed already, or not created by flex)");
-  delete communicator;
-  return FLEX_STATUS_OK;
+  return destroyHandle(communicator, "flexCommunicatorDestroy",
+                       "communicator");
 }
 
 FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator, int32_t *rank,
