@@ -16,6 +16,8 @@
 #include "flex/Runtime/Backend.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
 
+#include <algorithm>
+
 namespace flex::step_views {
 
 /// A typed read view of an operand; empty for an absent optional operand.
@@ -56,6 +58,29 @@ inline cpu::Epilogue toKernelEpilogue(Epilogue epilogue) {
 }
 
 /// The gate step's attributes as the gate kernels take them.
+/// The routing a step reads, from the layer and whichever routing operands
+/// it has. After shard_routing the routing counts k * s choices over E * s
+/// (virtual) experts: k and E come from the buffers when present (the loader
+/// checked that they agree).
+inline cpu::Routing routingOf(const LayerConfig &layer,
+                              const StepOperands &ops) {
+  cpu::Routing routing;
+  routing.indices = readAs<int32_t>(ops.in(OperandRole::Indices));
+  routing.locations = readAs<int32_t>(ops.in(OperandRole::Locations));
+  routing.gates = readAs<float>(ops.in(OperandRole::Gates));
+  routing.capacity = readAs<int32_t>(ops.in(OperandRole::Capacity));
+  routing.expertOffsets = readAs<int32_t>(ops.in(OperandRole::ExpertOffsets));
+  routing.expertRows = readAs<int32_t>(ops.in(OperandRole::ExpertRows));
+  routing.tokens = layer.tokens;
+  routing.topK = std::min(layer.topK, layer.experts);
+  routing.experts = layer.experts;
+  if (ops.in(OperandRole::Indices).isPresent())
+    routing.topK = ops.in(OperandRole::Indices).desc->shape[1];
+  if (ops.in(OperandRole::ExpertOffsets).isPresent())
+    routing.experts = ops.in(OperandRole::ExpertOffsets).desc->shape[0] - 1;
+  return routing;
+}
+
 inline cpu::GateAttrs gateAttrs(const StepAttrs &a) {
   cpu::GateAttrs attrs;
   attrs.topK = a.topK;

@@ -150,22 +150,7 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
   const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts;
   const int64_t k = std::min(layer.topK, layer.experts);
   // Routing is read from whichever side of the step holds it.
-  cpu::Routing routing;
-  routing.indices = readAs<int32_t>(ops.in(R::Indices));
-  routing.locations = readAs<int32_t>(ops.in(R::Locations));
-  routing.gates = readAs<float>(ops.in(R::Gates));
-  routing.capacity = readAs<int32_t>(ops.in(R::Capacity));
-  routing.expertOffsets = readAs<int32_t>(ops.in(R::ExpertOffsets));
-  routing.expertRows = readAs<int32_t>(ops.in(R::ExpertRows));
-  routing.tokens = T;
-  routing.topK = k;
-  routing.experts = E;
-  // After shard_routing the routing counts k * s choices over E * s
-  // (virtual) experts; the loader checked that the step's buffers agree.
-  if (ops.in(R::Indices).isPresent())
-    routing.topK = ops.in(R::Indices).desc->shape[1];
-  if (ops.in(R::ExpertOffsets).isPresent())
-    routing.experts = ops.in(R::ExpertOffsets).desc->shape[0] - 1;
+  cpu::Routing routing = step_views::routingOf(layer, ops);
   // The row groups of a segment op: the gate's E experts, or the L local
   // experts of a received buffer (uniform_segments).
   cpu::ExpertSegments segments = routing.segments();
