@@ -13,6 +13,7 @@
 #ifndef UNITTESTS_CUDA_CUDATESTSUPPORT_H
 #define UNITTESTS_CUDA_CUDATESTSUPPORT_H
 
+#include "MultiRankTestSupport.h"
 #include "flex/Runtime/Cpu/Half.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/LayerConfig.h"
@@ -33,53 +34,9 @@ namespace flex::cudatest {
       GTEST_SKIP() << "no CUDA device: " << reason;                            \
   } while (0)
 
-inline void storeValue(std::vector<uint8_t> &bytes, DType type, size_t i,
-                       double value) {
-  switch (type) {
-  case DType::F32: {
-    float v = static_cast<float>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  case DType::BF16: {
-    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
-    std::memcpy(bytes.data() + 2 * i, &v, 2);
-    return;
-  }
-  case DType::F16: {
-    uint16_t v = cpu::floatToF16(static_cast<float>(value));
-    std::memcpy(bytes.data() + 2 * i, &v, 2);
-    return;
-  }
-  case DType::I32: {
-    int32_t v = static_cast<int32_t>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  }
-}
-
-inline double loadValue(const std::vector<uint8_t> &bytes, DType type,
-                        size_t i) {
-  uint16_t half;
-  float single;
-  int32_t integer;
-  switch (type) {
-  case DType::F32:
-    std::memcpy(&single, bytes.data() + 4 * i, 4);
-    return single;
-  case DType::BF16:
-    std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return cpu::bf16ToFloat(half);
-  case DType::F16:
-    std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return cpu::f16ToFloat(half);
-  case DType::I32:
-    std::memcpy(&integer, bytes.data() + 4 * i, 4);
-    return integer;
-  }
-  return 0;
-}
+// Host element conversions, shared with the CPU tests.
+using test::loadValue;
+using test::storeValue;
 
 /// A typed buffer with a host copy and a device copy.
 struct Buffer {

@@ -68,14 +68,18 @@ void storeValue(std::vector<uint8_t> &bytes, DType type, int64_t i,
     std::memcpy(bytes.data() + 2 * i, &v, 2);
     return;
   }
-  case DType::I32:
+  case DType::I32: {
+    int32_t v = static_cast<int32_t>(value);
+    std::memcpy(bytes.data() + 4 * i, &v, 4);
     return;
+  }
   }
 }
 
 double loadValue(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
   uint16_t half;
   float single;
+  int32_t integer;
   switch (type) {
   case DType::F32:
     std::memcpy(&single, bytes.data() + 4 * i, 4);
@@ -87,7 +91,8 @@ double loadValue(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
     std::memcpy(&half, bytes.data() + 2 * i, 2);
     return cpu::f16ToFloat(half);
   case DType::I32:
-    return 0;
+    std::memcpy(&integer, bytes.data() + 4 * i, 4);
+    return integer;
   }
   return 0;
 }

@@ -56,10 +56,10 @@ std::vector<std::shared_ptr<Communicator>> localRanks(int size,
 // Host buffers of a plan's arguments
 //===----------------------------------------------------------------------===//
 
-/// Element i of `bytes` as `type`; i32 is left alone (no test sets one).
+/// Element i of `bytes` as `type` (i32 truncates `value`).
 void storeValue(std::vector<uint8_t> &bytes, DType type, int64_t i,
                 double value);
-/// Element i of `bytes` as `type`; i32 reads as 0.
+/// Element i of `bytes` as `type`.
 double loadValue(const std::vector<uint8_t> &bytes, DType type, int64_t i);
 
 /// The arguments of one rank, by name.
