@@ -221,7 +221,16 @@ INSTANTIATE_TEST_SUITE_P(
                                   "r0d1"},
                       PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r4d1"},
                       PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r4d2"},
-                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r0d1"}),
+                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r0d1"},
+                      // 1 <= r < s: grouped collectives (token classes and
+                      // shard groups) over NCCL sub-communicators.
+                      PlanVariant{"mr_shard_ffn_e1_w2_train.json", "r1d1"},
+                      PlanVariant{"mr_shard_gated_e2_w4_train.json", "r1d1"},
+                      PlanVariant{"mr_shard_ffn_e2_w4_train_bf16.json",
+                                  "r1d1"},
+                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r2d1"},
+                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r2d2"},
+                      PlanVariant{"mr_shard_ffn_e1_w4_train.json", "r1d1"}),
     planVariantName);
 
 } // namespace

@@ -207,10 +207,8 @@ TEST(NcclCommunicator, CollectivesOnTwoGpus) {
 // Rank 1 never joins the all-reduce: rank 0's wait for its stream ends
 // after the timeout with an error naming the collective, NCCL aborted.
 // ncclCommSplit: one group of both ranks in reverse order (a gather lists
-// rank 1 first), then one group per rank. Disabled until it has run on GPUs
-// (written without one; no plan path splits NCCL yet, the CUDA backend
-// refuses grouped steps): --gtest_also_run_disabled_tests runs it.
-TEST(NcclCommunicator, DISABLED_SplitsIntoGroups) {
+// rank 1 first), then one group per rank.
+TEST(NcclCommunicator, SplitsIntoGroups) {
   FLEX_SKIP_WITHOUT_GPUS(kRanks);
   auto ranks = makeRanks(60);
   ASSERT_TRUE(ranks[0] && ranks[1]);

@@ -110,11 +110,6 @@ public:
   /// and memory space. The default keeps it in communicator_.
   virtual Status setCommunicator(std::shared_ptr<Communicator> communicator);
 
-  /// Whether this backend runs grouped collective steps (PlanFormat.md,
-  /// "Groups of ranks"); the executor splits the communicator only for one
-  /// that does, so a backend that refuses them never touches the transport.
-  virtual bool runsGroupedCollectives() const { return true; }
-
   /// The sub-communicator of grouped collective steps (`group_size` =
   /// `size`, `group_stride` = `stride`; PlanFormat.md, "Groups of ranks"),
   /// or why the executor could not make it (`made` fails).

@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -274,11 +275,10 @@ public:
                                      std::string(what) +
                                      " (an earlier kernel or collective "
                                      "failed)");
-      ncclResult_t async = ncclSuccess;
-      ncclCommGetAsyncError(comm_, &async);
-      if (async != ncclSuccess && async != ncclInProgress)
-        return breakWith(what, "NCCL failed while the stream ran: " +
-                                   ncclText(async, comm_));
+      // The stream may hold this communicator's collectives and those of
+      // communicators split from it.
+      if (std::string failed = asyncFailure(); !failed.empty())
+        return breakWith(what, "NCCL failed while the stream ran: " + failed);
       if (Clock::now() >= deadline)
         return breakWith(what, "the stream did not finish within " +
                                    std::to_string(timeoutSeconds_) +
@@ -297,6 +297,24 @@ public:
   }
 
 private:
+  /// The first asynchronous NCCL error of this communicator or one split
+  /// from it, or "".
+  std::string asyncFailure() {
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(comm_, &async);
+    if (async != ncclSuccess && async != ncclInProgress)
+      return ncclText(async, comm_);
+    for (const std::weak_ptr<NcclCommunicator> &weak : children_)
+      if (std::shared_ptr<NcclCommunicator> child = weak.lock())
+        if (!child->broken_ && child->comm_) {
+          ncclCommGetAsyncError(child->comm_, &async);
+          if (async != ncclSuccess && async != ncclInProgress)
+            return "a communicator split from it: " +
+                   ncclText(async, child->comm_);
+        }
+    return "";
+  }
+
   Status begin(std::string_view what) {
     if (broken_)
       return brokenStatus(what);
@@ -306,7 +324,9 @@ private:
 
 public:
   /// ncclCommSplit (non-blocking, polled against the deadline): the
-  /// sub-communicator of grouped collective steps.
+  /// sub-communicator of grouped collective steps. The child is aborted
+  /// with this communicator, so a bounded wait that gives up on the world
+  /// also stops a grouped collective that hangs.
   Status split(int color, int key, std::shared_ptr<Communicator> &group,
                std::string_view what) override {
     group.reset();
@@ -318,20 +338,50 @@ public:
     config.blocking = 0;
     ncclComm_t comm = nullptr;
     ncclResult_t result = ncclCommSplit(comm_, color, key, &comm, &config);
-    if (Status s = finish(result, what, "ncclCommSplit"); !s)
-      return s;
-    if (comm)
-      result = pollComm(comm, ncclInProgress, deadlineAfter(timeoutSeconds_));
-    int rank = 0, size = 0;
-    if (!comm || result != ncclSuccess ||
-        ncclCommUserRank(comm, &rank) != ncclSuccess ||
-        ncclCommCount(comm, &size) != ncclSuccess) {
-      if (comm)
-        ncclCommAbort(comm);
-      return breakWith(what, "ncclCommSplit gave no usable communicator");
+    if (result != ncclSuccess && result != ncclInProgress)
+      return breakWith(what, "ncclCommSplit: " + ncclText(result, comm_));
+    // On a non-blocking parent NCCL finishes the split on a thread of its
+    // own and writes the new handle only at the end (NCCL's init.cc), so
+    // the handle is polled for, not read once after the call returns.
+    auto deadline = deadlineAfter(timeoutSeconds_);
+    ncclComm_t made = nullptr;
+    for (int polls = 0;;) {
+      ncclResult_t parent = ncclSuccess;
+      if (ncclResult_t r = ncclCommGetAsyncError(comm_, &parent);
+          r != ncclSuccess)
+        parent = r;
+      if (parent != ncclSuccess && parent != ncclInProgress)
+        return breakWith(what, "ncclCommSplit: " + ncclText(parent, comm_));
+      made = __atomic_load_n(&comm, __ATOMIC_ACQUIRE);
+      if (made && parent == ncclSuccess)
+        break;
+      if (Clock::now() >= deadline)
+        return breakWith(what, "ncclCommSplit did not finish within " +
+                                   std::to_string(timeoutSeconds_) +
+                                   " s (FLEX_COLLECTIVE_TIMEOUT_S)" +
+                                   (made ? "" : "; no new communicator yet"));
+      backOff(polls);
     }
-    group = std::make_shared<NcclCommunicator>(comm, rank, size, device_,
-                                               timeoutSeconds_);
+    // The child's own initialization may still be in progress.
+    result = pollComm(made, ncclInProgress, deadline);
+    int rank = 0, size = 0;
+    std::string failed;
+    if (result != ncclSuccess)
+      failed = "the new communicator failed to start: " +
+               (result == ncclInProgress ? std::string("still in progress")
+                                         : ncclText(result, made));
+    else if (ncclResult_t r = ncclCommUserRank(made, &rank); r != ncclSuccess)
+      failed = "ncclCommUserRank: " + ncclText(r, made);
+    else if (ncclResult_t r = ncclCommCount(made, &size); r != ncclSuccess)
+      failed = "ncclCommCount: " + ncclText(r, made);
+    if (!failed.empty()) {
+      ncclCommAbort(made);
+      return breakWith(what, failed);
+    }
+    auto child = std::make_shared<NcclCommunicator>(made, rank, size, device_,
+                                                    timeoutSeconds_);
+    children_.push_back(child);
+    group = std::move(child);
     return Status::ok();
   }
 
@@ -370,6 +420,12 @@ private:
   }
 
   void abortComm() {
+    for (const std::weak_ptr<NcclCommunicator> &weak : children_)
+      if (std::shared_ptr<NcclCommunicator> child = weak.lock())
+        child->abort(Status(StatusCode::CommunicationError,
+                            "its parent communicator was aborted: " +
+                                brokenReason_));
+    children_.clear();
     if (!comm_)
       return;
     cudaSetDevice(device_);
@@ -384,6 +440,8 @@ private:
   int32_t *barrierFlag_ = nullptr;
   bool broken_ = false;
   std::string brokenReason_;
+  /// Communicators split from this one (aborted with it).
+  std::vector<std::weak_ptr<NcclCommunicator>> children_;
 };
 
 Status unavailableWithoutMpi() {

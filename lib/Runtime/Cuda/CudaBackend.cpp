@@ -121,7 +121,6 @@ public:
   bool isHostMemory() const override { return false; }
   /// Grouped collectives (1 <= r < s) are refused in runStep until they
   /// are tested on GPUs, so the executor makes no NCCL sub-communicators.
-  bool runsGroupedCollectives() const override { return false; }
   Status copyToHost(void *hostDst, const void *src, int64_t bytes) override;
 
   bool hasDeviceTimer() const override { return true; }
@@ -580,18 +579,6 @@ const Step *CudaBackend::capacityGateOf(const Plan &plan,
 
 Status CudaBackend::runStep(const Plan &plan, const Step &step,
                             const StepOperands &ops) {
-  // Grouped collectives (experts sharded over ranks with 1 <= r < s) are
-  // built and tested on the CPU only: refuse them rather than exchange over
-  // the wrong ranks.
-  if (isCollective(step.op) && step.attrs.groupSize > 0)
-    return Status(StatusCode::Unavailable,
-                  "step '" + std::string(toString(step.op)) +
-                      "' runs among groups of " +
-                      std::to_string(step.attrs.groupSize) + " ranks " +
-                      std::to_string(step.attrs.groupStride) +
-                      " apart (experts sharded over ranks with 1 <= r < s); "
-                      "the CUDA backend does not run grouped collectives yet: "
-                      "select a variant with r = s or r = 0");
   if (Status s = makeCurrent(); !s)
     return s;
   cuda::KernelContext &ctx = *ctx_;
@@ -821,10 +808,12 @@ std::string bufferName(const TensorView &view) {
 
 Status CudaBackend::runCollective(const Plan &plan, const Step &step,
                                   const StepOperands &ops) {
-  if (!communicator_)
-    return Status(StatusCode::FailedPrecondition,
-                  "no communicator is set for the collective step");
-  Communicator &comm = *communicator_;
+  // All W ranks, or the sub-communicator of a grouped step (experts
+  // sharded over ranks with 1 <= r < s).
+  Communicator *group = nullptr;
+  if (Status status = communicatorFor(step, group); !status)
+    return status;
+  Communicator &comm = *group;
   if (comm.memory() != CommMemory::Device)
     return Status(StatusCode::InvalidArgument,
                   "step '" + std::string(toString(step.op)) +
@@ -871,15 +860,21 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
   const TensorView &input = ops.in(R::Input), &output = ops.out(R::Output);
   const StepAttrs &a = step.attrs;
   // Rows are in E * s blocks of C (virtual experts when experts are
-  // sharded over s ranks), L = E * s / W of them per rank.
+  // sharded over s ranks), L = E * s / W of them per rank of the exchange's
+  // W ranks (all of them, or one token class of a grouped step).
   const int64_t E = plan.virtualExperts(), W = comm.size();
   std::string what = "all_to_all " + std::string(toString(a.direction)) + " " +
                      bufferName(input) + " -> " + bufferName(output) +
                      ", chunk " + std::to_string(a.chunk) + " of " +
                      std::to_string(a.chunks);
+  if (W < 1 || E % W != 0)
+    return Status(StatusCode::Internal,
+                  what + ": " + std::to_string(E) +
+                      " (virtual) experts do not divide over " +
+                      std::to_string(W) + " ranks");
   cuda::AllToAllShape shape;
   shape.ranks = W;
-  shape.localExperts = plan.localExperts();
+  shape.localExperts = E / W;
   shape.chunks = a.chunks;
   shape.chunk = a.chunk;
   if (Status s = hostCapacity(plan, step.in(R::Capacity), ops.in(R::Capacity),

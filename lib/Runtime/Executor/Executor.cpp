@@ -233,9 +233,6 @@ Executor::Executor(std::shared_ptr<const Plan> plan,
 }
 
 Status Executor::makeGroupCommunicators() {
-  // A backend that refuses grouped steps fails them by name when they run.
-  if (!backend_->runsGroupedCollectives())
-    return Status::ok();
   // Every rank holds the same plan, so every rank splits the same groups in
   // the same order (split is a collective).
   std::vector<RankGroups> made;
