@@ -100,16 +100,20 @@ nccl() {
 }
 step nccl nccl
 
-# One run: mpirun -np 2 moe-run, forward+backward, one JSON; prints the
-# totals and the exchange's share. Extra environment goes in front (A=B ...).
-flex_run() { # flex_run CONFIG VARIANT TAG [ENV=VALUE ...]
+# One run: mpirun -np W moe-run, forward+backward, one JSON; prints the
+# totals and the exchange's share. Extra environment (A=B) or moe-run flags
+# (--no-align) follow the tag.
+flex_run() { # flex_run CONFIG VARIANT TAG [ENV=VALUE | --FLAG ...]
   local config=$1 variant=$2 tag=$3; shift 3
   local plan="$root/bench/plans/mr${RANKS}_$config.train.json"
   local json="$OUT/multi/flex_${config}_${variant}_${tag}.json"
-  local envs=() e
-  for e in "$@"; do envs+=(-x "$e"); done
-  if env "$@" timeout 120 "${MPIRUN[@]}" "${envs[@]}" "$MOE_RUN" "$plan" \
-       --device cuda --train --variant "$variant" --iters "$ITERS" --json \
+  # ENV=VALUE items go to every rank's environment; --flag items to moe-run.
+  local envs=() vars=() flags=() e
+  for e in "$@"; do
+    if [[ "$e" == --* ]]; then flags+=("$e"); else envs+=(-x "$e"); vars+=("$e"); fi
+  done
+  if env "${vars[@]}" timeout 120 "${MPIRUN[@]}" "${envs[@]}" "$MOE_RUN" "$plan" \
+       --device cuda --train --variant "$variant" --iters "$ITERS" --json "${flags[@]}" \
        >"$json.tmp" 2>"$json.err"; then
     mv "$json.tmp" "$json"
     python3 - "$json" "$config" "$variant" "$tag" <<'PY' || true
@@ -148,7 +152,7 @@ flex() {
       fi
     done
   done
-  # A/B runs, "config:variant:tag[:ENV=VALUE,...]" each. The default packs
+  # A/B runs, "config:variant:tag[:ENV=VALUE|--flag,...]" each. The default packs
   # rows into staging blocks against sending them in place (runs under
   # 8 MiB are packed: C3 packs, C1 does not).
   local extra config variant tag envs

@@ -96,6 +96,11 @@ options:
                     (plans with a fixed capacity and padded layout; others
                     run step by step); per-step times then come from the
                     first, eager run
+  --no-align        on W ranks, do not start each call together: by default
+                    the ranks meet in a host barrier before every forward and
+                    backward, so a pass's time is not the wait for a rank
+                    whose host resumed later after the previous call's
+                    synchronize (see bench/RESULTS.md, Run 11)
   --check-nan       reject NaN/Inf in inputs and outputs
   --check-overlap   also reject workspace buffers that share bytes while
                     both are live (checks the compiler's memory plan)
@@ -125,6 +130,7 @@ struct Options {
   int64_t iters = 1;
   std::string device = "cpu";
   bool graph = false;
+  bool align = true;
 };
 
 [[noreturn]] void usageError(const std::string &message) {
@@ -190,6 +196,8 @@ Options parseOptions(int argc, char **argv) {
         usageError("--device needs cpu or cuda, got '" + options.device + "'");
     } else if (arg == "--graph") {
       options.graph = true;
+    } else if (arg == "--no-align") {
+      options.align = false;
     } else if (!arg.empty() && arg[0] == '-') {
       usageError("unknown option '" + arg + "'");
     } else if (options.path.empty()) {
@@ -388,6 +396,17 @@ struct Ranks {
     }
 #endif
     return values;
+  }
+  /// Returns once every rank has called it.
+  void barrier() const {
+    if (tcp && size > 1) {
+      (void)tcpGather({0.0});
+      return;
+    }
+#ifdef FLEX_HAVE_MPI
+    if (mpi && size > 1)
+      MPI_Barrier(MPI_COMM_WORLD);
+#endif
   }
   /// `dir` on one rank, `dir/rank<r>` on many.
   std::string dir(const std::string &dir) const {
@@ -817,12 +836,19 @@ int main(int argc, char **argv) {
   int64_t warmup = options.graph ? 2 : (options.iters > 1 ? 1 : 0);
   for (int64_t iter = 0; iter < warmup + options.iters; ++iter) {
     bool timed = iter >= warmup;
+    // Each call synchronizes (for its times), so the ranks' hosts resume at
+    // different moments; without the barrier the first collective of the
+    // next pass absorbs that skew.
+    if (options.align)
+      ranks.barrier();
     checkApi(flexExecutableForward(exe, bindings.data(), bindings.size(),
                                    &runOptions),
              "forward");
     if (timed || options.graph)
       forwardTimes.add(exe, timed);
     if (options.train) {
+      if (options.align)
+        ranks.barrier();
       checkApi(flexExecutableBackward(exe, bindings.data(), bindings.size(),
                                       &runOptions),
                "backward");
@@ -1013,6 +1039,7 @@ int main(int argc, char **argv) {
     out["seed"] = options.seed;
     out["device"] = options.device;
     out["graph"] = options.graph;
+    out["aligned"] = options.align && ranks.size > 1;
     out["ranks"] = ranks.size;
     auto steps = [&](const StepTimes &times) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
