@@ -673,8 +673,14 @@ int main(int argc, char **argv) {
     }
     FlexStatus status = flexExecutableSetCommunicator(exe, communicator);
     flexCommunicatorDestroy(communicator);
+    // A plan for other ranks is bad usage (2); a failed transport, such as
+    // a sub-communicator that could not be split, a failed run (1).
     if (status != FLEX_STATUS_OK)
-      fatal(2, "'" + options.path + "': " + flexGetLastError());
+      fatal(status == FLEX_STATUS_COMMUNICATION_ERROR ||
+                    status == FLEX_STATUS_INTERNAL
+                ? 1
+                : 2,
+            "'" + options.path + "': " + flexGetLastError());
   } else if (world > 1) {
     fatal(2, "'" + options.path + "' runs on " + std::to_string(world) +
                  " ranks (world.size); start it with mpirun -np " +

@@ -285,6 +285,58 @@ TEST(NcclCommunicator, AMissingRankTimesOutAndAborts) {
   EXPECT_THAT(waited.message(), HasSubstr("aborted"));
 }
 
+// The hang of NVIDIA/nccl#1013: rank 0 queues a collective of a
+// communicator split from the world (rank 1 never joins it), then a world
+// collective behind it on the same stream. The world's bounded wait must
+// end with an error, aborting both communicators together (one at a time,
+// the first abort would wait for kernels stuck behind the other), and both
+// must refuse later calls.
+TEST(NcclCommunicator, ASplitCollectiveThatHangsAbortsTheWholeFamily) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  auto ranks = makeRanks(3);
+  ASSERT_TRUE(ranks[0] && ranks[1]);
+  std::vector<std::shared_ptr<Communicator>> groups(kRanks);
+  std::vector<Status> splits(kRanks);
+  onRanks([&](int r) {
+    ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
+    splits[r] = ranks[r]->split(0, r, groups[r], "split");
+  });
+  for (int r = 0; r < kRanks; ++r)
+    ASSERT_TRUE(splits[r].isOk()) << "rank " << r << ": "
+                                  << splits[r].message();
+  std::atomic<bool> rank0Done{false};
+  Status waited, laterWorld, laterGroup;
+  onRanks([&](int r) {
+    ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
+    if (r == 1) {
+      while (!rank0Done)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      ranks[1]->abort(Status(StatusCode::CommunicationError, "test over"));
+      return;
+    }
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    ASSERT_TRUE(ranks[0]->setStream(stream).isOk());
+    ASSERT_TRUE(groups[0]->setStream(stream).isOk());
+    int32_t *value = deviceCopy(std::vector<int32_t>{1});
+    Status queued = groups[0]->allReduceMaxInt32(value, 1, "lonely group");
+    if (queued)
+      queued = ranks[0]->allReduceMaxInt32(value, 1, "world behind it");
+    waited = queued ? ranks[0]->synchronizeStream(stream, "waiting")
+                    : queued;
+    rank0Done = true;
+    laterWorld = ranks[0]->allReduceMaxInt32(value, 1, "world after");
+    laterGroup = groups[0]->allReduceMaxInt32(value, 1, "group after");
+    cudaFree(value);
+    cudaStreamDestroy(stream);
+  });
+  EXPECT_EQ(waited.code(), StatusCode::CommunicationError) << waited.message();
+  EXPECT_THAT(waited.message(), HasSubstr("aborted"));
+  EXPECT_EQ(laterWorld.code(), StatusCode::CommunicationError);
+  EXPECT_EQ(laterGroup.code(), StatusCode::CommunicationError);
+  EXPECT_THAT(laterGroup.message(), HasSubstr("split from"));
+}
+
 TEST(NcclCommunicator, RejectsARankOutOfRange) {
   std::shared_ptr<Communicator> comm;
   Status status = createNcclCommunicator(comm, NcclUniqueId{}, 2, 2);

@@ -24,6 +24,7 @@
 #include <mpi.h>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -83,7 +84,9 @@ ncclResult_t pollComm(ncclComm_t comm, ncclResult_t result,
   return result;
 }
 
-class NcclCommunicator final : public Communicator {
+class NcclCommunicator final
+    : public Communicator,
+      public std::enable_shared_from_this<NcclCommunicator> {
 public:
   NcclCommunicator(ncclComm_t comm, int rank, int size, int device,
                    double timeoutSeconds)
@@ -96,13 +99,17 @@ public:
     if (barrierFlag_)
       cudaFree(barrierFlag_);
     // Finalize flushes queued work; a peer that never comes must not hang
-    // the destructor, so a late finalize aborts instead.
+    // the destructor, so a late finalize aborts instead (with the
+    // communicators split from this one).
     ncclResult_t result =
         pollComm(comm_, ncclCommFinalize(comm_), deadlineAfter(timeoutSeconds_));
-    if (result == ncclSuccess)
+    if (result == ncclSuccess) {
       ncclCommDestroy(comm_);
-    else
-      ncclCommAbort(comm_);
+      comm_ = nullptr;
+      return;
+    }
+    brokenReason_ = "its communicator did not finalize in time";
+    abortFamily();
   }
 
   std::string_view name() const override { return "nccl"; }
@@ -337,12 +344,23 @@ public:
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     ncclComm_t comm = nullptr;
+    // On a failure NCCL may still write a handle into `comm` (from its own
+    // thread, until the parent's abort joins it): that one is aborted too.
+    auto fail = [&](const std::string &reason) {
+      Status failed = breakWith(what, reason);
+      if (ncclComm_t late = __atomic_load_n(&comm, __ATOMIC_ACQUIRE))
+        ncclCommAbort(late);
+      return failed;
+    };
     ncclResult_t result = ncclCommSplit(comm_, color, key, &comm, &config);
     if (result != ncclSuccess && result != ncclInProgress)
-      return breakWith(what, "ncclCommSplit: " + ncclText(result, comm_));
+      return fail("ncclCommSplit: " + ncclText(result, comm_));
     // On a non-blocking parent NCCL finishes the split on a thread of its
     // own and writes the new handle only at the end (NCCL's init.cc), so
     // the handle is polled for, not read once after the call returns.
+    const std::string timeLimit = " within " +
+                                  std::to_string(timeoutSeconds_) +
+                                  " s (FLEX_COLLECTIVE_TIMEOUT_S)";
     auto deadline = deadlineAfter(timeoutSeconds_);
     ncclComm_t made = nullptr;
     for (int polls = 0;;) {
@@ -351,15 +369,13 @@ public:
           r != ncclSuccess)
         parent = r;
       if (parent != ncclSuccess && parent != ncclInProgress)
-        return breakWith(what, "ncclCommSplit: " + ncclText(parent, comm_));
+        return fail("ncclCommSplit: " + ncclText(parent, comm_));
       made = __atomic_load_n(&comm, __ATOMIC_ACQUIRE);
       if (made && parent == ncclSuccess)
         break;
       if (Clock::now() >= deadline)
-        return breakWith(what, "ncclCommSplit did not finish within " +
-                                   std::to_string(timeoutSeconds_) +
-                                   " s (FLEX_COLLECTIVE_TIMEOUT_S)" +
-                                   (made ? "" : "; no new communicator yet"));
+        return fail("ncclCommSplit did not finish" + timeLimit +
+                    (made ? "" : "; no new communicator yet"));
       backOff(polls);
     }
     // The child's own initialization may still be in progress.
@@ -367,19 +383,25 @@ public:
     int rank = 0, size = 0;
     std::string failed;
     if (result != ncclSuccess)
-      failed = "the new communicator failed to start: " +
-               (result == ncclInProgress ? std::string("still in progress")
-                                         : ncclText(result, made));
+      failed = result == ncclInProgress
+                   ? "the new communicator did not start" + timeLimit
+                   : "the new communicator failed to start: " +
+                         ncclText(result, made);
     else if (ncclResult_t r = ncclCommUserRank(made, &rank); r != ncclSuccess)
       failed = "ncclCommUserRank: " + ncclText(r, made);
     else if (ncclResult_t r = ncclCommCount(made, &size); r != ncclSuccess)
       failed = "ncclCommCount: " + ncclText(r, made);
-    if (!failed.empty()) {
-      ncclCommAbort(made);
-      return breakWith(what, failed);
-    }
+    if (!failed.empty())
+      return fail(failed);
     auto child = std::make_shared<NcclCommunicator>(made, rank, size, device_,
                                                     timeoutSeconds_);
+    child->parent_ = weak_from_this();
+    // Children of executors that are gone need no abort.
+    children_.erase(std::remove_if(children_.begin(), children_.end(),
+                                   [](const std::weak_ptr<NcclCommunicator> &c) {
+                                     return c.expired();
+                                   }),
+                    children_.end());
     children_.push_back(child);
     group = std::move(child);
     return Status::ok();
@@ -419,17 +441,65 @@ private:
     return Status(StatusCode::CommunicationError, message);
   }
 
+  /// Aborts this communicator's whole family: the communicator it was
+  /// split from (if any), that one's, and every communicator split from
+  /// them. One stream holds collectives of several of them, and an abort
+  /// waits for its own kernels, which may wait behind a hung kernel of
+  /// another: aborted one at a time they can hang for good
+  /// (NVIDIA/nccl#1013), so they are aborted in one NCCL group.
   void abortComm() {
-    for (const std::weak_ptr<NcclCommunicator> &weak : children_)
-      if (std::shared_ptr<NcclCommunicator> child = weak.lock())
-        child->abort(Status(StatusCode::CommunicationError,
-                            "its parent communicator was aborted: " +
-                                brokenReason_));
-    children_.clear();
-    if (!comm_)
+    std::shared_ptr<NcclCommunicator> root;
+    for (std::shared_ptr<NcclCommunicator> up = parent_.lock(); up;
+         up = up->parent_.lock())
+      root = up;
+    if (root) {
+      if (!root->broken_) {
+        root->broken_ = true;
+        root->brokenReason_ =
+            "a communicator split from it failed: " + brokenReason_;
+      }
+      root->abortFamily();
+    } else {
+      abortFamily();
+    }
+  }
+
+  /// Aborts this communicator and those split from it, in one group.
+  void abortFamily() {
+    std::vector<ncclComm_t> comms;
+    takeForAbort(comms);
+    if (comms.empty())
       return;
     cudaSetDevice(device_);
-    ncclCommAbort(comm_);
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 22, 0)
+    const bool grouped = comms.size() > 1;
+#else
+    const bool grouped = false; // grouped aborts came with NCCL 2.22
+#endif
+    if (grouped)
+      ncclGroupStart();
+    for (ncclComm_t comm : comms)
+      ncclCommAbort(comm);
+    if (grouped)
+      ncclGroupEnd();
+  }
+
+  /// Marks the communicators split from this one broken and hands over
+  /// their handles and this one's.
+  void takeForAbort(std::vector<ncclComm_t> &comms) {
+    for (const std::weak_ptr<NcclCommunicator> &weak : children_)
+      if (std::shared_ptr<NcclCommunicator> child = weak.lock()) {
+        if (!child->broken_) {
+          child->broken_ = true;
+          child->brokenReason_ =
+              "the communicator it was split from was aborted: " +
+              brokenReason_;
+        }
+        child->takeForAbort(comms);
+      }
+    children_.clear();
+    if (comm_)
+      comms.push_back(comm_);
     comm_ = nullptr;
   }
 
@@ -440,8 +510,10 @@ private:
   int32_t *barrierFlag_ = nullptr;
   bool broken_ = false;
   std::string brokenReason_;
-  /// Communicators split from this one (aborted with it).
+  /// Communicators split from this one (aborted with it), and the one this
+  /// one was split from.
   std::vector<std::weak_ptr<NcclCommunicator>> children_;
+  std::weak_ptr<NcclCommunicator> parent_;
 };
 
 Status unavailableWithoutMpi() {

@@ -119,8 +119,6 @@ public:
   void deallocate(void *data) override;
 
   bool isHostMemory() const override { return false; }
-  /// Grouped collectives (1 <= r < s) are refused in runStep until they
-  /// are tested on GPUs, so the executor makes no NCCL sub-communicators.
   Status copyToHost(void *hostDst, const void *src, int64_t bytes) override;
 
   bool hasDeviceTimer() const override { return true; }
