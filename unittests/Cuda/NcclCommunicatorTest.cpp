@@ -302,8 +302,8 @@ TEST(NcclCommunicator, ASplitCollectiveThatHangsAbortsTheWholeFamily) {
     splits[r] = ranks[r]->split(0, r, groups[r], "split");
   });
   for (int r = 0; r < kRanks; ++r)
-    ASSERT_TRUE(splits[r].isOk()) << "rank " << r << ": "
-                                  << splits[r].message();
+    ASSERT_TRUE(splits[r].isOk())
+        << "rank " << r << ": " << splits[r].message();
   std::atomic<bool> rank0Done{false};
   Status waited, laterWorld, laterGroup;
   onRanks([&](int r) {
@@ -322,8 +322,7 @@ TEST(NcclCommunicator, ASplitCollectiveThatHangsAbortsTheWholeFamily) {
     Status queued = groups[0]->allReduceMaxInt32(value, 1, "lonely group");
     if (queued)
       queued = ranks[0]->allReduceMaxInt32(value, 1, "world behind it");
-    waited = queued ? ranks[0]->synchronizeStream(stream, "waiting")
-                    : queued;
+    waited = queued ? ranks[0]->synchronizeStream(stream, "waiting") : queued;
     rank0Done = true;
     laterWorld = ranks[0]->allReduceMaxInt32(value, 1, "world after");
     laterGroup = groups[0]->allReduceMaxInt32(value, 1, "group after");

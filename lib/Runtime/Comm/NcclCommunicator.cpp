@@ -358,8 +358,7 @@ public:
     // On a non-blocking parent NCCL finishes the split on a thread of its
     // own and writes the new handle only at the end (NCCL's init.cc), so
     // the handle is polled for, not read once after the call returns.
-    const std::string timeLimit = " within " +
-                                  std::to_string(timeoutSeconds_) +
+    const std::string timeLimit = " within " + std::to_string(timeoutSeconds_) +
                                   " s (FLEX_COLLECTIVE_TIMEOUT_S)";
     auto deadline = deadlineAfter(timeoutSeconds_);
     ncclComm_t made = nullptr;
@@ -397,11 +396,12 @@ public:
                                                     timeoutSeconds_);
     child->parent_ = weak_from_this();
     // Children of executors that are gone need no abort.
-    children_.erase(std::remove_if(children_.begin(), children_.end(),
-                                   [](const std::weak_ptr<NcclCommunicator> &c) {
-                                     return c.expired();
-                                   }),
-                    children_.end());
+    children_.erase(
+        std::remove_if(children_.begin(), children_.end(),
+                       [](const std::weak_ptr<NcclCommunicator> &c) {
+                         return c.expired();
+                       }),
+        children_.end());
     children_.push_back(child);
     group = std::move(child);
     return Status::ok();
