@@ -10,7 +10,9 @@
 #      (16384 tokens per GPU; variants r1d1, r1d2, r0d1; forward+backward),
 #      one JSON per run in $OUT/multi/,
 #   4. NCCL's own all-to-all bandwidth through torch.distributed (torchrun,
-#      bench/nccl_a2a_bw.py) for comparison.
+#      bench/nccl_a2a_bw.py) for comparison, and the GEMMs' slowdown beside
+#      an exchange over NCCL and over the copy engines
+#      (bench/overlap_probe.py).
 # A failed step is recorded and the next one still runs; a summary comes
 # last. Needs bench/plans from bench/make_multi_plans.sh (run where the
 # compiler is), carried with the call:
@@ -18,7 +20,7 @@
 #       command="bash bench/gpu_multi.sh")
 # Knobs (set empty to run none): BENCH_EXTRA (A/B runs, see flex()), BENCH_ITERS (10), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
 # c3_dropless"), BENCH_VARIANTS ("r1d1 r1d2 r1d4 r0d1"), BENCH_SKIP ("build tests
-# ctest flex nccl", any subset), BENCH_DEADLINE (540 s: no new step after).
+# ctest nccl probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -95,6 +97,21 @@ nccl() {
     "$root/bench/nccl_a2a_bw.py" "$OUT/multi/nccl_a2a_bw.json"
 }
 step nccl nccl
+
+# Transports beside the GEMMs (bench/overlap_probe.py): NCCL's kernels,
+# NCCL with its copy-engine path, and plain copy engines.
+probe() {
+  local ok=0
+  timeout 120 torchrun --standalone --nproc_per_node "$RANKS" \
+    "$root/bench/overlap_probe.py" nccl "$OUT/multi/probe_nccl.json" || ok=1
+  NCCL_P2P_USE_CUDA_MEMCPY=1 timeout 120 torchrun --standalone \
+    --nproc_per_node "$RANKS" "$root/bench/overlap_probe.py" nccl \
+    "$OUT/multi/probe_nccl_ce.json" || { echo "NCCL_P2P_USE_CUDA_MEMCPY=1 failed or timed out"; ok=1; }
+  CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((RANKS - 1)))" timeout 120 python3 \
+    "$root/bench/overlap_probe.py" ce "$OUT/multi/probe_ce.json" || ok=1
+  return $ok
+}
+step probe probe
 
 # One run: mpirun -np W moe-run, forward+backward, one JSON; prints the
 # totals and the exchange's share. Extra environment (A=B) or moe-run flags
