@@ -13,7 +13,12 @@
 # steps; bench/RESULTS.md, "Runs 5-7"). The A/B runs (staged, inplace, ...)
 # follow. Times are rank 0's medians, ms.
 #
-#   python3 bench/multi_report.py bench/results/gpu_multi_run6.tgz
+#   python3 bench/multi_report.py bench/results/gpu_multi_run6.tgz [--png F]
+#
+# --png F draws, per config, each variant's serial forward and backward as
+# stacked stages (router, gate, dispatch, exchange, experts, combine,
+# other; per-step times are exact only when serial) with the overlapped
+# pass's time as a marker beside it.
 #
 # ===----------------------------------------------------------------------=== #
 
@@ -65,13 +70,91 @@ def totals(run):
             "all_exchange": exchange(f) + exchange(b)}
 
 
+STAGES = (("router", ("router", "router_backward")),
+          ("gate", ("gate", "gate_backward", "sync_capacity", "shard_routing",
+                    "shard_routing_backward")),
+          ("dispatch", ("dispatch", "dispatch_backward")),
+          ("exchange", EXCHANGE_OPS),
+          ("experts", ("grouped_gemm", "grouped_gemm_wgrad", "glu",
+                       "glu_backward", "activation_backward",
+                       "uniform_segments")),
+          ("combine", ("combine", "combine_backward")))
+
+
+def stages(pass_):
+    """ms per stage of one pass's steps (the rest under 'other')."""
+    out = {name: 0.0 for name, _ in STAGES}
+    out["other"] = 0.0
+    for step in pass_.get("steps", []):
+        name = next((n for n, ops in STAGES if step["op"] in ops), "other")
+        out[name] += step["mean_us"] / 1000
+    return out
+
+
+def draw(found, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    configs = sorted({c for c, _, t in found if t == "serial"})
+    if not configs:
+        sys.exit("multi_report.py --png: no serial runs to draw")
+    fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.5),
+                             squeeze=False)
+    names = [n for n, _ in STAGES] + ["other"]
+    colors = plt.get_cmap("tab10").colors
+    for ax, config in zip(axes[0], configs):
+        variants = sorted(v for c, v, t in found
+                          if c == config and t == "serial")
+        labels, x = [], 0
+        for v in variants:
+            run = found[(config, v, "serial")]
+            for pass_name in ("forward", "backward"):
+                bottom = 0.0
+                for i, (stage, ms) in enumerate(stages(run[pass_name]).items()):
+                    ax.bar(x, ms, bottom=bottom, color=colors[i % len(colors)],
+                           label=stage if x == 0 else None)
+                    bottom += ms
+                overlap = found.get((config, v, "overlap"))
+                if overlap:
+                    ax.plot([x - 0.4, x + 0.4],
+                            [overlap[pass_name]["median_us"] / 1000] * 2,
+                            color="black", linewidth=2,
+                            label="overlapped pass" if x == 0 else None)
+                labels.append(f"{v}\n{'fwd' if pass_name == 'forward' else 'bwd'}")
+                x += 1
+            x += 0.5
+        ticks = []
+        t = 0
+        for v in variants:
+            ticks += [t, t + 1]
+            t += 2.5
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("ms (serial steps, largest over ranks)")
+        ax.set_title(config)
+    handles, texts = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, texts, loc="upper right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def fmt(value):
     return "" if value is None else f"{value:.2f}"
 
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: multi_report.py RESULTS.tgz|DIR")
+    args = sys.argv[1:]
+    png = None
+    if "--png" in args:
+        i = args.index("--png")
+        if i + 1 >= len(args):
+            sys.exit("usage: multi_report.py RESULTS.tgz|DIR [--png F]")
+        png = args[i + 1]
+        del args[i:i + 2]
+    if len(args) != 1:
+        sys.exit("usage: multi_report.py RESULTS.tgz|DIR [--png F]")
+    sys.argv[1:] = args
     found = runs(sys.argv[1])
     if not found:
         sys.exit(f"multi_report.py: no flex_*.json runs in {sys.argv[1]}")
@@ -109,6 +192,8 @@ def main():
             print(f"  A/B {v} {t}: fwd {x['fwd']:.2f} ms, fwd+bwd "
                   f"{x['all']:.2f} ms, exchange steps {x['fwd_exchange']:.2f}"
                   f" + {x['all_exchange'] - x['fwd_exchange']:.2f} ms")
+    if png:
+        draw(found, png)
 
 
 if __name__ == "__main__":
