@@ -18,7 +18,7 @@
 # compiler is), carried with the call:
 #   run(kind="nvidia-h200-x2", carry=["bench/plans"],
 #       command="bash bench/gpu_multi.sh")
-# Knobs (set empty to run none): BENCH_EXTRA (A/B runs, see flex()), BENCH_ITERS (10), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
+# Knobs (set empty to run none): BENCH_EXTRA (A/B runs, see flex()), BENCH_ITERS (20, PERF.md: median of >= 20), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
 # c3_dropless"), BENCH_VARIANTS ("r1d1 r1d2 r1d4 r0d1"), BENCH_SKIP ("build tests
 # ctest nccl probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
 set -uo pipefail
@@ -26,7 +26,7 @@ set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 OUT="${OUT:-$root/bench/out}"
-ITERS="${BENCH_ITERS:-10}"
+ITERS="${BENCH_ITERS:-20}"
 CONFIGS="${BENCH_MULTI_CONFIGS-c1_cap1 c3_cap1 c1_dropless c3_dropless c1_cap1_2dh c3_cap1_2dh}"
 VARIANTS="${BENCH_VARIANTS-r1d1 r1d2 r1d4 r0d1}"
 SKIP=" ${BENCH_SKIP:-} "
