@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# The multi-GPU run in ONE device call (nvidia-h200-x2 or -x4), issue 5:
+# The multi-GPU run in ONE device call (nvidia-h200-x2 or -x4), issue 5, on
+# W = the GPUs found (or BENCH_RANKS), one rank per GPU:
 #   1. build the runtime with CUDA and NCCL (no compiler: no MLIR there),
-#   2. the NCCL tests: the communicator, the multi-rank plans on 2 GPUs vs
-#      the fp64 reference, moe-run under mpirun and started torchrun-style
-#      (ctest -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous'), then the
-#      whole ctest,
-#   3. timings: mpirun -np W moe-run on bench/plans/mr<W>_{c1,c3}_*.train.json
-#      (W = the GPUs, or BENCH_RANKS; 2DH plans for W = 4)
-#      (16384 tokens per GPU; variants r1d1, r1d2, r0d1; forward+backward),
-#      one JSON per run in $OUT/multi/,
-#   4. NCCL's own all-to-all bandwidth through torch.distributed (torchrun,
+#   2. the NCCL tests: the communicator, the multi-rank plans on W GPUs vs
+#      the fp64 reference over three exchange paths, moe-run under mpirun
+#      and started torchrun-style (ctest -R
+#      'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous'), then the whole ctest,
+#   3. NCCL's own all-to-all bandwidth through torch.distributed (torchrun,
 #      bench/nccl_a2a_bw.py) for comparison, and the GEMMs' slowdown beside
 #      an exchange over NCCL and over the copy engines
-#      (bench/overlap_probe.py).
+#      (bench/overlap_probe.py),
+#   4. timings: mpirun -np W moe-run on bench/plans/mr<W>_{c1,c3}_*.train.json
+#      (2DH plans for W = 4; 16384 tokens per GPU; variants r1d1, r1d2,
+#      r1d4, r0d1; forward+backward, with and without overlap), one JSON
+#      per run in $OUT/multi/.
 # A failed step is recorded and the next one still runs; a summary comes
 # last. Needs bench/plans from bench/make_multi_plans.sh (run where the
 # compiler is), carried with the call:
-#   run(kind="nvidia-h200-x2", carry=["bench/plans"],
+#   run(kind="nvidia-h200-x4", carry=["bench/plans"],
 #       command="bash bench/gpu_multi.sh")
-# Knobs (set empty to run none): BENCH_EXTRA (A/B runs, see flex()), BENCH_ITERS (20, PERF.md: median of >= 20), BENCH_MULTI_CONFIGS ("c1_cap1 c3_cap1 c1_dropless
-# c3_dropless"), BENCH_VARIANTS ("r1d1 r1d2 r1d4 r0d1"), BENCH_SKIP ("build tests
-# ctest nccl probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
+# Knobs: BENCH_EXTRA (A/B runs, see flex()), BENCH_MULTI_CONFIGS ("c1_cap1
+# c3_cap1 c1_dropless c3_dropless c1_cap1_2dh c3_cap1_2dh"), BENCH_VARIANTS
+# ("r1d1 r1d2 r1d4 r0d1") -- these three run none when set empty --,
+# BENCH_ITERS (20, PERF.md: median of >= 20), BENCH_SKIP ("build tests ctest
+# nccl probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -9,9 +9,11 @@
 # or its multi/ folder) and prints, per config, one row per variant: the
 # layer time with exchanges overlapped and serial, the exchange steps of the
 # serial run, and the exposed communication (layer time minus the
-# compute-only time, which is the serial run's time minus its exchange
-# steps; bench/RESULTS.md, "Runs 5-7"). The A/B runs (staged, inplace, ...)
-# follow. Times are rank 0's medians, ms.
+# compute-only time: the r1d1 serial run's time minus its exchange steps,
+# used for every variant; bench/RESULTS.md, "Runs 5-7"). The A/B runs
+# (staged, inplace, ...) follow. Pass times are medians over iterations of
+# each call's largest-over-ranks time (moe-run); exchange steps are
+# per-step means of the largest over ranks; ms.
 #
 #   python3 bench/multi_report.py bench/results/gpu_multi_run6.tgz [--png F]
 #

@@ -1,7 +1,7 @@
 """How much an exchange slows the expert GEMMs that run beside it, and how
 fast it moves, for the two transports a single host offers: NCCL's kernels
 (which take SMs) and the copy engines (which take none). Decides whether a
-copy-engine exchange is worth building (bench/RESULTS.md, Run 11: the GEMMs
+copy-engine exchange is worth building (bench/RESULTS.md, Runs 5-7: the GEMMs
 beside NCCL's all-to-all run ~15% slower, the largest term of C1's exposed
 communication after the first and last chunk).
 
