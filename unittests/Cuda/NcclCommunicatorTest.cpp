@@ -204,8 +204,6 @@ TEST(NcclCommunicator, CollectivesOnTwoGpus) {
     EXPECT_TRUE(failures[r].empty()) << "rank " << r << ": " << failures[r];
 }
 
-// Rank 1 never joins the all-reduce: rank 0's wait for its stream ends
-// after the timeout with an error naming the collective, NCCL aborted.
 // ncclCommSplit: one group of both ranks in reverse order (a gather lists
 // rank 1 first), then one group per rank.
 TEST(NcclCommunicator, SplitsIntoGroups) {
@@ -252,12 +250,12 @@ TEST(NcclCommunicator, SplitsIntoGroups) {
     EXPECT_EQ(failures[r], "") << "rank " << r;
 }
 
-TEST(NcclCommunicator, AMissingRankTimesOutAndAborts) {
-  FLEX_SKIP_WITHOUT_GPUS(kRanks);
-  auto ranks = makeRanks(3);
-  ASSERT_TRUE(ranks[0] && ranks[1]);
+/// Runs `body` on rank 0 with a stream of its own while rank 1 joins no
+/// collective; rank 1 aborts once rank 0 is done (also when an assertion
+/// in `body` returned early, so nothing spins forever).
+void withRank1Absent(const std::vector<std::shared_ptr<Communicator>> &ranks,
+                     const std::function<void(cudaStream_t)> &body) {
   std::atomic<bool> rank0Done{false};
-  Status waited;
   onRanks([&](int r) {
     ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
     if (r == 1) {
@@ -267,18 +265,33 @@ TEST(NcclCommunicator, AMissingRankTimesOutAndAborts) {
       return;
     }
     cudaStream_t stream = nullptr;
-    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    if (cudaStreamCreate(&stream) == cudaSuccess)
+      body(stream);
+    else
+      ADD_FAILURE() << "cudaStreamCreate";
+    rank0Done = true;
+    if (stream)
+      cudaStreamDestroy(stream);
+  });
+}
+
+// Rank 1 never joins the all-reduce: rank 0's wait for its stream ends
+// after the timeout with an error naming the collective, NCCL aborted.
+TEST(NcclCommunicator, AMissingRankTimesOutAndAborts) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  auto ranks = makeRanks(3);
+  ASSERT_TRUE(ranks[0] && ranks[1]);
+  Status waited;
+  withRank1Absent(ranks, [&](cudaStream_t stream) {
     ASSERT_TRUE(ranks[0]->setStream(stream).isOk());
     int32_t *value = deviceCopy(std::vector<int32_t>{1});
     Status queued = ranks[0]->allReduceMaxInt32(value, 1, "lonely all-reduce");
     waited = queued ? ranks[0]->synchronizeStream(stream, "lonely all-reduce")
                     : queued;
-    rank0Done = true;
     // Broken now: later calls fail at once.
     Status later = ranks[0]->allReduceMaxInt32(value, 1, "after");
     EXPECT_EQ(later.code(), StatusCode::CommunicationError);
     cudaFree(value);
-    cudaStreamDestroy(stream);
   });
   EXPECT_EQ(waited.code(), StatusCode::CommunicationError);
   EXPECT_THAT(waited.message(), HasSubstr("lonely all-reduce"));
@@ -304,18 +317,8 @@ TEST(NcclCommunicator, ASplitCollectiveThatHangsAbortsTheWholeFamily) {
   for (int r = 0; r < kRanks; ++r)
     ASSERT_TRUE(splits[r].isOk())
         << "rank " << r << ": " << splits[r].message();
-  std::atomic<bool> rank0Done{false};
   Status waited, laterWorld, laterGroup;
-  onRanks([&](int r) {
-    ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
-    if (r == 1) {
-      while (!rank0Done)
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      ranks[1]->abort(Status(StatusCode::CommunicationError, "test over"));
-      return;
-    }
-    cudaStream_t stream = nullptr;
-    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  withRank1Absent(ranks, [&](cudaStream_t stream) {
     ASSERT_TRUE(ranks[0]->setStream(stream).isOk());
     ASSERT_TRUE(groups[0]->setStream(stream).isOk());
     int32_t *value = deviceCopy(std::vector<int32_t>{1});
@@ -323,11 +326,9 @@ TEST(NcclCommunicator, ASplitCollectiveThatHangsAbortsTheWholeFamily) {
     if (queued)
       queued = ranks[0]->allReduceMaxInt32(value, 1, "world behind it");
     waited = queued ? ranks[0]->synchronizeStream(stream, "waiting") : queued;
-    rank0Done = true;
     laterWorld = ranks[0]->allReduceMaxInt32(value, 1, "world after");
     laterGroup = groups[0]->allReduceMaxInt32(value, 1, "group after");
     cudaFree(value);
-    cudaStreamDestroy(stream);
   });
   EXPECT_EQ(waited.code(), StatusCode::CommunicationError) << waited.message();
   EXPECT_THAT(waited.message(), HasSubstr("aborted"));
