@@ -5,7 +5,9 @@
 #   2. the NCCL tests: the communicator, the multi-rank plans on W GPUs vs
 #      the fp64 reference over three exchange paths, moe-run under mpirun
 #      and started torchrun-style (ctest -R
-#      'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous'), then the whole ctest,
+#      'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous'), the same plans with
+#      the exchanges through the copy engines (FLEX_A2A_TRANSPORT=ce), then
+#      the whole ctest,
 #   3. NCCL's own all-to-all bandwidth through torch.distributed (torchrun,
 #      bench/nccl_a2a_bw.py) for comparison, and the GEMMs' slowdown beside
 #      an exchange over NCCL and over the copy engines
@@ -22,8 +24,8 @@
 # Knobs: BENCH_EXTRA (A/B runs, see flex()), BENCH_MULTI_CONFIGS ("c1_cap1
 # c3_cap1 c1_dropless c3_dropless c1_cap1_2dh c3_cap1_2dh"), BENCH_VARIANTS
 # ("r1d1 r1d2 r1d4 r0d1") -- these three run none when set empty --,
-# BENCH_ITERS (20, PERF.md: median of >= 20), BENCH_SKIP ("build tests ctest
-# nccl probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
+# BENCH_ITERS (20, PERF.md: median of >= 20), BENCH_SKIP ("build tests ce
+# ctest nccl probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -93,6 +95,13 @@ tests() {
   (cd "$BUILD" && ctest --timeout 120 --output-on-failure -R 'Nccl|CudaMultiRank|moe-run.cuda|Rendezvous')
 }
 step tests tests
+# The exchanges through the copy engines (FLEX_A2A_TRANSPORT=ce): every
+# multi-rank plan again, then moe-run across processes (CUDA IPC).
+ce() {
+  FLEX_A2A_TRANSPORT=ce timeout 180 "$BUILD/unittests/Cuda/FlexCudaMultiRankTests" --gtest_brief=1 &&
+  (cd "$BUILD" && ctest --timeout 120 --output-on-failure -R 'peer-copies|PeerCopies')
+}
+step ce ce
 step ctest bash -c "cd '$BUILD' && ctest -j8 --timeout 120 --output-on-failure 2>&1 | tail -40"
 
 nccl() {
@@ -169,11 +178,11 @@ flex() {
       fi
     done
   done
-  # A/B runs, "config:variant:tag[:ENV=VALUE|--flag,...]" each. The default packs
-  # rows into staging blocks against sending them in place (runs under
-  # 8 MiB are packed: C3 packs, C1 does not).
+  # A/B runs, "config:variant:tag[:ENV=VALUE|--flag,...]" each. The
+  # default: the exchanges through the copy engines against NCCL's kernels
+  # (FLEX_A2A_TRANSPORT=ce), overlapped and serial.
   local extra config variant tag envs
-  for extra in ${BENCH_EXTRA-c1_cap1:r1d1:staged:FLEX_CUDA_OVERLAP=0,FLEX_A2A_STAGING=1 c3_cap1:r1d1:inplace:FLEX_CUDA_OVERLAP=0,FLEX_A2A_STAGING=0}; do
+  for extra in ${BENCH_EXTRA-c1_cap1:r1d2:ce:FLEX_A2A_TRANSPORT=ce c1_cap1:r1d4:ce:FLEX_A2A_TRANSPORT=ce c1_cap1:r1d1:ceserial:FLEX_A2A_TRANSPORT=ce,FLEX_CUDA_OVERLAP=0 c3_cap1:r1d2:ce:FLEX_A2A_TRANSPORT=ce}; do
     IFS=: read -r config variant tag envs <<<"$extra"
     late && { echo "past ${DEADLINE}s: no more runs"; return 1; }
     # shellcheck disable=SC2086

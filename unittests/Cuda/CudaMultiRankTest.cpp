@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <thread>
@@ -62,10 +63,16 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
     if (step.op == StepOp::Gate)
       refOptions.capacityAlignment = step.attrs.capacityAlignment;
 
-  // One communicator per rank, kept over the seeds.
+  // One communicator per rank, kept over the seeds. FLEX_A2A_TRANSPORT=ce:
+  // exchanges through the copy engines, handshaking over local threads.
   NcclUniqueId id;
   ASSERT_TRUE(createNcclUniqueId(id).isOk());
   std::vector<std::shared_ptr<Communicator>> comms(W);
+  const char *transport = std::getenv("FLEX_A2A_TRANSPORT");
+  const bool peerCopies = transport && std::string(transport) == "ce";
+  std::vector<std::shared_ptr<Communicator>> hosts;
+  if (peerCopies)
+    ASSERT_TRUE(createLocalCommunicators(W, hosts, 120).isOk());
   {
     std::vector<Status> made(W);
     std::vector<std::thread> threads;
@@ -74,6 +81,14 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
         NcclCommunicatorOptions options;
         options.device = r;
         options.timeoutSeconds = 120;
+        if (peerCopies) {
+          options.peerCopies = true;
+          std::shared_ptr<Communicator> host = hosts[r];
+          options.hostAllGather = [host](const void *send, int64_t bytes,
+                                         void *recv, std::string_view what) {
+            return host->allGather(send, bytes, recv, what);
+          };
+        }
         made[r] = createNcclCommunicator(comms[r], id, r, W, options);
       });
     for (std::thread &t : threads)

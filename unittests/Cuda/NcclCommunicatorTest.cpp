@@ -52,17 +52,31 @@ void onRanks(const std::function<void(int)> &fn) {
     thread.join();
 }
 
-/// The communicators of both ranks, each made on its own thread and GPU.
-std::vector<std::shared_ptr<Communicator>> makeRanks(double timeout) {
+/// The communicators of both ranks, each made on its own thread and GPU;
+/// with `peerCopies`, their all-to-alls go through the copy engines, with
+/// the handshakes over local (thread) communicators.
+std::vector<std::shared_ptr<Communicator>> makeRanks(double timeout,
+                                                     bool peerCopies = false) {
   NcclUniqueId id;
   Status status = createNcclUniqueId(id);
   EXPECT_TRUE(status.isOk()) << status.message();
+  std::vector<std::shared_ptr<Communicator>> hosts;
+  if (peerCopies)
+    EXPECT_TRUE(createLocalCommunicators(kRanks, hosts, timeout).isOk());
   std::vector<std::shared_ptr<Communicator>> ranks(kRanks);
   std::vector<Status> results(kRanks);
   onRanks([&](int r) {
     NcclCommunicatorOptions options;
     options.device = r;
     options.timeoutSeconds = timeout;
+    if (peerCopies && r < static_cast<int>(hosts.size())) {
+      options.peerCopies = true;
+      std::shared_ptr<Communicator> host = hosts[r];
+      options.hostAllGather = [host](const void *send, int64_t bytes,
+                                     void *recv, std::string_view what) {
+        return host->allGather(send, bytes, recv, what);
+      };
+    }
     results[r] = createNcclCommunicator(ranks[r], id, r, kRanks, options);
   });
   for (int r = 0; r < kRanks; ++r)
@@ -99,9 +113,8 @@ TEST(NcclCommunicator, IsADeviceCommunicator) {
   EXPECT_EQ(ranks[1]->memory(), CommMemory::Device);
 }
 
-TEST(NcclCommunicator, CollectivesOnTwoGpus) {
-  FLEX_SKIP_WITHOUT_GPUS(kRanks);
-  auto ranks = makeRanks(60);
+/// Every collective of both ranks against host-computed results.
+void checkCollectives(const std::vector<std::shared_ptr<Communicator>> &ranks) {
   ASSERT_TRUE(ranks[0] && ranks[1]);
   std::vector<std::string> failures(kRanks);
   onRanks([&](int r) {
@@ -202,6 +215,127 @@ TEST(NcclCommunicator, CollectivesOnTwoGpus) {
   });
   for (int r = 0; r < kRanks; ++r)
     EXPECT_TRUE(failures[r].empty()) << "rank " << r << ": " << failures[r];
+}
+
+TEST(NcclCommunicator, CollectivesOnTwoGpus) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  checkCollectives(makeRanks(60));
+}
+
+// The same with the all-to-all through the copy engines (the threads share
+// one process, so the copies go to peer memory without IPC handles).
+TEST(NcclCommunicator, CollectivesOnTwoGpusWithPeerCopies) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  checkCollectives(makeRanks(60, /*peerCopies=*/true));
+}
+
+// Several blocks per peer, each landing where the receiver says, in order;
+// twice, so the second exchange reuses the events and opened buffers.
+TEST(NcclCommunicator, PeerCopiesMoveManyBlocksInPlace) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  auto ranks = makeRanks(60, /*peerCopies=*/true);
+  ASSERT_TRUE(ranks[0] && ranks[1]);
+  std::vector<std::string> failures(kRanks);
+  onRanks([&](int r) {
+    ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    Communicator &comm = *ranks[r];
+    ASSERT_TRUE(comm.setStream(stream).isOk());
+    // To each peer p, three blocks of (k + 1) * 24 bytes; the receiver
+    // lays them out in reverse order with gaps.
+    const int64_t total = 4096;
+    std::vector<Communicator::Block> sendBlocks, recvBlocks;
+    std::vector<uint8_t> sendHost(total, 0xee);
+    int64_t at = 8;
+    for (int p = 0; p < kRanks; ++p)
+      for (int k = 0; k < 3; ++k) {
+        int64_t bytes = (k + 1) * 24;
+        sendBlocks.push_back({p, at, bytes});
+        std::fill_n(sendHost.begin() + at, bytes,
+                    static_cast<uint8_t>(64 * r + 8 * p + k));
+        at += bytes + 40;
+      }
+    at = 16;
+    std::vector<std::pair<Communicator::Block, int>> expected;
+    for (int p = kRanks - 1; p >= 0; --p)
+      for (int k = 0; k < 3; ++k) {
+        int64_t bytes = (k + 1) * 24;
+        recvBlocks.push_back({p, at, bytes});
+        expected.push_back({{p, at, bytes}, 64 * p + 8 * r + k});
+        at += bytes + 56;
+      }
+    uint8_t *send = deviceCopy(sendHost);
+    for (int round = 0; round < 2; ++round) {
+      uint8_t *recv = deviceCopy(std::vector<uint8_t>(total, 0xab));
+      Status s = comm.allToAllBlocks(send, sendBlocks, recv, recvBlocks,
+                                     "blocks-test");
+      if (s)
+        s = comm.synchronizeStream(stream, "blocks-test");
+      if (!s) {
+        failures[r] = s.message();
+        cudaFree(recv);
+        break;
+      }
+      std::vector<uint8_t> got = hostCopy(recv, total);
+      std::vector<bool> covered(total, false);
+      for (const auto &[block, value] : expected)
+        for (int64_t b = 0; b < block.bytes; ++b) {
+          covered[block.offset + b] = true;
+          if (got[block.offset + b] != value && failures[r].empty())
+            failures[r] = "round " + std::to_string(round) + ": from rank " +
+                          std::to_string(block.peer) + " byte " +
+                          std::to_string(b) + " is " +
+                          std::to_string(got[block.offset + b]);
+        }
+      for (int64_t b = 0; b < total; ++b)
+        if (!covered[b] && got[b] != 0xab && failures[r].empty())
+          failures[r] = "byte " + std::to_string(b) + " outside the blocks "
+                        "was written";
+      cudaFree(recv);
+    }
+    cudaFree(send);
+    cudaStreamDestroy(stream);
+  });
+  for (int r = 0; r < kRanks; ++r)
+    EXPECT_TRUE(failures[r].empty()) << "rank " << r << ": " << failures[r];
+}
+
+// A block count the receiver does not expect fails on both ranks, by name,
+// instead of copying the wrong bytes.
+TEST(NcclCommunicator, PeerCopiesRejectBlocksThePeerDoesNotExpect) {
+  FLEX_SKIP_WITHOUT_GPUS(kRanks);
+  auto ranks = makeRanks(60, /*peerCopies=*/true);
+  ASSERT_TRUE(ranks[0] && ranks[1]);
+  std::vector<Status> results(kRanks);
+  // Freed once both ranks' streams are done: a peer's copies may still land.
+  std::vector<uint8_t *> buffers(2 * kRanks, nullptr);
+  onRanks([&](int r) {
+    ASSERT_EQ(cudaSetDevice(r), cudaSuccess);
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    ASSERT_TRUE(ranks[r]->setStream(stream).isOk());
+    uint8_t *send = buffers[2 * r] = deviceCopy(std::vector<uint8_t>(256, 1));
+    uint8_t *recv = buffers[2 * r + 1] =
+        deviceCopy(std::vector<uint8_t>(256, 0));
+    // Rank 0 sends rank 1 two blocks; rank 1 expects one.
+    std::vector<Communicator::Block> sendBlocks = {{0, 0, 16}, {1, 32, 16}};
+    std::vector<Communicator::Block> recvBlocks = {{0, 0, 16}, {1, 32, 16}};
+    if (r == 0)
+      sendBlocks.push_back({1, 64, 16});
+    else
+      recvBlocks = {{0, 0, 16}, {1, 32, 16}};
+    results[r] = ranks[r]->allToAllBlocks(send, sendBlocks, recv, recvBlocks,
+                                          "mismatch-test");
+    // The communicator is broken now; the stream itself still drains.
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    cudaStreamDestroy(stream);
+  });
+  for (uint8_t *buffer : buffers)
+    cudaFree(buffer);
+  for (int r = 0; r < kRanks; ++r)
+    EXPECT_FALSE(results[r].isOk()) << "rank " << r;
+  EXPECT_THAT(results[0].message(), HasSubstr("blocks to rank 1"));
 }
 
 // ncclCommSplit: one group of both ranks in reverse order (a gather lists

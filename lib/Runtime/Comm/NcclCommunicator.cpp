@@ -13,7 +13,10 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/NcclCommunicator.h"
+#include "flex/Runtime/Comm/MpiCommunicator.h"
 #include "flex/Runtime/Comm/TcpRendezvous.h"
+
+#include "PeerCopyExchange.h"
 
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -26,6 +29,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -126,6 +130,14 @@ public:
                   const int64_t *sendBytes, void *recv,
                   const int64_t *recvOffsets, const int64_t *recvBytes,
                   std::string_view what) override {
+    if (peerCopies_) {
+      std::vector<Block> sendBlocks, recvBlocks;
+      for (int p = 0; p < size_; ++p) {
+        sendBlocks.push_back({p, sendOffsets[p], sendBytes[p]});
+        recvBlocks.push_back({p, recvOffsets[p], recvBytes[p]});
+      }
+      return allToAllBlocks(send, sendBlocks, recv, recvBlocks, what);
+    }
     if (Status s = begin(what); !s)
       return s;
     if (sendBytes[rank_] != recvBytes[rank_])
@@ -171,6 +183,14 @@ public:
                         std::string_view what) override {
     if (Status s = begin(what); !s)
       return s;
+    if (peerCopies_) {
+      Status copied = peerCopies_->allToAllBlocks(stream_, send, sendBlocks,
+                                                  recv, recvBlocks, what);
+      // A failed handshake leaves the ranks out of step: break, as NCCL.
+      if (copied.code() == StatusCode::CommunicationError)
+        return breakWith(what, copied.message());
+      return copied;
+    }
     // One group of point-to-point calls, this rank's own blocks included
     // (NCCL copies them in the same kernels, alongside the transfers),
     // which NCCL matches in order per peer and runs without deadlock.
@@ -510,6 +530,16 @@ private:
   int32_t *barrierFlag_ = nullptr;
   bool broken_ = false;
   std::string brokenReason_;
+  /// All-to-all through the copy engines (NcclCommunicatorOptions::
+  /// peerCopies); null: NCCL's send/receive.
+  std::unique_ptr<PeerCopyExchange> peerCopies_;
+
+public:
+  void setPeerCopies(std::unique_ptr<PeerCopyExchange> exchange) {
+    peerCopies_ = std::move(exchange);
+  }
+
+private:
   /// Communicators split from this one (aborted with it), and the one this
   /// one was split from.
   std::vector<std::weak_ptr<NcclCommunicator>> children_;
@@ -584,10 +614,44 @@ Status createNcclCommunicator(std::shared_ptr<Communicator> &communicator,
                       std::to_string(device) +
                       ": initialization failed: " + why);
   }
-  communicator =
+  auto made =
       std::make_shared<NcclCommunicator>(comm, rank, size, device, timeout);
+  if (options.peerCopies) {
+    if (!options.hostAllGather)
+      return Status(StatusCode::InvalidArgument,
+                    "NCCL communicator: peer copies need a host all-gather "
+                    "(NcclCommunicatorOptions::hostAllGather)");
+    std::unique_ptr<PeerCopyExchange> exchange;
+    if (Status s = PeerCopyExchange::create(rank, size, device,
+                                            options.hostAllGather, exchange);
+        !s)
+      return s;
+    made->setPeerCopies(std::move(exchange));
+  }
+  communicator = std::move(made);
   return Status::ok();
 }
+
+namespace {
+
+/// FLEX_A2A_TRANSPORT: unset, "" or "nccl" = NCCL's kernels; "ce" = the
+/// copy engines (peer copies).
+Status peerCopiesFromEnvironment(bool &peerCopies) {
+  peerCopies = false;
+  const char *value = std::getenv("FLEX_A2A_TRANSPORT");
+  if (!value || !*value || std::string_view(value) == "nccl")
+    return Status::ok();
+  if (std::string_view(value) == "ce") {
+    peerCopies = true;
+    return Status::ok();
+  }
+  return Status(StatusCode::InvalidArgument,
+                std::string("FLEX_A2A_TRANSPORT='") + value +
+                    "': expected 'nccl' (NCCL's kernels) or 'ce' (the copy "
+                    "engines, ranks on one host)");
+}
+
+} // namespace
 
 Status createNcclCommunicatorFromMpi(
     std::shared_ptr<Communicator> &communicator, const void *mpiComm,
@@ -646,6 +710,24 @@ Status createNcclCommunicatorFromMpi(
   std::memcpy(id.data(), message.data(), id.size());
   NcclCommunicatorOptions withTimeout = options;
   withTimeout.timeoutSeconds = timeout;
+  bool fromEnvironment = false;
+  if (Status s = peerCopiesFromEnvironment(fromEnvironment); !s)
+    return s;
+  if ((withTimeout.peerCopies || fromEnvironment) &&
+      !withTimeout.hostAllGather) {
+    // The copies' handshakes go over the same MPI ranks.
+    MpiCommunicatorOptions hostOptions;
+    hostOptions.comm = &comm;
+    hostOptions.timeoutSeconds = timeout;
+    std::shared_ptr<Communicator> host;
+    if (Status s = createMpiCommunicator(host, hostOptions); !s)
+      return s;
+    withTimeout.peerCopies = true;
+    withTimeout.hostAllGather = [host](const void *send, int64_t bytes,
+                                       void *recv, std::string_view what) {
+      return host->allGather(send, bytes, recv, what);
+    };
+  }
   return createNcclCommunicator(communicator, id, rank, size, withTimeout);
 #else
   (void)mpiComm;
@@ -694,6 +776,19 @@ Status createNcclCommunicatorFromEnvironment(
   std::memcpy(id.data(), all.data(), id.size());
   NcclCommunicatorOptions withTimeout = options;
   withTimeout.timeoutSeconds = timeout;
+  bool fromEnvironment = false;
+  if (Status s = peerCopiesFromEnvironment(fromEnvironment); !s)
+    return s;
+  if ((withTimeout.peerCopies || fromEnvironment) &&
+      !withTimeout.hostAllGather) {
+    // The copies' handshakes go over this rendezvous, kept open.
+    std::shared_ptr<TcpRendezvous> host = std::move(rendezvous);
+    withTimeout.peerCopies = true;
+    withTimeout.hostAllGather = [host](const void *send, int64_t bytes,
+                                       void *recv, std::string_view what) {
+      return host->allGather(send, bytes, recv, std::string(what));
+    };
+  }
   return createNcclCommunicator(communicator, id, info.rank, info.size,
                                 withTimeout);
 }

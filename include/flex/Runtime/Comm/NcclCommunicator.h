@@ -38,11 +38,18 @@
 #include "flex/Runtime/Comm/Communicator.h"
 
 #include <array>
+#include <functional>
+#include <string_view>
 
 namespace flex {
 
 /// The 128 bytes of an ncclUniqueId.
 using NcclUniqueId = std::array<char, 128>;
+
+/// A host all-gather with a deadline: block p of `recv` (`bytes` bytes at
+/// recv + p * bytes) = `send` of rank p; the same `bytes` on every rank.
+using HostAllGather = std::function<Status(const void *send, int64_t bytes,
+                                           void *recv, std::string_view what)>;
 
 struct NcclCommunicatorOptions {
   /// The GPU of this rank; -1 = the calling thread's current device. The
@@ -51,6 +58,12 @@ struct NcclCommunicatorOptions {
   /// Seconds initialization and every collective may wait; < 0 =
   /// FLEX_COLLECTIVE_TIMEOUT_S or its default.
   double timeoutSeconds = -1;
+  /// All-to-all exchanges through the GPUs' copy engines instead of NCCL's
+  /// kernels (ranks on one host; docs/Runtime.md, "Peer copies"), with
+  /// their handshakes over `hostAllGather`, which must then be set. The
+  /// MPI and environment starts set both when FLEX_A2A_TRANSPORT=ce.
+  bool peerCopies = false;
+  HostAllGather hostAllGather;
 };
 
 /// Whether this build has the NCCL communicator.
