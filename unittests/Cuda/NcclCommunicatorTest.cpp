@@ -229,8 +229,9 @@ TEST(NcclCommunicator, CollectivesOnTwoGpusWithPeerCopies) {
   checkCollectives(makeRanks(60, /*peerCopies=*/true));
 }
 
-// Several blocks per peer, each landing where the receiver says, in order;
-// twice, so the second exchange reuses the events and opened buffers.
+// Several blocks per peer, each landing where the receiver says, in order,
+// into a buffer 256 bytes inside its allocation; twice into the same
+// buffer, so the second exchange re-records the events.
 TEST(NcclCommunicator, PeerCopiesMoveManyBlocksInPlace) {
   FLEX_SKIP_WITHOUT_GPUS(kRanks);
   auto ranks = makeRanks(60, /*peerCopies=*/true);
@@ -266,15 +267,16 @@ TEST(NcclCommunicator, PeerCopiesMoveManyBlocksInPlace) {
         at += bytes + 56;
       }
     uint8_t *send = deviceCopy(sendHost);
+    uint8_t *region = deviceCopy(std::vector<uint8_t>(total + 256, 0xab));
+    uint8_t *recv = region + 256;
     for (int round = 0; round < 2; ++round) {
-      uint8_t *recv = deviceCopy(std::vector<uint8_t>(total, 0xab));
+      ASSERT_EQ(cudaMemset(recv, 0xab, total), cudaSuccess);
       Status s = comm.allToAllBlocks(send, sendBlocks, recv, recvBlocks,
                                      "blocks-test");
       if (s)
         s = comm.synchronizeStream(stream, "blocks-test");
       if (!s) {
         failures[r] = s.message();
-        cudaFree(recv);
         break;
       }
       std::vector<uint8_t> got = hostCopy(recv, total);
@@ -292,8 +294,8 @@ TEST(NcclCommunicator, PeerCopiesMoveManyBlocksInPlace) {
         if (!covered[b] && got[b] != 0xab && failures[r].empty())
           failures[r] = "byte " + std::to_string(b) + " outside the blocks "
                         "was written";
-      cudaFree(recv);
     }
+    cudaFree(region);
     cudaFree(send);
     cudaStreamDestroy(stream);
   });

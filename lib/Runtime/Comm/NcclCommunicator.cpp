@@ -675,13 +675,23 @@ Status createNcclCommunicatorFromMpi(
     if (Status s = getCollectiveTimeout(timeout); !s)
       return s;
   NcclUniqueId id{};
-  Status made = rank == 0 ? createNcclUniqueId(id) : Status::ok();
-  // Rank 0 broadcasts the id, or zeros when it has none (every rank then
-  // fails alike instead of waiting).
-  int ok = made ? 1 : 0;
-  std::vector<char> message(id.size() + 1);
+  // Rank 0 chooses the transport for every rank (ranks that disagreed
+  // would wait for each other in different calls).
+  bool peerCopies = options.peerCopies;
+  Status made = Status::ok();
+  if (rank == 0) {
+    bool fromEnvironment = false;
+    made = peerCopiesFromEnvironment(fromEnvironment);
+    peerCopies = peerCopies || fromEnvironment;
+    if (made)
+      made = createNcclUniqueId(id);
+  }
+  // Rank 0 broadcasts the id, a flag whether it has one (every rank then
+  // fails alike instead of waiting) and the transport.
+  std::vector<char> message(id.size() + 2);
   std::memcpy(message.data(), id.data(), id.size());
-  message.back() = static_cast<char>(ok);
+  message[id.size()] = static_cast<char>(made ? 1 : 0);
+  message[id.size() + 1] = static_cast<char>(peerCopies ? 1 : 0);
   MPI_Request request;
   if (MPI_Ibcast(message.data(), static_cast<int>(message.size()), MPI_BYTE, 0,
                  comm, &request) != MPI_SUCCESS)
@@ -703,18 +713,15 @@ Status createNcclCommunicatorFromMpi(
   }
   if (!made)
     return made;
-  if (!message.back())
+  if (!message[id.size()])
     return Status(StatusCode::CommunicationError,
                   "NCCL communicator: rank 0 could not create the NCCL id "
                   "(see rank 0's error)");
   std::memcpy(id.data(), message.data(), id.size());
   NcclCommunicatorOptions withTimeout = options;
   withTimeout.timeoutSeconds = timeout;
-  bool fromEnvironment = false;
-  if (Status s = peerCopiesFromEnvironment(fromEnvironment); !s)
-    return s;
-  if ((withTimeout.peerCopies || fromEnvironment) &&
-      !withTimeout.hostAllGather) {
+  withTimeout.peerCopies = message[id.size() + 1] != 0;
+  if (withTimeout.peerCopies && !withTimeout.hostAllGather) {
     // The copies' handshakes go over the same MPI ranks.
     MpiCommunicatorOptions hostOptions;
     hostOptions.comm = &comm;
@@ -750,15 +757,21 @@ Status createNcclCommunicatorFromEnvironment(
   std::unique_ptr<TcpRendezvous> rendezvous;
   if (Status s = TcpRendezvous::connect(info, rendezvous, timeout); !s)
     return s;
-  // Block 0 of the gather is rank 0's id; one flag byte says whether it
-  // made one, so a failure there fails every rank at once.
-  std::vector<char> mine(NcclUniqueId{}.size() + 1, 0);
+  // Block 0 of the gather is rank 0's id, a flag byte whether it made one
+  // (so a failure there fails every rank at once) and rank 0's transport,
+  // which every rank takes.
+  const size_t idBytes = NcclUniqueId{}.size();
+  std::vector<char> mine(idBytes + 2, 0);
   Status made = Status::ok();
   if (info.rank == 0) {
-    NcclUniqueId id;
-    made = createNcclUniqueId(id);
+    bool fromEnvironment = false;
+    made = peerCopiesFromEnvironment(fromEnvironment);
+    NcclUniqueId id{};
+    if (made)
+      made = createNcclUniqueId(id);
     std::memcpy(mine.data(), id.data(), id.size());
-    mine.back() = made ? 1 : 0;
+    mine[idBytes] = made ? 1 : 0;
+    mine[idBytes + 1] = (options.peerCopies || fromEnvironment) ? 1 : 0;
   }
   std::vector<char> all(mine.size() * info.size);
   if (Status s = rendezvous->allGather(mine.data(),
@@ -768,7 +781,7 @@ Status createNcclCommunicatorFromEnvironment(
     return s;
   if (!made)
     return made;
-  if (!all[mine.size() - 1])
+  if (!all[idBytes])
     return Status(StatusCode::CommunicationError,
                   "NCCL communicator: rank 0 could not create the NCCL id "
                   "(see rank 0's error)");
@@ -776,11 +789,8 @@ Status createNcclCommunicatorFromEnvironment(
   std::memcpy(id.data(), all.data(), id.size());
   NcclCommunicatorOptions withTimeout = options;
   withTimeout.timeoutSeconds = timeout;
-  bool fromEnvironment = false;
-  if (Status s = peerCopiesFromEnvironment(fromEnvironment); !s)
-    return s;
-  if ((withTimeout.peerCopies || fromEnvironment) &&
-      !withTimeout.hostAllGather) {
+  withTimeout.peerCopies = all[idBytes + 1] != 0;
+  if (withTimeout.peerCopies && !withTimeout.hostAllGather) {
     // The copies' handshakes go over this rendezvous, kept open.
     std::shared_ptr<TcpRendezvous> host = std::move(rendezvous);
     withTimeout.peerCopies = true;

@@ -18,7 +18,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <random>
 #include <thread>
 
 namespace flex {
@@ -37,20 +39,40 @@ Status cudaFailure(cudaError_t error, const std::string &what) {
       return cudaFailure(e_, what);                                            \
   } while (0)
 
+/// The host: its name and this boot (containers may share a name).
 uint64_t hostFingerprint() {
   char name[256] = {};
   gethostname(name, sizeof name - 1);
-  return std::hash<std::string>()(name);
+  std::string id = name;
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  std::string line;
+  if (boot && std::getline(boot, line))
+    id += "/" + line;
+  return std::hash<std::string>()(id);
+}
+
+/// This process, distinct from any other on the host even across PID
+/// namespaces: ranks that share it share pointers and events directly.
+uint64_t processToken() {
+  static const uint64_t token = [] {
+    std::random_device random;
+    return (static_cast<uint64_t>(random()) << 32) ^ random() ^
+           static_cast<uint64_t>(getpid());
+  }();
+  return token;
 }
 
 /// What each rank shares once.
 struct SetupInfo {
   uint64_t host = 0;
-  int64_t pid = 0;
+  uint64_t process = 0;
   int32_t device = 0;
   int32_t ok = 1;
   uint64_t readyRaw = 0, doneRaw = 0; ///< the events, for this process
   cudaIpcEventHandle_t ready{}, done{};
+  /// A small allocation peers in other processes open once, to prove
+  /// they can reach this GPU's memory before the first exchange.
+  cudaIpcMemHandle_t probe{};
 };
 
 /// What each rank shares per exchange, before the copies.
@@ -72,10 +94,14 @@ AddressRangeFn addressRange() {
   static AddressRangeFn fn = [] {
     void *found = nullptr;
     cudaDriverEntryPointQueryResult result;
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &found, 12000,
-                                         cudaEnableDefault,
-                                         &result) != cudaSuccess ||
-        result != cudaDriverEntryPointSuccess)
+#if CUDART_VERSION >= 12050
+    cudaError_t error = cudaGetDriverEntryPointByVersion(
+        "cuMemGetAddressRange", &found, 12000, cudaEnableDefault, &result);
+#else
+    cudaError_t error = cudaGetDriverEntryPoint("cuMemGetAddressRange", &found,
+                                                cudaEnableDefault, &result);
+#endif
+    if (error != cudaSuccess || result != cudaDriverEntryPointSuccess)
       found = nullptr;
     return reinterpret_cast<AddressRangeFn>(found);
   }();
@@ -100,9 +126,10 @@ Status PeerCopyExchange::create(int rank, int size, int device,
   // Local set-up; a failure is shared below so every rank fails alike.
   SetupInfo mine;
   mine.host = hostFingerprint();
-  mine.pid = static_cast<int64_t>(getpid());
+  mine.process = processToken();
   mine.device = device;
   std::string failure;
+  void *probe = nullptr;
   auto local = [&]() -> Status {
     FLEX_PEER_CUDA(cudaSetDevice(device), "cudaSetDevice");
     if (!addressRange())
@@ -120,6 +147,9 @@ Status PeerCopyExchange::create(int rank, int size, int device,
                    "cudaIpcGetEventHandle");
     mine.readyRaw = reinterpret_cast<uint64_t>(ready);
     mine.doneRaw = reinterpret_cast<uint64_t>(done);
+    FLEX_PEER_CUDA(cudaMalloc(&probe, 256), "cudaMalloc");
+    FLEX_PEER_CUDA(cudaIpcGetMemHandle(&mine.probe, probe),
+                   "cudaIpcGetMemHandle");
     for (int q = 0; q < size; ++q) {
       cudaStream_t stream = nullptr;
       cudaEvent_t joined = nullptr;
@@ -157,7 +187,7 @@ Status PeerCopyExchange::create(int rank, int size, int device,
                           " is on another host; peer copies need one host");
       if (q == rank)
         continue;
-      if (all[q].pid == mine.pid) {
+      if (all[q].process == mine.process) {
         made->samePeerProcess_[q] = true;
         made->peerReady_[q] = reinterpret_cast<cudaEvent_t>(all[q].readyRaw);
         made->peerDone_[q] = reinterpret_cast<cudaEvent_t>(all[q].doneRaw);
@@ -175,6 +205,15 @@ Status PeerCopyExchange::create(int rank, int size, int device,
         cudaGetLastError();
         continue;
       }
+      made->anotherProcess_ = true;
+      // Can this GPU reach q's memory? (Without peer access this fails
+      // here, not in the first exchange.)
+      void *reached = nullptr;
+      FLEX_PEER_CUDA(cudaIpcOpenMemHandle(&reached, all[q].probe,
+                                          cudaIpcMemLazyEnablePeerAccess),
+                     "opening rank " + std::to_string(q) +
+                         "'s memory (cudaIpcOpenMemHandle)");
+      cudaIpcCloseMemHandle(reached);
       cudaEvent_t ready = nullptr, done = nullptr;
       FLEX_PEER_CUDA(cudaIpcOpenEventHandle(&ready, all[q].ready),
                      "cudaIpcOpenEventHandle (rank " + std::to_string(q) + ")");
@@ -192,10 +231,13 @@ Status PeerCopyExchange::create(int rank, int size, int device,
       failure = s.message();
     }
   std::vector<int32_t> oks(size);
-  if (Status s = made->allGather_(&ok, sizeof ok, oks.data(),
-                                  "peer copies: set-up outcome");
-      !s)
-    return s;
+  Status gathered = made->allGather_(&ok, sizeof ok, oks.data(),
+                                     "peer copies: set-up outcome");
+  // Every peer has opened and closed the probe by now.
+  if (probe)
+    cudaFree(probe);
+  if (!gathered)
+    return gathered;
   for (int q = 0; q < size; ++q)
     if (!oks[q])
       return Status(StatusCode::Unavailable,
@@ -224,8 +266,8 @@ PeerCopyExchange::~PeerCopyExchange() {
     }
   cudaGetLastError();
   if (drained)
-    for (auto &[key, mapped] : opened_)
-      cudaIpcCloseMemHandle(mapped);
+    for (auto &[peer, opened] : opened_)
+      cudaIpcCloseMemHandle(opened.second);
   for (int q = 0; q < static_cast<int>(peerReady_.size()); ++q)
     if (!samePeerProcess_[q] && q != rank_) {
       if (peerReady_[q])
@@ -257,6 +299,8 @@ Status PeerCopyExchange::describeReceiveBuffer(void *recv, uint64_t &base,
                       "cudaMalloc, which peer copies need");
   base = static_cast<uint64_t>(start);
   offset = reinterpret_cast<char *>(recv) - reinterpret_cast<char *>(start);
+  if (!anotherProcess_)
+    return Status::ok(); // peers use `base` itself
   // Asked every time: an allocation freed and made again at the same
   // address has a new handle.
   cudaIpcMemHandle_t made;
@@ -273,11 +317,19 @@ Status PeerCopyExchange::peerAllocation(int q, uint64_t base,
     mapped = reinterpret_cast<char *>(base);
     return Status::ok();
   }
-  auto key = std::make_pair(q, handle);
-  auto known = opened_.find(key);
+  auto known = opened_.find(q);
   if (known != opened_.end()) {
-    mapped = known->second;
-    return Status::ok();
+    if (known->second.first == handle) {
+      mapped = known->second.second;
+      return Status::ok();
+    }
+    // q receives into another allocation now: unmap the old one once this
+    // rank's earlier copies into it are done.
+    FLEX_PEER_CUDA(cudaStreamSynchronize(streams_[q]),
+                   std::string(what) + ": finishing the copies to rank " +
+                       std::to_string(q));
+    cudaIpcCloseMemHandle(known->second.second);
+    opened_.erase(known);
   }
   cudaIpcMemHandle_t ipc;
   std::memcpy(ipc.reserved, handle.data(), sizeof ipc.reserved);
@@ -287,7 +339,7 @@ Status PeerCopyExchange::peerAllocation(int q, uint64_t base,
       std::string(what) + ": cudaIpcOpenMemHandle (rank " + std::to_string(q) +
           ")");
   mapped = static_cast<char *>(opened);
-  opened_.emplace(key, mapped);
+  opened_.emplace(q, std::make_pair(handle, mapped));
   return Status::ok();
 }
 

@@ -75,9 +75,11 @@ private:
   /// Peers whose events this process opened through IPC (closed at the end).
   std::vector<bool> samePeerProcess_;
   std::vector<CUstream_st *> streams_;
-  /// Peer allocations opened through IPC, by (peer, handle bytes); kept
-  /// open until the end (the executor's workspace is one allocation).
-  std::map<std::pair<int, std::string>, char *> opened_;
+  /// Whether some peer is in another process (IPC handles needed).
+  bool anotherProcess_ = false;
+  /// Per peer in another process: the allocation it receives into (handle
+  /// bytes) and where it is mapped here; replaced when the handle changes.
+  std::map<int, std::pair<std::string, char *>> opened_;
 };
 
 } // namespace flex

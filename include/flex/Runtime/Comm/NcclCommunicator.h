@@ -61,7 +61,8 @@ struct NcclCommunicatorOptions {
   /// All-to-all exchanges through the GPUs' copy engines instead of NCCL's
   /// kernels (ranks on one host; docs/Runtime.md, "Peer copies"), with
   /// their handshakes over `hostAllGather`, which must then be set. The
-  /// MPI and environment starts set both when FLEX_A2A_TRANSPORT=ce.
+  /// MPI and environment starts set both when rank 0 has
+  /// FLEX_A2A_TRANSPORT=ce or this flag (rank 0's choice holds for all).
   bool peerCopies = false;
   HostAllGather hostAllGather;
 };
