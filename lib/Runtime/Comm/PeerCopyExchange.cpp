@@ -169,8 +169,11 @@ Status PeerCopyExchange::create(int rank, int size, int device,
   std::vector<SetupInfo> all(size);
   if (Status s = made->allGather_(&mine, sizeof mine, all.data(),
                                   "peer copies: set-up");
-      !s)
+      !s) {
+    if (probe)
+      cudaFree(probe);
     return s;
+  }
   // Every pair must share a host; peers of this process need peer access,
   // the others' events open through IPC.
   made->peerReady_.assign(size, nullptr);
