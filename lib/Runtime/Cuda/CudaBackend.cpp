@@ -40,6 +40,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -248,10 +250,27 @@ private:
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
-  // Queued collectives may still read the staging blocks.
-  cudaStreamSynchronize(ctx_->stream());
+  // Queued collectives may still read the staging blocks. A stream that
+  // waits for a peer which is gone may never drain: wait at most the
+  // collective timeout, then leave the staging allocated rather than free
+  // it under a transfer.
+  double timeout = kDefaultCollectiveTimeoutSeconds;
+  (void)getCollectiveTimeout(timeout);
+  auto deadline = std::chrono::steady_clock::now() +
+                  std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                      std::chrono::duration<double>(timeout));
+  auto drain = [&](cudaStream_t stream) {
+    while (cudaStreamQuery(stream) == cudaErrorNotReady) {
+      if (std::chrono::steady_clock::now() >= deadline)
+        return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    cudaGetLastError();
+    return true;
+  };
+  bool drained = drain(ctx_->stream());
   if (exchangeStream_) {
-    cudaStreamSynchronize(exchangeStream_);
+    drained = drain(exchangeStream_) && drained;
     cudaStreamDestroy(exchangeStream_);
   }
   for (cudaEvent_t event : pendingEvents_)
@@ -264,6 +283,8 @@ CudaBackend::~CudaBackend() {
     cudaGraphExecDestroy(exec);
   for (cudaEvent_t event : events_)
     cudaEventDestroy(event);
+  if (!drained)
+    return;
   for (Staging &area : staging_)
     if (area.data)
       cudaFree(area.data);
