@@ -57,7 +57,6 @@ inline cpu::Epilogue toKernelEpilogue(Epilogue epilogue) {
   return cpu::Epilogue::None;
 }
 
-/// The gate step's attributes as the gate kernels take them.
 /// The routing a step reads, from the layer and whichever routing operands
 /// it has. After shard_routing the routing counts k * s choices over E * s
 /// (virtual) experts: k and E come from the buffers when present (the loader
@@ -81,6 +80,7 @@ inline cpu::Routing routingOf(const LayerConfig &layer,
   return routing;
 }
 
+/// The gate step's attributes as the gate kernels take them.
 inline cpu::GateAttrs gateAttrs(const StepAttrs &a) {
   cpu::GateAttrs attrs;
   attrs.topK = a.topK;
