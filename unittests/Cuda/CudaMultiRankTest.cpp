@@ -83,11 +83,7 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
         options.timeoutSeconds = 120;
         if (peerCopies) {
           options.peerCopies = true;
-          std::shared_ptr<Communicator> host = hosts[r];
-          options.hostAllGather = [host](const void *send, int64_t bytes,
-                                         void *recv, std::string_view what) {
-            return host->allGather(send, bytes, recv, what);
-          };
+          options.hostAllGather = hostAllGatherOver(hosts[r]);
         }
         made[r] = createNcclCommunicator(comms[r], id, r, W, options);
       });

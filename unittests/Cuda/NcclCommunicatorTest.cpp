@@ -71,11 +71,7 @@ std::vector<std::shared_ptr<Communicator>> makeRanks(double timeout,
     options.timeoutSeconds = timeout;
     if (peerCopies && r < static_cast<int>(hosts.size())) {
       options.peerCopies = true;
-      std::shared_ptr<Communicator> host = hosts[r];
-      options.hostAllGather = [host](const void *send, int64_t bytes,
-                                     void *recv, std::string_view what) {
-        return host->allGather(send, bytes, recv, what);
-      };
+      options.hostAllGather = hostAllGatherOver(hosts[r]);
     }
     results[r] = createNcclCommunicator(ranks[r], id, r, kRanks, options);
   });

@@ -730,10 +730,7 @@ Status createNcclCommunicatorFromMpi(
     if (Status s = createMpiCommunicator(host, hostOptions); !s)
       return s;
     withTimeout.peerCopies = true;
-    withTimeout.hostAllGather = [host](const void *send, int64_t bytes,
-                                       void *recv, std::string_view what) {
-      return host->allGather(send, bytes, recv, what);
-    };
+    withTimeout.hostAllGather = hostAllGatherOver(std::move(host));
   }
   return createNcclCommunicator(communicator, id, rank, size, withTimeout);
 #else

@@ -51,6 +51,15 @@ using NcclUniqueId = std::array<char, 128>;
 using HostAllGather = std::function<Status(const void *send, int64_t bytes,
                                            void *recv, std::string_view what)>;
 
+/// The all-gather of a host communicator (MPI, local threads), as peer
+/// copies take it.
+inline HostAllGather hostAllGatherOver(std::shared_ptr<Communicator> host) {
+  return [host](const void *send, int64_t bytes, void *recv,
+                std::string_view what) {
+    return host->allGather(send, bytes, recv, what);
+  };
+}
+
 struct NcclCommunicatorOptions {
   /// The GPU of this rank; -1 = the calling thread's current device. The
   /// communicator makes it current for its calls.
