@@ -153,6 +153,11 @@ Status PeerCopyExchange::create(int rank, int size, int device,
     for (int q = 0; q < size; ++q) {
       cudaStream_t stream = nullptr;
       cudaEvent_t joined = nullptr;
+      if (q == rank) { // this rank's own blocks go on the caller's stream
+        made->streams_.push_back(nullptr);
+        made->joined_.push_back(nullptr);
+        continue;
+      }
       FLEX_PEER_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
                      "cudaStreamCreate");
       made->streams_.push_back(stream);
@@ -208,7 +213,6 @@ Status PeerCopyExchange::create(int rank, int size, int device,
         cudaGetLastError();
         continue;
       }
-      made->anotherProcess_ = true;
       // Can this GPU reach q's memory? (Without peer access this fails
       // here, not in the first exchange.)
       void *reached = nullptr;
@@ -279,9 +283,11 @@ PeerCopyExchange::~PeerCopyExchange() {
         cudaEventDestroy(peerDone_[q]);
     }
   for (cudaStream_t stream : streams_)
-    cudaStreamDestroy(stream);
+    if (stream)
+      cudaStreamDestroy(stream);
   for (cudaEvent_t event : joined_)
-    cudaEventDestroy(event);
+    if (event)
+      cudaEventDestroy(event);
   if (ready_)
     cudaEventDestroy(ready_);
   if (done_)
@@ -302,7 +308,7 @@ Status PeerCopyExchange::describeReceiveBuffer(void *recv, uint64_t &base,
                       "cudaMalloc, which peer copies need");
   base = static_cast<uint64_t>(start);
   offset = reinterpret_cast<char *>(recv) - reinterpret_cast<char *>(start);
-  if (!anotherProcess_)
+  if (!anotherProcess())
     return Status::ok(); // peers use `base` itself
   // Asked every time: an allocation freed and made again at the same
   // address has a new handle.

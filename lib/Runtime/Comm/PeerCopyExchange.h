@@ -71,12 +71,21 @@ private:
   int rank_ = 0, size_ = 1, device_ = 0;
   HostAllGather allGather_;
   CUevent_st *ready_ = nullptr, *done_ = nullptr;
+  /// Per peer (null for this rank): its events, and this rank's copy
+  /// stream to it with the event that joins that stream back.
   std::vector<CUevent_st *> peerReady_, peerDone_, joined_;
-  /// Peers whose events this process opened through IPC (closed at the end).
-  std::vector<bool> samePeerProcess_;
   std::vector<CUstream_st *> streams_;
+  /// Per peer: whether it runs in this process (its pointers and events are
+  /// used directly; the others' come through IPC).
+  std::vector<bool> samePeerProcess_;
+
   /// Whether some peer is in another process (IPC handles needed).
-  bool anotherProcess_ = false;
+  bool anotherProcess() const {
+    for (int q = 0; q < size_; ++q)
+      if (q != rank_ && !samePeerProcess_[q])
+        return true;
+    return false;
+  }
   /// Per peer in another process: the allocation it receives into (handle
   /// bytes) and where it is mapped here; replaced when the handle changes.
   std::map<int, std::pair<std::string, char *>> opened_;
