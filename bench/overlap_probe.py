@@ -35,10 +35,6 @@ def gemm_chain(a, w):
     return out
 
 
-def median_ms(times):
-    return statistics.median(times)
-
-
 def nccl_mode(out_path):
     import torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -84,11 +80,11 @@ def nccl_mode(out_path):
         "transport": "nccl" + ("-ce" if os.environ.get(
             "NCCL_P2P_USE_CUDA_MEMCPY") == "1" else ""),
         "world": world,
-        "gemm_ms": median_ms([t for t, _ in gemm]),
-        "exchange_ms": median_ms([t for t, _ in a2a]),
-        "both_ms": median_ms([t for t, _ in overlap]),
+        "gemm_ms": statistics.median([t for t, _ in gemm]),
+        "exchange_ms": statistics.median([t for t, _ in a2a]),
+        "both_ms": statistics.median([t for t, _ in overlap]),
         # start -> GEMMs done = total minus (GEMMs done -> end).
-        "gemm_beside_ms": median_ms([t - tail for t, tail in overlap]),
+        "gemm_beside_ms": statistics.median([t - tail for t, tail in overlap]),
     }
     # The slowest rank's numbers.
     vals = torch.tensor([row[k] for k in ("gemm_ms", "exchange_ms", "both_ms",
@@ -157,12 +153,9 @@ def ce_mode(out_path):
         send_all()
         land_all()
 
-    def gemms():
-        for g in range(world):
-            with torch.cuda.device(g), torch.cuda.stream(mains[g]):
-                gemm_chain(a[g], w[g])
-
-    def timed(fn, gemm_events=False):
+    def timed(fn):
+        """(wall ms, GEMM ms) per timed run; the GEMM time when `fn`
+        returns each GPU's GEMMs-done event."""
         rows = []
         for i in range(WARMUP + REPS):
             for g in range(world):
@@ -178,7 +171,7 @@ def ce_mode(out_path):
                 torch.cuda.synchronize(g)
             wall = (time.perf_counter() - t0) * 1e3
             beside = 0.0
-            if gemm_events:
+            if gemm_done:
                 beside = max(starts[g].elapsed_time(gemm_done[g])
                              for g in range(world))
             if i >= WARMUP:
@@ -187,8 +180,9 @@ def ce_mode(out_path):
 
     def gemm_only():
         done = []
-        gemms()
         for g in range(world):
+            with torch.cuda.device(g), torch.cuda.stream(mains[g]):
+                gemm_chain(a[g], w[g])
             e = torch.cuda.Event(enable_timing=True)
             e.record(mains[g])
             done.append(e)
@@ -202,9 +196,9 @@ def ce_mode(out_path):
         land_all()
         return done
 
-    gemm = timed(gemm_only, gemm_events=True)
-    ex = timed(lambda: exchange())
-    overlap = timed(both, gemm_events=True)
+    gemm = timed(gemm_only)
+    ex = timed(exchange)
+    overlap = timed(both)
     # Check the exchange moved the right blocks (fresh values, poisoned
     # targets) before trusting its times.
     for g in range(world):
@@ -220,10 +214,10 @@ def ce_mode(out_path):
     row = {
         "transport": "copy-engine",
         "world": world,
-        "gemm_ms": median_ms([b for _, b in gemm]),
-        "exchange_ms": median_ms([t for t, _ in ex]),
-        "both_ms": median_ms([t for t, _ in overlap]),
-        "gemm_beside_ms": median_ms([b for _, b in overlap]),
+        "gemm_ms": statistics.median([b for _, b in gemm]),
+        "exchange_ms": statistics.median([t for t, _ in ex]),
+        "both_ms": statistics.median([t for t, _ in overlap]),
+        "gemm_beside_ms": statistics.median([b for _, b in overlap]),
         "note": "exchange and both are host wall times over all GPUs",
     }
     report([row], out_path)
