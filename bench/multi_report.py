@@ -107,7 +107,7 @@ def draw(found, path):
     for ax, config in zip(axes[0], configs):
         variants = sorted(v for c, v, t in found
                           if c == config and t == "serial")
-        labels, x = [], 0
+        labels, ticks, x = [], [], 0
         for v in variants:
             run = found[(config, v, "serial")]
             for pass_name in ("forward", "backward"):
@@ -123,13 +123,9 @@ def draw(found, path):
                             color="black", linewidth=2,
                             label="overlapped pass" if x == 0 else None)
                 labels.append(f"{v}\n{'fwd' if pass_name == 'forward' else 'bwd'}")
+                ticks.append(x)
                 x += 1
             x += 0.5
-        ticks = []
-        t = 0
-        for v in variants:
-            ticks += [t, t + 1]
-            t += 2.5
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("ms (serial steps, largest over ranks)")
