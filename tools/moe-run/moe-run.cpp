@@ -18,6 +18,7 @@
 #include "Npy.h"
 
 #include "flex-c/Flex.h"
+#include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Comm/MpiCommunicator.h"
 #include "flex/Runtime/Comm/TcpRendezvous.h"
 #include "flex/Runtime/Cpu/Half.h"
@@ -25,9 +26,6 @@
 #include "flex/Runtime/ExpertSlices.h"
 #include "flex/Runtime/PlanLoader.h"
 
-#ifdef FLEX_MOE_RUN_HAVE_REFERENCE
-#include "ReferenceMoE.h"
-#endif
 #ifdef FLEX_HAVE_COMPILER_CAPI
 extern "C" FlexStatus flexCompilerRegister(void);
 #endif
@@ -907,7 +905,6 @@ int main(int argc, char **argv) {
   double routingMargin = std::numeric_limits<double>::quiet_NaN();
   bool checkFailed = false;
   if (options.check) {
-#ifdef FLEX_MOE_RUN_HAVE_REFERENCE
     auto find = [&](const std::string &name) -> ArgumentBuffer * {
       for (ArgumentBuffer &arg : args)
         if (arg.info.name == name)
@@ -1000,10 +997,6 @@ int main(int argc, char **argv) {
       checks[i].pass = worst[i] <= tolerance;
       checkFailed |= !checks[i].pass;
     }
-#else
-    fatal(2, "--check is unavailable: moe-run was built without the fp64 "
-             "reference (unittests/Runtime/ReferenceMoE.cpp)");
-#endif
   }
 
   auto layerSummary = [&]() {

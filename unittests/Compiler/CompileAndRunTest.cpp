@@ -14,9 +14,9 @@
 //===----------------------------------------------------------------------===//
 
 #include "MultiRankTestSupport.h"
-#include "ReferenceMoE.h"
 
 #include "flex/Compiler/Compiler.h"
+#include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"

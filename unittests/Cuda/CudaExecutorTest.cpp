@@ -17,8 +17,8 @@
 
 #include "CudaTestSupport.h"
 
-#include "ReferenceMoE.h"
 #include "flex-c/Flex.h"
+#include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 

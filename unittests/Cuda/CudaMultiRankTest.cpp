@@ -24,7 +24,8 @@
 
 #include "CudaTestSupport.h"
 #include "MultiRankTestSupport.h"
-#include "ReferenceMoE.h"
+
+#include "flex/Reference/ReferenceMoE.h"
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>

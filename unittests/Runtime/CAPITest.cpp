@@ -13,9 +13,8 @@
 
 #include "flex-c/Flex.h"
 
+#include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Cpu/Half.h"
-
-#include "ReferenceMoE.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

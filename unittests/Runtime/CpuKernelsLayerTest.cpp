@@ -15,8 +15,7 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "ReferenceMoE.h"
-
+#include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
 #include "flex/Runtime/Cpu/Half.h"
 

@@ -14,11 +14,10 @@
 #ifndef UNITTESTS_RUNTIME_MULTIRANKTESTSUPPORT_H
 #define UNITTESTS_RUNTIME_MULTIRANKTESTSUPPORT_H
 
+#include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/Plan.h"
-
-#include "ReferenceMoE.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>

@@ -10,7 +10,7 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "ReferenceMoE.h"
+#include "flex/Reference/ReferenceMoE.h"
 
 #include <gtest/gtest.h>
 

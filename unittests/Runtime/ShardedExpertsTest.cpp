@@ -22,7 +22,8 @@
 #include "flex/Runtime/PlanLoader.h"
 
 #include "MultiRankTestSupport.h"
-#include "ReferenceMoE.h"
+
+#include "flex/Reference/ReferenceMoE.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

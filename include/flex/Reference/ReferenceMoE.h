@@ -13,8 +13,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#ifndef UNITTESTS_RUNTIME_REFERENCEMOE_H
-#define UNITTESTS_RUNTIME_REFERENCEMOE_H
+#ifndef FLEX_REFERENCE_REFERENCEMOE_H
+#define FLEX_REFERENCE_REFERENCEMOE_H
 
 #include "flex/Runtime/LayerConfig.h"
 
@@ -118,4 +118,4 @@ RoutingMargins routingMargins(const LayerConfig &config,
 
 } // namespace flex::reference
 
-#endif // UNITTESTS_RUNTIME_REFERENCEMOE_H
+#endif // FLEX_REFERENCE_REFERENCEMOE_H

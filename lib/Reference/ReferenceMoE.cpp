@@ -11,7 +11,7 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "ReferenceMoE.h"
+#include "flex/Reference/ReferenceMoE.h"
 
 #include "flex/Runtime/Cpu/CpuKernels.h"
 #include "flex/Runtime/Cpu/Half.h"
