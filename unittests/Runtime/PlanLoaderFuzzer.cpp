@@ -20,7 +20,6 @@
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   flex::Plan plan;
   flex::PlanCheckOptions options;
-  options.checkWorkspaceOverlap = true;
   flex::Status status = flex::parsePlan(
       std::string_view(reinterpret_cast<const char *>(data), size), plan,
       options);

@@ -62,9 +62,7 @@ Json &findWorkspaceBuffer(Json &doc, const std::string &name) {
 TEST(PlanLoader, AcceptsHandWrittenPlans) {
   for (const char *name : kPlans) {
     Plan plan;
-    PlanCheckOptions options;
-    options.checkWorkspaceOverlap = true;
-    Status status = parsePlan(readTestPlan(name), plan, options);
+    Status status = parsePlan(readTestPlan(name), plan);
     ASSERT_TRUE(status.isOk()) << name << ": " << status.message();
     EXPECT_FALSE(plan.variants.empty());
   }
@@ -393,18 +391,15 @@ TEST(PlanLoader, RejectsBadVariants) {
   expectRejected(wrong, {"'variants[0].backward", "defined by no argument"});
 }
 
-TEST(PlanLoader, OverlapCheckIsOnRequest) {
+// Format 2: a plan that loads computes the layer, so the liveness check
+// always runs (it used to be on request only).
+TEST(PlanLoader, OverlapCheckAlwaysRuns) {
   Json doc = readJson("ffn_fixed_train.json");
   // scores and indices are both live from gate to gate_backward.
   findWorkspaceBuffer(doc, "indices")["offset"] =
       findWorkspaceBuffer(doc, "scores")["offset"];
-  Plan plan;
-  EXPECT_TRUE(parsePlan(doc.dump(), plan).isOk());
-  PlanCheckOptions options;
-  options.checkWorkspaceOverlap = true;
   expectRejected(doc, {"buffer 'indices'", "overlaps buffer 'scores'",
-                       "while both are live"},
-                 options);
+                       "while both are live"});
 }
 
 // Damaged documents (cut anywhere, bytes flipped) give a Status, never a

@@ -22,11 +22,10 @@
 
 namespace flex {
 
-struct PlanCheckOptions {
-  /// Also reject workspace buffers whose bytes overlap while both are live
-  /// (the compiler's memory plan is trusted otherwise).
-  bool checkWorkspaceOverlap = false;
-};
+/// How a plan is checked. Empty today: every check always runs, the
+/// workspace liveness check included (a plan that loads computes the
+/// layer); kept so that callers need not change when one becomes optional.
+struct PlanCheckOptions {};
 
 /// Parses and verifies a plan from JSON text.
 Status parsePlan(std::string_view text, Plan &plan,
@@ -39,11 +38,12 @@ Status loadPlanFile(const std::string &path, Plan &plan,
 /// The checks of parsePlan that do not depend on the JSON form, so that a
 /// plan built in memory (by the compiler or a test) is checked the same way:
 /// layer config, argument table, buffer sizes, workspace bounds, operand
-/// shapes and dtypes, read-before-write of workspace buffers, no step writes
-/// an input.
+/// shapes and dtypes, step attributes against the layer, read-before-write
+/// of workspace buffers, no step writes an input, no step repeats an earlier
+/// one, no two workspace buffers share bytes while both are live.
 Status verifyPlan(const Plan &plan, const PlanCheckOptions &options = {});
 
-/// Writes `plan` as JSON (format v1). `indent` < 0 writes one line.
+/// Writes `plan` as JSON (format v2). `indent` < 0 writes one line.
 /// parsePlan(writePlan(p)) gives back p.
 std::string writePlan(const Plan &plan, int indent = 2);
 

@@ -10,6 +10,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Plan.h"
+#include "flex/Runtime/StepSchema.h"
 #include "flex/Runtime/Status.h"
 
 #include <cassert>
@@ -35,43 +36,14 @@ const char *toString(StatusCode code) {
 
 namespace {
 // Names indexed by enum value; the parse functions search them.
-constexpr std::string_view kStepOpNames[kNumStepOps] = {
-    "router",
-    "gate",
-    "dispatch",
-    "grouped_gemm",
-    "glu",
-    "combine",
-    "combine_backward",
-    "grouped_gemm_wgrad",
-    "activation_backward",
-    "glu_backward",
-    "dispatch_backward",
-    "gate_backward",
-    "router_backward",
-    "sync_capacity",
-    "all_to_all",
-    "uniform_segments",
-    "all_gather",
-    "reduce_scatter",
-    "shard_routing",
-    "shard_routing_backward",
+constexpr std::string_view kStepOpNames[] = {
+#define FLEX_STEP(Name, spelling, traits, ins, outs, attrs, cost) spelling,
+#include "flex/Runtime/StepKinds.def"
 };
 
-constexpr std::string_view kOperandRoleNames[kNumOperandRoles] = {
-    "x",           "wg",           "logits",
-    "scores",      "indices",      "locations",
-    "gates",       "capacity",     "expert_offsets",
-    "expert_rows", "l_aux",        "dispatched",
-    "a",           "b",            "bias",
-    "c",           "gate_in",      "up_in",
-    "expert_out",  "out",          "grad_out",
-    "grad_expert_out", "grad_gates", "grad_c",
-    "grad_b",      "grad_bias",    "pre",
-    "grad",        "grad_pre",     "grad_gate_in",
-    "grad_up_in",  "grad_dispatched", "grad_x",
-    "grad_l_aux",  "grad_logits",  "grad_wg",
-    "input",       "output",
+constexpr std::string_view kOperandRoleNames[] = {
+#define FLEX_OPERAND_ROLE(Name, spelling) spelling,
+#include "flex/Runtime/StepKinds.def"
 };
 
 template <typename Enum, size_t N>
@@ -129,94 +101,24 @@ parseAllToAllDirection(std::string_view text) {
 }
 
 bool isCollective(StepOp op) {
-  switch (op) {
-  case StepOp::SyncCapacity:
-  case StepOp::AllToAll:
-  case StepOp::AllGather:
-  case StepOp::ReduceScatter:
-    return true;
-  default:
-    return false;
-  }
+  return getStepKind(op).has(kStepCollective);
 }
 
 const StepSignature &getStepSignature(StepOp op) {
-  using R = OperandRole;
-  // "routing" in PlanFormat.md: the kernels need the roles listed as
-  // required; the other routing buffers may be passed and are ignored.
-  static const StepSignature signatures[kNumStepOps] = {
-      /*router*/ {{R::X, R::Wg}, {}, {R::Logits}, {}},
-      /*gate*/
-      {{R::Logits},
-       {},
-       {R::Scores, R::Indices, R::Locations, R::Gates, R::Capacity,
-        R::ExpertOffsets, R::ExpertRows, R::LAux},
-       {}},
-      /*dispatch*/
-      {{R::X, R::Indices, R::Locations, R::Capacity, R::ExpertOffsets},
-       {R::Gates, R::ExpertRows},
-       {R::Dispatched},
-       {}},
-      /*grouped_gemm*/
-      // `pre` (an extension of format v1, optional): the value before the
-      // epilogue, kept for activation_backward so training needs one GEMM.
-      {{R::A, R::B, R::ExpertOffsets, R::ExpertRows}, {R::Bias}, {R::C},
-       {R::Pre}},
-      /*glu*/
-      {{R::GateIn, R::UpIn, R::ExpertOffsets, R::ExpertRows}, {}, {R::C}, {}},
-      /*combine*/
-      {{R::ExpertOut, R::Indices, R::Locations, R::Gates, R::Capacity,
-        R::ExpertOffsets},
-       {R::ExpertRows},
-       {R::Out},
-       {}},
-      /*combine_backward*/
-      {{R::GradOut, R::ExpertOut, R::Indices, R::Locations, R::Gates,
-        R::Capacity, R::ExpertOffsets},
-       {R::ExpertRows},
-       {R::GradExpertOut, R::GradGates},
-       {}},
-      /*grouped_gemm_wgrad*/
-      {{R::A, R::GradC, R::ExpertOffsets, R::ExpertRows},
-       {},
-       {R::GradB},
-       {R::GradBias}},
-      /*activation_backward*/
-      {{R::Pre, R::Grad, R::ExpertOffsets, R::ExpertRows}, {}, {R::GradPre},
-       {}},
-      /*glu_backward*/
-      {{R::GateIn, R::UpIn, R::Grad, R::ExpertOffsets, R::ExpertRows},
-       {},
-       {R::GradGateIn, R::GradUpIn},
-       {}},
-      /*dispatch_backward*/
-      {{R::GradDispatched, R::Indices, R::Locations, R::Capacity,
-        R::ExpertOffsets},
-       {R::Gates, R::ExpertRows},
-       {R::GradX},
-       {}},
-      /*gate_backward*/
-      {{R::GradGates, R::GradLAux, R::Scores, R::Indices},
-       {R::Locations, R::Gates, R::Capacity, R::ExpertOffsets, R::ExpertRows},
-       {R::GradLogits},
-       {}},
-      /*router_backward*/
-      {{R::X, R::Wg, R::GradLogits}, {}, {R::GradX, R::GradWg}, {}},
-      // sync_capacity reads and rewrites its outputs (the gate's).
-      /*sync_capacity*/ {{}, {}, {R::Capacity, R::ExpertOffsets}, {}},
-      /*all_to_all*/ {{R::Input, R::Capacity}, {}, {R::Output}, {}},
-      /*uniform_segments*/
-      {{R::Capacity}, {}, {R::ExpertOffsets, R::ExpertRows}, {}},
-      /*all_gather*/ {{R::Input}, {}, {R::Output}, {}},
-      /*reduce_scatter*/ {{R::Input}, {}, {R::Output}, {}},
-      // The gate's routing in, the routing over E * s virtual experts out.
-      /*shard_routing*/
-      {{R::Indices, R::Locations, R::Gates, R::Capacity, R::ExpertRows},
-       {R::ExpertOffsets},
-       {R::Indices, R::Locations, R::Gates, R::ExpertOffsets, R::ExpertRows},
-       {}},
-      /*shard_routing_backward*/ {{R::GradGates}, {}, {R::GradGates}, {}},
-  };
+  static const std::vector<StepSignature> signatures = [] {
+    std::vector<StepSignature> result(kNumStepOps);
+    for (int i = 0; i < kNumStepOps; ++i) {
+      const StepKindInfo &kind = getStepKind(static_cast<StepOp>(i));
+      for (const OperandSpec &spec : kind.inputs)
+        (spec.required ? result[i].requiredInputs : result[i].optionalInputs)
+            .push_back(spec.role);
+      for (const OperandSpec &spec : kind.outputs)
+        (spec.required ? result[i].requiredOutputs
+                       : result[i].optionalOutputs)
+            .push_back(spec.role);
+    }
+    return result;
+  }();
   return signatures[static_cast<int>(op)];
 }
 

@@ -1,0 +1,510 @@
+//===- StepShapeRules.cpp - The operand rules of each step kind
+//-------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file checks a step's operands (dtype and shape) against the layer and
+// the plan's world, and its attributes' cross-field rules.
+//
+//===----------------------------------------------------------------------===//
+
+#include "PlanDetail.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace flex {
+using namespace plan_detail;
+namespace {
+
+struct OperandChecker {
+  const Plan &plan;
+  const Step &step;
+  std::string path;
+
+  const BufferDesc *get(OperandRole role, bool isInput) const {
+    const BufferRef &ref = isInput ? step.in(role) : step.out(role);
+    return ref.isValid() ? &plan.getBuffer(ref) : nullptr;
+  }
+  std::string where(OperandRole role, bool isInput) const {
+    return path + (isInput ? ".in." : ".out.") + std::string(toString(role));
+  }
+
+  /// Checks dtype (any of `dtypes`) and shape; -1 in `shape` matches any dim.
+  const BufferDesc *expect(OperandRole role, bool isInput,
+                           std::initializer_list<DType> dtypes,
+                           std::vector<int64_t> shape,
+                           const std::string &meaning) const {
+    const BufferDesc *desc = get(role, isInput);
+    if (!desc)
+      return nullptr;
+    if (std::find(dtypes.begin(), dtypes.end(), desc->dtype) == dtypes.end()) {
+      std::vector<std::string_view> allowed;
+      for (DType type : dtypes)
+        allowed.push_back(toString(type));
+      fail(where(role, isInput), "buffer '" + desc->name + "' has dtype " +
+                                     std::string(toString(desc->dtype)) +
+                                     "; op '" + std::string(toString(step.op)) +
+                                     "' needs " + joinNames(allowed));
+    }
+    bool match = desc->shape.size() == shape.size();
+    for (size_t i = 0; match && i < shape.size(); ++i)
+      match = shape[i] < 0 || shape[i] == desc->shape[i];
+    if (!match) {
+      std::string expected = "[";
+      for (size_t i = 0; i < shape.size(); ++i)
+        expected += (i ? ", " : "") + (shape[i] < 0 ? std::string("?")
+                                                    : std::to_string(shape[i]));
+      expected += "]";
+      fail(where(role, isInput),
+           "buffer '" + desc->name + "' has shape " + shapeString(desc->shape) +
+               ", which disagrees with the layer: " + "expected " + expected +
+               " (" + meaning + ")");
+    }
+    return desc;
+  }
+
+  /// A [R, cols] buffer: rows at least `minRows` (the dispatch row bound).
+  const BufferDesc *expectRows(OperandRole role, bool isInput, int64_t cols,
+                               int64_t minRows,
+                               const std::string &meaning) const {
+    const BufferDesc *desc =
+        expect(role, isInput, {DType::F32, DType::BF16, DType::F16}, {-1, cols},
+               meaning);
+    if (desc && desc->shape[0] < minRows)
+      fail(where(role, isInput),
+           "buffer '" + desc->name + "' has " + std::to_string(desc->shape[0]) +
+               " rows; the dispatch layout needs at least " +
+               std::to_string(minRows) + " (" + meaning + ")");
+    return desc;
+  }
+
+  void expectSameShape(OperandRole role, bool isInput,
+                       const BufferDesc *reference,
+                       const std::string &referenceName) const {
+    const BufferDesc *desc = get(role, isInput);
+    if (!desc || !reference)
+      return;
+    if (desc->shape != reference->shape)
+      fail(where(role, isInput),
+           "buffer '" + desc->name + "' has shape " + shapeString(desc->shape) +
+               "; expected the shape of " + referenceName + " " +
+               shapeString(reference->shape));
+  }
+};
+
+constexpr std::initializer_list<DType> kFloatTypes = {DType::F32, DType::BF16,
+                                                      DType::F16};
+
+/// The chunks D and chunk q of all_to_all and uniform_segments.
+void checkChunks(const Step &step, const std::string &path) {
+  const StepAttrs &a = step.attrs;
+  if (a.chunks < 1 || a.chunks > (1 << 20))
+    fail(path + ".attrs.chunks", "chunks " + std::to_string(a.chunks) +
+                                     " is out of range; allowed: 1 to 2^20");
+  if (a.chunk < 0 || a.chunk >= a.chunks)
+    fail(path + ".attrs.chunk", "chunk " + std::to_string(a.chunk) +
+                                    " is out of range; allowed: 0 "
+                                    "to chunks - 1 = " +
+                                    std::to_string(a.chunks - 1));
+}
+
+/// ranks_per_node of all_to_all: 0 (flat) or N dividing W (W / N nodes).
+void checkRanksPerNode(const Step &step, const std::string &path, int64_t W) {
+  const int64_t N = step.attrs.ranksPerNode;
+  if (N == 0 || (N > 0 && N <= W && W % N == 0))
+    return;
+  std::string divisors;
+  for (int64_t n = 1; n <= W; ++n)
+    if (W % n == 0)
+      divisors += ", " + std::to_string(n);
+  fail(path + ".attrs.ranks_per_node",
+       "ranks_per_node " + std::to_string(N) +
+           " does not divide the plan's world size " + std::to_string(W) +
+           "; allowed: 0 (flat)" + divisors);
+}
+
+/// group_size / group_stride of a collective: 0 (all W ranks), or groups of
+/// n ranks S apart with n * S dividing W; not with ranks_per_node. A
+/// grouped all_to_all is a token class (n * S == W, experts sharded), a
+/// grouped gather or scatter a shard group (S == 1).
+void checkGroups(const Step &step, const std::string &path, int64_t W,
+                 int64_t s) {
+  const int64_t n = step.attrs.groupSize, S = step.attrs.groupStride;
+  const bool grouped = n != 0 || S != 1;
+  if (!grouped)
+    return;
+  if (step.op != StepOp::AllToAll && step.op != StepOp::AllGather &&
+      step.op != StepOp::ReduceScatter)
+    fail(path + ".attrs.group_size",
+         "op '" + std::string(toString(step.op)) +
+             "' takes no group; group_size and group_stride are attributes "
+             "of all_to_all, all_gather and reduce_scatter");
+  if (n < 1 || S < 1 || n > W || S > W || W % (n * S) != 0)
+    fail(path + ".attrs.group_size",
+         "groups of group_size " + std::to_string(n) + " ranks group_stride " +
+             std::to_string(S) +
+             " apart do not partition the plan's world size " +
+             std::to_string(W) +
+             "; need group_size >= 1, group_stride >= 1 and group_size * "
+             "group_stride dividing W");
+  if (step.attrs.ranksPerNode != 0)
+    fail(path + ".attrs.ranks_per_node",
+         "ranks_per_node (2DH) runs over all W ranks; a grouped all_to_all "
+         "(group_size " +
+             std::to_string(n) + ") is flat");
+  // The groups the layout needs (PlanFormat.md, "Groups of ranks"): a
+  // shard group gathers g consecutive ranks' shards, and a token class of
+  // W / g ranks g apart exchanges them. Other groups partition the ranks too
+  // but hold other experts than the segment ops run: a wrong answer.
+  if (n == W)
+    return; // all W ranks: no group
+  if (step.op == StepOp::AllToAll) {
+    if (s == 1)
+      fail(path + ".attrs.group_size",
+           "a grouped all_to_all (group_size " + std::to_string(n) +
+               ") needs experts sharded over ranks (E < W, W % E == 0): "
+               "with whole experts the segment ops run L = E / W experts "
+               "per rank");
+    if (n * S != W)
+      fail(path + ".attrs.group_stride",
+           "a grouped all_to_all runs among a token class: group_size " +
+               std::to_string(n) + " ranks group_stride = W / group_size = " +
+               std::to_string(W / n) + " apart, got group_stride " +
+               std::to_string(S));
+  } else if (S != 1) {
+    fail(path + ".attrs.group_stride",
+         "a grouped " + std::string(toString(step.op)) +
+             " runs among consecutive ranks (a shard group): group_stride "
+             "must be 1, got " +
+             std::to_string(S));
+  }
+}
+
+} // namespace
+
+void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
+                                  const std::string &path,
+                                  const StepAttrs &gateAttrs) {
+  const LayerConfig &layer = plan.layer;
+  const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts,
+                k = std::min(layer.topK, layer.experts);
+  // [cap-1] C is rounded up to the variant's alignment.
+  const int64_t alignment = gateAttrs.capacityAlignment;
+  const int64_t capacityBound =
+      (staticCapacityBound(layer) + alignment - 1) / alignment * alignment;
+  const DispatchLayout layout = gateAttrs.layout;
+  // Experts sharded over s ranks: after shard_routing the routing is over
+  // E * s virtual experts with k * s choices, and every dispatch-shaped
+  // buffer holds E * s capacity blocks.
+  const int64_t s = plan.shards(), Ev = plan.virtualExperts(), kv = k * s;
+  // The rows of the dispatch buffer: E * C for padded, at most T * k for
+  // ragged (never more than E * C either).
+  int64_t paddedRows = checkedMul(Ev, capacityBound)
+                           .value_or(std::numeric_limits<int64_t>::max());
+  int64_t minRows =
+      layout == DispatchLayout::Padded
+          ? paddedRows
+          : std::min(checkedMul(T, k).value_or(paddedRows), paddedRows);
+  const DType tokenType = layer.dtype;
+  const DType routerType = layer.routerFp32 ? DType::F32 : layer.dtype;
+  OperandChecker c{plan, step, path};
+  using R = OperandRole;
+  const bool in = true, out = false;
+  const int64_t W = plan.worldSize, L = plan.localExperts();
+  checkGroups(step, path, W, plan.shards());
+  // The ranks a collective runs among: W, or its group's.
+  const int64_t groupW = step.attrs.groupRanks(W);
+
+  // The ops that run per group of rows take their groups from
+  // expert_offsets/expert_rows: the gate's E experts, or the L = E / W
+  // local experts of a received buffer (uniform_segments).
+  const bool segmentOp =
+      step.op == StepOp::GroupedGemm || step.op == StepOp::Glu ||
+      step.op == StepOp::ActivationBackward || step.op == StepOp::GluBackward ||
+      step.op == StepOp::GroupedGemmWgrad || step.op == StepOp::UniformSegments;
+  int64_t G = Ev;
+  if (segmentOp) {
+    const BufferDesc *rows =
+        c.get(R::ExpertRows, step.op != StepOp::UniformSegments);
+    if (rows && rows->shape.size() == 1 && rows->shape[0] == L)
+      G = L;
+    // Sharded experts exchanged among groups of n ranks: E * s / n local
+    // (virtual) experts per rank (PlanFormat.md, "Groups of ranks").
+    else if (rows && rows->shape.size() == 1 && s > 1 && rows->shape[0] > 0 &&
+             Ev % rows->shape[0] == 0 && W % (Ev / rows->shape[0]) == 0)
+      G = rows->shape[0];
+  }
+  const std::string groupsMeaning =
+      segmentOp && s > 1 ? " (G = E * s = " + std::to_string(Ev) +
+                               " virtual experts (shards), or 1 shard per rank)"
+      : segmentOp && L != E
+          ? " (G = E = " + std::to_string(E) +
+                " experts, or L = E / W = " + std::to_string(L) +
+                " local experts)"
+          : "";
+
+  // Which routing each side of the step holds: the gate's (k choices over
+  // E experts) or, with sharded experts, shard_routing's (k * s over E * s).
+  bool shardedIn = false, shardedOut = false;
+  switch (step.op) {
+  case StepOp::ShardRouting:
+    shardedOut = true;
+    break;
+  case StepOp::ShardRoutingBackward:
+    shardedIn = true;
+    break;
+  case StepOp::Dispatch:
+  case StepOp::Combine:
+  case StepOp::CombineBackward:
+  case StepOp::DispatchBackward:
+    shardedIn = shardedOut = s > 1;
+    break;
+  default:
+    break;
+  }
+
+  // Routing buffers have the same shape wherever they appear.
+  for (bool isInput : {in, out}) {
+    const bool sharded = isInput ? shardedIn : shardedOut;
+    const int64_t kk = sharded ? kv : k, EE = sharded ? Ev : E;
+    const std::string kName = sharded ? "k * s" : "k";
+    const std::string eName = sharded ? "E * s" : "E";
+    const std::string kMeaning =
+        sharded ? " (k * s = " + std::to_string(kv) +
+                      ": the routing over the shards of each expert)"
+                : "";
+    c.expect(R::Scores, isInput, {DType::F32}, {T, E}, "scores [T, E] f32");
+    c.expect(R::Indices, isInput, {DType::I32}, {T, kk},
+             "indices [T, " + kName + "] i32" + kMeaning);
+    c.expect(R::Locations, isInput, {DType::I32}, {T, kk},
+             "locations [T, " + kName + "] i32" + kMeaning);
+    c.expect(R::Gates, isInput, {DType::F32}, {T, kk},
+             "gates [T, " + kName + "] f32" + kMeaning);
+    c.expect(R::Capacity, isInput, {DType::I32}, {1}, "capacity [1] i32");
+    c.expect(R::ExpertOffsets, isInput, {DType::I32},
+             {segmentOp ? G + 1 : EE + 1},
+             (segmentOp ? std::string("expert_offsets [G + 1] i32")
+                        : "expert_offsets [" + eName + " + 1] i32") +
+                 groupsMeaning);
+    c.expect(R::ExpertRows, isInput, {DType::I32}, {segmentOp ? G : EE},
+             (segmentOp ? std::string("expert_rows [G] i32")
+                        : "expert_rows [" + eName + "] i32") +
+                 groupsMeaning);
+    c.expect(R::LAux, isInput, {DType::F32}, {1}, "l_aux [1] f32");
+    c.expect(R::GradLAux, isInput, {DType::F32}, {1}, "grad_l_aux [1] f32");
+    c.expect(R::Logits, isInput, {DType::F32}, {T, E}, "logits [T, E] f32");
+    c.expect(R::GradLogits, isInput, {DType::F32}, {T, E},
+             "grad_logits [T, E] f32");
+    c.expect(R::GradGates, isInput, {DType::F32}, {T, kk},
+             "grad_gates [T, " + kName + "] f32" + kMeaning);
+  }
+
+  switch (step.op) {
+  case StepOp::Router:
+  case StepOp::RouterBackward:
+    c.expect(R::X, in, {tokenType}, {T, d}, "x [T, d]");
+    c.expect(R::Wg, in, {routerType}, {d, E}, "wg [d, E]");
+    c.expect(R::GradX, out, {tokenType}, {T, d}, "grad_x [T, d]");
+    c.expect(R::GradWg, out, {routerType}, {d, E}, "grad_wg [d, E]");
+    break;
+  case StepOp::Gate:
+  case StepOp::GateBackward:
+    if (step.attrs.topK != layer.topK)
+      fail(path + ".attrs.top_k", "top_k " + std::to_string(step.attrs.topK) +
+                                      " disagrees with the layer's top_k " +
+                                      std::to_string(layer.topK));
+    if (step.op == StepOp::Gate &&
+        step.attrs.capacityMode != layer.capacityMode)
+      fail(path + ".attrs.capacity_mode",
+           "'" + std::string(toString(step.attrs.capacityMode)) +
+               "' disagrees with the layer's capacity_mode '" +
+               std::string(toString(layer.capacityMode)) + "'");
+    // [cap-1] The gate writes expert_offsets[e] = e * C with C rounded up
+    // to the alignment: the layer's check of the unaligned bound is not
+    // enough.
+    if (step.op == StepOp::Gate &&
+        checkedMul(layer.experts, capacityBound)
+                .value_or(std::numeric_limits<int64_t>::max()) >
+            std::numeric_limits<int32_t>::max())
+      fail(path + ".attrs.capacity_alignment",
+           "[cap-1] the capacity bound " + std::to_string(capacityBound) +
+               " aligned to " + std::to_string(alignment) + " times " +
+               std::to_string(layer.experts) +
+               " experts exceeds the i32 range of the routing buffers");
+    break;
+  case StepOp::Dispatch:
+    c.expect(R::X, in, {tokenType}, {T, d}, "x [T, d]");
+    c.expectRows(R::Dispatched, out, d, minRows, "dispatched [R, d]");
+    break;
+  case StepOp::DispatchBackward:
+    c.expectRows(R::GradDispatched, in, d, minRows, "grad_dispatched [R, d]");
+    c.expect(R::GradX, out, {tokenType}, {T, d}, "grad_x [T, d]");
+    break;
+  case StepOp::Combine:
+    c.expectRows(R::ExpertOut, in, d, minRows, "expert_out [R, d]");
+    c.expect(R::Out, out, {tokenType}, {T, d}, "out [T, d]");
+    break;
+  case StepOp::CombineBackward: {
+    c.expect(R::GradOut, in, {tokenType}, {T, d}, "grad_out [T, d]");
+    const BufferDesc *expertOut =
+        c.expectRows(R::ExpertOut, in, d, minRows, "expert_out [R, d]");
+    c.expectSameShape(R::GradExpertOut, out, expertOut, "expert_out");
+    break;
+  }
+  case StepOp::GroupedGemm: {
+    const BufferDesc *a = c.expect(R::A, in, kFloatTypes, {-1, -1}, "a [R, K]");
+    int64_t K = a->shape[1];
+    const BufferDesc *b = c.expect(
+        R::B, in, kFloatTypes, {G, -1, -1},
+        (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") + groupsMeaning);
+    int64_t bK = b->shape[step.attrs.transB ? 2 : 1];
+    int64_t N = b->shape[step.attrs.transB ? 1 : 2];
+    if (bK != K)
+      fail(c.where(R::B, in),
+           "buffer '" + b->name + "' of shape " + shapeString(b->shape) +
+               " has K = " + std::to_string(bK) + " but a '" + a->name +
+               "' has K = " + std::to_string(K) +
+               (step.attrs.transB ? " (trans_b: b is [E, N, K])"
+                                  : " (b is [E, K, N])"));
+    c.expect(R::Bias, in, kFloatTypes, {G, N}, "bias [G, N]" + groupsMeaning);
+    c.expectRows(R::A, in, K, minRows, "a [R, K]");
+    c.expect(R::C, out, kFloatTypes, {a->shape[0], N}, "c [R, N], R of a");
+    c.expect(R::Pre, out, kFloatTypes, {a->shape[0], N}, "pre [R, N], R of a");
+    break;
+  }
+  case StepOp::GroupedGemmWgrad: {
+    const BufferDesc *a = c.expectRows(R::A, in, -1, minRows, "a [R, K]");
+    const BufferDesc *gradC = c.expect(
+        R::GradC, in, kFloatTypes, {a->shape[0], -1}, "grad_c [R, N], R of a");
+    int64_t K = a->shape[1], N = gradC->shape[1];
+    c.expect(R::GradB, out, kFloatTypes, {G, K, N},
+             "grad_b [G, K, N]" + groupsMeaning);
+    c.expect(R::GradBias, out, kFloatTypes, {G, N},
+             "grad_bias [G, N]" + groupsMeaning);
+    break;
+  }
+  case StepOp::SyncCapacity:
+    // capacity and expert_offsets: the routing shapes above.
+    break;
+  case StepOp::ShardRouting:
+  case StepOp::ShardRoutingBackward:
+    // The routing shapes above say the rest.
+    if (s == 1)
+      fail(path + ".op", "op '" + std::string(toString(step.op)) +
+                             "' needs experts sharded over ranks (E < W, "
+                             "W % E == 0); this plan has E = " +
+                             std::to_string(E) +
+                             " experts on W = " + std::to_string(W) + " ranks");
+    if (step.attrs.shards != s)
+      fail(path + ".attrs.shards",
+           "shards " + std::to_string(step.attrs.shards) +
+               " disagrees with the plan: s = W / E = " + std::to_string(W) +
+               " / " + std::to_string(E) + " = " + std::to_string(s));
+    // [cap-1] The routing buffers are i32 and shard_routing writes
+    // expert_offsets[v] = v * C up to E * s * C: the layer's check of
+    // E * C is not enough.
+    if (step.op == StepOp::ShardRouting &&
+        paddedRows > std::numeric_limits<int32_t>::max())
+      fail(path + ".op",
+           "[cap-1] the capacity bound " + std::to_string(capacityBound) +
+               " times the E * s = " + std::to_string(Ev) +
+               " virtual experts exceeds the i32 range of the routing "
+               "buffers (expert_offsets); lower capacity_factor or tokens");
+    break;
+  case StepOp::AllToAll: {
+    checkChunks(step, path);
+    checkRanksPerNode(step, path, W);
+    // Both sides hold E * C rows: [W, L, C, n] and [D, L, W, C / D, n].
+    const BufferDesc *input =
+        c.expectRows(R::Input, in, -1, paddedRows, "input [E * C, n]");
+    c.expectRows(R::Output, out, input->shape[1], paddedRows,
+                 "output [E * C, n], n of input");
+    c.expect(R::Output, out, {input->dtype}, {-1, input->shape[1]},
+             "output has the dtype of input");
+    break;
+  }
+  case StepOp::UniformSegments:
+    checkChunks(step, path);
+    // Sharded experts exchanged among groups of n ranks (n dividing W):
+    // G = E * s / n local virtual experts.
+    if (s > 1 && step.attrs.ranks >= 1 && step.attrs.ranks < W &&
+        W % step.attrs.ranks == 0) {
+      if (step.attrs.groups * step.attrs.ranks != Ev)
+        fail(path + ".attrs.groups",
+             "groups " + std::to_string(step.attrs.groups) + " on ranks " +
+                 std::to_string(step.attrs.ranks) +
+                 " disagrees with the plan: groups * ranks must be the E * s "
+                 "= " +
+                 std::to_string(Ev) + " virtual experts");
+      break;
+    }
+    if (step.attrs.groups != L)
+      fail(path + ".attrs.groups",
+           "groups " + std::to_string(step.attrs.groups) +
+               " disagrees with the local experts of the plan: L = E / W = " +
+               std::to_string(E) + " / " + std::to_string(W) + " = " +
+               std::to_string(L));
+    if (step.attrs.ranks != W)
+      fail(path + ".attrs.ranks", "ranks " + std::to_string(step.attrs.ranks) +
+                                      " disagrees with the plan's world size " +
+                                      std::to_string(W));
+    break;
+  case StepOp::AllGather:
+  case StepOp::ReduceScatter: {
+    // The rank's block is 1/W of the full buffer's first dimension.
+    bool gather = step.op == StepOp::AllGather;
+    const BufferDesc *input = c.get(R::Input, in);
+    const BufferDesc *output = c.get(R::Output, out);
+    const BufferDesc *block = gather ? input : output;
+    const BufferDesc *full = gather ? output : input;
+    std::string fullPath = c.where(gather ? R::Output : R::Input, !gather);
+    if (!gather && input->dtype == DType::I32)
+      fail(c.where(R::Input, in), "buffer '" + input->name +
+                                      "' has dtype i32; op 'reduce_scatter' "
+                                      "sums f32, bf16 or f16");
+    if (input->dtype != output->dtype)
+      fail(c.where(R::Output, out),
+           "buffer '" + output->name + "' has dtype " +
+               std::string(toString(output->dtype)) + "; op '" +
+               std::string(toString(step.op)) +
+               "' keeps the dtype of its input (" +
+               std::string(toString(input->dtype)) + ")");
+    std::vector<int64_t> want = block->shape;
+    if (!want.empty())
+      want[0] = checkedMul(want[0], groupW).value_or(-1);
+    if (block->shape.empty() || full->shape != want)
+      fail(fullPath,
+           "buffer '" + full->name + "' has shape " + shapeString(full->shape) +
+               "; op '" + std::string(toString(step.op)) +
+               "' needs the rank's block " + shapeString(block->shape) +
+               " times " + (step.attrs.groupSize > 0 ? "group_size" : "W") +
+               " = " + std::to_string(groupW) + " in the first dimension, " +
+               shapeString(want));
+    break;
+  }
+  case StepOp::Glu:
+  case StepOp::GluBackward:
+  case StepOp::ActivationBackward: {
+    OperandRole first =
+        step.op == StepOp::ActivationBackward ? R::Pre : R::GateIn;
+    const BufferDesc *reference = c.expectRows(
+        first, in, -1, minRows, std::string(toString(first)) + " [R, N]");
+    std::string name = "'" + reference->name + "'";
+    for (OperandRole role : {R::UpIn, R::Grad})
+      c.expectSameShape(role, in, reference, name);
+    for (OperandRole role : {R::C, R::GradPre, R::GradGateIn, R::GradUpIn})
+      c.expectSameShape(role, out, reference, name);
+    for (OperandRole role : {R::UpIn, R::Grad})
+      c.expect(role, in, kFloatTypes, reference->shape, "[R, N]");
+    for (OperandRole role : {R::C, R::GradPre, R::GradGateIn, R::GradUpIn})
+      c.expect(role, out, kFloatTypes, reference->shape, "[R, N]");
+    break;
+  }
+  }
+}
+namespace {} // namespace
+
+} // namespace flex
