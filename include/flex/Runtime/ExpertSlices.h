@@ -17,7 +17,7 @@
 #ifndef FLEX_RUNTIME_EXPERTSLICES_H
 #define FLEX_RUNTIME_EXPERTSLICES_H
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 
 #include <string_view>
 #include <vector>

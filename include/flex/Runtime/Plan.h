@@ -17,7 +17,8 @@
 #ifndef FLEX_RUNTIME_PLAN_H
 #define FLEX_RUNTIME_PLAN_H
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/KernelArgs.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 
 #include <array>
 #include <cstdint>
@@ -130,13 +131,11 @@ enum class ArgumentRole : uint8_t { Input, Output, GradInput, GradOutput };
 std::string_view toString(ArgumentRole role);
 std::optional<ArgumentRole> parseArgumentRole(std::string_view text);
 
-/// How the gate lays the dispatch buffer out (the `layout` attr of `gate`).
-enum class DispatchLayout : uint8_t { Padded, Ragged };
+/// The `layout` attr of `gate` (DispatchLayout is in Core/KernelArgs.h).
 std::string_view toString(DispatchLayout layout);
 std::optional<DispatchLayout> parseDispatchLayout(std::string_view text);
 
-/// The epilogue of `grouped_gemm`.
-enum class Epilogue : uint8_t { None, Relu, Gelu, Silu };
+/// The epilogue of `grouped_gemm` (Epilogue is in Core/KernelArgs.h).
 std::string_view toString(Epilogue epilogue);
 std::optional<Epilogue> parseEpilogue(std::string_view text);
 
@@ -188,19 +187,10 @@ struct BufferRef {
 };
 
 /// Attributes of a step. Which ones an op reads is in PlanFormat.md; the
-/// loader fills the ones present and checks those the op requires.
-struct StepAttrs {
-  // gate, gate_backward
-  int64_t topK = 1;
-  CapacityMode capacityMode = CapacityMode::Fixed;
-  double capacityFactor = 1.0;
-  bool normalize = true;
-  bool batchPrioritized = false;
-  double noise = 0.0;
-  uint64_t seed = 0;
-  DispatchLayout layout = DispatchLayout::Padded;
-  /// C is rounded up to a multiple of this (pipelining, sharding).
-  int64_t capacityAlignment = 1;
+/// loader fills the ones present and checks those the op requires. The
+/// attributes of gate and gate_backward are the kernels' GateAttrs
+/// (Core/KernelArgs.h), so a backend passes them as they are.
+struct StepAttrs : GateAttrs {
   // grouped_gemm
   bool transB = false;
   Epilogue epilogue = Epilogue::None;

@@ -5,8 +5,10 @@
 //===----------------------------------------------------------------------===//
 //
 // This file defines the small conversions every backend makes from a step's
-// operand views (TensorView) to the buffer views its kernels take, so the
-// CPU and CUDA backends share them.
+// operand views (TensorView) to the buffer views its kernels take (the
+// backend-neutral types of Core/KernelArgs.h), so the CPU and CUDA backends
+// share them. A gate step's attributes need no conversion: StepAttrs is-a
+// GateAttrs, and the plan's Epilogue is the kernels'.
 //
 //===----------------------------------------------------------------------===//
 
@@ -14,21 +16,21 @@
 #define FLEX_RUNTIME_STEPVIEWS_H
 
 #include "flex/Runtime/Backend.h"
-#include "flex/Runtime/Cpu/CpuKernels.h"
+#include "flex/Runtime/Core/KernelArgs.h"
 
 #include <algorithm>
 
 namespace flex::step_views {
 
 /// A typed read view of an operand; empty for an absent optional operand.
-inline cpu::ReadBuffer read(const TensorView &view) {
+inline ReadBuffer read(const TensorView &view) {
   if (!view.isPresent())
     return {};
   return {view.data, view.desc->dtype};
 }
 
 /// A typed write view of an operand; empty for an absent optional operand.
-inline cpu::WriteBuffer write(const TensorView &view) {
+inline WriteBuffer write(const TensorView &view) {
   if (!view.isPresent())
     return {};
   return {view.data, view.desc->dtype};
@@ -42,28 +44,12 @@ template <typename T> T *writeAs(const TensorView &view) {
   return static_cast<T *>(view.data);
 }
 
-/// The plan's epilogue as the kernels spell it.
-inline cpu::Epilogue toKernelEpilogue(Epilogue epilogue) {
-  switch (epilogue) {
-  case Epilogue::None:
-    return cpu::Epilogue::None;
-  case Epilogue::Relu:
-    return cpu::Epilogue::Relu;
-  case Epilogue::Gelu:
-    return cpu::Epilogue::Gelu;
-  case Epilogue::Silu:
-    return cpu::Epilogue::Silu;
-  }
-  return cpu::Epilogue::None;
-}
-
 /// The routing a step reads, from the layer and whichever routing operands
 /// it has. After shard_routing the routing counts k * s choices over E * s
 /// (virtual) experts: k and E come from the buffers when present (the loader
 /// checked that they agree).
-inline cpu::Routing routingOf(const LayerConfig &layer,
-                              const StepOperands &ops) {
-  cpu::Routing routing;
+inline Routing routingOf(const LayerConfig &layer, const StepOperands &ops) {
+  Routing routing;
   routing.indices = readAs<int32_t>(ops.in(OperandRole::Indices));
   routing.locations = readAs<int32_t>(ops.in(OperandRole::Locations));
   routing.gates = readAs<float>(ops.in(OperandRole::Gates));
@@ -80,26 +66,10 @@ inline cpu::Routing routingOf(const LayerConfig &layer,
   return routing;
 }
 
-/// The gate step's attributes as the gate kernels take them.
-inline cpu::GateAttrs gateAttrs(const StepAttrs &a) {
-  cpu::GateAttrs attrs;
-  attrs.topK = a.topK;
-  attrs.capacityMode = a.capacityMode;
-  attrs.capacityFactor = a.capacityFactor;
-  attrs.normalize = a.normalize;
-  attrs.batchPrioritized = a.batchPrioritized;
-  attrs.noise = a.noise;
-  attrs.seed = a.seed;
-  attrs.layout = a.layout == DispatchLayout::Padded ? cpu::Layout::Padded
-                                                    : cpu::Layout::Ragged;
-  attrs.capacityAlignment = a.capacityAlignment;
-  return attrs;
-}
-
 /// The gate step's routing outputs as the gate kernels take them.
-inline cpu::GateOutputs gateOutputs(const StepOperands &ops) {
+inline GateOutputs gateOutputs(const StepOperands &ops) {
   using R = OperandRole;
-  cpu::GateOutputs out;
+  GateOutputs out;
   out.scores = writeAs<float>(ops.out(R::Scores));
   out.indices = writeAs<int32_t>(ops.out(R::Indices));
   out.locations = writeAs<int32_t>(ops.out(R::Locations));

@@ -11,7 +11,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/Communicator.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <algorithm>
 #include <chrono>
@@ -179,9 +179,9 @@ float loadFloat(const void *data, DType type, int64_t i) {
   case DType::F32:
     return static_cast<const float *>(data)[i];
   case DType::BF16:
-    return cpu::bf16ToFloat(static_cast<const uint16_t *>(data)[i]);
+    return bf16ToFloat(static_cast<const uint16_t *>(data)[i]);
   case DType::F16:
-    return cpu::f16ToFloat(static_cast<const uint16_t *>(data)[i]);
+    return f16ToFloat(static_cast<const uint16_t *>(data)[i]);
   case DType::I32:
     break;
   }
@@ -194,10 +194,10 @@ void storeFloat(void *data, DType type, int64_t i, float value) {
     static_cast<float *>(data)[i] = value;
     return;
   case DType::BF16:
-    static_cast<uint16_t *>(data)[i] = cpu::floatToBf16(value);
+    static_cast<uint16_t *>(data)[i] = floatToBf16(value);
     return;
   case DType::F16:
-    static_cast<uint16_t *>(data)[i] = cpu::floatToF16(value);
+    static_cast<uint16_t *>(data)[i] = floatToF16(value);
     return;
   case DType::I32:
     return;

@@ -13,7 +13,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/MpiCommunicator.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 // The C API only: the C++ bindings of OpenMPI/MPICH need their own library.
 #define OMPI_SKIP_MPICXX 1
@@ -240,9 +240,9 @@ private:
   static float load(const void *data, DType type, size_t, int64_t i) {
     switch (type) {
     case DType::BF16:
-      return cpu::bf16ToFloat(static_cast<const uint16_t *>(data)[i]);
+      return bf16ToFloat(static_cast<const uint16_t *>(data)[i]);
     case DType::F16:
-      return cpu::f16ToFloat(static_cast<const uint16_t *>(data)[i]);
+      return f16ToFloat(static_cast<const uint16_t *>(data)[i]);
     default:
       return static_cast<const float *>(data)[i];
     }
@@ -250,10 +250,10 @@ private:
   static void store(void *data, DType type, int64_t i, float value) {
     switch (type) {
     case DType::BF16:
-      static_cast<uint16_t *>(data)[i] = cpu::floatToBf16(value);
+      static_cast<uint16_t *>(data)[i] = floatToBf16(value);
       return;
     case DType::F16:
-      static_cast<uint16_t *>(data)[i] = cpu::floatToF16(value);
+      static_cast<uint16_t *>(data)[i] = floatToF16(value);
       return;
     default:
       static_cast<float *>(data)[i] = value;

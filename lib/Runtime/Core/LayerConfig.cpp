@@ -4,12 +4,13 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// This file implements the checks, the static capacity bound and the
-// spellings of flex::LayerConfig.
+// This file implements the checks and the spellings of flex::LayerConfig
+// (the static capacity bound is in Core/Capacity.h).
 //
 //===----------------------------------------------------------------------===//
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
+#include "flex/Runtime/Core/Capacity.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,38 +18,6 @@
 #include <sstream>
 
 namespace flex {
-
-namespace {
-
-/// k * int(f * ceil(T / E)) of [cap-1], saturating instead of overflowing.
-int64_t fixedCapacity(const LayerConfig &config) {
-  if (config.experts <= 0 || config.tokens <= 0)
-    return 0;
-  int64_t slotsPerExpert =
-      (config.tokens + config.experts - 1) / config.experts;
-  double scaled =
-      std::abs(config.capacityFactor) * static_cast<double>(slotsPerExpert);
-  int64_t topK = std::clamp<int64_t>(config.topK, 1, config.experts);
-  constexpr double kLimit = static_cast<double>(int64_t{1} << 62);
-  if (!(scaled < kLimit / static_cast<double>(topK)))
-    return std::numeric_limits<int64_t>::max();
-  return topK * static_cast<int64_t>(scaled);
-}
-
-} // namespace
-
-int64_t staticCapacityBound(const LayerConfig &config) {
-  switch (config.capacityMode) {
-  case CapacityMode::Fixed:
-    return fixedCapacity(config);
-  case CapacityMode::Dropless:
-    return std::max<int64_t>(0, config.tokens);
-  case CapacityMode::Bounded:
-    // C = min(max count, fixed) and no count exceeds T.
-    return std::min(fixedCapacity(config), std::max<int64_t>(0, config.tokens));
-  }
-  return 0;
-}
 
 std::optional<std::string> verifyLayerConfig(const LayerConfig &config) {
   std::ostringstream message;

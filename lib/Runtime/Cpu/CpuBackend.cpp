@@ -150,10 +150,10 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
   const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts;
   const int64_t k = std::min(layer.topK, layer.experts);
   // Routing is read from whichever side of the step holds it.
-  cpu::Routing routing = step_views::routingOf(layer, ops);
+  Routing routing = step_views::routingOf(layer, ops);
   // The row groups of a segment op: the gate's E experts, or the L local
   // experts of a received buffer (uniform_segments).
-  cpu::ExpertSegments segments = routing.segments();
+  ExpertSegments segments = routing.segments();
   if (ops.in(R::ExpertRows).isPresent())
     segments.experts = ops.in(R::ExpertRows).desc->shape[0];
   // The column count of a [R, N] operand.
@@ -166,14 +166,11 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     break;
   case StepOp::Gate: {
     const StepAttrs &a = step.attrs;
-    cpu::GateAttrs attrs = step_views::gateAttrs(a);
-    cpu::GateOutputs out = step_views::gateOutputs(ops);
-    cpu::gate(readAs<float>(ops.in(R::Logits)), T, E, attrs, out);
+    GateOutputs out = step_views::gateOutputs(ops);
+    cpu::gate(readAs<float>(ops.in(R::Logits)), T, E, a, out);
     // The plan sized the dispatch buffers for C <= the aligned static bound
     // (the loader checked); a larger C would write past them.
-    int64_t alignment = a.capacityAlignment;
-    int64_t bound =
-        (staticCapacityBound(layer) + alignment - 1) / alignment * alignment;
+    int64_t bound = alignedCapacityBound(layer, a.capacityAlignment);
     if (*out.capacity < 0 || *out.capacity > bound)
       return Status(StatusCode::Internal,
                     "gate computed capacity " +
@@ -189,10 +186,10 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     break;
   case StepOp::GroupedGemm: {
     const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
-    cpu::GroupedGemmOptions options;
+    GroupedGemmOptions options;
     options.transB = step.attrs.transB;
     options.accumulate = step.attrs.accumulate;
-    options.epilogue = step_views::toKernelEpilogue(step.attrs.epilogue);
+    options.epilogue = step.attrs.epilogue;
     options.biasScale = static_cast<float>(step.attrs.biasScale);
     cpu::groupedGemm(read(a), read(ops.in(R::B)), read(ops.in(R::Bias)),
                      write(c), cols(a), cols(c), segments, options,
@@ -214,7 +211,7 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
     break;
   case StepOp::GroupedGemmWgrad: {
     const TensorView &a = ops.in(R::A), &gradC = ops.in(R::GradC);
-    cpu::GroupedGemmWgradOptions options;
+    GroupedGemmWgradOptions options;
     options.accumulate = step.attrs.accumulate;
     cpu::groupedGemmWgrad(read(a), read(gradC), cols(a), cols(gradC), segments,
                           write(ops.out(R::GradB)), write(ops.out(R::GradBias)),
@@ -238,7 +235,7 @@ Status CpuBackend::runStep(const Plan &plan, const Step &step,
                           write(ops.out(R::GradX)));
     break;
   case StepOp::GateBackward: {
-    cpu::GateBackwardAttrs attrs;
+    GateBackwardAttrs attrs;
     attrs.topK = step.attrs.topK;
     attrs.normalize = step.attrs.normalize;
     cpu::gateBackward(readAs<float>(ops.in(R::GradGates)),

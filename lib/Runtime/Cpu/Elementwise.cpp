@@ -20,18 +20,6 @@ using detail::loadRow;
 using detail::RowRange;
 using detail::storeRow;
 
-Epilogue toEpilogue(Activation act) {
-  switch (act) {
-  case Activation::Relu:
-    return Epilogue::Relu;
-  case Activation::Gelu:
-    return Epilogue::Gelu;
-  case Activation::Silu:
-    return Epilogue::Silu;
-  }
-  return Epilogue::None;
-}
-
 void activation(ReadBuffer pre, WriteBuffer out, int64_t n,
                 const ExpertSegments &segments, Activation act) {
   Epilogue epilogue = toEpilogue(act);

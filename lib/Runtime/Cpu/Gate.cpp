@@ -50,32 +50,6 @@ double gateNoiseSample(uint64_t seed, int64_t token, int64_t expert) {
          std::cos(6.283185307179586476925 * u2);
 }
 
-int64_t computeCapacity(CapacityMode mode, double factor, int64_t tokens,
-                        int64_t experts, int64_t topK, int64_t maxCount,
-                        int64_t alignment) {
-  int64_t slotsPerExpert = experts > 0 ? (tokens + experts - 1) / experts : 0;
-  // The contract's bounded mode writes f < 0; LayerConfig writes the mode
-  // and a positive factor. Both mean |f|.
-  double scaled = std::abs(factor) * static_cast<double>(slotsPerExpert);
-  int64_t fixedCapacity = topK * static_cast<int64_t>(scaled);
-  int64_t capacity = 0;
-  switch (mode) {
-  case CapacityMode::Fixed:
-    capacity = fixedCapacity;
-    break;
-  case CapacityMode::Dropless:
-    capacity = maxCount;
-    break;
-  case CapacityMode::Bounded:
-    capacity = std::min(maxCount, fixedCapacity);
-    break;
-  }
-  capacity = std::max<int64_t>(0, capacity);
-  if (alignment > 1)
-    capacity = (capacity + alignment - 1) / alignment * alignment;
-  return capacity;
-}
-
 void gate(const float *logits, int64_t tokens, int64_t experts,
           const GateAttrs &attrs, const GateOutputs &out) {
   if (experts <= 0)
@@ -191,8 +165,8 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
   // [cap-1]
   int64_t maxCount = *std::max_element(counts.begin(), counts.end());
   int64_t capacity =
-      computeCapacity(attrs.capacityMode, attrs.capacityFactor, tokens, experts,
-                      k, maxCount, attrs.capacityAlignment);
+      flex::computeCapacity(attrs.capacityMode, attrs.capacityFactor, tokens,
+                            experts, k, maxCount, attrs.capacityAlignment);
   // C beyond i32 only happens with configs verifyLayerConfig rejects; keep
   // the buffer meaningful anyway (no slot reaches it).
   *out.capacity = static_cast<int32_t>(
@@ -202,11 +176,11 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
     int64_t rows = std::min(counts[e], capacity);
     out.expertRows[e] = static_cast<int32_t>(rows);
     out.expertOffsets[e] = static_cast<int32_t>(
-        attrs.layout == Layout::Padded ? e * capacity : offset);
+        attrs.layout == DispatchLayout::Padded ? e * capacity : offset);
     offset += rows;
   }
   out.expertOffsets[experts] = static_cast<int32_t>(
-      attrs.layout == Layout::Padded ? experts * capacity : offset);
+      attrs.layout == DispatchLayout::Padded ? experts * capacity : offset);
 }
 
 void gateBackward(const float *gradGates, const float *gradLAux,

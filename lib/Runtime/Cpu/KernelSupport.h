@@ -14,7 +14,7 @@
 #define LIB_RUNTIME_CPU_KERNELSUPPORT_H
 
 #include "flex/Runtime/Cpu/CpuKernels.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <algorithm>
 #include <cmath>

@@ -92,7 +92,7 @@ int64_t staticCapacity(const Plan &plan, const Step *gate) {
       gate->attrs.capacityMode != CapacityMode::Fixed)
     return -1;
   const LayerConfig &layer = plan.layer;
-  return cpu::computeCapacity(
+  return computeCapacity(
       CapacityMode::Fixed, gate->attrs.capacityFactor, layer.tokens,
       layer.experts, std::clamp<int64_t>(gate->attrs.topK, 1, layer.experts), 0,
       gate->attrs.capacityAlignment);
@@ -605,7 +605,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
   const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts;
   const int64_t k = std::min(layer.topK, layer.experts);
   // Routing is read from whichever side of the step holds it.
-  cpu::Routing routing = step_views::routingOf(layer, ops);
+  Routing routing = step_views::routingOf(layer, ops);
   // The row groups of a segment op: the routing's (virtual) experts, or the
   // G = L local experts of a received buffer (expert_rows from
   // uniform_segments).
@@ -690,13 +690,12 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
                         writeAs<float>(ops.out(R::Logits)), T, d, E);
   case StepOp::Gate: {
     const StepAttrs &a = step.attrs;
-    cpu::GateAttrs attrs = step_views::gateAttrs(a);
-    cpu::GateOutputs out = step_views::gateOutputs(ops);
+    GateOutputs out = step_views::gateOutputs(ops);
     lastGate_ = &step;
     ++capacityEpoch_;
     // The capacity stays on the device; by [cap-1] it never exceeds the
     // static bound the plan sized its buffers for (the CPU backend checks).
-    return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, attrs, out);
+    return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, a, out);
   }
   case StepOp::Dispatch:
     return cuda::dispatch(ctx, read(ops.in(R::X)), d, routing,
@@ -704,10 +703,10 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
                           write(ops.out(R::Dispatched)));
   case StepOp::GroupedGemm: {
     const TensorView a = shift(ops.in(R::A)), c = shift(ops.out(R::C));
-    cpu::GroupedGemmOptions options;
+    GroupedGemmOptions options;
     options.transB = step.attrs.transB;
     options.accumulate = step.attrs.accumulate;
-    options.epilogue = step_views::toKernelEpilogue(step.attrs.epilogue);
+    options.epilogue = step.attrs.epilogue;
     // 1 / s in fc2 of a sharded expert: the s partial outputs add b2 once.
     options.biasScale = static_cast<float>(step.attrs.biasScale);
     return cuda::groupedGemm(ctx, read(a), read(ops.in(R::B)),
@@ -748,7 +747,7 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     return cuda::dispatchBackward(ctx, read(ops.in(R::GradDispatched)), d,
                                   routing, write(ops.out(R::GradX)));
   case StepOp::GateBackward: {
-    cpu::GateBackwardAttrs attrs;
+    GateBackwardAttrs attrs;
     attrs.topK = step.attrs.topK;
     attrs.normalize = step.attrs.normalize;
     return cuda::gateBackward(ctx, readAs<float>(ops.in(R::GradGates)),

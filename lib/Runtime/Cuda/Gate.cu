@@ -43,7 +43,7 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-/// cpu::gateNoiseSample, operation for operation.
+/// The CPU gateNoiseSample (Cpu/CpuKernels.h), operation for operation.
 __device__ double noiseSample(uint64_t seed, int64_t token, int64_t expert) {
   uint64_t cell = static_cast<uint64_t>(token) * 0x9E3779B97F4A7C15ull +
                   static_cast<uint64_t>(expert);
@@ -181,7 +181,7 @@ __global__ void gateTokensKernel(const float *__restrict__ logits,
   if (normalize) {
     // std::max(sum, eps) keeps a NaN sum.
     float denominator =
-        gateSum < cpu::kGateNormalizeEps ? cpu::kGateNormalizeEps : gateSum;
+        gateSum < kGateNormalizeEps ? kGateNormalizeEps : gateSum;
     for (int32_t j = 0; j < k; ++j)
       gateRow[j] = __fdiv_rn(gateRow[j], denominator);
   }
@@ -250,7 +250,7 @@ __global__ void chunkCountKernel(SlotSequence sequence, int64_t length,
 }
 
 struct CapacityParams {
-  int32_t mode; ///< CapacityMode
+  CapacityMode mode;
   double factor;
   int64_t tokens;
   int32_t experts;
@@ -288,16 +288,9 @@ __global__ void gateScanKernel(int32_t *__restrict__ chunkCounts,
   __syncthreads();
   if (threadIdx.x != 0)
     return;
-  // cpu::computeCapacity.
-  int64_t slotsPerExpert = (p.tokens + p.experts - 1) / p.experts;
-  double scaled = fabs(p.factor) * static_cast<double>(slotsPerExpert);
-  int64_t fixedCapacity = p.k * static_cast<int64_t>(scaled);
-  int64_t cap = p.mode == 0   ? fixedCapacity
-                : p.mode == 1 ? int64_t{maxCount}
-                              : min(int64_t{maxCount}, fixedCapacity);
-  cap = max(int64_t{0}, cap);
-  if (p.alignment > 1)
-    cap = (cap + p.alignment - 1) / p.alignment * p.alignment;
+  // [cap-1]: the host's arithmetic (Core/Capacity.h), run here.
+  int64_t cap = computeCapacity(p.mode, p.factor, p.tokens, p.experts, p.k,
+                                maxCount, p.alignment);
   *capacity = static_cast<int32_t>(min(cap, int64_t{INT32_MAX}));
   int64_t offset = 0;
   for (int32_t e = 0; e < p.experts; ++e) {
@@ -471,13 +464,13 @@ Status gate(KernelContext &ctx, const float *logits, int64_t tokens,
     if (Status s = checkLaunch("gate chunk count kernel"); !s)
       return s;
   }
-  CapacityParams params{static_cast<int32_t>(attrs.capacityMode),
+  CapacityParams params{attrs.capacityMode,
                         attrs.capacityFactor,
                         tokens,
                         E,
                         k,
                         attrs.capacityAlignment,
-                        attrs.layout == Layout::Padded};
+                        attrs.layout == DispatchLayout::Padded};
   gateScanKernel<<<1, 256, 0, stream>>>(chunkCounts, chunks, params,
                                         scoreSums, firstChoices, counts,
                                         out.capacity, out.expertOffsets,
@@ -539,7 +532,7 @@ __global__ void gateBackwardKernel(const float *__restrict__ gradGates,
     float sum = 0.0f;
     for (int32_t j = 0; j < k; ++j)
       sum = __fadd_rn(sum, scoreRow[indexRow[j]]);
-    if (sum > cpu::kGateNormalizeEps) {
+    if (sum > kGateNormalizeEps) {
       double weighted = 0.0;
       for (int32_t j = 0; j < k; ++j)
         weighted = __dadd_rn(
@@ -555,7 +548,7 @@ __global__ void gateBackwardKernel(const float *__restrict__ gradGates,
       for (int32_t j = 0; j < k; ++j)
         gradRow[indexRow[j]] =
             __fadd_rn(gradRow[indexRow[j]],
-                      __fdiv_rn(gradGateRow[j], cpu::kGateNormalizeEps));
+                      __fdiv_rn(gradGateRow[j], kGateNormalizeEps));
     }
   } else {
     for (int32_t j = 0; j < k; ++j)

@@ -24,7 +24,7 @@
 #ifndef FLEX_RUNTIME_COMM_COMMUNICATOR_H
 #define FLEX_RUNTIME_COMM_COMMUNICATOR_H
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>

@@ -7,16 +7,18 @@
 // This file defines bit-exact conversions between fp32 and the 16-bit storage
 // types bf16 and f16, rounding to nearest even. They are software-only so the
 // runtime needs no F16C/AVX512-BF16 and gives the same bits on every host.
+// Backend-neutral (Core): the CPU kernels, the communicators' reductions and
+// the tools share them.
 //
 //===----------------------------------------------------------------------===//
 
-#ifndef FLEX_RUNTIME_CPU_HALF_H
-#define FLEX_RUNTIME_CPU_HALF_H
+#ifndef FLEX_RUNTIME_CORE_HALF_H
+#define FLEX_RUNTIME_CORE_HALF_H
 
 #include <bit>
 #include <cstdint>
 
-namespace flex::cpu {
+namespace flex {
 
 inline float bf16ToFloat(uint16_t bits) {
   return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
@@ -71,6 +73,6 @@ inline uint16_t floatToF16(float value) {
   return static_cast<uint16_t>(result | (sign >> 16));
 }
 
-} // namespace flex::cpu
+} // namespace flex
 
-#endif // FLEX_RUNTIME_CPU_HALF_H
+#endif // FLEX_RUNTIME_CORE_HALF_H

@@ -10,8 +10,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#ifndef FLEX_RUNTIME_LAYERCONFIG_H
-#define FLEX_RUNTIME_LAYERCONFIG_H
+#ifndef FLEX_RUNTIME_CORE_LAYERCONFIG_H
+#define FLEX_RUNTIME_CORE_LAYERCONFIG_H
 
 #include <cstdint>
 #include <optional>
@@ -64,10 +64,8 @@ struct LayerConfig {
   uint64_t seed = 0;           ///< seed of the gate noise.
 };
 
-/// Capacity bound known before routing: the C of Fixed, the upper bound of
-/// Bounded and, for Dropless, the tokens T (no expert gets more than T slots,
-/// as the k choices of one token are distinct experts).
-int64_t staticCapacityBound(const LayerConfig &config);
+// The capacity arithmetic of [cap-1] (staticCapacityBound, computeCapacity)
+// is in Core/Capacity.h.
 
 /// s, the ranks that share each expert when `experts` experts run on
 /// `worldSize` ranks: W / E when E < W and W % E == 0 (each rank holds h / s
@@ -94,4 +92,4 @@ std::optional<Activation> parseActivation(std::string_view text);
 
 } // namespace flex
 
-#endif // FLEX_RUNTIME_LAYERCONFIG_H
+#endif // FLEX_RUNTIME_CORE_LAYERCONFIG_H

@@ -6,7 +6,9 @@
 //
 // This file declares the CPU backend's compute kernels: one function per step
 // op of the plan format (docs/PlanFormat.md), forward and backward. They take
-// plain pointers and sizes; the executor binds plan buffers to them.
+// plain pointers and sizes in the backend-neutral argument types of
+// Core/KernelArgs.h (host pointers here); the executor binds plan buffers to
+// them.
 //
 // Common conventions:
 //  - Typed buffers (tokens, weights, activations, their gradients) are f32,
@@ -29,62 +31,15 @@
 #ifndef FLEX_RUNTIME_CPU_CPUKERNELS_H
 #define FLEX_RUNTIME_CPU_CPUKERNELS_H
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/KernelArgs.h"
 
 #include <cstdint>
 
 namespace flex::cpu {
 
 //===----------------------------------------------------------------------===//
-// Buffer views
+// Gate noise
 //===----------------------------------------------------------------------===//
-
-/// A typed buffer a kernel reads. `type` is F32, BF16 or F16.
-struct ReadBuffer {
-  const void *data = nullptr;
-  DType type = DType::F32;
-};
-
-/// A typed buffer a kernel writes (and, where a kernel accumulates, reads).
-struct WriteBuffer {
-  void *data = nullptr;
-  DType type = DType::F32;
-};
-
-/// The row segments of a dispatch-shaped buffer: expert e owns rows
-/// `[offsets[e], offsets[e] + rows[e])`.
-struct ExpertSegments {
-  const int32_t *offsets = nullptr; ///< [experts + 1]
-  const int32_t *rows = nullptr;    ///< [experts]
-  int64_t experts = 0;
-};
-
-/// The routing of one call, as written by `gate`. A slot (t, j) is kept when
-/// `locations[t, j] < *capacity`; its row is
-/// `expertOffsets[indices[t, j]] + locations[t, j]`.
-struct Routing {
-  const int32_t *indices = nullptr;       ///< [tokens, topK]
-  const int32_t *locations = nullptr;     ///< [tokens, topK]
-  const float *gates = nullptr;           ///< [tokens, topK]
-  const int32_t *capacity = nullptr;      ///< [1]
-  const int32_t *expertOffsets = nullptr; ///< [experts + 1]
-  const int32_t *expertRows = nullptr;    ///< [experts]
-  int64_t tokens = 0;
-  int64_t topK = 0; ///< k after clamping to experts.
-  int64_t experts = 0;
-
-  ExpertSegments segments() const {
-    return {expertOffsets, expertRows, experts};
-  }
-};
-
-//===----------------------------------------------------------------------===//
-// Gate constants and noise
-//===----------------------------------------------------------------------===//
-
-/// [gate-3] The floor of the normalizing sum: `g /= max(sum_k g, eps)`. It is
-/// fp32's machine epsilon, as in Tutel (torch.finfo(float32).eps).
-inline constexpr float kGateNormalizeEps = 1.1920928955078125e-7f;
 
 /// [gate-1] The training noise of token t, expert e: a standard normal sample
 /// that is a pure function of (seed, t, e), so neither threads nor call order
@@ -97,54 +52,6 @@ inline constexpr float kGateNormalizeEps = 1.1920928955078125e-7f;
 /// The gate adds `noise * sample / E` to logits[t, e] (Tutel's scaling of
 /// `gate_noise`), in fp64, and rounds the sum to fp32.
 double gateNoiseSample(uint64_t seed, int64_t token, int64_t expert);
-
-/// How `gate` lays out expert rows in the dispatch buffer.
-enum class Layout : uint8_t {
-  /// `expertOffsets[e] = e * C`: the capacity-padded layout of [dispatch-1].
-  Padded,
-  /// `expertOffsets[e] = sum of expertRows before e`: no padding.
-  Ragged,
-};
-
-struct GateAttrs {
-  /// k; clamped to the number of experts ([gate-2]).
-  int64_t topK = 1;
-  CapacityMode capacityMode = CapacityMode::Fixed;
-  /// f > 0 for Fixed and Bounded.
-  double capacityFactor = 1.0;
-  /// [gate-3] normalize the k gates of a token (only when k > 1).
-  bool normalize = true;
-  /// [loc-1] order tokens by descending max score before assigning slots.
-  bool batchPrioritized = false;
-  /// Standard deviation of the training noise (0 = none); see
-  /// gateNoiseSample.
-  double noise = 0.0;
-  uint64_t seed = 0;
-  Layout layout = Layout::Padded;
-  /// [cap-1] C is rounded up to a multiple of this (pipelining degree,
-  /// sharding); 1 = no rounding.
-  int64_t capacityAlignment = 1;
-};
-
-/// Where `gate` writes. Every pointer is required.
-struct GateOutputs {
-  float *scores = nullptr;          ///< [T, E]
-  int32_t *indices = nullptr;       ///< [T, k]
-  int32_t *locations = nullptr;     ///< [T, k]
-  float *gates = nullptr;           ///< [T, k]
-  int32_t *capacity = nullptr;      ///< [1]
-  int32_t *expertOffsets = nullptr; ///< [E + 1]
-  int32_t *expertRows = nullptr;    ///< [E]
-  float *lAux = nullptr;            ///< [1]
-};
-
-/// The capacity C of [cap-1] for the given per-expert slot counts:
-/// spe = ceil(T / E); Fixed: k * int(f * spe); Dropless: max count; Bounded:
-/// min(max count, k * int(f * spe)); then rounded up to `alignment`.
-/// int(f * spe) == 0 gives C = 0 (every slot is dropped) in Fixed and Bounded.
-int64_t computeCapacity(CapacityMode mode, double factor, int64_t tokens,
-                        int64_t experts, int64_t topK, int64_t maxCount,
-                        int64_t alignment = 1);
 
 //===----------------------------------------------------------------------===//
 // Forward step ops
@@ -163,8 +70,8 @@ void router(ReadBuffer x, ReadBuffer wg, float *logits, int64_t tokens,
 ///    not) when `normalize` and k > 1, by max(sum, kGateNormalizeEps).
 ///  - locations per [loc-1]; with batchPrioritized tokens are visited by
 ///    descending max score, ties by token order (a stable sort).
-///  - capacity per computeCapacity; expertRows[e] = min(count_e, C);
-///    expertOffsets per `layout`, expertOffsets[E] = rows used.
+///  - capacity per flex::computeCapacity (Core/Capacity.h);
+///    expertRows[e] = min(count_e, C); expertOffsets per `layout`, expertOffsets[E] = rows used.
 ///  - lAux = E * sum_e mean_t(scores[t, e]) * frac_e, frac_e = share of tokens
 ///    whose first choice is e (dropped or not), accumulated in fp64.
 /// NaN: a NaN (or +-inf, making exp() NaN) in a token's logits makes its
@@ -184,22 +91,6 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
 /// dispatched has x's type.
 void dispatch(ReadBuffer x, int64_t modelDim, const Routing &routing,
               WriteBuffer dispatched);
-
-/// The elementwise function applied after a grouped GEMM.
-enum class Epilogue : uint8_t { None, Relu, Gelu, Silu };
-
-Epilogue toEpilogue(Activation act);
-
-struct GroupedGemmOptions {
-  /// b is [E, N, K] and used transposed (b[e]^T).
-  bool transB = false;
-  Epilogue epilogue = Epilogue::None;
-  /// c = epi(c + a @ b[e] + bias[e]): adds to what c holds (backward sums).
-  bool accumulate = false;
-  /// The bias is added times this (fp32): 1 / s in fc2 of an expert sharded
-  /// over s ranks, so that the s partial outputs add b2 once.
-  float biasScale = 1.0f;
-};
 
 /// `grouped_gemm` ([expert-1]): for each expert e and its valid rows,
 /// `c = epi(a @ b[e] + bias[e])`. a [R, K], b [E, K, N] (or [E, N, K] with
@@ -239,12 +130,6 @@ void combine(ReadBuffer expertOut, int64_t modelDim, const Routing &routing,
 void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut, int64_t modelDim,
                      const Routing &routing, WriteBuffer gradExpertOut,
                      float *gradGates);
-
-struct GroupedGemmWgradOptions {
-  /// gradB += and gradBias += instead of =: the chunks of a pipelined
-  /// backward sum into one gradient.
-  bool accumulate = false;
-};
 
 /// `grouped_gemm_wgrad`: gradB[e] = a_e^T @ gradC_e ([K, N]) and, when
 /// gradBias.data is not null, gradBias[e] = column sums of gradC_e. Writes
@@ -288,11 +173,6 @@ void shardRoutingBackward(const float *shardGradGates, int64_t tokens,
 /// Overwrites every row of gradX.
 void dispatchBackward(ReadBuffer gradDispatched, int64_t modelDim,
                       const Routing &routing, WriteBuffer gradX);
-
-struct GateBackwardAttrs {
-  int64_t topK = 1; ///< clamped to experts, as in the forward.
-  bool normalize = true;
-};
 
 /// `gate_backward`: grad_logits[T, E] (f32) through [gate-3], the softmax
 /// and [loss-1]. gradGates [T, k] is d loss / d gates (all k choices, 0 for

@@ -4,9 +4,10 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// This file declares the CUDA backend's kernels: one function per step op, as
-// in Cpu/CpuKernels.h (whose semantics they reproduce), over device pointers,
-// queued on the stream of a KernelContext. No function synchronizes with the
+// This file declares the CUDA backend's kernels: one function per step op,
+// reproducing the semantics of the CPU kernels of the same name
+// (Cpu/CpuKernels.h), over device pointers in the backend-neutral argument
+// types of Core/KernelArgs.h, queued on the stream of a KernelContext. No function synchronizes with the
 // host, except the grouped GEMMs of a routing whose row counts are only known
 // on the device (ExpertRowSpace::isStatic() false): they read the counts once
 // per routing (KernelContext::hostSegments).
@@ -26,7 +27,7 @@
 #ifndef FLEX_RUNTIME_CUDA_CUDAKERNELS_H
 #define FLEX_RUNTIME_CUDA_CUDAKERNELS_H
 
-#include "flex/Runtime/Cpu/CpuKernels.h"
+#include "flex/Runtime/Core/KernelArgs.h"
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>
@@ -40,18 +41,6 @@ struct CUstream_st;
 namespace flex::cuda {
 
 using Stream = CUstream_st *;
-
-// The buffer views, routing and attributes are those of the CPU kernels,
-// holding device pointers here.
-using cpu::Epilogue;
-using cpu::GateAttrs;
-using cpu::GateBackwardAttrs;
-using cpu::GateOutputs;
-using cpu::GroupedGemmOptions;
-using cpu::Layout;
-using cpu::ReadBuffer;
-using cpu::Routing;
-using cpu::WriteBuffer;
 
 /// Which rows of a dispatch-shaped buffer [rowBound, N] a step touches.
 struct ExpertRowSpace {
@@ -202,7 +191,7 @@ Status routerBackward(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                       WriteBuffer gradWg);
 
 //===----------------------------------------------------------------------===//
-// Experts sharded over ranks (see cpu::shardRouting)
+// Experts sharded over ranks (see the CPU shardRouting)
 //===----------------------------------------------------------------------===//
 
 /// `shard_routing`: slot (t * k + i) * s + q of the outputs gets choice
