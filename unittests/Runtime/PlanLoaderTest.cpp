@@ -160,11 +160,15 @@ TEST(PlanLoader, RejectsWrongFormatAndVersion) {
   wrong["format"] = "onnx";
   expectRejected(wrong, {"'format'", "'onnx' is not a Flex plan"});
   wrong = doc;
-  wrong["version"] = 2;
-  expectRejected(wrong, {"'version'", "version 2 is not supported",
-                         "reads version 1"});
+  wrong["version"] = 3;
+  expectRejected(wrong, {"'version'", "version 3 is not supported",
+                         "reads version 2"});
+  // A plan of the previous format is refused by name, with the way out.
+  wrong["version"] = 1;
+  expectRejected(wrong, {"'version'", "version 1 is not supported",
+                         "reads version 2", "compile the layer again"});
   wrong = doc;
-  wrong["version"] = "1";
+  wrong["version"] = "2";
   expectRejected(wrong, {"'version'", "expected an integer, got string"});
 }
 

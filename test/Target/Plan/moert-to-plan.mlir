@@ -5,7 +5,7 @@
 // operands named by role.
 
 // CHECK: "format": "flex-plan"
-// CHECK: "version": 1
+// CHECK: "version": 2
 // CHECK: "layer": {
 // CHECK: "tokens": 10
 // CHECK: "capacity_mode": "bounded"

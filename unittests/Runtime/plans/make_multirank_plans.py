@@ -27,7 +27,15 @@
 # ===----------------------------------------------------------------------=== #
 
 import json
+import importlib.util
 import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location(
+    "upgrade_plan", os.path.join(HERE, "..", "..", "..", "scripts",
+                                 "upgrade-plan.py"))
+upgrade_plan = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(upgrade_plan)
 
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i32": 4}
 
@@ -367,7 +375,7 @@ def make_plan(layer, world, training, variants):
     built = [make_variant(b, kind, chunks) for kind, chunks in variants]
     return {
         "format": "flex-plan",
-        "version": 1,
+        "version": 1,  # upgraded to 2 on writing (scripts/upgrade-plan.py)
         "producer": "make_multirank_plans.py (hand-written test plan)",
         "layer": layer,
         "world": {"size": world},
@@ -419,7 +427,9 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     for name, (lay, world, variants) in PLANS.items():
         training = not name.endswith("_infer.json")
-        plan = make_plan(lay, world, training, variants)
+        # Written as format 1 and upgraded: every attribute a step kind
+        # declares (StepKinds.def) is then in the file.
+        plan = upgrade_plan.upgrade(make_plan(lay, world, training, variants))
         with open(os.path.join(here, name), "w") as f:
             json.dump(plan, f, indent=1)
             f.write("\n")
