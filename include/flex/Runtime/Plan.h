@@ -19,6 +19,7 @@
 
 #include "flex/Runtime/Core/KernelArgs.h"
 #include "flex/Runtime/Core/LayerConfig.h"
+#include "flex/Runtime/StepFacts.h"
 
 #include <array>
 #include <cstdint>
@@ -235,6 +236,8 @@ struct Step {
   StepAttrs attrs;
   int32_t stream = 0;         ///< reserved for the CUDA backend
   std::vector<int32_t> wait;  ///< step indices; reserved for the CUDA backend
+  /// What the lowering derived for backends (StepFacts.h).
+  StepFacts facts;
 
   const BufferRef &in(OperandRole role) const {
     return inputs[static_cast<int>(role)];
