@@ -144,6 +144,7 @@ typedef struct FlexRunOptions {
 typedef struct FlexContextImpl *FlexContext;
 typedef struct FlexExecutableImpl *FlexExecutable;
 typedef struct FlexCommunicatorImpl *FlexCommunicator;
+typedef struct FlexOptionsImpl *FlexOptions;
 
 /*===--------------------------------------------------------------------===*
  * Version and errors
@@ -159,13 +160,46 @@ const char *flexStatusName(FlexStatus status);
 const char *flexGetLastError(void);
 
 /*===--------------------------------------------------------------------===*
- * Context: the backend executables run on. Holds no other state yet.
+ * Runtime options (docs/Runtime.md, "Runtime options")
+ *===--------------------------------------------------------------------===*/
+
+/* The behaviour knobs of the runtime, set by name with the text their
+ * environment variable takes, e.g. flexOptionsSet(opts, "variant", "r1d2"):
+ *   variant               FLEX_VARIANT               name or index ("" =
+ * plan's) check_nonfinite       FLEX_CHECK_NAN             1 / 0 cuda_graph
+ * FLEX_CUDA_GRAPH            1 / 0 cuda_overlap          FLEX_CUDA_OVERLAP 1 /
+ * 0 (default 1) a2a_staging           FLEX_A2A_STAGING           auto / always
+ * / never a2a_transport         FLEX_A2A_TRANSPORT         nccl / ce
+ *   collective_timeout_s  FLEX_COLLECTIVE_TIMEOUT_S  seconds > 0 (300)
+ * Booleans also take true/false, on/off, yes/no. An object is passed where a
+ * context or communicator is created and copied there; the environment
+ * variables, when set and non-empty, override it when an executable or a
+ * communicator is created. A bad value is FLEX_STATUS_INVALID_ARGUMENT
+ * naming the option (or the variable) and the allowed values; an unknown
+ * name is FLEX_STATUS_NOT_FOUND, so new options never change this ABI. */
+FlexStatus flexOptionsCreate(FlexOptions *options); /* every default */
+FlexStatus flexOptionsDestroy(FlexOptions options);
+FlexStatus flexOptionsSet(FlexOptions options, const char *name,
+                          const char *value);
+/* The text form of option `name` as set (not the environment's); *value
+ * stays valid until the next call on `options`. */
+FlexStatus flexOptionsGet(FlexOptions options, const char *name,
+                          const char **value);
+
+/*===--------------------------------------------------------------------===*
+ * Context: the backend executables run on, and their runtime options.
  *===--------------------------------------------------------------------===*/
 
 /* `backend` is "cpu" (or NULL for the default, "cpu") or "cuda" (the
  * current CUDA device of the calling thread; FLEX_STATUS_UNAVAILABLE when
  * this build has no CUDA backend or no device is visible). */
 FlexStatus flexContextCreate(const char *backend, FlexContext *context);
+/* The same with runtime options (NULL = the defaults, as flexContextCreate):
+ * each executable of the context runs with them, the environment's
+ * overrides applied when it is created. */
+FlexStatus flexContextCreateWithOptions(const char *backend,
+                                        FlexOptions options,
+                                        FlexContext *context);
 FlexStatus flexContextDestroy(FlexContext context);
 
 /*===--------------------------------------------------------------------===*
@@ -173,8 +207,9 @@ FlexStatus flexContextDestroy(FlexContext context);
  *===--------------------------------------------------------------------===*/
 
 /* Loads a plan from JSON text of `length` bytes (not NUL-terminated is ok).
- * The FLEX_VARIANT environment variable, when set, selects the initial
- * variant (name or index) and an unknown one fails the call. */
+ * The context's "variant" option, or the FLEX_VARIANT environment variable
+ * over it, selects the initial variant (name or index) and an unknown one
+ * fails the call. */
 FlexStatus flexExecutableCreateFromPlan(FlexContext context, const char *text,
                                         size_t length,
                                         FlexExecutable *executable);
@@ -243,7 +278,8 @@ FlexStatus flexExecutableGetLastRunMicros(FlexExecutable executable,
 
 /* A plan for W ranks (`world.size`) runs on every rank with a communicator
  * of W ranks; its collective steps run through it. Collectives wait at most
- * FLEX_COLLECTIVE_TIMEOUT_S seconds (default 300); a timeout or transport
+ * the collective timeout (option collective_timeout_s, or
+ * FLEX_COLLECTIVE_TIMEOUT_S; default 300 s); a timeout or transport
  * error fails the call with FLEX_STATUS_COMMUNICATION_ERROR naming the step
  * and the ranks, after the MPI communicator has printed it and called
  * MPI_Abort (a failed collective leaves MPI unusable). */
@@ -260,7 +296,7 @@ FlexStatus flexCommunicatorCreateMpi(const void *mpi_comm,
  * 2.14 found), else 0. The NCCL communicator is for executables of the
  * "cuda" context: its collectives move device memory on the executable's
  * stream, one GPU per rank. Every wait (joining, each collective, the
- * stream) is bounded by FLEX_COLLECTIVE_TIMEOUT_S; on a timeout or an NCCL
+ * stream) is bounded by the collective timeout; on a timeout or an NCCL
  * error it aborts the NCCL communicator and the run fails with
  * FLEX_STATUS_COMMUNICATION_ERROR. `device` is the rank's GPU (-1 = the
  * calling thread's current device); FLEX_STATUS_UNAVAILABLE without NCCL. */
@@ -283,6 +319,21 @@ FlexStatus flexNcclGetUniqueId(char id[128]);
 FlexStatus flexCommunicatorCreateNccl(const char id[128], int32_t rank,
                                       int32_t size, int32_t device,
                                       FlexCommunicator *communicator);
+/* The four creations above with runtime options (NULL = the defaults, as
+ * the functions without options): the communicator takes
+ * collective_timeout_s and, for NCCL, a2a_transport (rank 0's holds for
+ * every rank), the environment's overrides applied. */
+FlexStatus flexCommunicatorCreateMpiWithOptions(const void *mpi_comm,
+                                                FlexOptions options,
+                                                FlexCommunicator *communicator);
+FlexStatus flexCommunicatorCreateNcclFromMpiWithOptions(
+    const void *mpi_comm, int32_t device, FlexOptions options,
+    FlexCommunicator *communicator);
+FlexStatus flexCommunicatorCreateNcclFromEnvWithOptions(
+    int32_t device, FlexOptions options, FlexCommunicator *communicator);
+FlexStatus flexCommunicatorCreateNcclWithOptions(
+    const char id[128], int32_t rank, int32_t size, int32_t device,
+    FlexOptions options, FlexCommunicator *communicator);
 FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator);
 /* This process's rank and the number of ranks (either may be NULL). */
 FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator, int32_t *rank,

@@ -42,6 +42,13 @@ static_assert(static_cast<int>(ArgumentRole::GradOutput) ==
 
 struct FlexContextImpl {
   std::string backend;
+  /// As the caller set them; the environment is applied per executable.
+  RuntimeOptions options;
+};
+
+struct FlexOptionsImpl {
+  RuntimeOptions options;
+  std::string text; // what flexOptionsGet returned last
 };
 
 struct FlexCommunicatorImpl {
@@ -162,22 +169,45 @@ FlexStatus checkContext(FlexContext context, const char *function) {
 /// Each executable gets its own backend: on CUDA its own stream state,
 /// cuBLAS handle, scratch and graphs (executables may run concurrently).
 Status createBackend(const FlexContextImpl &context,
+                     const RuntimeOptions &options,
                      std::unique_ptr<Backend> &backend) {
   if (context.backend == "cuda")
-    return createCudaBackend(backend);
+    return createCudaBackend(backend, options);
   backend = createCpuBackend();
   return Status::ok();
+}
+
+/// The options of `handle` (null = the defaults) with the environment's
+/// overrides on top: what an executable or communicator is created with.
+FlexStatus resolveOptions(FlexOptions handle, const char *function,
+                          RuntimeOptions &options) {
+  if (handle)
+    if (FlexStatus s = checkHandle(handle, function, "options"))
+      return s;
+  Status status = RuntimeOptions::fromEnvironment(
+      handle ? handle->options : RuntimeOptions(), options);
+  if (!status)
+    return fail(static_cast<FlexStatus>(status.code()),
+                std::string(function) + ": " + status.message());
+  return FLEX_STATUS_OK;
 }
 
 FlexStatus createExecutable(FlexContext context, Plan plan,
                             FlexExecutable *executable, const char *function) {
   auto shared = std::make_shared<const Plan>(std::move(plan));
+  RuntimeOptions options;
+  if (Status status =
+          RuntimeOptions::fromEnvironment(context->options, options);
+      !status)
+    return fail(static_cast<FlexStatus>(status.code()),
+                std::string(function) + ": " + status.message());
   std::unique_ptr<Backend> backend;
-  if (Status status = createBackend(*context, backend); !status)
+  if (Status status = createBackend(*context, options, backend); !status)
     return fail(static_cast<FlexStatus>(status.code()),
                 std::string(function) + ": " + status.message());
   std::unique_ptr<Executor> executor;
-  Status status = Executor::create(shared, std::move(backend), executor);
+  Status status =
+      Executor::create(shared, std::move(backend), options, executor);
   if (!status)
     return fail(static_cast<FlexStatus>(status.code()),
                 std::string(function) + ": " + status.message());
@@ -318,16 +348,21 @@ FlexStatus noCompiler(const char *function) {
                   "--moert-to-plan` and load the plan instead");
 }
 
-/// Wraps a communicator made by `create` in a live handle.
+/// Wraps a communicator made by `create(comm, runtime)` in a live handle;
+/// `runtime` is `options` (null = the defaults) with the environment's
+/// overrides.
 template <typename Create>
-FlexStatus makeCommunicator(const char *function,
+FlexStatus makeCommunicator(const char *function, FlexOptions options,
                             FlexCommunicator *communicator, Create &&create) {
   if (FlexStatus s = checkOut(communicator, function, "communicator"))
     return s;
   *communicator = nullptr;
+  RuntimeOptions runtime;
+  if (FlexStatus s = resolveOptions(options, function, runtime))
+    return s;
   try {
     std::shared_ptr<Communicator> comm;
-    if (Status status = create(comm); !status)
+    if (Status status = create(comm, runtime); !status)
       return fail(static_cast<FlexStatus>(status.code()),
                   std::string(function) + ": " + status.message());
     auto *handle = new FlexCommunicatorImpl{std::move(comm)};
@@ -338,6 +373,89 @@ FlexStatus makeCommunicator(const char *function,
     return fail(FLEX_STATUS_INTERNAL,
                 std::string(function) + ": internal error: " + error.what());
   }
+}
+
+FlexStatus createContext(const char *backend, FlexOptions options,
+                         FlexContext *context, const char *function) {
+  if (FlexStatus s = checkOut(context, function, "context"))
+    return s;
+  *context = nullptr;
+  if (options)
+    if (FlexStatus s = checkHandle(options, function, "options"))
+      return s;
+  std::string name = backend ? backend : "cpu";
+  if (name != "cpu" && name != "cuda")
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                std::string(function) + ": unknown backend '" + name +
+                    "'; the backends are: cpu, cuda");
+  std::string reason;
+  if (name == "cuda" && !isCudaBackendUsable(&reason))
+    return fail(FLEX_STATUS_UNAVAILABLE,
+                std::string(function) +
+                    ": backend 'cuda' is not available: " + reason);
+  auto *impl = new (std::nothrow)
+      FlexContextImpl{name, options ? options->options : RuntimeOptions()};
+  if (!impl)
+    return fail(FLEX_STATUS_INTERNAL,
+                std::string(function) + ": out of memory");
+  registry().add(impl);
+  *context = impl;
+  return FLEX_STATUS_OK;
+}
+
+/// The communicator creations of the C API, with or without options.
+FlexStatus createMpi(const void *mpiComm, FlexOptions options,
+                     FlexCommunicator *communicator, const char *function) {
+  return makeCommunicator(
+      function, options, communicator,
+      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
+        MpiCommunicatorOptions mpiOptions;
+        mpiOptions.comm = mpiComm;
+        mpiOptions.timeoutSeconds = runtime.collectiveTimeoutSeconds;
+        return createMpiCommunicator(comm, mpiOptions);
+      });
+}
+
+FlexStatus createNcclFromMpi(const void *mpiComm, int32_t device,
+                             FlexOptions options,
+                             FlexCommunicator *communicator,
+                             const char *function) {
+  return makeCommunicator(
+      function, options, communicator,
+      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
+        return createNcclCommunicatorFromMpi(comm, mpiComm,
+                                             ncclOptionsFrom(runtime, device));
+      });
+}
+
+FlexStatus createNcclFromEnv(int32_t device, FlexOptions options,
+                             FlexCommunicator *communicator,
+                             const char *function) {
+  return makeCommunicator(
+      function, options, communicator,
+      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
+        return createNcclCommunicatorFromEnvironment(
+            comm, ncclOptionsFrom(runtime, device));
+      });
+}
+
+FlexStatus createNccl(const char id[128], int32_t rank, int32_t size,
+                      int32_t device, FlexOptions options,
+                      FlexCommunicator *communicator, const char *function) {
+  if (!id) {
+    if (communicator)
+      *communicator = nullptr;
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                std::string(function) + ": id is null");
+  }
+  return makeCommunicator(
+      function, options, communicator,
+      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
+        NcclUniqueId unique;
+        std::memcpy(unique.data(), id, unique.size());
+        return createNcclCommunicator(comm, unique, rank, size,
+                                      ncclOptionsFrom(runtime, device));
+      });
 }
 
 } // namespace
@@ -374,26 +492,63 @@ const char *flexStatusName(FlexStatus status) {
 
 const char *flexGetLastError(void) { return threadLastError.c_str(); }
 
-FlexStatus flexContextCreate(const char *backend, FlexContext *context) {
-  if (FlexStatus s = checkOut(context, "flexContextCreate", "context"))
+FlexStatus flexOptionsCreate(FlexOptions *options) {
+  if (FlexStatus s = checkOut(options, "flexOptionsCreate", "options"))
     return s;
-  *context = nullptr;
-  std::string name = backend ? backend : "cpu";
-  if (name != "cpu" && name != "cuda")
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexContextCreate: unknown backend '" + name +
-                    "'; the backends are: cpu, cuda");
-  std::string reason;
-  if (name == "cuda" && !isCudaBackendUsable(&reason))
-    return fail(FLEX_STATUS_UNAVAILABLE,
-                "flexContextCreate: backend 'cuda' is not available: " +
-                    reason);
-  auto *impl = new (std::nothrow) FlexContextImpl{name};
+  auto *impl = new (std::nothrow) FlexOptionsImpl;
   if (!impl)
-    return fail(FLEX_STATUS_INTERNAL, "flexContextCreate: out of memory");
+    return fail(FLEX_STATUS_INTERNAL, "flexOptionsCreate: out of memory");
   registry().add(impl);
-  *context = impl;
+  *options = impl;
   return FLEX_STATUS_OK;
+}
+
+FlexStatus flexOptionsDestroy(FlexOptions options) {
+  return destroyHandle(options, "flexOptionsDestroy", "options");
+}
+
+FlexStatus flexOptionsSet(FlexOptions options, const char *name,
+                          const char *value) {
+  const char *function = "flexOptionsSet";
+  if (FlexStatus s = checkHandle(options, function, "options"))
+    return s;
+  if (FlexStatus s = checkOut(name, function, "name"))
+    return s;
+  if (FlexStatus s = checkOut(value, function, "value"))
+    return s;
+  Status status = options->options.set(name, value);
+  if (!status)
+    return fail(static_cast<FlexStatus>(status.code()),
+                std::string(function) + ": " + status.message());
+  return FLEX_STATUS_OK;
+}
+
+FlexStatus flexOptionsGet(FlexOptions options, const char *name,
+                          const char **value) {
+  const char *function = "flexOptionsGet";
+  if (FlexStatus s = checkHandle(options, function, "options"))
+    return s;
+  if (FlexStatus s = checkOut(name, function, "name"))
+    return s;
+  if (FlexStatus s = checkOut(value, function, "value"))
+    return s;
+  Status status = options->options.get(name, options->text);
+  if (!status)
+    return fail(static_cast<FlexStatus>(status.code()),
+                std::string(function) + ": " + status.message());
+  *value = options->text.c_str();
+  return FLEX_STATUS_OK;
+}
+
+FlexStatus flexContextCreateWithOptions(const char *backend,
+                                        FlexOptions options,
+                                        FlexContext *context) {
+  return createContext(backend, options, context,
+                       "flexContextCreateWithOptions");
+}
+
+FlexStatus flexContextCreate(const char *backend, FlexContext *context) {
+  return createContext(backend, nullptr, context, "flexContextCreate");
 }
 
 FlexStatus flexContextDestroy(FlexContext context) {
@@ -772,53 +927,44 @@ void flexFreeString(char *text) { std::free(text); }
 
 int32_t flexHasMpi(void) { return isMpiAvailable() ? 1 : 0; }
 
+FlexStatus
+flexCommunicatorCreateMpiWithOptions(const void *mpiComm, FlexOptions options,
+                                     FlexCommunicator *communicator) {
+  return createMpi(mpiComm, options, communicator,
+                   "flexCommunicatorCreateMpiWithOptions");
+}
+
 FlexStatus flexCommunicatorCreateMpi(const void *mpiComm,
                                      FlexCommunicator *communicator) {
-  const char *function = "flexCommunicatorCreateMpi";
-  if (FlexStatus s = checkOut(communicator, function, "communicator"))
-    return s;
-  *communicator = nullptr;
-  try {
-    MpiCommunicatorOptions options;
-    options.comm = mpiComm;
-    std::shared_ptr<Communicator> comm;
-    if (Status status = createMpiCommunicator(comm, options); !status)
-      return fail(static_cast<FlexStatus>(status.code()),
-                  std::string(function) + ": " + status.message());
-    auto *handle = new FlexCommunicatorImpl{std::move(comm)};
-    registry().add(handle);
-    *communicator = handle;
-    return FLEX_STATUS_OK;
-  } catch (const std::exception &error) {
-    return fail(FLEX_STATUS_INTERNAL,
-                std::string(function) + ": internal error: " + error.what());
-  }
+  return createMpi(mpiComm, nullptr, communicator, "flexCommunicatorCreateMpi");
 }
 
 int32_t flexHasNccl(void) { return isNcclAvailable() ? 1 : 0; }
 
+FlexStatus flexCommunicatorCreateNcclFromMpiWithOptions(
+    const void *mpiComm, int32_t device, FlexOptions options,
+    FlexCommunicator *communicator) {
+  return createNcclFromMpi(mpiComm, device, options, communicator,
+                           "flexCommunicatorCreateNcclFromMpiWithOptions");
+}
 
 FlexStatus flexCommunicatorCreateNcclFromMpi(const void *mpiComm,
                                              int32_t device,
                                              FlexCommunicator *communicator) {
-  return makeCommunicator(
-      "flexCommunicatorCreateNcclFromMpi", communicator,
-      [&](std::shared_ptr<Communicator> &comm) {
-        NcclCommunicatorOptions options;
-        options.device = device;
-        return createNcclCommunicatorFromMpi(comm, mpiComm, options);
-      });
+  return createNcclFromMpi(mpiComm, device, nullptr, communicator,
+                           "flexCommunicatorCreateNcclFromMpi");
+}
+
+FlexStatus flexCommunicatorCreateNcclFromEnvWithOptions(
+    int32_t device, FlexOptions options, FlexCommunicator *communicator) {
+  return createNcclFromEnv(device, options, communicator,
+                           "flexCommunicatorCreateNcclFromEnvWithOptions");
 }
 
 FlexStatus flexCommunicatorCreateNcclFromEnv(int32_t device,
                                              FlexCommunicator *communicator) {
-  return makeCommunicator(
-      "flexCommunicatorCreateNcclFromEnv", communicator,
-      [&](std::shared_ptr<Communicator> &comm) {
-        NcclCommunicatorOptions options;
-        options.device = device;
-        return createNcclCommunicatorFromEnvironment(comm, options);
-      });
+  return createNcclFromEnv(device, nullptr, communicator,
+                           "flexCommunicatorCreateNcclFromEnv");
 }
 
 FlexStatus flexNcclGetUniqueId(char id[128]) {
@@ -833,21 +979,18 @@ FlexStatus flexNcclGetUniqueId(char id[128]) {
   return FLEX_STATUS_OK;
 }
 
+FlexStatus flexCommunicatorCreateNcclWithOptions(
+    const char id[128], int32_t rank, int32_t size, int32_t device,
+    FlexOptions options, FlexCommunicator *communicator) {
+  return createNccl(id, rank, size, device, options, communicator,
+                    "flexCommunicatorCreateNcclWithOptions");
+}
+
 FlexStatus flexCommunicatorCreateNccl(const char id[128], int32_t rank,
                                       int32_t size, int32_t device,
                                       FlexCommunicator *communicator) {
-  const char *function = "flexCommunicatorCreateNccl";
-  if (!id)
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                std::string(function) + ": id is null");
-  return makeCommunicator(
-      function, communicator, [&](std::shared_ptr<Communicator> &comm) {
-        NcclUniqueId unique;
-        std::memcpy(unique.data(), id, unique.size());
-        NcclCommunicatorOptions options;
-        options.device = device;
-        return createNcclCommunicator(comm, unique, rank, size, options);
-      });
+  return createNccl(id, rank, size, device, nullptr, communicator,
+                    "flexCommunicatorCreateNccl");
 }
 
 FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator) {

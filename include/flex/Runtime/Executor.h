@@ -17,8 +17,10 @@
 #include "flex/Runtime/Backend.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Plan.h"
+#include "flex/Runtime/RuntimeOptions.h"
 #include "flex/Runtime/Status.h"
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -38,7 +40,8 @@ struct Binding {
 struct RunOptions {
   /// Reject NaN/Inf in the pass's float inputs before running (NumericError,
   /// nothing written), and report NaN/Inf in its outputs after running
-  /// (NumericError, outputs written). Also on with FLEX_CHECK_NAN=1.
+  /// (NumericError, outputs written). Also on with the executor's
+  /// RuntimeOptions::checkNonFinite (FLEX_CHECK_NAN=1).
   bool checkNonFinite = false;
   /// Time every step and the pass: with device timers (CUDA events) where
   /// the backend has them, which costs one synchronization at the end of the
@@ -49,7 +52,8 @@ struct RunOptions {
   /// buffers (CUDA graphs), when the backend can (fixed capacity, padded
   /// layout); otherwise the pass runs step by step. The first call with a
   /// given set of buffers runs eagerly, the second records and replays, later
-  /// ones replay. Also on with FLEX_CUDA_GRAPH=1.
+  /// ones replay. Also on with the executor's RuntimeOptions::cudaGraph
+  /// (FLEX_CUDA_GRAPH=1).
   bool useGraph = false;
 };
 
@@ -80,9 +84,17 @@ struct VariantMeasurements {
 
 class Executor {
 public:
-  /// Checks the plan (verifyPlan) and the FLEX_VARIANT environment variable
-  /// (a variant name or index; InvalidArgument when it names none), then
-  /// selects FLEX_VARIANT or else the plan's default variant.
+  /// Checks the plan (verifyPlan) and options.variant (a variant name or
+  /// index; InvalidArgument when it names none), then selects that variant
+  /// or, when empty, the plan's default. The options are taken as given
+  /// (the executor reads variant, checkNonFinite and cudaGraph; the backend
+  /// and communicator got theirs at creation).
+  static Status create(std::shared_ptr<const Plan> plan,
+                       std::unique_ptr<Backend> backend,
+                       const RuntimeOptions &options,
+                       std::unique_ptr<Executor> &executor);
+  /// The same with the default options and the environment's overrides
+  /// (RuntimeOptions::fromEnvironment: FLEX_VARIANT, FLEX_CHECK_NAN, ...).
   static Status create(std::shared_ptr<const Plan> plan,
                        std::unique_ptr<Backend> backend,
                        std::unique_ptr<Executor> &executor);
@@ -90,6 +102,7 @@ public:
 
   const Plan &plan() const { return *plan_; }
   Backend &backend() { return *backend_; }
+  const RuntimeOptions &options() const { return options_; }
 
   /// Variant selection. Takes effect at the next forward; a backward always
   /// runs the variant of the forward it follows.
@@ -135,9 +148,32 @@ public:
   }
 
 private:
-  Executor(std::shared_ptr<const Plan> plan, std::unique_ptr<Backend> backend);
+  Executor(std::shared_ptr<const Plan> plan, std::unique_ptr<Backend> backend,
+           const RuntimeOptions &options);
+  /// The steps of a forward or backward pass, in the order run() calls
+  /// them (Executor.cpp has Pass).
+  struct Pass;
   Status run(bool backward, const Binding *bindings, size_t count,
              const RunOptions &options);
+  /// FailedPrecondition when the pass cannot run now.
+  Status checkRunnable(bool backward) const;
+  /// NumericError naming the first NaN or Inf of the pass's float inputs
+  /// (or outputs).
+  Status checkNonFiniteArguments(bool backward, bool outputs);
+  /// The variant, steps, timers and graph key of the pass.
+  Pass startPass(bool backward, const RunOptions &options) const;
+  /// Device timer `marker` when the pass is timed on the device.
+  Status mark(const Pass &pass, int32_t marker);
+  /// The memory a step operand names in the bound arguments or workspace.
+  TensorView resolve(const BufferRef &ref) const;
+  /// Replays, records or runs the pass step by step.
+  Status executePass(Pass &pass);
+  /// The steps one by one, with their times, and the backend's endPass.
+  Status runSteps(Pass &pass);
+  /// Waits where needed and reads the times.
+  Status finishPass(Pass &pass, std::chrono::steady_clock::time_point start);
+  /// Keeps the stats and measurements and what a backward needs.
+  void recordPass(Pass &pass);
   Status bind(bool backward, const Binding *bindings, size_t count);
   Status ensureWorkspace();
   /// Splits communicator_ into the sub-communicators of the plan's grouped
@@ -149,8 +185,7 @@ private:
   int64_t selected_ = 0;
   /// The variant whose forward state the workspace holds; -1 when none.
   int64_t pendingBackwardVariant_ = -1;
-  bool checkNonFiniteFromEnv_ = false;
-  bool useGraphFromEnv_ = false;
+  RuntimeOptions options_;
   /// Graph keys of passes run once eagerly (the next call records them).
   std::vector<std::string> warmGraphKeys_;
 
@@ -164,8 +199,9 @@ private:
   std::vector<VariantMeasurements> measurements_;
 };
 
-/// Parses FLEX_VARIANT-style text: a variant name, or a decimal index.
-/// Returns the index, or -1 when `text` names no variant of `plan`.
+/// Parses RuntimeOptions::variant text (FLEX_VARIANT): a variant name, or a
+/// decimal index. Returns the index, or -1 when `text` names no variant of
+/// `plan`.
 int64_t resolveVariant(const Plan &plan, std::string_view text);
 
 } // namespace flex

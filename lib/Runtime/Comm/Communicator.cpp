@@ -147,20 +147,12 @@ Status splitIntoGroups(Communicator &communicator, const RankGroups &groups,
 
 Status getCollectiveTimeout(double &seconds) {
   seconds = kDefaultCollectiveTimeoutSeconds;
-  const char *text = std::getenv("FLEX_COLLECTIVE_TIMEOUT_S");
-  if (!text || !*text)
-    return Status::ok();
-  char *end = nullptr;
-  double value = std::strtod(text, &end);
-  if (*end || !std::isfinite(value) || value <= 0)
-    return Status(
-        StatusCode::InvalidArgument,
-        "FLEX_COLLECTIVE_TIMEOUT_S='" + std::string(text) +
-            "' is not a number of seconds > 0 (the bounded wait "
-            "of every collective; default " +
-            std::to_string(static_cast<int>(kDefaultCollectiveTimeoutSeconds)) +
-            ")");
-  seconds = value;
+  RuntimeOptions options;
+  if (Status status =
+          RuntimeOptions::fromEnvironment(RuntimeOptions(), options);
+      !status)
+    return status;
+  seconds = options.collectiveTimeoutSeconds;
   return Status::ok();
 }
 

@@ -632,27 +632,6 @@ Status createNcclCommunicator(std::shared_ptr<Communicator> &communicator,
   return Status::ok();
 }
 
-namespace {
-
-/// FLEX_A2A_TRANSPORT: unset, "" or "nccl" = NCCL's kernels; "ce" = the
-/// copy engines (peer copies).
-Status peerCopiesFromEnvironment(bool &peerCopies) {
-  peerCopies = false;
-  const char *value = std::getenv("FLEX_A2A_TRANSPORT");
-  if (!value || !*value || std::string_view(value) == "nccl")
-    return Status::ok();
-  if (std::string_view(value) == "ce") {
-    peerCopies = true;
-    return Status::ok();
-  }
-  return Status(StatusCode::InvalidArgument,
-                std::string("FLEX_A2A_TRANSPORT='") + value +
-                    "': expected 'nccl' (NCCL's kernels) or 'ce' (the copy "
-                    "engines, ranks on one host)");
-}
-
-} // namespace
-
 Status createNcclCommunicatorFromMpi(
     std::shared_ptr<Communicator> &communicator, const void *mpiComm,
     const NcclCommunicatorOptions &options) {
@@ -679,13 +658,8 @@ Status createNcclCommunicatorFromMpi(
   // would wait for each other in different calls).
   bool peerCopies = options.peerCopies;
   Status made = Status::ok();
-  if (rank == 0) {
-    bool fromEnvironment = false;
-    made = peerCopiesFromEnvironment(fromEnvironment);
-    peerCopies = peerCopies || fromEnvironment;
-    if (made)
-      made = createNcclUniqueId(id);
-  }
+  if (rank == 0)
+    made = createNcclUniqueId(id);
   // Rank 0 broadcasts the id, a flag whether it has one (every rank then
   // fails alike instead of waiting) and the transport.
   std::vector<char> message(id.size() + 2);
@@ -761,14 +735,11 @@ Status createNcclCommunicatorFromEnvironment(
   std::vector<char> mine(idBytes + 2, 0);
   Status made = Status::ok();
   if (info.rank == 0) {
-    bool fromEnvironment = false;
-    made = peerCopiesFromEnvironment(fromEnvironment);
     NcclUniqueId id{};
-    if (made)
-      made = createNcclUniqueId(id);
+    made = createNcclUniqueId(id);
     std::memcpy(mine.data(), id.data(), id.size());
     mine[idBytes] = made ? 1 : 0;
-    mine[idBytes + 1] = (options.peerCopies || fromEnvironment) ? 1 : 0;
+    mine[idBytes + 1] = options.peerCopies ? 1 : 0;
   }
   std::vector<char> all(mine.size() * info.size);
   if (Status s = rendezvous->allGather(mine.data(),

@@ -17,10 +17,11 @@
 // waits for the compute queued before it, and a later compute step waits
 // for a pending exchange only when their bytes overlap (the rows of one
 // chunk, for the segment ops of a pipelined variant). So chunk q + 1 moves
-// while chunk q's experts run. FLEX_CUDA_OVERLAP=0 queues exchanges on the
-// compute stream instead. Runs smaller than kMinInPlaceRunBytes are packed
-// into one staging block per peer with a kernel first (FLEX_A2A_STAGING=1
-// always, =0 never; the 2DH exchange always packs). The other collectives
+// while chunk q's experts run. RuntimeOptions::cudaOverlap false
+// (FLEX_CUDA_OVERLAP=0) queues exchanges on the compute stream instead. Runs
+// smaller than kMinInPlaceRunBytes are packed into one staging block per peer
+// with a kernel first (a2aStaging, FLEX_A2A_STAGING: always or never instead;
+// the 2DH exchange always packs). The other collectives
 // run on the compute stream after every pending exchange. sync_capacity and
 // uniform_segments compute offsets from the capacity on the device;
 // all_to_all needs C on the host for its byte counts: known there for a
@@ -100,16 +101,11 @@ int64_t staticCapacity(const Plan &plan, const Step *gate) {
 
 class CudaBackend final : public Backend {
 public:
-  CudaBackend(int device, std::unique_ptr<cuda::KernelContext> context)
-      : device_(device), ctx_(std::move(context)) {
-    const char *overlap = std::getenv("FLEX_CUDA_OVERLAP");
-    overlap_ = !(overlap && std::string_view(overlap) == "0");
-    if (const char *staging = std::getenv("FLEX_A2A_STAGING"))
-      exchangeStaging_ =
-          std::string_view(staging) == "1"   ? ExchangeStaging::Always
-          : std::string_view(staging) == "0" ? ExchangeStaging::Never
-                                             : ExchangeStaging::Auto;
-  }
+  CudaBackend(int device, std::unique_ptr<cuda::KernelContext> context,
+              const RuntimeOptions &options)
+      : device_(device), ctx_(std::move(context)),
+        overlap_(options.cudaOverlap), exchangeStaging_(options.a2aStaging),
+        collectiveTimeoutSeconds_(options.collectiveTimeoutSeconds) {}
   ~CudaBackend() override;
 
   std::string_view name() const override { return "cuda"; }
@@ -232,12 +228,14 @@ private:
     int64_t bytes = 0;
   };
   Staging staging_[3];
-  /// FLEX_CUDA_OVERLAP (default 1): exchanges on their own stream.
+  /// RuntimeOptions::cudaOverlap (default on): exchanges on their own
+  /// stream.
   bool overlap_ = true;
-  /// FLEX_A2A_STAGING: 1 packs rows into staging blocks, 0 sends them in
-  /// place; unset, runs under kMinInPlaceRunBytes are packed.
-  enum class ExchangeStaging { Auto, Always, Never };
+  /// RuntimeOptions::a2aStaging: Always packs rows into staging blocks,
+  /// Never sends them in place; Auto packs runs under kMinInPlaceRunBytes.
   ExchangeStaging exchangeStaging_ = ExchangeStaging::Auto;
+  /// The longest the destructor waits for the streams to drain.
+  double collectiveTimeoutSeconds_ = kDefaultCollectiveTimeoutSeconds;
   static constexpr int64_t kMinInPlaceRunBytes = int64_t{8} << 20;
   cudaStream_t exchangeStream_ = nullptr;
   cudaEvent_t computeReady_ = nullptr;
@@ -254,8 +252,7 @@ CudaBackend::~CudaBackend() {
   // waits for a peer which is gone may never drain: wait at most the
   // collective timeout, then leave the staging allocated rather than free
   // it under a transfer.
-  double timeout = kDefaultCollectiveTimeoutSeconds;
-  (void)getCollectiveTimeout(timeout);
+  double timeout = collectiveTimeoutSeconds_;
   auto deadline = std::chrono::steady_clock::now() +
                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                       std::chrono::duration<double>(timeout));
@@ -1086,6 +1083,7 @@ Status CudaBackend::hierarchicalAllToAll(const cuda::AllToAllShape &shape,
 } // namespace
 
 Status createCudaBackend(std::unique_ptr<Backend> &backend,
+                         const RuntimeOptions &runtime,
                          const CudaBackendOptions &options) {
   backend.reset();
   int count = 0;
@@ -1115,7 +1113,7 @@ Status createCudaBackend(std::unique_ptr<Backend> &backend,
   std::unique_ptr<cuda::KernelContext> context;
   if (Status s = cuda::KernelContext::create(context); !s)
     return s;
-  backend = std::make_unique<CudaBackend>(device, std::move(context));
+  backend = std::make_unique<CudaBackend>(device, std::move(context), runtime);
   return Status::ok();
 }
 

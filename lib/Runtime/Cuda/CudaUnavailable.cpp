@@ -22,7 +22,7 @@ constexpr const char *kNotBuilt =
 }
 
 Status createCudaBackend(std::unique_ptr<Backend> &backend,
-                         const CudaBackendOptions &) {
+                         const RuntimeOptions &, const CudaBackendOptions &) {
   backend.reset();
   return Status(StatusCode::Unavailable, kNotBuilt);
 }

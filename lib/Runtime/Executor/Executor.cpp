@@ -192,11 +192,6 @@ std::string elementPosition(const Argument &arg, int64_t index) {
   return text + "])";
 }
 
-bool envFlag(const char *name) {
-  const char *value = std::getenv(name);
-  return value && *value && std::string_view(value) != "0";
-}
-
 } // namespace
 
 int64_t resolveVariant(const Plan &plan, std::string_view text) {
@@ -217,13 +212,12 @@ int64_t resolveVariant(const Plan &plan, std::string_view text) {
 //===----------------------------------------------------------------------===//
 
 Executor::Executor(std::shared_ptr<const Plan> plan,
-                   std::unique_ptr<Backend> backend)
-    : plan_(std::move(plan)), backend_(std::move(backend)) {
+                   std::unique_ptr<Backend> backend,
+                   const RuntimeOptions &options)
+    : plan_(std::move(plan)), backend_(std::move(backend)), options_(options) {
   argumentData_.assign(plan_->arguments.size(), nullptr);
   measurements_.assign(plan_->variants.size(), {});
   selected_ = plan_->defaultVariant;
-  checkNonFiniteFromEnv_ = envFlag("FLEX_CHECK_NAN");
-  useGraphFromEnv_ = envFlag("FLEX_CUDA_GRAPH");
   // One rank needs no setup; more ranks need the caller's communicator.
   if (plan_->worldSize == 1) {
     communicator_ = createSelfCommunicator();
@@ -269,6 +263,17 @@ Status Executor::create(std::shared_ptr<const Plan> plan,
                         std::unique_ptr<Backend> backend,
                         std::unique_ptr<Executor> &executor) {
   executor.reset();
+  RuntimeOptions options;
+  if (Status status = RuntimeOptions::fromEnvironment({}, options); !status)
+    return status;
+  return create(std::move(plan), std::move(backend), options, executor);
+}
+
+Status Executor::create(std::shared_ptr<const Plan> plan,
+                        std::unique_ptr<Backend> backend,
+                        const RuntimeOptions &options,
+                        std::unique_ptr<Executor> &executor) {
+  executor.reset();
   if (!plan)
     return Status(StatusCode::InvalidArgument, "no plan given");
   if (!backend)
@@ -276,15 +281,19 @@ Status Executor::create(std::shared_ptr<const Plan> plan,
   if (Status status = verifyPlan(*plan); !status)
     return status;
   std::unique_ptr<Executor> result(
-      new Executor(std::move(plan), std::move(backend)));
-  if (const char *env = std::getenv("FLEX_VARIANT"); env && *env) {
-    int64_t index = resolveVariant(result->plan(), env);
+      new Executor(std::move(plan), std::move(backend), options));
+  if (!options.variant.empty()) {
+    int64_t index = resolveVariant(result->plan(), options.variant);
     if (index < 0) {
       std::string names;
       for (const Variant &variant : result->plan().variants)
         names += (names.empty() ? "" : ", ") + variant.name;
+      const std::vector<std::string> &fromEnv = options.environmentOverrides;
+      bool env = std::find(fromEnv.begin(), fromEnv.end(), "FLEX_VARIANT") !=
+                 fromEnv.end();
       return Status(StatusCode::InvalidArgument,
-                    "FLEX_VARIANT='" + std::string(env) +
+                    (env ? "FLEX_VARIANT='" : "option variant='") +
+                        options.variant +
                         "' names no variant of the plan; allowed: " + names +
                         " or an index below " +
                         std::to_string(result->plan().variants.size()));
@@ -475,8 +484,36 @@ Status Executor::backward(const Binding *bindings, size_t count,
   return run(/*backward=*/true, bindings, count, options);
 }
 
-Status Executor::run(bool backward, const Binding *bindings, size_t count,
-                     const RunOptions &options) {
+/// One forward or backward pass, from its start to its measurements: what
+/// runs, how it is timed and whether it goes through a graph.
+struct Executor::Pass {
+  bool backward = false;
+  int64_t variantIndex = 0;
+  const Variant *variant = nullptr;
+  const std::vector<Step> *steps = nullptr;
+  bool timeSteps = true;
+  /// Device timers: marker 0 before the first step, marker s + 1 after step
+  /// s (or 1 after a replayed graph); read after one synchronize at the end.
+  bool deviceTimer = false;
+  /// Graphs: the key is the pass and every pointer its steps were bound to.
+  bool useGraph = false;
+  std::string graphKey;
+  /// The key ran once eagerly, so this call records it.
+  bool warm = false;
+  bool capturing = false;
+  /// The pass ran as a replayed graph.
+  bool launched = false;
+  RunStats stats;
+
+  /// `status` with the variant, the direction and `where` in front.
+  Status fail(const Status &status, const std::string &where) const {
+    return Status(status.code(), "variant '" + variant->name + "' " +
+                                     (backward ? "backward" : "forward") +
+                                     where + ": " + status.message());
+  }
+};
+
+Status Executor::checkRunnable(bool backward) const {
   const Plan &plan = *plan_;
   if (backward && !plan.training)
     return Status(StatusCode::FailedPrecondition,
@@ -493,109 +530,88 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
                       " ranks (world.size) and no communicator is set "
                       "(Executor::setCommunicator, "
                       "flexExecutableSetCommunicator; moe-run under mpirun)");
-  if (Status status = bind(backward, bindings, count); !status)
-    return status;
-  if (Status status = ensureWorkspace(); !status)
-    return status;
+  return Status::ok();
+}
 
-  bool checkNonFinite = options.checkNonFinite || checkNonFiniteFromEnv_;
-  auto checkArguments = [&](bool outputs) -> Status {
-    for (size_t i = 0; i < plan.arguments.size(); ++i) {
-      const Argument &arg = plan.arguments[i];
-      bool selected =
-          outputs ? arg.role == (backward ? ArgumentRole::GradOutput
-                                          : ArgumentRole::Output)
-                  : (arg.role == ArgumentRole::Input ||
-                     (backward && arg.role == ArgumentRole::GradInput));
-      if (!selected || !isFloat(arg.dtype))
-        continue;
-      const void *data = argumentData_[i];
-      std::vector<uint8_t> hostCopy;
-      if (!backend_->isHostMemory()) {
-        // Device memory: the host reads a copy, once the device is done.
-        if (Status status = backend_->synchronize(); !status)
-          return status;
-        hostCopy.resize(static_cast<size_t>(arg.numBytes()));
-        if (Status status = backend_->copyToHost(hostCopy.data(), data,
-                                                 arg.numBytes());
-            !status)
-          return status;
-        data = hostCopy.data();
-      }
-      int64_t at = findNonFinite(data, arg.dtype, arg.numElements());
-      if (at >= 0)
-        return Status(StatusCode::NumericError,
-                      std::string(outputs ? "output" : "input") +
-                          " argument '" + arg.name + "' has NaN or Inf at " +
-                          elementPosition(arg, at) +
-                          (outputs ? " (inputs were finite)"
-                                   : "; nothing was run"));
+Status Executor::checkNonFiniteArguments(bool backward, bool outputs) {
+  const Plan &plan = *plan_;
+  for (size_t i = 0; i < plan.arguments.size(); ++i) {
+    const Argument &arg = plan.arguments[i];
+    bool selected = outputs
+                        ? arg.role == (backward ? ArgumentRole::GradOutput
+                                                : ArgumentRole::Output)
+                        : (arg.role == ArgumentRole::Input ||
+                           (backward && arg.role == ArgumentRole::GradInput));
+    if (!selected || !isFloat(arg.dtype))
+      continue;
+    const void *data = argumentData_[i];
+    std::vector<uint8_t> hostCopy;
+    if (!backend_->isHostMemory()) {
+      // Device memory: the host reads a copy, once the device is done.
+      if (Status status = backend_->synchronize(); !status)
+        return status;
+      hostCopy.resize(static_cast<size_t>(arg.numBytes()));
+      if (Status status =
+              backend_->copyToHost(hostCopy.data(), data, arg.numBytes());
+          !status)
+        return status;
+      data = hostCopy.data();
     }
-    return Status::ok();
-  };
-  if (checkNonFinite)
-    if (Status status = checkArguments(/*outputs=*/false); !status)
-      return status;
-
-  int64_t variantIndex = backward ? pendingBackwardVariant_ : selected_;
-  const Variant &variant = plan.variants[variantIndex];
-  const std::vector<Step> &steps = backward ? variant.backward : variant.forward;
-  auto *workspaceBase = static_cast<char *>(workspace_);
-  auto resolve = [&](const BufferRef &ref) -> TensorView {
-    if (ref.kind == BufferRef::Kind::Argument)
-      return {argumentData_[ref.index], &plan.arguments[ref.index]};
-    if (ref.kind == BufferRef::Kind::Workspace) {
-      const WorkspaceBuffer &buffer = plan.workspace.buffers[ref.index];
-      return {workspaceBase + buffer.offset, &buffer};
-    }
-    return {};
-  };
-
-  // A failed forward leaves no state a backward may use.
-  if (!backward)
-    pendingBackwardVariant_ = -1;
-  RunStats stats;
-  stats.variant = variantIndex;
-  stats.backward = backward;
-  auto fail = [&](const Status &status, const std::string &where) {
-    return Status(status.code(), "variant '" + variant.name + "' " +
-                                     (backward ? "backward" : "forward") +
-                                     where + ": " + status.message());
-  };
-  // Device timers: marker 0 before the first step, marker s + 1 after step s
-  // (or 1 after a replayed graph); read after one synchronize at the end.
-  const bool deviceTimer = options.timeSteps && backend_->hasDeviceTimer();
-  auto mark = [&](int32_t marker) -> Status {
-    return deviceTimer ? backend_->recordTimestamp(marker) : Status::ok();
-  };
-
-  // Graphs: the key is the pass and every pointer its steps were bound to.
-  bool useGraph = (options.useGraph || useGraphFromEnv_) &&
-                  backend_->canCapturePass(plan, variantIndex, backward);
-  std::string graphKey;
-  if (useGraph) {
-    graphKey = std::to_string(variantIndex) + (backward ? "b" : "f") + ":" +
-               std::to_string(reinterpret_cast<uintptr_t>(workspace_));
-    for (void *data : argumentData_)
-      graphKey += "," + std::to_string(reinterpret_cast<uintptr_t>(data));
+    int64_t at = findNonFinite(data, arg.dtype, arg.numElements());
+    if (at >= 0)
+      return Status(
+          StatusCode::NumericError,
+          std::string(outputs ? "output" : "input") + " argument '" + arg.name +
+              "' has NaN or Inf at " + elementPosition(arg, at) +
+              (outputs ? " (inputs were finite)" : "; nothing was run"));
   }
-  bool warm = useGraph &&
-              std::find(warmGraphKeys_.begin(), warmGraphKeys_.end(),
-                        graphKey) != warmGraphKeys_.end();
+  return Status::ok();
+}
 
+Executor::Pass Executor::startPass(bool backward,
+                                   const RunOptions &options) const {
+  Pass pass;
+  pass.backward = backward;
+  pass.variantIndex = backward ? pendingBackwardVariant_ : selected_;
+  pass.variant = &plan_->variants[pass.variantIndex];
+  pass.steps = backward ? &pass.variant->backward : &pass.variant->forward;
+  pass.timeSteps = options.timeSteps;
+  pass.deviceTimer = options.timeSteps && backend_->hasDeviceTimer();
+  pass.useGraph = (options.useGraph || options_.cudaGraph) &&
+                  backend_->canCapturePass(*plan_, pass.variantIndex, backward);
+  if (pass.useGraph) {
+    pass.graphKey = std::to_string(pass.variantIndex) + (backward ? "b" : "f") +
+                    ":" +
+                    std::to_string(reinterpret_cast<uintptr_t>(workspace_));
+    for (void *data : argumentData_)
+      pass.graphKey += "," + std::to_string(reinterpret_cast<uintptr_t>(data));
+    pass.warm = std::find(warmGraphKeys_.begin(), warmGraphKeys_.end(),
+                          pass.graphKey) != warmGraphKeys_.end();
+  }
+  pass.stats.variant = pass.variantIndex;
+  pass.stats.backward = backward;
+  return pass;
+}
+
+Status Executor::mark(const Pass &pass, int32_t marker) {
+  return pass.deviceTimer ? backend_->recordTimestamp(marker) : Status::ok();
+}
+
+TensorView Executor::resolve(const BufferRef &ref) const {
+  if (ref.kind == BufferRef::Kind::Argument)
+    return {argumentData_[ref.index], &plan_->arguments[ref.index]};
+  if (ref.kind == BufferRef::Kind::Workspace) {
+    const WorkspaceBuffer &buffer = plan_->workspace.buffers[ref.index];
+    return {static_cast<char *>(workspace_) + buffer.offset, &buffer};
+  }
+  return {};
+}
+
+Status Executor::runSteps(Pass &pass) {
   using Clock = std::chrono::steady_clock;
-  auto runStart = Clock::now();
-  if (Status status = mark(0); !status)
-    return fail(status, "");
-  bool launched = false;
-  if (useGraph)
-    if (Status status = backend_->launchGraph(graphKey, launched); !status)
-      return fail(status, " graph replay");
-  bool capturing = useGraph && !launched && warm;
-  if (capturing)
-    if (Status status = backend_->beginGraphCapture(); !status)
-      return fail(status, " graph capture");
-  for (size_t s = 0; !launched && s < steps.size(); ++s) {
+  const std::vector<Step> &steps = *pass.steps;
+  const bool timed = pass.timeSteps && !pass.capturing;
+  for (size_t s = 0; s < steps.size(); ++s) {
     const Step &step = steps[s];
     StepOperands operands;
     for (int r = 0; r < kNumOperandRoles; ++r) {
@@ -603,87 +619,137 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
       operands.outputs[r] = resolve(step.outputs[r]);
     }
     auto stepStart = Clock::now();
-    Status status = backend_->runStep(plan, step, operands);
-    if (status && options.timeSteps && !capturing)
-      status = deviceTimer ? mark(static_cast<int32_t>(s) + 1)
-                           : backend_->synchronize();
+    Status status = backend_->runStep(*plan_, step, operands);
+    if (status && timed)
+      status = pass.deviceTimer ? mark(pass, static_cast<int32_t>(s) + 1)
+                                : backend_->synchronize();
     if (!status) {
-      if (capturing)
+      if (pass.capturing)
         (void)backend_->endGraphCapture(std::string());
-      Status failed = fail(status, " step " + std::to_string(s) + " (" +
-                                       std::string(toString(step.op)) + ")");
+      Status failed =
+          pass.fail(status, " step " + std::to_string(s) + " (" +
+                                std::string(toString(step.op)) + ")");
       // A failed collective may leave peers waiting in it: the
       // communicator ends the job (MPI) or stays broken.
       if (status.code() == StatusCode::CommunicationError)
         communicator_->abort(failed);
       return failed;
     }
-    if (options.timeSteps && !capturing)
-      stats.steps.push_back(
+    if (timed)
+      pass.stats.steps.push_back(
           {static_cast<int32_t>(s), step.op,
            std::chrono::duration<double, std::micro>(Clock::now() - stepStart)
                .count()});
   }
-  if (!launched) {
-    Status status = backend_->endPass();
-    // The last step's time includes the join.
-    if (status && options.timeSteps && !capturing && !steps.empty())
-      status = mark(static_cast<int32_t>(steps.size()));
-    if (!status) {
-      if (capturing)
-        (void)backend_->endGraphCapture(std::string());
-      return fail(status, " end of pass");
-    }
+  Status status = backend_->endPass();
+  // The last step's time includes the join.
+  if (status && timed && !steps.empty())
+    status = mark(pass, static_cast<int32_t>(steps.size()));
+  if (!status) {
+    if (pass.capturing)
+      (void)backend_->endGraphCapture(std::string());
+    return pass.fail(status, " end of pass");
   }
-  if (capturing) {
-    if (Status status = backend_->endGraphCapture(graphKey); !status)
-      return fail(status, " graph capture");
-    if (Status status = backend_->launchGraph(graphKey, launched); !status)
-      return fail(status, " graph replay");
-    if (!launched)
-      return Status(StatusCode::Internal,
-                    "the graph just recorded for key " + graphKey +
-                        " was not found");
+  return Status::ok();
+}
+
+Status Executor::executePass(Pass &pass) {
+  if (pass.useGraph)
+    if (Status status = backend_->launchGraph(pass.graphKey, pass.launched);
+        !status)
+      return pass.fail(status, " graph replay");
+  pass.capturing = pass.useGraph && !pass.launched && pass.warm;
+  if (pass.capturing)
+    if (Status status = backend_->beginGraphCapture(); !status)
+      return pass.fail(status, " graph capture");
+  if (!pass.launched)
+    if (Status status = runSteps(pass); !status)
+      return status;
+  if (pass.capturing) {
+    if (Status status = backend_->endGraphCapture(pass.graphKey); !status)
+      return pass.fail(status, " graph capture");
+    if (Status status = backend_->launchGraph(pass.graphKey, pass.launched);
+        !status)
+      return pass.fail(status, " graph replay");
+    if (!pass.launched)
+      return Status(StatusCode::Internal, "the graph just recorded for key " +
+                                              pass.graphKey + " was not found");
   }
-  if (useGraph && !warm && !launched)
-    warmGraphKeys_.push_back(graphKey);
-  stats.replayedGraph = launched;
-  int32_t lastMarker = launched ? 1 : static_cast<int32_t>(steps.size());
-  if (launched)
-    if (Status status = mark(1); !status)
-      return fail(status, "");
-  if (launched)
+  if (pass.useGraph && !pass.warm && !pass.launched)
+    warmGraphKeys_.push_back(pass.graphKey);
+  pass.stats.replayedGraph = pass.launched;
+  return Status::ok();
+}
+
+Status Executor::finishPass(Pass &pass,
+                            std::chrono::steady_clock::time_point start) {
+  RunStats &stats = pass.stats;
+  int32_t lastMarker =
+      pass.launched ? 1 : static_cast<int32_t>(pass.steps->size());
+  if (pass.launched)
+    if (Status status = mark(pass, 1); !status)
+      return pass.fail(status, "");
+  if (pass.launched)
     stats.steps.clear();
   // A device backend returns without waiting unless the times are wanted.
-  if (options.timeSteps || backend_->isHostMemory())
+  if (pass.timeSteps || backend_->isHostMemory())
     if (Status status = backend_->synchronize(); !status)
-      return fail(status, "");
-  stats.totalMicros =
-      std::chrono::duration<double, std::micro>(Clock::now() - runStart)
-          .count();
-  if (deviceTimer) {
-    for (StepTiming &timing : stats.steps)
-      if (Status status = backend_->elapsedMicros(
-              timing.index, timing.index + 1, timing.micros);
-          !status)
-        return fail(status, " timing");
-    if (Status status =
-            backend_->elapsedMicros(0, lastMarker, stats.totalMicros);
+      return pass.fail(status, "");
+  stats.totalMicros = std::chrono::duration<double, std::micro>(
+                          std::chrono::steady_clock::now() - start)
+                          .count();
+  if (!pass.deviceTimer)
+    return Status::ok();
+  for (StepTiming &timing : stats.steps)
+    if (Status status = backend_->elapsedMicros(timing.index, timing.index + 1,
+                                                timing.micros);
         !status)
-      return fail(status, " timing");
-  }
+      return pass.fail(status, " timing");
+  if (Status status = backend_->elapsedMicros(0, lastMarker, stats.totalMicros);
+      !status)
+    return pass.fail(status, " timing");
+  return Status::ok();
+}
 
-  VariantMeasurements &m = measurements_[variantIndex];
-  int64_t &runs = backward ? m.backwardRuns : m.forwardRuns;
-  double &mean = backward ? m.backwardMeanMicros : m.forwardMeanMicros;
+void Executor::recordPass(Pass &pass) {
+  VariantMeasurements &m = measurements_[pass.variantIndex];
+  int64_t &runs = pass.backward ? m.backwardRuns : m.forwardRuns;
+  double &mean = pass.backward ? m.backwardMeanMicros : m.forwardMeanMicros;
   ++runs;
-  mean += (stats.totalMicros - mean) / static_cast<double>(runs);
-  lastStats_ = std::move(stats);
-  pendingBackwardVariant_ = backward ? -1 : variantIndex;
+  mean += (pass.stats.totalMicros - mean) / static_cast<double>(runs);
+  lastStats_ = std::move(pass.stats);
+  pendingBackwardVariant_ = pass.backward ? -1 : pass.variantIndex;
+}
+
+Status Executor::run(bool backward, const Binding *bindings, size_t count,
+                     const RunOptions &options) {
+  if (Status status = checkRunnable(backward); !status)
+    return status;
+  if (Status status = bind(backward, bindings, count); !status)
+    return status;
+  if (Status status = ensureWorkspace(); !status)
+    return status;
+  bool checkNonFinite = options.checkNonFinite || options_.checkNonFinite;
+  if (checkNonFinite)
+    if (Status status = checkNonFiniteArguments(backward, /*outputs=*/false);
+        !status)
+      return status;
+
+  Pass pass = startPass(backward, options);
+  // A failed forward leaves no state a backward may use.
+  if (!backward)
+    pendingBackwardVariant_ = -1;
+  auto start = std::chrono::steady_clock::now();
+  if (Status status = mark(pass, 0); !status)
+    return pass.fail(status, "");
+  if (Status status = executePass(pass); !status)
+    return status;
+  if (Status status = finishPass(pass, start); !status)
+    return status;
+  recordPass(pass);
 
   if (checkNonFinite)
-    if (Status status = checkArguments(/*outputs=*/true); !status)
-      return status;
+    return checkNonFiniteArguments(backward, /*outputs=*/true);
   return Status::ok();
 }
 

@@ -25,6 +25,7 @@
 #define FLEX_RUNTIME_COMM_COMMUNICATOR_H
 
 #include "flex/Runtime/Core/LayerConfig.h"
+#include "flex/Runtime/RuntimeOptions.h"
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>
@@ -43,12 +44,10 @@ enum class CommMemory : uint8_t {
   Device,
 };
 
-/// The default of FLEX_COLLECTIVE_TIMEOUT_S.
-inline constexpr double kDefaultCollectiveTimeoutSeconds = 300.0;
-
-/// The bounded wait of every collective: FLEX_COLLECTIVE_TIMEOUT_S (a number
-/// of seconds > 0) or the default. InvalidArgument when the variable is set
-/// to something else.
+/// The bounded wait of every collective when the caller passes none (a
+/// timeout < 0 to a factory): RuntimeOptions' default with the environment
+/// applied (RuntimeOptions::fromEnvironment), so FLEX_COLLECTIVE_TIMEOUT_S
+/// or 300 s. InvalidArgument when a FLEX_* variable holds a bad value.
 Status getCollectiveTimeout(double &seconds);
 
 class Communicator {

@@ -24,7 +24,8 @@
 // Bounded waits. The NCCL communicator is non-blocking (ncclConfig_t
 // blocking = 0): initialization and every enqueue are polled with
 // ncclCommGetAsyncError until done, and synchronizeStream polls the stream
-// the same way, both against FLEX_COLLECTIVE_TIMEOUT_S (default 300 s). On
+// the same way, both against the collective timeout (the options', else
+// FLEX_COLLECTIVE_TIMEOUT_S or 300 s). On
 // a timeout or an NCCL error the communicator calls ncclCommAbort (so no
 // kernel keeps waiting for a peer) and the call fails with
 // CommunicationError naming the collective; the communicator is then broken
@@ -70,11 +71,24 @@ struct NcclCommunicatorOptions {
   /// All-to-all exchanges through the GPUs' copy engines instead of NCCL's
   /// kernels (ranks on one host; docs/Runtime.md, "Peer copies"), with
   /// their handshakes over `hostAllGather`, which must then be set. The
-  /// MPI and environment starts set both when rank 0 has
-  /// FLEX_A2A_TRANSPORT=ce or this flag (rank 0's choice holds for all).
+  /// MPI and environment starts take rank 0's flag for every rank and set
+  /// `hostAllGather` themselves.
   bool peerCopies = false;
   HostAllGather hostAllGather;
 };
+
+/// The options of a communicator on GPU `device` that `runtime` asks for:
+/// its collective timeout and all-to-all transport (a2a_transport "ce" =
+/// peer copies). The runtime options are taken as given; apply the
+/// environment first (RuntimeOptions::fromEnvironment) where it should count.
+inline NcclCommunicatorOptions ncclOptionsFrom(const RuntimeOptions &runtime,
+                                               int device = -1) {
+  NcclCommunicatorOptions options;
+  options.device = device;
+  options.timeoutSeconds = runtime.collectiveTimeoutSeconds;
+  options.peerCopies = runtime.a2aTransport == AllToAllTransport::CopyEngine;
+  return options;
+}
 
 /// Whether this build has the NCCL communicator.
 bool isNcclAvailable();

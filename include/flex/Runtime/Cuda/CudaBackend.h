@@ -17,6 +17,7 @@
 #define FLEX_RUNTIME_CUDA_CUDABACKEND_H
 
 #include "flex/Runtime/Backend.h"
+#include "flex/Runtime/RuntimeOptions.h"
 #include "flex/Runtime/Status.h"
 
 #include <memory>
@@ -29,10 +30,24 @@ struct CudaBackendOptions {
   int device = -1;
 };
 
-/// Creates the CUDA backend. Unavailable when this build has no CUDA or no
-/// device can be used (the message says which, with the CUDA error).
+/// Creates the CUDA backend with the runtime options as given (it takes
+/// cuda_overlap, a2a_staging and collective_timeout_s). Unavailable when
+/// this build has no CUDA or no device can be used (the message says which,
+/// with the CUDA error).
 Status createCudaBackend(std::unique_ptr<Backend> &backend,
+                         const RuntimeOptions &runtime,
                          const CudaBackendOptions &options = {});
+
+/// The same with the default runtime options and the environment's
+/// overrides (RuntimeOptions::fromEnvironment).
+inline Status createCudaBackend(std::unique_ptr<Backend> &backend,
+                                const CudaBackendOptions &options = {}) {
+  backend.reset();
+  RuntimeOptions runtime;
+  if (Status status = RuntimeOptions::fromEnvironment({}, runtime); !status)
+    return status;
+  return createCudaBackend(backend, runtime, options);
+}
 
 /// True when this build has the CUDA backend and a device is usable; else
 /// false with the reason in *reason (when not null).

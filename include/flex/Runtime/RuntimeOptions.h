@@ -1,0 +1,102 @@
+//===- RuntimeOptions.h - The behaviour knobs of the runtime ----*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares RuntimeOptions: every knob that changes how the runtime
+// behaves (not what it computes), as one plain struct that callers fill and
+// pass down explicitly: to Executor::create, createCudaBackend and the
+// communicator factories. The FLEX_* environment variables remain as
+// documented overrides, and RuntimeOptions::fromEnvironment is the only place
+// they are read. Each option has a name ("variant", "cuda_overlap", ...) and a
+// text form, shared by set(), the environment and the C API's
+// flexOptionsSet, so the three parse and validate alike. docs/Runtime.md
+// ("Runtime options") has the table.
+//
+// The variables that describe a launch rather than the library's behaviour
+// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, FLEX_RENDEZVOUS_PORT,
+// TORCHELASTIC_RUN_ID, OMPI_COMM_WORLD_SIZE, PMI_SIZE, PMIX_RANK) are read
+// where the launch is detected (TcpRendezvous.cpp, MpiCommunicator.cpp).
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_RUNTIMEOPTIONS_H
+#define FLEX_RUNTIME_RUNTIMEOPTIONS_H
+
+#include "flex/Runtime/Status.h"
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flex {
+
+/// The default collective timeout (FLEX_COLLECTIVE_TIMEOUT_S).
+inline constexpr double kDefaultCollectiveTimeoutSeconds = 300.0;
+
+/// Whether a device all_to_all packs its rows into one staging block per
+/// peer before sending.
+enum class ExchangeStaging : uint8_t {
+  Auto,   ///< pack when the rows per (peer, expert) are small
+  Always, ///< always pack
+  Never,  ///< send the rows in place
+};
+
+/// How a device all_to_all moves its bytes.
+enum class AllToAllTransport : uint8_t {
+  Nccl,       ///< NCCL's send/receive kernels
+  CopyEngine, ///< the GPUs' copy engines (peer copies, ranks on one host)
+};
+
+struct RuntimeOptions {
+  /// The variant an executor starts with: a name or a decimal index; empty
+  /// = the plan's default. ("variant", FLEX_VARIANT)
+  std::string variant;
+  /// NaN/Inf check of every pass's inputs and outputs, on top of
+  /// RunOptions::checkNonFinite. ("check_nonfinite", FLEX_CHECK_NAN)
+  bool checkNonFinite = false;
+  /// Record and replay passes as CUDA graphs, on top of
+  /// RunOptions::useGraph. ("cuda_graph", FLEX_CUDA_GRAPH)
+  bool cudaGraph = false;
+  /// CUDA: exchanges on their own stream, overlapping compute; false queues
+  /// them on the compute stream. ("cuda_overlap", FLEX_CUDA_OVERLAP)
+  bool cudaOverlap = true;
+  /// CUDA: staging of all_to_all rows. ("a2a_staging", FLEX_A2A_STAGING)
+  ExchangeStaging a2aStaging = ExchangeStaging::Auto;
+  /// NCCL communicators: the all_to_all transport; rank 0's choice holds
+  /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
+  AllToAllTransport a2aTransport = AllToAllTransport::Nccl;
+  /// Seconds every collective (and joining, and a device backend's final
+  /// drain) may wait; > 0. ("collective_timeout_s",
+  /// FLEX_COLLECTIVE_TIMEOUT_S)
+  double collectiveTimeoutSeconds = kDefaultCollectiveTimeoutSeconds;
+
+  /// The environment variables fromEnvironment applied, in table order.
+  std::vector<std::string> environmentOverrides;
+
+  /// Sets option `name` from its text form (what its environment variable
+  /// holds). InvalidArgument naming the option and the allowed values when
+  /// the text is not one of them; NotFound for an unknown name.
+  Status set(std::string_view name, std::string_view value);
+  /// The text form of option `name` (NotFound for an unknown name).
+  Status get(std::string_view name, std::string &value) const;
+
+  /// `base` with every set, non-empty FLEX_* variable of the table applied
+  /// on top. InvalidArgument naming the variable and the allowed values
+  /// when one holds a bad value (`result` is then `base`).
+  static Status fromEnvironment(const RuntimeOptions &base,
+                                RuntimeOptions &result);
+
+  /// The options and their environment variables, in a fixed order.
+  struct Entry {
+    const char *name;
+    const char *environment;
+  };
+  static const std::vector<Entry> &entries();
+};
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_RUNTIMEOPTIONS_H
