@@ -27,7 +27,8 @@ DEF = os.path.join(ROOT, "include", "flex", "Runtime", "StepKinds.def")
 
 # The version 1 defaults of attributes the layer does not give.
 DEFAULTS = {
-    "capacity_alignment": 1, "trans_b": False, "epilogue": "none",
+    "capacity_factor": 1.0, "capacity_alignment": 1, "trans_b": False,
+    "epilogue": "none",
     "bias_scale": 1.0, "accumulate": False, "chunks": 1, "chunk": 0,
     "ranks_per_node": 0, "group_size": 0, "group_stride": 1, "shards": 1,
 }

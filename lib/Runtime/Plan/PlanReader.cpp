@@ -13,6 +13,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "PlanDetail.h"
+#include "flex/Runtime/StepFacts.h"
 #include "flex/Runtime/StepSchema.h"
 
 #include <algorithm>
@@ -255,8 +256,9 @@ StepOp readStepOp(const Json &json, const std::string &path) {
   fail(path, "unknown value '" + text + "'; allowed: " + joinNames(names));
 }
 
-Step readStep(const Json &json, const std::string &path,
-              const NameTable &names) {
+/// Reads one step; sets `sawFacts` when it records its facts.
+Step readStep(const Json &json, const std::string &path, const NameTable &names,
+              bool &sawFacts) {
   expectObject(json, path);
   Step step;
   step.op = readStepOp(field(json, path, "op"), path + ".op");
@@ -266,6 +268,14 @@ Step readStep(const Json &json, const std::string &path,
                /*isInput=*/false, step.outputs);
   step.attrs =
       readAttrs(optionalField(json, "attrs"), path + ".attrs", step.op);
+  if (const Json *facts = optionalField(json, "facts")) {
+    try {
+      step.facts = readStepFacts(*facts, path + ".facts");
+    } catch (const StepFactsError &error) {
+      throw PlanError{error.what()};
+    }
+    sawFacts = true;
+  }
   if (const Json *stream = optionalField(json, "stream")) {
     int64_t value = asInt(*stream, path + ".stream");
     if (value < 0 || value > std::numeric_limits<int32_t>::max())
@@ -369,6 +379,7 @@ void plan_detail::readPlan(const Json &root, Plan &plan) {
 
   verifyHeader(plan);
   NameTable names{plan};
+  bool sawFacts = false;
   const Json &variants = field(root, "", "variants");
   expectArray(variants, "variants");
   for (size_t i = 0; i < variants.size(); ++i) {
@@ -389,8 +400,9 @@ void plan_detail::readPlan(const Json &root, Plan &plan) {
       auto &target = std::string_view(list) == "forward" ? variant.forward
                                                          : variant.backward;
       for (size_t s = 0; s < steps->size(); ++s)
-        target.push_back(readStep(
-            (*steps)[s], listPath + "[" + std::to_string(s) + "]", names));
+        target.push_back(readStep((*steps)[s],
+                                  listPath + "[" + std::to_string(s) + "]",
+                                  names, sawFacts));
     }
     variant.predictedUs = readMicros(json, "predicted_us", path);
     variant.measuredUs = readMicros(json, "measured_us", path);
@@ -402,6 +414,10 @@ void plan_detail::readPlan(const Json &root, Plan &plan) {
   }
   if (const Json *defaultVariant = optionalField(root, "default_variant"))
     plan.defaultVariant = asInt(*defaultVariant, "default_variant");
+  // A plan that records no facts (written by hand, or upgraded from format
+  // 1) gets them derived here; recorded ones are checked by the verifier.
+  if (!sawFacts)
+    computeStepFacts(plan);
 }
 
 Status parsePlan(std::string_view text, Plan &plan,

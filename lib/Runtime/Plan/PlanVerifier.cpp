@@ -12,6 +12,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "PlanDetail.h"
+#include "flex/Runtime/StepFacts.h"
 #include "flex/Runtime/StepSchema.h"
 
 #include <algorithm>
@@ -467,6 +468,13 @@ void plan_detail::verify(const Plan &plan, const PlanCheckOptions &) {
                        flow);
     }
     checkLiveness(plan, variant, flow);
+  }
+  // The facts backends are told (recorded by the compiler or derived by the
+  // reader) are the ones the data flow gives.
+  try {
+    checkStepFacts(plan);
+  } catch (const StepFactsError &error) {
+    throw PlanError{error.what()};
   }
 }
 

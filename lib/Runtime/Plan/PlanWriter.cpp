@@ -11,6 +11,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "PlanDetail.h"
+#include "flex/Runtime/StepFacts.h"
 #include "flex/Runtime/StepSchema.h"
 
 #include <type_traits>
@@ -62,6 +63,7 @@ Json writeStep(const Plan &plan, const Step &step) {
   for (StepAttr attr : getStepKind(step.op).attrs)
     attrs[std::string(toString(attr))] = attrJson(attr, step.attrs);
   json["attrs"] = std::move(attrs);
+  json["facts"] = writeStepFacts(step.facts);
   if (step.stream != 0)
     json["stream"] = step.stream;
   if (!step.wait.empty())

@@ -322,6 +322,28 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
            "'" + std::string(toString(step.attrs.capacityMode)) +
                "' disagrees with the layer's capacity_mode '" +
                std::string(toString(layer.capacityMode)) + "'");
+    // The gate computes the layer's routing: its attributes are the
+    // layer's, or the plan would compute another function than it declares.
+    if (step.op == StepOp::Gate &&
+        layer.capacityMode != CapacityMode::Dropless &&
+        step.attrs.capacityFactor != layer.capacityFactor)
+      fail(path + ".attrs.capacity_factor",
+           "capacity_factor " + std::to_string(step.attrs.capacityFactor) +
+               " disagrees with the layer's capacity_factor " +
+               std::to_string(layer.capacityFactor));
+    if (step.attrs.normalize != layer.normalizeGate)
+      fail(path + ".attrs.normalize",
+           std::string("normalize ") +
+               (step.attrs.normalize ? "true" : "false") +
+               " disagrees with the layer's normalize_gate " +
+               (layer.normalizeGate ? "true" : "false"));
+    if (step.op == StepOp::Gate &&
+        step.attrs.batchPrioritized != layer.batchPrioritized)
+      fail(path + ".attrs.batch_prioritized",
+           std::string("batch_prioritized ") +
+               (step.attrs.batchPrioritized ? "true" : "false") +
+               " disagrees with the layer's batch_prioritized " +
+               (layer.batchPrioritized ? "true" : "false"));
     // [cap-1] The gate writes expert_offsets[e] = e * C with C rounded up
     // to the alignment: the layer's check of the unaligned bound is not
     // enough.
