@@ -1,0 +1,181 @@
+//===- MoeRun.h - What moe-run's units share --------------------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares moe-run's parts: the options (Options.cpp), this
+// process among the ranks (Ranks.cpp), the inputs and outputs
+// (Arguments.cpp), loading and running a layer (RunCommand.cpp), the check
+// against the fp64 reference (Check.cpp) and the report (Report.cpp).
+// LayerRun carries one run's state from one part to the next.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_TOOLS_MOE_RUN_MOERUN_H
+#define FLEX_TOOLS_MOE_RUN_MOERUN_H
+
+#include "flex-c/Flex.h"
+#include "flex/Runtime/Comm/TcpRendezvous.h"
+#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Plan.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace flex::moerun {
+
+//===----------------------------------------------------------------------===//
+// Options (Options.cpp)
+//===----------------------------------------------------------------------===//
+
+struct Options {
+  std::string path;
+  uint64_t seed = 0;
+  std::string inputsDir, saveInputsDir, outputsDir, variant;
+  bool train = false, check = false, json = false, checkNan = false;
+  bool checkOverlap = false;
+  int64_t iters = 1;
+  std::string device = "cpu";
+  bool graph = false;
+  bool align = true;
+};
+
+/// The command line; --help prints the usage and exits 0, bad usage exits 2.
+Options parseOptions(int argc, char **argv);
+
+//===----------------------------------------------------------------------===//
+// Ranks (Ranks.cpp)
+//===----------------------------------------------------------------------===//
+
+/// This process among the ranks of an MPI launch (rank 0 of 1 otherwise),
+/// with the fp64 reductions the summary and --check need.
+struct Ranks {
+  int rank = 0;
+  int size = 1;
+  bool mpi = false; ///< MPI is running
+  /// A torchrun-style launch: the reductions below go through rank 0 over
+  /// TCP (set up once the NCCL communicator is).
+  bool environment = false;
+  std::unique_ptr<TcpRendezvous> tcp;
+
+  void maxInPlace(std::vector<double> &values) const;
+  void sumInPlace(std::vector<double> &values) const;
+  /// Every rank's `values` (one size on all ranks), in rank order.
+  std::vector<double> gather(const std::vector<double> &values) const;
+  /// Returns once every rank has called it.
+  void barrier() const;
+  /// `dir` on one rank, `dir/rank<r>` on many.
+  std::string dir(const std::string &dir) const;
+
+private:
+  /// Every rank's values through the TCP rendezvous, [size][n].
+  std::vector<double> tcpGather(const std::vector<double> &values) const;
+};
+
+/// This process's place among the ranks (one per process).
+extern Ranks ranks;
+
+/// Finds this process's rank from an MPI launcher or torchrun-style
+/// environment variables (MPI is initialized here).
+void startRanks(int *argc, char ***argv);
+
+/// Prints `moe-run: [rank r: ]message` and exits with `code` (under MPI it
+/// ends the other ranks too, which may wait in a collective).
+[[noreturn]] void fatal(int code, const std::string &message);
+
+/// fatal() unless `status` is OK: exit 2 for what the input caused (a bad
+/// plan, a missing file, something unavailable), 1 otherwise.
+void checkApi(FlexStatus status, const char *what);
+
+//===----------------------------------------------------------------------===//
+// One run of a layer
+//===----------------------------------------------------------------------===//
+
+/// One argument of the plan and its host data.
+struct ArgumentBuffer {
+  FlexArgumentInfo info;
+  std::vector<int64_t> shape;
+  DType dtype;
+  std::vector<uint8_t> data;
+  std::string source; ///< "random", "file", "output"
+
+  int64_t count() const;
+  std::vector<double> values() const;
+};
+
+/// The times of one pass (forward or backward) over the timed calls.
+struct StepTimes {
+  std::vector<std::string> ops;
+  std::vector<double> totalMicros; ///< summed over stepRuns runs
+  int64_t stepRuns = 0;
+  std::vector<double> runs; ///< whole-pass time of each timed run
+
+  /// Adds the last run's step times (when it has them) and, when `timed`,
+  /// its whole-pass time.
+  void add(FlexExecutable exe, bool timed);
+  double stepMean(size_t i) const;
+  double mean() const;
+  double quantile(double q) const;
+};
+
+/// One output compared with the reference.
+struct CheckResult {
+  std::string name;
+  double error;
+  bool pass;
+};
+
+/// --check's outcome, the worst over ranks.
+struct CheckReport {
+  std::vector<CheckResult> results;
+  double tolerance = 0;
+  /// The smallest gap between a chosen and an unchosen routing logit.
+  double routingMargin = 0;
+  bool failed = false;
+};
+
+/// What one run of a layer has: the plan, the executable, the arguments, the
+/// times and the check, filled in by the parts in turn.
+struct LayerRun {
+  bool isMlir = false;
+  std::string planText;
+  FlexContext context = nullptr;
+  FlexExecutable exe = nullptr;
+  /// The C++ view of the same plan, for what the C API does not expose (the
+  /// capacity alignment of the variant, for the reference).
+  Plan plan;
+  int32_t world = 1;
+  int64_t variant = 0;
+  const char *variantName = nullptr;
+  FlexLayerConfig layer{};
+  std::vector<ArgumentBuffer> args;
+  StepTimes forwardTimes, backwardTimes;
+  CheckReport check;
+
+  ArgumentBuffer *find(const std::string &name);
+};
+
+/// Loads (or compiles), runs, checks and reports one layer; the exit status.
+int runCommand(const Options &options);
+
+/// Arguments.cpp: the inputs filled from --inputs or the generator (and
+/// saved with --save-inputs), the outputs poisoned with NaN.
+void prepareArguments(const Options &options, LayerRun &run);
+/// Arguments.cpp: --outputs.
+void writeOutputs(const Options &options, const LayerRun &run);
+
+/// Check.cpp: every output and gradient against the fp64 reference, into
+/// run.check.
+void checkAgainstReference(const Options &options, LayerRun &run);
+
+/// Report.cpp: the layer in one line.
+std::string layerSummary(const LayerRun &run);
+/// Report.cpp: times and check as text or JSON (rank 0 only).
+void printReport(const Options &options, const LayerRun &run);
+
+} // namespace flex::moerun
+
+#endif // FLEX_TOOLS_MOE_RUN_MOERUN_H
