@@ -1,4 +1,5 @@
-//===- StepFacts.h - What the lowering tells backends about a step -*- C++ -*-===//
+//===- StepFacts.h - The compiled facts of each step -----------*- C++ -*-===//
+//-*-===//
 //
 // Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
 //
@@ -78,8 +79,7 @@ struct SegmentFacts {
   int64_t rowsFor(int64_t capacity) const {
     return chunks > 0 ? ranks * (capacity / chunks) : -1;
   }
-  friend bool operator==(const SegmentFacts &,
-                         const SegmentFacts &) = default;
+  friend bool operator==(const SegmentFacts &, const SegmentFacts &) = default;
 };
 
 /// What the lowering knows about one step and a backend needs.

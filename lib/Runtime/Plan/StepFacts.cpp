@@ -31,8 +31,7 @@ using R = OperandRole;
 class VariantFlow {
 public:
   VariantFlow(const Plan &plan, const Variant &variant)
-      : plan_(plan), variant_(variant),
-        argumentOrigin_(plan.arguments.size()),
+      : plan_(plan), variant_(variant), argumentOrigin_(plan.arguments.size()),
         workspaceOrigin_(plan.workspace.buffers.size()) {}
 
   /// The facts of every step of forward (backward = false) or backward, in
@@ -85,8 +84,7 @@ private:
     const LayerConfig &layer = plan_.layer;
     return computeCapacity(
         CapacityMode::Fixed, a.capacityFactor, layer.tokens, layer.experts,
-        std::clamp<int64_t>(a.topK, 1, layer.experts), 0,
-        a.capacityAlignment);
+        std::clamp<int64_t>(a.topK, 1, layer.experts), 0, a.capacityAlignment);
   }
 
   StepFacts factsOf(const Step &step, StepRef self) {
@@ -131,13 +129,12 @@ private:
       // kernels on the compute stream; N == 1 or N == W is the flat
       // exchange.
       const int64_t n = step.attrs.ranksPerNode;
-      const bool twoPhase =
-          n > 1 && n < step.attrs.groupRanks(plan_.worldSize);
+      const bool twoPhase = n > 1 && n < step.attrs.groupRanks(plan_.worldSize);
       facts.exchangeStream = !twoPhase;
       facts.wait = twoPhase ? ExchangeWait::All : ExchangeWait::None;
     } else {
-      facts.wait = isCollective(step.op) ? ExchangeWait::All
-                                         : ExchangeWait::Overlapping;
+      facts.wait =
+          isCollective(step.op) ? ExchangeWait::All : ExchangeWait::Overlapping;
     }
     return facts;
   }
@@ -258,11 +255,9 @@ std::optional<Difference> firstDifference(const StepFacts &recorded,
   if (recorded.padded != computed.padded)
     return Difference{"padded", flag(recorded.padded), flag(computed.padded)};
   if (recorded.segments != computed.segments)
-    return Difference{"segments", writeStepFacts(recorded).value(
-                                      "segments", Json()).dump(),
-                      writeStepFacts(computed)
-                          .value("segments", Json())
-                          .dump()};
+    return Difference{
+        "segments", writeStepFacts(recorded).value("segments", Json()).dump(),
+        writeStepFacts(computed).value("segments", Json()).dump()};
   if (recorded.exchangeStream != computed.exchangeStream)
     return Difference{"exchange_stream", flag(recorded.exchangeStream),
                       flag(computed.exchangeStream)};
@@ -277,8 +272,8 @@ std::optional<Difference> firstDifference(const StepFacts &recorded,
 std::string toString(StepRef ref) {
   if (!ref.isValid())
     return "none";
-  return (ref.backward ? "backward[" : "forward[") +
-         std::to_string(ref.index) + "]";
+  return (ref.backward ? "backward[" : "forward[") + std::to_string(ref.index) +
+         "]";
 }
 
 std::optional<StepRef> parseStepRef(std::string_view text) {
@@ -346,13 +341,11 @@ Json writeStepFacts(const StepFacts &facts) {
   if (facts.padded)
     json["padded"] = true;
   if (const SegmentFacts &seg = facts.segments; seg.isValid())
-    json["segments"] = Json{{"step", toString(seg.step)},
-                            {"groups", seg.groups},
-                            {"ranks", seg.ranks},
-                            {"chunks", seg.chunks},
-                            {"chunk", seg.chunk},
-                            {"rows", seg.rows},
-                            {"base_row", seg.baseRow}};
+    json["segments"] =
+        Json{{"step", toString(seg.step)}, {"groups", seg.groups},
+             {"ranks", seg.ranks},         {"chunks", seg.chunks},
+             {"chunk", seg.chunk},         {"rows", seg.rows},
+             {"base_row", seg.baseRow}};
   if (facts.exchangeStream)
     json["exchange_stream"] = true;
   if (facts.wait != ExchangeWait::None)
@@ -414,8 +407,10 @@ void checkStepFacts(const Plan &plan) {
         fail("variants[" + std::to_string(v) + "]." +
                  toString(StepRef{isBackward, static_cast<int32_t>(i)}) +
                  ".facts." + diff->field,
-             "recorded " + diff->recorded + ", but the variant's data flow "
-             "gives " + diff->computed);
+             "recorded " + diff->recorded +
+                 ", but the variant's data flow "
+                 "gives " +
+                 diff->computed);
       }
     }
   }
