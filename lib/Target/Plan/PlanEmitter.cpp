@@ -13,6 +13,7 @@
 #include "flex/Target/Plan/PlanEmitter.h"
 
 #include "flex/Runtime/PlanLoader.h"
+#include "flex/Runtime/StepFacts.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/IR/BuiltinAttributes.h"
@@ -251,6 +252,8 @@ FailureOr<Plan> flex::translateToRuntimePlan(moert::PlanOp planOp) {
     plan.variants.push_back(std::move(variant));
   }
 
+  // What backends are told instead of searching the plan (StepFacts.h).
+  computeStepFacts(plan);
   if (Status status = verifyPlan(plan, {/*checkWorkspaceOverlap=*/true});
       !status)
     return planOp.emitOpError("[plan-3] the runtime rejects the plan: ")
