@@ -453,8 +453,10 @@ FlexStatus createNccl(const char id[128], int32_t rank, int32_t size,
       [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
         NcclUniqueId unique;
         std::memcpy(unique.data(), id, unique.size());
-        return createNcclCommunicator(comm, unique, rank, size,
-                                      ncclOptionsFrom(runtime, device));
+        // No host channel for the copies' handshakes: NCCL's kernels.
+        NcclCommunicatorOptions nccl = ncclOptionsFrom(runtime, device);
+        nccl.peerCopies = false;
+        return createNcclCommunicator(comm, unique, rank, size, nccl);
       });
 }
 

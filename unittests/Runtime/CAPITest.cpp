@@ -467,3 +467,155 @@ TEST_F(CAPI, ManyRanksNeedACommunicator) {
                 exe, reinterpret_cast<FlexCommunicator>(&fake)),
             FLEX_STATUS_INVALID_ARGUMENT);
 }
+
+// Runtime options: set by name with their environment variable's text,
+// copied into the context, and overridden by the environment when an
+// executable is created.
+TEST(CAPIOptions, SetGetAndRejectBadValues) {
+  FlexOptions options = nullptr;
+  ASSERT_EQ(flexOptionsCreate(&options), FLEX_STATUS_OK);
+  const char *value = nullptr;
+  ASSERT_EQ(flexOptionsGet(options, "variant", &value), FLEX_STATUS_OK);
+  EXPECT_STREQ(value, "");
+  ASSERT_EQ(flexOptionsGet(options, "cuda_overlap", &value), FLEX_STATUS_OK);
+  EXPECT_STREQ(value, "1");
+  ASSERT_EQ(flexOptionsGet(options, "collective_timeout_s", &value),
+            FLEX_STATUS_OK);
+  EXPECT_STREQ(value, "300");
+
+  EXPECT_EQ(flexOptionsSet(options, "a2a_staging", "never"), FLEX_STATUS_OK);
+  ASSERT_EQ(flexOptionsGet(options, "a2a_staging", &value), FLEX_STATUS_OK);
+  EXPECT_STREQ(value, "never");
+  EXPECT_EQ(flexOptionsSet(options, "a2a_transport", "ce"), FLEX_STATUS_OK);
+  EXPECT_EQ(flexOptionsSet(options, "collective_timeout_s", "2.5"),
+            FLEX_STATUS_OK);
+  ASSERT_EQ(flexOptionsGet(options, "collective_timeout_s", &value),
+            FLEX_STATUS_OK);
+  EXPECT_STREQ(value, "2.5");
+
+  EXPECT_EQ(flexOptionsSet(options, "cuda_overlap", "maybe"),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(),
+              HasSubstr("flexOptionsSet: option cuda_overlap='maybe': "
+                        "expected 1 or 0"));
+  EXPECT_EQ(flexOptionsSet(options, "a2a_transport", "tcp"),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("'nccl'"));
+  EXPECT_EQ(flexOptionsSet(options, "collective_timeout_s", "-1"),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("seconds > 0"));
+  EXPECT_EQ(flexOptionsSet(options, "speed", "fast"), FLEX_STATUS_NOT_FOUND);
+  EXPECT_THAT(flexGetLastError(),
+              HasSubstr("unknown runtime option 'speed'; the options are: "
+                        "variant, check_nonfinite"));
+  EXPECT_EQ(flexOptionsSet(options, "variant", nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  // A rejected value leaves the option as it was.
+  ASSERT_EQ(flexOptionsGet(options, "collective_timeout_s", &value),
+            FLEX_STATUS_OK);
+  EXPECT_STREQ(value, "2.5");
+
+  EXPECT_EQ(flexOptionsDestroy(options), FLEX_STATUS_OK);
+  EXPECT_EQ(flexOptionsDestroy(options), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(flexOptionsSet(nullptr, "variant", "0"),
+            FLEX_STATUS_INVALID_ARGUMENT);
+}
+
+TEST(CAPIOptions, TheContextsOptionsTakeEffectUnderTheEnvironment) {
+  ::unsetenv("FLEX_VARIANT");
+  FlexOptions options = nullptr;
+  ASSERT_EQ(flexOptionsCreate(&options), FLEX_STATUS_OK);
+  ASSERT_EQ(flexOptionsSet(options, "variant", "ragged"), FLEX_STATUS_OK);
+  FlexContext context = nullptr;
+  ASSERT_EQ(flexContextCreateWithOptions("cpu", options, &context),
+            FLEX_STATUS_OK);
+  // The context keeps a copy: later changes do not reach it.
+  ASSERT_EQ(flexOptionsSet(options, "variant", "padded"), FLEX_STATUS_OK);
+  std::string path = planPath("ffn_fixed_train.json");
+  auto selected = [&](FlexContext ctx) {
+    FlexExecutable exe = nullptr;
+    int64_t index = -1;
+    EXPECT_EQ(flexExecutableCreateFromPlanFile(ctx, path.c_str(), &exe),
+              FLEX_STATUS_OK)
+        << flexGetLastError();
+    if (exe) {
+      EXPECT_EQ(flexExecutableGetSelectedVariant(exe, &index), FLEX_STATUS_OK);
+      EXPECT_EQ(flexExecutableDestroy(exe), FLEX_STATUS_OK);
+    }
+    return index;
+  };
+  EXPECT_EQ(selected(context), 1); // "ragged", from the options
+
+  // The environment overrides the options.
+  ::setenv("FLEX_VARIANT", "0", 1);
+  EXPECT_EQ(selected(context), 0);
+  ::unsetenv("FLEX_VARIANT");
+  EXPECT_EQ(selected(context), 1);
+
+  // A bad value, from the options or the environment, fails the creation
+  // with the name of its source and the allowed values.
+  FlexExecutable exe = nullptr;
+  ::setenv("FLEX_CHECK_NAN", "sometimes", 1);
+  EXPECT_EQ(flexExecutableCreateFromPlanFile(context, path.c_str(), &exe),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  ::unsetenv("FLEX_CHECK_NAN");
+  EXPECT_THAT(flexGetLastError(),
+              HasSubstr("FLEX_CHECK_NAN='sometimes': expected 1 or 0"));
+  EXPECT_EQ(exe, nullptr);
+
+  FlexContext other = nullptr;
+  ASSERT_EQ(flexOptionsSet(options, "variant", "r9d9"), FLEX_STATUS_OK);
+  ASSERT_EQ(flexContextCreateWithOptions("cpu", options, &other),
+            FLEX_STATUS_OK);
+  EXPECT_EQ(flexExecutableCreateFromPlanFile(other, path.c_str(), &exe),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(),
+              HasSubstr("option variant='r9d9' names no variant of the plan; "
+                        "allowed: padded, ragged"));
+
+  // NULL options are the defaults, as flexContextCreate.
+  FlexContext plain = nullptr;
+  ASSERT_EQ(flexContextCreateWithOptions(nullptr, nullptr, &plain),
+            FLEX_STATUS_OK);
+  EXPECT_EQ(selected(plain), 0);
+  int fake = 0;
+  FlexContext rejected = nullptr;
+  EXPECT_EQ(flexContextCreateWithOptions(
+                "cpu", reinterpret_cast<FlexOptions>(&fake), &rejected),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(),
+              HasSubstr("flexContextCreateWithOptions: the options"));
+
+  EXPECT_EQ(flexContextDestroy(plain), FLEX_STATUS_OK);
+  EXPECT_EQ(flexContextDestroy(other), FLEX_STATUS_OK);
+  EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_OK);
+  EXPECT_EQ(flexOptionsDestroy(options), FLEX_STATUS_OK);
+}
+
+// The communicator creations take the options too; a bad collective
+// timeout in the environment is refused before anything starts.
+TEST(CAPIOptions, CommunicatorsTakeTheOptions) {
+  FlexOptions options = nullptr;
+  ASSERT_EQ(flexOptionsCreate(&options), FLEX_STATUS_OK);
+  FlexCommunicator comm = nullptr;
+  ::setenv("FLEX_COLLECTIVE_TIMEOUT_S", "soon", 1);
+  EXPECT_EQ(flexCommunicatorCreateMpiWithOptions(nullptr, options, &comm),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(),
+              HasSubstr("flexCommunicatorCreateMpiWithOptions: "
+                        "FLEX_COLLECTIVE_TIMEOUT_S='soon'"));
+  char id[128] = {0};
+  EXPECT_EQ(flexCommunicatorCreateNcclWithOptions(id, 0, 1, -1, nullptr, &comm),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("FLEX_COLLECTIVE_TIMEOUT_S"));
+  ::unsetenv("FLEX_COLLECTIVE_TIMEOUT_S");
+  EXPECT_EQ(comm, nullptr);
+  // Without MPI running (or built), the options are valid and the reason is
+  // MPI's.
+  FlexStatus status =
+      flexCommunicatorCreateMpiWithOptions(nullptr, options, &comm);
+  EXPECT_EQ(status, flexHasMpi() ? FLEX_STATUS_FAILED_PRECONDITION
+                                 : FLEX_STATUS_UNAVAILABLE);
+  EXPECT_EQ(comm, nullptr);
+  EXPECT_EQ(flexOptionsDestroy(options), FLEX_STATUS_OK);
+}

@@ -446,3 +446,84 @@ TEST(Executor, NonFiniteInputs) {
   EXPECT_EQ(checking->forward(bindings.data(), bindings.size()).code(),
             StatusCode::NumericError);
 }
+
+// The options given to Executor::create are taken as given: the
+// environment counts only through RuntimeOptions::fromEnvironment (or the
+// create without options).
+TEST(Executor, TakesRuntimeOptions) {
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_fixed_train.json"));
+  RuntimeOptions options;
+  ASSERT_TRUE(options.set("variant", "ragged").isOk());
+  ::setenv("FLEX_VARIANT", "padded", 1);
+  std::unique_ptr<Executor> executor;
+  ASSERT_TRUE(
+      Executor::create(plan, createCpuBackend(), options, executor).isOk());
+  EXPECT_EQ(executor->selectedVariant(), 1);
+
+  RuntimeOptions withEnvironment;
+  ASSERT_TRUE(RuntimeOptions::fromEnvironment(options, withEnvironment).isOk());
+  ::unsetenv("FLEX_VARIANT");
+  EXPECT_EQ(withEnvironment.variant, "padded");
+  EXPECT_EQ(withEnvironment.environmentOverrides,
+            std::vector<std::string>{"FLEX_VARIANT"});
+  ASSERT_TRUE(
+      Executor::create(plan, createCpuBackend(), withEnvironment, executor)
+          .isOk());
+  EXPECT_EQ(executor->selectedVariant(), 0);
+
+  options.variant = "5";
+  Status status = Executor::create(plan, createCpuBackend(), options, executor);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(),
+              HasSubstr("option variant='5' names no variant of the plan"));
+  EXPECT_FALSE(executor);
+}
+
+TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
+  RuntimeOptions options;
+  EXPECT_TRUE(options.cudaOverlap);
+  EXPECT_EQ(options.a2aStaging, ExchangeStaging::Auto);
+  EXPECT_EQ(options.collectiveTimeoutSeconds, kDefaultCollectiveTimeoutSeconds);
+  EXPECT_TRUE(options.set("cuda_overlap", "off").isOk());
+  EXPECT_FALSE(options.cudaOverlap);
+  EXPECT_TRUE(options.set("a2a_staging", "1").isOk());
+  EXPECT_EQ(options.a2aStaging, ExchangeStaging::Always);
+  EXPECT_TRUE(options.set("a2a_transport", "ce").isOk());
+  EXPECT_EQ(options.a2aTransport, AllToAllTransport::CopyEngine);
+  std::string text;
+  EXPECT_TRUE(options.get("a2a_staging", text).isOk());
+  EXPECT_EQ(text, "always");
+  Status status = options.set("a2a_staging", "sometimes");
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(),
+              HasSubstr("option a2a_staging='sometimes': expected auto, "
+                        "always (or 1) or never (or 0)"));
+  EXPECT_EQ(options.set("nope", "1").code(), StatusCode::NotFound);
+  EXPECT_EQ(options.get("nope", text).code(), StatusCode::NotFound);
+
+  // Every variable of the table overrides its option; an empty one is
+  // unset; a bad one names itself and leaves the result at the base.
+  for (const RuntimeOptions::Entry &entry : RuntimeOptions::entries())
+    ::unsetenv(entry.environment);
+  ::setenv("FLEX_CUDA_OVERLAP", "1", 1);
+  ::setenv("FLEX_A2A_STAGING", "never", 1);
+  ::setenv("FLEX_COLLECTIVE_TIMEOUT_S", "7", 1);
+  ::setenv("FLEX_VARIANT", "", 1);
+  RuntimeOptions result;
+  ASSERT_TRUE(RuntimeOptions::fromEnvironment(options, result).isOk());
+  EXPECT_TRUE(result.cudaOverlap);
+  EXPECT_EQ(result.a2aStaging, ExchangeStaging::Never);
+  EXPECT_EQ(result.collectiveTimeoutSeconds, 7);
+  EXPECT_EQ(result.a2aTransport, AllToAllTransport::CopyEngine); // the base's
+  EXPECT_EQ(result.variant, "");
+
+  ::setenv("FLEX_A2A_TRANSPORT", "infiniband", 1);
+  status = RuntimeOptions::fromEnvironment(options, result);
+  for (const RuntimeOptions::Entry &entry : RuntimeOptions::entries())
+    ::unsetenv(entry.environment);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(),
+              HasSubstr("FLEX_A2A_TRANSPORT='infiniband': expected 'nccl'"));
+  EXPECT_FALSE(result.cudaOverlap); // the base
+}
