@@ -5,7 +5,7 @@
 // bound >= T becomes dropless) -> moert.plan with a placed workspace.
 
 // CHECK-LABEL: moert.plan @layer
-// CHECK-SAME: capacity_mode = "dropless"
+// CHECK-SAME: capacity = #moe.capacity<dropless>,
 // CHECK-SAME: workspace_bytes =
 // CHECK: moert.alloc "logits" {offset = {{[0-9]+}} : i64}
 // CHECK: moert.gate {{.+}}capacity = #moe.capacity<dropless>{{.+}}layout = #moert<layout ragged>

@@ -72,7 +72,7 @@ private:
     std::string full = (prefix + name).str();
     return AllocOp::create(b, loc, type, full, IntegerAttr()).getBuffer();
   }
-  DictionaryAttr layerAttr();
+  LayerAttr layerAttr();
   void declareArguments();
   void buildVariant(ExpandedLayer layer);
   void buildForward(ExpandedLayer layer);
@@ -225,45 +225,20 @@ private:
   ExpertWeights fullWeights; // data parallel: gathered
 };
 
-DictionaryAttr PlanBuilder::layerAttr() {
+LayerAttr PlanBuilder::layerAttr() {
   moe::GateOp gate = first.gate;
   moe::ExpertOp expert = first.experts.front();
   std::optional<moe::Activation> act;
   if (auto attr = expert.getActivationAttr())
     act = attr.getValue();
-  auto dtypeName = [](Type type) -> StringRef {
-    if (type.isF32())
-      return "f32";
-    if (type.isBF16())
-      return "bf16";
-    return "f16";
-  };
-  bool dropless = capacityAttr.getMode() == moe::CapacityMode::Dropless;
-  SmallVector<NamedAttribute> fields = {
-      b.getNamedAttr("tokens", b.getI64IntegerAttr(tokens)),
-      b.getNamedAttr("model_dim", b.getI64IntegerAttr(modelDim)),
-      b.getNamedAttr("hidden_dim", b.getI64IntegerAttr(hiddenDim * shards)),
-      b.getNamedAttr("experts", b.getI64IntegerAttr(experts)),
-      b.getNamedAttr("top_k", b.getI64IntegerAttr(topK)),
-      b.getNamedAttr(
-          "capacity_mode",
-          b.getStringAttr(moe::stringifyCapacityMode(capacityAttr.getMode()))),
-      b.getNamedAttr(
-          "capacity_factor",
-          b.getF64FloatAttr(dropless ? 1.0 : capacityAttr.getFactorValue())),
-      b.getNamedAttr("expert_kind", b.getStringAttr(gated ? "gated" : "ffn")),
-      b.getNamedAttr("activation", b.getStringAttr(moe::stringifyActivation(
-                                       act.value_or(moe::Activation::Silu)))),
-      b.getNamedAttr("bias", b.getBoolAttr(bias)),
-      b.getNamedAttr("dtype", b.getStringAttr(dtypeName(element))),
-      b.getNamedAttr("router_fp32", b.getBoolAttr(routerElement.isF32())),
-      b.getNamedAttr("batch_prioritized",
-                     b.getBoolAttr(gate.getBatchPrioritized())),
-      b.getNamedAttr("normalize_gate", b.getBoolAttr(gate.getNormalize())),
-      b.getNamedAttr("gate_noise", gate.getNoiseAttr()),
-      b.getNamedAttr("seed", gate.getSeedAttr()),
-  };
-  return b.getDictionaryAttr(fields);
+  // getChecked: the moe verifiers do not bound every field the runtime does
+  // (the dtype, for one), so a layer the runtime would reject fails here.
+  return LayerAttr::getChecked(
+      [&] { return gate.emitOpError(); }, b.getContext(), tokens, modelDim,
+      hiddenDim * shards, experts, topK, capacityAttr, expert.getKind(),
+      act.value_or(moe::Activation::Silu), element, bias, routerElement.isF32(),
+      gate.getNormalize(), gate.getBatchPrioritized(), gate.getNoise(),
+      static_cast<int64_t>(gate.getSeed()));
 }
 
 void PlanBuilder::declareArguments() {
@@ -332,7 +307,10 @@ PlanBuilder::build(StringRef name,
   int64_t align = capacityAttr.getAlignment();
   capacityBound = (bound + align - 1) / align * align;
 
-  auto plan = PlanOp::create(b, loc, b.getStringAttr(name), layerAttr(),
+  LayerAttr layer = layerAttr();
+  if (!layer)
+    return failure();
+  auto plan = PlanOp::create(b, loc, b.getStringAttr(name), layer,
                              options.training ? b.getUnitAttr() : UnitAttr(),
                              b.getI64IntegerAttr(ranks), IntegerAttr(),
                              b.getI64IntegerAttr(256));

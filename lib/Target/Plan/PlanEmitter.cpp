@@ -36,60 +36,35 @@ std::optional<DType> toDType(Type type) {
   return std::nullopt;
 }
 
-/// Reads the `layer` dictionary of a plan into a LayerConfig.
-FailureOr<LayerConfig> readLayer(moert::PlanOp plan) {
-  DictionaryAttr dict = plan.getLayer();
+static_assert(static_cast<int>(moe::ExpertKind::Gated) ==
+                      static_cast<int>(ExpertKind::Gated) &&
+                  static_cast<int>(moe::Activation::Silu) ==
+                      static_cast<int>(Activation::Silu),
+              "the dialect's expert kinds and activations are the runtime's");
+
+/// The LayerConfig of a plan's `#moert.layer`: its verifier has checked every
+/// field, so the conversion cannot fail.
+LayerConfig readLayer(moert::PlanOp plan) {
+  moert::LayerAttr attr = plan.getLayer();
+  moe::CapacityAttr capacity = attr.getCapacity();
+  bool dropless = capacity.getMode() == moe::CapacityMode::Dropless;
   LayerConfig layer;
-  bool ok = true;
-  auto integer = [&](StringRef name, int64_t &field) {
-    auto attr = dict.getAs<IntegerAttr>(name);
-    ok &= static_cast<bool>(attr);
-    if (attr)
-      field = attr.getInt();
-  };
-  auto real = [&](StringRef name, double &field) {
-    auto attr = dict.getAs<FloatAttr>(name);
-    ok &= static_cast<bool>(attr);
-    if (attr)
-      field = attr.getValueAsDouble();
-  };
-  auto boolean = [&](StringRef name, bool &field) {
-    auto attr = dict.getAs<BoolAttr>(name);
-    ok &= static_cast<bool>(attr);
-    if (attr)
-      field = attr.getValue();
-  };
-  auto text = [&](StringRef name) -> std::string {
-    auto attr = dict.getAs<StringAttr>(name);
-    ok &= static_cast<bool>(attr);
-    return attr ? attr.getValue().str() : std::string();
-  };
-  integer("tokens", layer.tokens);
-  integer("model_dim", layer.modelDim);
-  integer("hidden_dim", layer.hiddenDim);
-  integer("experts", layer.experts);
-  integer("top_k", layer.topK);
-  real("capacity_factor", layer.capacityFactor);
-  boolean("bias", layer.bias);
-  boolean("router_fp32", layer.routerFp32);
-  boolean("batch_prioritized", layer.batchPrioritized);
-  boolean("normalize_gate", layer.normalizeGate);
-  real("gate_noise", layer.gateNoise);
-  int64_t seed = 0;
-  integer("seed", seed);
-  layer.seed = static_cast<uint64_t>(seed);
-  auto mode = parseCapacityMode(text("capacity_mode"));
-  auto kind = parseExpertKind(text("expert_kind"));
-  auto act = parseActivation(text("activation"));
-  auto dtype = parseDType(text("dtype"));
-  if (!ok || !mode || !kind || !act || !dtype)
-    return plan.emitOpError("[plan-3] the layer dictionary misses a field or "
-                            "has one of the wrong kind: ")
-           << dict;
-  layer.capacityMode = *mode;
-  layer.expertKind = *kind;
-  layer.activation = *act;
-  layer.dtype = *dtype;
+  layer.tokens = attr.getTokens();
+  layer.modelDim = attr.getModelDim();
+  layer.hiddenDim = attr.getHiddenDim();
+  layer.experts = attr.getExperts();
+  layer.topK = attr.getTopK();
+  layer.capacityMode = static_cast<CapacityMode>(capacity.getMode());
+  layer.capacityFactor = dropless ? 1.0 : capacity.getFactorValue();
+  layer.expertKind = static_cast<ExpertKind>(attr.getExpert());
+  layer.activation = static_cast<Activation>(attr.getActivation());
+  layer.bias = attr.getBias();
+  layer.dtype = *toDType(attr.getDtype());
+  layer.routerFp32 = attr.getRouterFp32();
+  layer.batchPrioritized = attr.getBatchPrioritized();
+  layer.normalizeGate = attr.getNormalizeGate();
+  layer.gateNoise = attr.getGateNoiseValue();
+  layer.seed = static_cast<uint64_t>(attr.getSeed());
   return layer;
 }
 
@@ -169,13 +144,9 @@ FailureOr<Plan> flex::translateToRuntimePlan(moert::PlanOp planOp) {
   if (!planOp.getWorkspaceBytes())
     return planOp.emitOpError("[plan-3] place the workspace first "
                               "(--moert-plan-memory)");
-  FailureOr<LayerConfig> layer = readLayer(planOp);
-  if (failed(layer))
-    return failure();
-
   Plan plan;
   plan.producer = "flex moe-opt 0.1";
-  plan.layer = *layer;
+  plan.layer = readLayer(planOp);
   plan.training = planOp.getTraining();
   plan.worldSize = planOp.getWorldSize();
   plan.workspace.bytes = *planOp.getWorkspaceBytes();

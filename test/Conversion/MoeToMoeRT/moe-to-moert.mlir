@@ -6,7 +6,7 @@
 // arguments are named by role, the dispatch buffer has E * C rows (padded),
 // and the first GEMM applies the activation in its epilogue.
 
-// CHECK-LABEL: moert.plan @ffn attributes {layer = {activation = "relu", batch_prioritized = false, bias = true, capacity_factor = 1.000000e+00 : f64, capacity_mode = "fixed", dtype = "bf16", expert_kind = "ffn", experts = 4 : i64, gate_noise = 0.000000e+00 : f64, hidden_dim = 16 : i64, model_dim = 8 : i64, normalize_gate = true, router_fp32 = true, seed = 0 : i64, tokens = 10 : i64, top_k = 2 : i64}
+// CHECK-LABEL: moert.plan @ffn attributes {layer = #moert.layer<tokens = 10, model_dim = 8, hidden_dim = 16, experts = 4, top_k = 2, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = bf16, bias = true, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.000000e+00, seed = 0>
 // CHECK-NOT: training
 // CHECK: %[[X:.+]] = moert.argument "x" input : memref<10x8xbf16>
 // CHECK: moert.argument "wg" input : memref<8x4xf32>

@@ -6,7 +6,7 @@
 // gradients of the two shards are summed back.
 
 // CHECK-LABEL: moert.plan @layer
-// CHECK-SAME: hidden_dim = 12 : i64
+// CHECK-SAME: hidden_dim = 12,
 // CHECK-SAME: world_size = 2
 // CHECK: moert.argument "w1" input : memref<1x8x6xf32>
 // CHECK: moert.argument "b1" input : memref<1x6xf32>

@@ -5,7 +5,7 @@
 // the generic syntax: plan, arguments, allocs, variant and every step of a
 // gated layer, with role-named operands.
 
-// CHECK-LABEL: moert.plan @gated attributes {layer = {{.+}}, training, workspace_bytes = 3584 : i64}
+// CHECK-LABEL: moert.plan @gated attributes {layer = #moert.layer<tokens = 6, model_dim = 4, hidden_dim = 8, experts = 3, top_k = 2, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.000000e+00, seed = 0>, training, workspace_bytes = 3584 : i64}
 // CHECK: %[[X:.+]] = moert.argument "x" input : memref<6x4xbf16>
 // CHECK: %[[GRAD_X:.+]] = moert.argument "grad_x" grad_output : memref<6x4xbf16>
 // CHECK: %[[LOGITS:.+]] = moert.alloc "logits" {offset = 0 : i64} : memref<6x3xf32>
@@ -31,7 +31,7 @@
 // CHECK-NEXT: moert.gate_backward {{.+}} {normalize, top_k = 2 : i64}
 // CHECK-NEXT: moert.router_backward ins(x = %[[X]] : {{.+}}) outs(grad_x = %[[GRAD_X]] : memref<6x4xbf16>, grad_wg = %{{.+}} : memref<4x3xf32>)
 
-moert.plan @gated attributes {layer = {activation = "silu", batch_prioritized = false, bias = false, capacity_factor = 1.000000e+00 : f64, capacity_mode = "dropless", dtype = "bf16", expert_kind = "gated", experts = 3 : i64, gate_noise = 0.000000e+00 : f64, hidden_dim = 8 : i64, model_dim = 4 : i64, normalize_gate = true, router_fp32 = true, seed = 0 : i64, tokens = 6 : i64, top_k = 2 : i64}, training, workspace_bytes = 3584 : i64} {
+moert.plan @gated attributes {layer = #moert.layer<tokens = 6, model_dim = 4, hidden_dim = 8, experts = 3, top_k = 2, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training, workspace_bytes = 3584 : i64} {
   %0 = moert.argument "x" input : memref<6x4xbf16>
   %1 = moert.argument "wg" input : memref<4x3xf32>
   %2 = moert.argument "w1" input : memref<3x4x8xbf16>

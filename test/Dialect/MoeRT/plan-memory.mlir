@@ -15,7 +15,7 @@
 // CHECK-DAG: moert.alloc "b" {offset = [[B:[0-9]+]] : i64}
 // CHECK-DAG: moert.alloc "c" {offset = [[A]] : i64}
 // CHECK-DAG: moert.alloc "d" {offset = [[B]] : i64}
-moert.plan @chain attributes {layer = {}} {
+moert.plan @chain attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %a = moert.alloc "a" : memref<16x16xf32>
   %b = moert.alloc "b" : memref<16x16xf32>
   %c = moert.alloc "c" : memref<16x16xf32>
@@ -43,7 +43,7 @@ moert.plan @chain attributes {layer = {}} {
 // CHECK-DAG: moert.alloc "keep" {offset = [[KEEP:[0-9]+]] : i64}
 // CHECK-DAG: moert.alloc "tmp" {offset = [[TMP:[0-9]+]] : i64}
 // CHECK-DAG: moert.alloc "grad" {offset = [[TMP]] : i64}
-moert.plan @across_backward attributes {layer = {}, training} {
+moert.plan @across_backward attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
   %keep = moert.alloc "keep" : memref<4x4xf32>
   %tmp = moert.alloc "tmp" : memref<4x4xf32>
   %grad = moert.alloc "grad" : memref<4x4xf32>
@@ -63,7 +63,7 @@ moert.plan @across_backward attributes {layer = {}, training} {
 
 // REMARK: warning: workspace buffer 'unused' is never used
 // REMARK: remark: workspace: 512 bytes
-moert.plan @unused attributes {layer = {}} {
+moert.plan @unused attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %unused = moert.alloc "unused" : memref<4xf32>
   %a = moert.alloc "a" : memref<4x4xf32>
   %offsets = moert.argument "expert_offsets" input : memref<2xi32>

@@ -9,7 +9,7 @@
 // CHECK: moert.grouped_gemm {{.+}} {bias_scale = 5.000000e-01 : f64}
 // CHECK: moert.shard_routing_backward ins(grad_gates = %{{.+}} : memref<8x2xf32>) outs(grad_gates = %{{.+}} : memref<8x1xf32>) {shards = 2 : i64}
 
-moert.plan @sharded attributes {layer = {}} {
+moert.plan @sharded attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %i = moert.alloc "indices" : memref<8x1xi32>
   %l = moert.alloc "locations" : memref<8x1xi32>
   %g = moert.alloc "gates" : memref<8x1xf32>

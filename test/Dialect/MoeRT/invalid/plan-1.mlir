@@ -3,7 +3,7 @@
 // Negative tests of [plan-1]: the operands of a step have the shapes their
 // roles need, with sizes that agree between roles.
 
-moert.plan @router_shapes attributes {layer = {}} {
+moert.plan @router_shapes attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xf32>
   %wg = moert.argument "wg" input : memref<5x2xf32>
   %logits = moert.alloc "logits" : memref<8x2xf32>
@@ -16,7 +16,7 @@ moert.plan @router_shapes attributes {layer = {}} {
 
 // -----
 
-moert.plan @gate_top_k attributes {layer = {}} {
+moert.plan @gate_top_k attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %logits = moert.alloc "logits" : memref<8x4xf32>
   %scores = moert.alloc "scores" : memref<8x4xf32>
   %indices = moert.alloc "indices" : memref<8x2xi32>
@@ -35,7 +35,7 @@ moert.plan @gate_top_k attributes {layer = {}} {
 
 // -----
 
-moert.plan @offsets_shape attributes {layer = {}} {
+moert.plan @offsets_shape attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xf32>
   %indices = moert.alloc "indices" : memref<8x2xi32>
   %locations = moert.alloc "locations" : memref<8x2xi32>
@@ -51,7 +51,7 @@ moert.plan @offsets_shape attributes {layer = {}} {
 
 // -----
 
-moert.plan @gemm_inner_dim attributes {layer = {}} {
+moert.plan @gemm_inner_dim attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %a = moert.alloc "a" : memref<16x4xf32>
   %w = moert.argument "w1" input : memref<2x8x4xf32>
   %offsets = moert.alloc "expert_offsets" : memref<3xi32>
@@ -66,7 +66,7 @@ moert.plan @gemm_inner_dim attributes {layer = {}} {
 
 // -----
 
-moert.plan @gemm_segments attributes {layer = {}} {
+moert.plan @gemm_segments attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %a = moert.alloc "a" : memref<16x4xf32>
   %w = moert.argument "w1" input : memref<2x4x8xf32>
   %offsets = moert.alloc "expert_offsets" : memref<2xi32>
@@ -81,7 +81,7 @@ moert.plan @gemm_segments attributes {layer = {}} {
 
 // -----
 
-moert.plan @shard_routing_choices attributes {layer = {}} {
+moert.plan @shard_routing_choices attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %i = moert.alloc "indices" : memref<8x1xi32>
   %l = moert.alloc "locations" : memref<8x1xi32>
   %g = moert.alloc "gates" : memref<8x1xf32>
@@ -101,7 +101,7 @@ moert.plan @shard_routing_choices attributes {layer = {}} {
 
 // -----
 
-moert.plan @shard_routing_offsets attributes {layer = {}} {
+moert.plan @shard_routing_offsets attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %i = moert.alloc "indices" : memref<8x1xi32>
   %l = moert.alloc "locations" : memref<8x1xi32>
   %g = moert.alloc "gates" : memref<8x1xf32>
@@ -121,7 +121,7 @@ moert.plan @shard_routing_offsets attributes {layer = {}} {
 
 // -----
 
-moert.plan @shard_routing_backward_choices attributes {layer = {}} {
+moert.plan @shard_routing_backward_choices attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %vg = moert.alloc "shard_grad_gates" : memref<8x4xf32>
   %g = moert.alloc "grad_gates" : memref<8x1xf32>
   moert.variant "v" forward {
@@ -134,7 +134,7 @@ moert.plan @shard_routing_backward_choices attributes {layer = {}} {
 // -----
 
 // A gather of an empty or rank-0 buffer is rejected, not divided by zero.
-moert.plan @gather_empty attributes {layer = {}} {
+moert.plan @gather_empty attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %w = moert.argument "w1" input : memref<0x8x6xf32>
   %f = moert.alloc "full_w1" : memref<2x8x6xf32>
   moert.variant "v" forward {
@@ -146,7 +146,7 @@ moert.plan @gather_empty attributes {layer = {}} {
 
 // -----
 
-moert.plan @gather_scalar attributes {layer = {}} {
+moert.plan @gather_scalar attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %w = moert.argument "w1" input : memref<f32>
   %f = moert.alloc "full_w1" : memref<f32>
   moert.variant "v" forward {
@@ -159,7 +159,7 @@ moert.plan @gather_scalar attributes {layer = {}} {
 // -----
 
 // k * s is checked for overflow: 4 * (2^62 + 2) wraps to 8 in 64 bits.
-moert.plan @shards_overflow attributes {layer = {}} {
+moert.plan @shards_overflow attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %g = moert.alloc "shard_grad_gates" : memref<8x8xf32>
   %o = moert.alloc "grad_gates" : memref<8x4xf32>
   moert.variant "v" forward {

@@ -3,7 +3,7 @@
 // Negative tests of [plan-2]: routing buffers are i32 or f32, and data
 // moves between buffers of one element type.
 
-moert.plan @indices_i32 attributes {layer = {}} {
+moert.plan @indices_i32 attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xf32>
   %indices = moert.alloc "indices" : memref<8x2xf32>
   %locations = moert.alloc "locations" : memref<8x2xi32>
@@ -19,7 +19,7 @@ moert.plan @indices_i32 attributes {layer = {}} {
 
 // -----
 
-moert.plan @logits_f32 attributes {layer = {}} {
+moert.plan @logits_f32 attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xbf16>
   %wg = moert.argument "wg" input : memref<4x2xbf16>
   %logits = moert.alloc "logits" : memref<8x2xbf16>
@@ -32,7 +32,7 @@ moert.plan @logits_f32 attributes {layer = {}} {
 
 // -----
 
-moert.plan @dispatch_element attributes {layer = {}} {
+moert.plan @dispatch_element attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xbf16>
   %indices = moert.alloc "indices" : memref<8x2xi32>
   %locations = moert.alloc "locations" : memref<8x2xi32>

@@ -2,7 +2,7 @@
 
 // Negative tests of [plan-3]: the structure of a plan and of its steps.
 
-moert.plan @unknown_role attributes {layer = {}} {
+moert.plan @unknown_role attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xf32>
   moert.variant "v" forward {
     // expected-error @+1 {{[plan-3] unknown ins role 'y'; expected one of x, wg}}
@@ -13,7 +13,7 @@ moert.plan @unknown_role attributes {layer = {}} {
 
 // -----
 
-moert.plan @missing_role attributes {layer = {}} {
+moert.plan @missing_role attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xf32>
   %wg = moert.argument "wg" input : memref<4x2xf32>
   moert.variant "v" forward {
@@ -25,7 +25,7 @@ moert.plan @missing_role attributes {layer = {}} {
 
 // -----
 
-moert.plan @role_twice attributes {layer = {}} {
+moert.plan @role_twice attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xf32>
   moert.variant "v" forward {
     // expected-error @+1 {{[plan-3] role 'x' given twice}}
@@ -36,7 +36,7 @@ moert.plan @role_twice attributes {layer = {}} {
 
 // -----
 
-moert.plan @duplicate_name attributes {layer = {}} {
+moert.plan @duplicate_name attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.argument "x" input : memref<8x4xf32>
   // expected-error @+1 {{[plan-3] buffer name 'x' is defined twice in the plan}}
   %y = moert.alloc "x" : memref<8x4xf32>
@@ -44,7 +44,7 @@ moert.plan @duplicate_name attributes {layer = {}} {
 
 // -----
 
-moert.plan @alignment attributes {layer = {}, workspace_alignment = 100 : i64} {
+moert.plan @alignment attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>, workspace_alignment = 100 : i64} {
   // expected-error @-1 {{[plan-3] workspace alignment must be a power of two, got 100}}
 }
 
@@ -55,7 +55,7 @@ moert.plan @alignment attributes {layer = {}, workspace_alignment = 100 : i64} {
 
 // -----
 
-moert.plan @shard_routing_shards attributes {layer = {}} {
+moert.plan @shard_routing_shards attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %vg = moert.alloc "shard_grad_gates" : memref<8x1xf32>
   %g = moert.alloc "grad_gates" : memref<8x1xf32>
   moert.variant "v" forward {
@@ -67,7 +67,7 @@ moert.plan @shard_routing_shards attributes {layer = {}} {
 
 // -----
 
-moert.plan @bias_scale attributes {layer = {}} {
+moert.plan @bias_scale attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %a = moert.alloc "a" : memref<8x4xf32>
   %b = moert.alloc "b" : memref<2x4x3xf32>
   %bias = moert.alloc "bias" : memref<2x3xf32>
@@ -85,7 +85,7 @@ moert.plan @bias_scale attributes {layer = {}} {
 
 // group_size 0 (all ranks) or >= 1, group_stride >= 1, and no stride without
 // a group size (PlanFormat.md, "Groups of ranks").
-moert.plan @group_stride_zero attributes {layer = {}} {
+moert.plan @group_stride_zero attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %w = moert.argument "w1" input : memref<1x8x6xf32>
   %f = moert.alloc "full_w1" : memref<2x8x6xf32>
   moert.variant "v" forward {
@@ -97,7 +97,7 @@ moert.plan @group_stride_zero attributes {layer = {}} {
 
 // -----
 
-moert.plan @group_size_negative attributes {layer = {}} {
+moert.plan @group_size_negative attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %g = moert.alloc "full_grad_w1" : memref<2x8x6xf32>
   %w = moert.argument "grad_w1" output : memref<1x8x6xf32>
   moert.variant "v" forward {
@@ -109,7 +109,7 @@ moert.plan @group_size_negative attributes {layer = {}} {
 
 // -----
 
-moert.plan @group_stride_without_size attributes {layer = {}} {
+moert.plan @group_stride_without_size attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = f32, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
   %x = moert.alloc "send" : memref<32x8xf32>
   %c = moert.alloc "capacity" : memref<1xi32>
   %y = moert.alloc "recv" : memref<32x8xf32>

@@ -26,6 +26,13 @@
 #include "flex/Dialect/MoeRT/IR/MoeRTDialect.h.inc"
 #include "flex/Dialect/MoeRT/IR/MoeRTEnums.h.inc"
 
+namespace flex::moert::detail {
+/// Parses `true` or `false`, a bool parameter of an attribute.
+mlir::FailureOr<bool> parseBoolParameter(mlir::AsmParser &parser);
+/// Parses a float literal, an f64 parameter of an attribute.
+mlir::FailureOr<llvm::APFloat> parseF64Parameter(mlir::AsmParser &parser);
+} // namespace flex::moert::detail
+
 #define GET_ATTRDEF_CLASSES
 #include "flex/Dialect/MoeRT/IR/MoeRTAttrs.h.inc"
 

@@ -12,9 +12,7 @@
 #ifndef FLEX_DIALECT_MOERT_IR_MOERTOPS_TD
 #define FLEX_DIALECT_MOERT_IR_MOERTOPS_TD
 
-include "flex/Dialect/MoeRT/IR/MoeRTDialect.td"
-include "flex/Dialect/MoeRT/IR/MoeRTEnums.td"
-include "flex/Dialect/Moe/IR/MoeAttrs.td"
+include "flex/Dialect/MoeRT/IR/MoeRTAttrs.td"
 include "mlir/IR/EnumAttr.td"
 include "mlir/IR/SymbolInterfaces.td"
 include "mlir/IR/RegionKindInterface.td"
@@ -27,12 +25,13 @@ def MoeRT_PlanOp : MoeRT_Op<"plan", [Symbol, SymbolTable, SingleBlock,
     NoTerminator, IsolatedFromAbove, NoRegionArguments]> {
   let summary = "one MoE layer lowered for the runtime";
   let description = [{
-    Holds the layer's configuration (`layer`, the fields of
-    `flex::LayerConfig`), its arguments and workspace buffers, and its
-    variants. `workspace_bytes` is set by `--moert-plan-memory`.
+    Holds the layer's configuration (`layer`, a `#moert.layer` with every
+    field of `flex::LayerConfig`), its arguments and workspace buffers, and
+    its variants. `workspace_bytes` is set by `--moert-plan-memory`.
 
     ```mlir
-    moert.plan @c1 attributes {layer = {...}, training} {
+    moert.plan @c1 attributes {layer = #moert.layer<tokens = 16384, ...>,
+                               training} {
       %x = moert.argument "x" input : memref<16384x4096xbf16>
       %logits = moert.alloc "logits" : memref<16384x8xf32>
       moert.variant "single" forward {
@@ -44,7 +43,7 @@ def MoeRT_PlanOp : MoeRT_Op<"plan", [Symbol, SymbolTable, SingleBlock,
     }
     ```
   }];
-  let arguments = (ins SymbolNameAttr:$sym_name, DictionaryAttr:$layer,
+  let arguments = (ins SymbolNameAttr:$sym_name, MoeRT_LayerAttr:$layer,
                        UnitAttr:$training,
                        DefaultValuedAttr<I64Attr, "1">:$world_size,
                        OptionalAttr<I64Attr>:$workspace_bytes,
