@@ -37,7 +37,7 @@ namespace {
 
 struct Case {
   DType dtype;
-  cpu::Layout layout;
+  DispatchLayout layout;
   CapacityMode mode;
   bool batchPrioritized;
   int64_t k;
@@ -49,7 +49,7 @@ struct Case {
   std::string name() const {
     std::ostringstream text;
     text << toString(dtype) << "_"
-         << (layout == cpu::Layout::Padded ? "padded" : "ragged") << "_"
+         << (layout == DispatchLayout::Padded ? "padded" : "ragged") << "_"
          << toString(mode) << (batchPrioritized ? "_bp" : "") << "_k" << k
          << "_d" << d << "_a" << alignment << (noise != 0 ? "_noise" : "")
          << "_" << toString(act);
@@ -61,7 +61,7 @@ std::vector<Case> allCases() {
   std::vector<Case> cases;
   int index = 0;
   for (DType dtype : {DType::F32, DType::BF16, DType::F16})
-    for (cpu::Layout layout : {cpu::Layout::Padded, cpu::Layout::Ragged})
+    for (DispatchLayout layout : {DispatchLayout::Padded, DispatchLayout::Ragged})
       for (CapacityMode mode : {CapacityMode::Fixed, CapacityMode::Dropless,
                                 CapacityMode::Bounded})
         for (bool bp : {false, true}) {
@@ -135,7 +135,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   Buffer logits(DType::F32, T * E);
   logits.set(logitValues);
 
-  cpu::GateAttrs attrs;
+  GateAttrs attrs;
   attrs.topK = c.k;
   attrs.capacityMode = c.mode;
   attrs.capacityFactor = 1.0;
@@ -147,14 +147,14 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   attrs.capacityAlignment = c.alignment;
 
   // Row bound of the dispatch buffers, as a plan sizes them.
-  int64_t fixedC = cpu::computeCapacity(CapacityMode::Fixed, 1.0, T, E, k, 0,
+  int64_t fixedC = computeCapacity(CapacityMode::Fixed, 1.0, T, E, k, 0,
                                         c.alignment);
   int64_t boundC = c.mode == CapacityMode::Dropless
                        ? (T + c.alignment - 1) / c.alignment * c.alignment
                        : fixedC;
-  const int64_t R = c.layout == cpu::Layout::Padded ? E * boundC : T * k;
+  const int64_t R = c.layout == DispatchLayout::Padded ? E * boundC : T * k;
   const bool isStatic =
-      c.layout == cpu::Layout::Padded && c.mode == CapacityMode::Fixed;
+      c.layout == DispatchLayout::Padded && c.mode == CapacityMode::Fixed;
 
   // --- gate ---
   std::vector<float> cScores(T * E), cGates(T * k);
@@ -198,15 +198,15 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
     ASSERT_EQ(cCapacity, fixedC);
   }
 
-  cpu::Routing cpuRouting{cIndices.data(), cLocations.data(), cGates.data(),
+  Routing cpuRouting{cIndices.data(), cLocations.data(), cGates.data(),
                           &cCapacity,      cOffsets.data(),   cRows.data(),
                           T,               k,                 E};
-  cpu::Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
+  Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
                           gates.as<float>(),     capacity.as<int32_t>(),
                           offsets.as<int32_t>(), rowsBuf.as<int32_t>(),
                           T,                     k,
                           E};
-  cpu::ExpertSegments segments = cpuRouting.segments();
+  ExpertSegments segments = cpuRouting.segments();
   cuda::ExpertRowSpace space;
   space.offsets = offsets.as<int32_t>();
   space.rows = rowsBuf.as<int32_t>();
@@ -229,10 +229,10 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
     Pair(DType type, size_t count) : cpu(type, count), gpu(type, count) {
       gpu.poison();
     }
-    cpu::ReadBuffer cr() { return {cpu.host.data(), cpu.type}; }
-    cpu::WriteBuffer cw() { return {cpu.host.data(), cpu.type}; }
-    cpu::ReadBuffer gr() { return {gpu.device, gpu.type}; }
-    cpu::WriteBuffer gw() { return {gpu.device, gpu.type}; }
+    ReadBuffer cr() { return {cpu.host.data(), cpu.type}; }
+    WriteBuffer cw() { return {cpu.host.data(), cpu.type}; }
+    ReadBuffer gr() { return {gpu.device, gpu.type}; }
+    WriteBuffer gw() { return {gpu.device, gpu.type}; }
   };
   auto input = [&](DType type, size_t count, double std) {
     Pair pair(type, count);
@@ -273,8 +273,8 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   Pair w1 = input(dt, E * d * h, 1.0 / std::sqrt(d));
   Pair b1 = input(dt, E * h, 0.1);
   Pair hid(dt, R * h), hidPre(dt, R * h);
-  cpu::GroupedGemmOptions fc1;
-  fc1.epilogue = cpu::toEpilogue(c.act);
+  GroupedGemmOptions fc1;
+  fc1.epilogue = toEpilogue(c.act);
   cpu::groupedGemm(disp.cr(), w1.cr(), b1.cr(), hid.cw(), d, h, segments, fc1,
                    hidPre.cw());
   status = cuda::groupedGemm(*ctx, disp.gr(), w1.gr(), b1.gr(), hid.gw(), d, h,
@@ -296,7 +296,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   Pair w2 = input(dt, E * h * d, 1.0 / std::sqrt(h));
   Pair b2 = input(dt, E * d, 0.1);
   Pair y(dt, R * d);
-  cpu::GroupedGemmOptions fc2;
+  GroupedGemmOptions fc2;
   cpu::groupedGemm(hid.cr(), w2.cr(), b2.cr(), y.cw(), h, d, segments, fc2);
   ASSERT_TRUE(cuda::groupedGemm(*ctx, hid.gr(), w2.gr(), b2.gr(), y.gw(), h, d,
                                 space, fc2)
@@ -333,7 +333,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
 
   // --- grouped_gemm_wgrad accumulate: a second product adds to the first
   // (the chunks of a pipelined backward). ---
-  cpu::GroupedGemmWgradOptions sum;
+  GroupedGemmWgradOptions sum;
   sum.accumulate = true;
   cpu::groupedGemmWgrad(hid.cr(), gradY.cr(), h, d, segments, gradW2.cw(),
                         gradB2.cw(), sum);
@@ -346,7 +346,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
 
   // --- grouped_gemm transB (data gradient), activation_backward ---
   Pair gradHid(dt, R * h);
-  cpu::GroupedGemmOptions dgrad;
+  GroupedGemmOptions dgrad;
   dgrad.transB = true;
   cpu::groupedGemm(gradY.cr(), w2.cr(), {}, gradHid.cw(), d, h, segments,
                    dgrad);
@@ -375,7 +375,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
 
   // --- grouped_gemm accumulate (c += a @ b^T), dispatch_backward ---
   Pair gradDisp(dt, R * d);
-  cpu::GroupedGemmOptions dgrad1 = dgrad;
+  GroupedGemmOptions dgrad1 = dgrad;
   cpu::groupedGemm(gradPre.cr(), w1.cr(), {}, gradDisp.cw(), h, d, segments,
                    dgrad1);
   ASSERT_TRUE(cuda::groupedGemm(*ctx, gradPre.gr(), w1.gr(), {},
@@ -402,7 +402,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   Buffer gradLAux(DType::F32, 1);
   gradLAux.set({0.5});
   Pair gradLogits(DType::F32, T * E);
-  cpu::GateBackwardAttrs backAttrs{c.k, true};
+  GateBackwardAttrs backAttrs{c.k, true};
   cpu::gateBackward(gradGates.cpu.hostAs<float>(), gradLAux.hostAs<float>(),
                     cScores.data(), cpuRouting, backAttrs,
                     gradLogits.cpu.hostAs<float>());
@@ -459,7 +459,7 @@ TEST(CudaGate, NaNLogitsRouteLikeTheCpu) {
     values[9 * E + e] = NAN;
   Buffer logits(DType::F32, T * E);
   logits.set(values);
-  cpu::GateAttrs attrs;
+  GateAttrs attrs;
   attrs.topK = k;
   attrs.batchPrioritized = true;
   attrs.capacityMode = CapacityMode::Dropless;
@@ -540,7 +540,7 @@ struct HandRouting {
       n += capacity - r;
     return n;
   }
-  cpu::Routing routing() const {
+  Routing routing() const {
     return {indices.data(), locations.data(), gates.data(), &capacity,
             offsets.data(), rows.data(),      tokens,       topK,
             experts};
@@ -575,8 +575,8 @@ TEST(CudaShardRouting, MatchesTheCpuKernels) {
   std::memcpy(rows.host.data(), g.rows.data(), 4 * E);
   for (Buffer *b : {&indices, &locations, &gates, &capacity, &rows})
     b->upload();
-  cpu::Routing cpuRouting = g.routing();
-  cpu::Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
+  Routing cpuRouting = g.routing();
+  Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
                           gates.as<float>(),     capacity.as<int32_t>(),
                           nullptr,               rows.as<int32_t>(),
                           T,                     k,
@@ -658,13 +658,13 @@ TEST(CudaShardRouting, VirtualExpertsDispatchAndCombineLikeTheCpu) {
   const int64_t T = g.tokens, E = g.experts, k = g.topK, s = 2, d = 36;
   const int64_t V = E * s, K = k * s;
   const int64_t C = g.capacity, R = V * C;
-  cpu::Routing gateRouting = g.routing();
+  Routing gateRouting = g.routing();
   std::vector<int32_t> vIndices(T * K), vLocations(T * K), vOffsets(V + 1),
       vRows(V);
   std::vector<float> vGates(T * K);
   cpu::shardRouting(gateRouting, s, vIndices.data(), vLocations.data(),
                     vGates.data(), vOffsets.data(), vRows.data());
-  cpu::Routing cpuRouting{vIndices.data(), vLocations.data(), vGates.data(),
+  Routing cpuRouting{vIndices.data(), vLocations.data(), vGates.data(),
                           &g.capacity,     vOffsets.data(),   vRows.data(),
                           T,               K,                 V};
   auto device = [](DType type, const void *data, size_t count) {
@@ -679,7 +679,7 @@ TEST(CudaShardRouting, VirtualExpertsDispatchAndCombineLikeTheCpu) {
   Buffer dCapacity = device(DType::I32, &g.capacity, 1);
   Buffer dOffsets = device(DType::I32, vOffsets.data(), V + 1);
   Buffer dRows = device(DType::I32, vRows.data(), V);
-  cpu::Routing gpuRouting{dIndices.as<int32_t>(), dLocations.as<int32_t>(),
+  Routing gpuRouting{dIndices.as<int32_t>(), dLocations.as<int32_t>(),
                           dGates.as<float>(),     dCapacity.as<int32_t>(),
                           dOffsets.as<int32_t>(), dRows.as<int32_t>(),
                           T,                      K,
@@ -761,7 +761,7 @@ TEST(CudaGroupedGemm, BiasScaleMatchesTheCpu) {
   std::memcpy(dRows.host.data(), rows.data(), 4 * E);
   dOffsets.upload();
   dRows.upload();
-  cpu::ExpertSegments segments{offsets.data(), rows.data(), E};
+  ExpertSegments segments{offsets.data(), rows.data(), E};
   std::vector<int64_t> validRows;
   for (int64_t e = 0; e < E; ++e)
     for (int64_t r = 0; r < rows[e]; ++r)
@@ -783,13 +783,13 @@ TEST(CudaGroupedGemm, BiasScaleMatchesTheCpu) {
         b.set(normals(rng, E * K * N, 1.0 / std::sqrt(K)));
         bias.set(normals(rng, E * N, 1.0));
         Buffer cWant(dt, R * N), preWant(dt, R * N), cUnscaled(dt, R * N);
-        cpu::GroupedGemmOptions options;
-        options.epilogue = cpu::Epilogue::Gelu;
+        GroupedGemmOptions options;
+        options.epilogue = Epilogue::Gelu;
         options.biasScale = scale;
         cpu::groupedGemm({a.host.data(), dt}, {b.host.data(), dt},
                          {bias.host.data(), dt}, {cWant.host.data(), dt}, K,
                          N, segments, options, {preWant.host.data(), dt});
-        cpu::GroupedGemmOptions unscaled = options;
+        GroupedGemmOptions unscaled = options;
         unscaled.biasScale = 1.0f;
         cpu::groupedGemm({a.host.data(), dt}, {b.host.data(), dt},
                          {bias.host.data(), dt}, {cUnscaled.host.data(), dt},
@@ -826,7 +826,7 @@ TEST(CudaGroupedGemm, BiasScaleMatchesTheCpu) {
   space.staticCapacity = C;
   Buffer a(DType::F32, R * K), b(DType::F32, E * K * N),
       bias(DType::F32, E * N), c(DType::F32, R * N);
-  cpu::GroupedGemmOptions bad;
+  GroupedGemmOptions bad;
   bad.biasScale = 0.0f;
   Status status =
       cuda::groupedGemm(*ctx, {a.device, DType::F32}, {b.device, DType::F32},

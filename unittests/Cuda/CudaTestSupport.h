@@ -14,9 +14,9 @@
 #define UNITTESTS_CUDA_CUDATESTSUPPORT_H
 
 #include "MultiRankTestSupport.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>

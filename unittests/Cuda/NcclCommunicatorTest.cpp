@@ -14,7 +14,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/NcclCommunicator.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 
 #include <cuda_runtime.h>
@@ -166,7 +166,7 @@ void checkCollectives(const std::vector<std::shared_ptr<Communicator>> &ranks) {
       for (int64_t i = 0; i < count; ++i) {
         float v = static_cast<float>(r + p) + static_cast<float>(i) / 8.0f;
         sendF[p * count + i] = v;
-        sendB[p * count + i] = cpu::floatToBf16(v);
+        sendB[p * count + i] = floatToBf16(v);
       }
     float *sendFd = deviceCopy(sendF);
     float *recvFd = deviceCopy(std::vector<float>(count, -1.0f));
@@ -199,7 +199,7 @@ void checkCollectives(const std::vector<std::shared_ptr<Communicator>> &ranks) {
       for (int p = 0; p < kRanks; ++p)
         want += static_cast<float>(p + r) + static_cast<float>(i) / 8.0f;
       EXPECT_FLOAT_EQ(sumF[i], want) << "rank " << r << " i " << i;
-      EXPECT_NEAR(cpu::bf16ToFloat(sumB[i]), want, 0.02 * want + 0.01);
+      EXPECT_NEAR(bf16ToFloat(sumB[i]), want, 0.02 * want + 0.01);
     }
     for (void *p : {static_cast<void *>(send), static_cast<void *>(recv),
                     static_cast<void *>(values), static_cast<void *>(mine),

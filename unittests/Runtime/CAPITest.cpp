@@ -14,7 +14,7 @@
 #include "flex-c/Flex.h"
 
 #include "flex/Reference/ReferenceMoE.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

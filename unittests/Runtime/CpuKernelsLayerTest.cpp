@@ -17,7 +17,7 @@
 
 #include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <gtest/gtest.h>
 
@@ -147,7 +147,7 @@ enum class FirstGemmStyle {
 };
 
 struct KernelOptions {
-  Layout layout = Layout::Padded;
+  DispatchLayout layout = DispatchLayout::Padded;
   int64_t capacityAlignment = 1;
   FirstGemmStyle firstGemm = FirstGemmStyle::FusedEpilogueWithPre;
   bool backward = true;
@@ -175,7 +175,7 @@ KernelResult runKernels(const LayerConfig &config, const LayerInputs &in,
   const int64_t capacityBound =
       (staticCapacityBound(config) + align - 1) / align * align;
   const int64_t R =
-      options.layout == Layout::Padded ? E * capacityBound : T * k;
+      options.layout == DispatchLayout::Padded ? E * capacityBound : T * k;
 
   Buffer x = makeBuffer(dt, in.x), wg = makeBuffer(wgType, in.wg);
   Buffer w1 = makeBuffer(dt, in.w1), w2 = makeBuffer(dt, in.w2);
@@ -347,7 +347,7 @@ std::string describe(const RandomCase &c) {
      << " router_fp32=" << l.routerFp32 << " bp=" << l.batchPrioritized
      << " normalize=" << l.normalizeGate << " noise=" << l.gateNoise
      << " seed=" << l.seed
-     << " layout=" << (c.options.layout == Layout::Padded ? "padded" : "ragged")
+     << " layout=" << (c.options.layout == DispatchLayout::Padded ? "padded" : "ragged")
      << " align=" << c.options.capacityAlignment
      << " first_gemm=" << static_cast<int>(c.options.firstGemm);
   return os.str();
@@ -386,7 +386,7 @@ RandomCase makeRandomCase(std::mt19937_64 &rng) {
   l.normalizeGate = chance(0.5);
   l.gateNoise = chance(0.3) ? 1.0 : 0.0;
   l.seed = rng();
-  c.options.layout = chance(0.5) ? Layout::Padded : Layout::Ragged;
+  c.options.layout = chance(0.5) ? DispatchLayout::Padded : DispatchLayout::Ragged;
   static const int64_t kAlignments[] = {1, 1, 1, 2, 4};
   c.options.capacityAlignment = kAlignments[uniform(0, 4)];
   c.options.firstGemm = static_cast<FirstGemmStyle>(uniform(0, 2));
@@ -491,7 +491,7 @@ void expectMatchesReference(const RandomCase &c, const LayerInputs &in,
   for (int64_t e = 0; e < E; ++e) {
     int64_t rows = std::min(ref.routing.counts[e], ref.routing.capacity);
     EXPECT_EQ(got.expertRows[e], rows) << "expert_rows of " << e;
-    EXPECT_EQ(got.expertOffsets[e], c.options.layout == Layout::Padded
+    EXPECT_EQ(got.expertOffsets[e], c.options.layout == DispatchLayout::Padded
                                         ? e * ref.routing.capacity
                                         : used)
         << "expert_offsets of " << e;
@@ -675,8 +675,8 @@ LayerConfig edgeConfig(int64_t T, int64_t E, int64_t k, CapacityMode mode,
 void expectEdgeCase(const LayerConfig &config,
                     void (*shape)(const LayerConfig &,
                                   LayerInputs &) = nullptr) {
-  for (Layout layout : {Layout::Padded, Layout::Ragged}) {
-    SCOPED_TRACE(layout == Layout::Padded ? "padded" : "ragged");
+  for (DispatchLayout layout : {DispatchLayout::Padded, DispatchLayout::Ragged}) {
+    SCOPED_TRACE(layout == DispatchLayout::Padded ? "padded" : "ragged");
     std::mt19937_64 rng(77);
     RandomCase c;
     c.config = config;

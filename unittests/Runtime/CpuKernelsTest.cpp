@@ -11,7 +11,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Cpu/CpuKernels.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <gtest/gtest.h>
 
@@ -245,7 +245,7 @@ TEST(Gate, AuxLossOfUniformScoresIsOne) {
   EXPECT_EQ(run.locations, (std::vector<int32_t>{0, 1, 2, 3}));
   EXPECT_EQ(run.rows, (std::vector<int32_t>{1, 0, 0, 0}));
   EXPECT_EQ(run.offsets, (std::vector<int32_t>{0, 1, 2, 3, 4}));
-  attrs.layout = Layout::Ragged;
+  attrs.layout = DispatchLayout::Ragged;
   gate(logits.data(), T, E, attrs, run.outputs());
   EXPECT_EQ(run.offsets, (std::vector<int32_t>{0, 1, 1, 1, 1}));
 }

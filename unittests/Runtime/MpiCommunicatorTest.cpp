@@ -13,7 +13,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/MpiCommunicator.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -95,7 +95,7 @@ TEST(MpiCommunicator, ReductionsAndGather) {
   for (int j = 0; j < W; ++j)
     for (int64_t i = 0; i < count; ++i) {
       send[j * count + i] = float(me + j + i);
-      sendBf16[j * count + i] = cpu::floatToBf16(float(me + j + i));
+      sendBf16[j * count + i] = floatToBf16(float(me + j + i));
     }
   ASSERT_TRUE(
       comm->reduceScatterSum(send.data(), recv.data(), count, DType::F32, "rs")
@@ -106,7 +106,7 @@ TEST(MpiCommunicator, ReductionsAndGather) {
   for (int64_t i = 0; i < count; ++i) {
     float want = float(W * (me + i) + W * (W - 1) / 2);
     EXPECT_EQ(recv[i], want);
-    EXPECT_EQ(cpu::bf16ToFloat(recvBf16[i]), want);
+    EXPECT_EQ(bf16ToFloat(recvBf16[i]), want);
   }
   ASSERT_TRUE(comm->barrier("barrier").isOk());
   EXPECT_EQ(comm->reduceScatterSum(send.data(), recv.data(), count, DType::I32,

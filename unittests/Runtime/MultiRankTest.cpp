@@ -16,7 +16,7 @@
 #include "flex/Runtime/Comm/AllToAllLayout.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
@@ -193,7 +193,7 @@ TEST(LocalCommunicator, CollectivesOnFourThreads) {
     // rounds once; summed in bf16 it would lose the small parts.
     std::vector<uint16_t> send(W * count);
     for (int64_t i = 0; i < W * count; ++i)
-      send[i] = cpu::floatToBf16(i % count == 0 ? 1.0f + 0x1p-7f : 1.0f);
+      send[i] = floatToBf16(i % count == 0 ? 1.0f + 0x1p-7f : 1.0f);
     reduced[r].assign(count, 0);
     ASSERT_TRUE(comm.reduceScatterSum(send.data(), reduced[r].data(), count,
                                       DType::BF16, "reduce_scatter")
@@ -206,8 +206,8 @@ TEST(LocalCommunicator, CollectivesOnFourThreads) {
       EXPECT_EQ(gathered[r][2 * p], static_cast<float>(p));
       EXPECT_EQ(gathered[r][2 * p + 1], static_cast<float>(-p));
     }
-    EXPECT_EQ(cpu::bf16ToFloat(reduced[r][0]), 4.0f + 4 * 0x1p-7f);
-    EXPECT_EQ(cpu::bf16ToFloat(reduced[r][1]), 4.0f);
+    EXPECT_EQ(bf16ToFloat(reduced[r][0]), 4.0f + 4 * 0x1p-7f);
+    EXPECT_EQ(bf16ToFloat(reduced[r][1]), 4.0f);
   }
 }
 
@@ -348,7 +348,7 @@ TEST(PaddedLayout, DispatchAndCombineBackwardZeroThePadding) {
   std::vector<float> gates = {0.6f, 0.4f, 0.7f, 0.3f, 0.5f, 0.5f};
   int32_t capacity = C;
   std::vector<int32_t> offsets = {0, 3, 6}, rows = {3, 2};
-  cpu::Routing routing{indices.data(),
+  Routing routing{indices.data(),
                        locations.data(),
                        gates.data(),
                        &capacity,
@@ -380,7 +380,7 @@ TEST(PaddedLayout, DispatchAndCombineBackwardZeroThePadding) {
 TEST(GroupedGemmWgrad, AccumulateAddsToTheGradient) {
   const int64_t E = 2, K = 2, N = 2;
   std::vector<int32_t> offsets = {0, 2, 2}, rows = {2, 0};
-  cpu::ExpertSegments seg{offsets.data(), rows.data(), E};
+  ExpertSegments seg{offsets.data(), rows.data(), E};
   std::vector<float> a = {1, 2, 3, 4}, gradC = {1, 0, 0, 1};
   for (DType type : {DType::F32, DType::BF16}) {
     SCOPED_TRACE(std::string(toString(type)));
@@ -392,18 +392,18 @@ TEST(GroupedGemmWgrad, AccumulateAddsToTheGradient) {
           std::memcpy(bytes.data() + 4 * i, &v[i], 4);
         else
           reinterpret_cast<uint16_t *>(bytes.data())[i] =
-              cpu::floatToBf16(v[i]);
+              floatToBf16(v[i]);
       }
     };
     auto get = [&](const std::vector<uint8_t> &bytes, size_t i) {
       return type == DType::F32
                  ? reinterpret_cast<const float *>(bytes.data())[i]
-                 : cpu::bf16ToFloat(
+                 : bf16ToFloat(
                        reinterpret_cast<const uint16_t *>(bytes.data())[i]);
     };
     put(gradB, startB);
     put(gradBias, startBias);
-    cpu::GroupedGemmWgradOptions options;
+    GroupedGemmWgradOptions options;
     options.accumulate = true;
     cpu::groupedGemmWgrad({a.data()}, {gradC.data()}, K, N, seg,
                           {gradB.data(), type}, {gradBias.data(), type},
@@ -433,7 +433,7 @@ TEST(SyncCapacity, KeepsExactlyTheSlotsEachRankKeeps) {
     for (int64_t k : {1, 2})
       for (int64_t alignment : {1, 2, 4})
         for (int trial = 0; trial < 20; ++trial) {
-          cpu::GateAttrs attrs;
+          GateAttrs attrs;
           attrs.topK = k;
           attrs.capacityMode = mode;
           attrs.capacityFactor = 0.75;

@@ -7,7 +7,7 @@
 #include "MultiRankTestSupport.h"
 
 #include "flex/Runtime/Backend.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/PlanLoader.h"
 
 #include <gmock/gmock.h>
@@ -59,12 +59,12 @@ void storeValue(std::vector<uint8_t> &bytes, DType type, int64_t i,
     return;
   }
   case DType::BF16: {
-    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
+    uint16_t v = floatToBf16(static_cast<float>(value));
     std::memcpy(bytes.data() + 2 * i, &v, 2);
     return;
   }
   case DType::F16: {
-    uint16_t v = cpu::floatToF16(static_cast<float>(value));
+    uint16_t v = floatToF16(static_cast<float>(value));
     std::memcpy(bytes.data() + 2 * i, &v, 2);
     return;
   }
@@ -86,10 +86,10 @@ double loadValue(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
     return single;
   case DType::BF16:
     std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return cpu::bf16ToFloat(half);
+    return bf16ToFloat(half);
   case DType::F16:
     std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return cpu::f16ToFloat(half);
+    return f16ToFloat(half);
   case DType::I32:
     std::memcpy(&integer, bytes.data() + 4 * i, 4);
     return integer;

@@ -11,7 +11,7 @@
 
 #include "Npy.h"
 
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -45,8 +45,8 @@ TEST(Npy, RoundTripsEachDtype) {
   std::vector<int32_t> i32 = {1, -2, 3, 1 << 30, -7, 0};
   std::vector<uint16_t> f16, bf16;
   for (float value : f32) {
-    f16.push_back(cpu::floatToF16(value));
-    bf16.push_back(cpu::floatToBf16(value));
+    f16.push_back(floatToF16(value));
+    bf16.push_back(floatToBf16(value));
   }
   struct Case {
     DType dtype;
@@ -88,7 +88,7 @@ TEST(Npy, ConvertsOnRead) {
   ASSERT_TRUE(npy::readAs(path, DType::BF16, {3}, out).isOk());
   uint16_t bits;
   std::memcpy(&bits, out.data(), 2);
-  EXPECT_EQ(bits, cpu::floatToBf16(static_cast<float>(1.0 / 3.0)));
+  EXPECT_EQ(bits, floatToBf16(static_cast<float>(1.0 / 3.0)));
   // Raw bf16 bits from '<u2'.
   std::vector<uint16_t> raw = {0x3f80, 0xc000};
   ASSERT_TRUE(npy::writeArray(path, {"<u2", {2}, bytesOf(raw)}).isOk());

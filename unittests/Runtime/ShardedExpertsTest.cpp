@@ -142,7 +142,7 @@ TEST(ShardRoutingKernel, ExpandsEachChoiceToTheShardsOfItsExpert) {
         gates[t * k + i] = static_cast<float>(rng() % 100) / 100.0f;
       }
     int32_t capacity = C;
-    cpu::Routing routing;
+    Routing routing;
     routing.indices = indices.data();
     routing.locations = locations.data();
     routing.gates = gates.data();
