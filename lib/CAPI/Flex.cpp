@@ -4,16 +4,18 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// This file implements include/flex-c/Flex.h over the C++ runtime. No C++
-// exception crosses it: each entry point catches at the boundary and turns
-// what it caught into FLEX_STATUS_INTERNAL with the message.
+// This file implements include/flex-c/Flex.h over the C++ runtime: versions
+// and errors, contexts, executables and compiling (Options.cpp has the
+// runtime options, Communicators.cpp the communicators). No C++ exception
+// crosses it: each entry point catches at the boundary and turns what it
+// caught into FLEX_STATUS_INTERNAL with the message.
 //
 //===----------------------------------------------------------------------===//
 
 #include "flex-c/Flex.h"
 
-#include "flex/Runtime/Comm/MpiCommunicator.h"
-#include "flex/Runtime/Comm/NcclCommunicator.h"
+#include "CAPISupport.h"
+
 #include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
@@ -22,9 +24,9 @@
 #include <cstring>
 #include <mutex>
 #include <string>
-#include <unordered_set>
 
 using namespace flex;
+using namespace flex::capi;
 
 static_assert(static_cast<int>(StatusCode::CommunicationError) ==
                   FLEX_STATUS_COMMUNICATION_ERROR,
@@ -40,69 +42,27 @@ static_assert(static_cast<int>(ArgumentRole::GradOutput) ==
                   FLEX_ROLE_GRAD_OUTPUT,
               "FlexArgumentRole and flex::ArgumentRole must agree");
 
-struct FlexContextImpl {
-  std::string backend;
-  /// As the caller set them; the environment is applied per executable.
-  RuntimeOptions options;
-};
-
-struct FlexOptionsImpl {
-  RuntimeOptions options;
-  std::string text; // what flexOptionsGet returned last
-};
-
-struct FlexCommunicatorImpl {
-  std::shared_ptr<Communicator> communicator;
-};
-
-struct FlexExecutableImpl {
-  std::shared_ptr<const Plan> plan;
-  std::unique_ptr<Executor> executor;
-  std::string lastError;
-  std::vector<Binding> bindings; // scratch, reused per call
-};
-
 namespace {
 
 thread_local std::string threadLastError;
 
-/// The live handles: a destroyed or foreign pointer is rejected, not used.
-struct HandleRegistry {
-  std::mutex mutex;
-  std::unordered_set<const void *> live;
+} // namespace
 
-  void add(const void *handle) {
-    std::lock_guard<std::mutex> lock(mutex);
-    live.insert(handle);
-  }
-  bool remove(const void *handle) {
-    std::lock_guard<std::mutex> lock(mutex);
-    return live.erase(handle) == 1;
-  }
-  bool contains(const void *handle) {
-    std::lock_guard<std::mutex> lock(mutex);
-    return live.count(handle) == 1;
-  }
-};
+namespace flex::capi {
 
 HandleRegistry &registry() {
   static HandleRegistry instance;
   return instance;
 }
 
-std::mutex compilerMutex;
-FlexCompilerHooks compilerHooks{};
-bool haveCompiler = false;
-
-FlexStatus fail(FlexStatus status, std::string message,
-                FlexExecutable exe = nullptr) {
+FlexStatus fail(FlexStatus status, std::string message, FlexExecutable exe) {
   threadLastError = std::move(message);
   if (exe)
     exe->lastError = threadLastError;
   return status;
 }
 
-FlexStatus report(const Status &status, FlexExecutable exe = nullptr) {
+FlexStatus report(const Status &status, FlexExecutable exe) {
   if (status)
     return FLEX_STATUS_OK;
   return fail(static_cast<FlexStatus>(status.code()), status.message(), exe);
@@ -122,38 +82,6 @@ FlexStatus checkHandle(const void *handle, const char *function,
   return FLEX_STATUS_OK;
 }
 
-/// Checks a handle, forgets it and deletes it.
-template <typename Handle>
-FlexStatus destroyHandle(Handle handle, const char *function,
-                         const char *what) {
-  if (FlexStatus status = checkHandle(handle, function, what);
-      status != FLEX_STATUS_OK)
-    return status;
-  if (!registry().remove(handle)) // destroyed by another thread meanwhile
-    return checkHandle(handle, function, what);
-  delete handle;
-  return FLEX_STATUS_OK;
-}
-
-/// Runs `body` with the handle checked and exceptions caught.
-template <typename Body>
-FlexStatus withExecutable(FlexExecutable exe, const char *function,
-                          Body &&body) {
-  if (FlexStatus status = checkHandle(exe, function, "executable");
-      status != FLEX_STATUS_OK)
-    return status;
-  try {
-    return body();
-  } catch (const std::exception &error) {
-    return fail(FLEX_STATUS_INTERNAL,
-                std::string(function) + ": internal error: " + error.what(),
-                exe);
-  } catch (...) {
-    return fail(FLEX_STATUS_INTERNAL,
-                std::string(function) + ": unknown internal error", exe);
-  }
-}
-
 FlexStatus checkOut(const void *pointer, const char *function,
                     const char *what) {
   if (!pointer)
@@ -161,6 +89,14 @@ FlexStatus checkOut(const void *pointer, const char *function,
                 std::string(function) + ": " + what + " is null");
   return FLEX_STATUS_OK;
 }
+
+} // namespace flex::capi
+
+namespace {
+
+std::mutex compilerMutex;
+FlexCompilerHooks compilerHooks{};
+bool haveCompiler = false;
 
 FlexStatus checkContext(FlexContext context, const char *function) {
   return checkHandle(context, function, "context");
@@ -175,21 +111,6 @@ Status createBackend(const FlexContextImpl &context,
     return createCudaBackend(backend, options);
   backend = createCpuBackend();
   return Status::ok();
-}
-
-/// The options of `handle` (null = the defaults) with the environment's
-/// overrides on top: what an executable or communicator is created with.
-FlexStatus resolveOptions(FlexOptions handle, const char *function,
-                          RuntimeOptions &options) {
-  if (handle)
-    if (FlexStatus s = checkHandle(handle, function, "options"))
-      return s;
-  Status status = RuntimeOptions::fromEnvironment(
-      handle ? handle->options : RuntimeOptions(), options);
-  if (!status)
-    return fail(static_cast<FlexStatus>(status.code()),
-                std::string(function) + ": " + status.message());
-  return FLEX_STATUS_OK;
 }
 
 FlexStatus createExecutable(FlexContext context, Plan plan,
@@ -348,33 +269,6 @@ FlexStatus noCompiler(const char *function) {
                   "--moert-to-plan` and load the plan instead");
 }
 
-/// Wraps a communicator made by `create(comm, runtime)` in a live handle;
-/// `runtime` is `options` (null = the defaults) with the environment's
-/// overrides.
-template <typename Create>
-FlexStatus makeCommunicator(const char *function, FlexOptions options,
-                            FlexCommunicator *communicator, Create &&create) {
-  if (FlexStatus s = checkOut(communicator, function, "communicator"))
-    return s;
-  *communicator = nullptr;
-  RuntimeOptions runtime;
-  if (FlexStatus s = resolveOptions(options, function, runtime))
-    return s;
-  try {
-    std::shared_ptr<Communicator> comm;
-    if (Status status = create(comm, runtime); !status)
-      return fail(static_cast<FlexStatus>(status.code()),
-                  std::string(function) + ": " + status.message());
-    auto *handle = new FlexCommunicatorImpl{std::move(comm)};
-    registry().add(handle);
-    *communicator = handle;
-    return FLEX_STATUS_OK;
-  } catch (const std::exception &error) {
-    return fail(FLEX_STATUS_INTERNAL,
-                std::string(function) + ": internal error: " + error.what());
-  }
-}
-
 FlexStatus createContext(const char *backend, FlexOptions options,
                          FlexContext *context, const char *function) {
   if (FlexStatus s = checkOut(context, function, "context"))
@@ -401,63 +295,6 @@ FlexStatus createContext(const char *backend, FlexOptions options,
   registry().add(impl);
   *context = impl;
   return FLEX_STATUS_OK;
-}
-
-/// The communicator creations of the C API, with or without options.
-FlexStatus createMpi(const void *mpiComm, FlexOptions options,
-                     FlexCommunicator *communicator, const char *function) {
-  return makeCommunicator(
-      function, options, communicator,
-      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
-        MpiCommunicatorOptions mpiOptions;
-        mpiOptions.comm = mpiComm;
-        mpiOptions.timeoutSeconds = runtime.collectiveTimeoutSeconds;
-        return createMpiCommunicator(comm, mpiOptions);
-      });
-}
-
-FlexStatus createNcclFromMpi(const void *mpiComm, int32_t device,
-                             FlexOptions options,
-                             FlexCommunicator *communicator,
-                             const char *function) {
-  return makeCommunicator(
-      function, options, communicator,
-      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
-        return createNcclCommunicatorFromMpi(comm, mpiComm,
-                                             ncclOptionsFrom(runtime, device));
-      });
-}
-
-FlexStatus createNcclFromEnv(int32_t device, FlexOptions options,
-                             FlexCommunicator *communicator,
-                             const char *function) {
-  return makeCommunicator(
-      function, options, communicator,
-      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
-        return createNcclCommunicatorFromEnvironment(
-            comm, ncclOptionsFrom(runtime, device));
-      });
-}
-
-FlexStatus createNccl(const char id[128], int32_t rank, int32_t size,
-                      int32_t device, FlexOptions options,
-                      FlexCommunicator *communicator, const char *function) {
-  if (!id) {
-    if (communicator)
-      *communicator = nullptr;
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                std::string(function) + ": id is null");
-  }
-  return makeCommunicator(
-      function, options, communicator,
-      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &runtime) {
-        NcclUniqueId unique;
-        std::memcpy(unique.data(), id, unique.size());
-        // No host channel for the copies' handshakes: NCCL's kernels.
-        NcclCommunicatorOptions nccl = ncclOptionsFrom(runtime, device);
-        nccl.peerCopies = false;
-        return createNcclCommunicator(comm, unique, rank, size, nccl);
-      });
 }
 
 } // namespace
@@ -493,54 +330,6 @@ const char *flexStatusName(FlexStatus status) {
 }
 
 const char *flexGetLastError(void) { return threadLastError.c_str(); }
-
-FlexStatus flexOptionsCreate(FlexOptions *options) {
-  if (FlexStatus s = checkOut(options, "flexOptionsCreate", "options"))
-    return s;
-  auto *impl = new (std::nothrow) FlexOptionsImpl;
-  if (!impl)
-    return fail(FLEX_STATUS_INTERNAL, "flexOptionsCreate: out of memory");
-  registry().add(impl);
-  *options = impl;
-  return FLEX_STATUS_OK;
-}
-
-FlexStatus flexOptionsDestroy(FlexOptions options) {
-  return destroyHandle(options, "flexOptionsDestroy", "options");
-}
-
-FlexStatus flexOptionsSet(FlexOptions options, const char *name,
-                          const char *value) {
-  const char *function = "flexOptionsSet";
-  if (FlexStatus s = checkHandle(options, function, "options"))
-    return s;
-  if (FlexStatus s = checkOut(name, function, "name"))
-    return s;
-  if (FlexStatus s = checkOut(value, function, "value"))
-    return s;
-  Status status = options->options.set(name, value);
-  if (!status)
-    return fail(static_cast<FlexStatus>(status.code()),
-                std::string(function) + ": " + status.message());
-  return FLEX_STATUS_OK;
-}
-
-FlexStatus flexOptionsGet(FlexOptions options, const char *name,
-                          const char **value) {
-  const char *function = "flexOptionsGet";
-  if (FlexStatus s = checkHandle(options, function, "options"))
-    return s;
-  if (FlexStatus s = checkOut(name, function, "name"))
-    return s;
-  if (FlexStatus s = checkOut(value, function, "value"))
-    return s;
-  Status status = options->options.get(name, options->text);
-  if (!status)
-    return fail(static_cast<FlexStatus>(status.code()),
-                std::string(function) + ": " + status.message());
-  *value = options->text.c_str();
-  return FLEX_STATUS_OK;
-}
 
 FlexStatus flexContextCreateWithOptions(const char *backend,
                                         FlexOptions options,
@@ -926,119 +715,5 @@ FlexStatus flexCompileLayerConfig(FlexContext context,
 }
 
 void flexFreeString(char *text) { std::free(text); }
-
-int32_t flexHasMpi(void) { return isMpiAvailable() ? 1 : 0; }
-
-FlexStatus
-flexCommunicatorCreateMpiWithOptions(const void *mpiComm, FlexOptions options,
-                                     FlexCommunicator *communicator) {
-  return createMpi(mpiComm, options, communicator,
-                   "flexCommunicatorCreateMpiWithOptions");
-}
-
-FlexStatus flexCommunicatorCreateMpi(const void *mpiComm,
-                                     FlexCommunicator *communicator) {
-  return createMpi(mpiComm, nullptr, communicator, "flexCommunicatorCreateMpi");
-}
-
-int32_t flexHasNccl(void) { return isNcclAvailable() ? 1 : 0; }
-
-FlexStatus flexCommunicatorCreateNcclFromMpiWithOptions(
-    const void *mpiComm, int32_t device, FlexOptions options,
-    FlexCommunicator *communicator) {
-  return createNcclFromMpi(mpiComm, device, options, communicator,
-                           "flexCommunicatorCreateNcclFromMpiWithOptions");
-}
-
-FlexStatus flexCommunicatorCreateNcclFromMpi(const void *mpiComm,
-                                             int32_t device,
-                                             FlexCommunicator *communicator) {
-  return createNcclFromMpi(mpiComm, device, nullptr, communicator,
-                           "flexCommunicatorCreateNcclFromMpi");
-}
-
-FlexStatus flexCommunicatorCreateNcclFromEnvWithOptions(
-    int32_t device, FlexOptions options, FlexCommunicator *communicator) {
-  return createNcclFromEnv(device, options, communicator,
-                           "flexCommunicatorCreateNcclFromEnvWithOptions");
-}
-
-FlexStatus flexCommunicatorCreateNcclFromEnv(int32_t device,
-                                             FlexCommunicator *communicator) {
-  return createNcclFromEnv(device, nullptr, communicator,
-                           "flexCommunicatorCreateNcclFromEnv");
-}
-
-FlexStatus flexNcclGetUniqueId(char id[128]) {
-  if (!id)
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexNcclGetUniqueId: id is null");
-  NcclUniqueId unique;
-  if (Status status = createNcclUniqueId(unique); !status)
-    return fail(static_cast<FlexStatus>(status.code()),
-                std::string("flexNcclGetUniqueId: ") + status.message());
-  std::memcpy(id, unique.data(), unique.size());
-  return FLEX_STATUS_OK;
-}
-
-FlexStatus flexCommunicatorCreateNcclWithOptions(
-    const char id[128], int32_t rank, int32_t size, int32_t device,
-    FlexOptions options, FlexCommunicator *communicator) {
-  return createNccl(id, rank, size, device, options, communicator,
-                    "flexCommunicatorCreateNcclWithOptions");
-}
-
-FlexStatus flexCommunicatorCreateNccl(const char id[128], int32_t rank,
-                                      int32_t size, int32_t device,
-                                      FlexCommunicator *communicator) {
-  return createNccl(id, rank, size, device, nullptr, communicator,
-                    "flexCommunicatorCreateNccl");
-}
-
-FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator) {
-  return destroyHandle(communicator, "flexCommunicatorDestroy",
-                       "communicator");
-}
-
-FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator, int32_t *rank,
-                                   int32_t *size) {
-  if (!communicator || !registry().contains(communicator))
-    return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                "flexCommunicatorGetRank: the communicator is null or not a "
-                "live handle");
-  if (rank)
-    *rank = communicator->communicator->rank();
-  if (size)
-    *size = communicator->communicator->size();
-  return FLEX_STATUS_OK;
-}
-
-FlexStatus flexExecutableGetWorldSize(FlexExecutable exe, int32_t *worldSize) {
-  const char *function = "flexExecutableGetWorldSize";
-  return withExecutable(exe, function, [&]() -> FlexStatus {
-    if (FlexStatus s = checkOut(worldSize, function, "world_size"))
-      return s;
-    *worldSize = static_cast<int32_t>(exe->plan->worldSize);
-    return FLEX_STATUS_OK;
-  });
-}
-
-FlexStatus flexExecutableSetCommunicator(FlexExecutable exe,
-                                         FlexCommunicator communicator) {
-  const char *function = "flexExecutableSetCommunicator";
-  return withExecutable(exe, function, [&]() -> FlexStatus {
-    if (communicator && !registry().contains(communicator))
-      return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                  std::string(function) +
-                      ": the communicator is not a live handle",
-                  exe);
-    Status status = exe->executor->setCommunicator(
-        communicator ? communicator->communicator : nullptr);
-    if (!status)
-      return fail(static_cast<FlexStatus>(status.code()),
-                  std::string(function) + ": " + status.message(), exe);
-    return FLEX_STATUS_OK;
-  });
-}
 
 } // extern "C"
