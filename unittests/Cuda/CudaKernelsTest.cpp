@@ -61,7 +61,8 @@ std::vector<Case> allCases() {
   std::vector<Case> cases;
   int index = 0;
   for (DType dtype : {DType::F32, DType::BF16, DType::F16})
-    for (DispatchLayout layout : {DispatchLayout::Padded, DispatchLayout::Ragged})
+    for (DispatchLayout layout :
+         {DispatchLayout::Padded, DispatchLayout::Ragged})
       for (CapacityMode mode : {CapacityMode::Fixed, CapacityMode::Dropless,
                                 CapacityMode::Bounded})
         for (bool bp : {false, true}) {
@@ -147,8 +148,8 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   attrs.capacityAlignment = c.alignment;
 
   // Row bound of the dispatch buffers, as a plan sizes them.
-  int64_t fixedC = computeCapacity(CapacityMode::Fixed, 1.0, T, E, k, 0,
-                                        c.alignment);
+  int64_t fixedC =
+      computeCapacity(CapacityMode::Fixed, 1.0, T, E, k, 0, c.alignment);
   int64_t boundC = c.mode == CapacityMode::Dropless
                        ? (T + c.alignment - 1) / c.alignment * c.alignment
                        : fixedC;
@@ -198,14 +199,24 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
     ASSERT_EQ(cCapacity, fixedC);
   }
 
-  Routing cpuRouting{cIndices.data(), cLocations.data(), cGates.data(),
-                          &cCapacity,      cOffsets.data(),   cRows.data(),
-                          T,               k,                 E};
-  Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
-                          gates.as<float>(),     capacity.as<int32_t>(),
-                          offsets.as<int32_t>(), rowsBuf.as<int32_t>(),
-                          T,                     k,
-                          E};
+  Routing cpuRouting{cIndices.data(),
+                     cLocations.data(),
+                     cGates.data(),
+                     &cCapacity,
+                     cOffsets.data(),
+                     cRows.data(),
+                     T,
+                     k,
+                     E};
+  Routing gpuRouting{indices.as<int32_t>(),
+                     locations.as<int32_t>(),
+                     gates.as<float>(),
+                     capacity.as<int32_t>(),
+                     offsets.as<int32_t>(),
+                     rowsBuf.as<int32_t>(),
+                     T,
+                     k,
+                     E};
   ExpertSegments segments = cpuRouting.segments();
   cuda::ExpertRowSpace space;
   space.offsets = offsets.as<int32_t>();
@@ -576,11 +587,15 @@ TEST(CudaShardRouting, MatchesTheCpuKernels) {
   for (Buffer *b : {&indices, &locations, &gates, &capacity, &rows})
     b->upload();
   Routing cpuRouting = g.routing();
-  Routing gpuRouting{indices.as<int32_t>(), locations.as<int32_t>(),
-                          gates.as<float>(),     capacity.as<int32_t>(),
-                          nullptr,               rows.as<int32_t>(),
-                          T,                     k,
-                          E};
+  Routing gpuRouting{indices.as<int32_t>(),
+                     locations.as<int32_t>(),
+                     gates.as<float>(),
+                     capacity.as<int32_t>(),
+                     nullptr,
+                     rows.as<int32_t>(),
+                     T,
+                     k,
+                     E};
   for (int64_t s : {1, 2, 4}) {
     SCOPED_TRACE("shards " + std::to_string(s));
     const int64_t V = E * s, K = k * s;
@@ -664,9 +679,15 @@ TEST(CudaShardRouting, VirtualExpertsDispatchAndCombineLikeTheCpu) {
   std::vector<float> vGates(T * K);
   cpu::shardRouting(gateRouting, s, vIndices.data(), vLocations.data(),
                     vGates.data(), vOffsets.data(), vRows.data());
-  Routing cpuRouting{vIndices.data(), vLocations.data(), vGates.data(),
-                          &g.capacity,     vOffsets.data(),   vRows.data(),
-                          T,               K,                 V};
+  Routing cpuRouting{vIndices.data(),
+                     vLocations.data(),
+                     vGates.data(),
+                     &g.capacity,
+                     vOffsets.data(),
+                     vRows.data(),
+                     T,
+                     K,
+                     V};
   auto device = [](DType type, const void *data, size_t count) {
     Buffer buffer(type, count);
     std::memcpy(buffer.host.data(), data, buffer.host.size());
@@ -679,11 +700,15 @@ TEST(CudaShardRouting, VirtualExpertsDispatchAndCombineLikeTheCpu) {
   Buffer dCapacity = device(DType::I32, &g.capacity, 1);
   Buffer dOffsets = device(DType::I32, vOffsets.data(), V + 1);
   Buffer dRows = device(DType::I32, vRows.data(), V);
-  Routing gpuRouting{dIndices.as<int32_t>(), dLocations.as<int32_t>(),
-                          dGates.as<float>(),     dCapacity.as<int32_t>(),
-                          dOffsets.as<int32_t>(), dRows.as<int32_t>(),
-                          T,                      K,
-                          V};
+  Routing gpuRouting{dIndices.as<int32_t>(),
+                     dLocations.as<int32_t>(),
+                     dGates.as<float>(),
+                     dCapacity.as<int32_t>(),
+                     dOffsets.as<int32_t>(),
+                     dRows.as<int32_t>(),
+                     T,
+                     K,
+                     V};
 
   Buffer x(DType::F32, T * d), gradOut(DType::F32, T * d),
       expertOut(DType::F32, R * d);

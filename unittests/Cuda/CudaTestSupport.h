@@ -15,8 +15,8 @@
 
 #include "MultiRankTestSupport.h"
 #include "flex/Runtime/Core/Half.h"
-#include "flex/Runtime/Cuda/CudaBackend.h"
 #include "flex/Runtime/Core/LayerConfig.h"
+#include "flex/Runtime/Cuda/CudaBackend.h"
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>

@@ -16,8 +16,8 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Reference/ReferenceMoE.h"
-#include "flex/Runtime/Cpu/CpuKernels.h"
 #include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Cpu/CpuKernels.h"
 
 #include <gtest/gtest.h>
 
@@ -346,8 +346,8 @@ std::string describe(const RandomCase &c) {
      << " bias=" << l.bias << " dtype=" << toString(l.dtype)
      << " router_fp32=" << l.routerFp32 << " bp=" << l.batchPrioritized
      << " normalize=" << l.normalizeGate << " noise=" << l.gateNoise
-     << " seed=" << l.seed
-     << " layout=" << (c.options.layout == DispatchLayout::Padded ? "padded" : "ragged")
+     << " seed=" << l.seed << " layout="
+     << (c.options.layout == DispatchLayout::Padded ? "padded" : "ragged")
      << " align=" << c.options.capacityAlignment
      << " first_gemm=" << static_cast<int>(c.options.firstGemm);
   return os.str();
@@ -386,7 +386,8 @@ RandomCase makeRandomCase(std::mt19937_64 &rng) {
   l.normalizeGate = chance(0.5);
   l.gateNoise = chance(0.3) ? 1.0 : 0.0;
   l.seed = rng();
-  c.options.layout = chance(0.5) ? DispatchLayout::Padded : DispatchLayout::Ragged;
+  c.options.layout =
+      chance(0.5) ? DispatchLayout::Padded : DispatchLayout::Ragged;
   static const int64_t kAlignments[] = {1, 1, 1, 2, 4};
   c.options.capacityAlignment = kAlignments[uniform(0, 4)];
   c.options.firstGemm = static_cast<FirstGemmStyle>(uniform(0, 2));
@@ -675,7 +676,8 @@ LayerConfig edgeConfig(int64_t T, int64_t E, int64_t k, CapacityMode mode,
 void expectEdgeCase(const LayerConfig &config,
                     void (*shape)(const LayerConfig &,
                                   LayerInputs &) = nullptr) {
-  for (DispatchLayout layout : {DispatchLayout::Padded, DispatchLayout::Ragged}) {
+  for (DispatchLayout layout :
+       {DispatchLayout::Padded, DispatchLayout::Ragged}) {
     SCOPED_TRACE(layout == DispatchLayout::Padded ? "padded" : "ragged");
     std::mt19937_64 rng(77);
     RandomCase c;

@@ -15,8 +15,8 @@
 
 #include "flex/Runtime/Comm/AllToAllLayout.h"
 #include "flex/Runtime/Comm/Communicator.h"
-#include "flex/Runtime/Cpu/CpuKernels.h"
 #include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Cpu/CpuKernels.h"
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
@@ -349,14 +349,14 @@ TEST(PaddedLayout, DispatchAndCombineBackwardZeroThePadding) {
   int32_t capacity = C;
   std::vector<int32_t> offsets = {0, 3, 6}, rows = {3, 2};
   Routing routing{indices.data(),
-                       locations.data(),
-                       gates.data(),
-                       &capacity,
-                       offsets.data(),
-                       rows.data(),
-                       T,
-                       k,
-                       E};
+                  locations.data(),
+                  gates.data(),
+                  &capacity,
+                  offsets.data(),
+                  rows.data(),
+                  T,
+                  k,
+                  E};
   std::vector<float> x = {1, 2, 3, 4, 5, 6};
   // One row past E * C keeps its poison.
   std::vector<float> disp((E * C + 1) * d, kNaN);
@@ -391,8 +391,7 @@ TEST(GroupedGemmWgrad, AccumulateAddsToTheGradient) {
         if (type == DType::F32)
           std::memcpy(bytes.data() + 4 * i, &v[i], 4);
         else
-          reinterpret_cast<uint16_t *>(bytes.data())[i] =
-              floatToBf16(v[i]);
+          reinterpret_cast<uint16_t *>(bytes.data())[i] = floatToBf16(v[i]);
       }
     };
     auto get = [&](const std::vector<uint8_t> &bytes, size_t i) {

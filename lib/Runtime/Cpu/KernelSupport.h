@@ -13,8 +13,8 @@
 #ifndef LIB_RUNTIME_CPU_KERNELSUPPORT_H
 #define LIB_RUNTIME_CPU_KERNELSUPPORT_H
 
-#include "flex/Runtime/Cpu/CpuKernels.h"
 #include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Cpu/CpuKernels.h"
 
 #include <algorithm>
 #include <cmath>

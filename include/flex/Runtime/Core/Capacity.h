@@ -48,9 +48,8 @@ FLEX_HOST_DEVICE constexpr int64_t slotsPerExpert(int64_t tokens,
 /// to [1, E] ([gate-2]); the contract's bounded mode writes f < 0 where
 /// LayerConfig writes the mode and f > 0, both mean |f|. Saturates to
 /// kCapacitySaturated (a NaN factor too) instead of overflowing.
-FLEX_HOST_DEVICE constexpr int64_t fixedCapacity(double factor, int64_t tokens,
-                                                 int64_t experts,
-                                                 int64_t topK) {
+FLEX_HOST_DEVICE constexpr int64_t
+fixedCapacity(double factor, int64_t tokens, int64_t experts, int64_t topK) {
   int64_t spe = slotsPerExpert(tokens, experts);
   if (spe == 0)
     return 0;

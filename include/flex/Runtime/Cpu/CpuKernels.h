@@ -71,7 +71,8 @@ void router(ReadBuffer x, ReadBuffer wg, float *logits, int64_t tokens,
 ///  - locations per [loc-1]; with batchPrioritized tokens are visited by
 ///    descending max score, ties by token order (a stable sort).
 ///  - capacity per flex::computeCapacity (Core/Capacity.h);
-///    expertRows[e] = min(count_e, C); expertOffsets per `layout`, expertOffsets[E] = rows used.
+///    expertRows[e] = min(count_e, C); expertOffsets per `layout`,
+///    expertOffsets[E] = rows used.
 ///  - lAux = E * sum_e mean_t(scores[t, e]) * frac_e, frac_e = share of tokens
 ///    whose first choice is e (dropped or not), accumulated in fp64.
 /// NaN: a NaN (or +-inf, making exp() NaN) in a token's logits makes its

@@ -7,10 +7,10 @@
 // This file declares the CUDA backend's kernels: one function per step op,
 // reproducing the semantics of the CPU kernels of the same name
 // (Cpu/CpuKernels.h), over device pointers in the backend-neutral argument
-// types of Core/KernelArgs.h, queued on the stream of a KernelContext. No function synchronizes with the
-// host, except the grouped GEMMs of a routing whose row counts are only known
-// on the device (ExpertRowSpace::isStatic() false): they read the counts once
-// per routing (KernelContext::hostSegments).
+// types of Core/KernelArgs.h, queued on the stream of a KernelContext. No
+// function synchronizes with the host, except the grouped GEMMs of a routing
+// whose row counts are only known on the device (ExpertRowSpace::isStatic()
+// false): they read the counts once per routing (KernelContext::hostSegments).
 //
 // Padding rows. With a static routing (padded layout, fixed capacity: C is
 // known on the host) the GEMMs run over all E * C rows as one strided batch,
