@@ -28,6 +28,14 @@
 // fixed capacity, else read back once per routing (one bounded wait, as the
 // grouped GEMMs of a dynamic routing).
 //
+// What the plan says about a step comes from its compiled facts
+// (StepFacts.h): which routing it reads and whether it is padded, the
+// static capacity, the chunk and base row of a segment op, whether an
+// exchange runs on the exchange stream and how a step waits for exchanges.
+// The backend searches no plan and tracks no "what ran last"; the only
+// run-time state about a routing is the device-written C read back for a
+// dynamic capacity.
+//
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Cuda/CudaBackend.h"
@@ -58,45 +66,118 @@ using step_views::readAs;
 using step_views::write;
 using step_views::writeAs;
 
-/// The gate step that writes the routing buffer `offsets`, in any variant.
-const Step *findGate(const Plan &plan, const BufferRef &offsets) {
-  for (const Variant &variant : plan.variants)
-    for (const Step &step : variant.forward)
-      if (step.op == StepOp::Gate && step.out(R::ExpertOffsets) == offsets)
-        return &step;
-  return nullptr;
-}
+/// The rows a per-expert step works on, from its compiled facts: the groups
+/// of the routing's (virtual) experts, or the G = L local experts of one
+/// chunk of a received buffer (expert_rows from uniform_segments). A
+/// received buffer of a fixed capacity is static too: chunk q's groups are G
+/// blocks of n = W * C / D rows from row q * G * n, and the kernels see the
+/// buffers from that row on (`shift`), as one static batch.
+class RowSpaces {
+public:
+  RowSpaces(const StepFacts &facts, const StepOperands &ops,
+            const Routing &routing)
+      : facts_(facts), routing_(routing),
+        groups_(ops.in(R::ExpertRows).isPresent()
+                    ? ops.in(R::ExpertRows).desc->shape[0]
+                    : routing.experts) {}
 
-/// The gate step that writes the capacity buffer `capacity`.
-const Step *findCapacityGate(const Plan &plan, const BufferRef &capacity) {
-  for (const Variant &variant : plan.variants)
-    for (const Step &step : variant.forward)
-      if (step.op == StepOp::Gate && step.out(R::Capacity) == capacity)
-        return &step;
-  return nullptr;
-}
+  /// The rows of the dispatch-shaped operand `view`.
+  cuda::ExpertRowSpace space(const TensorView &view) const {
+    cuda::ExpertRowSpace result;
+    result.offsets = routing_.expertOffsets;
+    result.rows = routing_.expertRows;
+    result.experts = groups_;
+    result.rowBound = view.desc->shape.front();
+    if (facts_.segments.isValid()) {
+      result.staticCapacity = facts_.segments.rows;
+      result.rowBound = std::max<int64_t>(0, result.rowBound - baseRow());
+      return result;
+    }
+    // shard_routing's virtual experts keep the gate's C, padded whatever
+    // the gate's own layout (facts.padded says so).
+    result.staticCapacity = facts_.staticCapacity;
+    result.padded = facts_.padded;
+    return result;
+  }
+  /// A dispatch-shaped operand from the first row of the space on.
+  TensorView shift(const TensorView &view) const {
+    TensorView result = view;
+    if (baseRow() > 0 && view.isPresent())
+      result.data = static_cast<char *>(view.data) +
+                    baseRow() * view.desc->shape.back() *
+                        static_cast<int64_t>(dtypeSize(view.desc->dtype));
+    return result;
+  }
+  /// space(shift(view)).
+  cuda::ExpertRowSpace shiftedSpace(const TensorView &view) const {
+    return space(shift(view));
+  }
 
-/// The shard_routing step that writes the virtual-expert offsets `offsets`.
-const Step *findShardRouting(const Plan &plan, const BufferRef &offsets) {
-  for (const Variant &variant : plan.variants)
-    for (const Step &step : variant.forward)
-      if (step.op == StepOp::ShardRouting &&
-          step.out(R::ExpertOffsets) == offsets)
-        return &step;
-  return nullptr;
-}
+private:
+  int64_t baseRow() const {
+    return facts_.segments.isValid() ? facts_.segments.baseRow : 0;
+  }
+  const StepFacts &facts_;
+  const Routing &routing_;
+  int64_t groups_;
+};
 
-/// C when the gate lays rows out padded with a fixed capacity (known on the
-/// host before gating); -1 when the rows are only known on the device.
-int64_t staticCapacity(const Plan &plan, const Step *gate) {
-  if (!gate || gate->attrs.layout != DispatchLayout::Padded ||
-      gate->attrs.capacityMode != CapacityMode::Fixed)
-    return -1;
-  const LayerConfig &layer = plan.layer;
-  return computeCapacity(
-      CapacityMode::Fixed, gate->attrs.capacityFactor, layer.tokens,
-      layer.experts, std::clamp<int64_t>(gate->attrs.topK, 1, layer.experts), 0,
-      gate->attrs.capacityAlignment);
+int64_t cols(const TensorView &view) { return view.desc->shape.back(); }
+
+/// One flat all_to_all, as the exchange functions need it.
+struct AllToAllRun {
+  cuda::AllToAllShape shape;
+  const TensorView *input = nullptr, *output = nullptr;
+  /// The sending side is in the dispatch layout (`dispatch`), else in the
+  /// received layout (`combine`); the receiving side the other one.
+  bool sendDispatchLayout = true;
+  int64_t rowBytes = 0;
+  int64_t rowsPerChunk = 0; ///< Cq = C / D
+  int64_t blockBytes = 0;   ///< L * Cq rows: what one peer gets
+  std::vector<Communicator::Block> sendBlocks, recvBlocks;
+  std::string what;
+
+  /// A side whose rows per peer are contiguous (dispatch layout with one
+  /// chunk; received layout with one local expert) needs no staging.
+  bool contiguous(bool dispatchLayout) const {
+    return dispatchLayout ? shape.chunks == 1 : shape.localExperts == 1;
+  }
+  /// The first row of peer `peer`'s rows on a contiguous side.
+  int64_t firstRow(bool dispatchLayout, int64_t peer) const {
+    return dispatchLayout
+               ? peer * shape.localExperts * shape.capacity +
+                     shape.chunk * rowsPerChunk
+               : (shape.chunk * shape.ranks + peer) * rowsPerChunk; // L == 1
+  }
+};
+
+/// shard_routing: k * s choices over E * s virtual experts.
+Status runShardRouting(cuda::KernelContext &ctx, const Step &step,
+                       const StepOperands &ops, const Routing &routing) {
+  const int64_t s = step.attrs.shards;
+  const TensorView &indices = ops.out(R::Indices);
+  const TensorView &offsets = ops.out(R::ExpertOffsets);
+  // The kernel writes k * s choices and E * s + 1 offsets: buffers of
+  // other shapes would be overrun (the loader rejects such plans).
+  if (s < 1 || indices.desc->shape[1] != routing.topK * s ||
+      offsets.desc->shape[0] != routing.experts * s + 1)
+    return Status(StatusCode::InvalidArgument,
+                  "shard_routing with shards = " + std::to_string(s) +
+                      " over k = " + std::to_string(routing.topK) +
+                      " choices and E = " + std::to_string(routing.experts) +
+                      " experts needs '" + indices.desc->name +
+                      "' [T, k*s] and '" + offsets.desc->name +
+                      "' [E*s + 1]; got " +
+                      std::to_string(indices.desc->shape[1]) + " and " +
+                      std::to_string(offsets.desc->shape[0]));
+  // New offsets for the later steps (as after sync_capacity): a host copy
+  // of earlier ones is stale.
+  ++ctx.generation;
+  return cuda::shardRouting(ctx, routing, s, writeAs<int32_t>(indices),
+                            writeAs<int32_t>(ops.out(R::Locations)),
+                            writeAs<float>(ops.out(R::Gates)),
+                            writeAs<int32_t>(offsets),
+                            writeAs<int32_t>(ops.out(R::ExpertRows)));
 }
 
 class CudaBackend final : public Backend {
@@ -137,12 +218,34 @@ private:
   }
   Status runCollective(const Plan &plan, const Step &step,
                        const StepOperands &ops);
+  /// The step kinds that make, transform or differentiate a routing (and
+  /// the router): no dispatch-shaped rows.
+  Status runRoutingStep(const Plan &plan, const Step &step,
+                        const StepOperands &ops);
+  /// The per-expert steps over dispatch-shaped rows (RowSpaces).
+  Status runRowStep(const Plan &plan, const Step &step,
+                    const StepOperands &ops);
+  /// Orders `step` after the pending exchanges its facts say it waits for:
+  /// all of them, or those whose bytes it touches (the rows of its chunk
+  /// for a segment op). all_to_all orders itself (allToAll).
+  Status orderAfterExchanges(const Step &step, const StepOperands &ops);
   Status allToAll(const Plan &plan, const Step &step, const StepOperands &ops,
                   Communicator &comm);
-  /// C on the host for the capacity buffer `view` (written by the gate or
-  /// sync_capacity of the current routing).
-  Status hostCapacity(const Plan &plan, const BufferRef &ref,
-                      const TensorView &view, int64_t &capacity);
+  /// The flat exchange of `run` on `stream`: in place, or staged.
+  Status exchangeRows(const AllToAllRun &run, bool staged, Communicator &comm,
+                      cudaStream_t stream);
+  /// Rows packed per peer into staging blocks by a kernel, exchanged, and
+  /// unpacked, on the context's stream.
+  Status stagedExchange(const AllToAllRun &run, Communicator &comm);
+  /// exchangeRows on the exchange stream after the compute queued so far;
+  /// the exchange is left pending (pendingEvents_).
+  Status exchangeOnOwnStream(const AllToAllRun &run, bool staged,
+                             Communicator &comm);
+  /// C on the host for the capacity buffer `view`: the static capacity of
+  /// the step's facts, else read back from the device (written by the gate
+  /// or sync_capacity of the current routing).
+  Status hostCapacity(const StepFacts &facts, const TensorView &view,
+                      int64_t &capacity);
   /// The two-phase all_to_all of ranks_per_node (HierarchicalAllToAll.h)
   /// on device staging blocks.
   Status hierarchicalAllToAll(const cuda::AllToAllShape &shape,
@@ -171,53 +274,12 @@ private:
 
   int device_;
   std::unique_ptr<cuda::KernelContext> ctx_;
-  /// The gate that wrote the current routing. Variants may share routing
-  /// buffer names with different layouts, so later steps (and the backward
-  /// after this forward) take the layout from the gate that actually ran.
-  const Step *lastGate_ = nullptr;
-  /// The shard_routing that wrote the current virtual-expert routing (same
-  /// reason).
-  const Step *lastShardRouting_ = nullptr;
-  /// The step (gate or shard_routing) that wrote the routing offsets
-  /// `offsets`, preferring the ones that ran last; null for other offsets
-  /// (uniform_segments').
-  const Step *routingWriter(const Plan &plan, const BufferRef &offsets) const;
-  /// The gate whose capacity C the rows of `writer` use: itself for a gate;
-  /// for shard_routing the gate that wrote its capacity (every virtual
-  /// expert keeps the gate's C).
-  const Step *capacityGateOf(const Plan &plan, const Step *writer) const;
-  /// Per offsets buffer, the uniform_segments step that last wrote it, and
-  /// the plan it belongs to. Chunks and variants may share one offsets
-  /// buffer, each with its own (chunks, chunk), so the static rows of a
-  /// segment op come from the step that ran last, never from a search of
-  /// the plan (which finds another chunk's or variant's step).
-  const Plan *segmentsPlan_ = nullptr;
-  std::vector<std::pair<BufferRef, const Step *>> lastSegments_;
-  const Step *lastSegmentsFor(const Plan &plan,
-                              const BufferRef &offsets) const {
-    if (segmentsPlan_ != &plan)
-      return nullptr;
-    for (const auto &[ref, step] : lastSegments_)
-      if (ref == offsets)
-        return step;
-    return nullptr;
-  }
-  void noteSegments(const Plan &plan, const Step &step) {
-    if (segmentsPlan_ != &plan) {
-      segmentsPlan_ = &plan;
-      lastSegments_.clear();
-    }
-    const BufferRef &offsets = step.out(R::ExpertOffsets);
-    for (auto &[ref, last] : lastSegments_)
-      if (ref == offsets) {
-        last = &step;
-        return;
-      }
-    lastSegments_.push_back({offsets, &step});
-  }
   std::vector<cudaEvent_t> events_;
   std::map<std::string, cudaGraphExec_t> graphs_;
-  /// Bumped by every step that (re)writes a capacity: gate, sync_capacity.
+  /// The read-back of a capacity known only on the device (hostCapacity).
+  /// Run-time data, not plan analysis: the C a gate or sync_capacity wrote
+  /// on the device this call. The epoch is bumped by every step that
+  /// (re)writes a capacity: gate, sync_capacity.
   uint64_t capacityEpoch_ = 0;
   const void *capacityKey_ = nullptr;
   uint64_t capacityKeyEpoch_ = ~uint64_t{0};
@@ -409,13 +471,15 @@ Status CudaBackend::waitForOverlappingExchanges(const StepOperands &ops,
   return index < 0 ? Status::ok() : waitForExchange(static_cast<size_t>(index));
 }
 
-Status CudaBackend::hostCapacity(const Plan &plan, const BufferRef &ref,
-                                 const TensorView &view, int64_t &capacity) {
+Status CudaBackend::hostCapacity(const StepFacts &facts, const TensorView &view,
+                                 int64_t &capacity) {
   // A fixed capacity is the same on every rank and known before gating.
-  if (int64_t c = staticCapacity(plan, findCapacityGate(plan, ref)); c >= 0) {
-    capacity = c;
+  if (facts.staticCapacity >= 0) {
+    capacity = facts.staticCapacity;
     return Status::ok();
   }
+  // The C the device wrote for this routing: run-time data, read back once
+  // per capacity write (capacityEpoch_) and kept for the later exchanges.
   if (capacityKey_ == view.data && capacityKeyEpoch_ == capacityEpoch_) {
     capacity = cachedCapacity_;
     return Status::ok();
@@ -514,7 +578,7 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
   for (const Step &step : v.forward)
     if (step.op == StepOp::Gate) {
       anyGate = true;
-      if (staticCapacity(plan, &step) < 0)
+      if (step.facts.staticCapacity < 0)
         return false;
     }
   return anyGate;
@@ -573,130 +637,70 @@ Status CudaBackend::launchGraph(const std::string &key, bool &launched) {
   return Status::ok();
 }
 
-const Step *CudaBackend::routingWriter(const Plan &plan,
-                                       const BufferRef &offsets) const {
-  for (const Step *last : {lastGate_, lastShardRouting_})
-    if (last && last->out(R::ExpertOffsets) == offsets)
-      return last;
-  if (const Step *gate = findGate(plan, offsets))
-    return gate;
-  return findShardRouting(plan, offsets);
-}
-
-const Step *CudaBackend::capacityGateOf(const Plan &plan,
-                                        const Step *writer) const {
-  if (!writer || writer->op == StepOp::Gate)
-    return writer;
-  const BufferRef &capacity = writer->in(R::Capacity);
-  if (lastGate_ && lastGate_->out(R::Capacity) == capacity)
-    return lastGate_;
-  return findCapacityGate(plan, capacity);
+Status CudaBackend::orderAfterExchanges(const Step &step,
+                                        const StepOperands &ops) {
+  if (pendingEvents_.empty() || step.op == StepOp::AllToAll)
+    return Status::ok();
+  switch (step.facts.wait) {
+  case ExchangeWait::None:
+    return Status::ok();
+  case ExchangeWait::All:
+    return joinExchanges();
+  case ExchangeWait::Overlapping:
+    break;
+  }
+  // A segment op's chunk: G groups of n = W * C / D rows, when C is on the
+  // host (static, or read back for this routing).
+  ChunkRows chunk;
+  if (const SegmentFacts &segments = step.facts.segments; segments.isValid()) {
+    int64_t n = segments.rows;
+    if (n < 0 && segments.chunks > 0 && capacityKeyEpoch_ == capacityEpoch_)
+      n = segments.rowsFor(cachedCapacity_);
+    if (n >= 0)
+      chunk = {segments.chunk, segments.groups * n};
+  }
+  return waitForOverlappingExchanges(ops, chunk);
 }
 
 Status CudaBackend::runStep(const Plan &plan, const Step &step,
                             const StepOperands &ops) {
   if (Status s = makeCurrent(); !s)
     return s;
-  cuda::KernelContext &ctx = *ctx_;
-  const LayerConfig &layer = plan.layer;
-  const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts;
-  const int64_t k = std::min(layer.topK, layer.experts);
-  // Routing is read from whichever side of the step holds it.
-  Routing routing = step_views::routingOf(layer, ops);
-  // The row groups of a segment op: the routing's (virtual) experts, or the
-  // G = L local experts of a received buffer (expert_rows from
-  // uniform_segments).
-  const int64_t groups = ops.in(R::ExpertRows).isPresent()
-                             ? ops.in(R::ExpertRows).desc->shape[0]
-                             : routing.experts;
-  // A received buffer of a fixed capacity is static too: chunk q's groups
-  // are G blocks of n = W * C / D rows from row q * G * n. The kernels see
-  // the buffers from that row on (`shift`), as one static batch.
-  int64_t baseRow = 0;
-  const Step *segments = nullptr;
-  int64_t segmentRows = -1;
-  const Step *routingStep = routingWriter(plan, step.in(R::ExpertOffsets));
-  if (!routingStep)
-    if ((segments = lastSegmentsFor(plan, step.in(R::ExpertOffsets)))) {
-      const StepAttrs &a = segments->attrs;
-      int64_t c = staticCapacity(
-          plan, findCapacityGate(plan, segments->in(R::Capacity)));
-      if (c >= 0 && a.chunks > 0) {
-        segmentRows = a.ranks * (c / a.chunks);
-        baseRow = a.chunk * a.groups * segmentRows;
-      }
-    }
-  // The rows of the dispatch-shaped operand `view`.
-  auto space = [&](const TensorView &view) {
-    cuda::ExpertRowSpace result;
-    result.offsets = routing.expertOffsets;
-    result.rows = routing.expertRows;
-    result.experts = groups;
-    result.rowBound = view.desc->shape.front();
-    if (segments) {
-      result.staticCapacity = segmentRows;
-      result.rowBound = std::max<int64_t>(0, result.rowBound - baseRow);
-      return result;
-    }
-    // shard_routing's virtual experts keep the gate's C, padded whatever
-    // the gate's own layout.
-    const Step *gate = capacityGateOf(plan, routingStep);
-    result.staticCapacity = staticCapacity(plan, gate);
-    result.padded = (gate && gate->attrs.layout == DispatchLayout::Padded) ||
-                    (routingStep && routingStep->op == StepOp::ShardRouting);
-    return result;
-  };
-  // A dispatch-shaped operand from the first row of the space on.
-  auto shift = [&](const TensorView &view) {
-    TensorView result = view;
-    if (baseRow > 0 && view.isPresent())
-      result.data = static_cast<char *>(view.data) +
-                    baseRow * view.desc->shape.back() *
-                        static_cast<int64_t>(dtypeSize(view.desc->dtype));
-    return result;
-  };
-  auto cols = [](const TensorView &view) { return view.desc->shape.back(); };
-
-  // Order this step after the pending exchanges it depends on: all of them
-  // for another collective, the overlapping ones for compute.
-  if (!pendingEvents_.empty() && step.op != StepOp::AllToAll) {
-    if (isCollective(step.op)) {
-      if (Status s = joinExchanges(); !s)
-        return s;
-    } else {
-      // A segment op's chunk: G groups of n = W * C / D rows, when C is on
-      // the host.
-      ChunkRows chunk;
-      if (segments) {
-        int64_t n = segmentRows;
-        if (n < 0 && segments->attrs.chunks > 0 &&
-            capacityKeyEpoch_ == capacityEpoch_)
-          n = segments->attrs.ranks *
-              (cachedCapacity_ / segments->attrs.chunks);
-        if (n >= 0)
-          chunk = {segments->attrs.chunk, segments->attrs.groups * n};
-      }
-      if (Status s = waitForOverlappingExchanges(ops, chunk); !s)
-        return s;
-    }
-  }
-
+  if (Status s = orderAfterExchanges(step, ops); !s)
+    return s;
   switch (step.op) {
-  case StepOp::Router:
-    return cuda::router(ctx, read(ops.in(R::X)), read(ops.in(R::Wg)),
-                        writeAs<float>(ops.out(R::Logits)), T, d, E);
-  case StepOp::Gate: {
-    const StepAttrs &a = step.attrs;
-    GateOutputs out = step_views::gateOutputs(ops);
-    lastGate_ = &step;
-    ++capacityEpoch_;
-    // The capacity stays on the device; by [cap-1] it never exceeds the
-    // static bound the plan sized its buffers for (the CPU backend checks).
-    return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, a, out);
+  case StepOp::Dispatch:
+  case StepOp::GroupedGemm:
+  case StepOp::Glu:
+  case StepOp::Combine:
+  case StepOp::CombineBackward:
+  case StepOp::GroupedGemmWgrad:
+  case StepOp::ActivationBackward:
+  case StepOp::GluBackward:
+  case StepOp::DispatchBackward:
+    return runRowStep(plan, step, ops);
+  case StepOp::SyncCapacity:
+  case StepOp::AllToAll:
+  case StepOp::AllGather:
+  case StepOp::ReduceScatter:
+    return runCollective(plan, step, ops);
+  default:
+    return runRoutingStep(plan, step, ops);
   }
+}
+
+Status CudaBackend::runRowStep(const Plan &plan, const Step &step,
+                               const StepOperands &ops) {
+  cuda::KernelContext &ctx = *ctx_;
+  const int64_t d = plan.layer.modelDim;
+  // Routing is read from whichever side of the step holds it.
+  Routing routing = step_views::routingOf(plan.layer, ops);
+  RowSpaces rows(step.facts, ops, routing);
+  auto shift = [&](const TensorView &view) { return rows.shift(view); };
+  switch (step.op) {
   case StepOp::Dispatch:
     return cuda::dispatch(ctx, read(ops.in(R::X)), d, routing,
-                          space(ops.out(R::Dispatched)),
+                          rows.space(ops.out(R::Dispatched)),
                           write(ops.out(R::Dispatched)));
   case StepOp::GroupedGemm: {
     const TensorView a = shift(ops.in(R::A)), c = shift(ops.out(R::C));
@@ -708,24 +712,25 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     options.biasScale = static_cast<float>(step.attrs.biasScale);
     return cuda::groupedGemm(ctx, read(a), read(ops.in(R::B)),
                              read(ops.in(R::Bias)), write(c), cols(a), cols(c),
-                             space(a), options, write(shift(ops.out(R::Pre))));
+                             rows.space(a), options,
+                             write(shift(ops.out(R::Pre))));
   }
   case StepOp::Glu:
     return cuda::glu(ctx, read(shift(ops.in(R::GateIn))),
                      read(shift(ops.in(R::UpIn))), write(shift(ops.out(R::C))),
-                     cols(ops.out(R::C)), space(shift(ops.out(R::C))));
+                     cols(ops.out(R::C)), rows.shiftedSpace(ops.out(R::C)));
   case StepOp::Combine:
     return cuda::combine(ctx, read(ops.in(R::ExpertOut)), d, routing,
                          write(ops.out(R::Out)));
   case StepOp::CombineBackward:
     return cuda::combineBackward(
         ctx, read(ops.in(R::GradOut)), read(ops.in(R::ExpertOut)), d, routing,
-        space(ops.out(R::GradExpertOut)), write(ops.out(R::GradExpertOut)),
+        rows.space(ops.out(R::GradExpertOut)), write(ops.out(R::GradExpertOut)),
         writeAs<float>(ops.out(R::GradGates)));
   case StepOp::GroupedGemmWgrad: {
     const TensorView a = shift(ops.in(R::A)), gradC = shift(ops.in(R::GradC));
     return cuda::groupedGemmWgrad(
-        ctx, read(a), read(gradC), cols(a), cols(gradC), space(a),
+        ctx, read(a), read(gradC), cols(a), cols(gradC), rows.space(a),
         write(ops.out(R::GradB)), write(ops.out(R::GradBias)),
         step.attrs.accumulate);
   }
@@ -733,16 +738,43 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     return cuda::activationBackward(
         ctx, read(shift(ops.in(R::Pre))), read(shift(ops.in(R::Grad))),
         write(shift(ops.out(R::GradPre))), cols(ops.out(R::GradPre)),
-        space(shift(ops.out(R::GradPre))), step.attrs.activation);
+        rows.shiftedSpace(ops.out(R::GradPre)), step.attrs.activation);
   case StepOp::GluBackward:
     return cuda::gluBackward(
         ctx, read(shift(ops.in(R::GateIn))), read(shift(ops.in(R::UpIn))),
         read(shift(ops.in(R::Grad))), write(shift(ops.out(R::GradGateIn))),
         write(shift(ops.out(R::GradUpIn))), cols(ops.in(R::Grad)),
-        space(shift(ops.in(R::Grad))));
+        rows.shiftedSpace(ops.in(R::Grad)));
   case StepOp::DispatchBackward:
     return cuda::dispatchBackward(ctx, read(ops.in(R::GradDispatched)), d,
                                   routing, write(ops.out(R::GradX)));
+  default:
+    return Status(StatusCode::Internal,
+                  "op '" + std::string(toString(step.op)) +
+                      "' does not run over dispatch rows");
+  }
+}
+
+Status CudaBackend::runRoutingStep(const Plan &plan, const Step &step,
+                                   const StepOperands &ops) {
+  cuda::KernelContext &ctx = *ctx_;
+  const LayerConfig &layer = plan.layer;
+  const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts;
+  const int64_t k = std::min(layer.topK, layer.experts);
+  Routing routing = step_views::routingOf(layer, ops);
+  switch (step.op) {
+  case StepOp::Router:
+    return cuda::router(ctx, read(ops.in(R::X)), read(ops.in(R::Wg)),
+                        writeAs<float>(ops.out(R::Logits)), T, d, E);
+  case StepOp::Gate: {
+    GateOutputs out = step_views::gateOutputs(ops);
+    // A new device capacity: a host copy of the earlier one is stale.
+    ++capacityEpoch_;
+    // The capacity stays on the device; by [cap-1] it never exceeds the
+    // static bound the plan sized its buffers for (the CPU backend checks).
+    return cuda::gate(ctx, readAs<float>(ops.in(R::Logits)), T, E, step.attrs,
+                      out);
+  }
   case StepOp::GateBackward: {
     GateBackwardAttrs attrs;
     attrs.topK = step.attrs.topK;
@@ -761,39 +793,13 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     const StepAttrs &a = step.attrs;
     // New offsets in the same buffer: the GEMMs' host copy is stale.
     ++ctx.generation;
-    noteSegments(plan, step);
     return cuda::uniformSegments(ctx, routing.capacity, a.groups, a.ranks,
                                  a.chunks, a.chunk,
                                  writeAs<int32_t>(ops.out(R::ExpertOffsets)),
                                  writeAs<int32_t>(ops.out(R::ExpertRows)));
   }
-  case StepOp::ShardRouting: {
-    const int64_t s = step.attrs.shards;
-    const TensorView &indices = ops.out(R::Indices);
-    const TensorView &offsets = ops.out(R::ExpertOffsets);
-    // The kernel writes k * s choices and E * s + 1 offsets: buffers of
-    // other shapes would be overrun (the loader rejects such plans).
-    if (s < 1 || indices.desc->shape[1] != routing.topK * s ||
-        offsets.desc->shape[0] != routing.experts * s + 1)
-      return Status(StatusCode::InvalidArgument,
-                    "shard_routing with shards = " + std::to_string(s) +
-                        " over k = " + std::to_string(routing.topK) +
-                        " choices and E = " + std::to_string(routing.experts) +
-                        " experts needs '" + indices.desc->name +
-                        "' [T, k*s] and '" + offsets.desc->name +
-                        "' [E*s + 1]; got " +
-                        std::to_string(indices.desc->shape[1]) + " and " +
-                        std::to_string(offsets.desc->shape[0]));
-    // New offsets for the later steps (as after sync_capacity): a host copy
-    // of earlier ones is stale.
-    ++ctx.generation;
-    lastShardRouting_ = &step;
-    return cuda::shardRouting(ctx, routing, s, writeAs<int32_t>(indices),
-                              writeAs<int32_t>(ops.out(R::Locations)),
-                              writeAs<float>(ops.out(R::Gates)),
-                              writeAs<int32_t>(offsets),
-                              writeAs<int32_t>(ops.out(R::ExpertRows)));
-  }
+  case StepOp::ShardRouting:
+    return runShardRouting(ctx, step, ops, routing);
   case StepOp::ShardRoutingBackward: {
     const int64_t s = step.attrs.shards;
     const TensorView &in = ops.in(R::GradGates), &out = ops.out(R::GradGates);
@@ -808,13 +814,9 @@ Status CudaBackend::runStep(const Plan &plan, const Step &step,
     return cuda::shardRoutingBackward(ctx, readAs<float>(in), T, k, s,
                                       writeAs<float>(out));
   }
-  case StepOp::SyncCapacity:
-  case StepOp::AllToAll:
-  case StepOp::AllGather:
-  case StepOp::ReduceScatter:
-    return runCollective(plan, step, ops);
+  default:
+    return Status(StatusCode::Internal, "unknown step op");
   }
-  return Status(StatusCode::Internal, "unknown step op");
 }
 
 std::string bufferName(const TensorView &view) {
@@ -878,119 +880,116 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
   // sharded over s ranks), L = E * s / W of them per rank of the exchange's
   // W ranks (all of them, or one token class of a grouped step).
   const int64_t E = plan.virtualExperts(), W = comm.size();
-  std::string what = "all_to_all " + std::string(toString(a.direction)) + " " +
-                     bufferName(input) + " -> " + bufferName(output) +
-                     ", chunk " + std::to_string(a.chunk) + " of " +
-                     std::to_string(a.chunks);
+  AllToAllRun run;
+  run.input = &input;
+  run.output = &output;
+  run.what = "all_to_all " + std::string(toString(a.direction)) + " " +
+             bufferName(input) + " -> " + bufferName(output) + ", chunk " +
+             std::to_string(a.chunk) + " of " + std::to_string(a.chunks);
   if (W < 1 || E % W != 0)
     return Status(StatusCode::Internal,
-                  what + ": " + std::to_string(E) +
+                  run.what + ": " + std::to_string(E) +
                       " (virtual) experts do not divide over " +
                       std::to_string(W) + " ranks");
-  cuda::AllToAllShape shape;
+  cuda::AllToAllShape &shape = run.shape;
   shape.ranks = W;
   shape.localExperts = E / W;
   shape.chunks = a.chunks;
   shape.chunk = a.chunk;
-  if (Status s = hostCapacity(plan, step.in(R::Capacity), ops.in(R::Capacity),
-                              shape.capacity);
+  if (Status s = hostCapacity(step.facts, ops.in(R::Capacity), shape.capacity);
       !s)
     return s;
   if (shape.capacity % a.chunks != 0)
     return Status(StatusCode::Internal,
-                  what + ": capacity " + std::to_string(shape.capacity) +
+                  run.what + ": capacity " + std::to_string(shape.capacity) +
                       " is not a multiple of the " + std::to_string(a.chunks) +
                       " chunks");
   const int64_t rows = E * shape.capacity;
   if (rows > input.desc->shape[0] || rows > output.desc->shape[0])
     return Status(StatusCode::Internal,
-                  what + ": E * C = " + std::to_string(rows) +
+                  run.what + ": E * C = " + std::to_string(rows) +
                       " rows exceed the buffers' " +
                       std::to_string(std::min(input.desc->shape[0],
                                               output.desc->shape[0])));
-  const int64_t rowBytes =
+  run.rowBytes =
       input.desc->shape[1] * static_cast<int64_t>(dtypeSize(input.desc->dtype));
-  const int64_t Cq = shape.capacity / a.chunks;
-  const int64_t blockBytes = shape.localExperts * Cq * rowBytes;
-  // The sending side is in the dispatch layout for `dispatch`, in the
-  // received layout for `combine`; the receiving side the other one. A
-  // side whose rows per peer are contiguous (dispatch layout with one
-  // chunk; received layout with one local expert) needs no staging.
-  const bool sendDispatchLayout = a.direction == AllToAllDirection::Dispatch;
-  auto contiguous = [&](bool dispatchLayout) {
-    return dispatchLayout ? a.chunks == 1 : shape.localExperts == 1;
-  };
-  auto firstRow = [&](bool dispatchLayout, int64_t peer) {
-    return dispatchLayout
-               ? peer * shape.localExperts * shape.capacity + a.chunk * Cq
-               : (a.chunk * W + peer) * Cq; // L == 1
-  };
-  // 2DH (ranks_per_node N with 1 < N < W) moves the same staging blocks in
-  // two phases; N == 1 or N == W degenerate to the flat exchange.
-  if (a.ranksPerNode > 1 && a.ranksPerNode < W) {
+  run.rowsPerChunk = shape.capacity / a.chunks;
+  run.blockBytes = shape.localExperts * run.rowsPerChunk * run.rowBytes;
+  run.sendDispatchLayout = a.direction == AllToAllDirection::Dispatch;
+  // 2DH (ranks_per_node N with 1 < N < W; the facts say it does not run
+  // on the exchange stream) moves the same staging blocks in two phases;
+  // N == 1 or N == W degenerate to the flat exchange.
+  if (!step.facts.exchangeStream) {
     // Its staging kernels run on the compute stream.
     if (Status s = joinExchanges(); !s)
       return s;
-    return hierarchicalAllToAll(shape, sendDispatchLayout, input.data,
-                                output.data, rowBytes, a.ranksPerNode, comm,
-                                what);
+    return hierarchicalAllToAll(shape, run.sendDispatchLayout, input.data,
+                                output.data, run.rowBytes, a.ranksPerNode, comm,
+                                run.what);
   }
   AllToAllLayout layout{W, shape.localExperts, shape.capacity, a.chunks,
                         a.chunk};
-  std::vector<Communicator::Block> sendBlocks, recvBlocks;
-  layout.blocks(a.direction, rowBytes, sendBlocks, recvBlocks);
+  layout.blocks(a.direction, run.rowBytes, run.sendBlocks, run.recvBlocks);
   // In place (one run of Cq rows per peer and local expert, no packing)
   // unless the runs are small: NCCL moves many small runs slower than one
   // packed block per peer (bench/RESULTS.md, Run 5: C3's 32 runs of 6 MiB).
-  const bool staged =
-      exchangeStaging_ == ExchangeStaging::Always ||
-      (exchangeStaging_ == ExchangeStaging::Auto &&
-       Cq * rowBytes < kMinInPlaceRunBytes && layout.localExperts > 1);
+  const bool staged = exchangeStaging_ == ExchangeStaging::Always ||
+                      (exchangeStaging_ == ExchangeStaging::Auto &&
+                       run.rowsPerChunk * run.rowBytes < kMinInPlaceRunBytes &&
+                       layout.localExperts > 1);
+  if (!overlap_)
+    return exchangeRows(run, staged, comm, ctx_->stream());
+  return exchangeOnOwnStream(run, staged, comm);
+}
 
-  // Staged: rows packed per peer into staging blocks by a kernel.
-  auto stagedExchange = [&]() -> Status {
-    std::vector<int64_t> sendOffsets(W), recvOffsets(W), sizes(W, blockBytes);
-    void *send = input.data, *recv = output.data;
-    const bool sendDirect = contiguous(sendDispatchLayout);
-    const bool recvDirect = contiguous(!sendDispatchLayout);
-    if (!sendDirect)
-      if (Status s = staging(0, W * blockBytes, send); !s)
-        return s;
-    if (!recvDirect)
-      if (Status s = staging(1, W * blockBytes, recv); !s)
-        return s;
-    for (int64_t p = 0; p < W; ++p) {
-      sendOffsets[p] = sendDirect ? firstRow(sendDispatchLayout, p) * rowBytes
-                                  : p * blockBytes;
-      recvOffsets[p] = recvDirect ? firstRow(!sendDispatchLayout, p) * rowBytes
-                                  : p * blockBytes;
-    }
-    if (!sendDirect)
-      if (Status s =
-              cuda::allToAllCopy(*ctx_, shape, sendDispatchLayout,
-                                 /*pack=*/true, input.data, send, rowBytes);
-          !s)
-        return s;
-    if (Status s = comm.allToAll(send, sendOffsets.data(), sizes.data(), recv,
-                                 recvOffsets.data(), sizes.data(), what);
+Status CudaBackend::stagedExchange(const AllToAllRun &run, Communicator &comm) {
+  const int64_t W = run.shape.ranks;
+  const bool sendDispatch = run.sendDispatchLayout;
+  std::vector<int64_t> sendOffsets(W), recvOffsets(W), sizes(W, run.blockBytes);
+  void *send = run.input->data, *recv = run.output->data;
+  const bool sendDirect = run.contiguous(sendDispatch);
+  const bool recvDirect = run.contiguous(!sendDispatch);
+  if (!sendDirect)
+    if (Status s = staging(0, W * run.blockBytes, send); !s)
+      return s;
+  if (!recvDirect)
+    if (Status s = staging(1, W * run.blockBytes, recv); !s)
+      return s;
+  for (int64_t p = 0; p < W; ++p) {
+    sendOffsets[p] = sendDirect ? run.firstRow(sendDispatch, p) * run.rowBytes
+                                : p * run.blockBytes;
+    recvOffsets[p] = recvDirect ? run.firstRow(!sendDispatch, p) * run.rowBytes
+                                : p * run.blockBytes;
+  }
+  if (!sendDirect)
+    if (Status s = cuda::allToAllCopy(*ctx_, run.shape, sendDispatch,
+                                      /*pack=*/true, run.input->data, send,
+                                      run.rowBytes);
         !s)
       return s;
-    if (!recvDirect)
-      return cuda::allToAllCopy(*ctx_, shape, !sendDispatchLayout,
-                                /*pack=*/false, output.data, recv, rowBytes);
-    return Status::ok();
-  };
-  auto exchangeOn = [&](cudaStream_t stream) -> Status {
-    if (Status s = comm.setStream(stream); !s)
-      return s;
-    if (!staged)
-      return comm.allToAllBlocks(input.data, sendBlocks, output.data,
-                                 recvBlocks, what);
-    return stagedExchange();
-  };
-  if (!overlap_)
-    return exchangeOn(ctx_->stream());
+  if (Status s = comm.allToAll(send, sendOffsets.data(), sizes.data(), recv,
+                               recvOffsets.data(), sizes.data(), run.what);
+      !s)
+    return s;
+  if (!recvDirect)
+    return cuda::allToAllCopy(*ctx_, run.shape, !sendDispatch,
+                              /*pack=*/false, run.output->data, recv,
+                              run.rowBytes);
+  return Status::ok();
+}
 
+Status CudaBackend::exchangeRows(const AllToAllRun &run, bool staged,
+                                 Communicator &comm, cudaStream_t stream) {
+  if (Status s = comm.setStream(stream); !s)
+    return s;
+  if (!staged)
+    return comm.allToAllBlocks(run.input->data, run.sendBlocks,
+                               run.output->data, run.recvBlocks, run.what);
+  return stagedExchange(run, comm);
+}
+
+Status CudaBackend::exchangeOnOwnStream(const AllToAllRun &run, bool staged,
+                                        Communicator &comm) {
   // On the exchange stream, after the compute queued so far (which wrote
   // the rows it sends and may still read the rows it overwrites). The
   // staging kernels go there too, for the duration of the exchange.
@@ -1008,7 +1007,7 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
     return s;
   if (Status s = ctx_->setStream(exchange); !s)
     return s;
-  Status sent = exchangeOn(exchange);
+  Status sent = exchangeRows(run, staged, comm, exchange);
   Status back = ctx_->setStream(compute);
   if (Status s = comm.setStream(compute); !s)
     return s;
@@ -1027,8 +1026,8 @@ Status CudaBackend::allToAll(const Plan &plan, const Step &step,
   }
   // The bytes it reads and writes are the runs' (staging is its own).
   pendingEvents_.push_back(done);
-  pendingBytes_.push_back({byteRangesOf(input.data, sendBlocks),
-                           byteRangesOf(output.data, recvBlocks)});
+  pendingBytes_.push_back({byteRangesOf(run.input->data, run.sendBlocks),
+                           byteRangesOf(run.output->data, run.recvBlocks)});
   return Status::ok();
 }
 

@@ -113,7 +113,8 @@ private:
       }
     } else if (step.op == StepOp::Gate) {
       facts.capacityFrom = self;
-    } else if (step.in(R::Capacity).isValid()) {
+    } else if (!step.in(R::ExpertOffsets).isValid() &&
+               step.in(R::Capacity).isValid()) {
       facts.capacityFrom = capacityGate(step.in(R::Capacity));
     }
     facts.staticCapacity = staticCapacity(facts.capacityFrom);
