@@ -193,8 +193,7 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
                 k = std::min(layer.topK, layer.experts);
   // [cap-1] C is rounded up to the variant's alignment.
   const int64_t alignment = gateAttrs.capacityAlignment;
-  const int64_t capacityBound =
-      (staticCapacityBound(layer) + alignment - 1) / alignment * alignment;
+  const int64_t capacityBound = alignedCapacityBound(layer, alignment);
   const DispatchLayout layout = gateAttrs.layout;
   // Experts sharded over s ranks: after shard_routing the routing is over
   // E * s virtual experts with k * s choices, and every dispatch-shaped
