@@ -114,6 +114,33 @@ TEST(Capacity, FollowsCap1) {
   EXPECT_EQ(computeCapacity(CapacityMode::Fixed, 0.2, 10, 4, 2, 9, 4), 0);
 }
 
+// The one [cap-1] arithmetic is constexpr (the CUDA gate kernel runs it on
+// the device) and saturates instead of overflowing.
+static_assert(computeCapacity(CapacityMode::Fixed, 1.0, 10, 4, 2, 9) == 6);
+static_assert(computeCapacity(CapacityMode::Bounded, 1.0, 10, 4, 2, 5, 4) ==
+              8);
+static_assert(alignCapacity(7, 1) == 7 && alignCapacity(7, 4) == 8);
+
+TEST(Capacity, SaturatesAndClampsK) {
+  // k is clamped to [1, E] as the gate clamps it.
+  EXPECT_EQ(fixedCapacity(1.0, 10, 4, 9), 12);
+  EXPECT_EQ(fixedCapacity(1.0, 10, 4, 0), 3);
+  EXPECT_EQ(fixedCapacity(1.0, 0, 4, 2), 0);
+  EXPECT_EQ(fixedCapacity(1e300, 10, 4, 2), kCapacitySaturated);
+  EXPECT_EQ(fixedCapacity(std::nan(""), 10, 4, 2), kCapacitySaturated);
+  EXPECT_EQ(alignCapacity(kCapacitySaturated - 1, 8), kCapacitySaturated);
+  // The loader's bound is the gate's C for the largest possible count, T.
+  LayerConfig c;
+  c.tokens = 10;
+  c.experts = 4;
+  c.topK = 2;
+  c.capacityMode = CapacityMode::Dropless;
+  EXPECT_EQ(alignedCapacityBound(c, 4), 12);
+  EXPECT_EQ(alignedCapacityBound(c, 4),
+            computeCapacity(c.capacityMode, c.capacityFactor, c.tokens,
+                            c.experts, c.topK, c.tokens, 4));
+}
+
 LayerConfig validConfig() {
   LayerConfig c;
   c.tokens = 10;

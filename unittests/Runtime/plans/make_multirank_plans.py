@@ -45,7 +45,7 @@ def ceil_div(a, b):
 
 
 def static_capacity(layer):
-    """[cap-1] staticCapacityBound of LayerConfig.cpp."""
+    """[cap-1] staticCapacityBound of include/flex/Runtime/Core/Capacity.h."""
     t, e, k = layer["tokens"], layer["experts"], min(layer["top_k"], layer["experts"])
     fixed = k * int(layer.get("capacity_factor", 1.0) * ceil_div(t, e))
     mode = layer["capacity_mode"]
