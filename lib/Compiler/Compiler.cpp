@@ -41,7 +41,8 @@ bool flex::compileLayerToPlan(std::string_view mlirText,
   llvm::SourceMgr sourceMgr;
   sourceMgr.AddNewSourceBuffer(
       llvm::MemoryBuffer::getMemBufferCopy(
-          llvm::StringRef(mlirText.data(), mlirText.size()), "<layer>"),
+          llvm::StringRef(mlirText.data(), mlirText.size()),
+          options.sourceName),
       llvm::SMLoc());
   llvm::raw_string_ostream errorStream(error);
   SourceMgrDiagnosticHandler diagnostics(sourceMgr, &context, errorStream);

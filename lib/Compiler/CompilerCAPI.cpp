@@ -27,29 +27,39 @@ char *copyString(const std::string &text) {
 }
 
 /// The compile options of the C API: `world_size` ranks, and in `pipeline`
-/// an optional `variants=r1d1,r1d2,...` (docs/CAPI.md).
+/// space-separated options: `variants=r1d1,r1d2,...` and `source=NAME`, the
+/// name diagnostics give the text (docs/CAPI.md). `source=` takes the rest
+/// of the text, as a file name may hold spaces, so it comes last.
 bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
                  std::string &error) {
   if (!options || options->struct_size < sizeof(FlexCompileOptions))
     return true;
   out.training = options->training != 0;
   out.ranks = std::max<int64_t>(1, options->world_size);
-  if (!options->pipeline || !*options->pipeline)
+  if (!options->pipeline)
     return true;
   std::string_view text(options->pipeline);
-  constexpr std::string_view key = "variants=";
-  if (text.substr(0, key.size()) != key) {
-    error = "unknown compile option '" + std::string(text) +
-            "'; the one option is variants=r<R>d<D>,...";
-    return false;
-  }
-  text.remove_prefix(key.size());
+  constexpr std::string_view variantsKey = "variants=", sourceKey = "source=";
   while (!text.empty()) {
-    size_t comma = text.find(',');
-    out.variants.emplace_back(text.substr(0, comma));
-    if (comma == std::string_view::npos)
-      break;
-    text.remove_prefix(comma + 1);
+    if (text.substr(0, sourceKey.size()) == sourceKey) {
+      out.sourceName = std::string(text.substr(sourceKey.size()));
+      return true;
+    }
+    std::string_view option = text.substr(0, text.find(' '));
+    text.remove_prefix(std::min(text.size(), option.size() + 1));
+    if (option.substr(0, variantsKey.size()) != variantsKey) {
+      error = "unknown compile option '" + std::string(option) +
+              "'; the options are variants=r<R>d<D>,... and source=NAME";
+      return false;
+    }
+    option.remove_prefix(variantsKey.size());
+    while (!option.empty()) {
+      size_t comma = option.find(',');
+      out.variants.emplace_back(option.substr(0, comma));
+      if (comma == std::string_view::npos)
+        break;
+      option.remove_prefix(comma + 1);
+    }
   }
   return true;
 }

@@ -32,6 +32,9 @@ struct CompileOptions {
   /// sharded over s = W / E ranks) and r0d1 when ranks > 1, the single-rank
   /// plan otherwise.
   std::vector<std::string> variants;
+  /// What diagnostics call the text (`file:line:col: error: ...`): the file
+  /// it was read from, when there is one.
+  std::string sourceName = "<layer>";
 };
 
 /// Compiles one layer of `moe` IR (a function holding moe.layer, or its
