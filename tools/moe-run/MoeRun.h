@@ -38,6 +38,8 @@ struct Options {
   bool train = false, check = false, json = false, checkNan = false;
   bool checkOverlap = false;
   int64_t iters = 1;
+  /// Untimed calls before the timed ones (--graph: at least 2).
+  int64_t warmup = 1;
   std::string device = "cpu";
   bool graph = false;
   bool align = true;
@@ -135,6 +137,14 @@ struct CheckReport {
   /// The smallest gap between a chosen and an unchosen routing logit.
   double routingMargin = 0;
   bool failed = false;
+
+  /// How many results are within the tolerance.
+  int64_t passed() const {
+    int64_t count = 0;
+    for (const CheckResult &result : results)
+      count += result.pass;
+    return count;
+  }
 };
 
 /// What one run of a layer has: the plan, the executable, the arguments, the
@@ -152,6 +162,8 @@ struct LayerRun {
   const char *variantName = nullptr;
   FlexLayerConfig layer{};
   std::vector<ArgumentBuffer> args;
+  /// Untimed calls made before the timed ones.
+  int64_t warmup = 0;
   StepTimes forwardTimes, backwardTimes;
   CheckReport check;
 

@@ -45,8 +45,10 @@ options:
                     <= 1e-5 for f32, 2e-2 for bf16/f16)
   --variant V       variant name or index (default: FLEX_VARIANT, else the
                     plan's default)
-  --iters N         timed iterations (default 1; with N > 1 one untimed
-                    warm-up run comes first)
+  --iters N         timed iterations (default 1)
+  --warmup N        untimed calls before the timed ones (default 1, so the
+                    first call's one-time costs are not timed; --graph makes
+                    at least 2: the eager run and the one that records)
   --device D        cpu (default) or cuda: with cuda the arguments live in
                     device memory (inputs copied in, outputs copied back for
                     --outputs and --check) and times come from CUDA events
@@ -76,7 +78,9 @@ r*L .. r*L+L-1; x and grad_out are drawn per rank (rank 0 as on one rank).
 
 .npy files: f32 '<f4', f16 '<f2', i32 '<i4'; bf16 is written as '<f4' (exact)
 and read from '<u2' (raw bits) or '<f4'/'<f8' (rounded to nearest even).
-exit status: 0 ok, 1 run or check failed, 2 bad usage or input.
+exit status: 0 ok; 1 the run or the check failed (a failed collective or
+transport included); 2 bad usage or bad input: a layer that does not
+compile or verify, a bad plan, a missing file.
 )";
 
 [[noreturn]] void usageError(const std::string &message) {
@@ -127,6 +131,8 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
       options.variant = value();
     } else if (arg == "--iters") {
       options.iters = parseInteger(arg, value(), 1);
+    } else if (arg == "--warmup") {
+      options.warmup = parseInteger(arg, value(), 0);
     } else if (arg == "--train") {
       options.train = true;
     } else if (arg == "--check") {

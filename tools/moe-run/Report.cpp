@@ -22,23 +22,54 @@
 using namespace flex;
 using namespace flex::moerun;
 
+namespace {
+
+/// A capacity factor as written in a layer: 1.0, 1.25, 2.0.
+std::string factorText(double factor) {
+  std::ostringstream text;
+  text << factor;
+  std::string result = text.str();
+  if (result.find_first_of(".e") == std::string::npos)
+    result += ".0";
+  return result;
+}
+
+} // namespace
+
 std::string flex::moerun::layerSummary(const LayerRun &run) {
   const FlexLayerConfig &layer = run.layer;
+  auto dtype = [](int32_t type) { return toString(static_cast<DType>(type)); };
   std::ostringstream text;
+  // Sizes, then the expert and the capacity and routing as a moe.layer
+  // spells them (ffn<gelu> bias, #moe.capacity<fixed 1.25>, normalize).
   text << "T=" << layer.tokens << " d=" << layer.model_dim
        << " h=" << layer.hidden_dim << " E=" << layer.experts
        << " k=" << layer.top_k << " "
-       << toString(static_cast<CapacityMode>(layer.capacity_mode))
-       << (layer.capacity_mode != FLEX_CAPACITY_DROPLESS
-               ? "(" + std::to_string(layer.capacity_factor).substr(0, 4) + ")"
-               : "")
-       << " " << toString(static_cast<ExpertKind>(layer.expert_kind)) << " "
-       << toString(static_cast<DType>(layer.dtype));
+       << toString(static_cast<ExpertKind>(layer.expert_kind)) << "<"
+       << toString(static_cast<Activation>(layer.activation)) << ">";
+  if (layer.expert_kind == FLEX_EXPERT_FFN)
+    text << (layer.bias ? " bias" : " no bias");
+  text << " " << dtype(layer.dtype);
+  if (layer.router_fp32 && layer.dtype != FLEX_DTYPE_F32)
+    text << " (router f32)";
+  text << ", capacity "
+       << toString(static_cast<CapacityMode>(layer.capacity_mode));
+  if (layer.capacity_mode != FLEX_CAPACITY_DROPLESS)
+    text << " " << factorText(layer.capacity_factor);
+  text << ", routing";
+  if (!layer.normalize_gate && !layer.batch_prioritized)
+    text << " plain"; // weights unnormalized, capacity taken in token order
+  if (layer.normalize_gate)
+    text << " normalize";
+  if (layer.batch_prioritized)
+    text << " batch_prioritized";
+  if (layer.gate_noise != 0)
+    text << " noise " << layer.gate_noise;
   if (run.world > 1 && run.plan.shards() > 1)
-    text << " W=" << run.world << " (each expert sharded over "
+    text << ", W=" << run.world << " (each expert sharded over "
          << run.plan.shards() << " ranks)";
   else if (run.world > 1)
-    text << " W=" << run.world << " (L=" << layer.experts / run.world
+    text << ", W=" << run.world << " (L=" << layer.experts / run.world
          << " experts per rank)";
   return text.str();
 }
@@ -47,10 +78,12 @@ namespace {
 
 void printJson(const Options &options, const LayerRun &run) {
   nlohmann::ordered_json out;
-  out["plan"] = options.path;
+  // What the input is: a plan file, or a .mlir layer compiled in process.
+  out[run.isMlir ? "layer_file" : "plan"] = options.path;
   out["layer"] = layerSummary(run);
   out["variant"] = run.variantName;
   out["iters"] = options.iters;
+  out["warmup"] = run.warmup;
   out["seed"] = options.seed;
   out["device"] = options.device;
   out["graph"] = options.graph;
@@ -85,6 +118,7 @@ void printJson(const Options &options, const LayerRun &run) {
     out["check"] = {{"tolerance", check.tolerance},
                     {"routing_margin", check.routingMargin},
                     {"pass", !check.failed},
+                    {"passed", check.passed()},
                     {"results", list}};
   }
   std::cout << out.dump(2) << "\n";
@@ -112,15 +146,35 @@ void printCheck(const CheckReport &check) {
     std::printf("  note: the routing margin is %.1e, close to a tie that "
                 "fp32 cannot resolve; try another --seed\n",
                 check.routingMargin);
-  std::printf("check %s\n", check.failed ? "FAILED" : "passed");
+  // The verdict, last: how many outputs are within [num-1]'s tolerance.
+  int64_t total = static_cast<int64_t>(check.results.size());
+  if (!check.failed) {
+    std::printf("check passed: %lld of %lld outputs within tolerance\n",
+                static_cast<long long>(total), static_cast<long long>(total));
+    return;
+  }
+  std::string failed;
+  for (const CheckResult &result : check.results)
+    if (!result.pass)
+      failed += (failed.empty() ? "" : ", ") + result.name;
+  std::printf("check FAILED: %lld of %lld outputs over tolerance (%s)\n",
+              static_cast<long long>(total - check.passed()),
+              static_cast<long long>(total), failed.c_str());
 }
 
 void printText(const Options &options, const LayerRun &run) {
-  std::printf("plan     %s\n", options.path.c_str());
-  std::printf("layer    %s\n", layerSummary(run).c_str());
-  std::printf("variant  %s (%lld)   iters %lld   seed %llu   device %s%s\n",
+  // A .mlir input is a layer (compiled here), not a plan.
+  if (run.isMlir)
+    std::printf("layer    %s (compiled in process)\n         %s\n",
+                options.path.c_str(), layerSummary(run).c_str());
+  else
+    std::printf("plan     %s\nlayer    %s\n", options.path.c_str(),
+                layerSummary(run).c_str());
+  std::printf("variant  %s (%lld)   iters %lld (after %lld warm-up)   seed %llu"
+              "   device %s%s\n",
               run.variantName, static_cast<long long>(run.variant),
               static_cast<long long>(options.iters),
+              static_cast<long long>(run.warmup),
               static_cast<unsigned long long>(options.seed),
               options.device.c_str(), options.graph ? " (graph)" : "");
   if (ranks.size > 1)

@@ -104,11 +104,27 @@ std::string planTextOf(const Options &options, bool isMlir) {
   compileOptions.world_size = ranks.size;
   compileOptions.rank = ranks.rank;
   compileOptions.training = options.train ? 1 : 0;
+  // Diagnostics then name the file (path:line:col), not "<layer>".
+  std::string pipeline = "source=" + options.path;
+  compileOptions.pipeline = pipeline.c_str();
   char *json = nullptr;
   FlexStatus status =
       flexCompileLayerToPlan(mlir.data(), mlir.size(), &compileOptions, &json);
   if (status == FLEX_STATUS_UNAVAILABLE)
     fatal(2, "cannot run '" + options.path + "': " + flexGetLastError());
+  // A layer that does not parse or verify is bad input (2); an internal
+  // compiler error is not.
+  if (status == FLEX_STATUS_INVALID_ARGUMENT) {
+    // The diagnostics on lines of their own, each starting `path:line:col:`
+    // as editors expect, without the C API's "function: compiler: ".
+    std::string error = flexGetLastError();
+    size_t prefix = error.find(": compiler: ");
+    if (prefix != std::string::npos)
+      error.erase(0, prefix + sizeof(": compiler: ") - 1);
+    while (!error.empty() && error.back() == '\n')
+      error.pop_back();
+    fatal(2, "cannot compile '" + options.path + "':\n" + error);
+  }
   checkApi(status, ("compiling '" + options.path + "'").c_str());
   std::string planText = json;
   flexFreeString(json);
@@ -257,10 +273,10 @@ std::vector<FlexBinding> bindArguments(const Options &options, LayerRun &run,
   return bindings;
 }
 
-/// The calls: warm-up when iterating (with --graph two: the eager run and
-/// the one that records), then the timed ones. The eager runs' step times
-/// are kept, as a replayed graph has none. Times are the largest over ranks
-/// (a step ends when its slowest rank does).
+/// The calls: --warmup untimed ones (with --graph at least two: the eager
+/// run and the one that records), then the timed ones. The eager runs' step
+/// times are kept, as a replayed graph has none. Times are the largest over
+/// ranks (a step ends when its slowest rank does).
 void runCalls(const Options &options, LayerRun &run) {
   DeviceBuffers device;
   std::vector<FlexBinding> bindings = bindArguments(options, run, device);
@@ -268,9 +284,10 @@ void runCalls(const Options &options, LayerRun &run) {
   runOptions.struct_size = sizeof(FlexRunOptions);
   runOptions.flags = (options.checkNan ? FLEX_RUN_CHECK_NONFINITE : 0) |
                      (options.graph ? FLEX_RUN_CUDA_GRAPH : 0);
-  int64_t warmup = options.graph ? 2 : (options.iters > 1 ? 1 : 0);
-  for (int64_t iter = 0; iter < warmup + options.iters; ++iter) {
-    bool timed = iter >= warmup;
+  run.warmup =
+      options.graph ? std::max<int64_t>(options.warmup, 2) : options.warmup;
+  for (int64_t iter = 0; iter < run.warmup + options.iters; ++iter) {
+    bool timed = iter >= run.warmup;
     // Each call synchronizes (for its times), so the ranks' hosts resume at
     // different moments; without the barrier the first collective of the
     // next pass absorbs that skew.
