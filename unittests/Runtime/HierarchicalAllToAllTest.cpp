@@ -191,12 +191,8 @@ void setRanksPerNode(Json &doc, const Json &value) {
     for (const char *list : {"forward", "backward"})
       if (v.contains(list))
         for (Json &step : v[list])
-          if (step["op"] == "all_to_all") {
-            if (value == 0)
-              step["attrs"].erase("ranks_per_node");
-            else
-              step["attrs"]["ranks_per_node"] = value;
-          }
+          if (step["op"] == "all_to_all")
+            step["attrs"]["ranks_per_node"] = value;
 }
 
 Status parseWith(const std::string &name, const Json &perNode, Plan &plan) {
@@ -221,10 +217,12 @@ TEST(RanksPerNodePlan, LoadsWritesAndDefaultsToFlat) {
   Plan again;
   ASSERT_TRUE(parsePlan(text, again).isOk());
   EXPECT_EQ(writePlan(again), text);
-  // Absent: flat, and not written.
+  // 0: flat, written as 0 (format 2 writes every attribute).
   Plan flat;
   ASSERT_TRUE(parseWith(kPlan, 0, flat).isOk());
-  EXPECT_THAT(writePlan(flat), ::testing::Not(HasSubstr("ranks_per_node")));
+  EXPECT_THAT(writePlan(flat), HasSubstr("\"ranks_per_node\": 0"));
+  EXPECT_THAT(writePlan(flat),
+              ::testing::Not(HasSubstr("\"ranks_per_node\": 2")));
   // N == W (one node) and N == 1 are allowed.
   EXPECT_TRUE(parseWith(kPlan, 4, plan).isOk());
   EXPECT_TRUE(parseWith(kPlan, 1, plan).isOk());

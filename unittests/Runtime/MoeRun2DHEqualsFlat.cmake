@@ -1,5 +1,5 @@
 # Runs a plan whose all_to_all steps have "ranks_per_node" (the hierarchical
-# 2DH exchange) and the same plan without it (flat) under mpirun on the same
+# 2DH exchange) and the same plan with it 0 (flat) under mpirun on the same
 # inputs; every rank's outputs must be identical, byte for byte.
 # Usage: cmake -DMPIRUN="mpirun|flags" -DNP=... -DMOE_RUN=... -DPLAN=...
 #        -DVARIANT=... -DDIR=... -P MoeRun2DHEqualsFlat.cmake
@@ -8,7 +8,8 @@ string(REPLACE "|" ";" mpirun "${MPIRUN}")
 file(REMOVE_RECURSE ${DIR})
 file(MAKE_DIRECTORY ${DIR})
 file(READ ${PLAN} text)
-string(REGEX REPLACE ",[ \t\r\n]*\"ranks_per_node\": *[0-9]+" "" flat "${text}")
+string(REGEX REPLACE "\"ranks_per_node\": *[1-9][0-9]*" "\"ranks_per_node\": 0"
+       flat "${text}")
 if(flat STREQUAL text)
   message(FATAL_ERROR "${PLAN} has no \"ranks_per_node\" to take out")
 endif()

@@ -19,6 +19,7 @@
 #include "flex/Runtime/Status.h"
 
 #include <array>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -49,6 +50,10 @@ struct StepOperands {
   }
 };
 
+/// A backend's kernel for one step kind: runs (or queues) the step.
+using StepKernel =
+    std::function<Status(const Plan &, const Step &, const StepOperands &)>;
+
 class Backend {
 public:
   virtual ~Backend();
@@ -57,9 +62,17 @@ public:
   virtual std::string_view name() const = 0;
 
   /// Runs (or queues) one step. The plan has been verified: every required
-  /// operand is present with the dtype and shape its op needs.
+  /// operand is present with the dtype and shape its op needs. The default
+  /// runs the kernel registered for the step's kind (setKernel); a kind
+  /// StepKinds.def declares but this backend has no kernel for is refused
+  /// with Unavailable, naming both.
   virtual Status runStep(const Plan &plan, const Step &step,
-                         const StepOperands &operands) = 0;
+                         const StepOperands &operands);
+
+  /// Whether this backend has a kernel for `op`.
+  bool implements(StepOp op) const {
+    return static_cast<bool>(kernels_[static_cast<int>(op)]);
+  }
 
   /// Waits until every queued step has finished. The CPU backend runs steps
   /// synchronously and returns at once.
@@ -118,9 +131,23 @@ public:
                             Status made);
 
 protected:
+  /// Registers the kernel of one step kind (adding a step kind: one
+  /// declaration in StepKinds.def and one setKernel per backend).
+  void setKernel(StepOp op, StepKernel kernel) {
+    kernels_[static_cast<int>(op)] = std::move(kernel);
+  }
+  /// Runs the registered kernel of `step`'s kind, or refuses the step.
+  Status runKernel(const Plan &plan, const Step &step,
+                   const StepOperands &operands) const;
+
   /// The communicator a collective step runs through: the whole world's,
   /// or its group's. Fails, naming the step, when there is none.
   Status communicatorFor(const Step &step, Communicator *&communicator) const;
+
+  /// all_gather and reduce_scatter, the same on every backend: the
+  /// communicator moves the bytes in its own memory space.
+  static Status gatherOrScatter(Communicator &comm, const Step &step,
+                                const StepOperands &operands);
 
   std::shared_ptr<Communicator> communicator_;
   struct GroupCommunicator {
@@ -129,6 +156,9 @@ protected:
     Status made;
   };
   std::vector<GroupCommunicator> groupCommunicators_;
+
+private:
+  std::array<StepKernel, kNumStepOps> kernels_{};
 };
 
 /// The CPU backend (lib/Runtime/Cpu/CpuBackend.cpp): R1's kernels of

@@ -30,36 +30,21 @@
 
 namespace flex {
 
-/// The plan format versions this runtime reads.
-inline constexpr int kPlanFormatVersion = 1;
+/// The plan format version this runtime reads (and writes). Version 2 made
+/// every declared attribute of a step required and added each step's
+/// compiled facts; a version 1 plan is refused with a message naming it.
+inline constexpr int kPlanFormatVersion = 2;
 inline constexpr std::string_view kPlanFormatName = "flex-plan";
 
-/// One step op of the plan (one `moert` op).
+/// One step op of the plan (one `moert` op); declared in StepKinds.def.
 enum class StepOp : uint8_t {
-  Router,
-  Gate,
-  Dispatch,
-  GroupedGemm,
-  Glu,
-  Combine,
-  CombineBackward,
-  GroupedGemmWgrad,
-  ActivationBackward,
-  GluBackward,
-  DispatchBackward,
-  GateBackward,
-  RouterBackward,
-  // Collectives of multi-rank plans (PlanFormat.md, "Many ranks").
-  SyncCapacity,
-  AllToAll,
-  UniformSegments,
-  AllGather,
-  ReduceScatter,
-  // Experts sharded over ranks (PlanFormat.md, "Experts sharded over ranks").
-  ShardRouting,
-  ShardRoutingBackward,
+#define FLEX_STEP(Name, spelling, traits, ins, outs, attrs, cost) Name,
+#include "flex/Runtime/StepKinds.def"
 };
-inline constexpr int kNumStepOps = 20;
+inline constexpr int kNumStepOps = 0
+#define FLEX_STEP(Name, spelling, traits, ins, outs, attrs, cost) +1
+#include "flex/Runtime/StepKinds.def"
+    ;
 
 std::string_view toString(StepOp op);
 std::optional<StepOp> parseStepOp(std::string_view text);
@@ -71,48 +56,15 @@ bool isCollective(StepOp op);
 
 /// The role an operand plays in a step: the keys of a step's `in` and `out`
 /// objects. One enum for all ops; each op accepts a subset (see
-/// getStepSignature).
+/// getStepSignature). Declared in StepKinds.def.
 enum class OperandRole : uint8_t {
-  X,
-  Wg,
-  Logits,
-  Scores,
-  Indices,
-  Locations,
-  Gates,
-  Capacity,
-  ExpertOffsets,
-  ExpertRows,
-  LAux,
-  Dispatched,
-  A,
-  B,
-  Bias,
-  C,
-  GateIn,
-  UpIn,
-  ExpertOut,
-  Out,
-  GradOut,
-  GradExpertOut,
-  GradGates,
-  GradC,
-  GradB,
-  GradBias,
-  Pre,
-  Grad,
-  GradPre,
-  GradGateIn,
-  GradUpIn,
-  GradDispatched,
-  GradX,
-  GradLAux,
-  GradLogits,
-  GradWg,
-  Input,  ///< all_to_all, all_gather, reduce_scatter
-  Output, ///< all_to_all, all_gather, reduce_scatter
+#define FLEX_OPERAND_ROLE(Name, spelling) Name,
+#include "flex/Runtime/StepKinds.def"
 };
-inline constexpr int kNumOperandRoles = 38;
+inline constexpr int kNumOperandRoles = 0
+#define FLEX_OPERAND_ROLE(Name, spelling) +1
+#include "flex/Runtime/StepKinds.def"
+    ;
 
 std::string_view toString(OperandRole role);
 std::optional<OperandRole> parseOperandRole(std::string_view text);

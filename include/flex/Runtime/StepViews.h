@@ -81,6 +81,25 @@ inline GateOutputs gateOutputs(const StepOperands &ops) {
   return out;
 }
 
+/// A grouped_gemm step's options as the GEMM kernels take them.
+inline GroupedGemmOptions gemmOptions(const StepAttrs &a) {
+  GroupedGemmOptions options;
+  options.transB = a.transB;
+  options.accumulate = a.accumulate;
+  options.epilogue = a.epilogue;
+  // 1 / s in fc2 of a sharded expert: the s partial outputs add b2 once.
+  options.biasScale = static_cast<float>(a.biasScale);
+  return options;
+}
+
+/// A gate_backward step's attributes as the gate kernels take them.
+inline GateBackwardAttrs gateBackwardAttrs(const StepAttrs &a) {
+  GateBackwardAttrs attrs;
+  attrs.topK = a.topK;
+  attrs.normalize = a.normalize;
+  return attrs;
+}
+
 } // namespace flex::step_views
 
 #endif // FLEX_RUNTIME_STEPVIEWS_H

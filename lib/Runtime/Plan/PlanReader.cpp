@@ -180,8 +180,8 @@ StepAttrs readAttrs(const Json *json, const std::string &path, StepOp op) {
     std::optional<StepAttr> attr = parseStepAttr(it.key());
     if (!attr || !kind.takesAttr(*attr))
       fail(path + "." + it.key(), "op '" + std::string(kind.name) +
-                                      "' has no attribute '" + it.key() +
-                                      "'; allowed: " + allowed());
+                                      "' takes no " + it.key() +
+                                      " attribute; allowed: " + allowed());
   }
   for (StepAttr attr : kind.attrs) {
     std::string at = path + "." + std::string(toString(attr));
@@ -189,7 +189,8 @@ StepAttrs readAttrs(const Json *json, const std::string &path, StepOp op) {
         optionalField(object, std::string(toString(attr)).c_str());
     if (!value)
       fail(at, "missing (required by op '" + std::string(kind.name) +
-                   "'; every attribute of a step is required); op '" +
+                   "'); format 2 requires every attribute a step kind "
+                   "takes, and op '" +
                    std::string(kind.name) + "' takes " + allowed());
     readAttr(attr, *value, at, attrs);
     checkAttrRange(attr, *value, at, attrs);

@@ -225,7 +225,7 @@ FailureOr<Plan> flex::translateToRuntimePlan(moert::PlanOp planOp) {
 
   // What backends are told instead of searching the plan (StepFacts.h).
   computeStepFacts(plan);
-  if (Status status = verifyPlan(plan, {/*checkWorkspaceOverlap=*/true});
+  if (Status status = verifyPlan(plan);
       !status)
     return planOp.emitOpError("[plan-3] the runtime rejects the plan: ")
            << status.message();
