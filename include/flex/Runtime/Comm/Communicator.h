@@ -13,7 +13,9 @@
 // setStream, synchronizeStream).
 //
 // Every rank calls the same collectives in the same order. Every collective
-// has a bounded wait: FLEX_COLLECTIVE_TIMEOUT_S seconds (default 300). A
+// has a bounded wait: the timeout given to the communicator's factory
+// (RuntimeOptions::collectiveTimeoutSeconds; FLEX_COLLECTIVE_TIMEOUT_S, or
+// 300 s, when it is given none). A
 // collective that times out or fails returns CommunicationError naming the
 // collective (`what`) and the ranks it waited for; the communicator is then
 // broken (later calls fail at once), and abort() ends the job where the
