@@ -44,11 +44,10 @@ void expectRejected(const Json &doc, std::initializer_list<const char *> parts,
     EXPECT_THAT(status.message(), HasSubstr(part));
 }
 
-const char *const kPlans[] = {"ffn_fixed_train.json",
-                              "ffn_dropless_ragged_train.json",
-                              "gated_bounded_infer.json",
-                              "ffn_dropless_ragged_train_bf16.json",
-                              "gated_fixed_train.json"};
+const char *const kPlans[] = {
+    "ffn_fixed_train.json", "ffn_dropless_ragged_train.json",
+    "gated_bounded_infer.json", "ffn_dropless_ragged_train_bf16.json",
+    "gated_fixed_train.json"};
 
 Json &findWorkspaceBuffer(Json &doc, const std::string &name) {
   for (Json &buffer : doc["workspace"]["buffers"])
@@ -161,8 +160,8 @@ TEST(PlanLoader, RejectsWrongFormatAndVersion) {
   expectRejected(wrong, {"'format'", "'onnx' is not a Flex plan"});
   wrong = doc;
   wrong["version"] = 3;
-  expectRejected(wrong, {"'version'", "version 3 is not supported",
-                         "reads version 2"});
+  expectRejected(
+      wrong, {"'version'", "version 3 is not supported", "reads version 2"});
   // A plan of the previous format is refused by name, with the way out.
   wrong["version"] = 1;
   expectRejected(wrong, {"'version'", "version 1 is not supported",
@@ -174,12 +173,12 @@ TEST(PlanLoader, RejectsWrongFormatAndVersion) {
 
 TEST(PlanLoader, RejectsMissingAndMistypedFields) {
   Json doc = readJson("ffn_fixed_train.json");
-  for (const char *key : {"format", "version", "layer", "training",
-                          "arguments", "workspace", "variants"}) {
+  for (const char *key : {"format", "version", "layer", "training", "arguments",
+                          "workspace", "variants"}) {
     Json wrong = doc;
     wrong.erase(key);
-    expectRejected(wrong, {(std::string("'") + key + "'").c_str(),
-                           "missing (required)"});
+    expectRejected(
+        wrong, {(std::string("'") + key + "'").c_str(), "missing (required)"});
   }
   Json wrong = doc;
   wrong["layer"].erase("model_dim");
@@ -208,8 +207,7 @@ TEST(PlanLoader, RejectsMissingAndMistypedFields) {
   expectRejected(wrong, {"'workspace.buffers[0].offset'", "missing"});
   wrong = doc;
   wrong["variants"][0]["forward"][2]["in"]["x"] = 3;
-  expectRejected(wrong, {"'variants[0].forward[2].in.x'",
-                         "expected a string"});
+  expectRejected(wrong, {"'variants[0].forward[2].in.x'", "expected a string"});
   wrong = doc;
   wrong["variants"][0]["forward"][1]["attrs"]["layout"] = "sparse";
   expectRejected(wrong, {"'variants[0].forward[1].attrs.layout'",
@@ -229,21 +227,21 @@ TEST(PlanLoader, RejectsUnknownOpRoleAndBuffer) {
   Json doc = readJson("ffn_fixed_train.json");
   Json wrong = doc;
   wrong["variants"][0]["forward"][0]["op"] = "conv2d";
-  expectRejected(wrong, {"'variants[0].forward[0].op'", "'conv2d'",
-                         "router, gate"});
+  expectRejected(wrong,
+                 {"'variants[0].forward[0].op'", "'conv2d'", "router, gate"});
   wrong = doc;
   wrong["variants"][0]["forward"][0]["in"]["x"] = "tokens";
   expectRejected(wrong, {"'variants[0].forward[0].in.x'", "'tokens'",
                          "defined by no argument and no workspace buffer"});
   wrong = doc;
   wrong["variants"][0]["forward"][0]["in"]["bias"] = "b1";
-  expectRejected(wrong, {"'variants[0].forward[0].in.bias'",
-                         "op 'router' has no input role 'bias'",
-                         "allowed: x, wg"});
+  expectRejected(wrong,
+                 {"'variants[0].forward[0].in.bias'",
+                  "op 'router' has no input role 'bias'", "allowed: x, wg"});
   wrong = doc;
   wrong["variants"][0]["forward"][0]["in"].erase("wg");
-  expectRejected(wrong, {"'variants[0].forward[0].in.wg'",
-                         "required by op 'router'"});
+  expectRejected(wrong,
+                 {"'variants[0].forward[0].in.wg'", "required by op 'router'"});
 }
 
 TEST(PlanLoader, RejectsArgumentsThatDisagreeWithTheLayer) {
@@ -278,9 +276,9 @@ TEST(PlanLoader, RejectsStepShapesThatDisagreeWithTheLayer) {
   Json doc = readJson("ffn_fixed_train.json");
   Json wrong = doc;
   findWorkspaceBuffer(wrong, "logits")["shape"] = {8, 3};
-  expectRejected(wrong, {"'variants[0].forward[0].out.logits'",
-                         "buffer 'logits' has shape [8, 3]",
-                         "expected [8, 4]"});
+  expectRejected(wrong,
+                 {"'variants[0].forward[0].out.logits'",
+                  "buffer 'logits' has shape [8, 3]", "expected [8, 4]"});
   wrong = doc;
   findWorkspaceBuffer(wrong, "indices")["dtype"] = "f32";
   expectRejected(wrong, {"buffer 'indices' has dtype f32", "needs i32"});
@@ -365,8 +363,8 @@ TEST(PlanLoader, RejectsBrokenDataFlow) {
                          "earlier step writes"});
   wrong = doc;
   wrong["variants"][0]["forward"][3]["attrs"]["accumulate"] = true;
-  expectRejected(wrong, {"'variants[0].forward[3].out.c'",
-                         "adds into 'hid_pre'"});
+  expectRejected(wrong,
+                 {"'variants[0].forward[3].out.c'", "adds into 'hid_pre'"});
   wrong = doc;
   wrong["variants"][0]["forward"].erase(6); // combine: out never written
   expectRejected(wrong, {"argument 'out' (role output) is written by no step"});
@@ -382,8 +380,8 @@ TEST(PlanLoader, RejectsBadVariants) {
   Json doc = readJson("ffn_fixed_train.json");
   Json wrong = doc;
   wrong["default_variant"] = 2;
-  expectRejected(wrong, {"'default_variant'", "index 2 is out of range",
-                         "2 variants"});
+  expectRejected(
+      wrong, {"'default_variant'", "index 2 is out of range", "2 variants"});
   wrong = doc;
   wrong["variants"][1]["name"] = "padded";
   expectRejected(wrong, {"'variants[1].name'", "'padded' is used twice"});
@@ -404,6 +402,61 @@ TEST(PlanLoader, OverlapCheckAlwaysRuns) {
       findWorkspaceBuffer(doc, "scores")["offset"];
   expectRejected(doc, {"buffer 'indices'", "overlaps buffer 'scores'",
                        "while both are live"});
+}
+
+// The corrupted plans a fuzzer once found loading and running with wrong
+// outputs (issue 10): each is now rejected, naming the field.
+TEST(PlanLoader, RejectsAGemmStepWithoutItsAttributes) {
+  Json doc = readJson("ffn_fixed_train.json");
+  for (Json &step : doc["variants"][0]["forward"])
+    if (step["op"] == "grouped_gemm") {
+      step.erase("attrs"); // the epilogue used to become 'none' silently
+      break;
+    }
+  expectRejected(doc, {".attrs.trans_b'", "missing (required by op "
+                                          "'grouped_gemm')"});
+  doc = readJson("ffn_fixed_train.json");
+  for (Json &step : doc["variants"][0]["forward"])
+    if (step["op"] == "grouped_gemm") {
+      step["attrs"].erase("epilogue");
+      break;
+    }
+  expectRejected(doc, {".attrs.epilogue'", "missing"});
+  // An attribute the kind does not take is not ignored either.
+  doc = readJson("ffn_fixed_train.json");
+  doc["variants"][0]["forward"][0]["attrs"]["epilogue"] = "relu";
+  expectRejected(doc, {"'variants[0].forward[0].attrs.epilogue'",
+                       "op 'router' takes no epilogue attribute"});
+}
+
+TEST(PlanLoader, RejectsARepeatedStep) {
+  Json doc = readJson("ffn_fixed_train.json");
+  Json &backward = doc["variants"][0]["backward"];
+  // router_backward adds into grad_x: twice is twice the gradient.
+  int last = static_cast<int>(backward.size()) - 1;
+  ASSERT_EQ(backward[last]["op"], "router_backward");
+  backward.push_back(backward[last]);
+  const std::string repeated =
+      "'variants[0].backward[" + std::to_string(last + 1) + "]'";
+  const std::string original =
+      "repeats variants[0].backward[" + std::to_string(last) + "]";
+  expectRejected(doc, {repeated.c_str(), original.c_str()});
+  // Any step, anywhere in the pass, with nothing written in between.
+  doc = readJson("ffn_fixed_train.json");
+  Json &forward = doc["variants"][0]["forward"];
+  forward.insert(forward.begin() + 3, forward[2]);
+  expectRejected(doc, {"'variants[0].forward[3]'", "repeats"});
+}
+
+TEST(PlanLoader, RejectsAGateThatDisagreesWithTheLayer) {
+  Json doc = readJson("ffn_fixed_train.json");
+  doc["layer"]["capacity_factor"] = 2.0;
+  expectRejected(doc, {"'variants[0].forward[1].attrs.capacity_factor'",
+                       "disagrees with the layer's capacity_factor"});
+  doc = readJson("ffn_fixed_train.json");
+  doc["variants"][0]["forward"][1]["attrs"]["normalize"] =
+      !doc["layer"]["normalize_gate"].get<bool>();
+  expectRejected(doc, {".attrs.normalize'", "disagrees with the layer's"});
 }
 
 // Damaged documents (cut anywhere, bytes flipped) give a Status, never a
