@@ -36,7 +36,6 @@ struct Options {
   uint64_t seed = 0;
   std::string inputsDir, saveInputsDir, outputsDir, variant;
   bool train = false, check = false, json = false, checkNan = false;
-  bool checkOverlap = false;
   int64_t iters = 1;
   /// Untimed calls before the timed ones (--graph: at least 2).
   int64_t warmup = 1;

@@ -62,8 +62,8 @@ options:
                     whose host resumed later after the previous call's
                     synchronize (see bench/RESULTS.md, Run 11)
   --check-nan       reject NaN/Inf in inputs and outputs
-  --check-overlap   also reject workspace buffers that share bytes while
-                    both are live (checks the compiler's memory plan)
+  --check-overlap   accepted for old scripts: the loader always rejects
+                    workspace buffers that share bytes while both are live
   --json            print one JSON object instead of text
   --help            this text
   --cuda-devices    (alone) print how many CUDA devices are usable and exit
@@ -142,7 +142,7 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
     } else if (arg == "--check-nan") {
       options.checkNan = true;
     } else if (arg == "--check-overlap") {
-      options.checkOverlap = true;
+      // Plan format 2: the liveness check always runs.
     } else if (arg == "--device") {
       options.device = value();
       if (options.device != "cpu" && options.device != "cuda")
