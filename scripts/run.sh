@@ -24,14 +24,29 @@ if [ -z "${FLEX_DEVICE:-}" ] && command -v nvidia-smi >/dev/null 2>&1 &&
 fi
 echo "flex: running on $device"
 
+# Every layer runs, a failure does not stop the others; the last line counts.
+ran=0
+failed=()
 run_layer() {
   echo
   echo "=== $1 ($device)"
-  "$bin/moe-run" "$1" --device "$device" --train --check --iters 3
+  ran=$((ran + 1))
+  "$bin/moe-run" "$1" --device "$device" --train --check --iters 3 ||
+    failed+=("$(basename "$1")")
+}
+verdict() {
+  echo
+  if [ ${#failed[@]} -eq 0 ]; then
+    echo "flex: $ran of $ran layers passed (forward and backward against fp64)"
+  else
+    echo "flex: $((ran - ${#failed[@]})) of $ran layers passed; FAILED: ${failed[*]}"
+    exit 1
+  fi
 }
 
 if [ $# -gt 0 ]; then
   for layer in "$@"; do run_layer "$layer"; done
+  verdict
   exit 0
 fi
 
@@ -49,11 +64,21 @@ import json, sys
 plan = json.load(open(sys.argv[1]))
 layer, variant = plan["layer"], plan["variants"][0]
 print(f"plan     {sys.argv[1]}")
-print("layer    T={tokens} d={model_dim} h={hidden_dim} E={experts} k={top_k} "
-      "{capacity_mode} {expert_kind} {dtype}".format(**layer))
+capacity = layer["capacity_mode"]
+if capacity != "dropless":
+    capacity += f" {layer['capacity_factor']}"
+expert = layer["expert_kind"]
+if expert == "ffn":
+    expert += f"<{layer['activation']}>" + (" bias" if layer["bias"] else "")
+routing = [f for f in ("normalize_gate", "batch_prioritized") if layer[f]]
+print(f"layer    T={layer['tokens']} d={layer['model_dim']} "
+      f"h={layer['hidden_dim']} E={layer['experts']} k={layer['top_k']} "
+      f"{expert} {layer['dtype']}, capacity {capacity}, "
+      f"routing {' '.join(routing) or 'plain'}")
 print(f"workspace {plan['workspace']['bytes'] / 2**20:.1f} MiB for "
       f"{len(plan['workspace']['buffers'])} buffers")
 print("forward  " + " ".join(s["op"] for s in variant["forward"]))
 print("backward " + " ".join(s["op"] for s in variant["backward"]))
 PY
 done
+verdict
