@@ -14,6 +14,7 @@
 #include "MultiRankTestSupport.h"
 
 #include "flex/Runtime/Backend.h"
+#include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 #include "flex/Runtime/StepSchema.h"
 
@@ -102,6 +103,19 @@ TEST(StepKernels, ADeclaredKindWithoutAKernelIsRefusedByName) {
   EXPECT_EQ(refused.code(), StatusCode::Unavailable);
   EXPECT_THAT(refused.message(), HasSubstr("step 'gate'"));
   EXPECT_THAT(refused.message(), HasSubstr("partial backend"));
+}
+
+TEST(StepKernels, AnExecutorRefusesAPlanItsBackendCannotRun) {
+  auto plan = std::make_shared<Plan>();
+  ASSERT_TRUE(parsePlan(readTestPlan("ffn_fixed_train.json"), *plan).isOk());
+  std::unique_ptr<Executor> executor;
+  Status refused =
+      Executor::create(plan, std::make_unique<PartialBackend>(), executor);
+  EXPECT_EQ(refused.code(), StatusCode::Unavailable);
+  EXPECT_THAT(refused.message(), HasSubstr("step 'gate'"));
+  EXPECT_THAT(refused.message(), HasSubstr("forward[1]"));
+  EXPECT_FALSE(executor);
+  EXPECT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
 }
 
 TEST(StepWork, GemmFlopsAndBytesFollowTheShapes) {

@@ -73,6 +73,9 @@ public:
   bool implements(StepOp op) const {
     return static_cast<bool>(kernels_[static_cast<int>(op)]);
   }
+  /// Unavailable, naming the first step (variant, pass, index) whose kind
+  /// this backend has no kernel for; ok when it runs every step of `plan`.
+  Status checkRuns(const Plan &plan) const;
 
   /// Waits until every queued step has finished. The CPU backend runs steps
   /// synchronously and returns at once.

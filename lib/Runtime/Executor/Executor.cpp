@@ -280,6 +280,9 @@ Status Executor::create(std::shared_ptr<const Plan> plan,
     return Status(StatusCode::InvalidArgument, "no backend given");
   if (Status status = verifyPlan(*plan); !status)
     return status;
+  // Refused here, before anything runs, rather than halfway through a pass.
+  if (Status status = backend->checkRuns(*plan); !status)
+    return status;
   std::unique_ptr<Executor> result(
       new Executor(std::move(plan), std::move(backend), options));
   if (!options.variant.empty()) {

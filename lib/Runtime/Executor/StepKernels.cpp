@@ -32,6 +32,25 @@ Status Backend::runKernel(const Plan &plan, const Step &step,
   return kernel(plan, step, operands);
 }
 
+Status Backend::checkRuns(const Plan &plan) const {
+  for (const Variant &variant : plan.variants)
+    for (bool backward : {false, true}) {
+      const std::vector<Step> &steps =
+          backward ? variant.backward : variant.forward;
+      for (size_t i = 0; i < steps.size(); ++i)
+        if (!implements(steps[i].op))
+          return Status(StatusCode::Unavailable,
+                        "step '" + std::string(toString(steps[i].op)) +
+                            "' (variant '" + variant.name + "', " +
+                            (backward ? "backward[" : "forward[") +
+                            std::to_string(i) + "]) has no kernel in the " +
+                            std::string(name()) +
+                            " backend; run this plan on a backend that has "
+                            "one");
+    }
+  return Status::ok();
+}
+
 Status Backend::gatherOrScatter(Communicator &comm, const Step &step,
                                 const StepOperands &ops) {
   using R = OperandRole;
