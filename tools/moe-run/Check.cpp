@@ -14,6 +14,7 @@
 
 #include "MoeRun.h"
 
+#include "flex/Reference/PlanCheck.h"
 #include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/ExpertSlices.h"
 
@@ -42,7 +43,9 @@ void runReference(const Options &options, LayerRun &run,
                                          ranks.gather(valuesOf(name)))
                : valuesOf(name);
   };
-  LayerConfig config = run.plan.layer;
+  LayerConfig config;
+  reference::ReferenceOptions refOptions;
+  reference::configureForVariant(run.plan, run.variant, config, refOptions);
   reference::LayerInputs inputs;
   inputs.x = valuesOf("x");
   inputs.wg = valuesOf("wg");
@@ -51,14 +54,6 @@ void runReference(const Options &options, LayerRun &run,
   inputs.w2 = global("w2");
   inputs.b2 = global("b2");
   inputs.w3 = global("w3");
-  reference::ReferenceOptions refOptions;
-  for (const Step &step : run.plan.variants[run.variant].forward)
-    if (step.op == StepOp::Gate) {
-      refOptions.capacityAlignment = step.attrs.capacityAlignment;
-      // The gate's attributes are what the plan runs.
-      config.gateNoise = step.attrs.noise;
-      config.seed = step.attrs.seed;
-    }
   if (options.train) {
     grads = reference::referenceBackward(config, inputs, valuesOf("grad_out"),
                                          valuesOf("grad_l_aux").at(0),
@@ -91,28 +86,19 @@ void flex::moerun::checkAgainstReference(const Options &options,
                                          LayerRun &run) {
   CheckReport &check = run.check;
   check.tolerance =
-      static_cast<DType>(run.layer.dtype) == DType::F32 ? 1e-5 : 2e-2;
+      reference::layerTolerance(static_cast<DType>(run.layer.dtype));
   reference::LayerForward forward;
   reference::LayerGradients grads;
   runReference(options, run, forward, grads);
-  auto compare = [&](const char *name, const std::vector<double> &want) {
+  auto values = [&](const char *name) {
     ArgumentBuffer *arg = run.find(name);
-    if (!arg)
-      return;
-    double error = reference::relativeL2(arg->values(), want);
-    check.results.push_back({name, error, error <= check.tolerance});
+    return arg ? arg->values() : std::vector<double>();
   };
-  compare("out", forward.out);
-  compare("l_aux", {forward.lAux});
-  if (options.train) {
-    compare("grad_x", grads.x);
-    compare("grad_wg", grads.wg);
-    compare("grad_w1", grads.w1);
-    compare("grad_b1", grads.b1);
-    compare("grad_w2", grads.w2);
-    compare("grad_b2", grads.b2);
-    compare("grad_w3", grads.w3);
-  }
+  for (const reference::OutputCheck &result :
+       reference::compareOutputs(values, forward,
+                                 options.train ? &grads : nullptr,
+                                 check.tolerance))
+    check.results.push_back({result.name, result.error, result.pass});
   // Each result is the worst over ranks (NaN counts as infinite).
   std::vector<double> worst;
   for (const CheckResult &result : check.results)
