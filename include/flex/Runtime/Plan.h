@@ -58,11 +58,11 @@ bool isCollective(StepOp op);
 /// objects. One enum for all ops; each op accepts a subset (see
 /// getStepSignature). Declared in StepKinds.def.
 enum class OperandRole : uint8_t {
-#define FLEX_OPERAND_ROLE(Name, spelling) Name,
+#define FLEX_OPERAND_ROLE(Name, spelling, dims, dtype) Name,
 #include "flex/Runtime/StepKinds.def"
 };
 inline constexpr int kNumOperandRoles = 0
-#define FLEX_OPERAND_ROLE(Name, spelling) +1
+#define FLEX_OPERAND_ROLE(Name, spelling, dims, dtype) +1
 #include "flex/Runtime/StepKinds.def"
     ;
 

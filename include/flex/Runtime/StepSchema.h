@@ -16,13 +16,22 @@
 #define FLEX_RUNTIME_STEPSCHEMA_H
 
 #include "flex/Runtime/Plan.h"
+#include "flex/Runtime/RoleShapes.h"
 
 #include <cstdint>
+#include <iterator>
 #include <optional>
 #include <string_view>
 #include <vector>
 
 namespace flex {
+
+/// The declared shape and element type of `role` (StepKinds.def): no dims
+/// when they depend on the step kind.
+inline const RoleShape &getRoleShape(OperandRole role) {
+  static_assert(std::size(kRoleShapes) == size_t(kNumOperandRoles));
+  return kRoleShapes[static_cast<size_t>(role)];
+}
 
 /// A key of a step's `attrs` object (StepKinds.def, FLEX_STEP_ATTR).
 enum class StepAttr : uint8_t {

@@ -42,7 +42,7 @@ constexpr std::string_view kStepOpNames[] = {
 };
 
 constexpr std::string_view kOperandRoleNames[] = {
-#define FLEX_OPERAND_ROLE(Name, spelling) spelling,
+#define FLEX_OPERAND_ROLE(Name, spelling, dims, dtype) spelling,
 #include "flex/Runtime/StepKinds.def"
 };
 

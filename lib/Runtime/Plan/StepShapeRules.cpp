@@ -12,8 +12,11 @@
 
 #include "PlanDetail.h"
 
+#include "flex/Runtime/StepSchema.h"
+
 #include <algorithm>
 #include <limits>
+#include <string>
 
 namespace flex {
 using namespace plan_detail;
@@ -32,11 +35,9 @@ struct OperandChecker {
     return path + (isInput ? ".in." : ".out.") + std::string(toString(role));
   }
 
-  /// Checks dtype (any of `dtypes`) and shape; -1 in `shape` matches any dim.
-  const BufferDesc *expect(OperandRole role, bool isInput,
-                           std::initializer_list<DType> dtypes,
-                           std::vector<int64_t> shape,
-                           const std::string &meaning) const {
+  /// Checks the dtype: any of `dtypes`.
+  const BufferDesc *expectDType(OperandRole role, bool isInput,
+                                const std::vector<DType> &dtypes) const {
     const BufferDesc *desc = get(role, isInput);
     if (!desc)
       return nullptr;
@@ -49,6 +50,17 @@ struct OperandChecker {
                                      "; op '" + std::string(toString(step.op)) +
                                      "' needs " + joinNames(allowed));
     }
+    return desc;
+  }
+
+  /// Checks dtype (any of `dtypes`) and shape; -1 in `shape` matches any dim.
+  const BufferDesc *expect(OperandRole role, bool isInput,
+                           const std::vector<DType> &dtypes,
+                           std::vector<int64_t> shape,
+                           const std::string &meaning) const {
+    const BufferDesc *desc = expectDType(role, isInput, dtypes);
+    if (!desc)
+      return nullptr;
     bool match = desc->shape.size() == shape.size();
     for (size_t i = 0; match && i < shape.size(); ++i)
       match = shape[i] < 0 || shape[i] == desc->shape[i];
@@ -95,8 +107,83 @@ struct OperandChecker {
   }
 };
 
-constexpr std::initializer_list<DType> kFloatTypes = {DType::F32, DType::BF16,
-                                                      DType::F16};
+const std::vector<DType> kFloatTypes = {DType::F32, DType::BF16, DType::F16};
+
+/// The sizes of one side of a step that StepKinds.def's role dims name.
+struct RoleSizes {
+  int64_t T, d, E, k;
+  /// The routing over the shards of each expert: k and E stand for k * s
+  /// and E * s.
+  bool sharded;
+};
+
+/// Checks every operand on one side of the step whose role has a declared
+/// dtype or shape (StepKinds.def, FLEX_OPERAND_ROLE); the meaning in the
+/// message is written from the declaration ("indices [T, k] i32").
+void checkDeclaredRoles(const OperandChecker &c, bool isInput,
+                        const RoleSizes &sizes, DType tokenType,
+                        DType routerType) {
+  for (int r = 0; r < kNumOperandRoles; ++r) {
+    const OperandRole role = static_cast<OperandRole>(r);
+    const RoleShape &declared = getRoleShape(role);
+    std::vector<DType> dtypes;
+    std::string dtypeName;
+    switch (declared.dtype) {
+    case RoleDType::Any:
+      continue;
+    case RoleDType::F32:
+      dtypes = {DType::F32};
+      dtypeName = " f32";
+      break;
+    case RoleDType::I32:
+      dtypes = {DType::I32};
+      dtypeName = " i32";
+      break;
+    case RoleDType::Token:
+      dtypes = {tokenType};
+      break;
+    case RoleDType::Router:
+      dtypes = {routerType};
+      break;
+    case RoleDType::Float:
+      dtypes = kFloatTypes;
+      break;
+    }
+    if (!declared.hasFixedDims()) {
+      c.expectDType(role, isInput, dtypes);
+      continue;
+    }
+    std::vector<int64_t> shape;
+    std::string meaning = std::string(declared.name) + " [";
+    bool usesK = false;
+    for (size_t i = 0; i < declared.rank; ++i) {
+      std::string_view dim = declared.dims[i];
+      std::string name(dim);
+      int64_t size;
+      if (dim == "T") {
+        size = sizes.T;
+      } else if (dim == "d") {
+        size = sizes.d;
+      } else if (dim == "E") {
+        size = sizes.E;
+        name = sizes.sharded ? "E * s" : "E";
+      } else if (dim == "k") {
+        size = sizes.k;
+        name = sizes.sharded ? "k * s" : "k";
+        usesK = true;
+      } else {
+        size = std::stoll(name); // a literal size ("1")
+      }
+      shape.push_back(size);
+      meaning += (i ? ", " : "") + name;
+    }
+    meaning += "]" + dtypeName;
+    if (usesK && sizes.sharded)
+      meaning += " (k * s = " + std::to_string(sizes.k) +
+                 ": the routing over the shards of each expert)";
+    c.expect(role, isInput, dtypes, shape, meaning);
+  }
+}
 
 /// The chunks D and chunk q of all_to_all and uniform_segments.
 void checkChunks(const Step &step, const std::string &path) {
@@ -265,24 +352,14 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
     break;
   }
 
-  // Routing buffers have the same shape wherever they appear.
+  // Roles of one shape wherever they appear (StepKinds.def), then the
+  // segments: the routing's E (+ 1) experts, or the segment op's G.
   for (bool isInput : {in, out}) {
     const bool sharded = isInput ? shardedIn : shardedOut;
     const int64_t kk = sharded ? kv : k, EE = sharded ? Ev : E;
-    const std::string kName = sharded ? "k * s" : "k";
     const std::string eName = sharded ? "E * s" : "E";
-    const std::string kMeaning =
-        sharded ? " (k * s = " + std::to_string(kv) +
-                      ": the routing over the shards of each expert)"
-                : "";
-    c.expect(R::Scores, isInput, {DType::F32}, {T, E}, "scores [T, E] f32");
-    c.expect(R::Indices, isInput, {DType::I32}, {T, kk},
-             "indices [T, " + kName + "] i32" + kMeaning);
-    c.expect(R::Locations, isInput, {DType::I32}, {T, kk},
-             "locations [T, " + kName + "] i32" + kMeaning);
-    c.expect(R::Gates, isInput, {DType::F32}, {T, kk},
-             "gates [T, " + kName + "] f32" + kMeaning);
-    c.expect(R::Capacity, isInput, {DType::I32}, {1}, "capacity [1] i32");
+    checkDeclaredRoles(c, isInput, {T, d, EE, kk, sharded}, tokenType,
+                       routerType);
     c.expect(R::ExpertOffsets, isInput, {DType::I32},
              {segmentOp ? G + 1 : EE + 1},
              (segmentOp ? std::string("expert_offsets [G + 1] i32")
@@ -292,22 +369,12 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
              (segmentOp ? std::string("expert_rows [G] i32")
                         : "expert_rows [" + eName + "] i32") +
                  groupsMeaning);
-    c.expect(R::LAux, isInput, {DType::F32}, {1}, "l_aux [1] f32");
-    c.expect(R::GradLAux, isInput, {DType::F32}, {1}, "grad_l_aux [1] f32");
-    c.expect(R::Logits, isInput, {DType::F32}, {T, E}, "logits [T, E] f32");
-    c.expect(R::GradLogits, isInput, {DType::F32}, {T, E},
-             "grad_logits [T, E] f32");
-    c.expect(R::GradGates, isInput, {DType::F32}, {T, kk},
-             "grad_gates [T, " + kName + "] f32" + kMeaning);
   }
 
   switch (step.op) {
   case StepOp::Router:
   case StepOp::RouterBackward:
-    c.expect(R::X, in, {tokenType}, {T, d}, "x [T, d]");
-    c.expect(R::Wg, in, {routerType}, {d, E}, "wg [d, E]");
-    c.expect(R::GradX, out, {tokenType}, {T, d}, "grad_x [T, d]");
-    c.expect(R::GradWg, out, {routerType}, {d, E}, "grad_wg [d, E]");
+    // x, wg, grad_x, grad_wg: the declared roles above.
     break;
   case StepOp::Gate:
   case StepOp::GateBackward:
@@ -357,19 +424,15 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
                " experts exceeds the i32 range of the routing buffers");
     break;
   case StepOp::Dispatch:
-    c.expect(R::X, in, {tokenType}, {T, d}, "x [T, d]");
     c.expectRows(R::Dispatched, out, d, minRows, "dispatched [R, d]");
     break;
   case StepOp::DispatchBackward:
     c.expectRows(R::GradDispatched, in, d, minRows, "grad_dispatched [R, d]");
-    c.expect(R::GradX, out, {tokenType}, {T, d}, "grad_x [T, d]");
     break;
   case StepOp::Combine:
     c.expectRows(R::ExpertOut, in, d, minRows, "expert_out [R, d]");
-    c.expect(R::Out, out, {tokenType}, {T, d}, "out [T, d]");
     break;
   case StepOp::CombineBackward: {
-    c.expect(R::GradOut, in, {tokenType}, {T, d}, "grad_out [T, d]");
     const BufferDesc *expertOut =
         c.expectRows(R::ExpertOut, in, d, minRows, "expert_out [R, d]");
     c.expectSameShape(R::GradExpertOut, out, expertOut, "expert_out");

@@ -11,6 +11,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Dialect/MoeRT/IR/MoeRTOps.h"
+#include "flex/Runtime/RoleShapes.h"
 
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/OpImplementation.h"
@@ -127,11 +128,9 @@ public:
                        Type element = {}) {
     if (!value)
       return success();
+    if (failed(expectElement(role, value, element)))
+      return failure();
     auto type = cast<MemRefType>(value.getType());
-    if (element && type.getElementType() != element)
-      return op->emitOpError("[plan-2] '")
-             << role << "' must have element type " << element << ", got "
-             << type.getElementType();
     if (type.getRank() != int64_t(dims.size()))
       return mismatch(role, type, dims);
     for (auto [size, name] : llvm::zip(type.getShape(), dims)) {
@@ -142,6 +141,28 @@ public:
         return mismatch(role, type, dims);
     }
     return success();
+  }
+
+  /// `value` (skipped when null) has element type `element` (when given).
+  LogicalResult expectElement(StringRef role, Value value, Type element) {
+    if (!value || !element)
+      return success();
+    Type actual = cast<MemRefType>(value.getType()).getElementType();
+    if (actual == element)
+      return success();
+    return op->emitOpError("[plan-2] '") << role << "' must have element type "
+                                         << element << ", got " << actual;
+  }
+
+  /// `value` (skipped when null) has a float element type.
+  LogicalResult expectFloat(StringRef role, Value value) {
+    if (!value)
+      return success();
+    Type element = cast<MemRefType>(value.getType()).getElementType();
+    if (isa<FloatType>(element))
+      return success();
+    return op->emitOpError("[plan-2] '")
+           << role << "' must have a float element type, got " << element;
   }
 
   /// Both values have the same element type.
@@ -182,23 +203,70 @@ private:
 Type i32(Operation *op) { return IntegerType::get(op->getContext(), 32); }
 Type f32(Operation *op) { return Float32Type::get(op->getContext()); }
 
-/// The routing buffers every step after the gate reads.
-LogicalResult expectRouting(ShapeMatcher &m, Operation *op, Value indices,
-                            Value locations, Value gates, Value capacity,
-                            Value offsets) {
-  return failure(
-      failed(m.expect("indices", indices, {"T", "k"}, i32(op))) ||
-      failed(m.expect("locations", locations, {"T", "k"}, i32(op))) ||
-      failed(m.expect("gates", gates, {"T", "k"}, f32(op))) ||
-      failed(m.expect("capacity", capacity, {"1"}, i32(op))) ||
-      failed(m.expect("expert_offsets", offsets, {"E+1"}, i32(op))));
+/// [plan-1] / [plan-2] Every operand whose role StepKinds.def gives a
+/// shape or element type (flex/Runtime/RoleShapes.h), as the loader checks
+/// them. The sizes are symbols unified across the op; on a side that holds
+/// the routing over the shards of each expert (`sharded*`), k and E are
+/// named ks and Es and the role "in <role>" / "out <role>". Token and Router
+/// roles have the element type of the op's first operand of their class.
+LogicalResult expectDeclaredRoles(ShapeMatcher &m, Operation *op,
+                                  bool shardedIn = false,
+                                  bool shardedOut = false) {
+  std::pair<std::string, Value> token, router;
+  for (const StepOperand &operand :
+       cast<StepOpInterface>(op).getStepOperands()) {
+    const flex::RoleShape *declared =
+        flex::findRoleShape(std::string_view(operand.role));
+    if (!declared || declared->dtype == flex::RoleDType::Any)
+      continue;
+    const bool sharded = operand.isOutput ? shardedOut : shardedIn;
+    std::string role = (sharded ? (operand.isOutput ? "out " : "in ") : "") +
+                       operand.role.str();
+    Type element;
+    switch (declared->dtype) {
+    case flex::RoleDType::Any:
+      break;
+    case flex::RoleDType::F32:
+      element = f32(op);
+      break;
+    case flex::RoleDType::I32:
+      element = i32(op);
+      break;
+    case flex::RoleDType::Float:
+      if (failed(m.expectFloat(role, operand.value)))
+        return failure();
+      break;
+    case flex::RoleDType::Token:
+    case flex::RoleDType::Router: {
+      auto &first = declared->dtype == flex::RoleDType::Token ? token : router;
+      if (!first.second)
+        first = {role, operand.value};
+      else if (failed(m.sameElement(role, operand.value, first.first,
+                                    first.second)))
+        return failure();
+      break;
+    }
+    }
+    SmallVector<StringRef, flex::kMaxRoleRank> dims;
+    for (size_t i = 0; i < declared->rank; ++i) {
+      StringRef dim(declared->dims[i].data(), declared->dims[i].size());
+      if (sharded && (dim == "k" || dim == "E"))
+        dim = dim == "k" ? "ks" : "Es";
+      dims.push_back(dim);
+    }
+    if (declared->hasFixedDims()
+            ? failed(m.expect(role, operand.value, dims, element))
+            : failed(m.expectElement(role, operand.value, element)))
+      return failure();
+  }
+  return success();
 }
 
-/// Per-expert segments of a grouped step: [G+1] offsets and [G] rows.
-LogicalResult expectSegments(ShapeMatcher &m, Operation *op, Value offsets,
-                             Value rows) {
-  return failure(failed(m.expect("expert_rows", rows, {"G"}, i32(op))) ||
-                 failed(m.expect("expert_offsets", offsets, {"G+1"}, i32(op))));
+/// Per-expert segments of a grouped step: [G+1] offsets and [G] rows (their
+/// i32 element type: expectDeclaredRoles).
+LogicalResult expectSegments(ShapeMatcher &m, Value offsets, Value rows) {
+  return failure(failed(m.expect("expert_rows", rows, {"G"})) ||
+                 failed(m.expect("expert_offsets", offsets, {"G+1"})));
 }
 } // namespace
 
@@ -233,23 +301,21 @@ LogicalResult PlanOp::verify() {
 // Steps
 //===----------------------------------------------------------------------===//
 
+// The roles StepKinds.def declares (x, the routing buffers, the gradients of
+// the router's...) are checked by expectDeclaredRoles; each verifier adds the
+// shapes that depend on the op.
+
 LogicalResult RouterOp::verify() {
   ShapeMatcher m(*this);
-  return failure(
-      failed(m.expect("x", getX(), {"T", "d"})) ||
-      failed(m.expect("wg", getWg(), {"d", "E"})) ||
-      failed(m.expect("logits", getLogits(), {"T", "E"}, f32(*this))));
+  return expectDeclaredRoles(m, *this);
 }
 
 LogicalResult GateOp::verify() {
   ShapeMatcher m(*this);
   Operation *op = *this;
-  if (failed(m.expect("logits", getLogits(), {"T", "E"}, f32(op))) ||
-      failed(m.expect("scores", getScores(), {"T", "E"}, f32(op))) ||
-      failed(expectRouting(m, op, getIndices(), getLocations(), getGates(),
-                           getCapacityOut(), getExpertOffsets())) ||
-      failed(m.expect("expert_rows", getExpertRows(), {"E"}, i32(op))) ||
-      failed(m.expect("l_aux", getLAux(), {"1"}, f32(op))))
+  if (failed(expectDeclaredRoles(m, op)) ||
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"})) ||
+      failed(m.expect("expert_rows", getExpertRows(), {"E"})))
     return failure();
   if (getTopK() != m.size("k"))
     return emitOpError("[plan-1] top_k = ")
@@ -261,9 +327,8 @@ LogicalResult GateOp::verify() {
 LogicalResult DispatchOp::verify() {
   ShapeMatcher m(*this);
   return failure(
-      failed(m.expect("x", getX(), {"T", "d"})) ||
-      failed(expectRouting(m, *this, getIndices(), getLocations(), Value(),
-                           getCapacity(), getExpertOffsets())) ||
+      failed(expectDeclaredRoles(m, *this)) ||
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"})) ||
       failed(m.expect("dispatched", getDispatched(), {"R", "d"})) ||
       failed(m.sameElement("dispatched", getDispatched(), "x", getX())));
 }
@@ -273,10 +338,11 @@ LogicalResult GroupedGemmOp::verify() {
   static const StringRef kB[] = {"G", "K", "N"},
                          kTransposedB[] = {"G", "N", "K"};
   ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
-  if (failed(m.expect("a", getA(), {"R", "K"})) ||
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(m.expect("a", getA(), {"R", "K"})) ||
       failed(m.expect("b", getB(), bShape)) ||
       failed(m.expect("bias", getBias(), {"G", "N"})) ||
-      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("c", getC(), {"R", "N"})) ||
       failed(m.expect("pre", getPre(), {"R", "N"})) ||
       failed(m.sameElement("b", getB(), "a", getA())) ||
@@ -292,20 +358,12 @@ LogicalResult GroupedGemmOp::verify() {
 
 LogicalResult ShardRoutingOp::verify() {
   ShapeMatcher m(*this);
-  Operation *op = *this;
-  if (failed(m.expect("indices", getIndices(), {"T", "k"}, i32(op))) ||
-      failed(m.expect("locations", getLocations(), {"T", "k"}, i32(op))) ||
-      failed(m.expect("gates", getGates(), {"T", "k"}, f32(op))) ||
-      failed(m.expect("capacity", getCapacity(), {"1"}, i32(op))) ||
-      failed(m.expect("expert_rows", getExpertRows(), {"E"}, i32(op))) ||
-      failed(
-          m.expect("out indices", getShardIndices(), {"T", "ks"}, i32(op))) ||
-      failed(m.expect("out locations", getShardLocations(), {"T", "ks"},
-                      i32(op))) ||
-      failed(m.expect("out gates", getShardGates(), {"T", "ks"}, f32(op))) ||
-      failed(m.expect("out expert_rows", getShardRows(), {"Es"}, i32(op))) ||
-      failed(
-          m.expect("out expert_offsets", getShardOffsets(), {"Es+1"}, i32(op))))
+  // The out routing is over the shards: [T, ks] over Es virtual experts.
+  if (failed(expectDeclaredRoles(m, *this, /*shardedIn=*/false,
+                                 /*shardedOut=*/true)) ||
+      failed(m.expect("expert_rows", getExpertRows(), {"E"})) ||
+      failed(m.expect("out expert_rows", getShardRows(), {"Es"})) ||
+      failed(m.expect("out expert_offsets", getShardOffsets(), {"Es+1"})))
     return failure();
   int64_t shards = getShards();
   if (shards < 1)
@@ -324,10 +382,8 @@ LogicalResult ShardRoutingOp::verify() {
 
 LogicalResult ShardRoutingBackwardOp::verify() {
   ShapeMatcher m(*this);
-  Operation *op = *this;
-  if (failed(m.expect("in grad_gates", getShardGradGates(), {"T", "ks"},
-                      f32(op))) ||
-      failed(m.expect("grad_gates", getGradGates(), {"T", "k"}, f32(op))))
+  // 'in grad_gates' is [T, ks], over the shards of each expert.
+  if (failed(expectDeclaredRoles(m, *this, /*shardedIn=*/true)))
     return failure();
   int64_t shards = getShards();
   if (shards < 1)
@@ -343,39 +399,38 @@ LogicalResult ShardRoutingBackwardOp::verify() {
 LogicalResult GluOp::verify() {
   ShapeMatcher m(*this);
   return failure(
+      failed(expectDeclaredRoles(m, *this)) ||
       failed(m.expect("gate_in", getGateIn(), {"R", "N"})) ||
       failed(m.expect("up_in", getUpIn(), {"R", "N"})) ||
-      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("c", getC(), {"R", "N"})));
 }
 
 LogicalResult CombineOp::verify() {
   ShapeMatcher m(*this);
   return failure(
+      failed(expectDeclaredRoles(m, *this)) ||
       failed(m.expect("expert_out", getExpertOut(), {"R", "d"})) ||
-      failed(expectRouting(m, *this, getIndices(), getLocations(), getGates(),
-                           getCapacity(), getExpertOffsets())) ||
-      failed(m.expect("out", getOut(), {"T", "d"})) ||
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"})) ||
       failed(m.sameElement("out", getOut(), "expert_out", getExpertOut())));
 }
 
 LogicalResult CombineBackwardOp::verify() {
   ShapeMatcher m(*this);
   return failure(
-      failed(m.expect("grad_out", getGradOut(), {"T", "d"})) ||
+      failed(expectDeclaredRoles(m, *this)) ||
       failed(m.expect("expert_out", getExpertOut(), {"R", "d"})) ||
-      failed(expectRouting(m, *this, getIndices(), getLocations(), getGates(),
-                           getCapacity(), getExpertOffsets())) ||
-      failed(m.expect("grad_expert_out", getGradExpertOut(), {"R", "d"})) ||
-      failed(m.expect("grad_gates", getGradGates(), {"T", "k"}, f32(*this))));
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"})) ||
+      failed(m.expect("grad_expert_out", getGradExpertOut(), {"R", "d"})));
 }
 
 LogicalResult GroupedGemmWgradOp::verify() {
   ShapeMatcher m(*this);
   return failure(
+      failed(expectDeclaredRoles(m, *this)) ||
       failed(m.expect("a", getA(), {"R", "K"})) ||
       failed(m.expect("grad_c", getGradC(), {"R", "N"})) ||
-      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("grad_b", getGradB(), {"G", "K", "N"})) ||
       failed(m.expect("grad_bias", getGradBias(), {"G", "N"})));
 }
@@ -383,19 +438,21 @@ LogicalResult GroupedGemmWgradOp::verify() {
 LogicalResult ActivationBackwardOp::verify() {
   ShapeMatcher m(*this);
   return failure(
+      failed(expectDeclaredRoles(m, *this)) ||
       failed(m.expect("pre", getPre(), {"R", "N"})) ||
       failed(m.expect("grad", getGrad(), {"R", "N"})) ||
-      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("grad_pre", getGradPre(), {"R", "N"})));
 }
 
 LogicalResult GluBackwardOp::verify() {
   ShapeMatcher m(*this);
   return failure(
+      failed(expectDeclaredRoles(m, *this)) ||
       failed(m.expect("gate_in", getGateIn(), {"R", "N"})) ||
       failed(m.expect("up_in", getUpIn(), {"R", "N"})) ||
       failed(m.expect("grad", getGrad(), {"R", "N"})) ||
-      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("grad_gate_in", getGradGateIn(), {"R", "N"})) ||
       failed(m.expect("grad_up_in", getGradUpIn(), {"R", "N"})));
 }
@@ -403,20 +460,14 @@ LogicalResult GluBackwardOp::verify() {
 LogicalResult DispatchBackwardOp::verify() {
   ShapeMatcher m(*this);
   return failure(
+      failed(expectDeclaredRoles(m, *this)) ||
       failed(m.expect("grad_dispatched", getGradDispatched(), {"R", "d"})) ||
-      failed(expectRouting(m, *this, getIndices(), getLocations(), Value(),
-                           getCapacity(), getExpertOffsets())) ||
-      failed(m.expect("grad_x", getGradX(), {"T", "d"})));
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"})));
 }
 
 LogicalResult GateBackwardOp::verify() {
   ShapeMatcher m(*this);
-  Operation *op = *this;
-  if (failed(m.expect("grad_gates", getGradGates(), {"T", "k"}, f32(op))) ||
-      failed(m.expect("grad_l_aux", getGradLAux(), {"1"}, f32(op))) ||
-      failed(m.expect("scores", getScores(), {"T", "E"}, f32(op))) ||
-      failed(m.expect("indices", getIndices(), {"T", "k"}, i32(op))) ||
-      failed(m.expect("grad_logits", getGradLogits(), {"T", "E"}, f32(op))))
+  if (failed(expectDeclaredRoles(m, *this)))
     return failure();
   if (getTopK() != m.size("k"))
     return emitOpError("[plan-1] top_k = ")
@@ -427,20 +478,14 @@ LogicalResult GateBackwardOp::verify() {
 
 LogicalResult RouterBackwardOp::verify() {
   ShapeMatcher m(*this);
-  return failure(failed(m.expect("x", getX(), {"T", "d"})) ||
-                 failed(m.expect("wg", getWg(), {"d", "E"})) ||
-                 failed(m.expect("grad_logits", getGradLogits(), {"T", "E"},
-                                 f32(*this))) ||
-                 failed(m.expect("grad_x", getGradX(), {"T", "d"})) ||
-                 failed(m.expect("grad_wg", getGradWg(), {"d", "E"})));
+  return expectDeclaredRoles(m, *this);
 }
 
 LogicalResult SyncCapacityOp::verify() {
   ShapeMatcher m(*this);
   return failure(
-      failed(m.expect("capacity", getCapacity(), {"1"}, i32(*this))) ||
-      failed(
-          m.expect("expert_offsets", getExpertOffsets(), {"E+1"}, i32(*this))));
+      failed(expectDeclaredRoles(m, *this)) ||
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"})));
 }
 
 /// group_size / group_stride of a collective (PlanFormat.md, "Groups of
@@ -455,8 +500,8 @@ static LogicalResult verifyGroup(Operation *op, int64_t size, int64_t stride) {
 
 LogicalResult AllToAllOp::verify() {
   ShapeMatcher m(*this);
-  if (failed(m.expect("input", getInput(), {"R", "d"})) ||
-      failed(m.expect("capacity", getCapacity(), {"1"}, i32(*this))) ||
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(m.expect("input", getInput(), {"R", "d"})) ||
       failed(m.expect("output", getOutput(), {"R", "d"})) ||
       failed(m.sameElement("output", getOutput(), "input", getInput())))
     return failure();
@@ -468,8 +513,8 @@ LogicalResult AllToAllOp::verify() {
 
 LogicalResult UniformSegmentsOp::verify() {
   ShapeMatcher m(*this);
-  if (failed(m.expect("capacity", getCapacity(), {"1"}, i32(*this))) ||
-      failed(expectSegments(m, *this, getExpertOffsets(), getExpertRows())))
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())))
     return failure();
   if (getGroups() != m.size("G"))
     return emitOpError("[plan-1] groups = ")
