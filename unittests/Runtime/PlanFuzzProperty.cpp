@@ -16,6 +16,12 @@
 #include "flex/Reference/PlanCheck.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include <nlohmann/json.hpp>
+
+#include <random>
+
+using Json = nlohmann::ordered_json;
+
 namespace flex::test {
 
 namespace {
@@ -32,7 +38,98 @@ int64_t runSize(const LayerConfig &layer) {
   return size;
 }
 
+/// Every value of `doc` with its JSON pointer.
+void collect(const Json &doc, const Json::json_pointer &at,
+             std::vector<Json::json_pointer> &out) {
+  out.push_back(at);
+  if (doc.is_object())
+    for (auto it = doc.begin(); it != doc.end(); ++it)
+      collect(it.value(), at / it.key(), out);
+  else if (doc.is_array())
+    for (size_t i = 0; i < doc.size(); ++i)
+      collect(doc[i], at / i, out);
+}
+
+void mutateJson(Json &doc, std::mt19937_64 &rng) {
+  std::vector<Json::json_pointer> all;
+  collect(doc, Json::json_pointer(), all);
+  Json::json_pointer at = all[rng() % (all.size() - 1) + 1];
+  Json &value = doc[at];
+  Json &parent = doc[at.parent_pointer()];
+  switch (rng() % 6) {
+  case 0: // a number nudged
+    if (value.is_number_integer()) {
+      const int64_t deltas[] = {1, -1, 2, 8, 16, -16, 1000};
+      value = value.get<int64_t>() + deltas[rng() % 7];
+      return;
+    }
+    if (value.is_number_float()) {
+      value = value.get<double>() * (rng() % 2 ? 2.0 : 0.5);
+      return;
+    }
+    if (value.is_boolean()) {
+      value = !value.get<bool>();
+      return;
+    }
+    [[fallthrough]];
+  case 1: // a number set to a boundary
+    if (value.is_number()) {
+      const int64_t values[] = {0, -1, 1, 3, 1 << 20};
+      value = values[rng() % 5];
+      return;
+    }
+    [[fallthrough]];
+  case 2: // removed
+    if (parent.is_object())
+      parent.erase(at.back());
+    else
+      parent.erase(static_cast<size_t>(std::stoul(at.back())));
+    return;
+  case 3: // an array element repeated
+    if (parent.is_array()) {
+      size_t i = std::stoul(at.back());
+      parent.insert(parent.begin() + i, parent[i]);
+      return;
+    }
+    [[fallthrough]];
+  case 4: { // a string swapped for another of the document
+    std::vector<Json::json_pointer> strings;
+    for (const Json::json_pointer &p : all)
+      if (doc[p].is_string())
+        strings.push_back(p);
+    if (value.is_string() && !strings.empty()) {
+      value = doc[strings[rng() % strings.size()]];
+      return;
+    }
+    [[fallthrough]];
+  }
+  default: { // a workspace buffer moved onto another's bytes
+    Json &buffers = doc["workspace"]["buffers"];
+    size_t a = rng() % buffers.size(), b = rng() % buffers.size();
+    buffers[a]["offset"] = buffers[b]["offset"];
+    return;
+  }
+  }
+}
+
 } // namespace
+
+bool mutatePlan(std::string &text, uint64_t seed) {
+  Json doc = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded() || !doc.is_object() || !doc.contains("workspace") ||
+      !doc["workspace"].is_object() || !doc["workspace"].contains("buffers") ||
+      !doc["workspace"]["buffers"].is_array() ||
+      doc["workspace"]["buffers"].empty())
+    return false;
+  std::mt19937_64 rng(seed);
+  try {
+    mutateJson(doc, rng);
+  } catch (const std::exception &) {
+    return false; // a pointer into a value the mutation just removed
+  }
+  text = doc.dump();
+  return true;
+}
 
 PlanVerdict checkPlanProperty(std::string_view text, uint64_t seed) {
   Plan plan;

@@ -37,6 +37,13 @@ constexpr int64_t kMaxRunSize = 4 << 20;
 /// Checks the property on `text`; `seed` draws the inputs.
 PlanVerdict checkPlanProperty(std::string_view text, uint64_t seed = 1);
 
+/// One structural mutation of the plan `text`, drawn from `seed`: a number
+/// nudged or set to a boundary, a key or array element removed, an array
+/// element repeated, a string swapped for another of the plan, two workspace
+/// buffers put on one offset. False (text unchanged) when it is no JSON
+/// object with workspace buffers.
+bool mutatePlan(std::string &text, uint64_t seed);
+
 } // namespace flex::test
 
 #endif // FLEX_UNITTESTS_RUNTIME_PLANFUZZPROPERTY_H

@@ -19,7 +19,26 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <string>
 #include <string_view>
+
+extern "C" size_t LLVMFuzzerMutate(uint8_t *data, size_t size, size_t maxSize);
+
+// Half the time a structural mutation of the plan (mutatePlan), which
+// reaches the verifier's cross-field checks; bytes otherwise, and when the
+// input is no JSON plan.
+extern "C" size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size,
+                                          size_t maxSize, unsigned int seed) {
+  if (seed % 2 == 0) {
+    std::string text(reinterpret_cast<const char *>(data), size);
+    if (flex::test::mutatePlan(text, seed) && text.size() <= maxSize) {
+      std::memcpy(data, text.data(), text.size());
+      return text.size();
+    }
+  }
+  return LLVMFuzzerMutate(data, size, maxSize);
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   flex::test::PlanVerdict verdict = flex::test::checkPlanProperty(
