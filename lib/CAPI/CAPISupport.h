@@ -17,8 +17,8 @@
 
 #include "flex-c/Flex.h"
 
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/Executor.h"
-#include "flex/Runtime/RuntimeOptions.h"
 
 #include <exception>
 #include <memory>

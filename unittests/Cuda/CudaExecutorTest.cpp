@@ -12,6 +12,7 @@
 // the fp64 reference ([num-1]) and with the CPU backend on fresh random
 // inputs, outputs poisoned first; CUDA-graph replay must equal eager runs;
 // the C API runs the "cuda" context on device pointers and a caller stream.
+// The backend has a kernel for every declared step kind.
 //
 //===----------------------------------------------------------------------===//
 
@@ -162,6 +163,19 @@ std::shared_ptr<const Plan> loadPlan(const std::string &path) {
   Status status = parsePlan(readText(path), *plan);
   EXPECT_TRUE(status.isOk()) << path << ": " << status.message();
   return plan;
+}
+
+// Every kind StepKinds.def declares has a kernel in the CUDA backend's
+// table, as in the CPU backend's
+// (StepKernels.TheCpuBackendRunsEveryDeclaredKind).
+TEST(CudaStepKernels, TheCudaBackendRunsEveryDeclaredKind) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<Backend> backend;
+  Status status = createCudaBackend(backend);
+  ASSERT_TRUE(status.isOk()) << status.message();
+  for (int i = 0; i < kNumStepOps; ++i)
+    EXPECT_TRUE(backend->implements(static_cast<StepOp>(i)))
+        << toString(static_cast<StepOp>(i));
 }
 
 TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {

@@ -147,10 +147,48 @@ protected:
   /// or its group's. Fails, naming the step, when there is none.
   Status communicatorFor(const Step &step, Communicator *&communicator) const;
 
+  /// The communicator a collective step's kernel runs through:
+  /// communicatorFor by default. A backend may check or prepare it first
+  /// (the CUDA backend: a device communicator, on its compute stream).
+  virtual Status collectiveCommunicator(const Step &step,
+                                        Communicator *&communicator);
+
+  /// Registers `method` of backend `B` as the kernel of the collective kind
+  /// `op`: it runs with the step's collectiveCommunicator.
+  template <typename B>
+  void setCollectiveKernel(StepOp op,
+                           Status (B::*method)(const Plan &, const Step &,
+                                               const StepOperands &,
+                                               Communicator &)) {
+    setKernel(op, [this, method](const Plan &plan, const Step &step,
+                                 const StepOperands &operands) {
+      Communicator *communicator = nullptr;
+      if (Status status = collectiveCommunicator(step, communicator); !status)
+        return status;
+      return (static_cast<B *>(this)->*method)(plan, step, operands,
+                                               *communicator);
+    });
+  }
+
+  /// Registers all_gather and reduce_scatter: gatherOrScatter through the
+  /// step's collectiveCommunicator.
+  void setGatherScatterKernels();
+
   /// all_gather and reduce_scatter, the same on every backend: the
   /// communicator moves the bytes in its own memory space.
   static Status gatherOrScatter(Communicator &comm, const Step &step,
                                 const StepOperands &operands);
+
+  /// How messages name an all_to_all step: its direction, its buffers and
+  /// its chunk.
+  static std::string describeAllToAll(const Step &step,
+                                      const StepOperands &operands);
+  /// Checks, on every backend alike, that an all_to_all's capacity splits
+  /// into its chunks and that `experts` blocks of it fit both buffers;
+  /// `what` (describeAllToAll) names the step.
+  static Status checkAllToAllRows(const std::string &what, int64_t experts,
+                                  int64_t capacity, const Step &step,
+                                  const StepOperands &operands);
 
   std::shared_ptr<Communicator> communicator_;
   struct GroupCommunicator {

@@ -16,8 +16,8 @@
 
 #include "flex/Runtime/Backend.h"
 #include "flex/Runtime/Comm/Communicator.h"
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/Plan.h"
-#include "flex/Runtime/RuntimeOptions.h"
 #include "flex/Runtime/Status.h"
 
 #include <chrono>

@@ -22,6 +22,13 @@
 
 namespace flex::step_views {
 
+/// Short for the roles a backend looks a step's operands up by:
+/// `ops.in(R::X)`.
+using R = OperandRole;
+
+/// The column count of a [R, N] operand.
+inline int64_t cols(const TensorView &view) { return view.desc->shape.back(); }
+
 /// A typed read view of an operand; empty for an absent optional operand.
 inline ReadBuffer read(const TensorView &view) {
   if (!view.isPresent())
@@ -65,6 +72,26 @@ inline Routing routingOf(const LayerConfig &layer, const StepOperands &ops) {
     routing.experts = ops.in(OperandRole::ExpertOffsets).desc->shape[0] - 1;
   return routing;
 }
+
+/// What the kernels of a step take besides its operands, on every backend:
+/// the layer's sizes, the routing it reads and the row groups of a segment
+/// op.
+struct LayerArgs {
+  int64_t T, d, E, k;
+  Routing routing;
+  ExpertSegments segments;
+
+  LayerArgs(const Plan &plan, const StepOperands &ops)
+      : T(plan.layer.tokens), d(plan.layer.modelDim), E(plan.layer.experts),
+        k(std::min(plan.layer.topK, plan.layer.experts)),
+        // Routing is read from whichever side of the step holds it.
+        routing(routingOf(plan.layer, ops)), segments(routing.segments()) {
+    // The row groups of a segment op: the gate's E experts, or the L local
+    // experts of a received buffer (uniform_segments).
+    if (ops.in(OperandRole::ExpertRows).isPresent())
+      segments.experts = ops.in(OperandRole::ExpertRows).desc->shape[0];
+  }
+};
 
 /// The gate step's routing outputs as the gate kernels take them.
 inline GateOutputs gateOutputs(const StepOperands &ops) {

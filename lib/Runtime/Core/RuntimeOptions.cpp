@@ -10,7 +10,7 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "flex/Runtime/RuntimeOptions.h"
+#include "flex/Runtime/Core/RuntimeOptions.h"
 
 #include <cmath>
 #include <cstdlib>

@@ -27,35 +27,11 @@
 namespace flex {
 namespace {
 
-using R = OperandRole;
+// The operand views, the roles (R) and the kernels' arguments (StepViews.h).
+using namespace step_views;
 
-using step_views::read;
-using step_views::readAs;
-using step_views::write;
-using step_views::writeAs;
-
-/// What the CPU kernels of a step take besides its operands: the layer's
-/// sizes, the routing it reads and the row groups of a segment op.
-struct KernelArgs {
-  int64_t T, d, E, k;
-  Routing routing;
-  ExpertSegments segments;
-
-  KernelArgs(const Plan &plan, const StepOperands &ops)
-      : T(plan.layer.tokens), d(plan.layer.modelDim), E(plan.layer.experts),
-        k(std::min(plan.layer.topK, plan.layer.experts)),
-        // Routing is read from whichever side of the step holds it.
-        routing(step_views::routingOf(plan.layer, ops)),
-        segments(routing.segments()) {
-    // The row groups of a segment op: the gate's E experts, or the L local
-    // experts of a received buffer (uniform_segments).
-    if (ops.in(OperandRole::ExpertRows).isPresent())
-      segments.experts = ops.in(OperandRole::ExpertRows).desc->shape[0];
-  }
-};
-
-/// The column count of a [R, N] operand.
-int64_t cols(const TensorView &view) { return view.desc->shape.back(); }
+/// What the CPU kernels of a step take besides its operands.
+using KernelArgs = step_views::LayerArgs;
 
 class CpuBackend final : public Backend {
 public:
@@ -79,25 +55,20 @@ private:
   void setBackwardKernels();
   void setRoutingKernels();
   Status gate(const Plan &plan, const Step &step, const StepOperands &ops);
+  /// The collectives with communicator-side work of their own; they run
+  /// through the step's communicator (setCollectiveKernel).
   Status syncCapacity(const Plan &plan, const Step &step,
-                      const StepOperands &ops);
-  Status allToAll(const Plan &plan, const Step &step, const StepOperands &ops);
+                      const StepOperands &ops, Communicator &comm);
+  Status allToAll(const Plan &plan, const Step &step, const StepOperands &ops,
+                  Communicator &comm);
   /// all_to_all staging blocks, kept between calls.
   std::vector<uint8_t> sendStaging_, recvStaging_;
   /// The reordered blocks of the hierarchical all_to_all.
   std::vector<uint8_t> scratchStaging_;
 };
 
-std::string bufferName(const TensorView &view) {
-  return "'" + view.desc->name + "'";
-}
-
 Status CpuBackend::syncCapacity(const Plan &plan, const Step &step,
-                                const StepOperands &ops) {
-  Communicator *group = nullptr;
-  if (Status status = communicatorFor(step, group); !status)
-    return status;
-  Communicator &comm = *group;
+                                const StepOperands &ops, Communicator &comm) {
   // One C on every rank: the largest keeps every slot each rank keeps.
   int32_t *capacity = writeAs<int32_t>(ops.out(R::Capacity));
   if (Status status = comm.allReduceMaxInt32(capacity, 1, "sync_capacity");
@@ -111,11 +82,7 @@ Status CpuBackend::syncCapacity(const Plan &plan, const Step &step,
 }
 
 Status CpuBackend::allToAll(const Plan &plan, const Step &step,
-                            const StepOperands &ops) {
-  Communicator *group = nullptr;
-  if (Status status = communicatorFor(step, group); !status)
-    return status;
-  Communicator &comm = *group;
+                            const StepOperands &ops, Communicator &comm) {
   // all_to_all moves the blocks of every (virtual) expert among the ranks
   // of its group (all W, or one group of a grouped step).
   const int64_t E = plan.virtualExperts(), W = comm.size();
@@ -127,22 +94,10 @@ Status CpuBackend::allToAll(const Plan &plan, const Step &step,
   layout.capacity = *readAs<int32_t>(ops.in(R::Capacity));
   layout.chunks = a.chunks;
   layout.chunk = a.chunk;
-  std::string what = "all_to_all " + std::string(toString(a.direction)) + " " +
-                     bufferName(input) + " -> " + bufferName(output) +
-                     ", chunk " + std::to_string(a.chunk) + " of " +
-                     std::to_string(a.chunks);
-  if (layout.capacity % a.chunks != 0)
-    return Status(StatusCode::Internal,
-                  what + ": capacity " + std::to_string(layout.capacity) +
-                      " is not a multiple of the " + std::to_string(a.chunks) +
-                      " chunks");
-  const int64_t rows = E * layout.capacity;
-  if (rows > input.desc->shape[0] || rows > output.desc->shape[0])
-    return Status(StatusCode::Internal,
-                  what + ": E * C = " + std::to_string(rows) +
-                      " rows exceed the buffers' " +
-                      std::to_string(std::min(input.desc->shape[0],
-                                              output.desc->shape[0])));
+  std::string what = describeAllToAll(step, ops);
+  if (Status status = checkAllToAllRows(what, E, layout.capacity, step, ops);
+      !status)
+    return status;
   const int64_t rowBytes =
       input.desc->shape[1] * static_cast<int64_t>(dtypeSize(input.desc->dtype));
   const int64_t blockBytes = layout.blockRows() * rowBytes;
@@ -174,24 +129,12 @@ CpuBackend::CpuBackend() {
   setComputeKernels();
   setBackwardKernels();
   setRoutingKernels();
-  auto member = [this](auto method) {
-    return [this, method](const Plan &plan, const Step &step,
-                          const StepOperands &ops) {
-      return (this->*method)(plan, step, ops);
-    };
-  };
-  setKernel(StepOp::Gate, member(&CpuBackend::gate));
-  setKernel(StepOp::SyncCapacity, member(&CpuBackend::syncCapacity));
-  setKernel(StepOp::AllToAll, member(&CpuBackend::allToAll));
-  auto gatherOrScatter = [this](const Plan &, const Step &step,
-                                const StepOperands &ops) {
-    Communicator *comm = nullptr;
-    if (Status status = communicatorFor(step, comm); !status)
-      return status;
-    return Backend::gatherOrScatter(*comm, step, ops);
-  };
-  setKernel(StepOp::AllGather, gatherOrScatter);
-  setKernel(StepOp::ReduceScatter, gatherOrScatter);
+  setKernel(StepOp::Gate,
+            [this](const Plan &plan, const Step &step,
+                   const StepOperands &ops) { return gate(plan, step, ops); });
+  setCollectiveKernel(StepOp::SyncCapacity, &CpuBackend::syncCapacity);
+  setCollectiveKernel(StepOp::AllToAll, &CpuBackend::allToAll);
+  setGatherScatterKernels();
 }
 
 Status CpuBackend::gate(const Plan &plan, const Step &step,

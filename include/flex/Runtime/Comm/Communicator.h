@@ -27,7 +27,7 @@
 #define FLEX_RUNTIME_COMM_COMMUNICATOR_H
 
 #include "flex/Runtime/Core/LayerConfig.h"
-#include "flex/Runtime/RuntimeOptions.h"
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>

@@ -21,8 +21,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#ifndef FLEX_RUNTIME_RUNTIMEOPTIONS_H
-#define FLEX_RUNTIME_RUNTIMEOPTIONS_H
+#ifndef FLEX_RUNTIME_CORE_RUNTIMEOPTIONS_H
+#define FLEX_RUNTIME_CORE_RUNTIMEOPTIONS_H
 
 #include "flex/Runtime/Status.h"
 
@@ -99,4 +99,4 @@ struct RuntimeOptions {
 
 } // namespace flex
 
-#endif // FLEX_RUNTIME_RUNTIMEOPTIONS_H
+#endif // FLEX_RUNTIME_CORE_RUNTIMEOPTIONS_H

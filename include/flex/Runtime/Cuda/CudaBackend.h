@@ -17,7 +17,7 @@
 #define FLEX_RUNTIME_CUDA_CUDABACKEND_H
 
 #include "flex/Runtime/Backend.h"
-#include "flex/Runtime/RuntimeOptions.h"
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/Status.h"
 
 #include <memory>
