@@ -45,3 +45,19 @@ moert.plan @dispatch_element attributes {layer = #moert.layer<tokens = 8, model_
   } backward {
   }
 }
+
+// -----
+
+// x and grad_x are both the token dtype (StepKinds.def: "T,d", Token).
+moert.plan @token_element attributes {layer = #moert.layer<tokens = 8, model_dim = 4, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<fixed 1.0>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = true, normalize_gate = true, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %x = moert.argument "x" input : memref<8x4xbf16>
+  %wg = moert.argument "wg" input : memref<4x2xf32>
+  %gl = moert.alloc "grad_logits" : memref<8x2xf32>
+  %gx = moert.argument "grad_x" grad_output : memref<8x4xf32>
+  %gwg = moert.argument "grad_wg" grad_output : memref<4x2xf32>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-2] 'grad_x' must have the element type of 'x' ('bf16'), got 'f32'}}
+    moert.router_backward ins(x = %x : memref<8x4xbf16>, wg = %wg : memref<4x2xf32>, grad_logits = %gl : memref<8x2xf32>) outs(grad_x = %gx : memref<8x4xf32>, grad_wg = %gwg : memref<4x2xf32>)
+  }
+}
