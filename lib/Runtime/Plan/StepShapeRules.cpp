@@ -270,48 +270,78 @@ void checkGroups(const Step &step, const std::string &path, int64_t W,
   }
 }
 
-} // namespace
+/// The rules of one step's operands and attributes. The constructor derives
+/// what they read (the layer's sizes, the variant's gate, the world, the
+/// step's row groups); each check below is one family of step kinds.
+class StepShapes {
+public:
+  StepShapes(const Plan &plan, const Step &step, const std::string &path,
+             const StepAttrs &gateAttrs);
+  void check();
 
-void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
-                                  const std::string &path,
-                                  const StepAttrs &gateAttrs) {
-  const LayerConfig &layer = plan.layer;
-  const int64_t T = layer.tokens, d = layer.modelDim, E = layer.experts,
-                k = std::min(layer.topK, layer.experts);
-  // [cap-1] C is rounded up to the variant's alignment.
-  const int64_t alignment = gateAttrs.capacityAlignment;
-  const int64_t capacityBound = alignedCapacityBound(layer, alignment);
-  const DispatchLayout layout = gateAttrs.layout;
-  // Experts sharded over s ranks: after shard_routing the routing is over
-  // E * s virtual experts with k * s choices, and every dispatch-shaped
-  // buffer holds E * s capacity blocks.
-  const int64_t s = plan.shards(), Ev = plan.virtualExperts(), kv = k * s;
-  // The rows of the dispatch buffer: E * C for padded, at most T * k for
-  // ragged (never more than E * C either).
-  int64_t paddedRows = checkedMul(Ev, capacityBound)
-                           .value_or(std::numeric_limits<int64_t>::max());
-  int64_t minRows =
-      layout == DispatchLayout::Padded
-          ? paddedRows
-          : std::min(checkedMul(T, k).value_or(paddedRows), paddedRows);
-  const DType tokenType = layer.dtype;
-  const DType routerType = layer.routerFp32 ? DType::F32 : layer.dtype;
-  OperandChecker c{plan, step, path};
+private:
+  void checkRoutingSides();
+  void checkGate();
+  void checkRowOps();
+  void checkGemm();
+  void checkWgrad();
+  void checkShardRouting();
+  void checkAllToAll();
+  void checkUniformSegments();
+  void checkGatherOrScatter();
+  void checkElementwise();
+
   using R = OperandRole;
-  const bool in = true, out = false;
-  const int64_t W = plan.worldSize, L = plan.localExperts();
-  checkGroups(step, path, W, plan.shards());
-  // The ranks a collective runs among: W, or its group's.
-  const int64_t groupW = step.attrs.groupRanks(W);
+  static constexpr bool in = true, out = false;
+  const Plan &plan;
+  const Step &step;
+  const std::string &path;
+  const LayerConfig &layer;
+  OperandChecker c;
+  int64_t T, d, E, k;
+  /// [cap-1] C rounded up to the variant's alignment.
+  int64_t alignment, capacityBound;
+  /// Experts sharded over s ranks: after shard_routing the routing is over
+  /// E * s virtual experts with k * s choices, and every dispatch-shaped
+  /// buffer holds E * s capacity blocks.
+  int64_t s, Ev, kv;
+  /// The rows of the dispatch buffer: E * C for padded, at most T * k for
+  /// ragged (never more than E * C either).
+  int64_t paddedRows, minRows;
+  DType tokenType, routerType;
+  /// W, L, and the ranks a collective runs among: W, or its group's.
+  int64_t W, L, groupW;
+  /// The ops that run per group of rows take their G groups from
+  /// expert_offsets/expert_rows: the gate's E experts, or the L = E / W
+  /// local experts of a received buffer (uniform_segments).
+  bool segmentOp;
+  int64_t G;
+  std::string groupsMeaning;
+  /// Which routing each side of the step holds: the gate's (k choices over
+  /// E experts) or, with sharded experts, shard_routing's (k * s over E * s).
+  bool shardedIn = false, shardedOut = false;
+};
 
-  // The ops that run per group of rows take their groups from
-  // expert_offsets/expert_rows: the gate's E experts, or the L = E / W
-  // local experts of a received buffer (uniform_segments).
-  const bool segmentOp =
-      step.op == StepOp::GroupedGemm || step.op == StepOp::Glu ||
-      step.op == StepOp::ActivationBackward || step.op == StepOp::GluBackward ||
-      step.op == StepOp::GroupedGemmWgrad || step.op == StepOp::UniformSegments;
-  int64_t G = Ev;
+StepShapes::StepShapes(const Plan &plan, const Step &step,
+                       const std::string &path, const StepAttrs &gateAttrs)
+    : plan(plan), step(step), path(path),
+      layer(plan.layer), c{plan, step, path} {
+  T = layer.tokens, d = layer.modelDim, E = layer.experts;
+  k = std::min(layer.topK, layer.experts);
+  alignment = gateAttrs.capacityAlignment;
+  capacityBound = alignedCapacityBound(layer, alignment);
+  s = plan.shards(), Ev = plan.virtualExperts(), kv = k * s;
+  paddedRows = checkedMul(Ev, capacityBound)
+                   .value_or(std::numeric_limits<int64_t>::max());
+  minRows = gateAttrs.layout == DispatchLayout::Padded
+                ? paddedRows
+                : std::min(checkedMul(T, k).value_or(paddedRows), paddedRows);
+  tokenType = layer.dtype;
+  routerType = layer.routerFp32 ? DType::F32 : layer.dtype;
+  W = plan.worldSize, L = plan.localExperts();
+  groupW = step.attrs.groupRanks(W);
+  segmentOp = getStepKind(step.op).has(kStepSegmentOp);
+  G = Ev;
   if (segmentOp) {
     const BufferDesc *rows =
         c.get(R::ExpertRows, step.op != StepOp::UniformSegments);
@@ -323,18 +353,14 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
              Ev % rows->shape[0] == 0 && W % (Ev / rows->shape[0]) == 0)
       G = rows->shape[0];
   }
-  const std::string groupsMeaning =
-      segmentOp && s > 1 ? " (G = E * s = " + std::to_string(Ev) +
-                               " virtual experts (shards), or 1 shard per rank)"
-      : segmentOp && L != E
-          ? " (G = E = " + std::to_string(E) +
-                " experts, or L = E / W = " + std::to_string(L) +
-                " local experts)"
-          : "";
-
-  // Which routing each side of the step holds: the gate's (k choices over
-  // E experts) or, with sharded experts, shard_routing's (k * s over E * s).
-  bool shardedIn = false, shardedOut = false;
+  groupsMeaning = segmentOp && s > 1
+                      ? " (G = E * s = " + std::to_string(Ev) +
+                            " virtual experts (shards), or 1 shard per rank)"
+                  : segmentOp && L != E
+                      ? " (G = E = " + std::to_string(E) +
+                            " experts, or L = E / W = " + std::to_string(L) +
+                            " local experts)"
+                      : "";
   switch (step.op) {
   case StepOp::ShardRouting:
     shardedOut = true;
@@ -351,7 +377,9 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
   default:
     break;
   }
+}
 
+void StepShapes::checkRoutingSides() {
   // Roles of one shape wherever they appear (StepKinds.def), then the
   // segments: the routing's E (+ 1) experts, or the segment op's G.
   for (bool isInput : {in, out}) {
@@ -370,225 +398,264 @@ void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
                         : "expert_rows [" + eName + "] i32") +
                  groupsMeaning);
   }
+}
 
+void StepShapes::checkGate() {
+  if (step.attrs.topK != layer.topK)
+    fail(path + ".attrs.top_k", "top_k " + std::to_string(step.attrs.topK) +
+                                    " disagrees with the layer's top_k " +
+                                    std::to_string(layer.topK));
+  if (step.op == StepOp::Gate && step.attrs.capacityMode != layer.capacityMode)
+    fail(path + ".attrs.capacity_mode",
+         "'" + std::string(toString(step.attrs.capacityMode)) +
+             "' disagrees with the layer's capacity_mode '" +
+             std::string(toString(layer.capacityMode)) + "'");
+  // The gate computes the layer's routing: its attributes are the
+  // layer's, or the plan would compute another function than it declares.
+  if (step.op == StepOp::Gate && layer.capacityMode != CapacityMode::Dropless &&
+      step.attrs.capacityFactor != layer.capacityFactor)
+    fail(path + ".attrs.capacity_factor",
+         "capacity_factor " + std::to_string(step.attrs.capacityFactor) +
+             " disagrees with the layer's capacity_factor " +
+             std::to_string(layer.capacityFactor));
+  if (step.attrs.normalize != layer.normalizeGate)
+    fail(path + ".attrs.normalize",
+         std::string("normalize ") + (step.attrs.normalize ? "true" : "false") +
+             " disagrees with the layer's normalize_gate " +
+             (layer.normalizeGate ? "true" : "false"));
+  if (step.op == StepOp::Gate &&
+      step.attrs.batchPrioritized != layer.batchPrioritized)
+    fail(path + ".attrs.batch_prioritized",
+         std::string("batch_prioritized ") +
+             (step.attrs.batchPrioritized ? "true" : "false") +
+             " disagrees with the layer's batch_prioritized " +
+             (layer.batchPrioritized ? "true" : "false"));
+  // [cap-1] The gate writes expert_offsets[e] = e * C with C rounded up
+  // to the alignment: the layer's check of the unaligned bound is not
+  // enough.
+  if (step.op == StepOp::Gate &&
+      checkedMul(layer.experts, capacityBound)
+              .value_or(std::numeric_limits<int64_t>::max()) >
+          std::numeric_limits<int32_t>::max())
+    fail(path + ".attrs.capacity_alignment",
+         "[cap-1] the capacity bound " + std::to_string(capacityBound) +
+             " aligned to " + std::to_string(alignment) + " times " +
+             std::to_string(layer.experts) +
+             " experts exceeds the i32 range of the routing buffers");
+}
+
+/// dispatch, combine and their backward: rows of d columns, at least the
+/// dispatch layout's.
+void StepShapes::checkRowOps() {
   switch (step.op) {
-  case StepOp::Router:
-  case StepOp::RouterBackward:
-    // x, wg, grad_x, grad_wg: the declared roles above.
-    break;
-  case StepOp::Gate:
-  case StepOp::GateBackward:
-    if (step.attrs.topK != layer.topK)
-      fail(path + ".attrs.top_k", "top_k " + std::to_string(step.attrs.topK) +
-                                      " disagrees with the layer's top_k " +
-                                      std::to_string(layer.topK));
-    if (step.op == StepOp::Gate &&
-        step.attrs.capacityMode != layer.capacityMode)
-      fail(path + ".attrs.capacity_mode",
-           "'" + std::string(toString(step.attrs.capacityMode)) +
-               "' disagrees with the layer's capacity_mode '" +
-               std::string(toString(layer.capacityMode)) + "'");
-    // The gate computes the layer's routing: its attributes are the
-    // layer's, or the plan would compute another function than it declares.
-    if (step.op == StepOp::Gate &&
-        layer.capacityMode != CapacityMode::Dropless &&
-        step.attrs.capacityFactor != layer.capacityFactor)
-      fail(path + ".attrs.capacity_factor",
-           "capacity_factor " + std::to_string(step.attrs.capacityFactor) +
-               " disagrees with the layer's capacity_factor " +
-               std::to_string(layer.capacityFactor));
-    if (step.attrs.normalize != layer.normalizeGate)
-      fail(path + ".attrs.normalize",
-           std::string("normalize ") +
-               (step.attrs.normalize ? "true" : "false") +
-               " disagrees with the layer's normalize_gate " +
-               (layer.normalizeGate ? "true" : "false"));
-    if (step.op == StepOp::Gate &&
-        step.attrs.batchPrioritized != layer.batchPrioritized)
-      fail(path + ".attrs.batch_prioritized",
-           std::string("batch_prioritized ") +
-               (step.attrs.batchPrioritized ? "true" : "false") +
-               " disagrees with the layer's batch_prioritized " +
-               (layer.batchPrioritized ? "true" : "false"));
-    // [cap-1] The gate writes expert_offsets[e] = e * C with C rounded up
-    // to the alignment: the layer's check of the unaligned bound is not
-    // enough.
-    if (step.op == StepOp::Gate &&
-        checkedMul(layer.experts, capacityBound)
-                .value_or(std::numeric_limits<int64_t>::max()) >
-            std::numeric_limits<int32_t>::max())
-      fail(path + ".attrs.capacity_alignment",
-           "[cap-1] the capacity bound " + std::to_string(capacityBound) +
-               " aligned to " + std::to_string(alignment) + " times " +
-               std::to_string(layer.experts) +
-               " experts exceeds the i32 range of the routing buffers");
-    break;
   case StepOp::Dispatch:
     c.expectRows(R::Dispatched, out, d, minRows, "dispatched [R, d]");
-    break;
+    return;
   case StepOp::DispatchBackward:
     c.expectRows(R::GradDispatched, in, d, minRows, "grad_dispatched [R, d]");
-    break;
+    return;
   case StepOp::Combine:
     c.expectRows(R::ExpertOut, in, d, minRows, "expert_out [R, d]");
-    break;
+    return;
   case StepOp::CombineBackward: {
     const BufferDesc *expertOut =
         c.expectRows(R::ExpertOut, in, d, minRows, "expert_out [R, d]");
     c.expectSameShape(R::GradExpertOut, out, expertOut, "expert_out");
-    break;
+    return;
   }
-  case StepOp::GroupedGemm: {
-    const BufferDesc *a = c.expect(R::A, in, kFloatTypes, {-1, -1}, "a [R, K]");
-    int64_t K = a->shape[1];
-    const BufferDesc *b = c.expect(
-        R::B, in, kFloatTypes, {G, -1, -1},
-        (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") + groupsMeaning);
-    int64_t bK = b->shape[step.attrs.transB ? 2 : 1];
-    int64_t N = b->shape[step.attrs.transB ? 1 : 2];
-    if (bK != K)
-      fail(c.where(R::B, in),
-           "buffer '" + b->name + "' of shape " + shapeString(b->shape) +
-               " has K = " + std::to_string(bK) + " but a '" + a->name +
-               "' has K = " + std::to_string(K) +
-               (step.attrs.transB ? " (trans_b: b is [E, N, K])"
-                                  : " (b is [E, K, N])"));
-    c.expect(R::Bias, in, kFloatTypes, {G, N}, "bias [G, N]" + groupsMeaning);
-    c.expectRows(R::A, in, K, minRows, "a [R, K]");
-    c.expect(R::C, out, kFloatTypes, {a->shape[0], N}, "c [R, N], R of a");
-    c.expect(R::Pre, out, kFloatTypes, {a->shape[0], N}, "pre [R, N], R of a");
-    break;
-  }
-  case StepOp::GroupedGemmWgrad: {
-    const BufferDesc *a = c.expectRows(R::A, in, -1, minRows, "a [R, K]");
-    const BufferDesc *gradC = c.expect(
-        R::GradC, in, kFloatTypes, {a->shape[0], -1}, "grad_c [R, N], R of a");
-    int64_t K = a->shape[1], N = gradC->shape[1];
-    c.expect(R::GradB, out, kFloatTypes, {G, K, N},
-             "grad_b [G, K, N]" + groupsMeaning);
-    c.expect(R::GradBias, out, kFloatTypes, {G, N},
-             "grad_bias [G, N]" + groupsMeaning);
-    break;
-  }
-  case StepOp::SyncCapacity:
-    // capacity and expert_offsets: the routing shapes above.
-    break;
-  case StepOp::ShardRouting:
-  case StepOp::ShardRoutingBackward:
-    // The routing shapes above say the rest.
-    if (s == 1)
-      fail(path + ".op", "op '" + std::string(toString(step.op)) +
-                             "' needs experts sharded over ranks (E < W, "
-                             "W % E == 0); this plan has E = " +
-                             std::to_string(E) +
-                             " experts on W = " + std::to_string(W) + " ranks");
-    if (step.attrs.shards != s)
-      fail(path + ".attrs.shards",
-           "shards " + std::to_string(step.attrs.shards) +
-               " disagrees with the plan: s = W / E = " + std::to_string(W) +
-               " / " + std::to_string(E) + " = " + std::to_string(s));
-    // [cap-1] The routing buffers are i32 and shard_routing writes
-    // expert_offsets[v] = v * C up to E * s * C: the layer's check of
-    // E * C is not enough.
-    if (step.op == StepOp::ShardRouting &&
-        paddedRows > std::numeric_limits<int32_t>::max())
-      fail(path + ".op",
-           "[cap-1] the capacity bound " + std::to_string(capacityBound) +
-               " times the E * s = " + std::to_string(Ev) +
-               " virtual experts exceeds the i32 range of the routing "
-               "buffers (expert_offsets); lower capacity_factor or tokens");
-    break;
-  case StepOp::AllToAll: {
-    checkChunks(step, path);
-    checkRanksPerNode(step, path, W);
-    // Both sides hold E * C rows: [W, L, C, n] and [D, L, W, C / D, n].
-    const BufferDesc *input =
-        c.expectRows(R::Input, in, -1, paddedRows, "input [E * C, n]");
-    c.expectRows(R::Output, out, input->shape[1], paddedRows,
-                 "output [E * C, n], n of input");
-    c.expect(R::Output, out, {input->dtype}, {-1, input->shape[1]},
-             "output has the dtype of input");
-    break;
-  }
-  case StepOp::UniformSegments:
-    checkChunks(step, path);
-    // Sharded experts exchanged among groups of n ranks (n dividing W):
-    // G = E * s / n local virtual experts.
-    if (s > 1 && step.attrs.ranks >= 1 && step.attrs.ranks < W &&
-        W % step.attrs.ranks == 0) {
-      if (step.attrs.groups * step.attrs.ranks != Ev)
-        fail(path + ".attrs.groups",
-             "groups " + std::to_string(step.attrs.groups) + " on ranks " +
-                 std::to_string(step.attrs.ranks) +
-                 " disagrees with the plan: groups * ranks must be the E * s "
-                 "= " +
-                 std::to_string(Ev) + " virtual experts");
-      break;
-    }
-    if (step.attrs.groups != L)
-      fail(path + ".attrs.groups",
-           "groups " + std::to_string(step.attrs.groups) +
-               " disagrees with the local experts of the plan: L = E / W = " +
-               std::to_string(E) + " / " + std::to_string(W) + " = " +
-               std::to_string(L));
-    if (step.attrs.ranks != W)
-      fail(path + ".attrs.ranks", "ranks " + std::to_string(step.attrs.ranks) +
-                                      " disagrees with the plan's world size " +
-                                      std::to_string(W));
-    break;
-  case StepOp::AllGather:
-  case StepOp::ReduceScatter: {
-    // The rank's block is 1/W of the full buffer's first dimension.
-    bool gather = step.op == StepOp::AllGather;
-    const BufferDesc *input = c.get(R::Input, in);
-    const BufferDesc *output = c.get(R::Output, out);
-    const BufferDesc *block = gather ? input : output;
-    const BufferDesc *full = gather ? output : input;
-    std::string fullPath = c.where(gather ? R::Output : R::Input, !gather);
-    if (!gather && input->dtype == DType::I32)
-      fail(c.where(R::Input, in), "buffer '" + input->name +
-                                      "' has dtype i32; op 'reduce_scatter' "
-                                      "sums f32, bf16 or f16");
-    if (input->dtype != output->dtype)
-      fail(c.where(R::Output, out),
-           "buffer '" + output->name + "' has dtype " +
-               std::string(toString(output->dtype)) + "; op '" +
-               std::string(toString(step.op)) +
-               "' keeps the dtype of its input (" +
-               std::string(toString(input->dtype)) + ")");
-    std::vector<int64_t> want = block->shape;
-    if (!want.empty())
-      want[0] = checkedMul(want[0], groupW).value_or(-1);
-    if (block->shape.empty() || full->shape != want)
-      fail(fullPath,
-           "buffer '" + full->name + "' has shape " + shapeString(full->shape) +
-               "; op '" + std::string(toString(step.op)) +
-               "' needs the rank's block " + shapeString(block->shape) +
-               " times " + (step.attrs.groupSize > 0 ? "group_size" : "W") +
-               " = " + std::to_string(groupW) + " in the first dimension, " +
-               shapeString(want));
-    break;
-  }
-  case StepOp::Glu:
-  case StepOp::GluBackward:
-  case StepOp::ActivationBackward: {
-    OperandRole first =
-        step.op == StepOp::ActivationBackward ? R::Pre : R::GateIn;
-    const BufferDesc *reference = c.expectRows(
-        first, in, -1, minRows, std::string(toString(first)) + " [R, N]");
-    std::string name = "'" + reference->name + "'";
-    for (OperandRole role : {R::UpIn, R::Grad})
-      c.expectSameShape(role, in, reference, name);
-    for (OperandRole role : {R::C, R::GradPre, R::GradGateIn, R::GradUpIn})
-      c.expectSameShape(role, out, reference, name);
-    for (OperandRole role : {R::UpIn, R::Grad})
-      c.expect(role, in, kFloatTypes, reference->shape, "[R, N]");
-    for (OperandRole role : {R::C, R::GradPre, R::GradGateIn, R::GradUpIn})
-      c.expect(role, out, kFloatTypes, reference->shape, "[R, N]");
-    break;
-  }
+  default:
+    return;
   }
 }
-namespace {} // namespace
+
+void StepShapes::checkGemm() {
+  const BufferDesc *a = c.expect(R::A, in, kFloatTypes, {-1, -1}, "a [R, K]");
+  int64_t K = a->shape[1];
+  const BufferDesc *b = c.expect(
+      R::B, in, kFloatTypes, {G, -1, -1},
+      (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") + groupsMeaning);
+  int64_t bK = b->shape[step.attrs.transB ? 2 : 1];
+  int64_t N = b->shape[step.attrs.transB ? 1 : 2];
+  if (bK != K)
+    fail(c.where(R::B, in),
+         "buffer '" + b->name + "' of shape " + shapeString(b->shape) +
+             " has K = " + std::to_string(bK) + " but a '" + a->name +
+             "' has K = " + std::to_string(K) +
+             (step.attrs.transB ? " (trans_b: b is [E, N, K])"
+                                : " (b is [E, K, N])"));
+  c.expect(R::Bias, in, kFloatTypes, {G, N}, "bias [G, N]" + groupsMeaning);
+  c.expectRows(R::A, in, K, minRows, "a [R, K]");
+  c.expect(R::C, out, kFloatTypes, {a->shape[0], N}, "c [R, N], R of a");
+  c.expect(R::Pre, out, kFloatTypes, {a->shape[0], N}, "pre [R, N], R of a");
+}
+
+void StepShapes::checkWgrad() {
+  const BufferDesc *a = c.expectRows(R::A, in, -1, minRows, "a [R, K]");
+  const BufferDesc *gradC = c.expect(
+      R::GradC, in, kFloatTypes, {a->shape[0], -1}, "grad_c [R, N], R of a");
+  int64_t K = a->shape[1], N = gradC->shape[1];
+  c.expect(R::GradB, out, kFloatTypes, {G, K, N},
+           "grad_b [G, K, N]" + groupsMeaning);
+  c.expect(R::GradBias, out, kFloatTypes, {G, N},
+           "grad_bias [G, N]" + groupsMeaning);
+}
+
+void StepShapes::checkShardRouting() {
+  // The routing shapes above say the rest.
+  if (s == 1)
+    fail(path + ".op", "op '" + std::string(toString(step.op)) +
+                           "' needs experts sharded over ranks (E < W, "
+                           "W % E == 0); this plan has E = " +
+                           std::to_string(E) +
+                           " experts on W = " + std::to_string(W) + " ranks");
+  if (step.attrs.shards != s)
+    fail(path + ".attrs.shards",
+         "shards " + std::to_string(step.attrs.shards) +
+             " disagrees with the plan: s = W / E = " + std::to_string(W) +
+             " / " + std::to_string(E) + " = " + std::to_string(s));
+  // [cap-1] The routing buffers are i32 and shard_routing writes
+  // expert_offsets[v] = v * C up to E * s * C: the layer's check of
+  // E * C is not enough.
+  if (step.op == StepOp::ShardRouting &&
+      paddedRows > std::numeric_limits<int32_t>::max())
+    fail(path + ".op",
+         "[cap-1] the capacity bound " + std::to_string(capacityBound) +
+             " times the E * s = " + std::to_string(Ev) +
+             " virtual experts exceeds the i32 range of the routing "
+             "buffers (expert_offsets); lower capacity_factor or tokens");
+}
+
+void StepShapes::checkAllToAll() {
+  checkChunks(step, path);
+  checkRanksPerNode(step, path, W);
+  // Both sides hold E * C rows: [W, L, C, n] and [D, L, W, C / D, n].
+  const BufferDesc *input =
+      c.expectRows(R::Input, in, -1, paddedRows, "input [E * C, n]");
+  c.expectRows(R::Output, out, input->shape[1], paddedRows,
+               "output [E * C, n], n of input");
+  c.expect(R::Output, out, {input->dtype}, {-1, input->shape[1]},
+           "output has the dtype of input");
+}
+
+void StepShapes::checkUniformSegments() {
+  checkChunks(step, path);
+  // Sharded experts exchanged among groups of n ranks (n dividing W):
+  // G = E * s / n local virtual experts.
+  if (s > 1 && step.attrs.ranks >= 1 && step.attrs.ranks < W &&
+      W % step.attrs.ranks == 0) {
+    if (step.attrs.groups * step.attrs.ranks != Ev)
+      fail(path + ".attrs.groups",
+           "groups " + std::to_string(step.attrs.groups) + " on ranks " +
+               std::to_string(step.attrs.ranks) +
+               " disagrees with the plan: groups * ranks must be the E * s "
+               "= " +
+               std::to_string(Ev) + " virtual experts");
+    return;
+  }
+  if (step.attrs.groups != L)
+    fail(path + ".attrs.groups",
+         "groups " + std::to_string(step.attrs.groups) +
+             " disagrees with the local experts of the plan: L = E / W = " +
+             std::to_string(E) + " / " + std::to_string(W) + " = " +
+             std::to_string(L));
+  if (step.attrs.ranks != W)
+    fail(path + ".attrs.ranks", "ranks " + std::to_string(step.attrs.ranks) +
+                                    " disagrees with the plan's world size " +
+                                    std::to_string(W));
+}
+
+void StepShapes::checkGatherOrScatter() {
+  // The rank's block is 1/W of the full buffer's first dimension.
+  bool gather = step.op == StepOp::AllGather;
+  const BufferDesc *input = c.get(R::Input, in);
+  const BufferDesc *output = c.get(R::Output, out);
+  const BufferDesc *block = gather ? input : output;
+  const BufferDesc *full = gather ? output : input;
+  std::string fullPath = c.where(gather ? R::Output : R::Input, !gather);
+  if (!gather && input->dtype == DType::I32)
+    fail(c.where(R::Input, in), "buffer '" + input->name +
+                                    "' has dtype i32; op 'reduce_scatter' "
+                                    "sums f32, bf16 or f16");
+  if (input->dtype != output->dtype)
+    fail(c.where(R::Output, out),
+         "buffer '" + output->name + "' has dtype " +
+             std::string(toString(output->dtype)) + "; op '" +
+             std::string(toString(step.op)) +
+             "' keeps the dtype of its input (" +
+             std::string(toString(input->dtype)) + ")");
+  std::vector<int64_t> want = block->shape;
+  if (!want.empty())
+    want[0] = checkedMul(want[0], groupW).value_or(-1);
+  if (block->shape.empty() || full->shape != want)
+    fail(fullPath,
+         "buffer '" + full->name + "' has shape " + shapeString(full->shape) +
+             "; op '" + std::string(toString(step.op)) +
+             "' needs the rank's block " + shapeString(block->shape) +
+             " times " + (step.attrs.groupSize > 0 ? "group_size" : "W") +
+             " = " + std::to_string(groupW) + " in the first dimension, " +
+             shapeString(want));
+}
+
+/// glu, glu_backward and activation_backward: [R, N] operands of one shape.
+void StepShapes::checkElementwise() {
+  OperandRole first =
+      step.op == StepOp::ActivationBackward ? R::Pre : R::GateIn;
+  const BufferDesc *reference = c.expectRows(
+      first, in, -1, minRows, std::string(toString(first)) + " [R, N]");
+  std::string name = "'" + reference->name + "'";
+  for (OperandRole role : {R::UpIn, R::Grad})
+    c.expectSameShape(role, in, reference, name);
+  for (OperandRole role : {R::C, R::GradPre, R::GradGateIn, R::GradUpIn})
+    c.expectSameShape(role, out, reference, name);
+  for (OperandRole role : {R::UpIn, R::Grad})
+    c.expect(role, in, kFloatTypes, reference->shape, "[R, N]");
+  for (OperandRole role : {R::C, R::GradPre, R::GradGateIn, R::GradUpIn})
+    c.expect(role, out, kFloatTypes, reference->shape, "[R, N]");
+}
+
+void StepShapes::check() {
+  checkGroups(step, path, W, s);
+  checkRoutingSides();
+  switch (step.op) {
+  case StepOp::Router:
+  case StepOp::RouterBackward:
+  case StepOp::SyncCapacity:
+    return; // their operands are the declared roles of checkRoutingSides
+  case StepOp::Gate:
+  case StepOp::GateBackward:
+    return checkGate();
+  case StepOp::Dispatch:
+  case StepOp::DispatchBackward:
+  case StepOp::Combine:
+  case StepOp::CombineBackward:
+    return checkRowOps();
+  case StepOp::GroupedGemm:
+    return checkGemm();
+  case StepOp::GroupedGemmWgrad:
+    return checkWgrad();
+  case StepOp::ShardRouting:
+  case StepOp::ShardRoutingBackward:
+    return checkShardRouting();
+  case StepOp::AllToAll:
+    return checkAllToAll();
+  case StepOp::UniformSegments:
+    return checkUniformSegments();
+  case StepOp::AllGather:
+  case StepOp::ReduceScatter:
+    return checkGatherOrScatter();
+  case StepOp::Glu:
+  case StepOp::GluBackward:
+  case StepOp::ActivationBackward:
+    return checkElementwise();
+  }
+}
+
+} // namespace
+
+void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
+                                  const std::string &path,
+                                  const StepAttrs &gateAttrs) {
+  StepShapes(plan, step, path, gateAttrs).check();
+}
 
 } // namespace flex
