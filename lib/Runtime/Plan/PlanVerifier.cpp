@@ -356,16 +356,32 @@ void checkStepDataFlow(const Plan &plan, const Step &step,
   }
 }
 
-/// Every output argument of the pass is produced.
-void checkPassOutputs(const Plan &plan, const std::string &path, bool backward,
-                      const DataFlow &flow) {
+/// Every output argument of the pass is produced, and every argument the
+/// pass takes in is read: a layer's parameter (a bias, say) that no step
+/// reads would make the plan compute another layer.
+void checkPassArguments(const Plan &plan, const std::vector<Step> &steps,
+                        const std::string &path, bool backward,
+                        const DataFlow &flow) {
   ArgumentRole produced =
       backward ? ArgumentRole::GradOutput : ArgumentRole::Output;
-  for (size_t i = 0; i < plan.arguments.size(); ++i)
-    if (plan.arguments[i].role == produced && !flow.argWritten[i])
-      fail(path + (backward ? ".backward" : ".forward"),
-           "argument '" + plan.arguments[i].name + "' (role " +
-               std::string(toString(produced)) + ") is written by no step");
+  ArgumentRole taken = backward ? ArgumentRole::GradInput : ArgumentRole::Input;
+  std::vector<bool> read(plan.arguments.size(), false);
+  for (const Step &step : steps)
+    for (const BufferRef &ref : step.inputs)
+      if (ref.kind == BufferRef::Kind::Argument)
+        read[ref.index] = true;
+  const std::string pass = path + (backward ? ".backward" : ".forward");
+  for (size_t i = 0; i < plan.arguments.size(); ++i) {
+    const Argument &arg = plan.arguments[i];
+    if (arg.role == produced && !flow.argWritten[i])
+      fail(pass, "argument '" + arg.name + "' (role " +
+                     std::string(toString(produced)) +
+                     ") is written by no step");
+    if (arg.role == taken && !read[i])
+      fail(pass, "argument '" + arg.name + "' (role " +
+                     std::string(toString(taken)) +
+                     ") is read by no step: the layer needs it");
+  }
 }
 
 /// Same op, operands and declared attributes (StepKinds.def).
@@ -464,8 +480,8 @@ void plan_detail::verify(const Plan &plan, const PlanCheckOptions &) {
         checkStepDataFlow(plan, steps[s], at, backward, s, position, flow);
       }
       checkNoRepeatedStep(steps, v, backward);
-      checkPassOutputs(plan, "variants[" + std::to_string(v) + "]", backward,
-                       flow);
+      checkPassArguments(plan, steps, "variants[" + std::to_string(v) + "]",
+                         backward, flow);
     }
     checkLiveness(plan, variant, flow);
   }

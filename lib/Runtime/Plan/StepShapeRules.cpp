@@ -424,6 +424,15 @@ void StepShapes::checkGate() {
              " disagrees with the layer's normalize_gate " +
              (layer.normalizeGate ? "true" : "false"));
   if (step.op == StepOp::Gate &&
+      (step.attrs.noise != layer.gateNoise || step.attrs.seed != layer.seed))
+    fail(path + (step.attrs.noise != layer.gateNoise ? ".attrs.noise"
+                                                     : ".attrs.seed"),
+         "noise " + std::to_string(step.attrs.noise) + " and seed " +
+             std::to_string(step.attrs.seed) +
+             " disagree with the layer's gate_noise " +
+             std::to_string(layer.gateNoise) + " and seed " +
+             std::to_string(layer.seed));
+  if (step.op == StepOp::Gate &&
       step.attrs.batchPrioritized != layer.batchPrioritized)
     fail(path + ".attrs.batch_prioritized",
          std::string("batch_prioritized ") +
@@ -487,6 +496,14 @@ void StepShapes::checkGemm() {
   c.expectRows(R::A, in, K, minRows, "a [R, K]");
   c.expect(R::C, out, kFloatTypes, {a->shape[0], N}, "c [R, N], R of a");
   c.expect(R::Pre, out, kFloatTypes, {a->shape[0], N}, "pre [R, N], R of a");
+  // Only fc2 of an expert sharded over s ranks scales its bias (by 1 / s,
+  // so the s partial outputs add b2 once).
+  const double scale = step.attrs.biasScale;
+  if (scale != 1.0 && (s == 1 || scale != 1.0 / static_cast<double>(s)))
+    fail(path + ".attrs.bias_scale",
+         "bias_scale " + std::to_string(scale) +
+             (s == 1 ? " on experts that are not sharded; it must be 1"
+                     : " must be 1 or 1 / s = 1 / " + std::to_string(s)));
 }
 
 void StepShapes::checkWgrad() {
