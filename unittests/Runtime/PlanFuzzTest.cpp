@@ -66,9 +66,10 @@ TEST(PlanFuzz, IssueTenMutantsAreRejectedNamingTheField) {
 }
 
 /// Mutants that load and compute something else, of kinds the loader does
-/// not catch yet: 262 and 419, grouped_gemm trans_b flipped on a square
-/// [E, d, h] weight (d == h, so every shape still agrees).
-const int kOpenGaps[] = {262, 419};
+/// not catch yet (docs/Runtime.md, "Fuzzing the loader"); none among the
+/// first 600 since the loader checks trans_b per pass (262 and 419 were
+/// grouped_gemms with trans_b flipped on a square weight). -1: none.
+const int kOpenGaps[] = {-1};
 
 // Seeded, so a failure names a mutant that reproduces.
 TEST(PlanFuzz, SeededMutationsAreRejectedOrComputeTheLayer) {
@@ -76,7 +77,10 @@ TEST(PlanFuzz, SeededMutationsAreRejectedOrComputeTheLayer) {
   // FLEX_PLAN_FUZZ_MUTANTS=N checks N mutants instead (a longer local hunt).
   const char *env = std::getenv("FLEX_PLAN_FUZZ_MUTANTS");
   const int mutants = env ? std::atoi(env) : 600;
-  for (int i = 0; i < mutants; ++i) {
+  // FLEX_PLAN_FUZZ_FROM=I starts at mutant I (to reproduce one).
+  const char *from = std::getenv("FLEX_PLAN_FUZZ_FROM");
+  const int first = from ? std::atoi(from) : 0;
+  for (int i = first; i < mutants; ++i) {
     std::mt19937_64 rng(i);
     std::string text = readSeed(kCompiled[i % 3]);
     for (int n = 1 + rng() % 2; n > 0; --n)
@@ -99,8 +103,10 @@ TEST(PlanFuzz, SeededMutationsAreRejectedOrComputeTheLayer) {
   }
   // Most mutants are rejected; some (a changed seed, a larger workspace)
   // still compute the layer.
-  EXPECT_GT(counts[PlanVerdict::Rejected], 200);
-  EXPECT_GT(counts[PlanVerdict::Computes], 0);
+  if (first == 0) {
+    EXPECT_GT(counts[PlanVerdict::Rejected], 200);
+    EXPECT_GT(counts[PlanVerdict::Computes], 0);
+  }
   std::printf("rejected %d, computes %d, loaded (not run) %d\n",
               counts[PlanVerdict::Rejected], counts[PlanVerdict::Computes],
               counts[PlanVerdict::Loaded]);

@@ -459,6 +459,64 @@ TEST(PlanLoader, RejectsAGateThatDisagreesWithTheLayer) {
   expectRejected(doc, {".attrs.normalize'", "disagrees with the layer's"});
 }
 
+// What the fuzz property found loading and computing another layer once the
+// four kinds above were closed (docs/Runtime.md, "Fuzzing the loader").
+TEST(PlanLoader, RejectsStepsThatReadTheWrongValue) {
+  auto edit = [](auto change) {
+    Json doc = readJson("ffn_fixed_train.json");
+    change(doc["variants"][0]);
+    return doc;
+  };
+  // A bias no step reads: the layer adds it.
+  expectRejected(
+      edit([](Json &v) { v["forward"][5]["in"].erase("bias"); }),
+      {"'variants[0].forward'", "argument 'b2'", "is read by no step"});
+  // Locations read as indices would index experts out of range.
+  expectRejected(
+      edit([](Json &v) { v["forward"][6]["in"]["indices"] = "locations"; }),
+      {"'variants[0].forward[6].in.indices'", "'locations' is read as indices",
+       "written as locations"});
+  // The router's backward multiplies by x, not by the output's gradient.
+  expectRejected(
+      edit([](Json &v) { v["backward"][8]["in"]["x"] = "grad_out"; }),
+      {"'variants[0].backward[8].in.x'", "the layer's argument 'x'"});
+  // A GEMM's b is an expert weight, never a computed value.
+  expectRejected(
+      edit([](Json &v) { v["backward"][2]["in"]["b"] = "grad_w2"; }),
+      {"'variants[0].backward[2].in.b'", "'grad_w2' is not an expert weight"});
+  expectRejected(
+      edit([](Json &v) { v["forward"][5]["attrs"]["bias_scale"] = 0.5; }),
+      {"'variants[0].forward[5].attrs.bias_scale'", "not sharded"});
+  expectRejected(
+      edit([](Json &v) { v["forward"][1]["attrs"]["noise"] = 0.5; }),
+      {"'variants[0].forward[1].attrs.noise'", "disagree with the layer's"});
+}
+
+// Square experts (d == h, a compiled SwiGLU layer): every shape agrees
+// whichever weight or transpose a GEMM takes, so only the rules tell.
+TEST(PlanLoader, RejectsGemmsTheWrongWayRoundOnSquareExperts) {
+  const Json seed = readJson("fuzz/small_swiglu_bf16.json");
+  ASSERT_EQ(seed["layer"]["model_dim"], seed["layer"]["hidden_dim"]);
+  // The forward multiplies by the weights, the backward by their transposes.
+  Json doc = seed;
+  doc["variants"][0]["forward"][6]["attrs"]["trans_b"] = true;
+  expectRejected(doc, {"'variants[0].forward[6].attrs.trans_b'",
+                       "trans_b true in a forward"});
+  doc = seed;
+  doc["variants"][0]["backward"][2]["attrs"]["trans_b"] = false;
+  expectRejected(doc, {"'variants[0].backward[2].attrs.trans_b'",
+                       "trans_b false in a backward"});
+  // The gradients go back through every weight: a backward GEMM through
+  // w3 in place of w1 leaves w1 unread.
+  doc = seed;
+  ASSERT_EQ(doc["variants"][0]["backward"][6]["in"]["b"], "w1");
+  doc["variants"][0]["backward"][6]["in"]["b"] = "w3";
+  expectRejected(doc, {"'variants[0].backward'", "argument 'w1'",
+                       "read by no backward step"});
+  // Reading a weight only through a buffer gathered from it counts: the
+  // data-parallel variants of the multi-rank plans load (MultiRankTest).
+}
+
 // Damaged documents (cut anywhere, bytes flipped) give a Status, never a
 // crash or an exception.
 TEST(PlanLoader, SurvivesDamagedDocuments) {

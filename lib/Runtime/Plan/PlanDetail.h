@@ -182,7 +182,8 @@ void verify(const Plan &plan, const PlanCheckOptions &options);
 /// attributes' cross-field rules (StepShapeRules.cpp). `gateAttrs` are the
 /// attributes of the variant's gate (layout, capacity alignment).
 void checkStepShapes(const Plan &plan, const Step &step,
-                     const std::string &path, const StepAttrs &gateAttrs);
+                     const std::string &path, const StepAttrs &gateAttrs,
+                     bool backward);
 
 } // namespace flex::plan_detail
 

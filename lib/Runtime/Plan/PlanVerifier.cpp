@@ -247,13 +247,29 @@ namespace {
 /// What the data flow of one variant has seen so far.
 struct DataFlow {
   std::vector<bool> written, argWritten;
+  /// Per workspace buffer, the roles (bits of OperandRole) steps wrote it in.
+  std::vector<uint64_t> writtenAs;
+  /// Per workspace buffer, the argument an all_gather gathered into it (a
+  /// data-parallel variant's full weights); -1 for none.
+  std::vector<int32_t> gatheredFrom;
   /// Per workspace buffer, the first and last step position using it.
   std::vector<std::pair<int64_t, int64_t>> live;
 
   explicit DataFlow(const Plan &plan)
       : written(plan.workspace.buffers.size(), false),
         argWritten(plan.arguments.size(), false),
+        writtenAs(plan.workspace.buffers.size(), 0),
+        gatheredFrom(plan.workspace.buffers.size(), -1),
         live(plan.workspace.buffers.size(), {-1, -1}) {}
+
+  /// The argument whose value `ref` holds: itself, or the one gathered
+  /// into it; -1 for a value steps computed.
+  int32_t sourceArgument(const BufferRef &ref) const {
+    if (ref.kind == BufferRef::Kind::Argument)
+      return ref.index;
+    return ref.kind == BufferRef::Kind::Workspace ? gatheredFrom[ref.index]
+                                                  : -1;
+  }
 };
 
 /// The variant's name, passes and its one gate, which it returns.
@@ -286,6 +302,105 @@ const Step &verifyVariantHeader(const Plan &plan, size_t v,
     if (step.op == StepOp::Gate)
       fail(path + ".backward", "a 'gate' step belongs in forward");
   return *gate;
+}
+
+/// The roles whose value is the same wherever it goes: what a step reads in
+/// one of them, a step wrote in the same role (the routing a gate writes is
+/// read as routing; `locations` read as `indices` would index out of range).
+/// Other values change role on the way (a GEMM's `c` is combine's
+/// `expert_out`).
+bool isNamedValueRole(OperandRole role) {
+  using R = OperandRole;
+  switch (role) {
+  case R::Logits:
+  case R::Scores:
+  case R::Indices:
+  case R::Locations:
+  case R::Gates:
+  case R::Capacity:
+  case R::ExpertOffsets:
+  case R::ExpertRows:
+  case R::GradGates:
+  case R::GradLogits:
+    return true;
+  default:
+    return false;
+  }
+}
+
+void checkReadAs(const Plan &plan, OperandRole role, const BufferRef &ref,
+                 const std::string &at, const DataFlow &flow) {
+  if (!isNamedValueRole(role) ||
+      (flow.writtenAs[ref.index] >> static_cast<int>(role)) & 1)
+    return;
+  std::string wroteAs;
+  for (int r = 0; r < kNumOperandRoles; ++r)
+    if ((flow.writtenAs[ref.index] >> r) & 1)
+      wroteAs += (wroteAs.empty() ? "" : ", ") +
+                 std::string(toString(static_cast<OperandRole>(r)));
+  fail(at + ".in." + std::string(toString(role)),
+       "buffer '" + plan.workspace.buffers[ref.index].name + "' is read as " +
+           std::string(toString(role)) +
+           ", but no earlier step wrote it as one (it was written as " +
+           wroteAs + ")");
+}
+
+/// A grouped_gemm multiplies by an expert weight and adds an expert bias:
+/// its `b` holds w1, w2 or w3 and its `bias` b1 or b2 (the arguments, or
+/// what an all_gather gathered from them), never a value steps computed.
+void checkGemmWeights(const Plan &plan, const Step &step, const std::string &at,
+                      const DataFlow &flow) {
+  if (step.op != StepOp::GroupedGemm)
+    return;
+  using R = OperandRole;
+  static constexpr std::string_view kWeights[] = {"w1", "w2", "w3"};
+  static constexpr std::string_view kBiases[] = {"b1", "b2"};
+  for (OperandRole role : {R::B, R::Bias}) {
+    const BufferRef &ref = step.in(role);
+    if (!ref.isValid())
+      continue;
+    const int32_t source = flow.sourceArgument(ref);
+    const std::string_view name =
+        source >= 0 ? std::string_view(plan.arguments[source].name) : "";
+    const bool isWeight =
+        role == R::B
+            ? std::find(std::begin(kWeights), std::end(kWeights), name) !=
+                  std::end(kWeights)
+            : std::find(std::begin(kBiases), std::end(kBiases), name) !=
+                  std::end(kBiases);
+    if (!isWeight)
+      fail(at + ".in." + std::string(toString(role)),
+           "buffer '" + plan.getBuffer(ref).name + "' is not an expert " +
+               (role == R::B ? "weight (w1, w2, w3" : "bias (b1, b2") +
+               ", or what an all_gather gathered from one)");
+  }
+}
+
+/// The roles that always name one argument of the layer (x is the layer's
+/// input wherever a step reads `x`).
+void checkArgumentRoles(const Plan &plan, const Step &step,
+                        const std::string &at) {
+  using R = OperandRole;
+  static constexpr std::pair<OperandRole, const char *> kArguments[] = {
+      {R::X, "x"},
+      {R::Wg, "wg"},
+      {R::Out, "out"},
+      {R::LAux, "l_aux"},
+      {R::GradOut, "grad_out"},
+      {R::GradLAux, "grad_l_aux"},
+      {R::GradX, "grad_x"},
+      {R::GradWg, "grad_wg"}};
+  for (auto [role, name] : kArguments)
+    for (bool isInput : {true, false}) {
+      const BufferRef &ref = isInput ? step.in(role) : step.out(role);
+      if (!ref.isValid() || (ref.kind == BufferRef::Kind::Argument &&
+                             plan.arguments[ref.index].name == name))
+        continue;
+      fail(at + (isInput ? ".in." : ".out.") + std::string(toString(role)),
+           "role " + std::string(toString(role)) +
+               " is the layer's argument '" + name + "', not '" +
+               plan.getBuffer(ref).name + "'");
+    }
 }
 
 /// Data flow of one step: workspace buffers are written before they are
@@ -323,6 +438,7 @@ void checkStepDataFlow(const Plan &plan, const Step &step,
       fail(at + ".in." + std::string(toString(static_cast<OperandRole>(r))),
            "workspace buffer '" + plan.workspace.buffers[ref.index].name +
                "' is read before any step writes it");
+    checkReadAs(plan, static_cast<OperandRole>(r), ref, at, flow);
   }
   for (int r = 0; r < kNumOperandRoles; ++r)
     for (const BufferRef *ref : {&step.inputs[r], &step.outputs[r]})
@@ -338,6 +454,11 @@ void checkStepDataFlow(const Plan &plan, const Step &step,
         at + ".out." + std::string(toString(static_cast<OperandRole>(r)));
     if (ref.kind == BufferRef::Kind::Workspace) {
       flow.written[ref.index] = true;
+      flow.writtenAs[ref.index] |= uint64_t{1} << r;
+      flow.gatheredFrom[ref.index] =
+          step.op == StepOp::AllGather
+              ? flow.sourceArgument(step.in(OperandRole::Input))
+              : -1;
       continue;
     }
     if (ref.kind != BufferRef::Kind::Argument)
@@ -354,6 +475,8 @@ void checkStepDataFlow(const Plan &plan, const Step &step,
                          "' arguments and workspace buffers");
     flow.argWritten[ref.index] = true;
   }
+  checkArgumentRoles(plan, step, at);
+  checkGemmWeights(plan, step, at, flow);
 }
 
 /// Every output argument of the pass is produced, and every argument the
@@ -366,10 +489,14 @@ void checkPassArguments(const Plan &plan, const std::vector<Step> &steps,
       backward ? ArgumentRole::GradOutput : ArgumentRole::Output;
   ArgumentRole taken = backward ? ArgumentRole::GradInput : ArgumentRole::Input;
   std::vector<bool> read(plan.arguments.size(), false);
+  std::vector<bool> readValue(plan.arguments.size(), false);
   for (const Step &step : steps)
-    for (const BufferRef &ref : step.inputs)
+    for (const BufferRef &ref : step.inputs) {
       if (ref.kind == BufferRef::Kind::Argument)
         read[ref.index] = true;
+      if (int32_t source = flow.sourceArgument(ref); source >= 0)
+        readValue[source] = true;
+    }
   const std::string pass = path + (backward ? ".backward" : ".forward");
   for (size_t i = 0; i < plan.arguments.size(); ++i) {
     const Argument &arg = plan.arguments[i];
@@ -381,6 +508,17 @@ void checkPassArguments(const Plan &plan, const std::vector<Step> &steps,
       fail(pass, "argument '" + arg.name + "' (role " +
                      std::string(toString(taken)) +
                      ") is read by no step: the layer needs it");
+    // The gradients go back through every weight matrix (and grad_wg needs
+    // x): a backward that reads one of them nowhere computes another
+    // layer's gradients.
+    static constexpr std::string_view kMatrices[] = {"x", "wg", "w1", "w2",
+                                                     "w3"};
+    if (backward && plan.training && !readValue[i] &&
+        std::find(std::begin(kMatrices), std::end(kMatrices), arg.name) !=
+            std::end(kMatrices))
+      fail(pass, "argument '" + arg.name +
+                     "' is read by no backward step (directly or gathered): "
+                     "the gradients need it");
   }
 }
 
@@ -476,7 +614,7 @@ void plan_detail::verify(const Plan &plan, const PlanCheckOptions &) {
           backward ? variant.backward : variant.forward;
       for (size_t s = 0; s < steps.size(); ++s, ++position) {
         std::string at = stepPath(v, backward, s);
-        checkStepShapes(plan, steps[s], at, gate.attrs);
+        checkStepShapes(plan, steps[s], at, gate.attrs, backward);
         checkStepDataFlow(plan, steps[s], at, backward, s, position, flow);
       }
       checkNoRepeatedStep(steps, v, backward);

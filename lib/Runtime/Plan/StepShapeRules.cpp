@@ -276,7 +276,7 @@ void checkGroups(const Step &step, const std::string &path, int64_t W,
 class StepShapes {
 public:
   StepShapes(const Plan &plan, const Step &step, const std::string &path,
-             const StepAttrs &gateAttrs);
+             const StepAttrs &gateAttrs, bool backward);
   void check();
 
 private:
@@ -296,6 +296,8 @@ private:
   const Plan &plan;
   const Step &step;
   const std::string &path;
+  /// The step runs in the backward pass.
+  bool backward;
   const LayerConfig &layer;
   OperandChecker c;
   int64_t T, d, E, k;
@@ -323,8 +325,9 @@ private:
 };
 
 StepShapes::StepShapes(const Plan &plan, const Step &step,
-                       const std::string &path, const StepAttrs &gateAttrs)
-    : plan(plan), step(step), path(path),
+                       const std::string &path, const StepAttrs &gateAttrs,
+                       bool backward)
+    : plan(plan), step(step), path(path), backward(backward),
       layer(plan.layer), c{plan, step, path} {
   T = layer.tokens, d = layer.modelDim, E = layer.experts;
   k = std::min(layer.topK, layer.experts);
@@ -496,6 +499,18 @@ void StepShapes::checkGemm() {
   c.expectRows(R::A, in, K, minRows, "a [R, K]");
   c.expect(R::C, out, kFloatTypes, {a->shape[0], N}, "c [R, N], R of a");
   c.expect(R::Pre, out, kFloatTypes, {a->shape[0], N}, "pre [R, N], R of a");
+  // [expert-1] The forward multiplies by the expert weights ([d, h] and
+  // [h, d]), the backward's data gradients by their transposes: a GEMM the
+  // other way round has shapes that agree whenever d == h, and computes
+  // another layer.
+  if (step.attrs.transB != backward)
+    fail(path + ".attrs.trans_b",
+         std::string("trans_b ") + (step.attrs.transB ? "true" : "false") +
+             " in a " + (backward ? "backward" : "forward") +
+             " grouped_gemm; the " +
+             (backward ? "backward multiplies by the transposed weights "
+                         "(trans_b true)"
+                       : "forward multiplies by the weights (trans_b false)"));
   // Only fc2 of an expert sharded over s ranks scales its bias (by 1 / s,
   // so the s partial outputs add b2 once).
   const double scale = step.attrs.biasScale;
@@ -671,8 +686,8 @@ void StepShapes::check() {
 
 void plan_detail::checkStepShapes(const Plan &plan, const Step &step,
                                   const std::string &path,
-                                  const StepAttrs &gateAttrs) {
-  StepShapes(plan, step, path, gateAttrs).check();
+                                  const StepAttrs &gateAttrs, bool backward) {
+  StepShapes(plan, step, path, gateAttrs, backward).check();
 }
 
 } // namespace flex
