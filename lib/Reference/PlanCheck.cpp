@@ -13,7 +13,7 @@
 #include "flex/Reference/PlanCheck.h"
 
 #include "flex/Runtime/Backend.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Executor.h"
 
 #include <cstring>
@@ -97,7 +97,7 @@ void storeAs(std::vector<uint8_t> &bytes, DType type, size_t i, double value) {
   case DType::BF16:
   case DType::F16: {
     float f = static_cast<float>(value);
-    uint16_t v = type == DType::BF16 ? cpu::floatToBf16(f) : cpu::floatToF16(f);
+    uint16_t v = type == DType::BF16 ? floatToBf16(f) : floatToF16(f);
     std::memcpy(bytes.data() + 2 * i, &v, 2);
     return;
   }
@@ -120,7 +120,7 @@ double loadAs(const std::vector<uint8_t> &bytes, DType type, size_t i) {
   case DType::F16: {
     uint16_t v;
     std::memcpy(&v, bytes.data() + 2 * i, 2);
-    return type == DType::BF16 ? cpu::bf16ToFloat(v) : cpu::f16ToFloat(v);
+    return type == DType::BF16 ? bf16ToFloat(v) : f16ToFloat(v);
   }
   case DType::I32: {
     int32_t v;

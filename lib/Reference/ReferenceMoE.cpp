@@ -14,7 +14,7 @@
 #include "flex/Reference/ReferenceMoE.h"
 
 #include "flex/Runtime/Cpu/CpuKernels.h"
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <algorithm>
 #include <cmath>
@@ -420,10 +420,10 @@ std::vector<double> roundTo(const std::vector<double> &values, DType type) {
     float v = static_cast<float>(values[i]);
     switch (type) {
     case DType::BF16:
-      v = cpu::bf16ToFloat(cpu::floatToBf16(v));
+      v = bf16ToFloat(floatToBf16(v));
       break;
     case DType::F16:
-      v = cpu::f16ToFloat(cpu::floatToF16(v));
+      v = f16ToFloat(floatToF16(v));
       break;
     default:
       break;

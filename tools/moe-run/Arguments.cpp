@@ -15,7 +15,7 @@
 #include "MoeRun.h"
 #include "Npy.h"
 
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/ExpertSlices.h"
 
 #include <cmath>
@@ -72,12 +72,12 @@ void storeValue(uint8_t *data, DType dtype, int64_t i, double value) {
     break;
   }
   case DType::BF16: {
-    uint16_t v = cpu::floatToBf16(static_cast<float>(value));
+    uint16_t v = floatToBf16(static_cast<float>(value));
     std::memcpy(data + 2 * i, &v, 2);
     break;
   }
   case DType::F16: {
-    uint16_t v = cpu::floatToF16(static_cast<float>(value));
+    uint16_t v = floatToF16(static_cast<float>(value));
     std::memcpy(data + 2 * i, &v, 2);
     break;
   }
@@ -99,12 +99,12 @@ double loadValue(const uint8_t *data, DType dtype, int64_t i) {
   case DType::BF16: {
     uint16_t v;
     std::memcpy(&v, data + 2 * i, 2);
-    return cpu::bf16ToFloat(v);
+    return bf16ToFloat(v);
   }
   case DType::F16: {
     uint16_t v;
     std::memcpy(&v, data + 2 * i, 2);
-    return cpu::f16ToFloat(v);
+    return f16ToFloat(v);
   }
   case DType::I32: {
     int32_t v;

@@ -17,7 +17,7 @@
 
 #include "flex-c/Flex.h"
 #include "flex/Runtime/Comm/TcpRendezvous.h"
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 #include "flex/Runtime/Plan.h"
 
 #include <cstdint>

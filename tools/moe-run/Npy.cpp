@@ -12,7 +12,7 @@
 
 #include "Npy.h"
 
-#include "flex/Runtime/Cpu/Half.h"
+#include "flex/Runtime/Core/Half.h"
 
 #include <cstring>
 #include <fstream>
@@ -250,12 +250,12 @@ Status readAs(const std::string &path, DType dtype,
       break;
     }
     case DType::BF16: {
-      uint16_t v = cpu::floatToBf16(static_cast<float>(value));
+      uint16_t v = floatToBf16(static_cast<float>(value));
       std::memcpy(out.data() + 2 * i, &v, 2);
       break;
     }
     case DType::F16: {
-      uint16_t v = cpu::floatToF16(static_cast<float>(value));
+      uint16_t v = floatToF16(static_cast<float>(value));
       std::memcpy(out.data() + 2 * i, &v, 2);
       break;
     }
@@ -289,7 +289,7 @@ Status writeFrom(const std::string &path, DType dtype,
     for (int64_t i = 0; i < count; ++i) {
       uint16_t bits;
       std::memcpy(&bits, bytes + 2 * i, 2);
-      float value = cpu::bf16ToFloat(bits);
+      float value = bf16ToFloat(bits);
       std::memcpy(array.data.data() + 4 * i, &value, 4);
     }
     break;

@@ -21,7 +21,7 @@
 #ifndef FLEX_TOOLS_MOE_RUN_NPY_H
 #define FLEX_TOOLS_MOE_RUN_NPY_H
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>

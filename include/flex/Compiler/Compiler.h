@@ -13,7 +13,7 @@
 #ifndef FLEX_COMPILER_COMPILER_H
 #define FLEX_COMPILER_COMPILER_H
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 
 #include <string>
 #include <string_view>

@@ -16,7 +16,7 @@
 #ifndef FLEX_REFERENCE_REFERENCEMOE_H
 #define FLEX_REFERENCE_REFERENCEMOE_H
 
-#include "flex/Runtime/LayerConfig.h"
+#include "flex/Runtime/Core/LayerConfig.h"
 
 #include <cstdint>
 #include <random>
