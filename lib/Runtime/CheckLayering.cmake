@@ -2,7 +2,9 @@
 # libraries"), checked on the #include lines: Core at the bottom includes
 # nothing else of the runtime but Status.h, no backend or communicator
 # includes another backend's headers (nor a communicator the executor's), the plan model includes no backend, communicator or
-# executor, and the runtime has no MLIR in it. Run by ctest
+# executor, the cost model (CostModel/) includes no backend or executor (its
+# calibration alone runs the CPU kernels and communicators) and nothing below
+# it includes the cost model, and the runtime has no MLIR in it. Run by ctest
 # (FlexRuntimeLayering):
 #   cmake -DFLEX_SOURCE_DIR=<repo> -P lib/Runtime/CheckLayering.cmake
 # With -DFLEX_LAYERING_SELF_TEST=ON it instead checks that each rule catches
@@ -20,6 +22,8 @@ function(flex_layer path out)
     set(layer "Cuda")
   elseif(path MATCHES "^(include/flex|lib)/Runtime/Comm/")
     set(layer "Comm")
+  elseif(path MATCHES "^(include/flex|lib)/Runtime/CostModel/")
+    set(layer "CostModel")
   elseif(path MATCHES "^lib/Runtime/Plan/" OR path MATCHES
          "^include/flex/Runtime/(Plan|PlanLoader|ExpertSlices|StepSchema|StepFacts)\\.h$"
          OR path MATCHES "^include/flex/Runtime/StepKinds\\.def$")
@@ -51,7 +55,7 @@ function(flex_layering_violation path target out)
               "(and Status.h)")
     endif()
   elseif(layer STREQUAL "Plan")
-    if(target MATCHES "^flex/Runtime/(Cpu|Cuda|Comm)/" OR target MATCHES
+    if(target MATCHES "^flex/Runtime/(Cpu|Cuda|Comm|CostModel)/" OR target MATCHES
        "^flex/Runtime/(Backend|Executor|StepViews|StepBytes)\\.h$")
       set(why "the plan model sits right above Core: no backend, "
               "communicator or executor")
@@ -59,6 +63,9 @@ function(flex_layering_violation path target out)
   elseif(layer STREQUAL "Cpu")
     if(target MATCHES "^flex/Runtime/Cuda/")
       set(why "a backend includes no other backend's headers")
+    elseif(target MATCHES "^flex/Runtime/CostModel/")
+      set(why "the CPU kernels sit below the cost model (its calibration "
+              "runs them)")
     endif()
   elseif(layer STREQUAL "Cuda")
     if(target MATCHES "^flex/Runtime/Cpu/")
@@ -69,6 +76,19 @@ function(flex_layering_violation path target out)
     if(target MATCHES "^flex/Runtime/(Cpu|Cuda)/" OR target MATCHES
        "^flex/Runtime/(Backend|Executor|StepViews|StepBytes)\\.h$")
       set(why "a communicator includes no backend's or executor's headers")
+    elseif(target MATCHES "^flex/Runtime/CostModel/")
+      set(why "the communicators sit below the cost model (its calibration "
+              "runs them)")
+    endif()
+  elseif(layer STREQUAL "CostModel")
+    if(target MATCHES "^flex/Runtime/Cuda/" OR target MATCHES
+       "^flex/Runtime/(Backend|Executor|StepViews|StepBytes)\\.h$")
+      set(why "the cost model sits below the backends and the executor "
+              "(they may use it, not the reverse)")
+    elseif(target MATCHES "^flex/Runtime/(Cpu|Comm)/" AND NOT path MATCHES
+           "^lib/Runtime/CostModel/Calibrate[A-Za-z]*\\.cpp$")
+      set(why "only the calibration (lib/Runtime/CostModel/Calibrate*.cpp) "
+              "runs kernels and collectives; the model reads Core and Plan")
     endif()
   endif()
   # The kernel APIs take Core types only.
@@ -106,7 +126,20 @@ if(FLEX_LAYERING_SELF_TEST)
       "tools/moe-run/Npy.cpp|flex/Runtime/Cpu/Half.h|0"
       "include/flex/Runtime/Core/LayerConfig.h|string|0"
       "include/flex/Runtime/Core/RuntimeOptions.h|flex/Runtime/Status.h|0"
-      "include/flex/Runtime/Comm/Communicator.h|flex/Runtime/Core/RuntimeOptions.h|0")
+      "include/flex/Runtime/Comm/Communicator.h|flex/Runtime/Core/RuntimeOptions.h|0"
+      "lib/Runtime/CostModel/CostModel.cpp|flex/Runtime/StepBytes.h|1"
+      "include/flex/Runtime/CostModel/CostModel.h|flex/Runtime/Executor.h|1"
+      "lib/Runtime/CostModel/CostModel.cpp|flex/Runtime/Cpu/CpuKernels.h|1"
+      "include/flex/Runtime/CostModel/Calibrate.h|flex/Runtime/Comm/Communicator.h|1"
+      "lib/Runtime/CostModel/CalibrateCpu.cpp|flex/Runtime/Cuda/CudaKernels.h|1"
+      "lib/Runtime/Plan/StepSchema.cpp|flex/Runtime/CostModel/CostModel.h|1"
+      "lib/Runtime/Comm/Communicator.cpp|flex/Runtime/CostModel/DeviceProfile.h|1"
+      "lib/Runtime/Cpu/Gate.cpp|flex/Runtime/CostModel/CostModel.h|1"
+      "lib/Runtime/CostModel/CalibrateCpu.cpp|flex/Runtime/Cpu/CpuKernels.h|0"
+      "lib/Runtime/CostModel/CalibrateCpu.cpp|flex/Runtime/Comm/Communicator.h|0"
+      "lib/Runtime/CostModel/CostModel.cpp|flex/Runtime/StepSchema.h|0"
+      "lib/Runtime/Executor/Executor.cpp|flex/Runtime/CostModel/CostModel.h|0"
+      "lib/Runtime/Cuda/CudaBackend.cpp|flex/Runtime/CostModel/CostModel.h|0")
     string(REPLACE "|" ";" parts "${c}")
     list(GET parts 0 path)
     list(GET parts 1 target)

@@ -1,0 +1,47 @@
+//===- Calibrate.h - Measure a device profile -------------------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// Calibration: measures the figures of a DeviceProfile on this machine
+// (docs/CostModel.md, "Calibration"). The CPU backend's calibration runs the
+// CPU kernels' public API (Cpu/CpuKernels.h) and, given a host communicator,
+// the collectives, so the whole path runs in CI. `moe-run --calibrate`
+// wraps it. CUDA calibration is not written yet.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_COSTMODEL_CALIBRATE_H
+#define FLEX_RUNTIME_COSTMODEL_CALIBRATE_H
+
+#include "flex/Runtime/CostModel/DeviceProfile.h"
+#include "flex/Runtime/Status.h"
+
+#include <string>
+
+namespace flex {
+
+class Communicator;
+
+struct CalibrationOptions {
+  /// A fraction of a second (small shapes, few repetitions) instead of a
+  /// few seconds: tests and smoke runs.
+  bool quick = false;
+  /// The device name to record; "" = the CPU model from /proc/cpuinfo.
+  std::string deviceName;
+};
+
+/// Measures the CPU backend's profile: grouped-GEMM FLOP/s for a few shapes
+/// (f32 and bf16), the copy bandwidth and the cost of one small kernel call,
+/// and, when `communicator` has more than one rank, alpha and beta of
+/// all_to_all, all_gather, reduce_scatter and all_reduce, fitted from two
+/// message sizes. With a communicator it is a collective call: every rank
+/// must make it, and every rank gets the same profile (each figure is the
+/// slowest rank's).
+Status calibrateCpu(const CalibrationOptions &options,
+                    Communicator *communicator, DeviceProfile &profile);
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_COSTMODEL_CALIBRATE_H

@@ -1,0 +1,126 @@
+//===- CostModel.h - Predict a variant's time from its own steps -*- C++
+//-*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// The runtime cost model (docs/CostModel.md): the predicted time of a
+// variant is a simulation of that variant's own plan steps on the resources
+// they use. Each step costs what its work (getStepWork, StepSchema.h) takes
+// on the device profile (DeviceProfile.h); an all_to_all whose facts say
+// exchangeStream runs on the exchange stream, beside the compute stream; a
+// compute step waits for the pending exchanges whose bytes it touches (the
+// rule of StepBytes.h, on the memory plan's offsets) or, when its facts say
+// All, for every one; compute runs overlapSlowdown times slower while an
+// exchange runs. choose() predicts every variant and takes the fastest, a
+// pure function of the plan, the profile and C, so every rank given the same
+// profile and the same synced C picks the same variant.
+//
+// MLIR-free; it reads the plan model and the profile, never a backend.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_COSTMODEL_COSTMODEL_H
+#define FLEX_RUNTIME_COSTMODEL_COSTMODEL_H
+
+#include "flex/Runtime/CostModel/DeviceProfile.h"
+#include "flex/Runtime/Plan.h"
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flex {
+
+/// The stage of the layer a step belongs to, derived from its kind.
+enum class CostStage : uint8_t {
+  Gate,        ///< router, gate, shard_routing and their backwards
+  Dispatch,    ///< dispatch, dispatch_backward, uniform_segments
+  Experts,     ///< GEMMs, activations, GLUs
+  Combine,     ///< combine, combine_backward
+  Collectives, ///< every step that talks to other ranks
+};
+inline constexpr int kNumCostStages = 5;
+std::string_view toString(CostStage stage);
+CostStage getCostStage(StepOp op);
+
+/// The resource a step runs on.
+enum class CostStream : uint8_t { Compute, Exchange };
+std::string_view toString(CostStream stream);
+
+struct CostModelOptions {
+  /// Exchanges run on their own stream (the CUDA backend's cuda_overlap);
+  /// ignored, as false, for a "cpu" profile, whose exchanges are blocking.
+  bool overlap = true;
+  /// The collectives' transport to look up in the profile; "" = any.
+  std::string transport;
+};
+
+struct StepPrediction {
+  int32_t index = 0; ///< in the pass's step list
+  StepOp op = StepOp::Router;
+  CostStage stage = CostStage::Gate;
+  CostStream stream = CostStream::Compute;
+  /// The rows the step's work was counted for (-1: the static bound).
+  int64_t rows = -1;
+  double startUs = 0;
+  double us = 0; ///< end - start, the overlap slowdown included
+  double endUs() const { return startUs + us; }
+};
+
+struct Prediction {
+  int64_t variant = 0;
+  bool backward = false;
+  /// The capacity the rows were counted for (-1: the buffers' bounds).
+  int64_t capacity = -1;
+  std::vector<StepPrediction> steps;
+  /// The sum of the steps' times per stage (not overlapped).
+  std::array<double, kNumCostStages> stageUs{};
+  /// The makespan: when the last step on either stream ends.
+  double totalUs = 0;
+};
+
+/// choose()'s answer.
+struct Choice {
+  int64_t variant = -1;
+  /// Per variant, the forward prediction and (when `backward`) the backward
+  /// one; total = their sum.
+  std::vector<Prediction> forward, backward;
+  std::vector<double> totalUs;
+  std::string reason;
+};
+
+class CostModel {
+public:
+  explicit CostModel(DeviceProfile profile, CostModelOptions options = {})
+      : profile_(std::move(profile)), options_(std::move(options)) {}
+
+  const DeviceProfile &profile() const { return profile_; }
+  const CostModelOptions &options() const { return options_; }
+
+  /// The predicted forward (or backward) of `variant` for capacity C:
+  /// dispatch-shaped steps count E * C rows (padded or not; an upper bound
+  /// for a ragged layout), a segment op of a pipelined variant its chunk's
+  /// G * W * C / D rows; a fixed capacity known on the host (the step's
+  /// facts) wins over `capacity`; capacity < 0 counts the static bounds.
+  Prediction predict(const Plan &plan, int64_t variant, bool backward,
+                     int64_t capacity) const;
+
+  /// Predicts every variant (forward, and backward too when `backward`)
+  /// and picks the smallest total; ties go to the lower index. Deterministic.
+  Choice choose(const Plan &plan, bool backward, int64_t capacity) const;
+
+  /// The seconds one step takes alone on its stream (no waits, no overlap).
+  double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
+
+private:
+  DeviceProfile profile_;
+  CostModelOptions options_;
+};
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_COSTMODEL_COSTMODEL_H

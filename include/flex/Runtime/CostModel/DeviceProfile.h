@@ -1,0 +1,144 @@
+//===- DeviceProfile.h - What a calibration measured ------------*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// A device profile: the figures the cost model (CostModel.h) turns a step's
+// work (StepSchema.h, getStepWork) into time with. A calibration measures
+// them on one machine (Calibrate.h) and writes them as JSON; later runs load
+// the file. docs/CostModel.md documents the format and the fallback: a
+// missing, corrupt or stale profile gives a Status naming the reason and a
+// built-in conservative profile for the backend, flagged as such.
+//
+// MLIR-free and above Core and the plan model only.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_COSTMODEL_DEVICEPROFILE_H
+#define FLEX_RUNTIME_COSTMODEL_DEVICEPROFILE_H
+
+#include "flex/Runtime/Core/LayerConfig.h"
+#include "flex/Runtime/Status.h"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flex {
+
+inline constexpr std::string_view kProfileFormatName = "flex-device-profile";
+inline constexpr int kProfileFormatVersion = 1;
+
+/// One measured GEMM shape class. M counts the rows of every group (the
+/// whole step's rows), so M * N * K is the step's work / 2.
+struct GemmPoint {
+  int64_t m = 0, n = 0, k = 0;
+  DType dtype = DType::F32;
+  /// Groups laid out ragged (a dropless or bounded layout) rather than
+  /// padded to C rows each.
+  bool ragged = false;
+  double flopsPerSecond = 0;
+
+  double volume() const {
+    return static_cast<double>(m) * static_cast<double>(n) *
+           static_cast<double>(k);
+  }
+};
+
+/// The collectives a plan's steps run.
+enum class CollectiveKind : uint8_t {
+  AllToAll,
+  AllGather,
+  ReduceScatter,
+  AllReduce
+};
+std::string_view toString(CollectiveKind kind);
+std::optional<CollectiveKind> parseCollectiveKind(std::string_view text);
+
+/// time = alpha + bytes / beta, for the bytes one rank sends.
+struct CollectivePoint {
+  CollectiveKind kind = CollectiveKind::AllToAll;
+  int64_t worldSize = 1;
+  int64_t groupSize = 1; ///< the ranks one call runs among
+  /// "mpi", "local", "nccl", "copy_engine", ... (free text, matched exactly).
+  std::string transport;
+  double alphaSeconds = 0;
+  double betaBytesPerSecond = 1;
+};
+
+struct DeviceProfile {
+  std::string deviceName;
+  std::string backend = "cpu"; ///< "cpu" or "cuda"
+  /// Versions of what was measured through; empty on the CPU.
+  std::string driverVersion, cudaVersion, ncclVersion;
+  int64_t worldSize = 1;
+  int64_t ranksPerNode = 1;
+  /// When it was measured (free text, for people).
+  std::string created;
+  /// A built-in conservative profile, not a measurement (the fallback).
+  bool builtin = false;
+
+  std::vector<GemmPoint> gemm;
+  /// Memory-bound steps: launchSeconds + bytes / memoryBandwidth.
+  double memoryBandwidth = 1e9; ///< bytes/s
+  double launchSeconds = 0;
+  std::vector<CollectivePoint> collectives;
+  /// Compute runs this many times slower while an exchange runs beside it
+  /// (>= 1; 1 on the CPU backend, whose exchanges do not overlap).
+  double overlapSlowdown = 1.0;
+
+  /// The FLOP/s of a GEMM step of this shape: the points of the same dtype
+  /// and layout (else the same dtype, else all), interpolated piecewise
+  /// linearly in log(FLOP/s) over log(M * N * K) and clamped to the end
+  /// points outside the measured range. 0 when there are no points.
+  double gemmFlopsPerSecond(int64_t m, int64_t n, int64_t k, DType dtype,
+                            bool ragged) const;
+  /// The point for (kind, worldSize, groupSize, transport): an exact match,
+  /// else the same kind and group size with the nearest world size, else
+  /// the same kind with the nearest group size (ties: the first listed);
+  /// transport "" matches any. nullptr when the kind was never measured.
+  const CollectivePoint *findCollective(CollectiveKind kind, int64_t worldSize,
+                                        int64_t groupSize,
+                                        std::string_view transport) const;
+};
+
+/// What a run expects of a profile: a profile for another backend, world
+/// size or device is stale. Empty / <= 0 fields are not checked.
+struct ProfileExpectation {
+  std::string backend;
+  std::string deviceName;
+  int64_t worldSize = 0;
+};
+
+/// The JSON text of a profile (docs/CostModel.md, "The profile").
+std::string writeProfile(const DeviceProfile &profile);
+/// Reads a profile; InvalidArgument naming the field ("profile field
+/// 'gemm[2].flops_per_s': ...") on a malformed document. Never throws.
+Status parseProfile(std::string_view text, DeviceProfile &profile);
+/// parseProfile of a file; IOError naming the path when it cannot be read.
+Status readProfileFile(const std::string &path, DeviceProfile &profile);
+Status writeProfileFile(const std::string &path, const DeviceProfile &profile);
+/// FailedPrecondition saying what differs when `profile` was measured for
+/// another backend, device or world size than `expected`.
+Status checkProfile(const DeviceProfile &profile,
+                    const ProfileExpectation &expected);
+
+/// The built-in conservative profile of `backend` ("cpu", "cuda") for
+/// `worldSize` ranks (builtin = true): slow enough that no variant looks
+/// better than it is; docs/CostModel.md lists its figures.
+DeviceProfile defaultProfile(std::string_view backend, int64_t worldSize);
+
+/// Loads `path` and checks it against `expected`. On a missing, corrupt or
+/// stale file returns the default profile of `expected.backend` and sets
+/// `why` to the reason (with "using the built-in <backend> profile"); `why`
+/// is OK when the file is used.
+DeviceProfile loadProfileOrDefault(const std::string &path,
+                                   const ProfileExpectation &expected,
+                                   Status &why);
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_COSTMODEL_DEVICEPROFILE_H

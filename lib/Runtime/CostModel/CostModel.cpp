@@ -1,0 +1,432 @@
+//===- CostModel.cpp - Simulate a variant's steps on two streams ----------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the cost model: each step's time from its work and
+// the profile, and the simulation of a pass on a compute and an exchange
+// stream (docs/CostModel.md, "The model").
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/CostModel/CostModel.h"
+
+#include "flex/Runtime/StepSchema.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <iterator>
+#include <sstream>
+
+namespace flex {
+
+namespace {
+
+/// The operand roles whose buffers are dispatch-shaped (rows of experts):
+/// the list of isDispatchShapedRole in StepBytes.h, which the cost model
+/// cannot include (it sits below the backend interface). Keep the two in
+/// step.
+bool isDispatchShaped(OperandRole role) {
+  static constexpr OperandRole kRoles[] = {
+      OperandRole::A,       OperandRole::C,       OperandRole::Pre,
+      OperandRole::GateIn,  OperandRole::UpIn,    OperandRole::GradC,
+      OperandRole::Grad,    OperandRole::GradPre, OperandRole::GradGateIn,
+      OperandRole::GradUpIn};
+  return std::find(std::begin(kRoles), std::end(kRoles), role) !=
+         std::end(kRoles);
+}
+
+/// Bytes [begin, end) of the memory plan: workspace buffers at their
+/// offsets, caller arguments each in a region of its own past the
+/// workspace (they never alias it).
+struct Range {
+  int64_t begin = 0, end = 0;
+  bool overlaps(const Range &other) const {
+    return begin < other.end && other.begin < end;
+  }
+};
+
+/// What a step (or exchange) reads and writes; the rule of StepBytes.h.
+struct Touched {
+  std::vector<Range> reads, writes;
+
+  bool mustPrecede(const Touched &step) const {
+    auto any = [](const std::vector<Range> &a, const std::vector<Range> &b) {
+      for (const Range &x : a)
+        for (const Range &y : b)
+          if (x.overlaps(y))
+            return true;
+      return false;
+    };
+    return any(writes, step.reads) || any(writes, step.writes) ||
+           any(reads, step.writes);
+  }
+};
+
+/// Where each buffer of a plan lies.
+class Layout {
+public:
+  explicit Layout(const Plan &plan) : plan_(plan) {
+    int64_t next = plan.workspace.bytes;
+    for (const Argument &arg : plan.arguments) {
+      next = (next + 255) / 256 * 256;
+      argumentBase_.push_back(next);
+      next += std::max<int64_t>(1, arg.numBytes());
+    }
+  }
+
+  /// The buffer's bytes; with rows >= 0 only rows [first, first + rows) of
+  /// it (clamped to the buffer).
+  Range range(const BufferRef &ref, int64_t first = 0,
+              int64_t rows = -1) const {
+    const BufferDesc &desc = plan_.getBuffer(ref);
+    int64_t base = ref.kind == BufferRef::Kind::Argument
+                       ? argumentBase_[ref.index]
+                       : plan_.workspace.buffers[ref.index].offset;
+    Range r{base, base + desc.numBytes()};
+    if (rows >= 0 && !desc.shape.empty() && desc.shape.front() > 0) {
+      const int64_t rowBytes = desc.numBytes() / desc.shape.front();
+      r.begin = std::min(r.end, base + first * rowBytes);
+      r.end = std::min(r.end, r.begin + rows * rowBytes);
+    }
+    return r;
+  }
+
+private:
+  const Plan &plan_;
+  std::vector<int64_t> argumentBase_;
+};
+
+/// A compute step's bytes: a segment op's dispatch-shaped operands only
+/// its chunk's rows (as CudaBackend::waitForOverlappingExchanges).
+Touched computeBytes(const Layout &layout, const Step &step,
+                     int64_t chunkRows) {
+  Touched t;
+  const SegmentFacts &seg = step.facts.segments;
+  const bool chunked = seg.isValid() && chunkRows >= 0;
+  for (int i = 0; i < kNumOperandRoles; ++i) {
+    auto role = static_cast<OperandRole>(i);
+    const bool rows = chunked && isDispatchShaped(role);
+    const int64_t first = rows ? seg.chunk * chunkRows : 0;
+    const int64_t count = rows ? chunkRows : -1;
+    if (step.inputs[i].isValid())
+      t.reads.push_back(layout.range(step.inputs[i], first, count));
+    if (step.outputs[i].isValid())
+      t.writes.push_back(layout.range(step.outputs[i], first, count));
+  }
+  return t;
+}
+
+/// An all_to_all's bytes: chunk q of D is contiguous in the received layout
+/// (rows [q R / D, (q + 1) R / D) of R valid rows); its side in the dispatch
+/// layout is scattered, counted whole (conservative).
+Touched exchangeBytes(const Plan &plan, const Layout &layout, const Step &step,
+                      int64_t rows) {
+  Touched t;
+  const int64_t chunks = std::max<int64_t>(1, step.attrs.chunks);
+  const bool dispatch = step.attrs.direction == AllToAllDirection::Dispatch;
+  for (int i = 0; i < kNumOperandRoles; ++i) {
+    auto role = static_cast<OperandRole>(i);
+    for (bool output : {false, true}) {
+      const BufferRef &ref = output ? step.outputs[i] : step.inputs[i];
+      if (!ref.isValid())
+        continue;
+      Range r = layout.range(ref);
+      const bool received = (role == OperandRole::Output && dispatch) ||
+                            (role == OperandRole::Input && !dispatch);
+      const BufferDesc &desc = plan.getBuffer(ref);
+      if (received && !desc.shape.empty()) {
+        int64_t valid =
+            rows >= 0 ? std::min(rows, desc.shape.front()) : desc.shape.front();
+        int64_t per = valid / chunks;
+        r = layout.range(ref, step.attrs.chunk * per, per);
+      }
+      (output ? t.writes : t.reads).push_back(r);
+    }
+  }
+  return t;
+}
+
+/// When a compute step of `work` seconds started at `start` ends, running
+/// `slowdown` times slower inside the exchange intervals `busy` (sorted,
+/// disjoint: one stream).
+double finishTime(double start, double work,
+                  const std::vector<std::pair<double, double>> &busy,
+                  double slowdown) {
+  double t = start, left = work;
+  for (const auto &[a, b] : busy) {
+    if (b <= t)
+      continue;
+    if (a > t) {
+      if (left <= a - t)
+        return t + left;
+      left -= a - t;
+      t = a;
+    }
+    const double capacity = (b - t) / slowdown;
+    if (left <= capacity)
+      return t + left * slowdown;
+    left -= capacity;
+    t = b;
+  }
+  return t + left;
+}
+
+const Step *refStep(const Variant &variant, StepRef ref) {
+  const std::vector<Step> &steps =
+      ref.backward ? variant.backward : variant.forward;
+  return ref.isValid() && ref.index < static_cast<int32_t>(steps.size())
+             ? &steps[ref.index]
+             : nullptr;
+}
+
+/// C for one step: the facts' static capacity, else `capacity` rounded up
+/// to the alignment of the gate that sizes the step; -1 when unknown.
+int64_t stepCapacity(const Variant &variant, const Step &step,
+                     int64_t capacity) {
+  if (step.facts.staticCapacity >= 0)
+    return step.facts.staticCapacity;
+  if (capacity < 0)
+    return -1;
+  int64_t alignment = 1;
+  if (const Step *gate = refStep(variant, step.facts.capacityFrom))
+    alignment = std::max<int64_t>(1, gate->attrs.capacityAlignment);
+  return (capacity + alignment - 1) / alignment * alignment;
+}
+
+/// The valid rows the step's work counts: its chunk's G * n for a segment
+/// op, E * C otherwise; -1 (the static bounds) when C is unknown.
+int64_t stepRows(const Plan &plan, const Variant &variant, const Step &step,
+                 int64_t capacity) {
+  const int64_t c = stepCapacity(variant, step, capacity);
+  const SegmentFacts &seg = step.facts.segments;
+  if (seg.isValid()) {
+    int64_t n = seg.rows >= 0 ? seg.rows : (c >= 0 ? seg.rowsFor(c) : -1);
+    return n >= 0 ? seg.groups * n : -1;
+  }
+  return c >= 0 ? plan.virtualExperts() * c : -1;
+}
+
+CollectiveKind collectiveKind(StepCost cost) {
+  switch (cost) {
+  case StepCost::Gather:
+    return CollectiveKind::AllGather;
+  case StepCost::ReduceScatter:
+    return CollectiveKind::ReduceScatter;
+  case StepCost::Sync:
+    return CollectiveKind::AllReduce;
+  default:
+    return CollectiveKind::AllToAll;
+  }
+}
+
+std::string formatUs(double us) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.3g us", us);
+  return text;
+}
+
+} // namespace
+
+std::string_view toString(CostStage stage) {
+  static constexpr std::string_view kNames[] = {"gate", "dispatch", "experts",
+                                                "combine", "collectives"};
+  return kNames[static_cast<int>(stage)];
+}
+
+std::string_view toString(CostStream stream) {
+  return stream == CostStream::Compute ? "compute" : "exchange";
+}
+
+CostStage getCostStage(StepOp op) {
+  if (isCollective(op))
+    return CostStage::Collectives;
+  switch (op) {
+  case StepOp::Router:
+  case StepOp::Gate:
+  case StepOp::GateBackward:
+  case StepOp::RouterBackward:
+  case StepOp::ShardRouting:
+  case StepOp::ShardRoutingBackward:
+    return CostStage::Gate;
+  case StepOp::Dispatch:
+  case StepOp::DispatchBackward:
+  case StepOp::UniformSegments:
+    return CostStage::Dispatch;
+  case StepOp::Combine:
+  case StepOp::CombineBackward:
+    return CostStage::Combine;
+  default:
+    return CostStage::Experts;
+  }
+}
+
+double CostModel::stepSeconds(const Plan &plan, const Step &step,
+                              int64_t rows) const {
+  using R = OperandRole;
+  const StepWork work = getStepWork(plan, step, rows);
+  const StepCost cost = getStepKind(step.op).cost;
+  auto gemm = [&](int64_t k, int64_t n, DType dtype, bool ragged) {
+    const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
+    const auto m = static_cast<int64_t>(work.flops / (2.0 * kn) + 0.5);
+    const double rate = profile_.gemmFlopsPerSecond(m, n, k, dtype, ragged);
+    return rate > 0 ? work.flops / rate : 0.0;
+  };
+  // Rows of a ragged layout are packed; a segment op's chunk is uniform.
+  const bool ragged = !step.facts.padded && !step.facts.segments.isValid();
+  switch (cost) {
+  case StepCost::Memory:
+    return profile_.launchSeconds +
+           (work.bytesRead + work.bytesWritten) / profile_.memoryBandwidth;
+  case StepCost::Launch:
+    return profile_.launchSeconds;
+  case StepCost::RouterGemm:
+    return gemm(plan.layer.modelDim, plan.layer.experts,
+                plan.layer.routerFp32 ? DType::F32 : plan.layer.dtype, false);
+  case StepCost::ExpertGemm: {
+    const BufferDesc &a = plan.getBuffer(step.in(R::A));
+    const BufferDesc &c = plan.getBuffer(step.out(R::C));
+    return gemm(a.shape.back(), c.shape.back(), a.dtype, ragged);
+  }
+  case StepCost::ExpertWgrad: {
+    const BufferDesc &a = plan.getBuffer(step.in(R::A));
+    const BufferDesc &g = plan.getBuffer(step.in(R::GradC));
+    return gemm(a.shape.back(), g.shape.back(), a.dtype, ragged);
+  }
+  case StepCost::Exchange:
+  case StepCost::Gather:
+  case StepCost::ReduceScatter:
+  case StepCost::Sync:
+    break;
+  }
+  const int64_t group = step.attrs.groupRanks(plan.worldSize);
+  if (group <= 1)
+    return profile_.launchSeconds;
+  const CollectiveKind kind = collectiveKind(cost);
+  const CollectivePoint *point =
+      profile_.findCollective(kind, plan.worldSize, group, options_.transport);
+  // A kind the calibration did not measure: the built-in figures.
+  DeviceProfile fallback;
+  if (!point) {
+    fallback = defaultProfile(profile_.backend, plan.worldSize);
+    point = fallback.findCollective(kind, plan.worldSize, group, "");
+  }
+  return point->alphaSeconds + work.bytesExchanged / point->betaBytesPerSecond;
+}
+
+Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
+                              bool backward, int64_t capacity) const {
+  const Variant &variant = plan.variants.at(variantIndex);
+  const std::vector<Step> &steps =
+      backward ? variant.backward : variant.forward;
+  const bool overlap = options_.overlap && profile_.backend != "cpu";
+  const Layout layout(plan);
+  Prediction prediction;
+  prediction.variant = variantIndex;
+  prediction.backward = backward;
+  prediction.capacity = capacity;
+
+  double compute = 0, exchange = 0;  // when each stream is free, in us
+  std::vector<Touched> pendingBytes; // not yet waited for, oldest first
+  std::vector<double> pendingEnd;
+  std::vector<std::pair<double, double>> busy; // every exchange's interval
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const Step &step = steps[i];
+    StepPrediction out;
+    out.index = static_cast<int32_t>(i);
+    out.op = step.op;
+    out.stage = getCostStage(step.op);
+    out.rows = stepRows(plan, variant, step, capacity);
+    const double alone = stepSeconds(plan, step, out.rows) * 1e6;
+
+    if (overlap && step.op == StepOp::AllToAll && step.facts.exchangeStream) {
+      // Queued after the compute stream's work so far.
+      out.stream = CostStream::Exchange;
+      out.startUs = std::max(compute, exchange);
+      out.us = alone;
+      exchange = out.endUs();
+      busy.emplace_back(out.startUs, exchange);
+      pendingBytes.push_back(exchangeBytes(plan, layout, step, out.rows));
+      pendingEnd.push_back(exchange);
+    } else {
+      int64_t follow = -1; // the newest pending exchange to wait for
+      if (step.facts.wait == ExchangeWait::All) {
+        follow = static_cast<int64_t>(pendingEnd.size()) - 1;
+      } else if (step.facts.wait == ExchangeWait::Overlapping) {
+        const SegmentFacts &seg = step.facts.segments;
+        int64_t chunkRows = seg.isValid() ? out.rows : -1;
+        Touched bytes = computeBytes(layout, step, chunkRows);
+        for (size_t p = pendingBytes.size(); p-- > 0 && follow < 0;)
+          if (pendingBytes[p].mustPrecede(bytes))
+            follow = static_cast<int64_t>(p);
+      }
+      out.startUs = compute;
+      if (follow >= 0) {
+        out.startUs = std::max(compute, pendingEnd[follow]);
+        pendingBytes.erase(pendingBytes.begin(),
+                           pendingBytes.begin() + follow + 1);
+        pendingEnd.erase(pendingEnd.begin(), pendingEnd.begin() + follow + 1);
+      }
+      const bool slowed = !isCollective(step.op) &&
+                          profile_.overlapSlowdown > 1 && !busy.empty();
+      const double end = slowed ? finishTime(out.startUs, alone, busy,
+                                             profile_.overlapSlowdown)
+                                : out.startUs + alone;
+      out.us = end - out.startUs;
+      compute = end;
+    }
+    prediction.stageUs[static_cast<int>(out.stage)] += out.us;
+    prediction.steps.push_back(out);
+  }
+  prediction.totalUs = std::max(compute, exchange);
+  return prediction;
+}
+
+Choice CostModel::choose(const Plan &plan, bool backward,
+                         int64_t capacity) const {
+  Choice choice;
+  for (int64_t v = 0; v < static_cast<int64_t>(plan.variants.size()); ++v) {
+    choice.forward.push_back(predict(plan, v, false, capacity));
+    double total = choice.forward.back().totalUs;
+    if (backward) {
+      choice.backward.push_back(predict(plan, v, true, capacity));
+      total += choice.backward.back().totalUs;
+    }
+    choice.totalUs.push_back(total);
+    // Strictly faster only: ties keep the lower index, on every rank.
+    if (choice.variant < 0 || total < choice.totalUs[choice.variant])
+      choice.variant = v;
+  }
+  if (choice.variant < 0) {
+    choice.reason = "the plan has no variant";
+    return choice;
+  }
+  std::ostringstream reason;
+  const std::string &name = plan.variants[choice.variant].name;
+  reason << "'" << name << "' predicted "
+         << formatUs(choice.totalUs[choice.variant])
+         << (backward ? " (forward + backward)" : " (forward)");
+  int64_t next = -1;
+  for (int64_t v = 0; v < static_cast<int64_t>(choice.totalUs.size()); ++v)
+    if (v != choice.variant &&
+        (next < 0 || choice.totalUs[v] < choice.totalUs[next]))
+      next = v;
+  if (next < 0) {
+    reason << ", the only variant";
+  } else {
+    const double best = choice.totalUs[choice.variant];
+    const double ratio = best > 0 ? choice.totalUs[next] / best : 1.0;
+    char text[32];
+    std::snprintf(text, sizeof text, "%.2fx", ratio);
+    reason << ", " << text << " faster than the next best '"
+           << plan.variants[next].name << "' ("
+           << formatUs(choice.totalUs[next]) << ")";
+  }
+  reason << "; profile " << (profile_.builtin ? "built-in " : "")
+         << profile_.deviceName << " (" << profile_.backend << ")";
+  choice.reason = reason.str();
+  return choice;
+}
+
+} // namespace flex

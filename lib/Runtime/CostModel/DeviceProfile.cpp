@@ -1,0 +1,418 @@
+//===- DeviceProfile.cpp - The device profile and its JSON form -----------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the profile's lookups (the GEMM table's
+// interpolation, the collectives' nearest point), its JSON reader and
+// writer, the staleness check and the built-in fallback profiles.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/CostModel/DeviceProfile.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+
+namespace flex {
+
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+constexpr std::string_view kCollectiveNames[] = {
+    "all_to_all", "all_gather", "reduce_scatter", "all_reduce"};
+
+/// A malformed field; what() names it.
+struct ProfileError : std::runtime_error {
+  ProfileError(const std::string &path, const std::string &message)
+      : std::runtime_error("profile field '" + path + "': " + message) {}
+};
+
+const Json &field(const Json &json, const std::string &path, const char *key) {
+  auto it = json.find(key);
+  if (it == json.end())
+    throw ProfileError(path.empty() ? key : path + "." + key, "missing");
+  return *it;
+}
+
+std::string join(const std::string &path, const char *key) {
+  return path.empty() ? std::string(key) : path + "." + key;
+}
+
+void expectObject(const Json &json, const std::string &path) {
+  if (!json.is_object())
+    throw ProfileError(path.empty() ? "(document)" : path, "not an object");
+}
+
+std::string asString(const Json &json, const std::string &path) {
+  if (!json.is_string())
+    throw ProfileError(path, "not a string");
+  return json.get<std::string>();
+}
+
+int64_t asInt(const Json &json, const std::string &path, int64_t min) {
+  if (!json.is_number_integer())
+    throw ProfileError(path, "not an integer");
+  int64_t value = json.get<int64_t>();
+  if (value < min)
+    throw ProfileError(path, "must be >= " + std::to_string(min) + ", got " +
+                                 std::to_string(value));
+  return value;
+}
+
+/// A finite number; `positive`: > 0, else >= 0.
+double asNumber(const Json &json, const std::string &path, bool positive) {
+  if (!json.is_number())
+    throw ProfileError(path, "not a number");
+  double value = json.get<double>();
+  if (!std::isfinite(value) || value < 0 || (positive && value == 0))
+    throw ProfileError(path, positive ? "must be a finite number > 0"
+                                      : "must be a finite number >= 0");
+  return value;
+}
+
+bool asBool(const Json &json, const std::string &path) {
+  if (!json.is_boolean())
+    throw ProfileError(path, "not a boolean");
+  return json.get<bool>();
+}
+
+std::string optionalString(const Json &json, const std::string &path,
+                           const char *key) {
+  auto it = json.find(key);
+  return it == json.end() ? std::string() : asString(*it, join(path, key));
+}
+
+GemmPoint readGemm(const Json &json, const std::string &path) {
+  expectObject(json, path);
+  GemmPoint point;
+  point.m = asInt(field(json, path, "m"), path + ".m", 1);
+  point.n = asInt(field(json, path, "n"), path + ".n", 1);
+  point.k = asInt(field(json, path, "k"), path + ".k", 1);
+  std::string dtype = asString(field(json, path, "dtype"), path + ".dtype");
+  std::optional<DType> parsed = parseDType(dtype);
+  if (!parsed || *parsed == DType::I32)
+    throw ProfileError(path + ".dtype",
+                       "expected f32, bf16 or f16, got '" + dtype + "'");
+  point.dtype = *parsed;
+  point.ragged = asBool(field(json, path, "ragged"), path + ".ragged");
+  point.flopsPerSecond =
+      asNumber(field(json, path, "flops_per_s"), path + ".flops_per_s", true);
+  return point;
+}
+
+CollectivePoint readCollective(const Json &json, const std::string &path) {
+  expectObject(json, path);
+  CollectivePoint point;
+  std::string kind = asString(field(json, path, "kind"), path + ".kind");
+  std::optional<CollectiveKind> parsed = parseCollectiveKind(kind);
+  if (!parsed)
+    throw ProfileError(path + ".kind", "expected all_to_all, all_gather, "
+                                       "reduce_scatter or all_reduce, got '" +
+                                           kind + "'");
+  point.kind = *parsed;
+  point.worldSize =
+      asInt(field(json, path, "world_size"), path + ".world_size", 1);
+  point.groupSize =
+      asInt(field(json, path, "group_size"), path + ".group_size", 1);
+  point.transport =
+      asString(field(json, path, "transport"), path + ".transport");
+  point.alphaSeconds =
+      asNumber(field(json, path, "alpha_s"), path + ".alpha_s", false);
+  point.betaBytesPerSecond = asNumber(field(json, path, "beta_bytes_per_s"),
+                                      path + ".beta_bytes_per_s", true);
+  return point;
+}
+
+void readDocument(const Json &json, DeviceProfile &profile) {
+  expectObject(json, "");
+  if (asString(field(json, "", "format"), "format") != kProfileFormatName)
+    throw ProfileError("format",
+                       "expected '" + std::string(kProfileFormatName) + "'");
+  int64_t version = asInt(field(json, "", "version"), "version", 0);
+  if (version != kProfileFormatVersion)
+    throw ProfileError("version", "this runtime reads version " +
+                                      std::to_string(kProfileFormatVersion) +
+                                      ", got " + std::to_string(version));
+  std::string source = asString(field(json, "", "source"), "source");
+  if (source != "calibrated" && source != "builtin")
+    throw ProfileError("source",
+                       "expected calibrated or builtin, got '" + source + "'");
+  profile.builtin = source == "builtin";
+  profile.created = optionalString(json, "", "created");
+
+  const Json &device = field(json, "", "device");
+  expectObject(device, "device");
+  profile.deviceName = asString(field(device, "device", "name"), "device.name");
+  profile.backend =
+      asString(field(device, "device", "backend"), "device.backend");
+  if (profile.backend != "cpu" && profile.backend != "cuda")
+    throw ProfileError("device.backend",
+                       "expected cpu or cuda, got '" + profile.backend + "'");
+  profile.driverVersion = optionalString(device, "device", "driver");
+  profile.cudaVersion = optionalString(device, "device", "cuda");
+  profile.ncclVersion = optionalString(device, "device", "nccl");
+
+  const Json &world = field(json, "", "world");
+  expectObject(world, "world");
+  profile.worldSize = asInt(field(world, "world", "size"), "world.size", 1);
+  profile.ranksPerNode =
+      asInt(field(world, "world", "ranks_per_node"), "world.ranks_per_node", 1);
+
+  const Json &gemm = field(json, "", "gemm");
+  if (!gemm.is_array() || gemm.empty())
+    throw ProfileError("gemm", "expected a non-empty array");
+  profile.gemm.clear();
+  for (size_t i = 0; i < gemm.size(); ++i)
+    profile.gemm.push_back(
+        readGemm(gemm[i], "gemm[" + std::to_string(i) + "]"));
+
+  const Json &memory = field(json, "", "memory");
+  expectObject(memory, "memory");
+  profile.memoryBandwidth =
+      asNumber(field(memory, "memory", "bandwidth_bytes_per_s"),
+               "memory.bandwidth_bytes_per_s", true);
+  profile.launchSeconds =
+      asNumber(field(memory, "memory", "launch_s"), "memory.launch_s", false);
+
+  const Json &collectives = field(json, "", "collectives");
+  if (!collectives.is_array())
+    throw ProfileError("collectives", "not an array");
+  profile.collectives.clear();
+  for (size_t i = 0; i < collectives.size(); ++i)
+    profile.collectives.push_back(readCollective(
+        collectives[i], "collectives[" + std::to_string(i) + "]"));
+
+  const Json &overlap = field(json, "", "overlap");
+  expectObject(overlap, "overlap");
+  profile.overlapSlowdown =
+      asNumber(field(overlap, "overlap", "compute_slowdown"),
+               "overlap.compute_slowdown", true);
+  if (profile.overlapSlowdown < 1)
+    throw ProfileError("overlap.compute_slowdown", "must be >= 1");
+}
+
+} // namespace
+
+std::string_view toString(CollectiveKind kind) {
+  return kCollectiveNames[static_cast<int>(kind)];
+}
+
+std::optional<CollectiveKind> parseCollectiveKind(std::string_view text) {
+  for (size_t i = 0; i < std::size(kCollectiveNames); ++i)
+    if (kCollectiveNames[i] == text)
+      return static_cast<CollectiveKind>(i);
+  return std::nullopt;
+}
+
+double DeviceProfile::gemmFlopsPerSecond(int64_t m, int64_t n, int64_t k,
+                                         DType dtype, bool ragged) const {
+  // The closest class of points: same dtype and layout, else same dtype.
+  std::vector<const GemmPoint *> points;
+  for (int pass = 0; pass < 3 && points.empty(); ++pass)
+    for (const GemmPoint &point : gemm)
+      if ((pass >= 2 || point.dtype == dtype) &&
+          (pass >= 1 || point.ragged == ragged))
+        points.push_back(&point);
+  if (points.empty())
+    return 0;
+  std::stable_sort(points.begin(), points.end(),
+                   [](const GemmPoint *a, const GemmPoint *b) {
+                     return a->volume() < b->volume();
+                   });
+  const double x =
+      std::log(std::max(1.0, static_cast<double>(m) * static_cast<double>(n) *
+                                 static_cast<double>(k)));
+  if (x <= std::log(points.front()->volume()))
+    return points.front()->flopsPerSecond;
+  if (x >= std::log(points.back()->volume()))
+    return points.back()->flopsPerSecond;
+  for (size_t i = 1; i < points.size(); ++i) {
+    const double x0 = std::log(points[i - 1]->volume()),
+                 x1 = std::log(points[i]->volume());
+    if (x > x1)
+      continue;
+    const double y0 = std::log(points[i - 1]->flopsPerSecond),
+                 y1 = std::log(points[i]->flopsPerSecond);
+    const double t = x1 > x0 ? (x - x0) / (x1 - x0) : 1.0;
+    return std::exp(y0 + t * (y1 - y0));
+  }
+  return points.back()->flopsPerSecond;
+}
+
+const CollectivePoint *
+DeviceProfile::findCollective(CollectiveKind kind, int64_t world, int64_t group,
+                              std::string_view transport) const {
+  // Lexicographic distance: transport mismatch, group-size gap, world gap.
+  const CollectivePoint *best = nullptr;
+  double bestScore = std::numeric_limits<double>::infinity();
+  for (const CollectivePoint &point : collectives) {
+    if (point.kind != kind)
+      continue;
+    double score =
+        (transport.empty() || point.transport == transport ? 0.0 : 1e12) +
+        std::abs(std::log2(double(std::max<int64_t>(1, point.groupSize))) -
+                 std::log2(double(std::max<int64_t>(1, group)))) *
+            1e6 +
+        std::abs(std::log2(double(std::max<int64_t>(1, point.worldSize))) -
+                 std::log2(double(std::max<int64_t>(1, world))));
+    if (score < bestScore) {
+      bestScore = score;
+      best = &point;
+    }
+  }
+  return best;
+}
+
+std::string writeProfile(const DeviceProfile &profile) {
+  Json json;
+  json["format"] = kProfileFormatName;
+  json["version"] = kProfileFormatVersion;
+  json["source"] = profile.builtin ? "builtin" : "calibrated";
+  json["created"] = profile.created;
+  json["device"] = {{"name", profile.deviceName},
+                    {"backend", profile.backend},
+                    {"driver", profile.driverVersion},
+                    {"cuda", profile.cudaVersion},
+                    {"nccl", profile.ncclVersion}};
+  json["world"] = {{"size", profile.worldSize},
+                   {"ranks_per_node", profile.ranksPerNode}};
+  Json gemm = Json::array();
+  for (const GemmPoint &point : profile.gemm)
+    gemm.push_back({{"m", point.m},
+                    {"n", point.n},
+                    {"k", point.k},
+                    {"dtype", toString(point.dtype)},
+                    {"ragged", point.ragged},
+                    {"flops_per_s", point.flopsPerSecond}});
+  json["gemm"] = std::move(gemm);
+  json["memory"] = {{"bandwidth_bytes_per_s", profile.memoryBandwidth},
+                    {"launch_s", profile.launchSeconds}};
+  Json collectives = Json::array();
+  for (const CollectivePoint &point : profile.collectives)
+    collectives.push_back({{"kind", toString(point.kind)},
+                           {"world_size", point.worldSize},
+                           {"group_size", point.groupSize},
+                           {"transport", point.transport},
+                           {"alpha_s", point.alphaSeconds},
+                           {"beta_bytes_per_s", point.betaBytesPerSecond}});
+  json["collectives"] = std::move(collectives);
+  json["overlap"] = {{"compute_slowdown", profile.overlapSlowdown}};
+  return json.dump(2) + "\n";
+}
+
+Status parseProfile(std::string_view text, DeviceProfile &profile) {
+  try {
+    Json json = Json::parse(text.begin(), text.end());
+    DeviceProfile parsed;
+    readDocument(json, parsed);
+    profile = std::move(parsed);
+    return Status::ok();
+  } catch (const ProfileError &error) {
+    return Status(StatusCode::InvalidArgument, error.what());
+  } catch (const std::exception &error) {
+    return Status(StatusCode::InvalidArgument,
+                  std::string("profile is not valid JSON: ") + error.what());
+  }
+}
+
+Status readProfileFile(const std::string &path, DeviceProfile &profile) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in)
+    return Status(StatusCode::IOError,
+                  "cannot read device profile '" + path + "'");
+  std::stringstream text;
+  text << in.rdbuf();
+  if (Status s = parseProfile(text.str(), profile); !s)
+    return Status(s.code(), "device profile '" + path + "': " + s.message());
+  return Status::ok();
+}
+
+Status writeProfileFile(const std::string &path, const DeviceProfile &profile) {
+  std::ofstream out(path, std::ios::binary);
+  out << writeProfile(profile);
+  out.close();
+  if (!out)
+    return Status(StatusCode::IOError,
+                  "cannot write device profile '" + path + "'");
+  return Status::ok();
+}
+
+Status checkProfile(const DeviceProfile &profile,
+                    const ProfileExpectation &expected) {
+  auto stale = [&](const std::string &what) {
+    return Status(StatusCode::FailedPrecondition,
+                  "device profile is stale: measured " + what +
+                      " (calibrate again: moe-run --calibrate)");
+  };
+  if (!expected.backend.empty() && profile.backend != expected.backend)
+    return stale("on backend '" + profile.backend + "', this run uses '" +
+                 expected.backend + "'");
+  if (!expected.deviceName.empty() && profile.deviceName != expected.deviceName)
+    return stale("on device '" + profile.deviceName + "', this run uses '" +
+                 expected.deviceName + "'");
+  if (expected.worldSize > 0 && profile.worldSize != expected.worldSize)
+    return stale("with " + std::to_string(profile.worldSize) +
+                 " rank(s), this run has " +
+                 std::to_string(expected.worldSize));
+  return Status::ok();
+}
+
+DeviceProfile defaultProfile(std::string_view backend, int64_t worldSize) {
+  DeviceProfile profile;
+  profile.builtin = true;
+  profile.backend = backend == "cuda" ? "cuda" : "cpu";
+  profile.deviceName = "builtin-" + profile.backend;
+  profile.worldSize = std::max<int64_t>(1, worldSize);
+  profile.ranksPerNode = profile.worldSize;
+  const bool cuda = profile.backend == "cuda";
+  // Conservative figures (docs/CostModel.md, "The fallback"): a fraction of
+  // what a current part reaches, so no variant looks better than it is.
+  const double f32 = cuda ? 20e12 : 5e9, half = cuda ? 200e12 : 2e9;
+  for (bool ragged : {false, true})
+    for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+      const double peak =
+          (dtype == DType::F32 ? f32 : half) * (ragged ? 0.8 : 1.0);
+      // A small shape reaches a tenth of the large one's rate.
+      profile.gemm.push_back({64, 64, 64, dtype, ragged, peak / 10});
+      profile.gemm.push_back({4096, 4096, 4096, dtype, ragged, peak});
+    }
+  profile.memoryBandwidth = cuda ? 1e12 : 5e9;
+  profile.launchSeconds = cuda ? 5e-6 : 1e-6;
+  const double alpha = cuda ? 30e-6 : 50e-6, beta = cuda ? 50e9 : 1e9;
+  for (CollectiveKind kind :
+       {CollectiveKind::AllToAll, CollectiveKind::AllGather,
+        CollectiveKind::ReduceScatter, CollectiveKind::AllReduce})
+    profile.collectives.push_back(
+        {kind, profile.worldSize, profile.worldSize, "", alpha, beta});
+  profile.overlapSlowdown = cuda ? 1.25 : 1.0;
+  return profile;
+}
+
+DeviceProfile loadProfileOrDefault(const std::string &path,
+                                   const ProfileExpectation &expected,
+                                   Status &why) {
+  DeviceProfile profile;
+  why = path.empty() ? Status(StatusCode::NotFound, "no device profile given")
+                     : readProfileFile(path, profile);
+  if (why)
+    why = checkProfile(profile, expected);
+  if (why)
+    return profile;
+  const std::string backend =
+      expected.backend.empty() ? "cpu" : expected.backend;
+  why = Status(why.code(), why.message() + "; using the built-in " + backend +
+                               " profile (docs/CostModel.md)");
+  return defaultProfile(backend, expected.worldSize);
+}
+
+} // namespace flex

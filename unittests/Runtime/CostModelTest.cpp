@@ -1,0 +1,379 @@
+//===- CostModelTest.cpp - The runtime cost model on golden profiles ------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// The simulation of mr_ffn_fixed_w2_train.json's variants on a hand-written
+// profile whose costs are easy to add up by hand (docs/CostModel.md): every
+// memory-bound or launch step 1 us, the router 1/3 us, a GEMM over one chunk
+// (12 rows) 1 us and over all 24 rows 2 us, an all_to_all of the whole
+// dispatch buffer 10 us (its chunk 5 us). Then the choice, the profile's
+// JSON form, its fallbacks and the CPU calibration.
+//
+//===----------------------------------------------------------------------===//
+
+#include "MultiRankTestSupport.h"
+
+#include "flex/Runtime/Comm/Communicator.h"
+#include "flex/Runtime/CostModel/Calibrate.h"
+#include "flex/Runtime/CostModel/CostModel.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+using namespace flex;
+using ::testing::HasSubstr;
+
+namespace {
+
+/// The golden profile; `beta` of every collective in bytes/s. The whole
+/// all_to_all sends 384 bytes (half of [24, 8] f32), so 38.4e6 makes it
+/// 10 us.
+std::string goldenProfile(double beta = 38.4e6, double slowdown = 1.0) {
+  char text[2048];
+  std::snprintf(text, sizeof text, R"({
+  "format": "flex-device-profile", "version": 1, "source": "calibrated",
+  "device": {"name": "golden", "backend": "cuda"},
+  "world": {"size": 2, "ranks_per_node": 2},
+  "gemm": [{"m": 12, "n": 12, "k": 8, "dtype": "f32", "ragged": false,
+            "flops_per_s": 2304e6}],
+  "memory": {"bandwidth_bytes_per_s": 1e30, "launch_s": 1e-6},
+  "collectives": [
+    {"kind": "all_to_all", "world_size": 2, "group_size": 2,
+     "transport": "nccl", "alpha_s": 0, "beta_bytes_per_s": %g},
+    {"kind": "all_gather", "world_size": 2, "group_size": 2,
+     "transport": "nccl", "alpha_s": 0, "beta_bytes_per_s": %g},
+    {"kind": "reduce_scatter", "world_size": 2, "group_size": 2,
+     "transport": "nccl", "alpha_s": 0, "beta_bytes_per_s": %g},
+    {"kind": "all_reduce", "world_size": 2, "group_size": 2,
+     "transport": "nccl", "alpha_s": 0, "beta_bytes_per_s": %g}],
+  "overlap": {"compute_slowdown": %g}
+})",
+                beta, beta, beta, beta, slowdown);
+  return text;
+}
+
+DeviceProfile parsed(const std::string &text) {
+  DeviceProfile profile;
+  Status status = parseProfile(text, profile);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return profile;
+}
+
+Plan loadPlan(const std::string &name) {
+  Plan plan;
+  Status status = parsePlan(test::readTestPlan(name), plan);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return plan;
+}
+
+constexpr double kThird = 1.0 / 3.0;
+
+TEST(CostModel, OverlappedChunksBeatOneExchangeWhenBytesDominate) {
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  CostModel model(parsed(goldenProfile()));
+  const int64_t ep1 = plan.findVariant("ep1"), ep2 = plan.findVariant("ep2"),
+                ex2 = plan.findVariant("ex2");
+  // ep1: router, gate, dispatch; a2a 10 (uniform_segments beside it);
+  // two 2 us GEMMs; a2a 10; combine.
+  EXPECT_NEAR(model.predict(plan, ep1, false, -1).totalUs,
+              kThird + 2 + 10 + 4 + 10 + 1, 1e-9);
+  // ex2: both dispatch chunks queued at 3.33 (5 us each), chunk 0's GEMMs
+  // at 8.33, its combine a2a after chunk 1's dispatch (13.33 .. 18.33),
+  // chunk 1's GEMMs at 13.33, its combine a2a 18.33 .. 23.33, combine.
+  Prediction ex = model.predict(plan, ex2, false, -1);
+  EXPECT_NEAR(ex.totalUs, kThird + 2 + 5 + 5 + 5 + 5 + 1, 1e-9);
+  // ep2 queues chunk 1's dispatch after chunk 0's combine: no gain.
+  EXPECT_NEAR(model.predict(plan, ep2, false, -1).totalUs,
+              model.predict(plan, ep1, false, -1).totalUs, 1e-9);
+  // Each exchange ran on the exchange stream; chunk 1's first GEMM waited
+  // for its own dispatch only (13.33), not for chunk 0's combine.
+  int exchanges = 0;
+  const StepPrediction *chunk1Gemm = nullptr;
+  int gemms = 0;
+  for (const StepPrediction &step : ex.steps) {
+    exchanges += step.stream == CostStream::Exchange;
+    if (step.op == StepOp::GroupedGemm && ++gemms == 3)
+      chunk1Gemm = &step;
+  }
+  EXPECT_EQ(exchanges, 4);
+  ASSERT_NE(chunk1Gemm, nullptr);
+  EXPECT_NEAR(chunk1Gemm->startUs, kThird + 2 + 10, 1e-9);
+  EXPECT_EQ(chunk1Gemm->rows, 12);
+}
+
+TEST(CostModel, WithoutOverlapEveryStepAddsUp) {
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  CostModelOptions serial;
+  serial.overlap = false;
+  CostModel model(parsed(goldenProfile()), serial);
+  // ex2 serial: 1/3 + gate + dispatch + 4 chunk exchanges of 5 + 2 x
+  // (segments + two 1 us GEMMs) + combine.
+  Prediction ex = model.predict(plan, plan.findVariant("ex2"), false, -1);
+  EXPECT_NEAR(ex.totalUs, kThird + 2 + 20 + 6 + 1, 1e-9);
+  double sum = 0;
+  for (const StepPrediction &step : ex.steps) {
+    EXPECT_EQ(step.stream, CostStream::Compute);
+    sum += step.us;
+  }
+  EXPECT_NEAR(sum, ex.totalUs, 1e-9);
+  // Serial, one exchange of each kind is cheaper than two chunks of it.
+  EXPECT_EQ(model.choose(plan, false, -1).variant, plan.findVariant("ep1"));
+}
+
+TEST(CostModel, StagesSumTheirSteps) {
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  CostModel model(parsed(goldenProfile()));
+  Prediction ep1 = model.predict(plan, plan.findVariant("ep1"), false, -1);
+  auto stage = [&](CostStage s) { return ep1.stageUs[static_cast<int>(s)]; };
+  EXPECT_NEAR(stage(CostStage::Gate), kThird + 1, 1e-9);
+  EXPECT_NEAR(stage(CostStage::Dispatch), 2, 1e-9); // dispatch, segments
+  EXPECT_NEAR(stage(CostStage::Experts), 4, 1e-9);
+  EXPECT_NEAR(stage(CostStage::Combine), 1, 1e-9);
+  EXPECT_NEAR(stage(CostStage::Collectives), 20, 1e-9);
+  EXPECT_EQ(getCostStage(StepOp::ReduceScatter), CostStage::Collectives);
+  EXPECT_EQ(toString(CostStage::Experts), "experts");
+}
+
+TEST(CostModel, ComputeBesideAnExchangeIsSlowed) {
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  CostModel model(parsed(goldenProfile(38.4e6, 2.0)));
+  Prediction ex = model.predict(plan, plan.findVariant("ex2"), false, -1);
+  // Chunk 0's uniform_segments runs entirely beside the dispatch: 2 us.
+  std::vector<const StepPrediction *> segments, gemms;
+  for (const StepPrediction &step : ex.steps) {
+    if (step.op == StepOp::UniformSegments)
+      segments.push_back(&step);
+    if (step.op == StepOp::GroupedGemm)
+      gemms.push_back(&step);
+  }
+  ASSERT_EQ(segments.size(), 2u);
+  ASSERT_EQ(gemms.size(), 4u);
+  EXPECT_NEAR(segments[0]->us, 2, 1e-9);
+  // Chunk 0's GEMMs (from 8.33, beside chunk 1's dispatch) take 2 each.
+  EXPECT_NEAR(gemms[0]->startUs, kThird + 2 + 5, 1e-9);
+  EXPECT_NEAR(gemms[1]->endUs(), kThird + 2 + 5 + 4, 1e-9);
+  // Chunk 1's segments: from 12.33, half a us of work by 13.33 and the rest
+  // beside chunk 0's combine: 2 us.
+  EXPECT_NEAR(segments[1]->startUs, kThird + 2 + 9, 1e-9);
+  EXPECT_NEAR(segments[1]->us, 2, 1e-9);
+}
+
+TEST(CostModel, ChoosesByTheExchangeSpeed) {
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  // Slow exchanges: the pipelined ex2 hides half of them.
+  Choice slow = CostModel(parsed(goldenProfile())).choose(plan, false, -1);
+  EXPECT_EQ(slow.variant, plan.findVariant("ex2"));
+  EXPECT_EQ(slow.forward.size(), plan.variants.size());
+  EXPECT_THAT(slow.reason, HasSubstr("'ex2'"));
+  EXPECT_THAT(slow.reason, HasSubstr("next best 'ep1'"));
+  // Free exchanges: dp (no uniform_segments, all experts local) wins:
+  // 1/3 + gate + dispatch + two 2 us GEMMs + combine.
+  CostModel fast(parsed(goldenProfile(1e30)));
+  Choice choice = fast.choose(plan, false, -1);
+  EXPECT_EQ(choice.variant, plan.findVariant("dp"));
+  EXPECT_NEAR(choice.totalUs[choice.variant], kThird + 2 + 4 + 1, 1e-9);
+  // Training adds each variant's backward; the same inputs, the same pick.
+  Choice train = fast.choose(plan, true, -1);
+  ASSERT_EQ(train.backward.size(), plan.variants.size());
+  for (size_t v = 0; v < plan.variants.size(); ++v)
+    EXPECT_NEAR(train.totalUs[v],
+                train.forward[v].totalUs + train.backward[v].totalUs, 1e-9);
+  EXPECT_EQ(fast.choose(plan, true, -1).variant, train.variant);
+  EXPECT_EQ(fast.choose(plan, true, -1).reason, train.reason);
+}
+
+TEST(CostModel, DeviceCapacityScalesTheRows) {
+  // Dropless: C is known only on the device; the caller passes the synced C.
+  Plan plan = loadPlan("mr_ffn_dropless_w4_train.json");
+  CostModel model(parsed(goldenProfile()));
+  Prediction small = model.predict(plan, 0, false, 2);
+  Prediction large = model.predict(plan, 0, false, 8);
+  EXPECT_LT(small.totalUs, large.totalUs);
+  for (const StepPrediction &step : large.steps) {
+    if (step.op == StepOp::GroupedGemm) {
+      EXPECT_GT(step.rows, 0);
+    }
+  }
+}
+
+TEST(DeviceProfile, JsonRoundTrip) {
+  DeviceProfile profile = defaultProfile("cuda", 4);
+  profile.builtin = false;
+  profile.deviceName = "NVIDIA H100 80GB HBM3";
+  profile.driverVersion = "550.54";
+  profile.cudaVersion = "12.4";
+  profile.ncclVersion = "2.21.5";
+  profile.created = "2026-12-06T00:00:00Z";
+  profile.collectives[0].transport = "copy_engine";
+  DeviceProfile back = parsed(writeProfile(profile));
+  EXPECT_EQ(writeProfile(back), writeProfile(profile));
+  EXPECT_EQ(back.deviceName, profile.deviceName);
+  EXPECT_EQ(back.ncclVersion, "2.21.5");
+  EXPECT_EQ(back.worldSize, 4);
+  EXPECT_FALSE(back.builtin);
+  ASSERT_EQ(back.gemm.size(), profile.gemm.size());
+  EXPECT_EQ(back.gemm[1].flopsPerSecond, profile.gemm[1].flopsPerSecond);
+  EXPECT_EQ(back.collectives[0].transport, "copy_engine");
+}
+
+TEST(DeviceProfile, GemmTableInterpolatesInLogSpace) {
+  DeviceProfile profile;
+  profile.gemm = {{10, 10, 10, DType::BF16, false, 1e9},
+                  {100, 100, 100, DType::BF16, false, 1e12}};
+  // Volume 1e5 is two thirds of the way from 1e3 to 1e6 in log space, so
+  // the rate is two thirds of the way from 1e9 to 1e12: 1e11.
+  EXPECT_NEAR(profile.gemmFlopsPerSecond(10, 100, 100, DType::BF16, false) /
+                  1e11,
+              1.0, 1e-9);
+  EXPECT_EQ(profile.gemmFlopsPerSecond(1, 1, 1, DType::BF16, false), 1e9);
+  EXPECT_EQ(profile.gemmFlopsPerSecond(1000, 1000, 1000, DType::BF16, true),
+            1e12);
+  // No f32 point: the nearest class (any dtype) still answers.
+  EXPECT_GT(profile.gemmFlopsPerSecond(100, 100, 100, DType::F32, false), 0);
+}
+
+TEST(DeviceProfile, MalformedProfilesNameTheField) {
+  DeviceProfile profile;
+  Status status = parseProfile("{", profile);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("not valid JSON"));
+  std::string text = goldenProfile();
+  std::string bad = text;
+  bad.replace(bad.find("2304e6"), 6, "-1");
+  status = parseProfile(bad, profile);
+  EXPECT_THAT(status.message(), HasSubstr("'gemm[0].flops_per_s'"));
+  bad = text;
+  bad.replace(bad.find("\"cuda\""), 6, "\"tpu\"");
+  EXPECT_THAT(parseProfile(bad, profile).message(),
+              HasSubstr("'device.backend'"));
+  bad = text;
+  bad.replace(bad.find("all_gather"), 10, "broadcast");
+  EXPECT_THAT(parseProfile(bad, profile).message(),
+              HasSubstr("'collectives[1].kind'"));
+  bad = text;
+  bad.replace(bad.find("\"version\": 1"), 12, "\"version\": 9");
+  EXPECT_THAT(parseProfile(bad, profile).message(), HasSubstr("'version'"));
+}
+
+TEST(DeviceProfile, MissingCorruptOrStaleFallsBackToTheBuiltin) {
+  Status why;
+  ProfileExpectation cpu{"cpu", "", 2};
+  DeviceProfile profile =
+      loadProfileOrDefault("/nonexistent/profile.json", cpu, why);
+  EXPECT_EQ(why.code(), StatusCode::IOError);
+  EXPECT_THAT(why.message(), HasSubstr("cannot read"));
+  EXPECT_THAT(why.message(), HasSubstr("using the built-in cpu profile"));
+  EXPECT_TRUE(profile.builtin);
+  EXPECT_EQ(profile.backend, "cpu");
+  EXPECT_EQ(profile.worldSize, 2);
+
+  const std::string path = ::testing::TempDir() + "/flex_golden_profile.json";
+  std::ofstream(path) << goldenProfile();
+  // Measured on cuda, asked for cpu: stale.
+  profile = loadProfileOrDefault(path, cpu, why);
+  EXPECT_EQ(why.code(), StatusCode::FailedPrecondition);
+  EXPECT_THAT(why.message(), HasSubstr("stale"));
+  EXPECT_THAT(why.message(), HasSubstr("backend 'cuda'"));
+  EXPECT_TRUE(profile.builtin);
+  // Another world size: stale too.
+  profile = loadProfileOrDefault(path, {"cuda", "", 4}, why);
+  EXPECT_THAT(why.message(), HasSubstr("with 2 rank(s), this run has 4"));
+  EXPECT_EQ(profile.backend, "cuda");
+  // Another device.
+  profile = loadProfileOrDefault(path, {"cuda", "NVIDIA H200", 2}, why);
+  EXPECT_THAT(why.message(), HasSubstr("device 'golden'"));
+  // The right one is used as it is.
+  profile = loadProfileOrDefault(path, {"cuda", "golden", 2}, why);
+  EXPECT_TRUE(why.isOk()) << why.message();
+  EXPECT_FALSE(profile.builtin);
+  EXPECT_EQ(profile.deviceName, "golden");
+
+  std::ofstream(path) << "{\"format\": \"flex-device-profile\"";
+  profile = loadProfileOrDefault(path, {"cuda", "", 2}, why);
+  EXPECT_EQ(why.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(why.message(), HasSubstr(path));
+  EXPECT_THAT(why.message(), HasSubstr("built-in cuda profile"));
+  EXPECT_TRUE(profile.builtin);
+  std::remove(path.c_str());
+  // The built-in profile predicts every variant (and the choice is stable).
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  Choice choice = CostModel(profile).choose(plan, true, -1);
+  EXPECT_GE(choice.variant, 0);
+  for (double us : choice.totalUs)
+    EXPECT_GT(us, 0);
+  EXPECT_THAT(choice.reason, HasSubstr("built-in"));
+}
+
+TEST(Calibration, CpuQuickIsSaneAndFast) {
+  auto begin = std::chrono::steady_clock::now();
+  CalibrationOptions options;
+  options.quick = true;
+  DeviceProfile profile;
+  Status status = calibrateCpu(options, nullptr, profile);
+  ASSERT_TRUE(status.isOk()) << status.message();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
+          .count();
+  EXPECT_LT(seconds, 10.0);
+  EXPECT_EQ(profile.backend, "cpu");
+  EXPECT_FALSE(profile.builtin);
+  EXPECT_FALSE(profile.deviceName.empty());
+  EXPECT_EQ(profile.worldSize, 1);
+  ASSERT_GE(profile.gemm.size(), 2u);
+  for (const GemmPoint &point : profile.gemm) {
+    EXPECT_GT(point.flopsPerSecond, 1e6);
+    EXPECT_LT(point.flopsPerSecond, 1e14);
+  }
+  EXPECT_GT(profile.memoryBandwidth, 1e7);
+  EXPECT_GT(profile.launchSeconds, 0);
+  EXPECT_LT(profile.launchSeconds, 1e-2);
+  EXPECT_TRUE(profile.collectives.empty());
+  // What it wrote reads back, and predicts the plans.
+  DeviceProfile back = parsed(writeProfile(profile));
+  EXPECT_EQ(writeProfile(back), writeProfile(profile));
+  Plan plan = loadPlan("ffn_fixed_train.json");
+  EXPECT_GT(CostModel(back).predict(plan, 0, true, -1).totalUs, 0);
+}
+
+TEST(Calibration, CpuRanksAgreeOnOneProfile) {
+  std::vector<std::shared_ptr<Communicator>> comms;
+  ASSERT_TRUE(createLocalCommunicators(2, comms).isOk());
+  std::vector<DeviceProfile> profiles(2);
+  std::vector<Status> statuses(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      CalibrationOptions options;
+      options.quick = true;
+      options.deviceName = "test-cpu";
+      statuses[r] = calibrateCpu(options, comms[r].get(), profiles[r]);
+    });
+  for (std::thread &thread : threads)
+    thread.join();
+  for (int r = 0; r < 2; ++r)
+    ASSERT_TRUE(statuses[r].isOk()) << statuses[r].message();
+  // Each figure is the slowest rank's: the same profile on both ranks.
+  profiles[1].created = profiles[0].created;
+  EXPECT_EQ(writeProfile(profiles[0]), writeProfile(profiles[1]));
+  EXPECT_EQ(profiles[0].worldSize, 2);
+  ASSERT_EQ(profiles[0].collectives.size(), 4u);
+  for (const CollectivePoint &point : profiles[0].collectives) {
+    EXPECT_EQ(point.transport, "local");
+    EXPECT_GE(point.alphaSeconds, 0);
+    EXPECT_GT(point.betaBytesPerSecond, 0);
+  }
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  Choice a = CostModel(profiles[0]).choose(plan, true, -1);
+  Choice b = CostModel(profiles[1]).choose(plan, true, -1);
+  EXPECT_EQ(a.variant, b.variant);
+}
+
+} // namespace
