@@ -6,7 +6,8 @@
 //
 // This file declares moe-run's parts: the options (Options.cpp), this
 // process among the ranks (Ranks.cpp), the inputs and outputs
-// (Arguments.cpp), loading and running a layer (RunCommand.cpp), the check
+// (Arguments.cpp), loading and running a layer (RunCommand.cpp), the
+// calibration of the cost model's profile (Calibrate.cpp), the check
 // against the fp64 reference (Check.cpp) and the report (Report.cpp).
 // LayerRun carries one run's state from one part to the next.
 //
@@ -42,6 +43,10 @@ struct Options {
   std::string device = "cpu";
   bool graph = false;
   bool align = true;
+  /// --calibrate: measure the cost model's profile into this file instead
+  /// of running a plan (Calibrate.cpp); --quick: in a fraction of a second.
+  std::string calibrate;
+  bool quick = false;
 };
 
 /// The command line; --help prints the usage and exits 0, bad usage exits 2.
@@ -171,6 +176,8 @@ struct LayerRun {
 
 /// Loads (or compiles), runs, checks and reports one layer; the exit status.
 int runCommand(const Options &options);
+/// Calibrate.cpp: --calibrate; the exit status.
+int calibrateCommand(const Options &options);
 
 /// Arguments.cpp: the inputs filled from --inputs or the generator (and
 /// saved with --save-inputs), the outputs poisoned with NaN.

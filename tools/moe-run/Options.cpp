@@ -22,6 +22,7 @@ namespace {
 
 const char *const kUsage = R"(usage: moe-run <plan.json | layer.mlir> [options]
        mpirun -np W moe-run <plan.json> [options]
+       [mpirun -np W] moe-run --calibrate PROFILE.json [--quick] [--json]
        RANK=r WORLD_SIZE=W MASTER_ADDR=host MASTER_PORT=p moe-run ...
 
 Runs one MoE layer: loads a plan (a .mlir layer is compiled first, which
@@ -65,6 +66,12 @@ options:
   --check-overlap   accepted for old scripts: the loader always rejects
                     workspace buffers that share bytes while both are live
   --json            print one JSON object instead of text
+  --calibrate FILE  measure the cost model's device profile on this machine
+                    (GEMM throughput, memory bandwidth, launch cost; under
+                    mpirun the collectives' alpha and beta too) and write it
+                    to FILE (docs/CostModel.md); no plan is run. CPU only
+                    for now: --device cuda is not implemented yet
+  --quick           with --calibrate: small shapes, a fraction of a second
   --help            this text
   --cuda-devices    (alone) print how many CUDA devices are usable and exit
 
@@ -151,6 +158,10 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
       options.graph = true;
     } else if (arg == "--no-align") {
       options.align = false;
+    } else if (arg == "--calibrate") {
+      options.calibrate = value();
+    } else if (arg == "--quick") {
+      options.quick = true;
     } else if (!arg.empty() && arg[0] == '-') {
       usageError("unknown option '" + arg + "'");
     } else if (options.path.empty()) {
@@ -160,6 +171,13 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
                  arg + "'");
     }
   }
+  if (!options.calibrate.empty()) {
+    if (!options.path.empty())
+      usageError("--calibrate runs no plan, got '" + options.path + "'");
+    return options;
+  }
+  if (options.quick)
+    usageError("--quick goes with --calibrate");
   if (options.path.empty())
     usageError("no plan or layer file given");
   if (options.graph && options.device != "cuda")

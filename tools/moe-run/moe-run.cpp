@@ -13,7 +13,8 @@
 // Under mpirun (or a torchrun-style launch: RANK, WORLD_SIZE, MASTER_ADDR,
 // MASTER_PORT) it runs a multi-rank plan, one rank per process (rank 0
 // prints); with --device cuda each rank takes one GPU and the NCCL
-// communicator. docs/Runtime.md documents the options.
+// communicator. With --calibrate it measures the cost model's device
+// profile instead (Calibrate.cpp). docs/Runtime.md documents the options.
 //
 //===----------------------------------------------------------------------===//
 
@@ -82,7 +83,8 @@ int main(int argc, char **argv) {
 #ifdef FLEX_HAVE_COMPILER_CAPI
   flexCompilerRegister();
 #endif
-  int code = runCommand(options);
+  int code = options.calibrate.empty() ? runCommand(options)
+                                        : calibrateCommand(options);
   finalizeMpi();
   return code;
 }
