@@ -24,7 +24,9 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -202,6 +204,41 @@ TEST(CostModel, DeviceCapacityScalesTheRows) {
       EXPECT_GT(step.rows, 0);
     }
   }
+}
+
+TEST(CostModel, EveryCheckedInPlanPredicts) {
+  // Every variant of every test plan, forward and backward, on both
+  // built-in profiles and several capacities: finite, positive, and each
+  // step within the makespan.
+  int plans = 0;
+  for (const char *dir : {FLEX_TEST_PLANS_DIR, FLEX_TEST_CUDA_PLANS_DIR}) {
+    if (!std::filesystem::is_directory(dir))
+      continue;
+    for (const auto &entry : std::filesystem::directory_iterator(dir)) {
+      if (entry.path().extension() != ".json")
+        continue;
+      Plan plan;
+      if (!loadPlanFile(entry.path().string(), plan).isOk())
+        continue; // the bad_* plans are meant to be refused
+      ++plans;
+      for (const char *backend : {"cpu", "cuda"}) {
+        CostModel model(defaultProfile(backend, plan.worldSize));
+        for (int64_t capacity : {-1, 1, 7}) {
+          Choice choice = model.choose(plan, plan.training, capacity);
+          ASSERT_GE(choice.variant, 0) << entry.path();
+          for (size_t v = 0; v < plan.variants.size(); ++v) {
+            EXPECT_TRUE(std::isfinite(choice.totalUs[v]) &&
+                        choice.totalUs[v] > 0)
+                << entry.path() << " variant " << v;
+            for (const StepPrediction &step : choice.forward[v].steps)
+              EXPECT_LE(step.endUs(), choice.forward[v].totalUs + 1e-9)
+                  << entry.path();
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GE(plans, 10);
 }
 
 TEST(DeviceProfile, JsonRoundTrip) {
