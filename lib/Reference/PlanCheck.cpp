@@ -13,7 +13,7 @@
 #include "flex/Reference/PlanCheck.h"
 
 #include "flex/Runtime/Backend.h"
-#include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Core/Element.h"
 #include "flex/Runtime/Executor.h"
 
 #include <cstring>
@@ -87,50 +87,6 @@ std::string PlanRunCheck::describe() const {
 
 namespace {
 
-void storeAs(std::vector<uint8_t> &bytes, DType type, size_t i, double value) {
-  switch (type) {
-  case DType::F32: {
-    float v = static_cast<float>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  case DType::BF16:
-  case DType::F16: {
-    float f = static_cast<float>(value);
-    uint16_t v = type == DType::BF16 ? floatToBf16(f) : floatToF16(f);
-    std::memcpy(bytes.data() + 2 * i, &v, 2);
-    return;
-  }
-  case DType::I32: {
-    int32_t v = static_cast<int32_t>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  }
-}
-
-double loadAs(const std::vector<uint8_t> &bytes, DType type, size_t i) {
-  switch (type) {
-  case DType::F32: {
-    float v;
-    std::memcpy(&v, bytes.data() + 4 * i, 4);
-    return v;
-  }
-  case DType::BF16:
-  case DType::F16: {
-    uint16_t v;
-    std::memcpy(&v, bytes.data() + 2 * i, 2);
-    return type == DType::BF16 ? bf16ToFloat(v) : f16ToFloat(v);
-  }
-  case DType::I32: {
-    int32_t v;
-    std::memcpy(&v, bytes.data() + 4 * i, 4);
-    return v;
-  }
-  }
-  return 0;
-}
-
 /// Random inputs whose routing is not within fp32 rounding of a tie (a few
 /// draws at most: a tie the fp32 kernels resolve otherwise is no finding).
 LayerInputs drawInputs(const LayerConfig &config,
@@ -180,10 +136,10 @@ PlanRunCheck runPlanOnCpu(const Plan &plan, int64_t variant, uint64_t seed) {
         arg.role == ArgumentRole::Input || arg.role == ArgumentRole::GradInput;
     size_t count = static_cast<size_t>(arg.numElements());
     for (size_t i = 0; i < count; ++i)
-      storeAs(bytes, arg.dtype, i,
-              input && it != given.end() && i < it->second.size()
-                  ? it->second[i]
-                  : std::numeric_limits<double>::quiet_NaN());
+      storeElement(bytes.data(), arg.dtype, i,
+                   input && it != given.end() && i < it->second.size()
+                       ? it->second[i]
+                       : std::numeric_limits<double>::quiet_NaN());
     bindings.push_back(
         {arg.name, bytes.data(), static_cast<int64_t>(bytes.size())});
   }
@@ -214,7 +170,7 @@ PlanRunCheck runPlanOnCpu(const Plan &plan, int64_t variant, uint64_t seed) {
       return result;
     const Argument &arg = plan.arguments[index];
     for (int64_t i = 0; i < arg.numElements(); ++i)
-      result.push_back(loadAs(buffers[arg.name], arg.dtype, i));
+      result.push_back(loadElement(buffers[arg.name].data(), arg.dtype, i));
     return result;
   };
   check.results = compareOutputs(

@@ -15,7 +15,7 @@
 #include "MoeRun.h"
 #include "Npy.h"
 
-#include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Core/Element.h"
 #include "flex/Runtime/ExpertSlices.h"
 
 #include <cmath>
@@ -64,57 +64,6 @@ double randomStd(const std::string &name, const FlexLayerConfig &layer) {
   return 1.0; // x, grad_out
 }
 
-void storeValue(uint8_t *data, DType dtype, int64_t i, double value) {
-  switch (dtype) {
-  case DType::F32: {
-    float v = static_cast<float>(value);
-    std::memcpy(data + 4 * i, &v, 4);
-    break;
-  }
-  case DType::BF16: {
-    uint16_t v = floatToBf16(static_cast<float>(value));
-    std::memcpy(data + 2 * i, &v, 2);
-    break;
-  }
-  case DType::F16: {
-    uint16_t v = floatToF16(static_cast<float>(value));
-    std::memcpy(data + 2 * i, &v, 2);
-    break;
-  }
-  case DType::I32: {
-    int32_t v = static_cast<int32_t>(value);
-    std::memcpy(data + 4 * i, &v, 4);
-    break;
-  }
-  }
-}
-
-double loadValue(const uint8_t *data, DType dtype, int64_t i) {
-  switch (dtype) {
-  case DType::F32: {
-    float v;
-    std::memcpy(&v, data + 4 * i, 4);
-    return v;
-  }
-  case DType::BF16: {
-    uint16_t v;
-    std::memcpy(&v, data + 2 * i, 2);
-    return bf16ToFloat(v);
-  }
-  case DType::F16: {
-    uint16_t v;
-    std::memcpy(&v, data + 2 * i, 2);
-    return f16ToFloat(v);
-  }
-  case DType::I32: {
-    int32_t v;
-    std::memcpy(&v, data + 4 * i, 4);
-    return v;
-  }
-  }
-  return 0;
-}
-
 } // namespace
 
 int64_t ArgumentBuffer::count() const {
@@ -127,7 +76,7 @@ int64_t ArgumentBuffer::count() const {
 std::vector<double> ArgumentBuffer::values() const {
   std::vector<double> result(count());
   for (int64_t i = 0; i < count(); ++i)
-    result[i] = loadValue(data.data(), dtype, i);
+    result[i] = loadElement(data.data(), dtype, i);
   return result;
 }
 
@@ -148,7 +97,7 @@ void fillRandom(const Options &options, const LayerRun &run,
   std::string name = arg.info.name;
   arg.source = "random";
   if (name == "grad_l_aux") {
-    storeValue(arg.data.data(), arg.dtype, 0, 1.0);
+    storeElement(arg.data.data(), arg.dtype, 0, 1.0);
     return;
   }
   bool perRank = name == "x" || name == "grad_out";
@@ -172,13 +121,13 @@ void fillRandom(const Options &options, const LayerRun &run,
     std::vector<double> slice = sliceExpertParameter(run.plan.layer, run.world,
                                                      ranks.rank, name, global);
     for (int64_t e = 0; e < arg.count(); ++e)
-      storeValue(arg.data.data(), arg.dtype, e, slice[e]);
+      storeElement(arg.data.data(), arg.dtype, e, slice[e]);
     return;
   }
   if (expertParam && run.world > 1)
     stream.skip(ranks.rank * arg.count());
   for (int64_t e = 0; e < arg.count(); ++e)
-    storeValue(arg.data.data(), arg.dtype, e, stddev * stream.next());
+    storeElement(arg.data.data(), arg.dtype, e, stddev * stream.next());
 }
 
 void saveInputs(const Options &options, const LayerRun &run) {
@@ -212,8 +161,8 @@ void flex::moerun::prepareArguments(const Options &options, LayerRun &run) {
                    (arg.info.role == FLEX_ROLE_GRAD_INPUT && options.train);
     if (!isInput) {
       for (int64_t e = 0; e < arg.count(); ++e)
-        storeValue(arg.data.data(), arg.dtype, e,
-                   std::numeric_limits<double>::quiet_NaN());
+        storeElement(arg.data.data(), arg.dtype, e,
+                     std::numeric_limits<double>::quiet_NaN());
       arg.source = "output";
       continue;
     }

@@ -7,7 +7,7 @@
 #include "MultiRankTestSupport.h"
 
 #include "flex/Runtime/Backend.h"
-#include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Core/Element.h"
 #include "flex/Runtime/PlanLoader.h"
 
 #include <gmock/gmock.h>
@@ -52,49 +52,11 @@ std::vector<std::shared_ptr<Communicator>> localRanks(int size,
 
 void storeValue(std::vector<uint8_t> &bytes, DType type, int64_t i,
                 double value) {
-  switch (type) {
-  case DType::F32: {
-    float v = static_cast<float>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  case DType::BF16: {
-    uint16_t v = floatToBf16(static_cast<float>(value));
-    std::memcpy(bytes.data() + 2 * i, &v, 2);
-    return;
-  }
-  case DType::F16: {
-    uint16_t v = floatToF16(static_cast<float>(value));
-    std::memcpy(bytes.data() + 2 * i, &v, 2);
-    return;
-  }
-  case DType::I32: {
-    int32_t v = static_cast<int32_t>(value);
-    std::memcpy(bytes.data() + 4 * i, &v, 4);
-    return;
-  }
-  }
+  storeElement(bytes.data(), type, i, value);
 }
 
 double loadValue(const std::vector<uint8_t> &bytes, DType type, int64_t i) {
-  uint16_t half;
-  float single;
-  int32_t integer;
-  switch (type) {
-  case DType::F32:
-    std::memcpy(&single, bytes.data() + 4 * i, 4);
-    return single;
-  case DType::BF16:
-    std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return bf16ToFloat(half);
-  case DType::F16:
-    std::memcpy(&half, bytes.data() + 2 * i, 2);
-    return f16ToFloat(half);
-  case DType::I32:
-    std::memcpy(&integer, bytes.data() + 4 * i, 4);
-    return integer;
-  }
-  return 0;
+  return loadElement(bytes.data(), type, i);
 }
 
 void RankBuffers::init(const Plan &p) {
