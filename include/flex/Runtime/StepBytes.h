@@ -19,6 +19,7 @@
 #define FLEX_RUNTIME_STEPBYTES_H
 
 #include "flex/Runtime/Backend.h"
+#include "flex/Runtime/ByteOverlap.h"
 #include "flex/Runtime/Comm/Communicator.h"
 
 #include <algorithm>
@@ -28,33 +29,9 @@
 
 namespace flex {
 
-/// The bytes [begin, end).
-struct ByteRange {
-  const char *begin = nullptr, *end = nullptr;
-
-  bool overlaps(const ByteRange &other) const {
-    return begin < other.end && other.begin < end;
-  }
-};
-
-/// What one step (or exchange) reads and writes.
-struct StepBytes {
-  std::vector<ByteRange> reads, writes;
-
-  /// Whether a step touching `step` must run after this exchange.
-  bool mustPrecede(const StepBytes &step) const {
-    auto any = [](const std::vector<ByteRange> &a,
-                  const std::vector<ByteRange> &b) {
-      for (const ByteRange &x : a)
-        for (const ByteRange &y : b)
-          if (x.overlaps(y))
-            return true;
-      return false;
-    };
-    return any(writes, step.reads) || any(writes, step.writes) ||
-           any(reads, step.writes);
-  }
-};
+/// Device addresses (ByteOverlap.h has the rule).
+using ByteRange = BasicByteRange<const char *>;
+using StepBytes = BasicStepBytes<const char *>;
 
 /// The rows of one chunk: a per-expert op of a pipelined variant touches
 /// rows [chunk * rows, (chunk + 1) * rows) of its dispatch-shaped operands.
@@ -63,18 +40,6 @@ struct ChunkRows {
   int64_t chunk = 0;
   int64_t rows = -1;
 };
-
-/// The operand roles whose buffers are dispatch-shaped (rows of experts),
-/// the ones a chunk restricts.
-inline bool isDispatchShapedRole(OperandRole role) {
-  static constexpr OperandRole kRoles[] = {
-      OperandRole::A,       OperandRole::C,       OperandRole::Pre,
-      OperandRole::GateIn,  OperandRole::UpIn,    OperandRole::GradC,
-      OperandRole::Grad,    OperandRole::GradPre, OperandRole::GradGateIn,
-      OperandRole::GradUpIn};
-  return std::find(std::begin(kRoles), std::end(kRoles), role) !=
-         std::end(kRoles);
-}
 
 /// The bytes of a step's operands; with `chunk.rows >= 0`, its
 /// dispatch-shaped operands only the chunk's rows.

@@ -11,6 +11,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/CostModel/CostModel.h"
+#include "flex/Runtime/ByteOverlap.h"
 
 #include "flex/Runtime/StepSchema.h"
 
@@ -23,46 +24,11 @@ namespace flex {
 
 namespace {
 
-/// The operand roles whose buffers are dispatch-shaped (rows of experts):
-/// the list of isDispatchShapedRole in StepBytes.h, which the cost model
-/// cannot include (it sits below the backend interface). Keep the two in
-/// step.
-bool isDispatchShaped(OperandRole role) {
-  static constexpr OperandRole kRoles[] = {
-      OperandRole::A,       OperandRole::C,       OperandRole::Pre,
-      OperandRole::GateIn,  OperandRole::UpIn,    OperandRole::GradC,
-      OperandRole::Grad,    OperandRole::GradPre, OperandRole::GradGateIn,
-      OperandRole::GradUpIn};
-  return std::find(std::begin(kRoles), std::end(kRoles), role) !=
-         std::end(kRoles);
-}
-
-/// Bytes [begin, end) of the memory plan: workspace buffers at their
-/// offsets, caller arguments each in a region of its own past the
-/// workspace (they never alias it).
-struct Range {
-  int64_t begin = 0, end = 0;
-  bool overlaps(const Range &other) const {
-    return begin < other.end && other.begin < end;
-  }
-};
-
-/// What a step (or exchange) reads and writes; the rule of StepBytes.h.
-struct Touched {
-  std::vector<Range> reads, writes;
-
-  bool mustPrecede(const Touched &step) const {
-    auto any = [](const std::vector<Range> &a, const std::vector<Range> &b) {
-      for (const Range &x : a)
-        for (const Range &y : b)
-          if (x.overlaps(y))
-            return true;
-      return false;
-    };
-    return any(writes, step.reads) || any(writes, step.writes) ||
-           any(reads, step.writes);
-  }
-};
+/// Bytes of the memory plan: workspace buffers at their offsets, caller
+/// arguments each in a region of its own past the workspace (they never
+/// alias it); the ordering rule is the CUDA backend's (ByteOverlap.h).
+using Range = BasicByteRange<int64_t>;
+using Touched = BasicStepBytes<int64_t>;
 
 /// Where each buffer of a plan lies.
 class Layout {
@@ -107,7 +73,7 @@ Touched computeBytes(const Layout &layout, const Step &step,
   const bool chunked = seg.isValid() && chunkRows >= 0;
   for (int i = 0; i < kNumOperandRoles; ++i) {
     auto role = static_cast<OperandRole>(i);
-    const bool rows = chunked && isDispatchShaped(role);
+    const bool rows = chunked && isDispatchShapedRole(role);
     const int64_t first = rows ? seg.chunk * chunkRows : 0;
     const int64_t count = rows ? chunkRows : -1;
     if (step.inputs[i].isValid())
