@@ -1,0 +1,309 @@
+//===- GateBench.cpp - The CUDA gate, stage by stage, against its floor ---===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// flex-gate-bench [--iters N]: times cuda::gate's two pipelines (legacy: one
+// thread per token; fused: the shared-memory tile kernel) on the same card
+// in one process, for the issue-13 shapes, with CUDA events: the whole gate
+// (two events) and each launch (an event after each, through the gate's
+// stage hook), medians of N runs after warm-up. The floor is reading the
+// logits once and writing scores, indices, gates and locations once at the
+// device-to-device copy bandwidth measured here. Both pipelines' outputs are
+// compared (integers and floats bit for bit, l_aux to 1e-6); a mismatch
+// fails the run (exit 1).
+//
+//===----------------------------------------------------------------------===//
+
+#include "GateInternal.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace flex;
+using flex::cuda::detail::GatePath;
+
+namespace {
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    cudaError_t err_ = (call);                                                 \
+    if (err_ != cudaSuccess) {                                                 \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,                  \
+                   cudaGetErrorString(err_));                                  \
+      std::exit(2);                                                            \
+    }                                                                          \
+  } while (0)
+
+double median(std::vector<double> values) {
+  if (values.empty())
+    return 0.0;
+  std::sort(values.begin(), values.end());
+  size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+struct Shape {
+  const char *name;
+  int64_t tokens, experts, k;
+  bool batchPrioritized;
+  double noise;
+};
+
+/// Device outputs of one gate.
+struct Outputs {
+  float *scores, *gates, *lAux;
+  int32_t *indices, *locations, *capacity, *offsets, *rows;
+  Outputs(int64_t T, int64_t E, int64_t k) {
+    CHECK(cudaMalloc(&scores, 4 * T * E));
+    CHECK(cudaMalloc(&gates, 4 * T * k));
+    CHECK(cudaMalloc(&lAux, 4));
+    CHECK(cudaMalloc(&indices, 4 * T * k));
+    CHECK(cudaMalloc(&locations, 4 * T * k));
+    CHECK(cudaMalloc(&capacity, 4));
+    CHECK(cudaMalloc(&offsets, 4 * (E + 1)));
+    CHECK(cudaMalloc(&rows, 4 * E));
+  }
+  ~Outputs() {
+    for (void *p : std::initializer_list<void *>{
+             scores, gates, lAux, indices, locations, capacity, offsets, rows})
+      cudaFree(p);
+  }
+  GateOutputs view() const {
+    return {scores, indices, locations, gates, capacity, offsets, rows, lAux};
+  }
+};
+
+/// The stage hook: an event after each launch, from a pool.
+struct StageEvents {
+  cudaStream_t stream;
+  std::vector<cudaEvent_t> pool;
+  std::vector<std::string> names;
+  size_t used = 0;
+  static void record(void *user, const char *stage) {
+    auto *self = static_cast<StageEvents *>(user);
+    if (self->used == self->pool.size()) {
+      cudaEvent_t event;
+      CHECK(cudaEventCreate(&event));
+      self->pool.push_back(event);
+    }
+    CHECK(cudaEventRecord(self->pool[self->used], self->stream));
+    self->names.resize(self->used + 1);
+    self->names[self->used++] = stage;
+  }
+};
+
+double copyBandwidth(cudaStream_t stream) {
+  const size_t bytes = size_t{256} << 20;
+  void *a = nullptr, *b = nullptr;
+  CHECK(cudaMalloc(&a, bytes));
+  CHECK(cudaMalloc(&b, bytes));
+  CHECK(cudaMemset(a, 1, bytes));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  std::vector<double> times;
+  for (int i = 0; i < 12; ++i) {
+    CHECK(cudaEventRecord(start, stream));
+    CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
+    CHECK(cudaEventRecord(stop, stream));
+    CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i >= 2)
+      times.push_back(ms * 1e-3);
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * static_cast<double>(bytes) / median(times); // read + write
+}
+
+struct PathTimes {
+  double total = 0;
+  std::vector<std::pair<std::string, double>> stages; // median us
+};
+
+PathTimes timePath(cuda::KernelContext &ctx, const float *logits,
+                   const Shape &s, const GateAttrs &attrs, const Outputs &out,
+                   GatePath path, int iters) {
+  cudaStream_t stream = ctx.stream();
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  auto run = [&](StageEvents *events) {
+    Status status = cuda::detail::gateWith(
+        ctx, logits, s.tokens, s.experts, attrs, out.view(), path,
+        events ? &StageEvents::record : nullptr, events);
+    if (!status) {
+      std::fprintf(stderr, "gate failed: %s\n", status.message().c_str());
+      std::exit(2);
+    }
+  };
+  for (int i = 0; i < 3; ++i)
+    run(nullptr);
+  CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> totals;
+  std::map<std::string, std::vector<double>> perStage;
+  std::vector<std::string> order;
+  StageEvents events{stream, {}, {}, 0};
+  for (int i = 0; i < iters; ++i) {
+    CHECK(cudaEventRecord(start, stream));
+    run(nullptr);
+    CHECK(cudaEventRecord(stop, stream));
+    CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    totals.push_back(ms * 1e3);
+    // The same gate with an event after each launch.
+    events.used = 0;
+    CHECK(cudaEventRecord(start, stream));
+    run(&events);
+    CHECK(cudaStreamSynchronize(stream));
+    cudaEvent_t previous = start;
+    for (size_t e = 0; e < events.used; ++e) {
+      CHECK(cudaEventElapsedTime(&ms, previous, events.pool[e]));
+      if (!perStage.count(events.names[e]))
+        order.push_back(events.names[e]);
+      perStage[events.names[e]].push_back(ms * 1e3);
+      previous = events.pool[e];
+    }
+  }
+  PathTimes times;
+  times.total = median(totals);
+  for (const std::string &name : order)
+    times.stages.push_back({name, median(perStage[name])});
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return times;
+}
+
+template <typename T> std::vector<T> download(const T *device, int64_t count) {
+  std::vector<T> host(static_cast<size_t>(count));
+  CHECK(cudaMemcpy(host.data(), device, sizeof(T) * count,
+                   cudaMemcpyDeviceToHost));
+  return host;
+}
+
+/// Integers and floats bit for bit (any NaN equals any NaN), l_aux to 1e-6.
+std::string compare(const Outputs &a, const Outputs &b, const Shape &s) {
+  const int64_t T = s.tokens, E = s.experts, k = std::min(s.k, s.experts);
+  auto sameFloats = [](const std::vector<float> &x,
+                       const std::vector<float> &y) {
+    for (size_t i = 0; i < x.size(); ++i)
+      if (std::memcmp(&x[i], &y[i], 4) != 0 &&
+          !(std::isnan(x[i]) && std::isnan(y[i])))
+        return false;
+    return true;
+  };
+  if (download(a.indices, T * k) != download(b.indices, T * k))
+    return "indices differ";
+  if (download(a.locations, T * k) != download(b.locations, T * k))
+    return "locations differ";
+  if (!sameFloats(download(a.gates, T * k), download(b.gates, T * k)))
+    return "gates differ";
+  if (!sameFloats(download(a.scores, T * E), download(b.scores, T * E)))
+    return "scores differ";
+  if (download(a.capacity, 1) != download(b.capacity, 1) ||
+      download(a.offsets, E + 1) != download(b.offsets, E + 1) ||
+      download(a.rows, E) != download(b.rows, E))
+    return "capacity/offsets/rows differ";
+  float la = download(a.lAux, 1)[0], lb = download(b.lAux, 1)[0];
+  if (!(std::abs(la - lb) <= 1e-6 * std::abs(lb)) &&
+      !(std::isnan(la) && std::isnan(lb)))
+    return "l_aux differs";
+  return "ok";
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  int iters = 25;
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc)
+      iters = std::max(1, std::atoi(argv[++i]));
+  std::unique_ptr<cuda::KernelContext> ctx;
+  if (Status s = cuda::KernelContext::create(ctx); !s) {
+    std::fprintf(stderr, "no CUDA device: %s\n", s.message().c_str());
+    return 2;
+  }
+  cudaDeviceProp prop{};
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double bandwidth = copyBandwidth(ctx->stream());
+  std::printf("gpu: %s, copy bandwidth %.0f GB/s (read + write), %d runs\n",
+              prop.name, bandwidth * 1e-9, iters);
+
+  const std::vector<Shape> shapes = {
+      {"C3 T16384 E64 k6", 16384, 64, 6, false, 0.0},
+      {"C3 T16384 E64 k6 bp", 16384, 64, 6, true, 0.0},
+      {"C3 T16384 E64 k6 noise", 16384, 64, 6, false, 1.0},
+      {"top1 T16384 E32 k1", 16384, 32, 1, false, 0.0},
+      {"T16384 E256 k8", 16384, 256, 8, false, 0.0},
+      {"T16384 E8 k2", 16384, 8, 2, false, 0.0},
+      {"decode T256 E64 k6", 256, 64, 6, false, 0.0},
+  };
+  struct Row {
+    std::string name;
+    double old, fused, floor;
+    std::string match;
+  };
+  std::vector<Row> table;
+  bool allMatch = true;
+  for (const Shape &s : shapes) {
+    const int64_t T = s.tokens, E = s.experts, k = std::min(s.k, s.experts);
+    std::mt19937_64 rng(7 + static_cast<uint64_t>(E * 131 + k));
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> host(static_cast<size_t>(T * E));
+    for (float &v : host)
+      v = normal(rng);
+    for (int64_t t = 0; t < T; t += 7) // exact ties
+      host[t * E + E - 1] = host[t * E];
+    float *logits = nullptr;
+    CHECK(cudaMalloc(&logits, 4 * T * E));
+    CHECK(cudaMemcpy(logits, host.data(), 4 * T * E, cudaMemcpyHostToDevice));
+    GateAttrs attrs;
+    attrs.topK = s.k;
+    attrs.capacityMode = CapacityMode::Fixed;
+    attrs.capacityFactor = 1.0;
+    attrs.batchPrioritized = s.batchPrioritized;
+    attrs.noise = s.noise;
+    attrs.seed = 11;
+    Outputs legacyOut(T, E, k), fusedOut(T, E, k);
+    PathTimes legacy =
+        timePath(*ctx, logits, s, attrs, legacyOut, GatePath::Legacy, iters);
+    PathTimes fused =
+        timePath(*ctx, logits, s, attrs, fusedOut, GatePath::Auto, iters);
+    const double bytes = 8.0 * T * E + 12.0 * T * k;
+    const double floorUs = bytes / bandwidth * 1e6;
+    std::string match = compare(legacyOut, fusedOut, s);
+    allMatch &= match == "ok";
+    std::printf("\n%s (fused path %s)\n", s.name,
+                cuda::detail::gateFusedApplies(E, s.k) ? "applies" : "n/a");
+    for (auto *times : {&legacy, &fused}) {
+      std::printf("  %-6s total %8.1f us:", times == &legacy ? "old" : "new",
+                  times->total);
+      for (auto &[name, us] : times->stages)
+        std::printf("  %s %.1f", name.c_str(), us);
+      std::printf("\n");
+    }
+    table.push_back({s.name, legacy.total, fused.total, floorUs, match});
+    cudaFree(logits);
+  }
+  std::printf("\n%-26s %10s %10s %10s %9s %8s  %s\n", "shape", "old us",
+              "new us", "floor us", "new/floor", "speedup", "old==new");
+  for (const Row &r : table)
+    std::printf("%-26s %10.1f %10.1f %10.1f %9.2f %7.1fx  %s\n", r.name.c_str(),
+                r.old, r.fused, r.floor, r.fused / r.floor, r.old / r.fused,
+                r.match.c_str());
+  return allMatch ? 0 : 1;
+}
