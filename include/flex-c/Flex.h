@@ -250,6 +250,13 @@ FlexStatus flexExecutableSelectVariantByName(FlexExecutable executable,
                                              const char *name);
 FlexStatus flexExecutableGetSelectedVariant(FlexExecutable executable,
                                             int64_t *index);
+/* The cost model's account of the variant choice as JSON (docs/CostModel.md,
+ * "Explain"): per variant the predicted per-stage and total microseconds,
+ * the measured means of the timed runs and the error, which variant was
+ * chosen and why, and the device profile's source. The name "auto" given to
+ * flexExecutableSelectVariantByName (or the option variant=auto) turns the
+ * automatic choice on. *json is malloc'ed; free it with flexFreeString. */
+FlexStatus flexExecutableExplain(FlexExecutable executable, char **json);
 
 /* Forward: binds every input and output argument (others may be passed).
  * `options` may be NULL (no checks, timing on). */

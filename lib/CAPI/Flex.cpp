@@ -555,6 +555,22 @@ FlexStatus flexExecutableGetSelectedVariant(FlexExecutable exe,
   });
 }
 
+FlexStatus flexExecutableExplain(FlexExecutable exe, char **json) {
+  const char *function = "flexExecutableExplain";
+  return withExecutable(exe, function, [&]() -> FlexStatus {
+    if (FlexStatus s = checkOut(json, function, "json"))
+      return s;
+    std::string text = toJson(exe->executor->explain());
+    *json = static_cast<char *>(std::malloc(text.size() + 1));
+    if (!*json)
+      return fail(FLEX_STATUS_INTERNAL, std::string(function) +
+                                            ": out of memory",
+                  exe);
+    std::memcpy(*json, text.c_str(), text.size() + 1);
+    return FLEX_STATUS_OK;
+  });
+}
+
 FlexStatus flexExecutableForward(FlexExecutable exe,
                                  const FlexBinding *bindings, int64_t count,
                                  const FlexRunOptions *options) {

@@ -47,6 +47,10 @@ struct Options {
   /// of running a plan (Calibrate.cpp); --quick: in a fraction of a second.
   std::string calibrate;
   bool quick = false;
+  /// --profile: the device profile of the automatic variant choice and
+  /// --explain; --explain: print the cost model's account of the choice.
+  std::string profile;
+  bool explain = false;
 };
 
 /// The command line; --help prints the usage and exits 0, bad usage exits 2.
@@ -162,8 +166,13 @@ struct LayerRun {
   /// capacity alignment of the variant, for the reference).
   Plan plan;
   int32_t world = 1;
+  /// The variant of the last forward (with auto: the cost model's latest
+  /// choice) and whether the cost model chose it.
   int64_t variant = 0;
   const char *variantName = nullptr;
+  bool automatic = false;
+  /// --explain: flexExecutableExplain's JSON after the calls.
+  std::string explainJson;
   FlexLayerConfig layer{};
   std::vector<ArgumentBuffer> args;
   /// Untimed calls made before the timed ones.

@@ -44,8 +44,15 @@ options:
   --train           run backward too (needs a training plan)
   --check           compare with the fp64 reference ([num-1]: relative L2
                     <= 1e-5 for f32, 2e-2 for bf16/f16)
-  --variant V       variant name or index (default: FLEX_VARIANT, else the
-                    plan's default)
+  --variant V       variant name or index, or auto: the cost model picks it
+                    per call (default: FLEX_VARIANT, else auto when the plan
+                    has several variants)
+  --profile FILE    the device profile auto and --explain predict with
+                    (from --calibrate; default FLEX_PROFILE; missing, stale
+                    or corrupt: the built-in profile, and --explain says why)
+  --explain         print per variant the predicted per-stage and total
+                    time, the measured time and error, and which variant was
+                    chosen and why (docs/CostModel.md)
   --iters N         timed iterations (default 1)
   --warmup N        untimed calls before the timed ones (default 1, so the
                     first call's one-time costs are not timed; --graph makes
@@ -136,6 +143,10 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
       options.outputsDir = value();
     } else if (arg == "--variant") {
       options.variant = value();
+    } else if (arg == "--profile") {
+      options.profile = value();
+    } else if (arg == "--explain") {
+      options.explain = true;
     } else if (arg == "--iters") {
       options.iters = parseInteger(arg, value(), 1);
     } else if (arg == "--warmup") {

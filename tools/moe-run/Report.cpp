@@ -82,6 +82,9 @@ void printJson(const Options &options, const LayerRun &run) {
   out[run.isMlir ? "layer_file" : "plan"] = options.path;
   out["layer"] = layerSummary(run);
   out["variant"] = run.variantName;
+  out["variant_auto"] = run.automatic;
+  if (options.explain)
+    out["explain"] = nlohmann::ordered_json::parse(run.explainJson);
   out["iters"] = options.iters;
   out["warmup"] = run.warmup;
   out["seed"] = options.seed;
@@ -162,6 +165,55 @@ void printCheck(const CheckReport &check) {
               static_cast<long long>(total), failed.c_str());
 }
 
+/// --explain as text: the choice, the profile, the capacity, then per
+/// variant the predicted time (total and per stage, forward + backward),
+/// the measured one and the error.
+void printExplain(const LayerRun &run) {
+  nlohmann::ordered_json explain =
+      nlohmann::ordered_json::parse(run.explainJson);
+  const nlohmann::ordered_json &profile = explain["profile"];
+  std::printf("explain  %s '%s' (%lld): %s\n",
+              explain["automatic"].get<bool>() ? "auto chose" : "named",
+              explain["chosen_name"].get<std::string>().c_str(),
+              static_cast<long long>(explain["chosen"].get<int64_t>()),
+              explain["reason"].get<std::string>().c_str());
+  std::string source = profile["source"].get<std::string>();
+  std::string path = profile["path"].get<std::string>();
+  std::string why = profile["why"].get<std::string>();
+  std::printf("profile  %s%s (device %s)%s%s\n", source.c_str(),
+              source == "file" ? (" " + path).c_str() : "",
+              profile["device"].get<std::string>().c_str(),
+              why.empty() ? "" : ": ", why.c_str());
+  std::printf("capacity %lld (%s)\n",
+              static_cast<long long>(explain["capacity"].get<int64_t>()),
+              explain["capacity_source"].get<std::string>().c_str());
+  std::printf("  %-12s %12s %9s %9s %9s %9s %11s %12s %8s\n", "variant",
+              "predicted_us", "gate", "dispatch", "experts", "combine",
+              "collectives", "measured_us", "error");
+  for (const nlohmann::ordered_json &variant : explain["variants"]) {
+    auto stage = [&](const char *name) {
+      return variant["forward_stages_us"][name].get<double>() +
+             variant["backward_stages_us"][name].get<double>();
+    };
+    double measured = 0;
+    for (const char *key : {"measured_forward_us", "measured_backward_us"})
+      if (!variant[key].is_null())
+        measured += variant[key].get<double>();
+    char error[32] = "-", measuredText[32] = "-";
+    if (!variant["error"].is_null()) {
+      std::snprintf(error, sizeof(error), "%+.0f%%",
+                    100.0 * variant["error"].get<double>());
+      std::snprintf(measuredText, sizeof(measuredText), "%.1f", measured);
+    }
+    std::printf("%c %-12s %12.1f %9.1f %9.1f %9.1f %9.1f %11.1f %12s %8s\n",
+                variant["chosen"].get<bool>() ? '*' : ' ',
+                variant["name"].get<std::string>().c_str(),
+                variant["predicted_us"].get<double>(), stage("gate"),
+                stage("dispatch"), stage("experts"), stage("combine"),
+                stage("collectives"), measuredText, error);
+  }
+}
+
 void printText(const Options &options, const LayerRun &run) {
   // A .mlir input is a layer (compiled here), not a plan.
   if (run.isMlir)
@@ -170,9 +222,10 @@ void printText(const Options &options, const LayerRun &run) {
   else
     std::printf("plan     %s\nlayer    %s\n", options.path.c_str(),
                 layerSummary(run).c_str());
-  std::printf("variant  %s (%lld)   iters %lld (after %lld warm-up)   seed %llu"
+  std::printf("variant  %s (%lld%s)   iters %lld (after %lld warm-up)   seed %llu"
               "   device %s%s\n",
               run.variantName, static_cast<long long>(run.variant),
+              run.automatic ? ", auto" : "",
               static_cast<long long>(options.iters),
               static_cast<long long>(run.warmup),
               static_cast<unsigned long long>(options.seed),
@@ -186,6 +239,8 @@ void printText(const Options &options, const LayerRun &run) {
     printTimes("backward", run.backwardTimes);
   if (options.check)
     printCheck(run.check);
+  if (options.explain)
+    printExplain(run);
 }
 
 } // namespace

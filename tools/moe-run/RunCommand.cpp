@@ -135,7 +135,14 @@ std::string planTextOf(const Options &options, bool isMlir) {
 void loadLayer(const Options &options, LayerRun &run) {
   run.isMlir = fs::path(options.path).extension() == ".mlir";
   run.planText = planTextOf(options, run.isMlir);
-  FlexStatus status = flexContextCreate(options.device.c_str(), &run.context);
+  FlexOptions contextOptions = nullptr;
+  checkApi(flexOptionsCreate(&contextOptions), "options");
+  if (!options.profile.empty())
+    checkApi(flexOptionsSet(contextOptions, "profile", options.profile.c_str()),
+             "--profile");
+  FlexStatus status = flexContextCreateWithOptions(
+      options.device.c_str(), contextOptions, &run.context);
+  flexOptionsDestroy(contextOptions);
   if (status == FLEX_STATUS_UNAVAILABLE)
     fatal(2, "--device " + options.device + ": " + flexGetLastError());
   checkApi(status, ("creating the " + options.device + " context").c_str());
@@ -197,7 +204,21 @@ void connectRanks(const Options &options, LayerRun &run) {
           "'" + options.path + "': " + flexGetLastError());
 }
 
-/// --variant (a name, or an index), then what runs, and the layer.
+/// The variant the next (or, after the calls, the last) forward runs, and
+/// whether the cost model chose it.
+void readVariant(LayerRun &run) {
+  checkApi(flexExecutableGetSelectedVariant(run.exe, &run.variant), "variant");
+  checkApi(flexExecutableGetVariantName(run.exe, run.variant, &run.variantName),
+           "name");
+  char *json = nullptr;
+  checkApi(flexExecutableExplain(run.exe, &json), "explain");
+  run.explainJson = json;
+  flexFreeString(json);
+  run.automatic = run.explainJson.find("\"automatic\": true") !=
+                  std::string::npos;
+}
+
+/// --variant (a name, an index, or auto), then what runs, and the layer.
 void selectVariant(const Options &options, LayerRun &run) {
   if (!options.variant.empty()) {
     FlexStatus status =
@@ -211,9 +232,7 @@ void selectVariant(const Options &options, LayerRun &run) {
     }
     checkApi(status, "selecting the variant");
   }
-  checkApi(flexExecutableGetSelectedVariant(run.exe, &run.variant), "variant");
-  checkApi(flexExecutableGetVariantName(run.exe, run.variant, &run.variantName),
-           "name");
+  readVariant(run);
   checkApi(flexExecutableGetLayerConfig(run.exe, &run.layer), "layer");
   int32_t training = 0;
   checkApi(flexExecutableIsTraining(run.exe, &training), "training");
@@ -333,6 +352,8 @@ int flex::moerun::runCommand(const Options &options) {
   selectVariant(options, run);
   prepareArguments(options, run);
   runCalls(options, run);
+  // With auto the last call's choice ran; the check configures for it.
+  readVariant(run);
   if (!options.outputsDir.empty())
     writeOutputs(options, run);
   if (options.check)

@@ -17,11 +17,14 @@
 #include "flex/Runtime/Backend.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Core/RuntimeOptions.h"
+#include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/Plan.h"
 #include "flex/Runtime/Status.h"
 
+#include <array>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -82,6 +85,50 @@ struct VariantMeasurements {
   double backwardMeanMicros = 0;
 };
 
+/// The measured means of one variant for one capacity bucket (C rounded
+/// up to a power of two; -1: C unknown on the host), timed runs only.
+struct BucketMeasurement {
+  int64_t forwardRuns = 0;
+  double forwardMeanMicros = 0;
+  int64_t backwardRuns = 0;
+  double backwardMeanMicros = 0;
+};
+
+/// What explain() reports for one variant (docs/CostModel.md, "Explain").
+struct VariantExplanation {
+  std::string name;
+  /// The cost model's forward (and, for a training plan, backward)
+  /// prediction for the capacity of the choice: per stage, and the total.
+  std::array<double, kNumCostStages> forwardStageUs{}, backwardStageUs{};
+  double predictedForwardUs = 0, predictedBackwardUs = 0;
+  double predictedUs = 0; ///< forward + backward (training), or forward
+  /// The timed runs' means at the choice's capacity bucket, else over all
+  /// capacities; runs = 0 when never timed.
+  int64_t forwardRuns = 0, backwardRuns = 0;
+  double measuredForwardUs = 0, measuredBackwardUs = 0;
+  /// (measured - predicted) / predicted of the passes measured; NaN when
+  /// none was.
+  double error = 0;
+};
+
+/// The executor's account of its variant choice.
+struct Explanation {
+  /// The cost model chose (variant auto); false: the caller named it.
+  bool automatic = false;
+  int64_t chosen = 0;
+  std::string reason;
+  /// The capacity C the prediction counted (-1: the buffers' bounds) and
+  /// where it came from ("static", "previous call", "bound").
+  int64_t capacity = -1;
+  std::string capacitySource;
+  /// "file" (with its path) or "builtin" (with why the file was not used).
+  std::string profileSource, profilePath, profileWhy, profileDevice;
+  std::vector<VariantExplanation> variants;
+};
+
+/// explain() as JSON (docs/CostModel.md, "Explain").
+std::string toJson(const Explanation &explanation);
+
 class Executor {
 public:
   /// Checks the plan (verifyPlan) and options.variant (a variant name or
@@ -105,10 +152,24 @@ public:
   const RuntimeOptions &options() const { return options_; }
 
   /// Variant selection. Takes effect at the next forward; a backward always
-  /// runs the variant of the forward it follows.
+  /// runs the variant of the forward it follows. The name "auto" turns the
+  /// automatic choice on; naming or indexing a variant turns it off.
   Status selectVariant(int64_t index);
   Status selectVariant(std::string_view name);
+  /// The variant the next forward runs (with auto: the latest choice).
   int64_t selectedVariant() const { return selected_; }
+  /// The cost model picks the variant of each forward (docs/CostModel.md).
+  bool automaticVariant() const { return automatic_; }
+
+  /// Per variant the predicted per-stage and total time, the measured time
+  /// and the error, the choice and why, and the profile's source. Loads
+  /// the profile on first use (never fails: the built-in fallback).
+  Explanation explain();
+  /// The timed runs of `variant` per capacity bucket.
+  const std::map<int64_t, BucketMeasurement> &
+  bucketMeasurements(int64_t variant) const {
+    return buckets_[variant];
+  }
 
   /// Bytes and alignment the workspace needs.
   int64_t workspaceBytes() const { return plan_->workspace.bytes; }
@@ -180,6 +241,21 @@ private:
   /// collective steps and hands them to the backend.
   Status makeGroupCommunicators();
 
+  // The automatic choice (AutoVariant.cpp).
+  /// Loads the profile (or the fallback) once.
+  void ensureCostModel();
+  /// The ranks agree on one profile (once, on a host communicator).
+  Status agreeOnProfile();
+  /// Re-chooses when the capacity changed; sets selected_.
+  Status chooseVariant();
+  /// The synced C of `variant`'s forward just run, when the host knows it
+  /// without a new wait (host memory, or a timed pass already waited for);
+  /// -1 otherwise.
+  int64_t readCapacity(int64_t variant, bool waited);
+  /// Keeps the capacity of a forward and the bucketed time of a timed pass.
+  void recordAutomatic(int64_t variant, bool backward, bool timed,
+                       double micros);
+
   std::shared_ptr<const Plan> plan_;
   std::unique_ptr<Backend> backend_;
   int64_t selected_ = 0;
@@ -197,6 +273,21 @@ private:
   std::vector<void *> argumentData_;
   RunStats lastStats_;
   std::vector<VariantMeasurements> measurements_;
+
+  /// The automatic choice: on, the cost model (loaded on first use), the
+  /// profile's source, the capacity C of the next choice and its source,
+  /// the latest choice and the C it was made for.
+  bool automatic_ = false;
+  std::unique_ptr<CostModel> costModel_;
+  std::string profileWhy_;
+  bool profileAgreed_ = false;
+  int64_t capacity_ = -1;
+  std::string capacitySource_ = "bound";
+  Choice choice_;
+  int64_t choiceCapacity_ = -2;
+  /// The bucket of the last forward's C, for its backward.
+  int64_t forwardBucket_ = -1;
+  std::vector<std::map<int64_t, BucketMeasurement>> buckets_;
 };
 
 /// Parses RuntimeOptions::variant text (FLEX_VARIANT): a variant name, or a

@@ -55,6 +55,10 @@ Status setOption(RuntimeOptions &options, std::string_view name,
     options.variant = std::string(value);
     return Status::ok();
   }
+  if (name == "profile") {
+    options.profile = std::string(value);
+    return Status::ok();
+  }
   if (name == "check_nonfinite" || name == "cuda_graph" ||
       name == "cuda_overlap") {
     bool flag = false;
@@ -118,6 +122,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"a2a_staging", "FLEX_A2A_STAGING"},
       {"a2a_transport", "FLEX_A2A_TRANSPORT"},
       {"collective_timeout_s", "FLEX_COLLECTIVE_TIMEOUT_S"},
+      {"profile", "FLEX_PROFILE"},
   };
   return table;
 }
@@ -130,6 +135,8 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
   auto flag = [](bool on) { return std::string(on ? "1" : "0"); };
   if (name == "variant")
     value = variant;
+  else if (name == "profile")
+    value = profile;
   else if (name == "check_nonfinite")
     value = flag(checkNonFinite);
   else if (name == "cuda_graph")

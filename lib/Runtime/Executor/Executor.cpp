@@ -217,6 +217,7 @@ Executor::Executor(std::shared_ptr<const Plan> plan,
     : plan_(std::move(plan)), backend_(std::move(backend)), options_(options) {
   argumentData_.assign(plan_->arguments.size(), nullptr);
   measurements_.assign(plan_->variants.size(), {});
+  buckets_.assign(plan_->variants.size(), {});
   selected_ = plan_->defaultVariant;
   // One rank needs no setup; more ranks need the caller's communicator.
   if (plan_->worldSize == 1) {
@@ -285,7 +286,13 @@ Status Executor::create(std::shared_ptr<const Plan> plan,
     return status;
   std::unique_ptr<Executor> result(
       new Executor(std::move(plan), std::move(backend), options));
-  if (!options.variant.empty()) {
+  // Several variants and none named: the cost model chooses (CostModel.md).
+  if (options.variant == "auto" ||
+      (options.variant.empty() && result->plan().variants.size() > 1)) {
+    result->automatic_ = true;
+    if (Status status = result->chooseVariant(); !status)
+      return status;
+  } else if (!options.variant.empty()) {
     int64_t index = resolveVariant(result->plan(), options.variant);
     if (index < 0) {
       std::string names;
@@ -299,7 +306,8 @@ Status Executor::create(std::shared_ptr<const Plan> plan,
                         options.variant +
                         "' names no variant of the plan; allowed: " + names +
                         " or an index below " +
-                        std::to_string(result->plan().variants.size()));
+                        std::to_string(result->plan().variants.size()) +
+                        ", or auto");
     }
     result->selected_ = index;
   }
@@ -316,10 +324,15 @@ Status Executor::selectVariant(int64_t index) {
                       std::to_string(count) + " variants (0 to " +
                       std::to_string(count - 1) + ")");
   selected_ = index;
+  automatic_ = false;
   return Status::ok();
 }
 
 Status Executor::selectVariant(std::string_view name) {
+  if (name == "auto") {
+    automatic_ = true;
+    return chooseVariant();
+  }
   int64_t index = plan_->findVariant(name);
   if (index < 0) {
     std::string names;
@@ -327,9 +340,11 @@ Status Executor::selectVariant(std::string_view name) {
       names += (names.empty() ? "" : ", ") + variant.name;
     return Status(StatusCode::NotFound, "no variant named '" +
                                             std::string(name) +
-                                            "'; the plan has: " + names);
+                                            "'; the plan has: " + names +
+                                            " (or auto)");
   }
   selected_ = index;
+  automatic_ = false;
   return Status::ok();
 }
 
@@ -738,6 +753,13 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
         !status)
       return status;
 
+  // The automatic choice, from quantities every rank agrees on.
+  if (!backward && automatic_) {
+    if (Status status = agreeOnProfile(); !status)
+      return status;
+    if (Status status = chooseVariant(); !status)
+      return status;
+  }
   Pass pass = startPass(backward, options);
   // A failed forward leaves no state a backward may use.
   if (!backward)
@@ -749,6 +771,8 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     return status;
   if (Status status = finishPass(pass, start); !status)
     return status;
+  recordAutomatic(pass.variantIndex, backward, pass.timeSteps,
+                  pass.stats.totalMicros);
   recordPass(pass);
 
   if (checkNonFinite)

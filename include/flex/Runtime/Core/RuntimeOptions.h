@@ -51,9 +51,16 @@ enum class AllToAllTransport : uint8_t {
 };
 
 struct RuntimeOptions {
-  /// The variant an executor starts with: a name or a decimal index; empty
-  /// = the plan's default. ("variant", FLEX_VARIANT)
+  /// The variant an executor starts with: a name, a decimal index, or
+  /// "auto" (the cost model picks one per call, docs/CostModel.md); empty =
+  /// "auto" when the plan holds several variants, else its only one.
+  /// ("variant", FLEX_VARIANT)
   std::string variant;
+  /// The device profile the automatic choice and explain read (a path
+  /// `moe-run --calibrate` wrote); empty, missing, stale or corrupt: the
+  /// built-in profile of the backend, with the reason kept for explain.
+  /// ("profile", FLEX_PROFILE)
+  std::string profile;
   /// NaN/Inf check of every pass's inputs and outputs, on top of
   /// RunOptions::checkNonFinite. ("check_nonfinite", FLEX_CHECK_NAN)
   bool checkNonFinite = false;

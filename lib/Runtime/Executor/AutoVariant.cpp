@@ -1,0 +1,299 @@
+//===- AutoVariant.cpp - The executor's automatic variant choice ----------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements `variant = auto` (docs/CostModel.md, "The automatic
+// choice"): the executor loads a device profile once (or the built-in
+// fallback, keeping the reason), the ranks agree on it, and before each
+// forward it picks the variant with CostModel::choose for the capacity C of
+// the previous call (the static C, or the buffers' bound before the first
+// call), re-choosing when C changes. The choice is a pure function of the
+// plan, the agreed profile and the synced C, so every rank picks the same
+// variant with no collective per call. It also implements explain() and its
+// JSON form.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/Executor.h"
+
+#include <nlohmann/json.hpp>
+
+#include <bit>
+#include <cmath>
+#include <functional>
+#include <limits>
+
+namespace flex {
+
+namespace {
+
+/// The forward step whose capacity output holds the C the later steps use
+/// (the last sync_capacity, else the last gate) and the gate that computed
+/// it; nulls when there is none.
+std::pair<const Step *, const Step *> capacitySource(const Variant &variant) {
+  const Step *source = nullptr, *gate = nullptr, *lastGate = nullptr;
+  for (const Step &step : variant.forward) {
+    if (step.op == StepOp::Gate)
+      lastGate = &step;
+    if ((step.op == StepOp::Gate || step.op == StepOp::SyncCapacity) &&
+        step.out(OperandRole::Capacity).isValid()) {
+      source = &step;
+      gate = lastGate;
+    }
+  }
+  return {source, gate};
+}
+
+/// C rounded up to a power of two; -1 stays -1.
+int64_t bucketOf(int64_t capacity) {
+  return capacity <= 0 ? capacity
+                       : static_cast<int64_t>(
+                             std::bit_ceil(static_cast<uint64_t>(capacity)));
+}
+
+double nan() { return std::numeric_limits<double>::quiet_NaN(); }
+
+} // namespace
+
+void Executor::ensureCostModel() {
+  if (costModel_)
+    return;
+  ProfileExpectation expected;
+  expected.backend = std::string(backend_->name());
+  expected.worldSize = plan_->worldSize;
+  Status why;
+  DeviceProfile profile =
+      loadProfileOrDefault(options_.profile, expected, why);
+  profileWhy_ = why ? std::string() : why.message();
+  CostModelOptions modelOptions;
+  modelOptions.overlap = options_.cudaOverlap;
+  costModel_ = std::make_unique<CostModel>(std::move(profile), modelOptions);
+  // A fixed capacity is known before the first call.
+  const Variant &first = plan_->variants[plan_->defaultVariant];
+  if (const Step *gate = capacitySource(first).second;
+      gate && gate->facts.staticCapacity >= 0) {
+    capacity_ = gate->facts.staticCapacity;
+    capacitySource_ = "static";
+  }
+}
+
+Status Executor::agreeOnProfile() {
+  ensureCostModel();
+  if (profileAgreed_)
+    return Status::ok();
+  // Once per communicator: every rank's profile text hashed; the max of h
+  // and of -h (as INT32_MAX - h) differ unless every rank has the same.
+  // On a mismatch every rank sees it and takes the built-in profile, so the
+  // ranks still agree. A device communicator's collectives take device
+  // memory: there the ranks must be given the same file (documented).
+  if (communicator_ && communicator_->size() > 1 &&
+      communicator_->memory() == CommMemory::Host) {
+    const uint32_t hash = static_cast<uint32_t>(
+                              std::hash<std::string>()(
+                                  writeProfile(costModel_->profile()))) &
+                          0x7fffffffu;
+    int32_t values[2] = {static_cast<int32_t>(hash),
+                         static_cast<int32_t>(0x7fffffffu - hash)};
+    if (Status status =
+            communicator_->allReduceMaxInt32(values, 2, "profile agreement");
+        !status)
+      return status;
+    if (static_cast<uint32_t>(values[0]) !=
+        0x7fffffffu - static_cast<uint32_t>(values[1])) {
+      profileWhy_ = "the ranks were given different device profiles; using "
+                    "the built-in " +
+                    std::string(backend_->name()) +
+                    " profile on every rank (docs/CostModel.md)";
+      costModel_ = std::make_unique<CostModel>(
+          defaultProfile(backend_->name(), plan_->worldSize),
+          costModel_->options());
+      choiceCapacity_ = -2;
+    }
+  }
+  profileAgreed_ = true;
+  return Status::ok();
+}
+
+Status Executor::chooseVariant() {
+  ensureCostModel();
+  if (choiceCapacity_ != capacity_ || choice_.variant < 0) {
+    choice_ = costModel_->choose(*plan_, plan_->training, capacity_);
+    choiceCapacity_ = capacity_;
+  }
+  if (choice_.variant < 0 ||
+      choice_.variant >= static_cast<int64_t>(plan_->variants.size()))
+    return Status(StatusCode::Internal,
+                  "the cost model chose no variant: " + choice_.reason);
+  selected_ = choice_.variant;
+  return Status::ok();
+}
+
+int64_t Executor::readCapacity(int64_t variantIndex, bool waited) {
+  const Variant &variant = plan_->variants[variantIndex];
+  auto [source, gate] = capacitySource(variant);
+  if (!source || !gate)
+    return -1;
+  if (gate->facts.staticCapacity >= 0)
+    return gate->facts.staticCapacity;
+  // A gate's own C differs between ranks until sync_capacity: only the
+  // synced one may steer a choice on several ranks.
+  if (plan_->worldSize > 1 && source->op != StepOp::SyncCapacity)
+    return -1;
+  // No new wait on a device: only a pass that already waited (timed) reads.
+  if (!backend_->isHostMemory() && !waited)
+    return -1;
+  TensorView view = resolve(source->out(OperandRole::Capacity));
+  int32_t capacity = -1;
+  if (!view.data ||
+      !backend_->copyToHost(&capacity, view.data, sizeof(capacity)))
+    return -1;
+  return capacity;
+}
+
+void Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
+                               double micros) {
+  if (!backward) {
+    // Kept in either mode: explain() reports the capacity of the last call.
+    int64_t capacity = readCapacity(variant, timed);
+    if (capacity >= 0 && capacity != capacity_) {
+      capacity_ = capacity;
+      const Variant &run = plan_->variants[variant];
+      const Step *gate = capacitySource(run).second;
+      capacitySource_ = gate && gate->facts.staticCapacity >= 0
+                            ? "static"
+                            : "previous call";
+    }
+    forwardBucket_ = bucketOf(capacity);
+  }
+  if (!timed)
+    return;
+  BucketMeasurement &m = buckets_[variant][forwardBucket_];
+  int64_t &runs = backward ? m.backwardRuns : m.forwardRuns;
+  double &mean = backward ? m.backwardMeanMicros : m.forwardMeanMicros;
+  ++runs;
+  mean += (micros - mean) / static_cast<double>(runs);
+}
+
+Explanation Executor::explain() {
+  ensureCostModel();
+  Explanation result;
+  result.automatic = automatic_;
+  result.capacity = capacity_;
+  result.capacitySource = capacitySource_;
+  Choice choice = choiceCapacity_ == capacity_ && choice_.variant >= 0
+                      ? choice_
+                      : costModel_->choose(*plan_, plan_->training, capacity_);
+  result.chosen = automatic_ ? choice.variant : selected_;
+  result.reason = automatic_ ? choice.reason
+                             : "named by the caller (variant option, "
+                               "selectVariant); the model would pick '" +
+                                   plan_->variants[choice.variant].name + "'";
+  const DeviceProfile &profile = costModel_->profile();
+  result.profileSource = profile.builtin ? "builtin" : "file";
+  result.profilePath = options_.profile;
+  result.profileWhy = profileWhy_;
+  result.profileDevice = profile.deviceName;
+  const int64_t bucket = bucketOf(capacity_);
+  for (size_t v = 0; v < plan_->variants.size(); ++v) {
+    VariantExplanation out;
+    out.name = plan_->variants[v].name;
+    out.forwardStageUs = choice.forward[v].stageUs;
+    out.predictedForwardUs = choice.forward[v].totalUs;
+    if (plan_->training && v < choice.backward.size()) {
+      out.backwardStageUs = choice.backward[v].stageUs;
+      out.predictedBackwardUs = choice.backward[v].totalUs;
+    }
+    out.predictedUs = choice.totalUs[v];
+    // The choice's bucket when it was timed, else every timed run.
+    auto found = buckets_[v].find(bucket);
+    BucketMeasurement m;
+    if (found != buckets_[v].end())
+      m = found->second;
+    else
+      for (const auto &[key, each] : buckets_[v]) {
+        (void)key;
+        for (auto [runs, mean, eachRuns, eachMean] :
+             {std::tuple{&m.forwardRuns, &m.forwardMeanMicros,
+                         each.forwardRuns, each.forwardMeanMicros},
+              std::tuple{&m.backwardRuns, &m.backwardMeanMicros,
+                         each.backwardRuns, each.backwardMeanMicros}}) {
+          if (!eachRuns)
+            continue;
+          *mean = (*mean * static_cast<double>(*runs) +
+                   eachMean * static_cast<double>(eachRuns)) /
+                  static_cast<double>(*runs + eachRuns);
+          *runs += eachRuns;
+        }
+      }
+    out.forwardRuns = m.forwardRuns;
+    out.measuredForwardUs = m.forwardMeanMicros;
+    out.backwardRuns = m.backwardRuns;
+    out.measuredBackwardUs = m.backwardMeanMicros;
+    double predicted = 0, measured = 0;
+    if (m.forwardRuns) {
+      predicted += out.predictedForwardUs;
+      measured += m.forwardMeanMicros;
+    }
+    if (m.backwardRuns) {
+      predicted += out.predictedBackwardUs;
+      measured += m.backwardMeanMicros;
+    }
+    out.error = predicted > 0 ? (measured - predicted) / predicted : nan();
+    result.variants.push_back(std::move(out));
+  }
+  return result;
+}
+
+std::string toJson(const Explanation &explanation) {
+  using Json = nlohmann::ordered_json;
+  auto number = [](double value) {
+    return std::isfinite(value) ? Json(value) : Json(nullptr);
+  };
+  auto stages = [&](const std::array<double, kNumCostStages> &us) {
+    Json json = Json::object();
+    for (int s = 0; s < kNumCostStages; ++s)
+      json[std::string(toString(static_cast<CostStage>(s)))] = us[s];
+    return json;
+  };
+  Json json;
+  json["format"] = "flex-explain";
+  json["automatic"] = explanation.automatic;
+  json["chosen"] = explanation.chosen;
+  json["chosen_name"] = explanation.variants.empty()
+                            ? std::string()
+                            : explanation.variants[explanation.chosen].name;
+  json["reason"] = explanation.reason;
+  json["capacity"] = explanation.capacity;
+  json["capacity_source"] = explanation.capacitySource;
+  json["profile"] = {{"source", explanation.profileSource},
+                     {"path", explanation.profilePath},
+                     {"device", explanation.profileDevice},
+                     {"why", explanation.profileWhy}};
+  Json variants = Json::array();
+  for (size_t v = 0; v < explanation.variants.size(); ++v) {
+    const VariantExplanation &each = explanation.variants[v];
+    Json item;
+    item["index"] = v;
+    item["name"] = each.name;
+    item["chosen"] = static_cast<int64_t>(v) == explanation.chosen;
+    item["predicted_us"] = each.predictedUs;
+    item["predicted_forward_us"] = each.predictedForwardUs;
+    item["forward_stages_us"] = stages(each.forwardStageUs);
+    item["predicted_backward_us"] = each.predictedBackwardUs;
+    item["backward_stages_us"] = stages(each.backwardStageUs);
+    item["forward_runs"] = each.forwardRuns;
+    item["measured_forward_us"] =
+        each.forwardRuns ? number(each.measuredForwardUs) : Json(nullptr);
+    item["backward_runs"] = each.backwardRuns;
+    item["measured_backward_us"] =
+        each.backwardRuns ? number(each.measuredBackwardUs) : Json(nullptr);
+    item["error"] = number(each.error);
+    variants.push_back(std::move(item));
+  }
+  json["variants"] = std::move(variants);
+  return json.dump(2);
+}
+
+} // namespace flex
