@@ -1,0 +1,210 @@
+//===- CudaGateTest.cpp - The CUDA gate against the CPU gate, by shape ----===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file runs cuda::gate next to cpu::gate on the shapes its fused path
+// takes (E in {8, 32, 64, 256}, k in {1, 2, 6, 8}) and on those around it
+// that take the legacy path (E = 1, E > 256, k > 8), with ties, NaN, -inf
+// and signed-zero rows, noise on and off, batch-prioritized routing on and
+// off and every capacity mode: indices, locations, capacity, offsets and rows
+// exactly, scores and gates bit for bit, l_aux to rounding. Part of
+// FlexCudaKernelsTests.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaTestSupport.h"
+
+#include "flex/Runtime/Cpu/CpuKernels.h"
+#include "flex/Runtime/Cuda/CudaKernels.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <sstream>
+
+using namespace flex;
+using flex::cudatest::Buffer;
+
+namespace {
+
+std::vector<double> normals(std::mt19937_64 &rng, size_t count, double std) {
+  std::normal_distribution<double> normal(0.0, std);
+  std::vector<double> values(count);
+  for (double &v : values)
+    v = normal(rng);
+  return values;
+}
+
+/// The gate's shapes of the fused path (2 <= E <= 256, k <= 8) and around
+/// it (E = 1, odd E, E > 256 take the legacy path): ties, NaN, -inf and
+/// signed-zero rows, noise, batch-prioritized routing, every capacity mode,
+/// a token count that leaves a partial block and several location chunks.
+struct GateShape {
+  int64_t experts, k;
+  bool noise, batchPrioritized;
+  CapacityMode mode;
+
+  std::string name() const {
+    std::ostringstream text;
+    text << "E" << experts << "_k" << k << (noise ? "_noise" : "")
+         << (batchPrioritized ? "_bp" : "") << "_" << toString(mode);
+    return text.str();
+  }
+};
+
+std::vector<GateShape> gateShapes() {
+  std::vector<GateShape> shapes;
+  const CapacityMode modes[] = {CapacityMode::Fixed, CapacityMode::Dropless,
+                                CapacityMode::Bounded};
+  int index = 0;
+  for (int64_t E : {8, 32, 64, 256})
+    for (int64_t k : {1, 2, 6, 8})
+      for (bool noise : {false, true})
+        for (bool bp : {false, true})
+          shapes.push_back({E, k, noise, bp, modes[index++ % 3]});
+  for (bool bp : {false, true}) {
+    shapes.push_back({37, 3, false, bp, CapacityMode::Dropless});
+    shapes.push_back({1, 1, false, bp, CapacityMode::Fixed});
+    shapes.push_back({300, 2, true, bp, CapacityMode::Bounded});
+    shapes.push_back({16, 12, false, bp, CapacityMode::Fixed});
+  }
+  return shapes;
+}
+
+class CudaGateShapes : public ::testing::TestWithParam<GateShape> {};
+
+TEST_P(CudaGateShapes, MatchTheCpuGate) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GateShape c = GetParam();
+  const int64_t T = 1500, E = c.experts, k = std::min(c.k, E);
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(77 + static_cast<uint64_t>(E * 13 + c.k));
+  std::vector<double> values = normals(rng, T * E, 1.0);
+  // Coarse values: many exact ties within and across rows.
+  for (int64_t i = 0; i < T * E; i += 3)
+    values[i] = std::round(values[i] * 4.0) / 4.0;
+  for (int64_t t = 0; t < T; t += 11) // equal rows: equal priorities
+    for (int64_t e = 0; e < E; ++e)
+      values[(t + 1) * E + e] = values[t * E + e];
+  values[5 * E + E / 2] = NAN;
+  for (int64_t e = 0; e < E; ++e) {
+    values[17 * E + e] = NAN;
+    values[23 * E + e] = -INFINITY;
+    values[29 * E + e] = e % 2 ? 0.0 : -0.0;
+  }
+  Buffer logits(DType::F32, T * E);
+  logits.set(values);
+  GateAttrs attrs;
+  attrs.topK = c.k;
+  attrs.capacityMode = c.mode;
+  attrs.capacityFactor = 1.25;
+  attrs.normalize = true;
+  attrs.batchPrioritized = c.batchPrioritized;
+  attrs.noise = c.noise ? 1.0 : 0.0;
+  attrs.seed = 5;
+  attrs.layout =
+      c.batchPrioritized ? DispatchLayout::Ragged : DispatchLayout::Padded;
+  std::vector<float> cScores(T * E), cGates(T * k);
+  std::vector<int32_t> cIndices(T * k), cLocations(T * k), cOffsets(E + 1),
+      cRows(E);
+  int32_t cCapacity = 0;
+  float cLAux = 0;
+  cpu::gate(logits.hostAs<float>(), T, E, attrs,
+            {cScores.data(), cIndices.data(), cLocations.data(), cGates.data(),
+             &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
+  Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
+      locations(DType::I32, T * k), gates(DType::F32, T * k),
+      capacity(DType::I32, 1), offsets(DType::I32, E + 1), rows(DType::I32, E),
+      lAux(DType::F32, 1);
+  std::initializer_list<Buffer *> all = {
+      &scores, &indices, &locations, &gates, &capacity, &offsets, &rows, &lAux};
+  for (Buffer *b : all)
+    b->poison();
+  // Twice: the second run reuses the scratch the first one grew.
+  for (int run = 0; run < 2; ++run) {
+    Status status = cuda::gate(*ctx, logits.as<float>(), T, E, attrs,
+                               {scores.as<float>(), indices.as<int32_t>(),
+                                locations.as<int32_t>(), gates.as<float>(),
+                                capacity.as<int32_t>(), offsets.as<int32_t>(),
+                                rows.as<int32_t>(), lAux.as<float>()});
+    ASSERT_TRUE(status.isOk()) << status.message();
+  }
+  for (Buffer *b : all)
+    b->download();
+  auto sameFloat = [](float a, float b) {
+    return std::memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b));
+  };
+  for (int64_t i = 0; i < T * k; ++i) {
+    ASSERT_EQ(indices.hostAs<int32_t>()[i], cIndices[i]) << "slot " << i;
+    ASSERT_EQ(locations.hostAs<int32_t>()[i], cLocations[i]) << "slot " << i;
+    ASSERT_TRUE(sameFloat(gates.hostAs<float>()[i], cGates[i]))
+        << "slot " << i << ": " << gates.hostAs<float>()[i] << " vs "
+        << cGates[i];
+  }
+  for (int64_t i = 0; i < T * E; ++i)
+    ASSERT_TRUE(sameFloat(scores.hostAs<float>()[i], cScores[i]))
+        << "score " << i << ": " << scores.hostAs<float>()[i] << " vs "
+        << cScores[i];
+  ASSERT_EQ(capacity.hostAs<int32_t>()[0], cCapacity);
+  for (int64_t e = 0; e <= E; ++e)
+    ASSERT_EQ(offsets.hostAs<int32_t>()[e], cOffsets[e]) << "offset " << e;
+  for (int64_t e = 0; e < E; ++e)
+    ASSERT_EQ(rows.hostAs<int32_t>()[e], cRows[e]) << "rows " << e;
+  // The NaN rows make l_aux NaN on both.
+  EXPECT_TRUE(std::isnan(lAux.hostAs<float>()[0]) && std::isnan(cLAux));
+}
+
+/// Without NaN rows l_aux agrees to rounding (fp64 partial sums in another
+/// order), on the fused path and the legacy one.
+TEST_P(CudaGateShapes, AuxLossMatchesTheCpu) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GateShape c = GetParam();
+  const int64_t T = 777, E = c.experts, k = std::min(c.k, E);
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(91 + static_cast<uint64_t>(E));
+  Buffer logits(DType::F32, T * E);
+  logits.set(normals(rng, T * E, 2.0));
+  GateAttrs attrs;
+  attrs.topK = c.k;
+  attrs.capacityMode = c.mode;
+  attrs.batchPrioritized = c.batchPrioritized;
+  attrs.noise = c.noise ? 1.0 : 0.0;
+  std::vector<float> cScores(T * E), cGates(T * k);
+  std::vector<int32_t> cIndices(T * k), cLocations(T * k), cOffsets(E + 1),
+      cRows(E);
+  int32_t cCapacity = 0;
+  float cLAux = 0;
+  cpu::gate(logits.hostAs<float>(), T, E, attrs,
+            {cScores.data(), cIndices.data(), cLocations.data(), cGates.data(),
+             &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
+  Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
+      locations(DType::I32, T * k), gates(DType::F32, T * k),
+      capacity(DType::I32, 1), offsets(DType::I32, E + 1), rows(DType::I32, E),
+      lAux(DType::F32, 1);
+  ASSERT_TRUE(cuda::gate(*ctx, logits.as<float>(), T, E, attrs,
+                         {scores.as<float>(), indices.as<int32_t>(),
+                          locations.as<int32_t>(), gates.as<float>(),
+                          capacity.as<int32_t>(), offsets.as<int32_t>(),
+                          rows.as<int32_t>(), lAux.as<float>()})
+                  .isOk());
+  lAux.download();
+  locations.download();
+  EXPECT_NEAR(lAux.hostAs<float>()[0], cLAux, 1e-6 * std::abs(cLAux));
+  for (int64_t i = 0; i < T * k; ++i)
+    ASSERT_EQ(locations.hostAs<int32_t>()[i], cLocations[i]) << "slot " << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaGateShapes,
+                         ::testing::ValuesIn(gateShapes()),
+                         [](const ::testing::TestParamInfo<GateShape> &info) {
+                           return info.param.name();
+                         });
+
+} // namespace
