@@ -222,14 +222,14 @@ void printText(const Options &options, const LayerRun &run) {
   else
     std::printf("plan     %s\nlayer    %s\n", options.path.c_str(),
                 layerSummary(run).c_str());
-  std::printf("variant  %s (%lld%s)   iters %lld (after %lld warm-up)   seed %llu"
-              "   device %s%s\n",
-              run.variantName, static_cast<long long>(run.variant),
-              run.automatic ? ", auto" : "",
-              static_cast<long long>(options.iters),
-              static_cast<long long>(run.warmup),
-              static_cast<unsigned long long>(options.seed),
-              options.device.c_str(), options.graph ? " (graph)" : "");
+  std::printf(
+      "variant  %s (%lld%s)   iters %lld (after %lld warm-up)   seed %llu"
+      "   device %s%s\n",
+      run.variantName, static_cast<long long>(run.variant),
+      run.automatic ? ", auto" : "", static_cast<long long>(options.iters),
+      static_cast<long long>(run.warmup),
+      static_cast<unsigned long long>(options.seed), options.device.c_str(),
+      options.graph ? " (graph)" : "");
   if (ranks.size > 1)
     std::printf("ranks    %d (MPI); times are the largest over ranks, the "
                 "check the worst rank's\n",

@@ -214,8 +214,8 @@ void readVariant(LayerRun &run) {
   checkApi(flexExecutableExplain(run.exe, &json), "explain");
   run.explainJson = json;
   flexFreeString(json);
-  run.automatic = run.explainJson.find("\"automatic\": true") !=
-                  std::string::npos;
+  run.automatic =
+      run.explainJson.find("\"automatic\": true") != std::string::npos;
 }
 
 /// --variant (a name, an index, or auto), then what runs, and the layer.

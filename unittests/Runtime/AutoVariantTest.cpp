@@ -14,8 +14,8 @@
 
 #include "MultiRankTestSupport.h"
 
-#include "flex/Runtime/CostModel/DeviceProfile.h"
 #include "flex/Runtime/Backend.h"
+#include "flex/Runtime/CostModel/DeviceProfile.h"
 #include "flex/Runtime/PlanLoader.h"
 
 #include <gmock/gmock.h>
@@ -142,7 +142,8 @@ TEST(AutoVariant, ExplainsPredictionsAndMeasurements) {
   for (const VariantExplanation &v : explanation.variants) {
     EXPECT_GT(v.predictedForwardUs, 0);
     EXPECT_GT(v.predictedBackwardUs, 0);
-    EXPECT_DOUBLE_EQ(v.predictedUs, v.predictedForwardUs + v.predictedBackwardUs);
+    EXPECT_DOUBLE_EQ(v.predictedUs,
+                     v.predictedForwardUs + v.predictedBackwardUs);
   }
 
   Json json = Json::parse(toJson(explanation));
@@ -209,8 +210,8 @@ Explanation runAutoOnRanks(const std::string &planName,
     results[r] = s;
   });
   for (int r = 0; r < W; ++r) {
-    EXPECT_TRUE(results[r].isOk()) << "rank " << r << ": "
-                                   << results[r].message();
+    EXPECT_TRUE(results[r].isOk())
+        << "rank " << r << ": " << results[r].message();
     EXPECT_EQ(ran[r], ran[0]) << "rank " << r << " chose otherwise";
     EXPECT_EQ(explanations[r].chosen, explanations[0].chosen);
     EXPECT_EQ(explanations[r].capacity, explanations[0].capacity);
@@ -230,9 +231,8 @@ Explanation runAutoOnRanks(const std::string &planName,
               tolerance)
         << "rank " << r;
     if (plan->training)
-      EXPECT_LE(
-          reference::relativeL2(buffers[r].get("grad_x"), ref.grads[r].x),
-          tolerance)
+      EXPECT_LE(reference::relativeL2(buffers[r].get("grad_x"), ref.grads[r].x),
+                tolerance)
           << "rank " << r;
   }
   return explanations[0];

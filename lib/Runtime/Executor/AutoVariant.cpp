@@ -64,8 +64,7 @@ void Executor::ensureCostModel() {
   expected.backend = std::string(backend_->name());
   expected.worldSize = plan_->worldSize;
   Status why;
-  DeviceProfile profile =
-      loadProfileOrDefault(options_.profile, expected, why);
+  DeviceProfile profile = loadProfileOrDefault(options_.profile, expected, why);
   profileWhy_ = why ? std::string() : why.message();
   CostModelOptions modelOptions;
   modelOptions.overlap = options_.cudaOverlap;
@@ -90,9 +89,8 @@ Status Executor::agreeOnProfile() {
   // memory: there the ranks must be given the same file (documented).
   if (communicator_ && communicator_->size() > 1 &&
       communicator_->memory() == CommMemory::Host) {
-    const uint32_t hash = static_cast<uint32_t>(
-                              std::hash<std::string>()(
-                                  writeProfile(costModel_->profile()))) &
+    const uint32_t hash = static_cast<uint32_t>(std::hash<std::string>()(
+                              writeProfile(costModel_->profile()))) &
                           0x7fffffffu;
     int32_t values[2] = {static_cast<int32_t>(hash),
                          static_cast<int32_t>(0x7fffffffu - hash)};
@@ -161,9 +159,8 @@ void Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
       capacity_ = capacity;
       const Variant &run = plan_->variants[variant];
       const Step *gate = capacitySource(run).second;
-      capacitySource_ = gate && gate->facts.staticCapacity >= 0
-                            ? "static"
-                            : "previous call";
+      capacitySource_ =
+          gate && gate->facts.staticCapacity >= 0 ? "static" : "previous call";
     }
     forwardBucket_ = bucketOf(capacity);
   }
@@ -215,8 +212,8 @@ Explanation Executor::explain() {
       for (const auto &[key, each] : buckets_[v]) {
         (void)key;
         for (auto [runs, mean, eachRuns, eachMean] :
-             {std::tuple{&m.forwardRuns, &m.forwardMeanMicros,
-                         each.forwardRuns, each.forwardMeanMicros},
+             {std::tuple{&m.forwardRuns, &m.forwardMeanMicros, each.forwardRuns,
+                         each.forwardMeanMicros},
               std::tuple{&m.backwardRuns, &m.backwardMeanMicros,
                          each.backwardRuns, each.backwardMeanMicros}}) {
           if (!eachRuns)
