@@ -301,13 +301,12 @@ Status Executor::create(std::shared_ptr<const Plan> plan,
       const std::vector<std::string> &fromEnv = options.environmentOverrides;
       bool env = std::find(fromEnv.begin(), fromEnv.end(), "FLEX_VARIANT") !=
                  fromEnv.end();
-      return Status(StatusCode::InvalidArgument,
-                    (env ? "FLEX_VARIANT='" : "option variant='") +
-                        options.variant +
-                        "' names no variant of the plan; allowed: " + names +
-                        " or an index below " +
-                        std::to_string(result->plan().variants.size()) +
-                        ", or auto");
+      return Status(
+          StatusCode::InvalidArgument,
+          (env ? "FLEX_VARIANT='" : "option variant='") + options.variant +
+              "' names no variant of the plan; allowed: " + names +
+              " or an index below " +
+              std::to_string(result->plan().variants.size()) + ", or auto");
     }
     result->selected_ = index;
   }
@@ -338,10 +337,9 @@ Status Executor::selectVariant(std::string_view name) {
     std::string names;
     for (const Variant &variant : plan_->variants)
       names += (names.empty() ? "" : ", ") + variant.name;
-    return Status(StatusCode::NotFound, "no variant named '" +
-                                            std::string(name) +
-                                            "'; the plan has: " + names +
-                                            " (or auto)");
+    return Status(StatusCode::NotFound,
+                  "no variant named '" + std::string(name) +
+                      "'; the plan has: " + names + " (or auto)");
   }
   selected_ = index;
   automatic_ = false;
