@@ -8,8 +8,8 @@
 // This file implements `moe-run --calibrate PROFILE.json`: it measures the
 // cost model's device profile on this machine (calibrateCpu; on W MPI ranks
 // the collectives too, every rank taking part) and rank 0 writes it.
-// docs/CostModel.md describes the profile. CUDA calibration is not written
-// yet: --device cuda says so.
+// With --device cuda it measures the current GPU (calibrateCuda, one rank).
+// docs/CostModel.md describes the profile.
 //
 //===----------------------------------------------------------------------===//
 
@@ -48,6 +48,11 @@ void printSummary(const DeviceProfile &profile, const std::string &path,
                 profile.gemm.size(), low / 1e9, high / 1e9,
                 profile.memoryBandwidth / 1e9, profile.launchSeconds * 1e6);
   std::cout << line;
+  if (!profile.driverVersion.empty() || !profile.cudaVersion.empty())
+    std::cout << "  versions   driver " << profile.driverVersion << ", CUDA "
+              << profile.cudaVersion << ", NCCL "
+              << (profile.ncclVersion.empty() ? "-" : profile.ncclVersion)
+              << "\n";
   for (const CollectivePoint &point : profile.collectives) {
     std::snprintf(
         line, sizeof line, "  %-14s W=%lld %s: alpha %.3g us, beta %.3g GB/s\n",
@@ -61,12 +66,32 @@ void printSummary(const DeviceProfile &profile, const std::string &path,
 
 } // namespace
 
+/// `--device cuda`: one GPU (the current one) on one rank.
+static int calibrateCudaCommand(const Options &options) {
+  if (ranks.size > 1)
+    fatal(2, "--calibrate --device cuda measures one GPU: run it on one rank "
+             "(the collectives keep the built-in figures)");
+  CalibrationOptions calibration;
+  calibration.quick = options.quick;
+  DeviceProfile profile;
+  const auto begin = std::chrono::steady_clock::now();
+  if (Status s = calibrateCuda(calibration, profile); !s)
+    fatal(1, "calibration failed: " + s.message());
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
+          .count();
+  if (Status s = writeProfileFile(options.calibrate, profile); !s)
+    fatal(2, s.message());
+  if (options.json)
+    std::cout << writeProfile(profile);
+  else
+    printSummary(profile, options.calibrate, seconds);
+  return 0;
+}
+
 int flex::moerun::calibrateCommand(const Options &options) {
   if (options.device == "cuda")
-    fatal(2, "--calibrate --device cuda is not implemented yet (issue 11: "
-             "GPU calibration comes next); calibrate the CPU backend, or run "
-             "without a profile to use the built-in cuda profile "
-             "(docs/CostModel.md)");
+    return calibrateCudaCommand(options);
   std::shared_ptr<Communicator> comm;
   if (ranks.size > 1) {
     if (!ranks.mpi)

@@ -289,4 +289,11 @@ Status calibrateCpu(const CalibrationOptions &options,
   return Status::ok();
 }
 
+#if !FLEX_HAVE_CUDA
+Status calibrateCuda(const CalibrationOptions &, DeviceProfile &) {
+  return Status(StatusCode::Unavailable,
+                "CUDA calibration: this build has no CUDA backend");
+}
+#endif
+
 } // namespace flex

@@ -149,6 +149,7 @@ void readDocument(const Json &json, DeviceProfile &profile) {
                        "expected calibrated or builtin, got '" + source + "'");
   profile.builtin = source == "builtin";
   profile.created = optionalString(json, "", "created");
+  profile.notes = optionalString(json, "", "notes");
 
   const Json &device = field(json, "", "device");
   expectObject(device, "device");
@@ -279,6 +280,8 @@ std::string writeProfile(const DeviceProfile &profile) {
   json["version"] = kProfileFormatVersion;
   json["source"] = profile.builtin ? "builtin" : "calibrated";
   json["created"] = profile.created;
+  if (!profile.notes.empty())
+    json["notes"] = profile.notes;
   json["device"] = {{"name", profile.deviceName},
                     {"backend", profile.backend},
                     {"driver", profile.driverVersion},

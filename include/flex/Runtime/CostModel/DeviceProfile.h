@@ -78,6 +78,8 @@ struct DeviceProfile {
   int64_t ranksPerNode = 1;
   /// When it was measured (free text, for people).
   std::string created;
+  /// What was measured and what was not (free text, for people; optional).
+  std::string notes;
   /// A built-in conservative profile, not a measurement (the fallback).
   bool builtin = false;
 

@@ -1,0 +1,419 @@
+//===- CalibrateCuda.cpp - Measure the CUDA backend's profile -------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements calibrateCuda: the CUDA kernels' grouped GEMM
+// (cuda::groupedGemm, the executor's own path: cuBLAS strided batches for a
+// padded layout, one GEMM per group for a ragged one) over a grid of shapes,
+// a large device-to-device copy and the cost of one tiny step, all timed
+// with CUDA events after a warm-up, each figure the median of its
+// repetitions. Built only with CUDA (FLEX_HAVE_CUDA); the only part of the
+// cost model that includes the CUDA backend (CheckLayering.cmake).
+//
+// One GPU: the collectives and the slowdown beside an exchange keep the
+// built-in figures (the profile's notes say so).
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/CostModel/Calibrate.h"
+
+#include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Cuda/CudaKernels.h"
+
+#include <cuda_runtime.h>
+#if FLEX_HAVE_NCCL
+#include <nccl.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <tuple>
+#include <vector>
+
+namespace flex {
+
+namespace {
+
+#define FLEX_CAL_CHECK(call, what)                                             \
+  do {                                                                         \
+    if (Status s_ = cuda::checkCuda(static_cast<int>(call), what); !s_)        \
+      return s_;                                                               \
+  } while (0)
+
+/// Device memory freed on scope exit.
+struct DeviceBuffer {
+  void *data = nullptr;
+  ~DeviceBuffer() {
+    if (data)
+      cudaFree(data);
+  }
+};
+
+/// Events timing one queued call each; median seconds.
+class Timer {
+public:
+  explicit Timer(cudaStream_t stream) : stream_(stream) {}
+  ~Timer() {
+    for (cudaEvent_t event : events_)
+      cudaEventDestroy(event);
+  }
+
+  /// Median seconds of one `body` (which queues work on the stream): one
+  /// warm-up call, then `reps` calls queued back to back, each between two
+  /// events (no host wait between calls: eager steady state).
+  Status median(const std::function<Status()> &body, int reps,
+                double &seconds) {
+    if (Status s = ensure(2 * reps); !s)
+      return s;
+    if (Status s = body(); !s)
+      return s;
+    for (int rep = 0; rep < reps; ++rep) {
+      FLEX_CAL_CHECK(cudaEventRecord(events_[2 * rep], stream_), "event");
+      if (Status s = body(); !s)
+        return s;
+      FLEX_CAL_CHECK(cudaEventRecord(events_[2 * rep + 1], stream_), "event");
+    }
+    FLEX_CAL_CHECK(cudaStreamSynchronize(stream_), "calibration sync");
+    std::vector<double> times(reps);
+    for (int rep = 0; rep < reps; ++rep) {
+      float ms = 0;
+      FLEX_CAL_CHECK(
+          cudaEventElapsedTime(&ms, events_[2 * rep], events_[2 * rep + 1]),
+          "event elapsed time");
+      times[rep] = std::max(1e-9, ms * 1e-3);
+    }
+    std::nth_element(times.begin(), times.begin() + reps / 2, times.end());
+    seconds = times[reps / 2];
+    return Status::ok();
+  }
+
+  /// As median, with the repetitions chosen from one probe so that the
+  /// shape takes about `budget` seconds (at least 3, at most `maxReps`).
+  Status adaptive(const std::function<Status()> &body, double budget,
+                  int maxReps, double &seconds) {
+    double probe = 0;
+    if (Status s = median(body, 1, probe); !s)
+      return s;
+    const int reps =
+        std::clamp(static_cast<int>(budget / probe), 3, std::max(3, maxReps));
+    return median(body, reps, seconds);
+  }
+
+private:
+  Status ensure(int count) {
+    while (static_cast<int>(events_.size()) < count) {
+      cudaEvent_t event;
+      FLEX_CAL_CHECK(cudaEventCreate(&event), "event create");
+      events_.push_back(event);
+    }
+    return Status::ok();
+  }
+  cudaStream_t stream_;
+  std::vector<cudaEvent_t> events_;
+};
+
+/// Fills `bytes` of device memory with small random bf16 values (read as
+/// f32, each pair is a finite number of the same size): never zeros, which
+/// can run faster than real data. 64 MiB from the host, then doubled on
+/// the device.
+Status fillRandom(void *data, size_t bytes) {
+  const size_t chunk = std::min<size_t>(bytes, size_t(64) << 20) & ~size_t(3);
+  std::vector<uint16_t> host(chunk / 2);
+  std::mt19937 rng(12345);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (uint16_t &v : host)
+    v = floatToBf16(dist(rng));
+  FLEX_CAL_CHECK(cudaMemcpy(data, host.data(), chunk, cudaMemcpyHostToDevice),
+                 "calibration fill");
+  char *base = static_cast<char *>(data);
+  for (size_t done = chunk; done < bytes;) {
+    const size_t n = std::min(done, bytes - done);
+    FLEX_CAL_CHECK(cudaMemcpy(base + done, base, n, cudaMemcpyDeviceToDevice),
+                   "calibration fill");
+    done += n;
+  }
+  return Status::ok();
+}
+
+/// One GEMM shape of the grid: `groups` groups of [m, k] x [k, n].
+struct Shape {
+  int64_t groups, m, k, n;
+  DType dtype;
+  bool ragged;
+};
+
+/// The grid: total rows M (= groups x rows per group) x square K = N, at 8
+/// and 64 groups, bf16 and f32, padded and ragged. The model keys a point
+/// by (M, N, K, dtype, layout) only, so a point's FLOP/s is the geometric
+/// mean over the group counts. Bounded so f32 (no TF32) stays quick and a
+/// weight tensor stays <= 2 GiB.
+std::vector<Shape> gemmGrid(bool quick) {
+  std::vector<int64_t> totals = {1024, 4096, 16384, 65536, 131072};
+  std::vector<int64_t> sizes = {512, 1024, 2048, 4096, 8192};
+  std::vector<int64_t> groupCounts = {8, 64};
+  if (quick) {
+    totals = {1024, 16384};
+    sizes = {512, 2048};
+  }
+  std::vector<Shape> grid;
+  for (DType dtype : {DType::BF16, DType::F32})
+    for (bool ragged : {false, true})
+      for (int64_t total : totals)
+        for (int64_t size : sizes)
+          for (int64_t groups : groupCounts) {
+            const int64_t m = total / groups;
+            const double volume = double(total) * size * size;
+            const double weightBytes =
+                double(groups) * size * size * dtypeSize(dtype);
+            if (m < 16 || m > 16384 || weightBytes > double(2ll << 30))
+              continue;
+            if (dtype == DType::F32 && volume > double(1ll << 40))
+              continue;
+            grid.push_back({groups, m, size, size, dtype, ragged});
+          }
+  return grid;
+}
+
+/// The rows per group of a ragged layout: skewed (1.5x and 0.5x of the mean,
+/// alternating), as a dropless routing is, the same total.
+std::vector<int32_t> raggedRows(const Shape &shape) {
+  std::vector<int32_t> rows(shape.groups);
+  for (int64_t g = 0; g < shape.groups; ++g)
+    rows[g] = static_cast<int32_t>(g % 2 == 0 ? shape.m + shape.m / 2
+                                              : shape.m - shape.m / 2);
+  if (shape.groups % 2)
+    rows.back() = static_cast<int32_t>(shape.m);
+  return rows;
+}
+
+/// Seconds of one grouped GEMM of `shape` through cuda::groupedGemm.
+Status timeGemm(cuda::KernelContext &ctx, Timer &timer, const Shape &shape,
+                void *a, void *b, void *c, int32_t *segments, double &seconds) {
+  std::vector<int32_t> rows(shape.groups, static_cast<int32_t>(shape.m));
+  if (shape.ragged)
+    rows = raggedRows(shape);
+  std::vector<int32_t> host(2 * shape.groups + 1);
+  for (int64_t g = 0; g < shape.groups; ++g) {
+    host[g + 1] = host[g] + rows[g];
+    host[shape.groups + 1 + g] = rows[g];
+  }
+  FLEX_CAL_CHECK(cudaMemcpy(segments, host.data(),
+                            host.size() * sizeof(int32_t),
+                            cudaMemcpyHostToDevice),
+                 "calibration segments");
+  cuda::ExpertRowSpace space;
+  space.offsets = segments;
+  space.rows = segments + shape.groups + 1;
+  space.experts = shape.groups;
+  space.rowBound = shape.groups * shape.m;
+  space.staticCapacity = shape.ragged ? -1 : shape.m;
+  space.padded = !shape.ragged;
+  // A new routing: the ragged path reads the counts again, once.
+  ++ctx.generation;
+  // About 60 ms per shape; small shapes at most 50 repetitions.
+  return timer.adaptive(
+      [&] {
+        return cuda::groupedGemm(ctx, {a, shape.dtype}, {b, shape.dtype}, {},
+                                 {c, shape.dtype}, shape.k, shape.n, space,
+                                 GroupedGemmOptions{});
+      },
+      0.06, 50, seconds);
+}
+
+/// The GEMM table: one point per (M, N, K, dtype, layout), the geometric
+/// mean of the group counts' FLOP/s.
+Status calibrateGemm(cuda::KernelContext &ctx, Timer &timer, bool quick,
+                     DeviceProfile &profile) {
+  const std::vector<Shape> grid = gemmGrid(quick);
+  size_t aBytes = 0, bBytes = 0, cBytes = 0;
+  for (const Shape &s : grid) {
+    const size_t elem = dtypeSize(s.dtype);
+    const size_t rows = size_t(s.groups) * (s.m + s.m / 2); // ragged bound
+    aBytes = std::max(aBytes, rows * s.k * elem);
+    bBytes = std::max(bBytes, size_t(s.groups) * s.k * s.n * elem);
+    cBytes = std::max(cBytes, rows * s.n * elem);
+  }
+  DeviceBuffer a, b, c, segments;
+  FLEX_CAL_CHECK(cudaMalloc(&a.data, aBytes), "calibration A");
+  FLEX_CAL_CHECK(cudaMalloc(&b.data, bBytes), "calibration B");
+  FLEX_CAL_CHECK(cudaMalloc(&c.data, cBytes), "calibration C");
+  FLEX_CAL_CHECK(cudaMalloc(&segments.data, (2 * 64 + 1) * sizeof(int32_t) * 4),
+                 "calibration segments");
+  if (Status s = fillRandom(a.data, aBytes); !s)
+    return s;
+  if (Status s = fillRandom(b.data, bBytes); !s)
+    return s;
+  using Key = std::tuple<int64_t, int64_t, int64_t, int, bool>;
+  std::map<Key, std::pair<double, int>> logSums; // sum of log FLOP/s, count
+  std::vector<Key> order;
+  for (const Shape &s : grid) {
+    double seconds = 0;
+    if (Status st = timeGemm(ctx, timer, s, a.data, b.data, c.data,
+                             static_cast<int32_t *>(segments.data), seconds);
+        !st)
+      return st;
+    const double flops = 2.0 * s.groups * s.m * s.k * s.n;
+    Key key{s.groups * s.m, s.n, s.k, static_cast<int>(s.dtype), s.ragged};
+    auto [it, fresh] = logSums.try_emplace(key, 0.0, 0);
+    if (fresh)
+      order.push_back(key);
+    it->second.first += std::log(flops / seconds);
+    it->second.second += 1;
+  }
+  for (const Key &key : order) {
+    const auto &[sum, count] = logSums[key];
+    profile.gemm.push_back({std::get<0>(key), std::get<1>(key),
+                            std::get<2>(key),
+                            static_cast<DType>(std::get<3>(key)),
+                            std::get<4>(key), std::exp(sum / count)});
+  }
+  return Status::ok();
+}
+
+/// Copy bandwidth (bytes read plus written, as getStepWork counts them) and
+/// the cost of one tiny step queued back to back (uniform_segments on one
+/// group): what an eager memory-bound step pays besides its bytes.
+Status calibrateMemory(cuda::KernelContext &ctx, Timer &timer, bool quick,
+                       DeviceProfile &profile) {
+  const size_t bytes = quick ? (size_t(64) << 20) : (size_t(1) << 30);
+  DeviceBuffer src, dst, small;
+  FLEX_CAL_CHECK(cudaMalloc(&src.data, bytes), "calibration copy");
+  FLEX_CAL_CHECK(cudaMalloc(&dst.data, bytes), "calibration copy");
+  if (Status s = fillRandom(src.data, bytes); !s)
+    return s;
+  cudaStream_t stream = ctx.stream();
+  double seconds = 0;
+  if (Status s = timer.median(
+          [&] {
+            return cuda::checkCuda(static_cast<int>(cudaMemcpyAsync(
+                                       dst.data, src.data, bytes,
+                                       cudaMemcpyDeviceToDevice, stream)),
+                                   "calibration copy");
+          },
+          quick ? 5 : 11, seconds);
+      !s)
+    return s;
+  profile.memoryBandwidth = 2.0 * double(bytes) / seconds;
+
+  FLEX_CAL_CHECK(cudaMalloc(&small.data, 64), "calibration launch");
+  const int32_t one = 1;
+  FLEX_CAL_CHECK(
+      cudaMemcpy(small.data, &one, sizeof one, cudaMemcpyHostToDevice),
+      "calibration launch");
+  auto *capacity = static_cast<int32_t *>(small.data);
+  const int batch = 200;
+  if (Status s = timer.median(
+          [&]() -> Status {
+            for (int i = 0; i < batch; ++i)
+              if (Status st = cuda::uniformSegments(ctx, capacity, 1, 1, 1, 0,
+                                                    capacity + 4, capacity + 8);
+                  !st)
+                return st;
+            return Status::ok();
+          },
+          quick ? 3 : 7, seconds);
+      !s)
+    return s;
+  profile.launchSeconds = seconds / batch;
+  return Status::ok();
+}
+
+std::string versionText(int version) {
+  // CUDA encodes 1000 * major + 10 * minor.
+  return std::to_string(version / 1000) + "." +
+         std::to_string((version % 1000) / 10);
+}
+
+/// The kernel module's version ("570.86.15") when /proc says it.
+std::string kernelDriverVersion() {
+  std::ifstream in("/proc/driver/nvidia/version");
+  std::string word, previous;
+  while (in >> word) {
+    if (previous == "Module" && !word.empty() &&
+        std::isdigit(static_cast<unsigned char>(word[0])))
+      return word;
+    previous = word;
+  }
+  return "";
+}
+
+std::string utcNow() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return text;
+}
+
+/// Device name and the driver, runtime and NCCL versions.
+Status describeDevice(const CalibrationOptions &options,
+                      DeviceProfile &profile) {
+  int device = 0;
+  FLEX_CAL_CHECK(cudaGetDevice(&device), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  FLEX_CAL_CHECK(cudaGetDeviceProperties(&prop, device),
+                 "cudaGetDeviceProperties");
+  profile.deviceName =
+      options.deviceName.empty() ? std::string(prop.name) : options.deviceName;
+  int driver = 0, runtime = 0;
+  FLEX_CAL_CHECK(cudaDriverGetVersion(&driver), "cudaDriverGetVersion");
+  FLEX_CAL_CHECK(cudaRuntimeGetVersion(&runtime), "cudaRuntimeGetVersion");
+  const std::string module = kernelDriverVersion();
+  profile.driverVersion = (module.empty() ? "" : module + " ") + "(CUDA " +
+                          versionText(driver) + ")";
+  profile.cudaVersion = versionText(runtime);
+#if FLEX_HAVE_NCCL
+  int nccl = 0;
+  if (ncclGetVersion(&nccl) == ncclSuccess)
+    profile.ncclVersion = std::to_string(nccl / 10000) + "." +
+                          std::to_string((nccl / 100) % 100) + "." +
+                          std::to_string(nccl % 100);
+#endif
+  return Status::ok();
+}
+
+} // namespace
+
+Status calibrateCuda(const CalibrationOptions &options,
+                     DeviceProfile &profile) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return Status(StatusCode::Unavailable,
+                  "CUDA calibration: no CUDA device is visible");
+  }
+  // The built-in figures for what one GPU cannot measure.
+  DeviceProfile result = defaultProfile("cuda", 1);
+  result.builtin = false;
+  result.gemm.clear();
+  result.created = utcNow();
+  if (Status s = describeDevice(options, result); !s)
+    return s;
+  std::unique_ptr<cuda::KernelContext> ctx;
+  if (Status s = cuda::KernelContext::create(ctx); !s)
+    return s;
+  Timer timer(ctx->stream());
+  if (Status s = calibrateGemm(*ctx, timer, options.quick, result); !s)
+    return s;
+  if (Status s = calibrateMemory(*ctx, timer, options.quick, result); !s)
+    return s;
+  result.notes =
+      "one GPU: gemm through cuda::groupedGemm (cuBLAS, fp32 accumulation, "
+      "no TF32), each point the geometric mean over 8 and 64 groups (ragged: "
+      "skewed 1.5x/0.5x rows, one GEMM per group); memory a device copy, "
+      "launch a tiny step queued back to back (eager); collectives and "
+      "overlap.compute_slowdown are the built-in figures, not measured";
+  profile = std::move(result);
+  return Status::ok();
+}
+
+} // namespace flex
