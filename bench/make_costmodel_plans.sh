@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The cost model's accuracy benchmark, part 1 (HERE, where the compiler is):
+# writes 32 single-rank MoE layers from a template and compiles each to a
+# plan in bench/costmodel_plans/<name>.json. bench/gpu_costmodel.sh runs them
+# on the GPU against a profile calibrated in the same call
+# (docs/CostModel.md, "The accuracy benchmark"). The layers vary T, d, h, E,
+# k, the capacity (fixed 1.0, 1.25, dropless), the dtype (bf16, a few f32),
+# the expert FFN (relu, gelu, gated SwiGLU) and training or inference; their
+# weights stay modest so each GPU run takes a few seconds.
+# usage: bench/make_costmodel_plans.sh [BUILD_DIR]   (default: build)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+build="${1:-$root/build}"
+opt="$build/bin/moe-opt"
+translate="$build/bin/moe-translate"
+for tool in "$opt" "$translate"; do
+  [[ -x "$tool" ]] || { echo "make_costmodel_plans.sh: $tool not found" >&2; exit 1; }
+done
+out="$root/bench/costmodel_plans"
+rm -rf "$out" && mkdir -p "$out"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+# name T d h E k capacity dtype ffn mode
+layers=(
+  "l01 1024 1024 4096 8 1 fixed:1.0 bf16 relu infer"
+  "l02 1024 1024 4096 8 2 fixed:1.25 bf16 gelu train"
+  "l03 4096 1024 4096 8 2 fixed:1.0 bf16 relu train"
+  "l04 4096 2048 4096 8 2 fixed:1.25 bf16 relu infer"
+  "l05 4096 2048 5632 8 2 dropless bf16 gated train"
+  "l06 16384 1024 4096 8 2 fixed:1.0 bf16 relu train"
+  "l07 16384 2048 4096 8 2 fixed:1.0 bf16 relu infer"
+  "l08 16384 2048 2048 16 1 fixed:1.25 bf16 gelu train"
+  "l09 4096 2048 1408 64 6 fixed:1.0 bf16 relu train"
+  "l10 16384 2048 1408 64 6 fixed:1.0 bf16 relu infer"
+  "l11 4096 1024 1408 64 6 dropless bf16 gated train"
+  "l12 1024 2048 1408 64 6 fixed:1.25 bf16 relu infer"
+  "l13 4096 4096 2048 8 2 fixed:1.0 bf16 relu train"
+  "l14 1024 1024 14336 8 2 dropless bf16 gated infer"
+  "l15 4096 1024 2048 16 2 dropless bf16 relu train"
+  "l16 16384 1024 2048 16 2 dropless bf16 gelu infer"
+  "l17 1024 1024 2048 16 1 dropless bf16 relu train"
+  "l18 4096 2048 2048 16 1 fixed:1.0 bf16 gated train"
+  "l19 16384 1024 1408 64 6 fixed:1.25 bf16 gated train"
+  "l20 4096 3072 3072 8 1 fixed:1.25 bf16 relu infer"
+  "l21 1024 4096 2048 8 2 fixed:1.0 bf16 gelu infer"
+  "l22 16384 1024 4096 8 1 dropless bf16 relu train"
+  "l23 4096 1024 4096 16 2 fixed:1.25 bf16 gated infer"
+  "l24 1024 2048 5632 8 2 fixed:1.0 bf16 relu train"
+  "l25 1024 1024 2048 8 2 fixed:1.0 f32 relu train"
+  "l26 4096 1024 1024 16 2 fixed:1.25 f32 gelu infer"
+  "l27 4096 1024 2048 8 1 dropless f32 gated train"
+  "l28 1024 2048 1408 64 6 fixed:1.0 f32 relu infer"
+  "l29 16384 2048 1408 16 2 fixed:1.0 bf16 relu train"
+  "l30 4096 1024 1408 64 6 fixed:1.25 bf16 gelu infer"
+  "l31 16384 4096 2048 8 2 dropless bf16 gated infer"
+  "l32 1024 1024 1024 64 2 dropless bf16 relu train"
+)
+
+# The layer's .mlir text (see examples/*.mlir): bf16 layers keep an fp32
+# router, as the examples do.
+layer_mlir() { # name T d h E k capacity dtype ffn
+  local name=$1 T=$2 d=$3 h=$4 E=$5 k=$6 cap=$7 dt=$8 ffn=$9
+  local capattr
+  case "$cap" in
+    dropless) capattr="dropless" ;;
+    fixed:*) capattr="fixed ${cap#fixed:}" ;;
+  esac
+  local x="tensor<${T}x${d}x${dt}>" wg="tensor<${d}x${E}xf32>"
+  local w1="tensor<${E}x${d}x${h}x${dt}>" w2="tensor<${E}x${h}x${d}x${dt}>"
+  local head="ffn<$ffn>" up="" upty="" uparg=""
+  if [[ "$ffn" == gated ]]; then
+    head="gated"; up=" up(%w3)"; upty=", $w1"; uparg=", %w3: $w1"
+  fi
+  cat <<MLIR
+// Cost model accuracy layer $name: T $T, d $d, h $h, E $E, top-$k, $ffn, $dt, capacity $cap.
+func.func @$name(%x: $x, %wg: $wg, %w1: $w1, %w2: $w2$uparg)
+    -> ($x, tensor<f32>) {
+  %out, %aux = moe.layer $head %x, %wg, %w1, %w2$up
+      {top_k = $k, capacity = #moe.capacity<$capattr>, normalize}
+      : ($x, $wg, $w1, $w2$upty) -> ($x, tensor<f32>)
+  return %out, %aux : $x, tensor<f32>
+}
+MLIR
+}
+
+for spec in "${layers[@]}"; do
+  read -r name T d h E k cap dt ffn mode <<<"$spec"
+  layer_mlir "$name" "$T" "$d" "$h" "$E" "$k" "$cap" "$dt" "$ffn" > "$tmp/$name.mlir"
+  training=false; [[ $mode == train ]] && training=true
+  plan="$out/$name.$mode.json"
+  "$opt" "$tmp/$name.mlir" --moe-lower-to-plan="training=$training" \
+    | "$translate" --moert-to-plan > "$plan.tmp" \
+    || { echo "make_costmodel_plans.sh: compiling $name failed" >&2; cat "$tmp/$name.mlir" >&2; rm -f "$plan.tmp"; exit 1; }
+  [[ -s "$plan.tmp" ]] || { echo "make_costmodel_plans.sh: empty plan for $name" >&2; exit 1; }
+  mv "$plan.tmp" "$plan"
+  # The layer's shape, for the report.
+  printf '%s\n' "$spec" >> "$out/LAYERS"
+done
+git -C "$root" rev-parse HEAD > "$out/COMPILER_COMMIT" 2>/dev/null || true
+echo "make_costmodel_plans.sh: ${#layers[@]} plans in $out ($(du -sh "$out" | cut -f1))"
