@@ -76,8 +76,8 @@ options:
   --calibrate FILE  measure the cost model's device profile on this machine
                     (GEMM throughput, memory bandwidth, launch cost; under
                     mpirun the collectives' alpha and beta too) and write it
-                    to FILE (docs/CostModel.md); no plan is run. CPU only
-                    for now: --device cuda is not implemented yet
+                    to FILE (docs/CostModel.md); no plan is run. With
+                    --device cuda: the current GPU, one rank
   --quick           with --calibrate: small shapes, a fraction of a second
   --help            this text
   --cuda-devices    (alone) print how many CUDA devices are usable and exit

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""The cost model's accuracy report (bench/gpu_costmodel.sh; docs/CostModel.md,
+"The accuracy benchmark"). Reads the `moe-run --json --explain` output of each
+layer and prints per layer the predicted and measured forward (and backward)
+time of the variant that ran, the relative error (measured - predicted) /
+predicted, per stage predicted vs measured (the measured per-step means
+summed by the model's stage of each op), and the summary: the median and
+90th percentile absolute error of the whole pass (forward, plus backward for
+training plans), and how many layers are within 10%.
+
+usage: costmodel_report.py RUNS_DIR [--profile P] [--layers LAYERS] [--json OUT]
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+
+STAGES = ["gate", "dispatch", "experts", "combine", "collectives"]
+# getCostStage (lib/Runtime/CostModel/CostModel.cpp): op name -> stage.
+GATE = {"router", "gate", "gate_backward", "router_backward", "shard_routing",
+        "shard_routing_backward"}
+DISPATCH = {"dispatch", "dispatch_backward", "uniform_segments"}
+COMBINE = {"combine", "combine_backward"}
+COLLECTIVES = {"all_to_all", "all_gather", "reduce_scatter", "all_reduce",
+               "sync_capacity"}
+
+
+def stage_of(op):
+    if op in COLLECTIVES:
+        return "collectives"
+    if op in GATE:
+        return "gate"
+    if op in DISPATCH:
+        return "dispatch"
+    if op in COMBINE:
+        return "combine"
+    return "experts"
+
+
+def measured_stages(steps):
+    out = {s: 0.0 for s in STAGES}
+    for step in steps or []:
+        out[stage_of(step["op"])] += step["mean_us"]
+    return out
+
+
+def rel(measured, predicted):
+    if not predicted or measured is None:
+        return None
+    return (measured - predicted) / predicted
+
+
+def quantile(values, q):
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def pct(x):
+    return "     -" if x is None else f"{100 * x:+5.0f}%"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs")
+    ap.add_argument("--profile")
+    ap.add_argument("--layers")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    shapes = {}
+    if args.layers and os.path.exists(args.layers):
+        for line in open(args.layers):
+            parts = line.split()
+            if len(parts) == 10:
+                shapes[parts[0]] = " ".join(parts[1:])
+    profile = {}
+    if args.profile and os.path.exists(args.profile):
+        try:
+            profile = json.load(open(args.profile))
+        except Exception as e:  # a corrupt profile is reported, not fatal
+            profile = {"error": str(e)}
+
+    layers, failed = [], []
+    for path in sorted(glob.glob(os.path.join(args.runs, "*.json"))):
+        name = os.path.basename(path)[:-5]
+        try:
+            doc = json.load(open(path))
+        except Exception:
+            failed.append(name)
+            continue
+        explain = doc.get("explain", {})
+        chosen = explain.get("chosen", 0)
+        variant = next((v for v in explain.get("variants", [])
+                        if v.get("index") == chosen), None)
+        if variant is None:
+            failed.append(name)
+            continue
+        entry = {"name": name, "shape": shapes.get(name.split(".")[0], ""),
+                 "variant": doc.get("variant"),
+                 "profile_source": explain.get("profile", {}).get("source"),
+                 "capacity": explain.get("capacity")}
+        total_pred = total_meas = 0.0
+        for pass_name in ("forward", "backward"):
+            if pass_name not in doc:
+                continue
+            meas = doc[pass_name]["median_us"]
+            pred = variant.get(f"predicted_{pass_name}_us")
+            stages_pred = variant.get(f"{pass_name}_stages_us") or {}
+            stages_meas = measured_stages(doc[pass_name].get("steps"))
+            entry[pass_name] = {
+                "predicted_us": pred, "measured_us": meas,
+                "error": rel(meas, pred),
+                "stages": {s: {"predicted_us": stages_pred.get(s),
+                               "measured_us": stages_meas[s],
+                               "error": rel(stages_meas[s], stages_pred.get(s))}
+                           for s in STAGES},
+                "steps": doc[pass_name].get("steps")}
+            total_pred += pred or 0.0
+            total_meas += meas
+        entry["pass"] = {"predicted_us": total_pred, "measured_us": total_meas,
+                         "error": rel(total_meas, total_pred)}
+        layers.append(entry)
+
+    dev = profile.get("device", {})
+    print(f"device profile: {dev.get('name', '?')} driver {dev.get('driver', '?')} "
+          f"CUDA {dev.get('cuda', '?')} NCCL {dev.get('nccl', '') or '-'} "
+          f"({profile.get('source', 'missing')}, {profile.get('created', '')})")
+    if "memory" in profile:
+        m = profile["memory"]
+        print(f"  memory {m['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, launch "
+              f"{m['launch_s'] * 1e6:.2f} us; {len(profile.get('gemm', []))} GEMM points")
+    print()
+    print(f"{'layer':<10} {'T d h E k cap dtype ffn mode':<42} "
+          f"{'fwd pred':>9} {'fwd meas':>9} {'err':>6} "
+          f"{'bwd pred':>9} {'bwd meas':>9} {'err':>6} {'pass err':>8}")
+    for e in layers:
+        f, b = e.get("forward", {}), e.get("backward", {})
+        def us(x):
+            return "        -" if x is None else f"{x:9.1f}"
+        print(f"{e['name']:<10} {e['shape']:<42} {us(f.get('predicted_us'))} "
+              f"{us(f.get('measured_us'))} {pct(f.get('error'))} "
+              f"{us(b.get('predicted_us'))} {us(b.get('measured_us'))} "
+              f"{pct(b.get('error'))} {pct(e['pass']['error']):>8}")
+    print()
+    print("per stage, predicted / measured us (forward; backward for training plans):")
+    for e in layers:
+        for pass_name in ("forward", "backward"):
+            if pass_name not in e:
+                continue
+            cells = []
+            for s in STAGES:
+                st = e[pass_name]["stages"][s]
+                if not st["predicted_us"] and not st["measured_us"]:
+                    continue
+                cells.append(f"{s} {st['predicted_us'] or 0:.0f}/{st['measured_us']:.0f}")
+            print(f"  {e['name']:<10} {pass_name[:3]}  " + ", ".join(cells))
+
+    errors = [abs(e["pass"]["error"]) for e in layers if e["pass"]["error"] is not None]
+    fwd = [abs(e["forward"]["error"]) for e in layers
+           if e.get("forward", {}).get("error") is not None]
+    summary = {
+        "layers": len(layers), "failed": failed,
+        "median_abs_error": statistics.median(errors) if errors else None,
+        "p90_abs_error": quantile(errors, 0.9),
+        "within_10pct": sum(1 for x in errors if x <= 0.10),
+        "forward_median_abs_error": statistics.median(fwd) if fwd else None,
+        "forward_p90_abs_error": quantile(fwd, 0.9),
+        "mean_signed_error": statistics.mean([e["pass"]["error"] for e in layers
+                                              if e["pass"]["error"] is not None])
+        if errors else None,
+    }
+    print()
+    def p(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+    print(f"summary: {summary['layers']} layers ({len(failed)} failed: "
+          f"{', '.join(failed) or 'none'}); whole pass |error| median "
+          f"{p(summary['median_abs_error'])}, p90 {p(summary['p90_abs_error'])}, "
+          f"within 10%: {summary['within_10pct']}/{len(errors)}; forward only: "
+          f"median {p(summary['forward_median_abs_error'])}, p90 "
+          f"{p(summary['forward_p90_abs_error'])}; mean signed error "
+          f"{p(summary['mean_signed_error'])} (+ = slower than predicted)")
+    if args.json:
+        json.dump({"profile": profile, "summary": summary, "layers": layers},
+                  open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

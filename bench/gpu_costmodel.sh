@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The cost model's accuracy benchmark, part 2 (the GPU machine, ONE device
+# call, about 8 minutes on an H100; docs/CostModel.md, "The accuracy
+# benchmark"):
+#   1. build moe-run with CUDA (runtime only: the GPU machine has no MLIR),
+#   2. moe-run --calibrate $OUT/profile.json --device cuda (< 1 minute),
+#   3. every plan of bench/costmodel_plans (bench/make_costmodel_plans.sh
+#      made them here; they are committed, so no carry) with --explain
+#      --json --profile $OUT/profile.json, 20 timed iterations, --train for
+#      the training plans; no new layer starts after DEADLINE s (default 420),
+#   4. bench/costmodel_report.py: predicted vs measured per layer and stage,
+#      the median and 90th percentile absolute error; $OUT/results.json and
+#      $OUT/report.txt. Logs: $OUT/log.txt, $OUT/build.log, $OUT/runs.log.
+set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+OUT="${OUT:-$root/bench/out}"
+BUILD="$root/build-gpu"
+ITERS="${COSTMODEL_ITERS:-20}"
+DEADLINE="${DEADLINE:-420}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+mkdir -p "$OUT/runs"
+exec > >(tee "$OUT/log.txt") 2>&1
+echo "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+echo "commit: ${FLEX_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+
+echo "=== build ($SECONDS s)"
+(cmake -S "$root" -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DFLEX_ENABLE_TESTS=OFF \
+       -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
+ ninja -C "$BUILD" moe-run) > "$OUT/build.log" 2>&1 ||
+  { echo "build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
+run="$BUILD/bin/moe-run"
+
+echo "=== calibrate ($SECONDS s)"
+timeout 120 "$run" --calibrate "$OUT/profile.json" --device cuda ||
+  echo "calibration FAILED: the runs below use the built-in cuda profile"
+
+echo "=== layers ($SECONDS s, no new layer after ${DEADLINE} s)"
+: > "$OUT/runs.log"
+for plan in "$root"/bench/costmodel_plans/*.json; do
+  name="$(basename "$plan" .json)"
+  if (( SECONDS > DEADLINE )); then echo "deadline: skipping $name"; continue; fi
+  extra=(); [[ "$name" == *.train ]] && extra=(--train)
+  start=$SECONDS
+  timeout 60 "$run" "$plan" --device cuda "${extra[@]}" --iters "$ITERS" --json \
+      --explain --profile "$OUT/profile.json" > "$OUT/runs/$name.json" 2> "$OUT/runs/$name.err"
+  rc=$?
+  { echo "### $name rc=$rc"; cat "$OUT/runs/$name.err"; } >> "$OUT/runs.log"
+  echo "$name rc=$rc $((SECONDS - start)) s"
+done
+
+echo "=== report ($SECONDS s)"
+python3 "$root/bench/costmodel_report.py" "$OUT/runs" --profile "$OUT/profile.json" \
+  --layers "$root/bench/costmodel_plans/LAYERS" --json "$OUT/results.json" \
+  | tee "$OUT/report.txt"
+# At most 8 files come back: the per-run JSONs are folded into results.json.
+tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$OUT/runs"
+echo "done in $SECONDS s"
