@@ -211,15 +211,6 @@ std::string cpuModelName() {
   return "cpu";
 }
 
-std::string utcNow() {
-  std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char text[32];
-  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return text;
-}
-
 } // namespace
 
 Status calibrateCpu(const CalibrationOptions &options,
@@ -231,7 +222,7 @@ Status calibrateCpu(const CalibrationOptions &options,
   result.worldSize = communicator ? communicator->size() : 1;
   // Host communicators run their ranks on one host.
   result.ranksPerNode = result.worldSize;
-  result.created = utcNow();
+  result.created = utcTimestamp();
 
   // GEMMs: 4 groups of [m, k] x [k, n]; M in the table counts all rows.
   struct Shape {

@@ -345,15 +345,6 @@ std::string kernelDriverVersion() {
   return "";
 }
 
-std::string utcNow() {
-  std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char text[32];
-  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return text;
-}
-
 /// Device name and the driver, runtime and NCCL versions.
 Status describeDevice(const CalibrationOptions &options,
                       DeviceProfile &profile) {
@@ -395,7 +386,7 @@ Status calibrateCuda(const CalibrationOptions &options,
   DeviceProfile result = defaultProfile("cuda", 1);
   result.builtin = false;
   result.gemm.clear();
-  result.created = utcNow();
+  result.created = utcTimestamp();
   if (Status s = describeDevice(options, result); !s)
     return s;
   std::unique_ptr<cuda::KernelContext> ctx;

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -416,6 +417,15 @@ DeviceProfile loadProfileOrDefault(const std::string &path,
   why = Status(why.code(), why.message() + "; using the built-in " + backend +
                                " profile (docs/CostModel.md)");
   return defaultProfile(backend, expected.worldSize);
+}
+
+std::string utcTimestamp() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return text;
 }
 
 } // namespace flex

@@ -141,6 +141,10 @@ DeviceProfile loadProfileOrDefault(const std::string &path,
                                    const ProfileExpectation &expected,
                                    Status &why);
 
+/// The current UTC time as a profile's `created` field writes it
+/// ("2026-12-06T02:18:55Z").
+std::string utcTimestamp();
+
 } // namespace flex
 
 #endif // FLEX_RUNTIME_COSTMODEL_DEVICEPROFILE_H
