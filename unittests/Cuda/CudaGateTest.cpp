@@ -29,6 +29,7 @@
 
 using namespace flex;
 using flex::cudatest::Buffer;
+using flex::cudatest::CpuGateResult;
 
 namespace {
 
@@ -110,14 +111,7 @@ TEST_P(CudaGateShapes, MatchTheCpuGate) {
   attrs.seed = 5;
   attrs.layout =
       c.batchPrioritized ? DispatchLayout::Ragged : DispatchLayout::Padded;
-  std::vector<float> cScores(T * E), cGates(T * k);
-  std::vector<int32_t> cIndices(T * k), cLocations(T * k), cOffsets(E + 1),
-      cRows(E);
-  int32_t cCapacity = 0;
-  float cLAux = 0;
-  cpu::gate(logits.hostAs<float>(), T, E, attrs,
-            {cScores.data(), cIndices.data(), cLocations.data(), cGates.data(),
-             &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
+  CpuGateResult ref(logits.hostAs<float>(), T, E, k, attrs);
   Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
       locations(DType::I32, T * k), gates(DType::F32, T * k),
       capacity(DType::I32, 1), offsets(DType::I32, E + 1), rows(DType::I32, E),
@@ -141,23 +135,23 @@ TEST_P(CudaGateShapes, MatchTheCpuGate) {
     return std::memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b));
   };
   for (int64_t i = 0; i < T * k; ++i) {
-    ASSERT_EQ(indices.hostAs<int32_t>()[i], cIndices[i]) << "slot " << i;
-    ASSERT_EQ(locations.hostAs<int32_t>()[i], cLocations[i]) << "slot " << i;
-    ASSERT_TRUE(sameFloat(gates.hostAs<float>()[i], cGates[i]))
+    ASSERT_EQ(indices.hostAs<int32_t>()[i], ref.indices[i]) << "slot " << i;
+    ASSERT_EQ(locations.hostAs<int32_t>()[i], ref.locations[i]) << "slot " << i;
+    ASSERT_TRUE(sameFloat(gates.hostAs<float>()[i], ref.gates[i]))
         << "slot " << i << ": " << gates.hostAs<float>()[i] << " vs "
-        << cGates[i];
+        << ref.gates[i];
   }
   for (int64_t i = 0; i < T * E; ++i)
-    ASSERT_TRUE(sameFloat(scores.hostAs<float>()[i], cScores[i]))
+    ASSERT_TRUE(sameFloat(scores.hostAs<float>()[i], ref.scores[i]))
         << "score " << i << ": " << scores.hostAs<float>()[i] << " vs "
-        << cScores[i];
-  ASSERT_EQ(capacity.hostAs<int32_t>()[0], cCapacity);
+        << ref.scores[i];
+  ASSERT_EQ(capacity.hostAs<int32_t>()[0], ref.capacity);
   for (int64_t e = 0; e <= E; ++e)
-    ASSERT_EQ(offsets.hostAs<int32_t>()[e], cOffsets[e]) << "offset " << e;
+    ASSERT_EQ(offsets.hostAs<int32_t>()[e], ref.offsets[e]) << "offset " << e;
   for (int64_t e = 0; e < E; ++e)
-    ASSERT_EQ(rows.hostAs<int32_t>()[e], cRows[e]) << "rows " << e;
+    ASSERT_EQ(rows.hostAs<int32_t>()[e], ref.rows[e]) << "rows " << e;
   // The NaN rows make l_aux NaN on both.
-  EXPECT_TRUE(std::isnan(lAux.hostAs<float>()[0]) && std::isnan(cLAux));
+  EXPECT_TRUE(std::isnan(lAux.hostAs<float>()[0]) && std::isnan(ref.lAux));
 }
 
 /// Without NaN rows l_aux agrees to rounding (fp64 partial sums in another
@@ -176,14 +170,7 @@ TEST_P(CudaGateShapes, AuxLossMatchesTheCpu) {
   attrs.capacityMode = c.mode;
   attrs.batchPrioritized = c.batchPrioritized;
   attrs.noise = c.noise ? 1.0 : 0.0;
-  std::vector<float> cScores(T * E), cGates(T * k);
-  std::vector<int32_t> cIndices(T * k), cLocations(T * k), cOffsets(E + 1),
-      cRows(E);
-  int32_t cCapacity = 0;
-  float cLAux = 0;
-  cpu::gate(logits.hostAs<float>(), T, E, attrs,
-            {cScores.data(), cIndices.data(), cLocations.data(), cGates.data(),
-             &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
+  CpuGateResult ref(logits.hostAs<float>(), T, E, k, attrs);
   Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
       locations(DType::I32, T * k), gates(DType::F32, T * k),
       capacity(DType::I32, 1), offsets(DType::I32, E + 1), rows(DType::I32, E),
@@ -196,9 +183,9 @@ TEST_P(CudaGateShapes, AuxLossMatchesTheCpu) {
                   .isOk());
   lAux.download();
   locations.download();
-  EXPECT_NEAR(lAux.hostAs<float>()[0], cLAux, 1e-6 * std::abs(cLAux));
+  EXPECT_NEAR(lAux.hostAs<float>()[0], ref.lAux, 1e-6 * std::abs(ref.lAux));
   for (int64_t i = 0; i < T * k; ++i)
-    ASSERT_EQ(locations.hostAs<int32_t>()[i], cLocations[i]) << "slot " << i;
+    ASSERT_EQ(locations.hostAs<int32_t>()[i], ref.locations[i]) << "slot " << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaGateShapes,

@@ -32,6 +32,7 @@
 
 using namespace flex;
 using flex::cudatest::Buffer;
+using flex::cudatest::CpuGateResult;
 
 namespace {
 
@@ -63,8 +64,8 @@ std::vector<Case> allCases() {
   for (DType dtype : {DType::F32, DType::BF16, DType::F16})
     for (DispatchLayout layout :
          {DispatchLayout::Padded, DispatchLayout::Ragged})
-      for (CapacityMode mode : {CapacityMode::Fixed, CapacityMode::Dropless,
-                                CapacityMode::Bounded})
+      for (CapacityMode mode :
+           {CapacityMode::Fixed, CapacityMode::Dropless, CapacityMode::Bounded})
         for (bool bp : {false, true}) {
           Case c{dtype,
                  layout,
@@ -158,20 +159,13 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
       c.layout == DispatchLayout::Padded && c.mode == CapacityMode::Fixed;
 
   // --- gate ---
-  std::vector<float> cScores(T * E), cGates(T * k);
-  std::vector<int32_t> cIndices(T * k), cLocations(T * k), cOffsets(E + 1),
-      cRows(E);
-  int32_t cCapacity = 0;
-  float cLAux = 0;
-  cpu::gate(logits.hostAs<float>(), T, E, attrs,
-            {cScores.data(), cIndices.data(), cLocations.data(), cGates.data(),
-             &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
+  CpuGateResult ref(logits.hostAs<float>(), T, E, k, attrs);
   Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
       locations(DType::I32, T * k), gates(DType::F32, T * k),
       capacity(DType::I32, 1), offsets(DType::I32, E + 1),
       rowsBuf(DType::I32, E), lAux(DType::F32, 1);
-  for (Buffer *b : {&scores, &indices, &locations, &gates, &capacity,
-                    &offsets, &rowsBuf, &lAux})
+  for (Buffer *b : {&scores, &indices, &locations, &gates, &capacity, &offsets,
+                    &rowsBuf, &lAux})
     b->poison();
   status = cuda::gate(*ctx, logits.as<float>(), T, E, attrs,
                       {scores.as<float>(), indices.as<int32_t>(),
@@ -179,32 +173,32 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
                        capacity.as<int32_t>(), offsets.as<int32_t>(),
                        rowsBuf.as<int32_t>(), lAux.as<float>()});
   ASSERT_TRUE(status.isOk()) << status.message();
-  for (Buffer *b : {&scores, &indices, &locations, &gates, &capacity,
-                    &offsets, &rowsBuf, &lAux})
+  for (Buffer *b : {&scores, &indices, &locations, &gates, &capacity, &offsets,
+                    &rowsBuf, &lAux})
     b->download();
   for (int64_t i = 0; i < T * k; ++i) {
-    ASSERT_EQ(indices.hostAs<int32_t>()[i], cIndices[i]) << "slot " << i;
-    ASSERT_EQ(locations.hostAs<int32_t>()[i], cLocations[i]) << "slot " << i;
-    EXPECT_EQ(gates.hostAs<float>()[i], cGates[i]) << "slot " << i;
+    ASSERT_EQ(indices.hostAs<int32_t>()[i], ref.indices[i]) << "slot " << i;
+    ASSERT_EQ(locations.hostAs<int32_t>()[i], ref.locations[i]) << "slot " << i;
+    EXPECT_EQ(gates.hostAs<float>()[i], ref.gates[i]) << "slot " << i;
   }
   for (int64_t i = 0; i < T * E; ++i)
-    ASSERT_EQ(scores.hostAs<float>()[i], cScores[i]) << "score " << i;
-  ASSERT_EQ(capacity.hostAs<int32_t>()[0], cCapacity);
+    ASSERT_EQ(scores.hostAs<float>()[i], ref.scores[i]) << "score " << i;
+  ASSERT_EQ(capacity.hostAs<int32_t>()[0], ref.capacity);
   for (int64_t e = 0; e <= E; ++e)
-    ASSERT_EQ(offsets.hostAs<int32_t>()[e], cOffsets[e]) << "offset " << e;
+    ASSERT_EQ(offsets.hostAs<int32_t>()[e], ref.offsets[e]) << "offset " << e;
   for (int64_t e = 0; e < E; ++e)
-    ASSERT_EQ(rowsBuf.hostAs<int32_t>()[e], cRows[e]) << "rows " << e;
-  EXPECT_NEAR(lAux.hostAs<float>()[0], cLAux, 1e-6 * std::abs(cLAux));
+    ASSERT_EQ(rowsBuf.hostAs<int32_t>()[e], ref.rows[e]) << "rows " << e;
+  EXPECT_NEAR(lAux.hostAs<float>()[0], ref.lAux, 1e-6 * std::abs(ref.lAux));
   if (isStatic) {
-    ASSERT_EQ(cCapacity, fixedC);
+    ASSERT_EQ(ref.capacity, fixedC);
   }
 
-  Routing cpuRouting{cIndices.data(),
-                     cLocations.data(),
-                     cGates.data(),
-                     &cCapacity,
-                     cOffsets.data(),
-                     cRows.data(),
+  Routing cpuRouting{ref.indices.data(),
+                     ref.locations.data(),
+                     ref.gates.data(),
+                     &ref.capacity,
+                     ref.offsets.data(),
+                     ref.rows.data(),
                      T,
                      k,
                      E};
@@ -226,12 +220,12 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   space.staticCapacity = isStatic ? fixedC : -1;
   std::vector<int64_t> validRows;
   for (int64_t e = 0; e < E; ++e)
-    for (int64_t r = 0; r < cRows[e]; ++r)
-      validRows.push_back(cOffsets[e] + r);
+    for (int64_t r = 0; r < ref.rows[e]; ++r)
+      validRows.push_back(ref.offsets[e] + r);
   std::vector<int64_t> paddingRows;
   if (isStatic)
     for (int64_t e = 0; e < E; ++e)
-      for (int64_t r = cRows[e]; r < fixedC; ++r)
+      for (int64_t r = ref.rows[e]; r < fixedC; ++r)
         paddingRows.push_back(e * fixedC + r);
 
   // A typed pair: `cpu` for the CPU kernel (host memory), `gpu` poisoned.
@@ -361,13 +355,13 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   dgrad.transB = true;
   cpu::groupedGemm(gradY.cr(), w2.cr(), {}, gradHid.cw(), d, h, segments,
                    dgrad);
-  ASSERT_TRUE(cuda::groupedGemm(*ctx, gradY.gr(), w2.gr(), {}, gradHid.gw(),
-                                d, h, space, dgrad)
+  ASSERT_TRUE(cuda::groupedGemm(*ctx, gradY.gr(), w2.gr(), {}, gradHid.gw(), d,
+                                h, space, dgrad)
                   .isOk());
   expectRows(gradHid, validRows, h, tol, "grouped_gemm transB");
   Pair gradPre(dt, R * h);
-  cpu::activationBackward(hidPre.cr(), gradHid.cr(), gradPre.cw(), h,
-                          segments, c.act);
+  cpu::activationBackward(hidPre.cr(), gradHid.cr(), gradPre.cw(), h, segments,
+                          c.act);
   ASSERT_TRUE(cuda::activationBackward(*ctx, hidPre.gr(), gradHid.gr(),
                                        gradPre.gw(), h, space, c.act)
                   .isOk());
@@ -389,12 +383,12 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   GroupedGemmOptions dgrad1 = dgrad;
   cpu::groupedGemm(gradPre.cr(), w1.cr(), {}, gradDisp.cw(), h, d, segments,
                    dgrad1);
-  ASSERT_TRUE(cuda::groupedGemm(*ctx, gradPre.gr(), w1.gr(), {},
-                                gradDisp.gw(), h, d, space, dgrad1)
+  ASSERT_TRUE(cuda::groupedGemm(*ctx, gradPre.gr(), w1.gr(), {}, gradDisp.gw(),
+                                h, d, space, dgrad1)
                   .isOk());
   dgrad1.accumulate = true;
-  cpu::groupedGemm(gradGateIn.cr(), w1.cr(), {}, gradDisp.cw(), h, d,
-                   segments, dgrad1);
+  cpu::groupedGemm(gradGateIn.cr(), w1.cr(), {}, gradDisp.cw(), h, d, segments,
+                   dgrad1);
   ASSERT_TRUE(cuda::groupedGemm(*ctx, gradGateIn.gr(), w1.gr(), {},
                                 gradDisp.gw(), h, d, space, dgrad1)
                   .isOk());
@@ -415,7 +409,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   Pair gradLogits(DType::F32, T * E);
   GateBackwardAttrs backAttrs{c.k, true};
   cpu::gateBackward(gradGates.cpu.hostAs<float>(), gradLAux.hostAs<float>(),
-                    cScores.data(), cpuRouting, backAttrs,
+                    ref.scores.data(), cpuRouting, backAttrs,
                     gradLogits.cpu.hostAs<float>());
   ASSERT_TRUE(cuda::gateBackward(*ctx, gradGatesIn.as<float>(),
                                  gradLAux.as<float>(), scores.as<float>(),
@@ -430,9 +424,9 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
     Pair wg = input(wt, d * E, 1.0 / std::sqrt(d));
     Pair logitsOut(DType::F32, T * E);
     cpu::router(x.cr(), wg.cr(), logitsOut.cpu.hostAs<float>(), T, d, E);
-    ASSERT_TRUE(cuda::router(*ctx, x.gr(), wg.gr(),
-                             logitsOut.gpu.as<float>(), T, d, E)
-                    .isOk());
+    ASSERT_TRUE(
+        cuda::router(*ctx, x.gr(), wg.gr(), logitsOut.gpu.as<float>(), T, d, E)
+            .isOk());
     expectRows(logitsOut, allRows(T * E), 1, 1e-5, "router");
     Pair gradXRouter = input(dt, T * d, 1.0); // accumulated into
     Pair gradWg(wt, d * E);
@@ -450,8 +444,7 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllCases, CudaKernels,
-                         ::testing::ValuesIn(allCases()),
+INSTANTIATE_TEST_SUITE_P(AllCases, CudaKernels, ::testing::ValuesIn(allCases()),
                          [](const ::testing::TestParamInfo<Case> &info) {
                            return info.param.name();
                          });
@@ -484,8 +477,8 @@ TEST(CudaGate, NaNLogitsRouteLikeTheCpu) {
              &cCapacity, cOffsets.data(), cRows.data(), &cLAux});
   Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
       locations(DType::I32, T * k), gates(DType::F32, T * k),
-      capacity(DType::I32, 1), offsets(DType::I32, E + 1),
-      rows(DType::I32, E), lAux(DType::F32, 1);
+      capacity(DType::I32, 1), offsets(DType::I32, E + 1), rows(DType::I32, E),
+      lAux(DType::F32, 1);
   ASSERT_TRUE(cuda::gate(*ctx, logits.as<float>(), T, E, attrs,
                          {scores.as<float>(), indices.as<int32_t>(),
                           locations.as<int32_t>(), gates.as<float>(),
@@ -577,8 +570,7 @@ TEST(CudaShardRouting, MatchesTheCpuKernels) {
   g.locations[4] = 1 << 20;
   g.gates[7] = std::numeric_limits<float>::quiet_NaN();
   Buffer indices(DType::I32, T * k), locations(DType::I32, T * k),
-      gates(DType::F32, T * k), capacity(DType::I32, 1),
-      rows(DType::I32, E);
+      gates(DType::F32, T * k), capacity(DType::I32, 1), rows(DType::I32, E);
   std::memcpy(indices.host.data(), g.indices.data(), 4 * T * k);
   std::memcpy(locations.host.data(), g.locations.data(), 4 * T * k);
   std::memcpy(gates.host.data(), g.gates.data(), 4 * T * k);
@@ -617,8 +609,7 @@ TEST(CudaShardRouting, MatchesTheCpuKernels) {
       b->download();
     for (int64_t i = 0; i < T * K; ++i) {
       ASSERT_EQ(vIndices.hostAs<int32_t>()[i], cIndices[i]) << "slot " << i;
-      ASSERT_EQ(vLocations.hostAs<int32_t>()[i], cLocations[i])
-          << "slot " << i;
+      ASSERT_EQ(vLocations.hostAs<int32_t>()[i], cLocations[i]) << "slot " << i;
       ASSERT_TRUE(sameBits(vGates.hostAs<float>()[i], cGates[i]))
           << "slot " << i;
     }
@@ -633,8 +624,7 @@ TEST(CudaShardRouting, MatchesTheCpuKernels) {
     shardGrad.set(gradValues);
     grad.poison();
     std::vector<float> cGrad(T * k);
-    cpu::shardRoutingBackward(shardGrad.hostAs<float>(), T, k, s,
-                              cGrad.data());
+    cpu::shardRoutingBackward(shardGrad.hostAs<float>(), T, k, s, cGrad.data());
     status = cuda::shardRoutingBackward(*ctx, shardGrad.as<float>(), T, k, s,
                                         grad.as<float>());
     ASSERT_TRUE(status.isOk()) << status.message();
@@ -723,8 +713,7 @@ TEST(CudaShardRouting, VirtualExpertsDispatchAndCombineLikeTheCpu) {
                {cOut.data(), DType::F32});
   cpu::combineBackward({gradOut.host.data(), DType::F32},
                        {expertOut.host.data(), DType::F32}, d, cpuRouting,
-                       {cGradExpertOut.data(), DType::F32},
-                       cGradGates.data());
+                       {cGradExpertOut.data(), DType::F32}, cGradGates.data());
 
   for (bool isStatic : {true, false}) {
     SCOPED_TRACE(isStatic ? "static" : "padded, C on the device");
@@ -745,11 +734,10 @@ TEST(CudaShardRouting, VirtualExpertsDispatchAndCombineLikeTheCpu) {
     ASSERT_TRUE(cuda::combine(*ctx, {expertOut.device, DType::F32}, d,
                               gpuRouting, {out.device, DType::F32})
                     .isOk());
-    ASSERT_TRUE(cuda::combineBackward(*ctx, {gradOut.device, DType::F32},
-                                      {expertOut.device, DType::F32}, d,
-                                      gpuRouting, space,
-                                      {gradExpertOut.device, DType::F32},
-                                      gradGates.as<float>())
+    ASSERT_TRUE(cuda::combineBackward(
+                    *ctx, {gradOut.device, DType::F32},
+                    {expertOut.device, DType::F32}, d, gpuRouting, space,
+                    {gradExpertOut.device, DType::F32}, gradGates.as<float>())
                     .isOk());
     for (Buffer *b : {&dispatched, &out, &gradExpertOut, &gradGates})
       b->download();
@@ -812,13 +800,13 @@ TEST(CudaGroupedGemm, BiasScaleMatchesTheCpu) {
         options.epilogue = Epilogue::Gelu;
         options.biasScale = scale;
         cpu::groupedGemm({a.host.data(), dt}, {b.host.data(), dt},
-                         {bias.host.data(), dt}, {cWant.host.data(), dt}, K,
-                         N, segments, options, {preWant.host.data(), dt});
+                         {bias.host.data(), dt}, {cWant.host.data(), dt}, K, N,
+                         segments, options, {preWant.host.data(), dt});
         GroupedGemmOptions unscaled = options;
         unscaled.biasScale = 1.0f;
         cpu::groupedGemm({a.host.data(), dt}, {b.host.data(), dt},
-                         {bias.host.data(), dt}, {cUnscaled.host.data(), dt},
-                         K, N, segments, unscaled);
+                         {bias.host.data(), dt}, {cUnscaled.host.data(), dt}, K,
+                         N, segments, unscaled);
         cuda::ExpertRowSpace space;
         space.offsets = dOffsets.as<int32_t>();
         space.rows = dRows.as<int32_t>();
@@ -829,9 +817,9 @@ TEST(CudaGroupedGemm, BiasScaleMatchesTheCpu) {
         Buffer c(dt, R * N), pre(dt, R * N);
         c.poison();
         pre.poison();
-        Status status = cuda::groupedGemm(
-            *ctx, {a.device, dt}, {b.device, dt}, {bias.device, dt},
-            {c.device, dt}, K, N, space, options, {pre.device, dt});
+        Status status = cuda::groupedGemm(*ctx, {a.device, dt}, {b.device, dt},
+                                          {bias.device, dt}, {c.device, dt}, K,
+                                          N, space, options, {pre.device, dt});
         ASSERT_TRUE(status.isOk()) << status.message();
         c.download();
         pre.download();
@@ -853,10 +841,9 @@ TEST(CudaGroupedGemm, BiasScaleMatchesTheCpu) {
       bias(DType::F32, E * N), c(DType::F32, R * N);
   GroupedGemmOptions bad;
   bad.biasScale = 0.0f;
-  Status status =
-      cuda::groupedGemm(*ctx, {a.device, DType::F32}, {b.device, DType::F32},
-                        {bias.device, DType::F32}, {c.device, DType::F32}, K,
-                        N, space, bad);
+  Status status = cuda::groupedGemm(
+      *ctx, {a.device, DType::F32}, {b.device, DType::F32},
+      {bias.device, DType::F32}, {c.device, DType::F32}, K, N, space, bad);
   EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
   EXPECT_NE(status.message().find("bias_scale"), std::string::npos)
       << status.message();

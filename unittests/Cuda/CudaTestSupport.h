@@ -16,6 +16,7 @@
 #include "MultiRankTestSupport.h"
 #include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Core/LayerConfig.h"
+#include "flex/Runtime/Cpu/CpuKernels.h"
 #include "flex/Runtime/Cuda/CudaBackend.h"
 
 #include <cuda_runtime.h>
@@ -77,20 +78,40 @@ struct Buffer {
     upload();
   }
   void upload() {
-    EXPECT_EQ(cudaMemcpy(device, host.data(), host.size(),
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
+    EXPECT_EQ(
+        cudaMemcpy(device, host.data(), host.size(), cudaMemcpyHostToDevice),
+        cudaSuccess);
   }
   /// Device to host (waits for the device).
   void download() {
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(host.data(), device, host.size(),
-                         cudaMemcpyDeviceToHost),
-              cudaSuccess);
+    EXPECT_EQ(
+        cudaMemcpy(host.data(), device, host.size(), cudaMemcpyDeviceToHost),
+        cudaSuccess);
   }
   double at(size_t i) const { return loadValue(host, type, i); }
   template <typename T> T *as() { return static_cast<T *>(device); }
-  template <typename T> T *hostAs() { return reinterpret_cast<T *>(host.data()); }
+  template <typename T> T *hostAs() {
+    return reinterpret_cast<T *>(host.data());
+  }
+};
+
+/// The CPU gate's outputs for `logits` [T, E]: the reference the CUDA gate
+/// tests compare with.
+struct CpuGateResult {
+  std::vector<float> scores, gates;
+  std::vector<int32_t> indices, locations, offsets, rows;
+  int32_t capacity = 0;
+  float lAux = 0;
+
+  CpuGateResult(const float *logits, int64_t T, int64_t E, int64_t k,
+                const GateAttrs &attrs)
+      : scores(T * E), gates(T * k), indices(T * k), locations(T * k),
+        offsets(E + 1), rows(E) {
+    cpu::gate(logits, T, E, attrs,
+              {scores.data(), indices.data(), locations.data(), gates.data(),
+               &capacity, offsets.data(), rows.data(), &lAux});
+  }
 };
 
 } // namespace flex::cudatest
