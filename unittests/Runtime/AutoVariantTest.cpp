@@ -175,16 +175,7 @@ Explanation runAutoOnRanks(const std::string &planName,
   RankInputs drawn;
   EXPECT_TRUE(makeRankInputs(plan->layer, refOptions, W, rng, drawn));
   const double gradLAux = 0.5;
-  std::vector<RankBuffers> buffers(W);
-  for (int r = 0; r < W; ++r) {
-    buffers[r].init(*plan);
-    auto slice = [&](const char *, const std::vector<double> &global) {
-      return expertSlice(global, r, W);
-    };
-    for (const auto &[name, values] :
-         rankArgumentValues(drawn, r, gradLAux, slice))
-      buffers[r].set(name, values);
-  }
+  std::vector<RankBuffers> buffers = makeRankBuffers(*plan, drawn, gradLAux);
   auto comms = localRanks(W);
   std::vector<Status> results(W);
   std::vector<std::vector<int64_t>> ran(W);

@@ -243,8 +243,9 @@ TEST(LocalCommunicator, SplitIntoGroupsOfRanks) {
         float send[2] = {float(me), float(10 * me)}, recv = -1;
         check(group->reduceScatterSum(send, &recv, 1, DType::F32, "rs").isOk(),
               "rs");
-        float want = group->rank() == 0 ? float(2 * base + groups.stride)
-                                        : float(10 * (2 * base + groups.stride));
+        float want = group->rank() == 0
+                         ? float(2 * base + groups.stride)
+                         : float(10 * (2 * base + groups.stride));
         check(recv == want, "sum " + std::to_string(recv));
         int64_t offsets[2] = {0, 1}, bytes[2] = {1, 1};
         uint8_t out[2] = {uint8_t(me * 2), uint8_t(me * 2 + 1)}, in[2] = {};
@@ -642,16 +643,7 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
     ASSERT_TRUE(makeRankInputs(config, refOptions, W, rng, drawn));
     const double gradLAux = 0.5;
 
-    std::vector<RankBuffers> buffers(W);
-    for (int r = 0; r < W; ++r) {
-      buffers[r].init(*plan);
-      auto slice = [&](const char *, const std::vector<double> &global) {
-        return expertSlice(global, r, W);
-      };
-      for (const auto &[name, values] :
-           rankArgumentValues(drawn, r, gradLAux, slice))
-        buffers[r].set(name, values);
-    }
+    std::vector<RankBuffers> buffers = makeRankBuffers(*plan, drawn, gradLAux);
     auto ranks = localRanks(W);
     std::vector<Status> results(W);
     onRanks(W, [&](int r) {

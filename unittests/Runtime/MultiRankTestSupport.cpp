@@ -233,4 +233,24 @@ void expectRejectedAfterEdit(
   EXPECT_THAT(status.message(), ::testing::HasSubstr(what));
 }
 
+std::vector<RankBuffers>
+makeRankBuffers(const Plan &plan, const RankInputs &inputs, double gradLAux,
+                const std::function<ExpertSliceFn(int r)> &sliceFor) {
+  const int W = static_cast<int>(plan.worldSize);
+  std::vector<RankBuffers> buffers(W);
+  for (int r = 0; r < W; ++r) {
+    buffers[r].init(plan);
+    ExpertSliceFn slice =
+        sliceFor ? sliceFor(r)
+                 : ExpertSliceFn(
+                       [r, W](const char *, const std::vector<double> &global) {
+                         return expertSlice(global, r, W);
+                       });
+    for (const auto &[name, values] :
+         rankArgumentValues(inputs, r, gradLAux, slice))
+      buffers[r].set(name, values);
+  }
+  return buffers;
+}
+
 } // namespace flex::test

@@ -143,6 +143,12 @@ std::map<std::string, std::vector<double>>
 rankArgumentValues(const RankInputs &inputs, int r, double gradLAux,
                    const ExpertSliceFn &slice);
 
+/// Every rank's buffers for `plan`, holding its input arguments; rank r's
+/// expert parameters through `sliceFor(r)`, or expertSlice when none given.
+std::vector<RankBuffers>
+makeRankBuffers(const Plan &plan, const RankInputs &inputs, double gradLAux,
+                const std::function<ExpertSliceFn(int r)> &sliceFor = {});
+
 //===----------------------------------------------------------------------===//
 // Executors on CPU ranks
 //===----------------------------------------------------------------------===//

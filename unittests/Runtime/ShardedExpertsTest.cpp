@@ -390,17 +390,13 @@ TEST_P(ShardedRun, EveryVariantMatchesTheReferenceAndSwitchingIsFree) {
   RankInputs drawn;
   ASSERT_TRUE(makeRankInputs(config, refOptions, W, rng, drawn));
   const double gradLAux = 0.5;
-  std::vector<RankBuffers> buffers(W);
-  for (int r = 0; r < W; ++r) {
-    buffers[r].init(*plan);
-    // Rank r's shard of expert r / s.
-    auto slice = [&](const char *name, const std::vector<double> &global) {
-      return sliceExpertParameter(config, W, r, name, global);
-    };
-    for (const auto &[name, values] :
-         rankArgumentValues(drawn, r, gradLAux, slice))
-      buffers[r].set(name, values);
-  }
+  // Rank r's shard of expert r / s.
+  std::vector<RankBuffers> buffers =
+      makeRankBuffers(*plan, drawn, gradLAux, [&](int r) -> ExpertSliceFn {
+        return [&, r](const char *name, const std::vector<double> &global) {
+          return sliceExpertParameter(config, W, r, name, global);
+        };
+      });
   std::vector<std::map<std::string, std::vector<uint8_t>>> inputsBefore(W);
   for (int r = 0; r < W; ++r)
     for (const Argument &a : plan->arguments)
