@@ -1,0 +1,281 @@
+# ===- _ops.py - The layer's forward and backward as torch.library ops ---=== #
+#
+# Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+#
+# ===----------------------------------------------------------------------=== #
+#
+# This file defines flexmoe::moe_forward and flexmoe::moe_backward
+# (torch.library.custom_op) with fake kernels and registered autograd, so
+# torch.compile(fullgraph=True) traces the layer and opcheck passes.
+#
+# - Tensors are bound by data_ptr: the caller's contiguous tensors are read
+#   in place, never copied; outputs, gradients and the workspace come from
+#   torch.empty on the inputs' device (torch's caching allocator on CUDA).
+# - The forward's workspace (the plan's bytes plus room to align them) holds
+#   its saved state. The forward returns a zero-element view of it; autograd
+#   saves the view (keeping the memory alive) and the backward hands it
+#   back, so each forward's state travels with its own graph and several
+#   forwards may be in flight. The backward writes scratch past the view's
+#   (empty) extent, where nothing else reads, so both ops are declared
+#   functional (docs/Python.md, "Forwards in flight").
+# - CUDA: the pass is queued on torch.cuda.current_stream() with timing off
+#   (no synchronization per call).
+# - The op's first argument is the layer key: the JSON of the LayerSpec and
+#   the communicator's name. It is a constant to torch.compile, so a new
+#   token count traces (and compiles) a new plan.
+#
+# ===----------------------------------------------------------------------=== #
+
+import functools
+import json
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import _compiler, _runtime
+from ._compiler import LayerSpec, capacity_mode
+
+# Tests set this: outputs and gradients are filled with NaN before the run,
+# so an element the library does not write cannot pass.
+POISON_OUTPUTS = False
+
+TORCH_DTYPES = {
+    "f32": torch.float32,
+    "bf16": torch.bfloat16,
+    "f16": torch.float16,
+    "i32": torch.int32
+}
+
+# Communicators by name (the layer's process group), set by
+# flexmoe.distributed; "" is one rank.
+communicators = {}
+
+
+# The fields of a LayerSpec a call chooses; the others are the layer's.
+CALL_FIELDS = ("tokens", "training", "top_k", "capacity_factor",
+               "gate_noise")
+
+
+def static_key(spec):
+    """The part of a layer key fixed at construction: JSON of the spec's
+    other fields."""
+    fields = json.loads(spec.key())
+    for name in CALL_FIELDS + ("capacity_mode",):
+        fields.pop(name)
+    return json.dumps(fields, sort_keys=True)
+
+
+def call_key(static, group, tokens, training, top_k, capacity_factor,
+             gate_noise):
+    """The op's key: plain string formatting, which torch.compile traces as
+    a constant. `capacity_factor` is Tutel's (0 dropless, < 0 bounded)."""
+    return (f"{static}|{group}|{tokens}|{int(training)}|{top_k}|"
+            f"{float(capacity_factor)}|{float(gate_noise)}")
+
+
+def make_key(spec, group=""):
+    factor = {"fixed": spec.capacity_factor, "dropless": 0.0,
+              "bounded": -spec.capacity_factor}[spec.capacity_mode]
+    return call_key(static_key(spec), group, spec.tokens, spec.training,
+                    spec.top_k, factor, spec.gate_noise)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_key(key):
+    static, group, tokens, training, top_k, factor, noise = key.split("|")
+    fields = json.loads(static)
+    fields["variants"] = tuple(fields["variants"])
+    mode, factor = capacity_mode(float(factor))
+    spec = LayerSpec(tokens=int(tokens), training=training == "1",
+                     top_k=int(top_k), capacity_mode=mode,
+                     capacity_factor=factor, gate_noise=float(noise),
+                     **fields)
+    return spec, group
+
+
+def _device_key(device):
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return ("cuda", device.index if device.index is not None else
+                torch.cuda.current_device())
+    raise ValueError(f"flexmoe runs on cpu and cuda tensors, got {device}")
+
+
+def _workspace_size(plan):
+    # Room to align: torch's CPU allocator aligns to 64 bytes, plans ask for
+    # up to 256.
+    return plan.workspace_bytes + plan.workspace_alignment
+
+
+def _aligned(workspace, plan):
+    """The plan's workspace in `workspace`'s memory: its storage's first
+    address aligned to the plan's alignment (the same for the forward's
+    tensor and the zero-element view of it the backward gets)."""
+    storage = workspace.untyped_storage()
+    if storage.nbytes() < _workspace_size(plan):
+        raise RuntimeError(
+            f"flexmoe: the saved state holds {storage.nbytes()} bytes, the "
+            f"plan's workspace needs {_workspace_size(plan)}; pass the third "
+            f"output of the forward op to the backward op unchanged")
+    address = storage.data_ptr()
+    align = plan.workspace_alignment
+    return (address + align - 1) // align * align
+
+
+def _stream(device):
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return None
+
+
+def _new(shape, dtype, device):
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and dtype.is_floating_point:
+        t.fill_(float("nan"))
+    return t
+
+
+def _check_arg(plan, name, tensor):
+    arg = plan.arguments.get(name)
+    if arg is None:
+        raise ValueError(f"flexmoe: the layer's plan has no argument "
+                         f"'{name}', but a tensor was given for it")
+    shape = list(tensor.shape) if tensor.dim() else [1]
+    dtype = TORCH_DTYPES[arg["dtype"]]
+    if shape != arg["shape"] or tensor.dtype != dtype:
+        raise ValueError(
+            f"flexmoe: '{name}' must be {dtype} of shape {arg['shape']} "
+            f"(docs/PlanFormat.md, Arguments), got {tensor.dtype} of shape "
+            f"{list(tensor.shape)}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"flexmoe: '{name}' must be contiguous; call "
+                         f".contiguous() first (flexmoe binds tensors "
+                         f"in place, without copies)")
+
+
+def _bind(plan, named):
+    """(name, address, bytes) of each tensor, checked against the plan."""
+    out = []
+    for name, tensor in named:
+        if tensor is None:
+            continue
+        _check_arg(plan, name, tensor)
+        out.append((name, tensor.data_ptr(),
+                    tensor.numel() * tensor.element_size()))
+    return out
+
+
+def _params(wg, w1, w2, w3, b1, b2):
+    return [("wg", wg), ("w1", w1), ("w2", w2), ("w3", w3), ("b1", b1),
+            ("b2", b2)]
+
+
+def _runner(key, device):
+    spec, group = _parse_key(key)
+    plan = _compiler.plans.get(spec)
+    comm = communicators.get(group) if group else None
+    if group and comm is None:
+        raise RuntimeError(f"flexmoe: no communicator for process group "
+                           f"'{group}' in this process")
+    return plan, _runtime.runner(plan, _device_key(device), comm)
+
+
+@torch.library.custom_op("flexmoe::moe_forward", mutates_args=())
+def moe_forward(key: str, x: torch.Tensor, wg: torch.Tensor,
+                w1: torch.Tensor, w2: torch.Tensor,
+                w3: Optional[torch.Tensor], b1: Optional[torch.Tensor],
+                b2: Optional[torch.Tensor], seed: torch.Tensor,
+                variant: str) -> Tuple[torch.Tensor, torch.Tensor,
+                                       torch.Tensor]:
+    """out [T, d], l_aux [] f32 and the forward's saved state: a
+    zero-element uint8 view of its workspace. Autograd keeps the view, and
+    so the workspace's memory, until the backward; being empty, it compares
+    equal in opcheck and costs nothing to save."""
+    plan, runner = _runner(key, x.device)
+    out = _new(tuple(x.shape), x.dtype, x.device)
+    l_aux = _new((), torch.float32, x.device)
+    workspace = torch.empty(_workspace_size(plan), dtype=torch.uint8,
+                            device=x.device)
+    bindings = _bind(plan, [("x", x)] + _params(wg, w1, w2, w3, b1, b2) +
+                     [("out", out), ("l_aux", l_aux)])
+    seed_value = int(seed.item()) if plan.spec.gate_noise != 0.0 else None
+    runner.forward(bindings, _aligned(workspace, plan), plan.workspace_bytes,
+                   _stream(x.device), seed_value, variant,
+                   plan.spec.training)
+    return out, l_aux, workspace[:0]
+
+
+@moe_forward.register_fake
+def _(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
+    spec, _ = _parse_key(key)
+    plan = _compiler.plans.get(spec)
+    out = x.new_empty(x.shape)
+    l_aux = x.new_empty((), dtype=torch.float32)
+    return out, l_aux, x.new_empty(0, dtype=torch.uint8)
+
+
+@torch.library.custom_op("flexmoe::moe_backward", mutates_args=())
+def moe_backward(key: str, grad_out: torch.Tensor, grad_l_aux: torch.Tensor,
+                 x: torch.Tensor, wg: torch.Tensor, w1: torch.Tensor,
+                 w2: torch.Tensor, w3: Optional[torch.Tensor],
+                 b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+                 workspace: torch.Tensor, variant: str) -> List[torch.Tensor]:
+    """The gradients of x, wg, w1, w2 and (when the layer has them) w3, b1,
+    b2, in that order, of the forward whose saved state (`workspace`, the
+    forward's third output) is given."""
+    plan, runner = _runner(key, x.device)
+    if not plan.spec.training:
+        raise RuntimeError("flexmoe: this forward ran an inference plan "
+                           "(no gradient was required); run it with "
+                           "torch.enable_grad() to train")
+    named = [("x", x)] + _params(wg, w1, w2, w3, b1, b2)
+    grads = [(name, _new(t.shape, t.dtype, t.device)) for name, t in named
+             if t is not None]
+    grad_bind = [("grad_" + name, g) for name, g in grads]
+    grad_l_aux = grad_l_aux.reshape(1)
+    bindings = _bind(plan, named + [("grad_out", grad_out),
+                                    ("grad_l_aux", grad_l_aux)] + grad_bind)
+    if workspace.device.type == "cuda":
+        workspace.record_stream(torch.cuda.current_stream(workspace.device))
+    runner.backward(bindings, _aligned(workspace, plan), plan.workspace_bytes,
+                    _stream(x.device), variant)
+    return [g for _, g in grads]
+
+
+@moe_backward.register_fake
+def _(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1, b2, workspace,
+      variant):
+    return [
+        t.new_empty(t.shape) for t in (x, wg, w1, w2, w3, b1, b2)
+        if t is not None
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    key, x, wg, w1, w2, w3, b1, b2, seed, variant = inputs
+    _, _, workspace = output
+    ctx.key, ctx.variant = key, variant
+    ctx.present = [t is not None for t in (w3, b1, b2)]
+    ctx.save_for_backward(x, wg, w1, w2, w3, b1, b2, workspace)
+
+
+def _backward(ctx, grad_out, grad_l_aux, grad_workspace):
+    x, wg, w1, w2, w3, b1, b2, workspace = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if grad_l_aux is None:
+        grad_l_aux = torch.zeros((), dtype=torch.float32, device=x.device)
+    grads = moe_backward(ctx.key, grad_out.contiguous(),
+                         grad_l_aux.contiguous(), x, wg, w1, w2, w3, b1, b2,
+                         workspace, ctx.variant)
+    grads = list(grads)
+    gx, gwg, gw1, gw2 = grads[:4]
+    rest = grads[4:]
+    gw3 = rest.pop(0) if ctx.present[0] else None
+    gb1 = rest.pop(0) if ctx.present[1] else None
+    gb2 = rest.pop(0) if ctx.present[2] else None
+    return None, gx, gwg, gw1, gw2, gw3, gb1, gb2, None, None
+
+
+moe_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,227 @@
+# ===- _runtime.py - Contexts, executables and per-forward state ---------=== #
+#
+# Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+#
+# ===----------------------------------------------------------------------=== #
+#
+# This file wraps the C API's handles: a context per device, an executable
+# per loaded plan, and a Runner per (plan, device) that runs forwards and
+# backwards on caller-owned memory with the workspace the caller allocated.
+#
+# Several forwards may be in flight before their backwards (activation
+# checkpointing, pipeline micro-batches). A forward's saved state lives in
+# its workspace, which the caller allocates (torch's allocator) and hands to
+# the backward. With a libflex.so whose FlexRunOptions carries the workspace
+# (Library.per_call_state) one executable serves them all; with an older one
+# a Runner keeps one executable per forward in flight (docs/Python.md,
+# "Forwards in flight").
+#
+# ===----------------------------------------------------------------------=== #
+
+import collections
+import ctypes
+import threading
+
+from . import _capi
+from ._capi import FlexError
+
+_contexts = {}
+_contexts_lock = threading.Lock()
+
+
+def context(device):
+    """The context of a device: "cpu", or ("cuda", index)."""
+    with _contexts_lock:
+        handle = _contexts.get(device)
+        if handle is None:
+            lib = _capi.library()
+            backend = b"cpu" if device == "cpu" else b"cuda"
+            out = ctypes.c_void_p()
+            if device != "cpu":
+                import torch
+                with torch.cuda.device(device[1]):
+                    status = lib.lib.flexContextCreate(backend,
+                                                       ctypes.byref(out))
+            else:
+                status = lib.lib.flexContextCreate(backend, ctypes.byref(out))
+            lib.check(status, "flexContextCreate")
+            handle = _contexts[device] = out
+        return handle
+
+
+class Executable:
+    """A plan loaded on a context (flexExecutableCreateFromPlan)."""
+
+    def __init__(self, ctx, plan):
+        self.lib = _capi.library()
+        self.plan = plan
+        handle = ctypes.c_void_p()
+        text = plan.text.encode()
+        self.lib.check(
+            self.lib.lib.flexExecutableCreateFromPlan(ctx, text, len(text),
+                                                      ctypes.byref(handle)),
+            "flexExecutableCreateFromPlan")
+        self.handle = handle
+        self.variant = None
+
+    def close(self):
+        if self.handle:
+            self.lib.lib.flexExecutableDestroy(self.handle)
+            self.handle = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def check(self, status, what):
+        self.lib.check(status, what, self.handle)
+
+    def select_variant(self, name):
+        """"" keeps the executor's choice (auto for several variants)."""
+        if name and name != self.variant:
+            self.check(
+                self.lib.lib.flexExecutableSelectVariantByName(
+                    self.handle, name.encode()),
+                "flexExecutableSelectVariantByName")
+            self.variant = name
+
+    def set_workspace(self, address, nbytes):
+        self.check(
+            self.lib.lib.flexExecutableSetWorkspace(self.handle, address,
+                                                    nbytes),
+            "flexExecutableSetWorkspace")
+
+    def set_communicator(self, comm):
+        self.check(
+            self.lib.lib.flexExecutableSetCommunicator(self.handle, comm),
+            "flexExecutableSetCommunicator")
+
+    def run(self, forward, bindings, options):
+        array = (_capi.Binding * len(bindings))()
+        for i, (name, address, nbytes) in enumerate(bindings):
+            array[i] = _capi.Binding(name.encode(), address, nbytes)
+        fn = (self.lib.lib.flexExecutableForward
+              if forward else self.lib.lib.flexExecutableBackward)
+        what = "flexExecutableForward" if forward else "flexExecutableBackward"
+        self.check(fn(self.handle, array, len(bindings),
+                      ctypes.byref(options)), what)
+
+
+# At most this many forwards wait for their backward on one Runner without
+# per-call state; the oldest is dropped past it (its backward then fails,
+# saying so). The executor of the per-call ABI keeps a bound of its own.
+MAX_PENDING_FORWARDS = 64
+
+
+class Runner:
+    """Runs one plan on one device. `forward` and `backward` take the
+    bindings, the aligned workspace address and its size, the stream (CUDA),
+    the seed and the variant."""
+
+    def __init__(self, plan, device, communicator=None):
+        self.lib = _capi.library()
+        self.plan = plan
+        self.device = device
+        self.ctx = context(device)
+        self.communicator = communicator
+        self.per_call_state = self.lib.per_call_state
+        self.lock = threading.Lock()
+        self.free = []  # executables with no forward pending
+        self.pending = collections.OrderedDict()  # workspace -> executable
+        self.shared = self._new_executable() if self.per_call_state else None
+
+    def _new_executable(self):
+        exe = Executable(self.ctx, self.plan)
+        if self.communicator is not None:
+            exe.set_communicator(self.communicator)
+        return exe
+
+    def _options(self, stream, seed, workspace, nbytes):
+        flags = _capi.RUN_NO_TIMING
+        if self.per_call_state:
+            options = _capi.RunOptions(ctypes.sizeof(_capi.RunOptions), flags,
+                                       stream, workspace, nbytes, 0)
+            if seed is not None:
+                options.flags |= _capi.RUN_SEED
+                options.seed = seed & 0xFFFFFFFFFFFFFFFF
+            return options
+        return _capi.RunOptionsV1(ctypes.sizeof(_capi.RunOptionsV1), flags,
+                                  stream)
+
+    def forward(self, bindings, workspace, nbytes, stream, seed, variant,
+                keep_state):
+        """keep_state: a backward will follow (a training plan)."""
+        options = self._options(stream, seed, workspace, nbytes)
+        with self.lock:
+            if self.per_call_state:
+                self.shared.select_variant(variant)
+                self.shared.run(True, bindings, options)
+                return
+            exe = self._take(workspace, keep_state)
+            exe.select_variant(variant)
+            try:
+                exe.run(True, bindings, options)
+            except Exception:
+                self.pending.pop(workspace, None)
+                self.free.append(exe)
+                raise
+            if not keep_state:
+                self.free.append(exe)
+
+    def _take(self, workspace, keep_state):
+        # A pending forward on this address is dead: its workspace was
+        # freed, and torch's allocator handed the memory out again.
+        dead = self.pending.pop(workspace, None)
+        if dead is not None:
+            self.free.append(dead)
+        if len(self.pending) >= MAX_PENDING_FORWARDS:
+            _, oldest = self.pending.popitem(last=False)
+            self.free.append(oldest)
+        exe = self.free.pop() if self.free else self._new_executable()
+        exe.set_workspace(workspace, nbytes_of(self.plan))
+        if keep_state:
+            self.pending[workspace] = exe
+        return exe
+
+    def backward(self, bindings, workspace, nbytes, stream, variant):
+        options = self._options(stream, None, workspace, nbytes)
+        with self.lock:
+            if self.per_call_state:
+                self.shared.run(False, bindings, options)
+                return
+            exe = self.pending.pop(workspace, None)
+            if exe is None:
+                raise FlexError(
+                    "FLEX_STATUS_FAILED_PRECONDITION",
+                    "flexmoe: no forward is pending on this workspace: its "
+                    "backward ran already, or more than "
+                    f"{MAX_PENDING_FORWARDS} forwards of this layer were in "
+                    "flight (the oldest are dropped)")
+            try:
+                exe.run(False, bindings, options)
+            finally:
+                self.free.append(exe)
+
+
+def nbytes_of(plan):
+    return plan.workspace_bytes
+
+
+_runners = {}
+_runners_lock = threading.Lock()
+
+
+def runner(plan, device, communicator=None):
+    key = (plan.spec, device, id(communicator) if communicator else 0)
+    with _runners_lock:
+        r = _runners.get(key)
+        if r is None:
+            r = _runners[key] = Runner(plan, device, communicator)
+        return r
+
+
+def clear_runners():
+    with _runners_lock:
+        _runners.clear()

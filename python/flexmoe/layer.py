@@ -1,0 +1,296 @@
+# ===- layer.py - flexmoe.MoELayer, the Flex MoE layer as an nn.Module ---=== #
+#
+# Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+#
+# ===----------------------------------------------------------------------=== #
+#
+# This file defines MoELayer: its parameters are nn.Parameters in the plan's
+# layout (docs/PlanFormat.md, "Arguments": wg [d, E], w1 [L, d, h], w2
+# [L, h, d], w3 [L, d, h], b1 [L, h], b2 [L, d], L = E / W experts on this
+# rank), and its forward compiles the layer for the call's token count on
+# first use (a plan per T, cached) and runs it through the flexmoe custom
+# ops. docs/Python.md describes the API.
+#
+# ===----------------------------------------------------------------------=== #
+
+import warnings
+
+import torch
+
+from . import _compiler, _ops
+from ._compiler import LayerSpec, capacity_mode
+
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+ACTIVATIONS = ("relu", "gelu", "silu")
+
+# What get_extra_state writes: checkpoint conversion (W -> W') reads it.
+STATE_FORMAT = "flexmoe.MoELayer"
+STATE_VERSION = 1
+
+
+def shard_layout(num_experts, hidden_size, world_size, rank):
+    """This rank's experts: (first expert, experts held L, shard q, shards
+    s). E >= W: L = E / W whole experts; E < W: one expert's shard q of s =
+    W / E (its h / s hidden columns), PlanFormat.md "Many ranks"."""
+    E, W = num_experts, world_size
+    if E >= W:
+        if E % W:
+            raise ValueError(f"num_experts {E} must be a multiple of the "
+                             f"world size {W} (each rank holds E / W)")
+        L = E // W
+        return rank * L, L, 0, 1
+    if W % E:
+        raise ValueError(f"with fewer experts ({E}) than ranks ({W}) the "
+                         f"ranks must be a multiple of the experts")
+    s = W // E
+    if hidden_size % s:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of "
+                         f"the {s} shards of each expert (W / E)")
+    return rank // s, 1, rank % s, s
+
+
+def _world(group, world_size, rank):
+    if world_size is not None:
+        return int(world_size), int(rank or 0)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group), dist.get_rank(group)
+    return 1, 0
+
+
+class MoELayer(torch.nn.Module):
+    """A Mixture-of-Experts layer run by Flex.
+
+    forward(x) returns (y, l_aux): y has x's shape, l_aux is the GShard
+    auxiliary loss ([loss-1]) as a 0-dim f32 tensor (also kept as
+    self.l_aux). x is (..., model_dim) of the layer's dtype.
+
+    capacity_factor follows Tutel: f > 0 keeps k * int(f * ceil(T / E))
+    slots per expert, 0 is dropless, f < 0 is dropless bounded by |f|.
+    Many ranks: experts are sharded [E / W, ...] over the process group
+    (flexmoe.distributed; CUDA and NCCL only).
+    """
+
+    def __init__(self, model_dim, hidden_size, num_experts, top_k=2,
+                 capacity_factor=1.0, activation="relu", gated=False,
+                 bias=False, fp32_router=True, normalize=True,
+                 batch_prioritized=False, gate_noise=0.0,
+                 dtype=torch.float32, device=None, group=None,
+                 world_size=None, rank=None, variants=None, seed=0,
+                 a2a_ffn_overlap_degree=1, adaptive_r=None):
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got "
+                             f"{dtype}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got "
+                             f"{activation!r}")
+        if gated and bias:
+            raise ValueError("bias is for FFN experts only; gated (SwiGLU) "
+                             "experts have none ([expert-1])")
+        if gated and activation != "silu":
+            raise ValueError("gated experts are SwiGLU: activation must be "
+                             "'silu'")
+        for name, value in (("model_dim", model_dim),
+                            ("hidden_size", hidden_size),
+                            ("num_experts", num_experts), ("top_k", top_k)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.model_dim, self.hidden_size = int(model_dim), int(hidden_size)
+        self.num_experts, self.top_k = int(num_experts), int(top_k)
+        self.capacity_factor = float(capacity_factor)
+        capacity_mode(self.capacity_factor)  # rejects NaN / inf now
+        self.activation, self.gated, self.bias = activation, gated, bias
+        self.fp32_router, self.normalize = fp32_router, normalize
+        self.batch_prioritized = batch_prioritized
+        self.gate_noise, self.dtype, self.seed = float(gate_noise), dtype, seed
+        self.group = group
+        self.world_size, self.rank = _world(group, world_size, rank)
+        (self.first_expert, self.local_experts, self.shard,
+         self.shards) = shard_layout(self.num_experts, self.hidden_size,
+                                     self.world_size, self.rank)
+        self.a2a_ffn_overlap_degree = int(a2a_ffn_overlap_degree)
+        self.adaptive_r = adaptive_r
+        self.variants = tuple(variants or self._default_variants())
+        self.group_name = ""
+        self.l_aux = None
+        self._make_parameters(device)
+        if self.world_size > 1:
+            from . import distributed
+            self.group_name = distributed.group_name(group, self.world_size)
+        # The configuration is fixed from here on: the op key's static part.
+        self._static_key = _ops.static_key(self.spec(1, True))
+
+    def _default_variants(self):
+        if self.world_size == 1:
+            return ()
+        D = max(1, self.a2a_ffn_overlap_degree)
+        names = [f"r{self.shards}d1", "r0d1"]
+        if D > 1:
+            names.insert(0, f"r{self.shards}d{D}")
+        if self.adaptive_r not in (None, 0, self.shards):
+            names.insert(0, f"r{self.adaptive_r}d{D}")
+        return names
+
+    def _make_parameters(self, device):
+        d, L = self.model_dim, self.local_experts
+        h = self.hidden_size // self.shards
+        router = torch.float32 if self.fp32_router else self.dtype
+        kw = dict(device=device)
+        P = torch.nn.Parameter
+        self.wg = P(torch.empty(d, self.num_experts, dtype=router, **kw))
+        self.w1 = P(torch.empty(L, d, h, dtype=self.dtype, **kw))
+        self.w2 = P(torch.empty(L, h, d, dtype=self.dtype, **kw))
+        self.w3 = (P(torch.empty(L, d, h, dtype=self.dtype, **kw))
+                   if self.gated else None)
+        self.b1 = (P(torch.empty(L, h, dtype=self.dtype, **kw))
+                   if self.bias else None)
+        self.b2 = (P(torch.empty(L, d, dtype=self.dtype, **kw))
+                   if self.bias else None)
+        for p in self.expert_parameters():
+            p._flexmoe_expert = True
+        self.reset_parameters()
+
+    def expert_parameters(self):
+        """The parameters sharded over ranks (all but wg, which is
+        replicated and data parallel: all-reduce its gradient)."""
+        return [p for p in (self.w1, self.w2, self.w3, self.b1, self.b2)
+                if p is not None]
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """nn.Linear's initialization: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        d, h = self.model_dim, self.hidden_size
+        self.wg.uniform_(-d**-0.5, d**-0.5)
+        for p, fan_in in ((self.w1, d), (self.w3, d), (self.b1, d),
+                          (self.w2, h), (self.b2, h)):
+            if p is not None:
+                p.uniform_(-fan_in**-0.5, fan_in**-0.5)
+
+    def extra_repr(self):
+        return (f"model_dim={self.model_dim}, hidden_size={self.hidden_size}"
+                f", num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"capacity_factor={self.capacity_factor}, "
+                f"{'gated' if self.gated else 'ffn<' + self.activation + '>'}"
+                f", dtype={_DTYPES[self.dtype]}, world_size={self.world_size}")
+
+    # -- checkpoints --------------------------------------------------------
+
+    def get_extra_state(self):
+        """What a checkpoint needs to be re-cut for another world size:
+        docs/Python.md, "Checkpoints"."""
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "num_experts": self.num_experts,
+            "model_dim": self.model_dim,
+            "hidden_size": self.hidden_size,
+            "gated": self.gated,
+            "bias": self.bias,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "first_expert": self.first_expert,
+            "local_experts": self.local_experts,
+            "shard": self.shard,
+            "shards": self.shards,
+        }
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a flexmoe.MoELayer checkpoint entry")
+        mine = self.get_extra_state()
+        for field in ("num_experts", "model_dim", "hidden_size", "gated",
+                      "bias", "world_size", "rank"):
+            if state.get(field) != mine[field]:
+                raise ValueError(
+                    f"checkpoint of a layer with {field} = "
+                    f"{state.get(field)}, this layer has {mine[field]}; "
+                    f"convert it between world sizes first "
+                    f"(docs/Python.md, Checkpoints)")
+
+    # -- running ------------------------------------------------------------
+
+    def spec(self, tokens, training, top_k=None, capacity_factor=None):
+        """The LayerSpec of a call with `tokens` tokens on this rank."""
+        mode, factor = capacity_mode(
+            self.capacity_factor if capacity_factor is None else
+            capacity_factor)
+        return LayerSpec(
+            tokens=int(tokens), model_dim=self.model_dim,
+            hidden_dim=self.hidden_size, experts=self.num_experts,
+            top_k=int(top_k or self.top_k), capacity_mode=mode,
+            capacity_factor=factor, gated=self.gated,
+            activation=self.activation, bias=self.bias,
+            dtype=_DTYPES[self.dtype], router_fp32=self.fp32_router,
+            batch_prioritized=self.batch_prioritized,
+            normalize_gate=self.normalize,
+            gate_noise=self.gate_noise if self.training else 0.0,
+            seed=int(self.seed), training=bool(training),
+            world_size=self.world_size, variants=self.variants)
+
+    def mlir(self, tokens, training=True):
+        """The `moe.layer` IR this layer compiles for `tokens` tokens."""
+        return _compiler.emit_mlir(self.spec(tokens, training))
+
+    def variant_name(self, adaptive_r=None, a2a_ffn_overlap_degree=None):
+        """The plan variant of a call: r<R>d<D> on many ranks, "" (the plan's
+        choice) on one or when neither is given."""
+        r = adaptive_r if adaptive_r is not None else self.adaptive_r
+        D = a2a_ffn_overlap_degree
+        if self.world_size == 1 or (r is None and D is None):
+            return ""
+        r = self.shards if r is None else int(r)
+        D = self.a2a_ffn_overlap_degree if D is None else int(D)
+        name = f"r{r}d{D if r else 1}"
+        if r != 0 and (r < 0 or self.shards % r):
+            raise ValueError(f"adaptive_r {r} must be 0 or divide the "
+                             f"{self.shards} shards of each expert")
+        if name not in self.variants:
+            # A new variant is a new plan holding it beside the others (its
+            # D joins the capacity's alignment, as Tutel aligns C to D).
+            self.variants = self.variants + (name,)
+            self._static_key = _ops.static_key(self.spec(1, True))
+        return name
+
+    def _needs_grad(self, x):
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad
+                                      for p in self.parameters())
+
+    def _seed(self, noise):
+        """The gate noise's seed of this call, from torch's generator (so
+        torch.manual_seed reproduces a run)."""
+        if noise == 0.0:
+            return torch.zeros(1, dtype=torch.int64)
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+    def run_flat(self, x, top_k=None, capacity_factor=None, variant=""):
+        """x [T, d] (contiguous, the layer's dtype) -> (y [T, d], l_aux)."""
+        noise = self.gate_noise if self.training else 0.0
+        key = _ops.call_key(
+            self._static_key, self.group_name, int(x.shape[0]),
+            self._needs_grad(x), top_k or self.top_k,
+            self.capacity_factor if capacity_factor is None else
+            capacity_factor, noise)
+        y, l_aux, _ = _ops.moe_forward(key, x, self.wg, self.w1, self.w2,
+                                       self.w3, self.b1, self.b2,
+                                       self._seed(noise), variant)
+        return y, l_aux
+
+    def forward(self, x, adaptive_r=None, a2a_ffn_overlap_degree=None):
+        if x.shape[-1] != self.model_dim:
+            raise ValueError(f"x must be (..., {self.model_dim}), got "
+                             f"{tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x is {x.dtype} but the layer is {self.dtype}: "
+                            f"cast it (x.to({self.dtype})) or build the "
+                            f"layer with dtype={x.dtype}")
+        if not x.is_contiguous():
+            warnings.warn("flexmoe: x is not contiguous; it is copied "
+                          "(.contiguous()) before the layer reads it")
+        flat = x.reshape(-1, self.model_dim).contiguous()
+        variant = self.variant_name(adaptive_r, a2a_ffn_overlap_degree)
+        y, l_aux = self.run_flat(flat, variant=variant)
+        self.l_aux = l_aux
+        return y.view(x.shape), l_aux

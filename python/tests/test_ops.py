@@ -1,0 +1,129 @@
+# ===- test_ops.py - The custom ops under opcheck and torch.compile ------=== #
+#
+# Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+#
+# ===----------------------------------------------------------------------=== #
+#
+# torch.library.opcheck on flexmoe::moe_forward (schema, fake kernel,
+# registered autograd, AOT dispatch), torch.compile(fullgraph=True) of a
+# module holding MoELayer, and the no-copy binding of the caller's tensors.
+#
+# ===----------------------------------------------------------------------=== #
+
+import pytest
+import torch
+
+import flexmoe
+from flexmoe import _ops
+from reference import rel_l2
+
+
+def _op_args(layer, tokens, requires_grad):
+    x = torch.randn(tokens, layer.model_dim, requires_grad=requires_grad)
+    key = _ops.call_key(layer._static_key, "", tokens, requires_grad,
+                        layer.top_k, layer.capacity_factor, 0.0)
+    params = [getattr(layer, n) for n in ("wg", "w1", "w2", "w3", "b1", "b2")]
+    if not requires_grad:  # an inference plan: nothing may ask a gradient
+        params = [p.detach() if p is not None else None for p in params]
+    return (key, x, *params, torch.zeros(1, dtype=torch.int64), "")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(top_k=2),
+    dict(top_k=1, bias=True, capacity_factor=0.0, activation="gelu"),
+    dict(top_k=2, gated=True, activation="silu", capacity_factor=-1.0),
+], ids=["ffn", "bias-dropless", "gated-bounded"])
+def test_opcheck_forward(kw):
+    layer = flexmoe.MoELayer(16, 24, 4, **kw)
+    for requires_grad in (True, False):
+        args = _op_args(layer, 20, requires_grad)
+        torch.library.opcheck(torch.ops.flexmoe.moe_forward.default, args)
+
+
+def _model(layer):
+
+    class Block(torch.nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(16)
+            self.moe = layer
+
+        def forward(self, x):
+            y, l_aux = self.moe(self.norm(x))
+            return x + y, l_aux
+
+    return Block()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, bias=True)
+    model = _model(layer)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(2, 10, 16)
+    grad = torch.randn(2, 10, 16)
+    ys, grads = [], []
+    for fn in (model, compiled):
+        xi = x.clone().requires_grad_()
+        y, l_aux = fn(xi)
+        ((y * grad).sum() + 0.3 * l_aux).backward()
+        ys.append((y.detach(), l_aux.detach()))
+        grads.append([xi.grad] + [p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    assert rel_l2(ys[1][0], ys[0][0]) <= 1e-6
+    assert torch.allclose(ys[1][1], ys[0][1])
+    for a, b in zip(grads[1], grads[0]):
+        assert rel_l2(a, b) <= 1e-5
+    # Inference under the compiled module: another plan, no recompile error.
+    with torch.no_grad():
+        y, _ = compiled(x)
+    assert rel_l2(y, ys[0][0]) <= 1e-6
+
+
+def test_binds_the_callers_tensors():
+    # No copies: the op reads x and the parameters at their own addresses.
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    seen = []
+    real = _ops._bind
+
+    def spy(plan, named):
+        seen.extend((n, t.data_ptr()) for n, t in named if t is not None)
+        return real(plan, named)
+
+    _ops._bind = spy
+    try:
+        x = torch.randn(12, 16)
+        with torch.no_grad():
+            layer(x)
+    finally:
+        _ops._bind = real
+    addresses = dict(seen)
+    assert addresses["x"] == x.data_ptr()
+    assert addresses["w1"] == layer.w1.data_ptr()
+    assert addresses["wg"] == layer.wg.data_ptr()
+
+
+def test_non_contiguous_input_warns():
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    x = torch.randn(16, 12).t()  # [12, 16], not contiguous
+    with pytest.warns(UserWarning, match="not contiguous"):
+        y, _ = layer(x)
+    with pytest.raises(ValueError, match="contiguous"):
+        _ops.moe_forward(*_op_args(layer, 12, False)[:1], x, layer.wg,
+                         layer.w1, layer.w2, None, None, None,
+                         torch.zeros(1, dtype=torch.int64), "")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the CUDA path runs on the GPU "
+                    "machine (docs/Python.md)")
+def test_cuda_matches_cpu():
+    layer = flexmoe.MoELayer(64, 128, 8, top_k=2, dtype=torch.bfloat16)
+    x = torch.randn(256, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref, ref_l = layer(x)
+        layer.cuda()
+        y, l_aux = layer(x.cuda())
+    assert rel_l2(y.cpu(), ref) <= 2e-2
+    assert abs(float(l_aux) - float(ref_l)) <= 1e-3
