@@ -17,6 +17,9 @@
 
 #include "flex/Runtime/Comm/MpiCommunicator.h"
 #include "flex/Runtime/CostModel/Calibrate.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -61,7 +64,83 @@ void printSummary(const DeviceProfile &profile, const std::string &path,
         point.alphaSeconds * 1e6, point.betaBytesPerSecond / 1e9);
     std::cout << line;
   }
+  for (const StepCostPoint &point : profile.steps) {
+    std::snprintf(
+        line, sizeof line, "  step %-22s alpha %.3g us, %s %.3g (%lld runs)\n",
+        point.op.c_str(), point.alphaSeconds * 1e6,
+        point.bytesPerSecond > 0 ? "GB/s" : "gemm x",
+        point.bytesPerSecond > 0 ? point.bytesPerSecond / 1e9 : point.gemmScale,
+        static_cast<long long>(point.samples));
+    std::cout << line;
+  }
   std::cout << "  wrote " << path << "\n";
+}
+
+/// Whether the plan file has backward steps (then it runs with --train).
+bool isTrainingPlan(const std::string &path) {
+  Plan plan;
+  if (Status s = loadPlanFile(path, plan); !s)
+    fatal(2, "--calibrate: cannot load '" + path + "': " + s.message());
+  if (plan.worldSize > 1)
+    fatal(2, "--calibrate: '" + path + "' runs on " +
+                 std::to_string(plan.worldSize) +
+                 " ranks; calibration plans run on one");
+  return !plan.variants.empty() && !plan.variants.front().backward.empty();
+}
+
+/// The capacity C the last call ran with, from the explain JSON.
+int64_t lastCapacity(const LayerRun &run) {
+  auto json = nlohmann::json::parse(run.explainJson, nullptr, false);
+  if (json.is_discarded() || !json.contains("capacity") ||
+      !json["capacity"].is_number_integer())
+    return -1;
+  return json["capacity"].get<int64_t>();
+}
+
+/// Runs each plan given with --calibrate (its selected variant, forward and
+/// for a training plan backward, timed per step) and fits each step kind's
+/// figures to the steps: what a kind pays besides the bytes and FLOPs the
+/// generic figures price (docs/CostModel.md, "Calibrating with plans").
+void calibrateWithPlans(const Options &options, DeviceProfile &profile) {
+  if (options.calibratePlans.empty())
+    return;
+  // The basis of each step (its bytes, FLOPs, GEMM-table time) is computed
+  // with the GEMM table just measured.
+  const CostModel model(profile);
+  std::vector<StepSample> samples;
+  for (const std::string &path : options.calibratePlans) {
+    Options one;
+    one.path = path;
+    one.device = options.device;
+    one.train = isTrainingPlan(path);
+    one.iters = options.quick ? 2 : 10;
+    one.warmup = 2;
+    one.profile = options.profile;
+    LayerRun run;
+    runLayer(one, run);
+    const int64_t capacity = lastCapacity(run);
+    const Variant &variant = run.plan.variants.at(run.variant);
+    for (bool backward : {false, true}) {
+      const StepTimes &times = backward ? run.backwardTimes : run.forwardTimes;
+      const std::vector<Step> &steps =
+          backward ? variant.backward : variant.forward;
+      if (times.stepRuns == 0 || times.ops.size() != steps.size())
+        continue;
+      const Prediction predicted =
+          model.predict(run.plan, run.variant, backward, capacity);
+      for (size_t i = 0; i < steps.size(); ++i)
+        samples.push_back(
+            {steps[i].op,
+             model.stepBasis(run.plan, steps[i], predicted.steps[i].rows),
+             times.stepMean(i) * 1e-6});
+    }
+    flexExecutableDestroy(run.exe);
+    flexContextDestroy(run.context);
+  }
+  fitStepCosts(samples, profile);
+  profile.notes += "; per step kind figures fitted to " +
+                   std::to_string(samples.size()) + " timed steps of " +
+                   std::to_string(options.calibratePlans.size()) + " plan(s)";
 }
 
 } // namespace
@@ -77,6 +156,7 @@ static int calibrateCudaCommand(const Options &options) {
   const auto begin = std::chrono::steady_clock::now();
   if (Status s = calibrateCuda(calibration, profile); !s)
     fatal(1, "calibration failed: " + s.message());
+  calibrateWithPlans(options, profile);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
           .count();
@@ -92,6 +172,8 @@ static int calibrateCudaCommand(const Options &options) {
 int flex::moerun::calibrateCommand(const Options &options) {
   if (options.device == "cuda")
     return calibrateCudaCommand(options);
+  if (ranks.size > 1 && !options.calibratePlans.empty())
+    fatal(2, "--calibrate with plans runs on one rank");
   std::shared_ptr<Communicator> comm;
   if (ranks.size > 1) {
     if (!ranks.mpi)
@@ -105,6 +187,7 @@ int flex::moerun::calibrateCommand(const Options &options) {
   const auto begin = std::chrono::steady_clock::now();
   if (Status s = calibrateCpu(calibration, comm.get(), profile); !s)
     fatal(1, "calibration failed: " + s.message());
+  calibrateWithPlans(options, profile);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
           .count();

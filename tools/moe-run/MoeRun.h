@@ -47,6 +47,9 @@ struct Options {
   /// of running a plan (Calibrate.cpp); --quick: in a fraction of a second.
   std::string calibrate;
   bool quick = false;
+  /// The plans given with --calibrate: run and timed, their steps fit each
+  /// step kind's figures (fitStepCosts).
+  std::vector<std::string> calibratePlans;
   /// --profile: the device profile of the automatic variant choice and
   /// --explain; --explain: print the cost model's account of the choice.
   std::string profile;
@@ -185,6 +188,10 @@ struct LayerRun {
 
 /// Loads (or compiles), runs, checks and reports one layer; the exit status.
 int runCommand(const Options &options);
+/// Loads options.path, runs its calls and reads what ran (runCommand
+/// without the check and the report); the caller destroys run.exe and
+/// run.context.
+void runLayer(const Options &options, LayerRun &run);
 /// Calibrate.cpp: --calibrate; the exit status.
 int calibrateCommand(const Options &options);
 

@@ -23,6 +23,7 @@ namespace {
 const char *const kUsage = R"(usage: moe-run <plan.json | layer.mlir> [options]
        mpirun -np W moe-run <plan.json> [options]
        [mpirun -np W] moe-run --calibrate PROFILE.json [--quick] [--json]
+                      [--device cuda] [plan.json ...]
        RANK=r WORLD_SIZE=W MASTER_ADDR=host MASTER_PORT=p moe-run ...
 
 Runs one MoE layer: loads a plan (a .mlir layer is compiled first, which
@@ -76,8 +77,10 @@ options:
   --calibrate FILE  measure the cost model's device profile on this machine
                     (GEMM throughput, memory bandwidth, launch cost; under
                     mpirun the collectives' alpha and beta too) and write it
-                    to FILE (docs/CostModel.md); no plan is run. With
-                    --device cuda: the current GPU, one rank
+                    to FILE (docs/CostModel.md). With --device cuda: the
+                    current GPU, one rank. Plans given with it (one-rank
+                    plans, any number) are run and timed, and each step
+                    kind's fixed cost and rate are fitted to their steps
   --quick           with --calibrate: small shapes, a fraction of a second
   --help            this text
   --cuda-devices    (alone) print how many CUDA devices are usable and exit
@@ -117,6 +120,7 @@ int64_t parseInteger(const std::string &flag, const std::string &text,
 
 Options flex::moerun::parseOptions(int argc, char **argv) {
   Options options;
+  std::vector<std::string> files; // the plan, or with --calibrate its plans
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -175,18 +179,19 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
       options.quick = true;
     } else if (!arg.empty() && arg[0] == '-') {
       usageError("unknown option '" + arg + "'");
-    } else if (options.path.empty()) {
-      options.path = arg;
     } else {
-      usageError("more than one input file: '" + options.path + "' and '" +
-                 arg + "'");
+      files.push_back(arg);
     }
   }
   if (!options.calibrate.empty()) {
-    if (!options.path.empty())
-      usageError("--calibrate runs no plan, got '" + options.path + "'");
+    options.calibratePlans = std::move(files);
     return options;
   }
+  if (files.size() > 1)
+    usageError("more than one input file: '" + files[0] + "' and '" + files[1] +
+               "'");
+  if (!files.empty())
+    options.path = files.front();
   if (options.quick)
     usageError("--quick goes with --calibrate");
   if (options.path.empty())

@@ -345,8 +345,7 @@ void runCalls(const Options &options, LayerRun &run) {
 
 } // namespace
 
-int flex::moerun::runCommand(const Options &options) {
-  LayerRun run;
+void flex::moerun::runLayer(const Options &options, LayerRun &run) {
   loadLayer(options, run);
   connectRanks(options, run);
   selectVariant(options, run);
@@ -354,6 +353,11 @@ int flex::moerun::runCommand(const Options &options) {
   runCalls(options, run);
   // With auto the last call's choice ran; the check configures for it.
   readVariant(run);
+}
+
+int flex::moerun::runCommand(const Options &options) {
+  LayerRun run;
+  runLayer(options, run);
   if (!options.outputsDir.empty())
     writeOutputs(options, run);
   if (options.check)

@@ -263,18 +263,85 @@ TEST(DeviceProfile, JsonRoundTrip) {
 
 TEST(DeviceProfile, GemmTableInterpolatesInLogSpace) {
   DeviceProfile profile;
-  profile.gemm = {{10, 10, 10, DType::BF16, false, 1e9},
-                  {100, 100, 100, DType::BF16, false, 1e12}};
-  // Volume 1e5 is two thirds of the way from 1e3 to 1e6 in log space, so
-  // the rate is two thirds of the way from 1e9 to 1e12: 1e11.
-  EXPECT_NEAR(profile.gemmFlopsPerSecond(10, 100, 100, DType::BF16, false) /
-                  1e11,
+  profile.gemm = {{10, 10, 10, DType::BF16, false, 1e9, 1},
+                  {100, 100, 100, DType::BF16, false, 1e12, 1},
+                  {10, 10, 10, DType::BF16, false, 5e9, 64}};
+  // A measured shape is its point, the group count included.
+  EXPECT_EQ(profile.gemmFlopsPerSecond(1, 10, 10, 10, DType::BF16, false),
+            1e9);
+  EXPECT_EQ(profile.gemmFlopsPerSecond(64, 10, 10, 10, DType::BF16, false),
+            5e9);
+  // Elsewhere: inverse squared distances in log2 space weigh log(rate).
+  // (m, n, k, groups) = (10, 100, 100, 1) is 2 l^2 from the first point,
+  // l^2 from the second and 2 l^2 + 6^2 from the third (l = log2 10).
+  const double l = std::log2(10.0);
+  const double w1 = 1 / (2 * l * l), w2 = 1 / (l * l),
+               w3 = 1 / (2 * l * l + 36.0);
+  const double expected =
+      std::exp((w1 * std::log(1e9) + w2 * std::log(1e12) +
+                w3 * std::log(5e9)) /
+               (w1 + w2 + w3));
+  EXPECT_NEAR(profile.gemmFlopsPerSecond(1, 10, 100, 100, DType::BF16, false) /
+                  expected,
               1.0, 1e-9);
-  EXPECT_EQ(profile.gemmFlopsPerSecond(1, 1, 1, DType::BF16, false), 1e9);
-  EXPECT_EQ(profile.gemmFlopsPerSecond(1000, 1000, 1000, DType::BF16, true),
-            1e12);
-  // No f32 point: the nearest class (any dtype) still answers.
-  EXPECT_GT(profile.gemmFlopsPerSecond(100, 100, 100, DType::F32, false), 0);
+  // f16 reads the bf16 points; no f32 point: any dtype still answers.
+  EXPECT_EQ(profile.gemmFlopsPerSecond(1, 10, 10, 10, DType::F16, false), 1e9);
+  EXPECT_GT(profile.gemmFlopsPerSecond(1, 100, 100, 100, DType::F32, false), 0);
+}
+
+TEST(CostModel, FittedStepKindsPriceTheirSteps) {
+  // Samples drawn from known figures: a memory kind at 7 us + bytes / 2e11,
+  // a GEMM kind at 3 us + 1.5x the table; the fit recovers them and the
+  // model then prices a step of that kind with them.
+  DeviceProfile profile = parsed(goldenProfile());
+  std::vector<StepSample> samples;
+  for (double bytes : {1e6, 4e6, 16e6, 64e6}) {
+    StepBasis basis;
+    basis.cost = StepCost::Memory;
+    basis.bytes = bytes;
+    samples.push_back({StepOp::Dispatch, basis, 7e-6 + bytes / 2e11});
+  }
+  for (double gemm : {1e-5, 1e-4, 1e-3}) {
+    StepBasis basis;
+    basis.cost = StepCost::ExpertGemm;
+    basis.gemmSeconds = gemm;
+    samples.push_back({StepOp::GroupedGemm, basis, 3e-6 + 1.5 * gemm});
+  }
+  fitStepCosts(samples, profile);
+  const StepCostPoint *dispatch = profile.findStep("dispatch");
+  const StepCostPoint *gemm = profile.findStep("grouped_gemm");
+  ASSERT_NE(dispatch, nullptr);
+  ASSERT_NE(gemm, nullptr);
+  EXPECT_NEAR(dispatch->alphaSeconds, 7e-6, 1e-12);
+  EXPECT_NEAR(dispatch->bytesPerSecond / 2e11, 1.0, 1e-9);
+  EXPECT_EQ(dispatch->samples, 4);
+  EXPECT_NEAR(gemm->alphaSeconds, 3e-6, 1e-12);
+  EXPECT_NEAR(gemm->gemmScale, 1.5, 1e-9);
+  EXPECT_EQ(profile.findStep("combine"), nullptr);
+
+  Plan plan = loadPlan("ffn_fixed_train.json");
+  const Step *step = nullptr;
+  for (const Step &s : plan.variants[0].forward)
+    if (s.op == StepOp::Dispatch)
+      step = &s;
+  ASSERT_NE(step, nullptr);
+  CostModel model(profile);
+  const StepBasis basis = model.stepBasis(plan, *step, -1);
+  EXPECT_GT(basis.bytes, 0);
+  EXPECT_NEAR(model.stepSeconds(plan, *step, -1),
+              7e-6 + basis.bytes / 2e11, 1e-15);
+  // The figures survive the JSON round trip.
+  DeviceProfile back = parsed(writeProfile(profile));
+  ASSERT_NE(back.findStep("grouped_gemm"), nullptr);
+  EXPECT_EQ(back.findStep("grouped_gemm")->gemmScale, gemm->gemmScale);
+  // An unknown step op in a profile is refused, naming the field.
+  std::string text = writeProfile(profile);
+  text.replace(text.find("\"grouped_gemm\""), 14, "\"no_such_step\"");
+  DeviceProfile bad;
+  Status status = parseProfile(text, bad);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("steps["));
+  EXPECT_THAT(status.message(), HasSubstr("unknown step op 'no_such_step'"));
 }
 
 TEST(DeviceProfile, MalformedProfilesNameTheField) {

@@ -266,7 +266,7 @@ Status calibrateCpu(const CalibrationOptions &options,
     const Shape &s = shapes[i];
     const double flops = 2.0 * groups * s.m * s.k * s.n;
     result.gemm.push_back(
-        {groups * s.m, s.n, s.k, s.dtype, false, flops / seconds[i]});
+        {s.m, s.n, s.k, s.dtype, false, flops / seconds[i], groups});
   }
   result.memoryBandwidth = 2.0 * copyBytes / seconds[shapes.size()];
   result.launchSeconds = seconds[shapes.size() + 1];

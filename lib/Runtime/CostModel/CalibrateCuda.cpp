@@ -150,35 +150,39 @@ struct Shape {
   bool ragged;
 };
 
-/// The grid: total rows M (= groups x rows per group) x square K = N, at 8
-/// and 64 groups, bf16 and f32, padded and ragged. The model keys a point
-/// by (M, N, K, dtype, layout) only, so a point's FLOP/s is the geometric
-/// mean over the group counts. Bounded so f32 (no TF32) stays quick and a
-/// weight tensor stays <= 2 GiB.
+/// The grid: 8 and 64 groups of [m, k] x [k, n], m from 32 to 2048 rows per
+/// group, k and n each from 1024 to 8192 (bf16; f32 to 4096 and fewer m),
+/// padded and ragged. f16 runs the same tensor cores as bf16 and reads its
+/// points. Bounded so a weight tensor stays <= 2 GiB and an f32 (no TF32)
+/// point under a few TFLOP.
 std::vector<Shape> gemmGrid(bool quick) {
-  std::vector<int64_t> totals = {1024, 4096, 16384, 65536, 131072};
-  std::vector<int64_t> sizes = {512, 1024, 2048, 4096, 8192};
+  struct Axes {
+    DType dtype;
+    std::vector<int64_t> rows, sizes;
+  };
+  std::vector<Axes> axes = {
+      {DType::BF16, {32, 128, 512, 2048}, {1024, 2048, 4096, 8192}},
+      {DType::F32, {32, 256, 2048}, {1024, 2048, 4096}}};
   std::vector<int64_t> groupCounts = {8, 64};
-  if (quick) {
-    totals = {1024, 16384};
-    sizes = {512, 2048};
-  }
+  if (quick)
+    axes = {{DType::BF16, {64, 512}, {512, 2048}},
+            {DType::F32, {64}, {512}}};
   std::vector<Shape> grid;
-  for (DType dtype : {DType::BF16, DType::F32})
+  for (const Axes &axis : axes)
     for (bool ragged : {false, true})
-      for (int64_t total : totals)
-        for (int64_t size : sizes)
-          for (int64_t groups : groupCounts) {
-            const int64_t m = total / groups;
-            const double volume = double(total) * size * size;
-            const double weightBytes =
-                double(groups) * size * size * dtypeSize(dtype);
-            if (m < 16 || m > 16384 || weightBytes > double(2ll << 30))
-              continue;
-            if (dtype == DType::F32 && volume > double(1ll << 40))
-              continue;
-            grid.push_back({groups, m, size, size, dtype, ragged});
-          }
+      for (int64_t groups : groupCounts)
+        for (int64_t m : axis.rows)
+          for (int64_t k : axis.sizes)
+            for (int64_t n : axis.sizes) {
+              const double weightBytes =
+                  double(groups) * k * n * dtypeSize(axis.dtype);
+              const double flops = 2.0 * groups * m * k * n;
+              if (weightBytes > double(2ll << 30))
+                continue;
+              if (axis.dtype == DType::F32 && flops > 4e12)
+                continue;
+              grid.push_back({groups, m, k, n, axis.dtype, ragged});
+            }
   return grid;
 }
 
@@ -218,18 +222,17 @@ Status timeGemm(cuda::KernelContext &ctx, Timer &timer, const Shape &shape,
   space.padded = !shape.ragged;
   // A new routing: the ragged path reads the counts again, once.
   ++ctx.generation;
-  // About 60 ms per shape; small shapes at most 50 repetitions.
+  // About 30 ms per shape; small shapes at most 30 repetitions.
   return timer.adaptive(
       [&] {
         return cuda::groupedGemm(ctx, {a, shape.dtype}, {b, shape.dtype}, {},
                                  {c, shape.dtype}, shape.k, shape.n, space,
                                  GroupedGemmOptions{});
       },
-      0.06, 50, seconds);
+      0.03, 30, seconds);
 }
 
-/// The GEMM table: one point per (M, N, K, dtype, layout), the geometric
-/// mean of the group counts' FLOP/s.
+/// The GEMM table: one point per shape of the grid.
 Status calibrateGemm(cuda::KernelContext &ctx, Timer &timer, bool quick,
                      DeviceProfile &profile) {
   const std::vector<Shape> grid = gemmGrid(quick);
@@ -251,9 +254,6 @@ Status calibrateGemm(cuda::KernelContext &ctx, Timer &timer, bool quick,
     return s;
   if (Status s = fillRandom(b.data, bBytes); !s)
     return s;
-  using Key = std::tuple<int64_t, int64_t, int64_t, int, bool>;
-  std::map<Key, std::pair<double, int>> logSums; // sum of log FLOP/s, count
-  std::vector<Key> order;
   for (const Shape &s : grid) {
     double seconds = 0;
     if (Status st = timeGemm(ctx, timer, s, a.data, b.data, c.data,
@@ -261,19 +261,8 @@ Status calibrateGemm(cuda::KernelContext &ctx, Timer &timer, bool quick,
         !st)
       return st;
     const double flops = 2.0 * s.groups * s.m * s.k * s.n;
-    Key key{s.groups * s.m, s.n, s.k, static_cast<int>(s.dtype), s.ragged};
-    auto [it, fresh] = logSums.try_emplace(key, 0.0, 0);
-    if (fresh)
-      order.push_back(key);
-    it->second.first += std::log(flops / seconds);
-    it->second.second += 1;
-  }
-  for (const Key &key : order) {
-    const auto &[sum, count] = logSums[key];
-    profile.gemm.push_back({std::get<0>(key), std::get<1>(key),
-                            std::get<2>(key),
-                            static_cast<DType>(std::get<3>(key)),
-                            std::get<4>(key), std::exp(sum / count)});
+    profile.gemm.push_back(
+        {s.m, s.n, s.k, s.dtype, s.ragged, flops / seconds, s.groups});
   }
   return Status::ok();
 }
@@ -399,8 +388,8 @@ Status calibrateCuda(const CalibrationOptions &options,
     return s;
   result.notes =
       "one GPU: gemm through cuda::groupedGemm (cuBLAS, fp32 accumulation, "
-      "no TF32), each point the geometric mean over 8 and 64 groups (ragged: "
-      "skewed 1.5x/0.5x rows, one GEMM per group); memory a device copy, "
+      "no TF32), 8 and 64 groups per point (ragged: skewed 1.5x/0.5x rows, "
+      "one GEMM per group); memory a device copy, "
       "launch a tiny step queued back to back (eager); collectives and "
       "overlap.compute_slowdown are the built-in figures, not measured";
   profile = std::move(result);

@@ -187,6 +187,10 @@ CollectiveKind collectiveKind(StepCost cost) {
   }
 }
 
+/// `a` beats `b` by more than floating-point noise (two sums of the same
+/// step times in another order differ in the last bits).
+bool clearlyFaster(double a, double b) { return a < b * (1 - 1e-12); }
+
 std::string formatUs(double us) {
   char text[32];
   std::snprintf(text, sizeof text, "%.3g us", us);
@@ -228,38 +232,78 @@ CostStage getCostStage(StepOp op) {
   }
 }
 
-double CostModel::stepSeconds(const Plan &plan, const Step &step,
-                              int64_t rows) const {
+StepBasis CostModel::stepBasis(const Plan &plan, const Step &step,
+                               int64_t rows) const {
   using R = OperandRole;
   const StepWork work = getStepWork(plan, step, rows);
-  const StepCost cost = getStepKind(step.op).cost;
-  auto gemm = [&](int64_t k, int64_t n, DType dtype, bool ragged) {
+  StepBasis basis;
+  basis.cost = getStepKind(step.op).cost;
+  basis.bytes = work.bytesRead + work.bytesWritten;
+  basis.bytesExchanged = work.bytesExchanged;
+  basis.flops = work.flops;
+  auto gemm = [&](int64_t groups, int64_t k, int64_t n, DType dtype,
+                  bool ragged) {
     const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
-    const auto m = static_cast<int64_t>(work.flops / (2.0 * kn) + 0.5);
-    const double rate = profile_.gemmFlopsPerSecond(m, n, k, dtype, ragged);
+    groups = std::max<int64_t>(1, groups);
+    const auto m = static_cast<int64_t>(work.flops / (2.0 * kn * groups) + 0.5);
+    const double rate =
+        profile_.gemmFlopsPerSecond(groups, m, n, k, dtype, ragged);
     return rate > 0 ? work.flops / rate : 0.0;
+  };
+  // The groups of a grouped GEMM: the leading dim of its expert operand.
+  auto groupsOf = [&](const BufferRef &ref) -> int64_t {
+    const BufferDesc &desc = plan.getBuffer(ref);
+    return desc.shape.size() >= 3 ? desc.shape.front() : 1;
   };
   // Rows of a ragged layout are packed; a segment op's chunk is uniform.
   const bool ragged = !step.facts.padded && !step.facts.segments.isValid();
-  switch (cost) {
-  case StepCost::Memory:
-    return profile_.launchSeconds +
-           (work.bytesRead + work.bytesWritten) / profile_.memoryBandwidth;
-  case StepCost::Launch:
-    return profile_.launchSeconds;
+  switch (basis.cost) {
   case StepCost::RouterGemm:
-    return gemm(plan.layer.modelDim, plan.layer.experts,
-                plan.layer.routerFp32 ? DType::F32 : plan.layer.dtype, false);
+    basis.gemmSeconds =
+        gemm(1, plan.layer.modelDim, plan.layer.experts,
+             plan.layer.routerFp32 ? DType::F32 : plan.layer.dtype, false);
+    break;
   case StepCost::ExpertGemm: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &c = plan.getBuffer(step.out(R::C));
-    return gemm(a.shape.back(), c.shape.back(), a.dtype, ragged);
+    basis.gemmSeconds = gemm(groupsOf(step.in(R::B)), a.shape.back(),
+                             c.shape.back(), a.dtype, ragged);
+    break;
   }
   case StepCost::ExpertWgrad: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &g = plan.getBuffer(step.in(R::GradC));
-    return gemm(a.shape.back(), g.shape.back(), a.dtype, ragged);
+    basis.gemmSeconds = gemm(groupsOf(step.out(R::GradB)), a.shape.back(),
+                             g.shape.back(), a.dtype, ragged);
+    break;
   }
+  default:
+    break;
+  }
+  return basis;
+}
+
+double CostModel::stepSeconds(const Plan &plan, const Step &step,
+                              int64_t rows) const {
+  const StepBasis basis = stepBasis(plan, step, rows);
+  // What calibrating real plans measured for this kind (its fixed cost:
+  // launches, host work, small kernels), else the generic figures.
+  const StepCostPoint *fitted = profile_.findStep(toString(step.op));
+  switch (basis.cost) {
+  case StepCost::Memory: {
+    const double bandwidth = fitted && fitted->bytesPerSecond > 0
+                                 ? fitted->bytesPerSecond
+                                 : profile_.memoryBandwidth;
+    return (fitted ? fitted->alphaSeconds : profile_.launchSeconds) +
+           basis.bytes / bandwidth;
+  }
+  case StepCost::Launch:
+    return fitted ? fitted->alphaSeconds : profile_.launchSeconds;
+  case StepCost::RouterGemm:
+  case StepCost::ExpertGemm:
+  case StepCost::ExpertWgrad:
+    return fitted ? fitted->alphaSeconds + fitted->gemmScale * basis.gemmSeconds
+                  : basis.gemmSeconds;
   case StepCost::Exchange:
   case StepCost::Gather:
   case StepCost::ReduceScatter:
@@ -269,7 +313,7 @@ double CostModel::stepSeconds(const Plan &plan, const Step &step,
   const int64_t group = step.attrs.groupRanks(plan.worldSize);
   if (group <= 1)
     return profile_.launchSeconds;
-  const CollectiveKind kind = collectiveKind(cost);
+  const CollectiveKind kind = collectiveKind(basis.cost);
   const CollectivePoint *point =
       profile_.findCollective(kind, plan.worldSize, group, options_.transport);
   // A kind the calibration did not measure: the built-in figures.
@@ -278,7 +322,7 @@ double CostModel::stepSeconds(const Plan &plan, const Step &step,
     fallback = defaultProfile(profile_.backend, plan.worldSize);
     point = fallback.findCollective(kind, plan.worldSize, group, "");
   }
-  return point->alphaSeconds + work.bytesExchanged / point->betaBytesPerSecond;
+  return point->alphaSeconds + basis.bytesExchanged / point->betaBytesPerSecond;
 }
 
 Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
@@ -360,8 +404,9 @@ Choice CostModel::choose(const Plan &plan, bool backward,
       total += choice.backward.back().totalUs;
     }
     choice.totalUs.push_back(total);
-    // Strictly faster only: ties keep the lower index, on every rank.
-    if (choice.variant < 0 || total < choice.totalUs[choice.variant])
+    // Faster by more than rounding only: ties keep the lower index.
+    if (choice.variant < 0 ||
+        clearlyFaster(total, choice.totalUs[choice.variant]))
       choice.variant = v;
   }
   if (choice.variant < 0) {
@@ -376,7 +421,7 @@ Choice CostModel::choose(const Plan &plan, bool backward,
   int64_t next = -1;
   for (int64_t v = 0; v < static_cast<int64_t>(choice.totalUs.size()); ++v)
     if (v != choice.variant &&
-        (next < 0 || choice.totalUs[v] < choice.totalUs[next]))
+        (next < 0 || clearlyFaster(choice.totalUs[v], choice.totalUs[next])))
       next = v;
   if (next < 0) {
     reason << ", the only variant";

@@ -11,6 +11,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/CostModel/DeviceProfile.h"
+#include "flex/Runtime/Plan.h"
 
 #include <nlohmann/json.hpp>
 
@@ -108,6 +109,25 @@ GemmPoint readGemm(const Json &json, const std::string &path) {
   point.ragged = asBool(field(json, path, "ragged"), path + ".ragged");
   point.flopsPerSecond =
       asNumber(field(json, path, "flops_per_s"), path + ".flops_per_s", true);
+  if (auto it = json.find("groups"); it != json.end())
+    point.groups = asInt(*it, path + ".groups", 1);
+  return point;
+}
+
+StepCostPoint readStep(const Json &json, const std::string &path) {
+  expectObject(json, path);
+  StepCostPoint point;
+  point.op = asString(field(json, path, "op"), path + ".op");
+  if (!parseStepOp(point.op))
+    throw ProfileError(path + ".op", "unknown step op '" + point.op + "'");
+  point.alphaSeconds =
+      asNumber(field(json, path, "alpha_s"), path + ".alpha_s", false);
+  point.bytesPerSecond =
+      asNumber(field(json, path, "bytes_per_s"), path + ".bytes_per_s", false);
+  if (auto it = json.find("gemm_scale"); it != json.end())
+    point.gemmScale = asNumber(*it, path + ".gemm_scale", true);
+  if (auto it = json.find("samples"); it != json.end())
+    point.samples = asInt(*it, path + ".samples", 0);
   return point;
 }
 
@@ -140,8 +160,10 @@ void readDocument(const Json &json, DeviceProfile &profile) {
     throw ProfileError("format",
                        "expected '" + std::string(kProfileFormatName) + "'");
   int64_t version = asInt(field(json, "", "version"), "version", 0);
-  if (version != kProfileFormatVersion)
-    throw ProfileError("version", "this runtime reads version " +
+  // Version 1 had no groups per GEMM point (one group of m rows) and no
+  // per-step figures; both read as such.
+  if (version < 1 || version > kProfileFormatVersion)
+    throw ProfileError("version", "this runtime reads versions 1 to " +
                                       std::to_string(kProfileFormatVersion) +
                                       ", got " + std::to_string(version));
   std::string source = asString(field(json, "", "source"), "source");
@@ -177,6 +199,15 @@ void readDocument(const Json &json, DeviceProfile &profile) {
   for (size_t i = 0; i < gemm.size(); ++i)
     profile.gemm.push_back(
         readGemm(gemm[i], "gemm[" + std::to_string(i) + "]"));
+
+  profile.steps.clear();
+  if (auto it = json.find("steps"); it != json.end()) {
+    if (!it->is_array())
+      throw ProfileError("steps", "not an array");
+    for (size_t i = 0; i < it->size(); ++i)
+      profile.steps.push_back(
+          readStep((*it)[i], "steps[" + std::to_string(i) + "]"));
+  }
 
   const Json &memory = field(json, "", "memory");
   expectObject(memory, "memory");
@@ -216,39 +247,59 @@ std::optional<CollectiveKind> parseCollectiveKind(std::string_view text) {
   return std::nullopt;
 }
 
-double DeviceProfile::gemmFlopsPerSecond(int64_t m, int64_t n, int64_t k,
-                                         DType dtype, bool ragged) const {
-  // The closest class of points: same dtype and layout, else same dtype.
+double DeviceProfile::gemmFlopsPerSecond(int64_t groups, int64_t m, int64_t n,
+                                         int64_t k, DType dtype,
+                                         bool ragged) const {
+  // The closest class of points: same dtype and layout, else same dtype
+  // (f16 and bf16 run the same tensor cores), else all.
+  auto sameDtype = [&](DType other) {
+    auto half = [](DType d) { return d == DType::BF16 || d == DType::F16; };
+    return other == dtype || (half(other) && half(dtype));
+  };
   std::vector<const GemmPoint *> points;
-  for (int pass = 0; pass < 3 && points.empty(); ++pass)
+  for (int pass = 0; pass < 4 && points.empty(); ++pass)
     for (const GemmPoint &point : gemm)
-      if ((pass >= 2 || point.dtype == dtype) &&
+      if ((pass >= 3 ||
+           (pass == 2 ? sameDtype(point.dtype) : point.dtype == dtype)) &&
           (pass >= 1 || point.ragged == ragged))
         points.push_back(&point);
   if (points.empty())
     return 0;
-  std::stable_sort(points.begin(), points.end(),
-                   [](const GemmPoint *a, const GemmPoint *b) {
-                     return a->volume() < b->volume();
-                   });
-  const double x =
-      std::log(std::max(1.0, static_cast<double>(m) * static_cast<double>(n) *
-                                 static_cast<double>(k)));
-  if (x <= std::log(points.front()->volume()))
-    return points.front()->flopsPerSecond;
-  if (x >= std::log(points.back()->volume()))
-    return points.back()->flopsPerSecond;
-  for (size_t i = 1; i < points.size(); ++i) {
-    const double x0 = std::log(points[i - 1]->volume()),
-                 x1 = std::log(points[i]->volume());
-    if (x > x1)
-      continue;
-    const double y0 = std::log(points[i - 1]->flopsPerSecond),
-                 y1 = std::log(points[i]->flopsPerSecond);
-    const double t = x1 > x0 ? (x - x0) / (x1 - x0) : 1.0;
-    return std::exp(y0 + t * (y1 - y0));
+  auto lg = [](int64_t v) {
+    return std::log2(double(std::max<int64_t>(1, v)));
+  };
+  const double q[4] = {lg(m), lg(n), lg(k), lg(groups)};
+  // Inverse squared distance over the four nearest points, in log space:
+  // throughput changes with each dimension's order of magnitude.
+  std::vector<std::pair<double, const GemmPoint *>> near;
+  for (const GemmPoint *point : points) {
+    const double p[4] = {lg(point->m), lg(point->n), lg(point->k),
+                         lg(point->groups)};
+    double d2 = 0;
+    for (int i = 0; i < 4; ++i)
+      d2 += (p[i] - q[i]) * (p[i] - q[i]);
+    if (d2 < 1e-12)
+      return point->flopsPerSecond;
+    near.emplace_back(d2, point);
   }
-  return points.back()->flopsPerSecond;
+  const size_t count = std::min<size_t>(4, near.size());
+  std::partial_sort(
+      near.begin(), near.begin() + count, near.end(),
+      [](const auto &a, const auto &b) { return a.first < b.first; });
+  double weights = 0, sum = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const double w = 1.0 / near[i].first;
+    weights += w;
+    sum += w * std::log(near[i].second->flopsPerSecond);
+  }
+  return std::exp(sum / weights);
+}
+
+const StepCostPoint *DeviceProfile::findStep(std::string_view op) const {
+  for (const StepCostPoint &point : steps)
+    if (point.op == op)
+      return &point;
+  return nullptr;
 }
 
 const CollectivePoint *
@@ -292,13 +343,22 @@ std::string writeProfile(const DeviceProfile &profile) {
                    {"ranks_per_node", profile.ranksPerNode}};
   Json gemm = Json::array();
   for (const GemmPoint &point : profile.gemm)
-    gemm.push_back({{"m", point.m},
+    gemm.push_back({{"groups", point.groups},
+                    {"m", point.m},
                     {"n", point.n},
                     {"k", point.k},
                     {"dtype", toString(point.dtype)},
                     {"ragged", point.ragged},
                     {"flops_per_s", point.flopsPerSecond}});
   json["gemm"] = std::move(gemm);
+  Json steps = Json::array();
+  for (const StepCostPoint &point : profile.steps)
+    steps.push_back({{"op", point.op},
+                     {"alpha_s", point.alphaSeconds},
+                     {"bytes_per_s", point.bytesPerSecond},
+                     {"gemm_scale", point.gemmScale},
+                     {"samples", point.samples}});
+  json["steps"] = std::move(steps);
   json["memory"] = {{"bandwidth_bytes_per_s", profile.memoryBandwidth},
                     {"launch_s", profile.launchSeconds}};
   Json collectives = Json::array();
@@ -387,8 +447,8 @@ DeviceProfile defaultProfile(std::string_view backend, int64_t worldSize) {
       const double peak =
           (dtype == DType::F32 ? f32 : half) * (ragged ? 0.8 : 1.0);
       // A small shape reaches a tenth of the large one's rate.
-      profile.gemm.push_back({64, 64, 64, dtype, ragged, peak / 10});
-      profile.gemm.push_back({4096, 4096, 4096, dtype, ragged, peak});
+      profile.gemm.push_back({64, 64, 64, dtype, ragged, peak / 10, 1});
+      profile.gemm.push_back({4096, 4096, 4096, dtype, ragged, peak, 1});
     }
   profile.memoryBandwidth = cuda ? 1e12 : 5e9;
   profile.launchSeconds = cuda ? 5e-6 : 1e-6;

@@ -16,10 +16,12 @@
 #ifndef FLEX_RUNTIME_COSTMODEL_CALIBRATE_H
 #define FLEX_RUNTIME_COSTMODEL_CALIBRATE_H
 
+#include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/CostModel/DeviceProfile.h"
 #include "flex/Runtime/Status.h"
 
 #include <string>
+#include <vector>
 
 namespace flex {
 
@@ -52,6 +54,22 @@ Status calibrateCpu(const CalibrationOptions &options,
 /// slowdown beside an exchange keep the built-in figures (said in the
 /// notes). Unavailable when built without CUDA or no device is visible.
 Status calibrateCuda(const CalibrationOptions &options, DeviceProfile &profile);
+
+/// One step of a real plan, run and timed: what the model computes its time
+/// from (the profile the basis was computed with) and the measured mean.
+struct StepSample {
+  StepOp op = StepOp::Router;
+  StepBasis basis;
+  double seconds = 0;
+};
+
+/// Fits each step kind's figures (StepCostPoint) to the samples and puts
+/// them in `profile.steps`, replacing those of the kinds sampled: memory
+/// steps alpha + bytes / bandwidth, GEMM steps alpha + scale x the table's
+/// time, launch steps alpha; least squares on relative error, alpha >= 0.
+/// Collectives are not fitted (their points are per world size).
+void fitStepCosts(const std::vector<StepSample> &samples,
+                  DeviceProfile &profile);
 
 } // namespace flex
 

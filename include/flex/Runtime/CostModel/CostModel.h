@@ -26,6 +26,7 @@
 
 #include "flex/Runtime/CostModel/DeviceProfile.h"
 #include "flex/Runtime/Plan.h"
+#include "flex/Runtime/StepSchema.h"
 
 #include <array>
 #include <cstdint>
@@ -57,6 +58,17 @@ struct CostModelOptions {
   bool overlap = true;
   /// The collectives' transport to look up in the profile; "" = any.
   std::string transport;
+};
+
+/// What a step's time is computed from: its cost class, its bytes and
+/// FLOPs, and the GEMM table's time for its FLOPs (GEMM steps; 0 else).
+/// The calibration fits each kind's figures against these.
+struct StepBasis {
+  StepCost cost = StepCost::Memory;
+  double bytes = 0; ///< read plus written
+  double bytesExchanged = 0;
+  double flops = 0;
+  double gemmSeconds = 0;
 };
 
 struct StepPrediction {
@@ -113,6 +125,8 @@ public:
   /// and picks the smallest total; ties go to the lower index. Deterministic.
   Choice choose(const Plan &plan, bool backward, int64_t capacity) const;
 
+  /// The quantities stepSeconds() combines with the profile's figures.
+  StepBasis stepBasis(const Plan &plan, const Step &step, int64_t rows) const;
   /// The seconds one step takes alone on its stream (no waits, no overlap).
   double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
 

@@ -30,25 +30,39 @@
 namespace flex {
 
 inline constexpr std::string_view kProfileFormatName = "flex-device-profile";
-inline constexpr int kProfileFormatVersion = 1;
+inline constexpr int kProfileFormatVersion = 2;
 
 /// One measured GEMM shape class. M counts the rows of every group (the
 /// whole step's rows), so M * N * K is the step's work / 2.
 struct GemmPoint {
+  /// Rows per group, and the [m, k] x [k, n] shape of each group's GEMM.
   int64_t m = 0, n = 0, k = 0;
   DType dtype = DType::F32;
   /// Groups laid out ragged (a dropless or bounded layout) rather than
   /// padded to C rows each.
   bool ragged = false;
   double flopsPerSecond = 0;
-
-  double volume() const {
-    return static_cast<double>(m) * static_cast<double>(n) *
-           static_cast<double>(k);
-  }
+  /// GEMMs in one step (the local experts); a version-1 profile's point is
+  /// one group of m total rows.
+  int64_t groups = 1;
 };
 
-/// The collectives a plan's steps run.
+/// One step kind's measured cost beside its bytes: the time an eager step
+/// of this kind takes is alphaSeconds + its bytes / bytesPerSecond (memory
+/// and launch steps) or alphaSeconds + its FLOPs at the GEMM table's rate
+/// (GEMM steps). Fitted from a calibration's runs of real plans.
+struct StepCostPoint {
+  std::string op; ///< the plan step op name ("gate", "dispatch", ...)
+  double alphaSeconds = 0;
+  /// 0: the profile's memoryBandwidth (and for GEMM steps, unused).
+  double bytesPerSecond = 0;
+  /// GEMM steps: the measured time over the GEMM table's (a kind whose
+  /// GEMMs run unlike the table's, e.g. a weight gradient's).
+  double gemmScale = 1;
+  /// How many step runs the fit saw (for people).
+  int64_t samples = 0;
+};
+
 enum class CollectiveKind : uint8_t {
   AllToAll,
   AllGather,
@@ -84,6 +98,9 @@ struct DeviceProfile {
   bool builtin = false;
 
   std::vector<GemmPoint> gemm;
+  /// Per step kind figures fitted from real runs; a kind not listed costs
+  /// launchSeconds + bytes / memoryBandwidth (or its GEMM time).
+  std::vector<StepCostPoint> steps;
   /// Memory-bound steps: launchSeconds + bytes / memoryBandwidth.
   double memoryBandwidth = 1e9; ///< bytes/s
   double launchSeconds = 0;
@@ -92,12 +109,15 @@ struct DeviceProfile {
   /// (>= 1; 1 on the CPU backend, whose exchanges do not overlap).
   double overlapSlowdown = 1.0;
 
-  /// The FLOP/s of a GEMM step of this shape: the points of the same dtype
-  /// and layout (else the same dtype, else all), interpolated piecewise
-  /// linearly in log(FLOP/s) over log(M * N * K) and clamped to the end
-  /// points outside the measured range. 0 when there are no points.
-  double gemmFlopsPerSecond(int64_t m, int64_t n, int64_t k, DType dtype,
-                            bool ragged) const;
+  /// The FLOP/s of a step of `groups` GEMMs of [m, k] x [k, n]: among the
+  /// points of the same dtype and layout (else the same dtype - f16 and
+  /// bf16 stand in for each other - else all), the inverse-distance
+  /// weighted mean of log(FLOP/s) of the four nearest in (log m, log n,
+  /// log k, log groups); an exact match is that point. 0 without points.
+  double gemmFlopsPerSecond(int64_t groups, int64_t m, int64_t n, int64_t k,
+                            DType dtype, bool ragged) const;
+  /// The fitted figures of step kind `op`, or nullptr.
+  const StepCostPoint *findStep(std::string_view op) const;
   /// The point for (kind, worldSize, groupSize, transport): an exact match,
   /// else the same kind and group size with the nearest world size, else
   /// the same kind with the nearest group size (ties: the first listed);

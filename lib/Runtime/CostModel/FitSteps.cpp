@@ -1,0 +1,107 @@
+//===- FitSteps.cpp - Fit each step kind's figures to timed runs ----------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements fitStepCosts: from the timed steps of real plans, a
+// fixed cost and a rate per step kind (docs/CostModel.md, "Calibrating with
+// plans"). The generic figures (a copy's bandwidth, a tiny kernel's launch)
+// miss what an eager step pays besides its bytes - several kernels, host
+// work, a library call's setup - and that is most of a small layer's time.
+//
+//===----------------------------------------------------------------------===//
+
+#include "flex/Runtime/CostModel/Calibrate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+namespace flex {
+
+namespace {
+
+/// y = alpha + slope * x, least squares weighted by 1 / y^2 (relative
+/// error: a small layer's step counts as much as a large one's), with
+/// alpha >= 0 and slope > 0. `slope` keeps `fallbackSlope` when the samples
+/// cannot tell it (one size, or a fit that goes negative).
+void fitLine(const std::vector<std::pair<double, double>> &xy,
+             double fallbackSlope, double &alpha, double &slope) {
+  double sw = 0, sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (const auto &[x, y] : xy) {
+    const double w = 1.0 / std::max(1e-12, y * y);
+    sw += w, sx += w * x, sy += w * y, sxx += w * x * x, sxy += w * x * y;
+  }
+  const double det = sw * sxx - sx * sx;
+  const double spread = sxx / sw - (sx / sw) * (sx / sw);
+  const double meanX = sx / sw;
+  bool ok = det > 0 && spread > 1e-6 * meanX * meanX;
+  if (ok) {
+    slope = (sw * sxy - sx * sy) / det;
+    alpha = (sy - slope * sx) / sw;
+    ok = slope > 0 && alpha >= 0;
+    if (ok)
+      return;
+    if (slope > 0) {
+      // A negative intercept: through the origin.
+      alpha = 0;
+      slope = sxy / sxx;
+      return;
+    }
+  }
+  slope = fallbackSlope;
+  alpha = std::max(0.0, (sy - slope * sx) / sw);
+}
+
+} // namespace
+
+void fitStepCosts(const std::vector<StepSample> &samples,
+                  DeviceProfile &profile) {
+  std::map<StepOp, std::vector<const StepSample *>> byOp;
+  for (const StepSample &sample : samples)
+    if (sample.seconds > 0 && std::isfinite(sample.seconds))
+      byOp[sample.op].push_back(&sample);
+  for (const auto &[op, group] : byOp) {
+    StepCostPoint point;
+    point.op = std::string(toString(op));
+    point.samples = static_cast<int64_t>(group.size());
+    std::vector<std::pair<double, double>> xy;
+    const StepCost cost = group.front()->basis.cost;
+    switch (cost) {
+    case StepCost::Memory: {
+      for (const StepSample *s : group)
+        xy.emplace_back(s->basis.bytes, s->seconds);
+      double slope = 0;
+      fitLine(xy, 1.0 / profile.memoryBandwidth, point.alphaSeconds, slope);
+      point.bytesPerSecond = 1.0 / slope;
+      break;
+    }
+    case StepCost::RouterGemm:
+    case StepCost::ExpertGemm:
+    case StepCost::ExpertWgrad:
+      for (const StepSample *s : group)
+        xy.emplace_back(s->basis.gemmSeconds, s->seconds);
+      fitLine(xy, 1.0, point.alphaSeconds, point.gemmScale);
+      break;
+    case StepCost::Launch: {
+      double sum = 0;
+      for (const StepSample *s : group)
+        sum += s->seconds;
+      point.alphaSeconds = sum / group.size();
+      break;
+    }
+    default:
+      continue; // collectives: per world size, not from one rank's runs
+    }
+    auto it =
+        std::find_if(profile.steps.begin(), profile.steps.end(),
+                     [&](const StepCostPoint &p) { return p.op == point.op; });
+    if (it != profile.steps.end())
+      *it = point;
+    else
+      profile.steps.push_back(point);
+  }
+}
+
+} // namespace flex
