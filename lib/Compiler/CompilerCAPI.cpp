@@ -4,12 +4,15 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// This file implements flexCompilerRegister(): it gives the runtime's C API
-// (which has no MLIR in it) the compile hooks of this library.
+// This file implements the compile hooks the runtime's C API calls
+// (flexCompilerGetHooks, include/flex-c/FlexCompiler.h). It uses no function
+// of the C API, so the shared compiler library needs no libflex.so;
+// flexCompilerRegister lives in CompilerRegister.cpp (linked with the C API)
+// and CompilerRegisterDynamic.cpp (libflex_compiler.so).
 //
 //===----------------------------------------------------------------------===//
 
-#include "flex-c/Flex.h"
+#include "flex-c/FlexCompiler.h"
 #include "flex/Compiler/Compiler.h"
 
 #include <algorithm>
@@ -116,10 +119,14 @@ FlexStatus compileConfig(void *, const FlexLayerConfig *c,
 }
 } // namespace
 
-extern "C" FlexStatus flexCompilerRegister(void) {
-  FlexCompilerHooks hooks{};
-  hooks.struct_size = sizeof(FlexCompilerHooks);
-  hooks.compile_mlir = compileMlir;
-  hooks.compile_config = compileConfig;
-  return flexSetCompiler(&hooks);
+extern "C" uint32_t flexCompilerGetVersion(void) { return FLEX_C_API_VERSION; }
+
+extern "C" FlexStatus flexCompilerGetHooks(FlexCompilerHooks *hooks) {
+  if (!hooks || hooks->struct_size < sizeof(FlexCompilerHooks))
+    return FLEX_STATUS_INVALID_ARGUMENT;
+  *hooks = FlexCompilerHooks{};
+  hooks->struct_size = sizeof(FlexCompilerHooks);
+  hooks->compile_mlir = compileMlir;
+  hooks->compile_config = compileConfig;
+  return FLEX_STATUS_OK;
 }
