@@ -11,6 +11,10 @@ include(TableGen)
 include(AddLLVM)
 include(AddMLIR)
 include(HandleLLVMOptions)
+# Flex's MLIR libraries are internal: cmake --install does not install their
+# archives (add_mlir_library does unless this is on); the compiler ships as
+# libflex_compiler.so and the tools (cmake/FlexInstall.cmake).
+set(LLVM_INSTALL_TOOLCHAIN_ONLY ON)
 
 include_directories(SYSTEM ${LLVM_INCLUDE_DIRS} ${MLIR_INCLUDE_DIRS})
 link_directories(${LLVM_BUILD_LIBRARY_DIR})
