@@ -3,7 +3,10 @@
 # call, about 8 minutes on an H100; docs/CostModel.md, "The accuracy
 # benchmark"):
 #   1. build moe-run with CUDA (runtime only: the GPU machine has no MLIR),
-#   2. moe-run --calibrate $OUT/profile.json --device cuda (< 1 minute),
+#   2. moe-run --calibrate $OUT/profile.json --device cuda with the
+#      calibration plans bench/costmodel_plans/calib/*.json (other layers
+#      than the 32 judged below): the GEMM grid, then each step kind's fixed
+#      cost and rate fitted to those plans' timed steps,
 #   3. every plan of bench/costmodel_plans (bench/make_costmodel_plans.sh
 #      made them here; they are committed, so no carry) with --explain
 #      --json --profile $OUT/profile.json, 20 timed iterations, --train for
@@ -32,7 +35,8 @@ echo "=== build ($SECONDS s)"
 run="$BUILD/bin/moe-run"
 
 echo "=== calibrate ($SECONDS s)"
-timeout 120 "$run" --calibrate "$OUT/profile.json" --device cuda ||
+timeout 180 "$run" --calibrate "$OUT/profile.json" --device cuda \
+    "$root"/bench/costmodel_plans/calib/*.json ||
   echo "calibration FAILED: the runs below use the built-in cuda profile"
 
 echo "=== layers ($SECONDS s, no new layer after ${DEADLINE} s)"

@@ -57,6 +57,22 @@ layers=(
   "l32 1024 1024 1024 64 2 dropless bf16 relu train"
 )
 
+# The calibration set (bench/costmodel_plans/calib/): other shapes than the
+# 32 above, so the per-step figures fitted from them (moe-run --calibrate
+# PROFILE calib/*.json) are judged on layers they never saw.
+calibration=(
+  "c01 2048 1024 2816 16 2 fixed:1.0 bf16 relu train"
+  "c02 8192 2048 2048 32 4 fixed:1.25 bf16 gelu train"
+  "c03 512 2048 4096 8 2 dropless bf16 gated train"
+  "c04 2048 3072 1024 64 4 dropless bf16 relu train"
+  "c05 8192 1024 1024 4 1 fixed:1.0 bf16 relu infer"
+  "c06 2048 2048 2816 32 2 fixed:1.0 f32 gelu train"
+  "c07 512 1024 1408 64 8 fixed:1.0 bf16 gated infer"
+  "c08 8192 3072 4096 8 2 dropless bf16 relu infer"
+  "c09 2048 1024 2048 16 2 dropless f32 relu train"
+  "c10 4096 2048 1792 32 3 fixed:1.25 bf16 gated train"
+)
+
 # The layer's .mlir text (see examples/*.mlir): bf16 layers keep an fp32
 # router, as the examples do.
 layer_mlir() { # name T d h E k capacity dtype ffn
@@ -84,18 +100,21 @@ func.func @$name(%x: $x, %wg: $wg, %w1: $w1, %w2: $w2$uparg)
 MLIR
 }
 
-for spec in "${layers[@]}"; do
+mkdir -p "$out/calib"
+for spec in "${layers[@]}" "${calibration[@]}"; do
   read -r name T d h E k cap dt ffn mode <<<"$spec"
   layer_mlir "$name" "$T" "$d" "$h" "$E" "$k" "$cap" "$dt" "$ffn" > "$tmp/$name.mlir"
   training=false; [[ $mode == train ]] && training=true
   plan="$out/$name.$mode.json"
+  [[ $name == c* ]] && plan="$out/calib/$name.$mode.json"
   "$opt" "$tmp/$name.mlir" --moe-lower-to-plan="training=$training" \
     | "$translate" --moert-to-plan > "$plan.tmp" \
     || { echo "make_costmodel_plans.sh: compiling $name failed" >&2; cat "$tmp/$name.mlir" >&2; rm -f "$plan.tmp"; exit 1; }
   [[ -s "$plan.tmp" ]] || { echo "make_costmodel_plans.sh: empty plan for $name" >&2; exit 1; }
   mv "$plan.tmp" "$plan"
   # The layer's shape, for the report.
-  printf '%s\n' "$spec" >> "$out/LAYERS"
+  if [[ $name == c* ]]; then printf '%s\n' "$spec" >> "$out/calib/LAYERS"
+  else printf '%s\n' "$spec" >> "$out/LAYERS"; fi
 done
 git -C "$root" rev-parse HEAD > "$out/COMPILER_COMMIT" 2>/dev/null || true
-echo "make_costmodel_plans.sh: ${#layers[@]} plans in $out ($(du -sh "$out" | cut -f1))"
+echo "make_costmodel_plans.sh: ${#layers[@]} + ${#calibration[@]} plans in $out ($(du -sh "$out" | cut -f1))"
