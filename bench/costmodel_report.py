@@ -132,6 +132,11 @@ def main():
         m = profile["memory"]
         print(f"  memory {m['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, launch "
               f"{m['launch_s'] * 1e6:.2f} us; {len(profile.get('gemm', []))} GEMM points")
+    for st in profile.get("steps", []):
+        rate = (f"{st['bytes_per_s'] / 1e9:8.1f} GB/s" if st.get("bytes_per_s")
+                else f"gemm x {st.get('gemm_scale', 1):.2f}")
+        print(f"  step {st['op']:<22} alpha {st['alpha_s'] * 1e6:7.1f} us, {rate} "
+              f"({st.get('samples', 0)} runs)")
     print()
     print(f"{'layer':<10} {'T d h E k cap dtype ffn mode':<42} "
           f"{'fwd pred':>9} {'fwd meas':>9} {'err':>6} "
