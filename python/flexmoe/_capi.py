@@ -219,9 +219,14 @@ def find_library(env_var, file_name, build_subdirs):
     """The first existing path of `_candidates`, or None. A variable naming a
     missing file is an error rather than a silent fallback."""
     paths, explicit = _candidates(env_var, file_name, build_subdirs)
-    for path in paths:
+    for path in paths[:-len(build_subdirs)] if not explicit else paths:
         if path.is_file():
             return path
+    # In a build tree, the newest: an older build may have left the
+    # library in a directory the current one no longer writes.
+    built = [p for p in paths[-len(build_subdirs):] if p.is_file()]
+    if built and not explicit:
+        return max(built, key=lambda p: p.stat().st_mtime)
     if explicit:
         raise FlexError(
             "", f"{env_var}={paths[0]} does not name a file; unset it to "
@@ -283,7 +288,8 @@ def library():
     global _library
     with _library_lock:
         if _library is None:
-            path = find_library("FLEX_LIBRARY", "libflex.so", ["lib/CAPI"])
+            path = find_library("FLEX_LIBRARY", "libflex.so",
+                                ["lib", "lib/CAPI"])
             if path is None:
                 raise FlexError(
                     "", "libflex.so not found: set FLEX_LIBRARY to its path, "

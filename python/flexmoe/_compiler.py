@@ -163,7 +163,7 @@ class InProcessCompiler:
         lib.check(get_hooks(ctypes.byref(self.hooks)), "flexCompilerGetHooks")
         lib.check(lib.lib.flexSetCompiler(ctypes.byref(self.hooks)),
                   "flexSetCompiler")
-        self.name = f"in-process ({path.name})"
+        self.name = f"in-process ({self.path.name})"
 
     def compile(self, lib, spec, mlir):
         options = _capi.CompileOptions(
@@ -236,8 +236,15 @@ def compiler():
                                       "libflex_compiler.so",
                                       ["lib", "lib/Compiler"])
             if path is not None:
-                _compiler = InProcessCompiler(lib, path)
-            else:
+                try:
+                    _compiler = InProcessCompiler(lib, path)
+                except OSError as error:  # e.g. half written by a build
+                    if os.environ.get("FLEX_COMPILER_LIBRARY"):
+                        raise
+                    warnings.warn(f"flexmoe: cannot load {path} ({error});"
+                                  f" trying the build tree's tools")
+                    path = None
+            if path is None:
                 build = Path(
                     os.environ.get("FLEX_BUILD_DIR",
                                    _capi.SOURCE_ROOT / "build"))

@@ -115,9 +115,6 @@ class MoELayer(torch.nn.Module):
         self.group_name = ""
         self.l_aux = None
         self._make_parameters(device)
-        if self.world_size > 1:
-            from . import distributed
-            self.group_name = distributed.group_name(group, self.world_size)
         # The configuration is fixed from here on: the op key's static part.
         self._static_key = _ops.static_key(self.spec(1, True))
 
@@ -267,6 +264,12 @@ class MoELayer(torch.nn.Module):
 
     def run_flat(self, x, top_k=None, capacity_factor=None, variant=""):
         """x [T, d] (contiguous, the layer's dtype) -> (y [T, d], l_aux)."""
+        if self.world_size > 1 and not self.group_name:
+            # The communicator is made at the first forward, so a layer for
+            # W ranks can be built anywhere (checkpoint tools, tests).
+            from . import distributed
+            self.group_name = distributed.group_name(self.group,
+                                                     self.world_size)
         noise = self.gate_noise if self.training else 0.0
         key = _ops.call_key(
             self._static_key, self.group_name, int(x.shape[0]),

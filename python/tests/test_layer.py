@@ -74,7 +74,8 @@ def reference_of(layer, x, grad_out, grad_l_aux, seed=0, noise=0.0):
 
 def run_flex(layer, x, grad_out, grad_l_aux):
     x = x.detach().requires_grad_()
-    y, l_aux = layer(x)
+    y = layer(x)  # (y, l_aux), or Tutel's y with y.l_aux
+    y, l_aux = y if isinstance(y, tuple) else (y, y.l_aux)
     loss = (y.float() * grad_out).sum() + grad_l_aux * l_aux
     params = [getattr(layer, n) for n in ("wg", "w1", "w2", "w3", "b1", "b2")
               if getattr(layer, n) is not None]
