@@ -26,8 +26,10 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace flex {
@@ -58,6 +60,18 @@ struct RunOptions {
   /// ones replay. Also on with the executor's RuntimeOptions::cudaGraph
   /// (FLEX_CUDA_GRAPH=1).
   bool useGraph = false;
+  /// The workspace of this call: at least workspaceBytes(), aligned to
+  /// workspaceAlignment() (InvalidArgument otherwise); null = the executor's
+  /// own (setWorkspace). A forward leaves its saved state in it and a record
+  /// keyed by its address, so the backward given the same workspace computes
+  /// the gradients of that forward, whatever ran on other workspaces in
+  /// between (docs/Runtime.md, "Per-call workspaces").
+  void *workspace = nullptr;
+  int64_t workspaceBytes = 0;
+  /// The seed of this forward's gate noise instead of the plan's
+  /// (LayerConfig::seed); empty = the plan's. A backward ignores it and runs
+  /// with its forward's.
+  std::optional<uint64_t> seed;
 };
 
 struct StepTiming {
@@ -152,7 +166,7 @@ public:
   const RuntimeOptions &options() const { return options_; }
 
   /// Variant selection. Takes effect at the next forward; a backward always
-  /// runs the variant of the forward it follows. The name "auto" turns the
+  /// runs the variant of its forward. The name "auto" turns the
   /// automatic choice on; naming or indexing a variant turns it off.
   Status selectVariant(int64_t index);
   Status selectVariant(std::string_view name);
@@ -176,9 +190,14 @@ public:
   int64_t workspaceAlignment() const { return plan_->workspace.alignment; }
   /// Use the caller's workspace (at least workspaceBytes(), aligned to
   /// workspaceAlignment(), alive until replaced or the executor is gone), or
-  /// with null go back to a runtime-allocated one. Invalidates a pending
-  /// backward.
+  /// with null go back to a runtime-allocated one. Drops the pending forward
+  /// of the old and the new workspace.
   Status setWorkspace(void *data, int64_t bytes);
+
+  /// Forwards whose backward has not run yet, one per workspace; beyond this
+  /// many the oldest is dropped (its backward then fails).
+  static constexpr size_t kMaxPendingForwards = 1024;
+  size_t pendingForwards() const { return forwardRecords_.size(); }
 
   /// The communicator of the plan's collective steps (docs/Runtime.md,
   /// "Many ranks"); this executor is its rank. A plan for W ranks
@@ -196,10 +215,12 @@ public:
   /// (checked, then ignored).
   Status forward(const Binding *bindings, size_t count,
                  const RunOptions &options = {});
-  /// Runs the backward of the last forward's variant. Needs a successful
-  /// forward since the last backward or setWorkspace (its routing and
-  /// activations are in the workspace); binds every `input`, `grad_input`
-  /// and `grad_output` argument, the inputs holding the forward's values.
+  /// Runs the backward of the last forward on the call's workspace
+  /// (RunOptions::workspace, or the executor's own), with that forward's
+  /// variant and seed. Needs a successful forward on that workspace since
+  /// its last backward (its routing and activations are there; the backward
+  /// consumes them); binds every `input`, `grad_input` and `grad_output`
+  /// argument, the inputs holding the forward's values.
   Status backward(const Binding *bindings, size_t count,
                   const RunOptions &options = {});
 
@@ -214,15 +235,40 @@ private:
   /// The steps of a forward or backward pass, in the order run() calls
   /// them (Executor.cpp has Pass).
   struct Pass;
+  /// What a successful forward leaves for its backward besides the bytes in
+  /// its workspace, keyed by the workspace's address (Workspaces.cpp): host
+  /// state, so a device backend's backward needs no read of the device.
+  struct ForwardRecord {
+    int64_t variant = -1;
+    /// The capacity bucket of the forward's C, for the backward's timing.
+    int64_t bucket = -1;
+    std::optional<uint64_t> seed;
+    /// Age, for dropping the oldest past kMaxPendingForwards.
+    uint64_t order = 0;
+  };
   Status run(bool backward, const Binding *bindings, size_t count,
              const RunOptions &options);
-  /// FailedPrecondition when the pass cannot run now.
-  Status checkRunnable(bool backward) const;
+  /// The call's workspace: RunOptions::workspace after checkWorkspace, else
+  /// the executor's own (null until ensureWorkspace for a new executor).
+  Status callWorkspace(const RunOptions &options, void *&workspace) const;
+  /// InvalidArgument naming the size and alignment the plan needs.
+  Status checkWorkspace(const void *data, int64_t bytes) const;
+  /// FailedPrecondition when the pass cannot run now; for a backward, the
+  /// record of the forward on `workspace`.
+  Status checkRunnable(bool backward, const void *workspace,
+                       ForwardRecord &record) const;
+  /// The record of the forward pending on `workspace`, or
+  /// FailedPrecondition saying there is none.
+  Status findForwardRecord(const void *workspace, ForwardRecord &record) const;
+  /// Keeps the record of a successful forward on `workspace`.
+  void keepForwardRecord(const void *workspace, ForwardRecord record);
   /// NumericError naming the first NaN or Inf of the pass's float inputs
   /// (or outputs).
   Status checkNonFiniteArguments(bool backward, bool outputs);
-  /// The variant, steps, timers and graph key of the pass.
-  Pass startPass(bool backward, const RunOptions &options) const;
+  /// The variant, seed, steps, timers and graph key of the pass on
+  /// `workspace`; a backward's variant and seed are its forward's.
+  Pass startPass(bool backward, const RunOptions &options, void *workspace,
+                 const ForwardRecord &record) const;
   /// Device timer `marker` when the pass is timed on the device.
   Status mark(const Pass &pass, int32_t marker);
   /// The memory a step operand names in the bound arguments or workspace.
@@ -252,21 +298,30 @@ private:
   /// without a new wait (host memory, or a timed pass already waited for);
   /// -1 otherwise.
   int64_t readCapacity(int64_t variant, bool waited);
-  /// Keeps the capacity of a forward and the bucketed time of a timed pass.
-  void recordAutomatic(int64_t variant, bool backward, bool timed,
-                       double micros);
+  /// Keeps the capacity of a forward and the bucketed time of a timed pass:
+  /// a forward's bucket is that of its C (returned), a backward's `bucket`
+  /// its forward's.
+  int64_t recordAutomatic(int64_t variant, bool backward, bool timed,
+                          double micros, int64_t bucket);
 
   std::shared_ptr<const Plan> plan_;
   std::unique_ptr<Backend> backend_;
   int64_t selected_ = 0;
-  /// The variant whose forward state the workspace holds; -1 when none.
-  int64_t pendingBackwardVariant_ = -1;
   RuntimeOptions options_;
-  /// Graph keys of passes run once eagerly (the next call records them).
+  /// Graph keys of passes run once eagerly (the next call records them),
+  /// oldest first; at most kMaxWarmGraphKeys.
   std::vector<std::string> warmGraphKeys_;
+  static constexpr size_t kMaxWarmGraphKeys = 64;
 
+  /// The executor's own workspace (the caller's, or ownedWorkspace_), and
+  /// the one of the pass running now (resolve reads it).
   void *workspace_ = nullptr;
   void *ownedWorkspace_ = nullptr;
+  void *runWorkspace_ = nullptr;
+  /// The pending forwards by workspace address (a workspace holds the state
+  /// of one forward) and the age of the newest.
+  std::unordered_map<const void *, ForwardRecord> forwardRecords_;
+  uint64_t forwardOrder_ = 0;
   std::shared_ptr<Communicator> communicator_;
 
   /// Per argument: the pointer bound for the current run (null when not).
@@ -285,8 +340,6 @@ private:
   std::string capacitySource_ = "bound";
   Choice choice_;
   int64_t choiceCapacity_ = -2;
-  /// The bucket of the last forward's C, for its backward.
-  int64_t forwardBucket_ = -1;
   std::vector<std::map<int64_t, BucketMeasurement>> buckets_;
 };
 

@@ -150,8 +150,8 @@ int64_t Executor::readCapacity(int64_t variantIndex, bool waited) {
   return capacity;
 }
 
-void Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
-                               double micros) {
+int64_t Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
+                                  double micros, int64_t bucket) {
   if (!backward) {
     // Kept in either mode: explain() reports the capacity of the last call.
     int64_t capacity = readCapacity(variant, timed);
@@ -162,15 +162,16 @@ void Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
       capacitySource_ =
           gate && gate->facts.staticCapacity >= 0 ? "static" : "previous call";
     }
-    forwardBucket_ = bucketOf(capacity);
+    bucket = bucketOf(capacity);
   }
   if (!timed)
-    return;
-  BucketMeasurement &m = buckets_[variant][forwardBucket_];
+    return bucket;
+  BucketMeasurement &m = buckets_[variant][bucket];
   int64_t &runs = backward ? m.backwardRuns : m.forwardRuns;
   double &mean = backward ? m.backwardMeanMicros : m.forwardMeanMicros;
   ++runs;
   mean += (micros - mean) / static_cast<double>(runs);
+  return bucket;
 }
 
 Explanation Executor::explain() {

@@ -346,26 +346,6 @@ Status Executor::selectVariant(std::string_view name) {
   return Status::ok();
 }
 
-Status Executor::setWorkspace(void *data, int64_t bytes) {
-  if (!data) {
-    workspace_ = ownedWorkspace_;
-    pendingBackwardVariant_ = -1;
-    return Status::ok();
-  }
-  if (bytes < workspaceBytes())
-    return Status(StatusCode::InvalidArgument,
-                  "workspace of " + std::to_string(bytes) +
-                      " bytes is too small; the plan needs " +
-                      std::to_string(workspaceBytes()));
-  if (reinterpret_cast<uintptr_t>(data) % workspaceAlignment() != 0)
-    return Status(StatusCode::InvalidArgument,
-                  "workspace address is not aligned to " +
-                      std::to_string(workspaceAlignment()) + " bytes");
-  workspace_ = data;
-  pendingBackwardVariant_ = -1;
-  return Status::ok();
-}
-
 Status Executor::setCommunicator(std::shared_ptr<Communicator> communicator) {
   const int64_t world = plan_->worldSize;
   if (!communicator && world == 1)
@@ -396,20 +376,6 @@ Status Executor::setCommunicator(std::shared_ptr<Communicator> communicator) {
   communicator_ = std::move(communicator);
   if (communicator_)
     return makeGroupCommunicators();
-  return Status::ok();
-}
-
-Status Executor::ensureWorkspace() {
-  if (workspace_ || workspaceBytes() == 0)
-    return Status::ok();
-  if (!ownedWorkspace_) {
-    ownedWorkspace_ = backend_->allocate(workspaceBytes(), workspaceAlignment());
-    if (!ownedWorkspace_)
-      return Status(StatusCode::Internal,
-                    "cannot allocate a workspace of " +
-                        std::to_string(workspaceBytes()) + " bytes");
-  }
-  workspace_ = ownedWorkspace_;
   return Status::ok();
 }
 
@@ -507,6 +473,12 @@ struct Executor::Pass {
   int64_t variantIndex = 0;
   const Variant *variant = nullptr;
   const std::vector<Step> *steps = nullptr;
+  /// The call's workspace, and the seed its gates use instead of the plan's
+  /// (empty: the plan's).
+  void *workspace = nullptr;
+  std::optional<uint64_t> seed;
+  /// The capacity bucket of the forward (a backward's: its forward's).
+  int64_t bucket = -1;
   bool timeSteps = true;
   /// Device timers: marker 0 before the first step, marker s + 1 after step
   /// s (or 1 after a replayed graph); read after one synchronize at the end.
@@ -529,17 +501,16 @@ struct Executor::Pass {
   }
 };
 
-Status Executor::checkRunnable(bool backward) const {
+Status Executor::checkRunnable(bool backward, const void *workspace,
+                               ForwardRecord &record) const {
   const Plan &plan = *plan_;
   if (backward && !plan.training)
     return Status(StatusCode::FailedPrecondition,
                   "the plan was compiled for inference (training false); it "
                   "has no backward");
-  if (backward && pendingBackwardVariant_ < 0)
-    return Status(StatusCode::FailedPrecondition,
-                  "backward needs a forward first: it reads the routing and "
-                  "activations that forward leaves in the workspace (one "
-                  "backward per forward)");
+  if (backward)
+    if (Status status = findForwardRecord(workspace, record); !status)
+      return status;
   if (!communicator_)
     return Status(StatusCode::FailedPrecondition,
                   "the plan runs on " + std::to_string(plan.worldSize) +
@@ -584,21 +555,33 @@ Status Executor::checkNonFiniteArguments(bool backward, bool outputs) {
   return Status::ok();
 }
 
-Executor::Pass Executor::startPass(bool backward,
-                                   const RunOptions &options) const {
+Executor::Pass Executor::startPass(bool backward, const RunOptions &options,
+                                   void *workspace,
+                                   const ForwardRecord &record) const {
   Pass pass;
   pass.backward = backward;
-  pass.variantIndex = backward ? pendingBackwardVariant_ : selected_;
+  pass.variantIndex = backward ? record.variant : selected_;
   pass.variant = &plan_->variants[pass.variantIndex];
   pass.steps = backward ? &pass.variant->backward : &pass.variant->forward;
+  pass.workspace = workspace;
+  pass.seed = backward ? record.seed : options.seed;
+  pass.bucket = backward ? record.bucket : -1;
   pass.timeSteps = options.timeSteps;
   pass.deviceTimer = options.timeSteps && backend_->hasDeviceTimer();
   pass.useGraph = (options.useGraph || options_.cudaGraph) &&
                   backend_->canCapturePass(*plan_, pass.variantIndex, backward);
+  // A graph keeps the seed it was recorded with: a per-call seed that
+  // changes the noise runs step by step instead.
+  if (pass.seed)
+    for (const Step &step : *pass.steps)
+      if (step.op == StepOp::Gate && step.attrs.noise != 0.0)
+        pass.useGraph = false;
   if (pass.useGraph) {
+    // The workspace is part of the key: a graph recorded on one workspace
+    // never replays on another.
     pass.graphKey = std::to_string(pass.variantIndex) + (backward ? "b" : "f") +
                     ":" +
-                    std::to_string(reinterpret_cast<uintptr_t>(workspace_));
+                    std::to_string(reinterpret_cast<uintptr_t>(workspace));
     for (void *data : argumentData_)
       pass.graphKey += "," + std::to_string(reinterpret_cast<uintptr_t>(data));
     pass.warm = std::find(warmGraphKeys_.begin(), warmGraphKeys_.end(),
@@ -618,7 +601,7 @@ TensorView Executor::resolve(const BufferRef &ref) const {
     return {argumentData_[ref.index], &plan_->arguments[ref.index]};
   if (ref.kind == BufferRef::Kind::Workspace) {
     const WorkspaceBuffer &buffer = plan_->workspace.buffers[ref.index];
-    return {static_cast<char *>(workspace_) + buffer.offset, &buffer};
+    return {static_cast<char *>(runWorkspace_) + buffer.offset, &buffer};
   }
   return {};
 }
@@ -634,8 +617,16 @@ Status Executor::runSteps(Pass &pass) {
       operands.inputs[r] = resolve(step.inputs[r]);
       operands.outputs[r] = resolve(step.outputs[r]);
     }
+    // The per-call seed reaches the gate through a copy of its step.
+    Step seeded;
+    const Step *run = &step;
+    if (pass.seed && step.op == StepOp::Gate) {
+      seeded = step;
+      seeded.attrs.seed = *pass.seed;
+      run = &seeded;
+    }
     auto stepStart = Clock::now();
-    Status status = backend_->runStep(*plan_, step, operands);
+    Status status = backend_->runStep(*plan_, *run, operands);
     if (status && timed)
       status = pass.deviceTimer ? mark(pass, static_cast<int32_t>(s) + 1)
                                 : backend_->synchronize();
@@ -691,8 +682,12 @@ Status Executor::executePass(Pass &pass) {
       return Status(StatusCode::Internal, "the graph just recorded for key " +
                                               pass.graphKey + " was not found");
   }
-  if (pass.useGraph && !pass.warm && !pass.launched)
+  if (pass.useGraph && !pass.warm && !pass.launched) {
+    // Bounded: a caller whose pointers change every call never replays.
+    if (warmGraphKeys_.size() >= kMaxWarmGraphKeys)
+      warmGraphKeys_.erase(warmGraphKeys_.begin());
     warmGraphKeys_.push_back(pass.graphKey);
+  }
   pass.stats.replayedGraph = pass.launched;
   return Status::ok();
 }
@@ -734,17 +729,30 @@ void Executor::recordPass(Pass &pass) {
   ++runs;
   mean += (pass.stats.totalMicros - mean) / static_cast<double>(runs);
   lastStats_ = std::move(pass.stats);
-  pendingBackwardVariant_ = pass.backward ? -1 : pass.variantIndex;
+  if (!pass.backward)
+    keepForwardRecord(pass.workspace,
+                      {pass.variantIndex, pass.bucket, pass.seed, 0});
 }
 
 Status Executor::run(bool backward, const Binding *bindings, size_t count,
                      const RunOptions &options) {
-  if (Status status = checkRunnable(backward); !status)
+  void *workspace = nullptr;
+  if (Status status = callWorkspace(options, workspace); !status)
+    return status;
+  // A forward replaces what its workspace held, whatever comes of it: only
+  // its success leaves a record a backward may use.
+  if (!backward)
+    forwardRecords_.erase(workspace);
+  ForwardRecord record;
+  if (Status status = checkRunnable(backward, workspace, record); !status)
     return status;
   if (Status status = bind(backward, bindings, count); !status)
     return status;
-  if (Status status = ensureWorkspace(); !status)
-    return status;
+  if (!options.workspace) {
+    if (Status status = ensureWorkspace(); !status)
+      return status;
+    workspace = workspace_;
+  }
   bool checkNonFinite = options.checkNonFinite || options_.checkNonFinite;
   if (checkNonFinite)
     if (Status status = checkNonFiniteArguments(backward, /*outputs=*/false);
@@ -758,10 +766,12 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     if (Status status = chooseVariant(); !status)
       return status;
   }
-  Pass pass = startPass(backward, options);
-  // A failed forward leaves no state a backward may use.
-  if (!backward)
-    pendingBackwardVariant_ = -1;
+  Pass pass = startPass(backward, options, workspace, record);
+  // A backward consumes its forward's state once it starts (it may
+  // overwrite it), even if it fails.
+  if (backward)
+    forwardRecords_.erase(workspace);
+  runWorkspace_ = workspace;
   auto start = std::chrono::steady_clock::now();
   if (Status status = mark(pass, 0); !status)
     return pass.fail(status, "");
@@ -769,8 +779,8 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     return status;
   if (Status status = finishPass(pass, start); !status)
     return status;
-  recordAutomatic(pass.variantIndex, backward, pass.timeSteps,
-                  pass.stats.totalMicros);
+  pass.bucket = recordAutomatic(pass.variantIndex, backward, pass.timeSteps,
+                                pass.stats.totalMicros, pass.bucket);
   recordPass(pass);
 
   if (checkNonFinite)
