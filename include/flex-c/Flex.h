@@ -132,13 +132,30 @@ typedef struct FlexBinding {
 #define FLEX_RUN_CUDA_GRAPH 0x4u /* CUDA: record the pass as a graph and
                                     replay it (fixed capacity, padded layout;
                                     other plans run step by step) */
+/* Forward: the gate noise uses FlexRunOptions::seed instead of the plan's
+ * (FlexLayerConfig::seed). */
+#define FLEX_RUN_SEED 0x8u
 
+/* The fields a caller sets are those below its struct_size: a caller built
+ * with an older header (struct_size 16, up to `stream`) gets the behaviour
+ * of that header. docs/CAPI.md, "Per-call workspaces and seeds". */
 typedef struct FlexRunOptions {
   uint32_t struct_size; /* sizeof(FlexRunOptions), for later extension */
   uint32_t flags;       /* FLEX_RUN_* */
   void *stream;         /* cudaStream_t for CUDA (NULL = the executable's own
                            stream, which waits for the legacy default
                            stream); must be NULL on CPU */
+  /* The workspace of this call (NULL = the executable's own): at least
+   * flexExecutableGetWorkspaceSize's bytes, aligned to its alignment, in the
+   * backend's memory. A forward's saved state lives there; the backward
+   * given the same workspace computes the gradients of that forward, what-
+   * ever ran on other workspaces in between. Keep it alive and unwritten
+   * until that backward. */
+  void *workspace;
+  int64_t workspace_bytes;
+  /* The gate-noise seed of a forward with FLEX_RUN_SEED; its backward uses
+   * the same noise. Ignored by a backward. */
+  uint64_t seed;
 } FlexRunOptions;
 
 typedef struct FlexContextImpl *FlexContext;
@@ -152,6 +169,11 @@ typedef struct FlexOptionsImpl *FlexOptions;
 
 /* FLEX_C_API_VERSION of the library. */
 uint32_t flexGetVersion(void);
+/* sizeof(FlexRunOptions) of the library: the fields it reads. A library
+ * older than a caller's header ignores the fields past its size (workspace,
+ * workspace_bytes, seed need >= 40), so a caller checks this before relying
+ * on them. */
+uint32_t flexGetRunOptionsSize(void);
 /* "flex <major.minor> (C API <n>)". */
 const char *flexGetVersionString(void);
 /* "FLEX_STATUS_OK", ... ; "FLEX_STATUS_<unknown>" for other values. */
@@ -259,12 +281,17 @@ FlexStatus flexExecutableGetSelectedVariant(FlexExecutable executable,
 FlexStatus flexExecutableExplain(FlexExecutable executable, char **json);
 
 /* Forward: binds every input and output argument (others may be passed).
- * `options` may be NULL (no checks, timing on). */
+ * `options` may be NULL (no checks, timing on, the executable's workspace,
+ * the plan's seed). */
 FlexStatus flexExecutableForward(FlexExecutable executable,
                                  const FlexBinding *bindings, int64_t count,
                                  const FlexRunOptions *options);
-/* Backward of the last forward (same inputs, same workspace): binds every
- * input, grad_input and grad_output argument. */
+/* Backward of the last forward on the same workspace (options->workspace,
+ * or the executable's own when NULL or not given), with that forward's
+ * variant and seed, on the same inputs: binds every input, grad_input and
+ * grad_output argument. Without a forward pending on that workspace (none
+ * ran, it failed, or its backward ran already):
+ * FLEX_STATUS_FAILED_PRECONDITION. */
 FlexStatus flexExecutableBackward(FlexExecutable executable,
                                   const FlexBinding *bindings, int64_t count,
                                   const FlexRunOptions *options);

@@ -20,6 +20,8 @@
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -97,6 +99,12 @@ namespace {
 std::mutex compilerMutex;
 FlexCompilerHooks compilerHooks{};
 bool haveCompiler = false;
+
+std::string hexString(uint32_t value) {
+  char text[16];
+  std::snprintf(text, sizeof(text), "0x%x", value);
+  return text;
+}
 
 FlexStatus checkContext(FlexContext context, const char *function) {
   return checkHandle(context, function, "context");
@@ -182,6 +190,69 @@ FlexLayerConfig toC(const LayerConfig &config) {
   return c;
 }
 
+/// The run options of `options` (NULL: the defaults), reading only the
+/// fields below its struct_size, so a caller built with an older header
+/// gets that header's behaviour; sets the backend's stream.
+FlexStatus toRunOptions(FlexExecutable exe, const FlexRunOptions *options,
+                        const char *function, RunOptions &runOptions) {
+  void *stream = nullptr;
+  if (options) {
+    const uint32_t size = options->struct_size;
+    auto has = [size](size_t offset, size_t bytes) {
+      return size >= offset + bytes;
+    };
+    if (!has(offsetof(FlexRunOptions, flags), sizeof(uint32_t)))
+      return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                  std::string(function) + ": options->struct_size " +
+                      std::to_string(size) +
+                      " is too small; set it to sizeof(FlexRunOptions)",
+                  exe);
+    const uint32_t flags = options->flags;
+    constexpr uint32_t known = FLEX_RUN_CHECK_NONFINITE | FLEX_RUN_NO_TIMING |
+                               FLEX_RUN_CUDA_GRAPH | FLEX_RUN_SEED;
+    // Refused rather than ignored: a flag this library does not know asks
+    // for something it would silently not do.
+    if (flags & ~known)
+      return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                  std::string(function) + ": options->flags has unknown bits " +
+                      hexString(flags & ~known) +
+                      " (known: FLEX_RUN_* = " + hexString(known) + ")",
+                  exe);
+    runOptions.checkNonFinite = flags & FLEX_RUN_CHECK_NONFINITE;
+    runOptions.timeSteps = !(flags & FLEX_RUN_NO_TIMING);
+    runOptions.useGraph = flags & FLEX_RUN_CUDA_GRAPH;
+    if (has(offsetof(FlexRunOptions, stream), sizeof(void *)))
+      stream = options->stream;
+    if (has(offsetof(FlexRunOptions, workspace_bytes), sizeof(int64_t)) &&
+        options->workspace) {
+      if (options->workspace_bytes < 0)
+        return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                    std::string(function) + ": options->workspace_bytes " +
+                        std::to_string(options->workspace_bytes) +
+                        " is negative",
+                    exe);
+      runOptions.workspace = options->workspace;
+      runOptions.workspaceBytes = options->workspace_bytes;
+    }
+    if (flags & FLEX_RUN_SEED) {
+      if (!has(offsetof(FlexRunOptions, seed), sizeof(uint64_t)))
+        return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                    std::string(function) +
+                        ": FLEX_RUN_SEED needs the seed field, but "
+                        "options->struct_size " +
+                        std::to_string(size) +
+                        " ends before it; set it to sizeof(FlexRunOptions)",
+                    exe);
+      runOptions.seed = options->seed;
+    }
+  }
+  // No options or no stream field: the backend's own stream (CUDA).
+  if (Status status = exe->executor->backend().setStream(stream); !status)
+    return fail(static_cast<FlexStatus>(status.code()),
+                std::string(function) + ": " + status.message(), exe);
+  return FLEX_STATUS_OK;
+}
+
 FlexStatus run(FlexExecutable exe, bool backward, const FlexBinding *bindings,
                int64_t count, const FlexRunOptions *options,
                const char *function) {
@@ -197,29 +268,8 @@ FlexStatus run(FlexExecutable exe, bool backward, const FlexBinding *bindings,
                       std::to_string(count),
                   exe);
     RunOptions runOptions;
-    if (!options) {
-      // No options: the backend's own stream (CUDA), no checks, timing on.
-      if (Status status = exe->executor->backend().setStream(nullptr);
-          !status)
-        return fail(static_cast<FlexStatus>(status.code()),
-                    std::string(function) + ": " + status.message(), exe);
-    } else {
-      if (options->struct_size < sizeof(uint32_t) * 2)
-        return fail(FLEX_STATUS_INVALID_ARGUMENT,
-                    std::string(function) + ": options->struct_size " +
-                        std::to_string(options->struct_size) +
-                        " is too small; set it to sizeof(FlexRunOptions)",
-                    exe);
-      runOptions.checkNonFinite = options->flags & FLEX_RUN_CHECK_NONFINITE;
-      runOptions.timeSteps = !(options->flags & FLEX_RUN_NO_TIMING);
-      runOptions.useGraph = options->flags & FLEX_RUN_CUDA_GRAPH;
-      void *stream = options->struct_size >= sizeof(FlexRunOptions)
-                         ? options->stream
-                         : nullptr;
-      if (Status status = exe->executor->backend().setStream(stream); !status)
-        return fail(static_cast<FlexStatus>(status.code()),
-                    std::string(function) + ": " + status.message(), exe);
-    }
+    if (FlexStatus s = toRunOptions(exe, options, function, runOptions))
+      return s;
     exe->bindings.clear();
     for (int64_t i = 0; i < count; ++i) {
       if (!bindings[i].name)
@@ -302,6 +352,8 @@ FlexStatus createContext(const char *backend, FlexOptions options,
 extern "C" {
 
 uint32_t flexGetVersion(void) { return FLEX_C_API_VERSION; }
+
+uint32_t flexGetRunOptionsSize(void) { return sizeof(FlexRunOptions); }
 
 const char *flexGetVersionString(void) {
   static const std::string text =
