@@ -154,7 +154,10 @@ private:
   /// The read-back of a capacity known only on the device (hostCapacity).
   /// Run-time data, not plan analysis: the C a gate or sync_capacity wrote
   /// on the device this call. The epoch is bumped by every step that
-  /// (re)writes a capacity: gate, sync_capacity.
+  /// (re)writes a capacity: gate, sync_capacity. The key is the capacity
+  /// buffer's address, inside the pass's workspace: a backward after a
+  /// forward on another workspace misses and reads its own C back
+  /// (docs/Runtime.md, "Per-call workspaces").
   uint64_t capacityEpoch_ = 0;
   const void *capacityKey_ = nullptr;
   uint64_t capacityKeyEpoch_ = ~uint64_t{0};

@@ -185,6 +185,8 @@ Status CudaBackend::orderAfterExchanges(const Step &step,
   ChunkRows chunk;
   if (const SegmentFacts &segments = step.facts.segments; segments.isValid()) {
     int64_t n = segments.rows;
+    // The cached C is this pass's: exchanges are pending only after an
+    // all_to_all of this pass, which read its own workspace's C.
     if (n < 0 && segments.chunks > 0 && capacityKeyEpoch_ == capacityEpoch_)
       n = segments.rowsFor(cachedCapacity_);
     if (n >= 0)
