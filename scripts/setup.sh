@@ -9,7 +9,7 @@ FLEX_BUILD="${FLEX_BUILD:-$FLEX_ROOT/build}"
 FLEX_JOBS="${FLEX_JOBS:-$(nproc)}"
 
 flex_packages=(
-  cmake ninja-build g++ python3
+  cmake ninja-build g++ python3 python3-venv
   libmlir-22-dev mlir-22-tools llvm-22-dev llvm-22-tools
   nlohmann-json3-dev libzstd-dev libgtest-dev
   libopenblas-dev openmpi-bin libopenmpi-dev
@@ -29,6 +29,35 @@ flex_install_missing() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# The Python package's tests (python/, docs/Python.md) need torch and pytest:
+# a venv under the build folder, made once (FLEX_PYTHON_DEPS=0 skips it; the
+# python-flexmoe test then says it was skipped). PyPI's torch needs its CUDA
+# libraries to import, even on a CPU, so they come too; triton (1 GB, only
+# for compiling GPU kernels) does not. About 1.5 minutes and 4 GB, once.
+FLEX_TORCH_SPEC="${FLEX_TORCH_SPEC:-torch==2.15.0}"
+flex_torch_deps_script='
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+for text in requires("torch") or []:
+    r = Requirement(text)
+    if r.name != "triton" and (not r.marker or r.marker.evaluate({"extra": ""})):
+        print(str(r).split(";")[0].replace(" ", ""))
+'
+flex_python_deps() {
+  [ "${FLEX_PYTHON_DEPS:-1}" = 0 ] && return 0
+  local venv="$FLEX_BUILD/python-deps/venv" start=$SECONDS deps
+  "$venv/bin/python" -c "import torch, pytest" >/dev/null 2>&1 && return 0
+  echo "flex: installing $FLEX_TORCH_SPEC (without triton) and pytest into $venv"
+  if python3 -m venv --clear "$venv" &&
+     "$venv/bin/pip" install -q --no-deps "$FLEX_TORCH_SPEC" &&
+     deps=$("$venv/bin/python" -c "$flex_torch_deps_script") &&
+     "$venv/bin/pip" install -q pytest $deps; then
+    echo "flex: torch and pytest installed in $((SECONDS - start)) s"
+  else
+    echo "flex: could not install torch; the python-flexmoe test will be skipped"
+  fi
+}
+
 flex_build() {
   flex_install_missing
   if [ ! -f "$FLEX_BUILD/build.ninja" ]; then
@@ -38,4 +67,5 @@ flex_build() {
       -DLLVM_EXTERNAL_LIT=/usr/lib/llvm-22/bin/lit
   fi
   cmake --build "$FLEX_BUILD" -j "$FLEX_JOBS"
+  flex_python_deps
 }
