@@ -21,8 +21,11 @@ void flex::buildLowerToPlanPipeline(mlir::OpPassManager &pm,
                                     const LowerToPlanOptions &options) {
   pm.addPass(moe::createMoeExpandLayerPass());
   pm.addPass(mlir::createCanonicalizerPass());
-  pm.addPass(createConvertMoeToMoeRTPass(
-      ConvertMoeToMoeRTPassOptions{options.training, options.layout}));
+  ConvertMoeToMoeRTPassOptions lowering;
+  lowering.training = options.training;
+  lowering.layout = options.layout;
+  lowering.layouts.assign(options.layouts.begin(), options.layouts.end());
+  pm.addPass(createConvertMoeToMoeRTPass(lowering));
   pm.addNestedPass<moert::PlanOp>(moert::createMoeRTPlanMemoryPass());
 }
 

@@ -27,12 +27,29 @@ def ConvertMoeToMoeRTPass : Pass<"convert-moe-to-moert", "::mlir::ModuleOp"> {
     layout of [dispatch-1]), `ragged` (the kept rows only, no padding), or
     `auto`: padded for a fixed capacity, ragged otherwise (dropless and
     bounded capacities would pad to T rows per expert).
+
+    `layouts` keeps several layouts as variants of one plan, with one
+    parameter layout, so the runtime can pick per call (`variant=auto`):
+    `layouts=padded,ragged` makes a variant `padded` and a variant
+    `ragged`. The variant `layout=auto` would give comes first, the plan's
+    default; the others follow in the order listed. With functions made by
+    `--moe-multiversion`, each of its variants is kept in every layout,
+    named `<variant>.<layout>` (`r1d1.padded`, `r1d1.ragged`). Ragged
+    variants need one rank: ranks exchange whole capacity blocks, so
+    multi-rank plans are padded ([plan-3]). `layout` and `layouts` are
+    exclusive.
+
+    ```
+    moe-opt layer.mlir --moe-lower-to-plan="training=true layouts=padded,ragged"
+    ```
   }];
   let options = [
     Option<"training", "training", "bool", /*default=*/"false",
            "Also emit the backward steps and keep what they read">,
     Option<"layout", "layout", "std::string", /*default=*/"\"auto\"",
            "Expert row layout: auto, padded or ragged">,
+    ListOption<"layouts", "layouts", "std::string",
+               "Several layouts, one variant each: padded,ragged">,
   ];
   let dependentDialects = ["::flex::moert::MoeRTDialect"];
 }

@@ -26,6 +26,10 @@ struct LowerToPlanOptions
       *this, "layout",
       llvm::cl::desc("Expert row layout: auto, padded or ragged"),
       llvm::cl::init("auto")};
+  ListOption<std::string> layouts{
+      *this, "layouts",
+      llvm::cl::desc("Several layouts, one variant each: padded,ragged "
+                     "(the one layout=auto gives first)")};
 };
 
 /// moe IR -> placed moert plans: expand layers, canonicalize, lower each

@@ -19,6 +19,7 @@
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/BuiltinOps.h"
 #include "llvm/ADT/MapVector.h"
+#include "llvm/ADT/StringExtras.h"
 
 namespace flex {
 #define GEN_PASS_DEF_CONVERTMOETOMOERTPASS
@@ -47,18 +48,64 @@ struct ExpertWeights {
   Value w1, w2, w3, b1, b2;
 };
 
-/// Builds one plan, with one variant per layer function, at the builder's
-/// insertion point. The first function's arguments are the plan's (every
-/// variant has the same, by construction of --moe-multiversion).
+/// One variant of a plan: a layer function lowered in one layout.
+struct PlanVariant {
+  std::string name;
+  ExpandedLayer layer;
+  Layout layout;
+};
+
+/// Appends the variants of one layer function to `variants`: one in the
+/// layout `options` gives, or one per layout of `options.layouts`, the one
+/// `auto` would give first (a plan's first variant is its default). `tag`
+/// is the function's --moe-multiversion variant, empty for none.
+LogicalResult addLayoutVariants(ExpandedLayer layer, StringRef tag,
+                                const MoeToMoeRTOptions &options,
+                                SmallVectorImpl<PlanVariant> &variants) {
+  moe::GateOp gate = layer.gate;
+  int64_t ranks = gate.getRanks();
+  bool fixed = gate.getCapacity().getMode() == moe::CapacityMode::Fixed;
+  // Ranks exchange whole capacity blocks: multi-rank plans are padded.
+  Layout automatic = ranks > 1 || fixed ? Layout::Padded : Layout::Ragged;
+  if (options.layouts.empty()) {
+    Layout layout =
+        ranks > 1 ? Layout::Padded : options.layout.value_or(automatic);
+    variants.push_back({tag.empty() ? "single" : tag.str(), layer, layout});
+    return success();
+  }
+  if (ranks > 1 && llvm::is_contained(options.layouts, Layout::Ragged))
+    return gate.emitOpError("[plan-3] a ragged layout variant needs one "
+                            "rank: on ")
+           << ranks
+           << " ranks tokens move in whole capacity blocks, so every "
+              "variant is padded (keep layouts=padded, or lower for one "
+              "rank)";
+  SmallVector<Layout, 2> ordered;
+  if (llvm::is_contained(options.layouts, automatic))
+    ordered.push_back(automatic);
+  for (Layout layout : options.layouts)
+    if (!llvm::is_contained(ordered, layout))
+      ordered.push_back(layout);
+  for (Layout layout : ordered) {
+    std::string name = stringifyLayout(layout).str();
+    if (!tag.empty())
+      name = (tag + "." + name).str();
+    variants.push_back({name, layer, layout});
+  }
+  return success();
+}
+
+/// Builds one plan, with the variants of one or more layer functions, at
+/// the builder's insertion point. The first function's arguments are the
+/// plan's (every variant has the same, by construction of
+/// --moe-multiversion).
 class PlanBuilder {
 public:
   PlanBuilder(OpBuilder &builder, ExpandedLayer first,
               const MoeToMoeRTOptions &options)
       : b(builder), first(first), options(options), loc(first.gate.getLoc()) {}
 
-  FailureOr<PlanOp>
-  build(StringRef name,
-        ArrayRef<std::pair<std::string, ExpandedLayer>> variants);
+  FailureOr<PlanOp> build(StringRef name, ArrayRef<PlanVariant> variants);
 
 private:
   Value argument(StringRef name, ArgumentRole role, MemRefType type) {
@@ -74,7 +121,7 @@ private:
   }
   LayerAttr layerAttr();
   void declareArguments();
-  void buildVariant(ExpandedLayer layer);
+  void buildVariant(const PlanVariant &variant);
   void buildForward(ExpandedLayer layer);
   void buildBackward(ExpandedLayer layer);
   /// Expert steps over `segments` of `rows`: input `a` -> output `y`.
@@ -275,9 +322,8 @@ void PlanBuilder::declareArguments() {
   weightGrads.w3 = weightArgument("grad_w3", expert.getUpWeight(), grad);
 }
 
-FailureOr<PlanOp>
-PlanBuilder::build(StringRef name,
-                   ArrayRef<std::pair<std::string, ExpandedLayer>> variants) {
+FailureOr<PlanOp> PlanBuilder::build(StringRef name,
+                                     ArrayRef<PlanVariant> variants) {
   moe::GateOp gate = first.gate;
   auto input = cast<RankedTensorType>(gate.getInput().getType());
   auto router = cast<RankedTensorType>(gate.getRouterWeight().getType());
@@ -318,26 +364,24 @@ PlanBuilder::build(StringRef name,
   OpBuilder::InsertionGuard guard(b);
   b.setInsertionPointToStart(&plan.getBody().front());
   declareArguments();
-  for (auto [variantName, layer] : variants) {
-    if (layer.gate.getRanks() != ranks)
-      return layer.gate.emitOpError("[plan-3] every variant of a plan runs "
-                                    "on the same ranks");
-    variantOp = VariantOp::create(b, loc, b.getStringAttr(variantName));
+  for (const PlanVariant &variant : variants) {
+    moe::GateOp variantGate = variant.layer.gate;
+    if (static_cast<int64_t>(variantGate.getRanks()) != ranks)
+      return variantGate.emitOpError(
+          "[plan-3] every variant of a plan runs on the same ranks");
+    variantOp = VariantOp::create(b, loc, b.getStringAttr(variant.name));
     variantOp.getForward().push_back(new Block());
     variantOp.getBackward().push_back(new Block());
-    prefix = variants.size() > 1 ? variantName + "." : "";
-    buildVariant(layer);
+    prefix = variants.size() > 1 ? variant.name + "." : "";
+    buildVariant(variant);
     b.setInsertionPointAfter(variantOp);
   }
   return plan;
 }
 
-void PlanBuilder::buildVariant(ExpandedLayer layer) {
-  // Ranks exchange whole capacity blocks: multi-rank plans are padded.
-  bool fixed = capacityAttr.getMode() == moe::CapacityMode::Fixed;
-  layout = ranks > 1 ? Layout::Padded
-                     : options.layout.value_or(fixed ? Layout::Padded
-                                                     : Layout::Ragged);
+void PlanBuilder::buildVariant(const PlanVariant &variant) {
+  ExpandedLayer layer = variant.layer;
+  layout = variant.layout;
   rows = virtualExperts * capacityBound;
   if (layout == Layout::Ragged)
     rows = std::min(rows, tokens * topK);
@@ -726,7 +770,7 @@ void PlanBuilder::buildBackward(ExpandedLayer layer) {
 /// layer) and erases them.
 LogicalResult lowerPlan(StringRef name, ArrayRef<func::FuncOp> functions,
                         const MoeToMoeRTOptions &options) {
-  SmallVector<std::pair<std::string, ExpandedLayer>> variants;
+  SmallVector<PlanVariant> variants;
   func::FuncOp firstFunction = functions.front();
   for (func::FuncOp func : functions) {
     FailureOr<ExpandedLayer> layer = moe::matchExpandedLayer(func);
@@ -736,13 +780,14 @@ LogicalResult lowerPlan(StringRef name, ArrayRef<func::FuncOp> functions,
       return func.emitOpError("[plan-3] every variant of a plan has the same "
                               "arguments (one parameter layout), expected ")
              << firstFunction.getFunctionType();
-    std::string variantName = "single";
+    StringRef tag;
     if (auto attr = func->getAttrOfType<StringAttr>("moe.variant"))
-      variantName = attr.str();
-    variants.push_back({variantName, *layer});
+      tag = attr.getValue();
+    if (failed(addLayoutVariants(*layer, tag, options, variants)))
+      return failure();
   }
   OpBuilder builder(functions.front());
-  PlanBuilder planBuilder(builder, variants.front().second, options);
+  PlanBuilder planBuilder(builder, variants.front().layer, options);
   if (failed(planBuilder.build(name, variants)))
     return failure();
   for (func::FuncOp func : functions)
@@ -754,19 +799,42 @@ struct ConvertMoeToMoeRTPass final
     : flex::impl::ConvertMoeToMoeRTPassBase<ConvertMoeToMoeRTPass> {
   using Base::Base;
 
-  void runOnOperation() override {
-    MoeToMoeRTOptions lowering;
-    lowering.training = training;
+  /// `layout` and `layouts` into `lowering`, or a diagnostic.
+  LogicalResult parseLayouts(MoeToMoeRTOptions &lowering) {
+    ModuleOp module = getOperation();
     if (layout == "padded")
       lowering.layout = Layout::Padded;
     else if (layout == "ragged")
       lowering.layout = Layout::Ragged;
-    else if (layout != "auto") {
-      getOperation().emitError("[plan-3] layout must be auto, padded or "
-                               "ragged, got '")
-          << layout << "'";
-      return signalPassFailure();
+    else if (layout != "auto")
+      return module.emitError("[plan-3] layout must be auto, padded or "
+                              "ragged, got '")
+             << layout << "'";
+    if (layouts.empty())
+      return success();
+    if (lowering.layout)
+      return module.emitError("[plan-3] give layout or layouts, not both: "
+                              "layout=")
+             << layout << " with layouts=" << llvm::join(layouts, ",");
+    for (const std::string &text : layouts) {
+      std::optional<Layout> parsed = symbolizeLayout(text);
+      if (!parsed)
+        return module.emitError("[plan-3] layouts lists padded and ragged "
+                                "(one variant each), got '")
+               << text << "'";
+      if (llvm::is_contained(lowering.layouts, *parsed))
+        return module.emitError("[plan-3] layout '")
+               << text << "' is listed twice in layouts";
+      lowering.layouts.push_back(*parsed);
     }
+    return success();
+  }
+
+  void runOnOperation() override {
+    MoeToMoeRTOptions lowering;
+    lowering.training = training;
+    if (failed(parseLayouts(lowering)))
+      return signalPassFailure();
     // Plans by name: a function's own, or the layer it is a variant of.
     llvm::MapVector<StringRef, SmallVector<func::FuncOp>> plans;
     getOperation().walk([&](func::FuncOp func) {
@@ -794,8 +862,10 @@ FailureOr<PlanOp> flex::lowerLayerToPlan(func::FuncOp func,
   FailureOr<ExpandedLayer> layer = moe::matchExpandedLayer(func);
   if (failed(layer))
     return failure();
+  SmallVector<PlanVariant> variants;
+  if (failed(addLayoutVariants(*layer, "", options, variants)))
+    return failure();
   OpBuilder builder(func);
   PlanBuilder planBuilder(builder, *layer, options);
-  std::string variantName = "single";
-  return planBuilder.build(func.getSymName(), {{variantName, *layer}});
+  return planBuilder.build(func.getSymName(), variants);
 }

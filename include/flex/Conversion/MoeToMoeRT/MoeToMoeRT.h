@@ -26,6 +26,10 @@ struct MoeToMoeRTOptions {
   bool training = false;
   /// std::nullopt: padded for a fixed capacity, ragged otherwise.
   std::optional<moert::Layout> layout;
+  /// When not empty, one variant per layout (`layout` is then unused),
+  /// named after it; the one `layout` = std::nullopt would give comes
+  /// first.
+  llvm::SmallVector<moert::Layout, 2> layouts;
 };
 
 /// Builds the plan of the layer in `func` next to it and returns it; `func`
