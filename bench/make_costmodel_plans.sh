@@ -6,7 +6,8 @@
 # (docs/CostModel.md, "The accuracy benchmark"). The layers vary T, d, h, E,
 # k, the capacity (fixed 1.0, 1.25, dropless), the dtype (bf16, a few f32),
 # the expert FFN (relu, gelu, gated SwiGLU) and training or inference; their
-# weights stay modest so each GPU run takes a few seconds.
+# weights stay modest so each GPU run takes a few seconds. Dropless layers
+# carry two variants, ragged and padded (layouts=padded,ragged).
 # usage: bench/make_costmodel_plans.sh [BUILD_DIR]   (default: build)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -105,9 +106,12 @@ for spec in "${layers[@]}" "${calibration[@]}"; do
   read -r name T d h E k cap dt ffn mode <<<"$spec"
   layer_mlir "$name" "$T" "$d" "$h" "$E" "$k" "$cap" "$dt" "$ffn" > "$tmp/$name.mlir"
   training=false; [[ $mode == train ]] && training=true
+  # Dropless layers keep both expert row layouts as variants (one GPU's
+  # choice, docs/CostModel.md): ragged first (the default), then padded.
+  layouts=""; [[ $cap == dropless ]] && layouts=" layouts=padded,ragged"
   plan="$out/$name.$mode.json"
   [[ $name == c* ]] && plan="$out/calib/$name.$mode.json"
-  "$opt" "$tmp/$name.mlir" --moe-lower-to-plan="training=$training" \
+  "$opt" "$tmp/$name.mlir" --moe-lower-to-plan="training=$training$layouts" \
     | "$translate" --moert-to-plan > "$plan.tmp" \
     || { echo "make_costmodel_plans.sh: compiling $name failed" >&2; cat "$tmp/$name.mlir" >&2; rm -f "$plan.tmp"; exit 1; }
   [[ -s "$plan.tmp" ]] || { echo "make_costmodel_plans.sh: empty plan for $name" >&2; exit 1; }
