@@ -12,6 +12,7 @@
 
 #include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/ByteOverlap.h"
+#include "flex/Runtime/CostModel/Topology.h"
 
 #include "flex/Runtime/StepSchema.h"
 
@@ -314,6 +315,23 @@ double CostModel::stepSeconds(const Plan &plan, const Step &step,
   if (group <= 1)
     return profile_.launchSeconds;
   const CollectiveKind kind = collectiveKind(basis.cost);
+  if (usesTopology(plan, step)) {
+    const Topology &topology = *profile_.topology;
+    const int64_t n = step.attrs.ranksPerNode;
+    if (kind == CollectiveKind::AllToAll && n > 1 && n < group) {
+      StagingFigures staging;
+      staging.bytesPerSecond = profile_.memoryBandwidth;
+      staging.launchSeconds = profile_.launchSeconds;
+      staging.copyPerBlock = options_.hierarchicalCopyPerBlock;
+      return hierarchicalAllToAllCost(topology, group, n,
+                                      basis.bytesExchanged / double(group - 1),
+                                      staging)
+          .seconds;
+    }
+    return collectiveCost(topology, kind, group, step.attrs.groupStride,
+                          basis.bytesExchanged)
+        .seconds;
+  }
   const CollectivePoint *point =
       profile_.findCollective(kind, plan.worldSize, group, options_.transport);
   // A kind the calibration did not measure: the built-in figures.
@@ -323,6 +341,24 @@ double CostModel::stepSeconds(const Plan &plan, const Step &step,
     point = fallback.findCollective(kind, plan.worldSize, group, "");
   }
   return point->alphaSeconds + basis.bytesExchanged / point->betaBytesPerSecond;
+}
+
+bool CostModel::usesTopology(const Plan &plan, const Step &step) const {
+  const StepCost cost = getStepKind(step.op).cost;
+  if (!profile_.topology || !isCollective(step.op))
+    return false;
+  const int64_t group = step.attrs.groupRanks(plan.worldSize);
+  const int64_t n = step.attrs.ranksPerNode;
+  // A measured point is a flat exchange: it never prices a 2DH one.
+  if (cost == StepCost::Exchange && n > 1 && n < group)
+    return true;
+  const CollectivePoint *point = profile_.findCollective(
+      collectiveKind(cost), plan.worldSize, group, options_.transport);
+  const bool exact =
+      point && !profile_.builtin && point->worldSize == plan.worldSize &&
+      point->groupSize == group &&
+      (options_.transport.empty() || point->transport == options_.transport);
+  return !exact;
 }
 
 Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <limits>
@@ -33,7 +34,8 @@ using Json = nlohmann::ordered_json;
 constexpr std::string_view kCollectiveNames[] = {
     "all_to_all", "all_gather", "reduce_scatter", "all_reduce"};
 
-/// A malformed field; what() names it.
+/// A malformed field; what() names it ("profile field 'PATH': ...";
+/// parseTopology says "node shape field" instead).
 struct ProfileError : std::runtime_error {
   ProfileError(const std::string &path, const std::string &message)
       : std::runtime_error("profile field '" + path + "': " + message) {}
@@ -154,6 +156,56 @@ CollectivePoint readCollective(const Json &json, const std::string &path) {
   return point;
 }
 
+/// Only `allowed` keys: a misspelt key in a hand-written node shape would
+/// otherwise be a silent default.
+void expectKeys(const Json &json, const std::string &path,
+                std::initializer_list<const char *> allowed) {
+  for (auto it = json.begin(); it != json.end(); ++it)
+    if (std::none_of(allowed.begin(), allowed.end(),
+                     [&](const char *key) { return it.key() == key; }))
+      throw ProfileError(join(path, it.key().c_str()), "unknown field");
+}
+
+LinkFigures readLink(const Json &json, const std::string &path) {
+  expectObject(json, path);
+  expectKeys(json, path, {"alpha_s", "per_peer_s", "beta_bytes_per_s"});
+  LinkFigures link;
+  link.alphaSeconds =
+      asNumber(field(json, path, "alpha_s"), join(path, "alpha_s"), false);
+  link.perPeerSeconds = asNumber(field(json, path, "per_peer_s"),
+                                 join(path, "per_peer_s"), false);
+  link.betaBytesPerSecond = asNumber(field(json, path, "beta_bytes_per_s"),
+                                     join(path, "beta_bytes_per_s"), true);
+  return link;
+}
+
+/// A node shape at `path` ("topology" in a profile, "" alone).
+Topology readTopology(const Json &json, const std::string &path) {
+  expectObject(json, path);
+  expectKeys(json, path, {"gpus_per_node", "intra", "inter", "source"});
+  Topology topology;
+  topology.gpusPerNode =
+      asInt(field(json, path, "gpus_per_node"), join(path, "gpus_per_node"), 1);
+  topology.intra = readLink(field(json, path, "intra"), join(path, "intra"));
+  topology.inter = readLink(field(json, path, "inter"), join(path, "inter"));
+  topology.source = optionalString(json, path, "source");
+  return topology;
+}
+
+Json topologyJson(const Topology &topology) {
+  auto link = [](const LinkFigures &l) {
+    return Json{{"alpha_s", l.alphaSeconds},
+                {"per_peer_s", l.perPeerSeconds},
+                {"beta_bytes_per_s", l.betaBytesPerSecond}};
+  };
+  Json json = {{"gpus_per_node", topology.gpusPerNode},
+               {"intra", link(topology.intra)},
+               {"inter", link(topology.inter)}};
+  if (!topology.source.empty())
+    json["source"] = topology.source;
+  return json;
+}
+
 void readDocument(const Json &json, DeviceProfile &profile) {
   expectObject(json, "");
   if (asString(field(json, "", "format"), "format") != kProfileFormatName)
@@ -232,6 +284,11 @@ void readDocument(const Json &json, DeviceProfile &profile) {
                "overlap.compute_slowdown", true);
   if (profile.overlapSlowdown < 1)
     throw ProfileError("overlap.compute_slowdown", "must be >= 1");
+
+  // Optional in version 2 (older files have none).
+  profile.topology.reset();
+  if (auto it = json.find("topology"); it != json.end())
+    profile.topology = readTopology(*it, "topology");
 }
 
 } // namespace
@@ -371,7 +428,29 @@ std::string writeProfile(const DeviceProfile &profile) {
                            {"beta_bytes_per_s", point.betaBytesPerSecond}});
   json["collectives"] = std::move(collectives);
   json["overlap"] = {{"compute_slowdown", profile.overlapSlowdown}};
+  if (profile.topology)
+    json["topology"] = topologyJson(*profile.topology);
   return json.dump(2) + "\n";
+}
+
+Status parseTopology(std::string_view text, Topology &topology) {
+  try {
+    Json json = Json::parse(text.begin(), text.end());
+    topology = readTopology(json, "");
+    return Status::ok();
+  } catch (const ProfileError &error) {
+    // The same message with the noun of a file read alone.
+    std::string message = error.what();
+    return Status(StatusCode::InvalidArgument,
+                  "node shape" + message.substr(std::strlen("profile")));
+  } catch (const std::exception &error) {
+    return Status(StatusCode::InvalidArgument,
+                  std::string("node shape is not valid JSON: ") + error.what());
+  }
+}
+
+std::string writeTopology(const Topology &topology) {
+  return topologyJson(topology).dump(2) + "\n";
 }
 
 Status parseProfile(std::string_view text, DeviceProfile &profile) {

@@ -58,6 +58,10 @@ struct CostModelOptions {
   bool overlap = true;
   /// The collectives' transport to look up in the profile; "" = any.
   std::string transport;
+  /// With a node shape (Topology.h): a 2DH exchange's two block reorders
+  /// cost one device copy per block (the CUDA backend's way, 2 W copies);
+  /// false prices one copy kernel per phase instead (a fused reorder).
+  bool hierarchicalCopyPerBlock = true;
 };
 
 /// What a step's time is computed from: its cost class, its bytes and
@@ -129,6 +133,10 @@ public:
   StepBasis stepBasis(const Plan &plan, const Step &step, int64_t rows) const;
   /// The seconds one step takes alone on its stream (no waits, no overlap).
   double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
+  /// Whether the profile's node shape prices this collective step (no
+  /// exact measured point, a built-in profile's points, or a 2DH exchange)
+  /// rather than a measured point; false without a node shape.
+  bool usesTopology(const Plan &plan, const Step &step) const;
 
 private:
   DeviceProfile profile_;

@@ -83,6 +83,28 @@ struct CollectivePoint {
   double betaBytesPerSecond = 1;
 };
 
+/// One kind of link between GPUs: a collective phase over it costs
+/// alphaSeconds + peers x perPeerSeconds + bytes / betaBytesPerSecond, for
+/// the bytes one GPU sends over it (docs/CostModel.md, "Past the machines").
+struct LinkFigures {
+  double alphaSeconds = 0;
+  /// Each further peer a GPU sends a message to (its setup, its latency).
+  double perPeerSeconds = 0;
+  double betaBytesPerSecond = 1;
+};
+
+/// The machine's shape: nodes of gpusPerNode GPUs (ranks r and r' share a
+/// node when r / gpusPerNode == r' / gpusPerNode), joined inside a node by
+/// `intra` (NVLink) and between nodes by `inter` (InfiniBand, per GPU).
+/// With it the cost model prices collectives no measured point covers from
+/// the links (Topology.h).
+struct Topology {
+  int64_t gpusPerNode = 1;
+  LinkFigures intra, inter;
+  /// Where the figures come from (free text, for people; optional).
+  std::string source;
+};
+
 struct DeviceProfile {
   std::string deviceName;
   std::string backend = "cpu"; ///< "cpu" or "cuda"
@@ -108,6 +130,9 @@ struct DeviceProfile {
   /// Compute runs this many times slower while an exchange runs beside it
   /// (>= 1; 1 on the CPU backend, whose exchanges do not overlap).
   double overlapSlowdown = 1.0;
+  /// The node shape (optional): collectives without an exact measured
+  /// point are priced from its links (Topology.h).
+  std::optional<Topology> topology;
 
   /// The FLOP/s of a step of `groups` GEMMs of [m, k] x [k, n]: among the
   /// points of the same dtype and layout (else the same dtype - f16 and
@@ -140,6 +165,12 @@ std::string writeProfile(const DeviceProfile &profile);
 /// Reads a profile; InvalidArgument naming the field ("profile field
 /// 'gemm[2].flops_per_s': ...") on a malformed document. Never throws.
 Status parseProfile(std::string_view text, DeviceProfile &profile);
+/// Reads a node shape alone (a profile's `topology` object, e.g. a file
+/// given to moe-scale); InvalidArgument naming the field ("topology field
+/// 'inter.beta_bytes_per_s': ...").
+Status parseTopology(std::string_view text, Topology &topology);
+/// The JSON text of a node shape (the profile's `topology` object).
+std::string writeTopology(const Topology &topology);
 /// parseProfile of a file; IOError naming the path when it cannot be read.
 Status readProfileFile(const std::string &path, DeviceProfile &profile);
 Status writeProfileFile(const std::string &path, const DeviceProfile &profile);
