@@ -33,7 +33,9 @@ flex_install_missing() {
 # a venv under the build folder, made once (FLEX_PYTHON_DEPS=0 skips it; the
 # python-flexmoe test then says it was skipped). PyPI's torch needs its CUDA
 # libraries to import, even on a CPU, so they come too; triton (1 GB, only
-# for compiling GPU kernels) does not. About 1.5 minutes and 4 GB, once.
+# for compiling GPU kernels) does not (pip then warns that it is missing).
+# setuptools >= 70.1 builds the package offline (a test pip-installs it).
+# About 1.5 minutes and 4.4 GB, once.
 FLEX_TORCH_SPEC="${FLEX_TORCH_SPEC:-torch==2.15.0}"
 flex_torch_deps_script='
 from importlib.metadata import requires
@@ -51,7 +53,7 @@ flex_python_deps() {
   if python3 -m venv --clear "$venv" &&
      "$venv/bin/pip" install -q --no-deps "$FLEX_TORCH_SPEC" &&
      deps=$("$venv/bin/python" -c "$flex_torch_deps_script") &&
-     "$venv/bin/pip" install -q pytest $deps; then
+     "$venv/bin/pip" install -q pytest "setuptools>=70.1" $deps; then
     echo "flex: torch and pytest installed in $((SECONDS - start)) s"
   else
     echo "flex: could not install torch; the python-flexmoe test will be skipped"

@@ -26,6 +26,7 @@
 #
 # ===----------------------------------------------------------------------=== #
 
+import contextlib
 import functools
 import json
 from typing import List, Optional, Tuple
@@ -123,6 +124,14 @@ def _aligned(workspace, plan):
     return (address + align - 1) // align * align
 
 
+def _on_device(device):
+    """The executables of a CUDA context run on its device: make it the
+    current one for the call."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _stream(device):
     if device.type == "cuda":
         return torch.cuda.current_stream(device).cuda_stream
@@ -200,9 +209,10 @@ def moe_forward(key: str, x: torch.Tensor, wg: torch.Tensor,
     bindings = _bind(plan, [("x", x)] + _params(wg, w1, w2, w3, b1, b2) +
                      [("out", out), ("l_aux", l_aux)])
     seed_value = int(seed.item()) if plan.spec.gate_noise != 0.0 else None
-    runner.forward(bindings, _aligned(workspace, plan), plan.workspace_bytes,
-                   _stream(x.device), seed_value, variant,
-                   plan.spec.training)
+    with _on_device(x.device):
+        runner.forward(bindings, _aligned(workspace, plan),
+                       plan.workspace_bytes, _stream(x.device), seed_value,
+                       variant, plan.spec.training)
     return out, l_aux, workspace[:0]
 
 
@@ -238,8 +248,9 @@ def moe_backward(key: str, grad_out: torch.Tensor, grad_l_aux: torch.Tensor,
                                     ("grad_l_aux", grad_l_aux)] + grad_bind)
     if workspace.device.type == "cuda":
         workspace.record_stream(torch.cuda.current_stream(workspace.device))
-    runner.backward(bindings, _aligned(workspace, plan), plan.workspace_bytes,
-                    _stream(x.device), variant)
+    with _on_device(x.device):
+        runner.backward(bindings, _aligned(workspace, plan),
+                        plan.workspace_bytes, _stream(x.device), variant)
     return [g for _, g in grads]
 
 

@@ -21,6 +21,7 @@
 import collections
 import ctypes
 import threading
+import warnings
 
 from . import _capi
 from ._capi import FlexError
@@ -79,7 +80,10 @@ class Executable:
         self.lib.check(status, what, self.handle)
 
     def select_variant(self, name):
-        """"" keeps the executor's choice (auto for several variants)."""
+        """A variant by name; "" is the executor's own choice (auto for
+        several variants), restored after a call that named one."""
+        if not name and self.variant not in (None, "auto"):
+            name = "auto"
         if name and name != self.variant:
             self.check(
                 self.lib.lib.flexExecutableSelectVariantByName(
@@ -113,6 +117,7 @@ class Executable:
 # per-call state; the oldest is dropped past it (its backward then fails,
 # saying so). The executor of the per-call ABI keeps a bound of its own.
 MAX_PENDING_FORWARDS = 64
+_warned_seed = False
 
 
 class Runner:
@@ -153,6 +158,12 @@ class Runner:
     def forward(self, bindings, workspace, nbytes, stream, seed, variant,
                 keep_state):
         """keep_state: a backward will follow (a training plan)."""
+        global _warned_seed
+        if seed is not None and not self.per_call_state and not _warned_seed:
+            _warned_seed = True
+            warnings.warn(f"flexmoe: {self.lib.path} has no per-call seed "
+                          f"(FLEX_RUN_SEED): the gate noise is the plan's, "
+                          f"the same at every step")
         options = self._options(stream, seed, workspace, nbytes)
         with self.lock:
             if self.per_call_state:
