@@ -152,3 +152,84 @@ def test_first_call_compile_time(tmp_path):
           f"{m['torch_dynamo_import_s']:.2f} s")
     limit = 1.0 if m["compiler"].startswith("in-process") else 5.0
     assert m["c1_compile_s"] < limit
+
+
+def test_tool_compiler_gives_the_same_plan():
+    """The fallback without libflex_compiler.so (moe-opt | moe-translate)
+    writes the plan the in-process compiler does."""
+    comp = _compiler.compiler()
+    build = Path(os.environ.get("FLEX_BUILD_DIR",
+                                Path(flexmoe.__file__).parents[2] / "build"))
+    if not isinstance(comp, _compiler.InProcessCompiler) or not (
+            build / "bin" / "moe-opt").is_file():
+        pytest.skip("needs both libflex_compiler.so and the build's moe-opt")
+    tools = _compiler.ToolCompiler(build / "bin")
+    lib = _compiler._capi.library()
+    for spec in (_compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
+                                     experts=4, top_k=2, bias=True,
+                                     capacity_mode="bounded",
+                                     capacity_factor=1.5,
+                                     batch_prioritized=True),
+                 _compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
+                                     experts=8, top_k=2, gated=True,
+                                     activation="silu", dtype="bf16",
+                                     router_fp32=True, world_size=4,
+                                     variants=("r1d1", "r1d2", "r0d1"))):
+        plans = []
+        for c in (comp, tools):
+            doc = json.loads(c.compile(lib, spec, _compiler.emit_mlir(spec)))
+            doc.pop("producer", None)
+            plans.append(doc)
+        assert plans[0] == plans[1]
+
+
+def _config(spec):
+    from flexmoe import _capi
+    return _capi.LayerConfig(
+        spec.tokens, spec.model_dim, spec.hidden_dim, spec.experts,
+        spec.top_k, ("fixed", "dropless", "bounded").index(spec.capacity_mode),
+        int(spec.gated), spec.capacity_factor,
+        _capi.ACTIVATIONS[spec.activation],
+        _compiler.DTYPE_NAMES.index(spec.dtype), int(spec.bias),
+        int(spec.router_fp32), int(spec.batch_prioritized),
+        int(spec.normalize_gate), spec.gate_noise, spec.seed)
+
+
+def test_emitted_ir_is_the_compilers_own():
+    """flexmoe's moe.layer text compiles to the plan that the compiler's
+    own layer-config path (flex::layerConfigToMlir, the compile_config
+    hook) gives for the same configuration."""
+    import ctypes
+    from flexmoe import _capi
+    comp = _compiler.compiler()
+    if not isinstance(comp, _compiler.InProcessCompiler):
+        pytest.skip("needs libflex_compiler.so's hooks")
+    lib = _capi.library()
+    specs = [
+        _compiler.LayerSpec(tokens=40, model_dim=16, hidden_dim=24,
+                            experts=4, top_k=3, capacity_mode="dropless",
+                            activation="gelu", bias=True, dtype="f16",
+                            batch_prioritized=True, gate_noise=0.75,
+                            seed=(1 << 63) + 5),
+        _compiler.LayerSpec(tokens=33, model_dim=16, hidden_dim=24,
+                            experts=6, top_k=2, capacity_mode="bounded",
+                            capacity_factor=1.0 / 3.0, gated=True,
+                            activation="silu", dtype="bf16",
+                            router_fp32=True, normalize_gate=True, seed=9),
+    ]
+    for spec in specs:
+        mine = json.loads(comp.compile(lib, spec, _compiler.emit_mlir(spec)))
+        options = _capi.CompileOptions(ctypes.sizeof(_capi.CompileOptions),
+                                       1, 0, 1, None)
+        plan, error = ctypes.c_void_p(), ctypes.c_void_p()
+        status = comp.hooks.compile_config(None,
+                                           ctypes.byref(_config(spec)),
+                                           ctypes.byref(options),
+                                           ctypes.byref(plan),
+                                           ctypes.byref(error))
+        assert status == 0, ctypes.string_at(error.value).decode()
+        theirs = json.loads(ctypes.string_at(plan.value).decode())
+        lib.lib.flexFreeString(plan)
+        mine.pop("producer", None)
+        theirs.pop("producer", None)
+        assert mine == theirs

@@ -52,8 +52,8 @@ def _can_build_offline():
         version = tuple(int(p) for p in setuptools.__version__.split(".")[:2])
         if version >= (70, 1):
             return True
-        import wheel  # noqa: F401
-        return True
+        import wheel
+        return wheel is not None
     except Exception:
         return False
 
