@@ -148,6 +148,23 @@ class MoELayer(torch.nn.Module):
             p._flexmoe_expert = True
         self.reset_parameters()
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(dtype), .half(), .bfloat16(), .cuda(): the layer's dtype
+        follows its experts' (a new plan); with fp32_router, wg stays f32."""
+        out = super()._apply(fn, *args, **kwargs)
+        dtype = self.w1.dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"flexmoe layers run in {list(_DTYPES)}, not "
+                            f"{dtype}")
+        if self.fp32_router and self.wg.dtype != torch.float32:
+            self.wg.data = self.wg.data.float()
+        elif not self.fp32_router and self.wg.dtype != dtype:
+            self.wg.data = self.wg.data.to(dtype)
+        if dtype != self.dtype:
+            self.dtype = dtype
+            self._static_key = _ops.static_key(self.spec(1, True))
+        return out
+
     def expert_parameters(self):
         """The parameters sharded over ranks (all but wg, which is
         replicated and data parallel: all-reduce its gradient)."""

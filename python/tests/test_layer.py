@@ -235,3 +235,18 @@ def test_mlir_text():
     assert "moe.layer ffn<gelu> %x, %wg, %w1, %w2 bias(%b1, %b2)" in text
     assert "#moe.capacity<bounded 1.5000000000000000e+00>" in text
     assert "tensor<32x16xf32>" in text and "normalize" in text
+
+
+def test_dtype_conversion_follows_the_experts():
+    layer = make_layer(top_k=2)
+    x = torch.randn(20, 16)
+    with torch.no_grad():
+        layer(x)
+        layer.bfloat16()  # a new plan in bf16; the router stays f32
+        assert layer.dtype == torch.bfloat16
+        assert layer.wg.dtype == torch.float32
+        y, _ = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    check_against_reference(layer, x.bfloat16(), torch.bfloat16)
+    with pytest.raises(TypeError, match="flexmoe layers run in"):
+        layer.double()
