@@ -10,7 +10,9 @@
 #
 # ===----------------------------------------------------------------------=== #
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not os.environ.get("FLEXMOE_CACHE_DIR"):
-    os.environ["FLEXMOE_CACHE_DIR"] = tempfile.mkdtemp(prefix="flexmoe-test-")
+    _cache = tempfile.mkdtemp(prefix="flexmoe-test-")
+    os.environ["FLEXMOE_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
