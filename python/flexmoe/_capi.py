@@ -205,7 +205,8 @@ SOURCE_ROOT = PACKAGE_DIR.parent.parent  # python/flexmoe -> the repository
 def _candidates(env_var, file_name, build_subdirs):
     """Where a library may be, in the order docs/Python.md gives: the
     environment variable, the package (flexmoe/lib/, flexmoe/), then the
-    build tree (FLEX_BUILD_DIR, else <repository>/build)."""
+    build tree (FLEX_BUILD_DIR, else <repository>/build); find_library
+    tries the system's library path after them."""
     value = os.environ.get(env_var)
     if value:
         return [Path(value)], True
@@ -231,7 +232,13 @@ def find_library(env_var, file_name, build_subdirs):
         raise FlexError(
             "", f"{env_var}={paths[0]} does not name a file; unset it to "
             f"search the package and the build tree")
-    return None
+    # Last, the loader's own search (LD_LIBRARY_PATH, ld.so.cache): an
+    # installed Flex (cmake --install, docs/Embedding.md).
+    try:
+        ctypes.CDLL(file_name)
+        return Path(file_name)
+    except OSError:
+        return None
 
 
 class Library:
@@ -239,7 +246,9 @@ class Library:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        # Local symbols: the compiler's hooks are passed by hand, and
+        # nothing of the runtime's C++ should meet torch's in one namespace.
+        self.lib = ctypes.CDLL(str(path))
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = restype, argtypes

@@ -125,3 +125,19 @@ def test_missing_library_is_a_clear_error(tmp_path):
                             "FLEX_BUILD_DIR": str(tmp_path / "no-build")},
                  tmp_path)
     assert out.returncode != 0 and "libflex.so not found" in out.stderr
+
+
+def test_libraries_on_the_system_path(tmp_path):
+    # An installed Flex (cmake --install): found by the loader's search.
+    comp = _compiler.compiler()
+    if not isinstance(comp, _compiler.InProcessCompiler):
+        pytest.skip("no libflex_compiler.so in this build")
+    prefix = tmp_path / "prefix" / "lib"
+    prefix.mkdir(parents=True)
+    for path in (_capi.library().path, comp.path):
+        shutil.copy(path, prefix)
+    out = _smoke(tmp_path, {"PYTHONPATH": str(PYTHON_DIR),
+                            "FLEX_BUILD_DIR": str(tmp_path / "no-build"),
+                            "LD_LIBRARY_PATH": str(prefix)}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("libflex.so | in-process")
