@@ -131,8 +131,11 @@ TEST(AutoVariant, ExplainsPredictionsAndMeasurements) {
   EXPECT_TRUE(explanation.automatic);
   EXPECT_EQ(explanation.chosen, executor->lastRunStats().variant);
   const VariantExplanation &chosen = explanation.variants[explanation.chosen];
-  EXPECT_EQ(chosen.forwardRuns, 2);
-  EXPECT_EQ(chosen.backwardRuns, 2);
+  EXPECT_EQ(chosen.forwardCalls, 2);
+  EXPECT_EQ(chosen.backwardCalls, 2);
+  // The first forward and backward paid one-time costs: not measured.
+  EXPECT_EQ(chosen.forwardRuns, 1);
+  EXPECT_EQ(chosen.backwardRuns, 1);
   EXPECT_GT(chosen.measuredForwardUs, 0);
   EXPECT_TRUE(std::isfinite(chosen.error));
   const VariantExplanation &other =

@@ -234,7 +234,7 @@ protected:
             << name;
       }
   }
-  /// The backward runs per variant, from explain's measurements.
+  /// The backward passes per variant, from explain.
   std::map<std::string, int64_t> backwardRuns() {
     char *text = nullptr;
     EXPECT_EQ(flexExecutableExplain(exe, &text), FLEX_STATUS_OK);
@@ -242,7 +242,7 @@ protected:
     flexFreeString(text);
     std::map<std::string, int64_t> runs;
     for (const Json &variant : json["variants"])
-      runs[variant["name"]] = variant["backward_runs"];
+      runs[variant["name"]] = variant["backward_calls"];
     return runs;
   }
 

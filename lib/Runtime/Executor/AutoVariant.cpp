@@ -151,7 +151,8 @@ int64_t Executor::readCapacity(int64_t variantIndex, bool waited) {
 }
 
 int64_t Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
-                                  double micros, int64_t bucket) {
+                                  bool measured, double micros,
+                                  int64_t bucket) {
   if (!backward) {
     // Kept in either mode: explain() reports the capacity of the last call.
     int64_t capacity = readCapacity(variant, timed);
@@ -164,7 +165,7 @@ int64_t Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
     }
     bucket = bucketOf(capacity);
   }
-  if (!timed)
+  if (!measured)
     return bucket;
   BucketMeasurement &m = buckets_[variant][bucket];
   int64_t &runs = backward ? m.backwardRuns : m.forwardRuns;
@@ -225,6 +226,8 @@ Explanation Executor::explain() {
           *runs += eachRuns;
         }
       }
+    out.forwardCalls = measurements_[v].forwardCalls;
+    out.backwardCalls = measurements_[v].backwardCalls;
     out.forwardRuns = m.forwardRuns;
     out.measuredForwardUs = m.forwardMeanMicros;
     out.backwardRuns = m.backwardRuns;
@@ -281,6 +284,8 @@ std::string toJson(const Explanation &explanation) {
     item["forward_stages_us"] = stages(each.forwardStageUs);
     item["predicted_backward_us"] = each.predictedBackwardUs;
     item["backward_stages_us"] = stages(each.backwardStageUs);
+    item["forward_calls"] = each.forwardCalls;
+    item["backward_calls"] = each.backwardCalls;
     item["forward_runs"] = each.forwardRuns;
     item["measured_forward_us"] =
         each.forwardRuns ? number(each.measuredForwardUs) : Json(nullptr);

@@ -726,8 +726,11 @@ void Executor::recordPass(Pass &pass) {
   VariantMeasurements &m = measurements_[pass.variantIndex];
   int64_t &runs = pass.backward ? m.backwardRuns : m.forwardRuns;
   double &mean = pass.backward ? m.backwardMeanMicros : m.forwardMeanMicros;
-  ++runs;
-  mean += (pass.stats.totalMicros - mean) / static_cast<double>(runs);
+  int64_t &calls = pass.backward ? m.backwardCalls : m.forwardCalls;
+  if (calls++ > 0) {
+    ++runs;
+    mean += (pass.stats.totalMicros - mean) / static_cast<double>(runs);
+  }
   lastStats_ = std::move(pass.stats);
   if (!pass.backward)
     keepForwardRecord(pass.workspace,
@@ -779,7 +782,11 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     return status;
   if (Status status = finishPass(pass, start); !status)
     return status;
+  // A variant's first pass pays one-time costs: not a measurement.
+  const VariantMeasurements &seen = measurements_[pass.variantIndex];
+  const bool first = (backward ? seen.backwardCalls : seen.forwardCalls) == 0;
   pass.bucket = recordAutomatic(pass.variantIndex, backward, pass.timeSteps,
+                                pass.timeSteps && !first,
                                 pass.stats.totalMicros, pass.bucket);
   recordPass(pass);
 
