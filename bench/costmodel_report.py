@@ -92,13 +92,14 @@ def main():
             failed.append(name)
             continue
         explain = doc.get("explain", {})
-        chosen = explain.get("chosen", 0)
+        # The variant that ran (a named one, or auto's choice).
         variant = next((v for v in explain.get("variants", [])
-                        if v.get("index") == chosen), None)
+                        if v.get("name") == doc.get("variant")), None)
         if variant is None:
             failed.append(name)
             continue
         entry = {"name": name, "shape": shapes.get(name.split(".")[0], ""),
+                 "layer": ".".join(name.split(".")[:2]),
                  "variant": doc.get("variant"),
                  "profile_source": explain.get("profile", {}).get("source"),
                  "capacity": explain.get("capacity")}
@@ -163,6 +164,31 @@ def main():
                 cells.append(f"{s} {st['predicted_us'] or 0:.0f}/{st['measured_us']:.0f}")
             print(f"  {e['name']:<10} {pass_name[:3]}  " + ", ".join(cells))
 
+    # The choice: per layer run in several variants, the model's pick (the
+    # smallest predicted pass) against the fastest measured.
+    picks = []
+    by_layer = {}
+    for e in layers:
+        by_layer.setdefault(e["layer"], []).append(e)
+    for layer, runs in sorted(by_layer.items()):
+        if len(runs) < 2:
+            continue
+        pick = min(runs, key=lambda e: e["pass"]["predicted_us"])
+        best = min(runs, key=lambda e: e["pass"]["measured_us"])
+        loss = pick["pass"]["measured_us"] / best["pass"]["measured_us"] - 1
+        picks.append({"layer": layer, "pick": pick["variant"], "best": best["variant"],
+                      "loss": loss,
+                      "measured_us": {e["variant"]: e["pass"]["measured_us"] for e in runs},
+                      "predicted_us": {e["variant"]: e["pass"]["predicted_us"] for e in runs}})
+    if picks:
+        print()
+        print("the choice (layers run in every variant): model's pick vs the fastest measured")
+        for c in picks:
+            cells = ", ".join(f"{v} pred {c['predicted_us'][v]:.0f} / meas {c['measured_us'][v]:.0f}"
+                              for v in c["measured_us"])
+            print(f"  {c['layer']:<10} pick {c['pick']:<8} best {c['best']:<8} "
+                  f"loss {100 * c['loss']:5.1f}%   ({cells})")
+
     errors = [abs(e["pass"]["error"]) for e in layers if e["pass"]["error"] is not None]
     fwd = [abs(e["forward"]["error"]) for e in layers
            if e.get("forward", {}).get("error") is not None]
@@ -173,6 +199,8 @@ def main():
         "within_10pct": sum(1 for x in errors if x <= 0.10),
         "forward_median_abs_error": statistics.median(fwd) if fwd else None,
         "forward_p90_abs_error": quantile(fwd, 0.9),
+        "choices": len(picks),
+        "picks_within_3pct": sum(1 for c in picks if c["loss"] <= 0.03),
         "mean_signed_error": statistics.mean([e["pass"]["error"] for e in layers
                                               if e["pass"]["error"] is not None])
         if errors else None,
@@ -187,8 +215,12 @@ def main():
           f"median {p(summary['forward_median_abs_error'])}, p90 "
           f"{p(summary['forward_p90_abs_error'])}; mean signed error "
           f"{p(summary['mean_signed_error'])} (+ = slower than predicted)")
+    if picks:
+        print(f"choice: the pick within 3% of the fastest in "
+              f"{summary['picks_within_3pct']}/{summary['choices']} layers")
     if args.json:
-        json.dump({"profile": profile, "summary": summary, "layers": layers},
+        json.dump({"profile": profile, "summary": summary, "layers": layers,
+                   "choices": picks},
                   open(args.json, "w"), indent=1)
 
 

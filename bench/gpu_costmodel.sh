@@ -43,14 +43,21 @@ echo "=== layers ($SECONDS s, no new layer after ${DEADLINE} s)"
 : > "$OUT/runs.log"
 for plan in "$root"/bench/costmodel_plans/*.json; do
   name="$(basename "$plan" .json)"
-  if (( SECONDS > DEADLINE )); then echo "deadline: skipping $name"; continue; fi
   extra=(); [[ "$name" == *.train ]] && extra=(--train)
-  start=$SECONDS
-  timeout 60 "$run" "$plan" --device cuda "${extra[@]}" --iters "$ITERS" --json \
-      --explain --profile "$OUT/profile.json" > "$OUT/runs/$name.json" 2> "$OUT/runs/$name.err"
-  rc=$?
-  { echo "### $name rc=$rc"; cat "$OUT/runs/$name.err"; } >> "$OUT/runs.log"
-  echo "$name rc=$rc $((SECONDS - start)) s"
+  # A plan with several variants (layouts) runs each, to judge the choice.
+  variants=$(python3 -c "import json,sys; v=[x['name'] for x in json.load(open(sys.argv[1]))['variants']]; print(' '.join(v) if len(v) > 1 else '')" "$plan")
+  for variant in ${variants:-""}; do
+    run_name="$name${variant:+.$variant}"
+    if (( SECONDS > DEADLINE )); then echo "deadline: skipping $run_name"; continue; fi
+    pick=(); [[ -n "$variant" ]] && pick=(--variant "$variant")
+    start=$SECONDS
+    timeout 60 "$run" "$plan" --device cuda "${extra[@]}" "${pick[@]}" --iters "$ITERS" \
+        --json --explain --profile "$OUT/profile.json" > "$OUT/runs/$run_name.json" \
+        2> "$OUT/runs/$run_name.err"
+    rc=$?
+    { echo "### $run_name rc=$rc"; cat "$OUT/runs/$run_name.err"; } >> "$OUT/runs.log"
+    echo "$run_name rc=$rc $((SECONDS - start)) s"
+  done
 done
 
 echo "=== report ($SECONDS s)"

@@ -76,9 +76,9 @@ void printSummary(const DeviceProfile &profile, const std::string &path,
   std::cout << "  wrote " << path << "\n";
 }
 
-/// Whether the plan file has backward steps (then it runs with --train).
-bool isTrainingPlan(const std::string &path) {
-  Plan plan;
+/// Loads the plan file; whether it has backward steps (then it runs with
+/// --train).
+bool isTrainingPlan(const std::string &path, Plan &plan) {
   if (Status s = loadPlanFile(path, plan); !s)
     fatal(2, "--calibrate: cannot load '" + path + "': " + s.message());
   if (plan.worldSize > 1)
@@ -97,8 +97,29 @@ int64_t lastCapacity(const LayerRun &run) {
   return json["capacity"].get<int64_t>();
 }
 
-/// Runs each plan given with --calibrate (its selected variant, forward and
-/// for a training plan backward, timed per step) and fits each step kind's
+/// The timed steps of the run's variant, each with the model's basis.
+void addSamples(const CostModel &model, const LayerRun &run,
+                std::vector<StepSample> &samples) {
+  const int64_t capacity = lastCapacity(run);
+  const Variant &variant = run.plan.variants.at(run.variant);
+  for (bool backward : {false, true}) {
+    const StepTimes &times = backward ? run.backwardTimes : run.forwardTimes;
+    const std::vector<Step> &steps =
+        backward ? variant.backward : variant.forward;
+    if (times.stepRuns == 0 || times.ops.size() != steps.size())
+      continue;
+    const Prediction predicted =
+        model.predict(run.plan, run.variant, backward, capacity);
+    for (size_t i = 0; i < steps.size(); ++i)
+      samples.push_back(
+          {steps[i].op,
+           model.stepBasis(run.plan, steps[i], predicted.steps[i].rows),
+           times.stepMean(i) * 1e-6});
+  }
+}
+
+/// Runs each plan given with --calibrate (each variant, forward and for a
+/// training plan backward, timed per step) and fits each step kind's
 /// figures to the steps: what a kind pays besides the bytes and FLOPs the
 /// generic figures price (docs/CostModel.md, "Calibrating with plans").
 void calibrateWithPlans(const Options &options, DeviceProfile &profile) {
@@ -109,33 +130,25 @@ void calibrateWithPlans(const Options &options, DeviceProfile &profile) {
   const CostModel model(profile);
   std::vector<StepSample> samples;
   for (const std::string &path : options.calibratePlans) {
-    Options one;
-    one.path = path;
-    one.device = options.device;
-    one.train = isTrainingPlan(path);
-    one.iters = options.quick ? 2 : 10;
-    one.warmup = 2;
-    one.profile = options.profile;
-    LayerRun run;
-    runLayer(one, run);
-    const int64_t capacity = lastCapacity(run);
-    const Variant &variant = run.plan.variants.at(run.variant);
-    for (bool backward : {false, true}) {
-      const StepTimes &times = backward ? run.backwardTimes : run.forwardTimes;
-      const std::vector<Step> &steps =
-          backward ? variant.backward : variant.forward;
-      if (times.stepRuns == 0 || times.ops.size() != steps.size())
-        continue;
-      const Prediction predicted =
-          model.predict(run.plan, run.variant, backward, capacity);
-      for (size_t i = 0; i < steps.size(); ++i)
-        samples.push_back(
-            {steps[i].op,
-             model.stepBasis(run.plan, steps[i], predicted.steps[i].rows),
-             times.stepMean(i) * 1e-6});
+    // Every variant: a layout's steps (padded or ragged GEMMs) are measured
+    // only where they run.
+    Plan plan;
+    const bool training = isTrainingPlan(path, plan);
+    for (const Variant &each : plan.variants) {
+      Options one;
+      one.path = path;
+      one.device = options.device;
+      one.train = training;
+      one.iters = options.quick ? 2 : 10;
+      one.warmup = 2;
+      one.profile = options.profile;
+      one.variant = each.name;
+      LayerRun run;
+      runLayer(one, run);
+      addSamples(model, run, samples);
+      flexExecutableDestroy(run.exe);
+      flexContextDestroy(run.context);
     }
-    flexExecutableDestroy(run.exe);
-    flexContextDestroy(run.context);
   }
   fitStepCosts(samples, profile);
   profile.notes += "; per step kind figures fitted to " +
