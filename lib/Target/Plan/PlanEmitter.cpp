@@ -12,6 +12,7 @@
 
 #include "flex/Target/Plan/PlanEmitter.h"
 
+#include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/PlanLoader.h"
 #include "flex/Runtime/StepFacts.h"
 
@@ -19,6 +20,7 @@
 #include "mlir/IR/BuiltinAttributes.h"
 #include "mlir/Tools/mlir-translate/Translation.h"
 #include "llvm/ADT/DenseMap.h"
+#include "llvm/Support/CommandLine.h"
 
 using namespace mlir;
 using namespace flex;
@@ -232,7 +234,40 @@ FailureOr<Plan> flex::translateToRuntimePlan(moert::PlanOp planOp) {
   return plan;
 }
 
-LogicalResult flex::emitPlanFile(ModuleOp module, raw_ostream &os) {
+namespace {
+
+/// --plan-profile: a device profile (docs/CostModel.md) the emitter
+/// predicts each variant's time with, filling its predicted_us.
+llvm::cl::opt<std::string>
+    planProfile("plan-profile",
+                llvm::cl::desc("With --moert-to-plan: fill each variant's "
+                               "predicted_us from this device profile"),
+                llvm::cl::value_desc("profile.json"), llvm::cl::init(""));
+
+/// Each variant's predicted microseconds (forward, plus backward for a
+/// training plan) at the static capacity, or the buffers' bounds when C is
+/// known only at run time.
+LogicalResult predictVariants(moert::PlanOp op, Plan &plan,
+                              const std::string &path) {
+  DeviceProfile profile;
+  if (Status status = readProfileFile(path, profile); !status)
+    return op.emitError("[plan-4] ") << status.message();
+  if (Status status = checkProfile(profile, {"", "", plan.worldSize}); !status)
+    return op.emitError("[plan-4] ") << status.message();
+  const CostModel model(profile);
+  for (size_t v = 0; v < plan.variants.size(); ++v) {
+    double us = model.predict(plan, v, /*backward=*/false, -1).totalUs;
+    if (plan.training)
+      us += model.predict(plan, v, /*backward=*/true, -1).totalUs;
+    plan.variants[v].predictedUs = us;
+  }
+  return success();
+}
+
+} // namespace
+
+LogicalResult flex::emitPlanFile(ModuleOp module, raw_ostream &os,
+                                 const std::string &profilePath) {
   auto plans = module.getOps<moert::PlanOp>();
   if (std::distance(plans.begin(), plans.end()) != 1)
     return module.emitError("[plan-3] a plan file holds one moert.plan; "
@@ -240,6 +275,9 @@ LogicalResult flex::emitPlanFile(ModuleOp module, raw_ostream &os) {
            << std::distance(plans.begin(), plans.end());
   FailureOr<Plan> plan = translateToRuntimePlan(*plans.begin());
   if (failed(plan))
+    return failure();
+  if (!profilePath.empty() &&
+      failed(predictVariants(*plans.begin(), *plan, profilePath)))
     return failure();
   os << writePlan(*plan) << '\n';
   return success();
@@ -252,7 +290,7 @@ void flex::registerPlanTranslation() {
         auto module = dyn_cast<ModuleOp>(op);
         if (!module)
           return op->emitError("expected a module");
-        return emitPlanFile(module, os);
+        return emitPlanFile(module, os, planProfile);
       },
       [](DialectRegistry &registry) {
         registry

@@ -17,6 +17,8 @@
 
 #include "mlir/IR/BuiltinOps.h"
 
+#include <string>
+
 namespace flex {
 
 /// The runtime plan of `plan`, checked by the runtime's own verifier (a
@@ -24,8 +26,12 @@ namespace flex {
 /// have been through --moert-plan-memory.
 mlir::FailureOr<Plan> translateToRuntimePlan(moert::PlanOp plan);
 
-/// Writes the plan file of the one moert.plan in `module`.
-mlir::LogicalResult emitPlanFile(mlir::ModuleOp module, llvm::raw_ostream &os);
+/// Writes the plan file of the one moert.plan in `module`; with a device
+/// profile (`profilePath`, docs/CostModel.md) each variant's predicted_us
+/// is filled by the cost model ([plan-4]: an unreadable, corrupt or
+/// other-world-size profile is an error).
+mlir::LogicalResult emitPlanFile(mlir::ModuleOp module, llvm::raw_ostream &os,
+                                 const std::string &profilePath = "");
 
 /// Registers the `--moert-to-plan` translation for moe-translate.
 void registerPlanTranslation();
