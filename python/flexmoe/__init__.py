@@ -19,6 +19,15 @@ from .tutel import moe_layer
 __version__ = "0.1.0"
 
 
+def __getattr__(name):
+    # flexmoe.checkpoint on first use: importing it here would make
+    # `python -m flexmoe.checkpoint` find it already imported (a warning).
+    if name == "checkpoint":
+        import importlib
+        return importlib.import_module(".checkpoint", __name__)
+    raise AttributeError(f"module 'flexmoe' has no attribute {name!r}")
+
+
 def library_info():
     """Which libraries flexmoe loaded and what they can do."""
     from . import _capi, _compiler

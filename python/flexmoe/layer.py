@@ -49,6 +49,60 @@ def shard_layout(num_experts, hidden_size, world_size, rank):
     return rank // s, 1, rank % s, s
 
 
+def extra_state(num_experts, model_dim, hidden_size, gated, bias,
+                world_size, rank):
+    """The `_extra_state` entry of a layer's checkpoint: its shape and which
+    slice of the experts the rank holds (flexmoe.checkpoint re-cuts it)."""
+    first, local, shard, shards = shard_layout(num_experts, hidden_size,
+                                               world_size, rank)
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "num_experts": int(num_experts),
+        "model_dim": int(model_dim),
+        "hidden_size": int(hidden_size),
+        "gated": bool(gated),
+        "bias": bool(bias),
+        "world_size": int(world_size),
+        "rank": int(rank),
+        "first_expert": first,
+        "local_experts": local,
+        "shard": shard,
+        "shards": shards,
+    }
+
+
+def check_extra_state(state, mine, key="_extra_state"):
+    """Raises ValueError, naming `key`, when a checkpoint's entry `state`
+    does not describe the layer whose entry is `mine`."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else \
+            type(state).__name__
+        raise ValueError(f"{key}: not a {STATE_FORMAT} checkpoint entry "
+                         f"(format {found!r})")
+    version = state.get("version")
+    if not isinstance(version, int) or not 1 <= version <= STATE_VERSION:
+        raise ValueError(f"{key}: checkpoint format version {version!r}; "
+                         f"this flexmoe reads versions 1 to {STATE_VERSION} "
+                         f"(a newer flexmoe wrote it?)")
+    for field in ("num_experts", "model_dim", "hidden_size", "gated",
+                  "bias"):
+        if state.get(field) != mine[field]:
+            raise ValueError(f"{key}: checkpoint of a layer with {field} = "
+                             f"{state.get(field)}, this layer has "
+                             f"{mine[field]}")
+    W, r = state.get("world_size"), state.get("rank")
+    if W != mine["world_size"]:
+        raise ValueError(
+            f"{key}: checkpoint of rank {r} of {W} ranks, this layer runs on "
+            f"{mine['world_size']}: convert it first with `python -m "
+            f"flexmoe.checkpoint convert --world-size {mine['world_size']} "
+            f"...` (docs/Python.md, Checkpoints)")
+    if r != mine["rank"]:
+        raise ValueError(f"{key}: checkpoint of rank {r}, this layer is rank "
+                         f"{mine['rank']} of {W}: load each rank's own file")
+
+
 def _world(group, world_size, rank):
     if world_size is not None:
         return int(world_size), int(rank or 0)
@@ -193,34 +247,21 @@ class MoELayer(torch.nn.Module):
     def get_extra_state(self):
         """What a checkpoint needs to be re-cut for another world size:
         docs/Python.md, "Checkpoints"."""
-        return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "num_experts": self.num_experts,
-            "model_dim": self.model_dim,
-            "hidden_size": self.hidden_size,
-            "gated": self.gated,
-            "bias": self.bias,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "first_expert": self.first_expert,
-            "local_experts": self.local_experts,
-            "shard": self.shard,
-            "shards": self.shards,
-        }
+        return extra_state(self.num_experts, self.model_dim,
+                           self.hidden_size, self.gated, self.bias,
+                           self.world_size, self.rank)
 
     def set_extra_state(self, state):
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError("not a flexmoe.MoELayer checkpoint entry")
-        mine = self.get_extra_state()
-        for field in ("num_experts", "model_dim", "hidden_size", "gated",
-                      "bias", "world_size", "rank"):
-            if state.get(field) != mine[field]:
-                raise ValueError(
-                    f"checkpoint of a layer with {field} = "
-                    f"{state.get(field)}, this layer has {mine[field]}; "
-                    f"convert it between world sizes first "
-                    f"(docs/Python.md, Checkpoints)")
+        check_extra_state(state, self.get_extra_state())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The layer's description is checked before any tensor is copied, so
+        # a checkpoint of another world size fails with its reason (not a
+        # list of size mismatches) and leaves the layer as it was.
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            check_extra_state(state_dict[key], self.get_extra_state(), key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- running ------------------------------------------------------------
 

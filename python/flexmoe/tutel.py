@@ -137,8 +137,10 @@ class moe_layer(MoELayer):
     Takes Tutel's arguments (docs/Python.md, "Tutel-compatible API") and,
     like Tutel, returns the output with the auxiliary loss as `y.l_aux`
     (also `self.l_aux`). Parameters are Flex's (wg [d, E], w1 [L, d, h],
-    w2 [L, h, d], ...), not Tutel's names; converting a Tutel checkpoint is
-    docs/Python.md, "Checkpoints".
+    w2 [L, h, d], ...), not Tutel's names; load_state_dict also reads a
+    Tutel moe_layer's checkpoint of the same world size (experts not
+    sharded), and flexmoe.checkpoint converts any (docs/Python.md,
+    "Checkpoints").
     """
 
     def __init__(self, gate_type, model_dim, experts=None,
@@ -225,6 +227,14 @@ class moe_layer(MoELayer):
                 p = getattr(self, name)
                 if p is not None:
                     scan_expert_func(name, p)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A Tutel moe_layer's own checkpoint at this module's path is read
+        # in Flex's layout (docs/Python.md, "Checkpoints").
+        if prefix + "gates.0.wg.weight" in state_dict:
+            from .checkpoint import tutel_local_state
+            tutel_local_state(state_dict, prefix, self)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _parallel_type(parallel_type, E, W):
