@@ -193,6 +193,8 @@ const char *flexGetLastError(void);
  * 0 (default 1) a2a_staging           FLEX_A2A_STAGING           auto / always
  * / never a2a_transport         FLEX_A2A_TRANSPORT         nccl / ce
  *   collective_timeout_s  FLEX_COLLECTIVE_TIMEOUT_S  seconds > 0 (300)
+ *   profile               FLEX_PROFILE               device profile path
+ *   refine_variant        FLEX_REFINE_VARIANT        1 / 0 (default 1)
  * Booleans also take true/false, on/off, yes/no. An object is passed where a
  * context or communicator is created and copied there; the environment
  * variables, when set and non-empty, override it when an executable or a

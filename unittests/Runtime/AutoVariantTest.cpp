@@ -116,6 +116,56 @@ TEST(AutoVariant, KeepsWhyTheProfileFellBack) {
   std::filesystem::remove(path);
 }
 
+TEST(AutoVariant, MeasuredTimesOverruleTheModelOnOneRank) {
+  // The built-in profile predicts padded and ragged within 25% of each
+  // other on this plan: both are explored (timed calls), then the faster
+  // measured one runs.
+  auto plan = loadTestPlan("ffn_fixed_train.json");
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  RankBuffers buffers;
+  buffers.init(*plan);
+  std::vector<Binding> bindings = buffers.bindings();
+  for (int call = 0; call < 12; ++call) {
+    ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+    ASSERT_TRUE(executor->backward(bindings.data(), bindings.size()).isOk());
+  }
+  Explanation explanation = executor->explain();
+  ASSERT_EQ(explanation.variants.size(), 2u);
+  double measured[2];
+  for (int v = 0; v < 2; ++v) {
+    const VariantExplanation &each = explanation.variants[v];
+    EXPECT_GE(each.forwardRuns, 2) << each.name;
+    EXPECT_GE(each.backwardRuns, 2) << each.name;
+    measured[v] = each.measuredForwardUs + each.measuredBackwardUs;
+  }
+  const int64_t faster = measured[0] <= measured[1] ? 0 : 1;
+  EXPECT_EQ(explanation.chosen, faster);
+  EXPECT_THAT(explanation.reason, HasSubstr("measured fastest at this "
+                                            "capacity: '" +
+                                            plan->variants[faster].name));
+  // Exploration is bounded: at most 4 calls of the slower one.
+  EXPECT_LE(executor->measurements(1 - faster).forwardCalls, 4);
+
+  // refine_variant off: the model's pick alone runs.
+  RuntimeOptions options;
+  ASSERT_TRUE(options.set("refine_variant", "0").isOk());
+  std::unique_ptr<Executor> model = makeExecutor(plan, options);
+  for (int call = 0; call < 6; ++call)
+    ASSERT_TRUE(model->forward(bindings.data(), bindings.size()).isOk());
+  const int64_t pick = model->explain().chosen;
+  EXPECT_EQ(model->measurements(pick).forwardCalls, 6);
+  EXPECT_EQ(model->measurements(1 - pick).forwardCalls, 0);
+  // Untimed calls never explore (no measurement would come back).
+  std::unique_ptr<Executor> untimed = makeExecutor(plan);
+  RunOptions quiet;
+  quiet.timeSteps = false;
+  for (int call = 0; call < 6; ++call)
+    ASSERT_TRUE(
+        untimed->forward(bindings.data(), bindings.size(), quiet).isOk());
+  const int64_t first = untimed->explain().chosen;
+  EXPECT_EQ(untimed->measurements(first).forwardCalls, 6);
+}
+
 TEST(AutoVariant, ExplainsPredictionsAndMeasurements) {
   auto plan = loadTestPlan("ffn_fixed_train.json");
   std::unique_ptr<Executor> executor = makeExecutor(plan);

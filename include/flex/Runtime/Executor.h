@@ -299,8 +299,16 @@ private:
   void ensureCostModel();
   /// The ranks agree on one profile (once, on a host communicator).
   Status agreeOnProfile();
-  /// Re-chooses when the capacity changed; sets selected_.
-  Status chooseVariant();
+  /// Re-chooses when the capacity changed, then lets measured times
+  /// overrule the model (refineChoice); sets selected_. `timed`: the pass
+  /// to come is timed, so exploring a variant yields a measurement.
+  Status chooseVariant(bool timed = false);
+  /// On one rank: among the variants the model predicts within
+  /// kRefineBand of its pick, one not yet measured twice at this capacity
+  /// bucket is explored (at most kMaxExplorations calls each, timed calls
+  /// only); once two or more are measured, the fastest measured wins.
+  /// Returns the variant and says why in refineNote_.
+  int64_t refineChoice(bool timed);
   /// The synced C of `variant`'s forward just run, when the host knows it
   /// without a new wait (host memory, or a timed pass already waited for);
   /// -1 otherwise.
@@ -349,6 +357,13 @@ private:
   Choice choice_;
   int64_t choiceCapacity_ = -2;
   std::vector<std::map<int64_t, BucketMeasurement>> buckets_;
+  /// Online refinement (one rank): calls spent exploring per variant and
+  /// bucket, and what the last refinement did (explain's reason).
+  std::vector<std::map<int64_t, int64_t>> explorations_;
+  std::string refineNote_;
+  static constexpr double kRefineBand = 0.25;
+  static constexpr int64_t kMinMeasuredRuns = 2;
+  static constexpr int64_t kMaxExplorations = 4;
 };
 
 /// Parses RuntimeOptions::variant text (FLEX_VARIANT): a variant name, or a

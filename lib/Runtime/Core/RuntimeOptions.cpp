@@ -60,13 +60,14 @@ Status setOption(RuntimeOptions &options, std::string_view name,
     return Status::ok();
   }
   if (name == "check_nonfinite" || name == "cuda_graph" ||
-      name == "cuda_overlap") {
+      name == "cuda_overlap" || name == "refine_variant") {
     bool flag = false;
     if (!parseBool(value, flag))
       return badValue(label, value, kBoolValues);
     (name == "check_nonfinite" ? options.checkNonFinite
      : name == "cuda_graph"    ? options.cudaGraph
-                               : options.cudaOverlap) = flag;
+     : name == "cuda_overlap"  ? options.cudaOverlap
+                               : options.refineVariant) = flag;
     return Status::ok();
   }
   if (name == "a2a_staging") {
@@ -123,6 +124,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"a2a_transport", "FLEX_A2A_TRANSPORT"},
       {"collective_timeout_s", "FLEX_COLLECTIVE_TIMEOUT_S"},
       {"profile", "FLEX_PROFILE"},
+      {"refine_variant", "FLEX_REFINE_VARIANT"},
   };
   return table;
 }
@@ -143,6 +145,8 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
     value = flag(cudaGraph);
   else if (name == "cuda_overlap")
     value = flag(cudaOverlap);
+  else if (name == "refine_variant")
+    value = flag(refineVariant);
   else if (name == "a2a_staging")
     value = a2aStaging == ExchangeStaging::Auto     ? "auto"
             : a2aStaging == ExchangeStaging::Always ? "always"

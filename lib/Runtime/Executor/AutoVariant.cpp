@@ -114,7 +114,7 @@ Status Executor::agreeOnProfile() {
   return Status::ok();
 }
 
-Status Executor::chooseVariant() {
+Status Executor::chooseVariant(bool timed) {
   ensureCostModel();
   if (choiceCapacity_ != capacity_ || choice_.variant < 0) {
     choice_ = costModel_->choose(*plan_, plan_->training, capacity_);
@@ -124,8 +124,62 @@ Status Executor::chooseVariant() {
       choice_.variant >= static_cast<int64_t>(plan_->variants.size()))
     return Status(StatusCode::Internal,
                   "the cost model chose no variant: " + choice_.reason);
-  selected_ = choice_.variant;
+  selected_ = refineChoice(timed);
   return Status::ok();
+}
+
+int64_t Executor::refineChoice(bool timed) {
+  refineNote_.clear();
+  // Several ranks would each measure their own times and could pick apart;
+  // they follow the model alone until they agree on measurements.
+  if (plan_->worldSize > 1 || !options_.refineVariant)
+    return choice_.variant;
+  if (explorations_.size() != plan_->variants.size())
+    explorations_.assign(plan_->variants.size(), {});
+  const int64_t bucket = bucketOf(capacity_);
+  const double band = choice_.totalUs[choice_.variant] * (1 + kRefineBand);
+  int64_t explore = -1, fastest = -1, measured = 0;
+  double fastestUs = std::numeric_limits<double>::infinity();
+  for (int64_t v = 0; v < static_cast<int64_t>(plan_->variants.size()); ++v) {
+    if (choice_.totalUs[v] > band)
+      continue;
+    auto found = buckets_[v].find(bucket);
+    const BucketMeasurement m =
+        found == buckets_[v].end() ? BucketMeasurement{} : found->second;
+    const int64_t runs = plan_->training
+                             ? std::min(m.forwardRuns, m.backwardRuns)
+                             : m.forwardRuns;
+    if (runs < kMinMeasuredRuns) {
+      if (explore < 0 && explorations_[v][bucket] < kMaxExplorations)
+        explore = v;
+      continue;
+    }
+    ++measured;
+    const double us = m.forwardMeanMicros +
+                      (plan_->training ? m.backwardMeanMicros : 0.0);
+    if (us < fastestUs) {
+      fastestUs = us;
+      fastest = v;
+    }
+  }
+  auto name = [&](int64_t v) { return "'" + plan_->variants[v].name + "'"; };
+  if (timed && explore >= 0) {
+    ++explorations_[explore][bucket];
+    refineNote_ = "; measuring " + name(explore) + " (predicted within " +
+                  std::to_string(static_cast<int>(kRefineBand * 100)) +
+                  "% of the pick, " +
+                  std::to_string(explorations_[explore][bucket]) + " of at most " +
+                  std::to_string(kMaxExplorations) + " calls)";
+    return explore;
+  }
+  if (measured >= 2) {
+    char text[64];
+    std::snprintf(text, sizeof text, "%.4g us", fastestUs);
+    refineNote_ = "; measured fastest at this capacity: " + name(fastest) +
+                  " (" + text + ")";
+    return fastest;
+  }
+  return choice_.variant;
 }
 
 int64_t Executor::readCapacity(int64_t variantIndex, bool waited) {
@@ -184,8 +238,8 @@ Explanation Executor::explain() {
   Choice choice = choiceCapacity_ == capacity_ && choice_.variant >= 0
                       ? choice_
                       : costModel_->choose(*plan_, plan_->training, capacity_);
-  result.chosen = automatic_ ? choice.variant : selected_;
-  result.reason = automatic_ ? choice.reason
+  result.chosen = automatic_ && refineNote_.empty() ? choice.variant : selected_;
+  result.reason = automatic_ ? choice.reason + refineNote_
                              : "named by the caller (variant option, "
                                "selectVariant); the model would pick '" +
                                    plan_->variants[choice.variant].name + "'";

@@ -766,7 +766,7 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
   if (!backward && automatic_) {
     if (Status status = agreeOnProfile(); !status)
       return status;
-    if (Status status = chooseVariant(); !status)
+    if (Status status = chooseVariant(options.timeSteps); !status)
       return status;
   }
   Pass pass = startPass(backward, options, workspace, record);

@@ -61,6 +61,10 @@ struct RuntimeOptions {
   /// built-in profile of the backend, with the reason kept for explain.
   /// ("profile", FLEX_PROFILE)
   std::string profile;
+  /// With "auto" on one rank: timed calls' measured times overrule the
+  /// model among the variants it predicts close to its pick (bounded
+  /// exploration; docs/CostModel.md). ("refine_variant", FLEX_REFINE_VARIANT)
+  bool refineVariant = true;
   /// NaN/Inf check of every pass's inputs and outputs, on top of
   /// RunOptions::checkNonFinite. ("check_nonfinite", FLEX_CHECK_NAN)
   bool checkNonFinite = false;
