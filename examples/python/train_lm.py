@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+# ===- train_lm.py - A small MoE transformer language model, trained ------=== #
+#
+# Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+#
+# ===----------------------------------------------------------------------=== #
+#
+# Trains a small decoder-only transformer whose feed-forward blocks are
+# flexmoe.MoELayer (Flex's compiled MoE layer), on a synthetic language
+# generated here: a fixed random Markov chain over the vocabulary, each token
+# followed by one of four successors with probabilities 0.55/0.25/0.15/0.05
+# (an entropy of 1.1 nats, against ln(vocab) for a model that knows nothing),
+# so the loss has far to fall and the data needs no download.
+#
+#   python examples/python/train_lm.py                      # CPU, f32
+#   python examples/python/train_lm.py --device cuda --dtype bf16 --steps 300
+#   python examples/python/train_lm.py --steps 30 --check   # what CI runs
+#
+# --check also runs, at every step, a twin model whose MoE layers are plain
+# PyTorch (the same contract: softmax top-k gate, normalized gates, capacity
+# slots in Flex's order, GShard l_aux; computed in f32) with the model's
+# current weights on the same batch, and requires the loss, l_aux and every
+# gradient (f32; bf16/f16: the loss and l_aux) to agree within [num-1]'s
+# tolerance (relative L2: 1e-5 f32, 2e-2 bf16/f16), except at a step where a
+# token's scores tie to f32's resolution (NEAR_TIE). The run fails (exit 1)
+# when they do not, or when the loss did not fall by --min-drop.
+#
+# ===----------------------------------------------------------------------=== #
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import flexmoe
+except ImportError:  # run from the repository, flexmoe not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+    import flexmoe
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16,
+          "f16": torch.float16}
+SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
+# --check: a step that differs from the plain layers beyond the tolerance is
+# excused when two of a token's top k + 1 scores are closer than this (f32
+# rounding may then pick either expert; the layers are right either way).
+NEAR_TIE = 1e-6
+
+
+class MarkovText:
+    """Batches of token sequences from a fixed random Markov chain."""
+
+    def __init__(self, vocab, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.vocab = vocab
+        # Each token's four successors, distinct from one another.
+        self.successors = torch.stack(
+            [torch.randperm(vocab, generator=g)[:len(SUCCESSOR_PROBS)]
+             for _ in range(vocab)])
+        self.probs = torch.tensor(SUCCESSOR_PROBS)
+        self.generator = g
+
+    def entropy(self):
+        return float(-(self.probs * self.probs.log()).sum())
+
+    def batch(self, batch, seq):
+        g = self.generator
+        tokens = torch.empty(batch, seq + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, self.vocab, (batch,), generator=g)
+        for t in range(seq):
+            choice = torch.multinomial(self.probs, batch, replacement=True,
+                                       generator=g)
+            tokens[:, t + 1] = self.successors[tokens[:, t], choice]
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+class TorchMoE(torch.nn.Module):
+    """The same MoE function in plain PyTorch (the --check twin): Flex's
+    parameters (wg [d, E], w1 [E, d, h], w2 [E, h, d]), fixed capacity
+    k * int(f * ceil(T / E)) slots per expert filled choice by choice in
+    token order ([loc-1]), normalized top-k gates, the GShard l_aux."""
+
+    def __init__(self, flex):
+        super().__init__()
+        self.wg = torch.nn.Parameter(flex.wg.detach().clone())
+        self.w1 = torch.nn.Parameter(flex.w1.detach().clone())
+        self.w2 = torch.nn.Parameter(flex.w2.detach().clone())
+        self.k, self.factor = flex.top_k, flex.capacity_factor
+        self.activation = getattr(F, flex.activation)
+
+    def forward(self, x):
+        # Computed in f32 (the reference of a bf16/f16 layer), returned in
+        # the input's dtype.
+        shape, d, dtype = x.shape, x.shape[-1], x.dtype
+        x = x.reshape(-1, d).float()
+        w1, w2 = self.w1.float(), self.w2.float()
+        T, E, k = x.shape[0], self.wg.shape[1], self.k
+        scores = torch.softmax(x @ self.wg.float(), dim=1)
+        order = torch.argsort(-scores, dim=1, stable=True)
+        idx = order[:, :k]
+        # How close this call came to another routing: the smallest gap
+        # between adjacent scores among each token's top k + 1.
+        top = scores.detach().gather(1, order[:, :k + 1])
+        self.min_gap = float((top[:, :-1] - top[:, 1:]).min()) \
+            if top.shape[1] > 1 else 1.0
+        gates = scores.gather(1, idx)
+        gates = gates / gates.sum(1, keepdim=True).clamp(
+            min=torch.finfo(torch.float32).eps)
+        # Slot of each (token, choice): all first choices, then seconds.
+        onehot = F.one_hot(idx.t().reshape(-1), E)
+        slot = ((onehot.cumsum(0) - 1) * onehot).sum(1).view(k, T).t()
+        capacity = k * int(self.factor * math.ceil(T / E))
+        out = torch.zeros_like(x)
+        for e in range(E):
+            token, choice = ((idx == e) & (slot < capacity)).nonzero(
+                as_tuple=True)
+            y = self.activation(x[token] @ w1[e]) @ w2[e]
+            out = out.index_add(0, token, y * gates[token, choice, None])
+        frac = F.one_hot(idx[:, 0], E).float().mean(0)
+        l_aux = E * (scores.mean(0) * frac).sum()
+        return out.to(dtype).view(shape), l_aux
+
+
+class Block(torch.nn.Module):
+    """Pre-norm causal self-attention, then the MoE feed-forward."""
+
+    def __init__(self, d, heads, moe):
+        super().__init__()
+        self.ln1 = torch.nn.LayerNorm(d)
+        self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = torch.nn.LayerNorm(d)
+        self.moe = moe
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)
+        x = x + a
+        y, l_aux = self.moe(self.ln2(x))
+        return x + y, l_aux
+
+
+class MoELM(torch.nn.Module):
+
+    def __init__(self, args):
+        super().__init__()
+        d = args.d_model
+        self.embed = torch.nn.Embedding(args.vocab, d)
+        self.pos = torch.nn.Parameter(torch.randn(args.seq, d) * 0.02)
+        self.blocks = torch.nn.ModuleList([
+            Block(d, args.heads, flexmoe.MoELayer(
+                d, args.hidden, args.experts, top_k=args.top_k,
+                capacity_factor=args.capacity_factor, activation="gelu"))
+            for _ in range(args.layers)])
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, args.vocab, bias=False)
+
+    def forward(self, tokens):
+        seq = tokens.shape[1]
+        mask = torch.full((seq, seq), float("-inf"), device=tokens.device,
+                          dtype=self.pos.dtype).triu(1)
+        x = self.embed(tokens) + self.pos[:seq]
+        l_aux = 0.0
+        for block in self.blocks:
+            x, aux = block(x, mask)
+            l_aux = l_aux + aux
+        return self.head(self.norm(x)).float(), l_aux / len(self.blocks)
+
+
+def torch_twin(model):
+    """The model with every flexmoe layer replaced by TorchMoE, with the same
+    weights."""
+    twin = copy.deepcopy(model)
+    for block in twin.blocks:
+        block.moe = TorchMoE(block.moe)
+    return twin
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Trains a small MoE transformer language model with "
+        "flexmoe.MoELayer on a synthetic Markov-chain language.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="f32", choices=list(DTYPES))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128,
+                   help="hidden size of each expert")
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--aux-weight", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true",
+                   help="compare every step with plain PyTorch MoE layers of "
+                   "the same weights, and require the loss to fall")
+    p.add_argument("--min-drop", type=float, default=0.3,
+                   help="--check: the fraction by which the mean loss of the "
+                   "last 5 steps must be below the first step's")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="--check: largest relative difference to the plain "
+                   "layers (default [num-1]: 1e-5 f32, 2e-2 bf16/f16)")
+    p.add_argument("--log-every", type=int, default=10)
+    return p.parse_args(argv)
+
+
+def forward_backward(model, inputs, targets, aux_weight):
+    """The step's loss and l_aux; the gradients are left in the model."""
+    logits, l_aux = model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                           targets.reshape(-1))
+    model.zero_grad(set_to_none=True)
+    (loss + aux_weight * l_aux).backward()
+    return loss.detach(), l_aux.detach()
+
+
+def rel_diff(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def check_step(model, twin, inputs, targets, aux_weight, loss, l_aux):
+    """The twin, given the model's current weights, computes the same step:
+    the largest relative difference of the loss, l_aux and (f32) any
+    gradient. In bf16/f16 only the loss and l_aux are compared: a rounding
+    of the MoE output moves the next block's routing near its many bf16
+    ties, and the whole model's gradients with it."""
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, p in twin.named_parameters():
+            p.copy_(params[name])
+    t_loss, t_aux = forward_backward(twin, inputs, targets, aux_weight)
+    diffs = {"loss": rel_diff(loss, t_loss), "l_aux": rel_diff(l_aux, t_aux)}
+    if model.embed.weight.dtype == torch.float32:
+        for name, p in twin.named_parameters():
+            diffs["grad " + name] = rel_diff(params[name].grad, p.grad)
+    name = max(diffs, key=diffs.get)
+    gap = min(block.moe.min_gap for block in twin.blocks)
+    return diffs[name], name, gap
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    data = MarkovText(args.vocab, args.seed)
+    model = MoELM(args).to(device=device, dtype=dtype)
+    twin = torch_twin(model) if args.check else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    tolerance = args.tolerance or (1e-5 if dtype == torch.float32 else 2e-2)
+    print(f"flexmoe {flexmoe.__version__} on {device} ({args.dtype}): "
+          f"{args.layers} layers, d {args.d_model}, {args.experts} experts "
+          f"of h {args.hidden}, top-{args.top_k}, {args.batch}x{args.seq} "
+          f"tokens per step; the language's entropy is "
+          f"{data.entropy():.3f} nats, ln(vocab) {math.log(args.vocab):.3f}")
+    losses, worst, ties = [], (0.0, ""), 0
+    start = time.perf_counter()
+    for i in range(args.steps):
+        inputs, targets = (t.to(device) for t in data.batch(args.batch,
+                                                           args.seq))
+        loss, l_aux = forward_backward(model, inputs, targets,
+                                       args.aux_weight)
+        losses.append(float(loss))
+        line = f"step {i:4d}  loss {float(loss):.4f}  l_aux {float(l_aux):.4f}"
+        if twin is not None:
+            diff, what, gap = check_step(model, twin, inputs, targets,
+                                         args.aux_weight, loss, l_aux)
+            line += f"  vs torch: {diff:.1e} ({what})"
+            if diff > tolerance and gap < NEAR_TIE:
+                # Two scores equal to f32's resolution: the top-k choice
+                # there is arbitrary, and either answer is right.
+                ties += 1
+                line += f", excused: a routing near-tie (gap {gap:.1e})"
+                print(line)
+            elif diff > tolerance:
+                print(line)
+                print(f"FAILED: step {i}: flexmoe's {what} differs from the "
+                      f"plain PyTorch layer's by {diff:.2e} (relative) > "
+                      f"{tolerance}")
+                return 1
+            else:
+                worst = max(worst, (diff, what))
+        optimizer.step()
+        if i % args.log_every == 0 or i == args.steps - 1:
+            print(line, flush=True)
+    seconds = time.perf_counter() - start
+    first, last = losses[0], sum(losses[-5:]) / len(losses[-5:])
+    drop = 1 - last / first
+    print(f"loss {first:.4f} -> {last:.4f} (mean of the last 5 steps): "
+          f"down {100 * drop:.1f}% in {args.steps} steps, {seconds:.1f} s")
+    if args.check:
+        print(f"the plain PyTorch layers agreed at {args.steps - ties} of "
+              f"{args.steps} steps (largest relative difference "
+              f"{worst[0]:.1e}, of {worst[1]}; tolerance {tolerance}); "
+              f"{ties} step(s) excused by a routing near-tie")
+        if ties > max(1, args.steps // 10):
+            print("FAILED: too many near-ties to trust the comparison")
+            return 1
+        if drop < args.min_drop:
+            print(f"FAILED: the loss fell by {100 * drop:.1f}%, less than "
+                  f"--min-drop {100 * args.min_drop:.0f}%")
+            return 1
+        print("OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
