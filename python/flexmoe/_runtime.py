@@ -64,6 +64,7 @@ class Executable:
             "flexExecutableCreateFromPlan")
         self.handle = handle
         self.variant = None
+        self.arrays = {}  # binding arrays by their names
 
     def close(self):
         if self.handle:
@@ -103,9 +104,18 @@ class Executable:
             "flexExecutableSetCommunicator")
 
     def run(self, forward, bindings, options):
-        array = (_capi.Binding * len(bindings))()
-        for i, (name, address, nbytes) in enumerate(bindings):
-            array[i] = _capi.Binding(name.encode(), address, nbytes)
+        # The binding array of these names is made once (the names encoded
+        # and kept alive by it); a call only writes the addresses and sizes.
+        # The Runner's lock serializes the calls of one executable.
+        names = tuple(b[0] for b in bindings)
+        array = self.arrays.get(names)
+        if array is None:
+            array = (_capi.Binding * len(names))()
+            for i, name in enumerate(names):
+                array[i].name = name.encode()
+            self.arrays[names] = array
+        for entry, (_, address, nbytes) in zip(array, bindings):
+            entry.data, entry.bytes = address, nbytes
         fn = (self.lib.lib.flexExecutableForward
               if forward else self.lib.lib.flexExecutableBackward)
         what = "flexExecutableForward" if forward else "flexExecutableBackward"

@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+# ===- python_overhead.py - flexmoe.MoELayer's time against moe-run's -----=== #
+#
+# Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+#
+# ===----------------------------------------------------------------------=== #
+#
+# Times flexmoe.MoELayer (issue 12: the Python layer's overhead over the
+# runtime) forward and forward+backward on one GPU, and the same plan through
+# `moe-run PLAN --device cuda --train --json` when --moe-run is given:
+#
+# - flexmoe: CUDA events around each call, the GPU idle before each (a
+#   synchronize), so the time includes what Python does before the first
+#   kernel; warm-up calls first, then the median of --iters. The forward runs
+#   the training plan (x requires grad), as moe-run --train does; forward+
+#   backward is the forward and torch.autograd.backward of (y, l_aux). Also
+#   the host time of a call (enqueue only: no synchronize after it).
+# - moe-run: the plan flexmoe compiled for the call (its JSON written out),
+#   with flexmoe's own inputs (x, wg, w1, w2, grad_out as .npy, bf16 as raw
+#   bits), so both route the same tokens; its forward and backward medians
+#   (the runtime's events around each pass, with per-step timing on). Its
+#   output is compared with flexmoe's.
+#
+#   python3 bench/python_overhead.py [--moe-run build/bin/moe-run]
+#       [--configs c1,c2,c3] [--iters 20] [--warmup 5] [--json out.json]
+#   python3 bench/python_overhead.py --device cpu --tokens 256 --model-dim 64
+#       --hidden 128 --moe-run build/bin/moe-run     # a smoke test on a CPU
+#
+# ===----------------------------------------------------------------------=== #
+
+import argparse
+import ast
+import ctypes
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import flexmoe
+except ImportError:  # run from the repository, flexmoe not installed
+    sys.path.insert(0, str(ROOT / "python"))
+    import flexmoe
+from flexmoe import _compiler  # noqa: E402
+
+# PERF.md's layers: d, h per expert, E, k (T = 16384, bf16, capacity 1.0).
+CONFIGS = {
+    "c1": dict(model_dim=4096, hidden=4096, experts=8, top_k=2),
+    "c2": dict(model_dim=4096, hidden=14336, experts=8, top_k=2),
+    "c3": dict(model_dim=2048, hidden=1408, experts=64, top_k=6),
+}
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+NPY_DESCR = {torch.bfloat16: "<u2", torch.float16: "<f2",
+             torch.float32: "<f4"}
+
+
+# -- .npy without NumPy (moe-run reads bf16 as raw '<u2' bits) --------------
+
+
+def write_npy(path, tensor):
+    t = tensor.detach().contiguous().cpu()
+    shape = tuple(t.shape) if t.dim() else (1,)
+    header = (f"{{'descr': '{NPY_DESCR[t.dtype]}', 'fortran_order': False, "
+              f"'shape': {shape}, }}")
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)))
+        f.write(header.encode("latin1"))
+        f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+
+
+def read_npy_f32(path):
+    data = Path(path).read_bytes()
+    major = data[6]
+    size = struct.unpack("<H" if major == 1 else "<I",
+                         data[8:10 if major == 1 else 12])[0]
+    start = 10 if major == 1 else 12
+    header = ast.literal_eval(data[start:start + size].decode("latin1"))
+    if header["descr"] != "<f4":
+        raise ValueError(f"{path}: {header['descr']}, expected <f4")
+    flat = torch.frombuffer(bytearray(data[start + size:]),
+                            dtype=torch.float32)
+    return flat.view(header["shape"])
+
+
+# -- timing -----------------------------------------------------------------
+
+
+def time_calls(fn, device, warmup, iters):
+    """Median device time (us) of fn over iters calls, each starting on an
+    idle device, and the median host time of a call (us, enqueue only)."""
+    for _ in range(warmup):
+        fn()
+    device_us, host_us = [], []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = (torch.cuda.Event(enable_timing=True)
+                          for _ in range(2))
+            start.record()
+            t0 = time.perf_counter()
+            fn()
+            host_us.append((time.perf_counter() - t0) * 1e6)
+            end.record()
+            end.synchronize()
+            device_us.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            host_us.append((time.perf_counter() - t0) * 1e6)
+            device_us.append(host_us[-1])
+    return statistics.median(device_us), statistics.median(host_us)
+
+
+def make_layer(args, cfg, device, dtype):
+    torch.manual_seed(0)
+    layer = flexmoe.MoELayer(cfg["model_dim"], cfg["hidden"], cfg["experts"],
+                             top_k=cfg["top_k"],
+                             capacity_factor=args.capacity_factor,
+                             dtype=dtype, device=device)
+    x = torch.randn(args.tokens, cfg["model_dim"], device=device,
+                    dtype=dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    return layer, x, grad_out
+
+
+def time_flexmoe(layer, x, grad_out, device, args):
+    one = torch.ones((), device=device)
+    state = {}
+
+    def forward():
+        state["y"], state["l_aux"] = layer(x)
+
+    def forward_backward():
+        y, l_aux = layer(x)
+        torch.autograd.backward([y, l_aux], [grad_out, one])
+
+    forward()  # compiles the training plan
+    fwd = time_calls(forward, device, args.warmup, args.iters)
+    state.clear()
+    both = time_calls(forward_backward, device, args.warmup, args.iters)
+    return fwd, both
+
+
+def run_moe_run(args, layer, x, grad_out, device, workdir):
+    """moe-run on the plan flexmoe ran, with its inputs: (forward us,
+    backward us, relative L2 of moe-run's output against flexmoe's)."""
+    spec = layer.spec(x.shape[0], True)
+    plan = _compiler.plans.memory.get(spec)
+    if plan is None:
+        raise RuntimeError("the plan of the timed calls is not in flexmoe's "
+                           "cache (spec mismatch)")
+    plan_path = workdir / "plan.json"
+    plan_path.write_text(plan.text)
+    inputs, outputs = workdir / "inputs", workdir / "outputs"
+    inputs.mkdir(exist_ok=True)
+    for name, t in (("x", x), ("wg", layer.wg), ("w1", layer.w1),
+                    ("w2", layer.w2), ("grad_out", grad_out)):
+        write_npy(inputs / f"{name}.npy", t)
+    command = [args.moe_run, str(plan_path), "--device", device.type,
+               "--train", "--json", "--iters", str(args.iters), "--warmup",
+               str(args.warmup), "--inputs", str(inputs), "--outputs",
+               str(outputs)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({run.returncode}):"
+                           f"\n{run.stderr[-2000:]}")
+    report = json.loads(run.stdout)
+    with torch.no_grad():
+        y, _ = layer(x)
+    theirs = read_npy_f32(outputs / "out.npy")
+    ours = y.float().cpu()
+    diff = float((ours - theirs).norm() / theirs.norm().clamp(min=1e-30))
+    return (report["forward"]["median_us"], report["backward"]["median_us"],
+            diff)
+
+
+def row(name, ours, theirs):
+    if theirs is None:
+        return f"  {name:18s} {ours:12.1f} {'-':>12s} {'-':>14s} {'-':>10s}"
+    over = ours - theirs
+    return (f"  {name:18s} {ours:12.1f} {theirs:12.1f} {over:14.1f} "
+            f"{100 * over / theirs:9.2f}%")
+
+
+def bench(args, name, cfg, device, dtype, workdir):
+    layer, x, grad_out = make_layer(args, cfg, device, dtype)
+    (fwd, fwd_host), (both, both_host) = time_flexmoe(layer, x, grad_out,
+                                                      device, args)
+    result = {"config": name, **cfg, "tokens": args.tokens,
+              "dtype": args.dtype, "capacity_factor": args.capacity_factor,
+              "flexmoe_forward_us": fwd, "flexmoe_fwd_bwd_us": both,
+              "flexmoe_forward_host_us": fwd_host,
+              "flexmoe_fwd_bwd_host_us": both_host}
+    ref_fwd = ref_both = None
+    if args.moe_run:
+        ref_fwd, ref_bwd, diff = run_moe_run(args, layer, x, grad_out,
+                                             device, workdir)
+        ref_both = ref_fwd + ref_bwd
+        result.update(moe_run_forward_us=ref_fwd, moe_run_backward_us=ref_bwd,
+                      moe_run_fwd_bwd_us=ref_both, output_rel_l2=diff,
+                      overhead_forward_us=fwd - ref_fwd,
+                      overhead_fwd_bwd_us=both - ref_both,
+                      overhead_forward_pct=100 * (fwd - ref_fwd) / ref_fwd,
+                      overhead_fwd_bwd_pct=100 * (both - ref_both) / ref_both)
+    print(f"{name}: T {args.tokens}, d {cfg['model_dim']}, h {cfg['hidden']},"
+          f" E {cfg['experts']}, top-{cfg['top_k']}, {args.dtype}, capacity "
+          f"{args.capacity_factor} (median of {args.iters}, us)")
+    print(f"  {'':18s} {'flexmoe':>12s} {'moe-run':>12s} {'overhead us':>14s}"
+          f" {'overhead':>10s}")
+    print(row("forward", fwd, ref_fwd))
+    print(row("forward+backward", both, ref_both))
+    print(f"  host time per call (enqueue): forward {fwd_host:.1f} us, "
+          f"forward+backward {both_host:.1f} us")
+    if args.moe_run:
+        print(f"  moe-run's output vs flexmoe's: relative L2 "
+              f"{result['output_rel_l2']:.1e} (same plan, same inputs)")
+    del layer, x, grad_out
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="flexmoe.MoELayer's time against moe-run's on the same "
+        "plan and inputs")
+    p.add_argument("--moe-run", help="path of moe-run (built with CUDA); "
+                   "without it only flexmoe is timed")
+    p.add_argument("--configs", default="c1",
+                   help="comma-separated PERF.md layers: c1, c2, c3")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--capacity-factor", type=float, default=1.0)
+    p.add_argument("--model-dim", type=int, help="a layer of its own "
+                   "(with --hidden, --experts, --top-k) instead of --configs")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", help="write the results to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("python_overhead.py: no CUDA device (use --device cpu for a "
+              "smoke test)", file=sys.stderr)
+        return 2
+    if args.model_dim:
+        configs = {"custom": dict(model_dim=args.model_dim,
+                                  hidden=args.hidden or 4 * args.model_dim,
+                                  experts=args.experts, top_k=args.top_k)}
+    else:
+        configs = {c: CONFIGS[c] for c in args.configs.split(",")}
+    info = flexmoe.library_info()
+    gpu = (torch.cuda.get_device_name() if device.type == "cuda" else
+           "cpu")
+    print(f"python_overhead.py: {gpu}, torch {torch.__version__}, "
+          f"{info['library']}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="flexmoe-overhead-") as tmp:
+        for name, cfg in configs.items():
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            try:
+                results.append(bench(args, name, cfg, device,
+                                     DTYPES[args.dtype], workdir))
+            except Exception as error:  # report, go on with the others
+                print(f"{name}: FAILED: {type(error).__name__}: {error}")
+                results.append({"config": name, "error": str(error)})
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"device": gpu, "torch": torch.__version__, "library": info,
+             "results": results}, indent=2))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
