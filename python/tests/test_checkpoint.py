@@ -465,3 +465,30 @@ def test_tutel_errors():
         ckpt.from_tutel(states)
     with pytest.raises(CheckpointError, match="no Tutel moe_layer"):
         ckpt.from_tutel([{"w": torch.zeros(1)}])
+
+
+def test_import_tutel_cli(tmp_path):
+    # A model with a Tutel layer at blocks.0.moe on 8 ranks (2 experts, each
+    # sharded over 4) -> flexmoe files for 2 ranks; the head is carried.
+    states = tutel_states(2, 8, d=18, prefix="blocks.0.moe.")
+    head = torch.randn(5, 18)
+    files = []
+    for r, state in enumerate(states):
+        state["head.weight"] = head
+        files.append(tmp_path / f"tutel{r}.pt")
+        torch.save(state, files[-1])
+    out = tmp_path / "flex{rank}.pt"
+    run = subprocess.run(
+        [sys.executable, "-m", "flexmoe.checkpoint", "import-tutel", "-w",
+         "2", "-o", str(out)] + [str(f) for f in files],
+        capture_output=True, text=True, cwd=PYTHON_DIR)
+    assert run.returncode == 0, run.stderr
+    expected = ckpt.from_tutel(states, 2)
+    for r in range(2):
+        got = torch.load(str(out).format(rank=r))
+        assert got.keys() == expected[r].keys()
+        assert torch.equal(got["head.weight"], head)
+        assert torch.equal(got["blocks.0.moe.w1"],
+                           expected[r]["blocks.0.moe.w1"])
+        assert got["blocks.0.moe._extra_state"]["rank"] == r
+    assert flexmoe.checkpoint is ckpt  # the package's attribute
