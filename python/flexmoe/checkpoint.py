@@ -231,11 +231,19 @@ def gather(states):
     if not layers:
         raise CheckpointError("no flexmoe layer in the checkpoint (no "
                               f"'{EXTRA}' entry of format {STATE_FORMAT})")
-    W = next(iter(layers.values())).get("world_size")
+    key = next(iter(layers)) + EXTRA
+    W = layers[key[:-len(EXTRA)]].get("world_size")
     if W != len(states):
         raise CheckpointError(
-            f"{next(iter(layers)) + EXTRA}: the checkpoint is of {W} ranks, "
-            f"{len(states)} file(s) given: give every rank's file")
+            f"{key}: the checkpoint is of {W} ranks, {len(states)} file(s) "
+            f"given: give every rank's file")
+    # Each file says its rank: the order they are given in does not matter.
+    ranks = [state.get(key, {}).get("rank") for state in states]
+    missing = sorted(set(range(W)) - set(ranks))
+    if missing:
+        raise CheckpointError(f"{key}: no file holds rank(s) {missing} of "
+                              f"{W} (the files hold ranks {ranks})")
+    states = [states[ranks.index(r)] for r in range(W)]
     layer_keys = _layer_keys(states[0], layers)
     for state in states[1:]:
         layer_keys |= _layer_keys(state, layers)
@@ -618,13 +626,15 @@ def main(argv=None):
         description="Convert flexmoe checkpoints between world sizes, and "
         "import Tutel moe_layer checkpoints (docs/Python.md, Checkpoints).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("convert", "W rank files (or one gathered file) -> "
-                        "--world-size per-rank files"),
-                       ("import-tutel", "Tutel moe_layer rank files, in rank "
-                        "order -> flexmoe per-rank files")):
+    for name, text, order in (
+            ("convert", "W rank files (or one gathered file) -> "
+             "--world-size per-rank files", "in any order (each file says "
+             "its rank)"),
+            ("import-tutel", "Tutel moe_layer rank files -> flexmoe "
+             "per-rank files", "in rank order (Tutel's files do not say "
+             "their rank)")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("inputs", nargs="+", help="checkpoint files, rank 0 "
-                       "first")
+        p.add_argument("inputs", nargs="+", help="checkpoint files, " + order)
         p.add_argument("-o", "--output", required=True,
                        help="output path; '{rank}' is replaced by the rank "
                        "(required for more than one)")

@@ -268,9 +268,11 @@ def test_errors_name_the_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"^_extra_state: the "
                        r"checkpoint is of 2 ranks, 1 file\(s\) given"):
         ckpt.gather(states[:1])
-    with pytest.raises(CheckpointError, match="given as rank 0 of 2 holds "
-                       "rank 1 of 2"):
-        ckpt.gather(states[::-1])
+    with pytest.raises(CheckpointError, match=r"no file holds rank\(s\) "
+                       r"\[1\] of 2 \(the files hold ranks \[0, 0\]\)"):
+        ckpt.gather([states[0], states[0]])
+    reordered = ckpt.gather(states[::-1])  # files say their rank
+    assert torch.equal(reordered["w1"], ckpt.gather(states)["w1"])
     bad = dict(states[1], w2=states[1]["w2"][:, :-1])
     with pytest.raises(CheckpointError, match=r"^w2: rank 1 holds shape "
                        r"\[2, 23, 16\].*needs \[2, 24, 16\]"):
