@@ -31,6 +31,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 OUT="${OUT:-$root/bench/out}"
 BUILD="$root/build-gpu"
+# STEPS picks steps (default "cuda pytest overhead"); PYTEST_ARGS narrows
+# the flexmoe tests (default: all of python/tests).
+STEPS="${STEPS:-cuda pytest overhead}"
+read -r -a pytest_args <<< "${PYTEST_ARGS:-python/tests}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -40,15 +44,18 @@ echo "commit: $(cat "$root/COMMIT" 2>/dev/null || echo unknown)"
 echo "=== build ($SECONDS s)"
 (cmake -S "$root" -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
        -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
- ninja -C "$BUILD" FlexCAPIShared moe-run FlexCudaExecutorTests) \
+ ninja -C "$BUILD" FlexCAPIShared moe-run \
+   $([[ " $STEPS " == *" cuda "* ]] && echo FlexCudaExecutorTests)) \
   > "$OUT/build.log" 2>&1 || { echo "build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
 tests="$(find "$BUILD" -name FlexCudaExecutorTests -type f | head -1)"
 
-echo "=== CUDA per-call state ($SECONDS s)"
-"$tests" --gtest_filter='CudaPerCallState.*' 2>&1 | tail -15
-echo "=== memcheck ($SECONDS s)"
-compute-sanitizer --tool memcheck --error-exitcode 3 "$tests" \
-  --gtest_filter='CudaPerCallState.*' 2>&1 | tail -6
+if [[ " $STEPS " == *" cuda "* ]]; then
+  echo "=== CUDA per-call state ($SECONDS s)"
+  "$tests" --gtest_filter='CudaPerCallState.*' 2>&1 | tail -15
+  echo "=== memcheck ($SECONDS s)"
+  compute-sanitizer --tool memcheck --error-exitcode 3 "$tests" \
+    --gtest_filter='CudaPerCallState.*' 2>&1 | tail -6
+fi
 
 echo "=== flexmoe tests ($SECONDS s)"
 python=python3
@@ -61,10 +68,11 @@ fi
 export FLEX_LIBRARY="$(find "$BUILD" -name libflex.so -type f | head -1)"
 export FLEX_COMPILER_LIBRARY="$root/carry/libflex_compiler.so"
 export FLEXMOE_CACHE_DIR="$OUT/cache" FLEX_BUILD_DIR="$BUILD" PYTHONDONTWRITEBYTECODE=1
-(cd "$root" && timeout 300 "$python" -m pytest python/tests -q -rs -p no:cacheprovider \
-   -W ignore::DeprecationWarning 2>&1 | tail -25)
+[[ " $STEPS " == *" pytest "* ]] &&
+  (cd "$root" && timeout 300 "$python" -m pytest "${pytest_args[@]}" -q -rs \
+     -p no:cacheprovider -W ignore::DeprecationWarning 2>&1 | tail -25)
 
-if [[ -f "$root/bench/python_overhead.py" ]]; then
+if [[ " $STEPS " == *" overhead "* && -f "$root/bench/python_overhead.py" ]]; then
   echo "=== python overhead ($SECONDS s)"
   (cd "$root" && timeout 180 "$python" bench/python_overhead.py \
      --moe-run "$BUILD/bin/moe-run" 2>&1 | tail -20)
