@@ -577,7 +577,12 @@ def summary_lines(name, recs, preds):
             ("overlapped, fwd+bwd", [r for r in recs if r["tag"] == "overlap"], 2),
             ("overlapped, fwd    ", [r for r in recs if r["tag"] == "overlap"], 0),
             ("serial,     fwd+bwd", [r for r in recs if r["tag"] == "serial"], 2),
-            ("all,        fwd+bwd", recs, 2)):
+            ("all,        fwd+bwd", recs, 2),
+            # What the model is built for: a fixed C, a flat exchange, the
+            # exchange path of Runs 6-11.
+            ("overlapped, fwd+bwd, fixed C, flat, Runs 6-11",
+             [r for r in recs if r["tag"] == "overlap" and not r["dropless"]
+              and not r["two_dh"] and r["run"] >= 6], 2)):
         s = summary([(whole(r, preds)[idx], whole(r, preds)[idx + 1]) for r in sel])
         lines.append(f"  {name:28} {label}: median |error| {100 * s['median']:5.1f}%, "
                      f"p90 {100 * s['p90']:5.1f}%, within 10% {s['within10']:2} of "
@@ -644,7 +649,8 @@ def main():
     others = [("LOLO err", pl), ("a2a-runs err", pb)]
 
     out = [f"bench/replay_multi.py: {len(recs)} recorded runs replayed "
-           f"({checked} passes' step ops checked against this tree's plans: all equal); "
+           f"({checked} runs' forward and backward step ops checked against this tree's "
+           f"plans: all equal); "
            f"A/B runs not replayed: {len(ab)}",
            "dropless C: " + ", ".join(f"{LAYERS[k[0]]} W={k[1]} {v}"
                                       for k, v in sorted(DROPLESS_C.items())),
