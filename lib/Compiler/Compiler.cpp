@@ -71,9 +71,15 @@ bool flex::compileLayerToPlan(std::string_view mlirText,
     multiversion.variants.assign(variants.begin(), variants.end());
     pm.addPass(moe::createMoeMultiversionPass(multiversion));
   }
+  if (options.ranksPerNode > 0) {
+    moe::MoeA2A2DHPassOptions twoLevel;
+    twoLevel.ranksPerNode = options.ranksPerNode;
+    pm.addNestedPass<func::FuncOp>(moe::createMoeA2A2DHPass(twoLevel));
+  }
   LowerToPlanOptions pipeline;
   pipeline.training = options.training;
   pipeline.layout = options.layout;
+  pipeline.layouts = llvm::ArrayRef<std::string>(options.layouts);
   buildLowerToPlanPipeline(pm, pipeline);
   if (failed(pm.run(*module)))
     return false;

@@ -30,9 +30,10 @@ char *copyString(const std::string &text) {
 }
 
 /// The compile options of the C API: `world_size` ranks, and in `pipeline`
-/// space-separated options: `variants=r1d1,r1d2,...` and `source=NAME`, the
-/// name diagnostics give the text (docs/CAPI.md). `source=` takes the rest
-/// of the text, as a file name may hold spaces, so it comes last.
+/// space-separated options: `variants=r1d1,r1d2,...`, `layouts=padded,ragged`,
+/// `ranks_per_node=N` (the 2DH exchange) and `source=NAME`, the name
+/// diagnostics give the text (docs/CAPI.md). `source=` takes the rest of the
+/// text, as a file name may hold spaces, so it comes last.
 bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
                  std::string &error) {
   if (!options || options->struct_size < sizeof(FlexCompileOptions))
@@ -42,26 +43,46 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
   if (!options->pipeline)
     return true;
   std::string_view text(options->pipeline);
-  constexpr std::string_view variantsKey = "variants=", sourceKey = "source=";
+  constexpr std::string_view variantsKey = "variants=", layoutsKey = "layouts=",
+                             nodeKey = "ranks_per_node=", sourceKey = "source=";
+  auto list = [](std::string_view option, std::vector<std::string> &out) {
+    while (!option.empty()) {
+      size_t comma = option.find(',');
+      out.emplace_back(option.substr(0, comma));
+      if (comma == std::string_view::npos)
+        break;
+      option.remove_prefix(comma + 1);
+    }
+  };
+  auto starts = [](std::string_view text, std::string_view key) {
+    return text.substr(0, key.size()) == key;
+  };
   while (!text.empty()) {
-    if (text.substr(0, sourceKey.size()) == sourceKey) {
+    if (starts(text, sourceKey)) {
       out.sourceName = std::string(text.substr(sourceKey.size()));
       return true;
     }
     std::string_view option = text.substr(0, text.find(' '));
     text.remove_prefix(std::min(text.size(), option.size() + 1));
-    if (option.substr(0, variantsKey.size()) != variantsKey) {
+    if (starts(option, variantsKey)) {
+      list(option.substr(variantsKey.size()), out.variants);
+    } else if (starts(option, layoutsKey)) {
+      list(option.substr(layoutsKey.size()), out.layouts);
+    } else if (starts(option, nodeKey)) {
+      std::string number(option.substr(nodeKey.size()));
+      char *end = nullptr;
+      long long value = std::strtoll(number.c_str(), &end, 10);
+      if (number.empty() || *end || value < 1) {
+        error = "compile option 'ranks_per_node' needs an integer >= 1, got '" +
+                number + "'";
+        return false;
+      }
+      out.ranksPerNode = value;
+    } else {
       error = "unknown compile option '" + std::string(option) +
-              "'; the options are variants=r<R>d<D>,... and source=NAME";
+              "'; the options are variants=r<R>d<D>,..., "
+              "layouts=padded,ragged, ranks_per_node=N and source=NAME";
       return false;
-    }
-    option.remove_prefix(variantsKey.size());
-    while (!option.empty()) {
-      size_t comma = option.find(',');
-      out.variants.emplace_back(option.substr(0, comma));
-      if (comma == std::string_view::npos)
-        break;
-      option.remove_prefix(comma + 1);
     }
   }
   return true;

@@ -74,6 +74,7 @@ class LayerSpec:
     training: bool = True
     world_size: int = 1
     variants: tuple = ()  # r<R>d<D> names; () = the compiler's default
+    ranks_per_node: int = 0  # > 0: the 2DH exchange for nodes of that many
 
     def key(self):
         """A stable text of every field: the in-memory cache key and, hashed
@@ -81,7 +82,13 @@ class LayerSpec:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     def pipeline(self):
-        return ("variants=" + ",".join(self.variants)) if self.variants else ""
+        """The C API's compile options text (docs/CAPI.md)."""
+        parts = []
+        if self.variants:
+            parts.append("variants=" + ",".join(self.variants))
+        if self.ranks_per_node:
+            parts.append(f"ranks_per_node={self.ranks_per_node}")
+        return " ".join(parts)
 
 
 def _tensor(shape, element):
@@ -199,6 +206,8 @@ class ToolCompiler:
             variants = ",".join(spec.variants) or _default_variants(spec)
             passes.append(f"--moe-multiversion=ranks={spec.world_size} "
                           f"variants={variants}")
+        if spec.ranks_per_node:
+            passes.append(f"--moe-a2a-2dh=ranks-per-node={spec.ranks_per_node}")
         training = "true" if spec.training else "false"
         passes.append(f"--moe-lower-to-plan=training={training}")
         lowered = subprocess.run([str(self.opt), "-", *passes], input=mlir,

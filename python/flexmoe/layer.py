@@ -131,7 +131,8 @@ class MoELayer(torch.nn.Module):
                  batch_prioritized=False, gate_noise=0.0,
                  dtype=torch.float32, device=None, group=None,
                  world_size=None, rank=None, variants=None, seed=0,
-                 a2a_ffn_overlap_degree=1, adaptive_r=None):
+                 a2a_ffn_overlap_degree=1, adaptive_r=None,
+                 ranks_per_node=None):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got "
@@ -165,6 +166,15 @@ class MoELayer(torch.nn.Module):
                                      self.world_size, self.rank)
         self.a2a_ffn_overlap_degree = int(a2a_ffn_overlap_degree)
         self.adaptive_r = adaptive_r
+        # The hierarchical (2DH) exchange over nodes of this many ranks; one
+        # node (or none given) keeps the flat one.
+        self.ranks_per_node = int(ranks_per_node or 0)
+        if self.ranks_per_node < 0 or (
+                self.ranks_per_node and self.world_size % self.ranks_per_node):
+            raise ValueError(f"ranks_per_node {self.ranks_per_node} must "
+                             f"divide the world size {self.world_size}")
+        if self.ranks_per_node >= self.world_size:
+            self.ranks_per_node = 0
         self.variants = tuple(variants or self._default_variants())
         self.group_name = ""
         self.l_aux = None
@@ -281,7 +291,8 @@ class MoELayer(torch.nn.Module):
             normalize_gate=self.normalize,
             gate_noise=self.gate_noise if self.training else 0.0,
             seed=int(self.seed), training=bool(training),
-            world_size=self.world_size, variants=self.variants)
+            world_size=self.world_size, variants=self.variants,
+            ranks_per_node=self.ranks_per_node)
 
     def mlir(self, tokens, training=True):
         """The `moe.layer` IR this layer compiles for `tokens` tokens."""

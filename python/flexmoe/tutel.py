@@ -194,10 +194,19 @@ class moe_layer(MoELayer):
             _unsupported(f"has_fc1_bias={fc1} with has_fc2_bias={fc2}",
                          "Flex's FFN experts have both biases or neither")
         adaptive_r = self._parallel_type(parallel_type, E, W)
+        ranks_per_node = 0
         if use_2dh:
-            warnings.warn("flexmoe.moe_layer: use_2dh is not selectable "
-                          "through the JIT yet; the flat all-to-all runs "
-                          "(same results)")
+            # Tutel's 2DH groups the ranks of a node: torchrun's local world
+            # size, else this host's GPUs.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0) or (
+                torch.cuda.device_count() if torch.cuda.is_available() else 0)
+            if 0 < local < W and W % local == 0:
+                ranks_per_node = local
+            else:
+                warnings.warn(f"flexmoe.moe_layer: use_2dh on {W} rank(s) "
+                              f"with {local or 'unknown'} per node: one node "
+                              f"(or nodes of unequal size), the flat "
+                              f"all-to-all runs (same results)")
         if int(os.environ.get("BATCH_PRIO", 0)) != 0:
             batch_prioritized_routing = True
         if seeds is not None and seeds[0] is not None:
@@ -211,7 +220,7 @@ class moe_layer(MoELayer):
             gate_noise=float(gate.get("gate_noise", 0.0)), dtype=dtype,
             device=device, group=group, world_size=W, rank=r,
             a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
-            adaptive_r=adaptive_r)
+            adaptive_r=adaptive_r, ranks_per_node=ranks_per_node)
         if seeds is not None and len(seeds) > 1 and seeds[1] is not None:
             torch.manual_seed(seeds[1])
             self._reset_experts()

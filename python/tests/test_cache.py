@@ -174,7 +174,10 @@ def test_tool_compiler_gives_the_same_plan():
                                      experts=8, top_k=2, gated=True,
                                      activation="silu", dtype="bf16",
                                      router_fp32=True, world_size=4,
-                                     variants=("r1d1", "r1d2", "r0d1"))):
+                                     variants=("r1d1", "r1d2", "r0d1")),
+                 _compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
+                                     experts=8, top_k=2, world_size=4,
+                                     variants=("r1d2",), ranks_per_node=2)):
         plans = []
         for c in (comp, tools):
             doc = json.loads(c.compile(lib, spec, _compiler.emit_mlir(spec)))

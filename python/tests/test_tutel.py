@@ -10,6 +10,8 @@
 #
 # ===----------------------------------------------------------------------=== #
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,3 +212,31 @@ def test_activation_probe():
     assert activation_name(lambda x: x * torch.sigmoid(x)) == "silu"
     with pytest.raises(NotImplementedError):
         activation_name(torch.nn.GELU(approximate="tanh"))
+
+
+def test_use_2dh_groups_the_ranks_of_a_node(monkeypatch):
+    """use_2dh compiles the hierarchical exchange for nodes of
+    LOCAL_WORLD_SIZE ranks (every all_to_all of the plan carries
+    ranks_per_node); on one node it warns and keeps the flat one."""
+    from flexmoe import _compiler
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    layer = tutel(k=2, count=2, world_size=4, rank=1, use_2dh=True)
+    assert layer.ranks_per_node == 2
+    spec = layer.spec(32, True)
+    assert "ranks_per_node=2" in spec.pipeline()
+    plan = json.loads(_compiler.plans.get(spec).text)
+    exchanges = [s for v in plan["variants"]
+                 for s in v["forward"] + v["backward"]
+                 if s["op"] == "all_to_all"]
+    assert exchanges and all(s["attrs"]["ranks_per_node"] == 2
+                               for s in exchanges)
+    flat = tutel(k=2, count=2, world_size=4, rank=1)
+    plan = json.loads(_compiler.plans.get(flat.spec(32, True)).text)
+    assert all(s["attrs"]["ranks_per_node"] == 0 for v in plan["variants"]
+               for s in v["forward"] if s["op"] == "all_to_all")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.warns(UserWarning, match="use_2dh on 4 rank"):
+        one_node = tutel(k=2, count=2, world_size=4, rank=1, use_2dh=True)
+    assert one_node.ranks_per_node == 0
+    with pytest.raises(ValueError, match="must divide the world size 4"):
+        flexmoe.MoELayer(16, 24, 8, world_size=4, rank=0, ranks_per_node=3)

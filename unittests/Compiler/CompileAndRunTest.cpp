@@ -15,6 +15,8 @@
 
 #include "MultiRankTestSupport.h"
 
+#include "flex-c/Flex.h"
+#include "flex-c/FlexCompiler.h"
 #include "flex/Compiler/Compiler.h"
 #include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Comm/Communicator.h"
@@ -159,8 +161,7 @@ TEST(CompileAndRun, RandomLayersMatchReference) {
         << error;
     auto plan = std::make_shared<Plan>();
     // The compiler's memory plan must never let live buffers share bytes.
-    Status loaded =
-        parsePlan(planJson, *plan);
+    Status loaded = parsePlan(planJson, *plan);
     ASSERT_TRUE(loaded.isOk()) << loaded.message();
     std::unique_ptr<Executor> executor;
     Status created = Executor::create(plan, createCpuBackend(), executor);
@@ -275,8 +276,7 @@ TEST(CompileAndRun, VariantsShareOneLayoutAndAgree) {
         compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
         << error;
     auto plan = std::make_shared<Plan>();
-    Status loaded =
-        parsePlan(planJson, *plan);
+    Status loaded = parsePlan(planJson, *plan);
     ASSERT_TRUE(loaded.isOk()) << loaded.message();
     ASSERT_EQ(plan->variants.size(), 3u);
     // Every variant aligned the capacity to every degree (2): the reference
@@ -412,6 +412,65 @@ TEST(CompileAndRun, InvalidConfigIsAnErrorNotACrash) {
   EXPECT_FALSE(
       compileLayerToPlan(layerConfigToMlir(config), {}, planJson, error));
   EXPECT_NE(error.find("[gate-2]"), std::string::npos) << error;
+}
+
+TEST(CompileAndRun, LayoutsAndTwoLevelExchangeThroughTheCAPI) {
+  // The C API's pipeline text reaches the compiler: layouts= keeps both
+  // row layouts as variants, ranks_per_node= the 2DH exchange; bad text is
+  // an error naming the option.
+  ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
+  LayerConfig config;
+  config.tokens = 16;
+  config.modelDim = 8;
+  config.hiddenDim = 8;
+  config.experts = 4;
+  config.topK = 2;
+  config.capacityMode = CapacityMode::Dropless;
+  const std::string mlir = layerConfigToMlir(config);
+  auto compile = [&](const char *pipeline, int32_t world, std::string &out) {
+    FlexCompileOptions options{sizeof(FlexCompileOptions), world, 0, 1,
+                               pipeline};
+    char *json = nullptr;
+    FlexStatus status =
+        flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
+    out = json ? json : flexGetLastError();
+    flexFreeString(json);
+    return status;
+  };
+  std::string text;
+  ASSERT_EQ(compile("layouts=padded,ragged", 1, text), FLEX_STATUS_OK) << text;
+  Plan plan;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  ASSERT_EQ(plan.variants.size(), 2u);
+  EXPECT_EQ(plan.variants[0].name, "ragged"); // dropless: auto's layout first
+  EXPECT_EQ(plan.variants[1].name, "padded");
+
+  ASSERT_EQ(compile("variants=r1d2 ranks_per_node=2", 4, text), FLEX_STATUS_OK)
+      << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  int hierarchical = 0;
+  for (const Variant &variant : plan.variants)
+    for (const Step &step : variant.forward)
+      hierarchical +=
+          step.op == StepOp::AllToAll && step.attrs.ranksPerNode == 2;
+  EXPECT_GT(hierarchical, 0);
+  ASSERT_EQ(compile("variants=r1d2", 4, text), FLEX_STATUS_OK) << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  for (const Variant &variant : plan.variants)
+    for (const Step &step : variant.forward)
+      EXPECT_EQ(step.attrs.ranksPerNode, 0);
+
+  EXPECT_EQ(compile("ranks_per_node=zero", 4, text),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_NE(text.find("'ranks_per_node' needs an integer >= 1, got 'zero'"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(compile("layouts=diagonal", 1, text), FLEX_STATUS_OK);
+  EXPECT_NE(text.find("diagonal"), std::string::npos) << text;
+  EXPECT_EQ(compile("tiles=4", 1, text), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_NE(text.find("layouts=padded,ragged, ranks_per_node=N"),
+            std::string::npos)
+      << text;
 }
 
 } // namespace

@@ -25,6 +25,12 @@ struct CompileOptions {
   bool training = false;
   /// auto, padded or ragged (see --convert-moe-to-moert).
   std::string layout = "auto";
+  /// Several layouts, one variant each (--moe-lower-to-plan="layouts=...");
+  /// empty: `layout` alone.
+  std::vector<std::string> layouts;
+  /// > 0: the hierarchical (2DH) exchange for nodes of this many ranks
+  /// (--moe-a2a-2dh); 0: the flat one.
+  int64_t ranksPerNode = 0;
   /// W ranks: the plan's variants run on W ranks with one parameter layout
   /// (--moe-multiversion).
   int64_t ranks = 1;
