@@ -101,6 +101,7 @@ def main():
         entry = {"name": name, "shape": shapes.get(name.split(".")[0], ""),
                  "layer": ".".join(name.split(".")[:2]),
                  "variant": doc.get("variant"),
+                 "variant_index": variant.get("index", 0),
                  "profile_source": explain.get("profile", {}).get("source"),
                  "capacity": explain.get("capacity")}
         total_pred = total_meas = 0.0
@@ -173,7 +174,9 @@ def main():
     for layer, runs in sorted(by_layer.items()):
         if len(runs) < 2:
             continue
-        pick = min(runs, key=lambda e: e["pass"]["predicted_us"])
+        # Ties go to the plan's lower variant index, as CostModel::choose.
+        pick = min(runs, key=lambda e: (e["pass"]["predicted_us"],
+                                        e.get("variant_index", 0)))
         best = min(runs, key=lambda e: e["pass"]["measured_us"])
         loss = pick["pass"]["measured_us"] / best["pass"]["measured_us"] - 1
         picks.append({"layer": layer, "pick": pick["variant"], "best": best["variant"],

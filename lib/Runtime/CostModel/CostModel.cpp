@@ -163,7 +163,10 @@ int64_t stepCapacity(const Variant &variant, const Step &step,
 }
 
 /// The valid rows the step's work counts: its chunk's G * n for a segment
-/// op, E * C otherwise; -1 (the static bounds) when C is unknown.
+/// op, E * C otherwise; -1 (the static bounds) when C is unknown. On one
+/// rank with C known only on the device, GEMMs run the kept rows alone (a
+/// GEMM per expert of its count), at most T * k of them: C is the largest
+/// count, so E * C overcounts a skewed routing.
 int64_t stepRows(const Plan &plan, const Variant &variant, const Step &step,
                  int64_t capacity) {
   const int64_t c = stepCapacity(variant, step, capacity);
@@ -172,7 +175,18 @@ int64_t stepRows(const Plan &plan, const Variant &variant, const Step &step,
     int64_t n = seg.rows >= 0 ? seg.rows : (c >= 0 ? seg.rowsFor(c) : -1);
     return n >= 0 ? seg.groups * n : -1;
   }
-  return c >= 0 ? plan.virtualExperts() * c : -1;
+  if (c < 0)
+    return -1;
+  const int64_t rows = plan.virtualExperts() * c;
+  // A padded layout's memory steps still sweep its E * C rows (padding
+  // zeroed); its GEMMs and a ragged layout's steps see the kept rows.
+  const StepCost cost = getStepKind(step.op).cost;
+  const bool keptRowsOnly = !step.facts.padded ||
+                            cost == StepCost::ExpertGemm ||
+                            cost == StepCost::ExpertWgrad;
+  if (plan.worldSize <= 1 && step.facts.staticCapacity < 0 && keptRowsOnly)
+    return std::min(rows, plan.layer.tokens * plan.layer.topK);
+  return rows;
 }
 
 CollectiveKind collectiveKind(StepCost cost) {
