@@ -15,6 +15,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "CAPITestSupport.h"
 #include "flex-c/Flex.h"
 
 #include "flex/Reference/ReferenceMoE.h"
@@ -39,42 +40,12 @@ using Json = nlohmann::ordered_json;
 namespace {
 
 std::string readPlan(const std::string &name) {
-  std::ifstream file(std::string(FLEX_TEST_PLANS_DIR) + "/" + name);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
+  return flex::test::readTextFile(std::string(FLEX_TEST_PLANS_DIR) + "/" +
+                                  name);
 }
 
-/// `name` with gate noise `noise` (the layer and every gate agree).
 std::string withNoise(const std::string &name, double noise) {
-  Json doc = Json::parse(readPlan(name));
-  doc["layer"]["gate_noise"] = noise;
-  for (Json &variant : doc["variants"])
-    for (Json &step : variant["forward"])
-      if (step["op"] == "gate")
-        step["attrs"]["noise"] = noise;
-  return doc.dump();
-}
-
-flex::LayerConfig toConfig(const FlexLayerConfig &layer) {
-  flex::LayerConfig config;
-  config.tokens = layer.tokens;
-  config.modelDim = layer.model_dim;
-  config.hiddenDim = layer.hidden_dim;
-  config.experts = layer.experts;
-  config.topK = layer.top_k;
-  config.capacityMode = static_cast<flex::CapacityMode>(layer.capacity_mode);
-  config.capacityFactor = layer.capacity_factor;
-  config.expertKind = static_cast<flex::ExpertKind>(layer.expert_kind);
-  config.activation = static_cast<flex::Activation>(layer.activation);
-  config.bias = layer.bias;
-  config.dtype = static_cast<flex::DType>(layer.dtype);
-  config.routerFp32 = layer.router_fp32;
-  config.batchPrioritized = layer.batch_prioritized;
-  config.normalizeGate = layer.normalize_gate;
-  config.gateNoise = layer.gate_noise;
-  config.seed = layer.seed;
-  return config;
+  return flex::test::withGateNoise(readPlan(name), noise);
 }
 
 /// A caller workspace: `bytes` from an address aligned to `alignment`, plus
@@ -122,7 +93,7 @@ protected:
         << flexGetLastError();
     FlexLayerConfig layer;
     ASSERT_EQ(flexExecutableGetLayerConfig(exe, &layer), FLEX_STATUS_OK);
-    config = toConfig(layer);
+    config = flex::test::toLayerConfig(layer);
     ASSERT_EQ(flexExecutableGetWorkspaceSize(exe, &workspaceBytes, &alignment),
               FLEX_STATUS_OK);
     int64_t count = 0;

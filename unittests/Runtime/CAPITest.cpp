@@ -11,6 +11,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "CAPITestSupport.h"
 #include "flex-c/Flex.h"
 
 #include "flex/Reference/ReferenceMoE.h"
@@ -55,9 +56,9 @@ protected:
   }
   void load(const std::string &name) {
     std::string text = readText(name);
-    ASSERT_EQ(flexExecutableCreateFromPlan(context, text.data(), text.size(),
-                                           &exe),
-              FLEX_STATUS_OK)
+    ASSERT_EQ(
+        flexExecutableCreateFromPlan(context, text.data(), text.size(), &exe),
+        FLEX_STATUS_OK)
         << flexGetLastError();
   }
   /// f32 buffers for every argument, zeroed.
@@ -128,9 +129,9 @@ TEST_F(CAPI, RejectsBadPlans) {
   EXPECT_EQ(bad, nullptr);
   EXPECT_EQ(flexExecutableCreateFromPlan(context, "{", 1, &bad),
             FLEX_STATUS_INVALID_PLAN);
-  EXPECT_EQ(flexExecutableCreateFromPlanFile(context, "/no/such/plan.json",
-                                             &bad),
-            FLEX_STATUS_IO_ERROR);
+  EXPECT_EQ(
+      flexExecutableCreateFromPlanFile(context, "/no/such/plan.json", &bad),
+      FLEX_STATUS_IO_ERROR);
   EXPECT_THAT(flexGetLastError(), HasSubstr("/no/such/plan.json"));
   EXPECT_EQ(flexExecutableCreateFromPlan(nullptr, text, 1, &bad),
             FLEX_STATUS_INVALID_ARGUMENT);
@@ -208,25 +209,9 @@ TEST_F(CAPI, QueriesLayerArgumentsWorkspaceAndVariants) {
 TEST_F(CAPI, RunsForwardAndBackwardLikeTheReference) {
   load("ffn_fixed_train.json");
   makeBuffers();
-  flex::LayerConfig config;
   FlexLayerConfig layer;
   ASSERT_EQ(flexExecutableGetLayerConfig(exe, &layer), FLEX_STATUS_OK);
-  config.tokens = layer.tokens;
-  config.modelDim = layer.model_dim;
-  config.hiddenDim = layer.hidden_dim;
-  config.experts = layer.experts;
-  config.topK = layer.top_k;
-  config.capacityMode = static_cast<flex::CapacityMode>(layer.capacity_mode);
-  config.capacityFactor = layer.capacity_factor;
-  config.expertKind = static_cast<flex::ExpertKind>(layer.expert_kind);
-  config.activation = static_cast<flex::Activation>(layer.activation);
-  config.bias = layer.bias;
-  config.dtype = static_cast<flex::DType>(layer.dtype);
-  config.routerFp32 = layer.router_fp32;
-  config.batchPrioritized = layer.batch_prioritized;
-  config.normalizeGate = layer.normalize_gate;
-  config.gateNoise = layer.gate_noise;
-  config.seed = layer.seed;
+  const flex::LayerConfig config = flex::test::toLayerConfig(layer);
 
   std::mt19937_64 rng(21);
   flex::reference::LayerInputs inputs;
@@ -267,8 +252,7 @@ TEST_F(CAPI, RunsForwardAndBackwardLikeTheReference) {
   EXPECT_EQ(steps, 7);
   const char *op = nullptr;
   double micros = -1;
-  ASSERT_EQ(flexExecutableGetStepTiming(exe, 1, &op, &micros),
-            FLEX_STATUS_OK);
+  ASSERT_EQ(flexExecutableGetStepTiming(exe, 1, &op, &micros), FLEX_STATUS_OK);
   EXPECT_STREQ(op, "gate");
   EXPECT_GE(micros, 0);
   ASSERT_EQ(flexExecutableBackward(exe, all.data(), all.size(), nullptr),
@@ -276,8 +260,8 @@ TEST_F(CAPI, RunsForwardAndBackwardLikeTheReference) {
       << flexGetLastError();
 
   flex::reference::LayerForward forward;
-  auto grads = flex::reference::referenceBackward(config, inputs, gradOut,
-                                                  0.25, {}, &forward);
+  auto grads = flex::reference::referenceBackward(config, inputs, gradOut, 0.25,
+                                                  {}, &forward);
   auto get = [&](const char *name) {
     return std::vector<double>(buffers[name].begin(), buffers[name].end());
   };
@@ -327,8 +311,7 @@ TEST_F(CAPI, RejectsBadRuns) {
   FlexRunOptions withStream{sizeof(FlexRunOptions), 0, &stream};
   expectFailure(good, FLEX_STATUS_UNAVAILABLE, "takes no stream", &withStream);
   FlexRunOptions tooSmall{4, 0, nullptr};
-  expectFailure(good, FLEX_STATUS_INVALID_ARGUMENT, "struct_size 4",
-                &tooSmall);
+  expectFailure(good, FLEX_STATUS_INVALID_ARGUMENT, "struct_size 4", &tooSmall);
   EXPECT_EQ(flexExecutableBackward(exe, good.data(), good.size(), nullptr),
             FLEX_STATUS_FAILED_PRECONDITION);
   EXPECT_THAT(flexGetLastError(), HasSubstr("needs a forward first"));
@@ -396,9 +379,9 @@ TEST_F(CAPI, CompilesThroughTheRegisteredCompiler) {
   const char mlir[] = "moe.layer ...";
   FlexExecutable compiled = nullptr;
   ASSERT_EQ(flexHasCompiler(), 0);
-  EXPECT_EQ(flexCompileLayer(context, mlir, sizeof(mlir) - 1, nullptr,
-                             &compiled),
-            FLEX_STATUS_UNAVAILABLE);
+  EXPECT_EQ(
+      flexCompileLayer(context, mlir, sizeof(mlir) - 1, nullptr, &compiled),
+      FLEX_STATUS_UNAVAILABLE);
   EXPECT_THAT(flexGetLastError(), HasSubstr("no compiler is linked in"));
   FlexLayerConfig config{};
   config.tokens = config.model_dim = config.hidden_dim = config.experts = 4;
@@ -413,9 +396,9 @@ TEST_F(CAPI, CompilesThroughTheRegisteredCompiler) {
                           &calls};
   ASSERT_EQ(flexSetCompiler(&hooks), FLEX_STATUS_OK);
   EXPECT_EQ(flexHasCompiler(), 1);
-  ASSERT_EQ(flexCompileLayer(context, mlir, sizeof(mlir) - 1, nullptr,
-                             &compiled),
-            FLEX_STATUS_OK)
+  ASSERT_EQ(
+      flexCompileLayer(context, mlir, sizeof(mlir) - 1, nullptr, &compiled),
+      FLEX_STATUS_OK)
       << flexGetLastError();
   int64_t count = 0;
   EXPECT_EQ(flexExecutableGetNumArguments(compiled, &count), FLEX_STATUS_OK);
