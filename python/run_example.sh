@@ -11,18 +11,6 @@
 #
 # ===----------------------------------------------------------------------=== #
 set -uo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-build="${FLEX_BUILD_DIR:-$here/../build}"
-python="${FLEXMOE_PYTHON:-}"
-if [ -z "$python" ]; then
-  python="$build/python-deps/venv/bin/python"
-  [ -x "$python" ] || python="$(command -v python3 || true)"
-fi
-if [ -z "$python" ] || ! "$python" -c "import torch" 2>/dev/null; then
-  echo "SKIPPED: the example needs torch (tried '${python:-no python3}');"
-  echo "scripts/setup.sh installs it into $build/python-deps/venv"
-  exit 77
-fi
-export FLEX_BUILD_DIR="$build" PYTHONDONTWRITEBYTECODE=1
+source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh" "torch"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -W "ignore:Failed to initialize NumPy:UserWarning" "$@"
