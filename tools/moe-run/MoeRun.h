@@ -125,9 +125,15 @@ struct StepTimes {
   std::vector<double> totalMicros; ///< summed over stepRuns runs
   int64_t stepRuns = 0;
   std::vector<double> runs; ///< whole-pass time of each timed run
+  /// The variant the runs above ran; -1 before the first.
+  int64_t variant = -1;
+  /// Runs of earlier variants left out (variant = auto switched: the cost
+  /// model explored, or the capacity changed).
+  int64_t droppedRuns = 0;
 
   /// Adds the last run's step times (when it has them) and, when `timed`,
-  /// its whole-pass time.
+  /// its whole-pass time. When the run's variant differs from the runs'
+  /// so far, those are dropped: the times are one variant's.
   void add(FlexExecutable exe, bool timed);
   double stepMean(size_t i) const;
   double mean() const;

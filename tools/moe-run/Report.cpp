@@ -100,11 +100,11 @@ void printJson(const Options &options, const LayerRun &run) {
     return list;
   };
   auto pass = [&](const StepTimes &times) {
-    return nlohmann::ordered_json{{"mean_us", times.mean()},
-                                  {"median_us", times.quantile(0.5)},
-                                  {"min_us", times.quantile(0.0)},
-                                  {"max_us", times.quantile(1.0)},
-                                  {"steps", steps(times)}};
+    return nlohmann::ordered_json{
+        {"mean_us", times.mean()},       {"median_us", times.quantile(0.5)},
+        {"min_us", times.quantile(0.0)}, {"max_us", times.quantile(1.0)},
+        {"runs", times.runs.size()},     {"dropped_runs", times.droppedRuns},
+        {"steps", steps(times)}};
   };
   out["forward"] = pass(run.forwardTimes);
   if (options.train)
@@ -132,6 +132,10 @@ void printTimes(const char *title, const StepTimes &times) {
   std::printf("%s: %.1f us per call (median %.1f, min %.1f, max %.1f)\n", title,
               total, times.quantile(0.5), times.quantile(0.0),
               times.quantile(1.0));
+  if (times.droppedRuns > 0)
+    std::printf("  (the last %zu timed calls: %lld before them ran another "
+                "variant, auto exploring or a new capacity)\n",
+                times.runs.size(), static_cast<long long>(times.droppedRuns));
   for (size_t i = 0; i < times.ops.size(); ++i) {
     double mean = times.stepMean(i);
     std::printf("  %2zu %-20s %10.1f us %5.1f%%\n", i, times.ops[i].c_str(),

@@ -35,6 +35,16 @@ namespace fs = std::filesystem;
 //===----------------------------------------------------------------------===//
 
 void StepTimes::add(FlexExecutable exe, bool timed) {
+  int64_t ran = -1;
+  checkApi(flexExecutableGetSelectedVariant(exe, &ran), "variant");
+  if (variant >= 0 && ran != variant) {
+    droppedRuns += static_cast<int64_t>(runs.size());
+    ops.clear();
+    totalMicros.clear();
+    stepRuns = 0;
+    runs.clear();
+  }
+  variant = ran;
   int64_t count = 0;
   checkApi(flexExecutableGetNumStepTimings(exe, &count), "step timings");
   if (count > 0 && (ops.empty() || static_cast<int64_t>(ops.size()) == count)) {
