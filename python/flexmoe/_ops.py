@@ -190,17 +190,8 @@ def _runner(key, device):
     return plan, _runtime.runner(plan, _device_key(device), comm)
 
 
-@torch.library.custom_op("flexmoe::moe_forward", mutates_args=())
-def moe_forward(key: str, x: torch.Tensor, wg: torch.Tensor,
-                w1: torch.Tensor, w2: torch.Tensor,
-                w3: Optional[torch.Tensor], b1: Optional[torch.Tensor],
-                b2: Optional[torch.Tensor], seed: torch.Tensor,
-                variant: str) -> Tuple[torch.Tensor, torch.Tensor,
-                                       torch.Tensor]:
-    """out [T, d], l_aux [] f32 and the forward's saved state: a
-    zero-element uint8 view of its workspace. Autograd keeps the view, and
-    so the workspace's memory, until the backward; being empty, it compares
-    equal in opcheck and costs nothing to save."""
+def _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
+    """moe_forward's body (the custom op and the eager path share it)."""
     plan, runner = _runner(key, x.device)
     out = _new(tuple(x.shape), x.dtype, x.device)
     l_aux = _new((), torch.float32, x.device)
@@ -216,6 +207,20 @@ def moe_forward(key: str, x: torch.Tensor, wg: torch.Tensor,
     return out, l_aux, workspace[:0]
 
 
+@torch.library.custom_op("flexmoe::moe_forward", mutates_args=())
+def moe_forward(key: str, x: torch.Tensor, wg: torch.Tensor,
+                w1: torch.Tensor, w2: torch.Tensor,
+                w3: Optional[torch.Tensor], b1: Optional[torch.Tensor],
+                b2: Optional[torch.Tensor], seed: torch.Tensor,
+                variant: str) -> Tuple[torch.Tensor, torch.Tensor,
+                                       torch.Tensor]:
+    """out [T, d], l_aux [] f32 and the forward's saved state: a
+    zero-element uint8 view of its workspace. Autograd keeps the view, and
+    so the workspace's memory, until the backward; being empty, it compares
+    equal in opcheck and costs nothing to save."""
+    return _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant)
+
+
 @moe_forward.register_fake
 def _(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     spec, _ = _parse_key(key)
@@ -225,15 +230,9 @@ def _(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     return out, l_aux, x.new_empty(0, dtype=torch.uint8)
 
 
-@torch.library.custom_op("flexmoe::moe_backward", mutates_args=())
-def moe_backward(key: str, grad_out: torch.Tensor, grad_l_aux: torch.Tensor,
-                 x: torch.Tensor, wg: torch.Tensor, w1: torch.Tensor,
-                 w2: torch.Tensor, w3: Optional[torch.Tensor],
-                 b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
-                 workspace: torch.Tensor, variant: str) -> List[torch.Tensor]:
-    """The gradients of x, wg, w1, w2 and (when the layer has them) w3, b1,
-    b2, in that order, of the forward whose saved state (`workspace`, the
-    forward's third output) is given."""
+def _backward_impl(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1, b2,
+                   workspace, variant):
+    """moe_backward's body (the custom op and the eager path share it)."""
     plan, runner = _runner(key, x.device)
     if not plan.spec.training:
         raise RuntimeError("flexmoe: this forward ran an inference plan "
@@ -254,6 +253,19 @@ def moe_backward(key: str, grad_out: torch.Tensor, grad_l_aux: torch.Tensor,
     return [g for _, g in grads]
 
 
+@torch.library.custom_op("flexmoe::moe_backward", mutates_args=())
+def moe_backward(key: str, grad_out: torch.Tensor, grad_l_aux: torch.Tensor,
+                 x: torch.Tensor, wg: torch.Tensor, w1: torch.Tensor,
+                 w2: torch.Tensor, w3: Optional[torch.Tensor],
+                 b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+                 workspace: torch.Tensor, variant: str) -> List[torch.Tensor]:
+    """The gradients of x, wg, w1, w2 and (when the layer has them) w3, b1,
+    b2, in that order, of the forward whose saved state (`workspace`, the
+    forward's third output) is given."""
+    return _backward_impl(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1,
+                          b2, workspace, variant)
+
+
 @moe_backward.register_fake
 def _(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1, b2, workspace,
       variant):
@@ -271,15 +283,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, wg, w1, w2, w3, b1, b2, workspace)
 
 
-def _backward(ctx, grad_out, grad_l_aux, grad_workspace):
+def _backward(ctx, grad_out, grad_l_aux, grad_workspace,
+              backward_op=None):
     x, wg, w1, w2, w3, b1, b2, workspace = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     if grad_l_aux is None:
         grad_l_aux = torch.zeros((), dtype=torch.float32, device=x.device)
-    grads = moe_backward(ctx.key, grad_out.contiguous(),
-                         grad_l_aux.contiguous(), x, wg, w1, w2, w3, b1, b2,
-                         workspace, ctx.variant)
+    grads = (backward_op or moe_backward)(
+        ctx.key, grad_out.contiguous(), grad_l_aux.contiguous(), x, wg, w1,
+        w2, w3, b1, b2, workspace, ctx.variant)
     grads = list(grads)
     gx, gwg, gw1, gw2 = grads[:4]
     rest = grads[4:]
@@ -290,3 +303,31 @@ def _backward(ctx, grad_out, grad_l_aux, grad_workspace):
 
 
 moe_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerMoE(torch.autograd.Function):
+    """The same forward and backward without torch's custom-op dispatch
+    (filling the schema's defaults, the autograd wrapper, redispatch: about
+    half of an eager call's Python time, docs/Python.md). torch.compile and
+    tracing take the custom op (moe), which they can see through."""
+
+    @staticmethod
+    def forward(ctx, key, x, wg, w1, w2, w3, b1, b2, seed, variant):
+        inputs = (key, x, wg, w1, w2, w3, b1, b2, seed, variant)
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_l_aux, grad_workspace):
+        return _backward(ctx, grad_out, grad_l_aux, grad_workspace,
+                         backward_op=_backward_impl)
+
+
+def moe(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
+    """The layer's forward: the custom op under torch.compile or tracing,
+    the eager autograd Function otherwise (same kernels, same results)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return moe_forward(key, x, wg, w1, w2, w3, b1, b2, seed, variant)
+    return _EagerMoE.apply(key, x, wg, w1, w2, w3, b1, b2, seed, variant)

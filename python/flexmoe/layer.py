@@ -345,9 +345,8 @@ class MoELayer(torch.nn.Module):
             self._needs_grad(x), top_k or self.top_k,
             self.capacity_factor if capacity_factor is None else
             capacity_factor, noise)
-        y, l_aux, _ = _ops.moe_forward(key, x, self.wg, self.w1, self.w2,
-                                       self.w3, self.b1, self.b2,
-                                       self._seed(noise), variant)
+        y, l_aux, _ = _ops.moe(key, x, self.wg, self.w1, self.w2, self.w3,
+                               self.b1, self.b2, self._seed(noise), variant)
         return y, l_aux
 
     def forward(self, x, adaptive_r=None, a2a_ffn_overlap_degree=None):

@@ -40,6 +40,28 @@ def test_opcheck_forward(kw):
         torch.library.opcheck(torch.ops.flexmoe.moe_forward.default, args)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(top_k=2, bias=True),
+    dict(top_k=2, gated=True, activation="silu", capacity_factor=0.0),
+], ids=["ffn-bias", "gated-dropless"])
+def test_eager_path_equals_the_custom_op(kw):
+    """Eager calls take _ops.moe's autograd Function, torch.compile the
+    custom op: the same outputs and gradients, bit for bit."""
+    layer = flexmoe.MoELayer(16, 24, 4, **kw)
+    results = []
+    for forward in (_ops.moe, _ops.moe_forward):
+        layer.zero_grad()
+        args = list(_op_args(layer, 20, True))
+        torch.manual_seed(5)
+        args[1] = torch.randn(20, 16, requires_grad=True)
+        y, l_aux, _ = forward(*args)
+        (y.square().sum() + 3 * l_aux).backward()
+        results.append([y.detach(), l_aux.detach(), args[1].grad] +
+                       [p.grad.clone() for p in layer.parameters()])
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+
+
 def _model(layer):
 
     class Block(torch.nn.Module):
