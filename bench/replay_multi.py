@@ -40,12 +40,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
-STAGES = ["gate", "dispatch", "experts", "combine", "collectives"]
-COLLECTIVES = {"all_to_all", "all_gather", "reduce_scatter", "all_reduce",
-               "sync_capacity"}
-GATE = {"router", "gate", "gate_backward", "router_backward"}
-DISPATCH = {"dispatch", "dispatch_backward", "uniform_segments"}
-COMBINE = {"combine", "combine_backward"}
+# The stages of the model's ops, as the one-GPU report sums them.
+from costmodel_report import COLLECTIVES, STAGES, quantile, stage_of  # noqa: E402
 EXPERT_OPS = {"grouped_gemm", "grouped_gemm_wgrad", "activation",
               "activation_backward", "glu", "glu_backward"}
 LAYERS = {"c1": "C1", "c3": "C3"}
@@ -65,23 +61,6 @@ H100_PROFILE = os.path.join(RESULTS, "2026-12-06_h100_profile_v2.json")
 H200_COPY_BYTES_PER_S = 4.296e12  # Run 1, copy_d2d (2026-11-28_h200_torch.json)
 ALIGNED_FROM_RUN = 11  # moe-run's ranks meet before each call (Run 11)
 CLEAN = 1.05  # a pass whose mean is over 1.05 x its median holds a slow call
-
-
-def stage_of(op):
-    if op in COLLECTIVES:
-        return "collectives"
-    if op in GATE:
-        return "gate"
-    if op in DISPATCH:
-        return "dispatch"
-    if op in COMBINE:
-        return "combine"
-    return "experts"
-
-
-def quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
 
 
 def fit_line(xy, fallback_alpha=0.0):

@@ -76,16 +76,16 @@ void printSummary(const DeviceProfile &profile, const std::string &path,
   std::cout << "  wrote " << path << "\n";
 }
 
-/// Loads the plan file; whether it has backward steps (then it runs with
-/// --train).
-bool isTrainingPlan(const std::string &path, Plan &plan) {
+/// A calibration plan: loaded, and for one rank.
+Plan loadCalibrationPlan(const std::string &path) {
+  Plan plan;
   if (Status s = loadPlanFile(path, plan); !s)
     fatal(2, "--calibrate: cannot load '" + path + "': " + s.message());
   if (plan.worldSize > 1)
     fatal(2, "--calibrate: '" + path + "' runs on " +
                  std::to_string(plan.worldSize) +
                  " ranks; calibration plans run on one");
-  return !plan.variants.empty() && !plan.variants.front().backward.empty();
+  return plan;
 }
 
 /// The capacity C the last call ran with, from the explain JSON.
@@ -132,13 +132,12 @@ void calibrateWithPlans(const Options &options, DeviceProfile &profile) {
   for (const std::string &path : options.calibratePlans) {
     // Every variant: a layout's steps (padded or ragged GEMMs) are measured
     // only where they run.
-    Plan plan;
-    const bool training = isTrainingPlan(path, plan);
+    const Plan plan = loadCalibrationPlan(path);
     for (const Variant &each : plan.variants) {
       Options one;
       one.path = path;
       one.device = options.device;
-      one.train = training;
+      one.train = plan.training;
       one.iters = options.quick ? 2 : 10;
       one.warmup = 2;
       one.profile = options.profile;

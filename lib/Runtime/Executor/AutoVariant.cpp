@@ -134,8 +134,6 @@ int64_t Executor::refineChoice(bool timed) {
   // they follow the model alone until they agree on measurements.
   if (plan_->worldSize > 1 || !options_.refineVariant)
     return choice_.variant;
-  if (explorations_.size() != plan_->variants.size())
-    explorations_.assign(plan_->variants.size(), {});
   const int64_t bucket = bucketOf(capacity_);
   const double band = choice_.totalUs[choice_.variant] * (1 + kRefineBand);
   int64_t explore = -1, fastest = -1, measured = 0;

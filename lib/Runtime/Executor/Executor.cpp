@@ -218,6 +218,7 @@ Executor::Executor(std::shared_ptr<const Plan> plan,
   argumentData_.assign(plan_->arguments.size(), nullptr);
   measurements_.assign(plan_->variants.size(), {});
   buckets_.assign(plan_->variants.size(), {});
+  explorations_.assign(plan_->variants.size(), {});
   selected_ = plan_->defaultVariant;
   // One rank needs no setup; more ranks need the caller's communicator.
   if (plan_->worldSize == 1) {
