@@ -138,18 +138,11 @@ void addSamples(const Json &entry, Plans &plans, const CostModel &model,
   if (!times.is_array() || times.size() != steps.size())
     fail(where + ": \"steps_us\" needs one time per step (" +
          std::to_string(steps.size()) + ")");
-  const Prediction p =
-      model.predict(*pass.plan, pass.variant, pass.backward, pass.capacity);
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const double us = times[i].is_number() ? times[i].get<double>() : 0;
-    if (isCollective(steps[i].op) || !(us > 0))
-      continue;
-    StepSample sample;
-    sample.op = steps[i].op;
-    sample.basis = model.stepBasis(*pass.plan, steps[i], p.steps[i].rows);
-    sample.seconds = us * 1e-6;
-    samples.push_back(sample);
-  }
+  std::vector<double> seconds;
+  for (const Json &time : times)
+    seconds.push_back(time.is_number() ? time.get<double>() * 1e-6 : 0.0);
+  collectStepSamples(model, *pass.plan, pass.variant, pass.backward,
+                     pass.capacity, seconds, samples);
 }
 
 Json predictionJson(const Pass &pass, const CostModel &model) {

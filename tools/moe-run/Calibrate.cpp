@@ -104,17 +104,14 @@ void addSamples(const CostModel &model, const LayerRun &run,
   const Variant &variant = run.plan.variants.at(run.variant);
   for (bool backward : {false, true}) {
     const StepTimes &times = backward ? run.backwardTimes : run.forwardTimes;
-    const std::vector<Step> &steps =
-        backward ? variant.backward : variant.forward;
-    if (times.stepRuns == 0 || times.ops.size() != steps.size())
+    const size_t steps = (backward ? variant.backward : variant.forward).size();
+    if (times.stepRuns == 0 || times.ops.size() != steps)
       continue;
-    const Prediction predicted =
-        model.predict(run.plan, run.variant, backward, capacity);
-    for (size_t i = 0; i < steps.size(); ++i)
-      samples.push_back(
-          {steps[i].op,
-           model.stepBasis(run.plan, steps[i], predicted.steps[i].rows),
-           times.stepMean(i) * 1e-6});
+    std::vector<double> seconds(steps);
+    for (size_t i = 0; i < steps; ++i)
+      seconds[i] = times.stepMean(i) * 1e-6;
+    collectStepSamples(model, run.plan, run.variant, backward, capacity,
+                       seconds, samples);
   }
 }
 

@@ -56,6 +56,22 @@ void fitLine(const std::vector<std::pair<double, double>> &xy,
 
 } // namespace
 
+void collectStepSamples(const CostModel &model, const Plan &plan,
+                        int64_t variant, bool backward, int64_t capacity,
+                        const std::vector<double> &stepSeconds,
+                        std::vector<StepSample> &samples) {
+  const Variant &run = plan.variants.at(variant);
+  const std::vector<Step> &steps = backward ? run.backward : run.forward;
+  const Prediction predicted = model.predict(plan, variant, backward, capacity);
+  for (size_t i = 0; i < steps.size() && i < stepSeconds.size(); ++i) {
+    if (isCollective(steps[i].op) || !(stepSeconds[i] > 0))
+      continue;
+    samples.push_back({steps[i].op,
+                       model.stepBasis(plan, steps[i], predicted.steps[i].rows),
+                       stepSeconds[i]});
+  }
+}
+
 void fitStepCosts(const std::vector<StepSample> &samples,
                   DeviceProfile &profile) {
   std::map<StepOp, std::vector<const StepSample *>> byOp;

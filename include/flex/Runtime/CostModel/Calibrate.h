@@ -63,6 +63,15 @@ struct StepSample {
   double seconds = 0;
 };
 
+/// The samples of one timed pass of `plan`'s `variant` (forward, or
+/// backward) at capacity C: each compute step's basis for the rows the model
+/// counts it for, with its measured seconds (`stepSeconds`, one per step of
+/// the pass). Collectives and steps without a positive time are left out.
+void collectStepSamples(const CostModel &model, const Plan &plan,
+                        int64_t variant, bool backward, int64_t capacity,
+                        const std::vector<double> &stepSeconds,
+                        std::vector<StepSample> &samples);
+
 /// Fits each step kind's figures (StepCostPoint) to the samples and puts
 /// them in `profile.steps`, replacing those of the kinds sampled: memory
 /// steps alpha + bytes / bandwidth, GEMM steps alpha + scale x the table's
