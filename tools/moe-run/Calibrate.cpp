@@ -119,20 +119,21 @@ void addSamples(const CostModel &model, const LayerRun &run,
 /// training plan backward, timed per step) and fits each step kind's
 /// figures to the steps: what a kind pays besides the bytes and FLOPs the
 /// generic figures price (docs/CostModel.md, "Calibrating with plans").
-void calibrateWithPlans(const Options &options, DeviceProfile &profile) {
-  if (options.calibratePlans.empty())
+void calibrateWithPlans(const Options &options, const std::vector<Plan> &plans,
+                        DeviceProfile &profile) {
+  if (plans.empty())
     return;
   // The basis of each step (its bytes, FLOPs, GEMM-table time) is computed
   // with the GEMM table just measured.
   const CostModel model(profile);
   std::vector<StepSample> samples;
-  for (const std::string &path : options.calibratePlans) {
+  for (size_t p = 0; p < plans.size(); ++p) {
     // Every variant: a layout's steps (padded or ragged GEMMs) are measured
     // only where they run.
-    const Plan plan = loadCalibrationPlan(path);
+    const Plan &plan = plans[p];
     for (const Variant &each : plan.variants) {
       Options one;
-      one.path = path;
+      one.path = options.calibratePlans[p];
       one.device = options.device;
       one.train = plan.training;
       one.iters = options.quick ? 2 : 10;
@@ -152,6 +153,15 @@ void calibrateWithPlans(const Options &options, DeviceProfile &profile) {
                    std::to_string(options.calibratePlans.size()) + " plan(s)";
 }
 
+/// Every plan given with --calibrate, loaded before anything is measured:
+/// a bad one is refused at once, not after the calibration.
+std::vector<Plan> loadCalibrationPlans(const Options &options) {
+  std::vector<Plan> plans;
+  for (const std::string &path : options.calibratePlans)
+    plans.push_back(loadCalibrationPlan(path));
+  return plans;
+}
+
 } // namespace
 
 /// `--device cuda`: one GPU (the current one) on one rank.
@@ -159,13 +169,14 @@ static int calibrateCudaCommand(const Options &options) {
   if (ranks.size > 1)
     fatal(2, "--calibrate --device cuda measures one GPU: run it on one rank "
              "(the collectives keep the built-in figures)");
+  const std::vector<Plan> plans = loadCalibrationPlans(options);
   CalibrationOptions calibration;
   calibration.quick = options.quick;
   DeviceProfile profile;
   const auto begin = std::chrono::steady_clock::now();
   if (Status s = calibrateCuda(calibration, profile); !s)
     fatal(1, "calibration failed: " + s.message());
-  calibrateWithPlans(options, profile);
+  calibrateWithPlans(options, plans, profile);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
           .count();
@@ -183,6 +194,7 @@ int flex::moerun::calibrateCommand(const Options &options) {
     return calibrateCudaCommand(options);
   if (ranks.size > 1 && !options.calibratePlans.empty())
     fatal(2, "--calibrate with plans runs on one rank");
+  const std::vector<Plan> plans = loadCalibrationPlans(options);
   std::shared_ptr<Communicator> comm;
   if (ranks.size > 1) {
     if (!ranks.mpi)
@@ -196,7 +208,7 @@ int flex::moerun::calibrateCommand(const Options &options) {
   const auto begin = std::chrono::steady_clock::now();
   if (Status s = calibrateCpu(calibration, comm.get(), profile); !s)
     fatal(1, "calibration failed: " + s.message());
-  calibrateWithPlans(options, profile);
+  calibrateWithPlans(options, plans, profile);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
           .count();
