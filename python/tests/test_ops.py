@@ -126,6 +126,21 @@ def test_binds_the_callers_tensors():
     assert addresses["wg"] == layer.wg.data_ptr()
 
 
+def test_nan_input_is_refused_with_the_runtime_check(monkeypatch):
+    """FLEX_CHECK_NAN=1 (the runtime's check_nonfinite, read when an
+    executable is made) refuses a NaN input by name before anything runs;
+    off by default, as the check reads every input and output back."""
+    monkeypatch.setenv("FLEX_CHECK_NAN", "1")
+    layer = flexmoe.MoELayer(12, 20, 3, top_k=1)  # a plan no test made yet
+    x = torch.randn(7, 12)
+    y, _ = layer(x)
+    assert torch.isfinite(y).all()
+    x[3, 5] = float("nan")
+    with pytest.raises(flexmoe.FlexError, match="'x' has NaN or Inf at "
+                       r"element 41 \(index \[3, 5\]\)"):
+        layer(x)
+
+
 def test_non_contiguous_input_warns():
     layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
     x = torch.randn(16, 12).t()  # [12, 16], not contiguous
