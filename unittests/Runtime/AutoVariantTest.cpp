@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 
 using namespace flex;
 using namespace flex::test;
@@ -125,10 +126,18 @@ TEST(AutoVariant, MeasuredTimesOverruleTheModelOnOneRank) {
   RankBuffers buffers;
   buffers.init(*plan);
   std::vector<Binding> bindings = buffers.bindings();
+  // Exploration is bounded: at most 4 calls measuring each variant.
+  std::map<std::string, int> measuring;
   for (int call = 0; call < 12; ++call) {
     ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
     ASSERT_TRUE(executor->backward(bindings.data(), bindings.size()).isOk());
+    for (const Variant &variant : plan->variants)
+      if (executor->explain().reason.find("measuring '" + variant.name + "'") !=
+          std::string::npos)
+        ++measuring[variant.name];
   }
+  for (const auto &[name, calls] : measuring)
+    EXPECT_LE(calls, 4) << name;
   Explanation explanation = executor->explain();
   ASSERT_EQ(explanation.variants.size(), 2u);
   double measured[2];
@@ -138,13 +147,17 @@ TEST(AutoVariant, MeasuredTimesOverruleTheModelOnOneRank) {
     EXPECT_GE(each.backwardRuns, 2) << each.name;
     measured[v] = each.measuredForwardUs + each.measuredBackwardUs;
   }
-  const int64_t faster = measured[0] <= measured[1] ? 0 : 1;
-  EXPECT_EQ(explanation.chosen, faster);
-  EXPECT_THAT(explanation.reason, HasSubstr("measured fastest at this "
-                                            "capacity: '" +
-                                            plan->variants[faster].name));
-  // Exploration is bounded: at most 4 calls of the slower one.
-  EXPECT_LE(executor->measurements(1 - faster).forwardCalls, 4);
+  // The next call runs, by the times measured so far, the fastest, or the
+  // variant already running while it is within 3% of the fastest.
+  ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+  const int64_t ran = executor->lastRunStats().variant;
+  EXPECT_LE(measured[ran],
+            1.03 * std::min(measured[0], measured[1]) * (1 + 1e-12));
+  EXPECT_THAT(
+      executor->explain().reason,
+      ::testing::AnyOf(HasSubstr("measured fastest at this capacity: '" +
+                                 plan->variants[ran].name),
+                       HasSubstr("keeping '" + plan->variants[ran].name)));
 
   // refine_variant off: the model's pick alone runs.
   RuntimeOptions options;

@@ -362,6 +362,7 @@ private:
   std::vector<std::map<int64_t, int64_t>> explorations_;
   std::string refineNote_;
   static constexpr double kRefineBand = 0.25;
+  static constexpr double kKeepBand = 0.03;
   static constexpr int64_t kMinMeasuredRuns = 2;
   static constexpr int64_t kMaxExplorations = 4;
 };

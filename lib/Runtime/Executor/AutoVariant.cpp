@@ -137,7 +137,8 @@ int64_t Executor::refineChoice(bool timed) {
   const int64_t bucket = bucketOf(capacity_);
   const double band = choice_.totalUs[choice_.variant] * (1 + kRefineBand);
   int64_t explore = -1, fastest = -1, measured = 0;
-  double fastestUs = std::numeric_limits<double>::infinity();
+  double fastestUs = std::numeric_limits<double>::infinity(),
+         runningUs = fastestUs; // of selected_, the variant of the last call
   for (int64_t v = 0; v < static_cast<int64_t>(plan_->variants.size()); ++v) {
     if (choice_.totalUs[v] > band)
       continue;
@@ -153,12 +154,14 @@ int64_t Executor::refineChoice(bool timed) {
       continue;
     }
     ++measured;
-    const double us = m.forwardMeanMicros +
-                      (plan_->training ? m.backwardMeanMicros : 0.0);
+    const double us =
+        m.forwardMeanMicros + (plan_->training ? m.backwardMeanMicros : 0.0);
     if (us < fastestUs) {
       fastestUs = us;
       fastest = v;
     }
+    if (v == selected_)
+      runningUs = us;
   }
   auto name = [&](int64_t v) { return "'" + plan_->variants[v].name + "'"; };
   if (timed && explore >= 0) {
@@ -166,13 +169,22 @@ int64_t Executor::refineChoice(bool timed) {
     refineNote_ = "; measuring " + name(explore) + " (predicted within " +
                   std::to_string(static_cast<int>(kRefineBand * 100)) +
                   "% of the pick, " +
-                  std::to_string(explorations_[explore][bucket]) + " of at most " +
-                  std::to_string(kMaxExplorations) + " calls)";
+                  std::to_string(explorations_[explore][bucket]) +
+                  " of at most " + std::to_string(kMaxExplorations) + " calls)";
     return explore;
   }
   if (measured >= 2) {
     char text[64];
     std::snprintf(text, sizeof text, "%.4g us", fastestUs);
+    // Near-equal variants would swap on noise: the running one stays while
+    // it is within kKeepBand of the fastest measured.
+    if (selected_ != fastest && runningUs <= fastestUs * (1 + kKeepBand)) {
+      refineNote_ = "; keeping " + name(selected_) + ", within " +
+                    std::to_string(static_cast<int>(kKeepBand * 100)) +
+                    "% of the measured fastest " + name(fastest) + " (" + text +
+                    ")";
+      return selected_;
+    }
     refineNote_ = "; measured fastest at this capacity: " + name(fastest) +
                   " (" + text + ")";
     return fastest;
@@ -236,7 +248,8 @@ Explanation Executor::explain() {
   Choice choice = choiceCapacity_ == capacity_ && choice_.variant >= 0
                       ? choice_
                       : costModel_->choose(*plan_, plan_->training, capacity_);
-  result.chosen = automatic_ && refineNote_.empty() ? choice.variant : selected_;
+  result.chosen =
+      automatic_ && refineNote_.empty() ? choice.variant : selected_;
   result.reason = automatic_ ? choice.reason + refineNote_
                              : "named by the caller (variant option, "
                                "selectVariant); the model would pick '" +
