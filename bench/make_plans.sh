@@ -3,7 +3,9 @@
 # bench/plans/, HERE, with the project's compiler: the GPU machine has no MLIR,
 # so the plans travel with the device call (carry: bench/plans).
 # Each layer gives two plans: <name>.infer.json (forward timing: no saved
-# activations) and <name>.train.json (forward+backward timing).
+# activations) and <name>.train.json (forward+backward timing); a decode layer
+# (a line "// bench: decode" in its .mlir) gives the inference plan only: it is
+# timed forward only, and the device call's time goes to what is measured.
 # usage: bench/make_plans.sh [BUILD_DIR]   (default: build)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,7 +22,12 @@ layers=("$root"/bench/layers/*.mlir)
 (( ${#layers[@]} )) || { echo "make_plans.sh: no layers in bench/layers" >&2; exit 1; }
 for layer in "${layers[@]}"; do
   name="$(basename "$layer" .mlir)"
-  for mode in infer train; do
+  modes="infer train"
+  if grep -q '^// bench: decode' "$layer"; then
+    modes="infer"
+    rm -f "$out/$name.train.json"  # a stale one would be timed by mistake
+  fi
+  for mode in $modes; do
     training=false; [[ $mode == train ]] && training=true
     plan="$out/$name.$mode.json"
     # Write to a temporary file so a failed compile leaves no half plan.
