@@ -12,7 +12,8 @@
 #
 # Needs bench/plans (bench/make_plans.sh, run where the compiler is) carried
 # with the call. Knobs (environment): BENCH_ITERS (20), BENCH_CONFIGS
-# ("c1 c2 c3"), BENCH_SKIP="build ctest torch flex" (any subset),
+# ("c1 c2 c3"; also g1 g3, gated, and d1 d2, decode: any subset, e.g.
+# "g1 g3 d1 d2"), BENCH_SKIP="build ctest torch flex" (any subset),
 # BENCH_DEADLINE (540: seconds after which no new step or Flex run starts,
 # so the report still comes back inside the device tool's 600 s),
 # BENCH_BUILD_DIR (build-gpu), FLEX_COMMIT (the commit to report when .git
@@ -39,6 +40,9 @@ rm -rf "$WORK" && mkdir -p "$WORK/raw" || { echo "gpu_run.sh: cannot create $WOR
 exec > >(tee "$OUT/log.txt") 2>&1
 
 skipped() { [[ "$SKIP" == *" $1 "* ]]; }
+# is_decode CFG: a decode config (its layer is marked "// bench: decode"):
+# dropless only, forward only, no training plan (bench/make_plans.sh).
+is_decode() { grep -qs '^// bench: decode' "$root"/bench/layers/"$1"_*.mlir; }
 # limit CAP: the seconds a step may take: CAP, or less so that it ends by the
 # deadline (at least 1: a step past the deadline fails at once, recorded).
 limit() { local left=$(( DEADLINE - SECONDS )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
@@ -149,14 +153,19 @@ flex_runs() {
     return 1
   fi
   for cfg in $CONFIGS; do
-    local inputs="$WORK/inputs/$cfg"
+    local inputs="$WORK/inputs/$cfg" modes="$MODES" decode=0
+    local input_plan="bench/plans/${cfg}_cap1.train.json"
+    if is_decode "$cfg"; then
+      modes="dropless" decode=1 input_plan="bench/plans/${cfg}_dropless.infer.json"
+    fi
     # One set of random inputs per config, shared by every plan of it.
-    python3 bench/make_inputs.py "bench/plans/${cfg}_cap1.train.json" "$inputs" --seed 1 || { failed=1; continue; }
-    for mode in $MODES; do
+    python3 bench/make_inputs.py "$input_plan" "$inputs" --seed 1 || { failed=1; continue; }
+    for mode in $modes; do
       for graph in "${graph_flags[@]}"; do
         local suffix=""; [[ -n "$graph" ]] && suffix="_graph"
         moe_run "flex_${cfg}_${mode}_fwd$suffix" "bench/plans/${cfg}_${mode}.infer.json" \
             --inputs "$inputs" --iters "$ITERS" $graph || failed=1
+        (( decode )) && continue  # decode rows: forward only
         moe_run "flex_${cfg}_${mode}_fwd_bwd$suffix" "bench/plans/${cfg}_${mode}.train.json" \
             --inputs "$inputs" --iters "$ITERS" --train $graph || failed=1
       done

@@ -13,9 +13,12 @@ Inputs, in the work directory gpu_run.sh fills:
 Outputs in --out: results.json, bench.png.
 
 Stages: a plan's steps are mapped to PERF.md's stages by op (STAGE_OF_OP);
-forward+backward stages sum both passes. TFLOP/s: FLOPs = T*d*h*4*k forward,
-3x forward+backward, over the median (PyTorch) or mean (moe-run, unless it
-reports a median) time; fractions are of the ceilings measured in the same run.
+forward+backward stages sum both passes. TFLOP/s: FLOPs = T*d*h*4*k forward
+(gated: T*d*h*6*k), 3x forward+backward, over the median (PyTorch) or mean
+(moe-run, unless it reports a median) time; fractions are of the ceilings
+measured in the same run. Decode configs (d1, d2) are forward only and get
+their own table: time against the floor (the touched experts' weight bytes
+over the copy ceiling, from torch.json).
 
 usage: python3 bench/report.py --work DIR --out DIR
        python3 bench/report.py --results results.json --out DIR   (redraw)
@@ -35,8 +38,15 @@ STAGE_OF_OP = {
     "glu_backward": "experts", "activation_backward": "experts",
     "combine": "combine", "combine_backward": "combine",
 }
-CONFIG_ORDER = ("c1", "c2", "c3")
+CONFIG_ORDER = ("c1", "c2", "c3", "g1", "g3", "d1", "d2")
 MODE_ORDER = ("cap1", "dropless")
+# Shapes when torch.json lacks a config; T defaults to 16384. Gated: w1, w3, w2
+# (6*k FLOPs a token-dimension); decode: dropless, forward only.
+SHAPES = {"c1": dict(d=4096, h=4096, k=2), "c2": dict(d=4096, h=14336, k=2),
+          "c3": dict(d=2048, h=1408, k=6),
+          "g1": dict(d=4096, h=14336, k=2, gated=True), "g3": dict(d=2048, h=1408, k=6, gated=True),
+          "d1": dict(d=2048, h=1408, k=6, T=256, decode=True),
+          "d2": dict(d=4096, h=1536, k=8, T=128, gated=True, decode=True)}
 MODE_TEXT = {"cap1": "cap 1.0", "dropless": "dropless"}
 
 
@@ -145,10 +155,21 @@ def build_rows(results):
     rows = []
     for cfg in CONFIG_ORDER:
         shape = configs.get(cfg, SHAPES[cfg])
-        flops = 16384 * shape["d"] * shape["h"] * 4 * shape["k"]
+        decode = SHAPES[cfg].get("decode", False)
+        flops = (shape.get("T", 16384) * shape["d"] * shape["h"]
+                 * (6 if shape.get("gated", SHAPES[cfg].get("gated")) else 4) * shape["k"])
         for mode in MODE_ORDER:
-            for pass_name, factor in (("fwd", 1), ("fwd_bwd", 3)):
+            passes = (("fwd", 1),) if decode else (("fwd", 1), ("fwd_bwd", 3))
+            for pass_name, factor in passes:
                 row = {"cfg": cfg, "mode": mode, "pass": pass_name, "flops": factor * flops}
+                if decode:
+                    row["decode"] = True
+                    tmode = configs.get(cfg, {}).get("modes", {}).get(mode, {})
+                    for key in ("touched_experts", "touched_weight_bytes"):
+                        if key in tmode:
+                            row[key] = tmode[key]
+                    if "floor" in tmode:
+                        row["floor_ms"] = tmode["floor"]["ms"]
                 tm = configs.get(cfg, {}).get("modes", {}).get(mode, {}).get(pass_name)
                 if tm:
                     row["torch_ms"] = tm["median_ms"]
@@ -216,11 +237,22 @@ def draw_chart(results, path):
               "combine": "#C44E52", "other": "#8C8C8C",
               "backward": "#4D4D4D"}  # PyTorch's autograd backward, not split by stage
     chart_stages = STAGES + ("backward",)
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
     configs = results.get("torch", {}).get("configs", {})
-    for col, cfg in enumerate(CONFIG_ORDER):
+    runs = results.get("flex", {}).get("runs", {})
+    # The configs with a result; C1-C3 always (as before) unless a newer
+    # config ran, which shows only what ran.
+    present = [cfg for cfg in CONFIG_ORDER
+               if cfg in configs or any(key.startswith(cfg + "_") for key in runs)]
+    columns = (list(CONFIG_ORDER[:3]) if all(cfg in CONFIG_ORDER[:3] for cfg in present)
+               else present)
+    fig, axes = plt.subplots(2, len(columns), figsize=(17 * len(columns) / 3, 9), squeeze=False)
+    for col, cfg in enumerate(columns):
         for row_index, pass_name in enumerate(("fwd", "fwd_bwd")):
             ax = axes[row_index][col]
+            if pass_name == "fwd_bwd" and SHAPES[cfg].get("decode"):
+                ax.axis("off")  # decode rows: forward only
+                ax.set_title(f"{cfg.upper()}: forward only (decode)")
+                continue
             labels, positions, x = [], [], 0.0
             for mode in MODE_ORDER:
                 for label, stages in stage_times(results, cfg, mode, pass_name).items():
@@ -238,6 +270,9 @@ def draw_chart(results, path):
             eg = configs.get(cfg, {}).get("expert_gemms_alone", {}).get(pass_name)
             if eg:
                 ax.axhline(eg["median_ms"], color="black", linestyle="--", linewidth=0.8)
+            floor = configs.get(cfg, {}).get("modes", {}).get("dropless", {}).get("floor")
+            if floor and pass_name == "fwd":  # decode rows: the weight-read floor
+                ax.axhline(floor["ms"], color="purple", linestyle=":", linewidth=1.2)
             ax.set_xticks(positions)
             ax.set_xticklabels(labels, fontsize=7)
             ax.set_title(f"{cfg.upper()} {'forward' if pass_name == 'fwd' else 'forward+backward'}")
@@ -247,9 +282,15 @@ def draw_chart(results, path):
     handles = [Patch(color=colors[s], label=s) for s in STAGES]
     handles.append(Patch(color=colors["backward"], label="PyTorch backward (autograd, unsplit)"))
     handles.append(Line2D([0], [0], color="black", linestyle="--", label="expert GEMMs alone (bmm)"))
+    if any(SHAPES[cfg].get("decode") for cfg in columns):
+        handles.append(Line2D([0], [0], color="purple", linestyle=":",
+                              label="decode floor (touched weights / copy ceiling)"))
     fig.legend(handles=handles, loc="upper right", fontsize=8)
     info = results.get("info", {})
-    fig.suptitle(f"Flex vs PyTorch grouped-GEMM MoE layer, T=16384, bf16 - "
+    decode = [cfg for cfg in columns if SHAPES[cfg].get("decode")]
+    tokens = "T=16384" + (" (decode: " + ", ".join(
+        f"{cfg.upper()} {SHAPES[cfg]['T']}" for cfg in decode) + ")" if decode else "")
+    fig.suptitle(f"Flex vs PyTorch grouped-GEMM MoE layer, {tokens}, bf16 - "
                  f"{info.get('gpu', '?')}, {info.get('date', '?')}, commit {info.get('commit', '?')}")
     fig.tight_layout(rect=(0, 0, 0.95, 0.95))
     fig.savefig(path, dpi=110)
@@ -257,14 +298,11 @@ def draw_chart(results, path):
     return True
 
 
-SHAPES = {"c1": dict(d=4096, h=4096, k=2), "c2": dict(d=4096, h=14336, k=2),
-          "c3": dict(d=2048, h=1408, k=6)}
-
-
-def min_bytes(cfg, stage, T=16384):
+def min_bytes(cfg, stage):
     """Fewest bytes a forward stage must move (bf16, every slot kept): dispatch
     reads and writes T*k rows of d; combine reads T*k rows and writes T."""
     shape = SHAPES[cfg]
+    T = shape.get("T", 16384)
     if stage == "dispatch":
         return 2 * T * shape["k"] * shape["d"] * 2
     if stage == "combine":
@@ -286,6 +324,26 @@ def fmt(value, spec):
         return format(value, spec)
     width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
     return "-".rjust(int(width)) if width else "-"
+
+
+def print_decode_table(rows):
+    """Decode rows (forward only): times against the floor, the touched
+    experts' weights read once at the copy ceiling. Nothing without rows."""
+    if not rows:
+        return
+    print("Decode rows (forward, dropless): floor = touched experts' weight bytes / copy ceiling")
+    print(f"{'cfg':<4}{'touched':>8}{'weights MB':>11}{'floor ms':>9}{'PyTorch ms':>11}"
+          f"{'[min,max]':>16}{'Flex ms':>9}{'Flex+graph':>11}{'torch/floor':>12}{'Flex/floor':>11}")
+    for r in rows:
+        best_flex = min([r[k] for k in ("flex_ms", "flex_graph_ms") if k in r], default=None)
+        floor = r.get("floor_ms")
+        span = (f"[{r['torch_min_ms']:.3f},{r['torch_max_ms']:.3f}]" if "torch_min_ms" in r else "-")
+        mb = r["touched_weight_bytes"] / 1e6 if "touched_weight_bytes" in r else None
+        print(f"{r['cfg']:<4}{fmt(r.get('touched_experts'), '8d')}{fmt(mb, '11.0f')}"
+              f"{fmt(floor, '9.3f')}{fmt(r.get('torch_ms'), '11.3f')}{span:>16}"
+              f"{fmt(r.get('flex_ms'), '9.3f')}{fmt(r.get('flex_graph_ms'), '11.3f')}"
+              f"{fmt(r['torch_ms'] / floor if floor and 'torch_ms' in r else None, '11.2f')}x"
+              f"{fmt(best_flex / floor if floor and best_flex else None, '10.2f')}x")
 
 
 def print_table(results):
@@ -322,7 +380,7 @@ def print_table(results):
               f"{'[min,max]':>16}{'Flex ms':>9}{'Flex+graph':>11}{'TF/s torch':>11}"
               f"{'TF/s Flex':>10}{'Flex %ceil':>11}{'speedup':>8}")
     print(header)
-    for r in rows:
+    for r in (r for r in rows if not r.get("decode")):
         best_flex = min([r[k] for k in ("flex_ms", "flex_graph_ms") if k in r], default=None)
         flex_tflops = r["flops"] / (best_flex * 1e-3) / 1e12 if best_flex else None
         span = (f"[{r['torch_min_ms']:.2f},{r['torch_max_ms']:.2f}]" if "torch_min_ms" in r else "-")
@@ -332,6 +390,7 @@ def print_table(results):
               f"{fmt(flex_tflops, '10.0f')}"
               f"{fmt(flex_tflops / gemm * 100 if flex_tflops and gemm else None, '10.0f')}%"
               f"{fmt(r['torch_ms'] / best_flex if best_flex and 'torch_ms' in r else None, '8.2f')}")
+    print_decode_table([r for r in rows if r.get("decode")])
     # PyTorch forward stages (ms), to see where the gap is.
     print("PyTorch forward stages (median ms): gate / dispatch / experts / combine; "
           "dispatch, combine as % of the copy ceiling; dropped %")
