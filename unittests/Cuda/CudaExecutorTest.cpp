@@ -304,6 +304,60 @@ TEST(CudaExecutor, GraphReplayEqualsEager) {
   EXPECT_GT(captured, 0) << "no plan has a variant that can be recorded";
 }
 
+/// grouped_gemm=device: a dropless bf16 plan records as a graph, and the
+/// replays read each call's own routing on the device - new inputs in the
+/// same buffers give the reference's results, with no host read.
+TEST(CudaExecutor, DroplessGraphRoutesEachCallOnTheDevice) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::shared_ptr<const Plan> plan =
+      loadPlan(std::string(FLEX_RUNTIME_PLANS_DIR) +
+               "/ffn_dropless_ragged_train_bf16.json");
+  RuntimeOptions runtime;
+  runtime.groupedGemm = GroupedGemmImpl::Device;
+  for (size_t v = 0; v < plan->variants.size(); ++v) {
+    SCOPED_TRACE("variant " + plan->variants[v].name);
+    std::unique_ptr<Backend> backend;
+    ASSERT_TRUE(createCudaBackend(backend, runtime).isOk());
+    ASSERT_TRUE(backend->canCapturePass(*plan, v, false));
+    std::unique_ptr<Backend> automatic;
+    ASSERT_TRUE(createCudaBackend(automatic, RuntimeOptions{}).isOk());
+    EXPECT_FALSE(automatic->canCapturePass(*plan, v, false))
+        << "auto keeps dynamic routings eager";
+    std::unique_ptr<Executor> executor;
+    ASSERT_TRUE(Executor::create(plan, std::move(backend), executor).isOk());
+    ASSERT_TRUE(executor->selectVariant(static_cast<int64_t>(v)).isOk());
+    DeviceArguments args(*plan);
+    std::vector<Binding> bindings = args.bindings();
+    RunOptions graph;
+    graph.useGraph = true;
+    for (uint64_t seed = 1; seed <= 4; ++seed) {
+      SCOPED_TRACE("seed " + std::to_string(seed));
+      LayerData data = makeData(plan->layer, seed);
+      fill(args, data);
+      reference::ReferenceOptions options;
+      for (const Step &step : plan->variants[v].forward)
+        if (step.op == StepOp::Gate)
+          options.capacityAlignment = step.attrs.capacityAlignment;
+      reference::LayerForward forward;
+      reference::LayerGradients grads =
+          reference::referenceBackward(plan->layer, data.inputs, data.gradOut,
+                                       data.gradLAux, options, &forward);
+      Status status =
+          executor->forward(bindings.data(), bindings.size(), graph);
+      ASSERT_TRUE(status.isOk()) << status.message();
+      // The first call runs eagerly, the second records and launches.
+      EXPECT_EQ(executor->lastRunStats().replayedGraph, seed >= 2);
+      status = executor->backward(bindings.data(), bindings.size(), graph);
+      ASSERT_TRUE(status.isOk()) << status.message();
+      EXPECT_EQ(executor->lastRunStats().replayedGraph, seed >= 2);
+      EXPECT_LE(reference::relativeL2(args.get("out"), forward.out), 2e-2);
+      EXPECT_LE(reference::relativeL2(args.get("grad_x"), grads.x), 2e-2);
+      EXPECT_LE(reference::relativeL2(args.get("grad_w1"), grads.w1), 2e-2);
+      EXPECT_LE(reference::relativeL2(args.get("grad_w2"), grads.w2), 2e-2);
+    }
+  }
+}
+
 /// The C API: a "cuda" context, device pointers, a caller stream, graphs.
 TEST(CudaCAPI, RunsOnDevicePointersAndACallerStream) {
   FLEX_SKIP_WITHOUT_CUDA();

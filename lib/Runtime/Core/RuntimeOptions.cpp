@@ -83,6 +83,20 @@ Status setOption(RuntimeOptions &options, std::string_view name,
                       "all_to_all packs its rows per peer first");
     return Status::ok();
   }
+  if (name == "grouped_gemm") {
+    if (value == "auto")
+      options.groupedGemm = GroupedGemmImpl::Auto;
+    else if (value == "device")
+      options.groupedGemm = GroupedGemmImpl::Device;
+    else if (value == "cublas")
+      options.groupedGemm = GroupedGemmImpl::Cublas;
+    else
+      return badValue(label, value,
+                      "auto, device (the device-sized kernel: no host read "
+                      "of the counts, graph-recordable) or cublas (one "
+                      "cuBLAS GEMM per expert)");
+    return Status::ok();
+  }
   if (name == "a2a_transport") {
     if (value == "nccl")
       options.a2aTransport = AllToAllTransport::Nccl;
@@ -125,6 +139,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"collective_timeout_s", "FLEX_COLLECTIVE_TIMEOUT_S"},
       {"profile", "FLEX_PROFILE"},
       {"refine_variant", "FLEX_REFINE_VARIANT"},
+      {"grouped_gemm", "FLEX_GROUPED_GEMM"},
   };
   return table;
 }
@@ -151,6 +166,10 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
     value = a2aStaging == ExchangeStaging::Auto     ? "auto"
             : a2aStaging == ExchangeStaging::Always ? "always"
                                                     : "never";
+  else if (name == "grouped_gemm")
+    value = groupedGemm == GroupedGemmImpl::Auto     ? "auto"
+            : groupedGemm == GroupedGemmImpl::Device ? "device"
+                                                     : "cublas";
   else if (name == "a2a_transport")
     value = a2aTransport == AllToAllTransport::Nccl ? "nccl" : "ce";
   else if (name == "collective_timeout_s") {

@@ -147,6 +147,7 @@ CudaBackend::CudaBackend(int device,
     : device_(device), ctx_(std::move(context)), overlap_(options.cudaOverlap),
       exchangeStaging_(options.a2aStaging),
       collectiveTimeoutSeconds_(options.collectiveTimeoutSeconds) {
+  ctx_->groupedGemm = options.groupedGemm;
   setRowKernels();
   setRoutingKernels();
   setCollectiveKernels();
@@ -446,11 +447,19 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
     for (const Step &step : *steps)
       if (isCollective(step.op) || step.op == StepOp::UniformSegments)
         return false;
+  // A dynamic routing records too where its grouped GEMMs size themselves
+  // on the device (grouped_gemm=device, 16-bit experts, rows 16-byte
+  // aligned).
+  const int64_t hiddenPerRank = plan.layer.hiddenDim / plan.shards();
+  const bool deviceSized =
+      ctx_->groupedGemm == GroupedGemmImpl::Device &&
+      (plan.layer.dtype == DType::BF16 || plan.layer.dtype == DType::F16) &&
+      plan.layer.modelDim % 8 == 0 && hiddenPerRank % 8 == 0;
   bool anyGate = false;
   for (const Step &step : v.forward)
     if (step.op == StepOp::Gate) {
       anyGate = true;
-      if (step.facts.staticCapacity < 0)
+      if (step.facts.staticCapacity < 0 && !deviceSized)
         return false;
     }
   return anyGate;

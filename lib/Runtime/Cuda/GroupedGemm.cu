@@ -11,9 +11,14 @@
 //    included (they hold zeros or finite values, see CudaKernels.h); no host
 //    synchronization, so the pass can be recorded as a CUDA graph;
 //  - dynamic routing (ragged layout, or a capacity known only after gating):
-//    the valid rows per expert are read to the host once per routing
-//    (KernelContext::hostSegments, the one synchronization) and each expert
-//    with rows is one cublasGemmEx on the stream.
+//    either the device-sized kernel (DeviceGroupedGemm.cu: one launch, the
+//    counts read on the device, graph-recordable), or the valid rows per
+//    expert are read to the host once per routing (KernelContext::
+//    hostSegments, the one synchronization) and each expert with rows is one
+//    cublasGemmEx on the stream. RuntimeOptions::groupedGemm chooses; `auto`
+//    takes the kernel where the experts get few rows each (decode), where
+//    per-expert launches and the host read dominate, and always while a
+//    graph records.
 // Bias, activations and `pre` run as one fused elementwise pass afterwards
 // (Elementwise.cu): the exact-erf GELU has no cuBLASLt epilogue.
 //
@@ -21,6 +26,7 @@
 
 #include "CudaSupport.cuh"
 #include "Elementwise.h"
+#include "GroupedGemmInternal.h"
 
 #include <cublas_v2.h>
 
@@ -116,12 +122,52 @@ __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
   gradBias[i] = detail::fromFloat<T>(sum);
 }
 
+/// Mean rows per expert up to which `auto` takes the device-sized kernel.
+constexpr int64_t kDeviceRowsPerExpert = 256;
+
+/// Whether a dynamic grouped GEMM takes the device-sized kernel.
+bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
+                     DType type, int64_t k, int64_t n,
+                     const ExpertRowSpace &space,
+                     std::initializer_list<const void *> pointers) {
+  if (space.isStatic() || path == detail::GroupedGemmPath::Cublas)
+    return false;
+  if (path == detail::GroupedGemmPath::Auto) {
+    if (ctx.groupedGemm == GroupedGemmImpl::Cublas)
+      return false;
+    bool few = space.rowBound <= kDeviceRowsPerExpert * space.experts;
+    if (ctx.groupedGemm == GroupedGemmImpl::Auto && !few && !ctx.capturing)
+      return false;
+  }
+  return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
+}
+
 } // namespace
 
 Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                    ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
                    const ExpertRowSpace &space,
                    const GroupedGemmOptions &options, WriteBuffer pre) {
+  return detail::groupedGemmWith(ctx, a, b, bias, c, k, n, space, options,
+                                 pre, detail::GroupedGemmPath::Auto);
+}
+
+Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
+                        int64_t k, int64_t n, const ExpertRowSpace &space,
+                        WriteBuffer gradB, WriteBuffer gradBias,
+                        bool accumulate) {
+  return detail::groupedGemmWgradWith(ctx, a, gradC, k, n, space, gradB,
+                                      gradBias, accumulate,
+                                      detail::GroupedGemmPath::Auto);
+}
+
+namespace detail {
+
+Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                       ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
+                       const ExpertRowSpace &space,
+                       const GroupedGemmOptions &options, WriteBuffer pre,
+                       GroupedGemmPath path) {
   if (Status s = checkOneType({a.type, b.type, c.type}, "grouped_gemm"); !s)
     return s;
   if (pre.data)
@@ -165,6 +211,13 @@ Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
           !s)
         return s;
     }
+  } else if (useDeviceKernel(ctx, path, dtype, k, n, space,
+                             {a.data, b.data, target.data})) {
+    if (Status s =
+            deviceGroupedGemm(ctx, a.data, b.data, target.data, dtype, k, n,
+                              space, options.transB, options.accumulate);
+        !s)
+      return s;
   } else {
     const int32_t *offsets = nullptr, *rows = nullptr;
     if (Status s = ctx.hostSegments(space, offsets, rows); !s)
@@ -194,10 +247,11 @@ Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                            options.epilogue, options.biasScale);
 }
 
-Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
-                        int64_t k, int64_t n, const ExpertRowSpace &space,
-                        WriteBuffer gradB, WriteBuffer gradBias,
-                        bool accumulate) {
+Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a,
+                            ReadBuffer gradC, int64_t k, int64_t n,
+                            const ExpertRowSpace &space, WriteBuffer gradB,
+                            WriteBuffer gradBias, bool accumulate,
+                            GroupedGemmPath path) {
   if (Status s = checkOneType({a.type, gradC.type, gradB.type},
                               "grouped_gemm_wgrad");
       !s)
@@ -235,6 +289,12 @@ Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
           !s)
         return s;
     }
+  } else if (useDeviceKernel(ctx, path, dtype, k, n, space,
+                             {a.data, gradC.data, gradB.data})) {
+    if (Status s = deviceGroupedGemmWgrad(ctx, a.data, gradC.data, gradB.data,
+                                          dtype, k, n, space, accumulate);
+        !s)
+      return s;
   } else {
     const int32_t *offsets = nullptr, *rows = nullptr;
     if (Status s = ctx.hostSegments(space, offsets, rows); !s)
@@ -291,4 +351,5 @@ Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
   });
 }
 
+} // namespace detail
 } // namespace flex::cuda

@@ -54,6 +54,20 @@ Status KernelContext::create(std::unique_ptr<KernelContext> &context) {
           "cudaDeviceGetAttribute");
       !s)
     return Status(StatusCode::Unavailable, s.message());
+  int major = 0, minor = 0;
+  if (Status s = checkCuda(
+          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                 device),
+          "cudaDeviceGetAttribute");
+      !s)
+    return Status(StatusCode::Unavailable, s.message());
+  if (Status s = checkCuda(
+          cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor,
+                                 device),
+          "cudaDeviceGetAttribute");
+      !s)
+    return Status(StatusCode::Unavailable, s.message());
+  result->computeCapability_ = major * 10 + minor;
   // A blocking stream: it waits for work the caller queued on the legacy
   // default stream (cudaMemcpy of the inputs) without an explicit event.
   if (Status s = checkCuda(cudaStreamCreate(&result->ownStream_),

@@ -44,6 +44,14 @@ enum class ExchangeStaging : uint8_t {
   Never,  ///< send the rows in place
 };
 
+/// How a CUDA grouped GEMM over a dynamic routing (dropless, bounded,
+/// ragged) runs.
+enum class GroupedGemmImpl : uint8_t {
+  Auto,   ///< the device-sized kernel for few rows per expert, else cuBLAS
+  Device, ///< the device-sized kernel wherever it applies (graph-recordable)
+  Cublas, ///< counts read to the host, one cuBLAS GEMM per expert
+};
+
 /// How a device all_to_all moves its bytes.
 enum class AllToAllTransport : uint8_t {
   Nccl,       ///< NCCL's send/receive kernels
@@ -76,6 +84,9 @@ struct RuntimeOptions {
   bool cudaOverlap = true;
   /// CUDA: staging of all_to_all rows. ("a2a_staging", FLEX_A2A_STAGING)
   ExchangeStaging a2aStaging = ExchangeStaging::Auto;
+  /// CUDA: the grouped GEMMs of a dynamic routing. ("grouped_gemm",
+  /// FLEX_GROUPED_GEMM)
+  GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

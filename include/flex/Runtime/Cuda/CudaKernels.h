@@ -28,6 +28,7 @@
 #define FLEX_RUNTIME_CUDA_CUDAKERNELS_H
 
 #include "flex/Runtime/Core/KernelArgs.h"
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>
@@ -89,6 +90,9 @@ public:
   Status hostSegments(const ExpertRowSpace &space,
                       const int32_t *&hostOffsets, const int32_t *&hostRows);
   uint64_t generation = 0;
+  /// RuntimeOptions::groupedGemm: how grouped GEMMs of a dynamic routing
+  /// run (GroupedGemm.cu).
+  GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
   /// multi-rank backend waits through its device communicator, whose wait
@@ -100,6 +104,8 @@ public:
   void *cublasWorkspace() const { return cublasWorkspace_; }
   int64_t cublasWorkspaceBytes() const { return cublasWorkspaceBytes_; }
   int multiprocessors() const { return multiprocessors_; }
+  /// major * 10 + minor (90 for an H100).
+  int computeCapability() const { return computeCapability_; }
 
 private:
   KernelContext() = default;
@@ -109,6 +115,7 @@ private:
   void *cublasWorkspace_ = nullptr;
   int64_t cublasWorkspaceBytes_ = 0;
   int multiprocessors_ = 1;
+  int computeCapability_ = 0;
   struct ScratchArea {
     void *data = nullptr;
     int64_t bytes = 0;

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The device-sized grouped GEMM on the device, in ONE device call (issue 13,
+# items 1 and 5):
+#   1. build only what the check needs (runtime with CUDA, no compiler),
+#   2. the two CUDA test binaries, each in one process (all must pass), and
+#      the moe-run device checks (ctest -R moe-run.cuda),
+#   3. compute-sanitizer memcheck over the grouped GEMM tests and the
+#      dropless graph test,
+#   4. flex-gemm-bench: the device kernel, cuBLAS per expert and cuBLAS
+#      strided-batched on the same card in one process, against the floor.
+# The table is printed last; logs go to $OUT (default bench/out).
+#
+#   bench/gpu_gemm.sh         (device machine; about 5 minutes)
+set -uo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+OUT="${OUT:-$root/bench/out}"
+BUILD="${BUILD:-$root/build-gpu}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gemm-log.txt") 2>&1
+echo "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+echo "commit: ${FLEX_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+status=0
+
+echo "=== build ($SECONDS s)"
+if ! (cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
+      timeout 330 ninja -C "$BUILD" FlexCudaKernelsTests FlexCudaExecutorTests \
+        flex-gemm-bench moe-run) > "$OUT/gemm-build.log" 2>&1; then
+  echo "build FAILED"; grep -E "error|Error" "$OUT/gemm-build.log" | head -20
+  tail -20 "$OUT/gemm-build.log"; exit 1
+fi
+kernels="$BUILD/unittests/Cuda/FlexCudaKernelsTests"
+executor="$BUILD/unittests/Cuda/FlexCudaExecutorTests"
+
+echo "=== bench ($SECONDS s)"
+timeout 120 "$BUILD/bin/flex-gemm-bench" --iters 15 > "$OUT/gemm-bench.log" 2>&1
+rc=$?
+(( rc == 0 )) || status=1
+cat "$OUT/gemm-bench.log"
+echo "bench: exit $rc (1 = the paths' outputs differ or the kernel refused)"
+
+for bin in "$kernels" "$executor"; do
+  name=$(basename "$bin")
+  echo "=== $name ($SECONDS s)"
+  timeout 150 "$bin" --gtest_brief=1 > "$OUT/gemm-$name.log" 2>&1
+  rc=$?
+  (( rc == 0 )) || status=1
+  echo "$name: exit $rc; $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/gemm-$name.log" | tr '\n' ' ')"
+  grep -E '^\[  FAILED  \]|Failure|error:' "$OUT/gemm-$name.log" | head -20
+done
+echo "=== moe-run checks ($SECONDS s)"
+(cd "$BUILD" && timeout 90 ctest -R 'moe-run.cuda' --output-on-failure) > "$OUT/gemm-ctest.log" 2>&1
+rc=$?
+(( rc == 0 )) || status=1
+grep -E "tests passed|Failed|\*\*\*" "$OUT/gemm-ctest.log" | head -10
+
+echo "=== memcheck ($SECONDS s)"
+# API errors off: some tests make CUDA calls fail on purpose. Memory errors
+# still count (exit 3).
+timeout 150 compute-sanitizer --tool memcheck --report-api-errors no \
+  --error-exitcode 3 "$kernels" --gtest_brief=1 \
+  --gtest_filter='Shapes/CudaDeviceGemm.*:CudaDeviceGemmGraph.*' \
+  > "$OUT/gemm-memcheck.log" 2>&1
+rc=$?
+(( rc == 0 )) || status=1
+echo "memcheck kernels: exit $rc ($(grep -E 'ERROR SUMMARY' "$OUT/gemm-memcheck.log" | tail -1))" \
+     "$(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gemm-memcheck.log" | tr '\n' ' ')"
+timeout 100 compute-sanitizer --tool memcheck --report-api-errors no \
+  --error-exitcode 3 "$executor" --gtest_brief=1 \
+  --gtest_filter='CudaExecutor.DroplessGraphRoutesEachCallOnTheDevice' \
+  > "$OUT/gemm-memcheck-executor.log" 2>&1
+rc=$?
+(( rc == 0 )) || status=1
+echo "memcheck executor: exit $rc ($(grep -E 'ERROR SUMMARY' "$OUT/gemm-memcheck-executor.log" | tail -1))"
+echo "done in $SECONDS s; overall $([[ $status == 0 ]] && echo PASS || echo FAIL)"
+exit $status

@@ -1,0 +1,578 @@
+//===- DeviceGroupedGemm.cu - grouped GEMMs sized on the device ----------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file implements the grouped GEMMs of a dynamic routing with the
+// groups' sizes read on the device: one launch for all experts, no host read
+// of the counts, so a dropless pass can be recorded as a CUDA graph.
+//
+// One kernel template, tensor cores through mma.sync m16n8k16 (bf16/f16 in,
+// fp32 accumulate; sm_80 and sm_90), operands staged in shared memory by a
+// multi-stage cp.async pipeline and read with ldmatrix (.trans for the
+// operands whose contiguous dimension is not K). Two shapes of work:
+//  - ragged M (forward and input gradient): C[rows of e, n] = A[rows of e, k]
+//    B[e]; the grid's y walks the M tiles of all groups in order, and each
+//    warp finds its tile's group by a warp-wide scan of the row counts;
+//  - ragged K (weight gradient): gradB[e][k, n] = A[rows of e]^T gradC[rows
+//    of e]; the grid's z is the group and the K loop runs over its rows.
+// Why not CUTLASS or cuBLAS: cuBLAS's grouped GEMM takes its sizes from host
+// arrays, and a CUTLASS sm_90 grouped kernel needs a header dependency and
+// minutes of nvcc per instantiation on CI's two cores; this kernel is short,
+// and the cuBLAS paths stay for the shapes where they are faster
+// (GroupedGemm.cu chooses; docs/Runtime.md has the measurements).
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaSupport.cuh"
+#include "GroupedGemmInternal.h"
+
+#include <atomic>
+#include <type_traits>
+
+// cp.async and bf16 mma need sm_80; CI builds for the toolkit's default
+// architecture too, where the kernels compile to a trap and
+// deviceGroupedGemmApplies refuses (it checks the binary's version).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FLEX_GEMM_UNSUPPORTED_ARCH 1
+#pragma nv_diag_suppress 177 // the helpers the trap leaves unused
+#endif
+
+namespace flex::cuda::detail {
+
+namespace {
+
+/// A CTA computes a BM x BN tile of C with WarpsM x WarpsN warps, BK of the
+/// reduction per pipeline stage.
+template <int BM_, int BN_, int BK_, int WarpsM_, int WarpsN_, int Stages_>
+struct Tiles {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_;
+  static constexpr int WarpsM = WarpsM_, WarpsN = WarpsN_, Stages = Stages_;
+  static constexpr int Threads = WarpsM * WarpsN * 32;
+  static constexpr int WarpM = BM / WarpsM, WarpN = BN / WarpsN;
+  static constexpr int MI = WarpM / 16, NI = WarpN / 8;
+  static_assert(WarpM % 16 == 0 && WarpN % 16 == 0 && BK % 16 == 0);
+};
+/// Many rows per group (prefill, training).
+using LargeTiles = Tiles<128, 128, 32, 2, 4, 4>;
+/// Few rows per group (decode): the weights stream once, little M waste.
+using SmallTiles = Tiles<32, 128, 64, 1, 4, 4>;
+
+/// Shared-memory rows are padded by 8 elements (16 bytes): the 8 rows an
+/// ldmatrix reads then fall on distinct banks.
+constexpr int kPad = 8;
+
+/// An operand tile in shared memory: [Outer][Inner + kPad], Inner contiguous
+/// in global memory too.
+template <int Outer, int Inner> struct OperandTile {
+  static constexpr int Stride = Inner + kPad;
+  static constexpr int Elements = Outer * Stride;
+};
+
+__device__ __forceinline__ uint32_t sharedAddress(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void copyAsync16(void *smem, const void *global,
+                                            bool valid) {
+#ifndef FLEX_GEMM_UNSUPPORTED_ARCH
+  // src-size 0 fills the 16 bytes with zeros and reads nothing.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   sharedAddress(smem)),
+               "l"(global), "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void commitAsync() {
+#ifndef FLEX_GEMM_UNSUPPORTED_ARCH
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int Pending> __device__ __forceinline__ void waitAsync() {
+#ifndef FLEX_GEMM_UNSUPPORTED_ARCH
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+#endif
+}
+
+__device__ __forceinline__ void loadMatrixX4(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(sharedAddress(p)));
+}
+__device__ __forceinline__ void loadMatrixX4Trans(uint32_t (&r)[4],
+                                                  const void *p) {
+  asm volatile(
+      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+      : "r"(sharedAddress(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void
+mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                        uint32_t b1) {
+#ifndef FLEX_GEMM_UNSUPPORTED_ARCH
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4],
+                                                 const uint32_t (&a)[4],
+                                                 uint32_t b0, uint32_t b1) {
+#ifndef FLEX_GEMM_UNSUPPORTED_ARCH
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+/// Loads the [Outer, Inner] tile at `global` (row stride ld) into `smem`;
+/// rows >= outerValid and columns >= innerValid (a multiple of 8) read as
+/// zeros. `fallback` is any readable address (cp.async needs one even when
+/// it reads nothing).
+template <typename T, int Outer, int Inner, int Threads>
+__device__ __forceinline__ void loadTile(T *smem, const T *global, int64_t ld,
+                                         int64_t outerValid, int64_t innerValid,
+                                         const T *fallback) {
+  constexpr int ChunksPerRow = Inner / 8;
+  constexpr int Chunks = Outer * ChunksPerRow;
+  static_assert(Chunks % Threads == 0 || Chunks < Threads);
+#pragma unroll
+  for (int i = threadIdx.x; i < Chunks; i += Threads) {
+    int row = i / ChunksPerRow, col = (i % ChunksPerRow) * 8;
+    bool valid = row < outerValid && col < innerValid;
+    const T *src = valid ? global + row * ld + col : fallback;
+    copyAsync16(smem + row * OperandTile<Outer, Inner>::Stride + col, src,
+                valid);
+  }
+}
+
+/// The operands of one CTA's tile: where A, B and C start, how far they are
+/// valid, and the reduction length.
+template <typename T> struct TileProblem {
+  const T *a; ///< A at (tile's first M row or K row, 0)
+  const T *b; ///< B at the tile's first N column
+  T *c;       ///< C at the tile's (first row, first column)
+  int64_t lda, ldb, ldc;
+  int64_t mValid; ///< rows of the tile inside the problem
+  int64_t nValid; ///< columns of the tile inside the problem
+  int64_t kTotal; ///< reduction length
+  /// A's and B's steps along K per K tile are aStepK * BK and bStepK * BK
+  /// elements (the row stride when K is the outer dimension, else 1).
+  int64_t aStepK, bStepK;
+};
+
+/// The CTA's tile: the cp.async pipeline, ldmatrix, mma, and the store.
+/// AKContiguous: A is [M][K] in memory (else [K][M]); BKContiguous: B is
+/// [N][K] (else [K][N]).
+template <typename T, typename Cfg, bool AKContiguous, bool BKContiguous>
+__device__ __forceinline__ void computeTile(const TileProblem<T> &p,
+                                            bool accumulate, T *smem) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
+  using ATile = std::conditional_t<AKContiguous, OperandTile<BM, BK>,
+                                   OperandTile<BK, BM>>;
+  using BTile = std::conditional_t<BKContiguous, OperandTile<BN, BK>,
+                                   OperandTile<BK, BN>>;
+  constexpr int StageElements = ATile::Elements + BTile::Elements;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warpM = (warp / Cfg::WarpsN) * Cfg::WarpM;
+  const int warpN = (warp % Cfg::WarpsN) * Cfg::WarpN;
+  const int64_t kTiles = (p.kTotal + BK - 1) / BK;
+
+  auto loadStage = [&](int64_t kt, int stage) {
+    T *sa = smem + stage * StageElements;
+    T *sb = sa + ATile::Elements;
+    int64_t k0 = kt * BK, kLeft = p.kTotal - k0;
+    if constexpr (AKContiguous)
+      loadTile<T, BM, BK, Cfg::Threads>(sa, p.a + k0 * p.aStepK, p.lda,
+                                        p.mValid, kLeft, p.a);
+    else
+      loadTile<T, BK, BM, Cfg::Threads>(sa, p.a + k0 * p.aStepK, p.lda, kLeft,
+                                        p.mValid, p.a);
+    if constexpr (BKContiguous)
+      loadTile<T, BN, BK, Cfg::Threads>(sb, p.b + k0 * p.bStepK, p.ldb,
+                                        p.nValid, kLeft, p.b);
+    else
+      loadTile<T, BK, BN, Cfg::Threads>(sb, p.b + k0 * p.bStepK, p.ldb, kLeft,
+                                        p.nValid, p.b);
+  };
+
+  float acc[Cfg::MI][Cfg::NI][4];
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::NI; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        acc[mi][ni][r] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < Cfg::Stages - 1; ++s) {
+    if (s < kTiles)
+      loadStage(s, s);
+    commitAsync();
+  }
+
+  const int group8 = lane / 8, row8 = lane % 8;
+  for (int64_t kt = 0; kt < kTiles; ++kt) {
+    waitAsync<Cfg::Stages - 2>();
+    __syncthreads();
+    // The stage refilled here was read in the previous iteration, which
+    // every thread has finished (the barrier above).
+    int64_t next = kt + Cfg::Stages - 1;
+    if (next < kTiles)
+      loadStage(next, static_cast<int>(next % Cfg::Stages));
+    commitAsync();
+
+    const T *sa = smem + (kt % Cfg::Stages) * StageElements;
+    const T *sb = sa + ATile::Elements;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      uint32_t af[Cfg::MI][4], bf[Cfg::NI][2];
+#pragma unroll
+      for (int mi = 0; mi < Cfg::MI; ++mi) {
+        int m0 = warpM + mi * 16;
+        if constexpr (AKContiguous)
+          loadMatrixX4(af[mi], sa + (m0 + lane % 16) * ATile::Stride + kk +
+                                   (lane / 16) * 8);
+        else
+          loadMatrixX4Trans(
+              af[mi], sa + (kk + row8 + (group8 / 2) * 8) * ATile::Stride + m0 +
+                          (group8 % 2) * 8);
+      }
+#pragma unroll
+      for (int ni = 0; ni < Cfg::NI; ni += 2) {
+        int n0 = warpN + ni * 8;
+        uint32_t r[4];
+        if constexpr (BKContiguous)
+          loadMatrixX4(r, sb + (n0 + (group8 / 2) * 8 + row8) * BTile::Stride +
+                              kk + (group8 % 2) * 8);
+        else
+          loadMatrixX4Trans(
+              r, sb + (kk + (group8 % 2) * 8 + row8) * BTile::Stride + n0 +
+                     (group8 / 2) * 8);
+        bf[ni][0] = r[0];
+        bf[ni][1] = r[1];
+        bf[ni + 1][0] = r[2];
+        bf[ni + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < Cfg::NI; ++ni)
+          mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+    }
+  }
+  waitAsync<0>();
+  if (accumulate && kTiles == 0)
+    return;
+
+    // The accumulator of m16n8: rows lane / 4 and lane / 4 + 8, columns
+    // 2 * (lane % 4) + {0, 1}; n is a multiple of 8, so a pair is whole.
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      int row = warpM + mi * 16 + lane / 4 + half * 8;
+      if (row >= p.mValid)
+        continue;
+      T *out = p.c + row * p.ldc;
+#pragma unroll
+      for (int ni = 0; ni < Cfg::NI; ++ni) {
+        int col = warpN + ni * 8 + 2 * (lane % 4);
+        if (col >= p.nValid)
+          continue;
+        float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
+        if (accumulate) {
+          v0 += toFloat(out[col]);
+          v1 += toFloat(out[col + 1]);
+        }
+        out[col] = fromFloat<T>(v0);
+        out[col + 1] = fromFloat<T>(v1);
+      }
+    }
+}
+
+template <typename Cfg> constexpr int sharedBytes(bool aK, bool bK) {
+  int a = aK ? OperandTile<Cfg::BM, Cfg::BK>::Elements
+             : OperandTile<Cfg::BK, Cfg::BM>::Elements;
+  int b = bK ? OperandTile<Cfg::BN, Cfg::BK>::Elements
+             : OperandTile<Cfg::BK, Cfg::BN>::Elements;
+  return (a + b) * Cfg::Stages * 2;
+}
+
+struct RaggedMArgs {
+  const void *a, *b;
+  void *c;
+  const int32_t *offsets, *rows;
+  int32_t groups;
+  int64_t k, n;
+  bool accumulate;
+};
+
+/// Ragged M: blockIdx.y is the y-th M tile over the groups in order,
+/// blockIdx.x the N tile.
+template <typename T, typename Cfg, bool BKContiguous>
+__global__ void __launch_bounds__(Cfg::Threads)
+    raggedMKernel(RaggedMArgs args) {
+#ifdef FLEX_GEMM_UNSUPPORTED_ARCH
+  __trap();
+#else
+  extern __shared__ __align__(16) unsigned char sharedRaw[];
+  const int lane = threadIdx.x % 32;
+  const int64_t tile = blockIdx.y;
+  // Every warp scans the groups' tile counts itself (no barrier needed):
+  // the group whose tiles hold `tile`.
+  int32_t group = -1;
+  int64_t firstTile = 0, seen = 0;
+  for (int32_t base = 0; base < args.groups; base += 32) {
+    int32_t g = base + lane;
+    int64_t rows = g < args.groups ? max(args.rows[g], 0) : 0;
+    int64_t count = (rows + Cfg::BM - 1) / Cfg::BM, inclusive = count;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      int64_t other = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d)
+        inclusive += other;
+    }
+    int64_t total = __shfl_sync(0xffffffffu, inclusive, 31);
+    if (tile < seen + total) {
+      unsigned hit = __ballot_sync(0xffffffffu, seen + inclusive > tile);
+      int first = __ffs(hit) - 1;
+      group = base + first;
+      firstTile = seen + __shfl_sync(0xffffffffu, inclusive - count, first);
+      break;
+    }
+    seen += total;
+  }
+  if (group < 0)
+    return;
+  const T *a = static_cast<const T *>(args.a);
+  const T *b = static_cast<const T *>(args.b);
+  T *c = static_cast<T *>(args.c);
+  int64_t rowInGroup = (tile - firstTile) * Cfg::BM;
+  int64_t row = args.offsets[group] + rowInGroup;
+  int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::BN;
+  const T *bGroup = b + static_cast<int64_t>(group) * args.k * args.n;
+  TileProblem<T> p;
+  p.a = a + row * args.k;
+  p.lda = args.k;
+  p.aStepK = 1;
+  if constexpr (BKContiguous) { // b[e] is [n][k], used transposed
+    p.b = bGroup + n0 * args.k;
+    p.ldb = args.k;
+    p.bStepK = 1;
+  } else { // b[e] is [k][n]
+    p.b = bGroup + n0;
+    p.ldb = args.n;
+    p.bStepK = args.n;
+  }
+  p.c = c + row * args.n + n0;
+  p.ldc = args.n;
+  p.mValid = max(args.rows[group], 0) - rowInGroup;
+  p.nValid = args.n - n0;
+  p.kTotal = args.k;
+  computeTile<T, Cfg, true, BKContiguous>(p, args.accumulate,
+                                          reinterpret_cast<T *>(sharedRaw));
+#endif
+}
+
+struct RaggedKArgs {
+  const void *a, *gradC;
+  void *gradB;
+  const int32_t *offsets, *rows;
+  int64_t k, n;
+  bool accumulate;
+};
+
+/// Ragged K: gradB[z][k, n] over blockIdx.y (K rows) and x (N columns).
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::Threads)
+    raggedKKernel(RaggedKArgs args) {
+#ifdef FLEX_GEMM_UNSUPPORTED_ARCH
+  __trap();
+#else
+  extern __shared__ __align__(16) unsigned char sharedRaw[];
+  const int64_t group = blockIdx.z;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Cfg::BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::BN;
+  const int64_t rows = max(args.rows[group], 0);
+  const int64_t first = args.offsets[group];
+  TileProblem<T> p;
+  // A^T: a is [rows][k], so the tile is [K = rows][M = k columns].
+  p.a = static_cast<const T *>(args.a) + first * args.k + m0;
+  p.lda = args.k;
+  p.aStepK = args.k;
+  p.b = static_cast<const T *>(args.gradC) + first * args.n + n0;
+  p.ldb = args.n;
+  p.bStepK = args.n;
+  p.c =
+      static_cast<T *>(args.gradB) + group * args.k * args.n + m0 * args.n + n0;
+  p.ldc = args.n;
+  p.mValid = args.k - m0;
+  p.nValid = args.n - n0;
+  p.kTotal = rows;
+  computeTile<T, Cfg, false, false>(p, args.accumulate,
+                                    reinterpret_cast<T *>(sharedRaw));
+#endif
+}
+
+/// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KiB needs
+/// the opt-in), once per kernel and device (the first call is eager, before
+/// any graph records).
+template <typename Kernel> Status allowShared(Kernel kernel, int bytes) {
+  static std::atomic<uint64_t> doneDevices{0};
+  int device = 0;
+  if (Status s = checkCuda(cudaGetDevice(&device), "cudaGetDevice"); !s)
+    return s;
+  uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit && (doneDevices.load() & bit))
+    return Status::ok();
+  if (Status s = checkCuda(
+          cudaFuncSetAttribute(
+              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+          "cudaFuncSetAttribute (grouped GEMM shared memory)");
+      !s)
+    return s;
+  doneDevices.fetch_or(bit);
+  return Status::ok();
+}
+
+template <typename T, typename Cfg, bool BKContiguous>
+Status launchRaggedM(KernelContext &ctx, const RaggedMArgs &args,
+                     int64_t rowBound) {
+  constexpr int bytes = sharedBytes<Cfg>(true, BKContiguous);
+  auto kernel = raggedMKernel<T, Cfg, BKContiguous>;
+  if (Status s = allowShared(kernel, bytes); !s)
+    return s;
+  // Each group's last tile may be partial: at most rowBound / BM + groups
+  // tiles; the CTAs past the real count return at once.
+  int64_t mTiles = (rowBound + Cfg::BM - 1) / Cfg::BM + args.groups;
+  int64_t nTiles = (args.n + Cfg::BN - 1) / Cfg::BN;
+  dim3 grid(static_cast<unsigned>(nTiles), static_cast<unsigned>(mTiles));
+  kernel<<<grid, Cfg::Threads, bytes, ctx.stream()>>>(args);
+  return checkLaunch("grouped GEMM kernel (device-sized)");
+}
+
+template <typename T>
+Status launchRaggedK(KernelContext &ctx, const RaggedKArgs &args,
+                     int64_t groups) {
+  using Cfg = LargeTiles;
+  constexpr int bytes = sharedBytes<Cfg>(false, false);
+  auto kernel = raggedKKernel<T, Cfg>;
+  if (Status s = allowShared(kernel, bytes); !s)
+    return s;
+  dim3 grid(static_cast<unsigned>((args.n + Cfg::BN - 1) / Cfg::BN),
+            static_cast<unsigned>((args.k + Cfg::BM - 1) / Cfg::BM),
+            static_cast<unsigned>(groups));
+  kernel<<<grid, Cfg::Threads, bytes, ctx.stream()>>>(args);
+  return checkLaunch("grouped GEMM weight-gradient kernel (device-sized)");
+}
+
+/// The grid's limits (y and z at most 65535 blocks).
+constexpr int64_t kMaxGridYZ = 65535;
+
+} // namespace
+
+bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
+                              int64_t n, const ExpertRowSpace &space,
+                              std::initializer_list<const void *> pointers,
+                              std::string *reason) {
+  auto refuse = [&](std::string why) {
+    if (reason)
+      *reason = std::move(why);
+    return false;
+  };
+  if (type != DType::BF16 && type != DType::F16)
+    return refuse("the device-sized grouped GEMM takes bf16 or f16 operands");
+  if (space.isStatic())
+    return refuse("the row space is static (one strided-batched GEMM)");
+  if (ctx.computeCapability() < 80)
+    return refuse("the device-sized grouped GEMM needs compute capability "
+                  "8.0 or newer");
+  // A build for an older architecture only (CI's default) holds traps.
+  static const bool builtForSm80 = [] {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes,
+                              raggedKKernel<__nv_bfloat16, LargeTiles>) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attributes.ptxVersion >= 80;
+  }();
+  if (!builtForSm80)
+    return refuse("this build has no sm_80 code for the device-sized "
+                  "grouped GEMM (CMAKE_CUDA_ARCHITECTURES)");
+  if (!vectorizable(k, 2, pointers) || !vectorizable(n, 2, {}))
+    return refuse("rows of " + std::to_string(k) + " and " + std::to_string(n) +
+                  " elements must be 16-byte aligned for the device-sized "
+                  "grouped GEMM");
+  if (space.rowBound / SmallTiles::BM + space.experts > kMaxGridYZ ||
+      space.experts > kMaxGridYZ || k / LargeTiles::BM >= kMaxGridYZ)
+    return refuse("the device-sized grouped GEMM's grid would exceed 65535 "
+                  "blocks in y or z");
+  if (space.rowBound > INT32_MAX || k > INT32_MAX || n > INT32_MAX)
+    return refuse("the problem is larger than 2^31 rows or columns");
+  return true;
+}
+
+Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
+                         void *c, DType type, int64_t k, int64_t n,
+                         const ExpertRowSpace &space, bool transB,
+                         bool accumulate) {
+  if (space.experts == 0 || n == 0 || space.rowBound == 0)
+    return Status::ok();
+  RaggedMArgs args{a,          b,
+                   c,          space.offsets,
+                   space.rows, static_cast<int32_t>(space.experts),
+                   k,          n,
+                   accumulate};
+  // Few rows per group (decode): small M tiles waste less of each weight
+  // tile's read.
+  bool few = space.rowBound <= 48 * space.experts;
+  return withType(type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return Status(StatusCode::Internal,
+                    "the device-sized grouped GEMM was asked for f32");
+    } else {
+      if (few)
+        return transB ? launchRaggedM<T, SmallTiles, true>(ctx, args,
+                                                           space.rowBound)
+                      : launchRaggedM<T, SmallTiles, false>(ctx, args,
+                                                            space.rowBound);
+      return transB
+                 ? launchRaggedM<T, LargeTiles, true>(ctx, args, space.rowBound)
+                 : launchRaggedM<T, LargeTiles, false>(ctx, args,
+                                                       space.rowBound);
+    }
+  });
+}
+
+Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
+                              const void *gradC, void *gradB, DType type,
+                              int64_t k, int64_t n, const ExpertRowSpace &space,
+                              bool accumulate) {
+  if (space.experts == 0 || n == 0 || k == 0)
+    return Status::ok();
+  RaggedKArgs args{a,          gradC, gradB, space.offsets,
+                   space.rows, k,     n,     accumulate};
+  return withType(type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>)
+      return Status(StatusCode::Internal,
+                    "the device-sized grouped GEMM was asked for f32");
+    else
+      return launchRaggedK<T>(ctx, args, space.experts);
+  });
+}
+
+} // namespace flex::cuda::detail

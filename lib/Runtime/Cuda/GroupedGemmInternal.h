@@ -1,0 +1,67 @@
+//===- GroupedGemmInternal.h - The grouped GEMM's two implementations ----===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares the device-sized grouped GEMM (DeviceGroupedGemm.cu):
+// the expert groups' row counts are read by the kernel itself, so a dynamic
+// routing needs no host read of its counts and no per-expert launch, and the
+// pass can be recorded as a CUDA graph. GroupedGemm.cu chooses between it and
+// the cuBLAS paths (RuntimeOptions::groupedGemm); the benchmark
+// (tools/gemm-bench) and the tests call both explicitly.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef LIB_RUNTIME_CUDA_GROUPEDGEMMINTERNAL_H
+#define LIB_RUNTIME_CUDA_GROUPEDGEMMINTERNAL_H
+
+#include "flex/Runtime/Cuda/CudaKernels.h"
+
+namespace flex::cuda::detail {
+
+/// Whether the device kernel can run a grouped GEMM of these operands:
+/// bf16 or f16 (fp32 accumulation), rows of k and n elements 16-byte aligned,
+/// a dynamic row space, and a device of compute capability 8.0 or newer.
+/// The reason is set when it cannot.
+bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
+                              int64_t n, const ExpertRowSpace &space,
+                              std::initializer_list<const void *> pointers,
+                              std::string *reason = nullptr);
+
+/// c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when transB) for every
+/// expert e, rows as the device's offsets and rows say; rows of c outside
+/// every expert's segment are not written. No epilogue.
+Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
+                         void *c, DType type, int64_t k, int64_t n,
+                         const ExpertRowSpace &space, bool transB,
+                         bool accumulate);
+
+/// gradB[e] (+)= a[rows of e]^T @ gradC[rows of e]; an expert without rows
+/// gets zeros (or keeps its value when accumulating).
+Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
+                              const void *gradC, void *gradB, DType type,
+                              int64_t k, int64_t n, const ExpertRowSpace &space,
+                              bool accumulate);
+
+/// The implementation a grouped GEMM of a dynamic row space takes.
+enum class GroupedGemmPath {
+  Auto,   ///< RuntimeOptions::groupedGemm's rule (docs/Runtime.md)
+  Device, ///< the device-sized kernel (where it applies)
+  Cublas, ///< host-read counts, one cuBLAS GEMM per expert
+};
+
+/// cuda::groupedGemm / groupedGemmWgrad with the path chosen explicitly.
+Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                       ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
+                       const ExpertRowSpace &space,
+                       const GroupedGemmOptions &options, WriteBuffer pre,
+                       GroupedGemmPath path);
+Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
+                            int64_t k, int64_t n, const ExpertRowSpace &space,
+                            WriteBuffer gradB, WriteBuffer gradBias,
+                            bool accumulate, GroupedGemmPath path);
+
+} // namespace flex::cuda::detail
+
+#endif // LIB_RUNTIME_CUDA_GROUPEDGEMMINTERNAL_H

@@ -1,0 +1,331 @@
+//===- GemmBench.cpp - The grouped GEMM's implementations, side by side ---===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// flex-gemm-bench [--iters N] [--only NAME]: times, on the same card in one
+// process, a grouped GEMM of a dynamic routing on its two paths - the
+// device-sized kernel (DeviceGroupedGemm.cu) and the host-read counts with
+// one cuBLAS GEMM per expert - and, where every expert has the same rows,
+// cuBLAS's strided-batched GEMM (what a static capacity runs). Shapes: the
+// benchmark layers' fc1, fc2, input and weight gradients at their token
+// counts (C1, C3, uniform and skewed) and decode-sized ones, where the floor
+// is reading the touched experts' weights once at the copy bandwidth
+// measured here. Each time is the median over N calls of host time from the
+// call to the end of the stream (the cuBLAS path's host read included, as a
+// layer pays it). The paths' outputs are compared (relative L2 <= 2e-2, else
+// exit 1).
+//
+//===----------------------------------------------------------------------===//
+
+#include "GroupedGemmInternal.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace flex;
+using flex::cuda::detail::GroupedGemmPath;
+
+namespace {
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    cudaError_t err_ = (call);                                                 \
+    if (err_ != cudaSuccess) {                                                 \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,                  \
+                   cudaGetErrorString(err_));                                  \
+      std::exit(2);                                                            \
+    }                                                                          \
+  } while (0)
+#define CHECK_STATUS(expr)                                                     \
+  do {                                                                         \
+    Status s_ = (expr);                                                        \
+    if (!s_) {                                                                 \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,                  \
+                   s_.message().c_str());                                      \
+      std::exit(2);                                                            \
+    }                                                                          \
+  } while (0)
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+enum class Op { Fc1, Fc2, Dgrad, Wgrad };
+const char *opName(Op op) {
+  switch (op) {
+  case Op::Fc1:
+    return "fc1";
+  case Op::Fc2:
+    return "fc2";
+  case Op::Dgrad:
+    return "dgrad1";
+  default:
+    return "wgrad1";
+  }
+}
+
+struct Shape {
+  std::string name;
+  int64_t tokens, d, h, experts, k;
+  bool skewed; ///< Zipf-like expert popularity instead of uniform
+  std::vector<Op> ops;
+};
+
+/// Rows per expert for T * k choices: uniform (exactly even) or skewed
+/// (popularity ~ 1 / (e + 1), sampled).
+std::vector<int32_t> rowCounts(const Shape &s, std::mt19937_64 &rng) {
+  std::vector<int32_t> rows(s.experts, 0);
+  int64_t total = s.tokens * s.k;
+  if (!s.skewed && s.tokens >= 4096) {
+    for (int64_t e = 0; e < s.experts; ++e)
+      rows[e] = static_cast<int32_t>(total / s.experts +
+                                     (e < total % s.experts ? 1 : 0));
+    return rows;
+  }
+  std::vector<double> weights(s.experts);
+  for (int64_t e = 0; e < s.experts; ++e)
+    weights[e] = s.skewed ? 1.0 / (e + 1) : 1.0;
+  std::discrete_distribution<int64_t> pick(weights.begin(), weights.end());
+  for (int64_t t = 0; t < s.tokens; ++t) {
+    // k distinct experts per token, as a top-k routing gives.
+    std::vector<int64_t> chosen;
+    while (static_cast<int64_t>(chosen.size()) < s.k) {
+      int64_t e = pick(rng);
+      if (std::find(chosen.begin(), chosen.end(), e) == chosen.end())
+        chosen.push_back(e);
+    }
+    for (int64_t e : chosen)
+      ++rows[e];
+  }
+  return rows;
+}
+
+struct DeviceArray {
+  void *data = nullptr;
+  explicit DeviceArray(int64_t bytes) {
+    CHECK(cudaMalloc(&data, std::max<int64_t>(bytes, 16)));
+  }
+  ~DeviceArray() { cudaFree(data); }
+};
+
+void fillRandom(void *data, int64_t count, std::mt19937_64 &rng, double scale) {
+  std::normal_distribution<float> dist(0.0f, static_cast<float>(scale));
+  std::vector<uint16_t> host(count);
+  for (auto &v : host) {
+    float f = dist(rng);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    v = static_cast<uint16_t>(bits >> 16); // bf16 by truncation
+  }
+  CHECK(cudaMemcpy(data, host.data(), 2 * count, cudaMemcpyHostToDevice));
+}
+
+double relativeError(const void *x, const void *y, int64_t count) {
+  std::vector<uint16_t> a(count), b(count);
+  CHECK(cudaMemcpy(a.data(), x, 2 * count, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(b.data(), y, 2 * count, cudaMemcpyDeviceToHost));
+  auto value = [](uint16_t v) {
+    uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return static_cast<double>(f);
+  };
+  double diff = 0, norm = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    double p = value(a[i]), q = value(b[i]);
+    if (!std::isfinite(p) || !std::isfinite(q))
+      return INFINITY;
+    diff += (p - q) * (p - q);
+    norm += q * q;
+  }
+  return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second).
+double copyBandwidth() {
+  const int64_t bytes = int64_t{1} << 30;
+  DeviceArray src(bytes), dst(bytes);
+  std::vector<double> times;
+  for (int i = 0; i < 12; ++i) {
+    auto start = std::chrono::steady_clock::now();
+    CHECK(cudaMemcpy(dst.data, src.data, bytes, cudaMemcpyDeviceToDevice));
+    CHECK(cudaDeviceSynchronize());
+    if (i >= 2)
+      times.push_back(std::chrono::duration<double>(
+                          std::chrono::steady_clock::now() - start)
+                          .count());
+  }
+  return 2.0 * bytes / median(times);
+}
+
+int run(int iters, const std::string &only) {
+  std::unique_ptr<cuda::KernelContext> ctx;
+  CHECK_STATUS(cuda::KernelContext::create(ctx));
+  cudaDeviceProp prop{};
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double copyBytesPerS = copyBandwidth();
+  std::printf("device: %s; copy bandwidth %.2f TB/s (read + write)\n",
+              prop.name, copyBytesPerS / 1e12);
+  const std::vector<Op> train = {Op::Fc1, Op::Fc2, Op::Dgrad, Op::Wgrad};
+  const std::vector<Op> infer = {Op::Fc1, Op::Fc2};
+  const std::vector<Shape> shapes = {
+      {"c1", 16384, 4096, 4096, 8, 2, false, train},
+      {"c3", 16384, 2048, 1408, 64, 6, false, train},
+      {"c3_skewed", 16384, 2048, 1408, 64, 6, true, train},
+      {"c3_t2048", 2048, 2048, 1408, 64, 6, false, infer},
+      {"decode_t512", 512, 2048, 1408, 64, 6, false, infer},
+      {"decode_t256", 256, 2048, 1408, 64, 6, false, infer},
+      {"decode_t128_big", 128, 4096, 1536, 64, 8, false, infer},
+      {"decode_t32", 32, 2048, 1408, 64, 6, false, infer},
+  };
+  std::printf("\n%-16s %-6s %7s %7s %6s | %10s %10s %10s | %8s %8s | %s\n",
+              "shape", "op", "rows", "M/E", "E", "device us", "cublas us",
+              "batched us", "dev TF/s", "floor us", "device/best-other");
+  std::mt19937_64 rng(2026);
+  bool ok = true;
+  for (const Shape &s : shapes) {
+    if (!only.empty() && s.name != only)
+      continue;
+    std::vector<int32_t> rows = rowCounts(s, rng);
+    const int64_t E = s.experts;
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e)
+      offsets[e + 1] = offsets[e] + rows[e];
+    const int64_t R = offsets[E];
+    bool uniform = std::all_of(rows.begin(), rows.end(),
+                               [&](int32_t r) { return r == rows[0]; });
+    int touched = 0;
+    for (int32_t r : rows)
+      touched += r > 0;
+    DeviceArray dOffsets(4 * (E + 1)), dRows(4 * E);
+    CHECK(cudaMemcpy(dOffsets.data, offsets.data(), 4 * (E + 1),
+                     cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dRows.data, rows.data(), 4 * E, cudaMemcpyHostToDevice));
+    cuda::ExpertRowSpace space;
+    space.offsets = static_cast<const int32_t *>(dOffsets.data);
+    space.rows = static_cast<const int32_t *>(dRows.data);
+    space.experts = E;
+    space.rowBound = R;
+    for (Op op : s.ops) {
+      // fc1: [R, d] x [d, h]; fc2: [R, h] x [h, d]; dgrad1: [R, h] x
+      // w1^T ([d, h] used transposed); wgrad1: [d, R] x [R, h].
+      int64_t k = op == Op::Fc1 ? s.d : s.h, n = op == Op::Fc1 ? s.h : s.d;
+      if (op == Op::Wgrad) {
+        k = s.d;
+        n = s.h;
+      }
+      const DType dt = DType::BF16;
+      DeviceArray a(2 * R * k), b(2 * E * k * n), c1(2 * R * n), c2(2 * R * n),
+          c3(2 * R * n);
+      DeviceArray gB1(2 * E * k * n), gB2(2 * E * k * n), gB3(2 * E * k * n);
+      fillRandom(a.data, R * k, rng, 1.0);
+      fillRandom(op == Op::Wgrad ? c1.data : b.data,
+                 op == Op::Wgrad ? R * n : E * k * n, rng,
+                 op == Op::Wgrad ? 1.0 : 1.0 / std::sqrt(double(k)));
+      GroupedGemmOptions options;
+      options.transB = op == Op::Dgrad;
+      auto call = [&](GroupedGemmPath path, bool batched, void *out) {
+        cuda::ExpertRowSpace sp = space;
+        if (batched)
+          sp.staticCapacity = rows[0];
+        // A new routing each call: the cuBLAS path reads its counts again.
+        ++ctx->generation;
+        if (op == Op::Wgrad)
+          return cuda::detail::groupedGemmWgradWith(*ctx, {a.data, dt},
+                                                    {c1.data, dt}, k, n, sp,
+                                                    {out, dt}, {}, false, path);
+        return cuda::detail::groupedGemmWith(*ctx, {a.data, dt}, {b.data, dt},
+                                             {}, {out, dt}, k, n, sp, options,
+                                             {}, path);
+      };
+      auto time = [&](GroupedGemmPath path, bool batched, void *out) {
+        std::vector<double> t;
+        for (int i = 0; i < iters + 3; ++i) {
+          CHECK(cudaStreamSynchronize(ctx->stream()));
+          auto start = std::chrono::steady_clock::now();
+          CHECK_STATUS(call(path, batched, out));
+          CHECK(cudaStreamSynchronize(ctx->stream()));
+          if (i >= 3)
+            t.push_back(std::chrono::duration<double, std::micro>(
+                            std::chrono::steady_clock::now() - start)
+                            .count());
+        }
+        return median(t);
+      };
+      void *outDevice = op == Op::Wgrad ? gB1.data : c2.data;
+      void *outCublas = op == Op::Wgrad ? gB2.data : c3.data;
+      void *outBatched = op == Op::Wgrad ? gB3.data : c3.data;
+      std::string reason;
+      if (!cuda::detail::deviceGroupedGemmApplies(
+              *ctx, dt, k, n, space, {a.data, b.data, outDevice}, &reason)) {
+        std::printf("%-16s %-6s device kernel refused: %s\n", s.name.c_str(),
+                    opName(op), reason.c_str());
+        ok = false;
+        continue;
+      }
+      double dev = time(GroupedGemmPath::Device, false, outDevice);
+      double cub = time(GroupedGemmPath::Cublas, false, outCublas);
+      int64_t outCount = op == Op::Wgrad ? E * k * n : R * n;
+      double err = relativeError(outDevice, outCublas, outCount);
+      double batched =
+          uniform ? time(GroupedGemmPath::Cublas, true, outBatched) : NAN;
+      double flops = 2.0 * R * k * n;
+      double weightBytes = 2.0 * touched * k * n;
+      double floorUs =
+          op == Op::Wgrad ? NAN : weightBytes / copyBytesPerS * 1e6;
+      double best = std::isnan(batched) ? cub : std::min(cub, batched);
+      std::printf("%-16s %-6s %7lld %7.1f %6lld | %10.1f %10.1f %10.1f | "
+                  "%8.1f %8.1f | %.2fx%s\n",
+                  s.name.c_str(), opName(op), static_cast<long long>(R),
+                  double(R) / E, static_cast<long long>(E), dev, cub, batched,
+                  flops / dev / 1e6, floorUs, dev / best,
+                  err <= 2e-2 ? "" : "  MISMATCH");
+      if (!(err <= 2e-2)) {
+        std::printf("  relative L2 device vs cuBLAS: %.3g\n", err);
+        ok = false;
+      }
+    }
+  }
+  std::printf("\nfloor: the touched experts' weight bytes read once at the "
+              "copy's memory throughput (bytes read + written per second).\n");
+  return ok ? 0 : 1;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  int iters = 20;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--iters" && i + 1 < argc)
+      iters = std::max(1, std::atoi(argv[++i]));
+    else if (arg == "--only" && i + 1 < argc)
+      only = argv[++i];
+    else {
+      std::fprintf(stderr,
+                   "usage: flex-gemm-bench [--iters N] [--only NAME]\n");
+      return 2;
+    }
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "flex-gemm-bench: no CUDA device\n");
+    return 2;
+  }
+  return run(iters, only);
+}

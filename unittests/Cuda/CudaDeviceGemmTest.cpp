@@ -1,0 +1,340 @@
+//===- CudaDeviceGemmTest.cpp - The device-sized grouped GEMM -------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// The device-sized grouped GEMM (DeviceGroupedGemm.cu) and the cuBLAS path
+// beside it, each against a plain fp64 product of the same rounded inputs:
+// forward (b and b^T), the weight gradient, accumulation, both tile shapes
+// (few and many rows per expert), experts without rows, K and N tails,
+// padded and ragged row layouts; rows outside every segment stay untouched;
+// a recorded graph replays with other counts (the sizes are read on the
+// device); what the kernel does not take is refused with the reason.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaTestSupport.h"
+
+#include "GroupedGemmInternal.h"
+#include "flex/Runtime/Cuda/CudaKernels.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+
+using namespace flex;
+using cuda::detail::GroupedGemmPath;
+using flex::cudatest::Buffer;
+
+namespace {
+
+std::vector<double> normals(std::mt19937_64 &rng, int64_t count, double scale) {
+  std::normal_distribution<double> dist(0.0, scale);
+  std::vector<double> values(static_cast<size_t>(count));
+  for (double &v : values)
+    v = dist(rng);
+  return values;
+}
+
+/// The row segments of one routing: padded (expert e's rows start at e * C)
+/// or ragged (back to back), on the host and the device.
+struct Segments {
+  std::vector<int32_t> offsets, rows;
+  int64_t rowBound = 0;
+  Buffer dOffsets, dRows;
+
+  Segments(const std::vector<int32_t> &counts, int64_t capacity) {
+    int64_t E = static_cast<int64_t>(counts.size());
+    offsets.assign(E + 1, 0);
+    rows = counts;
+    for (int64_t e = 0; e < E; ++e)
+      offsets[e + 1] = capacity > 0 ? static_cast<int32_t>((e + 1) * capacity)
+                                    : offsets[e] + counts[e];
+    // A ragged buffer is declared larger than its rows (the T * k bound).
+    rowBound = capacity > 0 ? E * capacity : offsets[E] + 7;
+    dOffsets = Buffer(DType::I32, E + 1);
+    dRows = Buffer(DType::I32, E);
+    upload();
+  }
+  void upload() {
+    std::memcpy(dOffsets.host.data(), offsets.data(), 4 * offsets.size());
+    std::memcpy(dRows.host.data(), rows.data(), 4 * rows.size());
+    dOffsets.upload();
+    dRows.upload();
+  }
+  int64_t experts() const { return static_cast<int64_t>(rows.size()); }
+  cuda::ExpertRowSpace space() {
+    cuda::ExpertRowSpace s;
+    s.offsets = dOffsets.as<int32_t>();
+    s.rows = dRows.as<int32_t>();
+    s.experts = experts();
+    s.rowBound = rowBound;
+    s.staticCapacity = -1;
+    s.padded = false;
+    return s;
+  }
+  bool inSegment(int64_t row) const {
+    for (int64_t e = 0; e < experts(); ++e)
+      if (row >= offsets[e] && row < offsets[e] + rows[e])
+        return true;
+    return false;
+  }
+};
+
+/// c[r] (+)= a[r] @ b[e] (or b[e]^T) over the segments' rows, in fp64.
+std::vector<double> referenceForward(const Buffer &a, const Buffer &b,
+                                     const Buffer &c0, const Segments &seg,
+                                     int64_t k, int64_t n, bool transB,
+                                     bool accumulate) {
+  std::vector<double> out(c0.count, 0.0);
+  for (size_t i = 0; i < out.size(); ++i)
+    out[i] = accumulate ? c0.at(i) : 0.0;
+  for (int64_t e = 0; e < seg.experts(); ++e)
+    for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        double sum = 0;
+        for (int64_t i = 0; i < k; ++i)
+          sum += a.at(r * k + i) *
+                 b.at(e * k * n + (transB ? j * k + i : i * n + j));
+        out[r * n + j] += sum;
+      }
+  return out;
+}
+
+/// Relative L2 over the segments' rows; NaN fails.
+double segmentError(const Buffer &got, const std::vector<double> &want,
+                    const Segments &seg, int64_t n) {
+  double diff = 0, norm = 0;
+  for (int64_t e = 0; e < seg.experts(); ++e)
+    for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        double g = got.at(r * n + j), w = want[r * n + j];
+        if (!std::isfinite(g))
+          return INFINITY;
+        diff += (g - w) * (g - w);
+        norm += w * w;
+      }
+  return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+}
+
+struct GemmCase {
+  std::string name;
+  std::vector<int32_t> counts;
+  int64_t capacity; ///< > 0: padded layout with this C; 0: ragged
+  int64_t k, n;
+};
+
+std::vector<GemmCase> gemmCases() {
+  return {
+      // Few rows per expert (decode tiles), an expert without rows, K and N
+      // not multiples of the tiles.
+      {"decode_ragged", {3, 0, 17, 1, 9, 32}, 0, 136, 264},
+      {"decode_padded", {5, 0, 12, 31}, 32, 72, 40},
+      // Many rows per expert (prefill tiles), partial last M tiles.
+      {"prefill_ragged", {200, 0, 129, 77}, 0, 104, 136},
+      {"prefill_padded", {150, 256, 0}, 256, 64, 520},
+  };
+}
+
+class CudaDeviceGemm : public ::testing::TestWithParam<GemmCase> {};
+
+TEST_P(CudaDeviceGemm, ForwardMatchesFp64OnBothPaths) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
+  std::mt19937_64 rng(7 + k);
+  for (DType dt : {DType::BF16, DType::F16})
+    for (bool transB : {false, true})
+      for (bool accumulate : {false, true})
+        for (GroupedGemmPath path :
+             {GroupedGemmPath::Device, GroupedGemmPath::Cublas}) {
+          SCOPED_TRACE(
+              std::string(toString(dt)) + (transB ? " b^T" : " b") +
+              (accumulate ? " accumulate" : "") +
+              (path == GroupedGemmPath::Device ? " device" : " cublas"));
+          Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
+          a.set(normals(rng, R * k, 1.0));
+          b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+          if (accumulate)
+            c.set(normals(rng, R * n, 1.0));
+          else
+            c.poison();
+          std::vector<double> want =
+              referenceForward(a, b, c, seg, k, n, transB, accumulate);
+          std::vector<uint8_t> before = c.host;
+          cuda::ExpertRowSpace space = seg.space();
+          std::string reason;
+          ASSERT_TRUE(cuda::detail::deviceGroupedGemmApplies(
+              *ctx, dt, k, n, space, {a.device, b.device, c.device}, &reason))
+              << reason;
+          GroupedGemmOptions options;
+          options.transB = transB;
+          options.accumulate = accumulate;
+          Status status = cuda::detail::groupedGemmWith(
+              *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt}, k, n,
+              space, options, {}, path);
+          ASSERT_TRUE(status.isOk()) << status.message();
+          c.download();
+          EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
+          // Rows outside every segment keep their bytes.
+          const size_t rowBytes = n * dtypeSize(dt);
+          for (int64_t r = 0; r < R; ++r) {
+            if (seg.inSegment(r))
+              continue;
+            ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
+                                  before.data() + r * rowBytes, rowBytes),
+                      0)
+                << "row " << r << " outside the segments was written";
+          }
+        }
+}
+
+TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
+  std::mt19937_64 rng(11 + n);
+  for (DType dt : {DType::BF16, DType::F16})
+    for (bool accumulate : {false, true})
+      for (GroupedGemmPath path :
+           {GroupedGemmPath::Device, GroupedGemmPath::Cublas}) {
+        SCOPED_TRACE(std::string(toString(dt)) +
+                     (accumulate ? " accumulate" : "") +
+                     (path == GroupedGemmPath::Device ? " device" : " cublas"));
+        Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
+        a.set(normals(rng, R * k, 1.0));
+        gradC.set(normals(rng, R * n, 1.0));
+        if (accumulate)
+          gradB.set(normals(rng, E * k * n, 4.0));
+        else
+          gradB.poison();
+        std::vector<double> want(gradB.count);
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t i = 0; i < k; ++i)
+            for (int64_t j = 0; j < n; ++j) {
+              double sum = accumulate ? gradB.at((e * k + i) * n + j) : 0.0;
+              for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e];
+                   ++r)
+                sum += a.at(r * k + i) * gradC.at(r * n + j);
+              want[(e * k + i) * n + j] = sum;
+            }
+        Status status = cuda::detail::groupedGemmWgradWith(
+            *ctx, {a.device, dt}, {gradC.device, dt}, k, n, seg.space(),
+            {gradB.device, dt}, {}, accumulate, path);
+        ASSERT_TRUE(status.isOk()) << status.message();
+        gradB.download();
+        double diff = 0, norm = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+          double g = gradB.at(i);
+          ASSERT_TRUE(std::isfinite(g)) << "element " << i;
+          diff += (g - want[i]) * (g - want[i]);
+          norm += want[i] * want[i];
+        }
+        EXPECT_LE(std::sqrt(diff) / std::sqrt(norm), 1e-2);
+        // An expert without rows gets zeros (or keeps its values).
+        for (int64_t e = 0; e < E; ++e) {
+          if (seg.rows[e] != 0)
+            continue;
+          for (int64_t i = 0; i < k * n; ++i) {
+            ASSERT_EQ(gradB.at(e * k * n + i), want[e * k * n + i])
+                << "expert " << e << " element " << i;
+          }
+        }
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeviceGemm,
+                         ::testing::ValuesIn(gemmCases()),
+                         [](const auto &info) { return info.param.name; });
+
+// The sizes are read on the device: a graph recorded with one routing
+// replays correctly after the counts change in place.
+TEST(CudaDeviceGemmGraph, ReplaysWithNewCounts) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  ASSERT_TRUE(ctx->setStream(stream).isOk());
+  const DType dt = DType::BF16;
+  const int64_t C = 64, k = 96, n = 80;
+  Segments seg({10, 64, 0, 33}, C);
+  const int64_t E = seg.experts(), R = seg.rowBound;
+  std::mt19937_64 rng(3);
+  Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
+  a.set(normals(rng, R * k, 1.0));
+  b.set(normals(rng, E * k * n, 0.1));
+  c.poison();
+  GroupedGemmOptions options;
+  // Eager once first, as the executor does before it records.
+  ASSERT_TRUE(cuda::detail::groupedGemmWith(
+                  *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt}, k,
+                  n, seg.space(), options, {}, GroupedGemmPath::Device)
+                  .isOk());
+  ctx->capturing = true;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+            cudaSuccess);
+  // Auto takes the device kernel while a graph records.
+  Status status = cuda::groupedGemm(*ctx, {a.device, dt}, {b.device, dt}, {},
+                                    {c.device, dt}, k, n, seg.space(), options);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ctx->capturing = false;
+  ASSERT_TRUE(status.isOk()) << status.message();
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (std::vector<int32_t> counts :
+       {std::vector<int32_t>{10, 64, 0, 33}, {0, 5, 64, 1}}) {
+    seg.rows = counts;
+    seg.upload();
+    c.poison();
+    std::vector<double> want =
+        referenceForward(a, b, c, seg, k, n, false, false);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    c.download();
+    EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  ASSERT_TRUE(ctx->setStream(nullptr).isOk());
+  cudaStreamDestroy(stream);
+}
+
+// What the kernel does not take is refused with the reason, and the public
+// entry point falls back to cuBLAS for it.
+TEST(CudaDeviceGemmGraph, RefusesWhatItCannotRun) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg({4, 2}, 0);
+  cuda::ExpertRowSpace space = seg.space();
+  Buffer a(DType::BF16, 64 * 64);
+  std::string reason;
+  EXPECT_FALSE(cuda::detail::deviceGroupedGemmApplies(
+      *ctx, DType::F32, 64, 64, space, {a.device}, &reason));
+  EXPECT_NE(reason.find("bf16 or f16"), std::string::npos) << reason;
+  EXPECT_FALSE(cuda::detail::deviceGroupedGemmApplies(
+      *ctx, DType::BF16, 12, 64, space, {a.device}, &reason));
+  EXPECT_NE(reason.find("16-byte aligned"), std::string::npos) << reason;
+  EXPECT_FALSE(cuda::detail::deviceGroupedGemmApplies(
+      *ctx, DType::BF16, 64, 64, space, {static_cast<char *>(a.device) + 2},
+      &reason));
+  cuda::ExpertRowSpace fixed = space;
+  fixed.staticCapacity = 4;
+  EXPECT_FALSE(cuda::detail::deviceGroupedGemmApplies(
+      *ctx, DType::BF16, 64, 64, fixed, {a.device}, &reason));
+  EXPECT_NE(reason.find("static"), std::string::npos) << reason;
+}
+
+} // namespace
