@@ -195,6 +195,7 @@ const char *flexGetLastError(void);
  *   collective_timeout_s  FLEX_COLLECTIVE_TIMEOUT_S  seconds > 0 (300)
  *   profile               FLEX_PROFILE               device profile path
  *   refine_variant        FLEX_REFINE_VARIANT        1 / 0 (default 1)
+ *   grouped_gemm          FLEX_GROUPED_GEMM          auto / device / cublas
  * Booleans also take true/false, on/off, yes/no. An object is passed where a
  * context or communicator is created and copied there; the environment
  * variables, when set and non-empty, override it when an executable or a
