@@ -298,6 +298,34 @@ int run(int iters, const std::string &only) {
         std::printf("  relative L2 device vs cuBLAS: %.3g\n", err);
         ok = false;
       }
+      if (op != Op::Wgrad) {
+        // Each CTA tile of the kernel on the same problem.
+        std::printf("%-16s %-6s tiles:", "", "");
+        for (auto [tiles, name] :
+             {std::pair{cuda::detail::DeviceTiles::Small, "small 32x128"},
+              std::pair{cuda::detail::DeviceTiles::Large, "large 128x128"},
+              std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"}}) {
+          std::vector<double> t;
+          for (int i = 0; i < iters + 3; ++i) {
+            CHECK(cudaStreamSynchronize(ctx->stream()));
+            auto start = std::chrono::steady_clock::now();
+            CHECK_STATUS(cuda::detail::deviceGroupedGemm(
+                *ctx, a.data, b.data, outDevice, dt, k, n, space,
+                options.transB, false, tiles));
+            CHECK(cudaStreamSynchronize(ctx->stream()));
+            if (i >= 3)
+              t.push_back(std::chrono::duration<double, std::micro>(
+                              std::chrono::steady_clock::now() - start)
+                              .count());
+          }
+          double us = median(t);
+          double e = relativeError(outDevice, outCublas, outCount);
+          std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
+                      e <= 2e-2 ? "" : " MISMATCH");
+          ok = ok && e <= 2e-2;
+        }
+        std::printf("\n");
+      }
     }
   }
   std::printf("\nfloor: the touched experts' weight bytes read once at the "

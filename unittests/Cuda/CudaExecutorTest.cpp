@@ -54,8 +54,8 @@ std::vector<PlanFile> planFiles() {
         "ffn_dropless_ragged_train_bf16.json", "gated_bounded_infer.json",
         "gated_fixed_train.json"})
     files.push_back({std::string(FLEX_RUNTIME_PLANS_DIR) + "/" + name, name});
-  for (const char *name : {"small_ffn_train.json",
-                           "small_swiglu_bf16_train.json"})
+  for (const char *name :
+       {"small_ffn_train.json", "small_swiglu_bf16_train.json"})
     files.push_back({std::string(FLEX_CUDA_PLANS_DIR) + "/" + name, name});
   return files;
 }
@@ -202,9 +202,9 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
         reference::LayerForward forward;
         reference::LayerGradients grads;
         if (plan->training)
-          grads = reference::referenceBackward(config, data.inputs,
-                                               data.gradOut, data.gradLAux,
-                                               options, &forward);
+          grads =
+              reference::referenceBackward(config, data.inputs, data.gradOut,
+                                           data.gradLAux, options, &forward);
         else
           forward = reference::referenceForward(config, data.inputs, options);
 
@@ -226,9 +226,9 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
           continue;
         status = executor->backward(bindings.data(), bindings.size());
         ASSERT_TRUE(status.isOk()) << status.message();
-        const std::vector<double> *want[] = {
-            &grads.x,  &grads.wg, &grads.w1, &grads.b1,
-            &grads.w2, &grads.b2, &grads.w3};
+        const std::vector<double> *want[] = {&grads.x,  &grads.wg, &grads.w1,
+                                             &grads.b1, &grads.w2, &grads.b2,
+                                             &grads.w3};
         for (size_t g = 0; g < std::size(kGradients); ++g)
           if (plan->findArgument(kGradients[g]) >= 0)
             EXPECT_LE(reference::relativeL2(args.get(kGradients[g]), *want[g]),
@@ -304,14 +304,13 @@ TEST(CudaExecutor, GraphReplayEqualsEager) {
   EXPECT_GT(captured, 0) << "no plan has a variant that can be recorded";
 }
 
-/// grouped_gemm=device: a dropless bf16 plan records as a graph, and the
+/// grouped_gemm=device: a dropless bf16 SwiGLU plan records as a graph, and the
 /// replays read each call's own routing on the device - new inputs in the
 /// same buffers give the reference's results, with no host read.
 TEST(CudaExecutor, DroplessGraphRoutesEachCallOnTheDevice) {
   FLEX_SKIP_WITHOUT_CUDA();
-  std::shared_ptr<const Plan> plan =
-      loadPlan(std::string(FLEX_RUNTIME_PLANS_DIR) +
-               "/ffn_dropless_ragged_train_bf16.json");
+  std::shared_ptr<const Plan> plan = loadPlan(std::string(FLEX_CUDA_PLANS_DIR) +
+                                              "/small_swiglu_bf16_train.json");
   RuntimeOptions runtime;
   runtime.groupedGemm = GroupedGemmImpl::Device;
   for (size_t v = 0; v < plan->variants.size(); ++v) {
@@ -354,6 +353,7 @@ TEST(CudaExecutor, DroplessGraphRoutesEachCallOnTheDevice) {
       EXPECT_LE(reference::relativeL2(args.get("grad_x"), grads.x), 2e-2);
       EXPECT_LE(reference::relativeL2(args.get("grad_w1"), grads.w1), 2e-2);
       EXPECT_LE(reference::relativeL2(args.get("grad_w2"), grads.w2), 2e-2);
+      EXPECT_LE(reference::relativeL2(args.get("grad_w3"), grads.w3), 2e-2);
     }
   }
 }
@@ -367,12 +367,12 @@ TEST(CudaCAPI, RunsOnDevicePointersAndACallerStream) {
   ASSERT_EQ(flexContextCreate("cuda", &context), FLEX_STATUS_OK)
       << flexGetLastError();
   FlexExecutable exe = nullptr;
-  ASSERT_EQ(flexExecutableCreateFromPlan(context, text.data(), text.size(),
-                                         &exe),
-            FLEX_STATUS_OK)
+  ASSERT_EQ(
+      flexExecutableCreateFromPlan(context, text.data(), text.size(), &exe),
+      FLEX_STATUS_OK)
       << flexGetLastError();
-  std::shared_ptr<const Plan> plan = loadPlan(
-      std::string(FLEX_RUNTIME_PLANS_DIR) + "/ffn_fixed_train.json");
+  std::shared_ptr<const Plan> plan =
+      loadPlan(std::string(FLEX_RUNTIME_PLANS_DIR) + "/ffn_fixed_train.json");
   LayerData data = makeData(plan->layer, 3);
   DeviceArguments args(*plan);
   fill(args, data);
@@ -387,13 +387,13 @@ TEST(CudaCAPI, RunsOnDevicePointersAndACallerStream) {
   options.stream = stream;
   options.flags = FLEX_RUN_CUDA_GRAPH | FLEX_RUN_NO_TIMING;
   for (int run = 0; run < 3; ++run) {
-    ASSERT_EQ(flexExecutableForward(exe, bindings.data(), bindings.size(),
-                                    &options),
-              FLEX_STATUS_OK)
+    ASSERT_EQ(
+        flexExecutableForward(exe, bindings.data(), bindings.size(), &options),
+        FLEX_STATUS_OK)
         << flexGetLastError();
-    ASSERT_EQ(flexExecutableBackward(exe, bindings.data(), bindings.size(),
-                                     &options),
-              FLEX_STATUS_OK)
+    ASSERT_EQ(
+        flexExecutableBackward(exe, bindings.data(), bindings.size(), &options),
+        FLEX_STATUS_OK)
         << flexGetLastError();
   }
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
@@ -404,14 +404,14 @@ TEST(CudaCAPI, RunsOnDevicePointersAndACallerStream) {
   EXPECT_LE(reference::relativeL2(args.get("grad_w1"), grads.w1), 1e-5);
   // The NaN check reads device memory through the backend.
   options.flags = FLEX_RUN_CHECK_NONFINITE;
-  EXPECT_EQ(flexExecutableForward(exe, bindings.data(), bindings.size(),
-                                  &options),
-            FLEX_STATUS_OK)
+  EXPECT_EQ(
+      flexExecutableForward(exe, bindings.data(), bindings.size(), &options),
+      FLEX_STATUS_OK)
       << flexGetLastError();
   args.buffers.at("x").poison();
-  EXPECT_EQ(flexExecutableForward(exe, bindings.data(), bindings.size(),
-                                  &options),
-            FLEX_STATUS_NUMERIC_ERROR);
+  EXPECT_EQ(
+      flexExecutableForward(exe, bindings.data(), bindings.size(), &options),
+      FLEX_STATUS_NUMERIC_ERROR);
   EXPECT_EQ(flexExecutableDestroy(exe), FLEX_STATUS_OK);
   EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_OK);
   cudaStreamDestroy(stream);

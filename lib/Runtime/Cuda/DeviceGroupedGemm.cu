@@ -58,6 +58,8 @@ struct Tiles {
 using LargeTiles = Tiles<128, 128, 32, 2, 4, 4>;
 /// Few rows per group (decode): the weights stream once, little M waste.
 using SmallTiles = Tiles<32, 128, 64, 1, 4, 4>;
+/// Many rows, wider N: 64 x 64 per warp (more MMAs per shared-memory read).
+using WideTiles = Tiles<128, 256, 32, 2, 4, 3>;
 
 /// Shared-memory rows are padded by 8 elements (16 bytes): the 8 rows an
 /// ldmatrix reads then fall on distinct banks.
@@ -424,10 +426,10 @@ __global__ void __launch_bounds__(Cfg::Threads)
 #endif
 }
 
-/// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KiB needs
+/// Lets `Kernel` use `bytes` of dynamic shared memory (above 48 KiB needs
 /// the opt-in), once per kernel and device (the first call is eager, before
 /// any graph records).
-template <typename Kernel> Status allowShared(Kernel kernel, int bytes) {
+template <auto Kernel> Status allowShared(int bytes) {
   static std::atomic<uint64_t> doneDevices{0};
   int device = 0;
   if (Status s = checkCuda(cudaGetDevice(&device), "cudaGetDevice"); !s)
@@ -437,7 +439,7 @@ template <typename Kernel> Status allowShared(Kernel kernel, int bytes) {
     return Status::ok();
   if (Status s = checkCuda(
           cudaFuncSetAttribute(
-              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+              Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
           "cudaFuncSetAttribute (grouped GEMM shared memory)");
       !s)
     return s;
@@ -449,8 +451,8 @@ template <typename T, typename Cfg, bool BKContiguous>
 Status launchRaggedM(KernelContext &ctx, const RaggedMArgs &args,
                      int64_t rowBound) {
   constexpr int bytes = sharedBytes<Cfg>(true, BKContiguous);
-  auto kernel = raggedMKernel<T, Cfg, BKContiguous>;
-  if (Status s = allowShared(kernel, bytes); !s)
+  constexpr auto kernel = raggedMKernel<T, Cfg, BKContiguous>;
+  if (Status s = allowShared<kernel>(bytes); !s)
     return s;
   // Each group's last tile may be partial: at most rowBound / BM + groups
   // tiles; the CTAs past the real count return at once.
@@ -466,8 +468,8 @@ Status launchRaggedK(KernelContext &ctx, const RaggedKArgs &args,
                      int64_t groups) {
   using Cfg = LargeTiles;
   constexpr int bytes = sharedBytes<Cfg>(false, false);
-  auto kernel = raggedKKernel<T, Cfg>;
-  if (Status s = allowShared(kernel, bytes); !s)
+  constexpr auto kernel = raggedKKernel<T, Cfg>;
+  if (Status s = allowShared<kernel>(bytes); !s)
     return s;
   dim3 grid(static_cast<unsigned>((args.n + Cfg::BN - 1) / Cfg::BN),
             static_cast<unsigned>((args.k + Cfg::BM - 1) / Cfg::BM),
@@ -527,7 +529,7 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
 Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate) {
+                         bool accumulate, DeviceTiles tiles) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
   RaggedMArgs args{a,          b,
@@ -537,22 +539,28 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    accumulate};
   // Few rows per group (decode): small M tiles waste less of each weight
   // tile's read.
-  bool few = space.rowBound <= 48 * space.experts;
+  if (tiles == DeviceTiles::Auto)
+    tiles = space.rowBound <= 48 * space.experts ? DeviceTiles::Small
+                                                 : DeviceTiles::Large;
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return Status(StatusCode::Internal,
                     "the device-sized grouped GEMM was asked for f32");
     } else {
-      if (few)
-        return transB ? launchRaggedM<T, SmallTiles, true>(ctx, args,
-                                                           space.rowBound)
-                      : launchRaggedM<T, SmallTiles, false>(ctx, args,
-                                                            space.rowBound);
-      return transB
-                 ? launchRaggedM<T, LargeTiles, true>(ctx, args, space.rowBound)
-                 : launchRaggedM<T, LargeTiles, false>(ctx, args,
-                                                       space.rowBound);
+      auto launch = [&](auto cfg) {
+        using Cfg = decltype(cfg);
+        return transB ? launchRaggedM<T, Cfg, true>(ctx, args, space.rowBound)
+                      : launchRaggedM<T, Cfg, false>(ctx, args, space.rowBound);
+      };
+      switch (tiles) {
+      case DeviceTiles::Small:
+        return launch(SmallTiles{});
+      case DeviceTiles::Wide:
+        return launch(WideTiles{});
+      default:
+        return launch(LargeTiles{});
+      }
     }
   });
 }

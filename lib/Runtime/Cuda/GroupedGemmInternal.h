@@ -29,13 +29,23 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               std::initializer_list<const void *> pointers,
                               std::string *reason = nullptr);
 
+/// The CTA tile of the device-sized kernel (Auto: Small for few rows per
+/// expert, else Large; the benchmark times each).
+enum class DeviceTiles {
+  Auto,
+  Small, ///< 32 x 128, 4 warps
+  Large, ///< 128 x 128, 8 warps
+  Wide,  ///< 128 x 256, 8 warps
+};
+
 /// c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when transB) for every
 /// expert e, rows as the device's offsets and rows say; rows of c outside
 /// every expert's segment are not written. No epilogue.
 Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate);
+                         bool accumulate,
+                         DeviceTiles tiles = DeviceTiles::Auto);
 
 /// gradB[e] (+)= a[rows of e]^T @ gradC[rows of e]; an expert without rows
 /// gets zeros (or keeps its value when accumulating).
