@@ -6,7 +6,8 @@
 # configs, all on the same card. Needs bench/plans (bench/make_plans.sh)
 # carried. Logs and the summary go to $OUT (default bench/out).
 #
-#   BUILD=/tmp/build-gpu bench/gpu_decode.sh   (device machine; ~5 minutes)
+#   BUILD=/tmp/build-gpu bench/gpu_decode.sh   (device machine; ~4 minutes)
+# Knobs: LAYERS (plan names), MODES, SHAPES (flex-gemm-bench --only), ITERS.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -14,8 +15,11 @@ OUT="${OUT:-$root/bench/out}"
 BUILD="${BUILD:-$root/build-gpu}"
 PLANS="${PLANS:-$root/bench/plans}"
 ITERS="${ITERS:-20}"
-LAYERS="${LAYERS:-d1_dropless.infer d2_dropless.infer c3_dropless.infer g3_dropless.infer c3_dropless.train g3_dropless.train}"
+LAYERS="${LAYERS:-d1_dropless.infer d2_dropless.infer}"
+MODES="${MODES:-cublas device device-graph}"
+SHAPES="${SHAPES:-c3,c3_t2048,decode_t512,decode_t256,decode_t128_big,decode_t32}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+WORK="$(mktemp -d)"  # one file per run stays here; $OUT gets few files
 mkdir -p "$OUT"
 exec > >(tee "$OUT/decode-log.txt") 2>&1
 echo "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
@@ -28,7 +32,7 @@ if ! (cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DFLEX_ENABLE_T
   echo "build FAILED"; grep -E "error|Error" "$OUT/decode-build.log" | head -20; exit 1
 fi
 echo "=== flex-gemm-bench ($SECONDS s)"
-timeout 200 "$BUILD/bin/flex-gemm-bench" --iters 10 > "$OUT/decode-gemm-bench.log" 2>&1
+timeout 150 "$BUILD/bin/flex-gemm-bench" --iters 8 --only "$SHAPES" > "$OUT/decode-gemm-bench.log" 2>&1
 rc=$?; (( rc == 0 )) || status=1
 cat "$OUT/decode-gemm-bench.log"; echo "gemm-bench: exit $rc"
 
@@ -37,12 +41,13 @@ for layer in $LAYERS; do
   plan="$PLANS/$layer.json"
   [[ -f "$plan" ]] || { echo "$layer: no plan"; status=1; continue; }
   train=""; [[ $layer == *.train ]] && train="--train"
-  for mode in cublas device auto device-graph; do
+  for mode in $MODES; do
     impl=${mode%-graph}; graph=""; [[ $mode == *-graph ]] && graph="--graph"
-    log="$OUT/decode-$layer-$mode.txt"
+    log="$WORK/$layer-$mode.txt"
     FLEX_GROUPED_GEMM=$impl timeout 120 "$BUILD/bin/moe-run" "$plan" --device cuda \
       $train $graph --iters "$ITERS" --warmup 3 > "$log" 2>&1
     rc=$?; (( rc == 0 )) || status=1
+    cat "$log" >> "$OUT/decode-layers.txt"
     echo "$layer $mode (exit $rc): $(grep -E '^(forward|backward):' "$log" | sed 's/ per call.*median/ median/; s/, min.*//' | tr '\n' ' ')"
   done
 done

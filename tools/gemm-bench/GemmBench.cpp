@@ -4,7 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// flex-gemm-bench [--iters N] [--only NAME]: times, on the same card in one
+// flex-gemm-bench [--iters N] [--only NAME,...]: times, on the same card in one
 // process, a grouped GEMM of a dynamic routing on its two paths - the
 // device-sized kernel (DeviceGroupedGemm.cu) and the host-read counts with
 // one cuBLAS GEMM per expert - and, where every expert has the same rows,
@@ -209,7 +209,8 @@ int run(int iters, const std::string &only) {
   std::mt19937_64 rng(2026);
   bool ok = true;
   for (const Shape &s : shapes) {
-    if (!only.empty() && s.name != only)
+    if (!only.empty() &&
+        ("," + only + ",").find("," + s.name + ",") == std::string::npos)
       continue;
     std::vector<int32_t> rows = rowCounts(s, rng);
     const int64_t E = s.experts;
@@ -357,7 +358,7 @@ int main(int argc, char **argv) {
       only = argv[++i];
     else {
       std::fprintf(stderr,
-                   "usage: flex-gemm-bench [--iters N] [--only NAME]\n");
+                   "usage: flex-gemm-bench [--iters N] [--only NAME,...]\n");
       return 2;
     }
   }
