@@ -13,8 +13,12 @@
 #   synchronize), so the time includes what Python does before the first
 #   kernel; warm-up calls first, then the median of --iters. The forward runs
 #   the training plan (x requires grad), as moe-run --train does; forward+
-#   backward is the forward and torch.autograd.backward of (y, l_aux). Also
-#   the host time of a call (enqueue only: no synchronize after it).
+#   backward is the forward and torch.autograd.backward of (y, l_aux), the
+#   gradients set to None before each (optimizer.zero_grad's default), so
+#   autograd keeps Flex's gradient tensors instead of adding them into the
+#   last step's (on C1 that add moves 1.6 GB that moe-run does not: 9% of
+#   forward+backward in Run 21). Also the host time of a call (enqueue only:
+#   no synchronize after it).
 # - moe-run: the plan flexmoe compiled for the call (its JSON written out),
 #   with flexmoe's own inputs (x, wg, w1, w2, grad_out as .npy, bf16 as raw
 #   bits), so both route the same tokens; its forward and backward medians
@@ -140,6 +144,8 @@ def time_flexmoe(layer, x, grad_out, device, args):
         state["y"], state["l_aux"] = layer(x)
 
     def forward_backward():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
         y, l_aux = layer(x)
         torch.autograd.backward([y, l_aux], [grad_out, one])
 
