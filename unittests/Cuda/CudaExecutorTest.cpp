@@ -54,8 +54,8 @@ std::vector<PlanFile> planFiles() {
         "ffn_dropless_ragged_train_bf16.json", "gated_bounded_infer.json",
         "gated_fixed_train.json"})
     files.push_back({std::string(FLEX_RUNTIME_PLANS_DIR) + "/" + name, name});
-  for (const char *name :
-       {"small_ffn_train.json", "small_swiglu_bf16_train.json"})
+  for (const char *name : {"small_ffn_train.json",
+                           "small_swiglu_bf16_train.json"})
     files.push_back({std::string(FLEX_CUDA_PLANS_DIR) + "/" + name, name});
   return files;
 }
@@ -202,9 +202,9 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
         reference::LayerForward forward;
         reference::LayerGradients grads;
         if (plan->training)
-          grads =
-              reference::referenceBackward(config, data.inputs, data.gradOut,
-                                           data.gradLAux, options, &forward);
+          grads = reference::referenceBackward(config, data.inputs,
+                                               data.gradOut, data.gradLAux,
+                                               options, &forward);
         else
           forward = reference::referenceForward(config, data.inputs, options);
 
@@ -226,9 +226,9 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
           continue;
         status = executor->backward(bindings.data(), bindings.size());
         ASSERT_TRUE(status.isOk()) << status.message();
-        const std::vector<double> *want[] = {&grads.x,  &grads.wg, &grads.w1,
-                                             &grads.b1, &grads.w2, &grads.b2,
-                                             &grads.w3};
+        const std::vector<double> *want[] = {
+            &grads.x,  &grads.wg, &grads.w1, &grads.b1,
+            &grads.w2, &grads.b2, &grads.w3};
         for (size_t g = 0; g < std::size(kGradients); ++g)
           if (plan->findArgument(kGradients[g]) >= 0)
             EXPECT_LE(reference::relativeL2(args.get(kGradients[g]), *want[g]),
@@ -304,9 +304,9 @@ TEST(CudaExecutor, GraphReplayEqualsEager) {
   EXPECT_GT(captured, 0) << "no plan has a variant that can be recorded";
 }
 
-/// grouped_gemm=device: a dropless bf16 SwiGLU plan records as a graph, and the
-/// replays read each call's own routing on the device - new inputs in the
-/// same buffers give the reference's results, with no host read.
+/// grouped_gemm=device: a dropless bf16 SwiGLU plan records as a graph, and
+/// the replays read each call's own routing on the device - new inputs in
+/// the same buffers give the reference's results, with no host read.
 TEST(CudaExecutor, DroplessGraphRoutesEachCallOnTheDevice) {
   FLEX_SKIP_WITHOUT_CUDA();
   std::shared_ptr<const Plan> plan = loadPlan(std::string(FLEX_CUDA_PLANS_DIR) +
@@ -367,9 +367,9 @@ TEST(CudaCAPI, RunsOnDevicePointersAndACallerStream) {
   ASSERT_EQ(flexContextCreate("cuda", &context), FLEX_STATUS_OK)
       << flexGetLastError();
   FlexExecutable exe = nullptr;
-  ASSERT_EQ(
-      flexExecutableCreateFromPlan(context, text.data(), text.size(), &exe),
-      FLEX_STATUS_OK)
+  ASSERT_EQ(flexExecutableCreateFromPlan(context, text.data(), text.size(),
+                                         &exe),
+            FLEX_STATUS_OK)
       << flexGetLastError();
   std::shared_ptr<const Plan> plan =
       loadPlan(std::string(FLEX_RUNTIME_PLANS_DIR) + "/ffn_fixed_train.json");

@@ -510,6 +510,16 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
                         "always (or 1) or never (or 0)"));
   EXPECT_EQ(options.set("nope", "1").code(), StatusCode::NotFound);
   EXPECT_EQ(options.get("nope", text).code(), StatusCode::NotFound);
+  EXPECT_EQ(options.groupedGemm, GroupedGemmImpl::Auto);
+  for (const char *impl : {"device", "cublas", "auto"}) {
+    EXPECT_TRUE(options.set("grouped_gemm", impl).isOk()) << impl;
+    EXPECT_TRUE(options.get("grouped_gemm", text).isOk());
+    EXPECT_EQ(text, impl);
+  }
+  status = options.set("grouped_gemm", "cutlass");
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(),
+              HasSubstr("option grouped_gemm='cutlass': expected auto, device"));
 
   // Every variable of the table overrides its option; an empty one is
   // unset; a bad one names itself and leaves the result at the base.
@@ -519,8 +529,10 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   ::setenv("FLEX_A2A_STAGING", "never", 1);
   ::setenv("FLEX_COLLECTIVE_TIMEOUT_S", "7", 1);
   ::setenv("FLEX_VARIANT", "", 1);
+  ::setenv("FLEX_GROUPED_GEMM", "device", 1);
   RuntimeOptions result;
   ASSERT_TRUE(RuntimeOptions::fromEnvironment(options, result).isOk());
+  EXPECT_EQ(result.groupedGemm, GroupedGemmImpl::Device);
   EXPECT_TRUE(result.cudaOverlap);
   EXPECT_EQ(result.a2aStaging, ExchangeStaging::Never);
   EXPECT_EQ(result.collectiveTimeoutSeconds, 7);

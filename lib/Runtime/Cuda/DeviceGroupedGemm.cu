@@ -478,6 +478,9 @@ Status launchRaggedK(KernelContext &ctx, const RaggedKArgs &args,
   return checkLaunch("grouped GEMM weight-gradient kernel (device-sized)");
 }
 
+/// Mean rows per expert up to which the small tile runs.
+constexpr int64_t kSmallTileRowsPerExpert = 32;
+
 /// The grid's limits (y and z at most 65535 blocks).
 constexpr int64_t kMaxGridYZ = 65535;
 
@@ -538,10 +541,12 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    k,          n,
                    accumulate};
   // Few rows per group (decode): small M tiles waste less of each weight
-  // tile's read.
+  // tile's read. H100 (Run 20): small 149 vs large 233 us at 24 rows per
+  // expert, 266 vs 241 us at 48.
   if (tiles == DeviceTiles::Auto)
-    tiles = space.rowBound <= 48 * space.experts ? DeviceTiles::Small
-                                                 : DeviceTiles::Large;
+    tiles = space.rowBound <= kSmallTileRowsPerExpert * space.experts
+                ? DeviceTiles::Small
+                : DeviceTiles::Large;
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {

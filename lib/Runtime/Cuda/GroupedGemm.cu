@@ -123,6 +123,9 @@ __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
 }
 
 /// Mean rows per expert up to which `auto` takes the device-sized kernel.
+/// H100, bf16 (bench/RESULTS.md Run 20): it wins at 192 rows per expert
+/// (490 vs 561 us with the host read and per-expert launches) and loses at
+/// 1536 (2762 vs 965 us: mma.sync against cuBLAS's wgmma kernels).
 constexpr int64_t kDeviceRowsPerExpert = 256;
 
 /// Whether a dynamic grouped GEMM takes the device-sized kernel.
