@@ -16,6 +16,7 @@
 #include "MultiRankTestSupport.h"
 
 #include "flex/Runtime/Comm/Communicator.h"
+#include "flex/Runtime/Core/GroupedGemmRule.h"
 #include "flex/Runtime/CostModel/Calibrate.h"
 #include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/PlanLoader.h"
@@ -241,6 +242,199 @@ TEST(CostModel, EveryCheckedInPlanPredicts) {
   EXPECT_GE(plans, 10);
 }
 
+/// A one-rank cuda profile for small_swiglu_bf16_train.json (T 1000, k 2,
+/// E 8, d 256, h 704, bf16, dropless: 2000 declared rows, 250 per expert,
+/// so `auto` takes the device kernel, large tile). At C = 25 each GEMM runs
+/// 200 rows, all 8 experts touched, 25 rows each:
+///  - device kernel: 8 x 128 padded rows x 2 x 256 x 704 = 369.1e6 FLOPs at
+///    3.69098752e12 = 100 us; bytes (8 x 256 x 704 + 200 x 960) x 2 =
+///    3267584 at 6.535168e10 = 50 us; + 10 us launch: 110 us;
+///  - cuBLAS per expert: 8 GEMMs of at least the table's 32 rows,
+///    2 x 256 x 704 x 8 x 32 = 92.27e6 FLOPs at 0.92274688e12: 100 us;
+///  - weight gradient on the device: 8 x 32 rows (its row step) is 25 us of
+///    FLOPs, so its bytes' 50 us + 10 us: 60 us.
+std::string decodeProfile(const char *backend = "cuda") {
+  char text[2048];
+  std::snprintf(text, sizeof text, R"({
+  "format": "flex-device-profile", "version": 2, "source": "calibrated",
+  "device": {"name": "golden", "backend": "%s"},
+  "world": {"size": 1, "ranks_per_node": 1},
+  "gemm": [{"groups": 8, "m": 32, "n": 704, "k": 256, "dtype": "bf16",
+            "ragged": false, "flops_per_s": 2e12},
+           {"groups": 8, "m": 32, "n": 704, "k": 256, "dtype": "bf16",
+            "ragged": true, "flops_per_s": 0.92274688e12}],
+  "memory": {"bandwidth_bytes_per_s": 6.535168e10, "launch_s": 1e-6},
+  "collectives": [],
+  "overlap": {"compute_slowdown": 1.0},
+  "device_gemm": {"small_flops_per_s": 1e12,
+                  "large_flops_per_s": 3.69098752e12,
+                  "weight_read_efficiency": 1.0, "launch_s": 1e-5}
+})",
+                backend);
+  return text;
+}
+
+/// The steps of `op` in a prediction.
+std::vector<StepPrediction> stepsOf(const Prediction &prediction, StepOp op) {
+  std::vector<StepPrediction> out;
+  for (const StepPrediction &step : prediction.steps)
+    if (step.op == op)
+      out.push_back(step);
+  return out;
+}
+
+TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
+  Plan plan;
+  ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
+                               "/small_swiglu_bf16_train.json",
+                           plan)
+                  .isOk());
+  auto model = [&](GroupedGemmImpl impl, const char *backend = "cuda") {
+    CostModelOptions options;
+    options.groupedGemm = impl;
+    return CostModel(parsed(decodeProfile(backend)), options);
+  };
+  // auto: 250 rows per expert <= 256, aligned bf16: the device kernel.
+  for (GroupedGemmImpl impl :
+       {GroupedGemmImpl::Auto, GroupedGemmImpl::Device}) {
+    Prediction p = model(impl).predict(plan, 0, false, 25);
+    std::vector<StepPrediction> gemms = stepsOf(p, StepOp::GroupedGemm);
+    ASSERT_EQ(gemms.size(), 3u);
+    for (const StepPrediction &step : gemms) {
+      EXPECT_EQ(step.rows, 200);
+      EXPECT_EQ(step.gemmPath, GemmPath::Device);
+      EXPECT_NEAR(step.us, 110.0, 1e-6);
+    }
+    Prediction back = model(impl).predict(plan, 0, true, 25);
+    std::vector<StepPrediction> wgrads =
+        stepsOf(back, StepOp::GroupedGemmWgrad);
+    ASSERT_EQ(wgrads.size(), 3u);
+    for (const StepPrediction &step : wgrads) {
+      EXPECT_EQ(step.gemmPath, GemmPath::Device);
+      EXPECT_NEAR(step.us, 60.0, 1e-6);
+    }
+  }
+  // cublas: the counts read back and a GEMM per expert, no faster than the
+  // table's 32 rows per group.
+  Prediction cublas =
+      model(GroupedGemmImpl::Cublas).predict(plan, 0, false, 25);
+  for (const StepPrediction &step : stepsOf(cublas, StepOp::GroupedGemm)) {
+    EXPECT_EQ(step.gemmPath, GemmPath::PerExpert);
+    EXPECT_NEAR(step.us, 100.0, 1e-6);
+  }
+  // The other steps do not change with the path.
+  Prediction device = model(GroupedGemmImpl::Auto).predict(plan, 0, false, 25);
+  EXPECT_NEAR(device.totalUs - cublas.totalUs, 3 * 10.0, 1e-6);
+  // The CPU backend has no device kernel and launches nothing per expert:
+  // the table's ragged rate for the FLOPs, 2 x 200 x 256 x 704 = 72.09e6
+  // at 0.92274688e12 = 78.125 us.
+  Prediction cpu =
+      model(GroupedGemmImpl::Device, "cpu").predict(plan, 0, false, 25);
+  for (const StepPrediction &step : stepsOf(cpu, StepOp::GroupedGemm)) {
+    EXPECT_EQ(step.gemmPath, GemmPath::PerExpert);
+    EXPECT_NEAR(step.us, 78.125, 1e-6);
+  }
+  // A device without the kernel: per expert whatever the option.
+  DeviceProfile without = parsed(decodeProfile());
+  without.deviceGemm->available = false;
+  CostModelOptions always;
+  always.groupedGemm = GroupedGemmImpl::Device;
+  for (const StepPrediction &step :
+       stepsOf(CostModel(without, always).predict(plan, 0, false, 25),
+               StepOp::GroupedGemm))
+    EXPECT_EQ(step.gemmPath, GemmPath::PerExpert);
+  // A fitted grouped_gemm kind (its cuBLAS paths) does not touch the device
+  // kernel's price.
+  DeviceProfile fitted = parsed(decodeProfile());
+  fitted.steps.push_back({"grouped_gemm", 5e-6, 0, 2.0, 10});
+  Prediction f = CostModel(fitted).predict(plan, 0, false, 25);
+  for (const StepPrediction &step : stepsOf(f, StepOp::GroupedGemm))
+    EXPECT_NEAR(step.us, 110.0, 1e-6);
+  CostModelOptions viaCublas;
+  viaCublas.groupedGemm = GroupedGemmImpl::Cublas;
+  Prediction fc = CostModel(fitted, viaCublas).predict(plan, 0, false, 25);
+  for (const StepPrediction &step : stepsOf(fc, StepOp::GroupedGemm))
+    EXPECT_NEAR(step.us, 5.0 + 2.0 * 100.0, 1e-6);
+}
+
+TEST(CostModel, StaticCapacityGemmsStayOneBatchedCall) {
+  // A fixed capacity known on the host: one strided-batched GEMM whatever
+  // grouped_gemm says, priced as before from the table's padded points.
+  Plan plan = loadPlan("ffn_fixed_train.json");
+  const DeviceProfile profile = defaultProfile("cuda", 1);
+  std::vector<double> totals;
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::Auto, GroupedGemmImpl::Device,
+                               GroupedGemmImpl::Cublas}) {
+    CostModelOptions options;
+    options.groupedGemm = impl;
+    options.cudaGraph = impl == GroupedGemmImpl::Auto;
+    Prediction p = CostModel(profile, options).predict(plan, 0, false, -1);
+    for (const StepPrediction &step : stepsOf(p, StepOp::GroupedGemm))
+      EXPECT_EQ(step.gemmPath, GemmPath::Batched);
+    totals.push_back(p.totalUs);
+  }
+  EXPECT_EQ(totals[0], totals[1]);
+  EXPECT_EQ(totals[0], totals[2]);
+  // The hand-computed golden figures of the tests above are unchanged: a
+  // GEMM of all 16 rows, 2 x 16 x 4 x 6 FLOPs on the built-in table.
+  const Step &fc1 = plan.variants[0].forward[3];
+  ASSERT_EQ(fc1.op, StepOp::GroupedGemm);
+  CostModel model(profile);
+  const StepBasis basis = model.stepBasis(plan, fc1, 16);
+  EXPECT_EQ(basis.gemmPath, GemmPath::Batched);
+  EXPECT_EQ(basis.gemmSeconds,
+            basis.flops /
+                profile.gemmFlopsPerSecond(4, 4, 6, 4, DType::F32, false));
+}
+
+TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
+  // auto: up to 256 rows per expert, or while a graph records.
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64, 64, false));
+  EXPECT_FALSE(
+      prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64, false));
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, true));
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Device, 98304, 64, false));
+  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Cublas, 192, 64, true));
+  EXPECT_TRUE(deviceGemmShapeFits(DType::BF16, 2048, 1408));
+  EXPECT_TRUE(deviceGemmShapeFits(DType::F16, 8, 8));
+  EXPECT_FALSE(deviceGemmShapeFits(DType::F32, 2048, 1408));
+  EXPECT_FALSE(deviceGemmShapeFits(DType::BF16, 12, 8));
+  // The small tile up to 32 rows per expert (Run 20: 149 vs 233 us at 24,
+  // 266 vs 241 at 48).
+  EXPECT_EQ(deviceGemmTile(32 * 64, 64), DeviceGemmTile::Small);
+  EXPECT_EQ(deviceGemmTile(48 * 64, 64), DeviceGemmTile::Large);
+  EXPECT_EQ(deviceGemmTileRows(DeviceGemmTile::Small), 32);
+  EXPECT_EQ(deviceGemmTileRows(DeviceGemmTile::Large), 128);
+}
+
+TEST(DeviceProfile, DeviceGemmFiguresRoundTripAndDefault) {
+  // Written and read back; a profile without the object (every older file)
+  // gets the H100 defaults; keys are checked.
+  DeviceProfile profile = parsed(decodeProfile());
+  ASSERT_TRUE(profile.deviceGemm.has_value());
+  EXPECT_EQ(profile.deviceGemm->largeFlopsPerSecond, 3.69098752e12);
+  DeviceProfile back = parsed(writeProfile(profile));
+  EXPECT_EQ(writeProfile(back), writeProfile(profile));
+  ASSERT_TRUE(back.deviceGemm.has_value());
+  EXPECT_EQ(back.deviceGemm->launchSeconds, 1e-5);
+  DeviceProfile old = parsed(goldenProfile());
+  EXPECT_FALSE(old.deviceGemm.has_value());
+  EXPECT_EQ(old.deviceGemmFigures().largeFlopsPerSecond, 220e12);
+  EXPECT_EQ(old.deviceGemmFigures().smallFlopsPerSecond, 98e12);
+  EXPECT_EQ(writeProfile(old).find("device_gemm"), std::string::npos);
+  EXPECT_TRUE(defaultProfile("cuda", 1).deviceGemm.has_value());
+  EXPECT_FALSE(defaultProfile("cpu", 1).deviceGemm.has_value());
+  std::string bad = decodeProfile();
+  bad.replace(bad.find("\"launch_s\": 1e-5"), 16, "\"launch\": 1e-5");
+  EXPECT_THAT(parseProfile(bad, profile).message(),
+              HasSubstr("'device_gemm.launch'"));
+  bad = decodeProfile();
+  bad.replace(bad.find("\"weight_read_efficiency\": 1.0"), 29,
+              "\"weight_read_efficiency\": 0");
+  EXPECT_THAT(parseProfile(bad, profile).message(),
+              HasSubstr("'device_gemm.weight_read_efficiency'"));
+}
+
 TEST(DeviceProfile, JsonRoundTrip) {
   DeviceProfile profile = defaultProfile("cuda", 4);
   profile.builtin = false;
@@ -267,8 +461,7 @@ TEST(DeviceProfile, GemmTableInterpolatesInLogSpace) {
                   {100, 100, 100, DType::BF16, false, 1e12, 1},
                   {10, 10, 10, DType::BF16, false, 5e9, 64}};
   // A measured shape is its point, the group count included.
-  EXPECT_EQ(profile.gemmFlopsPerSecond(1, 10, 10, 10, DType::BF16, false),
-            1e9);
+  EXPECT_EQ(profile.gemmFlopsPerSecond(1, 10, 10, 10, DType::BF16, false), 1e9);
   EXPECT_EQ(profile.gemmFlopsPerSecond(64, 10, 10, 10, DType::BF16, false),
             5e9);
   // Elsewhere: inverse squared distances in log2 space weigh log(rate).
@@ -278,8 +471,7 @@ TEST(DeviceProfile, GemmTableInterpolatesInLogSpace) {
   const double w1 = 1 / (2 * l * l), w2 = 1 / (l * l),
                w3 = 1 / (2 * l * l + 36.0);
   const double expected =
-      std::exp((w1 * std::log(1e9) + w2 * std::log(1e12) +
-                w3 * std::log(5e9)) /
+      std::exp((w1 * std::log(1e9) + w2 * std::log(1e12) + w3 * std::log(5e9)) /
                (w1 + w2 + w3));
   EXPECT_NEAR(profile.gemmFlopsPerSecond(1, 10, 100, 100, DType::BF16, false) /
                   expected,
@@ -328,8 +520,8 @@ TEST(CostModel, FittedStepKindsPriceTheirSteps) {
   CostModel model(profile);
   const StepBasis basis = model.stepBasis(plan, *step, -1);
   EXPECT_GT(basis.bytes, 0);
-  EXPECT_NEAR(model.stepSeconds(plan, *step, -1),
-              7e-6 + basis.bytes / 2e11, 1e-15);
+  EXPECT_NEAR(model.stepSeconds(plan, *step, -1), 7e-6 + basis.bytes / 2e11,
+              1e-15);
   // The figures survive the JSON round trip.
   DeviceProfile back = parsed(writeProfile(profile));
   ASSERT_NE(back.findStep("grouped_gemm"), nullptr);

@@ -12,11 +12,13 @@
 
 #include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/ByteOverlap.h"
+#include "flex/Runtime/Core/GroupedGemmRule.h"
 #include "flex/Runtime/CostModel/Topology.h"
 
 #include "flex/Runtime/StepSchema.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <iterator>
 #include <sstream>
@@ -202,6 +204,79 @@ CollectiveKind collectiveKind(StepCost cost) {
   }
 }
 
+/// The path the backend takes for a grouped GEMM (or its weight gradient)
+/// over the rows of `a` into `groups` experts: one batched GEMM where the
+/// rows per group are known on the host (a fixed capacity, a pipelined
+/// chunk's rows); otherwise, on CUDA, the rule of Core/GroupedGemmRule.h
+/// (the device-sized kernel, else a GEMM per group), and on the CPU a GEMM
+/// per group (a dropless padded plan ran as slowly as its ragged twin on an
+/// H100, Run 17).
+GemmPath expertGemmPath(const DeviceProfile &profile,
+                        const CostModelOptions &options, const Step &step,
+                        const BufferDesc &a, int64_t k, int64_t n,
+                        int64_t groups) {
+  const SegmentFacts &seg = step.facts.segments;
+  const bool dynamic =
+      seg.isValid() ? seg.rows < 0 : step.facts.staticCapacity < 0;
+  if (!dynamic)
+    return GemmPath::Batched;
+  if (profile.backend != "cuda" || !profile.deviceGemmFigures().available ||
+      !deviceGemmShapeFits(a.dtype, k, n))
+    return GemmPath::PerExpert;
+  // The backend's row space: the buffer's declared rows (a chunk's from its
+  // first row on).
+  const int64_t declared = a.shape.empty() ? 0 : a.shape.front();
+  const int64_t rowBound =
+      std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
+  return prefersDeviceGemm(options.groupedGemm, rowBound, groups,
+                           options.cudaGraph)
+             ? GemmPath::Device
+             : GemmPath::PerExpert;
+}
+
+/// The experts that get at least one of `rows` rows routed uniformly at
+/// random over `groups` (a dynamic routing's counts are unknown here):
+/// E (1 - (1 - 1/E)^rows), at most min(E, rows).
+double touchedExperts(double rows, int64_t groups) {
+  if (rows <= 0 || groups <= 0)
+    return 0;
+  const double e = static_cast<double>(groups);
+  return std::min({e, rows, e * -std::expm1(rows * std::log1p(-1.0 / e))});
+}
+
+/// The weight gradient's device kernel walks each expert's rows (its K
+/// dimension) in steps of the large tile's BK.
+constexpr int64_t kDeviceWgradRowStep = 32;
+
+/// The device-sized kernel's time for `rows` rows over `groups` experts of
+/// [k, n] weights, its launch not counted: the FLOPs of the touched
+/// experts' rows padded to whole tiles at the tile's rate, or the bytes it
+/// moves (the touched experts' weights, every expert's gradient, the rows'
+/// operands) at the weight-read rate, whichever is longer.
+double deviceGemmSeconds(const DeviceProfile &profile, double rows,
+                         int64_t groups, int64_t k, int64_t n, DType dtype,
+                         int64_t rowBound, bool wgrad) {
+  const DeviceGemmFigures figures = profile.deviceGemmFigures();
+  const double touched = touchedExperts(rows, groups);
+  if (touched <= 0)
+    return 0;
+  const DeviceGemmTile tile =
+      wgrad ? DeviceGemmTile::Large : deviceGemmTile(rowBound, groups);
+  const double step = static_cast<double>(wgrad ? kDeviceWgradRowStep
+                                                : deviceGemmTileRows(tile));
+  const double padded = touched * std::ceil(rows / touched / step) * step;
+  const double kn = static_cast<double>(k) * static_cast<double>(n);
+  const double rate = tile == DeviceGemmTile::Small
+                          ? figures.smallFlopsPerSecond
+                          : figures.largeFlopsPerSecond;
+  const double element = static_cast<double>(dtypeSize(dtype));
+  const double weights = (wgrad ? static_cast<double>(groups) : touched) * kn;
+  const double bytes = (weights + rows * static_cast<double>(k + n)) * element;
+  return std::max(2.0 * kn * padded / rate,
+                  bytes /
+                      (figures.weightReadEfficiency * profile.memoryBandwidth));
+}
+
 /// `a` beats `b` by more than floating-point noise (two sums of the same
 /// step times in another order differ in the last bits).
 bool clearlyFaster(double a, double b) { return a < b * (1 - 1e-12); }
@@ -218,6 +293,12 @@ std::string_view toString(CostStage stage) {
   static constexpr std::string_view kNames[] = {"gate", "dispatch", "experts",
                                                 "combine", "collectives"};
   return kNames[static_cast<int>(stage)];
+}
+
+std::string_view toString(GemmPath path) {
+  static constexpr std::string_view kNames[] = {"none", "batched", "per_expert",
+                                                "device"};
+  return kNames[static_cast<int>(path)];
 }
 
 std::string_view toString(CostStream stream) {
@@ -270,15 +351,47 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step,
     const BufferDesc &desc = plan.getBuffer(ref);
     return desc.shape.size() >= 3 ? desc.shape.front() : 1;
   };
-  // One batched GEMM only where the rows per group are known on the host
-  // (a fixed capacity, or a pipelined chunk's rows); otherwise the backends
-  // read the counts and run a GEMM per group, padded layout or not (a
-  // dropless padded plan ran as slowly as its ragged twin on an H100, Run 17).
-  const SegmentFacts &seg = step.facts.segments;
-  const bool ragged =
-      seg.isValid() ? seg.rows < 0 : step.facts.staticCapacity < 0;
+  // A grouped GEMM (or its gradient) of `rows` = FLOPs / 2kn rows, priced
+  // on the path the backend takes.
+  auto expertGemm = [&](const BufferDesc &a, int64_t groups, int64_t k,
+                        int64_t n, bool wgrad) {
+    basis.gemmPath = expertGemmPath(profile_, options_, step, a, k, n, groups);
+    const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
+    const double rows = work.flops / (2.0 * kn);
+    switch (basis.gemmPath) {
+    case GemmPath::Device: {
+      const int64_t rowBound = std::max<int64_t>(
+          0, (a.shape.empty() ? 0 : a.shape.front()) -
+                 (step.facts.segments.isValid() ? step.facts.segments.baseRow
+                                                : 0));
+      return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
+                               wgrad);
+    }
+    case GemmPath::PerExpert:
+      if (profile_.backend == "cuda") {
+        // One cuBLAS call per expert with rows, none faster than the
+        // table's fewest rows per group measured: below them a call costs
+        // its launch and weight read, not its FLOPs (Run 20: 64 calls of 3
+        // to 24 rows took 520-590 us).
+        const double touched = touchedExperts(rows, groups);
+        if (touched <= 0)
+          return 0.0;
+        const double m =
+            std::max(rows / touched,
+                     static_cast<double>(profile_.gemmMinRows(a.dtype, true)));
+        const double rate = profile_.gemmFlopsPerSecond(
+            std::max<int64_t>(1, groups), static_cast<int64_t>(m + 0.5), n, k,
+            a.dtype, true);
+        return rate > 0 ? 2.0 * kn * touched * m / rate : 0.0;
+      }
+      return gemm(groups, k, n, a.dtype, true);
+    default:
+      return gemm(groups, k, n, a.dtype, false);
+    }
+  };
   switch (basis.cost) {
   case StepCost::RouterGemm:
+    basis.gemmPath = GemmPath::Batched;
     basis.gemmSeconds =
         gemm(1, plan.layer.modelDim, plan.layer.experts,
              plan.layer.routerFp32 ? DType::F32 : plan.layer.dtype, false);
@@ -286,15 +399,15 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step,
   case StepCost::ExpertGemm: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &c = plan.getBuffer(step.out(R::C));
-    basis.gemmSeconds = gemm(groupsOf(step.in(R::B)), a.shape.back(),
-                             c.shape.back(), a.dtype, ragged);
+    basis.gemmSeconds = expertGemm(a, groupsOf(step.in(R::B)), a.shape.back(),
+                                   c.shape.back(), false);
     break;
   }
   case StepCost::ExpertWgrad: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &g = plan.getBuffer(step.in(R::GradC));
-    basis.gemmSeconds = gemm(groupsOf(step.out(R::GradB)), a.shape.back(),
-                             g.shape.back(), a.dtype, ragged);
+    basis.gemmSeconds = expertGemm(a, groupsOf(step.out(R::GradB)),
+                                   a.shape.back(), g.shape.back(), true);
     break;
   }
   default:
@@ -305,7 +418,11 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step,
 
 double CostModel::stepSeconds(const Plan &plan, const Step &step,
                               int64_t rows) const {
-  const StepBasis basis = stepBasis(plan, step, rows);
+  return basisSeconds(plan, step, stepBasis(plan, step, rows));
+}
+
+double CostModel::basisSeconds(const Plan &plan, const Step &step,
+                               const StepBasis &basis) const {
   // What calibrating real plans measured for this kind (its fixed cost:
   // launches, host work, small kernels), else the generic figures.
   const StepCostPoint *fitted = profile_.findStep(toString(step.op));
@@ -322,6 +439,10 @@ double CostModel::stepSeconds(const Plan &plan, const Step &step,
   case StepCost::RouterGemm:
   case StepCost::ExpertGemm:
   case StepCost::ExpertWgrad:
+    // The device kernel has figures of its own; the kind's fitted ones
+    // describe its cuBLAS paths.
+    if (basis.gemmPath == GemmPath::Device)
+      return profile_.deviceGemmFigures().launchSeconds + basis.gemmSeconds;
     return fitted ? fitted->alphaSeconds + fitted->gemmScale * basis.gemmSeconds
                   : basis.gemmSeconds;
   case StepCost::Exchange:
@@ -403,7 +524,9 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
     out.op = step.op;
     out.stage = getCostStage(step.op);
     out.rows = stepRows(plan, variant, step, capacity);
-    const double alone = stepSeconds(plan, step, out.rows) * 1e6;
+    const StepBasis basis = stepBasis(plan, step, out.rows);
+    out.gemmPath = basis.gemmPath;
+    const double alone = basisSeconds(plan, step, basis) * 1e6;
 
     if (overlap && step.op == StepOp::AllToAll && step.facts.exchangeStream) {
       // Queued after the compute stream's work so far.

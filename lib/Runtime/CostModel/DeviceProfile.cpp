@@ -206,6 +206,39 @@ Json topologyJson(const Topology &topology) {
   return json;
 }
 
+/// The device-sized grouped GEMM's figures: every key optional (a missing
+/// one keeps its default), unknown keys refused.
+DeviceGemmFigures readDeviceGemm(const Json &json, const std::string &path) {
+  expectObject(json, path);
+  expectKeys(json, path,
+             {"available", "small_flops_per_s", "large_flops_per_s",
+              "weight_read_efficiency", "launch_s", "source"});
+  DeviceGemmFigures figures;
+  auto number = [&](const char *key, double &value, bool positive) {
+    if (auto it = json.find(key); it != json.end())
+      value = asNumber(*it, join(path, key), positive);
+  };
+  if (auto it = json.find("available"); it != json.end())
+    figures.available = asBool(*it, join(path, "available"));
+  number("small_flops_per_s", figures.smallFlopsPerSecond, true);
+  number("large_flops_per_s", figures.largeFlopsPerSecond, true);
+  number("weight_read_efficiency", figures.weightReadEfficiency, true);
+  number("launch_s", figures.launchSeconds, false);
+  figures.source = optionalString(json, path, "source");
+  return figures;
+}
+
+Json deviceGemmJson(const DeviceGemmFigures &figures) {
+  Json json = {{"available", figures.available},
+               {"small_flops_per_s", figures.smallFlopsPerSecond},
+               {"large_flops_per_s", figures.largeFlopsPerSecond},
+               {"weight_read_efficiency", figures.weightReadEfficiency},
+               {"launch_s", figures.launchSeconds}};
+  if (!figures.source.empty())
+    json["source"] = figures.source;
+  return json;
+}
+
 void readDocument(const Json &json, DeviceProfile &profile) {
   expectObject(json, "");
   if (asString(field(json, "", "format"), "format") != kProfileFormatName)
@@ -289,6 +322,10 @@ void readDocument(const Json &json, DeviceProfile &profile) {
   profile.topology.reset();
   if (auto it = json.find("topology"); it != json.end())
     profile.topology = readTopology(*it, "topology");
+  // Optional too: older files price the device kernel from the defaults.
+  profile.deviceGemm.reset();
+  if (auto it = json.find("device_gemm"); it != json.end())
+    profile.deviceGemm = readDeviceGemm(*it, "device_gemm");
 }
 
 } // namespace
@@ -304,11 +341,13 @@ std::optional<CollectiveKind> parseCollectiveKind(std::string_view text) {
   return std::nullopt;
 }
 
-double DeviceProfile::gemmFlopsPerSecond(int64_t groups, int64_t m, int64_t n,
-                                         int64_t k, DType dtype,
-                                         bool ragged) const {
-  // The closest class of points: same dtype and layout, else same dtype
-  // (f16 and bf16 run the same tensor cores), else all.
+namespace {
+
+/// The closest class of GEMM points to (dtype, ragged): same dtype and
+/// layout, else same dtype (f16 and bf16 run the same tensor cores), else
+/// all.
+std::vector<const GemmPoint *> gemmClass(const std::vector<GemmPoint> &gemm,
+                                         DType dtype, bool ragged) {
   auto sameDtype = [&](DType other) {
     auto half = [](DType d) { return d == DType::BF16 || d == DType::F16; };
     return other == dtype || (half(other) && half(dtype));
@@ -320,6 +359,22 @@ double DeviceProfile::gemmFlopsPerSecond(int64_t groups, int64_t m, int64_t n,
            (pass == 2 ? sameDtype(point.dtype) : point.dtype == dtype)) &&
           (pass >= 1 || point.ragged == ragged))
         points.push_back(&point);
+  return points;
+}
+
+} // namespace
+
+int64_t DeviceProfile::gemmMinRows(DType dtype, bool ragged) const {
+  int64_t least = 0;
+  for (const GemmPoint *point : gemmClass(gemm, dtype, ragged))
+    least = least == 0 ? point->m : std::min(least, point->m);
+  return least;
+}
+
+double DeviceProfile::gemmFlopsPerSecond(int64_t groups, int64_t m, int64_t n,
+                                         int64_t k, DType dtype,
+                                         bool ragged) const {
+  const std::vector<const GemmPoint *> points = gemmClass(gemm, dtype, ragged);
   if (points.empty())
     return 0;
   auto lg = [](int64_t v) {
@@ -430,6 +485,8 @@ std::string writeProfile(const DeviceProfile &profile) {
   json["overlap"] = {{"compute_slowdown", profile.overlapSlowdown}};
   if (profile.topology)
     json["topology"] = topologyJson(*profile.topology);
+  if (profile.deviceGemm)
+    json["device_gemm"] = deviceGemmJson(*profile.deviceGemm);
   return json.dump(2) + "\n";
 }
 
@@ -538,6 +595,16 @@ DeviceProfile defaultProfile(std::string_view backend, int64_t worldSize) {
     profile.collectives.push_back(
         {kind, profile.worldSize, profile.worldSize, "", alpha, beta});
   profile.overlapSlowdown = cuda ? 1.25 : 1.0;
+  if (cuda) {
+    // The device-sized grouped GEMM at the same fraction of the H100
+    // figures as the GEMM table's rates (200 of about 660 TFLOP/s); its
+    // weight reads against the built-in bandwidth.
+    DeviceGemmFigures figures;
+    figures.smallFlopsPerSecond = 30e12;
+    figures.largeFlopsPerSecond = 66e12;
+    figures.source = "builtin: 0.3x bench/RESULTS.md Run 20 (H100)";
+    profile.deviceGemm = figures;
+  }
   return profile;
 }
 

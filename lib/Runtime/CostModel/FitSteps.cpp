@@ -96,8 +96,14 @@ void fitStepCosts(const std::vector<StepSample> &samples,
     case StepCost::RouterGemm:
     case StepCost::ExpertGemm:
     case StepCost::ExpertWgrad:
+      // The device-sized kernel's steps have figures of their own
+      // (device_gemm); the kind's describe its cuBLAS paths.
       for (const StepSample *s : group)
-        xy.emplace_back(s->basis.gemmSeconds, s->seconds);
+        if (s->basis.gemmPath != GemmPath::Device)
+          xy.emplace_back(s->basis.gemmSeconds, s->seconds);
+      if (xy.empty())
+        continue;
+      point.samples = static_cast<int64_t>(xy.size());
       fitLine(xy, 1.0, point.alphaSeconds, point.gemmScale);
       break;
     case StepCost::Launch: {

@@ -68,6 +68,10 @@ void Executor::ensureCostModel() {
   profileWhy_ = why ? std::string() : why.message();
   CostModelOptions modelOptions;
   modelOptions.overlap = options_.cudaOverlap;
+  // The CUDA grouped GEMMs' path (Core/GroupedGemmRule.h), as the backend
+  // takes it from the same options.
+  modelOptions.groupedGemm = options_.groupedGemm;
+  modelOptions.cudaGraph = options_.cudaGraph;
   costModel_ = std::make_unique<CostModel>(std::move(profile), modelOptions);
   // A fixed capacity is known before the first call.
   const Variant &first = plan_->variants[plan_->defaultVariant];

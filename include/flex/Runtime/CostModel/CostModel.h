@@ -24,6 +24,7 @@
 #ifndef FLEX_RUNTIME_COSTMODEL_COSTMODEL_H
 #define FLEX_RUNTIME_COSTMODEL_COSTMODEL_H
 
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/CostModel/DeviceProfile.h"
 #include "flex/Runtime/Plan.h"
 #include "flex/Runtime/StepSchema.h"
@@ -62,7 +63,25 @@ struct CostModelOptions {
   /// cost one device copy per block (the CUDA backend's way, 2 W copies);
   /// false prices one copy kernel per phase instead (a fused reorder).
   bool hierarchicalCopyPerBlock = true;
+  /// The CUDA backend's grouped_gemm option (RuntimeOptions::groupedGemm):
+  /// which path a dynamic grouped GEMM takes (Core/GroupedGemmRule.h).
+  GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
+  /// The passes are recorded as CUDA graphs (RuntimeOptions::cudaGraph):
+  /// `auto` then sends every dynamic grouped GEMM it can to the device
+  /// kernel.
+  bool cudaGraph = false;
 };
+
+/// How a GEMM step runs, and so what prices it.
+enum class GemmPath : uint8_t {
+  None,      ///< not a GEMM step
+  Batched,   ///< one batched GEMM (rows per group known on the host): the
+             ///< GEMM table's padded points
+  PerExpert, ///< counts read to the host, a GEMM per group with rows: the
+             ///< table's ragged points
+  Device,    ///< the CUDA device-sized kernel: the profile's device_gemm
+};
+std::string_view toString(GemmPath path);
 
 /// What a step's time is computed from: its cost class, its bytes and
 /// FLOPs, and the GEMM table's time for its FLOPs (GEMM steps; 0 else).
@@ -72,7 +91,10 @@ struct StepBasis {
   double bytes = 0; ///< read plus written
   double bytesExchanged = 0;
   double flops = 0;
+  /// Batched and PerExpert: the GEMM table's time; Device: max(padded
+  /// FLOPs / tile rate, touched bytes / read rate), its launch not counted.
   double gemmSeconds = 0;
+  GemmPath gemmPath = GemmPath::None;
 };
 
 struct StepPrediction {
@@ -82,6 +104,8 @@ struct StepPrediction {
   CostStream stream = CostStream::Compute;
   /// The rows the step's work was counted for (-1: the static bound).
   int64_t rows = -1;
+  /// GEMM steps: the path priced (the one the backend takes).
+  GemmPath gemmPath = GemmPath::None;
   double startUs = 0;
   double us = 0; ///< end - start, the overlap slowdown included
   double endUs() const { return startUs + us; }
@@ -139,6 +163,10 @@ public:
   bool usesTopology(const Plan &plan, const Step &step) const;
 
 private:
+  /// stepSeconds() of an already computed basis.
+  double basisSeconds(const Plan &plan, const Step &step,
+                      const StepBasis &basis) const;
+
   DeviceProfile profile_;
   CostModelOptions options_;
 };

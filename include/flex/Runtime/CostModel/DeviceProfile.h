@@ -105,6 +105,30 @@ struct Topology {
   std::string source;
 };
 
+/// The CUDA backend's device-sized grouped GEMM (DeviceGroupedGemm.cu), the
+/// path of a dynamic grouped GEMM with few rows per expert or in a recorded
+/// graph (Core/GroupedGemmRule.h). A step on it costs launchSeconds +
+/// max(its FLOPs over its tiles' padded rows / the tile's rate, the bytes it
+/// touches / (weightReadEfficiency x the profile's memoryBandwidth))
+/// (docs/CostModel.md, "The device-sized grouped GEMM"). The member
+/// defaults are one H100's (bench/RESULTS.md Run 20), what a profile
+/// without a `device_gemm` object gets.
+struct DeviceGemmFigures {
+  /// False: the device has no such kernel (compute capability < 8.0, or a
+  /// build without sm_80 code); dynamic GEMMs then run per expert.
+  bool available = true;
+  /// FLOP/s over the padded rows of the small (32 x 128) and the large
+  /// (128 x 128) CTA tile.
+  double smallFlopsPerSecond = 98e12;
+  double largeFlopsPerSecond = 220e12;
+  /// The touched weights' read rate over the profile's memoryBandwidth.
+  double weightReadEfficiency = 0.96;
+  /// The fixed cost of one call (the launch, the count scan, the tail).
+  double launchSeconds = 16e-6;
+  /// Where the figures come from (free text, for people; optional).
+  std::string source;
+};
+
 struct DeviceProfile {
   std::string deviceName;
   std::string backend = "cpu"; ///< "cpu" or "cuda"
@@ -133,7 +157,14 @@ struct DeviceProfile {
   /// The node shape (optional): collectives without an exact measured
   /// point are priced from its links (Topology.h).
   std::optional<Topology> topology;
+  /// The device-sized grouped GEMM's figures (cuda; optional: absent, the
+  /// DeviceGemmFigures defaults). Ignored on the cpu backend.
+  std::optional<DeviceGemmFigures> deviceGemm;
 
+  /// deviceGemm, else the defaults.
+  DeviceGemmFigures deviceGemmFigures() const {
+    return deviceGemm ? *deviceGemm : DeviceGemmFigures{};
+  }
   /// The FLOP/s of a step of `groups` GEMMs of [m, k] x [k, n]: among the
   /// points of the same dtype and layout (else the same dtype - f16 and
   /// bf16 stand in for each other - else all), the inverse-distance
@@ -141,6 +172,9 @@ struct DeviceProfile {
   /// log k, log groups); an exact match is that point. 0 without points.
   double gemmFlopsPerSecond(int64_t groups, int64_t m, int64_t n, int64_t k,
                             DType dtype, bool ragged) const;
+  /// The smallest rows per group among the GEMM points the lookup of
+  /// (dtype, ragged) reads; 0 without points.
+  int64_t gemmMinRows(DType dtype, bool ragged) const;
   /// The fitted figures of step kind `op`, or nullptr.
   const StepCostPoint *findStep(std::string_view op) const;
   /// The point for (kind, worldSize, groupSize, transport): an exact match,

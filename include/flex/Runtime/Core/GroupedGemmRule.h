@@ -1,0 +1,93 @@
+//===- GroupedGemmRule.h - Which kernel a grouped GEMM takes ----*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// The one statement of the rule that picks the CUDA backend's grouped-GEMM
+// path (RuntimeOptions::groupedGemm, docs/Runtime.md): the CUDA kernels
+// (GroupedGemm.cu, DeviceGroupedGemm.cu) and the cost model
+// (docs/CostModel.md) both read it, so the path the model prices is the path
+// the runtime takes. Header-only and host-only arithmetic, no CUDA.
+//
+// A static row space (padded, C known on the host) is one cuBLAS
+// strided-batched GEMM. A dynamic one takes the device-sized kernel when the
+// options prefer it (below) and its operands fit it (bf16/f16, rows of k and
+// n elements 16-byte aligned); otherwise the counts are read to the host
+// and each expert with rows is one cuBLAS GEMM.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef FLEX_RUNTIME_CORE_GROUPEDGEMMRULE_H
+#define FLEX_RUNTIME_CORE_GROUPEDGEMMRULE_H
+
+#include "flex/Runtime/Core/LayerConfig.h"
+#include "flex/Runtime/Core/RuntimeOptions.h"
+
+#include <cstdint>
+
+namespace flex {
+
+/// Mean rows per expert up to which `grouped_gemm=auto` takes the
+/// device-sized kernel. H100, bf16 (bench/RESULTS.md Run 20): it wins at 192
+/// rows per expert (490 vs 561 us with the host read and per-expert
+/// launches) and loses at 1536 (2762 vs 965 us: mma.sync against cuBLAS's
+/// wgmma kernels).
+inline constexpr int64_t kDeviceGemmRowsPerExpert = 256;
+
+/// Mean rows per expert up to which the device-sized kernel runs its small
+/// (32 x 128) CTA tile, else the large (128 x 128) one. H100 (Run 20): small
+/// 149 vs large 233 us at 24 rows per expert, 266 vs 241 us at 48.
+inline constexpr int64_t kDeviceGemmSmallTileRowsPerExpert = 32;
+
+/// The device-sized kernel's CTA tiles (rows x columns of C).
+enum class DeviceGemmTile : uint8_t {
+  Small, ///< 32 x 128
+  Large, ///< 128 x 128
+};
+
+/// Rows of C per CTA tile (the M padding of each expert's rows).
+inline constexpr int64_t deviceGemmTileRows(DeviceGemmTile tile) {
+  return tile == DeviceGemmTile::Small ? 32 : 128;
+}
+
+/// The tile the forward kernel takes for `rowBound` declared rows over
+/// `experts` groups. (The weight gradient always runs the large tile.)
+inline constexpr DeviceGemmTile deviceGemmTile(int64_t rowBound,
+                                               int64_t experts) {
+  return rowBound <= kDeviceGemmSmallTileRowsPerExpert * experts
+             ? DeviceGemmTile::Small
+             : DeviceGemmTile::Large;
+}
+
+/// Whether the options send a dynamic grouped GEMM of `rowBound` declared
+/// rows (R, T * k on one rank for ragged) over `experts` groups to the
+/// device-sized kernel: `device` always, `cublas` never, `auto` when the
+/// mean rows per expert R / E <= kDeviceGemmRowsPerExpert or while a CUDA
+/// graph is being recorded (the per-expert path's host read cannot be).
+inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
+                                        int64_t experts, bool capturing) {
+  switch (impl) {
+  case GroupedGemmImpl::Device:
+    return true;
+  case GroupedGemmImpl::Cublas:
+    return false;
+  case GroupedGemmImpl::Auto:
+    break;
+  }
+  return capturing || rowBound <= kDeviceGemmRowsPerExpert * experts;
+}
+
+/// Whether the device-sized kernel takes operands of `type` with rows of k
+/// and n elements: bf16/f16, each row a multiple of 16 bytes (k and n
+/// multiples of 8). The CUDA backend also checks the pointers' alignment,
+/// the compute capability (8.0+) and the grid's limits, which the cost
+/// model assumes met.
+inline constexpr bool deviceGemmShapeFits(DType type, int64_t k, int64_t n) {
+  return (type == DType::BF16 || type == DType::F16) && k % 8 == 0 &&
+         n % 8 == 0;
+}
+
+} // namespace flex
+
+#endif // FLEX_RUNTIME_CORE_GROUPEDGEMMRULE_H
