@@ -381,6 +381,10 @@ Status calibrateCuda(const CalibrationOptions &options,
   std::unique_ptr<cuda::KernelContext> ctx;
   if (Status s = cuda::KernelContext::create(ctx); !s)
     return s;
+  // The table's ragged points are the per-expert cuBLAS path: under `auto`
+  // their few-rows shapes would run the device-sized kernel, which the
+  // profile prices from device_gemm instead (docs/CostModel.md).
+  ctx->groupedGemm = GroupedGemmImpl::Cublas;
   Timer timer(ctx->stream());
   if (Status s = calibrateGemm(*ctx, timer, options.quick, result); !s)
     return s;
