@@ -27,6 +27,7 @@
 
 #include "CudaSupport.cuh"
 #include "GroupedGemmInternal.h"
+#include "flex/Runtime/Core/GroupedGemmRule.h"
 
 #include <atomic>
 #include <type_traits>
@@ -60,6 +61,9 @@ using LargeTiles = Tiles<128, 128, 32, 2, 4, 4>;
 using SmallTiles = Tiles<32, 128, 64, 1, 4, 4>;
 /// Many rows, wider N: 64 x 64 per warp (more MMAs per shared-memory read).
 using WideTiles = Tiles<128, 256, 32, 2, 4, 3>;
+// The cost model pads each expert's rows to these tiles.
+static_assert(SmallTiles::BM == deviceGemmTileRows(DeviceGemmTile::Small) &&
+              LargeTiles::BM == deviceGemmTileRows(DeviceGemmTile::Large));
 
 /// Shared-memory rows are padded by 8 elements (16 bytes): the 8 rows an
 /// ldmatrix reads then fall on distinct banks.
@@ -478,9 +482,6 @@ Status launchRaggedK(KernelContext &ctx, const RaggedKArgs &args,
   return checkLaunch("grouped GEMM weight-gradient kernel (device-sized)");
 }
 
-/// Mean rows per expert up to which the small tile runs.
-constexpr int64_t kSmallTileRowsPerExpert = 32;
-
 /// The grid's limits (y and z at most 65535 blocks).
 constexpr int64_t kMaxGridYZ = 65535;
 
@@ -541,10 +542,10 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    k,          n,
                    accumulate};
   // Few rows per group (decode): small M tiles waste less of each weight
-  // tile's read. H100 (Run 20): small 149 vs large 233 us at 24 rows per
-  // expert, 266 vs 241 us at 48.
+  // tile's read (Core/GroupedGemmRule.h has the measured crossover).
   if (tiles == DeviceTiles::Auto)
-    tiles = space.rowBound <= kSmallTileRowsPerExpert * space.experts
+    tiles = deviceGemmTile(space.rowBound, space.experts) ==
+                    DeviceGemmTile::Small
                 ? DeviceTiles::Small
                 : DeviceTiles::Large;
   return withType(type, [&](auto tag) -> Status {

@@ -27,6 +27,7 @@
 #include "CudaSupport.cuh"
 #include "Elementwise.h"
 #include "GroupedGemmInternal.h"
+#include "flex/Runtime/Core/GroupedGemmRule.h"
 
 #include <cublas_v2.h>
 
@@ -122,26 +123,19 @@ __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
   gradBias[i] = detail::fromFloat<T>(sum);
 }
 
-/// Mean rows per expert up to which `auto` takes the device-sized kernel.
-/// H100, bf16 (bench/RESULTS.md Run 20): it wins at 192 rows per expert
-/// (490 vs 561 us with the host read and per-expert launches) and loses at
-/// 1536 (2762 vs 965 us: mma.sync against cuBLAS's wgmma kernels).
-constexpr int64_t kDeviceRowsPerExpert = 256;
-
-/// Whether a dynamic grouped GEMM takes the device-sized kernel.
+/// Whether a dynamic grouped GEMM takes the device-sized kernel: the rule of
+/// Core/GroupedGemmRule.h (which the cost model prices), where the kernel
+/// applies.
 bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
                      DType type, int64_t k, int64_t n,
                      const ExpertRowSpace &space,
                      std::initializer_list<const void *> pointers) {
   if (space.isStatic() || path == detail::GroupedGemmPath::Cublas)
     return false;
-  if (path == detail::GroupedGemmPath::Auto) {
-    if (ctx.groupedGemm == GroupedGemmImpl::Cublas)
-      return false;
-    bool few = space.rowBound <= kDeviceRowsPerExpert * space.experts;
-    if (ctx.groupedGemm == GroupedGemmImpl::Auto && !few && !ctx.capturing)
-      return false;
-  }
+  if (path == detail::GroupedGemmPath::Auto &&
+      !prefersDeviceGemm(ctx.groupedGemm, space.rowBound, space.experts,
+                         ctx.capturing))
+    return false;
   return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
 }
 
