@@ -312,6 +312,54 @@ TEST(AutoVariant, EveryRankPicksTheSameVariantFixed) {
   EXPECT_EQ(explanation.capacitySource, "static");
 }
 
+// Measured times refine the choice on several ranks too: the ranks explore
+// the same variants at the same calls, then agree once (an all-reduce of the
+// means) and run the variant fastest on the slowest rank - the same on
+// every rank in every call (runAutoOnRanks checks), though each rank's own
+// times differ.
+TEST(AutoVariant, RanksRefineTogetherOnTheSlowestRanksTimes) {
+  // Every rank given one profile in which exchanges cost next to nothing:
+  // the variants then differ by little and several are candidates.
+  int refined = 0;
+  for (const char *planName :
+       {"mr_ffn_fixed_w2_train.json", "mr_ffn_dropless_w4_train.json"}) {
+    SCOPED_TRACE(planName);
+    auto plan = loadTestPlan(planName);
+    const int W = static_cast<int>(plan->worldSize);
+    std::string path = ::testing::TempDir() + "flex_auto_refine_profile.json";
+    DeviceProfile profile = defaultProfile("cpu", W);
+    profile.builtin = false;
+    profile.deviceName = "cheap-exchange-cpu";
+    for (CollectivePoint &point : profile.collectives) {
+      point.alphaSeconds = 1e-9;
+      point.betaBytesPerSecond = 1e15;
+    }
+    ASSERT_TRUE(writeProfileFile(path, profile).isOk());
+    const Explanation explanation = runAutoOnRanks(
+        planName, std::vector<std::string>(static_cast<size_t>(W), path), 14);
+    std::filesystem::remove(path);
+    EXPECT_EQ(explanation.profileSource, "file");
+    int64_t candidates = 0;
+    double pick = explanation.variants[explanation.chosen].predictedUs;
+    for (const VariantExplanation &v : explanation.variants)
+      pick = std::min(pick, v.predictedUs);
+    for (const VariantExplanation &v : explanation.variants)
+      candidates += v.predictedUs <= pick * 1.25 + 1e-9;
+    if (candidates < 2)
+      continue;
+    EXPECT_THAT(explanation.reason,
+                HasSubstr("measured fastest at this capacity on the slowest "
+                          "rank: '" +
+                          plan->variants[explanation.chosen].name + "'"));
+    int64_t measuredVariants = 0;
+    for (const VariantExplanation &v : explanation.variants)
+      measuredVariants += v.forwardRuns >= 2;
+    EXPECT_GE(measuredVariants, 2);
+    ++refined;
+  }
+  EXPECT_GT(refined, 0) << "no plan had two candidates: the test is vacuous";
+}
+
 // Rank 0 given a file the others lack: every rank sees the difference (a
 // one-time all-reduce of the profiles' hashes) and takes the built-in one.
 TEST(AutoVariant, RanksGivenDifferentProfilesAgreeOnTheBuiltinOne) {

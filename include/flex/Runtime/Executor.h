@@ -303,12 +303,20 @@ private:
   /// overrule the model (refineChoice); sets selected_. `timed`: the pass
   /// to come is timed, so exploring a variant yields a measurement.
   Status chooseVariant(bool timed = false);
-  /// On one rank: among the variants the model predicts within
-  /// kRefineBand of its pick, one not yet measured twice at this capacity
-  /// bucket is explored (at most kMaxExplorations calls each, timed calls
-  /// only); once two or more are measured, the fastest measured wins.
-  /// Returns the variant and says why in refineNote_.
-  int64_t refineChoice(bool timed);
+  /// Among the variants the model predicts within kRefineBand of its pick,
+  /// one not yet measured twice at this capacity bucket is explored (at most
+  /// kMaxExplorations calls each, timed calls only); once two or more are
+  /// measured, the fastest measured wins. On several ranks (a host
+  /// communicator) the exploration is the same on every rank (the same
+  /// calls, the same counters) and, once it ends for a bucket, the ranks
+  /// agree once on each variant's slowest-rank mean (agreeOnMeasurements);
+  /// that choice then holds for the bucket. Sets `variant` and says why in
+  /// refineNote_.
+  Status refineChoice(bool timed, int64_t &variant);
+  /// The fastest of the measured candidates by the max over the ranks of
+  /// their means (one all-reduce), kept per bucket in agreedChoices_.
+  Status agreeOnMeasurements(int64_t bucket,
+                             const std::vector<double> &meanUs);
   /// The synced C of `variant`'s forward just run, when the host knows it
   /// without a new wait (host memory, or a timed pass already waited for);
   /// -1 otherwise.
@@ -361,6 +369,13 @@ private:
   /// bucket, and what the last refinement did (explain's reason).
   std::vector<std::map<int64_t, int64_t>> explorations_;
   std::string refineNote_;
+  /// Several ranks: the variant the ranks agreed on per capacity bucket and
+  /// its slowest-rank mean.
+  struct AgreedChoice {
+    int64_t variant = -1;
+    double us = 0.0;
+  };
+  std::map<int64_t, AgreedChoice> agreedChoices_;
   static constexpr double kRefineBand = 0.25;
   static constexpr double kKeepBand = 0.03;
   static constexpr int64_t kMinMeasuredRuns = 2;

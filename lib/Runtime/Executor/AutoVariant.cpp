@@ -128,22 +128,57 @@ Status Executor::chooseVariant(bool timed) {
       choice_.variant >= static_cast<int64_t>(plan_->variants.size()))
     return Status(StatusCode::Internal,
                   "the cost model chose no variant: " + choice_.reason);
-  selected_ = refineChoice(timed);
-  return Status::ok();
+  return refineChoice(timed, selected_);
 }
 
-int64_t Executor::refineChoice(bool timed) {
+Status Executor::refineChoice(bool timed, int64_t &variant) {
   refineNote_.clear();
-  // Several ranks would each measure their own times and could pick apart;
-  // they follow the model alone until they agree on measurements.
-  if (plan_->worldSize > 1 || !options_.refineVariant)
-    return choice_.variant;
+  variant = choice_.variant;
+  if (!options_.refineVariant)
+    return Status::ok();
+  // Several ranks agree through an all-reduce on the host; a device
+  // communicator's collectives take device memory, and those ranks follow
+  // the model alone.
+  const bool severalRanks = plan_->worldSize > 1;
+  if (severalRanks && !(communicator_ && communicator_->size() > 1 &&
+                        communicator_->memory() == CommMemory::Host))
+    return Status::ok();
   const int64_t bucket = bucketOf(capacity_);
+  auto name = [&](int64_t v) { return "'" + plan_->variants[v].name + "'"; };
+  auto keepOrSwitch = [&](int64_t fastest, double fastestUs,
+                          double runningUs) {
+    char text[64];
+    std::snprintf(text, sizeof text, "%.4g us", fastestUs);
+    // Near-equal variants would swap on noise: the running one stays while
+    // it is within kKeepBand of the fastest measured.
+    if (selected_ != fastest && runningUs <= fastestUs * (1 + kKeepBand)) {
+      refineNote_ = "; keeping " + name(selected_) + ", within " +
+                    std::to_string(static_cast<int>(kKeepBand * 100)) +
+                    "% of the measured fastest " + name(fastest) + " (" + text +
+                    ")";
+      return selected_;
+    }
+    refineNote_ = "; measured fastest at this capacity: " + name(fastest) +
+                  " (" + text + ")";
+    return fastest;
+  };
+  if (severalRanks) {
+    auto agreed = agreedChoices_.find(bucket);
+    if (agreed != agreedChoices_.end()) {
+      refineNote_ = "; measured fastest at this capacity on the slowest "
+                    "rank: " +
+                    name(agreed->second.variant);
+      variant = agreed->second.variant;
+      return Status::ok();
+    }
+  }
   const double band = choice_.totalUs[choice_.variant] * (1 + kRefineBand);
+  const int64_t count = static_cast<int64_t>(plan_->variants.size());
+  std::vector<double> meanUs(count, -1.0); // -1: not a measured candidate
   int64_t explore = -1, fastest = -1, measured = 0;
   double fastestUs = std::numeric_limits<double>::infinity(),
          runningUs = fastestUs; // of selected_, the variant of the last call
-  for (int64_t v = 0; v < static_cast<int64_t>(plan_->variants.size()); ++v) {
+  for (int64_t v = 0; v < count; ++v) {
     if (choice_.totalUs[v] > band)
       continue;
     auto found = buckets_[v].find(bucket);
@@ -160,6 +195,7 @@ int64_t Executor::refineChoice(bool timed) {
     ++measured;
     const double us =
         m.forwardMeanMicros + (plan_->training ? m.backwardMeanMicros : 0.0);
+    meanUs[v] = us;
     if (us < fastestUs) {
       fastestUs = us;
       fastest = v;
@@ -167,7 +203,6 @@ int64_t Executor::refineChoice(bool timed) {
     if (v == selected_)
       runningUs = us;
   }
-  auto name = [&](int64_t v) { return "'" + plan_->variants[v].name + "'"; };
   if (timed && explore >= 0) {
     ++explorations_[explore][bucket];
     refineNote_ = "; measuring " + name(explore) + " (predicted within " +
@@ -175,25 +210,58 @@ int64_t Executor::refineChoice(bool timed) {
                   "% of the pick, " +
                   std::to_string(explorations_[explore][bucket]) +
                   " of at most " + std::to_string(kMaxExplorations) + " calls)";
-    return explore;
+    variant = explore;
+    return Status::ok();
   }
-  if (measured >= 2) {
-    char text[64];
-    std::snprintf(text, sizeof text, "%.4g us", fastestUs);
-    // Near-equal variants would swap on noise: the running one stays while
-    // it is within kKeepBand of the fastest measured.
-    if (selected_ != fastest && runningUs <= fastestUs * (1 + kKeepBand)) {
-      refineNote_ = "; keeping " + name(selected_) + ", within " +
-                    std::to_string(static_cast<int>(kKeepBand * 100)) +
-                    "% of the measured fastest " + name(fastest) + " (" + text +
-                    ")";
-      return selected_;
-    }
-    refineNote_ = "; measured fastest at this capacity: " + name(fastest) +
-                  " (" + text + ")";
-    return fastest;
+  if (measured < 2)
+    return Status::ok();
+  if (!severalRanks) {
+    variant = keepOrSwitch(fastest, fastestUs, runningUs);
+    return Status::ok();
   }
-  return choice_.variant;
+  // Several ranks decide once the bucket's exploration is over, every rank
+  // at the same call (the same calls and counters on every rank).
+  if (explore >= 0)
+    return Status::ok();
+  if (Status status = agreeOnMeasurements(bucket, meanUs); !status)
+    return status;
+  variant = agreedChoices_[bucket].variant;
+  return Status::ok();
+}
+
+Status Executor::agreeOnMeasurements(int64_t bucket,
+                                     const std::vector<double> &meanUs) {
+  // Tenths of a microsecond as int32 (up to 214 s), -1 where a variant was
+  // not measured here (then on no rank: the counters are the same).
+  std::vector<int32_t> values(meanUs.size());
+  for (size_t v = 0; v < meanUs.size(); ++v)
+    values[v] = meanUs[v] < 0 ? -1
+                               : static_cast<int32_t>(std::min(
+                                     meanUs[v] * 10.0 + 0.5, 2147483646.0));
+  if (Status status = communicator_->allReduceMaxInt32(
+          values.data(), static_cast<int64_t>(values.size()),
+          "agreeing on the measured variants");
+      !status)
+    return status;
+  int64_t fastest = -1;
+  for (size_t v = 0; v < values.size(); ++v)
+    if (values[v] >= 0 && (fastest < 0 || values[v] < values[fastest]))
+      fastest = static_cast<int64_t>(v);
+  if (fastest < 0)
+    return Status(StatusCode::Internal,
+                  "the ranks agreed on no measured variant");
+  // The keep band as on one rank, on the agreed (slowest-rank) means.
+  const int32_t running =
+      selected_ >= 0 && selected_ < static_cast<int64_t>(values.size())
+          ? values[selected_]
+          : -1;
+  int64_t chosen = fastest;
+  if (running >= 0 && running <= values[fastest] * (1 + kKeepBand))
+    chosen = selected_;
+  agreedChoices_[bucket] = {chosen, values[chosen] / 10.0};
+  refineNote_ = "; measured fastest at this capacity on the slowest rank: '" +
+                plan_->variants[chosen].name + "'";
+  return Status::ok();
 }
 
 int64_t Executor::readCapacity(int64_t variantIndex, bool waited) {
@@ -231,7 +299,10 @@ int64_t Executor::recordAutomatic(int64_t variant, bool backward, bool timed,
       capacitySource_ =
           gate && gate->facts.staticCapacity >= 0 ? "static" : "previous call";
     }
-    bucket = bucketOf(capacity);
+    // A variant that cannot say its C (no synced one on several ranks) is
+    // measured at the capacity the choice was made for, where the next
+    // choice looks for it.
+    bucket = bucketOf(capacity >= 0 ? capacity : capacity_);
   }
   if (!measured)
     return bucket;
