@@ -128,7 +128,12 @@ Status Executor::chooseVariant(bool timed) {
       choice_.variant >= static_cast<int64_t>(plan_->variants.size()))
     return Status(StatusCode::Internal,
                   "the cost model chose no variant: " + choice_.reason);
-  return refineChoice(timed, selected_);
+  // refineChoice reads selected_ (the variant running so far) while it
+  // decides the next.
+  int64_t next = selected_;
+  Status status = refineChoice(timed, next);
+  selected_ = next;
+  return status;
 }
 
 Status Executor::refineChoice(bool timed, int64_t &variant) {
