@@ -128,6 +128,16 @@ struct GemmCase {
   int64_t k, n;
 };
 
+/// 70 experts, mean about 20 rows: some empty (30, 31, 32 among them), one
+/// of 83 rows.
+std::vector<int32_t> manyExpertCounts() {
+  std::vector<int32_t> counts(70);
+  for (int e = 0; e < 70; ++e)
+    counts[e] = e % 5 == 0 || e == 31 ? 0 : (e * 7) % 40;
+  counts[33] = 83;
+  return counts;
+}
+
 std::vector<GemmCase> gemmCases() {
   return {
       // Few rows per expert (decode tiles), an expert without rows, K and N
@@ -137,6 +147,11 @@ std::vector<GemmCase> gemmCases() {
       // Many rows per expert (prefill tiles), partial last M tiles.
       {"prefill_ragged", {200, 0, 129, 77}, 0, 104, 136},
       {"prefill_padded", {150, 256, 0}, 256, 64, 520},
+      // Many experts (the warp scan's second and third pass, empty groups
+      // around lanes 31/32), a group of several small tiles, and K deep
+      // enough that every pipeline stage is refilled.
+      {"many_experts_deep_k", manyExpertCounts(), 0, 392, 136},
+      {"prefill_deep_k", {300, 0, 257, 129}, 0, 168, 72},
   };
 }
 
@@ -228,6 +243,11 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
                 sum += a.at(r * k + i) * gradC.at(r * n + j);
               want[(e * k + i) * n + j] = sum;
             }
+        std::string reason;
+        ASSERT_TRUE(cuda::detail::deviceGroupedGemmApplies(
+            *ctx, dt, k, n, seg.space(),
+            {a.device, gradC.device, gradB.device}, &reason))
+            << reason;
         Status status = cuda::detail::groupedGemmWgradWith(
             *ctx, {a.device, dt}, {gradC.device, dt}, k, n, seg.space(),
             {gradB.device, dt}, {}, accumulate, path);
@@ -256,6 +276,75 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeviceGemm,
                          ::testing::ValuesIn(gemmCases()),
                          [](const auto &info) { return info.param.name; });
+
+// Every CTA tile (the automatic choice takes small or large; the wide one
+// only the benchmark) computes the same product.
+TEST(CudaDeviceGemmTiles, EveryTileMatchesFp64) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg({70, 0, 300, 5, 129}, 0);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = 200, n = 264;
+  std::mt19937_64 rng(29);
+  const DType dt = DType::BF16;
+  Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
+  a.set(normals(rng, R * k, 1.0));
+  b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+  for (bool transB : {false, true}) {
+    std::vector<double> want =
+        referenceForward(a, b, c, seg, k, n, transB, false);
+    for (auto tiles :
+         {cuda::detail::DeviceTiles::Small, cuda::detail::DeviceTiles::Large,
+          cuda::detail::DeviceTiles::Wide}) {
+      SCOPED_TRACE(std::string(transB ? "b^T" : "b") + " tile " +
+                   std::to_string(static_cast<int>(tiles)));
+      c.poison();
+      Status status = cuda::detail::deviceGroupedGemm(
+          *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), transB,
+          false, tiles);
+      ASSERT_TRUE(status.isOk()) << status.message();
+      c.download();
+      EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
+    }
+  }
+}
+
+// Counts that disagree with the buffer (a segment reaching past the
+// declared rows) are clamped on the device: nothing past the buffer is
+// written, and the rows inside still get their product.
+TEST(CudaDeviceGemmTiles, CountsPastTheBufferAreClamped) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg({20, 30}, 0);
+  const int64_t k = 64, n = 64, R = seg.rowBound; // 57 rows declared
+  seg.rows = {20, 60};                            // 20 + 60 > 57
+  seg.upload();
+  const DType dt = DType::BF16;
+  std::mt19937_64 rng(31);
+  // One buffer with a guard region after the declared rows.
+  const int64_t guardRows = 64;
+  Buffer a(dt, (R + guardRows) * k), b(dt, 2 * k * n),
+      c(dt, (R + guardRows) * n);
+  a.set(normals(rng, (R + guardRows) * k, 1.0));
+  b.set(normals(rng, 2 * k * n, 0.1));
+  c.poison();
+  std::vector<uint8_t> before = c.host;
+  Status status = cuda::detail::deviceGroupedGemm(
+      *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), false, false,
+      cuda::detail::DeviceTiles::Auto);
+  ASSERT_TRUE(status.isOk()) << status.message();
+  c.download();
+  const size_t rowBytes = n * dtypeSize(dt);
+  EXPECT_EQ(std::memcmp(c.host.data() + R * rowBytes,
+                        before.data() + R * rowBytes, guardRows * rowBytes),
+            0)
+      << "rows past the declared buffer were written";
+  Segments inside({20, static_cast<int32_t>(R - 20)}, 0);
+  std::vector<double> want =
+      referenceForward(a, b, c, inside, k, n, false, false);
+  EXPECT_LE(segmentError(c, want, inside, n), 1e-2);
+}
 
 // The sizes are read on the device: a graph recorded with one routing
 // replays correctly after the counts change in place.

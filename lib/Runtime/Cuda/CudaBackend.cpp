@@ -26,6 +26,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "CudaBackendImpl.h"
+#include "GroupedGemmInternal.h"
 #include "flex/Runtime/StepViews.h"
 
 #include <cuda_runtime.h>
@@ -454,7 +455,8 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
   const bool deviceSized =
       ctx_->groupedGemm == GroupedGemmImpl::Device &&
       (plan.layer.dtype == DType::BF16 || plan.layer.dtype == DType::F16) &&
-      plan.layer.modelDim % 8 == 0 && hiddenPerRank % 8 == 0;
+      plan.layer.modelDim % 8 == 0 && hiddenPerRank % 8 == 0 &&
+      cuda::detail::deviceGroupedGemmRuns(*ctx_);
   bool anyGate = false;
   for (const Step &step : v.forward)
     if (step.op == StepOp::Gate) {
@@ -514,6 +516,9 @@ Status CudaBackend::launchGraph(const std::string &key, bool &launched) {
                                  "cudaGraphLaunch");
       !s)
     return s;
+  // The replay's gates write new counts in place: a host copy of the old
+  // ones must not be reused.
+  ++ctx_->generation;
   launched = true;
   return Status::ok();
 }

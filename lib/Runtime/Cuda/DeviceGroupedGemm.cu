@@ -314,12 +314,25 @@ template <typename Cfg> constexpr int sharedBytes(bool aK, bool bK) {
   return (a + b) * Cfg::Stages * 2;
 }
 
+/// Group g's rows as the kernels use them: the device count clamped to the
+/// buffer's declared rows, so inconsistent counts never reach past it.
+__device__ __forceinline__ int64_t groupRows(const int32_t *offsets,
+                                             const int32_t *rows, int64_t g,
+                                             int64_t rowBound) {
+  int64_t first = offsets[g];
+  int64_t count = rows[g];
+  if (first < 0 || count <= 0)
+    return 0;
+  return min(count, max(rowBound - first, int64_t{0}));
+}
+
 struct RaggedMArgs {
   const void *a, *b;
   void *c;
   const int32_t *offsets, *rows;
   int32_t groups;
   int64_t k, n;
+  int64_t rowBound;
   bool accumulate;
 };
 
@@ -340,7 +353,10 @@ __global__ void __launch_bounds__(Cfg::Threads)
   int64_t firstTile = 0, seen = 0;
   for (int32_t base = 0; base < args.groups; base += 32) {
     int32_t g = base + lane;
-    int64_t rows = g < args.groups ? max(args.rows[g], 0) : 0;
+    int64_t rows =
+        g < args.groups
+            ? groupRows(args.offsets, args.rows, g, args.rowBound)
+            : 0;
     int64_t count = (rows + Cfg::BM - 1) / Cfg::BM, inclusive = count;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -382,7 +398,8 @@ __global__ void __launch_bounds__(Cfg::Threads)
   }
   p.c = c + row * args.n + n0;
   p.ldc = args.n;
-  p.mValid = max(args.rows[group], 0) - rowInGroup;
+  p.mValid = groupRows(args.offsets, args.rows, group, args.rowBound) -
+             rowInGroup;
   p.nValid = args.n - n0;
   p.kTotal = args.k;
   computeTile<T, Cfg, true, BKContiguous>(p, args.accumulate,
@@ -395,6 +412,7 @@ struct RaggedKArgs {
   void *gradB;
   const int32_t *offsets, *rows;
   int64_t k, n;
+  int64_t rowBound;
   bool accumulate;
 };
 
@@ -409,8 +427,9 @@ __global__ void __launch_bounds__(Cfg::Threads)
   const int64_t group = blockIdx.z;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Cfg::BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::BN;
-  const int64_t rows = max(args.rows[group], 0);
-  const int64_t first = args.offsets[group];
+  const int64_t rows =
+      groupRows(args.offsets, args.rows, group, args.rowBound);
+  const int64_t first = rows > 0 ? args.offsets[group] : 0;
   TileProblem<T> p;
   // A^T: a is [rows][k], so the tile is [K = rows][M = k columns].
   p.a = static_cast<const T *>(args.a) + first * args.k + m0;
@@ -487,6 +506,33 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 } // namespace
 
+bool deviceGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
+  if (ctx.computeCapability() < 80) {
+    if (reason)
+      *reason = "the device-sized grouped GEMM needs compute capability 8.0 "
+                "or newer";
+    return false;
+  }
+  // A build for an older architecture only (CI's default) holds traps.
+  static const bool builtForSm80 = [] {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes,
+                              raggedKKernel<__nv_bfloat16, LargeTiles>) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attributes.ptxVersion >= 80;
+  }();
+  if (!builtForSm80) {
+    if (reason)
+      *reason = "this build has no sm_80 code for the device-sized grouped "
+                "GEMM (CMAKE_CUDA_ARCHITECTURES)";
+    return false;
+  }
+  return true;
+}
+
 bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,
@@ -500,28 +546,15 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
     return refuse("the device-sized grouped GEMM takes bf16 or f16 operands");
   if (space.isStatic())
     return refuse("the row space is static (one strided-batched GEMM)");
-  if (ctx.computeCapability() < 80)
-    return refuse("the device-sized grouped GEMM needs compute capability "
-                  "8.0 or newer");
-  // A build for an older architecture only (CI's default) holds traps.
-  static const bool builtForSm80 = [] {
-    cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes,
-                              raggedKKernel<__nv_bfloat16, LargeTiles>) !=
-        cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return attributes.ptxVersion >= 80;
-  }();
-  if (!builtForSm80)
-    return refuse("this build has no sm_80 code for the device-sized "
-                  "grouped GEMM (CMAKE_CUDA_ARCHITECTURES)");
+  if (!deviceGroupedGemmRuns(ctx, reason))
+    return false;
   if (!vectorizable(k, 2, pointers) || !vectorizable(n, 2, {}))
     return refuse("rows of " + std::to_string(k) + " and " + std::to_string(n) +
                   " elements must be 16-byte aligned for the device-sized "
                   "grouped GEMM");
-  if (space.rowBound / SmallTiles::BM + space.experts > kMaxGridYZ ||
+  if ((space.rowBound + SmallTiles::BM - 1) / SmallTiles::BM +
+              space.experts >
+          kMaxGridYZ ||
       space.experts > kMaxGridYZ || k / LargeTiles::BM >= kMaxGridYZ)
     return refuse("the device-sized grouped GEMM's grid would exceed 65535 "
                   "blocks in y or z");
@@ -536,10 +569,15 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          bool accumulate, DeviceTiles tiles) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
-  RaggedMArgs args{a,          b,
-                   c,          space.offsets,
-                   space.rows, static_cast<int32_t>(space.experts),
-                   k,          n,
+  RaggedMArgs args{a,
+                   b,
+                   c,
+                   space.offsets,
+                   space.rows,
+                   static_cast<int32_t>(space.experts),
+                   k,
+                   n,
+                   space.rowBound,
                    accumulate};
   // Few rows per group (decode): small M tiles waste less of each weight
   // tile's read (Core/GroupedGemmRule.h has the measured crossover).
@@ -577,8 +615,9 @@ Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               bool accumulate) {
   if (space.experts == 0 || n == 0 || k == 0)
     return Status::ok();
-  RaggedKArgs args{a,          gradC, gradB, space.offsets,
-                   space.rows, k,     n,     accumulate};
+  RaggedKArgs args{a,          gradC,          gradB,
+                   space.offsets, space.rows, k,
+                   n,          space.rowBound, accumulate};
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)

@@ -20,6 +20,11 @@
 
 namespace flex::cuda::detail {
 
+/// Whether this device and build can run the device kernel at all (compute
+/// capability 8.0 or newer, sm_80+ code in the build); the reason when not.
+bool deviceGroupedGemmRuns(const KernelContext &ctx,
+                           std::string *reason = nullptr);
+
 /// Whether the device kernel can run a grouped GEMM of these operands:
 /// bf16 or f16 (fp32 accumulation), rows of k and n elements 16-byte aligned,
 /// a dynamic row space, and a device of compute capability 8.0 or newer.
