@@ -21,6 +21,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -375,4 +376,112 @@ TEST(AutoVariant, RanksGivenDifferentProfilesAgreeOnTheBuiltinOne) {
   EXPECT_EQ(explanation.profileSource, "builtin");
   EXPECT_THAT(explanation.profileWhy, HasSubstr("different device profiles"));
   std::filesystem::remove(path);
+}
+
+namespace {
+
+/// A backend whose "device" memory is the host's, counting the copies: the
+/// path a CUDA backend takes, run on CPU threads.
+class CountingDeviceBackend final : public Backend {
+public:
+  std::string_view name() const override { return "counting-device"; }
+  bool isHostMemory() const override { return false; }
+  Status copyToHost(void *hostDst, const void *src, int64_t bytes) override {
+    ++toHost;
+    return Backend::copyToHost(hostDst, src, bytes);
+  }
+  Status copyFromHost(void *dst, const void *hostSrc, int64_t bytes) override {
+    ++fromHost;
+    return Backend::copyFromHost(dst, hostSrc, bytes);
+  }
+  Status synchronize() override {
+    ++synchronized;
+    return Status::ok();
+  }
+  int toHost = 0, fromHost = 0, synchronized = 0;
+};
+
+/// A host communicator that says its collectives take device memory, and
+/// refuses to reduce values that live on the caller's stack (the host
+/// pointer the agreement starts from), as NCCL could not read them.
+class DeviceMemoryCommunicator final : public Communicator {
+public:
+  DeviceMemoryCommunicator(std::shared_ptr<Communicator> inner,
+                           const void *hostValues)
+      : inner_(std::move(inner)), hostValues_(hostValues) {}
+  std::string_view name() const override { return "device-memory"; }
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  CommMemory memory() const override { return CommMemory::Device; }
+  Status allToAll(const void *send, const int64_t *sendOffsets,
+                  const int64_t *sendBytes, void *recv,
+                  const int64_t *recvOffsets, const int64_t *recvBytes,
+                  std::string_view what) override {
+    return inner_->allToAll(send, sendOffsets, sendBytes, recv, recvOffsets,
+                            recvBytes, what);
+  }
+  Status allReduceMaxInt32(int32_t *values, int64_t count,
+                           std::string_view what) override {
+    if (values == hostValues_)
+      return Status(StatusCode::Internal, "given the host's values");
+    return inner_->allReduceMaxInt32(values, count, what);
+  }
+  Status allGather(const void *send, int64_t bytes, void *recv,
+                   std::string_view what) override {
+    return inner_->allGather(send, bytes, recv, what);
+  }
+  Status reduceScatterSum(const void *send, void *recv, int64_t count,
+                          DType type, std::string_view what) override {
+    return inner_->reduceScatterSum(send, recv, count, type, what);
+  }
+  Status barrier(std::string_view what) override {
+    return inner_->barrier(what);
+  }
+
+private:
+  std::shared_ptr<Communicator> inner_;
+  const void *hostValues_;
+};
+
+} // namespace
+
+// The agreements of the automatic choice on a device communicator (NCCL)
+// go through the backend's memory: copied in, reduced there, waited for,
+// copied back; on a host communicator directly.
+TEST(AutoVariant, AgreementsReduceThroughDeviceMemoryOnDeviceCommunicators) {
+  const int W = 3;
+  auto comms = localRanks(W);
+  std::vector<Status> results(W);
+  std::vector<std::array<int32_t, 3>> reduced(W);
+  std::vector<CountingDeviceBackend> backends(W);
+  onRanks(W, [&](int r) {
+    std::array<int32_t, 3> values = {r, 10 - r, r == 1 ? 77 : -1};
+    DeviceMemoryCommunicator device(comms[r], values.data());
+    results[r] = allReduceMaxOnHost(device, backends[r], values.data(), 3,
+                                    "test agreement");
+    reduced[r] = values;
+  });
+  for (int r = 0; r < W; ++r) {
+    ASSERT_TRUE(results[r].isOk()) << "rank " << r << ": "
+                                   << results[r].message();
+    EXPECT_EQ(reduced[r], (std::array<int32_t, 3>{W - 1, 10, 77}))
+        << "rank " << r;
+    EXPECT_EQ(backends[r].fromHost, 1);
+    EXPECT_EQ(backends[r].synchronized, 1);
+    EXPECT_EQ(backends[r].toHost, 1);
+  }
+  // A host communicator reduces the host values in place, no copies.
+  auto hostComms = localRanks(W);
+  std::vector<CountingDeviceBackend> unused(W);
+  onRanks(W, [&](int r) {
+    std::array<int32_t, 3> values = {r, -r, 5};
+    results[r] = allReduceMaxOnHost(*hostComms[r], unused[r], values.data(), 3,
+                                    "test agreement");
+    reduced[r] = values;
+  });
+  for (int r = 0; r < W; ++r) {
+    ASSERT_TRUE(results[r].isOk()) << results[r].message();
+    EXPECT_EQ(reduced[r], (std::array<int32_t, 3>{W - 1, 0, 5}));
+    EXPECT_EQ(unused[r].fromHost + unused[r].toHost, 0);
+  }
 }

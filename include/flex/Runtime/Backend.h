@@ -99,6 +99,9 @@ public:
   /// copyToHost, after synchronize().
   virtual bool isHostMemory() const { return true; }
   virtual Status copyToHost(void *hostDst, const void *src, int64_t bytes);
+  /// The other way: `bytes` from the host into the backend's memory (the
+  /// ranks' agreements through a device communicator).
+  virtual Status copyFromHost(void *dst, const void *hostSrc, int64_t bytes);
 
   /// Device timers (CUDA events): recordTimestamp(i) queues marker i on the
   /// stream; after synchronize(), elapsedMicros(a, b) is the device time

@@ -382,6 +382,15 @@ private:
   static constexpr int64_t kMaxExplorations = 4;
 };
 
+/// values[i] = the largest values[i] over the ranks of `communicator`, the
+/// values on the host: directly on a host communicator; on a device one
+/// (NCCL) through a small buffer of `backend`'s memory (copied in, reduced,
+/// waited for, copied back). The ranks' agreements of the automatic choice
+/// (profile, measured times) go through it.
+Status allReduceMaxOnHost(Communicator &communicator, Backend &backend,
+                          int32_t *values, int64_t count,
+                          std::string_view what);
+
 /// Parses RuntimeOptions::variant text (FLEX_VARIANT): a variant name, or a
 /// decimal index. Returns the index, or -1 when `text` names no variant of
 /// `plan`.

@@ -410,6 +410,13 @@ Status CudaBackend::copyToHost(void *hostDst, const void *src, int64_t bytes) {
                          "copying a buffer to the host");
 }
 
+Status CudaBackend::copyFromHost(void *dst, const void *hostSrc,
+                                 int64_t bytes) {
+  return cuda::checkCuda(cudaMemcpy(dst, hostSrc, static_cast<size_t>(bytes),
+                                    cudaMemcpyHostToDevice),
+                         "copying a buffer from the host");
+}
+
 Status CudaBackend::recordTimestamp(int32_t marker) {
   while (static_cast<int32_t>(events_.size()) <= marker) {
     cudaEvent_t event = nullptr;

@@ -57,6 +57,31 @@ double nan() { return std::numeric_limits<double>::quiet_NaN(); }
 
 } // namespace
 
+Status allReduceMaxOnHost(Communicator &communicator, Backend &backend,
+                          int32_t *values, int64_t count,
+                          std::string_view what) {
+  if (communicator.memory() == CommMemory::Host)
+    return communicator.allReduceMaxInt32(values, count, what);
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(int32_t));
+  void *device = backend.allocate(bytes, 256);
+  if (!device)
+    return Status(StatusCode::OutOfRange,
+                  "no " + std::to_string(bytes) + " bytes of " +
+                      std::string(backend.name()) + " memory for " +
+                      std::string(what));
+  Status status = backend.copyFromHost(device, values, bytes);
+  if (status)
+    status = communicator.allReduceMaxInt32(static_cast<int32_t *>(device),
+                                            count, what);
+  // The reduction is queued on the device: done before the copy back.
+  if (status)
+    status = backend.synchronize();
+  if (status)
+    status = backend.copyToHost(values, device, bytes);
+  backend.deallocate(device);
+  return status;
+}
+
 void Executor::ensureCostModel() {
   if (costModel_)
     return;
@@ -89,17 +114,15 @@ Status Executor::agreeOnProfile() {
   // Once per communicator: every rank's profile text hashed; the max of h
   // and of -h (as INT32_MAX - h) differ unless every rank has the same.
   // On a mismatch every rank sees it and takes the built-in profile, so the
-  // ranks still agree. A device communicator's collectives take device
-  // memory: there the ranks must be given the same file (documented).
-  if (communicator_ && communicator_->size() > 1 &&
-      communicator_->memory() == CommMemory::Host) {
+  // ranks still agree.
+  if (communicator_ && communicator_->size() > 1) {
     const uint32_t hash = static_cast<uint32_t>(std::hash<std::string>()(
                               writeProfile(costModel_->profile()))) &
                           0x7fffffffu;
     int32_t values[2] = {static_cast<int32_t>(hash),
                          static_cast<int32_t>(0x7fffffffu - hash)};
-    if (Status status =
-            communicator_->allReduceMaxInt32(values, 2, "profile agreement");
+    if (Status status = allReduceMaxOnHost(*communicator_, *backend_, values,
+                                           2, "profile agreement");
         !status)
       return status;
     if (static_cast<uint32_t>(values[0]) !=
@@ -141,12 +164,9 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
   variant = choice_.variant;
   if (!options_.refineVariant)
     return Status::ok();
-  // Several ranks agree through an all-reduce on the host; a device
-  // communicator's collectives take device memory, and those ranks follow
-  // the model alone.
+  // Several ranks agree through an all-reduce (agreeOnMeasurements).
   const bool severalRanks = plan_->worldSize > 1;
-  if (severalRanks && !(communicator_ && communicator_->size() > 1 &&
-                        communicator_->memory() == CommMemory::Host))
+  if (severalRanks && !(communicator_ && communicator_->size() > 1))
     return Status::ok();
   const int64_t bucket = bucketOf(capacity_);
   auto name = [&](int64_t v) { return "'" + plan_->variants[v].name + "'"; };
@@ -243,8 +263,9 @@ Status Executor::agreeOnMeasurements(int64_t bucket,
     values[v] = meanUs[v] < 0 ? -1
                                : static_cast<int32_t>(std::min(
                                      meanUs[v] * 10.0 + 0.5, 2147483646.0));
-  if (Status status = communicator_->allReduceMaxInt32(
-          values.data(), static_cast<int64_t>(values.size()),
+  if (Status status = allReduceMaxOnHost(
+          *communicator_, *backend_, values.data(),
+          static_cast<int64_t>(values.size()),
           "agreeing on the measured variants");
       !status)
     return status;

@@ -53,6 +53,11 @@ Status Backend::copyToHost(void *hostDst, const void *src, int64_t bytes) {
   return Status::ok();
 }
 
+Status Backend::copyFromHost(void *dst, const void *hostSrc, int64_t bytes) {
+  std::memcpy(dst, hostSrc, static_cast<size_t>(bytes));
+  return Status::ok();
+}
+
 Status Backend::recordTimestamp(int32_t) {
   return Status(StatusCode::Unavailable, "backend '" + std::string(name()) +
                                              "' has no device timer");
