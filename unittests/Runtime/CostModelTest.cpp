@@ -367,7 +367,6 @@ TEST(CostModel, StaticCapacityGemmsStayOneBatchedCall) {
                                GroupedGemmImpl::Cublas}) {
     CostModelOptions options;
     options.groupedGemm = impl;
-    options.cudaGraph = impl == GroupedGemmImpl::Auto;
     Prediction p = CostModel(profile, options).predict(plan, 0, false, -1);
     for (const StepPrediction &step : stepsOf(p, StepOp::GroupedGemm))
       EXPECT_EQ(step.gemmPath, GemmPath::Batched);

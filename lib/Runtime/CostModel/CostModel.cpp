@@ -228,8 +228,11 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   const int64_t declared = a.shape.empty() ? 0 : a.shape.front();
   const int64_t rowBound =
       std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
+  // Not `capturing`: the backend records a dynamic pass only under
+  // grouped_gemm=device (CudaBackend::canCapturePass), which the rule
+  // already sends to the kernel; under auto the pass runs eagerly.
   return prefersDeviceGemm(options.groupedGemm, rowBound, groups,
-                           options.cudaGraph)
+                           /*capturing=*/false)
              ? GemmPath::Device
              : GemmPath::PerExpert;
 }

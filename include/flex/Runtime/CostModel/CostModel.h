@@ -66,10 +66,6 @@ struct CostModelOptions {
   /// The CUDA backend's grouped_gemm option (RuntimeOptions::groupedGemm):
   /// which path a dynamic grouped GEMM takes (Core/GroupedGemmRule.h).
   GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
-  /// The passes are recorded as CUDA graphs (RuntimeOptions::cudaGraph):
-  /// `auto` then sends every dynamic grouped GEMM it can to the device
-  /// kernel.
-  bool cudaGraph = false;
 };
 
 /// How a GEMM step runs, and so what prices it.
