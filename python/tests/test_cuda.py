@@ -240,3 +240,38 @@ def test_example_trains_on_cuda(dtype, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "OK" in out
+
+
+def test_dropless_decode_forward_records_in_a_cuda_graph():
+    # Few tokens, dropless: the experts' GEMMs size themselves on the device
+    # (grouped_gemm=auto takes the device-sized kernel up to 256 rows per
+    # expert), so the forward has no host synchronization and records in a
+    # torch CUDA graph; each replay routes the inputs it finds in place.
+    layer, ref_layer = _layers(top_k=2, capacity_factor=0.0,
+                               dtype=torch.bfloat16)
+    tokens = 64
+    static_x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):  # compiles the plan, grows workspace and scratch
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y, static_l_aux = layer(static_x)
+    with torch.no_grad():
+        for p, q in zip(ref_layer.parameters(), layer.parameters()):
+            p.copy_(q)
+    for _ in range(3):
+        x = torch.randn(tokens, D).to(torch.bfloat16)
+        static_x.copy_(x)
+        static_y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_y, ref_l, _ = reference_of(ref_layer, x, torch.zeros(tokens, D),
+                                       0.0)
+        tol = TOLERANCE[torch.bfloat16]
+        assert rel_l2(static_y.float().cpu(), ref_y) <= tol
+        assert abs(float(static_l_aux) - float(ref_l)) <= (
+            tol * abs(float(ref_l)) + 1e-6)
