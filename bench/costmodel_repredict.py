@@ -8,6 +8,7 @@ at the capacity that run used; the measured times are untouched. Then run
 bench/costmodel_report.py on the output directory.
 
 usage: costmodel_repredict.py RUNS_DIR PROFILE OUT_DIR [--moe-scale BIN]
+       [--grouped-gemm auto|device|cublas]
 """
 import argparse
 import glob
@@ -23,6 +24,10 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--moe-scale", default="build/bin/moe-scale")
     ap.add_argument("--plans", default="bench/costmodel_plans")
+    # Runs recorded before the device-sized grouped GEMM (Runs 15 and 17)
+    # ran every dynamic GEMM through cuBLAS per expert: --grouped-gemm cublas.
+    ap.add_argument("--grouped-gemm", default="auto",
+                    choices=["auto", "device", "cublas"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for path in sorted(glob.glob(os.path.join(args.runs, "*.json"))):
@@ -33,7 +38,7 @@ def main():
         cmd = [args.moe_scale, "--profile", args.profile, "--gpus-per-node", "1",
                # One rank: the links are never used.
                "--intra", "1e-5,1e-6,1e11", "--inter", "1e-5,1e-6,1e10",
-               "--json", plan]
+               "--grouped-gemm", args.grouped_gemm, "--json", plan]
         if explain.get("capacity", -1) >= 0:
             cmd[1:1] = ["--capacity", str(explain["capacity"])]
         if "backward" in doc:

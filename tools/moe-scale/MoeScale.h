@@ -14,6 +14,7 @@
 #ifndef FLEX_TOOLS_MOESCALE_MOESCALE_H
 #define FLEX_TOOLS_MOESCALE_MOESCALE_H
 
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/Plan.h"
 #include "flex/Runtime/Status.h"
@@ -36,6 +37,8 @@ struct Options {
   std::optional<LinkFigures> intra, inter;
   bool train = false;  ///< forward + backward
   bool serial = false; ///< every step on one stream
+  /// The CUDA grouped GEMMs' path (RuntimeOptions::groupedGemm).
+  GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
   bool json = false;
   bool summaryOnly = false;
   int64_t capacity = -1; ///< C for the model (-1: the static bounds)

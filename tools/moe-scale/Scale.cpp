@@ -213,6 +213,7 @@ Status addPlan(const std::string &path, const Plan &plan, const Result &result,
   const Options &options = result.options;
   CostModelOptions base;
   base.overlap = !options.serial;
+  base.groupedGemm = options.groupedGemm;
   bool planHas2dh = false;
   for (const Variant &variant : plan.variants)
     planHas2dh = planHas2dh || twoDhRanksPerNode(plan, variant) > 0;

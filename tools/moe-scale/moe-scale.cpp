@@ -74,6 +74,9 @@ runtime's cost model (docs/CostModel.md, "Past the machines").
   --inter A,L,B         network per GPU: alpha s, s per peer, bytes/s
   --train               forward + backward (training plans)
   --serial              every step on one stream (no overlap)
+  --grouped-gemm IMPL   the CUDA grouped GEMMs' path: auto (default), device
+                        or cublas (runs measured before the device-sized
+                        kernel existed ran cublas)
   --capacity C          count capacity C (default: the plans' static bound)
   --memory GIB          GPU memory (default 80): a variant whose workspace
                         and arguments need more does not fit (marked !)
@@ -137,6 +140,14 @@ Status flex::moescale::parseOptions(int argc, char **argv, Options &options,
       if (Status s = parseLink(arg, text, link); !s)
         return s;
       (arg == "--intra" ? options.intra : options.inter) = link;
+    } else if (arg == "--grouped-gemm") {
+      if (Status s = value(text); !s)
+        return s;
+      RuntimeOptions runtime;
+      if (Status s = runtime.set("grouped_gemm", text); !s)
+        return bad("--grouped-gemm needs auto, device or cublas, got '" +
+                   text + "'");
+      options.groupedGemm = runtime.groupedGemm;
     } else if (arg == "--2dh-copies") {
       if (Status s = value(text); !s)
         return s;
