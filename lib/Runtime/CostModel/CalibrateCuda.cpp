@@ -267,6 +267,107 @@ Status calibrateGemm(cuda::KernelContext &ctx, Timer &timer, bool quick,
   return Status::ok();
 }
 
+/// The device-sized grouped GEMM's figures (DeviceProfile::deviceGemm), from
+/// four bf16 problems through cuda::groupedGemm with grouped_gemm=device,
+/// each time = launch + max(FLOPs / tile rate, weight bytes / (efficiency x
+/// bandwidth)) (docs/CostModel.md, "Which path a grouped GEMM takes"):
+///  - one row per expert of small weights: the launch;
+///  - 4 rows per expert of 64 decode-sized experts: the weight-read rate;
+///  - 32 rows per expert of the same (the small tile): its FLOP rate;
+///  - 1024 rows per expert of 8 large experts (the large tile): its rate.
+/// The device's bandwidth must be measured first (calibrateMemory).
+Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
+                           DeviceProfile &profile) {
+  DeviceGemmFigures figures;
+  std::string why;
+  if (!cuda::deviceGroupedGemmAvailable(ctx, &why)) {
+    figures.available = false;
+    figures.source = "moe-run --calibrate: " + why;
+    profile.deviceGemm = figures;
+    return Status::ok();
+  }
+  struct Problem {
+    int64_t groups, rows, k, n;
+  };
+  const Problem launch{8, 1, 256, 256}, decode{64, 4, 2048, 1408},
+      small{64, 32, 2048, 1408}, large{8, 1024, 2048, 2048};
+  size_t aBytes = 0, bBytes = 0, cBytes = 0;
+  for (const Problem &p : {launch, decode, small, large}) {
+    aBytes = std::max(aBytes, size_t(p.groups * p.rows * p.k) * 2);
+    bBytes = std::max(bBytes, size_t(p.groups * p.k * p.n) * 2);
+    cBytes = std::max(cBytes, size_t(p.groups * p.rows * p.n) * 2);
+  }
+  DeviceBuffer a, b, c, segments;
+  FLEX_CAL_CHECK(cudaMalloc(&a.data, aBytes), "calibration A");
+  FLEX_CAL_CHECK(cudaMalloc(&b.data, bBytes), "calibration B");
+  FLEX_CAL_CHECK(cudaMalloc(&c.data, cBytes), "calibration C");
+  FLEX_CAL_CHECK(cudaMalloc(&segments.data, (2 * 64 + 1) * sizeof(int32_t)),
+                 "calibration segments");
+  if (Status s = fillRandom(a.data, aBytes); !s)
+    return s;
+  if (Status s = fillRandom(b.data, bBytes); !s)
+    return s;
+  const GroupedGemmImpl saved = ctx.groupedGemm;
+  ctx.groupedGemm = GroupedGemmImpl::Device;
+  auto time = [&](const Problem &p, double &seconds) -> Status {
+    std::vector<int32_t> host(2 * p.groups + 1);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      host[g + 1] = host[g] + static_cast<int32_t>(p.rows);
+      host[p.groups + 1 + g] = static_cast<int32_t>(p.rows);
+    }
+    FLEX_CAL_CHECK(cudaMemcpy(segments.data, host.data(),
+                              host.size() * sizeof(int32_t),
+                              cudaMemcpyHostToDevice),
+                   "calibration segments");
+    cuda::ExpertRowSpace space;
+    space.offsets = static_cast<const int32_t *>(segments.data);
+    space.rows = space.offsets + p.groups + 1;
+    space.experts = p.groups;
+    space.rowBound = p.groups * p.rows;
+    return timer.adaptive(
+        [&] {
+          return cuda::groupedGemm(ctx, {a.data, DType::BF16},
+                                   {b.data, DType::BF16}, {},
+                                   {c.data, DType::BF16}, p.k, p.n, space,
+                                   GroupedGemmOptions{});
+        },
+        0.02, 50, seconds);
+  };
+  double launchS = 0, decodeS = 0, smallS = 0, largeS = 0;
+  Status status = time(launch, launchS);
+  if (status)
+    status = time(decode, decodeS);
+  if (status)
+    status = time(small, smallS);
+  if (status)
+    status = time(large, largeS);
+  ctx.groupedGemm = saved;
+  if (!status)
+    return status;
+  auto flops = [](const Problem &p) {
+    return 2.0 * double(p.groups * p.rows) * double(p.k) * double(p.n);
+  };
+  auto weightBytes = [](const Problem &p) {
+    return 2.0 * double(p.groups) * double(p.k) * double(p.n);
+  };
+  // Each figure from the part of its problem's time above the launch; a
+  // time at or below it keeps the default (it says nothing new).
+  figures.launchSeconds = launchS;
+  if (decodeS > launchS && profile.memoryBandwidth > 0)
+    figures.weightReadEfficiency = std::min(
+        1.0, weightBytes(decode) / ((decodeS - launchS) *
+                                    profile.memoryBandwidth));
+  if (smallS > launchS)
+    figures.smallFlopsPerSecond = flops(small) / (smallS - launchS);
+  if (largeS > launchS)
+    figures.largeFlopsPerSecond = flops(large) / (largeS - launchS);
+  figures.source = "moe-run --calibrate: four bf16 problems through the "
+                   "device-sized kernel (launch, weight read, small and "
+                   "large tile)";
+  profile.deviceGemm = figures;
+  return Status::ok();
+}
+
 /// Copy bandwidth (bytes read plus written, as getStepWork counts them) and
 /// the cost of one tiny step queued back to back (uniform_segments on one
 /// group): what an eager memory-bound step pays besides its bytes.
@@ -390,11 +491,14 @@ Status calibrateCuda(const CalibrationOptions &options,
     return s;
   if (Status s = calibrateMemory(*ctx, timer, options.quick, result); !s)
     return s;
+  if (Status s = calibrateDeviceGemm(*ctx, timer, result); !s)
+    return s;
   result.notes =
       "one GPU: gemm through cuda::groupedGemm (cuBLAS, fp32 accumulation, "
       "no TF32), 8 and 64 groups per point (ragged: skewed 1.5x/0.5x rows, "
       "one GEMM per group); memory a device copy, "
-      "launch a tiny step queued back to back (eager); collectives and "
+      "launch a tiny step queued back to back (eager); device_gemm four "
+      "problems through the device-sized grouped GEMM; collectives and "
       "overlap.compute_slowdown are the built-in figures, not measured";
   profile = std::move(result);
   return Status::ok();

@@ -629,3 +629,11 @@ Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
 }
 
 } // namespace flex::cuda::detail
+
+namespace flex::cuda {
+
+bool deviceGroupedGemmAvailable(const KernelContext &ctx, std::string *why) {
+  return detail::deviceGroupedGemmRuns(ctx, why);
+}
+
+} // namespace flex::cuda

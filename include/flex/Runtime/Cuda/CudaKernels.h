@@ -149,6 +149,12 @@ Status dispatch(KernelContext &ctx, ReadBuffer x, int64_t modelDim,
                 const Routing &routing, const ExpertRowSpace &space,
                 WriteBuffer dispatched);
 
+/// Whether this device and build can run the device-sized grouped GEMM that
+/// dynamic routings take under grouped_gemm=auto/device (compute capability
+/// 8.0+, sm_80 code in the build); the reason in *why when not.
+bool deviceGroupedGemmAvailable(const KernelContext &ctx,
+                                std::string *why = nullptr);
+
 Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                    ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
                    const ExpertRowSpace &space,
