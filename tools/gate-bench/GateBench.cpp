@@ -18,6 +18,8 @@
 
 #include "GateInternal.h"
 
+#include "CudaBenchSupport.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -36,23 +38,7 @@ using flex::cuda::detail::GatePath;
 
 namespace {
 
-#define CHECK(call)                                                            \
-  do {                                                                         \
-    cudaError_t err_ = (call);                                                 \
-    if (err_ != cudaSuccess) {                                                 \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,                  \
-                   cudaGetErrorString(err_));                                  \
-      std::exit(2);                                                            \
-    }                                                                          \
-  } while (0)
-
-double median(std::vector<double> values) {
-  if (values.empty())
-    return 0.0;
-  std::sort(values.begin(), values.end());
-  size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
+using flex::bench::median;
 
 struct Shape {
   const char *name;
@@ -66,14 +52,14 @@ struct Outputs {
   float *scores, *gates, *lAux;
   int32_t *indices, *locations, *capacity, *offsets, *rows;
   Outputs(int64_t T, int64_t E, int64_t k) {
-    CHECK(cudaMalloc(&scores, 4 * T * E));
-    CHECK(cudaMalloc(&gates, 4 * T * k));
-    CHECK(cudaMalloc(&lAux, 4));
-    CHECK(cudaMalloc(&indices, 4 * T * k));
-    CHECK(cudaMalloc(&locations, 4 * T * k));
-    CHECK(cudaMalloc(&capacity, 4));
-    CHECK(cudaMalloc(&offsets, 4 * (E + 1)));
-    CHECK(cudaMalloc(&rows, 4 * E));
+    FLEX_BENCH_CHECK(cudaMalloc(&scores, 4 * T * E));
+    FLEX_BENCH_CHECK(cudaMalloc(&gates, 4 * T * k));
+    FLEX_BENCH_CHECK(cudaMalloc(&lAux, 4));
+    FLEX_BENCH_CHECK(cudaMalloc(&indices, 4 * T * k));
+    FLEX_BENCH_CHECK(cudaMalloc(&locations, 4 * T * k));
+    FLEX_BENCH_CHECK(cudaMalloc(&capacity, 4));
+    FLEX_BENCH_CHECK(cudaMalloc(&offsets, 4 * (E + 1)));
+    FLEX_BENCH_CHECK(cudaMalloc(&rows, 4 * E));
   }
   ~Outputs() {
     for (void *p : std::initializer_list<void *>{
@@ -95,10 +81,10 @@ struct StageEvents {
     auto *self = static_cast<StageEvents *>(user);
     if (self->used == self->pool.size()) {
       cudaEvent_t event;
-      CHECK(cudaEventCreate(&event));
+      FLEX_BENCH_CHECK(cudaEventCreate(&event));
       self->pool.push_back(event);
     }
-    CHECK(cudaEventRecord(self->pool[self->used], self->stream));
+    FLEX_BENCH_CHECK(cudaEventRecord(self->pool[self->used], self->stream));
     self->names.resize(self->used + 1);
     self->names[self->used++] = stage;
   }
@@ -107,20 +93,21 @@ struct StageEvents {
 double copyBandwidth(cudaStream_t stream) {
   const size_t bytes = size_t{256} << 20;
   void *a = nullptr, *b = nullptr;
-  CHECK(cudaMalloc(&a, bytes));
-  CHECK(cudaMalloc(&b, bytes));
-  CHECK(cudaMemset(a, 1, bytes));
+  FLEX_BENCH_CHECK(cudaMalloc(&a, bytes));
+  FLEX_BENCH_CHECK(cudaMalloc(&b, bytes));
+  FLEX_BENCH_CHECK(cudaMemset(a, 1, bytes));
   cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
+  FLEX_BENCH_CHECK(cudaEventCreate(&start));
+  FLEX_BENCH_CHECK(cudaEventCreate(&stop));
   std::vector<double> times;
   for (int i = 0; i < 12; ++i) {
-    CHECK(cudaEventRecord(start, stream));
-    CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
-    CHECK(cudaEventRecord(stop, stream));
-    CHECK(cudaEventSynchronize(stop));
+    FLEX_BENCH_CHECK(cudaEventRecord(start, stream));
+    FLEX_BENCH_CHECK(
+        cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
+    FLEX_BENCH_CHECK(cudaEventRecord(stop, stream));
+    FLEX_BENCH_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    FLEX_BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
     if (i >= 2)
       times.push_back(ms * 1e-3);
   }
@@ -139,8 +126,8 @@ PathTimes timePath(cuda::KernelContext &ctx, const float *logits,
                    GatePath path, int iters) {
   cudaStream_t stream = ctx.stream();
   cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
+  FLEX_BENCH_CHECK(cudaEventCreate(&start));
+  FLEX_BENCH_CHECK(cudaEventCreate(&stop));
   auto run = [&](StageEvents *events) {
     Status status = cuda::detail::gateWith(
         ctx, logits, s.tokens, s.experts, attrs, out.view(), path,
@@ -152,27 +139,27 @@ PathTimes timePath(cuda::KernelContext &ctx, const float *logits,
   };
   for (int i = 0; i < 3; ++i)
     run(nullptr);
-  CHECK(cudaStreamSynchronize(stream));
+  FLEX_BENCH_CHECK(cudaStreamSynchronize(stream));
   std::vector<double> totals;
   std::map<std::string, std::vector<double>> perStage;
   std::vector<std::string> order;
   StageEvents events{stream, {}, {}, 0};
   for (int i = 0; i < iters; ++i) {
-    CHECK(cudaEventRecord(start, stream));
+    FLEX_BENCH_CHECK(cudaEventRecord(start, stream));
     run(nullptr);
-    CHECK(cudaEventRecord(stop, stream));
-    CHECK(cudaEventSynchronize(stop));
+    FLEX_BENCH_CHECK(cudaEventRecord(stop, stream));
+    FLEX_BENCH_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    FLEX_BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
     totals.push_back(ms * 1e3);
     // The same gate with an event after each launch.
     events.used = 0;
-    CHECK(cudaEventRecord(start, stream));
+    FLEX_BENCH_CHECK(cudaEventRecord(start, stream));
     run(&events);
-    CHECK(cudaStreamSynchronize(stream));
+    FLEX_BENCH_CHECK(cudaStreamSynchronize(stream));
     cudaEvent_t previous = start;
     for (size_t e = 0; e < events.used; ++e) {
-      CHECK(cudaEventElapsedTime(&ms, previous, events.pool[e]));
+      FLEX_BENCH_CHECK(cudaEventElapsedTime(&ms, previous, events.pool[e]));
       if (!perStage.count(events.names[e]))
         order.push_back(events.names[e]);
       perStage[events.names[e]].push_back(ms * 1e3);
@@ -190,8 +177,8 @@ PathTimes timePath(cuda::KernelContext &ctx, const float *logits,
 
 template <typename T> std::vector<T> download(const T *device, int64_t count) {
   std::vector<T> host(static_cast<size_t>(count));
-  CHECK(cudaMemcpy(host.data(), device, sizeof(T) * count,
-                   cudaMemcpyDeviceToHost));
+  FLEX_BENCH_CHECK(cudaMemcpy(host.data(), device, sizeof(T) * count,
+                              cudaMemcpyDeviceToHost));
   return host;
 }
 
@@ -238,7 +225,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  FLEX_BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double bandwidth = copyBandwidth(ctx->stream());
   std::printf("gpu: %s, copy bandwidth %.0f GB/s (read + write), %d runs\n",
               prop.name, bandwidth * 1e-9, iters);
@@ -269,8 +256,9 @@ int main(int argc, char **argv) {
     for (int64_t t = 0; t < T; t += 7) // exact ties
       host[t * E + E - 1] = host[t * E];
     float *logits = nullptr;
-    CHECK(cudaMalloc(&logits, 4 * T * E));
-    CHECK(cudaMemcpy(logits, host.data(), 4 * T * E, cudaMemcpyHostToDevice));
+    FLEX_BENCH_CHECK(cudaMalloc(&logits, 4 * T * E));
+    FLEX_BENCH_CHECK(
+        cudaMemcpy(logits, host.data(), 4 * T * E, cudaMemcpyHostToDevice));
     GateAttrs attrs;
     attrs.topK = s.k;
     attrs.capacityMode = CapacityMode::Fixed;

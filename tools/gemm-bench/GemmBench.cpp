@@ -21,6 +21,8 @@
 
 #include "GroupedGemmInternal.h"
 
+#include "CudaBenchSupport.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -39,15 +41,7 @@ using flex::cuda::detail::GroupedGemmPath;
 
 namespace {
 
-#define CHECK(call)                                                            \
-  do {                                                                         \
-    cudaError_t err_ = (call);                                                 \
-    if (err_ != cudaSuccess) {                                                 \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,                  \
-                   cudaGetErrorString(err_));                                  \
-      std::exit(2);                                                            \
-    }                                                                          \
-  } while (0)
+using flex::bench::median;
 #define CHECK_STATUS(expr)                                                     \
   do {                                                                         \
     Status s_ = (expr);                                                        \
@@ -57,12 +51,6 @@ namespace {
       std::exit(2);                                                            \
     }                                                                          \
   } while (0)
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
 
 enum class Op { Fc1, Fc2, Dgrad, Wgrad };
 const char *opName(Op op) {
@@ -117,7 +105,7 @@ std::vector<int32_t> rowCounts(const Shape &s, std::mt19937_64 &rng) {
 struct DeviceArray {
   void *data = nullptr;
   explicit DeviceArray(int64_t bytes) {
-    CHECK(cudaMalloc(&data, std::max<int64_t>(bytes, 16)));
+    FLEX_BENCH_CHECK(cudaMalloc(&data, std::max<int64_t>(bytes, 16)));
   }
   ~DeviceArray() { cudaFree(data); }
 };
@@ -136,8 +124,9 @@ void fillRandom(void *data, int64_t count, std::mt19937_64 &rng, double scale) {
     v = static_cast<uint16_t>(bits >> 16); // bf16 by truncation
   }
   for (int64_t done = 0; done < count; done += pool)
-    CHECK(cudaMemcpy(static_cast<uint16_t *>(data) + done, host.data(),
-                     2 * std::min(pool, count - done), cudaMemcpyHostToDevice));
+    FLEX_BENCH_CHECK(cudaMemcpy(static_cast<uint16_t *>(data) + done,
+                                host.data(), 2 * std::min(pool, count - done),
+                                cudaMemcpyHostToDevice));
 }
 
 /// Relative L2 of x against y over at most 4M evenly spaced elements.
@@ -145,10 +134,10 @@ double relativeError(const void *x, const void *y, int64_t count) {
   const int64_t stride = std::max<int64_t>(1, count >> 22);
   const int64_t samples = (count + stride - 1) / stride;
   std::vector<uint16_t> a(samples), b(samples);
-  CHECK(cudaMemcpy2D(a.data(), 2, x, 2 * stride, 2, samples,
-                     cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy2D(b.data(), 2, y, 2 * stride, 2, samples,
-                     cudaMemcpyDeviceToHost));
+  FLEX_BENCH_CHECK(cudaMemcpy2D(a.data(), 2, x, 2 * stride, 2, samples,
+                                cudaMemcpyDeviceToHost));
+  FLEX_BENCH_CHECK(cudaMemcpy2D(b.data(), 2, y, 2 * stride, 2, samples,
+                                cudaMemcpyDeviceToHost));
   auto value = [](uint16_t v) {
     uint32_t bits = static_cast<uint32_t>(v) << 16;
     float f;
@@ -173,8 +162,9 @@ double copyBandwidth() {
   std::vector<double> times;
   for (int i = 0; i < 12; ++i) {
     auto start = std::chrono::steady_clock::now();
-    CHECK(cudaMemcpy(dst.data, src.data, bytes, cudaMemcpyDeviceToDevice));
-    CHECK(cudaDeviceSynchronize());
+    FLEX_BENCH_CHECK(
+        cudaMemcpy(dst.data, src.data, bytes, cudaMemcpyDeviceToDevice));
+    FLEX_BENCH_CHECK(cudaDeviceSynchronize());
     if (i >= 2)
       times.push_back(std::chrono::duration<double>(
                           std::chrono::steady_clock::now() - start)
@@ -187,7 +177,7 @@ int run(int iters, const std::string &only) {
   std::unique_ptr<cuda::KernelContext> ctx;
   CHECK_STATUS(cuda::KernelContext::create(ctx));
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  FLEX_BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double copyBytesPerS = copyBandwidth();
   std::printf("device: %s; copy bandwidth %.2f TB/s (read + write)\n",
               prop.name, copyBytesPerS / 1e12);
@@ -224,9 +214,10 @@ int run(int iters, const std::string &only) {
     for (int32_t r : rows)
       touched += r > 0;
     DeviceArray dOffsets(4 * (E + 1)), dRows(4 * E);
-    CHECK(cudaMemcpy(dOffsets.data, offsets.data(), 4 * (E + 1),
-                     cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(dRows.data, rows.data(), 4 * E, cudaMemcpyHostToDevice));
+    FLEX_BENCH_CHECK(cudaMemcpy(dOffsets.data, offsets.data(), 4 * (E + 1),
+                                cudaMemcpyHostToDevice));
+    FLEX_BENCH_CHECK(
+        cudaMemcpy(dRows.data, rows.data(), 4 * E, cudaMemcpyHostToDevice));
     cuda::ExpertRowSpace space;
     space.offsets = static_cast<const int32_t *>(dOffsets.data);
     space.rows = static_cast<const int32_t *>(dRows.data);
@@ -267,10 +258,10 @@ int run(int iters, const std::string &only) {
       auto time = [&](GroupedGemmPath path, bool batched, void *out) {
         std::vector<double> t;
         for (int i = 0; i < iters + 3; ++i) {
-          CHECK(cudaStreamSynchronize(ctx->stream()));
+          FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
           auto start = std::chrono::steady_clock::now();
           CHECK_STATUS(call(path, batched, out));
-          CHECK(cudaStreamSynchronize(ctx->stream()));
+          FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
           if (i >= 3)
             t.push_back(std::chrono::duration<double, std::micro>(
                             std::chrono::steady_clock::now() - start)
@@ -319,12 +310,12 @@ int run(int iters, const std::string &only) {
               std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"}}) {
           std::vector<double> t;
           for (int i = 0; i < iters + 3; ++i) {
-            CHECK(cudaStreamSynchronize(ctx->stream()));
+            FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
             auto start = std::chrono::steady_clock::now();
             CHECK_STATUS(cuda::detail::deviceGroupedGemm(
                 *ctx, a.data, b.data, outDevice, dt, k, n, space,
                 options.transB, false, tiles));
-            CHECK(cudaStreamSynchronize(ctx->stream()));
+            FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
             if (i >= 3)
               t.push_back(std::chrono::duration<double, std::micro>(
                               std::chrono::steady_clock::now() - start)

@@ -1,0 +1,46 @@
+//===- CudaBenchSupport.h - What the CUDA benchmark tools share -*- C++ -*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// The pieces flex-gate-bench and flex-gemm-bench share: a CUDA call that
+// must succeed (the tool stops with exit 2 naming the call's place), and the
+// median of timings.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef TOOLS_BENCHSUPPORT_CUDABENCHSUPPORT_H
+#define TOOLS_BENCHSUPPORT_CUDABENCHSUPPORT_H
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define FLEX_BENCH_CHECK(call)                                                 \
+  do {                                                                         \
+    cudaError_t err_ = (call);                                                 \
+    if (err_ != cudaSuccess) {                                                 \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,                  \
+                   cudaGetErrorString(err_));                                  \
+      std::exit(2);                                                            \
+    }                                                                          \
+  } while (0)
+
+namespace flex::bench {
+
+/// The median of `values` (0 when empty).
+inline double median(std::vector<double> values) {
+  if (values.empty())
+    return 0.0;
+  std::sort(values.begin(), values.end());
+  size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+} // namespace flex::bench
+
+#endif // TOOLS_BENCHSUPPORT_CUDABENCHSUPPORT_H
