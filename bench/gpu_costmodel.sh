@@ -5,7 +5,7 @@
 #   1. build moe-run with CUDA (runtime only: the GPU machine has no MLIR),
 #   2. moe-run --calibrate $OUT/profile.json --device cuda with the
 #      calibration plans bench/costmodel_plans/calib/*.json (other layers
-#      than the 32 judged below): the GEMM grid, then each step kind's fixed
+#      than the 39 judged below): the GEMM grid, then each step kind's fixed
 #      cost and rate fitted to those plans' timed steps,
 #   3. every plan of bench/costmodel_plans (bench/make_costmodel_plans.sh
 #      made them here; they are committed, so no carry) with --explain
@@ -21,7 +21,7 @@ OUT="${OUT:-$root/bench/out}"
 BUILD="$root/build-gpu"
 ITERS="${COSTMODEL_ITERS:-20}"
 DEADLINE="${DEADLINE:-420}"
-# The benchmark over two calls (the 32 layers do not fit one call's 600 s
+# The benchmark over two calls (the 39 layers do not fit one call's 600 s
 # with the calibration): PROFILE=a profile from an earlier call (carried)
 # skips the calibration, LAYERS="l2*" (a glob) runs some layers only.
 PROFILE="${PROFILE:-}"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The cost model's accuracy benchmark, part 1 (HERE, where the compiler is):
-# writes 32 single-rank MoE layers from a template and compiles each to a
+# writes 39 single-rank MoE layers from a template and compiles each to a
 # plan in bench/costmodel_plans/<name>.json. bench/gpu_costmodel.sh runs them
 # on the GPU against a profile calibrated in the same call
 # (docs/CostModel.md, "The accuracy benchmark"). The layers vary T, d, h, E,
 # k, the capacity (fixed 1.0, 1.25, dropless), the dtype (bf16, a few f32),
 # the expert FFN (relu, gelu, gated SwiGLU) and training or inference; their
 # weights stay modest so each GPU run takes a few seconds. Dropless layers
-# carry two variants, ragged and padded (layouts=padded,ragged).
+# and three fixed ones carry two variants, ragged and padded
+# (layouts=padded,ragged); l33-l36 are decode-sized.
 # usage: bench/make_costmodel_plans.sh [BUILD_DIR]   (default: build)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -56,10 +57,24 @@ layers=(
   "l30 4096 1024 1408 64 6 fixed:1.25 bf16 gelu infer"
   "l31 16384 4096 2048 8 2 dropless bf16 gated infer"
   "l32 1024 1024 1024 64 2 dropless bf16 relu train"
+  # Decode-sized (few tokens, many experts): the device-sized grouped GEMM's
+  # regime, priced from the profile's device_gemm.
+  "l33 256 2048 1408 64 6 dropless bf16 relu infer"
+  "l34 128 4096 1536 64 8 dropless bf16 gated infer"
+  "l35 512 2048 1408 64 6 dropless bf16 relu infer"
+  "l36 64 2048 1408 64 6 dropless bf16 relu infer"
+  # Fixed capacities with both row layouts (padded: one batched GEMM over
+  # E * C rows; ragged: the kept rows only, sized on the device): more
+  # choices for the pick metric.
+  "l37 4096 1024 2048 16 2 fixed:1.25 bf16 relu train"
+  "l38 16384 2048 1408 64 6 fixed:1.25 bf16 relu infer"
+  "l39 1024 2048 1408 64 6 fixed:1.0 bf16 relu infer"
 )
+# Fixed-capacity layers that also keep both layouts.
+two_layouts=" l37 l38 l39 "
 
 # The calibration set (bench/costmodel_plans/calib/): other shapes than the
-# 32 above, so the per-step figures fitted from them (moe-run --calibrate
+# 39 above, so the per-step figures fitted from them (moe-run --calibrate
 # PROFILE calib/*.json) are judged on layers they never saw.
 calibration=(
   "c01 2048 1024 2816 16 2 fixed:1.0 bf16 relu train"
@@ -108,7 +123,9 @@ for spec in "${layers[@]}" "${calibration[@]}"; do
   training=false; [[ $mode == train ]] && training=true
   # Dropless layers keep both expert row layouts as variants (one GPU's
   # choice, docs/CostModel.md): ragged first (the default), then padded.
-  layouts=""; [[ $cap == dropless ]] && layouts=" layouts=padded,ragged"
+  layouts=""
+  [[ $cap == dropless || $two_layouts == *" $name "* ]] &&
+    layouts=" layouts=padded,ragged"
   plan="$out/$name.$mode.json"
   [[ $name == c* ]] && plan="$out/calib/$name.$mode.json"
   "$opt" "$tmp/$name.mlir" --moe-lower-to-plan="training=$training$layouts" \
