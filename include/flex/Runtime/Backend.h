@@ -89,6 +89,12 @@ public:
   /// The stream the next steps go to (a cudaStream_t on CUDA). The CPU
   /// backend accepts only null.
   virtual Status setStream(void *stream);
+  /// That stream (null: the backend has none, or its own default).
+  virtual void *currentStream() const { return nullptr; }
+  /// Whether work queued now would be recorded into a graph rather than run
+  /// (a caller's CUDA graph capture on the backend's stream): host round
+  /// trips (allocation, copies, waits) must wait for a later call then.
+  virtual bool isRecording() const { return false; }
 
   /// Memory for the workspace, in the backend's memory space.
   virtual void *allocate(int64_t bytes, int64_t alignment);

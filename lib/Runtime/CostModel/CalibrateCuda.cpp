@@ -324,6 +324,8 @@ Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
     space.rows = space.offsets + p.groups + 1;
     space.experts = p.groups;
     space.rowBound = p.groups * p.rows;
+    // New counts at the same address: no host copy of old ones is reused.
+    ++ctx.generation;
     return timer.adaptive(
         [&] {
           return cuda::groupedGemm(ctx, {a.data, DType::BF16},

@@ -412,9 +412,24 @@ Status CudaBackend::copyToHost(void *hostDst, const void *src, int64_t bytes) {
 
 Status CudaBackend::copyFromHost(void *dst, const void *hostSrc,
                                  int64_t bytes) {
-  return cuda::checkCuda(cudaMemcpy(dst, hostSrc, static_cast<size_t>(bytes),
-                                    cudaMemcpyHostToDevice),
+  // On the compute stream, so what is queued there next reads it (the
+  // caller's stream may be a non-blocking one).
+  return cuda::checkCuda(cudaMemcpyAsync(dst, hostSrc,
+                                         static_cast<size_t>(bytes),
+                                         cudaMemcpyHostToDevice,
+                                         ctx_->stream()),
                          "copying a buffer from the host");
+}
+
+void *CudaBackend::currentStream() const { return ctx_->stream(); }
+
+bool CudaBackend::isRecording() const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(ctx_->stream(), &status) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return status != cudaStreamCaptureStatusNone;
 }
 
 Status CudaBackend::recordTimestamp(int32_t marker) {

@@ -73,6 +73,8 @@ public:
   bool isHostMemory() const override { return false; }
   Status copyToHost(void *hostDst, const void *src, int64_t bytes) override;
   Status copyFromHost(void *dst, const void *hostSrc, int64_t bytes) override;
+  void *currentStream() const override;
+  bool isRecording() const override;
 
   bool hasDeviceTimer() const override { return true; }
   Status recordTimestamp(int32_t marker) override;

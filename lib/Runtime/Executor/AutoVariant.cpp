@@ -62,6 +62,12 @@ Status allReduceMaxOnHost(Communicator &communicator, Backend &backend,
                           std::string_view what) {
   if (communicator.memory() == CommMemory::Host)
     return communicator.allReduceMaxInt32(values, count, what);
+  // The reduction goes on the backend's stream, after the copy in and
+  // before the wait below (a device communicator keeps the stream of its
+  // last collective step otherwise).
+  if (void *stream = backend.currentStream())
+    if (Status status = communicator.setStream(stream); !status)
+      return status;
   const int64_t bytes = count * static_cast<int64_t>(sizeof(int32_t));
   void *device = backend.allocate(bytes, 256);
   if (!device)
@@ -115,6 +121,12 @@ Status Executor::agreeOnProfile() {
   // On a mismatch every rank sees it and takes the built-in profile, so the
   // ranks still agree.
   if (communicator_ && communicator_->size() > 1) {
+    // Inside a caller's graph capture a device round trip cannot run: the
+    // check waits for an eager call (the choice meanwhile uses this rank's
+    // profile, as every rank's first calls do).
+    if (communicator_->memory() == CommMemory::Device &&
+        backend_->isRecording())
+      return Status::ok();
     const uint32_t hash = static_cast<uint32_t>(std::hash<std::string>()(
                               writeProfile(costModel_->profile()))) &
                           0x7fffffffu;
@@ -244,8 +256,11 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
     return Status::ok();
   }
   // Several ranks decide once the bucket's exploration is over, every rank
-  // at the same call (the same calls and counters on every rank).
-  if (explore >= 0)
+  // at the same call (the same calls and counters on every rank); not
+  // inside a caller's graph capture (a device round trip), where the
+  // model's pick runs until an eager call agrees.
+  if (explore >= 0 || (communicator_->memory() == CommMemory::Device &&
+                       backend_->isRecording()))
     return Status::ok();
   if (Status status = agreeOnMeasurements(bucket, meanUs); !status)
     return status;
