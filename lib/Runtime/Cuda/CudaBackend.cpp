@@ -140,6 +140,29 @@ bool hasDeviceCommunicator(const std::shared_ptr<Communicator> &comm) {
   return comm && comm->memory() == CommMemory::Device;
 }
 
+/// Whether every grouped GEMM of `variant` fits the device-sized kernel's
+/// grid at its buffers' declared rows (else the pass would need the host
+/// read, which a graph cannot record).
+bool gemmGridsFit(const Plan &plan, const Variant &variant) {
+  for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
+    for (const Step &step : *steps) {
+      if (step.op != StepOp::GroupedGemm &&
+          step.op != StepOp::GroupedGemmWgrad)
+        continue;
+      const BufferDesc &a = plan.getBuffer(step.in(OperandRole::A));
+      const BufferRef weights = step.op == StepOp::GroupedGemm
+                                    ? step.in(OperandRole::B)
+                                    : step.out(OperandRole::GradB);
+      const std::vector<int64_t> &shape = plan.getBuffer(weights).shape;
+      const int64_t groups = shape.size() >= 3 ? shape.front() : 1;
+      if (a.shape.size() < 2 ||
+          !cuda::detail::deviceGroupedGemmGridFits(a.shape.front(), groups,
+                                                   a.shape.back()))
+        return false;
+    }
+  return true;
+}
+
 } // namespace
 
 CudaBackend::CudaBackend(int device,
@@ -478,7 +501,7 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
       ctx_->groupedGemm == GroupedGemmImpl::Device &&
       (plan.layer.dtype == DType::BF16 || plan.layer.dtype == DType::F16) &&
       plan.layer.modelDim % 8 == 0 && hiddenPerRank % 8 == 0 &&
-      cuda::detail::deviceGroupedGemmRuns(*ctx_);
+      cuda::detail::deviceGroupedGemmRuns(*ctx_) && gemmGridsFit(plan, v);
   bool anyGate = false;
   for (const Step &step : v.forward)
     if (step.op == StepOp::Gate) {

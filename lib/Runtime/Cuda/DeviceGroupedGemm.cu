@@ -506,6 +506,12 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 } // namespace
 
+bool deviceGroupedGemmGridFits(int64_t rowBound, int64_t experts, int64_t k) {
+  return (rowBound + SmallTiles::BM - 1) / SmallTiles::BM + experts <=
+             kMaxGridYZ &&
+         experts <= kMaxGridYZ && k / LargeTiles::BM < kMaxGridYZ;
+}
+
 bool deviceGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
   if (ctx.computeCapability() < 80) {
     if (reason)
@@ -552,10 +558,7 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
     return refuse("rows of " + std::to_string(k) + " and " + std::to_string(n) +
                   " elements must be 16-byte aligned for the device-sized "
                   "grouped GEMM");
-  if ((space.rowBound + SmallTiles::BM - 1) / SmallTiles::BM +
-              space.experts >
-          kMaxGridYZ ||
-      space.experts > kMaxGridYZ || k / LargeTiles::BM >= kMaxGridYZ)
+  if (!deviceGroupedGemmGridFits(space.rowBound, space.experts, k))
     return refuse("the device-sized grouped GEMM's grid would exceed 65535 "
                   "blocks in y or z");
   if (space.rowBound > INT32_MAX || k > INT32_MAX || n > INT32_MAX)

@@ -25,6 +25,11 @@ namespace flex::cuda::detail {
 bool deviceGroupedGemmRuns(const KernelContext &ctx,
                            std::string *reason = nullptr);
 
+/// Whether the kernel's grid fits CUDA's limits (65535 blocks in y and z)
+/// for `rowBound` rows over `experts` groups and a K (or weight-gradient M)
+/// of `k`.
+bool deviceGroupedGemmGridFits(int64_t rowBound, int64_t experts, int64_t k);
+
 /// Whether the device kernel can run a grouped GEMM of these operands:
 /// bf16 or f16 (fp32 accumulation), rows of k and n elements 16-byte aligned,
 /// a dynamic row space, and a device of compute capability 8.0 or newer.
