@@ -173,6 +173,142 @@ double copyBandwidth() {
   return 2.0 * bytes / median(times);
 }
 
+/// Median host microseconds of `body` (queued on the context's stream) from
+/// the call to the end of the stream, after 3 warm-up calls.
+template <typename Body>
+double hostMicros(cuda::KernelContext &ctx, int iters, Body &&body) {
+  std::vector<double> t;
+  for (int i = 0; i < iters + 3; ++i) {
+    FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx.stream()));
+    auto start = std::chrono::steady_clock::now();
+    CHECK_STATUS(body());
+    FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx.stream()));
+    if (i >= 3)
+      t.push_back(std::chrono::duration<double, std::micro>(
+                      std::chrono::steady_clock::now() - start)
+                      .count());
+  }
+  return median(t);
+}
+
+/// One shape's routing: its row counts on the host and the device.
+struct Routed {
+  std::vector<int32_t> rows;
+  int64_t experts = 0, totalRows = 0;
+  int touched = 0;     ///< experts with rows
+  bool uniform = true; ///< every expert has the same rows
+  DeviceArray offsets, rowsOnDevice;
+  cuda::ExpertRowSpace space;
+
+  Routed(const Shape &s, std::mt19937_64 &rng)
+      : rows(rowCounts(s, rng)), experts(s.experts),
+        offsets(4 * (s.experts + 1)), rowsOnDevice(4 * s.experts) {
+    std::vector<int32_t> host(experts + 1, 0);
+    for (int64_t e = 0; e < experts; ++e) {
+      host[e + 1] = host[e] + rows[e];
+      touched += rows[e] > 0;
+      uniform = uniform && rows[e] == rows[0];
+    }
+    totalRows = host[experts];
+    FLEX_BENCH_CHECK(cudaMemcpy(offsets.data, host.data(), 4 * (experts + 1),
+                                cudaMemcpyHostToDevice));
+    FLEX_BENCH_CHECK(cudaMemcpy(rowsOnDevice.data, rows.data(), 4 * experts,
+                                cudaMemcpyHostToDevice));
+    space.offsets = static_cast<const int32_t *>(offsets.data);
+    space.rows = static_cast<const int32_t *>(rowsOnDevice.data);
+    space.experts = experts;
+    space.rowBound = totalRows;
+  }
+};
+
+/// Times `op` of shape `s` on the device kernel, cuBLAS per expert and (for
+/// uniform rows) cuBLAS strided-batched, then each tile of the kernel;
+/// prints its rows. False when the kernel refused or the outputs differ.
+bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
+             int iters, double copyBytesPerS, std::mt19937_64 &rng) {
+  // fc1: [R, d] x [d, h]; fc2: [R, h] x [h, d]; dgrad1: [R, h] x w1^T
+  // ([d, h] used transposed); wgrad1: [d, R] x [R, h].
+  const bool wgrad = op == Op::Wgrad;
+  const int64_t k = op == Op::Fc2 || op == Op::Dgrad ? s.h : s.d;
+  const int64_t n = op == Op::Fc2 || op == Op::Dgrad ? s.d : s.h;
+  const int64_t E = r.experts, R = r.totalRows;
+  const DType dt = DType::BF16;
+  // a, then b (forward) or grad_c (weight gradient), then one output each
+  // for the device kernel, cuBLAS per expert and cuBLAS batched.
+  const int64_t outCount = wgrad ? E * k * n : R * n;
+  const int64_t secondCount = wgrad ? R * n : E * k * n;
+  DeviceArray a(2 * R * k), second(2 * secondCount), outDevice(2 * outCount),
+      outCublas(2 * outCount), outBatched(2 * outCount);
+  fillRandom(a.data, R * k, rng, 1.0);
+  fillRandom(second.data, secondCount, rng,
+             wgrad ? 1.0 : 1.0 / std::sqrt(double(k)));
+  GroupedGemmOptions options;
+  options.transB = op == Op::Dgrad;
+  auto call = [&](GroupedGemmPath path, bool batched, void *out) {
+    cuda::ExpertRowSpace sp = r.space;
+    if (batched)
+      sp.staticCapacity = r.rows[0];
+    // A new routing each call: the cuBLAS path reads its counts again.
+    ++ctx.generation;
+    if (wgrad)
+      return cuda::detail::groupedGemmWgradWith(ctx, {a.data, dt},
+                                                {second.data, dt}, k, n, sp,
+                                                {out, dt}, {}, false, path);
+    return cuda::detail::groupedGemmWith(ctx, {a.data, dt}, {second.data, dt},
+                                         {}, {out, dt}, k, n, sp, options, {},
+                                         path);
+  };
+  auto time = [&](GroupedGemmPath path, bool batched, void *out) {
+    return hostMicros(ctx, iters, [&] { return call(path, batched, out); });
+  };
+  std::string reason;
+  if (!cuda::detail::deviceGroupedGemmApplies(
+          ctx, dt, k, n, r.space, {a.data, second.data, outDevice.data},
+          &reason)) {
+    std::printf("%-16s %-6s device kernel refused: %s\n", s.name.c_str(),
+                opName(op), reason.c_str());
+    return false;
+  }
+  const double dev = time(GroupedGemmPath::Device, false, outDevice.data);
+  const double cub = time(GroupedGemmPath::Cublas, false, outCublas.data);
+  const double err = relativeError(outDevice.data, outCublas.data, outCount);
+  const double batched =
+      r.uniform ? time(GroupedGemmPath::Cublas, true, outBatched.data) : NAN;
+  const double flops = 2.0 * R * k * n;
+  const double floorUs =
+      wgrad ? NAN : 2.0 * r.touched * k * n / copyBytesPerS * 1e6;
+  const double best = std::isnan(batched) ? cub : std::min(cub, batched);
+  std::printf("%-16s %-6s %7lld %7.1f %6lld | %10.1f %10.1f %10.1f | "
+              "%8.1f %8.1f | %.2fx%s\n",
+              s.name.c_str(), opName(op), static_cast<long long>(R),
+              double(R) / E, static_cast<long long>(E), dev, cub, batched,
+              flops / dev / 1e6, floorUs, dev / best,
+              err <= 2e-2 ? "" : "  MISMATCH");
+  bool ok = err <= 2e-2;
+  if (!ok)
+    std::printf("  relative L2 device vs cuBLAS: %.3g\n", err);
+  if (wgrad)
+    return ok;
+  // Each CTA tile of the kernel on the same problem.
+  std::printf("%-16s %-6s tiles:", "", "");
+  for (auto [tiles, name] :
+       {std::pair{cuda::detail::DeviceTiles::Small, "small 32x128"},
+        std::pair{cuda::detail::DeviceTiles::Large, "large 128x128"},
+        std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"}}) {
+    const double us = hostMicros(ctx, iters, [&] {
+      return cuda::detail::deviceGroupedGemm(ctx, a.data, second.data,
+                                             outDevice.data, dt, k, n, r.space,
+                                             options.transB, false, tiles);
+    });
+    const double e = relativeError(outDevice.data, outCublas.data, outCount);
+    std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
+                e <= 2e-2 ? "" : " MISMATCH");
+    ok = ok && e <= 2e-2;
+  }
+  std::printf("\n");
+  return ok;
+}
+
 int run(int iters, const std::string &only) {
   std::unique_ptr<cuda::KernelContext> ctx;
   CHECK_STATUS(cuda::KernelContext::create(ctx));
@@ -202,134 +338,9 @@ int run(int iters, const std::string &only) {
     if (!only.empty() &&
         ("," + only + ",").find("," + s.name + ",") == std::string::npos)
       continue;
-    std::vector<int32_t> rows = rowCounts(s, rng);
-    const int64_t E = s.experts;
-    std::vector<int32_t> offsets(E + 1, 0);
-    for (int64_t e = 0; e < E; ++e)
-      offsets[e + 1] = offsets[e] + rows[e];
-    const int64_t R = offsets[E];
-    bool uniform = std::all_of(rows.begin(), rows.end(),
-                               [&](int32_t r) { return r == rows[0]; });
-    int touched = 0;
-    for (int32_t r : rows)
-      touched += r > 0;
-    DeviceArray dOffsets(4 * (E + 1)), dRows(4 * E);
-    FLEX_BENCH_CHECK(cudaMemcpy(dOffsets.data, offsets.data(), 4 * (E + 1),
-                                cudaMemcpyHostToDevice));
-    FLEX_BENCH_CHECK(
-        cudaMemcpy(dRows.data, rows.data(), 4 * E, cudaMemcpyHostToDevice));
-    cuda::ExpertRowSpace space;
-    space.offsets = static_cast<const int32_t *>(dOffsets.data);
-    space.rows = static_cast<const int32_t *>(dRows.data);
-    space.experts = E;
-    space.rowBound = R;
-    for (Op op : s.ops) {
-      // fc1: [R, d] x [d, h]; fc2: [R, h] x [h, d]; dgrad1: [R, h] x
-      // w1^T ([d, h] used transposed); wgrad1: [d, R] x [R, h].
-      int64_t k = op == Op::Fc1 ? s.d : s.h, n = op == Op::Fc1 ? s.h : s.d;
-      if (op == Op::Wgrad) {
-        k = s.d;
-        n = s.h;
-      }
-      const DType dt = DType::BF16;
-      DeviceArray a(2 * R * k), b(2 * E * k * n), c1(2 * R * n), c2(2 * R * n),
-          c3(2 * R * n);
-      DeviceArray gB1(2 * E * k * n), gB2(2 * E * k * n), gB3(2 * E * k * n);
-      fillRandom(a.data, R * k, rng, 1.0);
-      fillRandom(op == Op::Wgrad ? c1.data : b.data,
-                 op == Op::Wgrad ? R * n : E * k * n, rng,
-                 op == Op::Wgrad ? 1.0 : 1.0 / std::sqrt(double(k)));
-      GroupedGemmOptions options;
-      options.transB = op == Op::Dgrad;
-      auto call = [&](GroupedGemmPath path, bool batched, void *out) {
-        cuda::ExpertRowSpace sp = space;
-        if (batched)
-          sp.staticCapacity = rows[0];
-        // A new routing each call: the cuBLAS path reads its counts again.
-        ++ctx->generation;
-        if (op == Op::Wgrad)
-          return cuda::detail::groupedGemmWgradWith(*ctx, {a.data, dt},
-                                                    {c1.data, dt}, k, n, sp,
-                                                    {out, dt}, {}, false, path);
-        return cuda::detail::groupedGemmWith(*ctx, {a.data, dt}, {b.data, dt},
-                                             {}, {out, dt}, k, n, sp, options,
-                                             {}, path);
-      };
-      auto time = [&](GroupedGemmPath path, bool batched, void *out) {
-        std::vector<double> t;
-        for (int i = 0; i < iters + 3; ++i) {
-          FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
-          auto start = std::chrono::steady_clock::now();
-          CHECK_STATUS(call(path, batched, out));
-          FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
-          if (i >= 3)
-            t.push_back(std::chrono::duration<double, std::micro>(
-                            std::chrono::steady_clock::now() - start)
-                            .count());
-        }
-        return median(t);
-      };
-      void *outDevice = op == Op::Wgrad ? gB1.data : c2.data;
-      void *outCublas = op == Op::Wgrad ? gB2.data : c3.data;
-      void *outBatched = op == Op::Wgrad ? gB3.data : c3.data;
-      std::string reason;
-      if (!cuda::detail::deviceGroupedGemmApplies(
-              *ctx, dt, k, n, space, {a.data, b.data, outDevice}, &reason)) {
-        std::printf("%-16s %-6s device kernel refused: %s\n", s.name.c_str(),
-                    opName(op), reason.c_str());
-        ok = false;
-        continue;
-      }
-      double dev = time(GroupedGemmPath::Device, false, outDevice);
-      double cub = time(GroupedGemmPath::Cublas, false, outCublas);
-      int64_t outCount = op == Op::Wgrad ? E * k * n : R * n;
-      double err = relativeError(outDevice, outCublas, outCount);
-      double batched =
-          uniform ? time(GroupedGemmPath::Cublas, true, outBatched) : NAN;
-      double flops = 2.0 * R * k * n;
-      double weightBytes = 2.0 * touched * k * n;
-      double floorUs =
-          op == Op::Wgrad ? NAN : weightBytes / copyBytesPerS * 1e6;
-      double best = std::isnan(batched) ? cub : std::min(cub, batched);
-      std::printf("%-16s %-6s %7lld %7.1f %6lld | %10.1f %10.1f %10.1f | "
-                  "%8.1f %8.1f | %.2fx%s\n",
-                  s.name.c_str(), opName(op), static_cast<long long>(R),
-                  double(R) / E, static_cast<long long>(E), dev, cub, batched,
-                  flops / dev / 1e6, floorUs, dev / best,
-                  err <= 2e-2 ? "" : "  MISMATCH");
-      if (!(err <= 2e-2)) {
-        std::printf("  relative L2 device vs cuBLAS: %.3g\n", err);
-        ok = false;
-      }
-      if (op != Op::Wgrad) {
-        // Each CTA tile of the kernel on the same problem.
-        std::printf("%-16s %-6s tiles:", "", "");
-        for (auto [tiles, name] :
-             {std::pair{cuda::detail::DeviceTiles::Small, "small 32x128"},
-              std::pair{cuda::detail::DeviceTiles::Large, "large 128x128"},
-              std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"}}) {
-          std::vector<double> t;
-          for (int i = 0; i < iters + 3; ++i) {
-            FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
-            auto start = std::chrono::steady_clock::now();
-            CHECK_STATUS(cuda::detail::deviceGroupedGemm(
-                *ctx, a.data, b.data, outDevice, dt, k, n, space,
-                options.transB, false, tiles));
-            FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx->stream()));
-            if (i >= 3)
-              t.push_back(std::chrono::duration<double, std::micro>(
-                              std::chrono::steady_clock::now() - start)
-                              .count());
-          }
-          double us = median(t);
-          double e = relativeError(outDevice, outCublas, outCount);
-          std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
-                      e <= 2e-2 ? "" : " MISMATCH");
-          ok = ok && e <= 2e-2;
-        }
-        std::printf("\n");
-      }
-    }
+    const Routed routed(s, rng);
+    for (Op op : s.ops)
+      ok = benchOp(*ctx, s, routed, op, iters, copyBytesPerS, rng) && ok;
   }
   std::printf("\nfloor: the touched experts' weight bytes read once at the "
               "copy's memory throughput (bytes read + written per second).\n");
