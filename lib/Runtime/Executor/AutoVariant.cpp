@@ -22,6 +22,7 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <limits>
 
@@ -54,6 +55,35 @@ int64_t bucketOf(int64_t capacity) {
 }
 
 double nan() { return std::numeric_limits<double>::quiet_NaN(); }
+
+/// Among the measured candidates (meanUs[v] >= 0): the fastest, or
+/// `running` while it is within `keepBand` of it (near-equal variants would
+/// swap on noise). fastest < 0 when none is measured.
+struct MeasuredPick {
+  int64_t variant = -1, fastest = -1;
+  double fastestUs = 0;
+};
+MeasuredPick pickMeasured(const std::vector<double> &meanUs, int64_t running,
+                          double keepBand) {
+  MeasuredPick pick;
+  for (int64_t v = 0; v < static_cast<int64_t>(meanUs.size()); ++v)
+    if (meanUs[v] >= 0 && (pick.fastest < 0 || meanUs[v] < pick.fastestUs)) {
+      pick.fastest = v;
+      pick.fastestUs = meanUs[v];
+    }
+  pick.variant = pick.fastest;
+  if (pick.fastest >= 0 && running >= 0 &&
+      running < static_cast<int64_t>(meanUs.size()) && meanUs[running] >= 0 &&
+      meanUs[running] <= pick.fastestUs * (1 + keepBand))
+    pick.variant = running;
+  return pick;
+}
+
+std::string formatMicros(double us) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.4g us", us);
+  return text;
+}
 
 } // namespace
 
@@ -181,29 +211,13 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
     return Status::ok();
   const int64_t bucket = bucketOf(capacity_);
   auto name = [&](int64_t v) { return "'" + plan_->variants[v].name + "'"; };
-  auto keepOrSwitch = [&](int64_t fastest, double fastestUs,
-                          double runningUs) {
-    char text[64];
-    std::snprintf(text, sizeof text, "%.4g us", fastestUs);
-    // Near-equal variants would swap on noise: the running one stays while
-    // it is within kKeepBand of the fastest measured.
-    if (selected_ != fastest && runningUs <= fastestUs * (1 + kKeepBand)) {
-      refineNote_ = "; keeping " + name(selected_) + ", within " +
-                    std::to_string(static_cast<int>(kKeepBand * 100)) +
-                    "% of the measured fastest " + name(fastest) + " (" + text +
-                    ")";
-      return selected_;
-    }
-    refineNote_ = "; measured fastest at this capacity: " + name(fastest) +
-                  " (" + text + ")";
-    return fastest;
-  };
   if (severalRanks) {
     auto agreed = agreedChoices_.find(bucket);
     if (agreed != agreedChoices_.end()) {
       refineNote_ = "; measured fastest at this capacity on the slowest "
                     "rank: " +
-                    name(agreed->second.variant);
+                    name(agreed->second.variant) + " (" +
+                    formatMicros(agreed->second.us) + ")";
       variant = agreed->second.variant;
       return Status::ok();
     }
@@ -211,9 +225,7 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
   const double band = choice_.totalUs[choice_.variant] * (1 + kRefineBand);
   const int64_t count = static_cast<int64_t>(plan_->variants.size());
   std::vector<double> meanUs(count, -1.0); // -1: not a measured candidate
-  int64_t explore = -1, fastest = -1, measured = 0;
-  double fastestUs = std::numeric_limits<double>::infinity(),
-         runningUs = fastestUs; // of selected_, the variant of the last call
+  int64_t explore = -1, measured = 0;
   for (int64_t v = 0; v < count; ++v) {
     if (choice_.totalUs[v] > band)
       continue;
@@ -229,15 +241,8 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
       continue;
     }
     ++measured;
-    const double us =
+    meanUs[v] =
         m.forwardMeanMicros + (plan_->training ? m.backwardMeanMicros : 0.0);
-    meanUs[v] = us;
-    if (us < fastestUs) {
-      fastestUs = us;
-      fastest = v;
-    }
-    if (v == selected_)
-      runningUs = us;
   }
   if (timed && explore >= 0) {
     ++explorations_[explore][bucket];
@@ -252,7 +257,17 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
   if (measured < 2)
     return Status::ok();
   if (!severalRanks) {
-    variant = keepOrSwitch(fastest, fastestUs, runningUs);
+    // selected_ is the variant of the last call.
+    const MeasuredPick pick = pickMeasured(meanUs, selected_, kKeepBand);
+    const std::string fastestText =
+        name(pick.fastest) + " (" + formatMicros(pick.fastestUs) + ")";
+    refineNote_ =
+        pick.variant != pick.fastest
+            ? "; keeping " + name(pick.variant) + ", within " +
+                  std::to_string(static_cast<int>(kKeepBand * 100)) +
+                  "% of the measured fastest " + fastestText
+            : "; measured fastest at this capacity: " + fastestText;
+    variant = pick.variant;
     return Status::ok();
   }
   // Several ranks decide once the bucket's exploration is over, every rank
@@ -283,24 +298,18 @@ Status Executor::agreeOnMeasurements(int64_t bucket,
           "agreeing on the measured variants");
       !status)
     return status;
-  int64_t fastest = -1;
+  // The same pick as on one rank, on the agreed (slowest-rank) means.
+  std::vector<double> agreedUs(values.size());
   for (size_t v = 0; v < values.size(); ++v)
-    if (values[v] >= 0 && (fastest < 0 || values[v] < values[fastest]))
-      fastest = static_cast<int64_t>(v);
-  if (fastest < 0)
+    agreedUs[v] = values[v] < 0 ? -1.0 : values[v] / 10.0;
+  const MeasuredPick pick = pickMeasured(agreedUs, selected_, kKeepBand);
+  if (pick.variant < 0)
     return Status(StatusCode::Internal,
                   "the ranks agreed on no measured variant");
-  // The keep band as on one rank, on the agreed (slowest-rank) means.
-  const int32_t running =
-      selected_ >= 0 && selected_ < static_cast<int64_t>(values.size())
-          ? values[selected_]
-          : -1;
-  int64_t chosen = fastest;
-  if (running >= 0 && running <= values[fastest] * (1 + kKeepBand))
-    chosen = selected_;
-  agreedChoices_[bucket] = {chosen, values[chosen] / 10.0};
+  agreedChoices_[bucket] = {pick.variant, agreedUs[pick.variant]};
   refineNote_ = "; measured fastest at this capacity on the slowest rank: '" +
-                plan_->variants[chosen].name + "'";
+                plan_->variants[pick.variant].name + "' (" +
+                formatMicros(agreedUs[pick.variant]) + ")";
   return Status::ok();
 }
 
