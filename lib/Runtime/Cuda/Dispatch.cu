@@ -90,19 +90,6 @@ Status buildSlotMap(KernelContext &ctx, const Routing &routing, int64_t rows,
   return checkLaunch("slot map kernel");
 }
 
-/// The rows a dispatch-shaped kernel visits: all `rows` the buffer declares,
-/// or, for a dynamic routing, those up to the last segment's end (offsets[E],
-/// read on the device): a padded layout's E * C with the C of this call, not
-/// the worst-case bound (for dropless E x T rows, most of which no one
-/// reads: zeroing them made a dispatch 7x slower on an H100, Run 17's l16).
-__device__ __forceinline__ int64_t usedRows(int64_t rows,
-                                            const int32_t *rowsEnd) {
-  if (!rowsEnd)
-    return rows;
-  int64_t end = *rowsEnd;
-  return end < 0 ? 0 : (end < rows ? end : rows);
-}
-
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     dispatchKernel(const T *__restrict__ x, int64_t width, int32_t topK,
@@ -113,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
   int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) +
                   threadIdx.x) >> 5;
   int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  rows = usedRows(rows, rowsEnd);
+  rows = detail::usedRows(rows, rowsEnd);
   for (int64_t row = warp; row < rows; row += warps) {
     int32_t slot = rowSlot[row];
     T *target = dispatched + row * width;
@@ -207,7 +194,7 @@ __global__ void __launch_bounds__(kThreads)
   int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) +
                   threadIdx.x) >> 5;
   int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  rows = usedRows(rows, rowsEnd);
+  rows = detail::usedRows(rows, rowsEnd);
   for (int64_t row = warp; row < rows; row += warps) {
     int32_t slot = rowSlot[row];
     T *target = gradExpertOut + row * width;

@@ -51,12 +51,9 @@ __device__ __forceinline__ void forEachRow(const RowSpace &space, int64_t rows,
   int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) +
                   threadIdx.x) >> 5;
   int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  // A dynamic routing touches no row past its last segment (offsets[E]):
-  // the buffer's worst-case bound can be many times more (dropless padded).
-  if (space.staticCapacity < 0 && space.experts > 0) {
-    int64_t end = space.offsets[space.experts];
-    rows = end < 0 ? 0 : (end < rows ? end : rows);
-  }
+  // A dynamic routing touches no row past its last segment: the buffer's
+  // worst-case bound can be many times more (dropless padded).
+  rows = detail::usedRows(rows, space.segmentsEnd());
   for (int64_t row = warp; row < rows; row += warps) {
     int32_t expert = space.expertOf(row);
     if (expert >= 0)
