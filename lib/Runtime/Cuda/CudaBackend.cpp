@@ -27,6 +27,7 @@
 
 #include "CudaBackendImpl.h"
 #include "GroupedGemmInternal.h"
+#include "flex/Runtime/Core/GroupedGemmRule.h"
 #include "flex/Runtime/StepViews.h"
 
 #include <cuda_runtime.h>
@@ -499,8 +500,8 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
   const int64_t hiddenPerRank = plan.layer.hiddenDim / plan.shards();
   const bool deviceSized =
       ctx_->groupedGemm == GroupedGemmImpl::Device &&
-      (plan.layer.dtype == DType::BF16 || plan.layer.dtype == DType::F16) &&
-      plan.layer.modelDim % 8 == 0 && hiddenPerRank % 8 == 0 &&
+      deviceGemmShapeFits(plan.layer.dtype, plan.layer.modelDim,
+                          hiddenPerRank) &&
       cuda::detail::deviceGroupedGemmRuns(*ctx_) && gemmGridsFit(plan, v);
   bool anyGate = false;
   for (const Step &step : v.forward)
