@@ -22,6 +22,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <thread>
 
 using namespace flex;
 using namespace flex::moerun;
@@ -53,6 +54,34 @@ struct NormalStream {
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
   }
 };
+
+/// Calls store(i, stddev * sample i) for i in [0, count), the samples split
+/// over the host's cores: the stream is counter-based (sample i is a pure
+/// function of its index), so the values do not depend on the split. A
+/// large layer's weights (hundreds of millions of samples) took seconds per
+/// run on one core, longer than the timed calls.
+template <typename Store>
+void drawNormal(const NormalStream &stream, double stddev, int64_t count,
+                Store store) {
+  constexpr int64_t kPerThreadMin = 1 << 20;
+  int64_t threads =
+      std::min<int64_t>(std::max(1u, std::thread::hardware_concurrency()),
+                        std::max<int64_t>(1, count / kPerThreadMin));
+  auto drawRange = [&](int64_t begin, int64_t end) {
+    NormalStream local = stream;
+    local.skip(begin);
+    for (int64_t i = begin; i < end; ++i)
+      store(i, stddev * local.next());
+  };
+  std::vector<std::thread> workers;
+  int64_t chunk = (count + threads - 1) / threads;
+  for (int64_t t = 1; t < threads; ++t)
+    workers.emplace_back(drawRange, std::min(count, t * chunk),
+                         std::min(count, (t + 1) * chunk));
+  drawRange(0, std::min(count, chunk));
+  for (std::thread &worker : workers)
+    worker.join();
+}
 
 double randomStd(const std::string &name, const FlexLayerConfig &layer) {
   if (name == "wg" || name == "w1" || name == "w3")
@@ -116,8 +145,8 @@ void fillRandom(const Options &options, const LayerRun &run,
                               ? run.plan.layer.experts * run.plan.layer.modelDim
                               : arg.count() * run.world;
     std::vector<double> global(globalCount);
-    for (double &value : global)
-      value = stddev * stream.next();
+    drawNormal(stream, stddev, globalCount,
+               [&](int64_t i, double value) { global[i] = value; });
     std::vector<double> slice = sliceExpertParameter(run.plan.layer, run.world,
                                                      ranks.rank, name, global);
     for (int64_t e = 0; e < arg.count(); ++e)
@@ -126,8 +155,9 @@ void fillRandom(const Options &options, const LayerRun &run,
   }
   if (expertParam && run.world > 1)
     stream.skip(ranks.rank * arg.count());
-  for (int64_t e = 0; e < arg.count(); ++e)
-    storeElement(arg.data.data(), arg.dtype, e, stddev * stream.next());
+  drawNormal(stream, stddev, arg.count(), [&](int64_t i, double value) {
+    storeElement(arg.data.data(), arg.dtype, i, value);
+  });
 }
 
 void saveInputs(const Options &options, const LayerRun &run) {
