@@ -24,9 +24,17 @@
 #   bits), so both route the same tokens; its forward and backward medians
 #   (the runtime's events around each pass, with per-step timing on). Its
 #   output is compared with flexmoe's.
+# - --peers torch,tutel: the plain PyTorch grouped-GEMM layer
+#   (bench/torch_moe_layer.py's moe_layer) and Tutel's moe_layer
+#   (bench/tutel_layer.py) on flexmoe's inputs and weights, in the same
+#   process, timed by the same time_calls (forward in training mode,
+#   forward+backward with their gradients set to None before each), their
+#   outputs compared with flexmoe's; one table with flexmoe's and moe-run's
+#   rows. A peer that fails or cannot load is reported and skipped.
 #
 #   python3 bench/python_overhead.py [--moe-run build/bin/moe-run]
 #       [--configs c1,c2,c3] [--iters 20] [--warmup 5] [--json out.json]
+#       [--peers torch,tutel [--tutel-path DIR]]
 #   python3 bench/python_overhead.py --device cpu --tokens 256 --model-dim 64
 #       --hidden 128 --moe-run build/bin/moe-run     # a smoke test on a CPU
 #
@@ -54,6 +62,9 @@ except ImportError:  # run from the repository, flexmoe not installed
     sys.path.insert(0, str(ROOT / "python"))
     import flexmoe
 from flexmoe import _compiler  # noqa: E402
+
+import torch_moe_layer  # noqa: E402  (bench/, beside this file)
+import tutel_layer  # noqa: E402
 
 # PERF.md's layers: d, h per expert, E, k (T = 16384, bf16, capacity 1.0).
 CONFIGS = {
@@ -136,24 +147,32 @@ def make_layer(args, cfg, device, dtype):
     return layer, x, grad_out
 
 
-def time_flexmoe(layer, x, grad_out, device, args):
+def time_layer(call, zero_grad, x, grad_out, device, args):
+    """call() -> (y, l_aux) timed forward and forward+backward, as
+    time_calls measures them: ((us, host us), (us, host us))."""
     one = torch.ones((), device=device)
     state = {}
 
     def forward():
-        state["y"], state["l_aux"] = layer(x)
+        state["y"], state["l_aux"] = call()
 
     def forward_backward():
         x.grad = None
-        layer.zero_grad(set_to_none=True)
-        y, l_aux = layer(x)
+        zero_grad()
+        y, l_aux = call()
         torch.autograd.backward([y, l_aux], [grad_out, one])
 
-    forward()  # compiles the training plan
+    forward()  # flexmoe: compiles the training plan; Tutel: its kernels
     fwd = time_calls(forward, device, args.warmup, args.iters)
     state.clear()
     both = time_calls(forward_backward, device, args.warmup, args.iters)
     return fwd, both
+
+
+def time_flexmoe(layer, x, grad_out, device, args):
+    return time_layer(lambda: layer(x),
+                      lambda: layer.zero_grad(set_to_none=True), x,
+                      grad_out, device, args)
 
 
 def run_moe_run(args, layer, x, grad_out, device, workdir):
@@ -189,6 +208,119 @@ def run_moe_run(args, layer, x, grad_out, device, workdir):
             diff)
 
 
+# -- peers: the plain PyTorch layer and Tutel's, on flexmoe's weights --------
+
+PEER_NAMES = {"torch": "PyTorch grouped-GEMM", "tutel": "Tutel moe_layer"}
+
+
+def load_peers(args):
+    """{peer: its module, or why it cannot run} for --peers."""
+    peers = {}
+    for name in filter(None, args.peers.split(",")):
+        if name == "torch":
+            peers[name] = torch_moe_layer
+        elif name == "tutel":
+            try:
+                peers[name] = tutel_layer.load(args.tutel_path, args.device)
+            except Exception as error:  # report it, time the others
+                peers[name] = f"not available: {type(error).__name__}: " \
+                              f"{error}"
+                print(f"tutel: {peers[name]}; its rows are skipped")
+        else:
+            raise SystemExit(f"python_overhead.py: unknown peer {name!r} "
+                             f"(know {', '.join(PEER_NAMES)})")
+    return peers
+
+
+def peer_call(name, module, layer, x, device):
+    """(call, zero_grad, notes) of a peer on flexmoe `layer`'s weights:
+    call() -> (y, l_aux), gradients into the peer's own parameters."""
+    if name == "torch":
+        if layer.capacity_factor < 0 or layer.gated or layer.bias or \
+                layer.activation != "relu":
+            raise ValueError("the PyTorch layer is relu FFN, fixed capacity "
+                             "or dropless")
+        capacity = module.capacity_of(x.shape[0], layer.num_experts,
+                                      layer.top_k, layer.capacity_factor)
+        return (lambda: module.moe_layer(
+            x, layer.wg, layer.w1, layer.w2, layer.top_k, capacity,
+            normalize=layer.normalize)[:2],
+            lambda: layer.zero_grad(set_to_none=True), {})
+    peer = tutel_layer.make(module, layer, device)
+    notes = {"importer_exact": tutel_layer.importer_exact(peer, layer)}
+    return (lambda: tutel_layer.call(peer, x),
+            lambda: peer.zero_grad(set_to_none=True), notes)
+
+
+def bench_peer(name, module, layer, x, grad_out, ref, device, args):
+    """A peer's output against flexmoe's `ref` (y, l_aux) and its times,
+    measured as flexmoe's are."""
+    call, zero_grad, result = peer_call(name, module, layer, x, device)
+    with torch.no_grad():
+        y, l_aux = call()  # Tutel: compiles its kernels here
+    result.update(tutel_layer.compare(y, l_aux, *ref))
+    del y, l_aux
+    (fwd, fwd_host), (both, both_host) = time_layer(call, zero_grad, x,
+                                                    grad_out, device, args)
+    result.update(forward_us=fwd, fwd_bwd_us=both, forward_host_us=fwd_host,
+                  fwd_bwd_host_us=both_host)
+    return result
+
+
+def bench_peers(peers, layer, x, grad_out, device, args):
+    with torch.no_grad():
+        ref = layer(x)
+    results = {}
+    for name, module in peers.items():
+        if isinstance(module, str):
+            results[name] = {"error": module}
+            continue
+        try:
+            results[name] = bench_peer(name, module, layer, x, grad_out, ref,
+                                       device, args)
+        except Exception as error:  # report it, go on
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def side_row(name, fwd, both, base, note=""):
+    ratio = [f"{t / b:6.2f}x" if b else "" for t, b in zip((fwd, both), base)]
+    return (f"  {name:22s} {fwd:10.1f} {ratio[0]:>7s} {both:10.1f} "
+            f"{ratio[1]:>7s}  {note}")
+
+
+def print_side_by_side(result):
+    """flexmoe, moe-run and the peers in one table; x = time / flexmoe's."""
+    base = (result["flexmoe_forward_us"], result["flexmoe_fwd_bwd_us"])
+    print(f"  side by side, same inputs and weights (us; x = time over "
+          f"flexmoe's):")
+    print(f"  {'':22s} {'forward':>10s} {'':>7s} {'fwd+bwd':>10s} {'':>7s}"
+          f"  output vs flexmoe's")
+    print(side_row("flexmoe", *base, base))
+    if "moe_run_forward_us" in result:
+        print(side_row("moe-run", result["moe_run_forward_us"],
+                       result["moe_run_fwd_bwd_us"], base,
+                       f"rel L2 {result['output_rel_l2']:.1e}"))
+    for name, peer in result.get("peers", {}).items():
+        if "error" in peer:
+            print(f"  {PEER_NAMES[name]:22s} FAILED: {peer['error']}")
+            continue
+        note = (f"rel L2 {peer['output_rel_l2']:.1e}, max abs "
+                f"{peer['output_max_abs']:.1e} (of "
+                f"{peer['output_ref_max_abs']:.1e}), l_aux "
+                f"{peer['l_aux_abs_diff']:.1e}")
+        if "importer_exact" in peer:
+            note += (", importer exact" if peer["importer_exact"] else
+                     ", IMPORTER MISMATCH")
+        print(side_row(PEER_NAMES[name], peer["forward_us"],
+                       peer["fwd_bwd_us"], base, note))
+        loud = tutel_layer.mismatch(peer)
+        if loud:
+            print(f"  {loud} ({PEER_NAMES[name]})")
+
+
 def row(name, ours, theirs):
     if theirs is None:
         return f"  {name:18s} {ours:12.1f} {'-':>12s} {'-':>14s} {'-':>10s}"
@@ -197,7 +329,7 @@ def row(name, ours, theirs):
             f"{100 * over / theirs:9.2f}%")
 
 
-def bench(args, name, cfg, device, dtype, workdir):
+def bench(args, name, cfg, device, dtype, workdir, peers):
     layer, x, grad_out = make_layer(args, cfg, device, dtype)
     (fwd, fwd_host), (both, both_host) = time_flexmoe(layer, x, grad_out,
                                                       device, args)
@@ -217,6 +349,8 @@ def bench(args, name, cfg, device, dtype, workdir):
                       overhead_fwd_bwd_us=both - ref_both,
                       overhead_forward_pct=100 * (fwd - ref_fwd) / ref_fwd,
                       overhead_fwd_bwd_pct=100 * (both - ref_both) / ref_both)
+    if peers:
+        result["peers"] = bench_peers(peers, layer, x, grad_out, device, args)
     print(f"{name}: T {args.tokens}, d {cfg['model_dim']}, h {cfg['hidden']},"
           f" E {cfg['experts']}, top-{cfg['top_k']}, {args.dtype}, capacity "
           f"{args.capacity_factor} (median of {args.iters}, us)")
@@ -229,6 +363,8 @@ def bench(args, name, cfg, device, dtype, workdir):
     if args.moe_run:
         print(f"  moe-run's output vs flexmoe's: relative L2 "
               f"{result['output_rel_l2']:.1e} (same plan, same inputs)")
+    if peers:
+        print_side_by_side(result)
     del layer, x, grad_out
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -255,6 +391,12 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--peers", default="", help="comma-separated layers to "
+                   "time beside flexmoe on its inputs and weights: torch "
+                   "(bench/torch_moe_layer.py), tutel (Tutel's moe_layer)")
+    p.add_argument("--tutel-path", help="Tutel built in place (setup.py "
+                   "build_ext --inplace: tutel/ and its extension); default "
+                   "TUTEL_PATH, else an installed Tutel")
     return p.parse_args(argv)
 
 
@@ -276,6 +418,7 @@ def main(argv=None):
            "cpu")
     print(f"python_overhead.py: {gpu}, torch {torch.__version__}, "
           f"{info['library']}")
+    peers = load_peers(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="flexmoe-overhead-") as tmp:
         for name, cfg in configs.items():
@@ -283,7 +426,8 @@ def main(argv=None):
             workdir.mkdir()
             try:
                 results.append(bench(args, name, cfg, device,
-                                     DTYPES[args.dtype], workdir))
+                                     DTYPES[args.dtype], workdir,
+                                     peers))
             except Exception as error:  # report, go on with the others
                 print(f"{name}: FAILED: {type(error).__name__}: {error}")
                 results.append({"config": name, "error": str(error)})
