@@ -234,7 +234,9 @@ def load_peers(args):
 
 def peer_call(name, module, layer, x, device):
     """(call, zero_grad, notes) of a peer on flexmoe `layer`'s weights:
-    call() -> (y, l_aux), gradients into the peer's own parameters."""
+    call() -> (y, l_aux). The PyTorch layer takes flexmoe's parameters
+    themselves (their gradients set to None before each step, as flexmoe's
+    are); Tutel's holds copies in its own layout."""
     if name == "torch":
         if layer.capacity_factor < 0 or layer.gated or layer.bias or \
                 layer.activation != "relu":
@@ -294,8 +296,8 @@ def side_row(name, fwd, both, base, note=""):
 def print_side_by_side(result):
     """flexmoe, moe-run and the peers in one table; x = time / flexmoe's."""
     base = (result["flexmoe_forward_us"], result["flexmoe_fwd_bwd_us"])
-    print(f"  side by side, same inputs and weights (us; x = time over "
-          f"flexmoe's):")
+    print("  side by side, same inputs and weights (us; x = time over "
+          "flexmoe's):")
     print(f"  {'':22s} {'forward':>10s} {'':>7s} {'fwd+bwd':>10s} {'':>7s}"
           f"  output vs flexmoe's")
     print(side_row("flexmoe", *base, base))
