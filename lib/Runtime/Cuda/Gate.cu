@@ -10,12 +10,14 @@
 //     fp32 operations and order as the CPU kernel (expf as glibc computes
 //     it, explicit roundings where nvcc would fuse a multiply-add; top-k
 //     ranked by the noisy logits), so scores and indices match the CPU bit
-//     for bit. The fused path (2 <= E <= 256, k <= 8) stages 32 rows per
-//     block in shared memory (coalesced reads, element-wise work over all
-//     threads, per-token sums and a one-pass top-k one thread per token) and
-//     also adds the [loss-1] partial sums and, in token order, the [loc-1]
-//     chunk counts. The legacy path (one thread per token over global
-//     memory, then a loss kernel) serves larger E and the benchmark;
+//     for bit. The fused paths (2 <= E <= 256, k <= 8) also add the [loss-1]
+//     partial sums and, in token order, the [loc-1] chunk counts: Auto takes
+//     the lane-group kernel of GateFewTokens.cu (a group of lanes per token),
+//     or for few tokens the one-block kernel there, which is the whole gate
+//     in one launch; the tile kernel here (32 rows per block in shared
+//     memory, the per-token work one thread per token) stays for the
+//     benchmark (GatePath::Tile). The legacy path (one thread per token over
+//     global memory, then a loss kernel) serves larger E and the benchmark;
 //  2. batch-prioritized order: a stable CUB radix sort of the tokens by
 //     descending priority (stable = std::stable_sort's order);
 //  3. locations: the k*T (choice, token) pairs in [loc-1] order are cut into
@@ -28,6 +30,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "CudaSupport.cuh"
+#include "GateDevice.cuh"
 #include "GateInternal.h"
 
 #include <cub/device/device_radix_sort.cuh>
@@ -38,109 +41,9 @@ namespace flex::cuda {
 
 namespace {
 
-constexpr int kLocationChunk = 1024;
 constexpr int kLocationThreads = 256;
 /// The location kernel keeps 9 counters per expert in shared memory.
 constexpr int64_t kMaxGateExperts = 1024;
-
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-/// The CPU gateNoiseSample (Cpu/CpuKernels.h), operation for operation.
-__device__ double noiseSample(uint64_t seed, int64_t token, int64_t expert) {
-  uint64_t cell = static_cast<uint64_t>(token) * 0x9E3779B97F4A7C15ull +
-                  static_cast<uint64_t>(expert);
-  uint64_t h = splitmix64(seed ^ splitmix64(cell));
-  constexpr double kTwoPow53 = 0x1p-53;
-  double u1 =
-      __dmul_rn(static_cast<double>(splitmix64(h) >> 11) + 0.5, kTwoPow53);
-  double u2 =
-      __dmul_rn(static_cast<double>(splitmix64(h + 1) >> 11) + 0.5, kTwoPow53);
-  return __dmul_rn(sqrt(__dmul_rn(-2.0, log(u1))),
-                   cos(__dmul_rn(6.283185307179586476925, u2)));
-}
-
-/// 2^(i/32) as doubles, minus i << 47: the table of the exp2f/expf
-/// algorithm of ARM's optimized-routines that glibc ships as expf.
-__constant__ uint64_t kExp2Table[32] = {
-    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f,
-    0x3fef9301d0125b51, 0x3fef72b83c7d517b, 0x3fef54873168b9aa,
-    0x3fef387a6e756238, 0x3fef1e9df51fdee1, 0x3fef06fe0a31b715,
-    0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
-    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429,
-    0x3feea47eb03a5585, 0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74,
-    0x3feea11473eb0187, 0x3feea589994cce13, 0x3feeace5422aa0db,
-    0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
-    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c,
-    0x3fef3720dcef9069, 0x3fef5818dcfba487, 0x3fef7c97337b9b5f,
-    0x3fefa4afa2a490da, 0x3fefd0765b6e4540};
-
-/// expf as the CPU kernel's std::exp computes it: glibc's expf in its FMA
-/// build (x86-64 hosts with FMA select it), operation for operation. It is
-/// not correctly rounded (about 1 result in 10^6 differs from exp in fp64
-/// rounded once), and the gate needs the CPU's bits: the batch-prioritized
-/// order compares scores across tokens. Checked on the host against glibc on
-/// 5 * 10^7 arguments: no difference. `table(i)` reads kExp2Table[i] (from
-/// constant memory, or from a shared copy where lanes index it divergently).
-template <typename Table>
-__device__ __forceinline__ float glibcExpfWith(float x, Table table) {
-  const uint32_t bits = __float_as_uint(x);
-  const uint32_t abstop = (bits >> 20) & 0x7ff;
-  if (abstop >= (__float_as_uint(88.0f) >> 20)) {
-    if (bits == __float_as_uint(-INFINITY))
-      return 0.0f;
-    if (abstop >= (__float_as_uint(INFINITY) >> 20))
-      return x + x;
-    if (x > 0x1.62e42ep6f)
-      return INFINITY;
-    if (x < -0x1.9fe368p6f)
-      return 0.0f;
-  }
-  constexpr double kInvLn2N = 0x1.71547652b82fep+0 * 32, kShift = 0x1.8p+52;
-  constexpr double c0 = 0x1.c6af84b912394p-5 / 32 / 32 / 32;
-  constexpr double c1 = 0x1.ebfce50fac4f3p-3 / 32 / 32;
-  constexpr double c2 = 0x1.62e42ff0c52d6p-1 / 32;
-  const double xd = static_cast<double>(x);
-  double kd = __fma_rn(kInvLn2N, xd, kShift);
-  const uint64_t ki = static_cast<uint64_t>(__double_as_longlong(kd));
-  kd = __dsub_rn(kd, kShift);
-  const double r = __fma_rn(kInvLn2N, xd, -kd);
-  const double s = __longlong_as_double(static_cast<long long>(
-      table(static_cast<uint32_t>(ki % 32)) + (ki << 47)));
-  const double z = __fma_rn(c0, r, c1);
-  const double r2 = __dmul_rn(r, r);
-  double y = __fma_rn(c2, r, 1.0);
-  y = __fma_rn(z, r2, y);
-  return static_cast<float>(__dmul_rn(y, s));
-}
-
-struct ConstantExp2Table {
-  __device__ __forceinline__ uint64_t operator()(uint32_t i) const {
-    return kExp2Table[i];
-  }
-};
-
-struct SharedExp2Table {
-  const uint64_t *values;
-  __device__ __forceinline__ uint64_t operator()(uint32_t i) const {
-    return values[i];
-  }
-};
-
-__device__ float glibcExpf(float x) {
-  return glibcExpfWith(x, ConstantExp2Table{});
-}
-
-/// ranksAbove of the CPU kernel: NaN loses to every number.
-__device__ __forceinline__ bool ranksAbove(float a, float b) {
-  if (isnan(a))
-    return false;
-  return isnan(b) || a > b;
-}
 
 __global__ void gateTokensKernel(const float *__restrict__ logits,
                                  int64_t tokens, int32_t experts, int32_t k,
@@ -274,16 +177,6 @@ __global__ void chunkCountKernel(SlotSequence sequence, int64_t length,
   for (int32_t e = threadIdx.x; e < experts; e += blockDim.x)
     chunkCounts[static_cast<int64_t>(blockIdx.x) * experts + e] = histogram[e];
 }
-
-struct CapacityParams {
-  CapacityMode mode;
-  double factor;
-  int64_t tokens;
-  int32_t experts;
-  int32_t k;
-  int64_t alignment;
-  bool padded;
-};
 
 /// One block: exclusive scan of the chunk counts per expert, then [cap-1],
 /// rows, offsets and l_aux.
@@ -779,6 +672,29 @@ void launchFusedTokens(cudaStream_t stream, const float *logits, int64_t tokens,
   }
 }
 
+detail::LaneTokenArgs laneTokenArgs(const float *logits, int64_t tokens,
+                                    int32_t E, int32_t k, bool normalize,
+                                    double noiseScale, const GateAttrs &attrs,
+                                    const GateOutputs &out,
+                                    const GateScratch &g) {
+  const bool bp = attrs.batchPrioritized;
+  return {logits,
+          tokens,
+          E,
+          k,
+          normalize,
+          noiseScale,
+          attrs.seed,
+          out.scores,
+          out.indices,
+          out.gates,
+          bp ? g.priority : nullptr,
+          bp ? g.order : nullptr,
+          bp ? nullptr : g.chunkCounts,
+          g.scoreSums,
+          g.firstChoices};
+}
+
 } // namespace
 
 bool detail::gateFusedApplies(int64_t experts, int64_t topK) {
@@ -803,9 +719,20 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
   const int32_t E = static_cast<int32_t>(experts);
   const int32_t k =
       static_cast<int32_t>(std::clamp<int64_t>(attrs.topK, 1, experts));
+  const bool bp = attrs.batchPrioritized && tokens > 0;
+  const bool oneBlock = gateOneBlockApplies(tokens, experts, attrs.topK, bp);
+  if (path == GatePath::OneBlock && !oneBlock)
+    return Status(StatusCode::Unavailable,
+                  "the one-block gate does not take T " +
+                      std::to_string(tokens) + ", E " +
+                      std::to_string(experts) + ", k " +
+                      std::to_string(attrs.topK) + (bp ? " prioritized" : ""));
+  if (path == GatePath::OneBlock || (path == GatePath::Auto && oneBlock)) {
+    detail::launchGateOneBlock(ctx, logits, tokens, experts, attrs, out);
+    return report("gate one-block kernel");
+  }
   const bool legacy =
       path == GatePath::Legacy || !gateFusedApplies(experts, attrs.topK);
-  const bool bp = attrs.batchPrioritized && tokens > 0;
   const int64_t length = tokens * k;
   const int64_t chunks = (length + kLocationChunk - 1) / kLocationChunk;
   GateScratch g{};
@@ -821,10 +748,15 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
   const double noiseScale =
       attrs.noise != 0.0 ? attrs.noise / static_cast<double>(experts) : 0.0;
   const bool normalize = attrs.normalize && k > 1;
-  if (tokens > 0 && !legacy) {
+  if (tokens > 0 && !legacy && path == GatePath::Tile) {
     launchFusedTokens(stream, logits, tokens, E, k, normalize, noiseScale,
                       attrs, out, g);
     if (Status s = report("gate fused token kernel"); !s)
+      return s;
+  } else if (tokens > 0 && !legacy) {
+    detail::launchLaneTokens(ctx, laneTokenArgs(logits, tokens, E, k, normalize,
+                                                noiseScale, attrs, out, g));
+    if (Status s = report("gate lane token kernel"); !s)
       return s;
   } else if (tokens > 0) {
     gateTokensKernel<<<detail::gridFor(tokens, 128), 128, 0, stream>>>(

@@ -6,8 +6,10 @@
 //
 // This file declares the gate with its pipeline chosen explicitly, and a hook
 // called after each launch, so that the gate benchmark (tools/gate-bench)
-// times the fused path and the thread-per-token path it replaced, stage by
-// stage, on the same card in one process. cuda::gate is gateWith(Auto).
+// times the pipelines stage by stage on the same card in one process and the
+// tests run each of them against the CPU kernel. cuda::gate is
+// gateWith(Auto). It also declares the token kernel of GateFewTokens.cu that
+// Gate.cu launches.
 //
 //===----------------------------------------------------------------------===//
 
@@ -18,12 +20,26 @@
 
 namespace flex::cuda::detail {
 
-/// Auto: the fused token kernel where gateFusedApplies, else Legacy.
+/// Auto: OneBlock where gateOneBlockApplies, else Lanes where
+///   gateFusedApplies, else Legacy.
 /// Legacy: one thread per token over global memory (the pre-fusion gate).
-enum class GatePath { Auto, Legacy };
+/// Tile: the fused token kernel with 32 rows per block in shared memory and
+///   the per-token work one thread per token (Legacy beyond its limits).
+/// Lanes: the fused token kernel with a group of lanes per token (E / 8
+///   rounded up to a power of two; Legacy beyond the fused limits).
+/// OneBlock: tokens, order, locations, [cap-1], offsets, rows and l_aux in
+///   one launch of one block (GateFewTokens.cu); Unavailable where
+///   gateOneBlockApplies is false.
+enum class GatePath { Auto, Legacy, Tile, Lanes, OneBlock };
 
-/// The fused path's limits: 2 <= E <= 256 (any k <= 8 after clamping to E).
+/// The fused paths' limits: 2 <= E <= 256 (any k <= 8 after clamping to E).
 bool gateFusedApplies(int64_t experts, int64_t topK);
+
+/// The one-block path's limits: the fused ones, at most 4 tokens per lane
+/// group (T * lanes(E) <= 4096), T * k <= 8192 and, with batch-prioritized
+/// routing, T <= 256 (its rank count is quadratic in T).
+bool gateOneBlockApplies(int64_t tokens, int64_t experts, int64_t topK,
+                         bool batchPrioritized);
 
 /// Called on the host right after each launch, with the stage's name.
 using GateStageHook = void (*)(void *user, const char *stage);
@@ -32,6 +48,36 @@ Status gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
                 int64_t experts, const GateAttrs &attrs, const GateOutputs &out,
                 GatePath path, GateStageHook hook = nullptr,
                 void *user = nullptr);
+
+/// What the Lanes token kernel reads and writes: the tokens' outputs, the
+/// [loss-1] partial sums and first-choice counts (added), the [loc-1] chunk
+/// counts in token order (added; null with batch-prioritized routing, which
+/// writes priority and the identity order instead).
+struct LaneTokenArgs {
+  const float *logits;
+  int64_t tokens;
+  int32_t experts, k;
+  bool normalize;
+  double noiseScale;
+  uint64_t seed;
+  float *scores;
+  int32_t *indices;
+  float *gates;
+  float *priority;
+  int32_t *order;
+  int32_t *chunkCounts;
+  double *scoreSums;
+  int32_t *firstChoices;
+};
+
+/// Launches the Lanes token kernel on ctx's stream (gateFusedApplies holds).
+void launchLaneTokens(KernelContext &ctx, const LaneTokenArgs &args);
+
+/// Launches the whole gate as one block on ctx's stream
+/// (gateOneBlockApplies holds; T = 0 is fine).
+void launchGateOneBlock(KernelContext &ctx, const float *logits, int64_t tokens,
+                        int64_t experts, const GateAttrs &attrs,
+                        const GateOutputs &out);
 
 } // namespace flex::cuda::detail
 
