@@ -314,6 +314,14 @@ TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
       EXPECT_NEAR(step.us, 60.0, 1e-6);
     }
   }
+  // The weight gradient's tiles (8 experts x 2 x 6 tiles of 128 x 128 over
+  // [256, 704]) at 1 us each outlast its FLOPs and bytes (50 us): 96 us.
+  DeviceProfile tileBound = parsed(decodeProfile());
+  tileBound.deviceGemm->wgradTileSeconds = 1e-6;
+  for (const StepPrediction &step :
+       stepsOf(CostModel(tileBound).predict(plan, 0, true, 25),
+               StepOp::GroupedGemmWgrad))
+    EXPECT_NEAR(step.us, 10.0 + 96.0, 1e-6);
   // cublas: the counts read back and a GEMM per expert, no faster than the
   // table's 32 rows per group.
   Prediction cublas =
@@ -416,6 +424,11 @@ TEST(DeviceProfile, DeviceGemmFiguresRoundTripAndDefault) {
   EXPECT_EQ(writeProfile(back), writeProfile(profile));
   ASSERT_TRUE(back.deviceGemm.has_value());
   EXPECT_EQ(back.deviceGemm->launchSeconds, 1e-5);
+  EXPECT_EQ(back.deviceGemm->wgradTileSeconds, 68e-9); // absent: the default
+  std::string tiles = decodeProfile();
+  tiles.replace(tiles.find("\"launch_s\": 1e-5"), 16,
+                "\"launch_s\": 1e-5, \"wgrad_tile_s\": 2.5e-7");
+  EXPECT_EQ(parsed(tiles).deviceGemm->wgradTileSeconds, 2.5e-7);
   DeviceProfile old = parsed(goldenProfile());
   EXPECT_FALSE(old.deviceGemm.has_value());
   EXPECT_EQ(old.deviceGemmFigures().largeFlopsPerSecond, 220e12);

@@ -268,13 +268,15 @@ Status calibrateGemm(cuda::KernelContext &ctx, Timer &timer, bool quick,
 }
 
 /// The device-sized grouped GEMM's figures (DeviceProfile::deviceGemm), from
-/// four bf16 problems through cuda::groupedGemm with grouped_gemm=device,
+/// five bf16 problems through the grouped GEMMs with grouped_gemm=device,
 /// each time = launch + max(FLOPs / tile rate, weight bytes / (efficiency x
 /// bandwidth)) (docs/CostModel.md, "Which path a grouped GEMM takes"):
 ///  - one row per expert of small weights: the launch;
 ///  - 4 rows per expert of 64 decode-sized experts: the weight-read rate;
 ///  - 32 rows per expert of the same (the small tile): its FLOP rate;
-///  - 1024 rows per expert of 8 large experts (the large tile): its rate.
+///  - 1024 rows per expert of 8 large experts (the large tile): its rate;
+///  - the weight gradient of 64 experts of 32 rows, 1024 x 1024: its time
+///    per output tile (wgradTileSeconds; one reduction step per tile).
 /// The device's bandwidth must be measured first (calibrateMemory).
 Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
                            DeviceProfile &profile) {
@@ -290,9 +292,10 @@ Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
     int64_t groups, rows, k, n;
   };
   const Problem launch{8, 1, 256, 256}, decode{64, 4, 2048, 1408},
-      small{64, 32, 2048, 1408}, large{8, 1024, 2048, 2048};
+      small{64, 32, 2048, 1408}, large{8, 1024, 2048, 2048},
+      wgrad{64, 32, 1024, 1024};
   size_t aBytes = 0, bBytes = 0, cBytes = 0;
-  for (const Problem &p : {launch, decode, small, large}) {
+  for (const Problem &p : {launch, decode, small, large, wgrad}) {
     aBytes = std::max(aBytes, size_t(p.groups * p.rows * p.k) * 2);
     bBytes = std::max(bBytes, size_t(p.groups * p.k * p.n) * 2);
     cBytes = std::max(cBytes, size_t(p.groups * p.rows * p.n) * 2);
@@ -309,7 +312,8 @@ Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
     return s;
   const GroupedGemmImpl saved = ctx.groupedGemm;
   ctx.groupedGemm = GroupedGemmImpl::Device;
-  auto time = [&](const Problem &p, double &seconds) -> Status {
+  auto time = [&](const Problem &p, bool weightGradient,
+                  double &seconds) -> Status {
     std::vector<int32_t> host(2 * p.groups + 1);
     for (int64_t g = 0; g < p.groups; ++g) {
       host[g + 1] = host[g] + static_cast<int32_t>(p.rows);
@@ -328,6 +332,12 @@ Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
     ++ctx.generation;
     return timer.adaptive(
         [&] {
+          // gradB [E, k, n] = A[rows of e]^T gradC[rows of e]: b holds
+          // gradB, c the [rows, n] gradC.
+          if (weightGradient)
+            return cuda::groupedGemmWgrad(
+                ctx, {a.data, DType::BF16}, {c.data, DType::BF16}, p.k, p.n,
+                space, {b.data, DType::BF16}, {}, false);
           return cuda::groupedGemm(ctx, {a.data, DType::BF16},
                                    {b.data, DType::BF16}, {},
                                    {c.data, DType::BF16}, p.k, p.n, space,
@@ -335,14 +345,16 @@ Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
         },
         0.02, 50, seconds);
   };
-  double launchS = 0, decodeS = 0, smallS = 0, largeS = 0;
-  Status status = time(launch, launchS);
+  double launchS = 0, decodeS = 0, smallS = 0, largeS = 0, wgradS = 0;
+  Status status = time(launch, false, launchS);
   if (status)
-    status = time(decode, decodeS);
+    status = time(decode, false, decodeS);
   if (status)
-    status = time(small, smallS);
+    status = time(small, false, smallS);
   if (status)
-    status = time(large, largeS);
+    status = time(large, false, largeS);
+  if (status)
+    status = time(wgrad, true, wgradS);
   ctx.groupedGemm = saved;
   if (!status)
     return status;
@@ -363,9 +375,13 @@ Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
     figures.smallFlopsPerSecond = flops(small) / (smallS - launchS);
   if (largeS > launchS)
     figures.largeFlopsPerSecond = flops(large) / (largeS - launchS);
-  figures.source = "moe-run --calibrate: four bf16 problems through the "
+  if (wgradS > launchS)
+    figures.wgradTileSeconds =
+        (wgradS - launchS) /
+        (double(wgrad.groups) * double(wgrad.k / 128) * double(wgrad.n / 128));
+  figures.source = "moe-run --calibrate: five bf16 problems through the "
                    "device-sized kernel (launch, weight read, small and "
-                   "large tile)";
+                   "large tile, weight-gradient tile)";
   profile.deviceGemm = figures;
   return Status::ok();
 }

@@ -251,11 +251,15 @@ double touchedExperts(double rows, int64_t groups) {
 /// dimension) in steps of the large tile's BK.
 constexpr int64_t kDeviceWgradRowStep = 32;
 
+/// The weight gradient's output tile (DeviceGroupedGemm.cu's large tile).
+constexpr int64_t kDeviceWgradTile = 128;
+
 /// The device-sized kernel's time for `rows` rows over `groups` experts of
 /// [k, n] weights, its launch not counted: the FLOPs of the touched
 /// experts' rows padded to whole tiles at the tile's rate, or the bytes it
 /// moves (the touched experts' weights, every expert's gradient, the rows'
-/// operands) at the weight-read rate, whichever is longer.
+/// operands) at the weight-read rate, or (the weight gradient) its output
+/// tiles at their per-tile cost, whichever is longest.
 double deviceGemmSeconds(const DeviceProfile &profile, double rows,
                          int64_t groups, int64_t k, int64_t n, DType dtype,
                          int64_t rowBound, bool wgrad) {
@@ -275,9 +279,15 @@ double deviceGemmSeconds(const DeviceProfile &profile, double rows,
   const double element = static_cast<double>(dtypeSize(dtype));
   const double weights = (wgrad ? static_cast<double>(groups) : touched) * kn;
   const double bytes = (weights + rows * static_cast<double>(k + n)) * element;
-  return std::max(2.0 * kn * padded / rate,
-                  bytes /
-                      (figures.weightReadEfficiency * profile.memoryBandwidth));
+  const double tiles =
+      wgrad ? static_cast<double>(groups) *
+                  std::ceil(static_cast<double>(k) / kDeviceWgradTile) *
+                  std::ceil(static_cast<double>(n) / kDeviceWgradTile)
+            : 0.0;
+  return std::max(
+      {2.0 * kn * padded / rate,
+       bytes / (figures.weightReadEfficiency * profile.memoryBandwidth),
+       tiles * figures.wgradTileSeconds});
 }
 
 /// `a` beats `b` by more than floating-point noise (two sums of the same

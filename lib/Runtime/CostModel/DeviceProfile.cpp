@@ -212,7 +212,7 @@ DeviceGemmFigures readDeviceGemm(const Json &json, const std::string &path) {
   expectObject(json, path);
   expectKeys(json, path,
              {"available", "small_flops_per_s", "large_flops_per_s",
-              "weight_read_efficiency", "launch_s", "source"});
+              "weight_read_efficiency", "launch_s", "wgrad_tile_s", "source"});
   DeviceGemmFigures figures;
   auto number = [&](const char *key, double &value, bool positive) {
     if (auto it = json.find(key); it != json.end())
@@ -224,6 +224,7 @@ DeviceGemmFigures readDeviceGemm(const Json &json, const std::string &path) {
   number("large_flops_per_s", figures.largeFlopsPerSecond, true);
   number("weight_read_efficiency", figures.weightReadEfficiency, true);
   number("launch_s", figures.launchSeconds, false);
+  number("wgrad_tile_s", figures.wgradTileSeconds, false);
   figures.source = optionalString(json, path, "source");
   return figures;
 }
@@ -233,7 +234,8 @@ Json deviceGemmJson(const DeviceGemmFigures &figures) {
                {"small_flops_per_s", figures.smallFlopsPerSecond},
                {"large_flops_per_s", figures.largeFlopsPerSecond},
                {"weight_read_efficiency", figures.weightReadEfficiency},
-               {"launch_s", figures.launchSeconds}};
+               {"launch_s", figures.launchSeconds},
+               {"wgrad_tile_s", figures.wgradTileSeconds}};
   if (!figures.source.empty())
     json["source"] = figures.source;
   return json;

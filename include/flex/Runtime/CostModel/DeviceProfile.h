@@ -125,6 +125,10 @@ struct DeviceGemmFigures {
   double weightReadEfficiency = 0.96;
   /// The fixed cost of one call (the launch, the count scan, the tail).
   double launchSeconds = 16e-6;
+  /// The weight gradient's time per 128 x 128 output tile over the whole
+  /// device (every expert's [k, n] slice is tiled, whatever its rows): the
+  /// floor of a gradient whose tiles have one or two reduction steps.
+  double wgradTileSeconds = 68e-9;
   /// Where the figures come from (free text, for people; optional).
   std::string source;
 };
