@@ -328,6 +328,10 @@ int run(int iters, const std::string &only) {
       {"decode_t256", 256, 2048, 1408, 64, 6, false, infer},
       {"decode_t128_big", 128, 4096, 1536, 64, 8, false, infer},
       {"decode_t32", 32, 2048, 1408, 64, 6, false, infer},
+      // Training with few rows per expert (cost-model layers l32, l17):
+      // the weight gradient's tiles have one or two reduction steps.
+      {"train_e64_r32", 1024, 1024, 1024, 64, 2, false, train},
+      {"train_e16_r64", 1024, 1024, 2048, 16, 1, false, train},
   };
   std::printf("\n%-16s %-6s %7s %7s %6s | %10s %10s %10s | %8s %8s | %s\n",
               "shape", "op", "rows", "M/E", "E", "device us", "cublas us",
