@@ -11,11 +11,14 @@
 // operands split into bf16 parts (v = h1 + h2 + h3 to fp32 precision; the
 // products of bf16 values are exact in fp32), so they keep fp32 accuracy at
 // the speed of reading x (and grad_x) once. f32 and f16 tokens use the tiled
-// fp32 kernels below.
+// fp32 kernels below. For few tokens (T <= 512) the forward is one kernel of
+// fp32 FMAs instead (routerFewTokensKernel): three launches (weight split,
+// GEMM, part sums) cost more than the work at decode sizes.
 //
 //===----------------------------------------------------------------------===//
 
 #include "CudaSupport.cuh"
+#include "RouterInternal.h"
 
 #include <cublas_v2.h>
 
@@ -434,12 +437,134 @@ Status routerBf16(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
   return checkLaunch("router logits sum kernel");
 }
 
+//===----------------------------------------------------------------------===//
+// The router for few tokens
+//===----------------------------------------------------------------------===//
+
+/// Few tokens: at T <= 512 the kernel below does T * E * d FMAs on CUDA
+/// cores (67M at T 512, E 64, d 2048: ~2-3 us on an H100's 132 SMs), about
+/// one launch's cost, where the bf16 path pays three launches (weight split,
+/// cuBLAS, part sums) whatever T. Its work grows with T while the tensor-core
+/// GEMM's barely does, and it reads wg again per token tile, so larger T
+/// keeps the GEMM.
+constexpr int64_t kRouterFewTokens = 512;
+/// x columns staged per step: one 256-thread load of 8 elements per thread
+/// for 8 tokens; each warp takes 32 of them.
+constexpr int kFewChunk = 256;
+constexpr int kFewWarps = kThreads / 32;
+
+/// logits[t0 .. t0+TT, e0 .. e0+32] (f32) = x @ wg for one block: lane =
+/// expert, the K columns of each staged chunk split over the 8 warps, each
+/// warp a chain of fp32 FMAs (exact products, one rounding each), the warps'
+/// sums then added in warp order: the same bits on every run.
+template <typename TX, typename TW, int TT>
+__global__ void __launch_bounds__(kThreads)
+    routerFewTokensKernel(const TX *__restrict__ x, const TW *__restrict__ wg,
+                          float *__restrict__ logits, int64_t tokens,
+                          int64_t width, int64_t experts, bool vectorX) {
+  __shared__ __align__(16) float xs[TT][kFewChunk];
+  __shared__ float partial[kFewWarps][TT][32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TT;
+  const int64_t e = static_cast<int64_t>(blockIdx.y) * 32 + lane;
+  float acc[TT] = {};
+  for (int64_t k0 = 0; k0 < width; k0 += kFewChunk) {
+    for (int i = tid; i < TT * kFewChunk / 8; i += kThreads) {
+      const int row = i / (kFewChunk / 8), column = (i % (kFewChunk / 8)) * 8;
+      float values[8] = {};
+      if (t0 + row < tokens && k0 + column < width)
+        load8(x + (t0 + row) * width + k0 + column, width - (k0 + column),
+              vectorX, values);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        xs[row][column + j] = values[j];
+    }
+    __syncthreads();
+    const int begin = warp * (kFewChunk / kFewWarps);
+    float w[kFewChunk / kFewWarps];
+#pragma unroll
+    for (int j = 0; j < kFewChunk / kFewWarps; ++j) {
+      const int64_t k = k0 + begin + j;
+      w[j] = k < width && e < experts ? detail::toFloat(wg[k * experts + e])
+                                      : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kFewChunk / kFewWarps; j += 4)
+#pragma unroll
+      for (int t = 0; t < TT; ++t) {
+        const float4 v = *reinterpret_cast<const float4 *>(&xs[t][begin + j]);
+        acc[t] = __fmaf_rn(v.x, w[j], acc[t]);
+        acc[t] = __fmaf_rn(v.y, w[j + 1], acc[t]);
+        acc[t] = __fmaf_rn(v.z, w[j + 2], acc[t]);
+        acc[t] = __fmaf_rn(v.w, w[j + 3], acc[t]);
+      }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int t = 0; t < TT; ++t)
+    partial[warp][t][lane] = acc[t];
+  __syncthreads();
+  if (tid >= TT * 32)
+    return;
+  const int t = tid / 32;
+  float sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kFewWarps; ++w)
+    sum = __fadd_rn(sum, partial[w][t][lane]);
+  if (t0 + t < tokens && e < experts)
+    logits[(t0 + t) * experts + e] = sum;
+}
+
+/// 4 tokens per block where 8 would leave SMs idle, else 8 (fewer re-reads
+/// of wg).
+Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
+                       float *logits, int64_t tokens, int64_t modelDim,
+                       int64_t experts) {
+  const unsigned expertTiles = detail::gridFor(experts, 32, 65535);
+  const bool small =
+      int64_t{detail::gridFor(tokens, 8, INT32_MAX)} * expertTiles <
+      ctx.multiprocessors();
+  return detail::withType(x.type, [&](auto xTag) -> Status {
+    using TX = decltype(xTag);
+    return detail::withType(wg.type, [&](auto wTag) -> Status {
+      using TW = decltype(wTag);
+      const bool vectorX = detail::vectorizable(modelDim, sizeof(TX), {x.data});
+      auto launch = [&](auto kernel, int tileTokens) {
+        dim3 grid(detail::gridFor(tokens, tileTokens, INT32_MAX), expertTiles);
+        kernel<<<grid, kThreads, 0, ctx.stream()>>>(
+            static_cast<const TX *>(x.data), static_cast<const TW *>(wg.data),
+            logits, tokens, modelDim, experts, vectorX);
+      };
+      if (small)
+        launch(routerFewTokensKernel<TX, TW, 4>, 4);
+      else
+        launch(routerFewTokensKernel<TX, TW, 8>, 8);
+      return checkLaunch("router few-token kernel");
+    });
+  });
+}
 } // namespace
+
+bool detail::routerFewTokensApplies(int64_t tokens) {
+  return tokens <= kRouterFewTokens;
+}
 
 Status router(KernelContext &ctx, ReadBuffer x, ReadBuffer wg, float *logits,
               int64_t tokens, int64_t modelDim, int64_t experts) {
+  return detail::routerWith(ctx, x, wg, logits, tokens, modelDim, experts,
+                            detail::RouterPath::Auto);
+}
+
+Status detail::routerWith(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
+                          float *logits, int64_t tokens, int64_t modelDim,
+                          int64_t experts, RouterPath path) {
   if (tokens == 0 || experts == 0)
     return Status::ok();
+  // (Its grid has up to 65535 tiles of 32 experts.)
+  if (experts <= 32 * int64_t{65535} &&
+      (path == RouterPath::FewTokens ||
+       (path == RouterPath::Auto && routerFewTokensApplies(tokens))))
+    return routerFewTokens(ctx, x, wg, logits, tokens, modelDim, experts);
   // bf16 tokens: cuBLAS on bf16 parts of wg (int-sized dimensions only).
   if (x.type == DType::BF16 && modelDim > 0 && tokens < INT32_MAX &&
       modelDim < INT32_MAX && 3 * experts < INT32_MAX)

@@ -1,0 +1,36 @@
+//===- RouterInternal.h - The router's paths, for tests and the bench -----===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file declares the router with its path chosen explicitly, so that the
+// gate benchmark (tools/gate-bench) times both on the same card and the tests
+// check both against an fp64 reference. cuda::router is routerWith(Auto).
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef LIB_RUNTIME_CUDA_ROUTERINTERNAL_H
+#define LIB_RUNTIME_CUDA_ROUTERINTERNAL_H
+
+#include "flex/Runtime/Cuda/CudaKernels.h"
+
+namespace flex::cuda::detail {
+
+/// Auto: FewTokens where routerFewTokensApplies, else Gemm.
+/// FewTokens: one kernel, fp32 FMAs on CUDA cores, K split over the warps of
+///   a block and summed in a fixed order (any T; Auto takes it for few).
+/// Gemm: bf16 x through cuBLAS on bf16 parts of wg (3 launches); f32 and
+///   f16 x through the tiled fp32 kernel.
+enum class RouterPath { Auto, FewTokens, Gemm };
+
+/// T <= 512 (the few-token kernel's limit under Auto).
+bool routerFewTokensApplies(int64_t tokens);
+
+Status routerWith(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
+                  float *logits, int64_t tokens, int64_t modelDim,
+                  int64_t experts, RouterPath path);
+
+} // namespace flex::cuda::detail
+
+#endif // LIB_RUNTIME_CUDA_ROUTERINTERNAL_H
