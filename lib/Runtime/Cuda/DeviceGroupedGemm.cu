@@ -175,6 +175,98 @@ template <typename T> struct TileProblem {
   int64_t aStepK, bStepK;
 };
 
+/// The fp32 C tile staged in shared memory: rows padded by 4 floats (16
+/// bytes), so each row stays 16-byte aligned.
+template <typename Cfg> constexpr int stagedStride() { return Cfg::BN + 4; }
+template <typename Cfg> constexpr bool StagedStoreFits(int sharedBytes) {
+  return Cfg::BM * stagedStride<Cfg>() * int(sizeof(float)) <= sharedBytes;
+}
+
+/// The accumulators straight to global memory, a pair of adjacent columns
+/// per store (n is a multiple of 8, so a pair is whole and 4-byte aligned).
+/// The accumulator of m16n8: rows lane / 4 and lane / 4 + 8, columns
+/// 2 * (lane % 4) + {0, 1}.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void
+storeTileDirect(const TileProblem<T> &p,
+                const float (&acc)[Cfg::MI][Cfg::NI][4], bool accumulate) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warpM = (warp / Cfg::WarpsN) * Cfg::WarpM;
+  const int warpN = (warp % Cfg::WarpsN) * Cfg::WarpN;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      int row = warpM + mi * 16 + lane / 4 + half * 8;
+      if (row >= p.mValid)
+        continue;
+      T *out = p.c + row * p.ldc;
+#pragma unroll
+      for (int ni = 0; ni < Cfg::NI; ++ni) {
+        int col = warpN + ni * 8 + 2 * (lane % 4);
+        if (col >= p.nValid)
+          continue;
+        float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
+        if (accumulate) {
+          v0 += toFloat(out[col]);
+          v1 += toFloat(out[col + 1]);
+        }
+        out[col] = fromFloat<T>(v0);
+        out[col + 1] = fromFloat<T>(v1);
+      }
+    }
+}
+
+/// The accumulators through shared memory, then 16-byte rows of 8 elements
+/// to global memory: a warp's stores cover whole rows instead of 4-byte
+/// pieces of 8 rows. A tile with few reduction steps (a weight gradient
+/// over an expert's few rows, decode) is bound by this store. Sums stay in
+/// fp32 until the one rounding, as in storeTileDirect.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void
+storeTileStaged(const TileProblem<T> &p,
+                const float (&acc)[Cfg::MI][Cfg::NI][4], bool accumulate,
+                T *smem) {
+  constexpr int Stride = stagedStride<Cfg>();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warpM = (warp / Cfg::WarpsN) * Cfg::WarpM;
+  const int warpN = (warp % Cfg::WarpsN) * Cfg::WarpN;
+  float *staged = reinterpret_cast<float *>(smem);
+  __syncthreads(); // every warp is done with the operand stages
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      int row = warpM + mi * 16 + lane / 4 + half * 8;
+#pragma unroll
+      for (int ni = 0; ni < Cfg::NI; ++ni) {
+        int col = warpN + ni * 8 + 2 * (lane % 4);
+        *reinterpret_cast<float2 *>(staged + row * Stride + col) =
+            make_float2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+      }
+    }
+  __syncthreads();
+  constexpr int ChunksPerRow = Cfg::BN / 8;
+  for (int i = threadIdx.x; i < Cfg::BM * ChunksPerRow; i += Cfg::Threads) {
+    int row = i / ChunksPerRow, col = (i % ChunksPerRow) * 8;
+    if (row >= p.mValid || col >= p.nValid) // nValid: a multiple of 8
+      continue;
+    const float4 *src =
+        reinterpret_cast<const float4 *>(staged + row * Stride + col);
+    float4 lo = src[0], hi = src[1];
+    float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    T *out = p.c + row * p.ldc + col;
+    if (accumulate) {
+      float old[8];
+      loadVector(out, old);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        v[j] += old[j];
+    }
+    storeVector(out, v);
+  }
+}
+
 /// The CTA's tile: the cp.async pipeline, ldmatrix, mma, and the store.
 /// AKContiguous: A is [M][K] in memory (else [K][M]); BKContiguous: B is
 /// [N][K] (else [K][N]).
@@ -279,31 +371,11 @@ __device__ __forceinline__ void computeTile(const TileProblem<T> &p,
   waitAsync<0>();
   if (accumulate && kTiles == 0)
     return;
-
-    // The accumulator of m16n8: rows lane / 4 and lane / 4 + 8, columns
-    // 2 * (lane % 4) + {0, 1}; n is a multiple of 8, so a pair is whole.
-#pragma unroll
-  for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      int row = warpM + mi * 16 + lane / 4 + half * 8;
-      if (row >= p.mValid)
-        continue;
-      T *out = p.c + row * p.ldc;
-#pragma unroll
-      for (int ni = 0; ni < Cfg::NI; ++ni) {
-        int col = warpN + ni * 8 + 2 * (lane % 4);
-        if (col >= p.nValid)
-          continue;
-        float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
-        if (accumulate) {
-          v0 += toFloat(out[col]);
-          v1 += toFloat(out[col + 1]);
-        }
-        out[col] = fromFloat<T>(v0);
-        out[col + 1] = fromFloat<T>(v1);
-      }
-    }
+  constexpr int SharedBytes = Cfg::Stages * StageElements * int(sizeof(T));
+  if constexpr (StagedStoreFits<Cfg>(SharedBytes))
+    storeTileStaged<T, Cfg>(p, acc, accumulate, smem);
+  else
+    storeTileDirect<T, Cfg>(p, acc, accumulate);
 }
 
 template <typename Cfg> constexpr int sharedBytes(bool aK, bool bK) {
