@@ -4,19 +4,24 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// flex-gate-bench [--iters N]: times cuda::gate's two pipelines (legacy: one
-// thread per token; fused: the shared-memory tile kernel) on the same card
-// in one process, for the issue-13 shapes, with CUDA events: the whole gate
-// (two events) and each launch (an event after each, through the gate's
-// stage hook), medians of N runs after warm-up. The floor is reading the
-// logits once and writing scores, indices, gates and locations once at the
-// device-to-device copy bandwidth measured here. Both pipelines' outputs are
-// compared (integers and floats bit for bit, l_aux to 1e-6); a mismatch
-// fails the run (exit 1).
+// flex-gate-bench [--iters N]: times cuda::gate's pipelines (legacy: one
+// thread per token; tile: the 32-row shared-memory token kernel; lanes: a
+// lane group per token; one-block: the whole gate in one launch, where it
+// applies; auto: what cuda::gate takes) on the same card in one process,
+// for the issue-13 shapes, with CUDA events: the whole gate (two events) and
+// each launch (an event after each, through the gate's stage hook), medians
+// of N runs after warm-up. The floor is reading the logits once and writing
+// scores, indices, gates and locations once at the device-to-device copy
+// bandwidth measured here. Every pipeline's outputs are compared with the
+// legacy one's (integers and floats bit for bit, l_aux to 1e-6); a mismatch
+// fails the run (exit 1). A router section times cuda::router's few-token
+// kernel and GEMM path (bf16 x, fp32 wg, d 2048, E 64) at T 32 to 2048 and
+// reports their largest difference relative to the largest logit.
 //
 //===----------------------------------------------------------------------===//
 
 #include "GateInternal.h"
+#include "RouterInternal.h"
 
 #include "CudaBenchSupport.h"
 
@@ -35,6 +40,7 @@
 
 using namespace flex;
 using flex::cuda::detail::GatePath;
+using flex::cuda::detail::RouterPath;
 
 namespace {
 
@@ -212,6 +218,85 @@ std::string compare(const Outputs &a, const Outputs &b, const Shape &s) {
   return "ok";
 }
 
+/// cuda::router's two paths for bf16 x and an fp32 wg (d 2048, E 64, the
+/// decode layer's router): median times and the largest difference.
+void benchRouter(cuda::KernelContext &ctx, int iters) {
+  const int64_t d = 2048, E = 64;
+  std::printf("\nrouter, bf16 x, f32 wg, d %lld, E %lld (us)\n%8s %10s %10s "
+              "%12s\n",
+              static_cast<long long>(d), static_cast<long long>(E), "T",
+              "few-token", "gemm", "max diff/max");
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> weights(d * E);
+  for (float &w : weights)
+    w = normal(rng) * 0.02f;
+  float *wg = nullptr;
+  FLEX_BENCH_CHECK(cudaMalloc(&wg, 4 * d * E));
+  FLEX_BENCH_CHECK(
+      cudaMemcpy(wg, weights.data(), 4 * d * E, cudaMemcpyHostToDevice));
+  cudaStream_t stream = ctx.stream();
+  cudaEvent_t start, stop;
+  FLEX_BENCH_CHECK(cudaEventCreate(&start));
+  FLEX_BENCH_CHECK(cudaEventCreate(&stop));
+  for (int64_t T : {32, 128, 256, 512, 2048}) {
+    std::vector<uint16_t> bits(T * d);
+    for (uint16_t &b : bits) { // bf16: the top half of an fp32
+      float v = normal(rng);
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      b = static_cast<uint16_t>(u >> 16);
+    }
+    void *x = nullptr;
+    float *logits[2] = {};
+    FLEX_BENCH_CHECK(cudaMalloc(&x, 2 * T * d));
+    FLEX_BENCH_CHECK(
+        cudaMemcpy(x, bits.data(), 2 * T * d, cudaMemcpyHostToDevice));
+    double us[2];
+    const RouterPath routerPaths[2] = {RouterPath::FewTokens, RouterPath::Gemm};
+    for (int p = 0; p < 2; ++p) {
+      FLEX_BENCH_CHECK(cudaMalloc(&logits[p], 4 * T * E));
+      auto run = [&] {
+        Status status =
+            cuda::detail::routerWith(ctx, {x, DType::BF16}, {wg, DType::F32},
+                                     logits[p], T, d, E, routerPaths[p]);
+        if (!status) {
+          std::fprintf(stderr, "router failed: %s\n", status.message().c_str());
+          std::exit(2);
+        }
+      };
+      for (int i = 0; i < 3; ++i)
+        run();
+      std::vector<double> times;
+      for (int i = 0; i < iters; ++i) {
+        FLEX_BENCH_CHECK(cudaEventRecord(start, stream));
+        run();
+        FLEX_BENCH_CHECK(cudaEventRecord(stop, stream));
+        FLEX_BENCH_CHECK(cudaEventSynchronize(stop));
+        float ms = 0;
+        FLEX_BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        times.push_back(ms * 1e3);
+      }
+      us[p] = median(times);
+    }
+    std::vector<float> a = download(logits[0], T * E),
+                       b = download(logits[1], T * E);
+    double diff = 0.0, largest = 0.0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
+      largest = std::max(largest, static_cast<double>(std::abs(b[i])));
+    }
+    std::printf("%8lld %10.1f %10.1f %12.2e\n", static_cast<long long>(T),
+                us[0], us[1], diff / largest);
+    cudaFree(x);
+    cudaFree(logits[0]);
+    cudaFree(logits[1]);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaFree(wg);
+}
+
 } // namespace
 
 int main(int argc, char **argv) {
@@ -237,11 +322,23 @@ int main(int argc, char **argv) {
       {"top1 T16384 E32 k1", 16384, 32, 1, false, 0.0},
       {"T16384 E256 k8", 16384, 256, 8, false, 0.0},
       {"T16384 E8 k2", 16384, 8, 2, false, 0.0},
+      {"T2048 E64 k6", 2048, 64, 6, false, 0.0},
       {"decode T256 E64 k6", 256, 64, 6, false, 0.0},
+      {"decode T256 E64 k6 bp", 256, 64, 6, true, 0.0},
+      {"T128 E64 k8", 128, 64, 8, false, 0.0},
+      {"T32 E64 k6", 32, 64, 6, false, 0.0},
   };
+  const std::pair<GatePath, const char *> paths[] = {
+      {GatePath::Legacy, "legacy"},
+      {GatePath::Tile, "tile"},
+      {GatePath::Lanes, "lanes"},
+      {GatePath::OneBlock, "one-block"},
+      {GatePath::Auto, "auto"}};
+  constexpr int kPaths = sizeof(paths) / sizeof(paths[0]);
   struct Row {
     std::string name;
-    double old, fused, floor;
+    double us[kPaths];
+    double floor;
     std::string match;
   };
   std::vector<Row> table;
@@ -266,32 +363,52 @@ int main(int argc, char **argv) {
     attrs.batchPrioritized = s.batchPrioritized;
     attrs.noise = s.noise;
     attrs.seed = 11;
-    Outputs legacyOut(T, E, k), fusedOut(T, E, k);
-    PathTimes legacy =
-        timePath(*ctx, logits, s, attrs, legacyOut, GatePath::Legacy, iters);
-    PathTimes fused =
-        timePath(*ctx, logits, s, attrs, fusedOut, GatePath::Auto, iters);
-    const double bytes = 8.0 * T * E + 12.0 * T * k;
-    const double floorUs = bytes / bandwidth * 1e6;
-    std::string match = compare(legacyOut, fusedOut, s);
-    allMatch &= match == "ok";
-    std::printf("\n%s (fused path %s)\n", s.name,
-                cuda::detail::gateFusedApplies(E, s.k) ? "applies" : "n/a");
-    for (auto *times : {&legacy, &fused}) {
-      std::printf("  %-6s total %8.1f us:", times == &legacy ? "old" : "new",
-                  times->total);
-      for (auto &[name, us] : times->stages)
+    const bool oneBlock = cuda::detail::gateOneBlockApplies(
+        T, E, s.k, s.batchPrioritized && T > 0);
+    std::printf("\n%s (fused paths %s, one-block %s)\n", s.name,
+                cuda::detail::gateFusedApplies(E, s.k) ? "apply" : "n/a",
+                oneBlock ? "applies" : "n/a");
+    Row row{s.name, {}, (8.0 * T * E + 12.0 * T * k) / bandwidth * 1e6, "ok"};
+    std::unique_ptr<Outputs> reference;
+    for (int p = 0; p < kPaths; ++p) {
+      row.us[p] = -1.0;
+      if (paths[p].first == GatePath::OneBlock && !oneBlock)
+        continue;
+      auto out = std::make_unique<Outputs>(T, E, k);
+      PathTimes times =
+          timePath(*ctx, logits, s, attrs, *out, paths[p].first, iters);
+      row.us[p] = times.total;
+      std::printf("  %-9s total %8.1f us:", paths[p].second, times.total);
+      for (auto &[name, us] : times.stages)
         std::printf("  %s %.1f", name.c_str(), us);
       std::printf("\n");
+      if (!reference) {
+        reference = std::move(out);
+        continue;
+      }
+      std::string match = compare(*out, *reference, s);
+      if (match != "ok") {
+        row.match = std::string(paths[p].second) + ": " + match;
+        allMatch = false;
+      }
     }
-    table.push_back({s.name, legacy.total, fused.total, floorUs, match});
+    table.push_back(row);
     cudaFree(logits);
   }
-  std::printf("\n%-26s %10s %10s %10s %9s %8s  %s\n", "shape", "old us",
-              "new us", "floor us", "new/floor", "speedup", "old==new");
-  for (const Row &r : table)
-    std::printf("%-26s %10.1f %10.1f %10.1f %9.2f %7.1fx  %s\n", r.name.c_str(),
-                r.old, r.fused, r.floor, r.fused / r.floor, r.old / r.fused,
+  std::printf("\n%-24s", "shape (us)");
+  for (const auto &path : paths)
+    std::printf(" %9s", path.second);
+  std::printf(" %8s %9s  %s\n", "floor", "auto/flr", "paths==legacy");
+  for (const Row &r : table) {
+    std::printf("%-24s", r.name.c_str());
+    for (double us : r.us)
+      if (us < 0)
+        std::printf(" %9s", "-");
+      else
+        std::printf(" %9.1f", us);
+    std::printf(" %8.1f %9.1f  %s\n", r.floor, r.us[kPaths - 1] / r.floor,
                 r.match.c_str());
+  }
+  benchRouter(*ctx, iters);
   return allMatch ? 0 : 1;
 }
