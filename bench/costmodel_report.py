@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--profile")
     ap.add_argument("--layers")
     ap.add_argument("--json")
+    ap.add_argument("--auto", help="folder of moe-run JSONs run with the "
+                    "automatic choice (LAYER.json): the variant it settled on")
     args = ap.parse_args()
 
     shapes = {}
@@ -179,8 +181,22 @@ def main():
                                         e.get("variant_index", 0)))
         best = min(runs, key=lambda e: e["pass"]["measured_us"])
         loss = pick["pass"]["measured_us"] / best["pass"]["measured_us"] - 1
+        # The automatic choice as the runtime makes it: the model's pick,
+        # then the measured times of the variants within its band
+        # (Executor::refineChoice); the variant its last call ran.
+        settled = None
+        auto_path = os.path.join(args.auto or "", layer + ".json")
+        if args.auto and os.path.exists(auto_path):
+            try:
+                doc = json.load(open(auto_path))
+                settled = doc.get("explain", {}).get("chosen_name")
+            except Exception:
+                settled = None
+        measured = {e["variant"]: e["pass"]["measured_us"] for e in runs}
+        auto_loss = (measured[settled] / best["pass"]["measured_us"] - 1
+                     if settled in measured else None)
         picks.append({"layer": layer, "pick": pick["variant"], "best": best["variant"],
-                      "loss": loss,
+                      "loss": loss, "auto": settled, "auto_loss": auto_loss,
                       "measured_us": {e["variant"]: e["pass"]["measured_us"] for e in runs},
                       "predicted_us": {e["variant"]: e["pass"]["predicted_us"] for e in runs}})
     if picks:
@@ -189,8 +205,12 @@ def main():
         for c in picks:
             cells = ", ".join(f"{v} pred {c['predicted_us'][v]:.0f} / meas {c['measured_us'][v]:.0f}"
                               for v in c["measured_us"])
+            auto = ("" if c["auto"] is None else
+                    f"   auto settled on {c['auto']}, loss "
+                    f"{100 * c['auto_loss']:.1f}%" if c["auto_loss"] is not None
+                    else f"   auto settled on {c['auto']} (not measured)")
             print(f"  {c['layer']:<10} pick {c['pick']:<8} best {c['best']:<8} "
-                  f"loss {100 * c['loss']:5.1f}%   ({cells})")
+                  f"loss {100 * c['loss']:5.1f}%   ({cells}){auto}")
 
     errors = [abs(e["pass"]["error"]) for e in layers if e["pass"]["error"] is not None]
     fwd = [abs(e["forward"]["error"]) for e in layers
@@ -204,6 +224,9 @@ def main():
         "forward_p90_abs_error": quantile(fwd, 0.9),
         "choices": len(picks),
         "picks_within_3pct": sum(1 for c in picks if c["loss"] <= 0.03),
+        "auto_choices": sum(1 for c in picks if c["auto_loss"] is not None),
+        "auto_within_3pct": sum(1 for c in picks if c["auto_loss"] is not None
+                                and c["auto_loss"] <= 0.03),
         "mean_signed_error": statistics.mean([e["pass"]["error"] for e in layers
                                               if e["pass"]["error"] is not None])
         if errors else None,
@@ -221,6 +244,10 @@ def main():
     if picks:
         print(f"choice: the pick within 3% of the fastest in "
               f"{summary['picks_within_3pct']}/{summary['choices']} layers")
+    if summary["auto_choices"]:
+        print(f"automatic choice (model, then measured refinement): within 3% "
+              f"of the fastest in {summary['auto_within_3pct']}/"
+              f"{summary['auto_choices']} layers")
     if args.json:
         json.dump({"profile": profile, "summary": summary, "layers": layers,
                    "choices": picks},

@@ -70,10 +70,30 @@ for plan in "$root"/bench/costmodel_plans/$LAYER_GLOB.json; do
   done
 done
 
+# The automatic choice as a user gets it: each plan with several variants
+# once more with none named (the model's pick, then the measured
+# refinement explores the variants within its band and settles).
+if [[ "${AUTO:-1}" != 0 ]]; then
+  echo "=== automatic choice ($SECONDS s)"
+  mkdir -p "$OUT/auto"
+  for plan in "$root"/bench/costmodel_plans/$LAYER_GLOB.json; do
+    name="$(basename "$plan" .json)"
+    n=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['variants']))" "$plan")
+    (( n > 1 )) || continue
+    if (( SECONDS > DEADLINE + 60 )); then echo "deadline: skipping auto $name"; continue; fi
+    extra=(); [[ "$name" == *.train ]] && extra=(--train)
+    timeout 60 "$run" "$plan" --device cuda "${extra[@]}" --iters "$ITERS" \
+        --json --explain --profile "$OUT/profile.json" > "$OUT/auto/$name.json" \
+        2>> "$OUT/runs.log"
+    echo "auto $name rc=$? -> $(python3 -c "import json,sys; e=json.load(open(sys.argv[1]))['explain']; print(e['chosen_name'], '|', e['reason'][:150])" "$OUT/auto/$name.json" 2>/dev/null)"
+  done
+fi
+
 echo "=== report ($SECONDS s)"
 python3 "$root/bench/costmodel_report.py" "$OUT/runs" --profile "$OUT/profile.json" \
   --layers "$root/bench/costmodel_plans/LAYERS" --json "$OUT/results.json" \
+  --auto "$OUT/auto" \
   | tee "$OUT/report.txt"
 # At most 8 files come back: the per-run JSONs are folded into results.json.
-tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$OUT/runs"
+tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs auto && rm -rf "$OUT/runs" "$OUT/auto"
 echo "done in $SECONDS s"
