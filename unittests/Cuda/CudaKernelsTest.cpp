@@ -23,6 +23,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -875,6 +876,105 @@ TEST(CudaBackend, OutOfMemoryIsAStatus) {
       << status.message();
   // The context keeps working.
   EXPECT_TRUE(ctx->scratch(0, 1024, data).isOk());
+}
+
+/// combine and dispatch_backward with more choices than a warp has lanes
+/// (k 36: choices past 32 are read directly), several 512-byte chunks per
+/// row with a partial last one, the scalar path (d 37), few tokens and
+/// dropped slots, in each dtype, against the CPU in the same fp32 order.
+TEST(CudaCombine, ManyChoicesAndChunksLikeTheCpu) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(47);
+  const int64_t T = 7, E = 40, k = 36;
+  const int32_t C = 5; // about 6.3 slots per expert: some drop
+  std::vector<int32_t> indices(T * k), locations(T * k), offsets(E + 1),
+      rows(E), count(E, 0);
+  std::vector<float> gates(T * k);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  std::vector<int32_t> order(E);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int32_t e = 0; e < E; ++e)
+      order[e] = e;
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int64_t j = 0; j < k; ++j) {
+      indices[t * k + j] = order[j];
+      locations[t * k + j] = count[order[j]]++;
+      gates[t * k + j] = uniform(rng);
+    }
+  }
+  for (int64_t e = 0; e <= E; ++e)
+    offsets[e] = static_cast<int32_t>(e * C);
+  int64_t dropped = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    rows[e] = std::min(count[e], C);
+    dropped += count[e] - rows[e];
+  }
+  ASSERT_GT(dropped, 0) << "the routing should drop slots";
+  auto device = [](DType type, const void *data, size_t n) {
+    Buffer buffer(type, n);
+    std::memcpy(buffer.host.data(), data, buffer.host.size());
+    buffer.upload();
+    return buffer;
+  };
+  Buffer dIndices = device(DType::I32, indices.data(), T * k);
+  Buffer dLocations = device(DType::I32, locations.data(), T * k);
+  Buffer dGates = device(DType::F32, gates.data(), T * k);
+  Buffer dCapacity = device(DType::I32, &C, 1);
+  Buffer dOffsets = device(DType::I32, offsets.data(), E + 1);
+  Buffer dRows = device(DType::I32, rows.data(), E);
+  Routing cpuRouting{indices.data(),
+                     locations.data(),
+                     gates.data(),
+                     &C,
+                     offsets.data(),
+                     rows.data(),
+                     T,
+                     k,
+                     E};
+  Routing gpuRouting{dIndices.as<int32_t>(),
+                     dLocations.as<int32_t>(),
+                     dGates.as<float>(),
+                     dCapacity.as<int32_t>(),
+                     dOffsets.as<int32_t>(),
+                     dRows.as<int32_t>(),
+                     T,
+                     k,
+                     E};
+  const int64_t R = E * C;
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16})
+    for (int64_t d : {int64_t{600}, int64_t{37}}) {
+      SCOPED_TRACE(std::string(toString(dtype)) + " d " + std::to_string(d));
+      Buffer expertOut(dtype, R * d), out(dtype, T * d), gradX(dtype, T * d);
+      expertOut.set(normals(rng, R * d, 1.0));
+      Buffer cOut(dtype, T * d), cGradX(dtype, T * d);
+      cpu::combine({expertOut.host.data(), dtype}, d, cpuRouting,
+                   {cOut.host.data(), dtype});
+      cpu::dispatchBackward({expertOut.host.data(), dtype}, d, cpuRouting,
+                            {cGradX.host.data(), dtype});
+      out.poison();
+      gradX.poison();
+      ASSERT_TRUE(cuda::combine(*ctx, {expertOut.device, dtype}, d, gpuRouting,
+                                {out.device, dtype})
+                      .isOk());
+      ASSERT_TRUE(cuda::dispatchBackward(*ctx, {expertOut.device, dtype}, d,
+                                         gpuRouting, {gradX.device, dtype})
+                      .isOk());
+      out.download();
+      gradX.download();
+      // The same fp32 operations in the same order: equal up to the last
+      // bit of fp32 (the CPU may contract to FMA), then one rounding.
+      const double tol = dtype == DType::F32 ? 1e-5 : 1e-2;
+      for (int64_t i = 0; i < T * d; ++i) {
+        ASSERT_NEAR(out.at(i), cOut.at(i),
+                    tol * std::max(1.0, std::abs(cOut.at(i))))
+            << "combine element " << i;
+        ASSERT_NEAR(gradX.at(i), cGradX.at(i),
+                    tol * std::max(1.0, std::abs(cGradX.at(i))))
+            << "dispatch_backward element " << i;
+      }
+    }
 }
 
 } // namespace

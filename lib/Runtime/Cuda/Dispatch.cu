@@ -13,7 +13,9 @@
 // each row is written exactly once, the padding rows of a static routing
 // (or of any padded-layout routing, ExpertRowSpace::padded) with zeros.
 // Steps that write token rows (combine, dispatch_backward) are
-// token-driven and sum the k choices in choice order in fp32, as the CPU.
+// token-driven (a warp per token and 512-byte chunk, so few tokens still
+// fill the device) and sum the k choices in choice order in fp32, as the
+// CPU.
 //
 //===----------------------------------------------------------------------===//
 
@@ -125,59 +127,57 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int V>
+/// out[t] = sum over t's kept choices j, in choice order, of (gate(t, j) x)
+/// rows[row(t, j)], in fp32 as the CPU: combine (Gated) and
+/// dispatch_backward. A warp takes one (token, 32 x V-element chunk) at a
+/// time, so few tokens still fill the device, and reads the k choices' rows
+/// and gates once per chunk, lane j holding choice j, instead of once per
+/// vector step (each is two dependent reads: location, then the expert's
+/// offset); the rows' loads of the unrolled choices then overlap.
+template <typename T, int V, bool Gated>
 __global__ void __launch_bounds__(kThreads)
-    combineKernel(const T *__restrict__ expertOut, int64_t width,
-                  Routing routing, T *__restrict__ out) {
+    sumChoicesKernel(const T *__restrict__ rows, int64_t width, Routing routing,
+                     T *__restrict__ out) {
   const int lane = threadIdx.x & 31;
   int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) +
                   threadIdx.x) >> 5;
   int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int32_t k = static_cast<int32_t>(routing.topK);
-  for (int64_t t = warp; t < routing.tokens; t += warps) {
-    for (int64_t i = lane * V; i < width; i += 32 * V) {
-      float sum[V] = {};
-      for (int32_t j = 0; j < k; ++j) {
-        int64_t row = keptRow(routing, t * k + j);
-        if (row < 0)
-          continue;
-        float gate = routing.gates[t * k + j];
-        float values[V];
-        Unit<T, V>::load(expertOut + row * width + i, values);
-#pragma unroll
-        for (int v = 0; v < V; ++v)
-          sum[v] = __fadd_rn(sum[v], __fmul_rn(gate, values[v]));
+  const int64_t span = 32 * V;
+  const int64_t chunks = (width + span - 1) / span;
+  auto choice = [&](int64_t t, int32_t j, int64_t &row, float &gate) {
+    row = keptRow(routing, t * k + j);
+    gate = Gated && row >= 0 ? routing.gates[t * k + j] : 0.0f;
+  };
+  for (int64_t item = warp; item < routing.tokens * chunks; item += warps) {
+    const int64_t t = item / chunks;
+    const int64_t i = (item % chunks) * span + lane * V;
+    int64_t laneRow = -1;
+    float laneGate = 0.0f;
+    if (lane < k)
+      choice(t, lane, laneRow, laneGate);
+    float sum[V] = {};
+#pragma unroll 4
+    for (int32_t j = 0; j < k; ++j) {
+      int64_t row;
+      float gate;
+      if (j < 32) {
+        row = __shfl_sync(0xffffffffu, laneRow, j);
+        gate = __shfl_sync(0xffffffffu, laneGate, j);
+      } else {
+        choice(t, j, row, gate);
       }
+      if (row < 0 || i >= width)
+        continue;
+      float values[V];
+      Unit<T, V>::load(rows + row * width + i, values);
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        sum[v] = Gated ? __fadd_rn(sum[v], __fmul_rn(gate, values[v]))
+                       : __fadd_rn(sum[v], values[v]);
+    }
+    if (i < width)
       Unit<T, V>::store(out + t * width + i, sum);
-    }
-  }
-}
-
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
-    dispatchBackwardKernel(const T *__restrict__ gradDispatched,
-                           int64_t width, Routing routing,
-                           T *__restrict__ gradX) {
-  const int lane = threadIdx.x & 31;
-  int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) +
-                  threadIdx.x) >> 5;
-  int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int32_t k = static_cast<int32_t>(routing.topK);
-  for (int64_t t = warp; t < routing.tokens; t += warps) {
-    for (int64_t i = lane * V; i < width; i += 32 * V) {
-      float sum[V] = {};
-      for (int32_t j = 0; j < k; ++j) {
-        int64_t row = keptRow(routing, t * k + j);
-        if (row < 0)
-          continue;
-        float values[V];
-        Unit<T, V>::load(gradDispatched + row * width + i, values);
-#pragma unroll
-        for (int v = 0; v < V; ++v)
-          sum[v] = __fadd_rn(sum[v], values[v]);
-      }
-      Unit<T, V>::store(gradX + t * width + i, sum);
-    }
   }
 }
 
@@ -230,10 +230,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/// Blocks for a warp-per-row loop over `rows` rows.
-unsigned warpGrid(KernelContext &ctx, int64_t rows) {
+/// Blocks for `items` independent warp-sized items, at most 16 blocks per
+/// multiprocessor (the rest grid-stride).
+unsigned warpGrid(KernelContext &ctx, int64_t items) {
   int64_t cap = static_cast<int64_t>(ctx.multiprocessors()) * 16;
-  return detail::gridFor(rows, kWarpsPerBlock, std::max<int64_t>(cap, 1));
+  return detail::gridFor(items, kWarpsPerBlock, std::max<int64_t>(cap, 1));
 }
 
 Status sameType(DType a, DType b, const char *what) {
@@ -243,6 +244,29 @@ Status sameType(DType a, DType b, const char *what) {
                 std::string(what) + " on CUDA needs operands of one dtype; got " +
                     std::string(toString(a)) + " and " +
                     std::string(toString(b)));
+}
+
+/// Launches sumChoicesKernel over the routing's tokens.
+template <bool Gated>
+Status sumChoices(KernelContext &ctx, ReadBuffer rows, int64_t width,
+                  const Routing &routing, WriteBuffer out, const char *what) {
+  if (routing.tokens == 0)
+    return Status::ok();
+  return detail::withType(out.type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    bool vector = detail::vectorizable(width, sizeof(T), {rows.data, out.data});
+    auto launch = [&](auto kernel, int64_t span) {
+      int64_t chunks = (width + span - 1) / span;
+      kernel<<<warpGrid(ctx, routing.tokens * chunks), kThreads, 0,
+               ctx.stream()>>>(static_cast<const T *>(rows.data), width,
+                               routing, static_cast<T *>(out.data));
+    };
+    if (vector)
+      launch(sumChoicesKernel<T, kVector<T>, Gated>, 32 * kVector<T>);
+    else
+      launch(sumChoicesKernel<T, 1, Gated>, 32);
+    return checkLaunch(what);
+  });
 }
 
 /// offsets[E] on the device for a dynamic row space (usedRows), else null.
@@ -287,23 +311,8 @@ Status combine(KernelContext &ctx, ReadBuffer expertOut, int64_t modelDim,
                const Routing &routing, WriteBuffer out) {
   if (Status s = sameType(expertOut.type, out.type, "combine"); !s)
     return s;
-  if (routing.tokens == 0)
-    return Status::ok();
-  return detail::withType(out.type, [&](auto tag) -> Status {
-    using T = decltype(tag);
-    bool vector = detail::vectorizable(modelDim, sizeof(T),
-                                       {expertOut.data, out.data});
-    auto launch = [&](auto kernel) {
-      kernel<<<warpGrid(ctx, routing.tokens), kThreads, 0, ctx.stream()>>>(
-          static_cast<const T *>(expertOut.data), modelDim, routing,
-          static_cast<T *>(out.data));
-    };
-    if (vector)
-      launch(combineKernel<T, kVector<T>>);
-    else
-      launch(combineKernel<T, 1>);
-    return checkLaunch("combine kernel");
-  });
+  return sumChoices<true>(ctx, expertOut, modelDim, routing, out,
+                          "combine kernel");
 }
 
 Status dispatchBackward(KernelContext &ctx, ReadBuffer gradDispatched,
@@ -313,23 +322,8 @@ Status dispatchBackward(KernelContext &ctx, ReadBuffer gradDispatched,
                           "dispatch_backward");
       !s)
     return s;
-  if (routing.tokens == 0)
-    return Status::ok();
-  return detail::withType(gradX.type, [&](auto tag) -> Status {
-    using T = decltype(tag);
-    bool vector = detail::vectorizable(modelDim, sizeof(T),
-                                       {gradDispatched.data, gradX.data});
-    auto launch = [&](auto kernel) {
-      kernel<<<warpGrid(ctx, routing.tokens), kThreads, 0, ctx.stream()>>>(
-          static_cast<const T *>(gradDispatched.data), modelDim, routing,
-          static_cast<T *>(gradX.data));
-    };
-    if (vector)
-      launch(dispatchBackwardKernel<T, kVector<T>>);
-    else
-      launch(dispatchBackwardKernel<T, 1>);
-    return checkLaunch("dispatch backward kernel");
-  });
+  return sumChoices<false>(ctx, gradDispatched, modelDim, routing, gradX,
+                           "dispatch backward kernel");
 }
 
 Status combineBackward(KernelContext &ctx, ReadBuffer gradOut,
