@@ -24,20 +24,21 @@
 // T 256 and 41 us at T 16384 for E 64, k 6). Here the loads, the noise and
 // the exps run over the group's lanes (8 per lane, independent), the top-k
 // is k arg-max rounds of log2(G) shuffles, and only the fp32 softmax sum
-// stays sequential: G * 8 shuffles feeding one chain of dependent adds,
-// computed alike on every lane of the group. Per token that is a few hundred
-// instructions spread over G lanes instead of ~E * (k + 5) on one thread,
-// with 32 / G tokens per warp, so the kernel is shorter at small T and
-// issues fewer instructions per token at large T; Auto takes it for every T
-// in the fused limits (GatePath::Tile keeps the tile kernel for the bench).
+// stays sequential: the group's exps go to shared memory in e order and
+// every lane of the group adds them back (2 * G float4 loads feeding one
+// chain of dependent adds). Per token that is a few hundred instructions
+// spread over G lanes instead of ~E * (k + 5) on one thread, with 32 / G
+// tokens per warp, so the kernel is shorter at small T and issues fewer
+// instructions per token at large T; Auto takes it for every T in the fused
+// limits (GatePath::Tile keeps the tile kernel for the bench).
 //
 // Bit-exactness with the CPU kernel (cpu::gate): every value goes through
 // the operations of Gate.cu's kernels in the same order. Lane l of a group
-// holds experts e = i * G + l (i < 8); the sum adds them in e order, the
-// slots past E holding +0, which leaves any sum (never -0) unchanged. The
-// arg-max ranks by orderKey, a uint32 whose order is ranksAbove's (NaN below
-// every number and above nothing else, -0 equal to +0), ties to the lower
-// expert index: the CPU's k rounds of a strict argmax.
+// holds experts e = i * G + l (i < 8); the sum adds the 8 * G slots in e
+// order, those past E holding +0, which leaves any sum (never -0) unchanged.
+// The arg-max ranks by orderKey, a uint32 whose order is ranksAbove's (NaN
+// below every number and above nothing else, -0 equal to +0), ties to the
+// lower expert index: the CPU's k rounds of a strict argmax.
 //
 //===----------------------------------------------------------------------===//
 
@@ -166,12 +167,15 @@ struct TokenParams {
 
 /// [gate-1..3] of token t on its lane group: scores, indices and gates
 /// stored, in the CPU kernel's operations and order (file comment).
+/// `row` is the group's 8 * G floats of shared memory (16-byte aligned): the
+/// exps in e order, read back as float4 by every lane for the sum (shared
+/// loads cost a quarter of the shuffles they replace) and for the gates.
 template <int G>
 __device__ __forceinline__ void
 routeToken(const TokenParams &p, int64_t t, const LaneGroup<G> &group,
-           const SharedExp2Table &table, RoutedToken &r) {
+           const SharedExp2Table &table, float *row, RoutedToken &r) {
   const int32_t E = p.experts;
-  const float *row = p.logits + t * E;
+  const float *logitRow = p.logits + t * E;
   float v[kSlots];
   uint32_t key[kSlots];
   bool nan = false;
@@ -181,7 +185,7 @@ routeToken(const TokenParams &p, int64_t t, const LaneGroup<G> &group,
     float value = 0.0f;
     key[i] = 0;
     if (e < E) {
-      value = row[e];
+      value = logitRow[e];
       if (p.noiseScale != 0.0)
         value = static_cast<float>(
             __dadd_rn(static_cast<double>(value),
@@ -203,12 +207,18 @@ routeToken(const TokenParams &p, int64_t t, const LaneGroup<G> &group,
     x[i] = i * G + group.lane < E
                ? glibcExpfWith(__fsub_rn(v[i], maxLogit), table)
                : 0.0f;
-  float sum = 0.0f;
+  __syncwarp(group.mask); // the previous token's reads of `row` are done
 #pragma unroll
   for (int i = 0; i < kSlots; ++i)
+    row[i * G + group.lane] = x[i];
+  __syncwarp(group.mask);
+  float sum = 0.0f;
 #pragma unroll
-    for (int source = 0; source < G; ++source)
-      sum = __fadd_rn(sum, group.from(x[i], source));
+  for (int q = 0; q < kSlots * G / 4; ++q) {
+    const float4 four = reinterpret_cast<const float4 *>(row)[q];
+    sum = __fadd_rn(
+        __fadd_rn(__fadd_rn(__fadd_rn(sum, four.x), four.y), four.z), four.w);
+  }
   const float inverse =
       anyNaN ? __int_as_float(0x7fc00000) : __fdiv_rn(1.0f, sum);
   float *scoreRow = p.scores + t * E;
@@ -226,9 +236,7 @@ routeToken(const TokenParams &p, int64_t t, const LaneGroup<G> &group,
     if (j < p.k) {
       if (j > 0)
         r.choice[j] = takeBest(key, group);
-      gate[j] = __fmul_rn(
-          group.from(pickSlot(x, r.choice[j] / G), r.choice[j] & (G - 1)),
-          inverse);
+      gate[j] = __fmul_rn(row[r.choice[j]], inverse);
       gateSum = __fadd_rn(gateSum, gate[j]);
     }
   r.top = gate[0];
@@ -301,7 +309,8 @@ __global__ void __launch_bounds__(kLaneThreads, kLaneBlocksPerSM)
   extern __shared__ double laneShared[];
   const int32_t E = p.token.experts, k = p.token.k;
   auto *table = reinterpret_cast<uint64_t *>(laneShared);
-  double *warpSums = laneShared + 32; // [warps][E]
+  auto *rows = reinterpret_cast<float *>(laneShared + 32);        // 8 a thread
+  double *warpSums = laneShared + 32 + kSlots * kLaneThreads / 2; // [warps][E]
   auto *first = reinterpret_cast<int32_t *>(warpSums + (kLaneThreads / 32) * E);
   int32_t *histogram = first + E; // [k][2][E] with chunk counts
   const int tid = threadIdx.x;
@@ -323,7 +332,7 @@ __global__ void __launch_bounds__(kLaneThreads, kLaneBlocksPerSM)
       continue;
     const LaneGroup<G> group = groupOf<G>(mask);
     RoutedToken r;
-    routeToken(p.token, t, group, expTable, r);
+    routeToken(p.token, t, group, expTable, rows + (tid / G) * kSlots * G, r);
 #pragma unroll
     for (int i = 0; i < kSlots; ++i)
       sums[i] = __dadd_rn(sums[i], static_cast<double>(r.score[i]));
@@ -385,8 +394,8 @@ struct OneBlockParams {
 /// The token phase: every group routes tokens g, g + groups, ...
 template <int G>
 __device__ void oneBlockTokens(const OneBlockParams &p,
-                               const SharedExp2Table &table, int32_t *first,
-                               float *priority) {
+                               const SharedExp2Table &table, float *rows,
+                               int32_t *first, float *priority) {
   constexpr int kGroups = kOneBlockThreads / G;
   const int64_t T = p.token.tokens;
   const int64_t rounds = (T + kGroups - 1) / kGroups;
@@ -397,7 +406,8 @@ __device__ void oneBlockTokens(const OneBlockParams &p,
       continue;
     const LaneGroup<G> group = groupOf<G>(mask);
     RoutedToken r;
-    routeToken(p.token, t, group, table, r);
+    routeToken(p.token, t, group, table, rows + (threadIdx.x / G) * kSlots * G,
+               r);
     if (group.lane == 0) {
       atomicAdd(&first[r.choice[0]], 1);
       if (priority)
@@ -537,10 +547,13 @@ __device__ void finishRouting(const OneBlockParams &p, const int32_t *counts,
                   : 0.0f;
 }
 
-/// Doubles of the area shared by the score partials and the warp counts.
-__host__ __device__ constexpr int64_t oneBlockAreaDoubles(int64_t experts) {
-  return kOneBlockThreads > 16 * experts ? kOneBlockThreads : 16 * experts;
-}
+/// Doubles of the area shared, phase after phase, by the token rows (8
+/// floats a thread), the score partials (1024) and the warp counts (32 * E
+/// ints, E <= 256): 32 KiB.
+constexpr int64_t kOneBlockAreaDoubles = kSlots * kOneBlockThreads / 2;
+static_assert(kOneBlockAreaDoubles >= kOneBlockThreads &&
+                  2 * kOneBlockAreaDoubles >= kOneBlockWarps * 256,
+              "the one-block area holds each phase's data");
 
 /// The whole gate in one block; its phases are separated by barriers.
 template <int G>
@@ -556,7 +569,7 @@ __global__ void __launch_bounds__(kOneBlockThreads)
   double *means = oneShared + 32;
   auto *prefix = reinterpret_cast<int64_t *>(means + E);
   double *area = reinterpret_cast<double *>(prefix + 2 * E);
-  auto *first = reinterpret_cast<int32_t *>(area + oneBlockAreaDoubles(E));
+  auto *first = reinterpret_cast<int32_t *>(area + kOneBlockAreaDoubles);
   int32_t *running = first + E;
   float *priority =
       p.prioritized ? reinterpret_cast<float *>(running + E) : nullptr;
@@ -572,7 +585,8 @@ __global__ void __launch_bounds__(kOneBlockThreads)
   if (tid == 0)
     maxCount = 0;
   __syncthreads();
-  oneBlockTokens<G>(p, SharedExp2Table{table}, first, priority);
+  oneBlockTokens<G>(p, SharedExp2Table{table}, reinterpret_cast<float *>(area),
+                    first, priority);
   __syncthreads();
   const int parts = min(32, kOneBlockThreads / E);
   scorePartials(p, parts, area);
@@ -626,7 +640,8 @@ void detail::launchLaneTokens(KernelContext &ctx, const LaneTokenArgs &a) {
   const unsigned blocks =
       static_cast<unsigned>((a.tokens + perBlock - 1) / perBlock);
   const int64_t E = a.experts;
-  const size_t smem = 8 * 32 + 8 * (kLaneThreads / 32) * E + 4 * E +
+  const size_t smem = 8 * 32 + 4 * kSlots * kLaneThreads +
+                      8 * (kLaneThreads / 32) * E + 4 * E +
                       (a.chunkCounts ? 4 * 2 * a.k * E : 0);
   cudaStream_t stream = ctx.stream();
   switch (G) {
@@ -695,7 +710,7 @@ void detail::launchGateOneBlock(KernelContext &ctx, const float *logits,
   p.lAux = out.lAux;
   // table, means, prefix, the shared area, first and running counts, and
   // priority, rank and order with batch-prioritized routing (< 48 KiB).
-  const size_t smem = 8 * (32 + 3 * experts + oneBlockAreaDoubles(experts)) +
+  const size_t smem = 8 * (32 + 3 * experts + kOneBlockAreaDoubles) +
                       4 * 2 * experts + (p.prioritized ? 12 * tokens : 0);
   cudaStream_t stream = ctx.stream();
   switch (lanesFor(experts)) {
