@@ -37,8 +37,8 @@ sanitize() { # tool filter
   grep -E '^\[  FAILED  \]' "$OUT/kernels-$tool.log" | head -5
 }
 echo "=== sanitizers ($SECONDS s)"
-sanitize memcheck 'Paths/CudaGatePaths.MatchTheCpuGate/E64_k6*:Paths/CudaGatePaths.MatchTheCpuGate/E256_k8*:Paths/CudaGatePaths.MatchTheCpuGate/E8_k2*:Types/CudaRouterPaths.*:CudaCombine.*'
-sanitize racecheck 'Paths/CudaGatePaths.MatchTheCpuGate/E64_k6_fixed_OneBlock:Paths/CudaGatePaths.MatchTheCpuGate/E64_k6_fixed_Lanes'
+sanitize memcheck 'Paths/CudaGatePaths.MatchTheCpuGate/E64_k2*:Paths/CudaGatePaths.MatchTheCpuGate/E256_k8*:Paths/CudaGatePaths.MatchTheCpuGate/E37*:Types/CudaRouterPaths.*:CudaCombine.*'
+sanitize racecheck 'Paths/CudaGatePaths.MatchTheCpuGate/E64_k2_fixed_OneBlock:Paths/CudaGatePaths.MatchTheCpuGate/E64_k2_bp_dropless_OneBlock:Paths/CudaGatePaths.MatchTheCpuGate/E64_k2_fixed_Lanes'
 sanitize synccheck 'Paths/CudaGatePaths.MatchTheCpuGate/E8_k1*:Paths/CudaGatePaths.MatchTheCpuGate/E37*'
 
 echo "=== flex-gate-bench ($SECONDS s)"

@@ -390,9 +390,16 @@ TEST_P(CudaGatePaths, NoTokens) {
   EXPECT_EQ(lAux.hostAs<float>()[0], 0.0f);
 }
 
-/// Auto takes the one-block gate exactly where it applies; its limits keep
-/// the decode shape (T 256, E 64, k 6) in one launch.
+/// The one-block gate's limits take the decode shapes (T 256, E 64, k 6);
+/// Auto prefers it with one token per lane group or prioritized routing.
 TEST(CudaGatePathLimits, OneBlockTakesTheDecodeShapes) {
+  using cuda::detail::gateOneBlockPreferred;
+  EXPECT_TRUE(gateOneBlockPreferred(128, 64, 8, false)); // 128 x 8 lanes
+  EXPECT_FALSE(gateOneBlockPreferred(129, 64, 8, false));
+  EXPECT_FALSE(gateOneBlockPreferred(256, 64, 6, false));
+  EXPECT_TRUE(gateOneBlockPreferred(256, 64, 6, true));
+  EXPECT_FALSE(gateOneBlockPreferred(257, 64, 6, true)); // does not apply
+  EXPECT_TRUE(gateOneBlockPreferred(1024, 8, 2, false)); // 1 lane a token
   using cuda::detail::gateOneBlockApplies;
   EXPECT_TRUE(gateOneBlockApplies(256, 64, 6, false));
   EXPECT_TRUE(gateOneBlockApplies(256, 64, 6, true));

@@ -727,7 +727,9 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
                       std::to_string(tokens) + ", E " +
                       std::to_string(experts) + ", k " +
                       std::to_string(attrs.topK) + (bp ? " prioritized" : ""));
-  if (path == GatePath::OneBlock || (path == GatePath::Auto && oneBlock)) {
+  if (path == GatePath::OneBlock ||
+      (path == GatePath::Auto &&
+       gateOneBlockPreferred(tokens, experts, attrs.topK, bp))) {
     detail::launchGateOneBlock(ctx, logits, tokens, experts, attrs, out);
     return report("gate one-block kernel");
   }

@@ -566,10 +566,13 @@ __global__ void __launch_bounds__(kOneBlockThreads)
   const int64_t T = p.token.tokens;
   const int tid = threadIdx.x;
   auto *table = reinterpret_cast<uint64_t *>(oneShared);
-  double *means = oneShared + 32;
+  // The area first: its token rows are read as float4, so it must start
+  // 16-byte aligned whatever E is (after 8 * E bytes of means it would not
+  // for odd E).
+  double *area = oneShared + 32;
+  double *means = area + kOneBlockAreaDoubles;
   auto *prefix = reinterpret_cast<int64_t *>(means + E);
-  double *area = reinterpret_cast<double *>(prefix + 2 * E);
-  auto *first = reinterpret_cast<int32_t *>(area + kOneBlockAreaDoubles);
+  auto *first = reinterpret_cast<int32_t *>(prefix + 2 * E);
   int32_t *running = first + E;
   float *priority =
       p.prioritized ? reinterpret_cast<float *>(running + E) : nullptr;
@@ -674,6 +677,17 @@ bool detail::gateOneBlockApplies(int64_t tokens, int64_t experts, int64_t topK,
   return tokens * lanesFor(experts) <= kOneBlockLaneTokens &&
          tokens * k <= kOneBlockPairs &&
          (!batchPrioritized || tokens <= kOneBlockPrioritizedTokens);
+}
+
+bool detail::gateOneBlockPreferred(int64_t tokens, int64_t experts,
+                                   int64_t topK, bool batchPrioritized) {
+  // Measured on an H100 (bench/RESULTS.md Run 23, E 64): with one token per
+  // lane group the one launch wins (T 128, k 8: 21.9 against 24.3 us for
+  // the lane kernel's launches; T 32: 15.1 against 20.5), with two it
+  // loses (T 256: 31.1 against 23.7); prioritized, it replaces the radix
+  // sort (T 256: 36.4 against 37.2).
+  return gateOneBlockApplies(tokens, experts, topK, batchPrioritized) &&
+         (batchPrioritized || tokens * lanesFor(experts) <= kOneBlockThreads);
 }
 
 void detail::launchGateOneBlock(KernelContext &ctx, const float *logits,

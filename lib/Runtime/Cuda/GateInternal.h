@@ -20,7 +20,7 @@
 
 namespace flex::cuda::detail {
 
-/// Auto: OneBlock where gateOneBlockApplies, else Lanes where
+/// Auto: OneBlock where gateOneBlockPreferred, else Lanes where
 ///   gateFusedApplies, else Legacy.
 /// Legacy: one thread per token over global memory (the pre-fusion gate).
 /// Tile: the fused token kernel with 32 rows per block in shared memory and
@@ -40,6 +40,11 @@ bool gateFusedApplies(int64_t experts, int64_t topK);
 /// routing, T <= 256 (its rank count is quadratic in T).
 bool gateOneBlockApplies(int64_t tokens, int64_t experts, int64_t topK,
                          bool batchPrioritized);
+
+/// Where Auto takes the one-block path: it applies and, unprioritized,
+/// every lane group has at most one token (T * lanes(E) <= 1024).
+bool gateOneBlockPreferred(int64_t tokens, int64_t experts, int64_t topK,
+                           bool batchPrioritized);
 
 /// Called on the host right after each launch, with the stage's name.
 using GateStageHook = void (*)(void *user, const char *stage);

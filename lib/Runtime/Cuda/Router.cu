@@ -441,13 +441,13 @@ Status routerBf16(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
 // The router for few tokens
 //===----------------------------------------------------------------------===//
 
-/// Few tokens: at T <= 512 the kernel below does T * E * d FMAs on CUDA
-/// cores (67M at T 512, E 64, d 2048: ~2-3 us on an H100's 132 SMs), about
-/// one launch's cost, where the bf16 path pays three launches (weight split,
-/// cuBLAS, part sums) whatever T. Its work grows with T while the tensor-core
-/// GEMM's barely does, and it reads wg again per token tile, so larger T
-/// keeps the GEMM.
-constexpr int64_t kRouterFewTokens = 512;
+/// Few tokens: at T <= 256 the kernel below does T * E * d FMAs on CUDA
+/// cores, where the bf16 path pays three launches (weight split, cuBLAS,
+/// part sums) whatever T. Its work grows with T while the tensor-core GEMM's
+/// barely does, and it reads wg again per token tile: measured on an H100
+/// (bench/RESULTS.md Run 23, d 2048, E 64) 16.0 against 18.5 us at T 256,
+/// 21.9 against 18.5 at T 512, so larger T keeps the GEMM.
+constexpr int64_t kRouterFewTokens = 256;
 /// x columns staged per step: one 256-thread load of 8 elements per thread
 /// for 8 tokens; each warp takes 32 of them.
 constexpr int kFewChunk = 256;
