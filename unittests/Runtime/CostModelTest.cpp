@@ -424,7 +424,7 @@ TEST(DeviceProfile, DeviceGemmFiguresRoundTripAndDefault) {
   EXPECT_EQ(writeProfile(back), writeProfile(profile));
   ASSERT_TRUE(back.deviceGemm.has_value());
   EXPECT_EQ(back.deviceGemm->launchSeconds, 1e-5);
-  EXPECT_EQ(back.deviceGemm->wgradTileSeconds, 68e-9); // absent: the default
+  EXPECT_EQ(back.deviceGemm->wgradTileSeconds, 20e-9); // absent: the default
   std::string tiles = decodeProfile();
   tiles.replace(tiles.find("\"launch_s\": 1e-5"), 16,
                 "\"launch_s\": 1e-5, \"wgrad_tile_s\": 2.5e-7");
