@@ -147,6 +147,27 @@ def make_layer(args, cfg, device, dtype):
     return layer, x, grad_out
 
 
+def back_to_back(fn, device, iters):
+    """Mean device time (us) of fn over iters calls enqueued one after the
+    other (no synchronization between them, as in training), and the
+    caching allocator's device allocations (cudaMalloc) during them: with
+    per-call synchronization (time_calls) the host's work before a call's
+    first launch is inside its time; here it overlaps the previous call."""
+    if device.type != "cuda":
+        return None, None
+    fn()
+    torch.cuda.synchronize()
+    allocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    allocs = torch.cuda.memory_stats().get("num_device_alloc", 0) - allocs
+    return start.elapsed_time(end) * 1e3 / iters, allocs
+
+
 def time_layer(call, zero_grad, x, grad_out, device, args):
     """call() -> (y, l_aux) timed forward and forward+backward, as
     time_calls measures them: ((us, host us), (us, host us))."""
@@ -164,9 +185,19 @@ def time_layer(call, zero_grad, x, grad_out, device, args):
 
     forward()  # flexmoe: compiles the training plan; Tutel: its kernels
     fwd = time_calls(forward, device, args.warmup, args.iters)
-    state.clear()
+    state["back_to_back"] = back_to_back(forward, device, args.iters)
+    state.pop("y", None)
+    state.pop("l_aux", None)
     both = time_calls(forward_backward, device, args.warmup, args.iters)
+    back_to_back_results.append(
+        (state["back_to_back"], back_to_back(forward_backward, device,
+                                             args.iters)))
     return fwd, both
+
+
+# time_layer's back-to-back figures, latest last: ((fwd us, allocations),
+# (fwd+bwd us, allocations)).
+back_to_back_results = []
 
 
 def time_flexmoe(layer, x, grad_out, device, args):
@@ -333,18 +364,34 @@ def row(name, ours, theirs):
 
 def bench(args, name, cfg, device, dtype, workdir, peers):
     layer, x, grad_out = make_layer(args, cfg, device, dtype)
+    # moe-run before and after flexmoe: the card's drift between processes
+    # shows in their difference.
+    ref_before = None
+    if args.moe_run:
+        layer(x)  # compiles the plan moe-run runs
+        ref_before = run_moe_run(args, layer, x, grad_out, device, workdir)
     (fwd, fwd_host), (both, both_host) = time_flexmoe(layer, x, grad_out,
                                                       device, args)
+    (b2b_fwd, allocs_fwd), (b2b_both, allocs_both) = back_to_back_results[-1]
     result = {"config": name, **cfg, "tokens": args.tokens,
               "dtype": args.dtype, "capacity_factor": args.capacity_factor,
               "flexmoe_forward_us": fwd, "flexmoe_fwd_bwd_us": both,
               "flexmoe_forward_host_us": fwd_host,
-              "flexmoe_fwd_bwd_host_us": both_host}
+              "flexmoe_fwd_bwd_host_us": both_host,
+              "flexmoe_forward_back_to_back_us": b2b_fwd,
+              "flexmoe_fwd_bwd_back_to_back_us": b2b_both,
+              "device_allocations_back_to_back": [allocs_fwd, allocs_both]}
     ref_fwd = ref_both = None
     if args.moe_run:
-        ref_fwd, ref_bwd, diff = run_moe_run(args, layer, x, grad_out,
-                                             device, workdir)
+        after = run_moe_run(args, layer, x, grad_out, device, workdir)
+        # The mean of the runs before and after flexmoe's.
+        ref_fwd = (ref_before[0] + after[0]) / 2
+        ref_bwd = (ref_before[1] + after[1]) / 2
+        diff = after[2]
         ref_both = ref_fwd + ref_bwd
+        result.update(moe_run_before_us=[ref_before[0],
+                                         ref_before[0] + ref_before[1]],
+                      moe_run_after_us=[after[0], after[0] + after[1]])
         result.update(moe_run_forward_us=ref_fwd, moe_run_backward_us=ref_bwd,
                       moe_run_fwd_bwd_us=ref_both, output_rel_l2=diff,
                       overhead_forward_us=fwd - ref_fwd,
@@ -362,6 +409,16 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
     print(row("forward+backward", both, ref_both))
     print(f"  host time per call (enqueue): forward {fwd_host:.1f} us, "
           f"forward+backward {both_host:.1f} us")
+    if b2b_fwd is not None:
+        print(f"  back to back (no sync between calls): forward "
+              f"{b2b_fwd:.1f} us, forward+backward {b2b_both:.1f} us; "
+              f"device allocations in them: {allocs_fwd}, {allocs_both}")
+    if args.moe_run:
+        print(f"  moe-run before / after flexmoe: forward "
+              f"{result['moe_run_before_us'][0]:.1f} / "
+              f"{result['moe_run_after_us'][0]:.1f} us, forward+backward "
+              f"{result['moe_run_before_us'][1]:.1f} / "
+              f"{result['moe_run_after_us'][1]:.1f} us")
     if args.moe_run:
         print(f"  moe-run's output vs flexmoe's: relative L2 "
               f"{result['output_rel_l2']:.1e} (same plan, same inputs)")
