@@ -195,6 +195,41 @@ def time_layer(call, zero_grad, x, grad_out, device, args):
     return fwd, both
 
 
+def prologue_split(layer, x, device, iters):
+    """Where a synchronized forward's time goes: (median us from the call to
+    the C API's forward call, its GPU side being idle; median us from there
+    to the end of the forward's work), by wrapping Executable.run with an
+    event before the C call."""
+    if device.type != "cuda":
+        return None, None
+    from flexmoe import _runtime
+    original = _runtime.Executable.run
+    marks = {}
+
+    def run(self, forward, bindings, options):
+        if forward:
+            marks["c"] = torch.cuda.Event(enable_timing=True)
+            marks["c"].record()
+        return original(self, forward, bindings, options)
+
+    _runtime.Executable.run = run
+    try:
+        python_us, rest_us = [], []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            start, end = (torch.cuda.Event(enable_timing=True)
+                          for _ in range(2))
+            start.record()
+            layer(x)
+            end.record()
+            end.synchronize()
+            python_us.append(start.elapsed_time(marks["c"]) * 1e3)
+            rest_us.append(marks["c"].elapsed_time(end) * 1e3)
+    finally:
+        _runtime.Executable.run = original
+    return statistics.median(python_us), statistics.median(rest_us)
+
+
 # time_layer's back-to-back figures, latest last: ((fwd us, allocations),
 # (fwd+bwd us, allocations)).
 back_to_back_results = []
@@ -373,6 +408,8 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
     (fwd, fwd_host), (both, both_host) = time_flexmoe(layer, x, grad_out,
                                                       device, args)
     (b2b_fwd, allocs_fwd), (b2b_both, allocs_both) = back_to_back_results[-1]
+    python_prologue, after_python = prologue_split(layer, x, device,
+                                                   args.iters)
     result = {"config": name, **cfg, "tokens": args.tokens,
               "dtype": args.dtype, "capacity_factor": args.capacity_factor,
               "flexmoe_forward_us": fwd, "flexmoe_fwd_bwd_us": both,
@@ -380,7 +417,9 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
               "flexmoe_fwd_bwd_host_us": both_host,
               "flexmoe_forward_back_to_back_us": b2b_fwd,
               "flexmoe_fwd_bwd_back_to_back_us": b2b_both,
-              "device_allocations_back_to_back": [allocs_fwd, allocs_both]}
+              "device_allocations_back_to_back": [allocs_fwd, allocs_both],
+              "forward_python_prologue_us": python_prologue,
+              "forward_from_c_call_us": after_python}
     ref_fwd = ref_both = None
     if args.moe_run:
         after = run_moe_run(args, layer, x, grad_out, device, workdir)
@@ -413,6 +452,10 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
         print(f"  back to back (no sync between calls): forward "
               f"{b2b_fwd:.1f} us, forward+backward {b2b_both:.1f} us; "
               f"device allocations in them: {allocs_fwd}, {allocs_both}")
+    if python_prologue is not None:
+        print(f"  synchronized forward split: {python_prologue:.1f} us of "
+              f"Python before the C API call (the GPU idle), "
+              f"{after_python:.1f} us from that call to the end")
     if args.moe_run:
         print(f"  moe-run before / after flexmoe: forward "
               f"{result['moe_run_before_us'][0]:.1f} / "
