@@ -270,8 +270,13 @@ def run_moe_run(args, layer, x, grad_out, device, workdir):
     theirs = read_npy_f32(outputs / "out.npy")
     ours = y.float().cpu()
     diff = float((ours - theirs).norm() / theirs.norm().clamp(min=1e-30))
+    # call_median_us: the whole call as the caller times it (the host's work
+    # before the pass's first marker included), the figure comparable to
+    # flexmoe's synchronized calls; older moe-runs lack it.
+    calls = (report["forward"].get("call_median_us"),
+             report["backward"].get("call_median_us"))
     return (report["forward"]["median_us"], report["backward"]["median_us"],
-            diff)
+            diff, calls)
 
 
 # -- peers: the plain PyTorch layer and Tutel's, on flexmoe's weights --------
@@ -428,6 +433,15 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
         ref_bwd = (ref_before[1] + after[1]) / 2
         diff = after[2]
         ref_both = ref_fwd + ref_bwd
+        if None not in after[3] + ref_before[3]:
+            call_fwd = (ref_before[3][0] + after[3][0]) / 2
+            call_both = call_fwd + (ref_before[3][1] + after[3][1]) / 2
+            result.update(moe_run_call_forward_us=call_fwd,
+                          moe_run_call_fwd_bwd_us=call_both,
+                          overhead_call_forward_pct=100 * (fwd - call_fwd) /
+                          call_fwd,
+                          overhead_call_fwd_bwd_pct=100 * (both - call_both) /
+                          call_both)
         result.update(moe_run_before_us=[ref_before[0],
                                          ref_before[0] + ref_before[1]],
                       moe_run_after_us=[after[0], after[0] + after[1]])
@@ -456,6 +470,13 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
         print(f"  synchronized forward split: {python_prologue:.1f} us of "
               f"Python before the C API call (the GPU idle), "
               f"{after_python:.1f} us from that call to the end")
+    if "moe_run_call_forward_us" in result:
+        print(f"  against moe-run's whole calls (its host work before the "
+              f"pass included, as flexmoe's): forward "
+              f"{result['moe_run_call_forward_us']:.1f} us "
+              f"({result['overhead_call_forward_pct']:+.2f}%), "
+              f"forward+backward {result['moe_run_call_fwd_bwd_us']:.1f} us "
+              f"({result['overhead_call_fwd_bwd_pct']:+.2f}%)")
     if args.moe_run:
         print(f"  moe-run before / after flexmoe: forward "
               f"{result['moe_run_before_us'][0]:.1f} / "

@@ -125,6 +125,11 @@ struct StepTimes {
   std::vector<double> totalMicros; ///< summed over stepRuns runs
   int64_t stepRuns = 0;
   std::vector<double> runs; ///< whole-pass time of each timed run
+  /// Host wall time of each timed call, from the API call to its return
+  /// (it waits for the device when timed): runs[i] plus the host's work
+  /// before the pass's first marker and the wait, the figure a caller
+  /// timing the whole call sees (bench/python_overhead.py compares with it).
+  std::vector<double> calls;
   /// The variant the runs above ran; -1 before the first.
   int64_t variant = -1;
   /// Runs of earlier variants left out (variant = auto switched: the cost
@@ -134,10 +139,11 @@ struct StepTimes {
   /// Adds the last run's step times (when it has them) and, when `timed`,
   /// its whole-pass time. When the run's variant differs from the runs'
   /// so far, those are dropped: the times are one variant's.
-  void add(FlexExecutable exe, bool timed);
+  void add(FlexExecutable exe, bool timed, double callMicros = 0);
   double stepMean(size_t i) const;
   double mean() const;
   double quantile(double q) const;
+  double callMedian() const;
 };
 
 /// One output compared with the reference.

@@ -100,11 +100,14 @@ void printJson(const Options &options, const LayerRun &run) {
     return list;
   };
   auto pass = [&](const StepTimes &times) {
-    return nlohmann::ordered_json{
-        {"mean_us", times.mean()},       {"median_us", times.quantile(0.5)},
-        {"min_us", times.quantile(0.0)}, {"max_us", times.quantile(1.0)},
-        {"runs", times.runs.size()},     {"dropped_runs", times.droppedRuns},
-        {"steps", steps(times)}};
+    return nlohmann::ordered_json{{"mean_us", times.mean()},
+                                  {"median_us", times.quantile(0.5)},
+                                  {"min_us", times.quantile(0.0)},
+                                  {"max_us", times.quantile(1.0)},
+                                  {"runs", times.runs.size()},
+                                  {"dropped_runs", times.droppedRuns},
+                                  {"call_median_us", times.callMedian()},
+                                  {"steps", steps(times)}};
   };
   out["forward"] = pass(run.forwardTimes);
   if (options.train)

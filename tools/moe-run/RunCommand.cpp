@@ -22,6 +22,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -34,7 +35,7 @@ namespace fs = std::filesystem;
 // Times
 //===----------------------------------------------------------------------===//
 
-void StepTimes::add(FlexExecutable exe, bool timed) {
+void StepTimes::add(FlexExecutable exe, bool timed, double callMicros) {
   int64_t ran = -1;
   checkApi(flexExecutableGetSelectedVariant(exe, &ran), "variant");
   if (variant >= 0 && ran != variant) {
@@ -43,6 +44,7 @@ void StepTimes::add(FlexExecutable exe, bool timed) {
     totalMicros.clear();
     stepRuns = 0;
     runs.clear();
+    calls.clear();
   }
   variant = ran;
   int64_t count = 0;
@@ -66,6 +68,7 @@ void StepTimes::add(FlexExecutable exe, bool timed) {
     double total = 0;
     checkApi(flexExecutableGetLastRunMicros(exe, &total), "run time");
     runs.push_back(total);
+    calls.push_back(callMicros);
   }
 }
 
@@ -87,6 +90,14 @@ double StepTimes::quantile(double q) const {
   std::sort(sorted.begin(), sorted.end());
   return sorted[static_cast<size_t>(q * static_cast<double>(sorted.size() - 1) +
                                     0.5)];
+}
+
+double StepTimes::callMedian() const {
+  if (calls.empty())
+    return 0.0;
+  std::vector<double> sorted = calls;
+  std::sort(sorted.begin(), sorted.end());
+  return sorted[sorted.size() / 2];
 }
 
 namespace {
@@ -302,6 +313,12 @@ std::vector<FlexBinding> bindArguments(const Options &options, LayerRun &run,
   return bindings;
 }
 
+double microsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::micro>(
+             std::chrono::steady_clock::now() - start)
+      .count();
+}
+
 /// The calls: --warmup untimed ones (with --graph at least two: the eager
 /// run and the one that records), then the timed ones. The eager runs' step
 /// times are kept, as a replayed graph has none. Times are the largest over
@@ -322,23 +339,27 @@ void runCalls(const Options &options, LayerRun &run) {
     // next pass absorbs that skew.
     if (options.align)
       ranks.barrier();
+    auto callStart = std::chrono::steady_clock::now();
     checkApi(flexExecutableForward(run.exe, bindings.data(), bindings.size(),
                                    &runOptions),
              "forward");
+    double forwardCall = microsSince(callStart);
     // Replays have no per-step times: with --graph they come from the
     // eager calls before the recording, the first left out (one-time
     // costs: cuBLAS's set-up read as a 43 ms router on an H100).
     const bool stepsOnly = options.graph && iter > 0;
     if (timed || stepsOnly)
-      run.forwardTimes.add(run.exe, timed);
+      run.forwardTimes.add(run.exe, timed, forwardCall);
     if (options.train) {
       if (options.align)
         ranks.barrier();
+      callStart = std::chrono::steady_clock::now();
       checkApi(flexExecutableBackward(run.exe, bindings.data(), bindings.size(),
                                       &runOptions),
                "backward");
+      double backwardCall = microsSince(callStart);
       if (timed || stepsOnly)
-        run.backwardTimes.add(run.exe, timed);
+        run.backwardTimes.add(run.exe, timed, backwardCall);
     }
   }
 #ifdef FLEX_MOE_RUN_HAVE_CUDA
@@ -354,6 +375,7 @@ void runCalls(const Options &options, LayerRun &run) {
   for (StepTimes *times : {&run.forwardTimes, &run.backwardTimes}) {
     ranks.maxInPlace(times->totalMicros);
     ranks.maxInPlace(times->runs);
+    ranks.maxInPlace(times->calls);
   }
 }
 
