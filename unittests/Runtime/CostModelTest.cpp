@@ -414,6 +414,50 @@ TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
   EXPECT_EQ(deviceGemmTileRows(DeviceGemmTile::Large), 128);
 }
 
+TEST(GroupedGemmRule, UniformBlocksBatchWhenTheyHoldTheirRows) {
+  // At most 1.5 rows computed per row held.
+  EXPECT_TRUE(batchesUniformBlocks(4, 64, 243));    // 256 for 243
+  EXPECT_TRUE(batchesUniformBlocks(64, 150, 6400)); // 9600 for 6400
+  EXPECT_FALSE(batchesUniformBlocks(3, 256, 406));  // 768 for 406
+  EXPECT_FALSE(batchesUniformBlocks(4, 32, 48));
+  EXPECT_FALSE(batchesUniformBlocks(4, 64, 0)); // nothing held
+  EXPECT_FALSE(batchesUniformBlocks(0, 64, 10));
+  EXPECT_FALSE(batchesUniformBlocks(4, 0, 10));
+}
+
+/// A dynamic padded layout's forward GEMMs on CUDA: one batched GEMM over
+/// the E * C block rows where the blocks hold enough rows, a GEMM per expert
+/// otherwise; the CPU backend always per expert (gated_bounded_infer: T 12,
+/// E 3, top-1, f32, so not the device kernel).
+TEST(CostModel, BalancedPaddedBlocksArePricedAsOneBatchedGemm) {
+  Plan plan;
+  ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_PLANS_DIR) +
+                               "/gated_bounded_infer.json",
+                           plan)
+                  .isOk());
+  CostModel cuda(parsed(decodeProfile()));
+  // C 4: 12 block rows for the 12 kept rows.
+  std::vector<StepPrediction> balanced =
+      stepsOf(cuda.predict(plan, 0, false, 4), StepOp::GroupedGemm);
+  ASSERT_EQ(balanced.size(), 3u);
+  for (const StepPrediction &step : balanced) {
+    EXPECT_TRUE(step.batchedBlocks);
+    EXPECT_EQ(step.gemmPath, GemmPath::Batched);
+    EXPECT_EQ(step.rows, 12);
+  }
+  // C 9: 27 block rows for at most 12 kept rows.
+  for (const StepPrediction &step :
+       stepsOf(cuda.predict(plan, 0, false, 9), StepOp::GroupedGemm)) {
+    EXPECT_FALSE(step.batchedBlocks);
+    EXPECT_EQ(step.gemmPath, GemmPath::PerExpert);
+    EXPECT_EQ(step.rows, 12);
+  }
+  CostModel cpu(parsed(decodeProfile("cpu")));
+  for (const StepPrediction &step :
+       stepsOf(cpu.predict(plan, 0, false, 4), StepOp::GroupedGemm))
+    EXPECT_FALSE(step.batchedBlocks);
+}
+
 TEST(DeviceProfile, DeviceGemmFiguresRoundTripAndDefault) {
   // Written and read back; a profile without the object (every older file)
   // gets the H100 defaults; keys are checked.

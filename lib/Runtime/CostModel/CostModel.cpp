@@ -341,8 +341,24 @@ CostStage getCostStage(StepOp op) {
   }
 }
 
-StepBasis CostModel::stepBasis(const Plan &plan, const Step &step,
-                               int64_t rows) const {
+bool CostModel::batchesBlocks(const Plan &plan, const Variant &variant,
+                              const Step &step, int64_t capacity) const {
+  if (profile_.backend != "cuda" || plan.worldSize > 1 ||
+      getStepKind(step.op).cost != StepCost::ExpertGemm || !step.facts.padded ||
+      step.facts.staticCapacity >= 0 || step.facts.segments.isValid())
+    return false;
+  const int64_t c = stepCapacity(variant, step, capacity);
+  const int64_t experts = plan.virtualExperts();
+  if (c <= 0)
+    return false;
+  // The rows the blocks hold: every kept row, at most T * k.
+  const int64_t held =
+      std::min(experts * c, plan.layer.tokens * plan.layer.topK);
+  return batchesUniformBlocks(experts, c, held);
+}
+
+StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
+                               bool batchedBlocks) const {
   using R = OperandRole;
   const StepWork work = getStepWork(plan, step, rows);
   StepBasis basis;
@@ -369,6 +385,9 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step,
   auto expertGemm = [&](const BufferDesc &a, int64_t groups, int64_t k,
                         int64_t n, bool wgrad) {
     basis.gemmPath = expertGemmPath(profile_, options_, step, a, k, n, groups);
+    // The counts read back, blocks of one size batch (GroupedGemm.cu).
+    if (batchedBlocks && !wgrad && basis.gemmPath == GemmPath::PerExpert)
+      basis.gemmPath = GemmPath::Batched;
     const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
     const double rows = work.flops / (2.0 * kn);
     switch (basis.gemmPath) {
@@ -537,7 +556,10 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
     out.op = step.op;
     out.stage = getCostStage(step.op);
     out.rows = stepRows(plan, variant, step, capacity);
-    const StepBasis basis = stepBasis(plan, step, out.rows);
+    out.batchedBlocks = batchesBlocks(plan, variant, step, capacity);
+    if (out.batchedBlocks)
+      out.rows = plan.virtualExperts() * stepCapacity(variant, step, capacity);
+    const StepBasis basis = stepBasis(plan, step, out.rows, out.batchedBlocks);
     out.gemmPath = basis.gemmPath;
     const double alone = basisSeconds(plan, step, basis) * 1e6;
 

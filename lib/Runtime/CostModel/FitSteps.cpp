@@ -67,7 +67,8 @@ void collectStepSamples(const CostModel &model, const Plan &plan,
     if (isCollective(steps[i].op) || !(stepSeconds[i] > 0))
       continue;
     samples.push_back({steps[i].op,
-                       model.stepBasis(plan, steps[i], predicted.steps[i].rows),
+                       model.stepBasis(plan, steps[i], predicted.steps[i].rows,
+                                       predicted.steps[i].batchedBlocks),
                        stepSeconds[i]});
   }
 }

@@ -139,6 +139,25 @@ bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
   return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
 }
 
+/// Whether a dynamic routing's segments, read to the host, are blocks of one
+/// size (offsets e * block: a padded layout, or equal counts) inside the
+/// buffer that run as one batched GEMM (batchesUniformBlocks); `block` is
+/// then their size.
+bool uniformBlocks(const int32_t *offsets, const int32_t *rows,
+                   const ExpertRowSpace &space, int64_t &block) {
+  const int64_t E = space.experts;
+  if (E <= 0 || offsets[0] != 0)
+    return false;
+  block = offsets[1];
+  int64_t held = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (offsets[e + 1] != (e + 1) * block || rows[e] < 0 || rows[e] > block)
+      return false;
+    held += rows[e];
+  }
+  return E * block <= space.rowBound && batchesUniformBlocks(E, block, held);
+}
+
 } // namespace
 
 Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
@@ -191,23 +210,24 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     return Status::ok();
 
   // Row-major C[rows, n] = A[rows, k] B[k, n] is column-major
-  // C^T[n, rows] = B^T[n, k] A^T[k, rows]: B goes first.
+  // C^T[n, rows] = B^T[n, k] A^T[k, rows]: B goes first. One call over
+  // blocks of `capacity` rows per expert.
+  auto batched = [&](int64_t capacity) -> Status {
+    if (capacity <= 0 || space.experts <= 0)
+      return Status::ok();
+    return checkCublas(cublasGemmStridedBatchedEx(
+                           handle, opB, CUBLAS_OP_N, static_cast<int>(n),
+                           static_cast<int>(capacity), static_cast<int>(k),
+                           &alpha, b.data, type, static_cast<int>(ldb), k * n,
+                           a.data, type, static_cast<int>(k), capacity * k,
+                           &beta, target.data, type, static_cast<int>(n),
+                           capacity * n, static_cast<int>(space.experts),
+                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                       "cublasGemmStridedBatchedEx (grouped_gemm)");
+  };
   if (space.isStatic()) {
-    const int64_t capacity = space.staticCapacity;
-    if (capacity > 0 && space.experts > 0) {
-      if (Status s = checkCublas(
-              cublasGemmStridedBatchedEx(
-                  handle, opB, CUBLAS_OP_N, static_cast<int>(n),
-                  static_cast<int>(capacity), static_cast<int>(k), &alpha,
-                  b.data, type, static_cast<int>(ldb), k * n, a.data, type,
-                  static_cast<int>(k), capacity * k, &beta, target.data, type,
-                  static_cast<int>(n), capacity * n,
-                  static_cast<int>(space.experts), CUBLAS_COMPUTE_32F,
-                  CUBLAS_GEMM_DEFAULT),
-              "cublasGemmStridedBatchedEx (grouped_gemm)");
-          !s)
-        return s;
-    }
+    if (Status s = batched(space.staticCapacity); !s)
+      return s;
   } else if (useDeviceKernel(ctx, path, dtype, k, n, space,
                              {a.data, b.data, target.data})) {
     if (Status s =
@@ -219,22 +239,31 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     const int32_t *offsets = nullptr, *rows = nullptr;
     if (Status s = ctx.hostSegments(space, offsets, rows); !s)
       return s;
-    for (int64_t e = 0; e < space.experts; ++e) {
-      if (rows[e] <= 0)
-        continue;
-      int64_t first = offsets[e];
-      if (Status s = checkCublas(
-              cublasGemmEx(handle, opB, CUBLAS_OP_N, static_cast<int>(n),
-                           rows[e], static_cast<int>(k), &alpha,
-                           at(b.data, e * k * n, dtype), type,
-                           static_cast<int>(ldb), at(a.data, first * k, dtype),
-                           type, static_cast<int>(k), &beta,
-                           at(target.data, first * n, dtype), type,
-                           static_cast<int>(n), CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT),
-              "cublasGemmEx (grouped_gemm)");
-          !s)
+    // Blocks of one size (a padded layout) run as one batched call, their
+    // padding rows computed too (from A's padding rows: padding stays
+    // padding); otherwise a GEMM per expert with rows.
+    int64_t block = 0;
+    if (uniformBlocks(offsets, rows, space, block)) {
+      if (Status s = batched(block); !s)
         return s;
+    } else {
+      for (int64_t e = 0; e < space.experts; ++e) {
+        if (rows[e] <= 0)
+          continue;
+        int64_t first = offsets[e];
+        if (Status s = checkCublas(
+                cublasGemmEx(
+                    handle, opB, CUBLAS_OP_N, static_cast<int>(n), rows[e],
+                    static_cast<int>(k), &alpha, at(b.data, e * k * n, dtype),
+                    type, static_cast<int>(ldb), at(a.data, first * k, dtype),
+                    type, static_cast<int>(k), &beta,
+                    at(target.data, first * n, dtype), type,
+                    static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                    CUBLAS_GEMM_DEFAULT),
+                "cublasGemmEx (grouped_gemm)");
+            !s)
+          return s;
+      }
     }
   }
   if (!bias.data && options.epilogue == Epilogue::None && !pre.data)

@@ -14,7 +14,10 @@
 // strided-batched GEMM. A dynamic one takes the device-sized kernel when the
 // options prefer it (below) and its operands fit it (bf16/f16, rows of k and
 // n elements 16-byte aligned); otherwise the counts are read to the host
-// and each expert with rows is one cuBLAS GEMM.
+// and each expert with rows is one cuBLAS GEMM - or, for the forward and
+// input-gradient GEMMs, one strided-batched GEMM when the segments are
+// blocks of one size (a padded layout's e * C) that hold enough of their
+// rows (batchesUniformBlocks).
 //
 //===----------------------------------------------------------------------===//
 
@@ -76,6 +79,27 @@ inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
     break;
   }
   return capturing || rowBound <= kDeviceGemmRowsPerExpert * experts;
+}
+
+/// The most rows a dynamic routing's uniform blocks may compute per row
+/// they hold and still run as one strided-batched GEMM of C rows per expert
+/// instead of a GEMM per expert with rows. One batched call fills the device
+/// where per-expert calls of a few hundred rows leave SMs idle and pay a
+/// launch each: H100 (bench/RESULTS.md Runs 20, 22): C3's 64 per-expert GEMMs
+/// 965 us against 744 us batched over the same rows; l37 (capacity 1.25,
+/// 25% padding) 690 us padded-batched against 1393 us per expert.
+inline constexpr double kBatchedBlockRowsPerHeldRow = 1.5;
+
+/// Whether `experts` blocks of `block` rows, holding `held` rows in all,
+/// run as one strided-batched GEMM (forward and input gradient only: a
+/// row of C depends on its own row of A alone, so the padding rows it
+/// computes stay padding; the weight gradient sums over rows and stays per
+/// expert).
+inline constexpr bool batchesUniformBlocks(int64_t experts, int64_t block,
+                                           int64_t held) {
+  return experts > 0 && block > 0 && held > 0 &&
+         static_cast<double>(experts) * static_cast<double>(block) <=
+             kBatchedBlockRowsPerHeldRow * static_cast<double>(held);
 }
 
 /// Whether the device-sized kernel takes operands of `type` with rows of k

@@ -102,6 +102,11 @@ struct StepPrediction {
   int64_t rows = -1;
   /// GEMM steps: the path priced (the one the backend takes).
   GemmPath gemmPath = GemmPath::None;
+  /// A dynamic padded layout's forward or input-gradient GEMM priced as
+  /// one batched GEMM over its E * C block rows (`rows`), as the CUDA
+  /// backend runs it once the counts are on the host
+  /// (batchesUniformBlocks, Core/GroupedGemmRule.h).
+  bool batchedBlocks = false;
   double startUs = 0;
   double us = 0; ///< end - start, the overlap slowdown included
   double endUs() const { return startUs + us; }
@@ -149,14 +154,21 @@ public:
   /// and picks the smallest total; ties go to the lower index. Deterministic.
   Choice choose(const Plan &plan, bool backward, int64_t capacity) const;
 
-  /// The quantities stepSeconds() combines with the profile's figures.
-  StepBasis stepBasis(const Plan &plan, const Step &step, int64_t rows) const;
+  /// The quantities stepSeconds() combines with the profile's figures;
+  /// `batchedBlocks`: StepPrediction::batchedBlocks.
+  StepBasis stepBasis(const Plan &plan, const Step &step, int64_t rows,
+                      bool batchedBlocks = false) const;
   /// The seconds one step takes alone on its stream (no waits, no overlap).
   double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
   /// Whether the profile's node shape prices this collective step (no
   /// exact measured point, a built-in profile's points, or a 2DH exchange)
   /// rather than a measured point; false without a node shape.
   bool usesTopology(const Plan &plan, const Step &step) const;
+  /// Whether the step is a dynamic padded layout's forward or
+  /// input-gradient GEMM whose E * C blocks at `capacity` hold enough of
+  /// their rows for the CUDA backend to batch them (one rank).
+  bool batchesBlocks(const Plan &plan, const Variant &variant, const Step &step,
+                     int64_t capacity) const;
 
 private:
   /// stepSeconds() of an already computed basis.
