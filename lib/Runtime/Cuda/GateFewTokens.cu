@@ -45,6 +45,8 @@
 #include "GateDevice.cuh"
 #include "GateInternal.h"
 
+#include <type_traits>
+
 namespace flex::cuda {
 
 namespace {
@@ -373,6 +375,25 @@ int lanesFor(int64_t experts) {
   return lanes;
 }
 
+/// Calls f(std::integral_constant<int, G>) for lanes = G, a power of two
+/// up to 32 (lanesFor): the kernels take G as a template argument.
+template <typename F> void withLanes(int lanes, F f) {
+  switch (lanes) {
+  case 1:
+    return f(std::integral_constant<int, 1>{});
+  case 2:
+    return f(std::integral_constant<int, 2>{});
+  case 4:
+    return f(std::integral_constant<int, 4>{});
+  case 8:
+    return f(std::integral_constant<int, 8>{});
+  case 16:
+    return f(std::integral_constant<int, 16>{});
+  default:
+    return f(std::integral_constant<int, 32>{});
+  }
+}
+
 template <int G>
 void launchLanes(cudaStream_t stream, unsigned blocks, size_t smem,
                  const LaneKernelParams &p) {
@@ -647,26 +668,9 @@ void detail::launchLaneTokens(KernelContext &ctx, const LaneTokenArgs &a) {
                       8 * (kLaneThreads / 32) * E + 4 * E +
                       (a.chunkCounts ? 4 * 2 * a.k * E : 0);
   cudaStream_t stream = ctx.stream();
-  switch (G) {
-  case 1:
-    launchLanes<1>(stream, blocks, smem, p);
-    break;
-  case 2:
-    launchLanes<2>(stream, blocks, smem, p);
-    break;
-  case 4:
-    launchLanes<4>(stream, blocks, smem, p);
-    break;
-  case 8:
-    launchLanes<8>(stream, blocks, smem, p);
-    break;
-  case 16:
-    launchLanes<16>(stream, blocks, smem, p);
-    break;
-  default:
-    launchLanes<32>(stream, blocks, smem, p);
-    break;
-  }
+  withLanes(G, [&](auto lanes) {
+    launchLanes<decltype(lanes)::value>(stream, blocks, smem, p);
+  });
 }
 
 bool detail::gateOneBlockApplies(int64_t tokens, int64_t experts, int64_t topK,
@@ -727,26 +731,9 @@ void detail::launchGateOneBlock(KernelContext &ctx, const float *logits,
   const size_t smem = 8 * (32 + 3 * experts + kOneBlockAreaDoubles) +
                       4 * 2 * experts + (p.prioritized ? 12 * tokens : 0);
   cudaStream_t stream = ctx.stream();
-  switch (lanesFor(experts)) {
-  case 1:
-    launchOneBlock<1>(stream, smem, p);
-    break;
-  case 2:
-    launchOneBlock<2>(stream, smem, p);
-    break;
-  case 4:
-    launchOneBlock<4>(stream, smem, p);
-    break;
-  case 8:
-    launchOneBlock<8>(stream, smem, p);
-    break;
-  case 16:
-    launchOneBlock<16>(stream, smem, p);
-    break;
-  default:
-    launchOneBlock<32>(stream, smem, p);
-    break;
-  }
+  withLanes(lanesFor(experts), [&](auto lanes) {
+    launchOneBlock<decltype(lanes)::value>(stream, smem, p);
+  });
 }
 
 } // namespace flex::cuda
