@@ -456,6 +456,30 @@ TEST(CostModel, BalancedPaddedBlocksArePricedAsOneBatchedGemm) {
   for (const StepPrediction &step :
        stepsOf(cpu.predict(plan, 0, false, 4), StepOp::GroupedGemm))
     EXPECT_FALSE(step.batchedBlocks);
+  // In bf16 (k = n = 8) the 18 rows go to the device-sized kernel, which
+  // the backend takes before reading the counts: priced on the 12 kept
+  // rows, not C 5's 15 block rows; under cublas they batch.
+  Plan bf16 = plan;
+  bf16.layer.dtype = DType::BF16;
+  for (WorkspaceBuffer &buffer : bf16.workspace.buffers)
+    if (buffer.dtype == DType::F32)
+      buffer.dtype = DType::BF16;
+  for (const StepPrediction &step :
+       stepsOf(cuda.predict(bf16, 0, false, 5), StepOp::GroupedGemm)) {
+    EXPECT_FALSE(step.batchedBlocks);
+    EXPECT_EQ(step.gemmPath, GemmPath::Device);
+    EXPECT_EQ(step.rows, 12);
+  }
+  CostModelOptions viaCublas;
+  viaCublas.groupedGemm = GroupedGemmImpl::Cublas;
+  for (const StepPrediction &step :
+       stepsOf(CostModel(parsed(decodeProfile()), viaCublas)
+                   .predict(bf16, 0, false, 5),
+               StepOp::GroupedGemm)) {
+    EXPECT_TRUE(step.batchedBlocks);
+    EXPECT_EQ(step.gemmPath, GemmPath::Batched);
+    EXPECT_EQ(step.rows, 15);
+  }
 }
 
 TEST(DeviceProfile, DeviceGemmFiguresRoundTripAndDefault) {

@@ -351,6 +351,16 @@ bool CostModel::batchesBlocks(const Plan &plan, const Variant &variant,
   const int64_t experts = plan.virtualExperts();
   if (c <= 0)
     return false;
+  // Only where the counts are read back: the device-sized kernel (checked
+  // first by the backend) computes the kept rows alone.
+  const BufferDesc &a = plan.getBuffer(step.in(OperandRole::A));
+  const BufferDesc &b = plan.getBuffer(step.in(OperandRole::B));
+  const BufferDesc &out = plan.getBuffer(step.out(OperandRole::C));
+  if (a.shape.empty() || out.shape.empty() ||
+      expertGemmPath(
+          profile_, options_, step, a, a.shape.back(), out.shape.back(),
+          b.shape.size() >= 3 ? b.shape.front() : 1) != GemmPath::PerExpert)
+    return false;
   // The rows the blocks hold: every kept row, at most T * k.
   const int64_t held =
       std::min(experts * c, plan.layer.tokens * plan.layer.topK);
