@@ -308,6 +308,8 @@ class PlanCache:
         self.memory = {}
         self.lock = threading.Lock()
         self.stats = {"memory": 0, "disk": 0, "compiled": 0, "corrupt": 0}
+        # Bumped by clear: what callers cached of a plan is stale then.
+        self.generation = 0
 
     def disk_path(self, spec):
         directory = cache_dir()
@@ -327,6 +329,12 @@ class PlanCache:
             plan = self._load_disk(spec) or self._compile(spec)
             self.memory[spec] = plan
             return plan
+
+    def count_memory_hit(self):
+        """A caller found a plan of this cache's generation in its own cache
+        (flexmoe's per-call cache, _ops._call): counted as a memory hit."""
+        with self.lock:
+            self.stats["memory"] += 1
 
     def _load_disk(self, spec):
         path = self.disk_path(spec)
@@ -382,6 +390,7 @@ class PlanCache:
     def clear(self, disk=False):
         with self.lock:
             self.memory.clear()
+            self.generation += 1
             directory = cache_dir()
             if disk and directory is not None and directory.is_dir():
                 for entry in directory.glob("plan-*.json"):

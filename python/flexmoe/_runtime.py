@@ -65,6 +65,8 @@ class Executable:
         self.handle = handle
         self.variant = None
         self.arrays = {}  # binding arrays by their names
+        self._entries = (self.lib.lib.flexExecutableBackward,
+                         self.lib.lib.flexExecutableForward)
 
     def close(self):
         if self.handle:
@@ -107,7 +109,7 @@ class Executable:
         # The binding array of these names is made once (the names encoded
         # and kept alive by it); a call only writes the addresses and sizes.
         # The Runner's lock serializes the calls of one executable.
-        names = tuple(b[0] for b in bindings)
+        names = tuple([b[0] for b in bindings])
         array = self.arrays.get(names)
         if array is None:
             array = (_capi.Binding * len(names))()
@@ -116,11 +118,11 @@ class Executable:
             self.arrays[names] = array
         for entry, (_, address, nbytes) in zip(array, bindings):
             entry.data, entry.bytes = address, nbytes
-        fn = (self.lib.lib.flexExecutableForward
-              if forward else self.lib.lib.flexExecutableBackward)
-        what = "flexExecutableForward" if forward else "flexExecutableBackward"
-        self.check(fn(self.handle, array, len(bindings),
-                      ctypes.byref(options)), what)
+        status = self._entries[forward](self.handle, array, len(bindings),
+                                        ctypes.byref(options))
+        if status:
+            self.check(status, "flexExecutableForward"
+                       if forward else "flexExecutableBackward")
 
 
 # At most this many forwards wait for their backward on one Runner without
@@ -146,6 +148,11 @@ class Runner:
         self.free = []  # executables with no forward pending
         self.pending = collections.OrderedDict()  # workspace -> executable
         self.shared = self._new_executable() if self.per_call_state else None
+        # One options struct, refilled under the lock by each call (the
+        # library reads it during the call only).
+        self.options = (_capi.RunOptions(ctypes.sizeof(_capi.RunOptions))
+                        if self.per_call_state else
+                        _capi.RunOptionsV1(ctypes.sizeof(_capi.RunOptionsV1)))
 
     def _new_executable(self):
         exe = Executable(self.ctx, self.plan)
@@ -154,16 +161,19 @@ class Runner:
         return exe
 
     def _options(self, stream, seed, workspace, nbytes):
-        flags = _capi.RUN_NO_TIMING
-        if self.per_call_state:
-            options = _capi.RunOptions(ctypes.sizeof(_capi.RunOptions), flags,
-                                       stream, workspace, nbytes, 0)
-            if seed is not None:
-                options.flags |= _capi.RUN_SEED
-                options.seed = seed & 0xFFFFFFFFFFFFFFFF
+        """The call's options, in self.options: call with the lock held."""
+        options = self.options
+        options.stream = stream
+        if not self.per_call_state:
+            options.flags = _capi.RUN_NO_TIMING
             return options
-        return _capi.RunOptionsV1(ctypes.sizeof(_capi.RunOptionsV1), flags,
-                                  stream)
+        options.workspace, options.workspace_bytes = workspace, nbytes
+        if seed is None:
+            options.flags, options.seed = _capi.RUN_NO_TIMING, 0
+        else:
+            options.flags = _capi.RUN_NO_TIMING | _capi.RUN_SEED
+            options.seed = seed & 0xFFFFFFFFFFFFFFFF
+        return options
 
     def forward(self, bindings, workspace, nbytes, stream, seed, variant,
                 keep_state):
@@ -174,8 +184,8 @@ class Runner:
             warnings.warn(f"flexmoe: {self.lib.path} has no per-call seed "
                           f"(FLEX_RUN_SEED): the gate noise is the plan's, "
                           f"the same at every step")
-        options = self._options(stream, seed, workspace, nbytes)
         with self.lock:
+            options = self._options(stream, seed, workspace, nbytes)
             if self.per_call_state:
                 self.shared.select_variant(variant)
                 self.shared.run(True, bindings, options)
@@ -207,8 +217,8 @@ class Runner:
         return exe
 
     def backward(self, bindings, workspace, nbytes, stream, variant):
-        options = self._options(stream, None, workspace, nbytes)
         with self.lock:
+            options = self._options(stream, None, workspace, nbytes)
             if self.per_call_state:
                 self.shared.run(False, bindings, options)
                 return
@@ -243,6 +253,12 @@ def runner(plan, device, communicator=None):
         return r
 
 
+# Bumped by clear_runners: what callers cached of a runner is stale then.
+generation = 0
+
+
 def clear_runners():
+    global generation
     with _runners_lock:
         _runners.clear()
+        generation += 1
