@@ -48,15 +48,19 @@ struct Segments {
   int64_t rowBound = 0;
   Buffer dOffsets, dRows;
 
-  Segments(const std::vector<int32_t> &counts, int64_t capacity) {
+  /// `base`: the first segment's row (a pipelined chunk's segments start
+  /// at the chunk's first row).
+  Segments(const std::vector<int32_t> &counts, int64_t capacity,
+           int32_t base = 0) {
     int64_t E = static_cast<int64_t>(counts.size());
-    offsets.assign(E + 1, 0);
+    offsets.assign(E + 1, base);
     rows = counts;
     for (int64_t e = 0; e < E; ++e)
-      offsets[e + 1] = capacity > 0 ? static_cast<int32_t>((e + 1) * capacity)
-                                    : offsets[e] + counts[e];
+      offsets[e + 1] = capacity > 0
+                           ? static_cast<int32_t>(base + (e + 1) * capacity)
+                           : offsets[e] + counts[e];
     // A ragged buffer is declared larger than its rows (the T * k bound).
-    rowBound = capacity > 0 ? E * capacity : offsets[E] + 7;
+    rowBound = capacity > 0 ? base + E * capacity : offsets[E] + 7;
     dOffsets = Buffer(DType::I32, E + 1);
     dRows = Buffer(DType::I32, E);
     upload();
@@ -127,6 +131,7 @@ struct GemmCase {
   std::vector<int32_t> counts;
   int64_t capacity; ///< > 0: padded layout with this C; 0: ragged
   int64_t k, n;
+  int32_t base = 0; ///< the first segment's row
 };
 
 /// 70 experts, mean about 20 rows: some empty (30, 31, 32 among them), one
@@ -151,6 +156,9 @@ std::vector<GemmCase> gemmCases() {
       // Balanced padded blocks (243 of 256 rows held): the cuBLAS path runs
       // one batched GEMM over the blocks, padding rows included.
       {"balanced_padded", {60, 64, 58, 61}, 64, 72, 40},
+      // A pipelined chunk's segments: full blocks from row 96 on (batched
+      // on the cuBLAS path; rows before 96 belong to other chunks).
+      {"chunk_blocks", {48, 48, 48}, 48, 64, 56, 96},
       // Many experts (the warp scan's second and third pass, empty groups
       // around lanes 31/32), a group of several small tiles, and K deep
       // enough that every pipeline stage is refilled.
@@ -166,7 +174,7 @@ TEST_P(CudaDeviceGemm, ForwardMatchesFp64OnBothPaths) {
   const GemmCase &tc = GetParam();
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  Segments seg(tc.counts, tc.capacity);
+  Segments seg(tc.counts, tc.capacity, tc.base);
   const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
   std::mt19937_64 rng(7 + k);
   for (DType dt : {DType::BF16, DType::F16})
@@ -213,7 +221,8 @@ TEST_P(CudaDeviceGemm, ForwardMatchesFp64OnBothPaths) {
                                      batchesUniformBlocks(E, tc.capacity, held);
           const size_t rowBytes = n * dtypeSize(dt);
           for (int64_t r = 0; r < R; ++r) {
-            if (seg.inSegment(r) || (batchedBlocks && r < E * tc.capacity))
+            if (seg.inSegment(r) || (batchedBlocks && r >= tc.base &&
+                                     r < tc.base + E * tc.capacity))
               continue;
             ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
                                   before.data() + r * rowBytes, rowBytes),
@@ -228,7 +237,7 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
   const GemmCase &tc = GetParam();
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  Segments seg(tc.counts, tc.capacity);
+  Segments seg(tc.counts, tc.capacity, tc.base);
   const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
   std::mt19937_64 rng(11 + n);
   for (DType dt : {DType::BF16, DType::F16})

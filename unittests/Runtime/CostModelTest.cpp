@@ -482,6 +482,40 @@ TEST(CostModel, BalancedPaddedBlocksArePricedAsOneBatchedGemm) {
   }
 }
 
+/// A pipelined chunk's dynamic segments (uniform_segments: every row of
+/// each block held, from the chunk's first row) batch on CUDA whatever the
+/// capacity, at the chunk's own rows; the data-parallel variant's gate
+/// routing on several ranks stays per expert in the model.
+TEST(CostModel, ChunkSegmentsArePricedAsOneBatchedGemm) {
+  Plan plan;
+  ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_PLANS_DIR) +
+                               "/mr_ffn_dropless_w4_train.json",
+                           plan)
+                  .isOk());
+  CostModel cuda(defaultProfile("cuda", 4)), cpu(defaultProfile("cpu", 4));
+  for (int64_t variant = 0; variant < 2; ++variant) { // ep1, ep2
+    SCOPED_TRACE(plan.variants[variant].name);
+    std::vector<StepPrediction> gemms =
+        stepsOf(cuda.predict(plan, variant, false, 40), StepOp::GroupedGemm);
+    std::vector<StepPrediction> perGroup =
+        stepsOf(cpu.predict(plan, variant, false, 40), StepOp::GroupedGemm);
+    ASSERT_FALSE(gemms.empty());
+    ASSERT_EQ(gemms.size(), perGroup.size());
+    for (size_t i = 0; i < gemms.size(); ++i) {
+      EXPECT_TRUE(gemms[i].batchedBlocks);
+      EXPECT_EQ(gemms[i].gemmPath, GemmPath::Batched);
+      // The chunk's own rows, as without batching (the CPU's per group).
+      EXPECT_FALSE(perGroup[i].batchedBlocks);
+      EXPECT_EQ(gemms[i].rows, perGroup[i].rows);
+      EXPECT_GT(gemms[i].rows, 0);
+    }
+  }
+  // dp: the gate's own padded routing on 4 ranks is left per expert.
+  for (const StepPrediction &step :
+       stepsOf(cuda.predict(plan, 2, false, 40), StepOp::GroupedGemm))
+    EXPECT_FALSE(step.batchedBlocks);
+}
+
 TEST(DeviceProfile, DeviceGemmFiguresRoundTripAndDefault) {
   // Written and read back; a profile without the object (every older file)
   // gets the H100 defaults; keys are checked.

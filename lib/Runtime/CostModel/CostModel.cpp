@@ -343,9 +343,15 @@ CostStage getCostStage(StepOp op) {
 
 bool CostModel::batchesBlocks(const Plan &plan, const Variant &variant,
                               const Step &step, int64_t capacity) const {
-  if (profile_.backend != "cuda" || plan.worldSize > 1 ||
-      getStepKind(step.op).cost != StepCost::ExpertGemm || !step.facts.padded ||
-      step.facts.staticCapacity >= 0 || step.facts.segments.isValid())
+  const SegmentFacts &seg = step.facts.segments;
+  // A pipelined chunk's dynamic segments (uniform_segments) hold every row
+  // of their blocks; otherwise a padded layout's blocks on one rank.
+  const bool chunkBlocks = seg.isValid() && seg.rows < 0;
+  if (profile_.backend != "cuda" ||
+      getStepKind(step.op).cost != StepCost::ExpertGemm ||
+      step.facts.staticCapacity >= 0 ||
+      (!chunkBlocks &&
+       (seg.isValid() || !step.facts.padded || plan.worldSize > 1)))
     return false;
   const int64_t c = stepCapacity(variant, step, capacity);
   const int64_t experts = plan.virtualExperts();
@@ -361,6 +367,8 @@ bool CostModel::batchesBlocks(const Plan &plan, const Variant &variant,
           profile_, options_, step, a, a.shape.back(), out.shape.back(),
           b.shape.size() >= 3 ? b.shape.front() : 1) != GemmPath::PerExpert)
     return false;
+  if (chunkBlocks)
+    return true;
   // The rows the blocks hold: every kept row, at most T * k.
   const int64_t held =
       std::min(experts * c, plan.layer.tokens * plan.layer.topK);
@@ -567,7 +575,9 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
     out.stage = getCostStage(step.op);
     out.rows = stepRows(plan, variant, step, capacity);
     out.batchedBlocks = batchesBlocks(plan, variant, step, capacity);
-    if (out.batchedBlocks)
+    // A padded layout's blocks compute all E * C rows (a chunk's segments
+    // are whole already).
+    if (out.batchedBlocks && !step.facts.segments.isValid())
       out.rows = plan.virtualExperts() * stepCapacity(variant, step, capacity);
     const StepBasis basis = stepBasis(plan, step, out.rows, out.batchedBlocks);
     out.gemmPath = basis.gemmPath;

@@ -140,22 +140,25 @@ bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
 }
 
 /// Whether a dynamic routing's segments, read to the host, are blocks of one
-/// size (offsets e * block: a padded layout, or equal counts) inside the
-/// buffer that run as one batched GEMM (batchesUniformBlocks); `block` is
-/// then their size.
+/// size from row `base` on (offsets base + e * block: a padded layout, a
+/// pipelined chunk's uniform segments, or equal counts) inside the buffer
+/// that run as one batched GEMM (batchesUniformBlocks).
 bool uniformBlocks(const int32_t *offsets, const int32_t *rows,
-                   const ExpertRowSpace &space, int64_t &block) {
+                   const ExpertRowSpace &space, int64_t &base, int64_t &block) {
   const int64_t E = space.experts;
-  if (E <= 0 || offsets[0] != 0)
+  if (E <= 0 || offsets[0] < 0)
     return false;
-  block = offsets[1];
+  base = offsets[0];
+  block = offsets[1] - base;
   int64_t held = 0;
   for (int64_t e = 0; e < E; ++e) {
-    if (offsets[e + 1] != (e + 1) * block || rows[e] < 0 || rows[e] > block)
+    if (offsets[e + 1] != base + (e + 1) * block || rows[e] < 0 ||
+        rows[e] > block)
       return false;
     held += rows[e];
   }
-  return E * block <= space.rowBound && batchesUniformBlocks(E, block, held);
+  return base + E * block <= space.rowBound &&
+         batchesUniformBlocks(E, block, held);
 }
 
 } // namespace
@@ -212,21 +215,22 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   // Row-major C[rows, n] = A[rows, k] B[k, n] is column-major
   // C^T[n, rows] = B^T[n, k] A^T[k, rows]: B goes first. One call over
   // blocks of `capacity` rows per expert.
-  auto batched = [&](int64_t capacity) -> Status {
+  auto batched = [&](int64_t base, int64_t capacity) -> Status {
     if (capacity <= 0 || space.experts <= 0)
       return Status::ok();
-    return checkCublas(cublasGemmStridedBatchedEx(
-                           handle, opB, CUBLAS_OP_N, static_cast<int>(n),
-                           static_cast<int>(capacity), static_cast<int>(k),
-                           &alpha, b.data, type, static_cast<int>(ldb), k * n,
-                           a.data, type, static_cast<int>(k), capacity * k,
-                           &beta, target.data, type, static_cast<int>(n),
-                           capacity * n, static_cast<int>(space.experts),
-                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                       "cublasGemmStridedBatchedEx (grouped_gemm)");
+    return checkCublas(
+        cublasGemmStridedBatchedEx(
+            handle, opB, CUBLAS_OP_N, static_cast<int>(n),
+            static_cast<int>(capacity), static_cast<int>(k), &alpha, b.data,
+            type, static_cast<int>(ldb), k * n, at(a.data, base * k, dtype),
+            type, static_cast<int>(k), capacity * k, &beta,
+            at(target.data, base * n, dtype), type, static_cast<int>(n),
+            capacity * n, static_cast<int>(space.experts), CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT),
+        "cublasGemmStridedBatchedEx (grouped_gemm)");
   };
   if (space.isStatic()) {
-    if (Status s = batched(space.staticCapacity); !s)
+    if (Status s = batched(0, space.staticCapacity); !s)
       return s;
   } else if (useDeviceKernel(ctx, path, dtype, k, n, space,
                              {a.data, b.data, target.data})) {
@@ -242,9 +246,9 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     // Blocks of one size (a padded layout) run as one batched call, their
     // padding rows computed too (from A's padding rows: padding stays
     // padding); otherwise a GEMM per expert with rows.
-    int64_t block = 0;
-    if (uniformBlocks(offsets, rows, space, block)) {
-      if (Status s = batched(block); !s)
+    int64_t base = 0, block = 0;
+    if (uniformBlocks(offsets, rows, space, base, block)) {
+      if (Status s = batched(base, block); !s)
         return s;
     } else {
       for (int64_t e = 0; e < space.experts; ++e) {
