@@ -23,6 +23,11 @@
 # - The op's first argument is the layer key: the JSON of the LayerSpec and
 #   the communicator's name. It is a constant to torch.compile, so a new
 #   token count traces (and compiles) a new plan.
+# - Per call, the host work is kept small (small layers, decode): what a
+#   (key, device) fixes (plan, runner, sizes) is looked up once (_call),
+#   the tensors' checks compare against a table made once per plan, and a
+#   call autograd records nothing of skips the autograd Function
+#   (docs/Python.md, "The Python layer's overhead").
 #
 # ===----------------------------------------------------------------------=== #
 
@@ -163,21 +168,38 @@ def _check_arg(plan, name, tensor):
                          f"in place, without copies)")
 
 
+def _expected(plan):
+    """(shape tuple, torch dtype, bytes) of each of the plan's arguments by
+    name, made once per plan; None for a dtype torch has not."""
+    table = plan.__dict__.get("_flexmoe_expected")
+    if table is None:
+        table = {}
+        for name, arg in plan.arguments.items():
+            dtype = TORCH_DTYPES.get(arg["dtype"])
+            nbytes = dtype.itemsize if dtype is not None else 0
+            for n in arg["shape"]:
+                nbytes *= n
+            table[name] = (tuple(arg["shape"]), dtype, nbytes)
+        plan._flexmoe_expected = table
+    return table
+
+
 def _bind(plan, named):
     """(name, address, bytes) of each tensor, checked against the plan."""
+    expected = _expected(plan)
     out = []
     for name, tensor in named:
         if tensor is None:
             continue
-        _check_arg(plan, name, tensor)
-        out.append((name, tensor.data_ptr(),
-                    tensor.numel() * tensor.element_size()))
+        # _check_arg's test, inlined: a 0-dim tensor binds shape [1].
+        shape, dtype, nbytes = expected.get(name, ((), None, 0))
+        got = tensor.shape
+        if (dtype is None or (got != shape if got else shape != (1, )) or
+                tensor.dtype != dtype or not tensor.is_contiguous()):
+            _check_arg(plan, name, tensor)  # raises, saying why
+            nbytes = tensor.numel() * tensor.element_size()
+        out.append((name, tensor.data_ptr(), nbytes))
     return out
-
-
-def _params(wg, w1, w2, w3, b1, b2):
-    return [("wg", wg), ("w1", w1), ("w2", w2), ("w3", w3), ("b1", b1),
-            ("b2", b2)]
 
 
 def _runner(key, device):
@@ -190,20 +212,69 @@ def _runner(key, device):
     return plan, _runtime.runner(plan, _device_key(device), comm)
 
 
+class _Call:
+    """What every call of one key on one device looks up (_runner): found
+    once, then kept in _calls (docs/Python.md, "The Python layer's
+    overhead")."""
+
+    __slots__ = ("plan", "runner", "group", "comm", "workspace_size",
+                 "training", "noise", "cuda")
+
+    def __init__(self, key, device):
+        self.plan, self.runner = _runner(key, device)
+        self.group = _parse_key(key)[1]
+        self.comm = communicators.get(self.group) if self.group else None
+        self.workspace_size = _workspace_size(self.plan)
+        self.training = self.plan.spec.training
+        self.noise = self.plan.spec.gate_noise != 0.0
+        self.cuda = device.type == "cuda"
+
+
+# _Call by (key, device), valid for the generations of the plan cache and
+# the runners it was made in (flexmoe.clear_cache empties both).
+_calls = {}
+_calls_generation = (-1, -1)
+
+
+def _call(key, device):
+    global _calls_generation
+    generation = (_compiler.plans.generation, _runtime.generation)
+    if generation != _calls_generation:
+        _calls.clear()
+        _calls_generation = generation
+    call = _calls.get((key, device))
+    if call is None or (call.group and
+                        communicators.get(call.group) is not call.comm):
+        call = _calls[(key, device)] = _Call(key, device)
+    else:
+        _compiler.plans.count_memory_hit()  # as plans.get counts it
+    return call
+
+
 def _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     """moe_forward's body (the custom op and the eager path share it)."""
-    plan, runner = _runner(key, x.device)
-    out = _new(tuple(x.shape), x.dtype, x.device)
-    l_aux = _new((), torch.float32, x.device)
-    workspace = torch.empty(_workspace_size(plan), dtype=torch.uint8,
-                            device=x.device)
-    bindings = _bind(plan, [("x", x)] + _params(wg, w1, w2, w3, b1, b2) +
-                     [("out", out), ("l_aux", l_aux)])
-    seed_value = int(seed.item()) if plan.spec.gate_noise != 0.0 else None
-    with _on_device(x.device):
-        runner.forward(bindings, _aligned(workspace, plan),
-                       plan.workspace_bytes, _stream(x.device), seed_value,
-                       variant, plan.spec.training)
+    device = x.device
+    call = _call(key, device)
+    plan = call.plan
+    out = _new(x.shape, x.dtype, device)
+    l_aux = _new((), torch.float32, device)
+    workspace = torch.empty(call.workspace_size, dtype=torch.uint8,
+                            device=device)
+    bindings = _bind(plan, [("x", x), ("wg", wg), ("w1", w1), ("w2", w2),
+                            ("w3", w3), ("b1", b1), ("b2", b2),
+                            ("out", out), ("l_aux", l_aux)])
+    seed_value = int(seed.item()) if call.noise else None
+    # A new workspace starts its storage: _aligned's address, unchecked.
+    align = plan.workspace_alignment
+    address = (workspace.data_ptr() + align - 1) // align * align
+    if call.cuda:
+        with torch.cuda.device(device):
+            call.runner.forward(bindings, address, plan.workspace_bytes,
+                                _stream(device), seed_value, variant,
+                                call.training)
+    else:
+        call.runner.forward(bindings, address, plan.workspace_bytes, None,
+                            seed_value, variant, call.training)
     return out, l_aux, workspace[:0]
 
 
@@ -233,24 +304,32 @@ def _(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
 def _backward_impl(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1, b2,
                    workspace, variant):
     """moe_backward's body (the custom op and the eager path share it)."""
-    plan, runner = _runner(key, x.device)
-    if not plan.spec.training:
+    device = x.device
+    call = _call(key, device)
+    plan = call.plan
+    if not call.training:
         raise RuntimeError("flexmoe: this forward ran an inference plan "
                            "(no gradient was required); run it with "
                            "torch.enable_grad() to train")
-    named = [("x", x)] + _params(wg, w1, w2, w3, b1, b2)
-    grads = [(name, _new(t.shape, t.dtype, t.device)) for name, t in named
-             if t is not None]
-    grad_bind = [("grad_" + name, g) for name, g in grads]
+    named = [(name, t) for name, t in (("x", x), ("wg", wg), ("w1", w1),
+                                       ("w2", w2), ("w3", w3), ("b1", b1),
+                                       ("b2", b2)) if t is not None]
+    grads = [_new(t.shape, t.dtype, t.device) for _, t in named]
+    grad_bind = [(_GRAD_NAMES[name], g)
+                 for (name, _), g in zip(named, grads)]
     grad_l_aux = grad_l_aux.reshape(1)
     bindings = _bind(plan, named + [("grad_out", grad_out),
                                     ("grad_l_aux", grad_l_aux)] + grad_bind)
     if workspace.device.type == "cuda":
         workspace.record_stream(torch.cuda.current_stream(workspace.device))
-    with _on_device(x.device):
-        runner.backward(bindings, _aligned(workspace, plan),
-                        plan.workspace_bytes, _stream(x.device), variant)
-    return [g for _, g in grads]
+    with _on_device(device):
+        call.runner.backward(bindings, _aligned(workspace, plan),
+                             plan.workspace_bytes, _stream(device), variant)
+    return grads
+
+
+_GRAD_NAMES = {n: "grad_" + n for n in ("x", "wg", "w1", "w2", "w3", "b1",
+                                        "b2")}
 
 
 @torch.library.custom_op("flexmoe::moe_backward", mutates_args=())
@@ -289,7 +368,8 @@ def _backward(ctx, grad_out, grad_l_aux, grad_workspace,
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     if grad_l_aux is None:
-        grad_l_aux = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_l_aux = (torch.zeros((), dtype=torch.float32, device=x.device)
+                      if backward_op is None else _zero_l_aux(x.device))
     grads = (backward_op or moe_backward)(
         ctx.key, grad_out.contiguous(), grad_l_aux.contiguous(), x, wg, w1,
         w2, w3, b1, b2, workspace, ctx.variant)
@@ -303,6 +383,19 @@ def _backward(ctx, grad_out, grad_l_aux, grad_workspace,
 
 
 moe_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Eager backwards without a gradient for l_aux (it was not in the loss) read
+# this zero, made once per device, rather than a new one each.
+_ZEROS = {}
+
+
+def _zero_l_aux(device):
+    zero = _ZEROS.get(device)
+    if zero is None:
+        zero = _ZEROS[device] = torch.zeros((), dtype=torch.float32,
+                                            device=device)
+    return zero
 
 
 class _EagerMoE(torch.autograd.Function):
@@ -325,9 +418,30 @@ class _EagerMoE(torch.autograd.Function):
                          backward_op=_backward_impl)
 
 
+def _records_graph(tensors):
+    """Whether autograd would record a call on these tensors: grad mode on
+    and one requires a gradient, or forward-mode AD active."""
+    if _forward_ad._current_level >= 0:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+_forward_ad = torch.autograd.forward_ad
+
+
 def moe(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     """The layer's forward: the custom op under torch.compile or tracing,
-    the eager autograd Function otherwise (same kernels, same results)."""
+    the eager autograd Function otherwise (same kernels, same results), or,
+    when autograd records nothing (no_grad, inference), the forward's body
+    alone: the Function would only cost its set-up."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return moe_forward(key, x, wg, w1, w2, w3, b1, b2, seed, variant)
-    return _EagerMoE.apply(key, x, wg, w1, w2, w3, b1, b2, seed, variant)
+    if _records_graph((x, wg, w1, w2, w3, b1, b2)):
+        return _EagerMoE.apply(key, x, wg, w1, w2, w3, b1, b2, seed,
+                               variant)
+    return _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant)

@@ -152,6 +152,55 @@ def test_non_contiguous_input_warns():
                          torch.zeros(1, dtype=torch.int64), "")
 
 
+def test_checks_stay_strict_after_warm_calls():
+    """What a call caches (_ops._call, the plan's argument table) never
+    skips a check: a parameter replaced after warm calls is refused as on
+    the first call."""
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    x = torch.randn(12, 16)
+    with torch.no_grad():
+        for _ in range(3):
+            y, _ = layer(x)
+    w1 = layer.w1.data
+    cases = [
+        (torch.empty(4, 16, 25), r"'w1' must be torch.float32 of shape "
+         r"\[4, 16, 24\].*got torch.float32 of shape \[4, 16, 25\]"),
+        (w1.double(), "'w1' must be torch.float32.*got torch.float64"),
+        (torch.empty(4, 24, 16).transpose(1, 2), "'w1' must be contiguous"),
+    ]
+    for data, message in cases:
+        layer.w1.data = data
+        with pytest.raises(ValueError, match=message):
+            with torch.no_grad():
+                layer(x)
+    layer.w1.data = w1
+    with torch.no_grad():
+        assert torch.equal(layer(x)[0], y)
+    with pytest.raises(ValueError, match="'x' must be"):
+        _ops.moe(*_op_args(layer, 12, False)[:1], torch.randn(13, 16),
+                 layer.wg, layer.w1, layer.w2, None, None, None,
+                 torch.zeros(1, dtype=torch.int64), "")
+
+
+def test_calls_without_autograd_match_the_function():
+    """Under no_grad or inference_mode (or with nothing requiring a
+    gradient) _ops.moe runs the forward's body without the autograd
+    Function: the same outputs, bit for bit, and no graph."""
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, bias=True)
+    x = torch.randn(20, 16, requires_grad=True)
+    y, l_aux = layer(x)
+    assert y.grad_fn is not None
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y2, l2 = layer(x)
+        assert y2.grad_fn is None and l2.grad_fn is None
+        assert torch.equal(y2, y.detach()) and torch.equal(l2, l_aux.detach())
+    layer.requires_grad_(False)
+    y3, l3 = layer(x.detach())  # an inference plan: nothing to record
+    assert y3.grad_fn is None
+    assert torch.equal(y3, y.detach()) and torch.equal(l3, l_aux.detach())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA device: the CUDA path runs on the GPU "
                     "machine (docs/Python.md)")
