@@ -21,6 +21,8 @@ from . import _compiler, _ops
 from ._compiler import LayerSpec, capacity_mode
 
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# The seed tensor of calls without gate noise (never read).
+_NO_SEED = torch.zeros(1, dtype=torch.int64)
 ACTIVATIONS = ("relu", "gelu", "silu")
 
 # What get_extra_state writes: checkpoint conversion (W -> W') reads it.
@@ -178,6 +180,7 @@ class MoELayer(torch.nn.Module):
         self.variants = tuple(variants or self._default_variants())
         self.group_name = ""
         self.l_aux = None
+        self._call_keys = {}  # _call_key's keys by their arguments
         self._make_parameters(device)
         # The configuration is fixed from here on: the op key's static part.
         self._static_key = _ops.static_key(self.spec(1, True))
@@ -321,15 +324,46 @@ class MoELayer(torch.nn.Module):
     def _needs_grad(self, x):
         if not torch.is_grad_enabled():
             return False
-        return x.requires_grad or any(p.requires_grad
-                                      for p in self.parameters())
+        if x.requires_grad:
+            return True
+        # Without submodules, parameters() is _parameters' (not None)
+        # values, found without its generators.
+        params = (self.parameters() if self._modules else
+                  self._parameters.values())
+        for p in params:
+            if p is not None and p.requires_grad:
+                return True
+        return False
 
     def _seed(self, noise):
         """The gate noise's seed of this call, from torch's generator (so
-        torch.manual_seed reproduces a run)."""
+        torch.manual_seed reproduces a run). Without noise the op never
+        reads it: eager calls share one tensor."""
         if noise == 0.0:
-            return torch.zeros(1, dtype=torch.int64)
+            if torch.compiler.is_compiling():
+                return torch.zeros(1, dtype=torch.int64)
+            return _NO_SEED
         return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+    def _call_key(self, tokens, needs_grad, top_k, capacity_factor, noise):
+        """_ops.call_key, kept per layer for its arguments in eager calls
+        (torch.compile traces the formatting itself, a constant)."""
+        fields = (self._static_key, self.group_name, tokens, needs_grad,
+                  top_k, capacity_factor, noise)
+        # Only plain numbers are kept: a tensor or NaN would add an entry per
+        # call.
+        if (torch.compiler.is_compiling() or type(top_k) is not int or
+                type(capacity_factor) not in (int, float) or
+                type(noise) is not float or
+                capacity_factor != capacity_factor or noise != noise):
+            return _ops.call_key(*fields)
+        keys = self.__dict__.get("_call_keys")
+        if keys is None:  # a layer unpickled from an older flexmoe
+            keys = self.__dict__["_call_keys"] = {}
+        key = keys.get(fields)
+        if key is None:
+            key = keys[fields] = _ops.call_key(*fields)
+        return key
 
     def run_flat(self, x, top_k=None, capacity_factor=None, variant=""):
         """x [T, d] (contiguous, the layer's dtype) -> (y [T, d], l_aux)."""
@@ -340,9 +374,8 @@ class MoELayer(torch.nn.Module):
             self.group_name = distributed.group_name(self.group,
                                                      self.world_size)
         noise = self.gate_noise if self.training else 0.0
-        key = _ops.call_key(
-            self._static_key, self.group_name, int(x.shape[0]),
-            self._needs_grad(x), top_k or self.top_k,
+        key = self._call_key(
+            int(x.shape[0]), self._needs_grad(x), top_k or self.top_k,
             self.capacity_factor if capacity_factor is None else
             capacity_factor, noise)
         y, l_aux, _ = _ops.moe(key, x, self.wg, self.w1, self.w2, self.w3,
@@ -360,8 +393,15 @@ class MoELayer(torch.nn.Module):
         if not x.is_contiguous():
             warnings.warn("flexmoe: x is not contiguous; it is copied "
                           "(.contiguous()) before the layer reads it")
-        flat = x.reshape(-1, self.model_dim).contiguous()
+            flat = x.reshape(-1, self.model_dim).contiguous()
+        elif x.dim() == 2:
+            flat = x  # already [T, d]: no view (and no view's backward)
+        else:
+            flat = x.reshape(-1, self.model_dim)
         variant = self.variant_name(adaptive_r, a2a_ffn_overlap_degree)
         y, l_aux = self.run_flat(flat, variant=variant)
-        self.l_aux = l_aux
-        return y.view(x.shape), l_aux
+        if "l_aux" in self.__dict__:
+            self.__dict__["l_aux"] = l_aux  # nn.Module's __setattr__ is slow
+        else:
+            self.l_aux = l_aux
+        return (y if flat is x else y.view(x.shape)), l_aux
