@@ -16,12 +16,15 @@ What it does:
      (alpha, beta per W), a node shape of NVLink links for the 2DH plans;
      then fits with moe-replay (fitStepCosts) each step kind's alpha and
      rate to the serial runs' per-step times, all_gather / reduce_scatter to
-     the data-parallel runs' step times, and the compute slowdown beside an
-     exchange to the overlapped against the serial runs' GEMM steps;
+     the data-parallel runs' step times, the compute slowdown beside an
+     exchange to the overlapped against the serial runs' GEMM steps, and the
+     exchange's slowdown beside compute to the overlapped passes (fixed
+     capacity, flat, Runs 6-11);
   4. predicts every pass (overlapped or serial, as it ran) in-sample (fitted
      on both layers), leave-one-layer-out (fitted on C1's runs, predicting
      C3's, and the reverse) and with the all_to_all fitted to Flex's own
-     exchange steps instead of NCCL's figures; then the errors, per stage,
+     exchange steps instead of NCCL's figures (in-sample and leave-one-layer-
+     out); then the errors, per stage,
      and the model's pick per (runs, layer, W) against the fastest measured.
 
 usage: bench/replay_multi.py [--build build] [--work DIR] [--json OUT]
@@ -30,6 +33,7 @@ usage: bench/replay_multi.py [--build build] [--work DIR] [--json OUT]
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -368,6 +372,45 @@ def slowdown(replay, per_w, plans):
     return (max(1.0, 1 + extra / base) if base > 0 else 1.0), steps
 
 
+# Candidates for the exchange's slowdown beside compute.
+EXCHANGE_SLOWDOWNS = [1 + 0.25 * i for i in range(17)]  # 1.0 ... 5.0
+
+
+def exchange_slowdown(replay, per_w, plans):
+    """The exchange's slowdown beside compute (the profile's
+    overlap.exchange_slowdown): the candidate whose predictions of the
+    overlapped passes (forward + backward) have the smallest mean |log(
+    measured / predicted)|. One figure, like the compute slowdown, fitted on
+    the same records, on the runs whose serial passes the rest of the model
+    prices: fixed capacity (the dropless dispatch and combine are off for
+    reasons of their own), flat exchanges on the exchange stream, and not
+    Run 5's older exchange path. per_w: [(profile, records)]; returns
+    (figure, runs)."""
+    entries = []
+    for prof, records in per_w:
+        over = [r for r in records if r["tag"] == "overlap" and r["variant"] != "r0d1"
+                and not r["dropless"] and not r["two_dh"] and r["run"] != 5]
+        entries.append((prof, over, [pass_entry(r, p, plans, True) for r in over
+                                     for p in ("forward", "backward")]))
+    best = None
+    for figure in EXCHANGE_SLOWDOWNS:
+        loss, n = 0.0, 0
+        for prof, over, passes in entries:
+            if not over:
+                continue
+            trial = json.loads(json.dumps(prof))
+            trial["overlap"]["exchange_slowdown"] = figure
+            preds = replay(trial, [], passes)["predictions"]
+            for i, r in enumerate(over):
+                pred = preds[2 * i]["total_us"] + preds[2 * i + 1]["total_us"]
+                meas = r["forward"]["median"] + r["backward"]["median"]
+                loss += abs(math.log(meas / pred))
+                n += 1
+        if n and (best is None or loss < best[1] - 1e-12):
+            best = (figure, loss, n)
+    return (best[0], best[2]) if best else (1.0, 0)
+
+
 # ------------------------------------------------------------- predictions --
 
 
@@ -476,7 +519,8 @@ def pct(x):
 def profile_lines(name, prof):
     coll = {c["kind"]: c for c in prof["collectives"]}
     lines = [f"{name}: compute slowdown beside an exchange "
-             f"{prof['overlap']['compute_slowdown']:.2f}; " + "; ".join(
+             f"{prof['overlap']['compute_slowdown']:.2f}, the exchange's beside "
+             f"compute {prof['overlap'].get('exchange_slowdown', 1.0):.2f}; " + "; ".join(
                  f"{k} {c['alpha_s'] * 1e6:.1f} us + bytes / "
                  f"{c['beta_bytes_per_s'] / 1e9:.0f} GB/s"
                  for k, c in coll.items())]
@@ -607,7 +651,7 @@ def main():
     nccl = nccl_points(work)
     link = fit_link([(w - 1, b / w, t) for w, b, t in nccl])
     replay = Replay(args.build, work)
-    profiles, slow = {}, {}
+    profiles, slow, xslow = {}, {}, {}
     for fitted_on in ("all", "c1", "c3"):
         fits = {}
         for w in (2, 4):
@@ -618,14 +662,24 @@ def main():
         for w, (nccl_prof, runs_prof, _) in fits.items():
             for prof in (nccl_prof, runs_prof):
                 prof["overlap"]["compute_slowdown"] = slow[fitted_on][0]
+        # The exchange's slowdown beside compute, per all_to_all figure
+        # (NCCL's own, Flex's own exchange steps): fitted on the same runs.
+        for col, label in ((0, "nccl"), (1, "runs")):
+            figure = exchange_slowdown(replay, [(f[col], f[2]) for f in fits.values()],
+                                       plans)
+            xslow[(fitted_on, label)] = figure
+            for f in fits.values():
+                f[col]["overlap"]["exchange_slowdown"] = figure[0]
+        for w, (nccl_prof, runs_prof, _) in fits.items():
             profiles[(w, fitted_on)] = nccl_prof
-            if fitted_on == "all":
-                profiles[(w, "runs")] = runs_prof
+            profiles[(w, "runs" if fitted_on == "all" else "runs_" + fitted_on)] = runs_prof
     pa = predict(replay, profiles, recs, plans, lambda r: "all")
     pl = predict(replay, profiles, recs, plans,
                  lambda r: "c3" if r["layer"] == "c1" else "c1")
     pb = predict(replay, profiles, recs, plans, lambda r: "runs")
-    others = [("LOLO err", pl), ("a2a-runs err", pb)]
+    plb = predict(replay, profiles, recs, plans,
+                  lambda r: "runs_c3" if r["layer"] == "c1" else "runs_c1")
+    others = [("LOLO err", pl), ("a2a-runs err", pb), ("a2a-runs LOLO", plb)]
 
     out = [f"bench/replay_multi.py: {len(recs)} recorded runs replayed "
            f"({checked} runs' forward and backward step ops checked against this tree's "
@@ -638,7 +692,11 @@ def main():
            f"{link['beta_bytes_per_s'] / 1e9:.1f} GB/s",
            "compute slowdown beside an exchange (from the overlapped vs serial "
            "expert steps): " + ", ".join(f"fitted on {k} {v[0]:.2f} ({v[1]} steps)"
-                                         for k, v in slow.items()), ""]
+                                         for k, v in slow.items()),
+           "exchange slowdown beside compute (the overlapped passes' mean |log "
+           "error|, candidates 1.0 ... 5.0; fixed C, flat, Runs 6-11): " + ", ".join(
+               f"fitted on {k[0]} with {'NCCL' if k[1] == 'nccl' else 'Flex'}'s "
+               f"all_to_all {v[0]:.2f} ({v[1]} runs)" for k, v in xslow.items()), ""]
     for w in (2, 4):
         out += profile_lines(f"W={w} in-sample", profiles[(w, "all")])
         for key, name in (("c1", "fitted on C1"), ("c3", "fitted on C3"),
@@ -654,13 +712,15 @@ def main():
     out += stage_table(recs, pa) + [""] + stage_summary(recs, pa) + [""]
     out.append("whole pass")
     for name, preds in (("in-sample", pa), ("leave-one-layer-out", pl),
-                        ("in-sample, a2a from runs", pb)):
+                        ("in-sample, a2a from runs", pb),
+                        ("leave-one-layer-out, a2a from runs", plb)):
         out += summary_lines(name, recs, preds)
     out.append("")
     result = {"records": len(recs), "profiles": {f"W{k[0]}_{k[1]}": v for k, v in
                                                   profiles.items()}}
     for name, preds in (("in-sample", pa), ("leave-one-layer-out", pl),
-                        ("in-sample, a2a from runs", pb)):
+                        ("in-sample, a2a from runs", pb),
+                        ("leave-one-layer-out, a2a from runs", plb)):
         for total in (True, False):
             rows = picks(recs, preds, total)
             out += pick_lines(f"picks, {name}, {'fwd+bwd' if total else 'fwd'}", rows)
@@ -673,7 +733,8 @@ def main():
                                predicted={n: [pr[(id(r), p)]["total_us"] for p in
                                               ("forward", "backward")]
                                           for n, pr in (("in-sample", pa), ("lolo", pl),
-                                                        ("a2a-runs", pb))},
+                                                        ("a2a-runs", pb),
+                                                        ("a2a-runs-lolo", plb))},
                                measured=[r[p]["median"] for p in ("forward", "backward")])
                           for r in recs]
         json.dump(result, open(args.json, "w"), indent=1)

@@ -39,7 +39,8 @@ namespace {
 /// The golden profile; `beta` of every collective in bytes/s. The whole
 /// all_to_all sends 384 bytes (half of [24, 8] f32), so 38.4e6 makes it
 /// 10 us.
-std::string goldenProfile(double beta = 38.4e6, double slowdown = 1.0) {
+std::string goldenProfile(double beta = 38.4e6, double slowdown = 1.0,
+                          double exchangeSlowdown = 1.0) {
   char text[2048];
   std::snprintf(text, sizeof text, R"({
   "format": "flex-device-profile", "version": 1, "source": "calibrated",
@@ -57,9 +58,9 @@ std::string goldenProfile(double beta = 38.4e6, double slowdown = 1.0) {
      "transport": "nccl", "alpha_s": 0, "beta_bytes_per_s": %g},
     {"kind": "all_reduce", "world_size": 2, "group_size": 2,
      "transport": "nccl", "alpha_s": 0, "beta_bytes_per_s": %g}],
-  "overlap": {"compute_slowdown": %g}
+  "overlap": {"compute_slowdown": %g, "exchange_slowdown": %g}
 })",
-                beta, beta, beta, beta, slowdown);
+                beta, beta, beta, beta, slowdown, exchangeSlowdown);
   return text;
 }
 
@@ -167,6 +168,39 @@ TEST(CostModel, ComputeBesideAnExchangeIsSlowed) {
   // beside chunk 0's combine: 2 us.
   EXPECT_NEAR(segments[1]->startUs, kThird + 2 + 9, 1e-9);
   EXPECT_NEAR(segments[1]->us, 2, 1e-9);
+}
+
+TEST(CostModel, AnExchangeBesideComputeIsSlowed) {
+  Plan plan = loadPlan("mr_ffn_fixed_w2_train.json");
+  CostModel model(parsed(goldenProfile(38.4e6, 1.0, 2.0)));
+  // ex2, each exchange 5 us alone, at half speed while compute runs:
+  // chunk 0's dispatch from 2.33 beside 1 us of uniform_segments (5.5);
+  // chunk 1's from 7.83 beside chunk 0's GEMMs and chunk 1's segments, 3
+  // us (6.5); chunk 0's combine from 14.33 beside chunk 1's GEMMs, 2 us
+  // (6); chunk 1's combine alone (5), then the combine.
+  Prediction ex = model.predict(plan, plan.findVariant("ex2"), false, -1);
+  std::vector<double> exchanges;
+  for (const StepPrediction &step : ex.steps)
+    if (step.stream == CostStream::Exchange)
+      exchanges.push_back(step.us);
+  ASSERT_EQ(exchanges.size(), 4u);
+  EXPECT_NEAR(exchanges[0], 5.5, 1e-9);
+  EXPECT_NEAR(exchanges[1], 6.5, 1e-9);
+  EXPECT_NEAR(exchanges[2], 6.0, 1e-9);
+  EXPECT_NEAR(exchanges[3], 5.0, 1e-9);
+  EXPECT_NEAR(ex.totalUs, kThird + 26, 1e-9);
+  // ep1: only its dispatch has compute beside it (1 us of segments).
+  EXPECT_NEAR(model.predict(plan, plan.findVariant("ep1"), false, -1).totalUs,
+              kThird + 2 + 10.5 + 4 + 10 + 1, 1e-9);
+  // Serial: nothing beside anything, the figure changes nothing.
+  CostModelOptions serial;
+  serial.overlap = false;
+  CostModel slowSerial(parsed(goldenProfile(38.4e6, 1.0, 2.0)), serial);
+  CostModel plainSerial(parsed(goldenProfile()), serial);
+  EXPECT_NEAR(
+      slowSerial.predict(plan, plan.findVariant("ex2"), false, -1).totalUs,
+      plainSerial.predict(plan, plan.findVariant("ex2"), false, -1).totalUs,
+      1e-9);
 }
 
 TEST(CostModel, ChoosesByTheExchangeSpeed) {
@@ -668,6 +702,16 @@ TEST(DeviceProfile, MalformedProfilesNameTheField) {
   bad.replace(bad.find("all_gather"), 10, "broadcast");
   EXPECT_THAT(parseProfile(bad, profile).message(),
               HasSubstr("'collectives[1].kind'"));
+  bad = text;
+  bad.replace(bad.find("\"exchange_slowdown\": 1"), 22,
+              "\"exchange_slowdown\": 0.5");
+  EXPECT_THAT(parseProfile(bad, profile).message(),
+              HasSubstr("'overlap.exchange_slowdown'"));
+  // Absent (older files): exchanges are not slowed.
+  bad = text;
+  bad.replace(bad.find(", \"exchange_slowdown\": 1"), 24, "");
+  ASSERT_TRUE(parseProfile(bad, profile).isOk()) << bad;
+  EXPECT_EQ(profile.exchangeSlowdown, 1.0);
   bad = text;
   bad.replace(bad.find("\"version\": 1"), 12, "\"version\": 9");
   EXPECT_THAT(parseProfile(bad, profile).message(), HasSubstr("'version'"));

@@ -290,6 +290,9 @@ double deviceGemmSeconds(const DeviceProfile &profile, double rows,
        tiles * figures.wgradTileSeconds});
 }
 
+/// Rounds of the two streams' schedule when exchanges slow beside compute.
+constexpr int kScheduleRounds = 8;
+
 /// `a` beats `b` by more than floating-point noise (two sums of the same
 /// step times in another order differ in the last bits).
 bool clearlyFaster(double a, double b) { return a < b * (1 - 1e-12); }
@@ -563,10 +566,8 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
   prediction.backward = backward;
   prediction.capacity = capacity;
 
-  double compute = 0, exchange = 0;  // when each stream is free, in us
-  std::vector<Touched> pendingBytes; // not yet waited for, oldest first
-  std::vector<double> pendingEnd;
-  std::vector<std::pair<double, double>> busy; // every exchange's interval
+  // Each step alone: its rows, path and time do not depend on the schedule.
+  std::vector<double> aloneUs;
   for (size_t i = 0; i < steps.size(); ++i) {
     const Step &step = steps[i];
     StepPrediction out;
@@ -581,18 +582,42 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
       out.rows = plan.virtualExperts() * stepCapacity(variant, step, capacity);
     const StepBasis basis = stepBasis(plan, step, out.rows, out.batchedBlocks);
     out.gemmPath = basis.gemmPath;
-    const double alone = basisSeconds(plan, step, basis) * 1e6;
+    out.stream =
+        overlap && step.op == StepOp::AllToAll && step.facts.exchangeStream
+            ? CostStream::Exchange
+            : CostStream::Compute;
+    aloneUs.push_back(basisSeconds(plan, step, basis) * 1e6);
+    prediction.steps.push_back(out);
+  }
 
-    if (overlap && step.op == StepOp::AllToAll && step.facts.exchangeStream) {
-      // Queued after the compute stream's work so far.
-      out.stream = CostStream::Exchange;
-      out.startUs = std::max(compute, exchange);
-      out.us = alone;
-      exchange = out.endUs();
-      busy.emplace_back(out.startUs, exchange);
-      pendingBytes.push_back(exchangeBytes(plan, layout, step, out.rows));
-      pendingEnd.push_back(exchange);
-    } else {
+  // One schedule of both streams, the exchanges slowed inside the compute
+  // stream's busy intervals `computeBusy` (those of the schedule before;
+  // empty: none); returns this schedule's compute intervals.
+  auto schedule = [&](const std::vector<std::pair<double, double>>
+                          &computeBusy) {
+    double compute = 0, exchange = 0;  // when each stream is free, in us
+    std::vector<Touched> pendingBytes; // not yet waited for, oldest first
+    std::vector<double> pendingEnd;
+    std::vector<std::pair<double, double>> busy; // every exchange's interval
+    std::vector<std::pair<double, double>> computing;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const Step &step = steps[i];
+      StepPrediction &out = prediction.steps[i];
+      const double alone = aloneUs[i];
+      if (out.stream == CostStream::Exchange) {
+        // Queued after the compute stream's work so far.
+        out.startUs = std::max(compute, exchange);
+        const double end = profile_.exchangeSlowdown > 1
+                               ? finishTime(out.startUs, alone, computeBusy,
+                                            profile_.exchangeSlowdown)
+                               : out.startUs + alone;
+        out.us = end - out.startUs;
+        exchange = end;
+        busy.emplace_back(out.startUs, exchange);
+        pendingBytes.push_back(exchangeBytes(plan, layout, step, out.rows));
+        pendingEnd.push_back(exchange);
+        continue;
+      }
       int64_t follow = -1; // the newest pending exchange to wait for
       if (step.facts.wait == ExchangeWait::All) {
         follow = static_cast<int64_t>(pendingEnd.size()) - 1;
@@ -618,11 +643,37 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
                                 : out.startUs + alone;
       out.us = end - out.startUs;
       compute = end;
+      // A collective on the compute stream is no compute an exchange
+      // shares the device with.
+      if (!isCollective(step.op) && out.us > 0) {
+        if (!computing.empty() && computing.back().second >= out.startUs)
+          computing.back().second = end;
+        else
+          computing.emplace_back(out.startUs, end);
+      }
     }
-    prediction.stageUs[static_cast<int>(out.stage)] += out.us;
-    prediction.steps.push_back(out);
+    prediction.totalUs = std::max(compute, exchange);
+    return computing;
+  };
+
+  std::vector<std::pair<double, double>> computing = schedule({});
+  // Slowing the exchanges moves the compute beside them (waits, slowdown),
+  // which moves where the exchanges are slowed: settle on a fixed point
+  // (a few rounds; the intervals change less each round).
+  const bool exchangesSlowed =
+      profile_.exchangeSlowdown > 1 &&
+      std::any_of(prediction.steps.begin(), prediction.steps.end(),
+                  [](const StepPrediction &s) {
+                    return s.stream == CostStream::Exchange;
+                  });
+  for (int round = 0; exchangesSlowed && round < kScheduleRounds; ++round) {
+    const double before = prediction.totalUs;
+    computing = schedule(computing);
+    if (std::abs(prediction.totalUs - before) <= 1e-9 * before)
+      break;
   }
-  prediction.totalUs = std::max(compute, exchange);
+  for (const StepPrediction &out : prediction.steps)
+    prediction.stageUs[static_cast<int>(out.stage)] += out.us;
   return prediction;
 }
 

@@ -319,6 +319,12 @@ void readDocument(const Json &json, DeviceProfile &profile) {
                "overlap.compute_slowdown", true);
   if (profile.overlapSlowdown < 1)
     throw ProfileError("overlap.compute_slowdown", "must be >= 1");
+  profile.exchangeSlowdown = 1.0;
+  if (auto it = overlap.find("exchange_slowdown"); it != overlap.end()) {
+    profile.exchangeSlowdown = asNumber(*it, "overlap.exchange_slowdown", true);
+    if (profile.exchangeSlowdown < 1)
+      throw ProfileError("overlap.exchange_slowdown", "must be >= 1");
+  }
 
   // Optional in version 2 (older files have none).
   profile.topology.reset();
@@ -484,7 +490,8 @@ std::string writeProfile(const DeviceProfile &profile) {
                            {"alpha_s", point.alphaSeconds},
                            {"beta_bytes_per_s", point.betaBytesPerSecond}});
   json["collectives"] = std::move(collectives);
-  json["overlap"] = {{"compute_slowdown", profile.overlapSlowdown}};
+  json["overlap"] = {{"compute_slowdown", profile.overlapSlowdown},
+                     {"exchange_slowdown", profile.exchangeSlowdown}};
   if (profile.topology)
     json["topology"] = topologyJson(*profile.topology);
   if (profile.deviceGemm)
@@ -597,6 +604,10 @@ DeviceProfile defaultProfile(std::string_view backend, int64_t worldSize) {
     profile.collectives.push_back(
         {kind, profile.worldSize, profile.worldSize, "", alpha, beta});
   profile.overlapSlowdown = cuda ? 1.25 : 1.0;
+  // NCCL's kernels beside cuBLAS GEMMs on H200s over NVLink: 2.5-3.5 fitted
+  // to the overlapped Runs 6-11 (bench/replay_multi.py, bench/RESULTS.md
+  // Run 19b), whatever layer it was fitted on.
+  profile.exchangeSlowdown = cuda ? 3.0 : 1.0;
   if (cuda) {
     // The device-sized grouped GEMM at the same fraction of the H100
     // figures as the GEMM table's rates (200 of about 660 TFLOP/s); its

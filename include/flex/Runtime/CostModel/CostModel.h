@@ -13,9 +13,11 @@
 // compute step waits for the pending exchanges whose bytes it touches (the
 // rule of StepBytes.h, on the memory plan's offsets) or, when its facts say
 // All, for every one; compute runs overlapSlowdown times slower while an
-// exchange runs. choose() predicts every variant and takes the fastest, a
-// pure function of the plan, the profile and C, so every rank given the same
-// profile and the same synced C picks the same variant.
+// exchange runs, and an exchange exchangeSlowdown times slower while compute
+// runs (the schedule simulated again until it settles). choose() predicts every
+// variant and takes the fastest, a pure function of the plan, the profile and
+// C, so every rank given the same profile and the same synced C picks the same
+// variant.
 //
 // MLIR-free; it reads the plan model and the profile, never a backend.
 //

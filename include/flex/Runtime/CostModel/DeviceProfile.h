@@ -160,6 +160,10 @@ struct DeviceProfile {
   /// Compute runs this many times slower while an exchange runs beside it
   /// (>= 1; 1 on the CPU backend, whose exchanges do not overlap).
   double overlapSlowdown = 1.0;
+  /// An exchange runs this many times slower while compute runs beside it
+  /// (>= 1): its kernels wait for SMs the GEMMs hold and share memory
+  /// bandwidth with them. Optional in the file (1, none, when absent).
+  double exchangeSlowdown = 1.0;
   /// The node shape (optional): collectives without an exact measured
   /// point are priced from its links (Topology.h).
   std::optional<Topology> topology;
