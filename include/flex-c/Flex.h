@@ -371,6 +371,51 @@ FlexStatus flexCommunicatorCreateNcclFromEnvWithOptions(
 FlexStatus flexCommunicatorCreateNcclWithOptions(
     const char id[128], int32_t rank, int32_t size, int32_t device,
     FlexOptions options, FlexCommunicator *communicator);
+/* A host-memory communicator (for executables of the "cpu" context) whose
+ * collectives the caller implements: a framework's own process group
+ * (flexmoe runs CPU ranks through torch.distributed over gloo this way) or
+ * any transport. Every function is required except `destroy`; each returns
+ * 0 on success, anything else fails the collective step with
+ * FLEX_STATUS_COMMUNICATION_ERROR naming it and the failure's text (the
+ * function may write up to message_size bytes, NUL-terminated, into
+ * `message`), and the communicator stays broken. They are called on the
+ * thread that runs the executable, in the same order on every rank, with
+ * Communicator.h's meanings:
+ *   all_to_all: to each rank p send send_bytes[p] bytes at send +
+ *     send_offsets[p]; from each p receive recv_bytes[p] bytes into recv +
+ *     recv_offsets[p] (arrays of `size` entries; this rank's own included);
+ *   all_gather: block p of recv (bytes at recv + p * bytes) = p's send;
+ *   reduce_scatter_sum: recv[i] = sum over p of p's send[rank * count + i],
+ *     `count` elements of `dtype` (F32, BF16, F16), summed in fp32;
+ *   all_reduce_max_i32: values[i] = the largest over the ranks, in place;
+ *   barrier.
+ * `destroy(user)`, when given, runs once the communicator and every
+ * executable using it are gone. It cannot split: plans with grouped
+ * collectives (experts sharded over ranks, 2DH) need MPI or NCCL. */
+typedef struct FlexCollectiveCallbacks {
+  uint32_t struct_size; /* sizeof(FlexCollectiveCallbacks) */
+  void *user;
+  int32_t (*all_to_all)(void *user, const void *send,
+                        const int64_t *send_offsets, const int64_t *send_bytes,
+                        void *recv, const int64_t *recv_offsets,
+                        const int64_t *recv_bytes, char *message,
+                        int64_t message_size);
+  int32_t (*all_gather)(void *user, const void *send, int64_t bytes, void *recv,
+                        char *message, int64_t message_size);
+  int32_t (*reduce_scatter_sum)(void *user, const void *send, void *recv,
+                                int64_t count, int32_t dtype, char *message,
+                                int64_t message_size);
+  int32_t (*all_reduce_max_i32)(void *user, int32_t *values, int64_t count,
+                                char *message, int64_t message_size);
+  int32_t (*barrier)(void *user, char *message, int64_t message_size);
+  void (*destroy)(void *user);
+} FlexCollectiveCallbacks;
+/* Rank `rank` of `size` over `callbacks` (copied; `user` is passed back
+ * as is). `name` (may be NULL: "callbacks") names it in messages. */
+FlexStatus
+flexCommunicatorCreateCallbacks(const FlexCollectiveCallbacks *callbacks,
+                                int32_t rank, int32_t size, const char *name,
+                                FlexCommunicator *communicator);
 FlexStatus flexCommunicatorDestroy(FlexCommunicator communicator);
 /* This process's rank and the number of ranks (either may be NULL). */
 FlexStatus flexCommunicatorGetRank(FlexCommunicator communicator, int32_t *rank,

@@ -6,12 +6,14 @@
 //
 // This file implements the many-rank part of include/flex-c/Flex.h: MPI and
 // NCCL communicators, each made with the caller's runtime options (or the
-// defaults) and the environment's overrides, and setting an executable's.
+// defaults) and the environment's overrides, communicators over the
+// caller's own collectives, and setting an executable's.
 //
 //===----------------------------------------------------------------------===//
 
 #include "CAPISupport.h"
 
+#include "flex/Runtime/Comm/CallbackCommunicator.h"
 #include "flex/Runtime/Comm/MpiCommunicator.h"
 #include "flex/Runtime/Comm/NcclCommunicator.h"
 
@@ -121,9 +123,124 @@ FlexStatus createNccl(const char id[128], int32_t rank, int32_t size,
       });
 }
 
+/// The caller's C functions as HostCollectives: a nonzero result is a
+/// failure with the function's message (or a generic one).
+HostCollectives collectivesFrom(const FlexCollectiveCallbacks &c) {
+  // Each call's message buffer; the failure's text when a function fails.
+  auto check = [](const char *function, auto &&call) -> Status {
+    char message[1024] = {0};
+    const int32_t result = call(message, static_cast<int64_t>(sizeof message));
+    if (result == 0)
+      return Status::ok();
+    message[sizeof message - 1] = '\0';
+    return Status(StatusCode::CommunicationError,
+                  std::string(function) + " returned " +
+                      std::to_string(result) +
+                      (message[0] ? std::string(": ") + message : ""));
+  };
+  HostCollectives h;
+  h.allToAll = [c, check](const void *send, const int64_t *sendOffsets,
+                          const int64_t *sendBytes, void *recv,
+                          const int64_t *recvOffsets,
+                          const int64_t *recvBytes) {
+    return check("all_to_all", [&](char *m, int64_t n) {
+      return c.all_to_all(c.user, send, sendOffsets, sendBytes, recv,
+                          recvOffsets, recvBytes, m, n);
+    });
+  };
+  h.allGather = [c, check](const void *send, int64_t bytes, void *recv) {
+    return check("all_gather", [&](char *m, int64_t n) {
+      return c.all_gather(c.user, send, bytes, recv, m, n);
+    });
+  };
+  h.reduceScatterSum = [c, check](const void *send, void *recv, int64_t count,
+                                  DType type) {
+    return check("reduce_scatter_sum", [&](char *m, int64_t n) {
+      return c.reduce_scatter_sum(c.user, send, recv, count,
+                                  static_cast<int32_t>(type), m, n);
+    });
+  };
+  h.allReduceMaxInt32 = [c, check](int32_t *values, int64_t count) {
+    return check("all_reduce_max_i32", [&](char *m, int64_t n) {
+      return c.all_reduce_max_i32(c.user, values, count, m, n);
+    });
+  };
+  h.barrier = [c, check]() {
+    return check("barrier",
+                 [&](char *m, int64_t n) { return c.barrier(c.user, m, n); });
+  };
+  return h;
+}
+
+/// Calls the caller's destroy(user) once the last owner of the
+/// communicator lets go.
+struct CallbackOwner {
+  explicit CallbackOwner(const FlexCollectiveCallbacks &callbacks)
+      : callbacks(callbacks) {}
+  CallbackOwner(const CallbackOwner &) = delete;
+  CallbackOwner &operator=(const CallbackOwner &) = delete;
+  FlexCollectiveCallbacks callbacks;
+  ~CallbackOwner() {
+    if (callbacks.destroy)
+      callbacks.destroy(callbacks.user);
+  }
+};
+
 } // namespace
 
 extern "C" {
+
+FlexStatus
+flexCommunicatorCreateCallbacks(const FlexCollectiveCallbacks *callbacks,
+                                int32_t rank, int32_t size, const char *name,
+                                FlexCommunicator *communicator) {
+  const char *function = "flexCommunicatorCreateCallbacks";
+  if (!callbacks || callbacks->struct_size < sizeof(FlexCollectiveCallbacks)) {
+    if (communicator)
+      *communicator = nullptr;
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                std::string(function) +
+                    (callbacks
+                         ? ": callbacks->struct_size is " +
+                               std::to_string(callbacks->struct_size) +
+                               ", expected at least " +
+                               std::to_string(sizeof(FlexCollectiveCallbacks))
+                         : std::string(": callbacks is null")));
+  }
+  const FlexCollectiveCallbacks c = *callbacks;
+  const char *missing = !c.all_to_all           ? "all_to_all"
+                        : !c.all_gather         ? "all_gather"
+                        : !c.reduce_scatter_sum ? "reduce_scatter_sum"
+                        : !c.all_reduce_max_i32 ? "all_reduce_max_i32"
+                        : !c.barrier            ? "barrier"
+                                                : nullptr;
+  if (missing) {
+    if (communicator)
+      *communicator = nullptr;
+    return fail(FLEX_STATUS_INVALID_ARGUMENT,
+                std::string(function) + ": callbacks->" + missing + " is null");
+  }
+  return makeCommunicator(
+      function, nullptr, communicator,
+      [&](std::shared_ptr<Communicator> &comm, const RuntimeOptions &) {
+        std::shared_ptr<Communicator> inner;
+        if (Status s = createCallbackCommunicator(
+                inner, rank, size, collectivesFrom(c), name ? name : "");
+            !s)
+          return s;
+        // The communicator owns the callbacks: destroy(user) runs when it
+        // and every executable holding it are gone.
+        auto owner = std::make_shared<CallbackOwner>(c);
+        Communicator *raw = inner.get();
+        comm = std::shared_ptr<Communicator>(
+            raw, [inner = std::move(inner),
+                  owner = std::move(owner)](Communicator *) mutable {
+              inner.reset(); // the communicator first, then the callbacks
+              owner.reset();
+            });
+        return Status::ok();
+      });
+}
 
 int32_t flexHasMpi(void) { return isMpiAvailable() ? 1 : 0; }
 

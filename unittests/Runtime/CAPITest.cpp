@@ -20,6 +20,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -449,6 +450,79 @@ TEST_F(CAPI, ManyRanksNeedACommunicator) {
   EXPECT_EQ(flexExecutableSetCommunicator(
                 exe, reinterpret_cast<FlexCommunicator>(&fake)),
             FLEX_STATUS_INVALID_ARGUMENT);
+}
+
+// Collectives from the caller's functions: the creation checks, a failing
+// function's message through the C API, and destroy(user) once the last
+// owner (the executable) lets go.
+TEST_F(CAPI, CallbackCommunicatorCarriesTheCallersCollectives) {
+  struct User {
+    int calls = 0, destroyed = 0;
+  };
+  static User user;
+  user = User{};
+  FlexCollectiveCallbacks callbacks{};
+  callbacks.struct_size = sizeof callbacks;
+  callbacks.user = &user;
+  callbacks.all_to_all = [](void *u, const void *, const int64_t *,
+                            const int64_t *, void *, const int64_t *,
+                            const int64_t *, char *message,
+                            int64_t size) -> int32_t {
+    ++static_cast<User *>(u)->calls;
+    std::snprintf(message, size, "the transport is down");
+    return 7;
+  };
+  callbacks.all_gather = [](void *, const void *, int64_t, void *, char *,
+                            int64_t) -> int32_t { return 0; };
+  callbacks.reduce_scatter_sum = [](void *, const void *, void *, int64_t,
+                                    int32_t, char *,
+                                    int64_t) -> int32_t { return 0; };
+  callbacks.all_reduce_max_i32 = [](void *, int32_t *, int64_t, char *,
+                                    int64_t) -> int32_t { return 0; };
+  callbacks.barrier = [](void *, char *, int64_t) -> int32_t { return 0; };
+  callbacks.destroy = [](void *u) { ++static_cast<User *>(u)->destroyed; };
+
+  FlexCommunicator comm = nullptr;
+  EXPECT_EQ(flexCommunicatorCreateCallbacks(nullptr, 0, 2, nullptr, &comm),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  FlexCollectiveCallbacks bad = callbacks;
+  bad.struct_size = 8;
+  EXPECT_EQ(flexCommunicatorCreateCallbacks(&bad, 0, 2, nullptr, &comm),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("struct_size is 8"));
+  bad = callbacks;
+  bad.barrier = nullptr;
+  EXPECT_EQ(flexCommunicatorCreateCallbacks(&bad, 0, 2, nullptr, &comm),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("callbacks->barrier is null"));
+  EXPECT_EQ(flexCommunicatorCreateCallbacks(&callbacks, 3, 2, nullptr, &comm),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_EQ(comm, nullptr);
+  EXPECT_EQ(user.destroyed, 0); // refused creations own nothing
+
+  ASSERT_EQ(
+      flexCommunicatorCreateCallbacks(&callbacks, 0, 2, "gloo-test", &comm),
+      FLEX_STATUS_OK)
+      << flexGetLastError();
+  int32_t rank = -1, size = -1;
+  ASSERT_EQ(flexCommunicatorGetRank(comm, &rank, &size), FLEX_STATUS_OK);
+  EXPECT_EQ(rank, 0);
+  EXPECT_EQ(size, 2);
+  load("mr_ffn_fixed_w2_train.json");
+  ASSERT_EQ(flexExecutableSelectVariantByName(exe, "ep1"), FLEX_STATUS_OK);
+  ASSERT_EQ(flexExecutableSetCommunicator(exe, comm), FLEX_STATUS_OK);
+  ASSERT_EQ(flexCommunicatorDestroy(comm), FLEX_STATUS_OK);
+  EXPECT_EQ(user.destroyed, 0); // the executable still holds it
+  makeBuffers();
+  std::vector<FlexBinding> args = bindings();
+  EXPECT_EQ(flexExecutableForward(exe, args.data(), args.size(), nullptr),
+            FLEX_STATUS_COMMUNICATION_ERROR);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("the transport is down"));
+  EXPECT_THAT(flexGetLastError(), HasSubstr("gloo-test"));
+  EXPECT_EQ(user.calls, 1);
+  ASSERT_EQ(flexExecutableDestroy(exe), FLEX_STATUS_OK);
+  exe = nullptr;
+  EXPECT_EQ(user.destroyed, 1);
 }
 
 // Runtime options: set by name with their environment variable's text,

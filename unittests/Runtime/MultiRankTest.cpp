@@ -14,6 +14,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/Comm/AllToAllLayout.h"
+#include "flex/Runtime/Comm/CallbackCommunicator.h"
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Cpu/CpuKernels.h"
@@ -34,6 +35,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <thread>
 
 using namespace flex;
@@ -709,6 +711,172 @@ INSTANTIATE_TEST_SUITE_P(
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"},
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "dp"}),
     planVariantName);
+
+//===----------------------------------------------------------------------===//
+// The callback communicator
+//===----------------------------------------------------------------------===//
+
+/// HostCollectives that forward to `comm` (a local rank), counting calls.
+HostCollectives forwardingTo(std::shared_ptr<Communicator> comm,
+                             std::shared_ptr<int> calls) {
+  HostCollectives h;
+  h.allToAll = [comm, calls](const void *send, const int64_t *so,
+                             const int64_t *sb, void *recv, const int64_t *ro,
+                             const int64_t *rb) {
+    ++*calls;
+    return comm->allToAll(send, so, sb, recv, ro, rb, "forwarded all_to_all");
+  };
+  h.allGather = [comm, calls](const void *send, int64_t bytes, void *recv) {
+    ++*calls;
+    return comm->allGather(send, bytes, recv, "forwarded all_gather");
+  };
+  h.reduceScatterSum = [comm, calls](const void *send, void *recv,
+                                     int64_t count, DType type) {
+    ++*calls;
+    return comm->reduceScatterSum(send, recv, count, type,
+                                  "forwarded reduce_scatter");
+  };
+  h.allReduceMaxInt32 = [comm, calls](int32_t *values, int64_t count) {
+    ++*calls;
+    return comm->allReduceMaxInt32(values, count, "forwarded all_reduce");
+  };
+  h.barrier = [comm, calls] {
+    ++*calls;
+    return comm->barrier("forwarded barrier");
+  };
+  return h;
+}
+
+// Every variant (expert-parallel, pipelined, data-parallel: all_to_all,
+// all_gather, reduce_scatter, sync_capacity's all_reduce) gives bit for bit
+// what the local communicator gives when its collectives come through the
+// callbacks, and the callbacks are what ran them.
+TEST(CallbackCommunicator, RunsEveryVariantLikeTheCommunicatorBehindIt) {
+  const PlanVariant cases[] = {{"mr_ffn_fixed_w2_train.json", "ep1"},
+                               {"mr_ffn_fixed_w2_train.json", "ex2"},
+                               {"mr_ffn_fixed_w2_train.json", "dp"},
+                               {"mr_ffn_dropless_w4_train.json", "ep2"},
+                               {"mr_ffn_dropless_w4_train.json", "dp"}};
+  for (const PlanVariant &c : cases) {
+    SCOPED_TRACE(std::string(c.plan) + " " + c.variant);
+    auto plan = std::make_shared<Plan>();
+    ASSERT_TRUE(parsePlan(readTestPlan(c.plan), *plan).isOk());
+    const int64_t variant = plan->findVariant(c.variant);
+    ASSERT_GE(variant, 0);
+    const int W = static_cast<int>(plan->worldSize);
+    std::mt19937_64 rng(runSeed());
+    RankInputs drawn;
+    ASSERT_TRUE(makeRankInputs(plan->layer, {}, W, rng, drawn));
+    std::vector<RankBuffers> direct = makeRankBuffers(*plan, drawn, 0.5);
+    std::vector<RankBuffers> through = direct;
+    auto calls = std::make_shared<int>(0);
+    std::mutex mutex;
+    auto run = [&](std::vector<RankBuffers> &buffers, bool callbacks) {
+      auto ranks = localRanks(W);
+      std::vector<Status> results(W);
+      onRanks(W, [&](int r) {
+        std::shared_ptr<Communicator> comm = ranks[r];
+        if (callbacks) {
+          auto mine = std::make_shared<int>(0);
+          Status s = createCallbackCommunicator(
+              comm, r, W, forwardingTo(ranks[r], mine), "test");
+          if (!s) {
+            results[r] = s;
+            return;
+          }
+          EXPECT_EQ(comm->name(), "test");
+          CpuRankExecutor rank;
+          s = rank.create(plan, comm, 0xff);
+          std::vector<Binding> bindings = buffers[r].bindings();
+          if (s)
+            s = runVariant(*rank.executor, variant, bindings, true);
+          std::lock_guard<std::mutex> lock(mutex);
+          *calls += *mine;
+          results[r] = s;
+          return;
+        }
+        CpuRankExecutor rank;
+        Status s = rank.create(plan, comm, 0xff);
+        std::vector<Binding> bindings = buffers[r].bindings();
+        if (s)
+          s = runVariant(*rank.executor, variant, bindings, true);
+        results[r] = s;
+      });
+      for (int r = 0; r < W; ++r)
+        ASSERT_TRUE(results[r].isOk()) << r << ": " << results[r].message();
+    };
+    run(direct, false);
+    run(through, true);
+    EXPECT_GT(*calls, 0);
+    for (int r = 0; r < W; ++r) {
+      for (double v : through[r].get("out"))
+        ASSERT_TRUE(std::isfinite(v)) << "rank " << r << ": out not written";
+      for (const auto &[name, bytes] : direct[r].data)
+        EXPECT_EQ(through[r].data.at(name), bytes)
+            << "rank " << r << " " << name;
+    }
+  }
+}
+
+// A failing function fails the step with its message and breaks the
+// communicator: the next collective fails at once, naming the first cause.
+TEST(CallbackCommunicator, AFailureNamesTheStepAndBreaksIt) {
+  auto plan = std::make_shared<Plan>();
+  ASSERT_TRUE(
+      parsePlan(readTestPlan("mr_ffn_fixed_w2_train.json"), *plan).isOk());
+  HostCollectives h =
+      forwardingTo(createSelfCommunicator(), std::make_shared<int>(0));
+  int failures = 0;
+  h.allToAll = [&](const void *, const int64_t *, const int64_t *, void *,
+                   const int64_t *, const int64_t *) {
+    ++failures;
+    return Status(StatusCode::CommunicationError, "peer 1 went away");
+  };
+  std::shared_ptr<Communicator> comm;
+  ASSERT_TRUE(createCallbackCommunicator(comm, 0, 2, h).isOk());
+  EXPECT_EQ(comm->name(), "callbacks");
+  std::unique_ptr<Executor> executor;
+  ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
+  ASSERT_TRUE(executor->setCommunicator(comm).isOk());
+  ASSERT_TRUE(executor->selectVariant("ep1").isOk());
+  RankBuffers buffers;
+  buffers.init(*plan);
+  std::vector<Binding> bindings = buffers.bindings();
+  Status status = executor->forward(bindings.data(), bindings.size());
+  EXPECT_EQ(status.code(), StatusCode::CommunicationError);
+  EXPECT_THAT(status.message(), HasSubstr("all_to_all"));
+  EXPECT_THAT(status.message(), HasSubstr("peer 1 went away"));
+  EXPECT_THAT(status.message(), HasSubstr("rank 0 of 2"));
+  status = comm->barrier("the next one");
+  EXPECT_EQ(status.code(), StatusCode::CommunicationError);
+  EXPECT_THAT(status.message(), HasSubstr("failed earlier"));
+  EXPECT_THAT(status.message(), HasSubstr("peer 1 went away"));
+  EXPECT_EQ(failures, 1);
+}
+
+TEST(CallbackCommunicator, RefusesWhatItCannotDo) {
+  HostCollectives h =
+      forwardingTo(createSelfCommunicator(), std::make_shared<int>(0));
+  std::shared_ptr<Communicator> comm;
+  EXPECT_THAT(createCallbackCommunicator(comm, 2, 2, h).message(),
+              HasSubstr("rank 2 of 2"));
+  EXPECT_EQ(comm, nullptr);
+  HostCollectives missing = h;
+  missing.reduceScatterSum = nullptr;
+  EXPECT_THAT(createCallbackCommunicator(comm, 0, 2, missing).message(),
+              HasSubstr("no reduce_scatter_sum function"));
+  // Exceptions from a function are failures too.
+  HostCollectives throwing = h;
+  throwing.barrier = []() -> Status { throw std::runtime_error("boom"); };
+  ASSERT_TRUE(createCallbackCommunicator(comm, 0, 2, throwing).isOk());
+  EXPECT_THAT(comm->barrier("b").message(), HasSubstr("boom"));
+  // No groups: grouped collectives need MPI or NCCL, and the message says so.
+  ASSERT_TRUE(createCallbackCommunicator(comm, 0, 2, h).isOk());
+  std::shared_ptr<Communicator> group;
+  Status status = comm->split(0, 0, group, "grouped all_to_all");
+  EXPECT_EQ(status.code(), StatusCode::Unavailable);
+  EXPECT_THAT(status.message(), HasSubstr("need the MPI or NCCL"));
+}
 
 //===----------------------------------------------------------------------===//
 // Executor rules
