@@ -17,8 +17,11 @@
 #   gradients set to None before each (optimizer.zero_grad's default), so
 #   autograd keeps Flex's gradient tensors instead of adding them into the
 #   last step's (on C1 that add moves 1.6 GB that moe-run does not: 9% of
-#   forward+backward in Run 21). Also the host time of a call (enqueue only:
-#   no synchronize after it).
+#   forward+backward in Run 21); that is done outside the timed call (the
+#   optimizer's work, with nothing like it in moe-run: 20-30 us on the CPU
+#   here for x's and the layer's gradients, module.zero_grad walking its
+#   parameters), the back-to-back run keeps it in. Also the host time of a
+#   call (enqueue only: no synchronize after it).
 # - moe-run: the plan flexmoe compiled for the call (its JSON written out),
 #   with flexmoe's own inputs (x, wg, w1, w2, grad_out as .npy, bf16 as raw
 #   bits), so both route the same tokens; its forward and backward medians
@@ -109,13 +112,18 @@ def read_npy_f32(path):
 # -- timing -----------------------------------------------------------------
 
 
-def time_calls(fn, device, warmup, iters):
+def time_calls(fn, device, warmup, iters, before=None):
     """Median device time (us) of fn over iters calls, each starting on an
-    idle device, and the median host time of a call (us, enqueue only)."""
+    idle device, and the median host time of a call (us, enqueue only).
+    before(), if given, runs before each call, untimed."""
     for _ in range(warmup):
+        if before:
+            before()
         fn()
     device_us, host_us = [], []
     for _ in range(iters):
+        if before:
+            before()
         if device.type == "cuda":
             torch.cuda.synchronize()
             start, end = (torch.cuda.Event(enable_timing=True)
@@ -177,21 +185,27 @@ def time_layer(call, zero_grad, x, grad_out, device, args):
     def forward():
         state["y"], state["l_aux"] = call()
 
-    def forward_backward():
+    def set_grads_to_none():
         x.grad = None
         zero_grad()
+
+    def forward_backward():
         y, l_aux = call()
         torch.autograd.backward([y, l_aux], [grad_out, one])
+
+    def step():  # back to back, as a training step does it
+        set_grads_to_none()
+        forward_backward()
 
     forward()  # flexmoe: compiles the training plan; Tutel: its kernels
     fwd = time_calls(forward, device, args.warmup, args.iters)
     state["back_to_back"] = back_to_back(forward, device, args.iters)
     state.pop("y", None)
     state.pop("l_aux", None)
-    both = time_calls(forward_backward, device, args.warmup, args.iters)
+    both = time_calls(forward_backward, device, args.warmup, args.iters,
+                      before=set_grads_to_none)
     back_to_back_results.append(
-        (state["back_to_back"], back_to_back(forward_backward, device,
-                                             args.iters)))
+        (state["back_to_back"], back_to_back(step, device, args.iters)))
     return fwd, both
 
 
@@ -206,11 +220,11 @@ def prologue_split(layer, x, device, iters):
     original = _runtime.Executable.run
     marks = {}
 
-    def run(self, forward, bindings, options):
+    def run(self, forward, *args):
         if forward:
             marks["c"] = torch.cuda.Event(enable_timing=True)
             marks["c"].record()
-        return original(self, forward, bindings, options)
+        return original(self, forward, *args)
 
     _runtime.Executable.run = run
     try:

@@ -24,14 +24,15 @@
 #   the communicator's name. It is a constant to torch.compile, so a new
 #   token count traces (and compiles) a new plan.
 # - Per call, the host work is kept small (small layers, decode): what a
-#   (key, device) fixes (plan, runner, sizes) is looked up once (_call),
-#   the tensors' checks compare against a table made once per plan, and a
+#   (key, device) fixes (plan, runner, sizes, the C API's binding arrays
+#   with what to check of each entry) is made once (_call), a call checks
+#   the caller's tensors against it and writes only their addresses, the
+#   outputs and gradients it makes (torch.empty_like) need no check, and a
 #   call autograd records nothing of skips the autograd Function
 #   (docs/Python.md, "The Python layer's overhead").
 #
 # ===----------------------------------------------------------------------=== #
 
-import contextlib
 import functools
 import json
 from typing import List, Optional, Tuple
@@ -129,25 +130,17 @@ def _aligned(workspace, plan):
     return (address + align - 1) // align * align
 
 
-def _on_device(device):
-    """The executables of a CUDA context run on its device: make it the
-    current one for the call."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def _stream(device):
     if device.type == "cuda":
         return torch.cuda.current_stream(device).cuda_stream
     return None
 
 
-def _new(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_OUTPUTS and dtype.is_floating_point:
-        t.fill_(float("nan"))
-    return t
+def _poison(tensors):
+    """POISON_OUTPUTS: NaN in every element of new outputs and gradients."""
+    for t in tensors:
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
 
 
 def _check_arg(plan, name, tensor):
@@ -184,22 +177,68 @@ def _expected(plan):
     return table
 
 
-def _bind(plan, named):
-    """(name, address, bytes) of each tensor, checked against the plan."""
+# The op's tensor arguments, in the order of its schema (and of the
+# bindings): the forward binds those given and then out and l_aux; the
+# backward those given, grad_out, grad_l_aux, and the gradients of those
+# given, in the same order.
+_INPUTS = ("x", "wg", "w1", "w2", "w3", "b1", "b2")
+_GRAD_NAMES = {n: "grad_" + n for n in _INPUTS}
+_BACKWARD = 8  # _Call.bindings: the key bit of the backward's
+
+
+def _make_bindings(plan, kind):
+    """The Bindings of a forward (kind < _BACKWARD) or backward (kind |
+    _BACKWARD) whose optional inputs w3, b1, b2 are given as kind's bits 0,
+    1, 2 say, with what _bind checks of each entry in `checks`: (name,
+    shape, dtype, check). Every tensor the caller gives is checked; those
+    the call makes (out like x, l_aux like _Call.l_aux_like, each gradient
+    like its input: torch.empty_like, contiguous) have the plan's shape and
+    dtype when what they are made like does and the plan gives both the
+    same, so they are checked only where it does not."""
     expected = _expected(plan)
-    out = []
-    for name, tensor in named:
-        if tensor is None:
-            continue
-        # _check_arg's test, inlined: a 0-dim tensor binds shape [1].
+    given = [n for i, n in enumerate(_INPUTS) if i < 4 or kind >> (i - 4) & 1]
+    if kind & _BACKWARD:
+        names = (given + ["grad_out", "grad_l_aux"] +
+                 [_GRAD_NAMES[n] for n in given])
+        like = {_GRAD_NAMES[n]: expected.get(n) for n in given}
+    else:
+        names = given + ["out", "l_aux"]
+        like = {"out": expected.get("x"), "l_aux": ((1, ), torch.float32)}
+    checks, sizes = [], []
+    for name in names:
         shape, dtype, nbytes = expected.get(name, ((), None, 0))
-        got = tensor.shape
-        if (dtype is None or (got != shape if got else shape != (1, )) or
-                tensor.dtype != dtype or not tensor.is_contiguous()):
-            _check_arg(plan, name, tensor)  # raises, saying why
-            nbytes = tensor.numel() * tensor.element_size()
-        out.append((name, tensor.data_ptr(), nbytes))
-    return out
+        made = like.get(name)
+        check = (dtype is None or made is None or
+                 tuple(made[:2]) != (shape, dtype))
+        checks.append((name, shape, dtype, check))
+        sizes.append(nbytes)
+    bindings = _runtime.Bindings(names, sizes)
+    bindings.checks = tuple(checks)
+    return bindings
+
+
+def _bind(plan, bindings, tensors):
+    """The addresses of `tensors` for `bindings`' entries, each checked
+    against the plan (_check_arg's test, inlined: a 0-dim tensor binds shape
+    [1]), and their sizes: None for the plan's."""
+    addresses = []
+    for (_, shape, dtype, check), tensor in zip(bindings.checks, tensors):
+        if check:
+            got = tensor.shape
+            if (dtype is None or (got != shape if got else shape != (1, ))
+                    or tensor.dtype != dtype or not tensor.is_contiguous()):
+                return _bind_checked(plan, bindings, tensors)
+        addresses.append(tensor.data_ptr())
+    return addresses, None
+
+
+def _bind_checked(plan, bindings, tensors):
+    """_bind for tensors of which one differs from the plan: each through
+    _check_arg (raising, saying why), with the sizes of their own."""
+    for name, tensor in zip(bindings.names, tensors):
+        _check_arg(plan, name, tensor)
+    return ([t.data_ptr() for t in tensors],
+            [t.numel() * t.element_size() for t in tensors])
 
 
 def _runner(key, device):
@@ -218,16 +257,29 @@ class _Call:
     overhead")."""
 
     __slots__ = ("plan", "runner", "group", "comm", "workspace_size",
-                 "training", "noise", "cuda")
+                 "workspace_bytes", "align", "training", "noise", "cuda",
+                 "l_aux_like", "bindings")
 
     def __init__(self, key, device):
         self.plan, self.runner = _runner(key, device)
         self.group = _parse_key(key)[1]
         self.comm = communicators.get(self.group) if self.group else None
         self.workspace_size = _workspace_size(self.plan)
+        self.workspace_bytes = self.plan.workspace_bytes
+        self.align = self.plan.workspace_alignment
         self.training = self.plan.spec.training
         self.noise = self.plan.spec.gate_noise != 0.0
         self.cuda = device.type == "cuda"
+        # l_aux is made like this (torch.empty_like: the fastest way to a
+        # new 0-dim f32 tensor on the device).
+        self.l_aux_like = torch.empty((), dtype=torch.float32, device=device)
+        self.bindings = {}  # _make_bindings' by kind
+
+    def bindings_of(self, kind):
+        bindings = self.bindings.get(kind)
+        if bindings is None:
+            bindings = self.bindings[kind] = _make_bindings(self.plan, kind)
+        return bindings
 
 
 # _Call by (key, device), valid for the generations of the plan cache and
@@ -251,30 +303,41 @@ def _call(key, device):
     return call
 
 
+def _optional_bits(w3, b1, b2):
+    """_make_bindings' kind of the optional inputs given."""
+    return ((w3 is not None) | (b1 is not None) << 1 | (b2 is not None) << 2)
+
+
 def _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     """moe_forward's body (the custom op and the eager path share it)."""
     device = x.device
     call = _call(key, device)
     plan = call.plan
-    out = _new(x.shape, x.dtype, device)
-    l_aux = _new((), torch.float32, device)
-    workspace = torch.empty(call.workspace_size, dtype=torch.uint8,
-                            device=device)
-    bindings = _bind(plan, [("x", x), ("wg", wg), ("w1", w1), ("w2", w2),
-                            ("w3", w3), ("b1", b1), ("b2", b2),
-                            ("out", out), ("l_aux", l_aux)])
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    l_aux = torch.empty_like(call.l_aux_like)
+    workspace = x.new_empty(call.workspace_size, dtype=torch.uint8)
+    if POISON_OUTPUTS:
+        _poison((out, l_aux))
+    kind = _optional_bits(w3, b1, b2)
+    bindings = call.bindings.get(kind) or call.bindings_of(kind)
+    addresses, sizes = _bind(plan, bindings, (
+        x, wg, w1, w2, out, l_aux) if not kind else [
+            t for t in (x, wg, w1, w2, w3, b1, b2, out, l_aux)
+            if t is not None
+        ])
     seed_value = int(seed.item()) if call.noise else None
     # A new workspace starts its storage: _aligned's address, unchecked.
-    align = plan.workspace_alignment
+    align = call.align
     address = (workspace.data_ptr() + align - 1) // align * align
     if call.cuda:
         with torch.cuda.device(device):
-            call.runner.forward(bindings, address, plan.workspace_bytes,
-                                _stream(device), seed_value, variant,
-                                call.training)
+            call.runner.forward(bindings, addresses, sizes, address,
+                                call.workspace_bytes, _stream(device),
+                                seed_value, variant, call.training)
     else:
-        call.runner.forward(bindings, address, plan.workspace_bytes, None,
-                            seed_value, variant, call.training)
+        call.runner.forward(bindings, addresses, sizes, address,
+                            call.workspace_bytes, None, seed_value, variant,
+                            call.training)
     return out, l_aux, workspace[:0]
 
 
@@ -311,25 +374,34 @@ def _backward_impl(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1, b2,
         raise RuntimeError("flexmoe: this forward ran an inference plan "
                            "(no gradient was required); run it with "
                            "torch.enable_grad() to train")
-    named = [(name, t) for name, t in (("x", x), ("wg", wg), ("w1", w1),
-                                       ("w2", w2), ("w3", w3), ("b1", b1),
-                                       ("b2", b2)) if t is not None]
-    grads = [_new(t.shape, t.dtype, t.device) for _, t in named]
-    grad_bind = [(_GRAD_NAMES[name], g)
-                 for (name, _), g in zip(named, grads)]
-    grad_l_aux = grad_l_aux.reshape(1)
-    bindings = _bind(plan, named + [("grad_out", grad_out),
-                                    ("grad_l_aux", grad_l_aux)] + grad_bind)
-    if workspace.device.type == "cuda":
+    kind = _optional_bits(w3, b1, b2)
+    inputs = (x, wg, w1, w2) if not kind else [
+        t for t in (x, wg, w1, w2, w3, b1, b2) if t is not None
+    ]
+    grads = [
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in inputs
+    ]
+    if POISON_OUTPUTS:
+        _poison(grads)
+    if grad_l_aux.dim():  # a 0-dim tensor binds shape [1] as it is
+        grad_l_aux = grad_l_aux.reshape(1)
+    bindings = (call.bindings.get(kind | _BACKWARD) or
+                call.bindings_of(kind | _BACKWARD))
+    addresses, sizes = _bind(plan, bindings,
+                             (*inputs, grad_out, grad_l_aux, *grads))
+    if call.cuda:
         workspace.record_stream(torch.cuda.current_stream(workspace.device))
-    with _on_device(device):
-        call.runner.backward(bindings, _aligned(workspace, plan),
-                             plan.workspace_bytes, _stream(device), variant)
+        with torch.cuda.device(device):
+            call.runner.backward(bindings, addresses, sizes,
+                                 _aligned(workspace, plan),
+                                 call.workspace_bytes, _stream(device),
+                                 variant)
+    else:
+        call.runner.backward(bindings, addresses, sizes,
+                             _aligned(workspace, plan), call.workspace_bytes,
+                             None, variant)
     return grads
-
-
-_GRAD_NAMES = {n: "grad_" + n for n in ("x", "wg", "w1", "w2", "w3", "b1",
-                                        "b2")}
 
 
 @torch.library.custom_op("flexmoe::moe_backward", mutates_args=())
@@ -358,28 +430,31 @@ def _setup_context(ctx, inputs, output):
     key, x, wg, w1, w2, w3, b1, b2, seed, variant = inputs
     _, _, workspace = output
     ctx.key, ctx.variant = key, variant
-    ctx.present = [t is not None for t in (w3, b1, b2)]
     ctx.save_for_backward(x, wg, w1, w2, w3, b1, b2, workspace)
 
 
-def _backward(ctx, grad_out, grad_l_aux, grad_workspace,
-              backward_op=None):
+def _backward(ctx, grad_out, grad_l_aux, grad_workspace):
     x, wg, w1, w2, w3, b1, b2, workspace = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     if grad_l_aux is None:
-        grad_l_aux = (torch.zeros((), dtype=torch.float32, device=x.device)
-                      if backward_op is None else _zero_l_aux(x.device))
-    grads = (backward_op or moe_backward)(
-        ctx.key, grad_out.contiguous(), grad_l_aux.contiguous(), x, wg, w1,
-        w2, w3, b1, b2, workspace, ctx.variant)
-    grads = list(grads)
-    gx, gwg, gw1, gw2 = grads[:4]
-    rest = grads[4:]
-    gw3 = rest.pop(0) if ctx.present[0] else None
-    gb1 = rest.pop(0) if ctx.present[1] else None
-    gb2 = rest.pop(0) if ctx.present[2] else None
-    return None, gx, gwg, gw1, gw2, gw3, gb1, gb2, None, None
+        grad_l_aux = torch.zeros((), dtype=torch.float32, device=x.device)
+    grads = moe_backward(ctx.key, grad_out.contiguous(),
+                         grad_l_aux.contiguous(), x, wg, w1, w2, w3, b1, b2,
+                         workspace, ctx.variant)
+    return (None, ) + _input_grads(grads, w3, b1, b2) + (None, None)
+
+
+def _input_grads(grads, w3, b1, b2):
+    """The gradients of x, wg, w1, w2, w3, b1, b2 (None for those not
+    given) from the backward's list of those given."""
+    if len(grads) == 4:
+        return (grads[0], grads[1], grads[2], grads[3], None, None, None)
+    rest = iter(grads[4:])
+    return (grads[0], grads[1], grads[2], grads[3],
+            next(rest) if w3 is not None else None,
+            next(rest) if b1 is not None else None,
+            next(rest) if b2 is not None else None)
 
 
 moe_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -406,16 +481,26 @@ class _EagerMoE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, key, x, wg, w1, w2, w3, b1, b2, seed, variant):
-        inputs = (key, x, wg, w1, w2, w3, b1, b2, seed, variant)
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[2])
-        return output
+        out, l_aux, workspace = _forward_impl(key, x, wg, w1, w2, w3, b1,
+                                              b2, seed, variant)
+        # As _setup_context, and the state needs no gradient.
+        ctx.key, ctx.variant = key, variant
+        ctx.save_for_backward(x, wg, w1, w2, w3, b1, b2, workspace)
+        ctx.mark_non_differentiable(workspace)
+        return out, l_aux, workspace
 
     @staticmethod
     def backward(ctx, grad_out, grad_l_aux, grad_workspace):
-        return _backward(ctx, grad_out, grad_l_aux, grad_workspace,
-                         backward_op=_backward_impl)
+        # _backward's, calling the backward's body without the custom op.
+        x, wg, w1, w2, w3, b1, b2, workspace = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(x)
+        if grad_l_aux is None:
+            grad_l_aux = _zero_l_aux(x.device)
+        grads = _backward_impl(ctx.key, grad_out.contiguous(),
+                               grad_l_aux.contiguous(), x, wg, w1, w2, w3, b1,
+                               b2, workspace, ctx.variant)
+        return (None, ) + _input_grads(grads, w3, b1, b2) + (None, None)
 
 
 def _records_graph(tensors):

@@ -64,7 +64,6 @@ class Executable:
             "flexExecutableCreateFromPlan")
         self.handle = handle
         self.variant = None
-        self.arrays = {}  # binding arrays by their names
         self._entries = (self.lib.lib.flexExecutableBackward,
                          self.lib.lib.flexExecutableForward)
 
@@ -105,24 +104,44 @@ class Executable:
             self.lib.lib.flexExecutableSetCommunicator(self.handle, comm),
             "flexExecutableSetCommunicator")
 
-    def run(self, forward, bindings, options):
-        # The binding array of these names is made once (the names encoded
-        # and kept alive by it); a call only writes the addresses and sizes.
-        # The Runner's lock serializes the calls of one executable.
-        names = tuple([b[0] for b in bindings])
-        array = self.arrays.get(names)
-        if array is None:
-            array = (_capi.Binding * len(names))()
-            for i, name in enumerate(names):
-                array[i].name = name.encode()
-            self.arrays[names] = array
-        for entry, (_, address, nbytes) in zip(array, bindings):
-            entry.data, entry.bytes = address, nbytes
-        status = self._entries[forward](self.handle, array, len(bindings),
-                                        ctypes.byref(options))
+    def run(self, forward, bindings, addresses, sizes, options):
+        """One call of the C API on `bindings` (a Bindings), its entries'
+        addresses and sizes written first: `sizes` None is the plan's own.
+        The Runner's lock serializes the calls of one executable (and the
+        writes into a Bindings that several calls share)."""
+        data = bindings.data
+        data[1::3] = addresses
+        data[2::3] = bindings.sizes if sizes is None else sizes
+        status = self._entries[forward](self.handle, bindings.array,
+                                        bindings.count, options)
         if status:
             self.check(status, "flexExecutableForward"
                        if forward else "flexExecutableBackward")
+
+
+class Bindings:
+    """The C API's binding array (FlexBinding[]) for one list of argument
+    names, made once: a call writes only the addresses (and, when they are
+    not the plan's, the sizes) through `data`, the array seen as int64
+    triples (name, data, bytes), with one slice assignment each. `checks`
+    is the caller's (flexmoe._ops: what to check of each entry)."""
+
+    __slots__ = ("names", "array", "data", "sizes", "count", "checks")
+
+    def __init__(self, names, sizes):
+        self.names = tuple(names)
+        self.count = len(self.names)
+        self.array = (_capi.Binding * self.count)()
+        for entry, name in zip(self.array, self.names):
+            entry.name = name.encode()  # kept alive by the array
+        self.data = (ctypes.c_int64 * (3 * self.count)).from_buffer(
+            self.array)
+        self.sizes = tuple(sizes)
+        self.checks = None
+
+
+# Bindings.data reads FlexBinding as three 8-byte fields.
+assert ctypes.sizeof(_capi.Binding) == 3 * ctypes.sizeof(ctypes.c_int64)
 
 
 # At most this many forwards wait for their backward on one Runner without
@@ -153,6 +172,8 @@ class Runner:
         self.options = (_capi.RunOptions(ctypes.sizeof(_capi.RunOptions))
                         if self.per_call_state else
                         _capi.RunOptionsV1(ctypes.sizeof(_capi.RunOptionsV1)))
+        # Its address, as the C API's argument (kept alive by self.options).
+        self.options_address = ctypes.addressof(self.options)
 
     def _new_executable(self):
         exe = Executable(self.ctx, self.plan)
@@ -161,23 +182,26 @@ class Runner:
         return exe
 
     def _options(self, stream, seed, workspace, nbytes):
-        """The call's options, in self.options: call with the lock held."""
+        """The call's options, in self.options (their address returned):
+        call with the lock held."""
         options = self.options
         options.stream = stream
         if not self.per_call_state:
             options.flags = _capi.RUN_NO_TIMING
-            return options
+            return self.options_address
         options.workspace, options.workspace_bytes = workspace, nbytes
         if seed is None:
             options.flags, options.seed = _capi.RUN_NO_TIMING, 0
         else:
             options.flags = _capi.RUN_NO_TIMING | _capi.RUN_SEED
             options.seed = seed & 0xFFFFFFFFFFFFFFFF
-        return options
+        return self.options_address
 
-    def forward(self, bindings, workspace, nbytes, stream, seed, variant,
-                keep_state):
-        """keep_state: a backward will follow (a training plan)."""
+    def forward(self, bindings, addresses, sizes, workspace, nbytes, stream,
+                seed, variant, keep_state):
+        """bindings: a Bindings, with the addresses (and sizes, None for
+        the plan's) of this call's tensors; keep_state: a backward will
+        follow (a training plan)."""
         global _warned_seed
         if seed is not None and not self.per_call_state and not _warned_seed:
             _warned_seed = True
@@ -188,12 +212,12 @@ class Runner:
             options = self._options(stream, seed, workspace, nbytes)
             if self.per_call_state:
                 self.shared.select_variant(variant)
-                self.shared.run(True, bindings, options)
+                self.shared.run(True, bindings, addresses, sizes, options)
                 return
             exe = self._take(workspace, keep_state)
             exe.select_variant(variant)
             try:
-                exe.run(True, bindings, options)
+                exe.run(True, bindings, addresses, sizes, options)
             except Exception:
                 self.pending.pop(workspace, None)
                 self.free.append(exe)
@@ -216,11 +240,12 @@ class Runner:
             self.pending[workspace] = exe
         return exe
 
-    def backward(self, bindings, workspace, nbytes, stream, variant):
+    def backward(self, bindings, addresses, sizes, workspace, nbytes, stream,
+                 variant):
         with self.lock:
             options = self._options(stream, None, workspace, nbytes)
             if self.per_call_state:
-                self.shared.run(False, bindings, options)
+                self.shared.run(False, bindings, addresses, sizes, options)
                 return
             exe = self.pending.pop(workspace, None)
             if exe is None:
@@ -231,7 +256,7 @@ class Runner:
                     f"{MAX_PENDING_FORWARDS} forwards of this layer were in "
                     "flight (the oldest are dropped)")
             try:
-                exe.run(False, bindings, options)
+                exe.run(False, bindings, addresses, sizes, options)
             finally:
                 self.free.append(exe)
 

@@ -119,9 +119,10 @@ def test_binds_the_callers_tensors_without_copies():
     seen = []
     real = _ops._bind
 
-    def spy(plan, named):
-        seen.extend((n, t.data_ptr()) for n, t in named if t is not None)
-        return real(plan, named)
+    def spy(plan, bindings, tensors):
+        addresses, sizes = real(plan, bindings, tensors)
+        seen.extend(zip(bindings.names, addresses))
+        return addresses, sizes
 
     _ops._bind = spy
     try:
