@@ -124,7 +124,8 @@ class MoELayer(torch.nn.Module):
     capacity_factor follows Tutel: f > 0 keeps k * int(f * ceil(T / E))
     slots per expert, 0 is dropless, f < 0 is dropless bounded by |f|.
     Many ranks: experts are sharded [E / W, ...] over the process group
-    (flexmoe.distributed; CUDA and NCCL only).
+    (flexmoe.distributed: NCCL on GPUs, the group's own collectives, e.g.
+    gloo, on CPUs).
     """
 
     def __init__(self, model_dim, hidden_size, num_experts, top_k=2,
@@ -372,7 +373,8 @@ class MoELayer(torch.nn.Module):
             # W ranks can be built anywhere (checkpoint tools, tests).
             from . import distributed
             self.group_name = distributed.group_name(self.group,
-                                                     self.world_size)
+                                                     self.world_size,
+                                                     x.device)
         noise = self.gate_noise if self.training else 0.0
         key = self._call_key(
             int(x.shape[0]), self._needs_grad(x), top_k or self.top_k,
