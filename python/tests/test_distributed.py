@@ -4,11 +4,13 @@
 #
 # ===----------------------------------------------------------------------=== #
 #
-# On the CPU: a layer for W ranks is built anywhere (experts sharded
-# [E / W, ...]) and its first forward says clearly why it cannot run. On
-# two or more GPUs: each rank's output, l_aux and gradients equal those of
-# one rank holding every expert (the communicator from torch.distributed:
-# rank 0's NCCL id broadcast to the group).
+# A layer for W ranks is built anywhere (experts sharded [E / W, ...]) and
+# its first forward without a process group says clearly why it cannot
+# run. On CPU ranks (gloo, here in CI) and on two or more GPUs (NCCL): each
+# rank's output, l_aux and gradients equal those of one rank holding every
+# expert, for every variant (expert-parallel, pipelined, data-parallel,
+# and the automatic choice: ranks that chose apart would exchange
+# mismatched blocks and fail or differ).
 #
 # ===----------------------------------------------------------------------=== #
 
@@ -66,40 +68,142 @@ def test_communicator_needs_gpus(tmp_path):
         dist.destroy_process_group()
 
 
-def _rank_main(rank, world, port, result_dir):
+# The runs each rank makes: (a2a_ffn_overlap_degree, adaptive_r, capacity
+# factor); None lets the layer choose (the cost model).
+RUNS = [(None, None, 1.0), (1, 1, 1.0), (2, 1, 1.0), (1, 0, 1.0),
+        (None, None, 0.0), (2, 1, 0.0)]
+
+
+def _rank_main(rank, world, port, result_dir, device):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
-    torch.manual_seed(0)  # the same full layer and inputs on every rank
-    E, T, d, h = 4 * world, 64, 32, 48
-    full = flexmoe.MoELayer(d, h, E, top_k=2, bias=True).cuda()
-    xs = torch.randn(world, T, d, device="cuda")
-    grads_out = torch.randn(world, T, d, device="cuda")
-    mine = flexmoe.MoELayer(d, h, E, top_k=2, bias=True).cuda()
-    L = E // world
-    with torch.no_grad():  # this rank's slice of the same parameters
-        mine.wg.copy_(full.wg)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            rank=rank, world_size=world)
+    errors = {}
+    for i, (degree, r, factor) in enumerate(RUNS):
+        torch.manual_seed(i)  # the same full layer and inputs on every rank
+        E, T, d, h = 4 * world, 64, 32, 48
+        full = flexmoe.MoELayer(d, h, E, top_k=2, bias=True,  # one rank
+                                capacity_factor=factor, world_size=1,
+                                rank=0).to(device)
+        xs = torch.randn(world, T, d, device=device)
+        grads_out = torch.randn(world, T, d, device=device)
+        mine = flexmoe.MoELayer(d, h, E, top_k=2, bias=True,
+                                capacity_factor=factor).to(device)
+        L = E // world
+        with torch.no_grad():  # this rank's slice of the same parameters
+            mine.wg.copy_(full.wg)
+            for name in ("w1", "w2", "b1", "b2"):
+                getattr(mine, name).copy_(
+                    getattr(full, name)[rank * L:(rank + 1) * L])
+        x = xs[rank].clone().requires_grad_()
+        y, l_aux = mine(x, adaptive_r=r, a2a_ffn_overlap_degree=degree)
+        ((y * grads_out[rank]).sum() + l_aux).backward()
+        # One rank holding every expert, on this rank's tokens, then the
+        # expert gradients summed over the ranks' tokens.
+        xr = xs[rank].clone().requires_grad_()
+        ref, ref_l = full(xr)
+        ((ref * grads_out[rank]).sum() + ref_l).backward()
+        e = {"out": rel_l2(y, ref), "grad_x": rel_l2(x.grad, xr.grad),
+             "l_aux": abs(float(l_aux) - float(ref_l)),
+             "grad_wg": rel_l2(mine.wg.grad, full.wg.grad)}
         for name in ("w1", "w2", "b1", "b2"):
-            getattr(mine, name).copy_(getattr(full, name)[rank * L:(rank + 1)
-                                                         * L])
-    x = xs[rank].clone().requires_grad_()
-    y, l_aux = mine(x)
-    ((y * grads_out[rank]).sum() + l_aux).backward()
-    # One rank holding every expert, on this rank's tokens, then the
-    # expert gradients summed over the ranks' tokens.
-    xr = xs[rank].clone().requires_grad_()
-    ref, ref_l = full(xr)
-    ((ref * grads_out[rank]).sum() + ref_l).backward()
-    errors = {"out": rel_l2(y, ref), "grad_x": rel_l2(x.grad, xr.grad),
-              "l_aux": abs(float(l_aux) - float(ref_l)),
-              "grad_wg": rel_l2(mine.wg.grad, full.wg.grad)}
-    for name in ("w1", "w2", "b1", "b2"):
-        g = getattr(full, name).grad
-        dist.all_reduce(g)
-        errors["grad_" + name] = rel_l2(
-            getattr(mine, name).grad, g[rank * L:(rank + 1) * L])
-    torch.save(errors, os.path.join(result_dir, f"rank{rank}.pt"))
+            g = getattr(full, name).grad
+            dist.all_reduce(g)
+            e["grad_" + name] = rel_l2(getattr(mine, name).grad,
+                                       g[rank * L:(rank + 1) * L])
+        errors[i] = e
+    torch.save(errors,
+               os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _check_ranks(result_dir, world):
+    results = [torch.load(os.path.join(result_dir, f"rank{rank}.pt"))
+               for rank in range(world)]
+    assert all(len(result) == len(RUNS) for result in results)
+    for rank, result in enumerate(results):
+        for i, errors in result.items():
+            for name, err in errors.items():
+                assert err <= 1e-5, f"rank {rank} run {RUNS[i]} {name}: {err}"
+
+
+def test_two_cpu_ranks_match_one(tmp_path):
+    import torch.multiprocessing as mp
+    world = 2
+    mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path), "cpu"),
+             nprocs=world, join=True)
+    _check_ranks(str(tmp_path), world)
+
+
+def _sharded_main(rank, world, port, result_dir, experts, r=None):
+    """One layer of `experts` experts over `world` CPU ranks (each expert
+    sharded over s = W / E ranks, its hidden columns split), against one
+    rank holding the whole layer; or the error it gives."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    T, d, h = 16, 16, 24
+    full = flexmoe.MoELayer(d, h, experts, top_k=1, world_size=1, rank=0)
+    mine = flexmoe.MoELayer(d, h, experts, top_k=1)
+    s, q, e = world // experts, rank % (world // experts), rank // (world //
+                                                                    experts)
+    cols = slice(q * (h // s), (q + 1) * (h // s))
+    with torch.no_grad():
+        mine.wg.copy_(full.wg)
+        mine.w1.copy_(full.w1[e:e + 1, :, cols])
+        mine.w2.copy_(full.w2[e:e + 1, cols, :])
+    xs = torch.randn(world, T, d)
+    result = {}
+    try:
+        x = xs[rank].clone().requires_grad_()
+        y, l_aux = mine(x, adaptive_r=r)
+        (y.square().sum() + l_aux).backward()
+        xr = xs[rank].clone().requires_grad_()
+        ref, ref_l = full(xr)
+        (ref.square().sum() + ref_l).backward()
+        g1, g2 = full.w1.grad, full.w2.grad
+        dist.all_reduce(g1)
+        dist.all_reduce(g2)
+        result = {"out": rel_l2(y, ref), "grad_x": rel_l2(x.grad, xr.grad),
+                  "l_aux": abs(float(l_aux) - float(ref_l)),
+                  "grad_w1": rel_l2(mine.w1.grad, g1[e:e + 1, :, cols]),
+                  "grad_w2": rel_l2(mine.w2.grad, g2[e:e + 1, cols, :])}
+    except FlexError as error:
+        result = {"error": str(error)}
+    torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,experts,r", [(2, 1, None), (4, 2, 0),
+                                              (4, 2, 2)])
+def test_cpu_ranks_shard_experts(tmp_path, world, experts, r):
+    """Fewer experts than ranks: each expert's hidden columns split over
+    s = W / E ranks; data parallel (r = 0) and whole experts gathered in
+    each group of s (r = s) run over the whole group's collectives."""
+    import torch.multiprocessing as mp
+    mp.spawn(_sharded_main,
+             args=(world, _free_port(), str(tmp_path), experts, r),
+             nprocs=world, join=True)
+    for rank in range(world):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "error" not in result, result
+        assert len(result) == 5
+        for name, err in result.items():
+            assert err <= 1e-5, f"rank {rank} {name}: {err}"
+
+
+def test_cpu_ranks_cannot_split_into_groups(tmp_path):
+    """r = 1 < s = 2 exchanges within sub-groups of ranks, which the
+    process group's own collectives cannot form: a clear error on every
+    rank, and no hang."""
+    import torch.multiprocessing as mp
+    mp.spawn(_sharded_main, args=(4, _free_port(), str(tmp_path), 2, 1),
+             nprocs=4, join=True)
+    for rank in range(4):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "MPI or NCCL" in result.get("error", ""), result
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,
@@ -108,9 +212,6 @@ def _rank_main(rank, world, port, result_dir):
 def test_two_gpus_match_one(tmp_path):
     import torch.multiprocessing as mp
     world = 2
-    mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path)),
+    mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path), "cuda"),
              nprocs=world, join=True)
-    for rank in range(world):
-        errors = torch.load(tmp_path / f"rank{rank}.pt")
-        for name, err in errors.items():
-            assert err <= 1e-5, f"rank {rank} {name}: {err}"
+    _check_ranks(str(tmp_path), world)
