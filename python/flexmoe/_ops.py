@@ -519,14 +519,20 @@ def _records_graph(tensors):
 _forward_ad = torch.autograd.forward_ad
 
 
-def moe(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
+def moe(key, x, wg, w1, w2, w3, b1, b2, seed, variant, records=None):
     """The layer's forward: the custom op under torch.compile or tracing,
     the eager autograd Function otherwise (same kernels, same results), or,
     when autograd records nothing (no_grad, inference), the forward's body
-    alone: the Function would only cost its set-up."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return moe_forward(key, x, wg, w1, w2, w3, b1, b2, seed, variant)
-    if _records_graph((x, wg, w1, w2, w3, b1, b2)):
+    alone: the Function would only cost its set-up. `records`, from a
+    caller that knows the call is neither compiled nor traced: whether
+    autograd records it (_records_graph's answer, or True where a gradient
+    is needed)."""
+    if records is None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return moe_forward(key, x, wg, w1, w2, w3, b1, b2, seed,
+                               variant)
+        records = _records_graph((x, wg, w1, w2, w3, b1, b2))
+    if records:
         return _EagerMoE.apply(key, x, wg, w1, w2, w3, b1, b2, seed,
                                variant)
     return _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant)

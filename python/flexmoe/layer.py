@@ -336,24 +336,25 @@ class MoELayer(torch.nn.Module):
                 return True
         return False
 
-    def _seed(self, noise):
+    def _seed(self, noise, compiling):
         """The gate noise's seed of this call, from torch's generator (so
         torch.manual_seed reproduces a run). Without noise the op never
         reads it: eager calls share one tensor."""
         if noise == 0.0:
-            if torch.compiler.is_compiling():
+            if compiling:
                 return torch.zeros(1, dtype=torch.int64)
             return _NO_SEED
         return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
-    def _call_key(self, tokens, needs_grad, top_k, capacity_factor, noise):
+    def _call_key(self, tokens, needs_grad, top_k, capacity_factor, noise,
+                  compiling):
         """_ops.call_key, kept per layer for its arguments in eager calls
         (torch.compile traces the formatting itself, a constant)."""
         fields = (self._static_key, self.group_name, tokens, needs_grad,
                   top_k, capacity_factor, noise)
         # Only plain numbers are kept: a tensor or NaN would add an entry per
         # call.
-        if (torch.compiler.is_compiling() or type(top_k) is not int or
+        if (compiling or type(top_k) is not int or
                 type(capacity_factor) not in (int, float) or
                 type(noise) is not float or
                 capacity_factor != capacity_factor or noise != noise):
@@ -376,12 +377,21 @@ class MoELayer(torch.nn.Module):
                                                      self.world_size,
                                                      x.device)
         noise = self.gate_noise if self.training else 0.0
+        # Asked once a call: the key, the seed and the op's dispatch
+        # (_ops.moe) depend on it.
+        compiling = torch.compiler.is_compiling()
+        needs_grad = self._needs_grad(x)
         key = self._call_key(
-            int(x.shape[0]), self._needs_grad(x), top_k or self.top_k,
+            int(x.shape[0]), needs_grad, top_k or self.top_k,
             self.capacity_factor if capacity_factor is None else
-            capacity_factor, noise)
-        y, l_aux, _ = _ops.moe(key, x, self.wg, self.w1, self.w2, self.w3,
-                               self.b1, self.b2, self._seed(noise), variant)
+            capacity_factor, noise, compiling)
+        tensors = (x, self.wg, self.w1, self.w2, self.w3, self.b1, self.b2)
+        # Whether autograd records the call (_ops.moe's question, answered
+        # here without its loop when a gradient is needed).
+        records = (None if compiling or torch.jit.is_tracing() else
+                   needs_grad or _ops._records_graph(tensors))
+        y, l_aux, _ = _ops.moe(key, *tensors, self._seed(noise, compiling),
+                               variant, records)
         return y, l_aux
 
     def forward(self, x, adaptive_r=None, a2a_ffn_overlap_degree=None):
@@ -400,7 +410,10 @@ class MoELayer(torch.nn.Module):
             flat = x  # already [T, d]: no view (and no view's backward)
         else:
             flat = x.reshape(-1, self.model_dim)
-        variant = self.variant_name(adaptive_r, a2a_ffn_overlap_degree)
+        if self.world_size == 1:
+            variant = ""  # variant_name's for one rank
+        else:
+            variant = self.variant_name(adaptive_r, a2a_ffn_overlap_degree)
         y, l_aux = self.run_flat(flat, variant=variant)
         if "l_aux" in self.__dict__:
             self.__dict__["l_aux"] = l_aux  # nn.Module's __setattr__ is slow
