@@ -244,6 +244,140 @@ def prologue_split(layer, x, device, iters):
     return statistics.median(python_us), statistics.median(rest_us)
 
 
+def host_breakdown(layer, x, grad_out, rounds, iters):
+    """--breakdown (CPU): where flexmoe's forward and backward time goes,
+    measured in this process with the three kinds of call interleaved (one
+    of each in turn, rounds * iters times), so that a loaded machine's
+    drift hits each alike: {name: (forward us, backward us)}, medians.
+
+    - library: flexExecutableForward and flexExecutableBackward on buffers
+      made once (moe-run's work, without its process);
+    - torch floor: the smallest autograd.Function around the same two calls:
+      new out, l_aux, workspace and gradients (torch.empty_like), no checks,
+      a binding array made once; Function.apply, torch.autograd.backward,
+      the engine and AccumulateGrad are torch's;
+    - flexmoe: the layer's forward and torch.autograd.backward of (y,
+      l_aux), as time_layer times them.
+    Each starts with the gradients set to None, untimed."""
+    from flexmoe import _capi, _runtime
+    lib = _capi.library()
+    if not lib.per_call_state:
+        raise RuntimeError("--breakdown needs a libflex.so with per-call "
+                           "state (FlexRunOptions.workspace)")
+    plan = _compiler.plans.memory.get(layer.spec(x.shape[0], True))
+    exe = _runtime.Executable(_runtime.context("cpu"), plan)
+    names = [n for n in ("wg", "w1", "w2", "w3", "b1", "b2")
+             if getattr(layer, n, None) is not None]
+    params = [getattr(layer, n) for n in names]
+    inputs = ["x"] + names
+
+    def array(entries):
+        a = (_capi.Binding * len(entries))()
+        for entry, name in zip(a, entries):
+            entry.name = name.encode()
+        return a
+
+    forward_array = array(inputs + ["out", "l_aux"])
+    backward_array = array(inputs + ["grad_out", "grad_l_aux"] +
+                           ["grad_" + n for n in inputs])
+    options = _capi.RunOptions(ctypes.sizeof(_capi.RunOptions))
+    options.flags = _capi.RUN_NO_TIMING
+    options.workspace_bytes = plan.workspace_bytes
+    align = plan.workspace_alignment
+    size = plan.workspace_bytes + align
+
+    def run(entry, bindings, tensors, workspace):
+        for b, t in zip(bindings, tensors):
+            b.data, b.bytes = t.data_ptr(), t.numel() * t.element_size()
+        options.workspace = (workspace.data_ptr() + align - 1) // align * \
+            align
+        exe.check(entry(exe.handle, bindings, len(tensors),
+                        ctypes.byref(options)), "the library's call")
+
+    class Minimal(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, *weights):
+            out = torch.empty_like(x)
+            l_aux = torch.empty((), dtype=torch.float32)
+            workspace = torch.empty(size, dtype=torch.uint8)
+            run(lib.lib.flexExecutableForward, forward_array,
+                (x, *weights, out, l_aux), workspace)
+            ctx.save_for_backward(x, *weights, workspace)
+            return out, l_aux
+
+        @staticmethod
+        def backward(ctx, grad_y, grad_l_aux):
+            *tensors, workspace = ctx.saved_tensors
+            grads = [torch.empty_like(t) for t in tensors]
+            run(lib.lib.flexExecutableBackward, backward_array,
+                (*tensors, grad_y.contiguous(), grad_l_aux, *grads),
+                workspace)
+            return tuple(grads)
+
+    # The library's own calls: every buffer made once, as moe-run's.
+    fixed = [x.detach()] + [p.detach() for p in params]
+    fixed_forward = fixed + [torch.empty_like(x), torch.empty(())]
+    fixed_backward = fixed + [grad_out, torch.ones(())] + [
+        torch.empty_like(t) for t in fixed]
+    fixed_workspace = torch.empty(size, dtype=torch.uint8)
+    one = torch.ones(())
+
+    def library():
+        t0 = time.perf_counter()
+        run(lib.lib.flexExecutableForward, forward_array, fixed_forward,
+            fixed_workspace)
+        t1 = time.perf_counter()
+        run(lib.lib.flexExecutableBackward, backward_array, fixed_backward,
+            fixed_workspace)
+        return t1 - t0, time.perf_counter() - t1
+
+    def autograd(call):
+        def timed():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            y, l_aux = call()
+            t1 = time.perf_counter()
+            torch.autograd.backward([y, l_aux], [grad_out, one])
+            return t1 - t0, time.perf_counter() - t1
+        return timed
+
+    cases = {"library": library,
+             "torch floor": autograd(lambda: Minimal.apply(x, *params)),
+             "flexmoe": autograd(lambda: layer(x))}
+    times = {name: ([], []) for name in cases}
+    for name, case in cases.items():  # warm-up
+        for _ in range(5):
+            case()
+    for _ in range(rounds * iters):
+        for name, case in cases.items():
+            f, b = case()
+            times[name][0].append(f * 1e6)
+            times[name][1].append(b * 1e6)
+    return {name: (statistics.median(f), statistics.median(b))
+            for name, (f, b) in times.items()}
+
+
+def print_breakdown(split, calls):
+    print(f"  host breakdown (this process, interleaved, median of {calls} "
+          f"calls each, us):")
+    print(f"  {'':34s} {'forward':>9s} {'backward':>9s} {'fwd+bwd':>9s}")
+    last = None
+    notes = {"library": "moe-run's work",
+             "torch floor": "+ torch's own: Function, autograd.backward, "
+                            "engine, AccumulateGrad, new tensors",
+             "flexmoe": "+ Flex's own: the layer, key, checks, bindings"}
+    for name, (f, b) in split.items():
+        row = f"  {name + ' (' + notes[name].split(':')[0] + ')':34s} " \
+              f"{f:9.1f} {b:9.1f} {f + b:9.1f}"
+        if last:
+            row += (f"   {f - last[0]:+7.1f} {b - last[1]:+7.1f} "
+                    f"{f + b - sum(last):+7.1f}")
+        print(row)
+        last = (f, b)
+    print("  (" + "; ".join(f"{k}: {v}" for k, v in notes.items()) + ")")
+
+
 # time_layer's back-to-back figures, latest last: ((fwd us, allocations),
 # (fwd+bwd us, allocations)).
 back_to_back_results = []
@@ -465,6 +599,14 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
                       overhead_fwd_bwd_us=both - ref_both,
                       overhead_forward_pct=100 * (fwd - ref_fwd) / ref_fwd,
                       overhead_fwd_bwd_pct=100 * (both - ref_both) / ref_both)
+    if args.breakdown:
+        if device.type != "cpu":
+            print("  --breakdown: CPU only (on a GPU the host's work overlaps "
+                  "the device's), skipped")
+        else:
+            split = host_breakdown(layer, x, grad_out, args.breakdown,
+                                   args.iters)
+            result["host_breakdown_us"] = split
     if peers:
         result["peers"] = bench_peers(peers, layer, x, grad_out, device, args)
     print(f"{name}: T {args.tokens}, d {cfg['model_dim']}, h {cfg['hidden']},"
@@ -500,6 +642,9 @@ def bench(args, name, cfg, device, dtype, workdir, peers):
     if args.moe_run:
         print(f"  moe-run's output vs flexmoe's: relative L2 "
               f"{result['output_rel_l2']:.1e} (same plan, same inputs)")
+    if "host_breakdown_us" in result:
+        print_breakdown(result["host_breakdown_us"],
+                        args.breakdown * args.iters)
     if peers:
         print_side_by_side(result)
     del layer, x, grad_out
@@ -531,6 +676,12 @@ def parse_args(argv=None):
     p.add_argument("--peers", default="", help="comma-separated layers to "
                    "time beside flexmoe on its inputs and weights: torch "
                    "(bench/torch_moe_layer.py), tutel (Tutel's moe_layer)")
+    p.add_argument("--breakdown", type=int, default=0, metavar="ROUNDS",
+                   help="CPU: also time, in this process and interleaved "
+                   "(ROUNDS x --iters calls each), the library's calls "
+                   "on buffers made once (moe-run's work), the smallest "
+                   "autograd.Function around them (torch's floor) and "
+                   "flexmoe: where the overhead goes")
     p.add_argument("--tutel-path", help="Tutel built in place (setup.py "
                    "build_ext --inplace: tutel/ and its extension); default "
                    "TUTEL_PATH, else an installed Tutel")
