@@ -16,6 +16,22 @@
 #   python examples/python/train_lm.py --device cuda --dtype bf16 --steps 300
 #   python examples/python/train_lm.py --steps 30 --check   # what CI runs
 #
+# On several ranks (torchrun: gloo on CPUs, NCCL on GPUs) each rank draws its
+# own batches and holds E / W experts of every layer; the dense parameters'
+# and the router's gradients are averaged over the ranks, the experts' (which
+# already sum every rank's tokens) divided by W. --save DIR writes each
+# rank's state_dict (DIR/rank<r>.pt) and the loss on a fixed evaluation set
+# (DIR/eval.json); --load DIR starts from such files, which must be for this
+# run's number of ranks (`python -m flexmoe.checkpoint convert` re-cuts them),
+# and --expect FILE requires the evaluation loss FILE holds (1e-5, f32):
+#
+#   torchrun --nproc-per-node 2 examples/python/train_lm.py --steps 20 \
+#       --save /tmp/lm2
+#   python -m flexmoe.checkpoint convert /tmp/lm2/rank*.pt -w 1 \
+#       -o /tmp/lm1/rank{rank}.pt
+#   python examples/python/train_lm.py --load /tmp/lm1 --steps 0 \
+#       --expect /tmp/lm2/eval.json
+#
 # --check also runs, at every step, a twin model whose MoE layers are plain
 # PyTorch (the same contract: softmax top-k gate, normalized gates, capacity
 # slots in Flex's order, GShard l_aux; computed in f32) with the model's
@@ -29,7 +45,9 @@
 
 import argparse
 import copy
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -211,7 +229,75 @@ def parse_args(argv=None):
                    help="--check: largest relative difference to the plain "
                    "layers (default [num-1]: 1e-5 f32, 2e-2 bf16/f16)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save", metavar="DIR",
+                   help="write each rank's state_dict and the evaluation "
+                   "loss here after training")
+    p.add_argument("--load", metavar="DIR",
+                   help="start from DIR/rank<r>.pt (for this run's ranks)")
+    p.add_argument("--expect", metavar="FILE",
+                   help="require the evaluation loss of this eval.json")
+    p.add_argument("--eval-batch", type=int, default=16,
+                   help="sequences of the evaluation set")
     return p.parse_args(argv)
+
+
+def init_ranks(args):
+    """(rank, world size): torchrun's when its variables are set (the
+    process group made here), else (0, 1)."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    return rank, world
+
+
+def average_gradients(model, world):
+    """Data parallel over the ranks: each rank's loss is the mean over its
+    own tokens, the model's loss the mean of the ranks'. Dense parameters
+    and the (replicated) router: the ranks' gradients averaged. Expert
+    slices: their gradient already sums every rank's loss, so / W."""
+    import torch.distributed as dist
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "_flexmoe_expert", False):
+            p.grad.div_(world)
+        else:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def evaluate(model, args, device, chunks):
+    """The mean loss over a fixed evaluation set (the training language,
+    sequences drawn apart from every rank's batches), in `chunks`
+    calls of eval_batch / chunks sequences: the first `chunks` of them on a
+    run of that many ranks (rank r its r-th), all in turn on one rank, so a
+    converted checkpoint sees the same calls (and capacities)."""
+    import torch.distributed as dist
+    data = MarkovText(args.vocab, args.seed)  # the training language
+    data.generator.manual_seed(args.seed * 1000)  # sequences of its own
+    inputs, targets = data.batch(args.eval_batch, args.seq)
+    rank, world = (dist.get_rank(), dist.get_world_size()) \
+        if dist.is_initialized() else (0, 1)
+    per = args.eval_batch // chunks
+    mine = range(chunks) if world == 1 else [rank]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for c in mine:
+            x = inputs[c * per:(c + 1) * per].to(device)
+            y = targets[c * per:(c + 1) * per].to(device)
+            logits, _ = model(x)
+            total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                        y.reshape(-1), reduction="sum")
+            total[1] += y.numel()
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
 
 
 def forward_backward(model, inputs, targets, aux_weight):
@@ -251,18 +337,34 @@ def check_step(model, twin, inputs, targets, aux_weight, loss, l_aux):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
+    rank, world = init_ranks(args)
+    if args.check and world > 1:
+        print("--check compares with a one-rank twin: run it on one rank")
+        return 2
+    torch.manual_seed(args.seed)  # the same dense weights on every rank
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     data = MarkovText(args.vocab, args.seed)
+    if world > 1:  # each rank its own batches
+        data.generator.manual_seed(args.seed * 1000 + 1 + rank)
     model = MoELM(args).to(device=device, dtype=dtype)
+    expected = None
+    if args.expect:
+        expected = json.loads(Path(args.expect).read_text())
+    if args.load:
+        state = torch.load(Path(args.load) / f"rank{rank}.pt",
+                           map_location=device, weights_only=True)
+        model.load_state_dict(state)
+        print(f"rank {rank}: loaded {args.load}/rank{rank}.pt")
     twin = torch_twin(model) if args.check else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     tolerance = args.tolerance or (1e-5 if dtype == torch.float32 else 2e-2)
-    print(f"flexmoe {flexmoe.__version__} on {device} ({args.dtype}): "
-          f"{args.layers} layers, d {args.d_model}, {args.experts} experts "
-          f"of h {args.hidden}, top-{args.top_k}, {args.batch}x{args.seq} "
-          f"tokens per step; the language's entropy is "
-          f"{data.entropy():.3f} nats, ln(vocab) {math.log(args.vocab):.3f}")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"flexmoe {flexmoe.__version__} on {device} ({args.dtype}), "
+        f"{world} rank(s): "
+        f"{args.layers} layers, d {args.d_model}, {args.experts} experts "
+        f"of h {args.hidden}, top-{args.top_k}, {args.batch}x{args.seq} "
+        f"tokens per step per rank; the language's entropy is "
+        f"{data.entropy():.3f} nats, ln(vocab) {math.log(args.vocab):.3f}")
     losses, worst, ties = [], (0.0, ""), 0
     start = time.perf_counter()
     for i in range(args.steps):
@@ -290,14 +392,49 @@ def main(argv=None):
                 return 1
             else:
                 worst = max(worst, (diff, what))
+        if world > 1:
+            average_gradients(model, world)
         optimizer.step()
         if i % args.log_every == 0 or i == args.steps - 1:
-            print(line, flush=True)
+            say(line, flush=True)
     seconds = time.perf_counter() - start
-    first, last = losses[0], sum(losses[-5:]) / len(losses[-5:])
-    drop = 1 - last / first
-    print(f"loss {first:.4f} -> {last:.4f} (mean of the last 5 steps): "
-          f"down {100 * drop:.1f}% in {args.steps} steps, {seconds:.1f} s")
+    if losses:
+        first, last = losses[0], sum(losses[-5:]) / len(losses[-5:])
+        drop = 1 - last / first
+        say(f"loss {first:.4f} -> {last:.4f} (mean of the last 5 steps, rank "
+            f"0): down {100 * drop:.1f}% in {args.steps} steps, "
+            f"{seconds:.1f} s")
+    if args.save or expected:
+        chunks = expected["chunks"] if expected else world
+        if args.eval_batch % chunks:
+            print(f"--eval-batch {args.eval_batch} must be a multiple of "
+                  f"{chunks} (the saving run's ranks)")
+            return 2
+        eval_loss = evaluate(model, args, device, chunks)
+        say(f"evaluation loss {eval_loss:.6f} ({args.eval_batch} sequences "
+            f"in {chunks} calls)")
+        if args.save:
+            out = Path(args.save)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / f"rank{rank}.pt")
+            if rank == 0:
+                (out / "eval.json").write_text(json.dumps(
+                    {"eval_loss": eval_loss, "chunks": chunks,
+                     "world_size": world}, indent=1) + "\n")
+            say(f"saved {world} rank file(s) and eval.json in {out}")
+        if expected:
+            diff = abs(eval_loss - expected["eval_loss"]) / abs(
+                expected["eval_loss"])
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            if diff > tolerance:
+                say(f"FAILED: the evaluation loss {eval_loss:.6f} differs "
+                    f"from {args.expect}'s {expected['eval_loss']:.6f} by "
+                    f"{diff:.1e} (relative) > {tolerance}")
+                return 1
+            say(f"the evaluation loss equals {args.expect}'s (saved on "
+                f"{expected['world_size']} rank(s)) within {diff:.1e}")
+    if not losses:
+        return 0
     if args.check:
         print(f"the plain PyTorch layers agreed at {args.steps - ties} of "
               f"{args.steps} steps (largest relative difference "
