@@ -309,7 +309,16 @@ def _optional_bits(w3, b1, b2):
 
 
 def _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
-    """moe_forward's body (the custom op and the eager path share it)."""
+    """moe_forward's body (the custom op and calls without autograd): out,
+    l_aux and the zero-element view of the workspace."""
+    out, l_aux, workspace = _forward_run(key, x, wg, w1, w2, w3, b1, b2, seed,
+                                         variant)
+    return out, l_aux, workspace[:0]
+
+
+def _forward_run(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
+    """The forward's run: out, l_aux and the workspace holding its saved
+    state (_forward_impl's and the eager Function's)."""
     device = x.device
     call = _call(key, device)
     plan = call.plan
@@ -338,7 +347,7 @@ def _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
         call.runner.forward(bindings, addresses, sizes, address,
                             call.workspace_bytes, None, seed_value, variant,
                             call.training)
-    return out, l_aux, workspace[:0]
+    return out, l_aux, workspace
 
 
 @torch.library.custom_op("flexmoe::moe_forward", mutates_args=())
@@ -481,16 +490,17 @@ class _EagerMoE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, key, x, wg, w1, w2, w3, b1, b2, seed, variant):
-        out, l_aux, workspace = _forward_impl(key, x, wg, w1, w2, w3, b1,
-                                              b2, seed, variant)
-        # As _setup_context, and the state needs no gradient.
+        out, l_aux, workspace = _forward_run(key, x, wg, w1, w2, w3, b1, b2,
+                                             seed, variant)
         ctx.key, ctx.variant = key, variant
+        # The workspace itself, not an output (the custom op's zero-element
+        # view, marked non-differentiable, is for torch.compile): saved, so
+        # released after the backward as the op's view is.
         ctx.save_for_backward(x, wg, w1, w2, w3, b1, b2, workspace)
-        ctx.mark_non_differentiable(workspace)
-        return out, l_aux, workspace
+        return out, l_aux
 
     @staticmethod
-    def backward(ctx, grad_out, grad_l_aux, grad_workspace):
+    def backward(ctx, grad_out, grad_l_aux):
         # _backward's, calling the backward's body without the custom op.
         x, wg, w1, w2, w3, b1, b2, workspace = ctx.saved_tensors
         if grad_out is None:
@@ -520,10 +530,11 @@ _forward_ad = torch.autograd.forward_ad
 
 
 def moe(key, x, wg, w1, w2, w3, b1, b2, seed, variant, records=None):
-    """The layer's forward: the custom op under torch.compile or tracing,
-    the eager autograd Function otherwise (same kernels, same results), or,
-    when autograd records nothing (no_grad, inference), the forward's body
-    alone: the Function would only cost its set-up. `records`, from a
+    """The layer's forward, (out, l_aux, state): the custom op under
+    torch.compile or tracing, the eager autograd Function otherwise (same
+    kernels, same results; its graph keeps the state, so state is None),
+    or, when autograd records nothing (no_grad, inference), the forward's
+    body alone: the Function would only cost its set-up. `records`, from a
     caller that knows the call is neither compiled nor traced: whether
     autograd records it (_records_graph's answer, or True where a gradient
     is needed)."""
@@ -533,6 +544,7 @@ def moe(key, x, wg, w1, w2, w3, b1, b2, seed, variant, records=None):
                                variant)
         records = _records_graph((x, wg, w1, w2, w3, b1, b2))
     if records:
-        return _EagerMoE.apply(key, x, wg, w1, w2, w3, b1, b2, seed,
-                               variant)
+        out, l_aux = _EagerMoE.apply(key, x, wg, w1, w2, w3, b1, b2, seed,
+                                     variant)
+        return out, l_aux, None
     return _forward_impl(key, x, wg, w1, w2, w3, b1, b2, seed, variant)
