@@ -276,6 +276,85 @@ TEST(CostModel, EveryCheckedInPlanPredicts) {
   EXPECT_GE(plans, 10);
 }
 
+/// When a step of `work` us started at `start` ends, `slowdown` times
+/// slower inside `busy` (sorted, disjoint): the rule the model states,
+/// written again here.
+double endBeside(double start, double work,
+                 const std::vector<std::pair<double, double>> &busy,
+                 double slowdown) {
+  double t = start;
+  for (const auto &[a, b] : busy) {
+    if (b <= t)
+      continue;
+    if (a > t) {
+      if (work <= a - t)
+        return t + work;
+      work -= a - t;
+      t = a;
+    }
+    if (work * slowdown <= b - t)
+      return t + work * slowdown;
+    work -= (b - t) / slowdown;
+    t = b;
+  }
+  return t + work;
+}
+
+TEST(CostModel, SlowedExchangesSettleOnAFixedPoint) {
+  // Every multi-rank variant, deep pipelines included: each exchange of the
+  // returned schedule takes what the compute intervals of that same
+  // schedule make it take (the schedule the model returns is settled).
+  int exchanges = 0;
+  for (const char *dir : {FLEX_TEST_PLANS_DIR, FLEX_TEST_CUDA_PLANS_DIR}) {
+    if (!std::filesystem::is_directory(dir))
+      continue;
+    for (const auto &entry : std::filesystem::directory_iterator(dir)) {
+      Plan plan;
+      if (entry.path().extension() != ".json" ||
+          !loadPlanFile(entry.path().string(), plan).isOk() ||
+          plan.worldSize < 2)
+        continue;
+      DeviceProfile profile = defaultProfile("cuda", plan.worldSize);
+      for (double slowdown : {2.0, 3.0, 8.0}) {
+        profile.exchangeSlowdown = slowdown;
+        CostModel model(profile);
+        for (size_t v = 0; v < plan.variants.size(); ++v)
+          for (bool backward : {false, true}) {
+            if (backward && !plan.training)
+              continue;
+            Prediction p = model.predict(plan, v, backward, -1);
+            const std::vector<Step> &steps =
+                backward ? plan.variants[v].backward : plan.variants[v].forward;
+            std::vector<std::pair<double, double>> computing;
+            for (const StepPrediction &s : p.steps) {
+              if (s.stream != CostStream::Compute || isCollective(s.op) ||
+                  s.us <= 0)
+                continue;
+              if (!computing.empty() && computing.back().second >= s.startUs)
+                computing.back().second = s.endUs();
+              else
+                computing.emplace_back(s.startUs, s.endUs());
+            }
+            for (const StepPrediction &s : p.steps) {
+              if (s.stream != CostStream::Exchange)
+                continue;
+              ++exchanges;
+              const double alone =
+                  model.stepSeconds(plan, steps[s.index], s.rows) * 1e6;
+              EXPECT_NEAR(s.endUs(),
+                          endBeside(s.startUs, alone, computing, slowdown),
+                          1e-6 * std::max(1.0, s.endUs()))
+                  << entry.path() << " " << plan.variants[v].name
+                  << (backward ? " backward" : " forward") << " step "
+                  << s.index << " slowdown " << slowdown;
+            }
+          }
+      }
+    }
+  }
+  EXPECT_GT(exchanges, 50);
+}
+
 /// A one-rank cuda profile for small_swiglu_bf16_train.json (T 1000, k 2,
 /// E 8, d 256, h 704, bf16, dropless: 2000 declared rows, 250 per expert,
 /// so `auto` takes the device kernel, large tile). At C = 25 each GEMM runs

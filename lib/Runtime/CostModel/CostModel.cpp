@@ -290,8 +290,9 @@ double deviceGemmSeconds(const DeviceProfile &profile, double rows,
        tiles * figures.wgradTileSeconds});
 }
 
-/// Rounds of the two streams' schedule when exchanges slow beside compute.
-constexpr int kScheduleRounds = 8;
+/// A step that moved less than this (us) between two rounds of the
+/// schedule has settled.
+constexpr double kSettledUs = 1e-6;
 
 /// `a` beats `b` by more than floating-point noise (two sums of the same
 /// step times in another order differ in the last bits).
@@ -658,18 +659,33 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
 
   std::vector<std::pair<double, double>> computing = schedule({});
   // Slowing the exchanges moves the compute beside them (waits, slowdown),
-  // which moves where the exchanges are slowed: settle on a fixed point
-  // (a few rounds; the intervals change less each round).
-  const bool exchangesSlowed =
-      profile_.exchangeSlowdown > 1 &&
-      std::any_of(prediction.steps.begin(), prediction.steps.end(),
-                  [](const StepPrediction &s) {
-                    return s.stream == CostStream::Exchange;
-                  });
-  for (int round = 0; exchangesSlowed && round < kScheduleRounds; ++round) {
-    const double before = prediction.totalUs;
+  // which moves where the exchanges are slowed: schedule again until no
+  // step moves. A change travels one chunk down a pipeline per round (an
+  // r1d4 pass settles in about 7), so the budget grows with the exchanges;
+  // a schedule that has not settled by then is the last one.
+  const auto exchanges = std::count_if(
+      prediction.steps.begin(), prediction.steps.end(),
+      [](const StepPrediction &s) { return s.stream == CostStream::Exchange; });
+  const int64_t rounds = profile_.exchangeSlowdown > 1
+                             ? 2 * static_cast<int64_t>(exchanges) + 4
+                             : 0;
+  auto timeline = [&] {
+    std::vector<std::pair<double, double>> times;
+    for (const StepPrediction &s : prediction.steps)
+      times.emplace_back(s.startUs, s.us);
+    return times;
+  };
+  for (int64_t round = 0; round < rounds; ++round) {
+    const std::vector<std::pair<double, double>> before = timeline();
     computing = schedule(computing);
-    if (std::abs(prediction.totalUs - before) <= 1e-9 * before)
+    const std::vector<std::pair<double, double>> after = timeline();
+    bool settled = true;
+    for (size_t i = 0; i < after.size() && settled; ++i)
+      settled = std::abs(after[i].first - before[i].first) <=
+                    kSettledUs + 1e-12 * std::abs(before[i].first) &&
+                std::abs(after[i].second - before[i].second) <=
+                    kSettledUs + 1e-12 * std::abs(before[i].second);
+    if (settled)
       break;
   }
   for (const StepPrediction &out : prediction.steps)

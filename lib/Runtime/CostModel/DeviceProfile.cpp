@@ -604,9 +604,10 @@ DeviceProfile defaultProfile(std::string_view backend, int64_t worldSize) {
     profile.collectives.push_back(
         {kind, profile.worldSize, profile.worldSize, "", alpha, beta});
   profile.overlapSlowdown = cuda ? 1.25 : 1.0;
-  // NCCL's kernels beside cuBLAS GEMMs on H200s over NVLink: 2.5-3.5 fitted
-  // to the overlapped Runs 6-11 (bench/replay_multi.py, bench/RESULTS.md
-  // Run 19b), whatever layer it was fitted on.
+  // Flex's exchange (NCCL's kernels) beside cuBLAS GEMMs on H200s over
+  // NVLink: 2.5-3.5 fitted to the overlapped Runs 6-11 with Flex's own
+  // exchange rates (bench/replay_multi.py, bench/RESULTS.md Run 19b),
+  // whatever layer it was fitted on.
   profile.exchangeSlowdown = cuda ? 3.0 : 1.0;
   if (cuda) {
     // The device-sized grouped GEMM at the same fraction of the H100
