@@ -390,8 +390,11 @@ FlexStatus flexCommunicatorCreateNcclWithOptions(
  *   all_reduce_max_i32: values[i] = the largest over the ranks, in place;
  *   barrier.
  * `destroy(user)`, when given, runs once the communicator and every
- * executable using it are gone. It cannot split: plans with grouped
- * collectives (experts sharded over ranks, 2DH) need MPI or NCCL. */
+ * executable using it are gone; a creation refused for its arguments
+ * never calls it (the caller still owns `user`). There is no collective
+ * timeout: the functions' transport bounds the waits. It cannot split: plans
+ * with grouped collectives (experts sharded over ranks with r < s, 2DH) need
+ * MPI or NCCL. */
 typedef struct FlexCollectiveCallbacks {
   uint32_t struct_size; /* sizeof(FlexCollectiveCallbacks) */
   void *user;

@@ -123,6 +123,12 @@ FlexStatus createNccl(const char id[128], int32_t rank, int32_t size,
       });
 }
 
+// reduce_scatter_sum passes a flex::DType as the C API's FlexDType.
+static_assert(static_cast<int>(DType::F32) == FLEX_DTYPE_F32 &&
+                  static_cast<int>(DType::BF16) == FLEX_DTYPE_BF16 &&
+                  static_cast<int>(DType::F16) == FLEX_DTYPE_F16,
+              "flex::DType and FlexDType must agree");
+
 /// The caller's C functions as HostCollectives: a nonzero result is a
 /// failure with the function's message (or a generic one).
 HostCollectives collectivesFrom(const FlexCollectiveCallbacks &c) {

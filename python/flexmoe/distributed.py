@@ -13,11 +13,13 @@
 #   on its current CUDA device.
 # - CPU ranks: the group's own collectives (gloo, under torchrun or
 #   init_process_group("gloo")) through flexCommunicatorCreateCallbacks:
-#   Flex's all_to_all, all_gather, reduce_scatter, all_reduce (max) and
-#   barrier call torch.distributed on tensors over the plan's host buffers,
-#   no copies where the buffers are contiguous per peer. For correctness
-#   and CI on CPUs, not speed. Grouped collectives (experts sharded over
-#   ranks, E < W; 2DH) cannot run this way and fail with a message saying so.
+#   Flex's all_to_all, all_gather, reduce_scatter (an all_reduce of an fp32
+#   copy), all_reduce (max) and barrier call torch.distributed on tensors
+#   over the plan's host buffers, no copies where the buffers are contiguous
+#   per peer. For correctness and CI on CPUs, not speed. The waits are
+#   gloo's (init_process_group's timeout): the callback communicator has no
+#   timeout of its own. Grouped collectives (r < s with experts sharded over
+#   ranks; 2DH) cannot run this way and fail with a message saying so.
 #
 # ===----------------------------------------------------------------------=== #
 
@@ -124,10 +126,13 @@ class CollectiveCallbacks(ctypes.Structure):
 
 
 def _host_bytes(address, count):
-    """A uint8 tensor over `count` bytes of host memory at `address`."""
+    """A uint8 tensor over `count` bytes of host memory at `address` (a
+    null address is fine for no bytes)."""
     import torch
     if count == 0:
         return torch.empty(0, dtype=torch.uint8)
+    if not address:
+        raise ValueError(f"a null buffer for {count} bytes")
     return torch.frombuffer((ctypes.c_uint8 * count).from_address(address),
                             dtype=torch.uint8)
 
@@ -178,6 +183,7 @@ class HostCollectives:
                    recv_bytes):
         import torch
         W = self.size
+        send, recv = send or 0, recv or 0
         so = [send_offsets[p] for p in range(W)]
         sb = [send_bytes[p] for p in range(W)]
         ro = [recv_offsets[p] for p in range(W)]
@@ -199,33 +205,35 @@ class HostCollectives:
                 start += rb[p]
 
     def all_gather(self, send, count, recv):
+        if count == 0:
+            return
         out = _host_bytes(recv, count * self.size)
-        inp = _host_bytes(send, count)
-        try:
-            self.dist.all_gather_into_tensor(out, inp, group=self.group)
-        except (RuntimeError, NotImplementedError):  # older gloo
-            self.dist.all_gather(list(out.chunk(self.size)), inp,
-                                 group=self.group)
+        # The list form, which every backend has, written in place: each
+        # peer's block is a view of `recv`.
+        self.dist.all_gather(list(out.chunk(self.size)),
+                             _host_bytes(send, count), group=self.group)
 
     def reduce_scatter_sum(self, send, recv, count, dtype):
+        """As an all_reduce of an fp32 copy (every backend has it; `send`
+        is Flex's and stays as it is), this rank's part rounded once."""
         import torch
+        if count == 0:
+            return
         types = {_capi.DTYPE_F32: torch.float32,
                  _capi.DTYPE_BF16: torch.bfloat16,
                  _capi.DTYPE_F16: torch.float16}
         torch_type = types[dtype]
         element = torch.tensor([], dtype=torch_type).element_size()
         full = _host_bytes(send, count * self.size * element).view(torch_type)
-        summed = full.float()  # sums in fp32, rounded once below
-        mine = torch.empty(count, dtype=torch.float32)
-        try:
-            self.dist.reduce_scatter_tensor(mine, summed, group=self.group)
-        except (RuntimeError, NotImplementedError):  # older gloo
-            self.dist.all_reduce(summed, group=self.group)
-            mine = summed[self.rank * count:(self.rank + 1) * count]
+        summed = full.to(torch.float32, copy=True)
+        self.dist.all_reduce(summed, group=self.group)
+        mine = summed[self.rank * count:(self.rank + 1) * count]
         _host_bytes(recv, count * element).view(torch_type).copy_(mine)
 
     def all_reduce_max(self, values, count):
         import torch
+        if count == 0:
+            return
         tensor = _host_bytes(values, count * 4).view(torch.int32)
         self.dist.all_reduce(tensor, op=self.dist.ReduceOp.MAX,
                              group=self.group)

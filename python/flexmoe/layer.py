@@ -231,6 +231,12 @@ class MoELayer(torch.nn.Module):
         if dtype != self.dtype:
             self.dtype = dtype
             self._static_key = _ops.static_key(self.spec(1, True))
+        # A communicator is for one kind of device (NCCL: GPUs; the group's
+        # collectives: CPUs): a layer moved between them takes the other
+        # one at its next forward.
+        if self.__dict__.get("group_name") and \
+                self.__dict__.get("_group_device") != self.w1.device.type:
+            self.group_name = ""
         return out
 
     def expert_parameters(self):
@@ -376,6 +382,7 @@ class MoELayer(torch.nn.Module):
             self.group_name = distributed.group_name(self.group,
                                                      self.world_size,
                                                      x.device)
+            self._group_device = x.device.type
         noise = self.gate_noise if self.training else 0.0
         # Asked once a call: the key, the seed and the op's dispatch
         # (_ops.moe) depend on it.

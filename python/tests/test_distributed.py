@@ -255,6 +255,16 @@ def _run_lm(tmp_path, world, argv):
     return [int((out / f"code{r}.txt").read_text()) for r in range(world)]
 
 
+def test_a_layer_moved_to_another_device_takes_another_communicator():
+    layer = flexmoe.MoELayer(16, 24, 4, world_size=2, rank=0)
+    layer.group_name, layer._group_device = "w2-0", "cuda"  # as if run there
+    layer.float()  # .to(...) runs _apply: here the experts are on the CPU
+    assert layer.group_name == ""
+    layer.group_name, layer._group_device = "w2-0-cpu", "cpu"
+    layer.float()
+    assert layer.group_name == "w2-0-cpu"
+
+
 def test_training_saves_on_two_ranks_and_reloads_on_one(tmp_path):
     """The example trains on two CPU ranks and saves; the checkpoint is
     converted to one rank and reloaded there, and back to two: the
@@ -264,7 +274,7 @@ def test_training_saves_on_two_ranks_and_reloads_on_one(tmp_path):
     assert _run_lm(tmp_path, 2, LM_ARGS + ["--steps", "3", "--save",
                                            str(two)]) == [0, 0]
     saved = json.loads((two / "eval.json").read_text())
-    assert saved["world_size"] == 2 and saved["chunks"] == 2
+    assert saved["world_size"] == 2 and saved["chunks"] == 4
     # Loaded as it is on one rank: refused, naming the conversion.
     with pytest.raises(ValueError, match="flexmoe.checkpoint convert"):
         _run_lm(tmp_path, 1, LM_ARGS + ["--steps", "0", "--load", str(two)])

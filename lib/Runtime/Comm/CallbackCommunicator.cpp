@@ -100,6 +100,9 @@ private:
       status = run();
     } catch (const std::exception &error) {
       status = Status(StatusCode::CommunicationError, error.what());
+    } catch (...) {
+      status = Status(StatusCode::CommunicationError,
+                      "the function threw a non-standard exception");
     }
     if (status)
       return status;

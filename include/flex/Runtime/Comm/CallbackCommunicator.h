@@ -10,9 +10,11 @@
 // Each function returns a Status; a failure fails the collective with
 // CommunicationError naming the step, and the communicator stays broken
 // (later calls fail at once, as the other communicators do). The functions
-// run on the thread that runs the plan, in the same order on every rank.
-// It cannot split: grouped collectives (sharded experts, 2DH) need MPI or
-// NCCL, and say so.
+// run on the thread that runs the plan, in the same order on every rank;
+// the communicator is for one thread (as an executor is). It has no timeout
+// of its own: the functions' transport bounds the waits. It cannot split:
+// grouped collectives (sharded experts with r < s, 2DH) need MPI or NCCL,
+// and say so.
 //
 //===----------------------------------------------------------------------===//
 
