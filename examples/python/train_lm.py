@@ -238,6 +238,12 @@ def parse_args(argv=None):
                    help="require the evaluation loss of this eval.json")
     p.add_argument("--eval-batch", type=int, default=16,
                    help="sequences of the evaluation set")
+    p.add_argument("--global-batch", type=int, default=0,
+                   help="every step, one batch of this many sequences drawn "
+                   "alike on every rank, each rank training on its 1/W "
+                   "slice (so W ranks take the steps one rank takes; "
+                   "default: --batch sequences of each rank's own)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--eval-chunks", type=int, default=4,
                    help="calls the evaluation set is cut into (a multiple "
                    "of the ranks; the same on every run that compares)")
@@ -349,7 +355,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same dense weights on every rank
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     data = MarkovText(args.vocab, args.seed)
-    if world > 1:  # each rank its own batches
+    if args.global_batch and args.global_batch % world:
+        print(f"--global-batch {args.global_batch} must be a multiple of the "
+              f"{world} ranks")
+        return 2
+    if world > 1 and not args.global_batch:  # each rank its own batches
         data.generator.manual_seed(args.seed * 1000 + 1 + rank)
     model = MoELM(args).to(device=device, dtype=dtype)
     expected = None
@@ -361,7 +371,8 @@ def main(argv=None):
         model.load_state_dict(state)
         print(f"rank {rank}: loaded {args.load}/rank{rank}.pt")
     twin = torch_twin(model) if args.check else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = (torch.optim.SGD if args.optimizer == "sgd" else
+                 torch.optim.AdamW)(model.parameters(), lr=args.lr)
     tolerance = args.tolerance or (1e-5 if dtype == torch.float32 else 2e-2)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"flexmoe {flexmoe.__version__} on {device} ({args.dtype}), "
@@ -373,8 +384,14 @@ def main(argv=None):
     losses, worst, ties = [], (0.0, ""), 0
     start = time.perf_counter()
     for i in range(args.steps):
-        inputs, targets = (t.to(device) for t in data.batch(args.batch,
-                                                           args.seq))
+        if args.global_batch:
+            per = args.global_batch // world
+            inputs, targets = (t[rank * per:(rank + 1) * per].to(device)
+                               for t in data.batch(args.global_batch,
+                                                   args.seq))
+        else:
+            inputs, targets = (t.to(device) for t in data.batch(args.batch,
+                                                               args.seq))
         loss, l_aux = forward_backward(model, inputs, targets,
                                        args.aux_weight)
         losses.append(float(loss))

@@ -289,3 +289,36 @@ def test_training_saves_on_two_ranks_and_reloads_on_one(tmp_path):
     assert _run_lm(tmp_path, 2, LM_ARGS + [
         "--steps", "0", "--load", str(back), "--expect",
         str(two / "eval.json")]) == [0, 0]
+
+
+def test_two_ranks_take_the_steps_one_rank_takes(tmp_path):
+    """Data parallel over the ranks as the example does it (dense and
+    router gradients averaged, expert gradients / W): from one checkpoint,
+    two SGD steps on two CPU ranks, each on half of one global batch, give
+    the model one rank gives on the whole batch. Dropless (no capacity that
+    depends on the call's tokens) and no l_aux term (a rank's l_aux is not
+    a share of the whole batch's)."""
+    from flexmoe import checkpoint
+    init, init2, one, two, two1 = (tmp_path / n for n in
+                                   ("init", "init2", "one", "two", "two1"))
+    base = LM_ARGS + ["--capacity-factor", "0", "--aux-weight", "0",
+                      "--optimizer", "sgd", "--lr", "0.5",
+                      "--global-batch", "8"]
+    assert _run_lm(tmp_path, 1, base + ["--steps", "0", "--save",
+                                        str(init)]) == [0]
+    assert checkpoint.main(["convert", str(init / "rank0.pt"), "-w", "2",
+                            "-o", str(init2 / "rank{rank}.pt")]) == 0
+    assert _run_lm(tmp_path, 1, base + ["--steps", "2", "--load", str(init),
+                                        "--save", str(one)]) == [0]
+    assert _run_lm(tmp_path, 2, base + ["--steps", "2", "--load", str(init2),
+                                        "--save", str(two)]) == [0, 0]
+    before = json.loads((init / "eval.json").read_text())["eval_loss"]
+    after = json.loads((one / "eval.json").read_text())["eval_loss"]
+    assert after < before - 1e-3  # the steps moved the model
+    assert checkpoint.main(["convert", str(two / "rank0.pt"),
+                            str(two / "rank1.pt"), "-w", "1", "-o",
+                            str(two1 / "rank{rank}.pt")]) == 0
+    # The two-rank model, back on one rank, evaluates as the one-rank one.
+    assert _run_lm(tmp_path, 1, base + ["--steps", "0", "--load", str(two1),
+                                        "--expect",
+                                        str(one / "eval.json")]) == [0]
