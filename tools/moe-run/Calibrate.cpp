@@ -8,7 +8,8 @@
 // This file implements `moe-run --calibrate PROFILE.json`: it measures the
 // cost model's device profile on this machine (calibrateCpu; on W MPI ranks
 // the collectives too, every rank taking part) and rank 0 writes it.
-// With --device cuda it measures the current GPU (calibrateCuda, one rank).
+// With --device cuda it measures the current GPU (calibrateCuda) and, on W
+// ranks over NCCL, the collectives and the slowdowns beside an exchange.
 // docs/CostModel.md describes the profile.
 //
 //===----------------------------------------------------------------------===//
@@ -16,6 +17,7 @@
 #include "MoeRun.h"
 
 #include "flex/Runtime/Comm/MpiCommunicator.h"
+#include "flex/Runtime/Comm/NcclCommunicator.h"
 #include "flex/Runtime/CostModel/Calibrate.h"
 #include "flex/Runtime/PlanLoader.h"
 
@@ -164,22 +166,35 @@ std::vector<Plan> loadCalibrationPlans(const Options &options) {
 
 } // namespace
 
-/// `--device cuda`: one GPU (the current one) on one rank.
+/// `--device cuda`: the current GPU; on W ranks (mpirun or torchrun's
+/// variables) also the collectives and the slowdowns beside an exchange,
+/// through an NCCL communicator, and rank 0 writes the profile.
 static int calibrateCudaCommand(const Options &options) {
-  if (ranks.size > 1)
-    fatal(2, "--calibrate --device cuda measures one GPU: run it on one rank "
-             "(the collectives keep the built-in figures)");
+  if (ranks.size > 1 && !options.calibratePlans.empty())
+    fatal(2, "--calibrate with plans runs on one rank");
   const std::vector<Plan> plans = loadCalibrationPlans(options);
+  std::shared_ptr<Communicator> comm;
+  if (ranks.size > 1) {
+    Status status = ranks.environment
+                        ? createNcclCommunicatorFromEnvironment(comm)
+                        : createNcclCommunicatorFromMpi(comm, nullptr);
+    if (!status)
+      fatal(status.code() == StatusCode::Unavailable ? 2 : 1,
+            "--calibrate --device cuda on " + std::to_string(ranks.size) +
+                " ranks: " + status.message());
+  }
   CalibrationOptions calibration;
   calibration.quick = options.quick;
   DeviceProfile profile;
   const auto begin = std::chrono::steady_clock::now();
-  if (Status s = calibrateCuda(calibration, profile); !s)
+  if (Status s = calibrateCuda(calibration, comm.get(), profile); !s)
     fatal(1, "calibration failed: " + s.message());
   calibrateWithPlans(options, plans, profile);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
           .count();
+  if (ranks.rank != 0)
+    return 0;
   if (Status s = writeProfileFile(options.calibrate, profile); !s)
     fatal(2, s.message());
   if (options.json)

@@ -285,6 +285,12 @@ Status calibrateCuda(const CalibrationOptions &, DeviceProfile &) {
   return Status(StatusCode::Unavailable,
                 "CUDA calibration: this build has no CUDA backend");
 }
+
+Status calibrateCuda(const CalibrationOptions &, Communicator *,
+                     DeviceProfile &) {
+  return Status(StatusCode::Unavailable,
+                "CUDA calibration: this build has no CUDA backend");
+}
 #endif
 
 } // namespace flex

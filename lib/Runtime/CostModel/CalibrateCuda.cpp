@@ -12,13 +12,20 @@
 // repetitions. Built only with CUDA (FLEX_HAVE_CUDA); the only part of the
 // cost model that includes the CUDA backend (CheckLayering.cmake).
 //
-// One GPU: the collectives and the slowdown beside an exchange keep the
-// built-in figures (the profile's notes say so).
+// One GPU: the collectives and the slowdowns beside an exchange keep the
+// built-in figures (the profile's notes say so). On W ranks with a device
+// (NCCL) communicator it also times, on an exchange stream of the highest
+// priority as the backend's: Flex's own exchange (allToAllBlocks, a block
+// per peer and local expert), all_gather, reduce_scatter and all_reduce at
+// two sizes (alpha and beta), and the two slowdowns (a GEMM loop beside an
+// exchange loop, each timed alone and together); every figure is the
+// slowest rank's.
 //
 //===----------------------------------------------------------------------===//
 
 #include "flex/Runtime/CostModel/Calibrate.h"
 
+#include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
 
@@ -480,10 +487,347 @@ Status describeDevice(const CalibrationOptions &options,
   return Status::ok();
 }
 
+//===----------------------------------------------------------------------===//
+// Several ranks: collectives and the slowdowns
+//===----------------------------------------------------------------------===//
+
+/// Blocks per peer in the timed exchange: a run per (peer, local expert), as
+/// Flex sends them in place (AllToAllLayout::blocks).
+constexpr int64_t kBlocksPerPeer = 8;
+
+/// A stream destroyed on scope exit.
+struct OwnedStream {
+  cudaStream_t stream = nullptr;
+  ~OwnedStream() {
+    if (stream)
+      cudaStreamDestroy(stream);
+  }
+};
+
+/// Times collectives queued on `stream` through `comm`: a warm-up, then
+/// `reps` calls between two events, waited for through the communicator
+/// (bounded: a dead peer fails the calibration instead of hanging it).
+class CollectiveTimer {
+public:
+  CollectiveTimer(Communicator &comm, cudaStream_t stream)
+      : comm_(comm), stream_(stream) {}
+  ~CollectiveTimer() {
+    for (cudaEvent_t event : {begin_, end_})
+      if (event)
+        cudaEventDestroy(event);
+  }
+
+  /// Seconds of one `body` (a mean over `reps`, the ranks met first).
+  Status time(const std::function<Status()> &body, int reps,
+              std::string_view what, double &seconds) {
+    if (!begin_) {
+      FLEX_CAL_CHECK(cudaEventCreate(&begin_), "event create");
+      FLEX_CAL_CHECK(cudaEventCreate(&end_), "event create");
+    }
+    if (Status s = comm_.barrier(what); !s)
+      return s;
+    if (Status s = body(); !s) // warm-up
+      return s;
+    FLEX_CAL_CHECK(cudaEventRecord(begin_, stream_), "event");
+    for (int rep = 0; rep < reps; ++rep)
+      if (Status s = body(); !s)
+        return s;
+    FLEX_CAL_CHECK(cudaEventRecord(end_, stream_), "event");
+    if (Status s = comm_.synchronizeStream(stream_, what); !s)
+      return s;
+    float ms = 0;
+    FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, begin_, end_), "event time");
+    seconds = std::max(1e-9, ms * 1e-3 / reps);
+    return Status::ok();
+  }
+
+private:
+  Communicator &comm_;
+  cudaStream_t stream_;
+  cudaEvent_t begin_ = nullptr, end_ = nullptr;
+};
+
+/// Alpha and beta through two (bytes, seconds) points (as the CPU's).
+void fitPoint(double bytes0, double t0, double bytes1, double t1,
+              CollectivePoint &point) {
+  if (t1 > t0 && bytes1 > bytes0) {
+    point.betaBytesPerSecond = (bytes1 - bytes0) / (t1 - t0);
+    point.alphaSeconds = std::max(0.0, t0 - bytes0 / point.betaBytesPerSecond);
+  } else {
+    point.alphaSeconds = t0;
+    point.betaBytesPerSecond = bytes1 / std::max(t1, 1e-9);
+  }
+}
+
+/// Every rank's `values` replaced by the element-wise largest (the slowest
+/// rank's), through a device buffer (the communicator moves device memory).
+Status slowestRankOnDevice(Communicator &comm, cudaStream_t stream,
+                           std::vector<double> &values) {
+  const int W = comm.size();
+  const int64_t bytes = static_cast<int64_t>(values.size() * sizeof(double));
+  DeviceBuffer send, recv;
+  FLEX_CAL_CHECK(cudaMalloc(&send.data, bytes), "calibration gather");
+  FLEX_CAL_CHECK(cudaMalloc(&recv.data, bytes * W), "calibration gather");
+  FLEX_CAL_CHECK(cudaMemcpyAsync(send.data, values.data(), bytes,
+                                 cudaMemcpyHostToDevice, stream),
+                 "calibration gather");
+  if (Status s =
+          comm.allGather(send.data, bytes, recv.data, "calibration results");
+      !s)
+    return s;
+  std::vector<double> all(values.size() * W);
+  FLEX_CAL_CHECK(cudaMemcpyAsync(all.data(), recv.data, bytes * W,
+                                 cudaMemcpyDeviceToHost, stream),
+                 "calibration gather");
+  if (Status s = comm.synchronizeStream(stream, "calibration results"); !s)
+    return s;
+  for (int r = 0; r < W; ++r)
+    for (size_t i = 0; i < values.size(); ++i)
+      values[i] = std::max(values[i], all[r * values.size() + i]);
+  return Status::ok();
+}
+
+/// The collectives' points and the two slowdowns on `comm`'s W ranks.
+Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
+                          bool quick, DeviceProfile &profile) {
+  const int W = comm.size();
+  if (comm.memory() != CommMemory::Device)
+    return Status(StatusCode::InvalidArgument,
+                  "CUDA calibration on " + std::to_string(W) +
+                      " ranks needs a device (NCCL) communicator, got '" +
+                      std::string(comm.name()) + "'");
+  // The backend's exchange stream: the highest priority, so its blocks
+  // start as soon as SMs free up.
+  int least = 0, greatest = 0;
+  FLEX_CAL_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+                 "stream priorities");
+  OwnedStream exchange;
+  FLEX_CAL_CHECK(cudaStreamCreateWithPriority(&exchange.stream,
+                                              cudaStreamNonBlocking, greatest),
+                 "exchange stream");
+  if (Status s = comm.setStream(exchange.stream); !s)
+    return s;
+  const int64_t small = int64_t(64) << 10;
+  const int64_t large = quick ? int64_t(4) << 20 : int64_t(32) << 20;
+  DeviceBuffer send, recv;
+  FLEX_CAL_CHECK(cudaMalloc(&send.data, large * W), "calibration send");
+  FLEX_CAL_CHECK(cudaMalloc(&recv.data, large * W), "calibration recv");
+  if (Status s = fillRandom(send.data, large * W); !s)
+    return s;
+  CollectiveTimer timer(comm, exchange.stream);
+  // Flex's exchange of `perPeer` bytes to each peer, in place.
+  auto blocksOf = [&](int64_t perPeer) {
+    std::vector<Communicator::Block> blocks;
+    const int64_t block = perPeer / kBlocksPerPeer;
+    for (int p = 0; p < W; ++p)
+      for (int64_t l = 0; l < kBlocksPerPeer; ++l)
+        blocks.push_back({p, (p * kBlocksPerPeer + l) * block, block});
+    return blocks;
+  };
+  auto exchangeOf = [&](int64_t perPeer) {
+    auto blocks =
+        std::make_shared<std::vector<Communicator::Block>>(blocksOf(perPeer));
+    return [&comm, &send, &recv, blocks]() {
+      return comm.allToAllBlocks(send.data, *blocks, recv.data, *blocks,
+                                 "calibration all_to_all");
+    };
+  };
+  // seconds: [a2a, gather, reduce_scatter, all_reduce] at small, then large.
+  std::vector<double> seconds(8, 0.0);
+  const int reps = quick ? 5 : 20;
+  for (int size = 0; size < 2; ++size) {
+    const int64_t perPeer = size == 0 ? small : large;
+    const int64_t count = perPeer / 4;
+    double *out = &seconds[4 * size];
+    if (Status s =
+            timer.time(exchangeOf(perPeer), reps, "calibration a2a", out[0]);
+        !s)
+      return s;
+    if (Status s = timer.time(
+            [&] {
+              return comm.allGather(send.data, perPeer, recv.data,
+                                    "calibration all_gather");
+            },
+            reps, "calibration all_gather", out[1]);
+        !s)
+      return s;
+    if (Status s = timer.time(
+            [&] {
+              return comm.reduceScatterSum(send.data, recv.data, count,
+                                           DType::F32,
+                                           "calibration reduce_scatter");
+            },
+            reps, "calibration reduce_scatter", out[2]);
+        !s)
+      return s;
+    // all_reduce: sync_capacity's, a few values (its time is its alpha).
+    const int64_t values = size == 0 ? 1 : count;
+    if (Status s = timer.time(
+            [&] {
+              return comm.allReduceMaxInt32(static_cast<int32_t *>(recv.data),
+                                            values, "calibration all_reduce");
+            },
+            reps, "calibration all_reduce", out[3]);
+        !s)
+      return s;
+  }
+
+  // The slowdowns: a loop of one large bf16 grouped GEMM on the compute
+  // stream beside a loop of large exchanges, each long enough to cover the
+  // other; each side's time together over its time alone.
+  Shape gemm{8, quick ? 1024 : 2048, 4096, 4096, DType::BF16, false};
+  const size_t elem = dtypeSize(gemm.dtype);
+  DeviceBuffer a, b, c, segments;
+  FLEX_CAL_CHECK(cudaMalloc(&a.data, gemm.groups * gemm.m * gemm.k * elem),
+                 "calibration A");
+  FLEX_CAL_CHECK(cudaMalloc(&b.data, gemm.groups * gemm.k * gemm.n * elem),
+                 "calibration B");
+  FLEX_CAL_CHECK(cudaMalloc(&c.data, gemm.groups * gemm.m * gemm.n * elem),
+                 "calibration C");
+  FLEX_CAL_CHECK(cudaMalloc(&segments.data, (2 * 64 + 1) * sizeof(int32_t)),
+                 "calibration segments");
+  if (Status s = fillRandom(a.data, gemm.groups * gemm.m * gemm.k * elem); !s)
+    return s;
+  if (Status s = fillRandom(b.data, gemm.groups * gemm.k * gemm.n * elem); !s)
+    return s;
+  Timer computeTimer(ctx.stream());
+  double gemmAlone = 0;
+  if (Status s = timeGemm(ctx, computeTimer, gemm, a.data, b.data, c.data,
+                          static_cast<int32_t *>(segments.data), gemmAlone);
+      !s)
+    return s;
+  auto oneGemm = [&] {
+    return cuda::groupedGemm(
+        ctx, {a.data, gemm.dtype}, {b.data, gemm.dtype}, {},
+        {c.data, gemm.dtype}, gemm.k, gemm.n,
+        [&] {
+          cuda::ExpertRowSpace space;
+          space.offsets = static_cast<int32_t *>(segments.data);
+          space.rows = space.offsets + gemm.groups + 1;
+          space.experts = gemm.groups;
+          space.rowBound = gemm.groups * gemm.m;
+          space.staticCapacity = gemm.m;
+          space.padded = true;
+          return space;
+        }(),
+        GroupedGemmOptions{});
+  };
+  auto bigExchange = exchangeOf(large);
+  double exchangeAlone = 0;
+  if (Status s =
+          timer.time(bigExchange, reps, "calibration a2a", exchangeAlone);
+      !s)
+    return s;
+  cudaEvent_t events[4] = {};
+  for (cudaEvent_t &event : events)
+    FLEX_CAL_CHECK(cudaEventCreate(&event), "event create");
+  struct EventsGuard {
+    cudaEvent_t *events;
+    ~EventsGuard() {
+      for (int i = 0; i < 4; ++i)
+        cudaEventDestroy(events[i]);
+    }
+  } guard{events};
+  cudaStream_t compute = ctx.stream();
+  // Runs `gemms` GEMMs beside `exchanges` exchanges; the loop whose time is
+  // measured beside the other is queued second, so the other is already
+  // running when it starts. The seconds each loop took.
+  auto together = [&](int gemms, int exchanges, bool gemmsFirst,
+                      double &gemmSeconds, double &exchangeSeconds) -> Status {
+    if (Status s = comm.barrier("calibration overlap"); !s)
+      return s;
+    if (Status s =
+            comm.synchronizeStream(exchange.stream, "calibration overlap");
+        !s)
+      return s;
+    auto queueExchanges = [&]() -> Status {
+      FLEX_CAL_CHECK(cudaEventRecord(events[2], exchange.stream), "event");
+      for (int i = 0; i < exchanges; ++i)
+        if (Status s = bigExchange(); !s)
+          return s;
+      FLEX_CAL_CHECK(cudaEventRecord(events[3], exchange.stream), "event");
+      return Status::ok();
+    };
+    auto queueGemms = [&]() -> Status {
+      FLEX_CAL_CHECK(cudaEventRecord(events[0], compute), "event");
+      for (int i = 0; i < gemms; ++i)
+        if (Status s = oneGemm(); !s)
+          return s;
+      FLEX_CAL_CHECK(cudaEventRecord(events[1], compute), "event");
+      return Status::ok();
+    };
+    if (Status s = gemmsFirst ? queueGemms() : queueExchanges(); !s)
+      return s;
+    if (Status s = gemmsFirst ? queueExchanges() : queueGemms(); !s)
+      return s;
+    FLEX_CAL_CHECK(cudaStreamSynchronize(compute), "calibration overlap");
+    if (Status s =
+            comm.synchronizeStream(exchange.stream, "calibration overlap");
+        !s)
+      return s;
+    float ms = 0;
+    FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, events[0], events[1]), "event");
+    gemmSeconds = ms * 1e-3;
+    FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, events[2], events[3]), "event");
+    exchangeSeconds = ms * 1e-3;
+    return Status::ok();
+  };
+  // Compute beside an exchange: exchanges for three times the GEMMs' time.
+  const int gemms = quick ? 3 : 10;
+  const int cover =
+      static_cast<int>(std::ceil(3.0 * gemms * gemmAlone / exchangeAlone)) + 1;
+  double gemmBeside = 0, unused = 0;
+  if (Status s =
+          together(gemms, cover, /*gemmsFirst=*/false, gemmBeside, unused);
+      !s)
+    return s;
+  // An exchange beside compute: GEMMs for eight times the exchanges' time
+  // alone (slowed up to 8x, they stay covered).
+  const int exchanges = quick ? 2 : 5;
+  const int gemmCover =
+      static_cast<int>(std::ceil(8.0 * exchanges * exchangeAlone / gemmAlone)) +
+      1;
+  double exchangeBeside = 0;
+  if (Status s = together(gemmCover, exchanges, /*gemmsFirst=*/true, unused,
+                          exchangeBeside);
+      !s)
+    return s;
+  seconds.push_back(gemmBeside / (gemms * gemmAlone));
+  seconds.push_back(exchangeBeside / (exchanges * exchangeAlone));
+  if (Status s = slowestRankOnDevice(comm, exchange.stream, seconds); !s)
+    return s;
+
+  profile.worldSize = W;
+  profile.collectives.clear();
+  const double others = W - 1;
+  // The bytes that leave this rank, as getStepWork counts them; all_reduce
+  // (sync_capacity) counts its values once.
+  const double bytes0[] = {small * others, small * others, small * others, 4.0};
+  const double bytes1[] = {large * others, large * others, large * others,
+                           static_cast<double>(large)};
+  for (int kind = 0; kind < 4; ++kind) {
+    CollectivePoint point;
+    point.kind = static_cast<CollectiveKind>(kind);
+    point.worldSize = point.groupSize = W;
+    point.transport = std::string(comm.name());
+    fitPoint(bytes0[kind], seconds[kind], bytes1[kind], seconds[4 + kind],
+             point);
+    profile.collectives.push_back(point);
+  }
+  profile.overlapSlowdown = std::max(1.0, seconds[8]);
+  profile.exchangeSlowdown = std::max(1.0, seconds[9]);
+  return Status::ok();
+}
+
 } // namespace
 
 Status calibrateCuda(const CalibrationOptions &options,
                      DeviceProfile &profile) {
+  return calibrateCuda(options, nullptr, profile);
+}
+
+Status calibrateCuda(const CalibrationOptions &options,
+                     Communicator *communicator, DeviceProfile &profile) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     cudaGetLastError();
@@ -511,6 +855,24 @@ Status calibrateCuda(const CalibrationOptions &options,
     return s;
   if (Status s = calibrateDeviceGemm(*ctx, timer, result); !s)
     return s;
+  if (communicator && communicator->size() > 1) {
+    if (Status s =
+            calibrateExchanges(*ctx, *communicator, options.quick, result);
+        !s)
+      return s;
+    result.notes =
+        "W = " + std::to_string(communicator->size()) +
+        " GPUs: gemm through cuda::groupedGemm (cuBLAS, fp32 accumulation, "
+        "no TF32) on this rank's GPU; collectives timed on a highest-"
+        "priority stream through the '" +
+        std::string(communicator->name()) + "' communicator at 64 KiB and " +
+        (options.quick ? "4" : "32") +
+        " MiB per peer (all_to_all as Flex exchanges: 8 blocks per peer, in "
+        "place), the slowest rank's; overlap: a bf16 grouped GEMM loop "
+        "beside an exchange loop, each side's time together over alone";
+    profile = std::move(result);
+    return Status::ok();
+  }
   result.notes =
       "one GPU: gemm through cuda::groupedGemm (cuBLAS, fp32 accumulation, "
       "no TF32), 8 and 64 groups per point (ragged: skewed 1.5x/0.5x rows, "

@@ -54,6 +54,13 @@ Status calibrateCpu(const CalibrationOptions &options,
 /// slowdown beside an exchange keep the built-in figures (said in the
 /// notes). Unavailable when built without CUDA or no device is visible.
 Status calibrateCuda(const CalibrationOptions &options, DeviceProfile &profile);
+/// As above; with a device (NCCL) communicator of W > 1 ranks, also Flex's
+/// own exchange (a block per peer and local expert, in place), all_gather,
+/// reduce_scatter and all_reduce (alpha, beta at two sizes) and the two
+/// slowdowns (a GEMM loop beside an exchange loop), the slowest rank's
+/// figures on every rank. A collective call: every rank makes it.
+Status calibrateCuda(const CalibrationOptions &options,
+                     Communicator *communicator, DeviceProfile &profile);
 
 /// One step of a real plan, run and timed: what the model computes its time
 /// from (the profile the basis was computed with) and the measured mean.
