@@ -607,6 +607,11 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
                  "exchange stream");
   if (Status s = comm.setStream(exchange.stream); !s)
     return s;
+  // The communicator outlives this stream: it forgets it first.
+  struct StreamReset {
+    Communicator &comm;
+    ~StreamReset() { (void)comm.setStream(nullptr); }
+  } reset{comm};
   const int64_t small = int64_t(64) << 10;
   const int64_t large = quick ? int64_t(4) << 20 : int64_t(32) << 20;
   DeviceBuffer send, recv;
