@@ -161,6 +161,17 @@ def _check_arg(plan, name, tensor):
                          f"in place, without copies)")
 
 
+def _check_devices(device, tensors, names):
+    """Every tensor on x's device: the library gets their addresses, which
+    mean nothing on another device."""
+    for tensor, name in zip(tensors, names):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(
+                f"flexmoe: '{name}' is on {tensor.device} but x is on "
+                f"{device}: the layer's tensors must be on one device "
+                f"(move the layer with .to({str(device)!r}))")
+
+
 def _expected(plan):
     """(shape tuple, torch dtype, bytes) of each of the plan's arguments by
     name, made once per plan; None for a dtype torch has not."""
@@ -191,7 +202,7 @@ def _make_bindings(plan, kind):
     _BACKWARD) whose optional inputs w3, b1, b2 are given as kind's bits 0,
     1, 2 say, with what _bind checks of each entry in `checks`: (name,
     shape, dtype, check). Every tensor the caller gives is checked; those
-    the call makes (out like x, l_aux like _Call.l_aux_like, each gradient
+    the call makes (out like x, l_aux a new 0-dim f32 tensor, each gradient
     like its input: torch.empty_like, contiguous) have the plan's shape and
     dtype when what they are made like does and the plan gives both the
     same, so they are checked only where it does not."""
@@ -258,7 +269,7 @@ class _Call:
 
     __slots__ = ("plan", "runner", "group", "comm", "workspace_size",
                  "workspace_bytes", "align", "training", "noise", "cuda",
-                 "l_aux_like", "bindings")
+                 "bindings")
 
     def __init__(self, key, device):
         self.plan, self.runner = _runner(key, device)
@@ -270,9 +281,6 @@ class _Call:
         self.training = self.plan.spec.training
         self.noise = self.plan.spec.gate_noise != 0.0
         self.cuda = device.type == "cuda"
-        # l_aux is made like this (torch.empty_like: the fastest way to a
-        # new 0-dim f32 tensor on the device).
-        self.l_aux_like = torch.empty((), dtype=torch.float32, device=device)
         self.bindings = {}  # _make_bindings' by kind
 
     def bindings_of(self, kind):
@@ -320,10 +328,15 @@ def _forward_run(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     """The forward's run: out, l_aux and the workspace holding its saved
     state (_forward_impl's and the eager Function's)."""
     device = x.device
+    _check_devices(device, (wg, w1, w2, w3, b1, b2), ("wg", "w1", "w2", "w3",
+                                                      "b1", "b2"))
     call = _call(key, device)
     plan = call.plan
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    l_aux = torch.empty_like(call.l_aux_like)
+    # Made from x, never from a tensor kept across calls: a kept one made
+    # under a dispatch mode (fake tensors) or a CUDA graph's private pool
+    # would carry that mode or pool into every later call.
+    l_aux = x.new_empty((), dtype=torch.float32)
     workspace = x.new_empty(call.workspace_size, dtype=torch.uint8)
     if POISON_OUTPUTS:
         _poison((out, l_aux))
@@ -377,6 +390,9 @@ def _backward_impl(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1, b2,
                    workspace, variant):
     """moe_backward's body (the custom op and the eager path share it)."""
     device = x.device
+    _check_devices(device, (grad_out, grad_l_aux, wg, w1, w2, w3, b1, b2),
+                   ("grad_out", "grad_l_aux", "wg", "w1", "w2", "w3", "b1",
+                    "b2"))
     call = _call(key, device)
     plan = call.plan
     if not call.training:
@@ -469,19 +485,6 @@ def _input_grads(grads, w3, b1, b2):
 moe_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Eager backwards without a gradient for l_aux (it was not in the loss) read
-# this zero, made once per device, rather than a new one each.
-_ZEROS = {}
-
-
-def _zero_l_aux(device):
-    zero = _ZEROS.get(device)
-    if zero is None:
-        zero = _ZEROS[device] = torch.zeros((), dtype=torch.float32,
-                                            device=device)
-    return zero
-
-
 class _EagerMoE(torch.autograd.Function):
     """The same forward and backward without torch's custom-op dispatch
     (filling the schema's defaults, the autograd wrapper, redispatch: about
@@ -506,7 +509,7 @@ class _EagerMoE(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(x)
         if grad_l_aux is None:
-            grad_l_aux = _zero_l_aux(x.device)
+            grad_l_aux = torch.zeros((), dtype=torch.float32, device=x.device)
         grads = _backward_impl(ctx.key, grad_out.contiguous(),
                                grad_l_aux.contiguous(), x, wg, w1, w2, w3, b1,
                                b2, workspace, ctx.variant)

@@ -328,20 +328,6 @@ class MoELayer(torch.nn.Module):
             self._static_key = _ops.static_key(self.spec(1, True))
         return name
 
-    def _needs_grad(self, x):
-        if not torch.is_grad_enabled():
-            return False
-        if x.requires_grad:
-            return True
-        # Without submodules, parameters() is _parameters' (not None)
-        # values, found without its generators.
-        params = (self.parameters() if self._modules else
-                  self._parameters.values())
-        for p in params:
-            if p is not None and p.requires_grad:
-                return True
-        return False
-
     def _seed(self, noise, compiling):
         """The gate noise's seed of this call, from torch's generator (so
         torch.manual_seed reproduces a run). Without noise the op never
@@ -387,12 +373,16 @@ class MoELayer(torch.nn.Module):
         # Asked once a call: the key, the seed and the op's dispatch
         # (_ops.moe) depend on it.
         compiling = torch.compiler.is_compiling()
-        needs_grad = self._needs_grad(x)
+        tensors = (x, self.wg, self.w1, self.w2, self.w3, self.b1, self.b2)
+        # A gradient is needed when one of the op's own tensors requires one
+        # (what autograd records the call for; a submodule's parameter does
+        # not make the layer train).
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)
         key = self._call_key(
             int(x.shape[0]), needs_grad, top_k or self.top_k,
             self.capacity_factor if capacity_factor is None else
             capacity_factor, noise, compiling)
-        tensors = (x, self.wg, self.w1, self.w2, self.w3, self.b1, self.b2)
         # Whether autograd records the call (_ops.moe's question, answered
         # here without its loop when a gradient is needed).
         records = (None if compiling or torch.jit.is_tracing() else

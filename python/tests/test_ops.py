@@ -202,6 +202,52 @@ def test_calls_without_autograd_match_the_function():
     assert torch.equal(y3, y.detach()) and torch.equal(l3, l_aux.detach())
 
 
+def test_a_first_call_under_fake_tensors_leaves_nothing_behind():
+    """A call traced with fake tensors (make_fx, memory estimates) fails,
+    and the real calls after it still run: nothing a call caches was made
+    under its dispatch mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    x = torch.randn(8, 16)
+    with pytest.raises(Exception):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            with torch.no_grad():
+                layer(torch.randn(8, 16))
+    with torch.no_grad():
+        y, l_aux = layer(x)
+    assert torch.isfinite(y).all() and torch.isfinite(l_aux)
+
+
+def test_tensors_on_another_device_are_refused():
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    layer.wg = torch.nn.Parameter(layer.wg.detach().to("meta"))
+    with pytest.raises(ValueError,
+                       match="'wg' is on meta but x is on cpu"):
+        with torch.no_grad():
+            layer(torch.randn(8, 16))
+
+
+def test_a_gradient_is_needed_when_a_tensor_of_the_op_needs_one():
+    """A weight replaced by a plain tensor that requires a gradient (x and
+    the parameters do not) trains; a submodule's parameter that requires
+    one does not make the layer's call train."""
+    torch.manual_seed(0)
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    w1 = layer.w1.detach().clone().requires_grad_()
+    del layer.w1
+    layer.requires_grad_(False)
+    layer.w1 = w1 * 1.0
+    x = torch.randn(12, 16)
+    y, l_aux = layer(x)
+    (y.sum() + l_aux).backward()
+    assert w1.grad is not None and torch.isfinite(w1.grad).all()
+    other = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    other.requires_grad_(False)
+    other.extra = torch.nn.Linear(2, 2)  # requires a gradient
+    y, _ = other(x)
+    assert y.grad_fn is None  # nothing of the call needs one
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA device: the CUDA path runs on the GPU "
                     "machine (docs/Python.md)")
