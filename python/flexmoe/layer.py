@@ -22,7 +22,7 @@ from ._compiler import LayerSpec, capacity_mode
 
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # The seed tensor of calls without gate noise (never read).
-_NO_SEED = torch.zeros(1, dtype=torch.int64)
+_NO_SEED = torch.zeros(1, dtype=torch.int64, device="cpu")
 ACTIVATIONS = ("relu", "gelu", "silu")
 
 # What get_extra_state writes: checkpoint conversion (W -> W') reads it.
@@ -334,9 +334,11 @@ class MoELayer(torch.nn.Module):
         reads it: eager calls share one tensor."""
         if noise == 0.0:
             if compiling:
-                return torch.zeros(1, dtype=torch.int64)
+                return torch.zeros(1, dtype=torch.int64, device="cpu")
             return _NO_SEED
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        # On the host whatever torch's default device is: the op reads it
+        # there (a device tensor would cost a synchronization per call).
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")
 
     def _call_key(self, tokens, needs_grad, top_k, capacity_factor, noise,
                   compiling):

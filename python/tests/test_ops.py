@@ -260,3 +260,17 @@ def test_cuda_matches_cpu():
         y, l_aux = layer(x.cuda())
     assert rel_l2(y.cpu(), ref) <= 2e-2
     assert abs(float(l_aux) - float(ref_l)) <= 1e-3
+
+
+def test_the_gate_noise_seed_stays_on_the_host():
+    """Under another default device the per-call seed is still a host
+    tensor: the op reads it with .item(), which on a GPU tensor would
+    synchronize every call."""
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, gate_noise=0.1)
+    torch.set_default_device("meta")
+    try:
+        seeds = [layer._seed(0.1, False), layer._seed(0.0, True),
+                 layer._seed(0.0, False)]
+    finally:
+        torch.set_default_device("cpu")
+    assert all(s.device.type == "cpu" for s in seeds)
