@@ -458,6 +458,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, wg, w1, w2, w3, b1, b2, workspace)
 
 
+def _check_saved_state(ctx, workspace):
+    """The backward reads what its forward left in the workspace, where it
+    left it: a saved-tensor hook that copies it (offloading to the host,
+    compression) hands back other memory, which the library would refuse
+    without saying why. The eager Function's check (the custom op's context
+    is set up on fake tensors when compiled, which have no address)."""
+    if workspace.data_ptr() != ctx.workspace_address:
+        raise RuntimeError(
+            "flexmoe: the forward's saved state came back at another address: "
+            "a saved-tensor hook copied it (torch.autograd.graph.save_on_cpu, "
+            "activation offloading, a pack hook). Its backward must read the "
+            "memory its forward wrote: run the layer outside such hooks "
+            "(torch.autograd.graph.disable_saved_tensors_hooks), or recompute "
+            "it (torch.utils.checkpoint)")
+
+
 def _backward(ctx, grad_out, grad_l_aux, grad_workspace):
     x, wg, w1, w2, w3, b1, b2, workspace = ctx.saved_tensors
     if grad_out is None:
@@ -496,6 +512,7 @@ class _EagerMoE(torch.autograd.Function):
         out, l_aux, workspace = _forward_run(key, x, wg, w1, w2, w3, b1, b2,
                                              seed, variant)
         ctx.key, ctx.variant = key, variant
+        ctx.workspace_address = workspace.data_ptr()
         # The workspace itself, not an output (the custom op's zero-element
         # view, marked non-differentiable, is for torch.compile): saved, so
         # released after the backward as the op's view is.
@@ -506,6 +523,7 @@ class _EagerMoE(torch.autograd.Function):
     def backward(ctx, grad_out, grad_l_aux):
         # _backward's, calling the backward's body without the custom op.
         x, wg, w1, w2, w3, b1, b2, workspace = ctx.saved_tensors
+        _check_saved_state(ctx, workspace)
         if grad_out is None:
             grad_out = torch.zeros_like(x)
         if grad_l_aux is None:

@@ -274,3 +274,19 @@ def test_the_gate_noise_seed_stays_on_the_host():
     finally:
         torch.set_default_device("cpu")
     assert all(s.device.type == "cpu" for s in seeds)
+
+
+def test_a_copied_saved_state_is_refused_saying_why():
+    """A saved-tensor hook that copies what autograd saves (offloading)
+    hands the backward other memory than its forward wrote: refused, naming
+    the hook and the ways out."""
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2)
+    x = torch.randn(20, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(),
+                                                  lambda t: t):
+        y, l_aux = layer(x)
+    with pytest.raises(RuntimeError, match="saved-tensor hook copied it"):
+        (y.sum() + l_aux).backward()
+    y, l_aux = layer(x)  # without the hook: trains
+    (y.sum() + l_aux).backward()
+    assert torch.isfinite(x.grad).all()
