@@ -32,6 +32,18 @@
 
 namespace flex {
 
+void fitCollectivePoint(double bytes0, double t0, double bytes1, double t1,
+                        CollectivePoint &point) {
+  if (t1 > t0 && bytes1 > bytes0) {
+    point.betaBytesPerSecond = (bytes1 - bytes0) / (t1 - t0);
+    point.alphaSeconds = std::max(0.0, t0 - bytes0 / point.betaBytesPerSecond);
+  } else {
+    // Noise made the large message no slower: all latency.
+    point.alphaSeconds = t0;
+    point.betaBytesPerSecond = bytes1 / std::max(t1, 1e-9);
+  }
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -102,19 +114,6 @@ double timeGemm(int64_t groups, int64_t m, int64_t k, int64_t n, DType dtype,
                          GroupedGemmOptions{});
       },
       3, budget);
-}
-
-/// Alpha and beta through two (bytes, seconds) points.
-void fitAlphaBeta(double bytes0, double t0, double bytes1, double t1,
-                  CollectivePoint &point) {
-  if (t1 > t0 && bytes1 > bytes0) {
-    point.betaBytesPerSecond = (bytes1 - bytes0) / (t1 - t0);
-    point.alphaSeconds = std::max(0.0, t0 - bytes0 / point.betaBytesPerSecond);
-  } else {
-    // Noise made the large message no slower: all latency.
-    point.alphaSeconds = t0;
-    point.betaBytesPerSecond = bytes1 / std::max(t1, 1e-9);
-  }
 }
 
 /// Seconds of one call of each collective at `perPeer` bytes per peer, in
@@ -189,8 +188,8 @@ Status calibrateCollectives(Communicator &comm, bool quick,
     point.kind = static_cast<CollectiveKind>(kind);
     point.worldSize = point.groupSize = comm.size();
     point.transport = std::string(comm.name());
-    fitAlphaBeta(double(small) * scale[kind], seconds[kind],
-                 double(large) * scale[kind], seconds[4 + kind], point);
+    fitCollectivePoint(double(small) * scale[kind], seconds[kind],
+                       double(large) * scale[kind], seconds[4 + kind], point);
     profile.collectives.push_back(point);
   }
   return Status::ok();

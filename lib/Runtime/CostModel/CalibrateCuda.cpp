@@ -547,18 +547,6 @@ private:
   cudaEvent_t begin_ = nullptr, end_ = nullptr;
 };
 
-/// Alpha and beta through two (bytes, seconds) points (as the CPU's).
-void fitPoint(double bytes0, double t0, double bytes1, double t1,
-              CollectivePoint &point) {
-  if (t1 > t0 && bytes1 > bytes0) {
-    point.betaBytesPerSecond = (bytes1 - bytes0) / (t1 - t0);
-    point.alphaSeconds = std::max(0.0, t0 - bytes0 / point.betaBytesPerSecond);
-  } else {
-    point.alphaSeconds = t0;
-    point.betaBytesPerSecond = bytes1 / std::max(t1, 1e-9);
-  }
-}
-
 /// Every rank's `values` replaced by the element-wise largest (the slowest
 /// rank's), through a device buffer (the communicator moves device memory).
 Status slowestRankOnDevice(Communicator &comm, cudaStream_t stream,
@@ -815,8 +803,8 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
     point.kind = static_cast<CollectiveKind>(kind);
     point.worldSize = point.groupSize = W;
     point.transport = std::string(comm.name());
-    fitPoint(bytes0[kind], seconds[kind], bytes1[kind], seconds[4 + kind],
-             point);
+    fitCollectivePoint(bytes0[kind], seconds[kind], bytes1[kind],
+                       seconds[4 + kind], point);
     profile.collectives.push_back(point);
   }
   profile.overlapSlowdown = std::max(1.0, seconds[8]);

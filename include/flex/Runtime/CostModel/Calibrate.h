@@ -62,6 +62,11 @@ Status calibrateCuda(const CalibrationOptions &options, DeviceProfile &profile);
 Status calibrateCuda(const CalibrationOptions &options,
                      Communicator *communicator, DeviceProfile &profile);
 
+/// Alpha and beta of `point` through two (bytes, seconds) measurements of a
+/// collective (the larger message no slower, noise: all latency).
+void fitCollectivePoint(double bytes0, double t0, double bytes1, double t1,
+                        CollectivePoint &point);
+
 /// One step of a real plan, run and timed: what the model computes its time
 /// from (the profile the basis was computed with) and the measured mean.
 struct StepSample {
