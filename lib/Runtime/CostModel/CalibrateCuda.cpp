@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <functional>
@@ -791,6 +792,17 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
     return s;
 
   profile.worldSize = W;
+  // The ranks of this host: the launcher's word (torchrun, Open MPI), else
+  // all of them (one host, as the lent machines are).
+  profile.ranksPerNode = W;
+  for (const char *name : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"})
+    if (const char *value = std::getenv(name)) {
+      const long n = std::strtol(value, nullptr, 10);
+      if (n >= 1 && n <= W && W % n == 0) {
+        profile.ranksPerNode = n;
+        break;
+      }
+    }
   profile.collectives.clear();
   const double others = W - 1;
   // The bytes that leave this rank, as getStepWork counts them; all_reduce
