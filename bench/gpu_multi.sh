@@ -9,7 +9,9 @@
 #      the exchanges through the copy engines (FLEX_A2A_TRANSPORT=ce), then
 #      the whole ctest,
 #   3. NCCL's own all-to-all bandwidth through torch.distributed (torchrun,
-#      bench/nccl_a2a_bw.py) for comparison, and the GEMMs' slowdown beside
+#      bench/nccl_a2a_bw.py) for comparison, the cost model's calibration
+#      on the W GPUs (moe-run --calibrate --device cuda, one profile JSON),
+#      and the GEMMs' slowdown beside
 #      an exchange over NCCL and over the copy engines
 #      (bench/overlap_probe.py),
 #   4. timings: mpirun -np W moe-run on bench/plans/mr<W>_{c1,c3}_*.train.json
@@ -25,7 +27,7 @@
 # c3_cap1 c1_dropless c3_dropless c1_cap1_2dh c3_cap1_2dh"), BENCH_VARIANTS
 # ("r1d1 r1d2 r1d4 r0d1") -- these three run none when set empty --,
 # BENCH_ITERS (20, PERF.md: median of >= 20), BENCH_SKIP ("build tests ce
-# ctest nccl probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
+# ctest nccl calibrate probe flex", any subset), BENCH_DEADLINE (540 s: no new step after).
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -109,6 +111,17 @@ nccl() {
     "$root/bench/nccl_a2a_bw.py" "$OUT/multi/nccl_a2a_bw.json"
 }
 step nccl nccl
+
+# The cost model's profile on these W GPUs (docs/CostModel.md, "CUDA
+# calibration"): Flex's own exchange, the collectives and both slowdowns,
+# the slowest rank's; the runs below name it with --profile, so every
+# variant's prediction can be set beside its measurement (issue 14, item
+# 2; moe-replay or --profile PROFILE --explain on the runs).
+calibrate() {
+  timeout 180 "${MPIRUN[@]}" "$MOE_RUN" \
+    --calibrate "$OUT/multi/profile_w$RANKS.json" --device cuda
+}
+step calibrate calibrate
 
 # Transports beside the GEMMs (bench/overlap_probe.py): NCCL's kernels,
 # NCCL with its copy-engine path, and plain copy engines.
