@@ -116,7 +116,8 @@ step nccl nccl
 # calibration"): Flex's own exchange, the collectives and both slowdowns,
 # the slowest rank's; the runs below name it with --profile, so every
 # variant's prediction can be set beside its measurement (issue 14, item
-# 2; moe-replay or --profile PROFILE --explain on the runs).
+# 2): here, python3 bench/replay_multi.py --live OUT --profile
+# OUT/multi/profile_wW.json.
 calibrate() {
   timeout 180 "${MPIRUN[@]}" "$MOE_RUN" \
     --calibrate "$OUT/multi/profile_w$RANKS.json" --device cuda

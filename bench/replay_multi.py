@@ -29,6 +29,9 @@ What it does:
 
 usage: bench/replay_multi.py [--build build] [--work DIR] [--json OUT]
                              [--recompute-capacity]
+       bench/replay_multi.py --live OUT_DIR --profile PROFILE.json
+         (issue 14: one bench/gpu_multi.sh call's runs, predicted with the
+         profile its calibrate step wrote; nothing fitted)
 """
 import argparse
 import glob
@@ -66,6 +69,7 @@ H200_COPY_BYTES_PER_S = 4.296e12  # Run 1, copy_d2d (2026-11-28_h200_torch.json)
 ALIGNED_FROM_RUN = 11  # moe-run's ranks meet before each call (Run 11)
 CLEAN = 1.05  # a pass whose mean is over 1.05 x its median holds a slow call
 REFINE_BAND = 0.25  # Executor::kRefineBand
+LIVE_RUN = 100  # --live: the run's number in the tables (ranks aligned)
 
 
 def fit_line(xy, fallback_alpha=0.0):
@@ -110,13 +114,21 @@ def fit_link(points):
 # ----------------------------------------------------------------- records --
 
 
-def load_records(work):
+def load_records(work, live=None):
+    """The recorded runs (bench/results/gpu_multi_run*.tgz), or, with `live`
+    (a bench/gpu_multi.sh output folder), that run's alone (as run LIVE_RUN)."""
     records = []
-    for tgz in sorted(glob.glob(os.path.join(RESULTS, "gpu_multi_run*.tgz"))):
-        run = int(re.search(r"run(\d+)", tgz).group(1))
-        dest = os.path.join(work, f"run{run}")
-        with tarfile.open(tgz) as tar:
-            tar.extractall(dest)
+    sources = []
+    if live:
+        sources.append((LIVE_RUN, live))
+    else:
+        for tgz in sorted(glob.glob(os.path.join(RESULTS, "gpu_multi_run*.tgz"))):
+            run = int(re.search(r"run(\d+)", tgz).group(1))
+            dest = os.path.join(work, f"run{run}")
+            with tarfile.open(tgz) as tar:
+                tar.extractall(dest)
+            sources.append((run, dest))
+    for run, dest in sources:
         for path in sorted(glob.glob(os.path.join(dest, "multi", "flex_*.json"))):
             name = os.path.basename(path)[5:-5]
             config, variant, tag = name.rsplit("_", 2)
@@ -639,6 +651,37 @@ def pick_lines(name, rows):
     return lines
 
 
+def live_report(args, work, records, plans, checked):
+    """Issue 14's live accuracy: the runs of one gpu_multi.sh call predicted
+    with the profile calibrated in that call, nothing fitted to the runs."""
+    profile = json.load(open(args.profile))
+    w = profile["world"]["size"]
+    recs = [r for r in records if r["tag"] in ("overlap", "serial")
+            and r["W"] == w]
+    if not recs:
+        sys.exit(f"replay_multi: no overlap or serial run on {w} ranks in "
+                 f"{args.live}")
+    recs.sort(key=lambda r: (r["tag"] != "overlap", r["layer"], r["dropless"],
+                             r["two_dh"], r["variant"]))
+    replay = Replay(args.build, work)
+    preds = predict(replay, {(w, "live"): profile}, recs, plans,
+                    lambda r: "live")
+    out = [f"bench/replay_multi.py --live: {len(recs)} runs on {w} ranks from "
+           f"{args.live} ({checked} checked against this tree's plans), "
+           f"predicted with {args.profile} (calibrated there; nothing fitted)"]
+    out += profile_lines("profile", profile)[:1] + [""]
+    out += table("overlapped, ms; err = (measured - predicted) / predicted",
+                 [r for r in recs if r["tag"] == "overlap"], preds, []) + [""]
+    out += table("serial (FLEX_CUDA_OVERLAP=0)",
+                 [r for r in recs if r["tag"] == "serial"], preds, []) + [""]
+    out += stage_table(recs, preds) + [""] + summary_lines("live", recs, preds)
+    for total in (True, False):
+        out += pick_lines(f"picks, live, {'fwd+bwd' if total else 'fwd'}",
+                          picks(recs, preds, total))
+    print("\n".join(out))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -646,7 +689,15 @@ def main():
     ap.add_argument("--json", help="write every figure as JSON here")
     ap.add_argument("--recompute-capacity", action="store_true",
                     help="recompute the dropless runs' C on CPU ranks (mpirun)")
+    ap.add_argument("--live", metavar="DIR",
+                    help="a bench/gpu_multi.sh output folder: predict its runs "
+                    "with --profile as calibrated there, nothing fitted")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="with --live: the profile moe-run --calibrate wrote "
+                    "on those GPUs")
     args = ap.parse_args()
+    if bool(args.live) != bool(args.profile):
+        ap.error("--live and --profile go together")
     work = args.work or tempfile.mkdtemp(prefix="replay_multi.")
     os.makedirs(work, exist_ok=True)
     if args.recompute_capacity:
@@ -654,10 +705,12 @@ def main():
         print("dropless C recomputed:", {f"{k[0]} W={k[1]}": v for k, v in found.items()},
               "(committed:", {f"{k[0]} W={k[1]}": v for k, v in DROPLESS_C.items()}, ")")
         DROPLESS_C.update(found)
-    records = load_records(work)
+    records = load_records(work, args.live)
     plans = os.path.join(work, "plans")
     compile_plans(args.build, plans)
     checked = check_ops(records, plans)
+    if args.live:
+        return live_report(args, work, records, plans, checked)
     recs = [r for r in records if r["tag"] in ("overlap", "serial")]
     recs.sort(key=lambda r: (r["tag"] != "overlap", r["W"], r["layer"], r["dropless"],
                              r["run"], r["two_dh"], r["variant"]))
