@@ -175,9 +175,16 @@ static int calibrateCudaCommand(const Options &options) {
   const std::vector<Plan> plans = loadCalibrationPlans(options);
   std::shared_ptr<Communicator> comm;
   if (ranks.size > 1) {
+    // As a run makes it: the environment's runtime options (the collective
+    // timeout; FLEX_A2A_TRANSPORT=ce, the copy engines, is calibrated so).
+    RuntimeOptions runtime;
+    if (Status s = RuntimeOptions::fromEnvironment(RuntimeOptions(), runtime);
+        !s)
+      fatal(2, s.message());
+    const NcclCommunicatorOptions nccl = ncclOptionsFrom(runtime);
     Status status = ranks.environment
-                        ? createNcclCommunicatorFromEnvironment(comm)
-                        : createNcclCommunicatorFromMpi(comm, nullptr);
+                        ? createNcclCommunicatorFromEnvironment(comm, nccl)
+                        : createNcclCommunicatorFromMpi(comm, nullptr, nccl);
     if (!status)
       fatal(status.code() == StatusCode::Unavailable ? 2 : 1,
             "--calibrate --device cuda on " + std::to_string(ranks.size) +

@@ -27,6 +27,7 @@
 
 #include "flex/Runtime/Comm/Communicator.h"
 #include "flex/Runtime/Core/Half.h"
+#include "flex/Runtime/Core/RuntimeOptions.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
 
 #include <cuda_runtime.h>
@@ -42,6 +43,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -549,7 +551,8 @@ private:
 };
 
 /// Every rank's `values` replaced by the element-wise largest (the slowest
-/// rank's), through a device buffer (the communicator moves device memory).
+/// rank's), through a device buffer (the communicator moves device memory);
+/// every wait bounded by the communicator's.
 Status slowestRankOnDevice(Communicator &comm, cudaStream_t stream,
                            std::vector<double> &values) {
   const int W = comm.size();
@@ -557,28 +560,41 @@ Status slowestRankOnDevice(Communicator &comm, cudaStream_t stream,
   DeviceBuffer send, recv;
   FLEX_CAL_CHECK(cudaMalloc(&send.data, bytes), "calibration gather");
   FLEX_CAL_CHECK(cudaMalloc(&recv.data, bytes * W), "calibration gather");
-  FLEX_CAL_CHECK(cudaMemcpyAsync(send.data, values.data(), bytes,
-                                 cudaMemcpyHostToDevice, stream),
-                 "calibration gather");
+  FLEX_CAL_CHECK(
+      cudaMemcpy(send.data, values.data(), bytes, cudaMemcpyHostToDevice),
+      "calibration gather");
   if (Status s =
           comm.allGather(send.data, bytes, recv.data, "calibration results");
       !s)
     return s;
-  std::vector<double> all(values.size() * W);
-  FLEX_CAL_CHECK(cudaMemcpyAsync(all.data(), recv.data, bytes * W,
-                                 cudaMemcpyDeviceToHost, stream),
-                 "calibration gather");
+  // Wait through the communicator first (a dead peer fails it, bounded);
+  // then the copy back has nothing left to wait for.
   if (Status s = comm.synchronizeStream(stream, "calibration results"); !s)
     return s;
+  std::vector<double> all(values.size() * W);
+  FLEX_CAL_CHECK(
+      cudaMemcpy(all.data(), recv.data, bytes * W, cudaMemcpyDeviceToHost),
+      "calibration gather");
   for (int r = 0; r < W; ++r)
     for (size_t i = 0; i < values.size(); ++i)
       values[i] = std::max(values[i], all[r * values.size() + i]);
   return Status::ok();
 }
 
-/// The collectives' points and the two slowdowns on `comm`'s W ranks.
-Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
-                          bool quick, DeviceProfile &profile) {
+/// The device memory of calibrateExchanges, owned by its caller so that a
+/// failure aborts the communicator (its kernels stop waiting for peers)
+/// before the memory is freed (cudaFree waits for the device).
+struct ExchangeBuffers {
+  DeviceBuffer send, recv, a, b, c, segments;
+};
+
+/// The collectives' points and the two slowdowns on `comm`'s W ranks. Every
+/// count of collectives comes from figures all ranks agree on (a rank with
+/// one exchange more would wait for a peer that never sends).
+Status measureExchanges(cuda::KernelContext &ctx, Communicator &comm,
+                        const RuntimeOptions &runtime, bool quick,
+                        ExchangeBuffers &buffers, DeviceProfile &profile,
+                        std::string &notes) {
   const int W = comm.size();
   if (comm.memory() != CommMemory::Device)
     return Status(StatusCode::InvalidArgument,
@@ -601,28 +617,29 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
     Communicator &comm;
     ~StreamReset() { (void)comm.setStream(nullptr); }
   } reset{comm};
+  // Two points of the exchange as the backend runs it: small runs packed
+  // into one block per peer (the auto staging packs runs under 8 MiB),
+  // large ones in place, a block of kLargeBlock bytes per peer and local
+  // expert (allToAllBlocks).
+  constexpr int64_t kLargeBlock = int64_t(8) << 20;
   const int64_t small = int64_t(64) << 10;
-  const int64_t large = quick ? int64_t(4) << 20 : int64_t(32) << 20;
-  DeviceBuffer send, recv;
-  FLEX_CAL_CHECK(cudaMalloc(&send.data, large * W), "calibration send");
-  FLEX_CAL_CHECK(cudaMalloc(&recv.data, large * W), "calibration recv");
-  if (Status s = fillRandom(send.data, large * W); !s)
+  const int64_t largeBlocks = quick ? 2 : kBlocksPerPeer;
+  const int64_t large = largeBlocks * kLargeBlock;
+  FLEX_CAL_CHECK(cudaMalloc(&buffers.send.data, large * W), "calibration send");
+  FLEX_CAL_CHECK(cudaMalloc(&buffers.recv.data, large * W), "calibration recv");
+  if (Status s = fillRandom(buffers.send.data, large * W); !s)
     return s;
+  void *send = buffers.send.data, *recv = buffers.recv.data;
   CollectiveTimer timer(comm, exchange.stream);
-  // Flex's exchange of `perPeer` bytes to each peer, in place.
-  auto blocksOf = [&](int64_t perPeer) {
-    std::vector<Communicator::Block> blocks;
-    const int64_t block = perPeer / kBlocksPerPeer;
+  // Flex's exchange of `perPeer` bytes to each peer in `blocks` blocks.
+  auto exchangeOf = [&comm, send, recv, W](int64_t perPeer, int64_t blocks) {
+    auto list = std::make_shared<std::vector<Communicator::Block>>();
+    const int64_t block = perPeer / blocks;
     for (int p = 0; p < W; ++p)
-      for (int64_t l = 0; l < kBlocksPerPeer; ++l)
-        blocks.push_back({p, (p * kBlocksPerPeer + l) * block, block});
-    return blocks;
-  };
-  auto exchangeOf = [&](int64_t perPeer) {
-    auto blocks =
-        std::make_shared<std::vector<Communicator::Block>>(blocksOf(perPeer));
-    return [&comm, &send, &recv, blocks]() {
-      return comm.allToAllBlocks(send.data, *blocks, recv.data, *blocks,
+      for (int64_t l = 0; l < blocks; ++l)
+        list->push_back({p, (p * blocks + l) * block, block});
+    return [&comm, send, recv, list]() {
+      return comm.allToAllBlocks(send, *list, recv, *list,
                                  "calibration all_to_all");
     };
   };
@@ -633,13 +650,13 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
     const int64_t perPeer = size == 0 ? small : large;
     const int64_t count = perPeer / 4;
     double *out = &seconds[4 * size];
-    if (Status s =
-            timer.time(exchangeOf(perPeer), reps, "calibration a2a", out[0]);
+    if (Status s = timer.time(exchangeOf(perPeer, size == 0 ? 1 : largeBlocks),
+                              reps, "calibration a2a", out[0]);
         !s)
       return s;
     if (Status s = timer.time(
             [&] {
-              return comm.allGather(send.data, perPeer, recv.data,
+              return comm.allGather(send, perPeer, recv,
                                     "calibration all_gather");
             },
             reps, "calibration all_gather", out[1]);
@@ -647,8 +664,7 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
       return s;
     if (Status s = timer.time(
             [&] {
-              return comm.reduceScatterSum(send.data, recv.data, count,
-                                           DType::F32,
+              return comm.reduceScatterSum(send, recv, count, DType::F32,
                                            "calibration reduce_scatter");
             },
             reps, "calibration reduce_scatter", out[2]);
@@ -658,7 +674,7 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
     const int64_t values = size == 0 ? 1 : count;
     if (Status s = timer.time(
             [&] {
-              return comm.allReduceMaxInt32(static_cast<int32_t *>(recv.data),
+              return comm.allReduceMaxInt32(static_cast<int32_t *>(recv),
                                             values, "calibration all_reduce");
             },
             reps, "calibration all_reduce", out[3]);
@@ -671,94 +687,95 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
   // other; each side's time together over its time alone.
   Shape gemm{8, quick ? 1024 : 2048, 4096, 4096, DType::BF16, false};
   const size_t elem = dtypeSize(gemm.dtype);
-  DeviceBuffer a, b, c, segments;
-  FLEX_CAL_CHECK(cudaMalloc(&a.data, gemm.groups * gemm.m * gemm.k * elem),
-                 "calibration A");
-  FLEX_CAL_CHECK(cudaMalloc(&b.data, gemm.groups * gemm.k * gemm.n * elem),
-                 "calibration B");
-  FLEX_CAL_CHECK(cudaMalloc(&c.data, gemm.groups * gemm.m * gemm.n * elem),
-                 "calibration C");
-  FLEX_CAL_CHECK(cudaMalloc(&segments.data, (2 * 64 + 1) * sizeof(int32_t)),
-                 "calibration segments");
-  if (Status s = fillRandom(a.data, gemm.groups * gemm.m * gemm.k * elem); !s)
+  const size_t aBytes = gemm.groups * gemm.m * gemm.k * elem;
+  const size_t bBytes = gemm.groups * gemm.k * gemm.n * elem;
+  FLEX_CAL_CHECK(cudaMalloc(&buffers.a.data, aBytes), "calibration A");
+  FLEX_CAL_CHECK(cudaMalloc(&buffers.b.data, bBytes), "calibration B");
+  FLEX_CAL_CHECK(
+      cudaMalloc(&buffers.c.data, gemm.groups * gemm.m * gemm.n * elem),
+      "calibration C");
+  FLEX_CAL_CHECK(
+      cudaMalloc(&buffers.segments.data, (2 * 64 + 1) * sizeof(int32_t)),
+      "calibration segments");
+  if (Status s = fillRandom(buffers.a.data, aBytes); !s)
     return s;
-  if (Status s = fillRandom(b.data, gemm.groups * gemm.k * gemm.n * elem); !s)
+  if (Status s = fillRandom(buffers.b.data, bBytes); !s)
     return s;
+  auto *segments = static_cast<int32_t *>(buffers.segments.data);
   Timer computeTimer(ctx.stream());
   double gemmAlone = 0;
-  if (Status s = timeGemm(ctx, computeTimer, gemm, a.data, b.data, c.data,
-                          static_cast<int32_t *>(segments.data), gemmAlone);
+  if (Status s = timeGemm(ctx, computeTimer, gemm, buffers.a.data,
+                          buffers.b.data, buffers.c.data, segments, gemmAlone);
       !s)
     return s;
+  cuda::ExpertRowSpace space; // over the segments timeGemm wrote
+  space.offsets = segments;
+  space.rows = segments + gemm.groups + 1;
+  space.experts = gemm.groups;
+  space.rowBound = gemm.groups * gemm.m;
+  space.staticCapacity = gemm.m;
+  space.padded = true;
   auto oneGemm = [&] {
-    return cuda::groupedGemm(
-        ctx, {a.data, gemm.dtype}, {b.data, gemm.dtype}, {},
-        {c.data, gemm.dtype}, gemm.k, gemm.n,
-        [&] {
-          cuda::ExpertRowSpace space;
-          space.offsets = static_cast<int32_t *>(segments.data);
-          space.rows = space.offsets + gemm.groups + 1;
-          space.experts = gemm.groups;
-          space.rowBound = gemm.groups * gemm.m;
-          space.staticCapacity = gemm.m;
-          space.padded = true;
-          return space;
-        }(),
-        GroupedGemmOptions{});
+    return cuda::groupedGemm(ctx, {buffers.a.data, gemm.dtype},
+                             {buffers.b.data, gemm.dtype}, {},
+                             {buffers.c.data, gemm.dtype}, gemm.k, gemm.n,
+                             space, GroupedGemmOptions{});
   };
-  auto bigExchange = exchangeOf(large);
+  auto bigExchange = exchangeOf(large, largeBlocks);
   double exchangeAlone = 0;
   if (Status s =
           timer.time(bigExchange, reps, "calibration a2a", exchangeAlone);
       !s)
     return s;
+  // The loop counts below come from these: the slowest rank's, on every
+  // rank alike.
+  std::vector<double> alone{gemmAlone, exchangeAlone};
+  if (Status s = slowestRankOnDevice(comm, exchange.stream, alone); !s)
+    return s;
+  gemmAlone = alone[0];
+  exchangeAlone = alone[1];
   cudaEvent_t events[4] = {};
-  for (cudaEvent_t &event : events)
-    FLEX_CAL_CHECK(cudaEventCreate(&event), "event create");
   struct EventsGuard {
     cudaEvent_t *events;
     ~EventsGuard() {
       for (int i = 0; i < 4; ++i)
-        cudaEventDestroy(events[i]);
+        if (events[i])
+          cudaEventDestroy(events[i]);
     }
   } guard{events};
+  for (cudaEvent_t &event : events)
+    FLEX_CAL_CHECK(cudaEventCreate(&event), "event create");
   cudaStream_t compute = ctx.stream();
-  // Runs `gemms` GEMMs beside `exchanges` exchanges; the loop whose time is
-  // measured beside the other is queued second, so the other is already
-  // running when it starts. The seconds each loop took.
+  // Runs `gemms` GEMMs beside `exchanges` exchanges: interleaved (one of
+  // each while both last) so that each starts beside the other, or, with
+  // `gemmsFirst`, every GEMM queued before the first exchange. The seconds
+  // each loop took, from its first item's start to its last one's end.
   auto together = [&](int gemms, int exchanges, bool gemmsFirst,
                       double &gemmSeconds, double &exchangeSeconds) -> Status {
     if (Status s = comm.barrier("calibration overlap"); !s)
       return s;
-    if (Status s =
-            comm.synchronizeStream(exchange.stream, "calibration overlap");
-        !s)
-      return s;
-    auto queueExchanges = [&]() -> Status {
-      FLEX_CAL_CHECK(cudaEventRecord(events[2], exchange.stream), "event");
-      for (int i = 0; i < exchanges; ++i)
-        if (Status s = bigExchange(); !s)
-          return s;
-      FLEX_CAL_CHECK(cudaEventRecord(events[3], exchange.stream), "event");
-      return Status::ok();
-    };
-    auto queueGemms = [&]() -> Status {
-      FLEX_CAL_CHECK(cudaEventRecord(events[0], compute), "event");
+    FLEX_CAL_CHECK(cudaEventRecord(events[0], compute), "event");
+    FLEX_CAL_CHECK(cudaEventRecord(events[2], exchange.stream), "event");
+    const int n = std::max(gemms, exchanges);
+    if (gemmsFirst)
       for (int i = 0; i < gemms; ++i)
         if (Status s = oneGemm(); !s)
           return s;
-      FLEX_CAL_CHECK(cudaEventRecord(events[1], compute), "event");
-      return Status::ok();
-    };
-    if (Status s = gemmsFirst ? queueGemms() : queueExchanges(); !s)
-      return s;
-    if (Status s = gemmsFirst ? queueExchanges() : queueGemms(); !s)
-      return s;
-    FLEX_CAL_CHECK(cudaStreamSynchronize(compute), "calibration overlap");
+    for (int i = 0; i < n; ++i) {
+      if (i < exchanges)
+        if (Status s = bigExchange(); !s)
+          return s;
+      if (!gemmsFirst && i < gemms)
+        if (Status s = oneGemm(); !s)
+          return s;
+    }
+    FLEX_CAL_CHECK(cudaEventRecord(events[1], compute), "event");
+    FLEX_CAL_CHECK(cudaEventRecord(events[3], exchange.stream), "event");
     if (Status s =
             comm.synchronizeStream(exchange.stream, "calibration overlap");
         !s)
       return s;
+    FLEX_CAL_CHECK(cudaStreamSynchronize(compute), "calibration overlap");
     float ms = 0;
     FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, events[0], events[1]), "event");
     gemmSeconds = ms * 1e-3;
@@ -770,32 +787,36 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
   const int gemms = quick ? 3 : 10;
   const int cover =
       static_cast<int>(std::ceil(3.0 * gemms * gemmAlone / exchangeAlone)) + 1;
-  double gemmBeside = 0, unused = 0;
-  if (Status s =
-          together(gemms, cover, /*gemmsFirst=*/false, gemmBeside, unused);
+  double gemmBeside = 0, exchangeLoop = 0;
+  if (Status s = together(gemms, cover, /*gemmsFirst=*/false, gemmBeside,
+                          exchangeLoop);
       !s)
     return s;
-  // An exchange beside compute: GEMMs for eight times the exchanges' time
-  // alone (slowed up to 8x, they stay covered).
+  // An exchange beside compute: GEMMs for twelve times the exchanges' time
+  // alone (slowed up to 12x, they stay covered; checked below).
   const int exchanges = quick ? 2 : 5;
-  const int gemmCover =
-      static_cast<int>(std::ceil(8.0 * exchanges * exchangeAlone / gemmAlone)) +
-      1;
-  double exchangeBeside = 0;
-  if (Status s = together(gemmCover, exchanges, /*gemmsFirst=*/true, unused,
+  const int gemmCover = static_cast<int>(std::ceil(12.0 * exchanges *
+                                                   exchangeAlone / gemmAlone)) +
+                        1;
+  double gemmLoop = 0, exchangeBeside = 0;
+  if (Status s = together(gemmCover, exchanges, /*gemmsFirst=*/true, gemmLoop,
                           exchangeBeside);
       !s)
     return s;
   seconds.push_back(gemmBeside / (gemms * gemmAlone));
   seconds.push_back(exchangeBeside / (exchanges * exchangeAlone));
+  // 1 where a measured loop outlasted the loop meant to cover it.
+  seconds.push_back(exchangeLoop >= gemmBeside ? 0.0 : 1.0);
+  seconds.push_back(gemmLoop >= exchangeBeside ? 0.0 : 1.0);
   if (Status s = slowestRankOnDevice(comm, exchange.stream, seconds); !s)
     return s;
 
   profile.worldSize = W;
-  // The ranks of this host: the launcher's word (torchrun, Open MPI), else
-  // all of them (one host, as the lent machines are).
+  // The ranks of this host: the launcher's word (torchrun, Open MPI, MPICH,
+  // Slurm), else all of them (one host, as the lent machines are).
   profile.ranksPerNode = W;
-  for (const char *name : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"})
+  for (const char *name : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                           "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"})
     if (const char *value = std::getenv(name)) {
       const long n = std::strtol(value, nullptr, 10);
       if (n >= 1 && n <= W && W % n == 0) {
@@ -810,18 +831,53 @@ Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
   const double bytes0[] = {small * others, small * others, small * others, 4.0};
   const double bytes1[] = {large * others, large * others, large * others,
                            static_cast<double>(large)};
+  const std::string transport =
+      runtime.a2aTransport == AllToAllTransport::CopyEngine ? "ce" : "nccl";
   for (int kind = 0; kind < 4; ++kind) {
     CollectivePoint point;
     point.kind = static_cast<CollectiveKind>(kind);
     point.worldSize = point.groupSize = W;
-    point.transport = std::string(comm.name());
+    // The exchange's own transport (the copy engines or NCCL's kernels);
+    // the other collectives always run through NCCL.
+    point.transport = kind == 0 ? transport : std::string(comm.name());
     fitCollectivePoint(bytes0[kind], seconds[kind], bytes1[kind],
                        seconds[4 + kind], point);
     profile.collectives.push_back(point);
   }
   profile.overlapSlowdown = std::max(1.0, seconds[8]);
   profile.exchangeSlowdown = std::max(1.0, seconds[9]);
+  notes = "W = " + std::to_string(W) +
+          " GPUs: gemm through cuda::groupedGemm (cuBLAS, fp32 "
+          "accumulation, no TF32) on rank 0's GPU; collectives timed on a "
+          "highest-priority stream through the '" +
+          std::string(comm.name()) + "' communicator (exchange transport " +
+          transport + "), the slowest rank's mean of " + std::to_string(reps) +
+          " calls: all_to_all at 64 KiB per peer in one block and at " +
+          std::to_string(large >> 20) + " MiB per peer in " +
+          std::to_string(largeBlocks) +
+          " blocks of 8 MiB (as the backend packs small runs and sends large "
+          "ones in place); overlap: a bf16 grouped GEMM loop beside an "
+          "exchange loop, each side's time together over alone";
+  if (seconds[10] > 0)
+    notes += "; the exchanges ended before the GEMMs on some rank: "
+             "compute_slowdown is a lower bound";
+  if (seconds[11] > 0)
+    notes += "; the GEMMs ended before the exchanges on some rank: "
+             "exchange_slowdown is a lower bound";
   return Status::ok();
+}
+
+/// measureExchanges, the communicator aborted on a failure before the
+/// memory goes.
+Status calibrateExchanges(cuda::KernelContext &ctx, Communicator &comm,
+                          const RuntimeOptions &runtime, bool quick,
+                          DeviceProfile &profile, std::string &notes) {
+  ExchangeBuffers buffers;
+  Status status =
+      measureExchanges(ctx, comm, runtime, quick, buffers, profile, notes);
+  if (!status)
+    comm.abort(status);
+  return status;
 }
 
 } // namespace
@@ -861,20 +917,16 @@ Status calibrateCuda(const CalibrationOptions &options,
   if (Status s = calibrateDeviceGemm(*ctx, timer, result); !s)
     return s;
   if (communicator && communicator->size() > 1) {
-    if (Status s =
-            calibrateExchanges(*ctx, *communicator, options.quick, result);
+    RuntimeOptions runtime;
+    if (Status s = RuntimeOptions::fromEnvironment(RuntimeOptions(), runtime);
         !s)
       return s;
-    result.notes =
-        "W = " + std::to_string(communicator->size()) +
-        " GPUs: gemm through cuda::groupedGemm (cuBLAS, fp32 accumulation, "
-        "no TF32) on this rank's GPU; collectives timed on a highest-"
-        "priority stream through the '" +
-        std::string(communicator->name()) + "' communicator at 64 KiB and " +
-        (options.quick ? "4" : "32") +
-        " MiB per peer (all_to_all as Flex exchanges: 8 blocks per peer, in "
-        "place), the slowest rank's; overlap: a bf16 grouped GEMM loop "
-        "beside an exchange loop, each side's time together over alone";
+    std::string notes;
+    if (Status s = calibrateExchanges(*ctx, *communicator, runtime,
+                                      options.quick, result, notes);
+        !s)
+      return s;
+    result.notes = notes;
     profile = std::move(result);
     return Status::ok();
   }
