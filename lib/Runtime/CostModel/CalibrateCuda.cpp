@@ -588,103 +588,143 @@ struct ExchangeBuffers {
   DeviceBuffer send, recv, a, b, c, segments;
 };
 
-/// The collectives' points and the two slowdowns on `comm`'s W ranks. Every
-/// count of collectives comes from figures all ranks agree on (a rank with
-/// one exchange more would wait for a peer that never sends).
-Status measureExchanges(cuda::KernelContext &ctx, Communicator &comm,
-                        const RuntimeOptions &runtime, bool quick,
-                        ExchangeBuffers &buffers, DeviceProfile &profile,
-                        std::string &notes) {
-  const int W = comm.size();
-  if (comm.memory() != CommMemory::Device)
-    return Status(StatusCode::InvalidArgument,
-                  "CUDA calibration on " + std::to_string(W) +
-                      " ranks needs a device (NCCL) communicator, got '" +
-                      std::string(comm.name()) + "'");
-  // The backend's exchange stream: the highest priority, so its blocks
-  // start as soon as SMs free up.
-  int least = 0, greatest = 0;
-  FLEX_CAL_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest),
-                 "stream priorities");
-  OwnedStream exchange;
-  FLEX_CAL_CHECK(cudaStreamCreateWithPriority(&exchange.stream,
-                                              cudaStreamNonBlocking, greatest),
-                 "exchange stream");
-  if (Status s = comm.setStream(exchange.stream); !s)
-    return s;
-  // The communicator outlives this stream: it forgets it first.
-  struct StreamReset {
-    Communicator &comm;
-    ~StreamReset() { (void)comm.setStream(nullptr); }
-  } reset{comm};
-  // Two points of the exchange as the backend runs it: small runs packed
-  // into one block per peer (the auto staging packs runs under 8 MiB),
-  // large ones in place, a block of kLargeBlock bytes per peer and local
-  // expert (allToAllBlocks).
-  constexpr int64_t kLargeBlock = int64_t(8) << 20;
-  const int64_t small = int64_t(64) << 10;
-  const int64_t largeBlocks = quick ? 2 : kBlocksPerPeer;
-  const int64_t large = largeBlocks * kLargeBlock;
-  FLEX_CAL_CHECK(cudaMalloc(&buffers.send.data, large * W), "calibration send");
-  FLEX_CAL_CHECK(cudaMalloc(&buffers.recv.data, large * W), "calibration recv");
-  if (Status s = fillRandom(buffers.send.data, large * W); !s)
-    return s;
-  void *send = buffers.send.data, *recv = buffers.recv.data;
-  CollectiveTimer timer(comm, exchange.stream);
-  // Flex's exchange of `perPeer` bytes to each peer in `blocks` blocks.
-  auto exchangeOf = [&comm, send, recv, W](int64_t perPeer, int64_t blocks) {
-    auto list = std::make_shared<std::vector<Communicator::Block>>();
-    const int64_t block = perPeer / blocks;
-    for (int p = 0; p < W; ++p)
-      for (int64_t l = 0; l < blocks; ++l)
-        list->push_back({p, (p * blocks + l) * block, block});
-    return [&comm, send, recv, list]() {
-      return comm.allToAllBlocks(send, *list, recv, *list,
-                                 "calibration all_to_all");
-    };
+/// Two points of the exchange as the backend runs it: small runs packed
+/// into one block per peer (the auto staging packs runs under 8 MiB), large
+/// ones in place, a block of 8 MiB per peer and local expert.
+struct ExchangeSizes {
+  int64_t small = int64_t(64) << 10; ///< bytes per peer, one block
+  int64_t largeBlocks = kBlocksPerPeer;
+  int64_t large = kBlocksPerPeer * (int64_t(8) << 20); ///< bytes per peer
+  int reps = 20;                                       ///< calls per timing
+};
+
+/// Flex's exchange of `perPeer` bytes to each of W peers in `blocks` blocks
+/// each, in place (allToAllBlocks).
+std::function<Status()> exchangeCall(Communicator &comm, void *send, void *recv,
+                                     int64_t perPeer, int64_t blocks) {
+  auto list = std::make_shared<std::vector<Communicator::Block>>();
+  const int64_t block = perPeer / blocks;
+  for (int p = 0; p < comm.size(); ++p)
+    for (int64_t l = 0; l < blocks; ++l)
+      list->push_back({p, (p * blocks + l) * block, block});
+  return [&comm, send, recv, list]() {
+    return comm.allToAllBlocks(send, *list, recv, *list,
+                               "calibration all_to_all");
   };
-  // seconds: [a2a, gather, reduce_scatter, all_reduce] at small, then large.
-  std::vector<double> seconds(8, 0.0);
-  const int reps = quick ? 5 : 20;
+}
+
+/// seconds = [all_to_all, all_gather, reduce_scatter, all_reduce] at the
+/// small size, then at the large one.
+Status timeCollectives(Communicator &comm, CollectiveTimer &timer, void *send,
+                       void *recv, const ExchangeSizes &sizes,
+                       std::vector<double> &seconds) {
+  seconds.assign(8, 0.0);
   for (int size = 0; size < 2; ++size) {
-    const int64_t perPeer = size == 0 ? small : large;
+    const int64_t perPeer = size == 0 ? sizes.small : sizes.large;
     const int64_t count = perPeer / 4;
-    double *out = &seconds[4 * size];
-    if (Status s = timer.time(exchangeOf(perPeer, size == 0 ? 1 : largeBlocks),
-                              reps, "calibration a2a", out[0]);
-        !s)
-      return s;
-    if (Status s = timer.time(
-            [&] {
-              return comm.allGather(send, perPeer, recv,
-                                    "calibration all_gather");
-            },
-            reps, "calibration all_gather", out[1]);
-        !s)
-      return s;
-    if (Status s = timer.time(
-            [&] {
-              return comm.reduceScatterSum(send, recv, count, DType::F32,
-                                           "calibration reduce_scatter");
-            },
-            reps, "calibration reduce_scatter", out[2]);
-        !s)
-      return s;
     // all_reduce: sync_capacity's, a few values (its time is its alpha).
     const int64_t values = size == 0 ? 1 : count;
-    if (Status s = timer.time(
-            [&] {
-              return comm.allReduceMaxInt32(static_cast<int32_t *>(recv),
-                                            values, "calibration all_reduce");
-            },
-            reps, "calibration all_reduce", out[3]);
+    const std::pair<const char *, std::function<Status()>> calls[] = {
+        {"calibration a2a", exchangeCall(comm, send, recv, perPeer,
+                                         size == 0 ? 1 : sizes.largeBlocks)},
+        {"calibration all_gather",
+         [&] {
+           return comm.allGather(send, perPeer, recv, "calibration all_gather");
+         }},
+        {"calibration reduce_scatter",
+         [&] {
+           return comm.reduceScatterSum(send, recv, count, DType::F32,
+                                        "calibration reduce_scatter");
+         }},
+        {"calibration all_reduce", [&] {
+           return comm.allReduceMaxInt32(static_cast<int32_t *>(recv), values,
+                                         "calibration all_reduce");
+         }}};
+    for (int kind = 0; kind < 4; ++kind)
+      if (Status s = timer.time(calls[kind].second, sizes.reps,
+                                calls[kind].first, seconds[4 * size + kind]);
+          !s)
+        return s;
+  }
+  return Status::ok();
+}
+
+/// CUDA events destroyed on scope exit.
+struct OwnedEvents {
+  cudaEvent_t events[4] = {};
+  ~OwnedEvents() {
+    for (cudaEvent_t event : events)
+      if (event)
+        cudaEventDestroy(event);
+  }
+};
+
+/// A loop of GEMMs on the compute stream beside a loop of exchanges on the
+/// exchange stream, each timed from its first item's start to its last
+/// one's end.
+class OverlapRun {
+public:
+  OverlapRun(Communicator &comm, cudaStream_t compute, cudaStream_t exchange,
+             std::function<Status()> gemm, std::function<Status()> oneExchange)
+      : comm_(comm), compute_(compute), exchange_(exchange),
+        gemm_(std::move(gemm)), exchangeCall_(std::move(oneExchange)) {}
+
+  /// `gemms` GEMMs beside `exchanges` exchanges: interleaved (one of each
+  /// while both last) so that each starts beside the other, or, with
+  /// `gemmsFirst`, every GEMM queued before the first exchange.
+  Status run(int gemms, int exchanges, bool gemmsFirst, double &gemmSeconds,
+             double &exchangeSeconds) {
+    cudaEvent_t *e = events_.events;
+    if (!e[0])
+      for (int i = 0; i < 4; ++i)
+        FLEX_CAL_CHECK(cudaEventCreate(&e[i]), "event create");
+    if (Status s = comm_.barrier("calibration overlap"); !s)
+      return s;
+    FLEX_CAL_CHECK(cudaEventRecord(e[0], compute_), "event");
+    FLEX_CAL_CHECK(cudaEventRecord(e[2], exchange_), "event");
+    if (gemmsFirst)
+      for (int i = 0; i < gemms; ++i)
+        if (Status s = gemm_(); !s)
+          return s;
+    for (int i = 0; i < std::max(gemms, exchanges); ++i) {
+      if (i < exchanges)
+        if (Status s = exchangeCall_(); !s)
+          return s;
+      if (!gemmsFirst && i < gemms)
+        if (Status s = gemm_(); !s)
+          return s;
+    }
+    FLEX_CAL_CHECK(cudaEventRecord(e[1], compute_), "event");
+    FLEX_CAL_CHECK(cudaEventRecord(e[3], exchange_), "event");
+    if (Status s = comm_.synchronizeStream(exchange_, "calibration overlap");
         !s)
       return s;
+    FLEX_CAL_CHECK(cudaStreamSynchronize(compute_), "calibration overlap");
+    float ms = 0;
+    FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, e[0], e[1]), "event");
+    gemmSeconds = ms * 1e-3;
+    FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, e[2], e[3]), "event");
+    exchangeSeconds = ms * 1e-3;
+    return Status::ok();
   }
 
-  // The slowdowns: a loop of one large bf16 grouped GEMM on the compute
-  // stream beside a loop of large exchanges, each long enough to cover the
-  // other; each side's time together over its time alone.
+private:
+  Communicator &comm_;
+  cudaStream_t compute_, exchange_;
+  std::function<Status()> gemm_, exchangeCall_;
+  OwnedEvents events_;
+};
+
+/// The two slowdowns, appended to `seconds` (the slowest rank's reduction
+/// follows): compute beside an exchange, an exchange beside compute, then 1
+/// for each whose measured loop outlasted the loop meant to cover it.
+Status measureSlowdowns(cuda::KernelContext &ctx, Communicator &comm,
+                        cudaStream_t exchange, CollectiveTimer &timer,
+                        ExchangeBuffers &buffers, const ExchangeSizes &sizes,
+                        bool quick, std::vector<double> &seconds) {
+  // A loop of one large bf16 grouped GEMM on the compute stream beside a
+  // loop of large exchanges, each long enough to cover the other; each
+  // side's time together over its time alone.
   Shape gemm{8, quick ? 1024 : 2048, 4096, 4096, DType::BF16, false};
   const size_t elem = dtypeSize(gemm.dtype);
   const size_t aBytes = gemm.groups * gemm.m * gemm.k * elem;
@@ -715,81 +755,35 @@ Status measureExchanges(cuda::KernelContext &ctx, Communicator &comm,
   space.rowBound = gemm.groups * gemm.m;
   space.staticCapacity = gemm.m;
   space.padded = true;
-  auto oneGemm = [&] {
+  auto oneGemm = [&ctx, &buffers, gemm, space] {
     return cuda::groupedGemm(ctx, {buffers.a.data, gemm.dtype},
                              {buffers.b.data, gemm.dtype}, {},
                              {buffers.c.data, gemm.dtype}, gemm.k, gemm.n,
                              space, GroupedGemmOptions{});
   };
-  auto bigExchange = exchangeOf(large, largeBlocks);
+  auto bigExchange = exchangeCall(comm, buffers.send.data, buffers.recv.data,
+                                  sizes.large, sizes.largeBlocks);
   double exchangeAlone = 0;
   if (Status s =
-          timer.time(bigExchange, reps, "calibration a2a", exchangeAlone);
+          timer.time(bigExchange, sizes.reps, "calibration a2a", exchangeAlone);
       !s)
     return s;
   // The loop counts below come from these: the slowest rank's, on every
-  // rank alike.
+  // rank alike (a rank with one exchange more would wait for a peer that
+  // never sends).
   std::vector<double> alone{gemmAlone, exchangeAlone};
-  if (Status s = slowestRankOnDevice(comm, exchange.stream, alone); !s)
+  if (Status s = slowestRankOnDevice(comm, exchange, alone); !s)
     return s;
   gemmAlone = alone[0];
   exchangeAlone = alone[1];
-  cudaEvent_t events[4] = {};
-  struct EventsGuard {
-    cudaEvent_t *events;
-    ~EventsGuard() {
-      for (int i = 0; i < 4; ++i)
-        if (events[i])
-          cudaEventDestroy(events[i]);
-    }
-  } guard{events};
-  for (cudaEvent_t &event : events)
-    FLEX_CAL_CHECK(cudaEventCreate(&event), "event create");
-  cudaStream_t compute = ctx.stream();
-  // Runs `gemms` GEMMs beside `exchanges` exchanges: interleaved (one of
-  // each while both last) so that each starts beside the other, or, with
-  // `gemmsFirst`, every GEMM queued before the first exchange. The seconds
-  // each loop took, from its first item's start to its last one's end.
-  auto together = [&](int gemms, int exchanges, bool gemmsFirst,
-                      double &gemmSeconds, double &exchangeSeconds) -> Status {
-    if (Status s = comm.barrier("calibration overlap"); !s)
-      return s;
-    FLEX_CAL_CHECK(cudaEventRecord(events[0], compute), "event");
-    FLEX_CAL_CHECK(cudaEventRecord(events[2], exchange.stream), "event");
-    const int n = std::max(gemms, exchanges);
-    if (gemmsFirst)
-      for (int i = 0; i < gemms; ++i)
-        if (Status s = oneGemm(); !s)
-          return s;
-    for (int i = 0; i < n; ++i) {
-      if (i < exchanges)
-        if (Status s = bigExchange(); !s)
-          return s;
-      if (!gemmsFirst && i < gemms)
-        if (Status s = oneGemm(); !s)
-          return s;
-    }
-    FLEX_CAL_CHECK(cudaEventRecord(events[1], compute), "event");
-    FLEX_CAL_CHECK(cudaEventRecord(events[3], exchange.stream), "event");
-    if (Status s =
-            comm.synchronizeStream(exchange.stream, "calibration overlap");
-        !s)
-      return s;
-    FLEX_CAL_CHECK(cudaStreamSynchronize(compute), "calibration overlap");
-    float ms = 0;
-    FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, events[0], events[1]), "event");
-    gemmSeconds = ms * 1e-3;
-    FLEX_CAL_CHECK(cudaEventElapsedTime(&ms, events[2], events[3]), "event");
-    exchangeSeconds = ms * 1e-3;
-    return Status::ok();
-  };
+  OverlapRun overlap(comm, ctx.stream(), exchange, oneGemm, bigExchange);
   // Compute beside an exchange: exchanges for three times the GEMMs' time.
   const int gemms = quick ? 3 : 10;
   const int cover =
       static_cast<int>(std::ceil(3.0 * gemms * gemmAlone / exchangeAlone)) + 1;
   double gemmBeside = 0, exchangeLoop = 0;
-  if (Status s = together(gemms, cover, /*gemmsFirst=*/false, gemmBeside,
-                          exchangeLoop);
+  if (Status s = overlap.run(gemms, cover, /*gemmsFirst=*/false, gemmBeside,
+                             exchangeLoop);
       !s)
     return s;
   // An exchange beside compute: GEMMs for twelve times the exchanges' time
@@ -799,38 +793,49 @@ Status measureExchanges(cuda::KernelContext &ctx, Communicator &comm,
                                                    exchangeAlone / gemmAlone)) +
                         1;
   double gemmLoop = 0, exchangeBeside = 0;
-  if (Status s = together(gemmCover, exchanges, /*gemmsFirst=*/true, gemmLoop,
-                          exchangeBeside);
+  if (Status s = overlap.run(gemmCover, exchanges, /*gemmsFirst=*/true,
+                             gemmLoop, exchangeBeside);
       !s)
     return s;
   seconds.push_back(gemmBeside / (gemms * gemmAlone));
   seconds.push_back(exchangeBeside / (exchanges * exchangeAlone));
-  // 1 where a measured loop outlasted the loop meant to cover it.
   seconds.push_back(exchangeLoop >= gemmBeside ? 0.0 : 1.0);
   seconds.push_back(gemmLoop >= exchangeBeside ? 0.0 : 1.0);
-  if (Status s = slowestRankOnDevice(comm, exchange.stream, seconds); !s)
-    return s;
+  return Status::ok();
+}
 
-  profile.worldSize = W;
-  // The ranks of this host: the launcher's word (torchrun, Open MPI, MPICH,
-  // Slurm), else all of them (one host, as the lent machines are).
-  profile.ranksPerNode = W;
+/// The ranks of this host: the launcher's word (torchrun, Open MPI, MPICH,
+/// Slurm), else all W of them (one host, as the lent machines are).
+int64_t ranksPerNodeFromLauncher(int64_t W) {
   for (const char *name : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
                            "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"})
     if (const char *value = std::getenv(name)) {
       const long n = std::strtol(value, nullptr, 10);
-      if (n >= 1 && n <= W && W % n == 0) {
-        profile.ranksPerNode = n;
-        break;
-      }
+      if (n >= 1 && n <= W && W % n == 0)
+        return n;
     }
+  return W;
+}
+
+/// The profile's collectives, slowdowns and notes from the slowest rank's
+/// `seconds` (timeCollectives' 8, then measureSlowdowns' 4).
+void writeExchangeProfile(const Communicator &comm,
+                          const RuntimeOptions &runtime,
+                          const ExchangeSizes &sizes,
+                          const std::vector<double> &seconds,
+                          DeviceProfile &profile, std::string &notes) {
+  const int W = comm.size();
+  profile.worldSize = W;
+  profile.ranksPerNode = ranksPerNodeFromLauncher(W);
   profile.collectives.clear();
   const double others = W - 1;
   // The bytes that leave this rank, as getStepWork counts them; all_reduce
   // (sync_capacity) counts its values once.
+  const double small = static_cast<double>(sizes.small);
+  const double large = static_cast<double>(sizes.large);
   const double bytes0[] = {small * others, small * others, small * others, 4.0};
   const double bytes1[] = {large * others, large * others, large * others,
-                           static_cast<double>(large)};
+                           large};
   const std::string transport =
       runtime.a2aTransport == AllToAllTransport::CopyEngine ? "ce" : "nccl";
   for (int kind = 0; kind < 4; ++kind) {
@@ -851,10 +856,11 @@ Status measureExchanges(cuda::KernelContext &ctx, Communicator &comm,
           "accumulation, no TF32) on rank 0's GPU; collectives timed on a "
           "highest-priority stream through the '" +
           std::string(comm.name()) + "' communicator (exchange transport " +
-          transport + "), the slowest rank's mean of " + std::to_string(reps) +
+          transport + "), the slowest rank's mean of " +
+          std::to_string(sizes.reps) +
           " calls: all_to_all at 64 KiB per peer in one block and at " +
-          std::to_string(large >> 20) + " MiB per peer in " +
-          std::to_string(largeBlocks) +
+          std::to_string(sizes.large >> 20) + " MiB per peer in " +
+          std::to_string(sizes.largeBlocks) +
           " blocks of 8 MiB (as the backend packs small runs and sends large "
           "ones in place); overlap: a bf16 grouped GEMM loop beside an "
           "exchange loop, each side's time together over alone";
@@ -864,6 +870,60 @@ Status measureExchanges(cuda::KernelContext &ctx, Communicator &comm,
   if (seconds[11] > 0)
     notes += "; the GEMMs ended before the exchanges on some rank: "
              "exchange_slowdown is a lower bound";
+}
+
+/// The collectives' points and the two slowdowns on `comm`'s W ranks, on
+/// an exchange stream of the highest priority as the backend's (its blocks
+/// start as soon as SMs free up).
+Status measureExchanges(cuda::KernelContext &ctx, Communicator &comm,
+                        const RuntimeOptions &runtime, bool quick,
+                        ExchangeBuffers &buffers, DeviceProfile &profile,
+                        std::string &notes) {
+  const int W = comm.size();
+  if (comm.memory() != CommMemory::Device)
+    return Status(StatusCode::InvalidArgument,
+                  "CUDA calibration on " + std::to_string(W) +
+                      " ranks needs a device (NCCL) communicator, got '" +
+                      std::string(comm.name()) + "'");
+  int least = 0, greatest = 0;
+  FLEX_CAL_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+                 "stream priorities");
+  OwnedStream exchange;
+  FLEX_CAL_CHECK(cudaStreamCreateWithPriority(&exchange.stream,
+                                              cudaStreamNonBlocking, greatest),
+                 "exchange stream");
+  if (Status s = comm.setStream(exchange.stream); !s)
+    return s;
+  // The communicator outlives this stream: it forgets it first.
+  struct StreamReset {
+    Communicator &comm;
+    ~StreamReset() { (void)comm.setStream(nullptr); }
+  } reset{comm};
+  ExchangeSizes sizes;
+  if (quick) {
+    sizes.largeBlocks = 2;
+    sizes.large = 2 * (int64_t(8) << 20);
+    sizes.reps = 5;
+  }
+  FLEX_CAL_CHECK(cudaMalloc(&buffers.send.data, sizes.large * W),
+                 "calibration send");
+  FLEX_CAL_CHECK(cudaMalloc(&buffers.recv.data, sizes.large * W),
+                 "calibration recv");
+  if (Status s = fillRandom(buffers.send.data, sizes.large * W); !s)
+    return s;
+  CollectiveTimer timer(comm, exchange.stream);
+  std::vector<double> seconds;
+  if (Status s = timeCollectives(comm, timer, buffers.send.data,
+                                 buffers.recv.data, sizes, seconds);
+      !s)
+    return s;
+  if (Status s = measureSlowdowns(ctx, comm, exchange.stream, timer, buffers,
+                                  sizes, quick, seconds);
+      !s)
+    return s;
+  if (Status s = slowestRankOnDevice(comm, exchange.stream, seconds); !s)
+    return s;
+  writeExchangeProfile(comm, runtime, sizes, seconds, profile, notes);
   return Status::ok();
 }
 
