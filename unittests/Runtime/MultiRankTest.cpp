@@ -776,30 +776,21 @@ TEST(CallbackCommunicator, RunsEveryVariantLikeTheCommunicatorBehindIt) {
       std::vector<Status> results(W);
       onRanks(W, [&](int r) {
         std::shared_ptr<Communicator> comm = ranks[r];
-        if (callbacks) {
-          auto mine = std::make_shared<int>(0);
-          Status s = createCallbackCommunicator(
-              comm, r, W, forwardingTo(ranks[r], mine), "test");
-          if (!s) {
-            results[r] = s;
-            return;
-          }
+        auto mine = std::make_shared<int>(0);
+        Status s = callbacks
+                       ? createCallbackCommunicator(
+                             comm, r, W, forwardingTo(ranks[r], mine), "test")
+                       : Status::ok();
+        if (callbacks && s)
           EXPECT_EQ(comm->name(), "test");
-          CpuRankExecutor rank;
-          s = rank.create(plan, comm, 0xff);
-          std::vector<Binding> bindings = buffers[r].bindings();
-          if (s)
-            s = runVariant(*rank.executor, variant, bindings, true);
-          std::lock_guard<std::mutex> lock(mutex);
-          *calls += *mine;
-          results[r] = s;
-          return;
-        }
         CpuRankExecutor rank;
-        Status s = rank.create(plan, comm, 0xff);
+        if (s)
+          s = rank.create(plan, comm, 0xff);
         std::vector<Binding> bindings = buffers[r].bindings();
         if (s)
           s = runVariant(*rank.executor, variant, bindings, true);
+        std::lock_guard<std::mutex> lock(mutex);
+        *calls += *mine;
         results[r] = s;
       });
       for (int r = 0; r < W; ++r)
@@ -816,6 +807,24 @@ TEST(CallbackCommunicator, RunsEveryVariantLikeTheCommunicatorBehindIt) {
             << "rank " << r << " " << name;
     }
   }
+}
+
+/// A forward of mr_ffn_fixed_w2_train.json's ep1 with zeroed arguments,
+/// through `comm`: its status.
+Status forwardEp1(const std::shared_ptr<Plan> &plan,
+                  std::shared_ptr<Communicator> comm) {
+  std::unique_ptr<Executor> executor;
+  if (Status s = Executor::create(plan, createCpuBackend(), executor); !s)
+    return s;
+  if (Status s = executor->setCommunicator(std::move(comm)); !s)
+    return s;
+  // A multi-variant plan defaults to auto: ep1 by name.
+  if (Status s = executor->selectVariant("ep1"); !s)
+    return s;
+  RankBuffers buffers;
+  buffers.init(*plan);
+  std::vector<Binding> bindings = buffers.bindings();
+  return executor->forward(bindings.data(), bindings.size());
 }
 
 // A failing function fails the step with its message and breaks the
@@ -835,14 +844,7 @@ TEST(CallbackCommunicator, AFailureNamesTheStepAndBreaksIt) {
   std::shared_ptr<Communicator> comm;
   ASSERT_TRUE(createCallbackCommunicator(comm, 0, 2, h).isOk());
   EXPECT_EQ(comm->name(), "callbacks");
-  std::unique_ptr<Executor> executor;
-  ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
-  ASSERT_TRUE(executor->setCommunicator(comm).isOk());
-  ASSERT_TRUE(executor->selectVariant("ep1").isOk());
-  RankBuffers buffers;
-  buffers.init(*plan);
-  std::vector<Binding> bindings = buffers.bindings();
-  Status status = executor->forward(bindings.data(), bindings.size());
+  Status status = forwardEp1(plan, comm);
   EXPECT_EQ(status.code(), StatusCode::CommunicationError);
   EXPECT_THAT(status.message(), HasSubstr("all_to_all"));
   EXPECT_THAT(status.message(), HasSubstr("peer 1 went away"));
@@ -924,15 +926,7 @@ TEST(MultiRankExecutor, ACollectiveTimeoutNamesTheStep) {
   ASSERT_TRUE(
       parsePlan(readTestPlan("mr_ffn_fixed_w2_train.json"), *plan).isOk());
   auto ranks = localRanks(2, /*timeout=*/0.3);
-  std::unique_ptr<Executor> executor;
-  ASSERT_TRUE(Executor::create(plan, createCpuBackend(), executor).isOk());
-  ASSERT_TRUE(executor->setCommunicator(ranks[0]).isOk());
-  // The step named below is ep1's (a multi-variant plan defaults to auto).
-  ASSERT_TRUE(executor->selectVariant("ep1").isOk());
-  RankBuffers buffers;
-  buffers.init(*plan);
-  std::vector<Binding> bindings = buffers.bindings();
-  Status status = executor->forward(bindings.data(), bindings.size());
+  Status status = forwardEp1(plan, ranks[0]);
   EXPECT_EQ(status.code(), StatusCode::CommunicationError);
   EXPECT_THAT(status.message(),
               HasSubstr("variant 'ep1' forward step 3 (all_to_all)"));
