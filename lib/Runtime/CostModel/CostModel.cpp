@@ -591,14 +591,48 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
     prediction.steps.push_back(out);
   }
 
+  // Which exchange each compute step waits for (the newest pending one of
+  // its rule; -1: none): fixed by the steps' order and bytes, not by the
+  // schedule, so found once for every round below.
+  std::vector<int64_t> waitsFor(steps.size(), -1);
+  {
+    std::vector<Touched> pendingBytes; // not yet waited for, oldest first
+    std::vector<int64_t> pendingStep;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const Step &step = steps[i];
+      const StepPrediction &out = prediction.steps[i];
+      if (out.stream == CostStream::Exchange) {
+        pendingBytes.push_back(exchangeBytes(plan, layout, step, out.rows));
+        pendingStep.push_back(static_cast<int64_t>(i));
+        continue;
+      }
+      int64_t follow = -1; // in the pending list
+      if (step.facts.wait == ExchangeWait::All) {
+        follow = static_cast<int64_t>(pendingStep.size()) - 1;
+      } else if (step.facts.wait == ExchangeWait::Overlapping) {
+        const SegmentFacts &seg = step.facts.segments;
+        Touched bytes =
+            computeBytes(layout, step, seg.isValid() ? out.rows : -1);
+        for (size_t p = pendingBytes.size(); p-- > 0 && follow < 0;)
+          if (pendingBytes[p].mustPrecede(bytes))
+            follow = static_cast<int64_t>(p);
+      }
+      if (follow >= 0) {
+        waitsFor[i] = pendingStep[follow];
+        pendingBytes.erase(pendingBytes.begin(),
+                           pendingBytes.begin() + follow + 1);
+        pendingStep.erase(pendingStep.begin(),
+                          pendingStep.begin() + follow + 1);
+      }
+    }
+  }
+
   // One schedule of both streams, the exchanges slowed inside the compute
   // stream's busy intervals `computeBusy` (those of the schedule before;
   // empty: none); returns this schedule's compute intervals.
   auto schedule = [&](const std::vector<std::pair<double, double>>
                           &computeBusy) {
-    double compute = 0, exchange = 0;  // when each stream is free, in us
-    std::vector<Touched> pendingBytes; // not yet waited for, oldest first
-    std::vector<double> pendingEnd;
+    double compute = 0, exchange = 0; // when each stream is free, in us
     std::vector<std::pair<double, double>> busy; // every exchange's interval
     std::vector<std::pair<double, double>> computing;
     for (size_t i = 0; i < steps.size(); ++i) {
@@ -615,28 +649,12 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
         out.us = end - out.startUs;
         exchange = end;
         busy.emplace_back(out.startUs, exchange);
-        pendingBytes.push_back(exchangeBytes(plan, layout, step, out.rows));
-        pendingEnd.push_back(exchange);
         continue;
       }
-      int64_t follow = -1; // the newest pending exchange to wait for
-      if (step.facts.wait == ExchangeWait::All) {
-        follow = static_cast<int64_t>(pendingEnd.size()) - 1;
-      } else if (step.facts.wait == ExchangeWait::Overlapping) {
-        const SegmentFacts &seg = step.facts.segments;
-        int64_t chunkRows = seg.isValid() ? out.rows : -1;
-        Touched bytes = computeBytes(layout, step, chunkRows);
-        for (size_t p = pendingBytes.size(); p-- > 0 && follow < 0;)
-          if (pendingBytes[p].mustPrecede(bytes))
-            follow = static_cast<int64_t>(p);
-      }
-      out.startUs = compute;
-      if (follow >= 0) {
-        out.startUs = std::max(compute, pendingEnd[follow]);
-        pendingBytes.erase(pendingBytes.begin(),
-                           pendingBytes.begin() + follow + 1);
-        pendingEnd.erase(pendingEnd.begin(), pendingEnd.begin() + follow + 1);
-      }
+      out.startUs =
+          waitsFor[i] >= 0
+              ? std::max(compute, prediction.steps[waitsFor[i]].endUs())
+              : compute;
       const bool slowed = !isCollective(step.op) &&
                           profile_.overlapSlowdown > 1 && !busy.empty();
       const double end = slowed ? finishTime(out.startUs, alone, busy,
