@@ -61,6 +61,11 @@ using LargeTiles = Tiles<128, 128, 32, 2, 4, 4>;
 using SmallTiles = Tiles<32, 128, 64, 1, 4, 4>;
 /// Many rows, wider N: 64 x 64 per warp (more MMAs per shared-memory read).
 using WideTiles = Tiles<128, 256, 32, 2, 4, 3>;
+/// Decode candidates, timed by flex-gemm-bench beside Small: half the N
+/// tile (twice the CTAs, a finer tail over the SMs) with 6 stages, and
+/// Small's tile with 6 stages (more weight bytes in flight per CTA).
+using NarrowTiles = Tiles<32, 64, 64, 1, 2, 6>;
+using DeepTiles = Tiles<32, 128, 64, 1, 4, 6>;
 // The cost model pads each expert's rows to these tiles.
 static_assert(SmallTiles::BM == deviceGemmTileRows(DeviceGemmTile::Small) &&
               LargeTiles::BM == deviceGemmTileRows(DeviceGemmTile::Large));
@@ -677,6 +682,10 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
         return launch(SmallTiles{});
       case DeviceTiles::Wide:
         return launch(WideTiles{});
+      case DeviceTiles::Narrow:
+        return launch(NarrowTiles{});
+      case DeviceTiles::Deep:
+        return launch(DeepTiles{});
       default:
         return launch(LargeTiles{});
       }

@@ -43,9 +43,11 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
 /// expert, else Large; the benchmark times each).
 enum class DeviceTiles {
   Auto,
-  Small, ///< 32 x 128, 4 warps
-  Large, ///< 128 x 128, 8 warps
-  Wide,  ///< 128 x 256, 8 warps
+  Small,  ///< 32 x 128, 4 warps
+  Large,  ///< 128 x 128, 8 warps
+  Wide,   ///< 128 x 256, 8 warps
+  Narrow, ///< 32 x 64, 2 warps, 6 stages (decode candidate)
+  Deep,   ///< 32 x 128, 4 warps, 6 stages (decode candidate)
 };
 
 /// c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when transB) for every
