@@ -34,14 +34,16 @@ namespace {
 /// Every moert step op; the count check below (registered step ops ==
 /// kNumStepOps == this list's size) makes the list complete.
 template <typename... Ops> struct OpList {};
-using StepOps = OpList<
-    moert::RouterOp, moert::GateOp, moert::DispatchOp, moert::GroupedGemmOp,
-    moert::GluOp, moert::CombineOp, moert::CombineBackwardOp,
-    moert::GroupedGemmWgradOp, moert::ActivationBackwardOp,
-    moert::GluBackwardOp, moert::DispatchBackwardOp, moert::GateBackwardOp,
-    moert::RouterBackwardOp, moert::SyncCapacityOp, moert::AllToAllOp,
-    moert::UniformSegmentsOp, moert::ShardRoutingOp,
-    moert::ShardRoutingBackwardOp, moert::AllGatherOp, moert::ReduceScatterOp>;
+using StepOps =
+    OpList<moert::RouterOp, moert::GateOp, moert::DispatchOp,
+           moert::DispatchRowsOp, moert::GroupedGemmOp, moert::GluOp,
+           moert::CombineOp, moert::CombineBackwardOp,
+           moert::GroupedGemmWgradOp, moert::ActivationBackwardOp,
+           moert::GluBackwardOp, moert::DispatchBackwardOp,
+           moert::GateBackwardOp, moert::RouterBackwardOp,
+           moert::SyncCapacityOp, moert::AllToAllOp, moert::UniformSegmentsOp,
+           moert::ShardRoutingOp, moert::ShardRoutingBackwardOp,
+           moert::AllGatherOp, moert::ReduceScatterOp>;
 
 template <typename... Ops> constexpr size_t size(OpList<Ops...>) {
   return sizeof...(Ops);
@@ -57,6 +59,7 @@ using RoleSet = std::set<std::pair<std::string, bool>>;
 /// still be optional in the schema and absent from the op (checked below).
 const std::map<std::string, std::set<std::string>> kSchemaOnlyRoles = {
     {"dispatch.in", {"gates", "expert_rows"}},
+    {"dispatch_rows.in", {"gates", "expert_rows"}},
     {"combine.in", {"expert_rows"}},
     {"combine_backward.in", {"expert_rows"}},
     {"dispatch_backward.in", {"gates", "expert_rows"}},

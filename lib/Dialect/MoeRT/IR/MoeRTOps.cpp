@@ -268,6 +268,82 @@ LogicalResult expectSegments(ShapeMatcher &m, Value offsets, Value rows) {
   return failure(failed(m.expect("expert_rows", rows, {"G"})) ||
                  failed(m.expect("expert_offsets", offsets, {"G+1"})));
 }
+
+/// The A operand of a grouped GEMM: [R, K] rows of the dispatch side, or,
+/// with `row_tokens`, the layer's tokens [T, K] it indexes (the
+/// gather-fused dispatch of --moert-fuse-dispatch).
+LogicalResult expectGemmA(ShapeMatcher &m, Value a, Value rowTokens) {
+  return rowTokens ? m.expect("a", a, {"T", "K"})
+                   : m.expect("a", a, {"R", "K"});
+}
+
+/// With `row_tokens`: it is [R], R the product's rows (bound by `c` or
+/// `grad_c` before), and `a`'s T rows are the layer's tokens.
+LogicalResult expectRowTokens(ShapeMatcher &m, Operation *op, Value a,
+                              Value rowTokens) {
+  if (!rowTokens)
+    return success();
+  if (failed(m.expect("row_tokens", rowTokens, {"R"})))
+    return failure();
+  auto plan = op->getParentOfType<PlanOp>();
+  if (!plan || !plan.getLayerAttr() ||
+      m.size("T") == plan.getLayer().getTokens())
+    return success();
+  return op->emitOpError("[plan-1] with 'row_tokens', 'a' must be the "
+                         "layer's tokens [T = ")
+         << plan.getLayer().getTokens() << ", K], got " << a.getType();
+}
+
+/// The rows of the dispatch buffer of the routing that `offsets` holds at
+/// `op` ([plan-1]: what `dispatch` writes and `dispatch_rows` maps), as
+/// docs/PlanFormat.md gives them: E * C for the padded layout, min(E * C,
+/// T * k) for the ragged one, C the layer's capacity bound aligned up as its
+/// gate's. E and k are the routing's (`experts` = E * s, `choices` = k * s
+/// after shard_routing). The layout is that of the last step of the
+/// variant's forward before `op` that writes `offsets`: a gate's `layout`,
+/// padded for shard_routing. std::nullopt when no plan or no such step is in
+/// view (a step checked on its own).
+std::optional<std::pair<int64_t, Layout>>
+dispatchRowsOf(Operation *op, Value offsets, int64_t experts, int64_t choices) {
+  auto plan = op->getParentOfType<PlanOp>();
+  auto variant = op->getParentOfType<VariantOp>();
+  if (!plan || !plan.getLayerAttr() || !variant || variant.getForward().empty())
+    return std::nullopt;
+  std::optional<Layout> layout;
+  flex::moe::CapacityAttr capacity = plan.getLayer().getCapacity();
+  for (Operation &step : variant.getForward().front()) {
+    if (&step == op)
+      break;
+    if (auto gate = dyn_cast<GateOp>(step)) {
+      if (gate.getCapacityAttr())
+        capacity = gate.getCapacityAttr();
+      if (gate.getExpertOffsets() == offsets && gate.getLayoutAttr())
+        layout = gate.getLayout();
+    } else if (auto shard = dyn_cast<ShardRoutingOp>(step)) {
+      if (shard.getShardOffsets() == offsets)
+        layout = Layout::Padded;
+    }
+  }
+  if (!layout || !capacity)
+    return std::nullopt;
+  LayerAttr layer = plan.getLayer();
+  int64_t tokens = layer.getTokens(), bound = tokens;
+  if (std::optional<int64_t> fixed = capacity.getCapacityBound(
+          tokens, layer.getExperts(), layer.getTopK()))
+    bound = capacity.getMode() == flex::moe::CapacityMode::Fixed
+                ? *fixed
+                : std::min(*fixed, tokens);
+  int64_t align = std::max<int64_t>(capacity.getAlignment(), 1);
+  int64_t aligned = 0, padded = 0, ragged = 0;
+  if (llvm::AddOverflow(bound, align - 1, aligned) ||
+      llvm::MulOverflow(experts, aligned / align * align, padded))
+    return std::nullopt;
+  if (*layout == Layout::Padded)
+    return std::pair{padded, *layout};
+  if (llvm::MulOverflow(tokens, choices, ragged))
+    return std::pair{padded, *layout};
+  return std::pair{std::min(padded, ragged), *layout};
+}
 } // namespace
 
 //===----------------------------------------------------------------------===//
@@ -333,18 +409,36 @@ LogicalResult DispatchOp::verify() {
       failed(m.sameElement("dispatched", getDispatched(), "x", getX())));
 }
 
+LogicalResult DispatchRowsOp::verify() {
+  ShapeMatcher m(*this);
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(m.expect("expert_offsets", getExpertOffsets(), {"E+1"})) ||
+      failed(m.expect("row_tokens", getRowTokens(), {"R"})))
+    return failure();
+  std::optional<std::pair<int64_t, Layout>> rows =
+      dispatchRowsOf(*this, getExpertOffsets(), m.size("E"), m.size("k"));
+  if (!rows || rows->first == m.size("R"))
+    return success();
+  return emitOpError("[plan-1] 'row_tokens' must be [R = ")
+         << rows->first << "], the rows of the "
+         << stringifyLayout(rows->second) << " dispatch buffer ("
+         << (rows->second == Layout::Padded ? "E * C" : "min(E * C, T * k)")
+         << "), got " << getRowTokens().getType();
+}
+
 LogicalResult GroupedGemmOp::verify() {
   ShapeMatcher m(*this);
   static const StringRef kB[] = {"G", "K", "N"},
                          kTransposedB[] = {"G", "N", "K"};
   ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
   if (failed(expectDeclaredRoles(m, *this)) ||
-      failed(m.expect("a", getA(), {"R", "K"})) ||
+      failed(expectGemmA(m, getA(), getRowTokens())) ||
       failed(m.expect("b", getB(), bShape)) ||
       failed(m.expect("bias", getBias(), {"G", "N"})) ||
       failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("c", getC(), {"R", "N"})) ||
       failed(m.expect("pre", getPre(), {"R", "N"})) ||
+      failed(expectRowTokens(m, *this, getA(), getRowTokens())) ||
       failed(m.sameElement("b", getB(), "a", getA())) ||
       failed(m.sameElement("c", getC(), "a", getA())))
     return failure();
@@ -428,11 +522,12 @@ LogicalResult GroupedGemmWgradOp::verify() {
   ShapeMatcher m(*this);
   return failure(
       failed(expectDeclaredRoles(m, *this)) ||
-      failed(m.expect("a", getA(), {"R", "K"})) ||
+      failed(expectGemmA(m, getA(), getRowTokens())) ||
       failed(m.expect("grad_c", getGradC(), {"R", "N"})) ||
       failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("grad_b", getGradB(), {"G", "K", "N"})) ||
-      failed(m.expect("grad_bias", getGradBias(), {"G", "N"})));
+      failed(m.expect("grad_bias", getGradBias(), {"G", "N"})) ||
+      failed(expectRowTokens(m, *this, getA(), getRowTokens())));
 }
 
 LogicalResult ActivationBackwardOp::verify() {

@@ -168,3 +168,138 @@ moert.plan @shards_overflow attributes {layer = #moert.layer<tokens = 8, model_d
     moert.shard_routing_backward ins(grad_gates = %g : memref<8x8xf32>) outs(grad_gates = %o : memref<8x4xf32>) {shards = 4611686018427387906 : i64}
   }
 }
+
+// -----
+
+// Gather-fused steps (--moert-fuse-dispatch): dispatch_rows maps the rows
+// of its gate's layout ([R] i32), and a GEMM given row_tokens has one per
+// row of its product and reads the layer's tokens [T, K] through them.
+
+moert.plan @dispatch_rows_ragged_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %logits = moert.alloc "logits" : memref<8x2xf32>
+  %scores = moert.alloc "scores" : memref<8x2xf32>
+  %indices = moert.alloc "indices" : memref<8x1xi32>
+  %locations = moert.alloc "locations" : memref<8x1xi32>
+  %gates = moert.alloc "gates" : memref<8x1xf32>
+  %capacity = moert.alloc "capacity" : memref<1xi32>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %aux = moert.argument "l_aux" output : memref<1xf32>
+  %rt = moert.alloc "row_tokens" : memref<16xi32>
+  moert.variant "v" forward {
+    moert.gate ins(logits = %logits : memref<8x2xf32>) outs(scores = %scores : memref<8x2xf32>, indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, gates = %gates : memref<8x1xf32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, l_aux = %aux : memref<1xf32>) {capacity = #moe.capacity<dropless>, layout = #moert<layout ragged>, top_k = 1 : i64}
+    // expected-error @+1 {{[plan-1] 'row_tokens' must be [R = 8], the rows of the ragged dispatch buffer (min(E * C, T * k)), got 'memref<16xi32>'}}
+    moert.dispatch_rows ins(indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>) outs(row_tokens = %rt : memref<16xi32>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @dispatch_rows_padded_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %logits = moert.alloc "logits" : memref<8x2xf32>
+  %scores = moert.alloc "scores" : memref<8x2xf32>
+  %indices = moert.alloc "indices" : memref<8x1xi32>
+  %locations = moert.alloc "locations" : memref<8x1xi32>
+  %gates = moert.alloc "gates" : memref<8x1xf32>
+  %capacity = moert.alloc "capacity" : memref<1xi32>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %aux = moert.argument "l_aux" output : memref<1xf32>
+  %rt = moert.alloc "row_tokens" : memref<8xi32>
+  moert.variant "v" forward {
+    moert.gate ins(logits = %logits : memref<8x2xf32>) outs(scores = %scores : memref<8x2xf32>, indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, gates = %gates : memref<8x1xf32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, l_aux = %aux : memref<1xf32>) {capacity = #moe.capacity<dropless>, layout = #moert<layout padded>, top_k = 1 : i64}
+    // expected-error @+1 {{[plan-1] 'row_tokens' must be [R = 16], the rows of the padded dispatch buffer (E * C), got 'memref<8xi32>'}}
+    moert.dispatch_rows ins(indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>) outs(row_tokens = %rt : memref<8xi32>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @dispatch_rows_rank attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %logits = moert.alloc "logits" : memref<8x2xf32>
+  %scores = moert.alloc "scores" : memref<8x2xf32>
+  %indices = moert.alloc "indices" : memref<8x1xi32>
+  %locations = moert.alloc "locations" : memref<8x1xi32>
+  %gates = moert.alloc "gates" : memref<8x1xf32>
+  %capacity = moert.alloc "capacity" : memref<1xi32>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %aux = moert.argument "l_aux" output : memref<1xf32>
+  %rt = moert.alloc "row_tokens" : memref<8x1xi32>
+  moert.variant "v" forward {
+    moert.gate ins(logits = %logits : memref<8x2xf32>) outs(scores = %scores : memref<8x2xf32>, indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, gates = %gates : memref<8x1xf32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, l_aux = %aux : memref<1xf32>) {capacity = #moe.capacity<dropless>, layout = #moert<layout ragged>, top_k = 1 : i64}
+    // expected-error @+1 {{[plan-1] 'row_tokens' must be [R], got 'memref<8x1xi32>'}}
+    moert.dispatch_rows ins(indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>) outs(row_tokens = %rt : memref<8x1xi32>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_row_tokens_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<8x8xbf16>
+  %w = moert.argument "w1" input : memref<2x8x8xbf16>
+  %gw = moert.argument "grad_w1" grad_output : memref<2x8x8xbf16>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<16xi32>
+  %c = moert.alloc "c" : memref<8x8xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'row_tokens' must be [R = 8], got 'memref<16xi32>'}}
+    moert.grouped_gemm ins(a = %a : memref<8x8xbf16>, b = %w : memref<2x8x8xbf16>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, row_tokens = %rt : memref<16xi32>) outs(c = %c : memref<8x8xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_gathered_a_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<16x8xbf16>
+  %w = moert.argument "w1" input : memref<2x8x8xbf16>
+  %gw = moert.argument "grad_w1" grad_output : memref<2x8x8xbf16>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<8xi32>
+  %c = moert.alloc "c" : memref<8x8xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] with 'row_tokens', 'a' must be the layer's tokens [T = 8, K], got 'memref<16x8xbf16>'}}
+    moert.grouped_gemm ins(a = %a : memref<16x8xbf16>, b = %w : memref<2x8x8xbf16>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, row_tokens = %rt : memref<8xi32>) outs(c = %c : memref<8x8xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @wgrad_row_tokens_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<8x8xbf16>
+  %w = moert.argument "w1" input : memref<2x8x8xbf16>
+  %gw = moert.argument "grad_w1" grad_output : memref<2x8x8xbf16>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<16xi32>
+  %c = moert.alloc "c" : memref<8x8xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'row_tokens' must be [R = 8], got 'memref<16xi32>'}}
+    moert.grouped_gemm_wgrad ins(a = %a : memref<8x8xbf16>, grad_c = %c : memref<8x8xbf16>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, row_tokens = %rt : memref<16xi32>) outs(grad_b = %gw : memref<2x8x8xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @wgrad_gathered_a_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<16x8xbf16>
+  %w = moert.argument "w1" input : memref<2x8x8xbf16>
+  %gw = moert.argument "grad_w1" grad_output : memref<2x8x8xbf16>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<8xi32>
+  %c = moert.alloc "c" : memref<8x8xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] with 'row_tokens', 'a' must be the layer's tokens [T = 8, K], got 'memref<16x8xbf16>'}}
+    moert.grouped_gemm_wgrad ins(a = %a : memref<16x8xbf16>, grad_c = %c : memref<8x8xbf16>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, row_tokens = %rt : memref<8xi32>) outs(grad_b = %gw : memref<2x8x8xbf16>)
+  } backward {
+  }
+}

@@ -61,3 +61,60 @@ moert.plan @token_element attributes {layer = #moert.layer<tokens = 8, model_dim
     moert.router_backward ins(x = %x : memref<8x4xbf16>, wg = %wg : memref<4x2xf32>, grad_logits = %gl : memref<8x2xf32>) outs(grad_x = %gx : memref<8x4xf32>, grad_wg = %gwg : memref<4x2xf32>)
   }
 }
+
+// -----
+
+// The row -> token map of the gather-fused steps is i32.
+
+moert.plan @dispatch_rows_i32 attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %logits = moert.alloc "logits" : memref<8x2xf32>
+  %scores = moert.alloc "scores" : memref<8x2xf32>
+  %indices = moert.alloc "indices" : memref<8x1xi32>
+  %locations = moert.alloc "locations" : memref<8x1xi32>
+  %gates = moert.alloc "gates" : memref<8x1xf32>
+  %capacity = moert.alloc "capacity" : memref<1xi32>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %aux = moert.argument "l_aux" output : memref<1xf32>
+  %rt = moert.alloc "row_tokens" : memref<8xf32>
+  moert.variant "v" forward {
+    moert.gate ins(logits = %logits : memref<8x2xf32>) outs(scores = %scores : memref<8x2xf32>, indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, gates = %gates : memref<8x1xf32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, l_aux = %aux : memref<1xf32>) {capacity = #moe.capacity<dropless>, layout = #moert<layout ragged>, top_k = 1 : i64}
+    // expected-error @+1 {{[plan-2] 'row_tokens' must have element type 'i32', got 'f32'}}
+    moert.dispatch_rows ins(indices = %indices : memref<8x1xi32>, locations = %locations : memref<8x1xi32>, capacity = %capacity : memref<1xi32>, expert_offsets = %offsets : memref<3xi32>) outs(row_tokens = %rt : memref<8xf32>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_row_tokens_i32 attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<8x8xbf16>
+  %w = moert.argument "w1" input : memref<2x8x8xbf16>
+  %gw = moert.argument "grad_w1" grad_output : memref<2x8x8xbf16>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<8xi64>
+  %c = moert.alloc "c" : memref<8x8xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'row_tokens' must have element type 'i32', got 'i64'}}
+    moert.grouped_gemm ins(a = %a : memref<8x8xbf16>, b = %w : memref<2x8x8xbf16>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, row_tokens = %rt : memref<8xi64>) outs(c = %c : memref<8x8xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @wgrad_row_tokens_i32 attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 8, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<8x8xbf16>
+  %w = moert.argument "w1" input : memref<2x8x8xbf16>
+  %gw = moert.argument "grad_w1" grad_output : memref<2x8x8xbf16>
+  %offsets = moert.alloc "expert_offsets" : memref<3xi32>
+  %rows = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<8xi64>
+  %c = moert.alloc "c" : memref<8x8xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'row_tokens' must have element type 'i32', got 'i64'}}
+    moert.grouped_gemm_wgrad ins(a = %a : memref<8x8xbf16>, grad_c = %c : memref<8x8xbf16>, expert_offsets = %offsets : memref<3xi32>, expert_rows = %rows : memref<2xi32>, row_tokens = %rt : memref<8xi64>) outs(grad_b = %gw : memref<2x8x8xbf16>)
+  } backward {
+  }
+}

@@ -169,19 +169,43 @@ def MoeRT_DispatchOp : MoeRT_StepOp<"dispatch",
                        Buf:$expert_offsets, Buf:$dispatched);
 }
 
+def MoeRT_DispatchRowsOp : MoeRT_StepOp<"dispatch_rows",
+    ["indices", "locations", "capacity", "expert_offsets"], ["row_tokens"]> {
+  let summary = "the token of each kept dispatch row, for gather-fused GEMMs";
+  let description = [{
+    `row_tokens[expert_offsets[indices[t, j]] + locations[t, j]] = t` for
+    every kept slot (t, j) (`locations[t, j] < capacity`): the rows
+    `dispatch` would write, without copying them. The grouped GEMMs given
+    `row_tokens` then load row r of their A operand from `x[row_tokens[r]]`
+    (`--moert-fuse-dispatch`). `row_tokens` is [R], R the dispatch rows of
+    the gate's layout.
+
+    ```mlir
+    moert.dispatch_rows ins(indices = %i : memref<64x2xi32>, ...)
+        outs(row_tokens = %rt : memref<128xi32>)
+    ```
+  }];
+  let arguments = (ins Buf:$indices, Buf:$locations, Buf:$capacity,
+                       Buf:$expert_offsets, Buf:$row_tokens);
+}
+
 def MoeRT_GroupedGemmOp : MoeRT_StepOp<"grouped_gemm",
-    ["a", "b", "bias?", "expert_offsets", "expert_rows"], ["c", "pre?"],
-    [AttrSizedOperandSegments]> {
+    ["a", "b", "bias?", "expert_offsets", "expert_rows", "row_tokens?"],
+    ["c", "pre?"], [AttrSizedOperandSegments]> {
   let summary = "per expert: c = epilogue(a @ b[e] + bias_scale * bias[e])";
   let description = [{
     Over the valid rows of each expert. `trans_b` reads b as [E, N, K];
     `accumulate` adds to c; `pre`, when given, receives the value before the
     epilogue (kept for the backward of the activation). `bias_scale` (> 0,
     default 1) scales the bias: 1 / s in fc2 of experts sharded over s
-    ranks, whose s partial outputs then add b2 once.
+    ranks, whose s partial outputs then add b2 once. With `row_tokens` ([R]
+    i32, from `dispatch_rows`), `a` is the layer's tokens [T, K] and row r of
+    the product reads `a[row_tokens[r]]`: the dispatch gathered into the
+    GEMM's A load.
   }];
   let arguments = (ins Buf:$a, Buf:$b, OptBuf:$bias, Buf:$expert_offsets,
-      Buf:$expert_rows, Buf:$c, OptBuf:$pre, UnitAttr:$trans_b,
+      Buf:$expert_rows, OptBuf:$row_tokens, Buf:$c, OptBuf:$pre,
+      UnitAttr:$trans_b,
       UnitAttr:$accumulate, OptionalAttr<Moe_ActivationAttr>:$epilogue,
       OptionalAttr<F64Attr>:$bias_scale);
 }
@@ -213,15 +237,18 @@ def MoeRT_CombineBackwardOp : MoeRT_StepOp<"combine_backward",
 }
 
 def MoeRT_GroupedGemmWgradOp : MoeRT_StepOp<"grouped_gemm_wgrad",
-    ["a", "grad_c", "expert_offsets", "expert_rows"], ["grad_b", "grad_bias?"]> {
+    ["a", "grad_c", "expert_offsets", "expert_rows", "row_tokens?"],
+    ["grad_b", "grad_bias?"], [AttrSizedOperandSegments]> {
   let summary = "per expert: grad_b[e] = a^T grad_c, grad_bias[e] = colsum";
   let description = [{
     With `accumulate`, the sums are added to grad_b and grad_bias (the
-    pipelined backward sums the chunks of each expert).
+    pipelined backward sums the chunks of each expert). With `row_tokens`
+    ([R] i32), `a` is the layer's tokens [T, K] and row r of a_e is
+    `a[row_tokens[r]]`, as in `grouped_gemm`.
   }];
   let arguments = (ins Buf:$a, Buf:$grad_c, Buf:$expert_offsets,
-                       Buf:$expert_rows, Buf:$grad_b, OptBuf:$grad_bias,
-                       UnitAttr:$accumulate);
+                       Buf:$expert_rows, OptBuf:$row_tokens, Buf:$grad_b,
+                       OptBuf:$grad_bias, UnitAttr:$accumulate);
 }
 
 def MoeRT_ActivationBackwardOp : MoeRT_StepOp<"activation_backward",
