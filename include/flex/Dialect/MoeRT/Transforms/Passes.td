@@ -13,6 +13,56 @@
 
 include "mlir/Pass/PassBase.td"
 
+def MoeRTFuseDispatchPass : Pass<"moert-fuse-dispatch", "::flex::moert::PlanOp"> {
+  let summary = "Add a variant that gathers the dispatched rows in the "
+                "grouped GEMMs' A loads";
+  let description = [{
+    On a plan for one rank (`world_size` 1), for each variant whose forward
+    has one `moert.dispatch` writing a workspace buffer D where
+    - the routing it reads is a gate's with `layout` ragged,
+    - D is bf16 or f16 with K (its columns) a multiple of 8,
+    - every other step of the variant (forward and backward) that touches D
+      is a `moert.grouped_gemm` or `moert.grouped_gemm_wgrad` reading it as
+      `a` (without `row_tokens`), with N (the columns of `c` / `grad_c`) a
+      multiple of 8,
+    adds right after it a variant `<name>+gather` that computes the same:
+    the dispatch becomes `moert.dispatch_rows` (same routing) writing
+    `<name>+gather.row_tokens` (i32 [R], R the rows of D), and those GEMMs
+    read `a` = the plan's argument `x` with `row_tokens`, so D is never
+    written. The new variant has its own copy of every other workspace
+    buffer the original uses (`<name>+gather.<buffer>`, the original's
+    `<name>.` prefix replaced), which `--moert-plan-memory` overlaps with
+    the original's since variants never run together. The original variant
+    stays first and unchanged (a plan's first variant is its default); the
+    runtime's cost model picks between the two per call. Variants that do not
+    qualify are left alone, and so is a plan for several ranks (exchanges
+    move whole dispatch blocks).
+
+    Runs before `--moert-plan-memory`: a placed plan with a variant to fuse
+    is an error.
+
+    ```mlir
+    // ragged variant "single": dispatch -> D; grouped_gemm ins(a = D, ...)
+    moert.variant "single+gather" forward {
+      moert.router ...
+      moert.gate ... {layout = #moert<layout ragged>, ...}
+      moert.dispatch_rows ins(indices = ..., locations = ..., capacity = ...,
+          expert_offsets = ...) outs(row_tokens = %rt : memref<128xi32>)
+      moert.grouped_gemm ins(a = %x : memref<64x16xbf16>, ...,
+          row_tokens = %rt : memref<128xi32>) outs(c = ...)
+      ...
+    }
+    ```
+
+    With `report`, a remark on each variant says whether it was fused, and
+    why not.
+  }];
+  let options = [
+    Option<"report", "report", "bool", /*default=*/"false",
+           "Emit a remark per variant: fused, or why not">,
+  ];
+}
+
 def MoeRTPlanMemoryPass : Pass<"moert-plan-memory", "::flex::moert::PlanOp"> {
   let summary = "Place workspace buffers in one block by liveness";
   let description = [{
