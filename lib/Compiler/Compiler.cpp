@@ -80,6 +80,8 @@ bool flex::compileLayerToPlan(std::string_view mlirText,
   pipeline.training = options.training;
   pipeline.layout = options.layout;
   pipeline.layouts = llvm::ArrayRef<std::string>(options.layouts);
+  if (options.fuseDispatch)
+    pipeline.fuseDispatch = *options.fuseDispatch;
   buildLowerToPlanPipeline(pm, pipeline);
   if (failed(pm.run(*module)))
     return false;

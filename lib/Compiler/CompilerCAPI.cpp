@@ -31,7 +31,8 @@ char *copyString(const std::string &text) {
 
 /// The compile options of the C API: `world_size` ranks, and in `pipeline`
 /// space-separated options: `variants=r1d1,r1d2,...`, `layouts=padded,ragged`,
-/// `ranks_per_node=N` (the 2DH exchange) and `source=NAME`, the name
+/// `ranks_per_node=N` (the 2DH exchange), `fuse_dispatch=true|false` (the
+/// gather-fused variants) and `source=NAME`, the name
 /// diagnostics give the text (docs/CAPI.md). `source=` takes the rest of the
 /// text, as a file name may hold spaces, so it comes last.
 bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
@@ -44,7 +45,8 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
     return true;
   std::string_view text(options->pipeline);
   constexpr std::string_view variantsKey = "variants=", layoutsKey = "layouts=",
-                             nodeKey = "ranks_per_node=", sourceKey = "source=";
+                             nodeKey = "ranks_per_node=", sourceKey = "source=",
+                             fuseKey = "fuse_dispatch=";
   auto list = [](std::string_view option, std::vector<std::string> &out) {
     while (!option.empty()) {
       size_t comma = option.find(',');
@@ -78,10 +80,19 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
         return false;
       }
       out.ranksPerNode = value;
+    } else if (starts(option, fuseKey)) {
+      std::string_view value = option.substr(fuseKey.size());
+      if (value != "true" && value != "false") {
+        error = "compile option 'fuse_dispatch' needs true or false, got '" +
+                std::string(value) + "'";
+        return false;
+      }
+      out.fuseDispatch = value == "true";
     } else {
       error = "unknown compile option '" + std::string(option) +
               "'; the options are variants=r<R>d<D>,..., "
-              "layouts=padded,ragged, ranks_per_node=N and source=NAME";
+              "layouts=padded,ragged, ranks_per_node=N, "
+              "fuse_dispatch=true|false and source=NAME";
       return false;
     }
   }

@@ -26,6 +26,10 @@ void flex::buildLowerToPlanPipeline(mlir::OpPassManager &pm,
   lowering.layout = options.layout;
   lowering.layouts.assign(options.layouts.begin(), options.layouts.end());
   pm.addPass(createConvertMoeToMoeRTPass(lowering));
+  // Before the memory plan: the fused variants' buffers are placed with
+  // the others.
+  if (options.fuseDispatch)
+    pm.addNestedPass<moert::PlanOp>(moert::createMoeRTFuseDispatchPass());
   pm.addNestedPass<moert::PlanOp>(moert::createMoeRTPlanMemoryPass());
 }
 

@@ -25,6 +25,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -469,6 +470,74 @@ TEST(CompileAndRun, LayoutsAndTwoLevelExchangeThroughTheCAPI) {
   EXPECT_NE(text.find("diagonal"), std::string::npos) << text;
   EXPECT_EQ(compile("tiles=4", 1, text), FLEX_STATUS_INVALID_ARGUMENT);
   EXPECT_NE(text.find("layouts=padded,ragged, ranks_per_node=N"),
+            std::string::npos)
+      << text;
+}
+
+TEST(CompileAndRun, FuseDispatchThroughTheCompileOptionsAndTheCAPI) {
+  // fuse_dispatch=true adds the gather-fused variant after the original
+  // (bf16, ragged, K and N multiples of 8); false keeps the plan as it was;
+  // another value is an error naming the option.
+  ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
+  LayerConfig config;
+  config.tokens = 16;
+  config.modelDim = 8;
+  config.hiddenDim = 16;
+  config.experts = 4;
+  config.topK = 2;
+  config.capacityMode = CapacityMode::Dropless;
+  config.dtype = DType::BF16;
+  const std::string mlir = layerConfigToMlir(config);
+  auto compile = [&](const char *pipeline, std::string &out) {
+    FlexCompileOptions options{sizeof(FlexCompileOptions), 1, 0, 1, pipeline};
+    char *json = nullptr;
+    FlexStatus status =
+        flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
+    out = json ? json : flexGetLastError();
+    flexFreeString(json);
+    return status;
+  };
+  auto count = [](const std::vector<Step> &steps, StepOp op) {
+    return std::count_if(steps.begin(), steps.end(),
+                         [&](const Step &step) { return step.op == op; });
+  };
+  std::string text;
+  Plan plan;
+  ASSERT_EQ(compile("fuse_dispatch=true", text), FLEX_STATUS_OK) << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  ASSERT_EQ(plan.variants.size(), 2u);
+  EXPECT_EQ(plan.defaultVariant, 0);
+  EXPECT_EQ(plan.variants[0].name, "single");
+  EXPECT_EQ(count(plan.variants[0].forward, StepOp::Dispatch), 1);
+  EXPECT_EQ(plan.variants[1].name, "single+gather");
+  EXPECT_EQ(count(plan.variants[1].forward, StepOp::Dispatch), 0);
+  EXPECT_EQ(count(plan.variants[1].forward, StepOp::DispatchRows), 1);
+  // fc1 in forward, its weight gradient in backward read x by row_tokens.
+  int gathered = 0;
+  for (const auto *steps :
+       {&plan.variants[1].forward, &plan.variants[1].backward})
+    for (const Step &step : *steps)
+      gathered +=
+          step.in(OperandRole::RowTokens).kind != BufferRef::Kind::None &&
+          step.in(OperandRole::A).kind == BufferRef::Kind::Argument;
+  EXPECT_EQ(gathered, 2);
+
+  ASSERT_EQ(compile("fuse_dispatch=false", text), FLEX_STATUS_OK) << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  ASSERT_EQ(plan.variants.size(), 1u);
+  EXPECT_EQ(plan.variants[0].name, "single");
+
+  // The same through CompileOptions.
+  CompileOptions options;
+  options.fuseDispatch = true;
+  std::string planJson, error;
+  ASSERT_TRUE(compileLayerToPlan(mlir, options, planJson, error)) << error;
+  ASSERT_TRUE(parsePlan(planJson, plan).isOk());
+  ASSERT_EQ(plan.variants.size(), 2u);
+  EXPECT_EQ(plan.variants[1].name, "single+gather");
+
+  EXPECT_EQ(compile("fuse_dispatch=yes", text), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_NE(text.find("'fuse_dispatch' needs true or false, got 'yes'"),
             std::string::npos)
       << text;
 }

@@ -15,6 +15,7 @@
 
 #include "flex/Runtime/Core/LayerConfig.h"
 
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -28,6 +29,10 @@ struct CompileOptions {
   /// Several layouts, one variant each (--moe-lower-to-plan="layouts=...");
   /// empty: `layout` alone.
   std::vector<std::string> layouts;
+  /// --moe-lower-to-plan="fuse-dispatch=...": add the gather-fused variant
+  /// `<variant>+gather` of each qualifying variant (--moert-fuse-dispatch);
+  /// unset: the pipeline's default.
+  std::optional<bool> fuseDispatch;
   /// > 0: the hierarchical (2DH) exchange for nodes of this many ranks
   /// (--moe-a2a-2dh); 0: the flat one.
   int64_t ranksPerNode = 0;

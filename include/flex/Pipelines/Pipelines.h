@@ -30,10 +30,17 @@ struct LowerToPlanOptions
       *this, "layouts",
       llvm::cl::desc("Several layouts, one variant each: padded,ragged "
                      "(the one layout=auto gives first)")};
+  Option<bool> fuseDispatch{
+      *this, "fuse-dispatch",
+      llvm::cl::desc("Add a `<variant>+gather` variant whose grouped GEMMs "
+                     "gather the dispatched rows from x "
+                     "(--moert-fuse-dispatch)"),
+      llvm::cl::init(false)};
 };
 
 /// moe IR -> placed moert plans: expand layers, canonicalize, lower each
-/// layer function to a plan, place its workspace.
+/// layer function to a plan, with `fuse-dispatch` add the gather-fused
+/// variants, place its workspace.
 void buildLowerToPlanPipeline(mlir::OpPassManager &pm,
                               const LowerToPlanOptions &options);
 

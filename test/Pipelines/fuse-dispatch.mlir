@@ -1,0 +1,41 @@
+// RUN: moe-opt %s --moe-lower-to-plan="training=true layouts=padded,ragged fuse-dispatch=true" | FileCheck %s
+// RUN: moe-opt %s --moe-lower-to-plan="training=true layouts=padded,ragged fuse-dispatch=false" | FileCheck %s --check-prefix=OFF
+
+// --moe-lower-to-plan="fuse-dispatch=true" runs --moert-fuse-dispatch before
+// the memory plan: of the layout variants, the ragged one gets its
+// gather-fused copy right after it (`ragged+gather`, buffers prefixed so),
+// the padded one does not; every buffer, the copy's included, is placed.
+
+// CHECK-LABEL: moert.plan @dropless
+// CHECK-SAME: workspace_bytes =
+// CHECK: moert.alloc "ragged.dispatched" {offset = {{[0-9]+}} : i64} : memref<128x16xbf16>
+// CHECK: moert.variant "ragged" forward {
+// CHECK: moert.dispatch ins
+// CHECK: moert.alloc "ragged+gather.logits" {offset = {{[0-9]+}} : i64}
+// CHECK-NOT: ragged+gather.dispatched
+// CHECK: moert.alloc "ragged+gather.row_tokens" {offset = {{[0-9]+}} : i64} : memref<128xi32>
+// CHECK-NEXT: moert.variant "ragged+gather" forward {
+// CHECK-NEXT: moert.router
+// CHECK-NEXT: moert.gate
+// CHECK-NEXT: moert.dispatch_rows
+// CHECK: moert.alloc "padded.dispatched" {offset = {{[0-9]+}} : i64} : memref<256x16xbf16>
+// CHECK: moert.variant "padded" forward {
+// CHECK-NOT: row_tokens
+// CHECK-NOT: moert.variant
+
+// OFF-LABEL: moert.plan @dropless
+// OFF: moert.variant "ragged" forward {
+// OFF-NOT: row_tokens
+// OFF: moert.variant "padded" forward {
+// OFF-NOT: row_tokens
+// OFF-NOT: moert.variant
+
+func.func @dropless(%x: tensor<64x16xbf16>, %wg: tensor<16x4xbf16>,
+                    %w1: tensor<4x16x32xbf16>, %w2: tensor<4x32x16xbf16>)
+    -> (tensor<64x16xbf16>, tensor<f32>) {
+  %out, %aux = moe.layer ffn<relu> %x, %wg, %w1, %w2
+      {top_k = 2, capacity = #moe.capacity<dropless>, normalize}
+      : (tensor<64x16xbf16>, tensor<16x4xbf16>, tensor<4x16x32xbf16>,
+         tensor<4x32x16xbf16>) -> (tensor<64x16xbf16>, tensor<f32>)
+  return %out, %aux : tensor<64x16xbf16>, tensor<f32>
+}
