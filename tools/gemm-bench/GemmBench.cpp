@@ -294,9 +294,7 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
   for (auto [tiles, name] :
        {std::pair{cuda::detail::DeviceTiles::Small, "small 32x128"},
         std::pair{cuda::detail::DeviceTiles::Large, "large 128x128"},
-        std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"},
-        std::pair{cuda::detail::DeviceTiles::Narrow, "narrow 32x64/6"},
-        std::pair{cuda::detail::DeviceTiles::Deep, "deep 32x128/6"}}) {
+        std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"}}) {
     const double us = hostMicros(ctx, iters, [&] {
       return cuda::detail::deviceGroupedGemm(ctx, a.data, second.data,
                                              outDevice.data, dt, k, n, r.space,

@@ -294,6 +294,88 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
       }
 }
 
+// A gather-fused GEMM (row_tokens): row r reads x[rowTokens[r]] of T token
+// rows. The device kernel follows the map in its A loads; the cuBLAS path
+// and f32 (which the kernel does not take) gather into scratch first. Both
+// must equal the product over the dispatched copy: forward (b and b^T) and
+// the weight gradient; a row mapped to -1 (padding) reads zeros.
+TEST_P(CudaDeviceGemm, GatheredRowsMatchFp64OnEveryPath) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity, tc.base);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
+  const int64_t T = 37;
+  std::mt19937_64 rng(13 + k + n);
+  // Each segment row takes a random token; the rest -1 (never read, or
+  // zeros where a path reads whole blocks).
+  Buffer rowTokens(DType::I32, R);
+  std::vector<int32_t> tokens(R, -1);
+  for (int64_t r = 0; r < R; ++r)
+    if (seg.inSegment(r))
+      tokens[r] = static_cast<int32_t>(rng() % T);
+  std::memcpy(rowTokens.host.data(), tokens.data(), 4 * R);
+  rowTokens.upload();
+  const RowGather gather{rowTokens.as<int32_t>(), T};
+  for (DType dt : {DType::BF16, DType::F16, DType::F32})
+    for (GroupedGemmPath path : {GroupedGemmPath::Auto, GroupedGemmPath::Device,
+                                 GroupedGemmPath::Cublas}) {
+      SCOPED_TRACE(std::string(toString(dt)) +
+                   (path == GroupedGemmPath::Device   ? " device"
+                    : path == GroupedGemmPath::Cublas ? " cublas"
+                                                      : " auto"));
+      Buffer x(dt, T * k), b(dt, E * k * n), c(dt, R * n), gradC(dt, R * n),
+          gradB(dt, E * k * n), dispatched(dt, R * k);
+      x.set(normals(rng, T * k, 1.0));
+      b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+      gradC.set(normals(rng, R * n, 1.0));
+      // The dispatched copy the unfused path would read.
+      std::vector<double> copy(R * k, 0.0);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; tokens[r] >= 0 && i < k; ++i)
+          copy[r * k + i] = x.at(tokens[r] * k + i);
+      dispatched.set(copy);
+      for (bool transB : {false, true}) {
+        SCOPED_TRACE(transB ? "b^T" : "b");
+        c.poison();
+        std::vector<double> want =
+            referenceForward(dispatched, b, c, seg, k, n, transB, false);
+        GroupedGemmOptions options;
+        options.transB = transB;
+        Status status = cuda::detail::groupedGemmWith(
+            *ctx, {x.device, dt}, {b.device, dt}, {}, {c.device, dt}, k, n,
+            seg.space(), options, {}, path, gather);
+        ASSERT_TRUE(status.isOk()) << status.message();
+        c.download();
+        EXPECT_LE(segmentError(c, want, seg, n),
+                  dt == DType::F32 ? 1e-5 : 1e-2);
+      }
+      gradB.poison();
+      std::vector<double> want(gradB.count, 0.0);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
+          for (int64_t i = 0; i < k; ++i)
+            for (int64_t j = 0; j < n; ++j)
+              want[(e * k + i) * n + j] +=
+                  copy[r * k + i] * gradC.at(r * n + j);
+      Status status = cuda::detail::groupedGemmWgradWith(
+          *ctx, {x.device, dt}, {gradC.device, dt}, k, n, seg.space(),
+          {gradB.device, dt}, {}, false, path, gather);
+      ASSERT_TRUE(status.isOk()) << status.message();
+      gradB.download();
+      double diff = 0, norm = 0;
+      for (size_t i = 0; i < want.size(); ++i) {
+        double g = gradB.at(i);
+        ASSERT_TRUE(std::isfinite(g)) << "weight gradient element " << i;
+        diff += (g - want[i]) * (g - want[i]);
+        norm += want[i] * want[i];
+      }
+      EXPECT_LE(std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30),
+                dt == DType::F32 ? 1e-5 : 1e-2);
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeviceGemm,
                          ::testing::ValuesIn(gemmCases()),
                          [](const auto &info) { return info.param.name; });

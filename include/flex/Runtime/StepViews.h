@@ -93,6 +93,12 @@ struct LayerArgs {
   }
 };
 
+/// The A rows of a grouped GEMM or its weight gradient: the row -> token
+/// map of a gather-fused variant over the layer's T tokens, or none.
+inline RowGather rowGather(const StepOperands &ops, const LayerArgs &x) {
+  return RowGather{readAs<int32_t>(ops.in(OperandRole::RowTokens)), x.T};
+}
+
 /// The gate step's routing outputs as the gate kernels take them.
 inline GateOutputs gateOutputs(const StepOperands &ops) {
   using R = OperandRole;

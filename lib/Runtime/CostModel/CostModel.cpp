@@ -223,6 +223,10 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   if (profile.backend != "cuda" || !profile.deviceGemmFigures().available ||
       !deviceGemmShapeFits(a.dtype, k, n))
     return GemmPath::PerExpert;
+  // A gather-fused GEMM (row_tokens) runs on the device kernel wherever it
+  // applies: its A rows are x's, which no cuBLAS call can follow.
+  if (step.in(OperandRole::RowTokens).isValid())
+    return GemmPath::Device;
   // The backend's row space: the buffer's declared rows (a chunk's from its
   // first row on).
   const int64_t declared = a.shape.empty() ? 0 : a.shape.front();
@@ -334,6 +338,7 @@ CostStage getCostStage(StepOp op) {
   case StepOp::ShardRoutingBackward:
     return CostStage::Gate;
   case StepOp::Dispatch:
+  case StepOp::DispatchRows:
   case StepOp::DispatchBackward:
   case StepOp::UniformSegments:
     return CostStage::Dispatch;
@@ -404,8 +409,9 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   };
   // A grouped GEMM (or its gradient) of `rows` = FLOPs / 2kn rows, priced
   // on the path the backend takes.
-  auto expertGemm = [&](const BufferDesc &a, int64_t groups, int64_t k,
+  auto expertGemm = [&](const BufferDesc &rowsOf, int64_t groups, int64_t k,
                         int64_t n, bool wgrad) {
+    const BufferDesc &a = rowsOf; // its dtype is a's
     basis.gemmPath = expertGemmPath(profile_, options_, step, a, k, n, groups);
     // The counts read back, blocks of one size batch (GroupedGemm.cu).
     if (batchedBlocks && !wgrad && basis.gemmPath == GemmPath::PerExpert)
@@ -450,17 +456,18 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
         gemm(1, plan.layer.modelDim, plan.layer.experts,
              plan.layer.routerFp32 ? DType::F32 : plan.layer.dtype, false);
     break;
+  // The rows of the product are c's (grad_c's): with row_tokens, a is x.
   case StepCost::ExpertGemm: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &c = plan.getBuffer(step.out(R::C));
-    basis.gemmSeconds = expertGemm(a, groupsOf(step.in(R::B)), a.shape.back(),
+    basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), a.shape.back(),
                                    c.shape.back(), false);
     break;
   }
   case StepCost::ExpertWgrad: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &g = plan.getBuffer(step.in(R::GradC));
-    basis.gemmSeconds = expertGemm(a, groupsOf(step.out(R::GradB)),
+    basis.gemmSeconds = expertGemm(g, groupsOf(step.out(R::GradB)),
                                    a.shape.back(), g.shape.back(), true);
     break;
   }

@@ -168,13 +168,19 @@ void CpuBackend::setComputeKernels() {
                   cpu::dispatch(read(ops.in(R::X)), x.d, x.routing,
                                 write(ops.out(R::Dispatched)));
                 });
+  setArgsKernel(StepOp::DispatchRows,
+                [](const Step &, const StepOperands &ops, Args &x) {
+                  const TensorView &rowTokens = ops.out(R::RowTokens);
+                  cpu::dispatchRows(x.routing, rowTokens.desc->shape.front(),
+                                    writeAs<int32_t>(rowTokens));
+                });
   setArgsKernel(StepOp::GroupedGemm, [](const Step &step,
                                         const StepOperands &ops, Args &x) {
     const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
     cpu::groupedGemm(read(a), read(ops.in(R::B)), read(ops.in(R::Bias)),
                      write(c), cols(a), cols(c), x.segments,
                      step_views::gemmOptions(step.attrs),
-                     write(ops.out(R::Pre)));
+                     write(ops.out(R::Pre)), rowGather(ops, x));
   });
   setArgsKernel(
       StepOp::Glu, [](const Step &, const StepOperands &ops, Args &x) {
@@ -203,7 +209,8 @@ void CpuBackend::setBackwardKernels() {
     options.accumulate = step.attrs.accumulate;
     cpu::groupedGemmWgrad(read(a), read(gradC), cols(a), cols(gradC),
                           x.segments, write(ops.out(R::GradB)),
-                          write(ops.out(R::GradBias)), options);
+                          write(ops.out(R::GradBias)), options,
+                          rowGather(ops, x));
   });
   setArgsKernel(StepOp::ActivationBackward,
                 [](const Step &step, const StepOperands &ops, Args &x) {

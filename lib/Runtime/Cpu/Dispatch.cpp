@@ -95,6 +95,16 @@ void dispatch(ReadBuffer x, int64_t modelDim, const Routing &routing,
   }
 }
 
+void dispatchRows(const Routing &routing, int64_t rows, int32_t *rowTokens) {
+  std::fill(rowTokens, rowTokens + rows, -1);
+  for (int64_t t = 0; t < routing.tokens; ++t)
+    for (int64_t j = 0; j < routing.topK; ++j) {
+      int64_t target = keptRow(routing, t, j);
+      if (target >= 0 && target < rows)
+        rowTokens[target] = static_cast<int32_t>(t);
+    }
+}
+
 void dispatchBackward(ReadBuffer gradDispatched, int64_t modelDim,
                       const Routing &routing, WriteBuffer gradX) {
 #pragma omp parallel if (worthThreads(routing, modelDim))

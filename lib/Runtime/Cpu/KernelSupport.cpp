@@ -199,7 +199,9 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
 
 void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
                 int64_t k, int64_t n, WriteBuffer gradB, int64_t gradBOffset,
-                WriteBuffer gradBias, int64_t gradBiasOffset, bool accumulate) {
+                WriteBuffer gradBias, int64_t gradBiasOffset, bool accumulate,
+                int64_t aRow) {
+  const int64_t aFirst = aRow < 0 ? row : aRow;
   if (gradBias.data) {
     // Column sums in row order, split by columns: the same bits for any
     // number of threads.
@@ -242,7 +244,7 @@ void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
   std::vector<float> aScratch, gScratch;
   for (int64_t r0 = 0; r0 < m; r0 += rowsPerBlock) {
     int64_t mb = std::min(rowsPerBlock, m - r0);
-    const float *aF = fp32View(a, (row + r0) * k, mb, k, aScratch);
+    const float *aF = fp32View(a, (aFirst + r0) * k, mb, k, aScratch);
     const float *gF = fp32View(gradC, (row + r0) * n, mb, n, gScratch);
     sgemm(true, false, k, n, mb, 1.0f, aF, k, gF, n,
           r0 == 0 && !accumulate ? 0.0f : 1.0f, acc, n);

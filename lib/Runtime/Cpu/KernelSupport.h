@@ -193,14 +193,15 @@ void typedGemm(ReadBuffer a, int64_t aRow, ReadBuffer b, int64_t bOffset,
                WriteBuffer pre, int64_t m, int64_t k, int64_t n,
                const GroupedGemmOptions &options);
 
-/// gradB[k, n] (at gradBOffset) = a[aRow.., k]^T @ gradC[aRow.., n] over m
-/// rows; gradBias[n] (at gradBiasOffset, may be null) = column sums.
+/// gradB[k, n] (at gradBOffset) = a[aRow.., k]^T @ gradC[row.., n] over m
+/// rows (aRow < 0: a from `row` too); gradBias[n] (at gradBiasOffset, may
+/// be null) = column sums.
 /// m == 0 writes zeros. With `accumulate` both add to what they hold (m == 0
 /// leaves them as they are).
 void typedWgrad(ReadBuffer a, ReadBuffer gradC, int64_t row, int64_t m,
                 int64_t k, int64_t n, WriteBuffer gradB, int64_t gradBOffset,
                 WriteBuffer gradBias, int64_t gradBiasOffset,
-                bool accumulate = false);
+                bool accumulate = false, int64_t aRow = -1);
 
 } // namespace flex::cpu::detail
 

@@ -85,6 +85,12 @@ public:
                         static_cast<int64_t>(dtypeSize(view.desc->dtype));
     return result;
   }
+  /// A gathered A's row map from the first row of the space on.
+  RowGather shift(RowGather gather) const {
+    if (gather.rowTokens)
+      gather.rowTokens += baseRow();
+    return gather;
+  }
   /// space(shift(view)).
   cuda::ExpertRowSpace shiftedSpace(const TensorView &view) const {
     return space(shift(view));
@@ -150,14 +156,17 @@ bool gemmGridsFit(const Plan &plan, const Variant &variant) {
       if (step.op != StepOp::GroupedGemm &&
           step.op != StepOp::GroupedGemmWgrad)
         continue;
+      const bool forward = step.op == StepOp::GroupedGemm;
       const BufferDesc &a = plan.getBuffer(step.in(OperandRole::A));
-      const BufferRef weights = step.op == StepOp::GroupedGemm
-                                    ? step.in(OperandRole::B)
-                                    : step.out(OperandRole::GradB);
+      // The rows of the product: c's (grad_c's), also when a is gathered.
+      const BufferDesc &rows = plan.getBuffer(
+          forward ? step.out(OperandRole::C) : step.in(OperandRole::GradC));
+      const BufferRef weights =
+          forward ? step.in(OperandRole::B) : step.out(OperandRole::GradB);
       const std::vector<int64_t> &shape = plan.getBuffer(weights).shape;
       const int64_t groups = shape.size() >= 3 ? shape.front() : 1;
-      if (a.shape.size() < 2 ||
-          !cuda::detail::deviceGroupedGemmGridFits(a.shape.front(), groups,
+      if (a.shape.size() < 2 || rows.shape.empty() ||
+          !cuda::detail::deviceGroupedGemmGridFits(rows.shape.front(), groups,
                                                    a.shape.back()))
         return false;
     }
@@ -195,14 +204,25 @@ void CudaBackend::setRowKernels() {
                                     x.rows.space(ops.out(R::Dispatched)),
                                     write(ops.out(R::Dispatched)));
             });
-  rowKernel(StepOp::GroupedGemm, [](Ctx &ctx, const Step &step, const Ops &ops,
-                                    RowArgs &x) {
-    const TensorView a = x.shift(ops.in(R::A)), c = x.shift(ops.out(R::C));
-    return cuda::groupedGemm(
-        ctx, read(a), read(ops.in(R::B)), read(ops.in(R::Bias)), write(c),
-        cols(a), cols(c), x.rows.space(a), step_views::gemmOptions(step.attrs),
-        write(x.shift(ops.out(R::Pre))));
+  rowKernel(StepOp::DispatchRows, [](Ctx &ctx, const Step &, const Ops &ops,
+                                     RowArgs &x) {
+    const TensorView &rowTokens = ops.out(R::RowTokens);
+    return cuda::dispatchRows(ctx, x.routing, rowTokens.desc->shape.front(),
+                              writeAs<int32_t>(rowTokens));
   });
+  // A gathered A (row_tokens) is x, not dispatch-shaped: the rows are c's.
+  rowKernel(StepOp::GroupedGemm,
+            [](Ctx &ctx, const Step &step, const Ops &ops, RowArgs &x) {
+              const RowGather gather = x.rows.shift(rowGather(ops, x));
+              const TensorView a =
+                  gather.rowTokens ? ops.in(R::A) : x.shift(ops.in(R::A));
+              const TensorView c = x.shift(ops.out(R::C));
+              return cuda::groupedGemm(ctx, read(a), read(ops.in(R::B)),
+                                       read(ops.in(R::Bias)), write(c), cols(a),
+                                       cols(c), x.rows.space(c),
+                                       step_views::gemmOptions(step.attrs),
+                                       write(x.shift(ops.out(R::Pre))), gather);
+            });
   rowKernel(
       StepOp::Glu, [](Ctx &ctx, const Step &, const Ops &ops, RowArgs &x) {
         return cuda::glu(ctx, read(x.shift(ops.in(R::GateIn))),
@@ -225,12 +245,14 @@ void CudaBackend::setRowKernels() {
   });
   rowKernel(StepOp::GroupedGemmWgrad,
             [](Ctx &ctx, const Step &step, const Ops &ops, RowArgs &x) {
-              const TensorView a = x.shift(ops.in(R::A)),
-                               gradC = x.shift(ops.in(R::GradC));
+              const RowGather gather = x.rows.shift(rowGather(ops, x));
+              const TensorView a =
+                  gather.rowTokens ? ops.in(R::A) : x.shift(ops.in(R::A));
+              const TensorView gradC = x.shift(ops.in(R::GradC));
               return cuda::groupedGemmWgrad(
                   ctx, read(a), read(gradC), cols(a), cols(gradC),
-                  x.rows.space(a), write(ops.out(R::GradB)),
-                  write(ops.out(R::GradBias)), step.attrs.accumulate);
+                  x.rows.space(gradC), write(ops.out(R::GradB)),
+                  write(ops.out(R::GradBias)), step.attrs.accumulate, gather);
             });
   rowKernel(StepOp::ActivationBackward, [](Ctx &ctx, const Step &step,
                                            const Ops &ops, RowArgs &x) {

@@ -61,11 +61,6 @@ using LargeTiles = Tiles<128, 128, 32, 2, 4, 4>;
 using SmallTiles = Tiles<32, 128, 64, 1, 4, 4>;
 /// Many rows, wider N: 64 x 64 per warp (more MMAs per shared-memory read).
 using WideTiles = Tiles<128, 256, 32, 2, 4, 3>;
-/// Decode candidates, timed by flex-gemm-bench beside Small: half the N
-/// tile (twice the CTAs, a finer tail over the SMs) with 6 stages, and
-/// Small's tile with 6 stages (more weight bytes in flight per CTA).
-using NarrowTiles = Tiles<32, 64, 64, 1, 2, 6>;
-using DeepTiles = Tiles<32, 128, 64, 1, 4, 6>;
 // The cost model pads each expert's rows to these tiles.
 static_assert(SmallTiles::BM == deviceGemmTileRows(DeviceGemmTile::Small) &&
               LargeTiles::BM == deviceGemmTileRows(DeviceGemmTile::Large));
@@ -147,11 +142,13 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4],
 /// Loads the [Outer, Inner] tile at `global` (row stride ld) into `smem`;
 /// rows >= outerValid and columns >= innerValid (a multiple of 8) read as
 /// zeros. `fallback` is any readable address (cp.async needs one even when
-/// it reads nothing).
+/// it reads nothing). With `outerIndex` (a gathered A), outer row i is row
+/// outerIndex[i] of `global`, zeros when that is outside [0, indexBound).
 template <typename T, int Outer, int Inner, int Threads>
-__device__ __forceinline__ void loadTile(T *smem, const T *global, int64_t ld,
-                                         int64_t outerValid, int64_t innerValid,
-                                         const T *fallback) {
+__device__ __forceinline__ void
+loadTile(T *smem, const T *global, int64_t ld, int64_t outerValid,
+         int64_t innerValid, const T *fallback,
+         const int32_t *outerIndex = nullptr, int64_t indexBound = 0) {
   constexpr int ChunksPerRow = Inner / 8;
   constexpr int Chunks = Outer * ChunksPerRow;
   static_assert(Chunks % Threads == 0 || Chunks < Threads);
@@ -159,7 +156,12 @@ __device__ __forceinline__ void loadTile(T *smem, const T *global, int64_t ld,
   for (int i = threadIdx.x; i < Chunks; i += Threads) {
     int row = i / ChunksPerRow, col = (i % ChunksPerRow) * 8;
     bool valid = row < outerValid && col < innerValid;
-    const T *src = valid ? global + row * ld + col : fallback;
+    int64_t outer = row;
+    if (outerIndex && valid) {
+      outer = outerIndex[row];
+      valid = outer >= 0 && outer < indexBound;
+    }
+    const T *src = valid ? global + outer * ld + col : fallback;
     copyAsync16(smem + row * OperandTile<Outer, Inner>::Stride + col, src,
                 valid);
   }
@@ -178,6 +180,11 @@ template <typename T> struct TileProblem {
   /// A's and B's steps along K per K tile are aStepK * BK and bStepK * BK
   /// elements (the row stride when K is the outer dimension, else 1).
   int64_t aStepK, bStepK;
+  /// A gathered A (row_tokens): `a` is the gathered buffer's row 0 (at the
+  /// tile's column for a weight gradient) and A's row i (its K row i for a
+  /// weight gradient) is row aIndex[i] of it, in [0, aIndexBound).
+  const int32_t *aIndex = nullptr;
+  int64_t aIndexBound = 0;
 };
 
 /// The fp32 C tile staged in shared memory: rows padded by 4 floats (16
@@ -293,9 +300,15 @@ __device__ __forceinline__ void computeTile(const TileProblem<T> &p,
     T *sa = smem + stage * StageElements;
     T *sb = sa + ATile::Elements;
     int64_t k0 = kt * BK, kLeft = p.kTotal - k0;
+    // A gathered A moves along K by columns (forward) or by its index
+    // (weight gradient: K is the rows).
     if constexpr (AKContiguous)
       loadTile<T, BM, BK, Cfg::Threads>(sa, p.a + k0 * p.aStepK, p.lda,
-                                        p.mValid, kLeft, p.a);
+                                        p.mValid, kLeft, p.a, p.aIndex,
+                                        p.aIndexBound);
+    else if (p.aIndex)
+      loadTile<T, BK, BM, Cfg::Threads>(sa, p.a, p.lda, kLeft, p.mValid, p.a,
+                                        p.aIndex + k0, p.aIndexBound);
     else
       loadTile<T, BK, BM, Cfg::Threads>(sa, p.a + k0 * p.aStepK, p.lda, kLeft,
                                         p.mValid, p.a);
@@ -411,6 +424,7 @@ struct RaggedMArgs {
   int64_t k, n;
   int64_t rowBound;
   bool accumulate;
+  RowGather gather;
 };
 
 /// Ragged M: blockIdx.y is the y-th M tile over the groups in order,
@@ -461,9 +475,13 @@ __global__ void __launch_bounds__(Cfg::Threads)
   int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::BN;
   const T *bGroup = b + static_cast<int64_t>(group) * args.k * args.n;
   TileProblem<T> p;
-  p.a = a + row * args.k;
+  p.a = args.gather.rowTokens ? a : a + row * args.k;
   p.lda = args.k;
   p.aStepK = 1;
+  if (args.gather.rowTokens) {
+    p.aIndex = args.gather.rowTokens + row;
+    p.aIndexBound = args.gather.tokens;
+  }
   if constexpr (BKContiguous) { // b[e] is [n][k], used transposed
     p.b = bGroup + n0 * args.k;
     p.ldb = args.k;
@@ -491,6 +509,7 @@ struct RaggedKArgs {
   int64_t k, n;
   int64_t rowBound;
   bool accumulate;
+  RowGather gather;
 };
 
 /// Ragged K: gradB[z][k, n] over blockIdx.y (K rows) and x (N columns).
@@ -509,9 +528,14 @@ __global__ void __launch_bounds__(Cfg::Threads)
   const int64_t first = rows > 0 ? args.offsets[group] : 0;
   TileProblem<T> p;
   // A^T: a is [rows][k], so the tile is [K = rows][M = k columns].
-  p.a = static_cast<const T *>(args.a) + first * args.k + m0;
+  p.a = static_cast<const T *>(args.a) +
+        (args.gather.rowTokens ? 0 : first * args.k) + m0;
   p.lda = args.k;
   p.aStepK = args.k;
+  if (args.gather.rowTokens) {
+    p.aIndex = args.gather.rowTokens + first;
+    p.aIndexBound = args.gather.tokens;
+  }
   p.b = static_cast<const T *>(args.gradC) + first * args.n + n0;
   p.ldb = args.n;
   p.bStepK = args.n;
@@ -646,7 +670,8 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
 Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate, DeviceTiles tiles) {
+                         bool accumulate, DeviceTiles tiles,
+                         const RowGather &gather) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
   RaggedMArgs args{a,
@@ -658,7 +683,8 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    k,
                    n,
                    space.rowBound,
-                   accumulate};
+                   accumulate,
+                   gather};
   // Few rows per group (decode): small M tiles waste less of each weight
   // tile's read (Core/GroupedGemmRule.h has the measured crossover).
   if (tiles == DeviceTiles::Auto)
@@ -682,10 +708,6 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
         return launch(SmallTiles{});
       case DeviceTiles::Wide:
         return launch(WideTiles{});
-      case DeviceTiles::Narrow:
-        return launch(NarrowTiles{});
-      case DeviceTiles::Deep:
-        return launch(DeepTiles{});
       default:
         return launch(LargeTiles{});
       }
@@ -696,12 +718,11 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
 Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               const void *gradC, void *gradB, DType type,
                               int64_t k, int64_t n, const ExpertRowSpace &space,
-                              bool accumulate) {
+                              bool accumulate, const RowGather &gather) {
   if (space.experts == 0 || n == 0 || k == 0)
     return Status::ok();
-  RaggedKArgs args{a,          gradC,          gradB,
-                   space.offsets, space.rows, k,
-                   n,          space.rowBound, accumulate};
+  RaggedKArgs args{a, gradC, gradB,          space.offsets, space.rows,
+                   k, n,     space.rowBound, accumulate,    gather};
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)

@@ -307,6 +307,36 @@ Status dispatch(KernelContext &ctx, ReadBuffer x, int64_t modelDim,
   });
 }
 
+namespace {
+__global__ void dispatchRowsKernel(Routing routing, int64_t rowCount,
+                                   int32_t *__restrict__ rowTokens) {
+  int64_t slot = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (slot >= routing.tokens * routing.topK)
+    return;
+  int64_t row = keptRow(routing, slot);
+  if (row >= 0 && row < rowCount)
+    rowTokens[row] = static_cast<int32_t>(slot / routing.topK);
+}
+} // namespace
+
+Status dispatchRows(KernelContext &ctx, const Routing &routing,
+                    int64_t rowCount, int32_t *rowTokens) {
+  if (rowCount == 0)
+    return Status::ok();
+  // Rows no slot maps to (a padded layout's padding) read as zeros.
+  if (Status s = checkCuda(
+          cudaMemsetAsync(rowTokens, 0xff, 4 * rowCount, ctx.stream()),
+          "clearing row_tokens");
+      !s)
+    return s;
+  int64_t slots = routing.tokens * routing.topK;
+  if (slots == 0)
+    return Status::ok();
+  dispatchRowsKernel<<<detail::gridFor(slots, 256), 256, 0, ctx.stream()>>>(
+      routing, rowCount, rowTokens);
+  return checkLaunch("dispatch_rows kernel");
+}
+
 Status combine(KernelContext &ctx, ReadBuffer expertOut, int64_t modelDim,
                const Routing &routing, WriteBuffer out) {
   if (Status s = sameType(expertOut.type, out.type, "combine"); !s)

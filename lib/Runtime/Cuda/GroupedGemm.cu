@@ -161,23 +161,69 @@ bool uniformBlocks(const int32_t *offsets, const int32_t *rows,
          batchesUniformBlocks(E, block, held);
 }
 
+/// Copies row rowTokens[r] of a [tokens, k] into row r of `rows`, for the
+/// rows below the space's end (zeros for a token outside [0, tokens)).
+template <typename T>
+__global__ void gatherRowsKernel(const T *__restrict__ a, int64_t k,
+                                 const int32_t *__restrict__ rowTokens,
+                                 int64_t tokens, int64_t rowCount,
+                                 const int32_t *__restrict__ rowsEnd,
+                                 T *__restrict__ rows) {
+  rowCount = detail::usedRows(rowCount, rowsEnd);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < rowCount * k; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t row = i / k, col = i - row * k;
+    int64_t token = rowTokens[row];
+    rows[i] = token >= 0 && token < tokens ? a[token * k + col]
+                                           : detail::fromFloat<T>(0.0f);
+  }
+}
+
+/// A gathered GEMM that the device kernel cannot run (f32, an older GPU, a
+/// grid past its limits): the rows gathered into scratch first, which the
+/// unfused paths then read as their A. Scratch slot 5 is this copy's alone.
+Status gatherRows(KernelContext &ctx, ReadBuffer a, int64_t k,
+                  const ExpertRowSpace &space, const RowGather &gather,
+                  ReadBuffer &rows) {
+  const int64_t count = space.rowBound;
+  void *data = nullptr;
+  if (Status s = ctx.scratch(
+          5, std::max<int64_t>(count * k * dtypeSize(a.type), 4), data);
+      !s)
+    return s;
+  rows = ReadBuffer{data, a.type};
+  if (count == 0 || k == 0)
+    return Status::ok();
+  const int32_t *end =
+      space.isStatic() ? nullptr : space.offsets + space.experts;
+  return detail::withType(a.type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    gatherRowsKernel<T>
+        <<<detail::gridFor(std::min<int64_t>(count * k, 1 << 22), 256), 256, 0,
+           ctx.stream()>>>(static_cast<const T *>(a.data), k, gather.rowTokens,
+                           gather.tokens, count, end, static_cast<T *>(data));
+    return checkLaunch("grouped GEMM row gather kernel");
+  });
+}
+
 } // namespace
 
 Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                    ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
                    const ExpertRowSpace &space,
-                   const GroupedGemmOptions &options, WriteBuffer pre) {
-  return detail::groupedGemmWith(ctx, a, b, bias, c, k, n, space, options,
-                                 pre, detail::GroupedGemmPath::Auto);
+                   const GroupedGemmOptions &options, WriteBuffer pre,
+                   const RowGather &gather) {
+  return detail::groupedGemmWith(ctx, a, b, bias, c, k, n, space, options, pre,
+                                 detail::GroupedGemmPath::Auto, gather);
 }
 
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
                         WriteBuffer gradB, WriteBuffer gradBias,
-                        bool accumulate) {
+                        bool accumulate, const RowGather &gather) {
   return detail::groupedGemmWgradWith(ctx, a, gradC, k, n, space, gradB,
                                       gradBias, accumulate,
-                                      detail::GroupedGemmPath::Auto);
+                                      detail::GroupedGemmPath::Auto, gather);
 }
 
 namespace detail {
@@ -186,7 +232,7 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                        ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
                        const ExpertRowSpace &space,
                        const GroupedGemmOptions &options, WriteBuffer pre,
-                       GroupedGemmPath path) {
+                       GroupedGemmPath path, const RowGather &gather) {
   if (Status s = checkOneType({a.type, b.type, c.type}, "grouped_gemm"); !s)
     return s;
   if (pre.data)
@@ -229,14 +275,25 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
             CUBLAS_GEMM_DEFAULT),
         "cublasGemmStridedBatchedEx (grouped_gemm)");
   };
+  // A gathered A: the device kernel follows the map wherever it applies
+  // (the variant was chosen for it); elsewhere the rows are copied first.
+  const bool gathered = gather.rowTokens != nullptr;
+  if (gathered && !(path != GroupedGemmPath::Cublas && !space.isStatic() &&
+                    deviceGroupedGemmApplies(ctx, dtype, k, n, space,
+                                             {a.data, b.data, target.data}))) {
+    if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
+      return s;
+    return groupedGemmWith(ctx, a, b, bias, c, k, n, space, options, pre, path,
+                           RowGather{});
+  }
   if (space.isStatic()) {
     if (Status s = batched(0, space.staticCapacity); !s)
       return s;
-  } else if (useDeviceKernel(ctx, path, dtype, k, n, space,
-                             {a.data, b.data, target.data})) {
-    if (Status s =
-            deviceGroupedGemm(ctx, a.data, b.data, target.data, dtype, k, n,
-                              space, options.transB, options.accumulate);
+  } else if (gathered || useDeviceKernel(ctx, path, dtype, k, n, space,
+                                         {a.data, b.data, target.data})) {
+    if (Status s = deviceGroupedGemm(
+            ctx, a.data, b.data, target.data, dtype, k, n, space,
+            options.transB, options.accumulate, DeviceTiles::Auto, gather);
         !s)
       return s;
   } else {
@@ -277,15 +334,25 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                            options.epilogue, options.biasScale);
 }
 
-Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a,
-                            ReadBuffer gradC, int64_t k, int64_t n,
-                            const ExpertRowSpace &space, WriteBuffer gradB,
-                            WriteBuffer gradBias, bool accumulate,
-                            GroupedGemmPath path) {
+Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
+                            int64_t k, int64_t n, const ExpertRowSpace &space,
+                            WriteBuffer gradB, WriteBuffer gradBias,
+                            bool accumulate, GroupedGemmPath path,
+                            const RowGather &gather) {
   if (Status s = checkOneType({a.type, gradC.type, gradB.type},
                               "grouped_gemm_wgrad");
       !s)
     return s;
+  const bool gathered = gather.rowTokens != nullptr;
+  if (gathered &&
+      !(path != GroupedGemmPath::Cublas && !space.isStatic() &&
+        deviceGroupedGemmApplies(ctx, gradB.type, k, n, space,
+                                 {a.data, gradC.data, gradB.data}))) {
+    if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
+      return s;
+    return groupedGemmWgradWith(ctx, a, gradC, k, n, space, gradB, gradBias,
+                                accumulate, path, RowGather{});
+  }
   auto handle = static_cast<cublasHandle_t>(ctx.cublasHandle());
   const DType dtype = gradB.type;
   const cudaDataType_t type = cudaTypeOf(dtype);
@@ -319,10 +386,11 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a,
           !s)
         return s;
     }
-  } else if (useDeviceKernel(ctx, path, dtype, k, n, space,
-                             {a.data, gradC.data, gradB.data})) {
-    if (Status s = deviceGroupedGemmWgrad(ctx, a.data, gradC.data, gradB.data,
-                                          dtype, k, n, space, accumulate);
+  } else if (gathered || useDeviceKernel(ctx, path, dtype, k, n, space,
+                                         {a.data, gradC.data, gradB.data})) {
+    if (Status s =
+            deviceGroupedGemmWgrad(ctx, a.data, gradC.data, gradB.data, dtype,
+                                   k, n, space, accumulate, gather);
         !s)
       return s;
   } else {

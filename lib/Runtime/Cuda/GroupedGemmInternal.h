@@ -43,28 +43,30 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
 /// expert, else Large; the benchmark times each).
 enum class DeviceTiles {
   Auto,
-  Small,  ///< 32 x 128, 4 warps
-  Large,  ///< 128 x 128, 8 warps
-  Wide,   ///< 128 x 256, 8 warps
-  Narrow, ///< 32 x 64, 2 warps, 6 stages (decode candidate)
-  Deep,   ///< 32 x 128, 4 warps, 6 stages (decode candidate)
+  Small, ///< 32 x 128, 4 warps
+  Large, ///< 128 x 128, 8 warps
+  Wide,  ///< 128 x 256, 8 warps
 };
 
 /// c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when transB) for every
 /// expert e, rows as the device's offsets and rows say; rows of c outside
 /// every expert's segment are not written. No epilogue.
+///
+/// With `gather.rowTokens`, a is [gather.tokens, k] and row r's A row is
+/// a[rowTokens[r]], read by the kernel's own loads (zeros for a token
+/// outside [0, tokens)).
 Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate,
-                         DeviceTiles tiles = DeviceTiles::Auto);
+                         bool accumulate, DeviceTiles tiles = DeviceTiles::Auto,
+                         const RowGather &gather = {});
 
 /// gradB[e] (+)= a[rows of e]^T @ gradC[rows of e]; an expert without rows
 /// gets zeros (or keeps its value when accumulating).
 Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               const void *gradC, void *gradB, DType type,
                               int64_t k, int64_t n, const ExpertRowSpace &space,
-                              bool accumulate);
+                              bool accumulate, const RowGather &gather = {});
 
 /// The implementation a grouped GEMM of a dynamic row space takes.
 enum class GroupedGemmPath {
@@ -78,11 +80,12 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                        ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
                        const ExpertRowSpace &space,
                        const GroupedGemmOptions &options, WriteBuffer pre,
-                       GroupedGemmPath path);
+                       GroupedGemmPath path, const RowGather &gather = {});
 Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                             int64_t k, int64_t n, const ExpertRowSpace &space,
                             WriteBuffer gradB, WriteBuffer gradBias,
-                            bool accumulate, GroupedGemmPath path);
+                            bool accumulate, GroupedGemmPath path,
+                            const RowGather &gather = {});
 
 } // namespace flex::cuda::detail
 

@@ -376,6 +376,20 @@ void checkGemmWeights(const Plan &plan, const Step &step, const std::string &at,
   }
 }
 
+/// A gather-fused GEMM (row_tokens) reads its A rows from the layer's
+/// input: `a` is the argument x.
+void checkGatheredRows(const Plan &plan, const Step &step,
+                       const std::string &at, const DataFlow &flow) {
+  using R = OperandRole;
+  if (!step.in(R::RowTokens).isValid())
+    return;
+  const int32_t source = flow.sourceArgument(step.in(R::A));
+  if (source < 0 || plan.arguments[source].name != "x")
+    fail(at + ".in.a", "buffer '" + plan.getBuffer(step.in(R::A)).name +
+                           "' is not the layer's input x; with row_tokens, "
+                           "a grouped GEMM gathers its rows from x");
+}
+
 /// The roles that always name one argument of the layer (x is the layer's
 /// input wherever a step reads `x`).
 void checkArgumentRoles(const Plan &plan, const Step &step,
@@ -477,6 +491,7 @@ void checkStepDataFlow(const Plan &plan, const Step &step,
   }
   checkArgumentRoles(plan, step, at);
   checkGemmWeights(plan, step, at, flow);
+  checkGatheredRows(plan, step, at, flow);
 }
 
 /// Every output argument of the pass is produced, and every argument the

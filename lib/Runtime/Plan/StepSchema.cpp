@@ -67,6 +67,7 @@ bool holdsExpertRows(OperandRole role) {
   case R::GradGateIn:
   case R::GradUpIn:
   case R::GradDispatched:
+  case R::RowTokens:
   case R::Input:
   case R::Output:
     return true;
@@ -164,8 +165,9 @@ StepWork getStepWork(const Plan &plan, const Step &step, int64_t rows) {
     break;
   }
   case StepCost::ExpertGemm: {
+    // The product's rows are c's: a is x [T, K] when row_tokens gathers.
     const BufferDesc &a = buffer(step.in(R::A)), &c = buffer(step.out(R::C));
-    work.flops = 2.0 * static_cast<double>(touchedRows(a, R::A, rows)) *
+    work.flops = 2.0 * static_cast<double>(touchedRows(c, R::C, rows)) *
                  static_cast<double>(a.shape.back()) *
                  static_cast<double>(c.shape.back());
     break;
@@ -173,7 +175,7 @@ StepWork getStepWork(const Plan &plan, const Step &step, int64_t rows) {
   case StepCost::ExpertWgrad: {
     const BufferDesc &a = buffer(step.in(R::A));
     const BufferDesc &gradC = buffer(step.in(R::GradC));
-    work.flops = 2.0 * static_cast<double>(touchedRows(a, R::A, rows)) *
+    work.flops = 2.0 * static_cast<double>(touchedRows(gradC, R::GradC, rows)) *
                  static_cast<double>(a.shape.back()) *
                  static_cast<double>(gradC.shape.back());
     break;

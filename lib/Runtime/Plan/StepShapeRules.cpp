@@ -283,6 +283,7 @@ private:
   void checkRoutingSides();
   void checkGate();
   void checkRowOps();
+  int64_t gemmRows(const BufferDesc *a);
   void checkGemm();
   void checkWgrad();
   void checkShardRouting();
@@ -463,6 +464,18 @@ void StepShapes::checkRowOps() {
   case StepOp::Dispatch:
     c.expectRows(R::Dispatched, out, d, minRows, "dispatched [R, d]");
     return;
+  case StepOp::DispatchRows: {
+    const BufferDesc *rowTokens =
+        c.expect(R::RowTokens, out, {DType::I32}, {-1}, "row_tokens [R] i32");
+    if (rowTokens && rowTokens->shape.size() == 1 &&
+        rowTokens->shape[0] < minRows)
+      fail(c.where(R::RowTokens, out),
+           "buffer '" + rowTokens->name + "' has " +
+               std::to_string(rowTokens->shape[0]) +
+               " rows; the dispatch layout needs at least " +
+               std::to_string(minRows));
+    return;
+  }
   case StepOp::DispatchBackward:
     c.expectRows(R::GradDispatched, in, d, minRows, "grad_dispatched [R, d]");
     return;
@@ -480,9 +493,34 @@ void StepShapes::checkRowOps() {
   }
 }
 
+/// The row -> token map of a gather-fused GEMM: [R] i32, R >= the dispatch
+/// rows; its A operand is then the layer's x, [T, K]. Returns the rows R of
+/// the product (a's rows without it), or -1 after a failure.
+int64_t StepShapes::gemmRows(const BufferDesc *a) {
+  const BufferDesc *rowTokens = c.get(R::RowTokens, in);
+  if (!rowTokens)
+    return a->shape[0];
+  c.expect(R::RowTokens, in, {DType::I32}, {-1}, "row_tokens [R] i32");
+  if (rowTokens->shape.size() == 1 && rowTokens->shape[0] < minRows)
+    fail(c.where(R::RowTokens, in),
+         "buffer '" + rowTokens->name + "' has " +
+             std::to_string(rowTokens->shape[0]) +
+             " rows; the dispatch layout needs at least " +
+             std::to_string(minRows));
+  if (a->shape[0] != T)
+    fail(c.where(R::A, in),
+         "buffer '" + a->name + "' has " + std::to_string(a->shape[0]) +
+             " rows; with row_tokens, a is the layer's tokens [T, K], T = " +
+             std::to_string(T));
+  return rowTokens->shape.size() == 1 ? rowTokens->shape[0] : -1;
+}
+
 void StepShapes::checkGemm() {
-  const BufferDesc *a = c.expect(R::A, in, kFloatTypes, {-1, -1}, "a [R, K]");
+  const bool gathered = c.get(R::RowTokens, in) != nullptr;
+  const BufferDesc *a = c.expect(R::A, in, kFloatTypes, {-1, -1},
+                                 gathered ? "a [T, K]" : "a [R, K]");
   int64_t K = a->shape[1];
+  const int64_t rows = gemmRows(a);
   const BufferDesc *b = c.expect(
       R::B, in, kFloatTypes, {G, -1, -1},
       (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") + groupsMeaning);
@@ -496,9 +534,11 @@ void StepShapes::checkGemm() {
              (step.attrs.transB ? " (trans_b: b is [E, N, K])"
                                 : " (b is [E, K, N])"));
   c.expect(R::Bias, in, kFloatTypes, {G, N}, "bias [G, N]" + groupsMeaning);
-  c.expectRows(R::A, in, K, minRows, "a [R, K]");
-  c.expect(R::C, out, kFloatTypes, {a->shape[0], N}, "c [R, N], R of a");
-  c.expect(R::Pre, out, kFloatTypes, {a->shape[0], N}, "pre [R, N], R of a");
+  if (!gathered)
+    c.expectRows(R::A, in, K, minRows, "a [R, K]");
+  const std::string ofRows = gathered ? ", R of row_tokens" : ", R of a";
+  c.expect(R::C, out, kFloatTypes, {rows, N}, "c [R, N]" + ofRows);
+  c.expect(R::Pre, out, kFloatTypes, {rows, N}, "pre [R, N]" + ofRows);
   // [expert-1] The forward multiplies by the expert weights ([d, h] and
   // [h, d]), the backward's data gradients by their transposes: a GEMM the
   // other way round has shapes that agree whenever d == h, and computes
@@ -522,9 +562,13 @@ void StepShapes::checkGemm() {
 }
 
 void StepShapes::checkWgrad() {
-  const BufferDesc *a = c.expectRows(R::A, in, -1, minRows, "a [R, K]");
+  const bool gathered = c.get(R::RowTokens, in) != nullptr;
+  const BufferDesc *a =
+      gathered ? c.expect(R::A, in, kFloatTypes, {-1, -1}, "a [T, K]")
+               : c.expectRows(R::A, in, -1, minRows, "a [R, K]");
   const BufferDesc *gradC = c.expect(
-      R::GradC, in, kFloatTypes, {a->shape[0], -1}, "grad_c [R, N], R of a");
+      R::GradC, in, kFloatTypes, {gemmRows(a), -1},
+      gathered ? "grad_c [R, N], R of row_tokens" : "grad_c [R, N], R of a");
   int64_t K = a->shape[1], N = gradC->shape[1];
   c.expect(R::GradB, out, kFloatTypes, {G, K, N},
            "grad_b [G, K, N]" + groupsMeaning);
@@ -657,6 +701,7 @@ void StepShapes::check() {
   case StepOp::GateBackward:
     return checkGate();
   case StepOp::Dispatch:
+  case StepOp::DispatchRows:
   case StepOp::DispatchBackward:
   case StepOp::Combine:
   case StepOp::CombineBackward:

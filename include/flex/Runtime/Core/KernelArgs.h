@@ -158,6 +158,14 @@ struct GroupedGemmOptions {
   float biasScale = 1.0f;
 };
 
+/// The A rows of a gather-fused grouped GEMM (`row_tokens`): row r of the
+/// product reads row rowTokens[r] of a, which holds `tokens` rows (the
+/// layer's x). rowTokens null: a's own rows, the dispatch layout's.
+struct RowGather {
+  const int32_t *rowTokens = nullptr;
+  int64_t tokens = 0;
+};
+
 struct GroupedGemmWgradOptions {
   /// gradB += and gradBias += instead of =: the chunks of a pipelined
   /// backward sum into one gradient.

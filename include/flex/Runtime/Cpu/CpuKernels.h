@@ -93,15 +93,25 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
 void dispatch(ReadBuffer x, int64_t modelDim, const Routing &routing,
               WriteBuffer dispatched);
 
+/// `dispatch_rows`: rowTokens[row of (t, j)] = t for every kept slot, the
+/// rows dispatch would copy token t to; -1 for the other rows of [0, rows)
+/// (a padded layout's padding, which a gathered GEMM reads as zeros).
+void dispatchRows(const Routing &routing, int64_t rows, int32_t *rowTokens);
+
 /// `grouped_gemm` ([expert-1]): for each expert e and its valid rows,
 /// `c = epi(a @ b[e] + bias[e])`. a [R, K], b [E, K, N] (or [E, N, K] with
 /// transB), bias [E, N] (bias.data may be null), c [R, N]. When `pre.data` is
 /// not null it also receives `a @ b[e] + bias[e]` before the epilogue (what
 /// activation_backward needs in training), so one GEMM serves both.
 /// GELU is the exact erf form: x * Phi(x).
+///
+/// With `gather.rowTokens` (a gather-fused variant), a is the layer's x
+/// [T, K] and row r of the product reads a[rowTokens[r]] (zeros for a token
+/// outside [0, T)).
 void groupedGemm(ReadBuffer a, ReadBuffer b, ReadBuffer bias, WriteBuffer c,
                  int64_t k, int64_t n, const ExpertSegments &segments,
-                 const GroupedGemmOptions &options, WriteBuffer pre = {});
+                 const GroupedGemmOptions &options, WriteBuffer pre = {},
+                 const RowGather &gather = {});
 
 /// Elementwise `out = act(pre)` over the valid rows of [R, N] buffers (the
 /// forward of activation_backward when the GEMM did not apply it).
@@ -139,7 +149,8 @@ void combineBackward(ReadBuffer gradOut, ReadBuffer expertOut, int64_t modelDim,
 void groupedGemmWgrad(ReadBuffer a, ReadBuffer gradC, int64_t k, int64_t n,
                       const ExpertSegments &segments, WriteBuffer gradB,
                       WriteBuffer gradBias,
-                      const GroupedGemmWgradOptions &options = {});
+                      const GroupedGemmWgradOptions &options = {},
+                      const RowGather &gather = {});
 
 /// `activation_backward`: gradPre = grad * act'(pre) over valid rows. relu'
 /// is 1 for pre > 0 and 0 otherwise.

@@ -120,7 +120,7 @@ private:
     void *data = nullptr;
     int64_t bytes = 0;
   };
-  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(5);
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(6);
   int32_t *pinned_ = nullptr;
   int64_t pinnedCount_ = 0;
   const int32_t *hostKeyOffsets_ = nullptr;
@@ -149,16 +149,26 @@ Status dispatch(KernelContext &ctx, ReadBuffer x, int64_t modelDim,
                 const Routing &routing, const ExpertRowSpace &space,
                 WriteBuffer dispatched);
 
+/// `dispatch_rows`: rowTokens[row of each kept slot] = its token, -1 for the
+/// other rows below rowCount.
+Status dispatchRows(KernelContext &ctx, const Routing &routing,
+                    int64_t rowCount, int32_t *rowTokens);
+
 /// Whether this device and build can run the device-sized grouped GEMM that
 /// dynamic routings take under grouped_gemm=auto/device (compute capability
 /// 8.0+, sm_80 code in the build); the reason in *why when not.
 bool deviceGroupedGemmAvailable(const KernelContext &ctx,
                                 std::string *why = nullptr);
 
+/// With `gather.rowTokens` (a gather-fused variant) `a` is the layer's x
+/// [T, K] and row r of the product reads a[rowTokens[r]]: the device-sized
+/// kernel follows the map in its A loads; where it does not apply, the rows
+/// are gathered into scratch first.
 Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                    ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
                    const ExpertRowSpace &space,
-                   const GroupedGemmOptions &options, WriteBuffer pre = {});
+                   const GroupedGemmOptions &options, WriteBuffer pre = {},
+                   const RowGather &gather = {});
 
 Status glu(KernelContext &ctx, ReadBuffer gateIn, ReadBuffer upIn,
            WriteBuffer c, int64_t n, const ExpertRowSpace &space);
@@ -178,7 +188,7 @@ Status combineBackward(KernelContext &ctx, ReadBuffer gradOut,
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
                         WriteBuffer gradB, WriteBuffer gradBias,
-                        bool accumulate = false);
+                        bool accumulate = false, const RowGather &gather = {});
 
 Status activationBackward(KernelContext &ctx, ReadBuffer pre, ReadBuffer grad,
                           WriteBuffer gradPre, int64_t n,
