@@ -54,8 +54,12 @@ std::vector<PlanFile> planFiles() {
         "ffn_dropless_ragged_train_bf16.json", "gated_bounded_infer.json",
         "gated_fixed_train.json"})
     files.push_back({std::string(FLEX_RUNTIME_PLANS_DIR) + "/" + name, name});
-  for (const char *name : {"small_ffn_train.json",
-                           "small_swiglu_bf16_train.json"})
+  // The *_gather_* plans hold the gather-fused variant (single+gather) of
+  // the default pipeline beside the unfused one.
+  for (const char *name :
+       {"small_ffn_train.json", "small_swiglu_bf16_train.json",
+        "small_swiglu_bf16_gather_train.json",
+        "decode_ffn_bias_bf16_gather_train.json"})
     files.push_back({std::string(FLEX_CUDA_PLANS_DIR) + "/" + name, name});
   return files;
 }

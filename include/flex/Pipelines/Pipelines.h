@@ -34,8 +34,9 @@ struct LowerToPlanOptions
       *this, "fuse-dispatch",
       llvm::cl::desc("Add a `<variant>+gather` variant whose grouped GEMMs "
                      "gather the dispatched rows from x "
-                     "(--moert-fuse-dispatch)"),
-      llvm::cl::init(false)};
+                     "(--moert-fuse-dispatch); the cost model picks "
+                     "between them per call"),
+      llvm::cl::init(true)};
 };
 
 /// moe IR -> placed moert plans: expand layers, canonicalize, lower each
