@@ -7,7 +7,9 @@
 # carried. Logs and the summary go to $OUT (default bench/out).
 #
 #   BUILD=/tmp/build-gpu bench/gpu_decode.sh   (device machine; ~4 minutes)
-# Knobs: LAYERS (plan names), MODES, SHAPES (flex-gemm-bench --only), ITERS.
+# Knobs: LAYERS (plan names), MODES, SHAPES (flex-gemm-bench --only; none:
+# no GEMM bench), ITERS, VARIANTS (plan variants to time, e.g. "single
+# single+gather auto"; default auto: the runtime's choice).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -17,6 +19,7 @@ PLANS="${PLANS:-$root/bench/plans}"
 ITERS="${ITERS:-20}"
 LAYERS="${LAYERS:-d1_dropless.infer d2_dropless.infer}"
 MODES="${MODES:-cublas device device-graph}"
+VARIANTS="${VARIANTS:-auto}"
 SHAPES="${SHAPES:-c3,c3_t2048,decode_t512,decode_t256,decode_t128_big,decode_t32}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 WORK="$(mktemp -d)"  # one file per run stays here; $OUT gets few files
@@ -31,24 +34,29 @@ if ! (cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DFLEX_ENABLE_T
       timeout 330 ninja -C "$BUILD" flex-gemm-bench moe-run) > "$OUT/decode-build.log" 2>&1; then
   echo "build FAILED"; grep -E "error|Error" "$OUT/decode-build.log" | head -20; exit 1
 fi
-echo "=== flex-gemm-bench ($SECONDS s)"
-timeout 150 "$BUILD/bin/flex-gemm-bench" --iters 8 --only "$SHAPES" > "$OUT/decode-gemm-bench.log" 2>&1
-rc=$?; (( rc == 0 )) || status=1
-cat "$OUT/decode-gemm-bench.log"; echo "gemm-bench: exit $rc"
+if [[ "$SHAPES" != none ]]; then
+  echo "=== flex-gemm-bench ($SECONDS s)"
+  timeout 150 "$BUILD/bin/flex-gemm-bench" --iters 8 --only "$SHAPES" > "$OUT/decode-gemm-bench.log" 2>&1
+  rc=$?; (( rc == 0 )) || status=1
+  cat "$OUT/decode-gemm-bench.log"; echo "gemm-bench: exit $rc"
+fi
 
 echo "=== layers ($SECONDS s)"
 for layer in $LAYERS; do
   plan="$PLANS/$layer.json"
   [[ -f "$plan" ]] || { echo "$layer: no plan"; status=1; continue; }
   train=""; [[ $layer == *.train ]] && train="--train"
+  for variant in $VARIANTS; do
   for mode in $MODES; do
     impl=${mode%-graph}; graph=""; [[ $mode == *-graph ]] && graph="--graph"
-    log="$WORK/$layer-$mode.txt"
+    pick=""; [[ $variant != auto ]] && pick="--variant $variant"
+    log="$WORK/$layer-$variant-$mode.txt"
     FLEX_GROUPED_GEMM=$impl timeout 120 "$BUILD/bin/moe-run" "$plan" --device cuda \
-      $train $graph --iters "$ITERS" --warmup 3 > "$log" 2>&1
+      $train $graph $pick --iters "$ITERS" --warmup 3 > "$log" 2>&1
     rc=$?; (( rc == 0 )) || status=1
     cat "$log" >> "$OUT/decode-layers.txt"
-    echo "$layer $mode (exit $rc): $(grep -E '^(forward|backward):' "$log" | sed 's/ per call.*median/ median/; s/, min.*//' | tr '\n' ' ')"
+    echo "$layer $variant $mode (exit $rc): $(grep -E '^(forward|backward):' "$log" | sed 's/ per call.*median/ median/; s/, min.*//' | tr '\n' ' ')"
+  done
   done
 done
 echo "=== PyTorch decode rows ($SECONDS s)"
