@@ -126,6 +126,19 @@ double segmentError(const Buffer &got, const std::vector<double> &want,
   return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
 }
 
+/// Relative L2 over a whole buffer (a weight gradient); NaN fails.
+double bufferError(const Buffer &got, const std::vector<double> &want) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    double g = got.at(i);
+    if (!std::isfinite(g))
+      return INFINITY;
+    diff += (g - want[i]) * (g - want[i]);
+    norm += want[i] * want[i];
+  }
+  return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+}
+
 struct GemmCase {
   std::string name;
   std::vector<int32_t> counts;
@@ -274,14 +287,7 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
             {gradB.device, dt}, {}, accumulate, path);
         ASSERT_TRUE(status.isOk()) << status.message();
         gradB.download();
-        double diff = 0, norm = 0;
-        for (size_t i = 0; i < want.size(); ++i) {
-          double g = gradB.at(i);
-          ASSERT_TRUE(std::isfinite(g)) << "element " << i;
-          diff += (g - want[i]) * (g - want[i]);
-          norm += want[i] * want[i];
-        }
-        EXPECT_LE(std::sqrt(diff) / std::sqrt(norm), 1e-2);
+        EXPECT_LE(bufferError(gradB, want), 1e-2);
         // An expert without rows gets zeros (or keeps its values).
         for (int64_t e = 0; e < E; ++e) {
           if (seg.rows[e] != 0)
@@ -364,15 +370,7 @@ TEST_P(CudaDeviceGemm, GatheredRowsMatchFp64OnEveryPath) {
           {gradB.device, dt}, {}, false, path, gather);
       ASSERT_TRUE(status.isOk()) << status.message();
       gradB.download();
-      double diff = 0, norm = 0;
-      for (size_t i = 0; i < want.size(); ++i) {
-        double g = gradB.at(i);
-        ASSERT_TRUE(std::isfinite(g)) << "weight gradient element " << i;
-        diff += (g - want[i]) * (g - want[i]);
-        norm += want[i] * want[i];
-      }
-      EXPECT_LE(std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30),
-                dt == DType::F32 ? 1e-5 : 1e-2);
+      EXPECT_LE(bufferError(gradB, want), dt == DType::F32 ? 1e-5 : 1e-2);
     }
 }
 
