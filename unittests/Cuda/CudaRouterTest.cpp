@@ -61,9 +61,20 @@ TEST_P(CudaRouterPaths, MatchFp64) {
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
   const RouterShape shapes[] = {
-      {1, 2048, 64, false},   {5, 7, 8, false},      {33, 1001, 37, false},
-      {64, 512, 64, true},    {129, 3, 300, false},  {256, 2048, 64, false},
-      {512, 264, 100, false}, {513, 520, 64, false}, {700, 1000, 8, false}};
+      {1, 2048, 64, false},
+      {5, 7, 8, false},
+      {33, 1001, 37, false},
+      {64, 512, 64, true},
+      {129, 3, 300, false},
+      {256, 2048, 64, false},
+      {512, 264, 100, false},
+      {513, 520, 64, false},
+      {700, 1000, 8, false},
+      // K split over blocks (few token and expert tiles): whole and partial
+      // last chunks, a misaligned x.
+      {128, 4096, 64, false},
+      {3, 1800, 16, true},
+      {40, 777, 300, false}};
   std::mt19937_64 rng(17);
   std::normal_distribution<double> normal(0.0, 1.0);
   for (const RouterShape &s : shapes) {
@@ -111,10 +122,12 @@ TEST_P(CudaRouterPaths, MatchFp64) {
       logits.download();
       again.download();
       // Each warp's FMA chain has at most min(d, 32 * ceil(d / 256)) steps
-      // with a product, then 8 adds: n roundings of at most 2^-24 relative
+      // with a product, then 8 adds, then (K split over blocks) at most one
+      // add per 256-column chunk: n roundings of at most 2^-24 relative
       // each bound the error by ~n * 2^-24 * sum |x w|. The GEMM path
       // (tensor cores on bf16 parts, or one fp32 chain) is held to 1e-5.
-      const int64_t chain = std::min<int64_t>(d, 32 * ((d + 255) / 256)) + 8;
+      const int64_t chain =
+          std::min<int64_t>(d, 32 * ((d + 255) / 256)) + 8 + (d + 255) / 256;
       const bool few =
           path == RouterPath::FewTokens ||
           (path == RouterPath::Auto && cuda::detail::routerFewTokensApplies(T));

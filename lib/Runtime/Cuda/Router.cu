@@ -22,6 +22,8 @@
 
 #include <cublas_v2.h>
 
+#include <algorithm>
+
 namespace flex::cuda {
 
 namespace {
@@ -453,27 +455,32 @@ constexpr int64_t kRouterFewTokens = 256;
 constexpr int kFewChunk = 256;
 constexpr int kFewWarps = kThreads / 32;
 
-/// logits[t0 .. t0+TT, e0 .. e0+32] (f32) = x @ wg for one block: lane =
-/// expert, the K columns of each staged chunk split over the 8 warps, each
-/// warp a chain of fp32 FMAs (exact products, one rounding each), the warps'
-/// sums then added in warp order: the same bits on every run.
+/// logits[t0 .. t0+TT, e0 .. e0+32] (f32) = x @ wg over the K columns of
+/// split blockIdx.z for one block: lane = expert, the K columns of each
+/// staged chunk split over the 8 warps, each warp a chain of fp32 FMAs
+/// (exact products, one rounding each), the warps' sums then added in warp
+/// order: the same bits on every run. With several splits each writes its
+/// sums to `out` + split * T * E for routerSplitSumKernel.
 template <typename TX, typename TW, int TT>
 __global__ void __launch_bounds__(kThreads)
     routerFewTokensKernel(const TX *__restrict__ x, const TW *__restrict__ wg,
-                          float *__restrict__ logits, int64_t tokens,
-                          int64_t width, int64_t experts, bool vectorX) {
+                          float *__restrict__ out, int64_t tokens,
+                          int64_t width, int64_t experts, bool vectorX,
+                          int64_t splitWidth) {
   __shared__ __align__(16) float xs[TT][kFewChunk];
   __shared__ float partial[kFewWarps][TT][32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TT;
   const int64_t e = static_cast<int64_t>(blockIdx.y) * 32 + lane;
+  const int64_t kBegin = static_cast<int64_t>(blockIdx.z) * splitWidth;
+  const int64_t kEnd = min(width, kBegin + splitWidth);
   float acc[TT] = {};
-  for (int64_t k0 = 0; k0 < width; k0 += kFewChunk) {
+  for (int64_t k0 = kBegin; k0 < kEnd; k0 += kFewChunk) {
     for (int i = tid; i < TT * kFewChunk / 8; i += kThreads) {
       const int row = i / (kFewChunk / 8), column = (i % (kFewChunk / 8)) * 8;
       float values[8] = {};
-      if (t0 + row < tokens && k0 + column < width)
-        load8(x + (t0 + row) * width + k0 + column, width - (k0 + column),
+      if (t0 + row < tokens && k0 + column < kEnd)
+        load8(x + (t0 + row) * width + k0 + column, kEnd - (k0 + column),
               vectorX, values);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
@@ -485,8 +492,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kFewChunk / kFewWarps; ++j) {
       const int64_t k = k0 + begin + j;
-      w[j] = k < width && e < experts ? detail::toFloat(wg[k * experts + e])
-                                      : 0.0f;
+      w[j] =
+          k < kEnd && e < experts ? detail::toFloat(wg[k * experts + e]) : 0.0f;
     }
 #pragma unroll
     for (int j = 0; j < kFewChunk / kFewWarps; j += 4)
@@ -512,11 +519,29 @@ __global__ void __launch_bounds__(kThreads)
   for (int w = 0; w < kFewWarps; ++w)
     sum = __fadd_rn(sum, partial[w][t][lane]);
   if (t0 + t < tokens && e < experts)
-    logits[(t0 + t) * experts + e] = sum;
+    out[static_cast<int64_t>(blockIdx.z) * tokens * experts +
+        (t0 + t) * experts + e] = sum;
+}
+
+/// logits = the splits' sums added in split order (the same bits every run).
+__global__ void routerSplitSumKernel(const float *__restrict__ partial,
+                                     int64_t splits, int64_t count,
+                                     float *__restrict__ logits) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= count)
+    return;
+  float sum = 0.0f;
+  for (int64_t z = 0; z < splits; ++z)
+    sum = __fadd_rn(sum, partial[z * count + i]);
+  logits[i] = sum;
 }
 
 /// 4 tokens per block where 8 would leave SMs idle, else 8 (fewer re-reads
-/// of wg).
+/// of wg). Where the token and expert tiles still leave the SMs with less
+/// than two blocks each, K is split over more blocks (whole 256-column
+/// chunks; the sums added by one more kernel, in split order): each block's
+/// serial chain of staged chunks is what bounds the kernel at these sizes
+/// (16 chunks of d 4096 took 38 us at T 128 on an H100, Run 26).
 Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                        float *logits, int64_t tokens, int64_t modelDim,
                        int64_t experts) {
@@ -524,22 +549,48 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
   const bool small =
       int64_t{detail::gridFor(tokens, 8, INT32_MAX)} * expertTiles <
       ctx.multiprocessors();
+  const int tileTokens = small ? 4 : 8;
+  const int64_t blocks =
+      int64_t{detail::gridFor(tokens, tileTokens, INT32_MAX)} * expertTiles;
+  const int64_t chunks =
+      std::max<int64_t>(1, (modelDim + kFewChunk - 1) / kFewChunk);
+  const int64_t wanted = std::clamp<int64_t>(
+      (2 * int64_t{ctx.multiprocessors()} + blocks - 1) / blocks, 1,
+      std::min<int64_t>(chunks, 65535));
+  const int64_t chunksPerSplit = (chunks + wanted - 1) / wanted;
+  const int64_t splits = (chunks + chunksPerSplit - 1) / chunksPerSplit;
+  float *out = logits;
+  if (splits > 1) {
+    void *scratch = nullptr;
+    if (Status s = ctx.scratch(3, 4 * splits * tokens * experts, scratch); !s)
+      return s;
+    out = static_cast<float *>(scratch);
+  }
   return detail::withType(x.type, [&](auto xTag) -> Status {
     using TX = decltype(xTag);
     return detail::withType(wg.type, [&](auto wTag) -> Status {
       using TW = decltype(wTag);
       const bool vectorX = detail::vectorizable(modelDim, sizeof(TX), {x.data});
-      auto launch = [&](auto kernel, int tileTokens) {
-        dim3 grid(detail::gridFor(tokens, tileTokens, INT32_MAX), expertTiles);
+      auto launch = [&](auto kernel) {
+        dim3 grid(detail::gridFor(tokens, tileTokens, INT32_MAX), expertTiles,
+                  static_cast<unsigned>(splits));
         kernel<<<grid, kThreads, 0, ctx.stream()>>>(
             static_cast<const TX *>(x.data), static_cast<const TW *>(wg.data),
-            logits, tokens, modelDim, experts, vectorX);
+            out, tokens, modelDim, experts, vectorX,
+            chunksPerSplit * kFewChunk);
       };
       if (small)
-        launch(routerFewTokensKernel<TX, TW, 4>, 4);
+        launch(routerFewTokensKernel<TX, TW, 4>);
       else
-        launch(routerFewTokensKernel<TX, TW, 8>, 8);
-      return checkLaunch("router few-token kernel");
+        launch(routerFewTokensKernel<TX, TW, 8>);
+      if (Status s = checkLaunch("router few-token kernel"); !s)
+        return s;
+      if (splits == 1)
+        return Status::ok();
+      const int64_t count = tokens * experts;
+      routerSplitSumKernel<<<detail::gridFor(count, kThreads), kThreads, 0,
+                             ctx.stream()>>>(out, splits, count, logits);
+      return checkLaunch("router split sum kernel");
     });
   });
 }
