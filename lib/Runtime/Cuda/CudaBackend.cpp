@@ -207,7 +207,9 @@ void CudaBackend::setRowKernels() {
   rowKernel(StepOp::DispatchRows, [](Ctx &ctx, const Step &, const Ops &ops,
                                      RowArgs &x) {
     const TensorView &rowTokens = ops.out(R::RowTokens);
+    const cuda::ExpertRowSpace space = x.rows.space(rowTokens);
     return cuda::dispatchRows(ctx, x.routing, rowTokens.desc->shape.front(),
+                              space.isStatic() || space.padded,
                               writeAs<int32_t>(rowTokens));
   });
   // A gathered A (row_tokens) is x, not dispatch-shaped: the rows are c's.

@@ -320,15 +320,18 @@ __global__ void dispatchRowsKernel(Routing routing, int64_t rowCount,
 } // namespace
 
 Status dispatchRows(KernelContext &ctx, const Routing &routing,
-                    int64_t rowCount, int32_t *rowTokens) {
+                    int64_t rowCount, bool padded, int32_t *rowTokens) {
   if (rowCount == 0)
     return Status::ok();
-  // Rows no slot maps to (a padded layout's padding) read as zeros.
-  if (Status s = checkCuda(
-          cudaMemsetAsync(rowTokens, 0xff, 4 * rowCount, ctx.stream()),
-          "clearing row_tokens");
-      !s)
-    return s;
+  // A padded layout's padding rows, which no slot maps to, read as zeros.
+  // A ragged layout has none: its rows up to offsets[E] are all kept, and no
+  // kernel reads past them.
+  if (padded)
+    if (Status s = checkCuda(
+            cudaMemsetAsync(rowTokens, 0xff, 4 * rowCount, ctx.stream()),
+            "clearing row_tokens");
+        !s)
+      return s;
   int64_t slots = routing.tokens * routing.topK;
   if (slots == 0)
     return Status::ok();

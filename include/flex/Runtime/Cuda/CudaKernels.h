@@ -149,10 +149,11 @@ Status dispatch(KernelContext &ctx, ReadBuffer x, int64_t modelDim,
                 const Routing &routing, const ExpertRowSpace &space,
                 WriteBuffer dispatched);
 
-/// `dispatch_rows`: rowTokens[row of each kept slot] = its token, -1 for the
-/// other rows below rowCount.
+/// `dispatch_rows`: rowTokens[row of each kept slot] = its token; with
+/// `padded` (a padded layout's padding rows exist) -1 for the other rows
+/// below rowCount, which a ragged layout does not have before offsets[E].
 Status dispatchRows(KernelContext &ctx, const Routing &routing,
-                    int64_t rowCount, int32_t *rowTokens);
+                    int64_t rowCount, bool padded, int32_t *rowTokens);
 
 /// Whether this device and build can run the device-sized grouped GEMM that
 /// dynamic routings take under grouped_gemm=auto/device (compute capability
