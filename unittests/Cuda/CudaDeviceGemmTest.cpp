@@ -300,6 +300,70 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
       }
 }
 
+// Bias, pre and the activation: applied in the device kernel's store (its
+// few-rows tile) or by the epilogue kernel after it (the larger tiles, and
+// the cuBLAS path); c = act(a @ b[e] + bias[e]) and pre = a @ b[e] +
+// bias[e] over the segments' rows either way.
+TEST_P(CudaDeviceGemm, EpilogueMatchesFp64OnBothPaths) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity, tc.base);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
+  std::mt19937_64 rng(19 + k);
+  for (DType dt : {DType::BF16, DType::F16})
+    for (Epilogue epilogue :
+         {Epilogue::None, Epilogue::Relu, Epilogue::Gelu, Epilogue::Silu})
+      for (bool withBias : {false, true})
+        for (GroupedGemmPath path :
+             {GroupedGemmPath::Device, GroupedGemmPath::Cublas}) {
+          SCOPED_TRACE(
+              std::string(toString(dt)) + " epilogue " +
+              std::to_string(static_cast<int>(epilogue)) +
+              (withBias ? " bias" : "") +
+              (path == GroupedGemmPath::Device ? " device" : " cublas"));
+          Buffer a(dt, R * k), b(dt, E * k * n), bias(dt, E * n), c(dt, R * n),
+              pre(dt, R * n);
+          a.set(normals(rng, R * k, 1.0));
+          b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+          bias.set(normals(rng, E * n, 0.5));
+          c.poison();
+          pre.poison();
+          std::vector<double> want =
+              referenceForward(a, b, c, seg, k, n, false, false);
+          std::vector<double> wantPre = want;
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e];
+                 ++r)
+              for (int64_t j = 0; j < n; ++j) {
+                double v =
+                    want[r * n + j] + (withBias ? bias.at(e * n + j) : 0);
+                wantPre[r * n + j] = v;
+                double act = v;
+                if (epilogue == Epilogue::Relu)
+                  act = v > 0 ? v : 0;
+                else if (epilogue == Epilogue::Gelu)
+                  act = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+                else if (epilogue == Epilogue::Silu)
+                  act = v / (1 + std::exp(-v));
+                want[r * n + j] = act;
+              }
+          GroupedGemmOptions options;
+          options.epilogue = epilogue;
+          Status status = cuda::detail::groupedGemmWith(
+              *ctx, {a.device, dt}, {b.device, dt},
+              withBias ? ReadBuffer{bias.device, dt} : ReadBuffer{},
+              {c.device, dt}, k, n, seg.space(), options, {pre.device, dt},
+              path);
+          ASSERT_TRUE(status.isOk()) << status.message();
+          c.download();
+          pre.download();
+          EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
+          EXPECT_LE(segmentError(pre, wantPre, seg, n), 1e-2);
+        }
+}
+
 // A gather-fused GEMM (row_tokens): row r reads x[rowTokens[r]] of T token
 // rows. The device kernel follows the map in its A loads; the cuBLAS path
 // and f32 (which the kernel does not take) gather into scratch first. Both

@@ -53,6 +53,11 @@ struct Tiles {
   static constexpr int Threads = WarpsM * WarpsN * 32;
   static constexpr int WarpM = BM / WarpsM, WarpN = BN / WarpsN;
   static constexpr int MI = WarpM / 16, NI = WarpN / 8;
+  /// Whether the store applies a fused epilogue: the few-rows tile only,
+  /// where the epilogue's own launch and pass are a visible share of the
+  /// GEMM (decode); in the larger tiles its registers, live through the
+  /// main loop, cost occupancy (128 -> 165 per thread, one CTA per SM).
+  static constexpr bool FusesEpilogue = BM <= 32;
   static_assert(WarpM % 16 == 0 && WarpN % 16 == 0 && BK % 16 == 0);
 };
 /// Many rows per group (prefill, training).
@@ -185,7 +190,46 @@ template <typename T> struct TileProblem {
   /// weight gradient) is row aIndex[i] of it, in [0, aIndexBound).
   const int32_t *aIndex = nullptr;
   int64_t aIndexBound = 0;
+  /// The fused epilogue (forward, not accumulating): the product rounded to
+  /// T as the unfused path stores it, plus biasScale * bias (bias at the
+  /// tile's first column of its expert's row, or null), that value into
+  /// `pre` (same strides as c, or null), then `epilogue` (an Epilogue) into
+  /// c: bit for bit what applyGemmEpilogue does after the unfused store.
+  const T *bias = nullptr;
+  T *pre = nullptr;
+  int epilogue = 0;
+  float biasScale = 1.0f;
+  bool fusedEpilogue = false;
 };
+
+/// v (the fp32 sums of one row's columns col...) through the fused epilogue:
+/// `pre` receives the biased value, v the activated one.
+template <typename T, int N>
+__device__ __forceinline__ void epilogueValues(const TileProblem<T> &p,
+                                               int64_t row, int64_t col,
+                                               float (&v)[N]) {
+  float b[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    v[j] = toFloat(fromFloat<T>(v[j]));
+    b[j] = p.bias ? toFloat(p.bias[col + j]) : 0.0f;
+  }
+  if (p.bias)
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      v[j] = __fadd_rn(v[j], __fmul_rn(b[j], p.biasScale));
+  if (p.pre) {
+    if constexpr (N == 8)
+      storeVector(p.pre + row * p.ldc + col, v);
+    else
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        p.pre[row * p.ldc + col + j] = fromFloat<T>(v[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    v[j] = applyEpilogue(p.epilogue, v[j]);
+}
 
 /// The fp32 C tile staged in shared memory: rows padded by 4 floats (16
 /// bytes), so each row stays 16-byte aligned.
@@ -218,13 +262,16 @@ storeTileDirect(const TileProblem<T> &p,
         int col = warpN + ni * 8 + 2 * (lane % 4);
         if (col >= p.nValid)
           continue;
-        float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
+        float v[2] = {acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]};
         if (accumulate) {
-          v0 += toFloat(out[col]);
-          v1 += toFloat(out[col + 1]);
+          v[0] += toFloat(out[col]);
+          v[1] += toFloat(out[col + 1]);
         }
-        out[col] = fromFloat<T>(v0);
-        out[col + 1] = fromFloat<T>(v1);
+        if constexpr (Cfg::FusesEpilogue)
+          if (p.fusedEpilogue)
+            epilogueValues<T, 2>(p, row, col, v);
+        out[col] = fromFloat<T>(v[0]);
+        out[col + 1] = fromFloat<T>(v[1]);
       }
     }
 }
@@ -275,6 +322,9 @@ storeTileStaged(const TileProblem<T> &p,
       for (int j = 0; j < 8; ++j)
         v[j] += old[j];
     }
+    if constexpr (Cfg::FusesEpilogue)
+      if (p.fusedEpilogue)
+        epilogueValues<T, 8>(p, row, col, v);
     storeVector(out, v);
   }
 }
@@ -425,6 +475,7 @@ struct RaggedMArgs {
   int64_t rowBound;
   bool accumulate;
   RowGather gather;
+  DeviceGemmEpilogue epilogue;
 };
 
 /// Ragged M: blockIdx.y is the y-th M tile over the groups in order,
@@ -497,6 +548,15 @@ __global__ void __launch_bounds__(Cfg::Threads)
              rowInGroup;
   p.nValid = args.n - n0;
   p.kTotal = args.k;
+  if (Cfg::FusesEpilogue && args.epilogue.fused) {
+    p.fusedEpilogue = true;
+    p.epilogue = static_cast<int>(args.epilogue.epilogue);
+    p.biasScale = args.epilogue.biasScale;
+    if (args.epilogue.bias)
+      p.bias = static_cast<const T *>(args.epilogue.bias) + group * args.n + n0;
+    if (args.epilogue.pre)
+      p.pre = static_cast<T *>(args.epilogue.pre) + row * args.n + n0;
+  }
   computeTile<T, Cfg, true, BKContiguous>(p, args.accumulate,
                                           reinterpret_cast<T *>(sharedRaw));
 #endif
@@ -613,6 +673,10 @@ bool deviceGroupedGemmGridFits(int64_t rowBound, int64_t experts, int64_t k) {
          experts <= kMaxGridYZ && k / LargeTiles::BM < kMaxGridYZ;
 }
 
+bool deviceGroupedGemmFusesEpilogue(const ExpertRowSpace &space) {
+  return deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
+}
+
 bool deviceGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
   if (ctx.computeCapability() < 80) {
     if (reason)
@@ -671,7 +735,12 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
                          bool accumulate, DeviceTiles tiles,
-                         const RowGather &gather) {
+                         const RowGather &gather,
+                         const DeviceGemmEpilogue &epilogue) {
+  if (epilogue.fused && accumulate)
+    return Status(StatusCode::Internal,
+                  "the device-sized grouped GEMM fuses its epilogue only when "
+                  "it does not accumulate");
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
   RaggedMArgs args{a,
@@ -684,7 +753,8 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    n,
                    space.rowBound,
                    accumulate,
-                   gather};
+                   gather,
+                   epilogue};
   // Few rows per group (decode): small M tiles waste less of each weight
   // tile's read (Core/GroupedGemmRule.h has the measured crossover).
   if (tiles == DeviceTiles::Auto)
@@ -692,6 +762,10 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                     DeviceGemmTile::Small
                 ? DeviceTiles::Small
                 : DeviceTiles::Large;
+  if (epilogue.fused && tiles != DeviceTiles::Small)
+    return Status(StatusCode::Internal,
+                  "the device-sized grouped GEMM fuses its epilogue in the "
+                  "small tile only (deviceGroupedGemmFusesEpilogue)");
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {

@@ -291,11 +291,23 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
       return s;
   } else if (gathered || useDeviceKernel(ctx, path, dtype, k, n, space,
                                          {a.data, b.data, target.data})) {
+    // The bias and activation in the kernel's store where it can (its
+    // few-rows tile, not accumulating; bias, pre and c in 16-byte vectors):
+    // c is written once, with no second launch, bit for bit
+    // applyGemmEpilogue's result.
+    DeviceGemmEpilogue fused;
+    if ((bias.data || pre.data || options.epilogue != Epilogue::None) &&
+        !options.accumulate && deviceGroupedGemmFusesEpilogue(space) &&
+        vectorizable(n, 2, {c.data, pre.data, bias.data}))
+      fused = {true, bias.data, pre.data, options.epilogue, options.biasScale};
     if (Status s = deviceGroupedGemm(
-            ctx, a.data, b.data, target.data, dtype, k, n, space,
-            options.transB, options.accumulate, DeviceTiles::Auto, gather);
+            ctx, a.data, b.data, fused.fused ? c.data : target.data, dtype, k,
+            n, space, options.transB, options.accumulate, DeviceTiles::Auto,
+            gather, fused);
         !s)
       return s;
+    if (fused.fused)
+      return Status::ok();
   } else {
     const int32_t *offsets = nullptr, *rows = nullptr;
     if (Status s = ctx.hostSegments(space, offsets, rows); !s)

@@ -48,9 +48,26 @@ enum class DeviceTiles {
   Wide,  ///< 128 x 256, 8 warps
 };
 
+/// The epilogue the device kernel applies in its store (not accumulating):
+/// c = epilogue(round(a @ b[e]) + biasScale * bias[e]), `pre` (if any) the
+/// value before the activation: applyGemmEpilogue's result, without its
+/// launch and its second pass over c.
+struct DeviceGemmEpilogue {
+  bool fused = false;
+  const void *bias = nullptr; ///< [E, n] or null
+  void *pre = nullptr;        ///< [rows, n] like c, or null
+  Epilogue epilogue = Epilogue::None;
+  float biasScale = 1.0f;
+};
+
+/// Whether deviceGroupedGemm (tiles Auto) can apply an epilogue in its
+/// store for this row space: its few-rows tile only.
+bool deviceGroupedGemmFusesEpilogue(const ExpertRowSpace &space);
+
 /// c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when transB) for every
 /// expert e, rows as the device's offsets and rows say; rows of c outside
-/// every expert's segment are not written. No epilogue.
+/// every expert's segment are not written. `epilogue.fused`: the epilogue in
+/// the store.
 ///
 /// With `gather.rowTokens`, a is [gather.tokens, k] and row r's A row is
 /// a[rowTokens[r]], read by the kernel's own loads (zeros for a token
@@ -59,7 +76,8 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
                          bool accumulate, DeviceTiles tiles = DeviceTiles::Auto,
-                         const RowGather &gather = {});
+                         const RowGather &gather = {},
+                         const DeviceGemmEpilogue &epilogue = {});
 
 /// gradB[e] (+)= a[rows of e]^T @ gradC[rows of e]; an expert without rows
 /// gets zeros (or keeps its value when accumulating).
