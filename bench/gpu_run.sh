@@ -117,7 +117,12 @@ fi
 # --- 4. Flex ---------------------------------------------------------------
 flex_available() {
   [[ -x "$MOE_RUN" ]] || { echo "no $MOE_RUN (the build failed or was skipped)"; return 1; }
-  "$MOE_RUN" --help 2>&1 | grep -q -- "--device" ||
+  # The help text in a variable first: `grep -q` would stop reading it at
+  # the match, and moe-run's write into the closed pipe would fail the
+  # pipeline under pipefail (Run 27: "no --device option" from a build
+  # that has it).
+  local help; help="$("$MOE_RUN" --help 2>&1)"
+  grep -q -- "--device" <<< "$help" ||
     { echo "moe-run has no --device option yet (CUDA backend not in this commit)"; return 1; }
   ls bench/plans/*.json > /dev/null 2>&1 ||
     { echo "no bench/plans: run bench/make_plans.sh here and carry bench/plans"; return 1; }
@@ -138,7 +143,7 @@ moe_run() {
 }
 flex_runs() {
   local graph_flags=("")
-  "$MOE_RUN" --help 2>&1 | grep -q -- "--graph" && graph_flags+=("--graph")
+  grep -q -- "--graph" <<< "$("$MOE_RUN" --help 2>&1)" && graph_flags+=("--graph")
   local failed=0
   # Correct first: the small plans against the fp64 reference, on the GPU.
   for plan in bench/plans/check_*.train.json; do
