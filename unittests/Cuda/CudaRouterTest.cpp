@@ -154,6 +154,40 @@ TEST_P(CudaRouterPaths, MatchFp64) {
   }
 }
 
+// The few-token kernel's sums (K split over blocks included) follow d alone:
+// a token's logits have the same bits in a batch of 8 tokens and of 200.
+TEST(CudaRouterFewTokens, LogitsDoNotDependOnTheBatch) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(23);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (int64_t d : {264, 2048, 4096}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    const int64_t E = 64, big = 200, few = 8;
+    Buffer x(DType::BF16, big * d), wg(DType::F32, d * E);
+    std::vector<double> values(big * d), weights(d * E);
+    for (double &v : values)
+      v = normal(rng);
+    for (double &v : weights)
+      v = normal(rng) / std::sqrt(static_cast<double>(d));
+    x.set(values);
+    wg.set(weights);
+    Buffer all(DType::F32, big * E), part(DType::F32, few * E);
+    all.poison();
+    part.poison();
+    for (auto [tokens, out] : {std::pair{big, &all}, std::pair{few, &part}})
+      ASSERT_TRUE(cuda::detail::routerWith(
+                      *ctx, {x.device, DType::BF16}, {wg.device, DType::F32},
+                      out->as<float>(), tokens, d, E, RouterPath::FewTokens)
+                      .isOk());
+    all.download();
+    part.download();
+    EXPECT_EQ(std::memcmp(all.host.data(), part.host.data(), part.host.size()),
+              0);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Types, CudaRouterPaths,
                          ::testing::ValuesIn(routerTypes()),
                          [](const ::testing::TestParamInfo<RouterTypes> &info) {

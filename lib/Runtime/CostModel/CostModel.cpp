@@ -224,9 +224,11 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
       !deviceGemmShapeFits(a.dtype, k, n))
     return GemmPath::PerExpert;
   // A gather-fused GEMM (row_tokens) runs on the device kernel wherever it
-  // applies: its A rows are x's, which no cuBLAS call can follow.
+  // applies, unless grouped_gemm=cublas (its rows then copied first: priced
+  // in stepBasis).
   if (step.in(OperandRole::RowTokens).isValid())
-    return GemmPath::Device;
+    return options.groupedGemm == GroupedGemmImpl::Cublas ? GemmPath::PerExpert
+                                                          : GemmPath::Device;
   // The backend's row space: the buffer's declared rows (a chunk's from its
   // first row on).
   const int64_t declared = a.shape.empty() ? 0 : a.shape.front();
@@ -449,6 +451,20 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
       return gemm(groups, k, n, a.dtype, false);
     }
   };
+  // A gathered GEMM off the device kernel (grouped_gemm=cublas, or a device
+  // without it) first copies its R rows of K into scratch: read and written
+  // once, one launch (GroupedGemm.cu's gatherRows).
+  auto gatherCopySeconds = [&](const BufferDesc &a, int64_t n) {
+    if (!step.in(R::RowTokens).isValid() || basis.gemmPath == GemmPath::Device)
+      return 0.0;
+    const int64_t k = a.shape.back();
+    const double rows =
+        work.flops / (2.0 * static_cast<double>(std::max<int64_t>(1, k * n)));
+    return profile_.launchSeconds +
+           2.0 * rows * static_cast<double>(k) *
+               static_cast<double>(dtypeSize(a.dtype)) /
+               profile_.memoryBandwidth;
+  };
   switch (basis.cost) {
   case StepCost::RouterGemm:
     basis.gemmPath = GemmPath::Batched;
@@ -461,14 +477,16 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &c = plan.getBuffer(step.out(R::C));
     basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), a.shape.back(),
-                                   c.shape.back(), false);
+                                   c.shape.back(), false) +
+                        gatherCopySeconds(a, c.shape.back());
     break;
   }
   case StepCost::ExpertWgrad: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &g = plan.getBuffer(step.in(R::GradC));
     basis.gemmSeconds = expertGemm(g, groupsOf(step.out(R::GradB)),
-                                   a.shape.back(), g.shape.back(), true);
+                                   a.shape.back(), g.shape.back(), true) +
+                        gatherCopySeconds(a, g.shape.back());
     break;
   }
   default:

@@ -179,7 +179,23 @@ __global__ void gatherRowsKernel(const T *__restrict__ a, int64_t k,
   }
 }
 
-/// A gathered GEMM that the device kernel cannot run (f32, an older GPU, a
+/// Whether a gathered GEMM runs on the device kernel: wherever it applies
+/// (the variant exists for it), unless the path or the runtime option
+/// (grouped_gemm=cublas) asks for cuBLAS.
+bool gatheredOnDevice(const KernelContext &ctx, detail::GroupedGemmPath path,
+                      DType type, int64_t k, int64_t n,
+                      const ExpertRowSpace &space,
+                      std::initializer_list<const void *> pointers) {
+  if (path == detail::GroupedGemmPath::Cublas ||
+      (path == detail::GroupedGemmPath::Auto &&
+       ctx.groupedGemm == GroupedGemmImpl::Cublas) ||
+      space.isStatic())
+    return false;
+  return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
+}
+
+/// A gathered GEMM that the device kernel does not run (grouped_gemm=cublas,
+/// or where it cannot: f32, an older GPU, a
 /// grid past its limits): the rows gathered into scratch first, which the
 /// unfused paths then read as their A. Scratch slot 5 is this copy's alone.
 Status gatherRows(KernelContext &ctx, ReadBuffer a, int64_t k,
@@ -278,9 +294,8 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   // A gathered A: the device kernel follows the map wherever it applies
   // (the variant was chosen for it); elsewhere the rows are copied first.
   const bool gathered = gather.rowTokens != nullptr;
-  if (gathered && !(path != GroupedGemmPath::Cublas && !space.isStatic() &&
-                    deviceGroupedGemmApplies(ctx, dtype, k, n, space,
-                                             {a.data, b.data, target.data}))) {
+  if (gathered && !gatheredOnDevice(ctx, path, dtype, k, n, space,
+                                    {a.data, b.data, target.data})) {
     if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
       return s;
     return groupedGemmWith(ctx, a, b, bias, c, k, n, space, options, pre, path,
@@ -356,10 +371,8 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
       !s)
     return s;
   const bool gathered = gather.rowTokens != nullptr;
-  if (gathered &&
-      !(path != GroupedGemmPath::Cublas && !space.isStatic() &&
-        deviceGroupedGemmApplies(ctx, gradB.type, k, n, space,
-                                 {a.data, gradC.data, gradB.data}))) {
+  if (gathered && !gatheredOnDevice(ctx, path, gradB.type, k, n, space,
+                                    {a.data, gradC.data, gradB.data})) {
     if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
       return s;
     return groupedGemmWgradWith(ctx, a, gradC, k, n, space, gradB, gradBias,

@@ -102,6 +102,8 @@ KernelContext::~KernelContext() {
   for (ScratchArea &area : scratch_)
     if (area.data)
       cudaFree(area.data);
+  for (void *data : retiredScratch_)
+    cudaFree(data);
   if (pinned_)
     cudaFreeHost(pinned_);
   if (cublas_)
@@ -134,13 +136,13 @@ Status KernelContext::scratch(int slot, int64_t bytes, void *&data) {
                         std::to_string(bytes) +
                         " bytes while a graph is recorded; the pass should "
                         "have run eagerly first");
-    // The old area may still be read by queued work.
+    // The old area stays allocated until the context goes: a CUDA graph
+    // recorded with it (this backend's, or a caller's torch graph around an
+    // earlier pass) still writes there when replayed, and queued work may
+    // still read it. A slot grows a few times at most (sizes round up to
+    // MiB), so what is kept is small.
     if (area.data) {
-      if (Status s = checkCuda(cudaStreamSynchronize(stream_),
-                               "cudaStreamSynchronize before growing scratch");
-          !s)
-        return s;
-      cudaFree(area.data);
+      retiredScratch_.push_back(area.data);
       area = {};
     }
     int64_t rounded = (bytes + (int64_t{1} << 20) - 1) >> 20 << 20;

@@ -537,11 +537,14 @@ __global__ void routerSplitSumKernel(const float *__restrict__ partial,
 }
 
 /// 4 tokens per block where 8 would leave SMs idle, else 8 (fewer re-reads
-/// of wg). Where the token and expert tiles still leave the SMs with less
-/// than two blocks each, K is split over more blocks (whole 256-column
-/// chunks; the sums added by one more kernel, in split order): each block's
+/// of wg). K is split over blocks of kFewSplitChunks staged chunks each (the
+/// splits' sums added by one more kernel, in split order): each block's
 /// serial chain of staged chunks is what bounds the kernel at these sizes
-/// (16 chunks of d 4096 took 38 us at T 128 on an H100, Run 26).
+/// (16 chunks of d 4096 in one block took 38.5 us at T 128 on an H100, 4
+/// splits of 4 chunks 19.3 us: Runs 26, 27). The split depends on d alone,
+/// so a token's logits have the same bits whatever T (<= 256) and the card.
+constexpr int64_t kFewSplitChunks = 2;
+
 Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                        float *logits, int64_t tokens, int64_t modelDim,
                        int64_t experts) {
@@ -550,19 +553,15 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
       int64_t{detail::gridFor(tokens, 8, INT32_MAX)} * expertTiles <
       ctx.multiprocessors();
   const int tileTokens = small ? 4 : 8;
-  const int64_t blocks =
-      int64_t{detail::gridFor(tokens, tileTokens, INT32_MAX)} * expertTiles;
   const int64_t chunks =
       std::max<int64_t>(1, (modelDim + kFewChunk - 1) / kFewChunk);
-  const int64_t wanted = std::clamp<int64_t>(
-      (2 * int64_t{ctx.multiprocessors()} + blocks - 1) / blocks, 1,
-      std::min<int64_t>(chunks, 65535));
-  const int64_t chunksPerSplit = (chunks + wanted - 1) / wanted;
+  const int64_t chunksPerSplit =
+      std::max(kFewSplitChunks, (chunks + 65534) / 65535);
   const int64_t splits = (chunks + chunksPerSplit - 1) / chunksPerSplit;
   float *out = logits;
   if (splits > 1) {
     void *scratch = nullptr;
-    if (Status s = ctx.scratch(3, 4 * splits * tokens * experts, scratch); !s)
+    if (Status s = ctx.scratch(6, 4 * splits * tokens * experts, scratch); !s)
       return s;
     out = static_cast<float *>(scratch);
   }

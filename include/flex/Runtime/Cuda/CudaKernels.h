@@ -76,9 +76,10 @@ public:
   /// null = the context's own stream (created with the context).
   Status setStream(Stream stream);
 
-  /// Device scratch of at least `bytes` bytes, 256-aligned, valid until the
-  /// next call of scratch() with a larger size. `slot` picks one of a few
-  /// independent areas (a step may need two at once).
+  /// Device scratch of at least `bytes` bytes, 256-aligned; a later call
+  /// with a larger size returns a new area and keeps the old one allocated
+  /// (graphs recorded with it stay valid) until the context goes. `slot` picks
+  /// one of a few independent areas (a step may need two at once).
   Status scratch(int slot, int64_t bytes, void *&data);
   /// True while a graph is being recorded: growing scratch is not allowed
   /// then (the pass ran eagerly once before, so it need not).
@@ -120,7 +121,12 @@ private:
     void *data = nullptr;
     int64_t bytes = 0;
   };
-  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(6);
+  /// Slots: 0 gate (and gate_backward), 1 dispatch slot maps, 2 bias
+  /// gradients, 3 the router's GEMM path (and router_backward), 4 the
+  /// router's weights, 5 gathered A rows, 6 the few-token router's splits.
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(7);
+  /// Areas a slot outgrew, freed with the context (graphs may hold them).
+  std::vector<void *> retiredScratch_;
   int32_t *pinned_ = nullptr;
   int64_t pinnedCount_ = 0;
   const int32_t *hostKeyOffsets_ = nullptr;
