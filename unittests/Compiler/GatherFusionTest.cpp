@@ -23,10 +23,12 @@
 #include "flex/Runtime/PlanLoader.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <random>
@@ -230,6 +232,52 @@ TEST(GatherFusion, FusedVariantEqualsTheUnfusedOneAndTheReference) {
               tolerance);
   }
   EXPECT_EQ(fused, kCases);
+}
+
+// The loader's rules for a hand-written row map: row_tokens is read only
+// where dispatch_rows wrote it, and a gathered GEMM reads x.
+TEST(GatherFusion, TheLoaderRefusesAMisusedRowMap) {
+  LayerConfig config;
+  // R = T * k = 5 = E + 1: expert_offsets has row_tokens' shape.
+  config.tokens = 5;
+  config.modelDim = 8;
+  config.hiddenDim = 8;
+  config.experts = 4;
+  config.topK = 1;
+  config.capacityMode = CapacityMode::Dropless;
+  config.dtype = DType::BF16;
+  CompileOptions options;
+  options.training = true;
+  options.fuseDispatch = true;
+  std::string planJson, error;
+  ASSERT_TRUE(
+      compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
+      << error;
+  using Json = nlohmann::ordered_json;
+  auto rejects = [&](const std::function<void(Json & step)> &edit,
+                     const std::string &what) {
+    Json doc = Json::parse(planJson);
+    ASSERT_EQ(doc["variants"][1]["name"], "single+gather");
+    int edited = 0;
+    for (Json &step : doc["variants"][1]["forward"])
+      if (step["op"] == "grouped_gemm" && step["in"].contains("row_tokens")) {
+        edit(step);
+        ++edited;
+      }
+    ASSERT_EQ(edited, 1);
+    Plan plan;
+    Status status = parsePlan(doc.dump(), plan);
+    EXPECT_EQ(status.code(), StatusCode::InvalidPlan) << what;
+    EXPECT_NE(status.message().find(what), std::string::npos)
+        << status.message();
+  };
+  rejects(
+      [](Json &step) {
+        step["in"]["row_tokens"] = step["in"]["expert_offsets"];
+      },
+      "is read as row_tokens, but no earlier step wrote it as one");
+  rejects([](Json &step) { step["in"]["a"] = "grad_out"; },
+          "is not the layer's input x");
 }
 
 } // namespace

@@ -254,13 +254,17 @@ struct DataFlow {
   std::vector<int32_t> gatheredFrom;
   /// Per workspace buffer, the first and last step position using it.
   std::vector<std::pair<int64_t, int64_t>> live;
+  /// Per workspace buffer written as row_tokens, the expert_offsets buffer
+  /// of the routing dispatch_rows mapped; -1 for none.
+  std::vector<int32_t> mappedOffsets;
 
   explicit DataFlow(const Plan &plan)
       : written(plan.workspace.buffers.size(), false),
         argWritten(plan.arguments.size(), false),
         writtenAs(plan.workspace.buffers.size(), 0),
         gatheredFrom(plan.workspace.buffers.size(), -1),
-        live(plan.workspace.buffers.size(), {-1, -1}) {}
+        live(plan.workspace.buffers.size(), {-1, -1}),
+        mappedOffsets(plan.workspace.buffers.size(), -1) {}
 
   /// The argument whose value `ref` holds: itself, or the one gathered
   /// into it; -1 for a value steps computed.
@@ -322,6 +326,7 @@ bool isNamedValueRole(OperandRole role) {
   case R::ExpertRows:
   case R::GradGates:
   case R::GradLogits:
+  case R::RowTokens:
     return true;
   default:
     return false;
@@ -388,6 +393,19 @@ void checkGatheredRows(const Plan &plan, const Step &step,
     fail(at + ".in.a", "buffer '" + plan.getBuffer(step.in(R::A)).name +
                            "' is not the layer's input x; with row_tokens, "
                            "a grouped GEMM gathers its rows from x");
+  // The rows it maps are those of the routing the GEMM's segments follow.
+  const BufferRef &rowTokens = step.in(R::RowTokens);
+  const BufferRef &offsets = step.in(R::ExpertOffsets);
+  if (rowTokens.kind == BufferRef::Kind::Workspace &&
+      offsets.kind == BufferRef::Kind::Workspace &&
+      flow.mappedOffsets[rowTokens.index] >= 0 &&
+      flow.mappedOffsets[rowTokens.index] != offsets.index)
+    fail(at + ".in.row_tokens",
+         "buffer '" + plan.getBuffer(rowTokens).name +
+             "' maps the rows of the routing in '" +
+             plan.workspace.buffers[flow.mappedOffsets[rowTokens.index]].name +
+             "', but this grouped GEMM's segments follow '" +
+             plan.getBuffer(offsets).name + "'");
 }
 
 /// The roles that always name one argument of the layer (x is the layer's
@@ -472,6 +490,12 @@ void checkStepDataFlow(const Plan &plan, const Step &step,
       flow.gatheredFrom[ref.index] =
           step.op == StepOp::AllGather
               ? flow.sourceArgument(step.in(OperandRole::Input))
+              : -1;
+      flow.mappedOffsets[ref.index] =
+          step.op == StepOp::DispatchRows &&
+                  step.in(OperandRole::ExpertOffsets).kind ==
+                      BufferRef::Kind::Workspace
+              ? step.in(OperandRole::ExpertOffsets).index
               : -1;
       continue;
     }
