@@ -75,6 +75,9 @@ class LayerSpec:
     world_size: int = 1
     variants: tuple = ()  # r<R>d<D> names; () = the compiler's default
     ranks_per_node: int = 0  # > 0: the 2DH exchange for nodes of that many
+    # The gather-fused variants (--moert-fuse-dispatch; the cost model picks
+    # per call); False compiles the plan without them.
+    fuse_dispatch: bool = True
 
     def key(self):
         """A stable text of every field: the in-memory cache key and, hashed
@@ -88,6 +91,8 @@ class LayerSpec:
             parts.append("variants=" + ",".join(self.variants))
         if self.ranks_per_node:
             parts.append(f"ranks_per_node={self.ranks_per_node}")
+        if not self.fuse_dispatch:
+            parts.append("fuse_dispatch=false")
         return " ".join(parts)
 
 
@@ -209,7 +214,9 @@ class ToolCompiler:
         if spec.ranks_per_node:
             passes.append(f"--moe-a2a-2dh=ranks-per-node={spec.ranks_per_node}")
         training = "true" if spec.training else "false"
-        passes.append(f"--moe-lower-to-plan=training={training}")
+        fuse = "true" if spec.fuse_dispatch else "false"
+        passes.append(f"--moe-lower-to-plan=training={training} "
+                      f"fuse-dispatch={fuse}")
         lowered = subprocess.run([str(self.opt), "-", *passes], input=mlir,
                                  capture_output=True, text=True)
         if lowered.returncode != 0:

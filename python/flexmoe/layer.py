@@ -123,6 +123,12 @@ class MoELayer(torch.nn.Module):
 
     capacity_factor follows Tutel: f > 0 keeps k * int(f * ceil(T / E))
     slots per expert, 0 is dropless, f < 0 is dropless bounded by |f|.
+    On one rank, a bf16/f16 dropless or bounded layer compiles with a
+    gather-fused variant beside the plain one (the expert GEMMs read x
+    through a row map instead of a dispatched copy); the runtime picks one
+    per call by its cost model and measured times. fuse_dispatch=False
+    compiles the plain one only, whose kernels (and so bits) never change
+    between calls.
     Many ranks: experts are sharded [E / W, ...] over the process group
     (flexmoe.distributed: NCCL on GPUs, the group's own collectives, e.g.
     gloo, on CPUs).
@@ -135,7 +141,7 @@ class MoELayer(torch.nn.Module):
                  dtype=torch.float32, device=None, group=None,
                  world_size=None, rank=None, variants=None, seed=0,
                  a2a_ffn_overlap_degree=1, adaptive_r=None,
-                 ranks_per_node=None):
+                 ranks_per_node=None, fuse_dispatch=True):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got "
@@ -179,6 +185,10 @@ class MoELayer(torch.nn.Module):
         if self.ranks_per_node >= self.world_size:
             self.ranks_per_node = 0
         self.variants = tuple(variants or self._default_variants())
+        # The gather-fused plan variants (one rank, ragged, bf16/f16): the
+        # automatic choice picks between them per call; False leaves them
+        # out (one variant: the same kernels, so the same bits, every call).
+        self.fuse_dispatch = bool(fuse_dispatch)
         self.group_name = ""
         self.l_aux = None
         self._call_keys = {}  # _call_key's keys by their arguments
@@ -302,7 +312,8 @@ class MoELayer(torch.nn.Module):
             gate_noise=self.gate_noise if self.training else 0.0,
             seed=int(self.seed), training=bool(training),
             world_size=self.world_size, variants=self.variants,
-            ranks_per_node=self.ranks_per_node)
+            ranks_per_node=self.ranks_per_node,
+            fuse_dispatch=self.fuse_dispatch)
 
     def mlir(self, tokens, training=True):
         """The `moe.layer` IR this layer compiles for `tokens` tokens."""

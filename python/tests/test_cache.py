@@ -177,13 +177,49 @@ def test_tool_compiler_gives_the_same_plan():
                                      variants=("r1d1", "r1d2", "r0d1")),
                  _compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
                                      experts=8, top_k=2, world_size=4,
-                                     variants=("r1d2",), ranks_per_node=2)):
+                                     variants=("r1d2",), ranks_per_node=2),
+                 # The gather-fused variant, and its opt-out.
+                 _compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
+                                     experts=4, top_k=2, dtype="bf16",
+                                     capacity_mode="dropless"),
+                 _compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
+                                     experts=4, top_k=2, dtype="bf16",
+                                     capacity_mode="dropless",
+                                     fuse_dispatch=False)):
         plans = []
         for c in (comp, tools):
             doc = json.loads(c.compile(lib, spec, _compiler.emit_mlir(spec)))
             doc.pop("producer", None)
             plans.append(doc)
         assert plans[0] == plans[1]
+
+
+def test_fuse_dispatch_adds_the_gathered_variant_or_leaves_it_out():
+    """A one-rank bf16 dropless layer compiles with `single+gather` after
+    `single`; fuse_dispatch=False (the layer's option, passed as the C API's
+    pipeline text) leaves one variant; the spec's key tells them apart."""
+    comp = _compiler.compiler()
+    if comp is None:
+        pytest.skip("no compiler library")
+    lib = _compiler._capi.library()
+    names = {}
+    for fuse in (True, False):
+        spec = _compiler.LayerSpec(tokens=32, model_dim=16, hidden_dim=24,
+                                   experts=4, top_k=2, dtype="bf16",
+                                   capacity_mode="dropless",
+                                   router_fp32=True, fuse_dispatch=fuse)
+        doc = json.loads(comp.compile(lib, spec, _compiler.emit_mlir(spec)))
+        names[fuse] = [v["name"] for v in doc["variants"]]
+        steps = [s["op"] for v in doc["variants"] for s in v["forward"]]
+        assert ("dispatch_rows" in steps) == fuse
+    assert names == {True: ["single", "single+gather"], False: ["single"]}
+    keys = {_compiler.LayerSpec(tokens=8, model_dim=8, hidden_dim=8, experts=2,
+                                top_k=1, fuse_dispatch=f).key()
+            for f in (True, False)}
+    assert len(keys) == 2
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                             dtype=torch.bfloat16, fuse_dispatch=False)
+    assert "fuse_dispatch=false" in layer.spec(32, True).pipeline()
 
 
 def _config(spec):

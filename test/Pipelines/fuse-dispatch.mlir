@@ -3,14 +3,18 @@
 
 // --moe-lower-to-plan="fuse-dispatch=true" runs --moert-fuse-dispatch before
 // the memory plan: of the layout variants, the ragged one gets its
-// gather-fused copy right after it (`ragged+gather`, buffers prefixed so),
-// the padded one does not; every buffer, the copy's included, is placed.
+// gather-fused copy (`ragged+gather`, buffers prefixed so) after every
+// variant the plan had, so their indices stay; the padded one gets none;
+// every buffer, the copy's included, is placed.
 
 // CHECK-LABEL: moert.plan @dropless
 // CHECK-SAME: workspace_bytes =
 // CHECK: moert.alloc "ragged.dispatched" {offset = {{[0-9]+}} : i64} : memref<128x16xbf16>
 // CHECK: moert.variant "ragged" forward {
 // CHECK: moert.dispatch ins
+// CHECK: moert.alloc "padded.dispatched" {offset = {{[0-9]+}} : i64} : memref<256x16xbf16>
+// CHECK: moert.variant "padded" forward {
+// CHECK-NOT: row_tokens
 // CHECK: moert.alloc "ragged+gather.logits" {offset = {{[0-9]+}} : i64}
 // CHECK-NOT: ragged+gather.dispatched
 // CHECK: moert.alloc "ragged+gather.row_tokens" {offset = {{[0-9]+}} : i64} : memref<128xi32>
@@ -18,9 +22,6 @@
 // CHECK-NEXT: moert.router
 // CHECK-NEXT: moert.gate
 // CHECK-NEXT: moert.dispatch_rows
-// CHECK: moert.alloc "padded.dispatched" {offset = {{[0-9]+}} : i64} : memref<256x16xbf16>
-// CHECK: moert.variant "padded" forward {
-// CHECK-NOT: row_tokens
 // CHECK-NOT: moert.variant
 
 // OFF-LABEL: moert.plan @dropless

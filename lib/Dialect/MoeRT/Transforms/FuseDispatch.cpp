@@ -198,7 +198,9 @@ struct MoeRTFuseDispatchPass final
     }
   }
 
-  /// Adds `fusedName`, the fused copy of `variant`, right after it.
+  /// Adds `fusedName`, the fused copy of `variant`, after every variant the
+  /// plan had: the existing variants keep their indices (a caller selecting
+  /// one by index, FLEX_VARIANT=1, gets what it got before the pass).
   LogicalResult fuse(PlanOp plan, VariantOp variant,
                      const FusibleDispatch &fusible, StringRef fusedName,
                      llvm::StringSet<> &names) {
@@ -228,7 +230,7 @@ struct MoeRTFuseDispatchPass final
                << "' is defined in the plan already";
 
     OpBuilder b(variant->getContext());
-    b.setInsertionPointAfter(variant);
+    b.setInsertionPointToEnd(&plan.getBody().front());
     IRMapping mapping;
     for (auto &[alloc, name] : copies) {
       auto copy = AllocOp::create(b, alloc.getLoc(), alloc.getType(), name,

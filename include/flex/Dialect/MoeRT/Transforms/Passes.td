@@ -25,7 +25,8 @@ def MoeRTFuseDispatchPass : Pass<"moert-fuse-dispatch", "::flex::moert::PlanOp">
       is a `moert.grouped_gemm` or `moert.grouped_gemm_wgrad` reading it as
       `a` (without `row_tokens`), with N (the columns of `c` / `grad_c`) a
       multiple of 8,
-    adds right after it a variant `<name>+gather` that computes the same:
+    adds after the plan's variants (whose indices so stay) a variant
+    `<name>+gather` that computes the same:
     the dispatch becomes `moert.dispatch_rows` (same routing) writing
     `<name>+gather.row_tokens` (i32 [R], R the rows of D), and those GEMMs
     read `a` = the plan's argument `x` with `row_tokens`, so D is never
@@ -33,7 +34,7 @@ def MoeRTFuseDispatchPass : Pass<"moert-fuse-dispatch", "::flex::moert::PlanOp">
     buffer the original uses (`<name>+gather.<buffer>`, the original's
     `<name>.` prefix replaced), which `--moert-plan-memory` overlaps with
     the original's since variants never run together. The original variant
-    stays first and unchanged (a plan's first variant is its default); the
+    stays where it was and unchanged (a plan's first variant is its default); the
     runtime's cost model picks between the two per call. Variants that do not
     qualify are left alone, and so is a plan for several ranks (exchanges
     move whole dispatch blocks).
