@@ -396,6 +396,60 @@ std::vector<StepPrediction> stepsOf(const Prediction &prediction, StepOp op) {
   return out;
 }
 
+// The gather-fused variant (single+gather): its gathered GEMMs run on the
+// device kernel under auto (whatever the rows), on cuBLAS over a scratch
+// copy of the rows under grouped_gemm=cublas (priced with that copy), and
+// its dispatch_rows writes 4 bytes a row where dispatch copies the rows.
+TEST(CostModel, GatheredGemmsArePricedOnTheirPath) {
+  Plan plan;
+  ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
+                               "/small_swiglu_bf16_gather_train.json",
+                           plan)
+                  .isOk());
+  ASSERT_EQ(plan.variants.size(), 2u);
+  ASSERT_EQ(plan.variants[1].name, "single+gather");
+  auto model = [&](GroupedGemmImpl impl) {
+    CostModelOptions options;
+    options.groupedGemm = impl;
+    return CostModel(parsed(decodeProfile()), options);
+  };
+  auto gathered = [&](int64_t variant, const StepPrediction &step) {
+    return plan.variants[variant]
+        .forward[step.index]
+        .in(OperandRole::RowTokens)
+        .isValid();
+  };
+  Prediction fused = model(GroupedGemmImpl::Auto).predict(plan, 1, false, 25);
+  int gatheredGemms = 0;
+  for (const StepPrediction &step : stepsOf(fused, StepOp::GroupedGemm))
+    if (gathered(1, step)) {
+      EXPECT_EQ(step.gemmPath, GemmPath::Device);
+      ++gatheredGemms;
+    }
+  EXPECT_EQ(gatheredGemms, 2); // w1 and w3 read x
+  Prediction plain = model(GroupedGemmImpl::Auto).predict(plan, 0, false, 25);
+  ASSERT_EQ(stepsOf(plain, StepOp::Dispatch).size(), 1u);
+  ASSERT_EQ(stepsOf(fused, StepOp::DispatchRows).size(), 1u);
+  EXPECT_LT(stepsOf(fused, StepOp::DispatchRows)[0].us,
+            stepsOf(plain, StepOp::Dispatch)[0].us);
+
+  // grouped_gemm=cublas: per expert, plus the rows' copy.
+  Prediction fusedCublas =
+      model(GroupedGemmImpl::Cublas).predict(plan, 1, false, 25);
+  Prediction plainCublas =
+      model(GroupedGemmImpl::Cublas).predict(plan, 0, false, 25);
+  std::vector<StepPrediction> a = stepsOf(fusedCublas, StepOp::GroupedGemm);
+  std::vector<StepPrediction> b = stepsOf(plainCublas, StepOp::GroupedGemm);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].gemmPath, GemmPath::PerExpert);
+    if (gathered(1, a[i]))
+      EXPECT_GT(a[i].us, b[i].us) << "the gathered GEMM's copy is priced";
+    else
+      EXPECT_DOUBLE_EQ(a[i].us, b[i].us);
+  }
+}
+
 TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
   Plan plan;
   ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
