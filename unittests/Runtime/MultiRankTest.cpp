@@ -678,16 +678,21 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
       EXPECT_LE(reference::relativeL2(b.get("grad_x"), grads[r].x), tolerance);
       EXPECT_LE(reference::relativeL2(b.get("grad_wg"), grads[r].wg),
                 tolerance);
-      std::pair<const char *, const std::vector<double> *> experts[] = {
-          {"grad_w1", &sum.w1},
-          {"grad_b1", &sum.b1},
-          {"grad_w2", &sum.w2},
-          {"grad_b2", &sum.b2},
-          {"grad_w3", &sum.w3}};
-      for (auto [name, want] : experts)
+      // Expert gradients sum every rank's part: relative to the parts'
+      // magnitude where they cancel (expertFloor).
+      const reference::LayerGradients &parts = ref.expertAbsSum;
+      std::tuple<const char *, const std::vector<double> *,
+                 const std::vector<double> *>
+          experts[] = {{"grad_w1", &sum.w1, &parts.w1},
+                       {"grad_b1", &sum.b1, &parts.b1},
+                       {"grad_w2", &sum.w2, &parts.w2},
+                       {"grad_b2", &sum.b2, &parts.b2},
+                       {"grad_w3", &sum.w3, &parts.w3}};
+      for (auto [name, want, magnitude] : experts)
         if (b.has(name)) {
           EXPECT_LE(
-              reference::relativeL2(b.get(name), expertSlice(*want, r, W)),
+              reference::relativeL2(b.get(name), expertSlice(*want, r, W),
+                                    expertFloor(expertSlice(*magnitude, r, W))),
               tolerance)
               << name;
         }

@@ -10,6 +10,7 @@
 #include "flex/Runtime/Core/Element.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include <cmath>
 #include <gmock/gmock.h>
 
 #include <cctype>
@@ -172,13 +173,22 @@ RankReference referenceOnRanks(const LayerConfig &config,
           &reference::LayerGradients::w2, &reference::LayerGradients::b2,
           &reference::LayerGradients::w3}) {
       std::vector<double> &to = result.expertSum.*field;
+      std::vector<double> &magnitude = result.expertAbsSum.*field;
       const std::vector<double> &v = result.grads[r].*field;
       to.resize(v.size(), 0.0);
-      for (size_t i = 0; i < v.size(); ++i)
+      magnitude.resize(v.size(), 0.0);
+      for (size_t i = 0; i < v.size(); ++i) {
         to[i] += v[i];
+        magnitude[i] += std::abs(v[i]);
+      }
     }
   }
   return result;
+}
+
+double expertFloor(const std::vector<double> &absSum) {
+  const double norm = reference::normL2(absSum);
+  return norm == 0.0 ? 1.0 : norm;
 }
 
 std::map<std::string, std::vector<double>>

@@ -126,7 +126,17 @@ struct RankReference {
   /// Expert weight gradients (w1, b1, w2, b2, w3) summed over ranks: every
   /// rank's tokens reach every expert.
   reference::LayerGradients expertSum;
+  /// The same sums of |each rank's part|: the scale of the rounding in a sum
+  /// of per-rank partial gradients held in bf16/f16 (each part is rounded
+  /// before the ranks add them), the floor of a relative error where the
+  /// parts cancel (expertFloor).
+  reference::LayerGradients expertAbsSum;
 };
+
+/// The floor of relativeL2 for an expert gradient summed over ranks: the
+/// L2 norm of `absSum` (RankReference::expertAbsSum's slice): rounding each
+/// rank's part errs by at most u * |part|, whatever the parts' signs.
+double expertFloor(const std::vector<double> &absSum);
 
 RankReference referenceOnRanks(const LayerConfig &config,
                                const reference::ReferenceOptions &options,
