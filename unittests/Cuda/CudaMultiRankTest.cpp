@@ -176,7 +176,6 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
         referenceOnRanks(config, refOptions, drawn, gradLAux, plan->training);
     const std::vector<reference::LayerForward> &forward = ref.forward;
     const std::vector<reference::LayerGradients> &grads = ref.grads;
-    const reference::LayerGradients &sum = ref.expertSum;
     for (int r = 0; r < W; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));
       auto &got = results[r];
@@ -189,16 +188,8 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
       EXPECT_LE(reference::relativeL2(got["grad_wg"], grads[r].wg), tolerance);
       // Expert gradients sum every rank's part: relative to the parts'
       // magnitude where they cancel (expertFloor).
-      const reference::LayerGradients &parts = ref.expertAbsSum;
-      std::tuple<const char *, const std::vector<double> *,
-                 const std::vector<double> *>
-          experts[] = {{"grad_w1", &sum.w1, &parts.w1},
-                       {"grad_b1", &sum.b1, &parts.b1},
-                       {"grad_w2", &sum.w2, &parts.w2},
-                       {"grad_b2", &sum.b2, &parts.b2},
-                       {"grad_w3", &sum.w3, &parts.w3}};
       // A sharded rank's grad_b2 is the whole b2 gradient of its expert.
-      for (auto [name, want, magnitude] : experts)
+      for (auto [name, want, magnitude] : expertGradients(ref))
         if (got.count(name))
           EXPECT_LE(reference::relativeL2(
                         got[name],

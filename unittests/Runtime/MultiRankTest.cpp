@@ -666,7 +666,6 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
         referenceOnRanks(config, refOptions, drawn, gradLAux, plan->training);
     const std::vector<reference::LayerForward> &forward = ref.forward;
     const std::vector<reference::LayerGradients> &grads = ref.grads;
-    const reference::LayerGradients &sum = ref.expertSum;
     for (int r = 0; r < W; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));
       const RankBuffers &b = buffers[r];
@@ -680,15 +679,7 @@ TEST_P(MultiRankRun, MatchesTheReferenceOnEveryRank) {
                 tolerance);
       // Expert gradients sum every rank's part: relative to the parts'
       // magnitude where they cancel (expertFloor).
-      const reference::LayerGradients &parts = ref.expertAbsSum;
-      std::tuple<const char *, const std::vector<double> *,
-                 const std::vector<double> *>
-          experts[] = {{"grad_w1", &sum.w1, &parts.w1},
-                       {"grad_b1", &sum.b1, &parts.b1},
-                       {"grad_w2", &sum.w2, &parts.w2},
-                       {"grad_b2", &sum.b2, &parts.b2},
-                       {"grad_w3", &sum.w3, &parts.w3}};
-      for (auto [name, want, magnitude] : experts)
+      for (auto [name, want, magnitude] : expertGradients(ref))
         if (b.has(name)) {
           EXPECT_LE(
               reference::relativeL2(b.get(name), expertSlice(*want, r, W),

@@ -191,6 +191,16 @@ double expertFloor(const std::vector<double> &absSum) {
   return norm == 0.0 ? 1.0 : norm;
 }
 
+std::vector<ExpertGradient> expertGradients(const RankReference &ref) {
+  const reference::LayerGradients &sum = ref.expertSum;
+  const reference::LayerGradients &parts = ref.expertAbsSum;
+  return {{"grad_w1", &sum.w1, &parts.w1},
+          {"grad_b1", &sum.b1, &parts.b1},
+          {"grad_w2", &sum.w2, &parts.w2},
+          {"grad_b2", &sum.b2, &parts.b2},
+          {"grad_w3", &sum.w3, &parts.w3}};
+}
+
 std::map<std::string, std::vector<double>>
 rankArgumentValues(const RankInputs &inputs, int r, double gradLAux,
                    const ExpertSliceFn &slice) {

@@ -138,6 +138,14 @@ struct RankReference {
 /// rank's part errs by at most u * |part|, whatever the parts' signs.
 double expertFloor(const std::vector<double> &absSum);
 
+/// An expert gradient argument with its sum over ranks and its parts'
+/// magnitude (RankReference's), for every expert gradient a plan may have.
+struct ExpertGradient {
+  const char *name; ///< grad_w1, grad_b1, grad_w2, grad_b2, grad_w3
+  const std::vector<double> *sum, *magnitude;
+};
+std::vector<ExpertGradient> expertGradients(const RankReference &ref);
+
 RankReference referenceOnRanks(const LayerConfig &config,
                                const reference::ReferenceOptions &options,
                                const RankInputs &inputs, double gradLAux,
