@@ -139,6 +139,19 @@ double bufferError(const Buffer &got, const std::vector<double> &want) {
   return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
 }
 
+const char *pathName(GroupedGemmPath path) {
+  switch (path) {
+  case GroupedGemmPath::Device:
+    return "device";
+  case GroupedGemmPath::Cublas:
+    return "cublas";
+  case GroupedGemmPath::CublasGrouped:
+    return "cublas grouped";
+  default:
+    return "auto";
+  }
+}
+
 struct GemmCase {
   std::string name;
   std::vector<int32_t> counts;
@@ -194,11 +207,11 @@ TEST_P(CudaDeviceGemm, ForwardMatchesFp64OnBothPaths) {
     for (bool transB : {false, true})
       for (bool accumulate : {false, true})
         for (GroupedGemmPath path :
-             {GroupedGemmPath::Device, GroupedGemmPath::Cublas}) {
-          SCOPED_TRACE(
-              std::string(toString(dt)) + (transB ? " b^T" : " b") +
-              (accumulate ? " accumulate" : "") +
-              (path == GroupedGemmPath::Device ? " device" : " cublas"));
+             {GroupedGemmPath::Device, GroupedGemmPath::Cublas,
+              GroupedGemmPath::CublasGrouped}) {
+          SCOPED_TRACE(std::string(toString(dt)) + (transB ? " b^T" : " b") +
+                       (accumulate ? " accumulate" : "") + " " +
+                       pathName(path));
           Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
           a.set(normals(rng, R * k, 1.0));
           b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
@@ -229,7 +242,7 @@ TEST_P(CudaDeviceGemm, ForwardMatchesFp64OnBothPaths) {
           int64_t held = 0;
           for (int32_t rows : tc.counts)
             held += rows;
-          const bool batchedBlocks = path == GroupedGemmPath::Cublas &&
+          const bool batchedBlocks = path != GroupedGemmPath::Device &&
                                      tc.capacity > 0 &&
                                      batchesUniformBlocks(E, tc.capacity, held);
           const size_t rowBytes = n * dtypeSize(dt);
@@ -317,12 +330,11 @@ TEST_P(CudaDeviceGemm, EpilogueMatchesFp64OnBothPaths) {
          {Epilogue::None, Epilogue::Relu, Epilogue::Gelu, Epilogue::Silu})
       for (bool withBias : {false, true})
         for (GroupedGemmPath path :
-             {GroupedGemmPath::Device, GroupedGemmPath::Cublas}) {
-          SCOPED_TRACE(
-              std::string(toString(dt)) + " epilogue " +
-              std::to_string(static_cast<int>(epilogue)) +
-              (withBias ? " bias" : "") +
-              (path == GroupedGemmPath::Device ? " device" : " cublas"));
+             {GroupedGemmPath::Device, GroupedGemmPath::Cublas,
+              GroupedGemmPath::CublasGrouped}) {
+          SCOPED_TRACE(std::string(toString(dt)) + " epilogue " +
+                       std::to_string(static_cast<int>(epilogue)) +
+                       (withBias ? " bias" : "") + " " + pathName(path));
           Buffer a(dt, R * k), b(dt, E * k * n), bias(dt, E * n), c(dt, R * n),
               pre(dt, R * n);
           a.set(normals(rng, R * k, 1.0));
@@ -389,12 +401,10 @@ TEST_P(CudaDeviceGemm, GatheredRowsMatchFp64OnEveryPath) {
   rowTokens.upload();
   const RowGather gather{rowTokens.as<int32_t>(), T};
   for (DType dt : {DType::BF16, DType::F16, DType::F32})
-    for (GroupedGemmPath path : {GroupedGemmPath::Auto, GroupedGemmPath::Device,
-                                 GroupedGemmPath::Cublas}) {
-      SCOPED_TRACE(std::string(toString(dt)) +
-                   (path == GroupedGemmPath::Device   ? " device"
-                    : path == GroupedGemmPath::Cublas ? " cublas"
-                                                      : " auto"));
+    for (GroupedGemmPath path :
+         {GroupedGemmPath::Auto, GroupedGemmPath::Device,
+          GroupedGemmPath::Cublas, GroupedGemmPath::CublasGrouped}) {
+      SCOPED_TRACE(std::string(toString(dt)) + " " + pathName(path));
       Buffer x(dt, T * k), b(dt, E * k * n), c(dt, R * n), gradC(dt, R * n),
           gradB(dt, E * k * n), dispatched(dt, R * k);
       x.set(normals(rng, T * k, 1.0));

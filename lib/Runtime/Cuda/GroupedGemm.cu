@@ -32,6 +32,7 @@
 #include <cublas_v2.h>
 
 #include <cmath>
+#include <vector>
 
 namespace flex::cuda {
 
@@ -130,7 +131,8 @@ bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
                      DType type, int64_t k, int64_t n,
                      const ExpertRowSpace &space,
                      std::initializer_list<const void *> pointers) {
-  if (space.isStatic() || path == detail::GroupedGemmPath::Cublas)
+  if (space.isStatic() || path == detail::GroupedGemmPath::Cublas ||
+      path == detail::GroupedGemmPath::CublasGrouped)
     return false;
   if (path == detail::GroupedGemmPath::Auto &&
       !prefersDeviceGemm(ctx.groupedGemm, space.rowBound, space.experts,
@@ -179,6 +181,68 @@ __global__ void gatherRowsKernel(const T *__restrict__ a, int64_t k,
   }
 }
 
+/// c[rows of e] = a[rows of e] @ op(b[e]) for every expert with rows, as one
+/// cublasGemmGroupedBatchedEx (a group per expert; sizes and scalars from
+/// the host, the operand pointers in device scratch slot 7).
+Status groupedCublasCall(KernelContext &ctx, cublasOperation_t opB,
+                         const void *a, const void *b, void *c, DType dtype,
+                         int64_t k, int64_t n, int64_t ldb,
+                         const int32_t *offsets, const int32_t *rows,
+                         int64_t experts, float beta) {
+  std::vector<int> m, ns, ks, lda, ldbs, ldc, sizes;
+  std::vector<cublasOperation_t> opA, opBs;
+  std::vector<float> alphas, betas;
+  std::vector<const void *> pointers; // A..., then B..., then C...
+  std::vector<const void *> as, bs, cs;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (rows[e] <= 0)
+      continue;
+    // Column-major C^T[n, rows] = op(B)^T[n, k] A^T[k, rows], as the
+    // per-expert call.
+    opA.push_back(opB);
+    opBs.push_back(CUBLAS_OP_N);
+    m.push_back(static_cast<int>(n));
+    ns.push_back(rows[e]);
+    ks.push_back(static_cast<int>(k));
+    lda.push_back(static_cast<int>(ldb));
+    ldbs.push_back(static_cast<int>(k));
+    ldc.push_back(static_cast<int>(n));
+    alphas.push_back(1.0f);
+    betas.push_back(beta);
+    sizes.push_back(1);
+    as.push_back(at(b, e * k * n, dtype));
+    bs.push_back(at(a, int64_t{offsets[e]} * k, dtype));
+    cs.push_back(at(c, int64_t{offsets[e]} * n, dtype));
+  }
+  const int groups = static_cast<int>(m.size());
+  if (groups == 0)
+    return Status::ok();
+  pointers.insert(pointers.end(), as.begin(), as.end());
+  pointers.insert(pointers.end(), bs.begin(), bs.end());
+  pointers.insert(pointers.end(), cs.begin(), cs.end());
+  void *scratch = nullptr;
+  const int64_t bytes = static_cast<int64_t>(pointers.size() * sizeof(void *));
+  if (Status s = ctx.scratch(7, bytes, scratch); !s)
+    return s;
+  // Pageable memory: the copy has taken the bytes when it returns.
+  if (Status s =
+          checkCuda(cudaMemcpyAsync(scratch, pointers.data(), bytes,
+                                    cudaMemcpyHostToDevice, ctx.stream()),
+                    "copying the grouped GEMM's pointers");
+      !s)
+    return s;
+  auto *device = static_cast<const void **>(scratch);
+  const cudaDataType_t type = cudaTypeOf(dtype);
+  return checkCublas(cublasGemmGroupedBatchedEx(
+                         static_cast<cublasHandle_t>(ctx.cublasHandle()),
+                         opA.data(), opBs.data(), m.data(), ns.data(),
+                         ks.data(), alphas.data(), device, type, lda.data(),
+                         device + groups, type, ldbs.data(), betas.data(),
+                         const_cast<void *const *>(device + 2 * groups), type,
+                         ldc.data(), groups, sizes.data(), CUBLAS_COMPUTE_32F),
+                     "cublasGemmGroupedBatchedEx (grouped_gemm)");
+}
+
 /// Whether a gathered GEMM runs on the device kernel: wherever it applies
 /// (the variant exists for it), unless the path or the runtime option
 /// (grouped_gemm=cublas) asks for cuBLAS.
@@ -187,6 +251,7 @@ bool gatheredOnDevice(const KernelContext &ctx, detail::GroupedGemmPath path,
                       const ExpertRowSpace &space,
                       std::initializer_list<const void *> pointers) {
   if (path == detail::GroupedGemmPath::Cublas ||
+      path == detail::GroupedGemmPath::CublasGrouped ||
       (path == detail::GroupedGemmPath::Auto &&
        ctx.groupedGemm == GroupedGemmImpl::Cublas) ||
       space.isStatic())
@@ -333,6 +398,12 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     int64_t base = 0, block = 0;
     if (uniformBlocks(offsets, rows, space, base, block)) {
       if (Status s = batched(base, block); !s)
+        return s;
+    } else if (path == GroupedGemmPath::CublasGrouped) {
+      if (Status s =
+              groupedCublasCall(ctx, opB, a.data, b.data, target.data, dtype, k,
+                                n, ldb, offsets, rows, space.experts, beta);
+          !s)
         return s;
     } else {
       for (int64_t e = 0; e < space.experts; ++e) {

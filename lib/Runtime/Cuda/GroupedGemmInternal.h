@@ -91,6 +91,10 @@ enum class GroupedGemmPath {
   Auto,   ///< RuntimeOptions::groupedGemm's rule (docs/Runtime.md)
   Device, ///< the device-sized kernel (where it applies)
   Cublas, ///< host-read counts, one cuBLAS GEMM per expert
+  /// Host-read counts, then one cublasGemmGroupedBatchedEx over the experts
+  /// with rows (one launch instead of one per expert). Not taken by Auto
+  /// yet: the benchmark and the tests call it until it is measured.
+  CublasGrouped,
 };
 
 /// cuda::groupedGemm / groupedGemmWgrad with the path chosen explicitly.

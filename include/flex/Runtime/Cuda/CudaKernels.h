@@ -123,8 +123,9 @@ private:
   };
   /// Slots: 0 gate (and gate_backward), 1 dispatch slot maps, 2 bias
   /// gradients, 3 the router's GEMM path (and router_backward), 4 the
-  /// router's weights, 5 gathered A rows, 6 the few-token router's splits.
-  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(7);
+  /// router's weights, 5 gathered A rows, 6 the few-token router's splits,
+  /// 7 the grouped cuBLAS call's operand pointers.
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(8);
   /// Areas a slot outgrew, freed with the context (graphs may hold them).
   std::vector<void *> retiredScratch_;
   int32_t *pinned_ = nullptr;
