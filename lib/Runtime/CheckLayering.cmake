@@ -83,13 +83,13 @@ function(flex_layering_violation path target out)
     endif()
   elseif(layer STREQUAL "CostModel")
     if((target MATCHES "^flex/Runtime/Cuda/" AND NOT path MATCHES
-        "^lib/Runtime/CostModel/CalibrateCuda\\.cpp$") OR target MATCHES
+        "^lib/Runtime/CostModel/CalibrateCuda[A-Za-z]*\\.(cpp|h)$") OR target MATCHES
        "^flex/Runtime/(Backend|Executor|StepViews|StepBytes)\\.h$")
       set(why "the cost model sits below the backends and the executor "
               "(they may use it, not the reverse)")
     elseif(target MATCHES "^flex/Runtime/(Cpu|Comm)/" AND NOT path MATCHES
-           "^lib/Runtime/CostModel/Calibrate[A-Za-z]*\\.cpp$")
-      set(why "only the calibration (lib/Runtime/CostModel/Calibrate*.cpp) "
+           "^lib/Runtime/CostModel/Calibrate[A-Za-z]*\\.(cpp|h)$")
+      set(why "only the calibration (lib/Runtime/CostModel/Calibrate*) "
               "runs kernels and collectives; the model reads Core and Plan")
     endif()
   endif()
@@ -136,6 +136,8 @@ if(FLEX_LAYERING_SELF_TEST)
       "lib/Runtime/CostModel/CalibrateCpu.cpp|flex/Runtime/Cuda/CudaKernels.h|1"
       "lib/Runtime/CostModel/CalibrateCuda.cpp|flex/Runtime/Cuda/CudaKernels.h|0"
       "lib/Runtime/CostModel/CalibrateCuda.cpp|flex/Runtime/Executor.h|1"
+      "lib/Runtime/CostModel/CalibrateCudaSupport.h|flex/Runtime/Cuda/CudaKernels.h|0"
+      "lib/Runtime/CostModel/CostModel.cpp|flex/Runtime/Cuda/CudaKernels.h|1"
       "lib/Runtime/Plan/StepSchema.cpp|flex/Runtime/CostModel/CostModel.h|1"
       "lib/Runtime/Comm/Communicator.cpp|flex/Runtime/CostModel/DeviceProfile.h|1"
       "lib/Runtime/Cpu/Gate.cpp|flex/Runtime/CostModel/CostModel.h|1"
