@@ -310,6 +310,42 @@ std::string formatUs(double us) {
   return text;
 }
 
+/// Which exchange each compute step of `steps` waits for (the newest pending
+/// one its wait rule names; -1: none), the streams and rows as `out` says.
+std::vector<int64_t> exchangeWaits(const Plan &plan, const Layout &layout,
+                                   const std::vector<Step> &steps,
+                                   const std::vector<StepPrediction> &out) {
+  std::vector<int64_t> waitsFor(steps.size(), -1);
+  std::vector<Touched> pendingBytes; // not yet waited for, oldest first
+  std::vector<int64_t> pendingStep;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const Step &step = steps[i];
+    if (out[i].stream == CostStream::Exchange) {
+      pendingBytes.push_back(exchangeBytes(plan, layout, step, out[i].rows));
+      pendingStep.push_back(static_cast<int64_t>(i));
+      continue;
+    }
+    int64_t follow = -1; // in the pending list
+    if (step.facts.wait == ExchangeWait::All) {
+      follow = static_cast<int64_t>(pendingStep.size()) - 1;
+    } else if (step.facts.wait == ExchangeWait::Overlapping) {
+      const SegmentFacts &seg = step.facts.segments;
+      Touched bytes =
+          computeBytes(layout, step, seg.isValid() ? out[i].rows : -1);
+      for (size_t p = pendingBytes.size(); p-- > 0 && follow < 0;)
+        if (pendingBytes[p].mustPrecede(bytes))
+          follow = static_cast<int64_t>(p);
+    }
+    if (follow >= 0) {
+      waitsFor[i] = pendingStep[follow];
+      pendingBytes.erase(pendingBytes.begin(),
+                         pendingBytes.begin() + follow + 1);
+      pendingStep.erase(pendingStep.begin(), pendingStep.begin() + follow + 1);
+    }
+  }
+  return waitsFor;
+}
+
 } // namespace
 
 std::string_view toString(CostStage stage) {
@@ -616,41 +652,10 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
     prediction.steps.push_back(out);
   }
 
-  // Which exchange each compute step waits for (the newest pending one of
-  // its rule; -1: none): fixed by the steps' order and bytes, not by the
-  // schedule, so found once for every round below.
-  std::vector<int64_t> waitsFor(steps.size(), -1);
-  {
-    std::vector<Touched> pendingBytes; // not yet waited for, oldest first
-    std::vector<int64_t> pendingStep;
-    for (size_t i = 0; i < steps.size(); ++i) {
-      const Step &step = steps[i];
-      const StepPrediction &out = prediction.steps[i];
-      if (out.stream == CostStream::Exchange) {
-        pendingBytes.push_back(exchangeBytes(plan, layout, step, out.rows));
-        pendingStep.push_back(static_cast<int64_t>(i));
-        continue;
-      }
-      int64_t follow = -1; // in the pending list
-      if (step.facts.wait == ExchangeWait::All) {
-        follow = static_cast<int64_t>(pendingStep.size()) - 1;
-      } else if (step.facts.wait == ExchangeWait::Overlapping) {
-        const SegmentFacts &seg = step.facts.segments;
-        Touched bytes =
-            computeBytes(layout, step, seg.isValid() ? out.rows : -1);
-        for (size_t p = pendingBytes.size(); p-- > 0 && follow < 0;)
-          if (pendingBytes[p].mustPrecede(bytes))
-            follow = static_cast<int64_t>(p);
-      }
-      if (follow >= 0) {
-        waitsFor[i] = pendingStep[follow];
-        pendingBytes.erase(pendingBytes.begin(),
-                           pendingBytes.begin() + follow + 1);
-        pendingStep.erase(pendingStep.begin(),
-                          pendingStep.begin() + follow + 1);
-      }
-    }
-  }
+  // Which exchange each compute step waits for: fixed by the steps' order
+  // and bytes, not by the schedule, so found once for every round below.
+  const std::vector<int64_t> waitsFor =
+      exchangeWaits(plan, layout, steps, prediction.steps);
 
   // One schedule of both streams, the exchanges slowed inside the compute
   // stream's busy intervals `computeBusy` (those of the schedule before;
