@@ -66,6 +66,18 @@ LayerConfig randomFusableConfig(std::mt19937_64 &rng) {
   return c;
 }
 
+/// `config` compiled for training with the gather-fused variants.
+::testing::AssertionResult compileFused(const LayerConfig &config,
+                                        std::string &planJson) {
+  CompileOptions options;
+  options.training = true;
+  options.fuseDispatch = true;
+  std::string error;
+  if (compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
+    return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << error;
+}
+
 /// Buffers of the layer's dtype (the router's weights in fp32), held as
 /// raw bytes, with NaN-poisoned outputs.
 struct Buffers {
@@ -126,13 +138,8 @@ TEST(GatherFusion, FusedVariantEqualsTheUnfusedOneAndTheReference) {
                  std::string(toString(config.expertKind)) + " " +
                  std::string(toString(config.dtype)) +
                  (config.bias ? " bias" : ""));
-    CompileOptions options;
-    options.training = true;
-    options.fuseDispatch = true;
-    std::string planJson, error;
-    ASSERT_TRUE(
-        compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
-        << error;
+    std::string planJson;
+    ASSERT_TRUE(compileFused(config, planJson));
     auto plan = std::make_shared<Plan>();
     Status loaded = parsePlan(planJson, *plan);
     ASSERT_TRUE(loaded.isOk()) << loaded.message();
@@ -246,13 +253,8 @@ TEST(GatherFusion, TheLoaderRefusesAMisusedRowMap) {
   config.topK = 1;
   config.capacityMode = CapacityMode::Dropless;
   config.dtype = DType::BF16;
-  CompileOptions options;
-  options.training = true;
-  options.fuseDispatch = true;
-  std::string planJson, error;
-  ASSERT_TRUE(
-      compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
-      << error;
+  std::string planJson;
+  ASSERT_TRUE(compileFused(config, planJson));
   using Json = nlohmann::ordered_json;
   auto rejects = [&](const std::function<void(Json & step)> &edit,
                      const std::string &what) {
