@@ -62,14 +62,16 @@ __device__ __forceinline__ int64_t keptRow(const Routing &routing,
   return int64_t{routing.expertOffsets[routing.indices[slot]]} + location;
 }
 
+/// rowMap[row of each kept slot] = slot / perEntry: the slot (1) or its
+/// token (topK, dispatch_rows), for the rows below rowCount.
 __global__ void slotMapKernel(Routing routing, int64_t rowCount,
-                              int32_t *__restrict__ rowSlot) {
+                              int32_t perEntry, int32_t *__restrict__ rowMap) {
   int64_t slot = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (slot >= routing.tokens * routing.topK)
     return;
   int64_t row = keptRow(routing, slot);
   if (row >= 0 && row < rowCount)
-    rowSlot[row] = static_cast<int32_t>(slot);
+    rowMap[row] = static_cast<int32_t>(slot / perEntry);
 }
 
 /// Builds rowSlot[rows] for the routing in scratch slot 1.
@@ -88,7 +90,7 @@ Status buildSlotMap(KernelContext &ctx, const Routing &routing, int64_t rows,
   if (slots == 0)
     return Status::ok();
   slotMapKernel<<<detail::gridFor(slots, 256), 256, 0, ctx.stream()>>>(
-      routing, rows, rowSlot);
+      routing, rows, 1, rowSlot);
   return checkLaunch("slot map kernel");
 }
 
@@ -307,18 +309,6 @@ Status dispatch(KernelContext &ctx, ReadBuffer x, int64_t modelDim,
   });
 }
 
-namespace {
-__global__ void dispatchRowsKernel(Routing routing, int64_t rowCount,
-                                   int32_t *__restrict__ rowTokens) {
-  int64_t slot = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (slot >= routing.tokens * routing.topK)
-    return;
-  int64_t row = keptRow(routing, slot);
-  if (row >= 0 && row < rowCount)
-    rowTokens[row] = static_cast<int32_t>(slot / routing.topK);
-}
-} // namespace
-
 Status dispatchRows(KernelContext &ctx, const Routing &routing,
                     int64_t rowCount, bool padded, int32_t *rowTokens) {
   if (rowCount == 0)
@@ -335,8 +325,8 @@ Status dispatchRows(KernelContext &ctx, const Routing &routing,
   int64_t slots = routing.tokens * routing.topK;
   if (slots == 0)
     return Status::ok();
-  dispatchRowsKernel<<<detail::gridFor(slots, 256), 256, 0, ctx.stream()>>>(
-      routing, rowCount, rowTokens);
+  slotMapKernel<<<detail::gridFor(slots, 256), 256, 0, ctx.stream()>>>(
+      routing, rowCount, static_cast<int32_t>(routing.topK), rowTokens);
   return checkLaunch("dispatch_rows kernel");
 }
 
