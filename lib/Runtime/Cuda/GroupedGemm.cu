@@ -250,13 +250,11 @@ bool gatheredOnDevice(const KernelContext &ctx, detail::GroupedGemmPath path,
                       DType type, int64_t k, int64_t n,
                       const ExpertRowSpace &space,
                       std::initializer_list<const void *> pointers) {
-  if (path == detail::GroupedGemmPath::Cublas ||
-      path == detail::GroupedGemmPath::CublasGrouped ||
-      (path == detail::GroupedGemmPath::Auto &&
-       ctx.groupedGemm == GroupedGemmImpl::Cublas) ||
-      space.isStatic())
-    return false;
-  return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
+  using detail::GroupedGemmPath;
+  if (path == GroupedGemmPath::Auto)
+    path = ctx.groupedGemm == GroupedGemmImpl::Cublas ? GroupedGemmPath::Cublas
+                                                      : GroupedGemmPath::Device;
+  return useDeviceKernel(ctx, path, type, k, n, space, pointers);
 }
 
 /// A gathered GEMM that the device kernel does not run (grouped_gemm=cublas,

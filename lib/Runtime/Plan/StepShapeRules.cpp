@@ -82,10 +82,26 @@ struct OperandChecker {
   const BufferDesc *expectRows(OperandRole role, bool isInput, int64_t cols,
                                int64_t minRows,
                                const std::string &meaning) const {
-    const BufferDesc *desc =
-        expect(role, isInput, {DType::F32, DType::BF16, DType::F16}, {-1, cols},
-               meaning);
-    if (desc && desc->shape[0] < minRows)
+    return expectMinRows(expect(role, isInput,
+                                {DType::F32, DType::BF16, DType::F16},
+                                {-1, cols}, meaning),
+                         role, isInput, minRows, meaning);
+  }
+
+  /// The row map of a gathered GEMM or dispatch_rows: [R] i32, R at least
+  /// `minRows`.
+  const BufferDesc *expectRowMap(OperandRole role, bool isInput,
+                                 int64_t minRows) const {
+    const std::string meaning = "row_tokens [R] i32";
+    return expectMinRows(expect(role, isInput, {DType::I32}, {-1}, meaning),
+                         role, isInput, minRows, meaning);
+  }
+
+  /// `desc` (if any) with at least `minRows` rows.
+  const BufferDesc *expectMinRows(const BufferDesc *desc, OperandRole role,
+                                  bool isInput, int64_t minRows,
+                                  const std::string &meaning) const {
+    if (desc && !desc->shape.empty() && desc->shape[0] < minRows)
       fail(where(role, isInput),
            "buffer '" + desc->name + "' has " + std::to_string(desc->shape[0]) +
                " rows; the dispatch layout needs at least " +
@@ -464,18 +480,9 @@ void StepShapes::checkRowOps() {
   case StepOp::Dispatch:
     c.expectRows(R::Dispatched, out, d, minRows, "dispatched [R, d]");
     return;
-  case StepOp::DispatchRows: {
-    const BufferDesc *rowTokens =
-        c.expect(R::RowTokens, out, {DType::I32}, {-1}, "row_tokens [R] i32");
-    if (rowTokens && rowTokens->shape.size() == 1 &&
-        rowTokens->shape[0] < minRows)
-      fail(c.where(R::RowTokens, out),
-           "buffer '" + rowTokens->name + "' has " +
-               std::to_string(rowTokens->shape[0]) +
-               " rows; the dispatch layout needs at least " +
-               std::to_string(minRows));
+  case StepOp::DispatchRows:
+    c.expectRowMap(R::RowTokens, out, minRows);
     return;
-  }
   case StepOp::DispatchBackward:
     c.expectRows(R::GradDispatched, in, d, minRows, "grad_dispatched [R, d]");
     return;
@@ -500,13 +507,7 @@ int64_t StepShapes::gemmRows(const BufferDesc *a) {
   const BufferDesc *rowTokens = c.get(R::RowTokens, in);
   if (!rowTokens)
     return a->shape[0];
-  c.expect(R::RowTokens, in, {DType::I32}, {-1}, "row_tokens [R] i32");
-  if (rowTokens->shape.size() == 1 && rowTokens->shape[0] < minRows)
-    fail(c.where(R::RowTokens, in),
-         "buffer '" + rowTokens->name + "' has " +
-             std::to_string(rowTokens->shape[0]) +
-             " rows; the dispatch layout needs at least " +
-             std::to_string(minRows));
+  c.expectRowMap(R::RowTokens, in, minRows);
   if (a->shape[0] != T)
     fail(c.where(R::A, in),
          "buffer '" + a->name + "' has " + std::to_string(a->shape[0]) +
