@@ -6,7 +6,8 @@
 //
 // This file tests the CPU kernels one at a time: the 16-bit conversions, the
 // gate noise, [cap-1], LayerConfig's checks, the gate's ties, clamping and
-// NaN behaviour, and that grouped GEMMs touch only valid rows.
+// NaN behaviour, that grouped GEMMs touch only valid rows, and that
+// grouped_gemm_glu is two grouped GEMMs and a glu bit for bit.
 //
 //===----------------------------------------------------------------------===//
 
@@ -17,8 +18,12 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <limits>
+#include <random>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
@@ -420,6 +425,180 @@ TEST(GroupedGemm, AccumulateAndTransposeInBf16) {
               bf16ToFloat(a[r * K + i]) * bf16ToFloat(bT[(e * N + n) * K + i]);
         EXPECT_EQ(c[r * N + n], floatToBf16(want));
       }
+}
+
+//===----------------------------------------------------------------------===//
+// grouped_gemm_glu
+//===----------------------------------------------------------------------===//
+
+/// FLEX_TEST_SEED when set (to replay a failure), else a fresh random seed.
+uint64_t runSeed() {
+  if (const char *fixed = std::getenv("FLEX_TEST_SEED"))
+    return std::strtoull(fixed, nullptr, 10);
+  return std::random_device{}();
+}
+
+/// A bf16 or f16 buffer: its bits and their values.
+struct HalfBuffer {
+  DType type;
+  std::vector<uint16_t> bits;
+
+  HalfBuffer(DType type, size_t count, float fill = kNaN)
+      : type(type), bits(count, encode(type, fill)) {}
+  static uint16_t encode(DType type, float v) {
+    return type == DType::BF16 ? floatToBf16(v) : floatToF16(v);
+  }
+  double at(size_t i) const {
+    return type == DType::BF16 ? bf16ToFloat(bits[i]) : f16ToFloat(bits[i]);
+  }
+  void set(size_t i, float v) { bits[i] = encode(type, v); }
+  ReadBuffer read() const { return {bits.data(), type}; }
+  WriteBuffer write() { return {bits.data(), type}; }
+  bool sameBits(const HalfBuffer &other) const { return bits == other.bits; }
+};
+
+/// One grouped_gemm_glu problem: the row space (ragged, or padded blocks of
+/// C rows), and a's rows (its own, or gathered from x [T, K]).
+struct GluCase {
+  DType type;
+  bool padded, gathered, keep;
+  int64_t E, K, N, T, R;
+  std::vector<int32_t> offsets, rows, rowTokens;
+
+  ExpertSegments segments() const { return {offsets.data(), rows.data(), E}; }
+  RowGather gather() const {
+    return gathered ? RowGather{rowTokens.data(), T} : RowGather{};
+  }
+  bool valid(int64_t row) const {
+    for (int64_t e = 0; e < E; ++e)
+      if (row >= offsets[e] && row < offsets[e] + rows[e])
+        return true;
+    return false;
+  }
+};
+
+GluCase makeGluCase(std::mt19937_64 &rng, DType type, bool padded,
+                    bool gathered, bool keep, bool large) {
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  GluCase g{type, padded, gathered, keep};
+  g.E = pick(1, 6);
+  g.K = large ? 64 : pick(1, 24);
+  g.N = large ? 256 : pick(1, 24);
+  g.T = pick(1, 30);
+  const int64_t most = large ? 120 : 8;
+  g.offsets.assign(g.E + 1, 0);
+  g.rows.assign(g.E, 0);
+  const int64_t C = pick(1, most);
+  for (int64_t e = 0; e < g.E; ++e) {
+    // Some experts get no rows, a padded block some of its C.
+    g.rows[e] = static_cast<int32_t>(pick(0, 2) == 0 ? 0 : pick(0, C));
+    g.offsets[e + 1] =
+        static_cast<int32_t>(padded ? (e + 1) * C : g.offsets[e] + g.rows[e]);
+  }
+  // A ragged buffer's rows past the kept ones (its T * k bound).
+  g.R = g.offsets[g.E] + (padded ? 0 : pick(0, 3));
+  g.rowTokens.assign(g.R, -1);
+  for (int64_t r = 0; r < g.R; ++r)
+    if (g.valid(r))
+      g.rowTokens[r] = static_cast<int32_t>(pick(0, g.T - 1));
+  return g;
+}
+
+std::string describe(const GluCase &g) {
+  return std::string(toString(g.type)) + (g.padded ? " padded" : " ragged") +
+         (g.gathered ? " gathered" : "") + (g.keep ? " gate_in/up_in" : "") +
+         " E=" + std::to_string(g.E) + " K=" + std::to_string(g.K) +
+         " N=" + std::to_string(g.N) + " R=" + std::to_string(g.R);
+}
+
+// grouped_gemm_glu is bit for bit two grouped_gemm and a glu (what the
+// unfused plan computes), on every row space, gathered or not, keeping its
+// products or not; it writes the valid rows alone, and is within the
+// dtype's rounding of an fp64 reference.
+TEST(GroupedGemmGlu, EqualsTwoGemmsAndAGluAndTheReference) {
+  const uint64_t seed = runSeed();
+  std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  int cases = 0;
+  for (DType type : {DType::BF16, DType::F16})
+    for (bool padded : {false, true})
+      for (bool gathered : {false, true})
+        for (bool keep : {false, true})
+          for (int repeat = 0; repeat < 4; ++repeat) {
+            const GluCase g = makeGluCase(rng, type, padded, gathered, keep,
+                                          /*large=*/repeat == 0);
+            SCOPED_TRACE(describe(g));
+            const int64_t E = g.E, K = g.K, N = g.N;
+            // a: x [T, K] when gathered, else [R, K] with NaN in the rows
+            // no expert owns (never read).
+            const int64_t aRows = g.gathered ? g.T : g.R;
+            HalfBuffer a(type, aRows * K), b(type, E * K * N),
+                bUp(type, E * K * N);
+            for (int64_t r = 0; r < aRows; ++r)
+              if (g.gathered || g.valid(r))
+                for (int64_t i = 0; i < K; ++i)
+                  a.set(r * K + i, uniform(rng));
+            for (size_t i = 0; i < b.bits.size(); ++i) {
+              b.set(i, uniform(rng));
+              bUp.set(i, uniform(rng));
+            }
+            HalfBuffer c(type, g.R * N), gate(type, g.R * N), up(type, g.R * N);
+            groupedGemmGlu(a.read(), b.read(), bUp.read(), c.write(), K, N,
+                           g.segments(), g.keep ? gate.write() : WriteBuffer{},
+                           g.keep ? up.write() : WriteBuffer{}, g.gather());
+            HalfBuffer c2(type, g.R * N), gate2(type, g.R * N),
+                up2(type, g.R * N);
+            groupedGemm(a.read(), b.read(), {}, gate2.write(), K, N,
+                        g.segments(), {}, {}, g.gather());
+            groupedGemm(a.read(), bUp.read(), {}, up2.write(), K, N,
+                        g.segments(), {}, {}, g.gather());
+            glu(gate2.read(), up2.read(), c2.write(), N, g.segments());
+            EXPECT_TRUE(c.sameBits(c2))
+                << "c differs from grouped_gemm x2 + glu";
+            if (g.keep) {
+              EXPECT_TRUE(gate.sameBits(gate2)) << "gate_in";
+              EXPECT_TRUE(up.sameBits(up2)) << "up_in";
+            }
+            // The fp64 reference over the valid rows; the other rows keep
+            // their NaN.
+            double error = 0, norm = 0;
+            for (int64_t e = 0; e < E; ++e)
+              for (int64_t r = g.offsets[e]; r < g.offsets[e] + g.rows[e];
+                   ++r) {
+                const int64_t aRow = g.gathered ? g.rowTokens[r] : r;
+                for (int64_t j = 0; j < N; ++j) {
+                  double gv = 0, uv = 0;
+                  for (int64_t i = 0; i < K; ++i) {
+                    gv += a.at(aRow * K + i) * b.at((e * K + i) * N + j);
+                    uv += a.at(aRow * K + i) * bUp.at((e * K + i) * N + j);
+                  }
+                  const double want = gv / (1.0 + std::exp(-gv)) * uv;
+                  const double got = c.at(r * N + j);
+                  ASSERT_TRUE(std::isfinite(got)) << "row " << r;
+                  error += (got - want) * (got - want);
+                  norm += want * want;
+                }
+              }
+            for (int64_t r = 0; r < g.R; ++r)
+              if (!g.valid(r))
+                for (int64_t j = 0; j < N; ++j) {
+                  EXPECT_TRUE(std::isnan(c.at(r * N + j))) << "row " << r;
+                  if (g.keep)
+                    EXPECT_TRUE(std::isnan(gate.at(r * N + j)) &&
+                                std::isnan(up.at(r * N + j)))
+                        << "row " << r;
+                }
+            // Each product and c rounded once to the dtype (2^-9 for bf16,
+            // 2^-12 for f16, relative).
+            const double tolerance = type == DType::BF16 ? 1e-2 : 2e-3;
+            if (norm > 0)
+              EXPECT_LE(std::sqrt(error / norm), tolerance);
+            ++cases;
+          }
+  EXPECT_EQ(cases, 64);
 }
 
 // Combine writes every row; a token whose slots are all dropped gets zeros,

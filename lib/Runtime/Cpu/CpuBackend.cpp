@@ -182,6 +182,14 @@ void CpuBackend::setComputeKernels() {
                      step_views::gemmOptions(step.attrs),
                      write(ops.out(R::Pre)), rowGather(ops, x));
   });
+  setArgsKernel(StepOp::GroupedGemmGlu, [](const Step &,
+                                           const StepOperands &ops, Args &x) {
+    const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
+    cpu::groupedGemmGlu(read(a), read(ops.in(R::B)), read(ops.in(R::BUp)),
+                        write(c), cols(a), cols(c), x.segments,
+                        write(ops.out(R::GateIn)), write(ops.out(R::UpIn)),
+                        rowGather(ops, x));
+  });
   setArgsKernel(
       StepOp::Glu, [](const Step &, const StepOperands &ops, Args &x) {
         cpu::glu(read(ops.in(R::GateIn)), read(ops.in(R::UpIn)),

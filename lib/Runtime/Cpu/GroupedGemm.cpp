@@ -1,17 +1,19 @@
-//===- GroupedGemm.cpp - grouped_gemm and grouped_gemm_wgrad --------------===//
+//===- GroupedGemm.cpp - grouped_gemm, its glu-fused form and wgrad -------===//
 //
 // Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
 //
 //===----------------------------------------------------------------------===//
 //
-// This file implements the per-expert GEMMs of [expert-1] and their weight
-// gradients. Each expert's valid rows are one contiguous GEMM, so padded and
-// ragged layouts cost the same and padding rows are never touched.
+// This file implements the per-expert GEMMs of [expert-1], the glu-fused
+// first layer of a gated expert, and their weight gradients. Each expert's
+// valid rows are one contiguous GEMM, so padded and ragged layouts cost the
+// same and padding rows are never touched.
 //
 //===----------------------------------------------------------------------===//
 
 #include "KernelSupport.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -61,6 +63,33 @@ void groupedGemm(ReadBuffer a, ReadBuffer b, ReadBuffer bias, WriteBuffer c,
     detail::typedGemm(rowsOfA, aRow, b, e * k * n, bias, e * n, c, firstRow,
                       pre, rows, k, n, options);
   }
+}
+
+void groupedGemmGlu(ReadBuffer a, ReadBuffer b, ReadBuffer bUp, WriteBuffer c,
+                    int64_t k, int64_t n, const ExpertSegments &segments,
+                    WriteBuffer gateIn, WriteBuffer upIn,
+                    const RowGather &gather) {
+  // The reference is the unfused steps themselves, so the two agree bit for
+  // bit: two GEMMs rounding into c's dtype, then glu over what they stored.
+  // A product the caller does not keep goes to scratch rows [0, span).
+  int64_t span = 0;
+  for (int64_t e = 0; e < segments.experts; ++e)
+    if (segments.rows[e] > 0)
+      span = std::max<int64_t>(span, segments.offsets[e] + segments.rows[e]);
+  const size_t scratchBytes = static_cast<size_t>(span * n) * dtypeSize(c.type);
+  std::vector<char> gateScratch, upScratch;
+  auto product = [&](WriteBuffer kept, std::vector<char> &scratch) {
+    if (kept.data)
+      return kept;
+    scratch.resize(scratchBytes);
+    return WriteBuffer{scratch.data(), c.type};
+  };
+  const WriteBuffer gate = product(gateIn, gateScratch);
+  const WriteBuffer up = product(upIn, upScratch);
+  const GroupedGemmOptions plain;
+  groupedGemm(a, b, {}, gate, k, n, segments, plain, {}, gather);
+  groupedGemm(a, bUp, {}, up, k, n, segments, plain, {}, gather);
+  glu({gate.data, gate.type}, {up.data, up.type}, c, n, segments);
 }
 
 void groupedGemmWgrad(ReadBuffer a, ReadBuffer gradC, int64_t k, int64_t n,

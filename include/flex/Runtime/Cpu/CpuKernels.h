@@ -122,6 +122,18 @@ void activation(ReadBuffer pre, WriteBuffer out, int64_t n,
 void glu(ReadBuffer gateIn, ReadBuffer upIn, WriteBuffer c, int64_t n,
          const ExpertSegments &segments);
 
+/// `grouped_gemm_glu` ([expert-1], gated, one step): for each expert e and
+/// its valid rows, gate = a @ b[e] and up = a @ bUp[e] (b and bUp
+/// [E, K, N], never transposed), each rounded to c's dtype, and
+/// c = silu(gate) * up computed from those rounded values: bit for bit
+/// `groupedGemm(a, b)`, `groupedGemm(a, bUp)` and `glu`. When `gateIn.data`
+/// (`upIn.data`) is not null it receives gate (up), [R, N] of c's dtype;
+/// otherwise they live in scratch. `gather` as in groupedGemm.
+void groupedGemmGlu(ReadBuffer a, ReadBuffer b, ReadBuffer bUp, WriteBuffer c,
+                    int64_t k, int64_t n, const ExpertSegments &segments,
+                    WriteBuffer gateIn = {}, WriteBuffer upIn = {},
+                    const RowGather &gather = {});
+
 /// `combine` ([combine-1]): out[t] = sum over kept j of
 /// gates[t, j] * expertOut[row(t, j)], summed in choice order in fp32.
 /// Writes every row of out; a token whose slots are all dropped gets zeros.
