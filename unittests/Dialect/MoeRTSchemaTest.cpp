@@ -36,8 +36,8 @@ namespace {
 template <typename... Ops> struct OpList {};
 using StepOps =
     OpList<moert::RouterOp, moert::GateOp, moert::DispatchOp,
-           moert::DispatchRowsOp, moert::GroupedGemmOp, moert::GluOp,
-           moert::CombineOp, moert::CombineBackwardOp,
+           moert::DispatchRowsOp, moert::GroupedGemmOp, moert::GroupedGemmGluOp,
+           moert::GluOp, moert::CombineOp, moert::CombineBackwardOp,
            moert::GroupedGemmWgradOp, moert::ActivationBackwardOp,
            moert::GluBackwardOp, moert::DispatchBackwardOp,
            moert::GateBackwardOp, moert::RouterBackwardOp,

@@ -500,6 +500,33 @@ LogicalResult GluOp::verify() {
       failed(m.expect("c", getC(), {"R", "N"})));
 }
 
+LogicalResult GroupedGemmGluOp::verify() {
+  ShapeMatcher m(*this);
+  // b and b_up bind the same G, K, N: one shape. Every float operand has
+  // a's element type (the products are rounded to c's, which gate_in and
+  // up_in hold).
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(expectGemmA(m, getA(), getRowTokens())) ||
+      failed(m.expect("b", getB(), {"G", "K", "N"})) ||
+      failed(m.expect("b_up", getBUp(), {"G", "K", "N"})) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("c", getC(), {"R", "N"})) ||
+      failed(m.expect("gate_in", getGateIn(), {"R", "N"})) ||
+      failed(m.expect("up_in", getUpIn(), {"R", "N"})) ||
+      failed(expectRowTokens(m, *this, getA(), getRowTokens())) ||
+      failed(m.sameElement("b", getB(), "a", getA())) ||
+      failed(m.sameElement("b_up", getBUp(), "a", getA())) ||
+      failed(m.sameElement("c", getC(), "a", getA())) ||
+      failed(m.sameElement("gate_in", getGateIn(), "a", getA())) ||
+      failed(m.sameElement("up_in", getUpIn(), "a", getA())))
+    return failure();
+  if (bool(getGateIn()) != bool(getUpIn()))
+    return emitOpError("[plan-3] 'gate_in' and 'up_in' are given both or "
+                       "neither, got only '")
+           << (getGateIn() ? "gate_in" : "up_in") << "'";
+  return success();
+}
+
 LogicalResult CombineOp::verify() {
   ShapeMatcher m(*this);
   return failure(

@@ -303,3 +303,148 @@ moert.plan @wgrad_gathered_a_rows attributes {layer = #moert.layer<tokens = 8, m
   } backward {
   }
 }
+
+// -----
+
+// grouped_gemm_glu (--moert-fuse-glu): a [R, K] (or x [T, K] with
+// row_tokens), b and b_up one [G, K, N], c, gate_in and up_in [R, N].
+
+moert.plan @gemm_glu_inner_dim attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x4x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'b' must be [G = 2, K = 8, N], got 'memref<2x4x16xbf16>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x4x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_up_shape attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'b_up' must be [G = 2, K = 8, N = 16], got 'memref<2x8x8xbf16>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_segments attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<2xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'expert_offsets' must be [G+1 = 3], got 'memref<2xi32>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<2xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_c_shape attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x8xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'c' must be [R = 8, N = 16], got 'memref<8x8xbf16>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x8xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_gate_in_shape attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x8xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'gate_in' must be [R = 8, N = 16], got 'memref<8x8xbf16>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x8xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_up_in_shape attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<16x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'up_in' must be [R = 8, N = 16], got 'memref<16x16xbf16>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<16x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_row_tokens_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<16xi32>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'row_tokens' must be [R = 8], got 'memref<16xi32>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>, row_tokens = %rt : memref<16xi32>) outs(c = %h : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_gathered_a_rows attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<16x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<8xi32>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] with 'row_tokens', 'a' must be the layer's tokens [T = 8, K], got 'memref<16x8xbf16>'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<16x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>, row_tokens = %rt : memref<8xi32>) outs(c = %h : memref<8x16xbf16>)
+  } backward {
+  }
+}

@@ -118,3 +118,130 @@ moert.plan @wgrad_row_tokens_i32 attributes {layer = #moert.layer<tokens = 8, mo
   } backward {
   }
 }
+
+// -----
+
+// grouped_gemm_glu: every float operand has the element type of a.
+
+moert.plan @gemm_glu_a_float attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xi32>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'a' must have a float element type, got 'i32'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xi32>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_b_element attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'b' must have the element type of 'a' ('bf16'), got 'f16'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_up_element attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'b_up' must have the element type of 'a' ('bf16'), got 'f16'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_c_element attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xf32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'c' must have the element type of 'a' ('bf16'), got 'f32'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xf32>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_gate_in_element attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'gate_in' must have the element type of 'a' ('bf16'), got 'f16'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_up_in_element attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'up_in' must have the element type of 'a' ('bf16'), got 'f16'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_row_tokens_i32 attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.argument "x" input : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %rt = moert.alloc "row_tokens" : memref<8xi64>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-2] 'row_tokens' must have element type 'i32', got 'i64'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>, row_tokens = %rt : memref<8xi64>) outs(c = %h : memref<8x16xbf16>)
+  } backward {
+  }
+}

@@ -119,3 +119,39 @@ moert.plan @group_stride_without_size attributes {layer = #moert.layer<tokens = 
   } backward {
   }
 }
+
+// -----
+
+// grouped_gemm_glu keeps both rounded products for glu_backward, or neither.
+
+moert.plan @gemm_glu_gate_in_alone attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-3] 'gate_in' and 'up_in' are given both or neither, got only 'gate_in'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, gate_in = %gate : memref<8x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_glu_up_in_alone attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %a = moert.alloc "dispatched" : memref<8x8xbf16>
+  %w1 = moert.argument "w1" input : memref<2x8x16xbf16>
+  %w3 = moert.argument "w3" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-3] 'gate_in' and 'up_in' are given both or neither, got only 'up_in'}}
+    moert.grouped_gemm_glu ins(a = %a : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, b_up = %w3 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>)
+  } backward {
+  }
+}

@@ -217,6 +217,35 @@ def MoeRT_GluOp : MoeRT_StepOp<"glu",
                        Buf:$expert_rows, Buf:$c);
 }
 
+def MoeRT_GroupedGemmGluOp : MoeRT_StepOp<"grouped_gemm_glu",
+    ["a", "b", "b_up", "expert_offsets", "expert_rows", "row_tokens?"],
+    ["c", "gate_in?", "up_in?"], [AttrSizedOperandSegments]> {
+  let summary = "per expert: c = silu(a @ b[e]) * (a @ b_up[e]) (SwiGLU)";
+  let description = [{
+    The first layer of a gated (SwiGLU) expert as one step, over the valid
+    rows of each expert: gate = a @ b[e] and up = a @ b_up[e] (b and b_up
+    [G, K, N], never transposed), each rounded to c's element type, then
+    c = silu(gate) * up as `moert.glu` computes it. `gate_in` and `up_in`,
+    given both or neither, receive the rounded products (a training plan's
+    `glu_backward` reads them). Bit for bit
+    `grouped_gemm(a, b) -> gate_in; grouped_gemm(a, b_up) -> up_in;
+    glu(gate_in, up_in) -> c` on the same GEMM engine
+    (`--moert-fuse-glu`). With `row_tokens` ([R] i32, from
+    `dispatch_rows`), `a` is the layer's tokens [T, K] and row r reads
+    `a[row_tokens[r]]`, as in `grouped_gemm`.
+
+    ```mlir
+    moert.grouped_gemm_glu ins(a = %d : memref<128x16xbf16>,
+        b = %w1 : memref<4x16x32xbf16>, b_up = %w3 : memref<4x16x32xbf16>,
+        expert_offsets = %o : memref<5xi32>, expert_rows = %r : memref<4xi32>)
+        outs(c = %h : memref<128x32xbf16>)
+    ```
+  }];
+  let arguments = (ins Buf:$a, Buf:$b, Buf:$b_up, Buf:$expert_offsets,
+      Buf:$expert_rows, OptBuf:$row_tokens, Buf:$c, OptBuf:$gate_in,
+      OptBuf:$up_in);
+}
+
 def MoeRT_CombineOp : MoeRT_StepOp<"combine",
     ["expert_out", "indices", "locations", "gates", "capacity",
      "expert_offsets"], ["out"]> {
