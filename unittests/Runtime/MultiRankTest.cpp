@@ -9,7 +9,9 @@
 // rules for `world` and the collective steps, the padded zero-fill and the
 // accumulating weight gradient of the kernels, and every multi-rank test plan
 // run on W threads against the fp64 reference of the one-rank layer applied
-// to each rank's tokens (expert weight gradients summed over ranks).
+// to each rank's tokens (expert weight gradients summed over ranks); and
+// plans with the glu-fused step (grouped_gemm_glu) against those they were
+// made from.
 //
 //===----------------------------------------------------------------------===//
 
@@ -32,10 +34,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <iostream>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <random>
+#include <sstream>
 #include <thread>
 
 using namespace flex;
@@ -707,6 +713,121 @@ INSTANTIATE_TEST_SUITE_P(
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "ep2"},
                       PlanVariant{"mr_ffn_fixed_w4_infer.json", "dp"}),
     planVariantName);
+
+//===----------------------------------------------------------------------===//
+// grouped_gemm_glu in plans
+//===----------------------------------------------------------------------===//
+
+/// The output arguments of one rank, by name.
+using Outputs = std::map<std::string, std::vector<uint8_t>>;
+
+/// Every variant of `plan` run on its W ranks (forward, and backward when
+/// training) with the inputs `drawn`, the outputs poisoned and the
+/// workspace NaN first: the outputs per variant and rank.
+std::vector<std::vector<Outputs>>
+runEveryVariant(std::shared_ptr<const Plan> plan, const RankInputs &drawn) {
+  const int W = static_cast<int>(plan->worldSize);
+  std::vector<std::vector<Outputs>> result;
+  for (int64_t v = 0; v < static_cast<int64_t>(plan->variants.size()); ++v) {
+    SCOPED_TRACE("variant " + plan->variants[v].name);
+    std::vector<RankBuffers> buffers = makeRankBuffers(*plan, drawn, 0.5);
+    auto ranks = localRanks(W);
+    std::vector<Status> results(W);
+    onRanks(W, [&](int r) {
+      CpuRankExecutor rank;
+      Status s = rank.create(plan, ranks[r], 0xff);
+      std::vector<Binding> bindings = buffers[r].bindings();
+      if (s)
+        s = runVariant(*rank.executor, v, bindings, plan->training);
+      results[r] = s;
+    });
+    std::vector<Outputs> outputs(W);
+    for (int r = 0; r < W; ++r) {
+      EXPECT_TRUE(results[r].isOk())
+          << "rank " << r << ": " << results[r].message();
+      for (const Argument &a : plan->arguments)
+        if (a.role == ArgumentRole::Output ||
+            a.role == ArgumentRole::GradOutput)
+          outputs[r][a.name] = buffers[r].data[a.name];
+    }
+    result.push_back(std::move(outputs));
+  }
+  return result;
+}
+
+// Plans whose glu and the two GEMMs before it are one grouped_gemm_glu
+// (as --moert-fuse-glu's variants) compute every output bit for bit as the
+// plans they were made from, on the CPU backend: padded and ragged, f32,
+// bf16 and f16, a received buffer's chunks on two ranks, rows gathered
+// through row_tokens, inference and training (the products kept for
+// glu_backward).
+TEST(GluFusedSteps, RunBitForBitLikeTheStepsTheyReplace) {
+  const uint64_t seed = runSeed();
+  std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  auto layer = [](DType type, CapacityMode mode) {
+    LayerConfig c;
+    c.tokens = 48;
+    c.modelDim = 16;
+    c.hiddenDim = 24;
+    c.experts = 4;
+    c.topK = 2;
+    c.capacityMode = mode;
+    c.expertKind = ExpertKind::Gated;
+    c.dtype = type;
+    return c;
+  };
+  std::ifstream gathered(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
+                         "/small_swiglu_bf16_gather_train.json");
+  std::ostringstream gatheredText;
+  gatheredText << gathered.rdbuf();
+  const std::pair<std::string, std::string> plans[] = {
+      {"gated_fixed_train.json", readTestPlan("gated_fixed_train.json")},
+      {"gated_bounded_infer.json", readTestPlan("gated_bounded_infer.json")},
+      {"small_swiglu_bf16.json", readTestPlan("fuzz/small_swiglu_bf16.json")},
+      {"mr_gated_bounded_w2_train_bf16.json",
+       readTestPlan("mr_gated_bounded_w2_train_bf16.json")},
+      {"small_swiglu_bf16_gather_train.json", gatheredText.str()},
+      {"f16 ragged gathered",
+       swigluInferencePlan(layer(DType::F16, CapacityMode::Dropless),
+                           DispatchLayout::Ragged, /*gathered=*/true)},
+      {"f16 padded fixed",
+       swigluInferencePlan(layer(DType::F16, CapacityMode::Fixed),
+                           DispatchLayout::Padded, /*gathered=*/false)}};
+  for (const auto &[name, text] : plans) {
+    SCOPED_TRACE(name);
+    auto unfused = std::make_shared<Plan>();
+    Status status = parsePlan(text, *unfused);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    Json doc = Json::parse(text);
+    ASSERT_GE(fuseGluSteps(doc, unfused->training), 1);
+    auto fused = std::make_shared<Plan>();
+    status = parsePlan(doc.dump(), *fused);
+    ASSERT_TRUE(status.isOk()) << status.message();
+
+    RankInputs drawn;
+    ASSERT_TRUE(makeRankInputs(
+        unfused->layer, {}, static_cast<int>(unfused->worldSize), rng, drawn));
+    const auto want = runEveryVariant(unfused, drawn);
+    const auto got = runEveryVariant(fused, drawn);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t v = 0; v < want.size(); ++v)
+      for (size_t r = 0; r < want[v].size(); ++r)
+        for (const auto &[output, bytes] : want[v][r]) {
+          EXPECT_TRUE(got[v][r].at(output) == bytes)
+              << output << " of variant " << unfused->variants[v].name
+              << " on rank " << r << " differs from the unfused plan's";
+          // The layer's output was written (poisoned with NaN first).
+          if (output == "out") {
+            const Argument &out = fused->arguments[fused->findArgument(output)];
+            for (int64_t i = 0; i < out.numElements(); ++i)
+              ASSERT_TRUE(
+                  std::isfinite(loadValue(got[v][r].at(output), out.dtype, i)))
+                  << output << "[" << i << "]";
+          }
+        }
+  }
+}
 
 //===----------------------------------------------------------------------===//
 // The callback communicator

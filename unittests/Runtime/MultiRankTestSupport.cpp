@@ -7,12 +7,14 @@
 #include "MultiRankTestSupport.h"
 
 #include "flex/Runtime/Backend.h"
+#include "flex/Runtime/Core/Capacity.h"
 #include "flex/Runtime/Core/Element.h"
 #include "flex/Runtime/PlanLoader.h"
 
 #include <cmath>
 #include <gmock/gmock.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstring>
 #include <fstream>
@@ -238,6 +240,207 @@ Status runVariant(Executor &executor, int64_t variant,
   if (s && backward)
     s = executor.backward(bindings.data(), bindings.size());
   return s;
+}
+
+std::string swigluInferencePlan(const LayerConfig &layer, DispatchLayout layout,
+                                bool gathered) {
+  using Json = nlohmann::ordered_json;
+  const int64_t T = layer.tokens, d = layer.modelDim, h = layer.hiddenDim;
+  const int64_t E = layer.experts, k = std::min(layer.topK, layer.experts);
+  const int64_t padded = E * alignedCapacityBound(layer, 1);
+  const int64_t R =
+      layout == DispatchLayout::Padded ? padded : std::min(T * k, padded);
+  const std::string dtype(toString(layer.dtype));
+  Json doc;
+  doc["format"] = "flex-plan";
+  doc["version"] = 2;
+  doc["producer"] = "swigluInferencePlan (unittests)";
+  doc["layer"] = {{"tokens", T},
+                  {"model_dim", d},
+                  {"hidden_dim", h},
+                  {"experts", E},
+                  {"top_k", layer.topK},
+                  {"capacity_mode", toString(layer.capacityMode)},
+                  {"capacity_factor", layer.capacityFactor},
+                  {"expert_kind", "gated"},
+                  {"activation", "silu"},
+                  {"bias", false},
+                  {"dtype", dtype},
+                  {"router_fp32", true},
+                  {"batch_prioritized", layer.batchPrioritized},
+                  {"normalize_gate", layer.normalizeGate},
+                  {"gate_noise", 0.0},
+                  {"seed", layer.seed}};
+  doc["training"] = false;
+  auto argument = [](const char *name, const std::string &type,
+                     std::vector<int64_t> shape, const char *role) {
+    return Json{
+        {"name", name}, {"dtype", type}, {"shape", shape}, {"role", role}};
+  };
+  doc["arguments"] = {argument("x", dtype, {T, d}, "input"),
+                      argument("wg", "f32", {d, E}, "input"),
+                      argument("w1", dtype, {E, d, h}, "input"),
+                      argument("w2", dtype, {E, h, d}, "input"),
+                      argument("w3", dtype, {E, d, h}, "input"),
+                      argument("out", dtype, {T, d}, "output"),
+                      argument("l_aux", "f32", {1}, "output")};
+  Json buffers = Json::array();
+  int64_t bytes = 0;
+  auto buffer = [&](const char *name, const std::string &type,
+                    std::vector<int64_t> shape) {
+    int64_t size = type == "f32" || type == "i32" ? 4 : 2;
+    for (int64_t dim : shape)
+      size *= dim;
+    buffers.push_back({{"name", name},
+                       {"dtype", type},
+                       {"shape", shape},
+                       {"offset", bytes},
+                       {"bytes", size}});
+    bytes += (size + 255) / 256 * 256;
+  };
+  buffer("logits", "f32", {T, E});
+  buffer("scores", "f32", {T, E});
+  buffer("indices", "i32", {T, k});
+  buffer("locations", "i32", {T, k});
+  buffer("gates", "f32", {T, k});
+  buffer("capacity", "i32", {1});
+  buffer("expert_offsets", "i32", {E + 1});
+  buffer("expert_rows", "i32", {E});
+  if (gathered)
+    buffer("row_tokens", "i32", {R});
+  else
+    buffer("dispatched", dtype, {R, d});
+  buffer("gate_proj", dtype, {R, h});
+  buffer("up_proj", dtype, {R, h});
+  buffer("hidden", dtype, {R, h});
+  buffer("expert_out", dtype, {R, d});
+  doc["workspace"] = {
+      {"bytes", bytes}, {"alignment", 256}, {"buffers", buffers}};
+
+  const Json routing = {{"indices", "indices"},
+                        {"locations", "locations"},
+                        {"capacity", "capacity"},
+                        {"expert_offsets", "expert_offsets"}};
+  const Json segments = {{"expert_offsets", "expert_offsets"},
+                         {"expert_rows", "expert_rows"}};
+  const Json gemmAttrs = {{"trans_b", false},
+                          {"epilogue", "none"},
+                          {"bias_scale", 1.0},
+                          {"accumulate", false}};
+  auto gemm = [&](const char *a, const char *b, const char *c, bool rows) {
+    Json in = segments;
+    in["a"] = a;
+    in["b"] = b;
+    if (rows)
+      in["row_tokens"] = "row_tokens";
+    return Json{{"op", "grouped_gemm"},
+                {"in", in},
+                {"out", {{"c", c}}},
+                {"attrs", gemmAttrs}};
+  };
+  Json forward = Json::array();
+  forward.push_back({{"op", "router"},
+                     {"in", {{"x", "x"}, {"wg", "wg"}}},
+                     {"out", {{"logits", "logits"}}},
+                     {"attrs", Json::object()}});
+  forward.push_back({{"op", "gate"},
+                     {"in", {{"logits", "logits"}}},
+                     {"out",
+                      {{"scores", "scores"},
+                       {"indices", "indices"},
+                       {"locations", "locations"},
+                       {"gates", "gates"},
+                       {"capacity", "capacity"},
+                       {"expert_offsets", "expert_offsets"},
+                       {"expert_rows", "expert_rows"},
+                       {"l_aux", "l_aux"}}},
+                     {"attrs",
+                      {{"top_k", layer.topK},
+                       {"capacity_mode", toString(layer.capacityMode)},
+                       {"capacity_factor", layer.capacityFactor},
+                       {"normalize", layer.normalizeGate},
+                       {"batch_prioritized", layer.batchPrioritized},
+                       {"noise", 0.0},
+                       {"seed", layer.seed},
+                       {"layout", toString(layout)},
+                       {"capacity_alignment", 1}}}});
+  if (gathered) {
+    forward.push_back({{"op", "dispatch_rows"},
+                       {"in", routing},
+                       {"out", {{"row_tokens", "row_tokens"}}},
+                       {"attrs", Json::object()}});
+  } else {
+    Json in = routing;
+    in["x"] = "x";
+    forward.push_back({{"op", "dispatch"},
+                       {"in", in},
+                       {"out", {{"dispatched", "dispatched"}}},
+                       {"attrs", Json::object()}});
+  }
+  const char *a = gathered ? "x" : "dispatched";
+  forward.push_back(gemm(a, "w1", "gate_proj", gathered));
+  forward.push_back(gemm(a, "w3", "up_proj", gathered));
+  Json gluIn = segments;
+  gluIn["gate_in"] = "gate_proj";
+  gluIn["up_in"] = "up_proj";
+  forward.push_back({{"op", "glu"},
+                     {"in", gluIn},
+                     {"out", {{"c", "hidden"}}},
+                     {"attrs", Json::object()}});
+  forward.push_back(gemm("hidden", "w2", "expert_out", false));
+  Json combineIn = routing;
+  combineIn["gates"] = "gates";
+  combineIn["expert_out"] = "expert_out";
+  forward.push_back({{"op", "combine"},
+                     {"in", combineIn},
+                     {"out", {{"out", "out"}}},
+                     {"attrs", Json::object()}});
+  doc["variants"] = {{{"name", "single"}, {"forward", forward}}};
+  doc["default_variant"] = 0;
+  return doc.dump();
+}
+
+int fuseGluSteps(nlohmann::ordered_json &plan, bool keepProducts) {
+  using Json = nlohmann::ordered_json;
+  int fused = 0;
+  for (Json &variant : plan["variants"]) {
+    for (const char *pass : {"forward", "backward"})
+      if (variant.contains(pass))
+        for (Json &step : variant[pass])
+          step.erase("facts");
+    Json &steps = variant["forward"];
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (steps[i]["op"] != "glu")
+        continue;
+      const Json glu = steps[i];
+      // The latest GEMM before the glu writing each of its inputs.
+      auto writer = [&](const char *role) {
+        for (size_t j = i; j-- > 0;)
+          if (steps[j]["op"] == "grouped_gemm" &&
+              steps[j]["out"]["c"] == glu["in"][role])
+            return j;
+        throw std::runtime_error(std::string("no grouped_gemm writes ") + role);
+      };
+      const size_t g = writer("gate_in"), u = writer("up_in");
+      Json in = steps[g]["in"];
+      in.erase("bias");
+      in["b_up"] = steps[u]["in"]["b"];
+      Json out = {{"c", glu["out"]["c"]}};
+      if (keepProducts) {
+        out["gate_in"] = steps[g]["out"]["c"];
+        out["up_in"] = steps[u]["out"]["c"];
+      }
+      steps[i] = {{"op", "grouped_gemm_glu"},
+                  {"in", in},
+                  {"out", out},
+                  {"attrs", Json::object()}};
+      steps.erase(steps.begin() + static_cast<std::ptrdiff_t>(std::max(g, u)));
+      steps.erase(steps.begin() + static_cast<std::ptrdiff_t>(std::min(g, u)));
+      i -= 2;
+      ++fused;
+    }
+  }
+  return fused;
 }
 
 void expectRejectedAfterEdit(

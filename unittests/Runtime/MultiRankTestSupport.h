@@ -187,6 +187,26 @@ Status runVariant(Executor &executor, int64_t variant,
                   std::vector<Binding> &bindings, bool backward);
 
 //===----------------------------------------------------------------------===//
+// Plans written here
+//===----------------------------------------------------------------------===//
+
+/// A one-rank SwiGLU inference plan of `layer` (gated, silu, no bias; its
+/// capacity mode, dtype and sizes), written here rather than by the
+/// compiler, for shapes no checked-in plan has: router, gate (`layout`),
+/// dispatch (with `gathered`: dispatch_rows, and the first GEMMs read x
+/// through row_tokens), the w1 and w3 GEMMs, glu, the w2 GEMM, combine.
+/// Every workspace buffer has bytes of its own.
+std::string swigluInferencePlan(const LayerConfig &layer, DispatchLayout layout,
+                                bool gathered);
+
+/// `plan` with each forward glu and the two grouped_gemm steps that write
+/// its gate_in and up_in made one grouped_gemm_glu in the glu's place (as a
+/// `<v>+glu` variant of --moert-fuse-glu runs it); with `keepProducts` it
+/// writes their buffers as gate_in and up_in. Recorded facts are dropped
+/// (the loader derives them). Returns the number of steps made.
+int fuseGluSteps(nlohmann::ordered_json &plan, bool keepProducts);
+
+//===----------------------------------------------------------------------===//
 // Loader rules
 //===----------------------------------------------------------------------===//
 

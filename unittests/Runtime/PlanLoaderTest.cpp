@@ -7,7 +7,8 @@
 // This file tests that the loader accepts the hand-written plans of
 // unittests/Runtime/plans, that writing and reading a plan gives it back, and
 // that each class of bad document is rejected with a message naming the field
-// and the value, never a crash.
+// and the value, never a crash; the same for the glu-fused step
+// (grouped_gemm_glu) made from the checked-in plans.
 //
 //===----------------------------------------------------------------------===//
 
@@ -19,6 +20,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <fstream>
 #include <random>
 
 using namespace flex;
@@ -515,6 +517,170 @@ TEST(PlanLoader, RejectsGemmsTheWrongWayRoundOnSquareExperts) {
                        "read by no backward step"});
   // Reading a weight only through a buffer gathered from it counts: the
   // data-parallel variants of the multi-rank plans load (MultiRankTest).
+}
+
+//===----------------------------------------------------------------------===//
+// grouped_gemm_glu
+//===----------------------------------------------------------------------===//
+
+namespace {
+
+/// The checked-in CUDA test plan `name` (unittests/Cuda/plans).
+Json readCudaJson(const std::string &name) {
+  std::ifstream file(std::string(FLEX_TEST_CUDA_PLANS_DIR) + "/" + name);
+  return Json::parse(file);
+}
+
+/// `doc` with its glu steps fused (test::fuseGluSteps), expecting `count`.
+Json fused(Json doc, bool keepProducts, int count = 1) {
+  EXPECT_EQ(test::fuseGluSteps(doc, keepProducts), count);
+  return doc;
+}
+
+} // namespace
+
+// The fused step loads wherever the triple it replaces did: padded and
+// ragged, a received buffer's chunks (uniform_segments) on two ranks,
+// gathered through row_tokens; training keeps the products for
+// glu_backward.
+TEST(PlanLoader, AcceptsGluFusedSteps) {
+  struct Case {
+    Json doc;
+    bool keep;
+    int steps;
+  };
+  LayerConfig layer;
+  layer.tokens = 40;
+  layer.modelDim = 16;
+  layer.hiddenDim = 24;
+  layer.experts = 4;
+  layer.topK = 2;
+  layer.capacityMode = CapacityMode::Dropless;
+  layer.expertKind = ExpertKind::Gated;
+  layer.dtype = DType::BF16;
+  const Case cases[] = {
+      {readJson("gated_fixed_train.json"), true, 1},
+      {readJson("gated_bounded_infer.json"), false, 1},
+      {readJson("gated_bounded_infer.json"), true, 1},
+      {readJson("mr_gated_bounded_w2_train_bf16.json"), true, 5},
+      {readCudaJson("small_swiglu_bf16_gather_train.json"), true, 2},
+      {Json::parse(test::swigluInferencePlan(layer, DispatchLayout::Ragged,
+                                             /*gathered=*/true)),
+       false, 1},
+      {Json::parse(test::swigluInferencePlan(layer, DispatchLayout::Padded,
+                                             /*gathered=*/false)),
+       false, 1}};
+  for (const Case &c : cases) {
+    Plan plan;
+    Status status = parsePlan(fused(c.doc, c.keep, c.steps).dump(), plan);
+    ASSERT_TRUE(status.isOk()) << c.doc["layer"] << ": " << status.message();
+    int steps = 0;
+    for (const Variant &variant : plan.variants)
+      for (const Step &step : variant.forward)
+        if (step.op == StepOp::GroupedGemmGlu) {
+          ++steps;
+          EXPECT_EQ(step.out(OperandRole::GateIn).isValid(), c.keep);
+          EXPECT_EQ(step.out(OperandRole::UpIn).isValid(), c.keep);
+          EXPECT_TRUE(step.facts.routing.isValid() ||
+                      step.facts.segments.isValid());
+        }
+    EXPECT_EQ(steps, c.steps);
+  }
+  // Training without the products: glu_backward reads what no step wrote.
+  expectRejected(fused(readJson("gated_fixed_train.json"), false), {"'g_in'"});
+}
+
+// Each operand rule of grouped_gemm_glu, named by its field.
+TEST(PlanLoader, RejectsGluFusedStepsThatBreakTheirRules) {
+  // gated_fixed_train: d 6, h 8; the fused step is forward[3].
+  const Json doc = fused(readJson("gated_fixed_train.json"), true);
+  ASSERT_EQ(doc["variants"][0]["forward"][3]["op"], "grouped_gemm_glu");
+  auto edit = [&](auto change) {
+    Json wrong = doc;
+    change(wrong["variants"][0]["forward"][3]);
+    return wrong;
+  };
+  expectRejected(edit([](Json &s) { s["in"]["b"] = "w2"; }),
+                 {"'variants[0].forward[3].in.b'", "buffer 'w2'",
+                  "has K = 8 but a 'disp' has K = 6"});
+  expectRejected(edit([](Json &s) { s["in"]["b_up"] = "w2"; }),
+                 {"'variants[0].forward[3].in.b_up'",
+                  "buffer 'w2' has shape [4, 8, 6]",
+                  "expected the shape of b 'w1' [4, 6, 8]"});
+  expectRejected(
+      edit([](Json &s) { s["out"]["c"] = "y"; }),
+      {"'variants[0].forward[3].out.c'", "buffer 'y'", "c [R, N], R of a"});
+  expectRejected(
+      edit([](Json &s) { s["out"]["up_in"] = "y"; }),
+      {"'variants[0].forward[3].out.up_in'", "buffer 'y'", "up_in [R, N]"});
+  expectRejected(edit([](Json &s) { s["out"].erase("up_in"); }),
+                 {"'variants[0].forward[3].out.up_in'",
+                  "writes gate_in and up_in together or neither",
+                  "gate_in 'g_in' but no up_in"});
+  expectRejected(
+      edit([](Json &s) { s["out"].erase("gate_in"); }),
+      {"'variants[0].forward[3].out.gate_in'", "up_in 'u_in' but no gate_in"});
+  expectRejected(edit([](Json &s) { s["in"].erase("b_up"); }),
+                 {"'variants[0].forward[3]", "b_up"});
+  expectRejected(edit([](Json &s) { s["in"]["a"] = "hid"; }),
+                 {"'variants[0].forward[3].in.b'", "has K = 6 but a 'hid'"});
+  // The dispatch layout's rows: a [R, K] with R at least E * C.
+  Json shortRows = doc;
+  findWorkspaceBuffer(shortRows, "g_in")["shape"] = {12, 8};
+  expectRejected(shortRows, {"'variants[0].forward[3].out.gate_in'",
+                             "buffer 'g_in' has shape [12, 8]"});
+  // One dtype: the products are rounded to c's and read back in it.
+  Json mixed = doc;
+  Json &gate = findWorkspaceBuffer(mixed, "g_in");
+  gate["dtype"] = "bf16";
+  gate["bytes"] = gate["bytes"].get<int64_t>() / 2;
+  expectRejected(mixed, {"'variants[0].forward[3].out.gate_in'",
+                         "buffer 'g_in' has dtype bf16",
+                         "computes in one dtype, a's ('disp', f32)"});
+}
+
+// The weights are w1 (b) and w3 (b_up): on square experts every weight has
+// their shape. A gathered step reads x through a row map dispatch_rows
+// wrote.
+TEST(PlanLoader, RejectsGluFusedStepsOnTheWrongValues) {
+  const Json square = fused(readJson("fuzz/small_swiglu_bf16.json"), true);
+  ASSERT_EQ(square["variants"][0]["forward"][3]["op"], "grouped_gemm_glu");
+  Json wrong = square;
+  wrong["variants"][0]["forward"][3]["in"]["b_up"] = "w2";
+  expectRejected(wrong, {"'variants[0].forward[3].in.b_up'",
+                         "buffer 'w2' is not the up projection's expert "
+                         "weight (w3, or what an all_gather gathered from "
+                         "it)"});
+  wrong = square;
+  wrong["variants"][0]["forward"][3]["in"]["b"] = "w3";
+  wrong["variants"][0]["forward"][3]["in"]["b_up"] = "w1";
+  expectRejected(wrong, {"'variants[0].forward[3].in.b'",
+                         "buffer 'w3' is not the gate's expert weight (w1"});
+
+  Json gathered =
+      fused(readCudaJson("small_swiglu_bf16_gather_train.json"), true, 2);
+  const Json &step = gathered["variants"][1]["forward"][3];
+  ASSERT_EQ(step["op"], "grouped_gemm_glu");
+  ASSERT_TRUE(step["in"].contains("row_tokens"));
+  auto edit = [&](auto change) {
+    Json doc = gathered;
+    change(doc["variants"][1]["forward"][3]);
+    return doc;
+  };
+  expectRejected(edit([](Json &s) { s["in"]["a"] = "dispatched"; }),
+                 {"'variants[1].forward[3].in.a'", "buffer 'dispatched'",
+                  "with row_tokens, a is the layer's tokens [T, K], T = "
+                  "1000"});
+  expectRejected(
+      edit([](Json &s) { s["in"]["a"] = "grad_out"; }),
+      {"'variants[1].forward[3].in.a'", "is not the layer's input x"});
+  expectRejected(
+      edit(
+          [](Json &s) { s["in"]["row_tokens"] = "single+gather.expert_rows"; }),
+      {"'variants[1].forward[3].in.row_tokens'", "row_tokens [R] i32"});
+  expectRejected(
+      edit([](Json &s) { s["out"]["c"] = "single+gather.expert_out"; }),
+      {"'variants[1].forward[3].out.c'", "R of row_tokens"});
 }
 
 // Damaged documents (cut anywhere, bytes flipped) give a Status, never a

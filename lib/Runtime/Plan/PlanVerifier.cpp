@@ -353,31 +353,37 @@ void checkReadAs(const Plan &plan, OperandRole role, const BufferRef &ref,
 /// A grouped_gemm multiplies by an expert weight and adds an expert bias:
 /// its `b` holds w1, w2 or w3 and its `bias` b1 or b2 (the arguments, or
 /// what an all_gather gathered from them), never a value steps computed.
+/// grouped_gemm_glu's `b` is the gate's weight w1 and its `b_up` the up
+/// projection's w3: square experts' w2 has their shape, and would compute
+/// another layer.
 void checkGemmWeights(const Plan &plan, const Step &step, const std::string &at,
                       const DataFlow &flow) {
-  if (step.op != StepOp::GroupedGemm)
-    return;
   using R = OperandRole;
-  static constexpr std::string_view kWeights[] = {"w1", "w2", "w3"};
-  static constexpr std::string_view kBiases[] = {"b1", "b2"};
-  for (OperandRole role : {R::B, R::Bias}) {
-    const BufferRef &ref = step.in(role);
+  struct Source {
+    OperandRole role;
+    std::vector<std::string_view> names;
+    const char *what;
+  };
+  std::vector<Source> sources;
+  if (step.op == StepOp::GroupedGemm)
+    sources = {{R::B, {"w1", "w2", "w3"}, "an expert weight (w1, w2, w3"},
+               {R::Bias, {"b1", "b2"}, "an expert bias (b1, b2"}};
+  else if (step.op == StepOp::GroupedGemmGlu)
+    sources = {{R::B, {"w1"}, "the gate's expert weight (w1"},
+               {R::BUp, {"w3"}, "the up projection's expert weight (w3"}};
+  for (const Source &expected : sources) {
+    const BufferRef &ref = step.in(expected.role);
     if (!ref.isValid())
       continue;
     const int32_t source = flow.sourceArgument(ref);
     const std::string_view name =
         source >= 0 ? std::string_view(plan.arguments[source].name) : "";
-    const bool isWeight =
-        role == R::B
-            ? std::find(std::begin(kWeights), std::end(kWeights), name) !=
-                  std::end(kWeights)
-            : std::find(std::begin(kBiases), std::end(kBiases), name) !=
-                  std::end(kBiases);
-    if (!isWeight)
-      fail(at + ".in." + std::string(toString(role)),
-           "buffer '" + plan.getBuffer(ref).name + "' is not an expert " +
-               (role == R::B ? "weight (w1, w2, w3" : "bias (b1, b2") +
-               ", or what an all_gather gathered from one)");
+    if (std::find(expected.names.begin(), expected.names.end(), name) ==
+        expected.names.end())
+      fail(at + ".in." + std::string(toString(expected.role)),
+           "buffer '" + plan.getBuffer(ref).name + "' is not " + expected.what +
+               ", or what an all_gather gathered from " +
+               (expected.names.size() > 1 ? "one)" : "it)"));
   }
 }
 

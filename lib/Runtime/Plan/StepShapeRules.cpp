@@ -301,6 +301,7 @@ private:
   void checkRowOps();
   int64_t gemmRows(const BufferDesc *a);
   void checkGemm();
+  void checkGemmGlu();
   void checkWgrad();
   void checkShardRouting();
   void checkAllToAll();
@@ -562,6 +563,56 @@ void StepShapes::checkGemm() {
                      : " must be 1 or 1 / s = 1 / " + std::to_string(s)));
 }
 
+/// grouped_gemm_glu: c = silu(a @ b) * (a @ b_up), the products kept in
+/// gate_in and up_in when given. It rounds the products to c's dtype and
+/// glu reads them back in it, so every operand has one dtype; b and b_up
+/// are [G, K, N], never transposed.
+void StepShapes::checkGemmGlu() {
+  const bool gathered = c.get(R::RowTokens, in) != nullptr;
+  const BufferDesc *a = c.expect(R::A, in, kFloatTypes, {-1, -1},
+                                 gathered ? "a [T, K]" : "a [R, K]");
+  const int64_t K = a->shape[1];
+  const int64_t rows = gemmRows(a);
+  const BufferDesc *b = c.expect(R::B, in, kFloatTypes, {G, -1, -1},
+                                 "b [G, K, N]" + groupsMeaning);
+  if (b->shape[1] != K)
+    fail(c.where(R::B, in),
+         "buffer '" + b->name + "' of shape " + shapeString(b->shape) +
+             " has K = " + std::to_string(b->shape[1]) + " but a '" + a->name +
+             "' has K = " + std::to_string(K) + " (b is [G, K, N])");
+  const int64_t N = b->shape[2];
+  c.expectSameShape(R::BUp, in, b, "b '" + b->name + "'");
+  if (!gathered)
+    c.expectRows(R::A, in, K, minRows, "a [R, K]");
+  const std::string ofRows = gathered ? ", R of row_tokens" : ", R of a";
+  c.expect(R::C, out, kFloatTypes, {rows, N}, "c [R, N]" + ofRows);
+  c.expect(R::GateIn, out, kFloatTypes, {rows, N}, "gate_in [R, N]" + ofRows);
+  c.expect(R::UpIn, out, kFloatTypes, {rows, N}, "up_in [R, N]" + ofRows);
+  // Both products or neither: the backward's glu_backward reads the two,
+  // so keeping one alone serves no plan.
+  const bool keepsGate = c.get(R::GateIn, out), keepsUp = c.get(R::UpIn, out);
+  if (keepsGate != keepsUp) {
+    const OperandRole kept = keepsGate ? R::GateIn : R::UpIn;
+    const OperandRole missing = keepsGate ? R::UpIn : R::GateIn;
+    fail(c.where(missing, out),
+         "op 'grouped_gemm_glu' writes gate_in and up_in together or "
+         "neither; it writes " +
+             std::string(toString(kept)) + " '" + c.get(kept, out)->name +
+             "' but no " + std::string(toString(missing)));
+  }
+  for (auto [role, isInput] :
+       {std::pair{R::B, in}, std::pair{R::BUp, in}, std::pair{R::C, out},
+        std::pair{R::GateIn, out}, std::pair{R::UpIn, out}}) {
+    const BufferDesc *desc = c.get(role, isInput);
+    if (desc && desc->dtype != a->dtype)
+      fail(c.where(role, isInput),
+           "buffer '" + desc->name + "' has dtype " +
+               std::string(toString(desc->dtype)) +
+               "; op 'grouped_gemm_glu' computes in one dtype, a's ('" +
+               a->name + "', " + std::string(toString(a->dtype)) + ")");
+  }
+}
+
 void StepShapes::checkWgrad() {
   const bool gathered = c.get(R::RowTokens, in) != nullptr;
   const BufferDesc *a =
@@ -709,6 +760,8 @@ void StepShapes::check() {
     return checkRowOps();
   case StepOp::GroupedGemm:
     return checkGemm();
+  case StepOp::GroupedGemmGlu:
+    return checkGemmGlu();
   case StepOp::GroupedGemmWgrad:
     return checkWgrad();
   case StepOp::ShardRouting:
