@@ -64,6 +64,61 @@ def MoeRTFuseDispatchPass : Pass<"moert-fuse-dispatch", "::flex::moert::PlanOp">
   ];
 }
 
+def MoeRTFuseGluPass : Pass<"moert-fuse-glu", "::flex::moert::PlanOp"> {
+  let summary = "Add a variant that computes each SwiGLU first layer as one "
+                "grouped_gemm_glu step";
+  let description = [{
+    For each variant (the `+gather` copies of `--moert-fuse-dispatch`
+    included) whose forward has a `moert.glu` G that qualifies, adds after
+    the plan's variants (whose indices so stay) a variant `<name>+glu` in
+    which every qualifying G and the two GEMMs writing its inputs are one
+    `moert.grouped_gemm_glu`, placed where G was. G qualifies when
+    - its `gate_in` and `up_in` are written last before it, in the same
+      forward, as `c` of two `moert.grouped_gemm` steps G1 and G3 reading
+      the same `a` (and the same `row_tokens`, or none), with G's
+      `expert_offsets` and `expert_rows`, and computing plain products (no
+      `bias`, `pre`, `epilogue`, `trans_b`, `accumulate` or `bias_scale`),
+    - `gate_in`, `up_in` and `c` are one element type, bf16 or f16, with K
+      (the columns of `a`) and N (of `c`) multiples of 8,
+    - the fused step would read none of the buffers it writes, and no step
+      between G1 / G3 and G touches `gate_in` / `up_in` or writes what G1
+      and G3 read.
+    Where another step (the backward's `glu_backward`) reads or writes
+    `gate_in` or `up_in`, the fused step writes both (training); otherwise
+    neither, and the copy has no buffer for them (inference). Every
+    qualifying glu of a variant is fused (a pipelined variant has one per
+    chunk), on any number of ranks: the step is per expert, local to a
+    rank. The new variant has its own copy of every workspace buffer it
+    uses (`<name>+glu.<buffer>`, the original's `<name>.` prefix replaced),
+    which `--moert-plan-memory` overlaps with the original's since variants
+    never run together. The original variant stays where it was and
+    unchanged; the runtime's cost model picks between the two per call.
+
+    Runs before `--moert-plan-memory`: a placed plan with a variant to fuse
+    is an error.
+
+    ```mlir
+    // "single": grouped_gemm (a, w1) -> gate; grouped_gemm (a, w3) -> up;
+    //           glu (gate, up) -> h
+    moert.variant "single+glu" forward {
+      ...
+      moert.grouped_gemm_glu ins(a = %d : memref<64x8xbf16>,
+          b = %w1 : memref<4x8x16xbf16>, b_up = %w3 : memref<4x8x16xbf16>,
+          expert_offsets = ..., expert_rows = ...)
+          outs(c = %h : memref<64x16xbf16>)
+      ...
+    }
+    ```
+
+    With `report`, a remark on each variant says whether it was fused, and
+    why not (and names each glu left alone in a variant that was fused).
+  }];
+  let options = [
+    Option<"report", "report", "bool", /*default=*/"false",
+           "Emit a remark per variant: fused, or why not">,
+  ];
+}
+
 def MoeRTPlanMemoryPass : Pass<"moert-plan-memory", "::flex::moert::PlanOp"> {
   let summary = "Place workspace buffers in one block by liveness";
   let description = [{
