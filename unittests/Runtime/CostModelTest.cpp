@@ -20,9 +20,11 @@
 #include "flex/Runtime/CostModel/Calibrate.h"
 #include "flex/Runtime/CostModel/CostModel.h"
 #include "flex/Runtime/PlanLoader.h"
+#include "flex/Runtime/StepSchema.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -448,6 +450,176 @@ TEST(CostModel, GatheredGemmsArePricedOnTheirPath) {
     else
       EXPECT_DOUBLE_EQ(a[i].us, b[i].us);
   }
+}
+
+//===----------------------------------------------------------------------===//
+// grouped_gemm_glu
+//===----------------------------------------------------------------------===//
+
+/// A one-rank SwiGLU inference layer (test::swigluInferencePlan), as
+/// written (grouped_gemm w1, grouped_gemm w3, glu) or with those fused into
+/// one grouped_gemm_glu.
+Plan swigluPlan(int64_t T, int64_t d, int64_t h, int64_t E, int64_t k,
+                bool fused, DispatchLayout layout = DispatchLayout::Ragged,
+                CapacityMode mode = CapacityMode::Dropless,
+                bool gathered = false) {
+  LayerConfig layer;
+  layer.tokens = T;
+  layer.modelDim = d;
+  layer.hiddenDim = h;
+  layer.experts = E;
+  layer.topK = k;
+  layer.capacityMode = mode;
+  layer.expertKind = ExpertKind::Gated;
+  layer.dtype = DType::BF16;
+  nlohmann::ordered_json doc = nlohmann::ordered_json::parse(
+      test::swigluInferencePlan(layer, layout, gathered));
+  if (fused)
+    EXPECT_EQ(test::fuseGluSteps(doc, /*keepProducts=*/false), 1);
+  Plan plan;
+  Status status = parsePlan(doc.dump(), plan);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return plan;
+}
+
+/// The predicted time (us) of the first layer of the experts: the fused
+/// step, or the two GEMMs before the glu and the glu.
+struct FirstLayer {
+  double us = 0;
+  std::vector<GemmPath> paths;
+};
+FirstLayer firstLayerOf(const Plan &plan, const Prediction &p) {
+  FirstLayer first;
+  for (const StepPrediction &step : p.steps) {
+    const Step &s = plan.variants[p.variant].forward[step.index];
+    const bool firstGemm = step.op == StepOp::GroupedGemm &&
+                           plan.getBuffer(s.in(OperandRole::B)).name != "w2";
+    if (step.op == StepOp::GroupedGemmGlu || step.op == StepOp::Glu ||
+        firstGemm) {
+      first.us += step.us;
+      if (step.op != StepOp::Glu)
+        first.paths.push_back(step.gemmPath);
+    }
+  }
+  return first;
+}
+
+/// The built-in CUDA profile's predictions of a layer with and without the
+/// fused step, under `impl`.
+std::pair<FirstLayer, FirstLayer>
+firstLayers(const Plan &unfused, const Plan &fused, GroupedGemmImpl impl) {
+  CostModelOptions options;
+  options.groupedGemm = impl;
+  const CostModel model(defaultProfile("cuda", 1), options);
+  return {firstLayerOf(unfused, model.predict(unfused, 0, false, -1)),
+          firstLayerOf(fused, model.predict(fused, 0, false, -1))};
+}
+
+// The work of the fused step is two products'.
+TEST(CostModel, GluFusedStepCountsTwoProducts) {
+  const Plan unfused = swigluPlan(64, 32, 48, 4, 2, false);
+  const Plan fused = swigluPlan(64, 32, 48, 4, 2, true);
+  const Step &gemm = unfused.variants[0].forward[3];
+  const Step &glu = fused.variants[0].forward[3];
+  ASSERT_EQ(gemm.op, StepOp::GroupedGemm);
+  ASSERT_EQ(glu.op, StepOp::GroupedGemmGlu);
+  EXPECT_EQ(getStepWork(fused, glu, 100).flops, 2.0 * 2 * 100 * 32 * 48);
+  EXPECT_EQ(getStepWork(fused, glu, 100).flops,
+            2.0 * getStepWork(unfused, gemm, 100).flops);
+}
+
+// Decode (T 256, d 2048, h 1408, E 64, k 6, bf16 ragged): 24 rows per
+// expert. The fused step is one device GEMM of 2N columns: it reads the
+// rows once and pays one launch, where the triple pays two GEMM launches
+// and a glu pass.
+TEST(CostModel, GluFusedStepIsCheaperAtDecode) {
+  const Plan unfused = swigluPlan(256, 2048, 1408, 64, 6, false);
+  const Plan fused = swigluPlan(256, 2048, 1408, 64, 6, true);
+  for (GroupedGemmImpl impl :
+       {GroupedGemmImpl::Auto, GroupedGemmImpl::Device}) {
+    auto [triple, one] = firstLayers(unfused, fused, impl);
+    std::printf("decode %s: grouped_gemm x2 + glu %.1f us, grouped_gemm_glu "
+                "%.1f us\n",
+                impl == GroupedGemmImpl::Auto ? "auto" : "device", triple.us,
+                one.us);
+    EXPECT_THAT(one.paths, ::testing::ElementsAre(GemmPath::Device));
+    EXPECT_LT(one.us, triple.us);
+  }
+}
+
+// Large (T 16384, d 4096, h 14336, E 8, k 2): 4096 rows per expert, where
+// grouped_gemm=auto leaves the device kernel for cuBLAS's. The fused step
+// still takes the device kernel (the only one that fuses): the unfused
+// triple is the cheaper.
+TEST(CostModel, GluFusedStepLosesToCublasWhereItsKernelIsSlower) {
+  const Plan unfused = swigluPlan(16384, 4096, 14336, 8, 2, false);
+  const Plan fused = swigluPlan(16384, 4096, 14336, 8, 2, true);
+  auto [triple, one] = firstLayers(unfused, fused, GroupedGemmImpl::Auto);
+  std::printf("large auto: grouped_gemm x2 + glu %.1f us, grouped_gemm_glu "
+              "%.1f us\n",
+              triple.us, one.us);
+  EXPECT_THAT(triple.paths, ::testing::Each(GemmPath::PerExpert));
+  EXPECT_THAT(one.paths, ::testing::ElementsAre(GemmPath::Device));
+  EXPECT_LT(triple.us, one.us);
+}
+
+// grouped_gemm=cublas (or a shape the kernel does not take): the fused
+// step runs two GEMMs on grouped_gemm's path (a gathered one's rows copied
+// for each) and the glu's pass, so it costs what the triple costs, but for
+// the few hundred bytes of expert offsets and rows the glu step also reads.
+TEST(CostModel, GluFusedStepOffTheDeviceKernelCostsTwoGemmsAndAGlu) {
+  struct Shape {
+    int64_t T, d, h, E, k;
+    bool gathered;
+  };
+  for (Shape s : {Shape{256, 2048, 1408, 64, 6, false},
+                  Shape{256, 2048, 1408, 64, 6, true},
+                  Shape{16384, 4096, 14336, 8, 2, false},
+                  Shape{64, 36, 44, 4, 2, false}}) {
+    SCOPED_TRACE("d " + std::to_string(s.d) + (s.gathered ? " gathered" : ""));
+    const Plan unfused =
+        swigluPlan(s.T, s.d, s.h, s.E, s.k, false, DispatchLayout::Ragged,
+                   CapacityMode::Dropless, s.gathered);
+    const Plan fused =
+        swigluPlan(s.T, s.d, s.h, s.E, s.k, true, DispatchLayout::Ragged,
+                   CapacityMode::Dropless, s.gathered);
+    // d 36 and h 44 are not multiples of 8: never the device kernel.
+    const bool fits = s.d % 8 == 0;
+    for (GroupedGemmImpl impl :
+         {GroupedGemmImpl::Cublas, GroupedGemmImpl::Auto}) {
+      if (fits && impl != GroupedGemmImpl::Cublas)
+        continue;
+      auto [triple, one] = firstLayers(unfused, fused, impl);
+      std::printf("d %lld%s %s: grouped_gemm x2 + glu %.1f us, "
+                  "grouped_gemm_glu %.1f us\n",
+                  static_cast<long long>(s.d), s.gathered ? " gathered" : "",
+                  impl == GroupedGemmImpl::Auto ? "auto" : "cublas", triple.us,
+                  one.us);
+      EXPECT_THAT(one.paths, ::testing::ElementsAre(GemmPath::PerExpert));
+      EXPECT_NEAR(one.us, triple.us, 1e-5 * triple.us);
+    }
+  }
+}
+
+// A static row space (a fixed capacity, padded): the triple's GEMMs are
+// one batched cuBLAS call each whatever grouped_gemm says; the fused step
+// takes the device kernel under auto (the only engine that fuses) and the
+// batched calls under cublas.
+TEST(CostModel, GluFusedStepOnAStaticRowSpace) {
+  const Plan unfused = swigluPlan(256, 2048, 1408, 64, 6, false,
+                                  DispatchLayout::Padded, CapacityMode::Fixed);
+  const Plan fused = swigluPlan(256, 2048, 1408, 64, 6, true,
+                                DispatchLayout::Padded, CapacityMode::Fixed);
+  auto [triple, one] = firstLayers(unfused, fused, GroupedGemmImpl::Auto);
+  std::printf("decode fixed padded auto: grouped_gemm x2 + glu %.1f us, "
+              "grouped_gemm_glu %.1f us\n",
+              triple.us, one.us);
+  EXPECT_THAT(triple.paths, ::testing::Each(GemmPath::Batched));
+  EXPECT_THAT(one.paths, ::testing::ElementsAre(GemmPath::Device));
+  auto [tripleCublas, oneCublas] =
+      firstLayers(unfused, fused, GroupedGemmImpl::Cublas);
+  EXPECT_THAT(oneCublas.paths, ::testing::ElementsAre(GemmPath::Batched));
+  EXPECT_NEAR(oneCublas.us, tripleCublas.us, 1e-5 * tripleCublas.us);
 }
 
 TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {

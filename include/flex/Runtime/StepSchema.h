@@ -66,7 +66,7 @@ enum class StepCost : uint8_t {
   Memory,        ///< memory-bound: the bytes it reads and writes
   Launch,        ///< a few bytes: launch cost only
   RouterGemm,    ///< [T, d] x [d, E] (and its backward, two of them)
-  ExpertGemm,    ///< per group [rows, K] x [K, N]
+  ExpertGemm,    ///< per group [rows, K] x [K, N] (grouped_gemm_glu: two)
   ExpertWgrad,   ///< per group [K, rows] x [rows, N]
   Exchange,      ///< all_to_all: the chunk's rows leave and arrive
   Gather,        ///< all_gather: the full buffer arrives

@@ -204,17 +204,47 @@ CollectiveKind collectiveKind(StepCost cost) {
   }
 }
 
+/// Whether grouped_gemm_glu runs fused, on the device-sized kernel: on CUDA
+/// wherever its operands fit it and the profile has its figures, for any
+/// row space (a static one too) and under grouped_gemm=auto or device
+/// whatever they pick for a plain GEMM. That kernel is the only engine that
+/// fuses (it computes the gate and up tiles side by side in one CTA, the A
+/// tile shared, and applies silu(gate) * up before the store); anywhere
+/// else, or under grouped_gemm=cublas, the step runs as the unfused steps
+/// would: two GEMMs on grouped_gemm's path and a glu pass.
+bool fusedGluOnDevice(const DeviceProfile &profile,
+                      const CostModelOptions &options, DType dtype, int64_t k,
+                      int64_t n) {
+  return profile.backend == "cuda" && profile.deviceGemmFigures().available &&
+         options.groupedGemm != GroupedGemmImpl::Cublas &&
+         deviceGemmShapeFits(dtype, k, n);
+}
+
+/// The glu a grouped_gemm_glu off the device kernel runs after its GEMMs:
+/// one launch, gate and up [rows, n] read and c written at the profile's
+/// bandwidth (as a glu step is priced without fitted figures).
+double gluPassSeconds(const DeviceProfile &profile, double rows, int64_t n,
+                      DType dtype) {
+  return profile.launchSeconds + 3.0 * rows * static_cast<double>(n) *
+                                     static_cast<double>(dtypeSize(dtype)) /
+                                     profile.memoryBandwidth;
+}
+
 /// The path the backend takes for a grouped GEMM (or its weight gradient)
 /// over the rows of `a` into `groups` experts: one batched GEMM where the
 /// rows per group are known on the host (a fixed capacity, a pipelined
 /// chunk's rows); otherwise, on CUDA, the rule of Core/GroupedGemmRule.h
 /// (the device-sized kernel, else a GEMM per group), and on the CPU a GEMM
 /// per group (a dropless padded plan ran as slowly as its ragged twin on an
-/// H100, Run 17).
+/// H100, Run 17). grouped_gemm_glu takes the device kernel wherever
+/// fusedGluOnDevice says, else the path of its two GEMMs.
 GemmPath expertGemmPath(const DeviceProfile &profile,
                         const CostModelOptions &options, const Step &step,
                         const BufferDesc &a, int64_t k, int64_t n,
                         int64_t groups) {
+  if (step.op == StepOp::GroupedGemmGlu &&
+      fusedGluOnDevice(profile, options, a.dtype, k, n))
+    return GemmPath::Device;
   const SegmentFacts &seg = step.facts.segments;
   const bool dynamic =
       seg.isValid() ? seg.rows < 0 : step.facts.staticCapacity < 0;
@@ -431,32 +461,39 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   basis.bytes = work.bytesRead + work.bytesWritten;
   basis.bytesExchanged = work.bytesExchanged;
   basis.flops = work.flops;
-  auto gemm = [&](int64_t groups, int64_t k, int64_t n, DType dtype,
-                  bool ragged) {
+  // `flops` of a GEMM over `groups` groups at the table's rate.
+  auto gemm = [&](double flops, int64_t groups, int64_t k, int64_t n,
+                  DType dtype, bool ragged) {
     const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
     groups = std::max<int64_t>(1, groups);
-    const auto m = static_cast<int64_t>(work.flops / (2.0 * kn * groups) + 0.5);
+    const auto m = static_cast<int64_t>(flops / (2.0 * kn * groups) + 0.5);
     const double rate =
         profile_.gemmFlopsPerSecond(groups, m, n, k, dtype, ragged);
-    return rate > 0 ? work.flops / rate : 0.0;
+    return rate > 0 ? flops / rate : 0.0;
   };
   // The groups of a grouped GEMM: the leading dim of its expert operand.
   auto groupsOf = [&](const BufferRef &ref) -> int64_t {
     const BufferDesc &desc = plan.getBuffer(ref);
     return desc.shape.size() >= 3 ? desc.shape.front() : 1;
   };
-  // A grouped GEMM (or its gradient) of `rows` = FLOPs / 2kn rows, priced
-  // on the path the backend takes.
-  auto expertGemm = [&](const BufferDesc &rowsOf, int64_t groups, int64_t k,
+  // The path the backend takes for a grouped GEMM (or its gradient) over
+  // the rows of `rowsOf`, whose dtype is a's.
+  auto expertPath = [&](const BufferDesc &rowsOf, int64_t groups, int64_t k,
                         int64_t n, bool wgrad) {
-    const BufferDesc &a = rowsOf; // its dtype is a's
-    basis.gemmPath = expertGemmPath(profile_, options_, step, a, k, n, groups);
+    GemmPath path =
+        expertGemmPath(profile_, options_, step, rowsOf, k, n, groups);
     // The counts read back, blocks of one size batch (GroupedGemm.cu).
-    if (batchedBlocks && !wgrad && basis.gemmPath == GemmPath::PerExpert)
-      basis.gemmPath = GemmPath::Batched;
+    if (batchedBlocks && !wgrad && path == GemmPath::PerExpert)
+      path = GemmPath::Batched;
+    return path;
+  };
+  // A grouped GEMM (or its gradient) of `flops` = 2kn rows priced on
+  // `path`.
+  auto gemmOn = [&](GemmPath path, const BufferDesc &a, double flops,
+                    int64_t groups, int64_t k, int64_t n, bool wgrad) {
     const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
-    const double rows = work.flops / (2.0 * kn);
-    switch (basis.gemmPath) {
+    const double rows = flops / (2.0 * kn);
+    switch (path) {
     case GemmPath::Device: {
       const int64_t rowBound = std::max<int64_t>(
           0, (a.shape.empty() ? 0 : a.shape.front()) -
@@ -482,20 +519,25 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
             a.dtype, true);
         return rate > 0 ? 2.0 * kn * touched * m / rate : 0.0;
       }
-      return gemm(groups, k, n, a.dtype, true);
+      return gemm(flops, groups, k, n, a.dtype, true);
     default:
-      return gemm(groups, k, n, a.dtype, false);
+      return gemm(flops, groups, k, n, a.dtype, false);
     }
+  };
+  // A grouped GEMM (or its gradient) of `rows` = FLOPs / 2kn rows, priced
+  // on the path the backend takes.
+  auto expertGemm = [&](const BufferDesc &rowsOf, int64_t groups, int64_t k,
+                        int64_t n, bool wgrad) {
+    basis.gemmPath = expertPath(rowsOf, groups, k, n, wgrad);
+    return gemmOn(basis.gemmPath, rowsOf, work.flops, groups, k, n, wgrad);
   };
   // A gathered GEMM off the device kernel (grouped_gemm=cublas, or a device
   // without it) first copies its R rows of K into scratch: read and written
   // once, one launch (GroupedGemm.cu's gatherRows).
-  auto gatherCopySeconds = [&](const BufferDesc &a, int64_t n) {
+  auto gatherCopySeconds = [&](const BufferDesc &a, double rows) {
     if (!step.in(R::RowTokens).isValid() || basis.gemmPath == GemmPath::Device)
       return 0.0;
     const int64_t k = a.shape.back();
-    const double rows =
-        work.flops / (2.0 * static_cast<double>(std::max<int64_t>(1, k * n)));
     return profile_.launchSeconds +
            2.0 * rows * static_cast<double>(k) *
                static_cast<double>(dtypeSize(a.dtype)) /
@@ -505,24 +547,45 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   case StepCost::RouterGemm:
     basis.gemmPath = GemmPath::Batched;
     basis.gemmSeconds =
-        gemm(1, plan.layer.modelDim, plan.layer.experts,
+        gemm(work.flops, 1, plan.layer.modelDim, plan.layer.experts,
              plan.layer.routerFp32 ? DType::F32 : plan.layer.dtype, false);
     break;
   // The rows of the product are c's (grad_c's): with row_tokens, a is x.
   case StepCost::ExpertGemm: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &c = plan.getBuffer(step.out(R::C));
-    basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), a.shape.back(),
-                                   c.shape.back(), false) +
-                        gatherCopySeconds(a, c.shape.back());
+    const int64_t k = a.shape.back(), n = c.shape.back();
+    const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
+    if (step.op == StepOp::GroupedGemmGlu) {
+      // Its FLOPs are two products': fused, one device GEMM of 2N columns
+      // (the gate and up tiles side by side) and no glu pass; else two
+      // GEMMs on grouped_gemm's path and the glu's pass (fusedGluOnDevice).
+      const int64_t groups = groupsOf(step.in(R::B));
+      const double rows = work.flops / (4.0 * kn);
+      basis.gemmPath = expertPath(c, groups, k, n, false);
+      if (basis.gemmPath == GemmPath::Device) {
+        basis.gemmSeconds =
+            gemmOn(basis.gemmPath, c, work.flops, groups, k, 2 * n, false);
+      } else {
+        basis.gemmSeconds = 2.0 * (gemmOn(basis.gemmPath, c, work.flops / 2.0,
+                                          groups, k, n, false) +
+                                   gatherCopySeconds(a, rows));
+        basis.gluPassSeconds = gluPassSeconds(profile_, rows, n, c.dtype);
+      }
+      break;
+    }
+    basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), k, n, false) +
+                        gatherCopySeconds(a, work.flops / (2.0 * kn));
     break;
   }
   case StepCost::ExpertWgrad: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
     const BufferDesc &g = plan.getBuffer(step.in(R::GradC));
-    basis.gemmSeconds = expertGemm(g, groupsOf(step.out(R::GradB)),
-                                   a.shape.back(), g.shape.back(), true) +
-                        gatherCopySeconds(a, g.shape.back());
+    const int64_t k = a.shape.back(), n = g.shape.back();
+    const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
+    basis.gemmSeconds =
+        expertGemm(g, groupsOf(step.out(R::GradB)), k, n, true) +
+        gatherCopySeconds(a, work.flops / (2.0 * kn));
     break;
   }
   default:
@@ -558,8 +621,10 @@ double CostModel::basisSeconds(const Plan &plan, const Step &step,
     // describe its cuBLAS paths.
     if (basis.gemmPath == GemmPath::Device)
       return profile_.deviceGemmFigures().launchSeconds + basis.gemmSeconds;
-    return fitted ? fitted->alphaSeconds + fitted->gemmScale * basis.gemmSeconds
-                  : basis.gemmSeconds;
+    return (fitted
+                ? fitted->alphaSeconds + fitted->gemmScale * basis.gemmSeconds
+                : basis.gemmSeconds) +
+           basis.gluPassSeconds;
   case StepCost::Exchange:
   case StepCost::Gather:
   case StepCost::ReduceScatter:

@@ -101,7 +101,8 @@ void fitStepCosts(const std::vector<StepSample> &samples,
       // (device_gemm); the kind's describe its cuBLAS paths.
       for (const StepSample *s : group)
         if (s->basis.gemmPath != GemmPath::Device)
-          xy.emplace_back(s->basis.gemmSeconds, s->seconds);
+          xy.emplace_back(s->basis.gemmSeconds,
+                          s->seconds - s->basis.gluPassSeconds);
       if (xy.empty())
         continue;
       point.samples = static_cast<int64_t>(xy.size());

@@ -166,8 +166,11 @@ StepWork getStepWork(const Plan &plan, const Step &step, int64_t rows) {
   }
   case StepCost::ExpertGemm: {
     // The product's rows are c's: a is x [T, K] when row_tokens gathers.
+    // grouped_gemm_glu computes two products (gate and up) of c's shape.
     const BufferDesc &a = buffer(step.in(R::A)), &c = buffer(step.out(R::C));
-    work.flops = 2.0 * static_cast<double>(touchedRows(c, R::C, rows)) *
+    const double products = step.op == StepOp::GroupedGemmGlu ? 2.0 : 1.0;
+    work.flops = products * 2.0 *
+                 static_cast<double>(touchedRows(c, R::C, rows)) *
                  static_cast<double>(a.shape.back()) *
                  static_cast<double>(c.shape.back());
     break;

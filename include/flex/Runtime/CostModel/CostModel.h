@@ -91,8 +91,12 @@ struct StepBasis {
   double flops = 0;
   /// Batched and PerExpert: the GEMM table's time; Device: max(padded
   /// FLOPs / tile rate, touched bytes / read rate), its launch not counted.
+  /// grouped_gemm_glu: both products (off the device kernel, two GEMMs).
   double gemmSeconds = 0;
   GemmPath gemmPath = GemmPath::None;
+  /// grouped_gemm_glu off the device kernel: its glu's memory pass (launch
+  /// and bytes), which the fused kernel does not make.
+  double gluPassSeconds = 0;
 };
 
 struct StepPrediction {
