@@ -17,7 +17,8 @@
 // measured here. Each time is the median over N calls of host time from the
 // call to the end of the stream (the cuBLAS path's host read included, as a
 // layer pays it). The paths' outputs are compared (relative L2 <= 2e-2, else
-// exit 1).
+// exit 1). glu1 rows time the gated first layer: the fused
+// grouped_gemm_glu kernel against two GEMMs and the glu on each other path.
 //
 //===----------------------------------------------------------------------===//
 
@@ -54,7 +55,7 @@ using flex::bench::median;
     }                                                                          \
   } while (0)
 
-enum class Op { Fc1, Fc2, Dgrad, Wgrad };
+enum class Op { Fc1, Fc2, Dgrad, Wgrad, Glu };
 const char *opName(Op op) {
   switch (op) {
   case Op::Fc1:
@@ -63,6 +64,8 @@ const char *opName(Op op) {
     return "fc2";
   case Op::Dgrad:
     return "dgrad1";
+  case Op::Glu:
+    return "glu1";
   default:
     return "wgrad1";
   }
@@ -320,6 +323,63 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
   return ok;
 }
 
+/// A gated layer's first layer (grouped_gemm_glu): the fused kernel (both
+/// products and the GLU in one launch) against the unfused steps (two
+/// GEMMs, then the glu kernel) on cuBLAS per expert, cuBLAS grouped and,
+/// for uniform rows, cuBLAS strided-batched - and the fused kernel on that
+/// static space. The floor reads both weights once.
+bool benchGlu(cuda::KernelContext &ctx, const Shape &s, const Routed &r,
+              int iters, double copyBytesPerS, std::mt19937_64 &rng) {
+  const int64_t k = s.d, n = s.h, E = r.experts, R = r.totalRows;
+  const DType dt = DType::BF16;
+  DeviceArray a(2 * R * k), bGate(2 * E * k * n), bUp(2 * E * k * n),
+      fused(2 * R * n), unfused(2 * R * n);
+  fillRandom(a.data, R * k, rng, 1.0);
+  fillRandom(bGate.data, E * k * n, rng, 1.0 / std::sqrt(double(k)));
+  fillRandom(bUp.data, E * k * n, rng, 1.0 / std::sqrt(double(k)));
+  auto time = [&](GroupedGemmPath path, bool batched, void *out) {
+    cuda::ExpertRowSpace sp = r.space;
+    if (batched)
+      sp.staticCapacity = r.rows[0];
+    return hostMicros(ctx, iters, [&] {
+      ++ctx.generation; // a new routing: the cuBLAS paths read it again
+      return cuda::detail::groupedGemmGluWith(
+          ctx, {a.data, dt}, {bGate.data, dt}, {bUp.data, dt}, {out, dt}, k, n,
+          sp, {}, {}, path);
+    });
+  };
+  const double dev = time(GroupedGemmPath::Device, false, fused.data);
+  const double cub = time(GroupedGemmPath::Cublas, false, unfused.data);
+  double err = relativeError(fused.data, unfused.data, R * n);
+  const double grouped =
+      time(GroupedGemmPath::CublasGrouped, false, unfused.data);
+  err = std::max(err, relativeError(fused.data, unfused.data, R * n));
+  double batched = NAN, fusedStatic = NAN;
+  if (r.uniform) {
+    batched = time(GroupedGemmPath::Cublas, true, unfused.data);
+    err = std::max(err, relativeError(fused.data, unfused.data, R * n));
+    fusedStatic = time(GroupedGemmPath::Device, true, unfused.data);
+    err = std::max(err, relativeError(fused.data, unfused.data, R * n));
+  }
+  const double flops = 4.0 * R * k * n;
+  const double floorUs = 4.0 * r.touched * k * n / copyBytesPerS * 1e6;
+  const double best =
+      std::min({cub, grouped, std::isnan(batched) ? cub : batched});
+  std::printf("%-16s %-6s %7lld %7.1f %6lld | %10.1f %10.1f %10.1f %10.1f | "
+              "%8.1f %8.1f | %.2fx%s\n",
+              s.name.c_str(), opName(Op::Glu), static_cast<long long>(R),
+              double(R) / E, static_cast<long long>(E), dev, cub, grouped,
+              batched, flops / dev / 1e6, floorUs, dev / best,
+              err <= 2e-2 ? "" : "  MISMATCH");
+  if (!std::isnan(fusedStatic))
+    std::printf("%-16s %-6s fused on the static space: %.1f us\n", "", "",
+                fusedStatic);
+  if (err > 2e-2)
+    std::printf("  relative L2 of the unfused paths against the fused: %.3g\n",
+                err);
+  return err <= 2e-2;
+}
+
 int run(int iters, const std::string &only) {
   std::unique_ptr<cuda::KernelContext> ctx;
   CHECK_STATUS(cuda::KernelContext::create(ctx));
@@ -330,15 +390,20 @@ int run(int iters, const std::string &only) {
               prop.name, copyBytesPerS / 1e12);
   const std::vector<Op> train = {Op::Fc1, Op::Fc2, Op::Dgrad, Op::Wgrad};
   const std::vector<Op> infer = {Op::Fc1, Op::Fc2};
+  // Gated shapes: glu1 is the fused first layer against the unfused steps.
+  const std::vector<Op> inferGated = {Op::Fc1, Op::Fc2, Op::Glu};
   const std::vector<Shape> shapes = {
       {"c1", 16384, 4096, 4096, 8, 2, false, train},
       {"c3", 16384, 2048, 1408, 64, 6, false, train},
       {"c3_skewed", 16384, 2048, 1408, 64, 6, true, train},
-      {"c3_t2048", 2048, 2048, 1408, 64, 6, false, infer},
-      {"decode_t512", 512, 2048, 1408, 64, 6, false, infer},
-      {"decode_t256", 256, 2048, 1408, 64, 6, false, infer},
-      {"decode_t128_big", 128, 4096, 1536, 64, 8, false, infer},
-      {"decode_t32", 32, 2048, 1408, 64, 6, false, infer},
+      {"c3_t2048", 2048, 2048, 1408, 64, 6, false, inferGated},
+      {"decode_t512", 512, 2048, 1408, 64, 6, false, inferGated},
+      {"decode_t256", 256, 2048, 1408, 64, 6, false, inferGated},
+      {"decode_t128_big", 128, 4096, 1536, 64, 8, false, inferGated},
+      {"decode_t32", 32, 2048, 1408, 64, 6, false, inferGated},
+      // The gated benchmark layers' first layer (G3 is C3's shape).
+      {"g3_glu", 16384, 2048, 1408, 64, 6, false, {Op::Glu}},
+      {"g1_glu", 16384, 4096, 14336, 8, 2, false, {Op::Glu}},
       // Training with few rows per expert (cost-model layers l32, l17):
       // the weight gradient's tiles have one or two reduction steps.
       {"train_e64_r32", 1024, 1024, 1024, 64, 2, false, train},
@@ -357,7 +422,10 @@ int run(int iters, const std::string &only) {
       continue;
     const Routed routed(s, rng);
     for (Op op : s.ops)
-      ok = benchOp(*ctx, s, routed, op, iters, copyBytesPerS, rng) && ok;
+      ok = (op == Op::Glu
+                ? benchGlu(*ctx, s, routed, iters, copyBytesPerS, rng)
+                : benchOp(*ctx, s, routed, op, iters, copyBytesPerS, rng)) &&
+           ok;
   }
   std::printf("\nfloor: the touched experts' weight bytes read once at the "
               "copy's memory throughput (bytes read + written per second).\n");

@@ -448,6 +448,162 @@ TEST_P(CudaDeviceGemm, GatheredRowsMatchFp64OnEveryPath) {
     }
 }
 
+// grouped_gemm_glu: the fused kernel (gate and up tiles side by side in one
+// CTA, silu(gate) * up in the store) equals the device kernel's two GEMMs
+// and the glu kernel bit for bit on a dynamic row space, products kept or
+// not, with and without a gathered A; on a static space (fused there too,
+// where the unfused GEMMs run cuBLAS) and on the unfused cuBLAS path it
+// matches fp64. Rows outside every segment keep their bytes on the fused
+// path.
+TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity, tc.base);
+  const int64_t E = seg.experts(), k = tc.k, n = tc.n, T = 41;
+  const bool staticToo = tc.capacity > 0 && tc.base == 0;
+  std::mt19937_64 rng(17 + k + 3 * n);
+  for (bool isStatic : {false, true}) {
+    if (isStatic && !staticToo)
+      continue;
+    cuda::ExpertRowSpace space = seg.space();
+    std::vector<int32_t> first = seg.offsets, rows = seg.rows;
+    if (isStatic) { // every row of [0, E * C) is computed
+      space.staticCapacity = tc.capacity;
+      space.rowBound = E * tc.capacity;
+      for (int64_t e = 0; e < E; ++e)
+        rows[e] = static_cast<int32_t>(tc.capacity);
+    }
+    const int64_t R = space.rowBound;
+    auto computed = [&](int64_t r) {
+      for (int64_t e = 0; e < E; ++e)
+        if (r >= first[e] && r < first[e] + rows[e])
+          return true;
+      return false;
+    };
+    for (DType dt : {DType::BF16, DType::F16})
+      for (bool gathered : {false, true})
+        for (bool keep : {false, true}) {
+          SCOPED_TRACE(
+              std::string(toString(dt)) + (isStatic ? " static" : " dynamic") +
+              (gathered ? " gathered" : "") + (keep ? " products kept" : ""));
+          std::vector<int32_t> tokens(R, -1);
+          for (int64_t r = 0; r < R; ++r)
+            tokens[r] = static_cast<int32_t>(rng() % T);
+          Buffer rowTokens(DType::I32, R);
+          std::memcpy(rowTokens.host.data(), tokens.data(), 4 * R);
+          rowTokens.upload();
+          const RowGather gather =
+              gathered ? RowGather{rowTokens.as<int32_t>(), T} : RowGather{};
+          const int64_t aRows = gathered ? T : R;
+          Buffer a(dt, aRows * k), bGate(dt, E * k * n), bUp(dt, E * k * n);
+          a.set(normals(rng, aRows * k, 1.0));
+          bGate.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+          bUp.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+          auto aRow = [&](int64_t r) { return gathered ? tokens[r] : r; };
+
+          // fp64: silu(a @ bGate) * (a @ bUp) over the computed rows.
+          std::vector<double> wantC(R * n, 0.0), wantG(R * n, 0.0),
+              wantU(R * n, 0.0);
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t r = first[e]; r < first[e] + rows[e]; ++r)
+              for (int64_t j = 0; j < n; ++j) {
+                double g = 0, u = 0;
+                for (int64_t i = 0; i < k; ++i) {
+                  double x = a.at(aRow(r) * k + i);
+                  g += x * bGate.at((e * k + i) * n + j);
+                  u += x * bUp.at((e * k + i) * n + j);
+                }
+                wantG[r * n + j] = g;
+                wantU[r * n + j] = u;
+                wantC[r * n + j] = g / (1.0 + std::exp(-g)) * u;
+              }
+          auto error = [&](const Buffer &got,
+                           const std::vector<double> &want) -> double {
+            double diff = 0, norm = 0;
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t j = 0; computed(r) && j < n; ++j) {
+                double v = got.at(r * n + j), w = want[r * n + j];
+                if (!std::isfinite(v))
+                  return INFINITY;
+                diff += (v - w) * (v - w);
+                norm += w * w;
+              }
+            return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+          };
+
+          for (GroupedGemmPath path :
+               {GroupedGemmPath::Device, GroupedGemmPath::Cublas}) {
+            SCOPED_TRACE(pathName(path));
+            Buffer c(dt, R * n), gateIn(dt, R * n), upIn(dt, R * n);
+            c.poison();
+            gateIn.poison();
+            upIn.poison();
+            std::vector<uint8_t> before = c.host;
+            Status status = cuda::detail::groupedGemmGluWith(
+                *ctx, {a.device, dt}, {bGate.device, dt}, {bUp.device, dt},
+                {c.device, dt}, k, n, space,
+                keep ? WriteBuffer{gateIn.device, dt} : WriteBuffer{},
+                keep ? WriteBuffer{upIn.device, dt} : WriteBuffer{}, path,
+                gather);
+            ASSERT_TRUE(status.isOk()) << status.message();
+            c.download();
+            gateIn.download();
+            upIn.download();
+            EXPECT_LE(error(c, wantC), 2e-2);
+            if (keep) {
+              EXPECT_LE(error(gateIn, wantG), 1e-2);
+              EXPECT_LE(error(upIn, wantU), 1e-2);
+            }
+            // (The cuBLAS path may compute a padded layout's padding rows.)
+            const size_t rowBytes = n * dtypeSize(dt);
+            for (int64_t r = 0; path == GroupedGemmPath::Device && r < R; ++r) {
+              if (!computed(r)) {
+                ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
+                                      before.data() + r * rowBytes, rowBytes),
+                          0)
+                    << "row " << r << " outside the segments was written";
+              }
+            }
+            if (path != GroupedGemmPath::Device || isStatic)
+              continue;
+            // The unfused steps on the device kernel: the same bits.
+            Buffer g(dt, R * n), u(dt, R * n), c2(dt, R * n);
+            c2.poison();
+            for (auto [b, out] : {std::pair{&bGate, &g}, std::pair{&bUp, &u}})
+              ASSERT_TRUE(cuda::detail::groupedGemmWith(
+                              *ctx, {a.device, dt}, {b->device, dt}, {},
+                              {out->device, dt}, k, n, space, {}, {},
+                              GroupedGemmPath::Device, gather)
+                              .isOk());
+            ASSERT_TRUE(cuda::glu(*ctx, {g.device, dt}, {u.device, dt},
+                                  {c2.device, dt}, n, space)
+                            .isOk());
+            c2.download();
+            g.download();
+            u.download();
+            for (int64_t r = 0; r < R; ++r) {
+              if (!computed(r))
+                continue;
+              ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
+                                    c2.host.data() + r * rowBytes, rowBytes),
+                        0)
+                  << "row " << r << ": fused and unfused c differ";
+              if (keep) {
+                ASSERT_TRUE(
+                    std::memcmp(gateIn.host.data() + r * rowBytes,
+                                g.host.data() + r * rowBytes, rowBytes) == 0 &&
+                    std::memcmp(upIn.host.data() + r * rowBytes,
+                                u.host.data() + r * rowBytes, rowBytes) == 0)
+                    << "row " << r << ": kept products differ";
+              }
+            }
+          }
+        }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeviceGemm,
                          ::testing::ValuesIn(gemmCases()),
                          [](const auto &info) { return info.param.name; });

@@ -225,6 +225,17 @@ void CudaBackend::setRowKernels() {
                                        step_views::gemmOptions(step.attrs),
                                        write(x.shift(ops.out(R::Pre))), gather);
             });
+  rowKernel(StepOp::GroupedGemmGlu, [](Ctx &ctx, const Step &, const Ops &ops,
+                                       RowArgs &x) {
+    const RowGather gather = x.rows.shift(rowGather(ops, x));
+    const TensorView a =
+        gather.rowTokens ? ops.in(R::A) : x.shift(ops.in(R::A));
+    const TensorView c = x.shift(ops.out(R::C));
+    return cuda::groupedGemmGlu(
+        ctx, read(a), read(ops.in(R::B)), read(ops.in(R::BUp)), write(c),
+        cols(a), cols(c), x.rows.space(c), write(x.shift(ops.out(R::GateIn))),
+        write(x.shift(ops.out(R::UpIn))), gather);
+  });
   rowKernel(
       StepOp::Glu, [](Ctx &ctx, const Step &, const Ops &ops, RowArgs &x) {
         return cuda::glu(ctx, read(x.shift(ops.in(R::GateIn))),

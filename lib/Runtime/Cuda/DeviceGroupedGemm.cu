@@ -149,7 +149,8 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4],
 /// zeros. `fallback` is any readable address (cp.async needs one even when
 /// it reads nothing). With `outerIndex` (a gathered A), outer row i is row
 /// outerIndex[i] of `global`, zeros when that is outside [0, indexBound).
-template <typename T, int Outer, int Inner, int Threads>
+template <typename T, int Outer, int Inner, int Threads,
+          int SmemStride = OperandTile<Outer, Inner>::Stride>
 __device__ __forceinline__ void
 loadTile(T *smem, const T *global, int64_t ld, int64_t outerValid,
          int64_t innerValid, const T *fallback,
@@ -167,8 +168,7 @@ loadTile(T *smem, const T *global, int64_t ld, int64_t outerValid,
       valid = outer >= 0 && outer < indexBound;
     }
     const T *src = valid ? global + outer * ld + col : fallback;
-    copyAsync16(smem + row * OperandTile<Outer, Inner>::Stride + col, src,
-                valid);
+    copyAsync16(smem + row * SmemStride + col, src, valid);
   }
 }
 
@@ -200,6 +200,13 @@ template <typename T> struct TileProblem {
   int epilogue = 0;
   float biasScale = 1.0f;
   bool fusedEpilogue = false;
+  /// The GLU tile (raggedMKernel's Glu): B's columns [0, BN/2) are b's
+  /// (the gate's) and [BN/2, BN) b_up's, both from the tile's first output
+  /// column; nValid counts output columns. The store writes c = silu(gate)
+  /// * up, each product rounded to T first, and the rounded products into
+  /// gateOut / upOut when given (same strides as c).
+  const T *bUp = nullptr;
+  T *gateOut = nullptr, *upOut = nullptr;
 };
 
 /// v (the fp32 sums of one row's columns col...) through the fused epilogue:
@@ -276,12 +283,44 @@ storeTileDirect(const TileProblem<T> &p,
     }
 }
 
+/// The GLU tile's store from the staged fp32 products: the gate's column j
+/// beside the up projection's column BN/2 + j. Each product is rounded to T
+/// as a GEMM's store rounds it, then c = silu(gate) * up as the glu kernel
+/// computes it: bit for bit two GEMMs and a glu.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void storeGluRows(const TileProblem<T> &p,
+                                             const float *staged) {
+  constexpr int Stride = stagedStride<Cfg>(), Half = Cfg::BN / 2;
+  constexpr int ChunksPerRow = Half / 8;
+  for (int i = threadIdx.x; i < Cfg::BM * ChunksPerRow; i += Cfg::Threads) {
+    int row = i / ChunksPerRow, col = (i % ChunksPerRow) * 8;
+    if (row >= p.mValid || col >= p.nValid) // nValid: a multiple of 8
+      continue;
+    const float *gate = staged + row * Stride + col;
+    float g[8], u[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      g[j] = toFloat(fromFloat<T>(gate[j]));
+      u[j] = toFloat(fromFloat<T>(gate[Half + j]));
+    }
+    const int64_t at = row * p.ldc + col;
+    if (p.gateOut)
+      storeVector(p.gateOut + at, g);
+    if (p.upOut)
+      storeVector(p.upOut + at, u);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      g[j] = siluForward(g[j]) * u[j];
+    storeVector(p.c + at, g);
+  }
+}
+
 /// The accumulators through shared memory, then 16-byte rows of 8 elements
 /// to global memory: a warp's stores cover whole rows instead of 4-byte
 /// pieces of 8 rows. A tile with few reduction steps (a weight gradient
 /// over an expert's few rows, decode) is bound by this store. Sums stay in
 /// fp32 until the one rounding, as in storeTileDirect.
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool Glu>
 __device__ __forceinline__ void
 storeTileStaged(const TileProblem<T> &p,
                 const float (&acc)[Cfg::MI][Cfg::NI][4], bool accumulate,
@@ -305,6 +344,10 @@ storeTileStaged(const TileProblem<T> &p,
       }
     }
   __syncthreads();
+  if constexpr (Glu) {
+    storeGluRows<T, Cfg>(p, staged);
+    return;
+  }
   constexpr int ChunksPerRow = Cfg::BN / 8;
   for (int i = threadIdx.x; i < Cfg::BM * ChunksPerRow; i += Cfg::Threads) {
     int row = i / ChunksPerRow, col = (i % ChunksPerRow) * 8;
@@ -332,9 +375,12 @@ storeTileStaged(const TileProblem<T> &p,
 /// The CTA's tile: the cp.async pipeline, ldmatrix, mma, and the store.
 /// AKContiguous: A is [M][K] in memory (else [K][M]); BKContiguous: B is
 /// [N][K] (else [K][N]).
-template <typename T, typename Cfg, bool AKContiguous, bool BKContiguous>
+template <typename T, typename Cfg, bool AKContiguous, bool BKContiguous,
+          bool Glu = false>
 __device__ __forceinline__ void computeTile(const TileProblem<T> &p,
                                             bool accumulate, T *smem) {
+  static_assert(!Glu || (AKContiguous && !BKContiguous),
+                "the GLU tile is a forward tile with B as [K][N]");
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
   using ATile = std::conditional_t<AKContiguous, OperandTile<BM, BK>,
                                    OperandTile<BK, BM>>;
@@ -362,7 +408,12 @@ __device__ __forceinline__ void computeTile(const TileProblem<T> &p,
     else
       loadTile<T, BK, BM, Cfg::Threads>(sa, p.a + k0 * p.aStepK, p.lda, kLeft,
                                         p.mValid, p.a);
-    if constexpr (BKContiguous)
+    if constexpr (Glu) { // the gate's columns, then the up projection's
+      loadTile<T, BK, BN / 2, Cfg::Threads, BTile::Stride>(
+          sb, p.b + k0 * p.bStepK, p.ldb, kLeft, p.nValid, p.b);
+      loadTile<T, BK, BN / 2, Cfg::Threads, BTile::Stride>(
+          sb + BN / 2, p.bUp + k0 * p.bStepK, p.ldb, kLeft, p.nValid, p.bUp);
+    } else if constexpr (BKContiguous)
       loadTile<T, BN, BK, Cfg::Threads>(sb, p.b + k0 * p.bStepK, p.ldb,
                                         p.nValid, kLeft, p.b);
     else
@@ -440,8 +491,10 @@ __device__ __forceinline__ void computeTile(const TileProblem<T> &p,
   if (accumulate && kTiles == 0)
     return;
   constexpr int SharedBytes = Cfg::Stages * StageElements * int(sizeof(T));
+  static_assert(!Glu || StagedStoreFits<Cfg>(SharedBytes),
+                "the GLU store pairs columns through shared memory");
   if constexpr (StagedStoreFits<Cfg>(SharedBytes))
-    storeTileStaged<T, Cfg>(p, acc, accumulate, smem);
+    storeTileStaged<T, Cfg, Glu>(p, acc, accumulate, smem);
   else
     storeTileDirect<T, Cfg>(p, acc, accumulate);
 }
@@ -466,6 +519,26 @@ __device__ __forceinline__ int64_t groupRows(const int32_t *offsets,
   return min(count, max(rowBound - first, int64_t{0}));
 }
 
+/// Group g's first row and rows: a static row space's g * C and C (the
+/// GLU step on a fixed capacity; no device counts), else the device's.
+__device__ __forceinline__ int64_t groupFirst(const int32_t *offsets,
+                                              int64_t staticCapacity,
+                                              int64_t g) {
+  return staticCapacity >= 0 ? g * staticCapacity : offsets[g];
+}
+__device__ __forceinline__ int64_t groupRows(const int32_t *offsets,
+                                             const int32_t *rows,
+                                             int64_t staticCapacity, int64_t g,
+                                             int64_t rowBound) {
+  if (staticCapacity < 0)
+    return groupRows(offsets, rows, g, rowBound);
+  int64_t first = g * staticCapacity;
+  int64_t count = staticCapacity;
+  if (first < 0 || count <= 0)
+    return 0;
+  return min(count, max(rowBound - first, int64_t{0}));
+}
+
 struct RaggedMArgs {
   const void *a, *b;
   void *c;
@@ -476,11 +549,16 @@ struct RaggedMArgs {
   bool accumulate;
   RowGather gather;
   DeviceGemmEpilogue epilogue;
+  /// C of a static row space (offsets and rows unused), else -1.
+  int64_t staticCapacity = -1;
+  /// The GLU kernel: b_up, and the products' copies (or null).
+  const void *bUp = nullptr;
+  void *gateOut = nullptr, *upOut = nullptr;
 };
 
 /// Ragged M: blockIdx.y is the y-th M tile over the groups in order,
-/// blockIdx.x the N tile.
-template <typename T, typename Cfg, bool BKContiguous>
+/// blockIdx.x the N tile (of BN / 2 output columns with Glu).
+template <typename T, typename Cfg, bool BKContiguous, bool Glu = false>
 __global__ void __launch_bounds__(Cfg::Threads)
     raggedMKernel(RaggedMArgs args) {
 #ifdef FLEX_GEMM_UNSUPPORTED_ARCH
@@ -495,10 +573,10 @@ __global__ void __launch_bounds__(Cfg::Threads)
   int64_t firstTile = 0, seen = 0;
   for (int32_t base = 0; base < args.groups; base += 32) {
     int32_t g = base + lane;
-    int64_t rows =
-        g < args.groups
-            ? groupRows(args.offsets, args.rows, g, args.rowBound)
-            : 0;
+    int64_t rows = g < args.groups
+                       ? groupRows(args.offsets, args.rows, args.staticCapacity,
+                                   g, args.rowBound)
+                       : 0;
     int64_t count = (rows + Cfg::BM - 1) / Cfg::BM, inclusive = count;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -522,8 +600,9 @@ __global__ void __launch_bounds__(Cfg::Threads)
   const T *b = static_cast<const T *>(args.b);
   T *c = static_cast<T *>(args.c);
   int64_t rowInGroup = (tile - firstTile) * Cfg::BM;
-  int64_t row = args.offsets[group] + rowInGroup;
-  int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::BN;
+  int64_t row =
+      groupFirst(args.offsets, args.staticCapacity, group) + rowInGroup;
+  int64_t n0 = static_cast<int64_t>(blockIdx.x) * (Glu ? Cfg::BN / 2 : Cfg::BN);
   const T *bGroup = b + static_cast<int64_t>(group) * args.k * args.n;
   TileProblem<T> p;
   p.a = args.gather.rowTokens ? a : a + row * args.k;
@@ -544,7 +623,8 @@ __global__ void __launch_bounds__(Cfg::Threads)
   }
   p.c = c + row * args.n + n0;
   p.ldc = args.n;
-  p.mValid = groupRows(args.offsets, args.rows, group, args.rowBound) -
+  p.mValid = groupRows(args.offsets, args.rows, args.staticCapacity, group,
+                       args.rowBound) -
              rowInGroup;
   p.nValid = args.n - n0;
   p.kTotal = args.k;
@@ -557,8 +637,16 @@ __global__ void __launch_bounds__(Cfg::Threads)
     if (args.epilogue.pre)
       p.pre = static_cast<T *>(args.epilogue.pre) + row * args.n + n0;
   }
-  computeTile<T, Cfg, true, BKContiguous>(p, args.accumulate,
-                                          reinterpret_cast<T *>(sharedRaw));
+  if constexpr (Glu) {
+    p.bUp = static_cast<const T *>(args.bUp) +
+            static_cast<int64_t>(group) * args.k * args.n + n0;
+    if (args.gateOut)
+      p.gateOut = static_cast<T *>(args.gateOut) + row * args.n + n0;
+    if (args.upOut)
+      p.upOut = static_cast<T *>(args.upOut) + row * args.n + n0;
+  }
+  computeTile<T, Cfg, true, BKContiguous, Glu>(
+      p, args.accumulate, reinterpret_cast<T *>(sharedRaw));
 #endif
 }
 
@@ -631,17 +719,18 @@ template <auto Kernel> Status allowShared(int bytes) {
   return Status::ok();
 }
 
-template <typename T, typename Cfg, bool BKContiguous>
+template <typename T, typename Cfg, bool BKContiguous, bool Glu = false>
 Status launchRaggedM(KernelContext &ctx, const RaggedMArgs &args,
                      int64_t rowBound) {
   constexpr int bytes = sharedBytes<Cfg>(true, BKContiguous);
-  constexpr auto kernel = raggedMKernel<T, Cfg, BKContiguous>;
+  constexpr auto kernel = raggedMKernel<T, Cfg, BKContiguous, Glu>;
   if (Status s = allowShared<kernel>(bytes); !s)
     return s;
   // Each group's last tile may be partial: at most rowBound / BM + groups
   // tiles; the CTAs past the real count return at once.
   int64_t mTiles = (rowBound + Cfg::BM - 1) / Cfg::BM + args.groups;
-  int64_t nTiles = (args.n + Cfg::BN - 1) / Cfg::BN;
+  constexpr int64_t tileColumns = Glu ? Cfg::BN / 2 : Cfg::BN;
+  int64_t nTiles = (args.n + tileColumns - 1) / tileColumns;
   dim3 grid(static_cast<unsigned>(nTiles), static_cast<unsigned>(mTiles));
   kernel<<<grid, Cfg::Threads, bytes, ctx.stream()>>>(args);
   return checkLaunch("grouped GEMM kernel (device-sized)");
@@ -707,7 +796,7 @@ bool deviceGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
 bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,
-                              std::string *reason) {
+                              std::string *reason, bool staticToo) {
   auto refuse = [&](std::string why) {
     if (reason)
       *reason = std::move(why);
@@ -715,7 +804,7 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
   };
   if (type != DType::BF16 && type != DType::F16)
     return refuse("the device-sized grouped GEMM takes bf16 or f16 operands");
-  if (space.isStatic())
+  if (space.isStatic() && !staticToo)
     return refuse("the row space is static (one strided-batched GEMM)");
   if (!deviceGroupedGemmRuns(ctx, reason))
     return false;
@@ -786,6 +875,44 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
         return launch(LargeTiles{});
       }
     }
+  });
+}
+
+Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
+                            const void *bGate, const void *bUp, void *c,
+                            void *gateOut, void *upOut, DType type, int64_t k,
+                            int64_t n, const ExpertRowSpace &space,
+                            const RowGather &gather) {
+  if (space.experts == 0 || n == 0 || space.rowBound == 0)
+    return Status::ok();
+  RaggedMArgs args{a,
+                   bGate,
+                   c,
+                   space.offsets,
+                   space.rows,
+                   static_cast<int32_t>(space.experts),
+                   k,
+                   n,
+                   space.rowBound,
+                   false,
+                   gather,
+                   {},
+                   space.staticCapacity,
+                   bUp,
+                   gateOut,
+                   upOut};
+  const bool small =
+      deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
+  return withType(type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>)
+      return Status(StatusCode::Internal,
+                    "the device-sized grouped GEMM was asked for f32");
+    else
+      return small ? launchRaggedM<T, SmallTiles, false, true>(ctx, args,
+                                                               space.rowBound)
+                   : launchRaggedM<T, LargeTiles, false, true>(ctx, args,
+                                                               space.rowBound);
   });
 }
 

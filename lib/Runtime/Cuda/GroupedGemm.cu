@@ -296,6 +296,15 @@ Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                                  detail::GroupedGemmPath::Auto, gather);
 }
 
+Status groupedGemmGlu(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
+                      ReadBuffer bUp, WriteBuffer c, int64_t k, int64_t n,
+                      const ExpertRowSpace &space, WriteBuffer gateIn,
+                      WriteBuffer upIn, const RowGather &gather) {
+  return detail::groupedGemmGluWith(ctx, a, bGate, bUp, c, k, n, space, gateIn,
+                                    upIn, detail::GroupedGemmPath::Auto,
+                                    gather);
+}
+
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
                         WriteBuffer gradB, WriteBuffer gradBias,
@@ -428,6 +437,61 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   return applyGemmEpilogue(ctx, target.data, bias,
                            pre.data ? pre : WriteBuffer{}, c, n, space,
                            options.epilogue, options.biasScale);
+}
+
+Status groupedGemmGluWith(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
+                          ReadBuffer bUp, WriteBuffer c, int64_t k, int64_t n,
+                          const ExpertRowSpace &space, WriteBuffer gateIn,
+                          WriteBuffer upIn, GroupedGemmPath path,
+                          const RowGather &gather) {
+  if (Status s = checkOneType({a.type, bGate.type, bUp.type, c.type},
+                              "grouped_gemm_glu");
+      !s)
+    return s;
+  for (const WriteBuffer &kept : {gateIn, upIn})
+    if (kept.data)
+      if (Status s = checkOneType({c.type, kept.type}, "grouped_gemm_glu"); !s)
+        return s;
+  if (n == 0)
+    return Status::ok();
+  // The fused kernel is the point of the step: it runs wherever it applies
+  // (a static row space too, which no cuBLAS call fuses), unless the path or
+  // grouped_gemm=cublas asks for the unfused GEMMs.
+  const bool fused = (path == GroupedGemmPath::Device ||
+                      (path == GroupedGemmPath::Auto &&
+                       ctx.groupedGemm != GroupedGemmImpl::Cublas)) &&
+                     deviceGroupedGemmApplies(ctx, c.type, k, n, space,
+                                              {a.data, bGate.data, bUp.data,
+                                               c.data, gateIn.data, upIn.data},
+                                              nullptr, /*staticToo=*/true);
+  if (fused)
+    return deviceGroupedGemmGlu(ctx, a.data, bGate.data, bUp.data, c.data,
+                                gateIn.data, upIn.data, c.type, k, n, space,
+                                gather);
+  // Unfused: the products where the caller keeps them, else in scratch
+  // slot 8 (this step's alone), then glu.
+  const int64_t productBytes =
+      space.rowBound * n * static_cast<int64_t>(dtypeSize(c.type));
+  if (!gateIn.data || !upIn.data) {
+    void *data = nullptr;
+    if (Status s = ctx.scratch(8, std::max<int64_t>(2 * productBytes, 4), data);
+        !s)
+      return s;
+    if (!gateIn.data)
+      gateIn = WriteBuffer{data, c.type};
+    if (!upIn.data)
+      upIn = WriteBuffer{static_cast<char *>(data) + productBytes, c.type};
+  }
+  const GroupedGemmPath gemmPath =
+      path == GroupedGemmPath::Device ? GroupedGemmPath::Auto : path;
+  for (auto [b, product] : {std::pair{bGate, gateIn}, std::pair{bUp, upIn}})
+    if (Status s = groupedGemmWith(ctx, a, b, ReadBuffer{}, product, k, n,
+                                   space, GroupedGemmOptions{}, WriteBuffer{},
+                                   gemmPath, gather);
+        !s)
+      return s;
+  return glu(ctx, ReadBuffer{gateIn.data, c.type},
+             ReadBuffer{upIn.data, c.type}, c, n, space);
 }
 
 Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,

@@ -32,12 +32,14 @@ bool deviceGroupedGemmGridFits(int64_t rowBound, int64_t experts, int64_t k);
 
 /// Whether the device kernel can run a grouped GEMM of these operands:
 /// bf16 or f16 (fp32 accumulation), rows of k and n elements 16-byte aligned,
-/// a dynamic row space, and a device of compute capability 8.0 or newer.
-/// The reason is set when it cannot.
+/// a dynamic row space (or, with `staticToo`, a static one: the GLU step,
+/// which no cuBLAS call fuses), and a device of compute capability 8.0 or
+/// newer. The reason is set when it cannot.
 bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,
-                              std::string *reason = nullptr);
+                              std::string *reason = nullptr,
+                              bool staticToo = false);
 
 /// The CTA tile of the device-sized kernel (Auto: Small for few rows per
 /// expert, else Large; the benchmark times each).
@@ -79,6 +81,19 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          const RowGather &gather = {},
                          const DeviceGemmEpilogue &epilogue = {});
 
+/// The SwiGLU expert's first layer in one launch: for every expert e,
+/// gate = a @ bGate[e] and up = a @ bUp[e] (both [E, k, n], [K][N]) over
+/// its rows, each rounded to `type`; c = silu(gate) * up; gateOut / upOut
+/// (null: not written) receive the rounded products. A CTA computes the
+/// gate's and the up projection's tiles of the same output columns side by
+/// side, sharing its A tile. Any row space, static included; `gather` as in
+/// deviceGroupedGemm.
+Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
+                            const void *bGate, const void *bUp, void *c,
+                            void *gateOut, void *upOut, DType type, int64_t k,
+                            int64_t n, const ExpertRowSpace &space,
+                            const RowGather &gather = {});
+
 /// gradB[e] (+)= a[rows of e]^T @ gradC[rows of e]; an expert without rows
 /// gets zeros (or keeps its value when accumulating).
 Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
@@ -97,7 +112,9 @@ enum class GroupedGemmPath {
   CublasGrouped,
 };
 
-/// cuda::groupedGemm / groupedGemmWgrad with the path chosen explicitly.
+/// cuda::groupedGemm / groupedGemmWgrad / groupedGemmGlu with the path
+/// chosen explicitly (for groupedGemmGlu: Device fuses where the kernel
+/// applies, any other path runs two GEMMs of that path and the glu kernel).
 Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                        ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
                        const ExpertRowSpace &space,
@@ -108,6 +125,11 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                             WriteBuffer gradB, WriteBuffer gradBias,
                             bool accumulate, GroupedGemmPath path,
                             const RowGather &gather = {});
+Status groupedGemmGluWith(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
+                          ReadBuffer bUp, WriteBuffer c, int64_t k, int64_t n,
+                          const ExpertRowSpace &space, WriteBuffer gateIn,
+                          WriteBuffer upIn, GroupedGemmPath path,
+                          const RowGather &gather = {});
 
 } // namespace flex::cuda::detail
 

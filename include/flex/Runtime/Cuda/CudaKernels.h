@@ -125,7 +125,7 @@ private:
   /// gradients, 3 the router's GEMM path (and router_backward), 4 the
   /// router's weights, 5 gathered A rows, 6 the few-token router's splits,
   /// 7 the grouped cuBLAS call's operand pointers.
-  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(8);
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(9);
   /// Areas a slot outgrew, freed with the context (graphs may hold them).
   std::vector<void *> retiredScratch_;
   int32_t *pinned_ = nullptr;
@@ -180,6 +180,18 @@ Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
 
 Status glu(KernelContext &ctx, ReadBuffer gateIn, ReadBuffer upIn,
            WriteBuffer c, int64_t n, const ExpertRowSpace &space);
+
+/// `grouped_gemm_glu`: per expert, gate = a @ bGate[e] and up = a @ bUp[e]
+/// (both [E, k, n]), each rounded to c's type (into gateIn / upIn when
+/// given), c = silu(gate) * up. The device-sized kernel computes both
+/// products and the GLU in one launch wherever it applies (bf16/f16, any
+/// row space) unless grouped_gemm=cublas; elsewhere two grouped GEMMs (into
+/// gateIn / upIn, else scratch) and the glu kernel: bit for bit the unfused
+/// steps on the same GEMM path. `gather` as in groupedGemm.
+Status groupedGemmGlu(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
+                      ReadBuffer bUp, WriteBuffer c, int64_t k, int64_t n,
+                      const ExpertRowSpace &space, WriteBuffer gateIn = {},
+                      WriteBuffer upIn = {}, const RowGather &gather = {});
 
 Status combine(KernelContext &ctx, ReadBuffer expertOut, int64_t modelDim,
                const Routing &routing, WriteBuffer out);
