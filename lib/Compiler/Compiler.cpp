@@ -82,6 +82,8 @@ bool flex::compileLayerToPlan(std::string_view mlirText,
   pipeline.layouts = llvm::ArrayRef<std::string>(options.layouts);
   if (options.fuseDispatch)
     pipeline.fuseDispatch = *options.fuseDispatch;
+  if (options.fuseGlu)
+    pipeline.fuseGlu = *options.fuseGlu;
   buildLowerToPlanPipeline(pm, pipeline);
   if (failed(pm.run(*module)))
     return false;

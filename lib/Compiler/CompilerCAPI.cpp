@@ -32,7 +32,8 @@ char *copyString(const std::string &text) {
 /// The compile options of the C API: `world_size` ranks, and in `pipeline`
 /// space-separated options: `variants=r1d1,r1d2,...`, `layouts=padded,ragged`,
 /// `ranks_per_node=N` (the 2DH exchange), `fuse_dispatch=true|false` (the
-/// gather-fused variants) and `source=NAME`, the name
+/// gather-fused variants), `fuse_glu=true|false` (the glu-fused variants)
+/// and `source=NAME`, the name
 /// diagnostics give the text (docs/CAPI.md). `source=` takes the rest of the
 /// text, as a file name may hold spaces, so it comes last.
 bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
@@ -46,7 +47,8 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
   std::string_view text(options->pipeline);
   constexpr std::string_view variantsKey = "variants=", layoutsKey = "layouts=",
                              nodeKey = "ranks_per_node=", sourceKey = "source=",
-                             fuseKey = "fuse_dispatch=";
+                             fuseKey = "fuse_dispatch=",
+                             fuseGluKey = "fuse_glu=";
   auto list = [](std::string_view option, std::vector<std::string> &out) {
     while (!option.empty()) {
       size_t comma = option.find(',');
@@ -88,11 +90,20 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
         return false;
       }
       out.fuseDispatch = value == "true";
+    } else if (starts(option, fuseGluKey)) {
+      std::string_view value = option.substr(fuseGluKey.size());
+      if (value != "true" && value != "false") {
+        error = "compile option 'fuse_glu' needs true or false, got '" +
+                std::string(value) + "'";
+        return false;
+      }
+      out.fuseGlu = value == "true";
     } else {
       error = "unknown compile option '" + std::string(option) +
               "'; the options are variants=r<R>d<D>,..., "
               "layouts=padded,ragged, ranks_per_node=N, "
-              "fuse_dispatch=true|false and source=NAME";
+              "fuse_dispatch=true|false, fuse_glu=true|false and "
+              "source=NAME";
       return false;
     }
   }

@@ -30,6 +30,10 @@ void flex::buildLowerToPlanPipeline(mlir::OpPassManager &pm,
   // the others.
   if (options.fuseDispatch)
     pm.addNestedPass<moert::PlanOp>(moert::createMoeRTFuseDispatchPass());
+  // After the dispatch fusion, so that its `+gather` variants get a `+glu`
+  // copy too.
+  if (options.fuseGlu)
+    pm.addNestedPass<moert::PlanOp>(moert::createMoeRTFuseGluPass());
   pm.addNestedPass<moert::PlanOp>(moert::createMoeRTPlanMemoryPass());
 }
 

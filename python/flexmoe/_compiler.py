@@ -78,6 +78,10 @@ class LayerSpec:
     # The gather-fused variants (--moert-fuse-dispatch; the cost model picks
     # per call); False compiles the plan without them.
     fuse_dispatch: bool = True
+    # The glu-fused variants of gated layers (--moert-fuse-glu; the cost
+    # model picks per call). Off, as in the compiler, until the runtime's
+    # backends run grouped_gemm_glu; True asks for them.
+    fuse_glu: bool = False
 
     def key(self):
         """A stable text of every field: the in-memory cache key and, hashed
@@ -93,6 +97,8 @@ class LayerSpec:
             parts.append(f"ranks_per_node={self.ranks_per_node}")
         if not self.fuse_dispatch:
             parts.append("fuse_dispatch=false")
+        if self.fuse_glu:
+            parts.append("fuse_glu=true")
         return " ".join(parts)
 
 
@@ -215,8 +221,9 @@ class ToolCompiler:
             passes.append(f"--moe-a2a-2dh=ranks-per-node={spec.ranks_per_node}")
         training = "true" if spec.training else "false"
         fuse = "true" if spec.fuse_dispatch else "false"
+        glu = "true" if spec.fuse_glu else "false"
         passes.append(f"--moe-lower-to-plan=training={training} "
-                      f"fuse-dispatch={fuse}")
+                      f"fuse-dispatch={fuse} fuse-glu={glu}")
         lowered = subprocess.run([str(self.opt), "-", *passes], input=mlir,
                                  capture_output=True, text=True)
         if lowered.returncode != 0:

@@ -128,7 +128,9 @@ class MoELayer(torch.nn.Module):
     through a row map instead of a dispatched copy); the runtime picks one
     per call by its cost model and measured times. fuse_dispatch=False
     compiles the plain one only, whose kernels (and so bits) never change
-    between calls.
+    between calls. fuse_glu=True adds, for gated (SwiGLU) bf16/f16 layers,
+    variants computing the two up-projections and the glu in one step
+    (--moert-fuse-glu); off by default until the runtime runs that step.
     Many ranks: experts are sharded [E / W, ...] over the process group
     (flexmoe.distributed: NCCL on GPUs, the group's own collectives, e.g.
     gloo, on CPUs).
@@ -141,7 +143,7 @@ class MoELayer(torch.nn.Module):
                  dtype=torch.float32, device=None, group=None,
                  world_size=None, rank=None, variants=None, seed=0,
                  a2a_ffn_overlap_degree=1, adaptive_r=None,
-                 ranks_per_node=None, fuse_dispatch=True):
+                 ranks_per_node=None, fuse_dispatch=True, fuse_glu=False):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got "
@@ -189,6 +191,9 @@ class MoELayer(torch.nn.Module):
         # automatic choice picks between them per call; False leaves them
         # out (one variant: the same kernels, so the same bits, every call).
         self.fuse_dispatch = bool(fuse_dispatch)
+        # The glu-fused plan variants (gated bf16/f16 layers): picked per
+        # call likewise; off by default until the runtime runs them.
+        self.fuse_glu = bool(fuse_glu)
         self.group_name = ""
         self.l_aux = None
         self._call_keys = {}  # _call_key's keys by their arguments
@@ -313,7 +318,7 @@ class MoELayer(torch.nn.Module):
             seed=int(self.seed), training=bool(training),
             world_size=self.world_size, variants=self.variants,
             ranks_per_node=self.ranks_per_node,
-            fuse_dispatch=self.fuse_dispatch)
+            fuse_dispatch=self.fuse_dispatch, fuse_glu=self.fuse_glu)
 
     def mlir(self, tokens, training=True):
         """The `moe.layer` IR this layer compiles for `tokens` tokens."""

@@ -185,7 +185,13 @@ def test_tool_compiler_gives_the_same_plan():
                  _compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
                                      experts=4, top_k=2, dtype="bf16",
                                      capacity_mode="dropless",
-                                     fuse_dispatch=False)):
+                                     fuse_dispatch=False),
+                 # The glu-fused variants of a gated layer.
+                 _compiler.LayerSpec(tokens=64, model_dim=32, hidden_dim=48,
+                                     experts=4, top_k=2, gated=True,
+                                     activation="silu", dtype="bf16",
+                                     capacity_mode="dropless",
+                                     fuse_glu=True)):
         plans = []
         for c in (comp, tools):
             doc = json.loads(c.compile(lib, spec, _compiler.emit_mlir(spec)))
@@ -220,6 +226,49 @@ def test_fuse_dispatch_adds_the_gathered_variant_or_leaves_it_out():
     layer = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
                              dtype=torch.bfloat16, fuse_dispatch=False)
     assert "fuse_dispatch=false" in layer.spec(32, True).pipeline()
+
+
+def test_fuse_glu_adds_the_glu_variants_or_leaves_them_out():
+    """A one-rank gated bf16 dropless layer compiled with fuse_glu=True (the
+    layer's option, passed as the C API's pipeline text) has a `+glu` copy of
+    `single` and of `single+gather`, after them, whose grouped_gemm_glu
+    replaces the two up-projections and the glu; fuse_glu=False, for now the
+    default, leaves them out; the spec's key tells them apart."""
+    comp = _compiler.compiler()
+    if comp is None:
+        pytest.skip("no compiler library")
+    lib = _compiler._capi.library()
+    names = {}
+    for fuse in (True, False):
+        spec = _compiler.LayerSpec(tokens=32, model_dim=16, hidden_dim=24,
+                                   experts=4, top_k=2, gated=True,
+                                   activation="silu", dtype="bf16",
+                                   capacity_mode="dropless",
+                                   router_fp32=True, fuse_glu=fuse)
+        doc = json.loads(comp.compile(lib, spec, _compiler.emit_mlir(spec)))
+        names[fuse] = [v["name"] for v in doc["variants"]]
+        for v in doc["variants"]:
+            steps = [s["op"] for s in v["forward"]]
+            fused = v["name"].endswith("+glu")
+            assert ("grouped_gemm_glu" in steps) == fused
+            assert ("glu" in steps) == (not fused)
+    assert names == {True: ["single", "single+gather", "single+glu",
+                            "single+gather+glu"],
+                     False: ["single", "single+gather"]}
+    assert _compiler.LayerSpec(tokens=8, model_dim=8, hidden_dim=8, experts=2,
+                               top_k=1).fuse_glu is False
+    keys = {_compiler.LayerSpec(tokens=8, model_dim=8, hidden_dim=8, experts=2,
+                                top_k=1, fuse_glu=f).key()
+            for f in (True, False)}
+    assert len(keys) == 2
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                             gated=True, activation="silu",
+                             dtype=torch.bfloat16, fuse_glu=True)
+    assert "fuse_glu=true" in layer.spec(32, True).pipeline()
+    plain = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                             gated=True, activation="silu",
+                             dtype=torch.bfloat16)
+    assert "fuse_glu" not in plain.spec(32, True).pipeline()
 
 
 def _config(spec):

@@ -542,4 +542,99 @@ TEST(CompileAndRun, FuseDispatchThroughTheCompileOptionsAndTheCAPI) {
       << text;
 }
 
+TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
+  // fuse_glu=true adds a glu-fused copy of each variant of a gated bf16
+  // layer (the gather-fused one included), after every variant the plan had;
+  // false, and for now the default, leaves them out; another value is an
+  // error naming the option.
+  ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
+  LayerConfig config;
+  config.tokens = 16;
+  config.modelDim = 8;
+  config.hiddenDim = 16;
+  config.experts = 4;
+  config.topK = 2;
+  config.capacityMode = CapacityMode::Dropless;
+  config.expertKind = ExpertKind::Gated;
+  config.activation = Activation::Silu;
+  config.dtype = DType::BF16;
+  const std::string mlir = layerConfigToMlir(config);
+  auto compile = [&](const char *pipeline, std::string &out) {
+    FlexCompileOptions options{sizeof(FlexCompileOptions), 1, 0, 1, pipeline};
+    char *json = nullptr;
+    FlexStatus status =
+        flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
+    out = json ? json : flexGetLastError();
+    flexFreeString(json);
+    return status;
+  };
+  auto count = [](const std::vector<Step> &steps, StepOp op) {
+    return std::count_if(steps.begin(), steps.end(),
+                         [&](const Step &step) { return step.op == op; });
+  };
+  auto names = [](const Plan &plan) {
+    std::vector<std::string> out;
+    for (const Variant &variant : plan.variants)
+      out.push_back(variant.name);
+    return out;
+  };
+  std::string text;
+  Plan plan;
+  ASSERT_EQ(compile("fuse_glu=true", text), FLEX_STATUS_OK) << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  EXPECT_EQ(names(plan),
+            (std::vector<std::string>{"single", "single+gather", "single+glu",
+                                      "single+gather+glu"}));
+  EXPECT_EQ(plan.defaultVariant, 0);
+  for (size_t v = 0; v < plan.variants.size(); ++v) {
+    SCOPED_TRACE(plan.variants[v].name);
+    const bool fused = v >= 2;
+    EXPECT_EQ(count(plan.variants[v].forward, StepOp::GroupedGemmGlu),
+              fused ? 1 : 0);
+    EXPECT_EQ(count(plan.variants[v].forward, StepOp::Glu), fused ? 0 : 1);
+    // fc1, fc3 and fc2, or the fused step and fc2.
+    EXPECT_EQ(count(plan.variants[v].forward, StepOp::GroupedGemm),
+              fused ? 1 : 3);
+  }
+  // A training plan: the fused step writes the products glu_backward reads.
+  for (const Step &step : plan.variants[2].forward)
+    if (step.op == StepOp::GroupedGemmGlu) {
+      EXPECT_TRUE(step.out(OperandRole::GateIn).isValid());
+      EXPECT_TRUE(step.out(OperandRole::UpIn).isValid());
+      EXPECT_EQ(plan.getBuffer(step.in(OperandRole::BUp)).name, "w3");
+    }
+
+  ASSERT_EQ(compile("fuse_glu=false", text), FLEX_STATUS_OK) << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  EXPECT_EQ(names(plan), (std::vector<std::string>{"single", "single+gather"}));
+  ASSERT_EQ(compile("fuse_dispatch=false fuse_glu=true", text), FLEX_STATUS_OK)
+      << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  EXPECT_EQ(names(plan), (std::vector<std::string>{"single", "single+glu"}));
+  // The pipeline's default: off until the runtime's backends run the step.
+  ASSERT_EQ(compile("", text), FLEX_STATUS_OK) << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  EXPECT_EQ(names(plan), (std::vector<std::string>{"single", "single+gather"}));
+
+  // The same through CompileOptions.
+  CompileOptions options;
+  options.training = true;
+  options.fuseGlu = true;
+  std::string planJson, error;
+  ASSERT_TRUE(compileLayerToPlan(mlir, options, planJson, error)) << error;
+  ASSERT_TRUE(parsePlan(planJson, plan).isOk());
+  EXPECT_EQ(names(plan),
+            (std::vector<std::string>{"single", "single+gather", "single+glu",
+                                      "single+gather+glu"}));
+
+  EXPECT_EQ(compile("fuse_glu=yes", text), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_NE(text.find("'fuse_glu' needs true or false, got 'yes'"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(compile("fuse=true", text), FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_NE(text.find("fuse_dispatch=true|false, fuse_glu=true|false"),
+            std::string::npos)
+      << text;
+}
+
 } // namespace

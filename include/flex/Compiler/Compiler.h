@@ -33,6 +33,10 @@ struct CompileOptions {
   /// `<variant>+gather` of each qualifying variant (--moert-fuse-dispatch);
   /// unset: the pipeline's default.
   std::optional<bool> fuseDispatch;
+  /// --moe-lower-to-plan="fuse-glu=...": add the glu-fused variant
+  /// `<variant>+glu` of each qualifying variant (--moert-fuse-glu); unset:
+  /// the pipeline's default.
+  std::optional<bool> fuseGlu;
   /// > 0: the hierarchical (2DH) exchange for nodes of this many ranks
   /// (--moe-a2a-2dh); 0: the flat one.
   int64_t ranksPerNode = 0;

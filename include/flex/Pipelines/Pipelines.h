@@ -37,11 +37,21 @@ struct LowerToPlanOptions
                      "(--moert-fuse-dispatch); the cost model picks "
                      "between them per call"),
       llvm::cl::init(true)};
+  // Off until the runtime's backends run grouped_gemm_glu (issue 13 item 4):
+  // a plan with the step is refused where a backend has no kernel for it.
+  Option<bool> fuseGlu{
+      *this, "fuse-glu",
+      llvm::cl::desc("Add a `<variant>+glu` variant whose gated experts "
+                     "compute gate, up and glu in one grouped_gemm_glu "
+                     "step (--moert-fuse-glu, after --moert-fuse-dispatch); "
+                     "the cost model picks between them per call"),
+      llvm::cl::init(false)};
 };
 
 /// moe IR -> placed moert plans: expand layers, canonicalize, lower each
 /// layer function to a plan, with `fuse-dispatch` add the gather-fused
-/// variants, place its workspace.
+/// variants, with `fuse-glu` the glu-fused ones (of those too), place its
+/// workspace.
 void buildLowerToPlanPipeline(mlir::OpPassManager &pm,
                               const LowerToPlanOptions &options);
 
