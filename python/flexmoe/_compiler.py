@@ -79,8 +79,9 @@ class LayerSpec:
     # per call); False compiles the plan without them.
     fuse_dispatch: bool = True
     # The glu-fused variants of gated layers (--moert-fuse-glu; the cost
-    # model picks per call). Off, as in the compiler, until the runtime's
-    # backends run grouped_gemm_glu; True asks for them.
+    # model picks per call). Off for now, as in the compiler; True asks for
+    # them. Always passed to the compiler, so that this default, not the
+    # compiler's, decides.
     fuse_glu: bool = False
 
     def key(self):
@@ -97,8 +98,7 @@ class LayerSpec:
             parts.append(f"ranks_per_node={self.ranks_per_node}")
         if not self.fuse_dispatch:
             parts.append("fuse_dispatch=false")
-        if self.fuse_glu:
-            parts.append("fuse_glu=true")
+        parts.append("fuse_glu=true" if self.fuse_glu else "fuse_glu=false")
         return " ".join(parts)
 
 
