@@ -1,0 +1,256 @@
+//===- GluFusionTest.cpp - The glu-fused variants, end to end -------------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file tests --moert-fuse-glu through the whole path: random gated
+// (SwiGLU) bf16 and f16 layers are compiled with fuse_glu (and
+// fuse_dispatch), for training and inference, on one rank (padded and
+// ragged, gathered or not) and on two (pipelined, and with the experts
+// gathered), and the runtime runs every variant on the CPU. grouped_gemm_glu
+// computes bit for bit the two GEMMs and the glu it replaces, so each
+// `<v>+glu` variant must give v's bytes in every output; both must match
+// the independent fp64 reference within the dtype's tolerance.
+//
+//===----------------------------------------------------------------------===//
+
+#include "MultiRankTestSupport.h"
+
+#include "flex/Compiler/Compiler.h"
+#include "flex/Reference/ReferenceMoE.h"
+#include "flex/Runtime/Executor.h"
+#include "flex/Runtime/PlanLoader.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <iostream>
+#include <random>
+
+using namespace flex;
+using namespace flex::test;
+
+namespace {
+
+constexpr double kGradLAux = 0.5;
+
+/// A random small gated layer the pass fuses: bf16 or f16, any capacity
+/// mode, d and h multiples of 8.
+LayerConfig randomGatedConfig(std::mt19937_64 &rng) {
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  LayerConfig c;
+  c.experts = pick(2, 8); // one expert has no routing margin to draw
+  c.topK = std::min<int64_t>(pick(1, 3), c.experts);
+  c.tokens = pick(1, 40);
+  c.modelDim = 8 * pick(1, 3);
+  c.hiddenDim = 8 * pick(1, 3);
+  c.capacityMode = static_cast<CapacityMode>(pick(0, 2));
+  // A factor >= 1 never gives capacity 0 ([cap-1]).
+  c.capacityFactor = std::uniform_real_distribution<double>(1.0, 2.0)(rng);
+  c.expertKind = ExpertKind::Gated;
+  c.activation = Activation::Silu;
+  c.dtype = pick(0, 1) ? DType::BF16 : DType::F16;
+  c.routerFp32 = true;
+  c.batchPrioritized = pick(0, 1);
+  c.normalizeGate = pick(0, 1);
+  c.seed = rng();
+  return c;
+}
+
+/// `config` compiled with both fusions.
+::testing::AssertionResult compileFused(const LayerConfig &config,
+                                        CompileOptions options, Plan &plan) {
+  options.fuseDispatch = true;
+  options.fuseGlu = true;
+  std::string planJson, error;
+  if (!compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
+    return ::testing::AssertionFailure() << error;
+  if (Status parsed = parsePlan(planJson, plan); !parsed)
+    return ::testing::AssertionFailure() << parsed.message();
+  return ::testing::AssertionSuccess();
+}
+
+std::vector<std::string> variantNames(const Plan &plan) {
+  std::vector<std::string> names;
+  for (const Variant &variant : plan.variants)
+    names.push_back(variant.name);
+  return names;
+}
+
+/// Runs every variant of `plan` on its ranks (CPU, threads), each from fresh
+/// buffers holding `inputs`, outputs and workspace poisoned. Returns the
+/// buffers per variant and rank.
+std::vector<std::vector<RankBuffers>>
+runEveryVariant(const std::shared_ptr<const Plan> &plan,
+                const RankInputs &inputs) {
+  const int W = static_cast<int>(plan->worldSize);
+  std::vector<std::vector<RankBuffers>> results;
+  for (size_t v = 0; v < plan->variants.size(); ++v) {
+    std::vector<RankBuffers> buffers =
+        makeRankBuffers(*plan, inputs, kGradLAux);
+    auto comms = localRanks(W);
+    std::vector<Status> statuses(W);
+    onRanks(W, [&](int r) {
+      CpuRankExecutor rank;
+      Status s = rank.create(plan, comms[r], 0xff);
+      std::vector<Binding> bindings = buffers[r].bindings();
+      if (s)
+        s = runVariant(*rank.executor, static_cast<int64_t>(v), bindings,
+                       plan->training);
+      statuses[r] = s;
+    });
+    for (int r = 0; r < W; ++r)
+      EXPECT_TRUE(statuses[r].isOk()) << plan->variants[v].name << " on rank "
+                                      << r << ": " << statuses[r].message();
+    results.push_back(std::move(buffers));
+  }
+  return results;
+}
+
+/// Every `<v>+glu` variant gave v's bytes in every output argument, and
+/// its out (and grad_x) are the fp64 reference's within the dtype's
+/// tolerance. Returns the number of `+glu` variants.
+int expectGluVariantsMatch(const Plan &plan, const RankInputs &inputs) {
+  auto shared = std::make_shared<const Plan>(plan);
+  std::vector<std::vector<RankBuffers>> results =
+      runEveryVariant(shared, inputs);
+  reference::ReferenceOptions options;
+  for (const Step &step : plan.variants[0].forward)
+    if (step.op == StepOp::Gate)
+      options.capacityAlignment = step.attrs.capacityAlignment;
+  const RankReference ref =
+      referenceOnRanks(plan.layer, options, inputs, kGradLAux, plan.training);
+  const double tolerance = plan.layer.dtype == DType::BF16 ? 5e-2 : 1e-2;
+  int fused = 0;
+  for (size_t v = 0; v < plan.variants.size(); ++v) {
+    const std::string &name = plan.variants[v].name;
+    const std::string suffix = "+glu";
+    if (name.size() <= suffix.size() ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    ++fused;
+    const int64_t original =
+        plan.findVariant(name.substr(0, name.size() - suffix.size()));
+    EXPECT_GE(original, 0) << name << " has no original variant";
+    if (original < 0)
+      continue;
+    for (int r = 0; r < static_cast<int>(plan.worldSize); ++r) {
+      for (const Argument &arg : plan.arguments)
+        if (arg.role == ArgumentRole::Output ||
+            arg.role == ArgumentRole::GradOutput)
+          EXPECT_EQ(results[v][r].data.at(arg.name),
+                    results[original][r].data.at(arg.name))
+              << name << " differs from " << plan.variants[original].name
+              << " in " << arg.name << " on rank " << r;
+      EXPECT_LE(
+          reference::relativeL2(results[v][r].get("out"), ref.forward[r].out),
+          tolerance)
+          << name << " on rank " << r;
+      if (plan.training)
+        EXPECT_LE(reference::relativeL2(
+                      results[v][r].get("grad_x"), ref.grads[r].x,
+                      reference::normL2(ref.grads[r].x) == 0.0 ? 1.0 : 0.0),
+                  tolerance)
+            << name << " on rank " << r;
+    }
+  }
+  return fused;
+}
+
+TEST(GluFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
+  const uint64_t seed = runSeed();
+  std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  constexpr int kCases = 24;
+  for (int i = 0; i < kCases; ++i) {
+    LayerConfig config = randomGatedConfig(rng);
+    CompileOptions options;
+    options.training = i % 2 == 0;
+    SCOPED_TRACE("case " + std::to_string(i) +
+                 " T=" + std::to_string(config.tokens) +
+                 " d=" + std::to_string(config.modelDim) +
+                 " h=" + std::to_string(config.hiddenDim) +
+                 " E=" + std::to_string(config.experts) +
+                 " k=" + std::to_string(config.topK) + " " +
+                 std::string(toString(config.capacityMode)) + " " +
+                 std::string(toString(config.dtype)) +
+                 (options.training ? " training" : " inference"));
+    Plan plan;
+    ASSERT_TRUE(compileFused(config, options, plan));
+    // A fixed capacity is laid out padded (no gather-fused variant); the
+    // others ragged. Every variant gets its glu-fused copy, after them all.
+    const std::vector<std::string> want =
+        config.capacityMode == CapacityMode::Fixed
+            ? std::vector<std::string>{"single", "single+glu"}
+            : std::vector<std::string>{"single", "single+gather", "single+glu",
+                                       "single+gather+glu"};
+    ASSERT_EQ(variantNames(plan), want);
+    // Training keeps the products for glu_backward; inference does not.
+    for (const Variant &variant : plan.variants)
+      for (const Step &step : variant.forward)
+        if (step.op == StepOp::GroupedGemmGlu)
+          EXPECT_EQ(step.out(OperandRole::GateIn).isValid(), plan.training)
+              << variant.name;
+
+    RankInputs inputs;
+    reference::ReferenceOptions refOptions;
+    ASSERT_TRUE(makeRankInputs(plan.layer, refOptions, 1, rng, inputs));
+    EXPECT_EQ(expectGluVariantsMatch(plan, inputs), int(want.size()) / 2);
+  }
+}
+
+TEST(GluFusion, PipelinedAndGatheredVariantsOnTwoRanks) {
+  // Two ranks, a fixed capacity (padded): r1d2 exchanges tokens in two
+  // chunks, each with its own fused step sharing gate_in / up_in; r0d1
+  // gathers the experts, the fused step reading the gathered w1 and w3.
+  const uint64_t seed = runSeed();
+  std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (bool training : {true, false}) {
+    for (DType dtype : {DType::BF16, DType::F16}) {
+      LayerConfig config;
+      config.tokens = 12;
+      config.modelDim = 16;
+      config.hiddenDim = 24;
+      config.experts = 4;
+      config.topK = 2;
+      config.capacityMode = CapacityMode::Fixed;
+      config.capacityFactor = 1.5;
+      config.expertKind = ExpertKind::Gated;
+      config.activation = Activation::Silu;
+      config.dtype = dtype;
+      config.routerFp32 = true;
+      SCOPED_TRACE(std::string(toString(dtype)) +
+                   (training ? " training" : " inference"));
+      CompileOptions options;
+      options.training = training;
+      options.ranks = 2;
+      options.variants = {"r1d2", "r0d1"};
+      Plan plan;
+      ASSERT_TRUE(compileFused(config, options, plan));
+      ASSERT_EQ(
+          variantNames(plan),
+          (std::vector<std::string>{"r1d2", "r0d1", "r1d2+glu", "r0d1+glu"}));
+      auto count = [](const Variant &variant, StepOp op) {
+        return std::count_if(variant.forward.begin(), variant.forward.end(),
+                             [&](const Step &step) { return step.op == op; });
+      };
+      EXPECT_EQ(count(plan.variants[2], StepOp::GroupedGemmGlu), 2);
+      EXPECT_EQ(count(plan.variants[2], StepOp::Glu), 0);
+      EXPECT_EQ(count(plan.variants[3], StepOp::GroupedGemmGlu), 1);
+
+      RankInputs inputs;
+      reference::ReferenceOptions refOptions;
+      for (const Step &step : plan.variants[0].forward)
+        if (step.op == StepOp::Gate)
+          refOptions.capacityAlignment = step.attrs.capacityAlignment;
+      ASSERT_TRUE(makeRankInputs(plan.layer, refOptions, 2, rng, inputs));
+      EXPECT_EQ(expectGluVariantsMatch(plan, inputs), 2);
+    }
+  }
+}
+
+} // namespace
