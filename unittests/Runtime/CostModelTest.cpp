@@ -633,16 +633,19 @@ TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
     options.groupedGemm = impl;
     return CostModel(parsed(decodeProfile(backend)), options);
   };
-  // auto: 250 rows per expert <= 256, aligned bf16: the device kernel.
+  // 250 declared rows per expert, aligned bf16: the device kernel under
+  // device; under auto the weight gradients only (<= 256), the forward and
+  // input gradients (> 40) the host path.
   for (GroupedGemmImpl impl :
        {GroupedGemmImpl::Auto, GroupedGemmImpl::Device}) {
     Prediction p = model(impl).predict(plan, 0, false, 25);
     std::vector<StepPrediction> gemms = stepsOf(p, StepOp::GroupedGemm);
     ASSERT_EQ(gemms.size(), 3u);
+    const bool device = impl == GroupedGemmImpl::Device;
     for (const StepPrediction &step : gemms) {
       EXPECT_EQ(step.rows, 200);
-      EXPECT_EQ(step.gemmPath, GemmPath::Device);
-      EXPECT_NEAR(step.us, 110.0, 1e-6);
+      EXPECT_EQ(step.gemmPath, device ? GemmPath::Device : GemmPath::PerExpert);
+      EXPECT_NEAR(step.us, device ? 110.0 : 100.0, 1e-6);
     }
     Prediction back = model(impl).predict(plan, 0, true, 25);
     std::vector<StepPrediction> wgrads =
@@ -670,7 +673,8 @@ TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
     EXPECT_NEAR(step.us, 100.0, 1e-6);
   }
   // The other steps do not change with the path.
-  Prediction device = model(GroupedGemmImpl::Auto).predict(plan, 0, false, 25);
+  Prediction device =
+      model(GroupedGemmImpl::Device).predict(plan, 0, false, 25);
   EXPECT_NEAR(device.totalUs - cublas.totalUs, 3 * 10.0, 1e-6);
   // The CPU backend has no device kernel and launches nothing per expert:
   // the table's ragged rate for the FLOPs, 2 x 200 x 256 x 704 = 72.09e6
@@ -694,7 +698,9 @@ TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
   // kernel's price.
   DeviceProfile fitted = parsed(decodeProfile());
   fitted.steps.push_back({"grouped_gemm", 5e-6, 0, 2.0, 10});
-  Prediction f = CostModel(fitted).predict(plan, 0, false, 25);
+  CostModelOptions onDevice;
+  onDevice.groupedGemm = GroupedGemmImpl::Device;
+  Prediction f = CostModel(fitted, onDevice).predict(plan, 0, false, 25);
   for (const StepPrediction &step : stepsOf(f, StepOp::GroupedGemm))
     EXPECT_NEAR(step.us, 110.0, 1e-6);
   CostModelOptions viaCublas;
@@ -734,10 +740,19 @@ TEST(CostModel, StaticCapacityGemmsStayOneBatchedCall) {
 }
 
 TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
-  // auto: up to 256 rows per expert, or while a graph records.
-  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64, 64, false));
+  // auto: up to 40 rows per expert for the forward and input gradient,
+  // 256 for the weight gradient, or while a graph records.
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 40 * 64, 64, false));
   EXPECT_FALSE(
-      prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64, false));
+      prefersDeviceGemm(GroupedGemmImpl::Auto, 40 * 64 + 1, 64, false));
+  EXPECT_TRUE(
+      prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64, 64, false, true));
+  EXPECT_FALSE(
+      prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64, false, true));
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, true, true));
+  // The host path's grouped call: no expert above 1024 rows.
+  EXPECT_TRUE(groupedCublasTakes(1024));
+  EXPECT_FALSE(groupedCublasTakes(1025));
   EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, true));
   EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Device, 98304, 64, false));
   EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Cublas, 192, 64, true));

@@ -93,8 +93,8 @@ Status setOption(RuntimeOptions &options, std::string_view name,
     else
       return badValue(label, value,
                       "auto, device (the device-sized kernel: no host read "
-                      "of the counts, graph-recordable) or cublas (one "
-                      "cuBLAS GEMM per expert)");
+                      "of the counts, graph-recordable) or cublas (the "
+                      "counts read to the host, then cuBLAS)");
     return Status::ok();
   }
   if (name == "a2a_transport") {

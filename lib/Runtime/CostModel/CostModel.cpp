@@ -266,9 +266,13 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
       std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
   // Not `capturing`: the backend records a dynamic pass only under
   // grouped_gemm=device (CudaBackend::canCapturePass), which the rule
-  // already sends to the kernel; under auto the pass runs eagerly.
+  // already sends to the kernel; under auto the pass runs eagerly. The host
+  // path (PerExpert) is priced by the table's ragged points whether it runs
+  // a GEMM per expert or cuBLAS's grouped call (groupedCublasTakes needs
+  // the counts, which only the run has).
   return prefersDeviceGemm(options.groupedGemm, rowBound, groups,
-                           /*capturing=*/false)
+                           /*capturing=*/false,
+                           getStepKind(step.op).cost == StepCost::ExpertWgrad)
              ? GemmPath::Device
              : GemmPath::PerExpert;
 }

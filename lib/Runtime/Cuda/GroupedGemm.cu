@@ -130,13 +130,14 @@ __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
 bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
                      DType type, int64_t k, int64_t n,
                      const ExpertRowSpace &space,
-                     std::initializer_list<const void *> pointers) {
+                     std::initializer_list<const void *> pointers,
+                     bool weightGradient = false) {
   if (space.isStatic() || path == detail::GroupedGemmPath::Cublas ||
       path == detail::GroupedGemmPath::CublasGrouped)
     return false;
   if (path == detail::GroupedGemmPath::Auto &&
       !prefersDeviceGemm(ctx.groupedGemm, space.rowBound, space.experts,
-                         ctx.capturing))
+                         ctx.capturing, weightGradient))
     return false;
   return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
 }
@@ -255,6 +256,14 @@ bool gatheredOnDevice(const KernelContext &ctx, detail::GroupedGemmPath path,
     path = ctx.groupedGemm == GroupedGemmImpl::Cublas ? GroupedGemmPath::Cublas
                                                       : GroupedGemmPath::Device;
   return useDeviceKernel(ctx, path, type, k, n, space, pointers);
+}
+
+/// The largest of the host's counts.
+int64_t largestCount(const int32_t *rows, int64_t experts) {
+  int64_t largest = 0;
+  for (int64_t e = 0; e < experts; ++e)
+    largest = std::max<int64_t>(largest, rows[e]);
+  return largest;
 }
 
 /// A gathered GEMM that the device kernel does not run (grouped_gemm=cublas,
@@ -406,7 +415,9 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     if (uniformBlocks(offsets, rows, space, base, block)) {
       if (Status s = batched(base, block); !s)
         return s;
-    } else if (path == GroupedGemmPath::CublasGrouped) {
+    } else if (path == GroupedGemmPath::CublasGrouped ||
+               (path == GroupedGemmPath::Auto &&
+                groupedCublasTakes(largestCount(rows, space.experts)))) {
       if (Status s =
               groupedCublasCall(ctx, opB, a.data, b.data, target.data, dtype, k,
                                 n, ldb, offsets, rows, space.experts, beta);
@@ -545,7 +556,8 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
         return s;
     }
   } else if (gathered || useDeviceKernel(ctx, path, dtype, k, n, space,
-                                         {a.data, gradC.data, gradB.data})) {
+                                         {a.data, gradC.data, gradB.data},
+                                         /*weightGradient=*/true)) {
     if (Status s =
             deviceGroupedGemmWgrad(ctx, a.data, gradC.data, gradB.data, dtype,
                                    k, n, space, accumulate, gather);

@@ -107,8 +107,9 @@ enum class GroupedGemmPath {
   Device, ///< the device-sized kernel (where it applies)
   Cublas, ///< host-read counts, one cuBLAS GEMM per expert
   /// Host-read counts, then one cublasGemmGroupedBatchedEx over the experts
-  /// with rows (one launch instead of one per expert). Not taken by Auto
-  /// yet: the benchmark and the tests call it until it is measured.
+  /// with rows (one launch instead of one per expert). Auto's host path
+  /// takes it for the forward and input gradient when no expert has more
+  /// than kGroupedCublasMaxRows rows (Core/GroupedGemmRule.h).
   CublasGrouped,
 };
 

@@ -14,10 +14,12 @@
 // strided-batched GEMM. A dynamic one takes the device-sized kernel when the
 // options prefer it (below) and its operands fit it (bf16/f16, rows of k and
 // n elements 16-byte aligned); otherwise the counts are read to the host
-// and each expert with rows is one cuBLAS GEMM - or, for the forward and
-// input-gradient GEMMs, one strided-batched GEMM when the segments are
-// blocks of one size (a padded layout's e * C) that hold enough of their
-// rows (batchesUniformBlocks).
+// and, for the forward and input-gradient GEMMs, the experts run as one
+// strided-batched GEMM when the segments are blocks of one size (a padded
+// layout's e * C) that hold enough of their rows (batchesUniformBlocks), as
+// one cuBLAS grouped GEMM when no expert has many rows (groupedCublasTakes),
+// else as one cuBLAS GEMM per expert with rows (the weight gradient always
+// per expert).
 //
 //===----------------------------------------------------------------------===//
 
@@ -32,11 +34,32 @@
 namespace flex {
 
 /// Mean rows per expert up to which `grouped_gemm=auto` takes the
-/// device-sized kernel. H100, bf16 (bench/RESULTS.md Run 20): it wins at 192
-/// rows per expert (490 vs 561 us with the host read and per-expert
-/// launches) and loses at 1536 (2762 vs 965 us: mma.sync against cuBLAS's
-/// wgmma kernels).
+/// device-sized kernel for a weight gradient. H100, bf16 (bench/RESULTS.md
+/// Runs 20, 29): it wins at 64 rows per expert (65 vs 124 us per expert on
+/// cuBLAS) and at 192 (490 vs 561 us) and loses at 1536 (2433 vs 1153 us:
+/// mma.sync against cuBLAS's wgmma kernels).
 inline constexpr int64_t kDeviceGemmRowsPerExpert = 256;
+
+/// The same for the forward and input-gradient GEMMs, which have cuBLAS's
+/// grouped call once the counts are on the host. H100, bf16, 64 experts
+/// (Run 29; the host read included): device 155 vs grouped 164 us at 24
+/// rows per expert, 236 vs 167 at 48, 454 vs 290 at 192.
+inline constexpr int64_t kDeviceGemmForwardRowsPerExpert = 40;
+
+/// The largest count up to which the host path of a forward or
+/// input-gradient GEMM issues one cublasGemmGroupedBatchedEx over the
+/// experts instead of a GEMM per expert. H100, bf16, 64 experts (Run 29):
+/// grouped 290 vs per expert 531 us at 192 rows each, 755 vs 760 at 1536,
+/// but 1790 vs 1177 on a skewed routing of the same mean (a few experts of
+/// thousands of rows): one kernel shape for every group then fits the large
+/// ones badly.
+inline constexpr int64_t kGroupedCublasMaxRows = 1024;
+
+/// Whether the host path runs a forward or input-gradient GEMM whose
+/// largest expert has `maxRows` rows as one cuBLAS grouped call.
+inline constexpr bool groupedCublasTakes(int64_t maxRows) {
+  return maxRows <= kGroupedCublasMaxRows;
+}
 
 /// Mean rows per expert up to which the device-sized kernel runs its small
 /// (32 x 128) CTA tile, else the large (128 x 128) one. H100 (Run 20): small
@@ -66,10 +89,12 @@ inline constexpr DeviceGemmTile deviceGemmTile(int64_t rowBound,
 /// Whether the options send a dynamic grouped GEMM of `rowBound` declared
 /// rows (R, T * k on one rank for ragged) over `experts` groups to the
 /// device-sized kernel: `device` always, `cublas` never, `auto` when the
-/// mean rows per expert R / E <= kDeviceGemmRowsPerExpert or while a CUDA
-/// graph is being recorded (the per-expert path's host read cannot be).
+/// mean rows per expert R / E <= kDeviceGemmForwardRowsPerExpert (a weight
+/// gradient: kDeviceGemmRowsPerExpert) or while a CUDA graph is being
+/// recorded (the cuBLAS paths' host read cannot be).
 inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
-                                        int64_t experts, bool capturing) {
+                                        int64_t experts, bool capturing,
+                                        bool weightGradient = false) {
   switch (impl) {
   case GroupedGemmImpl::Device:
     return true;
@@ -78,7 +103,10 @@ inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
   case GroupedGemmImpl::Auto:
     break;
   }
-  return capturing || rowBound <= kDeviceGemmRowsPerExpert * experts;
+  return capturing ||
+         rowBound <= (weightGradient ? kDeviceGemmRowsPerExpert
+                                     : kDeviceGemmForwardRowsPerExpert) *
+                         experts;
 }
 
 /// The most rows a dynamic routing's uniform blocks may compute per row

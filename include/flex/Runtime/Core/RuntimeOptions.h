@@ -49,7 +49,10 @@ enum class ExchangeStaging : uint8_t {
 enum class GroupedGemmImpl : uint8_t {
   Auto,   ///< the device-sized kernel for few rows per expert, else cuBLAS
   Device, ///< the device-sized kernel wherever it applies (graph-recordable)
-  Cublas, ///< counts read to the host, one cuBLAS GEMM per expert
+  /// Counts read to the host, then cuBLAS: one grouped call over the
+  /// experts when none has many rows (groupedCublasTakes), else a GEMM per
+  /// expert.
+  Cublas,
 };
 
 /// How a device all_to_all moves its bytes.
