@@ -79,10 +79,10 @@ class LayerSpec:
     # per call); False compiles the plan without them.
     fuse_dispatch: bool = True
     # The glu-fused variants of gated layers (--moert-fuse-glu; the cost
-    # model picks per call). Off for now, as in the compiler; True asks for
-    # them. Always passed to the compiler, so that this default, not the
-    # compiler's, decides.
-    fuse_glu: bool = False
+    # model picks per call); False compiles the plan without them. Always
+    # passed to the compiler, so that this default, not the compiler's,
+    # decides.
+    fuse_glu: bool = True
 
     def key(self):
         """A stable text of every field: the in-memory cache key and, hashed

@@ -130,7 +130,7 @@ class MoELayer(torch.nn.Module):
     compiles the plain one only, whose kernels (and so bits) never change
     between calls. fuse_glu=True adds, for gated (SwiGLU) bf16/f16 layers,
     variants computing the two up-projections and the glu in one step
-    (--moert-fuse-glu); off by default until the runtime runs that step.
+    (--moert-fuse-glu); fuse_glu=False leaves them out.
     Many ranks: experts are sharded [E / W, ...] over the process group
     (flexmoe.distributed: NCCL on GPUs, the group's own collectives, e.g.
     gloo, on CPUs).
@@ -143,7 +143,7 @@ class MoELayer(torch.nn.Module):
                  dtype=torch.float32, device=None, group=None,
                  world_size=None, rank=None, variants=None, seed=0,
                  a2a_ffn_overlap_degree=1, adaptive_r=None,
-                 ranks_per_node=None, fuse_dispatch=True, fuse_glu=False):
+                 ranks_per_node=None, fuse_dispatch=True, fuse_glu=True):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got "
@@ -192,7 +192,7 @@ class MoELayer(torch.nn.Module):
         # out (one variant: the same kernels, so the same bits, every call).
         self.fuse_dispatch = bool(fuse_dispatch)
         # The glu-fused plan variants (gated bf16/f16 layers): picked per
-        # call likewise; off by default until the runtime runs them.
+        # call likewise; False leaves them out.
         self.fuse_glu = bool(fuse_glu)
         self.group_name = ""
         self.l_aux = None

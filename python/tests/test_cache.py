@@ -232,8 +232,8 @@ def test_fuse_glu_adds_the_glu_variants_or_leaves_them_out():
     """A one-rank gated bf16 dropless layer compiled with fuse_glu=True (the
     layer's option, passed as the C API's pipeline text) has a `+glu` copy of
     `single` and of `single+gather`, after them, whose grouped_gemm_glu
-    replaces the two up-projections and the glu; fuse_glu=False, for now the
-    default, leaves them out (passed as fuse_glu=false, whatever the
+    replaces the two up-projections and the glu (the default); fuse_glu=False
+    leaves them out (passed as fuse_glu=false, whatever the
     compiler's default); the spec's key tells them apart."""
     comp = _compiler.compiler()
     if comp is None:
@@ -257,20 +257,20 @@ def test_fuse_glu_adds_the_glu_variants_or_leaves_them_out():
                             "single+gather+glu"],
                      False: ["single", "single+gather"]}
     assert _compiler.LayerSpec(tokens=8, model_dim=8, hidden_dim=8, experts=2,
-                               top_k=1).fuse_glu is False
+                               top_k=1).fuse_glu is True
     keys = {_compiler.LayerSpec(tokens=8, model_dim=8, hidden_dim=8, experts=2,
                                 top_k=1, fuse_glu=f).key()
             for f in (True, False)}
     assert len(keys) == 2
     layer = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
                              gated=True, activation="silu",
-                             dtype=torch.bfloat16, fuse_glu=True)
-    assert "fuse_glu=true" in layer.spec(32, True).pipeline()
-    plain = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
-                             gated=True, activation="silu",
-                             dtype=torch.bfloat16)
+                             dtype=torch.bfloat16, fuse_glu=False)
+    assert "fuse_glu=false" in layer.spec(32, True).pipeline()
+    default = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                               gated=True, activation="silu",
+                               dtype=torch.bfloat16)
     # Passed either way: the layer's default decides, not the compiler's.
-    assert "fuse_glu=false" in plain.spec(32, True).pipeline()
+    assert "fuse_glu=true" in default.spec(32, True).pipeline()
 
 
 def _config(spec):

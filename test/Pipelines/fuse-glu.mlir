@@ -7,8 +7,7 @@
 // --moert-fuse-dispatch and before the memory plan: both the plain variant
 // and its gather-fused copy get a glu-fused copy, after every variant the
 // plan had (so their indices stay), and every buffer, the copies' included,
-// is placed. fuse-glu=false, and for now the default, leave them out (the
-// runtime's backends do not all run grouped_gemm_glu yet).
+// is placed. The default is on; fuse-glu=false leaves them out.
 
 // CHECK-LABEL: moert.plan @gated_bf16
 // CHECK-SAME: workspace_bytes =
@@ -43,8 +42,11 @@
 // DEFAULT-LABEL: moert.plan @gated_bf16
 // DEFAULT: moert.variant "single" forward {
 // DEFAULT: moert.variant "single+gather" forward {
+// DEFAULT: moert.variant "single+glu" forward {
+// DEFAULT: moert.grouped_gemm_glu
+// DEFAULT: moert.variant "single+gather+glu" forward {
+// DEFAULT: moert.grouped_gemm_glu
 // DEFAULT-NOT: moert.variant
-// DEFAULT-NOT: grouped_gemm_glu
 
 func.func @gated_bf16(%x: tensor<32x8xbf16>, %wg: tensor<8x4xf32>,
                       %w1: tensor<4x8x16xbf16>, %w2: tensor<4x16x8xbf16>,

@@ -544,9 +544,9 @@ TEST(CompileAndRun, FuseDispatchThroughTheCompileOptionsAndTheCAPI) {
 
 TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
   // fuse_glu=true adds a glu-fused copy of each variant of a gated bf16
-  // layer (the gather-fused one included), after every variant the plan had;
-  // false, and for now the default, leaves them out; another value is an
-  // error naming the option.
+  // layer (the gather-fused one included), after every variant the plan had,
+  // as the default does; false leaves them out; another value is an error
+  // naming the option.
   ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
   LayerConfig config;
   config.tokens = 16;
@@ -611,10 +611,12 @@ TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
       << text;
   ASSERT_TRUE(parsePlan(text, plan).isOk());
   EXPECT_EQ(names(plan), (std::vector<std::string>{"single", "single+glu"}));
-  // The pipeline's default: off until the runtime's backends run the step.
+  // The pipeline's default: on.
   ASSERT_EQ(compile("", text), FLEX_STATUS_OK) << text;
   ASSERT_TRUE(parsePlan(text, plan).isOk());
-  EXPECT_EQ(names(plan), (std::vector<std::string>{"single", "single+gather"}));
+  EXPECT_EQ(names(plan),
+            (std::vector<std::string>{"single", "single+gather", "single+glu",
+                                      "single+gather+glu"}));
 
   // The same through CompileOptions.
   CompileOptions options;

@@ -37,15 +37,13 @@ struct LowerToPlanOptions
                      "(--moert-fuse-dispatch); the cost model picks "
                      "between them per call"),
       llvm::cl::init(true)};
-  // Off until the runtime's backends run grouped_gemm_glu (issue 13 item 4):
-  // a plan with the step is refused where a backend has no kernel for it.
   Option<bool> fuseGlu{
       *this, "fuse-glu",
       llvm::cl::desc("Add a `<variant>+glu` variant whose gated experts "
                      "compute gate, up and glu in one grouped_gemm_glu "
                      "step (--moert-fuse-glu, after --moert-fuse-dispatch); "
                      "the cost model picks between them per call"),
-      llvm::cl::init(false)};
+      llvm::cl::init(true)};
 };
 
 /// moe IR -> placed moert plans: expand layers, canonicalize, lower each
