@@ -26,6 +26,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 
 using namespace flex;
 using cuda::detail::GroupedGemmPath;
@@ -602,6 +603,60 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
           }
         }
   }
+}
+
+// A fixed capacity's ReLU in cuBLASLt's epilogue (grouped_gemm=auto; the
+// explicit cuBLAS path keeps the GEMM and the epilogue kernel): both equal
+// relu of the fp64 product, every row of the E x C blocks written.
+TEST(CudaStaticGemm, ReluInTheGemmMatchesTheEpilogueKernelAndFp64) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(31);
+  for (auto [E, C, k, n] :
+       {std::tuple<int64_t, int64_t, int64_t, int64_t>{4, 96, 72, 136},
+        {3, 17, 40, 24},
+        {8, 256, 128, 64}})
+    for (DType dt : {DType::BF16, DType::F16, DType::F32})
+      for (bool transB : {false, true}) {
+        SCOPED_TRACE(std::string(toString(dt)) + (transB ? " b^T" : " b") +
+                     " E " + std::to_string(E) + " C " + std::to_string(C));
+        const int64_t R = E * C;
+        Buffer a(dt, R * k), b(dt, E * k * n);
+        a.set(normals(rng, R * k, 1.0));
+        b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+        std::vector<double> want(R * n);
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t r = e * C; r < (e + 1) * C; ++r)
+            for (int64_t j = 0; j < n; ++j) {
+              double sum = 0;
+              for (int64_t i = 0; i < k; ++i)
+                sum += a.at(r * k + i) *
+                       b.at(e * k * n + (transB ? j * k + i : i * n + j));
+              want[r * n + j] = std::max(sum, 0.0);
+            }
+        cuda::ExpertRowSpace space;
+        space.experts = E;
+        space.rowBound = R;
+        space.staticCapacity = C;
+        GroupedGemmOptions options;
+        options.transB = transB;
+        options.epilogue = Epilogue::Relu;
+        for (GroupedGemmPath path :
+             {GroupedGemmPath::Auto, GroupedGemmPath::Cublas}) {
+          SCOPED_TRACE(pathName(path));
+          Buffer c(dt, R * n);
+          c.poison();
+          Status status = cuda::detail::groupedGemmWith(
+              *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt}, k, n,
+              space, options, {}, path);
+          ASSERT_TRUE(status.isOk()) << status.message();
+          c.download();
+          EXPECT_LE(bufferError(c, want), dt == DType::F32 ? 1e-5 : 1e-2);
+          for (int64_t i = 0; i < R * n; ++i)
+            ASSERT_GE(c.at(i), 0.0) << "element " << i << " is not relu'd";
+        }
+      }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeviceGemm,

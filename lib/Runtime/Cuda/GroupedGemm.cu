@@ -355,12 +355,25 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   if (n == 0)
     return Status::ok();
 
+  // A ReLU with nothing else to apply runs in cuBLASLt's epilogue over equal
+  // blocks (LtGemm.cu): c written once, no epilogue pass.
+  const bool reluInGemm = options.epilogue == Epilogue::Relu && !bias.data &&
+                          !pre.data && !options.accumulate;
+  bool epilogueApplied = false;
   // Row-major C[rows, n] = A[rows, k] B[k, n] is column-major
   // C^T[n, rows] = B^T[n, k] A^T[k, rows]: B goes first. One call over
   // blocks of `capacity` rows per expert.
   auto batched = [&](int64_t base, int64_t capacity) -> Status {
     if (capacity <= 0 || space.experts <= 0)
       return Status::ok();
+    if (reluInGemm && path != GroupedGemmPath::Cublas) {
+      if (Status s = ltReluBatchedGemm(
+              ctx, options.transB, at(a.data, base * k, dtype), b.data,
+              at(c.data, base * n, dtype), dtype, k, n, capacity, space.experts,
+              epilogueApplied);
+          !s || epilogueApplied)
+        return s;
+    }
     return checkCublas(
         cublasGemmStridedBatchedEx(
             handle, opB, CUBLAS_OP_N, static_cast<int>(n),
@@ -443,7 +456,8 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
       }
     }
   }
-  if (!bias.data && options.epilogue == Epilogue::None && !pre.data)
+  if (epilogueApplied ||
+      (!bias.data && options.epilogue == Epilogue::None && !pre.data))
     return Status::ok();
   return applyGemmEpilogue(ctx, target.data, bias,
                            pre.data ? pre : WriteBuffer{}, c, n, space,

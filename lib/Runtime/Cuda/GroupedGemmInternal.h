@@ -113,6 +113,16 @@ enum class GroupedGemmPath {
   CublasGrouped,
 };
 
+/// c[e * capacity + r] = relu(a[e * capacity + r] @ op(b[e])) for `experts`
+/// blocks of `capacity` rows, as one cuBLASLt matmul with the ReLU in its
+/// epilogue (LtGemm.cu). `done` is false, and nothing was queued, where
+/// cuBLASLt offers no algorithm or the dtype is f32: the caller runs the
+/// GEMM and the epilogue kernel then.
+Status ltReluBatchedGemm(KernelContext &ctx, bool transB, const void *a,
+                         const void *b, void *c, DType dtype, int64_t k,
+                         int64_t n, int64_t capacity, int64_t experts,
+                         bool &done);
+
 /// cuda::groupedGemm / groupedGemmWgrad / groupedGemmGlu with the path
 /// chosen explicitly (for groupedGemmGlu: Device fuses where the kernel
 /// applies, any other path runs two GEMMs of that path and the glu kernel).

@@ -11,6 +11,7 @@
 
 #include "CudaSupport.cuh"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 
 #include <string>
@@ -82,6 +83,13 @@ Status KernelContext::create(std::unique_ptr<KernelContext> &context) {
                   std::string("cublasCreate failed: ") +
                       cublasGetStatusName(status));
   result->cublas_ = handle;
+  cublasLtHandle_t lt = nullptr;
+  status = cublasLtCreate(&lt);
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return Status(StatusCode::Unavailable,
+                  std::string("cublasLtCreate failed: ") +
+                      cublasGetStatusName(status));
+  result->cublasLt_ = lt;
   // cuBLAS gets its own workspace, so it allocates nothing while a graph
   // is recorded.
   if (Status s = checkCuda(cudaMalloc(&result->cublasWorkspace_,
@@ -108,6 +116,8 @@ KernelContext::~KernelContext() {
     cudaFreeHost(pinned_);
   if (cublas_)
     cublasDestroy(static_cast<cublasHandle_t>(cublas_));
+  if (cublasLt_)
+    cublasLtDestroy(static_cast<cublasLtHandle_t>(cublasLt_));
   if (cublasWorkspace_)
     cudaFree(cublasWorkspace_);
   if (ownStream_)

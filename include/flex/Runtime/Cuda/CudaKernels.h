@@ -102,6 +102,9 @@ public:
   Status waitForStream(const char *what);
 
   void *cublasHandle() const { return cublas_; }
+  /// The cuBLASLt handle (GEMMs with an activation in their epilogue); it
+  /// shares the cuBLAS workspace, as both run on the one stream.
+  void *cublasLtHandle() const { return cublasLt_; }
   void *cublasWorkspace() const { return cublasWorkspace_; }
   int64_t cublasWorkspaceBytes() const { return cublasWorkspaceBytes_; }
   int multiprocessors() const { return multiprocessors_; }
@@ -113,6 +116,7 @@ private:
   Stream ownStream_ = nullptr;
   Stream stream_ = nullptr;
   void *cublas_ = nullptr;
+  void *cublasLt_ = nullptr;
   void *cublasWorkspace_ = nullptr;
   int64_t cublasWorkspaceBytes_ = 0;
   int multiprocessors_ = 1;
@@ -124,7 +128,8 @@ private:
   /// Slots: 0 gate (and gate_backward), 1 dispatch slot maps, 2 bias
   /// gradients, 3 the router's GEMM path (and router_backward), 4 the
   /// router's weights, 5 gathered A rows, 6 the few-token router's splits,
-  /// 7 the grouped cuBLAS call's operand pointers.
+  /// 7 the grouped cuBLAS call's operand pointers, 8 grouped_gemm_glu's
+  /// products where the unfused GEMMs run and the step keeps none.
   std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(9);
   /// Areas a slot outgrew, freed with the context (graphs may hold them).
   std::vector<void *> retiredScratch_;
