@@ -154,9 +154,10 @@ bool gemmGridsFit(const Plan &plan, const Variant &variant) {
   for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
     for (const Step &step : *steps) {
       if (step.op != StepOp::GroupedGemm &&
-          step.op != StepOp::GroupedGemmWgrad)
+          step.op != StepOp::GroupedGemmWgrad &&
+          step.op != StepOp::GroupedGemmGlu)
         continue;
-      const bool forward = step.op == StepOp::GroupedGemm;
+      const bool forward = step.op != StepOp::GroupedGemmWgrad;
       const BufferDesc &a = plan.getBuffer(step.in(OperandRole::A));
       // The rows of the product: c's (grad_c's), also when a is gathered.
       const BufferDesc &rows = plan.getBuffer(
@@ -168,6 +169,38 @@ bool gemmGridsFit(const Plan &plan, const Variant &variant) {
       if (a.shape.size() < 2 || rows.shape.empty() ||
           !cuda::detail::deviceGroupedGemmGridFits(rows.shape.front(), groups,
                                                    a.shape.back()))
+        return false;
+    }
+  return true;
+}
+
+/// Whether grouped_gemm=auto sends every dynamic grouped GEMM of `variant`
+/// to the device-sized kernel when it runs eagerly (Core/GroupedGemmRule.h:
+/// few rows per expert, a gathered A, the glu-fused step), so that a
+/// recorded pass runs the kernels the eager calls ran.
+bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant) {
+  for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
+    for (const Step &step : *steps) {
+      const bool wgrad = step.op == StepOp::GroupedGemmWgrad;
+      if (step.op != StepOp::GroupedGemm && !wgrad)
+        continue; // grouped_gemm_glu runs the device kernel where it fits
+      const SegmentFacts &seg = step.facts.segments;
+      const bool dynamic =
+          seg.isValid() ? seg.rows < 0 : step.facts.staticCapacity < 0;
+      if (!dynamic || step.in(OperandRole::RowTokens).isValid())
+        continue;
+      const BufferDesc &rows = plan.getBuffer(
+          wgrad ? step.in(OperandRole::GradC) : step.out(OperandRole::C));
+      const std::vector<int64_t> &shape =
+          plan.getBuffer(wgrad ? step.out(OperandRole::GradB)
+                               : step.in(OperandRole::B))
+              .shape;
+      const int64_t groups = shape.size() >= 3 ? shape.front() : 1;
+      const int64_t declared = rows.shape.empty() ? 0 : rows.shape.front();
+      const int64_t rowBound =
+          std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
+      if (!prefersDeviceGemm(GroupedGemmImpl::Auto, rowBound, groups,
+                             /*capturing=*/false, wgrad))
         return false;
     }
   return true;
@@ -530,11 +563,14 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
       if (isCollective(step.op) || step.op == StepOp::UniformSegments)
         return false;
   // A dynamic routing records too where its grouped GEMMs size themselves
-  // on the device (grouped_gemm=device, 16-bit experts, rows 16-byte
-  // aligned).
+  // on the device (grouped_gemm=device, or auto where its rule takes the
+  // device kernel for every one of them - decode; 16-bit experts, rows
+  // 16-byte aligned).
   const int64_t hiddenPerRank = plan.layer.hiddenDim / plan.shards();
   const bool deviceSized =
-      ctx_->groupedGemm == GroupedGemmImpl::Device &&
+      (ctx_->groupedGemm == GroupedGemmImpl::Device ||
+       (ctx_->groupedGemm == GroupedGemmImpl::Auto &&
+        autoTakesDeviceKernels(plan, v))) &&
       deviceGemmShapeFits(plan.layer.dtype, plan.layer.modelDim,
                           hiddenPerRank) &&
       cuda::detail::deviceGroupedGemmRuns(*ctx_) && gemmGridsFit(plan, v);
