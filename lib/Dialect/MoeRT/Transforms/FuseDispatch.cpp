@@ -16,10 +16,9 @@
 
 #include "flex/Dialect/MoeRT/Transforms/Passes.h"
 
+#include "VariantFusion.h"
+
 #include "mlir/IR/Builders.h"
-#include "mlir/IR/IRMapping.h"
-#include "llvm/ADT/SetVector.h"
-#include "llvm/ADT/StringSet.h"
 
 namespace flex::moert {
 #define GEN_PASS_DEF_MOERTFUSEDISPATCHPASS
@@ -41,19 +40,6 @@ struct FusibleDispatch {
   Value dispatched;
   Value x;
 };
-
-int64_t columns(Value buffer) {
-  return cast<MemRefType>(buffer.getType()).getDimSize(1);
-}
-
-/// Steps of `variant`, forward then backward.
-SmallVector<Operation *> stepsOf(VariantOp variant) {
-  SmallVector<Operation *> steps;
-  for (Region *region : {&variant.getForward(), &variant.getBackward()})
-    for (Operation &step : region->front())
-      steps.push_back(&step);
-  return steps;
-}
 
 /// Whether `variant` can be fused; if not, `reason` says why (for the
 /// remark of `report`).
@@ -121,20 +107,19 @@ FailureOr<FusibleDispatch> analyze(VariantOp variant, Value x,
                      operand.role == "a" &&
                      !(gemm ? gemm.getRowTokens() : wgrad.getRowTokens());
       if (!readAsA) {
-        why << "moert." << cast<StepOpInterface>(step).getStepName()
-            << " uses the dispatched rows as '" << operand.role
-            << "', not as the A operand of a grouped GEMM";
+        why << "moert." << stepName(step) << " uses the dispatched rows as '"
+            << operand.role << "', not as the A operand of a grouped GEMM";
         return failure();
       }
       if (step->getParentRegion() == dispatch->getParentRegion() &&
           step->isBeforeInBlock(dispatch)) {
-        why << "moert." << cast<StepOpInterface>(step).getStepName()
+        why << "moert." << stepName(step)
             << " reads the dispatched rows before the dispatch";
         return failure();
       }
       Value product = gemm ? gemm.getC() : wgrad.getGradC();
       if (columns(product) % kGatherVector != 0) {
-        why << "moert." << cast<StepOpInterface>(step).getStepName()
+        why << "moert." << stepName(step)
             << " reading the dispatched rows has N = " << columns(product)
             << " columns, not a multiple of " << kGatherVector;
         return failure();
@@ -158,98 +143,45 @@ struct MoeRTFuseDispatchPass final
       return;
     }
     Value x;
-    llvm::StringSet<> names;
-    for (Operation &op : plan.getBody().front()) {
-      if (auto argument = dyn_cast<ArgumentOp>(op)) {
-        names.insert(argument.getName());
-        if (argument.getName() == "x")
-          x = argument.getBuffer();
-      } else if (auto alloc = dyn_cast<AllocOp>(op)) {
-        names.insert(alloc.getName());
-      }
-    }
-    llvm::StringSet<> variantNames;
-    for (VariantOp variant : plan.getBody().getOps<VariantOp>())
-      variantNames.insert(variant.getName());
-
-    for (VariantOp variant :
-         llvm::to_vector(plan.getBody().getOps<VariantOp>())) {
-      std::string reason;
-      FailureOr<FusibleDispatch> fusible = analyze(variant, x, reason);
-      std::string fusedName = (variant.getName() + "+gather").str();
-      if (succeeded(fusible) && variantNames.contains(fusedName)) {
-        reason = "the plan has a variant '" + fusedName + "' already";
-        fusible = failure();
-      }
-      if (failed(fusible)) {
-        if (report)
-          variant.emitRemark("variant '")
-              << variant.getName() << "' not fused: " << reason;
-        continue;
-      }
-      if (plan.getWorkspaceBytes()) {
-        plan.emitError("[plan-3] --moert-fuse-dispatch must run before "
-                       "--moert-plan-memory: the workspace is placed");
-        return signalPassFailure();
-      }
-      if (failed(fuse(plan, variant, *fusible, fusedName, names)))
-        return signalPassFailure();
-      variantNames.insert(fusedName);
-    }
+    for (ArgumentOp argument : plan.getBody().getOps<ArgumentOp>())
+      if (argument.getName() == "x")
+        x = argument.getBuffer();
+    VariantFusion fusion(plan, "--moert-fuse-dispatch");
+    if (failed(fusion.fuseEach(
+            "+gather", report,
+            [&](VariantOp variant, std::string &reason) {
+              return analyze(variant, x, reason);
+            },
+            [&](VariantOp variant, const FusibleDispatch &fusible,
+                StringRef fusedName) {
+              return fuse(fusion, variant, fusible, fusedName);
+            })))
+      signalPassFailure();
   }
 
-  /// Adds `fusedName`, the fused copy of `variant`, after every variant the
-  /// plan had: the existing variants keep their indices (a caller selecting
-  /// one by index, FLEX_VARIANT=1, gets what it got before the pass).
-  LogicalResult fuse(PlanOp plan, VariantOp variant,
-                     const FusibleDispatch &fusible, StringRef fusedName,
-                     llvm::StringSet<> &names) {
+  /// Adds `fusedName`, the fused copy of `variant`: its dispatch writes
+  /// only the row -> token map, which its grouped GEMMs read x through.
+  LogicalResult fuse(VariantFusion &fusion, VariantOp variant,
+                     const FusibleDispatch &fusible, StringRef fusedName) {
     // The workspace buffers the copy uses (all but D), in plan order.
     llvm::SetVector<Value> used;
     for (Operation *step : stepsOf(variant))
       for (Value operand : step->getOperands())
         if (operand != fusible.dispatched)
           used.insert(operand);
-    std::string prefix = (variant.getName() + ".").str();
-    auto fusedBufferName = [&](StringRef name) {
-      name.consume_front(prefix);
-      return (fusedName + "." + name).str();
-    };
-    SmallVector<std::pair<AllocOp, std::string>> copies;
-    for (AllocOp alloc : plan.getBody().getOps<AllocOp>())
-      if (used.contains(alloc.getBuffer()))
-        copies.push_back({alloc, fusedBufferName(alloc.getName())});
-    std::string rowTokensName = fusedBufferName("row_tokens");
-    SmallVector<StringRef> newNames = {rowTokensName};
-    for (auto &copy : copies)
-      newNames.push_back(copy.second);
-    for (StringRef name : newNames)
-      if (names.contains(name))
-        return plan.emitError("[plan-3] --moert-fuse-dispatch: buffer '")
-               << name << "' of variant '" << fusedName
-               << "' is defined in the plan already";
-
-    OpBuilder b(variant->getContext());
-    b.setInsertionPointToEnd(&plan.getBody().front());
-    IRMapping mapping;
-    for (auto &[alloc, name] : copies) {
-      auto copy = AllocOp::create(b, alloc.getLoc(), alloc.getType(), name,
-                                  IntegerAttr());
-      mapping.map(alloc.getBuffer(), copy.getBuffer());
-      names.insert(name);
-    }
+    // In D's place, the row -> token map: one i32 per row.
     auto rowTokensType = MemRefType::get(
         {cast<MemRefType>(fusible.dispatched.getType()).getDimSize(0)},
-        b.getI32Type());
-    Value rowTokens =
-        AllocOp::create(b, fusible.dispatched.getLoc(), rowTokensType,
-                        rowTokensName, IntegerAttr())
-            .getBuffer();
-    names.insert(rowTokensName);
+        IntegerType::get(variant->getContext(), 32));
+    FailureOr<FusedCopy> fused = fusion.copyVariant(
+        variant, fusedName, used,
+        {{"row_tokens", rowTokensType, fusible.dispatched.getLoc()}});
+    if (failed(fused))
+      return failure();
+    Value rowTokens = fused->added.front();
 
-    auto fused = cast<VariantOp>(b.clone(*variant, mapping));
-    fused.setName(fusedName);
-    for (Operation *step : stepsOf(fused)) {
+    OpBuilder b(variant->getContext());
+    for (Operation *step : stepsOf(fused->variant)) {
       if (auto dispatch = dyn_cast<DispatchOp>(step);
           dispatch && dispatch.getDispatched() == fusible.dispatched) {
         b.setInsertionPoint(dispatch);
@@ -276,7 +208,7 @@ struct MoeRTFuseDispatchPass final
       variant.emitRemark("variant '")
           << variant.getName() << "' fused as '" << fusedName
           << "': dispatch_rows, and the grouped GEMMs read 'x' through '"
-          << rowTokensName << "'";
+          << bufferName(rowTokens) << "'";
     return success();
   }
 };

@@ -17,11 +17,10 @@
 
 #include "flex/Dialect/MoeRT/Transforms/Passes.h"
 
+#include "VariantFusion.h"
+
 #include "mlir/IR/Builders.h"
-#include "mlir/IR/IRMapping.h"
 #include "llvm/ADT/DenseSet.h"
-#include "llvm/ADT/SetVector.h"
-#include "llvm/ADT/StringSet.h"
 
 #include <array>
 
@@ -51,34 +50,8 @@ struct GluTriple {
   std::array<Operation *, 3> steps() const { return {gate, up, glu}; }
 };
 
-int64_t columns(Value buffer) {
-  return cast<MemRefType>(buffer.getType()).getDimSize(1);
-}
-
 Type elementOf(Value buffer) {
   return cast<MemRefType>(buffer.getType()).getElementType();
-}
-
-/// Steps of `variant`, forward then backward.
-SmallVector<Operation *> stepsOf(VariantOp variant) {
-  SmallVector<Operation *> steps;
-  for (Region *region : {&variant.getForward(), &variant.getBackward()})
-    for (Operation &step : region->front())
-      steps.push_back(&step);
-  return steps;
-}
-
-StringRef stepName(Operation *step) {
-  return cast<StepOpInterface>(step).getStepName();
-}
-
-/// The plan's name of a buffer, for the remarks.
-StringRef bufferName(Value buffer) {
-  if (auto alloc = buffer.getDefiningOp<AllocOp>())
-    return alloc.getName();
-  if (auto argument = buffer.getDefiningOp<ArgumentOp>())
-    return argument.getName();
-  return "?";
 }
 
 bool writes(Operation *step, Value buffer) {
@@ -240,53 +213,29 @@ struct MoeRTFuseGluPass final
 
   void runOnOperation() override {
     PlanOp plan = getOperation();
-    llvm::StringSet<> names;
-    for (Operation &op : plan.getBody().front()) {
-      if (auto argument = dyn_cast<ArgumentOp>(op))
-        names.insert(argument.getName());
-      else if (auto alloc = dyn_cast<AllocOp>(op))
-        names.insert(alloc.getName());
-    }
-    llvm::StringSet<> variantNames;
-    for (VariantOp variant : plan.getBody().getOps<VariantOp>())
-      variantNames.insert(variant.getName());
-
-    for (VariantOp variant :
-         llvm::to_vector(plan.getBody().getOps<VariantOp>())) {
-      std::string reason;
-      SmallVector<GluTriple> triples = analyzeVariant(variant, reason);
-      std::string fusedName = (variant.getName() + "+glu").str();
-      if (!triples.empty() && variantNames.contains(fusedName)) {
-        reason = "the plan has a variant '" + fusedName + "' already";
-        triples.clear();
-      }
-      if (triples.empty()) {
-        if (report)
-          variant.emitRemark("variant '")
-              << variant.getName() << "' not fused: " << reason;
-        continue;
-      }
-      if (plan.getWorkspaceBytes()) {
-        plan.emitError("[plan-3] --moert-fuse-glu must run before "
-                       "--moert-plan-memory: the workspace is placed");
-        return signalPassFailure();
-      }
-      if (failed(fuse(plan, variant, triples, fusedName, names)))
-        return signalPassFailure();
-      variantNames.insert(fusedName);
-    }
+    VariantFusion fusion(plan, "--moert-fuse-glu");
+    if (failed(fusion.fuseEach(
+            "+glu", report,
+            [&](VariantOp variant, std::string &reason) {
+              return analyzeVariant(variant, reason);
+            },
+            [&](VariantOp variant, ArrayRef<GluTriple> triples,
+                StringRef fusedName) {
+              return fuse(fusion, variant, triples, fusedName);
+            })))
+      signalPassFailure();
   }
 
   /// The glu triples of `variant` to fuse, every qualifying one of its
-  /// forward (pipelined chunks have one each), with `keep` set; empty with
-  /// `reason` when none qualifies. A remark of `report` names each glu left
-  /// alone beside fused ones.
-  SmallVector<GluTriple> analyzeVariant(VariantOp variant,
-                                        std::string &reason) {
+  /// forward (pipelined chunks have one each), with `keep` set; a failure
+  /// with `reason` when none qualifies. A remark of `report` names each glu
+  /// left alone beside fused ones.
+  FailureOr<SmallVector<GluTriple>> analyzeVariant(VariantOp variant,
+                                                   std::string &reason) {
     auto glus = llvm::to_vector(variant.getForward().front().getOps<GluOp>());
     if (glus.empty()) {
       reason = "its forward has no glu step";
-      return {};
+      return failure();
     }
     SmallVector<GluTriple> triples;
     SmallVector<std::pair<size_t, std::string>> leftAlone;
@@ -303,7 +252,7 @@ struct MoeRTFuseGluPass final
                    ? leftAlone.front().second
                    : "glu step 1 of " + std::to_string(glus.size()) + ": " +
                          leftAlone.front().second;
-      return {};
+      return failure();
     }
     if (report)
       for (auto &[index, why] : leftAlone)
@@ -326,12 +275,10 @@ struct MoeRTFuseGluPass final
     return triples;
   }
 
-  /// Adds `fusedName`, the fused copy of `variant`, after every variant the
-  /// plan had: the existing variants keep their indices (a caller selecting
-  /// one by index, FLEX_VARIANT=1, gets what it got before the pass).
-  LogicalResult fuse(PlanOp plan, VariantOp variant,
-                     ArrayRef<GluTriple> triples, StringRef fusedName,
-                     llvm::StringSet<> &names) {
+  /// Adds `fusedName`, the fused copy of `variant`: each triple is one
+  /// grouped_gemm_glu in its glu's place.
+  LogicalResult fuse(VariantFusion &fusion, VariantOp variant,
+                     ArrayRef<GluTriple> triples, StringRef fusedName) {
     // The workspace buffers the copy uses, in plan order: those of every
     // step but the fused ones, and the fused steps' operands (the products
     // only where kept).
@@ -353,39 +300,17 @@ struct MoeRTFuseGluPass final
     for (Operation *step : stepsOf(variant))
       if (!fusedSteps.contains(step))
         used.insert(step->getOperands().begin(), step->getOperands().end());
-    std::string prefix = (variant.getName() + ".").str();
-    auto fusedBufferName = [&](StringRef name) {
-      name.consume_front(prefix);
-      return (fusedName + "." + name).str();
-    };
-    SmallVector<std::pair<AllocOp, std::string>> copies;
-    for (AllocOp alloc : plan.getBody().getOps<AllocOp>())
-      if (used.contains(alloc.getBuffer()))
-        copies.push_back({alloc, fusedBufferName(alloc.getName())});
-    for (auto &copy : copies)
-      if (names.contains(copy.second))
-        return plan.emitError("[plan-3] --moert-fuse-glu: buffer '")
-               << copy.second << "' of variant '" << fusedName
-               << "' is defined in the plan already";
+    FailureOr<FusedCopy> fused = fusion.copyVariant(variant, fusedName, used);
+    if (failed(fused))
+      return failure();
 
-    OpBuilder b(variant->getContext());
-    b.setInsertionPointToEnd(&plan.getBody().front());
-    IRMapping mapping;
-    for (auto &[alloc, name] : copies) {
-      auto copy = AllocOp::create(b, alloc.getLoc(), alloc.getType(), name,
-                                  IntegerAttr());
-      mapping.map(alloc.getBuffer(), copy.getBuffer());
-      names.insert(name);
-    }
-
-    auto fused = cast<VariantOp>(b.clone(*variant, mapping));
-    fused.setName(fusedName);
     // The copy's steps in the original's order: the triples' steps by index.
     SmallVector<Operation *> originalSteps = stepsOf(variant);
-    SmallVector<Operation *> copiedSteps = stepsOf(fused);
+    SmallVector<Operation *> copiedSteps = stepsOf(fused->variant);
     llvm::DenseMap<Operation *, Operation *> copyOf;
     for (auto [original, copy] : llvm::zip_equal(originalSteps, copiedSteps))
       copyOf[original] = copy;
+    OpBuilder b(variant->getContext());
     for (GluTriple triple : triples) {
       auto gate = cast<GroupedGemmOp>(copyOf[triple.gate]);
       auto up = cast<GroupedGemmOp>(copyOf[triple.up]);
