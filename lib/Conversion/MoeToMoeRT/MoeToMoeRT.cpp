@@ -120,6 +120,9 @@ private:
     return AllocOp::create(b, loc, type, full, IntegerAttr()).getBuffer();
   }
   LayerAttr layerAttr();
+  /// Whether the experts are an FFN with a ReLU (its backward reads the
+  /// activation's output, not the value before it).
+  bool reluExperts();
   void declareArguments();
   void buildVariant(const PlanVariant &variant);
   void buildForward(ExpandedLayer layer);
@@ -271,6 +274,12 @@ private:
   Value gradHidden, gradHiddenPre, gradGateProj, gradUpProj;
   ExpertWeights fullWeights; // data parallel: gathered
 };
+
+bool PlanBuilder::reluExperts() {
+  auto attr = first.experts.front().getActivationAttr();
+  return first.experts.front().getKind() != moe::ExpertKind::Gated && attr &&
+         attr.getValue() == moe::Activation::Relu;
+}
 
 LayerAttr PlanBuilder::layerAttr() {
   moe::GateOp gate = first.gate;
@@ -438,7 +447,7 @@ void PlanBuilder::expertsForward(Value a, Value y,
     if (gated) {
       c.gateProj = alloc("gate_proj", hiddenType);
       c.upProj = alloc("up_proj", hiddenType);
-    } else if (options.training) {
+    } else if (options.training && !reluExperts()) {
       c.hiddenPre = alloc("hidden_pre", hiddenType);
     }
   }
@@ -456,7 +465,9 @@ void PlanBuilder::expertsForward(Value a, Value y,
             segments));
   } else {
     // With training, the GEMM also keeps the value before the activation
-    // for activation_backward.
+    // for activation_backward; a ReLU's derivative reads its output instead
+    // (relu'(relu(x)) = relu'(x)), which the backward keeps anyway (fc2's
+    // weight gradient), so fc1 writes hidden once and no pre.
     createStep<GroupedGemmOp>(
         b, loc,
         withSegments({{"a", a},
@@ -543,7 +554,7 @@ void PlanBuilder::expertsBackward(Value a, Value gradY, Value gradA,
   }
   createStep<ActivationBackwardOp>(
       b, loc,
-      withSegments({{"pre", c.hiddenPre},
+      withSegments({{"pre", reluExperts() ? c.hidden : c.hiddenPre},
                     {"grad", gradHidden},
                     {"grad_pre", gradHiddenPre}},
                    segments),

@@ -56,7 +56,7 @@
 // CHECK-NEXT: moert.router ins(x = %[[X]]
 // CHECK-NEXT: moert.gate {{.+}}layout = #moert<layout ragged>
 // CHECK-NEXT: moert.dispatch_rows ins(indices = %{{.+}} : memref<64x2xi32>, locations = %{{.+}} : memref<64x2xi32>, capacity = %[[CAP]] : memref<1xi32>, expert_offsets = %[[OFFSETS]] : memref<5xi32>) outs(row_tokens = %[[RT]] : memref<128xi32>)
-// CHECK-NEXT: moert.grouped_gemm ins(a = %[[X]] : memref<64x16xbf16>, b = %[[W1]] : memref<4x16x32xbf16>, expert_offsets = %[[OFFSETS]] : memref<5xi32>, expert_rows = %[[ROWS]] : memref<4xi32>, row_tokens = %[[RT]] : memref<128xi32>) outs(c = %[[H]] : memref<128x32xbf16>, pre = %[[PRE]] : memref<128x32xbf16>) {epilogue = #moe<activation relu>}
+// CHECK-NEXT: moert.grouped_gemm ins(a = %[[X]] : memref<64x16xbf16>, b = %[[W1]] : memref<4x16x32xbf16>, expert_offsets = %[[OFFSETS]] : memref<5xi32>, expert_rows = %[[ROWS]] : memref<4xi32>, row_tokens = %[[RT]] : memref<128xi32>) outs(c = %[[H]] : memref<128x32xbf16>, pre = %[[PRE]] : memref<128x32xbf16>) {epilogue = #moe<activation gelu>}
 // CHECK-NEXT: moert.grouped_gemm ins(a = %[[H]] : {{[^)]+}}) outs(
 // CHECK-NEXT: moert.combine
 // CHECK-NEXT: } backward {
@@ -105,10 +105,12 @@
 // TWICE: moert.variant "single+gather" forward
 // TWICE-NOT: moert.variant
 
+// GELU: its backward reads `pre`, which the copy writes too (a ReLU's
+// reads its output and keeps none).
 func.func @ragged_bf16(%x: tensor<64x16xbf16>, %wg: tensor<16x4xbf16>,
                        %w1: tensor<4x16x32xbf16>, %w2: tensor<4x32x16xbf16>)
     -> (tensor<64x16xbf16>, tensor<f32>) {
-  %out, %aux = moe.layer ffn<relu> %x, %wg, %w1, %w2
+  %out, %aux = moe.layer ffn<gelu> %x, %wg, %w1, %w2
       {top_k = 2, capacity = #moe.capacity<dropless>, normalize}
       : (tensor<64x16xbf16>, tensor<16x4xbf16>, tensor<4x16x32xbf16>,
          tensor<4x32x16xbf16>) -> (tensor<64x16xbf16>, tensor<f32>)

@@ -59,10 +59,12 @@
 // CHECK-NEXT: "grad_b": "grad_w1"
 // CHECK: "default_variant": 0
 
+// GELU: its backward reads `pre`, which the copy writes too (a ReLU's
+// reads its output and keeps none).
 func.func @ragged_bf16(%x: tensor<64x16xbf16>, %wg: tensor<16x4xbf16>,
                        %w1: tensor<4x16x32xbf16>, %w2: tensor<4x32x16xbf16>)
     -> (tensor<64x16xbf16>, tensor<f32>) {
-  %out, %aux = moe.layer ffn<relu> %x, %wg, %w1, %w2
+  %out, %aux = moe.layer ffn<gelu> %x, %wg, %w1, %w2
       {top_k = 2, capacity = #moe.capacity<dropless>, normalize}
       : (tensor<64x16xbf16>, tensor<16x4xbf16>, tensor<4x16x32xbf16>,
          tensor<4x32x16xbf16>) -> (tensor<64x16xbf16>, tensor<f32>)
