@@ -14,18 +14,16 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "FusionTestSupport.h"
 #include "MultiRankTestSupport.h"
 
-#include "flex/Compiler/Compiler.h"
 #include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Core/Half.h"
 #include "flex/Runtime/Executor.h"
-#include "flex/Runtime/PlanLoader.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -35,49 +33,33 @@
 
 using namespace flex;
 using namespace flex::reference;
+using flex::test::compileLayer;
+using flex::test::describeLayer;
+using flex::test::randomFusionLayer;
 using flex::test::runSeed;
 using flex::test::runVariant;
 
 namespace {
 
-/// A random small layer the pass fuses: bf16 or f16, dropless or bounded
-/// (ragged layout), d and h multiples of 8.
+/// A random small layer the pass fuses: dropless or bounded (a ragged
+/// layout), one in three gated, any activation.
 LayerConfig randomFusableConfig(std::mt19937_64 &rng) {
-  auto pick = [&](int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-  };
-  LayerConfig c;
-  c.experts = pick(1, 9);
-  c.topK = std::min<int64_t>(pick(1, 3), c.experts);
-  c.tokens = pick(1, 40);
-  c.modelDim = 8 * pick(1, 3);
-  c.hiddenDim = 8 * pick(1, 3);
-  c.capacityMode = pick(0, 1) ? CapacityMode::Dropless : CapacityMode::Bounded;
-  // A bounded factor >= 1 never gives capacity 0 ([cap-1]).
-  c.capacityFactor = std::uniform_real_distribution<double>(1.0, 2.0)(rng);
-  c.expertKind = pick(0, 2) == 0 ? ExpertKind::Gated : ExpertKind::FFN;
-  c.activation = static_cast<Activation>(pick(0, 2));
-  c.bias = c.expertKind == ExpertKind::FFN && pick(0, 1);
-  c.dtype = pick(0, 1) ? DType::BF16 : DType::F16;
-  c.routerFp32 = true;
-  c.batchPrioritized = pick(0, 1);
-  c.normalizeGate = pick(0, 1);
-  c.seed = rng();
-  return c;
+  return randomFusionLayer(
+      rng,
+      {.experts = {1, 9},
+       .capacityModes = {CapacityMode::Bounded, CapacityMode::Dropless},
+       .expertKinds = {ExpertKind::Gated, ExpertKind::FFN, ExpertKind::FFN},
+       .activations = {Activation::Relu, Activation::Gelu, Activation::Silu}});
 }
 
-/// `config` compiled for training with the gather-fused variants.
-::testing::AssertionResult compileFused(const LayerConfig &config,
-                                        std::string &planJson) {
+/// Training with the gather-fused variants.
+CompileOptions fusedOptions() {
   CompileOptions options;
   options.training = true;
   options.fuseDispatch = true;
   // The gather fusion alone, whatever the pipeline's default for the glu's.
   options.fuseGlu = false;
-  std::string error;
-  if (compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
-    return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << error;
+  return options;
 }
 
 /// Buffers of the layer's dtype (the router's weights in fp32), held as
@@ -130,21 +112,12 @@ TEST(GatherFusion, FusedVariantEqualsTheUnfusedOneAndTheReference) {
   int fused = 0;
   for (int i = 0; i < kCases; ++i) {
     LayerConfig config = randomFusableConfig(rng);
-    SCOPED_TRACE("case " + std::to_string(i) +
-                 " T=" + std::to_string(config.tokens) +
-                 " d=" + std::to_string(config.modelDim) +
-                 " h=" + std::to_string(config.hiddenDim) +
-                 " E=" + std::to_string(config.experts) +
-                 " k=" + std::to_string(config.topK) + " " +
-                 std::string(toString(config.capacityMode)) + " " +
-                 std::string(toString(config.expertKind)) + " " +
+    SCOPED_TRACE("case " + std::to_string(i) + " " + describeLayer(config) +
+                 " " + std::string(toString(config.expertKind)) + " " +
                  std::string(toString(config.dtype)) +
                  (config.bias ? " bias" : ""));
-    std::string planJson;
-    ASSERT_TRUE(compileFused(config, planJson));
     auto plan = std::make_shared<Plan>();
-    Status loaded = parsePlan(planJson, *plan);
-    ASSERT_TRUE(loaded.isOk()) << loaded.message();
+    ASSERT_TRUE(compileLayer(config, fusedOptions(), *plan));
     // A bounded layer whose bound never binds became dropless; either way
     // the layout is ragged and the pass adds the fused variant second.
     ASSERT_EQ(plan->variants.size(), 2u);
@@ -256,7 +229,7 @@ TEST(GatherFusion, TheLoaderRefusesAMisusedRowMap) {
   config.capacityMode = CapacityMode::Dropless;
   config.dtype = DType::BF16;
   std::string planJson;
-  ASSERT_TRUE(compileFused(config, planJson));
+  ASSERT_TRUE(compileLayer(config, fusedOptions(), planJson));
   using Json = nlohmann::ordered_json;
   auto rejects = [&](const std::function<void(Json & step)> &edit,
                      const std::string &what) {

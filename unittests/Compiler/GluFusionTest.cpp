@@ -15,12 +15,11 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "FusionTestSupport.h"
 #include "MultiRankTestSupport.h"
 
-#include "flex/Compiler/Compiler.h"
 #include "flex/Reference/ReferenceMoE.h"
 #include "flex/Runtime/Executor.h"
-#include "flex/Runtime/PlanLoader.h"
 
 #include <gtest/gtest.h>
 
@@ -35,29 +34,14 @@ namespace {
 
 constexpr double kGradLAux = 0.5;
 
-/// A random small gated layer the pass fuses: bf16 or f16, any capacity
-/// mode, d and h multiples of 8.
+/// A random small gated (SwiGLU) layer the pass fuses, any capacity mode.
 LayerConfig randomGatedConfig(std::mt19937_64 &rng) {
-  auto pick = [&](int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-  };
-  LayerConfig c;
-  c.experts = pick(2, 8); // one expert has no routing margin to draw
-  c.topK = std::min<int64_t>(pick(1, 3), c.experts);
-  c.tokens = pick(1, 40);
-  c.modelDim = 8 * pick(1, 3);
-  c.hiddenDim = 8 * pick(1, 3);
-  c.capacityMode = static_cast<CapacityMode>(pick(0, 2));
-  // A factor >= 1 never gives capacity 0 ([cap-1]).
-  c.capacityFactor = std::uniform_real_distribution<double>(1.0, 2.0)(rng);
-  c.expertKind = ExpertKind::Gated;
-  c.activation = Activation::Silu;
-  c.dtype = pick(0, 1) ? DType::BF16 : DType::F16;
-  c.routerFp32 = true;
-  c.batchPrioritized = pick(0, 1);
-  c.normalizeGate = pick(0, 1);
-  c.seed = rng();
-  return c;
+  return randomFusionLayer(
+      rng, {.experts = {2, 8}, // one expert has no routing margin to draw
+            .capacityModes = {CapacityMode::Fixed, CapacityMode::Dropless,
+                              CapacityMode::Bounded},
+            .expertKinds = {ExpertKind::Gated},
+            .activations = {Activation::Silu}});
 }
 
 /// `config` compiled with both fusions.
@@ -65,12 +49,7 @@ LayerConfig randomGatedConfig(std::mt19937_64 &rng) {
                                         CompileOptions options, Plan &plan) {
   options.fuseDispatch = true;
   options.fuseGlu = true;
-  std::string planJson, error;
-  if (!compileLayerToPlan(layerConfigToMlir(config), options, planJson, error))
-    return ::testing::AssertionFailure() << error;
-  if (Status parsed = parsePlan(planJson, plan); !parsed)
-    return ::testing::AssertionFailure() << parsed.message();
-  return ::testing::AssertionSuccess();
+  return compileLayer(config, options, plan);
 }
 
 std::vector<std::string> variantNames(const Plan &plan) {
@@ -169,14 +148,8 @@ TEST(GluFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
     LayerConfig config = randomGatedConfig(rng);
     CompileOptions options;
     options.training = i % 2 == 0;
-    SCOPED_TRACE("case " + std::to_string(i) +
-                 " T=" + std::to_string(config.tokens) +
-                 " d=" + std::to_string(config.modelDim) +
-                 " h=" + std::to_string(config.hiddenDim) +
-                 " E=" + std::to_string(config.experts) +
-                 " k=" + std::to_string(config.topK) + " " +
-                 std::string(toString(config.capacityMode)) + " " +
-                 std::string(toString(config.dtype)) +
+    SCOPED_TRACE("case " + std::to_string(i) + " " + describeLayer(config) +
+                 " " + std::string(toString(config.dtype)) +
                  (options.training ? " training" : " inference"));
     Plan plan;
     ASSERT_TRUE(compileFused(config, options, plan));
