@@ -117,23 +117,26 @@ int expectGluVariantsMatch(const Plan &plan, const RankInputs &inputs) {
     if (original < 0)
       continue;
     for (int r = 0; r < static_cast<int>(plan.worldSize); ++r) {
-      for (const Argument &arg : plan.arguments)
+      for (const Argument &arg : plan.arguments) {
         if (arg.role == ArgumentRole::Output ||
-            arg.role == ArgumentRole::GradOutput)
+            arg.role == ArgumentRole::GradOutput) {
           EXPECT_EQ(results[v][r].data.at(arg.name),
                     results[original][r].data.at(arg.name))
               << name << " differs from " << plan.variants[original].name
               << " in " << arg.name << " on rank " << r;
+        }
+      }
       EXPECT_LE(
           reference::relativeL2(results[v][r].get("out"), ref.forward[r].out),
           tolerance)
           << name << " on rank " << r;
-      if (plan.training)
+      if (plan.training) {
         EXPECT_LE(reference::relativeL2(
                       results[v][r].get("grad_x"), ref.grads[r].x,
                       reference::normL2(ref.grads[r].x) == 0.0 ? 1.0 : 0.0),
                   tolerance)
             << name << " on rank " << r;
+      }
     }
   }
   return fused;
@@ -164,9 +167,10 @@ TEST(GluFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
     // Training keeps the products for glu_backward; inference does not.
     for (const Variant &variant : plan.variants)
       for (const Step &step : variant.forward)
-        if (step.op == StepOp::GroupedGemmGlu)
+        if (step.op == StepOp::GroupedGemmGlu) {
           EXPECT_EQ(step.out(OperandRole::GateIn).isValid(), plan.training)
               << variant.name;
+        }
 
     RankInputs inputs;
     reference::ReferenceOptions refOptions;
