@@ -607,7 +607,9 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
 
 // A fixed capacity's ReLU in cuBLASLt's epilogue (grouped_gemm=auto; the
 // explicit cuBLAS path keeps the GEMM and the epilogue kernel): both equal
-// relu of the fp64 product, every row of the E x C blocks written.
+// relu of the fp64 product, every row of the E x C blocks written, also
+// where a and c start one row into their buffers (a pipelined chunk's
+// shifted rows: less than cuBLASLt's default 256-byte alignment).
 TEST(CudaStaticGemm, ReluInTheGemmMatchesTheEpilogueKernelAndFp64) {
   FLEX_SKIP_WITHOUT_CUDA();
   std::unique_ptr<cuda::KernelContext> ctx;
@@ -618,45 +620,96 @@ TEST(CudaStaticGemm, ReluInTheGemmMatchesTheEpilogueKernelAndFp64) {
         {3, 17, 40, 24},
         {8, 256, 128, 64}})
     for (DType dt : {DType::BF16, DType::F16, DType::F32})
-      for (bool transB : {false, true}) {
-        SCOPED_TRACE(std::string(toString(dt)) + (transB ? " b^T" : " b") +
-                     " E " + std::to_string(E) + " C " + std::to_string(C));
-        const int64_t R = E * C;
-        Buffer a(dt, R * k), b(dt, E * k * n);
-        a.set(normals(rng, R * k, 1.0));
-        b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
-        std::vector<double> want(R * n);
-        for (int64_t e = 0; e < E; ++e)
-          for (int64_t r = e * C; r < (e + 1) * C; ++r)
-            for (int64_t j = 0; j < n; ++j) {
-              double sum = 0;
-              for (int64_t i = 0; i < k; ++i)
-                sum += a.at(r * k + i) *
-                       b.at(e * k * n + (transB ? j * k + i : i * n + j));
-              want[r * n + j] = std::max(sum, 0.0);
+      for (bool transB : {false, true})
+        for (int64_t shift : {0, 1}) {
+          SCOPED_TRACE(std::string(toString(dt)) + (transB ? " b^T" : " b") +
+                       " E " + std::to_string(E) + " C " + std::to_string(C) +
+                       " shifted by " + std::to_string(shift) + " row");
+          const int64_t R = E * C;
+          const size_t size = dtypeSize(dt);
+          Buffer a(dt, (R + shift) * k), b(dt, E * k * n);
+          a.set(normals(rng, (R + shift) * k, 1.0));
+          b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+          std::vector<double> want(R * n);
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t r = e * C; r < (e + 1) * C; ++r)
+              for (int64_t j = 0; j < n; ++j) {
+                double sum = 0;
+                for (int64_t i = 0; i < k; ++i)
+                  sum += a.at((r + shift) * k + i) *
+                         b.at(e * k * n + (transB ? j * k + i : i * n + j));
+                want[r * n + j] = std::max(sum, 0.0);
+              }
+          cuda::ExpertRowSpace space;
+          space.experts = E;
+          space.rowBound = R;
+          space.staticCapacity = C;
+          GroupedGemmOptions options;
+          options.transB = transB;
+          options.epilogue = Epilogue::Relu;
+          for (GroupedGemmPath path :
+               {GroupedGemmPath::Auto, GroupedGemmPath::Cublas}) {
+            SCOPED_TRACE(pathName(path));
+            Buffer c(dt, (R + shift) * n);
+            c.poison();
+            Status status = cuda::detail::groupedGemmWith(
+                *ctx, {static_cast<char *>(a.device) + shift * k * size, dt},
+                {b.device, dt}, {},
+                {static_cast<char *>(c.device) + shift * n * size, dt}, k, n,
+                space, options, {}, path);
+            ASSERT_TRUE(status.isOk()) << status.message();
+            c.download();
+            double diff = 0, norm = 0;
+            for (int64_t i = 0; i < R * n; ++i) {
+              const double got = c.at(shift * n + i);
+              ASSERT_GE(got, 0.0) << "element " << i << " is not relu'd";
+              diff += (got - want[i]) * (got - want[i]);
+              norm += want[i] * want[i];
             }
-        cuda::ExpertRowSpace space;
-        space.experts = E;
-        space.rowBound = R;
-        space.staticCapacity = C;
-        GroupedGemmOptions options;
-        options.transB = transB;
-        options.epilogue = Epilogue::Relu;
-        for (GroupedGemmPath path :
-             {GroupedGemmPath::Auto, GroupedGemmPath::Cublas}) {
-          SCOPED_TRACE(pathName(path));
-          Buffer c(dt, R * n);
-          c.poison();
-          Status status = cuda::detail::groupedGemmWith(
-              *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt}, k, n,
-              space, options, {}, path);
-          ASSERT_TRUE(status.isOk()) << status.message();
-          c.download();
-          EXPECT_LE(bufferError(c, want), dt == DType::F32 ? 1e-5 : 1e-2);
-          for (int64_t i = 0; i < R * n; ++i)
-            ASSERT_GE(c.at(i), 0.0) << "element " << i << " is not relu'd";
+            EXPECT_LE(std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30),
+                      dt == DType::F32 ? 1e-5 : 1e-2);
+          }
         }
-      }
+}
+
+// A NaN in a row of A stays NaN through the ReLU on every path, as the
+// epilogue kernel and the CPU keep it (NaN propagates as in PyTorch): a
+// ReLU that clipped it to 0 would hide a diverging layer.
+TEST(CudaStaticGemm, ReluKeepsNaNOnEveryPath) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  const int64_t E = 4, C = 64, k = 72, n = 136, R = E * C;
+  std::mt19937_64 rng(37);
+  for (DType dt : {DType::BF16, DType::F16}) {
+    SCOPED_TRACE(toString(dt));
+    Buffer a(dt, R * k), b(dt, E * k * n);
+    std::vector<double> values = normals(rng, R * k, 1.0);
+    values[5 * k + 3] = std::nan(""); // row 5 of expert 0
+    a.set(values);
+    b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+    cuda::ExpertRowSpace space;
+    space.experts = E;
+    space.rowBound = R;
+    space.staticCapacity = C;
+    GroupedGemmOptions options;
+    options.epilogue = Epilogue::Relu;
+    for (GroupedGemmPath path :
+         {GroupedGemmPath::Auto, GroupedGemmPath::Cublas}) {
+      SCOPED_TRACE(pathName(path));
+      Buffer c(dt, R * n);
+      c.poison();
+      ASSERT_TRUE(cuda::detail::groupedGemmWith(
+                      *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt},
+                      k, n, space, options, {}, path)
+                      .isOk());
+      c.download();
+      for (int64_t j = 0; j < n; ++j)
+        ASSERT_TRUE(std::isnan(c.at(5 * n + j))) << "column " << j;
+      for (int64_t j = 0; j < n; ++j)
+        ASSERT_FALSE(std::isnan(c.at(6 * n + j))) << "column " << j;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeviceGemm,

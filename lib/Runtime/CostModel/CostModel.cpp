@@ -264,9 +264,9 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   const int64_t declared = a.shape.empty() ? 0 : a.shape.front();
   const int64_t rowBound =
       std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
-  // Not `capturing`: the backend records a dynamic pass only under
-  // grouped_gemm=device (CudaBackend::canCapturePass), which the rule
-  // already sends to the kernel; under auto the pass runs eagerly. The host
+  // Not `capturing`: the backend records a dynamic pass only where the
+  // rule already sends every GEMM to the kernel (grouped_gemm=device, or
+  // auto at decode sizes: CudaBackend::canCapturePass). The host
   // path (PerExpert) is priced by the table's ragged points whether it runs
   // a GEMM per expert or cuBLAS's grouped call (groupedCublasTakes needs
   // the counts, which only the run has).

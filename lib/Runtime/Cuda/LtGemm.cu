@@ -40,10 +40,37 @@ struct LtPlan {
   cublasLtMatrixLayout_t weights = nullptr, rows = nullptr, out = nullptr;
   cublasLtMatmulAlgo_t algo{};
   bool found = false;
+
+  LtPlan() = default;
+  LtPlan(const LtPlan &) = delete;
+  LtPlan &operator=(const LtPlan &) = delete;
+  ~LtPlan() {
+    for (cublasLtMatrixLayout_t layout : {weights, rows, out})
+      if (layout)
+        cublasLtMatrixLayoutDestroy(layout);
+    if (op)
+      cublasLtMatmulDescDestroy(op);
+  }
 };
 
-using LtKey = std::tuple<void *, int, int64_t, int64_t, int64_t, int64_t,
-                         int64_t, int>;
+/// The pointers' alignments (bytes, at most 256) the algorithm was chosen
+/// for: the weights, the rows, the output.
+struct LtAlignment {
+  uint32_t weights, rows, out;
+};
+
+uint32_t alignmentOf(const void *pointer) {
+  const auto bits = reinterpret_cast<uintptr_t>(pointer);
+  return bits == 0 ? 256u
+                   : static_cast<uint32_t>(
+                         std::min<uintptr_t>(256, bits & (~bits + 1)));
+}
+
+/// The device (ordinal, compute capability: the algorithm depends on the
+/// part), the dtype, k, n, the capacity, the experts, opB and the
+/// alignments.
+using LtKey = std::tuple<int, int, int, int64_t, int64_t, int64_t, int64_t, int,
+                         uint32_t, uint32_t, uint32_t>;
 
 std::mutex ltMutex;
 std::map<LtKey, std::unique_ptr<LtPlan>> ltPlans;
@@ -81,7 +108,8 @@ Status makeLayout(cublasLtMatrixLayout_t &layout, cudaDataType_t type,
 /// per block, as column-major C^T = op(B)^T A^T with B first).
 Status buildPlan(KernelContext &ctx, LtPlan &plan, cublasOperation_t opB,
                  cudaDataType_t type, int64_t k, int64_t n, int64_t ldb,
-                 int64_t capacity, int64_t experts) {
+                 int64_t capacity, int64_t experts,
+                 const LtAlignment &alignment) {
   if (Status s = checkLt(
           cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F),
           "cublasLtMatmulDescCreate");
@@ -124,11 +152,21 @@ Status buildPlan(KernelContext &ctx, LtPlan &plan, cublasOperation_t opB,
   const uint64_t workspace = static_cast<uint64_t>(ctx.cublasWorkspaceBytes());
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  const Status set = checkLt(
-      cublasLtMatmulPreferenceSetAttribute(
-          preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
-          sizeof(workspace)),
-      "cublasLtMatmulPreferenceSetAttribute");
+  // The heuristic assumes 256-byte aligned pointers unless told: a chunk's
+  // rows, a caller's weights or a less aligned workspace may be less.
+  cublasStatus_t preferred = cublasLtMatmulPreferenceSetAttribute(
+      preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+      sizeof(workspace));
+  for (auto [attribute, bytes] :
+       {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                  alignment.weights},
+        std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment.rows},
+        std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment.out},
+        std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment.out}})
+    if (preferred == CUBLAS_STATUS_SUCCESS)
+      preferred = cublasLtMatmulPreferenceSetAttribute(preference, attribute,
+                                                       &bytes, sizeof(bytes));
+  const Status set = checkLt(preferred, "cublasLtMatmulPreferenceSetAttribute");
   // No algorithm (CUBLAS_STATUS_NOT_SUPPORTED) is an answer, not an error:
   // the unfused path runs.
   const cublasStatus_t heuristic =
@@ -161,20 +199,33 @@ Status ltReluBatchedGemm(KernelContext &ctx, bool transB, const void *a,
     return Status::ok(); // f32 stays on cuBLAS's own path (no TF32 there)
   const cudaDataType_t type = dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
   LtPlan *plan = nullptr;
+  int device = 0;
+  if (Status s = checkCuda(cudaGetDevice(&device), "cudaGetDevice"); !s)
+    return s;
+  const LtAlignment alignment{alignmentOf(b), alignmentOf(a), alignmentOf(c)};
   {
     std::lock_guard<std::mutex> lock(ltMutex);
-    LtKey key{ctx.cublasLtHandle(), static_cast<int>(dtype), k, n, ldb,
-              capacity, experts, static_cast<int>(opB)};
-    std::unique_ptr<LtPlan> &entry = ltPlans[key];
-    if (!entry) {
+    LtKey key{device,
+              ctx.computeCapability(),
+              static_cast<int>(dtype),
+              k,
+              n,
+              capacity,
+              experts,
+              static_cast<int>(opB),
+              alignment.weights,
+              alignment.rows,
+              alignment.out};
+    auto found = ltPlans.find(key);
+    if (found == ltPlans.end()) {
       auto built = std::make_unique<LtPlan>();
-      if (Status s =
-              buildPlan(ctx, *built, opB, type, k, n, ldb, capacity, experts);
+      if (Status s = buildPlan(ctx, *built, opB, type, k, n, ldb, capacity,
+                               experts, alignment);
           !s)
         return s;
-      entry = std::move(built);
+      found = ltPlans.emplace(key, std::move(built)).first;
     }
-    plan = entry.get();
+    plan = found->second.get();
   }
   if (!plan->found)
     return Status::ok();
