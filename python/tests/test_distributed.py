@@ -57,6 +57,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _leave_group():
+    """Every rank past its last collective before any tears gloo down: a
+    rank destroying its group while a peer still talks to it can abort the
+    peer (std::terminate in gloo's teardown)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def test_communicator_needs_gpus(tmp_path):
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -66,7 +74,7 @@ def test_communicator_needs_gpus(tmp_path):
         with pytest.raises(FlexError, match="NCCL|CUDA"):
             distributed.create_communicator()
     finally:
-        dist.destroy_process_group()
+        _leave_group()
 
 
 # The runs each rank makes: (a2a_ffn_overlap_degree, adaptive_r, capacity
@@ -117,7 +125,7 @@ def _rank_main(rank, world, port, result_dir, device):
         errors[i] = e
     torch.save(errors,
                os.path.join(result_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _leave_group()
 
 
 def _check_ranks(result_dir, world):
@@ -174,7 +182,7 @@ def _sharded_main(rank, world, port, result_dir, experts, r=None):
     except FlexError as error:
         result = {"error": str(error)}
     torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _leave_group()
 
 
 @pytest.mark.parametrize("world,experts,r", [(2, 1, None), (4, 2, 0),
@@ -236,7 +244,7 @@ def _train_main(rank, world, port, argv, result_dir):
     code = train_lm.main(argv)
     with open(os.path.join(result_dir, f"code{rank}.txt"), "w") as f:
         f.write(str(code))
-    dist.destroy_process_group()
+    _leave_group()
 
 
 def _run_lm(tmp_path, world, argv):
