@@ -17,6 +17,7 @@
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -57,12 +58,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _leave_group():
-    """Every rank past its last collective before any tears gloo down: a
-    rank destroying its group while a peer still talks to it can abort the
-    peer (std::terminate in gloo's teardown)."""
+def _end_rank():
+    """The end of a spawned rank whose results are written: every rank past
+    its last collective (a barrier), then out without the interpreter's
+    teardown. Two CI runs saw a rank abort there after writing its results
+    ("terminate called without an active exception": torch's gloo threads
+    met by static destructors while the peer closed its side)."""
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_communicator_needs_gpus(tmp_path):
@@ -74,7 +79,7 @@ def test_communicator_needs_gpus(tmp_path):
         with pytest.raises(FlexError, match="NCCL|CUDA"):
             distributed.create_communicator()
     finally:
-        _leave_group()
+        dist.destroy_process_group()
 
 
 # The runs each rank makes: (a2a_ffn_overlap_degree, adaptive_r, capacity
@@ -125,7 +130,7 @@ def _rank_main(rank, world, port, result_dir, device):
         errors[i] = e
     torch.save(errors,
                os.path.join(result_dir, f"rank{rank}.pt"))
-    _leave_group()
+    _end_rank()
 
 
 def _check_ranks(result_dir, world):
@@ -182,7 +187,7 @@ def _sharded_main(rank, world, port, result_dir, experts, r=None):
     except FlexError as error:
         result = {"error": str(error)}
     torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
-    _leave_group()
+    _end_rank()
 
 
 @pytest.mark.parametrize("world,experts,r", [(2, 1, None), (4, 2, 0),
@@ -244,7 +249,7 @@ def _train_main(rank, world, port, argv, result_dir):
     code = train_lm.main(argv)
     with open(os.path.join(result_dir, f"code{rank}.txt"), "w") as f:
         f.write(str(code))
-    _leave_group()
+    _end_rank()
 
 
 def _run_lm(tmp_path, world, argv):
