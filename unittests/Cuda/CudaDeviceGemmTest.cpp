@@ -605,8 +605,9 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
   }
 }
 
-// A fixed capacity's ReLU in cuBLASLt's epilogue (grouped_gemm=auto; the
-// explicit cuBLAS path keeps the GEMM and the epilogue kernel): both equal
+// A fixed capacity's ReLU in cuBLASLt's epilogue (relu_in_gemm on, the
+// automatic path; the explicit cuBLAS path keeps the GEMM and the epilogue
+// kernel): both equal
 // relu of the fp64 product, every row of the E x C blocks written, also
 // where a and c start one row into their buffers (a pipelined chunk's
 // shifted rows: less than cuBLASLt's default 256-byte alignment).
@@ -614,6 +615,7 @@ TEST(CudaStaticGemm, ReluInTheGemmMatchesTheEpilogueKernelAndFp64) {
   FLEX_SKIP_WITHOUT_CUDA();
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  ctx->reluInGemm = true;
   std::mt19937_64 rng(31);
   for (auto [E, C, k, n] :
        {std::tuple<int64_t, int64_t, int64_t, int64_t>{4, 96, 72, 136},
@@ -672,13 +674,15 @@ TEST(CudaStaticGemm, ReluInTheGemmMatchesTheEpilogueKernelAndFp64) {
         }
 }
 
-// A NaN in a row of A stays NaN through the ReLU on every path, as the
-// epilogue kernel and the CPU keep it (NaN propagates as in PyTorch): a
-// ReLU that clipped it to 0 would hide a diverging layer.
-TEST(CudaStaticGemm, ReluKeepsNaNOnEveryPath) {
+// By default (relu_in_gemm off) a NaN in a row of A stays NaN through the
+// ReLU on every path, as the CPU keeps it (NaN propagates as in PyTorch): a
+// ReLU that clipped it to 0 would hide a diverging layer. (cuBLASLt's
+// epilogue is max(x, 0), the reason relu_in_gemm is opt-in.)
+TEST(CudaStaticGemm, ReluKeepsNaNByDefault) {
   FLEX_SKIP_WITHOUT_CUDA();
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  ASSERT_FALSE(ctx->reluInGemm);
   const int64_t E = 4, C = 64, k = 72, n = 136, R = E * C;
   std::mt19937_64 rng(37);
   for (DType dt : {DType::BF16, DType::F16}) {

@@ -60,13 +60,15 @@ Status setOption(RuntimeOptions &options, std::string_view name,
     return Status::ok();
   }
   if (name == "check_nonfinite" || name == "cuda_graph" ||
-      name == "cuda_overlap" || name == "refine_variant") {
+      name == "cuda_overlap" || name == "refine_variant" ||
+      name == "relu_in_gemm") {
     bool flag = false;
     if (!parseBool(value, flag))
       return badValue(label, value, kBoolValues);
     (name == "check_nonfinite" ? options.checkNonFinite
      : name == "cuda_graph"    ? options.cudaGraph
      : name == "cuda_overlap"  ? options.cudaOverlap
+     : name == "relu_in_gemm"  ? options.reluInGemm
                                : options.refineVariant) = flag;
     return Status::ok();
   }
@@ -140,6 +142,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"profile", "FLEX_PROFILE"},
       {"refine_variant", "FLEX_REFINE_VARIANT"},
       {"grouped_gemm", "FLEX_GROUPED_GEMM"},
+      {"relu_in_gemm", "FLEX_RELU_IN_GEMM"},
   };
   return table;
 }
@@ -162,6 +165,8 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
     value = flag(cudaOverlap);
   else if (name == "refine_variant")
     value = flag(refineVariant);
+  else if (name == "relu_in_gemm")
+    value = flag(reluInGemm);
   else if (name == "a2a_staging")
     value = a2aStaging == ExchangeStaging::Auto     ? "auto"
             : a2aStaging == ExchangeStaging::Always ? "always"

@@ -215,6 +215,7 @@ CudaBackend::CudaBackend(int device,
       exchangeStaging_(options.a2aStaging),
       collectiveTimeoutSeconds_(options.collectiveTimeoutSeconds) {
   ctx_->groupedGemm = options.groupedGemm;
+  ctx_->reluInGemm = options.reluInGemm;
   setRowKernels();
   setRoutingKernels();
   setCollectiveKernels();

@@ -355,9 +355,11 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   if (n == 0)
     return Status::ok();
 
-  // A ReLU with nothing else to apply runs in cuBLASLt's epilogue over equal
-  // blocks (LtGemm.cu): c written once, no epilogue pass.
-  const bool reluInGemm = options.epilogue == Epilogue::Relu && !bias.data &&
+  // With relu_in_gemm, a ReLU with nothing else to apply runs in cuBLASLt's
+  // epilogue over equal blocks (LtGemm.cu): c written once, no epilogue
+  // pass (opt-in: cuBLASLt's max(x, 0) may turn a NaN into 0).
+  const bool reluInGemm = ctx.reluInGemm &&
+                          options.epilogue == Epilogue::Relu && !bias.data &&
                           !pre.data && !options.accumulate;
   bool epilogueApplied = false;
   // Row-major C[rows, n] = A[rows, k] B[k, n] is column-major

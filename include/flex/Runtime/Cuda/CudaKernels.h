@@ -94,6 +94,9 @@ public:
   /// RuntimeOptions::groupedGemm: how grouped GEMMs of a dynamic routing
   /// run (GroupedGemm.cu).
   GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
+  /// RuntimeOptions::reluInGemm: a fixed capacity's ReLU in cuBLASLt's
+  /// epilogue (LtGemm.cu).
+  bool reluInGemm = false;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
   /// multi-rank backend waits through its device communicator, whose wait
