@@ -474,11 +474,8 @@ TEST(CompileAndRun, LayoutsAndTwoLevelExchangeThroughTheCAPI) {
       << text;
 }
 
-TEST(CompileAndRun, FuseDispatchThroughTheCompileOptionsAndTheCAPI) {
-  // fuse_dispatch=true adds the gather-fused variant after the original
-  // (bf16, ragged, K and N multiples of 8); false keeps the plan as it was;
-  // another value is an error naming the option.
-  ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
+/// A 16-token, 4-expert top-2 dropless layer for the pipeline-option tests.
+LayerConfig smallDroplessLayer() {
   LayerConfig config;
   config.tokens = 16;
   config.modelDim = 8;
@@ -486,20 +483,37 @@ TEST(CompileAndRun, FuseDispatchThroughTheCompileOptionsAndTheCAPI) {
   config.experts = 4;
   config.topK = 2;
   config.capacityMode = CapacityMode::Dropless;
+  return config;
+}
+
+/// `mlir` compiled for training through the C API with `pipeline` (the
+/// compile options' text); `out` gets the plan JSON or the error.
+FlexStatus compileThroughCApi(const std::string &mlir, const char *pipeline,
+                              std::string &out) {
+  FlexCompileOptions options{sizeof(FlexCompileOptions), 1, 0, 1, pipeline};
+  char *json = nullptr;
+  FlexStatus status =
+      flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
+  out = json ? json : flexGetLastError();
+  flexFreeString(json);
+  return status;
+}
+
+int64_t countSteps(const std::vector<Step> &steps, StepOp op) {
+  return std::count_if(steps.begin(), steps.end(),
+                       [&](const Step &step) { return step.op == op; });
+}
+
+TEST(CompileAndRun, FuseDispatchThroughTheCompileOptionsAndTheCAPI) {
+  // fuse_dispatch=true adds the gather-fused variant after the original
+  // (bf16, ragged, K and N multiples of 8); false keeps the plan as it was;
+  // another value is an error naming the option.
+  ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
+  LayerConfig config = smallDroplessLayer();
   config.dtype = DType::BF16;
   const std::string mlir = layerConfigToMlir(config);
   auto compile = [&](const char *pipeline, std::string &out) {
-    FlexCompileOptions options{sizeof(FlexCompileOptions), 1, 0, 1, pipeline};
-    char *json = nullptr;
-    FlexStatus status =
-        flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
-    out = json ? json : flexGetLastError();
-    flexFreeString(json);
-    return status;
-  };
-  auto count = [](const std::vector<Step> &steps, StepOp op) {
-    return std::count_if(steps.begin(), steps.end(),
-                         [&](const Step &step) { return step.op == op; });
+    return compileThroughCApi(mlir, pipeline, out);
   };
   std::string text;
   Plan plan;
@@ -508,10 +522,10 @@ TEST(CompileAndRun, FuseDispatchThroughTheCompileOptionsAndTheCAPI) {
   ASSERT_EQ(plan.variants.size(), 2u);
   EXPECT_EQ(plan.defaultVariant, 0);
   EXPECT_EQ(plan.variants[0].name, "single");
-  EXPECT_EQ(count(plan.variants[0].forward, StepOp::Dispatch), 1);
+  EXPECT_EQ(countSteps(plan.variants[0].forward, StepOp::Dispatch), 1);
   EXPECT_EQ(plan.variants[1].name, "single+gather");
-  EXPECT_EQ(count(plan.variants[1].forward, StepOp::Dispatch), 0);
-  EXPECT_EQ(count(plan.variants[1].forward, StepOp::DispatchRows), 1);
+  EXPECT_EQ(countSteps(plan.variants[1].forward, StepOp::Dispatch), 0);
+  EXPECT_EQ(countSteps(plan.variants[1].forward, StepOp::DispatchRows), 1);
   // fc1 in forward, its weight gradient in backward read x by row_tokens.
   int gathered = 0;
   for (const auto *steps :
@@ -548,29 +562,13 @@ TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
   // as the default does; false leaves them out; another value is an error
   // naming the option.
   ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
-  LayerConfig config;
-  config.tokens = 16;
-  config.modelDim = 8;
-  config.hiddenDim = 16;
-  config.experts = 4;
-  config.topK = 2;
-  config.capacityMode = CapacityMode::Dropless;
+  LayerConfig config = smallDroplessLayer();
   config.expertKind = ExpertKind::Gated;
   config.activation = Activation::Silu;
   config.dtype = DType::BF16;
   const std::string mlir = layerConfigToMlir(config);
   auto compile = [&](const char *pipeline, std::string &out) {
-    FlexCompileOptions options{sizeof(FlexCompileOptions), 1, 0, 1, pipeline};
-    char *json = nullptr;
-    FlexStatus status =
-        flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
-    out = json ? json : flexGetLastError();
-    flexFreeString(json);
-    return status;
-  };
-  auto count = [](const std::vector<Step> &steps, StepOp op) {
-    return std::count_if(steps.begin(), steps.end(),
-                         [&](const Step &step) { return step.op == op; });
+    return compileThroughCApi(mlir, pipeline, out);
   };
   auto names = [](const Plan &plan) {
     std::vector<std::string> out;
@@ -589,11 +587,11 @@ TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
   for (size_t v = 0; v < plan.variants.size(); ++v) {
     SCOPED_TRACE(plan.variants[v].name);
     const bool fused = v >= 2;
-    EXPECT_EQ(count(plan.variants[v].forward, StepOp::GroupedGemmGlu),
+    EXPECT_EQ(countSteps(plan.variants[v].forward, StepOp::GroupedGemmGlu),
               fused ? 1 : 0);
-    EXPECT_EQ(count(plan.variants[v].forward, StepOp::Glu), fused ? 0 : 1);
+    EXPECT_EQ(countSteps(plan.variants[v].forward, StepOp::Glu), fused ? 0 : 1);
     // fc1, fc3 and fc2, or the fused step and fc2.
-    EXPECT_EQ(count(plan.variants[v].forward, StepOp::GroupedGemm),
+    EXPECT_EQ(countSteps(plan.variants[v].forward, StepOp::GroupedGemm),
               fused ? 1 : 3);
   }
   // A training plan: the fused step writes the products glu_backward reads.

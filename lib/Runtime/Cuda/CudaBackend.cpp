@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -147,28 +148,46 @@ bool hasDeviceCommunicator(const std::shared_ptr<Communicator> &comm) {
   return comm && comm->memory() == CommMemory::Device;
 }
 
+/// A grouped GEMM step as the device-sized kernel sees it: the rows of its
+/// product (c's, grad_c's; also when a is gathered), its groups (the
+/// weights' first dimension) and a (K its last dimension).
+struct GemmStepShape {
+  const BufferDesc *rows = nullptr;
+  const BufferDesc *a = nullptr;
+  int64_t groups = 1;
+};
+
+/// The shape of a grouped_gemm, grouped_gemm_wgrad or grouped_gemm_glu
+/// step; nothing for another kind.
+std::optional<GemmStepShape> gemmStepShape(const Plan &plan, const Step &step) {
+  if (step.op != StepOp::GroupedGemm && step.op != StepOp::GroupedGemmWgrad &&
+      step.op != StepOp::GroupedGemmGlu)
+    return std::nullopt;
+  const bool forward = step.op != StepOp::GroupedGemmWgrad;
+  GemmStepShape shape;
+  shape.a = &plan.getBuffer(step.in(OperandRole::A));
+  shape.rows = &plan.getBuffer(forward ? step.out(OperandRole::C)
+                                       : step.in(OperandRole::GradC));
+  const std::vector<int64_t> &weights =
+      plan.getBuffer(forward ? step.in(OperandRole::B)
+                             : step.out(OperandRole::GradB))
+          .shape;
+  shape.groups = weights.size() >= 3 ? weights.front() : 1;
+  return shape;
+}
+
 /// Whether every grouped GEMM of `variant` fits the device-sized kernel's
 /// grid at its buffers' declared rows (else the pass would need the host
 /// read, which a graph cannot record).
 bool gemmGridsFit(const Plan &plan, const Variant &variant) {
   for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
     for (const Step &step : *steps) {
-      if (step.op != StepOp::GroupedGemm &&
-          step.op != StepOp::GroupedGemmWgrad &&
-          step.op != StepOp::GroupedGemmGlu)
+      std::optional<GemmStepShape> gemm = gemmStepShape(plan, step);
+      if (!gemm)
         continue;
-      const bool forward = step.op != StepOp::GroupedGemmWgrad;
-      const BufferDesc &a = plan.getBuffer(step.in(OperandRole::A));
-      // The rows of the product: c's (grad_c's), also when a is gathered.
-      const BufferDesc &rows = plan.getBuffer(
-          forward ? step.out(OperandRole::C) : step.in(OperandRole::GradC));
-      const BufferRef weights =
-          forward ? step.in(OperandRole::B) : step.out(OperandRole::GradB);
-      const std::vector<int64_t> &shape = plan.getBuffer(weights).shape;
-      const int64_t groups = shape.size() >= 3 ? shape.front() : 1;
-      if (a.shape.size() < 2 || rows.shape.empty() ||
-          !cuda::detail::deviceGroupedGemmGridFits(rows.shape.front(), groups,
-                                                   a.shape.back()))
+      if (gemm->a->shape.size() < 2 || gemm->rows->shape.empty() ||
+          !cuda::detail::deviceGroupedGemmGridFits(
+              gemm->rows->shape.front(), gemm->groups, gemm->a->shape.back()))
         return false;
     }
   return true;
@@ -181,26 +200,24 @@ bool gemmGridsFit(const Plan &plan, const Variant &variant) {
 bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant) {
   for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
     for (const Step &step : *steps) {
-      const bool wgrad = step.op == StepOp::GroupedGemmWgrad;
-      if (step.op != StepOp::GroupedGemm && !wgrad)
-        continue; // grouped_gemm_glu runs the device kernel where it fits
+      std::optional<GemmStepShape> gemm = gemmStepShape(plan, step);
+      // grouped_gemm_glu and gathered GEMMs run the device kernel where it
+      // fits, whatever the rows.
+      if (!gemm || step.op == StepOp::GroupedGemmGlu ||
+          step.in(OperandRole::RowTokens).isValid())
+        continue;
       const SegmentFacts &seg = step.facts.segments;
       const bool dynamic =
           seg.isValid() ? seg.rows < 0 : step.facts.staticCapacity < 0;
-      if (!dynamic || step.in(OperandRole::RowTokens).isValid())
+      if (!dynamic)
         continue;
-      const BufferDesc &rows = plan.getBuffer(
-          wgrad ? step.in(OperandRole::GradC) : step.out(OperandRole::C));
-      const std::vector<int64_t> &shape =
-          plan.getBuffer(wgrad ? step.out(OperandRole::GradB)
-                               : step.in(OperandRole::B))
-              .shape;
-      const int64_t groups = shape.size() >= 3 ? shape.front() : 1;
-      const int64_t declared = rows.shape.empty() ? 0 : rows.shape.front();
+      const int64_t declared =
+          gemm->rows->shape.empty() ? 0 : gemm->rows->shape.front();
       const int64_t rowBound =
           std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
-      if (!prefersDeviceGemm(GroupedGemmImpl::Auto, rowBound, groups,
-                             /*capturing=*/false, wgrad))
+      if (!prefersDeviceGemm(GroupedGemmImpl::Auto, rowBound, gemm->groups,
+                             /*capturing=*/false,
+                             step.op == StepOp::GroupedGemmWgrad))
         return false;
     }
   return true;
