@@ -752,6 +752,98 @@ TEST(CudaDeviceGemmTiles, EveryTileMatchesFp64) {
   }
 }
 
+// The wgmma kernel (sm_90a) on each of its tiles, both B layouts, both
+// dtypes, accumulating or not, on a ragged row space (empty experts, partial
+// M tiles, K past the stages' ring, N not a multiple of the tile) and on a
+// static one (a fixed capacity: offsets unused). Rows outside the segments
+// keep their bytes.
+TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::string why;
+  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
+    GTEST_SKIP() << why;
+  std::mt19937_64 rng(41);
+  struct Layout {
+    const char *name;
+    std::vector<int32_t> counts;
+    int64_t capacity, k, n;
+    bool isStatic;
+  };
+  const std::vector<Layout> layouts = {
+      {"ragged", {70, 0, 300, 5, 129, 0, 260}, 0, 392, 264, false},
+      {"static", {96, 96, 96}, 96, 136, 320, true},
+  };
+  for (const Layout &l : layouts) {
+    Segments seg(l.counts, l.capacity);
+    const int64_t E = seg.experts(), R = seg.rowBound, k = l.k, n = l.n;
+    cuda::ExpertRowSpace space = seg.space();
+    if (l.isStatic)
+      space.staticCapacity = l.capacity;
+    for (auto tiles : {cuda::detail::DeviceTiles::Hopper,
+                       cuda::detail::DeviceTiles::HopperWide})
+      for (DType dt : {DType::BF16, DType::F16})
+        for (bool transB : {false, true})
+          for (bool accumulate : {false, true}) {
+            SCOPED_TRACE(
+                std::string(l.name) + " " + std::string(toString(dt)) +
+                (transB ? " b^T" : " b") + (accumulate ? " accumulate" : "") +
+                (tiles == cuda::detail::DeviceTiles::HopperWide ? " 128x256"
+                                                                : " 128x128"));
+            Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
+            a.set(normals(rng, R * k, 1.0));
+            b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+            if (accumulate)
+              c.set(normals(rng, R * n, 1.0));
+            else
+              c.poison();
+            std::vector<uint8_t> before = c.host;
+            std::vector<double> want =
+                referenceForward(a, b, c, seg, k, n, transB, accumulate);
+            Status status = cuda::detail::deviceGroupedGemm(
+                *ctx, a.device, b.device, c.device, dt, k, n, space, transB,
+                accumulate, tiles);
+            ASSERT_TRUE(status.isOk()) << status.message();
+            c.download();
+            EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
+            const size_t rowBytes = n * dtypeSize(dt);
+            for (int64_t r = 0; r < R; ++r) {
+              if (seg.inSegment(r))
+                continue;
+              ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
+                                    before.data() + r * rowBytes, rowBytes),
+                        0)
+                  << "row " << r << " outside the segments was written";
+            }
+          }
+  }
+}
+
+// The wgmma kernel refuses what it cannot run (a gathered A, a fused
+// epilogue) with a clear status instead of a wrong product.
+TEST(CudaHopperGemm, RefusesGatherAndFusedEpilogue) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::string why;
+  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
+    GTEST_SKIP() << why;
+  Segments seg({130, 7}, 0);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = 64, n = 128;
+  const DType dt = DType::BF16;
+  Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n), tokens(DType::I32, R);
+  RowGather gather;
+  gather.rowTokens = tokens.as<int32_t>();
+  gather.tokens = R;
+  Status status = cuda::detail::deviceGroupedGemm(
+      *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), false, false,
+      cuda::detail::DeviceTiles::Hopper, gather);
+  EXPECT_FALSE(status.isOk());
+  EXPECT_NE(status.message().find("gathered"), std::string::npos)
+      << status.message();
+}
+
 // Counts that disagree with the buffer (a segment reaching past the
 // declared rows) are clamped on the device: nothing past the buffer is
 // written, and the rows inside still get their product.

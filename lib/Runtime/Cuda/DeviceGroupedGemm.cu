@@ -845,12 +845,30 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    gather,
                    epilogue};
   // Few rows per group (decode): small M tiles waste less of each weight
-  // tile's read (Core/GroupedGemmRule.h has the measured crossover).
-  if (tiles == DeviceTiles::Auto)
-    tiles = deviceGemmTile(space.rowBound, space.experts) ==
-                    DeviceGemmTile::Small
-                ? DeviceTiles::Small
-                : DeviceTiles::Large;
+  // tile's read (Core/GroupedGemmRule.h has the measured crossover). More:
+  // the wgmma kernel where this device has it and the product is plain (no
+  // gathered A, no epilogue in the store).
+  const bool plain = !gather.rowTokens && !epilogue.fused;
+  if (tiles == DeviceTiles::Auto) {
+    if (deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small)
+      tiles = DeviceTiles::Small;
+    else if (plain &&
+             hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}))
+      tiles = DeviceTiles::Hopper;
+    else
+      tiles = DeviceTiles::Large;
+  }
+  if (tiles == DeviceTiles::Hopper || tiles == DeviceTiles::HopperWide) {
+    std::string why;
+    if (!plain)
+      return Status(StatusCode::Internal,
+                    "the wgmma grouped GEMM takes no gathered A and no fused "
+                    "epilogue");
+    if (!hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why))
+      return Status(StatusCode::Unavailable, why);
+    return hopperGroupedGemm(ctx, a, b, c, type, k, n, space, transB,
+                             accumulate, tiles == DeviceTiles::HopperWide);
+  }
   if (epilogue.fused && tiles != DeviceTiles::Small)
     return Status(StatusCode::Internal,
                   "the device-sized grouped GEMM fuses its epilogue in the "

@@ -42,13 +42,40 @@ bool deviceGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               bool staticToo = false);
 
 /// The CTA tile of the device-sized kernel (Auto: Small for few rows per
-/// expert, else Large; the benchmark times each).
+/// expert, else the wgmma kernel where it applies, else Large; the
+/// benchmark times each).
 enum class DeviceTiles {
   Auto,
   Small, ///< 32 x 128, 4 warps
   Large, ///< 128 x 128, 8 warps
   Wide,  ///< 128 x 256, 8 warps
+  /// The wgmma kernel (HopperGemmKernel.cuh, sm_90a): 128 x 128 or 128 x
+  /// 256, a TMA producer warp and two consumer warpgroups.
+  Hopper,
+  HopperWide,
 };
+
+/// Whether this device and build run the wgmma grouped GEMM (compute
+/// capability 9.0, the sm_90a part in the build, the driver's tensor-map
+/// encoder); the reason when not.
+bool hopperGroupedGemmRuns(const KernelContext &ctx,
+                           std::string *reason = nullptr);
+
+/// Whether the wgmma kernel takes these operands: bf16/f16, 16-byte aligned
+/// rows and bases (TMA), sizes inside TMA's 32-bit coordinates and the
+/// grid. No gathered A and no fused epilogue (the mma.sync kernel has them).
+bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
+                              int64_t n, const ExpertRowSpace &space,
+                              std::initializer_list<const void *> pointers,
+                              std::string *reason = nullptr);
+
+/// deviceGroupedGemm's ragged-M product on the wgmma kernel (any row space,
+/// static included): c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when
+/// transB); `wide` takes 128 x 256 tiles.
+Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
+                         void *c, DType type, int64_t k, int64_t n,
+                         const ExpertRowSpace &space, bool transB,
+                         bool accumulate, bool wide);
 
 /// The epilogue the device kernel applies in its store (not accumulating):
 /// c = epilogue(round(a @ b[e]) + biasScale * bias[e]), `pre` (if any) the

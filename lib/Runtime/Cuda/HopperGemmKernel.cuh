@@ -1,0 +1,483 @@
+//===- HopperGemmKernel.cuh - wgmma + TMA grouped GEMM (sm_90a) -*- CUDA
+//-*-===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// The ragged-M grouped GEMM on Hopper's own instructions: TMA loads the
+// operand tiles into 128-byte-swizzled shared memory, one producer warp
+// feeds a ring of stages through mbarriers, and two consumer warpgroups
+// each multiply 64 rows of the CTA's 128 x BN tile with wgmma (bf16/f16 in,
+// fp32 accumulate). C[rows of g, n] (+)= A[rows of g, k] @ B[g] for every
+// group g, the groups' rows read on the device as DeviceGroupedGemm.cu's
+// kernel reads them: no host read, one launch, capturable in a graph.
+//
+// Self-contained (CUDA headers only) so that the standalone probe in
+// bench/ can include it; HopperGroupedGemm.cu is the runtime's glue.
+// Needs sm_90a: without it (__CUDA_ARCH_FEAT_SM90_ALL undefined) every
+// kernel is a trap.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH
+#define LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH
+
+#include <cstdint>
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <type_traits>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLEX_HOPPER_GEMM 1
+#endif
+
+namespace flex::cuda::hopper {
+
+/// The CTA's tile: 128 rows (two consumer warpgroups of 64) by BN columns,
+/// 64 elements of K (128 bytes: one swizzle row) per stage.
+constexpr int kTileM = 128, kTileK = 64;
+constexpr int kConsumerThreads = 256, kThreads = 384;
+
+template <int BN, int Stages> struct Layout {
+  static constexpr int ABytes = kTileM * kTileK * 2;
+  static constexpr int BBytes = BN * kTileK * 2;
+  static constexpr int StageBytes = ABytes + BBytes;
+  /// Stages, then the full and empty barriers; 1024 bytes of slack to
+  /// align the stages to the swizzle's 1024-byte period.
+  static constexpr int SharedBytes =
+      Stages * StageBytes + 2 * Stages * 8 + 1024;
+  static_assert(ABytes % 1024 == 0 && BBytes % 1024 == 0);
+};
+
+/// What the kernel reads besides the two tensor maps.
+struct RaggedMParams {
+  const int32_t *offsets; ///< device [groups + 1]: each group's first row
+  const int32_t *rows;    ///< device [groups]
+  int32_t groups;
+  int64_t rowBound;       ///< rows of A and C
+  int64_t staticCapacity; ///< C of a fixed capacity (offsets unused), or -1
+  int64_t k, n;
+  void *c;
+  bool accumulate; ///< c += product (one rounding of the fp32 sum)
+  /// B's descriptor offsets when B is [K][N] (N-major): the bytes between
+  /// 64-column chunks and between 8-row groups of K.
+  uint32_t bChunkBytes, bRowGroupBytes;
+};
+
+#ifdef FLEX_HOPPER_GEMM
+__device__ __forceinline__ uint32_t smemAddress(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void barrierInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar),
+               "r"(count));
+}
+__device__ __forceinline__ void barrierExpectBytes(uint32_t bar,
+                                                   uint32_t bytes) {
+  asm volatile(
+      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+      "r"(bytes)
+      : "memory");
+}
+__device__ __forceinline__ void barrierArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void barrierWait(uint32_t bar, uint32_t parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT;\n}\n" ::"r"(bar),
+               "r"(parity)
+               : "memory");
+}
+__device__ __forceinline__ void tmaLoad2d(uint32_t dst, const CUtensorMap *map,
+                                          uint32_t bar, int32_t c0,
+                                          int32_t c1) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
+               "complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+               "l"(map), "r"(bar), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void tmaLoad3d(uint32_t dst, const CUtensorMap *map,
+                                          uint32_t bar, int32_t c0, int32_t c1,
+                                          int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::"
+      "complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+/// A shared-memory matrix descriptor, 128-byte swizzle: the start address,
+/// the leading and the stride byte offsets (PTX ISA, "Matrix Descriptor").
+__device__ __forceinline__ uint64_t descriptor(uint32_t address,
+                                               uint32_t leadingBytes,
+                                               uint32_t strideBytes) {
+  return uint64_t((address & 0x3FFFF) >> 4) |
+         uint64_t((leadingBytes >> 4) & 0x3FFF) << 16 |
+         uint64_t((strideBytes >> 4) & 0x3FFF) << 32 | uint64_t(1) << 62;
+}
+
+/// wgmma.mma_async m64nBNk16 with fp32 accumulators (BN / 2 registers per
+/// thread), A and B from shared memory, D += A B; TransB: B is N-major.
+/// One specialization per dtype and width: the register list is spelled out.
+template <typename T, int BN> struct Wgmma;
+// clang-format off
+template <> struct Wgmma<__nv_bfloat16, 128> {
+    template <int TransB>
+    static __device__ __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                   "{"
+                   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                   "}, %64, %65, p, 1, 1, 0, %66;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                   : "l"(a), "l"(b), "n"(TransB));
+    }
+};
+template <> struct Wgmma<__half, 128> {
+    template <int TransB>
+    static __device__ __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                   "{"
+                   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                   "}, %64, %65, p, 1, 1, 0, %66;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                   : "l"(a), "l"(b), "n"(TransB));
+    }
+};
+template <> struct Wgmma<__nv_bfloat16, 256> {
+    template <int TransB>
+    static __device__ __forceinline__ void run(float (&d)[128], uint64_t a, uint64_t b) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+                   "{"
+                   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                   "}, %128, %129, p, 1, 1, 0, %130;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                     "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                     "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                     "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                     "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                     "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                     "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                     "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                     "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                   : "l"(a), "l"(b), "n"(TransB));
+    }
+};
+template <> struct Wgmma<__half, 256> {
+    template <int TransB>
+    static __device__ __forceinline__ void run(float (&d)[128], uint64_t a, uint64_t b) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+                   "{"
+                   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                   "}, %128, %129, p, 1, 1, 0, %130;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                     "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                     "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                     "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                     "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                     "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                     "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                     "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                     "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                   : "l"(a), "l"(b), "n"(TransB));
+    }
+};
+// clang-format on
+#endif // FLEX_HOPPER_GEMM
+
+/// The group whose M tiles hold `tile` (every group's rows in tiles of
+/// kTileM, the groups in order), found by one warp-wide scan; -1 past the
+/// last tile. Each warp runs it itself (no barrier needed).
+__device__ __forceinline__ int64_t groupRowsOf(const RaggedMParams &p,
+                                               int64_t g) {
+  int64_t first = p.staticCapacity >= 0 ? g * p.staticCapacity : p.offsets[g];
+  int64_t count = p.staticCapacity >= 0 ? p.staticCapacity : p.rows[g];
+  if (first < 0 || count <= 0)
+    return 0;
+  // The count clamped to the buffer's rows: inconsistent counts never
+  // reach past it.
+  return count < p.rowBound - first
+             ? count
+             : (p.rowBound - first > 0 ? p.rowBound - first : 0);
+}
+__device__ __forceinline__ int32_t findGroup(const RaggedMParams &p,
+                                             int64_t tile, int64_t &firstTile) {
+  const int lane = threadIdx.x % 32;
+  int64_t seen = 0;
+  for (int32_t base = 0; base < p.groups; base += 32) {
+    int32_t g = base + lane;
+    int64_t rows = g < p.groups ? groupRowsOf(p, g) : 0;
+    int64_t count = (rows + kTileM - 1) / kTileM, inclusive = count;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      int64_t other = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d)
+        inclusive += other;
+    }
+    int64_t total = __shfl_sync(0xffffffffu, inclusive, 31);
+    if (tile < seen + total) {
+      unsigned hit = __ballot_sync(0xffffffffu, seen + inclusive > tile);
+      int first = __ffs(hit) - 1;
+      firstTile = seen + __shfl_sync(0xffffffffu, inclusive - count, first);
+      return base + first;
+    }
+    seen += total;
+  }
+  return -1;
+}
+
+/// blockIdx.x: the N tile; blockIdx.y: the M tile over all groups.
+/// BKMajor: B[g] is [N][K] (the input gradient's w^T), else [K][N].
+template <typename T, int BN, int Stages, bool BKMajor>
+__global__ void __launch_bounds__(kThreads, 1)
+    raggedMKernel(const __grid_constant__ CUtensorMap mapA,
+                  const __grid_constant__ CUtensorMap mapB, RaggedMParams p) {
+#ifndef FLEX_HOPPER_GEMM
+  __trap();
+#else
+  using L = Layout<BN, Stages>;
+  extern __shared__ __align__(1024) unsigned char sharedRaw[];
+  unsigned char *shared = reinterpret_cast<unsigned char *>(
+      (reinterpret_cast<uintptr_t>(sharedRaw) + 1023) & ~uintptr_t(1023));
+  const uint32_t stages = smemAddress(shared);
+  const uint32_t fullBars = stages + Stages * L::StageBytes;
+  const uint32_t emptyBars = fullBars + Stages * 8;
+
+  int64_t firstTile = 0;
+  const int32_t group = findGroup(p, blockIdx.y, firstTile);
+  if (group < 0)
+    return; // the whole CTA: every warp found the same
+  const int64_t rowInGroup = (int64_t(blockIdx.y) - firstTile) * kTileM;
+  const int64_t row0 =
+      (p.staticCapacity >= 0 ? group * p.staticCapacity : p.offsets[group]) +
+      rowInGroup;
+  const int64_t rowsValid = groupRowsOf(p, group) - rowInGroup;
+  const int32_t n0 = blockIdx.x * BN;
+  const int kTiles = static_cast<int>((p.k + kTileK - 1) / kTileK);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Stages; ++s) {
+      barrierInit(fullBars + 8 * s, 1);
+      barrierInit(emptyBars + 8 * s, kConsumerThreads);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int warpGroup = threadIdx.x / 128;
+  if (warpGroup == 0) {
+    // The producer: one thread issues every stage's loads.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapA) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapB) : "memory");
+      for (int kt = 0; kt < kTiles; ++kt) {
+        const int s = kt % Stages;
+        const uint32_t phase = (kt / Stages) & 1;
+        barrierWait(emptyBars + 8 * s, phase ^ 1);
+        const uint32_t full = fullBars + 8 * s;
+        barrierExpectBytes(full, L::StageBytes);
+        const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
+        const int32_t k0 = kt * kTileK;
+        tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(row0));
+        if constexpr (BKMajor) {
+          tmaLoad3d(b, &mapB, full, k0, n0, group);
+        } else {
+#pragma unroll
+          for (int j = 0; j < BN / 64; ++j)
+            tmaLoad3d(b + j * (kTileK * 128), &mapB, full, n0 + 64 * j, k0,
+                      group);
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int consumer = warpGroup - 1; // rows 64 * consumer of the tile
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i)
+    acc[i] = 0.0f;
+  for (int kt = 0; kt < kTiles; ++kt) {
+    const int s = kt % Stages;
+    barrierWait(fullBars + 8 * s, (kt / Stages) & 1);
+    const uint32_t a = stages + s * L::StageBytes + consumer * 64 * 128;
+    const uint32_t b = stages + s * L::StageBytes + L::ABytes;
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < kTileK / 16; ++kk) {
+      // A: K-major, 128-byte rows; the 16 elements of step kk are 32 bytes
+      // into each row (the swizzle is applied to the absolute address).
+      uint64_t da = descriptor(a + kk * 32, 16, 1024);
+      uint64_t db = BKMajor ? descriptor(b + kk * 32, 16, 1024)
+                            : descriptor(b + kk * 16 * 128, p.bChunkBytes,
+                                         p.bRowGroupBytes);
+      Wgmma<T, BN>::template run<BKMajor ? 0 : 1>(acc, da, db);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    // The previous stage's products are done: its buffers go back.
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+    if (kt > 0)
+      barrierArrive(emptyBars + 8 * ((kt - 1) % Stages));
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+
+  // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
+  // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
+  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+  T *c = static_cast<T *>(p.c);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t local = consumer * 64 + warp * 16 + lane / 4 + half * 8;
+    if (local >= rowsValid)
+      continue;
+    T *out = c + (row0 + local) * p.n;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int64_t col = n0 + 8 * j + 2 * (lane % 4);
+      if (col >= p.n)
+        continue;
+      float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
+      if (p.accumulate) {
+        v0 += float(out[col]);
+        v1 += float(out[col + 1]);
+      }
+      if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        *reinterpret_cast<__nv_bfloat162 *>(out + col) =
+            __floats2bfloat162_rn(v0, v1);
+      else
+        *reinterpret_cast<__half2 *>(out + col) = __floats2half2_rn(v0, v1);
+    }
+  }
+#endif
+}
+
+/// cuTensorMapEncodeTiled through the runtime's entry-point query (no link
+/// against libcuda); null when the driver has none.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensorMapEncoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void *fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                         cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+/// The tensor maps of a ragged-M GEMM: A as [rowBound][k] in boxes of
+/// 128 rows x 64 columns; B as [groups][k][n] in boxes of 64 x 64, or with
+/// bKMajor as [groups][n][k] in boxes of BN x 64; 128-byte swizzle, zeros
+/// outside. Where the driver refuses, the CUresult.
+inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
+                                const void *a, const void *b, int64_t rowBound,
+                                int64_t k, int64_t n, int64_t groups,
+                                bool bKMajor, int bn) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensorMapEncoder();
+  if (!encode)
+    return CUDA_ERROR_NOT_SUPPORTED;
+  const CUtensorMapDataType type =
+      bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const cuuint64_t aDims[2] = {cuuint64_t(k), cuuint64_t(rowBound)};
+  const cuuint64_t aStrides[1] = {cuuint64_t(k) * 2};
+  const cuuint32_t aBox[2] = {kTileK, kTileM};
+  CUresult r = encode(
+      &mapA, type, 2, const_cast<void *>(a), aDims, aStrides, aBox, unit,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return r;
+  const cuuint64_t inner = bKMajor ? k : n, outer = bKMajor ? n : k;
+  const cuuint64_t bDims[3] = {inner, outer, cuuint64_t(groups)};
+  const cuuint64_t bStrides[2] = {inner * 2, inner * outer * 2};
+  const cuuint32_t bBox[3] = {64, bKMajor ? cuuint32_t(bn) : 64u, 1};
+  return encode(&mapB, type, 3, const_cast<void *>(b), bDims, bStrides, bBox,
+                unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+/// One launch: grid x over N tiles, y over the M tiles of every group (at
+/// most rowBound / 128 + groups; the CTAs past the real count return).
+template <typename T, int BN, int Stages, bool BKMajor>
+cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
+                          const RaggedMParams &p, cudaStream_t stream) {
+  constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor>;
+  constexpr int bytes = Layout<BN, Stages>::SharedBytes;
+  if (cudaError_t e = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
+    return e;
+  const int64_t mTiles = (p.rowBound + kTileM - 1) / kTileM + p.groups;
+  dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN),
+            static_cast<unsigned>(mTiles));
+  kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapB, p);
+  return cudaGetLastError();
+}
+
+} // namespace flex::cuda::hopper
+
+#endif // LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH

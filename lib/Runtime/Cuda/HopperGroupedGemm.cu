@@ -1,0 +1,137 @@
+//===- HopperGroupedGemm.cu - The wgmma grouped GEMM's runtime side -------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file runs HopperGemmKernel.cuh's ragged-M kernel for the runtime:
+// whether this device and build have it, the tensor maps of one call, and
+// the launch. It is compiled for sm_90a alone (lib/Runtime/Cuda's
+// CMakeLists.txt): wgmma and setmaxnreg exist only there, and a device of
+// another compute capability never launches it.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaSupport.cuh"
+#include "GroupedGemmInternal.h"
+#include "HopperGemmKernel.cuh"
+
+#include <atomic>
+
+namespace flex::cuda::detail {
+
+namespace {
+
+/// Whether the sm_90a kernels load on the current device (this part is
+/// built for sm_90a alone: on any other device they have no image).
+bool hopperKernelBuilt() {
+  static const bool built = [] {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(
+            &attributes, hopper::raggedMKernel<__nv_bfloat16, 128, 5, false>) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attributes.binaryVersion == 90;
+  }();
+  return built;
+}
+
+template <typename T, int BN, int Stages, bool BKMajor>
+Status launch(KernelContext &ctx, const CUtensorMap &mapA,
+              const CUtensorMap &mapB, const hopper::RaggedMParams &params) {
+  return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor>(
+                       mapA, mapB, params, ctx.stream()),
+                   "grouped GEMM kernel (wgmma)");
+}
+
+} // namespace
+
+bool hopperGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
+  auto refuse = [&](const char *why) {
+    if (reason)
+      *reason = why;
+    return false;
+  };
+  if (ctx.computeCapability() != 90)
+    return refuse("the wgmma grouped GEMM needs compute capability 9.0");
+  if (!hopperKernelBuilt())
+    return refuse("this build has no sm_90a code for the wgmma grouped GEMM");
+  if (!hopper::tensorMapEncoder())
+    return refuse("the driver offers no cuTensorMapEncodeTiled");
+  return true;
+}
+
+bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
+                              int64_t n, const ExpertRowSpace &space,
+                              std::initializer_list<const void *> pointers,
+                              std::string *reason) {
+  auto refuse = [&](std::string why) {
+    if (reason)
+      *reason = std::move(why);
+    return false;
+  };
+  if (type != DType::BF16 && type != DType::F16)
+    return refuse("the wgmma grouped GEMM takes bf16 or f16 operands");
+  if (!hopperGroupedGemmRuns(ctx, reason))
+    return false;
+  // TMA: 16-byte aligned bases and row strides.
+  if (!vectorizable(k, 2, pointers) || !vectorizable(n, 2, {}))
+    return refuse("rows of " + std::to_string(k) + " and " + std::to_string(n) +
+                  " elements must be 16-byte aligned for the wgmma grouped "
+                  "GEMM");
+  // TMA's coordinates are 32-bit; the grid's y is at most 65535.
+  if (space.rowBound > INT32_MAX || k > INT32_MAX || n > INT32_MAX ||
+      space.experts > INT32_MAX)
+    return refuse("the problem is larger than 2^31 rows or columns");
+  if ((space.rowBound + hopper::kTileM - 1) / hopper::kTileM + space.experts >
+      65535)
+    return refuse("the wgmma grouped GEMM's grid would exceed 65535 blocks "
+                  "in y");
+  return true;
+}
+
+Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
+                         void *c, DType type, int64_t k, int64_t n,
+                         const ExpertRowSpace &space, bool transB,
+                         bool accumulate, bool wide) {
+  if (space.experts == 0 || n == 0 || space.rowBound == 0)
+    return Status::ok();
+  const int bn = wide ? 256 : 128;
+  CUtensorMap mapA, mapB;
+  if (CUresult r = hopper::makeRaggedMMaps(mapA, mapB, type == DType::BF16, a,
+                                           b, space.rowBound, k, n,
+                                           space.experts, transB, bn);
+      r != CUDA_SUCCESS)
+    return Status(StatusCode::Internal,
+                  "cuTensorMapEncodeTiled refused the grouped GEMM's operands "
+                  "(CUresult " +
+                      std::to_string(static_cast<int>(r)) + ")");
+  hopper::RaggedMParams params{space.offsets,
+                               space.rows,
+                               static_cast<int32_t>(space.experts),
+                               space.rowBound,
+                               space.staticCapacity,
+                               k,
+                               n,
+                               c,
+                               accumulate,
+                               /*bChunkBytes=*/hopper::kTileK * 128,
+                               /*bRowGroupBytes=*/1024};
+  return withType(type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return Status(StatusCode::Internal,
+                    "the wgmma grouped GEMM was asked for f32");
+    } else if (wide) {
+      return transB ? launch<T, 256, 4, true>(ctx, mapA, mapB, params)
+                    : launch<T, 256, 4, false>(ctx, mapA, mapB, params);
+    } else {
+      return transB ? launch<T, 128, 5, true>(ctx, mapA, mapB, params)
+                    : launch<T, 128, 5, false>(ctx, mapA, mapB, params);
+    }
+  });
+}
+
+} // namespace flex::cuda::detail
