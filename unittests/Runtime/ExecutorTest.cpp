@@ -520,15 +520,15 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
   EXPECT_THAT(status.message(),
               HasSubstr("option grouped_gemm='cutlass': expected auto, device"));
-  // The ReLU in cuBLASLt's epilogue is opt-in (it may not keep NaN).
-  EXPECT_FALSE(options.reluInGemm);
-  EXPECT_TRUE(options.set("relu_in_gemm", "on").isOk());
+  // The ReLU in cuBLASLt's epilogue is on by default and can be turned off.
   EXPECT_TRUE(options.reluInGemm);
+  EXPECT_TRUE(options.set("relu_in_gemm", "off").isOk());
+  EXPECT_FALSE(options.reluInGemm);
   EXPECT_TRUE(options.get("relu_in_gemm", text).isOk());
-  EXPECT_EQ(text, "1");
+  EXPECT_EQ(text, "0");
   EXPECT_EQ(options.set("relu_in_gemm", "maybe").code(),
             StatusCode::InvalidArgument);
-  EXPECT_TRUE(options.set("relu_in_gemm", "0").isOk());
+  EXPECT_TRUE(options.set("relu_in_gemm", "1").isOk());
 
   // Every variable of the table overrides its option; an empty one is
   // unset; a bad one names itself and leaves the result at the base.

@@ -355,9 +355,9 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   if (n == 0)
     return Status::ok();
 
-  // With relu_in_gemm, a ReLU with nothing else to apply runs in cuBLASLt's
-  // epilogue over equal blocks (LtGemm.cu): c written once, no epilogue
-  // pass (opt-in: cuBLASLt's max(x, 0) may turn a NaN into 0).
+  // With relu_in_gemm (the default), a ReLU with nothing else to apply runs
+  // in cuBLASLt's epilogue over equal blocks (LtGemm.cu): c written once, no
+  // epilogue pass (it keeps NaN: ReluKeepsNaNOnEveryPath).
   const bool reluInGemm = ctx.reluInGemm &&
                           options.epilogue == Epilogue::Relu && !bias.data &&
                           !pre.data && !options.accumulate;

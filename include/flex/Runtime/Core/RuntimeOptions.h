@@ -91,10 +91,11 @@ struct RuntimeOptions {
   /// FLEX_GROUPED_GEMM)
   GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
   /// CUDA: a fixed capacity's ReLU in cuBLASLt's epilogue (one pass over c
-  /// less; ~8% of C3's forward on an H100). Off by default: cuBLASLt's ReLU
-  /// is max(x, 0), which may turn a NaN product into 0 where the epilogue
-  /// kernel keeps it. ("relu_in_gemm", FLEX_RELU_IN_GEMM)
-  bool reluInGemm = false;
+  /// less; ~8% of C3's forward on an H100). cuBLASLt documents its ReLU as
+  /// max(x, 0); measured (cuBLAS 13, H100) it keeps a NaN product NaN as the
+  /// epilogue kernel does, and CudaStaticGemm.ReluKeepsNaNOnEveryPath checks
+  /// that on the GPU. ("relu_in_gemm", FLEX_RELU_IN_GEMM)
+  bool reluInGemm = true;
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

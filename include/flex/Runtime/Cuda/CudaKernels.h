@@ -96,7 +96,7 @@ public:
   GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
   /// RuntimeOptions::reluInGemm: a fixed capacity's ReLU in cuBLASLt's
   /// epilogue (LtGemm.cu).
-  bool reluInGemm = false;
+  bool reluInGemm = true;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
   /// multi-rank backend waits through its device communicator, whose wait
