@@ -283,7 +283,56 @@ __device__ __forceinline__ int32_t findGroup(const RaggedMParams &p,
   return -1;
 }
 
-/// blockIdx.x: the N tile; blockIdx.y: the M tile over all groups.
+/// M tiles of every group (the real count, read on the device): each warp
+/// sums it itself.
+__device__ __forceinline__ int64_t totalMTiles(const RaggedMParams &p) {
+  const int lane = threadIdx.x % 32;
+  int64_t total = 0;
+  for (int32_t g = lane; g < p.groups; g += 32)
+    total += (groupRowsOf(p, g) + kTileM - 1) / kTileM;
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2)
+    total += __shfl_xor_sync(0xffffffffu, total, d);
+  return total;
+}
+
+/// M tiles per raster band: consecutive tiles walk a band's M tiles first,
+/// then its N tiles, so the CTAs running at once share B's column tiles
+/// and a band's A rows (a weight too large for L2 is then read about once
+/// per band instead of once per M tile).
+constexpr int64_t kRasterM = 8;
+
+/// One CTA tile of the sequence: its group, first row, rows inside the
+/// group and first column. Every warp computes it itself.
+struct TileWork {
+  int32_t group;
+  int64_t row0, rowsValid;
+  int32_t n0;
+};
+__device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
+                                           int64_t mTiles, int32_t nTiles,
+                                           int bn) {
+  const int64_t bandTiles = kRasterM * nTiles;
+  const int64_t band = t / bandTiles, local = t % bandTiles;
+  const int64_t firstM = band * kRasterM;
+  const int64_t bandRows =
+      mTiles - firstM < kRasterM ? mTiles - firstM : kRasterM;
+  const int64_t m = firstM + local % bandRows;
+  TileWork w;
+  w.n0 = static_cast<int32_t>(local / bandRows) * bn;
+  int64_t firstTile = 0;
+  w.group = findGroup(p, m, firstTile);
+  const int64_t rowInGroup = (m - firstTile) * kTileM;
+  w.row0 = (p.staticCapacity >= 0 ? w.group * p.staticCapacity
+                                  : p.offsets[w.group]) +
+           rowInGroup;
+  w.rowsValid = groupRowsOf(p, w.group) - rowInGroup;
+  return w;
+}
+
+/// Persistent: each CTA takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...
+/// of the rastered sequence; the producer runs ahead across tiles, so the
+/// next tile's first stages load while the consumers store this one.
 /// BKMajor: B[g] is [N][K] (the input gradient's w^T), else [K][N].
 template <typename T, int BN, int Stages, bool BKMajor>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -300,16 +349,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t fullBars = stages + Stages * L::StageBytes;
   const uint32_t emptyBars = fullBars + Stages * 8;
 
-  int64_t firstTile = 0;
-  const int32_t group = findGroup(p, blockIdx.y, firstTile);
-  if (group < 0)
-    return; // the whole CTA: every warp found the same
-  const int64_t rowInGroup = (int64_t(blockIdx.y) - firstTile) * kTileM;
-  const int64_t row0 =
-      (p.staticCapacity >= 0 ? group * p.staticCapacity : p.offsets[group]) +
-      rowInGroup;
-  const int64_t rowsValid = groupRowsOf(p, group) - rowInGroup;
-  const int32_t n0 = blockIdx.x * BN;
+  const int64_t mTiles = totalMTiles(p);
+  const int32_t nTiles = static_cast<int32_t>((p.n + BN - 1) / BN);
+  const int64_t tiles = mTiles * nTiles;
   const int kTiles = static_cast<int>((p.k + kTileK - 1) / kTileK);
 
   if (threadIdx.x == 0) {
@@ -323,88 +365,102 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warpGroup = threadIdx.x / 128;
   if (warpGroup == 0) {
-    // The producer: one thread issues every stage's loads.
+    // The producer: warp 0 walks the tiles, its lane 0 issues the loads.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x >= 32)
+      return;
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapA) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapB) : "memory");
-      for (int kt = 0; kt < kTiles; ++kt) {
-        const int s = kt % Stages;
-        const uint32_t phase = (kt / Stages) & 1;
-        barrierWait(emptyBars + 8 * s, phase ^ 1);
-        const uint32_t full = fullBars + 8 * s;
-        barrierExpectBytes(full, L::StageBytes);
-        const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
-        const int32_t k0 = kt * kTileK;
-        tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(row0));
-        if constexpr (BKMajor) {
-          tmaLoad3d(b, &mapB, full, k0, n0, group);
-        } else {
+    }
+    uint32_t step = 0; // k blocks loaded so far, over all tiles
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const TileWork w = tileAt(p, t, mTiles, nTiles, BN);
+      if (threadIdx.x == 0) {
+        for (int kt = 0; kt < kTiles; ++kt, ++step) {
+          const uint32_t s = step % Stages, phase = (step / Stages) & 1;
+          barrierWait(emptyBars + 8 * s, phase ^ 1);
+          const uint32_t full = fullBars + 8 * s;
+          barrierExpectBytes(full, L::StageBytes);
+          const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
+          const int32_t k0 = kt * kTileK;
+          tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(w.row0));
+          if constexpr (BKMajor) {
+            tmaLoad3d(b, &mapB, full, k0, w.n0, w.group);
+          } else {
 #pragma unroll
-          for (int j = 0; j < BN / 64; ++j)
-            tmaLoad3d(b + j * (kTileK * 128), &mapB, full, n0 + 64 * j, k0,
-                      group);
+            for (int j = 0; j < BN / 64; ++j)
+              tmaLoad3d(b + j * (kTileK * 128), &mapB, full, w.n0 + 64 * j, k0,
+                        w.group);
+          }
         }
       }
+      __syncwarp();
     }
     return;
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int consumer = warpGroup - 1; // rows 64 * consumer of the tile
-  float acc[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i)
-    acc[i] = 0.0f;
-  for (int kt = 0; kt < kTiles; ++kt) {
-    const int s = kt % Stages;
-    barrierWait(fullBars + 8 * s, (kt / Stages) & 1);
-    const uint32_t a = stages + s * L::StageBytes + consumer * 64 * 128;
-    const uint32_t b = stages + s * L::StageBytes + L::ABytes;
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int kk = 0; kk < kTileK / 16; ++kk) {
-      // A: K-major, 128-byte rows; the 16 elements of step kk are 32 bytes
-      // into each row (the swizzle is applied to the absolute address).
-      uint64_t da = descriptor(a + kk * 32, 16, 1024);
-      uint64_t db = BKMajor ? descriptor(b + kk * 32, 16, 1024)
-                            : descriptor(b + kk * 16 * 128, p.bChunkBytes,
-                                         p.bRowGroupBytes);
-      Wgmma<T, BN>::template run<BKMajor ? 0 : 1>(acc, da, db);
-    }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    // The previous stage's products are done: its buffers go back.
-    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-    if (kt > 0)
-      barrierArrive(emptyBars + 8 * ((kt - 1) % Stages));
-  }
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-
-  // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
-  // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
-  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+  const int t128 = threadIdx.x % 128, warp = t128 / 32, lane = t128 % 32;
   T *c = static_cast<T *>(p.c);
+  uint32_t step = 0; // k blocks consumed so far, over all tiles
+  float acc[BN / 2];
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const TileWork w = tileAt(p, t, mTiles, nTiles, BN);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t local = consumer * 64 + warp * 16 + lane / 4 + half * 8;
-    if (local >= rowsValid)
-      continue;
-    T *out = c + (row0 + local) * p.n;
+    for (int i = 0; i < BN / 2; ++i)
+      acc[i] = 0.0f;
+    for (int kt = 0; kt < kTiles; ++kt, ++step) {
+      const uint32_t s = step % Stages;
+      barrierWait(fullBars + 8 * s, (step / Stages) & 1);
+      const uint32_t a = stages + s * L::StageBytes + consumer * 64 * 128;
+      const uint32_t b = stages + s * L::StageBytes + L::ABytes;
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int64_t col = n0 + 8 * j + 2 * (lane % 4);
-      if (col >= p.n)
-        continue;
-      float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
-      if (p.accumulate) {
-        v0 += float(out[col]);
-        v1 += float(out[col + 1]);
+      for (int kk = 0; kk < kTileK / 16; ++kk) {
+        // A: K-major, 128-byte rows; step kk's 16 elements are 32 bytes
+        // into each row (the swizzle applies to the absolute address).
+        uint64_t da = descriptor(a + kk * 32, 16, 1024);
+        uint64_t db = BKMajor ? descriptor(b + kk * 32, 16, 1024)
+                              : descriptor(b + kk * 16 * 128, p.bChunkBytes,
+                                           p.bRowGroupBytes);
+        Wgmma<T, BN>::template run<BKMajor ? 0 : 1>(acc, da, db);
       }
-      if constexpr (std::is_same_v<T, __nv_bfloat16>)
-        *reinterpret_cast<__nv_bfloat162 *>(out + col) =
-            __floats2bfloat162_rn(v0, v1);
-      else
-        *reinterpret_cast<__half2 *>(out + col) = __floats2half2_rn(v0, v1);
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      // The previous stage's products are done: its buffers go back.
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+      if (kt > 0)
+        barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    if (kTiles > 0)
+      barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+
+      // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
+      // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t local = consumer * 64 + warp * 16 + lane / 4 + half * 8;
+      if (local >= w.rowsValid)
+        continue;
+      T *out = c + (w.row0 + local) * p.n;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
+        if (col >= p.n)
+          continue;
+        float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
+        if (p.accumulate) {
+          v0 += float(out[col]);
+          v1 += float(out[col + 1]);
+        }
+        if constexpr (std::is_same_v<T, __nv_bfloat16>)
+          *reinterpret_cast<__nv_bfloat162 *>(out + col) =
+              __floats2bfloat162_rn(v0, v1);
+        else
+          *reinterpret_cast<__half2 *>(out + col) = __floats2half2_rn(v0, v1);
+      }
     }
   }
 #endif
@@ -461,19 +517,22 @@ inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
-/// One launch: grid x over N tiles, y over the M tiles of every group (at
-/// most rowBound / 128 + groups; the CTAs past the real count return).
+/// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
+/// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller.
 template <typename T, int BN, int Stages, bool BKMajor>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
-                          const RaggedMParams &p, cudaStream_t stream) {
+                          const RaggedMParams &p, int ctas,
+                          cudaStream_t stream) {
   constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
     return e;
-  const int64_t mTiles = (p.rowBound + kTileM - 1) / kTileM + p.groups;
-  dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN),
-            static_cast<unsigned>(mTiles));
+  const int64_t bound =
+      ((p.rowBound + kTileM - 1) / kTileM + p.groups) * ((p.n + BN - 1) / BN);
+  const int grid = static_cast<int>(bound < ctas ? bound : ctas);
+  if (grid <= 0)
+    return cudaSuccess;
   kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapB, p);
   return cudaGetLastError();
 }

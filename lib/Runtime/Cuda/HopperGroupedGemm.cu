@@ -42,7 +42,7 @@ template <typename T, int BN, int Stages, bool BKMajor>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
               const CUtensorMap &mapB, const hopper::RaggedMParams &params) {
   return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor>(
-                       mapA, mapB, params, ctx.stream()),
+                       mapA, mapB, params, ctx.multiprocessors(), ctx.stream()),
                    "grouped GEMM kernel (wgmma)");
 }
 
