@@ -656,6 +656,32 @@ TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
       EXPECT_NEAR(step.us, 60.0, 1e-6);
     }
   }
+  // With the wgmma kernel (Hopper: CostModelOptions::wgmmaGemm) auto takes
+  // the device kernel for the forward and input gradients at any size, at
+  // the wgmma rate (here twice the large tile's: the FLOPs' 100 us become
+  // 50, above the bytes' time); the weight gradient keeps its path and
+  // price.
+  {
+    DeviceProfile hopper = parsed(decodeProfile());
+    hopper.deviceGemm->wgmmaFlopsPerSecond =
+        2 * hopper.deviceGemm->largeFlopsPerSecond;
+    CostModelOptions options;
+    options.wgmmaGemm = true;
+    CostModel withWgmma(hopper, options);
+    std::vector<StepPrediction> gemms =
+        stepsOf(withWgmma.predict(plan, 0, false, 25), StepOp::GroupedGemm);
+    ASSERT_EQ(gemms.size(), 3u);
+    for (const StepPrediction &step : gemms) {
+      EXPECT_EQ(step.gemmPath, GemmPath::Device);
+      EXPECT_NEAR(step.us, 10.0 + 50.0, 1e-6);
+    }
+    for (const StepPrediction &step :
+         stepsOf(withWgmma.predict(plan, 0, true, 25),
+                 StepOp::GroupedGemmWgrad)) {
+      EXPECT_EQ(step.gemmPath, GemmPath::Device);
+      EXPECT_NEAR(step.us, 60.0, 1e-6);
+    }
+  }
   // The weight gradient's tiles (8 experts x 2 x 6 tiles of 128 x 128 over
   // [256, 704]) at 1 us each outlast its FLOPs and bytes (50 us): 96 us.
   DeviceProfile tileBound = parsed(decodeProfile());
@@ -750,6 +776,14 @@ TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
   EXPECT_FALSE(
       prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64, false, true));
   EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, true, true));
+  // With the wgmma kernel: the forward and input gradient at any size, the
+  // weight gradient as before; cublas still never.
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, false,
+                                false, true));
+  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64,
+                                 false, true, true));
+  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Cublas, 98304, 64, false,
+                                 false, true));
   // The host path's grouped call: no expert above 1024 rows.
   EXPECT_TRUE(groupedCublasTakes(1024));
   EXPECT_FALSE(groupedCublasTakes(1025));

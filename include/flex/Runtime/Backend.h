@@ -116,6 +116,12 @@ public:
   virtual Status recordTimestamp(int32_t marker);
   virtual Status elapsedMicros(int32_t from, int32_t to, double &micros);
 
+  /// Whether the backend's device-sized grouped GEMM has the wgmma kernel
+  /// (CUDA on Hopper): the grouped-GEMM rule then sends forward and
+  /// input-gradient GEMMs of any size to it (Core/GroupedGemmRule.h), and
+  /// the cost model prices them so.
+  virtual bool groupedGemmRunsWgmma() const { return false; }
+
   /// Whole-pass graphs (CUDA graphs). canCapturePass says whether the pass
   /// (forward or backward of a variant) queues the same work on every call
   /// with no host synchronization, so that it can be recorded once and

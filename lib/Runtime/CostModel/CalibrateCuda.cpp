@@ -191,7 +191,8 @@ Status calibrateGemm(cuda::KernelContext &ctx, Timer &timer, bool quick,
 ///  - one row per expert of small weights: the launch;
 ///  - 4 rows per expert of 64 decode-sized experts: the weight-read rate;
 ///  - 32 rows per expert of the same (the small tile): its FLOP rate;
-///  - 1024 rows per expert of 8 large experts (the large tile): its rate;
+///  - 1024 rows per expert of 8 large experts (the large tile, or on
+///    Hopper the wgmma kernel): its rate;
 ///  - the weight gradient of 64 experts of 32 rows, 1024 x 1024: its time
 ///    per output tile (wgradTileSeconds; one reduction step per tile).
 /// The device's bandwidth must be measured first (calibrateMemory).
@@ -290,8 +291,12 @@ Status calibrateDeviceGemm(cuda::KernelContext &ctx, Timer &timer,
                                     profile.memoryBandwidth));
   if (smallS > launchS)
     figures.smallFlopsPerSecond = flops(small) / (smallS - launchS);
+  // On Hopper the large problem runs the wgmma kernel (its figure); the
+  // mma.sync large tile's keeps its default there.
   if (largeS > launchS)
-    figures.largeFlopsPerSecond = flops(large) / (largeS - launchS);
+    (cuda::wgmmaGroupedGemmAvailable(ctx) ? figures.wgmmaFlopsPerSecond
+                                          : figures.largeFlopsPerSecond) =
+        flops(large) / (largeS - launchS);
   if (wgradS > launchS)
     figures.wgradTileSeconds =
         (wgradS - launchS) /

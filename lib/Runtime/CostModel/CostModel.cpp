@@ -272,7 +272,8 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   // the counts, which only the run has).
   return prefersDeviceGemm(options.groupedGemm, rowBound, groups,
                            /*capturing=*/false,
-                           getStepKind(step.op).cost == StepCost::ExpertWgrad)
+                           getStepKind(step.op).cost == StepCost::ExpertWgrad,
+                           options.wgmmaGemm)
              ? GemmPath::Device
              : GemmPath::PerExpert;
 }
@@ -302,7 +303,7 @@ constexpr int64_t kDeviceWgradTile = 128;
 /// tiles at their per-tile cost, whichever is longest.
 double deviceGemmSeconds(const DeviceProfile &profile, double rows,
                          int64_t groups, int64_t k, int64_t n, DType dtype,
-                         int64_t rowBound, bool wgrad) {
+                         int64_t rowBound, bool wgrad, bool wgmma) {
   const DeviceGemmFigures figures = profile.deviceGemmFigures();
   const double touched = touchedExperts(rows, groups);
   if (touched <= 0)
@@ -315,7 +316,8 @@ double deviceGemmSeconds(const DeviceProfile &profile, double rows,
   const double kn = static_cast<double>(k) * static_cast<double>(n);
   const double rate = tile == DeviceGemmTile::Small
                           ? figures.smallFlopsPerSecond
-                          : figures.largeFlopsPerSecond;
+                      : wgmma ? figures.wgmmaFlopsPerSecond
+                              : figures.largeFlopsPerSecond;
   const double element = static_cast<double>(dtypeSize(dtype));
   const double weights = (wgrad ? static_cast<double>(groups) : touched) * kn;
   const double bytes = (weights + rows * static_cast<double>(k + n)) * element;
@@ -503,8 +505,13 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
           0, (a.shape.empty() ? 0 : a.shape.front()) -
                  (step.facts.segments.isValid() ? step.facts.segments.baseRow
                                                 : 0));
+      // The wgmma kernel takes the large tiles of a plain product (no
+      // gathered A, no GLU: those stay on the mma.sync kernel).
+      const bool wgmma = options_.wgmmaGemm && !wgrad &&
+                         step.op != StepOp::GroupedGemmGlu &&
+                         !step.in(OperandRole::RowTokens).isValid();
       return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
-                               wgrad);
+                               wgrad, wgmma);
     }
     case GemmPath::PerExpert:
       if (profile_.backend == "cuda") {

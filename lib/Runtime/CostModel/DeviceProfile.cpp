@@ -212,7 +212,8 @@ DeviceGemmFigures readDeviceGemm(const Json &json, const std::string &path) {
   expectObject(json, path);
   expectKeys(json, path,
              {"available", "small_flops_per_s", "large_flops_per_s",
-              "weight_read_efficiency", "launch_s", "wgrad_tile_s", "source"});
+              "wgmma_flops_per_s", "weight_read_efficiency", "launch_s",
+              "wgrad_tile_s", "source"});
   DeviceGemmFigures figures;
   auto number = [&](const char *key, double &value, bool positive) {
     if (auto it = json.find(key); it != json.end())
@@ -222,6 +223,7 @@ DeviceGemmFigures readDeviceGemm(const Json &json, const std::string &path) {
     figures.available = asBool(*it, join(path, "available"));
   number("small_flops_per_s", figures.smallFlopsPerSecond, true);
   number("large_flops_per_s", figures.largeFlopsPerSecond, true);
+  number("wgmma_flops_per_s", figures.wgmmaFlopsPerSecond, true);
   number("weight_read_efficiency", figures.weightReadEfficiency, true);
   number("launch_s", figures.launchSeconds, false);
   number("wgrad_tile_s", figures.wgradTileSeconds, false);
@@ -233,6 +235,7 @@ Json deviceGemmJson(const DeviceGemmFigures &figures) {
   Json json = {{"available", figures.available},
                {"small_flops_per_s", figures.smallFlopsPerSecond},
                {"large_flops_per_s", figures.largeFlopsPerSecond},
+               {"wgmma_flops_per_s", figures.wgmmaFlopsPerSecond},
                {"weight_read_efficiency", figures.weightReadEfficiency},
                {"launch_s", figures.launchSeconds},
                {"wgrad_tile_s", figures.wgradTileSeconds}};

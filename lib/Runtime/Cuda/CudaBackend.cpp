@@ -195,9 +195,11 @@ bool gemmGridsFit(const Plan &plan, const Variant &variant) {
 
 /// Whether grouped_gemm=auto sends every dynamic grouped GEMM of `variant`
 /// to the device-sized kernel when it runs eagerly (Core/GroupedGemmRule.h:
-/// few rows per expert, a gathered A, the glu-fused step), so that a
-/// recorded pass runs the kernels the eager calls ran.
-bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant) {
+/// few rows per expert, a gathered A, the glu-fused step, and with `wgmma`
+/// every forward and input-gradient GEMM), so that a recorded pass runs the
+/// kernels the eager calls ran.
+bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant,
+                            bool wgmma) {
   for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
     for (const Step &step : *steps) {
       std::optional<GemmStepShape> gemm = gemmStepShape(plan, step);
@@ -217,7 +219,7 @@ bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant) {
           std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
       if (!prefersDeviceGemm(GroupedGemmImpl::Auto, rowBound, gemm->groups,
                              /*capturing=*/false,
-                             step.op == StepOp::GroupedGemmWgrad))
+                             step.op == StepOp::GroupedGemmWgrad, wgmma))
         return false;
     }
   return true;
@@ -533,6 +535,10 @@ Status CudaBackend::copyFromHost(void *dst, const void *hostSrc,
 
 void *CudaBackend::currentStream() const { return ctx_->stream(); }
 
+bool CudaBackend::groupedGemmRunsWgmma() const {
+  return cuda::detail::hopperGroupedGemmRuns(*ctx_);
+}
+
 bool CudaBackend::isRecording() const {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(ctx_->stream(), &status) != cudaSuccess) {
@@ -588,7 +594,8 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
   const bool deviceSized =
       (ctx_->groupedGemm == GroupedGemmImpl::Device ||
        (ctx_->groupedGemm == GroupedGemmImpl::Auto &&
-        autoTakesDeviceKernels(plan, v))) &&
+        autoTakesDeviceKernels(plan, v,
+                               cuda::detail::hopperGroupedGemmRuns(*ctx_)))) &&
       deviceGemmShapeFits(plan.layer.dtype, plan.layer.modelDim,
                           hiddenPerRank) &&
       cuda::detail::deviceGroupedGemmRuns(*ctx_) && gemmGridsFit(plan, v);

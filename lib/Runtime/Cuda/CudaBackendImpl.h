@@ -77,6 +77,7 @@ public:
   bool isRecording() const override;
 
   bool hasDeviceTimer() const override { return true; }
+  bool groupedGemmRunsWgmma() const override;
   Status recordTimestamp(int32_t marker) override;
   Status elapsedMicros(int32_t from, int32_t to, double &micros) override;
 

@@ -960,4 +960,8 @@ bool deviceGroupedGemmAvailable(const KernelContext &ctx, std::string *why) {
   return detail::deviceGroupedGemmRuns(ctx, why);
 }
 
+bool wgmmaGroupedGemmAvailable(const KernelContext &ctx, std::string *why) {
+  return detail::hopperGroupedGemmRuns(ctx, why);
+}
+
 } // namespace flex::cuda

@@ -137,7 +137,8 @@ bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
     return false;
   if (path == detail::GroupedGemmPath::Auto &&
       !prefersDeviceGemm(ctx.groupedGemm, space.rowBound, space.experts,
-                         ctx.capturing, weightGradient))
+                         ctx.capturing, weightGradient,
+                         detail::hopperGroupedGemmRuns(ctx)))
     return false;
   return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
 }

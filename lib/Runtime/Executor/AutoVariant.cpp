@@ -132,6 +132,7 @@ void Executor::ensureCostModel() {
   // The CUDA grouped GEMMs' path (Core/GroupedGemmRule.h), as the backend
   // takes it from the same options.
   modelOptions.groupedGemm = options_.groupedGemm;
+  modelOptions.wgmmaGemm = backend_->groupedGemmRunsWgmma();
   costModel_ = std::make_unique<CostModel>(std::move(profile), modelOptions);
   // A fixed capacity is known before the first call.
   const Variant &first = plan_->variants[plan_->defaultVariant];

@@ -90,11 +90,15 @@ inline constexpr DeviceGemmTile deviceGemmTile(int64_t rowBound,
 /// rows (R, T * k on one rank for ragged) over `experts` groups to the
 /// device-sized kernel: `device` always, `cublas` never, `auto` when the
 /// mean rows per expert R / E <= kDeviceGemmForwardRowsPerExpert (a weight
-/// gradient: kDeviceGemmRowsPerExpert) or while a CUDA graph is being
-/// recorded (the cuBLAS paths' host read cannot be).
+/// gradient: kDeviceGemmRowsPerExpert), while a CUDA graph is being
+/// recorded (the cuBLAS paths' host read cannot be), or, for the forward
+/// and input-gradient GEMMs, where the device has the wgmma kernel
+/// (`wgmma`: Hopper, HopperGemmKernel.cuh), which runs many rows per expert
+/// at cuBLAS's rate without reading the counts to the host.
 inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
                                         int64_t experts, bool capturing,
-                                        bool weightGradient = false) {
+                                        bool weightGradient = false,
+                                        bool wgmma = false) {
   switch (impl) {
   case GroupedGemmImpl::Device:
     return true;
@@ -103,7 +107,7 @@ inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
   case GroupedGemmImpl::Auto:
     break;
   }
-  return capturing ||
+  return capturing || (wgmma && !weightGradient) ||
          rowBound <= (weightGradient ? kDeviceGemmRowsPerExpert
                                      : kDeviceGemmForwardRowsPerExpert) *
                          experts;

@@ -68,6 +68,10 @@ struct CostModelOptions {
   /// The CUDA backend's grouped_gemm option (RuntimeOptions::groupedGemm):
   /// which path a dynamic grouped GEMM takes (Core/GroupedGemmRule.h).
   GroupedGemmImpl groupedGemm = GroupedGemmImpl::Auto;
+  /// The CUDA backend's device-sized kernel runs wgmma tiles (Hopper;
+  /// Backend::groupedGemmRunsWgmma): dynamic forward and input-gradient
+  /// GEMMs take it at any size, priced at the profile's wgmma rate.
+  bool wgmmaGemm = false;
 };
 
 /// How a GEMM step runs, and so what prices it.

@@ -121,6 +121,9 @@ struct DeviceGemmFigures {
   /// (128 x 128) CTA tile.
   double smallFlopsPerSecond = 98e12;
   double largeFlopsPerSecond = 220e12;
+  /// FLOP/s of the wgmma kernel's tiles (Hopper), where the backend has it
+  /// (CostModelOptions::wgmmaGemm): H100, C3's experts (2026-12-06).
+  double wgmmaFlopsPerSecond = 520e12;
   /// The touched weights' read rate over the profile's memoryBandwidth.
   double weightReadEfficiency = 0.96;
   /// The fixed cost of one call (the launch, the count scan, the tail).

@@ -176,6 +176,12 @@ Status dispatchRows(KernelContext &ctx, const Routing &routing,
 bool deviceGroupedGemmAvailable(const KernelContext &ctx,
                                 std::string *why = nullptr);
 
+/// Whether that kernel has its wgmma tiles here (compute capability 9.0 and
+/// the build's sm_90a part): forward and input-gradient GEMMs of any size
+/// then take it under grouped_gemm=auto.
+bool wgmmaGroupedGemmAvailable(const KernelContext &ctx,
+                               std::string *why = nullptr);
+
 /// With `gather.rowTokens` (a gather-fused variant) `a` is the layer's x
 /// [T, K] and row r of the product reads a[rowTokens[r]]: the device-sized
 /// kernel follows the map in its A loads; where it does not apply, the rows
