@@ -309,10 +309,12 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
        {std::pair{cuda::detail::DeviceTiles::Small, "small 32x128"},
         std::pair{cuda::detail::DeviceTiles::Large, "large 128x128"},
         std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"},
-        std::pair{cuda::detail::DeviceTiles::Hopper, "wgmma 128x128"},
-        std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"}}) {
-    const bool wgmma = tiles == cuda::detail::DeviceTiles::Hopper ||
-                       tiles == cuda::detail::DeviceTiles::HopperWide;
+        std::pair{cuda::detail::DeviceTiles::HopperCooperative,
+                  "wgmma 128x128"},
+        std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"},
+        std::pair{cuda::detail::DeviceTiles::HopperPingPong,
+                  "wgmma ping-pong 128x128"}}) {
+    const bool wgmma = tiles >= cuda::detail::DeviceTiles::Hopper;
     if (wgmma && !cuda::detail::hopperGroupedGemmRuns(ctx))
       continue;
     const double us = hostMicros(ctx, iters, [&] {

@@ -788,16 +788,16 @@ TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
     cuda::ExpertRowSpace space = seg.space();
     if (l.isStatic)
       space.staticCapacity = l.capacity;
-    for (auto tiles : {cuda::detail::DeviceTiles::Hopper,
-                       cuda::detail::DeviceTiles::HopperWide})
+    for (auto tiles : {cuda::detail::DeviceTiles::HopperCooperative,
+                       cuda::detail::DeviceTiles::HopperWide,
+                       cuda::detail::DeviceTiles::HopperPingPong})
       for (DType dt : {DType::BF16, DType::F16})
         for (bool transB : {false, true})
           for (bool accumulate : {false, true}) {
-            SCOPED_TRACE(
-                std::string(l.name) + " " + std::string(toString(dt)) +
-                (transB ? " b^T" : " b") + (accumulate ? " accumulate" : "") +
-                (tiles == cuda::detail::DeviceTiles::HopperWide ? " 128x256"
-                                                                : " 128x128"));
+            SCOPED_TRACE(std::string(l.name) + " " + std::string(toString(dt)) +
+                         (transB ? " b^T" : " b") +
+                         (accumulate ? " accumulate" : "") + " tile " +
+                         std::to_string(static_cast<int>(tiles)));
             Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
             a.set(normals(rng, R * k, 1.0));
             b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));

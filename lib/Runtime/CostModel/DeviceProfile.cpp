@@ -619,7 +619,9 @@ DeviceProfile defaultProfile(std::string_view backend, int64_t worldSize) {
     DeviceGemmFigures figures;
     figures.smallFlopsPerSecond = 30e12;
     figures.largeFlopsPerSecond = 66e12;
-    figures.source = "builtin: 0.3x bench/RESULTS.md Run 20 (H100)";
+    figures.wgmmaFlopsPerSecond = 156e12;
+    figures.source = "builtin: 0.3x bench/RESULTS.md Run 20 (H100), wgmma "
+                     "0.3x the 2026-12-06 probe";
     profile.deviceGemm = figures;
   }
   return profile;

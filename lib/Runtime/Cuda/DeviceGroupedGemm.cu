@@ -858,7 +858,9 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
     else
       tiles = DeviceTiles::Large;
   }
-  if (tiles == DeviceTiles::Hopper || tiles == DeviceTiles::HopperWide) {
+  if (tiles == DeviceTiles::Hopper || tiles == DeviceTiles::HopperCooperative ||
+      tiles == DeviceTiles::HopperWide ||
+      tiles == DeviceTiles::HopperPingPong) {
     std::string why;
     if (!plain)
       return Status(StatusCode::Internal,
@@ -866,8 +868,13 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                     "epilogue");
     if (!hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why))
       return Status(StatusCode::Unavailable, why);
+    const HopperTile tile =
+        tiles == DeviceTiles::HopperCooperative ? HopperTile::Cooperative
+        : tiles == DeviceTiles::HopperWide      ? HopperTile::Wide
+        : tiles == DeviceTiles::HopperPingPong  ? HopperTile::PingPong
+                                                : kDefaultHopperTile;
     return hopperGroupedGemm(ctx, a, b, c, type, k, n, space, transB,
-                             accumulate, tiles == DeviceTiles::HopperWide);
+                             accumulate, tile);
   }
   if (epilogue.fused && tiles != DeviceTiles::Small)
     return Status(StatusCode::Internal,
@@ -921,6 +928,12 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                    upOut};
   const bool small =
       deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
+  // Many rows: the wgmma kernel's GLU tile where it applies (no gathered A).
+  if (!small && !gather.rowTokens &&
+      hopperGroupedGemmApplies(ctx, type, k, n, space,
+                               {a, bGate, bUp, c, gateOut, upOut}))
+    return hopperGroupedGemmGlu(ctx, a, bGate, bUp, c, gateOut, upOut, type, k,
+                                n, space, kDefaultHopperTile);
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)

@@ -49,11 +49,18 @@ enum class DeviceTiles {
   Small, ///< 32 x 128, 4 warps
   Large, ///< 128 x 128, 8 warps
   Wide,  ///< 128 x 256, 8 warps
-  /// The wgmma kernel (HopperGemmKernel.cuh, sm_90a): 128 x 128 or 128 x
-  /// 256, a TMA producer warp and two consumer warpgroups.
+  /// The wgmma kernel (HopperGemmKernel.cuh, sm_90a): a TMA producer warp
+  /// and two consumer warpgroups. Hopper is the default among the three.
   Hopper,
-  HopperWide,
+  HopperCooperative, ///< 128 x 128, both warpgroups on each tile
+  HopperWide,        ///< 128 x 256, both warpgroups on each tile
+  HopperPingPong,    ///< 128 x 128, the warpgroups on alternate tiles
 };
+
+/// The wgmma kernel's shapes (DeviceTiles' Hopper* values).
+enum class HopperTile { Cooperative, Wide, PingPong };
+/// The one DeviceTiles::Hopper (and the automatic choice) takes.
+inline constexpr HopperTile kDefaultHopperTile = HopperTile::PingPong;
 
 /// Whether this device and build run the wgmma grouped GEMM (compute
 /// capability 9.0, the sm_90a part in the build, the driver's tensor-map
@@ -71,11 +78,20 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
 
 /// deviceGroupedGemm's ragged-M product on the wgmma kernel (any row space,
 /// static included): c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when
-/// transB); `wide` takes 128 x 256 tiles.
+/// transB).
 Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate, bool wide);
+                         bool accumulate, HopperTile tile);
+
+/// deviceGroupedGemmGlu on the wgmma kernel (tiles of 64 gate and the same
+/// 64 up columns; Wide is not offered and runs as Cooperative): bit for bit
+/// the wgmma kernel's two GEMMs and the glu kernel.
+Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
+                            const void *bGate, const void *bUp, void *c,
+                            void *gateOut, void *upOut, DType type, int64_t k,
+                            int64_t n, const ExpertRowSpace &space,
+                            HopperTile tile);
 
 /// The epilogue the device kernel applies in its store (not accumulating):
 /// c = epilogue(round(a @ b[e]) + biasScale * bias[e]), `pre` (if any) the

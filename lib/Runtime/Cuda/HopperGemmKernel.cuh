@@ -66,6 +66,8 @@ struct RaggedMParams {
   /// B's descriptor offsets when B is [K][N] (N-major): the bytes between
   /// 64-column chunks and between 8-row groups of K.
   uint32_t bChunkBytes, bRowGroupBytes;
+  /// The GLU kernel (Glu): the rounded products' copies, or null.
+  void *gateOut = nullptr, *upOut = nullptr;
 };
 
 #ifdef FLEX_HOPPER_GEMM
@@ -110,6 +112,27 @@ __device__ __forceinline__ void tmaLoad3d(uint32_t dst, const CUtensorMap *map,
       "complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
       "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
+}
+
+/// v rounded to T and back (what a GEMM's store leaves).
+template <typename T> __device__ __forceinline__ float toStored(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat162float(__float2bfloat16_rn(v));
+  else
+    return __half2float(__float2half_rn(v));
+}
+/// Two adjacent elements, each rounded to nearest even.
+template <typename T>
+__device__ __forceinline__ void storePair(T *out, float v0, float v1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    *reinterpret_cast<__nv_bfloat162 *>(out) = __floats2bfloat162_rn(v0, v1);
+  else
+    *reinterpret_cast<__half2 *>(out) = __floats2half2_rn(v0, v1);
+}
+/// silu(v) = v * sigmoid(v), as the runtime's glu kernel computes it
+/// (CudaSupport.cuh's siluForward: IEEE division, no fast math).
+__device__ __forceinline__ float siluOf(float v) {
+  return v * (1.0f / (1.0f + expf(-v)));
 }
 
 /// A shared-memory matrix descriptor, 128-byte swizzle: the start address,
@@ -334,10 +357,20 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
 /// of the rastered sequence; the producer runs ahead across tiles, so the
 /// next tile's first stages load while the consumers store this one.
 /// BKMajor: B[g] is [N][K] (the input gradient's w^T), else [K][N].
-template <typename T, int BN, int Stages, bool BKMajor>
+/// PingPong: the two consumer warpgroups take alternate tiles (each all
+/// 128 rows), one's store overlapping the other's products; else both work
+/// on each tile (64 rows each).
+template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
+          bool Glu = false>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
-                  const __grid_constant__ CUtensorMap mapB, RaggedMParams p) {
+                  const __grid_constant__ CUtensorMap mapB,
+                  const __grid_constant__ CUtensorMap mapUp, RaggedMParams p) {
+  static_assert(!Glu || (BN == 128 && !BKMajor),
+                "the GLU tile pairs 64 gate and 64 up columns of [K][N] "
+                "weights");
+  // Output columns per tile (the GLU tile's B holds two products' columns).
+  constexpr int TileN = Glu ? BN / 2 : BN;
 #ifndef FLEX_HOPPER_GEMM
   __trap();
 #else
@@ -350,14 +383,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t emptyBars = fullBars + Stages * 8;
 
   const int64_t mTiles = totalMTiles(p);
-  const int32_t nTiles = static_cast<int32_t>((p.n + BN - 1) / BN);
+  const int32_t nTiles = static_cast<int32_t>((p.n + TileN - 1) / TileN);
   const int64_t tiles = mTiles * nTiles;
   const int kTiles = static_cast<int>((p.k + kTileK - 1) / kTileK);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < Stages; ++s) {
       barrierInit(fullBars + 8 * s, 1);
-      barrierInit(emptyBars + 8 * s, kConsumerThreads);
+      // Every thread of the stage's consumers releases it.
+      barrierInit(emptyBars + 8 * s, PingPong ? 128 : kConsumerThreads);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -372,10 +406,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapA) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapB) : "memory");
+      if constexpr (Glu)
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapUp) : "memory");
     }
     uint32_t step = 0; // k blocks loaded so far, over all tiles
     for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const TileWork w = tileAt(p, t, mTiles, nTiles, BN);
+      const TileWork w = tileAt(p, t, mTiles, nTiles, TileN);
       if (threadIdx.x == 0) {
         for (int kt = 0; kt < kTiles; ++kt, ++step) {
           const uint32_t s = step % Stages, phase = (step / Stages) & 1;
@@ -387,6 +423,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(w.row0));
           if constexpr (BKMajor) {
             tmaLoad3d(b, &mapB, full, k0, w.n0, w.group);
+          } else if constexpr (Glu) { // the gate's 64 columns, then up's
+            tmaLoad3d(b, &mapB, full, w.n0, k0, w.group);
+            tmaLoad3d(b + kTileK * 128, &mapUp, full, w.n0, k0, w.group);
           } else {
 #pragma unroll
             for (int j = 0; j < BN / 64; ++j)
@@ -401,31 +440,45 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  const int consumer = warpGroup - 1; // rows 64 * consumer of the tile
+  const int consumer = warpGroup - 1;
   const int t128 = threadIdx.x % 128, warp = t128 / 32, lane = t128 % 32;
+  // Cooperative: both warpgroups on every tile, 64 rows each. Ping-pong:
+  // each takes every other tile whole (two m64 blocks), so one stores
+  // while the other multiplies.
+  constexpr int Blocks = PingPong ? 2 : 1;
+  const int firstRow = PingPong ? 0 : consumer * 64;
   T *c = static_cast<T *>(p.c);
-  uint32_t step = 0; // k blocks consumed so far, over all tiles
-  float acc[BN / 2];
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const TileWork w = tileAt(p, t, mTiles, nTiles, BN);
+  uint32_t step = 0; // k blocks of the sequence so far, over all tiles
+  float acc[Blocks][BN / 2];
+  int64_t mine = 0; // this CTA's tiles so far
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x, ++mine) {
+    if (PingPong && (mine & 1) != consumer) {
+      step += kTiles; // the other warpgroup's tile
+      continue;
+    }
+    const TileWork w = tileAt(p, t, mTiles, nTiles, TileN);
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i)
-      acc[i] = 0.0f;
+    for (int h = 0; h < Blocks; ++h)
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i)
+        acc[h][i] = 0.0f;
     for (int kt = 0; kt < kTiles; ++kt, ++step) {
       const uint32_t s = step % Stages;
       barrierWait(fullBars + 8 * s, (step / Stages) & 1);
-      const uint32_t a = stages + s * L::StageBytes + consumer * 64 * 128;
+      const uint32_t a = stages + s * L::StageBytes + firstRow * 128;
       const uint32_t b = stages + s * L::StageBytes + L::ABytes;
       asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
       for (int kk = 0; kk < kTileK / 16; ++kk) {
         // A: K-major, 128-byte rows; step kk's 16 elements are 32 bytes
         // into each row (the swizzle applies to the absolute address).
-        uint64_t da = descriptor(a + kk * 32, 16, 1024);
         uint64_t db = BKMajor ? descriptor(b + kk * 32, 16, 1024)
                               : descriptor(b + kk * 16 * 128, p.bChunkBytes,
                                            p.bRowGroupBytes);
-        Wgmma<T, BN>::template run<BKMajor ? 0 : 1>(acc, da, db);
+#pragma unroll
+        for (int h = 0; h < Blocks; ++h)
+          Wgmma<T, BN>::template run<BKMajor ? 0 : 1>(
+              acc[h], descriptor(a + h * 64 * 128 + kk * 32, 16, 1024), db);
       }
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       // The previous stage's products are done: its buffers go back.
@@ -440,28 +493,52 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
       // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t local = consumer * 64 + warp * 16 + lane / 4 + half * 8;
-      if (local >= w.rowsValid)
-        continue;
-      T *out = c + (w.row0 + local) * p.n;
+    for (int h = 0; h < Blocks; ++h)
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
-        if (col >= p.n)
+      for (int half = 0; half < 2; ++half) {
+        const int64_t local =
+            firstRow + h * 64 + warp * 16 + lane / 4 + half * 8;
+        if (local >= w.rowsValid)
           continue;
-        float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
-        if (p.accumulate) {
-          v0 += float(out[col]);
-          v1 += float(out[col + 1]);
+        const int64_t at = (w.row0 + local) * p.n;
+        if constexpr (Glu) {
+          // Column j of the gate beside column j of up (64 apart in the
+          // tile): each product rounded to T as a GEMM stores it, then
+          // c = silu(gate) * up as the glu kernel computes it.
+#pragma unroll
+          for (int j = 0; j < TileN / 8; ++j) {
+            const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
+            if (col >= p.n)
+              continue;
+            float g[2], u[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              g[e] = toStored<T>(acc[h][4 * j + 2 * half + e]);
+              u[e] = toStored<T>(acc[h][4 * (j + TileN / 8) + 2 * half + e]);
+            }
+            if (p.gateOut)
+              storePair(static_cast<T *>(p.gateOut) + at + col, g[0], g[1]);
+            if (p.upOut)
+              storePair(static_cast<T *>(p.upOut) + at + col, u[0], u[1]);
+            storePair(c + at + col, siluOf(g[0]) * u[0], siluOf(g[1]) * u[1]);
+          }
+          continue;
         }
-        if constexpr (std::is_same_v<T, __nv_bfloat16>)
-          *reinterpret_cast<__nv_bfloat162 *>(out + col) =
-              __floats2bfloat162_rn(v0, v1);
-        else
-          *reinterpret_cast<__half2 *>(out + col) = __floats2half2_rn(v0, v1);
+        T *out = c + at;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
+          if (col >= p.n)
+            continue;
+          float v0 = acc[h][4 * j + 2 * half],
+                v1 = acc[h][4 * j + 2 * half + 1];
+          if (p.accumulate) {
+            v0 += float(out[col]);
+            v1 += float(out[col + 1]);
+          }
+          storePair(out + col, v0, v1);
+        }
       }
-    }
   }
 #endif
 }
@@ -484,10 +561,30 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensorMapEncoder() {
   return encode;
 }
 
-/// The tensor maps of a ragged-M GEMM: A as [rowBound][k] in boxes of
-/// 128 rows x 64 columns; B as [groups][k][n] in boxes of 64 x 64, or with
-/// bKMajor as [groups][n][k] in boxes of BN x 64; 128-byte swizzle, zeros
-/// outside. Where the driver refuses, the CUresult.
+/// The tensor map of grouped weights B as [groups][k][n] in boxes of 64 x
+/// 64, or with bKMajor as [groups][n][k] in boxes of bn x 64; 128-byte
+/// swizzle, zeros outside. Where the driver refuses, the CUresult.
+inline CUresult makeWeightMap(CUtensorMap &map, bool bf16, const void *b,
+                              int64_t k, int64_t n, int64_t groups,
+                              bool bKMajor, int bn) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensorMapEncoder();
+  if (!encode)
+    return CUDA_ERROR_NOT_SUPPORTED;
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const cuuint64_t inner = bKMajor ? k : n, outer = bKMajor ? n : k;
+  const cuuint64_t dims[3] = {inner, outer, cuuint64_t(groups)};
+  const cuuint64_t strides[2] = {inner * 2, inner * outer * 2};
+  const cuuint32_t box[3] = {64, bKMajor ? cuuint32_t(bn) : 64u, 1};
+  return encode(
+      &map,
+      bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      3, const_cast<void *>(b), dims, strides, box, unit,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+/// The tensor maps of a ragged-M GEMM: A as [rowBound][k] in boxes of 128
+/// rows x 64 columns, B as makeWeightMap says.
 inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
                                 const void *a, const void *b, int64_t rowBound,
                                 int64_t k, int64_t n, int64_t groups,
@@ -495,45 +592,40 @@ inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensorMapEncoder();
   if (!encode)
     return CUDA_ERROR_NOT_SUPPORTED;
-  const CUtensorMapDataType type =
-      bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const cuuint32_t unit[3] = {1, 1, 1};
+  const cuuint32_t unit[2] = {1, 1};
   const cuuint64_t aDims[2] = {cuuint64_t(k), cuuint64_t(rowBound)};
   const cuuint64_t aStrides[1] = {cuuint64_t(k) * 2};
   const cuuint32_t aBox[2] = {kTileK, kTileM};
   CUresult r = encode(
-      &mapA, type, 2, const_cast<void *>(a), aDims, aStrides, aBox, unit,
+      &mapA,
+      bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      2, const_cast<void *>(a), aDims, aStrides, aBox, unit,
       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     return r;
-  const cuuint64_t inner = bKMajor ? k : n, outer = bKMajor ? n : k;
-  const cuuint64_t bDims[3] = {inner, outer, cuuint64_t(groups)};
-  const cuuint64_t bStrides[2] = {inner * 2, inner * outer * 2};
-  const cuuint32_t bBox[3] = {64, bKMajor ? cuuint32_t(bn) : 64u, 1};
-  return encode(&mapB, type, 3, const_cast<void *>(b), bDims, bStrides, bBox,
-                unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return makeWeightMap(mapB, bf16, b, k, n, groups, bKMajor, bn);
 }
 
 /// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
 /// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller.
-template <typename T, int BN, int Stages, bool BKMajor>
+template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
+          bool Glu = false>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
-                          const RaggedMParams &p, int ctas,
-                          cudaStream_t stream) {
-  constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor>;
+                          const CUtensorMap &mapUp, const RaggedMParams &p,
+                          int ctas, cudaStream_t stream) {
+  constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
     return e;
-  const int64_t bound =
-      ((p.rowBound + kTileM - 1) / kTileM + p.groups) * ((p.n + BN - 1) / BN);
+  constexpr int TileN = Glu ? BN / 2 : BN;
+  const int64_t bound = ((p.rowBound + kTileM - 1) / kTileM + p.groups) *
+                        ((p.n + TileN - 1) / TileN);
   const int grid = static_cast<int>(bound < ctas ? bound : ctas);
   if (grid <= 0)
     return cudaSuccess;
-  kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapB, p);
+  kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapB, mapUp, p);
   return cudaGetLastError();
 }
 

@@ -28,7 +28,8 @@ bool hopperKernelBuilt() {
   static const bool built = [] {
     cudaFuncAttributes attributes{};
     if (cudaFuncGetAttributes(
-            &attributes, hopper::raggedMKernel<__nv_bfloat16, 128, 5, false>) !=
+            &attributes,
+            hopper::raggedMKernel<__nv_bfloat16, 128, 5, false, false>) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -38,11 +39,14 @@ bool hopperKernelBuilt() {
   return built;
 }
 
-template <typename T, int BN, int Stages, bool BKMajor>
+template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
+          bool Glu = false>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
-              const CUtensorMap &mapB, const hopper::RaggedMParams &params) {
-  return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor>(
-                       mapA, mapB, params, ctx.multiprocessors(), ctx.stream()),
+              const CUtensorMap &mapB, const hopper::RaggedMParams &params,
+              const CUtensorMap *mapUp = nullptr) {
+  return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu>(
+                       mapA, mapB, mapUp ? *mapUp : mapB, params,
+                       ctx.multiprocessors(), ctx.stream()),
                    "grouped GEMM kernel (wgmma)");
 }
 
@@ -95,10 +99,10 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
 Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate, bool wide) {
+                         bool accumulate, HopperTile tile) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
-  const int bn = wide ? 256 : 128;
+  const int bn = tile == HopperTile::Wide ? 256 : 128;
   CUtensorMap mapA, mapB;
   if (CUresult r = hopper::makeRaggedMMaps(mapA, mapB, type == DType::BF16, a,
                                            b, space.rowBound, k, n,
@@ -124,13 +128,68 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
     if constexpr (std::is_same_v<T, float>) {
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
-    } else if (wide) {
-      return transB ? launch<T, 256, 4, true>(ctx, mapA, mapB, params)
-                    : launch<T, 256, 4, false>(ctx, mapA, mapB, params);
     } else {
-      return transB ? launch<T, 128, 5, true>(ctx, mapA, mapB, params)
-                    : launch<T, 128, 5, false>(ctx, mapA, mapB, params);
+      switch (tile) {
+      case HopperTile::Wide:
+        return transB
+                   ? launch<T, 256, 4, true, false>(ctx, mapA, mapB, params)
+                   : launch<T, 256, 4, false, false>(ctx, mapA, mapB, params);
+      case HopperTile::PingPong:
+        return transB ? launch<T, 128, 6, true, true>(ctx, mapA, mapB, params)
+                      : launch<T, 128, 6, false, true>(ctx, mapA, mapB, params);
+      default:
+        return transB
+                   ? launch<T, 128, 5, true, false>(ctx, mapA, mapB, params)
+                   : launch<T, 128, 5, false, false>(ctx, mapA, mapB, params);
+      }
     }
+  });
+}
+
+Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
+                            const void *bGate, const void *bUp, void *c,
+                            void *gateOut, void *upOut, DType type, int64_t k,
+                            int64_t n, const ExpertRowSpace &space,
+                            HopperTile tile) {
+  if (space.experts == 0 || n == 0 || space.rowBound == 0)
+    return Status::ok();
+  const bool bf16 = type == DType::BF16;
+  CUtensorMap mapA, mapGate, mapUp;
+  CUresult r = hopper::makeRaggedMMaps(mapA, mapGate, bf16, a, bGate,
+                                       space.rowBound, k, n, space.experts,
+                                       /*bKMajor=*/false, 128);
+  if (r == CUDA_SUCCESS)
+    r = hopper::makeWeightMap(mapUp, bf16, bUp, k, n, space.experts,
+                              /*bKMajor=*/false, 128);
+  if (r != CUDA_SUCCESS)
+    return Status(StatusCode::Internal,
+                  "cuTensorMapEncodeTiled refused the GLU step's operands "
+                  "(CUresult " +
+                      std::to_string(static_cast<int>(r)) + ")");
+  hopper::RaggedMParams params{space.offsets,
+                               space.rows,
+                               static_cast<int32_t>(space.experts),
+                               space.rowBound,
+                               space.staticCapacity,
+                               k,
+                               n,
+                               c,
+                               /*accumulate=*/false,
+                               /*bChunkBytes=*/hopper::kTileK * 128,
+                               /*bRowGroupBytes=*/1024,
+                               gateOut,
+                               upOut};
+  return withType(type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>)
+      return Status(StatusCode::Internal,
+                    "the wgmma grouped GEMM was asked for f32");
+    else if (tile == HopperTile::PingPong)
+      return launch<T, 128, 6, false, true, true>(ctx, mapA, mapGate, params,
+                                                  &mapUp);
+    else
+      return launch<T, 128, 5, false, false, true>(ctx, mapA, mapGate, params,
+                                                   &mapUp);
   });
 }
 
