@@ -953,6 +953,12 @@ Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               bool accumulate, const RowGather &gather) {
   if (space.experts == 0 || n == 0 || k == 0)
     return Status::ok();
+  // The wgmma kernel where it applies (no gathered A; a dynamic space, as
+  // a weight gradient's always is).
+  if (!gather.rowTokens && !space.isStatic() &&
+      hopperGroupedGemmApplies(ctx, type, k, n, space, {a, gradC, gradB}))
+    return hopperGroupedGemmWgrad(ctx, a, gradC, gradB, type, k, n, space,
+                                  accumulate);
   RaggedKArgs args{a, gradC, gradB,          space.offsets, space.rows,
                    k, n,     space.rowBound, accumulate,    gather};
   return withType(type, [&](auto tag) -> Status {

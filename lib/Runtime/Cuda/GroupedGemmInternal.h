@@ -84,6 +84,14 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          const ExpertRowSpace &space, bool transB,
                          bool accumulate, HopperTile tile);
 
+/// deviceGroupedGemmWgrad on the wgmma kernel (ping-pong 128 x 128 tiles of
+/// gradB[e], the reduction over e's rows in blocks of 64; the last block's
+/// rows past the group zeroed in shared memory).
+Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
+                              const void *gradC, void *gradB, DType type,
+                              int64_t k, int64_t n, const ExpertRowSpace &space,
+                              bool accumulate);
+
 /// deviceGroupedGemmGlu on the wgmma kernel (tiles of 64 gate and the same
 /// 64 up columns; Wide is not offered and runs as Cooperative): bit for bit
 /// the wgmma kernel's two GEMMs and the glu kernel.

@@ -29,6 +29,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <tuple>
 #include <type_traits>
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -146,12 +147,13 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address,
 }
 
 /// wgmma.mma_async m64nBNk16 with fp32 accumulators (BN / 2 registers per
-/// thread), A and B from shared memory, D += A B; TransB: B is N-major.
+/// thread), A and B from shared memory, D += A B; TransA: A is M-major,
+/// TransB: B is N-major.
 /// One specialization per dtype and width: the register list is spelled out.
 template <typename T, int BN> struct Wgmma;
 // clang-format off
 template <> struct Wgmma<__nv_bfloat16, 128> {
-    template <int TransB>
+    template <int TransA, int TransB>
     static __device__ __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                    "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -160,7 +162,7 @@ template <> struct Wgmma<__nv_bfloat16, 128> {
                    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
                    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
                    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-                   "}, %64, %65, p, 1, 1, 0, %66;\n}\n"
+                   "}, %64, %65, p, 1, 1, %66, %67;\n}\n"
                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -169,11 +171,11 @@ template <> struct Wgmma<__nv_bfloat16, 128> {
                      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
                      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                   : "l"(a), "l"(b), "n"(TransB));
+                   : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
     }
 };
 template <> struct Wgmma<__half, 128> {
-    template <int TransB>
+    template <int TransA, int TransB>
     static __device__ __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                    "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
@@ -182,7 +184,7 @@ template <> struct Wgmma<__half, 128> {
                    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
                    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
                    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-                   "}, %64, %65, p, 1, 1, 0, %66;\n}\n"
+                   "}, %64, %65, p, 1, 1, %66, %67;\n}\n"
                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -191,11 +193,11 @@ template <> struct Wgmma<__half, 128> {
                      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
                      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                   : "l"(a), "l"(b), "n"(TransB));
+                   : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
     }
 };
 template <> struct Wgmma<__nv_bfloat16, 256> {
-    template <int TransB>
+    template <int TransA, int TransB>
     static __device__ __forceinline__ void run(float (&d)[128], uint64_t a, uint64_t b) {
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                    "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
@@ -208,7 +210,7 @@ template <> struct Wgmma<__nv_bfloat16, 256> {
                    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
                    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
                    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-                   "}, %128, %129, p, 1, 1, 0, %130;\n}\n"
+                   "}, %128, %129, p, 1, 1, %130, %131;\n}\n"
                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -225,11 +227,11 @@ template <> struct Wgmma<__nv_bfloat16, 256> {
                      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
                      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
                      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-                   : "l"(a), "l"(b), "n"(TransB));
+                   : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
     }
 };
 template <> struct Wgmma<__half, 256> {
-    template <int TransB>
+    template <int TransA, int TransB>
     static __device__ __forceinline__ void run(float (&d)[128], uint64_t a, uint64_t b) {
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                    "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
@@ -242,7 +244,7 @@ template <> struct Wgmma<__half, 256> {
                    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
                    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
                    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-                   "}, %128, %129, p, 1, 1, 0, %130;\n}\n"
+                   "}, %128, %129, p, 1, 1, %130, %131;\n}\n"
                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -259,7 +261,7 @@ template <> struct Wgmma<__half, 256> {
                      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
                      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
                      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-                   : "l"(a), "l"(b), "n"(TransB));
+                   : "l"(a), "l"(b), "n"(TransA), "n"(TransB));
     }
 };
 // clang-format on
@@ -477,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                            p.bRowGroupBytes);
 #pragma unroll
         for (int h = 0; h < Blocks; ++h)
-          Wgmma<T, BN>::template run<BKMajor ? 0 : 1>(
+          Wgmma<T, BN>::template run<0, BKMajor ? 0 : 1>(
               acc[h], descriptor(a + h * 64 * 128 + kk * 32, 16, 1024), db);
       }
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -537,6 +539,194 @@ __global__ void __launch_bounds__(kThreads, 1)
             v1 += float(out[col + 1]);
           }
           storePair(out + col, v0, v1);
+        }
+      }
+  }
+#endif
+}
+
+/// What the weight-gradient kernel reads besides its tensor maps.
+struct RaggedKParams {
+  const int32_t *offsets; ///< device [groups + 1]
+  const int32_t *rows;    ///< device [groups]
+  int32_t groups;
+  int64_t rowBound; ///< rows of A and gradC
+  int64_t k, n;     ///< gradB[g] is [k][n]
+  void *gradB;
+  bool accumulate; ///< gradB += (an expert without rows keeps its value)
+};
+
+/// The weight gradient, ragged in K: gradB[g] (+)= A[rows of g]^T
+/// gradC[rows of g] for every group g. A CTA tile is 128 rows of gradB[g]
+/// (k) by BN columns (n); its reduction walks the group's rows in blocks of
+/// 64, A's block M-major (two 64-column TMA boxes) and gradC's N-major. The
+/// last block of a group reaches into the next group's rows: its consumer
+/// zeroes both operands' rows past the group before multiplying. Persistent and
+/// ping-pong (a warpgroup owns a tile whole, so the zeroing needs only its
+/// own barrier); tiles walk groups, then M, then N.
+template <typename T, int BN, int Stages>
+__global__ void __launch_bounds__(kThreads, 1)
+    raggedKKernel(const __grid_constant__ CUtensorMap mapA,
+                  const __grid_constant__ CUtensorMap mapGradC,
+                  RaggedKParams p) {
+#ifndef FLEX_HOPPER_GEMM
+  __trap();
+#else
+  using L = Layout<BN, Stages>;
+  extern __shared__ __align__(1024) unsigned char sharedRaw[];
+  unsigned char *shared = reinterpret_cast<unsigned char *>(
+      (reinterpret_cast<uintptr_t>(sharedRaw) + 1023) & ~uintptr_t(1023));
+  const uint32_t stages = smemAddress(shared);
+  const uint32_t fullBars = stages + Stages * L::StageBytes;
+  const uint32_t emptyBars = fullBars + Stages * 8;
+  constexpr int ChunkBytes = kTileK * 128; // 64 rows of 128 bytes
+
+  const int32_t mTiles = static_cast<int32_t>((p.k + kTileM - 1) / kTileM);
+  const int32_t nTiles = static_cast<int32_t>((p.n + BN - 1) / BN);
+  const int64_t perGroup = int64_t(mTiles) * nTiles;
+  const int64_t tiles = perGroup * p.groups;
+  // The group, first row, rows and M / N origin of tile t.
+  auto tileOf = [&](int64_t t, int32_t &g, int64_t &first, int64_t &count,
+                    int32_t &m0, int32_t &n0) {
+    g = static_cast<int32_t>(t / perGroup);
+    const int64_t rem = t % perGroup;
+    m0 = static_cast<int32_t>(rem % mTiles) * kTileM;
+    n0 = static_cast<int32_t>(rem / mTiles) * BN;
+    first = p.offsets[g];
+    count = p.rows[g];
+    if (first < 0 || count <= 0) {
+      count = 0;
+      return;
+    }
+    // Clamped to the buffer's rows, as the other kernels clamp.
+    if (count > p.rowBound - first)
+      count = p.rowBound - first > 0 ? p.rowBound - first : 0;
+  };
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Stages; ++s) {
+      barrierInit(fullBars + 8 * s, 1);
+      barrierInit(emptyBars + 8 * s, 128); // the owning warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int warpGroup = threadIdx.x / 128;
+  if (warpGroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x != 0)
+      return;
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapA) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapGradC) : "memory");
+    uint32_t step = 0;
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+      int32_t g, m0, n0;
+      int64_t first, count;
+      tileOf(t, g, first, count, m0, n0);
+      const int kTiles = static_cast<int>((count + kTileK - 1) / kTileK);
+      for (int kt = 0; kt < kTiles; ++kt, ++step) {
+        const uint32_t s = step % Stages, phase = (step / Stages) & 1;
+        barrierWait(emptyBars + 8 * s, phase ^ 1);
+        const uint32_t full = fullBars + 8 * s;
+        barrierExpectBytes(full, L::StageBytes);
+        const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
+        const int32_t row = static_cast<int32_t>(first) + kt * kTileK;
+        tmaLoad2d(a, &mapA, full, m0, row);
+        tmaLoad2d(a + ChunkBytes, &mapA, full, m0 + 64, row);
+#pragma unroll
+        for (int j = 0; j < BN / 64; ++j)
+          tmaLoad2d(b + j * ChunkBytes, &mapGradC, full, n0 + 64 * j, row);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int consumer = warpGroup - 1;
+  const int t128 = threadIdx.x % 128, warp = t128 / 32, lane = t128 % 32;
+  T *gradB = static_cast<T *>(p.gradB);
+  uint32_t step = 0;
+  float acc[2][BN / 2];
+  int64_t mine = 0;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x, ++mine) {
+    int32_t g, m0, n0;
+    int64_t first, count;
+    tileOf(t, g, first, count, m0, n0);
+    const int kTiles = static_cast<int>((count + kTileK - 1) / kTileK);
+    if ((mine & 1) != consumer) {
+      step += kTiles; // the other warpgroup's tile
+      continue;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i)
+        acc[h][i] = 0.0f;
+    for (int kt = 0; kt < kTiles; ++kt, ++step) {
+      const uint32_t s = step % Stages;
+      barrierWait(fullBars + 8 * s, (step / Stages) & 1);
+      const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
+      const int valid = static_cast<int>(count - int64_t(kt) * kTileK);
+      if (valid < kTileK) {
+        // Rows past the group (the next group's): zeros in A and in gradC
+        // (a NaN there would survive a zero in the other operand). The
+        // stage is 2 + BN / 64 chunks of 64 rows of 128 bytes, A's first;
+        // the swizzle moves 16-byte pieces within a row, never across.
+        unsigned char *stage = shared + s * L::StageBytes;
+        const int pieces = (kTileK - valid) * 8;
+        for (int i = t128; i < (2 + BN / 64) * pieces; i += 128) {
+          const int chunk = i / pieces, piece = i % pieces;
+          *reinterpret_cast<uint4 *>(stage + chunk * ChunkBytes + valid * 128 +
+                                     piece * 16) = make_uint4(0, 0, 0, 0);
+        }
+        // Visible to wgmma (the async proxy) before any thread issues it.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + consumer) : "memory");
+      }
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+      for (int kk = 0; kk < kTileK / 16; ++kk) {
+        // Both operands M/N-major: 16 reduction rows are 2048 bytes.
+        const uint64_t db = descriptor(b + kk * 16 * 128, ChunkBytes, 1024);
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          Wgmma<T, BN>::template run<1, 1>(
+              acc[h],
+              descriptor(a + h * ChunkBytes + kk * 16 * 128, ChunkBytes, 1024),
+              db);
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+      if (kt > 0)
+        barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    if (kTiles > 0)
+      barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+    if (p.accumulate && kTiles == 0)
+      continue; // an expert without rows keeps its gradient
+    T *out = gradB + int64_t(g) * p.k * p.n;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = m0 + h * 64 + warp * 16 + lane / 4 + half * 8;
+        if (row >= p.k)
+          continue;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int64_t col = n0 + 8 * j + 2 * (lane % 4);
+          if (col >= p.n)
+            continue;
+          T *at = out + row * p.n + col;
+          float v0 = acc[h][4 * j + 2 * half],
+                v1 = acc[h][4 * j + 2 * half + 1];
+          if (p.accumulate) {
+            v0 += float(at[0]);
+            v1 += float(at[1]);
+          }
+          storePair(at, v0, v1);
         }
       }
   }
@@ -626,6 +816,53 @@ cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
   if (grid <= 0)
     return cudaSuccess;
   kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapB, mapUp, p);
+  return cudaGetLastError();
+}
+
+/// The weight gradient's tensor maps: A as [rowBound][k] and gradC as
+/// [rowBound][n], both in boxes of 64 rows x 64 columns.
+inline CUresult makeRaggedKMaps(CUtensorMap &mapA, CUtensorMap &mapGradC,
+                                bool bf16, const void *a, const void *gradC,
+                                int64_t rowBound, int64_t k, int64_t n) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensorMapEncoder();
+  if (!encode)
+    return CUDA_ERROR_NOT_SUPPORTED;
+  const cuuint32_t unit[2] = {1, 1};
+  const cuuint32_t box[2] = {64, 64};
+  CUresult r = CUDA_SUCCESS;
+  for (auto [map, base, width] :
+       {std::tuple{&mapA, a, k}, std::tuple{&mapGradC, gradC, n}}) {
+    const cuuint64_t dims[2] = {cuuint64_t(width), cuuint64_t(rowBound)};
+    const cuuint64_t strides[1] = {cuuint64_t(width) * 2};
+    r = encode(map,
+               bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+               2, const_cast<void *>(base), dims, strides, box, unit,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+               CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+      return r;
+  }
+  return r;
+}
+
+/// One persistent launch of the weight-gradient kernel.
+template <typename T, int BN, int Stages>
+cudaError_t launchRaggedK(const CUtensorMap &mapA, const CUtensorMap &mapGradC,
+                          const RaggedKParams &p, int ctas,
+                          cudaStream_t stream) {
+  constexpr auto kernel = raggedKKernel<T, BN, Stages>;
+  constexpr int bytes = Layout<BN, Stages>::SharedBytes;
+  if (cudaError_t e = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
+    return e;
+  const int64_t tiles =
+      ((p.k + kTileM - 1) / kTileM) * ((p.n + BN - 1) / BN) * int64_t(p.groups);
+  const int grid = static_cast<int>(tiles < ctas ? tiles : ctas);
+  if (grid <= 0)
+    return cudaSuccess;
+  kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapGradC, p);
   return cudaGetLastError();
 }
 

@@ -146,6 +146,39 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   });
 }
 
+Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
+                              const void *gradC, void *gradB, DType type,
+                              int64_t k, int64_t n, const ExpertRowSpace &space,
+                              bool accumulate) {
+  if (space.experts == 0 || n == 0 || k == 0)
+    return Status::ok();
+  CUtensorMap mapA, mapGradC;
+  // An empty row space still zeroes every gradient: maps of one row.
+  if (CUresult r =
+          hopper::makeRaggedKMaps(mapA, mapGradC, type == DType::BF16, a, gradC,
+                                  std::max<int64_t>(space.rowBound, 1), k, n);
+      r != CUDA_SUCCESS)
+    return Status(StatusCode::Internal,
+                  "cuTensorMapEncodeTiled refused the weight gradient's "
+                  "operands (CUresult " +
+                      std::to_string(static_cast<int>(r)) + ")");
+  hopper::RaggedKParams params{
+      space.offsets,  space.rows, static_cast<int32_t>(space.experts),
+      space.rowBound, k,          n,
+      gradB,          accumulate};
+  return withType(type, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>)
+      return Status(StatusCode::Internal,
+                    "the wgmma grouped GEMM was asked for f32");
+    else
+      return checkCuda(hopper::launchRaggedK<T, 128, 6>(mapA, mapGradC, params,
+                                                        ctx.multiprocessors(),
+                                                        ctx.stream()),
+                       "grouped GEMM weight-gradient kernel (wgmma)");
+  });
+}
+
 Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
                             const void *bGate, const void *bUp, void *c,
                             void *gateOut, void *upOut, DType type, int64_t k,
