@@ -877,9 +877,10 @@ TEST(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
   }
 }
 
-// The wgmma kernel refuses what it cannot run (a gathered A, a fused
-// epilogue) with a clear status instead of a wrong product.
-TEST(CudaHopperGemm, RefusesGatherAndFusedEpilogue) {
+// The wgmma kernel refuses what it cannot run (a gathered A with [N][K]
+// weights, which no plan asks for; the few-rows tile's fused epilogue) with
+// a clear status instead of a wrong product.
+TEST(CudaHopperGemm, RefusesWhatItCannotRun) {
   FLEX_SKIP_WITHOUT_CUDA();
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
@@ -894,11 +895,19 @@ TEST(CudaHopperGemm, RefusesGatherAndFusedEpilogue) {
   gather.rowTokens = tokens.as<int32_t>();
   gather.tokens = R;
   Status status = cuda::detail::deviceGroupedGemm(
-      *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), false, false,
-      cuda::detail::DeviceTiles::Hopper, gather);
+      *ctx, a.device, b.device, c.device, dt, k, n, seg.space(),
+      /*transB=*/true, false, cuda::detail::DeviceTiles::Hopper, gather);
   EXPECT_FALSE(status.isOk());
-  EXPECT_NE(status.message().find("gathered"), std::string::npos)
+  EXPECT_NE(status.message().find("gathers A for [K][N] weights only"),
+            std::string::npos)
       << status.message();
+  cuda::detail::DeviceGemmEpilogue fused;
+  fused.fused = true;
+  fused.epilogue = Epilogue::Relu;
+  status = cuda::detail::deviceGroupedGemm(
+      *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), false, false,
+      cuda::detail::DeviceTiles::Hopper, {}, fused);
+  EXPECT_FALSE(status.isOk());
 }
 
 // Counts that disagree with the buffer (a segment reaching past the

@@ -505,10 +505,9 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
           0, (a.shape.empty() ? 0 : a.shape.front()) -
                  (step.facts.segments.isValid() ? step.facts.segments.baseRow
                                                 : 0));
-      // The wgmma kernel takes the large tiles of a product whose A is not
-      // gathered (the GLU step's too); a gathered A stays on mma.sync.
-      const bool wgmma = options_.wgmmaGemm && !wgrad &&
-                         !step.in(OperandRole::RowTokens).isValid();
+      // The wgmma kernel takes the large tiles of every forward and
+      // input-gradient product (gathered A and the GLU step included).
+      const bool wgmma = options_.wgmmaGemm && !wgrad;
       return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
                                wgrad, wgmma);
     }

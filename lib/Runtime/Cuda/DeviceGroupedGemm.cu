@@ -846,13 +846,13 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    epilogue};
   // Few rows per group (decode): small M tiles waste less of each weight
   // tile's read (Core/GroupedGemmRule.h has the measured crossover). More:
-  // the wgmma kernel where this device has it and the product is plain (no
-  // gathered A, no epilogue in the store).
-  const bool plain = !gather.rowTokens && !epilogue.fused;
+  // the wgmma kernel where this device has it (the fused epilogue is the
+  // small tile's alone; a gathered A only for [K][N] weights).
+  const bool wgmmaTakes = !epilogue.fused && !(gather.rowTokens && transB);
   if (tiles == DeviceTiles::Auto) {
     if (deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small)
       tiles = DeviceTiles::Small;
-    else if (plain &&
+    else if (wgmmaTakes &&
              hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}))
       tiles = DeviceTiles::Hopper;
     else
@@ -862,10 +862,10 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
       tiles == DeviceTiles::HopperWide ||
       tiles == DeviceTiles::HopperPingPong) {
     std::string why;
-    if (!plain)
+    if (!wgmmaTakes)
       return Status(StatusCode::Internal,
-                    "the wgmma grouped GEMM takes no gathered A and no fused "
-                    "epilogue");
+                    "the wgmma grouped GEMM takes no fused epilogue and "
+                    "gathers A for [K][N] weights only");
     if (!hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why))
       return Status(StatusCode::Unavailable, why);
     const HopperTile tile =
@@ -874,12 +874,8 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
         : tiles == DeviceTiles::HopperPingPong  ? HopperTile::PingPong
                                                 : kDefaultHopperTile;
     return hopperGroupedGemm(ctx, a, b, c, type, k, n, space, transB,
-                             accumulate, tile);
+                             accumulate, tile, gather);
   }
-  if (epilogue.fused && tiles != DeviceTiles::Small)
-    return Status(StatusCode::Internal,
-                  "the device-sized grouped GEMM fuses its epilogue in the "
-                  "small tile only (deviceGroupedGemmFusesEpilogue)");
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
@@ -928,12 +924,11 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                    upOut};
   const bool small =
       deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
-  // Many rows: the wgmma kernel's GLU tile where it applies (no gathered A).
-  if (!small && !gather.rowTokens &&
-      hopperGroupedGemmApplies(ctx, type, k, n, space,
-                               {a, bGate, bUp, c, gateOut, upOut}))
+  // Many rows: the wgmma kernel's GLU tile where it applies.
+  if (!small && hopperGroupedGemmApplies(ctx, type, k, n, space,
+                                         {a, bGate, bUp, c, gateOut, upOut}))
     return hopperGroupedGemmGlu(ctx, a, bGate, bUp, c, gateOut, upOut, type, k,
-                                n, space, kDefaultHopperTile);
+                                n, space, kDefaultHopperTile, gather);
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)

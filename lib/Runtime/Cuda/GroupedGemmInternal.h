@@ -70,7 +70,7 @@ bool hopperGroupedGemmRuns(const KernelContext &ctx,
 
 /// Whether the wgmma kernel takes these operands: bf16/f16, 16-byte aligned
 /// rows and bases (TMA), sizes inside TMA's 32-bit coordinates and the
-/// grid. No gathered A and no fused epilogue (the mma.sync kernel has them).
+/// grid. No fused epilogue (the mma.sync kernel's few-rows tile has it).
 bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,
@@ -78,11 +78,14 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
 
 /// deviceGroupedGemm's ragged-M product on the wgmma kernel (any row space,
 /// static included): c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when
-/// transB).
+/// transB). With `gather.rowTokens` (not with transB), A's rows are
+/// gathered by the producer warpgroup's cp.async (zeros for a token outside
+/// [0, tokens)); a Wide tile then runs as Cooperative.
 Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate, HopperTile tile);
+                         bool accumulate, HopperTile tile,
+                         const RowGather &gather = {});
 
 /// deviceGroupedGemmWgrad on the wgmma kernel (ping-pong 128 x 128 tiles of
 /// gradB[e], the reduction over e's rows in blocks of 64; the last block's
@@ -99,7 +102,7 @@ Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
                             const void *bGate, const void *bUp, void *c,
                             void *gateOut, void *upOut, DType type, int64_t k,
                             int64_t n, const ExpertRowSpace &space,
-                            HopperTile tile);
+                            HopperTile tile, const RowGather &gather = {});
 
 /// The epilogue the device kernel applies in its store (not accumulating):
 /// c = epilogue(round(a @ b[e]) + biasScale * bias[e]), `pre` (if any) the

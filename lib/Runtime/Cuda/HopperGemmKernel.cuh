@@ -69,6 +69,11 @@ struct RaggedMParams {
   uint32_t bChunkBytes, bRowGroupBytes;
   /// The GLU kernel (Glu): the rounded products' copies, or null.
   void *gateOut = nullptr, *upOut = nullptr;
+  /// A gathered A (Gather): A's row r is row rowTokens[r] of `a` ([tokens,
+  /// k]), zeros for a token outside [0, tokens).
+  const void *a = nullptr;
+  const int32_t *rowTokens = nullptr;
+  int64_t tokens = 0;
 };
 
 #ifdef FLEX_HOPPER_GEMM
@@ -316,7 +321,7 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
 /// 128 rows), one's store overlapping the other's products; else both work
 /// on each tile (64 rows each).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false>
+          bool Glu = false, bool Gather = false>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapB,
@@ -344,7 +349,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < Stages; ++s) {
-      barrierInit(fullBars + 8 * s, 1);
+      // The producer thread's expected bytes, and with a gathered A each
+      // producer thread's copies (cp.async.mbarrier.arrive.noinc).
+      barrierInit(fullBars + 8 * s, Gather ? 1 + 128 : 1);
       // Every thread of the stage's consumers releases it.
       barrierInit(emptyBars + 8 * s, PingPong ? 128 : kConsumerThreads);
     }
@@ -354,9 +361,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warpGroup = threadIdx.x / 128;
   if (warpGroup == 0) {
-    // The producer: warp 0 walks the tiles, its lane 0 issues the loads.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x >= 32)
+    // The producer: warp 0 walks the tiles, its lane 0 issues the TMA
+    // loads; with a gathered A every producer thread also copies one row of
+    // A's tile per stage (cp.async into the 128-byte swizzle TMA would
+    // write: 16-byte piece c of row r at piece c ^ (r % 8)).
+    if constexpr (Gather)
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
+    else
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (!Gather && threadIdx.x >= 32)
       return;
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapA) : "memory");
@@ -364,29 +377,59 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (Glu)
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapUp) : "memory");
     }
+    const T *aRows = static_cast<const T *>(p.a);
     uint32_t step = 0; // k blocks loaded so far, over all tiles
     for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
       const TileWork w = tileAt(p, t, mTiles, nTiles, TileN);
-      if (threadIdx.x == 0) {
+      int64_t token = -1; // this thread's row of A (Gather)
+      if constexpr (Gather)
+        if (threadIdx.x < w.rowsValid) {
+          token = p.rowTokens[w.row0 + threadIdx.x];
+          if (token >= p.tokens)
+            token = -1;
+        }
+      if (Gather || threadIdx.x == 0) {
         for (int kt = 0; kt < kTiles; ++kt, ++step) {
           const uint32_t s = step % Stages, phase = (step / Stages) & 1;
           barrierWait(emptyBars + 8 * s, phase ^ 1);
           const uint32_t full = fullBars + 8 * s;
-          barrierExpectBytes(full, L::StageBytes);
           const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
           const int32_t k0 = kt * kTileK;
-          tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(w.row0));
-          if constexpr (BKMajor) {
-            tmaLoad3d(b, &mapB, full, k0, w.n0, w.group);
-          } else if constexpr (Glu) { // the gate's 64 columns, then up's
-            tmaLoad3d(b, &mapB, full, w.n0, k0, w.group);
-            tmaLoad3d(b + kTileK * 128, &mapUp, full, w.n0, k0, w.group);
-          } else {
+          if constexpr (Gather) {
+            const uint32_t row = a + threadIdx.x * 128;
 #pragma unroll
-            for (int j = 0; j < BN / 64; ++j)
-              tmaLoad3d(b + j * (kTileK * 128), &mapB, full, w.n0 + 64 * j, k0,
-                        w.group);
+            for (int c = 0; c < 8; ++c) {
+              const int64_t col = k0 + 8 * c;
+              const bool valid = token >= 0 && col < p.k;
+              const T *src = valid ? aRows + token * p.k + col : aRows;
+              asm volatile(
+                  "cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                      row + ((c ^ (threadIdx.x % 8)) * 16)),
+                  "l"(src), "r"(valid ? 16 : 0)
+                  : "memory");
+            }
           }
+          if (threadIdx.x == 0) {
+            barrierExpectBytes(full, Gather ? L::BBytes : L::StageBytes);
+            if constexpr (!Gather)
+              tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(w.row0));
+            if constexpr (BKMajor) {
+              tmaLoad3d(b, &mapB, full, k0, w.n0, w.group);
+            } else if constexpr (Glu) { // the gate's 64 columns, then up's
+              tmaLoad3d(b, &mapB, full, w.n0, k0, w.group);
+              tmaLoad3d(b + kTileK * 128, &mapUp, full, w.n0, k0, w.group);
+            } else {
+#pragma unroll
+              for (int j = 0; j < BN / 64; ++j)
+                tmaLoad3d(b + j * (kTileK * 128), &mapB, full, w.n0 + 64 * j,
+                          k0, w.group);
+            }
+          }
+          if constexpr (Gather)
+            asm volatile(
+                "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
+                    full)
+                : "memory");
         }
       }
       __syncwarp();
@@ -394,7 +437,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  if constexpr (Gather)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
+  else
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int consumer = warpGroup - 1;
   const int t128 = threadIdx.x % 128, warp = t128 / 32, lane = t128 % 32;
   // Cooperative: both warpgroups on every tile, 64 rows each. Ping-pong:
@@ -753,11 +799,12 @@ inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
 /// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
 /// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller.
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false>
+          bool Glu = false, bool Gather = false>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
                           const CUtensorMap &mapUp, const RaggedMParams &p,
                           int ctas, cudaStream_t stream) {
-  constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu>;
+  constexpr auto kernel =
+      raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))

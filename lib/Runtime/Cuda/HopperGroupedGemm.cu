@@ -40,14 +40,15 @@ bool hopperKernelBuilt() {
 }
 
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false>
+          bool Glu = false, bool Gather = false>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
               const CUtensorMap &mapB, const hopper::RaggedMParams &params,
               const CUtensorMap *mapUp = nullptr) {
-  return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu>(
-                       mapA, mapB, mapUp ? *mapUp : mapB, params,
-                       ctx.multiprocessors(), ctx.stream()),
-                   "grouped GEMM kernel (wgmma)");
+  return checkCuda(
+      hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu, Gather>(
+          mapA, mapB, mapUp ? *mapUp : mapB, params, ctx.multiprocessors(),
+          ctx.stream()),
+      "grouped GEMM kernel (wgmma)");
 }
 
 } // namespace
@@ -96,38 +97,81 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
   return true;
 }
 
+namespace {
+
+Status refusedMaps(CUresult r, const char *what) {
+  return Status(StatusCode::Internal,
+                std::string("cuTensorMapEncodeTiled refused ") + what +
+                    " (CUresult " + std::to_string(static_cast<int>(r)) + ")");
+}
+
+/// The ragged-M kernel's parameters; with a gathered A, its rows.
+hopper::RaggedMParams raggedMParams(const ExpertRowSpace &space, int64_t k,
+                                    int64_t n, void *c, bool accumulate,
+                                    const void *a, const RowGather &gather) {
+  hopper::RaggedMParams params{};
+  params.offsets = space.offsets;
+  params.rows = space.rows;
+  params.groups = static_cast<int32_t>(space.experts);
+  params.rowBound = space.rowBound;
+  params.staticCapacity = space.staticCapacity;
+  params.k = k;
+  params.n = n;
+  params.c = c;
+  params.accumulate = accumulate;
+  params.bChunkBytes = hopper::kTileK * 128;
+  params.bRowGroupBytes = 1024;
+  if (gather.rowTokens) {
+    params.a = a;
+    params.rowTokens = gather.rowTokens;
+    params.tokens = gather.tokens;
+  }
+  return params;
+}
+
+/// A's map covers the rows A has: the row space's, or a gathered A's
+/// tokens (the gathered kernels read A by cp.async, not by this map).
+int64_t aRows(const ExpertRowSpace &space, const RowGather &gather) {
+  return std::max<int64_t>(gather.rowTokens ? gather.tokens : space.rowBound,
+                           1);
+}
+
+} // namespace
+
 Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
-                         bool accumulate, HopperTile tile) {
+                         bool accumulate, HopperTile tile,
+                         const RowGather &gather) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
+  const bool gathered = gather.rowTokens != nullptr;
+  // The gathered forms: [K][N] weights (the forward), 128 x 128 tiles.
+  if (gathered && transB)
+    return Status(StatusCode::Internal,
+                  "the wgmma grouped GEMM gathers A for [K][N] weights only");
+  if (gathered && tile == HopperTile::Wide)
+    tile = HopperTile::Cooperative;
   const int bn = tile == HopperTile::Wide ? 256 : 128;
   CUtensorMap mapA, mapB;
   if (CUresult r = hopper::makeRaggedMMaps(mapA, mapB, type == DType::BF16, a,
-                                           b, space.rowBound, k, n,
+                                           b, aRows(space, gather), k, n,
                                            space.experts, transB, bn);
       r != CUDA_SUCCESS)
-    return Status(StatusCode::Internal,
-                  "cuTensorMapEncodeTiled refused the grouped GEMM's operands "
-                  "(CUresult " +
-                      std::to_string(static_cast<int>(r)) + ")");
-  hopper::RaggedMParams params{space.offsets,
-                               space.rows,
-                               static_cast<int32_t>(space.experts),
-                               space.rowBound,
-                               space.staticCapacity,
-                               k,
-                               n,
-                               c,
-                               accumulate,
-                               /*bChunkBytes=*/hopper::kTileK * 128,
-                               /*bRowGroupBytes=*/1024};
+    return refusedMaps(r, "the grouped GEMM's operands");
+  const hopper::RaggedMParams params =
+      raggedMParams(space, k, n, c, accumulate, a, gather);
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
+    } else if (gathered) {
+      return tile == HopperTile::PingPong
+                 ? launch<T, 128, 6, false, true, false, true>(ctx, mapA, mapB,
+                                                               params)
+                 : launch<T, 128, 5, false, false, false, true>(ctx, mapA, mapB,
+                                                                params);
     } else {
       switch (tile) {
       case HopperTile::Wide:
@@ -183,46 +227,39 @@ Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
                             const void *bGate, const void *bUp, void *c,
                             void *gateOut, void *upOut, DType type, int64_t k,
                             int64_t n, const ExpertRowSpace &space,
-                            HopperTile tile) {
+                            HopperTile tile, const RowGather &gather) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
   const bool bf16 = type == DType::BF16;
   CUtensorMap mapA, mapGate, mapUp;
   CUresult r = hopper::makeRaggedMMaps(mapA, mapGate, bf16, a, bGate,
-                                       space.rowBound, k, n, space.experts,
-                                       /*bKMajor=*/false, 128);
+                                       aRows(space, gather), k, n,
+                                       space.experts, /*bKMajor=*/false, 128);
   if (r == CUDA_SUCCESS)
     r = hopper::makeWeightMap(mapUp, bf16, bUp, k, n, space.experts,
                               /*bKMajor=*/false, 128);
   if (r != CUDA_SUCCESS)
-    return Status(StatusCode::Internal,
-                  "cuTensorMapEncodeTiled refused the GLU step's operands "
-                  "(CUresult " +
-                      std::to_string(static_cast<int>(r)) + ")");
-  hopper::RaggedMParams params{space.offsets,
-                               space.rows,
-                               static_cast<int32_t>(space.experts),
-                               space.rowBound,
-                               space.staticCapacity,
-                               k,
-                               n,
-                               c,
-                               /*accumulate=*/false,
-                               /*bChunkBytes=*/hopper::kTileK * 128,
-                               /*bRowGroupBytes=*/1024,
-                               gateOut,
-                               upOut};
+    return refusedMaps(r, "the GLU step's operands");
+  hopper::RaggedMParams params =
+      raggedMParams(space, k, n, c, /*accumulate=*/false, a, gather);
+  params.gateOut = gateOut;
+  params.upOut = upOut;
+  const bool pingPong = tile == HopperTile::PingPong;
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
-    else if (tile == HopperTile::PingPong)
-      return launch<T, 128, 6, false, true, true>(ctx, mapA, mapGate, params,
-                                                  &mapUp);
+    else if (gather.rowTokens)
+      return pingPong ? launch<T, 128, 6, false, true, true, true>(
+                            ctx, mapA, mapGate, params, &mapUp)
+                      : launch<T, 128, 5, false, false, true, true>(
+                            ctx, mapA, mapGate, params, &mapUp);
     else
-      return launch<T, 128, 5, false, false, true>(ctx, mapA, mapGate, params,
-                                                   &mapUp);
+      return pingPong ? launch<T, 128, 6, false, true, true>(ctx, mapA, mapGate,
+                                                             params, &mapUp)
+                      : launch<T, 128, 5, false, false, true>(
+                            ctx, mapA, mapGate, params, &mapUp);
   });
 }
 
