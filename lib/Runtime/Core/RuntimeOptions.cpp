@@ -61,7 +61,7 @@ Status setOption(RuntimeOptions &options, std::string_view name,
   }
   if (name == "check_nonfinite" || name == "cuda_graph" ||
       name == "cuda_overlap" || name == "refine_variant" ||
-      name == "relu_in_gemm") {
+      name == "relu_in_gemm" || name == "wgmma") {
     bool flag = false;
     if (!parseBool(value, flag))
       return badValue(label, value, kBoolValues);
@@ -69,6 +69,7 @@ Status setOption(RuntimeOptions &options, std::string_view name,
      : name == "cuda_graph"    ? options.cudaGraph
      : name == "cuda_overlap"  ? options.cudaOverlap
      : name == "relu_in_gemm"  ? options.reluInGemm
+     : name == "wgmma"         ? options.wgmma
                                : options.refineVariant) = flag;
     return Status::ok();
   }
@@ -143,6 +144,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"refine_variant", "FLEX_REFINE_VARIANT"},
       {"grouped_gemm", "FLEX_GROUPED_GEMM"},
       {"relu_in_gemm", "FLEX_RELU_IN_GEMM"},
+      {"wgmma", "FLEX_WGMMA"},
   };
   return table;
 }
@@ -167,6 +169,8 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
     value = flag(refineVariant);
   else if (name == "relu_in_gemm")
     value = flag(reluInGemm);
+  else if (name == "wgmma")
+    value = flag(wgmma);
   else if (name == "a2a_staging")
     value = a2aStaging == ExchangeStaging::Auto     ? "auto"
             : a2aStaging == ExchangeStaging::Always ? "always"

@@ -235,6 +235,7 @@ CudaBackend::CudaBackend(int device,
       collectiveTimeoutSeconds_(options.collectiveTimeoutSeconds) {
   ctx_->groupedGemm = options.groupedGemm;
   ctx_->reluInGemm = options.reluInGemm;
+  ctx_->wgmma = options.wgmma;
   setRowKernels();
   setRoutingKernels();
   setCollectiveKernels();

@@ -59,6 +59,9 @@ bool hopperGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
       *reason = why;
     return false;
   };
+  if (!ctx.wgmma)
+    return refuse("the wgmma grouped GEMM is switched off (wgmma=0, "
+                  "FLEX_WGMMA=0)");
   if (ctx.computeCapability() != 90)
     return refuse("the wgmma grouped GEMM needs compute capability 9.0");
   if (!hopperKernelBuilt())

@@ -96,6 +96,10 @@ struct RuntimeOptions {
   /// epilogue kernel does, and CudaStaticGemm.ReluKeepsNaNOnEveryPath checks
   /// that on the GPU. ("relu_in_gemm", FLEX_RELU_IN_GEMM)
   bool reluInGemm = true;
+  /// CUDA on Hopper: Flex's wgmma grouped kernel for the expert GEMMs
+  /// (HopperGemmKernel.cuh; docs/Runtime.md). Off: the mma.sync kernel and
+  /// the cuBLAS paths, as on other GPUs. ("wgmma", FLEX_WGMMA)
+  bool wgmma = true;
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

@@ -97,6 +97,9 @@ public:
   /// RuntimeOptions::reluInGemm: a fixed capacity's ReLU in cuBLASLt's
   /// epilogue (LtGemm.cu).
   bool reluInGemm = true;
+  /// RuntimeOptions::wgmma: the wgmma grouped kernel where the device has
+  /// it (HopperGroupedGemm.cu).
+  bool wgmma = true;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
   /// multi-rank backend waits through its device communicator, whose wait
