@@ -47,10 +47,11 @@ template <int BN, int Stages> struct Layout {
   static constexpr int ABytes = kTileM * kTileK * 2;
   static constexpr int BBytes = BN * kTileK * 2;
   static constexpr int StageBytes = ABytes + BBytes;
-  /// Stages, then the full and empty barriers; 1024 bytes of slack to
-  /// align the stages to the swizzle's 1024-byte period.
+  /// Stages, then the full and empty barriers and the ping-pong order's
+  /// two; 1024 bytes of slack to align the stages to the swizzle's
+  /// 1024-byte period.
   static constexpr int SharedBytes =
-      Stages * StageBytes + 2 * Stages * 8 + 1024;
+      Stages * StageBytes + (2 * Stages + 2) * 8 + 1024;
   static_assert(ABytes % 1024 == 0 && BBytes % 1024 == 0);
 };
 
@@ -149,6 +150,22 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address,
   return uint64_t((address & 0x3FFFF) >> 4) |
          uint64_t((leadingBytes >> 4) & 0x3FFF) << 16 |
          uint64_t((strideBytes >> 4) & 0x3FFF) << 32 | uint64_t(1) << 62;
+}
+
+/// Ping-pong's order: a warpgroup starts the products of its tile (the
+/// CTA's `mine`-th) only once the other one has waited for every stage of
+/// the tile before it. Without it, a warpgroup that skipped the other's
+/// tile could wait on a stage's barrier two or more fills ahead of the
+/// producer, where the phase parity it waits for already reads complete.
+/// orderBars[w] completes once per tile of warpgroup w (its thread 0).
+__device__ __forceinline__ void
+waitForThePreviousTile(uint32_t orderBars, int consumer, int64_t mine) {
+  if (mine == 0)
+    return;
+  const int other = 1 - consumer;
+  // Tile mine - 1 is the other's ((mine - 1 - other) / 2)-th.
+  const int64_t theirs = (mine - 1 - other) / 2;
+  barrierWait(orderBars + 8 * other, static_cast<uint32_t>(theirs & 1));
 }
 
 /// wgmma.mma_async m64nBNk16 with fp32 accumulators (BN / 2 registers per
@@ -341,6 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t stages = smemAddress(shared);
   const uint32_t fullBars = stages + Stages * L::StageBytes;
   const uint32_t emptyBars = fullBars + Stages * 8;
+  const uint32_t orderBars = emptyBars + Stages * 8;
 
   const int64_t mTiles = totalMTiles(p);
   const int32_t nTiles = static_cast<int32_t>((p.n + TileN - 1) / TileN);
@@ -355,6 +373,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Every thread of the stage's consumers releases it.
       barrierInit(emptyBars + 8 * s, PingPong ? 128 : kConsumerThreads);
     }
+    barrierInit(orderBars, 1);
+    barrierInit(orderBars + 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -457,6 +477,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       step += kTiles; // the other warpgroup's tile
       continue;
     }
+    if constexpr (PingPong)
+      waitForThePreviousTile(orderBars, consumer, mine);
     const TileWork w = tileAt(p, t, mTiles, nTiles, TileN);
 #pragma unroll
     for (int h = 0; h < Blocks; ++h)
@@ -490,6 +512,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     if (kTiles > 0)
       barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+    if (PingPong && t128 == 0)
+      barrierArrive(orderBars + 8 * consumer); // this tile's stages are in
 
       // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
       // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
@@ -578,6 +602,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t stages = smemAddress(shared);
   const uint32_t fullBars = stages + Stages * L::StageBytes;
   const uint32_t emptyBars = fullBars + Stages * 8;
+  const uint32_t orderBars = emptyBars + Stages * 8;
   constexpr int ChunkBytes = kTileK * 128; // 64 rows of 128 bytes
 
   const int32_t mTiles = static_cast<int32_t>((p.k + kTileM - 1) / kTileM);
@@ -607,6 +632,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       barrierInit(fullBars + 8 * s, 1);
       barrierInit(emptyBars + 8 * s, 128); // the owning warpgroup
     }
+    barrierInit(orderBars, 1);
+    barrierInit(orderBars + 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -657,6 +684,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       step += kTiles; // the other warpgroup's tile
       continue;
     }
+    waitForThePreviousTile(orderBars, consumer, mine);
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -703,6 +731,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     if (kTiles > 0)
       barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+    if (t128 == 0)
+      barrierArrive(orderBars + 8 * consumer); // this tile's stages are in
     if (p.accumulate && kTiles == 0)
       continue; // an expert without rows keeps its gradient
     T *out = gradB + int64_t(g) * p.k * p.n;
