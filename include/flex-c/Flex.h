@@ -197,7 +197,7 @@ const char *flexGetLastError(void);
  *   refine_variant        FLEX_REFINE_VARIANT        1 / 0 (default 1)
  *   grouped_gemm          FLEX_GROUPED_GEMM          auto / device / cublas
  *   relu_in_gemm          FLEX_RELU_IN_GEMM          1 / 0 (default 1)
- *   wgmma                 FLEX_WGMMA                 1 / 0 (default 1)
+ *   wgmma                 FLEX_WGMMA                 1 / 0 (default 0)
  * Booleans also take true/false, on/off, yes/no. An object is passed where a
  * context or communicator is created and copied there; the environment
  * variables, when set and non-empty, override it when an executable or a

@@ -529,15 +529,15 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   EXPECT_EQ(options.set("relu_in_gemm", "maybe").code(),
             StatusCode::InvalidArgument);
   EXPECT_TRUE(options.set("relu_in_gemm", "1").isOk());
-  // The wgmma grouped kernel: on by default, a switch to turn it off.
-  EXPECT_TRUE(options.wgmma);
-  EXPECT_TRUE(options.set("wgmma", "0").isOk());
+  // The wgmma grouped kernel: opt-in for now.
   EXPECT_FALSE(options.wgmma);
+  EXPECT_TRUE(options.set("wgmma", "1").isOk());
+  EXPECT_TRUE(options.wgmma);
   EXPECT_TRUE(options.get("wgmma", text).isOk());
-  EXPECT_EQ(text, "0");
+  EXPECT_EQ(text, "1");
   EXPECT_EQ(options.set("wgmma", "sometimes").code(),
             StatusCode::InvalidArgument);
-  EXPECT_TRUE(options.set("wgmma", "on").isOk());
+  EXPECT_TRUE(options.set("wgmma", "off").isOk());
 
   // Every variable of the table overrides its option; an empty one is
   // unset; a bad one names itself and leaves the result at the base.

@@ -98,8 +98,11 @@ struct RuntimeOptions {
   bool reluInGemm = true;
   /// CUDA on Hopper: Flex's wgmma grouped kernel for the expert GEMMs
   /// (HopperGemmKernel.cuh; docs/Runtime.md). Off: the mma.sync kernel and
-  /// the cuBLAS paths, as on other GPUs. ("wgmma", FLEX_WGMMA)
-  bool wgmma = true;
+  /// the cuBLAS paths, as on other GPUs. Opt-in for now: its persistent,
+  /// ping-pong, gathered, GLU and weight-gradient forms have not run on a
+  /// GPU yet (only its first form has: bench/RESULTS.md Run 31).
+  /// ("wgmma", FLEX_WGMMA)
+  bool wgmma = false;
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

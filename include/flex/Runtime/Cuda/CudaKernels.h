@@ -98,7 +98,8 @@ public:
   /// epilogue (LtGemm.cu).
   bool reluInGemm = true;
   /// RuntimeOptions::wgmma: the wgmma grouped kernel where the device has
-  /// it (HopperGroupedGemm.cu).
+  /// it (HopperGroupedGemm.cu). On in a bare context (the kernel tests and
+  /// the calibration use it); a backend sets the option's value.
   bool wgmma = true;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
