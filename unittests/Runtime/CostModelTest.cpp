@@ -657,10 +657,10 @@ TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
     }
   }
   // With the wgmma kernel (Hopper: CostModelOptions::wgmmaGemm) auto takes
-  // the device kernel for the forward and input gradients at any size, at
-  // the wgmma rate (here twice the large tile's: the FLOPs' 100 us become
-  // 50, above the bytes' time); the weight gradient keeps its path and
-  // price.
+  // the device kernel for the forward and input gradients up to 512 rows
+  // per expert (here 250), at the wgmma rate (here twice the large tile's: the
+  // FLOPs' 100 us become 50, above the bytes' time); the weight gradient keeps
+  // its path and price.
   {
     DeviceProfile hopper = parsed(decodeProfile());
     hopper.deviceGemm->wgmmaFlopsPerSecond =
@@ -776,14 +776,16 @@ TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
   EXPECT_FALSE(
       prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64, false, true));
   EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, true, true));
-  // With the wgmma kernel: the forward and input gradient at any size, the
-  // weight gradient as before; cublas still never.
-  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, false,
+  // With the wgmma kernel: the forward and input gradient up to 512 rows
+  // per expert, the weight gradient as before; cublas still never.
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 512 * 64, 64, false,
                                 false, true));
+  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 512 * 64 + 1, 64, false,
+                                 false, true));
   EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64,
                                  false, true, true));
-  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Cublas, 98304, 64, false,
-                                 false, true));
+  EXPECT_FALSE(
+      prefersDeviceGemm(GroupedGemmImpl::Cublas, 192, 64, false, false, true));
   // The host path's grouped call: no expert above 1024 rows.
   EXPECT_TRUE(groupedCublasTakes(1024));
   EXPECT_FALSE(groupedCublasTakes(1025));

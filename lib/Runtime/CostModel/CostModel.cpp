@@ -505,9 +505,12 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
           0, (a.shape.empty() ? 0 : a.shape.front()) -
                  (step.facts.segments.isValid() ? step.facts.segments.baseRow
                                                 : 0));
-      // The wgmma kernel takes the large tiles of every forward and
-      // input-gradient product (gathered A and the GLU step included).
-      const bool wgmma = options_.wgmmaGemm && !wgrad;
+      // The wgmma kernel takes the large tiles of the forward and
+      // input-gradient products; with a gathered A its cp.async producer
+      // runs at about the mma.sync kernel's rate (Run 32: G3's gathered GLU
+      // step 5633 us against 2104 with TMA), priced so.
+      const bool wgmma = options_.wgmmaGemm && !wgrad &&
+                         !step.in(OperandRole::RowTokens).isValid();
       return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
                                wgrad, wgmma);
     }

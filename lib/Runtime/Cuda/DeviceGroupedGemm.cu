@@ -928,7 +928,7 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
   if (!small && hopperGroupedGemmApplies(ctx, type, k, n, space,
                                          {a, bGate, bUp, c, gateOut, upOut}))
     return hopperGroupedGemmGlu(ctx, a, bGate, bUp, c, gateOut, upOut, type, k,
-                                n, space, kDefaultHopperTile, gather);
+                                n, space, HopperTile::PingPong, gather);
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)

@@ -59,8 +59,12 @@ enum class DeviceTiles {
 
 /// The wgmma kernel's shapes (DeviceTiles' Hopper* values).
 enum class HopperTile { Cooperative, Wide, PingPong };
-/// The one DeviceTiles::Hopper (and the automatic choice) takes.
-inline constexpr HopperTile kDefaultHopperTile = HopperTile::PingPong;
+/// The one DeviceTiles::Hopper (and the automatic choice) takes: the fastest
+/// on every shape measured (H100, bench/RESULTS.md Run 32: C3's experts
+/// 1027 us against 1152 for both 128 x 128 shapes, C1's 1608 against
+/// 2002-2064, 192 rows per expert 201 against 221-224). The GLU step and
+/// a gathered A run 128 x 128 (ping-pong).
+inline constexpr HopperTile kDefaultHopperTile = HopperTile::Wide;
 
 /// Whether this device and build run the wgmma grouped GEMM (compute
 /// capability 9.0, the sm_90a part in the build, the driver's tensor-map

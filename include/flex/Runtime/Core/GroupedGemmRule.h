@@ -46,6 +46,14 @@ inline constexpr int64_t kDeviceGemmRowsPerExpert = 256;
 /// rows per expert, 236 vs 167 at 48, 454 vs 290 at 192.
 inline constexpr int64_t kDeviceGemmForwardRowsPerExpert = 40;
 
+/// The same where the device-sized kernel has its wgmma tiles (Hopper,
+/// RuntimeOptions::wgmma). H100, bf16, 64 experts (bench/RESULTS.md Run
+/// 32): wgmma 201 us against cuBLAS grouped 291 at 192 rows per expert,
+/// 152 against 167 at 48, but 1027 against 754 at C3's uniform 1536 (1207
+/// against 1184 per expert on skewed counts). The crossover lies between
+/// 192 and 1536 and was not measured closer: 512.
+inline constexpr int64_t kWgmmaForwardRowsPerExpert = 512;
+
 /// The largest count up to which the host path of a forward or
 /// input-gradient GEMM issues one cublasGemmGroupedBatchedEx over the
 /// experts instead of a GEMM per expert. H100, bf16, 64 experts (Run 29):
@@ -90,11 +98,10 @@ inline constexpr DeviceGemmTile deviceGemmTile(int64_t rowBound,
 /// rows (R, T * k on one rank for ragged) over `experts` groups to the
 /// device-sized kernel: `device` always, `cublas` never, `auto` when the
 /// mean rows per expert R / E <= kDeviceGemmForwardRowsPerExpert (a weight
-/// gradient: kDeviceGemmRowsPerExpert), while a CUDA graph is being
-/// recorded (the cuBLAS paths' host read cannot be), or, for the forward
-/// and input-gradient GEMMs, where the device has the wgmma kernel
-/// (`wgmma`: Hopper, HopperGemmKernel.cuh), which runs many rows per expert
-/// at cuBLAS's rate without reading the counts to the host.
+/// gradient: kDeviceGemmRowsPerExpert) or while a CUDA graph is being
+/// recorded (the cuBLAS paths' host read cannot be). Where the device has
+/// the wgmma kernel (`wgmma`: Hopper, HopperGemmKernel.cuh), the forward
+/// and input-gradient bound is kWgmmaForwardRowsPerExpert.
 inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
                                         int64_t experts, bool capturing,
                                         bool weightGradient = false,
@@ -107,10 +114,10 @@ inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
   case GroupedGemmImpl::Auto:
     break;
   }
-  return capturing || (wgmma && !weightGradient) ||
-         rowBound <= (weightGradient ? kDeviceGemmRowsPerExpert
-                                     : kDeviceGemmForwardRowsPerExpert) *
-                         experts;
+  const int64_t perExpert = weightGradient ? kDeviceGemmRowsPerExpert
+                            : wgmma        ? kWgmmaForwardRowsPerExpert
+                                           : kDeviceGemmForwardRowsPerExpert;
+  return capturing || rowBound <= perExpert * experts;
 }
 
 /// The most rows a dynamic routing's uniform blocks may compute per row
