@@ -848,7 +848,9 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   // tile's read (Core/GroupedGemmRule.h has the measured crossover). More:
   // the wgmma kernel where this device has it (the fused epilogue is the
   // small tile's alone; a gathered A only for [K][N] weights).
-  const bool wgmmaTakes = !epilogue.fused && !(gather.rowTokens && transB);
+  // (A gathered A over no tokens reads only zeros: the other kernel.)
+  const bool wgmmaTakes =
+      !epilogue.fused && !(gather.rowTokens && (transB || gather.tokens <= 0));
   if (tiles == DeviceTiles::Auto) {
     if (deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small)
       tiles = DeviceTiles::Small;
@@ -925,8 +927,9 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
   const bool small =
       deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
   // Many rows: the wgmma kernel's GLU tile where it applies.
-  if (!small && hopperGroupedGemmApplies(ctx, type, k, n, space,
-                                         {a, bGate, bUp, c, gateOut, upOut}))
+  if (!small && !(gather.rowTokens && gather.tokens <= 0) &&
+      hopperGroupedGemmApplies(ctx, type, k, n, space,
+                               {a, bGate, bUp, c, gateOut, upOut}))
     return hopperGroupedGemmGlu(ctx, a, bGate, bUp, c, gateOut, upOut, type, k,
                                 n, space, HopperTile::PingPong, gather);
   return withType(type, [&](auto tag) -> Status {
@@ -950,7 +953,9 @@ Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
     return Status::ok();
   // The wgmma kernel where it applies (no gathered A; a dynamic space, as
   // a weight gradient's always is).
-  if (!gather.rowTokens && !space.isStatic() &&
+  // (No rows at all: the other kernel zeroes the gradients without maps
+  // over empty buffers.)
+  if (!gather.rowTokens && !space.isStatic() && space.rowBound > 0 &&
       hopperGroupedGemmApplies(ctx, type, k, n, space, {a, gradC, gradB}))
     return hopperGroupedGemmWgrad(ctx, a, gradC, gradB, type, k, n, space,
                                   accumulate);

@@ -454,6 +454,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncwarp();
     }
+    // A thread's last copies (and the arrive they carry) complete before
+    // it leaves.
+    if constexpr (Gather)
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
     return;
   }
 
@@ -488,6 +492,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kt = 0; kt < kTiles; ++kt, ++step) {
       const uint32_t s = step % Stages;
       barrierWait(fullBars + 8 * s, (step / Stages) & 1);
+      // A gathered A was written by cp.async (the generic proxy); wgmma
+      // reads through the async proxy.
+      if constexpr (Gather)
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       const uint32_t a = stages + s * L::StageBytes + firstRow * 128;
       const uint32_t b = stages + s * L::StageBytes + L::ABytes;
       asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

@@ -89,14 +89,13 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
     return refuse("rows of " + std::to_string(k) + " and " + std::to_string(n) +
                   " elements must be 16-byte aligned for the wgmma grouped "
                   "GEMM");
-  // TMA's coordinates are 32-bit; the grid's y is at most 65535.
+  // A tensor map's dimensions are positive (k = 0 takes the other kernel).
+  if (k <= 0 || n <= 0)
+    return refuse("the wgmma grouped GEMM needs k and n above 0");
+  // TMA's coordinates are 32-bit (the grid is persistent: no grid limit).
   if (space.rowBound > INT32_MAX || k > INT32_MAX || n > INT32_MAX ||
       space.experts > INT32_MAX)
     return refuse("the problem is larger than 2^31 rows or columns");
-  if ((space.rowBound + hopper::kTileM - 1) / hopper::kTileM + space.experts >
-      65535)
-    return refuse("the wgmma grouped GEMM's grid would exceed 65535 blocks "
-                  "in y");
   return true;
 }
 
@@ -200,7 +199,7 @@ Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
   if (space.experts == 0 || n == 0 || k == 0)
     return Status::ok();
   CUtensorMap mapA, mapGradC;
-  // An empty row space still zeroes every gradient: maps of one row.
+  // (deviceGroupedGemmWgrad sends an empty row space to the other kernel.)
   if (CUresult r =
           hopper::makeRaggedKMaps(mapA, mapGradC, type == DType::BF16, a, gradC,
                                   std::max<int64_t>(space.rowBound, 1), k, n);
