@@ -7,10 +7,16 @@
 #   3. compute-sanitizer memcheck over the grouped GEMM tests and the
 #      dropless graph test,
 #   4. flex-gemm-bench: the device kernel, cuBLAS per expert and cuBLAS
-#      strided-batched on the same card in one process, against the floor.
-# The table is printed last; logs go to $OUT (default bench/out).
+#      strided-batched on the same card in one process, against the floor
+#      (every mma.sync and, on Hopper, every wgmma tile);
+#   5. with bench/plans carried: moe-run on C3's and G3's dropless plans with
+#      the wgmma kernel on and off (FLEX_WGMMA), same card, same call.
+# FLEX_WGMMA (default 1 here) is exported for the tests and the checks, so
+# the executor tests and moe-run.cuda run the wgmma kernel on Hopper (the
+# runtime's default is 0 until this script has passed there; the kernel
+# tests always run it). Logs go to $OUT (default bench/out).
 #
-#   bench/gpu_gemm.sh         (device machine; about 5 minutes)
+#   bench/gpu_gemm.sh         (device machine; about 6 minutes)
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,6 +24,7 @@ cd "$root"
 OUT="${OUT:-$root/bench/out}"
 BUILD="${BUILD:-$root/build-gpu}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export FLEX_WGMMA="${FLEX_WGMMA:-1}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gemm-log.txt") 2>&1
 echo "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
@@ -64,7 +71,7 @@ echo "=== memcheck ($SECONDS s)"
 # still count (exit 3).
 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no \
   --error-exitcode 3 "$kernels" --gtest_brief=1 \
-  --gtest_filter='Shapes/CudaDeviceGemm.*:CudaDeviceGemmGraph.*' \
+  --gtest_filter='Shapes/CudaDeviceGemm.*:CudaDeviceGemmGraph.*:CudaHopperGemm.*' \
   > "$OUT/gemm-memcheck.log" 2>&1
 rc=$?
 (( rc == 0 )) || status=1
@@ -77,5 +84,23 @@ timeout 100 compute-sanitizer --tool memcheck --report-api-errors no \
 rc=$?
 (( rc == 0 )) || status=1
 echo "memcheck executor: exit $rc ($(grep -E 'ERROR SUMMARY' "$OUT/gemm-memcheck-executor.log" | tail -1))"
+if ls bench/plans/c3_dropless.infer.json > /dev/null 2>&1; then
+  echo "=== layers, wgmma on and off ($SECONDS s)"
+  for plan in c3_dropless.infer g3_dropless.infer d1_dropless.infer; do
+    for wgmma in 1 0; do
+      [[ -f bench/plans/$plan.json ]] || continue
+      FLEX_WGMMA=$wgmma timeout 60 "$BUILD/bin/moe-run" "bench/plans/$plan.json" \
+        --device cuda --iters 10 --json > "$OUT/layer-$plan-wgmma$wgmma.json" \
+        2> "$OUT/layer-$plan-wgmma$wgmma.err" || { echo "$plan wgmma=$wgmma: failed"; continue; }
+      python3 -c "
+import json, sys
+d = json.load(open(sys.argv[1]))
+f = d['forward']
+gemms = [round(x['mean_us'], 1) for x in f['steps'] if 'gemm' in x['op']]
+print(f'{sys.argv[2]:20s} wgmma={sys.argv[3]} {d[\"variant\"]:22s} forward median {f[\"median_us\"]:8.1f} us, expert GEMMs {gemms}')
+" "$OUT/layer-$plan-wgmma$wgmma.json" "$plan" "$wgmma"
+    done
+  done
+fi
 echo "done in $SECONDS s; overall $([[ $status == 0 ]] && echo PASS || echo FAIL)"
 exit $status
