@@ -1,22 +1,23 @@
-//===- HopperGemmKernel.cuh - wgmma + TMA grouped GEMM (sm_90a) -*- CUDA
-//-*-===//
+//===- HopperGemmKernel.cuh - wgmma + TMA grouped GEMMs (sm_90a) -*- CUDA -*-===//
 //
 // Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
 //
 //===----------------------------------------------------------------------===//
 //
-// The ragged-M grouped GEMM on Hopper's own instructions: TMA loads the
-// operand tiles into 128-byte-swizzled shared memory, one producer warp
+// The grouped GEMMs on Hopper's own instructions: TMA loads the operand
+// tiles into 128-byte-swizzled shared memory, one producer warp(group)
 // feeds a ring of stages through mbarriers, and two consumer warpgroups
-// each multiply 64 rows of the CTA's 128 x BN tile with wgmma (bf16/f16 in,
-// fp32 accumulate). C[rows of g, n] (+)= A[rows of g, k] @ B[g] for every
-// group g, the groups' rows read on the device as DeviceGroupedGemm.cu's
-// kernel reads them: no host read, one launch, capturable in a graph.
+// multiply with wgmma (bf16/f16 in, fp32 accumulate). The groups' rows are
+// read on the device as DeviceGroupedGemm.cu's kernel reads them: no host
+// read, one persistent launch, capturable in a graph.
+//  - raggedMKernel: C[rows of g, n] (+)= A[rows of g, k] @ B[g] (forward and
+//    input gradient), cooperative or ping-pong, optionally the SwiGLU first
+//    layer (Glu) or a gathered A (Gather);
+//  - raggedKKernel: gradB[g] (+)= A[rows of g]^T gradC[rows of g].
 //
-// Self-contained (CUDA headers only) so that the standalone probe in
-// bench/ can include it; HopperGroupedGemm.cu is the runtime's glue.
-// Needs sm_90a: without it (__CUDA_ARCH_FEAT_SM90_ALL undefined) every
-// kernel is a trap.
+// CUDA headers only (no runtime types), so that a standalone driver can
+// include it; HopperGroupedGemm.cu is the runtime's side. Needs sm_90a:
+// without it (__CUDA_ARCH_FEAT_SM90_ALL undefined) every kernel is a trap.
 //
 //===----------------------------------------------------------------------===//
 
