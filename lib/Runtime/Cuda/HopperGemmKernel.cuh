@@ -1,4 +1,4 @@
-//===- HopperGemmKernel.cuh - wgmma + TMA grouped GEMMs (sm_90a) -*- CUDA -*-===//
+//===- HopperGemmKernel.cuh - wgmma + TMA grouped GEMMs -*- CUDA -*-===//
 //
 // Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
 //
