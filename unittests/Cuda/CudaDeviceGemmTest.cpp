@@ -141,6 +141,19 @@ double bufferError(const Buffer &got, const std::vector<double> &want) {
   return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
 }
 
+/// The first of c's `rows` rows (n elements each) that `skip` does not
+/// exempt and whose bytes differ from `before`; -1 when there is none.
+template <typename Skip>
+int64_t firstRowWritten(const Buffer &c, const std::vector<uint8_t> &before,
+                        int64_t rows, int64_t n, Skip skip) {
+  const size_t rowBytes = n * dtypeSize(c.type);
+  for (int64_t r = 0; r < rows; ++r)
+    if (!skip(r) && std::memcmp(c.host.data() + r * rowBytes,
+                                before.data() + r * rowBytes, rowBytes) != 0)
+      return r;
+  return -1;
+}
+
 const char *pathName(GroupedGemmPath path) {
   switch (path) {
   case GroupedGemmPath::Device:
@@ -247,16 +260,14 @@ TEST_P(CudaDeviceGemm, ForwardMatchesFp64OnBothPaths) {
           const bool batchedBlocks = path != GroupedGemmPath::Device &&
                                      tc.capacity > 0 &&
                                      batchesUniformBlocks(E, tc.capacity, held);
-          const size_t rowBytes = n * dtypeSize(dt);
-          for (int64_t r = 0; r < R; ++r) {
-            if (seg.inSegment(r) || (batchedBlocks && r >= tc.base &&
-                                     r < tc.base + E * tc.capacity))
-              continue;
-            ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
-                                  before.data() + r * rowBytes, rowBytes),
-                      0)
-                << "row " << r << " outside the segments was written";
-          }
+          ASSERT_EQ(firstRowWritten(c, before, R, n,
+                                    [&](int64_t r) {
+                                      return seg.inSegment(r) ||
+                                             (batchedBlocks && r >= tc.base &&
+                                              r < tc.base + E * tc.capacity);
+                                    }),
+                    -1)
+              << "a row outside the segments was written";
         }
 }
 
@@ -559,14 +570,9 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
               EXPECT_LE(error(upIn, wantU), 1e-2);
             }
             // (The cuBLAS path may compute a padded layout's padding rows.)
-            const size_t rowBytes = n * dtypeSize(dt);
-            for (int64_t r = 0; path == GroupedGemmPath::Device && r < R; ++r) {
-              if (!computed(r)) {
-                ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
-                                      before.data() + r * rowBytes, rowBytes),
-                          0)
-                    << "row " << r << " outside the segments was written";
-              }
+            if (path == GroupedGemmPath::Device) {
+              ASSERT_EQ(firstRowWritten(c, before, R, n, computed), -1)
+                  << "a row outside the segments was written";
             }
             if (path != GroupedGemmPath::Device || isStatic)
               continue;
@@ -585,6 +591,7 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
             c2.download();
             g.download();
             u.download();
+            const size_t rowBytes = n * dtypeSize(dt);
             for (int64_t r = 0; r < R; ++r) {
               if (!computed(r))
                 continue;
@@ -814,15 +821,11 @@ TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
             ASSERT_TRUE(status.isOk()) << status.message();
             c.download();
             EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
-            const size_t rowBytes = n * dtypeSize(dt);
-            for (int64_t r = 0; r < R; ++r) {
-              if (seg.inSegment(r))
-                continue;
-              ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
-                                    before.data() + r * rowBytes, rowBytes),
-                        0)
-                  << "row " << r << " outside the segments was written";
-            }
+            ASSERT_EQ(
+                firstRowWritten(c, before, R, n,
+                                [&](int64_t r) { return seg.inSegment(r); }),
+                -1)
+                << "a row outside the segments was written";
           }
   }
 }

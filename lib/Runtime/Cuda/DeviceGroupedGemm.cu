@@ -568,7 +568,9 @@ __global__ void __launch_bounds__(Cfg::Threads)
   const int lane = threadIdx.x % 32;
   const int64_t tile = blockIdx.y;
   // Every warp scans the groups' tile counts itself (no barrier needed):
-  // the group whose tiles hold `tile`.
+  // the group whose tiles hold `tile`. (GroupTiles.cuh's findGroupTile is
+  // the same scan; called here it took the large tile from 125 to 156
+  // registers, one CTA per SM instead of two, so this kernel keeps its own.)
   int32_t group = -1;
   int64_t firstTile = 0, seen = 0;
   for (int32_t base = 0; base < args.groups; base += 32) {
@@ -851,24 +853,28 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   // (A gathered A over no tokens reads only zeros: the other kernel.)
   const bool wgmmaTakes =
       !epilogue.fused && !(gather.rowTokens && (transB || gather.tokens <= 0));
-  if (tiles == DeviceTiles::Auto) {
-    if (deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small)
-      tiles = DeviceTiles::Small;
-    else if (wgmmaTakes &&
-             hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}))
-      tiles = DeviceTiles::Hopper;
-    else
-      tiles = DeviceTiles::Large;
-  }
-  if (tiles == DeviceTiles::Hopper || tiles == DeviceTiles::HopperCooperative ||
-      tiles == DeviceTiles::HopperWide ||
-      tiles == DeviceTiles::HopperPingPong) {
-    std::string why;
+  const bool wgmmaTile =
+      tiles == DeviceTiles::Hopper || tiles == DeviceTiles::HopperCooperative ||
+      tiles == DeviceTiles::HopperWide || tiles == DeviceTiles::HopperPingPong;
+  const bool smallAuto =
+      tiles == DeviceTiles::Auto &&
+      deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
+  // Whether the wgmma kernel applies, checked once where it matters (Auto
+  // beyond the small tile decides by it; an explicit wgmma tile needs it).
+  std::string why;
+  const bool wgmmaApplies =
+      (wgmmaTile || (tiles == DeviceTiles::Auto && !smallAuto)) && wgmmaTakes &&
+      hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why);
+  if (tiles == DeviceTiles::Auto)
+    tiles = smallAuto      ? DeviceTiles::Small
+            : wgmmaApplies ? DeviceTiles::Hopper
+                           : DeviceTiles::Large;
+  if (wgmmaTile || tiles == DeviceTiles::Hopper) {
     if (!wgmmaTakes)
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM takes no fused epilogue and "
                     "gathers A for [K][N] weights only");
-    if (!hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why))
+    if (!wgmmaApplies)
       return Status(StatusCode::Unavailable, why);
     const HopperTile tile =
         tiles == DeviceTiles::HopperCooperative ? HopperTile::Cooperative

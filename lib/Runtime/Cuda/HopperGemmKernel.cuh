@@ -15,14 +15,17 @@
 //    layer (Glu) or a gathered A (Gather);
 //  - raggedKKernel: gradB[g] (+)= A[rows of g]^T gradC[rows of g].
 //
-// CUDA headers only (no runtime types), so that a standalone driver can
-// include it; HopperGroupedGemm.cu is the runtime's side. Needs sm_90a:
+// CUDA headers only (and GroupTiles.cuh; no runtime types), so that a
+// standalone driver can include it; HopperGroupedGemm.cu is the runtime's
+// side. Needs sm_90a:
 // without it (__CUDA_ARCH_FEAT_SM90_ALL undefined) every kernel is a trap.
 //
 //===----------------------------------------------------------------------===//
 
 #ifndef LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH
 #define LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH
+
+#include "GroupTiles.cuh"
 
 #include <cstdint>
 #include <cuda.h>
@@ -66,9 +69,6 @@ struct RaggedMParams {
   int64_t k, n;
   void *c;
   bool accumulate; ///< c += product (one rounding of the fp32 sum)
-  /// B's descriptor offsets when B is [K][N] (N-major): the bytes between
-  /// 64-column chunks and between 8-row groups of K.
-  uint32_t bChunkBytes, bRowGroupBytes;
   /// The GLU kernel (Glu): the rounded products' copies, or null.
   void *gateOut = nullptr, *upOut = nullptr;
   /// A gathered A (Gather): A's row r is row rowTokens[r] of `a` ([tokens,
@@ -190,24 +190,12 @@ template <typename T, int BN> struct Wgmma;
   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define FLEX_WGMMA_D128 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+#define FLEX_WGMMA_D128 FLEX_WGMMA_D64 ", " \
   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-#define FLEX_WGMMA_OUT128 \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+#define FLEX_WGMMA_OUT128 FLEX_WGMMA_OUT64, \
   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
@@ -243,45 +231,10 @@ FLEX_WGMMA(__half, "f16", 256, FLEX_WGMMA_D128, FLEX_WGMMA_OUT128, 128, 129, 130
 // clang-format on
 #endif // FLEX_HOPPER_GEMM
 
-/// The group whose M tiles hold `tile` (every group's rows in tiles of
-/// kTileM, the groups in order), found by one warp-wide scan; -1 past the
-/// last tile. Each warp runs it itself (no barrier needed).
+/// Group g's rows (GroupTiles.cuh's groupRows over this problem's space).
 __device__ __forceinline__ int64_t groupRowsOf(const RaggedMParams &p,
                                                int64_t g) {
-  int64_t first = p.staticCapacity >= 0 ? g * p.staticCapacity : p.offsets[g];
-  int64_t count = p.staticCapacity >= 0 ? p.staticCapacity : p.rows[g];
-  if (first < 0 || count <= 0)
-    return 0;
-  // The count clamped to the buffer's rows: inconsistent counts never
-  // reach past it.
-  return count < p.rowBound - first
-             ? count
-             : (p.rowBound - first > 0 ? p.rowBound - first : 0);
-}
-__device__ __forceinline__ int32_t findGroup(const RaggedMParams &p,
-                                             int64_t tile, int64_t &firstTile) {
-  const int lane = threadIdx.x % 32;
-  int64_t seen = 0;
-  for (int32_t base = 0; base < p.groups; base += 32) {
-    int32_t g = base + lane;
-    int64_t rows = g < p.groups ? groupRowsOf(p, g) : 0;
-    int64_t count = (rows + kTileM - 1) / kTileM, inclusive = count;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      int64_t other = __shfl_up_sync(0xffffffffu, inclusive, d);
-      if (lane >= d)
-        inclusive += other;
-    }
-    int64_t total = __shfl_sync(0xffffffffu, inclusive, 31);
-    if (tile < seen + total) {
-      unsigned hit = __ballot_sync(0xffffffffu, seen + inclusive > tile);
-      int first = __ffs(hit) - 1;
-      firstTile = seen + __shfl_sync(0xffffffffu, inclusive - count, first);
-      return base + first;
-    }
-    seen += total;
-  }
-  return -1;
+  return detail::groupRows(p.offsets, p.rows, p.staticCapacity, g, p.rowBound);
 }
 
 /// M tiles of every group (the real count, read on the device): each warp
@@ -322,11 +275,11 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
   TileWork w;
   w.n0 = static_cast<int32_t>(local / bandRows) * bn;
   int64_t firstTile = 0;
-  w.group = findGroup(p, m, firstTile);
+  w.group = detail::findGroupTile<kTileM>(p.offsets, p.rows, p.staticCapacity,
+                                          p.groups, p.rowBound, m, firstTile);
   const int64_t rowInGroup = (m - firstTile) * kTileM;
-  w.row0 = (p.staticCapacity >= 0 ? w.group * p.staticCapacity
-                                  : p.offsets[w.group]) +
-           rowInGroup;
+  w.row0 =
+      detail::groupFirst(p.offsets, p.staticCapacity, w.group) + rowInGroup;
   w.rowsValid = groupRowsOf(p, w.group) - rowInGroup;
   return w;
 }
@@ -504,9 +457,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < kTileK / 16; ++kk) {
         // A: K-major, 128-byte rows; step kk's 16 elements are 32 bytes
         // into each row (the swizzle applies to the absolute address).
-        uint64_t db = BKMajor ? descriptor(b + kk * 32, 16, 1024)
-                              : descriptor(b + kk * 16 * 128, p.bChunkBytes,
-                                           p.bRowGroupBytes);
+        uint64_t db = BKMajor
+                          ? descriptor(b + kk * 32, 16, 1024)
+                          : descriptor(b + kk * 16 * 128, kTileK * 128, 1024);
 #pragma unroll
         for (int h = 0; h < Blocks; ++h)
           Wgmma<T, BN>::template run<0, BKMajor ? 0 : 1>(
@@ -626,14 +579,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     m0 = static_cast<int32_t>(rem % mTiles) * kTileM;
     n0 = static_cast<int32_t>(rem / mTiles) * BN;
     first = p.offsets[g];
-    count = p.rows[g];
-    if (first < 0 || count <= 0) {
-      count = 0;
-      return;
-    }
-    // Clamped to the buffer's rows, as the other kernels clamp.
-    if (count > p.rowBound - first)
-      count = p.rowBound - first > 0 ? p.rowBound - first : 0;
+    count = detail::groupRows(p.offsets, p.rows, -1, g, p.rowBound);
   };
 
   if (threadIdx.x == 0) {

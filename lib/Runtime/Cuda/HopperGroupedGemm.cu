@@ -121,8 +121,6 @@ hopper::RaggedMParams raggedMParams(const ExpertRowSpace &space, int64_t k,
   params.n = n;
   params.c = c;
   params.accumulate = accumulate;
-  params.bChunkBytes = hopper::kTileK * 128;
-  params.bRowGroupBytes = 1024;
   if (gather.rowTokens) {
     params.a = a;
     params.rowTokens = gather.rowTokens;
