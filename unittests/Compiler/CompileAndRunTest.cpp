@@ -415,6 +415,20 @@ TEST(CompileAndRun, InvalidConfigIsAnErrorNotACrash) {
   EXPECT_NE(error.find("[gate-2]"), std::string::npos) << error;
 }
 
+/// `mlir` compiled for training on `world` ranks through the C API with
+/// `pipeline` (the compile options' text); `out` gets the plan JSON or the
+/// error.
+FlexStatus compileThroughCApi(const std::string &mlir, const char *pipeline,
+                              std::string &out, int32_t world = 1) {
+  FlexCompileOptions options{sizeof(FlexCompileOptions), world, 0, 1, pipeline};
+  char *json = nullptr;
+  FlexStatus status =
+      flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
+  out = json ? json : flexGetLastError();
+  flexFreeString(json);
+  return status;
+}
+
 TEST(CompileAndRun, LayoutsAndTwoLevelExchangeThroughTheCAPI) {
   // The C API's pipeline text reaches the compiler: layouts= keeps both
   // row layouts as variants, ranks_per_node= the 2DH exchange; bad text is
@@ -429,14 +443,7 @@ TEST(CompileAndRun, LayoutsAndTwoLevelExchangeThroughTheCAPI) {
   config.capacityMode = CapacityMode::Dropless;
   const std::string mlir = layerConfigToMlir(config);
   auto compile = [&](const char *pipeline, int32_t world, std::string &out) {
-    FlexCompileOptions options{sizeof(FlexCompileOptions), world, 0, 1,
-                               pipeline};
-    char *json = nullptr;
-    FlexStatus status =
-        flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
-    out = json ? json : flexGetLastError();
-    flexFreeString(json);
-    return status;
+    return compileThroughCApi(mlir, pipeline, out, world);
   };
   std::string text;
   ASSERT_EQ(compile("layouts=padded,ragged", 1, text), FLEX_STATUS_OK) << text;
@@ -484,19 +491,6 @@ LayerConfig smallDroplessLayer() {
   config.topK = 2;
   config.capacityMode = CapacityMode::Dropless;
   return config;
-}
-
-/// `mlir` compiled for training through the C API with `pipeline` (the
-/// compile options' text); `out` gets the plan JSON or the error.
-FlexStatus compileThroughCApi(const std::string &mlir, const char *pipeline,
-                              std::string &out) {
-  FlexCompileOptions options{sizeof(FlexCompileOptions), 1, 0, 1, pipeline};
-  char *json = nullptr;
-  FlexStatus status =
-      flexCompileLayerToPlan(mlir.data(), mlir.size(), &options, &json);
-  out = json ? json : flexGetLastError();
-  flexFreeString(json);
-  return status;
 }
 
 int64_t countSteps(const std::vector<Step> &steps, StepOp op) {
