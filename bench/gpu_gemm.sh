@@ -51,15 +51,31 @@ if [[ "${GEMM_BENCH:-1}" != 0 ]]; then  # GEMM_BENCH=0: the tests only
   echo "bench: exit $rc (1 = the paths' outputs differ or the kernel refused)"
 fi
 
+# Both test binaries run at once, each as $SHARDS gtest shards, on the one
+# card: the suites are mostly small, launch-bound cases, so this fits the
+# call's limit.
+SHARDS="${SHARDS:-3}"
+echo "=== test binaries, $SHARDS shards each ($SECONDS s)"
+declare -A shard_pid
 for bin in "$kernels" "$executor"; do
   name=$(basename "$bin")
-  echo "=== $name ($SECONDS s)"
-  timeout 150 "$bin" --gtest_brief=1 > "$OUT/gemm-$name.log" 2>&1
-  rc=$?
-  (( rc == 0 )) || status=1
-  echo "$name: exit $rc; $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/gemm-$name.log" | tr '\n' ' ')"
-  grep -E '^\[  FAILED  \]|Failure|error:' "$OUT/gemm-$name.log" | head -20
+  for ((i = 0; i < SHARDS; i++)); do
+    GTEST_TOTAL_SHARDS=$SHARDS GTEST_SHARD_INDEX=$i timeout 300 "$bin" --gtest_brief=1 \
+      > "$OUT/gemm-$name.$i.log" 2>&1 &
+    shard_pid[$name.$i]=$!
+  done
 done
+for bin in "$kernels" "$executor"; do
+  name=$(basename "$bin")
+  for ((i = 0; i < SHARDS; i++)); do
+    wait "${shard_pid[$name.$i]}"
+    rc=$?
+    (( rc == 0 )) || status=1
+    echo "$name shard $i: exit $rc; $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/gemm-$name.$i.log" | tr '\n' ' ')"
+    grep -E '^\[  FAILED  \]|Failure|error:' "$OUT/gemm-$name.$i.log" | head -20
+  done
+done
+echo "tests done ($SECONDS s)"
 echo "=== moe-run checks ($SECONDS s)"
 (cd "$BUILD" && timeout 90 ctest -R 'moe-run.cuda' --output-on-failure) > "$OUT/gemm-ctest.log" 2>&1
 rc=$?
