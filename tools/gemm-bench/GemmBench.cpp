@@ -313,7 +313,9 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
                   "wgmma 128x128"},
         std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"},
         std::pair{cuda::detail::DeviceTiles::HopperPingPong,
-                  "wgmma ping-pong 128x128"}}) {
+                  "wgmma ping-pong 128x128"},
+        std::pair{cuda::detail::DeviceTiles::HopperWidePair,
+                  "wgmma 2x(128x256) multicast"}}) {
     const bool wgmma = tiles >= cuda::detail::DeviceTiles::Hopper;
     if (wgmma && !cuda::detail::hopperGroupedGemmRuns(ctx))
       continue;

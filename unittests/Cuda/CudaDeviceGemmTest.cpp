@@ -797,7 +797,8 @@ TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
       space.staticCapacity = l.capacity;
     for (auto tiles : {cuda::detail::DeviceTiles::HopperCooperative,
                        cuda::detail::DeviceTiles::HopperWide,
-                       cuda::detail::DeviceTiles::HopperPingPong})
+                       cuda::detail::DeviceTiles::HopperPingPong,
+                       cuda::detail::DeviceTiles::HopperWidePair})
       for (DType dt : {DType::BF16, DType::F16})
         for (bool transB : {false, true})
           for (bool accumulate : {false, true}) {

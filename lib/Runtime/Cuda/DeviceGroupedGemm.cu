@@ -853,9 +853,11 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   // (A gathered A over no tokens reads only zeros: the other kernel.)
   const bool wgmmaTakes =
       !epilogue.fused && !(gather.rowTokens && (transB || gather.tokens <= 0));
-  const bool wgmmaTile =
-      tiles == DeviceTiles::Hopper || tiles == DeviceTiles::HopperCooperative ||
-      tiles == DeviceTiles::HopperWide || tiles == DeviceTiles::HopperPingPong;
+  const bool wgmmaTile = tiles == DeviceTiles::Hopper ||
+                         tiles == DeviceTiles::HopperCooperative ||
+                         tiles == DeviceTiles::HopperWide ||
+                         tiles == DeviceTiles::HopperPingPong ||
+                         tiles == DeviceTiles::HopperWidePair;
   const bool smallAuto =
       tiles == DeviceTiles::Auto &&
       deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
@@ -880,6 +882,7 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
         tiles == DeviceTiles::HopperCooperative ? HopperTile::Cooperative
         : tiles == DeviceTiles::HopperWide      ? HopperTile::Wide
         : tiles == DeviceTiles::HopperPingPong  ? HopperTile::PingPong
+        : tiles == DeviceTiles::HopperWidePair  ? HopperTile::WidePair
                                                 : kDefaultHopperTile;
     return hopperGroupedGemm(ctx, a, b, c, type, k, n, space, transB,
                              accumulate, tile, gather);

@@ -55,10 +55,13 @@ enum class DeviceTiles {
   HopperCooperative, ///< 128 x 128, both warpgroups on each tile
   HopperWide,        ///< 128 x 256, both warpgroups on each tile
   HopperPingPong,    ///< 128 x 128, the warpgroups on alternate tiles
+  /// 128 x 256 in clusters of 2 CTAs along M sharing B's tile (TMA
+  /// multicast: half of B's reads from L2).
+  HopperWidePair,
 };
 
 /// The wgmma kernel's shapes (DeviceTiles' Hopper* values).
-enum class HopperTile { Cooperative, Wide, PingPong };
+enum class HopperTile { Cooperative, Wide, PingPong, WidePair };
 /// The one DeviceTiles::Hopper (and the automatic choice) takes: the fastest
 /// on every shape measured (H100, bench/RESULTS.md Run 32: C3's experts
 /// 1027 us against 1152 for both 128 x 128 shapes, C1's 1608 against

@@ -122,6 +122,39 @@ __device__ __forceinline__ void tmaLoad3d(uint32_t dst, const CUtensorMap *map,
       : "memory");
 }
 
+/// tmaLoad3d into the same offset of every CTA of ctaMask (the cluster's),
+/// each CTA's barrier at `bar` counting the bytes it receives.
+__device__ __forceinline__ void
+tmaLoad3dMulticast(uint32_t dst, const CUtensorMap *map, uint32_t bar,
+                   int32_t c0, int32_t c1, int32_t c2, uint16_t ctaMask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::"
+      "complete_tx::bytes.multicast::cluster [%0], [%1, {%3, %4, %5}], [%2], "
+      "%6;\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(ctaMask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t clusterRank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+/// An arrival on the barrier at `bar` in CTA `rank` of the cluster.
+__device__ __forceinline__ void barrierArriveIn(uint32_t bar, uint32_t rank) {
+  asm volatile("{\n.reg .b32 remote;\n"
+               "mapa.shared::cluster.u32 remote, %0, %1;\n"
+               "mbarrier.arrive.release.cluster.shared::cluster.b64 _, "
+               "[remote];\n}\n" ::"r"(bar),
+               "r"(rank)
+               : "memory");
+}
+/// Every thread of every CTA of the cluster.
+__device__ __forceinline__ void clusterSync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;\n" ::
+                   : "memory");
+}
+
 /// v rounded to T and back (what a GEMM's store leaves).
 template <typename T> __device__ __forceinline__ float toStored(float v) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
@@ -237,47 +270,53 @@ __device__ __forceinline__ int64_t groupRowsOf(const RaggedMParams &p,
   return detail::groupRows(p.offsets, p.rows, p.staticCapacity, g, p.rowBound);
 }
 
-/// M tiles of every group (the real count, read on the device): each warp
-/// sums it itself.
+/// M tiles of TileRows rows of every group (the real count, read on the
+/// device): each warp sums it itself.
+template <int TileRows>
 __device__ __forceinline__ int64_t totalMTiles(const RaggedMParams &p) {
   const int lane = threadIdx.x % 32;
   int64_t total = 0;
   for (int32_t g = lane; g < p.groups; g += 32)
-    total += (groupRowsOf(p, g) + kTileM - 1) / kTileM;
+    total += (groupRowsOf(p, g) + TileRows - 1) / TileRows;
 #pragma unroll
   for (int d = 16; d > 0; d /= 2)
     total += __shfl_xor_sync(0xffffffffu, total, d);
   return total;
 }
 
-/// M tiles per raster band: consecutive tiles walk a band's M tiles first,
-/// then its N tiles, so the CTAs running at once share B's column tiles
-/// and a band's A rows (a weight too large for L2 is then read about once
-/// per band instead of once per M tile).
+/// Rows of 128-row M tiles per raster band: consecutive tiles walk a band's
+/// M tiles first, then its N tiles, so the CTAs running at once share B's
+/// column tiles and a band's A rows (a weight too large for L2 is then read
+/// about once per band instead of once per M tile).
 constexpr int64_t kRasterM = 8;
 
-/// One CTA tile of the sequence: its group, first row, rows inside the
-/// group and first column. Every warp computes it itself.
+/// One tile of the sequence: its group, first row, rows inside the group
+/// and first column. Every warp computes it itself.
 struct TileWork {
   int32_t group;
   int64_t row0, rowsValid;
   int32_t n0;
 };
+/// Tile t of the sequence of a cluster of Cluster CTAs along M: Cluster M
+/// tiles of one group and the same columns, so the cluster shares B's
+/// tile. CTA `rank` takes the rank-th 128 rows (rowsValid <= 0 where the
+/// group ends before them).
+template <int Cluster>
 __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
                                            int64_t mTiles, int32_t nTiles,
-                                           int bn) {
-  const int64_t bandTiles = kRasterM * nTiles;
+                                           int bn, uint32_t rank) {
+  constexpr int64_t BandM = kRasterM / Cluster, TileRows = kTileM * Cluster;
+  const int64_t bandTiles = BandM * nTiles;
   const int64_t band = t / bandTiles, local = t % bandTiles;
-  const int64_t firstM = band * kRasterM;
-  const int64_t bandRows =
-      mTiles - firstM < kRasterM ? mTiles - firstM : kRasterM;
+  const int64_t firstM = band * BandM;
+  const int64_t bandRows = mTiles - firstM < BandM ? mTiles - firstM : BandM;
   const int64_t m = firstM + local % bandRows;
   TileWork w;
   w.n0 = static_cast<int32_t>(local / bandRows) * bn;
   int64_t firstTile = 0;
-  w.group = detail::findGroupTile<kTileM>(p.offsets, p.rows, p.staticCapacity,
-                                          p.groups, p.rowBound, m, firstTile);
-  const int64_t rowInGroup = (m - firstTile) * kTileM;
+  w.group = detail::findGroupTile<TileRows>(p.offsets, p.rows, p.staticCapacity,
+                                            p.groups, p.rowBound, m, firstTile);
+  const int64_t rowInGroup = (m - firstTile) * TileRows + rank * kTileM;
   w.row0 =
       detail::groupFirst(p.offsets, p.staticCapacity, w.group) + rowInGroup;
   w.rowsValid = groupRowsOf(p, w.group) - rowInGroup;
@@ -291,8 +330,12 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
 /// PingPong: the two consumer warpgroups take alternate tiles (each all
 /// 128 rows), one's store overlapping the other's products; else both work
 /// on each tile (64 rows each).
+/// Cluster 2: the CTAs of a cluster take M tiles of one group side by side
+/// and each loads half of B's tile into both (TMA multicast), halving B's
+/// reads from L2; a stage is refilled once both CTAs' consumers released
+/// it (their empty barriers count the cluster's consumer warps).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false, bool Gather = false>
+          bool Glu = false, bool Gather = false, int Cluster = 1>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapB,
@@ -300,6 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(!Glu || (BN == 128 && !BKMajor),
                 "the GLU tile pairs 64 gate and 64 up columns of [K][N] "
                 "weights");
+  static_assert(Cluster == 1 || Cluster == 2, "clusters of 1 or 2 CTAs");
   // Output columns per tile (the GLU tile's B holds two products' columns).
   constexpr int TileN = Glu ? BN / 2 : BN;
 #ifndef FLEX_HOPPER_GEMM
@@ -314,33 +358,47 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t emptyBars = fullBars + Stages * 8;
   const uint32_t orderBars = emptyBars + Stages * 8;
 
-  const int64_t mTiles = totalMTiles(p);
+  const int64_t mTiles = totalMTiles<kTileM * Cluster>(p);
   const int32_t nTiles = static_cast<int32_t>((p.n + TileN - 1) / TileN);
   const int64_t tiles = mTiles * nTiles;
   const int kTiles = static_cast<int>((p.k + kTileK - 1) / kTileK);
+  // The cluster's tiles: tile t goes to cluster t % clusters.
+  const uint32_t rank = Cluster > 1 ? clusterRank() : 0;
+  const int64_t cluster = blockIdx.x / Cluster, clusters = gridDim.x / Cluster;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < Stages; ++s) {
       // The producer thread's expected bytes, and with a gathered A each
       // producer thread's copies (cp.async.mbarrier.arrive.noinc).
       barrierInit(fullBars + 8 * s, Gather ? 1 + 128 : 1);
-      // Every thread of the stage's consumers releases it.
-      barrierInit(emptyBars + 8 * s, PingPong ? 128 : kConsumerThreads);
+      // One arrival per consumer warp on the stage, of every CTA of the
+      // cluster (their multicasts write into this CTA's stage).
+      barrierInit(emptyBars + 8 * s, (PingPong ? 4 : 8) * Cluster);
     }
     barrierInit(orderBars, 1);
     barrierInit(orderBars + 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  // The peer's multicasts and arrivals need this CTA's barriers ready.
+  if constexpr (Cluster > 1)
+    clusterSync();
+  else
+    __syncthreads();
 
   const int warpGroup = threadIdx.x / 128;
   if (warpGroup == 0) {
     // The producer: warp 0 walks the tiles, its lane 0 issues the TMA
-    // loads; with a gathered A every producer thread also copies one row of
-    // A's tile per stage (cp.async into the 128-byte swizzle TMA would
-    // write: 16-byte piece c of row r at piece c ^ (r % 8)).
+    // loads; with a gathered A every producer thread also copies 16-byte
+    // piece threadIdx % 8 of rows threadIdx / 8 + 16 j (j < 8) of A's tile
+    // per stage, so a warp's copy reads 4 whole 128-byte rows (cp.async into
+    // the 128-byte swizzle TMA would write: piece c of row r at piece
+    // c ^ (r % 8)).
+    // (128 x 64 + 256 x 224 and 128 x 48 + 256 x 232 registers: the
+    // register file's 65536.)
     if constexpr (Gather)
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 64;\n");
+    else if constexpr (Cluster > 1)
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 48;\n");
     else
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (!Gather && threadIdx.x >= 32)
@@ -353,15 +411,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const T *aRows = static_cast<const T *>(p.a);
     uint32_t step = 0; // k blocks loaded so far, over all tiles
-    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const TileWork w = tileAt(p, t, mTiles, nTiles, TileN);
-      int64_t token = -1; // this thread's row of A (Gather)
-      if constexpr (Gather)
-        if (threadIdx.x < w.rowsValid) {
-          token = p.rowTokens[w.row0 + threadIdx.x];
-          if (token >= p.tokens)
-            token = -1;
+    for (int64_t t = cluster; t < tiles; t += clusters) {
+      const TileWork w = tileAt<Cluster>(p, t, mTiles, nTiles, TileN, rank);
+      // Gather: element offsets in `a` of this thread's 8 pieces at k 0,
+      // -1 for a row past the group or a token outside [0, tokens).
+      constexpr int kGatherRows = Gather ? 8 : 1;
+      const int piece = threadIdx.x % 8;
+      int64_t source[kGatherRows];
+      if constexpr (Gather) {
+#pragma unroll
+        for (int j = 0; j < kGatherRows; ++j) {
+          const int r = threadIdx.x / 8 + 16 * j;
+          source[j] = -1;
+          if (r < w.rowsValid) {
+            const int64_t token = p.rowTokens[w.row0 + r];
+            if (token >= 0 && token < p.tokens)
+              source[j] = token * p.k + 8 * piece;
+          }
         }
+      }
       if (Gather || threadIdx.x == 0) {
         for (int kt = 0; kt < kTiles; ++kt, ++step) {
           const uint32_t s = step % Stages, phase = (step / Stages) & 1;
@@ -370,15 +438,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
           const int32_t k0 = kt * kTileK;
           if constexpr (Gather) {
-            const uint32_t row = a + threadIdx.x * 128;
+            // Row r's piece lands at piece ^ (r % 8); r % 8 is the same
+            // for all j.
+            const uint32_t dst = a + (threadIdx.x / 8) * 128 +
+                                 ((piece ^ ((threadIdx.x / 8) % 8)) * 16);
+            const bool inK = k0 + 8 * piece < p.k;
 #pragma unroll
-            for (int c = 0; c < 8; ++c) {
-              const int64_t col = k0 + 8 * c;
-              const bool valid = token >= 0 && col < p.k;
-              const T *src = valid ? aRows + token * p.k + col : aRows;
+            for (int j = 0; j < kGatherRows; ++j) {
+              const bool valid = inK && source[j] >= 0;
+              const T *src = valid ? aRows + source[j] + k0 : aRows;
               asm volatile(
                   "cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                      row + ((c ^ (threadIdx.x % 8)) * 16)),
+                      dst + j * 16 * 128),
                   "l"(src), "r"(valid ? 16 : 0)
                   : "memory");
             }
@@ -387,7 +458,29 @@ __global__ void __launch_bounds__(kThreads, 1)
             barrierExpectBytes(full, Gather ? L::BBytes : L::StageBytes);
             if constexpr (!Gather)
               tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(w.row0));
-            if constexpr (BKMajor) {
+            if constexpr (Cluster > 1) {
+              // This CTA's part of B's tile, into every CTA of the cluster:
+              // the rank-th BN / Cluster rows of a K-major tile (the map's
+              // box), else the rank-th of its 64-column boxes (GLU: the
+              // gate's, then up's).
+              constexpr uint16_t everyCta = (1u << Cluster) - 1;
+              constexpr int Part = BN / Cluster;
+              if constexpr (BKMajor) {
+                tmaLoad3dMulticast(b + rank * Part * 128, &mapB, full, k0,
+                                   w.n0 + rank * Part, w.group, everyCta);
+              } else if constexpr (Glu) {
+                tmaLoad3dMulticast(b + rank * (kTileK * 128),
+                                   rank == 0 ? &mapB : &mapUp, full, w.n0, k0,
+                                   w.group, everyCta);
+              } else {
+#pragma unroll
+                for (int j = 0; j < Part / 64; ++j) {
+                  const int box = rank * (Part / 64) + j;
+                  tmaLoad3dMulticast(b + box * (kTileK * 128), &mapB, full,
+                                     w.n0 + 64 * box, k0, w.group, everyCta);
+                }
+              }
+            } else if constexpr (BKMajor) {
               tmaLoad3d(b, &mapB, full, k0, w.n0, w.group);
             } else if constexpr (Glu) { // the gate's 64 columns, then up's
               tmaLoad3d(b, &mapB, full, w.n0, k0, w.group);
@@ -412,6 +505,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // it leaves.
     if constexpr (Gather)
       asm volatile("cp.async.wait_all;\n" ::: "memory");
+    // In a cluster, the CTA stays until every consumer of the cluster has
+    // released its last stages: the peer's arrivals land in this CTA's
+    // barriers (its multicasts land before this CTA's consumers finish).
+    if (Cluster > 1 && threadIdx.x == 0)
+      for (int i = 0; i < Stages; ++i, ++step)
+        barrierWait(emptyBars + 8 * (step % Stages), ((step / Stages) & 1) ^ 1);
     return;
   }
 
@@ -429,15 +528,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   T *c = static_cast<T *>(p.c);
   uint32_t step = 0; // k blocks of the sequence so far, over all tiles
   float acc[Blocks][BN / 2];
+  // A stage goes back once this warp's products from it are done (the
+  // warp's wgmma.wait_group): lane 0 arrives on the stage's empty barrier
+  // in every CTA of the cluster.
+  auto release = [&](uint32_t s) {
+    if (lane != 0)
+      return;
+    if constexpr (Cluster == 1) {
+      barrierArrive(emptyBars + 8 * s);
+    } else {
+#pragma unroll
+      for (uint32_t cta = 0; cta < Cluster; ++cta)
+        barrierArriveIn(emptyBars + 8 * s, cta);
+    }
+  };
   int64_t mine = 0; // this CTA's tiles so far
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x, ++mine) {
+  for (int64_t t = cluster; t < tiles; t += clusters, ++mine) {
     if (PingPong && (mine & 1) != consumer) {
       step += kTiles; // the other warpgroup's tile
       continue;
     }
     if constexpr (PingPong)
       waitForThePreviousTile(orderBars, consumer, mine);
-    const TileWork w = tileAt(p, t, mTiles, nTiles, TileN);
+    const TileWork w = tileAt<Cluster>(p, t, mTiles, nTiles, TileN, rank);
 #pragma unroll
     for (int h = 0; h < Blocks; ++h)
 #pragma unroll
@@ -469,11 +582,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The previous stage's products are done: its buffers go back.
       asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
       if (kt > 0)
-        barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+        release((step - 1) % Stages);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     if (kTiles > 0)
-      barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+      release((step - 1) % Stages);
     if (PingPong && t128 == 0)
       barrierArrive(orderBars + 8 * consumer); // this tile's stages are in
 
@@ -782,26 +895,53 @@ inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
 }
 
 /// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
-/// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller.
+/// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller. A
+/// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false, bool Gather = false>
+          bool Glu = false, bool Gather = false, int Cluster = 1>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
                           const CUtensorMap &mapUp, const RaggedMParams &p,
                           int ctas, cudaStream_t stream) {
   constexpr auto kernel =
-      raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather>;
+      raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather, Cluster>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
     return e;
   constexpr int TileN = Glu ? BN / 2 : BN;
-  const int64_t bound = ((p.rowBound + kTileM - 1) / kTileM + p.groups) *
+  constexpr int64_t TileRows = kTileM * Cluster;
+  const int64_t bound = ((p.rowBound + TileRows - 1) / TileRows + p.groups) *
                         ((p.n + TileN - 1) / TileN);
-  const int grid = static_cast<int>(bound < ctas ? bound : ctas);
-  if (grid <= 0)
+  int64_t clusters = ctas / Cluster;
+  cudaLaunchConfig_t config{};
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = Cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = Cluster > 1 ? 1 : 0;
+  if constexpr (Cluster > 1) {
+    // Asked once per process: more clusters than fit would only queue.
+    static const int fit = [&] {
+      config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
+      int n = 0;
+      if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess)
+        cudaGetLastError();
+      return n;
+    }();
+    if (fit <= 0)
+      return cudaErrorLaunchOutOfResources;
+    clusters = fit < clusters ? fit : clusters;
+  }
+  clusters = bound < clusters ? bound : clusters;
+  if (clusters <= 0)
     return cudaSuccess;
-  kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapB, mapUp, p);
-  return cudaGetLastError();
+  config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
+  return cudaLaunchKernelEx(&config, kernel, mapA, mapB, mapUp, p);
 }
 
 /// The weight gradient's tensor maps: A as [rowBound][k] and gradC as

@@ -40,14 +40,14 @@ bool hopperKernelBuilt() {
 }
 
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false, bool Gather = false>
+          bool Glu = false, bool Gather = false, int Cluster = 1>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
               const CUtensorMap &mapB, const hopper::RaggedMParams &params,
               const CUtensorMap *mapUp = nullptr) {
   return checkCuda(
-      hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu, Gather>(
-          mapA, mapB, mapUp ? *mapUp : mapB, params, ctx.multiprocessors(),
-          ctx.stream()),
+      hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu, Gather,
+                            Cluster>(mapA, mapB, mapUp ? *mapUp : mapB, params,
+                                     ctx.multiprocessors(), ctx.stream()),
       "grouped GEMM kernel (wgmma)");
 }
 
@@ -93,7 +93,8 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
   if (k <= 0 || n <= 0)
     return refuse("the wgmma grouped GEMM needs k and n above 0");
   // TMA's coordinates are 32-bit (the grid is persistent: no grid limit).
-  if (space.rowBound > INT32_MAX || k > INT32_MAX || n > INT32_MAX ||
+  // (A cluster's second CTA may start 128 rows past the last.)
+  if (space.rowBound > INT32_MAX - 256 || k > INT32_MAX || n > INT32_MAX ||
       space.experts > INT32_MAX)
     return refuse("the problem is larger than 2^31 rows or columns");
   return true;
@@ -150,13 +151,15 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   if (gathered && transB)
     return Status(StatusCode::Internal,
                   "the wgmma grouped GEMM gathers A for [K][N] weights only");
-  if (gathered && tile == HopperTile::Wide)
+  if (gathered && (tile == HopperTile::Wide || tile == HopperTile::WidePair))
     tile = HopperTile::Cooperative;
-  const int bn = tile == HopperTile::Wide ? 256 : 128;
+  // A K-major B's box: the tile's columns, or each CTA's half of them.
+  // (WidePair: 256-column tiles, 128 from each CTA.)
+  const int bBoxColumns = tile == HopperTile::Wide ? 256 : 128;
   CUtensorMap mapA, mapB;
   if (CUresult r = hopper::makeRaggedMMaps(mapA, mapB, type == DType::BF16, a,
                                            b, aRows(space, gather), k, n,
-                                           space.experts, transB, bn);
+                                           space.experts, transB, bBoxColumns);
       r != CUDA_SUCCESS)
     return refusedMaps(r, "the grouped GEMM's operands");
   const hopper::RaggedMParams params =
@@ -178,6 +181,11 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
         return transB
                    ? launch<T, 256, 4, true, false>(ctx, mapA, mapB, params)
                    : launch<T, 256, 4, false, false>(ctx, mapA, mapB, params);
+      case HopperTile::WidePair:
+        return transB ? launch<T, 256, 4, true, false, false, false, 2>(
+                            ctx, mapA, mapB, params)
+                      : launch<T, 256, 4, false, false, false, false, 2>(
+                            ctx, mapA, mapB, params);
       case HopperTile::PingPong:
         return transB ? launch<T, 128, 6, true, true>(ctx, mapA, mapB, params)
                       : launch<T, 128, 6, false, true>(ctx, mapA, mapB, params);
