@@ -384,6 +384,27 @@ bool benchGlu(cuda::KernelContext &ctx, const Shape &s, const Routed &r,
   if (!std::isnan(fusedStatic))
     std::printf("%-16s %-6s fused on the static space: %.1f us\n", "", "",
                 fusedStatic);
+  // Each wgmma GLU tile on the ragged space.
+  if (cuda::detail::hopperGroupedGemmRuns(ctx)) {
+    std::printf("%-16s %-6s fused tiles:", "", "");
+    for (auto [tiles, name] :
+         {std::pair{cuda::detail::DeviceTiles::HopperPingPong,
+                    "ping-pong 64+64"},
+          std::pair{cuda::detail::DeviceTiles::HopperWide, "128+128"},
+          std::pair{cuda::detail::DeviceTiles::HopperWidePair,
+                    "2x(128+128) multicast"}}) {
+      const double us = hostMicros(ctx, iters, [&] {
+        return cuda::detail::deviceGroupedGemmGlu(
+            ctx, a.data, bGate.data, bUp.data, fused.data, nullptr, nullptr, dt,
+            k, n, r.space, {}, tiles);
+      });
+      const double e = relativeError(fused.data, unfused.data, R * n);
+      std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
+                  e <= 2e-2 ? "" : " MISMATCH");
+      err = std::max(err, e);
+    }
+    std::printf("\n");
+  }
   if (err > 2e-2)
     std::printf("  relative L2 of the unfused paths against the fused: %.3g\n",
                 err);

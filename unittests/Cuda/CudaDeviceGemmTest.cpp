@@ -881,6 +881,89 @@ TEST(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
   }
 }
 
+// The GLU step on each wgmma tile (64 + 64, 128 + 128 and the 2-CTA
+// cluster's), both dtypes, on a ragged row space whose groups end in the
+// first or the second CTA of a cluster's tile: c, gate and up bit for bit
+// the wgmma kernel's two GEMMs and the glu kernel, c near fp64's
+// silu(a b_gate) * (a b_up), rows outside the segments untouched.
+TEST(CudaHopperGemm, GluTilesMatchTheUnfusedSteps) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::string why;
+  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
+    GTEST_SKIP() << why;
+  std::mt19937_64 rng(43);
+  Segments seg({70, 0, 300, 5, 129, 0, 260}, 0);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = 328, n = 200;
+  for (auto tiles : {cuda::detail::DeviceTiles::HopperPingPong,
+                     cuda::detail::DeviceTiles::HopperCooperative,
+                     cuda::detail::DeviceTiles::HopperWide,
+                     cuda::detail::DeviceTiles::HopperWidePair})
+    for (DType dt : {DType::BF16, DType::F16}) {
+      SCOPED_TRACE(std::string(toString(dt)) + " tile " +
+                   std::to_string(static_cast<int>(tiles)));
+      Buffer a(dt, R * k), bGate(dt, E * k * n), bUp(dt, E * k * n);
+      a.set(normals(rng, R * k, 1.0));
+      bGate.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+      bUp.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+      Buffer c(dt, R * n), gate(dt, R * n), up(dt, R * n);
+      c.poison();
+      gate.poison();
+      up.poison();
+      const std::vector<uint8_t> before = c.host;
+      Status status = cuda::detail::deviceGroupedGemmGlu(
+          *ctx, a.device, bGate.device, bUp.device, c.device, gate.device,
+          up.device, dt, k, n, seg.space(), {}, tiles);
+      ASSERT_TRUE(status.isOk()) << status.message();
+      c.download();
+      gate.download();
+      up.download();
+      ASSERT_EQ(firstRowWritten(c, before, R, n,
+                                [&](int64_t r) { return seg.inSegment(r); }),
+                -1)
+          << "a row outside the segments was written";
+      // The unfused steps: the wgmma kernel's GEMMs (its default tile) and
+      // the glu kernel.
+      Buffer g(dt, R * n), u(dt, R * n), c2(dt, R * n);
+      for (auto [b, out] : {std::pair{&bGate, &g}, std::pair{&bUp, &u}})
+        ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
+                        *ctx, a.device, b->device, out->device, dt, k, n,
+                        seg.space(), false, false,
+                        cuda::detail::DeviceTiles::Hopper)
+                        .isOk());
+      ASSERT_TRUE(cuda::glu(*ctx, {g.device, dt}, {u.device, dt},
+                            {c2.device, dt}, n, seg.space())
+                      .isOk());
+      c2.download();
+      g.download();
+      u.download();
+      const size_t rowBytes = n * dtypeSize(dt);
+      std::vector<double> want(R * n, 0.0);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e];
+             ++r) {
+          for (const auto &[have, wantBytes] :
+               {std::pair{&c, &c2}, std::pair{&gate, &g}, std::pair{&up, &u}})
+            ASSERT_EQ(std::memcmp(have->host.data() + r * rowBytes,
+                                  wantBytes->host.data() + r * rowBytes,
+                                  rowBytes),
+                      0)
+                << "row " << r << ": the fused step differs from the "
+                << "unfused ones";
+          for (int64_t j = 0; j < n; ++j) {
+            double sg = 0, su = 0;
+            for (int64_t i = 0; i < k; ++i) {
+              sg += a.at(r * k + i) * bGate.at((e * k + i) * n + j);
+              su += a.at(r * k + i) * bUp.at((e * k + i) * n + j);
+            }
+            want[r * n + j] = sg / (1.0 + std::exp(-sg)) * su;
+          }
+        }
+      EXPECT_LE(segmentError(c, want, seg, n), 2e-2);
+    }
+}
+
 // The wgmma kernel refuses what it cannot run (a gathered A with [N][K]
 // weights, which no plan asks for; the few-rows tile's fused epilogue) with
 // a clear status instead of a wrong product.

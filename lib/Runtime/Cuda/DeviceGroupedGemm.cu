@@ -853,11 +853,7 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   // (A gathered A over no tokens reads only zeros: the other kernel.)
   const bool wgmmaTakes =
       !epilogue.fused && !(gather.rowTokens && (transB || gather.tokens <= 0));
-  const bool wgmmaTile = tiles == DeviceTiles::Hopper ||
-                         tiles == DeviceTiles::HopperCooperative ||
-                         tiles == DeviceTiles::HopperWide ||
-                         tiles == DeviceTiles::HopperPingPong ||
-                         tiles == DeviceTiles::HopperWidePair;
+  const bool wgmmaTile = tiles >= DeviceTiles::Hopper;
   const bool smallAuto =
       tiles == DeviceTiles::Auto &&
       deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
@@ -878,14 +874,8 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                     "gathers A for [K][N] weights only");
     if (!wgmmaApplies)
       return Status(StatusCode::Unavailable, why);
-    const HopperTile tile =
-        tiles == DeviceTiles::HopperCooperative ? HopperTile::Cooperative
-        : tiles == DeviceTiles::HopperWide      ? HopperTile::Wide
-        : tiles == DeviceTiles::HopperPingPong  ? HopperTile::PingPong
-        : tiles == DeviceTiles::HopperWidePair  ? HopperTile::WidePair
-                                                : kDefaultHopperTile;
     return hopperGroupedGemm(ctx, a, b, c, type, k, n, space, transB,
-                             accumulate, tile, gather);
+                             accumulate, hopperTileOf(tiles), gather);
   }
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
@@ -914,7 +904,7 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                             const void *bGate, const void *bUp, void *c,
                             void *gateOut, void *upOut, DType type, int64_t k,
                             int64_t n, const ExpertRowSpace &space,
-                            const RowGather &gather) {
+                            const RowGather &gather, DeviceTiles tiles) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
   RaggedMArgs args{a,
@@ -933,14 +923,27 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                    bUp,
                    gateOut,
                    upOut};
-  const bool small =
+  bool small =
       deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
-  // Many rows: the wgmma kernel's GLU tile where it applies.
-  if (!small && !(gather.rowTokens && gather.tokens <= 0) &&
-      hopperGroupedGemmApplies(ctx, type, k, n, space,
-                               {a, bGate, bUp, c, gateOut, upOut}))
-    return hopperGroupedGemmGlu(ctx, a, bGate, bUp, c, gateOut, upOut, type, k,
-                                n, space, HopperTile::PingPong, gather);
+  // Many rows: the wgmma kernel's GLU tile where it applies (an explicit
+  // wgmma tile needs it; a gathered A over no tokens reads only zeros).
+  const bool wgmmaTile = tiles >= DeviceTiles::Hopper;
+  if (wgmmaTile || (tiles == DeviceTiles::Auto && !small)) {
+    std::string why = "a gathered A over no tokens";
+    if (!(gather.rowTokens && gather.tokens <= 0) &&
+        hopperGroupedGemmApplies(ctx, type, k, n, space,
+                                 {a, bGate, bUp, c, gateOut, upOut}, &why))
+      return hopperGroupedGemmGlu(
+          ctx, a, bGate, bUp, c, gateOut, upOut, type, k, n, space,
+          wgmmaTile ? hopperTileOf(tiles) : kDefaultHopperGluTile, gather);
+    if (wgmmaTile)
+      return Status(StatusCode::Unavailable, why);
+  }
+  if (tiles == DeviceTiles::Wide)
+    return Status(StatusCode::InvalidArgument,
+                  "the GLU step's mma.sync kernel runs small or large tiles");
+  if (tiles != DeviceTiles::Auto)
+    small = tiles == DeviceTiles::Small;
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)

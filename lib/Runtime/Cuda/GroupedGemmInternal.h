@@ -50,7 +50,8 @@ enum class DeviceTiles {
   Large, ///< 128 x 128, 8 warps
   Wide,  ///< 128 x 256, 8 warps
   /// The wgmma kernel (HopperGemmKernel.cuh, sm_90a): a TMA producer warp
-  /// and two consumer warpgroups. Hopper is the default among the three.
+  /// and two consumer warpgroups. Hopper is the default among them. (The
+  /// Hopper values come last: `tiles >= DeviceTiles::Hopper` tests for one.)
   Hopper,
   HopperCooperative, ///< 128 x 128, both warpgroups on each tile
   HopperWide,        ///< 128 x 256, both warpgroups on each tile
@@ -68,6 +69,24 @@ enum class HopperTile { Cooperative, Wide, PingPong, WidePair };
 /// 2002-2064, 192 rows per expert 201 against 221-224). The GLU step and
 /// a gathered A run 128 x 128 (ping-pong).
 inline constexpr HopperTile kDefaultHopperTile = HopperTile::Wide;
+/// The GLU step's (a gathered A runs 128 x 128 whatever is asked).
+inline constexpr HopperTile kDefaultHopperGluTile = HopperTile::PingPong;
+
+/// The HopperTile of a DeviceTiles::Hopper* value (Hopper: the default).
+inline HopperTile hopperTileOf(DeviceTiles tiles) {
+  switch (tiles) {
+  case DeviceTiles::HopperCooperative:
+    return HopperTile::Cooperative;
+  case DeviceTiles::HopperWide:
+    return HopperTile::Wide;
+  case DeviceTiles::HopperPingPong:
+    return HopperTile::PingPong;
+  case DeviceTiles::HopperWidePair:
+    return HopperTile::WidePair;
+  default:
+    return kDefaultHopperTile;
+  }
+}
 
 /// Whether this device and build run the wgmma grouped GEMM (compute
 /// capability 9.0, the sm_90a part in the build, the driver's tensor-map
@@ -102,9 +121,9 @@ Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               int64_t k, int64_t n, const ExpertRowSpace &space,
                               bool accumulate);
 
-/// deviceGroupedGemmGlu on the wgmma kernel (tiles of 64 gate and the same
-/// 64 up columns; Wide is not offered and runs as Cooperative): bit for bit
-/// the wgmma kernel's two GEMMs and the glu kernel.
+/// deviceGroupedGemmGlu on the wgmma kernel (tiles of BN / 2 gate and the
+/// same up columns; a gathered A runs 128 x 128): bit for bit the wgmma
+/// kernel's two GEMMs and the glu kernel.
 Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
                             const void *bGate, const void *bUp, void *c,
                             void *gateOut, void *upOut, DType type, int64_t k,
@@ -153,7 +172,8 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                             const void *bGate, const void *bUp, void *c,
                             void *gateOut, void *upOut, DType type, int64_t k,
                             int64_t n, const ExpertRowSpace &space,
-                            const RowGather &gather = {});
+                            const RowGather &gather = {},
+                            DeviceTiles tiles = DeviceTiles::Auto);
 
 /// gradB[e] (+)= a[rows of e]^T @ gradC[rows of e]; an expert without rows
 /// gets zeros (or keeps its value when accumulating).

@@ -340,9 +340,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapB,
                   const __grid_constant__ CUtensorMap mapUp, RaggedMParams p) {
-  static_assert(!Glu || (BN == 128 && !BKMajor),
-                "the GLU tile pairs 64 gate and 64 up columns of [K][N] "
-                "weights");
+  static_assert(!Glu || !BKMajor,
+                "the GLU tile pairs BN / 2 gate and the same up columns of "
+                "[K][N] weights");
   static_assert(Cluster == 1 || Cluster == 2, "clusters of 1 or 2 CTAs");
   // Output columns per tile (the GLU tile's B holds two products' columns).
   constexpr int TileN = Glu ? BN / 2 : BN;
@@ -458,38 +458,37 @@ __global__ void __launch_bounds__(kThreads, 1)
             barrierExpectBytes(full, Gather ? L::BBytes : L::StageBytes);
             if constexpr (!Gather)
               tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(w.row0));
-            if constexpr (Cluster > 1) {
-              // This CTA's part of B's tile, into every CTA of the cluster:
-              // the rank-th BN / Cluster rows of a K-major tile (the map's
-              // box), else the rank-th of its 64-column boxes (GLU: the
-              // gate's, then up's).
-              constexpr uint16_t everyCta = (1u << Cluster) - 1;
-              constexpr int Part = BN / Cluster;
-              if constexpr (BKMajor) {
+            // B's tile: a K-major one is one box of BN / Cluster rows per
+            // CTA; an N-major one is BN / 64 boxes of 64 columns (GLU: the
+            // gate's BN / 2 columns, then up's same ones). In a cluster,
+            // each CTA loads the rank-th part into every CTA (multicast).
+            constexpr uint16_t everyCta = (1u << Cluster) - 1;
+            constexpr int Part = BN / Cluster;
+            if constexpr (BKMajor) {
+              if constexpr (Cluster > 1)
                 tmaLoad3dMulticast(b + rank * Part * 128, &mapB, full, k0,
                                    w.n0 + rank * Part, w.group, everyCta);
-              } else if constexpr (Glu) {
-                tmaLoad3dMulticast(b + rank * (kTileK * 128),
-                                   rank == 0 ? &mapB : &mapUp, full, w.n0, k0,
-                                   w.group, everyCta);
-              } else {
-#pragma unroll
-                for (int j = 0; j < Part / 64; ++j) {
-                  const int box = rank * (Part / 64) + j;
-                  tmaLoad3dMulticast(b + box * (kTileK * 128), &mapB, full,
-                                     w.n0 + 64 * box, k0, w.group, everyCta);
-                }
-              }
-            } else if constexpr (BKMajor) {
-              tmaLoad3d(b, &mapB, full, k0, w.n0, w.group);
-            } else if constexpr (Glu) { // the gate's 64 columns, then up's
-              tmaLoad3d(b, &mapB, full, w.n0, k0, w.group);
-              tmaLoad3d(b + kTileK * 128, &mapUp, full, w.n0, k0, w.group);
+              else
+                tmaLoad3d(b, &mapB, full, k0, w.n0, w.group);
             } else {
 #pragma unroll
-              for (int j = 0; j < BN / 64; ++j)
-                tmaLoad3d(b + j * (kTileK * 128), &mapB, full, w.n0 + 64 * j,
-                          k0, w.group);
+              for (int j = 0; j < Part / 64; ++j) {
+                const int box = rank * (Part / 64) + j;
+                const CUtensorMap *map = &mapB;
+                int32_t column = w.n0 + 64 * box;
+                if constexpr (Glu) { // boxes past BN / 128: up's (in a
+                                     // cluster of 2: the second CTA's)
+                  const bool up = Cluster > 1 ? rank != 0 : j >= BN / 128;
+                  map = up ? &mapUp : &mapB;
+                  column = w.n0 + 64 * (Cluster > 1 ? j : j % (BN / 128));
+                }
+                if constexpr (Cluster > 1)
+                  tmaLoad3dMulticast(b + box * (kTileK * 128), map, full,
+                                     column, k0, w.group, everyCta);
+                else
+                  tmaLoad3d(b + box * (kTileK * 128), map, full, column, k0,
+                            w.group);
+              }
             }
           }
           if constexpr (Gather)

@@ -258,11 +258,17 @@ Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
     if constexpr (std::is_same_v<T, float>)
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
-    else if (gather.rowTokens)
+    else if (gather.rowTokens) // (128-column tiles: registers)
       return pingPong ? launch<T, 128, 6, false, true, true, true>(
                             ctx, mapA, mapGate, params, &mapUp)
                       : launch<T, 128, 5, false, false, true, true>(
                             ctx, mapA, mapGate, params, &mapUp);
+    else if (tile == HopperTile::Wide)
+      return launch<T, 256, 4, false, false, true>(ctx, mapA, mapGate, params,
+                                                   &mapUp);
+    else if (tile == HopperTile::WidePair)
+      return launch<T, 256, 4, false, false, true, false, 2>(ctx, mapA, mapGate,
+                                                             params, &mapUp);
     else
       return pingPong ? launch<T, 128, 6, false, true, true>(ctx, mapA, mapGate,
                                                              params, &mapUp)
