@@ -60,7 +60,9 @@ declare -A shard_pid
 for bin in "$kernels" "$executor"; do
   name=$(basename "$bin")
   for ((i = 0; i < SHARDS; i++)); do
-    GTEST_TOTAL_SHARDS=$SHARDS GTEST_SHARD_INDEX=$i timeout 300 "$bin" --gtest_brief=1 \
+    # Line-buffered and not brief: a shard cut by its limit shows the test
+    # it was in (its last "[ RUN ]").
+    GTEST_TOTAL_SHARDS=$SHARDS GTEST_SHARD_INDEX=$i timeout 300 stdbuf -oL "$bin" \
       > "$OUT/gemm-$name.$i.log" 2>&1 &
     shard_pid[$name.$i]=$!
   done
@@ -73,6 +75,7 @@ for bin in "$kernels" "$executor"; do
     (( rc == 0 )) || status=1
     echo "$name shard $i: exit $rc; $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/gemm-$name.$i.log" | tr '\n' ' ')"
     grep -E '^\[  FAILED  \]|Failure|error:' "$OUT/gemm-$name.$i.log" | head -20
+    (( rc == 124 )) && echo "  cut while in: $(grep -E '^\[ RUN' "$OUT/gemm-$name.$i.log" | tail -1)"
   done
 done
 echo "tests done ($SECONDS s)"
@@ -85,14 +88,16 @@ grep -E "tests passed|Failed|\*\*\*" "$OUT/gemm-ctest.log" | head -10
 echo "=== memcheck ($SECONDS s)"
 # API errors off: some tests make CUDA calls fail on purpose. Memory errors
 # still count (exit 3).
-timeout 150 compute-sanitizer --tool memcheck --report-api-errors no \
-  --error-exitcode 3 "$kernels" --gtest_brief=1 \
-  --gtest_filter='Shapes/CudaDeviceGemm.*:CudaDeviceGemmGraph.*:CudaHopperGemm.*' \
+timeout 150 stdbuf -oL compute-sanitizer --tool memcheck --report-api-errors no \
+  --error-exitcode 3 "$kernels" \
+  --gtest_filter='CudaHopperGemm.*:CudaDeviceGemmGraph.*:Shapes/CudaDeviceGemm.*' \
   > "$OUT/gemm-memcheck.log" 2>&1
 rc=$?
 (( rc == 0 )) || status=1
 echo "memcheck kernels: exit $rc ($(grep -E 'ERROR SUMMARY' "$OUT/gemm-memcheck.log" | tail -1))" \
-     "$(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gemm-memcheck.log" | tr '\n' ' ')"
+     "$(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gemm-memcheck.log" | tr '\n' ' ')" \
+     "$(grep -cE '^\[       OK' "$OUT/gemm-memcheck.log") tests done" \
+     "$( (( rc == 124 )) && grep -E '^\[ RUN' "$OUT/gemm-memcheck.log" | tail -1)"
 timeout 100 compute-sanitizer --tool memcheck --report-api-errors no \
   --error-exitcode 3 "$executor" --gtest_brief=1 \
   --gtest_filter='CudaExecutor.DroplessGraphRoutesEachCallOnTheDevice' \

@@ -47,6 +47,29 @@ namespace flex::cuda::hopper {
 constexpr int kTileM = 128, kTileK = 64;
 constexpr int kConsumerThreads = 256, kThreads = 384;
 
+/// The registers the producer warpgroup keeps and each consumer warpgroup
+/// grows to (setmaxnreg). A CTA starts with kStartRegisters per thread (384
+/// threads, one CTA per SM), and setmaxnreg.inc waits until the CTA's pool
+/// holds what it asks for: only what the producer gave back is there, so a
+/// split over the start's total never returns (a hang, not an error).
+constexpr int kStartRegisters = (65536 / kThreads) & ~7; // 168
+template <int Producer, int Consumer> struct RegisterSplit {
+  static_assert(Producer % 8 == 0 && Consumer % 8 == 0 && Producer >= 24 &&
+                    Consumer <= 256,
+                "setmaxnreg takes multiples of 8 in [24, 256]");
+  static_assert(128 * Producer + 256 * Consumer <= kStartRegisters * kThreads,
+                "the consumers would wait forever for registers the "
+                "producer never gave back");
+#ifdef FLEX_HOPPER_GEMM
+  static __device__ __forceinline__ void producer() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Producer));
+  }
+  static __device__ __forceinline__ void consumer() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Consumer));
+  }
+#endif
+};
+
 template <int BN, int Stages> struct Layout {
   static constexpr int ABytes = kTileM * kTileK * 2;
   static constexpr int BBytes = BN * kTileK * 2;
@@ -97,12 +120,33 @@ __device__ __forceinline__ void barrierArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar)
                : "memory");
 }
-__device__ __forceinline__ void barrierWait(uint32_t bar, uint32_t parity) {
-  asm volatile("{\n.reg .pred done;\nWAIT:\n"
-               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-               "@!done bra WAIT;\n}\n" ::"r"(bar),
-               "r"(parity)
+__device__ __forceinline__ bool barrierTryWait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile("{\n.reg .pred p;\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+               "selp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done)
+               : "r"(bar), "r"(parity)
                : "memory");
+  return done != 0;
+}
+/// How long a barrier wait may take before the kernel gives up: a stage
+/// waits microseconds, a ping-pong tile's turn at most milliseconds (under
+/// compute-sanitizer, seconds); a wait this long is a schedule bug, and a
+/// trap (a launch failure the runtime reports) beats a hang.
+constexpr uint64_t kBarrierWaitLimitNs = 20'000'000'000ull;
+__device__ __forceinline__ uint64_t globalNanoseconds() {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(ns));
+  return ns;
+}
+__device__ __forceinline__ void barrierWait(uint32_t bar, uint32_t parity) {
+  if (barrierTryWait(bar, parity))
+    return;
+  const uint64_t start = globalNanoseconds();
+  while (!barrierTryWait(bar, parity))
+    if (globalNanoseconds() - start > kBarrierWaitLimitNs)
+      __trap();
 }
 __device__ __forceinline__ void tmaLoad2d(uint32_t dst, const CUtensorMap *map,
                                           uint32_t bar, int32_t c0,
@@ -344,6 +388,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                 "the GLU tile pairs BN / 2 gate and the same up columns of "
                 "[K][N] weights");
   static_assert(Cluster == 1 || Cluster == 2, "clusters of 1 or 2 CTAs");
+  // A gathered A's producer warpgroup copies rows (72 registers), a
+  // cluster's producer multicasts (56); a TMA-only one keeps 40. (Fewer
+  // spill, checked with ptxas -v.)
+  using Registers = RegisterSplit<Gather ? 72 : (Cluster > 1 ? 56 : 40),
+                                  Gather ? 216 : (Cluster > 1 ? 224 : 232)>;
   // Output columns per tile (the GLU tile's B holds two products' columns).
   constexpr int TileN = Glu ? BN / 2 : BN;
 #ifndef FLEX_HOPPER_GEMM
@@ -393,14 +442,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // per stage, so a warp's copy reads 4 whole 128-byte rows (cp.async into
     // the 128-byte swizzle TMA would write: piece c of row r at piece
     // c ^ (r % 8)).
-    // (128 x 64 + 256 x 224 and 128 x 48 + 256 x 232 registers: the
-    // register file's 65536.)
-    if constexpr (Gather)
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 64;\n");
-    else if constexpr (Cluster > 1)
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 48;\n");
-    else
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    Registers::producer();
     if (!Gather && threadIdx.x >= 32)
       return;
     if (threadIdx.x == 0) {
@@ -413,20 +455,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t step = 0; // k blocks loaded so far, over all tiles
     for (int64_t t = cluster; t < tiles; t += clusters) {
       const TileWork w = tileAt<Cluster>(p, t, mTiles, nTiles, TileN, rank);
-      // Gather: element offsets in `a` of this thread's 8 pieces at k 0,
-      // -1 for a row past the group or a token outside [0, tokens).
+      // Gather: the tokens of this thread's 8 rows, -1 for a row past the
+      // group or a token outside [0, tokens) (32-bit: the producer's 56
+      // registers).
       constexpr int kGatherRows = Gather ? 8 : 1;
       const int piece = threadIdx.x % 8;
-      int64_t source[kGatherRows];
+      int32_t source[kGatherRows];
       if constexpr (Gather) {
 #pragma unroll
         for (int j = 0; j < kGatherRows; ++j) {
           const int r = threadIdx.x / 8 + 16 * j;
           source[j] = -1;
           if (r < w.rowsValid) {
-            const int64_t token = p.rowTokens[w.row0 + r];
+            const int32_t token = p.rowTokens[w.row0 + r];
             if (token >= 0 && token < p.tokens)
-              source[j] = token * p.k + 8 * piece;
+              source[j] = token;
           }
         }
       }
@@ -442,11 +485,13 @@ __global__ void __launch_bounds__(kThreads, 1)
             // for all j.
             const uint32_t dst = a + (threadIdx.x / 8) * 128 +
                                  ((piece ^ ((threadIdx.x / 8) % 8)) * 16);
-            const bool inK = k0 + 8 * piece < p.k;
+            const int64_t column = k0 + 8 * piece;
+            const bool inK = column < p.k;
 #pragma unroll
             for (int j = 0; j < kGatherRows; ++j) {
               const bool valid = inK && source[j] >= 0;
-              const T *src = valid ? aRows + source[j] + k0 : aRows;
+              const T *src =
+                  valid ? aRows + int64_t(source[j]) * p.k + column : aRows;
               asm volatile(
                   "cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                       dst + j * 16 * 128),
@@ -513,10 +558,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  if constexpr (Gather)
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
-  else
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  Registers::consumer();
   const int consumer = warpGroup - 1;
   const int t128 = threadIdx.x % 128, warp = t128 / 32, lane = t128 % 32;
   // Cooperative: both warpgroups on every tile, 64 rows each. Ping-pong:
@@ -707,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warpGroup = threadIdx.x / 128;
   if (warpGroup == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    RegisterSplit<40, 232>::producer();
     if (threadIdx.x != 0)
       return;
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapA) : "memory");
@@ -735,7 +777,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  RegisterSplit<40, 232>::consumer();
   const int consumer = warpGroup - 1;
   const int t128 = threadIdx.x % 128, warp = t128 / 32, lane = t128 % 32;
   T *gradB = static_cast<T *>(p.gradB);
