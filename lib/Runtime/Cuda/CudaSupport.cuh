@@ -14,6 +14,7 @@
 #ifndef LIB_RUNTIME_CUDA_CUDASUPPORT_CUH
 #define LIB_RUNTIME_CUDA_CUDASUPPORT_CUH
 
+#include "Activations.cuh"
 #include "flex/Runtime/Cuda/CudaKernels.h"
 
 #include <cuda_bf16.h>
@@ -98,57 +99,6 @@ template <typename Fn> Status withType(DType type, Fn &&fn) {
   }
   return Status(StatusCode::Internal,
                 "a float buffer (f32, bf16 or f16) was expected; got i32");
-}
-
-//===----------------------------------------------------------------------===//
-// Activations (the CPU kernels' formulas, fp32)
-//===----------------------------------------------------------------------===//
-
-__device__ __forceinline__ float reluForward(float v) {
-  return v > 0.0f || v != v ? v : 0.0f;
-}
-__device__ __forceinline__ float reluDerivative(float v) {
-  return v > 0.0f ? 1.0f : 0.0f;
-}
-__device__ __forceinline__ float geluForward(float v) {
-  return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-}
-__device__ __forceinline__ float geluDerivative(float v) {
-  float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-  float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-  return cdf + v * pdf;
-}
-__device__ __forceinline__ float sigmoid(float v) {
-  return 1.0f / (1.0f + expf(-v));
-}
-__device__ __forceinline__ float siluForward(float v) { return v * sigmoid(v); }
-__device__ __forceinline__ float siluDerivative(float v) {
-  float s = sigmoid(v);
-  return s * (1.0f + v * (1.0f - s));
-}
-
-__device__ __forceinline__ float applyEpilogue(int epilogue, float v) {
-  switch (epilogue) {
-  case 1:
-    return reluForward(v);
-  case 2:
-    return geluForward(v);
-  case 3:
-    return siluForward(v);
-  default:
-    return v;
-  }
-}
-
-__device__ __forceinline__ float activationDerivative(int act, float v) {
-  switch (act) {
-  case 0:
-    return reluDerivative(v);
-  case 1:
-    return geluDerivative(v);
-  default:
-    return siluDerivative(v);
-  }
 }
 
 //===----------------------------------------------------------------------===//
