@@ -16,6 +16,7 @@
 
 #include "CudaTestSupport.h"
 
+#include "Elementwise.h"
 #include "GroupedGemmInternal.h"
 #include "flex/Runtime/Core/GroupedGemmRule.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
@@ -988,13 +989,105 @@ TEST(CudaHopperGemm, RefusesWhatItCannotRun) {
   EXPECT_NE(status.message().find("gathers A for [K][N] weights only"),
             std::string::npos)
       << status.message();
+  // A fused epilogue: the wgmma kernel has it, the large mma.sync tile not
+  // (it would store the bare product).
   cuda::detail::DeviceGemmEpilogue fused;
   fused.fused = true;
   fused.epilogue = Epilogue::Relu;
   status = cuda::detail::deviceGroupedGemm(
       *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), false, false,
-      cuda::detail::DeviceTiles::Hopper, {}, fused);
+      cuda::detail::DeviceTiles::Large, {}, fused);
+  EXPECT_EQ(status.code(), StatusCode::Internal);
+  EXPECT_NE(status.message().find("few-rows tile only"), std::string::npos)
+      << status.message();
+  status = cuda::detail::deviceGroupedGemm(
+      *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), false,
+      /*accumulate=*/true, cuda::detail::DeviceTiles::Hopper, {}, fused);
   EXPECT_FALSE(status.isOk());
+}
+
+// The bias, `pre` and activation in the wgmma kernel's store, on each tile
+// and dtype, every activation, with and without bias and pre, on a ragged
+// row space (empty groups, groups ending in a cluster's first CTA): c and
+// pre bit for bit the same tile's product followed by the epilogue pass
+// (applyGemmEpilogue), rows outside the segments untouched.
+TEST(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::string why;
+  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
+    GTEST_SKIP() << why;
+  std::mt19937_64 rng(47);
+  Segments seg({70, 0, 300, 5, 129, 0, 260}, 0);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = 200, n = 264;
+  auto inside = [&](int64_t r) { return seg.inSegment(r); };
+  for (auto tiles : {cuda::detail::DeviceTiles::HopperCooperative,
+                     cuda::detail::DeviceTiles::HopperWide,
+                     cuda::detail::DeviceTiles::HopperPingPong,
+                     cuda::detail::DeviceTiles::HopperWidePair})
+    for (DType dt : {DType::BF16, DType::F16}) {
+      Buffer a(dt, R * k), b(dt, E * k * n), bias(dt, E * n);
+      a.set(normals(rng, R * k, 1.0));
+      b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+      bias.set(normals(rng, E * n, 0.5));
+      for (Epilogue epilogue :
+           {Epilogue::None, Epilogue::Relu, Epilogue::Gelu, Epilogue::Silu})
+        for (bool withBias : {false, true})
+          for (bool withPre : {false, true}) {
+            SCOPED_TRACE(std::string(toString(dt)) + " tile " +
+                         std::to_string(static_cast<int>(tiles)) +
+                         " epilogue " +
+                         std::to_string(static_cast<int>(epilogue)) +
+                         (withBias ? " bias" : "") + (withPre ? " pre" : ""));
+            Buffer c(dt, R * n), pre(dt, R * n), c2(dt, R * n), pre2(dt, R * n);
+            for (Buffer *x : {&c, &pre, &c2, &pre2})
+              x->poison();
+            const std::vector<uint8_t> before = c.host, preBefore = pre.host;
+            cuda::detail::DeviceGemmEpilogue fused{
+                true, withBias ? bias.device : nullptr,
+                withPre ? pre.device : nullptr, epilogue, 0.75f};
+            Status status = cuda::detail::deviceGroupedGemm(
+                *ctx, a.device, b.device, c.device, dt, k, n, seg.space(),
+                false, false, tiles, {}, fused);
+            ASSERT_TRUE(status.isOk()) << status.message();
+            // The same tile's bare product (into pre2), then the pass.
+            ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
+                            *ctx, a.device, b.device, pre2.device, dt, k, n,
+                            seg.space(), false, false, tiles)
+                            .isOk());
+            ASSERT_TRUE(
+                cuda::applyGemmEpilogue(*ctx, pre2.device,
+                                        withBias ? ReadBuffer{bias.device, dt}
+                                                 : ReadBuffer{},
+                                        {pre2.device, dt}, {c2.device, dt}, n,
+                                        seg.space(), epilogue, 0.75f)
+                    .isOk());
+            for (Buffer *x : {&c, &pre, &c2, &pre2})
+              x->download();
+            ASSERT_EQ(firstRowWritten(c, before, R, n, inside), -1)
+                << "a row outside the segments was written";
+            if (!withPre) {
+              ASSERT_EQ(pre.host, preBefore) << "pre was written";
+            }
+            const size_t rowBytes = n * dtypeSize(dt);
+            for (int64_t r = 0; r < R; ++r) {
+              if (!inside(r))
+                continue;
+              ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
+                                    c2.host.data() + r * rowBytes, rowBytes),
+                        0)
+                  << "row " << r << ": c differs from the epilogue pass's";
+              if (withPre) {
+                ASSERT_EQ(std::memcmp(pre.host.data() + r * rowBytes,
+                                      pre2.host.data() + r * rowBytes,
+                                      rowBytes),
+                          0)
+                    << "row " << r << ": pre differs from the epilogue pass's";
+              }
+            }
+          }
+    }
 }
 
 // Counts that disagree with the buffer (a segment reaching past the

@@ -764,8 +764,37 @@ bool deviceGroupedGemmGridFits(int64_t rowBound, int64_t experts, int64_t k) {
          experts <= kMaxGridYZ && k / LargeTiles::BM < kMaxGridYZ;
 }
 
-bool deviceGroupedGemmFusesEpilogue(const ExpertRowSpace &space) {
-  return deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
+namespace {
+/// Whether the wgmma kernel takes this call's form: a gathered A only for
+/// [K][N] weights (and over some tokens: none reads only zeros, which the
+/// other kernel does).
+bool wgmmaTakesForm(bool transB, const RowGather &gather) {
+  return !(gather.rowTokens && (transB || gather.tokens <= 0));
+}
+} // namespace
+
+DeviceTiles
+deviceGroupedGemmAutoTiles(const KernelContext &ctx, DType type, int64_t k,
+                           int64_t n, const ExpertRowSpace &space, bool transB,
+                           const RowGather &gather,
+                           std::initializer_list<const void *> pointers) {
+  // Few rows per group (decode): small M tiles waste less of each weight
+  // tile's read (Core/GroupedGemmRule.h has the measured crossover). More:
+  // the wgmma kernel where this device has it.
+  if (deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small)
+    return DeviceTiles::Small;
+  return wgmmaTakesForm(transB, gather) &&
+                 hopperGroupedGemmApplies(ctx, type, k, n, space, pointers)
+             ? DeviceTiles::Hopper
+             : DeviceTiles::Large;
+}
+
+bool deviceGroupedGemmFusesEpilogue(
+    const KernelContext &ctx, DType type, int64_t k, int64_t n,
+    const ExpertRowSpace &space, bool transB, const RowGather &gather,
+    std::initializer_list<const void *> pointers) {
+  return deviceGroupedGemmAutoTiles(ctx, type, k, n, space, transB, gather,
+                                    pointers) != DeviceTiles::Large;
 }
 
 bool deviceGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
@@ -846,37 +875,25 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                    accumulate,
                    gather,
                    epilogue};
-  // Few rows per group (decode): small M tiles waste less of each weight
-  // tile's read (Core/GroupedGemmRule.h has the measured crossover). More:
-  // the wgmma kernel where this device has it (the fused epilogue is the
-  // small tile's alone; a gathered A only for [K][N] weights).
-  // (A gathered A over no tokens reads only zeros: the other kernel.)
-  const bool wgmmaTakes =
-      !epilogue.fused && !(gather.rowTokens && (transB || gather.tokens <= 0));
-  const bool wgmmaTile = tiles >= DeviceTiles::Hopper;
-  const bool smallAuto =
-      tiles == DeviceTiles::Auto &&
-      deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
-  // Whether the wgmma kernel applies, checked once where it matters (Auto
-  // beyond the small tile decides by it; an explicit wgmma tile needs it).
-  std::string why;
-  const bool wgmmaApplies =
-      (wgmmaTile || (tiles == DeviceTiles::Auto && !smallAuto)) && wgmmaTakes &&
-      hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why);
   if (tiles == DeviceTiles::Auto)
-    tiles = smallAuto      ? DeviceTiles::Small
-            : wgmmaApplies ? DeviceTiles::Hopper
-                           : DeviceTiles::Large;
-  if (wgmmaTile || tiles == DeviceTiles::Hopper) {
-    if (!wgmmaTakes)
+    tiles = deviceGroupedGemmAutoTiles(ctx, type, k, n, space, transB, gather,
+                                       {a, b, c});
+  if (tiles >= DeviceTiles::Hopper) {
+    if (!wgmmaTakesForm(transB, gather))
       return Status(StatusCode::Internal,
-                    "the wgmma grouped GEMM takes no fused epilogue and "
-                    "gathers A for [K][N] weights only");
-    if (!wgmmaApplies)
+                    "the wgmma grouped GEMM gathers A for [K][N] weights only "
+                    "(and over some tokens)");
+    std::string why;
+    if (!hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why))
       return Status(StatusCode::Unavailable, why);
     return hopperGroupedGemm(ctx, a, b, c, type, k, n, space, transB,
-                             accumulate, hopperTileOf(tiles), gather);
+                             accumulate, hopperTileOf(tiles), gather, epilogue);
   }
+  // (The mma.sync kernel's few-rows tile alone has the fused epilogue.)
+  if (epilogue.fused && tiles != DeviceTiles::Small)
+    return Status(StatusCode::Internal,
+                  "the mma.sync grouped GEMM fuses its epilogue in its "
+                  "few-rows tile only");
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {

@@ -404,13 +404,15 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   } else if (gathered || useDeviceKernel(ctx, path, dtype, k, n, space,
                                          {a.data, b.data, target.data})) {
     // The bias and activation in the kernel's store where it can (its
-    // few-rows tile, not accumulating; bias, pre and c in 16-byte vectors):
-    // c is written once, with no second launch, bit for bit
-    // applyGemmEpilogue's result.
+    // few-rows tile and the wgmma kernel, not accumulating; bias, pre and c
+    // in 16-byte vectors): c is written once, with no second launch, bit for
+    // bit applyGemmEpilogue's result.
     DeviceGemmEpilogue fused;
     if ((bias.data || pre.data || options.epilogue != Epilogue::None) &&
-        !options.accumulate && deviceGroupedGemmFusesEpilogue(space) &&
-        vectorizable(n, 2, {c.data, pre.data, bias.data}))
+        !options.accumulate &&
+        vectorizable(n, 2, {c.data, pre.data, bias.data}) &&
+        deviceGroupedGemmFusesEpilogue(ctx, dtype, k, n, space, options.transB,
+                                       gather, {a.data, b.data, c.data}))
       fused = {true, bias.data, pre.data, options.epilogue, options.biasScale};
     if (Status s = deviceGroupedGemm(
             ctx, a.data, b.data, fused.fused ? c.data : target.data, dtype, k,

@@ -88,6 +88,18 @@ inline HopperTile hopperTileOf(DeviceTiles tiles) {
   }
 }
 
+/// The epilogue the device kernel applies in its store (not accumulating):
+/// c = epilogue(round(a @ b[e]) + biasScale * bias[e]), `pre` (if any) the
+/// value before the activation: applyGemmEpilogue's result, without its
+/// launch and its second pass over c.
+struct DeviceGemmEpilogue {
+  bool fused = false;
+  const void *bias = nullptr; ///< [E, n] or null
+  void *pre = nullptr;        ///< [rows, n] like c, or null
+  Epilogue epilogue = Epilogue::None;
+  float biasScale = 1.0f;
+};
+
 /// Whether this device and build run the wgmma grouped GEMM (compute
 /// capability 9.0, the sm_90a part in the build, the driver's tensor-map
 /// encoder); the reason when not.
@@ -95,8 +107,7 @@ bool hopperGroupedGemmRuns(const KernelContext &ctx,
                            std::string *reason = nullptr);
 
 /// Whether the wgmma kernel takes these operands: bf16/f16, 16-byte aligned
-/// rows and bases (TMA), sizes inside TMA's 32-bit coordinates and the
-/// grid. No fused epilogue (the mma.sync kernel's few-rows tile has it).
+/// rows and bases (TMA), sizes inside TMA's 32-bit coordinates.
 bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,
@@ -111,7 +122,8 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
                          bool accumulate, HopperTile tile,
-                         const RowGather &gather = {});
+                         const RowGather &gather = {},
+                         const DeviceGemmEpilogue &epilogue = {});
 
 /// deviceGroupedGemmWgrad on the wgmma kernel (ping-pong 128 x 128 tiles of
 /// gradB[e], the reduction over e's rows in blocks of 64; the last block's
@@ -130,21 +142,22 @@ Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
                             int64_t n, const ExpertRowSpace &space,
                             HopperTile tile, const RowGather &gather = {});
 
-/// The epilogue the device kernel applies in its store (not accumulating):
-/// c = epilogue(round(a @ b[e]) + biasScale * bias[e]), `pre` (if any) the
-/// value before the activation: applyGemmEpilogue's result, without its
-/// launch and its second pass over c.
-struct DeviceGemmEpilogue {
-  bool fused = false;
-  const void *bias = nullptr; ///< [E, n] or null
-  void *pre = nullptr;        ///< [rows, n] like c, or null
-  Epilogue epilogue = Epilogue::None;
-  float biasScale = 1.0f;
-};
+/// The tile deviceGroupedGemm's Auto takes for these operands: Small for
+/// few rows per expert, else Hopper where the wgmma kernel takes them, else
+/// Large.
+DeviceTiles
+deviceGroupedGemmAutoTiles(const KernelContext &ctx, DType type, int64_t k,
+                           int64_t n, const ExpertRowSpace &space, bool transB,
+                           const RowGather &gather,
+                           std::initializer_list<const void *> pointers);
 
-/// Whether deviceGroupedGemm (tiles Auto) can apply an epilogue in its
-/// store for this row space: its few-rows tile only.
-bool deviceGroupedGemmFusesEpilogue(const ExpertRowSpace &space);
+/// Whether deviceGroupedGemm (tiles Auto) applies an epilogue in its store
+/// for these operands: its few-rows tile and the wgmma kernel do, the
+/// large mma.sync tile does not.
+bool deviceGroupedGemmFusesEpilogue(
+    const KernelContext &ctx, DType type, int64_t k, int64_t n,
+    const ExpertRowSpace &space, bool transB, const RowGather &gather,
+    std::initializer_list<const void *> pointers);
 
 /// c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when transB) for every
 /// expert e, rows as the device's offsets and rows say; rows of c outside

@@ -25,6 +25,7 @@
 #ifndef LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH
 #define LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH
 
+#include "Activations.cuh"
 #include "GroupTiles.cuh"
 
 #include <cstdint>
@@ -99,6 +100,15 @@ struct RaggedMParams {
   const void *a = nullptr;
   const int32_t *rowTokens = nullptr;
   int64_t tokens = 0;
+  /// The fused epilogue (not accumulating, not Glu): the product rounded to
+  /// T, plus biasScale * bias[g] (bias [groups][n], or null), that value
+  /// into `pre` (like c, or null), then activation `epilogue` (Epilogue's
+  /// value; 0: none) into c: bit for bit applyGemmEpilogue after the store.
+  bool fusedEpilogue = false;
+  const void *bias = nullptr;
+  void *pre = nullptr;
+  int epilogue = 0;
+  float biasScale = 1.0f;
 };
 
 #ifdef FLEX_HOPPER_GEMM
@@ -666,6 +676,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           continue;
         }
         T *out = c + at;
+        const T *bias =
+            p.bias ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
+                   : nullptr;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
@@ -676,6 +689,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (p.accumulate) {
             v0 += float(out[col]);
             v1 += float(out[col + 1]);
+          } else if (p.fusedEpilogue) {
+            // As applyGemmEpilogue: from the stored product, fp32 math.
+            v0 = toStored<T>(v0);
+            v1 = toStored<T>(v1);
+            if (bias) {
+              v0 = __fadd_rn(v0, __fmul_rn(float(bias[col]), p.biasScale));
+              v1 = __fadd_rn(v1, __fmul_rn(float(bias[col + 1]), p.biasScale));
+            }
+            if (p.pre)
+              storePair(static_cast<T *>(p.pre) + at + col, v0, v1);
+            v0 = detail::applyEpilogue(p.epilogue, v0);
+            v1 = detail::applyEpilogue(p.epilogue, v1);
           }
           storePair(out + col, v0, v1);
         }

@@ -143,7 +143,8 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          void *c, DType type, int64_t k, int64_t n,
                          const ExpertRowSpace &space, bool transB,
                          bool accumulate, HopperTile tile,
-                         const RowGather &gather) {
+                         const RowGather &gather,
+                         const DeviceGemmEpilogue &epilogue) {
   if (space.experts == 0 || n == 0 || space.rowBound == 0)
     return Status::ok();
   const bool gathered = gather.rowTokens != nullptr;
@@ -162,8 +163,19 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                                            space.experts, transB, bBoxColumns);
       r != CUDA_SUCCESS)
     return refusedMaps(r, "the grouped GEMM's operands");
-  const hopper::RaggedMParams params =
+  if (epilogue.fused && accumulate)
+    return Status(StatusCode::Internal,
+                  "the wgmma grouped GEMM fuses its epilogue only when not "
+                  "accumulating");
+  hopper::RaggedMParams params =
       raggedMParams(space, k, n, c, accumulate, a, gather);
+  if (epilogue.fused) {
+    params.fusedEpilogue = true;
+    params.bias = epilogue.bias;
+    params.pre = epilogue.pre;
+    params.epilogue = static_cast<int>(epilogue.epilogue);
+    params.biasScale = epilogue.biasScale;
+  }
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
