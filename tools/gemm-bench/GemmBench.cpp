@@ -22,6 +22,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "Elementwise.h"
 #include "GroupedGemmInternal.h"
 
 #include "CudaBenchSupport.h"
@@ -330,6 +331,37 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
     ok = ok && e <= 2e-2;
   }
   std::printf("\n");
+  // fc1's bias + ReLU on the device kernel: in its store (fused) against
+  // the bare product and the epilogue pass (what the kernel's large mma.sync
+  // tile does), both on Auto's tile.
+  if (op == Op::Fc1 && cuda::detail::deviceGroupedGemmFusesEpilogue(
+                           ctx, dt, k, n, r.space, false, {},
+                           {a.data, second.data, outDevice.data})) {
+    DeviceArray bias(2 * E * n), pre(2 * R * n);
+    fillRandom(bias.data, E * n, rng, 0.5);
+    const double fusedUs = hostMicros(ctx, iters, [&] {
+      cuda::detail::DeviceGemmEpilogue epilogue{true, bias.data, nullptr,
+                                                Epilogue::Relu, 1.0f};
+      return cuda::detail::deviceGroupedGemm(
+          ctx, a.data, second.data, outDevice.data, dt, k, n, r.space, false,
+          false, cuda::detail::DeviceTiles::Auto, {}, epilogue);
+    });
+    const double passUs = hostMicros(ctx, iters, [&] {
+      if (Status st = cuda::detail::deviceGroupedGemm(ctx, a.data, second.data,
+                                                      pre.data, dt, k, n,
+                                                      r.space, false, false);
+          !st)
+        return st;
+      return cuda::applyGemmEpilogue(ctx, pre.data, {bias.data, dt}, {},
+                                     {outBatched.data, dt}, n, r.space,
+                                     Epilogue::Relu);
+    });
+    const double e = relativeError(outDevice.data, outBatched.data, outCount);
+    std::printf("%-16s %-6s bias+relu: fused in the store %.1f us, GEMM + "
+                "epilogue pass %.1f us%s\n",
+                "", "", fusedUs, passUs, e == 0.0 ? "" : " MISMATCH");
+    ok = ok && e == 0.0;
+  }
   return ok;
 }
 
