@@ -952,7 +952,9 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                                  {a, bGate, bUp, c, gateOut, upOut}, &why))
       return hopperGroupedGemmGlu(
           ctx, a, bGate, bUp, c, gateOut, upOut, type, k, n, space,
-          wgmmaTile ? hopperTileOf(tiles) : kDefaultHopperGluTile, gather);
+          wgmmaTile && tiles != DeviceTiles::Hopper ? hopperTileOf(tiles)
+                                                    : kDefaultHopperGluTile,
+          gather);
     if (wgmmaTile)
       return Status(StatusCode::Unavailable, why);
   }

@@ -28,6 +28,7 @@
 #include "Activations.cuh"
 #include "GroupTiles.cuh"
 
+#include <atomic>
 #include <cstdint>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -46,7 +47,7 @@ namespace flex::cuda::hopper {
 /// The CTA's tile: 128 rows (two consumer warpgroups of 64) by BN columns,
 /// 64 elements of K (128 bytes: one swizzle row) per stage.
 constexpr int kTileM = 128, kTileK = 64;
-constexpr int kConsumerThreads = 256, kThreads = 384;
+constexpr int kThreads = 384;
 
 /// The registers the producer warpgroup keeps and each consumer warpgroup
 /// grows to (setmaxnreg). A CTA starts with kStartRegisters per thread (384
@@ -130,14 +131,26 @@ __device__ __forceinline__ void barrierArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar)
                : "memory");
 }
+/// ClusterScope: the waiter acquires what other CTAs of the cluster released
+/// (their consumers' arrivals on this CTA's empty barriers).
+template <bool ClusterScope = false>
 __device__ __forceinline__ bool barrierTryWait(uint32_t bar, uint32_t parity) {
   uint32_t done;
-  asm volatile("{\n.reg .pred p;\n"
-               "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-               "selp.u32 %0, 1, 0, p;\n}\n"
-               : "=r"(done)
-               : "r"(bar), "r"(parity)
-               : "memory");
+  if constexpr (ClusterScope)
+    asm volatile("{\n.reg .pred p;\n"
+                 "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, "
+                 "[%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  else
+    asm volatile("{\n.reg .pred p;\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
   return done != 0;
 }
 /// How long a barrier wait may take before the kernel gives up: a stage
@@ -150,11 +163,12 @@ __device__ __forceinline__ uint64_t globalNanoseconds() {
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(ns));
   return ns;
 }
+template <bool ClusterScope = false>
 __device__ __forceinline__ void barrierWait(uint32_t bar, uint32_t parity) {
-  if (barrierTryWait(bar, parity))
+  if (barrierTryWait<ClusterScope>(bar, parity))
     return;
   const uint64_t start = globalNanoseconds();
-  while (!barrierTryWait(bar, parity))
+  while (!barrierTryWait<ClusterScope>(bar, parity))
     if (globalNanoseconds() - start > kBarrierWaitLimitNs)
       __trap();
 }
@@ -224,12 +238,6 @@ __device__ __forceinline__ void storePair(T *out, float v0, float v1) {
   else
     *reinterpret_cast<__half2 *>(out) = __floats2half2_rn(v0, v1);
 }
-/// silu(v) = v * sigmoid(v), as the runtime's glu kernel computes it
-/// (CudaSupport.cuh's siluForward: IEEE division, no fast math).
-__device__ __forceinline__ float siluOf(float v) {
-  return v * (1.0f / (1.0f + expf(-v)));
-}
-
 /// A shared-memory matrix descriptor, 128-byte swizzle: the start address,
 /// the leading and the stride byte offsets (PTX ISA, "Matrix Descriptor").
 __device__ __forceinline__ uint64_t descriptor(uint32_t address,
@@ -466,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t t = cluster; t < tiles; t += clusters) {
       const TileWork w = tileAt<Cluster>(p, t, mTiles, nTiles, TileN, rank);
       // Gather: the tokens of this thread's 8 rows, -1 for a row past the
-      // group or a token outside [0, tokens) (32-bit: the producer's 56
+      // group or a token outside [0, tokens) (32-bit: the producer's 72
       // registers).
       constexpr int kGatherRows = Gather ? 8 : 1;
       const int piece = threadIdx.x % 8;
@@ -486,7 +494,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (Gather || threadIdx.x == 0) {
         for (int kt = 0; kt < kTiles; ++kt, ++step) {
           const uint32_t s = step % Stages, phase = (step / Stages) & 1;
-          barrierWait(emptyBars + 8 * s, phase ^ 1);
+          barrierWait<(Cluster > 1)>(emptyBars + 8 * s, phase ^ 1);
           const uint32_t full = fullBars + 8 * s;
           const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
           const int32_t k0 = kt * kTileK;
@@ -564,7 +572,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // barriers (its multicasts land before this CTA's consumers finish).
     if (Cluster > 1 && threadIdx.x == 0)
       for (int i = 0; i < Stages; ++i, ++step)
-        barrierWait(emptyBars + 8 * (step % Stages), ((step / Stages) & 1) ^ 1);
+        barrierWait<true>(emptyBars + 8 * (step % Stages),
+                          ((step / Stages) & 1) ^ 1);
     return;
   }
 
@@ -671,7 +680,8 @@ __global__ void __launch_bounds__(kThreads, 1)
               storePair(static_cast<T *>(p.gateOut) + at + col, g[0], g[1]);
             if (p.upOut)
               storePair(static_cast<T *>(p.upOut) + at + col, u[0], u[1]);
-            storePair(c + at + col, siluOf(g[0]) * u[0], siluOf(g[1]) * u[1]);
+            storePair(c + at + col, detail::siluForward(g[0]) * u[0],
+                      detail::siluForward(g[1]) * u[1]);
           }
           continue;
         }
@@ -960,6 +970,18 @@ inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
   return makeWeightMap(mapB, bf16, b, k, n, groups, bKMajor, bn);
 }
 
+/// Whether `kernel`'s image starts with the registers its setmaxnreg split
+/// counts on (kStartRegisters; with fewer the consumers would wait
+/// forever): cudaErrorInvalidKernelImage if not. A property of the image,
+/// asked once per kernel.
+template <typename Kernel> cudaError_t startRegistersOf(Kernel kernel) {
+  cudaFuncAttributes attributes{};
+  if (cudaError_t e = cudaFuncGetAttributes(&attributes, kernel))
+    return e;
+  return attributes.numRegs >= kStartRegisters ? cudaSuccess
+                                               : cudaErrorInvalidKernelImage;
+}
+
 /// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
 /// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller. A
 /// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
@@ -971,6 +993,9 @@ cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
   constexpr auto kernel =
       raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather, Cluster>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
+  static const cudaError_t registers = startRegistersOf(kernel);
+  if (registers != cudaSuccess)
+    return registers;
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
     return e;
@@ -979,6 +1004,9 @@ cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
   const int64_t bound = ((p.rowBound + TileRows - 1) / TileRows + p.groups) *
                         ((p.n + TileN - 1) / TileN);
   int64_t clusters = ctas / Cluster;
+  clusters = bound < clusters ? bound : clusters;
+  if (clusters <= 0)
+    return cudaSuccess;
   cudaLaunchConfig_t config{};
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = bytes;
@@ -991,21 +1019,24 @@ cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
   config.attrs = &attribute;
   config.numAttrs = Cluster > 1 ? 1 : 0;
   if constexpr (Cluster > 1) {
-    // Asked once per process: more clusters than fit would only queue.
-    static const int fit = [&] {
+    // How many clusters fit at once, asked once per device (more would
+    // only queue); a failed query is asked again next time.
+    static std::atomic<int> fitOf[16] = {};
+    int device = 0;
+    if (cudaError_t e = cudaGetDevice(&device))
+      return e;
+    int fit = device < 16 ? fitOf[device].load() : 0;
+    if (fit <= 0) {
       config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
-      int n = 0;
-      if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess)
-        cudaGetLastError();
-      return n;
-    }();
-    if (fit <= 0)
-      return cudaErrorLaunchOutOfResources;
+      if (cudaError_t e = cudaOccupancyMaxActiveClusters(&fit, kernel, &config))
+        return e;
+      if (fit <= 0)
+        return cudaErrorLaunchOutOfResources;
+      if (device < 16)
+        fitOf[device].store(fit);
+    }
     clusters = fit < clusters ? fit : clusters;
   }
-  clusters = bound < clusters ? bound : clusters;
-  if (clusters <= 0)
-    return cudaSuccess;
   config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
   return cudaLaunchKernelEx(&config, kernel, mapA, mapB, mapUp, p);
 }
@@ -1045,6 +1076,9 @@ cudaError_t launchRaggedK(const CUtensorMap &mapA, const CUtensorMap &mapGradC,
                           cudaStream_t stream) {
   constexpr auto kernel = raggedKKernel<T, BN, Stages>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
+  static const cudaError_t registers = startRegistersOf(kernel);
+  if (registers != cudaSuccess)
+    return registers;
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
     return e;
