@@ -302,8 +302,30 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
     std::printf("  relative L2 against cuBLAS per expert: device %.3g, "
                 "grouped %.3g\n",
                 err, groupedErr);
-  if (wgrad)
+  if (wgrad) {
+    // The wgmma weight gradient's tiles.
+    if (!cuda::detail::hopperGroupedGemmRuns(ctx))
+      return ok;
+    std::printf("%-16s %-6s tiles:", "", "");
+    for (auto [tiles, name] :
+         {std::pair{cuda::detail::DeviceTiles::HopperPingPong,
+                    "wgmma ping-pong 128x128"},
+          std::pair{cuda::detail::DeviceTiles::HopperCooperative,
+                    "wgmma 128x128"},
+          std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"}}) {
+      const double us = hostMicros(ctx, iters, [&] {
+        return cuda::detail::deviceGroupedGemmWgrad(ctx, a.data, second.data,
+                                                    outDevice.data, dt, k, n,
+                                                    r.space, false, {}, tiles);
+      });
+      const double e = relativeError(outDevice.data, outCublas.data, outCount);
+      std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
+                  e <= 2e-2 ? "" : " MISMATCH");
+      ok = ok && e <= 2e-2;
+    }
+    std::printf("\n");
     return ok;
+  }
   // Each CTA tile of the kernel on the same problem.
   std::printf("%-16s %-6s tiles:", "", "");
   for (auto [tiles, name] :

@@ -836,7 +836,8 @@ TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
 // block past the expert's last row holds the next expert's rows, which it
 // must not add: a NaN or Inf there stays out of this expert's gradient
 // (zeros in both operands, not in one). Counts not multiples of 64, an
-// empty expert, k and n not multiples of the tile.
+// empty expert, k and n not multiples of the tile; each tile (ping-pong,
+// cooperative 128 x 128 and 128 x 256).
 TEST(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
   FLEX_SKIP_WITHOUT_CUDA();
   std::unique_ptr<cuda::KernelContext> ctx;
@@ -847,39 +848,50 @@ TEST(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
   Segments seg({70, 0, 129, 5}, 0);
   const int64_t E = seg.experts(), R = seg.rowBound, k = 136, n = 200;
   std::mt19937_64 rng(43);
-  for (DType dt : {DType::BF16, DType::F16}) {
-    SCOPED_TRACE(toString(dt));
-    Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
-    std::vector<double> av = normals(rng, R * k, 1.0),
-                        gv = normals(rng, R * n, 1.0);
-    // Expert 2's first row (right after expert 0's 70: expert 1 is empty)
-    // holds Inf in A and NaN in gradC.
-    av[70 * k + 3] = INFINITY;
-    gv[70 * n + 5] = std::nan("");
-    a.set(av);
-    gradC.set(gv);
-    gradB.poison();
-    ASSERT_TRUE(cuda::detail::deviceGroupedGemmWgrad(
-                    *ctx, a.device, gradC.device, gradB.device, dt, k, n,
-                    seg.space(), false)
-                    .isOk());
-    gradB.download();
-    // Expert 0: finite and equal to its fp64 gradient; expert 1: zeros.
-    double diff = 0, norm = 0;
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j < n; ++j) {
-        double want = 0;
-        for (int64_t r = 0; r < 70; ++r)
-          want += a.at(r * k + i) * gradC.at(r * n + j);
-        double got = gradB.at(i * n + j);
-        ASSERT_TRUE(std::isfinite(got)) << "expert 0 (" << i << ", " << j
-                                        << ") took the next expert's rows";
-        diff += (got - want) * (got - want);
-        norm += want * want;
-        ASSERT_EQ(gradB.at((k + i) * n + j), 0.0) << "expert 1";
+  for (auto tiles : {cuda::detail::DeviceTiles::HopperPingPong,
+                     cuda::detail::DeviceTiles::HopperCooperative,
+                     cuda::detail::DeviceTiles::HopperWide})
+    for (DType dt : {DType::BF16, DType::F16}) {
+      SCOPED_TRACE(std::string(toString(dt)) + " tile " +
+                   std::to_string(static_cast<int>(tiles)));
+      Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
+      std::vector<double> av = normals(rng, R * k, 1.0),
+                          gv = normals(rng, R * n, 1.0);
+      // Expert 2's first row (right after expert 0's 70: expert 1 is empty)
+      // holds Inf in A and NaN in gradC.
+      av[70 * k + 3] = INFINITY;
+      gv[70 * n + 5] = std::nan("");
+      a.set(av);
+      gradC.set(gv);
+      gradB.poison();
+      ASSERT_TRUE(cuda::detail::deviceGroupedGemmWgrad(
+                      *ctx, a.device, gradC.device, gradB.device, dt, k, n,
+                      seg.space(), false, {}, tiles)
+                      .isOk());
+      gradB.download();
+      // Experts 0 and 3 (its 5 rows after expert 2's 129): finite and
+      // equal to their fp64 gradients; expert 1: zeros.
+      for (int64_t e : {0, 3}) {
+        double diff = 0, norm = 0;
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            double want = 0;
+            for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e];
+                 ++r)
+              want += a.at(r * k + i) * gradC.at(r * n + j);
+            double got = gradB.at((e * k + i) * n + j);
+            ASSERT_TRUE(std::isfinite(got))
+                << "expert " << e << " (" << i << ", " << j
+                << ") took another expert's rows";
+            diff += (got - want) * (got - want);
+            norm += want * want;
+            if (e == 0) {
+              ASSERT_EQ(gradB.at((k + i) * n + j), 0.0) << "expert 1";
+            }
+          }
+        EXPECT_LE(std::sqrt(diff / norm), 1e-2) << "expert " << e;
       }
-    EXPECT_LE(std::sqrt(diff / norm), 1e-2);
-  }
+    }
 }
 
 // The GLU step on each wgmma tile (64 + 64, 128 + 128 and the 2-CTA

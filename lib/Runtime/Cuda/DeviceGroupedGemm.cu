@@ -979,17 +979,25 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
 Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               const void *gradC, void *gradB, DType type,
                               int64_t k, int64_t n, const ExpertRowSpace &space,
-                              bool accumulate, const RowGather &gather) {
+                              bool accumulate, const RowGather &gather,
+                              DeviceTiles tiles) {
   if (space.experts == 0 || n == 0 || k == 0)
     return Status::ok();
   // The wgmma kernel where it applies (no gathered A; a dynamic space, as
   // a weight gradient's always is).
   // (No rows at all: the other kernel zeroes the gradients without maps
   // over empty buffers.)
+  const bool wgmmaTile = tiles >= DeviceTiles::Hopper;
+  std::string why = "the wgmma weight gradient takes no gathered A, static "
+                    "row space or empty buffer";
   if (!gather.rowTokens && !space.isStatic() && space.rowBound > 0 &&
-      hopperGroupedGemmApplies(ctx, type, k, n, space, {a, gradC, gradB}))
-    return hopperGroupedGemmWgrad(ctx, a, gradC, gradB, type, k, n, space,
-                                  accumulate);
+      hopperGroupedGemmApplies(ctx, type, k, n, space, {a, gradC, gradB}, &why))
+    return hopperGroupedGemmWgrad(
+        ctx, a, gradC, gradB, type, k, n, space, accumulate,
+        wgmmaTile && tiles != DeviceTiles::Hopper ? hopperTileOf(tiles)
+                                                  : kDefaultHopperWgradTile);
+  if (wgmmaTile)
+    return Status(StatusCode::Unavailable, why);
   RaggedKArgs args{a, gradC, gradB,          space.offsets, space.rows,
                    k, n,     space.rowBound, accumulate,    gather};
   return withType(type, [&](auto tag) -> Status {

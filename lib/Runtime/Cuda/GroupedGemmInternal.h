@@ -71,6 +71,9 @@ enum class HopperTile { Cooperative, Wide, PingPong, WidePair };
 inline constexpr HopperTile kDefaultHopperTile = HopperTile::Wide;
 /// The GLU step's (a gathered A runs 128 x 128 whatever is asked).
 inline constexpr HopperTile kDefaultHopperGluTile = HopperTile::PingPong;
+/// The weight gradient's (Run 32: as fast as cuBLAS per expert at C3's
+/// size, 1.6x slower at C1's).
+inline constexpr HopperTile kDefaultHopperWgradTile = HopperTile::PingPong;
 
 /// The HopperTile of a DeviceTiles::Hopper* value (Hopper: the default).
 inline HopperTile hopperTileOf(DeviceTiles tiles) {
@@ -125,13 +128,15 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          const RowGather &gather = {},
                          const DeviceGemmEpilogue &epilogue = {});
 
-/// deviceGroupedGemmWgrad on the wgmma kernel (ping-pong 128 x 128 tiles of
-/// gradB[e], the reduction over e's rows in blocks of 64; the last block's
-/// rows past the group zeroed in shared memory).
+/// deviceGroupedGemmWgrad on the wgmma kernel (tiles of gradB[e]: ping-pong
+/// 128 x 128, cooperative 128 x 128 or Wide 128 x 256 (WidePair runs as
+/// Wide); the reduction over e's rows in blocks of 64; the last block's rows
+/// past the group zeroed in shared memory).
 Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               const void *gradC, void *gradB, DType type,
                               int64_t k, int64_t n, const ExpertRowSpace &space,
-                              bool accumulate);
+                              bool accumulate,
+                              HopperTile tile = kDefaultHopperWgradTile);
 
 /// deviceGroupedGemmGlu on the wgmma kernel (tiles of BN / 2 gate and the
 /// same up columns; a gathered A runs 128 x 128): bit for bit the wgmma
@@ -190,10 +195,13 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
 
 /// gradB[e] (+)= a[rows of e]^T @ gradC[rows of e]; an expert without rows
 /// gets zeros (or keeps its value when accumulating).
+/// `tiles`: Auto, or a Hopper* tile of the wgmma kernel (Unavailable where
+/// it does not apply).
 Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               const void *gradC, void *gradB, DType type,
                               int64_t k, int64_t n, const ExpertRowSpace &space,
-                              bool accumulate, const RowGather &gather = {});
+                              bool accumulate, const RowGather &gather = {},
+                              DeviceTiles tiles = DeviceTiles::Auto);
 
 /// The implementation a grouped GEMM of a dynamic row space takes.
 enum class GroupedGemmPath {

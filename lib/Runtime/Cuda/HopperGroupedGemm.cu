@@ -213,7 +213,7 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
 Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               const void *gradC, void *gradB, DType type,
                               int64_t k, int64_t n, const ExpertRowSpace &space,
-                              bool accumulate) {
+                              bool accumulate, HopperTile tile) {
   if (space.experts == 0 || n == 0 || k == 0)
     return Status::ok();
   CUtensorMap mapA, mapGradC;
@@ -236,10 +236,17 @@ Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
     else
-      return checkCuda(hopper::launchRaggedK<T, 128, 6>(mapA, mapGradC, params,
-                                                        ctx.multiprocessors(),
-                                                        ctx.stream()),
-                       "grouped GEMM weight-gradient kernel (wgmma)");
+      return checkCuda(
+          tile == HopperTile::Wide || tile == HopperTile::WidePair
+              ? hopper::launchRaggedK<T, 256, 4, false>(
+                    mapA, mapGradC, params, ctx.multiprocessors(), ctx.stream())
+          : tile == HopperTile::Cooperative
+              ? hopper::launchRaggedK<T, 128, 5, false>(
+                    mapA, mapGradC, params, ctx.multiprocessors(), ctx.stream())
+              : hopper::launchRaggedK<T, 128, 6>(mapA, mapGradC, params,
+                                                 ctx.multiprocessors(),
+                                                 ctx.stream()),
+          "grouped GEMM weight-gradient kernel (wgmma)");
   });
 }
 
