@@ -2,13 +2,17 @@
 # The device-sized grouped GEMM on the device, in ONE device call (issue 13,
 # items 1 and 5):
 #   1. build only what the check needs (runtime with CUDA, no compiler),
-#   2. the two CUDA test binaries, each in one process (all must pass), and
-#      the moe-run device checks (ctest -R moe-run.cuda),
+#   2. the two CUDA test binaries at once, three gtest shards each, with the
+#      wgmma kernel's own tests (CudaHopperGemm.*) in a process of their own
+#      (all must pass), then the moe-run device checks (ctest -R
+#      moe-run.cuda),
 #   3. compute-sanitizer memcheck over the grouped GEMM tests and the
 #      dropless graph test,
-#   4. flex-gemm-bench: the device kernel, cuBLAS per expert and cuBLAS
-#      strided-batched on the same card in one process, against the floor
-#      (every mma.sync and, on Hopper, every wgmma tile);
+#   4. flex-gemm-bench (run before the tests): the device kernel, cuBLAS per
+#      expert and cuBLAS strided-batched on the same card in one process,
+#      against the floor (every mma.sync and, on Hopper, every wgmma tile of
+#      the forward, the GLU step and the weight gradient, and the fused
+#      bias + ReLU);
 #   5. with bench/plans carried: moe-run on C3's and G3's dropless plans with
 #      the wgmma kernel on and off (FLEX_WGMMA), same card, same call.
 # FLEX_WGMMA (default 1 here) is exported for the tests and the checks, so
@@ -55,7 +59,13 @@ fi
 # card: the suites are mostly small, launch-bound cases, so this fits the
 # call's limit.
 SHARDS="${SHARDS:-3}"
-echo "=== test binaries, $SHARDS shards each ($SECONDS s)"
+echo "=== test binaries, $SHARDS shards each, and CudaHopperGemm.* alone ($SECONDS s)"
+# The wgmma kernel's own tests run in a process of their own: a kernel that
+# traps (its barrier-wait limit) leaves a sticky error that would fail the
+# rest of a shard's tests.
+timeout 300 stdbuf -oL "$kernels" --gtest_filter='CudaHopperGemm.*' \
+  > "$OUT/gemm-hopper.log" 2>&1 &
+hopper_pid=$!
 declare -A shard_pid
 for bin in "$kernels" "$executor"; do
   name=$(basename "$bin")
@@ -63,10 +73,16 @@ for bin in "$kernels" "$executor"; do
     # Line-buffered and not brief: a shard cut by its limit shows the test
     # it was in (its last "[ RUN ]").
     GTEST_TOTAL_SHARDS=$SHARDS GTEST_SHARD_INDEX=$i timeout 300 stdbuf -oL "$bin" \
-      > "$OUT/gemm-$name.$i.log" 2>&1 &
+      --gtest_filter='-CudaHopperGemm.*' > "$OUT/gemm-$name.$i.log" 2>&1 &
     shard_pid[$name.$i]=$!
   done
 done
+wait "$hopper_pid"
+rc=$?
+(( rc == 0 )) || status=1
+echo "CudaHopperGemm.*: exit $rc; $(grep -E '^\[  (PASSED|FAILED|SKIPPED) |^\[       OK|^\[  FAILED  \] CudaHopper' "$OUT/gemm-hopper.log" | tr '\n' ' ')"
+grep -E 'Failure|error:' "$OUT/gemm-hopper.log" | head -20
+(( rc == 124 )) && echo "  cut while in: $(grep -E '^\[ RUN' "$OUT/gemm-hopper.log" | tail -1)"
 for bin in "$kernels" "$executor"; do
   name=$(basename "$bin")
   for ((i = 0; i < SHARDS; i++)); do
