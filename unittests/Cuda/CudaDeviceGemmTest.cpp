@@ -767,18 +767,34 @@ TEST(CudaDeviceGemmTiles, EveryTileMatchesFp64) {
   }
 }
 
+/// The wgmma kernel's tests: a context on a device that runs the kernel
+/// (compute capability 9.0 and the sm_90a part), else skipped with the
+/// reason.
+class CudaHopperGemm : public ::testing::Test {
+protected:
+  void SetUp() override {
+    FLEX_SKIP_WITHOUT_CUDA();
+    ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+    std::string why;
+    if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
+      GTEST_SKIP() << why;
+  }
+  std::unique_ptr<cuda::KernelContext> ctx;
+};
+
+/// The forward's wgmma tiles.
+constexpr std::array<cuda::detail::DeviceTiles, 4> kHopperForwardTiles = {
+    cuda::detail::DeviceTiles::HopperCooperative,
+    cuda::detail::DeviceTiles::HopperWide,
+    cuda::detail::DeviceTiles::HopperPingPong,
+    cuda::detail::DeviceTiles::HopperWidePair};
+
 // The wgmma kernel (sm_90a) on each of its tiles, both B layouts, both
 // dtypes, accumulating or not, on a ragged row space (empty experts, partial
 // M tiles, K past the stages' ring, N not a multiple of the tile) and on a
 // static one (a fixed capacity: offsets unused). Rows outside the segments
 // keep their bytes.
-TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
-  FLEX_SKIP_WITHOUT_CUDA();
-  std::unique_ptr<cuda::KernelContext> ctx;
-  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  std::string why;
-  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
-    GTEST_SKIP() << why;
+TEST_F(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
   std::mt19937_64 rng(41);
   struct Layout {
     const char *name;
@@ -796,10 +812,7 @@ TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
     cuda::ExpertRowSpace space = seg.space();
     if (l.isStatic)
       space.staticCapacity = l.capacity;
-    for (auto tiles : {cuda::detail::DeviceTiles::HopperCooperative,
-                       cuda::detail::DeviceTiles::HopperWide,
-                       cuda::detail::DeviceTiles::HopperPingPong,
-                       cuda::detail::DeviceTiles::HopperWidePair})
+    for (auto tiles : kHopperForwardTiles)
       for (DType dt : {DType::BF16, DType::F16})
         for (bool transB : {false, true})
           for (bool accumulate : {false, true}) {
@@ -838,13 +851,7 @@ TEST(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
 // (zeros in both operands, not in one). Counts not multiples of 64, an
 // empty expert, k and n not multiples of the tile; each tile (ping-pong,
 // cooperative 128 x 128 and 128 x 256).
-TEST(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
-  FLEX_SKIP_WITHOUT_CUDA();
-  std::unique_ptr<cuda::KernelContext> ctx;
-  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  std::string why;
-  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
-    GTEST_SKIP() << why;
+TEST_F(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
   Segments seg({70, 0, 129, 5}, 0);
   const int64_t E = seg.experts(), R = seg.rowBound, k = 136, n = 200;
   std::mt19937_64 rng(43);
@@ -899,20 +906,11 @@ TEST(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
 // first or the second CTA of a cluster's tile: c, gate and up bit for bit
 // the wgmma kernel's two GEMMs and the glu kernel, c near fp64's
 // silu(a b_gate) * (a b_up), rows outside the segments untouched.
-TEST(CudaHopperGemm, GluTilesMatchTheUnfusedSteps) {
-  FLEX_SKIP_WITHOUT_CUDA();
-  std::unique_ptr<cuda::KernelContext> ctx;
-  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  std::string why;
-  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
-    GTEST_SKIP() << why;
+TEST_F(CudaHopperGemm, GluTilesMatchTheUnfusedSteps) {
   std::mt19937_64 rng(43);
   Segments seg({70, 0, 300, 5, 129, 0, 260}, 0);
   const int64_t E = seg.experts(), R = seg.rowBound, k = 328, n = 200;
-  for (auto tiles : {cuda::detail::DeviceTiles::HopperPingPong,
-                     cuda::detail::DeviceTiles::HopperCooperative,
-                     cuda::detail::DeviceTiles::HopperWide,
-                     cuda::detail::DeviceTiles::HopperWidePair})
+  for (auto tiles : kHopperForwardTiles)
     for (DType dt : {DType::BF16, DType::F16}) {
       SCOPED_TRACE(std::string(toString(dt)) + " tile " +
                    std::to_string(static_cast<int>(tiles)));
@@ -980,13 +978,7 @@ TEST(CudaHopperGemm, GluTilesMatchTheUnfusedSteps) {
 // The wgmma kernel refuses what it cannot run (a gathered A with [N][K]
 // weights, which no plan asks for; the few-rows tile's fused epilogue) with
 // a clear status instead of a wrong product.
-TEST(CudaHopperGemm, RefusesWhatItCannotRun) {
-  FLEX_SKIP_WITHOUT_CUDA();
-  std::unique_ptr<cuda::KernelContext> ctx;
-  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  std::string why;
-  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
-    GTEST_SKIP() << why;
+TEST_F(CudaHopperGemm, RefusesWhatItCannotRun) {
   Segments seg({130, 7}, 0);
   const int64_t E = seg.experts(), R = seg.rowBound, k = 64, n = 128;
   const DType dt = DType::BF16;
@@ -1023,21 +1015,12 @@ TEST(CudaHopperGemm, RefusesWhatItCannotRun) {
 // row space (empty groups, groups ending in a cluster's first CTA): c and
 // pre bit for bit the same tile's product followed by the epilogue pass
 // (applyGemmEpilogue), rows outside the segments untouched.
-TEST(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
-  FLEX_SKIP_WITHOUT_CUDA();
-  std::unique_ptr<cuda::KernelContext> ctx;
-  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  std::string why;
-  if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
-    GTEST_SKIP() << why;
+TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
   std::mt19937_64 rng(47);
   Segments seg({70, 0, 300, 5, 129, 0, 260}, 0);
   const int64_t E = seg.experts(), R = seg.rowBound, k = 200, n = 264;
   auto inside = [&](int64_t r) { return seg.inSegment(r); };
-  for (auto tiles : {cuda::detail::DeviceTiles::HopperCooperative,
-                     cuda::detail::DeviceTiles::HopperWide,
-                     cuda::detail::DeviceTiles::HopperPingPong,
-                     cuda::detail::DeviceTiles::HopperWidePair})
+  for (auto tiles : kHopperForwardTiles)
     for (DType dt : {DType::BF16, DType::F16}) {
       Buffer a(dt, R * k), b(dt, E * k * n), bias(dt, E * n);
       a.set(normals(rng, R * k, 1.0));
