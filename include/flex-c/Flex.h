@@ -185,25 +185,30 @@ const char *flexGetLastError(void);
  * Runtime options (docs/Runtime.md, "Runtime options")
  *===--------------------------------------------------------------------===*/
 
+/* clang-format off */
 /* The behaviour knobs of the runtime, set by name with the text their
  * environment variable takes, e.g. flexOptionsSet(opts, "variant", "r1d2"):
- *   variant               FLEX_VARIANT               name or index ("" =
- * plan's) check_nonfinite       FLEX_CHECK_NAN             1 / 0 cuda_graph
- * FLEX_CUDA_GRAPH            1 / 0 cuda_overlap          FLEX_CUDA_OVERLAP 1 /
- * 0 (default 1) a2a_staging           FLEX_A2A_STAGING           auto / always
- * / never a2a_transport         FLEX_A2A_TRANSPORT         nccl / ce
+ *   variant               FLEX_VARIANT               name or index ("" = plan's)
+ *   check_nonfinite       FLEX_CHECK_NAN             1 / 0
+ *   cuda_graph            FLEX_CUDA_GRAPH            1 / 0
+ *   cuda_overlap          FLEX_CUDA_OVERLAP          1 / 0 (default 1)
+ *   a2a_staging           FLEX_A2A_STAGING           auto / always / never
+ *   a2a_transport         FLEX_A2A_TRANSPORT         nccl / ce
  *   collective_timeout_s  FLEX_COLLECTIVE_TIMEOUT_S  seconds > 0 (300)
  *   profile               FLEX_PROFILE               device profile path
  *   refine_variant        FLEX_REFINE_VARIANT        1 / 0 (default 1)
  *   grouped_gemm          FLEX_GROUPED_GEMM          auto / device / cublas
  *   relu_in_gemm          FLEX_RELU_IN_GEMM          1 / 0 (default 1)
  *   wgmma                 FLEX_WGMMA                 1 / 0 (default 0)
+ *   wgmma_tile            FLEX_WGMMA_TILE            auto / wide / pair /
+ *                                                    cooperative / ping-pong
  * Booleans also take true/false, on/off, yes/no. An object is passed where a
  * context or communicator is created and copied there; the environment
  * variables, when set and non-empty, override it when an executable or a
  * communicator is created. A bad value is FLEX_STATUS_INVALID_ARGUMENT
  * naming the option (or the variable) and the allowed values; an unknown
  * name is FLEX_STATUS_NOT_FOUND, so new options never change this ABI. */
+/* clang-format on */
 FlexStatus flexOptionsCreate(FlexOptions *options); /* every default */
 FlexStatus flexOptionsDestroy(FlexOptions options);
 FlexStatus flexOptionsSet(FlexOptions options, const char *name,

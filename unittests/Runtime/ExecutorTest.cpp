@@ -538,6 +538,23 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   EXPECT_EQ(options.set("wgmma", "sometimes").code(),
             StatusCode::InvalidArgument);
   EXPECT_TRUE(options.set("wgmma", "off").isOk());
+  // Its tile: each name round-trips; anything else names the values.
+  EXPECT_EQ(options.wgmmaTile, WgmmaTile::Auto);
+  for (auto [name, tile] :
+       {std::pair{"wide", WgmmaTile::Wide}, std::pair{"pair", WgmmaTile::Pair},
+        std::pair{"cooperative", WgmmaTile::Cooperative},
+        std::pair{"ping-pong", WgmmaTile::PingPong},
+        std::pair{"auto", WgmmaTile::Auto}}) {
+    EXPECT_TRUE(options.set("wgmma_tile", name).isOk()) << name;
+    EXPECT_EQ(options.wgmmaTile, tile) << name;
+    EXPECT_TRUE(options.get("wgmma_tile", text).isOk());
+    EXPECT_EQ(text, name);
+  }
+  status = options.set("wgmma_tile", "huge");
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(),
+              HasSubstr("option wgmma_tile='huge': expected auto, wide"));
+  EXPECT_EQ(options.wgmmaTile, WgmmaTile::Auto);
 
   // Every variable of the table overrides its option; an empty one is
   // unset; a bad one names itself and leaves the result at the base.
@@ -548,9 +565,11 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   ::setenv("FLEX_COLLECTIVE_TIMEOUT_S", "7", 1);
   ::setenv("FLEX_VARIANT", "", 1);
   ::setenv("FLEX_GROUPED_GEMM", "device", 1);
+  ::setenv("FLEX_WGMMA_TILE", "pair", 1);
   RuntimeOptions result;
   ASSERT_TRUE(RuntimeOptions::fromEnvironment(options, result).isOk());
   EXPECT_EQ(result.groupedGemm, GroupedGemmImpl::Device);
+  EXPECT_EQ(result.wgmmaTile, WgmmaTile::Pair);
   EXPECT_TRUE(result.cudaOverlap);
   EXPECT_EQ(result.a2aStaging, ExchangeStaging::Never);
   EXPECT_EQ(result.collectiveTimeoutSeconds, 7);

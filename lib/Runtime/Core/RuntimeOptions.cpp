@@ -100,6 +100,23 @@ Status setOption(RuntimeOptions &options, std::string_view name,
                       "counts read to the host, then cuBLAS)");
     return Status::ok();
   }
+  if (name == "wgmma_tile") {
+    if (value == "auto")
+      options.wgmmaTile = WgmmaTile::Auto;
+    else if (value == "wide")
+      options.wgmmaTile = WgmmaTile::Wide;
+    else if (value == "pair")
+      options.wgmmaTile = WgmmaTile::Pair;
+    else if (value == "cooperative")
+      options.wgmmaTile = WgmmaTile::Cooperative;
+    else if (value == "ping-pong")
+      options.wgmmaTile = WgmmaTile::PingPong;
+    else
+      return badValue(label, value,
+                      "auto, wide (128 x 256), pair (128 x 256 in clusters "
+                      "of 2), cooperative or ping-pong (128 x 128)");
+    return Status::ok();
+  }
   if (name == "a2a_transport") {
     if (value == "nccl")
       options.a2aTransport = AllToAllTransport::Nccl;
@@ -145,6 +162,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"grouped_gemm", "FLEX_GROUPED_GEMM"},
       {"relu_in_gemm", "FLEX_RELU_IN_GEMM"},
       {"wgmma", "FLEX_WGMMA"},
+      {"wgmma_tile", "FLEX_WGMMA_TILE"},
   };
   return table;
 }
@@ -179,6 +197,12 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
     value = groupedGemm == GroupedGemmImpl::Auto     ? "auto"
             : groupedGemm == GroupedGemmImpl::Device ? "device"
                                                      : "cublas";
+  else if (name == "wgmma_tile")
+    value = wgmmaTile == WgmmaTile::Auto          ? "auto"
+            : wgmmaTile == WgmmaTile::Wide        ? "wide"
+            : wgmmaTile == WgmmaTile::Pair        ? "pair"
+            : wgmmaTile == WgmmaTile::Cooperative ? "cooperative"
+                                                  : "ping-pong";
   else if (name == "a2a_transport")
     value = a2aTransport == AllToAllTransport::Nccl ? "nccl" : "ce";
   else if (name == "collective_timeout_s") {

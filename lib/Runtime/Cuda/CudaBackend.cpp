@@ -236,6 +236,7 @@ CudaBackend::CudaBackend(int device,
   ctx_->groupedGemm = options.groupedGemm;
   ctx_->reluInGemm = options.reluInGemm;
   ctx_->wgmma = options.wgmma;
+  ctx_->wgmmaTile = options.wgmmaTile;
   setRowKernels();
   setRoutingKernels();
   setCollectiveKernels();

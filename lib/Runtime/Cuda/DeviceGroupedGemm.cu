@@ -887,7 +887,11 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
     if (!hopperGroupedGemmApplies(ctx, type, k, n, space, {a, b, c}, &why))
       return Status(StatusCode::Unavailable, why);
     return hopperGroupedGemm(ctx, a, b, c, type, k, n, space, transB,
-                             accumulate, hopperTileOf(tiles), gather, epilogue);
+                             accumulate,
+                             tiles == DeviceTiles::Hopper
+                                 ? defaultHopperTile(ctx, kDefaultHopperTile)
+                                 : hopperTileOf(tiles),
+                             gather, epilogue);
   }
   // (The mma.sync kernel's few-rows tile alone has the fused epilogue.)
   if (epilogue.fused && tiles != DeviceTiles::Small)
@@ -952,8 +956,9 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                                  {a, bGate, bUp, c, gateOut, upOut}, &why))
       return hopperGroupedGemmGlu(
           ctx, a, bGate, bUp, c, gateOut, upOut, type, k, n, space,
-          wgmmaTile && tiles != DeviceTiles::Hopper ? hopperTileOf(tiles)
-                                                    : kDefaultHopperGluTile,
+          wgmmaTile && tiles != DeviceTiles::Hopper
+              ? hopperTileOf(tiles)
+              : defaultHopperTile(ctx, kDefaultHopperGluTile),
           gather);
     if (wgmmaTile)
       return Status(StatusCode::Unavailable, why);
@@ -994,8 +999,9 @@ Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
       hopperGroupedGemmApplies(ctx, type, k, n, space, {a, gradC, gradB}, &why))
     return hopperGroupedGemmWgrad(
         ctx, a, gradC, gradB, type, k, n, space, accumulate,
-        wgmmaTile && tiles != DeviceTiles::Hopper ? hopperTileOf(tiles)
-                                                  : kDefaultHopperWgradTile);
+        wgmmaTile && tiles != DeviceTiles::Hopper
+            ? hopperTileOf(tiles)
+            : defaultHopperTile(ctx, kDefaultHopperWgradTile));
   if (wgmmaTile)
     return Status(StatusCode::Unavailable, why);
   RaggedKArgs args{a, gradC, gradB,          space.offsets, space.rows,

@@ -75,6 +75,25 @@ inline constexpr HopperTile kDefaultHopperGluTile = HopperTile::PingPong;
 /// size, 1.6x slower at C1's).
 inline constexpr HopperTile kDefaultHopperWgradTile = HopperTile::PingPong;
 
+/// The tile of a call that asks for the wgmma kernel's default: the
+/// context's `wgmma_tile` where one is set, else `measured` (the GEMM's
+/// own default).
+inline HopperTile defaultHopperTile(const KernelContext &ctx,
+                                    HopperTile measured) {
+  switch (ctx.wgmmaTile) {
+  case WgmmaTile::Wide:
+    return HopperTile::Wide;
+  case WgmmaTile::Pair:
+    return HopperTile::WidePair;
+  case WgmmaTile::Cooperative:
+    return HopperTile::Cooperative;
+  case WgmmaTile::PingPong:
+    return HopperTile::PingPong;
+  default:
+    return measured;
+  }
+}
+
 /// The HopperTile of a DeviceTiles::Hopper* value (Hopper: the default).
 inline HopperTile hopperTileOf(DeviceTiles tiles) {
   switch (tiles) {

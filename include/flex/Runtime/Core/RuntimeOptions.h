@@ -55,6 +55,16 @@ enum class GroupedGemmImpl : uint8_t {
   Cublas,
 };
 
+/// The tile shape of the wgmma grouped kernel (Hopper), for every GEMM it
+/// runs (forward and input gradient, the GLU step, the weight gradient).
+enum class WgmmaTile : uint8_t {
+  Auto, ///< each GEMM's measured default (docs/Runtime.md)
+  Wide, ///< 128 x 256 (a GLU tile of 128 + 128 columns)
+  Pair, ///< 128 x 256 in 2-CTA clusters sharing B (weight gradient: Wide)
+  Cooperative, ///< 128 x 128, both warpgroups on a tile
+  PingPong,    ///< 128 x 128, the warpgroups on alternate tiles
+};
+
 /// How a device all_to_all moves its bytes.
 enum class AllToAllTransport : uint8_t {
   Nccl,       ///< NCCL's send/receive kernels
@@ -98,11 +108,15 @@ struct RuntimeOptions {
   bool reluInGemm = true;
   /// CUDA on Hopper: Flex's wgmma grouped kernel for the expert GEMMs
   /// (HopperGemmKernel.cuh; docs/Runtime.md). Off: the mma.sync kernel and
-  /// the cuBLAS paths, as on other GPUs. Opt-in for now: its persistent,
-  /// ping-pong, gathered, GLU and weight-gradient forms have not run on a
-  /// GPU yet (only its first form has: bench/RESULTS.md Run 31).
+  /// the cuBLAS paths, as on other GPUs. Opt-in until its whole GPU suite
+  /// passes on a Hopper (bench/RESULTS.md Run 33: one shard of the kernel
+  /// tests stalled, cause not yet known).
   /// ("wgmma", FLEX_WGMMA)
   bool wgmma = false;
+  /// CUDA on Hopper with `wgmma`: the wgmma kernel's tile shape (auto: each
+  /// GEMM's default; a fixed shape for measuring or tuning a layer).
+  /// ("wgmma_tile", FLEX_WGMMA_TILE)
+  WgmmaTile wgmmaTile = WgmmaTile::Auto;
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

@@ -101,6 +101,9 @@ public:
   /// it (HopperGroupedGemm.cu). On in a bare context (the kernel tests and
   /// the calibration use it); a backend sets the option's value.
   bool wgmma = true;
+  /// RuntimeOptions::wgmmaTile: the wgmma kernel's tile where a call asks
+  /// for its default (Auto: each GEMM's measured one).
+  WgmmaTile wgmmaTile = WgmmaTile::Auto;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
   /// multi-rank backend waits through its device communicator, whose wait
