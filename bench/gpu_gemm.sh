@@ -13,8 +13,10 @@
 #      against the floor (every mma.sync and, on Hopper, every wgmma tile of
 #      the forward, the GLU step and the weight gradient, and the fused
 #      bias + ReLU);
-#   5. with bench/plans carried: moe-run on C3's and G3's dropless plans with
-#      the wgmma kernel on and off (FLEX_WGMMA), same card, same call.
+#   5. with bench/plans carried: moe-run on C3's, G3's and D1's dropless
+#      plans with the wgmma kernel off, on under the rule, and on for every
+#      GEMM with each tile (FLEX_WGMMA, FLEX_GROUPED_GEMM=device,
+#      FLEX_WGMMA_TILE), same card, same call.
 # FLEX_WGMMA (default 1 here) is exported for the tests and the checks, so
 # the executor tests and moe-run.cuda run the wgmma kernel on Hopper (the
 # runtime's default is 0 until this script has passed there; the kernel
@@ -122,20 +124,26 @@ rc=$?
 (( rc == 0 )) || status=1
 echo "memcheck executor: exit $rc ($(grep -E 'ERROR SUMMARY' "$OUT/gemm-memcheck-executor.log" | tail -1))"
 if ls bench/plans/c3_dropless.infer.json > /dev/null 2>&1; then
-  echo "=== layers, wgmma on and off ($SECONDS s)"
+  echo "=== layers: wgmma off, on (auto), and on every GEMM with each tile ($SECONDS s)"
+  # Settings: name, then FLEX_WGMMA FLEX_GROUPED_GEMM FLEX_WGMMA_TILE.
+  settings=("off 0 auto auto" "auto 1 auto auto" "wide 1 device wide"
+            "pair 1 device pair" "ping-pong 1 device ping-pong")
   for plan in c3_dropless.infer g3_dropless.infer d1_dropless.infer; do
-    for wgmma in 1 0; do
-      [[ -f bench/plans/$plan.json ]] || continue
-      FLEX_WGMMA=$wgmma timeout 60 "$BUILD/bin/moe-run" "bench/plans/$plan.json" \
-        --device cuda --iters 10 --json > "$OUT/layer-$plan-wgmma$wgmma.json" \
-        2> "$OUT/layer-$plan-wgmma$wgmma.err" || { echo "$plan wgmma=$wgmma: failed"; continue; }
+    [[ -f bench/plans/$plan.json ]] || continue
+    for setting in "${settings[@]}"; do
+      read -r name wgmma impl tile <<< "$setting"
+      log="$OUT/layer-$plan-$name"
+      FLEX_WGMMA=$wgmma FLEX_GROUPED_GEMM=$impl FLEX_WGMMA_TILE=$tile \
+        timeout 60 "$BUILD/bin/moe-run" "bench/plans/$plan.json" \
+        --device cuda --iters 10 --json > "$log.json" 2> "$log.err" ||
+        { echo "$plan $name: failed"; tail -3 "$log.err"; status=1; continue; }
       python3 -c "
 import json, sys
 d = json.load(open(sys.argv[1]))
 f = d['forward']
 gemms = [round(x['mean_us'], 1) for x in f['steps'] if 'gemm' in x['op']]
-print(f'{sys.argv[2]:20s} wgmma={sys.argv[3]} {d[\"variant\"]:22s} forward median {f[\"median_us\"]:8.1f} us, expert GEMMs {gemms}')
-" "$OUT/layer-$plan-wgmma$wgmma.json" "$plan" "$wgmma"
+print(f'{sys.argv[2]:20s} {sys.argv[3]:9s} {d[\"variant\"]:22s} forward median {f[\"median_us\"]:8.1f} us, expert GEMMs {gemms}')
+" "$log.json" "$plan" "$name"
     done
   done
 fi
