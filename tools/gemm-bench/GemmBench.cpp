@@ -312,7 +312,9 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
                     "wgmma ping-pong 128x128"},
           std::pair{cuda::detail::DeviceTiles::HopperCooperative,
                     "wgmma 128x128"},
-          std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"}}) {
+          std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"},
+          std::pair{cuda::detail::DeviceTiles::HopperWidePair,
+                    "wgmma 2x(128x256) multicast"}}) {
       const double us = hostMicros(ctx, iters, [&] {
         return cuda::detail::deviceGroupedGemmWgrad(ctx, a.data, second.data,
                                                     outDevice.data, dt, k, n,

@@ -849,15 +849,13 @@ TEST_F(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
 // block past the expert's last row holds the next expert's rows, which it
 // must not add: a NaN or Inf there stays out of this expert's gradient
 // (zeros in both operands, not in one). Counts not multiples of 64, an
-// empty expert, k and n not multiples of the tile; each tile (ping-pong,
-// cooperative 128 x 128 and 128 x 256).
+// empty expert, k and n not multiples of the tile (k = 136: a cluster's
+// second CTA past k on the last M tiles); each tile.
 TEST_F(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
   Segments seg({70, 0, 129, 5}, 0);
   const int64_t E = seg.experts(), R = seg.rowBound, k = 136, n = 200;
   std::mt19937_64 rng(43);
-  for (auto tiles : {cuda::detail::DeviceTiles::HopperPingPong,
-                     cuda::detail::DeviceTiles::HopperCooperative,
-                     cuda::detail::DeviceTiles::HopperWide})
+  for (auto tiles : kHopperForwardTiles)
     for (DType dt : {DType::BF16, DType::F16}) {
       SCOPED_TRACE(std::string(toString(dt)) + " tile " +
                    std::to_string(static_cast<int>(tiles)));

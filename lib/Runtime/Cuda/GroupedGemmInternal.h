@@ -148,9 +148,10 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                          const DeviceGemmEpilogue &epilogue = {});
 
 /// deviceGroupedGemmWgrad on the wgmma kernel (tiles of gradB[e]: ping-pong
-/// 128 x 128, cooperative 128 x 128 or Wide 128 x 256 (WidePair runs as
-/// Wide); the reduction over e's rows in blocks of 64; the last block's rows
-/// past the group zeroed in shared memory).
+/// 128 x 128, cooperative 128 x 128, Wide 128 x 256, or WidePair: Wide in
+/// 2-CTA clusters sharing gradC's tile; the reduction over e's rows in
+/// blocks of 64; the last block's rows past the group zeroed in shared
+/// memory).
 Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
                               const void *gradC, void *gradB, DType type,
                               int64_t k, int64_t n, const ExpertRowSpace &space,

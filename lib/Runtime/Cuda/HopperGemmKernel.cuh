@@ -202,6 +202,17 @@ tmaLoad3dMulticast(uint32_t dst, const CUtensorMap *map, uint32_t bar,
       "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(ctaMask)
       : "memory");
 }
+/// tmaLoad2d into the same offset of every CTA of ctaMask.
+__device__ __forceinline__ void
+tmaLoad2dMulticast(uint32_t dst, const CUtensorMap *map, uint32_t bar,
+                   int32_t c0, int32_t c1, uint16_t ctaMask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
+      "complete_tx::bytes.multicast::cluster [%0], [%1, {%3, %4}], [%2], "
+      "%5;\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "h"(ctaMask)
+      : "memory");
+}
 __device__ __forceinline__ uint32_t clusterRank() {
   uint32_t rank;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
@@ -740,8 +751,11 @@ struct RaggedKParams {
 /// own barrier); tiles walk groups, then M, then N. With PingPong false both
 /// warpgroups share each tile (64 rows of gradB each), so a 128 x 256 tile
 /// fits their registers and reads a third less per product than 128 x 128;
-/// the zeroing then syncs both.
-template <typename T, int BN, int Stages, bool PingPong = true>
+/// the zeroing then syncs both. Cluster 2 (cooperative only): the CTAs of
+/// a cluster take M tiles of one group and the same columns side by side,
+/// each multicasting half of gradC's tile into both (raggedMKernel's
+/// protocol; each CTA zeroes its own copy's rows past the group).
+template <typename T, int BN, int Stages, bool PingPong = true, int Cluster = 1>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedKKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapGradC,
@@ -759,16 +773,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t orderBars = emptyBars + Stages * 8;
   constexpr int ChunkBytes = kTileK * 128; // 64 rows of 128 bytes
 
-  const int32_t mTiles = static_cast<int32_t>((p.k + kTileM - 1) / kTileM);
+  static_assert(Cluster == 1 || (Cluster == 2 && !PingPong),
+                "clusters of 2 CTAs run the cooperative tiles");
+  using Registers =
+      RegisterSplit<(Cluster > 1 ? 56 : 40), (Cluster > 1 ? 224 : 232)>;
+  // M tiles in groups of Cluster (a cluster's CTAs side by side).
+  const int32_t mTiles =
+      static_cast<int32_t>((p.k + kTileM * Cluster - 1) / (kTileM * Cluster));
   const int32_t nTiles = static_cast<int32_t>((p.n + BN - 1) / BN);
   const int64_t perGroup = int64_t(mTiles) * nTiles;
   const int64_t tiles = perGroup * p.groups;
-  // The group, first row, rows and M / N origin of tile t.
+  const uint32_t rank = Cluster > 1 ? clusterRank() : 0;
+  const int64_t cluster = blockIdx.x / Cluster, clusters = gridDim.x / Cluster;
+  // The group, first row, rows and M / N origin of tile t (this CTA's M
+  // tile of the cluster's; past k for the second CTA where mTiles is odd:
+  // it loads zeros and stores nothing).
   auto tileOf = [&](int64_t t, int32_t &g, int64_t &first, int64_t &count,
                     int32_t &m0, int32_t &n0) {
     g = static_cast<int32_t>(t / perGroup);
     const int64_t rem = t % perGroup;
-    m0 = static_cast<int32_t>(rem % mTiles) * kTileM;
+    m0 = (static_cast<int32_t>(rem % mTiles) * Cluster +
+          static_cast<int32_t>(rank)) *
+         kTileM;
     n0 = static_cast<int32_t>(rem / mTiles) * BN;
     first = p.offsets[g];
     count = detail::groupRows(p.offsets, p.rows, -1, g, p.rowBound);
@@ -777,46 +803,66 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < Stages; ++s) {
       barrierInit(fullBars + 8 * s, 1);
-      // Every thread of the stage's consumers.
-      barrierInit(emptyBars + 8 * s, PingPong ? 128 : 256);
+      // One arrival per consumer warp on the stage, of every CTA of the
+      // cluster.
+      barrierInit(emptyBars + 8 * s, (PingPong ? 4 : 8) * Cluster);
     }
     barrierInit(orderBars, 1);
     barrierInit(orderBars + 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (Cluster > 1)
+    clusterSync();
+  else
+    __syncthreads();
 
   const int warpGroup = threadIdx.x / 128;
   if (warpGroup == 0) {
-    RegisterSplit<40, 232>::producer();
+    Registers::producer();
     if (threadIdx.x != 0)
       return;
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapA) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&mapGradC) : "memory");
     uint32_t step = 0;
-    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    for (int64_t t = cluster; t < tiles; t += clusters) {
       int32_t g, m0, n0;
       int64_t first, count;
       tileOf(t, g, first, count, m0, n0);
       const int kTiles = static_cast<int>((count + kTileK - 1) / kTileK);
       for (int kt = 0; kt < kTiles; ++kt, ++step) {
         const uint32_t s = step % Stages, phase = (step / Stages) & 1;
-        barrierWait(emptyBars + 8 * s, phase ^ 1);
+        barrierWait<(Cluster > 1)>(emptyBars + 8 * s, phase ^ 1);
         const uint32_t full = fullBars + 8 * s;
         barrierExpectBytes(full, L::StageBytes);
         const uint32_t a = stages + s * L::StageBytes, b = a + L::ABytes;
         const int32_t row = static_cast<int32_t>(first) + kt * kTileK;
         tmaLoad2d(a, &mapA, full, m0, row);
         tmaLoad2d(a + ChunkBytes, &mapA, full, m0 + 64, row);
+        // gradC's tile: this CTA's share of its 64-column boxes, into
+        // every CTA of the cluster.
+        constexpr int Boxes = BN / 64 / Cluster;
 #pragma unroll
-        for (int j = 0; j < BN / 64; ++j)
-          tmaLoad2d(b + j * ChunkBytes, &mapGradC, full, n0 + 64 * j, row);
+        for (int j = 0; j < Boxes; ++j) {
+          const int box = static_cast<int>(rank) * Boxes + j;
+          if constexpr (Cluster > 1)
+            tmaLoad2dMulticast(b + box * ChunkBytes, &mapGradC, full,
+                               n0 + 64 * box, row, (1u << Cluster) - 1);
+          else
+            tmaLoad2d(b + box * ChunkBytes, &mapGradC, full, n0 + 64 * box,
+                      row);
+        }
       }
     }
+    // In a cluster, the CTA stays until every consumer of the cluster has
+    // released its last stages (raggedMKernel's reason).
+    if constexpr (Cluster > 1)
+      for (int i = 0; i < Stages; ++i, ++step)
+        barrierWait<true>(emptyBars + 8 * (step % Stages),
+                          ((step / Stages) & 1) ^ 1);
     return;
   }
 
-  RegisterSplit<40, 232>::consumer();
+  Registers::consumer();
   const int consumer = warpGroup - 1;
   const int t128 = threadIdx.x % 128, warp = t128 / 32, lane = t128 % 32;
   T *gradB = static_cast<T *>(p.gradB);
@@ -828,8 +874,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int ZeroingThreads = PingPong ? 128 : 256;
   const int zeroingThread = PingPong ? t128 : threadIdx.x - 128;
   float acc[Blocks][BN / 2];
+  // A stage goes back once this warp's products from it are done: lane 0
+  // arrives on its empty barrier in every CTA of the cluster.
+  auto release = [&](uint32_t s) {
+    if (lane != 0)
+      return;
+    if constexpr (Cluster == 1) {
+      barrierArrive(emptyBars + 8 * s);
+    } else {
+#pragma unroll
+      for (uint32_t cta = 0; cta < Cluster; ++cta)
+        barrierArriveIn(emptyBars + 8 * s, cta);
+    }
+  };
   int64_t mine = 0;
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x, ++mine) {
+  for (int64_t t = cluster; t < tiles; t += clusters, ++mine) {
     int32_t g, m0, n0;
     int64_t first, count;
     tileOf(t, g, first, count, m0, n0);
@@ -886,11 +945,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
       if (kt > 0)
-        barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+        release((step - 1) % Stages);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     if (kTiles > 0)
-      barrierArrive(emptyBars + 8 * ((step - 1) % Stages));
+      release((step - 1) % Stages);
     if (PingPong && t128 == 0)
       barrierArrive(orderBars + 8 * consumer); // this tile's stages are in
     if (p.accumulate && kTiles == 0)
@@ -999,27 +1058,13 @@ template <typename Kernel> cudaError_t startRegistersOf(Kernel kernel) {
                                                : cudaErrorInvalidKernelImage;
 }
 
-/// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
-/// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller. A
-/// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
-template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false, bool Gather = false, int Cluster = 1>
-cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
-                          const CUtensorMap &mapUp, const RaggedMParams &p,
-                          int ctas, cudaStream_t stream) {
-  constexpr auto kernel =
-      raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather, Cluster>;
-  constexpr int bytes = Layout<BN, Stages>::SharedBytes;
-  static const cudaError_t registers = startRegistersOf(kernel);
-  if (registers != cudaSuccess)
-    return registers;
-  if (cudaError_t e = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
-    return e;
-  constexpr int TileN = Glu ? BN / 2 : BN;
-  constexpr int64_t TileRows = kTileM * Cluster;
-  const int64_t bound = ((p.rowBound + TileRows - 1) / TileRows + p.groups) *
-                        ((p.n + TileN - 1) / TileN);
+/// A persistent launch of `kernel` in clusters of Cluster CTAs: one CTA per
+/// SM of `ctas`, as many clusters as fit at once (a GPC's SMs pair up), at
+/// most `bound` (the tiles' upper bound, in cluster tiles). (The kernel is
+/// a template argument: its count of clusters that fit is its own.)
+template <int Cluster, auto kernel, typename... Args>
+cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
+                             cudaStream_t stream, const Args &...args) {
   int64_t clusters = ctas / Cluster;
   clusters = bound < clusters ? bound : clusters;
   if (clusters <= 0)
@@ -1055,7 +1100,32 @@ cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
     clusters = fit < clusters ? fit : clusters;
   }
   config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
-  return cudaLaunchKernelEx(&config, kernel, mapA, mapB, mapUp, p);
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+/// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
+/// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller. A
+/// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
+template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
+          bool Glu = false, bool Gather = false, int Cluster = 1>
+cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
+                          const CUtensorMap &mapUp, const RaggedMParams &p,
+                          int ctas, cudaStream_t stream) {
+  constexpr auto kernel =
+      raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather, Cluster>;
+  constexpr int bytes = Layout<BN, Stages>::SharedBytes;
+  static const cudaError_t registers = startRegistersOf(kernel);
+  if (registers != cudaSuccess)
+    return registers;
+  if (cudaError_t e = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
+    return e;
+  constexpr int TileN = Glu ? BN / 2 : BN;
+  constexpr int64_t TileRows = kTileM * Cluster;
+  const int64_t bound = ((p.rowBound + TileRows - 1) / TileRows + p.groups) *
+                        ((p.n + TileN - 1) / TileN);
+  return launchPersistent<Cluster, kernel>(bytes, bound, ctas, stream, mapA,
+                                           mapB, mapUp, p);
 }
 
 /// The weight gradient's tensor maps: A as [rowBound][k] and gradC as
@@ -1087,11 +1157,11 @@ inline CUresult makeRaggedKMaps(CUtensorMap &mapA, CUtensorMap &mapGradC,
 }
 
 /// One persistent launch of the weight-gradient kernel.
-template <typename T, int BN, int Stages, bool PingPong = true>
+template <typename T, int BN, int Stages, bool PingPong = true, int Cluster = 1>
 cudaError_t launchRaggedK(const CUtensorMap &mapA, const CUtensorMap &mapGradC,
                           const RaggedKParams &p, int ctas,
                           cudaStream_t stream) {
-  constexpr auto kernel = raggedKKernel<T, BN, Stages, PingPong>;
+  constexpr auto kernel = raggedKKernel<T, BN, Stages, PingPong, Cluster>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   static const cudaError_t registers = startRegistersOf(kernel);
   if (registers != cudaSuccess)
@@ -1099,13 +1169,10 @@ cudaError_t launchRaggedK(const CUtensorMap &mapA, const CUtensorMap &mapGradC,
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
     return e;
-  const int64_t tiles =
-      ((p.k + kTileM - 1) / kTileM) * ((p.n + BN - 1) / BN) * int64_t(p.groups);
-  const int grid = static_cast<int>(tiles < ctas ? tiles : ctas);
-  if (grid <= 0)
-    return cudaSuccess;
-  kernel<<<grid, kThreads, bytes, stream>>>(mapA, mapGradC, p);
-  return cudaGetLastError();
+  const int64_t tiles = ((p.k + kTileM * Cluster - 1) / (kTileM * Cluster)) *
+                        ((p.n + BN - 1) / BN) * int64_t(p.groups);
+  return launchPersistent<Cluster, kernel>(bytes, tiles, ctas, stream, mapA,
+                                           mapGradC, p);
 }
 
 } // namespace flex::cuda::hopper

@@ -237,7 +237,10 @@ Status hopperGroupedGemmWgrad(KernelContext &ctx, const void *a,
                     "the wgmma grouped GEMM was asked for f32");
     else
       return checkCuda(
-          tile == HopperTile::Wide || tile == HopperTile::WidePair
+          tile == HopperTile::WidePair
+              ? hopper::launchRaggedK<T, 256, 4, false, 2>(
+                    mapA, mapGradC, params, ctx.multiprocessors(), ctx.stream())
+          : tile == HopperTile::Wide
               ? hopper::launchRaggedK<T, 256, 4, false>(
                     mapA, mapGradC, params, ctx.multiprocessors(), ctx.stream())
           : tile == HopperTile::Cooperative

@@ -60,7 +60,7 @@ enum class GroupedGemmImpl : uint8_t {
 enum class WgmmaTile : uint8_t {
   Auto, ///< each GEMM's measured default (docs/Runtime.md)
   Wide, ///< 128 x 256 (a GLU tile of 128 + 128 columns)
-  Pair, ///< 128 x 256 in 2-CTA clusters sharing B (weight gradient: Wide)
+  Pair, ///< 128 x 256 in 2-CTA clusters sharing B (weight gradient: gradC)
   Cooperative, ///< 128 x 128, both warpgroups on a tile
   PingPong,    ///< 128 x 128, the warpgroups on alternate tiles
 };
