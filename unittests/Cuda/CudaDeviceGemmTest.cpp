@@ -848,55 +848,77 @@ TEST_F(CudaHopperGemm, EveryTileAndLayoutMatchesFp64) {
 // The wgmma weight gradient reduces each expert's rows in blocks of 64; a
 // block past the expert's last row holds the next expert's rows, which it
 // must not add: a NaN or Inf there stays out of this expert's gradient
-// (zeros in both operands, not in one). Counts not multiples of 64, an
-// empty expert, k and n not multiples of the tile (k = 136: a cluster's
-// second CTA past k on the last M tiles); each tile.
+// (zeros in both operands, not in one). Each tile, accumulating or not, on
+// 16 experts (empty ones, counts not multiples of 64, one of 300 rows: more
+// blocks than stages), k = 264 (three 128-row tiles: a cluster's second
+// CTA past k) and n = 520: more tiles than SMs, so CTAs and clusters take
+// several. An expert without rows gets zeros, or keeps its gradient when
+// accumulating.
 TEST_F(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
-  Segments seg({70, 0, 129, 5}, 0);
-  const int64_t E = seg.experts(), R = seg.rowBound, k = 136, n = 200;
+  Segments seg({70, 0, 129, 5, 300, 17, 64, 0, 200, 1, 90, 33, 260, 0, 7, 128},
+               0);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = 264, n = 520;
   std::mt19937_64 rng(43);
-  for (auto tiles : kHopperForwardTiles)
-    for (DType dt : {DType::BF16, DType::F16}) {
-      SCOPED_TRACE(std::string(toString(dt)) + " tile " +
-                   std::to_string(static_cast<int>(tiles)));
-      Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
-      std::vector<double> av = normals(rng, R * k, 1.0),
-                          gv = normals(rng, R * n, 1.0);
-      // Expert 2's first row (right after expert 0's 70: expert 1 is empty)
-      // holds Inf in A and NaN in gradC.
-      av[70 * k + 3] = INFINITY;
-      gv[70 * n + 5] = std::nan("");
-      a.set(av);
-      gradC.set(gv);
-      gradB.poison();
-      ASSERT_TRUE(cuda::detail::deviceGroupedGemmWgrad(
-                      *ctx, a.device, gradC.device, gradB.device, dt, k, n,
-                      seg.space(), false, {}, tiles)
-                      .isOk());
-      gradB.download();
-      // Experts 0 and 3 (its 5 rows after expert 2's 129): finite and
-      // equal to their fp64 gradients; expert 1: zeros.
-      for (int64_t e : {0, 3}) {
-        double diff = 0, norm = 0;
+  for (DType dt : {DType::BF16, DType::F16}) {
+    Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
+    std::vector<double> av = normals(rng, R * k, 1.0),
+                        gv = normals(rng, R * n, 1.0),
+                        initial = normals(rng, E * k * n, 4.0);
+    // Expert 2's first row (right after expert 0's 70: expert 1 is empty)
+    // holds Inf in A and NaN in gradC.
+    av[70 * k + 3] = INFINITY;
+    gv[70 * n + 5] = std::nan("");
+    a.set(av);
+    gradC.set(gv);
+    // The fp64 gradients of every expert but 2.
+    std::vector<double> want(E * k * n, 0.0);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = seg.offsets[e];
+           e != 2 && r < seg.offsets[e] + seg.rows[e]; ++r)
         for (int64_t i = 0; i < k; ++i)
-          for (int64_t j = 0; j < n; ++j) {
-            double want = 0;
-            for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e];
-                 ++r)
-              want += a.at(r * k + i) * gradC.at(r * n + j);
-            double got = gradB.at((e * k + i) * n + j);
+          for (int64_t j = 0; j < n; ++j)
+            want[(e * k + i) * n + j] += a.at(r * k + i) * gradC.at(r * n + j);
+    for (auto tiles : kHopperForwardTiles)
+      for (bool accumulate : {false, true}) {
+        SCOPED_TRACE(std::string(toString(dt)) + " tile " +
+                     std::to_string(static_cast<int>(tiles)) +
+                     (accumulate ? " accumulate" : ""));
+        if (accumulate)
+          gradB.set(initial);
+        else
+          gradB.poison();
+        std::vector<double> start(E * k * n, 0.0);
+        if (accumulate)
+          for (int64_t i = 0; i < E * k * n; ++i)
+            start[i] = gradB.at(i); // the initial values as stored
+        ASSERT_TRUE(cuda::detail::deviceGroupedGemmWgrad(
+                        *ctx, a.device, gradC.device, gradB.device, dt, k, n,
+                        seg.space(), accumulate, {}, tiles)
+                        .isOk());
+        gradB.download();
+        for (int64_t e = 0; e < E; ++e) {
+          if (e == 2)
+            continue;
+          double diff = 0, norm = 0;
+          for (int64_t i = 0; i < k * n; ++i) {
+            const int64_t at = e * k * n + i;
+            const double got = gradB.at(at), expect = start[at] + want[at];
             ASSERT_TRUE(std::isfinite(got))
-                << "expert " << e << " (" << i << ", " << j
-                << ") took another expert's rows";
-            diff += (got - want) * (got - want);
-            norm += want * want;
-            if (e == 0) {
-              ASSERT_EQ(gradB.at((k + i) * n + j), 0.0) << "expert 1";
+                << "expert " << e << " element " << i
+                << " took another expert's rows";
+            if (seg.rows[e] == 0) {
+              ASSERT_EQ(got, start[at])
+                  << "expert " << e << " (no rows) element " << i;
+              continue;
             }
+            diff += (got - expect) * (got - expect);
+            norm += expect * expect;
           }
-        EXPECT_LE(std::sqrt(diff / norm), 1e-2) << "expert " << e;
+          if (seg.rows[e] > 0)
+            EXPECT_LE(std::sqrt(diff / norm), 1e-2) << "expert " << e;
+        }
       }
-    }
+  }
 }
 
 // The GLU step on each wgmma tile (64 + 64, 128 + 128 and the 2-CTA

@@ -786,7 +786,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t rank = Cluster > 1 ? clusterRank() : 0;
   const int64_t cluster = blockIdx.x / Cluster, clusters = gridDim.x / Cluster;
   // The group, first row, rows and M / N origin of tile t (this CTA's M
-  // tile of the cluster's; past k for the second CTA where mTiles is odd:
+  // tile of the cluster's; past k for the second CTA where k has an odd
+  // number of 128-row tiles:
   // it loads zeros and stores nothing).
   auto tileOf = [&](int64_t t, int32_t &g, int64_t &first, int64_t &count,
                     int32_t &m0, int32_t &n0) {
@@ -1065,10 +1066,12 @@ template <typename Kernel> cudaError_t startRegistersOf(Kernel kernel) {
 template <int Cluster, auto kernel, typename... Args>
 cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
                              cudaStream_t stream, const Args &...args) {
-  int64_t clusters = ctas / Cluster;
-  clusters = bound < clusters ? bound : clusters;
-  if (clusters <= 0)
+  if (bound <= 0)
     return cudaSuccess;
+  int64_t clusters = ctas / Cluster;
+  if (clusters <= 0) // (fewer SMs than a cluster: nothing would run)
+    return cudaErrorInvalidConfiguration;
+  clusters = bound < clusters ? bound : clusters;
   cudaLaunchConfig_t config{};
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = bytes;
@@ -1104,7 +1107,7 @@ cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
 }
 
 /// One persistent launch: `ctas` CTAs (at most one per SM), or fewer when
-/// the tiles' upper bound (rowBound / 128 + groups M tiles) is smaller. A
+/// the tiles' upper bound (rowBound / TileRows + groups M tiles) is smaller. A
 /// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1>
@@ -1169,9 +1172,9 @@ cudaError_t launchRaggedK(const CUtensorMap &mapA, const CUtensorMap &mapGradC,
   if (cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
     return e;
-  const int64_t tiles = ((p.k + kTileM * Cluster - 1) / (kTileM * Cluster)) *
+  const int64_t bound = ((p.k + kTileM * Cluster - 1) / (kTileM * Cluster)) *
                         ((p.n + BN - 1) / BN) * int64_t(p.groups);
-  return launchPersistent<Cluster, kernel>(bytes, tiles, ctas, stream, mapA,
+  return launchPersistent<Cluster, kernel>(bytes, bound, ctas, stream, mapA,
                                            mapGradC, p);
 }
 
