@@ -12,13 +12,18 @@
 // read, one persistent launch, capturable in a graph.
 //  - raggedMKernel: C[rows of g, n] (+)= A[rows of g, k] @ B[g] (forward and
 //    input gradient), cooperative or ping-pong, optionally the SwiGLU first
-//    layer (Glu) or a gathered A (Gather);
-//  - raggedKKernel: gradB[g] (+)= A[rows of g]^T gradC[rows of g].
+//    layer (Glu), a gathered A (Gather), bias / pre / activation in the
+//    store, and in clusters of 2 CTAs sharing B's tile (TMA multicast);
+//  - raggedKKernel: gradB[g] (+)= A[rows of g]^T gradC[rows of g],
+//    ping-pong or cooperative, the latter also in clusters of 2.
+// Every wait on a barrier gives up after 20 s (a trap, not a hang), and the
+// producer / consumer register split is checked against the CTA's budget
+// (RegisterSplit).
 //
-// CUDA headers only (and GroupTiles.cuh; no runtime types), so that a
-// standalone driver can include it; HopperGroupedGemm.cu is the runtime's
-// side. Needs sm_90a:
-// without it (__CUDA_ARCH_FEAT_SM90_ALL undefined) every kernel is a trap.
+// CUDA headers only (GroupTiles.cuh, Activations.cuh; no runtime types), so
+// that a standalone driver can include it; HopperGroupedGemm.cu is the
+// runtime's side. Needs sm_90a: without it (__CUDA_ARCH_FEAT_SM90_ALL
+// undefined) every kernel is a trap.
 //
 //===----------------------------------------------------------------------===//
 
