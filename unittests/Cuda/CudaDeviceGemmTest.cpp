@@ -921,6 +921,75 @@ TEST_F(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
   }
 }
 
+// The activation's backward in the wgmma kernel's store (fc2's input
+// gradient, b^T, fused with activation_backward): every tile, dtype and
+// activation, on the ragged row space; grad_pre bit for bit the same tile's
+// product followed by activationBackward, rows outside the segments
+// untouched. The mma.sync kernel refuses it.
+TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
+  std::mt19937_64 rng(53);
+  Segments seg({70, 0, 300, 5, 129, 0, 260}, 0);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = 200, n = 264;
+  auto inside = [&](int64_t r) { return seg.inSegment(r); };
+  for (DType dt : {DType::BF16, DType::F16}) {
+    // gradY [R, k] @ w2[e]^T (w2 [E, n, k]) -> grad_hidden [R, n].
+    Buffer a(dt, R * k), b(dt, E * n * k), pre(dt, R * n);
+    a.set(normals(rng, R * k, 1.0));
+    b.set(normals(rng, E * n * k, 1.0 / std::sqrt(k)));
+    pre.set(normals(rng, R * n, 1.5));
+    for (auto tiles : kHopperForwardTiles)
+      for (Activation act :
+           {Activation::Relu, Activation::Gelu, Activation::Silu}) {
+        SCOPED_TRACE(std::string(toString(dt)) + " tile " +
+                     std::to_string(static_cast<int>(tiles)) + " activation " +
+                     std::to_string(static_cast<int>(act)));
+        Buffer c(dt, R * n), product(dt, R * n), c2(dt, R * n);
+        for (Buffer *x : {&c, &product, &c2})
+          x->poison();
+        const std::vector<uint8_t> before = c.host;
+        cuda::detail::DeviceGemmEpilogue backward;
+        backward.fused = true;
+        backward.activationInput = pre.device;
+        backward.derivative = act;
+        ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
+                        *ctx, a.device, b.device, c.device, dt, k, n,
+                        seg.space(), /*transB=*/true, false, tiles, {},
+                        backward)
+                        .isOk());
+        ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
+                        *ctx, a.device, b.device, product.device, dt, k, n,
+                        seg.space(), true, false, tiles)
+                        .isOk());
+        ASSERT_TRUE(cuda::activationBackward(
+                        *ctx, {pre.device, dt}, {product.device, dt},
+                        {c2.device, dt}, n, seg.space(), act)
+                        .isOk());
+        c.download();
+        c2.download();
+        ASSERT_EQ(firstRowWritten(c, before, R, n, inside), -1)
+            << "a row outside the segments was written";
+        const size_t rowBytes = n * dtypeSize(dt);
+        for (int64_t r = 0; r < R; ++r)
+          if (inside(r)) {
+            ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
+                                  c2.host.data() + r * rowBytes, rowBytes),
+                      0)
+                << "row " << r << ": differs from activation_backward's";
+          }
+      }
+    cuda::detail::DeviceGemmEpilogue backward;
+    backward.fused = true;
+    backward.activationInput = pre.device;
+    Buffer c(dt, R * n);
+    Status status = cuda::detail::deviceGroupedGemm(
+        *ctx, a.device, b.device, c.device, dt, k, n, seg.space(), true, false,
+        cuda::detail::DeviceTiles::Small, {}, backward);
+    EXPECT_EQ(status.code(), StatusCode::Internal);
+    EXPECT_NE(status.message().find("wgmma kernel only"), std::string::npos)
+        << status.message();
+  }
+}
+
 // The GLU step on each wgmma tile (64 + 64, 128 + 128 and the 2-CTA
 // cluster's), both dtypes, on a ragged row space whose groups end in the
 // first or the second CTA of a cluster's tile: c, gate and up bit for bit

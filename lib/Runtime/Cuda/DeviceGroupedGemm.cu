@@ -893,7 +893,12 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                                  : hopperTileOf(tiles),
                              gather, epilogue);
   }
-  // (The mma.sync kernel's few-rows tile alone has the fused epilogue.)
+  // (The mma.sync kernel's few-rows tile alone has the fused epilogue, and
+  // not the activation's backward.)
+  if (epilogue.fused && epilogue.activationInput)
+    return Status(StatusCode::Internal,
+                  "the activation's backward in the grouped GEMM's store runs "
+                  "on the wgmma kernel only");
   if (epilogue.fused && tiles != DeviceTiles::Small)
     return Status(StatusCode::Internal,
                   "the mma.sync grouped GEMM fuses its epilogue in its "

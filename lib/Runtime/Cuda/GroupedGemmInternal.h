@@ -120,6 +120,12 @@ struct DeviceGemmEpilogue {
   void *pre = nullptr;        ///< [rows, n] like c, or null
   Epilogue epilogue = Epilogue::None;
   float biasScale = 1.0f;
+  /// The activation's backward instead (the wgmma kernel's store only; no
+  /// bias, pre or epilogue): c = round(a @ b[e]) * act'(activationInput),
+  /// activationInput [rows, n] like c (the forward's `pre`): bit for bit the
+  /// GEMM followed by activationBackward.
+  const void *activationInput = nullptr;
+  Activation derivative = Activation::Relu;
 };
 
 /// Whether this device and build run the wgmma grouped GEMM (compute

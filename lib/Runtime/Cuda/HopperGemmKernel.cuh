@@ -115,6 +115,11 @@ struct RaggedMParams {
   void *pre = nullptr;
   int epilogue = 0;
   float biasScale = 1.0f;
+  /// Or the activation's backward (not accumulating, not Glu): c = the
+  /// product rounded to T times act'(activationInput) (like c; Activation's
+  /// value in `derivative`), as activationBackward computes it.
+  const void *activationInput = nullptr;
+  int derivative = 0;
 };
 
 #ifdef FLEX_HOPPER_GEMM
@@ -715,6 +720,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (p.accumulate) {
             v0 += float(out[col]);
             v1 += float(out[col + 1]);
+          } else if (p.activationInput) {
+            // As activationBackward: the stored product times the
+            // derivative at the forward's pre-activation value.
+            const T *input = static_cast<const T *>(p.activationInput) + at;
+            v0 = toStored<T>(v0) *
+                 detail::activationDerivative(p.derivative, float(input[col]));
+            v1 = toStored<T>(v1) * detail::activationDerivative(
+                                       p.derivative, float(input[col + 1]));
           } else if (p.fusedEpilogue) {
             // As applyGemmEpilogue: from the stored product, fp32 math.
             v0 = toStored<T>(v0);

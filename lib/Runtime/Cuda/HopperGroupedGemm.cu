@@ -169,7 +169,10 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                   "accumulating");
   hopper::RaggedMParams params =
       raggedMParams(space, k, n, c, accumulate, a, gather);
-  if (epilogue.fused) {
+  if (epilogue.fused && epilogue.activationInput) {
+    params.activationInput = epilogue.activationInput;
+    params.derivative = static_cast<int>(epilogue.derivative);
+  } else if (epilogue.fused) {
     params.fusedEpilogue = true;
     params.bias = epilogue.bias;
     params.pre = epilogue.pre;
