@@ -227,6 +227,67 @@ struct Routed {
   }
 };
 
+using TileNames =
+    std::initializer_list<std::pair<cuda::detail::DeviceTiles, const char *>>;
+
+/// One "tiles:" row: the time of `run(tiles)` for each tile this device
+/// runs (wgmma tiles on Hopper only), each output against `reference`
+/// (count elements of `out`); false when one differs.
+template <typename Run>
+bool tileRow(cuda::KernelContext &ctx, int iters, double flops, const void *out,
+             const void *reference, int64_t count, TileNames tiles, Run run,
+             const char *label = "tiles:") {
+  bool ok = true;
+  std::printf("%-16s %-6s %s", "", "", label);
+  for (auto [tile, name] : tiles) {
+    if (tile >= cuda::detail::DeviceTiles::Hopper &&
+        !cuda::detail::hopperGroupedGemmRuns(ctx))
+      continue;
+    const double us = hostMicros(ctx, iters, [&] { return run(tile); });
+    const double e = relativeError(out, reference, count);
+    std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
+                e <= 2e-2 ? "" : " MISMATCH");
+    ok = ok && e <= 2e-2;
+  }
+  std::printf("\n");
+  return ok;
+}
+
+/// fc1's bias + ReLU on the device kernel's Auto tile, where it fuses them:
+/// in its store against the bare product (into `product`) and the epilogue
+/// pass (into `passed`); the bits compared.
+bool benchFusedEpilogue(cuda::KernelContext &ctx, const Routed &r,
+                        const void *a, const void *b, void *fused,
+                        void *product, void *passed, int64_t k, int64_t n,
+                        int iters, std::mt19937_64 &rng) {
+  const DType dt = DType::BF16;
+  if (!cuda::detail::deviceGroupedGemmFusesEpilogue(ctx, dt, k, n, r.space,
+                                                    false, {}, {a, b, fused}))
+    return true;
+  DeviceArray bias(2 * r.experts * n);
+  fillRandom(bias.data, r.experts * n, rng, 0.5);
+  const double fusedUs = hostMicros(ctx, iters, [&] {
+    cuda::detail::DeviceGemmEpilogue epilogue{true, bias.data, nullptr,
+                                              Epilogue::Relu, 1.0f};
+    return cuda::detail::deviceGroupedGemm(
+        ctx, a, b, fused, dt, k, n, r.space, false, false,
+        cuda::detail::DeviceTiles::Auto, {}, epilogue);
+  });
+  const double passUs = hostMicros(ctx, iters, [&] {
+    if (Status st = cuda::detail::deviceGroupedGemm(ctx, a, b, product, dt, k,
+                                                    n, r.space, false, false);
+        !st)
+      return st;
+    return cuda::applyGemmEpilogue(ctx, product, {bias.data, dt}, {},
+                                   {passed, dt}, n, r.space, Epilogue::Relu);
+  });
+  const double e = relativeError(fused, passed, r.totalRows * n);
+  std::printf("%-16s %-6s bias+relu: fused in the store %.1f us, GEMM + "
+              "epilogue pass %.1f us%s\n",
+              "", "", fusedUs, passUs, e == 0.0 ? "" : " MISMATCH");
+  return e == 0.0;
+}
+
 /// Times `op` of shape `s` on the device kernel, cuBLAS per expert and (for
 /// uniform rows) cuBLAS strided-batched, then each tile of the kernel;
 /// prints its rows. False when the kernel refused or the outputs differ.
@@ -302,90 +363,40 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
     std::printf("  relative L2 against cuBLAS per expert: device %.3g, "
                 "grouped %.3g\n",
                 err, groupedErr);
-  if (wgrad) {
-    // The wgmma weight gradient's tiles.
-    if (!cuda::detail::hopperGroupedGemmRuns(ctx))
-      return ok;
-    std::printf("%-16s %-6s tiles:", "", "");
-    for (auto [tiles, name] :
-         {std::pair{cuda::detail::DeviceTiles::HopperPingPong,
-                    "wgmma ping-pong 128x128"},
-          std::pair{cuda::detail::DeviceTiles::HopperCooperative,
-                    "wgmma 128x128"},
-          std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"},
-          std::pair{cuda::detail::DeviceTiles::HopperWidePair,
-                    "wgmma 2x(128x256) multicast"}}) {
-      const double us = hostMicros(ctx, iters, [&] {
-        return cuda::detail::deviceGroupedGemmWgrad(ctx, a.data, second.data,
-                                                    outDevice.data, dt, k, n,
-                                                    r.space, false, {}, tiles);
-      });
-      const double e = relativeError(outDevice.data, outCublas.data, outCount);
-      std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
-                  e <= 2e-2 ? "" : " MISMATCH");
-      ok = ok && e <= 2e-2;
-    }
-    std::printf("\n");
-    return ok;
-  }
+  using cuda::detail::DeviceTiles;
+  if (wgrad) // the wgmma weight gradient's tiles
+    return tileRow(
+               ctx, iters, flops, outDevice.data, outCublas.data, outCount,
+               {{DeviceTiles::HopperPingPong, "wgmma ping-pong 128x128"},
+                {DeviceTiles::HopperCooperative, "wgmma 128x128"},
+                {DeviceTiles::HopperWide, "wgmma 128x256"},
+                {DeviceTiles::HopperWidePair, "wgmma 2x(128x256) multicast"}},
+               [&](DeviceTiles tiles) {
+                 return cuda::detail::deviceGroupedGemmWgrad(
+                     ctx, a.data, second.data, outDevice.data, dt, k, n,
+                     r.space, false, {}, tiles);
+               }) &&
+           ok;
   // Each CTA tile of the kernel on the same problem.
-  std::printf("%-16s %-6s tiles:", "", "");
-  for (auto [tiles, name] :
-       {std::pair{cuda::detail::DeviceTiles::Small, "small 32x128"},
-        std::pair{cuda::detail::DeviceTiles::Large, "large 128x128"},
-        std::pair{cuda::detail::DeviceTiles::Wide, "wide 128x256"},
-        std::pair{cuda::detail::DeviceTiles::HopperCooperative,
-                  "wgmma 128x128"},
-        std::pair{cuda::detail::DeviceTiles::HopperWide, "wgmma 128x256"},
-        std::pair{cuda::detail::DeviceTiles::HopperPingPong,
-                  "wgmma ping-pong 128x128"},
-        std::pair{cuda::detail::DeviceTiles::HopperWidePair,
-                  "wgmma 2x(128x256) multicast"}}) {
-    const bool wgmma = tiles >= cuda::detail::DeviceTiles::Hopper;
-    if (wgmma && !cuda::detail::hopperGroupedGemmRuns(ctx))
-      continue;
-    const double us = hostMicros(ctx, iters, [&] {
-      return cuda::detail::deviceGroupedGemm(ctx, a.data, second.data,
-                                             outDevice.data, dt, k, n, r.space,
-                                             options.transB, false, tiles);
-    });
-    const double e = relativeError(outDevice.data, outCublas.data, outCount);
-    std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
-                e <= 2e-2 ? "" : " MISMATCH");
-    ok = ok && e <= 2e-2;
-  }
-  std::printf("\n");
-  // fc1's bias + ReLU on the device kernel: in its store (fused) against
-  // the bare product and the epilogue pass (what the kernel's large mma.sync
-  // tile does), both on Auto's tile.
-  if (op == Op::Fc1 && cuda::detail::deviceGroupedGemmFusesEpilogue(
-                           ctx, dt, k, n, r.space, false, {},
-                           {a.data, second.data, outDevice.data})) {
-    DeviceArray bias(2 * E * n), pre(2 * R * n);
-    fillRandom(bias.data, E * n, rng, 0.5);
-    const double fusedUs = hostMicros(ctx, iters, [&] {
-      cuda::detail::DeviceGemmEpilogue epilogue{true, bias.data, nullptr,
-                                                Epilogue::Relu, 1.0f};
-      return cuda::detail::deviceGroupedGemm(
-          ctx, a.data, second.data, outDevice.data, dt, k, n, r.space, false,
-          false, cuda::detail::DeviceTiles::Auto, {}, epilogue);
-    });
-    const double passUs = hostMicros(ctx, iters, [&] {
-      if (Status st = cuda::detail::deviceGroupedGemm(ctx, a.data, second.data,
-                                                      pre.data, dt, k, n,
-                                                      r.space, false, false);
-          !st)
-        return st;
-      return cuda::applyGemmEpilogue(ctx, pre.data, {bias.data, dt}, {},
-                                     {outBatched.data, dt}, n, r.space,
-                                     Epilogue::Relu);
-    });
-    const double e = relativeError(outDevice.data, outBatched.data, outCount);
-    std::printf("%-16s %-6s bias+relu: fused in the store %.1f us, GEMM + "
-                "epilogue pass %.1f us%s\n",
-                "", "", fusedUs, passUs, e == 0.0 ? "" : " MISMATCH");
-    ok = ok && e == 0.0;
-  }
+  ok = tileRow(ctx, iters, flops, outDevice.data, outCublas.data, outCount,
+               {{DeviceTiles::Small, "small 32x128"},
+                {DeviceTiles::Large, "large 128x128"},
+                {DeviceTiles::Wide, "wide 128x256"},
+                {DeviceTiles::HopperCooperative, "wgmma 128x128"},
+                {DeviceTiles::HopperWide, "wgmma 128x256"},
+                {DeviceTiles::HopperPingPong, "wgmma ping-pong 128x128"},
+                {DeviceTiles::HopperWidePair, "wgmma 2x(128x256) multicast"}},
+               [&](DeviceTiles tiles) {
+                 return cuda::detail::deviceGroupedGemm(
+                     ctx, a.data, second.data, outDevice.data, dt, k, n,
+                     r.space, options.transB, false, tiles);
+               }) &&
+       ok;
+  if (op == Op::Fc1)
+    ok =
+        benchFusedEpilogue(ctx, r, a.data, second.data, outDevice.data,
+                           outBatched.data, outCublas.data, k, n, iters, rng) &&
+        ok;
   return ok;
 }
 
@@ -441,30 +452,24 @@ bool benchGlu(cuda::KernelContext &ctx, const Shape &s, const Routed &r,
     std::printf("%-16s %-6s fused on the static space: %.1f us\n", "", "",
                 fusedStatic);
   // Each wgmma GLU tile on the ragged space.
-  if (cuda::detail::hopperGroupedGemmRuns(ctx)) {
-    std::printf("%-16s %-6s fused tiles:", "", "");
-    for (auto [tiles, name] :
-         {std::pair{cuda::detail::DeviceTiles::HopperPingPong,
-                    "ping-pong 64+64"},
-          std::pair{cuda::detail::DeviceTiles::HopperWide, "128+128"},
-          std::pair{cuda::detail::DeviceTiles::HopperWidePair,
-                    "2x(128+128) multicast"}}) {
-      const double us = hostMicros(ctx, iters, [&] {
-        return cuda::detail::deviceGroupedGemmGlu(
-            ctx, a.data, bGate.data, bUp.data, fused.data, nullptr, nullptr, dt,
-            k, n, r.space, {}, tiles);
-      });
-      const double e = relativeError(fused.data, unfused.data, R * n);
-      std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
-                  e <= 2e-2 ? "" : " MISMATCH");
-      err = std::max(err, e);
-    }
-    std::printf("\n");
-  }
+  using cuda::detail::DeviceTiles;
+  const bool tilesOk =
+      !cuda::detail::hopperGroupedGemmRuns(ctx) ||
+      tileRow(
+          ctx, iters, flops, fused.data, unfused.data, R * n,
+          {{DeviceTiles::HopperPingPong, "ping-pong 64+64"},
+           {DeviceTiles::HopperWide, "128+128"},
+           {DeviceTiles::HopperWidePair, "2x(128+128) multicast"}},
+          [&](DeviceTiles tiles) {
+            return cuda::detail::deviceGroupedGemmGlu(
+                ctx, a.data, bGate.data, bUp.data, fused.data, nullptr, nullptr,
+                dt, k, n, r.space, {}, tiles);
+          },
+          "fused tiles:");
   if (err > 2e-2)
     std::printf("  relative L2 of the unfused paths against the fused: %.3g\n",
                 err);
-  return err <= 2e-2;
+  return err <= 2e-2 && tilesOk;
 }
 
 int run(int iters, const std::string &only) {

@@ -155,6 +155,16 @@ int64_t firstRowWritten(const Buffer &c, const std::vector<uint8_t> &before,
   return -1;
 }
 
+/// The first of the `rows` rows (n elements each) that `compared` takes
+/// where `got`'s bytes differ from `want`'s (both downloaded); -1 when
+/// there is none.
+template <typename Compared>
+int64_t firstRowDiffering(const Buffer &got, const Buffer &want, int64_t rows,
+                          int64_t n, Compared compared) {
+  return firstRowWritten(got, want.host, rows, n,
+                         [&](int64_t r) { return !compared(r); });
+}
+
 const char *pathName(GroupedGemmPath path) {
   switch (path) {
   case GroupedGemmPath::Device:
@@ -592,22 +602,13 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
             c2.download();
             g.download();
             u.download();
-            const size_t rowBytes = n * dtypeSize(dt);
-            for (int64_t r = 0; r < R; ++r) {
-              if (!computed(r))
-                continue;
-              ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
-                                    c2.host.data() + r * rowBytes, rowBytes),
-                        0)
-                  << "row " << r << ": fused and unfused c differ";
-              if (keep) {
-                ASSERT_TRUE(
-                    std::memcmp(gateIn.host.data() + r * rowBytes,
-                                g.host.data() + r * rowBytes, rowBytes) == 0 &&
-                    std::memcmp(upIn.host.data() + r * rowBytes,
-                                u.host.data() + r * rowBytes, rowBytes) == 0)
-                    << "row " << r << ": kept products differ";
-              }
+            ASSERT_EQ(firstRowDiffering(c, c2, R, n, computed), -1)
+                << "fused and unfused c differ";
+            if (keep) {
+              ASSERT_EQ(firstRowDiffering(gateIn, g, R, n, computed), -1)
+                  << "kept gate products differ";
+              ASSERT_EQ(firstRowDiffering(upIn, u, R, n, computed), -1)
+                  << "kept up products differ";
             }
           }
         }
@@ -968,14 +969,8 @@ TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
         c2.download();
         ASSERT_EQ(firstRowWritten(c, before, R, n, inside), -1)
             << "a row outside the segments was written";
-        const size_t rowBytes = n * dtypeSize(dt);
-        for (int64_t r = 0; r < R; ++r)
-          if (inside(r)) {
-            ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
-                                  c2.host.data() + r * rowBytes, rowBytes),
-                      0)
-                << "row " << r << ": differs from activation_backward's";
-          }
+        ASSERT_EQ(firstRowDiffering(c, c2, R, n, inside), -1)
+            << "differs from activation_backward's";
       }
     cuda::detail::DeviceGemmEpilogue backward;
     backward.fused = true;
@@ -1038,19 +1033,15 @@ TEST_F(CudaHopperGemm, GluTilesMatchTheUnfusedSteps) {
       c2.download();
       g.download();
       u.download();
-      const size_t rowBytes = n * dtypeSize(dt);
+      auto inside = [&](int64_t r) { return seg.inSegment(r); };
+      for (const auto &[have, wantBytes] :
+           {std::pair{&c, &c2}, std::pair{&gate, &g}, std::pair{&up, &u}})
+        ASSERT_EQ(firstRowDiffering(*have, *wantBytes, R, n, inside), -1)
+            << "the fused step differs from the unfused ones";
       std::vector<double> want(R * n, 0.0);
       for (int64_t e = 0; e < E; ++e)
         for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e];
              ++r) {
-          for (const auto &[have, wantBytes] :
-               {std::pair{&c, &c2}, std::pair{&gate, &g}, std::pair{&up, &u}})
-            ASSERT_EQ(std::memcmp(have->host.data() + r * rowBytes,
-                                  wantBytes->host.data() + r * rowBytes,
-                                  rowBytes),
-                      0)
-                << "row " << r << ": the fused step differs from the "
-                << "unfused ones";
           for (int64_t j = 0; j < n; ++j) {
             double sg = 0, su = 0;
             for (int64_t i = 0; i < k; ++i) {
@@ -1154,21 +1145,11 @@ TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
             if (!withPre) {
               ASSERT_EQ(pre.host, preBefore) << "pre was written";
             }
-            const size_t rowBytes = n * dtypeSize(dt);
-            for (int64_t r = 0; r < R; ++r) {
-              if (!inside(r))
-                continue;
-              ASSERT_EQ(std::memcmp(c.host.data() + r * rowBytes,
-                                    c2.host.data() + r * rowBytes, rowBytes),
-                        0)
-                  << "row " << r << ": c differs from the epilogue pass's";
-              if (withPre) {
-                ASSERT_EQ(std::memcmp(pre.host.data() + r * rowBytes,
-                                      pre2.host.data() + r * rowBytes,
-                                      rowBytes),
-                          0)
-                    << "row " << r << ": pre differs from the epilogue pass's";
-              }
+            ASSERT_EQ(firstRowDiffering(c, c2, R, n, inside), -1)
+                << "c differs from the epilogue pass's";
+            if (withPre) {
+              ASSERT_EQ(firstRowDiffering(pre, pre2, R, n, inside), -1)
+                  << "pre differs from the epilogue pass's";
             }
           }
     }
