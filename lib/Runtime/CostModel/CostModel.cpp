@@ -220,11 +220,24 @@ bool fusedGluOnDevice(const DeviceProfile &profile,
          deviceGemmShapeFits(dtype, k, n);
 }
 
-/// The glu a grouped_gemm_glu off the device kernel runs after its GEMMs:
-/// one launch, gate and up [rows, n] read and c written at the profile's
-/// bandwidth (as a glu step is priced without fitted figures).
-double gluPassSeconds(const DeviceProfile &profile, double rows, int64_t n,
-                      DType dtype) {
+/// Whether grouped_gemm_activation_backward runs fused: on CUDA where the
+/// wgmma kernel runs (CostModelOptions::wgmmaGemm, the backend's answer), its
+/// operands fit it and the profile has the device kernel's figures, for any
+/// row space, unless grouped_gemm=cublas. Elsewhere the step runs as the
+/// unfused steps would: a GEMM on grouped_gemm's path and the
+/// activation_backward pass.
+bool fusedActivationBackwardOnDevice(const DeviceProfile &profile,
+                                     const CostModelOptions &options,
+                                     DType dtype, int64_t k, int64_t n) {
+  return options.wgmmaGemm && fusedGluOnDevice(profile, options, dtype, k, n);
+}
+
+/// The elementwise pass a fused step runs after its GEMM off its fusing
+/// kernel (glu, activation_backward): one launch, two [rows, n] read and
+/// one written at the profile's bandwidth (as those steps are priced
+/// without fitted figures).
+double elementwisePassSeconds(const DeviceProfile &profile, double rows,
+                              int64_t n, DType dtype) {
   return profile.launchSeconds + 3.0 * rows * static_cast<double>(n) *
                                      static_cast<double>(dtypeSize(dtype)) /
                                      profile.memoryBandwidth;
@@ -237,13 +250,18 @@ double gluPassSeconds(const DeviceProfile &profile, double rows, int64_t n,
 /// (the device-sized kernel, else a GEMM per group), and on the CPU a GEMM
 /// per group (a dropless padded plan ran as slowly as its ragged twin on an
 /// H100, Run 17). grouped_gemm_glu takes the device kernel wherever
-/// fusedGluOnDevice says, else the path of its two GEMMs.
+/// fusedGluOnDevice says, else the path of its two GEMMs;
+/// grouped_gemm_activation_backward likewise with
+/// fusedActivationBackwardOnDevice.
 GemmPath expertGemmPath(const DeviceProfile &profile,
                         const CostModelOptions &options, const Step &step,
                         const BufferDesc &a, int64_t k, int64_t n,
                         int64_t groups) {
   if (step.op == StepOp::GroupedGemmGlu &&
       fusedGluOnDevice(profile, options, a.dtype, k, n))
+    return GemmPath::Device;
+  if (step.op == StepOp::GroupedGemmActivationBackward &&
+      fusedActivationBackwardOnDevice(profile, options, a.dtype, k, n))
     return GemmPath::Device;
   const SegmentFacts &seg = step.facts.segments;
   const bool dynamic =
@@ -582,12 +600,18 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
         basis.gemmSeconds = 2.0 * (gemmOn(basis.gemmPath, c, work.flops / 2.0,
                                           groups, k, n, false) +
                                    gatherCopySeconds(a, rows));
-        basis.gluPassSeconds = gluPassSeconds(profile_, rows, n, c.dtype);
+        basis.passSeconds = elementwisePassSeconds(profile_, rows, n, c.dtype);
       }
       break;
     }
     basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), k, n, false) +
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
+    // The activation's backward: in the wgmma kernel's store, else its pass
+    // (fusedActivationBackwardOnDevice).
+    if (step.op == StepOp::GroupedGemmActivationBackward &&
+        !fusedActivationBackwardOnDevice(profile_, options_, c.dtype, k, n))
+      basis.passSeconds =
+          elementwisePassSeconds(profile_, work.flops / (2.0 * kn), n, c.dtype);
     break;
   }
   case StepCost::ExpertWgrad: {
@@ -636,7 +660,7 @@ double CostModel::basisSeconds(const Plan &plan, const Step &step,
     return (fitted
                 ? fitted->alphaSeconds + fitted->gemmScale * basis.gemmSeconds
                 : basis.gemmSeconds) +
-           basis.gluPassSeconds;
+           basis.passSeconds;
   case StepCost::Exchange:
   case StepCost::Gather:
   case StepCost::ReduceScatter:

@@ -102,7 +102,7 @@ void fitStepCosts(const std::vector<StepSample> &samples,
       for (const StepSample *s : group)
         if (s->basis.gemmPath != GemmPath::Device)
           xy.emplace_back(s->basis.gemmSeconds,
-                          s->seconds - s->basis.gluPassSeconds);
+                          s->seconds - s->basis.passSeconds);
       if (xy.empty())
         continue;
       point.samples = static_cast<int64_t>(xy.size());

@@ -220,6 +220,14 @@ void CpuBackend::setBackwardKernels() {
                           write(ops.out(R::GradBias)), options,
                           rowGather(ops, x));
   });
+  setArgsKernel(StepOp::GroupedGemmActivationBackward,
+                [](const Step &step, const StepOperands &ops, Args &x) {
+                  const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
+                  cpu::groupedGemmActivationBackward(
+                      read(a), read(ops.in(R::B)), read(ops.in(R::Pre)),
+                      write(c), cols(a), cols(c), x.segments, step.attrs.transB,
+                      step.attrs.activation);
+                });
   setArgsKernel(StepOp::ActivationBackward,
                 [](const Step &step, const StepOperands &ops, Args &x) {
                   cpu::activationBackward(

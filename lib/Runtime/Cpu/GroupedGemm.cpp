@@ -92,6 +92,19 @@ void groupedGemmGlu(ReadBuffer a, ReadBuffer b, ReadBuffer bUp, WriteBuffer c,
   glu({gate.data, gate.type}, {up.data, up.type}, c, n, segments);
 }
 
+void groupedGemmActivationBackward(ReadBuffer a, ReadBuffer b, ReadBuffer pre,
+                                   WriteBuffer c, int64_t k, int64_t n,
+                                   const ExpertSegments &segments, bool transB,
+                                   Activation act) {
+  // The reference is the unfused steps themselves: the product rounded into
+  // c, then activation_backward over it in place (each row read before it is
+  // written).
+  GroupedGemmOptions plain;
+  plain.transB = transB;
+  groupedGemm(a, b, {}, c, k, n, segments, plain);
+  activationBackward(pre, {c.data, c.type}, c, n, segments, act);
+}
+
 void groupedGemmWgrad(ReadBuffer a, ReadBuffer gradC, int64_t k, int64_t n,
                       const ExpertSegments &segments, WriteBuffer gradB,
                       WriteBuffer gradBias,

@@ -28,6 +28,7 @@
 #include "CudaBackendImpl.h"
 #include "GroupedGemmInternal.h"
 #include "flex/Runtime/Core/GroupedGemmRule.h"
+#include "flex/Runtime/StepSchema.h"
 #include "flex/Runtime/StepViews.h"
 
 #include <cuda_runtime.h>
@@ -157,11 +158,11 @@ struct GemmStepShape {
   int64_t groups = 1;
 };
 
-/// The shape of a grouped_gemm, grouped_gemm_wgrad or grouped_gemm_glu
-/// step; nothing for another kind.
+/// The shape of a grouped_gemm, grouped_gemm_wgrad, grouped_gemm_glu or
+/// grouped_gemm_activation_backward step; nothing for another kind.
 std::optional<GemmStepShape> gemmStepShape(const Plan &plan, const Step &step) {
-  if (step.op != StepOp::GroupedGemm && step.op != StepOp::GroupedGemmWgrad &&
-      step.op != StepOp::GroupedGemmGlu)
+  if (getStepKind(step.op).cost != StepCost::ExpertGemm &&
+      getStepKind(step.op).cost != StepCost::ExpertWgrad)
     return std::nullopt;
   const bool forward = step.op != StepOp::GroupedGemmWgrad;
   GemmStepShape shape;
@@ -321,6 +322,15 @@ void CudaBackend::setRowKernels() {
                   ctx, read(a), read(gradC), cols(a), cols(gradC),
                   x.rows.space(gradC), write(ops.out(R::GradB)),
                   write(ops.out(R::GradBias)), step.attrs.accumulate, gather);
+            });
+  rowKernel(StepOp::GroupedGemmActivationBackward,
+            [](Ctx &ctx, const Step &step, const Ops &ops, RowArgs &x) {
+              const TensorView a = x.shift(ops.in(R::A));
+              const TensorView c = x.shift(ops.out(R::C));
+              return cuda::groupedGemmActivationBackward(
+                  ctx, read(a), read(ops.in(R::B)),
+                  read(x.shift(ops.in(R::Pre))), write(c), cols(a), cols(c),
+                  x.rows.space(c), step.attrs.transB, step.attrs.activation);
             });
   rowKernel(StepOp::ActivationBackward, [](Ctx &ctx, const Step &step,
                                            const Ops &ops, RowArgs &x) {

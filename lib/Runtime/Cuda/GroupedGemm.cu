@@ -315,6 +315,16 @@ Status groupedGemmGlu(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
                                     gather);
 }
 
+Status groupedGemmActivationBackward(KernelContext &ctx, ReadBuffer a,
+                                     ReadBuffer b, ReadBuffer pre,
+                                     WriteBuffer c, int64_t k, int64_t n,
+                                     const ExpertRowSpace &space, bool transB,
+                                     Activation act) {
+  return detail::groupedGemmActivationBackwardWith(
+      ctx, a, b, pre, c, k, n, space, transB, act,
+      detail::GroupedGemmPath::Auto);
+}
+
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
                         WriteBuffer gradB, WriteBuffer gradBias,
@@ -522,6 +532,55 @@ Status groupedGemmGluWith(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
       return s;
   return glu(ctx, ReadBuffer{gateIn.data, c.type},
              ReadBuffer{upIn.data, c.type}, c, n, space);
+}
+
+Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
+                                         ReadBuffer b, ReadBuffer pre,
+                                         WriteBuffer c, int64_t k, int64_t n,
+                                         const ExpertRowSpace &space,
+                                         bool transB, Activation act,
+                                         GroupedGemmPath path) {
+  if (Status s = checkOneType({a.type, b.type, pre.type, c.type},
+                              "grouped_gemm_activation_backward");
+      !s)
+    return s;
+  if (c.data == pre.data || c.data == a.data || c.data == b.data)
+    return Status(StatusCode::InvalidArgument,
+                  "grouped_gemm_activation_backward: c is also its a, b or "
+                  "pre; it writes c apart from what it reads");
+  if (n == 0)
+    return Status::ok();
+  // The fused store is the point of the step: the wgmma kernel runs it
+  // wherever it applies (a static row space too), unless the path or
+  // grouped_gemm=cublas asks for the unfused GEMM.
+  const bool fused =
+      (path == GroupedGemmPath::Device ||
+       (path == GroupedGemmPath::Auto &&
+        ctx.groupedGemm != GroupedGemmImpl::Cublas)) &&
+      hopperGroupedGemmRuns(ctx) &&
+      hopperGroupedGemmApplies(ctx, c.type, k, n, space,
+                               {a.data, b.data, c.data, pre.data});
+  if (fused) {
+    DeviceGemmEpilogue backward;
+    backward.fused = true;
+    backward.activationInput = pre.data;
+    backward.derivative = act;
+    return deviceGroupedGemm(ctx, a.data, b.data, c.data, c.type, k, n, space,
+                             transB, /*accumulate=*/false, DeviceTiles::Hopper,
+                             RowGather{}, backward);
+  }
+  // Unfused: the product into c on grouped_gemm's path, then the
+  // derivative over c in place (each element read before it is written).
+  GroupedGemmOptions options;
+  options.transB = transB;
+  const GroupedGemmPath gemmPath =
+      path == GroupedGemmPath::Device ? GroupedGemmPath::Auto : path;
+  if (Status s = groupedGemmWith(ctx, a, b, ReadBuffer{}, c, k, n, space,
+                                 options, WriteBuffer{}, gemmPath);
+      !s)
+    return s;
+  return activationBackward(ctx, pre, ReadBuffer{c.data, c.type}, c, n, space,
+                            act);
 }
 
 Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,

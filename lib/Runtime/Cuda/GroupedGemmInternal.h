@@ -264,6 +264,12 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                             WriteBuffer gradB, WriteBuffer gradBias,
                             bool accumulate, GroupedGemmPath path,
                             const RowGather &gather = {});
+Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
+                                         ReadBuffer b, ReadBuffer pre,
+                                         WriteBuffer c, int64_t k, int64_t n,
+                                         const ExpertRowSpace &space,
+                                         bool transB, Activation act,
+                                         GroupedGemmPath path);
 Status groupedGemmGluWith(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
                           ReadBuffer bUp, WriteBuffer c, int64_t k, int64_t n,
                           const ExpertRowSpace &space, WriteBuffer gateIn,

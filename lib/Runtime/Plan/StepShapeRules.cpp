@@ -302,6 +302,9 @@ private:
   int64_t gemmRows(const BufferDesc *a);
   void checkGemm();
   void checkGemmGlu();
+  void
+  expectOneDType(const BufferDesc *a,
+                 std::initializer_list<std::pair<OperandRole, bool>> roles);
   void checkWgrad();
   void checkShardRouting();
   void checkAllToAll();
@@ -541,6 +544,20 @@ void StepShapes::checkGemm() {
   const std::string ofRows = gathered ? ", R of row_tokens" : ", R of a";
   c.expect(R::C, out, kFloatTypes, {rows, N}, "c [R, N]" + ofRows);
   c.expect(R::Pre, out, kFloatTypes, {rows, N}, "pre [R, N]" + ofRows);
+  // The fused activation's backward reads the forward's pre and rounds the
+  // product to c's dtype before scaling it, as activation_backward does.
+  if (step.op == StepOp::GroupedGemmActivationBackward) {
+    c.expect(R::Pre, in, kFloatTypes, {rows, N}, "pre [R, N]" + ofRows);
+    expectOneDType(a, {{R::B, in}, {R::Pre, in}, {R::C, out}});
+    // It stores c's tiles while other tiles still read a and pre.
+    for (OperandRole role : {R::A, R::B, R::Pre})
+      if (step.in(role) == step.out(R::C))
+        fail(c.where(R::C, out), "buffer '" + c.get(R::C, out)->name +
+                                     "' is also the step's " +
+                                     std::string(toString(role)) + "; op '" +
+                                     std::string(toString(step.op)) +
+                                     "' writes c apart from what it reads");
+  }
   // [expert-1] The forward multiplies by the expert weights ([d, h] and
   // [h, d]), the backward's data gradients by their transposes: a GEMM the
   // other way round has shapes that agree whenever d == h, and computes
@@ -548,8 +565,8 @@ void StepShapes::checkGemm() {
   if (step.attrs.transB != backward)
     fail(path + ".attrs.trans_b",
          std::string("trans_b ") + (step.attrs.transB ? "true" : "false") +
-             " in a " + (backward ? "backward" : "forward") +
-             " grouped_gemm; the " +
+             " in a " + (backward ? "backward" : "forward") + " " +
+             std::string(toString(step.op)) + "; the " +
              (backward ? "backward multiplies by the transposed weights "
                          "(trans_b true)"
                        : "forward multiplies by the weights (trans_b false)"));
@@ -600,16 +617,26 @@ void StepShapes::checkGemmGlu() {
              std::string(toString(kept)) + " '" + c.get(kept, out)->name +
              "' but no " + std::string(toString(missing)));
   }
-  for (auto [role, isInput] :
-       {std::pair{R::B, in}, std::pair{R::BUp, in}, std::pair{R::C, out},
-        std::pair{R::GateIn, out}, std::pair{R::UpIn, out}}) {
+  expectOneDType(a, {{R::B, in},
+                     {R::BUp, in},
+                     {R::C, out},
+                     {R::GateIn, out},
+                     {R::UpIn, out}});
+}
+
+/// Each of `roles` present has a's dtype: the fused steps compute in one.
+void StepShapes::expectOneDType(
+    const BufferDesc *a,
+    std::initializer_list<std::pair<OperandRole, bool>> roles) {
+  for (auto [role, isInput] : roles) {
     const BufferDesc *desc = c.get(role, isInput);
     if (desc && desc->dtype != a->dtype)
       fail(c.where(role, isInput),
            "buffer '" + desc->name + "' has dtype " +
-               std::string(toString(desc->dtype)) +
-               "; op 'grouped_gemm_glu' computes in one dtype, a's ('" +
-               a->name + "', " + std::string(toString(a->dtype)) + ")");
+               std::string(toString(desc->dtype)) + "; op '" +
+               std::string(toString(step.op)) +
+               "' computes in one dtype, a's ('" + a->name + "', " +
+               std::string(toString(a->dtype)) + ")");
   }
 }
 
@@ -759,6 +786,7 @@ void StepShapes::check() {
   case StepOp::CombineBackward:
     return checkRowOps();
   case StepOp::GroupedGemm:
+  case StepOp::GroupedGemmActivationBackward:
     return checkGemm();
   case StepOp::GroupedGemmGlu:
     return checkGemmGlu();

@@ -124,6 +124,10 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
     attrs.chunk = segments.getChunk();
   } else if (auto backward = dyn_cast<moert::ActivationBackwardOp>(op)) {
     attrs.activation = static_cast<Activation>(backward.getActivation());
+  } else if (auto fused =
+                 dyn_cast<moert::GroupedGemmActivationBackwardOp>(op)) {
+    attrs.transB = fused.getTransB();
+    attrs.activation = static_cast<Activation>(fused.getActivation());
   } else if (auto gateBackward = dyn_cast<moert::GateBackwardOp>(op)) {
     attrs.topK = gateBackward.getTopK();
     attrs.normalize = gateBackward.getNormalize();

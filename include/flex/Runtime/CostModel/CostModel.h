@@ -98,9 +98,11 @@ struct StepBasis {
   /// grouped_gemm_glu: both products (off the device kernel, two GEMMs).
   double gemmSeconds = 0;
   GemmPath gemmPath = GemmPath::None;
-  /// grouped_gemm_glu off the device kernel: its glu's memory pass (launch
-  /// and bytes), which the fused kernel does not make.
-  double gluPassSeconds = 0;
+  /// A fused step off the kernel that fuses it: the elementwise pass it runs
+  /// after its GEMMs (launch and bytes), which the fused kernel does not
+  /// make: grouped_gemm_glu's glu, grouped_gemm_activation_backward's
+  /// activation_backward.
+  double passSeconds = 0;
 };
 
 struct StepPrediction {

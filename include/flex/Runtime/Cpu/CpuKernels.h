@@ -170,6 +170,15 @@ void activationBackward(ReadBuffer pre, ReadBuffer grad, WriteBuffer gradPre,
                         int64_t n, const ExpertSegments &segments,
                         Activation act);
 
+/// `grouped_gemm_activation_backward`: for each expert e and its valid rows,
+/// c = round(a @ b[e]) * act'(pre) (b[e]^T with transB), the product rounded
+/// to c's dtype first: bit for bit `groupedGemm(a, b) -> c` followed by
+/// `activationBackward(pre, c) -> c`. c must not be a, b or pre.
+void groupedGemmActivationBackward(ReadBuffer a, ReadBuffer b, ReadBuffer pre,
+                                   WriteBuffer c, int64_t k, int64_t n,
+                                   const ExpertSegments &segments, bool transB,
+                                   Activation act);
+
 /// `glu_backward`: with c = silu(g) * u, gradGateIn = grad * u * silu'(g)
 /// and gradUpIn = grad * silu(g), over valid rows.
 void gluBackward(ReadBuffer gateIn, ReadBuffer upIn, ReadBuffer grad,

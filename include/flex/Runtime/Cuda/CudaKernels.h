@@ -226,6 +226,19 @@ Status combineBackward(KernelContext &ctx, ReadBuffer gradOut,
                        const Routing &routing, const ExpertRowSpace &space,
                        WriteBuffer gradExpertOut, float *gradGates);
 
+/// `grouped_gemm_activation_backward`: per expert, c = round(a @ b[e]) *
+/// act'(pre) (b[e]^T with transB), the product rounded to c's type first.
+/// The wgmma kernel applies the derivative in its store wherever it runs
+/// and applies (bf16/f16 on Hopper, any row space) unless
+/// grouped_gemm=cublas; elsewhere groupedGemm into c and activationBackward
+/// over c in place: bit for bit the unfused steps on the same GEMM path.
+/// c must not be a, b or pre.
+Status groupedGemmActivationBackward(KernelContext &ctx, ReadBuffer a,
+                                     ReadBuffer b, ReadBuffer pre,
+                                     WriteBuffer c, int64_t k, int64_t n,
+                                     const ExpertRowSpace &space, bool transB,
+                                     Activation act);
+
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
                         WriteBuffer gradB, WriteBuffer gradBias,

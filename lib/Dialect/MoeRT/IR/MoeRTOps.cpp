@@ -557,6 +557,31 @@ LogicalResult GroupedGemmWgradOp::verify() {
       failed(expectRowTokens(m, *this, getA(), getRowTokens())));
 }
 
+LogicalResult GroupedGemmActivationBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  static const StringRef kB[] = {"G", "K", "N"},
+                         kTransposedB[] = {"G", "N", "K"};
+  ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(expectGemmA(m, getA(), Value())) ||
+      failed(m.expect("b", getB(), bShape)) ||
+      failed(m.expect("pre", getPre(), {"R", "N"})) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("c", getC(), {"R", "N"})) ||
+      failed(m.sameElement("b", getB(), "a", getA())) ||
+      failed(m.sameElement("pre", getPre(), "a", getA())) ||
+      failed(m.sameElement("c", getC(), "a", getA())))
+    return failure();
+  // Its tiles store c while others still read a, b and pre.
+  for (auto [name, operand] : {std::pair<StringRef, Value>{"a", getA()},
+                               {"b", getB()},
+                               {"pre", getPre()}})
+    if (operand == getC())
+      return emitOpError("[plan-3] 'c' must not be its '")
+             << name << "': the step writes c apart from what it reads";
+  return success();
+}
+
 LogicalResult ActivationBackwardOp::verify() {
   ShapeMatcher m(*this);
   return failure(

@@ -448,3 +448,53 @@ moert.plan @gemm_glu_gathered_a_rows attributes {layer = #moert.layer<tokens = 8
   } backward {
   }
 }
+
+// grouped_gemm_activation_backward: b [G, N, K] with trans_b, else [G, K, N]; pre and c [R, N].
+
+// -----
+
+moert.plan @gemm_act_backward_b_not_transposed attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x8x16xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %pre = moert.alloc "hidden" : memref<8x16xbf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %ghp = moert.alloc "grad_hidden_pre" : memref<8x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-1] 'b' must be [G = 2, N = 8, K = 8], got 'memref<2x8x16xbf16>'}}
+    moert.grouped_gemm_activation_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x8x16xbf16>, pre = %pre : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %ghp : memref<8x16xbf16>) {activation = #moe<activation relu>, trans_b}
+  }
+}
+
+// -----
+
+moert.plan @gemm_act_backward_pre_shape attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %pre = moert.alloc "hidden" : memref<8x8xbf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %ghp = moert.alloc "grad_hidden_pre" : memref<8x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-1] 'pre' must be [R = 8, N = 16], got 'memref<8x8xbf16>'}}
+    moert.grouped_gemm_activation_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, pre = %pre : memref<8x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %ghp : memref<8x16xbf16>) {activation = #moe<activation relu>, trans_b}
+  }
+}
+
+// -----
+
+moert.plan @gemm_act_backward_c_shape attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %pre = moert.alloc "hidden" : memref<8x16xbf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %ghp = moert.alloc "grad_hidden_pre" : memref<16x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-1] 'c' must be [R = 8, N = 16], got 'memref<16x16xbf16>'}}
+    moert.grouped_gemm_activation_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, pre = %pre : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %ghp : memref<16x16xbf16>) {activation = #moe<activation relu>, trans_b}
+  }
+}

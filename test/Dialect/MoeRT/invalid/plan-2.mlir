@@ -245,3 +245,37 @@ moert.plan @gemm_glu_row_tokens_i32 attributes {layer = #moert.layer<tokens = 8,
   } backward {
   }
 }
+
+// grouped_gemm_activation_backward computes in one element type.
+
+// -----
+
+moert.plan @gemm_act_backward_pre_f16 attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %pre = moert.alloc "hidden" : memref<8x16xf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %ghp = moert.alloc "grad_hidden_pre" : memref<8x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-2] 'pre' must have the element type of 'a' ('bf16'), got 'f16'}}
+    moert.grouped_gemm_activation_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, pre = %pre : memref<8x16xf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %ghp : memref<8x16xbf16>) {activation = #moe<activation relu>, trans_b}
+  }
+}
+
+// -----
+
+moert.plan @gemm_act_backward_c_f32 attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %pre = moert.alloc "hidden" : memref<8x16xbf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %ghp = moert.alloc "grad_hidden_pre" : memref<8x16xf32>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-2] 'c' must have the element type of 'a' ('bf16'), got 'f32'}}
+    moert.grouped_gemm_activation_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, pre = %pre : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %ghp : memref<8x16xf32>) {activation = #moe<activation relu>, trans_b}
+  }
+}

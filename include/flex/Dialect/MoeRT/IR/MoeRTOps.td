@@ -280,6 +280,34 @@ def MoeRT_GroupedGemmWgradOp : MoeRT_StepOp<"grouped_gemm_wgrad",
                        OptBuf:$grad_bias, UnitAttr:$accumulate);
 }
 
+def MoeRT_GroupedGemmActivationBackwardOp
+    : MoeRT_StepOp<"grouped_gemm_activation_backward",
+                   ["a", "b", "pre", "expert_offsets", "expert_rows"], ["c"]> {
+  let summary = "per expert: c = (a @ b[e]) * act'(pre) (a GEMM and "
+                "activation_backward as one step)";
+  let description = [{
+    The input gradient of an expert's second layer and the backward of its
+    activation as one step, over the valid rows of each expert: the product
+    `a @ b[e]` (`b[e]^T` with `trans_b`) rounded to c's element type, times
+    the activation's derivative at `pre` (the forward's value before the
+    activation), as `moert.activation_backward` computes it. Bit for bit
+    `grouped_gemm(a, b) -> grad; activation_backward(pre, grad) -> c` on the
+    same GEMM engine (`--moert-fuse-activation-backward`). Every float
+    operand has one element type; `c` is none of the operands it reads.
+
+    ```mlir
+    moert.grouped_gemm_activation_backward ins(a = %g : memref<128x16xbf16>,
+        b = %w2 : memref<4x32x16xbf16>, pre = %h : memref<128x32xbf16>,
+        expert_offsets = %o : memref<5xi32>, expert_rows = %r : memref<4xi32>)
+        outs(c = %gh : memref<128x32xbf16>) {activation = #moe.activation<relu>,
+        trans_b}
+    ```
+  }];
+  let arguments = (ins Buf:$a, Buf:$b, Buf:$pre, Buf:$expert_offsets,
+      Buf:$expert_rows, Buf:$c, UnitAttr:$trans_b,
+      Moe_ActivationAttr:$activation);
+}
+
 def MoeRT_ActivationBackwardOp : MoeRT_StepOp<"activation_backward",
     ["pre", "grad", "expert_offsets", "expert_rows"], ["grad_pre"]> {
   let summary = "grad_pre = grad * act'(pre)";
