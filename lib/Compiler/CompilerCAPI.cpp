@@ -48,7 +48,8 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
   constexpr std::string_view variantsKey = "variants=", layoutsKey = "layouts=",
                              nodeKey = "ranks_per_node=", sourceKey = "source=",
                              fuseKey = "fuse_dispatch=",
-                             fuseGluKey = "fuse_glu=";
+                             fuseGluKey = "fuse_glu=",
+                             fuseBackwardKey = "fuse_activation_backward=";
   auto list = [](std::string_view option, std::vector<std::string> &out) {
     while (!option.empty()) {
       size_t comma = option.find(',');
@@ -60,6 +61,18 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
   };
   auto starts = [](std::string_view text, std::string_view key) {
     return text.substr(0, key.size()) == key;
+  };
+  // `key` true|false into `flag`; false with `error` set on another value.
+  auto readFlag = [&](std::string_view option, std::string_view key,
+                      std::optional<bool> &flag) {
+    std::string_view value = option.substr(key.size());
+    if (value != "true" && value != "false") {
+      error = "compile option '" + std::string(key.substr(0, key.size() - 1)) +
+              "' needs true or false, got '" + std::string(value) + "'";
+      return false;
+    }
+    flag = value == "true";
+    return true;
   };
   while (!text.empty()) {
     if (starts(text, sourceKey)) {
@@ -83,27 +96,20 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
       }
       out.ranksPerNode = value;
     } else if (starts(option, fuseKey)) {
-      std::string_view value = option.substr(fuseKey.size());
-      if (value != "true" && value != "false") {
-        error = "compile option 'fuse_dispatch' needs true or false, got '" +
-                std::string(value) + "'";
+      if (!readFlag(option, fuseKey, out.fuseDispatch))
         return false;
-      }
-      out.fuseDispatch = value == "true";
     } else if (starts(option, fuseGluKey)) {
-      std::string_view value = option.substr(fuseGluKey.size());
-      if (value != "true" && value != "false") {
-        error = "compile option 'fuse_glu' needs true or false, got '" +
-                std::string(value) + "'";
+      if (!readFlag(option, fuseGluKey, out.fuseGlu))
         return false;
-      }
-      out.fuseGlu = value == "true";
+    } else if (starts(option, fuseBackwardKey)) {
+      if (!readFlag(option, fuseBackwardKey, out.fuseActivationBackward))
+        return false;
     } else {
       error = "unknown compile option '" + std::string(option) +
               "'; the options are variants=r<R>d<D>,..., "
               "layouts=padded,ragged, ranks_per_node=N, "
-              "fuse_dispatch=true|false, fuse_glu=true|false and "
-              "source=NAME";
+              "fuse_dispatch=true|false, fuse_glu=true|false, "
+              "fuse_activation_backward=true|false and source=NAME";
       return false;
     }
   }

@@ -34,6 +34,10 @@ void flex::buildLowerToPlanPipeline(mlir::OpPassManager &pm,
   // copy too.
   if (options.fuseGlu)
     pm.addNestedPass<moert::PlanOp>(moert::createMoeRTFuseGluPass());
+  // Last: every forward fusion's variants get a backward-fused copy too.
+  if (options.fuseActivationBackward)
+    pm.addNestedPass<moert::PlanOp>(
+        moert::createMoeRTFuseActivationBackwardPass());
   pm.addNestedPass<moert::PlanOp>(moert::createMoeRTPlanMemoryPass());
 }
 

@@ -37,6 +37,10 @@ struct CompileOptions {
   /// `<variant>+glu` of each qualifying variant (--moert-fuse-glu); unset:
   /// the pipeline's default.
   std::optional<bool> fuseGlu;
+  /// --moe-lower-to-plan="fuse-activation-backward=...": add the variant
+  /// `<variant>+act_backward` of each qualifying variant
+  /// (--moert-fuse-activation-backward); unset: the pipeline's default.
+  std::optional<bool> fuseActivationBackward;
   /// > 0: the hierarchical (2DH) exchange for nodes of this many ranks
   /// (--moe-a2a-2dh); 0: the flat one.
   int64_t ranksPerNode = 0;

@@ -44,12 +44,22 @@ struct LowerToPlanOptions
                      "step (--moert-fuse-glu, after --moert-fuse-dispatch); "
                      "the cost model picks between them per call"),
       llvm::cl::init(true)};
+  Option<bool> fuseActivationBackward{
+      *this, "fuse-activation-backward",
+      llvm::cl::desc("Add a `<variant>+act_backward` variant whose training "
+                     "backward computes each expert's input gradient and "
+                     "activation backward in one "
+                     "grouped_gemm_activation_backward step "
+                     "(--moert-fuse-activation-backward, after the other "
+                     "fusions); the cost model picks between them per call"),
+      llvm::cl::init(false)};
 };
 
 /// moe IR -> placed moert plans: expand layers, canonicalize, lower each
 /// layer function to a plan, with `fuse-dispatch` add the gather-fused
-/// variants, with `fuse-glu` the glu-fused ones (of those too), place its
-/// workspace.
+/// variants, with `fuse-glu` the glu-fused ones (of those too), with
+/// `fuse-activation-backward` the backward-fused ones (of all of those),
+/// place its workspace.
 void buildLowerToPlanPipeline(mlir::OpPassManager &pm,
                               const LowerToPlanOptions &options);
 

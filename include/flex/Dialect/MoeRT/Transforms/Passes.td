@@ -119,6 +119,61 @@ def MoeRTFuseGluPass : Pass<"moert-fuse-glu", "::flex::moert::PlanOp"> {
   ];
 }
 
+def MoeRTFuseActivationBackwardPass
+    : Pass<"moert-fuse-activation-backward", "::flex::moert::PlanOp"> {
+  let summary = "Add a variant that computes each expert's input gradient "
+                "and activation backward as one step";
+  let description = [{
+    For each variant (the `+gather` copies of `--moert-fuse-dispatch`
+    included) whose backward has a `moert.activation_backward` A that
+    qualifies, adds after the plan's variants (whose indices so stay) a
+    variant `<name>+act_backward` in which every qualifying A and the GEMM
+    writing its `grad` are one `moert.grouped_gemm_activation_backward`,
+    placed where A was. A qualifies when
+    - its `grad` is written last before it, in the same backward, as `c` of
+      a `moert.grouped_gemm` G with A's `expert_offsets` and `expert_rows`,
+      computing a plain product (no `bias`, `pre`, `epilogue`, `accumulate`
+      or `row_tokens`; `trans_b` is kept),
+    - `pre`, `grad`, `grad_pre` and G's `a` are one element type, bf16 or
+      f16, with K (the columns of `a`) and N (of `grad_pre`) multiples of 8,
+    - no other step of the variant reads or writes `grad` (the fused step
+      does not write it), `grad_pre` is none of the buffers the fused step
+      reads, and no step between G and A writes what they read.
+    Every qualifying pair of a variant is fused (a pipelined variant has one
+    per chunk), on any number of ranks. The new variant has its own copy of
+    every workspace buffer it uses (`<name>+act_backward.<buffer>`), and
+    none for `grad`. The original variant stays where it was and unchanged:
+    the fused step pays only where a kernel applies the derivative in its
+    store (the wgmma kernel on Hopper), so the runtime's cost model picks
+    between the two per call.
+
+    Runs before `--moert-plan-memory`: a placed plan with a variant to fuse
+    is an error.
+
+    ```mlir
+    // "single": grouped_gemm (grad_out, w2, trans_b) -> grad_hidden;
+    //           activation_backward (hidden, grad_hidden) -> grad_hidden_pre
+    moert.variant "single+act_backward" forward { ... } backward {
+      ...
+      moert.grouped_gemm_activation_backward ins(a = %g : memref<64x8xbf16>,
+          b = %w2 : memref<4x16x8xbf16>, pre = %h : memref<64x16xbf16>,
+          expert_offsets = ..., expert_rows = ...)
+          outs(c = %ghp : memref<64x16xbf16>)
+          {activation = #moe.activation<relu>, trans_b}
+      ...
+    }
+    ```
+
+    With `report`, a remark on each variant says whether it was fused, and
+    why not (and names each activation_backward left alone in a variant
+    that was fused).
+  }];
+  let options = [
+    Option<"report", "report", "bool", /*default=*/"false",
+           "Emit a remark per variant: fused, or why not">,
+  ];
+}
+
 def MoeRTPlanMemoryPass : Pass<"moert-plan-memory", "::flex::moert::PlanOp"> {
   let summary = "Place workspace buffers in one block by liveness";
   let description = [{
