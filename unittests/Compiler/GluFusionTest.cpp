@@ -15,6 +15,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "FusedVariantsMatch.h"
 #include "FusionTestSupport.h"
 #include "MultiRankTestSupport.h"
 
@@ -59,89 +60,6 @@ std::vector<std::string> variantNames(const Plan &plan) {
   return names;
 }
 
-/// Runs every variant of `plan` on its ranks (CPU, threads), each from fresh
-/// buffers holding `inputs`, outputs and workspace poisoned. Returns the
-/// buffers per variant and rank.
-std::vector<std::vector<RankBuffers>>
-runEveryVariant(const std::shared_ptr<const Plan> &plan,
-                const RankInputs &inputs) {
-  const int W = static_cast<int>(plan->worldSize);
-  std::vector<std::vector<RankBuffers>> results;
-  for (size_t v = 0; v < plan->variants.size(); ++v) {
-    std::vector<RankBuffers> buffers =
-        makeRankBuffers(*plan, inputs, kGradLAux);
-    auto comms = localRanks(W);
-    std::vector<Status> statuses(W);
-    onRanks(W, [&](int r) {
-      CpuRankExecutor rank;
-      Status s = rank.create(plan, comms[r], 0xff);
-      std::vector<Binding> bindings = buffers[r].bindings();
-      if (s)
-        s = runVariant(*rank.executor, static_cast<int64_t>(v), bindings,
-                       plan->training);
-      statuses[r] = s;
-    });
-    for (int r = 0; r < W; ++r)
-      EXPECT_TRUE(statuses[r].isOk()) << plan->variants[v].name << " on rank "
-                                      << r << ": " << statuses[r].message();
-    results.push_back(std::move(buffers));
-  }
-  return results;
-}
-
-/// Every `<v>+glu` variant gave v's bytes in every output argument, and
-/// its out (and grad_x) are the fp64 reference's within the dtype's
-/// tolerance. Returns the number of `+glu` variants.
-int expectGluVariantsMatch(const Plan &plan, const RankInputs &inputs) {
-  auto shared = std::make_shared<const Plan>(plan);
-  std::vector<std::vector<RankBuffers>> results =
-      runEveryVariant(shared, inputs);
-  reference::ReferenceOptions options;
-  for (const Step &step : plan.variants[0].forward)
-    if (step.op == StepOp::Gate)
-      options.capacityAlignment = step.attrs.capacityAlignment;
-  const RankReference ref =
-      referenceOnRanks(plan.layer, options, inputs, kGradLAux, plan.training);
-  const double tolerance = plan.layer.dtype == DType::BF16 ? 5e-2 : 1e-2;
-  int fused = 0;
-  for (size_t v = 0; v < plan.variants.size(); ++v) {
-    const std::string &name = plan.variants[v].name;
-    const std::string suffix = "+glu";
-    if (name.size() <= suffix.size() ||
-        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
-      continue;
-    ++fused;
-    const int64_t original =
-        plan.findVariant(name.substr(0, name.size() - suffix.size()));
-    EXPECT_GE(original, 0) << name << " has no original variant";
-    if (original < 0)
-      continue;
-    for (int r = 0; r < static_cast<int>(plan.worldSize); ++r) {
-      for (const Argument &arg : plan.arguments) {
-        if (arg.role == ArgumentRole::Output ||
-            arg.role == ArgumentRole::GradOutput) {
-          EXPECT_EQ(results[v][r].data.at(arg.name),
-                    results[original][r].data.at(arg.name))
-              << name << " differs from " << plan.variants[original].name
-              << " in " << arg.name << " on rank " << r;
-        }
-      }
-      EXPECT_LE(
-          reference::relativeL2(results[v][r].get("out"), ref.forward[r].out),
-          tolerance)
-          << name << " on rank " << r;
-      if (plan.training) {
-        EXPECT_LE(reference::relativeL2(
-                      results[v][r].get("grad_x"), ref.grads[r].x,
-                      reference::normL2(ref.grads[r].x) == 0.0 ? 1.0 : 0.0),
-                  tolerance)
-            << name << " on rank " << r;
-      }
-    }
-  }
-  return fused;
-}
-
 TEST(GluFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
   const uint64_t seed = runSeed();
   std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
@@ -175,7 +93,8 @@ TEST(GluFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
     RankInputs inputs;
     reference::ReferenceOptions refOptions;
     ASSERT_TRUE(makeRankInputs(plan.layer, refOptions, 1, rng, inputs));
-    EXPECT_EQ(expectGluVariantsMatch(plan, inputs), int(want.size()) / 2);
+    EXPECT_EQ(expectFusedVariantsMatch(plan, inputs, "+glu", kGradLAux),
+              int(want.size()) / 2);
   }
 }
 
@@ -225,7 +144,7 @@ TEST(GluFusion, PipelinedAndGatheredVariantsOnTwoRanks) {
         if (step.op == StepOp::Gate)
           refOptions.capacityAlignment = step.attrs.capacityAlignment;
       ASSERT_TRUE(makeRankInputs(plan.layer, refOptions, 2, rng, inputs));
-      EXPECT_EQ(expectGluVariantsMatch(plan, inputs), 2);
+      EXPECT_EQ(expectFusedVariantsMatch(plan, inputs, "+glu", kGradLAux), 2);
     }
   }
 }

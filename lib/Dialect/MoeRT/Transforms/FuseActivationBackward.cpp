@@ -23,6 +23,8 @@
 #include "mlir/IR/Builders.h"
 #include "llvm/ADT/DenseSet.h"
 
+#include <optional>
+
 namespace flex::moert {
 #define GEN_PASS_DEF_MOERTFUSEACTIVATIONBACKWARDPASS
 #include "flex/Dialect/MoeRT/Transforms/Passes.h.inc"
@@ -59,10 +61,11 @@ bool touches(Operation *step, Value buffer) {
 }
 
 /// Whether `backward` and the GEMM writing its `grad` can be one
-/// grouped_gemm_activation_backward; if not, `reason` says why.
-/// `variantSteps` are the variant's steps, for the other readers of `grad`.
+/// grouped_gemm_activation_backward, as far as the two steps and those
+/// between them tell; if not, `reason` says why. (Which other steps use
+/// `grad` is the caller's question: the chunks of a pipelined variant
+/// share it.)
 FailureOr<GemmAndBackward> analyze(ActivationBackwardOp backward,
-                                   ArrayRef<Operation *> variantSteps,
                                    std::string &reason) {
   llvm::raw_string_ostream why(reason);
   Value grad = backward.getGrad(), pre = backward.getPre(),
@@ -129,9 +132,8 @@ FailureOr<GemmAndBackward> analyze(ActivationBackwardOp backward,
   }
 
   // The fused step reads the GEMM's inputs and pre, and writes grad_pre
-  // where the activation_backward was: grad_pre must be none of them, grad
-  // read by no other step (it is no longer written), and the steps in
-  // between must neither change the inputs nor touch grad.
+  // where the activation_backward was: grad_pre must be none of them, and
+  // the steps in between must not change the inputs.
   SmallVector<Value> inputs = {gemm.getA(), gemm.getB(), pre,
                                backward.getExpertOffsets(),
                                backward.getExpertRows()};
@@ -140,12 +142,6 @@ FailureOr<GemmAndBackward> analyze(ActivationBackwardOp backward,
         << "'";
     return failure();
   }
-  for (Operation *step : variantSteps)
-    if (step != gemm && step != backward && touches(step, grad)) {
-      why << "moert." << stepName(step) << " also uses its grad '"
-          << bufferName(grad) << "'";
-      return failure();
-    }
   for (Operation *step = gemm->getNextNode(); step != backward;
        step = step->getNextNode())
     for (Value input : inputs)
@@ -189,17 +185,51 @@ struct MoeRTFuseActivationBackwardPass final
       reason = "its backward has no activation_backward step";
       return failure();
     }
-    SmallVector<Operation *> steps = stepsOf(variant);
-    SmallVector<GemmAndBackward> pairs;
+    SmallVector<std::optional<GemmAndBackward>> candidates;
     SmallVector<std::pair<size_t, std::string>> leftAlone;
     for (auto [index, backward] : llvm::enumerate(backwards)) {
       std::string why;
-      FailureOr<GemmAndBackward> pair = analyze(backward, steps, why);
-      if (succeeded(pair))
-        pairs.push_back(*pair);
-      else
+      FailureOr<GemmAndBackward> pair = analyze(backward, why);
+      candidates.push_back(succeeded(pair) ? std::optional(*pair)
+                                           : std::nullopt);
+      if (failed(pair))
         leftAlone.push_back({index, why});
     }
+    // The fused copy no longer writes grad: every other step using it must
+    // be fused too (the chunks of a pipelined variant share it, each in its
+    // own rows). Dropping a pair may drop those sharing its grad, so repeat
+    // until none changes.
+    SmallVector<Operation *> steps = stepsOf(variant);
+    for (bool changed = true; changed;) {
+      changed = false;
+      llvm::DenseSet<Operation *> fusedSteps;
+      for (const std::optional<GemmAndBackward> &pair : candidates)
+        if (pair) {
+          fusedSteps.insert(pair->gemm);
+          fusedSteps.insert(pair->backward);
+        }
+      for (auto [index, pair] : llvm::enumerate(candidates)) {
+        if (!pair)
+          continue;
+        Value grad = pair->backward.getGrad();
+        auto user = llvm::find_if(steps, [&](Operation *step) {
+          return !fusedSteps.contains(step) && touches(step, grad);
+        });
+        if (user == steps.end())
+          continue;
+        leftAlone.push_back(
+            {index, ("moert." + stepName(*user) + " also uses its grad '" +
+                     bufferName(grad) + "'")
+                        .str()});
+        pair.reset();
+        changed = true;
+      }
+    }
+    llvm::sort(leftAlone, llvm::less_first());
+    SmallVector<GemmAndBackward> pairs;
+    for (const std::optional<GemmAndBackward> &pair : candidates)
+      if (pair)
+        pairs.push_back(*pair);
     if (pairs.empty()) {
       reason = backwards.size() == 1 ? leftAlone.front().second
                                      : "activation_backward step 1 of " +

@@ -136,9 +136,11 @@ def MoeRTFuseActivationBackwardPass
       or `row_tokens`; `trans_b` is kept),
     - `pre`, `grad`, `grad_pre` and G's `a` are one element type, bf16 or
       f16, with K (the columns of `a`) and N (of `grad_pre`) multiples of 8,
-    - no other step of the variant reads or writes `grad` (the fused step
-      does not write it), `grad_pre` is none of the buffers the fused step
-      reads, and no step between G and A writes what they read.
+    - every other step of the variant that reads or writes `grad` is fused
+      too (the fused step does not write it; the chunks of a pipelined
+      variant share it, each in its own rows), `grad_pre` is none of the
+      buffers the fused step reads, and no step between G and A writes
+      what they read.
     Every qualifying pair of a variant is fused (a pipelined variant has one
     per chunk), on any number of ranks. The new variant has its own copy of
     every workspace buffer it uses (`<name>+act_backward.<buffer>`), and

@@ -1,0 +1,154 @@
+//===- ActivationBackwardFusionTest.cpp - Backward-fused variants ---------===//
+//
+// Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
+//
+//===----------------------------------------------------------------------===//
+//
+// This file tests --moert-fuse-activation-backward through the whole path:
+// random FFN bf16 and f16 training layers (each activation, with and
+// without biases, every capacity mode) are compiled with
+// fuse_activation_backward (and the other fusions), on one rank and two
+// (pipelined, and with the experts gathered), and the runtime runs every
+// variant on the CPU. grouped_gemm_activation_backward computes bit for bit
+// the GEMM and the activation_backward it replaces, so each
+// `<v>+act_backward` variant must give v's bytes in every output and
+// gradient; both must match the independent fp64 reference within the
+// dtype's tolerance.
+//
+//===----------------------------------------------------------------------===//
+
+#include "FusedVariantsMatch.h"
+#include "FusionTestSupport.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <iostream>
+#include <random>
+
+using namespace flex;
+using namespace flex::test;
+
+namespace {
+
+constexpr double kGradLAux = 0.5;
+constexpr const char *kSuffix = "+act_backward";
+
+std::vector<std::string> variantNames(const Plan &plan) {
+  std::vector<std::string> names;
+  for (const Variant &variant : plan.variants)
+    names.push_back(variant.name);
+  return names;
+}
+
+int64_t countSteps(const std::vector<Step> &steps, StepOp op) {
+  return std::count_if(steps.begin(), steps.end(),
+                       [&](const Step &step) { return step.op == op; });
+}
+
+TEST(ActivationBackwardFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
+  const uint64_t seed = runSeed();
+  std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  constexpr int kCases = 18;
+  const Activation activations[] = {Activation::Relu, Activation::Gelu,
+                                    Activation::Silu};
+  for (int i = 0; i < kCases; ++i) {
+    LayerConfig config = randomFusionLayer(
+        rng, {.experts = {2, 8},
+              .capacityModes = {CapacityMode::Fixed, CapacityMode::Dropless,
+                                CapacityMode::Bounded},
+              .expertKinds = {ExpertKind::FFN},
+              .activations = {activations[i % 3]}});
+    CompileOptions options;
+    options.training = true;
+    options.fuseDispatch = true;
+    options.fuseActivationBackward = true;
+    SCOPED_TRACE("case " + std::to_string(i) + " " + describeLayer(config) +
+                 " " + std::string(toString(config.dtype)) + " activation " +
+                 std::to_string(static_cast<int>(config.activation)) +
+                 (config.bias ? " bias" : ""));
+    Plan plan;
+    ASSERT_TRUE(compileLayer(config, options, plan));
+    // A fixed capacity is laid out padded (no gather-fused variant); the
+    // others ragged. Every variant gets its backward-fused copy, after them
+    // all.
+    const std::vector<std::string> want =
+        config.capacityMode == CapacityMode::Fixed
+            ? std::vector<std::string>{"single", "single+act_backward"}
+            : std::vector<std::string>{"single", "single+gather",
+                                       "single+act_backward",
+                                       "single+gather+act_backward"};
+    ASSERT_EQ(variantNames(plan), want);
+    for (size_t v = want.size() / 2; v < want.size(); ++v) {
+      EXPECT_EQ(countSteps(plan.variants[v].backward,
+                           StepOp::GroupedGemmActivationBackward),
+                1);
+      EXPECT_EQ(countSteps(plan.variants[v].backward,
+                           StepOp::ActivationBackward),
+                0);
+    }
+
+    RankInputs inputs;
+    reference::ReferenceOptions refOptions;
+    ASSERT_TRUE(makeRankInputs(plan.layer, refOptions, 1, rng, inputs));
+    EXPECT_EQ(expectFusedVariantsMatch(plan, inputs, kSuffix, kGradLAux),
+              int(want.size()) / 2);
+  }
+}
+
+TEST(ActivationBackwardFusion, PipelinedAndGatheredVariantsOnTwoRanks) {
+  // Two ranks, a fixed capacity (padded): r1d2 exchanges tokens in two
+  // chunks, each with its own fused step; r0d1 gathers the experts, the
+  // fused step reading the gathered w2.
+  const uint64_t seed = runSeed();
+  std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (Activation activation : {Activation::Gelu, Activation::Relu}) {
+    for (DType dtype : {DType::BF16, DType::F16}) {
+      LayerConfig config;
+      config.tokens = 12;
+      config.modelDim = 16;
+      config.hiddenDim = 24;
+      config.experts = 4;
+      config.topK = 2;
+      config.capacityMode = CapacityMode::Fixed;
+      config.capacityFactor = 1.5;
+      config.expertKind = ExpertKind::FFN;
+      config.activation = activation;
+      config.bias = activation == Activation::Relu;
+      config.dtype = dtype;
+      config.routerFp32 = true;
+      SCOPED_TRACE(std::string(toString(dtype)) + " activation " +
+                   std::to_string(static_cast<int>(activation)));
+      CompileOptions options;
+      options.training = true;
+      options.ranks = 2;
+      options.variants = {"r1d2", "r0d1"};
+      options.fuseActivationBackward = true;
+      Plan plan;
+      ASSERT_TRUE(compileLayer(config, options, plan));
+      ASSERT_EQ(variantNames(plan),
+                (std::vector<std::string>{"r1d2", "r0d1", "r1d2+act_backward",
+                                          "r0d1+act_backward"}));
+      EXPECT_EQ(countSteps(plan.variants[2].backward,
+                           StepOp::GroupedGemmActivationBackward),
+                2);
+      EXPECT_EQ(
+          countSteps(plan.variants[2].backward, StepOp::ActivationBackward), 0);
+      EXPECT_EQ(countSteps(plan.variants[3].backward,
+                           StepOp::GroupedGemmActivationBackward),
+                1);
+
+      RankInputs inputs;
+      reference::ReferenceOptions refOptions;
+      for (const Step &step : plan.variants[0].forward)
+        if (step.op == StepOp::Gate)
+          refOptions.capacityAlignment = step.attrs.capacityAlignment;
+      ASSERT_TRUE(makeRankInputs(plan.layer, refOptions, 2, rng, inputs));
+      EXPECT_EQ(expectFusedVariantsMatch(plan, inputs, kSuffix, kGradLAux), 2);
+    }
+  }
+}
+
+} // namespace
