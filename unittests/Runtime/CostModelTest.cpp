@@ -453,6 +453,113 @@ TEST(CostModel, GatheredGemmsArePricedOnTheirPath) {
 }
 
 //===----------------------------------------------------------------------===//
+// grouped_gemm_activation_backward
+//===----------------------------------------------------------------------===//
+
+/// The backward's predicted time (us) of fc2's input gradient and the
+/// activation's backward: the fused step, or the grouped_gemm writing the
+/// gradient and the activation_backward; and the fused step's GEMM path.
+struct InputGradient {
+  double us = 0;
+  GemmPath path = GemmPath::None;
+};
+InputGradient inputGradientOf(const Plan &plan, const Prediction &p) {
+  InputGradient result;
+  const std::vector<Step> &steps = plan.variants[p.variant].backward;
+  for (const StepPrediction &step : p.steps) {
+    const Step &s = steps[step.index];
+    const bool dgrad = step.op == StepOp::GroupedGemm &&
+                       plan.getBuffer(s.in(OperandRole::B)).name == "w2";
+    if (step.op == StepOp::GroupedGemmActivationBackward ||
+        step.op == StepOp::ActivationBackward || dgrad)
+      result.us += step.us;
+    if (step.op == StepOp::GroupedGemmActivationBackward)
+      result.path = step.gemmPath;
+  }
+  return result;
+}
+
+/// The checked-in CUDA test plan `name`, and a copy with its
+/// activation_backward pairs fused.
+std::pair<Plan, Plan> unfusedAndFused(const std::string &name, int pairs) {
+  nlohmann::ordered_json doc;
+  {
+    std::ifstream file(std::string(FLEX_TEST_CUDA_PLANS_DIR) + "/" + name);
+    doc = nlohmann::ordered_json::parse(file);
+  }
+  Plan unfused, fused;
+  EXPECT_TRUE(parsePlan(doc.dump(), unfused).isOk());
+  EXPECT_EQ(test::fuseActivationBackwardSteps(doc), pairs);
+  Status status = parsePlan(doc.dump(), fused);
+  EXPECT_TRUE(status.isOk()) << status.message();
+  return {std::move(unfused), std::move(fused)};
+}
+
+InputGradient predictInputGradient(const Plan &plan, int64_t variant,
+                                   bool wgmma) {
+  CostModelOptions options;
+  options.wgmmaGemm = wgmma;
+  const CostModel model(defaultProfile("cuda", 1), options);
+  return inputGradientOf(plan, model.predict(plan, variant, true, -1));
+}
+
+// Off the wgmma kernel the fused step is the GEMM on grouped_gemm's path
+// plus the activation's pass: the pair's price. On it, one device GEMM and
+// no pass: where the plain GEMM takes the device kernel too (a dynamic
+// layout at decode sizes: d 256, h 512, 64 tokens), the fused step costs
+// that GEMM alone; on a fixed capacity (C1: T 16384, d = h = 4096, E 16,
+// k 2) the plain GEMM stays on cuBLAS's batched path and the fused step
+// takes the wgmma kernel's.
+TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
+  {
+    auto [unfused, fused] =
+        unfusedAndFused("decode_ffn_bias_bf16_gather_train.json", 2);
+    for (int64_t v = 0; v < 2; ++v) {
+      const InputGradient pairOff = predictInputGradient(unfused, v, false);
+      const InputGradient off = predictInputGradient(fused, v, false);
+      const InputGradient pairOn = predictInputGradient(unfused, v, true);
+      const InputGradient on = predictInputGradient(fused, v, true);
+      std::printf("decode %s: pair %.1f us, fused %.1f us; on wgmma pair "
+                  "%.1f us, fused %.1f us\n",
+                  fused.variants[v].name.c_str(), pairOff.us, off.us, pairOn.us,
+                  on.us);
+      EXPECT_NEAR(off.us, pairOff.us, 0.02 * pairOff.us);
+      EXPECT_EQ(on.path, GemmPath::Device);
+      // The pair on wgmma: the same device GEMM, and the pass.
+      double passUs = 0;
+      CostModelOptions options;
+      options.wgmmaGemm = true;
+      for (const StepPrediction &step :
+           CostModel(defaultProfile("cuda", 1), options)
+               .predict(unfused, v, true, -1)
+               .steps)
+        if (step.op == StepOp::ActivationBackward)
+          passUs = step.us;
+      ASSERT_GT(passUs, 0.0);
+      EXPECT_NEAR(on.us, pairOn.us - passUs, 1e-6);
+    }
+  }
+  {
+    auto [unfused, fused] = unfusedAndFused("c1_ffn_relu_train.json", 1);
+    const InputGradient pair = predictInputGradient(unfused, 0, false);
+    const InputGradient off = predictInputGradient(fused, 0, false);
+    const InputGradient on = predictInputGradient(fused, 0, true);
+    std::printf("C1: pair %.1f us, fused %.1f us, fused on wgmma %.1f us\n",
+                pair.us, off.us, on.us);
+    EXPECT_EQ(off.path, GemmPath::Batched);
+    EXPECT_NEAR(off.us, pair.us, 0.02 * pair.us);
+    EXPECT_EQ(on.path, GemmPath::Device);
+    // The fused step's FLOPs are one product's.
+    for (const Step &step : fused.variants[0].backward)
+      if (step.op == StepOp::GroupedGemmActivationBackward) {
+        const int64_t rows = fused.getBuffer(step.out(OperandRole::C)).shape[0];
+        EXPECT_EQ(getStepWork(fused, step, -1).flops,
+                  2.0 * static_cast<double>(rows) * 4096 * 4096);
+      }
+  }
+}
+
+//===----------------------------------------------------------------------===//
 // grouped_gemm_glu
 //===----------------------------------------------------------------------===//
 

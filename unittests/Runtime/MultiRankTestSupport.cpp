@@ -443,6 +443,56 @@ int fuseGluSteps(nlohmann::ordered_json &plan, bool keepProducts) {
   return fused;
 }
 
+int fuseActivationBackwardSteps(nlohmann::ordered_json &plan) {
+  using Json = nlohmann::ordered_json;
+  int fused = 0;
+  for (Json &variant : plan["variants"]) {
+    for (const char *pass : {"forward", "backward"})
+      if (variant.contains(pass))
+        for (Json &step : variant[pass])
+          step.erase("facts");
+    Json &steps = variant["backward"];
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (steps[i]["op"] != "activation_backward")
+        continue;
+      const Json backward = steps[i];
+      size_t g = i;
+      while (g-- > 0)
+        if (steps[g]["op"] == "grouped_gemm" &&
+            steps[g]["out"]["c"] == backward["in"]["grad"])
+          break;
+      if (g >= i)
+        throw std::runtime_error("no grouped_gemm writes the grad");
+      Json in = steps[g]["in"];
+      in["pre"] = backward["in"]["pre"];
+      steps[i] = {{"op", "grouped_gemm_activation_backward"},
+                  {"in", in},
+                  {"out", {{"c", backward["out"]["grad_pre"]}}},
+                  {"attrs",
+                   {{"trans_b", steps[g]["attrs"]["trans_b"]},
+                    {"activation", backward["attrs"]["activation"]}}}};
+      steps.erase(steps.begin() + static_cast<std::ptrdiff_t>(g));
+      --i;
+      ++fused;
+    }
+  }
+  // The fused step reads its a while it writes c, which the placement of
+  // the unfused plan may have overlapped (a dead after the GEMM): every
+  // buffer gets bytes of its own.
+  if (fused > 0 && plan.contains("workspace")) {
+    Json &workspace = plan["workspace"];
+    const int64_t alignment = workspace.value("alignment", int64_t{256});
+    int64_t offset = 0;
+    for (Json &buffer : workspace["buffers"]) {
+      buffer["offset"] = offset;
+      offset += (buffer["bytes"].get<int64_t>() + alignment - 1) / alignment *
+                alignment;
+    }
+    workspace["bytes"] = std::max<int64_t>(offset, 1);
+  }
+  return fused;
+}
+
 void expectRejectedAfterEdit(
     const std::string &name,
     const std::function<void(nlohmann::ordered_json &)> &edit,

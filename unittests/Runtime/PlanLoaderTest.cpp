@@ -683,6 +683,85 @@ TEST(PlanLoader, RejectsGluFusedStepsOnTheWrongValues) {
       {"'variants[1].forward[3].out.c'", "R of row_tokens"});
 }
 
+//===----------------------------------------------------------------------===//
+// grouped_gemm_activation_backward
+//===----------------------------------------------------------------------===//
+
+// The fused step loads wherever the pair it replaces did: ragged and padded,
+// each chunk of a pipelined backward on two ranks.
+TEST(PlanLoader, AcceptsActivationBackwardFusedSteps) {
+  // Every variant's pairs: padded and ragged; one rank's, and on two ranks
+  // ep1, ep2 (two chunks), dp, ex2 (two chunks).
+  const std::pair<const char *, int> cases[] = {
+      {"ffn_dropless_ragged_train.json", 1},
+      {"ffn_fixed_train.json", 2},
+      {"mr_ffn_fixed_w2_train.json", 6}};
+  for (auto [name, count] : cases) {
+    Json doc = readJson(name);
+    ASSERT_EQ(test::fuseActivationBackwardSteps(doc), count) << name;
+    Plan plan;
+    Status status = parsePlan(doc.dump(), plan);
+    ASSERT_TRUE(status.isOk()) << name << ": " << status.message();
+    int steps = 0;
+    for (const Variant &variant : plan.variants)
+      for (const Step &step : variant.backward) {
+        EXPECT_NE(step.op, StepOp::ActivationBackward) << name;
+        if (step.op == StepOp::GroupedGemmActivationBackward) {
+          ++steps;
+          EXPECT_TRUE(step.attrs.transB);
+          EXPECT_TRUE(step.facts.routing.isValid() ||
+                      step.facts.segments.isValid());
+        }
+      }
+    EXPECT_EQ(steps, count) << name;
+  }
+}
+
+// Each rule of grouped_gemm_activation_backward, named by its field.
+TEST(PlanLoader, RejectsActivationBackwardFusedStepsThatBreakTheirRules) {
+  // ffn_dropless_ragged_train: d 8, h 12, f32; the fused step is
+  // backward[2].
+  Json doc = readJson("ffn_dropless_ragged_train.json");
+  ASSERT_EQ(test::fuseActivationBackwardSteps(doc), 1);
+  ASSERT_EQ(doc["variants"][0]["backward"][2]["op"],
+            "grouped_gemm_activation_backward");
+  auto edit = [&](auto change) {
+    Json wrong = doc;
+    change(wrong["variants"][0]["backward"][2]);
+    return wrong;
+  };
+  expectRejected(edit([](Json &s) { s["in"]["pre"] = "grad_y"; }),
+                 {"'variants[0].backward[2].in.pre'", "buffer 'grad_y'",
+                  "pre [R, N], R of a"});
+  expectRejected(edit([](Json &s) { s["in"].erase("pre"); }),
+                 {"'variants[0].backward[2].in.pre': missing"});
+  expectRejected(edit([](Json &s) { s["out"]["c"] = "hid_pre"; }),
+                 {"'variants[0].backward[2].out.c'",
+                  "buffer 'hid_pre' is also the step's pre",
+                  "writes c apart from what it reads"});
+  expectRejected(edit([](Json &s) { s["in"]["b"] = "w1"; }),
+                 {"'variants[0].backward[2].in.b'", "buffer 'w1'",
+                  "has K = 12 but a 'grad_y' has "
+                  "K = 8"});
+  expectRejected(edit([](Json &s) { s["attrs"]["trans_b"] = false; }),
+                 {"'variants[0].backward[2].in.b'"});
+  expectRejected(edit([](Json &s) { s["attrs"].erase("activation"); }),
+                 {"activation"});
+  // b is an expert weight, never a value steps computed (grad_w2 has
+  // w2's shape).
+  expectRejected(edit([](Json &s) { s["in"]["b"] = "grad_w2"; }),
+                 {"'variants[0].backward[2].in.b'",
+                  "buffer 'grad_w2' is not an expert weight"});
+  // One dtype: the product is rounded to c's and scaled in it.
+  Json mixed = doc;
+  Json &pre = findWorkspaceBuffer(mixed, "hid_pre");
+  pre["dtype"] = "bf16";
+  pre["bytes"] = pre["bytes"].get<int64_t>() / 2;
+  expectRejected(mixed, {"'variants[0].backward[2].in.pre'",
+                         "buffer 'hid_pre' has dtype bf16",
+                         "computes in one dtype, a's ('grad_y', f32)"});
+}
+
 // Damaged documents (cut anywhere, bytes flipped) give a Status, never a
 // crash or an exception.
 TEST(PlanLoader, SurvivesDamagedDocuments) {

@@ -654,9 +654,11 @@ double CostModel::basisSeconds(const Plan &plan, const Step &step,
   case StepCost::ExpertGemm:
   case StepCost::ExpertWgrad:
     // The device kernel has figures of its own; the kind's fitted ones
-    // describe its cuBLAS paths.
+    // describe its cuBLAS paths. (A fused step's pass follows either where
+    // the kernel does not fuse it.)
     if (basis.gemmPath == GemmPath::Device)
-      return profile_.deviceGemmFigures().launchSeconds + basis.gemmSeconds;
+      return profile_.deviceGemmFigures().launchSeconds + basis.gemmSeconds +
+             basis.passSeconds;
     return (fitted
                 ? fitted->alphaSeconds + fitted->gemmScale * basis.gemmSeconds
                 : basis.gemmSeconds) +
