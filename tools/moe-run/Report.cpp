@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -194,9 +195,14 @@ void printExplain(const LayerRun &run) {
   std::printf("capacity %lld (%s)\n",
               static_cast<long long>(explain["capacity"].get<int64_t>()),
               explain["capacity_source"].get<std::string>().c_str());
-  std::printf("  %-12s %12s %9s %9s %9s %9s %11s %12s %8s\n", "variant",
-              "predicted_us", "gate", "dispatch", "experts", "combine",
-              "collectives", "measured_us", "error");
+  // The name column fits the longest name (fused copies' are long).
+  int nameWidth = 12;
+  for (const nlohmann::ordered_json &variant : explain["variants"])
+    nameWidth = std::max(
+        nameWidth, static_cast<int>(variant["name"].get<std::string>().size()));
+  std::printf("  %-*s %12s %9s %9s %9s %9s %11s %12s %8s\n", nameWidth,
+              "variant", "predicted_us", "gate", "dispatch", "experts",
+              "combine", "collectives", "measured_us", "error");
   for (const nlohmann::ordered_json &variant : explain["variants"]) {
     auto stage = [&](const char *name) {
       return variant["forward_stages_us"][name].get<double>() +
@@ -212,8 +218,8 @@ void printExplain(const LayerRun &run) {
                     100.0 * variant["error"].get<double>());
       std::snprintf(measuredText, sizeof(measuredText), "%.1f", measured);
     }
-    std::printf("%c %-12s %12.1f %9.1f %9.1f %9.1f %9.1f %11.1f %12s %8s\n",
-                variant["chosen"].get<bool>() ? '*' : ' ',
+    std::printf("%c %-*s %12.1f %9.1f %9.1f %9.1f %9.1f %11.1f %12s %8s\n",
+                variant["chosen"].get<bool>() ? '*' : ' ', nameWidth,
                 variant["name"].get<std::string>().c_str(),
                 variant["predicted_us"].get<double>(), stage("gate"),
                 stage("dispatch"), stage("experts"), stage("combine"),

@@ -615,6 +615,151 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
   }
 }
 
+/// act'(x) in fp64 (GELU's exact erf form).
+double activationDerivative64(Activation act, double x) {
+  switch (act) {
+  case Activation::Relu:
+    return x > 0 ? 1.0 : 0.0;
+  case Activation::Gelu:
+    return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) +
+           x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
+  case Activation::Silu: {
+    const double s = 1.0 / (1.0 + std::exp(-x));
+    return s * (1.0 + x * (1.0 - s));
+  }
+  }
+  return 0.0;
+}
+
+// grouped_gemm_activation_backward on every path (auto and device: the
+// wgmma kernel's store on Hopper where it applies; cublas: the GEMM and the
+// pass), static and dynamic row spaces, b transposed (fc2's input
+// gradient) or not: near fp64's (a @ b) * act'(pre), bit for bit the GEMM
+// on the same engine followed by activationBackward, rows outside the
+// segments untouched on the device paths.
+TEST_P(CudaDeviceGemm, ActivationBackwardMatchesTheUnfusedStepsAndFp64) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity, tc.base);
+  const int64_t E = seg.experts(), k = tc.k, n = tc.n;
+  const bool staticToo = tc.capacity > 0 && tc.base == 0;
+  std::mt19937_64 rng(29 + k + 5 * n);
+  for (bool isStatic : {false, true}) {
+    if (isStatic && !staticToo)
+      continue;
+    cuda::ExpertRowSpace space = seg.space();
+    std::vector<int32_t> first = seg.offsets, rows = seg.rows;
+    if (isStatic) { // every row of [0, E * C) is computed
+      space.staticCapacity = tc.capacity;
+      space.rowBound = E * tc.capacity;
+      for (int64_t e = 0; e < E; ++e)
+        rows[e] = static_cast<int32_t>(tc.capacity);
+    }
+    const int64_t R = space.rowBound;
+    auto computed = [&](int64_t r) {
+      for (int64_t e = 0; e < E; ++e)
+        if (r >= first[e] && r < first[e] + rows[e])
+          return true;
+      return false;
+    };
+    for (DType dt : {DType::BF16, DType::F16})
+      for (bool transB : {true, false})
+        for (Activation act :
+             {Activation::Relu, Activation::Gelu, Activation::Silu}) {
+          SCOPED_TRACE(std::string(toString(dt)) +
+                       (isStatic ? " static" : " dynamic") +
+                       (transB ? " b^T" : " b") + " activation " +
+                       std::to_string(static_cast<int>(act)));
+          Buffer a(dt, R * k), b(dt, E * k * n), pre(dt, R * n);
+          a.set(normals(rng, R * k, 1.0));
+          b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+          pre.set(normals(rng, R * n, 1.5));
+          std::vector<double> want(R * n, 0.0);
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t r = first[e]; r < first[e] + rows[e]; ++r)
+              for (int64_t j = 0; j < n; ++j) {
+                double sum = 0;
+                for (int64_t i = 0; i < k; ++i)
+                  sum += a.at(r * k + i) *
+                         b.at(e * k * n + (transB ? j * k + i : i * n + j));
+                want[r * n + j] =
+                    sum * activationDerivative64(act, pre.at(r * n + j));
+              }
+          for (GroupedGemmPath path :
+               {GroupedGemmPath::Auto, GroupedGemmPath::Device,
+                GroupedGemmPath::Cublas}) {
+            SCOPED_TRACE(pathName(path));
+            Buffer c(dt, R * n), product(dt, R * n), c2(dt, R * n);
+            for (Buffer *x : {&c, &product, &c2})
+              x->poison();
+            const std::vector<uint8_t> before = c.host;
+            Status status = cuda::detail::groupedGemmActivationBackwardWith(
+                *ctx, {a.device, dt}, {b.device, dt}, {pre.device, dt},
+                {c.device, dt}, k, n, space, transB, act, path);
+            ASSERT_TRUE(status.isOk()) << status.message();
+            c.download();
+            double diff = 0, norm = 0;
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t j = 0; computed(r) && j < n; ++j) {
+                const double v = c.at(r * n + j), w = want[r * n + j];
+                ASSERT_TRUE(std::isfinite(v)) << "row " << r;
+                diff += (v - w) * (v - w);
+                norm += w * w;
+              }
+            EXPECT_LE(std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30), 2e-2);
+            // The unfused steps on the engine the fused step took.
+            const bool onWgmma =
+                path != GroupedGemmPath::Cublas &&
+                cuda::detail::hopperGroupedGemmRuns(*ctx) &&
+                cuda::detail::hopperGroupedGemmApplies(
+                    *ctx, dt, k, n, space,
+                    {a.device, b.device, c.device, pre.device});
+            // (Off the wgmma kernel the GEMM's path may compute a padded
+            // layout's padding rows.)
+            if (onWgmma && !isStatic) {
+              ASSERT_EQ(firstRowWritten(c, before, R, n, computed), -1)
+                  << "a row outside the segments was written";
+            }
+            if (onWgmma) {
+              ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
+                              *ctx, a.device, b.device, product.device, dt, k,
+                              n, space, transB, false,
+                              cuda::detail::DeviceTiles::Hopper)
+                              .isOk());
+            } else {
+              GroupedGemmOptions options;
+              options.transB = transB;
+              ASSERT_TRUE(cuda::detail::groupedGemmWith(
+                              *ctx, {a.device, dt}, {b.device, dt}, {},
+                              {product.device, dt}, k, n, space, options, {},
+                              path == GroupedGemmPath::Device
+                                  ? GroupedGemmPath::Auto
+                                  : path)
+                              .isOk());
+            }
+            ASSERT_TRUE(cuda::activationBackward(*ctx, {pre.device, dt},
+                                                 {product.device, dt},
+                                                 {c2.device, dt}, n, space, act)
+                            .isOk());
+            c2.download();
+            ASSERT_EQ(firstRowDiffering(c, c2, R, n, computed), -1)
+                << "differs from the GEMM and activation_backward"
+                << (onWgmma ? " (wgmma)" : "");
+          }
+        }
+  }
+  // c over one of its inputs is refused, not computed into garbage.
+  Buffer a(DType::BF16, seg.rowBound * k), b(DType::BF16, E * k * n),
+      pre(DType::BF16, seg.rowBound * n);
+  Status status = cuda::groupedGemmActivationBackward(
+      *ctx, {a.device, DType::BF16}, {b.device, DType::BF16},
+      {pre.device, DType::BF16}, {pre.device, DType::BF16}, k, n, seg.space(),
+      true, Activation::Relu);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+}
+
 // A fixed capacity's ReLU in cuBLASLt's epilogue (relu_in_gemm on, the
 // automatic path; the explicit cuBLAS path keeps the GEMM and the epilogue
 // kernel): both equal

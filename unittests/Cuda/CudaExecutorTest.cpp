@@ -55,11 +55,13 @@ std::vector<PlanFile> planFiles() {
         "gated_fixed_train.json"})
     files.push_back({std::string(FLEX_RUNTIME_PLANS_DIR) + "/" + name, name});
   // The *_gather_* plans hold the gather-fused variant (single+gather) of
-  // the default pipeline beside the unfused one.
+  // the default pipeline beside the unfused one; *_act_backward_* also the
+  // backward-fused copies of both (fuse-activation-backward=true).
   for (const char *name :
        {"small_ffn_train.json", "small_swiglu_bf16_train.json",
         "small_swiglu_bf16_gather_train.json",
-        "decode_ffn_bias_bf16_gather_train.json"})
+        "decode_ffn_bias_bf16_gather_train.json",
+        "decode_ffn_bias_bf16_act_backward_train.json"})
     files.push_back({std::string(FLEX_CUDA_PLANS_DIR) + "/" + name, name});
   return files;
 }
@@ -239,6 +241,53 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
                       tolerance)
                 << kGradients[g];
       }
+    }
+  }
+}
+
+// Each backward-fused variant (grouped_gemm_activation_backward: on Hopper
+// the wgmma kernel's store under grouped_gemm=auto and device, elsewhere
+// the GEMM and the pass) gives its original's bytes in every output and
+// gradient, on each grouped_gemm path.
+TEST(CudaExecutor, ActivationBackwardFusedVariantsEqualTheirOriginals) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::shared_ptr<const Plan> plan =
+      loadPlan(std::string(FLEX_CUDA_PLANS_DIR) +
+               "/decode_ffn_bias_bf16_act_backward_train.json");
+  const LayerData data = makeData(plan->layer, 11);
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::Auto, GroupedGemmImpl::Device,
+                               GroupedGemmImpl::Cublas}) {
+    RuntimeOptions options;
+    options.groupedGemm = impl;
+    options.wgmma = true;
+    // Every argument's bytes after a forward and backward of variant v.
+    auto run = [&](const std::string &name) {
+      std::map<std::string, std::vector<uint8_t>> bytes;
+      DeviceArguments args(*plan);
+      fill(args, data);
+      std::unique_ptr<Backend> backend;
+      EXPECT_TRUE(createCudaBackend(backend, options).isOk());
+      std::unique_ptr<Executor> executor;
+      EXPECT_TRUE(Executor::create(plan, std::move(backend), executor).isOk());
+      EXPECT_TRUE(executor->selectVariant(plan->findVariant(name)).isOk());
+      std::vector<Binding> bindings = args.bindings();
+      Status status = executor->forward(bindings.data(), bindings.size());
+      if (status)
+        status = executor->backward(bindings.data(), bindings.size());
+      EXPECT_TRUE(status.isOk()) << name << ": " << status.message();
+      for (auto &[arg, buffer] : args.buffers) {
+        buffer.download();
+        bytes[arg] = buffer.host;
+      }
+      return bytes;
+    };
+    for (const char *original : {"single", "single+gather"}) {
+      SCOPED_TRACE(std::string(original) + " grouped_gemm " +
+                   std::to_string(static_cast<int>(impl)));
+      const auto want = run(original);
+      const auto got = run(std::string(original) + "+act_backward");
+      for (const auto &[arg, value] : want)
+        EXPECT_TRUE(got.at(arg) == value) << arg << " differs";
     }
   }
 }
