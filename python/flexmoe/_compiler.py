@@ -83,6 +83,11 @@ class LayerSpec:
     # passed to the compiler, so that this default, not the compiler's,
     # decides.
     fuse_glu: bool = True
+    # The backward-fused variants of training plans
+    # (--moert-fuse-activation-backward: fc2's input gradient and the
+    # activation's backward in one step; the cost model picks per call).
+    # Off until the fused step has run on a GPU; passed either way.
+    fuse_activation_backward: bool = False
 
     def key(self):
         """A stable text of every field: the in-memory cache key and, hashed
@@ -99,6 +104,8 @@ class LayerSpec:
         if not self.fuse_dispatch:
             parts.append("fuse_dispatch=false")
         parts.append("fuse_glu=true" if self.fuse_glu else "fuse_glu=false")
+        parts.append("fuse_activation_backward=" +
+                     ("true" if self.fuse_activation_backward else "false"))
         return " ".join(parts)
 
 
@@ -222,8 +229,10 @@ class ToolCompiler:
         training = "true" if spec.training else "false"
         fuse = "true" if spec.fuse_dispatch else "false"
         glu = "true" if spec.fuse_glu else "false"
+        backward = "true" if spec.fuse_activation_backward else "false"
         passes.append(f"--moe-lower-to-plan=training={training} "
-                      f"fuse-dispatch={fuse} fuse-glu={glu}")
+                      f"fuse-dispatch={fuse} fuse-glu={glu} "
+                      f"fuse-activation-backward={backward}")
         lowered = subprocess.run([str(self.opt), "-", *passes], input=mlir,
                                  capture_output=True, text=True)
         if lowered.returncode != 0:

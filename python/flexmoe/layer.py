@@ -131,6 +131,9 @@ class MoELayer(torch.nn.Module):
     between calls. fuse_glu=True adds, for gated (SwiGLU) bf16/f16 layers,
     variants computing the two up-projections and the glu in one step
     (--moert-fuse-glu); fuse_glu=False leaves them out.
+    fuse_activation_backward=True adds, for bf16/f16 FFN training plans,
+    variants computing fc2's input gradient and the activation's backward
+    in one step (--moert-fuse-activation-backward; off by default for now).
     Many ranks: experts are sharded [E / W, ...] over the process group
     (flexmoe.distributed: NCCL on GPUs, the group's own collectives, e.g.
     gloo, on CPUs).
@@ -143,7 +146,8 @@ class MoELayer(torch.nn.Module):
                  dtype=torch.float32, device=None, group=None,
                  world_size=None, rank=None, variants=None, seed=0,
                  a2a_ffn_overlap_degree=1, adaptive_r=None,
-                 ranks_per_node=None, fuse_dispatch=True, fuse_glu=True):
+                 ranks_per_node=None, fuse_dispatch=True, fuse_glu=True,
+                 fuse_activation_backward=False):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got "
@@ -194,6 +198,9 @@ class MoELayer(torch.nn.Module):
         # The glu-fused plan variants (gated bf16/f16 layers): picked per
         # call likewise; False leaves them out.
         self.fuse_glu = bool(fuse_glu)
+        # The backward-fused plan variants (FFN training plans): picked per
+        # call likewise; True adds them.
+        self.fuse_activation_backward = bool(fuse_activation_backward)
         self.group_name = ""
         self.l_aux = None
         self._call_keys = {}  # _call_key's keys by their arguments
@@ -318,7 +325,8 @@ class MoELayer(torch.nn.Module):
             seed=int(self.seed), training=bool(training),
             world_size=self.world_size, variants=self.variants,
             ranks_per_node=self.ranks_per_node,
-            fuse_dispatch=self.fuse_dispatch, fuse_glu=self.fuse_glu)
+            fuse_dispatch=self.fuse_dispatch, fuse_glu=self.fuse_glu,
+            fuse_activation_backward=self.fuse_activation_backward)
 
     def mlir(self, tokens, training=True):
         """The `moe.layer` IR this layer compiles for `tokens` tokens."""

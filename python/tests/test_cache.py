@@ -323,3 +323,46 @@ def test_emitted_ir_is_the_compilers_own():
         mine.pop("producer", None)
         theirs.pop("producer", None)
         assert mine == theirs
+
+
+def test_fuse_activation_backward_adds_the_backward_fused_variants():
+    """A one-rank FFN bf16 dropless training layer compiled with
+    fuse_activation_backward=True (the layer's option, passed as the C API's
+    pipeline text) has an `+act_backward` copy of `single` and of
+    `single+gather`, after them, whose backward has one
+    grouped_gemm_activation_backward and no activation_backward; False (the
+    default, passed either way) leaves them out; the spec's key tells them
+    apart."""
+    comp = _compiler.compiler()
+    if comp is None:
+        pytest.skip("no compiler library")
+    lib = _compiler._capi.library()
+    names = {}
+    for fuse in (True, False):
+        spec = _compiler.LayerSpec(tokens=32, model_dim=16, hidden_dim=24,
+                                   experts=4, top_k=2, activation="gelu",
+                                   dtype="bf16", capacity_mode="dropless",
+                                   router_fp32=True,
+                                   fuse_activation_backward=fuse)
+        doc = json.loads(comp.compile(lib, spec, _compiler.emit_mlir(spec)))
+        names[fuse] = [v["name"] for v in doc["variants"]]
+        for v in doc["variants"]:
+            steps = [s["op"] for s in v["backward"]]
+            fused = v["name"].endswith("+act_backward")
+            assert ("grouped_gemm_activation_backward" in steps) == fused
+            assert ("activation_backward" in steps) == (not fused)
+    assert names == {True: ["single", "single+gather", "single+act_backward",
+                            "single+gather+act_backward"],
+                     False: ["single", "single+gather"]}
+    keys = {_compiler.LayerSpec(tokens=8, model_dim=8, hidden_dim=8, experts=2,
+                                top_k=1, fuse_activation_backward=f).key()
+            for f in (True, False)}
+    assert len(keys) == 2
+    default = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                               dtype=torch.bfloat16)
+    assert "fuse_activation_backward=false" in default.spec(32,
+                                                             True).pipeline()
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                             dtype=torch.bfloat16,
+                             fuse_activation_backward=True)
+    assert "fuse_activation_backward=true" in layer.spec(32, True).pipeline()
