@@ -626,8 +626,74 @@ TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
             std::string::npos)
       << text;
   EXPECT_EQ(compile("fuse=true", text), FLEX_STATUS_INVALID_ARGUMENT);
-  EXPECT_NE(text.find("fuse_dispatch=true|false, fuse_glu=true|false"),
+  EXPECT_NE(text.find("fuse_dispatch=true|false, fuse_glu=true|false, "
+                      "fuse_activation_backward=true|false"),
             std::string::npos)
+      << text;
+}
+
+TEST(CompileAndRun, FuseActivationBackwardThroughTheCompileOptionsAndTheCAPI) {
+  // fuse_activation_backward=true adds a backward-fused copy of each
+  // variant of an FFN bf16 training layer (the gather-fused one included),
+  // after every variant the plan had; false and the default (off) leave
+  // them out; another value is an error naming the option.
+  ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
+  LayerConfig config = smallDroplessLayer();
+  config.expertKind = ExpertKind::FFN;
+  config.activation = Activation::Gelu;
+  config.dtype = DType::BF16;
+  const std::string mlir = layerConfigToMlir(config);
+  auto compile = [&](const char *pipeline, std::string &out) {
+    return compileThroughCApi(mlir, pipeline, out);
+  };
+  auto names = [](const Plan &plan) {
+    std::vector<std::string> out;
+    for (const Variant &variant : plan.variants)
+      out.push_back(variant.name);
+    return out;
+  };
+  std::string text;
+  Plan plan;
+  ASSERT_EQ(compile("fuse_activation_backward=true", text), FLEX_STATUS_OK)
+      << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  EXPECT_EQ(names(plan), (std::vector<std::string>{
+                             "single", "single+gather", "single+act_backward",
+                             "single+gather+act_backward"}));
+  EXPECT_EQ(plan.defaultVariant, 0);
+  for (size_t v = 0; v < plan.variants.size(); ++v) {
+    SCOPED_TRACE(plan.variants[v].name);
+    const bool fused = v >= 2;
+    EXPECT_EQ(countSteps(plan.variants[v].backward,
+                         StepOp::GroupedGemmActivationBackward),
+              fused ? 1 : 0);
+    EXPECT_EQ(countSteps(plan.variants[v].backward, StepOp::ActivationBackward),
+              fused ? 0 : 1);
+  }
+  for (const char *off : {"fuse_activation_backward=false", ""}) {
+    ASSERT_EQ(compile(off, text), FLEX_STATUS_OK) << text;
+    ASSERT_TRUE(parsePlan(text, plan).isOk());
+    EXPECT_EQ(names(plan),
+              (std::vector<std::string>{"single", "single+gather"}))
+        << off;
+  }
+
+  // The same through CompileOptions.
+  CompileOptions options;
+  options.training = true;
+  options.fuseDispatch = false;
+  options.fuseActivationBackward = true;
+  std::string planJson, error;
+  ASSERT_TRUE(compileLayerToPlan(mlir, options, planJson, error)) << error;
+  ASSERT_TRUE(parsePlan(planJson, plan).isOk());
+  EXPECT_EQ(names(plan),
+            (std::vector<std::string>{"single", "single+act_backward"}));
+
+  EXPECT_EQ(compile("fuse_activation_backward=1", text),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_NE(
+      text.find("'fuse_activation_backward' needs true or false, got '1'"),
+      std::string::npos)
       << text;
 }
 
