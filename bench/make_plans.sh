@@ -7,6 +7,8 @@
 # (a line "// bench: decode" in its .mlir) gives the inference plan only: it is
 # timed forward only, and the device call's time goes to what is measured.
 # usage: bench/make_plans.sh [BUILD_DIR]   (default: build)
+# FLEX_PLAN_OPTIONS (e.g. "fuse-activation-backward=true") is appended to
+# --moe-lower-to-plan's options for every plan.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"
@@ -31,7 +33,7 @@ for layer in "${layers[@]}"; do
     training=false; [[ $mode == train ]] && training=true
     plan="$out/$name.$mode.json"
     # Write to a temporary file so a failed compile leaves no half plan.
-    "$opt" "$layer" --moe-lower-to-plan="training=$training" \
+    "$opt" "$layer" --moe-lower-to-plan="training=$training${FLEX_PLAN_OPTIONS:+ $FLEX_PLAN_OPTIONS}" \
       | "$translate" --moert-to-plan > "$plan.tmp" \
       || { echo "make_plans.sh: compiling $layer (training=$training) failed" >&2; rm -f "$plan.tmp"; exit 1; }
     [[ -s "$plan.tmp" ]] || { echo "make_plans.sh: empty plan for $layer" >&2; exit 1; }
