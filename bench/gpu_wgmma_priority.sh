@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# What one short device call can settle about the wgmma kernel's defaults
+# and the backward-fused step, when the session has one call left (issue
+# 13): each phase has its own limit and is skipped once the call's budget
+# (BUDGET seconds, default 570) would run out.
+#   1. build the runtime with CUDA (no compiler),
+#   2. at once: the wgmma kernel's own tests (CudaHopperGemm.*, every tile
+#      and form, clusters included), the backward-fused step's kernel test,
+#      the executor tests (every plan and variant, graph replay, the
+#      backward-fused variants' bytes against their originals),
+#   3. flex-gemm-bench: every wgmma tile against cuBLAS on the same card,
+#   4. the layers: C3 / G3 / D1 dropless forward with wgmma off, on under the
+#      rule, and on every GEMM with each tile; the training layers' backward
+#      with the pair and the fused step (bench/plans from make_plans.sh with
+#      FLEX_PLAN_OPTIONS="fuse-activation-backward=true"),
+#   5. compute-sanitizer memcheck over the wgmma tests and the fused step's.
+# The full suite and its shards are bench/gpu_gemm.sh's.
+#
+#   bench/gpu_wgmma_priority.sh   (device machine; at most BUDGET seconds)
+set -uo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+OUT="${OUT:-$root/bench/out}"
+BUILD="${BUILD:-$root/build-gpu}"
+BUDGET="${BUDGET:-570}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export FLEX_WGMMA="${FLEX_WGMMA:-1}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/priority-log.txt") 2>&1
+echo "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+echo "commit: ${FLEX_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+status=0
+# The seconds a phase may take: its own limit, or what the budget has left.
+limit() {
+  local left=$((BUDGET - SECONDS))
+  echo $(( left < $1 ? left : $1 ))
+}
+
+echo "=== build ($SECONDS s)"
+if ! (cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
+      timeout 240 ninja -C "$BUILD" FlexCudaKernelsTests FlexCudaExecutorTests \
+        flex-gemm-bench moe-run) > "$OUT/priority-build.log" 2>&1; then
+  echo "build FAILED"; grep -E "error|Error" "$OUT/priority-build.log" | head -20
+  tail -20 "$OUT/priority-build.log"; exit 1
+fi
+kernels="$BUILD/unittests/Cuda/FlexCudaKernelsTests"
+executor="$BUILD/unittests/Cuda/FlexCudaExecutorTests"
+
+echo "=== tests ($SECONDS s)"
+run_tests() { # name binary filter seconds
+  timeout "$4" stdbuf -oL "$2" --gtest_filter="$3" > "$OUT/priority-$1.log" 2>&1
+  local rc=$?
+  echo "$1: exit $rc; $(grep -cE '^\[       OK' "$OUT/priority-$1.log") ok;" \
+       "$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/priority-$1.log" | tr '\n' ' ')"
+  grep -E '^\[  FAILED  \]|Failure|error:' "$OUT/priority-$1.log" | head -12
+  (( rc == 124 )) && echo "  cut while in: $(grep -E '^\[ RUN' "$OUT/priority-$1.log" | tail -1)"
+  return $rc
+}
+t=$(limit 150)
+run_tests hopper "$kernels" 'CudaHopperGemm.*' "$t" & p1=$!
+run_tests act-backward "$kernels" \
+  'Shapes/CudaDeviceGemm.ActivationBackward*' "$t" & p2=$!
+run_tests executor "$executor" 'CudaExecutor.*:CudaStepKernels.*' "$t" & p3=$!
+for p in $p1 $p2 $p3; do wait "$p" || status=1; done
+
+if (( BUDGET - SECONDS > 60 )); then
+  echo "=== bench ($SECONDS s)"
+  timeout "$(limit 100)" "$BUILD/bin/flex-gemm-bench" --iters 10 \
+    > "$OUT/priority-bench.log" 2>&1
+  rc=$?
+  (( rc == 0 )) || status=1
+  cat "$OUT/priority-bench.log"
+  echo "bench: exit $rc (1 = the paths' outputs differ or the kernel refused)"
+fi
+
+layer() { # label plan variant FLEX_WGMMA FLEX_GROUPED_GEMM FLEX_WGMMA_TILE [--train]
+  local log="$OUT/layer-$2-$1"
+  (( BUDGET - SECONDS > 20 )) || { echo "$2 $1: skipped (budget)"; return; }
+  FLEX_WGMMA=$4 FLEX_GROUPED_GEMM=$5 FLEX_WGMMA_TILE=$6 \
+    timeout "$(limit 40)" "$BUILD/bin/moe-run" "bench/plans/$2.json" \
+    --device cuda --iters 10 --variant "$3" --json ${7:-} > "$log.json" 2> "$log.err" ||
+    { echo "$2 $1: failed"; tail -3 "$log.err"; status=1; return; }
+  python3 -c "
+import json, sys
+d = json.load(open(sys.argv[1]))
+f, b = d['forward'], d.get('backward')
+gemms = [round(x['mean_us'], 1) for x in f['steps'] if 'gemm' in x['op']]
+line = f'{sys.argv[2]:18s} {sys.argv[3]:10s} {d[\"variant\"]:28s} forward {f[\"median_us\"]:8.1f} us, GEMMs {gemms}'
+if b:
+    steps = [(x['op'], round(x['mean_us'], 1)) for x in b['steps']
+             if x['op'] in ('grouped_gemm', 'activation_backward',
+                            'grouped_gemm_activation_backward')]
+    line += f'; backward {b[\"median_us\"]:8.1f} us {steps}'
+print(line)
+" "$log.json" "$2" "$1" || status=1
+}
+if [[ -f bench/plans/c3_dropless.infer.json ]]; then
+  echo "=== layers ($SECONDS s)"
+  for plan in c3_dropless.infer g3_dropless.infer d1_dropless.infer; do
+    [[ -f bench/plans/$plan.json ]] || continue
+    layer off "$plan" auto 0 auto auto
+    layer auto "$plan" auto 1 auto auto
+    layer wide "$plan" auto 1 device wide
+    layer pair "$plan" auto 1 device pair
+    layer ping-pong "$plan" auto 1 device ping-pong
+  done
+  for plan in c3_dropless.train c1_cap1.train; do
+    [[ -f bench/plans/$plan.json ]] || continue
+    layer pair-unfused "$plan" single 1 auto auto --train
+    layer fused "$plan" single+act_backward 1 auto auto --train
+    layer auto "$plan" auto 1 auto auto --train
+  done
+fi
+
+if (( BUDGET - SECONDS > 40 )); then
+  echo "=== memcheck ($SECONDS s)"
+  timeout "$(limit 120)" stdbuf -oL compute-sanitizer --tool memcheck \
+    --report-api-errors no --error-exitcode 3 "$kernels" \
+    --gtest_filter='CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*' \
+    > "$OUT/priority-memcheck.log" 2>&1
+  rc=$?
+  (( rc == 0 || rc == 124 )) || status=1
+  echo "memcheck: exit $rc ($(grep -E 'ERROR SUMMARY' "$OUT/priority-memcheck.log" | tail -1))" \
+       "$(grep -cE '^\[       OK' "$OUT/priority-memcheck.log") tests done" \
+       "$( (( rc == 124 )) && grep -E '^\[ RUN' "$OUT/priority-memcheck.log" | tail -1)"
+fi
+echo "done in $SECONDS s; overall $([[ $status == 0 ]] && echo PASS || echo FAIL)"
+exit $status
