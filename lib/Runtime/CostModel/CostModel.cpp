@@ -318,16 +318,20 @@ constexpr int64_t kDeviceWgradTile = 128;
 /// experts' rows padded to whole tiles at the tile's rate, or the bytes it
 /// moves (the touched experts' weights, every expert's gradient, the rows'
 /// operands) at the weight-read rate, or (the weight gradient) its output
-/// tiles at their per-tile cost, whichever is longest.
+/// tiles at their per-tile cost, whichever is longest. `wgmmaTilesOnly`:
+/// the wgmma kernel's 128-row tiles whatever the rows (a step only it fuses;
+/// the rule would take the few-rows tile at decode).
 double deviceGemmSeconds(const DeviceProfile &profile, double rows,
                          int64_t groups, int64_t k, int64_t n, DType dtype,
-                         int64_t rowBound, bool wgrad, bool wgmma) {
+                         int64_t rowBound, bool wgrad, bool wgmma,
+                         bool wgmmaTilesOnly = false) {
   const DeviceGemmFigures figures = profile.deviceGemmFigures();
   const double touched = touchedExperts(rows, groups);
   if (touched <= 0)
     return 0;
-  const DeviceGemmTile tile =
-      wgrad ? DeviceGemmTile::Large : deviceGemmTile(rowBound, groups);
+  const DeviceGemmTile tile = wgrad || wgmmaTilesOnly
+                                  ? DeviceGemmTile::Large
+                                  : deviceGemmTile(rowBound, groups);
   const double step = static_cast<double>(wgrad ? kDeviceWgradRowStep
                                                 : deviceGemmTileRows(tile));
   const double padded = touched * std::ceil(rows / touched / step) * step;
@@ -529,8 +533,12 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
       // step 5633 us against 2104 with TMA), priced so.
       const bool wgmma = options_.wgmmaGemm && !wgrad &&
                          !step.in(OperandRole::RowTokens).isValid();
+      // The backward-fused step runs on the wgmma kernel's tiles alone.
+      const bool wgmmaOnly =
+          step.op == StepOp::GroupedGemmActivationBackward &&
+          fusedActivationBackwardOnDevice(profile_, options_, a.dtype, k, n);
       return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
-                               wgrad, wgmma);
+                               wgrad, wgmma, wgmmaOnly);
     }
     case GemmPath::PerExpert:
       if (profile_.backend == "cuda") {

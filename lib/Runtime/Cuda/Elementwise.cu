@@ -108,12 +108,13 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// grad and gradPre may be one buffer (grouped_gemm_activation_backward off
+// the wgmma kernel applies the derivative in place): not __restrict__.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    activationBackwardKernel(const T *__restrict__ pre,
-                             const T *__restrict__ grad,
-                             T *__restrict__ gradPre, int64_t width,
-                             RowSpace space, int64_t rows, int act) {
+    activationBackwardKernel(const T *__restrict__ pre, const T *grad,
+                             T *gradPre, int64_t width, RowSpace space,
+                             int64_t rows, int act) {
   const int lane = threadIdx.x & 31;
   forEachRow(space, rows, [&](int64_t row, int32_t) {
     for (int64_t i = lane * V; i < width; i += 32 * V) {

@@ -16,6 +16,8 @@
 // CHECK-NOT: act_backward
 // CHECK-LABEL: moert.plan @between_writes_b
 // CHECK-NOT: act_backward
+// CHECK-LABEL: moert.plan @two_backwards_one_gemm
+// CHECK-NOT: act_backward
 
 // -----
 
@@ -97,5 +99,27 @@ moert.plan @between_writes_b attributes {layer = #moert.layer<tokens = 8, model_
     moert.grouped_gemm ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %gh : memref<8x16xbf16>) {trans_b}
     moert.grouped_gemm ins(a = %g : memref<8x8xbf16>, b = %w1 : memref<2x8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %h : memref<8x16xbf16>)
     moert.activation_backward ins(pre = %h : memref<8x16xbf16>, grad = %gh : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_pre = %ghp : memref<8x16xbf16>) {activation = #moe<activation relu>}
+  }
+}
+
+// -----
+
+// Two activation_backward steps read one GEMM's grad: the later is left
+// alone, and then so is the first (the later still reads its grad).
+// REMARK: remark: variant 'v' not fused: activation_backward step 1 of 2: moert.activation_backward also uses its grad 'grad_hidden'
+moert.plan @two_backwards_one_gemm attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %gh = moert.alloc "grad_hidden" : memref<8x16xbf16>
+  %ghp = moert.alloc "grad_hidden_pre" : memref<8x16xbf16>
+  %ghp2 = moert.alloc "grad_hidden_pre_2" : memref<8x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    moert.grouped_gemm ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %gh : memref<8x16xbf16>) {trans_b}
+    moert.activation_backward ins(pre = %h : memref<8x16xbf16>, grad = %gh : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_pre = %ghp : memref<8x16xbf16>) {activation = #moe<activation relu>}
+    moert.activation_backward ins(pre = %h : memref<8x16xbf16>, grad = %gh : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_pre = %ghp2 : memref<8x16xbf16>) {activation = #moe<activation relu>}
   }
 }

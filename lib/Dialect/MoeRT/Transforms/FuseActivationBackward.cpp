@@ -195,6 +195,17 @@ struct MoeRTFuseActivationBackwardPass final
       if (failed(pair))
         leftAlone.push_back({index, why});
     }
+    // One GEMM fuses with one activation_backward: where two read what it
+    // wrote, the later one is left alone (and, reading grad, drops the
+    // first below).
+    llvm::DenseSet<Operation *> claimed;
+    for (auto [index, pair] : llvm::enumerate(candidates))
+      if (pair && !claimed.insert(pair->gemm).second) {
+        leftAlone.push_back({index, "its grad's moert.grouped_gemm is "
+                                    "fused with another "
+                                    "activation_backward"});
+        pair.reset();
+      }
     // The fused copy no longer writes grad: every other step using it must
     // be fused too (the chunks of a pipelined variant share it, each in its
     // own rows). Dropping a pair may drop those sharing its grad, so repeat
