@@ -61,7 +61,7 @@ run_tests() { # name binary filter seconds
 t=$(limit 150)
 run_tests hopper "$kernels" 'CudaHopperGemm.*' "$t" & p1=$!
 run_tests act-backward "$kernels" \
-  'Shapes/CudaDeviceGemm.ActivationBackward*' "$t" & p2=$!
+  'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*' "$t" & p2=$!
 run_tests executor "$executor" 'CudaExecutor.*:CudaStepKernels.*' "$t" & p3=$!
 for p in $p1 $p2 $p3; do wait "$p" || status=1; done
 
@@ -118,7 +118,7 @@ if (( BUDGET - SECONDS > 40 )); then
   echo "=== memcheck ($SECONDS s)"
   timeout "$(limit 120)" stdbuf -oL compute-sanitizer --tool memcheck \
     --report-api-errors no --error-exitcode 3 "$kernels" \
-    --gtest_filter='CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*' \
+    --gtest_filter='CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*:Shapes/CudaDeviceGemm.GluBackward*/decode*' \
     > "$OUT/priority-memcheck.log" 2>&1
   rc=$?
   (( rc == 0 || rc == 124 )) || status=1

@@ -760,6 +760,135 @@ TEST_P(CudaDeviceGemm, ActivationBackwardMatchesTheUnfusedStepsAndFp64) {
   EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
 }
 
+// grouped_gemm_glu_backward on every path, static and dynamic row spaces,
+// b transposed or not: near fp64's gradients of silu(gate) * up at
+// d = a @ b, bit for bit the GEMM on the same engine followed by
+// gluBackward, rows outside the segments untouched on the wgmma kernel.
+TEST_P(CudaDeviceGemm, GluBackwardMatchesTheUnfusedStepsAndFp64) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity, tc.base);
+  const int64_t E = seg.experts(), k = tc.k, n = tc.n;
+  const bool staticToo = tc.capacity > 0 && tc.base == 0;
+  std::mt19937_64 rng(31 + k + 7 * n);
+  for (bool isStatic : {false, true}) {
+    if (isStatic && !staticToo)
+      continue;
+    cuda::ExpertRowSpace space = seg.space();
+    std::vector<int32_t> first = seg.offsets, rows = seg.rows;
+    if (isStatic) {
+      space.staticCapacity = tc.capacity;
+      space.rowBound = E * tc.capacity;
+      for (int64_t e = 0; e < E; ++e)
+        rows[e] = static_cast<int32_t>(tc.capacity);
+    }
+    const int64_t R = space.rowBound;
+    auto computed = [&](int64_t r) {
+      for (int64_t e = 0; e < E; ++e)
+        if (r >= first[e] && r < first[e] + rows[e])
+          return true;
+      return false;
+    };
+    for (DType dt : {DType::BF16, DType::F16})
+      for (bool transB : {true, false}) {
+        SCOPED_TRACE(std::string(toString(dt)) +
+                     (isStatic ? " static" : " dynamic") +
+                     (transB ? " b^T" : " b"));
+        Buffer a(dt, R * k), b(dt, E * k * n), gate(dt, R * n), up(dt, R * n);
+        a.set(normals(rng, R * k, 1.0));
+        b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+        gate.set(normals(rng, R * n, 1.5));
+        up.set(normals(rng, R * n, 1.0));
+        std::vector<double> wantGate(R * n, 0.0), wantUp(R * n, 0.0);
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t r = first[e]; r < first[e] + rows[e]; ++r)
+            for (int64_t j = 0; j < n; ++j) {
+              double d = 0;
+              for (int64_t i = 0; i < k; ++i)
+                d += a.at(r * k + i) *
+                     b.at(e * k * n + (transB ? j * k + i : i * n + j));
+              const double x = gate.at(r * n + j),
+                           s = 1.0 / (1.0 + std::exp(-x));
+              wantGate[r * n + j] =
+                  d * up.at(r * n + j) * s * (1.0 + x * (1.0 - s));
+              wantUp[r * n + j] = d * x * s;
+            }
+        auto error = [&](const Buffer &got,
+                         const std::vector<double> &want) -> double {
+          double diff = 0, norm = 0;
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; computed(r) && j < n; ++j) {
+              const double v = got.at(r * n + j), w = want[r * n + j];
+              if (!std::isfinite(v))
+                return INFINITY;
+              diff += (v - w) * (v - w);
+              norm += w * w;
+            }
+          return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+        };
+        for (GroupedGemmPath path :
+             {GroupedGemmPath::Auto, GroupedGemmPath::Device,
+              GroupedGemmPath::Cublas}) {
+          SCOPED_TRACE(pathName(path));
+          Buffer gradGate(dt, R * n), gradUp(dt, R * n), product(dt, R * n),
+              gradGate2(dt, R * n), gradUp2(dt, R * n);
+          for (Buffer *x : {&gradGate, &gradUp, &product, &gradGate2, &gradUp2})
+            x->poison();
+          const std::vector<uint8_t> before = gradGate.host;
+          Status status = cuda::detail::groupedGemmGluBackwardWith(
+              *ctx, {a.device, dt}, {b.device, dt}, {gate.device, dt},
+              {up.device, dt}, {gradGate.device, dt}, {gradUp.device, dt}, k, n,
+              space, transB, path);
+          ASSERT_TRUE(status.isOk()) << status.message();
+          gradGate.download();
+          gradUp.download();
+          EXPECT_LE(error(gradGate, wantGate), 2e-2);
+          EXPECT_LE(error(gradUp, wantUp), 2e-2);
+          const bool onWgmma = path != GroupedGemmPath::Cublas &&
+                               cuda::detail::hopperGroupedGemmRuns(*ctx) &&
+                               cuda::detail::hopperGroupedGemmApplies(
+                                   *ctx, dt, k, n, space,
+                                   {a.device, b.device, gradGate.device,
+                                    gradUp.device, gate.device, up.device});
+          if (onWgmma && !isStatic) {
+            ASSERT_EQ(firstRowWritten(gradGate, before, R, n, computed), -1)
+                << "a row outside the segments was written";
+          }
+          if (onWgmma) {
+            ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
+                            *ctx, a.device, b.device, product.device, dt, k, n,
+                            space, transB, false,
+                            cuda::detail::DeviceTiles::Hopper)
+                            .isOk());
+          } else {
+            GroupedGemmOptions options;
+            options.transB = transB;
+            ASSERT_TRUE(cuda::detail::groupedGemmWith(
+                            *ctx, {a.device, dt}, {b.device, dt}, {},
+                            {product.device, dt}, k, n, space, options, {},
+                            path == GroupedGemmPath::Device
+                                ? GroupedGemmPath::Auto
+                                : path)
+                            .isOk());
+          }
+          ASSERT_TRUE(cuda::gluBackward(*ctx, {gate.device, dt},
+                                        {up.device, dt}, {product.device, dt},
+                                        {gradGate2.device, dt},
+                                        {gradUp2.device, dt}, n, space)
+                          .isOk());
+          gradGate2.download();
+          gradUp2.download();
+          ASSERT_EQ(firstRowDiffering(gradGate, gradGate2, R, n, computed), -1)
+              << "grad_gate_in differs" << (onWgmma ? " (wgmma)" : "");
+          ASSERT_EQ(firstRowDiffering(gradUp, gradUp2, R, n, computed), -1)
+              << "grad_up_in differs" << (onWgmma ? " (wgmma)" : "");
+        }
+      }
+  }
+}
+
 // A fixed capacity's ReLU in cuBLASLt's epilogue (relu_in_gemm on, the
 // automatic path; the explicit cuBLAS path keeps the GEMM and the epilogue
 // kernel): both equal

@@ -738,7 +738,7 @@ TEST(PlanLoader, RejectsActivationBackwardFusedStepsThatBreakTheirRules) {
   expectRejected(edit([](Json &s) { s["out"]["c"] = "hid_pre"; }),
                  {"'variants[0].backward[2].out.c'",
                   "buffer 'hid_pre' is also the step's pre",
-                  "writes c apart from what it reads"});
+                  "writes its outputs apart from what it reads"});
   expectRejected(edit([](Json &s) { s["in"]["b"] = "w1"; }),
                  {"'variants[0].backward[2].in.b'", "buffer 'w1'",
                   "has K = 12 but a 'grad_y' has "

@@ -98,6 +98,11 @@ struct StepKindInfo {
 /// The schema entry of `op`.
 const StepKindInfo &getStepKind(StepOp op);
 
+/// The output of an expert-GEMM step (StepCost::ExpertGemm) whose buffer
+/// holds the product's rows and columns [R, N]: `c`, or `grad_gate_in` for
+/// grouped_gemm_glu_backward (which writes two such outputs).
+OperandRole gemmProductRole(StepOp op);
+
 /// The work of one step (StepCost says which figures it has). Rows of
 /// dispatch-shaped buffers count the rows the step touches: `rows` when
 /// given (>= 0, e.g. E * C once the capacity is known), else the buffers'

@@ -220,12 +220,20 @@ bool fusedGluOnDevice(const DeviceProfile &profile,
          deviceGemmShapeFits(dtype, k, n);
 }
 
-/// Whether grouped_gemm_activation_backward runs fused: on CUDA where the
+/// grouped_gemm_activation_backward and grouped_gemm_glu_backward: fc2's
+/// input gradient with the backward of what follows fc1 in the store of the
+/// wgmma kernel, the only engine that fuses it.
+bool isFusedBackward(StepOp op) {
+  return op == StepOp::GroupedGemmActivationBackward ||
+         op == StepOp::GroupedGemmGluBackward;
+}
+
+/// Whether a fused backward (isFusedBackward) runs fused: on CUDA where the
 /// wgmma kernel runs (CostModelOptions::wgmmaGemm, the backend's answer), its
 /// operands fit it and the profile has the device kernel's figures, for any
 /// row space, unless grouped_gemm=cublas. Elsewhere the step runs as the
 /// unfused steps would: a GEMM on grouped_gemm's path and the
-/// activation_backward pass.
+/// activation_backward or glu_backward pass.
 bool fusedActivationBackwardOnDevice(const DeviceProfile &profile,
                                      const CostModelOptions &options,
                                      DType dtype, int64_t k, int64_t n) {
@@ -233,12 +241,13 @@ bool fusedActivationBackwardOnDevice(const DeviceProfile &profile,
 }
 
 /// The elementwise pass a fused step runs after its GEMM off its fusing
-/// kernel (glu, activation_backward): one launch, two [rows, n] read and
-/// one written at the profile's bandwidth (as those steps are priced
-/// without fitted figures).
+/// kernel: one launch, `tensors` [rows, n] read or written at the profile's
+/// bandwidth (as those steps are priced without fitted figures): 3 for glu
+/// and activation_backward (two read, one written), 5 for glu_backward
+/// (three read, two written).
 double elementwisePassSeconds(const DeviceProfile &profile, double rows,
-                              int64_t n, DType dtype) {
-  return profile.launchSeconds + 3.0 * rows * static_cast<double>(n) *
+                              int64_t n, DType dtype, int tensors = 3) {
+  return profile.launchSeconds + tensors * rows * static_cast<double>(n) *
                                      static_cast<double>(dtypeSize(dtype)) /
                                      profile.memoryBandwidth;
 }
@@ -260,7 +269,7 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   if (step.op == StepOp::GroupedGemmGlu &&
       fusedGluOnDevice(profile, options, a.dtype, k, n))
     return GemmPath::Device;
-  if (step.op == StepOp::GroupedGemmActivationBackward &&
+  if (isFusedBackward(step.op) &&
       fusedActivationBackwardOnDevice(profile, options, a.dtype, k, n))
     return GemmPath::Device;
   const SegmentFacts &seg = step.facts.segments;
@@ -466,7 +475,7 @@ bool CostModel::batchesBlocks(const Plan &plan, const Variant &variant,
   // first by the backend) computes the kept rows alone.
   const BufferDesc &a = plan.getBuffer(step.in(OperandRole::A));
   const BufferDesc &b = plan.getBuffer(step.in(OperandRole::B));
-  const BufferDesc &out = plan.getBuffer(step.out(OperandRole::C));
+  const BufferDesc &out = plan.getBuffer(step.out(gemmProductRole(step.op)));
   if (a.shape.empty() || out.shape.empty() ||
       expertGemmPath(
           profile_, options_, step, a, a.shape.back(), out.shape.back(),
@@ -535,7 +544,7 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
                          !step.in(OperandRole::RowTokens).isValid();
       // The backward-fused step runs on the wgmma kernel's tiles alone.
       const bool wgmmaOnly =
-          step.op == StepOp::GroupedGemmActivationBackward &&
+          isFusedBackward(step.op) &&
           fusedActivationBackwardOnDevice(profile_, options_, a.dtype, k, n);
       return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
                                wgrad, wgmma, wgmmaOnly);
@@ -591,7 +600,7 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   // The rows of the product are c's (grad_c's): with row_tokens, a is x.
   case StepCost::ExpertGemm: {
     const BufferDesc &a = plan.getBuffer(step.in(R::A));
-    const BufferDesc &c = plan.getBuffer(step.out(R::C));
+    const BufferDesc &c = plan.getBuffer(step.out(gemmProductRole(step.op)));
     const int64_t k = a.shape.back(), n = c.shape.back();
     const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
     if (step.op == StepOp::GroupedGemmGlu) {
@@ -616,10 +625,11 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
-    if (step.op == StepOp::GroupedGemmActivationBackward &&
+    if (isFusedBackward(step.op) &&
         !fusedActivationBackwardOnDevice(profile_, options_, c.dtype, k, n))
-      basis.passSeconds =
-          elementwisePassSeconds(profile_, work.flops / (2.0 * kn), n, c.dtype);
+      basis.passSeconds = elementwisePassSeconds(
+          profile_, work.flops / (2.0 * kn), n, c.dtype,
+          step.op == StepOp::GroupedGemmGluBackward ? 5 : 3);
     break;
   }
   case StepCost::ExpertWgrad: {

@@ -228,6 +228,15 @@ void CpuBackend::setBackwardKernels() {
                       write(c), cols(a), cols(c), x.segments, step.attrs.transB,
                       step.attrs.activation);
                 });
+  setArgsKernel(
+      StepOp::GroupedGemmGluBackward,
+      [](const Step &step, const StepOperands &ops, Args &x) {
+        const TensorView &a = ops.in(R::A), &gradGate = ops.out(R::GradGateIn);
+        cpu::groupedGemmGluBackward(
+            read(a), read(ops.in(R::B)), read(ops.in(R::GateIn)),
+            read(ops.in(R::UpIn)), write(gradGate), write(ops.out(R::GradUpIn)),
+            cols(a), cols(gradGate), x.segments, step.attrs.transB);
+      });
   setArgsKernel(StepOp::ActivationBackward,
                 [](const Step &step, const StepOperands &ops, Args &x) {
                   cpu::activationBackward(

@@ -105,6 +105,19 @@ void groupedGemmActivationBackward(ReadBuffer a, ReadBuffer b, ReadBuffer pre,
   activationBackward(pre, {c.data, c.type}, c, n, segments, act);
 }
 
+void groupedGemmGluBackward(ReadBuffer a, ReadBuffer b, ReadBuffer gateIn,
+                            ReadBuffer upIn, WriteBuffer gradGateIn,
+                            WriteBuffer gradUpIn, int64_t k, int64_t n,
+                            const ExpertSegments &segments, bool transB) {
+  // The product rounded into grad_gate_in, then glu_backward over it in
+  // place (each row read before it is written).
+  GroupedGemmOptions plain;
+  plain.transB = transB;
+  groupedGemm(a, b, {}, gradGateIn, k, n, segments, plain);
+  gluBackward(gateIn, upIn, {gradGateIn.data, gradGateIn.type}, gradGateIn,
+              gradUpIn, n, segments);
+}
+
 void groupedGemmWgrad(ReadBuffer a, ReadBuffer gradC, int64_t k, int64_t n,
                       const ExpertSegments &segments, WriteBuffer gradB,
                       WriteBuffer gradBias,

@@ -167,7 +167,7 @@ std::optional<GemmStepShape> gemmStepShape(const Plan &plan, const Step &step) {
   const bool forward = step.op != StepOp::GroupedGemmWgrad;
   GemmStepShape shape;
   shape.a = &plan.getBuffer(step.in(OperandRole::A));
-  shape.rows = &plan.getBuffer(forward ? step.out(OperandRole::C)
+  shape.rows = &plan.getBuffer(forward ? step.out(gemmProductRole(step.op))
                                        : step.in(OperandRole::GradC));
   const std::vector<int64_t> &weights =
       plan.getBuffer(forward ? step.in(OperandRole::B)
@@ -332,6 +332,16 @@ void CudaBackend::setRowKernels() {
                   read(x.shift(ops.in(R::Pre))), write(c), cols(a), cols(c),
                   x.rows.space(c), step.attrs.transB, step.attrs.activation);
             });
+  rowKernel(StepOp::GroupedGemmGluBackward, [](Ctx &ctx, const Step &step,
+                                               const Ops &ops, RowArgs &x) {
+    const TensorView a = x.shift(ops.in(R::A));
+    const TensorView gradGate = x.shift(ops.out(R::GradGateIn));
+    return cuda::groupedGemmGluBackward(
+        ctx, read(a), read(ops.in(R::B)), read(x.shift(ops.in(R::GateIn))),
+        read(x.shift(ops.in(R::UpIn))), write(gradGate),
+        write(x.shift(ops.out(R::GradUpIn))), cols(a), cols(gradGate),
+        x.rows.space(gradGate), step.attrs.transB);
+  });
   rowKernel(StepOp::ActivationBackward, [](Ctx &ctx, const Step &step,
                                            const Ops &ops, RowArgs &x) {
     return cuda::activationBackward(

@@ -789,8 +789,8 @@ Status deviceGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                              gather, epilogue);
   }
   // (The mma.sync kernel's few-rows tile alone has the fused epilogue, and
-  // not the activation's backward.)
-  if (epilogue.fused && epilogue.activationInput)
+  // not the activation's or the GLU's backward.)
+  if (epilogue.fused && (epilogue.activationInput || epilogue.gluGate))
     return Status(StatusCode::Internal,
                   "the activation's backward in the grouped GEMM's store runs "
                   "on the wgmma kernel only");

@@ -132,9 +132,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     gluBackwardKernel(const T *__restrict__ gateIn, const T *__restrict__ upIn,
-                      const T *__restrict__ grad, T *__restrict__ gradGateIn,
-                      T *__restrict__ gradUpIn, int64_t width, RowSpace space,
-                      int64_t rows) {
+                      const T *grad, T *gradGateIn, T *__restrict__ gradUpIn,
+                      int64_t width, RowSpace space, int64_t rows) {
   const int lane = threadIdx.x & 31;
   forEachRow(space, rows, [&](int64_t row, int32_t) {
     for (int64_t i = lane * V; i < width; i += 32 * V) {

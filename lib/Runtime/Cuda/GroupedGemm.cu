@@ -325,6 +325,16 @@ Status groupedGemmActivationBackward(KernelContext &ctx, ReadBuffer a,
       detail::GroupedGemmPath::Auto);
 }
 
+Status groupedGemmGluBackward(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                              ReadBuffer gateIn, ReadBuffer upIn,
+                              WriteBuffer gradGateIn, WriteBuffer gradUpIn,
+                              int64_t k, int64_t n, const ExpertRowSpace &space,
+                              bool transB) {
+  return detail::groupedGemmGluBackwardWith(ctx, a, b, gateIn, upIn, gradGateIn,
+                                            gradUpIn, k, n, space, transB,
+                                            detail::GroupedGemmPath::Auto);
+}
+
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
                         WriteBuffer gradB, WriteBuffer gradBias,
@@ -581,6 +591,64 @@ Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
     return s;
   return activationBackward(ctx, pre, ReadBuffer{c.data, c.type}, c, n, space,
                             act);
+}
+
+Status groupedGemmGluBackwardWith(KernelContext &ctx, ReadBuffer a,
+                                  ReadBuffer b, ReadBuffer gateIn,
+                                  ReadBuffer upIn, WriteBuffer gradGateIn,
+                                  WriteBuffer gradUpIn, int64_t k, int64_t n,
+                                  const ExpertRowSpace &space, bool transB,
+                                  GroupedGemmPath path) {
+  if (Status s = checkOneType({a.type, b.type, gateIn.type, upIn.type,
+                               gradGateIn.type, gradUpIn.type},
+                              "grouped_gemm_glu_backward");
+      !s)
+    return s;
+  for (const void *input : {a.data, b.data, gateIn.data, upIn.data})
+    for (const void *output : {gradGateIn.data, gradUpIn.data})
+      if (input == output)
+        return Status(StatusCode::InvalidArgument,
+                      "grouped_gemm_glu_backward: an output is also an "
+                      "input; it writes its outputs apart from what it "
+                      "reads");
+  if (gradGateIn.data == gradUpIn.data)
+    return Status(StatusCode::InvalidArgument,
+                  "grouped_gemm_glu_backward: grad_gate_in and grad_up_in "
+                  "are one buffer");
+  if (n == 0)
+    return Status::ok();
+  // As groupedGemmActivationBackwardWith: the wgmma kernel's store wherever
+  // it runs and applies, else the GEMM and the pass.
+  const bool fused =
+      (path == GroupedGemmPath::Device ||
+       (path == GroupedGemmPath::Auto &&
+        ctx.groupedGemm != GroupedGemmImpl::Cublas)) &&
+      hopperGroupedGemmRuns(ctx) &&
+      hopperGroupedGemmApplies(ctx, gradGateIn.type, k, n, space,
+                               {a.data, b.data, gradGateIn.data, gradUpIn.data,
+                                gateIn.data, upIn.data});
+  if (fused) {
+    DeviceGemmEpilogue backward;
+    backward.fused = true;
+    backward.gluGate = gateIn.data;
+    backward.gluUp = upIn.data;
+    backward.gluGradUp = gradUpIn.data;
+    return deviceGroupedGemm(ctx, a.data, b.data, gradGateIn.data,
+                             gradGateIn.type, k, n, space, transB,
+                             /*accumulate=*/false, DeviceTiles::Hopper,
+                             RowGather{}, backward);
+  }
+  GroupedGemmOptions options;
+  options.transB = transB;
+  const GroupedGemmPath gemmPath =
+      path == GroupedGemmPath::Device ? GroupedGemmPath::Auto : path;
+  if (Status s = groupedGemmWith(ctx, a, b, ReadBuffer{}, gradGateIn, k, n,
+                                 space, options, WriteBuffer{}, gemmPath);
+      !s)
+    return s;
+  return gluBackward(ctx, gateIn, upIn,
+                     ReadBuffer{gradGateIn.data, gradGateIn.type}, gradGateIn,
+                     gradUpIn, n, space);
 }
 
 Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,

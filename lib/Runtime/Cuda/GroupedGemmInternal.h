@@ -126,6 +126,13 @@ struct DeviceGemmEpilogue {
   /// GEMM followed by activationBackward.
   const void *activationInput = nullptr;
   Activation derivative = Activation::Relu;
+  /// Or the GLU's backward (the wgmma kernel's store only; nothing else):
+  /// with d = round(a @ b[e]), c = d * up * silu'(gate) (grad_gate_in) and
+  /// gluGradUp = d * silu(gate) (grad_up_in), gate and up [rows, n] like c
+  /// (the forward's gate_in / up_in): bit for bit the GEMM followed by
+  /// gluBackward.
+  const void *gluGate = nullptr, *gluUp = nullptr;
+  void *gluGradUp = nullptr;
 };
 
 /// Whether this device and build run the wgmma grouped GEMM (compute
@@ -270,6 +277,12 @@ Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
                                          const ExpertRowSpace &space,
                                          bool transB, Activation act,
                                          GroupedGemmPath path);
+Status groupedGemmGluBackwardWith(KernelContext &ctx, ReadBuffer a,
+                                  ReadBuffer b, ReadBuffer gateIn,
+                                  ReadBuffer upIn, WriteBuffer gradGateIn,
+                                  WriteBuffer gradUpIn, int64_t k, int64_t n,
+                                  const ExpertRowSpace &space, bool transB,
+                                  GroupedGemmPath path);
 Status groupedGemmGluWith(KernelContext &ctx, ReadBuffer a, ReadBuffer bGate,
                           ReadBuffer bUp, WriteBuffer c, int64_t k, int64_t n,
                           const ExpertRowSpace &space, WriteBuffer gateIn,

@@ -89,6 +89,12 @@ struct RaggedMParams {
   /// value in `derivative`), as activationBackward computes it.
   const void *activationInput = nullptr;
   int derivative = 0;
+  /// Or the GLU's backward (not accumulating, not Glu): with d the product
+  /// rounded to T and gate, up read from gluGate / gluUp (like c),
+  /// c = d * up * silu'(gate) (grad_gate_in) and gluGradUp = d * silu(gate)
+  /// (grad_up_in), as gluBackward computes them.
+  const void *gluGate = nullptr, *gluUp = nullptr;
+  void *gluGradUp = nullptr;
 };
 
 /// Group g's rows (GroupTiles.cuh's groupRows over this problem's space).
@@ -432,6 +438,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (p.accumulate) {
             v0 += float(out[col]);
             v1 += float(out[col + 1]);
+          } else if (p.gluGate) {
+            // As gluBackward: from the stored product d, grad_up_in =
+            // d * silu(gate) and grad_gate_in = d * up * silu'(gate).
+            const T *gate = static_cast<const T *>(p.gluGate) + at;
+            const T *up = static_cast<const T *>(p.gluUp) + at;
+            const float d0 = toStored<T>(v0), d1 = toStored<T>(v1);
+            const float g0 = float(gate[col]), g1 = float(gate[col + 1]);
+            storePair(static_cast<T *>(p.gluGradUp) + at + col,
+                      d0 * detail::siluForward(g0),
+                      d1 * detail::siluForward(g1));
+            v0 = d0 * float(up[col]) * detail::siluDerivative(g0);
+            v1 = d1 * float(up[col + 1]) * detail::siluDerivative(g1);
           } else if (p.activationInput) {
             // As activationBackward: the stored product times the
             // derivative at the forward's pre-activation value.

@@ -169,7 +169,11 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                   "accumulating");
   hopper::RaggedMParams params =
       raggedMParams(space, k, n, c, accumulate, a, gather);
-  if (epilogue.fused && epilogue.activationInput) {
+  if (epilogue.fused && epilogue.gluGate) {
+    params.gluGate = epilogue.gluGate;
+    params.gluUp = epilogue.gluUp;
+    params.gluGradUp = epilogue.gluGradUp;
+  } else if (epilogue.fused && epilogue.activationInput) {
     params.activationInput = epilogue.activationInput;
     params.derivative = static_cast<int>(epilogue.derivative);
   } else if (epilogue.fused) {

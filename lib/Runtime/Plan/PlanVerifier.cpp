@@ -366,7 +366,8 @@ void checkGemmWeights(const Plan &plan, const Step &step, const std::string &at,
   };
   std::vector<Source> sources;
   if (step.op == StepOp::GroupedGemm ||
-      step.op == StepOp::GroupedGemmActivationBackward)
+      step.op == StepOp::GroupedGemmActivationBackward ||
+      step.op == StepOp::GroupedGemmGluBackward)
     sources = {{R::B, {"w1", "w2", "w3"}, "an expert weight (w1, w2, w3"},
                {R::Bias, {"b1", "b2"}, "an expert bias (b1, b2"}};
   else if (step.op == StepOp::GroupedGemmGlu)

@@ -130,6 +130,11 @@ std::string_view toString(StepCost cost) {
   return "unknown";
 }
 
+OperandRole gemmProductRole(StepOp op) {
+  return op == StepOp::GroupedGemmGluBackward ? OperandRole::GradGateIn
+                                              : OperandRole::C;
+}
+
 bool StepKindInfo::takesAttr(StepAttr attr) const {
   return std::find(attrs.begin(), attrs.end(), attr) != attrs.end();
 }
@@ -167,7 +172,8 @@ StepWork getStepWork(const Plan &plan, const Step &step, int64_t rows) {
   case StepCost::ExpertGemm: {
     // The product's rows are c's: a is x [T, K] when row_tokens gathers.
     // grouped_gemm_glu computes two products (gate and up) of c's shape.
-    const BufferDesc &a = buffer(step.in(R::A)), &c = buffer(step.out(R::C));
+    const BufferDesc &a = buffer(step.in(R::A)),
+                     &c = buffer(step.out(gemmProductRole(step.op)));
     const double products = step.op == StepOp::GroupedGemmGlu ? 2.0 : 1.0;
     work.flops = products * 2.0 *
                  static_cast<double>(touchedRows(c, R::C, rows)) *

@@ -305,6 +305,8 @@ private:
   void
   expectOneDType(const BufferDesc *a,
                  std::initializer_list<std::pair<OperandRole, bool>> roles);
+  void expectWrittenApart(std::initializer_list<OperandRole> outputs,
+                          std::initializer_list<OperandRole> inputs);
   void checkWgrad();
   void checkShardRouting();
   void checkAllToAll();
@@ -544,19 +546,33 @@ void StepShapes::checkGemm() {
   const std::string ofRows = gathered ? ", R of row_tokens" : ", R of a";
   c.expect(R::C, out, kFloatTypes, {rows, N}, "c [R, N]" + ofRows);
   c.expect(R::Pre, out, kFloatTypes, {rows, N}, "pre [R, N]" + ofRows);
-  // The fused activation's backward reads the forward's pre and rounds the
-  // product to c's dtype before scaling it, as activation_backward does.
+  // The fused backwards read the forward's values and round the product
+  // to their outputs' dtype before using it, as activation_backward and
+  // glu_backward do; they store tiles while other tiles still read their
+  // inputs.
   if (step.op == StepOp::GroupedGemmActivationBackward) {
     c.expect(R::Pre, in, kFloatTypes, {rows, N}, "pre [R, N]" + ofRows);
     expectOneDType(a, {{R::B, in}, {R::Pre, in}, {R::C, out}});
-    // It stores c's tiles while other tiles still read a and pre.
-    for (OperandRole role : {R::A, R::B, R::Pre})
-      if (step.in(role) == step.out(R::C))
-        fail(c.where(R::C, out), "buffer '" + c.get(R::C, out)->name +
-                                     "' is also the step's " +
-                                     std::string(toString(role)) + "; op '" +
-                                     std::string(toString(step.op)) +
-                                     "' writes c apart from what it reads");
+    expectWrittenApart({R::C}, {R::A, R::B, R::Pre});
+  } else if (step.op == StepOp::GroupedGemmGluBackward) {
+    for (auto [role, isInput] :
+         {std::pair{R::GateIn, in}, std::pair{R::UpIn, in},
+          std::pair{R::GradGateIn, out}, std::pair{R::GradUpIn, out}})
+      c.expect(role, isInput, kFloatTypes, {rows, N},
+               std::string(toString(role)) + " [R, N]" + ofRows);
+    expectOneDType(a, {{R::B, in},
+                       {R::GateIn, in},
+                       {R::UpIn, in},
+                       {R::GradGateIn, out},
+                       {R::GradUpIn, out}});
+    expectWrittenApart({R::GradGateIn, R::GradUpIn},
+                       {R::A, R::B, R::GateIn, R::UpIn});
+    if (step.out(R::GradGateIn) == step.out(R::GradUpIn))
+      fail(c.where(R::GradUpIn, out),
+           "buffer '" + c.get(R::GradUpIn, out)->name +
+               "' is also the step's grad_gate_in; op '" +
+               std::string(toString(step.op)) +
+               "' writes the two gradients apart");
   }
   // [expert-1] The forward multiplies by the expert weights ([d, h] and
   // [h, d]), the backward's data gradients by their transposes: a GEMM the
@@ -622,6 +638,20 @@ void StepShapes::checkGemmGlu() {
                      {R::C, out},
                      {R::GateIn, out},
                      {R::UpIn, out}});
+}
+
+/// No output of `outputs` is an input of `inputs`: a fused step stores some
+/// tiles while others still read its inputs.
+void StepShapes::expectWrittenApart(std::initializer_list<OperandRole> outputs,
+                                    std::initializer_list<OperandRole> inputs) {
+  for (OperandRole output : outputs)
+    for (OperandRole input : inputs)
+      if (step.out(output).isValid() && step.in(input) == step.out(output))
+        fail(c.where(output, out),
+             "buffer '" + c.get(output, out)->name + "' is also the step's " +
+                 std::string(toString(input)) + "; op '" +
+                 std::string(toString(step.op)) +
+                 "' writes its outputs apart from what it reads");
 }
 
 /// Each of `roles` present has a's dtype: the fused steps compute in one.
@@ -787,6 +817,7 @@ void StepShapes::check() {
     return checkRowOps();
   case StepOp::GroupedGemm:
   case StepOp::GroupedGemmActivationBackward:
+  case StepOp::GroupedGemmGluBackward:
     return checkGemm();
   case StepOp::GroupedGemmGlu:
     return checkGemmGlu();

@@ -124,6 +124,8 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
     attrs.chunk = segments.getChunk();
   } else if (auto backward = dyn_cast<moert::ActivationBackwardOp>(op)) {
     attrs.activation = static_cast<Activation>(backward.getActivation());
+  } else if (auto glu = dyn_cast<moert::GroupedGemmGluBackwardOp>(op)) {
+    attrs.transB = glu.getTransB();
   } else if (auto fused =
                  dyn_cast<moert::GroupedGemmActivationBackwardOp>(op)) {
     attrs.transB = fused.getTransB();

@@ -179,6 +179,16 @@ void groupedGemmActivationBackward(ReadBuffer a, ReadBuffer b, ReadBuffer pre,
                                    const ExpertSegments &segments, bool transB,
                                    Activation act);
 
+/// `grouped_gemm_glu_backward`: for each expert e and its valid rows, with
+/// d = round(a @ b[e]) (b[e]^T with transB), gradGateIn = d * upIn *
+/// silu'(gateIn) and gradUpIn = d * silu(gateIn): bit for bit
+/// `groupedGemm(a, b) -> d` followed by `gluBackward`. The outputs must be
+/// none of the inputs and not one another.
+void groupedGemmGluBackward(ReadBuffer a, ReadBuffer b, ReadBuffer gateIn,
+                            ReadBuffer upIn, WriteBuffer gradGateIn,
+                            WriteBuffer gradUpIn, int64_t k, int64_t n,
+                            const ExpertSegments &segments, bool transB);
+
 /// `glu_backward`: with c = silu(g) * u, gradGateIn = grad * u * silu'(g)
 /// and gradUpIn = grad * silu(g), over valid rows.
 void gluBackward(ReadBuffer gateIn, ReadBuffer upIn, ReadBuffer grad,

@@ -239,6 +239,19 @@ Status groupedGemmActivationBackward(KernelContext &ctx, ReadBuffer a,
                                      const ExpertRowSpace &space, bool transB,
                                      Activation act);
 
+/// `grouped_gemm_glu_backward`: per expert, with d = round(a @ b[e])
+/// (b[e]^T with transB), gradGateIn = d * upIn * silu'(gateIn) and
+/// gradUpIn = d * silu(gateIn). The wgmma kernel computes both in its store
+/// wherever it runs and applies, unless grouped_gemm=cublas; elsewhere
+/// groupedGemm into gradGateIn and gluBackward over it in place: bit for bit
+/// the unfused steps on the same GEMM path. The outputs must be none of the
+/// inputs and not one another.
+Status groupedGemmGluBackward(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                              ReadBuffer gateIn, ReadBuffer upIn,
+                              WriteBuffer gradGateIn, WriteBuffer gradUpIn,
+                              int64_t k, int64_t n, const ExpertRowSpace &space,
+                              bool transB);
+
 Status groupedGemmWgrad(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
                         int64_t k, int64_t n, const ExpertRowSpace &space,
                         WriteBuffer gradB, WriteBuffer gradBias,

@@ -582,6 +582,43 @@ LogicalResult GroupedGemmActivationBackwardOp::verify() {
   return success();
 }
 
+LogicalResult GroupedGemmGluBackwardOp::verify() {
+  ShapeMatcher m(*this);
+  static const StringRef kB[] = {"G", "K", "N"},
+                         kTransposedB[] = {"G", "N", "K"};
+  ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(expectGemmA(m, getA(), Value())) ||
+      failed(m.expect("b", getB(), bShape)) ||
+      failed(m.expect("gate_in", getGateIn(), {"R", "N"})) ||
+      failed(m.expect("up_in", getUpIn(), {"R", "N"})) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("grad_gate_in", getGradGateIn(), {"R", "N"})) ||
+      failed(m.expect("grad_up_in", getGradUpIn(), {"R", "N"})) ||
+      failed(m.sameElement("b", getB(), "a", getA())) ||
+      failed(m.sameElement("gate_in", getGateIn(), "a", getA())) ||
+      failed(m.sameElement("up_in", getUpIn(), "a", getA())) ||
+      failed(m.sameElement("grad_gate_in", getGradGateIn(), "a", getA())) ||
+      failed(m.sameElement("grad_up_in", getGradUpIn(), "a", getA())))
+    return failure();
+  // Its tiles store the gradients while others still read the inputs.
+  for (auto [outName, output] :
+       {std::pair<StringRef, Value>{"grad_gate_in", getGradGateIn()},
+        {"grad_up_in", getGradUpIn()}})
+    for (auto [name, operand] : {std::pair<StringRef, Value>{"a", getA()},
+                                 {"b", getB()},
+                                 {"gate_in", getGateIn()},
+                                 {"up_in", getUpIn()}})
+      if (operand == output)
+        return emitOpError("[plan-3] '")
+               << outName << "' must not be its '" << name
+               << "': the step writes its outputs apart from what it reads";
+  if (getGradGateIn() == getGradUpIn())
+    return emitOpError("[plan-3] 'grad_gate_in' and 'grad_up_in' must be "
+                       "two buffers");
+  return success();
+}
+
 LogicalResult ActivationBackwardOp::verify() {
   ShapeMatcher m(*this);
   return failure(

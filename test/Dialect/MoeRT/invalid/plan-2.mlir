@@ -279,3 +279,23 @@ moert.plan @gemm_act_backward_c_f32 attributes {layer = #moert.layer<tokens = 8,
     moert.grouped_gemm_activation_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, pre = %pre : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %ghp : memref<8x16xf32>) {activation = #moe<activation relu>, trans_b}
   }
 }
+
+// grouped_gemm_glu_backward computes in one element type.
+
+// -----
+
+moert.plan @gemm_glu_backward_up_f16 attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %gg = moert.alloc "grad_gate_in" : memref<8x16xbf16>
+  %gu = moert.alloc "grad_up_in" : memref<8x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    // expected-error @+1 {{[plan-2] 'up_in' must have the element type of 'a' ('bf16'), got 'f16'}}
+    moert.grouped_gemm_glu_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_gate_in = %gg : memref<8x16xbf16>, grad_up_in = %gu : memref<8x16xbf16>) {trans_b}
+  }
+}

@@ -308,6 +308,38 @@ def MoeRT_GroupedGemmActivationBackwardOp
       Moe_ActivationAttr:$activation);
 }
 
+def MoeRT_GroupedGemmGluBackwardOp
+    : MoeRT_StepOp<"grouped_gemm_glu_backward",
+                   ["a", "b", "gate_in", "up_in", "expert_offsets",
+                    "expert_rows"], ["grad_gate_in", "grad_up_in"]> {
+  let summary = "per expert: the gradients of glu at a @ b[e] (a GEMM and "
+                "glu_backward as one step)";
+  let description = [{
+    The input gradient of a gated (SwiGLU) expert's second layer and the
+    backward of its glu as one step, over the valid rows of each expert:
+    with d the product `a @ b[e]` (`b[e]^T` with `trans_b`) rounded to the
+    element type, `grad_gate_in = d * up_in * silu'(gate_in)` and
+    `grad_up_in = d * silu(gate_in)`, as `moert.glu_backward` computes them
+    from the forward's `gate_in` and `up_in`. Bit for bit
+    `grouped_gemm(a, b) -> grad; glu_backward(gate_in, up_in, grad)` on the
+    same GEMM engine (`--moert-fuse-activation-backward`). Every float
+    operand has one element type; the outputs are none of the inputs and
+    not one another.
+
+    ```mlir
+    moert.grouped_gemm_glu_backward ins(a = %g : memref<128x16xbf16>,
+        b = %w2 : memref<4x32x16xbf16>, gate_in = %gate : memref<128x32xbf16>,
+        up_in = %up : memref<128x32xbf16>, expert_offsets = %o : memref<5xi32>,
+        expert_rows = %r : memref<4xi32>)
+        outs(grad_gate_in = %gg : memref<128x32xbf16>,
+             grad_up_in = %gu : memref<128x32xbf16>) {trans_b}
+    ```
+  }];
+  let arguments = (ins Buf:$a, Buf:$b, Buf:$gate_in, Buf:$up_in,
+      Buf:$expert_offsets, Buf:$expert_rows, Buf:$grad_gate_in,
+      Buf:$grad_up_in, UnitAttr:$trans_b);
+}
+
 def MoeRT_ActivationBackwardOp : MoeRT_StepOp<"activation_backward",
     ["pre", "grad", "expert_offsets", "expert_rows"], ["grad_pre"]> {
   let summary = "grad_pre = grad * act'(pre)";
