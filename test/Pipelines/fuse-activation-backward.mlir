@@ -19,13 +19,21 @@
 // CHECK: moert.grouped_gemm_activation_backward
 // CHECK-NOT: moert.variant
 
-// Gated: the glu-fused copies of the plain and gathered variants; none
-// has an activation_backward, so nothing more.
+// Gated: the glu-fused copies of the plain and gathered variants, then a
+// backward-fused copy of each of the four (glu_backward with its GEMM).
 // CHECK-LABEL: moert.plan @gated_bf16
 // CHECK: moert.variant "single" forward {
 // CHECK: moert.variant "single+gather" forward {
 // CHECK: moert.variant "single+glu" forward {
 // CHECK: moert.variant "single+gather+glu" forward {
+// CHECK: moert.variant "single+act_backward" forward {
+// CHECK: moert.grouped_gemm_glu_backward
+// CHECK: moert.variant "single+gather+act_backward" forward {
+// CHECK: moert.grouped_gemm_glu_backward
+// CHECK: moert.variant "single+glu+act_backward" forward {
+// CHECK: moert.grouped_gemm_glu_backward
+// CHECK: moert.variant "single+gather+glu+act_backward" forward {
+// CHECK: moert.grouped_gemm_glu_backward
 // CHECK-NOT: moert.variant
 
 // NOGLU-LABEL: moert.plan @gelu_bf16
@@ -34,6 +42,8 @@
 // NOGLU-LABEL: moert.plan @gated_bf16
 // NOGLU: moert.variant "single" forward {
 // NOGLU: moert.variant "single+gather" forward {
+// NOGLU: moert.variant "single+act_backward" forward {
+// NOGLU: moert.variant "single+gather+act_backward" forward {
 // NOGLU-NOT: moert.variant
 
 // DEFAULT-LABEL: moert.plan @gelu_bf16

@@ -5,12 +5,13 @@
 //===----------------------------------------------------------------------===//
 //
 // This file tests --moert-fuse-activation-backward through the whole path:
-// random FFN bf16 and f16 training layers (each activation, with and
-// without biases, every capacity mode) are compiled with
+// random FFN (each activation, with and without biases) and gated bf16 and
+// f16 training layers, every capacity mode, are compiled with
 // fuse_activation_backward (and the other fusions), on one rank and two
 // (pipelined, and with the experts gathered), and the runtime runs every
-// variant on the CPU. grouped_gemm_activation_backward computes bit for bit
-// the GEMM and the activation_backward it replaces, so each
+// variant on the CPU. grouped_gemm_activation_backward and
+// grouped_gemm_glu_backward compute bit for bit the GEMM and the
+// activation_backward or glu_backward they replace, so each
 // `<v>+act_backward` variant must give v's bytes in every output and
 // gradient; both must match the independent fp64 reference within the
 // dtype's tolerance.
@@ -50,16 +51,19 @@ TEST(ActivationBackwardFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) 
   const uint64_t seed = runSeed();
   std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
   std::mt19937_64 rng(seed);
-  constexpr int kCases = 18;
+  constexpr int kCases = 24;
   const Activation activations[] = {Activation::Relu, Activation::Gelu,
                                     Activation::Silu};
   for (int i = 0; i < kCases; ++i) {
+    // Every fourth layer gated (SwiGLU), the others FFN with each
+    // activation.
+    const bool gated = i % 4 == 3;
     LayerConfig config = randomFusionLayer(
         rng, {.experts = {2, 8},
               .capacityModes = {CapacityMode::Fixed, CapacityMode::Dropless,
                                 CapacityMode::Bounded},
-              .expertKinds = {ExpertKind::FFN},
-              .activations = {activations[i % 3]}});
+              .expertKinds = {gated ? ExpertKind::Gated : ExpertKind::FFN},
+              .activations = {gated ? Activation::Silu : activations[i % 3]}});
     CompileOptions options;
     options.training = true;
     options.fuseDispatch = true;
@@ -71,22 +75,26 @@ TEST(ActivationBackwardFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) 
     Plan plan;
     ASSERT_TRUE(compileLayer(config, options, plan));
     // A fixed capacity is laid out padded (no gather-fused variant); the
-    // others ragged. Every variant gets its backward-fused copy, after them
-    // all.
-    const std::vector<std::string> want =
-        config.capacityMode == CapacityMode::Fixed
-            ? std::vector<std::string>{"single", "single+act_backward"}
-            : std::vector<std::string>{"single", "single+gather",
-                                       "single+act_backward",
-                                       "single+gather+act_backward"};
+    // others ragged. A gated layer's variants get glu-fused copies; every
+    // variant then gets its backward-fused copy, after them all.
+    std::vector<std::string> want = {"single"};
+    if (config.capacityMode != CapacityMode::Fixed)
+      want.push_back("single+gather");
+    if (gated)
+      for (size_t v = 0, n = want.size(); v < n; ++v)
+        want.push_back(want[v] + "+glu");
+    for (size_t v = 0, n = want.size(); v < n; ++v)
+      want.push_back(want[v] + kSuffix);
     ASSERT_EQ(variantNames(plan), want);
-    for (size_t v = want.size() / 2; v < want.size(); ++v) {
-      EXPECT_EQ(countSteps(plan.variants[v].backward,
-                           StepOp::GroupedGemmActivationBackward),
-                1);
-      EXPECT_EQ(countSteps(plan.variants[v].backward,
-                           StepOp::ActivationBackward),
-                0);
+    const StepOp fusedOp = gated ? StepOp::GroupedGemmGluBackward
+                                 : StepOp::GroupedGemmActivationBackward;
+    const StepOp unfusedOp =
+        gated ? StepOp::GluBackward : StepOp::ActivationBackward;
+    for (size_t v = 0; v < want.size(); ++v) {
+      const bool fused = v >= want.size() / 2;
+      EXPECT_EQ(countSteps(plan.variants[v].backward, fusedOp), fused ? 1 : 0);
+      EXPECT_EQ(countSteps(plan.variants[v].backward, unfusedOp),
+                fused ? 0 : 1);
     }
 
     RankInputs inputs;
@@ -104,7 +112,10 @@ TEST(ActivationBackwardFusion, PipelinedAndGatheredVariantsOnTwoRanks) {
   const uint64_t seed = runSeed();
   std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";
   std::mt19937_64 rng(seed);
-  for (Activation activation : {Activation::Gelu, Activation::Relu}) {
+  for (Activation activation :
+       {Activation::Gelu, Activation::Relu, Activation::Silu}) {
+    // Silu here: the gated (SwiGLU) layer.
+    const bool gated = activation == Activation::Silu;
     for (DType dtype : {DType::BF16, DType::F16}) {
       LayerConfig config;
       config.tokens = 12;
@@ -114,7 +125,7 @@ TEST(ActivationBackwardFusion, PipelinedAndGatheredVariantsOnTwoRanks) {
       config.topK = 2;
       config.capacityMode = CapacityMode::Fixed;
       config.capacityFactor = 1.5;
-      config.expertKind = ExpertKind::FFN;
+      config.expertKind = gated ? ExpertKind::Gated : ExpertKind::FFN;
       config.activation = activation;
       config.bias = activation == Activation::Relu;
       config.dtype = dtype;
@@ -125,20 +136,21 @@ TEST(ActivationBackwardFusion, PipelinedAndGatheredVariantsOnTwoRanks) {
       options.training = true;
       options.ranks = 2;
       options.variants = {"r1d2", "r0d1"};
+      options.fuseGlu = false;
       options.fuseActivationBackward = true;
       Plan plan;
       ASSERT_TRUE(compileLayer(config, options, plan));
       ASSERT_EQ(variantNames(plan),
                 (std::vector<std::string>{"r1d2", "r0d1", "r1d2+act_backward",
                                           "r0d1+act_backward"}));
-      EXPECT_EQ(countSteps(plan.variants[2].backward,
-                           StepOp::GroupedGemmActivationBackward),
-                2);
+      const StepOp fusedOp = gated ? StepOp::GroupedGemmGluBackward
+                                   : StepOp::GroupedGemmActivationBackward;
+      EXPECT_EQ(countSteps(plan.variants[2].backward, fusedOp), 2);
       EXPECT_EQ(
-          countSteps(plan.variants[2].backward, StepOp::ActivationBackward), 0);
-      EXPECT_EQ(countSteps(plan.variants[3].backward,
-                           StepOp::GroupedGemmActivationBackward),
-                1);
+          countSteps(plan.variants[2].backward,
+                     gated ? StepOp::GluBackward : StepOp::ActivationBackward),
+          0);
+      EXPECT_EQ(countSteps(plan.variants[3].backward, fusedOp), 1);
 
       RankInputs inputs;
       reference::ReferenceOptions refOptions;

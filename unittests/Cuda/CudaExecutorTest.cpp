@@ -61,7 +61,8 @@ std::vector<PlanFile> planFiles() {
        {"small_ffn_train.json", "small_swiglu_bf16_train.json",
         "small_swiglu_bf16_gather_train.json",
         "decode_ffn_bias_bf16_gather_train.json",
-        "decode_ffn_bias_bf16_act_backward_train.json"})
+        "decode_ffn_bias_bf16_act_backward_train.json",
+        "decode_swiglu_bf16_act_backward_train.json"})
     files.push_back({std::string(FLEX_CUDA_PLANS_DIR) + "/" + name, name});
   return files;
 }
@@ -255,43 +256,49 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
 // within the reference's tolerance, EveryPlanAndVariantMatchesTheReference.)
 TEST(CudaExecutor, ActivationBackwardFusedVariantsEqualTheirOriginals) {
   FLEX_SKIP_WITHOUT_CUDA();
-  std::shared_ptr<const Plan> plan =
-      loadPlan(std::string(FLEX_CUDA_PLANS_DIR) +
-               "/decode_ffn_bias_bf16_act_backward_train.json");
-  const LayerData data = makeData(plan->layer, 11);
-  for (GroupedGemmImpl impl : {GroupedGemmImpl::Auto, GroupedGemmImpl::Device,
-                               GroupedGemmImpl::Cublas}) {
-    RuntimeOptions options;
-    options.groupedGemm = impl;
-    options.wgmma = false;
-    // Every argument's bytes after a forward and backward of variant v.
-    auto run = [&](const std::string &name) {
-      std::map<std::string, std::vector<uint8_t>> bytes;
-      DeviceArguments args(*plan);
-      fill(args, data);
-      std::unique_ptr<Backend> backend;
-      EXPECT_TRUE(createCudaBackend(backend, options).isOk());
-      std::unique_ptr<Executor> executor;
-      EXPECT_TRUE(Executor::create(plan, std::move(backend), executor).isOk());
-      EXPECT_TRUE(executor->selectVariant(plan->findVariant(name)).isOk());
-      std::vector<Binding> bindings = args.bindings();
-      Status status = executor->forward(bindings.data(), bindings.size());
-      if (status)
-        status = executor->backward(bindings.data(), bindings.size());
-      EXPECT_TRUE(status.isOk()) << name << ": " << status.message();
-      for (auto &[arg, buffer] : args.buffers) {
-        buffer.download();
-        bytes[arg] = buffer.host;
+  for (const char *file : {"decode_ffn_bias_bf16_act_backward_train.json",
+                           "decode_swiglu_bf16_act_backward_train.json"}) {
+    std::shared_ptr<const Plan> plan =
+        loadPlan(std::string(FLEX_CUDA_PLANS_DIR) + "/" + file);
+    const LayerData data = makeData(plan->layer, 11);
+    for (GroupedGemmImpl impl : {GroupedGemmImpl::Auto, GroupedGemmImpl::Device,
+                                 GroupedGemmImpl::Cublas}) {
+      RuntimeOptions options;
+      options.groupedGemm = impl;
+      options.wgmma = false;
+      // Every argument's bytes after a forward and backward of variant v.
+      auto run = [&](const std::string &name) {
+        std::map<std::string, std::vector<uint8_t>> bytes;
+        DeviceArguments args(*plan);
+        fill(args, data);
+        std::unique_ptr<Backend> backend;
+        EXPECT_TRUE(createCudaBackend(backend, options).isOk());
+        std::unique_ptr<Executor> executor;
+        EXPECT_TRUE(
+            Executor::create(plan, std::move(backend), executor).isOk());
+        EXPECT_TRUE(executor->selectVariant(plan->findVariant(name)).isOk());
+        std::vector<Binding> bindings = args.bindings();
+        Status status = executor->forward(bindings.data(), bindings.size());
+        if (status)
+          status = executor->backward(bindings.data(), bindings.size());
+        EXPECT_TRUE(status.isOk()) << name << ": " << status.message();
+        for (auto &[arg, buffer] : args.buffers) {
+          buffer.download();
+          bytes[arg] = buffer.host;
+        }
+        return bytes;
+      };
+      for (const Variant &variant : plan->variants) {
+        const std::string fused = variant.name + "+act_backward";
+        if (plan->findVariant(fused) < 0)
+          continue;
+        SCOPED_TRACE(std::string(file) + " " + variant.name + " grouped_gemm " +
+                     std::to_string(static_cast<int>(impl)));
+        const auto want = run(variant.name);
+        const auto got = run(fused);
+        for (const auto &[arg, value] : want)
+          EXPECT_TRUE(got.at(arg) == value) << arg << " differs";
       }
-      return bytes;
-    };
-    for (const char *original : {"single", "single+gather"}) {
-      SCOPED_TRACE(std::string(original) + " grouped_gemm " +
-                   std::to_string(static_cast<int>(impl)));
-      const auto want = run(original);
-      const auto got = run(std::string(original) + "+act_backward");
-      for (const auto &[arg, value] : want)
-        EXPECT_TRUE(got.at(arg) == value) << arg << " differs";
     }
   }
 }

@@ -470,10 +470,12 @@ InputGradient inputGradientOf(const Plan &plan, const Prediction &p) {
     const Step &s = steps[step.index];
     const bool dgrad = step.op == StepOp::GroupedGemm &&
                        plan.getBuffer(s.in(OperandRole::B)).name == "w2";
-    if (step.op == StepOp::GroupedGemmActivationBackward ||
-        step.op == StepOp::ActivationBackward || dgrad)
+    const bool fused = step.op == StepOp::GroupedGemmActivationBackward ||
+                       step.op == StepOp::GroupedGemmGluBackward;
+    if (fused || step.op == StepOp::ActivationBackward ||
+        step.op == StepOp::GluBackward || dgrad)
       result.us += step.us;
-    if (step.op == StepOp::GroupedGemmActivationBackward)
+    if (fused)
       result.path = step.gemmPath;
   }
   return result;
@@ -537,6 +539,28 @@ TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
           passUs = step.us;
       ASSERT_GT(passUs, 0.0);
       EXPECT_NEAR(on.us, pairOn.us - passUs, 1e-6);
+    }
+  }
+  {
+    // The compiled gated decode plan holds both: variant v and v + 4.
+    Plan plan;
+    ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
+                                 "/decode_swiglu_bf16_act_backward_train.json",
+                             plan)
+                    .isOk());
+    ASSERT_EQ(plan.variants.size(), 8u);
+    for (int64_t v = 0; v < 4; ++v) {
+      const InputGradient pairOff = predictInputGradient(plan, v, false);
+      const InputGradient off = predictInputGradient(plan, v + 4, false);
+      const InputGradient pairOn = predictInputGradient(plan, v, true);
+      const InputGradient on = predictInputGradient(plan, v + 4, true);
+      std::printf("gated decode %s: pair %.1f us, fused %.1f us; on wgmma "
+                  "pair %.1f us, fused %.1f us\n",
+                  plan.variants[v + 4].name.c_str(), pairOff.us, off.us,
+                  pairOn.us, on.us);
+      EXPECT_NEAR(off.us, pairOff.us, 0.02 * pairOff.us);
+      EXPECT_EQ(on.path, GemmPath::Device);
+      EXPECT_LT(on.us, pairOn.us);
     }
   }
   {

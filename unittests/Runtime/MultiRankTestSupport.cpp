@@ -453,7 +453,8 @@ int fuseActivationBackwardSteps(nlohmann::ordered_json &plan) {
           step.erase("facts");
     Json &steps = variant["backward"];
     for (size_t i = 0; i < steps.size(); ++i) {
-      if (steps[i]["op"] != "activation_backward")
+      const bool glu = steps[i]["op"] == "glu_backward";
+      if (steps[i]["op"] != "activation_backward" && !glu)
         continue;
       const Json backward = steps[i];
       size_t g = i;
@@ -464,13 +465,22 @@ int fuseActivationBackwardSteps(nlohmann::ordered_json &plan) {
       if (g >= i)
         throw std::runtime_error("no grouped_gemm writes the grad");
       Json in = steps[g]["in"];
-      in["pre"] = backward["in"]["pre"];
-      steps[i] = {{"op", "grouped_gemm_activation_backward"},
-                  {"in", in},
-                  {"out", {{"c", backward["out"]["grad_pre"]}}},
-                  {"attrs",
-                   {{"trans_b", steps[g]["attrs"]["trans_b"]},
-                    {"activation", backward["attrs"]["activation"]}}}};
+      if (glu) {
+        in["gate_in"] = backward["in"]["gate_in"];
+        in["up_in"] = backward["in"]["up_in"];
+        steps[i] = {{"op", "grouped_gemm_glu_backward"},
+                    {"in", in},
+                    {"out", backward["out"]},
+                    {"attrs", {{"trans_b", steps[g]["attrs"]["trans_b"]}}}};
+      } else {
+        in["pre"] = backward["in"]["pre"];
+        steps[i] = {{"op", "grouped_gemm_activation_backward"},
+                    {"in", in},
+                    {"out", {{"c", backward["out"]["grad_pre"]}}},
+                    {"attrs",
+                     {{"trans_b", steps[g]["attrs"]["trans_b"]},
+                      {"activation", backward["attrs"]["activation"]}}}};
+      }
       steps.erase(steps.begin() + static_cast<std::ptrdiff_t>(g));
       --i;
       ++fused;

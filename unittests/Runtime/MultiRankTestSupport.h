@@ -206,10 +206,11 @@ std::string swigluInferencePlan(const LayerConfig &layer, DispatchLayout layout,
 /// (the loader derives them). Returns the number of steps made.
 int fuseGluSteps(nlohmann::ordered_json &plan, bool keepProducts);
 
-/// Fuses each activation_backward of every variant's backward with the
-/// grouped_gemm before it writing its grad into one
-/// grouped_gemm_activation_backward in its place (as
-/// --moert-fuse-activation-backward would; the grad buffer stays declared).
+/// Fuses each activation_backward (glu_backward) of every variant's backward
+/// with the grouped_gemm before it writing its grad into one
+/// grouped_gemm_activation_backward (grouped_gemm_glu_backward) in its place
+/// (as --moert-fuse-activation-backward would; the grad buffer stays
+/// declared).
 /// Drops every step's facts, as fuseGluSteps, and gives every workspace
 /// buffer bytes of its own. Returns the steps fused.
 int fuseActivationBackwardSteps(nlohmann::ordered_json &plan);

@@ -762,6 +762,56 @@ TEST(PlanLoader, RejectsActivationBackwardFusedStepsThatBreakTheirRules) {
                          "computes in one dtype, a's ('grad_y', f32)"});
 }
 
+// The GLU's fused backward loads wherever its pair did (every variant of
+// one rank's and two ranks' gated plans), and each of its rules is named.
+TEST(PlanLoader, GluBackwardFusedStepsLoadAndKeepTheirRules) {
+  for (auto [name, count] :
+       {std::pair{"gated_fixed_train.json", 1},
+        std::pair{"mr_gated_bounded_w2_train_bf16.json", 5}}) {
+    Json doc = readJson(name);
+    ASSERT_EQ(test::fuseActivationBackwardSteps(doc), count) << name;
+    Plan plan;
+    Status status = parsePlan(doc.dump(), plan);
+    ASSERT_TRUE(status.isOk()) << name << ": " << status.message();
+    int steps = 0;
+    for (const Variant &variant : plan.variants)
+      for (const Step &step : variant.backward) {
+        EXPECT_NE(step.op, StepOp::GluBackward) << name;
+        steps += step.op == StepOp::GroupedGemmGluBackward;
+      }
+    EXPECT_EQ(steps, count) << name;
+  }
+  // gated_fixed_train: d 6, h 8, f32; the fused step is backward[2].
+  Json doc = readJson("gated_fixed_train.json");
+  ASSERT_EQ(test::fuseActivationBackwardSteps(doc), 1);
+  ASSERT_EQ(doc["variants"][0]["backward"][2]["op"],
+            "grouped_gemm_glu_backward");
+  auto edit = [&](auto change) {
+    Json wrong = doc;
+    change(wrong["variants"][0]["backward"][2]);
+    return wrong;
+  };
+  expectRejected(edit([](Json &s) { s["in"]["up_in"] = "grad_y"; }),
+                 {"'variants[0].backward[2].in.up_in'", "buffer 'grad_y'",
+                  "up_in [R, N], R of a"});
+  expectRejected(edit([](Json &s) { s["out"]["grad_up_in"] = "u_in"; }),
+                 {"'variants[0].backward[2].out.grad_up_in'",
+                  "buffer 'u_in' is also the step's up_in",
+                  "writes its outputs apart from what it reads"});
+  expectRejected(edit([](Json &s) { s["out"]["grad_up_in"] = "grad_g_in"; }),
+                 {"'variants[0].backward[2].out.grad_up_in'",
+                  "is also the step's grad_gate_in"});
+  expectRejected(edit([](Json &s) { s["in"].erase("gate_in"); }),
+                 {"'variants[0].backward[2].in.gate_in': missing"});
+  Json mixed = doc;
+  Json &gate = findWorkspaceBuffer(mixed, "g_in");
+  gate["dtype"] = "bf16";
+  gate["bytes"] = gate["bytes"].get<int64_t>() / 2;
+  expectRejected(mixed, {"'variants[0].backward[2].in.gate_in'",
+                         "buffer 'g_in' has dtype bf16",
+                         "computes in one dtype, a's ('grad_y', f32)"});
+}
+
 // Damaged documents (cut anywhere, bytes flipped) give a Status, never a
 // crash or an exception.
 TEST(PlanLoader, SurvivesDamagedDocuments) {

@@ -57,7 +57,7 @@
 // GATHER-NOT: moert.variant
 
 // REMARK: remark: variant 'single' fused as 'single+act_backward': 1 grouped_gemm_activation_backward step
-// INFER-REMARK: remark: variant 'single' not fused: its backward has no activation_backward step
+// INFER-REMARK: remark: variant 'single' not fused: its backward has no activation_backward or glu_backward step
 
 // TWICE-LABEL: moert.plan @gelu_bf16
 // TWICE: moert.variant "single" forward {
@@ -103,7 +103,7 @@ func.func @relu_f16_padded(%x: tensor<32x8xf16>, %wg: tensor<8x4xf32>,
 // -----
 
 // Left alone: f32 (the fused kernel is bf16/f16), K or N not a multiple of
-// 8, a gated layer (its backward has glu_backward, not activation_backward).
+// 8.
 // CHECK-LABEL: moert.plan @relu_f32
 // CHECK-NOT: act_backward
 // REMARK: remark: variant 'single' not fused: its operands are f32; the fused step needs bf16 or f16
@@ -152,9 +152,21 @@ func.func @hidden_dim_12(%x: tensor<32x8xbf16>, %wg: tensor<8x4xf32>,
 
 // -----
 
+// A gated layer: fc2's input gradient and glu_backward are one
+// grouped_gemm_glu_backward, reading the forward's gate_in and up_in.
 // CHECK-LABEL: moert.plan @gated
-// CHECK-NOT: act_backward
-// REMARK: remark: variant 'single' not fused: its backward has no activation_backward step
+// CHECK: moert.variant "single" forward {
+// CHECK: moert.glu_backward
+// CHECK: %[[GATE:.+]] = moert.alloc "single+act_backward.gate_proj" : memref<64x16xbf16>
+// CHECK-NEXT: %[[UP:.+]] = moert.alloc "single+act_backward.up_proj" : memref<64x16xbf16>
+// CHECK: %[[GG:.+]] = moert.alloc "single+act_backward.grad_gate_proj" : memref<64x16xbf16>
+// CHECK-NEXT: %[[GU:.+]] = moert.alloc "single+act_backward.grad_up_proj" : memref<64x16xbf16>
+// CHECK: moert.variant "single+act_backward" forward {
+// CHECK: } backward {
+// CHECK-NOT: moert.glu_backward
+// CHECK: moert.grouped_gemm_glu_backward ins(a = %{{[^ ]+}} : memref<64x8xbf16>, b = %{{[^ ]+}} : memref<4x16x8xbf16>, gate_in = %[[GATE]] : memref<64x16xbf16>, up_in = %[[UP]] : memref<64x16xbf16>, {{.+}}) outs(grad_gate_in = %[[GG]] : memref<64x16xbf16>, grad_up_in = %[[GU]] : memref<64x16xbf16>) {trans_b}
+// CHECK-NOT: moert.glu_backward
+// REMARK: remark: variant 'single' fused as 'single+act_backward': 1 grouped_gemm_glu_backward step
 
 func.func @gated(%x: tensor<32x8xbf16>, %wg: tensor<8x4xf32>,
                  %w1: tensor<4x8x16xbf16>, %w2: tensor<4x16x8xbf16>,

@@ -6,13 +6,14 @@
 //
 // This file implements --moert-fuse-activation-backward: next to each
 // variant whose backward computes the input gradient of an expert's second
-// layer as a grouped GEMM and then the activation's backward over it
-// (grad = grad_out @ w2^T, grad_pre = grad * act'(pre)), a variant
-// `<name>+act_backward` in which each such pair is one
-// `grouped_gemm_activation_backward` step: the gradient before the
-// activation is neither written nor read back. The original variant is
-// kept, first: the fused step pays only where a kernel applies the
-// derivative in its store, so the runtime's cost model picks per call.
+// layer as a grouped GEMM and then the backward of what follows the first
+// layer over it (activation_backward: grad_pre = grad * act'(pre); or, for
+// a gated expert, glu_backward), a variant `<name>+act_backward` in which
+// each such pair is one grouped_gemm_activation_backward (or
+// grouped_gemm_glu_backward) step: the gradient before the activation is
+// neither written nor read back. The original variant is kept, first: the
+// fused step pays only where a kernel applies the backward in its store, so
+// the runtime's cost model picks per call.
 //
 //===----------------------------------------------------------------------===//
 
@@ -38,10 +39,37 @@ namespace {
 /// as the other fusions' kernels: K and N must be multiples of 8 elements.
 constexpr int64_t kVector = 8;
 
-/// One activation_backward and the grouped GEMM writing its `grad`.
+/// What the pass needs of an activation_backward or a glu_backward.
+struct BackwardStep {
+  Operation *op = nullptr;
+  Value grad, offsets, rows;
+  /// The forward's values it reads (pre; gate_in and up_in) and the
+  /// gradients it writes (grad_pre; grad_gate_in and grad_up_in).
+  SmallVector<Value, 2> reads, writes;
+};
+
+std::optional<BackwardStep> backwardStep(Operation *op) {
+  if (auto act = dyn_cast<ActivationBackwardOp>(op))
+    return BackwardStep{op,
+                        act.getGrad(),
+                        act.getExpertOffsets(),
+                        act.getExpertRows(),
+                        {act.getPre()},
+                        {act.getGradPre()}};
+  if (auto glu = dyn_cast<GluBackwardOp>(op))
+    return BackwardStep{op,
+                        glu.getGrad(),
+                        glu.getExpertOffsets(),
+                        glu.getExpertRows(),
+                        {glu.getGateIn(), glu.getUpIn()},
+                        {glu.getGradGateIn(), glu.getGradUpIn()}};
+  return std::nullopt;
+}
+
+/// One backward step and the grouped GEMM writing its `grad`.
 struct GemmAndBackward {
   GroupedGemmOp gemm;
-  ActivationBackwardOp backward;
+  BackwardStep backward;
 };
 
 Type elementOf(Value buffer) {
@@ -60,18 +88,16 @@ bool touches(Operation *step, Value buffer) {
   return llvm::is_contained(step->getOperands(), buffer);
 }
 
-/// Whether `backward` and the GEMM writing its `grad` can be one
-/// grouped_gemm_activation_backward, as far as the two steps and those
-/// between them tell; if not, `reason` says why. (Which other steps use
-/// `grad` is the caller's question: the chunks of a pipelined variant
-/// share it.)
-FailureOr<GemmAndBackward> analyze(ActivationBackwardOp backward,
+/// Whether `backward` and the GEMM writing its `grad` can be one fused
+/// step, as far as the two steps and those between them tell; if not,
+/// `reason` says why. (Which other steps use `grad` is the caller's
+/// question: the chunks of a pipelined variant share it.)
+FailureOr<GemmAndBackward> analyze(const BackwardStep &backward,
                                    std::string &reason) {
   llvm::raw_string_ostream why(reason);
-  Value grad = backward.getGrad(), pre = backward.getPre(),
-        gradPre = backward.getGradPre();
+  Value grad = backward.grad, gradOut = backward.writes.front();
   GroupedGemmOp gemm;
-  for (Operation *step = backward->getPrevNode(); step;
+  for (Operation *step = backward.op->getPrevNode(); step;
        step = step->getPrevNode()) {
     if (!writes(step, grad))
       continue;
@@ -102,17 +128,18 @@ FailureOr<GemmAndBackward> analyze(ActivationBackwardOp backward,
     why << "the moert.grouped_gemm writing its grad " << what;
     return failure();
   }
-  if (gemm.getExpertOffsets() != backward.getExpertOffsets() ||
-      gemm.getExpertRows() != backward.getExpertRows()) {
+  if (gemm.getExpertOffsets() != backward.offsets ||
+      gemm.getExpertRows() != backward.rows) {
     why << "the moert.grouped_gemm writing its grad and it follow different "
            "expert segments";
     return failure();
   }
-  Type element = elementOf(gradPre);
-  if (elementOf(grad) != element || elementOf(pre) != element ||
-      elementOf(gemm.getA()) != element) {
-    why << "its pre, grad and grad_pre and the GEMM's a are not one element "
-           "type";
+  Type element = elementOf(gradOut);
+  auto sameElement = [&](Value v) { return elementOf(v) == element; };
+  if (!sameElement(grad) || !sameElement(gemm.getA()) ||
+      !llvm::all_of(backward.reads, sameElement) ||
+      !llvm::all_of(backward.writes, sameElement)) {
+    why << "its operands and the GEMM's a are not one element type";
     return failure();
   }
   if (!element.isBF16() && !element.isF16()) {
@@ -125,24 +152,25 @@ FailureOr<GemmAndBackward> analyze(ActivationBackwardOp backward,
         << kVector;
     return failure();
   }
-  if (columns(gradPre) % kVector != 0) {
-    why << "it has N = " << columns(gradPre) << ", not a multiple of "
+  if (columns(gradOut) % kVector != 0) {
+    why << "it has N = " << columns(gradOut) << ", not a multiple of "
         << kVector;
     return failure();
   }
 
-  // The fused step reads the GEMM's inputs and pre, and writes grad_pre
-  // where the activation_backward was: grad_pre must be none of them, and
-  // the steps in between must not change the inputs.
-  SmallVector<Value> inputs = {gemm.getA(), gemm.getB(), pre,
-                               backward.getExpertOffsets(),
-                               backward.getExpertRows()};
-  if (llvm::is_contained(inputs, gradPre)) {
-    why << "the fused step would read and write '" << bufferName(gradPre)
-        << "'";
-    return failure();
-  }
-  for (Operation *step = gemm->getNextNode(); step != backward;
+  // The fused step reads the GEMM's inputs and the forward's values, and
+  // writes the gradients where the backward step was: the gradients must
+  // be none of them, and the steps in between must not change the inputs.
+  SmallVector<Value> inputs = {gemm.getA(), gemm.getB(), backward.offsets,
+                               backward.rows};
+  llvm::append_range(inputs, backward.reads);
+  for (Value output : backward.writes)
+    if (llvm::is_contained(inputs, output)) {
+      why << "the fused step would read and write '" << bufferName(output)
+          << "'";
+      return failure();
+    }
+  for (Operation *step = gemm->getNextNode(); step != backward.op;
        step = step->getNextNode())
     for (Value input : inputs)
       if (writes(step, input)) {
@@ -179,10 +207,12 @@ struct MoeRTFuseActivationBackwardPass final
   /// alone beside fused ones.
   FailureOr<SmallVector<GemmAndBackward>> analyzeVariant(VariantOp variant,
                                                          std::string &reason) {
-    auto backwards = llvm::to_vector(
-        variant.getBackward().front().getOps<ActivationBackwardOp>());
+    SmallVector<BackwardStep> backwards;
+    for (Operation &op : variant.getBackward().front())
+      if (std::optional<BackwardStep> backward = backwardStep(&op))
+        backwards.push_back(*backward);
     if (backwards.empty()) {
-      reason = "its backward has no activation_backward step";
+      reason = "its backward has no activation_backward or glu_backward step";
       return failure();
     }
     SmallVector<std::optional<GemmAndBackward>> candidates;
@@ -202,8 +232,7 @@ struct MoeRTFuseActivationBackwardPass final
     for (auto [index, pair] : llvm::enumerate(candidates))
       if (pair && !claimed.insert(pair->gemm).second) {
         leftAlone.push_back({index, "its grad's moert.grouped_gemm is "
-                                    "fused with another "
-                                    "activation_backward"});
+                                    "fused with another backward step"});
         pair.reset();
       }
     // The fused copy no longer writes grad: every other step using it must
@@ -217,12 +246,12 @@ struct MoeRTFuseActivationBackwardPass final
       for (const std::optional<GemmAndBackward> &pair : candidates)
         if (pair) {
           fusedSteps.insert(pair->gemm);
-          fusedSteps.insert(pair->backward);
+          fusedSteps.insert(pair->backward.op);
         }
       for (auto [index, pair] : llvm::enumerate(candidates)) {
         if (!pair)
           continue;
-        Value grad = pair->backward.getGrad();
+        Value grad = pair->backward.grad;
         auto user = llvm::find_if(steps, [&](Operation *step) {
           return !fusedSteps.contains(step) && touches(step, grad);
         });
@@ -241,23 +270,29 @@ struct MoeRTFuseActivationBackwardPass final
     for (const std::optional<GemmAndBackward> &pair : candidates)
       if (pair)
         pairs.push_back(*pair);
+    // "glu_backward step 2 of 3": the backward steps counted together.
+    auto stepOf = [&](size_t index) {
+      return (stepName(backwards[index].op) + " step " +
+              std::to_string(index + 1) + " of " +
+              std::to_string(backwards.size()))
+          .str();
+    };
     if (pairs.empty()) {
-      reason = backwards.size() == 1 ? leftAlone.front().second
-                                     : "activation_backward step 1 of " +
-                                           std::to_string(backwards.size()) +
-                                           ": " + leftAlone.front().second;
+      const auto &[index, why] = leftAlone.front();
+      reason = backwards.size() == 1 ? why : stepOf(index) + ": " + why;
       return failure();
     }
     if (report)
       for (auto &[index, why] : leftAlone)
         variant.emitRemark("variant '")
-            << variant.getName() << "': activation_backward step " << index + 1
-            << " of " << backwards.size() << " left unfused: " << why;
+            << variant.getName() << "': " << stepOf(index)
+            << " left unfused: " << why;
     return pairs;
   }
 
   /// Adds `fusedName`, the fused copy of `variant`: each pair is one
-  /// grouped_gemm_activation_backward in its activation_backward's place.
+  /// grouped_gemm_activation_backward (grouped_gemm_glu_backward) in its
+  /// activation_backward's (glu_backward's) place.
   LogicalResult fuse(VariantFusion &fusion, VariantOp variant,
                      ArrayRef<GemmAndBackward> pairs, StringRef fusedName) {
     // The workspace buffers the copy uses, in plan order: those of every
@@ -266,11 +301,10 @@ struct MoeRTFuseActivationBackwardPass final
     llvm::SetVector<Value> used;
     for (GemmAndBackward pair : pairs) {
       fusedSteps.insert(pair.gemm);
-      fusedSteps.insert(pair.backward);
-      for (Operation *step :
-           {pair.gemm.getOperation(), pair.backward.getOperation()})
+      fusedSteps.insert(pair.backward.op);
+      for (Operation *step : {pair.gemm.getOperation(), pair.backward.op})
         for (Value operand : step->getOperands())
-          if (operand != pair.backward.getGrad())
+          if (operand != pair.backward.grad)
             used.insert(operand);
     }
     for (Operation *step : stepsOf(variant))
@@ -286,33 +320,59 @@ struct MoeRTFuseActivationBackwardPass final
     for (auto [original, copy] : llvm::zip_equal(originalSteps, copiedSteps))
       copyOf[original] = copy;
     OpBuilder b(variant->getContext());
+    size_t activations = 0, glus = 0;
     for (GemmAndBackward pair : pairs) {
       auto gemm = cast<GroupedGemmOp>(copyOf[pair.gemm]);
-      auto backward = cast<ActivationBackwardOp>(copyOf[pair.backward]);
+      Operation *backward = copyOf[pair.backward.op];
       b.setInsertionPoint(backward);
       SmallVector<NamedAttribute> attrs =
           llvm::to_vector(backward->getDiscardableAttrs());
-      attrs.push_back(
-          b.getNamedAttr("activation", backward.getActivationAttr()));
       if (gemm.getTransB())
         attrs.push_back(b.getNamedAttr("trans_b", b.getUnitAttr()));
-      createStep<GroupedGemmActivationBackwardOp>(
-          b, backward.getLoc(),
-          {{"a", gemm.getA()},
-           {"b", gemm.getB()},
-           {"pre", backward.getPre()},
-           {"expert_offsets", backward.getExpertOffsets()},
-           {"expert_rows", backward.getExpertRows()},
-           {"c", backward.getGradPre()}},
-          attrs);
-      backward.erase();
+      if (auto act = dyn_cast<ActivationBackwardOp>(backward)) {
+        attrs.push_back(b.getNamedAttr("activation", act.getActivationAttr()));
+        createStep<GroupedGemmActivationBackwardOp>(
+            b, act.getLoc(),
+            {{"a", gemm.getA()},
+             {"b", gemm.getB()},
+             {"pre", act.getPre()},
+             {"expert_offsets", act.getExpertOffsets()},
+             {"expert_rows", act.getExpertRows()},
+             {"c", act.getGradPre()}},
+            attrs);
+        ++activations;
+      } else {
+        auto glu = cast<GluBackwardOp>(backward);
+        createStep<GroupedGemmGluBackwardOp>(
+            b, glu.getLoc(),
+            {{"a", gemm.getA()},
+             {"b", gemm.getB()},
+             {"gate_in", glu.getGateIn()},
+             {"up_in", glu.getUpIn()},
+             {"expert_offsets", glu.getExpertOffsets()},
+             {"expert_rows", glu.getExpertRows()},
+             {"grad_gate_in", glu.getGradGateIn()},
+             {"grad_up_in", glu.getGradUpIn()}},
+            attrs);
+        ++glus;
+      }
+      backward->erase();
       gemm.erase();
     }
-    if (report)
+    if (report) {
+      auto count = [](size_t n, StringRef step) {
+        return std::to_string(n) + " " + step.str() + " step" +
+               (n == 1 ? "" : "s");
+      };
+      std::string what;
+      if (activations)
+        what = count(activations, "grouped_gemm_activation_backward");
+      if (glus)
+        what += (what.empty() ? "" : ", ") +
+                count(glus, "grouped_gemm_glu_backward");
       variant.emitRemark("variant '")
-          << variant.getName() << "' fused as '" << fusedName
-          << "': " << pairs.size() << " grouped_gemm_activation_backward step"
-          << (pairs.size() == 1 ? "" : "s");
+          << variant.getName() << "' fused as '" << fusedName << "': " << what;
+    }
     return success();
   }
 };
