@@ -131,9 +131,10 @@ class MoELayer(torch.nn.Module):
     between calls. fuse_glu=True adds, for gated (SwiGLU) bf16/f16 layers,
     variants computing the two up-projections and the glu in one step
     (--moert-fuse-glu); fuse_glu=False leaves them out.
-    fuse_activation_backward=True adds, for bf16/f16 FFN training plans,
-    variants computing fc2's input gradient and the activation's backward
-    in one step (--moert-fuse-activation-backward; off by default for now).
+    fuse_activation_backward=True adds, for bf16/f16 training plans,
+    variants computing fc2's input gradient and the activation's (or the
+    GLU's) backward in one step (--moert-fuse-activation-backward; off by
+    default for now).
     Many ranks: experts are sharded [E / W, ...] over the process group
     (flexmoe.distributed: NCCL on GPUs, the group's own collectives, e.g.
     gloo, on CPUs).
