@@ -72,22 +72,6 @@ struct GemmAndBackward {
   BackwardStep backward;
 };
 
-Type elementOf(Value buffer) {
-  return cast<MemRefType>(buffer.getType()).getElementType();
-}
-
-bool writes(Operation *step, Value buffer) {
-  for (const StepOperand &operand :
-       cast<StepOpInterface>(step).getStepOperands())
-    if (operand.isOutput && operand.value == buffer)
-      return true;
-  return false;
-}
-
-bool touches(Operation *step, Value buffer) {
-  return llvm::is_contained(step->getOperands(), buffer);
-}
-
 /// Whether `backward` and the GEMM writing its `grad` can be one fused
 /// step, as far as the two steps and those between them tell; if not,
 /// `reason` says why. (Which other steps use `grad` is the caller's
@@ -314,11 +298,8 @@ struct MoeRTFuseActivationBackwardPass final
     if (failed(fused))
       return failure();
 
-    SmallVector<Operation *> originalSteps = stepsOf(variant);
-    SmallVector<Operation *> copiedSteps = stepsOf(fused->variant);
-    llvm::DenseMap<Operation *, Operation *> copyOf;
-    for (auto [original, copy] : llvm::zip_equal(originalSteps, copiedSteps))
-      copyOf[original] = copy;
+    llvm::DenseMap<Operation *, Operation *> copyOf =
+        stepCopies(variant, fused->variant);
     OpBuilder b(variant->getContext());
     size_t activations = 0, glus = 0;
     for (GemmAndBackward pair : pairs) {

@@ -50,22 +50,6 @@ struct GluTriple {
   std::array<Operation *, 3> steps() const { return {gate, up, glu}; }
 };
 
-Type elementOf(Value buffer) {
-  return cast<MemRefType>(buffer.getType()).getElementType();
-}
-
-bool writes(Operation *step, Value buffer) {
-  for (const StepOperand &operand :
-       cast<StepOpInterface>(step).getStepOperands())
-    if (operand.isOutput && operand.value == buffer)
-      return true;
-  return false;
-}
-
-bool touches(Operation *step, Value buffer) {
-  return llvm::is_contained(step->getOperands(), buffer);
-}
-
 /// The last step before `glu` in its block that writes `buffer`, if it is a
 /// grouped_gemm writing it as `c`; otherwise `reason` says why not.
 FailureOr<GroupedGemmOp> producer(GluOp glu, Value buffer, StringRef role,
@@ -305,11 +289,8 @@ struct MoeRTFuseGluPass final
       return failure();
 
     // The copy's steps in the original's order: the triples' steps by index.
-    SmallVector<Operation *> originalSteps = stepsOf(variant);
-    SmallVector<Operation *> copiedSteps = stepsOf(fused->variant);
-    llvm::DenseMap<Operation *, Operation *> copyOf;
-    for (auto [original, copy] : llvm::zip_equal(originalSteps, copiedSteps))
-      copyOf[original] = copy;
+    llvm::DenseMap<Operation *, Operation *> copyOf =
+        stepCopies(variant, fused->variant);
     OpBuilder b(variant->getContext());
     for (GluTriple triple : triples) {
       auto gate = cast<GroupedGemmOp>(copyOf[triple.gate]);

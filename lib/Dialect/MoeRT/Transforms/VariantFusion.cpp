@@ -41,6 +41,30 @@ StringRef flex::moert::bufferName(Value buffer) {
   return "?";
 }
 
+Type flex::moert::elementOf(Value buffer) {
+  return cast<MemRefType>(buffer.getType()).getElementType();
+}
+
+bool flex::moert::writes(Operation *step, Value buffer) {
+  for (const StepOperand &operand :
+       cast<StepOpInterface>(step).getStepOperands())
+    if (operand.isOutput && operand.value == buffer)
+      return true;
+  return false;
+}
+
+bool flex::moert::touches(Operation *step, Value buffer) {
+  return llvm::is_contained(step->getOperands(), buffer);
+}
+
+llvm::DenseMap<Operation *, Operation *>
+flex::moert::stepCopies(VariantOp original, VariantOp copy) {
+  llvm::DenseMap<Operation *, Operation *> copyOf;
+  for (auto [step, copied] : llvm::zip_equal(stepsOf(original), stepsOf(copy)))
+    copyOf[step] = copied;
+  return copyOf;
+}
+
 VariantFusion::VariantFusion(PlanOp plan, StringRef pass)
     : plan(plan), pass(pass.str()) {
   for (Operation &op : plan.getBody().front()) {

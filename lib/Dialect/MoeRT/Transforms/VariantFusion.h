@@ -17,6 +17,7 @@
 
 #include "flex/Dialect/MoeRT/IR/MoeRTOps.h"
 
+#include "llvm/ADT/DenseMap.h"
 #include "llvm/ADT/SetVector.h"
 #include "llvm/ADT/StringSet.h"
 
@@ -35,6 +36,20 @@ llvm::StringRef stepName(mlir::Operation *step);
 
 /// The plan's name of a buffer, for the remarks.
 llvm::StringRef bufferName(mlir::Value buffer);
+
+/// The element type of a buffer.
+mlir::Type elementOf(mlir::Value buffer);
+
+/// Whether `step` writes `buffer` (one of its outputs).
+bool writes(mlir::Operation *step, mlir::Value buffer);
+
+/// Whether `step` reads or writes `buffer`.
+bool touches(mlir::Operation *step, mlir::Value buffer);
+
+/// Each step of `original` to its counterpart in `copy`, a copy of it
+/// (VariantFusion::copyVariant): the steps in the same order.
+llvm::DenseMap<mlir::Operation *, mlir::Operation *>
+stepCopies(VariantOp original, VariantOp copy);
 
 /// A workspace buffer that a fused copy adds, with no counterpart in the
 /// original variant; named `<fused>.<name>` in the plan.
