@@ -4,11 +4,12 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// This file declares what --moert-fuse-dispatch and --moert-fuse-glu share
-// (internal to this library): each adds, after every variant of a plan, a
-// fused copy `<name><suffix>` of each variant it can fuse, with workspace
-// buffers of its own, and keeps the original. Which variants qualify and how
-// the copy is rewritten stay in each pass's file.
+// This file declares what --moert-fuse-dispatch, --moert-fuse-glu and
+// --moert-fuse-activation-backward share (internal to this library): each
+// adds, after every variant of a plan, a fused copy `<name><suffix>` of each
+// variant it can fuse, with workspace buffers of its own, and keeps the
+// original. Which variants qualify and how the copy is rewritten stay in
+// each pass's file.
 //
 //===----------------------------------------------------------------------===//
 
