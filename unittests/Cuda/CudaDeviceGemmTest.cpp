@@ -615,6 +615,37 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
   }
 }
 
+/// A row space a fused step's test runs on: the case's segments (dynamic),
+/// or, for a fixed capacity from row 0, the static space (every row of the
+/// E x C blocks computed).
+struct CaseRowSpace {
+  cuda::ExpertRowSpace space;
+  std::vector<int32_t> first, rows;
+  bool isStatic = false;
+  int64_t rowBound() const { return space.rowBound; }
+  bool computed(int64_t r) const {
+    for (size_t e = 0; e < rows.size(); ++e)
+      if (r >= first[e] && r < first[e] + rows[e])
+        return true;
+    return false;
+  }
+};
+
+std::vector<CaseRowSpace> caseRowSpaces(const GemmCase &tc, Segments &seg) {
+  std::vector<CaseRowSpace> spaces;
+  spaces.push_back({seg.space(), seg.offsets, seg.rows, false});
+  if (tc.capacity > 0 && tc.base == 0) {
+    CaseRowSpace fixed = spaces.front();
+    fixed.isStatic = true;
+    fixed.space.staticCapacity = tc.capacity;
+    fixed.space.rowBound = seg.experts() * tc.capacity;
+    for (int32_t &rows : fixed.rows)
+      rows = static_cast<int32_t>(tc.capacity);
+    spaces.push_back(fixed);
+  }
+  return spaces;
+}
+
 /// act'(x) in fp64 (GELU's exact erf form).
 double activationDerivative64(Activation act, double x) {
   switch (act) {
@@ -644,26 +675,13 @@ TEST_P(CudaDeviceGemm, ActivationBackwardMatchesTheUnfusedStepsAndFp64) {
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
   Segments seg(tc.counts, tc.capacity, tc.base);
   const int64_t E = seg.experts(), k = tc.k, n = tc.n;
-  const bool staticToo = tc.capacity > 0 && tc.base == 0;
   std::mt19937_64 rng(29 + k + 5 * n);
-  for (bool isStatic : {false, true}) {
-    if (isStatic && !staticToo)
-      continue;
-    cuda::ExpertRowSpace space = seg.space();
-    std::vector<int32_t> first = seg.offsets, rows = seg.rows;
-    if (isStatic) { // every row of [0, E * C) is computed
-      space.staticCapacity = tc.capacity;
-      space.rowBound = E * tc.capacity;
-      for (int64_t e = 0; e < E; ++e)
-        rows[e] = static_cast<int32_t>(tc.capacity);
-    }
-    const int64_t R = space.rowBound;
-    auto computed = [&](int64_t r) {
-      for (int64_t e = 0; e < E; ++e)
-        if (r >= first[e] && r < first[e] + rows[e])
-          return true;
-      return false;
-    };
+  for (const CaseRowSpace &rs : caseRowSpaces(tc, seg)) {
+    const cuda::ExpertRowSpace &space = rs.space;
+    const std::vector<int32_t> &first = rs.first, &rows = rs.rows;
+    const bool isStatic = rs.isStatic;
+    const int64_t R = rs.rowBound();
+    auto computed = [&](int64_t r) { return rs.computed(r); };
     for (DType dt : {DType::BF16, DType::F16})
       for (bool transB : {true, false})
         for (Activation act :
@@ -771,26 +789,13 @@ TEST_P(CudaDeviceGemm, GluBackwardMatchesTheUnfusedStepsAndFp64) {
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
   Segments seg(tc.counts, tc.capacity, tc.base);
   const int64_t E = seg.experts(), k = tc.k, n = tc.n;
-  const bool staticToo = tc.capacity > 0 && tc.base == 0;
   std::mt19937_64 rng(31 + k + 7 * n);
-  for (bool isStatic : {false, true}) {
-    if (isStatic && !staticToo)
-      continue;
-    cuda::ExpertRowSpace space = seg.space();
-    std::vector<int32_t> first = seg.offsets, rows = seg.rows;
-    if (isStatic) {
-      space.staticCapacity = tc.capacity;
-      space.rowBound = E * tc.capacity;
-      for (int64_t e = 0; e < E; ++e)
-        rows[e] = static_cast<int32_t>(tc.capacity);
-    }
-    const int64_t R = space.rowBound;
-    auto computed = [&](int64_t r) {
-      for (int64_t e = 0; e < E; ++e)
-        if (r >= first[e] && r < first[e] + rows[e])
-          return true;
-      return false;
-    };
+  for (const CaseRowSpace &rs : caseRowSpaces(tc, seg)) {
+    const cuda::ExpertRowSpace &space = rs.space;
+    const std::vector<int32_t> &first = rs.first, &rows = rs.rows;
+    const bool isStatic = rs.isStatic;
+    const int64_t R = rs.rowBound();
+    auto computed = [&](int64_t r) { return rs.computed(r); };
     for (DType dt : {DType::BF16, DType::F16})
       for (bool transB : {true, false}) {
         SCOPED_TRACE(std::string(toString(dt)) +
