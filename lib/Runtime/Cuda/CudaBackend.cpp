@@ -205,9 +205,14 @@ bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant,
     for (const Step &step : *steps) {
       std::optional<GemmStepShape> gemm = gemmStepShape(plan, step);
       // grouped_gemm_glu and gathered GEMMs run the device kernel where it
-      // fits, whatever the rows.
+      // fits, whatever the rows; with wgmma the fused backwards run it too
+      // (their store applies the backward).
+      const bool fusedBackward =
+          step.op == StepOp::GroupedGemmActivationBackward ||
+          step.op == StepOp::GroupedGemmGluBackward;
       if (!gemm || step.op == StepOp::GroupedGemmGlu ||
-          step.in(OperandRole::RowTokens).isValid())
+          step.in(OperandRole::RowTokens).isValid() ||
+          (wgmma && fusedBackward))
         continue;
       const SegmentFacts &seg = step.facts.segments;
       const bool dynamic =
