@@ -509,9 +509,9 @@ InputGradient predictInputGradient(const Plan &plan, int64_t variant,
 // plus the activation's pass: the pair's price. On it, one device GEMM and
 // no pass: where the plain GEMM takes the device kernel too (a dynamic
 // layout at decode sizes: d 256, h 512, 64 tokens), the fused step costs
-// that GEMM alone; on a fixed capacity (C1: T 16384, d = h = 4096, E 16,
-// k 2) the plain GEMM stays on cuBLAS's batched path and the fused step
-// takes the wgmma kernel's.
+// that GEMM and the store's read of pre; on a fixed capacity (C1: T 16384, d =
+// h = 4096, E 16, k 2) the plain GEMM stays on cuBLAS's batched path and the
+// fused step takes the wgmma kernel's.
 TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
   {
     auto [unfused, fused] =
@@ -538,7 +538,10 @@ TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
         if (step.op == StepOp::ActivationBackward)
           passUs = step.us;
       ASSERT_GT(passUs, 0.0);
-      EXPECT_NEAR(on.us, pairOn.us - passUs, 1e-6);
+      // No pass, but the store reads pre beside each product: between the
+      // plain GEMM's price and the pair's.
+      EXPECT_GE(on.us, pairOn.us - passUs - 1e-9);
+      EXPECT_LT(on.us, pairOn.us);
     }
   }
   {

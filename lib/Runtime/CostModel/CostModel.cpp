@@ -228,7 +228,8 @@ bool isFusedBackward(StepOp op) {
          op == StepOp::GroupedGemmGluBackward;
 }
 
-/// Whether a fused backward (isFusedBackward) runs fused: on CUDA where the
+/// Whether a fused backward (isFusedBackward: the activation's or the GLU's)
+/// runs fused: on CUDA where the
 /// wgmma kernel runs (CostModelOptions::wgmmaGemm, the backend's answer), its
 /// operands fit it and the profile has the device kernel's figures, for any
 /// row space, unless grouped_gemm=cublas. Elsewhere the step runs as the
@@ -260,7 +261,7 @@ double elementwisePassSeconds(const DeviceProfile &profile, double rows,
 /// per group (a dropless padded plan ran as slowly as its ragged twin on an
 /// H100, Run 17). grouped_gemm_glu takes the device kernel wherever
 /// fusedGluOnDevice says, else the path of its two GEMMs;
-/// grouped_gemm_activation_backward likewise with
+/// grouped_gemm_activation_backward and grouped_gemm_glu_backward likewise with
 /// fusedActivationBackwardOnDevice.
 GemmPath expertGemmPath(const DeviceProfile &profile,
                         const CostModelOptions &options, const Step &step,
@@ -329,11 +330,14 @@ constexpr int64_t kDeviceWgradTile = 128;
 /// operands) at the weight-read rate, or (the weight gradient) its output
 /// tiles at their per-tile cost, whichever is longest. `wgmmaTilesOnly`:
 /// the wgmma kernel's 128-row tiles whatever the rows (a step only it fuses;
-/// the rule would take the few-rows tile at decode).
+/// the rule would take the few-rows tile at decode). `storeElementsPerRow`:
+/// what a fused store reads and writes per row beyond a and c (the fused
+/// backwards' pre; gate, up and the second gradient).
 double deviceGemmSeconds(const DeviceProfile &profile, double rows,
                          int64_t groups, int64_t k, int64_t n, DType dtype,
                          int64_t rowBound, bool wgrad, bool wgmma,
-                         bool wgmmaTilesOnly = false) {
+                         bool wgmmaTilesOnly = false,
+                         double storeElementsPerRow = 0) {
   const DeviceGemmFigures figures = profile.deviceGemmFigures();
   const double touched = touchedExperts(rows, groups);
   if (touched <= 0)
@@ -351,7 +355,9 @@ double deviceGemmSeconds(const DeviceProfile &profile, double rows,
                               : figures.largeFlopsPerSecond;
   const double element = static_cast<double>(dtypeSize(dtype));
   const double weights = (wgrad ? static_cast<double>(groups) : touched) * kn;
-  const double bytes = (weights + rows * static_cast<double>(k + n)) * element;
+  const double bytes =
+      (weights + rows * (static_cast<double>(k + n) + storeElementsPerRow)) *
+      element;
   const double tiles =
       wgrad ? static_cast<double>(groups) *
                   std::ceil(static_cast<double>(k) / kDeviceWgradTile) *
@@ -546,8 +552,12 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
       const bool wgmmaOnly =
           isFusedBackward(step.op) &&
           fusedActivationBackwardOnDevice(profile_, options_, a.dtype, k, n);
+      const double storeElements = !wgmmaOnly ? 0.0
+                                   : step.op == StepOp::GroupedGemmGluBackward
+                                       ? 3.0 * static_cast<double>(n)
+                                       : static_cast<double>(n);
       return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
-                               wgrad, wgmma, wgmmaOnly);
+                               wgrad, wgmma, wgmmaOnly, storeElements);
     }
     case GemmPath::PerExpert:
       if (profile_.backend == "cuda") {

@@ -129,6 +129,8 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// grad and gradGateIn may be one buffer (grouped_gemm_glu_backward off the
+// wgmma kernel runs it in place): not __restrict__.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     gluBackwardKernel(const T *__restrict__ gateIn, const T *__restrict__ upIn,

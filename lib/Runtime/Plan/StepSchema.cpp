@@ -175,10 +175,11 @@ StepWork getStepWork(const Plan &plan, const Step &step, int64_t rows) {
     const BufferDesc &a = buffer(step.in(R::A)),
                      &c = buffer(step.out(gemmProductRole(step.op)));
     const double products = step.op == StepOp::GroupedGemmGlu ? 2.0 : 1.0;
-    work.flops = products * 2.0 *
-                 static_cast<double>(touchedRows(c, R::C, rows)) *
-                 static_cast<double>(a.shape.back()) *
-                 static_cast<double>(c.shape.back());
+    work.flops =
+        products * 2.0 *
+        static_cast<double>(touchedRows(c, gemmProductRole(step.op), rows)) *
+        static_cast<double>(a.shape.back()) *
+        static_cast<double>(c.shape.back());
     break;
   }
   case StepCost::ExpertWgrad: {

@@ -18,6 +18,10 @@
 // CHECK-NOT: act_backward
 // CHECK-LABEL: moert.plan @two_backwards_one_gemm
 // CHECK-NOT: act_backward
+// CHECK-LABEL: moert.plan @glu_gradients_in_one_buffer
+// CHECK-NOT: act_backward
+// CHECK-LABEL: moert.plan @glu_gradient_over_grad
+// CHECK-NOT: act_backward
 
 // -----
 
@@ -121,5 +125,46 @@ moert.plan @two_backwards_one_gemm attributes {layer = #moert.layer<tokens = 8, 
     moert.grouped_gemm ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %gh : memref<8x16xbf16>) {trans_b}
     moert.activation_backward ins(pre = %h : memref<8x16xbf16>, grad = %gh : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_pre = %ghp : memref<8x16xbf16>) {activation = #moe<activation relu>}
     moert.activation_backward ins(pre = %h : memref<8x16xbf16>, grad = %gh : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_pre = %ghp2 : memref<8x16xbf16>) {activation = #moe<activation relu>}
+  }
+}
+
+// -----
+
+// REMARK: remark: variant 'v' not fused: it writes both gradients into 'grad_gate_in'
+moert.plan @glu_gradients_in_one_buffer attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %gh = moert.alloc "grad_hidden" : memref<8x16xbf16>
+  %gg = moert.alloc "grad_gate_in" : memref<8x16xbf16>
+  %gu = moert.alloc "grad_up_in" : memref<8x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    moert.grouped_gemm ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %gh : memref<8x16xbf16>) {trans_b}
+    moert.glu_backward ins(gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>, grad = %gh : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_gate_in = %gg : memref<8x16xbf16>, grad_up_in = %gg : memref<8x16xbf16>)
+  }
+}
+
+
+// -----
+
+// REMARK: remark: variant 'v' not fused: the fused step would read and write 'grad_hidden'
+moert.plan @glu_gradient_over_grad attributes {layer = #moert.layer<tokens = 8, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 1, capacity = #moe.capacity<dropless>, expert = gated, activation = silu, dtype = bf16, bias = false, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>, training} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  %gate = moert.alloc "gate_in" : memref<8x16xbf16>
+  %up = moert.alloc "up_in" : memref<8x16xbf16>
+  %g = moert.alloc "grad_expert_out" : memref<8x8xbf16>
+  %gh = moert.alloc "grad_hidden" : memref<8x16xbf16>
+  %gg = moert.alloc "grad_gate_in" : memref<8x16xbf16>
+  %gu = moert.alloc "grad_up_in" : memref<8x16xbf16>
+  moert.variant "v" forward {
+  } backward {
+    moert.grouped_gemm ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %gh : memref<8x16xbf16>) {trans_b}
+    moert.glu_backward ins(gate_in = %gate : memref<8x16xbf16>, up_in = %up : memref<8x16xbf16>, grad = %gh : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(grad_gate_in = %gh : memref<8x16xbf16>, grad_up_in = %gu : memref<8x16xbf16>)
   }
 }

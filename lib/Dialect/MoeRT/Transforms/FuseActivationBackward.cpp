@@ -149,11 +149,16 @@ FailureOr<GemmAndBackward> analyze(const BackwardStep &backward,
                                backward.rows};
   llvm::append_range(inputs, backward.reads);
   for (Value output : backward.writes)
-    if (llvm::is_contained(inputs, output)) {
+    if (llvm::is_contained(inputs, output) || output == grad) {
       why << "the fused step would read and write '" << bufferName(output)
           << "'";
       return failure();
     }
+  if (backward.writes.size() == 2 && backward.writes[0] == backward.writes[1]) {
+    why << "it writes both gradients into '" << bufferName(backward.writes[0])
+        << "'";
+    return failure();
+  }
   for (Operation *step = gemm->getNextNode(); step != backward.op;
        step = step->getNextNode())
     for (Value input : inputs)
