@@ -91,7 +91,8 @@ line = f'{sys.argv[2]:18s} {sys.argv[3]:10s} {d[\"variant\"]:28s} forward {f[\"m
 if b:
     steps = [(x['op'], round(x['mean_us'], 1)) for x in b['steps']
              if x['op'] in ('grouped_gemm', 'activation_backward',
-                            'grouped_gemm_activation_backward')]
+                            'grouped_gemm_activation_backward', 'glu_backward',
+                            'grouped_gemm_glu_backward')]
     line += f'; backward {b[\"median_us\"]:8.1f} us {steps}'
 print(line)
 " "$log.json" "$2" "$1" || status=1
@@ -106,10 +107,14 @@ if [[ -f bench/plans/c3_dropless.infer.json ]]; then
     layer pair "$plan" auto 1 device pair
     layer ping-pong "$plan" auto 1 device ping-pong
   done
-  for plan in c3_dropless.train c1_cap1.train; do
+  # A gated plan's pair is fc2's input gradient and glu_backward, compared
+  # on its glu-fused variant.
+  for plan in c3_dropless.train c1_cap1.train g3_dropless.train; do
     [[ -f bench/plans/$plan.json ]] || continue
-    layer pair-unfused "$plan" single 1 auto auto --train
-    layer fused "$plan" single+act_backward 1 auto auto --train
+    base=single
+    grep -q '"single+glu+act_backward"' "bench/plans/$plan.json" && base=single+glu
+    layer pair-unfused "$plan" "$base" 1 auto auto --train
+    layer fused "$plan" "$base+act_backward" 1 auto auto --train
     layer auto "$plan" auto 1 auto auto --train
   done
 fi
