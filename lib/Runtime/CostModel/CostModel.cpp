@@ -369,6 +369,52 @@ double deviceGemmSeconds(const DeviceProfile &profile, double rows,
        tiles * figures.wgradTileSeconds});
 }
 
+/// A grouped GEMM step (or its gradient) of `rows` rows on the device-sized
+/// kernel, `a` the buffer whose rows it computes.
+double stepOnDeviceKernel(const DeviceProfile &profile,
+                          const CostModelOptions &options, const Step &step,
+                          const BufferDesc &a, double rows, int64_t groups,
+                          int64_t k, int64_t n, bool wgrad) {
+  const int64_t rowBound = std::max<int64_t>(
+      0, (a.shape.empty() ? 0 : a.shape.front()) -
+             (step.facts.segments.isValid() ? step.facts.segments.baseRow : 0));
+  // The wgmma kernel takes the large tiles of the forward and
+  // input-gradient products; with a gathered A its cp.async producer runs at
+  // about the mma.sync kernel's rate (Run 32: G3's gathered GLU step 5633 us
+  // against 2104 with TMA), priced so.
+  const bool wgmma =
+      options.wgmmaGemm && !wgrad && !step.in(OperandRole::RowTokens).isValid();
+  // The backward-fused steps run on the wgmma kernel's tiles alone.
+  const bool wgmmaOnly =
+      isFusedBackward(step.op) &&
+      fusedActivationBackwardOnDevice(profile, options, a.dtype, k, n);
+  const double storeElements = !wgmmaOnly ? 0.0
+                               : step.op == StepOp::GroupedGemmGluBackward
+                                   ? 3.0 * static_cast<double>(n)
+                                   : static_cast<double>(n);
+  return deviceGemmSeconds(profile, rows, groups, k, n, a.dtype, rowBound,
+                           wgrad, wgmma, wgmmaOnly, storeElements);
+}
+
+/// One cuBLAS call per expert with rows, none faster than the table's
+/// fewest rows per group measured: below them a call costs its launch and
+/// weight read, not its FLOPs (Run 20: 64 calls of 3 to 24 rows took
+/// 520-590 us).
+double cublasPerExpertSeconds(const DeviceProfile &profile, double rows,
+                              int64_t groups, int64_t k, int64_t n,
+                              DType dtype) {
+  const double touched = touchedExperts(rows, groups);
+  if (touched <= 0)
+    return 0.0;
+  const double m = std::max(
+      rows / touched, static_cast<double>(profile.gemmMinRows(dtype, true)));
+  const double rate = profile.gemmFlopsPerSecond(std::max<int64_t>(1, groups),
+                                                 static_cast<int64_t>(m + 0.5),
+                                                 n, k, dtype, true);
+  const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
+  return rate > 0 ? 2.0 * kn * touched * m / rate : 0.0;
+}
+
 /// A step that moved less than this (us) between two rounds of the
 /// schedule has settled.
 constexpr double kSettledUs = 1e-6;
@@ -537,45 +583,12 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     const double kn = static_cast<double>(std::max<int64_t>(1, k * n));
     const double rows = flops / (2.0 * kn);
     switch (path) {
-    case GemmPath::Device: {
-      const int64_t rowBound = std::max<int64_t>(
-          0, (a.shape.empty() ? 0 : a.shape.front()) -
-                 (step.facts.segments.isValid() ? step.facts.segments.baseRow
-                                                : 0));
-      // The wgmma kernel takes the large tiles of the forward and
-      // input-gradient products; with a gathered A its cp.async producer
-      // runs at about the mma.sync kernel's rate (Run 32: G3's gathered GLU
-      // step 5633 us against 2104 with TMA), priced so.
-      const bool wgmma = options_.wgmmaGemm && !wgrad &&
-                         !step.in(OperandRole::RowTokens).isValid();
-      // The backward-fused step runs on the wgmma kernel's tiles alone.
-      const bool wgmmaOnly =
-          isFusedBackward(step.op) &&
-          fusedActivationBackwardOnDevice(profile_, options_, a.dtype, k, n);
-      const double storeElements = !wgmmaOnly ? 0.0
-                                   : step.op == StepOp::GroupedGemmGluBackward
-                                       ? 3.0 * static_cast<double>(n)
-                                       : static_cast<double>(n);
-      return deviceGemmSeconds(profile_, rows, groups, k, n, a.dtype, rowBound,
-                               wgrad, wgmma, wgmmaOnly, storeElements);
-    }
+    case GemmPath::Device:
+      return stepOnDeviceKernel(profile_, options_, step, a, rows, groups, k, n,
+                                wgrad);
     case GemmPath::PerExpert:
-      if (profile_.backend == "cuda") {
-        // One cuBLAS call per expert with rows, none faster than the
-        // table's fewest rows per group measured: below them a call costs
-        // its launch and weight read, not its FLOPs (Run 20: 64 calls of 3
-        // to 24 rows took 520-590 us).
-        const double touched = touchedExperts(rows, groups);
-        if (touched <= 0)
-          return 0.0;
-        const double m =
-            std::max(rows / touched,
-                     static_cast<double>(profile_.gemmMinRows(a.dtype, true)));
-        const double rate = profile_.gemmFlopsPerSecond(
-            std::max<int64_t>(1, groups), static_cast<int64_t>(m + 0.5), n, k,
-            a.dtype, true);
-        return rate > 0 ? 2.0 * kn * touched * m / rate : 0.0;
-      }
+      if (profile_.backend == "cuda")
+        return cublasPerExpertSeconds(profile_, rows, groups, k, n, a.dtype);
       return gemm(flops, groups, k, n, a.dtype, true);
     default:
       return gemm(flops, groups, k, n, a.dtype, false);
