@@ -295,6 +295,37 @@ Status gatherRows(KernelContext &ctx, ReadBuffer a, int64_t k,
   });
 }
 
+/// Whether a fused backward (grouped_gemm_activation_backward,
+/// grouped_gemm_glu_backward) runs in the wgmma kernel's store: the fused
+/// store is the point of the step, so wherever that kernel runs and applies
+/// (a static row space too), unless the path or grouped_gemm=cublas asks for
+/// the unfused GEMM.
+bool fusedBackwardOnWgmma(const KernelContext &ctx,
+                          detail::GroupedGemmPath path, DType type, int64_t k,
+                          int64_t n, const ExpertRowSpace &space,
+                          std::initializer_list<const void *> pointers) {
+  using detail::GroupedGemmPath;
+  return (path == GroupedGemmPath::Device ||
+          (path == GroupedGemmPath::Auto &&
+           ctx.groupedGemm != GroupedGemmImpl::Cublas)) &&
+         detail::hopperGroupedGemmRuns(ctx) &&
+         detail::hopperGroupedGemmApplies(ctx, type, k, n, space, pointers);
+}
+
+/// A fused backward off the wgmma kernel: its GEMM's product into `out` on
+/// grouped_gemm's path (Device, which asked for the fused kernel, as Auto).
+Status unfusedProduct(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                      WriteBuffer out, int64_t k, int64_t n,
+                      const ExpertRowSpace &space, bool transB,
+                      detail::GroupedGemmPath path) {
+  using detail::GroupedGemmPath;
+  GroupedGemmOptions options;
+  options.transB = transB;
+  return detail::groupedGemmWith(
+      ctx, a, b, ReadBuffer{}, out, k, n, space, options, WriteBuffer{},
+      path == GroupedGemmPath::Device ? GroupedGemmPath::Auto : path);
+}
+
 } // namespace
 
 Status groupedGemm(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
@@ -560,17 +591,8 @@ Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
                   "pre; it writes c apart from what it reads");
   if (n == 0)
     return Status::ok();
-  // The fused store is the point of the step: the wgmma kernel runs it
-  // wherever it applies (a static row space too), unless the path or
-  // grouped_gemm=cublas asks for the unfused GEMM.
-  const bool fused =
-      (path == GroupedGemmPath::Device ||
-       (path == GroupedGemmPath::Auto &&
-        ctx.groupedGemm != GroupedGemmImpl::Cublas)) &&
-      hopperGroupedGemmRuns(ctx) &&
-      hopperGroupedGemmApplies(ctx, c.type, k, n, space,
-                               {a.data, b.data, c.data, pre.data});
-  if (fused) {
+  if (fusedBackwardOnWgmma(ctx, path, c.type, k, n, space,
+                           {a.data, b.data, c.data, pre.data})) {
     DeviceGemmEpilogue backward;
     backward.fused = true;
     backward.activationInput = pre.data;
@@ -579,15 +601,9 @@ Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
                              transB, /*accumulate=*/false, DeviceTiles::Hopper,
                              RowGather{}, backward);
   }
-  // Unfused: the product into c on grouped_gemm's path, then the
-  // derivative over c in place (each element read before it is written).
-  GroupedGemmOptions options;
-  options.transB = transB;
-  const GroupedGemmPath gemmPath =
-      path == GroupedGemmPath::Device ? GroupedGemmPath::Auto : path;
-  if (Status s = groupedGemmWith(ctx, a, b, ReadBuffer{}, c, k, n, space,
-                                 options, WriteBuffer{}, gemmPath);
-      !s)
+  // Unfused: the derivative over the product in place (each element read
+  // before it is written).
+  if (Status s = unfusedProduct(ctx, a, b, c, k, n, space, transB, path); !s)
     return s;
   return activationBackward(ctx, pre, ReadBuffer{c.data, c.type}, c, n, space,
                             act);
@@ -617,17 +633,9 @@ Status groupedGemmGluBackwardWith(KernelContext &ctx, ReadBuffer a,
                   "are one buffer");
   if (n == 0)
     return Status::ok();
-  // As groupedGemmActivationBackwardWith: the wgmma kernel's store wherever
-  // it runs and applies, else the GEMM and the pass.
-  const bool fused =
-      (path == GroupedGemmPath::Device ||
-       (path == GroupedGemmPath::Auto &&
-        ctx.groupedGemm != GroupedGemmImpl::Cublas)) &&
-      hopperGroupedGemmRuns(ctx) &&
-      hopperGroupedGemmApplies(ctx, gradGateIn.type, k, n, space,
-                               {a.data, b.data, gradGateIn.data, gradUpIn.data,
-                                gateIn.data, upIn.data});
-  if (fused) {
+  if (fusedBackwardOnWgmma(ctx, path, gradGateIn.type, k, n, space,
+                           {a.data, b.data, gradGateIn.data, gradUpIn.data,
+                            gateIn.data, upIn.data})) {
     DeviceGemmEpilogue backward;
     backward.fused = true;
     backward.gluGate = gateIn.data;
@@ -638,12 +646,8 @@ Status groupedGemmGluBackwardWith(KernelContext &ctx, ReadBuffer a,
                              /*accumulate=*/false, DeviceTiles::Hopper,
                              RowGather{}, backward);
   }
-  GroupedGemmOptions options;
-  options.transB = transB;
-  const GroupedGemmPath gemmPath =
-      path == GroupedGemmPath::Device ? GroupedGemmPath::Auto : path;
-  if (Status s = groupedGemmWith(ctx, a, b, ReadBuffer{}, gradGateIn, k, n,
-                                 space, options, WriteBuffer{}, gemmPath);
+  if (Status s =
+          unfusedProduct(ctx, a, b, gradGateIn, k, n, space, transB, path);
       !s)
     return s;
   return gluBackward(ctx, gateIn, upIn,

@@ -277,6 +277,12 @@ LogicalResult expectGemmA(ShapeMatcher &m, Value a, Value rowTokens) {
                    : m.expect("a", a, {"R", "K"});
 }
 
+/// A grouped GEMM's `b`: [G, K, N], or [G, N, K] read transposed.
+LogicalResult expectGemmB(ShapeMatcher &m, Value b, bool transB) {
+  return transB ? m.expect("b", b, {"G", "N", "K"})
+                : m.expect("b", b, {"G", "K", "N"});
+}
+
 /// With `row_tokens`: it is [R], R the product's rows (bound by `c` or
 /// `grad_c` before), and `a`'s T rows are the layer's tokens.
 LogicalResult expectRowTokens(ShapeMatcher &m, Operation *op, Value a,
@@ -428,12 +434,9 @@ LogicalResult DispatchRowsOp::verify() {
 
 LogicalResult GroupedGemmOp::verify() {
   ShapeMatcher m(*this);
-  static const StringRef kB[] = {"G", "K", "N"},
-                         kTransposedB[] = {"G", "N", "K"};
-  ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
   if (failed(expectDeclaredRoles(m, *this)) ||
       failed(expectGemmA(m, getA(), getRowTokens())) ||
-      failed(m.expect("b", getB(), bShape)) ||
+      failed(expectGemmB(m, getB(), getTransB())) ||
       failed(m.expect("bias", getBias(), {"G", "N"})) ||
       failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("c", getC(), {"R", "N"})) ||
@@ -559,12 +562,9 @@ LogicalResult GroupedGemmWgradOp::verify() {
 
 LogicalResult GroupedGemmActivationBackwardOp::verify() {
   ShapeMatcher m(*this);
-  static const StringRef kB[] = {"G", "K", "N"},
-                         kTransposedB[] = {"G", "N", "K"};
-  ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
   if (failed(expectDeclaredRoles(m, *this)) ||
       failed(expectGemmA(m, getA(), Value())) ||
-      failed(m.expect("b", getB(), bShape)) ||
+      failed(expectGemmB(m, getB(), getTransB())) ||
       failed(m.expect("pre", getPre(), {"R", "N"})) ||
       failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
       failed(m.expect("c", getC(), {"R", "N"})) ||
@@ -584,12 +584,9 @@ LogicalResult GroupedGemmActivationBackwardOp::verify() {
 
 LogicalResult GroupedGemmGluBackwardOp::verify() {
   ShapeMatcher m(*this);
-  static const StringRef kB[] = {"G", "K", "N"},
-                         kTransposedB[] = {"G", "N", "K"};
-  ArrayRef<StringRef> bShape = getTransB() ? kTransposedB : kB;
   if (failed(expectDeclaredRoles(m, *this)) ||
       failed(expectGemmA(m, getA(), Value())) ||
-      failed(m.expect("b", getB(), bShape)) ||
+      failed(expectGemmB(m, getB(), getTransB())) ||
       failed(m.expect("gate_in", getGateIn(), {"R", "N"})) ||
       failed(m.expect("up_in", getUpIn(), {"R", "N"})) ||
       failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
