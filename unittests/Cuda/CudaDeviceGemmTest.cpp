@@ -615,6 +615,26 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
   }
 }
 
+/// The plain product of a fused backward's GEMM on the engine the fused step
+/// took: the wgmma kernel's default tile, or grouped_gemm's path (Device,
+/// which asked for the fused kernel, as Auto).
+Status productOnTheEngineOf(cuda::KernelContext &ctx, const Buffer &a,
+                            const Buffer &b, Buffer &product, DType dt,
+                            int64_t k, int64_t n,
+                            const cuda::ExpertRowSpace &space, bool transB,
+                            GroupedGemmPath path, bool onWgmma) {
+  if (onWgmma)
+    return cuda::detail::deviceGroupedGemm(
+        ctx, a.device, b.device, product.device, dt, k, n, space, transB, false,
+        cuda::detail::DeviceTiles::Hopper);
+  GroupedGemmOptions options;
+  options.transB = transB;
+  return cuda::detail::groupedGemmWith(
+      ctx, {a.device, dt}, {b.device, dt}, {}, {product.device, dt}, k, n,
+      space, options, {},
+      path == GroupedGemmPath::Device ? GroupedGemmPath::Auto : path);
+}
+
 /// A row space a fused step's test runs on: the case's segments (dynamic),
 /// or, for a fixed capacity from row 0, the static space (every row of the
 /// E x C blocks computed).
@@ -740,23 +760,9 @@ TEST_P(CudaDeviceGemm, ActivationBackwardMatchesTheUnfusedStepsAndFp64) {
               ASSERT_EQ(firstRowWritten(c, before, R, n, computed), -1)
                   << "a row outside the segments was written";
             }
-            if (onWgmma) {
-              ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
-                              *ctx, a.device, b.device, product.device, dt, k,
-                              n, space, transB, false,
-                              cuda::detail::DeviceTiles::Hopper)
-                              .isOk());
-            } else {
-              GroupedGemmOptions options;
-              options.transB = transB;
-              ASSERT_TRUE(cuda::detail::groupedGemmWith(
-                              *ctx, {a.device, dt}, {b.device, dt}, {},
-                              {product.device, dt}, k, n, space, options, {},
-                              path == GroupedGemmPath::Device
-                                  ? GroupedGemmPath::Auto
-                                  : path)
-                              .isOk());
-            }
+            ASSERT_TRUE(productOnTheEngineOf(*ctx, a, b, product, dt, k, n,
+                                             space, transB, path, onWgmma)
+                            .isOk());
             ASSERT_TRUE(cuda::activationBackward(*ctx, {pre.device, dt},
                                                  {product.device, dt},
                                                  {c2.device, dt}, n, space, act)
@@ -861,23 +867,9 @@ TEST_P(CudaDeviceGemm, GluBackwardMatchesTheUnfusedStepsAndFp64) {
             ASSERT_EQ(firstRowWritten(gradGate, before, R, n, computed), -1)
                 << "a row outside the segments was written";
           }
-          if (onWgmma) {
-            ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
-                            *ctx, a.device, b.device, product.device, dt, k, n,
-                            space, transB, false,
-                            cuda::detail::DeviceTiles::Hopper)
-                            .isOk());
-          } else {
-            GroupedGemmOptions options;
-            options.transB = transB;
-            ASSERT_TRUE(cuda::detail::groupedGemmWith(
-                            *ctx, {a.device, dt}, {b.device, dt}, {},
-                            {product.device, dt}, k, n, space, options, {},
-                            path == GroupedGemmPath::Device
-                                ? GroupedGemmPath::Auto
-                                : path)
-                            .isOk());
-          }
+          ASSERT_TRUE(productOnTheEngineOf(*ctx, a, b, product, dt, k, n, space,
+                                           transB, path, onWgmma)
+                          .isOk());
           ASSERT_TRUE(cuda::gluBackward(*ctx, {gate.device, dt},
                                         {up.device, dt}, {product.device, dt},
                                         {gradGate2.device, dt},
