@@ -84,6 +84,8 @@ bool flex::compileLayerToPlan(std::string_view mlirText,
     pipeline.fuseDispatch = *options.fuseDispatch;
   if (options.fuseGlu)
     pipeline.fuseGlu = *options.fuseGlu;
+  if (options.fuseCombine)
+    pipeline.fuseCombine = *options.fuseCombine;
   if (options.fuseActivationBackward)
     pipeline.fuseActivationBackward = *options.fuseActivationBackward;
   buildLowerToPlanPipeline(pm, pipeline);

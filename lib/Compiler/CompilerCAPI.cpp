@@ -49,6 +49,7 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
                              nodeKey = "ranks_per_node=", sourceKey = "source=",
                              fuseKey = "fuse_dispatch=",
                              fuseGluKey = "fuse_glu=",
+                             fuseCombineKey = "fuse_combine=",
                              fuseBackwardKey = "fuse_activation_backward=";
   auto list = [](std::string_view option, std::vector<std::string> &out) {
     while (!option.empty()) {
@@ -101,6 +102,9 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
     } else if (starts(option, fuseGluKey)) {
       if (!readFlag(option, fuseGluKey, out.fuseGlu))
         return false;
+    } else if (starts(option, fuseCombineKey)) {
+      if (!readFlag(option, fuseCombineKey, out.fuseCombine))
+        return false;
     } else if (starts(option, fuseBackwardKey)) {
       if (!readFlag(option, fuseBackwardKey, out.fuseActivationBackward))
         return false;
@@ -109,6 +113,7 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
               "'; the options are variants=r<R>d<D>,..., "
               "layouts=padded,ragged, ranks_per_node=N, "
               "fuse_dispatch=true|false, fuse_glu=true|false, "
+              "fuse_combine=true|false, "
               "fuse_activation_backward=true|false and source=NAME";
       return false;
     }

@@ -34,6 +34,9 @@ void flex::buildLowerToPlanPipeline(mlir::OpPassManager &pm,
   // copy too.
   if (options.fuseGlu)
     pm.addNestedPass<moert::PlanOp>(moert::createMoeRTFuseGluPass());
+  // After those: a `+gather` variant's row_tokens serves the combine too.
+  if (options.fuseCombine)
+    pm.addNestedPass<moert::PlanOp>(moert::createMoeRTFuseCombinePass());
   // Last: every forward fusion's variants get a backward-fused copy too.
   if (options.fuseActivationBackward)
     pm.addNestedPass<moert::PlanOp>(

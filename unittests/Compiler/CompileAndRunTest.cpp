@@ -627,6 +627,7 @@ TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
       << text;
   EXPECT_EQ(compile("fuse=true", text), FLEX_STATUS_INVALID_ARGUMENT);
   EXPECT_NE(text.find("fuse_dispatch=true|false, fuse_glu=true|false, "
+                      "fuse_combine=true|false, "
                       "fuse_activation_backward=true|false"),
             std::string::npos)
       << text;

@@ -37,6 +37,10 @@ struct CompileOptions {
   /// `<variant>+glu` of each qualifying variant (--moert-fuse-glu); unset:
   /// the pipeline's default.
   std::optional<bool> fuseGlu;
+  /// --moe-lower-to-plan="fuse-combine=...": add the variant
+  /// `<variant>+combine` of each qualifying variant (--moert-fuse-combine);
+  /// unset: the pipeline's default.
+  std::optional<bool> fuseCombine;
   /// --moe-lower-to-plan="fuse-activation-backward=...": add the variant
   /// `<variant>+act_backward` of each qualifying variant
   /// (--moert-fuse-activation-backward); unset: the pipeline's default.

@@ -44,6 +44,14 @@ struct LowerToPlanOptions
                      "step (--moert-fuse-glu, after --moert-fuse-dispatch); "
                      "the cost model picks between them per call"),
       llvm::cl::init(true)};
+  Option<bool> fuseCombine{
+      *this, "fuse-combine",
+      llvm::cl::desc("Add a `<variant>+combine` variant whose forward "
+                     "computes each expert's second layer and the combine "
+                     "in one grouped_gemm_combine step (--moert-fuse-combine, "
+                     "after the dispatch and glu fusions); the cost model "
+                     "picks between them per call"),
+      llvm::cl::init(false)};
   Option<bool> fuseActivationBackward{
       *this, "fuse-activation-backward",
       llvm::cl::desc("Add a `<variant>+act_backward` variant whose training "
@@ -58,6 +66,7 @@ struct LowerToPlanOptions
 /// moe IR -> placed moert plans: expand layers, canonicalize, lower each
 /// layer function to a plan, with `fuse-dispatch` add the gather-fused
 /// variants, with `fuse-glu` the glu-fused ones (of those too), with
+/// `fuse-combine` the combine-fused ones (of those too), with
 /// `fuse-activation-backward` the backward-fused ones (of all of those),
 /// place its workspace.
 void buildLowerToPlanPipeline(mlir::OpPassManager &pm,

@@ -195,6 +195,17 @@ void CpuBackend::setComputeKernels() {
         cpu::glu(read(ops.in(R::GateIn)), read(ops.in(R::UpIn)),
                  write(ops.out(R::C)), cols(ops.out(R::C)), x.segments);
       });
+  // The reference is the two steps themselves: the product into c, then
+  // the combine reading it (row_tokens is for the GPU's fused store).
+  setArgsKernel(StepOp::GroupedGemmCombine,
+                [](const Step &step, const StepOperands &ops, Args &x) {
+                  const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
+                  cpu::groupedGemm(read(a), read(ops.in(R::B)),
+                                   read(ops.in(R::Bias)), write(c), cols(a),
+                                   cols(c), x.segments,
+                                   step_views::gemmOptions(step.attrs));
+                  cpu::combine(read(c), x.d, x.routing, write(ops.out(R::Out)));
+                });
   setArgsKernel(StepOp::Combine,
                 [](const Step &, const StepOperands &ops, Args &x) {
                   cpu::combine(read(ops.in(R::ExpertOut)), x.d, x.routing,

@@ -365,7 +365,7 @@ void checkGemmWeights(const Plan &plan, const Step &step, const std::string &at,
     const char *what;
   };
   std::vector<Source> sources;
-  if (step.op == StepOp::GroupedGemm ||
+  if (step.op == StepOp::GroupedGemm || step.op == StepOp::GroupedGemmCombine ||
       step.op == StepOp::GroupedGemmActivationBackward ||
       step.op == StepOp::GroupedGemmGluBackward)
     sources = {{R::B, {"w1", "w2", "w3"}, "an expert weight (w1, w2, w3"},
@@ -394,7 +394,8 @@ void checkGemmWeights(const Plan &plan, const Step &step, const std::string &at,
 void checkGatheredRows(const Plan &plan, const Step &step,
                        const std::string &at, const DataFlow &flow) {
   using R = OperandRole;
-  if (!step.in(R::RowTokens).isValid())
+  // grouped_gemm_combine's row_tokens maps c's rows for its combine.
+  if (!step.in(R::RowTokens).isValid() || step.op == StepOp::GroupedGemmCombine)
     return;
   const int32_t source = flow.sourceArgument(step.in(R::A));
   if (source < 0 || plan.arguments[source].name != "x")

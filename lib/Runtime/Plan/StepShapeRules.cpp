@@ -523,11 +523,14 @@ int64_t StepShapes::gemmRows(const BufferDesc *a) {
 }
 
 void StepShapes::checkGemm() {
-  const bool gathered = c.get(R::RowTokens, in) != nullptr;
+  // grouped_gemm_combine's row_tokens maps c's rows for its combine; it
+  // gathers nothing.
+  const bool combined = step.op == StepOp::GroupedGemmCombine;
+  const bool gathered = !combined && c.get(R::RowTokens, in) != nullptr;
   const BufferDesc *a = c.expect(R::A, in, kFloatTypes, {-1, -1},
                                  gathered ? "a [T, K]" : "a [R, K]");
   int64_t K = a->shape[1];
-  const int64_t rows = gemmRows(a);
+  const int64_t rows = combined ? a->shape[0] : gemmRows(a);
   const BufferDesc *b = c.expect(
       R::B, in, kFloatTypes, {G, -1, -1},
       (step.attrs.transB ? "b [G, N, K]" : "b [G, K, N]") + groupsMeaning);
@@ -554,6 +557,19 @@ void StepShapes::checkGemm() {
     c.expect(R::Pre, in, kFloatTypes, {rows, N}, "pre [R, N]" + ofRows);
     expectOneDType(a, {{R::B, in}, {R::Pre, in}, {R::C, out}});
     expectWrittenApart({R::C}, {R::A, R::B, R::Pre});
+  } else if (combined) {
+    // c holds the rows the combine sums into out [T, d]: N = d, and rows
+    // for every kept slot. The fused store sums a token's rows while other
+    // tiles still read a, b and the bias.
+    c.expectRows(R::C, out, d, minRows, "c [R, d]" + ofRows);
+    if (const BufferDesc *rowTokens = c.expectRowMap(R::RowTokens, in, minRows);
+        rowTokens && rows >= 0 && rowTokens->shape[0] != rows)
+      fail(c.where(R::RowTokens, in),
+           "buffer '" + rowTokens->name + "' has " +
+               std::to_string(rowTokens->shape[0]) + " rows; it maps c's " +
+               std::to_string(rows) + " rows to their tokens");
+    expectOneDType(a, {{R::B, in}, {R::Bias, in}, {R::C, out}, {R::Out, out}});
+    expectWrittenApart({R::C, R::Out}, {R::A, R::B, R::Bias});
   } else if (step.op == StepOp::GroupedGemmGluBackward) {
     for (auto [role, isInput] :
          {std::pair{R::GateIn, in}, std::pair{R::UpIn, in},
@@ -816,6 +832,7 @@ void StepShapes::check() {
   case StepOp::CombineBackward:
     return checkRowOps();
   case StepOp::GroupedGemm:
+  case StepOp::GroupedGemmCombine:
   case StepOp::GroupedGemmActivationBackward:
   case StepOp::GroupedGemmGluBackward:
     return checkGemm();

@@ -71,6 +71,17 @@ LayerConfig readLayer(moert::PlanOp plan) {
 }
 
 /// Fills the attributes of a step from the op's attributes.
+/// grouped_gemm's (and grouped_gemm_combine's) epilogue and bias scale.
+template <typename GemmOp>
+void readGemmEpilogue(GemmOp gemm, StepAttrs &attrs) {
+  attrs.epilogue = Epilogue::None;
+  if (auto epilogue = gemm.getEpilogueAttr())
+    attrs.epilogue =
+        static_cast<Epilogue>(static_cast<int>(epilogue.getValue()) + 1);
+  if (auto scale = gemm.getBiasScaleAttr())
+    attrs.biasScale = scale.getValueAsDouble();
+}
+
 void readStepAttrs(Operation *op, StepAttrs &attrs) {
   if (auto gate = dyn_cast<moert::GateOp>(op)) {
     moe::CapacityAttr capacity = gate.getCapacity();
@@ -90,12 +101,10 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
   } else if (auto gemm = dyn_cast<moert::GroupedGemmOp>(op)) {
     attrs.transB = gemm.getTransB();
     attrs.accumulate = gemm.getAccumulate();
-    attrs.epilogue = Epilogue::None;
-    if (auto epilogue = gemm.getEpilogueAttr())
-      attrs.epilogue =
-          static_cast<Epilogue>(static_cast<int>(epilogue.getValue()) + 1);
-    if (auto scale = gemm.getBiasScaleAttr())
-      attrs.biasScale = scale.getValueAsDouble();
+    readGemmEpilogue(gemm, attrs);
+  } else if (auto combined = dyn_cast<moert::GroupedGemmCombineOp>(op)) {
+    attrs.transB = combined.getTransB();
+    readGemmEpilogue(combined, attrs);
   } else if (auto shard = dyn_cast<moert::ShardRoutingOp>(op)) {
     attrs.shards = shard.getShards();
   } else if (auto shardBackward = dyn_cast<moert::ShardRoutingBackwardOp>(op)) {

@@ -539,6 +539,39 @@ LogicalResult CombineOp::verify() {
       failed(m.sameElement("out", getOut(), "expert_out", getExpertOut())));
 }
 
+LogicalResult GroupedGemmCombineOp::verify() {
+  ShapeMatcher m(*this);
+  if (failed(expectDeclaredRoles(m, *this)) ||
+      failed(expectGemmA(m, getA(), Value())) ||
+      failed(expectGemmB(m, getB(), getTransB())) ||
+      failed(m.expect("bias", getBias(), {"G", "N"})) ||
+      failed(expectSegments(m, getExpertOffsets(), getExpertRows())) ||
+      failed(m.expect("c", getC(), {"R", "N"})) ||
+      failed(m.expect("out", getOut(), {"T", "N"})) ||
+      failed(m.expect("row_tokens", getRowTokens(), {"R"})) ||
+      failed(m.sameElement("b", getB(), "a", getA())) ||
+      failed(m.sameElement("c", getC(), "a", getA())) ||
+      failed(m.sameElement("out", getOut(), "a", getA())))
+    return failure();
+  double scale =
+      getBiasScaleAttr() ? getBiasScaleAttr().getValueAsDouble() : 1.0;
+  if (!std::isfinite(scale) || !(scale > 0.0))
+    return emitOpError("[plan-3] bias_scale must be finite and > 0, got ")
+           << scale;
+  // Its tiles store c, and sum finished tokens into out, while others
+  // still read a, b and the bias.
+  for (auto [outName, output] :
+       {std::pair<StringRef, Value>{"c", getC()}, {"out", getOut()}})
+    for (auto [name, operand] : {std::pair<StringRef, Value>{"a", getA()},
+                                 {"b", getB()},
+                                 {"bias", getBias()}})
+      if (operand == output)
+        return emitOpError("[plan-3] '")
+               << outName << "' must not be its '" << name
+               << "': the step writes its outputs apart from what it reads";
+  return success();
+}
+
 LogicalResult CombineBackwardOp::verify() {
   ShapeMatcher m(*this);
   return failure(

@@ -255,6 +255,41 @@ def MoeRT_CombineOp : MoeRT_StepOp<"combine",
                        Buf:$out);
 }
 
+def MoeRT_GroupedGemmCombineOp : MoeRT_StepOp<"grouped_gemm_combine",
+    ["a", "b", "bias?", "expert_offsets", "expert_rows", "row_tokens?",
+     "indices", "locations", "gates", "capacity"], ["c", "out"],
+    [AttrSizedOperandSegments]> {
+  let summary = "per expert: c = epilogue(a @ b[e] + bias_scale * bias[e]), "
+                "then out = combine(c) (fc2 and the combine as one step)";
+  let description = [{
+    An expert's second layer and the combine as one step, for inference:
+    `c` is what `moert.grouped_gemm` computes from the same operands and
+    attributes (no `pre`, no `accumulate`), and `out[t]` the sum of t's kept
+    gates times its rows of `c`, as `moert.combine` computes it from the
+    routing (`indices`, `locations`, `gates`, `capacity`, and the experts'
+    `expert_offsets`). Bit for bit the two steps on the same GEMM engine
+    (`--moert-fuse-combine`). `row_tokens` ([R] i32, `dispatch_rows`'), when
+    given, is the token of each row: a kernel sums a token's rows in its
+    store once the last of them is written. Here it does not gather `a`.
+    Every float operand has one element type; `c` and `out` are none of the
+    operands it reads.
+
+    ```mlir
+    moert.grouped_gemm_combine ins(a = %h : memref<128x32xbf16>,
+        b = %w2 : memref<4x32x16xbf16>, expert_offsets = %o : memref<5xi32>,
+        expert_rows = %r : memref<4xi32>, indices = %i : memref<64x2xi32>,
+        locations = %l : memref<64x2xi32>, gates = %g : memref<64x2xf32>,
+        capacity = %cap : memref<1xi32>)
+        outs(c = %eo : memref<128x16xbf16>, out = %out : memref<64x16xbf16>)
+    ```
+  }];
+  let arguments = (ins Buf:$a, Buf:$b, OptBuf:$bias, Buf:$expert_offsets,
+      Buf:$expert_rows, OptBuf:$row_tokens, Buf:$indices, Buf:$locations,
+      Buf:$gates, Buf:$capacity, Buf:$c, Buf:$out, UnitAttr:$trans_b,
+      OptionalAttr<Moe_ActivationAttr>:$epilogue,
+      OptionalAttr<F64Attr>:$bias_scale);
+}
+
 def MoeRT_CombineBackwardOp : MoeRT_StepOp<"combine_backward",
     ["grad_out", "expert_out", "indices", "locations", "gates", "capacity",
      "expert_offsets"], ["grad_expert_out", "grad_gates"]> {

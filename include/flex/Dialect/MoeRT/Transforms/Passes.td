@@ -119,6 +119,61 @@ def MoeRTFuseGluPass : Pass<"moert-fuse-glu", "::flex::moert::PlanOp"> {
   ];
 }
 
+def MoeRTFuseCombinePass
+    : Pass<"moert-fuse-combine", "::flex::moert::PlanOp"> {
+  let summary = "Add a variant that computes each expert's second layer "
+                "and the combine as one step";
+  let description = [{
+    For each variant (the other fusions' copies included) whose forward
+    has one `moert.combine` C that qualifies, adds after the plan's variants
+    (whose indices so stay) a variant `<name>+combine` in which C and the
+    GEMM writing its `expert_out` are one `moert.grouped_gemm_combine`,
+    placed where C was. C qualifies when
+    - its `expert_out` is written once in the forward, before it, as `c` of
+      a `moert.grouped_gemm` G (no `pre`, `accumulate` or `row_tokens`;
+      `bias`, `epilogue`, `bias_scale` are kept) over the experts of C's
+      routing (G's `expert_offsets` are C's): one GEMM wrote every row C
+      sums, so a pipelined variant's chunks, or a multi-rank variant whose
+      rows arrive by `all_to_all`, do not qualify,
+    - G's `a`, `b`, `expert_out` and `out` are one element type, bf16 or
+      f16, with K (the columns of `a`) and d multiples of 8,
+    - no step between G and C reads or writes `expert_out` or `out`, or
+      writes what G reads.
+    The fused step still writes `expert_out` (a training plan's
+    `combine_backward` reads it). Where the variant has a `dispatch_rows`
+    over C's routing before G, its `row_tokens` is passed on: the runtime's
+    kernel sums each token's rows in its store once the last is written,
+    and needs no map of its own. The new variant has its own copy of every
+    workspace buffer it uses (`<name>+combine.<buffer>`). The original
+    variant stays where it was and unchanged: the fused step pays where a
+    kernel sums in its store, so the runtime's cost model picks between the
+    two per call.
+
+    Runs before `--moert-plan-memory`: a placed plan with a variant to fuse
+    is an error.
+
+    ```mlir
+    // "single+gather": grouped_gemm (hidden, w2) -> expert_out;
+    //                  combine (expert_out, routing) -> out
+    moert.variant "single+gather+combine" forward {
+      ...
+      moert.grouped_gemm_combine ins(a = %h : memref<64x16xbf16>,
+          b = %w2 : memref<4x16x8xbf16>, expert_offsets = ...,
+          expert_rows = ..., row_tokens = %rt : memref<64xi32>,
+          indices = ..., locations = ..., gates = ..., capacity = ...)
+          outs(c = %eo : memref<64x8xbf16>, out = %out : memref<32x8xbf16>)
+    } backward { ... }
+    ```
+
+    With `report`, a remark on each variant says whether it was fused, and
+    why not.
+  }];
+  let options = [
+    Option<"report", "report", "bool", /*default=*/"false",
+           "Emit a remark per variant: fused, or why not">,
+  ];
+}
+
 def MoeRTFuseActivationBackwardPass
     : Pass<"moert-fuse-activation-backward", "::flex::moert::PlanOp"> {
   let summary = "Add a variant that computes each expert's input gradient "
