@@ -56,13 +56,16 @@ std::vector<PlanFile> planFiles() {
     files.push_back({std::string(FLEX_RUNTIME_PLANS_DIR) + "/" + name, name});
   // The *_gather_* plans hold the gather-fused variant (single+gather) of
   // the default pipeline beside the unfused one; *_act_backward_* also the
-  // backward-fused copies of both (fuse-activation-backward=true).
+  // backward-fused copies of both (fuse-activation-backward=true),
+  // *_combine* the combine-fused ones (fuse-combine=true).
   for (const char *name :
        {"small_ffn_train.json", "small_swiglu_bf16_train.json",
         "small_swiglu_bf16_gather_train.json",
         "decode_ffn_bias_bf16_gather_train.json",
         "decode_ffn_bias_bf16_act_backward_train.json",
-        "decode_swiglu_bf16_act_backward_train.json"})
+        "decode_swiglu_bf16_act_backward_train.json",
+        "decode_ffn_bias_bf16_combine.json",
+        "decode_swiglu_bf16_combine_train.json"})
     files.push_back({std::string(FLEX_CUDA_PLANS_DIR) + "/" + name, name});
   return files;
 }
@@ -246,6 +249,56 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
   }
 }
 
+/// Every argument's bytes after a forward (and, training, a backward) of
+/// each `<v><suffix>` variant of the CUDA test plan `file` equal v's.
+void expectFusedVariantsEqualTheirOriginals(const char *file,
+                                            const std::string &suffix,
+                                            bool wgmma) {
+  std::shared_ptr<const Plan> plan =
+      loadPlan(std::string(FLEX_CUDA_PLANS_DIR) + "/" + file);
+  const LayerData data = makeData(plan->layer, 11);
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::Auto, GroupedGemmImpl::Device,
+                               GroupedGemmImpl::Cublas}) {
+    RuntimeOptions options;
+    options.groupedGemm = impl;
+    options.wgmma = wgmma;
+    auto run = [&](const std::string &name) {
+      std::map<std::string, std::vector<uint8_t>> bytes;
+      DeviceArguments args(*plan);
+      fill(args, data);
+      std::unique_ptr<Backend> backend;
+      EXPECT_TRUE(createCudaBackend(backend, options).isOk());
+      std::unique_ptr<Executor> executor;
+      EXPECT_TRUE(Executor::create(plan, std::move(backend), executor).isOk());
+      EXPECT_TRUE(executor->selectVariant(plan->findVariant(name)).isOk());
+      std::vector<Binding> bindings = args.bindings();
+      Status status = executor->forward(bindings.data(), bindings.size());
+      if (status && plan->training)
+        status = executor->backward(bindings.data(), bindings.size());
+      EXPECT_TRUE(status.isOk()) << name << ": " << status.message();
+      for (auto &[arg, buffer] : args.buffers) {
+        buffer.download();
+        bytes[arg] = buffer.host;
+      }
+      return bytes;
+    };
+    int compared = 0;
+    for (const Variant &variant : plan->variants) {
+      const std::string fused = variant.name + suffix;
+      if (plan->findVariant(fused) < 0)
+        continue;
+      ++compared;
+      SCOPED_TRACE(std::string(file) + " " + variant.name + " grouped_gemm " +
+                   std::to_string(static_cast<int>(impl)));
+      const auto want = run(variant.name);
+      const auto got = run(fused);
+      for (const auto &[arg, value] : want)
+        EXPECT_TRUE(got.at(arg) == value) << arg << " differs";
+    }
+    EXPECT_GT(compared, 0) << file << " has no " << suffix << " variant";
+  }
+}
+
 // Where the fused step runs its GEMM on the engine the original's GEMM runs
 // on (the wgmma kernel off: the GEMM on grouped_gemm's path, then the
 // derivative in place), each backward-fused variant gives its original's
@@ -257,50 +310,22 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
 TEST(CudaExecutor, ActivationBackwardFusedVariantsEqualTheirOriginals) {
   FLEX_SKIP_WITHOUT_CUDA();
   for (const char *file : {"decode_ffn_bias_bf16_act_backward_train.json",
-                           "decode_swiglu_bf16_act_backward_train.json"}) {
-    std::shared_ptr<const Plan> plan =
-        loadPlan(std::string(FLEX_CUDA_PLANS_DIR) + "/" + file);
-    const LayerData data = makeData(plan->layer, 11);
-    for (GroupedGemmImpl impl : {GroupedGemmImpl::Auto, GroupedGemmImpl::Device,
-                                 GroupedGemmImpl::Cublas}) {
-      RuntimeOptions options;
-      options.groupedGemm = impl;
-      options.wgmma = false;
-      // Every argument's bytes after a forward and backward of variant v.
-      auto run = [&](const std::string &name) {
-        std::map<std::string, std::vector<uint8_t>> bytes;
-        DeviceArguments args(*plan);
-        fill(args, data);
-        std::unique_ptr<Backend> backend;
-        EXPECT_TRUE(createCudaBackend(backend, options).isOk());
-        std::unique_ptr<Executor> executor;
-        EXPECT_TRUE(
-            Executor::create(plan, std::move(backend), executor).isOk());
-        EXPECT_TRUE(executor->selectVariant(plan->findVariant(name)).isOk());
-        std::vector<Binding> bindings = args.bindings();
-        Status status = executor->forward(bindings.data(), bindings.size());
-        if (status)
-          status = executor->backward(bindings.data(), bindings.size());
-        EXPECT_TRUE(status.isOk()) << name << ": " << status.message();
-        for (auto &[arg, buffer] : args.buffers) {
-          buffer.download();
-          bytes[arg] = buffer.host;
-        }
-        return bytes;
-      };
-      for (const Variant &variant : plan->variants) {
-        const std::string fused = variant.name + "+act_backward";
-        if (plan->findVariant(fused) < 0)
-          continue;
-        SCOPED_TRACE(std::string(file) + " " + variant.name + " grouped_gemm " +
-                     std::to_string(static_cast<int>(impl)));
-        const auto want = run(variant.name);
-        const auto got = run(fused);
-        for (const auto &[arg, value] : want)
-          EXPECT_TRUE(got.at(arg) == value) << arg << " differs";
-      }
-    }
-  }
+                           "decode_swiglu_bf16_act_backward_train.json"})
+    expectFusedVariantsEqualTheirOriginals(file, "+act_backward",
+                                           /*wgmma=*/false);
+}
+
+// grouped_gemm_combine runs its GEMM where grouped_gemm would (at decode
+// the device kernel's few-rows tile, which then sums each token in its
+// store; with grouped_gemm=cublas the two steps): each combine-fused
+// variant gives its original's bytes in every output (and gradient), wgmma
+// on or off, inference and training.
+TEST(CudaExecutor, CombineFusedVariantsEqualTheirOriginals) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  for (bool wgmma : {false, true})
+    for (const char *file : {"decode_ffn_bias_bf16_combine.json",
+                             "decode_swiglu_bf16_combine_train.json"})
+      expectFusedVariantsEqualTheirOriginals(file, "+combine", wgmma);
 }
 
 /// Graph replay gives the eager results, and runs with no per-step times.

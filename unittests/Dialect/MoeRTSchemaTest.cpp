@@ -34,17 +34,16 @@ namespace {
 /// Every moert step op; the count check below (registered step ops ==
 /// kNumStepOps == this list's size) makes the list complete.
 template <typename... Ops> struct OpList {};
-using StepOps =
-    OpList<moert::RouterOp, moert::GateOp, moert::DispatchOp,
-           moert::DispatchRowsOp, moert::GroupedGemmOp, moert::GroupedGemmGluOp,
-           moert::GluOp, moert::CombineOp, moert::CombineBackwardOp,
-           moert::GroupedGemmWgradOp, moert::GroupedGemmActivationBackwardOp,
-           moert::GroupedGemmGluBackwardOp, moert::ActivationBackwardOp,
-           moert::GluBackwardOp, moert::DispatchBackwardOp,
-           moert::GateBackwardOp, moert::RouterBackwardOp,
-           moert::SyncCapacityOp, moert::AllToAllOp, moert::UniformSegmentsOp,
-           moert::ShardRoutingOp, moert::ShardRoutingBackwardOp,
-           moert::AllGatherOp, moert::ReduceScatterOp>;
+using StepOps = OpList<
+    moert::RouterOp, moert::GateOp, moert::DispatchOp, moert::DispatchRowsOp,
+    moert::GroupedGemmOp, moert::GroupedGemmGluOp, moert::GluOp,
+    moert::CombineOp, moert::GroupedGemmCombineOp, moert::CombineBackwardOp,
+    moert::GroupedGemmWgradOp, moert::GroupedGemmActivationBackwardOp,
+    moert::GroupedGemmGluBackwardOp, moert::ActivationBackwardOp,
+    moert::GluBackwardOp, moert::DispatchBackwardOp, moert::GateBackwardOp,
+    moert::RouterBackwardOp, moert::SyncCapacityOp, moert::AllToAllOp,
+    moert::UniformSegmentsOp, moert::ShardRoutingOp,
+    moert::ShardRoutingBackwardOp, moert::AllGatherOp, moert::ReduceScatterOp>;
 
 template <typename... Ops> constexpr size_t size(OpList<Ops...>) {
   return sizeof...(Ops);

@@ -587,6 +587,76 @@ TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
 }
 
 //===----------------------------------------------------------------------===//
+// grouped_gemm_combine
+//===----------------------------------------------------------------------===//
+
+/// The forward's predicted time (us) of fc2 and the combine: the fused step,
+/// or the grouped_gemm writing expert_out and the combine; and the fused
+/// step's GEMM path.
+InputGradient secondLayerAndCombine(const Plan &plan, int64_t variant,
+                                    GroupedGemmImpl impl) {
+  CostModelOptions options;
+  options.groupedGemm = impl;
+  const Prediction p = CostModel(defaultProfile("cuda", 1), options)
+                           .predict(plan, variant, false, -1);
+  InputGradient result;
+  const std::vector<Step> &steps = plan.variants[variant].forward;
+  for (const StepPrediction &step : p.steps) {
+    const Step &s = steps[step.index];
+    const bool fc2 = step.op == StepOp::GroupedGemm &&
+                     plan.getBuffer(s.in(OperandRole::B)).name == "w2";
+    if (fc2 || step.op == StepOp::Combine ||
+        step.op == StepOp::GroupedGemmCombine)
+      result.us += step.us;
+    if (step.op == StepOp::GroupedGemmCombine)
+      result.path = step.gemmPath;
+  }
+  return result;
+}
+
+// At decode sizes (d 256, h 512, E 16, k 4, 64 tokens) fc2 runs the device
+// kernel, whose store sums the combine: the fused step costs the GEMM and
+// the combine's bytes, not its launch, so less than the pair. With
+// grouped_gemm=cublas it runs as the two steps: the pair's price.
+TEST(CostModel, CombineFusedStepIsPricedOnItsPath) {
+  Plan plan;
+  ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
+                               "/decode_ffn_bias_bf16_combine.json",
+                           plan)
+                  .isOk());
+  ASSERT_EQ(plan.variants.size(), 4u);
+  for (int64_t v = 0; v < 2; ++v) {
+    const InputGradient pair =
+        secondLayerAndCombine(plan, v, GroupedGemmImpl::Auto);
+    const InputGradient fused =
+        secondLayerAndCombine(plan, v + 2, GroupedGemmImpl::Auto);
+    const InputGradient pairCublas =
+        secondLayerAndCombine(plan, v, GroupedGemmImpl::Cublas);
+    const InputGradient fusedCublas =
+        secondLayerAndCombine(plan, v + 2, GroupedGemmImpl::Cublas);
+    std::printf("decode %s: pair %.1f us, fused %.1f us; cublas pair %.1f "
+                "us, fused %.1f us\n",
+                plan.variants[v + 2].name.c_str(), pair.us, fused.us,
+                pairCublas.us, fusedCublas.us);
+    EXPECT_EQ(fused.path, GemmPath::Device);
+    EXPECT_LT(fused.us, pair.us);
+    // No less than the plain GEMM: the store still moves the combine's
+    // bytes.
+    CostModelOptions options;
+    double fc2Us = 0;
+    for (const StepPrediction &step :
+         CostModel(defaultProfile("cuda", 1), options)
+             .predict(plan, v, false, -1)
+             .steps)
+      if (step.op == StepOp::GroupedGemm)
+        fc2Us = step.us; // fc1, then fc2
+    EXPECT_GT(fused.us, fc2Us);
+    EXPECT_NE(fusedCublas.path, GemmPath::Device);
+    EXPECT_NEAR(fusedCublas.us, pairCublas.us, 0.02 * pairCublas.us);
+  }
+}
+
+//===----------------------------------------------------------------------===//
 // grouped_gemm_glu
 //===----------------------------------------------------------------------===//
 

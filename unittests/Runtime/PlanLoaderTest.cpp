@@ -762,6 +762,59 @@ TEST(PlanLoader, RejectsActivationBackwardFusedStepsThatBreakTheirRules) {
                          "computes in one dtype, a's ('grad_y', f32)"});
 }
 
+// grouped_gemm_combine loads as the compiler writes it (a decode plan's
+// combine-fused variants, with and without row_tokens), and each of its
+// rules is named by its field.
+TEST(PlanLoader, CombineFusedStepsLoadAndKeepTheirRules) {
+  std::ifstream file(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
+                     "/decode_ffn_bias_bf16_combine.json");
+  const Json doc = Json::parse(file);
+  {
+    Plan plan;
+    Status status = parsePlan(doc.dump(), plan);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    ASSERT_EQ(plan.variants.size(), 4u);
+    for (size_t v = 0; v < 4; ++v) {
+      int fused = 0;
+      for (const Step &step : plan.variants[v].forward) {
+        EXPECT_NE(step.op,
+                  v >= 2 ? StepOp::Combine : StepOp::GroupedGemmCombine);
+        if (step.op != StepOp::GroupedGemmCombine)
+          continue;
+        ++fused;
+        EXPECT_EQ(step.in(OperandRole::RowTokens).isValid(), v == 3);
+        EXPECT_FALSE(step.gathersA());
+        EXPECT_TRUE(step.facts.routing.isValid());
+      }
+      EXPECT_EQ(fused, v >= 2 ? 1 : 0);
+    }
+  }
+  // single+gather+combine: forward[4] is the fused step.
+  ASSERT_EQ(doc["variants"][3]["forward"][4]["op"], "grouped_gemm_combine");
+  auto edit = [&](auto change) {
+    Json wrong = doc;
+    change(wrong["variants"][3]["forward"][4]);
+    return wrong;
+  };
+  const std::string v = "single+gather+combine.";
+  // c holds the rows the combine sums: [R, d].
+  expectRejected(edit([&](Json &s) { s["out"]["c"] = v + "hidden"; }),
+                 {"'variants[3].forward[4].out.c'",
+                  "expected [256, 256] (c [R, N], R of a)"});
+  expectRejected(edit([&](Json &s) { s["in"]["b"] = "w1"; }),
+                 {"'variants[3].forward[4].in.b'", "buffer 'w1'"});
+  expectRejected(edit([](Json &s) { s["attrs"]["trans_b"] = true; }),
+                 {"'variants[3].forward[4].in.b'"});
+  expectRejected(edit([](Json &s) { s["in"]["bias"] = "b1"; }),
+                 {"'variants[3].forward[4].in.bias'", "buffer 'b1'"});
+  expectRejected(edit([&](Json &s) { s["in"]["row_tokens"] = v + "indices"; }),
+                 {"'variants[3].forward[4].in.row_tokens'"});
+  expectRejected(edit([](Json &s) { s["in"].erase("gates"); }),
+                 {"'variants[3].forward[4].in.gates': missing"});
+  expectRejected(edit([](Json &s) { s["attrs"].erase("bias_scale"); }),
+                 {"bias_scale"});
+}
+
 // The GLU's fused backward loads wherever its pair did (every variant of
 // one rank's and two ranks' gated plans), and each of its rules is named.
 TEST(PlanLoader, GluBackwardFusedStepsLoadAndKeepTheirRules) {

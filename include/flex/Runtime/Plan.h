@@ -197,6 +197,13 @@ struct Step {
   const BufferRef &out(OperandRole role) const {
     return outputs[static_cast<int>(role)];
   }
+  /// A grouped GEMM whose A rows are gathered through row_tokens (a
+  /// gather-fused variant's). grouped_gemm_combine's row_tokens maps its
+  /// product's rows for the combine and gathers nothing.
+  bool gathersA() const {
+    return in(OperandRole::RowTokens).isValid() &&
+           op != StepOp::GroupedGemmCombine;
+  }
 };
 
 struct Variant {

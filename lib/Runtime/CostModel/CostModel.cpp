@@ -284,7 +284,7 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   // A gather-fused GEMM (row_tokens) runs on the device kernel wherever it
   // applies, unless grouped_gemm=cublas (its rows then copied first: priced
   // in stepBasis).
-  if (step.in(OperandRole::RowTokens).isValid())
+  if (step.gathersA())
     return options.groupedGemm == GroupedGemmImpl::Cublas ? GemmPath::PerExpert
                                                           : GemmPath::Device;
   // The backend's row space: the buffer's declared rows (a chunk's from its
@@ -382,8 +382,7 @@ double stepOnDeviceKernel(const DeviceProfile &profile,
   // input-gradient products; with a gathered A its cp.async producer runs at
   // about the mma.sync kernel's rate (Run 32: G3's gathered GLU step 5633 us
   // against 2104 with TMA), priced so.
-  const bool wgmma =
-      options.wgmmaGemm && !wgrad && !step.in(OperandRole::RowTokens).isValid();
+  const bool wgmma = options.wgmmaGemm && !wgrad && !step.gathersA();
   // The backward-fused steps run on the wgmma kernel's tiles alone.
   const bool wgmmaOnly =
       isFusedBackward(step.op) &&
@@ -605,7 +604,7 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   // without it) first copies its R rows of K into scratch: read and written
   // once, one launch (GroupedGemm.cu's gatherRows).
   auto gatherCopySeconds = [&](const BufferDesc &a, double rows) {
-    if (!step.in(R::RowTokens).isValid() || basis.gemmPath == GemmPath::Device)
+    if (!step.gathersA() || basis.gemmPath == GemmPath::Device)
       return 0.0;
     const int64_t k = a.shape.back();
     return profile_.launchSeconds +
@@ -646,6 +645,10 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     }
     basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), k, n, false) +
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
+    if (step.op == StepOp::GroupedGemmCombine)
+      basis.passSeconds =
+          combinePassSeconds(plan, work.flops / (2.0 * kn), n, c.dtype,
+                             basis.gemmPath == GemmPath::Device);
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
     if (isFusedBackward(step.op) &&
@@ -669,6 +672,23 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     break;
   }
   return basis;
+}
+
+double CostModel::combinePassSeconds(const Plan &plan, double rows, int64_t n,
+                                     DType dtype, bool inStore) const {
+  // The kept rows read back and out written once; in the store no launch
+  // and no fixed cost of its own (the rows mostly still in L2 at decode:
+  // priced at DRAM's rate all the same).
+  const double bytes = (rows + static_cast<double>(plan.layer.tokens)) *
+                       static_cast<double>(n) *
+                       static_cast<double>(dtypeSize(dtype));
+  if (inStore)
+    return bytes / profile_.memoryBandwidth;
+  const StepCostPoint *fitted = profile_.findStep(toString(StepOp::Combine));
+  return (fitted ? fitted->alphaSeconds : profile_.launchSeconds) +
+         bytes / (fitted && fitted->bytesPerSecond > 0
+                      ? fitted->bytesPerSecond
+                      : profile_.memoryBandwidth);
 }
 
 double CostModel::stepSeconds(const Plan &plan, const Step &step,

@@ -210,8 +210,7 @@ bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant,
       const bool fusedBackward =
           step.op == StepOp::GroupedGemmActivationBackward ||
           step.op == StepOp::GroupedGemmGluBackward;
-      if (!gemm || step.op == StepOp::GroupedGemmGlu ||
-          step.in(OperandRole::RowTokens).isValid() ||
+      if (!gemm || step.op == StepOp::GroupedGemmGlu || step.gathersA() ||
           (wgmma && fusedBackward))
         continue;
       const SegmentFacts &seg = step.facts.segments;
@@ -309,6 +308,17 @@ void CudaBackend::setRowKernels() {
               return cuda::combine(ctx, read(ops.in(R::ExpertOut)), x.d,
                                    x.routing, write(ops.out(R::Out)));
             });
+  // Not chunked (--moert-fuse-combine fuses one GEMM over every row): the
+  // combine reads the whole product.
+  rowKernel(StepOp::GroupedGemmCombine, [](Ctx &ctx, const Step &step,
+                                           const Ops &ops, RowArgs &x) {
+    const TensorView &a = ops.in(R::A), &c = ops.out(R::C);
+    return cuda::groupedGemmCombine(
+        ctx, read(a), read(ops.in(R::B)), read(ops.in(R::Bias)), write(c),
+        cols(a), cols(c), x.rows.space(c), step_views::gemmOptions(step.attrs),
+        x.routing, readAs<int32_t>(ops.in(R::RowTokens)),
+        write(ops.out(R::Out)));
+  });
   rowKernel(StepOp::CombineBackward, [](Ctx &ctx, const Step &, const Ops &ops,
                                         RowArgs &x) {
     return cuda::combineBackward(ctx, read(ops.in(R::GradOut)),

@@ -25,6 +25,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "CombineInStore.cuh"
 #include "CudaSupport.cuh"
 #include "GroupedGemmInternal.h"
 #include "MmaSyncPrimitives.cuh"
@@ -458,6 +459,14 @@ __global__ void __launch_bounds__(Cfg::Threads)
   extern __shared__ __align__(16) unsigned char sharedRaw[];
   const int lane = threadIdx.x % 32;
   const int64_t tile = blockIdx.y;
+  // grouped_gemm_combine: the first column tile's blocks zero the tokens
+  // no tile arrives for (every choice dropped), as the combine does.
+  constexpr bool Combines = Cfg::FusesEpilogue && !Glu;
+  if constexpr (Combines)
+    if (args.epilogue.combine.out && blockIdx.x == 0)
+      zeroDroppedTokens<T>(args.epilogue.combine, args.n,
+                           tile * Cfg::Threads + threadIdx.x,
+                           int64_t(gridDim.y) * Cfg::Threads);
   // Every warp scans the groups' tile counts itself (no barrier needed):
   // the group whose tiles hold `tile`. (GroupTiles.cuh's findGroupTile is
   // the same scan; called here it took the large tile from 125 to 156
@@ -540,6 +549,10 @@ __global__ void __launch_bounds__(Cfg::Threads)
   }
   computeTile<T, Cfg, true, BKContiguous, Glu>(
       p, args.accumulate, reinterpret_cast<T *>(sharedRaw));
+  if constexpr (Combines)
+    if (args.epilogue.combine.out)
+      combineTile<T, Cfg::BM>(args.epilogue.combine, c, args.n, row, p.mValid,
+                              n0, min(int64_t{Cfg::BN}, p.nValid));
 #endif
 }
 

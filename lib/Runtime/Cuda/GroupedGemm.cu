@@ -356,6 +356,17 @@ Status groupedGemmActivationBackward(KernelContext &ctx, ReadBuffer a,
       detail::GroupedGemmPath::Auto);
 }
 
+Status groupedGemmCombine(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                          ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
+                          const ExpertRowSpace &space,
+                          const GroupedGemmOptions &options,
+                          const Routing &routing, const int32_t *rowTokens,
+                          WriteBuffer out) {
+  return detail::groupedGemmCombineWith(ctx, a, b, bias, c, k, n, space,
+                                        options, routing, rowTokens, out,
+                                        detail::GroupedGemmPath::Auto);
+}
+
 Status groupedGemmGluBackward(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                               ReadBuffer gateIn, ReadBuffer upIn,
                               WriteBuffer gradGateIn, WriteBuffer gradUpIn,
@@ -607,6 +618,72 @@ Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
     return s;
   return activationBackward(ctx, pre, ReadBuffer{c.data, c.type}, c, n, space,
                             act);
+}
+
+bool combinesInStore(const KernelContext &ctx, GroupedGemmPath path, DType type,
+                     int64_t k, int64_t n, const ExpertRowSpace &space,
+                     bool transB,
+                     std::initializer_list<const void *> pointers) {
+  // Where grouped_gemm would run the device kernel with its epilogue fused
+  // (the few-rows tile, the wgmma kernel): the same product, then the
+  // combine's sums from the stored rows.
+  return useDeviceKernel(ctx, path, type, k, n, space, pointers) &&
+         vectorizable(n, 2, pointers) &&
+         deviceGroupedGemmFusesEpilogue(ctx, type, k, n, space, transB,
+                                        RowGather{}, pointers);
+}
+
+Status groupedGemmCombineWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                              ReadBuffer bias, WriteBuffer c, int64_t k,
+                              int64_t n, const ExpertRowSpace &space,
+                              const GroupedGemmOptions &options,
+                              const Routing &routing, const int32_t *rowTokens,
+                              WriteBuffer out, GroupedGemmPath path) {
+  if (Status s = checkOneType({a.type, b.type, c.type, out.type},
+                              "grouped_gemm_combine");
+      !s)
+    return s;
+  if (bias.data)
+    if (Status s = checkOneType({c.type, bias.type}, "grouped_gemm_combine");
+        !s)
+      return s;
+  if (options.accumulate)
+    return Status(StatusCode::Internal,
+                  "grouped_gemm_combine does not accumulate");
+  for (const void *output : {c.data, out.data})
+    if (output == a.data || output == b.data ||
+        (bias.data && output == bias.data))
+      return Status(StatusCode::InvalidArgument,
+                    "grouped_gemm_combine: c or out is also its a, b or bias; "
+                    "it writes its outputs apart from what it reads");
+  const bool inStore =
+      rowTokens && n > 0 && routing.tokens > 0 &&
+      combinesInStore(ctx, path, c.type, k, n, space, options.transB,
+                      {a.data, b.data, c.data, out.data, bias.data});
+  if (!inStore) {
+    if (Status s = groupedGemmWith(ctx, a, b, bias, c, k, n, space, options,
+                                   WriteBuffer{}, path);
+        !s)
+      return s;
+    return combine(ctx, ReadBuffer{c.data, c.type}, n, routing, out);
+  }
+  DeviceGemmEpilogue fused{true, bias.data, nullptr, options.epilogue,
+                           options.biasScale};
+  CombineInStore &combined = fused.combine;
+  combined.out = out.data;
+  combined.routing = routing;
+  combined.rowTokens = rowTokens;
+  combined.blocks = (n + kCombineBlockColumns - 1) / kCombineBlockColumns;
+  void *arrivals = nullptr;
+  if (Status s = ctx.zeroedScratch(
+          9, std::max<int64_t>(4 * routing.tokens * combined.blocks, 4),
+          arrivals);
+      !s)
+    return s;
+  combined.arrivals = static_cast<int32_t *>(arrivals);
+  return deviceGroupedGemm(ctx, a.data, b.data, c.data, c.type, k, n, space,
+                           options.transB, /*accumulate=*/false,
+                           DeviceTiles::Auto, RowGather{}, fused);
 }
 
 Status groupedGemmGluBackwardWith(KernelContext &ctx, ReadBuffer a,

@@ -114,6 +114,24 @@ inline HopperTile hopperTileOf(DeviceTiles tiles) {
 /// c = epilogue(round(a @ b[e]) + biasScale * bias[e]), `pre` (if any) the
 /// value before the activation: applyGemmEpilogue's result, without its
 /// launch and its second pass over c.
+/// The column block of grouped_gemm_combine's arrival counters: a tile's
+/// first column / 64 (every tile is 64 columns or wider, so two tiles never
+/// share one).
+inline constexpr int kCombineBlockColumns = 64;
+
+/// The combine of grouped_gemm_combine in a GEMM kernel's store
+/// (CombineInStore.cuh): the tile storing a token's last kept row sums the
+/// token's rows into `out` as the combine kernel does.
+struct CombineInStore {
+  void *out = nullptr; ///< [tokens, n], c's type; null: no combine
+  Routing routing;
+  const int32_t *rowTokens = nullptr; ///< [rows]: the row's token, or -1
+  /// [tokens, blocks]: zero before the launch, and again after it (the
+  /// tile that sees a token's last arrival resets its counter).
+  int32_t *arrivals = nullptr;
+  int64_t blocks = 0; ///< ceil(n / kCombineBlockColumns)
+};
+
 struct DeviceGemmEpilogue {
   bool fused = false;
   const void *bias = nullptr; ///< [E, n] or null
@@ -133,6 +151,9 @@ struct DeviceGemmEpilogue {
   /// gluBackward.
   const void *gluGate = nullptr, *gluUp = nullptr;
   void *gluGradUp = nullptr;
+  /// And then the combine (the few-rows mma.sync tile and the wgmma
+  /// kernel; with the bias and epilogue above, not the backwards).
+  CombineInStore combine;
 };
 
 /// Whether this device and build run the wgmma grouped GEMM (compute
@@ -277,6 +298,18 @@ Status groupedGemmActivationBackwardWith(KernelContext &ctx, ReadBuffer a,
                                          const ExpertRowSpace &space,
                                          bool transB, Activation act,
                                          GroupedGemmPath path);
+/// Whether grouped_gemm_combine sums in the GEMM's store on `path` (the
+/// device kernel's few-rows tile or the wgmma kernel, where grouped_gemm
+/// would run it with its epilogue fused), given a row -> token map.
+bool combinesInStore(const KernelContext &ctx, GroupedGemmPath path, DType type,
+                     int64_t k, int64_t n, const ExpertRowSpace &space,
+                     bool transB, std::initializer_list<const void *> pointers);
+Status groupedGemmCombineWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                              ReadBuffer bias, WriteBuffer c, int64_t k,
+                              int64_t n, const ExpertRowSpace &space,
+                              const GroupedGemmOptions &options,
+                              const Routing &routing, const int32_t *rowTokens,
+                              WriteBuffer out, GroupedGemmPath path);
 Status groupedGemmGluBackwardWith(KernelContext &ctx, ReadBuffer a,
                                   ReadBuffer b, ReadBuffer gateIn,
                                   ReadBuffer upIn, WriteBuffer gradGateIn,

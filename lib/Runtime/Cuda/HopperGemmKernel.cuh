@@ -31,6 +31,7 @@
 #define LIB_RUNTIME_CUDA_HOPPERGEMMKERNEL_CUH
 
 #include "Activations.cuh"
+#include "CombineInStore.cuh"
 #include "GroupTiles.cuh"
 #include "HopperPrimitives.cuh"
 
@@ -95,6 +96,10 @@ struct RaggedMParams {
   /// (grad_up_in), as gluBackward computes them.
   const void *gluGate = nullptr, *gluUp = nullptr;
   void *gluGradUp = nullptr;
+  /// Then the combine (not Glu; `combine.out` null: none): the tile that
+  /// stores a token's last kept row sums the token into combine.out
+  /// (CombineInStore.cuh).
+  detail::CombineInStore combine;
 };
 
 /// Group g's rows (GroupTiles.cuh's groupRows over this problem's space).
@@ -167,8 +172,11 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
 /// and each loads half of B's tile into both (TMA multicast), halving B's
 /// reads from L2; a stage is refilled once both CTAs' consumers released
 /// it (their empty barriers count the cluster's consumer warps).
+/// Combine: the store also sums finished tokens (grouped_gemm_combine; its
+/// own instantiations, so the other forms keep their registers).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false, bool Gather = false, int Cluster = 1>
+          bool Glu = false, bool Gather = false, int Cluster = 1,
+          bool Combine = false>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapB,
@@ -474,7 +482,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           storePair(out + col, v0, v1);
         }
       }
+    if constexpr (Combine && !Glu)
+      if (p.combine.out)
+        detail::combineWarpRows<T, Blocks>(
+            p.combine, c, p.n, w.row0, firstRow, w.rowsValid, w.n0,
+            min(int64_t{BN}, p.n - w.n0), warp, lane);
   }
+  // The tokens no tile arrives for (every choice dropped): zeros, as the
+  // combine writes them.
+  if constexpr (Combine && !Glu)
+    if (p.combine.out)
+      detail::zeroDroppedTokens<T>(
+          p.combine, p.n, int64_t(blockIdx.x) * 256 + consumer * 128 + t128,
+          int64_t(gridDim.x) * 256);
 #endif
 }
 
@@ -828,12 +848,13 @@ cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
 /// the tiles' upper bound (rowBound / TileRows + groups M tiles) is smaller. A
 /// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false, bool Gather = false, int Cluster = 1>
+          bool Glu = false, bool Gather = false, int Cluster = 1,
+          bool Combine = false>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
                           const CUtensorMap &mapUp, const RaggedMParams &p,
                           int ctas, cudaStream_t stream) {
-  constexpr auto kernel =
-      raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather, Cluster>;
+  constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu,
+                                        Gather, Cluster, Combine>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   static const cudaError_t registers = startRegistersOf(kernel);
   if (registers != cudaSuccess)

@@ -40,15 +40,16 @@ bool hopperKernelBuilt() {
 }
 
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
-          bool Glu = false, bool Gather = false, int Cluster = 1>
+          bool Glu = false, bool Gather = false, int Cluster = 1,
+          bool Combine = false>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
               const CUtensorMap &mapB, const hopper::RaggedMParams &params,
               const CUtensorMap *mapUp = nullptr) {
-  return checkCuda(
-      hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu, Gather,
-                            Cluster>(mapA, mapB, mapUp ? *mapUp : mapB, params,
-                                     ctx.multiprocessors(), ctx.stream()),
-      "grouped GEMM kernel (wgmma)");
+  return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu,
+                                         Gather, Cluster, Combine>(
+                       mapA, mapB, mapUp ? *mapUp : mapB, params,
+                       ctx.multiprocessors(), ctx.stream()),
+                   "grouped GEMM kernel (wgmma)");
 }
 
 } // namespace
@@ -154,6 +155,15 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                   "the wgmma grouped GEMM gathers A for [K][N] weights only");
   if (gathered && (tile == HopperTile::Wide || tile == HopperTile::WidePair))
     tile = HopperTile::Cooperative;
+  // The combine in the store has one form: cooperative 128 x 128 tiles of
+  // [K][N] weights (its own instantiation, HopperGemmKernel.cuh).
+  const bool combines = epilogue.fused && epilogue.combine.out;
+  if (combines && (gathered || transB || accumulate))
+    return Status(StatusCode::Internal,
+                  "the wgmma grouped GEMM sums the combine in its store for a "
+                  "forward product of [K][N] weights only");
+  if (combines)
+    tile = HopperTile::Cooperative;
   // A K-major B's box: the tile's columns, or each CTA's half of them.
   // (WidePair: 256-column tiles, 128 from each CTA.)
   const int bBoxColumns = tile == HopperTile::Wide ? 256 : 128;
@@ -182,12 +192,16 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
     params.pre = epilogue.pre;
     params.epilogue = static_cast<int>(epilogue.epilogue);
     params.biasScale = epilogue.biasScale;
+    params.combine = epilogue.combine;
   }
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
+    } else if (combines) {
+      return launch<T, 128, 5, false, false, false, false, 1, true>(
+          ctx, mapA, mapB, params);
     } else if (gathered) {
       return tile == HopperTile::PingPong
                  ? launch<T, 128, 6, false, true, false, true>(ctx, mapA, mapB,

@@ -168,6 +168,21 @@ Status KernelContext::scratch(int slot, int64_t bytes, void *&data) {
   return Status::ok();
 }
 
+Status KernelContext::zeroedScratch(int slot, int64_t bytes, void *&data) {
+  if (Status s = scratch(slot, bytes, data); !s)
+    return s;
+  ScratchArea &area = scratch_[static_cast<size_t>(slot)];
+  if (area.zeroed)
+    return Status::ok();
+  // A new area (scratch() refuses to grow one while a graph is recorded).
+  if (Status s = checkCuda(cudaMemsetAsync(area.data, 0, area.bytes, stream_),
+                           "clearing zeroed kernel scratch");
+      !s)
+    return s;
+  area.zeroed = true;
+  return Status::ok();
+}
+
 Status KernelContext::waitForStream(const char *what) {
   if (streamWaiter)
     return streamWaiter(stream_);

@@ -394,8 +394,7 @@ void checkGemmWeights(const Plan &plan, const Step &step, const std::string &at,
 void checkGatheredRows(const Plan &plan, const Step &step,
                        const std::string &at, const DataFlow &flow) {
   using R = OperandRole;
-  // grouped_gemm_combine's row_tokens maps c's rows for its combine.
-  if (!step.in(R::RowTokens).isValid() || step.op == StepOp::GroupedGemmCombine)
+  if (!step.gathersA())
     return;
   const int32_t source = flow.sourceArgument(step.in(R::A));
   if (source < 0 || plan.arguments[source].name != "x")

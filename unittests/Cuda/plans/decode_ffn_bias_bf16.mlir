@@ -2,7 +2,8 @@
 // decode_ffn_bias_bf16_gather_train.json with moe-opt --moe-lower-to-plan=
 // "training=true" | moe-translate --moert-to-plan; with
 // "training=true fuse-activation-backward=true" to
-// decode_ffn_bias_bf16_act_backward_train.json): 64 tokens,
+// decode_ffn_bias_bf16_act_backward_train.json; with "fuse-combine=true"
+// to decode_ffn_bias_bf16_combine.json): 64 tokens,
 // d 256, h 512, E 16, top-4, relu with biases, bf16 with an fp32 router,
 // dropless (ragged: few rows per expert, the device-sized kernel).
 func.func @decode_ffn(%x: tensor<64x256xbf16>, %wg: tensor<256x16xf32>,

@@ -81,6 +81,9 @@ public:
   /// (graphs recorded with it stay valid) until the context goes. `slot` picks
   /// one of a few independent areas (a step may need two at once).
   Status scratch(int slot, int64_t bytes, void *&data);
+  /// scratch() whose bytes were zero when it was allocated: the caller's
+  /// kernels leave it zero again (grouped_gemm_combine's counters).
+  Status zeroedScratch(int slot, int64_t bytes, void *&data);
   /// True while a graph is being recorded: growing scratch is not allowed
   /// then (the pass ran eagerly once before, so it need not).
   bool capturing = false;
@@ -134,13 +137,15 @@ private:
   struct ScratchArea {
     void *data = nullptr;
     int64_t bytes = 0;
+    bool zeroed = false; ///< zeroedScratch() cleared it
   };
   /// Slots: 0 gate (and gate_backward), 1 dispatch slot maps, 2 bias
   /// gradients, 3 the router's GEMM path (and router_backward), 4 the
   /// router's weights, 5 gathered A rows, 6 the few-token router's splits,
   /// 7 the grouped cuBLAS call's operand pointers, 8 grouped_gemm_glu's
-  /// products where the unfused GEMMs run and the step keeps none.
-  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(9);
+  /// products where the unfused GEMMs run and the step keeps none, 9
+  /// grouped_gemm_combine's arrival counters (zeroed).
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(10);
   /// Areas a slot outgrew, freed with the context (graphs may hold them).
   std::vector<void *> retiredScratch_;
   int32_t *pinned_ = nullptr;
@@ -238,6 +243,20 @@ Status groupedGemmActivationBackward(KernelContext &ctx, ReadBuffer a,
                                      WriteBuffer c, int64_t k, int64_t n,
                                      const ExpertRowSpace &space, bool transB,
                                      Activation act);
+
+/// `grouped_gemm_combine`: c = groupedGemm(a, b, bias) with `options` (not
+/// accumulating), then out = combine(c) over the routing. Where the GEMM
+/// runs on the device kernel's few-rows tile or the wgmma kernel (as
+/// grouped_gemm would run it) and `rowTokens` ([rows]: each row's token,
+/// dispatch_rows') is given, the tile storing a token's last kept row sums
+/// the token in its store; elsewhere the two steps. Bit for bit groupedGemm
+/// and combine on the same GEMM path. c and out must not be a, b or bias.
+Status groupedGemmCombine(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
+                          ReadBuffer bias, WriteBuffer c, int64_t k, int64_t n,
+                          const ExpertRowSpace &space,
+                          const GroupedGemmOptions &options,
+                          const Routing &routing, const int32_t *rowTokens,
+                          WriteBuffer out);
 
 /// `grouped_gemm_glu_backward`: per expert, with d = round(a @ b[e])
 /// (b[e]^T with transB), gradGateIn = d * upIn * silu'(gateIn) and

@@ -498,3 +498,93 @@ moert.plan @gemm_act_backward_c_shape attributes {layer = #moert.layer<tokens = 
     moert.grouped_gemm_activation_backward ins(a = %g : memref<8x8xbf16>, b = %w2 : memref<2x16x8xbf16>, pre = %pre : memref<8x16xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>) outs(c = %ghp : memref<16x16xbf16>) {activation = #moe<activation relu>, trans_b}
   }
 }
+
+// grouped_gemm_combine: b [G, K, N]; c [R, N]; out [T, N]; row_tokens [R].
+
+// -----
+
+moert.plan @gemm_combine_b_shape attributes {layer = #moert.layer<tokens = 4, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 2, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = true, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %w2 = moert.argument "w2" input : memref<2x8x16xbf16>
+  %b2 = moert.argument "b2" input : memref<2x8xbf16>
+  %out = moert.argument "out" output : memref<4x8xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  %eo = moert.alloc "expert_out" : memref<8x8xbf16>
+  %rt = moert.alloc "row_tokens" : memref<8xi32>
+  %i = moert.alloc "indices" : memref<4x2xi32>
+  %l = moert.alloc "locations" : memref<4x2xi32>
+  %g = moert.alloc "gates" : memref<4x2xf32>
+  %cap = moert.alloc "capacity" : memref<1xi32>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'b' must be [G = 2, K = 16, N], got 'memref<2x8x16xbf16>'}}
+    moert.grouped_gemm_combine ins(a = %h : memref<8x16xbf16>, b = %w2 : memref<2x8x16xbf16>, bias = %b2 : memref<2x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>, row_tokens = %rt : memref<8xi32>, indices = %i : memref<4x2xi32>, locations = %l : memref<4x2xi32>, gates = %g : memref<4x2xf32>, capacity = %cap : memref<1xi32>) outs(c = %eo : memref<8x8xbf16>, out = %out : memref<4x8xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_combine_c_shape attributes {layer = #moert.layer<tokens = 4, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 2, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = true, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %b2 = moert.argument "b2" input : memref<2x8xbf16>
+  %out = moert.argument "out" output : memref<4x8xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  %eo = moert.alloc "expert_out" : memref<8x16xbf16>
+  %rt = moert.alloc "row_tokens" : memref<8xi32>
+  %i = moert.alloc "indices" : memref<4x2xi32>
+  %l = moert.alloc "locations" : memref<4x2xi32>
+  %g = moert.alloc "gates" : memref<4x2xf32>
+  %cap = moert.alloc "capacity" : memref<1xi32>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'c' must be [R = 8, N = 8], got 'memref<8x16xbf16>'}}
+    moert.grouped_gemm_combine ins(a = %h : memref<8x16xbf16>, b = %w2 : memref<2x16x8xbf16>, bias = %b2 : memref<2x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>, row_tokens = %rt : memref<8xi32>, indices = %i : memref<4x2xi32>, locations = %l : memref<4x2xi32>, gates = %g : memref<4x2xf32>, capacity = %cap : memref<1xi32>) outs(c = %eo : memref<8x16xbf16>, out = %out : memref<4x8xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_combine_out_columns attributes {layer = #moert.layer<tokens = 4, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 2, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = true, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %b2 = moert.argument "b2" input : memref<2x8xbf16>
+  %out = moert.argument "out" output : memref<4x16xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  %eo = moert.alloc "expert_out" : memref<8x8xbf16>
+  %rt = moert.alloc "row_tokens" : memref<8xi32>
+  %i = moert.alloc "indices" : memref<4x2xi32>
+  %l = moert.alloc "locations" : memref<4x2xi32>
+  %g = moert.alloc "gates" : memref<4x2xf32>
+  %cap = moert.alloc "capacity" : memref<1xi32>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'out' must be [T = 4, N = 8], got 'memref<4x16xbf16>'}}
+    moert.grouped_gemm_combine ins(a = %h : memref<8x16xbf16>, b = %w2 : memref<2x16x8xbf16>, bias = %b2 : memref<2x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>, row_tokens = %rt : memref<8xi32>, indices = %i : memref<4x2xi32>, locations = %l : memref<4x2xi32>, gates = %g : memref<4x2xf32>, capacity = %cap : memref<1xi32>) outs(c = %eo : memref<8x8xbf16>, out = %out : memref<4x16xbf16>)
+  } backward {
+  }
+}
+
+// -----
+
+moert.plan @gemm_combine_row_tokens_rows attributes {layer = #moert.layer<tokens = 4, model_dim = 8, hidden_dim = 16, experts = 2, top_k = 2, capacity = #moe.capacity<dropless>, expert = ffn, activation = relu, dtype = bf16, bias = true, router_fp32 = false, normalize_gate = false, batch_prioritized = false, gate_noise = 0.0, seed = 0>} {
+  %w2 = moert.argument "w2" input : memref<2x16x8xbf16>
+  %b2 = moert.argument "b2" input : memref<2x8xbf16>
+  %out = moert.argument "out" output : memref<4x8xbf16>
+  %h = moert.alloc "hidden" : memref<8x16xbf16>
+  %eo = moert.alloc "expert_out" : memref<8x8xbf16>
+  %rt = moert.alloc "row_tokens" : memref<16xi32>
+  %i = moert.alloc "indices" : memref<4x2xi32>
+  %l = moert.alloc "locations" : memref<4x2xi32>
+  %g = moert.alloc "gates" : memref<4x2xf32>
+  %cap = moert.alloc "capacity" : memref<1xi32>
+  %o = moert.alloc "expert_offsets" : memref<3xi32>
+  %r = moert.alloc "expert_rows" : memref<2xi32>
+  moert.variant "v" forward {
+    // expected-error @+1 {{[plan-1] 'row_tokens' must be [R = 8], got 'memref<16xi32>'}}
+    moert.grouped_gemm_combine ins(a = %h : memref<8x16xbf16>, b = %w2 : memref<2x16x8xbf16>, bias = %b2 : memref<2x8xbf16>, expert_offsets = %o : memref<3xi32>, expert_rows = %r : memref<2xi32>, row_tokens = %rt : memref<16xi32>, indices = %i : memref<4x2xi32>, locations = %l : memref<4x2xi32>, gates = %g : memref<4x2xf32>, capacity = %cap : memref<1xi32>) outs(c = %eo : memref<8x8xbf16>, out = %out : memref<4x8xbf16>)
+  } backward {
+  }
+}
