@@ -13,7 +13,12 @@
 #      rule, and on every GEMM with each tile; the training layers' backward
 #      with the pair and the fused step (bench/plans from make_plans.sh with
 #      FLEX_PLAN_OPTIONS="fuse-activation-backward=true"),
-#   5. compute-sanitizer memcheck over the wgmma tests and the fused step's.
+#   5. compute-sanitizer memcheck over the wgmma tests and the fused steps'
+#      (the backwards' and grouped_gemm_combine's).
+# The combine in fc2's store (CudaGemmCombine.*, the executor's +combine
+# variants, moe-run.cuda.combine-*) runs beside the fused backwards; the
+# layers compare single+gather with single+gather+combine (plans with
+# FLEX_PLAN_OPTIONS="fuse-activation-backward=true fuse-combine=true").
 # The full suite and its shards are bench/gpu_gemm.sh's.
 #
 #   bench/gpu_wgmma_priority.sh   (device machine; at most BUDGET seconds)
@@ -61,11 +66,15 @@ run_tests() { # name binary filter seconds
 t=$(limit 150)
 run_tests hopper "$kernels" 'CudaHopperGemm.*' "$t" & p1=$!
 run_tests act-backward "$kernels" \
-  'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*' "$t" & p2=$!
+  'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*:CudaGemmCombine.*' "$t" & p2=$!
 run_tests executor "$executor" 'CudaExecutor.*:CudaStepKernels.*' "$t" & p3=$!
 for p in $p1 $p2 $p3; do wait "$p" || status=1; done
 
 if (( BUDGET - SECONDS > 60 )); then
+  echo "=== moe-run checks ($SECONDS s)"
+  (cd "$BUILD" && timeout "$(limit 60)" ctest \
+     -R 'moe-run.cuda.(combine|act-backward|glu-backward)' 2>&1 |
+     grep -E "Passed|Failed|Skipped|tests passed|Not Run|Timeout") || status=1
   echo "=== bench ($SECONDS s)"
   timeout "$(limit 100)" "$BUILD/bin/flex-gemm-bench" --iters 10 \
     > "$OUT/priority-bench.log" 2>&1
@@ -86,7 +95,7 @@ layer() { # label plan variant FLEX_WGMMA FLEX_GROUPED_GEMM FLEX_WGMMA_TILE [--t
 import json, sys
 d = json.load(open(sys.argv[1]))
 f, b = d['forward'], d.get('backward')
-gemms = [round(x['mean_us'], 1) for x in f['steps'] if 'gemm' in x['op']]
+gemms = [round(x['mean_us'], 1) for x in f['steps'] if 'gemm' in x['op'] or x['op'] == 'combine']
 line = f'{sys.argv[2]:18s} {sys.argv[3]:10s} {d[\"variant\"]:28s} forward {f[\"median_us\"]:8.1f} us, GEMMs {gemms}'
 if b:
     steps = [(x['op'], round(x['mean_us'], 1)) for x in b['steps']
@@ -107,6 +116,16 @@ if [[ -f bench/plans/c3_dropless.infer.json ]]; then
     layer pair "$plan" auto 1 device pair
     layer ping-pong "$plan" auto 1 device ping-pong
   done
+  # The combine in fc2's store (grouped_gemm_combine) against the pair, on
+  # the gathered variants (plans from FLEX_PLAN_OPTIONS with
+  # fuse-combine=true).
+  for plan in d1_dropless.infer d2_dropless.infer c1_cap1.infer c3_dropless.infer; do
+    [[ -f bench/plans/$plan.json ]] || continue
+    grep -q '"single+gather+combine"' "bench/plans/$plan.json" || continue
+    layer pair "$plan" single+gather 1 auto auto
+    layer combine "$plan" single+gather+combine 1 auto auto
+    layer combine-wgmma "$plan" single+gather+combine 1 device auto
+  done
   # A gated plan's pair is fc2's input gradient and glu_backward, compared
   # on its glu-fused variant.
   for plan in c3_dropless.train c1_cap1.train g3_dropless.train; do
@@ -123,7 +142,7 @@ if (( BUDGET - SECONDS > 40 )); then
   echo "=== memcheck ($SECONDS s)"
   timeout "$(limit 120)" stdbuf -oL compute-sanitizer --tool memcheck \
     --report-api-errors no --error-exitcode 3 "$kernels" \
-    --gtest_filter='CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*:Shapes/CudaDeviceGemm.GluBackward*/decode*' \
+    --gtest_filter='CudaGemmCombine.*:CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*:Shapes/CudaDeviceGemm.GluBackward*/decode*' \
     > "$OUT/priority-memcheck.log" 2>&1
   rc=$?
   (( rc == 0 || rc == 124 )) || status=1
