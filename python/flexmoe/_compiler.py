@@ -88,6 +88,11 @@ class LayerSpec:
     # activation's backward in one step; the cost model picks per call).
     # Off until the fused step has run on a GPU; passed either way.
     fuse_activation_backward: bool = False
+    # The combine-fused variants (--moert-fuse-combine: fc2 and the combine
+    # in one step, the combine summed in the GEMM's store; the cost model
+    # picks per call). Off until the fused store has run on a GPU; passed
+    # either way.
+    fuse_combine: bool = False
 
     def key(self):
         """A stable text of every field: the in-memory cache key and, hashed
@@ -104,6 +109,8 @@ class LayerSpec:
         if not self.fuse_dispatch:
             parts.append("fuse_dispatch=false")
         parts.append("fuse_glu=true" if self.fuse_glu else "fuse_glu=false")
+        parts.append("fuse_combine=" +
+                     ("true" if self.fuse_combine else "false"))
         parts.append("fuse_activation_backward=" +
                      ("true" if self.fuse_activation_backward else "false"))
         return " ".join(parts)
@@ -230,8 +237,10 @@ class ToolCompiler:
         fuse = "true" if spec.fuse_dispatch else "false"
         glu = "true" if spec.fuse_glu else "false"
         backward = "true" if spec.fuse_activation_backward else "false"
+        combine = "true" if spec.fuse_combine else "false"
         passes.append(f"--moe-lower-to-plan=training={training} "
                       f"fuse-dispatch={fuse} fuse-glu={glu} "
+                      f"fuse-combine={combine} "
                       f"fuse-activation-backward={backward}")
         lowered = subprocess.run([str(self.opt), "-", *passes], input=mlir,
                                  capture_output=True, text=True)

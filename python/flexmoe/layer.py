@@ -134,7 +134,9 @@ class MoELayer(torch.nn.Module):
     fuse_activation_backward=True adds, for bf16/f16 training plans,
     variants computing fc2's input gradient and the activation's (or the
     GLU's) backward in one step (--moert-fuse-activation-backward; off by
-    default for now).
+    default for now). fuse_combine=True adds, for bf16/f16 layers, variants
+    computing fc2 and the combine in one step, the combine summed in the
+    GEMM's store (--moert-fuse-combine; off by default for now).
     Many ranks: experts are sharded [E / W, ...] over the process group
     (flexmoe.distributed: NCCL on GPUs, the group's own collectives, e.g.
     gloo, on CPUs).
@@ -148,7 +150,7 @@ class MoELayer(torch.nn.Module):
                  world_size=None, rank=None, variants=None, seed=0,
                  a2a_ffn_overlap_degree=1, adaptive_r=None,
                  ranks_per_node=None, fuse_dispatch=True, fuse_glu=True,
-                 fuse_activation_backward=False):
+                 fuse_activation_backward=False, fuse_combine=False):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got "
@@ -202,6 +204,9 @@ class MoELayer(torch.nn.Module):
         # The backward-fused plan variants (FFN training plans): picked per
         # call likewise; True adds them.
         self.fuse_activation_backward = bool(fuse_activation_backward)
+        # The combine-fused plan variants: picked per call likewise; True
+        # adds them.
+        self.fuse_combine = bool(fuse_combine)
         self.group_name = ""
         self.l_aux = None
         self._call_keys = {}  # _call_key's keys by their arguments
@@ -327,7 +332,8 @@ class MoELayer(torch.nn.Module):
             world_size=self.world_size, variants=self.variants,
             ranks_per_node=self.ranks_per_node,
             fuse_dispatch=self.fuse_dispatch, fuse_glu=self.fuse_glu,
-            fuse_activation_backward=self.fuse_activation_backward)
+            fuse_activation_backward=self.fuse_activation_backward,
+            fuse_combine=self.fuse_combine)
 
     def mlir(self, tokens, training=True):
         """The `moe.layer` IR this layer compiles for `tokens` tokens."""

@@ -366,3 +366,46 @@ def test_fuse_activation_backward_adds_the_backward_fused_variants():
                              dtype=torch.bfloat16,
                              fuse_activation_backward=True)
     assert "fuse_activation_backward=true" in layer.spec(32, True).pipeline()
+
+
+def test_fuse_combine_adds_the_combine_fused_variants():
+    """A one-rank FFN bf16 dropless inference layer compiled with
+    fuse_combine=True (the layer's option, passed as the C API's pipeline
+    text) has a `+combine` copy of `single` and of `single+gather`, after
+    them, whose forward has one grouped_gemm_combine and no combine (the
+    gathered copy's with its row_tokens); False (the default, passed either
+    way) leaves them out; the spec's key tells them apart."""
+    comp = _compiler.compiler()
+    if comp is None:
+        pytest.skip("no compiler library")
+    lib = _compiler._capi.library()
+    names = {}
+    for fuse in (True, False):
+        spec = _compiler.LayerSpec(tokens=32, model_dim=16, hidden_dim=24,
+                                   experts=4, top_k=2, activation="relu",
+                                   dtype="bf16", capacity_mode="dropless",
+                                   router_fp32=True, training=False,
+                                   fuse_combine=fuse)
+        doc = json.loads(comp.compile(lib, spec, _compiler.emit_mlir(spec)))
+        names[fuse] = [v["name"] for v in doc["variants"]]
+        for v in doc["variants"]:
+            steps = {s["op"]: s for s in v["forward"]}
+            fused = v["name"].endswith("+combine")
+            assert ("grouped_gemm_combine" in steps) == fused
+            assert ("combine" in steps) == (not fused)
+            if fused:
+                assert ("row_tokens" in steps["grouped_gemm_combine"]["in"]) \
+                    == ("gather" in v["name"])
+    assert names == {True: ["single", "single+gather", "single+combine",
+                            "single+gather+combine"],
+                     False: ["single", "single+gather"]}
+    keys = {_compiler.LayerSpec(tokens=8, model_dim=8, hidden_dim=8, experts=2,
+                                top_k=1, fuse_combine=f).key()
+            for f in (True, False)}
+    assert len(keys) == 2
+    default = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                               dtype=torch.bfloat16)
+    assert "fuse_combine=false" in default.spec(32, False).pipeline()
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, capacity_factor=0.0,
+                             dtype=torch.bfloat16, fuse_combine=True)
+    assert "fuse_combine=true" in layer.spec(32, False).pipeline()

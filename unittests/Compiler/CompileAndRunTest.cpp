@@ -633,6 +633,66 @@ TEST(CompileAndRun, FuseGluThroughTheCompileOptionsAndTheCAPI) {
       << text;
 }
 
+TEST(CompileAndRun, FuseCombineThroughTheCompileOptionsAndTheCAPI) {
+  // fuse_combine=true adds a combine-fused copy of each variant of an FFN
+  // bf16 training layer (the gather-fused one included), after every
+  // variant the plan had; false and the default (off) leave them out;
+  // another value is an error naming the option.
+  ASSERT_EQ(flexCompilerRegister(), FLEX_STATUS_OK);
+  LayerConfig config = smallDroplessLayer();
+  config.expertKind = ExpertKind::FFN;
+  config.dtype = DType::BF16;
+  const std::string mlir = layerConfigToMlir(config);
+  auto names = [](const Plan &plan) {
+    std::vector<std::string> out;
+    for (const Variant &variant : plan.variants)
+      out.push_back(variant.name);
+    return out;
+  };
+  std::string text;
+  Plan plan;
+  ASSERT_EQ(compileThroughCApi(mlir, "fuse_combine=true", text),
+            FLEX_STATUS_OK)
+      << text;
+  ASSERT_TRUE(parsePlan(text, plan).isOk());
+  EXPECT_EQ(names(plan),
+            (std::vector<std::string>{"single", "single+gather",
+                                      "single+combine",
+                                      "single+gather+combine"}));
+  for (size_t v = 0; v < plan.variants.size(); ++v) {
+    SCOPED_TRACE(plan.variants[v].name);
+    const bool fused = v >= 2;
+    EXPECT_EQ(countSteps(plan.variants[v].forward, StepOp::GroupedGemmCombine),
+              fused ? 1 : 0);
+    EXPECT_EQ(countSteps(plan.variants[v].forward, StepOp::Combine),
+              fused ? 0 : 1);
+  }
+  for (const char *off : {"fuse_combine=false", ""}) {
+    ASSERT_EQ(compileThroughCApi(mlir, off, text), FLEX_STATUS_OK)
+        << text;
+    ASSERT_TRUE(parsePlan(text, plan).isOk());
+    EXPECT_EQ(names(plan),
+              (std::vector<std::string>{"single", "single+gather"}))
+        << off;
+  }
+
+  // The same through CompileOptions.
+  CompileOptions options;
+  options.training = true;
+  options.fuseDispatch = false;
+  options.fuseCombine = true;
+  std::string planJson, error;
+  ASSERT_TRUE(compileLayerToPlan(mlir, options, planJson, error)) << error;
+  ASSERT_TRUE(parsePlan(planJson, plan).isOk());
+  EXPECT_EQ(names(plan), (std::vector<std::string>{"single", "single+combine"}));
+
+  EXPECT_EQ(compileThroughCApi(mlir, "fuse_combine=on", text),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_NE(text.find("'fuse_combine' needs true or false, got 'on'"),
+            std::string::npos)
+      << text;
+}
+
 TEST(CompileAndRun, FuseActivationBackwardThroughTheCompileOptionsAndTheCAPI) {
   // fuse_activation_backward=true adds a backward-fused copy of each
   // variant of an FFN bf16 training layer (the gather-fused one included),
