@@ -35,18 +35,6 @@ namespace {
 constexpr double kGradLAux = 0.5;
 constexpr const char *kSuffix = "+act_backward";
 
-std::vector<std::string> variantNames(const Plan &plan) {
-  std::vector<std::string> names;
-  for (const Variant &variant : plan.variants)
-    names.push_back(variant.name);
-  return names;
-}
-
-int64_t countSteps(const std::vector<Step> &steps, StepOp op) {
-  return std::count_if(steps.begin(), steps.end(),
-                       [&](const Step &step) { return step.op == op; });
-}
-
 TEST(ActivationBackwardFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
   const uint64_t seed = runSeed();
   std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";

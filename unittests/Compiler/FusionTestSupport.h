@@ -4,10 +4,10 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// This file defines what the end-to-end tests of --moert-fuse-dispatch and
-// --moert-fuse-glu share: random small bf16/f16 layers of the sizes the fused
-// kernels take, the words that name one in a trace, and compiling one to a
-// plan.
+// This file defines what the end-to-end tests of the fusion passes share:
+// random small bf16/f16 layers of the sizes the fused kernels take, the
+// words that name one in a trace, compiling one to a plan, and what a plan's
+// variants hold.
 //
 //===----------------------------------------------------------------------===//
 
@@ -28,6 +28,20 @@
 #include <vector>
 
 namespace flex::test {
+
+/// The plan's variant names, in order.
+inline std::vector<std::string> variantNames(const Plan &plan) {
+  std::vector<std::string> names;
+  for (const Variant &variant : plan.variants)
+    names.push_back(variant.name);
+  return names;
+}
+
+/// How many of `steps` are `op`.
+inline int64_t countSteps(const std::vector<Step> &steps, StepOp op) {
+  return std::count_if(steps.begin(), steps.end(),
+                       [&](const Step &step) { return step.op == op; });
+}
 
 /// What a fusion test draws its layers from; each list is drawn from
 /// uniformly (a choice listed twice is twice as likely), a list of one

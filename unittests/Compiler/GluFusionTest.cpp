@@ -53,13 +53,6 @@ LayerConfig randomGatedConfig(std::mt19937_64 &rng) {
   return compileLayer(config, options, plan);
 }
 
-std::vector<std::string> variantNames(const Plan &plan) {
-  std::vector<std::string> names;
-  for (const Variant &variant : plan.variants)
-    names.push_back(variant.name);
-  return names;
-}
-
 TEST(GluFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
   const uint64_t seed = runSeed();
   std::cout << "[ seed     ] FLEX_TEST_SEED=" << seed << "\n";

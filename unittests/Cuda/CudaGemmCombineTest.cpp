@@ -35,16 +35,9 @@
 using namespace flex;
 using cuda::detail::GroupedGemmPath;
 using flex::cudatest::Buffer;
+using flex::cudatest::normals;
 
 namespace {
-
-std::vector<double> normals(std::mt19937_64 &rng, int64_t count, double scale) {
-  std::normal_distribution<double> dist(0.0, scale);
-  std::vector<double> values(static_cast<size_t>(count));
-  for (double &v : values)
-    v = dist(rng);
-  return values;
-}
 
 /// A random top-k routing of T tokens over E experts, on the host and the
 /// device: ragged (every choice kept, experts' rows back to back) or padded

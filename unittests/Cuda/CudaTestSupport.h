@@ -23,6 +23,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,16 @@ namespace flex::cudatest {
 // Host element conversions, shared with the CPU tests.
 using test::loadValue;
 using test::storeValue;
+
+/// `count` draws of N(0, scale^2).
+inline std::vector<double> normals(std::mt19937_64 &rng, int64_t count,
+                                   double scale) {
+  std::normal_distribution<double> dist(0.0, scale);
+  std::vector<double> values(static_cast<size_t>(count));
+  for (double &v : values)
+    v = dist(rng);
+  return values;
+}
 
 /// A typed buffer with a host copy and a device copy.
 struct Buffer {

@@ -283,6 +283,15 @@ LogicalResult expectGemmB(ShapeMatcher &m, Value b, bool transB) {
                 : m.expect("b", b, {"G", "K", "N"});
 }
 
+/// [plan-3] A GEMM's bias_scale (absent: 1) is finite and > 0.
+LogicalResult expectBiasScale(Operation *op, FloatAttr biasScale) {
+  const double scale = biasScale ? biasScale.getValueAsDouble() : 1.0;
+  if (std::isfinite(scale) && scale > 0.0)
+    return success();
+  return op->emitOpError("[plan-3] bias_scale must be finite and > 0, got ")
+         << scale;
+}
+
 /// With `row_tokens`: it is [R], R the product's rows (bound by `c` or
 /// `grad_c` before), and `a`'s T rows are the layer's tokens.
 LogicalResult expectRowTokens(ShapeMatcher &m, Operation *op, Value a,
@@ -445,11 +454,8 @@ LogicalResult GroupedGemmOp::verify() {
       failed(m.sameElement("b", getB(), "a", getA())) ||
       failed(m.sameElement("c", getC(), "a", getA())))
     return failure();
-  double scale =
-      getBiasScaleAttr() ? getBiasScaleAttr().getValueAsDouble() : 1.0;
-  if (!std::isfinite(scale) || !(scale > 0.0))
-    return emitOpError("[plan-3] bias_scale must be finite and > 0, got ")
-           << scale;
+  if (failed(expectBiasScale(*this, getBiasScaleAttr())))
+    return failure();
   return success();
 }
 
@@ -553,11 +559,8 @@ LogicalResult GroupedGemmCombineOp::verify() {
       failed(m.sameElement("c", getC(), "a", getA())) ||
       failed(m.sameElement("out", getOut(), "a", getA())))
     return failure();
-  double scale =
-      getBiasScaleAttr() ? getBiasScaleAttr().getValueAsDouble() : 1.0;
-  if (!std::isfinite(scale) || !(scale > 0.0))
-    return emitOpError("[plan-3] bias_scale must be finite and > 0, got ")
-           << scale;
+  if (failed(expectBiasScale(*this, getBiasScaleAttr())))
+    return failure();
   // Its tiles store c, and sum finished tokens into out, while others
   // still read a, b and the bias.
   for (auto [outName, output] :
