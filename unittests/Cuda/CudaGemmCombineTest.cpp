@@ -170,6 +170,9 @@ TEST(CudaGemmCombine, MatchesTheTwoStepsAndFp64) {
   std::mt19937_64 rng(41);
   for (const CombineCase &tc : cases) {
     TestRouting routing(rng, tc.T, tc.E, tc.k, tc.padded);
+    // A new routing, as a gate makes: the host's cached counts (keyed by
+    // the offsets' address, which a new buffer may reuse) are stale.
+    ++ctx->generation;
     const int64_t R = routing.rowBound, K = tc.K, n = tc.n, E = tc.E;
     for (DType dt : {DType::BF16, DType::F16})
       for (bool withBias : {false, true}) {
@@ -273,6 +276,7 @@ TEST(CudaGemmCombine, MatchesTheTwoStepsAndFp64) {
   }
   // An output over an input is refused, not computed into garbage.
   TestRouting routing(rng, 8, 4, 2, false);
+  ++ctx->generation;
   Buffer a(DType::BF16, routing.rowBound * 64), b(DType::BF16, 4 * 64 * 64);
   Status s = cuda::groupedGemmCombine(
       *ctx, {a.device, DType::BF16}, {b.device, DType::BF16}, ReadBuffer{},
