@@ -38,11 +38,14 @@ __device__ __forceinline__ int64_t combineRow(const Routing &r, int64_t t,
   return int64_t{r.expertOffsets[r.indices[slot]]} + location;
 }
 
-/// The number of t's kept choices.
+/// The number of t's kept choices (their locations inside the capacity).
 __device__ __forceinline__ int keptChoices(const Routing &r, int64_t t) {
+  const int32_t capacity = *r.capacity;
   int kept = 0;
-  for (int64_t j = 0; j < r.topK; ++j)
-    kept += combineRow(r, t, j) >= 0;
+  for (int64_t j = 0; j < r.topK; ++j) {
+    const int32_t location = r.locations[t * r.topK + j];
+    kept += location >= 0 && location < capacity;
+  }
   return kept;
 }
 
@@ -62,51 +65,63 @@ __device__ __forceinline__ bool arriveRow(const CombineInStore &p, int64_t row,
   return true;
 }
 
-/// Loads N (2 or 8) elements of T at p from L2 as fp32.
-template <typename T, int N>
-__device__ __forceinline__ void loadFromL2(const T *p, float (&v)[N]) {
-  static_assert(N * sizeof(T) == 4 || N * sizeof(T) == 16);
-  if constexpr (N * sizeof(T) == 16) {
-    uint4 raw = __ldcg(reinterpret_cast<const uint4 *>(p));
-    const T *values = reinterpret_cast<const T *>(&raw);
+/// Loads the 8 elements of T (16 bytes) at p from L2 as fp32: rows other
+/// tiles stored during this launch (L1 is not coherent across SMs).
+template <typename T>
+__device__ __forceinline__ void loadFromL2(const T *p, float (&v)[8]) {
+  uint4 raw = __ldcg(reinterpret_cast<const uint4 *>(p));
+  const T *values = reinterpret_cast<const T *>(&raw);
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-      v[i] = toFloat(values[i]);
-  } else {
-    unsigned raw = __ldcg(reinterpret_cast<const unsigned *>(p));
-    const T *values = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      v[i] = toFloat(values[i]);
-  }
+  for (int i = 0; i < 8; ++i)
+    v[i] = toFloat(values[i]);
 }
 
-/// out[t, col .. col + N) = the sum over t's kept choices, in order, of
+/// out[t, n0 .. n0 + width) = the sum over t's kept choices, in order, of
 /// gate x c[row], in fp32 with one rounding: the combine kernel's
-/// arithmetic. c is the product [rows, n]; col + N <= n.
-template <typename T, int N>
-__device__ __forceinline__ void combineColumns(const CombineInStore &p,
-                                               const T *c, int64_t n, int64_t t,
-                                               int64_t col) {
-  float sum[N] = {};
-  for (int64_t j = 0; j < p.routing.topK; ++j) {
-    const int64_t row = combineRow(p.routing, t, j);
-    if (row < 0)
-      continue;
-    const float gate = p.routing.gates[t * p.routing.topK + j];
-    float v[N];
-    loadFromL2<T, N>(c + row * n + col, v);
+/// arithmetic, by one warp (every lane calls it). As the combine kernel,
+/// lane j < k finds choice j's row and gate once and the warp shares them,
+/// so each lane's loads of the k rows (8 columns of a 16-byte vector per
+/// lane and 32-chunk step) are independent and overlap. c is the product
+/// [rows, n]; width is a multiple of 8.
+template <typename T>
+__device__ __forceinline__ void
+combineToken(const CombineInStore &p, const T *c, int64_t n, int64_t t,
+             int64_t n0, int64_t width, int lane) {
+  static_assert(kVector<T> == 8, "16-byte vectors of 8 elements");
+  const int64_t k = p.routing.topK;
+  auto choice = [&](int64_t j, int64_t &row, float &gate) {
+    row = combineRow(p.routing, t, j);
+    gate = row >= 0 ? p.routing.gates[t * k + j] : 0.0f;
+  };
+  int64_t laneRow = -1;
+  float laneGate = 0.0f;
+  if (lane < k)
+    choice(lane, laneRow, laneGate);
+  const int64_t chunks = width / 8;
+  for (int64_t base = 0; base < chunks; base += 32) {
+    const int64_t col = n0 + (base + lane) * 8;
+    const bool mine = base + lane < chunks;
+    float sum[8] = {};
+#pragma unroll 4
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t row;
+      float gate;
+      if (j < 32) {
+        row = __shfl_sync(0xffffffffu, laneRow, static_cast<int>(j));
+        gate = __shfl_sync(0xffffffffu, laneGate, static_cast<int>(j));
+      } else {
+        choice(j, row, gate);
+      }
+      if (row < 0 || !mine)
+        continue;
+      float v[8];
+      loadFromL2<T>(c + row * n + col, v);
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-      sum[i] = __fadd_rn(sum[i], __fmul_rn(gate, v[i]));
-  }
-  T *target = static_cast<T *>(p.out) + t * n + col;
-  if constexpr (N == kVector<T>) {
-    storeVector(target, sum);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      target[i] = fromFloat<T>(sum[i]);
+      for (int i = 0; i < 8; ++i)
+        sum[i] = __fadd_rn(sum[i], __fmul_rn(gate, v[i]));
+    }
+    if (mine)
+      storeVector(static_cast<T *>(p.out) + t * n + col, sum);
   }
 }
 
@@ -134,9 +149,10 @@ combineTile(const CombineInStore &p, const T *c, int64_t n, int64_t row0,
   if (done == 0)
     return;
   __threadfence(); // the other tiles' rows, after their arrivals
-  const int64_t chunks = width / 8;
-  for (int64_t i = threadIdx.x; i < done * chunks; i += blockDim.x)
-    combineColumns<T, 8>(p, c, n, finished[i / chunks], n0 + (i % chunks) * 8);
+  // A warp per finished token.
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int i = warp; i < done; i += warps)
+    combineToken<T>(p, c, n, finished[i], n0, width, threadIdx.x % 32);
 }
 
 /// The wgmma kernel's tile, warp by warp (a row's columns are stored by the
@@ -165,9 +181,8 @@ combineWarpRows(const CombineInStore &p, const T *c, int64_t n, int64_t row0,
       while (mask) {
         const int source = __ffs(mask) - 1;
         mask &= mask - 1;
-        const int64_t t = __shfl_sync(0xffffffffu, token, source);
-        for (int64_t chunk = lane; chunk < width / 8; chunk += 32)
-          combineColumns<T, 8>(p, c, n, t, n0 + chunk * 8);
+        combineToken<T>(p, c, n, __shfl_sync(0xffffffffu, token, source), n0,
+                        width, lane);
       }
     }
 }

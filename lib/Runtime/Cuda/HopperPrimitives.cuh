@@ -107,14 +107,23 @@ __device__ __forceinline__ uint64_t globalNanoseconds() {
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(ns));
   return ns;
 }
+/// The clock is read once per kBarrierClockTries failed tries, not per try:
+/// a stage's hand-off then costs the try_wait alone (call 34 measured every
+/// wgmma form 1.5-2.2x slower than Run 32 with a read per try; the suspect).
+constexpr uint32_t kBarrierClockTries = 4096;
 template <bool ClusterScope = false>
 __device__ __forceinline__ void barrierWait(uint32_t bar, uint32_t parity) {
-  if (barrierTryWait<ClusterScope>(bar, parity))
-    return;
-  const uint64_t start = globalNanoseconds();
-  while (!barrierTryWait<ClusterScope>(bar, parity))
-    if (globalNanoseconds() - start > kBarrierWaitLimitNs)
+  uint64_t start = 0;
+  for (uint32_t tries = 1; !barrierTryWait<ClusterScope>(bar, parity);
+       ++tries) {
+    if (tries % kBarrierClockTries != 0)
+      continue;
+    const uint64_t now = globalNanoseconds();
+    if (start == 0)
+      start = now;
+    else if (now - start > kBarrierWaitLimitNs)
       __trap();
+  }
 }
 __device__ __forceinline__ void tmaLoad2d(uint32_t dst, const CUtensorMap *map,
                                           uint32_t bar, int32_t c0,
