@@ -614,10 +614,11 @@ InputGradient secondLayerAndCombine(const Plan &plan, int64_t variant,
   return result;
 }
 
-// At decode sizes (d 256, h 512, E 16, k 4, 64 tokens) fc2 runs the device
-// kernel, whose store sums the combine: the fused step costs the GEMM and
-// the combine's bytes, not its launch, so less than the pair. With
-// grouped_gemm=cublas it runs as the two steps: the pair's price.
+// The fused step's GEMM is priced on grouped_gemm's path (at decode sizes,
+// d 256, h 512, E 16, k 4, 64 tokens: the device kernel; with
+// grouped_gemm=cublas cuBLAS) and its combine as the combine step wherever
+// it runs (Run 34 measured the store's sums slower than the combine kernel
+// at decode): the pair's price on either path, so measured times choose.
 TEST(CostModel, CombineFusedStepIsPricedOnItsPath) {
   Plan plan;
   ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
@@ -639,18 +640,7 @@ TEST(CostModel, CombineFusedStepIsPricedOnItsPath) {
                 plan.variants[v + 2].name.c_str(), pair.us, fused.us,
                 pairCublas.us, fusedCublas.us);
     EXPECT_EQ(fused.path, GemmPath::Device);
-    EXPECT_LT(fused.us, pair.us);
-    // No less than the plain GEMM: the store still moves the combine's
-    // bytes.
-    CostModelOptions options;
-    double fc2Us = 0;
-    for (const StepPrediction &step :
-         CostModel(defaultProfile("cuda", 1), options)
-             .predict(plan, v, false, -1)
-             .steps)
-      if (step.op == StepOp::GroupedGemm)
-        fc2Us = step.us; // fc1, then fc2
-    EXPECT_GT(fused.us, fc2Us);
+    EXPECT_NEAR(fused.us, pair.us, 0.02 * pair.us);
     EXPECT_NE(fusedCublas.path, GemmPath::Device);
     EXPECT_NEAR(fusedCublas.us, pairCublas.us, 0.02 * pairCublas.us);
   }

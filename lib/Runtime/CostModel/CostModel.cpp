@@ -647,8 +647,7 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
     if (step.op == StepOp::GroupedGemmCombine)
       basis.passSeconds =
-          combinePassSeconds(plan, work.flops / (2.0 * kn), n, c.dtype,
-                             basis.gemmPath == GemmPath::Device);
+          combinePassSeconds(plan, work.flops / (2.0 * kn), n, c.dtype);
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
     if (isFusedBackward(step.op) &&
@@ -675,15 +674,15 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
 }
 
 double CostModel::combinePassSeconds(const Plan &plan, double rows, int64_t n,
-                                     DType dtype, bool inStore) const {
-  // The kept rows read back and out written once; in the store no launch
-  // and no fixed cost of its own (the rows mostly still in L2 at decode:
-  // priced at DRAM's rate all the same).
+                                     DType dtype) const {
+  // The kept rows read back and out written once, priced as the combine
+  // step wherever it runs: in the GEMM's store it saves a launch but runs
+  // behind each tile (Run 34: the few-rows tile's store took fc2 from 154
+  // to 207 us at D1, where the combine kernel takes 10.4), so no saving is
+  // predicted until one is measured; measured times pick per call.
   const double bytes = (rows + static_cast<double>(plan.layer.tokens)) *
                        static_cast<double>(n) *
                        static_cast<double>(dtypeSize(dtype));
-  if (inStore)
-    return bytes / profile_.memoryBandwidth;
   const StepCostPoint *fitted = profile_.findStep(toString(StepOp::Combine));
   return (fitted ? fitted->alphaSeconds : profile_.launchSeconds) +
          bytes / (fitted && fitted->bytesPerSecond > 0

@@ -101,8 +101,8 @@ struct StepBasis {
   /// A fused step off the kernel that fuses it: the elementwise pass it runs
   /// after its GEMMs (launch and bytes), which the fused kernel does not
   /// make: grouped_gemm_glu's glu, grouped_gemm_activation_backward's
-  /// activation_backward. grouped_gemm_combine: its combine, in the store
-  /// (bytes only) or as the combine step.
+  /// activation_backward. grouped_gemm_combine: its combine, priced as the
+  /// combine step.
   double passSeconds = 0;
 };
 
@@ -173,11 +173,10 @@ public:
                       bool batchedBlocks = false) const;
   /// The seconds one step takes alone on its stream (no waits, no overlap).
   double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
-  /// grouped_gemm_combine's combine over `rows` product rows of n columns:
-  /// in the GEMM's store (`inStore`: the device kernel's path), the bytes
-  /// alone; else the combine step's own pass (its fitted figures).
+  /// grouped_gemm_combine's combine over `rows` product rows of n columns,
+  /// priced as the combine step (its fitted figures) wherever it runs.
   double combinePassSeconds(const Plan &plan, double rows, int64_t n,
-                            DType dtype, bool inStore) const;
+                            DType dtype) const;
   /// Whether the profile's node shape prices this collective step (no
   /// exact measured point, a built-in profile's points, or a 2DH exchange)
   /// rather than a measured point; false without a node shape.
