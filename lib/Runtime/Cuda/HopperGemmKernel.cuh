@@ -172,11 +172,19 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
 /// and each loads half of B's tile into both (TMA multicast), halving B's
 /// reads from L2; a stage is refilled once both CTAs' consumers released
 /// it (their empty barriers count the cluster's consumer warps).
-/// Combine: the store also sums finished tokens (grouped_gemm_combine; its
-/// own instantiations, so the other forms keep their registers).
+/// What a forward tile's store applies (a template argument, not a branch
+/// per element: with every epilogue's code in every form the kernels grew
+/// about 8x and the store missed the instruction cache; call 34 measured
+/// every form 1.5-2.2x slower).
+enum class StoreMode {
+  Plain,           ///< c = (c +) the product
+  Epilogue,        ///< RaggedMParams' epilogue fields, chosen per call
+  EpilogueCombine, ///< those, then grouped_gemm_combine's sums
+};
+
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          bool Combine = false>
+          StoreMode Store = StoreMode::Plain>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapB,
@@ -443,9 +451,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             continue;
           float v0 = acc[h][4 * j + 2 * half],
                 v1 = acc[h][4 * j + 2 * half + 1];
-          if (p.accumulate) {
-            v0 += float(out[col]);
-            v1 += float(out[col + 1]);
+          if constexpr (Store == StoreMode::Plain) {
+            if (p.accumulate) {
+              v0 += float(out[col]);
+              v1 += float(out[col + 1]);
+            }
           } else if (p.gluGate) {
             // As gluBackward: from the stored product d, grad_up_in =
             // d * silu(gate) and grad_gate_in = d * up * silu'(gate).
@@ -482,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           storePair(out + col, v0, v1);
         }
       }
-    if constexpr (Combine && !Glu)
+    if constexpr (Store == StoreMode::EpilogueCombine && !Glu)
       if (p.combine.out)
         detail::combineWarpRows<T, Blocks>(
             p.combine, c, p.n, w.row0, firstRow, w.rowsValid, w.n0,
@@ -490,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // The tokens no tile arrives for (every choice dropped): zeros, as the
   // combine writes them.
-  if constexpr (Combine && !Glu)
+  if constexpr (Store == StoreMode::EpilogueCombine && !Glu)
     if (p.combine.out)
       detail::zeroDroppedTokens<T>(
           p.combine, p.n, int64_t(blockIdx.x) * 256 + consumer * 128 + t128,
@@ -849,12 +859,12 @@ cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
 /// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          bool Combine = false>
+          StoreMode Store = StoreMode::Plain>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
                           const CUtensorMap &mapUp, const RaggedMParams &p,
                           int ctas, cudaStream_t stream) {
   constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu,
-                                        Gather, Cluster, Combine>;
+                                        Gather, Cluster, Store>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   static const cudaError_t registers = startRegistersOf(kernel);
   if (registers != cudaSuccess)

@@ -41,12 +41,12 @@ bool hopperKernelBuilt() {
 
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          bool Combine = false>
+          hopper::StoreMode Store = hopper::StoreMode::Plain>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
               const CUtensorMap &mapB, const hopper::RaggedMParams &params,
               const CUtensorMap *mapUp = nullptr) {
   return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu,
-                                         Gather, Cluster, Combine>(
+                                         Gather, Cluster, Store>(
                        mapA, mapB, mapUp ? *mapUp : mapB, params,
                        ctx.multiprocessors(), ctx.stream()),
                    "grouped GEMM kernel (wgmma)");
@@ -155,14 +155,16 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                   "the wgmma grouped GEMM gathers A for [K][N] weights only");
   if (gathered && (tile == HopperTile::Wide || tile == HopperTile::WidePair))
     tile = HopperTile::Cooperative;
-  // The combine in the store has one form: cooperative 128 x 128 tiles of
-  // [K][N] weights (its own instantiation, HopperGemmKernel.cuh).
+  // A store with an epilogue (bias and activation, a backward, the
+  // combine) has its own instantiations of one form, cooperative 128 x 128
+  // (HopperGemmKernel.cuh's StoreMode: the plain forms stay small); the
+  // combine's for [K][N] weights only.
   const bool combines = epilogue.fused && epilogue.combine.out;
   if (combines && (gathered || transB || accumulate))
     return Status(StatusCode::Internal,
                   "the wgmma grouped GEMM sums the combine in its store for a "
                   "forward product of [K][N] weights only");
-  if (combines)
+  if (epilogue.fused)
     tile = HopperTile::Cooperative;
   // A K-major B's box: the tile's columns, or each CTA's half of them.
   // (WidePair: 256-column tiles, 128 from each CTA.)
@@ -200,8 +202,18 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
     } else if (combines) {
-      return launch<T, 128, 5, false, false, false, false, 1, true>(
-          ctx, mapA, mapB, params);
+      return launch<T, 128, 5, false, false, false, false, 1,
+                    hopper::StoreMode::EpilogueCombine>(ctx, mapA, mapB,
+                                                        params);
+    } else if (epilogue.fused) {
+      constexpr auto E = hopper::StoreMode::Epilogue;
+      if (gathered)
+        return launch<T, 128, 5, false, false, false, true, 1, E>(ctx, mapA,
+                                                                  mapB, params);
+      return transB ? launch<T, 128, 5, true, false, false, false, 1, E>(
+                          ctx, mapA, mapB, params)
+                    : launch<T, 128, 5, false, false, false, false, 1, E>(
+                          ctx, mapA, mapB, params);
     } else if (gathered) {
       return tile == HopperTile::PingPong
                  ? launch<T, 128, 6, false, true, false, true>(ctx, mapA, mapB,
