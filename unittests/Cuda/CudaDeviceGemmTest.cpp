@@ -616,10 +616,11 @@ Status productOnTheEngineOf(cuda::KernelContext &ctx, const Buffer &a,
                             int64_t k, int64_t n,
                             const cuda::ExpertRowSpace &space, bool transB,
                             GroupedGemmPath path, bool onWgmma) {
+  // A fused store runs the wgmma kernel's cooperative form.
   if (onWgmma)
     return cuda::detail::deviceGroupedGemm(
         ctx, a.device, b.device, product.device, dt, k, n, space, transB, false,
-        cuda::detail::DeviceTiles::Hopper);
+        cuda::detail::DeviceTiles::HopperCooperative);
   GroupedGemmOptions options;
   options.transB = transB;
   return cuda::detail::groupedGemmWith(
@@ -1188,8 +1189,9 @@ TEST_F(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
 
 // The activation's backward in the wgmma kernel's store (fc2's input
 // gradient, b^T, fused with activation_backward): every tile, dtype and
-// activation, on the ragged row space; grad_pre bit for bit the same tile's
-// product followed by activationBackward, rows outside the segments
+// activation, on the ragged row space; grad_pre bit for bit the product of
+// the form a fused store runs (cooperative 128 x 128, whatever tile is
+// asked) followed by activationBackward, rows outside the segments
 // untouched. The mma.sync kernel refuses it.
 TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
   std::mt19937_64 rng(53);
@@ -1221,9 +1223,11 @@ TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
                         seg.space(), /*transB=*/true, false, tiles, {},
                         backward)
                         .isOk());
+        // A fused store runs the cooperative form whatever tile is asked.
         ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
                         *ctx, a.device, b.device, product.device, dt, k, n,
-                        seg.space(), true, false, tiles)
+                        seg.space(), true, false,
+                        cuda::detail::DeviceTiles::HopperCooperative)
                         .isOk());
         ASSERT_TRUE(cuda::activationBackward(
                         *ctx, {pre.device, dt}, {product.device, dt},
@@ -1357,7 +1361,8 @@ TEST_F(CudaHopperGemm, RefusesWhatItCannotRun) {
 // The bias, `pre` and activation in the wgmma kernel's store, on each tile
 // and dtype, every activation, with and without bias and pre, on a ragged
 // row space (empty groups, groups ending in a cluster's first CTA): c and
-// pre bit for bit the same tile's product followed by the epilogue pass
+// pre bit for bit the product of the form a fused store runs (cooperative
+// 128 x 128, whatever tile is asked) followed by the epilogue pass
 // (applyGemmEpilogue), rows outside the segments untouched.
 TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
   std::mt19937_64 rng(47);
@@ -1390,10 +1395,12 @@ TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
                 *ctx, a.device, b.device, c.device, dt, k, n, seg.space(),
                 false, false, tiles, {}, fused);
             ASSERT_TRUE(status.isOk()) << status.message();
-            // The same tile's bare product (into pre2), then the pass.
+            // The bare product (into pre2) of the form a fused store runs
+            // whatever tile is asked (the cooperative one), then the pass.
             ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
                             *ctx, a.device, b.device, pre2.device, dt, k, n,
-                            seg.space(), false, false, tiles)
+                            seg.space(), false, false,
+                            cuda::detail::DeviceTiles::HopperCooperative)
                             .isOk());
             ASSERT_TRUE(
                 cuda::applyGemmEpilogue(*ctx, pre2.device,
