@@ -683,11 +683,18 @@ double CostModel::combinePassSeconds(const Plan &plan, double rows, int64_t n,
   const double bytes = (rows + static_cast<double>(plan.layer.tokens)) *
                        static_cast<double>(n) *
                        static_cast<double>(dtypeSize(dtype));
-  const StepCostPoint *fitted = profile_.findStep(toString(StepOp::Combine));
+  return memoryStepSeconds(StepOp::Combine, bytes);
+}
+
+double CostModel::memoryStepSeconds(StepOp op, double bytes) const {
+  // What calibrating real plans measured for this kind (its fixed cost and
+  // rate), else a launch and the profile's bandwidth.
+  const StepCostPoint *fitted = profile_.findStep(toString(op));
+  const double bandwidth = fitted && fitted->bytesPerSecond > 0
+                               ? fitted->bytesPerSecond
+                               : profile_.memoryBandwidth;
   return (fitted ? fitted->alphaSeconds : profile_.launchSeconds) +
-         bytes / (fitted && fitted->bytesPerSecond > 0
-                      ? fitted->bytesPerSecond
-                      : profile_.memoryBandwidth);
+         bytes / bandwidth;
 }
 
 double CostModel::stepSeconds(const Plan &plan, const Step &step,
@@ -701,13 +708,8 @@ double CostModel::basisSeconds(const Plan &plan, const Step &step,
   // launches, host work, small kernels), else the generic figures.
   const StepCostPoint *fitted = profile_.findStep(toString(step.op));
   switch (basis.cost) {
-  case StepCost::Memory: {
-    const double bandwidth = fitted && fitted->bytesPerSecond > 0
-                                 ? fitted->bytesPerSecond
-                                 : profile_.memoryBandwidth;
-    return (fitted ? fitted->alphaSeconds : profile_.launchSeconds) +
-           basis.bytes / bandwidth;
-  }
+  case StepCost::Memory:
+    return memoryStepSeconds(step.op, basis.bytes);
   case StepCost::Launch:
     return fitted ? fitted->alphaSeconds : profile_.launchSeconds;
   case StepCost::RouterGemm:

@@ -27,17 +27,6 @@
 
 namespace flex::cuda::detail {
 
-/// The dispatch row of choice j of token t, or -1 when it was dropped (as
-/// the combine kernel reads it).
-__device__ __forceinline__ int64_t combineRow(const Routing &r, int64_t t,
-                                              int64_t j) {
-  const int64_t slot = t * r.topK + j;
-  const int32_t location = r.locations[slot];
-  if (location < 0 || location >= *r.capacity)
-    return -1;
-  return int64_t{r.expertOffsets[r.indices[slot]]} + location;
-}
-
 /// The number of t's kept choices (their locations inside the capacity).
 __device__ __forceinline__ int keptChoices(const Routing &r, int64_t t) {
   const int32_t capacity = *r.capacity;
@@ -90,7 +79,7 @@ combineToken(const CombineInStore &p, const T *c, int64_t n, int64_t t,
   static_assert(kVector<T> == 8, "16-byte vectors of 8 elements");
   const int64_t k = p.routing.topK;
   auto choice = [&](int64_t j, int64_t &row, float &gate) {
-    row = combineRow(p.routing, t, j);
+    row = keptRow(p.routing, t * k + j);
     gate = row >= 0 ? p.routing.gates[t * k + j] : 0.0f;
   };
   int64_t laneRow = -1;

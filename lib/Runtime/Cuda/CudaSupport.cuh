@@ -173,6 +173,16 @@ inline unsigned gridFor(int64_t work, int64_t perBlock, int64_t cap = 1 << 20) {
   return static_cast<unsigned>(blocks < cap ? blocks : cap);
 }
 
+/// The row of slot (t, j) = t * k + j in the dispatch buffer, or -1 when
+/// dropped (dispatch, combine and grouped_gemm_combine's store).
+__device__ __forceinline__ int64_t keptRow(const Routing &routing,
+                                           int64_t slot) {
+  int32_t location = routing.locations[slot];
+  if (location < 0 || location >= *routing.capacity)
+    return -1;
+  return int64_t{routing.expertOffsets[routing.indices[slot]]} + location;
+}
+
 } // namespace flex::cuda::detail
 
 #endif // LIB_RUNTIME_CUDA_CUDASUPPORT_CUH

@@ -23,6 +23,7 @@
 
 namespace flex::cuda {
 
+using detail::keptRow;
 using detail::kVector;
 using detail::RowSpace;
 
@@ -52,15 +53,6 @@ template <typename T, int V> struct Unit {
     }
   }
 };
-
-/// The row of slot (t, j) in the dispatch buffer, or -1 when dropped.
-__device__ __forceinline__ int64_t keptRow(const Routing &routing,
-                                           int64_t slot) {
-  int32_t location = routing.locations[slot];
-  if (location < 0 || location >= *routing.capacity)
-    return -1;
-  return int64_t{routing.expertOffsets[routing.indices[slot]]} + location;
-}
 
 /// rowMap[row of each kept slot] = slot / perEntry: the slot (1) or its
 /// token (topK, dispatch_rows), for the rows below rowCount.

@@ -177,6 +177,9 @@ public:
   /// priced as the combine step (its fitted figures) wherever it runs.
   double combinePassSeconds(const Plan &plan, double rows, int64_t n,
                             DType dtype) const;
+  /// A memory-bound step of kind `op` moving `bytes`: its fitted figures,
+  /// else a launch and the profile's bandwidth.
+  double memoryStepSeconds(StepOp op, double bytes) const;
   /// Whether the profile's node shape prices this collective step (no
   /// exact measured point, a built-in profile's points, or a 2DH exchange)
   /// rather than a measured point; false without a node shape.
