@@ -608,19 +608,35 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
   }
 }
 
+/// The wgmma form a fused store runs when `asked` is asked
+/// (fusedStoreTile): 128 x 256 where that is asked or the default, else
+/// cooperative 128 x 128.
+cuda::detail::DeviceTiles fusedStoreForm(const cuda::KernelContext &ctx,
+                                         cuda::detail::DeviceTiles asked) {
+  using cuda::detail::DeviceTiles;
+  using cuda::detail::HopperTile;
+  const HopperTile tile = asked == DeviceTiles::Hopper
+                              ? cuda::detail::defaultHopperTile(
+                                    ctx, cuda::detail::kDefaultHopperTile)
+                              : cuda::detail::hopperTileOf(asked);
+  return cuda::detail::fusedStoreTile(tile) == HopperTile::Wide
+             ? DeviceTiles::HopperWide
+             : DeviceTiles::HopperCooperative;
+}
+
 /// The plain product of a fused backward's GEMM on the engine the fused step
-/// took: the wgmma kernel's default tile, or grouped_gemm's path (Device,
-/// which asked for the fused kernel, as Auto).
+/// took: the form the wgmma kernel's fused store runs for its default tile,
+/// or grouped_gemm's path (Device, which asked for the fused kernel, as
+/// Auto).
 Status productOnTheEngineOf(cuda::KernelContext &ctx, const Buffer &a,
                             const Buffer &b, Buffer &product, DType dt,
                             int64_t k, int64_t n,
                             const cuda::ExpertRowSpace &space, bool transB,
                             GroupedGemmPath path, bool onWgmma) {
-  // A fused store runs the wgmma kernel's cooperative form.
   if (onWgmma)
     return cuda::detail::deviceGroupedGemm(
         ctx, a.device, b.device, product.device, dt, k, n, space, transB, false,
-        cuda::detail::DeviceTiles::HopperCooperative);
+        fusedStoreForm(ctx, cuda::detail::DeviceTiles::Hopper));
   GroupedGemmOptions options;
   options.transB = transB;
   return cuda::detail::groupedGemmWith(
@@ -1190,8 +1206,8 @@ TEST_F(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
 // The activation's backward in the wgmma kernel's store (fc2's input
 // gradient, b^T, fused with activation_backward): every tile, dtype and
 // activation, on the ragged row space; grad_pre bit for bit the product of
-// the form a fused store runs (cooperative 128 x 128, whatever tile is
-// asked) followed by activationBackward, rows outside the segments
+// the form the fused store runs for the tile asked (fusedStoreForm)
+// followed by activationBackward, rows outside the segments
 // untouched. The mma.sync kernel refuses it.
 TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
   std::mt19937_64 rng(53);
@@ -1223,11 +1239,9 @@ TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
                         seg.space(), /*transB=*/true, false, tiles, {},
                         backward)
                         .isOk());
-        // A fused store runs the cooperative form whatever tile is asked.
         ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
                         *ctx, a.device, b.device, product.device, dt, k, n,
-                        seg.space(), true, false,
-                        cuda::detail::DeviceTiles::HopperCooperative)
+                        seg.space(), true, false, fusedStoreForm(*ctx, tiles))
                         .isOk());
         ASSERT_TRUE(cuda::activationBackward(
                         *ctx, {pre.device, dt}, {product.device, dt},
@@ -1361,8 +1375,8 @@ TEST_F(CudaHopperGemm, RefusesWhatItCannotRun) {
 // The bias, `pre` and activation in the wgmma kernel's store, on each tile
 // and dtype, every activation, with and without bias and pre, on a ragged
 // row space (empty groups, groups ending in a cluster's first CTA): c and
-// pre bit for bit the product of the form a fused store runs (cooperative
-// 128 x 128, whatever tile is asked) followed by the epilogue pass
+// pre bit for bit the product of the form the fused store runs for the
+// tile asked (fusedStoreForm) followed by the epilogue pass
 // (applyGemmEpilogue), rows outside the segments untouched.
 TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
   std::mt19937_64 rng(47);
@@ -1395,12 +1409,12 @@ TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
                 *ctx, a.device, b.device, c.device, dt, k, n, seg.space(),
                 false, false, tiles, {}, fused);
             ASSERT_TRUE(status.isOk()) << status.message();
-            // The bare product (into pre2) of the form a fused store runs
-            // whatever tile is asked (the cooperative one), then the pass.
+            // The bare product (into pre2) of the form the fused store
+            // runs for this tile, then the pass.
             ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
                             *ctx, a.device, b.device, pre2.device, dt, k, n,
                             seg.space(), false, false,
-                            cuda::detail::DeviceTiles::HopperCooperative)
+                            fusedStoreForm(*ctx, tiles))
                             .isOk());
             ASSERT_TRUE(
                 cuda::applyGemmEpilogue(*ctx, pre2.device,

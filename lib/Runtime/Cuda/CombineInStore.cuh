@@ -156,9 +156,10 @@ combineWarpRows(const CombineInStore &p, const T *c, int64_t n, int64_t row0,
                 int warp, int lane) {
   __threadfence(); // this lane's stores, before any arrival counts them
   __syncwarp();
-#pragma unroll
+  // (Not unrolled: one copy of combineToken keeps the kernel small.)
+#pragma unroll 1
   for (int h = 0; h < Blocks; ++h)
-#pragma unroll
+#pragma unroll 1
     for (int half = 0; half < 2; ++half) {
       const int64_t local = firstRow + h * 64 + warp * 16 + lane / 4 + half * 8;
       int64_t token = -1;

@@ -69,8 +69,18 @@ enum class HopperTile { Cooperative, Wide, PingPong, WidePair };
 /// 2002-2064, 192 rows per expert 201 against 221-224). The GLU step and
 /// a gathered A run 128 x 128 (ping-pong).
 inline constexpr HopperTile kDefaultHopperTile = HopperTile::Wide;
-/// The GLU step's (a gathered A runs 128 x 128 whatever is asked).
-inline constexpr HopperTile kDefaultHopperGluTile = HopperTile::PingPong;
+/// The GLU step's (a gathered A runs 128 x 128 whatever is asked): 128 +
+/// 128 columns, the fastest on every shape measured (H100, bench/RESULTS.md
+/// Run 35: 256, 512 and 1024 tokens of 64 experts 287-365 us against
+/// 311-370 for ping-pong 64 + 64; 128 tokens of the large layer 562 against
+/// 678).
+inline constexpr HopperTile kDefaultHopperGluTile = HopperTile::Wide;
+/// The form a fused store (bias / activation, a backward, the combine)
+/// runs when `asked` is asked: 128 x 256 stays, every other shape runs
+/// cooperative 128 x 128 (the store modes are instantiated for those two).
+inline constexpr HopperTile fusedStoreTile(HopperTile asked) {
+  return asked == HopperTile::Wide ? HopperTile::Wide : HopperTile::Cooperative;
+}
 /// The weight gradient's (Run 32: as fast as cuBLAS per expert at C3's
 /// size, 1.6x slower at C1's).
 inline constexpr HopperTile kDefaultHopperWgradTile = HopperTile::PingPong;

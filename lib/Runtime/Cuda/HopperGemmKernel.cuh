@@ -161,6 +161,80 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
   return w;
 }
 
+/// Whether a fused store has elementwise work after the product (the
+/// combine's sums alone have none).
+__device__ __forceinline__ bool storesEpilogue(const RaggedMParams &p) {
+  return p.gluGate || p.activationInput ||
+         (p.fusedEpilogue && (p.bias || p.pre || p.epilogue != 0));
+}
+
+/// Consumer warpgroup `consumer`'s own barrier (named barriers 1 and 2;
+/// the weight gradient's zeroing uses 1-3 in another kernel).
+/// (Immediate ids: a register id makes ptxas reserve all 16.)
+__device__ __forceinline__ void warpgroupBarrier(int consumer) {
+  if (consumer == 0)
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  else
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+}
+
+/// A fused store's elementwise work on rows [firstRow, firstRow + rowCount)
+/// of tile w (its columns), once the warpgroup stored them rounded to T
+/// and met at its barrier: from each stored value d, as the unfused steps
+/// compute it (bit for bit). Consecutive threads take consecutive column
+/// pairs, so the rereads and stores are coalesced, and the loop is a
+/// runtime one: with every epilogue unrolled into the register store the
+/// kernels grew about 5x and missed the instruction cache (Run 35: the
+/// fused store 2.2x slower than GEMM + pass).
+template <typename T>
+__device__ __forceinline__ void
+storeEpilogue(const RaggedMParams &p, const TileWork &w, int firstRow,
+              int rowCount, int tileColumns, int thread) {
+  const int64_t rows = min(int64_t{rowCount}, w.rowsValid - firstRow);
+  const int64_t pairs = min(int64_t{tileColumns}, p.n - w.n0) / 2;
+  T *c = static_cast<T *>(p.c);
+  const T *bias = p.bias
+                      ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
+                      : nullptr;
+  for (int64_t i = thread; i < rows * pairs; i += 128) {
+    const int64_t col = w.n0 + 2 * (i % pairs);
+    const int64_t at = (w.row0 + firstRow + i / pairs) * p.n + col;
+    float v0, v1;
+    loadPair(c + at, v0, v1);
+    if (p.gluGate) {
+      // As gluBackward: grad_up_in = d * silu(gate), grad_gate_in =
+      // d * up * silu'(gate).
+      float g0, g1, u0, u1;
+      loadPair(static_cast<const T *>(p.gluGate) + at, g0, g1);
+      loadPair(static_cast<const T *>(p.gluUp) + at, u0, u1);
+      storePair(static_cast<T *>(p.gluGradUp) + at,
+                v0 * detail::siluForward(g0), v1 * detail::siluForward(g1));
+      v0 = v0 * u0 * detail::siluDerivative(g0);
+      v1 = v1 * u1 * detail::siluDerivative(g1);
+    } else if (p.activationInput) {
+      // As activationBackward: d times the derivative at the forward's
+      // pre-activation value.
+      float x0, x1;
+      loadPair(static_cast<const T *>(p.activationInput) + at, x0, x1);
+      v0 *= detail::activationDerivative(p.derivative, x0);
+      v1 *= detail::activationDerivative(p.derivative, x1);
+    } else {
+      // As applyGemmEpilogue: fp32 math from the stored product.
+      if (bias) {
+        float b0, b1;
+        loadPair(bias + col, b0, b1);
+        v0 = __fadd_rn(v0, __fmul_rn(b0, p.biasScale));
+        v1 = __fadd_rn(v1, __fmul_rn(b1, p.biasScale));
+      }
+      if (p.pre)
+        storePair(static_cast<T *>(p.pre) + at, v0, v1);
+      v0 = detail::applyEpilogue(p.epilogue, v0);
+      v1 = detail::applyEpilogue(p.epilogue, v1);
+    }
+    storePair(c + at, v0, v1);
+  }
+}
+
 /// Persistent: each CTA takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...
 /// of the rastered sequence; the producer runs ahead across tiles, so the
 /// next tile's first stages load while the consumers store this one.
@@ -441,9 +515,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           continue;
         }
         T *out = c + at;
-        const T *bias =
-            p.bias ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
-                   : nullptr;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
@@ -451,47 +522,24 @@ __global__ void __launch_bounds__(kThreads, 1)
             continue;
           float v0 = acc[h][4 * j + 2 * half],
                 v1 = acc[h][4 * j + 2 * half + 1];
-          if constexpr (Store == StoreMode::Plain) {
-            if (p.accumulate) {
-              v0 += float(out[col]);
-              v1 += float(out[col + 1]);
-            }
-          } else if (p.gluGate) {
-            // As gluBackward: from the stored product d, grad_up_in =
-            // d * silu(gate) and grad_gate_in = d * up * silu'(gate).
-            const T *gate = static_cast<const T *>(p.gluGate) + at;
-            const T *up = static_cast<const T *>(p.gluUp) + at;
-            const float d0 = toStored<T>(v0), d1 = toStored<T>(v1);
-            const float g0 = float(gate[col]), g1 = float(gate[col + 1]);
-            storePair(static_cast<T *>(p.gluGradUp) + at + col,
-                      d0 * detail::siluForward(g0),
-                      d1 * detail::siluForward(g1));
-            v0 = d0 * float(up[col]) * detail::siluDerivative(g0);
-            v1 = d1 * float(up[col + 1]) * detail::siluDerivative(g1);
-          } else if (p.activationInput) {
-            // As activationBackward: the stored product times the
-            // derivative at the forward's pre-activation value.
-            const T *input = static_cast<const T *>(p.activationInput) + at;
-            v0 = toStored<T>(v0) *
-                 detail::activationDerivative(p.derivative, float(input[col]));
-            v1 = toStored<T>(v1) * detail::activationDerivative(
-                                       p.derivative, float(input[col + 1]));
-          } else if (p.fusedEpilogue) {
-            // As applyGemmEpilogue: from the stored product, fp32 math.
-            v0 = toStored<T>(v0);
-            v1 = toStored<T>(v1);
-            if (bias) {
-              v0 = __fadd_rn(v0, __fmul_rn(float(bias[col]), p.biasScale));
-              v1 = __fadd_rn(v1, __fmul_rn(float(bias[col + 1]), p.biasScale));
-            }
-            if (p.pre)
-              storePair(static_cast<T *>(p.pre) + at + col, v0, v1);
-            v0 = detail::applyEpilogue(p.epilogue, v0);
-            v1 = detail::applyEpilogue(p.epilogue, v1);
+          if (Store == StoreMode::Plain && p.accumulate) {
+            v0 += float(out[col]);
+            v1 += float(out[col + 1]);
           }
           storePair(out + col, v0, v1);
         }
       }
+    // A fused store: the product is stored rounded to T above (what the
+    // unfused GEMM stores), then the warpgroup rereads its rows and applies
+    // the elementwise work in a loop over them (storeEpilogue).
+    if constexpr (Store != StoreMode::Plain && !Glu) {
+      if (storesEpilogue(p)) {
+        warpgroupBarrier(consumer);
+        storeEpilogue<T>(p, w, firstRow, Blocks * 64, TileN, t128);
+        if (Store == StoreMode::EpilogueCombine && p.combine.out)
+          warpgroupBarrier(consumer); // the rows final before they arrive
+      }
+    }
     if constexpr (Store == StoreMode::EpilogueCombine && !Glu)
       if (p.combine.out)
         detail::combineWarpRows<T, Blocks>(

@@ -156,16 +156,17 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   if (gathered && (tile == HopperTile::Wide || tile == HopperTile::WidePair))
     tile = HopperTile::Cooperative;
   // A store with an epilogue (bias and activation, a backward, the
-  // combine) has its own instantiations of one form, cooperative 128 x 128
-  // (HopperGemmKernel.cuh's StoreMode: the plain forms stay small); the
-  // combine's for [K][N] weights only.
+  // combine) has its own instantiations of two forms, 128 x 256 where that
+  // is asked, else cooperative 128 x 128 (HopperGemmKernel.cuh's
+  // StoreMode: the plain forms stay without them); the combine's for
+  // [K][N] weights only.
   const bool combines = epilogue.fused && epilogue.combine.out;
   if (combines && (gathered || transB || accumulate))
     return Status(StatusCode::Internal,
                   "the wgmma grouped GEMM sums the combine in its store for a "
                   "forward product of [K][N] weights only");
   if (epilogue.fused)
-    tile = HopperTile::Cooperative;
+    tile = fusedStoreTile(tile);
   // A K-major B's box: the tile's columns, or each CTA's half of them.
   // (WidePair: 256-column tiles, 128 from each CTA.)
   const int bBoxColumns = tile == HopperTile::Wide ? 256 : 128;
@@ -202,14 +203,22 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
     } else if (combines) {
-      return launch<T, 128, 5, false, false, false, false, 1,
-                    hopper::StoreMode::EpilogueCombine>(ctx, mapA, mapB,
-                                                        params);
+      constexpr auto C = hopper::StoreMode::EpilogueCombine;
+      return tile == HopperTile::Wide
+                 ? launch<T, 256, 4, false, false, false, false, 1, C>(
+                       ctx, mapA, mapB, params)
+                 : launch<T, 128, 5, false, false, false, false, 1, C>(
+                       ctx, mapA, mapB, params);
     } else if (epilogue.fused) {
       constexpr auto E = hopper::StoreMode::Epilogue;
       if (gathered)
         return launch<T, 128, 5, false, false, false, true, 1, E>(ctx, mapA,
                                                                   mapB, params);
+      if (tile == HopperTile::Wide)
+        return transB ? launch<T, 256, 4, true, false, false, false, 1, E>(
+                            ctx, mapA, mapB, params)
+                      : launch<T, 256, 4, false, false, false, false, 1, E>(
+                            ctx, mapA, mapB, params);
       return transB ? launch<T, 128, 5, true, false, false, false, 1, E>(
                           ctx, mapA, mapB, params)
                     : launch<T, 128, 5, false, false, false, false, 1, E>(
@@ -307,7 +316,10 @@ Status hopperGroupedGemmGlu(KernelContext &ctx, const void *a,
       raggedMParams(space, k, n, c, /*accumulate=*/false, a, gather);
   params.gateOut = gateOut;
   params.upOut = upOut;
-  const bool pingPong = tile == HopperTile::PingPong;
+  // A gathered A runs 128-column tiles: ping-pong unless cooperative is
+  // asked.
+  const bool pingPong = tile == HopperTile::PingPong ||
+                        (gather.rowTokens && tile != HopperTile::Cooperative);
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>)

@@ -202,6 +202,17 @@ __device__ __forceinline__ void storePair(T *out, float v0, float v1) {
   else
     *reinterpret_cast<__half2 *>(out) = __floats2half2_rn(v0, v1);
 }
+/// Two adjacent elements of T as fp32.
+template <typename T>
+__device__ __forceinline__ void loadPair(const T *in, float &v0, float &v1) {
+  float2 v;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(in));
+  else
+    v = __half22float2(*reinterpret_cast<const __half2 *>(in));
+  v0 = v.x;
+  v1 = v.y;
+}
 /// A shared-memory matrix descriptor, 128-byte swizzle: the start address,
 /// the leading and the stride byte offsets (PTX ISA, "Matrix Descriptor").
 __device__ __forceinline__ uint64_t descriptor(uint32_t address,
