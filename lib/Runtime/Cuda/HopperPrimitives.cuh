@@ -171,14 +171,20 @@ __device__ __forceinline__ uint32_t clusterRank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
   return rank;
 }
-/// An arrival on the barrier at `bar` in CTA `rank` of the cluster.
+/// An arrival on the barrier at `bar` in CTA `rank` of the cluster. The
+/// arrival's default semantics (release at CTA scope), as CUTLASS's cluster
+/// barriers arrive: a consumer gives back a stage it only read, through
+/// wgmma (done at its wait_group), so it has no writes for a cluster-scope
+/// release to order, and that release sat on the consumers' path once per
+/// stage (Run 35: every 2-CTA form about 2x slower than the same tile
+/// alone; the suspect).
 __device__ __forceinline__ void barrierArriveIn(uint32_t bar, uint32_t rank) {
-  asm volatile("{\n.reg .b32 remote;\n"
-               "mapa.shared::cluster.u32 remote, %0, %1;\n"
-               "mbarrier.arrive.release.cluster.shared::cluster.b64 _, "
-               "[remote];\n}\n" ::"r"(bar),
-               "r"(rank)
-               : "memory");
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
 }
 /// Every thread of every CTA of the cluster.
 __device__ __forceinline__ void clusterSync() {
