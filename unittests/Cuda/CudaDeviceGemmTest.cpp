@@ -608,21 +608,11 @@ TEST_P(CudaDeviceGemm, GluMatchesTheUnfusedStepsAndFp64) {
   }
 }
 
-/// The wgmma form a fused store runs when `asked` is asked
-/// (fusedStoreTile): 128 x 256 where that is asked or the default, else
-/// cooperative 128 x 128.
-cuda::detail::DeviceTiles fusedStoreForm(const cuda::KernelContext &ctx,
-                                         cuda::detail::DeviceTiles asked) {
-  using cuda::detail::DeviceTiles;
-  using cuda::detail::HopperTile;
-  const HopperTile tile = asked == DeviceTiles::Hopper
-                              ? cuda::detail::defaultHopperTile(
-                                    ctx, cuda::detail::kDefaultHopperTile)
-                              : cuda::detail::hopperTileOf(asked);
-  return cuda::detail::fusedStoreTile(tile) == HopperTile::Wide
-             ? DeviceTiles::HopperWide
-             : DeviceTiles::HopperCooperative;
-}
+/// The wgmma form a fused store runs whatever tile is asked
+/// (kFusedStoreTile: 128 x 256).
+constexpr cuda::detail::DeviceTiles kFusedStoreForm =
+    cuda::detail::DeviceTiles::HopperWide;
+static_assert(cuda::detail::kFusedStoreTile == cuda::detail::HopperTile::Wide);
 
 /// The plain product of a fused backward's GEMM on the engine the fused step
 /// took: the form the wgmma kernel's fused store runs for its default tile,
@@ -634,9 +624,9 @@ Status productOnTheEngineOf(cuda::KernelContext &ctx, const Buffer &a,
                             const cuda::ExpertRowSpace &space, bool transB,
                             GroupedGemmPath path, bool onWgmma) {
   if (onWgmma)
-    return cuda::detail::deviceGroupedGemm(
-        ctx, a.device, b.device, product.device, dt, k, n, space, transB, false,
-        fusedStoreForm(ctx, cuda::detail::DeviceTiles::Hopper));
+    return cuda::detail::deviceGroupedGemm(ctx, a.device, b.device,
+                                           product.device, dt, k, n, space,
+                                           transB, false, kFusedStoreForm);
   GroupedGemmOptions options;
   options.transB = transB;
   return cuda::detail::groupedGemmWith(
@@ -1206,7 +1196,7 @@ TEST_F(CudaHopperGemm, WeightGradientKeepsTheNextExpertsRowsOut) {
 // The activation's backward in the wgmma kernel's store (fc2's input
 // gradient, b^T, fused with activation_backward): every tile, dtype and
 // activation, on the ragged row space; grad_pre bit for bit the product of
-// the form the fused store runs for the tile asked (fusedStoreForm)
+// the form a fused store runs whatever tile is asked (kFusedStoreForm)
 // followed by activationBackward, rows outside the segments
 // untouched. The mma.sync kernel refuses it.
 TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
@@ -1241,7 +1231,7 @@ TEST_F(CudaHopperGemm, ActivationBackwardInTheStoreMatchesThePass) {
                         .isOk());
         ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
                         *ctx, a.device, b.device, product.device, dt, k, n,
-                        seg.space(), true, false, fusedStoreForm(*ctx, tiles))
+                        seg.space(), true, false, kFusedStoreForm)
                         .isOk());
         ASSERT_TRUE(cuda::activationBackward(
                         *ctx, {pre.device, dt}, {product.device, dt},
@@ -1375,8 +1365,8 @@ TEST_F(CudaHopperGemm, RefusesWhatItCannotRun) {
 // The bias, `pre` and activation in the wgmma kernel's store, on each tile
 // and dtype, every activation, with and without bias and pre, on a ragged
 // row space (empty groups, groups ending in a cluster's first CTA): c and
-// pre bit for bit the product of the form the fused store runs for the
-// tile asked (fusedStoreForm) followed by the epilogue pass
+// pre bit for bit the product of the form a fused store runs whatever tile
+// is asked (kFusedStoreForm) followed by the epilogue pass
 // (applyGemmEpilogue), rows outside the segments untouched.
 TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
   std::mt19937_64 rng(47);
@@ -1409,12 +1399,11 @@ TEST_F(CudaHopperGemm, FusedEpilogueMatchesTheEpiloguePass) {
                 *ctx, a.device, b.device, c.device, dt, k, n, seg.space(),
                 false, false, tiles, {}, fused);
             ASSERT_TRUE(status.isOk()) << status.message();
-            // The bare product (into pre2) of the form the fused store
-            // runs for this tile, then the pass.
+            // The bare product (into pre2) of the form a fused store runs,
+            // then the pass.
             ASSERT_TRUE(cuda::detail::deviceGroupedGemm(
                             *ctx, a.device, b.device, pre2.device, dt, k, n,
-                            seg.space(), false, false,
-                            fusedStoreForm(*ctx, tiles))
+                            seg.space(), false, false, kFusedStoreForm)
                             .isOk());
             ASSERT_TRUE(
                 cuda::applyGemmEpilogue(*ctx, pre2.device,

@@ -75,12 +75,10 @@ inline constexpr HopperTile kDefaultHopperTile = HopperTile::Wide;
 /// 311-370 for ping-pong 64 + 64; 128 tokens of the large layer 562 against
 /// 678).
 inline constexpr HopperTile kDefaultHopperGluTile = HopperTile::Wide;
-/// The form a fused store (bias / activation, a backward, the combine)
-/// runs when `asked` is asked: 128 x 256 stays, every other shape runs
-/// cooperative 128 x 128 (the store modes are instantiated for those two).
-inline constexpr HopperTile fusedStoreTile(HopperTile asked) {
-  return asked == HopperTile::Wide ? HopperTile::Wide : HopperTile::Cooperative;
-}
+/// The form a fused store (bias / activation, a backward, the combine) runs
+/// whatever tile is asked: 128 x 256, the fastest shape (a gathered A runs
+/// 128 x 128 cooperative). Its store modes are instantiated for it alone.
+inline constexpr HopperTile kFusedStoreTile = HopperTile::Wide;
 /// The weight gradient's (Run 32: as fast as cuBLAS per expert at C3's
 /// size, 1.6x slower at C1's).
 inline constexpr HopperTile kDefaultHopperWgradTile = HopperTile::PingPong;

@@ -76,29 +76,24 @@ struct RaggedMParams {
   const void *a = nullptr;
   const int32_t *rowTokens = nullptr;
   int64_t tokens = 0;
-  /// The fused epilogue (not accumulating, not Glu): the product rounded to
-  /// T, plus biasScale * bias[g] (bias [groups][n], or null), that value
-  /// into `pre` (like c, or null), then activation `epilogue` (Epilogue's
-  /// value; 0: none) into c: bit for bit applyGemmEpilogue after the store.
-  bool fusedEpilogue = false;
+  /// StoreMode::BiasActivation: the product rounded to T, plus biasScale *
+  /// bias[g] (bias [groups][n], or null), that value into `pre` (like c, or
+  /// null), then the activation into c: bit for bit applyGemmEpilogue
+  /// after the store.
   const void *bias = nullptr;
   void *pre = nullptr;
-  int epilogue = 0;
   float biasScale = 1.0f;
-  /// Or the activation's backward (not accumulating, not Glu): c = the
-  /// product rounded to T times act'(activationInput) (like c; Activation's
-  /// value in `derivative`), as activationBackward computes it.
+  /// StoreMode::ActivationBackward: c = the product rounded to T times
+  /// act'(activationInput) (like c), as activationBackward computes it.
   const void *activationInput = nullptr;
-  int derivative = 0;
-  /// Or the GLU's backward (not accumulating, not Glu): with d the product
-  /// rounded to T and gate, up read from gluGate / gluUp (like c),
-  /// c = d * up * silu'(gate) (grad_gate_in) and gluGradUp = d * silu(gate)
-  /// (grad_up_in), as gluBackward computes them.
+  /// StoreMode::GluBackward: with d the product rounded to T and gate, up
+  /// read from gluGate / gluUp (like c), c = d * up * silu'(gate)
+  /// (grad_gate_in) and gluGradUp = d * silu(gate) (grad_up_in), as
+  /// gluBackward computes them.
   const void *gluGate = nullptr, *gluUp = nullptr;
   void *gluGradUp = nullptr;
-  /// Then the combine (not Glu; `combine.out` null: none): the tile that
-  /// stores a token's last kept row sums the token into combine.out
-  /// (CombineInStore.cuh).
+  /// Combine (a template argument): the tile that stores a token's last
+  /// kept row sums the token into combine.out (CombineInStore.cuh).
   detail::CombineInStore combine;
 };
 
@@ -161,80 +156,6 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
   return w;
 }
 
-/// Whether a fused store has elementwise work after the product (the
-/// combine's sums alone have none).
-__device__ __forceinline__ bool storesEpilogue(const RaggedMParams &p) {
-  return p.gluGate || p.activationInput ||
-         (p.fusedEpilogue && (p.bias || p.pre || p.epilogue != 0));
-}
-
-/// Consumer warpgroup `consumer`'s own barrier (named barriers 1 and 2;
-/// the weight gradient's zeroing uses 1-3 in another kernel).
-/// (Immediate ids: a register id makes ptxas reserve all 16.)
-__device__ __forceinline__ void warpgroupBarrier(int consumer) {
-  if (consumer == 0)
-    asm volatile("bar.sync 1, 128;\n" ::: "memory");
-  else
-    asm volatile("bar.sync 2, 128;\n" ::: "memory");
-}
-
-/// A fused store's elementwise work on rows [firstRow, firstRow + rowCount)
-/// of tile w (its columns), once the warpgroup stored them rounded to T
-/// and met at its barrier: from each stored value d, as the unfused steps
-/// compute it (bit for bit). Consecutive threads take consecutive column
-/// pairs, so the rereads and stores are coalesced, and the loop is a
-/// runtime one: with every epilogue unrolled into the register store the
-/// kernels grew about 5x and missed the instruction cache (Run 35: the
-/// fused store 2.2x slower than GEMM + pass).
-template <typename T>
-__device__ __forceinline__ void
-storeEpilogue(const RaggedMParams &p, const TileWork &w, int firstRow,
-              int rowCount, int tileColumns, int thread) {
-  const int64_t rows = min(int64_t{rowCount}, w.rowsValid - firstRow);
-  const int64_t pairs = min(int64_t{tileColumns}, p.n - w.n0) / 2;
-  T *c = static_cast<T *>(p.c);
-  const T *bias = p.bias
-                      ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
-                      : nullptr;
-  for (int64_t i = thread; i < rows * pairs; i += 128) {
-    const int64_t col = w.n0 + 2 * (i % pairs);
-    const int64_t at = (w.row0 + firstRow + i / pairs) * p.n + col;
-    float v0, v1;
-    loadPair(c + at, v0, v1);
-    if (p.gluGate) {
-      // As gluBackward: grad_up_in = d * silu(gate), grad_gate_in =
-      // d * up * silu'(gate).
-      float g0, g1, u0, u1;
-      loadPair(static_cast<const T *>(p.gluGate) + at, g0, g1);
-      loadPair(static_cast<const T *>(p.gluUp) + at, u0, u1);
-      storePair(static_cast<T *>(p.gluGradUp) + at,
-                v0 * detail::siluForward(g0), v1 * detail::siluForward(g1));
-      v0 = v0 * u0 * detail::siluDerivative(g0);
-      v1 = v1 * u1 * detail::siluDerivative(g1);
-    } else if (p.activationInput) {
-      // As activationBackward: d times the derivative at the forward's
-      // pre-activation value.
-      float x0, x1;
-      loadPair(static_cast<const T *>(p.activationInput) + at, x0, x1);
-      v0 *= detail::activationDerivative(p.derivative, x0);
-      v1 *= detail::activationDerivative(p.derivative, x1);
-    } else {
-      // As applyGemmEpilogue: fp32 math from the stored product.
-      if (bias) {
-        float b0, b1;
-        loadPair(bias + col, b0, b1);
-        v0 = __fadd_rn(v0, __fmul_rn(b0, p.biasScale));
-        v1 = __fadd_rn(v1, __fmul_rn(b1, p.biasScale));
-      }
-      if (p.pre)
-        storePair(static_cast<T *>(p.pre) + at, v0, v1);
-      v0 = detail::applyEpilogue(p.epilogue, v0);
-      v1 = detail::applyEpilogue(p.epilogue, v1);
-    }
-    storePair(c + at, v0, v1);
-  }
-}
-
 /// Persistent: each CTA takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...
 /// of the rastered sequence; the producer runs ahead across tiles, so the
 /// next tile's first stages load while the consumers store this one.
@@ -246,19 +167,23 @@ storeEpilogue(const RaggedMParams &p, const TileWork &w, int firstRow,
 /// and each loads half of B's tile into both (TMA multicast), halving B's
 /// reads from L2; a stage is refilled once both CTAs' consumers released
 /// it (their empty barriers count the cluster's consumer warps).
-/// What a forward tile's store applies (a template argument, not a branch
-/// per element: with every epilogue's code in every form the kernels grew
-/// about 8x and the store missed the instruction cache; call 34 measured
-/// every form 1.5-2.2x slower).
+/// What a forward tile's store applies to the product (template arguments,
+/// with the activation, so each kernel holds one epilogue's code: with
+/// every epilogue branching per element in the unrolled store, the kernels
+/// grew 5-8x and missed the instruction cache (Runs 34 and 35: 1.5-2.2x
+/// slower); a runtime loop rereading the stored tile instead waited on L2
+/// per element pair (Run 36: the fused store still 1.5x GEMM + pass)).
 enum class StoreMode {
-  Plain,           ///< c = (c +) the product
-  Epilogue,        ///< RaggedMParams' epilogue fields, chosen per call
-  EpilogueCombine, ///< those, then grouped_gemm_combine's sums
+  Plain,              ///< c = (c +) the product
+  BiasActivation,     ///< RaggedMParams' bias / pre, activation Act
+                      ///< (Epilogue's value)
+  ActivationBackward, ///< times act'(activationInput), Act: Activation's
+  GluBackward,        ///< the GLU's backward
 };
 
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          StoreMode Store = StoreMode::Plain>
+          StoreMode Store = StoreMode::Plain, int Act = 0, bool Combine = false>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapB,
@@ -515,6 +440,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           continue;
         }
         T *out = c + at;
+        const T *bias =
+            Store == StoreMode::BiasActivation && p.bias
+                ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
+                : nullptr;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
@@ -522,37 +451,59 @@ __global__ void __launch_bounds__(kThreads, 1)
             continue;
           float v0 = acc[h][4 * j + 2 * half],
                 v1 = acc[h][4 * j + 2 * half + 1];
-          if (Store == StoreMode::Plain && p.accumulate) {
-            v0 += float(out[col]);
-            v1 += float(out[col + 1]);
+          if constexpr (Store == StoreMode::Plain) {
+            if (p.accumulate) {
+              v0 += float(out[col]);
+              v1 += float(out[col + 1]);
+            }
+          } else if constexpr (Store == StoreMode::GluBackward) {
+            // As gluBackward: from the stored product d, grad_up_in =
+            // d * silu(gate) and grad_gate_in = d * up * silu'(gate).
+            float d0 = toStored<T>(v0), d1 = toStored<T>(v1), g0, g1, u0, u1;
+            loadPair(static_cast<const T *>(p.gluGate) + at + col, g0, g1);
+            loadPair(static_cast<const T *>(p.gluUp) + at + col, u0, u1);
+            storePair(static_cast<T *>(p.gluGradUp) + at + col,
+                      d0 * detail::siluForward(g0),
+                      d1 * detail::siluForward(g1));
+            v0 = d0 * u0 * detail::siluDerivative(g0);
+            v1 = d1 * u1 * detail::siluDerivative(g1);
+          } else if constexpr (Store == StoreMode::ActivationBackward) {
+            // As activationBackward: the stored product times the
+            // derivative at the forward's pre-activation value.
+            float x0, x1;
+            loadPair(static_cast<const T *>(p.activationInput) + at + col, x0,
+                     x1);
+            v0 = toStored<T>(v0) * detail::activationDerivative(Act, x0);
+            v1 = toStored<T>(v1) * detail::activationDerivative(Act, x1);
+          } else {
+            // As applyGemmEpilogue: from the stored product, fp32 math.
+            v0 = toStored<T>(v0);
+            v1 = toStored<T>(v1);
+            if (bias) {
+              float b0, b1;
+              loadPair(bias + col, b0, b1);
+              v0 = __fadd_rn(v0, __fmul_rn(b0, p.biasScale));
+              v1 = __fadd_rn(v1, __fmul_rn(b1, p.biasScale));
+            }
+            if (p.pre)
+              storePair(static_cast<T *>(p.pre) + at + col, v0, v1);
+            v0 = detail::applyEpilogue(Act, v0);
+            v1 = detail::applyEpilogue(Act, v1);
           }
           storePair(out + col, v0, v1);
         }
       }
-    // A fused store: the product is stored rounded to T above (what the
-    // unfused GEMM stores), then the warpgroup rereads its rows and applies
-    // the elementwise work in a loop over them (storeEpilogue).
-    if constexpr (Store != StoreMode::Plain && !Glu) {
-      if (storesEpilogue(p)) {
-        warpgroupBarrier(consumer);
-        storeEpilogue<T>(p, w, firstRow, Blocks * 64, TileN, t128);
-        if (Store == StoreMode::EpilogueCombine && p.combine.out)
-          warpgroupBarrier(consumer); // the rows final before they arrive
-      }
-    }
-    if constexpr (Store == StoreMode::EpilogueCombine && !Glu)
-      if (p.combine.out)
-        detail::combineWarpRows<T, Blocks>(
-            p.combine, c, p.n, w.row0, firstRow, w.rowsValid, w.n0,
-            min(int64_t{BN}, p.n - w.n0), warp, lane);
+    if constexpr (Combine && !Glu)
+      detail::combineWarpRows<T, Blocks>(
+          p.combine, c, p.n, w.row0, firstRow, w.rowsValid, w.n0,
+          min(int64_t{BN}, p.n - w.n0), warp, lane);
   }
   // The tokens no tile arrives for (every choice dropped): zeros, as the
   // combine writes them.
-  if constexpr (Store == StoreMode::EpilogueCombine && !Glu)
-    if (p.combine.out)
-      detail::zeroDroppedTokens<T>(
-          p.combine, p.n, int64_t(blockIdx.x) * 256 + consumer * 128 + t128,
-          int64_t(gridDim.x) * 256);
+  if constexpr (Combine && !Glu)
+    detail::zeroDroppedTokens<T>(
+        p.combine, p.n, int64_t(blockIdx.x) * 256 + consumer * 128 + t128,
+        int64_t(gridDim.x) * 256);
 #endif
 }
 
@@ -907,12 +858,12 @@ cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
 /// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          StoreMode Store = StoreMode::Plain>
+          StoreMode Store = StoreMode::Plain, int Act = 0, bool Combine = false>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
                           const CUtensorMap &mapUp, const RaggedMParams &p,
                           int ctas, cudaStream_t stream) {
   constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu,
-                                        Gather, Cluster, Store>;
+                                        Gather, Cluster, Store, Act, Combine>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   static const cudaError_t registers = startRegistersOf(kernel);
   if (registers != cudaSuccess)

@@ -41,15 +41,42 @@ bool hopperKernelBuilt() {
 
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          hopper::StoreMode Store = hopper::StoreMode::Plain>
+          hopper::StoreMode Store = hopper::StoreMode::Plain, int Act = 0,
+          bool Combine = false>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
               const CUtensorMap &mapB, const hopper::RaggedMParams &params,
               const CUtensorMap *mapUp = nullptr) {
   return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu,
-                                         Gather, Cluster, Store>(
+                                         Gather, Cluster, Store, Act, Combine>(
                        mapA, mapB, mapUp ? *mapUp : mapB, params,
                        ctx.multiprocessors(), ctx.stream()),
                    "grouped GEMM kernel (wgmma)");
+}
+
+/// f(std::integral_constant<int, e>) for the epilogue e (Epilogue's value):
+/// a fused store's activation is a template argument.
+template <typename F> Status withEpilogue(Epilogue e, F &&f) {
+  switch (e) {
+  case Epilogue::Relu:
+    return f(std::integral_constant<int, int(Epilogue::Relu)>{});
+  case Epilogue::Gelu:
+    return f(std::integral_constant<int, int(Epilogue::Gelu)>{});
+  case Epilogue::Silu:
+    return f(std::integral_constant<int, int(Epilogue::Silu)>{});
+  default:
+    return f(std::integral_constant<int, int(Epilogue::None)>{});
+  }
+}
+/// Likewise for an activation's backward (Activation's value).
+template <typename F> Status withActivation(Activation a, F &&f) {
+  switch (a) {
+  case Activation::Relu:
+    return f(std::integral_constant<int, int(Activation::Relu)>{});
+  case Activation::Gelu:
+    return f(std::integral_constant<int, int(Activation::Gelu)>{});
+  default:
+    return f(std::integral_constant<int, int(Activation::Silu)>{});
+  }
 }
 
 } // namespace
@@ -156,17 +183,17 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   if (gathered && (tile == HopperTile::Wide || tile == HopperTile::WidePair))
     tile = HopperTile::Cooperative;
   // A store with an epilogue (bias and activation, a backward, the
-  // combine) has its own instantiations of two forms, 128 x 256 where that
-  // is asked, else cooperative 128 x 128 (HopperGemmKernel.cuh's
-  // StoreMode: the plain forms stay without them); the combine's for
-  // [K][N] weights only.
+  // combine) has its own instantiations, one per epilogue and activation
+  // (HopperGemmKernel.cuh's StoreMode), of the 128 x 256 form (a gathered
+  // A: the cooperative 128 x 128 one); the combine's for [K][N] weights
+  // only.
   const bool combines = epilogue.fused && epilogue.combine.out;
   if (combines && (gathered || transB || accumulate))
     return Status(StatusCode::Internal,
                   "the wgmma grouped GEMM sums the combine in its store for a "
                   "forward product of [K][N] weights only");
-  if (epilogue.fused)
-    tile = fusedStoreTile(tile);
+  if (epilogue.fused && !gathered)
+    tile = kFusedStoreTile;
   // A K-major B's box: the tile's columns, or each CTA's half of them.
   // (WidePair: 256-column tiles, 128 from each CTA.)
   const int bBoxColumns = tile == HopperTile::Wide ? 256 : 128;
@@ -182,47 +209,50 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                   "accumulating");
   hopper::RaggedMParams params =
       raggedMParams(space, k, n, c, accumulate, a, gather);
-  if (epilogue.fused && epilogue.gluGate) {
-    params.gluGate = epilogue.gluGate;
-    params.gluUp = epilogue.gluUp;
-    params.gluGradUp = epilogue.gluGradUp;
-  } else if (epilogue.fused && epilogue.activationInput) {
-    params.activationInput = epilogue.activationInput;
-    params.derivative = static_cast<int>(epilogue.derivative);
-  } else if (epilogue.fused) {
-    params.fusedEpilogue = true;
-    params.bias = epilogue.bias;
-    params.pre = epilogue.pre;
-    params.epilogue = static_cast<int>(epilogue.epilogue);
-    params.biasScale = epilogue.biasScale;
-    params.combine = epilogue.combine;
-  }
+  params.bias = epilogue.bias;
+  params.pre = epilogue.pre;
+  params.biasScale = epilogue.biasScale;
+  params.activationInput = epilogue.activationInput;
+  params.gluGate = epilogue.gluGate;
+  params.gluUp = epilogue.gluUp;
+  params.gluGradUp = epilogue.gluGradUp;
+  params.combine = epilogue.combine;
+  using hopper::StoreMode;
   return withType(type, [&](auto tag) -> Status {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return Status(StatusCode::Internal,
                     "the wgmma grouped GEMM was asked for f32");
-    } else if (combines) {
-      constexpr auto C = hopper::StoreMode::EpilogueCombine;
-      return tile == HopperTile::Wide
-                 ? launch<T, 256, 4, false, false, false, false, 1, C>(
-                       ctx, mapA, mapB, params)
-                 : launch<T, 128, 5, false, false, false, false, 1, C>(
-                       ctx, mapA, mapB, params);
-    } else if (epilogue.fused) {
-      constexpr auto E = hopper::StoreMode::Epilogue;
-      if (gathered)
-        return launch<T, 128, 5, false, false, false, true, 1, E>(ctx, mapA,
-                                                                  mapB, params);
-      if (tile == HopperTile::Wide)
-        return transB ? launch<T, 256, 4, true, false, false, false, 1, E>(
-                            ctx, mapA, mapB, params)
-                      : launch<T, 256, 4, false, false, false, false, 1, E>(
-                            ctx, mapA, mapB, params);
-      return transB ? launch<T, 128, 5, true, false, false, false, 1, E>(
+    } else if (epilogue.fused && epilogue.gluGate) {
+      constexpr auto G = StoreMode::GluBackward;
+      return transB ? launch<T, 256, 4, true, false, false, false, 1, G>(
                           ctx, mapA, mapB, params)
-                    : launch<T, 128, 5, false, false, false, false, 1, E>(
+                    : launch<T, 256, 4, false, false, false, false, 1, G>(
                           ctx, mapA, mapB, params);
+    } else if (epilogue.fused && epilogue.activationInput) {
+      return withActivation(epilogue.derivative, [&](auto act) {
+        constexpr auto D = StoreMode::ActivationBackward;
+        constexpr int A = decltype(act)::value;
+        return transB ? launch<T, 256, 4, true, false, false, false, 1, D, A>(
+                            ctx, mapA, mapB, params)
+                      : launch<T, 256, 4, false, false, false, false, 1, D, A>(
+                            ctx, mapA, mapB, params);
+      });
+    } else if (epilogue.fused) {
+      return withEpilogue(epilogue.epilogue, [&](auto act) {
+        constexpr auto B = StoreMode::BiasActivation;
+        constexpr int A = decltype(act)::value;
+        if (gathered)
+          return launch<T, 128, 5, false, false, false, true, 1, B, A>(
+              ctx, mapA, mapB, params);
+        if (combines)
+          return launch<T, 256, 4, false, false, false, false, 1, B, A, true>(
+              ctx, mapA, mapB, params);
+        return transB ? launch<T, 256, 4, true, false, false, false, 1, B, A>(
+                            ctx, mapA, mapB, params)
+                      : launch<T, 256, 4, false, false, false, false, 1, B, A>(
+                            ctx, mapA, mapB, params);
+      });
     } else if (gathered) {
       return tile == HopperTile::PingPong
                  ? launch<T, 128, 6, false, true, false, true>(ctx, mapA, mapB,
