@@ -616,9 +616,10 @@ InputGradient secondLayerAndCombine(const Plan &plan, int64_t variant,
 
 // The fused step's GEMM is priced on grouped_gemm's path (at decode sizes,
 // d 256, h 512, E 16, k 4, 64 tokens: the device kernel; with
-// grouped_gemm=cublas cuBLAS) and its combine as the combine step wherever
-// it runs (Run 34 measured the store's sums slower than the combine kernel
-// at decode): the pair's price on either path, so measured times choose.
+// grouped_gemm=cublas cuBLAS) and its combine as the combine step, times
+// the slowdown measured for the store's sums where the device kernel sums
+// them (Runs 35-36: about 5x the combine kernel at decode): above the pair
+// on the device path, the pair's price off it.
 TEST(CostModel, CombineFusedStepIsPricedOnItsPath) {
   Plan plan;
   ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
@@ -639,8 +640,11 @@ TEST(CostModel, CombineFusedStepIsPricedOnItsPath) {
                 "us, fused %.1f us\n",
                 plan.variants[v + 2].name.c_str(), pair.us, fused.us,
                 pairCublas.us, fusedCublas.us);
+    // On the device kernel the store's sums cost what they measured
+    // (several combine steps: RESULTS.md Runs 35-36); off it, the two
+    // steps run and cost the pair's.
     EXPECT_EQ(fused.path, GemmPath::Device);
-    EXPECT_NEAR(fused.us, pair.us, 0.02 * pair.us);
+    EXPECT_GT(fused.us, 1.05 * pair.us);
     EXPECT_NE(fusedCublas.path, GemmPath::Device);
     EXPECT_NEAR(fusedCublas.us, pairCublas.us, 0.02 * pairCublas.us);
   }

@@ -647,7 +647,8 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
     if (step.op == StepOp::GroupedGemmCombine)
       basis.passSeconds =
-          combinePassSeconds(plan, work.flops / (2.0 * kn), n, c.dtype);
+          combinePassSeconds(plan, work.flops / (2.0 * kn), n, c.dtype,
+                             basis.gemmPath == GemmPath::Device);
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
     if (isFusedBackward(step.op) &&
@@ -673,17 +674,23 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   return basis;
 }
 
+/// What the combine summed in a device kernel's store costs against the
+/// combine step it replaces: measured on an H100 (bench/RESULTS.md Runs 35
+/// and 36, the mma.sync few-rows tile): D1's fc2 grew by 54.5 and 54.7 us
+/// where the combine takes 10.6 (5.1x, 5.2x), D2's by 53.0 and 54.3 where
+/// it takes 12.0 (4.4x, 4.5x). The sums run behind each tile's store, on
+/// the SMs the weight-bound GEMM streams with.
+constexpr double kStoreCombineSlowdown = 4.8;
+
 double CostModel::combinePassSeconds(const Plan &plan, double rows, int64_t n,
-                                     DType dtype) const {
+                                     DType dtype, bool inStore) const {
   // The kept rows read back and out written once, priced as the combine
-  // step wherever it runs: in the GEMM's store it saves a launch but runs
-  // behind each tile (Run 34: the few-rows tile's store took fc2 from 154
-  // to 207 us at D1, where the combine kernel takes 10.4), so no saving is
-  // predicted until one is measured; measured times pick per call.
+  // step; in the store, as measured there.
   const double bytes = (rows + static_cast<double>(plan.layer.tokens)) *
                        static_cast<double>(n) *
                        static_cast<double>(dtypeSize(dtype));
-  return memoryStepSeconds(StepOp::Combine, bytes);
+  const double step = memoryStepSeconds(StepOp::Combine, bytes);
+  return inStore ? kStoreCombineSlowdown * step : step;
 }
 
 double CostModel::memoryStepSeconds(StepOp op, double bytes) const {

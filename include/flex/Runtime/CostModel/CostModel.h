@@ -173,10 +173,12 @@ public:
                       bool batchedBlocks = false) const;
   /// The seconds one step takes alone on its stream (no waits, no overlap).
   double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
-  /// grouped_gemm_combine's combine over `rows` product rows of n columns,
-  /// priced as the combine step (its fitted figures) wherever it runs.
+  /// grouped_gemm_combine's combine over `rows` product rows of n columns:
+  /// the combine step's price (its fitted figures), times
+  /// kStoreCombineSlowdown where the device kernel sums it in its store
+  /// (`inStore`).
   double combinePassSeconds(const Plan &plan, double rows, int64_t n,
-                            DType dtype) const;
+                            DType dtype, bool inStore) const;
   /// A memory-bound step of kind `op` moving `bytes`: its fitted figures,
   /// else a launch and the profile's bandwidth.
   double memoryStepSeconds(StepOp op, double bytes) const;
