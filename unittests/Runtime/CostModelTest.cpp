@@ -398,10 +398,12 @@ std::vector<StepPrediction> stepsOf(const Prediction &prediction, StepOp op) {
   return out;
 }
 
-// The gather-fused variant (single+gather): its gathered GEMMs run on the
-// device kernel under auto (whatever the rows), on cuBLAS over a scratch
-// copy of the rows under grouped_gemm=cublas (priced with that copy), and
-// its dispatch_rows writes 4 bytes a row where dispatch copies the rows.
+// The gather-fused variant (single+gather): its gathered GEMMs follow the
+// rule a plain one does (Core/GroupedGemmRule.h): here 250 rows per expert,
+// the device kernel with the wgmma kernel (up to 512), else cuBLAS over a
+// scratch copy of the rows (priced with that copy), as under
+// grouped_gemm=cublas; its dispatch_rows writes 4 bytes a row where
+// dispatch copies the rows.
 TEST(CostModel, GatheredGemmsArePricedOnTheirPath) {
   Plan plan;
   ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
@@ -410,9 +412,10 @@ TEST(CostModel, GatheredGemmsArePricedOnTheirPath) {
                   .isOk());
   ASSERT_EQ(plan.variants.size(), 2u);
   ASSERT_EQ(plan.variants[1].name, "single+gather");
-  auto model = [&](GroupedGemmImpl impl) {
+  auto model = [&](GroupedGemmImpl impl, bool wgmma = true) {
     CostModelOptions options;
     options.groupedGemm = impl;
+    options.wgmmaGemm = wgmma;
     return CostModel(parsed(decodeProfile()), options);
   };
   auto gathered = [&](int64_t variant, const StepPrediction &step) {
@@ -435,20 +438,28 @@ TEST(CostModel, GatheredGemmsArePricedOnTheirPath) {
   EXPECT_LT(stepsOf(fused, StepOp::DispatchRows)[0].us,
             stepsOf(plain, StepOp::Dispatch)[0].us);
 
-  // grouped_gemm=cublas: per expert, plus the rows' copy.
-  Prediction fusedCublas =
-      model(GroupedGemmImpl::Cublas).predict(plan, 1, false, 25);
-  Prediction plainCublas =
-      model(GroupedGemmImpl::Cublas).predict(plan, 0, false, 25);
-  std::vector<StepPrediction> a = stepsOf(fusedCublas, StepOp::GroupedGemm);
-  std::vector<StepPrediction> b = stepsOf(plainCublas, StepOp::GroupedGemm);
-  ASSERT_EQ(a.size(), b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_EQ(a[i].gemmPath, GemmPath::PerExpert);
-    if (gathered(1, a[i]))
-      EXPECT_GT(a[i].us, b[i].us) << "the gathered GEMM's copy is priced";
-    else
-      EXPECT_DOUBLE_EQ(a[i].us, b[i].us);
+  // grouped_gemm=cublas, and auto without the wgmma kernel (250 rows per
+  // expert is past the mma.sync kernel's 40): per expert, plus the rows'
+  // copy.
+  for (auto [impl, wgmma] : {std::pair{GroupedGemmImpl::Cublas, true},
+                             std::pair{GroupedGemmImpl::Auto, false}}) {
+    SCOPED_TRACE(impl == GroupedGemmImpl::Cublas ? "cublas" : "auto");
+    Prediction fusedHost = model(impl, wgmma).predict(plan, 1, false, 25);
+    Prediction plainHost = model(impl, wgmma).predict(plan, 0, false, 25);
+    std::vector<StepPrediction> a = stepsOf(fusedHost, StepOp::GroupedGemm);
+    std::vector<StepPrediction> b = stepsOf(plainHost, StepOp::GroupedGemm);
+    ASSERT_EQ(a.size(), b.size());
+    int copied = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(a[i].gemmPath, GemmPath::PerExpert);
+      if (gathered(1, a[i])) {
+        EXPECT_GT(a[i].us, b[i].us) << "the gathered GEMM's copy is priced";
+        ++copied;
+      } else {
+        EXPECT_DOUBLE_EQ(a[i].us, b[i].us);
+      }
+    }
+    EXPECT_EQ(copied, 2);
   }
 }
 

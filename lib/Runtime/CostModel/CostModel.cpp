@@ -281,12 +281,8 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   if (profile.backend != "cuda" || !profile.deviceGemmFigures().available ||
       !deviceGemmShapeFits(a.dtype, k, n))
     return GemmPath::PerExpert;
-  // A gather-fused GEMM (row_tokens) runs on the device kernel wherever it
-  // applies, unless grouped_gemm=cublas (its rows then copied first: priced
-  // in stepBasis).
-  if (step.gathersA())
-    return options.groupedGemm == GroupedGemmImpl::Cublas ? GemmPath::PerExpert
-                                                          : GemmPath::Device;
+  // A gather-fused GEMM (row_tokens) follows the same rule; off the device
+  // kernel its rows are copied first (priced in stepBasis).
   // The backend's row space: the buffer's declared rows (a chunk's from its
   // first row on).
   const int64_t declared = a.shape.empty() ? 0 : a.shape.front();

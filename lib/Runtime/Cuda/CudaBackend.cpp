@@ -196,21 +196,21 @@ bool gemmGridsFit(const Plan &plan, const Variant &variant) {
 
 /// Whether grouped_gemm=auto sends every dynamic grouped GEMM of `variant`
 /// to the device-sized kernel when it runs eagerly (Core/GroupedGemmRule.h:
-/// few rows per expert, a gathered A, the glu-fused step, and with `wgmma`
-/// every forward and input-gradient GEMM), so that a recorded pass runs the
-/// kernels the eager calls ran.
+/// few rows per expert, gathered A or not, the glu-fused step, and with
+/// `wgmma` forward and input-gradient GEMMs up to its bound), so that a
+/// recorded pass runs the kernels the eager calls ran.
 bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant,
                             bool wgmma) {
   for (const std::vector<Step> *steps : {&variant.forward, &variant.backward})
     for (const Step &step : *steps) {
       std::optional<GemmStepShape> gemm = gemmStepShape(plan, step);
-      // grouped_gemm_glu and gathered GEMMs run the device kernel where it
-      // fits, whatever the rows; with wgmma the fused backwards run it too
-      // (their store applies the backward).
+      // grouped_gemm_glu runs the device kernel where it fits, whatever the
+      // rows; with wgmma the fused backwards run it too (their store applies
+      // the backward). A gathered GEMM follows the rule.
       const bool fusedBackward =
           step.op == StepOp::GroupedGemmActivationBackward ||
           step.op == StepOp::GroupedGemmGluBackward;
-      if (!gemm || step.op == StepOp::GroupedGemmGlu || step.gathersA() ||
+      if (!gemm || step.op == StepOp::GroupedGemmGlu ||
           (wgmma && fusedBackward))
         continue;
       const SegmentFacts &seg = step.facts.segments;

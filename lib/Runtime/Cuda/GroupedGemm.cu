@@ -245,18 +245,19 @@ Status groupedCublasCall(KernelContext &ctx, cublasOperation_t opB,
                      "cublasGemmGroupedBatchedEx (grouped_gemm)");
 }
 
-/// Whether a gathered GEMM runs on the device kernel: wherever it applies
-/// (the variant exists for it), unless the path or the runtime option
-/// (grouped_gemm=cublas) asks for cuBLAS.
+/// Whether a gathered GEMM runs on the device kernel: by the rule a plain
+/// one follows (useDeviceKernel), else its rows are copied first and the
+/// host path runs. At prefill sizes the device kernels' gathered forms lose
+/// to the copy and cuBLAS (H100, bench/RESULTS.md Runs 35-36: C3's gathered
+/// fc1 2992 us on the mma.sync kernel, 2137 on wgmma, against 1236 for
+/// cuBLAS on the dispatched rows).
 bool gatheredOnDevice(const KernelContext &ctx, detail::GroupedGemmPath path,
                       DType type, int64_t k, int64_t n,
                       const ExpertRowSpace &space,
-                      std::initializer_list<const void *> pointers) {
-  using detail::GroupedGemmPath;
-  if (path == GroupedGemmPath::Auto)
-    path = ctx.groupedGemm == GroupedGemmImpl::Cublas ? GroupedGemmPath::Cublas
-                                                      : GroupedGemmPath::Device;
-  return useDeviceKernel(ctx, path, type, k, n, space, pointers);
+                      std::initializer_list<const void *> pointers,
+                      bool weightGradient = false) {
+  return useDeviceKernel(ctx, path, type, k, n, space, pointers,
+                         weightGradient);
 }
 
 /// The largest of the host's counts.
@@ -743,7 +744,8 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
     return s;
   const bool gathered = gather.rowTokens != nullptr;
   if (gathered && !gatheredOnDevice(ctx, path, gradB.type, k, n, space,
-                                    {a.data, gradC.data, gradB.data})) {
+                                    {a.data, gradC.data, gradB.data},
+                                    /*weightGradient=*/true)) {
     if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
       return s;
     return groupedGemmWgradWith(ctx, a, gradC, k, n, space, gradB, gradBias,
