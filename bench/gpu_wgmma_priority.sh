@@ -20,6 +20,8 @@
 # layers compare single+gather with single+gather+combine (plans with
 # FLEX_PLAN_OPTIONS="fuse-activation-backward=true fuse-combine=true").
 # The full suite and its shards are bench/gpu_gemm.sh's.
+# A short call: BENCH_ONLY=c3,decode_t512 times those shapes alone,
+# QUICK=1 runs only the layers' fused-against-pair rows and skips memcheck.
 #
 #   bench/gpu_wgmma_priority.sh   (device machine; at most BUDGET seconds)
 set -uo pipefail
@@ -77,7 +79,7 @@ if (( BUDGET - SECONDS > 60 )); then
      grep -E "Passed|Failed|Skipped|tests passed|Not Run|Timeout") || status=1
   echo "=== bench ($SECONDS s)"
   timeout "$(limit 100)" "$BUILD/bin/flex-gemm-bench" --iters 10 \
-    > "$OUT/priority-bench.log" 2>&1
+    ${BENCH_ONLY:+--only "$BENCH_ONLY"} > "$OUT/priority-bench.log" 2>&1
   rc=$?
   (( rc == 0 )) || status=1
   cat "$OUT/priority-bench.log"
@@ -109,7 +111,7 @@ print(line)
 if [[ -f bench/plans/c3_dropless.infer.json ]]; then
   echo "=== layers ($SECONDS s)"
   for plan in c3_dropless.infer g3_dropless.infer d1_dropless.infer; do
-    [[ -f bench/plans/$plan.json ]] || continue
+    [[ -f bench/plans/$plan.json && -z ${QUICK:-} ]] || continue
     layer off "$plan" auto 0 auto auto
     layer auto "$plan" auto 1 auto auto
     layer wide "$plan" auto 1 device wide
@@ -119,8 +121,15 @@ if [[ -f bench/plans/c3_dropless.infer.json ]]; then
   # The combine in fc2's store (grouped_gemm_combine) against the pair, on
   # the gathered variants (plans from FLEX_PLAN_OPTIONS with
   # fuse-combine=true).
+  # A gathered GEMM at prefill sizes: the rows copied and cuBLAS (8b4df81),
+  # against the plain variant, wgmma off and on.
+  for w in 0 1; do
+    layer "plain-wgmma$w" c3_dropless.infer single "$w" auto auto
+    layer "gather-wgmma$w" c3_dropless.infer single+gather "$w" auto auto
+  done
   for plan in d1_dropless.infer d2_dropless.infer c1_cap1.infer c3_dropless.infer; do
     [[ -f bench/plans/$plan.json ]] || continue
+    [[ -n ${QUICK:-} && $plan != d1_* && $plan != c3_* ]] && continue
     grep -q '"single+gather+combine"' "bench/plans/$plan.json" || continue
     layer pair "$plan" single+gather 1 auto auto
     layer combine "$plan" single+gather+combine 1 auto auto
@@ -134,11 +143,11 @@ if [[ -f bench/plans/c3_dropless.infer.json ]]; then
     grep -q '"single+glu+act_backward"' "bench/plans/$plan.json" && base=single+glu
     layer pair-unfused "$plan" "$base" 1 auto auto --train
     layer fused "$plan" "$base+act_backward" 1 auto auto --train
-    layer auto "$plan" auto 1 auto auto --train
+    [[ -z ${QUICK:-} ]] && layer auto "$plan" auto 1 auto auto --train
   done
 fi
 
-if (( BUDGET - SECONDS > 40 )); then
+if (( BUDGET - SECONDS > 40 )) && [[ -z ${QUICK:-} ]]; then
   echo "=== memcheck ($SECONDS s)"
   timeout "$(limit 120)" stdbuf -oL compute-sanitizer --tool memcheck \
     --report-api-errors no --error-exitcode 3 "$kernels" \
