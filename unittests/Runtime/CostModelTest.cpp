@@ -604,12 +604,13 @@ TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
 /// The forward's predicted time (us) of fc2 and the combine: the fused step,
 /// or the grouped_gemm writing expert_out and the combine; and the fused
 /// step's GEMM path.
-InputGradient secondLayerAndCombine(const Plan &plan, int64_t variant,
-                                    GroupedGemmImpl impl) {
+InputGradient secondLayerAndCombine(
+    const Plan &plan, int64_t variant, GroupedGemmImpl impl,
+    const DeviceProfile &profile = defaultProfile("cuda", 1)) {
   CostModelOptions options;
   options.groupedGemm = impl;
-  const Prediction p = CostModel(defaultProfile("cuda", 1), options)
-                           .predict(plan, variant, false, -1);
+  const Prediction p =
+      CostModel(profile, options).predict(plan, variant, false, -1);
   InputGradient result;
   const std::vector<Step> &steps = plan.variants[variant].forward;
   for (const StepPrediction &step : p.steps) {
@@ -656,6 +657,14 @@ TEST(CostModel, CombineFusedStepIsPricedOnItsPath) {
     // steps run and cost the pair's.
     EXPECT_EQ(fused.path, GemmPath::Device);
     EXPECT_GT(fused.us, 1.05 * pair.us);
+    // A profile whose store sums as fast as the combine kernel prices the
+    // two alike again.
+    DeviceProfile even = defaultProfile("cuda", 1);
+    ASSERT_TRUE(even.deviceGemm.has_value());
+    even.deviceGemm->storeCombineSlowdown = 1.0;
+    const InputGradient evenFused =
+        secondLayerAndCombine(plan, v + 2, GroupedGemmImpl::Auto, even);
+    EXPECT_NEAR(evenFused.us, pair.us, 0.02 * pair.us);
     EXPECT_NE(fusedCublas.path, GemmPath::Device);
     EXPECT_NEAR(fusedCublas.us, pairCublas.us, 0.02 * pairCublas.us);
   }
@@ -1130,6 +1139,14 @@ TEST(DeviceProfile, DeviceGemmFiguresRoundTripAndDefault) {
   tiles.replace(tiles.find("\"launch_s\": 1e-5"), 16,
                 "\"launch_s\": 1e-5, \"wgrad_tile_s\": 2.5e-7");
   EXPECT_EQ(parsed(tiles).deviceGemm->wgradTileSeconds, 2.5e-7);
+  EXPECT_EQ(back.deviceGemm->storeCombineSlowdown, 4.8); // absent: default
+  std::string store = decodeProfile();
+  store.replace(store.find("\"launch_s\": 1e-5"), 16,
+                "\"launch_s\": 1e-5, \"store_combine_slowdown\": 2.5");
+  EXPECT_EQ(parsed(store).deviceGemm->storeCombineSlowdown, 2.5);
+  store.replace(store.find("2.5"), 3, "0");
+  EXPECT_THAT(parseProfile(store, profile).message(),
+              HasSubstr("'device_gemm.store_combine_slowdown'"));
   DeviceProfile old = parsed(goldenProfile());
   EXPECT_FALSE(old.deviceGemm.has_value());
   EXPECT_EQ(old.deviceGemmFigures().largeFlopsPerSecond, 220e12);
@@ -1247,6 +1264,44 @@ TEST(CostModel, FittedStepKindsPriceTheirSteps) {
   EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("steps["));
   EXPECT_THAT(status.message(), HasSubstr("unknown step op 'no_such_step'"));
+}
+
+// grouped_gemm_combine's samples on the device kernel set the store's
+// slowdown: time past the launch and the predicted GEMM over the combine
+// step's price, the median of the samples (an outlier does not move it);
+// samples off the device kernel do not.
+TEST(CostModel, StoreCombineSlowdownIsFittedFromTheFusedSteps) {
+  DeviceProfile profile = defaultProfile("cuda", 1);
+  const double launch = profile.deviceGemmFigures().launchSeconds;
+  std::vector<StepSample> samples;
+  for (auto [gemm, combine, ratio] :
+       {std::tuple{150e-6, 10e-6, 5.0}, std::tuple{300e-6, 12e-6, 4.0},
+        std::tuple{40e-6, 3e-6, 30.0}}) {
+    StepBasis basis;
+    basis.cost = StepCost::ExpertGemm;
+    basis.gemmPath = GemmPath::Device;
+    basis.gemmSeconds = gemm;
+    basis.combineSeconds = combine;
+    samples.push_back(
+        {StepOp::GroupedGemmCombine, basis, launch + gemm + ratio * combine});
+  }
+  StepBasis cublas;
+  cublas.cost = StepCost::ExpertGemm;
+  cublas.gemmPath = GemmPath::PerExpert;
+  cublas.gemmSeconds = 1e-3;
+  cublas.combineSeconds = 1e-5;
+  samples.push_back({StepOp::GroupedGemmCombine, cublas, 5e-3});
+  fitStepCosts(samples, profile);
+  ASSERT_TRUE(profile.deviceGemm.has_value());
+  EXPECT_NEAR(profile.deviceGemm->storeCombineSlowdown, 5.0, 1e-9);
+  // The figure is written with the profile and read back.
+  EXPECT_EQ(parsed(writeProfile(profile)).deviceGemm->storeCombineSlowdown,
+            profile.deviceGemm->storeCombineSlowdown);
+  // A GEMM predicted slower than it ran: the floor, not a negative cost.
+  StepSample fast = samples[0];
+  fast.seconds = launch;
+  fitStepCosts({fast}, profile);
+  EXPECT_EQ(profile.deviceGemm->storeCombineSlowdown, 0.1);
 }
 
 TEST(DeviceProfile, MalformedProfilesNameTheField) {

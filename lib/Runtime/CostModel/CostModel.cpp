@@ -641,10 +641,13 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     }
     basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), k, n, false) +
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
-    if (step.op == StepOp::GroupedGemmCombine)
-      basis.passSeconds =
-          combinePassSeconds(plan, work.flops / (2.0 * kn), n, c.dtype,
-                             basis.gemmPath == GemmPath::Device);
+    if (step.op == StepOp::GroupedGemmCombine) {
+      const double rows = work.flops / (2.0 * kn);
+      basis.combineSeconds =
+          combinePassSeconds(plan, rows, n, c.dtype, /*inStore=*/false);
+      basis.passSeconds = combinePassSeconds(
+          plan, rows, n, c.dtype, basis.gemmPath == GemmPath::Device);
+    }
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
     if (isFusedBackward(step.op) &&
@@ -670,14 +673,6 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   return basis;
 }
 
-/// What the combine summed in a device kernel's store costs against the
-/// combine step it replaces: measured on an H100 (bench/RESULTS.md Runs 35
-/// and 36, the mma.sync few-rows tile): D1's fc2 grew by 54.5 and 54.7 us
-/// where the combine takes 10.6 (5.1x, 5.2x), D2's by 53.0 and 54.3 where
-/// it takes 12.0 (4.4x, 4.5x). The sums run behind each tile's store, on
-/// the SMs the weight-bound GEMM streams with.
-constexpr double kStoreCombineSlowdown = 4.8;
-
 double CostModel::combinePassSeconds(const Plan &plan, double rows, int64_t n,
                                      DType dtype, bool inStore) const {
   // The kept rows read back and out written once, priced as the combine
@@ -686,7 +681,8 @@ double CostModel::combinePassSeconds(const Plan &plan, double rows, int64_t n,
                        static_cast<double>(n) *
                        static_cast<double>(dtypeSize(dtype));
   const double step = memoryStepSeconds(StepOp::Combine, bytes);
-  return inStore ? kStoreCombineSlowdown * step : step;
+  return inStore ? profile_.deviceGemmFigures().storeCombineSlowdown * step
+                 : step;
 }
 
 double CostModel::memoryStepSeconds(StepOp op, double bytes) const {

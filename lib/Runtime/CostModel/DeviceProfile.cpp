@@ -213,7 +213,7 @@ DeviceGemmFigures readDeviceGemm(const Json &json, const std::string &path) {
   expectKeys(json, path,
              {"available", "small_flops_per_s", "large_flops_per_s",
               "wgmma_flops_per_s", "weight_read_efficiency", "launch_s",
-              "wgrad_tile_s", "source"});
+              "wgrad_tile_s", "store_combine_slowdown", "source"});
   DeviceGemmFigures figures;
   auto number = [&](const char *key, double &value, bool positive) {
     if (auto it = json.find(key); it != json.end())
@@ -227,6 +227,7 @@ DeviceGemmFigures readDeviceGemm(const Json &json, const std::string &path) {
   number("weight_read_efficiency", figures.weightReadEfficiency, true);
   number("launch_s", figures.launchSeconds, false);
   number("wgrad_tile_s", figures.wgradTileSeconds, false);
+  number("store_combine_slowdown", figures.storeCombineSlowdown, true);
   figures.source = optionalString(json, path, "source");
   return figures;
 }
@@ -238,7 +239,8 @@ Json deviceGemmJson(const DeviceGemmFigures &figures) {
                {"wgmma_flops_per_s", figures.wgmmaFlopsPerSecond},
                {"weight_read_efficiency", figures.weightReadEfficiency},
                {"launch_s", figures.launchSeconds},
-               {"wgrad_tile_s", figures.wgradTileSeconds}};
+               {"wgrad_tile_s", figures.wgradTileSeconds},
+               {"store_combine_slowdown", figures.storeCombineSlowdown}};
   if (!figures.source.empty())
     json["source"] = figures.source;
   return json;

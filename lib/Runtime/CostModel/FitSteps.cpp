@@ -73,8 +73,34 @@ void collectStepSamples(const CostModel &model, const Plan &plan,
   }
 }
 
+/// The device kernel's store_combine_slowdown from grouped_gemm_combine's
+/// samples on it: each one's time past its launch and predicted GEMM, in
+/// units of the combine step it replaces; the median of them (at least 0.1:
+/// a GEMM predicted slower than it ran would read as a negative cost).
+static void fitStoreCombine(const std::vector<StepSample> &samples,
+                            DeviceProfile &profile) {
+  DeviceGemmFigures figures = profile.deviceGemmFigures();
+  std::vector<double> ratios;
+  for (const StepSample &s : samples)
+    if (s.op == StepOp::GroupedGemmCombine &&
+        s.basis.gemmPath == GemmPath::Device && s.basis.combineSeconds > 0 &&
+        s.seconds > 0 && std::isfinite(s.seconds))
+      ratios.push_back(
+          (s.seconds - figures.launchSeconds - s.basis.gemmSeconds) /
+          s.basis.combineSeconds);
+  if (ratios.empty())
+    return;
+  std::sort(ratios.begin(), ratios.end());
+  const size_t mid = ratios.size() / 2;
+  const double median =
+      ratios.size() % 2 ? ratios[mid] : 0.5 * (ratios[mid - 1] + ratios[mid]);
+  figures.storeCombineSlowdown = std::max(median, 0.1);
+  profile.deviceGemm = figures;
+}
+
 void fitStepCosts(const std::vector<StepSample> &samples,
                   DeviceProfile &profile) {
+  fitStoreCombine(samples, profile);
   std::map<StepOp, std::vector<const StepSample *>> byOp;
   for (const StepSample &sample : samples)
     if (sample.seconds > 0 && std::isfinite(sample.seconds))

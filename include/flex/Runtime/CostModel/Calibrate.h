@@ -89,6 +89,9 @@ void collectStepSamples(const CostModel &model, const Plan &plan,
 /// steps alpha + bytes / bandwidth, GEMM steps alpha + scale x the table's
 /// time, launch steps alpha; least squares on relative error, alpha >= 0.
 /// Collectives are not fitted (their points are per world size).
+/// grouped_gemm_combine's samples on the device kernel also set
+/// `device_gemm.store_combine_slowdown` (the median of their time past the
+/// launch and the predicted GEMM, over the combine step's price).
 void fitStepCosts(const std::vector<StepSample> &samples,
                   DeviceProfile &profile);
 

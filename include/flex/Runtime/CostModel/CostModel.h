@@ -102,8 +102,11 @@ struct StepBasis {
   /// after its GEMMs (launch and bytes), which the fused kernel does not
   /// make: grouped_gemm_glu's glu, grouped_gemm_activation_backward's
   /// activation_backward. grouped_gemm_combine: its combine, priced as the
-  /// combine step.
+  /// combine step (times store_combine_slowdown on the device kernel).
   double passSeconds = 0;
+  /// grouped_gemm_combine: the combine step's own price, what the store's
+  /// sums are a multiple of (the calibration fits that multiple).
+  double combineSeconds = 0;
 };
 
 struct StepPrediction {
@@ -174,8 +177,8 @@ public:
   /// The seconds one step takes alone on its stream (no waits, no overlap).
   double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
   /// grouped_gemm_combine's combine over `rows` product rows of n columns:
-  /// the combine step's price (its fitted figures), times
-  /// kStoreCombineSlowdown where the device kernel sums it in its store
+  /// the combine step's price (its fitted figures), times the device
+  /// kernel's `store_combine_slowdown` where it sums it in its store
   /// (`inStore`).
   double combinePassSeconds(const Plan &plan, double rows, int64_t n,
                             DType dtype, bool inStore) const;

@@ -134,6 +134,14 @@ struct DeviceGemmFigures {
   /// 23: 68 ns before the kernel staged its C tile through shared memory,
   /// 20 ns after).
   double wgradTileSeconds = 20e-9;
+  /// grouped_gemm_combine's combine summed in the kernel's store, in units
+  /// of the combine step it replaces (the step's price times this). H100,
+  /// the few-rows tile (bench/RESULTS.md Runs 35 and 36): D1's fc2 grew by
+  /// 54.5 and 54.7 us where the combine takes 10.6 (5.1x, 5.2x), D2's by 53
+  /// and 54.3 where it takes 12 (4.4x, 4.5x); the sums run behind each
+  /// tile's store on the SMs the weight-bound GEMM streams with. Fitted by
+  /// `moe-run --calibrate` from a plan's timed `+combine` variants.
+  double storeCombineSlowdown = 4.8;
   /// Where the figures come from (free text, for people; optional).
   std::string source;
 };
