@@ -324,9 +324,10 @@ constexpr int64_t kDeviceWgradTile = 128;
 /// experts' rows padded to whole tiles at the tile's rate, or the bytes it
 /// moves (the touched experts' weights, every expert's gradient, the rows'
 /// operands) at the weight-read rate, or (the weight gradient) its output
-/// tiles at their per-tile cost, whichever is longest. `wgmmaTilesOnly`:
-/// the wgmma kernel's 128-row tiles whatever the rows (a step only it fuses;
-/// the rule would take the few-rows tile at decode). `storeElementsPerRow`:
+/// tiles at their per-tile cost, whichever is longest. `wgmma`: the wgmma
+/// kernel's 128-row tiles at its rate, whatever the rows. `wgmmaTilesOnly`:
+/// those tiles for a step only it fuses (at the large tile's rate where the
+/// option is off). `storeElementsPerRow`:
 /// what a fused store reads and writes per row beyond a and c (the fused
 /// backwards' pre; gate, up and the second gradient).
 double deviceGemmSeconds(const DeviceProfile &profile, double rows,
@@ -338,7 +339,10 @@ double deviceGemmSeconds(const DeviceProfile &profile, double rows,
   const double touched = touchedExperts(rows, groups);
   if (touched <= 0)
     return 0;
-  const DeviceGemmTile tile = wgrad || wgmmaTilesOnly
+  // The wgmma kernel runs its 128-row tiles at any rows (the backend takes
+  // it over the few-rows tile where it has it: DeviceGroupedGemm.cu's
+  // deviceGroupedGemmAutoTiles).
+  const DeviceGemmTile tile = wgrad || wgmma || wgmmaTilesOnly
                                   ? DeviceGemmTile::Large
                                   : deviceGemmTile(rowBound, groups);
   const double step = static_cast<double>(wgrad ? kDeviceWgradRowStep

@@ -682,15 +682,19 @@ deviceGroupedGemmAutoTiles(const KernelContext &ctx, DType type, int64_t k,
                            int64_t n, const ExpertRowSpace &space, bool transB,
                            const RowGather &gather,
                            std::initializer_list<const void *> pointers) {
-  // Few rows per group (decode): small M tiles waste less of each weight
-  // tile's read (Core/GroupedGemmRule.h has the measured crossover). More:
-  // the wgmma kernel where this device has it.
-  if (deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small)
-    return DeviceTiles::Small;
-  return wgmmaTakesForm(transB, gather) &&
-                 hopperGroupedGemmApplies(ctx, type, k, n, space, pointers)
-             ? DeviceTiles::Hopper
-             : DeviceTiles::Large;
+  // The wgmma kernel where this device has it, at any rows: its 128 x 256
+  // tile beat the mma.sync kernel's few-rows tile at decode too (H100,
+  // bench/RESULTS.md Runs 35-36, 64 experts: 3 rows each 136 against 149
+  // us, 24 rows 145-150 against 153-156, 16 rows of the large layer 288
+  // against 298), but for a gathered A (its cp.async producer, not
+  // measured at decode). Else few rows per group take the small M tiles
+  // (Core/GroupedGemmRule.h has the measured crossover), more the large.
+  const bool small =
+      deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
+  if (!(small && gather.rowTokens) && wgmmaTakesForm(transB, gather) &&
+      hopperGroupedGemmApplies(ctx, type, k, n, space, pointers))
+    return DeviceTiles::Hopper;
+  return small ? DeviceTiles::Small : DeviceTiles::Large;
 }
 
 bool deviceGroupedGemmFusesEpilogue(
@@ -859,10 +863,14 @@ Status deviceGroupedGemmGlu(KernelContext &ctx, const void *a,
                    upOut};
   bool small =
       deviceGemmTile(space.rowBound, space.experts) == DeviceGemmTile::Small;
-  // Many rows: the wgmma kernel's GLU tile where it applies (an explicit
-  // wgmma tile needs it; a gathered A over no tokens reads only zeros).
+  // The wgmma kernel's GLU tile where it applies (an explicit wgmma tile
+  // needs it; a gathered A over no tokens reads only zeros): with many rows,
+  // and with few unless A is gathered (128 + 128 columns beat the few-rows
+  // tile at decode: Runs 35-36, 24 rows per expert 291 against 313 us, 16
+  // rows of the large layer 562 against 595).
   const bool wgmmaTile = tiles >= DeviceTiles::Hopper;
-  if (wgmmaTile || (tiles == DeviceTiles::Auto && !small)) {
+  if (wgmmaTile ||
+      (tiles == DeviceTiles::Auto && (!small || !gather.rowTokens))) {
     std::string why = "a gathered A over no tokens";
     if (!(gather.rowTokens && gather.tokens <= 0) &&
         hopperGroupedGemmApplies(ctx, type, k, n, space,
