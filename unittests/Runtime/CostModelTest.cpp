@@ -840,6 +840,38 @@ TEST(CostModel, GluFusedStepOnAStaticRowSpace) {
   EXPECT_NEAR(oneCublas.us, tripleCublas.us, 1e-5 * tripleCublas.us);
 }
 
+// With the wgmma kernel the backend runs few-rows GEMMs on its 128-row
+// tiles too (DeviceGroupedGemm.cu's deviceGroupedGemmAutoTiles), so the
+// model pads each touched expert's rows to 128, not the mma.sync kernel's
+// 32: at equal rates and FLOP-bound (rates of 1 GFLOP/s), 4x the time past
+// the launch (the decode plan: 64 tokens x 4 choices over 16 experts).
+TEST(CostModel, FewRowsGemmsTakeTheWgmmaTilesWithIt) {
+  Plan plan;
+  ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
+                               "/decode_ffn_bias_bf16_combine.json",
+                           plan)
+                  .isOk());
+  DeviceProfile slow = defaultProfile("cuda", 1);
+  ASSERT_TRUE(slow.deviceGemm.has_value());
+  slow.deviceGemm->smallFlopsPerSecond = 1e9;
+  slow.deviceGemm->wgmmaFlopsPerSecond = 1e9;
+  const double launchUs = slow.deviceGemm->launchSeconds * 1e6;
+  auto gemms = [&](bool wgmma) {
+    CostModelOptions options;
+    options.wgmmaGemm = wgmma;
+    return stepsOf(CostModel(slow, options).predict(plan, 0, false, -1),
+                   StepOp::GroupedGemm);
+  };
+  const std::vector<StepPrediction> small = gemms(false), wide = gemms(true);
+  ASSERT_EQ(small.size(), 2u);
+  ASSERT_EQ(wide.size(), small.size());
+  for (size_t i = 0; i < small.size(); ++i) {
+    EXPECT_EQ(small[i].gemmPath, GemmPath::Device);
+    EXPECT_EQ(wide[i].gemmPath, GemmPath::Device);
+    EXPECT_NEAR((wide[i].us - launchUs) / (small[i].us - launchUs), 4.0, 0.04);
+  }
+}
+
 TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
   Plan plan;
   ASSERT_TRUE(loadPlanFile(std::string(FLEX_TEST_CUDA_PLANS_DIR) +
