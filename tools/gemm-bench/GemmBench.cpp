@@ -480,6 +480,14 @@ int run(int iters, const std::string &only) {
   const double copyBytesPerS = copyBandwidth();
   std::printf("device: %s; copy bandwidth %.2f TB/s (read + write)\n",
               prop.name, copyBytesPerS / 1e12);
+  // The 2-CTA pair form's grid: clusters that fit at once against the SMs.
+  std::string why;
+  const int64_t clusters = cuda::detail::hopperPairClustersThatFit(*ctx, &why);
+  if (clusters >= 0)
+    std::printf("wgmma 2-CTA clusters that fit at once: %lld of %d SMs\n",
+                static_cast<long long>(clusters), prop.multiProcessorCount);
+  else
+    std::printf("wgmma 2-CTA clusters: %s\n", why.c_str());
   const std::vector<Op> train = {Op::Fc1, Op::Fc2, Op::Dgrad, Op::Wgrad};
   const std::vector<Op> infer = {Op::Fc1, Op::Fc2};
   // Gated shapes: glu1 is the fused first layer against the unfused steps.

@@ -177,6 +177,14 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               std::initializer_list<const void *> pointers,
                               std::string *reason = nullptr);
 
+/// How many 2-CTA clusters of the forward 128 x 256 pair form (bf16) the
+/// device runs at once (cudaOccupancyMaxActiveClusters, what its persistent
+/// launch sizes its grid by), or -1 with the reason when it cannot say. A
+/// diagnostic for the benchmark: a count below half the SMs would leave SMs
+/// idle.
+int64_t hopperPairClustersThatFit(const KernelContext &ctx,
+                                  std::string *reason = nullptr);
+
 /// deviceGroupedGemm's ragged-M product on the wgmma kernel (any row space,
 /// static included): c[rows of e] (+)= a[rows of e] @ b[e] (b[e]^T when
 /// transB). With `gather.rowTokens` (not with transB), A's rows are

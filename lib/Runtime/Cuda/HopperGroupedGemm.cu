@@ -99,6 +99,39 @@ bool hopperGroupedGemmRuns(const KernelContext &ctx, std::string *reason) {
   return true;
 }
 
+int64_t hopperPairClustersThatFit(const KernelContext &ctx,
+                                  std::string *reason) {
+  if (!hopperGroupedGemmRuns(ctx, reason))
+    return -1;
+  constexpr auto kernel = hopper::raggedMKernel<__nv_bfloat16, 256, 4, false,
+                                                false, false, false, 2>;
+  constexpr int bytes = hopper::Layout<256, 4>::SharedBytes;
+  int fit = 0;
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = 2;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  config.blockDim = dim3(hopper::kThreads);
+  config.dynamicSmemBytes = bytes;
+  config.gridDim = dim3(static_cast<unsigned>(ctx.multiprocessors() / 2 * 2));
+  cudaError_t e = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveClusters(&fit, kernel, &config);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    if (reason)
+      *reason = std::string("cudaOccupancyMaxActiveClusters: ") +
+                cudaGetErrorString(e);
+    return -1;
+  }
+  return fit;
+}
+
 bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,
