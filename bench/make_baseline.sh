@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The tree a device call runs, HERE: bench/baseline/ holds HEAD's committed
+# files (git archive: what the call measures is exactly a commit) and the
+# plans compiled from it (bench/make_plans.sh with FLEX_PLAN_OPTIONS, default
+# "fuse-activation-backward=true fuse-combine=true": the fused variants the
+# priority script compares). The folder is git-ignored; carry it with the
+# call (about 12 MB) and run scripts inside it, e.g.
+#   run: cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> QUICK=1 \
+#        bash bench/gpu_wgmma_priority.sh
+#
+#   bench/make_baseline.sh [BUILD_DIR]   (default: build, with the compiler)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export FLEX_PLAN_OPTIONS="${FLEX_PLAN_OPTIONS-fuse-activation-backward=true fuse-combine=true}"
+bash bench/make_plans.sh "${1:-$root/build}" > /dev/null
+rm -rf bench/baseline
+mkdir -p bench/baseline
+git archive HEAD | tar -x -C bench/baseline
+rm -rf bench/baseline/bench/results
+mkdir -p bench/baseline/bench/plans
+cp bench/plans/*.json bench/baseline/bench/plans/
+echo "bench/baseline: $(git rev-parse --short HEAD), $(ls bench/baseline/bench/plans | wc -l) plans, $(du -sh bench/baseline | cut -f1)"
