@@ -646,11 +646,15 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), k, n, false) +
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
     if (step.op == StepOp::GroupedGemmCombine) {
-      const double rows = work.flops / (2.0 * kn);
+      // Its combine: the combine step's price, a multiple of it where the
+      // device kernel sums it in its store (store_combine_slowdown).
       basis.combineSeconds =
-          combinePassSeconds(plan, rows, n, c.dtype, /*inStore=*/false);
-      basis.passSeconds = combinePassSeconds(
-          plan, rows, n, c.dtype, basis.gemmPath == GemmPath::Device);
+          combineStepSeconds(plan, work.flops / (2.0 * kn), n, c.dtype);
+      basis.passSeconds =
+          basis.gemmPath == GemmPath::Device
+              ? profile_.deviceGemmFigures().storeCombineSlowdown *
+                    basis.combineSeconds
+              : basis.combineSeconds;
     }
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
@@ -677,16 +681,13 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
   return basis;
 }
 
-double CostModel::combinePassSeconds(const Plan &plan, double rows, int64_t n,
-                                     DType dtype, bool inStore) const {
-  // The kept rows read back and out written once, priced as the combine
-  // step; in the store, as measured there.
+double CostModel::combineStepSeconds(const Plan &plan, double rows, int64_t n,
+                                     DType dtype) const {
+  // The kept rows read back and out written once.
   const double bytes = (rows + static_cast<double>(plan.layer.tokens)) *
                        static_cast<double>(n) *
                        static_cast<double>(dtypeSize(dtype));
-  const double step = memoryStepSeconds(StepOp::Combine, bytes);
-  return inStore ? profile_.deviceGemmFigures().storeCombineSlowdown * step
-                 : step;
+  return memoryStepSeconds(StepOp::Combine, bytes);
 }
 
 double CostModel::memoryStepSeconds(StepOp op, double bytes) const {

@@ -126,7 +126,11 @@ __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
 
 /// Whether a dynamic grouped GEMM takes the device-sized kernel: the rule of
 /// Core/GroupedGemmRule.h (which the cost model prices), where the kernel
-/// applies.
+/// applies. A gathered one follows it too, else its rows are copied first
+/// and the host path runs: at prefill sizes the device kernels' gathered
+/// forms lose to the copy and cuBLAS (H100, bench/RESULTS.md Runs 35-36:
+/// C3's gathered fc1 2992 us on the mma.sync kernel, 2137 on wgmma, against
+/// 1236 for cuBLAS on the dispatched rows).
 bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
                      DType type, int64_t k, int64_t n,
                      const ExpertRowSpace &space,
@@ -243,21 +247,6 @@ Status groupedCublasCall(KernelContext &ctx, cublasOperation_t opB,
                          const_cast<void *const *>(device + 2 * groups), type,
                          ldc.data(), groups, sizes.data(), CUBLAS_COMPUTE_32F),
                      "cublasGemmGroupedBatchedEx (grouped_gemm)");
-}
-
-/// Whether a gathered GEMM runs on the device kernel: by the rule a plain
-/// one follows (useDeviceKernel), else its rows are copied first and the
-/// host path runs. At prefill sizes the device kernels' gathered forms lose
-/// to the copy and cuBLAS (H100, bench/RESULTS.md Runs 35-36: C3's gathered
-/// fc1 2992 us on the mma.sync kernel, 2137 on wgmma, against 1236 for
-/// cuBLAS on the dispatched rows).
-bool gatheredOnDevice(const KernelContext &ctx, detail::GroupedGemmPath path,
-                      DType type, int64_t k, int64_t n,
-                      const ExpertRowSpace &space,
-                      std::initializer_list<const void *> pointers,
-                      bool weightGradient = false) {
-  return useDeviceKernel(ctx, path, type, k, n, space, pointers,
-                         weightGradient);
 }
 
 /// The largest of the host's counts.
@@ -454,8 +443,8 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   // A gathered A: the device kernel follows the map wherever it applies
   // (the variant was chosen for it); elsewhere the rows are copied first.
   const bool gathered = gather.rowTokens != nullptr;
-  if (gathered && !gatheredOnDevice(ctx, path, dtype, k, n, space,
-                                    {a.data, b.data, target.data})) {
+  if (gathered && !useDeviceKernel(ctx, path, dtype, k, n, space,
+                                   {a.data, b.data, target.data})) {
     if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
       return s;
     return groupedGemmWith(ctx, a, b, bias, c, k, n, space, options, pre, path,
@@ -743,9 +732,9 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
       !s)
     return s;
   const bool gathered = gather.rowTokens != nullptr;
-  if (gathered && !gatheredOnDevice(ctx, path, gradB.type, k, n, space,
-                                    {a.data, gradC.data, gradB.data},
-                                    /*weightGradient=*/true)) {
+  if (gathered && !useDeviceKernel(ctx, path, gradB.type, k, n, space,
+                                   {a.data, gradC.data, gradB.data},
+                                   /*weightGradient=*/true)) {
     if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
       return s;
     return groupedGemmWgradWith(ctx, a, gradC, k, n, space, gradB, gradBias,

@@ -806,10 +806,51 @@ template <typename Kernel> cudaError_t startRegistersOf(Kernel kernel) {
                                                : cudaErrorInvalidKernelImage;
 }
 
+/// A launch configuration of `kernel`'s CTAs in clusters of Cluster along
+/// x (no cluster attribute for 1); `attribute` backs config.attrs.
+inline cudaLaunchConfig_t clusterConfig(int cluster, int bytes,
+                                        cudaLaunchAttribute &attribute) {
+  cudaLaunchConfig_t config{};
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = bytes;
+  attribute = {};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return config;
+}
+
+/// How many clusters of Cluster CTAs of `kernel` (`bytes` of dynamic shared
+/// memory, already allowed) the current device runs at once: asked once
+/// per device (cudaOccupancyMaxActiveClusters), a failed query again next
+/// time. (The kernel is a template argument: its count is its own.)
+template <int Cluster, auto kernel>
+cudaError_t clustersThatFit(int bytes, int ctas, int &fit) {
+  static std::atomic<int> fitOf[16] = {};
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device))
+    return e;
+  fit = device < 16 ? fitOf[device].load() : 0;
+  if (fit > 0)
+    return cudaSuccess;
+  cudaLaunchAttribute attribute;
+  cudaLaunchConfig_t config = clusterConfig(Cluster, bytes, attribute);
+  config.gridDim = dim3(static_cast<unsigned>(ctas / Cluster * Cluster));
+  if (cudaError_t e = cudaOccupancyMaxActiveClusters(&fit, kernel, &config))
+    return e;
+  if (fit <= 0)
+    return cudaErrorLaunchOutOfResources;
+  if (device < 16)
+    fitOf[device].store(fit);
+  return cudaSuccess;
+}
+
 /// A persistent launch of `kernel` in clusters of Cluster CTAs: one CTA per
 /// SM of `ctas`, as many clusters as fit at once (a GPC's SMs pair up), at
-/// most `bound` (the tiles' upper bound, in cluster tiles). (The kernel is
-/// a template argument: its count of clusters that fit is its own.)
+/// most `bound` (the tiles' upper bound, in cluster tiles).
 template <int Cluster, auto kernel, typename... Args>
 cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
                              cudaStream_t stream, const Args &...args) {
@@ -819,36 +860,16 @@ cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
   if (clusters <= 0) // (fewer SMs than a cluster: nothing would run)
     return cudaErrorInvalidConfiguration;
   clusters = bound < clusters ? bound : clusters;
-  cudaLaunchConfig_t config{};
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = Cluster;
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = Cluster > 1 ? 1 : 0;
   if constexpr (Cluster > 1) {
-    // How many clusters fit at once, asked once per device (more would
-    // only queue); a failed query is asked again next time.
-    static std::atomic<int> fitOf[16] = {};
-    int device = 0;
-    if (cudaError_t e = cudaGetDevice(&device))
+    // More than fit at once would only queue.
+    int fit = 0;
+    if (cudaError_t e = clustersThatFit<Cluster, kernel>(bytes, ctas, fit))
       return e;
-    int fit = device < 16 ? fitOf[device].load() : 0;
-    if (fit <= 0) {
-      config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
-      if (cudaError_t e = cudaOccupancyMaxActiveClusters(&fit, kernel, &config))
-        return e;
-      if (fit <= 0)
-        return cudaErrorLaunchOutOfResources;
-      if (device < 16)
-        fitOf[device].store(fit);
-    }
     clusters = fit < clusters ? fit : clusters;
   }
+  cudaLaunchAttribute attribute;
+  cudaLaunchConfig_t config = clusterConfig(Cluster, bytes, attribute);
+  config.stream = stream;
   config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
   return cudaLaunchKernelEx(&config, kernel, args...);
 }

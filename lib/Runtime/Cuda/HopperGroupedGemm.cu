@@ -103,25 +103,15 @@ int64_t hopperPairClustersThatFit(const KernelContext &ctx,
                                   std::string *reason) {
   if (!hopperGroupedGemmRuns(ctx, reason))
     return -1;
+  // The launch's own query (launchPersistent's).
   constexpr auto kernel = hopper::raggedMKernel<__nv_bfloat16, 256, 4, false,
                                                 false, false, false, 2>;
   constexpr int bytes = hopper::Layout<256, 4>::SharedBytes;
   int fit = 0;
-  cudaLaunchConfig_t config{};
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = 2;
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  config.blockDim = dim3(hopper::kThreads);
-  config.dynamicSmemBytes = bytes;
-  config.gridDim = dim3(static_cast<unsigned>(ctx.multiprocessors() / 2 * 2));
   cudaError_t e = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveClusters(&fit, kernel, &config);
+    e = hopper::clustersThatFit<2, kernel>(bytes, ctx.multiprocessors(), fit);
   if (e != cudaSuccess) {
     cudaGetLastError();
     if (reason)
@@ -220,6 +210,10 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
   // (HopperGemmKernel.cuh's StoreMode), of the 128 x 256 form (a gathered
   // A: the cooperative 128 x 128 one); the combine's for [K][N] weights
   // only.
+  if (epilogue.fused && accumulate)
+    return Status(StatusCode::Internal,
+                  "the wgmma grouped GEMM fuses its epilogue only when not "
+                  "accumulating");
   const bool combines = epilogue.fused && epilogue.combine.out;
   if (combines && (gathered || transB || accumulate))
     return Status(StatusCode::Internal,
@@ -236,10 +230,6 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
                                            space.experts, transB, bBoxColumns);
       r != CUDA_SUCCESS)
     return refusedMaps(r, "the grouped GEMM's operands");
-  if (epilogue.fused && accumulate)
-    return Status(StatusCode::Internal,
-                  "the wgmma grouped GEMM fuses its epilogue only when not "
-                  "accumulating");
   hopper::RaggedMParams params =
       raggedMParams(space, k, n, c, accumulate, a, gather);
   params.bias = epilogue.bias;

@@ -176,12 +176,10 @@ public:
                       bool batchedBlocks = false) const;
   /// The seconds one step takes alone on its stream (no waits, no overlap).
   double stepSeconds(const Plan &plan, const Step &step, int64_t rows) const;
-  /// grouped_gemm_combine's combine over `rows` product rows of n columns:
-  /// the combine step's price (its fitted figures), times the device
-  /// kernel's `store_combine_slowdown` where it sums it in its store
-  /// (`inStore`).
-  double combinePassSeconds(const Plan &plan, double rows, int64_t n,
-                            DType dtype, bool inStore) const;
+  /// The combine step over `rows` product rows of n columns (its fitted
+  /// figures): what grouped_gemm_combine's combine is priced from.
+  double combineStepSeconds(const Plan &plan, double rows, int64_t n,
+                            DType dtype) const;
   /// A memory-bound step of kind `op` moving `bytes`: its fitted figures,
   /// else a launch and the profile's bandwidth.
   double memoryStepSeconds(StepOp op, double bytes) const;
