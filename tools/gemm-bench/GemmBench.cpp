@@ -12,8 +12,8 @@
 // runtime's auto yet), and, where every expert has the same rows,
 // cuBLAS's strided-batched GEMM (what a static capacity runs). Shapes: the
 // benchmark layers' fc1, fc2, input and weight gradients at their token
-// counts (C1, C3, uniform and skewed) and decode-sized ones, where the floor
-// is reading the touched experts' weights once at the copy bandwidth
+// counts (C1, C3, uniform, random and skewed) and decode-sized ones, where the
+// floor is reading the touched experts' weights once at the copy bandwidth
 // measured here. Each time is the median over N calls of host time from the
 // call to the end of the stream (the cuBLAS path's host read included, as a
 // layer pays it). The paths' outputs are compared (relative L2 <= 2e-2, else
@@ -72,19 +72,23 @@ const char *opName(Op op) {
   }
 }
 
+/// How tokens pick experts: exactly even counts (a capacity layout's
+/// blocks), every expert equally likely (sampled: a dropless layer's uneven
+/// counts at balanced routing), or Zipf-like popularity ~ 1 / (e + 1).
+enum class Routing { Even, Random, Skewed };
+
 struct Shape {
   std::string name;
   int64_t tokens, d, h, experts, k;
-  bool skewed; ///< Zipf-like expert popularity instead of uniform
+  Routing routing;
   std::vector<Op> ops;
 };
 
-/// Rows per expert for T * k choices: uniform (exactly even) or skewed
-/// (popularity ~ 1 / (e + 1), sampled).
+/// Rows per expert for T * k choices (few tokens are always sampled).
 std::vector<int32_t> rowCounts(const Shape &s, std::mt19937_64 &rng) {
   std::vector<int32_t> rows(s.experts, 0);
   int64_t total = s.tokens * s.k;
-  if (!s.skewed && s.tokens >= 4096) {
+  if (s.routing == Routing::Even && s.tokens >= 4096) {
     for (int64_t e = 0; e < s.experts; ++e)
       rows[e] = static_cast<int32_t>(total / s.experts +
                                      (e < total % s.experts ? 1 : 0));
@@ -92,7 +96,7 @@ std::vector<int32_t> rowCounts(const Shape &s, std::mt19937_64 &rng) {
   }
   std::vector<double> weights(s.experts);
   for (int64_t e = 0; e < s.experts; ++e)
-    weights[e] = s.skewed ? 1.0 / (e + 1) : 1.0;
+    weights[e] = s.routing == Routing::Skewed ? 1.0 / (e + 1) : 1.0;
   std::discrete_distribution<int64_t> pick(weights.begin(), weights.end());
   for (int64_t t = 0; t < s.tokens; ++t) {
     // k distinct experts per token, as a top-k routing gives.
@@ -351,6 +355,33 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
   const double flops = 2.0 * R * k * n;
   const double floorUs =
       wgrad ? NAN : 2.0 * r.touched * k * n / copyBytesPerS * 1e6;
+  // Uneven rows at prefill size: what one strided-batched call costs with
+  // every expert padded to the largest's rows (a capacity layout whose C is
+  // the largest count, so nothing is dropped).
+  const int64_t largest = *std::max_element(r.rows.begin(), r.rows.end());
+  double padded = NAN;
+  if (!r.uniform && !wgrad && R >= 4096 * s.k) {
+    DeviceArray paddedA(2 * E * largest * k), paddedOut(2 * E * largest * n),
+        paddedOffsets(4 * (E + 1)), paddedRows(4 * E);
+    fillRandom(paddedA.data, E * largest * k, rng, 1.0);
+    std::vector<int32_t> at(E + 1), full(E, static_cast<int32_t>(largest));
+    for (int64_t e = 0; e <= E; ++e)
+      at[e] = static_cast<int32_t>(e * largest);
+    FLEX_BENCH_CHECK(cudaMemcpy(paddedOffsets.data, at.data(), 4 * (E + 1),
+                                cudaMemcpyHostToDevice));
+    FLEX_BENCH_CHECK(cudaMemcpy(paddedRows.data, full.data(), 4 * E,
+                                cudaMemcpyHostToDevice));
+    cuda::ExpertRowSpace sp = r.space;
+    sp.offsets = static_cast<const int32_t *>(paddedOffsets.data);
+    sp.rows = static_cast<const int32_t *>(paddedRows.data);
+    sp.rowBound = E * largest;
+    sp.staticCapacity = largest;
+    padded = hostMicros(ctx, iters, [&] {
+      return cuda::detail::groupedGemmWith(
+          ctx, {paddedA.data, dt}, {second.data, dt}, {}, {paddedOut.data, dt},
+          k, n, sp, options, {}, GroupedGemmPath::Cublas);
+    });
+  }
   const double best = std::isnan(batched) ? cub : std::min(cub, batched);
   std::printf("%-16s %-6s %7lld %7.1f %6lld | %10.1f %10.1f %10.1f %10.1f | "
               "%8.1f %8.1f | %.2fx%s\n",
@@ -358,6 +389,11 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
               double(R) / E, static_cast<long long>(E), dev, cub, grouped,
               batched, flops / dev / 1e6, floorUs, dev / best,
               err <= 2e-2 && groupedErr <= 2e-2 ? "" : "  MISMATCH");
+  if (!std::isnan(padded))
+    std::printf("%-16s %-6s padded to the largest expert (%lld rows each, "
+                "%.3fx the rows): cuBLAS batched %.1f us\n",
+                "", "", static_cast<long long>(largest),
+                double(E * largest) / double(R), padded);
   bool ok = err <= 2e-2 && groupedErr <= 2e-2;
   if (!ok)
     std::printf("  relative L2 against cuBLAS per expert: device %.3g, "
@@ -493,21 +529,25 @@ int run(int iters, const std::string &only) {
   // Gated shapes: glu1 is the fused first layer against the unfused steps.
   const std::vector<Op> inferGated = {Op::Fc1, Op::Fc2, Op::Glu};
   const std::vector<Shape> shapes = {
-      {"c1", 16384, 4096, 4096, 8, 2, false, train},
-      {"c3", 16384, 2048, 1408, 64, 6, false, train},
-      {"c3_skewed", 16384, 2048, 1408, 64, 6, true, train},
-      {"c3_t2048", 2048, 2048, 1408, 64, 6, false, inferGated},
-      {"decode_t512", 512, 2048, 1408, 64, 6, false, inferGated},
-      {"decode_t256", 256, 2048, 1408, 64, 6, false, inferGated},
-      {"decode_t128_big", 128, 4096, 1536, 64, 8, false, inferGated},
-      {"decode_t32", 32, 2048, 1408, 64, 6, false, inferGated},
+      {"c1", 16384, 4096, 4096, 8, 2, Routing::Even, train},
+      {"c3", 16384, 2048, 1408, 64, 6, Routing::Even, train},
+      {"c3_skewed", 16384, 2048, 1408, 64, 6, Routing::Skewed, train},
+      {"c3_t2048", 2048, 2048, 1408, 64, 6, Routing::Even, inferGated},
+      {"decode_t512", 512, 2048, 1408, 64, 6, Routing::Even, inferGated},
+      {"decode_t256", 256, 2048, 1408, 64, 6, Routing::Even, inferGated},
+      {"decode_t128_big", 128, 4096, 1536, 64, 8, Routing::Even, inferGated},
+      {"decode_t32", 32, 2048, 1408, 64, 6, Routing::Even, inferGated},
       // The gated benchmark layers' first layer (G3 is C3's shape).
-      {"g3_glu", 16384, 2048, 1408, 64, 6, false, {Op::Glu}},
-      {"g1_glu", 16384, 4096, 14336, 8, 2, false, {Op::Glu}},
+      {"g3_glu", 16384, 2048, 1408, 64, 6, Routing::Even, {Op::Glu}},
+      {"g1_glu", 16384, 4096, 14336, 8, 2, Routing::Even, {Op::Glu}},
       // Training with few rows per expert (cost-model layers l32, l17):
       // the weight gradient's tiles have one or two reduction steps.
-      {"train_e64_r32", 1024, 1024, 1024, 64, 2, false, train},
-      {"train_e16_r64", 1024, 1024, 2048, 16, 1, false, train},
+      {"train_e64_r32", 1024, 1024, 1024, 64, 2, Routing::Even, train},
+      {"train_e16_r64", 1024, 1024, 2048, 16, 1, Routing::Even, train},
+      // C3 dropless at balanced routing: sampled counts (mean 1536, spread
+      // about 40; last, so the shapes above draw the counts they drew
+      // before it).
+      {"c3_random", 16384, 2048, 1408, 64, 6, Routing::Random, infer},
   };
   std::printf("\n%-16s %-6s %7s %7s %6s | %10s %10s %10s %10s | %8s %8s | "
               "%s\n",
