@@ -55,6 +55,43 @@ fi
 kernels="$BUILD/unittests/Cuda/FlexCudaKernelsTests"
 executor="$BUILD/unittests/Cuda/FlexCudaExecutorTests"
 
+layer() { # label plan variant FLEX_WGMMA FLEX_GROUPED_GEMM FLEX_WGMMA_TILE [--train]
+  local log="$OUT/layer-$2-$1"
+  (( BUDGET - SECONDS > 20 )) || { echo "$2 $1: skipped (budget)"; return; }
+  FLEX_WGMMA=$4 FLEX_GROUPED_GEMM=$5 FLEX_WGMMA_TILE=$6 \
+    timeout "$(limit 40)" "$BUILD/bin/moe-run" "bench/plans/$2.json" \
+    --device cuda --iters 10 --variant "$3" --json ${7:-} > "$log.json" 2> "$log.err" ||
+    { echo "$2 $1: failed"; tail -3 "$log.err"; status=1; return; }
+  python3 -c "
+import json, sys
+d = json.load(open(sys.argv[1]))
+f, b = d['forward'], d.get('backward')
+gemms = [round(x['mean_us'], 1) for x in f['steps'] if 'gemm' in x['op'] or x['op'] == 'combine']
+line = f'{sys.argv[2]:18s} {sys.argv[3]:10s} {d[\"variant\"]:28s} forward {f[\"median_us\"]:8.1f} us, GEMMs {gemms}'
+if b:
+    steps = [(x['op'], round(x['mean_us'], 1)) for x in b['steps']
+             if x['op'] in ('grouped_gemm', 'activation_backward',
+                            'grouped_gemm_activation_backward', 'glu_backward',
+                            'grouped_gemm_glu_backward')]
+    line += f'; backward {b[\"median_us\"]:8.1f} us {steps}'
+print(line)
+" "$log.json" "$2" "$1" || status=1
+}
+# Dropless on the padded layout (C = the largest expert's rows: one
+# strided-batched GEMM over E x C rows) against the ragged layout (a GEMM
+# per expert after the host read) and capacity 1.0, on the default paths
+# (plans from bench/make_baseline.sh: c3_dropless_layouts.*, compiled with
+# layouts=padded,ragged).
+if [[ -f bench/plans/c3_dropless_layouts.infer.json ]]; then
+  echo "=== dropless layouts ($SECONDS s)"
+  for mode in infer train; do
+    train=; [[ $mode == train ]] && train=--train
+    layer cap1 "c3_cap1.$mode" single 0 auto auto $train
+    layer ragged "c3_dropless_layouts.$mode" ragged 0 auto auto $train
+    layer padded "c3_dropless_layouts.$mode" padded 0 auto auto $train
+  done
+fi
+
 echo "=== tests ($SECONDS s)"
 run_tests() { # name binary filter seconds
   timeout "$4" stdbuf -oL "$2" --gtest_filter="$3" > "$OUT/priority-$1.log" 2>&1
@@ -86,28 +123,6 @@ if (( BUDGET - SECONDS > 60 )); then
   echo "bench: exit $rc (1 = the paths' outputs differ or the kernel refused)"
 fi
 
-layer() { # label plan variant FLEX_WGMMA FLEX_GROUPED_GEMM FLEX_WGMMA_TILE [--train]
-  local log="$OUT/layer-$2-$1"
-  (( BUDGET - SECONDS > 20 )) || { echo "$2 $1: skipped (budget)"; return; }
-  FLEX_WGMMA=$4 FLEX_GROUPED_GEMM=$5 FLEX_WGMMA_TILE=$6 \
-    timeout "$(limit 40)" "$BUILD/bin/moe-run" "bench/plans/$2.json" \
-    --device cuda --iters 10 --variant "$3" --json ${7:-} > "$log.json" 2> "$log.err" ||
-    { echo "$2 $1: failed"; tail -3 "$log.err"; status=1; return; }
-  python3 -c "
-import json, sys
-d = json.load(open(sys.argv[1]))
-f, b = d['forward'], d.get('backward')
-gemms = [round(x['mean_us'], 1) for x in f['steps'] if 'gemm' in x['op'] or x['op'] == 'combine']
-line = f'{sys.argv[2]:18s} {sys.argv[3]:10s} {d[\"variant\"]:28s} forward {f[\"median_us\"]:8.1f} us, GEMMs {gemms}'
-if b:
-    steps = [(x['op'], round(x['mean_us'], 1)) for x in b['steps']
-             if x['op'] in ('grouped_gemm', 'activation_backward',
-                            'grouped_gemm_activation_backward', 'glu_backward',
-                            'grouped_gemm_glu_backward')]
-    line += f'; backward {b[\"median_us\"]:8.1f} us {steps}'
-print(line)
-" "$log.json" "$2" "$1" || status=1
-}
 if [[ -f bench/plans/c3_dropless.infer.json ]]; then
   echo "=== layers ($SECONDS s)"
   for plan in c3_dropless.infer g3_dropless.infer d1_dropless.infer; do
