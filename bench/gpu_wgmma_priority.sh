@@ -21,7 +21,9 @@
 # FLEX_PLAN_OPTIONS="fuse-activation-backward=true fuse-combine=true").
 # The full suite and its shards are bench/gpu_gemm.sh's.
 # A short call: BENCH_ONLY=c3,decode_t512 times those shapes alone,
-# QUICK=1 runs only the layers' fused-against-pair rows and skips memcheck.
+# QUICK=1 runs only the layers' fused-against-pair rows and skips memcheck;
+# TESTS_LIMIT caps the tests' seconds (default 150), CHECKS=0 skips the
+# moe-run checks.
 #
 #   bench/gpu_wgmma_priority.sh   (device machine; at most BUDGET seconds)
 set -uo pipefail
@@ -102,18 +104,20 @@ run_tests() { # name binary filter seconds
   (( rc == 124 )) && echo "  cut while in: $(grep -E '^\[ RUN' "$OUT/priority-$1.log" | tail -1)"
   return $rc
 }
-t=$(limit 150)
+t=$(limit "${TESTS_LIMIT:-150}")
 run_tests hopper "$kernels" 'CudaHopperGemm.*' "$t" & p1=$!
 run_tests act-backward "$kernels" \
   'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*:CudaGemmCombine.*' "$t" & p2=$!
 run_tests executor "$executor" 'CudaExecutor.*:CudaStepKernels.*' "$t" & p3=$!
 for p in $p1 $p2 $p3; do wait "$p" || status=1; done
 
-if (( BUDGET - SECONDS > 60 )); then
+if (( BUDGET - SECONDS > 60 )) && [[ ${CHECKS:-1} != 0 ]]; then
   echo "=== moe-run checks ($SECONDS s)"
   (cd "$BUILD" && timeout "$(limit 60)" ctest \
      -R 'moe-run.cuda.(combine|act-backward|glu-backward)' 2>&1 |
      grep -E "Passed|Failed|Skipped|tests passed|Not Run|Timeout") || status=1
+fi
+if (( BUDGET - SECONDS > 30 )); then
   echo "=== bench ($SECONDS s)"
   timeout "$(limit 100)" "$BUILD/bin/flex-gemm-bench" --iters 10 \
     ${BENCH_ONLY:+--only "$BENCH_ONLY"} > "$OUT/priority-bench.log" 2>&1
