@@ -83,13 +83,19 @@ print(line)
 # strided-batched GEMM over E x C rows) against the ragged layout (a GEMM
 # per expert after the host read) and capacity 1.0, on the default paths
 # (plans from bench/make_baseline.sh: c3_dropless_layouts.*, compiled with
-# layouts=padded,ragged).
+# layouts=padded,ragged); the ragged layout's per-expert GEMMs also on 2 and
+# 4 streams.
 if [[ -f bench/plans/c3_dropless_layouts.infer.json ]]; then
   echo "=== dropless layouts ($SECONDS s)"
   for mode in infer train; do
     train=; [[ $mode == train ]] && train=--train
     layer cap1 "c3_cap1.$mode" single 0 auto auto $train
     layer ragged "c3_dropless_layouts.$mode" ragged 0 auto auto $train
+    # Its per-expert GEMMs on 2 and 4 streams (gemm_streams).
+    for streams in 2 4; do
+      FLEX_GEMM_STREAMS=$streams layer "ragged-s$streams" \
+        "c3_dropless_layouts.$mode" ragged 0 auto auto $train
+    done
     layer padded "c3_dropless_layouts.$mode" padded 0 auto auto $train
   done
 fi

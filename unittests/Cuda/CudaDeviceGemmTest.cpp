@@ -330,6 +330,89 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
       }
 }
 
+// The per-expert cuBLAS GEMMs spread over side streams (gemm_streams 3):
+// the same calls as on one stream, so the same bytes, forward (b and b^T,
+// accumulating or not) and weight gradient; fp64 agrees; rows outside the
+// segments keep theirs; and the next step on the context's stream sees
+// every expert's rows (it waits for the side streams).
+TEST_P(CudaDeviceGemm, PerExpertGemmsOnSideStreamsMatchOneStream) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  const GemmCase &tc = GetParam();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(tc.counts, tc.capacity, tc.base);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
+  std::mt19937_64 rng(13 + k + n);
+  const DType dt = DType::BF16;
+  for (bool transB : {false, true})
+    for (bool accumulate : {false, true}) {
+      SCOPED_TRACE(std::string(transB ? "b^T" : "b") +
+                   (accumulate ? " accumulate" : ""));
+      Buffer a(dt, R * k), b(dt, E * k * n), c0(dt, R * n);
+      a.set(normals(rng, R * k, 1.0));
+      b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+      c0.set(normals(rng, R * n, 1.0));
+      std::vector<double> want =
+          referenceForward(a, b, c0, seg, k, n, transB, accumulate);
+      GroupedGemmOptions options;
+      options.transB = transB;
+      options.accumulate = accumulate;
+      std::array<Buffer, 2> c = {Buffer(dt, R * n), Buffer(dt, R * n)};
+      for (int streams : {1, 3}) {
+        Buffer &out = c[streams == 1 ? 0 : 1];
+        if (accumulate) {
+          out.host = c0.host;
+          out.upload();
+        } else {
+          out.poison();
+        }
+        ctx->gemmStreams = streams;
+        Status status = cuda::detail::groupedGemmWith(
+            *ctx, {a.device, dt}, {b.device, dt}, {}, {out.device, dt}, k, n,
+            seg.space(), options, {}, GroupedGemmPath::Cublas);
+        ASSERT_TRUE(status.isOk()) << status.message();
+        out.download();
+        EXPECT_LE(segmentError(out, want, seg, n), 1e-2) << streams;
+      }
+      EXPECT_EQ(
+          firstRowDiffering(c[1], c[0], R, n, [](int64_t) { return true; }), -1)
+          << "the side streams' product differs from one stream's";
+    }
+  // The weight gradient, then a copy queued on the context's stream right
+  // after: it reads every expert's slice as the GEMMs left it.
+  Buffer a(dt, R * k), gradC(dt, R * n);
+  a.set(normals(rng, R * k, 1.0));
+  gradC.set(normals(rng, R * n, 1.0));
+  std::array<Buffer, 2> copies = {Buffer(dt, E * k * n), Buffer(dt, E * k * n)};
+  for (int streams : {1, 3}) {
+    Buffer gradB(dt, E * k * n);
+    gradB.poison();
+    Buffer &copy = copies[streams == 1 ? 0 : 1];
+    copy.poison();
+    ctx->gemmStreams = streams;
+    Status status = cuda::detail::groupedGemmWgradWith(
+        *ctx, {a.device, dt}, {gradC.device, dt}, k, n, seg.space(),
+        {gradB.device, dt}, {}, false, GroupedGemmPath::Cublas);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    ASSERT_EQ(cudaMemcpyAsync(copy.device, gradB.device, copy.host.size(),
+                              cudaMemcpyDeviceToDevice,
+                              reinterpret_cast<cudaStream_t>(ctx->stream())),
+              cudaSuccess);
+    copy.download();
+  }
+  EXPECT_EQ(firstRowDiffering(copies[1], copies[0], E * k, n,
+                              [](int64_t) { return true; }),
+            -1)
+      << "the side streams' weight gradient differs from one stream's";
+  std::vector<double> want(E * k * n, 0.0);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          want[(e * k + i) * n + j] += a.at(r * k + i) * gradC.at(r * n + j);
+  EXPECT_LE(bufferError(copies[1], want), 1e-2);
+}
+
 // Bias, pre and the activation: applied in the device kernel's store (its
 // few-rows tile) or by the epilogue kernel after it (the larger tiles, and
 // the cuBLAS path); c = act(a @ b[e] + bias[e]) and pre = a @ b[e] +

@@ -555,6 +555,20 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   EXPECT_THAT(status.message(),
               HasSubstr("option wgmma_tile='huge': expected auto, wide"));
   EXPECT_EQ(options.wgmmaTile, WgmmaTile::Auto);
+  // The per-expert GEMMs' streams: 1..8; anything else names the range and
+  // leaves the value.
+  EXPECT_EQ(options.gemmStreams, 1);
+  EXPECT_TRUE(options.set("gemm_streams", "4").isOk());
+  EXPECT_EQ(options.gemmStreams, 4);
+  EXPECT_TRUE(options.get("gemm_streams", text).isOk());
+  EXPECT_EQ(text, "4");
+  for (const char *bad : {"0", "9", "-1", "2x", ""}) {
+    status = options.set("gemm_streams", bad);
+    EXPECT_EQ(status.code(), StatusCode::InvalidArgument) << bad;
+    EXPECT_THAT(status.message(), HasSubstr("a whole number from 1 to 8"))
+        << bad;
+    EXPECT_EQ(options.gemmStreams, 4) << bad;
+  }
 
   // Every variable of the table overrides its option; an empty one is
   // unset; a bad one names itself and leaves the result at the base.

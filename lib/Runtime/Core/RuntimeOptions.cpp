@@ -128,6 +128,19 @@ Status setOption(RuntimeOptions &options, std::string_view name,
                       "ranks on one host)");
     return Status::ok();
   }
+  if (name == "gemm_streams") {
+    const std::string text(value);
+    char *end = nullptr;
+    const long streams = std::strtol(text.c_str(), &end, 10);
+    if (text.empty() || *end || streams < 1 || streams > kMaxGemmStreams)
+      return badValue(label, value,
+                      "a whole number from 1 to " +
+                          std::to_string(kMaxGemmStreams) +
+                          " (the streams a dynamic routing's per-expert "
+                          "GEMMs spread over; 1: one after another)");
+    options.gemmStreams = static_cast<int>(streams);
+    return Status::ok();
+  }
   if (name == "collective_timeout_s") {
     std::string text(value);
     char *end = nullptr;
@@ -163,6 +176,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"relu_in_gemm", "FLEX_RELU_IN_GEMM"},
       {"wgmma", "FLEX_WGMMA"},
       {"wgmma_tile", "FLEX_WGMMA_TILE"},
+      {"gemm_streams", "FLEX_GEMM_STREAMS"},
   };
   return table;
 }
@@ -203,6 +217,8 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
             : wgmmaTile == WgmmaTile::Pair        ? "pair"
             : wgmmaTile == WgmmaTile::Cooperative ? "cooperative"
                                                   : "ping-pong";
+  else if (name == "gemm_streams")
+    value = std::to_string(gemmStreams);
   else if (name == "a2a_transport")
     value = a2aTransport == AllToAllTransport::Nccl ? "nccl" : "ce";
   else if (name == "collective_timeout_s") {

@@ -242,6 +242,7 @@ CudaBackend::CudaBackend(int device,
   ctx_->reluInGemm = options.reluInGemm;
   ctx_->wgmma = options.wgmma;
   ctx_->wgmmaTile = options.wgmmaTile;
+  ctx_->gemmStreams = options.gemmStreams;
   setRowKernels();
   setRoutingKernels();
   setCollectiveKernels();

@@ -249,6 +249,25 @@ Status groupedCublasCall(KernelContext &ctx, cublasOperation_t opB,
                      "cublasGemmGroupedBatchedEx (grouped_gemm)");
 }
 
+/// The experts with rows (host counts), in order.
+std::vector<int64_t> expertsWithRows(const int32_t *rows, int64_t experts) {
+  std::vector<int64_t> with;
+  for (int64_t e = 0; e < experts; ++e)
+    if (rows[e] > 0)
+      with.push_back(e);
+  return with;
+}
+
+/// The rows of each of `experts` (spreadOverStreams' weights).
+std::vector<int64_t> rowsOf(const std::vector<int64_t> &experts,
+                            const int32_t *rows) {
+  std::vector<int64_t> weights;
+  weights.reserve(experts.size());
+  for (int64_t e : experts)
+    weights.push_back(rows[e]);
+  return weights;
+}
+
 /// The largest of the host's counts.
 int64_t largestCount(const int32_t *rows, int64_t experts) {
   int64_t largest = 0;
@@ -494,23 +513,27 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
           !s)
         return s;
     } else {
-      for (int64_t e = 0; e < space.experts; ++e) {
-        if (rows[e] <= 0)
-          continue;
-        int64_t first = offsets[e];
-        if (Status s = checkCublas(
-                cublasGemmEx(
-                    handle, opB, CUBLAS_OP_N, static_cast<int>(n), rows[e],
-                    static_cast<int>(k), &alpha, at(b.data, e * k * n, dtype),
-                    type, static_cast<int>(ldb), at(a.data, first * k, dtype),
-                    type, static_cast<int>(k), &beta,
-                    at(target.data, first * n, dtype), type,
-                    static_cast<int>(n), CUBLAS_COMPUTE_32F,
-                    CUBLAS_GEMM_DEFAULT),
-                "cublasGemmEx (grouped_gemm)");
-            !s)
-          return s;
-      }
+      // A GEMM per expert with rows, spread over gemm_streams streams: one
+      // expert's few thousand rows leave SMs idle.
+      const std::vector<int64_t> experts = expertsWithRows(rows, space.experts);
+      if (Status s = ctx.spreadOverStreams(
+              rowsOf(experts, rows),
+              [&](int64_t item, void *on) {
+                const int64_t e = experts[item], first = offsets[e];
+                return checkCublas(
+                    cublasGemmEx(
+                        static_cast<cublasHandle_t>(on), opB, CUBLAS_OP_N,
+                        static_cast<int>(n), rows[e], static_cast<int>(k),
+                        &alpha, at(b.data, e * k * n, dtype), type,
+                        static_cast<int>(ldb), at(a.data, first * k, dtype),
+                        type, static_cast<int>(k), &beta,
+                        at(target.data, first * n, dtype), type,
+                        static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                        CUBLAS_GEMM_DEFAULT),
+                    "cublasGemmEx (grouped_gemm)");
+              });
+          !s)
+        return s;
     }
   }
   if (epilogueApplied ||
@@ -785,31 +808,35 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
     const int32_t *offsets = nullptr, *rows = nullptr;
     if (Status s = ctx.hostSegments(space, offsets, rows); !s)
       return s;
-    for (int64_t e = 0; e < E; ++e) {
-      char *slice = at(gradB.data, e * k * n, dtype);
-      if (rows[e] <= 0) {
-        // An expert with no rows gets zeros, as on the CPU.
-        if (accumulate)
-          continue;
-        if (Status s = checkCuda(cudaMemsetAsync(slice, 0, sliceBytes, stream),
-                                 "clearing grad_b");
+    // An expert with no rows gets zeros, as on the CPU.
+    for (int64_t e = 0; e < E && !accumulate; ++e)
+      if (rows[e] <= 0)
+        if (Status s =
+                checkCuda(cudaMemsetAsync(at(gradB.data, e * k * n, dtype), 0,
+                                          sliceBytes, stream),
+                          "clearing grad_b");
             !s)
           return s;
-        continue;
-      }
-      int64_t first = offsets[e];
-      if (Status s = checkCublas(
-              cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T,
-                           static_cast<int>(n), static_cast<int>(k), rows[e],
-                           &alpha, at(gradC.data, first * n, dtype), type,
-                           static_cast<int>(n), at(a.data, first * k, dtype),
-                           type, static_cast<int>(k), &beta, slice, type,
-                           static_cast<int>(n), CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT),
-              "cublasGemmEx (grouped_gemm_wgrad)");
-          !s)
-        return s;
-    }
+    // A GEMM per expert with rows, spread over gemm_streams streams.
+    const std::vector<int64_t> experts = expertsWithRows(rows, E);
+    if (Status s = ctx.spreadOverStreams(
+            rowsOf(experts, rows),
+            [&](int64_t item, void *on) {
+              const int64_t e = experts[item], first = offsets[e];
+              return checkCublas(
+                  cublasGemmEx(
+                      static_cast<cublasHandle_t>(on), CUBLAS_OP_N, CUBLAS_OP_T,
+                      static_cast<int>(n), static_cast<int>(k), rows[e], &alpha,
+                      at(gradC.data, first * n, dtype), type,
+                      static_cast<int>(n), at(a.data, first * k, dtype), type,
+                      static_cast<int>(k), &beta,
+                      at(gradB.data, e * k * n, dtype), type,
+                      static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT),
+                  "cublasGemmEx (grouped_gemm_wgrad)");
+            });
+        !s)
+      return s;
   }
 
   if (!gradBias.data || E == 0 || n == 0)

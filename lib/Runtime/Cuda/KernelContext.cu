@@ -14,6 +14,8 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <algorithm>
+#include <optional>
 #include <string>
 
 namespace flex::cuda {
@@ -120,8 +122,142 @@ KernelContext::~KernelContext() {
     cublasLtDestroy(static_cast<cublasLtHandle_t>(cublasLt_));
   if (cublasWorkspace_)
     cudaFree(cublasWorkspace_);
+  for (SideStream &side : sideStreams_)
+    destroySideStream(side);
+  if (sideStart_)
+    cudaEventDestroy(static_cast<cudaEvent_t>(sideStart_));
   if (ownStream_)
     cudaStreamDestroy(ownStream_);
+}
+
+void KernelContext::destroySideStream(SideStream &side) {
+  if (side.cublas)
+    cublasDestroy(static_cast<cublasHandle_t>(side.cublas));
+  if (side.workspace)
+    cudaFree(side.workspace);
+  if (side.done)
+    cudaEventDestroy(static_cast<cudaEvent_t>(side.done));
+  if (side.stream)
+    cudaStreamDestroy(side.stream);
+  side = SideStream{};
+}
+
+Status KernelContext::addSideStream() {
+  if (!sideStart_) {
+    cudaEvent_t start = nullptr;
+    if (Status s =
+            checkCuda(cudaEventCreateWithFlags(&start, cudaEventDisableTiming),
+                      "creating the side streams' start event");
+        !s)
+      return s;
+    sideStart_ = start;
+  }
+  // In the list from the start; a failed part's caller destroys it.
+  SideStream &side = sideStreams_.emplace_back();
+  if (Status s = checkCuda(
+          cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking),
+          "creating a side stream");
+      !s)
+    return s;
+  cudaEvent_t done = nullptr;
+  if (Status s =
+          checkCuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming),
+                    "creating a side stream's event");
+      !s)
+    return s;
+  side.done = done;
+  if (Status s = checkCuda(cudaMalloc(&side.workspace, kCublasWorkspaceBytes),
+                           "allocating a side stream's cuBLAS workspace");
+      !s)
+    return s;
+  cublasHandle_t handle = nullptr;
+  cublasStatus_t status = cublasCreate(&handle);
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return Status(StatusCode::Unavailable,
+                  std::string("cublasCreate (side stream) failed: ") +
+                      cublasGetStatusName(status));
+  side.cublas = handle;
+  // As the context's handle: its own workspace, fp32 GEMMs without TF32.
+  cublasSetWorkspace(handle, side.workspace, kCublasWorkspaceBytes);
+  cublasSetStream(handle, side.stream);
+  cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH);
+  return Status::ok();
+}
+
+Status KernelContext::spreadOverStreams(
+    const std::vector<int64_t> &weights,
+    const std::function<Status(int64_t, void *)> &issue) {
+  const int64_t items = static_cast<int64_t>(weights.size());
+  const int lanes = capturing ? 1
+                              : static_cast<int>(std::min<int64_t>(
+                                    std::max(1, gemmStreams), items));
+  if (lanes <= 1) {
+    for (int64_t item = 0; item < items; ++item)
+      if (Status s = issue(item, cublas_); !s)
+        return s;
+    return Status::ok();
+  }
+  while (static_cast<int>(sideStreams_.size()) < lanes - 1)
+    if (Status s = addSideStream(); !s) {
+      destroySideStream(sideStreams_.back());
+      sideStreams_.pop_back();
+      return s;
+    }
+  // Heaviest first, each to the lane with the least weight so far: lane 0
+  // is the context's stream, lane i > 0 side stream i - 1.
+  std::vector<int64_t> order(items);
+  for (int64_t i = 0; i < items; ++i)
+    order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return weights[x] > weights[y];
+  });
+  auto start = static_cast<cudaEvent_t>(sideStart_);
+  if (Status s = checkCuda(cudaEventRecord(start, stream_),
+                           "recording the side streams' start");
+      !s)
+    return s;
+  // The first failure (std::optional: Status is [[nodiscard]], its
+  // assignment's result would be dropped).
+  std::optional<Status> failure;
+  int joinable = 0; // side streams that waited for the start
+  while (joinable < lanes - 1) {
+    if (Status s = checkCuda(
+            cudaStreamWaitEvent(sideStreams_[joinable].stream, start, 0),
+            "a side stream waiting for the work before it");
+        !s) {
+      failure = s;
+      break;
+    }
+    ++joinable;
+  }
+  std::vector<int64_t> load(lanes, 0);
+  for (int64_t item : order) {
+    if (failure)
+      break;
+    const int lane = static_cast<int>(
+        std::min_element(load.begin(), load.begin() + 1 + joinable) -
+        load.begin());
+    load[lane] += std::max<int64_t>(weights[item], 1);
+    if (Status s =
+            issue(item, lane == 0 ? cublas_ : sideStreams_[lane - 1].cublas);
+        !s)
+      failure = s;
+  }
+  // Joined even after a failure, so nothing queued later races the calls
+  // already queued.
+  for (int i = 0; i < joinable; ++i) {
+    auto done = static_cast<cudaEvent_t>(sideStreams_[i].done);
+    Status joined = checkCuda(cudaEventRecord(done, sideStreams_[i].stream),
+                              "recording a side stream's end");
+    if (joined)
+      if (Status s = checkCuda(cudaStreamWaitEvent(stream_, done, 0),
+                               "the stream waiting for a side stream");
+          !s && !failure)
+        failure = s;
+    if (!joined && !failure)
+      failure = joined;
+  }
+  return failure ? *failure : Status::ok();
 }
 
 Status KernelContext::setStream(Stream stream) {

@@ -35,6 +35,8 @@ namespace flex {
 
 /// The default collective timeout (FLEX_COLLECTIVE_TIMEOUT_S).
 inline constexpr double kDefaultCollectiveTimeoutSeconds = 300.0;
+/// The most streams RuntimeOptions::gemmStreams allows.
+inline constexpr int kMaxGemmStreams = 8;
 
 /// Whether a device all_to_all packs its rows into one staging block per
 /// peer before sending.
@@ -117,6 +119,12 @@ struct RuntimeOptions {
   /// GEMM's default; a fixed shape for measuring or tuning a layer).
   /// ("wgmma_tile", FLEX_WGMMA_TILE)
   WgmmaTile wgmmaTile = WgmmaTile::Auto;
+  /// CUDA: the streams a dynamic routing's per-expert cuBLAS GEMMs spread
+  /// over (1..8; 1 = one after another on the compute stream). Uneven
+  /// experts of a few hundred to a few thousand rows each leave SMs idle one
+  /// at a time (bench/RESULTS.md Run 29: C3 dropless's per-expert GEMMs
+  /// 1.4x the padded batch). ("gemm_streams", FLEX_GEMM_STREAMS)
+  int gemmStreams = 1;
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

@@ -114,6 +114,19 @@ public:
   std::function<Status(Stream)> streamWaiter;
   Status waitForStream(const char *what);
 
+  /// RuntimeOptions::gemmStreams: the streams spreadOverStreams may use.
+  int gemmStreams = 1;
+  /// Queues `weights.size()` independent cuBLAS calls spread over up to
+  /// gemmStreams streams: the context's, and side streams that start after
+  /// the work queued so far, each with a cuBLAS handle and workspace of its
+  /// own. `issue(item, handle)` queues item's call on `handle`; the heaviest
+  /// item goes first, each to the stream with the least weight so far. The
+  /// context's stream waits for the side streams before anything queued
+  /// after, so to the caller it is one call on its stream. One stream while
+  /// capturing a graph. The side streams are created on first use and kept.
+  Status spreadOverStreams(const std::vector<int64_t> &weights,
+                           const std::function<Status(int64_t, void *)> &issue);
+
   void *cublasHandle() const { return cublas_; }
   /// The cuBLASLt handle (GEMMs with an activation in their epilogue); it
   /// shares the cuBLAS workspace, as both run on the one stream.
@@ -148,6 +161,18 @@ private:
   std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(10);
   /// Areas a slot outgrew, freed with the context (graphs may hold them).
   std::vector<void *> retiredScratch_;
+  /// spreadOverStreams' side streams: each with its cuBLAS handle, that
+  /// handle's workspace and the event the context's stream waits on.
+  struct SideStream {
+    Stream stream = nullptr;
+    void *cublas = nullptr;
+    void *workspace = nullptr;
+    void *done = nullptr; ///< cudaEvent_t
+  };
+  std::vector<SideStream> sideStreams_;
+  void *sideStart_ = nullptr; ///< cudaEvent_t: the side streams wait on it
+  Status addSideStream();
+  static void destroySideStream(SideStream &side);
   int32_t *pinned_ = nullptr;
   int64_t pinnedCount_ = 0;
   const int32_t *hostKeyOffsets_ = nullptr;
