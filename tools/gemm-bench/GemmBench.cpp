@@ -389,12 +389,25 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
               double(R) / E, static_cast<long long>(E), dev, cub, grouped,
               batched, flops / dev / 1e6, floorUs, dev / best,
               err <= 2e-2 && groupedErr <= 2e-2 ? "" : "  MISMATCH");
+  bool ok = err <= 2e-2 && groupedErr <= 2e-2;
   if (!std::isnan(padded))
     std::printf("%-16s %-6s padded to the largest expert (%lld rows each, "
                 "%.3fx the rows): cuBLAS batched %.1f us\n",
                 "", "", static_cast<long long>(largest),
                 double(E * largest) / double(R), padded);
-  bool ok = err <= 2e-2 && groupedErr <= 2e-2;
+  // The per-expert GEMMs spread over side streams (gemm_streams).
+  if (!r.uniform && R >= 4096 * s.k) {
+    std::printf("%-16s %-6s cuBLAS per expert on streams:", "", "");
+    for (int streams : {2, 4}) {
+      ctx.gemmStreams = streams;
+      const double us = time(GroupedGemmPath::Cublas, false, outBatched.data);
+      const double e = relativeError(outBatched.data, outCublas.data, outCount);
+      std::printf(" %d: %.1f us%s", streams, us, e == 0.0 ? "" : " MISMATCH");
+      ok = ok && e == 0.0;
+    }
+    ctx.gemmStreams = 1;
+    std::printf("\n");
+  }
   if (!ok)
     std::printf("  relative L2 against cuBLAS per expert: device %.3g, "
                 "grouped %.3g\n",
