@@ -249,23 +249,21 @@ Status groupedCublasCall(KernelContext &ctx, cublasOperation_t opB,
                      "cublasGemmGroupedBatchedEx (grouped_gemm)");
 }
 
-/// The experts with rows (host counts), in order.
-std::vector<int64_t> expertsWithRows(const int32_t *rows, int64_t experts) {
-  std::vector<int64_t> with;
+/// Queues call(e, handle) for every expert e with rows (host counts),
+/// spread over the context's gemm_streams streams by rows
+/// (KernelContext::spreadOverStreams).
+template <typename Call>
+Status perExpertOnStreams(KernelContext &ctx, const int32_t *rows,
+                          int64_t experts, Call call) {
+  std::vector<int64_t> with, weights;
   for (int64_t e = 0; e < experts; ++e)
-    if (rows[e] > 0)
+    if (rows[e] > 0) {
       with.push_back(e);
-  return with;
-}
-
-/// The rows of each of `experts` (spreadOverStreams' weights).
-std::vector<int64_t> rowsOf(const std::vector<int64_t> &experts,
-                            const int32_t *rows) {
-  std::vector<int64_t> weights;
-  weights.reserve(experts.size());
-  for (int64_t e : experts)
-    weights.push_back(rows[e]);
-  return weights;
+      weights.push_back(rows[e]);
+    }
+  return ctx.spreadOverStreams(weights, [&](int64_t item, void *handle) {
+    return call(with[item], static_cast<cublasHandle_t>(handle));
+  });
 }
 
 /// The largest of the host's counts.
@@ -515,21 +513,20 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     } else {
       // A GEMM per expert with rows, spread over gemm_streams streams: one
       // expert's few thousand rows leave SMs idle.
-      const std::vector<int64_t> experts = expertsWithRows(rows, space.experts);
-      if (Status s = ctx.spreadOverStreams(
-              rowsOf(experts, rows),
-              [&](int64_t item, void *on) {
-                const int64_t e = experts[item], first = offsets[e];
+      if (Status s = perExpertOnStreams(
+              ctx, rows, space.experts,
+              [&](int64_t e, cublasHandle_t on) {
+                const int64_t first = offsets[e];
                 return checkCublas(
-                    cublasGemmEx(
-                        static_cast<cublasHandle_t>(on), opB, CUBLAS_OP_N,
-                        static_cast<int>(n), rows[e], static_cast<int>(k),
-                        &alpha, at(b.data, e * k * n, dtype), type,
-                        static_cast<int>(ldb), at(a.data, first * k, dtype),
-                        type, static_cast<int>(k), &beta,
-                        at(target.data, first * n, dtype), type,
-                        static_cast<int>(n), CUBLAS_COMPUTE_32F,
-                        CUBLAS_GEMM_DEFAULT),
+                    cublasGemmEx(on, opB, CUBLAS_OP_N, static_cast<int>(n),
+                                 rows[e], static_cast<int>(k), &alpha,
+                                 at(b.data, e * k * n, dtype), type,
+                                 static_cast<int>(ldb),
+                                 at(a.data, first * k, dtype), type,
+                                 static_cast<int>(k), &beta,
+                                 at(target.data, first * n, dtype), type,
+                                 static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                                 CUBLAS_GEMM_DEFAULT),
                     "cublasGemmEx (grouped_gemm)");
               });
           !s)
@@ -818,15 +815,14 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
             !s)
           return s;
     // A GEMM per expert with rows, spread over gemm_streams streams.
-    const std::vector<int64_t> experts = expertsWithRows(rows, E);
-    if (Status s = ctx.spreadOverStreams(
-            rowsOf(experts, rows),
-            [&](int64_t item, void *on) {
-              const int64_t e = experts[item], first = offsets[e];
+    if (Status s = perExpertOnStreams(
+            ctx, rows, E,
+            [&](int64_t e, cublasHandle_t on) {
+              const int64_t first = offsets[e];
               return checkCublas(
                   cublasGemmEx(
-                      static_cast<cublasHandle_t>(on), CUBLAS_OP_N, CUBLAS_OP_T,
-                      static_cast<int>(n), static_cast<int>(k), rows[e], &alpha,
+                      on, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(n),
+                      static_cast<int>(k), rows[e], &alpha,
                       at(gradC.data, first * n, dtype), type,
                       static_cast<int>(n), at(a.data, first * k, dtype), type,
                       static_cast<int>(k), &beta,
