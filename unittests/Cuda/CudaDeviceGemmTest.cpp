@@ -21,13 +21,17 @@
 #include "flex/Runtime/Core/GroupedGemmRule.h"
 #include "flex/Runtime/Cuda/CudaKernels.h"
 
+#include <cublas_v2.h>
 #include <gtest/gtest.h>
 
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 
 using namespace flex;
@@ -411,6 +415,83 @@ TEST_P(CudaDeviceGemm, PerExpertGemmsOnSideStreamsMatchOneStream) {
         for (int64_t j = 0; j < n; ++j)
           want[(e * k + i) * n + j] += a.at(r * k + i) * gradC.at(r * n + j);
   EXPECT_LE(bufferError(copies[1], want), 1e-2);
+}
+
+/// What spreadOverStreams' ordering test's host functions share.
+struct StreamOrder {
+  std::atomic<bool> earlierDone{false};
+  std::array<std::atomic<bool>, 3> sawEarlier{}, done{};
+  std::array<cudaStream_t, 3> stream{};
+};
+struct StreamItem {
+  StreamOrder *order;
+  int item;
+  bool slow;
+};
+
+// KernelContext::spreadOverStreams on its own, the two orders it promises,
+// with host functions that take their time: every item starts after the
+// work queued on the context's stream before the call (a slow host
+// function), and the context's stream waits for every item (slow ones on
+// the side streams) before what is queued after. Three items on three
+// streams; a synchronize of the context's stream alone must see them done.
+TEST(CudaSideStreams, StartAfterEarlierWorkAndJoinBeforeLaterWork) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  ctx->gemmStreams = 3;
+  auto stream = reinterpret_cast<cudaStream_t>(ctx->stream());
+  for (int round = 0; round < 2; ++round) { // the second reuses the streams
+    SCOPED_TRACE(round);
+    StreamOrder order;
+    ASSERT_EQ(cudaLaunchHostFunc(
+                  stream,
+                  [](void *data) {
+                    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+                    static_cast<StreamOrder *>(data)->earlierDone = true;
+                  },
+                  &order),
+              cudaSuccess);
+    std::array<StreamItem, 3> items;
+    // The heaviest item goes to the context's stream (fast), the two
+    // lighter ones to side streams (slow).
+    Status status = ctx->spreadOverStreams(
+        {30, 20, 10}, [&](int64_t item, void *handle) -> Status {
+          cudaStream_t on = nullptr;
+          if (cublasGetStream(static_cast<cublasHandle_t>(handle), &on) !=
+              CUBLAS_STATUS_SUCCESS)
+            return Status(StatusCode::Internal, "cublasGetStream");
+          order.stream[item] = on;
+          items[item] = {&order, static_cast<int>(item), item > 0};
+          return cuda::checkCuda(cudaLaunchHostFunc(
+                                     on,
+                                     [](void *data) {
+                                       auto *it =
+                                           static_cast<StreamItem *>(data);
+                                       it->order->sawEarlier[it->item] =
+                                           it->order->earlierDone.load();
+                                       if (it->slow)
+                                         std::this_thread::sleep_for(
+                                             std::chrono::milliseconds(60));
+                                       it->order->done[it->item] = true;
+                                     },
+                                     &items[item]),
+                                 "cudaLaunchHostFunc");
+        });
+    ASSERT_TRUE(status.isOk()) << status.message();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_TRUE(order.done[i])
+          << "item " << i << " not done when the stream was";
+      EXPECT_TRUE(order.sawEarlier[i])
+          << "item " << i << " started before the earlier work finished";
+    }
+    EXPECT_EQ(order.stream[0], stream) << "the heaviest item's stream";
+    EXPECT_NE(order.stream[1], stream);
+    EXPECT_NE(order.stream[2], stream);
+    EXPECT_NE(order.stream[1], order.stream[2]);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  }
 }
 
 // Bias, pre and the activation: applied in the device kernel's store (its

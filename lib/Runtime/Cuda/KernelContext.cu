@@ -143,6 +143,62 @@ void KernelContext::destroySideStream(SideStream &side) {
 }
 
 Status KernelContext::addSideStream() {
+  SideStream side;
+  // Each part made so far is freed when a later one fails.
+  auto failed = [&](Status s) {
+    destroySideStream(side);
+    return s;
+  };
+  if (Status s = checkCuda(
+          cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking),
+          "creating a side stream");
+      !s)
+    return failed(s);
+  cudaEvent_t done = nullptr;
+  if (Status s =
+          checkCuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming),
+                    "creating a side stream's event");
+      !s)
+    return failed(s);
+  side.done = done;
+  if (Status s = checkCuda(cudaMalloc(&side.workspace, kCublasWorkspaceBytes),
+                           "allocating a side stream's cuBLAS workspace");
+      !s)
+    return failed(s);
+  cublasHandle_t handle = nullptr;
+  cublasStatus_t status = cublasCreate(&handle);
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return failed(Status(StatusCode::Unavailable,
+                         std::string("cublasCreate (side stream) failed: ") +
+                             cublasGetStatusName(status)));
+  side.cublas = handle;
+  // As the context's handle: its own workspace, fp32 GEMMs without TF32.
+  cublasSetWorkspace(handle, side.workspace, kCublasWorkspaceBytes);
+  cublasSetStream(handle, side.stream);
+  cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH);
+  sideStreams_.push_back(side);
+  return Status::ok();
+}
+
+Status KernelContext::spreadOverStreams(
+    const std::vector<int64_t> &weights,
+    const std::function<Status(int64_t, void *)> &issue) {
+  const int64_t items = static_cast<int64_t>(weights.size());
+  // One stream while a graph records, ours or a caller's around the pass:
+  // making a side stream's handle and workspace would break the capture.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const bool recording =
+      capturing || cudaStreamIsCapturing(stream_, &capture) != cudaSuccess ||
+      capture != cudaStreamCaptureStatusNone;
+  const int lanes = recording ? 1
+                              : static_cast<int>(std::min<int64_t>(
+                                    std::max(1, gemmStreams), items));
+  if (lanes <= 1) {
+    for (int64_t item = 0; item < items; ++item)
+      if (Status s = issue(item, cublas_); !s)
+        return s;
+    return Status::ok();
+  }
   if (!sideStart_) {
     cudaEvent_t start = nullptr;
     if (Status s =
@@ -152,57 +208,9 @@ Status KernelContext::addSideStream() {
       return s;
     sideStart_ = start;
   }
-  // In the list from the start; a failed part's caller destroys it.
-  SideStream &side = sideStreams_.emplace_back();
-  if (Status s = checkCuda(
-          cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking),
-          "creating a side stream");
-      !s)
-    return s;
-  cudaEvent_t done = nullptr;
-  if (Status s =
-          checkCuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming),
-                    "creating a side stream's event");
-      !s)
-    return s;
-  side.done = done;
-  if (Status s = checkCuda(cudaMalloc(&side.workspace, kCublasWorkspaceBytes),
-                           "allocating a side stream's cuBLAS workspace");
-      !s)
-    return s;
-  cublasHandle_t handle = nullptr;
-  cublasStatus_t status = cublasCreate(&handle);
-  if (status != CUBLAS_STATUS_SUCCESS)
-    return Status(StatusCode::Unavailable,
-                  std::string("cublasCreate (side stream) failed: ") +
-                      cublasGetStatusName(status));
-  side.cublas = handle;
-  // As the context's handle: its own workspace, fp32 GEMMs without TF32.
-  cublasSetWorkspace(handle, side.workspace, kCublasWorkspaceBytes);
-  cublasSetStream(handle, side.stream);
-  cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH);
-  return Status::ok();
-}
-
-Status KernelContext::spreadOverStreams(
-    const std::vector<int64_t> &weights,
-    const std::function<Status(int64_t, void *)> &issue) {
-  const int64_t items = static_cast<int64_t>(weights.size());
-  const int lanes = capturing ? 1
-                              : static_cast<int>(std::min<int64_t>(
-                                    std::max(1, gemmStreams), items));
-  if (lanes <= 1) {
-    for (int64_t item = 0; item < items; ++item)
-      if (Status s = issue(item, cublas_); !s)
-        return s;
-    return Status::ok();
-  }
   while (static_cast<int>(sideStreams_.size()) < lanes - 1)
-    if (Status s = addSideStream(); !s) {
-      destroySideStream(sideStreams_.back());
-      sideStreams_.pop_back();
+    if (Status s = addSideStream(); !s)
       return s;
-    }
   // Heaviest first, each to the lane with the least weight so far: lane 0
   // is the context's stream, lane i > 0 side stream i - 1.
   std::vector<int64_t> order(items);
