@@ -113,7 +113,7 @@ run_tests() { # name binary filter seconds
 t=$(limit "${TESTS_LIMIT:-150}")
 run_tests hopper "$kernels" 'CudaHopperGemm.*' "$t" & p1=$!
 run_tests act-backward "$kernels" \
-  'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*:CudaGemmCombine.*' "$t" & p2=$!
+  'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*:CudaGemmCombine.*:CudaSideStreams.*:Shapes/CudaDeviceGemm.PerExpertGemmsOnSideStreams*' "$t" & p2=$!
 run_tests executor "$executor" 'CudaExecutor.*:CudaStepKernels.*' "$t" & p3=$!
 for p in $p1 $p2 $p3; do wait "$p" || status=1; done
 
@@ -176,7 +176,7 @@ if (( BUDGET - SECONDS > 40 )) && [[ -z ${QUICK:-} ]]; then
   echo "=== memcheck ($SECONDS s)"
   timeout "$(limit 120)" stdbuf -oL compute-sanitizer --tool memcheck \
     --report-api-errors no --error-exitcode 3 "$kernels" \
-    --gtest_filter='CudaGemmCombine.*:CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*:Shapes/CudaDeviceGemm.GluBackward*/decode*' \
+    --gtest_filter='CudaGemmCombine.*:CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*:Shapes/CudaDeviceGemm.GluBackward*/decode*:CudaSideStreams.*:Shapes/CudaDeviceGemm.PerExpertGemmsOnSideStreams*/prefill_ragged' \
     > "$OUT/priority-memcheck.log" 2>&1
   rc=$?
   (( rc == 0 || rc == 124 )) || status=1
