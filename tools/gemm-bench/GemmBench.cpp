@@ -300,6 +300,63 @@ bool benchFusedEpilogue(cuda::KernelContext &ctx, const Routed &r,
   return e == 0.0;
 }
 
+/// Uneven rows at prefill size: one strided-batched call with every expert
+/// padded to the largest's rows (a capacity layout whose C is the largest
+/// count, so nothing is dropped), over B = `b`; prints its row.
+void paddedToLargestRow(cuda::KernelContext &ctx, const Routed &r,
+                        const void *b, int64_t k, int64_t n,
+                        const GroupedGemmOptions &options, int iters,
+                        std::mt19937_64 &rng) {
+  const DType dt = DType::BF16;
+  const int64_t E = r.experts;
+  const int64_t largest = *std::max_element(r.rows.begin(), r.rows.end());
+  DeviceArray a(2 * E * largest * k), out(2 * E * largest * n),
+      offsets(4 * (E + 1)), rows(4 * E);
+  fillRandom(a.data, E * largest * k, rng, 1.0);
+  std::vector<int32_t> at(E + 1), full(E, static_cast<int32_t>(largest));
+  for (int64_t e = 0; e <= E; ++e)
+    at[e] = static_cast<int32_t>(e * largest);
+  FLEX_BENCH_CHECK(
+      cudaMemcpy(offsets.data, at.data(), 4 * (E + 1), cudaMemcpyHostToDevice));
+  FLEX_BENCH_CHECK(
+      cudaMemcpy(rows.data, full.data(), 4 * E, cudaMemcpyHostToDevice));
+  cuda::ExpertRowSpace space = r.space;
+  space.offsets = static_cast<const int32_t *>(offsets.data);
+  space.rows = static_cast<const int32_t *>(rows.data);
+  space.rowBound = E * largest;
+  space.staticCapacity = largest;
+  const double us = hostMicros(ctx, iters, [&] {
+    return cuda::detail::groupedGemmWith(ctx, {a.data, dt}, {b, dt}, {},
+                                         {out.data, dt}, k, n, space, options,
+                                         {}, GroupedGemmPath::Cublas);
+  });
+  std::printf("%-16s %-6s padded to the largest expert (%lld rows each, "
+              "%.3fx the rows): cuBLAS batched %.1f us\n",
+              "", "", static_cast<long long>(largest),
+              double(E * largest) / double(r.totalRows), us);
+}
+
+/// The per-expert GEMMs spread over 2 and 4 side streams (gemm_streams):
+/// `time()` times the cuBLAS path into `out`, whose `bytes` must equal
+/// `reference`'s (one stream's: the same calls). Prints its row; false on
+/// a mismatch.
+template <typename Time>
+bool streamsRow(cuda::KernelContext &ctx, Time time, const void *out,
+                const void *reference, int64_t bytes) {
+  bool ok = true;
+  std::printf("%-16s %-6s cuBLAS per expert on streams:", "", "");
+  for (int streams : {2, 4}) {
+    ctx.gemmStreams = streams;
+    const double us = time();
+    const bool same = sameBytes(out, reference, bytes);
+    std::printf(" %d: %.1f us%s", streams, us, same ? "" : " MISMATCH");
+    ok = ok && same;
+  }
+  ctx.gemmStreams = 1;
+  std::printf("\n");
+  return ok;
+}
+
 /// Times `op` of shape `s` on the device kernel, cuBLAS per expert and (for
 /// uniform rows) cuBLAS strided-batched, then each tile of the kernel;
 /// prints its rows. False when the kernel refused or the outputs differ.
@@ -363,33 +420,6 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
   const double flops = 2.0 * R * k * n;
   const double floorUs =
       wgrad ? NAN : 2.0 * r.touched * k * n / copyBytesPerS * 1e6;
-  // Uneven rows at prefill size: what one strided-batched call costs with
-  // every expert padded to the largest's rows (a capacity layout whose C is
-  // the largest count, so nothing is dropped).
-  const int64_t largest = *std::max_element(r.rows.begin(), r.rows.end());
-  double padded = NAN;
-  if (!r.uniform && !wgrad && R >= 4096 * s.k) {
-    DeviceArray paddedA(2 * E * largest * k), paddedOut(2 * E * largest * n),
-        paddedOffsets(4 * (E + 1)), paddedRows(4 * E);
-    fillRandom(paddedA.data, E * largest * k, rng, 1.0);
-    std::vector<int32_t> at(E + 1), full(E, static_cast<int32_t>(largest));
-    for (int64_t e = 0; e <= E; ++e)
-      at[e] = static_cast<int32_t>(e * largest);
-    FLEX_BENCH_CHECK(cudaMemcpy(paddedOffsets.data, at.data(), 4 * (E + 1),
-                                cudaMemcpyHostToDevice));
-    FLEX_BENCH_CHECK(cudaMemcpy(paddedRows.data, full.data(), 4 * E,
-                                cudaMemcpyHostToDevice));
-    cuda::ExpertRowSpace sp = r.space;
-    sp.offsets = static_cast<const int32_t *>(paddedOffsets.data);
-    sp.rows = static_cast<const int32_t *>(paddedRows.data);
-    sp.rowBound = E * largest;
-    sp.staticCapacity = largest;
-    padded = hostMicros(ctx, iters, [&] {
-      return cuda::detail::groupedGemmWith(
-          ctx, {paddedA.data, dt}, {second.data, dt}, {}, {paddedOut.data, dt},
-          k, n, sp, options, {}, GroupedGemmPath::Cublas);
-    });
-  }
   const double best = std::isnan(batched) ? cub : std::min(cub, batched);
   std::printf("%-16s %-6s %7lld %7.1f %6lld | %10.1f %10.1f %10.1f %10.1f | "
               "%8.1f %8.1f | %.2fx%s\n",
@@ -398,25 +428,18 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
               batched, flops / dev / 1e6, floorUs, dev / best,
               err <= 2e-2 && groupedErr <= 2e-2 ? "" : "  MISMATCH");
   bool ok = err <= 2e-2 && groupedErr <= 2e-2;
-  if (!std::isnan(padded))
-    std::printf("%-16s %-6s padded to the largest expert (%lld rows each, "
-                "%.3fx the rows): cuBLAS batched %.1f us\n",
-                "", "", static_cast<long long>(largest),
-                double(E * largest) / double(R), padded);
-  // The per-expert GEMMs spread over side streams (gemm_streams): the same
-  // calls, so the same bytes.
+  // Uneven rows at prefill size (a dropless layer's): the padded batch and
+  // the per-expert GEMMs on side streams beside them.
   if (!r.uniform && R >= 4096 * s.k) {
-    std::printf("%-16s %-6s cuBLAS per expert on streams:", "", "");
-    for (int streams : {2, 4}) {
-      ctx.gemmStreams = streams;
-      const double us = time(GroupedGemmPath::Cublas, false, outBatched.data);
-      const bool same =
-          sameBytes(outBatched.data, outCublas.data, 2 * outCount);
-      std::printf(" %d: %.1f us%s", streams, us, same ? "" : " MISMATCH");
-      ok = ok && same;
-    }
-    ctx.gemmStreams = 1;
-    std::printf("\n");
+    if (!wgrad)
+      paddedToLargestRow(ctx, r, second.data, k, n, options, iters, rng);
+    ok = streamsRow(
+             ctx,
+             [&] {
+               return time(GroupedGemmPath::Cublas, false, outBatched.data);
+             },
+             outBatched.data, outCublas.data, 2 * outCount) &&
+         ok;
   }
   if (!ok)
     std::printf("  relative L2 against cuBLAS per expert: device %.3g, "
