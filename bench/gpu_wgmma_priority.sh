@@ -83,8 +83,9 @@ print(line)
 # strided-batched GEMM over E x C rows) against the ragged layout (a GEMM
 # per expert after the host read) and capacity 1.0, on the default paths
 # (plans from bench/make_baseline.sh: c3_dropless_layouts.*, compiled with
-# layouts=padded,ragged); the ragged layout's per-expert GEMMs also on 2 and
-# 4 streams.
+# layouts=padded,ragged,aligned); the ragged layout's per-expert GEMMs also
+# on 2 and 4 streams; the aligned layout (one batched GEMM over 128-row
+# blocks, no host read) eagerly and, its forward, as a CUDA graph.
 if [[ -f bench/plans/c3_dropless_layouts.infer.json ]]; then
   echo "=== dropless layouts ($SECONDS s)"
   for mode in infer train; do
@@ -97,7 +98,9 @@ if [[ -f bench/plans/c3_dropless_layouts.infer.json ]]; then
         "c3_dropless_layouts.$mode" ragged 0 auto auto $train
     done
     layer padded "c3_dropless_layouts.$mode" padded 0 auto auto $train
+    layer aligned "c3_dropless_layouts.$mode" aligned 0 auto auto $train
   done
+  layer aligned-graph c3_dropless_layouts.infer aligned 0 auto auto --graph
 fi
 
 echo "=== tests ($SECONDS s)"
@@ -113,14 +116,14 @@ run_tests() { # name binary filter seconds
 t=$(limit "${TESTS_LIMIT:-150}")
 run_tests hopper "$kernels" 'CudaHopperGemm.*' "$t" & p1=$!
 run_tests act-backward "$kernels" \
-  'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*:CudaGemmCombine.*:CudaSideStreams.*:Shapes/CudaDeviceGemm.PerExpertGemmsOnSideStreams*' "$t" & p2=$!
+  'Shapes/CudaDeviceGemm.ActivationBackward*:Shapes/CudaDeviceGemm.GluBackward*:CudaGemmCombine.*:CudaSideStreams.*:Shapes/CudaDeviceGemm.PerExpertGemmsOnSideStreams*:CudaAlignedGemm.*:*CudaKernels*aligned*:CudaGate*' "$t" & p2=$!
 run_tests executor "$executor" 'CudaExecutor.*:CudaStepKernels.*' "$t" & p3=$!
 for p in $p1 $p2 $p3; do wait "$p" || status=1; done
 
 if (( BUDGET - SECONDS > 60 )) && [[ ${CHECKS:-1} != 0 ]]; then
   echo "=== moe-run checks ($SECONDS s)"
   (cd "$BUILD" && timeout "$(limit 60)" ctest \
-     -R 'moe-run.cuda.(combine|act-backward|glu-backward)' 2>&1 |
+     -R 'moe-run.cuda.(combine|act-backward|glu-backward|aligned)' 2>&1 |
      grep -E "Passed|Failed|Skipped|tests passed|Not Run|Timeout") || status=1
 fi
 if (( BUDGET - SECONDS > 30 )); then
@@ -176,7 +179,7 @@ if (( BUDGET - SECONDS > 40 )) && [[ -z ${QUICK:-} ]]; then
   echo "=== memcheck ($SECONDS s)"
   timeout "$(limit 120)" stdbuf -oL compute-sanitizer --tool memcheck \
     --report-api-errors no --error-exitcode 3 "$kernels" \
-    --gtest_filter='CudaGemmCombine.*:CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*:Shapes/CudaDeviceGemm.GluBackward*/decode*:CudaSideStreams.*:Shapes/CudaDeviceGemm.PerExpertGemmsOnSideStreams*/prefill_ragged' \
+    --gtest_filter='CudaAlignedGemm.*:CudaGemmCombine.*:CudaHopperGemm.*:Shapes/CudaDeviceGemm.ActivationBackward*/decode*:Shapes/CudaDeviceGemm.GluBackward*/decode*:CudaSideStreams.*:Shapes/CudaDeviceGemm.PerExpertGemmsOnSideStreams*/prefill_ragged' \
     > "$OUT/priority-memcheck.log" 2>&1
   rc=$?
   (( rc == 0 || rc == 124 )) || status=1

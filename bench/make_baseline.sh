@@ -20,12 +20,13 @@ git archive HEAD | tar -x -C bench/baseline
 rm -rf bench/baseline/bench/results
 mkdir -p bench/baseline/bench/plans
 cp bench/plans/*.json bench/baseline/bench/plans/
-# C3 dropless with both expert-row layouts as variants (the padded one
-# batches its GEMMs over E x C, C the largest expert's rows).
+# C3 dropless with every expert-row layout as a variant (the padded one
+# batches its GEMMs over E x C, C the largest expert's rows; the aligned one
+# over 128-row blocks).
 for mode in infer train; do
   training=false; [[ $mode == train ]] && training=true
   "${1:-$root/build}/bin/moe-opt" bench/layers/c3_dropless.mlir \
-    --moe-lower-to-plan="training=$training layouts=padded,ragged" |
+    --moe-lower-to-plan="training=$training layouts=padded,ragged,aligned" |
     "${1:-$root/build}/bin/moe-translate" --moert-to-plan \
       > bench/baseline/bench/plans/c3_dropless_layouts.$mode.json
 done

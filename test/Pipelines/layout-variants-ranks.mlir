@@ -1,6 +1,7 @@
 // RUN: moe-opt %s --moe-multiversion="ranks=1 variants=r1d1,r0d1" --moe-lower-to-plan="layouts=padded,ragged" | FileCheck %s --check-prefix=ONE
 // RUN: moe-opt %s --moe-multiversion="ranks=2 variants=r1d2,r0d1" --moe-lower-to-plan="training=true layouts=padded" | FileCheck %s --check-prefix=TWO
 // RUN: not moe-opt %s --moe-multiversion="ranks=2 variants=r1d1,r0d1" --moe-lower-to-plan="layouts=padded,ragged" 2>&1 | FileCheck %s --check-prefix=RAGGED
+// RUN: not moe-opt %s --moe-multiversion="ranks=2 variants=r1d1,r0d1" --moe-lower-to-plan="layouts=padded,aligned" 2>&1 | FileCheck %s --check-prefix=ALIGNED
 
 // Layout variants compose with --moe-multiversion: each of its variants in
 // every layout, named <variant>.<layout>, the variants in the order listed,
@@ -28,6 +29,7 @@
 // TWO-NOT: moert.variant
 
 // RAGGED: error: 'moe.gate' op [plan-3] a ragged layout variant needs one rank: on 2 ranks tokens move in whole capacity blocks, so every variant is padded (keep layouts=padded, or lower for one rank)
+// ALIGNED: error: 'moe.gate' op [plan-3] an aligned layout variant needs one rank: on 2 ranks
 
 func.func @dropless(%x: tensor<64x16xf32>, %wg: tensor<16x4xf32>,
                     %w1: tensor<4x16x32xf32>, %w2: tensor<4x32x16xf32>)

@@ -9,9 +9,14 @@
 // RUN: moe-opt %examples/small_ffn.mlir --moe-lower-to-plan="training=true layouts=padded,ragged" | moe-translate --moert-to-plan > %t.fixed.json
 // RUN: moe-run %t.fixed.json --variant padded --train --check --seed 6 | FileCheck %s --check-prefixes=CHECK,TRAIN,PADDED
 // RUN: moe-run %t.fixed.json --variant ragged --train --check --seed 7 | FileCheck %s --check-prefixes=CHECK,TRAIN,RAGGED
+// RUN: moe-opt %s --moe-lower-to-plan="training=true layouts=aligned,ragged" | moe-translate --moert-to-plan > %t.aligned.json
+// RUN: moe-run %t.aligned.json --variant aligned --train --check --seed 8 | FileCheck %s --check-prefixes=CHECK,TRAIN,ALIGNED
+// RUN: moe-opt %examples/small_ffn.mlir --moe-lower-to-plan="training=true layout=aligned" | moe-translate --moert-to-plan > %t.fixed-aligned.json
+// RUN: moe-run %t.fixed-aligned.json --train --check --seed 9 | FileCheck %s --check-prefixes=CHECK,TRAIN
 
 // Every layout variant computes the layer: a dropless layer (padded: E * C
-// rows, C the largest count; ragged: the kept rows only) and the fixed
+// rows, C the largest count; ragged: the kept rows only; aligned: the kept
+// rows, each expert's first row a multiple of 128) and the fixed
 // capacity of examples/small_ffn.mlir, compiled with both layouts through
 // moe-opt and moe-translate (which runs the runtime's loader and verifier on
 // the plan), each variant named and run on the CPU (forward, and backward
@@ -20,6 +25,7 @@
 
 // PADDED: variant  padded (
 // RAGGED: variant  ragged (
+// ALIGNED: variant  aligned (
 // AUTO: variant  {{padded|ragged}} ({{[01]}}, auto)
 // CHECK: check vs fp64 reference
 // CHECK: out {{.+}} ok

@@ -41,26 +41,36 @@ using flex::cudatest::normals;
 
 namespace {
 
-/// The row segments of one routing: padded (expert e's rows start at e * C)
-/// or ragged (back to back), on the host and the device.
+/// The row segments of one routing: padded (expert e's rows start at e * C),
+/// ragged (back to back) or aligned (ragged, each expert's first row a
+/// multiple of `align`), on the host and the device.
 struct Segments {
   std::vector<int32_t> offsets, rows;
   int64_t rowBound = 0;
+  int64_t align = 0;
   Buffer dOffsets, dRows;
 
   /// `base`: the first segment's row (a pipelined chunk's segments start
-  /// at the chunk's first row).
+  /// at the chunk's first row). `align` > 0 (with capacity 0): the aligned
+  /// layout.
   Segments(const std::vector<int32_t> &counts, int64_t capacity,
-           int32_t base = 0) {
+           int32_t base = 0, int64_t align = 0)
+      : align(align) {
     int64_t E = static_cast<int64_t>(counts.size());
     offsets.assign(E + 1, base);
     rows = counts;
     for (int64_t e = 0; e < E; ++e)
-      offsets[e + 1] = capacity > 0
-                           ? static_cast<int32_t>(base + (e + 1) * capacity)
-                           : offsets[e] + counts[e];
-    // A ragged buffer is declared larger than its rows (the T * k bound).
-    rowBound = capacity > 0 ? base + E * capacity : offsets[E] + 7;
+      offsets[e + 1] =
+          capacity > 0 ? static_cast<int32_t>(base + (e + 1) * capacity)
+          : align > 0
+              ? static_cast<int32_t>(offsets[e] +
+                                     (counts[e] + align - 1) / align * align)
+              : offsets[e] + counts[e];
+    // A ragged buffer is declared larger than its rows (the T * k bound);
+    // an aligned one by two blocks and a part of one.
+    rowBound = capacity > 0 ? base + E * capacity
+               : align > 0  ? offsets[E] + 2 * align + 5
+                            : offsets[E] + 7;
     dOffsets = Buffer(DType::I32, E + 1);
     dRows = Buffer(DType::I32, E);
     upload();
@@ -80,6 +90,7 @@ struct Segments {
     s.rowBound = rowBound;
     s.staticCapacity = -1;
     s.padded = false;
+    s.alignedRows = align;
     return s;
   }
   bool inSegment(int64_t row) const {
@@ -1669,6 +1680,137 @@ TEST(CudaDeviceGemmGraph, ReplaysWithNewCounts) {
   for (std::vector<int32_t> counts :
        {std::vector<int32_t>{10, 64, 0, 33}, {0, 5, 64, 1}}) {
     seg.rows = counts;
+    seg.upload();
+    c.poison();
+    std::vector<double> want =
+        referenceForward(a, b, c, seg, k, n, false, false);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    c.download();
+    EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  ASSERT_TRUE(ctx->setStream(nullptr).isOk());
+  cudaStreamDestroy(stream);
+}
+
+/// Expert rows for the aligned layout's tests: an empty expert, one of
+/// exactly one block, one of a block and a row, tails of 1 to 127 rows.
+const std::vector<int32_t> kAlignedCounts = {200, 0, 129, 77, 1, 128, 3, 256};
+
+// The aligned layout on cuBLAS: one batched call over 128-row blocks whose
+// operands are found on the device (GroupedGemm.cu's alignedBlocksGemm),
+// for every dtype, b and b^T, accumulating or not, on the paths that do not
+// take the device kernel; fp64 agrees on every expert's rows, and nothing
+// past the declared rows is written (guard rows after them keep their
+// bytes). The weight gradient over the same space (per expert, its rows
+// found from the aligned offsets) agrees too.
+TEST(CudaAlignedGemm, BlocksMatchFp64) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg(kAlignedCounts, 0, 0, kAlignedLayoutRows);
+  const int64_t E = seg.experts(), R = seg.rowBound, k = 136, n = 264;
+  const int64_t guard = 64;
+  std::mt19937_64 rng(17);
+  for (DType dt : {DType::BF16, DType::F16, DType::F32})
+    for (bool transB : {false, true})
+      for (bool accumulate : {false, true})
+        for (GroupedGemmPath path :
+             {GroupedGemmPath::Cublas, GroupedGemmPath::CublasGrouped}) {
+          SCOPED_TRACE(std::string(toString(dt)) + (transB ? " b^T" : " b") +
+                       (accumulate ? " accumulate" : "") + " " +
+                       pathName(path));
+          Buffer a(dt, R * k), b(dt, E * k * n), c(dt, (R + guard) * n);
+          a.set(normals(rng, R * k, 1.0));
+          b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+          if (accumulate)
+            c.set(normals(rng, (R + guard) * n, 1.0));
+          else
+            c.poison();
+          std::vector<double> want =
+              referenceForward(a, b, c, seg, k, n, transB, accumulate);
+          std::vector<uint8_t> before = c.host;
+          GroupedGemmOptions options;
+          options.transB = transB;
+          options.accumulate = accumulate;
+          Status status = cuda::detail::groupedGemmWith(
+              *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt}, k, n,
+              seg.space(), options, {}, path);
+          ASSERT_TRUE(status.isOk()) << status.message();
+          c.download();
+          EXPECT_LE(segmentError(c, want, seg, n),
+                    dt == DType::F32 ? 1e-5 : 1e-2);
+          ASSERT_EQ(firstRowWritten(c, before, R + guard, n,
+                                    [&](int64_t r) { return r < R; }),
+                    -1)
+              << "a row past the declared rows was written";
+        }
+  for (DType dt : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(std::string(toString(dt)) + " weight gradient");
+    Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
+    a.set(normals(rng, R * k, 1.0));
+    gradC.set(normals(rng, R * n, 1.0));
+    gradB.poison();
+    std::vector<double> want(gradB.count, 0.0);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = 0; j < n; ++j)
+            want[(e * k + i) * n + j] += a.at(r * k + i) * gradC.at(r * n + j);
+    Status status = cuda::detail::groupedGemmWgradWith(
+        *ctx, {a.device, dt}, {gradC.device, dt}, k, n, seg.space(),
+        {gradB.device, dt}, {}, false, GroupedGemmPath::Cublas);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    gradB.download();
+    EXPECT_LE(bufferError(gradB, want), dt == DType::F32 ? 1e-5 : 1e-2);
+  }
+}
+
+// The aligned layout's forward reads no count on the host: recorded in a
+// CUDA graph on the cuBLAS path (a host read would fail the capture), the
+// graph replays with other counts and offsets (same bound) and computes
+// them.
+TEST(CudaAlignedGemm, RecordsAndReplaysWithNewCounts) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  ASSERT_TRUE(ctx->setStream(stream).isOk());
+  const DType dt = DType::BF16;
+  const int64_t k = 96, n = 80;
+  Segments seg(kAlignedCounts, 0, 0, kAlignedLayoutRows);
+  const int64_t E = seg.experts(), R = seg.rowBound;
+  std::mt19937_64 rng(5);
+  Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
+  a.set(normals(rng, R * k, 1.0));
+  b.set(normals(rng, E * k * n, 0.1));
+  c.poison();
+  GroupedGemmOptions options;
+  ctx->groupedGemm = GroupedGemmImpl::Cublas;
+  // Eager once first, as the executor does before it records.
+  ASSERT_TRUE(cuda::groupedGemm(*ctx, {a.device, dt}, {b.device, dt}, {},
+                                {c.device, dt}, k, n, seg.space(), options)
+                  .isOk());
+  ctx->capturing = true;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+            cudaSuccess);
+  Status status = cuda::groupedGemm(*ctx, {a.device, dt}, {b.device, dt}, {},
+                                    {c.device, dt}, k, n, seg.space(), options);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ctx->capturing = false;
+  ASSERT_TRUE(status.isOk()) << status.message();
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (const std::vector<int32_t> &counts :
+       {kAlignedCounts, std::vector<int32_t>{0, 300, 5, 0, 250, 1, 0, 129}}) {
+    Segments next(counts, 0, 0, kAlignedLayoutRows);
+    ASSERT_LE(next.offsets.back(), R);
+    seg.offsets = next.offsets;
+    seg.rows = next.rows;
     seg.upload();
     c.poison();
     std::vector<double> want =

@@ -55,6 +55,13 @@ struct GateShape {
   bool noise, batchPrioritized;
   CapacityMode mode;
 
+  /// Every layout's offsets: padded, ragged and (with noise) aligned.
+  DispatchLayout layout() const {
+    if (!batchPrioritized)
+      return DispatchLayout::Padded;
+    return noise ? DispatchLayout::Aligned : DispatchLayout::Ragged;
+  }
+
   std::string name() const {
     std::ostringstream text;
     text << "E" << experts << "_k" << k << (noise ? "_noise" : "")
@@ -114,8 +121,7 @@ TEST_P(CudaGateShapes, MatchTheCpuGate) {
   attrs.batchPrioritized = c.batchPrioritized;
   attrs.noise = c.noise ? 1.0 : 0.0;
   attrs.seed = 5;
-  attrs.layout =
-      c.batchPrioritized ? DispatchLayout::Ragged : DispatchLayout::Padded;
+  attrs.layout = c.layout();
   CpuGateResult ref(logits.hostAs<float>(), T, E, k, attrs);
   Buffer scores(DType::F32, T * E), indices(DType::I32, T * k),
       locations(DType::I32, T * k), gates(DType::F32, T * k),
@@ -280,8 +286,7 @@ TEST_P(CudaGatePaths, MatchTheCpuGate) {
   attrs.batchPrioritized = c.batchPrioritized;
   attrs.noise = c.noise ? 1.0 : 0.0;
   attrs.seed = 9;
-  attrs.layout =
-      c.batchPrioritized ? DispatchLayout::Ragged : DispatchLayout::Padded;
+  attrs.layout = c.layout();
   // Around the one-block limit, warps and blocks left partial, several
   // location chunks.
   const int64_t limit = oneBlockLimit(E, c.k, c.batchPrioritized);

@@ -51,9 +51,11 @@ struct Case {
   std::string name() const {
     std::ostringstream text;
     text << toString(dtype) << "_"
-         << (layout == DispatchLayout::Padded ? "padded" : "ragged") << "_"
-         << toString(mode) << (batchPrioritized ? "_bp" : "") << "_k" << k
-         << "_d" << d << "_a" << alignment << (noise != 0 ? "_noise" : "")
+         << (layout == DispatchLayout::Padded   ? "padded"
+             : layout == DispatchLayout::Ragged ? "ragged"
+                                                : "aligned")
+         << "_" << toString(mode) << (batchPrioritized ? "_bp" : "") << "_k"
+         << k << "_d" << d << "_a" << alignment << (noise != 0 ? "_noise" : "")
          << "_" << toString(act);
     return text.str();
   }
@@ -64,7 +66,8 @@ std::vector<Case> allCases() {
   int index = 0;
   for (DType dtype : {DType::F32, DType::BF16, DType::F16})
     for (DispatchLayout layout :
-         {DispatchLayout::Padded, DispatchLayout::Ragged})
+         {DispatchLayout::Padded, DispatchLayout::Ragged,
+          DispatchLayout::Aligned})
       for (CapacityMode mode :
            {CapacityMode::Fixed, CapacityMode::Dropless, CapacityMode::Bounded})
         for (bool bp : {false, true}) {
@@ -155,7 +158,11 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   int64_t boundC = c.mode == CapacityMode::Dropless
                        ? (T + c.alignment - 1) / c.alignment * c.alignment
                        : fixedC;
-  const int64_t R = c.layout == DispatchLayout::Padded ? E * boundC : T * k;
+  const int64_t kept = std::min(T * k, E * boundC);
+  const int64_t R = c.layout == DispatchLayout::Padded ? E * boundC
+                    : c.layout == DispatchLayout::Aligned
+                        ? alignedLayoutRows(kept, E, boundC, kAlignedLayoutRows)
+                        : kept;
   const bool isStatic =
       c.layout == DispatchLayout::Padded && c.mode == CapacityMode::Fixed;
 
@@ -222,6 +229,8 @@ TEST_P(CudaKernels, MatchTheCpuKernels) {
   // As the backend sets it: a padded layout zeroes its padding rows even
   // when C is known only on the device (all_to_all sends whole blocks).
   space.padded = c.layout == DispatchLayout::Padded;
+  space.alignedRows =
+      c.layout == DispatchLayout::Aligned ? kAlignedLayoutRows : 0;
   std::vector<int64_t> validRows;
   for (int64_t e = 0; e < E; ++e)
     for (int64_t r = 0; r < ref.rows[e]; ++r)

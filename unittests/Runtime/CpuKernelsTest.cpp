@@ -280,6 +280,11 @@ TEST(Gate, AuxLossOfUniformScoresIsOne) {
   attrs.layout = DispatchLayout::Ragged;
   gate(logits.data(), T, E, attrs, run.outputs());
   EXPECT_EQ(run.offsets, (std::vector<int32_t>{0, 1, 1, 1, 1}));
+  // Aligned: each expert's rows rounded up to a 128-row block.
+  attrs.layout = DispatchLayout::Aligned;
+  gate(logits.data(), T, E, attrs, run.outputs());
+  EXPECT_EQ(run.offsets, (std::vector<int32_t>{0, 128, 128, 128, 128}));
+  EXPECT_EQ(run.rows, (std::vector<int32_t>{1, 0, 0, 0}));
 }
 
 // NaN behaviour (documented in CpuKernels.h): indices stay in range, the

@@ -96,6 +96,18 @@ TEST(PlanLoader, RejectsAnAlignedCapacityBeyondI32) {
   EXPECT_THAT(status.message(), ::testing::HasSubstr("i32 range"));
 }
 
+// The aligned layout's buffers hold every expert's rows rounded up to 128:
+// a ragged plan's T * k rows are too few once its gate says aligned (16
+// tokens, top-2, 4 experts: 4 blocks of 128 rows).
+TEST(PlanLoader, RejectsAnAlignedGateOverRaggedRows) {
+  Json doc = readJson("ffn_dropless_ragged_train_bf16.json");
+  Json &gate = doc["variants"][0]["forward"][1];
+  ASSERT_EQ(gate["op"], "gate");
+  gate["attrs"]["layout"] = "aligned";
+  expectRejected(doc, {"'variants[0].forward[2].out.dispatched'",
+                       "buffer 'disp' has 32 rows", "at least 512"});
+}
+
 TEST(PlanLoader, LoadsFromFileAndReportsMissingFile) {
   Plan plan;
   EXPECT_TRUE(loadPlanFile(std::string(FLEX_TEST_PLANS_DIR) +

@@ -24,9 +24,12 @@ def ConvertMoeToMoeRTPass : Pass<"convert-moe-to-moert", "::mlir::ModuleOp"> {
     whose forward (and, with `training`, backward) steps compute the layer.
 
     `layout` chooses how expert rows are laid out: `padded` (E * C rows, the
-    layout of [dispatch-1]), `ragged` (the kept rows only, no padding), or
-    `auto`: padded for a fixed capacity, ragged otherwise (dropless and
-    bounded capacities would pad to T rows per expert).
+    layout of [dispatch-1]), `ragged` (the kept rows only, no padding),
+    `aligned` (ragged with every expert's first row a multiple of 128, so
+    a GPU runs the GEMMs as one batched call over 128-row blocks sized on
+    the device: no host read, at most 127 rows more per expert), or `auto`:
+    padded for a fixed capacity, ragged otherwise (dropless and bounded
+    capacities would pad to T rows per expert).
 
     `layouts` keeps several layouts as variants of one plan, with one
     parameter layout, so the runtime can pick per call (`variant=auto`):
@@ -35,8 +38,8 @@ def ConvertMoeToMoeRTPass : Pass<"convert-moe-to-moert", "::mlir::ModuleOp"> {
     default; the others follow in the order listed. With functions made by
     `--moe-multiversion`, each of its variants is kept in every layout,
     named `<variant>.<layout>` (`r1d1.padded`, `r1d1.ragged`). Ragged
-    variants need one rank: ranks exchange whole capacity blocks, so
-    multi-rank plans are padded ([plan-3]). `layout` and `layouts` are
+    and aligned variants need one rank: ranks exchange whole capacity
+    blocks, so multi-rank plans are padded ([plan-3]). `layout` and `layouts` are
     exclusive.
 
     ```
@@ -47,7 +50,7 @@ def ConvertMoeToMoeRTPass : Pass<"convert-moe-to-moert", "::mlir::ModuleOp"> {
     Option<"training", "training", "bool", /*default=*/"false",
            "Also emit the backward steps and keep what they read">,
     Option<"layout", "layout", "std::string", /*default=*/"\"auto\"",
-           "Expert row layout: auto, padded or ragged">,
+           "Expert row layout: auto, padded, ragged or aligned">,
     ListOption<"layouts", "layouts", "std::string",
                "Several layouts, one variant each: padded,ragged">,
   ];

@@ -24,11 +24,12 @@ struct LowerToPlanOptions
                         llvm::cl::init(false)};
   Option<std::string> layout{
       *this, "layout",
-      llvm::cl::desc("Expert row layout: auto, padded or ragged"),
+      llvm::cl::desc("Expert row layout: auto, padded, ragged or aligned"),
       llvm::cl::init("auto")};
   ListOption<std::string> layouts{
       *this, "layouts",
-      llvm::cl::desc("Several layouts, one variant each: padded,ragged "
+      llvm::cl::desc("Several layouts, one variant each: padded,ragged,"
+                     "aligned "
                      "(the one layout=auto gives first)")};
   Option<bool> fuseDispatch{
       *this, "fuse-dispatch",

@@ -98,6 +98,9 @@ struct StepFacts {
   /// The routing lays rows out padded (a padded gate, or shard_routing,
   /// whose virtual experts keep the gate's C padded).
   bool padded = false;
+  /// The routing's gate lays rows out aligned: every expert's first row a
+  /// multiple of kAlignedLayoutRows (KernelArgs.h).
+  bool aligned = false;
   /// Set for the per-expert ops over a received buffer.
   SegmentFacts segments;
   /// all_to_all: runs on the exchange stream (false: 2DH, on the compute

@@ -15,6 +15,8 @@
 #include "flex/Conversion/MoeToMoeRT/MoeToMoeRT.h"
 
 #include "flex/Dialect/Moe/Transforms/LayerTransforms.h"
+#include "flex/Runtime/Core/Capacity.h"
+#include "flex/Runtime/Core/KernelArgs.h"
 
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/BuiltinOps.h"
@@ -73,10 +75,13 @@ LogicalResult addLayoutVariants(ExpandedLayer layer, StringRef tag,
     variants.push_back({tag.empty() ? "single" : tag.str(), layer, layout});
     return success();
   }
-  if (ranks > 1 && llvm::is_contained(options.layouts, Layout::Ragged))
-    return gate.emitOpError("[plan-3] a ragged layout variant needs one "
-                            "rank: on ")
-           << ranks
+  auto notPadded = [](Layout layout) { return layout != Layout::Padded; };
+  if (ranks > 1 && llvm::any_of(options.layouts, notPadded))
+    return gate.emitOpError("[plan-3] ")
+           << (llvm::is_contained(options.layouts, Layout::Ragged)
+                   ? "a ragged"
+                   : "an aligned")
+           << " layout variant needs one rank: on " << ranks
            << " ranks tokens move in whole capacity blocks, so every "
               "variant is padded (keep layouts=padded, or lower for one "
               "rank)";
@@ -392,8 +397,11 @@ void PlanBuilder::buildVariant(const PlanVariant &variant) {
   ExpandedLayer layer = variant.layer;
   layout = variant.layout;
   rows = virtualExperts * capacityBound;
-  if (layout == Layout::Ragged)
+  if (layout != Layout::Padded)
     rows = std::min(rows, tokens * topK);
+  if (layout == Layout::Aligned)
+    rows = alignedLayoutRows(rows, virtualExperts, capacityBound,
+                             kAlignedLayoutRows);
 
   logits = alloc("logits", memref({tokens, experts}, f32));
   scores = alloc("scores", memref({tokens, experts}, f32));
@@ -817,9 +825,11 @@ struct ConvertMoeToMoeRTPass final
       lowering.layout = Layout::Padded;
     else if (layout == "ragged")
       lowering.layout = Layout::Ragged;
+    else if (layout == "aligned")
+      lowering.layout = Layout::Aligned;
     else if (layout != "auto")
-      return module.emitError("[plan-3] layout must be auto, padded or "
-                              "ragged, got '")
+      return module.emitError("[plan-3] layout must be auto, padded, ragged "
+                              "or aligned, got '")
              << layout << "'";
     if (layouts.empty())
       return success();
@@ -830,8 +840,8 @@ struct ConvertMoeToMoeRTPass final
     for (const std::string &text : layouts) {
       std::optional<Layout> parsed = symbolizeLayout(text);
       if (!parsed)
-        return module.emitError("[plan-3] layouts lists padded and ragged "
-                                "(one variant each), got '")
+        return module.emitError("[plan-3] layouts lists padded, ragged and "
+                                "aligned (one variant each), got '")
                << text << "'";
       if (llvm::is_contained(lowering.layouts, *parsed))
         return module.emitError("[plan-3] layout '")

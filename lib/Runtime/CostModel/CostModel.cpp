@@ -506,16 +506,29 @@ CostStage getCostStage(StepOp op) {
   }
 }
 
+/// The rows an aligned layout's batched GEMM computes: every whole block of
+/// kAlignedLayoutRows rows of its product's buffer (GroupedGemm.cu's
+/// alignedBlocksGemm), used or not.
+static int64_t alignedBlockRows(const Plan &plan, const Step &step) {
+  const BufferDesc &out = plan.getBuffer(step.out(gemmProductRole(step.op)));
+  const int64_t declared = out.shape.empty() ? 0 : out.shape.front();
+  return declared / kAlignedLayoutRows * kAlignedLayoutRows;
+}
+
 bool CostModel::batchesBlocks(const Plan &plan, const Variant &variant,
                               const Step &step, int64_t capacity) const {
   const SegmentFacts &seg = step.facts.segments;
   // A pipelined chunk's dynamic segments (uniform_segments) hold every row
-  // of their blocks; otherwise a padded layout's blocks on one rank.
+  // of their blocks; an aligned layout's 128-row blocks batch with no host
+  // read (GroupedGemm.cu's alignedBlocksGemm); otherwise a padded layout's
+  // blocks on one rank.
   const bool chunkBlocks = seg.isValid() && seg.rows < 0;
+  const bool alignedBlocks =
+      step.facts.aligned && !seg.isValid() && plan.worldSize <= 1;
   if (profile_.backend != "cuda" ||
       getStepKind(step.op).cost != StepCost::ExpertGemm ||
       step.facts.staticCapacity >= 0 ||
-      (!chunkBlocks &&
+      (!chunkBlocks && !alignedBlocks &&
        (seg.isValid() || !step.facts.padded || plan.worldSize > 1)))
     return false;
   const int64_t c = stepCapacity(variant, step, capacity);
@@ -532,7 +545,7 @@ bool CostModel::batchesBlocks(const Plan &plan, const Variant &variant,
           profile_, options_, step, a, a.shape.back(), out.shape.back(),
           b.shape.size() >= 3 ? b.shape.front() : 1) != GemmPath::PerExpert)
     return false;
-  if (chunkBlocks)
+  if (chunkBlocks || alignedBlocks)
     return true;
   // The rows the blocks hold: every kept row, at most T * k.
   const int64_t held =
@@ -590,6 +603,10 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
         return cublasPerExpertSeconds(profile_, rows, groups, k, n, a.dtype);
       return gemm(flops, groups, k, n, a.dtype, true);
     default:
+      // An aligned layout's batch (one GEMM per 128-row block) is priced
+      // as the strided batch over the same rows per expert: the same tiles
+      // of the same weights. (The table's points have 8 and 64 groups; its
+      // 128-row points are far from a full device's hundreds of blocks.)
       return gemm(flops, groups, k, n, a.dtype, false);
     }
   };
@@ -807,9 +824,12 @@ Prediction CostModel::predict(const Plan &plan, int64_t variantIndex,
     out.stage = getCostStage(step.op);
     out.rows = stepRows(plan, variant, step, capacity);
     out.batchedBlocks = batchesBlocks(plan, variant, step, capacity);
-    // A padded layout's blocks compute all E * C rows (a chunk's segments
-    // are whole already).
-    if (out.batchedBlocks && !step.facts.segments.isValid())
+    // A padded layout's blocks compute all E * C rows, an aligned one's
+    // every block its buffers declare (a chunk's segments are whole
+    // already).
+    if (out.batchedBlocks && step.facts.aligned)
+      out.rows = alignedBlockRows(plan, step);
+    else if (out.batchedBlocks && !step.facts.segments.isValid())
       out.rows = plan.virtualExperts() * stepCapacity(variant, step, capacity);
     const StepBasis basis = stepBasis(plan, step, out.rows, out.batchedBlocks);
     out.gemmPath = basis.gemmPath;

@@ -171,13 +171,14 @@ void gate(const float *logits, int64_t tokens, int64_t experts,
   // the buffer meaningful anyway (no slot reaches it).
   *out.capacity = static_cast<int32_t>(
       std::min<int64_t>(capacity, std::numeric_limits<int32_t>::max()));
+  const int64_t align = layoutRowAlignment(attrs.layout);
   int64_t offset = 0;
   for (int64_t e = 0; e < experts; ++e) {
     int64_t rows = std::min(counts[e], capacity);
     out.expertRows[e] = static_cast<int32_t>(rows);
     out.expertOffsets[e] = static_cast<int32_t>(
         attrs.layout == DispatchLayout::Padded ? e * capacity : offset);
-    offset += rows;
+    offset += (rows + align - 1) / align * align;
   }
   out.expertOffsets[experts] = static_cast<int32_t>(
       attrs.layout == DispatchLayout::Padded ? experts * capacity : offset);

@@ -76,6 +76,7 @@ public:
     // the gate's own layout (facts.padded says so).
     result.staticCapacity = facts_.staticCapacity;
     result.padded = facts_.padded;
+    result.alignedRows = facts_.aligned ? kAlignedLayoutRows : 0;
     return result;
   }
   /// A dispatch-shaped operand from the first row of the space on.
@@ -614,7 +615,7 @@ Status CudaBackend::elapsedMicros(int32_t from, int32_t to, double &micros) {
 }
 
 bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
-                                 bool) const {
+                                 bool backward) const {
   // Backward reads the forward's routing: both are static when every gate of
   // the forward is.
   const Variant &v = plan.variants[variant];
@@ -637,11 +638,16 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
       deviceGemmShapeFits(plan.layer.dtype, plan.layer.modelDim,
                           hiddenPerRank) &&
       cuda::detail::deviceGroupedGemmRuns(*ctx_) && gemmGridsFit(plan, v);
+  // An aligned layout's forward GEMMs size themselves on the device on
+  // cuBLAS too (one batched call over its row blocks); its weight gradients
+  // still read the counts back.
   bool anyGate = false;
   for (const Step &step : v.forward)
     if (step.op == StepOp::Gate) {
       anyGate = true;
-      if (step.facts.staticCapacity < 0 && !deviceSized)
+      const bool forwardOnBlocks =
+          !backward && step.attrs.layout == DispatchLayout::Aligned;
+      if (step.facts.staticCapacity < 0 && !deviceSized && !forwardOnBlocks)
         return false;
     }
   return anyGate;

@@ -214,7 +214,7 @@ gateScanKernel(int32_t *__restrict__ chunkCounts, int64_t chunks,
     int64_t rows = min(int64_t{counts[e]}, cap);
     expertRows[e] = static_cast<int32_t>(rows);
     expertOffsets[e] = static_cast<int32_t>(p.padded ? e * cap : offset);
-    offset += rows;
+    offset += p.alignRows(rows);
   }
   expertOffsets[p.experts] =
       static_cast<int32_t>(p.padded ? p.experts * cap : offset);
@@ -506,7 +506,7 @@ __global__ void __launch_bounds__(kScanThreads) gateScanFusedKernel(
   if (tid < E) {
     const int64_t rows = min(prefix[0][tid], cap);
     expertRows[tid] = static_cast<int32_t>(rows);
-    prefix[0][tid] = rows;
+    prefix[0][tid] = p.alignRows(rows);
     loss[tid] = __dmul_rn(scoreSums[tid] / tokenCount,
                           static_cast<double>(firstChoices[tid]) / tokenCount);
   }
@@ -807,7 +807,8 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
                         E,
                         k,
                         attrs.capacityAlignment,
-                        attrs.layout == DispatchLayout::Padded};
+                        attrs.layout == DispatchLayout::Padded,
+                        static_cast<int32_t>(layoutRowAlignment(attrs.layout))};
   if (legacy)
     gateScanKernel<<<1, 256, 0, stream>>>(
         g.chunkCounts, chunks, params, g.scoreSums, g.firstChoices, g.counts,

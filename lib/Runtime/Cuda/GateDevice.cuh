@@ -131,6 +131,14 @@ struct CapacityParams {
   int32_t k;
   int64_t alignment;
   bool padded;
+  /// What a ragged expert's first row is a multiple of: 1, or
+  /// kAlignedLayoutRows for the aligned layout (each expert's rows rounded up
+  /// in the offsets' scan).
+  int32_t rowAlign;
+
+  __device__ __forceinline__ int64_t alignRows(int64_t rows) const {
+    return (rows + rowAlign - 1) / rowAlign * rowAlign;
+  }
 };
 
 } // namespace

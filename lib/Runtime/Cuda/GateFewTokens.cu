@@ -535,7 +535,7 @@ __device__ void finishRouting(const OneBlockParams &p, const int32_t *counts,
   if (tid < E) {
     const int64_t rows = min(int64_t{counts[tid]}, cap);
     p.rows[tid] = static_cast<int32_t>(rows);
-    prefix[tid] = rows;
+    prefix[tid] = p.capacity.alignRows(rows);
     means[tid] = __dmul_rn(means[tid] / tokenCount,
                            static_cast<double>(first[tid]) / tokenCount);
   }
@@ -720,7 +720,8 @@ void detail::launchGateOneBlock(KernelContext &ctx, const float *logits,
                 E,
                 k,
                 attrs.capacityAlignment,
-                attrs.layout == DispatchLayout::Padded};
+                attrs.layout == DispatchLayout::Padded,
+                static_cast<int32_t>(layoutRowAlignment(attrs.layout))};
   p.locations = out.locations;
   p.capacityOut = out.capacity;
   p.offsets = out.expertOffsets;

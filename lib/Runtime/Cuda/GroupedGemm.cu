@@ -32,6 +32,7 @@
 #include <cublas_v2.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace flex::cuda {
@@ -139,9 +140,13 @@ bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
   if (space.isStatic() || path == detail::GroupedGemmPath::Cublas ||
       path == detail::GroupedGemmPath::CublasGrouped)
     return false;
+  // An aligned space's forward and input-gradient GEMMs need no host read
+  // (alignedBlocksGemm): a graph records them on cuBLAS too.
+  const bool needsKernelToRecord =
+      ctx.capturing && (weightGradient || space.alignedRows == 0);
   if (path == detail::GroupedGemmPath::Auto &&
       !prefersDeviceGemm(ctx.groupedGemm, space.rowBound, space.experts,
-                         ctx.capturing, weightGradient,
+                         needsKernelToRecord, weightGradient,
                          detail::hopperGroupedGemmRuns(ctx)))
     return false;
   return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
@@ -247,6 +252,75 @@ Status groupedCublasCall(KernelContext &ctx, cublasOperation_t opB,
                          const_cast<void *const *>(device + 2 * groups), type,
                          ldc.data(), groups, sizes.data(), CUBLAS_COMPUTE_32F),
                      "cublasGemmGroupedBatchedEx (grouped_gemm)");
+}
+
+/// The operands of block i of an aligned row space (the `blockRows` rows
+/// from row i * blockRows) for cublasGemmBatchedEx, in three arrays of
+/// `blocks` pointers: its expert's weight slice, its rows of A, its rows of
+/// C. A block below offsets[E] is one expert's (its first row is that
+/// expert's); one past it (the bound's slack) computes rows no step reads,
+/// with the last expert's weights.
+__global__ void
+alignedBlockOperandsKernel(detail::RowSpace space, int64_t blocks,
+                           int64_t blockRows, const char *a, const char *b,
+                           char *c, int64_t aRowBytes, int64_t bSliceBytes,
+                           int64_t cRowBytes, const void **operands) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i >= blocks)
+    return;
+  const int64_t row = i * blockRows;
+  int32_t e = space.expertOf(row);
+  if (e < 0)
+    e = space.experts - 1;
+  operands[i] = b + e * bSliceBytes;
+  operands[blocks + i] = a + row * aRowBytes;
+  operands[2 * blocks + i] = c + row * cRowBytes;
+}
+
+/// c[rows of e] = a[rows of e] @ op(b[e]) over an aligned row space with
+/// no host read: every block of space.alignedRows rows that the declared
+/// rows hold is one GEMM of one cublasGemmBatchedEx, its operands found on
+/// the device (alignedBlockOperandsKernel, into scratch slot 7). Rows past
+/// an expert's count compute values no step reads. A CUDA graph can record
+/// it.
+Status alignedBlocksGemm(KernelContext &ctx, cublasOperation_t opB,
+                         const void *a, const void *b, void *c, DType dtype,
+                         int64_t k, int64_t n, int64_t ldb,
+                         const ExpertRowSpace &space, float beta) {
+  const int64_t blockRows = space.alignedRows;
+  const int64_t blocks = space.rowBound / blockRows;
+  if (blocks == 0 || space.experts <= 0)
+    return Status::ok();
+  if (blocks > std::numeric_limits<int>::max())
+    return Status(StatusCode::OutOfRange,
+                  "grouped_gemm: " + std::to_string(blocks) +
+                      " row blocks exceed cuBLAS's batch count");
+  void *scratch = nullptr;
+  const int64_t bytes = 3 * blocks * static_cast<int64_t>(sizeof(void *));
+  if (Status s = ctx.scratch(7, bytes, scratch); !s)
+    return s;
+  auto **operands = static_cast<const void **>(scratch);
+  const auto size = static_cast<int64_t>(dtypeSize(dtype));
+  alignedBlockOperandsKernel<<<detail::gridFor(blocks, 256), 256, 0,
+                               ctx.stream()>>>(
+      detail::toKernel(space), blocks, blockRows, static_cast<const char *>(a),
+      static_cast<const char *>(b), static_cast<char *>(c), k * size,
+      k * n * size, n * size, operands);
+  if (Status s = checkLaunch("grouped_gemm's block operands kernel"); !s)
+    return s;
+  const float alpha = 1.0f;
+  const cudaDataType_t type = cudaTypeOf(dtype);
+  // Column-major C^T[n, rows] = op(B)^T[n, k] A^T[k, rows], per block.
+  return checkCublas(
+      cublasGemmBatchedEx(static_cast<cublasHandle_t>(ctx.cublasHandle()), opB,
+                          CUBLAS_OP_N, static_cast<int>(n),
+                          static_cast<int>(blockRows), static_cast<int>(k),
+                          &alpha, operands, type, static_cast<int>(ldb),
+                          operands + blocks, type, static_cast<int>(k), &beta,
+                          const_cast<void *const *>(operands + 2 * blocks),
+                          type, static_cast<int>(n), static_cast<int>(blocks),
+                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmBatchedEx (grouped_gemm over aligned blocks)");
 }
 
 /// Queues call(e, handle) for every expert e with rows (host counts),
@@ -491,6 +565,11 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
       return s;
     if (fused.fused)
       return Status::ok();
+  } else if (space.alignedRows > 0) {
+    if (Status s = alignedBlocksGemm(ctx, opB, a.data, b.data, target.data,
+                                     dtype, k, n, ldb, space, beta);
+        !s)
+      return s;
   } else {
     const int32_t *offsets = nullptr, *rows = nullptr;
     if (Status s = ctx.hostSegments(space, offsets, rows); !s)

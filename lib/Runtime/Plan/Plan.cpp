@@ -57,7 +57,7 @@ std::optional<Enum> parseByName(const std::string_view (&names)[N],
 
 constexpr std::string_view kArgumentRoleNames[] = {"input", "output",
                                                    "grad_input", "grad_output"};
-constexpr std::string_view kLayoutNames[] = {"padded", "ragged"};
+constexpr std::string_view kLayoutNames[] = {"padded", "ragged", "aligned"};
 constexpr std::string_view kEpilogueNames[] = {"none", "relu", "gelu", "silu"};
 constexpr std::string_view kDirectionNames[] = {"dispatch", "combine"};
 } // namespace

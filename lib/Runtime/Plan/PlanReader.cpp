@@ -120,7 +120,7 @@ void readValue(const Json &v, const std::string &path, CapacityMode &field) {
 }
 void readValue(const Json &v, const std::string &path, DispatchLayout &field) {
   field = asEnum<DispatchLayout>(v, path, parseDispatchLayout,
-                                 {"padded", "ragged"});
+                                 {"padded", "ragged", "aligned"});
 }
 void readValue(const Json &v, const std::string &path, Epilogue &field) {
   field = asEnum<Epilogue>(v, path, parseEpilogue,

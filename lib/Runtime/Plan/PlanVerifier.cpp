@@ -90,7 +90,8 @@ void verifyRanks(const Plan &plan, size_t v, const Step &gate) {
   if ((plan.worldSize > 1 || movesTokens) &&
       gate.attrs.layout != DispatchLayout::Padded)
     fail(path + ".forward",
-         std::string("the gate's layout is 'ragged'; ") +
+         "the gate's layout is '" + std::string(toString(gate.attrs.layout)) +
+             "'; " +
              (plan.worldSize > 1 ? "multi-rank plans"
                                  : "plans with all_to_all or "
                                    "uniform_segments") +

@@ -96,6 +96,7 @@ private:
       if (w.op == StepOp::Gate) {
         facts.routing = facts.capacityFrom = writer;
         facts.padded = w.attrs.layout == DispatchLayout::Padded;
+        facts.aligned = w.attrs.layout == DispatchLayout::Aligned;
       } else if (w.op == StepOp::ShardRouting) {
         // Every virtual expert keeps the gate's C, padded whatever the
         // gate's own layout.
@@ -255,6 +256,9 @@ std::optional<Difference> firstDifference(const StepFacts &recorded,
                       num(computed.staticCapacity)};
   if (recorded.padded != computed.padded)
     return Difference{"padded", flag(recorded.padded), flag(computed.padded)};
+  if (recorded.aligned != computed.aligned)
+    return Difference{"aligned", flag(recorded.aligned),
+                      flag(computed.aligned)};
   if (recorded.segments != computed.segments)
     return Difference{
         "segments", writeStepFacts(recorded).value("segments", Json()).dump(),
@@ -341,6 +345,8 @@ Json writeStepFacts(const StepFacts &facts) {
     json["static_capacity"] = facts.staticCapacity;
   if (facts.padded)
     json["padded"] = true;
+  if (facts.aligned)
+    json["aligned"] = true;
   if (const SegmentFacts &seg = facts.segments; seg.isValid())
     json["segments"] =
         Json{{"step", toString(seg.step)}, {"groups", seg.groups},
@@ -372,6 +378,8 @@ StepFacts readStepFacts(const Json &json, const std::string &path) {
                      " is negative; -1 means known only on the device");
     } else if (key == "padded") {
       facts.padded = readBool(*it, at);
+    } else if (key == "aligned") {
+      facts.aligned = readBool(*it, at);
     } else if (key == "segments") {
       facts.segments = readSegments(*it, at);
     } else if (key == "exchange_stream") {
@@ -386,7 +394,8 @@ StepFacts readStepFacts(const Json &json, const std::string &path) {
       facts.wait = *wait;
     } else {
       fail(at, "unknown field; allowed: routing, capacity_from, "
-               "static_capacity, padded, segments, exchange_stream, wait");
+               "static_capacity, padded, aligned, segments, exchange_stream, "
+               "wait");
     }
   }
   return facts;

@@ -359,9 +359,20 @@ StepShapes::StepShapes(const Plan &plan, const Step &step,
   s = plan.shards(), Ev = plan.virtualExperts(), kv = k * s;
   paddedRows = checkedMul(Ev, capacityBound)
                    .value_or(std::numeric_limits<int64_t>::max());
-  minRows = gateAttrs.layout == DispatchLayout::Padded
-                ? paddedRows
-                : std::min(checkedMul(T, k).value_or(paddedRows), paddedRows);
+  const int64_t keptRows =
+      std::min(checkedMul(T, k).value_or(paddedRows), paddedRows);
+  switch (gateAttrs.layout) {
+  case DispatchLayout::Padded:
+    minRows = paddedRows;
+    break;
+  case DispatchLayout::Ragged:
+    minRows = keptRows;
+    break;
+  case DispatchLayout::Aligned:
+    minRows = alignedLayoutRows(keptRows, Ev, capacityBound,
+                                layoutRowAlignment(gateAttrs.layout));
+    break;
+  }
   tokenType = layer.dtype;
   routerType = layer.routerFp32 ? DType::F32 : layer.dtype;
   W = plan.worldSize, L = plan.localExperts();
@@ -477,6 +488,14 @@ void StepShapes::checkGate() {
              " aligned to " + std::to_string(alignment) + " times " +
              std::to_string(layer.experts) +
              " experts exceeds the i32 range of the routing buffers");
+  // The aligned layout's offsets reach its row bound.
+  if (step.op == StepOp::Gate && step.attrs.layout == DispatchLayout::Aligned &&
+      minRows > std::numeric_limits<int32_t>::max())
+    fail(path + ".attrs.layout",
+         "the aligned layout's " + std::to_string(minRows) +
+             " rows (each expert's rounded up to " +
+             std::to_string(kAlignedLayoutRows) +
+             ") exceed the i32 range of the routing buffers");
 }
 
 /// dispatch, combine and their backward: rows of d columns, at least the

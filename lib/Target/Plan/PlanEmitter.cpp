@@ -95,9 +95,17 @@ void readStepAttrs(Operation *op, StepAttrs &attrs) {
     attrs.batchPrioritized = gate.getBatchPrioritized();
     attrs.noise = gate.getNoise().convertToDouble();
     attrs.seed = static_cast<uint64_t>(gate.getSeed());
-    attrs.layout = gate.getLayout() == moert::Layout::Padded
-                       ? DispatchLayout::Padded
-                       : DispatchLayout::Ragged;
+    switch (gate.getLayout()) {
+    case moert::Layout::Padded:
+      attrs.layout = DispatchLayout::Padded;
+      break;
+    case moert::Layout::Ragged:
+      attrs.layout = DispatchLayout::Ragged;
+      break;
+    case moert::Layout::Aligned:
+      attrs.layout = DispatchLayout::Aligned;
+      break;
+    }
   } else if (auto gemm = dyn_cast<moert::GroupedGemmOp>(op)) {
     attrs.transB = gemm.getTransB();
     attrs.accumulate = gemm.getAccumulate();

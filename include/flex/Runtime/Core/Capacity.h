@@ -114,6 +114,30 @@ alignedCapacityBound(const LayerConfig &config, int64_t alignment) {
   return alignCapacity(staticCapacityBound(config), alignment);
 }
 
+/// The rows the aligned layout (DispatchLayout::Aligned) may use: `kept`
+/// rows at most (min(T k, E C)) over `experts` experts of at most
+/// `capacity` rows each, every expert's rows rounded up to `align`. The
+/// rounding adds less than `align` rows per expert, and no expert uses more
+/// than C rounded up, so both bounds hold; the result is a multiple of
+/// `align`. Saturates to kCapacitySaturated like fixedCapacity.
+FLEX_HOST_DEVICE constexpr int64_t alignedLayoutRows(int64_t kept,
+                                                     int64_t experts,
+                                                     int64_t capacity,
+                                                     int64_t align) {
+  if (kept <= 0 || experts <= 0 || capacity <= 0)
+    return 0;
+  if (align <= 1)
+    return kept;
+  if (experts > (kCapacitySaturated - kept) / align)
+    return kCapacitySaturated;
+  int64_t byRows = (kept + experts * (align - 1)) / align * align;
+  int64_t perExpert = alignCapacity(capacity, align);
+  if (perExpert == kCapacitySaturated ||
+      perExpert > kCapacitySaturated / experts)
+    return byRows;
+  return byRows < experts * perExpert ? byRows : experts * perExpert;
+}
+
 } // namespace flex
 
 #endif // FLEX_RUNTIME_CORE_CAPACITY_H

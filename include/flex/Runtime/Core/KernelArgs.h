@@ -34,7 +34,23 @@ enum class DispatchLayout : uint8_t {
   Padded,
   /// `expertOffsets[e] = sum of expertRows before e`: no padding.
   Ragged,
+  /// Ragged with every expert's first row a multiple of kAlignedLayoutRows:
+  /// `expertOffsets[e] = sum of expertRows before e, each rounded up`. Every
+  /// 128-row block of the used rows then belongs to one expert, so a GPU runs
+  /// the experts' GEMMs as one batched call over the blocks, sized on the
+  /// device (no host read of the counts; a CUDA graph can record it).
+  Aligned,
 };
+
+/// The row alignment of DispatchLayout::Aligned: one tile of the GEMMs'
+/// rows (cuBLAS's and the device kernels' 128-row tiles).
+inline constexpr int64_t kAlignedLayoutRows = 128;
+
+/// The multiple every expert's first row is of: C for padded (the caller
+/// knows it), kAlignedLayoutRows for aligned, 1 for ragged.
+inline constexpr int64_t layoutRowAlignment(DispatchLayout layout) {
+  return layout == DispatchLayout::Aligned ? kAlignedLayoutRows : 1;
+}
 
 /// The elementwise function applied after a grouped GEMM (the `epilogue` of
 /// `grouped_gemm`).

@@ -58,6 +58,11 @@ struct ExpertRowSpace {
   /// all_to_all sends whole capacity blocks (docs/PlanFormat.md, "Many
   /// ranks").
   bool padded = false;
+  /// The aligned layout (kAlignedLayoutRows; 0 otherwise): every expert's
+  /// first row is a multiple of it, so each block of that many rows below
+  /// offsets[E] is one expert's (its tail rows past the expert's count are
+  /// never read), and the GEMMs run as one batched call over the blocks.
+  int64_t alignedRows = 0;
 
   bool isStatic() const { return staticCapacity >= 0; }
 };

@@ -11,6 +11,8 @@
 //===----------------------------------------------------------------------===//
 
 #include "flex/Dialect/MoeRT/IR/MoeRTOps.h"
+#include "flex/Runtime/Core/Capacity.h"
+#include "flex/Runtime/Core/KernelArgs.h"
 #include "flex/Runtime/RoleShapes.h"
 
 #include "mlir/IR/Builders.h"
@@ -312,12 +314,13 @@ LogicalResult expectRowTokens(ShapeMatcher &m, Operation *op, Value a,
 /// The rows of the dispatch buffer of the routing that `offsets` holds at
 /// `op` ([plan-1]: what `dispatch` writes and `dispatch_rows` maps), as
 /// docs/PlanFormat.md gives them: E * C for the padded layout, min(E * C,
-/// T * k) for the ragged one, C the layer's capacity bound aligned up as its
-/// gate's. E and k are the routing's (`experts` = E * s, `choices` = k * s
-/// after shard_routing). The layout is that of the last step of the
-/// variant's forward before `op` that writes `offsets`: a gate's `layout`,
-/// padded for shard_routing. std::nullopt when no plan or no such step is in
-/// view (a step checked on its own).
+/// T * k) for the ragged one (the aligned one: that with each expert's rows
+/// rounded up to kAlignedLayoutRows, alignedLayoutRows), C the layer's
+/// capacity bound aligned up as its gate's. E and k are the routing's
+/// (`experts` = E * s, `choices` = k * s after shard_routing). The layout is
+/// that of the last step of the variant's forward before `op` that writes
+/// `offsets`: a gate's `layout`, padded for shard_routing. std::nullopt when no
+/// plan or no such step is in view (a step checked on its own).
 std::optional<std::pair<int64_t, Layout>>
 dispatchRowsOf(Operation *op, Value offsets, int64_t experts, int64_t choices) {
   auto plan = op->getParentOfType<PlanOp>();
@@ -356,8 +359,14 @@ dispatchRowsOf(Operation *op, Value offsets, int64_t experts, int64_t choices) {
   if (*layout == Layout::Padded)
     return std::pair{padded, *layout};
   if (llvm::MulOverflow(tokens, choices, ragged))
-    return std::pair{padded, *layout};
-  return std::pair{std::min(padded, ragged), *layout};
+    ragged = padded;
+  ragged = std::min(padded, ragged);
+  if (*layout == Layout::Aligned)
+    return std::pair{flex::alignedLayoutRows(ragged, experts,
+                                             aligned / align * align,
+                                             flex::kAlignedLayoutRows),
+                     *layout};
+  return std::pair{ragged, *layout};
 }
 } // namespace
 

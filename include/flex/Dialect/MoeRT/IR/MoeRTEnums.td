@@ -34,7 +34,8 @@ def MoeRT_ArgumentRoleAttr : EnumAttr<MoeRT_Dialect, MoeRT_ArgumentRole, "role">
 
 def MoeRT_Layout : I32EnumAttr<"Layout", "how experts' rows are laid out", [
     I32EnumAttrCase<"Padded", 0, "padded">,
-    I32EnumAttrCase<"Ragged", 1, "ragged">]> {
+    I32EnumAttrCase<"Ragged", 1, "ragged">,
+    I32EnumAttrCase<"Aligned", 2, "aligned">]> {
   let cppNamespace = "::flex::moert";
   let genSpecializedAttr = 0;
 }
