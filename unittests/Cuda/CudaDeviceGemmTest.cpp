@@ -1747,6 +1747,38 @@ TEST(CudaAlignedGemm, BlocksMatchFp64) {
                     -1)
               << "a row past the declared rows was written";
         }
+  // A ReLU epilogue: in cuBLASLt's pointer-array matmul where it has one
+  // (not under grouped_gemm=cublas), else the epilogue pass; both agree
+  // with relu of the fp64 product.
+  for (DType dt : {DType::BF16, DType::F16})
+    for (bool transB : {false, true})
+      for (GroupedGemmPath path :
+           {GroupedGemmPath::Cublas, GroupedGemmPath::CublasGrouped}) {
+        SCOPED_TRACE(std::string(toString(dt)) + (transB ? " b^T" : " b") +
+                     " relu " + pathName(path));
+        Buffer a(dt, R * k), b(dt, E * k * n), c(dt, (R + guard) * n);
+        a.set(normals(rng, R * k, 1.0));
+        b.set(normals(rng, E * k * n, 1.0 / std::sqrt(k)));
+        c.poison();
+        std::vector<double> want =
+            referenceForward(a, b, c, seg, k, n, transB, false);
+        for (double &v : want)
+          v = v > 0 ? v : 0.0;
+        std::vector<uint8_t> before = c.host;
+        GroupedGemmOptions options;
+        options.transB = transB;
+        options.epilogue = Epilogue::Relu;
+        Status status = cuda::detail::groupedGemmWith(
+            *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt}, k, n,
+            seg.space(), options, {}, path);
+        ASSERT_TRUE(status.isOk()) << status.message();
+        c.download();
+        EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
+        ASSERT_EQ(firstRowWritten(c, before, R + guard, n,
+                                  [&](int64_t r) { return r < R; }),
+                  -1)
+            << "a row past the declared rows was written";
+      }
   for (DType dt : {DType::BF16, DType::F32}) {
     SCOPED_TRACE(std::string(toString(dt)) + " weight gradient");
     Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
