@@ -202,7 +202,7 @@ const char *flexGetLastError(void);
  *   wgmma                 FLEX_WGMMA                 1 / 0 (default 0)
  *   wgmma_tile            FLEX_WGMMA_TILE            auto / wide / pair /
  *                                                    cooperative / ping-pong
- *   gemm_streams          FLEX_GEMM_STREAMS          1..8 (default 1)
+ *   gemm_streams          FLEX_GEMM_STREAMS          1..8 (default 2)
  * Booleans also take true/false, on/off, yes/no. An object is passed where a
  * context or communicator is created and copied there; the environment
  * variables, when set and non-empty, override it when an executable or a

@@ -51,7 +51,8 @@ func.func @dropless(%x: tensor<64x16xf32>, %wg: tensor<16x4xf32>,
 
 // A fixed capacity C = 2 * int(1.0 * 16) = 32 per expert: E * C = 2048
 // kept rows at most, each expert's rounded up to 128: E * 128 = 8192 rows,
-// fewer than the 111 blocks the kept rows alone allow.
+// fewer than the 79 blocks the kept rows alone allow ((2048 + 64 * 127) /
+// 128).
 // CHECK-LABEL: moert.plan @fixed
 // CHECK: moert.alloc "dispatched" {{.+}} : memref<8192x16xbf16>
 func.func @many(%x: tensor<1024x16xbf16>, %wg: tensor<16x64xf32>,

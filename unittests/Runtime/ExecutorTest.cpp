@@ -557,7 +557,7 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   EXPECT_EQ(options.wgmmaTile, WgmmaTile::Auto);
   // The per-expert GEMMs' streams: 1..8; anything else names the range and
   // leaves the value.
-  EXPECT_EQ(options.gemmStreams, 1);
+  EXPECT_EQ(options.gemmStreams, 2);
   EXPECT_TRUE(options.set("gemm_streams", "4").isOk());
   EXPECT_EQ(options.gemmStreams, 4);
   EXPECT_TRUE(options.get("gemm_streams", text).isOk());

@@ -639,15 +639,20 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
                           hiddenPerRank) &&
       cuda::detail::deviceGroupedGemmRuns(*ctx_) && gemmGridsFit(plan, v);
   // An aligned layout's forward GEMMs size themselves on the device on
-  // cuBLAS too (one batched call over its row blocks); its weight gradients
+  // cuBLAS too (one batched call over its row blocks), where every dynamic
+  // GEMM of the forward reads the aligned routing; its weight gradients
   // still read the counts back.
+  bool forwardOnBlocks = !backward;
+  for (const Step &step : v.forward)
+    if (getStepKind(step.op).cost == StepCost::ExpertGemm &&
+        step.facts.staticCapacity < 0 && !step.facts.aligned)
+      forwardOnBlocks = false;
   bool anyGate = false;
   for (const Step &step : v.forward)
     if (step.op == StepOp::Gate) {
       anyGate = true;
-      const bool forwardOnBlocks =
-          !backward && step.attrs.layout == DispatchLayout::Aligned;
-      if (step.facts.staticCapacity < 0 && !deviceSized && !forwardOnBlocks)
+      if (step.facts.staticCapacity < 0 && !deviceSized &&
+          !(forwardOnBlocks && step.attrs.layout == DispatchLayout::Aligned))
         return false;
     }
   return anyGate;

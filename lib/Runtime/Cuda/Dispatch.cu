@@ -307,7 +307,9 @@ Status dispatchRows(KernelContext &ctx, const Routing &routing,
     return Status::ok();
   // A padded layout's padding rows, which no slot maps to, read as zeros.
   // A ragged layout has none: its rows up to offsets[E] are all kept, and no
-  // kernel reads past them.
+  // kernel reads past them. (An aligned layout's rows between experts keep
+  // stale entries: only its GEMMs' blocks read those rows, into rows no step
+  // reads, and gatherRows bounds every token it reads.)
   if (padded)
     if (Status s = checkCuda(
             cudaMemsetAsync(rowTokens, 0xff, 4 * rowCount, ctx.stream()),

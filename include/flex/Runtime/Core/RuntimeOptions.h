@@ -123,8 +123,11 @@ struct RuntimeOptions {
   /// over (1..8; 1 = one after another on the compute stream). Uneven
   /// experts of a few hundred to a few thousand rows each leave SMs idle one
   /// at a time (bench/RESULTS.md Run 29: C3 dropless's per-expert GEMMs
-  /// 1.4x the padded batch). ("gemm_streams", FLEX_GEMM_STREAMS)
-  int gemmStreams = 1;
+  /// 1.4x the padded batch). Two measured best on an H100 (Run 37: C3
+  /// dropless forward 2658 against 2789 us on one stream, backward 4925
+  /// against 5370; four streams 2746 and 5016). ("gemm_streams",
+  /// FLEX_GEMM_STREAMS)
+  int gemmStreams = 2;
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

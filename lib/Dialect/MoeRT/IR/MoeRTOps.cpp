@@ -446,7 +446,11 @@ LogicalResult DispatchRowsOp::verify() {
   return emitOpError("[plan-1] 'row_tokens' must be [R = ")
          << rows->first << "], the rows of the "
          << stringifyLayout(rows->second) << " dispatch buffer ("
-         << (rows->second == Layout::Padded ? "E * C" : "min(E * C, T * k)")
+         << (rows->second == Layout::Padded   ? "E * C"
+             : rows->second == Layout::Ragged ? "min(E * C, T * k)"
+                                              : "min(E * C, T * k), each "
+                                                "expert's rows rounded up to "
+                                                "128")
          << "), got " << getRowTokens().getType();
 }
 

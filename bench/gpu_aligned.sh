@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The aligned layout's follow-up call (issue 13): C3 dropless forward on the
+# aligned layout with the ReLU in cuBLASLt's pointer-array epilogue and with
+# the separate epilogue pass, beside capacity 1.0 and the padded layout; the
+# gate's aligned offsets on every gate path; memcheck over the aligned GEMM's
+# tests. Plans from bench/make_baseline.sh; run inside bench/baseline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out}"; BUILD="${BUILD:-build-gpu}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/aligned-log.txt") 2>&1
+echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
+cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
+  ninja -C "$BUILD" moe-run FlexCudaKernelsTests >> "$OUT/build.log" 2>&1 ||
+  { echo "build FAILED"; tail -20 "$OUT/build.log"; exit 1; }
+row() { # label plan variant [env...]
+  local label=$1 plan=$2 variant=$3; shift 3
+  env "$@" timeout 60 "$BUILD/bin/moe-run" "bench/plans/$plan.json" --device cuda \
+    --iters 10 --variant "$variant" --json > "$OUT/$label.json" 2> "$OUT/$label.err" ||
+    { echo "$label failed"; tail -3 "$OUT/$label.err"; return; }
+  python3 -c "
+import json, sys
+f = json.load(open(sys.argv[1]))['forward']
+print(f'{sys.argv[2]:24s} forward {f[\"median_us\"]:8.1f} us', [(x['op'], round(x['mean_us'], 1)) for x in f['steps']])
+" "$OUT/$label.json" "$label"
+}
+for i in 1 2; do
+  row cap1 c3_cap1.infer single
+  row padded c3_dropless_layouts.infer padded
+  row aligned-lt c3_dropless_layouts.infer aligned
+  row aligned-pass c3_dropless_layouts.infer aligned FLEX_RELU_IN_GEMM=0
+done
+K="$BUILD/unittests/Cuda/FlexCudaKernelsTests"
+timeout 120 "$K" --gtest_filter='*CudaGateShapes*noise_bp*:*CudaGatePaths*noise_bp*' > "$OUT/gate.log" 2>&1
+echo "gate paths (aligned offsets): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/gate.log" | tr '\n' ' ')"
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$K" \
+  --gtest_filter='CudaAlignedGemm.*:*CudaKernels*bf16_aligned*' > "$OUT/memcheck.log" 2>&1
+echo "memcheck aligned: exit $? ($(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1))"
