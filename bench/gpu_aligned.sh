@@ -14,23 +14,29 @@ cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
   ninja -C "$BUILD" moe-run FlexCudaKernelsTests >> "$OUT/build.log" 2>&1 ||
   { echo "build FAILED"; tail -20 "$OUT/build.log"; exit 1; }
-row() { # label plan variant [env...]
+row() { # label plan variant [env... [-- moe-run flags]]
   local label=$1 plan=$2 variant=$3; shift 3
-  env "$@" timeout 60 "$BUILD/bin/moe-run" "bench/plans/$plan.json" --device cuda \
-    --iters 10 --variant "$variant" --json > "$OUT/$label.json" 2> "$OUT/$label.err" ||
+  local env=() flags=()
+  while (( $# )); do [[ $1 == -- ]] && { shift; flags=("$@"); break; }; env+=("$1"); shift; done
+  env "${env[@]}" timeout 60 "$BUILD/bin/moe-run" "bench/plans/$plan.json" --device cuda \
+    --iters 10 --variant "$variant" --json "${flags[@]}" > "$OUT/$label.json" 2> "$OUT/$label.err" ||
     { echo "$label failed"; tail -3 "$OUT/$label.err"; return; }
   python3 -c "
 import json, sys
-f = json.load(open(sys.argv[1]))['forward']
-print(f'{sys.argv[2]:24s} forward {f[\"median_us\"]:8.1f} us', [(x['op'], round(x['mean_us'], 1)) for x in f['steps']])
+d = json.load(open(sys.argv[1])); f, b = d['forward'], d.get('backward')
+print(f'{sys.argv[2]:24s} forward {f[\"median_us\"]:8.1f} us', [(x['op'], round(x['mean_us'], 1)) for x in f['steps']],
+      f'backward {b[\"median_us\"]:8.1f} us' if b else '')
 " "$OUT/$label.json" "$label"
 }
 for i in 1 2; do
   row cap1 c3_cap1.infer single
   row padded c3_dropless_layouts.infer padded
-  row aligned-lt c3_dropless_layouts.infer aligned
-  row aligned-pass c3_dropless_layouts.infer aligned FLEX_RELU_IN_GEMM=0
+  row aligned c3_dropless_layouts.infer aligned
+  row aligned-graph c3_dropless_layouts.infer aligned -- --graph
 done
+row cap1-train c3_cap1.train single -- --train
+row padded-train c3_dropless_layouts.train padded -- --train
+row aligned-train c3_dropless_layouts.train aligned -- --train
 K="$BUILD/unittests/Cuda/FlexCudaKernelsTests"
 timeout 120 "$K" --gtest_filter='*CudaGateShapes*noise_bp*:*CudaGatePaths*noise_bp*' > "$OUT/gate.log" 2>&1
 echo "gate paths (aligned offsets): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/gate.log" | tr '\n' ' ')"
