@@ -24,6 +24,7 @@
 
 #include "Elementwise.h"
 #include "GroupedGemmInternal.h"
+#include "flex/Runtime/Core/Capacity.h"
 
 #include "CudaBenchSupport.h"
 
@@ -336,6 +337,66 @@ void paddedToLargestRow(cuda::KernelContext &ctx, const Routed &r,
               double(E * largest) / double(r.totalRows), us);
 }
 
+/// The same rows in the aligned layout (each expert's first row a multiple
+/// of 128): one cublasGemmBatchedEx over the 128-row blocks its buffers
+/// declare (alignedLayoutRows; no host read), bare and with a ReLU (in
+/// cuBLASLt's pointer-array epilogue where it has one, else the flat pass),
+/// over B = `b`; the bare product's valid rows against `reference` (the
+/// packed rows' product). Prints its row; false on a mismatch.
+bool alignedBlocksRow(cuda::KernelContext &ctx, const Routed &r, const void *a,
+                      const void *b, const void *reference, int64_t k,
+                      int64_t n, const GroupedGemmOptions &options, int iters) {
+  const DType dt = DType::BF16;
+  const int64_t E = r.experts, align = kAlignedLayoutRows;
+  const int64_t R = alignedLayoutRows(r.totalRows, E, r.totalRows, align);
+  std::vector<int32_t> at(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e)
+    at[e + 1] =
+        static_cast<int32_t>(at[e] + (r.rows[e] + align - 1) / align * align);
+  DeviceArray aligned(2 * R * k), out(2 * R * n), packed(2 * r.totalRows * n),
+      offsets(4 * (E + 1));
+  FLEX_BENCH_CHECK(cudaMemset(aligned.data, 0, 2 * R * k));
+  int64_t from = 0;
+  for (int64_t e = 0; e < E; ++e) { // the packed rows into their blocks
+    FLEX_BENCH_CHECK(
+        cudaMemcpy(static_cast<char *>(aligned.data) + 2 * int64_t{at[e]} * k,
+                   static_cast<const char *>(a) + 2 * from * k,
+                   2 * r.rows[e] * k, cudaMemcpyDeviceToDevice));
+    from += r.rows[e];
+  }
+  FLEX_BENCH_CHECK(
+      cudaMemcpy(offsets.data, at.data(), 4 * (E + 1), cudaMemcpyHostToDevice));
+  cuda::ExpertRowSpace space = r.space;
+  space.offsets = static_cast<const int32_t *>(offsets.data);
+  space.rowBound = R;
+  space.alignedRows = align;
+  GroupedGemmOptions relu = options;
+  relu.epilogue = Epilogue::Relu;
+  auto time = [&](const GroupedGemmOptions &with) {
+    return hostMicros(ctx, iters, [&] {
+      return cuda::detail::groupedGemmWith(ctx, {aligned.data, dt}, {b, dt}, {},
+                                           {out.data, dt}, k, n, space, with,
+                                           {}, GroupedGemmPath::Auto);
+    });
+  };
+  const double withRelu = options.transB ? NAN : time(relu);
+  const double bare = time(options);
+  from = 0;
+  for (int64_t e = 0; e < E; ++e) { // the blocks' valid rows, packed again
+    FLEX_BENCH_CHECK(
+        cudaMemcpy(static_cast<char *>(packed.data) + 2 * from * n,
+                   static_cast<const char *>(out.data) + 2 * int64_t{at[e]} * n,
+                   2 * r.rows[e] * n, cudaMemcpyDeviceToDevice));
+    from += r.rows[e];
+  }
+  const double err = relativeError(packed.data, reference, r.totalRows * n);
+  std::printf("%-16s %-6s aligned layout (%lld rows declared, %.3fx): one "
+              "batched call over 128-row blocks %.1f us, with relu %.1f us%s\n",
+              "", "", static_cast<long long>(R), double(R) / r.totalRows, bare,
+              withRelu, err <= 2e-2 ? "" : "  MISMATCH");
+  return err <= 2e-2;
+}
+
 /// The per-expert GEMMs spread over 2 and 4 side streams (gemm_streams):
 /// `time()` times the cuBLAS path into `out`, whose `bytes` must equal
 /// `reference`'s (one stream's: the same calls). Prints its row; false on
@@ -431,8 +492,12 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
   // Uneven rows at prefill size (a dropless layer's): the padded batch and
   // the per-expert GEMMs on side streams beside them.
   if (!r.uniform && R >= 4096 * s.k) {
-    if (!wgrad)
+    if (!wgrad) {
       paddedToLargestRow(ctx, r, second.data, k, n, options, iters, rng);
+      ok = alignedBlocksRow(ctx, r, a.data, second.data, outCublas.data, k, n,
+                            options, iters) &&
+           ok;
+    }
     ok = streamsRow(
              ctx,
              [&] {
