@@ -1641,45 +1641,49 @@ TEST(CudaDeviceGemmTiles, CountsPastTheBufferAreClamped) {
   EXPECT_LE(segmentError(c, want, inside, n), 1e-2);
 }
 
-// The sizes are read on the device: a graph recorded with one routing
-// replays correctly after the counts change in place.
-TEST(CudaDeviceGemmGraph, ReplaysWithNewCounts) {
-  FLEX_SKIP_WITHOUT_CUDA();
-  std::unique_ptr<cuda::KernelContext> ctx;
-  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+namespace {
+
+/// One routing's segments: offsets [E + 1] and rows [E].
+using SegmentRows = std::pair<std::vector<int32_t>, std::vector<int32_t>>;
+
+/// Records cuda::groupedGemm over `seg`'s space (k x n experts, bf16) as a
+/// CUDA graph on a fresh stream, after one eager call on `eagerPath` (as the
+/// executor runs a pass before it records), then replays it for each of
+/// `routings` (uploaded into seg's device buffers in place: the same bound)
+/// and checks each replay's product against fp64.
+void expectGraphReplays(cuda::KernelContext &ctx, Segments &seg, int64_t k,
+                        int64_t n, GroupedGemmPath eagerPath, uint64_t seed,
+                        const std::vector<SegmentRows> &routings) {
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  ASSERT_TRUE(ctx->setStream(stream).isOk());
+  ASSERT_TRUE(ctx.setStream(stream).isOk());
   const DType dt = DType::BF16;
-  const int64_t C = 64, k = 96, n = 80;
-  Segments seg({10, 64, 0, 33}, C);
   const int64_t E = seg.experts(), R = seg.rowBound;
-  std::mt19937_64 rng(3);
+  std::mt19937_64 rng(seed);
   Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
   a.set(normals(rng, R * k, 1.0));
   b.set(normals(rng, E * k * n, 0.1));
   c.poison();
   GroupedGemmOptions options;
-  // Eager once first, as the executor does before it records.
-  ASSERT_TRUE(cuda::detail::groupedGemmWith(
-                  *ctx, {a.device, dt}, {b.device, dt}, {}, {c.device, dt}, k,
-                  n, seg.space(), options, {}, GroupedGemmPath::Device)
+  ASSERT_TRUE(cuda::detail::groupedGemmWith(ctx, {a.device, dt}, {b.device, dt},
+                                            {}, {c.device, dt}, k, n,
+                                            seg.space(), options, {}, eagerPath)
                   .isOk());
-  ctx->capturing = true;
+  ctx.capturing = true;
   ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
             cudaSuccess);
-  // Auto takes the device kernel while a graph records.
-  Status status = cuda::groupedGemm(*ctx, {a.device, dt}, {b.device, dt}, {},
+  Status status = cuda::groupedGemm(ctx, {a.device, dt}, {b.device, dt}, {},
                                     {c.device, dt}, k, n, seg.space(), options);
   cudaGraph_t graph = nullptr;
   ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  ctx->capturing = false;
+  ctx.capturing = false;
   ASSERT_TRUE(status.isOk()) << status.message();
   cudaGraphExec_t exec = nullptr;
   ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  for (std::vector<int32_t> counts :
-       {std::vector<int32_t>{10, 64, 0, 33}, {0, 5, 64, 1}}) {
-    seg.rows = counts;
+  for (const SegmentRows &routing : routings) {
+    ASSERT_LE(routing.first.back(), R);
+    seg.offsets = routing.first;
+    seg.rows = routing.second;
     seg.upload();
     c.poison();
     std::vector<double> want =
@@ -1691,8 +1695,23 @@ TEST(CudaDeviceGemmGraph, ReplaysWithNewCounts) {
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
-  ASSERT_TRUE(ctx->setStream(nullptr).isOk());
+  ASSERT_TRUE(ctx.setStream(nullptr).isOk());
   cudaStreamDestroy(stream);
+}
+
+} // namespace
+
+// The sizes are read on the device: a graph recorded with one routing
+// replays correctly after the counts change in place.
+TEST(CudaDeviceGemmGraph, ReplaysWithNewCounts) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  Segments seg({10, 64, 0, 33}, 64);
+  // Auto takes the device kernel while a graph records.
+  expectGraphReplays(
+      *ctx, seg, 96, 80, GroupedGemmPath::Device, 3,
+      {{seg.offsets, {10, 64, 0, 33}}, {seg.offsets, {0, 5, 64, 1}}});
 }
 
 /// Expert rows for the aligned layout's tests: an empty expert, one of
@@ -1808,54 +1827,11 @@ TEST(CudaAlignedGemm, RecordsAndReplaysWithNewCounts) {
   FLEX_SKIP_WITHOUT_CUDA();
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
-  cudaStream_t stream = nullptr;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  ASSERT_TRUE(ctx->setStream(stream).isOk());
-  const DType dt = DType::BF16;
-  const int64_t k = 96, n = 80;
-  Segments seg(kAlignedCounts, 0, 0, kAlignedLayoutRows);
-  const int64_t E = seg.experts(), R = seg.rowBound;
-  std::mt19937_64 rng(5);
-  Buffer a(dt, R * k), b(dt, E * k * n), c(dt, R * n);
-  a.set(normals(rng, R * k, 1.0));
-  b.set(normals(rng, E * k * n, 0.1));
-  c.poison();
-  GroupedGemmOptions options;
   ctx->groupedGemm = GroupedGemmImpl::Cublas;
-  // Eager once first, as the executor does before it records.
-  ASSERT_TRUE(cuda::groupedGemm(*ctx, {a.device, dt}, {b.device, dt}, {},
-                                {c.device, dt}, k, n, seg.space(), options)
-                  .isOk());
-  ctx->capturing = true;
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
-            cudaSuccess);
-  Status status = cuda::groupedGemm(*ctx, {a.device, dt}, {b.device, dt}, {},
-                                    {c.device, dt}, k, n, seg.space(), options);
-  cudaGraph_t graph = nullptr;
-  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  ctx->capturing = false;
-  ASSERT_TRUE(status.isOk()) << status.message();
-  cudaGraphExec_t exec = nullptr;
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  for (const std::vector<int32_t> &counts :
-       {kAlignedCounts, std::vector<int32_t>{0, 300, 5, 0, 250, 1, 0, 129}}) {
-    Segments next(counts, 0, 0, kAlignedLayoutRows);
-    ASSERT_LE(next.offsets.back(), R);
-    seg.offsets = next.offsets;
-    seg.rows = next.rows;
-    seg.upload();
-    c.poison();
-    std::vector<double> want =
-        referenceForward(a, b, c, seg, k, n, false, false);
-    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    c.download();
-    EXPECT_LE(segmentError(c, want, seg, n), 1e-2);
-  }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  ASSERT_TRUE(ctx->setStream(nullptr).isOk());
-  cudaStreamDestroy(stream);
+  Segments seg(kAlignedCounts, 0, 0, kAlignedLayoutRows);
+  Segments other({0, 300, 5, 0, 250, 1, 0, 129}, 0, 0, kAlignedLayoutRows);
+  expectGraphReplays(*ctx, seg, 96, 80, GroupedGemmPath::Cublas, 5,
+                     {{seg.offsets, seg.rows}, {other.offsets, other.rows}});
 }
 
 // What the kernel does not take is refused with the reason, and the public
