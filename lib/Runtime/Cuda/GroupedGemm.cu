@@ -350,6 +350,29 @@ Status perExpertOnStreams(KernelContext &ctx, const int32_t *rows,
   });
 }
 
+/// c[rows of e] = a[rows of e] @ op(b[e]) as one cublasGemmEx per expert with
+/// rows (host counts), spread over gemm_streams streams: one expert's few
+/// thousand rows leave SMs idle.
+Status perExpertGemms(KernelContext &ctx, cublasOperation_t opB, const void *a,
+                      const void *b, void *c, DType dtype, int64_t k, int64_t n,
+                      int64_t ldb, const int32_t *offsets, const int32_t *rows,
+                      int64_t experts, float beta) {
+  const float alpha = 1.0f;
+  const cudaDataType_t type = cudaTypeOf(dtype);
+  return perExpertOnStreams(
+      ctx, rows, experts, [&](int64_t e, cublasHandle_t on) {
+        const int64_t first = offsets[e];
+        return checkCublas(
+            cublasGemmEx(on, opB, CUBLAS_OP_N, static_cast<int>(n), rows[e],
+                         static_cast<int>(k), &alpha, at(b, e * k * n, dtype),
+                         type, static_cast<int>(ldb), at(a, first * k, dtype),
+                         type, static_cast<int>(k), &beta,
+                         at(c, first * n, dtype), type, static_cast<int>(n),
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "cublasGemmEx (grouped_gemm)");
+      });
+}
+
 /// The largest of the host's counts.
 int64_t largestCount(const int32_t *rows, int64_t experts) {
   int64_t largest = 0;
@@ -601,27 +624,11 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
                                 n, ldb, offsets, rows, space.experts, beta);
           !s)
         return s;
-    } else {
-      // A GEMM per expert with rows, spread over gemm_streams streams: one
-      // expert's few thousand rows leave SMs idle.
-      if (Status s = perExpertOnStreams(
-              ctx, rows, space.experts,
-              [&](int64_t e, cublasHandle_t on) {
-                const int64_t first = offsets[e];
-                return checkCublas(
-                    cublasGemmEx(on, opB, CUBLAS_OP_N, static_cast<int>(n),
-                                 rows[e], static_cast<int>(k), &alpha,
-                                 at(b.data, e * k * n, dtype), type,
-                                 static_cast<int>(ldb),
-                                 at(a.data, first * k, dtype), type,
-                                 static_cast<int>(k), &beta,
-                                 at(target.data, first * n, dtype), type,
-                                 static_cast<int>(n), CUBLAS_COMPUTE_32F,
-                                 CUBLAS_GEMM_DEFAULT),
-                    "cublasGemmEx (grouped_gemm)");
-              });
-          !s)
-        return s;
+    } else if (Status s = perExpertGemms(ctx, opB, a.data, b.data, target.data,
+                                         dtype, k, n, ldb, offsets, rows,
+                                         space.experts, beta);
+               !s) {
+      return s;
     }
   }
   if (epilogueApplied ||
