@@ -30,10 +30,10 @@ char *copyString(const std::string &text) {
 }
 
 /// The compile options of the C API: `world_size` ranks, and in `pipeline`
-/// space-separated options: `variants=r1d1,r1d2,...`, `layouts=padded,ragged`,
-/// `ranks_per_node=N` (the 2DH exchange), `fuse_dispatch=true|false` (the
-/// gather-fused variants), `fuse_glu=true|false` (the glu-fused variants)
-/// and `source=NAME`, the name
+/// space-separated options: `variants=r1d1,r1d2,...`,
+/// `layouts=padded,ragged,aligned`, `ranks_per_node=N` (the 2DH exchange),
+/// `fuse_dispatch=true|false` (the gather-fused variants),
+/// `fuse_glu=true|false` (the glu-fused variants) and `source=NAME`, the name
 /// diagnostics give the text (docs/CAPI.md). `source=` takes the rest of the
 /// text, as a file name may hold spaces, so it comes last.
 bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
@@ -111,7 +111,7 @@ bool readOptions(const FlexCompileOptions *options, flex::CompileOptions &out,
     } else {
       error = "unknown compile option '" + std::string(option) +
               "'; the options are variants=r<R>d<D>,..., "
-              "layouts=padded,ragged, ranks_per_node=N, "
+              "layouts=padded,ragged,aligned, ranks_per_node=N, "
               "fuse_dispatch=true|false, fuse_glu=true|false, "
               "fuse_combine=true|false, "
               "fuse_activation_backward=true|false and source=NAME";

@@ -446,12 +446,15 @@ TEST(CompileAndRun, LayoutsAndTwoLevelExchangeThroughTheCAPI) {
     return compileThroughCApi(mlir, pipeline, out, world);
   };
   std::string text;
-  ASSERT_EQ(compile("layouts=padded,ragged", 1, text), FLEX_STATUS_OK) << text;
+  ASSERT_EQ(compile("layouts=padded,ragged,aligned", 1, text), FLEX_STATUS_OK)
+      << text;
   Plan plan;
   ASSERT_TRUE(parsePlan(text, plan).isOk());
-  ASSERT_EQ(plan.variants.size(), 2u);
+  ASSERT_EQ(plan.variants.size(), 3u);
   EXPECT_EQ(plan.variants[0].name, "ragged"); // dropless: auto's layout first
   EXPECT_EQ(plan.variants[1].name, "padded");
+  EXPECT_EQ(plan.variants[2].name, "aligned");
+  EXPECT_EQ(plan.variants[2].forward[1].attrs.layout, DispatchLayout::Aligned);
 
   ASSERT_EQ(compile("variants=r1d2 ranks_per_node=2", 4, text), FLEX_STATUS_OK)
       << text;
@@ -476,7 +479,7 @@ TEST(CompileAndRun, LayoutsAndTwoLevelExchangeThroughTheCAPI) {
   EXPECT_NE(compile("layouts=diagonal", 1, text), FLEX_STATUS_OK);
   EXPECT_NE(text.find("diagonal"), std::string::npos) << text;
   EXPECT_EQ(compile("tiles=4", 1, text), FLEX_STATUS_INVALID_ARGUMENT);
-  EXPECT_NE(text.find("layouts=padded,ragged, ranks_per_node=N"),
+  EXPECT_NE(text.find("layouts=padded,ragged,aligned, ranks_per_node=N"),
             std::string::npos)
       << text;
 }
