@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The aligned layout's follow-up call (issue 13): C3 dropless forward on the
-# aligned layout with the ReLU in cuBLASLt's pointer-array epilogue and with
-# the separate epilogue pass, beside capacity 1.0 and the padded layout; the
-# gate's aligned offsets on every gate path; memcheck over the aligned GEMM's
-# tests. Plans from bench/make_baseline.sh; run inside bench/baseline.
+# The aligned layout's follow-up call (issue 13; Runs 37-38): C3 dropless on
+# the aligned layout, eagerly, as a graph and training, beside capacity 1.0
+# and the padded layout; the gate's aligned offsets on every gate path;
+# memcheck over the aligned GEMM's tests. Plans from bench/make_baseline.sh;
+# run inside bench/baseline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"; BUILD="${BUILD:-build-gpu}"

@@ -339,10 +339,10 @@ void paddedToLargestRow(cuda::KernelContext &ctx, const Routed &r,
 
 /// The same rows in the aligned layout (each expert's first row a multiple
 /// of 128): one cublasGemmBatchedEx over the 128-row blocks its buffers
-/// declare (alignedLayoutRows; no host read), bare and with a ReLU (in
-/// cuBLASLt's pointer-array epilogue where it has one, else the flat pass),
-/// over B = `b`; the bare product's valid rows against `reference` (the
-/// packed rows' product). Prints its row; false on a mismatch.
+/// declare (alignedLayoutRows; no host read), bare and with a ReLU (the
+/// epilogue pass), over B = `b`; the bare product's valid rows against
+/// `reference` (the packed rows' product). Prints its row; false on a
+/// mismatch.
 bool alignedBlocksRow(cuda::KernelContext &ctx, const Routed &r, const void *a,
                       const void *b, const void *reference, int64_t k,
                       int64_t n, const GroupedGemmOptions &options, int iters) {

@@ -121,6 +121,22 @@ std::vector<double> referenceForward(const Buffer &a, const Buffer &b,
   return out;
 }
 
+/// grad_b[e] = (initial[e] +) a_e^T grad_c_e over the segments' rows, in
+/// fp64.
+std::vector<double> referenceWgrad(const Buffer &a, const Buffer &gradC,
+                                   const Segments &seg, int64_t k, int64_t n,
+                                   const Buffer *initial = nullptr) {
+  std::vector<double> out(seg.experts() * k * n, 0.0);
+  for (size_t i = 0; i < out.size() && initial; ++i)
+    out[i] = initial->at(i);
+  for (int64_t e = 0; e < seg.experts(); ++e)
+    for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          out[(e * k + i) * n + j] += a.at(r * k + i) * gradC.at(r * n + j);
+  return out;
+}
+
 /// Relative L2 over the segments' rows; NaN fails.
 double segmentError(const Buffer &got, const std::vector<double> &want,
                     const Segments &seg, int64_t n) {
@@ -312,16 +328,8 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
           gradB.set(normals(rng, E * k * n, 4.0));
         else
           gradB.poison();
-        std::vector<double> want(gradB.count);
-        for (int64_t e = 0; e < E; ++e)
-          for (int64_t i = 0; i < k; ++i)
-            for (int64_t j = 0; j < n; ++j) {
-              double sum = accumulate ? gradB.at((e * k + i) * n + j) : 0.0;
-              for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e];
-                   ++r)
-                sum += a.at(r * k + i) * gradC.at(r * n + j);
-              want[(e * k + i) * n + j] = sum;
-            }
+        std::vector<double> want =
+            referenceWgrad(a, gradC, seg, k, n, accumulate ? &gradB : nullptr);
         std::string reason;
         ASSERT_TRUE(cuda::detail::deviceGroupedGemmApplies(
             *ctx, dt, k, n, seg.space(),
@@ -419,13 +427,7 @@ TEST_P(CudaDeviceGemm, PerExpertGemmsOnSideStreamsMatchOneStream) {
                               [](int64_t) { return true; }),
             -1)
       << "the side streams' weight gradient differs from one stream's";
-  std::vector<double> want(E * k * n, 0.0);
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t j = 0; j < n; ++j)
-          want[(e * k + i) * n + j] += a.at(r * k + i) * gradC.at(r * n + j);
-  EXPECT_LE(bufferError(copies[1], want), 1e-2);
+  EXPECT_LE(bufferError(copies[1], referenceWgrad(a, gradC, seg, k, n)), 1e-2);
 }
 
 /// What spreadOverStreams' ordering test's host functions share.
@@ -1766,9 +1768,8 @@ TEST(CudaAlignedGemm, BlocksMatchFp64) {
                     -1)
               << "a row past the declared rows was written";
         }
-  // A ReLU epilogue: in cuBLASLt's pointer-array matmul where it has one
-  // (not under grouped_gemm=cublas), else the epilogue pass; both agree
-  // with relu of the fp64 product.
+  // A ReLU epilogue (the epilogue pass after the blocks) agrees with relu of
+  // the fp64 product on both cuBLAS paths.
   for (DType dt : {DType::BF16, DType::F16})
     for (bool transB : {false, true})
       for (GroupedGemmPath path :
@@ -1804,12 +1805,7 @@ TEST(CudaAlignedGemm, BlocksMatchFp64) {
     a.set(normals(rng, R * k, 1.0));
     gradC.set(normals(rng, R * n, 1.0));
     gradB.poison();
-    std::vector<double> want(gradB.count, 0.0);
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t r = seg.offsets[e]; r < seg.offsets[e] + seg.rows[e]; ++r)
-        for (int64_t i = 0; i < k; ++i)
-          for (int64_t j = 0; j < n; ++j)
-            want[(e * k + i) * n + j] += a.at(r * k + i) * gradC.at(r * n + j);
+    std::vector<double> want = referenceWgrad(a, gradC, seg, k, n);
     Status status = cuda::detail::groupedGemmWgradWith(
         *ctx, {a.device, dt}, {gradC.device, dt}, k, n, seg.space(),
         {gradB.device, dt}, {}, false, GroupedGemmPath::Cublas);

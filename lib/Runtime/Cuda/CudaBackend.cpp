@@ -642,20 +642,17 @@ bool CudaBackend::canCapturePass(const Plan &plan, int64_t variant,
   // cuBLAS too (one batched call over its row blocks), where every dynamic
   // GEMM of the forward reads the aligned routing; its weight gradients
   // still read the counts back.
-  bool forwardOnBlocks = !backward;
-  for (const Step &step : v.forward)
+  bool anyGate = false, dynamicGate = false, forwardOnBlocks = !backward;
+  for (const Step &step : v.forward) {
+    if (step.op == StepOp::Gate) {
+      anyGate = true;
+      dynamicGate = dynamicGate || step.facts.staticCapacity < 0;
+    }
     if (getStepKind(step.op).cost == StepCost::ExpertGemm &&
         step.facts.staticCapacity < 0 && !step.facts.aligned)
       forwardOnBlocks = false;
-  bool anyGate = false;
-  for (const Step &step : v.forward)
-    if (step.op == StepOp::Gate) {
-      anyGate = true;
-      if (step.facts.staticCapacity < 0 && !deviceSized &&
-          !(forwardOnBlocks && step.attrs.layout == DispatchLayout::Aligned))
-        return false;
-    }
-  return anyGate;
+  }
+  return anyGate && (!dynamicGate || deviceSized || forwardOnBlocks);
 }
 
 Status CudaBackend::beginGraphCapture() {

@@ -90,27 +90,6 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-/// c = epilogue(c) over every row below offsets[E] (read on the device),
-/// as one flat array of V-element units: the aligned layout's epilogue
-/// without bias or `pre`. Its rows between experts are computed too (no
-/// step reads them), so no row looks its expert up.
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
-    flatEpilogueKernel(T *c, int64_t width, const int32_t *rowsEnd,
-                       int64_t rows, int epilogue) {
-  const int64_t units = detail::usedRows(rows, rowsEnd) * width / V;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       u < units; u += stride) {
-    float v[V];
-    Unit<T, V>::load(c + u * V, v);
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      v[j] = detail::applyEpilogue(epilogue, v[j]);
-    Unit<T, V>::store(c + u * V, v);
-  }
-}
-
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     gluKernel(const T *__restrict__ gateIn, const T *__restrict__ upIn,
@@ -203,28 +182,10 @@ Status applyGemmEpilogue(KernelContext &ctx, const void *source,
   int64_t rows = RowSpace::launchRows(space);
   if (rows == 0 || n == 0)
     return Status::ok();
-  // The aligned layout's activation alone, in place: a flat pass at the
-  // copy's speed (the warp-per-row pass looks every row's expert up).
-  const bool flat = space.alignedRows > 0 && !space.isStatic() &&
-                    space.offsets && !bias.data && !pre.data &&
-                    source == c.data;
   return detail::withType(c.type, [&](auto tag) -> Status {
     using T = decltype(tag);
     bool vector = detail::vectorizable(
         n, sizeof(T), {source, bias.data, pre.data, c.data});
-    if (flat) {
-      auto launchFlat = [&](auto kernel, int64_t v) {
-        kernel<<<detail::gridFor(rows * n / v, kThreads), kThreads, 0,
-                 ctx.stream()>>>(static_cast<T *>(c.data), n,
-                                 space.offsets + space.experts, rows,
-                                 static_cast<int>(epilogue));
-      };
-      if (vector)
-        launchFlat(flatEpilogueKernel<T, kVector<T>>, kVector<T>);
-      else
-        launchFlat(flatEpilogueKernel<T, 1>, 1);
-      return checkLaunch("GEMM epilogue kernel (flat)");
-    }
     auto launch = [&](auto kernel) {
       kernel<<<warpGrid(ctx, rows), kThreads, 0, ctx.stream()>>>(
           static_cast<const T *>(source), static_cast<const T *>(bias.data),

@@ -282,14 +282,12 @@ alignedBlockOperandsKernel(detail::RowSpace space, int64_t blocks,
 /// rows hold is one GEMM of one cublasGemmBatchedEx, its operands found on
 /// the device (alignedBlockOperandsKernel, into scratch slot 7). Rows past
 /// an expert's count compute values no step reads. A CUDA graph can record
-/// it. With `reluInGemm` (c written once, beta 0) the ReLU runs in
-/// cuBLASLt's epilogue where it has a pointer-array algorithm
-/// (`epilogueApplied` then true).
+/// it. (cuBLASLt's pointer-array matmul offered no algorithm with the ReLU
+/// epilogue on an H100, Run 37: an activation runs as the epilogue pass.)
 Status alignedBlocksGemm(KernelContext &ctx, cublasOperation_t opB,
                          const void *a, const void *b, void *c, DType dtype,
                          int64_t k, int64_t n, int64_t ldb,
-                         const ExpertRowSpace &space, float beta,
-                         bool reluInGemm, bool &epilogueApplied) {
+                         const ExpertRowSpace &space, float beta) {
   const int64_t blockRows = space.alignedRows;
   const int64_t blocks = space.rowBound / blockRows;
   if (blocks == 0 || space.experts <= 0)
@@ -311,13 +309,6 @@ Status alignedBlocksGemm(KernelContext &ctx, cublasOperation_t opB,
       k * n * size, n * size, operands);
   if (Status s = checkLaunch("grouped_gemm's block operands kernel"); !s)
     return s;
-  if (reluInGemm)
-    if (Status s = detail::ltReluPointerArrayGemm(
-            ctx, opB == CUBLAS_OP_T, operands + blocks, operands,
-            const_cast<void *const *>(operands + 2 * blocks), a, b, c, dtype, k,
-            n, blockRows, blocks, epilogueApplied);
-        !s || epilogueApplied)
-      return s;
   const float alpha = 1.0f;
   const cudaDataType_t type = cudaTypeOf(dtype);
   // Column-major C^T[n, rows] = op(B)^T[n, k] A^T[k, rows], per block.
@@ -599,10 +590,8 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
     if (fused.fused)
       return Status::ok();
   } else if (space.alignedRows > 0) {
-    if (Status s = alignedBlocksGemm(
-            ctx, opB, a.data, b.data, target.data, dtype, k, n, ldb, space,
-            beta, reluInGemm && path != GroupedGemmPath::Cublas,
-            epilogueApplied);
+    if (Status s = alignedBlocksGemm(ctx, opB, a.data, b.data, target.data,
+                                     dtype, k, n, ldb, space, beta);
         !s)
       return s;
   } else {

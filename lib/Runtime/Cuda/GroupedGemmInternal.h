@@ -295,19 +295,6 @@ Status ltReluBatchedGemm(KernelContext &ctx, bool transB, const void *a,
                          int64_t n, int64_t capacity, int64_t experts,
                          bool &done);
 
-/// ltReluBatchedGemm over `count` blocks of `rows` rows at the addresses of
-/// device pointer arrays (the aligned layout's blocks, alignedBlocksGemm):
-/// `aArray`, `bArray`, `cArray` hold each block's rows, weight slice and
-/// output rows; `a`, `b`, `c` are the buffers they point into (their
-/// alignment picks the algorithm). `done` as there: false where cuBLASLt
-/// offers no pointer-array algorithm with the epilogue.
-Status ltReluPointerArrayGemm(KernelContext &ctx, bool transB,
-                              const void *const *aArray,
-                              const void *const *bArray, void *const *cArray,
-                              const void *a, const void *b, const void *c,
-                              DType dtype, int64_t k, int64_t n, int64_t rows,
-                              int64_t count, bool &done);
-
 /// cuda::groupedGemm / groupedGemmWgrad / groupedGemmGlu with the path
 /// chosen explicitly (for groupedGemmGlu: Device fuses where the kernel
 /// applies, any other path runs two GEMMs of that path and the glu kernel).

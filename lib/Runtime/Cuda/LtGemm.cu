@@ -67,10 +67,10 @@ uint32_t alignmentOf(const void *pointer) {
 }
 
 /// The device (ordinal, compute capability: the algorithm depends on the
-/// part), the dtype, k, n, the capacity, the experts, opB, the alignments
-/// and whether the matrices come from pointer arrays.
+/// part), the dtype, k, n, the capacity, the experts, opB and the
+/// alignments.
 using LtKey = std::tuple<int, int, int, int64_t, int64_t, int64_t, int64_t, int,
-                         uint32_t, uint32_t, uint32_t, bool>;
+                         uint32_t, uint32_t, uint32_t>;
 
 std::mutex ltMutex;
 std::map<LtKey, std::unique_ptr<LtPlan>> ltPlans;
@@ -82,8 +82,7 @@ Status checkLt(cublasStatus_t status, const char *what) {
                 std::string(what) + ": " + cublasGetStatusName(status));
 }
 
-/// A column-major layout of `batch` matrices `stride` elements apart, or
-/// (stride < 0) at the addresses of a device array of pointers.
+/// A column-major layout of `batch` matrices `stride` elements apart.
 Status makeLayout(cublasLtMatrixLayout_t &layout, cudaDataType_t type,
                   int64_t rows, int64_t cols, int64_t ld, int64_t batch,
                   int64_t stride) {
@@ -99,13 +98,6 @@ Status makeLayout(cublasLtMatrixLayout_t &layout, cudaDataType_t type,
                          "cublasLtMatrixLayoutSetAttribute (batch count)");
       !s)
     return s;
-  if (stride < 0) {
-    const uint32_t mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
-    return checkLt(
-        cublasLtMatrixLayoutSetAttribute(
-            layout, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode, sizeof(mode)),
-        "cublasLtMatrixLayoutSetAttribute (pointer arrays)");
-  }
   return checkLt(cublasLtMatrixLayoutSetAttribute(
                      layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
                      &stride, sizeof(stride)),
@@ -113,12 +105,11 @@ Status makeLayout(cublasLtMatrixLayout_t &layout, cudaDataType_t type,
 }
 
 /// Builds the plan of one shape (row-major C[cap, n] = A[cap, k] op(B[k, n])
-/// per block, as column-major C^T = op(B)^T A^T with B first); the blocks
-/// strided, or at the addresses of pointer arrays.
+/// per block, as column-major C^T = op(B)^T A^T with B first).
 Status buildPlan(KernelContext &ctx, LtPlan &plan, cublasOperation_t opB,
                  cudaDataType_t type, int64_t k, int64_t n, int64_t ldb,
                  int64_t capacity, int64_t experts,
-                 const LtAlignment &alignment, bool pointerArrays) {
+                 const LtAlignment &alignment) {
   if (Status s = checkLt(
           cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F),
           "cublasLtMatmulDescCreate");
@@ -141,19 +132,16 @@ Status buildPlan(KernelContext &ctx, LtPlan &plan, cublasOperation_t opB,
   // op(B)^T is n x k: B stored [k][n] (n x k column-major, ld n) untransposed,
   // or [n][k] (k x n, ld k) transposed.
   const bool transposed = opB == CUBLAS_OP_T;
-  auto stride = [&](int64_t elements) {
-    return pointerArrays ? int64_t{-1} : elements;
-  };
   if (Status s = makeLayout(plan.weights, type, transposed ? k : n,
-                            transposed ? n : k, ldb, experts, stride(k * n));
+                            transposed ? n : k, ldb, experts, k * n);
       !s)
     return s;
   if (Status s = makeLayout(plan.rows, type, k, capacity, k, experts,
-                            stride(capacity * k));
+                            capacity * k);
       !s)
     return s;
   if (Status s = makeLayout(plan.out, type, n, capacity, n, experts,
-                            stride(capacity * n));
+                            capacity * n);
       !s)
     return s;
   cublasLtMatmulPreference_t preference = nullptr;
@@ -198,12 +186,12 @@ Status buildPlan(KernelContext &ctx, LtPlan &plan, cublasOperation_t opB,
   return Status::ok();
 }
 
-/// The matmul of ltReluBatchedGemm or ltReluPointerArrayGemm: `a`, `b`, `c`
-/// the matrices (strided) or the device pointer arrays.
-Status ltReluGemm(KernelContext &ctx, bool transB, const void *a, const void *b,
-                  void *c, DType dtype, int64_t k, int64_t n, int64_t capacity,
-                  int64_t experts, const LtAlignment &alignment,
-                  bool pointerArrays, bool &done) {
+} // namespace
+
+Status ltReluBatchedGemm(KernelContext &ctx, bool transB, const void *a,
+                         const void *b, void *c, DType dtype, int64_t k,
+                         int64_t n, int64_t capacity, int64_t experts,
+                         bool &done) {
   done = false;
   const cublasOperation_t opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int64_t ldb = transB ? k : n;
@@ -214,6 +202,7 @@ Status ltReluGemm(KernelContext &ctx, bool transB, const void *a, const void *b,
   int device = 0;
   if (Status s = checkCuda(cudaGetDevice(&device), "cudaGetDevice"); !s)
     return s;
+  const LtAlignment alignment{alignmentOf(b), alignmentOf(a), alignmentOf(c)};
   {
     std::lock_guard<std::mutex> lock(ltMutex);
     LtKey key{device,
@@ -226,13 +215,12 @@ Status ltReluGemm(KernelContext &ctx, bool transB, const void *a, const void *b,
               static_cast<int>(opB),
               alignment.weights,
               alignment.rows,
-              alignment.out,
-              pointerArrays};
+              alignment.out};
     auto found = ltPlans.find(key);
     if (found == ltPlans.end()) {
       auto built = std::make_unique<LtPlan>();
       if (Status s = buildPlan(ctx, *built, opB, type, k, n, ldb, capacity,
-                               experts, alignment, pointerArrays);
+                               experts, alignment);
           !s)
         return s;
       found = ltPlans.emplace(key, std::move(built)).first;
@@ -254,39 +242,6 @@ Status ltReluGemm(KernelContext &ctx, bool transB, const void *a, const void *b,
     return s;
   done = true;
   return Status::ok();
-}
-
-} // namespace
-
-Status ltReluBatchedGemm(KernelContext &ctx, bool transB, const void *a,
-                         const void *b, void *c, DType dtype, int64_t k,
-                         int64_t n, int64_t capacity, int64_t experts,
-                         bool &done) {
-  return ltReluGemm(ctx, transB, a, b, c, dtype, k, n, capacity, experts,
-                    {alignmentOf(b), alignmentOf(a), alignmentOf(c)},
-                    /*pointerArrays=*/false, done);
-}
-
-Status ltReluPointerArrayGemm(KernelContext &ctx, bool transB,
-                              const void *const *aArray,
-                              const void *const *bArray, void *const *cArray,
-                              const void *a, const void *b, const void *c,
-                              DType dtype, int64_t k, int64_t n, int64_t rows,
-                              int64_t count, bool &done) {
-  // Every matrix's alignment: the bases', and the steps between blocks
-  // (rows * k or rows * n elements) and between weights (k * n).
-  const auto size = static_cast<int64_t>(dtypeSize(dtype));
-  auto stepped = [](const void *base, int64_t bytes) {
-    return std::min(alignmentOf(base),
-                    alignmentOf(reinterpret_cast<const void *>(
-                        static_cast<uintptr_t>(bytes))));
-  };
-  return ltReluGemm(ctx, transB, aArray, bArray,
-                    const_cast<void *>(static_cast<const void *>(cArray)),
-                    dtype, k, n, rows, count,
-                    {stepped(b, k * n * size), stepped(a, rows * k * size),
-                     stepped(c, rows * n * size)},
-                    /*pointerArrays=*/true, done);
 }
 
 } // namespace flex::cuda::detail
