@@ -199,7 +199,7 @@ const char *flexGetLastError(void);
  *   refine_variant        FLEX_REFINE_VARIANT        1 / 0 (default 1)
  *   grouped_gemm          FLEX_GROUPED_GEMM          auto / device / cublas
  *   relu_in_gemm          FLEX_RELU_IN_GEMM          1 / 0 (default 1)
- *   wgmma                 FLEX_WGMMA                 1 / 0 (default 0)
+ *   wgmma                 FLEX_WGMMA                 1 / 0 (default 1)
  *   wgmma_tile            FLEX_WGMMA_TILE            auto / wide / pair /
  *                                                    cooperative / ping-pong
  *   gemm_streams          FLEX_GEMM_STREAMS          1..8 (default 2)

@@ -529,7 +529,9 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
   EXPECT_EQ(options.set("relu_in_gemm", "maybe").code(),
             StatusCode::InvalidArgument);
   EXPECT_TRUE(options.set("relu_in_gemm", "1").isOk());
-  // The wgmma grouped kernel: opt-in for now.
+  // The wgmma grouped kernel: on by default (Hopper only).
+  EXPECT_TRUE(options.wgmma);
+  EXPECT_TRUE(options.set("wgmma", "0").isOk());
   EXPECT_FALSE(options.wgmma);
   EXPECT_TRUE(options.set("wgmma", "1").isOk());
   EXPECT_TRUE(options.wgmma);

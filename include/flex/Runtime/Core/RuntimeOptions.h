@@ -110,11 +110,11 @@ struct RuntimeOptions {
   bool reluInGemm = true;
   /// CUDA on Hopper: Flex's wgmma grouped kernel for the expert GEMMs
   /// (HopperGemmKernel.cuh; docs/Runtime.md). Off: the mma.sync kernel and
-  /// the cuBLAS paths, as on other GPUs. Opt-in until its whole GPU suite
-  /// passes on a Hopper (bench/RESULTS.md Run 33: one shard of the kernel
-  /// tests stalled, cause not yet known).
-  /// ("wgmma", FLEX_WGMMA)
-  bool wgmma = false;
+  /// the cuBLAS paths, as on other GPUs. On by default since its whole GPU
+  /// suite passes on an H100 (bench/RESULTS.md Run 39; Run 33's stalled
+  /// shard was the ping-pong weight gradient's hang, fixed). No effect on
+  /// other GPUs. ("wgmma", FLEX_WGMMA)
+  bool wgmma = true;
   /// CUDA on Hopper with `wgmma`: the wgmma kernel's tile shape (auto: each
   /// GEMM's default; a fixed shape for measuring or tuning a layer).
   /// ("wgmma_tile", FLEX_WGMMA_TILE)
