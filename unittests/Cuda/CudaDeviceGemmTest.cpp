@@ -791,6 +791,22 @@ constexpr cuda::detail::DeviceTiles kFusedStoreForm =
     cuda::detail::DeviceTiles::HopperWide;
 static_assert(cuda::detail::kFusedStoreTile == cuda::detail::HopperTile::Wide);
 
+/// Whether a fused backward on `path` asks for the wgmma kernel's store:
+/// the device path always, cuBLAS never, auto by autoFusesBackwardInStore
+/// (the declared rows per expert; eagerly).
+bool fusesInStore(const cuda::KernelContext &ctx, GroupedGemmPath path,
+                  const cuda::ExpertRowSpace &space) {
+  if (path == GroupedGemmPath::Cublas)
+    return false;
+  if (path == GroupedGemmPath::Device ||
+      ctx.groupedGemm == GroupedGemmImpl::Device)
+    return true;
+  const int64_t rows =
+      space.isStatic() ? space.staticCapacity * space.experts : space.rowBound;
+  return ctx.groupedGemm == GroupedGemmImpl::Auto &&
+         autoFusesBackwardInStore(rows, space.experts, false);
+}
+
 /// The plain product of a fused backward's GEMM on the engine the fused step
 /// took: the form the wgmma kernel's fused store runs for its default tile,
 /// or grouped_gemm's path (Device, which asked for the fused kernel, as
@@ -926,7 +942,7 @@ TEST_P(CudaDeviceGemm, ActivationBackwardMatchesTheUnfusedStepsAndFp64) {
             EXPECT_LE(std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30), 2e-2);
             // The unfused steps on the engine the fused step took.
             const bool onWgmma =
-                path != GroupedGemmPath::Cublas &&
+                fusesInStore(*ctx, path, space) &&
                 cuda::detail::hopperGroupedGemmRuns(*ctx) &&
                 cuda::detail::hopperGroupedGemmApplies(
                     *ctx, dt, k, n, space,
@@ -1034,7 +1050,7 @@ TEST_P(CudaDeviceGemm, GluBackwardMatchesTheUnfusedStepsAndFp64) {
           gradUp.download();
           EXPECT_LE(error(gradGate, wantGate), 2e-2);
           EXPECT_LE(error(gradUp, wantUp), 2e-2);
-          const bool onWgmma = path != GroupedGemmPath::Cublas &&
+          const bool onWgmma = fusesInStore(*ctx, path, space) &&
                                cuda::detail::hopperGroupedGemmRuns(*ctx) &&
                                cuda::detail::hopperGroupedGemmApplies(
                                    *ctx, dt, k, n, space,

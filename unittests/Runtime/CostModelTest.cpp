@@ -508,10 +508,12 @@ std::pair<Plan, Plan> unfusedAndFused(const std::string &name, int pairs) {
   return {std::move(unfused), std::move(fused)};
 }
 
-InputGradient predictInputGradient(const Plan &plan, int64_t variant,
-                                   bool wgmma) {
+InputGradient
+predictInputGradient(const Plan &plan, int64_t variant, bool wgmma,
+                     GroupedGemmImpl impl = GroupedGemmImpl::Auto) {
   CostModelOptions options;
   options.wgmmaGemm = wgmma;
+  options.groupedGemm = impl;
   const CostModel model(defaultProfile("cuda", 1), options);
   return inputGradientOf(plan, model.predict(plan, variant, true, -1));
 }
@@ -521,8 +523,10 @@ InputGradient predictInputGradient(const Plan &plan, int64_t variant,
 // no pass: where the plain GEMM takes the device kernel too (a dynamic
 // layout at decode sizes: d 256, h 512, 64 tokens), the fused step costs
 // that GEMM and the store's read of pre; on a fixed capacity (C1: T 16384, d =
-// h = 4096, E 16, k 2) the plain GEMM stays on cuBLAS's batched path and the
-// fused step takes the wgmma kernel's.
+// h = 4096, E 16, k 2: 4096 rows per expert) auto runs the fused step as
+// the pair, the GEMM on cuBLAS's batched path and the pass
+// (autoFusesBackwardInStore), and grouped_gemm=device takes the wgmma
+// kernel's.
 TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
   {
     auto [unfused, fused] =
@@ -582,11 +586,16 @@ TEST(CostModel, ActivationBackwardFusedStepIsPricedOnItsPath) {
     const InputGradient pair = predictInputGradient(unfused, 0, false);
     const InputGradient off = predictInputGradient(fused, 0, false);
     const InputGradient on = predictInputGradient(fused, 0, true);
-    std::printf("C1: pair %.1f us, fused %.1f us, fused on wgmma %.1f us\n",
-                pair.us, off.us, on.us);
+    const InputGradient device =
+        predictInputGradient(fused, 0, true, GroupedGemmImpl::Device);
+    std::printf("C1: pair %.1f us, fused %.1f us, fused with wgmma %.1f us, "
+                "on grouped_gemm=device %.1f us\n",
+                pair.us, off.us, on.us, device.us);
     EXPECT_EQ(off.path, GemmPath::Batched);
     EXPECT_NEAR(off.us, pair.us, 0.02 * pair.us);
-    EXPECT_EQ(on.path, GemmPath::Device);
+    EXPECT_EQ(on.path, GemmPath::Batched);
+    EXPECT_NEAR(on.us, pair.us, 0.02 * pair.us);
+    EXPECT_EQ(device.path, GemmPath::Device);
     // The fused step's FLOPs are one product's.
     for (const Step &step : fused.variants[0].backward)
       if (step.op == StepOp::GroupedGemmActivationBackward) {

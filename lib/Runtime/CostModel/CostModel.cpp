@@ -229,16 +229,30 @@ bool isFusedBackward(StepOp op) {
 }
 
 /// Whether a fused backward (isFusedBackward: the activation's or the GLU's)
-/// runs fused: on CUDA where the
-/// wgmma kernel runs (CostModelOptions::wgmmaGemm, the backend's answer), its
-/// operands fit it and the profile has the device kernel's figures, for any
-/// row space, unless grouped_gemm=cublas. Elsewhere the step runs as the
-/// unfused steps would: a GEMM on grouped_gemm's path and the
-/// activation_backward or glu_backward pass.
+/// runs fused: on CUDA where the wgmma kernel runs
+/// (CostModelOptions::wgmmaGemm, the backend's answer), its operands fit it
+/// and the profile has the device kernel's figures, over `rows` declared
+/// rows (E * C for a fixed capacity) of `groups` experts, always with
+/// grouped_gemm=device and under auto by autoFusesBackwardInStore (the
+/// eager rule: the backend records such passes only where its rule already
+/// runs the kernels). Elsewhere the step runs as the unfused steps would: a
+/// GEMM on grouped_gemm's path and the activation_backward or glu_backward
+/// pass.
 bool fusedActivationBackwardOnDevice(const DeviceProfile &profile,
                                      const CostModelOptions &options,
-                                     DType dtype, int64_t k, int64_t n) {
-  return options.wgmmaGemm && fusedGluOnDevice(profile, options, dtype, k, n);
+                                     DType dtype, int64_t k, int64_t n,
+                                     int64_t rows, int64_t groups) {
+  return options.wgmmaGemm && fusedGluOnDevice(profile, options, dtype, k, n) &&
+         (options.groupedGemm == GroupedGemmImpl::Device ||
+          autoFusesBackwardInStore(rows, groups, /*capturing=*/false));
+}
+
+/// The rows a grouped GEMM step's backend row space declares: its A
+/// buffer's, from a pipelined chunk's first row on.
+int64_t declaredRows(const Step &step, const BufferDesc &a) {
+  return std::max<int64_t>(
+      0, (a.shape.empty() ? 0 : a.shape.front()) -
+             (step.facts.segments.isValid() ? step.facts.segments.baseRow : 0));
 }
 
 /// The elementwise pass a fused step runs after its GEMM off its fusing
@@ -271,7 +285,8 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
       fusedGluOnDevice(profile, options, a.dtype, k, n))
     return GemmPath::Device;
   if (isFusedBackward(step.op) &&
-      fusedActivationBackwardOnDevice(profile, options, a.dtype, k, n))
+      fusedActivationBackwardOnDevice(profile, options, a.dtype, k, n,
+                                      declaredRows(step, a), groups))
     return GemmPath::Device;
   const SegmentFacts &seg = step.facts.segments;
   const bool dynamic =
@@ -283,11 +298,7 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
     return GemmPath::PerExpert;
   // A gather-fused GEMM (row_tokens) follows the same rule; off the device
   // kernel its rows are copied first (priced in stepBasis).
-  // The backend's row space: the buffer's declared rows (a chunk's from its
-  // first row on).
-  const int64_t declared = a.shape.empty() ? 0 : a.shape.front();
-  const int64_t rowBound =
-      std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
+  const int64_t rowBound = declaredRows(step, a);
   // Not `capturing`: the backend records a dynamic pass only where the
   // rule already sends every GEMM to the kernel (grouped_gemm=device, or
   // auto at decode sizes: CudaBackend::canCapturePass). The host
@@ -375,18 +386,16 @@ double stepOnDeviceKernel(const DeviceProfile &profile,
                           const CostModelOptions &options, const Step &step,
                           const BufferDesc &a, double rows, int64_t groups,
                           int64_t k, int64_t n, bool wgrad) {
-  const int64_t rowBound = std::max<int64_t>(
-      0, (a.shape.empty() ? 0 : a.shape.front()) -
-             (step.facts.segments.isValid() ? step.facts.segments.baseRow : 0));
+  const int64_t rowBound = declaredRows(step, a);
   // The wgmma kernel takes the large tiles of the forward and
   // input-gradient products; with a gathered A its cp.async producer runs at
   // about the mma.sync kernel's rate (Run 32: G3's gathered GLU step 5633 us
   // against 2104 with TMA), priced so.
   const bool wgmma = options.wgmmaGemm && !wgrad && !step.gathersA();
   // The backward-fused steps run on the wgmma kernel's tiles alone.
-  const bool wgmmaOnly =
-      isFusedBackward(step.op) &&
-      fusedActivationBackwardOnDevice(profile, options, a.dtype, k, n);
+  const bool wgmmaOnly = isFusedBackward(step.op) &&
+                         fusedActivationBackwardOnDevice(
+                             profile, options, a.dtype, k, n, rowBound, groups);
   const double storeElements = !wgmmaOnly ? 0.0
                                : step.op == StepOp::GroupedGemmGluBackward
                                    ? 3.0 * static_cast<double>(n)
@@ -676,7 +685,9 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
     if (isFusedBackward(step.op) &&
-        !fusedActivationBackwardOnDevice(profile_, options_, c.dtype, k, n))
+        !fusedActivationBackwardOnDevice(profile_, options_, c.dtype, k, n,
+                                         declaredRows(step, a),
+                                         groupsOf(step.in(R::B))))
       basis.passSeconds = elementwisePassSeconds(
           profile_, work.flops / (2.0 * kn), n, c.dtype,
           step.op == StepOp::GroupedGemmGluBackward ? 5 : 3);

@@ -206,13 +206,10 @@ bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant,
     for (const Step &step : *steps) {
       std::optional<GemmStepShape> gemm = gemmStepShape(plan, step);
       // grouped_gemm_glu runs the device kernel where it fits, whatever the
-      // rows; with wgmma the fused backwards run it too (their store applies
-      // the backward). A gathered GEMM follows the rule.
-      const bool fusedBackward =
-          step.op == StepOp::GroupedGemmActivationBackward ||
-          step.op == StepOp::GroupedGemmGluBackward;
-      if (!gemm || step.op == StepOp::GroupedGemmGlu ||
-          (wgmma && fusedBackward))
+      // rows. The fused backwards (their store applies the backward) and a
+      // gathered GEMM follow the rule (autoFusesBackwardInStore has the
+      // forward's bound).
+      if (!gemm || step.op == StepOp::GroupedGemmGlu)
         continue;
       const SegmentFacts &seg = step.facts.segments;
       const bool dynamic =

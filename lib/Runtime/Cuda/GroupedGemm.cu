@@ -401,19 +401,25 @@ Status gatherRows(KernelContext &ctx, ReadBuffer a, int64_t k,
 }
 
 /// Whether a fused backward (grouped_gemm_activation_backward,
-/// grouped_gemm_glu_backward) runs in the wgmma kernel's store: the fused
-/// store is the point of the step, so wherever that kernel runs and applies
-/// (a static row space too), unless the path or grouped_gemm=cublas asks for
-/// the unfused GEMM.
+/// grouped_gemm_glu_backward) runs in the wgmma kernel's store, where that
+/// kernel runs and applies (a static row space too): always on the device
+/// path (grouped_gemm=device), never with grouped_gemm=cublas, and under
+/// auto by autoFusesBackwardInStore (few rows per expert, or recording),
+/// else as the GEMM on grouped_gemm's path and the pass.
 bool fusedBackwardOnWgmma(const KernelContext &ctx,
                           detail::GroupedGemmPath path, DType type, int64_t k,
                           int64_t n, const ExpertRowSpace &space,
                           std::initializer_list<const void *> pointers) {
   using detail::GroupedGemmPath;
-  return (path == GroupedGemmPath::Device ||
-          (path == GroupedGemmPath::Auto &&
-           ctx.groupedGemm != GroupedGemmImpl::Cublas)) &&
-         detail::hopperGroupedGemmRuns(ctx) &&
+  const int64_t rows =
+      space.isStatic() ? space.staticCapacity * space.experts : space.rowBound;
+  const bool wanted =
+      path == GroupedGemmPath::Device ||
+      (path == GroupedGemmPath::Auto &&
+       (ctx.groupedGemm == GroupedGemmImpl::Device ||
+        (ctx.groupedGemm == GroupedGemmImpl::Auto &&
+         autoFusesBackwardInStore(rows, space.experts, ctx.capturing))));
+  return wanted && detail::hopperGroupedGemmRuns(ctx) &&
          detail::hopperGroupedGemmApplies(ctx, type, k, n, space, pointers);
 }
 

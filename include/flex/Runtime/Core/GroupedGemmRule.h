@@ -54,6 +54,22 @@ inline constexpr int64_t kDeviceGemmForwardRowsPerExpert = 40;
 /// 192 and 1536 and was not measured closer: 512.
 inline constexpr int64_t kWgmmaForwardRowsPerExpert = 512;
 
+/// Whether grouped_gemm=auto runs a fused backward
+/// (grouped_gemm_activation_backward, grouped_gemm_glu_backward) in the wgmma
+/// kernel's store rather than as the GEMM on grouped_gemm's path and the
+/// activation's pass: up to kWgmmaForwardRowsPerExpert mean rows per expert
+/// (`rows` the declared rows, E * C for a fixed capacity), or while a graph
+/// records. Above it the kernel's product is slower than cuBLAS's by more
+/// than the pass it saves. H100 (bench/RESULTS.md Run 37): fused 1595 us
+/// against cuBLAS + pass 1334 at C3, 1901 against 1714 at C1, 2094 against
+/// 1500 at G3 (the GLU's backward); with wgmma on by default the
+/// `+act_backward` variants' backward ran 5% slower than with it off at C3
+/// dropless (Run 39).
+inline constexpr bool autoFusesBackwardInStore(int64_t rows, int64_t experts,
+                                               bool capturing) {
+  return capturing || rows <= kWgmmaForwardRowsPerExpert * experts;
+}
+
 /// The largest count up to which the host path of a forward or
 /// input-gradient GEMM issues one cublasGemmGroupedBatchedEx over the
 /// experts instead of a GEMM per expert. H100, bf16, 64 experts (Run 29):
