@@ -922,7 +922,8 @@ Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
         ctx, a, gradC, gradB, type, k, n, space, accumulate,
         wgmmaTile && tiles != DeviceTiles::Hopper
             ? hopperTileOf(tiles)
-            : defaultHopperTile(ctx, kDefaultHopperWgradTile));
+            : defaultHopperTile(
+                  ctx, measuredWgradTile(space.rowBound, space.experts)));
   if (wgmmaTile)
     return Status(StatusCode::Unavailable, why);
   RaggedKArgs args{a, gradC, gradB,          space.offsets, space.rows,

@@ -79,9 +79,28 @@ inline constexpr HopperTile kDefaultHopperGluTile = HopperTile::Wide;
 /// whatever tile is asked: 128 x 256, the fastest shape (a gathered A runs
 /// 128 x 128 cooperative). Its store modes are instantiated for it alone.
 inline constexpr HopperTile kFusedStoreTile = HopperTile::Wide;
-/// The weight gradient's (Run 32: as fast as cuBLAS per expert at C3's
-/// size, 1.6x slower at C1's).
+/// The weight gradient's over few rows per expert (each tile one or two
+/// reduction steps): ping-pong 128 x 128, one warpgroup storing while the
+/// other multiplies. H100 (bench/RESULTS.md Run 39): 108.5 us against
+/// 157 for the other tiles at 32 rows per expert (64 experts), 66.0
+/// against 87 at 64 (16 experts).
 inline constexpr HopperTile kDefaultHopperWgradTile = HopperTile::PingPong;
+/// Mean rows per expert above which the weight gradient takes the 2-CTA
+/// pair (128 x 256 tiles sharing gradC's tile by multicast): there it
+/// is the fastest, C3 (1536 rows, 64 experts) 1028.5 us against 1171.9 for
+/// ping-pong and 1081.0 for 128 x 256 alone, C1 (4096 rows, 8 experts)
+/// 1554.3 against 2158.2 and 1628.4 (Runs 38-39). Between 64 and 1536
+/// rows it was not measured; 256 is where auto's rule sends the weight
+/// gradient to cuBLAS (kDeviceGemmRowsPerExpert), so what auto runs
+/// eagerly keeps the measured small-rows tile.
+inline constexpr int64_t kWgradPairRowsPerExpert = 256;
+
+/// The weight gradient's default tile over `rowBound` declared rows of
+/// `experts` experts.
+inline HopperTile measuredWgradTile(int64_t rowBound, int64_t experts) {
+  return rowBound > kWgradPairRowsPerExpert * experts ? HopperTile::WidePair
+                                                      : kDefaultHopperWgradTile;
+}
 
 /// The tile of a call that asks for the wgmma kernel's default: the
 /// context's `wgmma_tile` where one is set, else `measured` (the GEMM's
