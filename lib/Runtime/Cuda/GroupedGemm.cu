@@ -404,8 +404,10 @@ Status gatherRows(KernelContext &ctx, ReadBuffer a, int64_t k,
 /// grouped_gemm_glu_backward) runs in the wgmma kernel's store, where that
 /// kernel runs and applies (a static row space too): always on the device
 /// path (grouped_gemm=device), never with grouped_gemm=cublas, and under
-/// auto by autoFusesBackwardInStore (few rows per expert, or recording),
-/// else as the GEMM on grouped_gemm's path and the pass.
+/// auto by autoFusesBackwardInStore (few rows per expert, or recording a
+/// dynamic row space, whose GEMM then runs on the device kernel anyway; a
+/// fixed capacity records cuBLAS's batched GEMM and the pass as it runs
+/// them eagerly), else as the GEMM on grouped_gemm's path and the pass.
 bool fusedBackwardOnWgmma(const KernelContext &ctx,
                           detail::GroupedGemmPath path, DType type, int64_t k,
                           int64_t n, const ExpertRowSpace &space,
@@ -418,7 +420,8 @@ bool fusedBackwardOnWgmma(const KernelContext &ctx,
       (path == GroupedGemmPath::Auto &&
        (ctx.groupedGemm == GroupedGemmImpl::Device ||
         (ctx.groupedGemm == GroupedGemmImpl::Auto &&
-         autoFusesBackwardInStore(rows, space.experts, ctx.capturing))));
+         autoFusesBackwardInStore(rows, space.experts,
+                                  ctx.capturing && !space.isStatic()))));
   return wanted && detail::hopperGroupedGemmRuns(ctx) &&
          detail::hopperGroupedGemmApplies(ctx, type, k, n, space, pointers);
 }

@@ -59,10 +59,12 @@ inline constexpr int64_t kWgmmaForwardRowsPerExpert = 512;
 /// kernel's store rather than as the GEMM on grouped_gemm's path and the
 /// activation's pass: up to kWgmmaForwardRowsPerExpert mean rows per expert
 /// (`rows` the declared rows, E * C for a fixed capacity), or while a graph
-/// records. Above it the kernel's product is slower than cuBLAS's by more
-/// than the pass it saves. H100 (bench/RESULTS.md Run 37): fused 1595 us
-/// against cuBLAS + pass 1334 at C3, 1901 against 1714 at C1, 2094 against
-/// 1500 at G3 (the GLU's backward); with wgmma on by default the
+/// records a dynamic row space (`capturing`; its GEMM then runs on the
+/// device kernel anyway, and the store saves the pass). Above it the kernel's
+/// product is slower than cuBLAS's by more than the pass it saves. H100
+/// (bench/RESULTS.md Run 37): fused 1595 us against cuBLAS + pass 1334 at C3,
+/// 1901 against 1714 at C1, 2094 against 1500 at G3 (the GLU's backward); with
+/// wgmma on by default the
 /// `+act_backward` variants' backward ran 5% slower than with it off at C3
 /// dropless (Run 39).
 inline constexpr bool autoFusesBackwardInStore(int64_t rows, int64_t experts,
