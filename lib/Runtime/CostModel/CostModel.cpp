@@ -255,6 +255,15 @@ int64_t declaredRows(const Step &step, const BufferDesc &a) {
              (step.facts.segments.isValid() ? step.facts.segments.baseRow : 0));
 }
 
+/// The rows the fused backwards' rule weighs, as the backend's row space
+/// has them (fusedBackwardRows: E x C or a chunk's G x n where known).
+int64_t fusedBackwardRowsOf(const Step &step, const BufferDesc &a,
+                            int64_t groups) {
+  const SegmentFacts &seg = step.facts.segments;
+  return fusedBackwardRows(seg.isValid() ? seg.rows : step.facts.staticCapacity,
+                           groups, declaredRows(step, a));
+}
+
 /// The elementwise pass a fused step runs after its GEMM off its fusing
 /// kernel: one launch, `tensors` [rows, n] read or written at the profile's
 /// bandwidth (as those steps are priced without fitted figures): 3 for glu
@@ -286,7 +295,8 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
     return GemmPath::Device;
   if (isFusedBackward(step.op) &&
       fusedActivationBackwardOnDevice(profile, options, a.dtype, k, n,
-                                      declaredRows(step, a), groups))
+                                      fusedBackwardRowsOf(step, a, groups),
+                                      groups))
     return GemmPath::Device;
   const SegmentFacts &seg = step.facts.segments;
   const bool dynamic =
@@ -395,7 +405,8 @@ double stepOnDeviceKernel(const DeviceProfile &profile,
   // The backward-fused steps run on the wgmma kernel's tiles alone.
   const bool wgmmaOnly = isFusedBackward(step.op) &&
                          fusedActivationBackwardOnDevice(
-                             profile, options, a.dtype, k, n, rowBound, groups);
+                             profile, options, a.dtype, k, n,
+                             fusedBackwardRowsOf(step, a, groups), groups);
   const double storeElements = !wgmmaOnly ? 0.0
                                : step.op == StepOp::GroupedGemmGluBackward
                                    ? 3.0 * static_cast<double>(n)
@@ -685,9 +696,10 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
     if (isFusedBackward(step.op) &&
-        !fusedActivationBackwardOnDevice(profile_, options_, c.dtype, k, n,
-                                         declaredRows(step, a),
-                                         groupsOf(step.in(R::B))))
+        !fusedActivationBackwardOnDevice(
+            profile_, options_, c.dtype, k, n,
+            fusedBackwardRowsOf(step, a, groupsOf(step.in(R::B))),
+            groupsOf(step.in(R::B))))
       basis.passSeconds = elementwisePassSeconds(
           profile_, work.flops / (2.0 * kn), n, c.dtype,
           step.op == StepOp::GroupedGemmGluBackward ? 5 : 3);

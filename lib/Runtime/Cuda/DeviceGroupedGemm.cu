@@ -923,7 +923,7 @@ Status deviceGroupedGemmWgrad(KernelContext &ctx, const void *a,
         wgmmaTile && tiles != DeviceTiles::Hopper
             ? hopperTileOf(tiles)
             : defaultHopperTile(
-                  ctx, measuredWgradTile(space.rowBound, space.experts)));
+                  ctx, measuredWgradTile(ctx, space.rowBound, space.experts)));
   if (wgmmaTile)
     return Status(StatusCode::Unavailable, why);
   RaggedKArgs args{a, gradC, gradB,          space.offsets, space.rows,

@@ -414,7 +414,7 @@ bool fusedBackwardOnWgmma(const KernelContext &ctx,
                           std::initializer_list<const void *> pointers) {
   using detail::GroupedGemmPath;
   const int64_t rows =
-      space.isStatic() ? space.staticCapacity * space.experts : space.rowBound;
+      fusedBackwardRows(space.staticCapacity, space.experts, space.rowBound);
   const bool wanted =
       path == GroupedGemmPath::Device ||
       (path == GroupedGemmPath::Auto &&

@@ -95,13 +95,6 @@ inline constexpr HopperTile kDefaultHopperWgradTile = HopperTile::PingPong;
 /// eagerly keeps the measured small-rows tile.
 inline constexpr int64_t kWgradPairRowsPerExpert = 256;
 
-/// The weight gradient's default tile over `rowBound` declared rows of
-/// `experts` experts.
-inline HopperTile measuredWgradTile(int64_t rowBound, int64_t experts) {
-  return rowBound > kWgradPairRowsPerExpert * experts ? HopperTile::WidePair
-                                                      : kDefaultHopperWgradTile;
-}
-
 /// The tile of a call that asks for the wgmma kernel's default: the
 /// context's `wgmma_tile` where one is set, else `measured` (the GEMM's
 /// own default).
@@ -195,6 +188,13 @@ bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,
                               std::string *reason = nullptr);
+
+/// The weight gradient's default tile over `rowBound` declared rows of
+/// `experts` experts: the pair above kWgradPairRowsPerExpert where its
+/// clusters can run at once (hopperPairClustersThatFit: not under every
+/// MPS or green-context partition), else ping-pong.
+HopperTile measuredWgradTile(const KernelContext &ctx, int64_t rowBound,
+                             int64_t experts);
 
 /// How many 2-CTA clusters of the forward 128 x 256 pair form (bf16) the
 /// device runs at once (cudaOccupancyMaxActiveClusters, what its persistent

@@ -122,6 +122,14 @@ int64_t hopperPairClustersThatFit(const KernelContext &ctx,
   return fit;
 }
 
+HopperTile measuredWgradTile(const KernelContext &ctx, int64_t rowBound,
+                             int64_t experts) {
+  if (rowBound > kWgradPairRowsPerExpert * experts &&
+      hopperPairClustersThatFit(ctx) > 0)
+    return HopperTile::WidePair;
+  return kDefaultHopperWgradTile;
+}
+
 bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
                               int64_t n, const ExpertRowSpace &space,
                               std::initializer_list<const void *> pointers,

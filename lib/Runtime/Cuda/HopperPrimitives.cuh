@@ -235,22 +235,23 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address,
 /// tile could wait on a stage's barrier two or more fills ahead of the
 /// producer, where the phase parity it waits for already reads complete.
 /// orderBars[w] completes once per tile of warpgroup w (its thread 0).
-/// Every thread of the warpgroup calls it, and it first gathers the
-/// warpgroup's four warps (named barrier 1 + consumer): a weight
-/// gradient's tile of an expert without rows has no wgmma to converge on,
-/// so thread 0 could otherwise arrive for tiles ahead while a warp still
-/// stores an earlier one, and that warp would then wait for a phase of the
-/// other's barrier two or more arrivals old, whose parity reads incomplete
-/// forever (the ping-pong weight gradient's hang on 70 experts, accumulating).
+/// Every thread of the warpgroup calls it, and after the wait the
+/// warpgroup's four warps meet (named barrier 1 + consumer), so thread 0
+/// arrives for this tile only once every warp has seen the other's phase:
+/// a weight gradient's tile of an expert without rows has no wgmma to
+/// converge on, and without the meeting thread 0 arrived for tiles ahead,
+/// the other warpgroup completed its next phase too, and a warp that had
+/// not yet polled waited on a parity two phases old, incomplete forever
+/// (the ping-pong weight gradient's hang on 70 experts, accumulating).
 __device__ __forceinline__ void
 waitForThePreviousTile(uint32_t orderBars, int consumer, int64_t mine) {
   if (mine == 0)
     return;
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + consumer) : "memory");
   const int other = 1 - consumer;
   // Tile mine - 1 is the other's ((mine - 1 - other) / 2)-th.
   const int64_t theirs = (mine - 1 - other) / 2;
   barrierWait(orderBars + 8 * other, static_cast<uint32_t>(theirs & 1));
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + consumer) : "memory");
 }
 
 /// wgmma.mma_async m64nBNk16 with fp32 accumulators (BN / 2 registers per

@@ -67,6 +67,15 @@ inline constexpr int64_t kWgmmaForwardRowsPerExpert = 512;
 /// wgmma on by default the
 /// `+act_backward` variants' backward ran 5% slower than with it off at C3
 /// dropless (Run 39).
+/// The rows autoFusesBackwardInStore weighs for a step's row space: E x C
+/// where the capacity is known on the host (a fixed capacity, a pipelined
+/// chunk's n), else the declared rows R (from a chunk's first row on).
+inline constexpr int64_t fusedBackwardRows(int64_t staticCapacity,
+                                           int64_t experts,
+                                           int64_t declaredRows) {
+  return staticCapacity >= 0 ? staticCapacity * experts : declaredRows;
+}
+
 inline constexpr bool autoFusesBackwardInStore(int64_t rows, int64_t experts,
                                                bool capturing) {
   return capturing || rows <= kWgmmaForwardRowsPerExpert * experts;
