@@ -240,6 +240,10 @@ std::vector<GemmCase> gemmCases() {
       // enough that every pipeline stage is refilled.
       {"many_experts_deep_k", manyExpertCounts(), 0, 392, 136},
       {"prefill_deep_k", {300, 0, 257, 129}, 0, 168, 72},
+      // Past 512 rows per expert: auto's rule takes cuBLAS for the GEMMs and
+      // runs a fused backward as the GEMM and the pass
+      // (autoFusesBackwardInStore).
+      {"prefill_many_rows", {900, 700, 0, 800}, 0, 64, 72},
   };
 }
 
@@ -796,15 +800,16 @@ static_assert(cuda::detail::kFusedStoreTile == cuda::detail::HopperTile::Wide);
 /// (the declared rows per expert; eagerly).
 bool fusesInStore(const cuda::KernelContext &ctx, GroupedGemmPath path,
                   const cuda::ExpertRowSpace &space) {
-  if (path == GroupedGemmPath::Cublas)
+  if (path != GroupedGemmPath::Auto && path != GroupedGemmPath::Device)
     return false;
   if (path == GroupedGemmPath::Device ||
       ctx.groupedGemm == GroupedGemmImpl::Device)
     return true;
-  const int64_t rows =
-      space.isStatic() ? space.staticCapacity * space.experts : space.rowBound;
   return ctx.groupedGemm == GroupedGemmImpl::Auto &&
-         autoFusesBackwardInStore(rows, space.experts, false);
+         autoFusesBackwardInStore(fusedBackwardRows(space.staticCapacity,
+                                                    space.experts,
+                                                    space.rowBound),
+                                  space.experts, false);
 }
 
 /// The plain product of a fused backward's GEMM on the engine the fused step
