@@ -1063,6 +1063,23 @@ TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
   EXPECT_EQ(deviceGemmTileRows(DeviceGemmTile::Large), 128);
 }
 
+TEST(GroupedGemmRule, FusedBackwardsInTheStoreUpTo512RowsPerExpert) {
+  // The rows weighed: E x C where the capacity is known on the host (a
+  // fixed capacity, a pipelined chunk's n), else the declared rows.
+  EXPECT_EQ(fusedBackwardRows(300, 4, 99999), 1200);
+  EXPECT_EQ(fusedBackwardRows(0, 4, 99999), 0);
+  EXPECT_EQ(fusedBackwardRows(-1, 4, 2400), 2400);
+  // Up to 512 per expert eagerly; any while a dynamic space records.
+  EXPECT_TRUE(autoFusesBackwardInStore(512 * 64, 64, false));
+  EXPECT_FALSE(autoFusesBackwardInStore(512 * 64 + 1, 64, false));
+  EXPECT_TRUE(autoFusesBackwardInStore(98304, 64, true));
+  // The same bound as the wgmma kernel's forward rule, so a fused step off
+  // the store runs its GEMM on cuBLAS and never on the device kernel.
+  EXPECT_EQ(autoFusesBackwardInStore(600 * 64, 64, false),
+            prefersDeviceGemm(GroupedGemmImpl::Auto, 600 * 64, 64, false, false,
+                              true));
+}
+
 TEST(GroupedGemmRule, UniformBlocksBatchWhenTheyHoldTheirRows) {
   // At most 1.5 rows computed per row held.
   EXPECT_TRUE(batchesUniformBlocks(4, 64, 243));    // 256 for 243
