@@ -4,7 +4,7 @@
 # moe-run checks), memcheck over the wgmma weight gradient and the fused
 # backwards, then C3 / G3 training rows for the fused backwards' auto rule
 # and the weight gradient's tile (FLEX_WGMMA=0 against the default, named
-# variants). Everything it writes is also packed into $OUT/validate.tgz (a
+# variants); the aligned blocks on cuBLASLt's pointer arrays (flex-gemm-bench). Everything it writes is also packed into $OUT/validate.tgz (a
 # call brings back few files). Plans from bench/make_baseline.sh; run
 # inside bench/baseline:
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_validate.sh
@@ -17,7 +17,7 @@ trap 'tar czf "$OUT/validate.tgz" -C "$LOGS" . 2>/dev/null' EXIT
 echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
 (cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
    -DCMAKE_BUILD_TYPE=Release > /dev/null &&
- ninja -C "$B" moe-run FlexCudaKernelsTests FlexCudaExecutorTests > "$LOGS/build.log" 2>&1) ||
+ ninja -C "$B" moe-run flex-gemm-bench FlexCudaKernelsTests FlexCudaExecutorTests > "$LOGS/build.log" 2>&1) ||
   { echo "build FAILED"; tail -20 "$LOGS/build.log"; exit 1; }
 echo "built at ${SECONDS}s"
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
@@ -53,4 +53,8 @@ for w in 1 0; do
   row g3d-glu-act-w$w g3_dropless.train single+glu+act_backward FLEX_WGMMA=$w
 done
 row c3d-single-device c3_dropless.train single FLEX_GROUPED_GEMM=device
+# The aligned layout's blocks: cublasGemmBatchedEx against cuBLASLt's
+# pointer-array matmul and its heuristic's algorithms, beside the padded batch.
+timeout 120 "$B/bin/flex-gemm-bench" --iters 10 --only c3_random > "$LOGS/gemm-bench.log" 2>&1
+echo "flex-gemm-bench c3_random: exit $?"; grep -E "aligned|padded" "$LOGS/gemm-bench.log"
 echo "done at ${SECONDS}s"

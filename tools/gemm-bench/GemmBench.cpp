@@ -28,6 +28,7 @@
 
 #include "CudaBenchSupport.h"
 
+#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -337,6 +338,125 @@ void paddedToLargestRow(cuda::KernelContext &ctx, const Routed &r,
               double(E * largest) / double(r.totalRows), us);
 }
 
+/// The aligned layout's blocks through cuBLASLt's pointer-array matmul
+/// without an epilogue (what alignedBlocksGemm could call instead of
+/// cublasGemmBatchedEx): the heuristic's first algorithms (up to 8) for
+/// column-major C^T[n, 128] = B^T[n, k] A^T[k, 128] per block, each timed
+/// into `out`; the fastest's valid rows (packed through `at`) against
+/// `reference`. Prints one line; false on a mismatch.
+bool ltPointerArrayBlocks(cuda::KernelContext &ctx,
+                          const std::vector<int32_t> &at, const Routed &r,
+                          int64_t R, const void *aligned, const void *b,
+                          void *out, const void *reference, int64_t k,
+                          int64_t n, int iters) {
+  const int64_t E = r.experts, block = kAlignedLayoutRows, blocks = R / block;
+  std::vector<const void *> pointers(3 * blocks);
+  for (int64_t j = 0, e = 0; j < blocks; ++j) {
+    while (e + 1 < E && at[e + 1] <= j * block)
+      ++e;
+    pointers[j] = static_cast<const char *>(b) + 2 * e * k * n;
+    pointers[blocks + j] =
+        static_cast<const char *>(aligned) + 2 * j * block * k;
+    pointers[2 * blocks + j] = static_cast<char *>(out) + 2 * j * block * n;
+  }
+  DeviceArray array(sizeof(void *) * 3 * blocks);
+  FLEX_BENCH_CHECK(cudaMemcpy(array.data, pointers.data(),
+                              sizeof(void *) * 3 * blocks,
+                              cudaMemcpyHostToDevice));
+  auto **dev = static_cast<const void **>(array.data);
+  auto lt = static_cast<cublasLtHandle_t>(ctx.cublasLtHandle());
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t layouts[3] = {};
+  const int64_t shapes[3][3] = {{n, k, n}, {k, block, k}, {n, block, n}};
+  const int32_t mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
+  const int32_t count = static_cast<int32_t>(blocks);
+  bool ready = cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ==
+               CUBLAS_STATUS_SUCCESS;
+  for (int i = 0; i < 3 && ready; ++i)
+    ready = cublasLtMatrixLayoutCreate(&layouts[i], CUDA_R_16BF, shapes[i][0],
+                                       shapes[i][1],
+                                       shapes[i][2]) == CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatrixLayoutSetAttribute(
+                layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                sizeof(count)) == CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatrixLayoutSetAttribute(
+                layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode,
+                sizeof(mode)) == CUBLAS_STATUS_SUCCESS;
+  cublasLtMatmulPreference_t preference = nullptr;
+  const uint64_t workspace = static_cast<uint64_t>(ctx.cublasWorkspaceBytes());
+  cublasLtMatmulHeuristicResult_t results[8] = {};
+  int found = 0;
+  ready =
+      ready &&
+      cublasLtMatmulPreferenceCreate(&preference) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulPreferenceSetAttribute(
+          preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+          sizeof(workspace)) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulAlgoGetHeuristic(lt, op, layouts[0], layouts[1], layouts[2],
+                                     layouts[2], preference, 8, results,
+                                     &found) == CUBLAS_STATUS_SUCCESS;
+  const float alpha = 1.0f, beta = 0.0f;
+  double best = NAN, first = NAN;
+  int bestIndex = -1;
+  for (int i = 0; ready && i < found; ++i) {
+    if (results[i].state != CUBLAS_STATUS_SUCCESS)
+      continue;
+    const double us = hostMicros(ctx, iters, [&] {
+      return cublasLtMatmul(lt, op, &alpha, dev, layouts[0], dev + blocks,
+                            layouts[1], &beta, dev + 2 * blocks, layouts[2],
+                            dev + 2 * blocks, layouts[2], &results[i].algo,
+                            ctx.cublasWorkspace(),
+                            static_cast<size_t>(ctx.cublasWorkspaceBytes()),
+                            ctx.stream()) == CUBLAS_STATUS_SUCCESS
+                 ? Status::ok()
+                 : Status(StatusCode::Internal, "cublasLtMatmul");
+    });
+    if (i == 0)
+      first = us;
+    if (bestIndex < 0 || us < best) {
+      best = us;
+      bestIndex = i;
+    }
+  }
+  bool ok = true;
+  double err = NAN;
+  if (bestIndex >= 0) {
+    FLEX_BENCH_CHECK(cudaMemset(out, 0xff, 2 * R * n));
+    if (cublasLtMatmul(lt, op, &alpha, dev, layouts[0], dev + blocks,
+                       layouts[1], &beta, dev + 2 * blocks, layouts[2],
+                       dev + 2 * blocks, layouts[2], &results[bestIndex].algo,
+                       ctx.cublasWorkspace(),
+                       static_cast<size_t>(ctx.cublasWorkspaceBytes()),
+                       ctx.stream()) != CUBLAS_STATUS_SUCCESS)
+      ok = false;
+    FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx.stream()));
+    DeviceArray packed(2 * r.totalRows * n);
+    int64_t from = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      FLEX_BENCH_CHECK(
+          cudaMemcpy(static_cast<char *>(packed.data) + 2 * from * n,
+                     static_cast<const char *>(out) + 2 * int64_t{at[e]} * n,
+                     2 * r.rows[e] * n, cudaMemcpyDeviceToDevice));
+      from += r.rows[e];
+    }
+    err = relativeError(packed.data, reference, r.totalRows * n);
+    ok = ok && err <= 2e-2;
+  }
+  if (preference)
+    cublasLtMatmulPreferenceDestroy(preference);
+  for (cublasLtMatrixLayout_t layout : layouts)
+    if (layout)
+      cublasLtMatrixLayoutDestroy(layout);
+  if (op)
+    cublasLtMatmulDescDestroy(op);
+  std::printf("%-16s %-6s aligned blocks on cuBLASLt pointer arrays: %d "
+              "algorithms, the heuristic's first %.1f us, fastest (#%d) "
+              "%.1f us%s\n",
+              "", "", ready ? found : -1, first, bestIndex, best,
+              bestIndex < 0 || ok ? "" : "  MISMATCH");
+  return bestIndex < 0 || ok;
+}
+
 /// The same rows in the aligned layout (each expert's first row a multiple
 /// of 128): one cublasGemmBatchedEx over the 128-row blocks its buffers
 /// declare (alignedLayoutRows; no host read), bare and with a ReLU (the
@@ -394,7 +514,10 @@ bool alignedBlocksRow(cuda::KernelContext &ctx, const Routed &r, const void *a,
               "batched call over 128-row blocks %.1f us, with relu %.1f us%s\n",
               "", "", static_cast<long long>(R), double(R) / r.totalRows, bare,
               withRelu, err <= 2e-2 ? "" : "  MISMATCH");
-  return err <= 2e-2;
+  const bool lt =
+      options.transB || ltPointerArrayBlocks(ctx, at, r, R, aligned.data, b,
+                                             out.data, reference, k, n, iters);
+  return err <= 2e-2 && lt;
 }
 
 /// The per-expert GEMMs spread over 2 and 4 side streams (gemm_streams):
