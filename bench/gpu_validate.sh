@@ -4,9 +4,10 @@
 # moe-run checks), memcheck over the wgmma weight gradient and the fused
 # backwards, then C3 / G3 training rows for the fused backwards' auto rule
 # and the weight gradient's tile (FLEX_WGMMA=0 against the default, named
-# variants); the aligned blocks on cuBLASLt's pointer arrays (flex-gemm-bench). Everything it writes is also packed into $OUT/validate.tgz (a
-# call brings back few files). Plans from bench/make_baseline.sh; run
-# inside bench/baseline:
+# variants); the aligned blocks on cuBLASLt's pointer arrays
+# (flex-gemm-bench). Everything it writes is also packed into
+# $OUT/validate.tgz (a call brings back few files). Plans from
+# bench/make_baseline.sh; run inside bench/baseline:
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_validate.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
