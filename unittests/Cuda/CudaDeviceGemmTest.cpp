@@ -137,6 +137,26 @@ std::vector<double> referenceWgrad(const Buffer &a, const Buffer &gradC,
   return out;
 }
 
+/// A weight gradient's operands over `seg`'s rows: a and grad_c drawn
+/// N(0, 1), grad_b poisoned or (accumulating) drawn N(0, 16), and the fp64
+/// reference of what the GEMM leaves in grad_b.
+struct WgradOperands {
+  Buffer a, gradC, gradB;
+  std::vector<double> want;
+  WgradOperands(DType dt, const Segments &seg, int64_t k, int64_t n,
+                bool accumulate, std::mt19937_64 &rng)
+      : a(dt, seg.rowBound * k), gradC(dt, seg.rowBound * n),
+        gradB(dt, seg.experts() * k * n) {
+    a.set(normals(rng, seg.rowBound * k, 1.0));
+    gradC.set(normals(rng, seg.rowBound * n, 1.0));
+    if (accumulate)
+      gradB.set(normals(rng, seg.experts() * k * n, 4.0));
+    else
+      gradB.poison();
+    want = referenceWgrad(a, gradC, seg, k, n, accumulate ? &gradB : nullptr);
+  }
+};
+
 /// Relative L2 over the segments' rows; NaN fails.
 double segmentError(const Buffer &got, const std::vector<double> &want,
                     const Segments &seg, int64_t n) {
@@ -316,7 +336,7 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
   Segments seg(tc.counts, tc.capacity, tc.base);
-  const int64_t E = seg.experts(), R = seg.rowBound, k = tc.k, n = tc.n;
+  const int64_t E = seg.experts(), k = tc.k, n = tc.n;
   std::mt19937_64 rng(11 + n);
   for (DType dt : {DType::BF16, DType::F16})
     for (bool accumulate : {false, true})
@@ -325,15 +345,9 @@ TEST_P(CudaDeviceGemm, WeightGradientMatchesFp64OnBothPaths) {
         SCOPED_TRACE(std::string(toString(dt)) +
                      (accumulate ? " accumulate" : "") +
                      (path == GroupedGemmPath::Device ? " device" : " cublas"));
-        Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
-        a.set(normals(rng, R * k, 1.0));
-        gradC.set(normals(rng, R * n, 1.0));
-        if (accumulate)
-          gradB.set(normals(rng, E * k * n, 4.0));
-        else
-          gradB.poison();
-        std::vector<double> want =
-            referenceWgrad(a, gradC, seg, k, n, accumulate ? &gradB : nullptr);
+        WgradOperands ops(dt, seg, k, n, accumulate, rng);
+        Buffer &a = ops.a, &gradC = ops.gradC, &gradB = ops.gradB;
+        const std::vector<double> &want = ops.want;
         std::string reason;
         ASSERT_TRUE(cuda::detail::deviceGroupedGemmApplies(
             *ctx, dt, k, n, seg.space(),
@@ -1408,24 +1422,18 @@ TEST_P(CudaHopperWgradTiles, ManyExpertsMatchFp64) {
   if (!cuda::detail::hopperGroupedGemmRuns(*ctx, &why))
     GTEST_SKIP() << why;
   Segments seg(manyExpertCounts(), 0);
-  const int64_t E = seg.experts(), R = seg.rowBound, k = 392, n = 136;
+  const int64_t E = seg.experts(), k = 392, n = 136;
   std::mt19937_64 rng(61);
   for (DType dt : {DType::BF16, DType::F16})
     for (bool accumulate : {false, true}) {
       SCOPED_TRACE(std::string(toString(dt)) +
                    (accumulate ? " accumulate" : ""));
-      Buffer a(dt, R * k), gradC(dt, R * n), gradB(dt, E * k * n);
-      a.set(normals(rng, R * k, 1.0));
-      gradC.set(normals(rng, R * n, 1.0));
-      if (accumulate)
-        gradB.set(normals(rng, E * k * n, 4.0));
-      else
-        gradB.poison();
-      std::vector<double> want =
-          referenceWgrad(a, gradC, seg, k, n, accumulate ? &gradB : nullptr);
+      WgradOperands ops(dt, seg, k, n, accumulate, rng);
+      Buffer &gradB = ops.gradB;
+      const std::vector<double> &want = ops.want;
       Status status = cuda::detail::deviceGroupedGemmWgrad(
-          *ctx, a.device, gradC.device, gradB.device, dt, k, n, seg.space(),
-          accumulate, {}, GetParam());
+          *ctx, ops.a.device, ops.gradC.device, gradB.device, dt, k, n,
+          seg.space(), accumulate, {}, GetParam());
       ASSERT_TRUE(status.isOk()) << status.message();
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       gradB.download();
