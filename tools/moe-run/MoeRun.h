@@ -186,6 +186,9 @@ struct LayerRun {
   int64_t variant = 0;
   const char *variantName = nullptr;
   bool automatic = false;
+  /// Auto's last call measured a variant it explores rather than running
+  /// its pick (the explanation's `exploring`).
+  bool exploring = false;
   /// --explain: flexExecutableExplain's JSON after the calls.
   std::string explainJson;
   FlexLayerConfig layer{};

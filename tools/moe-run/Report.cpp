@@ -84,6 +84,7 @@ void printJson(const Options &options, const LayerRun &run) {
   out["layer"] = layerSummary(run);
   out["variant"] = run.variantName;
   out["variant_auto"] = run.automatic;
+  out["auto_exploring"] = run.exploring;
   if (options.explain)
     out["explain"] = nlohmann::ordered_json::parse(run.explainJson);
   out["iters"] = options.iters;
@@ -250,6 +251,11 @@ void printText(const Options &options, const LayerRun &run) {
   printTimes("forward", run.forwardTimes);
   if (options.train)
     printTimes("backward", run.backwardTimes);
+  if (run.exploring)
+    std::printf("note     auto was still measuring variants at the last call "
+                "('%s' ran to be timed, not as its pick): these times are "
+                "not its choice's; time more calls (--iters)\n",
+                run.variantName);
   if (options.check)
     printCheck(run.check);
   if (options.explain)

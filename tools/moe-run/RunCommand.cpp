@@ -17,6 +17,8 @@
 #include "flex/Runtime/Executor.h"
 #include "flex/Runtime/PlanLoader.h"
 
+#include <nlohmann/json.hpp>
+
 #ifdef FLEX_MOE_RUN_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -235,8 +237,9 @@ void readVariant(LayerRun &run) {
   checkApi(flexExecutableExplain(run.exe, &json), "explain");
   run.explainJson = json;
   flexFreeString(json);
-  run.automatic =
-      run.explainJson.find("\"automatic\": true") != std::string::npos;
+  auto explained = nlohmann::json::parse(run.explainJson, nullptr, false);
+  run.automatic = explained.is_object() && explained.value("automatic", false);
+  run.exploring = explained.is_object() && explained.value("exploring", false);
 }
 
 /// --variant (a name, an index, or auto), then what runs, and the layer.

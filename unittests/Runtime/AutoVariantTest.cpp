@@ -129,14 +129,26 @@ TEST(AutoVariant, MeasuredTimesOverruleTheModelOnOneRank) {
   std::vector<Binding> bindings = buffers.bindings();
   // Exploration is bounded: at most 4 calls measuring each variant.
   std::map<std::string, int> measuring;
+  int explored = 0;
   for (int call = 0; call < 12; ++call) {
     ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
     ASSERT_TRUE(executor->backward(bindings.data(), bindings.size()).isOk());
+    const Explanation now = executor->explain();
+    bool named = false;
     for (const Variant &variant : plan->variants)
-      if (executor->explain().reason.find("measuring '" + variant.name + "'") !=
-          std::string::npos)
+      if (now.reason.find("measuring '" + variant.name + "'") !=
+          std::string::npos) {
         ++measuring[variant.name];
+        named = true;
+      }
+    // `exploring` says what the reason names: the call measured a variant.
+    EXPECT_EQ(now.exploring, named) << "call " << call << ": " << now.reason;
+    EXPECT_EQ(toJson(now).find("\"exploring\": true") != std::string::npos,
+              named);
+    explored += named;
   }
+  EXPECT_GT(explored, 0);
+  EXPECT_FALSE(executor->explain().exploring) << "exploration is bounded";
   for (const auto &[name, calls] : measuring)
     EXPECT_LE(calls, 4) << name;
   Explanation explanation = executor->explain();

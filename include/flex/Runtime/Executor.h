@@ -138,6 +138,11 @@ struct Explanation {
   bool automatic = false;
   int64_t chosen = 0;
   std::string reason;
+  /// Variant auto: the last call ran a variant to measure it (the online
+  /// refinement's exploration, docs/CostModel.md), not the one the
+  /// measurements so far would pick; a benchmark's times from such calls
+  /// are not its choice's.
+  bool exploring = false;
   /// The capacity C the prediction counted (-1: the buffers' bounds) and
   /// where it came from ("static", "previous call", "bound").
   int64_t capacity = -1;
@@ -369,6 +374,8 @@ private:
   /// bucket, and what the last refinement did (explain's reason).
   std::vector<std::map<int64_t, int64_t>> explorations_;
   std::string refineNote_;
+  bool exploring_ = false; ///< the last refinement chose to measure
+
   /// Several ranks: the variant the ranks agreed on per capacity bucket and
   /// its slowest-rank mean.
   struct AgreedChoice {

@@ -203,6 +203,7 @@ Status Executor::chooseVariant(bool timed) {
 
 Status Executor::refineChoice(bool timed, int64_t &variant) {
   refineNote_.clear();
+  exploring_ = false;
   variant = choice_.variant;
   if (!options_.refineVariant)
     return Status::ok();
@@ -253,6 +254,7 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
                   std::to_string(explorations_[explore][bucket]) +
                   " of at most " + std::to_string(kMaxExplorations) + " calls)";
     variant = explore;
+    exploring_ = true;
     return Status::ok();
   }
   if (measured < 2)
@@ -375,6 +377,7 @@ Explanation Executor::explain() {
                       : costModel_->choose(*plan_, plan_->training, capacity_);
   result.chosen =
       automatic_ && refineNote_.empty() ? choice.variant : selected_;
+  result.exploring = automatic_ && exploring_;
   result.reason = automatic_ ? choice.reason + refineNote_
                              : "named by the caller (variant option, "
                                "selectVariant); the model would pick '" +
@@ -456,6 +459,7 @@ std::string toJson(const Explanation &explanation) {
                             ? std::string()
                             : explanation.variants[explanation.chosen].name;
   json["reason"] = explanation.reason;
+  json["exploring"] = explanation.exploring;
   json["capacity"] = explanation.capacity;
   json["capacity_source"] = explanation.capacitySource;
   json["profile"] = {{"source", explanation.profileSource},
