@@ -316,6 +316,12 @@ FlexStatus flexExecutableGetStepTiming(FlexExecutable executable,
                                        double *micros);
 FlexStatus flexExecutableGetLastRunMicros(FlexExecutable executable,
                                           double *micros);
+/* Whether the last successful run replayed a recorded CUDA graph
+ * (FLEX_RUN_CUDA_GRAPH on a pass the backend can record, docs/Runtime.md):
+ * 1, or 0 when it ran step by step (the first eager and the recording calls
+ * included). */
+FlexStatus flexExecutableGetLastRunReplayedGraph(FlexExecutable executable,
+                                                 int *replayed);
 
 /*===--------------------------------------------------------------------===*
  * Many ranks (docs/Runtime.md, "Many ranks")

@@ -680,6 +680,17 @@ FlexStatus flexExecutableGetLastRunMicros(FlexExecutable exe,
   });
 }
 
+FlexStatus flexExecutableGetLastRunReplayedGraph(FlexExecutable exe,
+                                                 int *replayed) {
+  const char *function = "flexExecutableGetLastRunReplayedGraph";
+  return withExecutable(exe, function, [&]() -> FlexStatus {
+    if (FlexStatus s = checkOut(replayed, function, "replayed"))
+      return s;
+    *replayed = exe->executor->lastRunStats().replayedGraph ? 1 : 0;
+    return FLEX_STATUS_OK;
+  });
+}
+
 FlexStatus flexSetCompiler(const FlexCompilerHooks *hooks) {
   std::lock_guard<std::mutex> lock(compilerMutex);
   if (!hooks) {

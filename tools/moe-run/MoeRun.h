@@ -42,6 +42,9 @@ struct Options {
   int64_t warmup = 1;
   std::string device = "cpu";
   bool graph = false;
+  /// --require-graph / --require-forward-graph: every timed pass (or every
+  /// timed forward) must replay a recorded graph; exit 1 otherwise.
+  bool requireGraph = false, requireForwardGraph = false;
   bool align = true;
   /// --calibrate: measure the cost model's profile into this file instead
   /// of running a plan (Calibrate.cpp); --quick: in a fraction of a second.
@@ -186,6 +189,8 @@ struct LayerRun {
   int64_t variant = 0;
   const char *variantName = nullptr;
   bool automatic = false;
+  /// Timed passes that replayed a recorded graph, of the timed ones.
+  int64_t forwardReplays = 0, backwardReplays = 0;
   /// Auto's last call measured a variant it explores rather than running
   /// its pick (the explanation's `exploring`).
   bool exploring = false;

@@ -62,9 +62,14 @@ options:
                     device memory (inputs copied in, outputs copied back for
                     --outputs and --check) and times come from CUDA events
   --graph           cuda: record each pass as a CUDA graph and replay it
-                    (plans with a fixed capacity and padded layout; others
-                    run step by step); per-step times then come from the
-                    first, eager run
+                    where the backend can (a fixed capacity; a dynamic
+                    routing whose grouped GEMMs size themselves on the
+                    device; an aligned layout's forward; others run step by
+                    step); per-step times then come from the first, eager
+                    run, and the report counts the replayed passes
+  --require-graph   --graph, and exit 1 unless every timed pass replayed
+  --require-forward-graph
+                    --graph, and exit 1 unless every timed forward replayed
   --no-align        on W ranks, do not start each call together: by default
                     the ranks meet in a host barrier before every forward and
                     backward, so a pass's time is not the wait for a rank
@@ -171,6 +176,10 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
         usageError("--device needs cpu or cuda, got '" + options.device + "'");
     } else if (arg == "--graph") {
       options.graph = true;
+    } else if (arg == "--require-graph") {
+      options.graph = options.requireGraph = true;
+    } else if (arg == "--require-forward-graph") {
+      options.graph = options.requireForwardGraph = true;
     } else if (arg == "--no-align") {
       options.align = false;
     } else if (arg == "--calibrate") {

@@ -92,6 +92,9 @@ void printJson(const Options &options, const LayerRun &run) {
   out["seed"] = options.seed;
   out["device"] = options.device;
   out["graph"] = options.graph;
+  if (options.graph)
+    out["graph_replays"] = {{"forward", run.forwardReplays},
+                            {"backward", run.backwardReplays}};
   out["aligned"] = options.align && ranks.size > 1;
   out["ranks"] = ranks.size;
   auto steps = [&](const StepTimes &times) {
@@ -251,6 +254,15 @@ void printText(const Options &options, const LayerRun &run) {
   printTimes("forward", run.forwardTimes);
   if (options.train)
     printTimes("backward", run.backwardTimes);
+  if (options.graph)
+    std::printf("graph    %lld of %lld timed forwards%s replayed a recorded "
+                "graph\n",
+                static_cast<long long>(run.forwardReplays),
+                static_cast<long long>(options.iters),
+                options.train ? (" and " + std::to_string(run.backwardReplays) +
+                                 " backwards")
+                                    .c_str()
+                              : "");
   if (run.exploring)
     std::printf("note     auto was still measuring variants at the last call "
                 "('%s' ran to be timed, not as its pick): these times are "

@@ -322,6 +322,13 @@ double microsSince(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
+/// Whether the executable's last run replayed a recorded graph.
+bool replayedGraph(FlexExecutable exe) {
+  int replayed = 0;
+  checkApi(flexExecutableGetLastRunReplayedGraph(exe, &replayed), "replayed");
+  return replayed != 0;
+}
+
 /// The calls: --warmup untimed ones (with --graph at least two: the eager
 /// run and the one that records), then the timed ones. The eager runs' step
 /// times are kept, as a replayed graph has none. Times are the largest over
@@ -347,6 +354,7 @@ void runCalls(const Options &options, LayerRun &run) {
                                    &runOptions),
              "forward");
     double forwardCall = microsSince(callStart);
+    run.forwardReplays += timed && replayedGraph(run.exe);
     // Replays have no per-step times: with --graph they come from the
     // eager calls before the recording, the first left out (one-time
     // costs: cuBLAS's set-up read as a 43 ms router on an H100).
@@ -361,6 +369,7 @@ void runCalls(const Options &options, LayerRun &run) {
                                       &runOptions),
                "backward");
       double backwardCall = microsSince(callStart);
+      run.backwardReplays += timed && replayedGraph(run.exe);
       if (timed || stepsOnly)
         run.backwardTimes.add(run.exe, timed, backwardCall);
     }
@@ -392,6 +401,21 @@ void flex::moerun::runLayer(const Options &options, LayerRun &run) {
   runCalls(options, run);
   // With auto the last call's choice ran; the check configures for it.
   readVariant(run);
+  const int64_t iters = options.iters;
+  if ((options.requireGraph || options.requireForwardGraph) &&
+      run.forwardReplays < iters)
+    fatal(1, "--require" + std::string(options.requireGraph ? "" : "-forward") +
+                 "-graph: " + std::to_string(run.forwardReplays) + " of " +
+                 std::to_string(iters) +
+                 " timed forwards replayed a graph (the backend runs this "
+                 "variant's forward step by step: docs/Runtime.md, \"CUDA "
+                 "graphs\")");
+  if (options.requireGraph && options.train && run.backwardReplays < iters)
+    fatal(1, "--require-graph: " + std::to_string(run.backwardReplays) +
+                 " of " + std::to_string(iters) +
+                 " timed backwards replayed a graph (the backend runs this "
+                 "variant's backward step by step: docs/Runtime.md, \"CUDA "
+                 "graphs\")");
 }
 
 int flex::moerun::runCommand(const Options &options) {

@@ -256,6 +256,13 @@ TEST_F(CAPI, RunsForwardAndBackwardLikeTheReference) {
   ASSERT_EQ(flexExecutableGetStepTiming(exe, 1, &op, &micros), FLEX_STATUS_OK);
   EXPECT_STREQ(op, "gate");
   EXPECT_GE(micros, 0);
+  // The CPU backend runs step by step: no graph was replayed.
+  int replayed = -1;
+  ASSERT_EQ(flexExecutableGetLastRunReplayedGraph(exe, &replayed),
+            FLEX_STATUS_OK);
+  EXPECT_EQ(replayed, 0);
+  EXPECT_EQ(flexExecutableGetLastRunReplayedGraph(exe, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
   ASSERT_EQ(flexExecutableBackward(exe, all.data(), all.size(), nullptr),
             FLEX_STATUS_OK)
       << flexGetLastError();
