@@ -13,7 +13,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"; B="${BUILD:-/tmp/bv}"; LOGS=/tmp/validate
 mkdir -p "$OUT" "$LOGS"
-exec > >(tee "$LOGS/validate-log.txt") 2>&1
+# The log also goes straight to $OUT: a call cut at its time limit still
+# brings it back (the tgz is written on exit).
+exec > >(tee "$LOGS/validate-log.txt" "$OUT/validate-log.txt") 2>&1
 trap 'tar czf "$OUT/validate.tgz" -C "$LOGS" . 2>/dev/null' EXIT
 echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
 (cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
