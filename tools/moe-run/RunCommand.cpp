@@ -401,21 +401,19 @@ void flex::moerun::runLayer(const Options &options, LayerRun &run) {
   runCalls(options, run);
   // With auto the last call's choice ran; the check configures for it.
   readVariant(run);
-  const int64_t iters = options.iters;
-  if ((options.requireGraph || options.requireForwardGraph) &&
-      run.forwardReplays < iters)
-    fatal(1, "--require" + std::string(options.requireGraph ? "" : "-forward") +
-                 "-graph: " + std::to_string(run.forwardReplays) + " of " +
-                 std::to_string(iters) +
-                 " timed forwards replayed a graph (the backend runs this "
-                 "variant's forward step by step: docs/Runtime.md, \"CUDA "
-                 "graphs\")");
-  if (options.requireGraph && options.train && run.backwardReplays < iters)
-    fatal(1, "--require-graph: " + std::to_string(run.backwardReplays) +
-                 " of " + std::to_string(iters) +
-                 " timed backwards replayed a graph (the backend runs this "
-                 "variant's backward step by step: docs/Runtime.md, \"CUDA "
-                 "graphs\")");
+  const std::string flag =
+      options.requireGraph ? "--require-graph" : "--require-forward-graph";
+  auto require = [&](const char *pass, int64_t replays) {
+    if (replays < options.iters)
+      fatal(1, flag + ": " + std::to_string(replays) + " of " +
+                   std::to_string(options.iters) + " timed " + pass +
+                   "s replayed a graph (the backend runs this variant's " +
+                   pass + " step by step: docs/Runtime.md, \"CUDA graphs\")");
+  };
+  if (options.requireGraph || options.requireForwardGraph)
+    require("forward", run.forwardReplays);
+  if (options.requireGraph && options.train)
+    require("backward", run.backwardReplays);
 }
 
 int flex::moerun::runCommand(const Options &options) {

@@ -453,7 +453,8 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
       }
       break;
     }
-    basis.gemmSeconds = expertGemm(c, groupsOf(step.in(R::B)), k, n, false) +
+    const int64_t groups = groupsOf(step.in(R::B));
+    basis.gemmSeconds = expertGemm(c, groups, k, n, false) +
                         gatherCopySeconds(a, work.flops / (2.0 * kn));
     if (step.op == StepOp::GroupedGemmCombine) {
       // Its combine: the combine step's price, a multiple of it where the
@@ -469,10 +470,9 @@ StepBasis CostModel::stepBasis(const Plan &plan, const Step &step, int64_t rows,
     // The activation's backward: in the wgmma kernel's store, else its pass
     // (fusedActivationBackwardOnDevice).
     if (isFusedBackward(step.op) &&
-        !fusedActivationBackwardOnDevice(
-            profile_, options_, c.dtype, k, n,
-            fusedBackwardRowsOf(step, a, groupsOf(step.in(R::B))),
-            groupsOf(step.in(R::B))))
+        !fusedActivationBackwardOnDevice(profile_, options_, c.dtype, k, n,
+                                         fusedBackwardRowsOf(step, a, groups),
+                                         groups))
       basis.passSeconds = elementwisePassSeconds(
           profile_, work.flops / (2.0 * kn), n, c.dtype,
           step.op == StepOp::GroupedGemmGluBackward ? 5 : 3);

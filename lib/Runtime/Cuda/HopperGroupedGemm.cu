@@ -17,6 +17,8 @@
 #include "HopperGemmKernel.cuh"
 
 #include <atomic>
+#include <map>
+#include <mutex>
 
 namespace flex::cuda::detail {
 
@@ -124,10 +126,22 @@ int64_t hopperPairClustersThatFit(const KernelContext &ctx,
 
 HopperTile measuredWgradTile(const KernelContext &ctx, int64_t rowBound,
                              int64_t experts) {
-  if (rowBound > kWgradPairRowsPerExpert * experts &&
-      hopperPairClustersThatFit(ctx) > 0)
-    return HopperTile::WidePair;
-  return kDefaultHopperWgradTile;
+  if (rowBound <= kWgradPairRowsPerExpert * experts)
+    return kDefaultHopperWgradTile;
+  // Whether the pair's clusters fit is the device's answer for the process
+  // (its partition included): asked once per device, not per call.
+  static std::mutex mutex;
+  static std::map<int, bool> pairFits;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return kDefaultHopperWgradTile;
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  auto [found, added] = pairFits.try_emplace(device, false);
+  if (added)
+    found->second = hopperPairClustersThatFit(ctx) > 0;
+  return found->second ? HopperTile::WidePair : kDefaultHopperWgradTile;
 }
 
 bool hopperGroupedGemmApplies(const KernelContext &ctx, DType type, int64_t k,
