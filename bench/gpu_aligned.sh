@@ -14,20 +14,9 @@ cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
   ninja -C "$BUILD" moe-run FlexCudaKernelsTests >> "$OUT/build.log" 2>&1 ||
   { echo "build FAILED"; tail -20 "$OUT/build.log"; exit 1; }
-row() { # label plan variant [env... [-- moe-run flags]]
-  local label=$1 plan=$2 variant=$3; shift 3
-  local env=() flags=()
-  while (( $# )); do [[ $1 == -- ]] && { shift; flags=("$@"); break; }; env+=("$1"); shift; done
-  env "${env[@]}" timeout 60 "$BUILD/bin/moe-run" "bench/plans/$plan.json" --device cuda \
-    --iters 10 --variant "$variant" --json "${flags[@]}" > "$OUT/$label.json" 2> "$OUT/$label.err" ||
-    { echo "$label failed"; tail -3 "$OUT/$label.err"; return; }
-  python3 -c "
-import json, sys
-d = json.load(open(sys.argv[1])); f, b = d['forward'], d.get('backward')
-print(f'{sys.argv[2]:24s} forward {f[\"median_us\"]:8.1f} us', [(x['op'], round(x['mean_us'], 1)) for x in f['steps']],
-      f'backward {b[\"median_us\"]:8.1f} us' if b else '')
-" "$OUT/$label.json" "$label"
-}
+. bench/moe_run_row.sh
+MOE_RUN="$BUILD/bin/moe-run" ROW_LOGS="$OUT"
+row() { moe_run_row "$@"; } # label plan variant [env...] [-- moe-run flags]
 for i in 1 2; do
   row cap1 c3_cap1.infer single
   row padded c3_dropless_layouts.infer padded

@@ -17,19 +17,9 @@ cmake -S . -B "$BUILD" -G Ninja -DFLEX_ENABLE_COMPILER=OFF \
 timeout 120 "$BUILD/bin/flex-gemm-bench" --iters 10 --only "${BENCH_ONLY:-c3_random}" \
   > "$OUT/gemm-bench.log" 2>&1
 echo "flex-gemm-bench: exit $?"; grep -E "^(shape|c3|  )|aligned|padded" "$OUT/gemm-bench.log" | head -30
-row() { # label plan variant [-- moe-run flags]
-  local label=$1 plan=$2 variant=$3; shift 3
-  [[ ${1:-} == -- ]] && shift
-  timeout 90 "$BUILD/bin/moe-run" "bench/plans/$plan.json" --device cuda \
-    --iters 10 --variant "$variant" --json "$@" > "$OUT/$label.json" 2> "$OUT/$label.err" ||
-    { echo "$label failed"; tail -3 "$OUT/$label.err"; return; }
-  python3 -c "
-import json, sys
-d = json.load(open(sys.argv[1])); f, b = d['forward'], d.get('backward')
-print(f'{sys.argv[2]:24s} {d.get(\"variant\", \"\")!s:28.28s} forward {f[\"median_us\"]:8.1f} us', [(x['op'], round(x['mean_us'], 1)) for x in f['steps']],
-      f'backward {b[\"median_us\"]:8.1f} us' if b else '')
-" "$OUT/$label.json" "$label"
-}
+. bench/moe_run_row.sh
+MOE_RUN="$BUILD/bin/moe-run" ROW_LOGS="$OUT"
+row() { moe_run_row "$@"; } # label plan variant [-- moe-run flags]
 for i in 1 2; do
   row cap1 c3_cap1.infer single
   row ragged c3_dropless_layouts.infer ragged

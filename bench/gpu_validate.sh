@@ -37,18 +37,9 @@ timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exi
   > "$LOGS/memcheck.log" 2>&1
 echo "memcheck: exit $? ($(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1))"
 echo "tests done at ${SECONDS}s"
-row() { # label plan variant [env...]
-  local label=$1 plan=$2 variant=$3; shift 3
-  env "$@" timeout 60 "$B/bin/moe-run" "bench/plans/$plan.json" --device cuda --iters 10 \
-    --train --variant "$variant" --json > "$LOGS/$label.json" 2> "$LOGS/$label.err" ||
-    { echo "$label failed: $(tail -2 "$LOGS/$label.err")"; return; }
-  python3 -c "
-import json, sys
-d = json.load(open(sys.argv[1])); f, b = d['forward'], d['backward']
-print(f'{sys.argv[2]:26s} fwd {f[\"median_us\"]:8.1f} bwd {b[\"median_us\"]:8.1f} us',
-      [(x['op'], round(x['mean_us'], 1)) for x in b['steps'] if 'gemm' in x['op'] or 'backward' in x['op']])
-" "$LOGS/$label.json" "$label"
-}
+. bench/moe_run_row.sh
+MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
+row() { moe_run_row "$1" "$2" "$3" "${@:4}" -- --train; } # label plan variant [env...]
 for w in 1 0; do
   row c3d-single-w$w c3_dropless.train single FLEX_WGMMA=$w
   row c3d-act-w$w c3_dropless.train single+act_backward FLEX_WGMMA=$w

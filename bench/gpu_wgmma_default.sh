@@ -25,18 +25,9 @@ echo "tests done at ${SECONDS}s"
 timeout 120 "$B/bin/flex-gemm-bench" --iters 10 --only c1,c3_skewed,train_e64_r32,train_e16_r64 \
   > "$OUT/gemm-bench.log" 2>&1
 echo "flex-gemm-bench: exit $?"; grep -E -A1 "^(c1|c3_skewed|train_e64_r32|train_e16_r64) +wgrad" "$OUT/gemm-bench.log" | cut -c1-330
-row() { # label plan wgmma [moe-run flags]
-  local label=$1 plan=$2 wgmma=$3; shift 3
-  FLEX_WGMMA=$wgmma timeout 90 "$B/bin/moe-run" "bench/plans/$plan.json" --device cuda \
-    --iters 20 --json "$@" > "$OUT/$label.json" 2> "$OUT/$label.err" ||
-    { echo "$label failed"; tail -3 "$OUT/$label.err"; return; }
-  python3 -c "
-import json, sys
-d = json.load(open(sys.argv[1])); f, b = d['forward'], d.get('backward')
-print(f'{sys.argv[2]:22s} {d.get(\"variant\", \"\")!s:24.24s} fwd {f[\"median_us\"]:8.1f} us (runs {f.get(\"runs\")})',
-      f'bwd {b[\"median_us\"]:8.1f} us' if b else '', [(x['op'], round(x['mean_us'], 1)) for x in f['steps']])
-" "$OUT/$label.json" "$label"
-}
+. bench/moe_run_row.sh
+MOE_RUN="$B/bin/moe-run" ROW_LOGS="$OUT" ROW_ITERS=20
+row() { moe_run_row "$1" "$2" auto FLEX_WGMMA="$3" -- "${@:4}"; } # label plan wgmma [flags]
 for plan in g3_dropless.infer c3_dropless.infer g1_dropless.infer c1_dropless.infer d1_dropless.infer d2_dropless.infer; do
   for w in 0 1; do row "${plan%.infer}-w$w" "$plan" $w; done
 done
