@@ -396,21 +396,23 @@ bool ltPointerArrayBlocks(cuda::KernelContext &ctx,
                                      layouts[2], preference, 8, results,
                                      &found) == CUBLAS_STATUS_SUCCESS;
   const float alpha = 1.0f, beta = 0.0f;
+  // The blocks' product with heuristic result i.
+  auto matmul = [&](int i) {
+    return cublasLtMatmul(lt, op, &alpha, dev, layouts[0], dev + blocks,
+                          layouts[1], &beta, dev + 2 * blocks, layouts[2],
+                          dev + 2 * blocks, layouts[2], &results[i].algo,
+                          ctx.cublasWorkspace(),
+                          static_cast<size_t>(ctx.cublasWorkspaceBytes()),
+                          ctx.stream()) == CUBLAS_STATUS_SUCCESS
+               ? Status::ok()
+               : Status(StatusCode::Internal, "cublasLtMatmul");
+  };
   double best = NAN, first = NAN;
   int bestIndex = -1;
   for (int i = 0; ready && i < found; ++i) {
     if (results[i].state != CUBLAS_STATUS_SUCCESS)
       continue;
-    const double us = hostMicros(ctx, iters, [&] {
-      return cublasLtMatmul(lt, op, &alpha, dev, layouts[0], dev + blocks,
-                            layouts[1], &beta, dev + 2 * blocks, layouts[2],
-                            dev + 2 * blocks, layouts[2], &results[i].algo,
-                            ctx.cublasWorkspace(),
-                            static_cast<size_t>(ctx.cublasWorkspaceBytes()),
-                            ctx.stream()) == CUBLAS_STATUS_SUCCESS
-                 ? Status::ok()
-                 : Status(StatusCode::Internal, "cublasLtMatmul");
-    });
+    const double us = hostMicros(ctx, iters, [&] { return matmul(i); });
     if (i == 0)
       first = us;
     if (bestIndex < 0 || us < best) {
@@ -422,13 +424,7 @@ bool ltPointerArrayBlocks(cuda::KernelContext &ctx,
   double err = NAN;
   if (bestIndex >= 0) {
     FLEX_BENCH_CHECK(cudaMemset(out, 0xff, 2 * R * n));
-    if (cublasLtMatmul(lt, op, &alpha, dev, layouts[0], dev + blocks,
-                       layouts[1], &beta, dev + 2 * blocks, layouts[2],
-                       dev + 2 * blocks, layouts[2], &results[bestIndex].algo,
-                       ctx.cublasWorkspace(),
-                       static_cast<size_t>(ctx.cublasWorkspaceBytes()),
-                       ctx.stream()) != CUBLAS_STATUS_SUCCESS)
-      ok = false;
+    ok = matmul(bestIndex).isOk();
     FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx.stream()));
     DeviceArray packed(2 * r.totalRows * n);
     int64_t from = 0;
