@@ -265,10 +265,24 @@ FlexStatus flexExecutableGetArgument(FlexExecutable executable, int64_t index,
 /* Index of the argument `name`, or FLEX_STATUS_NOT_FOUND. */
 FlexStatus flexExecutableFindArgument(FlexExecutable executable,
                                       const char *name, int64_t *index);
+/* A workspace of `bytes` runs every variant; each variant needs only its
+ * own part (flexExecutableGetVariantWorkspaceSize). */
 FlexStatus flexExecutableGetWorkspaceSize(FlexExecutable executable,
                                           int64_t *bytes, int64_t *alignment);
-/* Use the caller's workspace (>= the size, aligned); NULL goes back to one
- * the runtime allocates at the first run. */
+/* The workspace bytes variant `index` runs on. A smaller workspace than
+ * flexExecutableGetWorkspaceSize's runs the variants that fit in it; auto
+ * picks among those, and a named variant that does not fit is an error. */
+FlexStatus flexExecutableGetVariantWorkspaceSize(FlexExecutable executable,
+                                                 int64_t index, int64_t *bytes);
+/* The workspace bytes the next calls may need: the selected variant's when
+ * one is named, else the largest variant within the option
+ * max_workspace_mib (every variant without it). A caller allocating a
+ * workspace per call allocates this. */
+FlexStatus flexExecutableGetRunWorkspaceSize(FlexExecutable executable,
+                                             int64_t *bytes);
+/* Use the caller's workspace (>= the smallest variant's size, aligned; the
+ * variants that fit run on it); NULL goes back to one the runtime allocates
+ * at the first run and grows to the variants run on it. */
 FlexStatus flexExecutableSetWorkspace(FlexExecutable executable, void *data,
                                       int64_t bytes);
 

@@ -545,6 +545,36 @@ FlexStatus flexExecutableGetWorkspaceSize(FlexExecutable exe, int64_t *bytes,
   });
 }
 
+FlexStatus flexExecutableGetVariantWorkspaceSize(FlexExecutable exe,
+                                                 int64_t index,
+                                                 int64_t *bytes) {
+  const char *function = "flexExecutableGetVariantWorkspaceSize";
+  return withExecutable(exe, function, [&]() -> FlexStatus {
+    if (FlexStatus s = checkOut(bytes, function, "bytes"))
+      return s;
+    int64_t count = static_cast<int64_t>(exe->plan->variants.size());
+    if (index < 0 || index >= count)
+      return fail(FLEX_STATUS_OUT_OF_RANGE,
+                  std::string(function) + ": variant index " +
+                      std::to_string(index) + " is out of range [0, " +
+                      std::to_string(count) + ")",
+                  exe);
+    *bytes = exe->executor->workspaceBytes(index);
+    return FLEX_STATUS_OK;
+  });
+}
+
+FlexStatus flexExecutableGetRunWorkspaceSize(FlexExecutable exe,
+                                             int64_t *bytes) {
+  const char *function = "flexExecutableGetRunWorkspaceSize";
+  return withExecutable(exe, function, [&]() -> FlexStatus {
+    if (FlexStatus s = checkOut(bytes, function, "bytes"))
+      return s;
+    *bytes = exe->executor->runWorkspaceBytes();
+    return FLEX_STATUS_OK;
+  });
+}
+
 FlexStatus flexExecutableSetWorkspace(FlexExecutable exe, void *data,
                                       int64_t bytes) {
   return withExecutable(exe, "flexExecutableSetWorkspace", [&] {

@@ -10,45 +10,45 @@
 
 // CHECK-LABEL: moert.plan @gelu_bf16
 // CHECK-SAME: workspace_bytes =
-// CHECK: moert.variant "single" forward {
-// CHECK: moert.variant "single+gather" forward {
+// CHECK: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// CHECK: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.alloc "single+act_backward.{{[a-z_]+}}" {offset = {{[0-9]+}} : i64}
-// CHECK: moert.variant "single+act_backward" forward {
+// CHECK: moert.variant "single+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_activation_backward
-// CHECK: moert.variant "single+gather+act_backward" forward {
+// CHECK: moert.variant "single+gather+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_activation_backward
 // CHECK-NOT: moert.variant
 
 // Gated: the glu-fused copies of the plain and gathered variants, then a
 // backward-fused copy of each of the four (glu_backward with its GEMM).
 // CHECK-LABEL: moert.plan @gated_bf16
-// CHECK: moert.variant "single" forward {
-// CHECK: moert.variant "single+gather" forward {
-// CHECK: moert.variant "single+glu" forward {
-// CHECK: moert.variant "single+gather+glu" forward {
-// CHECK: moert.variant "single+act_backward" forward {
+// CHECK: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// CHECK: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
+// CHECK: moert.variant "single+glu" workspace_bytes = {{[0-9]+}} forward {
+// CHECK: moert.variant "single+gather+glu" workspace_bytes = {{[0-9]+}} forward {
+// CHECK: moert.variant "single+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_glu_backward
-// CHECK: moert.variant "single+gather+act_backward" forward {
+// CHECK: moert.variant "single+gather+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_glu_backward
-// CHECK: moert.variant "single+glu+act_backward" forward {
+// CHECK: moert.variant "single+glu+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_glu_backward
-// CHECK: moert.variant "single+gather+glu+act_backward" forward {
+// CHECK: moert.variant "single+gather+glu+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_glu_backward
 // CHECK-NOT: moert.variant
 
 // NOGLU-LABEL: moert.plan @gelu_bf16
-// NOGLU: moert.variant "single+act_backward" forward {
-// NOGLU: moert.variant "single+gather+act_backward" forward {
+// NOGLU: moert.variant "single+act_backward" workspace_bytes = {{[0-9]+}} forward {
+// NOGLU: moert.variant "single+gather+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // NOGLU-LABEL: moert.plan @gated_bf16
-// NOGLU: moert.variant "single" forward {
-// NOGLU: moert.variant "single+gather" forward {
-// NOGLU: moert.variant "single+act_backward" forward {
-// NOGLU: moert.variant "single+gather+act_backward" forward {
+// NOGLU: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// NOGLU: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
+// NOGLU: moert.variant "single+act_backward" workspace_bytes = {{[0-9]+}} forward {
+// NOGLU: moert.variant "single+gather+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // NOGLU-NOT: moert.variant
 
 // DEFAULT-LABEL: moert.plan @gelu_bf16
-// DEFAULT: moert.variant "single" forward {
-// DEFAULT: moert.variant "single+gather" forward {
+// DEFAULT: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// DEFAULT: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
 // DEFAULT-NOT: moert.variant
 // DEFAULT-NOT: grouped_gemm_activation_backward
 // DEFAULT-LABEL: moert.plan @gated_bf16

@@ -11,33 +11,33 @@
 
 // CHECK-LABEL: moert.plan @gelu_bf16
 // CHECK-SAME: workspace_bytes =
-// CHECK: moert.variant "single" forward {
-// CHECK: moert.variant "single+gather" forward {
+// CHECK: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// CHECK: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.alloc "single+combine.{{[a-z_]+}}" {offset = {{[0-9]+}} : i64}
-// CHECK: moert.variant "single+combine" forward {
+// CHECK: moert.variant "single+combine" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_combine
-// CHECK: moert.variant "single+gather+combine" forward {
+// CHECK: moert.variant "single+gather+combine" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.grouped_gemm_combine ins({{.+}}row_tokens =
 // CHECK-NOT: moert.variant
 
 // Training with both: the combine-fused copies, then a backward-fused copy
 // of each of the four.
 // BOTH-LABEL: moert.plan @gelu_bf16
-// BOTH: moert.variant "single" forward {
-// BOTH: moert.variant "single+gather" forward {
-// BOTH: moert.variant "single+combine" forward {
-// BOTH: moert.variant "single+gather+combine" forward {
-// BOTH: moert.variant "single+act_backward" forward {
-// BOTH: moert.variant "single+gather+act_backward" forward {
-// BOTH: moert.variant "single+combine+act_backward" forward {
+// BOTH: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// BOTH: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
+// BOTH: moert.variant "single+combine" workspace_bytes = {{[0-9]+}} forward {
+// BOTH: moert.variant "single+gather+combine" workspace_bytes = {{[0-9]+}} forward {
+// BOTH: moert.variant "single+act_backward" workspace_bytes = {{[0-9]+}} forward {
+// BOTH: moert.variant "single+gather+act_backward" workspace_bytes = {{[0-9]+}} forward {
+// BOTH: moert.variant "single+combine+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // BOTH: moert.grouped_gemm_combine
 // BOTH: moert.grouped_gemm_activation_backward
-// BOTH: moert.variant "single+gather+combine+act_backward" forward {
+// BOTH: moert.variant "single+gather+combine+act_backward" workspace_bytes = {{[0-9]+}} forward {
 // BOTH-NOT: moert.variant
 
 // DEFAULT-LABEL: moert.plan @gelu_bf16
-// DEFAULT: moert.variant "single" forward {
-// DEFAULT: moert.variant "single+gather" forward {
+// DEFAULT: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// DEFAULT: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
 // DEFAULT-NOT: moert.variant
 // DEFAULT-NOT: grouped_gemm_combine
 

@@ -10,24 +10,24 @@
 // CHECK-LABEL: moert.plan @dropless
 // CHECK-SAME: workspace_bytes =
 // CHECK: moert.alloc "ragged.dispatched" {offset = {{[0-9]+}} : i64} : memref<128x16xbf16>
-// CHECK: moert.variant "ragged" forward {
+// CHECK: moert.variant "ragged" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.dispatch ins
 // CHECK: moert.alloc "padded.dispatched" {offset = {{[0-9]+}} : i64} : memref<256x16xbf16>
-// CHECK: moert.variant "padded" forward {
+// CHECK: moert.variant "padded" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NOT: row_tokens
 // CHECK: moert.alloc "ragged+gather.logits" {offset = {{[0-9]+}} : i64}
 // CHECK-NOT: ragged+gather.dispatched
 // CHECK: moert.alloc "ragged+gather.row_tokens" {offset = {{[0-9]+}} : i64} : memref<128xi32>
-// CHECK-NEXT: moert.variant "ragged+gather" forward {
+// CHECK-NEXT: moert.variant "ragged+gather" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NEXT: moert.router
 // CHECK-NEXT: moert.gate
 // CHECK-NEXT: moert.dispatch_rows
 // CHECK-NOT: moert.variant
 
 // OFF-LABEL: moert.plan @dropless
-// OFF: moert.variant "ragged" forward {
+// OFF: moert.variant "ragged" workspace_bytes = {{[0-9]+}} forward {
 // OFF-NOT: row_tokens
-// OFF: moert.variant "padded" forward {
+// OFF: moert.variant "padded" workspace_bytes = {{[0-9]+}} forward {
 // OFF-NOT: row_tokens
 // OFF-NOT: moert.variant
 

@@ -11,17 +11,17 @@
 
 // CHECK-LABEL: moert.plan @gated_bf16
 // CHECK-SAME: workspace_bytes =
-// CHECK: moert.variant "single" forward {
+// CHECK: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.glu ins
-// CHECK: moert.variant "single+gather" forward {
+// CHECK: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
 // CHECK: moert.glu ins
 // CHECK: moert.alloc "single+glu.gate_proj" {offset = {{[0-9]+}} : i64} : memref<64x16xbf16>
-// CHECK: moert.variant "single+glu" forward {
+// CHECK: moert.variant "single+glu" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NOT: moert.glu ins
 // CHECK: moert.grouped_gemm_glu
 // CHECK-NOT: moert.glu ins
 // CHECK: moert.alloc "single+gather+glu.row_tokens" {offset = {{[0-9]+}} : i64} : memref<64xi32>
-// CHECK-NEXT: moert.variant "single+gather+glu" forward {
+// CHECK-NEXT: moert.variant "single+gather+glu" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NOT: moert.glu ins
 // CHECK: moert.grouped_gemm_glu ins(a = %{{[^ ]+}} : memref<32x8xbf16>, {{.+}}, row_tokens =
 // CHECK-NOT: moert.glu ins
@@ -29,22 +29,22 @@
 // CHECK-NOT: moert.variant
 
 // NOGATHER-LABEL: moert.plan @gated_bf16
-// NOGATHER: moert.variant "single" forward {
-// NOGATHER: moert.variant "single+glu" forward {
+// NOGATHER: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// NOGATHER: moert.variant "single+glu" workspace_bytes = {{[0-9]+}} forward {
 // NOGATHER-NOT: moert.variant
 
 // OFF-LABEL: moert.plan @gated_bf16
-// OFF: moert.variant "single" forward {
-// OFF: moert.variant "single+gather" forward {
+// OFF: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// OFF: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
 // OFF-NOT: moert.variant
 // OFF-NOT: grouped_gemm_glu
 
 // DEFAULT-LABEL: moert.plan @gated_bf16
-// DEFAULT: moert.variant "single" forward {
-// DEFAULT: moert.variant "single+gather" forward {
-// DEFAULT: moert.variant "single+glu" forward {
+// DEFAULT: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
+// DEFAULT: moert.variant "single+gather" workspace_bytes = {{[0-9]+}} forward {
+// DEFAULT: moert.variant "single+glu" workspace_bytes = {{[0-9]+}} forward {
 // DEFAULT: moert.grouped_gemm_glu
-// DEFAULT: moert.variant "single+gather+glu" forward {
+// DEFAULT: moert.variant "single+gather+glu" workspace_bytes = {{[0-9]+}} forward {
 // DEFAULT: moert.grouped_gemm_glu
 // DEFAULT-NOT: moert.variant
 

@@ -12,7 +12,7 @@
 // blocks, and E * 128 = 512 too.
 // CHECK-LABEL: moert.plan @dropless
 // CHECK: moert.alloc "dispatched" {{.+}} : memref<512x16xf32>
-// CHECK: moert.variant "single" forward {
+// CHECK: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NEXT: moert.router
 // CHECK-NEXT: moert.gate {{.+}}layout = #moert<layout aligned>
 // CHECK-NEXT: moert.dispatch {{.+}}dispatched = %{{.+}} : memref<512x16xf32>
@@ -21,11 +21,11 @@
 
 // THREE-LABEL: moert.plan @dropless
 // THREE: moert.alloc "ragged.dispatched" {{.+}} : memref<128x16xf32>
-// THREE: moert.variant "ragged" forward {
+// THREE: moert.variant "ragged" workspace_bytes = {{[0-9]+}} forward {
 // THREE: moert.alloc "padded.dispatched" {{.+}} : memref<256x16xf32>
-// THREE: moert.variant "padded" forward {
+// THREE: moert.variant "padded" workspace_bytes = {{[0-9]+}} forward {
 // THREE: moert.alloc "aligned.dispatched" {{.+}} : memref<512x16xf32>
-// THREE: moert.variant "aligned" forward {
+// THREE: moert.variant "aligned" workspace_bytes = {{[0-9]+}} forward {
 // THREE-NEXT: moert.router
 // THREE-NEXT: moert.gate {{.+}}layout = #moert<layout aligned>
 

@@ -8,23 +8,23 @@
 // in each the layout auto would give first.
 
 // ONE-LABEL: moert.plan @dropless
-// ONE: moert.variant "r1d1.ragged" forward {
+// ONE: moert.variant "r1d1.ragged" workspace_bytes = {{[0-9]+}} forward {
 // ONE-NEXT: moert.router
 // ONE-NEXT: moert.gate {{.+}}layout = #moert<layout ragged>
-// ONE: moert.variant "r1d1.padded" forward {
+// ONE: moert.variant "r1d1.padded" workspace_bytes = {{[0-9]+}} forward {
 // ONE-NEXT: moert.router
 // ONE-NEXT: moert.gate {{.+}}layout = #moert<layout padded>
-// ONE: moert.variant "r0d1.ragged" forward {
-// ONE: moert.variant "r0d1.padded" forward {
+// ONE: moert.variant "r0d1.ragged" workspace_bytes = {{[0-9]+}} forward {
+// ONE: moert.variant "r0d1.padded" workspace_bytes = {{[0-9]+}} forward {
 // ONE-NOT: moert.variant
 
 // Many ranks: only the padded layout (ranks exchange whole capacity
 // blocks), so layouts=padded just names the variants.
 // TWO-LABEL: moert.plan @dropless
 // TWO-SAME: world_size = 2
-// TWO: moert.variant "r1d2.padded" forward {
+// TWO: moert.variant "r1d2.padded" workspace_bytes = {{[0-9]+}} forward {
 // TWO: moert.all_to_all
-// TWO: moert.variant "r0d1.padded" forward {
+// TWO: moert.variant "r0d1.padded" workspace_bytes = {{[0-9]+}} forward {
 // TWO: moert.all_gather
 // TWO-NOT: moert.variant
 

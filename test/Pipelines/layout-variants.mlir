@@ -15,7 +15,7 @@
 // CHECK: moert.argument "x" input
 // CHECK-NOT: moert.argument "x"
 // CHECK: moert.alloc "ragged.dispatched" {{.+}} : memref<128x16xf32>
-// CHECK: moert.variant "ragged" forward {
+// CHECK: moert.variant "ragged" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NEXT: moert.router
 // CHECK-NEXT: moert.gate {{.+}}layout = #moert<layout ragged>
 // CHECK-NEXT: moert.dispatch {{.+}}dispatched = %{{.+}} : memref<128x16xf32>
@@ -35,7 +35,7 @@
 // CHECK-NEXT: }
 // E * T rows: a dropless expert may get every token.
 // CHECK: moert.alloc "padded.dispatched" {{.+}} : memref<256x16xf32>
-// CHECK: moert.variant "padded" forward {
+// CHECK: moert.variant "padded" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NEXT: moert.router
 // CHECK-NEXT: moert.gate {{.+}}layout = #moert<layout padded>
 // CHECK-NEXT: moert.dispatch {{.+}}dispatched = %{{.+}} : memref<256x16xf32>
@@ -56,17 +56,17 @@
 // CHECK-NOT: moert.variant
 
 // INFER-LABEL: moert.plan @dropless
-// INFER: moert.variant "ragged" forward {
+// INFER: moert.variant "ragged" workspace_bytes = {{[0-9]+}} forward {
 // INFER: } backward {
 // INFER-NEXT: }
-// INFER: moert.variant "padded" forward {
+// INFER: moert.variant "padded" workspace_bytes = {{[0-9]+}} forward {
 // INFER: } backward {
 // INFER-NEXT: }
 
 // Without layouts: one variant, as before.
 // ONE-LABEL: moert.plan @dropless
 // ONE: moert.alloc "dispatched"
-// ONE: moert.variant "single" forward {
+// ONE: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
 // ONE-NEXT: moert.router
 // ONE-NEXT: moert.gate {{.+}}layout = #moert<layout ragged>
 // ONE-NOT: moert.variant
@@ -87,7 +87,7 @@ func.func @dropless(%x: tensor<64x16xf32>, %wg: tensor<16x4xf32>,
 // at most T * k = 128 rows too), gated experts.
 
 // CHECK-LABEL: moert.plan @fixed_gated
-// CHECK: moert.variant "padded" forward {
+// CHECK: moert.variant "padded" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NEXT: moert.router
 // CHECK-NEXT: moert.gate {{.+}}layout = #moert<layout padded>
 // CHECK-NEXT: moert.dispatch
@@ -97,7 +97,7 @@ func.func @dropless(%x: tensor<64x16xf32>, %wg: tensor<16x4xf32>,
 // CHECK-NEXT: moert.grouped_gemm
 // CHECK-NEXT: moert.combine
 // CHECK-NEXT: } backward {
-// CHECK: moert.variant "ragged" forward {
+// CHECK: moert.variant "ragged" workspace_bytes = {{[0-9]+}} forward {
 // CHECK-NEXT: moert.router
 // CHECK-NEXT: moert.gate {{.+}}layout = #moert<layout ragged>
 // CHECK-NEXT: moert.dispatch
@@ -110,11 +110,11 @@ func.func @dropless(%x: tensor<64x16xf32>, %wg: tensor<16x4xf32>,
 // CHECK-NOT: moert.variant
 
 // INFER-LABEL: moert.plan @fixed_gated
-// INFER: moert.variant "padded" forward {
-// INFER: moert.variant "ragged" forward {
+// INFER: moert.variant "padded" workspace_bytes = {{[0-9]+}} forward {
+// INFER: moert.variant "ragged" workspace_bytes = {{[0-9]+}} forward {
 
 // ONE-LABEL: moert.plan @fixed_gated
-// ONE: moert.variant "single" forward {
+// ONE: moert.variant "single" workspace_bytes = {{[0-9]+}} forward {
 // ONE-NEXT: moert.router
 // ONE-NEXT: moert.gate {{.+}}layout = #moert<layout padded>
 

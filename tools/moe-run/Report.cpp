@@ -204,9 +204,10 @@ void printExplain(const LayerRun &run) {
   for (const nlohmann::ordered_json &variant : explain["variants"])
     nameWidth = std::max(
         nameWidth, static_cast<int>(variant["name"].get<std::string>().size()));
-  std::printf("  %-*s %12s %9s %9s %9s %9s %11s %12s %8s\n", nameWidth,
+  std::printf("  %-*s %12s %9s %9s %9s %9s %11s %12s %8s %13s\n", nameWidth,
               "variant", "predicted_us", "gate", "dispatch", "experts",
-              "combine", "collectives", "measured_us", "error");
+              "combine", "collectives", "measured_us", "error",
+              "workspace_mib");
   for (const nlohmann::ordered_json &variant : explain["variants"]) {
     auto stage = [&](const char *name) {
       return variant["forward_stages_us"][name].get<double>() +
@@ -222,12 +223,13 @@ void printExplain(const LayerRun &run) {
                     100.0 * variant["error"].get<double>());
       std::snprintf(measuredText, sizeof(measuredText), "%.1f", measured);
     }
-    std::printf("%c %-*s %12.1f %9.1f %9.1f %9.1f %9.1f %11.1f %12s %8s\n",
-                variant["chosen"].get<bool>() ? '*' : ' ', nameWidth,
-                variant["name"].get<std::string>().c_str(),
-                variant["predicted_us"].get<double>(), stage("gate"),
-                stage("dispatch"), stage("experts"), stage("combine"),
-                stage("collectives"), measuredText, error);
+    std::printf(
+        "%c %-*s %12.1f %9.1f %9.1f %9.1f %9.1f %11.1f %12s %8s %13.1f\n",
+        variant["chosen"].get<bool>() ? '*' : ' ', nameWidth,
+        variant["name"].get<std::string>().c_str(),
+        variant["predicted_us"].get<double>(), stage("gate"), stage("dispatch"),
+        stage("experts"), stage("combine"), stage("collectives"), measuredText,
+        error, variant["workspace_bytes"].get<double>() / (1 << 20));
   }
 }
 

@@ -415,7 +415,8 @@ TEST_F(PerCallState, RejectsSmallOrMisalignedWorkspaces) {
   Workspace small(workspaceBytes - 1, alignment);
   EXPECT_EQ(forward(*a, &small), FLEX_STATUS_INVALID_ARGUMENT);
   const std::string needs = "the plan needs " + std::to_string(workspaceBytes) +
-                            " bytes aligned to " + std::to_string(alignment);
+                            " bytes for every variant, aligned to " +
+                            std::to_string(alignment);
   EXPECT_THAT(flexGetLastError(),
               HasSubstr("workspace of " + std::to_string(workspaceBytes - 1) +
                         " bytes is too small"));

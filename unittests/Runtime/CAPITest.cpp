@@ -186,6 +186,21 @@ TEST_F(CAPI, QueriesLayerArgumentsWorkspaceAndVariants) {
             FLEX_STATUS_OK);
   EXPECT_GT(bytes, 0);
   EXPECT_EQ(alignment, 64);
+  // A plan from before per-variant workspaces: each variant the whole.
+  int64_t variantBytes = 0;
+  ASSERT_EQ(flexExecutableGetVariantWorkspaceSize(exe, 1, &variantBytes),
+            FLEX_STATUS_OK);
+  EXPECT_EQ(variantBytes, bytes);
+  EXPECT_EQ(flexExecutableGetVariantWorkspaceSize(exe, 2, &variantBytes),
+            FLEX_STATUS_OUT_OF_RANGE);
+  EXPECT_THAT(flexExecutableGetLastError(exe), HasSubstr("variant index 2"));
+  EXPECT_EQ(flexExecutableGetVariantWorkspaceSize(exe, 0, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  ASSERT_EQ(flexExecutableGetRunWorkspaceSize(exe, &variantBytes),
+            FLEX_STATUS_OK);
+  EXPECT_EQ(variantBytes, bytes);
+  EXPECT_EQ(flexExecutableGetRunWorkspaceSize(exe, nullptr),
+            FLEX_STATUS_INVALID_ARGUMENT);
 
   ASSERT_EQ(flexExecutableGetNumVariants(exe, &count), FLEX_STATUS_OK);
   EXPECT_EQ(count, 2);
@@ -332,6 +347,68 @@ TEST_F(CAPI, RejectsBadRuns) {
                        nullptr};
   expectFailure(good, FLEX_STATUS_NUMERIC_ERROR,
                 "input argument 'x' has NaN or Inf at element 0", &check);
+}
+
+// Per-variant workspaces through the C API: each variant's size, the size
+// a caller allocating per call needs, and a per-call workspace that holds
+// only the ragged variant (auto runs it; padded, named, is refused).
+TEST_F(CAPI, RunsVariantsOnTheirOwnWorkspaces) {
+  load("ffn_dropless_layouts_train.json");
+  makeBuffers();
+  int64_t whole = 0, alignment = 0, count = 0;
+  ASSERT_EQ(flexExecutableGetWorkspaceSize(exe, &whole, &alignment),
+            FLEX_STATUS_OK);
+  ASSERT_EQ(flexExecutableGetNumVariants(exe, &count), FLEX_STATUS_OK);
+  std::map<std::string, int64_t> sizes;
+  for (int64_t v = 0; v < count; ++v) {
+    const char *name = nullptr;
+    ASSERT_EQ(flexExecutableGetVariantName(exe, v, &name), FLEX_STATUS_OK);
+    ASSERT_EQ(flexExecutableGetVariantWorkspaceSize(exe, v, &sizes[name]),
+              FLEX_STATUS_OK);
+    EXPECT_LE(sizes[name], whole) << name;
+  }
+  EXPECT_EQ(sizes["padded"], whole);
+  EXPECT_LT(sizes["ragged"], sizes["padded"]);
+  int64_t run = 0;
+  ASSERT_EQ(flexExecutableGetRunWorkspaceSize(exe, &run), FLEX_STATUS_OK);
+  EXPECT_EQ(run, whole) << "auto may pick any variant";
+  ASSERT_EQ(flexExecutableSelectVariantByName(exe, "ragged"), FLEX_STATUS_OK);
+  ASSERT_EQ(flexExecutableGetRunWorkspaceSize(exe, &run), FLEX_STATUS_OK);
+  EXPECT_EQ(run, sizes["ragged"]);
+
+  std::vector<uint8_t> storage(sizes["ragged"] + alignment);
+  void *aligned =
+      storage.data() +
+      (alignment - reinterpret_cast<uintptr_t>(storage.data()) % alignment);
+  FlexRunOptions options{};
+  options.struct_size = sizeof(FlexRunOptions);
+  options.workspace = aligned;
+  options.workspace_bytes = sizes["ragged"];
+  std::vector<FlexBinding> list = bindings();
+  ASSERT_EQ(flexExecutableSelectVariantByName(exe, "auto"), FLEX_STATUS_OK);
+  for (int call = 0; call < 6; ++call) {
+    ASSERT_EQ(flexExecutableForward(exe, list.data(), list.size(), &options),
+              FLEX_STATUS_OK)
+        << flexGetLastError();
+    int64_t selected = -1;
+    ASSERT_EQ(flexExecutableGetSelectedVariant(exe, &selected), FLEX_STATUS_OK);
+    const char *name = nullptr;
+    ASSERT_EQ(flexExecutableGetVariantName(exe, selected, &name),
+              FLEX_STATUS_OK);
+    EXPECT_STREQ(name, "ragged");
+    ASSERT_EQ(flexExecutableBackward(exe, list.data(), list.size(), &options),
+              FLEX_STATUS_OK)
+        << flexGetLastError();
+  }
+  ASSERT_EQ(flexExecutableSelectVariantByName(exe, "padded"), FLEX_STATUS_OK);
+  EXPECT_EQ(flexExecutableForward(exe, list.data(), list.size(), &options),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("variant 'padded' needs"));
+  options.workspace_bytes = sizes["ragged"] - alignment;
+  ASSERT_EQ(flexExecutableSelectVariantByName(exe, "ragged"), FLEX_STATUS_OK);
+  EXPECT_EQ(flexExecutableForward(exe, list.data(), list.size(), &options),
+            FLEX_STATUS_INVALID_ARGUMENT);
+  EXPECT_THAT(flexGetLastError(), HasSubstr("too small"));
 }
 
 TEST_F(CAPI, DetectsDestroyedHandles) {

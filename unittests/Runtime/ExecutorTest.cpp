@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
+#include <set>
 
 using namespace flex;
 using flex::test::loadValue;
@@ -116,9 +117,12 @@ struct Tolerance {
 };
 
 /// Runs variant `variant` of `plan` (forward, and backward when training)
-/// and compares with the reference.
+/// and compares with the reference: on `reused` when given (its own
+/// workspace as it stands), else on a new executor, whose own workspace
+/// then holds exactly the variant's bytes.
 void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
-                   uint64_t seed, double tolerance) {
+                   uint64_t seed, double tolerance,
+                   Executor *reused = nullptr) {
   SCOPED_TRACE("variant " + plan->variants[variant].name + " seed " +
                std::to_string(seed));
   const LayerConfig &config = plan->layer;
@@ -145,13 +149,17 @@ void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
   buffers.poison(ArgumentRole::GradOutput);
   auto inputsBefore = buffers.data;
 
-  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  std::unique_ptr<Executor> made = reused ? nullptr : makeExecutor(plan);
+  Executor *executor = reused ? reused : made.get();
   ASSERT_TRUE(executor->selectVariant(variant).isOk());
   std::vector<Binding> bindings = buffers.bindings();
   Status status = executor->forward(bindings.data(), bindings.size());
   ASSERT_TRUE(status.isOk()) << status.message();
   EXPECT_EQ(executor->lastRunStats().steps.size(),
             plan->variants[variant].forward.size());
+  if (!reused)
+    EXPECT_EQ(executor->ownedWorkspaceBytes(),
+              plan->variantWorkspaceBytes(variant));
   if (plan->training) {
     status = executor->backward(bindings.data(), bindings.size());
     ASSERT_TRUE(status.isOk()) << status.message();
@@ -419,6 +427,146 @@ TEST(Executor, UsesTheCallersWorkspace) {
   EXPECT_EQ(buffers.get("out"), withCallers);
 }
 
+// Each variant runs on its own part of the workspace (`workspace_bytes`):
+// a plan carrying the padded layout beside the ragged one needs the padded
+// one's bytes only where it runs.
+TEST(Executor, RunsEachVariantOnItsOwnWorkspace) {
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_dropless_layouts_train.json"));
+  const int64_t ragged = plan->findVariant("ragged"),
+                padded = plan->findVariant("padded");
+  ASSERT_GE(ragged, 0);
+  ASSERT_GE(padded, 0);
+  // Every buffer a variant's steps use lies within its bytes (read from
+  // the steps here, apart from the loader's check).
+  for (size_t v = 0; v < plan->variants.size(); ++v) {
+    int64_t end = 0;
+    for (const auto *steps :
+         {&plan->variants[v].forward, &plan->variants[v].backward})
+      for (const Step &step : *steps)
+        for (const auto *refs : {&step.inputs, &step.outputs})
+          for (const BufferRef &ref : *refs)
+            if (ref.kind == BufferRef::Kind::Workspace) {
+              const WorkspaceBuffer &b = plan->workspace.buffers[ref.index];
+              end = std::max(end, b.offset + b.numBytes());
+            }
+    EXPECT_LE(end, plan->variantWorkspaceBytes(v)) << plan->variants[v].name;
+    EXPECT_LE(plan->variantWorkspaceBytes(v), plan->workspace.bytes);
+  }
+  EXPECT_LT(3 * plan->variantWorkspaceBytes(ragged),
+            plan->variantWorkspaceBytes(padded));
+  EXPECT_EQ(plan->variantWorkspaceBytes(padded), plan->workspace.bytes);
+
+  // A new executor's own workspace is the variant's (runAndCompare checks).
+  for (size_t variant = 0; variant < plan->variants.size(); ++variant)
+    runAndCompare(plan, variant, 21, 1e-5);
+  // One executor: its workspace grows from ragged's to padded's, and the
+  // variants still match the reference on it, before and after.
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  runAndCompare(plan, ragged, 22, 1e-5, executor.get());
+  EXPECT_EQ(executor->ownedWorkspaceBytes(),
+            plan->variantWorkspaceBytes(ragged));
+  runAndCompare(plan, padded, 23, 1e-5, executor.get());
+  EXPECT_EQ(executor->ownedWorkspaceBytes(), plan->workspace.bytes);
+  runAndCompare(plan, ragged, 24, 1e-5, executor.get());
+  EXPECT_EQ(executor->ownedWorkspaceBytes(), plan->workspace.bytes);
+}
+
+TEST(Executor, ChoosesAmongTheVariantsTheWorkspaceHolds) {
+  std::shared_ptr<const Plan> plan =
+      loadPlan(readTestPlan("ffn_dropless_layouts_train.json"));
+  const int64_t ragged = plan->findVariant("ragged"),
+                padded = plan->findVariant("padded");
+  const int64_t small = plan->variantWorkspaceBytes(ragged);
+  const int64_t alignment = plan->workspace.alignment;
+  std::vector<uint8_t> storage(plan->workspace.bytes + alignment);
+  uint8_t *aligned =
+      storage.data() +
+      (alignment - reinterpret_cast<uintptr_t>(storage.data()) % alignment);
+  Buffers buffers(*plan);
+  reference::LayerInputs inputs = makeInputs(plan->layer, 31);
+  buffers.set("x", inputs.x);
+  buffers.set("wg", inputs.wg);
+  buffers.set("w1", inputs.w1);
+  buffers.set("w2", inputs.w2);
+  std::vector<Binding> bindings = buffers.bindings();
+
+  // Auto on a per-call workspace of ragged's size: only ragged fits, so
+  // every call (timed ones too, which would explore) runs it.
+  std::unique_ptr<Executor> executor = makeExecutor(plan);
+  ASSERT_TRUE(executor->automaticVariant());
+  RunOptions call;
+  call.workspace = aligned;
+  call.workspaceBytes = small;
+  for (int i = 0; i < 8; ++i) {
+    Status status = executor->forward(bindings.data(), bindings.size(), call);
+    ASSERT_TRUE(status.isOk()) << status.message();
+    EXPECT_EQ(executor->lastRunStats().variant, ragged);
+    ASSERT_TRUE(
+        executor->backward(bindings.data(), bindings.size(), call).isOk());
+  }
+  EXPECT_EQ(executor->ownedWorkspaceBytes(), 0) << "never allocated";
+  // The whole workspace: the other variants are explored too.
+  call.workspaceBytes = plan->workspace.bytes;
+  std::set<int64_t> ran;
+  for (int i = 0; i < 12; ++i) {
+    ASSERT_TRUE(
+        executor->forward(bindings.data(), bindings.size(), call).isOk());
+    ran.insert(executor->lastRunStats().variant);
+  }
+  EXPECT_GT(ran.size(), 1u);
+
+  // The caller's workspace set once bounds the choice the same way.
+  ASSERT_TRUE(executor->setWorkspace(aligned, small).isOk());
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
+    EXPECT_EQ(executor->lastRunStats().variant, ragged);
+  }
+  // Smaller than every variant: refused; a named variant that does not fit
+  // fails before anything runs, naming what it needs.
+  Status status = executor->setWorkspace(aligned, small - 1);
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("too small"));
+  EXPECT_THAT(status.message(), HasSubstr(std::to_string(small)));
+  ASSERT_TRUE(executor->selectVariant(padded).isOk());
+  EXPECT_EQ(executor->runWorkspaceBytes(), plan->workspace.bytes);
+  buffers.poison(ArgumentRole::Output);
+  status = executor->forward(bindings.data(), bindings.size());
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(),
+              HasSubstr("variant 'padded' needs " +
+                        std::to_string(plan->workspace.bytes)));
+  EXPECT_TRUE(std::isnan(buffers.get("out")[0])) << "nothing ran";
+  ASSERT_TRUE(executor->selectVariant(ragged).isOk());
+  EXPECT_EQ(executor->runWorkspaceBytes(), small);
+
+  // max_workspace_mib bounds the executor's own workspace: auto leaves
+  // the variants above it out, a named one fails.
+  RuntimeOptions options;
+  const int64_t limitMib = (small >> 20) + 1;
+  ASSERT_LT(limitMib << 20, plan->workspace.bytes);
+  ASSERT_TRUE(
+      options.set("max_workspace_mib", std::to_string(limitMib)).isOk());
+  std::unique_ptr<Executor> bounded;
+  ASSERT_TRUE(
+      Executor::create(plan, createCpuBackend(), options, bounded).isOk());
+  int64_t largestFitting = 0;
+  for (size_t v = 0; v < plan->variants.size(); ++v)
+    if (plan->variantWorkspaceBytes(v) <= (limitMib << 20))
+      largestFitting = std::max(largestFitting, plan->variantWorkspaceBytes(v));
+  EXPECT_EQ(bounded->runWorkspaceBytes(), largestFitting);
+  for (int i = 0; i < 12; ++i) {
+    ASSERT_TRUE(bounded->forward(bindings.data(), bindings.size()).isOk());
+    ASSERT_TRUE(bounded->backward(bindings.data(), bindings.size()).isOk());
+    EXPECT_NE(bounded->lastRunStats().variant, padded);
+  }
+  EXPECT_LE(bounded->ownedWorkspaceBytes(), limitMib << 20);
+  ASSERT_TRUE(bounded->selectVariant(padded).isOk());
+  status = bounded->forward(bindings.data(), bindings.size());
+  EXPECT_EQ(status.code(), StatusCode::InvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("max_workspace_mib"));
+}
+
 // NaN behaviour: by default NaN propagates (never hidden); with the check,
 // NaN in an input is reported before anything runs.
 TEST(Executor, NonFiniteInputs) {
@@ -570,6 +718,19 @@ TEST(RuntimeOptions, ParsesValidatesAndReadsTheEnvironment) {
     EXPECT_THAT(status.message(), HasSubstr("a whole number from 1 to 8"))
         << bad;
     EXPECT_EQ(options.gemmStreams, 4) << bad;
+  }
+  // The executor's own workspace bound, in MiB: 0 (none) by default.
+  EXPECT_EQ(options.maxWorkspaceBytes(), std::numeric_limits<int64_t>::max());
+  EXPECT_TRUE(options.set("max_workspace_mib", "3").isOk());
+  EXPECT_EQ(options.maxWorkspaceBytes(), int64_t(3) << 20);
+  EXPECT_TRUE(options.get("max_workspace_mib", text).isOk());
+  EXPECT_EQ(text, "3");
+  for (const char *bad :
+       {"-1", "1.5", "2G", "", "99999999999999999999", "1099511627777"}) {
+    status = options.set("max_workspace_mib", bad);
+    EXPECT_EQ(status.code(), StatusCode::InvalidArgument) << bad;
+    EXPECT_THAT(status.message(), HasSubstr("a whole number of MiB")) << bad;
+    EXPECT_EQ(options.maxWorkspaceMib, 3) << bad;
   }
 
   // Every variable of the table overrides its option; an empty one is

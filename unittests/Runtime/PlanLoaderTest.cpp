@@ -139,6 +139,39 @@ TEST(PlanLoader, WriteThenReadGivesThePlanBack) {
   }
 }
 
+// A variant's workspace_bytes must hold every buffer its steps use and lie
+// within the plan's workspace; the field is optional (the whole workspace)
+// and survives a write and read.
+TEST(PlanLoader, ChecksEachVariantsWorkspace) {
+  Json doc = readJson("ffn_dropless_layouts_train.json");
+  Plan plan;
+  ASSERT_TRUE(parsePlan(doc.dump(), plan).isOk());
+  ASSERT_TRUE(plan.variants[0].workspaceBytes.has_value());
+  Plan again;
+  ASSERT_TRUE(parsePlan(writePlan(plan), again).isOk());
+  for (size_t v = 0; v < plan.variants.size(); ++v)
+    EXPECT_EQ(again.variantWorkspaceBytes(v), plan.variantWorkspaceBytes(v));
+  Json absent = doc;
+  absent["variants"][0].erase("workspace_bytes");
+  ASSERT_TRUE(parsePlan(absent.dump(), again).isOk());
+  EXPECT_EQ(again.variantWorkspaceBytes(0), plan.workspace.bytes);
+
+  const int64_t ragged = doc["variants"][0]["workspace_bytes"];
+  Json wrong = doc;
+  wrong["variants"][0]["workspace_bytes"] = ragged - 256;
+  const std::string beyond = "beyond its " + std::to_string(ragged - 256);
+  expectRejected(wrong, {"'variants[0].workspace_bytes'", "variant 'ragged'",
+                         beyond.c_str()});
+  wrong["variants"][0]["workspace_bytes"] = plan.workspace.bytes + 256;
+  expectRejected(
+      wrong, {"'variants[0].workspace_bytes'", "outside [0, workspace.bytes"});
+  wrong["variants"][0]["workspace_bytes"] = -1;
+  expectRejected(wrong, {"'variants[0].workspace_bytes'", "outside"});
+  wrong["variants"][0]["workspace_bytes"] = "big";
+  expectRejected(wrong,
+                 {"'variants[0].workspace_bytes'", "expected an integer"});
+}
+
 TEST(PlanLoader, VerifiesPlansBuiltInMemory) {
   Plan plan;
   ASSERT_TRUE(parsePlan(readTestPlan("gated_bounded_infer.json"), plan).isOk());

@@ -24,6 +24,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -130,6 +131,8 @@ struct VariantExplanation {
   /// (measured - predicted) / predicted of the passes measured; NaN when
   /// none was.
   double error = 0;
+  /// The workspace the variant runs on (Plan::variantWorkspaceBytes).
+  int64_t workspaceBytes = 0;
 };
 
 /// The executor's account of its variant choice.
@@ -197,14 +200,29 @@ public:
     return buckets_[variant];
   }
 
-  /// Bytes and alignment the workspace needs.
+  /// Bytes and alignment of a workspace that runs every variant.
   int64_t workspaceBytes() const { return plan_->workspace.bytes; }
   int64_t workspaceAlignment() const { return plan_->workspace.alignment; }
-  /// Use the caller's workspace (at least workspaceBytes(), aligned to
+  /// The bytes variant `variant` needs (its `workspace_bytes`): a smaller
+  /// workspace runs the variants that fit in it, and the automatic choice
+  /// picks among those (docs/Runtime.md, "Workspaces per variant").
+  int64_t workspaceBytes(int64_t variant) const {
+    return plan_->variantWorkspaceBytes(static_cast<size_t>(variant));
+  }
+  /// The smallest workspace some variant runs on.
+  int64_t minWorkspaceBytes() const;
+  /// The workspace the next calls may need: the selected variant's when
+  /// named, else the largest within max_workspace_mib (the smallest
+  /// variant's when none is).
+  int64_t runWorkspaceBytes() const;
+  /// Use the caller's workspace (at least minWorkspaceBytes(), aligned to
   /// workspaceAlignment(), alive until replaced or the executor is gone), or
   /// with null go back to a runtime-allocated one. Drops the pending forward
   /// of the old and the new workspace.
   Status setWorkspace(void *data, int64_t bytes);
+  /// Bytes of the executor's own workspace allocated so far (it grows to
+  /// the largest variant run on it, up to max_workspace_mib).
+  int64_t ownedWorkspaceBytes() const { return ownedWorkspaceBytes_; }
 
   /// Forwards whose backward has not run yet, one per workspace; beyond this
   /// many the oldest is dropped (its backward then fails).
@@ -261,10 +279,16 @@ private:
   Status run(bool backward, const Binding *bindings, size_t count,
              const RunOptions &options);
   /// The call's workspace: RunOptions::workspace after checkWorkspace, else
-  /// the executor's own (null until ensureWorkspace for a new executor).
-  Status callWorkspace(const RunOptions &options, void *&workspace) const;
+  /// the executor's own (null until ensureWorkspace for a new executor);
+  /// `available` = the bytes a variant may use there (the caller's size, or
+  /// max_workspace_mib for the executor's own, which grows on demand).
+  Status callWorkspace(const RunOptions &options, void *&workspace,
+                       int64_t &available) const;
   /// InvalidArgument naming the size and alignment the plan needs.
   Status checkWorkspace(const void *data, int64_t bytes) const;
+  /// InvalidArgument unless `variant` fits in `available` bytes (`own`: of
+  /// the executor's own workspace, bounded by max_workspace_mib).
+  Status checkVariantFits(int64_t variant, int64_t available, bool own) const;
   /// FailedPrecondition when the pass cannot run now; for a backward, the
   /// record of the forward on `workspace`.
   Status checkRunnable(bool backward, const void *workspace,
@@ -294,7 +318,8 @@ private:
   /// Keeps the stats and measurements and what a backward needs.
   void recordPass(Pass &pass);
   Status bind(bool backward, const Binding *bindings, size_t count);
-  Status ensureWorkspace();
+  /// The executor's own workspace, grown to at least `bytes`.
+  Status ensureWorkspace(int64_t bytes);
   /// Splits communicator_ into the sub-communicators of the plan's grouped
   /// collective steps and hands them to the backend.
   Status makeGroupCommunicators();
@@ -307,7 +332,9 @@ private:
   /// Re-chooses when the capacity changed, then lets measured times
   /// overrule the model (refineChoice); sets selected_. `timed`: the pass
   /// to come is timed, so exploring a variant yields a measurement.
-  Status chooseVariant(bool timed = false);
+  /// Only variants that fit in `available` workspace bytes are candidates.
+  Status chooseVariant(bool timed = false,
+                       int64_t available = std::numeric_limits<int64_t>::max());
   /// Among the variants the model predicts within kRefineBand of its pick,
   /// one not yet measured twice at this capacity bucket is explored (at most
   /// kMaxExplorations calls each, timed calls only); once two or more are
@@ -317,7 +344,7 @@ private:
   /// agree once on each variant's slowest-rank mean (agreeOnMeasurements);
   /// that choice then holds for the bucket. Sets `variant` and says why in
   /// refineNote_.
-  Status refineChoice(bool timed, int64_t &variant);
+  Status refineChoice(bool timed, int64_t available, int64_t &variant);
   /// The fastest of the measured candidates by the max over the ranks of
   /// their means (one all-reduce), kept per bucket in agreedChoices_.
   Status agreeOnMeasurements(int64_t bucket,
@@ -347,6 +374,10 @@ private:
   void *workspace_ = nullptr;
   void *ownedWorkspace_ = nullptr;
   void *runWorkspace_ = nullptr;
+  /// The caller's workspace's size (setWorkspace; 0 while the executor's
+  /// own is used) and the bytes of the executor's own allocated so far.
+  int64_t givenWorkspaceBytes_ = 0;
+  int64_t ownedWorkspaceBytes_ = 0;
   /// The pending forwards by workspace address (a workspace holds the state
   /// of one forward) and the age of the newest.
   std::unordered_map<const void *, ForwardRecord> forwardRecords_;

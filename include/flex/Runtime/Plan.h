@@ -215,6 +215,11 @@ struct Variant {
   std::optional<double> measuredUs;
   /// The free-form `parallel` object, kept as JSON text ("" when absent).
   std::string parallelJson;
+  /// The workspace bytes this variant's buffers occupy (from offset 0, a
+  /// multiple of the alignment, <= workspace.bytes): a workspace this large
+  /// runs it (`workspace_bytes`). Absent: the whole workspace
+  /// (Plan::variantWorkspaceBytes).
+  std::optional<int64_t> workspaceBytes;
 };
 
 struct Plan {
@@ -233,6 +238,11 @@ struct Plan {
   std::vector<Variant> variants;
   int64_t defaultVariant = 0;
 
+  /// The workspace bytes variant `v` needs (its `workspace_bytes`, else
+  /// the whole workspace).
+  int64_t variantWorkspaceBytes(size_t v) const {
+    return variants[v].workspaceBytes.value_or(workspace.bytes);
+  }
   /// s, the ranks that share each expert: W / E when E < W, else 1.
   int64_t shards() const { return expertShards(layer.experts, worldSize); }
   /// E * s: the experts the routing after `shard_routing` (and every

@@ -383,7 +383,8 @@ FailureOr<PlanOp> PlanBuilder::build(StringRef name,
     if (static_cast<int64_t>(variantGate.getRanks()) != ranks)
       return variantGate.emitOpError(
           "[plan-3] every variant of a plan runs on the same ranks");
-    variantOp = VariantOp::create(b, loc, b.getStringAttr(variant.name));
+    variantOp = VariantOp::create(b, loc, b.getStringAttr(variant.name),
+                                  /*workspace_bytes=*/nullptr);
     variantOp.getForward().push_back(new Block());
     variantOp.getBackward().push_back(new Block());
     prefix = variants.size() > 1 ? variant.name + "." : "";

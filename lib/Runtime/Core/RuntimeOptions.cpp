@@ -12,6 +12,7 @@
 
 #include "flex/Runtime/Core/RuntimeOptions.h"
 
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <sstream>
@@ -141,6 +142,19 @@ Status setOption(RuntimeOptions &options, std::string_view name,
     options.gemmStreams = static_cast<int>(streams);
     return Status::ok();
   }
+  if (name == "max_workspace_mib") {
+    const std::string text(value);
+    char *end = nullptr;
+    errno = 0;
+    const long long mib = std::strtoll(text.c_str(), &end, 10);
+    // Up to 2^40 MiB, so the bytes fit in int64_t.
+    if (text.empty() || *end || errno || mib < 0 || mib > (1LL << 40))
+      return badValue(label, value,
+                      "a whole number of MiB from 0 (no bound) to 2^40: "
+                      "the most the executor's own workspace grows to");
+    options.maxWorkspaceMib = mib;
+    return Status::ok();
+  }
   if (name == "collective_timeout_s") {
     std::string text(value);
     char *end = nullptr;
@@ -177,6 +191,7 @@ const std::vector<RuntimeOptions::Entry> &RuntimeOptions::entries() {
       {"wgmma", "FLEX_WGMMA"},
       {"wgmma_tile", "FLEX_WGMMA_TILE"},
       {"gemm_streams", "FLEX_GEMM_STREAMS"},
+      {"max_workspace_mib", "FLEX_MAX_WORKSPACE_MIB"},
   };
   return table;
 }
@@ -219,6 +234,8 @@ Status RuntimeOptions::get(std::string_view name, std::string &value) const {
                                                   : "ping-pong";
   else if (name == "gemm_streams")
     value = std::to_string(gemmStreams);
+  else if (name == "max_workspace_mib")
+    value = std::to_string(maxWorkspaceMib);
   else if (name == "a2a_transport")
     value = a2aTransport == AllToAllTransport::Nccl ? "nccl" : "ce";
   else if (name == "collective_timeout_s") {

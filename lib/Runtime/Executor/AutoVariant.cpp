@@ -183,7 +183,7 @@ Status Executor::agreeOnProfile() {
   return Status::ok();
 }
 
-Status Executor::chooseVariant(bool timed) {
+Status Executor::chooseVariant(bool timed, int64_t available) {
   ensureCostModel();
   if (choiceCapacity_ != capacity_ || choice_.variant < 0) {
     choice_ = costModel_->choose(*plan_, plan_->training, capacity_);
@@ -196,15 +196,36 @@ Status Executor::chooseVariant(bool timed) {
   // refineChoice reads selected_ (the variant running so far) while it
   // decides the next.
   int64_t next = selected_;
-  Status status = refineChoice(timed, next);
+  Status status = refineChoice(timed, available, next);
   selected_ = next;
   return status;
 }
 
-Status Executor::refineChoice(bool timed, int64_t &variant) {
+Status Executor::refineChoice(bool timed, int64_t available, int64_t &variant) {
   refineNote_.clear();
   exploring_ = false;
   variant = choice_.variant;
+  const int64_t count = static_cast<int64_t>(plan_->variants.size());
+  auto fits = [&](int64_t v) { return workspaceBytes(v) <= available; };
+  if (!fits(variant)) {
+    // The model's fastest among the variants the workspace holds (the
+    // workspace's size is the same on every rank: the plan's bytes).
+    int64_t best = -1;
+    for (int64_t v = 0; v < count; ++v)
+      if (fits(v) && (best < 0 || choice_.totalUs[v] < choice_.totalUs[best]))
+        best = v;
+    if (best < 0)
+      return checkVariantFits(variant, available,
+                              /*own=*/available ==
+                                  options_.maxWorkspaceBytes());
+    refineNote_ = "; '" + plan_->variants[variant].name + "' needs " +
+                  std::to_string(workspaceBytes(variant)) +
+                  " workspace bytes, more than the " +
+                  std::to_string(available) + " available: '" +
+                  plan_->variants[best].name + "' instead";
+    variant = best;
+  }
+  const std::string fitNote = refineNote_;
   if (!options_.refineVariant)
     return Status::ok();
   // Several ranks agree through an all-reduce (agreeOnMeasurements).
@@ -215,8 +236,9 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
   auto name = [&](int64_t v) { return "'" + plan_->variants[v].name + "'"; };
   if (severalRanks) {
     auto agreed = agreedChoices_.find(bucket);
-    if (agreed != agreedChoices_.end()) {
-      refineNote_ = "; measured fastest at this capacity on the slowest "
+    if (agreed != agreedChoices_.end() && fits(agreed->second.variant)) {
+      refineNote_ = fitNote +
+                    "; measured fastest at this capacity on the slowest "
                     "rank: " +
                     name(agreed->second.variant) + " (" +
                     formatMicros(agreed->second.us) + ")";
@@ -224,12 +246,11 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
       return Status::ok();
     }
   }
-  const double band = choice_.totalUs[choice_.variant] * (1 + kRefineBand);
-  const int64_t count = static_cast<int64_t>(plan_->variants.size());
+  const double band = choice_.totalUs[variant] * (1 + kRefineBand);
   std::vector<double> meanUs(count, -1.0); // -1: not a measured candidate
   int64_t explore = -1, measured = 0;
   for (int64_t v = 0; v < count; ++v) {
-    if (choice_.totalUs[v] > band)
+    if (choice_.totalUs[v] > band || !fits(v))
       continue;
     auto found = buckets_[v].find(bucket);
     const BucketMeasurement m =
@@ -248,11 +269,11 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
   }
   if (timed && explore >= 0) {
     ++explorations_[explore][bucket];
-    refineNote_ = "; measuring " + name(explore) + " (predicted within " +
-                  std::to_string(static_cast<int>(kRefineBand * 100)) +
-                  "% of the pick, " +
-                  std::to_string(explorations_[explore][bucket]) +
-                  " of at most " + std::to_string(kMaxExplorations) + " calls)";
+    refineNote_ =
+        fitNote + "; measuring " + name(explore) + " (predicted within " +
+        std::to_string(static_cast<int>(kRefineBand * 100)) +
+        "% of the pick, " + std::to_string(explorations_[explore][bucket]) +
+        " of at most " + std::to_string(kMaxExplorations) + " calls)";
     variant = explore;
     exploring_ = true;
     return Status::ok();
@@ -265,11 +286,11 @@ Status Executor::refineChoice(bool timed, int64_t &variant) {
     const std::string fastestText =
         name(pick.fastest) + " (" + formatMicros(pick.fastestUs) + ")";
     refineNote_ =
-        pick.variant != pick.fastest
-            ? "; keeping " + name(pick.variant) + ", within " +
-                  std::to_string(static_cast<int>(kKeepBand * 100)) +
-                  "% of the measured fastest " + fastestText
-            : "; measured fastest at this capacity: " + fastestText;
+        fitNote + (pick.variant != pick.fastest
+                       ? "; keeping " + name(pick.variant) + ", within " +
+                             std::to_string(static_cast<int>(kKeepBand * 100)) +
+                             "% of the measured fastest " + fastestText
+                       : "; measured fastest at this capacity: " + fastestText);
     variant = pick.variant;
     return Status::ok();
   }
@@ -435,6 +456,7 @@ Explanation Executor::explain() {
       measured += m.backwardMeanMicros;
     }
     out.error = predicted > 0 ? (measured - predicted) / predicted : nan();
+    out.workspaceBytes = workspaceBytes(static_cast<int64_t>(v));
     result.variants.push_back(std::move(out));
   }
   return result;
@@ -487,6 +509,7 @@ std::string toJson(const Explanation &explanation) {
     item["measured_backward_us"] =
         each.backwardRuns ? number(each.measuredBackwardUs) : Json(nullptr);
     item["error"] = number(each.error);
+    item["workspace_bytes"] = each.workspaceBytes;
     variants.push_back(std::move(item));
   }
   json["variants"] = std::move(variants);

@@ -746,7 +746,8 @@ void Executor::recordPass(Pass &pass) {
 Status Executor::run(bool backward, const Binding *bindings, size_t count,
                      const RunOptions &options) {
   void *workspace = nullptr;
-  if (Status status = callWorkspace(options, workspace); !status)
+  int64_t available = 0;
+  if (Status status = callWorkspace(options, workspace, available); !status)
     return status;
   // A forward replaces what its workspace held, whatever comes of it: only
   // its success leaves a record a backward may use.
@@ -757,11 +758,6 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     return status;
   if (Status status = bind(backward, bindings, count); !status)
     return status;
-  if (!options.workspace) {
-    if (Status status = ensureWorkspace(); !status)
-      return status;
-    workspace = workspace_;
-  }
   bool checkNonFinite = options.checkNonFinite || options_.checkNonFinite;
   if (checkNonFinite)
     if (Status status = checkNonFiniteArguments(backward, /*outputs=*/false);
@@ -772,8 +768,19 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
   if (!backward && automatic_) {
     if (Status status = agreeOnProfile(); !status)
       return status;
-    if (Status status = chooseVariant(options.timeSteps); !status)
+    if (Status status = chooseVariant(options.timeSteps, available); !status)
       return status;
+  }
+  // The variant runs on the call's workspace only if it fits there; the
+  // executor's own grows to it.
+  const bool own = !options.workspace && givenWorkspaceBytes_ == 0;
+  const int64_t variant = backward ? record.variant : selected_;
+  if (Status status = checkVariantFits(variant, available, own); !status)
+    return status;
+  if (own) {
+    if (Status status = ensureWorkspace(workspaceBytes(variant)); !status)
+      return status;
+    workspace = workspace_;
   }
   Pass pass = startPass(backward, options, workspace, record);
   // A backward consumes its forward's state once it starts (it may

@@ -36,15 +36,47 @@ std::string addressString(const void *address) {
   return text;
 }
 
+std::string mib(int64_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.1f MiB",
+                static_cast<double>(bytes) / (1 << 20));
+  return text;
+}
+
 } // namespace
+
+int64_t Executor::minWorkspaceBytes() const {
+  int64_t least = workspaceBytes();
+  for (size_t v = 0; v < plan_->variants.size(); ++v)
+    least = std::min(least, plan_->variantWorkspaceBytes(v));
+  return least;
+}
+
+int64_t Executor::runWorkspaceBytes() const {
+  if (!automatic_)
+    return workspaceBytes(selected_);
+  int64_t largest = -1;
+  for (size_t v = 0; v < plan_->variants.size(); ++v) {
+    const int64_t bytes = plan_->variantWorkspaceBytes(v);
+    if (bytes <= options_.maxWorkspaceBytes())
+      largest = std::max(largest, bytes);
+  }
+  return largest >= 0 ? largest : minWorkspaceBytes();
+}
 
 Status Executor::checkWorkspace(const void *data, int64_t bytes) const {
   const int64_t alignment = std::max<int64_t>(workspaceAlignment(), 1);
-  const std::string needs = "the plan needs " +
-                            std::to_string(workspaceBytes()) +
-                            " bytes aligned to " + std::to_string(alignment) +
-                            " (flexExecutableGetWorkspaceSize)";
-  if (bytes < workspaceBytes())
+  const std::string needs =
+      "the plan needs " + std::to_string(workspaceBytes()) +
+      " bytes for every variant" +
+      (minWorkspaceBytes() < workspaceBytes()
+           ? ", at least " + std::to_string(minWorkspaceBytes()) +
+                 " for its smallest"
+           : std::string()) +
+      ", aligned to " + std::to_string(alignment) +
+      " (flexExecutableGetWorkspaceSize, "
+      "flexExecutableGetVariantWorkspaceSize)";
+  if (bytes < minWorkspaceBytes())
     return Status(StatusCode::InvalidArgument,
                   "workspace of " + std::to_string(bytes) +
                       " bytes is too small; " + needs);
@@ -56,6 +88,24 @@ Status Executor::checkWorkspace(const void *data, int64_t bytes) const {
   return Status::ok();
 }
 
+Status Executor::checkVariantFits(int64_t variant, int64_t available,
+                                  bool own) const {
+  const int64_t bytes = workspaceBytes(variant);
+  if (bytes <= available)
+    return Status::ok();
+  return Status(
+      StatusCode::InvalidArgument,
+      "variant '" + plan_->variants[variant].name + "' needs " +
+          std::to_string(bytes) + " workspace bytes (" + mib(bytes) +
+          "), more than " +
+          (own ? "max_workspace_mib allows the executor's own workspace ("
+               : "the workspace given has (") +
+          std::to_string(available) +
+          " bytes); give a larger workspace or run a variant that fits "
+          "(flexExecutableGetVariantWorkspaceSize, variant=auto picks among "
+          "them)");
+}
+
 Status Executor::setWorkspace(void *data, int64_t bytes) {
   if (data)
     if (Status status = checkWorkspace(data, bytes); !status)
@@ -64,34 +114,53 @@ Status Executor::setWorkspace(void *data, int64_t bytes) {
   // caller replacing the workspace may reuse or free either memory.
   forwardRecords_.erase(workspace_);
   workspace_ = data ? data : ownedWorkspace_;
+  givenWorkspaceBytes_ = data ? bytes : 0;
   forwardRecords_.erase(workspace_);
   return Status::ok();
 }
 
-Status Executor::ensureWorkspace() {
-  if (workspace_ || workspaceBytes() == 0)
+Status Executor::ensureWorkspace(int64_t bytes) {
+  if (givenWorkspaceBytes_ > 0 || bytes == 0)
     return Status::ok();
-  if (!ownedWorkspace_) {
-    ownedWorkspace_ =
-        backend_->allocate(workspaceBytes(), workspaceAlignment());
-    if (!ownedWorkspace_)
+  if (!ownedWorkspace_ || bytes > ownedWorkspaceBytes_) {
+    // A forward replaces its workspace's state, so nothing pending is lost
+    // when the block moves; a capture cannot allocate.
+    if (backend_->isRecording())
+      return Status(StatusCode::FailedPrecondition,
+                    "the executor's own workspace must grow to " +
+                        std::to_string(bytes) + " bytes (" + mib(bytes) +
+                        ") for this variant, which cannot happen while a "
+                        "graph is being recorded; run the variant once "
+                        "before recording, or give a workspace "
+                        "(flexExecutableSetWorkspace)");
+    void *grown = backend_->allocate(bytes, workspaceAlignment());
+    if (!grown)
       return Status(StatusCode::Internal, "cannot allocate a workspace of " +
-                                              std::to_string(workspaceBytes()) +
-                                              " bytes");
+                                              std::to_string(bytes) +
+                                              " bytes (" + mib(bytes) + ")");
+    if (ownedWorkspace_) {
+      forwardRecords_.erase(ownedWorkspace_);
+      backend_->deallocate(ownedWorkspace_);
+    }
+    ownedWorkspace_ = grown;
+    ownedWorkspaceBytes_ = bytes;
   }
   workspace_ = ownedWorkspace_;
   return Status::ok();
 }
 
-Status Executor::callWorkspace(const RunOptions &options,
-                               void *&workspace) const {
+Status Executor::callWorkspace(const RunOptions &options, void *&workspace,
+                               int64_t &available) const {
   workspace = workspace_;
+  available = givenWorkspaceBytes_ > 0 ? givenWorkspaceBytes_
+                                       : options_.maxWorkspaceBytes();
   if (!options.workspace)
     return Status::ok();
   if (Status status = checkWorkspace(options.workspace, options.workspaceBytes);
       !status)
     return status;
   workspace = options.workspace;
+  available = options.workspaceBytes;
   return Status::ok();
 }
 

@@ -407,6 +407,9 @@ void plan_detail::readPlan(const Json &root, Plan &plan) {
     }
     variant.predictedUs = readMicros(json, "predicted_us", path);
     variant.measuredUs = readMicros(json, "measured_us", path);
+    // Absent in plans from before per-variant workspaces: the whole one.
+    if (const Json *bytes = optionalField(json, "workspace_bytes"))
+      variant.workspaceBytes = asInt(*bytes, path + ".workspace_bytes");
     if (const Json *parallel = optionalField(json, "parallel")) {
       expectObject(*parallel, path + ".parallel");
       variant.parallelJson = parallel->dump();

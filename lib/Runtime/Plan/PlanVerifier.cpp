@@ -638,6 +638,32 @@ void checkLiveness(const Plan &plan, const Variant &variant,
     }
 }
 
+/// A variant's `workspace_bytes` holds every buffer its steps use: the
+/// runtime runs it on a workspace of just that size.
+void checkVariantWorkspace(const Plan &plan, size_t v, const DataFlow &flow) {
+  const Variant &variant = plan.variants[v];
+  if (!variant.workspaceBytes)
+    return;
+  const Workspace &ws = plan.workspace;
+  const int64_t bytes = *variant.workspaceBytes;
+  const std::string path =
+      "variants[" + std::to_string(v) + "].workspace_bytes";
+  if (bytes < 0 || bytes > ws.bytes)
+    fail(path, "variant '" + variant.name + "' needs " + std::to_string(bytes) +
+                   " workspace bytes, outside [0, workspace.bytes = " +
+                   std::to_string(ws.bytes) + "]");
+  for (size_t i = 0; i < ws.buffers.size(); ++i) {
+    const WorkspaceBuffer &buffer = ws.buffers[i];
+    if (flow.live[i].first < 0 || buffer.offset + buffer.numBytes() <= bytes)
+      continue;
+    fail(path, "variant '" + variant.name + "' uses buffer '" + buffer.name +
+                   "' [" + std::to_string(buffer.offset) + ", " +
+                   std::to_string(buffer.offset + buffer.numBytes()) +
+                   ") beyond its " + std::to_string(bytes) +
+                   " workspace bytes");
+  }
+}
+
 } // namespace
 
 void plan_detail::verify(const Plan &plan, const PlanCheckOptions &) {
@@ -670,6 +696,7 @@ void plan_detail::verify(const Plan &plan, const PlanCheckOptions &) {
                          backward, flow);
     }
     checkLiveness(plan, variant, flow);
+    checkVariantWorkspace(plan, v, flow);
   }
   // The facts backends are told (recorded by the compiler or derived by the
   // reader) are the ones the data flow gives.

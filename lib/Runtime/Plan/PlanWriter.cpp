@@ -129,6 +129,8 @@ std::string writePlan(const Plan &plan, int indent) {
         variant.predictedUs ? Json(*variant.predictedUs) : Json(nullptr);
     json["measured_us"] =
         variant.measuredUs ? Json(*variant.measuredUs) : Json(nullptr);
+    if (variant.workspaceBytes)
+      json["workspace_bytes"] = *variant.workspaceBytes;
     Json forward = Json::array(), backward = Json::array();
     for (const Step &step : variant.forward)
       forward.push_back(writeStep(plan, step));

@@ -218,6 +218,7 @@ FailureOr<Plan> flex::translateToRuntimePlan(moert::PlanOp planOp) {
   for (auto variantOp : planOp.getBody().getOps<moert::VariantOp>()) {
     Variant variant;
     variant.name = variantOp.getName().str();
+    variant.workspaceBytes = variantOp.getWorkspaceBytes();
     for (auto [region, steps] :
          {std::pair{&variantOp.getForward(), &variant.forward},
           std::pair{&variantOp.getBackward(), &variant.backward}}) {

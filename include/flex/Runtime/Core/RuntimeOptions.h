@@ -27,6 +27,7 @@
 #include "flex/Runtime/Status.h"
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -128,6 +129,19 @@ struct RuntimeOptions {
   /// against 5370; four streams 2746 and 5016). ("gemm_streams",
   /// FLEX_GEMM_STREAMS)
   int gemmStreams = 2;
+  /// The most the executor's own workspace may grow to, in MiB (0: no
+  /// bound). It grows to the largest variant run on it (each variant's
+  /// `workspace_bytes`), so a plan carrying a memory-hungry variant beside
+  /// lean ones (C3 dropless's padded layout: 14.8 GiB in training, against
+  /// 1.4 for ragged) pays for it only where it runs; with this bound, auto
+  /// leaves out the variants that need more, and naming one is an error. A
+  /// caller's workspace bounds the variants by its own size instead.
+  /// ("max_workspace_mib", FLEX_MAX_WORKSPACE_MIB)
+  int64_t maxWorkspaceMib = 0;
+  int64_t maxWorkspaceBytes() const {
+    return maxWorkspaceMib > 0 ? maxWorkspaceMib << 20
+                               : std::numeric_limits<int64_t>::max();
+  }
   /// NCCL communicators: the all_to_all transport; rank 0's choice holds
   /// for every rank. ("a2a_transport", FLEX_A2A_TRANSPORT)
   AllToAllTransport a2aTransport = AllToAllTransport::Nccl;

@@ -113,10 +113,29 @@ struct MoeRTPlanMemoryPass final
       interval.alloc.setOffsetAttr(builder.getI64IntegerAttr(interval.offset));
     int64_t total = llvm::alignTo(peak, alignment);
     plan.setWorkspaceBytesAttr(builder.getI64IntegerAttr(total));
+    // Each variant's own peak: the variants never run at once, so the
+    // placement above lets each start at offset 0, and a workspace of a
+    // variant's peak runs it (a plan carrying a memory-hungry layout beside
+    // a lean one costs the hungry one's bytes only where it runs).
+    std::string perVariant;
+    for (VariantOp variant : plan.getBody().getOps<VariantOp>()) {
+      int64_t variantPeak = 0;
+      variant.walk([&](Operation *step) {
+        for (Value operand : step->getOperands())
+          if (auto it = intervalOf.find(operand); it != intervalOf.end())
+            variantPeak =
+                std::max(variantPeak, intervals[it->second].offset +
+                                          intervals[it->second].bytes);
+      });
+      variantPeak = llvm::alignTo(variantPeak, alignment);
+      variant.setWorkspaceBytesAttr(builder.getI64IntegerAttr(variantPeak));
+      perVariant += (perVariant.empty() ? "" : ", ") + variant.getName().str() +
+                    " " + std::to_string(variantPeak);
+    }
     if (report)
       plan.emitRemark("workspace: ")
           << total << " bytes for " << intervals.size() << " buffers ("
-          << unshared << " bytes without reuse)";
+          << unshared << " bytes without reuse); per variant: " << perVariant;
   }
 };
 } // namespace

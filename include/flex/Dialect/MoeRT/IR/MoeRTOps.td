@@ -58,12 +58,16 @@ def MoeRT_VariantOp : MoeRT_Op<"variant", [HasParent<"PlanOp">, SingleBlock, NoT
   let summary = "one way to run the plan's layer: forward and backward steps";
   let description = [{
     `forward` and `backward` hold steps in the order the runtime runs them.
-    A plan for inference leaves `backward` empty.
+    A plan for inference leaves `backward` empty. `--moert-plan-memory` sets
+    `workspace_bytes`: the end of the last workspace buffer the variant's
+    steps use, so the runtime can run it on a workspace of that size.
   }];
-  let arguments = (ins StrAttr:$name);
+  let arguments = (ins StrAttr:$name,
+                   OptionalAttr<I64Attr>:$workspace_bytes);
   let regions = (region SizedRegion<1>:$forward, SizedRegion<1>:$backward);
   let assemblyFormat = [{
-    $name attr-dict-with-keyword `forward` $forward `backward` $backward
+    $name (`workspace_bytes` `=` $workspace_bytes^)? attr-dict-with-keyword
+    `forward` $forward `backward` $backward
   }];
 }
 
