@@ -203,6 +203,8 @@ const char *flexGetLastError(void);
  *   wgmma_tile            FLEX_WGMMA_TILE            auto / wide / pair /
  *                                                    cooperative / ping-pong
  *   gemm_streams          FLEX_GEMM_STREAMS          1..8 (default 2)
+ *   max_workspace_mib     FLEX_MAX_WORKSPACE_MIB     MiB the own workspace
+ *                                                    grows to (default 0: any)
  * Booleans also take true/false, on/off, yes/no. An object is passed where a
  * context or communicator is created and copied there; the environment
  * variables, when set and non-empty, override it when an executable or a
