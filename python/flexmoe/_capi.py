@@ -255,6 +255,14 @@ class Library:
         self.version = self.lib.flexGetVersion()
         self.version_string = self.lib.flexGetVersionString().decode()
         self.per_call_state = self._detect_per_call_state()
+        # Per-variant workspaces (a libflex.so from before them has none:
+        # every call then needs the plan's whole workspace).
+        self.run_workspace_size = getattr(self.lib,
+                                          "flexExecutableGetRunWorkspaceSize",
+                                          None)
+        if self.run_workspace_size is not None:
+            self.run_workspace_size.restype = _Status
+            self.run_workspace_size.argtypes = [_P, _I64P]
         self.compiler = None  # set by _compiler.install_compiler
         self.lock = threading.Lock()
 

@@ -327,6 +327,12 @@ class CompiledPlan:
         self.workspace_bytes = int(doc["workspace"]["bytes"])
         self.workspace_alignment = int(doc["workspace"]["alignment"])
         self.variants = [v["name"] for v in doc["variants"]]
+        # The bytes each variant runs on (docs/PlanFormat.md; the whole
+        # workspace in a plan from before per-variant workspaces).
+        self.variant_workspace_bytes = {
+            v["name"]: int(v.get("workspace_bytes", self.workspace_bytes))
+            for v in doc["variants"]
+        }
         self.world_size = int(doc.get("world", {}).get("size", 1))
 
 

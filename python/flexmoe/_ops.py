@@ -109,25 +109,22 @@ def _device_key(device):
     raise ValueError(f"flexmoe runs on cpu and cuda tensors, got {device}")
 
 
-def _workspace_size(plan):
-    # Room to align: torch's CPU allocator aligns to 64 bytes, plans ask for
-    # up to 256.
-    return plan.workspace_bytes + plan.workspace_alignment
-
-
 def _aligned(workspace, plan):
-    """The plan's workspace in `workspace`'s memory: its storage's first
+    """The forward's workspace in `workspace`'s memory: its storage's first
     address aligned to the plan's alignment (the same for the forward's
-    tensor and the zero-element view of it the backward gets)."""
+    tensor and the zero-element view of it the backward gets), and the
+    bytes from there (the runtime checks they hold the forward's variant)."""
     storage = workspace.untyped_storage()
-    if storage.nbytes() < _workspace_size(plan):
-        raise RuntimeError(
-            f"flexmoe: the saved state holds {storage.nbytes()} bytes, the "
-            f"plan's workspace needs {_workspace_size(plan)}; pass the third "
-            f"output of the forward op to the backward op unchanged")
     address = storage.data_ptr()
     align = plan.workspace_alignment
-    return (address + align - 1) // align * align
+    aligned = (address + align - 1) // align * align
+    nbytes = storage.nbytes() - (aligned - address)
+    if nbytes <= 0:
+        raise RuntimeError(
+            f"flexmoe: the saved state holds {storage.nbytes()} bytes, no "
+            f"workspace; pass the third output of the forward op to the "
+            f"backward op unchanged")
+    return aligned, nbytes
 
 
 def _stream(device):
@@ -267,16 +264,13 @@ class _Call:
     once, then kept in _calls (docs/Python.md, "The Python layer's
     overhead")."""
 
-    __slots__ = ("plan", "runner", "group", "comm", "workspace_size",
-                 "workspace_bytes", "align", "training", "noise", "cuda",
-                 "bindings")
+    __slots__ = ("plan", "runner", "group", "comm", "align", "training",
+                 "noise", "cuda", "bindings")
 
     def __init__(self, key, device):
         self.plan, self.runner = _runner(key, device)
         self.group = _parse_key(key)[1]
         self.comm = communicators.get(self.group) if self.group else None
-        self.workspace_size = _workspace_size(self.plan)
-        self.workspace_bytes = self.plan.workspace_bytes
         self.align = self.plan.workspace_alignment
         self.training = self.plan.spec.training
         self.noise = self.plan.spec.gate_noise != 0.0
@@ -337,7 +331,11 @@ def _forward_run(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     # under a dispatch mode (fake tensors) or a CUDA graph's private pool
     # would carry that mode or pool into every later call.
     l_aux = x.new_empty((), dtype=torch.float32)
-    workspace = x.new_empty(call.workspace_size, dtype=torch.uint8)
+    # The variant's workspace (each variant needs only its own part, asked
+    # once per variant), with room to align: torch's CPU allocator aligns
+    # to 64 bytes, plans ask for up to 256.
+    nbytes = call.runner.workspace_bytes(variant)
+    workspace = x.new_empty(nbytes + call.align, dtype=torch.uint8)
     if POISON_OUTPUTS:
         _poison((out, l_aux))
     kind = _optional_bits(w3, b1, b2)
@@ -353,13 +351,12 @@ def _forward_run(key, x, wg, w1, w2, w3, b1, b2, seed, variant):
     address = (workspace.data_ptr() + align - 1) // align * align
     if call.cuda:
         with torch.cuda.device(device):
-            call.runner.forward(bindings, addresses, sizes, address,
-                                call.workspace_bytes, _stream(device),
-                                seed_value, variant, call.training)
+            call.runner.forward(bindings, addresses, sizes, address, nbytes,
+                                _stream(device), seed_value, variant,
+                                call.training)
     else:
-        call.runner.forward(bindings, addresses, sizes, address,
-                            call.workspace_bytes, None, seed_value, variant,
-                            call.training)
+        call.runner.forward(bindings, addresses, sizes, address, nbytes, None,
+                            seed_value, variant, call.training)
     return out, l_aux, workspace
 
 
@@ -419,13 +416,11 @@ def _backward_impl(key, grad_out, grad_l_aux, x, wg, w1, w2, w3, b1, b2,
         workspace.record_stream(torch.cuda.current_stream(workspace.device))
         with torch.cuda.device(device):
             call.runner.backward(bindings, addresses, sizes,
-                                 _aligned(workspace, plan),
-                                 call.workspace_bytes, _stream(device),
+                                 *_aligned(workspace, plan), _stream(device),
                                  variant)
     else:
         call.runner.backward(bindings, addresses, sizes,
-                             _aligned(workspace, plan), call.workspace_bytes,
-                             None, variant)
+                             *_aligned(workspace, plan), None, variant)
     return grads
 
 

@@ -93,6 +93,20 @@ class Executable:
                 "flexExecutableSelectVariantByName")
             self.variant = name
 
+    def run_workspace_bytes(self, name):
+        """The workspace bytes a call of variant `name` ("" = the executor's
+        own choice) needs: the variant's own, or under auto the largest
+        within the option max_workspace_mib (docs/Runtime.md, "Workspaces
+        per variant"); the plan's whole workspace with an older library."""
+        size = self.lib.run_workspace_size
+        if size is None:
+            return None
+        self.select_variant(name)
+        nbytes = ctypes.c_int64()
+        self.check(size(self.handle, ctypes.byref(nbytes)),
+                   "flexExecutableGetRunWorkspaceSize")
+        return nbytes.value
+
     def set_workspace(self, address, nbytes):
         self.check(
             self.lib.lib.flexExecutableSetWorkspace(self.handle, address,
@@ -167,6 +181,7 @@ class Runner:
         self.free = []  # executables with no forward pending
         self.pending = collections.OrderedDict()  # workspace -> executable
         self.shared = self._new_executable() if self.per_call_state else None
+        self.sizes = {}  # workspace_bytes' by variant name
         # One options struct, refilled under the lock by each call (the
         # library reads it during the call only).
         self.options = (_capi.RunOptions(ctypes.sizeof(_capi.RunOptions))
@@ -174,6 +189,22 @@ class Runner:
                         _capi.RunOptionsV1(ctypes.sizeof(_capi.RunOptionsV1)))
         # Its address, as the C API's argument (kept alive by self.options).
         self.options_address = ctypes.addressof(self.options)
+
+    def workspace_bytes(self, variant):
+        """The workspace a call of `variant` needs (Executable.
+        run_workspace_bytes), asked once per variant name."""
+        nbytes = self.sizes.get(variant)
+        if nbytes is None:
+            with self.lock:
+                exe = self.shared or (self.free[-1] if self.free else None)
+                if exe is None:
+                    exe = self._new_executable()
+                    self.free.append(exe)
+                nbytes = exe.run_workspace_bytes(variant)
+            if nbytes is None:
+                nbytes = self.plan.workspace_bytes
+            self.sizes[variant] = nbytes
+        return nbytes
 
     def _new_executable(self):
         exe = Executable(self.ctx, self.plan)
@@ -214,7 +245,7 @@ class Runner:
                 self.shared.select_variant(variant)
                 self.shared.run(True, bindings, addresses, sizes, options)
                 return
-            exe = self._take(workspace, keep_state)
+            exe = self._take(workspace, nbytes, keep_state)
             exe.select_variant(variant)
             try:
                 exe.run(True, bindings, addresses, sizes, options)
@@ -225,7 +256,7 @@ class Runner:
             if not keep_state:
                 self.free.append(exe)
 
-    def _take(self, workspace, keep_state):
+    def _take(self, workspace, nbytes, keep_state):
         # A pending forward on this address is dead: its workspace was
         # freed, and torch's allocator handed the memory out again.
         dead = self.pending.pop(workspace, None)
@@ -235,7 +266,7 @@ class Runner:
             _, oldest = self.pending.popitem(last=False)
             self.free.append(oldest)
         exe = self.free.pop() if self.free else self._new_executable()
-        exe.set_workspace(workspace, nbytes_of(self.plan))
+        exe.set_workspace(workspace, nbytes)
         if keep_state:
             self.pending[workspace] = exe
         return exe
@@ -259,10 +290,6 @@ class Runner:
                 exe.run(False, bindings, addresses, sizes, options)
             finally:
                 self.free.append(exe)
-
-
-def nbytes_of(plan):
-    return plan.workspace_bytes
 
 
 _runners = {}

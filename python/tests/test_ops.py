@@ -290,3 +290,35 @@ def test_a_copied_saved_state_is_refused_saying_why():
     y, l_aux = layer(x)  # without the hook: trains
     (y.sum() + l_aux).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_each_variant_gets_its_own_workspace():
+    """A call naming a variant allocates that variant's workspace_bytes
+    (docs/Runtime.md, "Workspaces per variant"), auto the largest; each
+    computes the same layer, backward included, on its own workspace."""
+    layer = flexmoe.MoELayer(16, 24, 4, top_k=2, gated=True,
+                             activation="silu", capacity_factor=0.0,
+                             dtype=torch.bfloat16)
+    args = list(_op_args(layer, 20, True))
+    torch.manual_seed(7)
+    args[1] = torch.randn(20, 16, dtype=torch.bfloat16, requires_grad=True)
+    call = _ops._call(args[0], args[1].device)
+    plan = call.plan
+    assert len(plan.variants) > 1, plan.variants
+    # The gather-fused variants need no dispatched copy of x.
+    assert min(plan.variant_workspace_bytes.values()) < plan.workspace_bytes
+    results = {}
+    for name in [""] + plan.variants:
+        args[-1] = name
+        args[1].grad = None
+        y, l_aux, state = _ops.moe_forward(*args)
+        want = (plan.workspace_bytes if not name else
+                plan.variant_workspace_bytes[name])
+        assert want <= plan.workspace_bytes
+        assert state.untyped_storage().nbytes() == want + call.align, name
+        (y.float().square().sum() + 3 * l_aux).backward()
+        results[name] = (y.detach().float(), args[1].grad.float())
+    y0, g0 = results[""]
+    for name, (y, g) in results.items():
+        assert rel_l2(y, y0) < 2e-2, name
+        assert rel_l2(g, g0) < 5e-2, name
