@@ -533,6 +533,23 @@ FlexStatus flexExecutableFindArgument(FlexExecutable exe, const char *name,
   });
 }
 
+namespace {
+
+/// OUT_OF_RANGE naming `function` unless `index` is a variant of `exe`.
+FlexStatus checkVariantIndex(FlexExecutable exe, int64_t index,
+                             const char *function) {
+  int64_t count = static_cast<int64_t>(exe->plan->variants.size());
+  if (index >= 0 && index < count)
+    return FLEX_STATUS_OK;
+  return fail(FLEX_STATUS_OUT_OF_RANGE,
+              std::string(function) + ": variant index " +
+                  std::to_string(index) + " is out of range [0, " +
+                  std::to_string(count) + ")",
+              exe);
+}
+
+} // namespace
+
 FlexStatus flexExecutableGetWorkspaceSize(FlexExecutable exe, int64_t *bytes,
                                           int64_t *alignment) {
   const char *function = "flexExecutableGetWorkspaceSize";
@@ -552,13 +569,8 @@ FlexStatus flexExecutableGetVariantWorkspaceSize(FlexExecutable exe,
   return withExecutable(exe, function, [&]() -> FlexStatus {
     if (FlexStatus s = checkOut(bytes, function, "bytes"))
       return s;
-    int64_t count = static_cast<int64_t>(exe->plan->variants.size());
-    if (index < 0 || index >= count)
-      return fail(FLEX_STATUS_OUT_OF_RANGE,
-                  std::string(function) + ": variant index " +
-                      std::to_string(index) + " is out of range [0, " +
-                      std::to_string(count) + ")",
-                  exe);
+    if (FlexStatus s = checkVariantIndex(exe, index, function))
+      return s;
     *bytes = exe->executor->workspaceBytes(index);
     return FLEX_STATUS_OK;
   });
@@ -598,13 +610,8 @@ FlexStatus flexExecutableGetVariantName(FlexExecutable exe, int64_t index,
   return withExecutable(exe, function, [&]() -> FlexStatus {
     if (FlexStatus s = checkOut(name, function, "name"))
       return s;
-    int64_t count = static_cast<int64_t>(exe->plan->variants.size());
-    if (index < 0 || index >= count)
-      return fail(FLEX_STATUS_OUT_OF_RANGE,
-                  std::string(function) + ": variant index " +
-                      std::to_string(index) + " is out of range [0, " +
-                      std::to_string(count) + ")",
-                  exe);
+    if (FlexStatus s = checkVariantIndex(exe, index, function))
+      return s;
     *name = exe->plan->variants[index].name.c_str();
     return FLEX_STATUS_OK;
   });
