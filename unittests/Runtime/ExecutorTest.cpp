@@ -555,6 +555,9 @@ TEST(Executor, ChoosesAmongTheVariantsTheWorkspaceHolds) {
     if (plan->variantWorkspaceBytes(v) <= (limitMib << 20))
       largestFitting = std::max(largestFitting, plan->variantWorkspaceBytes(v));
   EXPECT_EQ(bounded->runWorkspaceBytes(), largestFitting);
+  // The choice made at creation already keeps to the bound.
+  EXPECT_LE(bounded->workspaceBytes(bounded->selectedVariant()),
+            limitMib << 20);
   for (int i = 0; i < 12; ++i) {
     ASSERT_TRUE(bounded->forward(bindings.data(), bindings.size()).isOk());
     ASSERT_TRUE(bounded->backward(bindings.data(), bindings.size()).isOk());

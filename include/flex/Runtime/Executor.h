@@ -61,8 +61,10 @@ struct RunOptions {
   /// ones replay. Also on with the executor's RuntimeOptions::cudaGraph
   /// (FLEX_CUDA_GRAPH=1).
   bool useGraph = false;
-  /// The workspace of this call: at least workspaceBytes(), aligned to
-  /// workspaceAlignment() (InvalidArgument otherwise); null = the executor's
+  /// The workspace of this call: at least minWorkspaceBytes() (on several
+  /// ranks workspaceBytes()), aligned to workspaceAlignment()
+  /// (InvalidArgument otherwise), running the variants that fit in
+  /// `workspaceBytes`; null = the executor's
   /// own (setWorkspace). A forward leaves its saved state in it and a record
   /// keyed by its address, so the backward given the same workspace computes
   /// the gradients of that forward, whatever ran on other workspaces in
@@ -209,7 +211,9 @@ public:
   int64_t workspaceBytes(int64_t variant) const {
     return plan_->variantWorkspaceBytes(static_cast<size_t>(variant));
   }
-  /// The smallest workspace some variant runs on.
+  /// The smallest workspace some variant runs on. On several ranks every
+  /// variant's (workspaceBytes()): the ranks' choice must agree, and one
+  /// rank's workspace size is not known to the others.
   int64_t minWorkspaceBytes() const;
   /// The workspace the next calls may need: the selected variant's when
   /// named, else the largest within max_workspace_mib (the smallest
@@ -374,10 +378,18 @@ private:
   void *workspace_ = nullptr;
   void *ownedWorkspace_ = nullptr;
   void *runWorkspace_ = nullptr;
-  /// The caller's workspace's size (setWorkspace; 0 while the executor's
-  /// own is used) and the bytes of the executor's own allocated so far.
+  /// Whether the caller's workspace is set (setWorkspace) and its size; the
+  /// bytes of the executor's own allocated so far, the blocks it outgrew
+  /// while a caller's graph may still use them (freed with the executor),
+  /// and whether a pass on it was recorded into a caller's graph.
+  bool givenWorkspace_ = false;
   int64_t givenWorkspaceBytes_ = 0;
   int64_t ownedWorkspaceBytes_ = 0;
+  std::vector<void *> retiredWorkspaces_;
+  bool ownedWorkspaceRecorded_ = false;
+  /// The bytes a variant may use on the executor's current workspace (the
+  /// caller's size, else max_workspace_mib); no bound on several ranks.
+  int64_t availableWorkspaceBytes() const;
   /// The pending forwards by workspace address (a workspace holds the state
   /// of one forward) and the age of the newest.
   std::unordered_map<const void *, ForwardRecord> forwardRecords_;

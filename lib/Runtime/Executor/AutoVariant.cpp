@@ -208,16 +208,19 @@ Status Executor::refineChoice(bool timed, int64_t available, int64_t &variant) {
   const int64_t count = static_cast<int64_t>(plan_->variants.size());
   auto fits = [&](int64_t v) { return workspaceBytes(v) <= available; };
   if (!fits(variant)) {
-    // The model's fastest among the variants the workspace holds (the
-    // workspace's size is the same on every rank: the plan's bytes).
+    // The model's fastest among the variants the workspace holds (one
+    // rank: on several, nothing is left out, availableWorkspaceBytes).
     int64_t best = -1;
     for (int64_t v = 0; v < count; ++v)
       if (fits(v) && (best < 0 || choice_.totalUs[v] < choice_.totalUs[best]))
         best = v;
     if (best < 0)
-      return checkVariantFits(variant, available,
-                              /*own=*/available ==
-                                  options_.maxWorkspaceBytes());
+      return Status(StatusCode::InvalidArgument,
+                    "no variant fits in the " + std::to_string(available) +
+                        " workspace bytes available (the smallest needs " +
+                        std::to_string(minWorkspaceBytes()) +
+                        "): raise max_workspace_mib or give a larger "
+                        "workspace");
     refineNote_ = "; '" + plan_->variants[variant].name + "' needs " +
                   std::to_string(workspaceBytes(variant)) +
                   " workspace bytes, more than the " +

@@ -264,6 +264,8 @@ Status Executor::makeGroupCommunicators() {
 Executor::~Executor() {
   if (ownedWorkspace_)
     backend_->deallocate(ownedWorkspace_);
+  for (void *retired : retiredWorkspaces_)
+    backend_->deallocate(retired);
 }
 
 Status Executor::create(std::shared_ptr<const Plan> plan,
@@ -296,7 +298,9 @@ Status Executor::create(std::shared_ptr<const Plan> plan,
   if (options.variant == "auto" ||
       (options.variant.empty() && result->plan().variants.size() > 1)) {
     result->automatic_ = true;
-    if (Status status = result->chooseVariant(); !status)
+    if (Status status =
+            result->chooseVariant(false, result->availableWorkspaceBytes());
+        !status)
       return status;
   } else if (!options.variant.empty()) {
     int64_t index = resolveVariant(result->plan(), options.variant);
@@ -336,7 +340,7 @@ Status Executor::selectVariant(int64_t index) {
 Status Executor::selectVariant(std::string_view name) {
   if (name == "auto") {
     automatic_ = true;
-    return chooseVariant();
+    return chooseVariant(false, availableWorkspaceBytes());
   }
   int64_t index = plan_->findVariant(name);
   if (index < 0) {
@@ -764,6 +768,13 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
         !status)
       return status;
 
+  // Inside a caller's capture the own workspace cannot grow (nor be freed
+  // later: the graph keeps its address), so auto keeps to what it holds.
+  if (!options.workspace && !givenWorkspace_ && backend_->isRecording()) {
+    ownedWorkspaceRecorded_ = true;
+    if (ownedWorkspace_ && plan_->worldSize == 1)
+      available = std::min(available, ownedWorkspaceBytes_);
+  }
   // The automatic choice, from quantities every rank agrees on.
   if (!backward && automatic_) {
     if (Status status = agreeOnProfile(); !status)
@@ -772,11 +783,15 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
       return status;
   }
   // The variant runs on the call's workspace only if it fits there; the
-  // executor's own grows to it.
-  const bool own = !options.workspace && givenWorkspaceBytes_ == 0;
+  // executor's own grows to it, in a forward (a backward's forward grew it).
+  const bool own = !options.workspace && !givenWorkspace_;
   const int64_t variant = backward ? record.variant : selected_;
   if (Status status = checkVariantFits(variant, available, own); !status)
     return status;
+  if (own && backward && workspaceBytes(variant) > ownedWorkspaceBytes_)
+    return Status(StatusCode::Internal,
+                  "the backward's variant '" + plan_->variants[variant].name +
+                      "' needs more than the executor's own workspace holds");
   if (own) {
     if (Status status = ensureWorkspace(workspaceBytes(variant)); !status)
       return status;

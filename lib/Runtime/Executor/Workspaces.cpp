@@ -45,8 +45,16 @@ std::string mib(int64_t bytes) {
 
 } // namespace
 
+int64_t Executor::availableWorkspaceBytes() const {
+  if (plan_->worldSize > 1)
+    return std::numeric_limits<int64_t>::max();
+  return givenWorkspace_ ? givenWorkspaceBytes_ : options_.maxWorkspaceBytes();
+}
+
 int64_t Executor::minWorkspaceBytes() const {
   int64_t least = workspaceBytes();
+  if (plan_->worldSize > 1)
+    return least;
   for (size_t v = 0; v < plan_->variants.size(); ++v)
     least = std::min(least, plan_->variantWorkspaceBytes(v));
   return least;
@@ -114,13 +122,14 @@ Status Executor::setWorkspace(void *data, int64_t bytes) {
   // caller replacing the workspace may reuse or free either memory.
   forwardRecords_.erase(workspace_);
   workspace_ = data ? data : ownedWorkspace_;
+  givenWorkspace_ = data != nullptr;
   givenWorkspaceBytes_ = data ? bytes : 0;
   forwardRecords_.erase(workspace_);
   return Status::ok();
 }
 
 Status Executor::ensureWorkspace(int64_t bytes) {
-  if (givenWorkspaceBytes_ > 0 || bytes == 0)
+  if (givenWorkspace_ || bytes == 0)
     return Status::ok();
   if (!ownedWorkspace_ || bytes > ownedWorkspaceBytes_) {
     // A forward replaces its workspace's state, so nothing pending is lost
@@ -140,8 +149,16 @@ Status Executor::ensureWorkspace(int64_t bytes) {
                                               " bytes (" + mib(bytes) + ")");
     if (ownedWorkspace_) {
       forwardRecords_.erase(ownedWorkspace_);
-      backend_->deallocate(ownedWorkspace_);
+      // A caller's graph recorded on the old block would replay into freed
+      // memory: such blocks live as long as the executor.
+      if (ownedWorkspaceRecorded_)
+        retiredWorkspaces_.push_back(ownedWorkspace_);
+      else
+        backend_->deallocate(ownedWorkspace_);
     }
+    // A record left at the new address (a freed caller workspace there) is
+    // not this workspace's.
+    forwardRecords_.erase(grown);
     ownedWorkspace_ = grown;
     ownedWorkspaceBytes_ = bytes;
   }
@@ -152,15 +169,15 @@ Status Executor::ensureWorkspace(int64_t bytes) {
 Status Executor::callWorkspace(const RunOptions &options, void *&workspace,
                                int64_t &available) const {
   workspace = workspace_;
-  available = givenWorkspaceBytes_ > 0 ? givenWorkspaceBytes_
-                                       : options_.maxWorkspaceBytes();
+  available = availableWorkspaceBytes();
   if (!options.workspace)
     return Status::ok();
   if (Status status = checkWorkspace(options.workspace, options.workspaceBytes);
       !status)
     return status;
   workspace = options.workspace;
-  available = options.workspaceBytes;
+  available = plan_->worldSize > 1 ? std::numeric_limits<int64_t>::max()
+                                   : options.workspaceBytes;
   return Status::ok();
 }
 
