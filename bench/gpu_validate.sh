@@ -47,6 +47,11 @@ for w in 1 0; do
   row g3d-glu-act-w$w g3_dropless.train single+glu+act_backward FLEX_WGMMA=$w
 done
 row c3d-single-device c3_dropless.train single FLEX_GROUPED_GEMM=device
+# Workspaces per variant on the device: auto over the C3 dropless layouts
+# with the own workspace bounded to 2 GiB (padded's 14.8 left out; the
+# ragged and aligned ones explored), then padded alone (the whole).
+ROW_ITERS=20 row c3d-layouts-auto-2g c3_dropless_layouts.train auto FLEX_MAX_WORKSPACE_MIB=2048
+row c3d-layouts-padded c3_dropless_layouts.train padded
 # The aligned layout's blocks: cublasGemmBatchedEx against cuBLASLt's
 # pointer-array matmul and its heuristic's algorithms, beside the padded batch.
 timeout 120 "$B/bin/flex-gemm-bench" --iters 10 --only c3_random > "$LOGS/gemm-bench.log" 2>&1
