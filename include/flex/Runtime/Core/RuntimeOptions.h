@@ -135,8 +135,9 @@ struct RuntimeOptions {
   /// lean ones (C3 dropless's padded layout: 14.8 GiB in training, against
   /// 1.4 for ragged) pays for it only where it runs; with this bound, auto
   /// leaves out the variants that need more, and naming one is an error. A
-  /// caller's workspace bounds the variants by its own size instead.
-  /// ("max_workspace_mib", FLEX_MAX_WORKSPACE_MIB)
+  /// caller's workspace bounds the variants by its own size instead. One-
+  /// rank plans only: on several ranks the choice must agree, so nothing
+  /// is left out. ("max_workspace_mib", FLEX_MAX_WORKSPACE_MIB)
   int64_t maxWorkspaceMib = 0;
   int64_t maxWorkspaceBytes() const {
     return maxWorkspaceMib > 0 ? maxWorkspaceMib << 20
