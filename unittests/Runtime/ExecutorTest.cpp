@@ -470,6 +470,20 @@ TEST(Executor, RunsEachVariantOnItsOwnWorkspace) {
   EXPECT_EQ(executor->ownedWorkspaceBytes(), plan->workspace.bytes);
   runAndCompare(plan, ragged, 24, 1e-5, executor.get());
   EXPECT_EQ(executor->ownedWorkspaceBytes(), plan->workspace.bytes);
+  // Under auto (no bound) the first forward allocates every variant's
+  // bytes, so later choices never allocate (a caller's capture included).
+  std::unique_ptr<Executor> automatic = makeExecutor(plan);
+  ASSERT_TRUE(automatic->automaticVariant());
+  EXPECT_EQ(automatic->runWorkspaceBytes(), plan->workspace.bytes);
+  Buffers buffers(*plan);
+  reference::LayerInputs inputs = makeInputs(plan->layer, 25);
+  buffers.set("x", inputs.x);
+  buffers.set("wg", inputs.wg);
+  buffers.set("w1", inputs.w1);
+  buffers.set("w2", inputs.w2);
+  std::vector<Binding> bindings = buffers.bindings();
+  ASSERT_TRUE(automatic->forward(bindings.data(), bindings.size()).isOk());
+  EXPECT_EQ(automatic->ownedWorkspaceBytes(), plan->workspace.bytes);
 }
 
 TEST(Executor, ChoosesAmongTheVariantsTheWorkspaceHolds) {

@@ -224,8 +224,8 @@ public:
   /// with null go back to a runtime-allocated one. Drops the pending forward
   /// of the old and the new workspace.
   Status setWorkspace(void *data, int64_t bytes);
-  /// Bytes of the executor's own workspace allocated so far (it grows to
-  /// the largest variant run on it, up to max_workspace_mib).
+  /// Bytes of the executor's own workspace allocated so far: at a forward,
+  /// at least runWorkspaceBytes() (it never shrinks).
   int64_t ownedWorkspaceBytes() const { return ownedWorkspaceBytes_; }
 
   /// Forwards whose backward has not run yet, one per workspace; beyond this

@@ -770,7 +770,9 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
 
   // Inside a caller's capture the own workspace cannot grow (nor be freed
   // later: the graph keeps its address), so auto keeps to what it holds.
-  if (!options.workspace && !givenWorkspace_ && backend_->isRecording()) {
+  const bool recording =
+      !options.workspace && !givenWorkspace_ && backend_->isRecording();
+  if (recording) {
     ownedWorkspaceRecorded_ = true;
     if (ownedWorkspace_ && plan_->worldSize == 1)
       available = std::min(available, ownedWorkspaceBytes_);
@@ -782,8 +784,11 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
     if (Status status = chooseVariant(options.timeSteps, available); !status)
       return status;
   }
-  // The variant runs on the call's workspace only if it fits there; the
-  // executor's own grows to it, in a forward (a backward's forward grew it).
+  // The variant runs on the call's workspace only if it fits there. The
+  // executor's own holds what the next calls may run (runWorkspaceBytes:
+  // under auto every variant within max_workspace_mib, so auto switches
+  // without allocating, in a caller's capture too), and grows in a forward
+  // when a bigger variant is named (a backward's forward grew it).
   const bool own = !options.workspace && !givenWorkspace_;
   const int64_t variant = backward ? record.variant : selected_;
   if (Status status = checkVariantFits(variant, available, own); !status)
@@ -793,7 +798,11 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
                   "the backward's variant '" + plan_->variants[variant].name +
                       "' needs more than the executor's own workspace holds");
   if (own) {
-    if (Status status = ensureWorkspace(workspaceBytes(variant)); !status)
+    const int64_t bytes =
+        backward || recording
+            ? workspaceBytes(variant)
+            : std::max(workspaceBytes(variant), runWorkspaceBytes());
+    if (Status status = ensureWorkspace(bytes); !status)
       return status;
     workspace = workspace_;
   }
