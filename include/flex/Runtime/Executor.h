@@ -217,7 +217,7 @@ public:
   int64_t minWorkspaceBytes() const;
   /// The workspace the next calls may need: the selected variant's when
   /// named, else the largest within max_workspace_mib (the smallest
-  /// variant's when none is).
+  /// variant's when none is); on several ranks the whole workspace.
   int64_t runWorkspaceBytes() const;
   /// Use the caller's workspace (at least minWorkspaceBytes(), aligned to
   /// workspaceAlignment(), alive until replaced or the executor is gone), or

@@ -61,15 +61,15 @@ int64_t Executor::minWorkspaceBytes() const {
 }
 
 int64_t Executor::runWorkspaceBytes() const {
+  // Several ranks: a workspace holds every variant (minWorkspaceBytes).
+  if (plan_->worldSize > 1)
+    return workspaceBytes();
   if (!automatic_)
     return workspaceBytes(selected_);
-  const int64_t bound = plan_->worldSize > 1
-                            ? std::numeric_limits<int64_t>::max()
-                            : options_.maxWorkspaceBytes();
   int64_t largest = -1;
   for (size_t v = 0; v < plan_->variants.size(); ++v) {
     const int64_t bytes = plan_->variantWorkspaceBytes(v);
-    if (bytes <= bound)
+    if (bytes <= options_.maxWorkspaceBytes())
       largest = std::max(largest, bytes);
   }
   return largest >= 0 ? largest : minWorkspaceBytes();
