@@ -189,6 +189,8 @@ struct LayerRun {
   int64_t variant = 0;
   const char *variantName = nullptr;
   bool automatic = false;
+  /// The workspace that variant runs on, and the one every variant fits.
+  int64_t variantWorkspaceBytes = 0, planWorkspaceBytes = 0;
   /// Timed passes that replayed a recorded graph, of the timed ones.
   int64_t forwardReplays = 0, backwardReplays = 0;
   /// Auto's last call measured a variant it explores rather than running

@@ -85,6 +85,8 @@ void printJson(const Options &options, const LayerRun &run) {
   out["variant"] = run.variantName;
   out["variant_auto"] = run.automatic;
   out["auto_exploring"] = run.exploring;
+  out["workspace_bytes"] = run.variantWorkspaceBytes;
+  out["plan_workspace_bytes"] = run.planWorkspaceBytes;
   if (options.explain)
     out["explain"] = nlohmann::ordered_json::parse(run.explainJson);
   out["iters"] = options.iters;
@@ -249,6 +251,10 @@ void printText(const Options &options, const LayerRun &run) {
       static_cast<long long>(run.warmup),
       static_cast<unsigned long long>(options.seed), options.device.c_str(),
       options.graph ? " (graph)" : "");
+  std::printf("memory   workspace %.1f MiB for this variant (%.1f MiB holds "
+              "every variant)\n",
+              static_cast<double>(run.variantWorkspaceBytes) / (1 << 20),
+              static_cast<double>(run.planWorkspaceBytes) / (1 << 20));
   if (ranks.size > 1)
     std::printf("ranks    %d (MPI); times are the largest over ranks, the "
                 "check the worst rank's\n",

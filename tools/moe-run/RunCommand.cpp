@@ -233,6 +233,12 @@ void readVariant(LayerRun &run) {
   checkApi(flexExecutableGetSelectedVariant(run.exe, &run.variant), "variant");
   checkApi(flexExecutableGetVariantName(run.exe, run.variant, &run.variantName),
            "name");
+  checkApi(flexExecutableGetVariantWorkspaceSize(run.exe, run.variant,
+                                                 &run.variantWorkspaceBytes),
+           "workspace size");
+  checkApi(
+      flexExecutableGetWorkspaceSize(run.exe, &run.planWorkspaceBytes, nullptr),
+      "workspace size");
   char *json = nullptr;
   checkApi(flexExecutableExplain(run.exe, &json), "explain");
   run.explainJson = json;
