@@ -378,18 +378,26 @@ private:
   void *workspace_ = nullptr;
   void *ownedWorkspace_ = nullptr;
   void *runWorkspace_ = nullptr;
-  /// Whether the caller's workspace is set (setWorkspace) and its size; the
-  /// bytes of the executor's own allocated so far, the blocks it outgrew
-  /// while a caller's graph may still use them (freed with the executor),
-  /// and whether a pass on it was recorded into a caller's graph.
-  bool givenWorkspace_ = false;
-  int64_t givenWorkspaceBytes_ = 0;
+  /// The caller's workspace's size (setWorkspace; none while the
+  /// executor's own is used); the bytes of the executor's own allocated so
+  /// far, the blocks it outgrew while a caller's graph may still use them
+  /// (freed with the executor), and whether a pass on it was recorded into
+  /// a caller's graph.
+  std::optional<int64_t> givenWorkspaceBytes_;
   int64_t ownedWorkspaceBytes_ = 0;
   std::vector<void *> retiredWorkspaces_;
   bool ownedWorkspaceRecorded_ = false;
   /// The bytes a variant may use on the executor's current workspace (the
-  /// caller's size, else max_workspace_mib); no bound on several ranks.
+  /// caller's size, else max_workspace_mib).
   int64_t availableWorkspaceBytes() const;
+  /// Whether a workspace's size narrows the variants it runs: on one rank;
+  /// on several the choice must agree while one rank's sizes are unknown to
+  /// the others, so there a workspace holds every variant.
+  bool sizeNarrowsVariants() const { return plan_->worldSize == 1; }
+  /// `bytes` as a bound on the variants (none where the size narrows none).
+  int64_t variantBound(int64_t bytes) const {
+    return sizeNarrowsVariants() ? bytes : std::numeric_limits<int64_t>::max();
+  }
   /// The pending forwards by workspace address (a workspace holds the state
   /// of one forward) and the age of the newest.
   std::unordered_map<const void *, ForwardRecord> forwardRecords_;

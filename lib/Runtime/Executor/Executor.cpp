@@ -771,11 +771,11 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
   // Inside a caller's capture the own workspace cannot grow (nor be freed
   // later: the graph keeps its address), so auto keeps to what it holds.
   const bool recording =
-      !options.workspace && !givenWorkspace_ && backend_->isRecording();
+      !options.workspace && !givenWorkspaceBytes_ && backend_->isRecording();
   if (recording) {
     ownedWorkspaceRecorded_ = true;
-    if (ownedWorkspace_ && plan_->worldSize == 1)
-      available = std::min(available, ownedWorkspaceBytes_);
+    if (ownedWorkspace_)
+      available = std::min(available, variantBound(ownedWorkspaceBytes_));
   }
   // The automatic choice, from quantities every rank agrees on.
   if (!backward && automatic_) {
@@ -789,7 +789,7 @@ Status Executor::run(bool backward, const Binding *bindings, size_t count,
   // under auto every variant within max_workspace_mib, so auto switches
   // without allocating, in a caller's capture too), and grows in a forward
   // when a bigger variant is named (a backward's forward grew it).
-  const bool own = !options.workspace && !givenWorkspace_;
+  const bool own = !options.workspace && !givenWorkspaceBytes_;
   const int64_t variant = backward ? record.variant : selected_;
   if (Status status = checkVariantFits(variant, available, own); !status)
     return status;

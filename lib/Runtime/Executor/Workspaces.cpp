@@ -46,23 +46,19 @@ std::string mib(int64_t bytes) {
 } // namespace
 
 int64_t Executor::availableWorkspaceBytes() const {
-  if (plan_->worldSize > 1)
-    return std::numeric_limits<int64_t>::max();
-  return givenWorkspace_ ? givenWorkspaceBytes_ : options_.maxWorkspaceBytes();
+  return variantBound(
+      givenWorkspaceBytes_.value_or(options_.maxWorkspaceBytes()));
 }
 
 int64_t Executor::minWorkspaceBytes() const {
   int64_t least = workspaceBytes();
-  if (plan_->worldSize > 1)
-    return least;
   for (size_t v = 0; v < plan_->variants.size(); ++v)
     least = std::min(least, plan_->variantWorkspaceBytes(v));
-  return least;
+  return sizeNarrowsVariants() ? least : workspaceBytes();
 }
 
 int64_t Executor::runWorkspaceBytes() const {
-  // Several ranks: a workspace holds every variant (minWorkspaceBytes).
-  if (plan_->worldSize > 1)
+  if (!sizeNarrowsVariants())
     return workspaceBytes();
   if (!automatic_)
     return workspaceBytes(selected_);
@@ -125,14 +121,13 @@ Status Executor::setWorkspace(void *data, int64_t bytes) {
   // caller replacing the workspace may reuse or free either memory.
   forwardRecords_.erase(workspace_);
   workspace_ = data ? data : ownedWorkspace_;
-  givenWorkspace_ = data != nullptr;
-  givenWorkspaceBytes_ = data ? bytes : 0;
+  givenWorkspaceBytes_ = data ? std::optional<int64_t>(bytes) : std::nullopt;
   forwardRecords_.erase(workspace_);
   return Status::ok();
 }
 
 Status Executor::ensureWorkspace(int64_t bytes) {
-  if (givenWorkspace_ || bytes == 0)
+  if (givenWorkspaceBytes_ || bytes == 0)
     return Status::ok();
   if (!ownedWorkspace_ || bytes > ownedWorkspaceBytes_) {
     // A forward replaces its workspace's state, so nothing pending is lost
@@ -179,8 +174,7 @@ Status Executor::callWorkspace(const RunOptions &options, void *&workspace,
       !status)
     return status;
   workspace = options.workspace;
-  available = plan_->worldSize > 1 ? std::numeric_limits<int64_t>::max()
-                                   : options.workspaceBytes;
+  available = variantBound(options.workspaceBytes);
   return Status::ok();
 }
 
