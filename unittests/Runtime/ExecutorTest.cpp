@@ -80,6 +80,17 @@ struct Buffers {
       values[i] = loadValue(data.at(name), a.dtype, i);
     return values;
   }
+  /// The layer's inputs and parameters the plan has (x, wg, w1, b1, w2, b2,
+  /// w3).
+  void setInputs(const reference::LayerInputs &inputs) {
+    set("x", inputs.x);
+    set("wg", inputs.wg);
+    set("w1", inputs.w1);
+    set("b1", inputs.b1);
+    set("w2", inputs.w2);
+    set("b2", inputs.b2);
+    set("w3", inputs.w3);
+  }
   /// NaN in every output, so an element no step writes cannot pass.
   void poison(ArgumentRole role) {
     for (const Argument &a : plan.arguments)
@@ -136,13 +147,7 @@ void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
   double gradLAux = 0.5;
 
   Buffers buffers(*plan);
-  buffers.set("x", inputs.x);
-  buffers.set("wg", inputs.wg);
-  buffers.set("w1", inputs.w1);
-  buffers.set("b1", inputs.b1);
-  buffers.set("w2", inputs.w2);
-  buffers.set("b2", inputs.b2);
-  buffers.set("w3", inputs.w3);
+  buffers.setInputs(inputs);
   buffers.set("grad_out", gradOut);
   buffers.set("grad_l_aux", {gradLAux});
   buffers.poison(ArgumentRole::Output);
@@ -338,12 +343,7 @@ TEST(Executor, BackwardRunsTheVariantOfItsForward) {
   std::unique_ptr<Executor> executor = makeExecutor(plan);
   Buffers buffers(*plan);
   reference::LayerInputs inputs = makeInputs(plan->layer, 9);
-  buffers.set("x", inputs.x);
-  buffers.set("wg", inputs.wg);
-  buffers.set("w1", inputs.w1);
-  buffers.set("b1", inputs.b1);
-  buffers.set("w2", inputs.w2);
-  buffers.set("b2", inputs.b2);
+  buffers.setInputs(inputs);
   std::vector<Binding> bindings = buffers.bindings();
   ASSERT_TRUE(executor->selectVariant("ragged").isOk());
   ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
@@ -412,12 +412,7 @@ TEST(Executor, UsesTheCallersWorkspace) {
 
   Buffers buffers(*plan);
   reference::LayerInputs inputs = makeInputs(plan->layer, 11);
-  buffers.set("x", inputs.x);
-  buffers.set("wg", inputs.wg);
-  buffers.set("w1", inputs.w1);
-  buffers.set("b1", inputs.b1);
-  buffers.set("w2", inputs.w2);
-  buffers.set("b2", inputs.b2);
+  buffers.setInputs(inputs);
   std::vector<Binding> bindings = buffers.bindings();
   ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
   std::vector<double> withCallers = buffers.get("out");
@@ -477,10 +472,7 @@ TEST(Executor, RunsEachVariantOnItsOwnWorkspace) {
   EXPECT_EQ(automatic->runWorkspaceBytes(), plan->workspace.bytes);
   Buffers buffers(*plan);
   reference::LayerInputs inputs = makeInputs(plan->layer, 25);
-  buffers.set("x", inputs.x);
-  buffers.set("wg", inputs.wg);
-  buffers.set("w1", inputs.w1);
-  buffers.set("w2", inputs.w2);
+  buffers.setInputs(inputs);
   std::vector<Binding> bindings = buffers.bindings();
   ASSERT_TRUE(automatic->forward(bindings.data(), bindings.size()).isOk());
   EXPECT_EQ(automatic->ownedWorkspaceBytes(), plan->workspace.bytes);
@@ -499,10 +491,7 @@ TEST(Executor, ChoosesAmongTheVariantsTheWorkspaceHolds) {
       (alignment - reinterpret_cast<uintptr_t>(storage.data()) % alignment);
   Buffers buffers(*plan);
   reference::LayerInputs inputs = makeInputs(plan->layer, 31);
-  buffers.set("x", inputs.x);
-  buffers.set("wg", inputs.wg);
-  buffers.set("w1", inputs.w1);
-  buffers.set("w2", inputs.w2);
+  buffers.setInputs(inputs);
   std::vector<Binding> bindings = buffers.bindings();
 
   // Auto on a per-call workspace of ragged's size: only ragged fits, so
@@ -594,11 +583,7 @@ TEST(Executor, NonFiniteInputs) {
   reference::LayerInputs inputs = makeInputs(plan->layer, 12);
   inputs.x[5 * plan->layer.modelDim + 3] =
       std::numeric_limits<double>::quiet_NaN();
-  buffers.set("x", inputs.x);
-  buffers.set("wg", inputs.wg);
-  buffers.set("w1", inputs.w1);
-  buffers.set("w2", inputs.w2);
-  buffers.set("w3", inputs.w3);
+  buffers.setInputs(inputs);
   std::vector<Binding> bindings = buffers.bindings();
 
   ASSERT_TRUE(executor->forward(bindings.data(), bindings.size()).isOk());
