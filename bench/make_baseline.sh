@@ -20,14 +20,23 @@ git archive HEAD | tar -x -C bench/baseline
 rm -rf bench/baseline/bench/results
 mkdir -p bench/baseline/bench/plans
 cp bench/plans/*.json bench/baseline/bench/plans/
-# C3 dropless with every expert-row layout as a variant (the padded one
+# Dropless layers with expert-row layouts as variants (the padded one
 # batches its GEMMs over E x C, C the largest expert's rows; the aligned one
-# over 128-row blocks).
+# over 128-row blocks): C3 with all three, G3 and the decode layers with
+# ragged and aligned (what a one-rank layout=auto would carry).
+layout_plan() { # layer mode layouts
+  local training=false
+  [[ $2 == train ]] && training=true
+  "${BUILD_DIR}/bin/moe-opt" "bench/layers/$1.mlir" \
+    --moe-lower-to-plan="training=$training layouts=$3" |
+    "${BUILD_DIR}/bin/moe-translate" --moert-to-plan \
+      > "bench/baseline/bench/plans/$1_layouts.$2.json"
+}
+BUILD_DIR="${1:-$root/build}"
 for mode in infer train; do
-  training=false; [[ $mode == train ]] && training=true
-  "${1:-$root/build}/bin/moe-opt" bench/layers/c3_dropless.mlir \
-    --moe-lower-to-plan="training=$training layouts=padded,ragged,aligned" |
-    "${1:-$root/build}/bin/moe-translate" --moert-to-plan \
-      > bench/baseline/bench/plans/c3_dropless_layouts.$mode.json
+  layout_plan c3_dropless $mode padded,ragged,aligned
+  layout_plan g3_dropless $mode ragged,aligned
 done
+layout_plan d1_dropless infer ragged,aligned
+layout_plan d2_dropless infer ragged,aligned
 echo "bench/baseline: $(git rev-parse --short HEAD), $(ls bench/baseline/bench/plans | wc -l) plans, $(du -sh bench/baseline | cut -f1)"

@@ -19,6 +19,8 @@
 // layer pays it). The paths' outputs are compared (relative L2 <= 2e-2, else
 // exit 1). glu1 rows time the gated first layer: the fused
 // grouped_gemm_glu kernel against two GEMMs and the glu on each other path.
+// Each timed configuration is an NVTX range named shape.op.config
+// ("c3.fc1.batched", "c3.fc1.wgmma 128x256"), for ncu --nvtx-include.
 //
 //===----------------------------------------------------------------------===//
 
@@ -193,10 +195,17 @@ double copyBandwidth() {
   return 2.0 * bytes / median(times);
 }
 
+/// What is being timed: the shape and op ("c3.fc1"), set per op; each timed
+/// configuration's NVTX range is this, a dot and its own name.
+std::string profileScope;
+
 /// Median host microseconds of `body` (queued on the context's stream) from
-/// the call to the end of the stream, after 3 warm-up calls.
+/// the call to the end of the stream, after 3 warm-up calls, inside the NVTX
+/// range profileScope.`what` (ncu: --nvtx --nvtx-include "c3.fc1.batched/").
 template <typename Body>
-double hostMicros(cuda::KernelContext &ctx, int iters, Body &&body) {
+double hostMicros(cuda::KernelContext &ctx, int iters, const std::string &what,
+                  Body &&body) {
+  const flex::bench::ProfileRange range(profileScope + "." + what);
   std::vector<double> t;
   for (int i = 0; i < iters + 3; ++i) {
     FLEX_BENCH_CHECK(cudaStreamSynchronize(ctx.stream()));
@@ -209,6 +218,15 @@ double hostMicros(cuda::KernelContext &ctx, int iters, Body &&body) {
                       .count());
   }
   return median(t);
+}
+
+/// A path's name in the NVTX ranges: device, cublas, grouped, batched.
+std::string pathName(GroupedGemmPath path, bool batched) {
+  if (batched)
+    return path == GroupedGemmPath::Device ? "device_static" : "batched";
+  return path == GroupedGemmPath::Device          ? "device"
+         : path == GroupedGemmPath::CublasGrouped ? "grouped"
+                                                  : "cublas";
 }
 
 /// One shape's routing: its row counts on the host and the device.
@@ -257,7 +275,7 @@ bool tileRow(cuda::KernelContext &ctx, int iters, double flops, const void *out,
     if (tile >= cuda::detail::DeviceTiles::Hopper &&
         !cuda::detail::hopperGroupedGemmRuns(ctx))
       continue;
-    const double us = hostMicros(ctx, iters, [&] { return run(tile); });
+    const double us = hostMicros(ctx, iters, name, [&] { return run(tile); });
     const double e = relativeError(out, reference, count);
     std::printf("  %s %.1f us (%.0f TF/s)%s", name, us, flops / us / 1e6,
                 e <= 2e-2 ? "" : " MISMATCH");
@@ -280,14 +298,14 @@ bool benchFusedEpilogue(cuda::KernelContext &ctx, const Routed &r,
     return true;
   DeviceArray bias(2 * r.experts * n);
   fillRandom(bias.data, r.experts * n, rng, 0.5);
-  const double fusedUs = hostMicros(ctx, iters, [&] {
+  const double fusedUs = hostMicros(ctx, iters, "bias_relu_fused", [&] {
     cuda::detail::DeviceGemmEpilogue epilogue{true, bias.data, nullptr,
                                               Epilogue::Relu, 1.0f};
     return cuda::detail::deviceGroupedGemm(
         ctx, a, b, fused, dt, k, n, r.space, false, false,
         cuda::detail::DeviceTiles::Auto, {}, epilogue);
   });
-  const double passUs = hostMicros(ctx, iters, [&] {
+  const double passUs = hostMicros(ctx, iters, "bias_relu_pass", [&] {
     if (Status st = cuda::detail::deviceGroupedGemm(ctx, a, b, product, dt, k,
                                                     n, r.space, false, false);
         !st)
@@ -327,7 +345,7 @@ void paddedToLargestRow(cuda::KernelContext &ctx, const Routed &r,
   space.rows = static_cast<const int32_t *>(rows.data);
   space.rowBound = E * largest;
   space.staticCapacity = largest;
-  const double us = hostMicros(ctx, iters, [&] {
+  const double us = hostMicros(ctx, iters, "padded", [&] {
     return cuda::detail::groupedGemmWith(ctx, {a.data, dt}, {b, dt}, {},
                                          {out.data, dt}, k, n, space, options,
                                          {}, GroupedGemmPath::Cublas);
@@ -412,7 +430,8 @@ bool ltPointerArrayBlocks(cuda::KernelContext &ctx,
   for (int i = 0; ready && i < found; ++i) {
     if (results[i].state != CUBLAS_STATUS_SUCCESS)
       continue;
-    const double us = hostMicros(ctx, iters, [&] { return matmul(i); });
+    const double us = hostMicros(ctx, iters, "lt_algo" + std::to_string(i),
+                                 [&] { return matmul(i); });
     if (i == 0)
       first = us;
     if (bestIndex < 0 || us < best) {
@@ -489,11 +508,13 @@ bool alignedBlocksRow(cuda::KernelContext &ctx, const Routed &r, const void *a,
   GroupedGemmOptions relu = options;
   relu.epilogue = Epilogue::Relu;
   auto time = [&](const GroupedGemmOptions &with) {
-    return hostMicros(ctx, iters, [&] {
-      return cuda::detail::groupedGemmWith(ctx, {aligned.data, dt}, {b, dt}, {},
-                                           {out.data, dt}, k, n, space, with,
-                                           {}, GroupedGemmPath::Auto);
-    });
+    return hostMicros(
+        ctx, iters,
+        with.epilogue == Epilogue::Relu ? "aligned_relu" : "aligned", [&] {
+          return cuda::detail::groupedGemmWith(ctx, {aligned.data, dt}, {b, dt},
+                                               {}, {out.data, dt}, k, n, space,
+                                               with, {}, GroupedGemmPath::Auto);
+        });
   };
   const double withRelu = options.transB ? NAN : time(relu);
   const double bare = time(options);
@@ -575,7 +596,8 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
                                          path);
   };
   auto time = [&](GroupedGemmPath path, bool batched, void *out) {
-    return hostMicros(ctx, iters, [&] { return call(path, batched, out); });
+    return hostMicros(ctx, iters, pathName(path, batched),
+                      [&] { return call(path, batched, out); });
   };
   std::string reason;
   if (!cuda::detail::deviceGroupedGemmApplies(
@@ -684,7 +706,7 @@ bool benchGlu(cuda::KernelContext &ctx, const Shape &s, const Routed &r,
     cuda::ExpertRowSpace sp = r.space;
     if (batched)
       sp.staticCapacity = r.rows[0];
-    return hostMicros(ctx, iters, [&] {
+    return hostMicros(ctx, iters, pathName(path, batched), [&] {
       ++ctx.generation; // a new routing: the cuBLAS paths read it again
       return cuda::detail::groupedGemmGluWith(
           ctx, {a.data, dt}, {bGate.data, dt}, {bUp.data, dt}, {out, dt}, k, n,
@@ -791,11 +813,13 @@ int run(int iters, const std::string &only) {
         ("," + only + ",").find("," + s.name + ",") == std::string::npos)
       continue;
     const Routed routed(s, rng);
-    for (Op op : s.ops)
+    for (Op op : s.ops) {
+      profileScope = s.name + "." + opName(op);
       ok = (op == Op::Glu
                 ? benchGlu(*ctx, s, routed, iters, copyBytesPerS, rng)
                 : benchOp(*ctx, s, routed, op, iters, copyBytesPerS, rng)) &&
            ok;
+    }
   }
   std::printf("\nfloor: the touched experts' weight bytes read once at the "
               "copy's memory throughput (bytes read + written per second).\n");
