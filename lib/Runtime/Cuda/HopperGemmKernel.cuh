@@ -47,17 +47,33 @@
 
 namespace flex::cuda::hopper {
 
-template <int BN, int Stages> struct Layout {
+/// A consumer warp's staging area for a staged store: 16 rows x 64 fp32
+/// columns (4 KB), so the 8 consumer warps take 32 KB.
+constexpr int kStagingRows = 16, kStagingColumns = 64;
+constexpr int kStagingBytes = 8 * kStagingRows * kStagingColumns * 4;
+/// The most dynamic shared memory a CTA may ask for on sm_90 (227 KB).
+constexpr int kMaxSharedBytes = 232448;
+
+template <int BN, int Stages, bool Staged = false> struct Layout {
   static constexpr int ABytes = kTileM * kTileK * 2;
   static constexpr int BBytes = BN * kTileK * 2;
   static constexpr int StageBytes = ABytes + BBytes;
-  /// Stages, then the full and empty barriers and the ping-pong order's
-  /// two; 1024 bytes of slack to align the stages to the swizzle's
-  /// 1024-byte period.
+  static constexpr int StagingBytes = Staged ? kStagingBytes : 0;
+  /// Stages, the consumer warps' staging areas (a staged store), then the
+  /// full and empty barriers and the ping-pong order's two; 1024 bytes of
+  /// slack to align the stages to the swizzle's 1024-byte period.
   static constexpr int SharedBytes =
-      Stages * StageBytes + (2 * Stages + 2) * 8 + 1024;
+      Stages * StageBytes + StagingBytes + (2 * Stages + 2) * 8 + 1024;
   static_assert(ABytes % 1024 == 0 && BBytes % 1024 == 0);
+  static_assert(SharedBytes <= kMaxSharedBytes,
+                "the stages and the staging area exceed a CTA's shared memory");
 };
+
+/// Rows of 128-row M tiles per raster band by default: consecutive tiles
+/// walk a band's M tiles first, then its N tiles, so the CTAs running at
+/// once share B's column tiles and a band's A rows (a weight too large for
+/// L2 is then read about once per band instead of once per M tile).
+constexpr int32_t kRasterM = 8;
 
 /// What the kernel reads besides the two tensor maps.
 struct RaggedMParams {
@@ -95,6 +111,9 @@ struct RaggedMParams {
   /// Combine (a template argument): the tile that stores a token's last
   /// kept row sums the token into combine.out (CombineInStore.cuh).
   detail::CombineInStore combine;
+  /// M tiles per raster band (kRasterM; FLEX_WGMMA_RASTER sets it to
+  /// measure others), at least the cluster's CTAs.
+  int32_t rasterM = kRasterM;
 };
 
 /// Group g's rows (GroupTiles.cuh's groupRows over this problem's space).
@@ -117,12 +136,6 @@ __device__ __forceinline__ int64_t totalMTiles(const RaggedMParams &p) {
   return total;
 }
 
-/// Rows of 128-row M tiles per raster band: consecutive tiles walk a band's
-/// M tiles first, then its N tiles, so the CTAs running at once share B's
-/// column tiles and a band's A rows (a weight too large for L2 is then read
-/// about once per band instead of once per M tile).
-constexpr int64_t kRasterM = 8;
-
 /// One tile of the sequence: its group, first row, rows inside the group
 /// and first column. Every warp computes it itself.
 struct TileWork {
@@ -138,7 +151,8 @@ template <int Cluster>
 __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
                                            int64_t mTiles, int32_t nTiles,
                                            int bn, uint32_t rank) {
-  constexpr int64_t BandM = kRasterM / Cluster, TileRows = kTileM * Cluster;
+  constexpr int64_t TileRows = kTileM * Cluster;
+  const int64_t BandM = p.rasterM / Cluster;
   const int64_t bandTiles = BandM * nTiles;
   const int64_t band = t / bandTiles, local = t % bandTiles;
   const int64_t firstM = band * BandM;
@@ -181,9 +195,113 @@ enum class StoreMode {
   GluBackward,        ///< the GLU's backward
 };
 
+/// Whether a forward tile's store goes through shared memory: each consumer
+/// warp stages 16 rows x 64 columns of its fp32 values, then writes them
+/// as whole 16-byte pieces of rows (a warp's store covers 4 rows of 128
+/// bytes). Stored straight from the accumulators' layout, a warp's store
+/// writes 8 rows x 16 bytes, half sectors: the profile of C3's fc1 (2026-12-07)
+/// showed twice cuBLAS's L2 write sectors and the L2 the busiest unit. The
+/// GLU's three outputs, the GLU backward's two and the combine (which
+/// rereads the stored rows) keep the direct store; DirectStore keeps it
+/// everywhere (FLEX_WGMMA_STORE=direct, to measure the difference).
+constexpr bool stagedStore(bool glu, StoreMode store, bool combine,
+                           bool directStore) {
+  return !glu && !combine && store != StoreMode::GluBackward && !directStore;
+}
+
+#ifdef FLEX_HOPPER_GEMM
+/// A forward tile's value at (row `at` / n, col), from the fp32 product in
+/// v0, v1 (two adjacent columns), as Store computes it; the side outputs
+/// (`pre`) are stored here. Not the GLU's or its backward's.
+template <typename T, StoreMode Store, int Act>
+__device__ __forceinline__ void finishPair(const RaggedMParams &p, int64_t at,
+                                           int64_t col, const T *bias,
+                                           float &v0, float &v1) {
+  if constexpr (Store == StoreMode::ActivationBackward) {
+    // As activationBackward: the stored product times the derivative at
+    // the forward's pre-activation value.
+    float x0, x1;
+    loadPair(static_cast<const T *>(p.activationInput) + at + col, x0, x1);
+    v0 = toStored<T>(v0) * detail::activationDerivative(Act, x0);
+    v1 = toStored<T>(v1) * detail::activationDerivative(Act, x1);
+  } else if constexpr (Store == StoreMode::BiasActivation) {
+    // As applyGemmEpilogue: from the stored product, fp32 math.
+    v0 = toStored<T>(v0);
+    v1 = toStored<T>(v1);
+    if (bias) {
+      float b0, b1;
+      loadPair(bias + col, b0, b1);
+      v0 = __fadd_rn(v0, __fmul_rn(b0, p.biasScale));
+      v1 = __fadd_rn(v1, __fmul_rn(b1, p.biasScale));
+    }
+    if (p.pre)
+      storePair(static_cast<T *>(p.pre) + at + col, v0, v1);
+    v0 = detail::applyEpilogue(Act, v0);
+    v1 = detail::applyEpilogue(Act, v1);
+  }
+}
+
+/// A staged store's second half: the warp's 16 staged rows x 64 columns
+/// (`stage`, columns swizzled by row so neither half conflicts on banks)
+/// into c's rows row0 + local0 + r (r < 16; those at or past rowsValid
+/// skipped), columns col0 .. col0 + 63 (those at or past n skipped), 8
+/// columns (16 bytes) per store where c's rows allow it; `accumulate` adds
+/// c's value to the fp32 one before the one rounding.
+template <typename T>
+__device__ __forceinline__ void
+copyStagedRows(const float *stage, T *c, int64_t n, int64_t row0,
+               int64_t local0, int64_t rowsValid, int64_t col0, bool vectors,
+               bool accumulate, int lane) {
+  const int g = lane % 8;
+#pragma unroll
+  for (int i = 0; i < kStagingRows / 4; ++i) {
+    const int r = lane / 8 + 4 * i;
+    const int64_t col = col0 + 8 * g;
+    if (local0 + r >= rowsValid || col >= n)
+      continue;
+    // Group g of row r lies at group g ^ (r % 4); lanes 4-7 of a phase
+    // read its halves in the other order (banks 4-7 of each 8).
+    const float *from = stage + r * kStagingColumns + 8 * (g ^ (r % 4));
+    const int first = (g >> 2) & 1;
+    float v[8];
+    const float4 x = *reinterpret_cast<const float4 *>(from + 4 * first);
+    const float4 y = *reinterpret_cast<const float4 *>(from + 4 * (1 - first));
+    const float4 lo = first ? y : x, hi = first ? x : y;
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    T *out = c + (row0 + local0 + r) * n + col;
+    if (vectors && col + 8 <= n) {
+      if (accumulate) {
+        const uint4 old = *reinterpret_cast<const uint4 *>(out);
+        const T *o = reinterpret_cast<const T *>(&old);
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          v[e] += float(o[e]);
+      }
+      uint4 packed;
+      T *q = reinterpret_cast<T *>(&packed);
+#pragma unroll
+      for (int e = 0; e < 8; e += 2)
+        storePair(q + e, v[e], v[e + 1]);
+      *reinterpret_cast<uint4 *>(out) = packed;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (col + e < n) {
+          float x = v[e];
+          if (accumulate)
+            x += float(out[e]);
+          out[e] = T(x);
+        }
+    }
+  }
+}
+#endif // FLEX_HOPPER_GEMM
+
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          StoreMode Store = StoreMode::Plain, int Act = 0, bool Combine = false>
+          StoreMode Store = StoreMode::Plain, int Act = 0, bool Combine = false,
+          bool DirectStore = false>
 __global__ void __launch_bounds__(kThreads, 1)
     raggedMKernel(const __grid_constant__ CUtensorMap mapA,
                   const __grid_constant__ CUtensorMap mapB,
@@ -199,15 +317,17 @@ __global__ void __launch_bounds__(kThreads, 1)
                                   Gather ? 216 : (Cluster > 1 ? 224 : 232)>;
   // Output columns per tile (the GLU tile's B holds two products' columns).
   constexpr int TileN = Glu ? BN / 2 : BN;
+  constexpr bool Staged = stagedStore(Glu, Store, Combine, DirectStore);
 #ifndef FLEX_HOPPER_GEMM
   __trap();
 #else
-  using L = Layout<BN, Stages>;
+  using L = Layout<BN, Stages, Staged>;
   extern __shared__ __align__(1024) unsigned char sharedRaw[];
   unsigned char *shared = reinterpret_cast<unsigned char *>(
       (reinterpret_cast<uintptr_t>(sharedRaw) + 1023) & ~uintptr_t(1023));
   const uint32_t stages = smemAddress(shared);
-  const uint32_t fullBars = stages + Stages * L::StageBytes;
+  float *staging = reinterpret_cast<float *>(shared + Stages * L::StageBytes);
+  const uint32_t fullBars = stages + Stages * L::StageBytes + L::StagingBytes;
   const uint32_t emptyBars = fullBars + Stages * 8;
   const uint32_t orderBars = emptyBars + Stages * 8;
 
@@ -404,21 +524,67 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (PingPong && t128 == 0)
       barrierArrive(orderBars + 8 * consumer); // this tile's stages are in
 
-      // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
-      // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
+    // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
+    // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
+    if constexpr (Staged) {
+      // The warp's 16 rows, 64 columns at a time: its values into its
+      // staging area (column c of row r at c ^ 8 (r % 4): no bank
+      // conflicts), then out as whole row pieces.
+      float *stage =
+          staging + (consumer * 4 + warp) * (kStagingRows * kStagingColumns);
+      const bool vectors =
+          p.n % 8 == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
+      const bool accumulate = Store == StoreMode::Plain && p.accumulate;
+      const T *bias =
+          Store == StoreMode::BiasActivation && p.bias
+              ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
+              : nullptr;
 #pragma unroll
-    for (int h = 0; h < Blocks; ++h)
+      for (int h = 0; h < Blocks; ++h) {
+        const int64_t local0 = firstRow + h * 64 + warp * 16;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t local =
-            firstRow + h * 64 + warp * 16 + lane / 4 + half * 8;
-        if (local >= w.rowsValid)
-          continue;
-        const int64_t at = (w.row0 + local) * p.n;
-        if constexpr (Glu) {
-          // Column j of the gate beside column j of up (64 apart in the
-          // tile): each product rounded to T as a GEMM stores it, then
-          // c = silu(gate) * up as the glu kernel computes it.
+        for (int chunk = 0; chunk < BN / kStagingColumns; ++chunk) {
+          const int64_t col0 = w.n0 + chunk * kStagingColumns;
+          if (col0 >= p.n || local0 >= w.rowsValid)
+            continue; // (the same for the whole warp)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int r = lane / 4 + half * 8;
+            const int64_t at = (w.row0 + local0 + r) * p.n;
+            const bool rowValid = local0 + r < w.rowsValid;
+#pragma unroll
+            for (int jj = 0; jj < kStagingColumns / 8; ++jj) {
+              const int j = chunk * (kStagingColumns / 8) + jj;
+              const int64_t col = col0 + 8 * jj + 2 * (lane % 4);
+              float v0 = acc[h][4 * j + 2 * half],
+                    v1 = acc[h][4 * j + 2 * half + 1];
+              if (rowValid && col < p.n)
+                finishPair<T, Store, Act>(p, at, col, bias, v0, v1);
+              const int column = (8 * jj + 2 * (lane % 4)) ^ (8 * (r % 4));
+              *reinterpret_cast<float2 *>(stage + r * kStagingColumns +
+                                          column) = make_float2(v0, v1);
+            }
+          }
+          __syncwarp();
+          copyStagedRows<T>(stage, c, p.n, w.row0, local0, w.rowsValid, col0,
+                            vectors, accumulate, lane);
+          __syncwarp(); // (read before the next chunk overwrites it)
+        }
+      }
+    } else
+#pragma unroll
+      for (int h = 0; h < Blocks; ++h)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t local =
+              firstRow + h * 64 + warp * 16 + lane / 4 + half * 8;
+          if (local >= w.rowsValid)
+            continue;
+          const int64_t at = (w.row0 + local) * p.n;
+          if constexpr (Glu) {
+            // Column j of the gate beside column j of up (64 apart in the
+            // tile): each product rounded to T as a GEMM stores it, then
+            // c = silu(gate) * up as the glu kernel computes it.
 #pragma unroll
           for (int j = 0; j < TileN / 8; ++j) {
             const int64_t col = w.n0 + 8 * j + 2 * (lane % 4);
@@ -467,32 +633,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                       d1 * detail::siluForward(g1));
             v0 = d0 * u0 * detail::siluDerivative(g0);
             v1 = d1 * u1 * detail::siluDerivative(g1);
-          } else if constexpr (Store == StoreMode::ActivationBackward) {
-            // As activationBackward: the stored product times the
-            // derivative at the forward's pre-activation value.
-            float x0, x1;
-            loadPair(static_cast<const T *>(p.activationInput) + at + col, x0,
-                     x1);
-            v0 = toStored<T>(v0) * detail::activationDerivative(Act, x0);
-            v1 = toStored<T>(v1) * detail::activationDerivative(Act, x1);
           } else {
-            // As applyGemmEpilogue: from the stored product, fp32 math.
-            v0 = toStored<T>(v0);
-            v1 = toStored<T>(v1);
-            if (bias) {
-              float b0, b1;
-              loadPair(bias + col, b0, b1);
-              v0 = __fadd_rn(v0, __fmul_rn(b0, p.biasScale));
-              v1 = __fadd_rn(v1, __fmul_rn(b1, p.biasScale));
-            }
-            if (p.pre)
-              storePair(static_cast<T *>(p.pre) + at + col, v0, v1);
-            v0 = detail::applyEpilogue(Act, v0);
-            v1 = detail::applyEpilogue(Act, v1);
+            finishPair<T, Store, Act>(p, at, col, bias, v0, v1);
           }
           storePair(out + col, v0, v1);
         }
-      }
+        }
     if constexpr (Combine && !Glu)
       detail::combineWarpRows<T, Blocks>(
           p.combine, c, p.n, w.row0, firstRow, w.rowsValid, w.n0,
@@ -879,13 +1025,17 @@ cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
 /// cluster of 2 runs as many clusters as fit at once (a GPC's SMs pair up).
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
-          StoreMode Store = StoreMode::Plain, int Act = 0, bool Combine = false>
+          StoreMode Store = StoreMode::Plain, int Act = 0, bool Combine = false,
+          bool DirectStore = false>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
                           const CUtensorMap &mapUp, const RaggedMParams &p,
                           int ctas, cudaStream_t stream) {
-  constexpr auto kernel = raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu,
-                                        Gather, Cluster, Store, Act, Combine>;
-  constexpr int bytes = Layout<BN, Stages>::SharedBytes;
+  constexpr auto kernel =
+      raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather, Cluster,
+                    Store, Act, Combine, DirectStore>;
+  constexpr int bytes =
+      Layout<BN, Stages,
+             stagedStore(Glu, Store, Combine, DirectStore)>::SharedBytes;
   static const cudaError_t registers = startRegistersOf(kernel);
   if (registers != cudaSuccess)
     return registers;

@@ -17,8 +17,10 @@
 #include "HopperGemmKernel.cuh"
 
 #include <atomic>
+#include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string_view>
 
 namespace flex::cuda::detail {
 
@@ -44,15 +46,36 @@ bool hopperKernelBuilt() {
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool Glu = false, bool Gather = false, int Cluster = 1,
           hopper::StoreMode Store = hopper::StoreMode::Plain, int Act = 0,
-          bool Combine = false>
+          bool Combine = false, bool DirectStore = false>
 Status launch(KernelContext &ctx, const CUtensorMap &mapA,
               const CUtensorMap &mapB, const hopper::RaggedMParams &params,
               const CUtensorMap *mapUp = nullptr) {
-  return checkCuda(hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu,
-                                         Gather, Cluster, Store, Act, Combine>(
-                       mapA, mapB, mapUp ? *mapUp : mapB, params,
-                       ctx.multiprocessors(), ctx.stream()),
-                   "grouped GEMM kernel (wgmma)");
+  return checkCuda(
+      hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu, Gather,
+                            Cluster, Store, Act, Combine, DirectStore>(
+          mapA, mapB, mapUp ? *mapUp : mapB, params, ctx.multiprocessors(),
+          ctx.stream()),
+      "grouped GEMM kernel (wgmma)");
+}
+
+/// Measurement knobs of the wgmma forward (flex-gemm-bench compares them on
+/// one card): FLEX_WGMMA_STORE=direct stores the plain 128 x 256 tiles
+/// straight from the accumulators instead of staging them (stagedStore),
+/// FLEX_WGMMA_RASTER=N walks raster bands of N M tiles (kRasterM).
+bool directStoreAsked() {
+  static const bool asked = [] {
+    const char *v = std::getenv("FLEX_WGMMA_STORE");
+    return v && std::string_view(v) == "direct";
+  }();
+  return asked;
+}
+int32_t rasterBand() {
+  static const int32_t band = [] {
+    const char *v = std::getenv("FLEX_WGMMA_RASTER");
+    const long n = v ? std::strtol(v, nullptr, 10) : 0;
+    return n >= 2 && n <= 1024 ? static_cast<int32_t>(n) : hopper::kRasterM;
+  }();
+  return band;
 }
 
 /// f(std::integral_constant<int, e>) for the epilogue e (Epilogue's value):
@@ -108,7 +131,10 @@ int64_t hopperPairClustersThatFit(const KernelContext &ctx,
   // The launch's own query (launchPersistent's).
   constexpr auto kernel = hopper::raggedMKernel<__nv_bfloat16, 256, 4, false,
                                                 false, false, false, 2>;
-  constexpr int bytes = hopper::Layout<256, 4>::SharedBytes;
+  constexpr int bytes =
+      hopper::Layout<256, 4,
+                     hopper::stagedStore(false, hopper::StoreMode::Plain, false,
+                                         false)>::SharedBytes;
   int fit = 0;
   cudaError_t e = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -195,6 +221,7 @@ hopper::RaggedMParams raggedMParams(const ExpertRowSpace &space, int64_t k,
   params.n = n;
   params.c = c;
   params.accumulate = accumulate;
+  params.rasterM = rasterBand();
   if (gather.rowTokens) {
     params.a = a;
     params.rowTokens = gather.rowTokens;
@@ -307,10 +334,18 @@ Status hopperGroupedGemm(KernelContext &ctx, const void *a, const void *b,
     } else {
       switch (tile) {
       case HopperTile::Wide:
+        if (!transB && directStoreAsked())
+          return launch<T, 256, 4, false, false, false, false, 1,
+                        StoreMode::Plain, 0, false, true>(ctx, mapA, mapB,
+                                                          params);
         return transB
                    ? launch<T, 256, 4, true, false>(ctx, mapA, mapB, params)
                    : launch<T, 256, 4, false, false>(ctx, mapA, mapB, params);
       case HopperTile::WidePair:
+        if (!transB && directStoreAsked())
+          return launch<T, 256, 4, false, false, false, false, 2,
+                        StoreMode::Plain, 0, false, true>(ctx, mapA, mapB,
+                                                          params);
         return transB ? launch<T, 256, 4, true, false, false, false, 2>(
                             ctx, mapA, mapB, params)
                       : launch<T, 256, 4, false, false, false, false, 2>(
