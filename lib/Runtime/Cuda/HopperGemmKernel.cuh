@@ -318,9 +318,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Output columns per tile (the GLU tile's B holds two products' columns).
   constexpr int TileN = Glu ? BN / 2 : BN;
   constexpr bool Staged = stagedStore(Glu, Store, Combine, DirectStore);
-  // Whether a tile past n's last BN / 2 columns runs the half-width
-  // product (not the GLU's: its B tile is two products' columns).
-  constexpr bool Narrow = BN == 256 && !Glu;
 #ifndef FLEX_HOPPER_GEMM
   __trap();
 #else
@@ -488,10 +485,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (PingPong)
       waitForThePreviousTile(orderBars, consumer, mine);
     const TileWork w = tileAt<Cluster>(p, t, mTiles, nTiles, TileN, rank);
-    // A 256-column tile with at most 128 columns left in n (the last of
-    // n = 1408's: 5.5 tiles) multiplies only those: 8% of fc1's products
-    // at C3.
-    const bool narrow = p.n - w.n0 <= BN / 2;
 #pragma unroll
     for (int h = 0; h < Blocks; ++h)
 #pragma unroll
@@ -515,17 +508,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ? descriptor(b + kk * 32, 16, 1024)
                           : descriptor(b + kk * 16 * 128, kTileK * 128, 1024);
 #pragma unroll
-        for (int h = 0; h < Blocks; ++h) {
-          const uint64_t da = descriptor(a + h * 64 * 128 + kk * 32, 16, 1024);
-          if constexpr (Narrow) {
-            if (narrow) { // the first BN / 2 columns' accumulators
-              Wgmma<T, BN / 2>::template run<0, BKMajor ? 0 : 1>(
-                  *reinterpret_cast<float(*)[BN / 4]>(acc[h]), da, db);
-              continue;
-            }
-          }
-          Wgmma<T, BN>::template run<0, BKMajor ? 0 : 1>(acc[h], da, db);
-        }
+        for (int h = 0; h < Blocks; ++h)
+          Wgmma<T, BN>::template run<0, BKMajor ? 0 : 1>(
+              acc[h], descriptor(a + h * 64 * 128 + kk * 32, 16, 1024), db);
       }
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       // The previous stage's products are done: its buffers go back.
