@@ -499,6 +499,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       const uint32_t a = stages + s * L::StageBytes + firstRow * 128;
       const uint32_t b = stages + s * L::StageBytes + L::ABytes;
+      // No branch between the wgmmas: a per-tile choice there (a half-width
+      // product for a last tile of 128 columns, 3f2354c) made ptxas
+      // serialize them (C7520) in every 256-column form, 10% slower.
       asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
       for (int kk = 0; kk < kTileK / 16; ++kk) {
