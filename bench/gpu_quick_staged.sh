@@ -12,7 +12,7 @@ exec > >(tee "$OUT/quick-log.txt") 2>&1
 echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
 (cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
    -DCMAKE_BUILD_TYPE=Release > /dev/null &&
- ninja -C "$B" flex-gemm-bench FlexCudaKernelsTests > "$OUT/build.log" 2>&1) ||
+ ninja -C "$B" flex-gemm-bench moe-run > "$OUT/build.log" 2>&1) ||
   { echo "build FAILED"; tail -20 "$OUT/build.log"; exit 1; }
 echo "built at ${SECONDS}s"
 G="$B/bin/flex-gemm-bench"
@@ -28,8 +28,20 @@ bench raster4 c3 FLEX_WGMMA_RASTER=4
 bench raster16 c3 FLEX_WGMMA_RASTER=16
 bench staged-random c3_random
 echo "bench done at ${SECONDS}s"
-timeout 400 "$B/unittests/Cuda/FlexCudaKernelsTests" \
-  --gtest_filter='*CudaDeviceGemm*:*CudaGemmCombine*:*CudaAlignedGemm*:*CudaHopper*:*CudaGroupedGemm*:*CudaStaticGemm*' \
-  > "$OUT/kernels.log" 2>&1
-echo "GEMM tests: exit $? $(grep -cE '^\[       OK' "$OUT/kernels.log") ok, $(grep -cE '^\[  FAILED' "$OUT/kernels.log") failed; $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/kernels.log" | tr '\n' ' ')"
+# Layers: is the device kernel (no host read, graph-capturable) now faster
+# than cuBLAS per expert above kWgmmaForwardRowsPerExpert (512 rows)?
+. bench/moe_run_row.sh
+MOE_RUN="$B/bin/moe-run" ROW_LOGS="$OUT/rows"
+mkdir -p "$ROW_LOGS"
+for mode in auto device; do
+  moe_run_row c3d-$mode c3_dropless.infer single FLEX_GROUPED_GEMM=$mode
+  moe_run_row c3d-train-$mode c3_dropless.train single FLEX_GROUPED_GEMM=$mode -- --train
+  moe_run_row g3d-$mode g3_dropless_layouts.infer ragged+glu FLEX_GROUPED_GEMM=$mode
+  moe_run_row c1d-$mode c1_dropless.infer single FLEX_GROUPED_GEMM=$mode
+done
+moe_run_row c3d-aligned c3_dropless_layouts.infer aligned
+moe_run_row c3d-padded c3_dropless_layouts.infer padded
+moe_run_row c3cap1 c3_cap1.infer single
+moe_run_row g3d-aligned+glu g3_dropless_layouts.infer aligned+glu
+moe_run_row d1-auto d1_dropless.infer auto
 echo "done at ${SECONDS}s"
