@@ -242,16 +242,17 @@ __device__ __forceinline__ void finishPair(const RaggedMParams &p, int64_t at,
 }
 
 /// A staged store's second half: the warp's 16 staged rows x 64 columns
-/// (`stage`, columns swizzled by row so neither half conflicts on banks)
+/// (at shared address `stage`, columns swizzled by row so neither half
+/// conflicts on banks)
 /// into c's rows row0 + local0 + r (r < 16; those at or past rowsValid
 /// skipped), columns col0 .. col0 + 63 (those at or past n skipped), 8
 /// columns (16 bytes) per store where c's rows allow it; `accumulate` adds
 /// c's value to the fp32 one before the one rounding.
 template <typename T>
 __device__ __forceinline__ void
-copyStagedRows(const float *stage, T *c, int64_t n, int64_t row0,
-               int64_t local0, int64_t rowsValid, int64_t col0, bool vectors,
-               bool accumulate, int lane) {
+copyStagedRows(uint32_t stage, T *c, int64_t n, int64_t row0, int64_t local0,
+               int64_t rowsValid, int64_t col0, bool vectors, bool accumulate,
+               int lane) {
   const int g = lane % 8;
 #pragma unroll
   for (int i = 0; i < kStagingRows / 4; ++i) {
@@ -261,11 +262,11 @@ copyStagedRows(const float *stage, T *c, int64_t n, int64_t row0,
       continue;
     // Group g of row r lies at group g ^ (r % 4); lanes 4-7 of a phase
     // read its halves in the other order (banks 4-7 of each 8).
-    const float *from = stage + r * kStagingColumns + 8 * (g ^ (r % 4));
+    const uint32_t from = stage + 4 * (r * kStagingColumns + 8 * (g ^ (r % 4)));
     const int first = (g >> 2) & 1;
     float v[8];
-    const float4 x = *reinterpret_cast<const float4 *>(from + 4 * first);
-    const float4 y = *reinterpret_cast<const float4 *>(from + 4 * (1 - first));
+    const float4 x = loadShared(from + 16 * first);
+    const float4 y = loadShared(from + 16 * (1 - first));
     const float4 lo = first ? y : x, hi = first ? x : y;
     v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
     v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
@@ -326,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char *shared = reinterpret_cast<unsigned char *>(
       (reinterpret_cast<uintptr_t>(sharedRaw) + 1023) & ~uintptr_t(1023));
   const uint32_t stages = smemAddress(shared);
-  float *staging = reinterpret_cast<float *>(shared + Stages * L::StageBytes);
+  const uint32_t staging = stages + Stages * L::StageBytes;
   const uint32_t fullBars = stages + Stages * L::StageBytes + L::StagingBytes;
   const uint32_t emptyBars = fullBars + Stages * 8;
   const uint32_t orderBars = emptyBars + Stages * 8;
@@ -541,8 +542,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The warp's 16 rows, 64 columns at a time: its values into its
       // staging area (column c of row r at c ^ 8 (r % 4): no bank
       // conflicts), then out as whole row pieces.
-      float *stage =
-          staging + (consumer * 4 + warp) * (kStagingRows * kStagingColumns);
+      const uint32_t stage = staging + (consumer * 4 + warp) *
+                                           (kStagingRows * kStagingColumns * 4);
       const bool vectors =
           p.n % 8 == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
       const bool accumulate = Store == StoreMode::Plain && p.accumulate;
@@ -572,8 +573,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               if (rowValid && col < p.n)
                 finishPair<T, Store, Act>(p, at, col, bias, v0, v1);
               const int column = (8 * jj + 2 * (lane % 4)) ^ (8 * (r % 4));
-              *reinterpret_cast<float2 *>(stage + r * kStagingColumns +
-                                          column) = make_float2(v0, v1);
+              storeShared(stage + 4 * (r * kStagingColumns + column), v0, v1);
             }
           }
           __syncwarp();

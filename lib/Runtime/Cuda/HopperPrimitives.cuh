@@ -60,6 +60,22 @@ template <int Producer, int Consumer> struct RegisterSplit {
 __device__ __forceinline__ uint32_t smemAddress(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+/// Shared memory by its 32-bit address (ld/st.shared: a generic pointer
+/// would cost the address-space check per access).
+__device__ __forceinline__ void storeShared(uint32_t address, float a,
+                                            float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(a),
+               "f"(b)
+               : "memory");
+}
+__device__ __forceinline__ float4 loadShared(uint32_t address) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(address)
+               : "memory");
+  return v;
+}
 __device__ __forceinline__ void barrierInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar),
                "r"(count));
