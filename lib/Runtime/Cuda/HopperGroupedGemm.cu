@@ -15,6 +15,7 @@
 #include "CudaSupport.cuh"
 #include "GroupedGemmInternal.h"
 #include "HopperGemmKernel.cuh"
+#include "HopperWgradKernel.cuh"
 
 #include <atomic>
 #include <cstdlib>
