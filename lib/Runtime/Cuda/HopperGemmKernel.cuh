@@ -300,6 +300,54 @@ copyStagedRows(uint32_t stage, T *c, int64_t n, int64_t row0, int64_t local0,
     }
   }
 }
+/// A staged store of one warp's part of a tile (stagedStore): its rows
+/// local0 + 64 h + r (r < 16, h < Blocks) of the tile `w`, 64 columns at a
+/// time - its values into its staging area at shared address `stage`
+/// (column c of row r at c ^ 8 (r % 4): no bank conflicts), then out as
+/// whole row pieces (copyStagedRows).
+template <typename T, int BN, int Blocks, StoreMode Store, int Act>
+__device__ __forceinline__ void
+storeTileStaged(const RaggedMParams &p, const TileWork &w,
+                const float (&acc)[Blocks][BN / 2], uint32_t stage,
+                int64_t local0, int lane) {
+  T *c = static_cast<T *>(p.c);
+  const bool vectors = p.n % 8 == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
+  const bool accumulate = Store == StoreMode::Plain && p.accumulate;
+  const T *bias = Store == StoreMode::BiasActivation && p.bias
+                      ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
+                      : nullptr;
+#pragma unroll
+  for (int h = 0; h < Blocks; ++h) {
+    const int64_t first = local0 + h * 64;
+#pragma unroll
+    for (int chunk = 0; chunk < BN / kStagingColumns; ++chunk) {
+      const int64_t col0 = w.n0 + chunk * kStagingColumns;
+      if (col0 >= p.n || first >= w.rowsValid)
+        continue; // (the same for the whole warp)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = lane / 4 + half * 8;
+        const int64_t at = (w.row0 + first + r) * p.n;
+        const bool rowValid = first + r < w.rowsValid;
+#pragma unroll
+        for (int jj = 0; jj < kStagingColumns / 8; ++jj) {
+          const int j = chunk * (kStagingColumns / 8) + jj;
+          const int64_t col = col0 + 8 * jj + 2 * (lane % 4);
+          float v0 = acc[h][4 * j + 2 * half],
+                v1 = acc[h][4 * j + 2 * half + 1];
+          if (rowValid && col < p.n)
+            finishPair<T, Store, Act>(p, at, col, bias, v0, v1);
+          const int column = (8 * jj + 2 * (lane % 4)) ^ (8 * (r % 4));
+          storeShared(stage + 4 * (r * kStagingColumns + column), v0, v1);
+        }
+      }
+      __syncwarp();
+      copyStagedRows<T>(stage, c, p.n, w.row0, first, w.rowsValid, col0,
+                        vectors, accumulate, lane);
+      __syncwarp(); // (read before the next chunk overwrites it)
+    }
+  }
+}
 #endif // FLEX_HOPPER_GEMM
 
 template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
@@ -542,49 +590,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The accumulators of m64nBNk16: thread t of the warpgroup holds rows
     // 16 * warp + lane / 4 (+ 8), columns 8 * j + 2 * (lane % 4) (+ 1).
     if constexpr (Staged) {
-      // The warp's 16 rows, 64 columns at a time: its values into its
-      // staging area (column c of row r at c ^ 8 (r % 4): no bank
-      // conflicts), then out as whole row pieces.
-      const uint32_t stage = staging + (consumer * 4 + warp) *
-                                           (kStagingRows * kStagingColumns * 4);
-      const bool vectors =
-          p.n % 8 == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
-      const bool accumulate = Store == StoreMode::Plain && p.accumulate;
-      const T *bias =
-          Store == StoreMode::BiasActivation && p.bias
-              ? static_cast<const T *>(p.bias) + int64_t(w.group) * p.n
-              : nullptr;
-#pragma unroll
-      for (int h = 0; h < Blocks; ++h) {
-        const int64_t local0 = firstRow + h * 64 + warp * 16;
-#pragma unroll
-        for (int chunk = 0; chunk < BN / kStagingColumns; ++chunk) {
-          const int64_t col0 = w.n0 + chunk * kStagingColumns;
-          if (col0 >= p.n || local0 >= w.rowsValid)
-            continue; // (the same for the whole warp)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int r = lane / 4 + half * 8;
-            const int64_t at = (w.row0 + local0 + r) * p.n;
-            const bool rowValid = local0 + r < w.rowsValid;
-#pragma unroll
-            for (int jj = 0; jj < kStagingColumns / 8; ++jj) {
-              const int j = chunk * (kStagingColumns / 8) + jj;
-              const int64_t col = col0 + 8 * jj + 2 * (lane % 4);
-              float v0 = acc[h][4 * j + 2 * half],
-                    v1 = acc[h][4 * j + 2 * half + 1];
-              if (rowValid && col < p.n)
-                finishPair<T, Store, Act>(p, at, col, bias, v0, v1);
-              const int column = (8 * jj + 2 * (lane % 4)) ^ (8 * (r % 4));
-              storeShared(stage + 4 * (r * kStagingColumns + column), v0, v1);
-            }
-          }
-          __syncwarp();
-          copyStagedRows<T>(stage, c, p.n, w.row0, local0, w.rowsValid, col0,
-                            vectors, accumulate, lane);
-          __syncwarp(); // (read before the next chunk overwrites it)
-        }
-      }
+      storeTileStaged<T, BN, Blocks, Store, Act>(
+          p, w, acc,
+          staging +
+              (consumer * 4 + warp) * (kStagingRows * kStagingColumns * 4),
+          firstRow + warp * 16, lane);
     } else
 #pragma unroll
       for (int h = 0; h < Blocks; ++h)
