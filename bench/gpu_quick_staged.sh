@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# A short device call (issue 13, session 16's third): the staged store
-# without 3f2354c's serialized wgmmas, against the direct store and other
-# raster bands on C3 (flex-gemm-bench), then the GEMM tests for as long as
-# the call lasts. Every log goes straight to $OUT (a call cut short keeps
-# them). Run inside bench/baseline (bench/make_baseline.sh).
+# A short device call (issue 13; written in session 16, not yet run: no
+# device time was left): the staged store without 3f2354c's serialized
+# wgmmas, against the direct store and other raster bands on C3
+# (flex-gemm-bench), then dropless layers with the grouped GEMM on cuBLAS
+# per expert (auto's rule above 512 rows per expert) against the device
+# kernel. No tests: run bench/gpu_validate.sh first. The log goes to $OUT
+# as it runs; everything else into $OUT/quick.tgz (a call brings back few
+# files). Run inside bench/baseline (bench/make_baseline.sh):
+#   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_quick_staged.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/out}"; B="${BUILD:-/tmp/bq}"
-mkdir -p "$OUT"
-exec > >(tee "$OUT/quick-log.txt") 2>&1
+OUT="${OUT:-bench/out}"; B="${BUILD:-/tmp/bq}"; LOGS=/tmp/quick
+mkdir -p "$OUT" "$LOGS"
+exec > >(tee "$LOGS/quick-log.txt" "$OUT/quick-log.txt") 2>&1
+trap 'tar czf "$OUT/quick.tgz" -C "$LOGS" . 2>/dev/null' EXIT
 echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
 (cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
    -DCMAKE_BUILD_TYPE=Release > /dev/null &&
- ninja -C "$B" flex-gemm-bench moe-run > "$OUT/build.log" 2>&1) ||
-  { echo "build FAILED"; tail -20 "$OUT/build.log"; exit 1; }
+ ninja -C "$B" flex-gemm-bench moe-run > "$LOGS/build.log" 2>&1) ||
+  { echo "build FAILED"; tail -20 "$LOGS/build.log"; exit 1; }
 echo "built at ${SECONDS}s"
 G="$B/bin/flex-gemm-bench"
 bench() { # label only [env...]
   local label=$1 only=$2; shift 2
-  env "$@" timeout 100 "$G" --iters 10 --only "$only" > "$OUT/gemm-$label.log" 2>&1
+  env "$@" timeout 100 "$G" --iters 10 --only "$only" > "$LOGS/gemm-$label.log" 2>&1
   echo "== $label (exit $?)"
-  grep -E "^c3|wgmma|bias" "$OUT/gemm-$label.log" | sed -E 's/small.*wide 128x256 [0-9.]+ us \([0-9]+ TF\/s\)//' | cut -c1-300
+  grep -E "^c3|wgmma|bias" "$LOGS/gemm-$label.log" | sed -E 's/small.*wide 128x256 [0-9.]+ us \([0-9]+ TF\/s\)//' | cut -c1-300
 }
 bench staged c3
 bench direct c3 FLEX_WGMMA_STORE=direct
@@ -31,8 +36,7 @@ echo "bench done at ${SECONDS}s"
 # Layers: is the device kernel (no host read, graph-capturable) now faster
 # than cuBLAS per expert above kWgmmaForwardRowsPerExpert (512 rows)?
 . bench/moe_run_row.sh
-MOE_RUN="$B/bin/moe-run" ROW_LOGS="$OUT/rows"
-mkdir -p "$ROW_LOGS"
+MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
 for mode in auto device; do
   moe_run_row c3d-$mode c3_dropless.infer single FLEX_GROUPED_GEMM=$mode
   moe_run_row c3d-train-$mode c3_dropless.train single FLEX_GROUPED_GEMM=$mode -- --train
