@@ -11,16 +11,8 @@
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_layouts_profile.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/out}"; B="${BUILD:-/tmp/bp}"; LOGS=/tmp/profile
-mkdir -p "$OUT" "$LOGS"
-exec > >(tee "$LOGS/profile-log.txt" "$OUT/profile-log.txt") 2>&1
-trap 'tar czf "$OUT/profile.tgz" -C "$LOGS" . 2>/dev/null' EXIT
-echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
-(cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DFLEX_ENABLE_TESTS=OFF \
-   -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release > /dev/null &&
- ninja -C "$B" moe-run flex-gemm-bench > "$LOGS/build.log" 2>&1) ||
-  { echo "build FAILED"; tail -20 "$LOGS/build.log"; exit 1; }
-echo "built at ${SECONDS}s"
+. bench/device_call.sh
+device_call profile -DFLEX_ENABLE_TESTS=OFF -- moe-run flex-gemm-bench
 . bench/moe_run_row.sh
 MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
 variants() { python3 -c "import json,sys; print(' '.join(v['name'] for v in json.load(open(sys.argv[1]))['variants']))" "$1"; }

@@ -10,16 +10,8 @@
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_quick_staged.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/out}"; B="${BUILD:-/tmp/bq}"; LOGS=/tmp/quick
-mkdir -p "$OUT" "$LOGS"
-exec > >(tee "$LOGS/quick-log.txt" "$OUT/quick-log.txt") 2>&1
-trap 'tar czf "$OUT/quick.tgz" -C "$LOGS" . 2>/dev/null' EXIT
-echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
-(cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
-   -DCMAKE_BUILD_TYPE=Release > /dev/null &&
- ninja -C "$B" flex-gemm-bench moe-run > "$LOGS/build.log" 2>&1) ||
-  { echo "build FAILED"; tail -20 "$LOGS/build.log"; exit 1; }
-echo "built at ${SECONDS}s"
+. bench/device_call.sh
+device_call quick -DFLEX_ENABLE_TESTS=OFF -- flex-gemm-bench moe-run
 G="$B/bin/flex-gemm-bench"
 bench() { # label only [env...]
   local label=$1 only=$2; shift 2

@@ -8,16 +8,8 @@
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_staged.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/out}"; B="${BUILD:-/tmp/bs}"; LOGS=/tmp/staged
-mkdir -p "$OUT" "$LOGS"
-exec > >(tee "$LOGS/staged-log.txt" "$OUT/staged-log.txt") 2>&1
-trap 'tar czf "$OUT/staged.tgz" -C "$LOGS" . 2>/dev/null' EXIT
-echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
-(cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
-   -DCMAKE_BUILD_TYPE=Release > /dev/null &&
- ninja -C "$B" moe-run flex-gemm-bench FlexCudaKernelsTests FlexCudaExecutorTests > "$LOGS/build.log" 2>&1) ||
-  { echo "build FAILED"; tail -20 "$LOGS/build.log"; exit 1; }
-echo "built at ${SECONDS}s"
+. bench/device_call.sh
+device_call staged -- moe-run flex-gemm-bench FlexCudaKernelsTests FlexCudaExecutorTests
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
 GEMMS='*CudaDeviceGemm*:*CudaGemmCombine*:*CudaAlignedGemm*:*CudaHopper*:*CudaGroupedGemm*:*CudaStaticGemm*'
 timeout 200 "$K" --gtest_filter="$GEMMS" > "$LOGS/kernels.log" 2>&1

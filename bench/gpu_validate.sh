@@ -10,18 +10,8 @@
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_validate.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/out}"; B="${BUILD:-/tmp/bv}"; LOGS=/tmp/validate
-mkdir -p "$OUT" "$LOGS"
-# The log also goes straight to $OUT: a call cut at its time limit still
-# brings it back (the tgz is written on exit).
-exec > >(tee "$LOGS/validate-log.txt" "$OUT/validate-log.txt") 2>&1
-trap 'tar czf "$OUT/validate.tgz" -C "$LOGS" . 2>/dev/null' EXIT
-echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); commit ${FLEX_COMMIT:-?}"
-(cmake -S . -B "$B" -G Ninja -DFLEX_ENABLE_COMPILER=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
-   -DCMAKE_BUILD_TYPE=Release > /dev/null &&
- ninja -C "$B" moe-run flex-gemm-bench FlexCudaKernelsTests FlexCudaExecutorTests > "$LOGS/build.log" 2>&1) ||
-  { echo "build FAILED"; tail -20 "$LOGS/build.log"; exit 1; }
-echo "built at ${SECONDS}s"
+. bench/device_call.sh
+device_call validate -- moe-run flex-gemm-bench FlexCudaKernelsTests FlexCudaExecutorTests
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
 timeout 330 stdbuf -oL "$K" > "$LOGS/kernels.log" 2>&1
 echo "FlexCudaKernelsTests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/kernels.log" | tr '\n' ' ')" \
