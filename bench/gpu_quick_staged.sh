@@ -40,4 +40,19 @@ moe_run_row c3d-padded c3_dropless_layouts.infer padded
 moe_run_row c3cap1 c3_cap1.infer single
 moe_run_row g3d-aligned+glu g3_dropless_layouts.infer aligned+glu
 moe_run_row d1-auto d1_dropless.infer auto
+echo "rows done at ${SECONDS}s"
+# The decode layers per kernel (Nsight Compute; each kernel's duration and
+# DRAM read, clocks as they run): what the router, gate, dispatch and
+# combine steps' event times hold, and each GEMM against its weight bytes.
+decode_profile() { # label plan variant
+  timeout 120 ncu --clock-control none --csv \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+    "$B/bin/moe-run" "bench/plans/$2.json" --device cuda --iters 3 \
+    --variant "$3" > "$LOGS/ncu-$1.csv" 2>&1
+  echo "== ncu $1 ($3, exit $?; 1 warm-up + 3 forwards)"
+  python3 bench/ncu_kernel_table.py "$LOGS/ncu-$1.csv" 4
+}
+decode_profile d1 d1_dropless_layouts.infer ragged+gather
+decode_profile d1-ragged d1_dropless_layouts.infer ragged
+decode_profile d2 d2_dropless_layouts.infer ragged+glu
 echo "done at ${SECONDS}s"
