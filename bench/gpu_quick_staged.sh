@@ -55,4 +55,14 @@ decode_profile() { # label plan variant
 decode_profile d1 d1_dropless_layouts.infer ragged+gather
 decode_profile d1-ragged d1_dropless_layouts.infer ragged
 decode_profile d2 d2_dropless_layouts.infer ragged+glu
+# D1's two wgmma GEMMs (ragged: neither gathered) against the DRAM: how
+# near the copy's bandwidth, and what stalls.
+timeout 150 ncu --clock-control none --kernel-name regex:raggedM --launch-count 4 \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+  --section LaunchStats --section Occupancy \
+  "$B/bin/moe-run" bench/plans/d1_dropless_layouts.infer.json --device cuda \
+  --iters 1 --variant ragged > "$LOGS/ncu-d1-gemm.txt" 2>&1
+echo "== ncu d1 gemm sections (exit $?)"
+grep -E "raggedM|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|L2 Cache Throughput|Grid Size|Registers|Waves|Stall|Achieved Occ" \
+  "$LOGS/ncu-d1-gemm.txt" | cut -c1-150 | head -60
 echo "done at ${SECONDS}s"
