@@ -260,10 +260,13 @@ std::vector<GemmCase> gemmCases() {
       // enough that every pipeline stage is refilled.
       {"many_experts_deep_k", manyExpertCounts(), 0, 392, 136},
       {"prefill_deep_k", {300, 0, 257, 129}, 0, 168, 72},
-      // Past 512 rows per expert: auto's rule takes cuBLAS for the GEMMs and
-      // runs a fused backward as the GEMM and the pass
-      // (autoFusesBackwardInStore).
+      // Past 512 rows per expert: auto runs a fused backward as the GEMM
+      // (on the device kernel, up to kWgmmaForwardRowsPerExpert) and the
+      // pass (autoFusesBackwardInStore).
       {"prefill_many_rows", {900, 700, 0, 800}, 0, 64, 72},
+      // Past 2048: auto's rule takes cuBLAS for the GEMMs (the host read,
+      // a GEMM per expert above 1024 rows).
+      {"prefill_past_device_rows", {2300, 0, 2100, 2500}, 0, 64, 40},
   };
 }
 

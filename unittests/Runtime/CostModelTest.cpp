@@ -400,7 +400,7 @@ std::vector<StepPrediction> stepsOf(const Prediction &prediction, StepOp op) {
 
 // The gather-fused variant (single+gather): its gathered GEMMs follow the
 // rule a plain one does (Core/GroupedGemmRule.h): here 250 rows per expert,
-// the device kernel with the wgmma kernel (up to 512), else cuBLAS over a
+// the device kernel with the wgmma kernel (up to 2048), else cuBLAS over a
 // scratch copy of the rows (priced with that copy), as under
 // grouped_gemm=cublas; its dispatch_rows writes 4 bytes a row where
 // dispatch copies the rows.
@@ -916,7 +916,7 @@ TEST(CostModel, DynamicGemmsArePricedOnTheRuntimesPath) {
     }
   }
   // With the wgmma kernel (Hopper: CostModelOptions::wgmmaGemm) auto takes
-  // the device kernel for the forward and input gradients up to 512 rows
+  // the device kernel for the forward and input gradients up to 2048 rows
   // per expert (here 250), at the wgmma rate (here twice the large tile's: the
   // FLOPs' 100 us become 50, above the bytes' time); the weight gradient keeps
   // its path and price.
@@ -1035,12 +1035,12 @@ TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
   EXPECT_FALSE(
       prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64, false, true));
   EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 98304, 64, true, true));
-  // With the wgmma kernel: the forward and input gradient up to 512 rows
+  // With the wgmma kernel: the forward and input gradient up to 2048 rows
   // per expert, the weight gradient as before; cublas still never.
-  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 512 * 64, 64, false,
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 2048 * 64, 64, false,
                                 false, true));
-  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 512 * 64 + 1, 64, false,
-                                 false, true));
+  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 2048 * 64 + 1, 64,
+                                 false, false, true));
   EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64,
                                  false, true, true));
   EXPECT_FALSE(
@@ -1073,11 +1073,12 @@ TEST(GroupedGemmRule, FusedBackwardsInTheStoreUpTo512RowsPerExpert) {
   EXPECT_TRUE(autoFusesBackwardInStore(512 * 64, 64, false));
   EXPECT_FALSE(autoFusesBackwardInStore(512 * 64 + 1, 64, false));
   EXPECT_TRUE(autoFusesBackwardInStore(98304, 64, true));
-  // The same bound as the wgmma kernel's forward rule, so a fused step off
-  // the store runs its GEMM on cuBLAS and never on the device kernel.
-  EXPECT_EQ(autoFusesBackwardInStore(600 * 64, 64, false),
-            prefersDeviceGemm(GroupedGemmImpl::Auto, 600 * 64, 64, false, false,
-                              true));
+  // Below the wgmma kernel's forward bound: a fused step off the store
+  // between the two runs its GEMM on the device kernel, and the pass.
+  EXPECT_FALSE(autoFusesBackwardInStore(600 * 64, 64, false));
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 600 * 64, 64, false,
+                                false, true));
+  EXPECT_LE(kWgmmaFusedBackwardRowsPerExpert, kWgmmaForwardRowsPerExpert);
 }
 
 TEST(GroupedGemmRule, UniformBlocksBatchWhenTheyHoldTheirRows) {

@@ -47,19 +47,28 @@ inline constexpr int64_t kDeviceGemmRowsPerExpert = 256;
 inline constexpr int64_t kDeviceGemmForwardRowsPerExpert = 40;
 
 /// The same where the device-sized kernel has its wgmma tiles (Hopper,
-/// RuntimeOptions::wgmma). H100, bf16, 64 experts (bench/RESULTS.md Run
-/// 32): wgmma 201 us against cuBLAS grouped 291 at 192 rows per expert,
-/// 152 against 167 at 48, but 1027 against 754 at C3's uniform 1536 (1207
-/// against 1184 per expert on skewed counts). The crossover lies between
-/// 192 and 1536 and was not measured closer: 512.
-inline constexpr int64_t kWgmmaForwardRowsPerExpert = 512;
+/// RuntimeOptions::wgmma). H100, bf16: Run 32, 64 experts: wgmma 201 us
+/// against cuBLAS grouped 291 at 192 rows per expert, 152 against 167 at
+/// 48; Run 43 (the store through shared memory), dropless layers with
+/// grouped_gemm=device against auto at 512: C3 (1536 rows per expert, 64
+/// experts) forward 2509 against 2701 us, training 2530 / 4962 against
+/// 2772 / 4987, G3 3345 against 3449; C1 (4096 rows per expert, 8
+/// experts) 3537 against 3482 (fc1 1620 against 1633, fc2 1470 against
+/// 1387). The crossover lies between 1536 and 4096: 2048.
+inline constexpr int64_t kWgmmaForwardRowsPerExpert = 2048;
+
+/// Mean rows per expert up to which auto runs a fused backward in the wgmma
+/// kernel's store (autoFusesBackwardInStore; Run 37 below). Between it and
+/// kWgmmaForwardRowsPerExpert a fused backward runs as the device kernel's
+/// GEMM and the pass.
+inline constexpr int64_t kWgmmaFusedBackwardRowsPerExpert = 512;
 
 /// Whether grouped_gemm=auto runs a fused backward
 /// (grouped_gemm_activation_backward, grouped_gemm_glu_backward) in the wgmma
 /// kernel's store rather than as the GEMM on grouped_gemm's path and the
-/// activation's pass: up to kWgmmaForwardRowsPerExpert mean rows per expert
-/// (`rows` the declared rows, E * C for a fixed capacity), or while a graph
-/// records a dynamic row space (`capturing`; its GEMM then runs on the
+/// activation's pass: up to kWgmmaFusedBackwardRowsPerExpert mean rows per
+/// expert (`rows` the declared rows, E * C for a fixed capacity), or while a
+/// graph records a dynamic row space (`capturing`; its GEMM then runs on the
 /// device kernel anyway, and the store saves the pass). Above it the kernel's
 /// product is slower than cuBLAS's by more than the pass it saves. H100
 /// (bench/RESULTS.md Run 37): fused 1595 us against cuBLAS + pass 1334 at C3,
@@ -78,7 +87,7 @@ inline constexpr int64_t fusedBackwardRows(int64_t staticCapacity,
 
 inline constexpr bool autoFusesBackwardInStore(int64_t rows, int64_t experts,
                                                bool capturing) {
-  return capturing || rows <= kWgmmaForwardRowsPerExpert * experts;
+  return capturing || rows <= kWgmmaFusedBackwardRowsPerExpert * experts;
 }
 
 /// The largest count up to which the host path of a forward or
