@@ -213,29 +213,41 @@ constexpr bool stagedStore(bool glu, StoreMode store, bool combine,
 }
 
 #ifdef FLEX_HOPPER_GEMM
+/// What Store reads beside the product at (row `at` / n, col), two
+/// adjacent columns: the bias (BiasActivation with a bias) or the
+/// forward's pre-activation values (ActivationBackward); zeros otherwise.
+template <typename T, StoreMode Store>
+__device__ __forceinline__ float2 pairInput(const RaggedMParams &p, int64_t at,
+                                            int64_t col, const T *bias) {
+  float2 in{0.0f, 0.0f};
+  if constexpr (Store == StoreMode::ActivationBackward)
+    loadPair(static_cast<const T *>(p.activationInput) + at + col, in.x, in.y);
+  else if constexpr (Store == StoreMode::BiasActivation)
+    if (bias)
+      loadPair(bias + col, in.x, in.y);
+  return in;
+}
+
 /// A forward tile's value at (row `at` / n, col), from the fp32 product in
-/// v0, v1 (two adjacent columns), as Store computes it; the side outputs
-/// (`pre`) are stored here. Not the GLU's or its backward's.
+/// v0, v1 (two adjacent columns) and pairInput's `in`, as Store computes
+/// it; the side outputs (`pre`) are stored here. Not the GLU's or its
+/// backward's.
 template <typename T, StoreMode Store, int Act>
 __device__ __forceinline__ void finishPair(const RaggedMParams &p, int64_t at,
                                            int64_t col, const T *bias,
-                                           float &v0, float &v1) {
+                                           float2 in, float &v0, float &v1) {
   if constexpr (Store == StoreMode::ActivationBackward) {
     // As activationBackward: the stored product times the derivative at
     // the forward's pre-activation value.
-    float x0, x1;
-    loadPair(static_cast<const T *>(p.activationInput) + at + col, x0, x1);
-    v0 = toStored<T>(v0) * detail::activationDerivative(Act, x0);
-    v1 = toStored<T>(v1) * detail::activationDerivative(Act, x1);
+    v0 = toStored<T>(v0) * detail::activationDerivative(Act, in.x);
+    v1 = toStored<T>(v1) * detail::activationDerivative(Act, in.y);
   } else if constexpr (Store == StoreMode::BiasActivation) {
     // As applyGemmEpilogue: from the stored product, fp32 math.
     v0 = toStored<T>(v0);
     v1 = toStored<T>(v1);
     if (bias) {
-      float b0, b1;
-      loadPair(bias + col, b0, b1);
-      v0 = __fadd_rn(v0, __fmul_rn(b0, p.biasScale));
-      v1 = __fadd_rn(v1, __fmul_rn(b1, p.biasScale));
+      v0 = __fadd_rn(v0, __fmul_rn(in.x, p.biasScale));
+      v1 = __fadd_rn(v1, __fmul_rn(in.y, p.biasScale));
     }
     if (p.pre)
       storePair(static_cast<T *>(p.pre) + at + col, v0, v1);
@@ -324,6 +336,35 @@ storeTileStaged(const RaggedMParams &p, const TileWork &w,
       const int64_t col0 = w.n0 + chunk * kStagingColumns;
       if (col0 >= p.n || first >= w.rowsValid)
         continue; // (the same for the whole warp)
+      // Every input of the chunk is loaded before its first staging write:
+      // that write's "memory" clobber (and the `pre` stores, which may
+      // alias) would order each load after the write before it, one load
+      // latency per pair (C3's fused bias + ReLU took 1106 us against 894
+      // for the plain store, bench/RESULTS.md Run 43). The bias is one row
+      // for both halves.
+      constexpr bool Inputs = Store == StoreMode::ActivationBackward ||
+                              Store == StoreMode::BiasActivation;
+      float2 in[2][kStagingColumns / 8];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = lane / 4 + half * 8;
+        const int64_t at = (w.row0 + first + r) * p.n;
+        const bool rowValid = first + r < w.rowsValid;
+#pragma unroll
+        for (int jj = 0; jj < kStagingColumns / 8; ++jj) {
+          const int64_t col = col0 + 8 * jj + 2 * (lane % 4);
+          in[half][jj] = float2{0.0f, 0.0f};
+          if constexpr (Store == StoreMode::BiasActivation) {
+            if (half == 0 && col < p.n)
+              in[0][jj] = pairInput<T, Store>(p, at, col, bias);
+            else if (half == 1)
+              in[1][jj] = in[0][jj];
+          } else if constexpr (Inputs) {
+            if (rowValid && col < p.n)
+              in[half][jj] = pairInput<T, Store>(p, at, col, bias);
+          }
+        }
+      }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = lane / 4 + half * 8;
@@ -336,7 +377,7 @@ storeTileStaged(const RaggedMParams &p, const TileWork &w,
           float v0 = acc[h][4 * j + 2 * half],
                 v1 = acc[h][4 * j + 2 * half + 1];
           if (rowValid && col < p.n)
-            finishPair<T, Store, Act>(p, at, col, bias, v0, v1);
+            finishPair<T, Store, Act>(p, at, col, bias, in[half][jj], v0, v1);
           const int column = (8 * jj + 2 * (lane % 4)) ^ (8 * (r % 4));
           storeShared(stage + 4 * (r * kStagingColumns + column), v0, v1);
         }
@@ -658,7 +699,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             v0 = d0 * u0 * detail::siluDerivative(g0);
             v1 = d1 * u1 * detail::siluDerivative(g1);
           } else {
-            finishPair<T, Store, Act>(p, at, col, bias, v0, v1);
+            finishPair<T, Store, Act>(p, at, col, bias,
+                                      pairInput<T, Store>(p, at, col, bias), v0,
+                                      v1);
           }
           storePair(out + col, v0, v1);
         }
