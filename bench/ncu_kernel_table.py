@@ -10,6 +10,7 @@ per step (a step's event time holds its launches and the gaps).
 ITERATIONS: the profiled forwards (launches of a kernel are split evenly).
 """
 import csv
+import re
 import statistics
 import sys
 
@@ -24,21 +25,28 @@ def main():
     kernels = {}
     for r in rows:
         name = r.get("Kernel Name", "?")
-        bare = name.replace("(anonymous namespace)", "")
-        short = bare.split("(")[0].split("<")[0].split()[-1].split("::")[-1][:48]
-        key = (short, r.get("Grid Size", ""), r.get("Block Size", ""))
-        entry = kernels.setdefault(key, {"time": [], "dram": [], "order": len(kernels)})
+        bare = re.sub(r"\(anonymous namespace\)|<unnamed>|unnamed>|^void ", "", name)
+        found = re.search(r"(\w+)\s*[<(]", bare)  # the kernel's own name
+        short = (found.group(1) if found else bare)[:48]
+        # The whole name: instantiations of one kernel (the GLU GEMM, the
+        # plain one) are rows of their own.
+        key = (name, r.get("Grid Size", ""), r.get("Block Size", ""))
+        entry = kernels.setdefault(
+            key, {"time": [], "dram": [], "order": len(kernels), "short": short})
         value = float(r["Metric Value"].replace(",", "") or 0)
         unit = r.get("Metric Unit", "")
-        scale = {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3,
-                 "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit, 1)
+        scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1, "us": 1,
+                 "msecond": 1e3, "ms": 1e3,
+                 "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9,
+                 "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}.get(unit, 1)
         if r["Metric Name"] == "gpu__time_duration.sum":
             entry["time"].append(value * scale)
         elif r["Metric Name"] == "dram__bytes_read.sum":
             entry["dram"].append(value * scale)
     total = 0.0
     print(f"{'kernel':48s} {'grid':>14s} {'block':>12s} {'n':>3s} {'us':>8s} {'MB read':>8s}")
-    for (short, grid, block), e in sorted(kernels.items(), key=lambda kv: kv[1]["order"]):
+    for (_, grid, block), e in sorted(kernels.items(), key=lambda kv: kv[1]["order"]):
+        short = e["short"]
         t = statistics.median(e["time"]) if e["time"] else 0.0
         d = statistics.median(e["dram"]) / 1e6 if e["dram"] else 0.0
         total += t * len(e["time"])

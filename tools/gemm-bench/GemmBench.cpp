@@ -320,6 +320,45 @@ bool benchFusedEpilogue(cuda::KernelContext &ctx, const Routed &r,
   return e == 0.0;
 }
 
+/// The ReLU backward's GEMM (grad_h = grad_y w2^T: [R, d] x [h, d]^T, k = d,
+/// n = h): fused in the wgmma kernel's store (grouped_gemm_activation_backward
+/// on the device path) against the same GEMM and the activation-backward
+/// pass; the bits compared. Nothing printed where the store does not run.
+bool benchFusedActivationBackward(cuda::KernelContext &ctx, const Shape &s,
+                                  const Routed &r, int iters,
+                                  std::mt19937_64 &rng) {
+  const DType dt = DType::BF16;
+  const int64_t k = s.d, n = s.h, R = r.totalRows;
+  DeviceArray a(2 * R * k), b(2 * r.experts * n * k), pre(2 * R * n),
+      fused(2 * R * n), product(2 * R * n), passed(2 * R * n);
+  if (!cuda::detail::deviceGroupedGemmFusesEpilogue(
+          ctx, dt, k, n, r.space, true, {}, {a.data, b.data, fused.data}))
+    return true;
+  fillRandom(a.data, R * k, rng, 1.0);
+  fillRandom(b.data, r.experts * n * k, rng, 1.0 / std::sqrt(double(k)));
+  fillRandom(pre.data, R * n, rng, 1.0);
+  const double fusedUs = hostMicros(ctx, iters, "relu_backward_fused", [&] {
+    return cuda::detail::groupedGemmActivationBackwardWith(
+        ctx, {a.data, dt}, {b.data, dt}, {pre.data, dt}, {fused.data, dt}, k, n,
+        r.space, true, Activation::Relu, GroupedGemmPath::Device);
+  });
+  const double passUs = hostMicros(ctx, iters, "relu_backward_pass", [&] {
+    if (Status st = cuda::detail::deviceGroupedGemm(
+            ctx, a.data, b.data, product.data, dt, k, n, r.space, true, false);
+        !st)
+      return st;
+    return cuda::activationBackward(ctx, {pre.data, dt}, {product.data, dt},
+                                    {passed.data, dt}, n, r.space,
+                                    Activation::Relu);
+  });
+  const double e = relativeError(fused.data, passed.data, R * n);
+  std::printf("%-16s %-6s relu backward (k %lld, n %lld): fused in the store "
+              "%.1f us, GEMM + pass %.1f us%s\n",
+              "", "", static_cast<long long>(k), static_cast<long long>(n),
+              fusedUs, passUs, e == 0.0 ? "" : " MISMATCH");
+  return e == 0.0;
+}
+
 /// Uneven rows at prefill size: one strided-batched call with every expert
 /// padded to the largest's rows (a capacity layout whose C is the largest
 /// count, so nothing is dropped), over B = `b`; prints its row.
@@ -685,6 +724,8 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
         benchFusedEpilogue(ctx, r, a.data, second.data, outDevice.data,
                            outBatched.data, outCublas.data, k, n, iters, rng) &&
         ok;
+  if (op == Op::Dgrad)
+    ok = benchFusedActivationBackward(ctx, s, r, iters, rng) && ok;
   return ok;
 }
 

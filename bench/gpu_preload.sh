@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call (issue 13, session 17): the staged store's inputs loaded
+# before its staging writes (a79e74b) and auto's device-kernel bound at 2048
+# rows per expert (7b81a8d). The tests of the fused stores and the device
+# GEMM (the new past-2048 case included), memcheck over the fused stores,
+# flex-gemm-bench on C3 (bias + ReLU and the ReLU backward fused against
+# GEMM + pass), then the dropless layers under auto against capacity 1.0.
+# Log to $OUT as it runs, the rest in $OUT/preload.tgz. Run inside
+# bench/baseline (bench/make_baseline.sh):
+#   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_preload.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. bench/device_call.sh
+device_call preload -DFLEX_ENABLE_TESTS=ON -- flex-gemm-bench moe-run FlexCudaKernelsTests
+K="$B/unittests/Cuda/FlexCudaKernelsTests"
+FUSED='*Epilogue*:*ActivationBackward*:*GluBackward*:*CudaDeviceGemm*:*CudaHopper*'
+timeout 200 "$K" --gtest_filter="$FUSED" > "$LOGS/kernels.log" 2>&1
+echo "fused-store and device GEMM tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/kernels.log" | tr '\n' ' ')"
+grep -E '^\[  FAILED' "$LOGS/kernels.log" | cut -c1-140 | head
+timeout 120 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$K" \
+  --gtest_filter='*EpilogueMatchesFp64OnBothPaths/*:*ActivationBackwardMatches*/prefill_many_rows:*ActivationBackwardMatches*/decode_ragged' \
+  > "$LOGS/memcheck.log" 2>&1
+echo "memcheck: exit $? ($(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1))"
+echo "tests done at ${SECONDS}s"
+G="$B/bin/flex-gemm-bench"
+timeout 100 "$G" --iters 10 --only c3 > "$LOGS/gemm-c3.log" 2>&1
+echo "== flex-gemm-bench c3 (exit $?)"
+grep -E "^c3|wgmma 128x256|bias|backward" "$LOGS/gemm-c3.log" | sed -E 's/small.*wide 128x256 [0-9.]+ us \([0-9]+ TF\/s\)//' | cut -c1-300
+. bench/moe_run_row.sh
+MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
+moe_run_row c3cap1 c3_cap1.infer single
+moe_run_row c3d c3_dropless.infer single
+moe_run_row c3d-gather c3_dropless.infer single+gather
+moe_run_row c3d-graph c3_dropless.infer single -- --graph
+moe_run_row c3d-train c3_dropless.train single -- --train
+moe_run_row c3d-train-act c3_dropless.train single+act_backward -- --train
+moe_run_row c3cap1-train c3_cap1.train single -- --train
+moe_run_row g3d g3_dropless_layouts.infer ragged+glu
+moe_run_row g3d-aligned g3_dropless_layouts.infer aligned+glu
+moe_run_row c1d c1_dropless.infer single
+moe_run_row c1cap1 c1_cap1.infer single
+moe_run_row d1 d1_dropless.infer auto -- --graph
+moe_run_row d2 d2_dropless.infer auto -- --graph
+echo "done at ${SECONDS}s"
