@@ -484,7 +484,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // A's boxes holding the tile's rows (none for a pair's CTA past its
       // group): the rows past them are never stored, so what the
       // consumers read there is left from earlier stages.
-      // (32-bit: the producer's 40 registers; TMA's coordinates are 32-bit.)
+      // (32-bit: the producer's 48 registers; TMA's coordinates are 32-bit.)
       constexpr int kBoxes = kTileM / kABoxRows;
       const int aBoxes =
           p.fullA || w.rowsValid >= kTileM
