@@ -50,4 +50,12 @@ moe_run_row d1-fullA d1_dropless.infer auto FLEX_WGMMA_A=full -- --graph
 moe_run_row d1-ragged d1_dropless_layouts.infer ragged
 moe_run_row d2 d2_dropless.infer auto -- --graph
 moe_run_row d2-fullA d2_dropless.infer auto FLEX_WGMMA_A=full -- --graph
+# D1's gate and router kernels: what a few-microsecond kernel waits on.
+timeout 60 ncu --clock-control none --kernel-name regex:'gate|router|location' --launch-count 6 \
+  --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy \
+  "$B/bin/moe-run" bench/plans/d1_dropless.infer.json --device cuda --iters 1 --variant auto \
+  > "$LOGS/ncu-d1-gate.txt" 2>&1
+echo "== ncu d1 gate sections (exit $?)"
+grep -E "^  [a-zA-Z_:<>]*(gate|router|location)|Duration|Elapsed Cycles|Stall|Warp Cycles Per Issued|Achieved Occ|Registers Per" \
+  "$LOGS/ncu-d1-gate.txt" | cut -c1-150 | head -60
 echo "done at ${SECONDS}s"
