@@ -13,9 +13,9 @@ cd "$(dirname "$0")/.."
 . bench/device_call.sh
 device_call short -DFLEX_ENABLE_TESTS=ON -- flex-gemm-bench FlexCudaKernelsTests
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
-timeout 45 "$K" --gtest_filter='CudaDeviceGemmTiles.*:*EpilogueMatchesFp64OnBothPaths/*:*ActivationBackwardMatches*:*GluBackwardMatches*:*CudaDeviceGemm.Forward*' \
+timeout 60 "$K" --gtest_filter='CudaDeviceGemmTiles.EveryTileMatchesFp64:*EpilogueMatchesFp64OnBothPaths/*:*ActivationBackwardMatches*:*CudaDeviceGemm.Forward*:*GluMatches*:*GluBackwardMatches*' \
   > "$LOGS/kernels.log" 2>&1
-echo "tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/kernels.log" | tr '\n' ' ') last: $(grep -E '^\[ RUN' "$LOGS/kernels.log" | tail -1 | cut -c1-90)"
+echo "tests: exit $?, $(grep -c '^\[       OK' "$LOGS/kernels.log") ok, $(grep -c '^\[  FAILED  \] [A-Z]' "$LOGS/kernels.log") failed; $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/kernels.log" | tr '\n' ' ') last: $(grep -E '^\[ RUN' "$LOGS/kernels.log" | tail -1 | cut -c1-90)"
 grep -E '^\[  FAILED' "$LOGS/kernels.log" | cut -c1-140 | head
 G="$B/bin/flex-gemm-bench"
 for a in boxes full; do
