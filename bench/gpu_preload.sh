@@ -2,7 +2,8 @@
 # One device call (issue 13, session 17): the staged store's inputs loaded
 # before its staging writes (a79e74b), auto's device-kernel bound at 2048
 # rows per expert (7b81a8d) and A in boxes of 32 rows (4707569, against
-# FLEX_WGMMA_A=full at decode). The tests of the fused stores and the device
+# FLEX_WGMMA_A=full at decode; reverted in 42284b7 until a GPU runs it:
+# `git revert 42284b7` first, else both A rows time the same code). The tests of the fused stores and the device
 # GEMM (the new past-2048 case included), memcheck over the fused stores,
 # flex-gemm-bench on C3 (bias + ReLU and the ReLU backward fused against
 # GEMM + pass), then the dropless layers under auto against capacity 1.0.

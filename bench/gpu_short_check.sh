@@ -4,7 +4,9 @@
 # stores' (the device GEMM on every tile, the epilogues, the activation
 # and GLU backwards), then C3 fc1 / fc2 on the tiles (with the bias + ReLU
 # and ReLU-backward stores fused against GEMM + pass) and the decode GEMMs
-# with A's 32-row boxes against FLEX_WGMMA_A=full. For a session with
+# with A's 32-row boxes against FLEX_WGMMA_A=full (4707569: reverted in
+# 42284b7 until a GPU runs it; `git revert 42284b7` first, else both rows
+# time the same code). For a session with
 # little device time left; bench/gpu_preload.sh is the whole round. Run
 # inside bench/baseline:
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> bash bench/gpu_short_check.sh
