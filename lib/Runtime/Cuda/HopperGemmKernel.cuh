@@ -312,6 +312,39 @@ copyStagedRows(uint32_t stage, T *c, int64_t n, int64_t row0, int64_t local0,
     }
   }
 }
+/// The inputs Store reads beside the product for one staged chunk (the
+/// lane's 2 rows `first` + lane / 4 (+ 8), 8 column pairs from col0),
+/// zeros where none: all loaded before the chunk's first staging write,
+/// whose "memory" clobber (and the `pre` stores, which may alias) would
+/// order each load after the write before it, one load latency per pair
+/// (C3's fused bias + ReLU took 1106 us against 894 for the plain store,
+/// bench/RESULTS.md Run 43). The bias is one row for both halves.
+template <typename T, StoreMode Store>
+__device__ __forceinline__ void
+chunkInputs(const RaggedMParams &p, const TileWork &w, int64_t first,
+            int64_t col0, const T *bias, int lane,
+            float2 (&in)[2][kStagingColumns / 8]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = lane / 4 + half * 8;
+    const int64_t at = (w.row0 + first + r) * p.n;
+#pragma unroll
+    for (int jj = 0; jj < kStagingColumns / 8; ++jj) {
+      const int64_t col = col0 + 8 * jj + 2 * (lane % 4);
+      in[half][jj] = float2{0.0f, 0.0f};
+      if constexpr (Store == StoreMode::BiasActivation) {
+        if (half == 0 && col < p.n)
+          in[0][jj] = pairInput<T, Store>(p, at, col, bias);
+        else if (half == 1)
+          in[1][jj] = in[0][jj];
+      } else if constexpr (Store == StoreMode::ActivationBackward) {
+        if (first + r < w.rowsValid && col < p.n)
+          in[half][jj] = pairInput<T, Store>(p, at, col, bias);
+      }
+    }
+  }
+}
+
 /// A staged store of one warp's part of a tile (stagedStore): its rows
 /// local0 + 64 h + r (r < 16, h < Blocks) of the tile `w`, 64 columns at a
 /// time - its values into its staging area at shared address `stage`
@@ -336,35 +369,8 @@ storeTileStaged(const RaggedMParams &p, const TileWork &w,
       const int64_t col0 = w.n0 + chunk * kStagingColumns;
       if (col0 >= p.n || first >= w.rowsValid)
         continue; // (the same for the whole warp)
-      // Every input of the chunk is loaded before its first staging write:
-      // that write's "memory" clobber (and the `pre` stores, which may
-      // alias) would order each load after the write before it, one load
-      // latency per pair (C3's fused bias + ReLU took 1106 us against 894
-      // for the plain store, bench/RESULTS.md Run 43). The bias is one row
-      // for both halves.
-      constexpr bool Inputs = Store == StoreMode::ActivationBackward ||
-                              Store == StoreMode::BiasActivation;
       float2 in[2][kStagingColumns / 8];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = lane / 4 + half * 8;
-        const int64_t at = (w.row0 + first + r) * p.n;
-        const bool rowValid = first + r < w.rowsValid;
-#pragma unroll
-        for (int jj = 0; jj < kStagingColumns / 8; ++jj) {
-          const int64_t col = col0 + 8 * jj + 2 * (lane % 4);
-          in[half][jj] = float2{0.0f, 0.0f};
-          if constexpr (Store == StoreMode::BiasActivation) {
-            if (half == 0 && col < p.n)
-              in[0][jj] = pairInput<T, Store>(p, at, col, bias);
-            else if (half == 1)
-              in[1][jj] = in[0][jj];
-          } else if constexpr (Inputs) {
-            if (rowValid && col < p.n)
-              in[half][jj] = pairInput<T, Store>(p, at, col, bias);
-          }
-        }
-      }
+      chunkInputs<T, Store>(p, w, first, col0, bias, lane, in);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = lane / 4 + half * 8;
