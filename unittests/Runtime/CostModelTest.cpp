@@ -1041,6 +1041,16 @@ TEST(GroupedGemmRule, DeviceKernelWhereTheRuntimeTakesIt) {
                                 false, true));
   EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 2048 * 64 + 1, 64,
                                  false, false, true));
+  // A gathered A up to 512 (its rows are copied first above it), or while
+  // a graph records.
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 512 * 64, 64, false,
+                                false, true, true));
+  EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 512 * 64 + 1, 64, false,
+                                 false, true, true));
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Auto, 1536 * 64, 64, true,
+                                false, true, true));
+  EXPECT_TRUE(prefersDeviceGemm(GroupedGemmImpl::Device, 1536 * 64, 64, false,
+                                false, true, true));
   EXPECT_FALSE(prefersDeviceGemm(GroupedGemmImpl::Auto, 256 * 64 + 1, 64,
                                  false, true, true));
   EXPECT_FALSE(

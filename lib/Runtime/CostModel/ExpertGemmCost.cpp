@@ -85,8 +85,8 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   if (profile.backend != "cuda" || !profile.deviceGemmFigures().available ||
       !deviceGemmShapeFits(a.dtype, k, n))
     return GemmPath::PerExpert;
-  // A gather-fused GEMM (row_tokens) follows the same rule; off the device
-  // kernel its rows are copied first (priced in stepBasis).
+  // A gather-fused GEMM (row_tokens) follows the rule with its own bound;
+  // off the device kernel its rows are copied first (priced in stepBasis).
   const int64_t rowBound = declaredRows(step, a);
   // Not `capturing`: the backend records a dynamic pass only where the
   // rule already sends every GEMM to the kernel (grouped_gemm=device, or
@@ -97,7 +97,7 @@ GemmPath expertGemmPath(const DeviceProfile &profile,
   return prefersDeviceGemm(options.groupedGemm, rowBound, groups,
                            /*capturing=*/false,
                            getStepKind(step.op).cost == StepCost::ExpertWgrad,
-                           options.wgmmaGemm)
+                           options.wgmmaGemm, step.gathersA())
              ? GemmPath::Device
              : GemmPath::PerExpert;
 }

@@ -207,8 +207,8 @@ bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant,
       std::optional<GemmStepShape> gemm = gemmStepShape(plan, step);
       // grouped_gemm_glu runs the device kernel where it fits, whatever the
       // rows. The fused backwards (their store applies the backward) and a
-      // gathered GEMM follow the rule (autoFusesBackwardInStore has the
-      // forward's bound).
+      // gathered GEMM follow the rule (a gathered A its own bound; the
+      // fused backwards' store bound is below the forward's).
       if (!gemm || step.op == StepOp::GroupedGemmGlu)
         continue;
       const SegmentFacts &seg = step.facts.segments;
@@ -222,7 +222,8 @@ bool autoTakesDeviceKernels(const Plan &plan, const Variant &variant,
           std::max<int64_t>(0, declared - (seg.isValid() ? seg.baseRow : 0));
       if (!prefersDeviceGemm(GroupedGemmImpl::Auto, rowBound, gemm->groups,
                              /*capturing=*/false,
-                             step.op == StepOp::GroupedGemmWgrad, wgmma))
+                             step.op == StepOp::GroupedGemmWgrad, wgmma,
+                             step.gathersA()))
         return false;
     }
   return true;

@@ -127,16 +127,17 @@ __global__ void biasReduceKernel(const float *__restrict__ partial, int64_t n,
 
 /// Whether a dynamic grouped GEMM takes the device-sized kernel: the rule of
 /// Core/GroupedGemmRule.h (which the cost model prices), where the kernel
-/// applies. A gathered one follows it too, else its rows are copied first
-/// and the host path runs: at prefill sizes the device kernels' gathered
-/// forms lose to the copy and cuBLAS (H100, bench/RESULTS.md Runs 35-36:
-/// C3's gathered fc1 2992 us on the mma.sync kernel, 2137 on wgmma, against
-/// 1236 for cuBLAS on the dispatched rows).
+/// applies. A gathered one (`gathered`) follows its own bound
+/// (kWgmmaGatheredRowsPerExpert), else its rows are copied first and the
+/// plain GEMM's rule runs on the copy: at prefill sizes the device kernels'
+/// gathered forms lose to the copy (H100, bench/RESULTS.md Runs 35-36: C3's
+/// gathered fc1 2992 us on the mma.sync kernel, 2137 on wgmma, against 1236
+/// for cuBLAS on the dispatched rows).
 bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
                      DType type, int64_t k, int64_t n,
                      const ExpertRowSpace &space,
                      std::initializer_list<const void *> pointers,
-                     bool weightGradient = false) {
+                     bool weightGradient = false, bool gathered = false) {
   if (space.isStatic() || path == detail::GroupedGemmPath::Cublas ||
       path == detail::GroupedGemmPath::CublasGrouped)
     return false;
@@ -147,7 +148,7 @@ bool useDeviceKernel(const KernelContext &ctx, detail::GroupedGemmPath path,
   if (path == detail::GroupedGemmPath::Auto &&
       !prefersDeviceGemm(ctx.groupedGemm, space.rowBound, space.experts,
                          needsKernelToRecord, weightGradient,
-                         detail::hopperGroupedGemmRuns(ctx)))
+                         detail::hopperGroupedGemmRuns(ctx), gathered))
     return false;
   return detail::deviceGroupedGemmApplies(ctx, type, k, n, space, pointers);
 }
@@ -568,7 +569,9 @@ Status groupedGemmWith(KernelContext &ctx, ReadBuffer a, ReadBuffer b,
   // (the variant was chosen for it); elsewhere the rows are copied first.
   const bool gathered = gather.rowTokens != nullptr;
   if (gathered && !useDeviceKernel(ctx, path, dtype, k, n, space,
-                                   {a.data, b.data, target.data})) {
+                                   {a.data, b.data, target.data},
+                                   /*weightGradient=*/false,
+                                   /*gathered=*/true)) {
     if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
       return s;
     return groupedGemmWith(ctx, a, b, bias, c, k, n, space, options, pre, path,
@@ -848,9 +851,10 @@ Status groupedGemmWgradWith(KernelContext &ctx, ReadBuffer a, ReadBuffer gradC,
       !s)
     return s;
   const bool gathered = gather.rowTokens != nullptr;
-  if (gathered && !useDeviceKernel(ctx, path, gradB.type, k, n, space,
-                                   {a.data, gradC.data, gradB.data},
-                                   /*weightGradient=*/true)) {
+  if (gathered &&
+      !useDeviceKernel(ctx, path, gradB.type, k, n, space,
+                       {a.data, gradC.data, gradB.data},
+                       /*weightGradient=*/true, /*gathered=*/true)) {
     if (Status s = gatherRows(ctx, a, k, space, gather, a); !s)
       return s;
     return groupedGemmWgradWith(ctx, a, gradC, k, n, space, gradB, gradBias,

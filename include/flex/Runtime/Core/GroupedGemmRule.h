@@ -57,6 +57,14 @@ inline constexpr int64_t kDeviceGemmForwardRowsPerExpert = 40;
 /// 1387). The crossover lies between 1536 and 4096: 2048.
 inline constexpr int64_t kWgmmaForwardRowsPerExpert = 2048;
 
+/// The same for a gathered A (row_tokens): the wgmma kernel's cp.async
+/// producer is measured at decode sizes only, and at prefill its gathered
+/// forms lose to copying the rows first (H100, Runs 35-36: C3's gathered
+/// fc1 2137 us on wgmma, 2992 on mma.sync, against 1236 for cuBLAS on the
+/// dispatched rows); above it the rows are copied and the GEMM takes the
+/// plain rule.
+inline constexpr int64_t kWgmmaGatheredRowsPerExpert = 512;
+
 /// Mean rows per expert up to which auto runs a fused backward in the wgmma
 /// kernel's store (autoFusesBackwardInStore; Run 37 below). Between it and
 /// kWgmmaForwardRowsPerExpert a fused backward runs as the device kernel's
@@ -137,11 +145,13 @@ inline constexpr DeviceGemmTile deviceGemmTile(int64_t rowBound,
 /// gradient: kDeviceGemmRowsPerExpert) or while a CUDA graph is being
 /// recorded (the cuBLAS paths' host read cannot be). Where the device has
 /// the wgmma kernel (`wgmma`: Hopper, HopperGemmKernel.cuh), the forward
-/// and input-gradient bound is kWgmmaForwardRowsPerExpert.
+/// and input-gradient bound is kWgmmaForwardRowsPerExpert, with a gathered
+/// A (`gathered`) kWgmmaGatheredRowsPerExpert.
 inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
                                         int64_t experts, bool capturing,
                                         bool weightGradient = false,
-                                        bool wgmma = false) {
+                                        bool wgmma = false,
+                                        bool gathered = false) {
   switch (impl) {
   case GroupedGemmImpl::Device:
     return true;
@@ -151,8 +161,9 @@ inline constexpr bool prefersDeviceGemm(GroupedGemmImpl impl, int64_t rowBound,
     break;
   }
   const int64_t perExpert = weightGradient ? kDeviceGemmRowsPerExpert
-                            : wgmma        ? kWgmmaForwardRowsPerExpert
-                                           : kDeviceGemmForwardRowsPerExpert;
+                            : !wgmma       ? kDeviceGemmForwardRowsPerExpert
+                            : gathered     ? kWgmmaGatheredRowsPerExpert
+                                           : kWgmmaForwardRowsPerExpert;
   return capturing || rowBound <= perExpert * experts;
 }
 
