@@ -5,7 +5,9 @@
 #   moe_run_row LABEL PLAN VARIANT [NAME=VALUE...] [-- MOE-RUN FLAGS...]
 # PLAN is bench/plans/PLAN.json; NAME=VALUE pairs are the run's environment
 # (FLEX_WGMMA=0, ...). Needs MOE_RUN (the binary) and ROW_LOGS (where
-# LABEL.json and LABEL.err go); ROW_ITERS timed calls (default 10).
+# LABEL.json and LABEL.err go); ROW_ITERS timed calls (default 10; 30 for
+# VARIANT auto, whose first calls measure the candidates: with 10, call 47's
+# D1 row reported one of them, auto_exploring true).
 moe_run_row() {
   local label=$1 plan=$2 variant=$3
   shift 3
@@ -16,7 +18,8 @@ moe_run_row() {
     shift
   done
   env "${env[@]}" timeout 90 "$MOE_RUN" "bench/plans/$plan.json" --device cuda \
-    --iters "${ROW_ITERS:-10}" --variant "$variant" --json "${flags[@]}" \
+    --iters "${ROW_ITERS:-$([[ $variant == auto ]] && echo 30 || echo 10)}" \
+    --variant "$variant" --json "${flags[@]}" \
     > "$ROW_LOGS/$label.json" 2> "$ROW_LOGS/$label.err" ||
     { echo "$label failed: $(tail -2 "$ROW_LOGS/$label.err")"; return; }
   python3 - "$ROW_LOGS/$label.json" "$label" <<'PY'
@@ -24,7 +27,9 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 f, b = d["forward"], d.get("backward")
 steps = lambda p: [(x["op"], round(x["mean_us"], 1)) for x in p["steps"]]
-print(f"{sys.argv[2]:24s} {d['variant'][:26]:26s} fwd {f['median_us']:8.1f} us"
+print(f"{sys.argv[2]:24s} {d['variant'][:26]:26s}"
+      + (" (still exploring)" if d.get("auto_exploring") else "")
+      + f" fwd {f['median_us']:8.1f} us"
       + (f" bwd {b['median_us']:8.1f} us" if b else ""), steps(f),
       steps(b) if b else "")
 PY
