@@ -31,7 +31,7 @@ grep -E "^c3|wgmma 128x256|bias|backward" "$LOGS/gemm-c3.log" | sed -E 's/small.
 for a in boxes full; do
   FLEX_WGMMA_A=$a timeout 60 "$G" --iters 20 --only decode_t256,decode_t128_big > "$LOGS/gemm-decode-$a.log" 2>&1
   echo "== flex-gemm-bench decode, A $a (exit $?)"
-  grep -E "^decode|wgmma 128x256|glu" "$LOGS/gemm-decode-$a.log" | cut -c1-260
+  grep -E "^decode|wgmma 128x256|glu|gathered" "$LOGS/gemm-decode-$a.log" | cut -c1-260
 done
 . bench/moe_run_row.sh
 MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"

@@ -23,7 +23,7 @@ G="$B/bin/flex-gemm-bench"
 for a in boxes full; do
   FLEX_WGMMA_A=$a timeout 25 "$G" --iters 20 --only decode_t256,decode_t128_big > "$LOGS/gemm-decode-$a.log" 2>&1
   echo "== decode, A $a (exit $?)"
-  grep -E "^decode|wgmma 128x256" "$LOGS/gemm-decode-$a.log" | sed -E 's/small.*wide 128x256 [0-9.]+ us \([0-9]+ TF\/s\)//' | cut -c1-240
+  grep -E "^decode|wgmma 128x256|gathered" "$LOGS/gemm-decode-$a.log" | sed -E 's/small.*wide 128x256 [0-9.]+ us \([0-9]+ TF\/s\)//' | cut -c1-240
 done
 timeout 60 "$G" --iters 5 --only c3 > "$LOGS/gemm-c3.log" 2>&1
 echo "== c3 (exit $?)"

@@ -359,6 +359,64 @@ bool benchFusedActivationBackward(cuda::KernelContext &ctx, const Shape &s,
   return e == 0.0;
 }
 
+/// fc1 with a gathered A at decode sizes (the `+gather` variants): the
+/// tokens' rows read through a row map by each device-kernel tile against
+/// the dispatched copy on the Auto tile (what the plain variant runs after
+/// its dispatch); auto takes the mma.sync few-rows tile for a gathered A
+/// there, the wgmma kernel's cp.async producer not having been timed at
+/// these sizes. Each output against the copy's.
+bool benchGatheredFc1(cuda::KernelContext &ctx, const Shape &s, const Routed &r,
+                      int iters, std::mt19937_64 &rng) {
+  const DType dt = DType::BF16;
+  const int64_t k = s.d, n = s.h, T = s.tokens, R = r.totalRows;
+  if (R == 0 || R > 512 * r.experts)
+    return true;
+  DeviceArray x(2 * T * k), rows(2 * R * k), b(2 * r.experts * k * n),
+      tokens(4 * R), fromCopy(2 * R * n), gathered(2 * R * n);
+  fillRandom(x.data, T * k, rng, 1.0);
+  fillRandom(b.data, r.experts * k * n, rng, 1.0 / std::sqrt(double(k)));
+  // Each row a random token (a routing's dispatched order has no pattern
+  // the reads could use), and the copy the dispatch would make.
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(T - 1));
+  std::vector<int32_t> map(R);
+  for (int32_t &t : map)
+    t = token(rng);
+  FLEX_BENCH_CHECK(
+      cudaMemcpy(tokens.data, map.data(), 4 * R, cudaMemcpyHostToDevice));
+  for (int64_t row = 0; row < R; ++row)
+    FLEX_BENCH_CHECK(cudaMemcpy(static_cast<char *>(rows.data) + 2 * row * k,
+                                static_cast<char *>(x.data) + 2 * map[row] * k,
+                                2 * k, cudaMemcpyDeviceToDevice));
+  const RowGather gather{static_cast<const int32_t *>(tokens.data), T};
+  using cuda::detail::DeviceTiles;
+  const double copyUs = hostMicros(ctx, iters, "gather.dispatched", [&] {
+    return cuda::detail::deviceGroupedGemm(
+        ctx, rows.data, b.data, fromCopy.data, dt, k, n, r.space, false, false);
+  });
+  std::printf("%-16s %-6s gathered A: dispatched rows %.1f us; gathered", "",
+              "", copyUs);
+  bool ok = true;
+  for (auto [tiles, name] :
+       TileNames{{DeviceTiles::Auto, "auto"},
+                 {DeviceTiles::Small, "small 32x128"},
+                 {DeviceTiles::HopperCooperative, "wgmma 128x128"}}) {
+    if (tiles >= DeviceTiles::Hopper &&
+        !cuda::detail::hopperGroupedGemmRuns(ctx))
+      continue;
+    const double us =
+        hostMicros(ctx, iters, std::string("gather.") + name, [&] {
+          return cuda::detail::deviceGroupedGemm(
+              ctx, x.data, b.data, gathered.data, dt, k, n, r.space, false,
+              false, tiles, gather);
+        });
+    const double e = relativeError(gathered.data, fromCopy.data, R * n);
+    std::printf("  %s %.1f us%s", name, us, e <= 2e-2 ? "" : " MISMATCH");
+    ok = ok && e <= 2e-2;
+  }
+  std::printf("\n");
+  return ok;
+}
+
 /// Uneven rows at prefill size: one strided-batched call with every expert
 /// padded to the largest's rows (a capacity layout whose C is the largest
 /// count, so nothing is dropped), over B = `b`; prints its row.
@@ -726,6 +784,8 @@ bool benchOp(cuda::KernelContext &ctx, const Shape &s, const Routed &r, Op op,
         ok;
   if (op == Op::Dgrad)
     ok = benchFusedActivationBackward(ctx, s, r, iters, rng) && ok;
+  if (op == Op::Fc1)
+    ok = benchGatheredFc1(ctx, s, r, iters, rng) && ok;
   return ok;
 }
 
