@@ -383,10 +383,13 @@ bool benchGatheredFc1(cuda::KernelContext &ctx, const Shape &s, const Routed &r,
     t = token(rng);
   FLEX_BENCH_CHECK(
       cudaMemcpy(tokens.data, map.data(), 4 * R, cudaMemcpyHostToDevice));
+  std::vector<uint16_t> hostX(T * k), hostRows(R * k);
+  FLEX_BENCH_CHECK(
+      cudaMemcpy(hostX.data(), x.data, 2 * T * k, cudaMemcpyDeviceToHost));
   for (int64_t row = 0; row < R; ++row)
-    FLEX_BENCH_CHECK(cudaMemcpy(static_cast<char *>(rows.data) + 2 * row * k,
-                                static_cast<char *>(x.data) + 2 * map[row] * k,
-                                2 * k, cudaMemcpyDeviceToDevice));
+    std::copy_n(hostX.begin() + map[row] * k, k, hostRows.begin() + row * k);
+  FLEX_BENCH_CHECK(cudaMemcpy(rows.data, hostRows.data(), 2 * R * k,
+                              cudaMemcpyHostToDevice));
   const RowGather gather{static_cast<const int32_t *>(tokens.data), T};
   using cuda::detail::DeviceTiles;
   const double copyUs = hostMicros(ctx, iters, "gather.dispatched", [&] {

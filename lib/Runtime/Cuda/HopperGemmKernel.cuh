@@ -590,11 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     TileWork w;
     if constexpr (Combine)
       w = tileAt<Cluster>(p, t, mTiles, nTiles, TileN, rank);
-#pragma unroll
-    for (int h = 0; h < Blocks; ++h)
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i)
-        acc[h][i] = 0.0f;
+    zeroAccumulators(acc);
     for (int kt = 0; kt < kTiles; ++kt, ++step) {
       const uint32_t s = step % Stages;
       barrierWait(fullBars + 8 * s, (step / Stages) & 1);
@@ -846,10 +842,18 @@ cudaError_t clustersThatFit(int bytes, int ctas, int &fit) {
 
 /// A persistent launch of `kernel` in clusters of Cluster CTAs: one CTA per
 /// SM of `ctas`, as many clusters as fit at once (a GPC's SMs pair up), at
-/// most `bound` (the tiles' upper bound, in cluster tiles).
+/// most `bound` (the tiles' upper bound, in cluster tiles). First the
+/// image's start registers (startRegistersOf, asked once per kernel) and
+/// its `bytes` of dynamic shared memory allowed.
 template <int Cluster, auto kernel, typename... Args>
 cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
                              cudaStream_t stream, const Args &...args) {
+  static const cudaError_t registers = startRegistersOf(kernel);
+  if (registers != cudaSuccess)
+    return registers;
+  if (cudaError_t e = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
+    return e;
   if (bound <= 0)
     return cudaSuccess;
   int64_t clusters = ctas / Cluster;
@@ -886,12 +890,6 @@ cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
   constexpr int bytes =
       Layout<BN, Stages,
              stagedStore(Glu, Store, Combine, DirectStore)>::SharedBytes;
-  static const cudaError_t registers = startRegistersOf(kernel);
-  if (registers != cudaSuccess)
-    return registers;
-  if (cudaError_t e = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
-    return e;
   constexpr int TileN = Glu ? BN / 2 : BN;
   constexpr int64_t TileRows = kTileM * Cluster;
   const int64_t bound = ((p.rowBound + TileRows - 1) / TileRows + p.groups) *

@@ -270,6 +270,17 @@ waitForThePreviousTile(uint32_t orderBars, int consumer, int64_t mine) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + consumer) : "memory");
 }
 
+/// A tile's fp32 accumulators to zero before its first product (the forward
+/// and the weight gradient both).
+template <int Blocks, int N>
+__device__ __forceinline__ void zeroAccumulators(float (&acc)[Blocks][N]) {
+#pragma unroll
+  for (int h = 0; h < Blocks; ++h)
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      acc[h][i] = 0.0f;
+}
+
 /// wgmma.mma_async m64nBNk16 with fp32 accumulators (BN / 2 registers per
 /// thread), A and B from shared memory, D += A B; TransA: A is M-major,
 /// TransB: B is N-major.

@@ -165,11 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if constexpr (PingPong)
       waitForThePreviousTile(orderBars, consumer, mine);
-#pragma unroll
-    for (int h = 0; h < Blocks; ++h)
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i)
-        acc[h][i] = 0.0f;
+    zeroAccumulators(acc);
     for (int kt = 0; kt < kTiles; ++kt, ++step) {
       const uint32_t s = step % Stages;
       barrierWait(fullBars + 8 * s, (step / Stages) & 1);
@@ -283,12 +279,6 @@ cudaError_t launchRaggedK(const CUtensorMap &mapA, const CUtensorMap &mapGradC,
                           cudaStream_t stream) {
   constexpr auto kernel = raggedKKernel<T, BN, Stages, PingPong, Cluster>;
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
-  static const cudaError_t registers = startRegistersOf(kernel);
-  if (registers != cudaSuccess)
-    return registers;
-  if (cudaError_t e = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))
-    return e;
   const int64_t bound = ((p.k + kTileM * Cluster - 1) / (kTileM * Cluster)) *
                         ((p.n + BN - 1) / BN) * int64_t(p.groups);
   return launchPersistent<Cluster, kernel>(bytes, bound, ctas, stream, mapA,
