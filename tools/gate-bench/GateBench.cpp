@@ -6,8 +6,10 @@
 //
 // flex-gate-bench [--iters N]: times cuda::gate's pipelines (legacy: one
 // thread per token; tile: the 32-row shared-memory token kernel; lanes: a
-// lane group per token; one-block: the whole gate in one launch, where it
-// applies; auto: what cuda::gate takes) on the same card in one process,
+// lane group per token, routed in its last block where that applies;
+// lane-scan: the lane kernel, then the scan and location kernels; one-block:
+// the whole gate in one launch, where it applies; auto: what cuda::gate
+// takes) on the same card in one process,
 // for the issue-13 shapes, with CUDA events: the whole gate (two events) and
 // each launch (an event after each, through the gate's stage hook), medians
 // of N runs after warm-up. The floor is reading the logits once and writing
@@ -323,17 +325,17 @@ int main(int argc, char **argv) {
       {"T16384 E256 k8", 16384, 256, 8, false, 0.0},
       {"T16384 E8 k2", 16384, 8, 2, false, 0.0},
       {"T2048 E64 k6", 2048, 64, 6, false, 0.0},
+      {"T680 E64 k6", 680, 64, 6, false, 0.0},
+      {"T512 E64 k6", 512, 64, 6, false, 0.0},
       {"decode T256 E64 k6", 256, 64, 6, false, 0.0},
       {"decode T256 E64 k6 bp", 256, 64, 6, true, 0.0},
       {"T128 E64 k8", 128, 64, 8, false, 0.0},
       {"T32 E64 k6", 32, 64, 6, false, 0.0},
   };
   const std::pair<GatePath, const char *> paths[] = {
-      {GatePath::Legacy, "legacy"},
-      {GatePath::Tile, "tile"},
-      {GatePath::Lanes, "lanes"},
-      {GatePath::OneBlock, "one-block"},
-      {GatePath::Auto, "auto"}};
+      {GatePath::Legacy, "legacy"},      {GatePath::Tile, "tile"},
+      {GatePath::Lanes, "lanes"},        {GatePath::LanesScan, "lane-scan"},
+      {GatePath::OneBlock, "one-block"}, {GatePath::Auto, "auto"}};
   constexpr int kPaths = sizeof(paths) / sizeof(paths[0]);
   struct Row {
     std::string name;

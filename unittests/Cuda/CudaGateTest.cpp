@@ -214,7 +214,8 @@ struct PathCase {
   GatePath path;
 
   std::string name() const {
-    const char *paths[] = {"Auto", "Legacy", "Tile", "Lanes", "OneBlock"};
+    const char *paths[] = {"Auto",  "Legacy",    "Tile",
+                           "Lanes", "LanesScan", "OneBlock"};
     return shape.name() + "_" + paths[static_cast<int>(path)];
   }
 };
@@ -222,8 +223,8 @@ struct PathCase {
 std::vector<PathCase> pathCases() {
   std::vector<PathCase> cases;
   for (const GateShape &shape : gateShapes())
-    for (GatePath path :
-         {GatePath::Auto, GatePath::Tile, GatePath::Lanes, GatePath::OneBlock})
+    for (GatePath path : {GatePath::Auto, GatePath::Tile, GatePath::Lanes,
+                          GatePath::LanesScan, GatePath::OneBlock})
       cases.push_back({shape, path});
   return cases;
 }
@@ -266,6 +267,14 @@ int64_t oneBlockLimit(int64_t E, int64_t k, bool bp) {
   return 0;
 }
 
+/// The largest T whose slots the lane kernel's last block routes (0: none).
+int64_t laneRouteLimit(int64_t E, int64_t k, bool bp) {
+  for (int64_t T = 8192; T > 0; --T)
+    if (cuda::detail::gateLanesRouteApplies(T, E, k, bp))
+      return T;
+  return 0;
+}
+
 class CudaGatePaths : public ::testing::TestWithParam<PathCase> {};
 
 /// Every output against the CPU gate: integers exactly, scores and gates bit
@@ -294,6 +303,12 @@ TEST_P(CudaGatePaths, MatchTheCpuGate) {
   if (limit > 0) {
     counts.push_back(limit);
     counts.push_back(limit + 1);
+  }
+  // And around the lane kernel's last-block routing (its ticket is cleared
+  // for each call: the calls share the scratch).
+  if (const int64_t routed = laneRouteLimit(E, c.k, c.batchPrioritized)) {
+    counts.push_back(routed);
+    counts.push_back(routed + 1);
   }
   for (int64_t T : counts)
     for (int pattern : {0, 1}) {
@@ -418,6 +433,20 @@ TEST(CudaGatePathLimits, OneBlockTakesTheDecodeShapes) {
   EXPECT_FALSE(gateOneBlockApplies(16, 300, 2, false)); // E > 256
   EXPECT_FALSE(gateOneBlockApplies(16, 16, 12, false)); // k > 8
   EXPECT_FALSE(gateOneBlockApplies(16, 1, 1, false));   // E < 2
+}
+
+/// The lane kernel's last block routes D1's gate (T 256, E 64, k 6: 1536
+/// pairs) up to 4096 pairs, never a prioritized order (it needs the sort).
+TEST(CudaGatePathLimits, LaneKernelRoutesDecodeShapes) {
+  using cuda::detail::gateLanesRouteApplies;
+  EXPECT_TRUE(gateLanesRouteApplies(256, 64, 6, false));
+  EXPECT_TRUE(gateLanesRouteApplies(512, 64, 8, false)); // 4096 pairs
+  EXPECT_FALSE(gateLanesRouteApplies(513, 64, 8, false));
+  EXPECT_TRUE(gateLanesRouteApplies(1, 256, 8, false));
+  EXPECT_FALSE(gateLanesRouteApplies(256, 64, 6, true));  // prioritized
+  EXPECT_FALSE(gateLanesRouteApplies(0, 64, 6, false));   // no tokens
+  EXPECT_FALSE(gateLanesRouteApplies(16, 300, 2, false)); // E > 256
+  EXPECT_FALSE(gateLanesRouteApplies(16, 16, 12, false)); // k > 8
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, CudaGatePaths, ::testing::ValuesIn(pathCases()),

@@ -541,11 +541,13 @@ __global__ void __launch_bounds__(kScanThreads) gateScanFusedKernel(
 namespace {
 
 /// The gate's scratch, one area: [scoreSums E f64][firstChoices E][counts E]
-/// [chunk counts][priority T, keys T][order T, sorted T][noisy T*E, legacy
-/// only][CUB temp]. The first four are cleared together (clearBytes).
+/// [chunk counts][ticket][priority T, keys T][order T, sorted T][noisy T*E,
+/// legacy only][CUB temp]. The sums and counts (legacy) or the first five
+/// (fused) are cleared together (clearBytes).
 struct GateScratch {
   double *scoreSums;
   int32_t *firstChoices, *counts, *chunkCounts;
+  uint32_t *ticket; ///< the lane kernel's finished blocks (cleared)
   float *priority, *keys, *noisy;
   int32_t *order, *sorted;
   void *sortTemp;
@@ -573,7 +575,8 @@ Status gateScratch(KernelContext &ctx, int64_t tokens, int32_t E,
   int64_t offFirst = align(8 * E);
   int64_t offCounts = offFirst + align(4 * E);
   int64_t offChunks = offCounts + align(4 * E);
-  int64_t offPriority = offChunks + align(4 * E * std::max<int64_t>(chunks, 1));
+  int64_t offTicket = offChunks + align(4 * E * std::max<int64_t>(chunks, 1));
+  int64_t offPriority = offTicket + align(4);
   int64_t offKeys = offPriority + align(4 * tokens);
   int64_t offOrder = offKeys + align(4 * tokens);
   int64_t offSorted = offOrder + align(4 * tokens);
@@ -588,6 +591,7 @@ Status gateScratch(KernelContext &ctx, int64_t tokens, int32_t E,
   g.firstChoices = reinterpret_cast<int32_t *>(bytes + offFirst);
   g.counts = reinterpret_cast<int32_t *>(bytes + offCounts);
   g.chunkCounts = reinterpret_cast<int32_t *>(bytes + offChunks);
+  g.ticket = reinterpret_cast<uint32_t *>(bytes + offTicket);
   g.priority = reinterpret_cast<float *>(bytes + offPriority);
   g.keys = reinterpret_cast<float *>(bytes + offKeys);
   g.order = reinterpret_cast<int32_t *>(bytes + offOrder);
@@ -692,7 +696,10 @@ detail::LaneTokenArgs laneTokenArgs(const float *logits, int64_t tokens,
           bp ? g.order : nullptr,
           bp ? nullptr : g.chunkCounts,
           g.scoreSums,
-          g.firstChoices};
+          g.firstChoices,
+          nullptr,
+          nullptr,
+          nullptr};
 }
 
 } // namespace
@@ -756,8 +763,19 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
     if (Status s = report("gate fused token kernel"); !s)
       return s;
   } else if (tokens > 0 && !legacy) {
-    detail::launchLaneTokens(ctx, laneTokenArgs(logits, tokens, E, k, normalize,
-                                                noiseScale, attrs, out, g));
+    detail::LaneTokenArgs args = laneTokenArgs(logits, tokens, E, k, normalize,
+                                               noiseScale, attrs, out, g);
+    if (path != GatePath::LanesScan &&
+        gateLanesRouteApplies(tokens, experts, attrs.topK, bp)) {
+      // Its last block writes the locations, [cap-1], rows, offsets, l_aux.
+      args.chunkCounts = nullptr;
+      args.ticket = g.ticket;
+      args.attrs = &attrs;
+      args.outputs = &out;
+      detail::launchLaneTokens(ctx, args);
+      return report("gate lane kernel, routed in its last block");
+    }
+    detail::launchLaneTokens(ctx, args);
     if (Status s = report("gate lane token kernel"); !s)
       return s;
   } else if (tokens > 0) {

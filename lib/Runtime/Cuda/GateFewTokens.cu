@@ -65,6 +65,9 @@ constexpr int kOneBlockWarps = kOneBlockThreads / 32;
 constexpr int64_t kOneBlockLaneTokens = 4 * kOneBlockThreads;
 constexpr int64_t kOneBlockPairs = 8 * kOneBlockThreads;
 constexpr int64_t kOneBlockPrioritizedTokens = 256;
+/// gateLanesRouteApplies: (choice, token) pairs the lane kernel's last block
+/// locates, 16 rounds of its 256 threads (D1, T 256 x k 6, is 6).
+constexpr int64_t kLaneRoutePairs = 16 * kLaneThreads;
 
 /// ranksAbove (GateDevice.cuh) as an unsigned order: NaN is 1, -0 is +0,
 /// every other float maps monotonically above 1 (-inf to 0x007fffff); 0 is
@@ -264,6 +267,122 @@ __device__ __forceinline__ LaneGroup<G> groupOf(unsigned mask) {
 // The Lanes token kernel
 //===----------------------------------------------------------------------===//
 
+/// What the routing after the tokens writes: [loc-1] locations, [cap-1],
+/// the experts' rows and offsets, and l_aux.
+struct RoutingParams {
+  CapacityParams capacity;
+  int32_t *locations, *capacityOut, *offsets, *rows;
+  float *lAux;
+};
+
+/// [loc-1] over the whole (choice, token) sequence in rounds of one pair per
+/// thread of a block of Threads: within a warp by match_any, across warps
+/// by per-warp counts (`warpCounts` [Threads / 32][E], zero), as Gate.cu's
+/// location kernel. `running` (E, zero) is left holding the per-expert
+/// counts. The indices are read from L2 (__ldcg): other blocks may have
+/// written them (the lane kernel's last block); `order` (shared memory or
+/// null) is this block's. The next round's slot is loaded before this
+/// round's barriers.
+template <int Threads>
+__device__ void locateSlots(const TokenParams &token, int32_t *locations,
+                            const int32_t *order, int32_t *warpCounts,
+                            int32_t *running) {
+  const int32_t E = token.experts, k = token.k;
+  const int64_t T = token.tokens, length = T * k;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lowerLanes = (1u << lane) - 1u;
+  const int32_t *indices = token.indices;
+  auto slotAt = [&](int64_t s, int32_t &expert) -> int64_t {
+    expert = -1;
+    if (s >= length)
+      return -1;
+    const int64_t j = s / T, q = s - j * T;
+    const int64_t slot = (order ? order[q] : q) * k + j;
+    expert = __ldcg(indices + slot);
+    return slot;
+  };
+  int32_t nextExpert;
+  int64_t nextSlot = slotAt(threadIdx.x, nextExpert);
+  for (int64_t round = 0; round < length; round += Threads) {
+    const int64_t slot = nextSlot;
+    const int32_t expert = nextExpert;
+    nextSlot = slotAt(round + Threads + threadIdx.x, nextExpert);
+    const unsigned same = __match_any_sync(0xffffffffu, expert);
+    const int32_t rankInWarp = __popc(same & lowerLanes);
+    const bool leader = rankInWarp == 0;
+    if (leader && expert >= 0)
+      warpCounts[warp * E + expert] = __popc(same);
+    __syncthreads();
+    if (expert >= 0) {
+      int32_t before = running[expert];
+      for (int w = 0; w < warp; ++w)
+        before += warpCounts[w * E + expert];
+      locations[slot] = before + rankInWarp;
+    }
+    __syncthreads();
+    if (leader && expert >= 0) {
+      atomicAdd(&running[expert], __popc(same));
+      warpCounts[warp * E + expert] = 0;
+    }
+    __syncthreads();
+  }
+}
+
+/// [cap-1], rows, offsets and l_aux from the counts, as Gate.cu's fused
+/// scan kernel, on a block of at least E threads. `means` holds the score
+/// sums (overwritten), `prefix` 2 * E; `maxCount` starts at 0.
+__device__ void finishRouting(const TokenParams &token, const RoutingParams &p,
+                              const int32_t *counts, const int32_t *first,
+                              double *means, int64_t *prefix, int32_t &maxCount,
+                              int64_t &cap) {
+  const int tid = threadIdx.x, E = token.experts;
+  if (tid < E)
+    atomicMax(&maxCount, counts[tid]);
+  __syncthreads();
+  if (tid == 0) {
+    const CapacityParams &c = p.capacity;
+    cap = computeCapacity(c.mode, c.factor, c.tokens, c.experts, c.k, maxCount,
+                          c.alignment);
+    *p.capacityOut = static_cast<int32_t>(min(cap, int64_t{INT32_MAX}));
+  }
+  __syncthreads();
+  const double tokenCount = static_cast<double>(token.tokens);
+  if (tid < E) {
+    const int64_t rows = min(int64_t{counts[tid]}, cap);
+    p.rows[tid] = static_cast<int32_t>(rows);
+    prefix[tid] = p.capacity.alignRows(rows);
+    means[tid] = __dmul_rn(means[tid] / tokenCount,
+                           static_cast<double>(first[tid]) / tokenCount);
+  }
+  __syncthreads();
+  // Inclusive scan of the rows (Hillis-Steele, ping-pong halves).
+  int from = 0;
+  for (int step = 1; step < E; step *= 2) {
+    if (tid < E)
+      prefix[(1 - from) * E + tid] =
+          prefix[from * E + tid] +
+          (tid >= step ? prefix[from * E + tid - step] : 0);
+    from = 1 - from;
+    __syncthreads();
+  }
+  const bool padded = p.capacity.padded;
+  if (tid < E)
+    p.offsets[tid] = static_cast<int32_t>(
+        padded ? tid * cap : (tid > 0 ? prefix[from * E + tid - 1] : 0));
+  if (tid == 0)
+    p.offsets[E] =
+        static_cast<int32_t>(padded ? E * cap : prefix[from * E + E - 1]);
+  for (int half = 128; half > 0; half /= 2) {
+    if (tid < half && tid + half < E)
+      means[tid] = __dadd_rn(means[tid], means[tid + half]);
+    __syncthreads();
+  }
+  if (tid == 0)
+    *p.lAux = token.tokens > 0
+                  ? static_cast<float>(static_cast<double>(E) * means[0])
+                  : 0.0f;
+}
+
 struct LaneKernelParams {
   TokenParams token;
   /// Tokens per group; a block's tokens span at most 1024 (two location
@@ -274,6 +393,10 @@ struct LaneKernelParams {
   int32_t *chunkCounts;
   double *scoreSums;
   int32_t *firstChoices;
+  /// Non-null: the last block to finish routes every slot (ticket counts
+  /// the finished blocks from 0; chunkCounts is null).
+  uint32_t *ticket;
+  RoutingParams routing;
 };
 
 /// Adds the block's [loss-1] sums: lane l of each group holds experts
@@ -301,6 +424,41 @@ __device__ void addLossSums(double (&sums)[kSlots], double *warpSums, int32_t E,
     if (sum != 0.0)
       atomicAdd(&scoreSums[e], sum);
   }
+}
+
+/// The routing after every block's tokens, in the last block: [loc-1]
+/// over the whole sequence (locateSlots), then [cap-1], rows, offsets and
+/// l_aux (finishRouting) from the sums and counts all blocks added. `area`
+/// is the token rows (8 KiB: the warp counts, 8 x E ints) and the warp sums
+/// (8 x E doubles: means, prefix, running and first counts, 4 x E words).
+__device__ void routeInLastBlock(const LaneKernelParams &p, double *area) {
+  constexpr int kWarps = kLaneThreads / 32;
+  static_assert(kSlots * kLaneThreads * 4 >= kWarps * 256 * 4,
+                "the token rows hold the warp counts");
+  __shared__ int32_t maxCount;
+  __shared__ int64_t cap;
+  const int32_t E = p.token.experts;
+  const int tid = threadIdx.x;
+  auto *warpCounts = reinterpret_cast<int32_t *>(area);
+  double *means = area + kSlots * kLaneThreads / 2;
+  auto *prefix = reinterpret_cast<int64_t *>(means + E);
+  auto *running = reinterpret_cast<int32_t *>(prefix + 2 * E);
+  int32_t *first = running + E;
+  for (int i = tid; i < kWarps * E; i += kLaneThreads)
+    warpCounts[i] = 0;
+  for (int32_t e = tid; e < E; e += kLaneThreads) {
+    running[e] = 0;
+    means[e] = __ldcg(p.scoreSums + e);
+    first[e] = __ldcg(p.firstChoices + e);
+  }
+  if (tid == 0)
+    maxCount = 0;
+  __syncthreads();
+  locateSlots<kLaneThreads>(p.token, p.routing.locations, nullptr, warpCounts,
+                            running);
+  __syncthreads();
+  finishRouting(p.token, p.routing, running, first, means, prefix, maxCount,
+                cap);
 }
 
 /// 3 blocks per SM (at most 80 registers a thread): 24 warps to hide the
@@ -365,6 +523,20 @@ __global__ void __launch_bounds__(kLaneThreads, kLaneBlocksPerSM)
       const int64_t chunk = (j * T + t0) / kLocationChunk + half;
       atomicAdd(&p.chunkCounts[chunk * E + e], count);
     }
+  if (!p.ticket)
+    return;
+  // Each thread's fence orders its indices, sums and counts before the
+  // block's ticket; the last block's fence orders its reads after them.
+  __shared__ bool lastBlock;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0)
+    lastBlock = atomicAdd(p.ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!lastBlock)
+    return;
+  __threadfence();
+  routeInLastBlock(p, laneShared + 32);
 }
 
 /// Lanes per token: E / 8 rounded up to a power of two (E <= 256).
@@ -407,9 +579,7 @@ void launchLanes(cudaStream_t stream, unsigned blocks, size_t smem,
 struct OneBlockParams {
   TokenParams token;
   bool prioritized;
-  CapacityParams capacity;
-  int32_t *locations, *capacityOut, *offsets, *rows;
-  float *lAux;
+  RoutingParams routing;
 };
 
 /// The token phase: every group routes tokens g, g + groups, ...
@@ -472,100 +642,6 @@ __device__ void rankPartials(const float *priority, int64_t T, int32_t *rank) {
   }
   if (count)
     atomicAdd(&rank[t], count);
-}
-
-/// [loc-1] over the whole (choice, token) sequence in rounds of one pair per
-/// thread: within a warp by match_any, across warps by per-warp counts, as
-/// Gate.cu's location kernel. Leaves the per-expert counts in `running`.
-__device__ void locateSlots(const OneBlockParams &p, const int32_t *order,
-                            int32_t *warpCounts, int32_t *running) {
-  const int32_t E = p.token.experts, k = p.token.k;
-  const int64_t T = p.token.tokens, length = T * k;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned lowerLanes = (1u << lane) - 1u;
-  const int32_t *indices = p.token.indices;
-  for (int64_t round = 0; round < length; round += kOneBlockThreads) {
-    const int64_t s = round + threadIdx.x;
-    int64_t slot = -1;
-    int32_t expert = -1;
-    if (s < length) {
-      const int64_t j = s / T, q = s - j * T;
-      slot = (order ? order[q] : q) * k + j;
-      expert = indices[slot];
-    }
-    const unsigned same = __match_any_sync(0xffffffffu, expert);
-    const int32_t rankInWarp = __popc(same & lowerLanes);
-    const bool leader = rankInWarp == 0;
-    if (leader && expert >= 0)
-      warpCounts[warp * E + expert] = __popc(same);
-    __syncthreads();
-    if (expert >= 0) {
-      int32_t before = running[expert];
-      for (int w = 0; w < warp; ++w)
-        before += warpCounts[w * E + expert];
-      p.locations[slot] = before + rankInWarp;
-    }
-    __syncthreads();
-    if (leader && expert >= 0) {
-      atomicAdd(&running[expert], __popc(same));
-      warpCounts[warp * E + expert] = 0;
-    }
-    __syncthreads();
-  }
-}
-
-/// [cap-1], rows, offsets and l_aux from the counts, as Gate.cu's fused
-/// scan kernel. `means` holds the score sums (overwritten), `prefix` 2 * E.
-__device__ void finishRouting(const OneBlockParams &p, const int32_t *counts,
-                              const int32_t *first, double *means,
-                              int64_t *prefix, int32_t &maxCount,
-                              int64_t &cap) {
-  const int tid = threadIdx.x, E = p.token.experts;
-  if (tid < E)
-    atomicMax(&maxCount, counts[tid]);
-  __syncthreads();
-  if (tid == 0) {
-    const CapacityParams &c = p.capacity;
-    cap = computeCapacity(c.mode, c.factor, c.tokens, c.experts, c.k, maxCount,
-                          c.alignment);
-    *p.capacityOut = static_cast<int32_t>(min(cap, int64_t{INT32_MAX}));
-  }
-  __syncthreads();
-  const double tokenCount = static_cast<double>(p.token.tokens);
-  if (tid < E) {
-    const int64_t rows = min(int64_t{counts[tid]}, cap);
-    p.rows[tid] = static_cast<int32_t>(rows);
-    prefix[tid] = p.capacity.alignRows(rows);
-    means[tid] = __dmul_rn(means[tid] / tokenCount,
-                           static_cast<double>(first[tid]) / tokenCount);
-  }
-  __syncthreads();
-  // Inclusive scan of the rows (Hillis-Steele, ping-pong halves).
-  int from = 0;
-  for (int step = 1; step < E; step *= 2) {
-    if (tid < E)
-      prefix[(1 - from) * E + tid] =
-          prefix[from * E + tid] +
-          (tid >= step ? prefix[from * E + tid - step] : 0);
-    from = 1 - from;
-    __syncthreads();
-  }
-  const bool padded = p.capacity.padded;
-  if (tid < E)
-    p.offsets[tid] = static_cast<int32_t>(
-        padded ? tid * cap : (tid > 0 ? prefix[from * E + tid - 1] : 0));
-  if (tid == 0)
-    p.offsets[E] =
-        static_cast<int32_t>(padded ? E * cap : prefix[from * E + E - 1]);
-  for (int half = 128; half > 0; half /= 2) {
-    if (tid < half && tid + half < E)
-      means[tid] = __dadd_rn(means[tid], means[tid + half]);
-    __syncthreads();
-  }
-  if (tid == 0)
-    *p.lAux = p.token.tokens > 0
-                  ? static_cast<float>(static_cast<double>(E) * means[0])
-                  : 0.0f;
 }
 
 /// Doubles of the area shared, phase after phase, by the token rows (8
@@ -631,14 +707,36 @@ __global__ void __launch_bounds__(kOneBlockThreads)
   for (int i = tid; i < kOneBlockWarps * E; i += kOneBlockThreads)
     warpCounts[i] = 0;
   __syncthreads();
-  locateSlots(p, priority ? sorted : nullptr, warpCounts, running);
+  locateSlots<kOneBlockThreads>(p.token, p.routing.locations,
+                                priority ? sorted : nullptr, warpCounts,
+                                running);
   __syncthreads();
-  finishRouting(p, running, first, means, prefix, maxCount, cap);
+  finishRouting(p.token, p.routing, running, first, means, prefix, maxCount,
+                cap);
 }
 
 template <int G>
 void launchOneBlock(cudaStream_t stream, size_t smem, const OneBlockParams &p) {
   gateOneBlockKernel<G><<<1, kOneBlockThreads, smem, stream>>>(p);
+}
+
+RoutingParams routingParams(int64_t tokens, int32_t E, int32_t k,
+                            const GateAttrs &attrs, const GateOutputs &out) {
+  RoutingParams r{};
+  r.capacity = {attrs.capacityMode,
+                attrs.capacityFactor,
+                tokens,
+                E,
+                k,
+                attrs.capacityAlignment,
+                attrs.layout == DispatchLayout::Padded,
+                static_cast<int32_t>(layoutRowAlignment(attrs.layout))};
+  r.locations = out.locations;
+  r.capacityOut = out.capacity;
+  r.offsets = out.expertOffsets;
+  r.rows = out.expertRows;
+  r.lAux = out.lAux;
+  return r;
 }
 
 } // namespace
@@ -652,6 +750,9 @@ void detail::launchLaneTokens(KernelContext &ctx, const LaneTokenArgs &a) {
   p.chunkCounts = a.chunkCounts;
   p.scoreSums = a.scoreSums;
   p.firstChoices = a.firstChoices;
+  p.ticket = a.ticket;
+  if (a.ticket)
+    p.routing = routingParams(a.tokens, a.experts, a.k, *a.attrs, *a.outputs);
   const int G = lanesFor(a.experts);
   const int64_t groups = kLaneThreads / G;
   // One token per group while the device holds every group at once; beyond,
@@ -681,6 +782,13 @@ bool detail::gateOneBlockApplies(int64_t tokens, int64_t experts, int64_t topK,
   return tokens * lanesFor(experts) <= kOneBlockLaneTokens &&
          tokens * k <= kOneBlockPairs &&
          (!batchPrioritized || tokens <= kOneBlockPrioritizedTokens);
+}
+
+bool detail::gateLanesRouteApplies(int64_t tokens, int64_t experts,
+                                   int64_t topK, bool batchPrioritized) {
+  if (!gateFusedApplies(experts, topK) || tokens <= 0 || batchPrioritized)
+    return false;
+  return tokens * std::clamp<int64_t>(topK, 1, experts) <= kLaneRoutePairs;
 }
 
 bool detail::gateOneBlockPreferred(int64_t tokens, int64_t experts,
@@ -714,19 +822,7 @@ void detail::launchGateOneBlock(KernelContext &ctx, const float *logits,
   p.token.indices = out.indices;
   p.token.gates = out.gates;
   p.prioritized = attrs.batchPrioritized && tokens > 0;
-  p.capacity = {attrs.capacityMode,
-                attrs.capacityFactor,
-                tokens,
-                E,
-                k,
-                attrs.capacityAlignment,
-                attrs.layout == DispatchLayout::Padded,
-                static_cast<int32_t>(layoutRowAlignment(attrs.layout))};
-  p.locations = out.locations;
-  p.capacityOut = out.capacity;
-  p.offsets = out.expertOffsets;
-  p.rows = out.expertRows;
-  p.lAux = out.lAux;
+  p.routing = routingParams(tokens, E, k, attrs, out);
   // table, means, prefix, the shared area, first and running counts, and
   // priority, rank and order with batch-prioritized routing (< 48 KiB).
   const size_t smem = 8 * (32 + 3 * experts + kOneBlockAreaDoubles) +

@@ -21,16 +21,20 @@
 namespace flex::cuda::detail {
 
 /// Auto: OneBlock where gateOneBlockPreferred, else Lanes where
-///   gateFusedApplies, else Legacy.
+///   gateFusedApplies (its last block routing the slots where
+///   gateLanesRouteApplies), else Legacy.
 /// Legacy: one thread per token over global memory (the pre-fusion gate).
 /// Tile: the fused token kernel with 32 rows per block in shared memory and
 ///   the per-token work one thread per token (Legacy beyond its limits).
 /// Lanes: the fused token kernel with a group of lanes per token (E / 8
-///   rounded up to a power of two; Legacy beyond the fused limits).
+///   rounded up to a power of two; Legacy beyond the fused limits); where
+///   gateLanesRouteApplies, its last block routes the slots (no scan and
+///   location launches), else as LanesScan.
+/// LanesScan: the lane token kernel, then the scan and location kernels.
 /// OneBlock: tokens, order, locations, [cap-1], offsets, rows and l_aux in
 ///   one launch of one block (GateFewTokens.cu); Unavailable where
 ///   gateOneBlockApplies is false.
-enum class GatePath { Auto, Legacy, Tile, Lanes, OneBlock };
+enum class GatePath { Auto, Legacy, Tile, Lanes, LanesScan, OneBlock };
 
 /// The fused paths' limits: 2 <= E <= 256 (any k <= 8 after clamping to E).
 bool gateFusedApplies(int64_t experts, int64_t topK);
@@ -44,6 +48,13 @@ bool gateOneBlockApplies(int64_t tokens, int64_t experts, int64_t topK,
 /// Where Auto takes the one-block path: it applies and, unprioritized,
 /// every lane group has at most one token (T * lanes(E) <= 1024).
 bool gateOneBlockPreferred(int64_t tokens, int64_t experts, int64_t topK,
+                           bool batchPrioritized);
+
+/// Where the lane kernel's last block routes the slots: the fused limits,
+/// T > 0, no batch-prioritized order (it needs the sort first) and at most
+/// kLaneRoutePairs (choice, token) pairs: one block's location pass over
+/// them costs less than the scan and location launches it replaces.
+bool gateLanesRouteApplies(int64_t tokens, int64_t experts, int64_t topK,
                            bool batchPrioritized);
 
 /// Called on the host right after each launch, with the stage's name.
@@ -73,6 +84,13 @@ struct LaneTokenArgs {
   int32_t *chunkCounts;
   double *scoreSums;
   int32_t *firstChoices;
+  /// Non-null (gateLanesRouteApplies; chunkCounts null): the kernel's last
+  /// block also routes every slot - locations, [cap-1], the experts' rows
+  /// and offsets, l_aux - into `outputs` by `attrs`; the ticket counts the
+  /// finished blocks and starts at 0.
+  uint32_t *ticket;
+  const GateAttrs *attrs;
+  const GateOutputs *outputs;
 };
 
 /// Launches the Lanes token kernel on ctx's stream (gateFusedApplies holds).
