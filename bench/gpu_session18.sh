@@ -5,10 +5,10 @@
 #     gate (abfaacc: the lane kernel's last block routes the slots; every
 #     path against the CPU gate), the wgmma forward with A in 32-row boxes
 #     (4707569, taken back in 770999f) and the fused stores (a79e74b) -
-#     memcheck over both, and flex-gate-bench (lanes against lane-scan).
-#   PART=bench: flex-gemm-bench (C3's fused stores, decode A boxes against
-#     FLEX_WGMMA_A=full), then the layers under auto (gpu_preload.sh's rows)
-#     and ncu on D1's gate.
+#     memcheck over both, flex-gate-bench (lanes against lane-scan), the
+#     decode GEMMs and D1 / D2 with A's boxes against FLEX_WGMMA_A=full.
+#   PART=bench: flex-gemm-bench's C3 (the fused stores), the prefill layers
+#     under the new rules and D1 per kernel (ncu).
 # Run inside bench/baseline (bench/make_baseline.sh):
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> BUILD=/tmp/gb PART=tests bash bench/gpu_session18.sh
 set -uo pipefail
@@ -22,11 +22,11 @@ if [[ ${PART:-tests} == tests ]]; then
   echo "gate tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/gate.log" | tr '\n' ' ')"
   grep -E '^\[  FAILED|Failure|Expected|Which is|slot|T [0-9]+, pattern' "$LOGS/gate.log" | cut -c1-160 | head -20
   FUSED='CudaDeviceGemmTiles.EveryTileMatchesFp64:*Epilogue*:*ActivationBackward*:*GluBackward*:*GluMatches*:*CudaDeviceGemm*:*CudaHopper*'
-  timeout 170 "$K" --gtest_filter="$FUSED" > "$LOGS/kernels.log" 2>&1
+  timeout 140 "$K" --gtest_filter="$FUSED" > "$LOGS/kernels.log" 2>&1
   echo "wgmma / fused-store tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/kernels.log" | tr '\n' ' ') last: $(grep -E '^\[ RUN' "$LOGS/kernels.log" | tail -1 | cut -c1-90)"
   grep -E '^\[  FAILED' "$LOGS/kernels.log" | cut -c1-140 | head
   echo "tests done at ${SECONDS}s"
-  timeout 100 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$K" \
+  timeout 90 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$K" \
     --gtest_filter='*CudaGatePaths.MatchTheCpuGate/E64_k6*:*EpilogueMatchesFp64OnBothPaths/*:*ActivationBackwardMatches*/decode_ragged:CudaDeviceGemmTiles.EveryTileMatchesFp64' \
     > "$LOGS/memcheck.log" 2>&1
   echo "memcheck: exit $? ($(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1); $(grep -cE '^\[       OK' "$LOGS/memcheck.log") ok)"
@@ -34,23 +34,25 @@ if [[ ${PART:-tests} == tests ]]; then
   echo "== flex-gate-bench (exit $?)"
   sed -n '/^shape (us)/,/^$/p' "$LOGS/gate-bench.log" | head -20
   grep -A6 "^decode T256 E64 k6 (" "$LOGS/gate-bench.log" | cut -c1-200
+  for a in boxes full; do
+    FLEX_WGMMA_A=$a timeout 40 "$G" --iters 20 --only decode_t256,decode_t128_big > "$LOGS/gemm-decode-$a.log" 2>&1
+    echo "== flex-gemm-bench decode, A $a (exit $?)"
+    grep -E "^decode|wgmma 128x256|glu|gathered" "$LOGS/gemm-decode-$a.log" | cut -c1-260
+  done
+  . bench/moe_run_row.sh
+  MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
+  moe_run_row d1 d1_dropless.infer auto -- --graph
+  moe_run_row d1-fullA d1_dropless.infer auto FLEX_WGMMA_A=full -- --graph
+  moe_run_row d2 d2_dropless.infer auto -- --graph
+  moe_run_row d2-fullA d2_dropless.infer auto FLEX_WGMMA_A=full -- --graph
   echo "done at ${SECONDS}s"
   exit 0
 fi
 timeout 100 "$G" --iters 10 --only c3 > "$LOGS/gemm-c3.log" 2>&1
 echo "== flex-gemm-bench c3 (exit $?)"
 grep -E "^c3|wgmma 128x256|bias|backward" "$LOGS/gemm-c3.log" | sed -E 's/small.*wide 128x256 [0-9.]+ us \([0-9]+ TF\/s\)//' | cut -c1-300
-for a in boxes full; do
-  FLEX_WGMMA_A=$a timeout 40 "$G" --iters 20 --only decode_t256,decode_t128_big > "$LOGS/gemm-decode-$a.log" 2>&1
-  echo "== flex-gemm-bench decode, A $a (exit $?)"
-  grep -E "^decode|wgmma 128x256|glu|gathered" "$LOGS/gemm-decode-$a.log" | cut -c1-260
-done
 . bench/moe_run_row.sh
 MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
-moe_run_row d1 d1_dropless.infer auto -- --graph
-moe_run_row d1-fullA d1_dropless.infer auto FLEX_WGMMA_A=full -- --graph
-moe_run_row d2 d2_dropless.infer auto -- --graph
-moe_run_row d2-fullA d2_dropless.infer auto FLEX_WGMMA_A=full -- --graph
 moe_run_row c3cap1 c3_cap1.infer single
 moe_run_row c3d c3_dropless.infer single
 moe_run_row c3d-graph c3_dropless.infer single -- --graph
