@@ -117,9 +117,6 @@ struct RaggedMParams {
   /// M tiles per raster band (kRasterM; FLEX_WGMMA_RASTER sets it to
   /// measure others), at least the cluster's CTAs.
   int32_t rasterM = kRasterM;
-  /// Every tile loads all 128 rows of A (FLEX_WGMMA_A=full, to measure
-  /// the boxes of kABoxRows against it).
-  bool fullA = false;
 };
 
 /// Group g's rows (GroupTiles.cuh's groupRows over this problem's space).
@@ -413,11 +410,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                 "[K][N] weights");
   static_assert(Cluster == 1 || Cluster == 2, "clusters of 1 or 2 CTAs");
   // A gathered A's producer warpgroup copies rows (72 registers), a
-  // cluster's producer multicasts (56); a TMA-only one keeps 48 (its A
-  // boxes; with 40 the 128 x 256 forms spilled). (Fewer spill, checked
-  // with ptxas -v.)
-  using Registers =
-      RegisterSplit<Gather ? 72 : (Cluster > 1 ? 56 : 48), Gather ? 216 : 224>;
+  // cluster's producer multicasts (56); a TMA-only one keeps 40. (Fewer
+  // spill, checked with ptxas -v.)
+  using Registers = RegisterSplit<Gather ? 72 : (Cluster > 1 ? 56 : 40),
+                                  Gather ? 216 : (Cluster > 1 ? 224 : 232)>;
   // Output columns per tile (the GLU tile's B holds two products' columns).
   constexpr int TileN = Glu ? BN / 2 : BN;
   constexpr bool Staged = stagedStore(Glu, Store, Combine, DirectStore);
@@ -487,17 +483,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      // A's boxes holding the tile's rows (none for a pair's CTA past its
-      // group): the rows past them are never stored, so what the
-      // consumers read there is left from earlier stages.
-      // (32-bit: the producer's 48 registers; TMA's coordinates are 32-bit.)
-      constexpr int kBoxes = kTileM / kABoxRows;
-      const int aBoxes =
-          p.fullA || w.rowsValid >= kTileM
-              ? kBoxes
-              : (max(static_cast<int>(w.rowsValid), 0) + kABoxRows - 1) /
-                    kABoxRows;
-      const int32_t aRow0 = static_cast<int32_t>(w.row0);
       if (Gather || threadIdx.x == 0) {
         for (int kt = 0; kt < kTiles; ++kt, ++step) {
           const uint32_t s = step % Stages, phase = (step / Stages) & 1;
@@ -525,12 +510,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
           if (threadIdx.x == 0) {
-            barrierExpectBytes(full, Gather ? L::BBytes
-                                            : L::BBytes + aBoxes * kABoxBytes);
+            barrierExpectBytes(full, Gather ? L::BBytes : L::StageBytes);
             if constexpr (!Gather)
-              for (int j = 0; j < aBoxes; ++j)
-                tmaLoad2d(a + j * kABoxBytes, &mapA, full, k0,
-                          aRow0 + j * kABoxRows);
+              tmaLoad2d(a, &mapA, full, k0, static_cast<int32_t>(w.row0));
             // B's tile: a K-major one is one box of BN / Cluster rows per
             // CTA; an N-major one is BN / 64 boxes of 64 columns (GLU: the
             // gate's BN / 2 columns, then up's same ones). In a cluster,
@@ -780,8 +762,8 @@ inline CUresult makeWeightMap(CUtensorMap &map, bool bf16, const void *b,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
-/// The tensor maps of a ragged-M GEMM: A as [rowBound][k] in boxes of
-/// kABoxRows rows x 64 columns, B as makeWeightMap says.
+/// The tensor maps of a ragged-M GEMM: A as [rowBound][k] in boxes of 128
+/// rows x 64 columns, B as makeWeightMap says.
 inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
                                 const void *a, const void *b, int64_t rowBound,
                                 int64_t k, int64_t n, int64_t groups,
@@ -792,7 +774,7 @@ inline CUresult makeRaggedMMaps(CUtensorMap &mapA, CUtensorMap &mapB, bool bf16,
   const cuuint32_t unit[2] = {1, 1};
   const cuuint64_t aDims[2] = {cuuint64_t(k), cuuint64_t(rowBound)};
   const cuuint64_t aStrides[1] = {cuuint64_t(k) * 2};
-  const cuuint32_t aBox[2] = {kTileK, kABoxRows};
+  const cuuint32_t aBox[2] = {kTileK, kTileM};
   CUresult r = encode(
       &mapA,
       bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,

@@ -62,19 +62,11 @@ Status launch(KernelContext &ctx, const CUtensorMap &mapA,
 /// Measurement knobs of the wgmma forward (flex-gemm-bench compares them on
 /// one card): FLEX_WGMMA_STORE=direct stores the plain 128 x 256 tiles
 /// straight from the accumulators instead of staging them (stagedStore),
-/// FLEX_WGMMA_RASTER=N walks raster bands of N M tiles (kRasterM),
-/// FLEX_WGMMA_A=full loads all 128 rows of A per tile (kABoxRows).
+/// FLEX_WGMMA_RASTER=N walks raster bands of N M tiles (kRasterM).
 bool directStoreAsked() {
   static const bool asked = [] {
     const char *v = std::getenv("FLEX_WGMMA_STORE");
     return v && std::string_view(v) == "direct";
-  }();
-  return asked;
-}
-bool fullAAsked() {
-  static const bool asked = [] {
-    const char *v = std::getenv("FLEX_WGMMA_A");
-    return v && std::string_view(v) == "full";
   }();
   return asked;
 }
@@ -231,7 +223,6 @@ hopper::RaggedMParams raggedMParams(const ExpertRowSpace &space, int64_t k,
   params.c = c;
   params.accumulate = accumulate;
   params.rasterM = rasterBand();
-  params.fullA = fullAAsked();
   if (gather.rowTokens) {
     params.a = a;
     params.rowTokens = gather.rowTokens;

@@ -32,12 +32,6 @@ namespace flex::cuda::hopper {
 /// 64 elements of K (128 bytes: one swizzle row) per stage.
 constexpr int kTileM = 128, kTileK = 64;
 constexpr int kThreads = 384;
-/// A forward tile's A comes in boxes of 32 rows, as many as hold the
-/// tile's rows: a decode tile (tens of rows) reads 4-8 KiB of A per stage
-/// instead of 16 (D1's GEMMs ran with the L2 85% busy, a third of it A's
-/// rows past the group: bench/RESULTS.md Run 43).
-constexpr int kABoxRows = 32;
-constexpr int kABoxBytes = kABoxRows * kTileK * 2;
 
 /// The registers the producer warpgroup keeps and each consumer warpgroup
 /// grows to (setmaxnreg). A CTA starts with kStartRegisters per thread (384
