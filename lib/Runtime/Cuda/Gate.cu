@@ -704,6 +704,12 @@ detail::LaneTokenArgs laneTokenArgs(const float *logits, int64_t tokens,
 
 } // namespace
 
+/// Whether Auto lets the lane kernel's last block route the slots where
+/// gateLanesRouteApplies: not until a GPU has run its tests and timed it
+/// against the scan and location kernels (bench/gpu_session18.sh; written
+/// in a session whose device was paused). GatePath::Lanes takes it.
+constexpr bool kAutoRoutesInLaneKernel = false;
+
 bool detail::gateFusedApplies(int64_t experts, int64_t topK) {
   return experts >= 2 && experts <= kMaxFusedGateExperts &&
          std::clamp<int64_t>(topK, 1, experts) <= kMaxFusedTopK;
@@ -765,7 +771,8 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
   } else if (tokens > 0 && !legacy) {
     detail::LaneTokenArgs args = laneTokenArgs(logits, tokens, E, k, normalize,
                                                noiseScale, attrs, out, g);
-    if (path != GatePath::LanesScan &&
+    if ((path == GatePath::Lanes ||
+         (path == GatePath::Auto && kAutoRoutesInLaneKernel)) &&
         gateLanesRouteApplies(tokens, experts, attrs.topK, bp)) {
       // Its last block writes the locations, [cap-1], rows, offsets, l_aux.
       args.chunkCounts = nullptr;

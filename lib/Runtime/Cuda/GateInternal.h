@@ -20,9 +20,9 @@
 
 namespace flex::cuda::detail {
 
-/// Auto: OneBlock where gateOneBlockPreferred, else Lanes where
-///   gateFusedApplies (its last block routing the slots where
-///   gateLanesRouteApplies), else Legacy.
+/// Auto: OneBlock where gateOneBlockPreferred, else LanesScan where
+///   gateFusedApplies, else Legacy. (Lanes' last-block routing joins Auto
+///   once a GPU has measured it: kAutoRoutesInLaneKernel in Gate.cu.)
 /// Legacy: one thread per token over global memory (the pre-fusion gate).
 /// Tile: the fused token kernel with 32 rows per block in shared memory and
 ///   the per-token work one thread per token (Legacy beyond its limits).
