@@ -220,14 +220,17 @@ std::string compare(const Outputs &a, const Outputs &b, const Shape &s) {
   return "ok";
 }
 
-/// cuda::router's two paths for bf16 x and an fp32 wg (d 2048, E 64, the
-/// decode layer's router): median times and the largest difference.
+/// cuda::router's paths for bf16 x and an fp32 wg (d 2048, E 64, the
+/// decode layer's router): the few-token kernel with its split-sum kernel
+/// and with the splits added in its last block, and the GEMM path; median
+/// times and the largest difference between the first and the GEMM (the
+/// two few-token forms must agree bit for bit).
 void benchRouter(cuda::KernelContext &ctx, int iters) {
   const int64_t d = 2048, E = 64;
   std::printf("\nrouter, bf16 x, f32 wg, d %lld, E %lld (us)\n%8s %10s %10s "
-              "%12s\n",
+              "%10s %12s\n",
               static_cast<long long>(d), static_cast<long long>(E), "T",
-              "few-token", "gemm", "max diff/max");
+              "few-token", "last-split", "gemm", "max diff/max");
   std::mt19937_64 rng(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> weights(d * E);
@@ -250,13 +253,15 @@ void benchRouter(cuda::KernelContext &ctx, int iters) {
       b = static_cast<uint16_t>(u >> 16);
     }
     void *x = nullptr;
-    float *logits[2] = {};
+    float *logits[3] = {};
     FLEX_BENCH_CHECK(cudaMalloc(&x, 2 * T * d));
     FLEX_BENCH_CHECK(
         cudaMemcpy(x, bits.data(), 2 * T * d, cudaMemcpyHostToDevice));
-    double us[2];
-    const RouterPath routerPaths[2] = {RouterPath::FewTokens, RouterPath::Gemm};
-    for (int p = 0; p < 2; ++p) {
+    double us[3];
+    const RouterPath routerPaths[3] = {RouterPath::FewTokens,
+                                       RouterPath::FewTokensLastSplit,
+                                       RouterPath::Gemm};
+    for (int p = 0; p < 3; ++p) {
       FLEX_BENCH_CHECK(cudaMalloc(&logits[p], 4 * T * E));
       auto run = [&] {
         Status status =
@@ -282,17 +287,25 @@ void benchRouter(cuda::KernelContext &ctx, int iters) {
       us[p] = median(times);
     }
     std::vector<float> a = download(logits[0], T * E),
-                       b = download(logits[1], T * E);
+                       split = download(logits[1], T * E),
+                       b = download(logits[2], T * E);
+    if (std::memcmp(a.data(), split.data(), 4 * a.size()) != 0) {
+      std::fprintf(stderr,
+                   "router: the last-split sums differ from the "
+                   "split-sum kernel's at T %lld\n",
+                   static_cast<long long>(T));
+      std::exit(1);
+    }
     double diff = 0.0, largest = 0.0;
     for (size_t i = 0; i < a.size(); ++i) {
       diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
       largest = std::max(largest, static_cast<double>(std::abs(b[i])));
     }
-    std::printf("%8lld %10.1f %10.1f %12.2e\n", static_cast<long long>(T),
-                us[0], us[1], diff / largest);
+    std::printf("%8lld %10.1f %10.1f %10.1f %12.2e\n",
+                static_cast<long long>(T), us[0], us[1], us[2], diff / largest);
     cudaFree(x);
-    cudaFree(logits[0]);
-    cudaFree(logits[1]);
+    for (float *l : logits)
+      cudaFree(l);
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);

@@ -105,11 +105,15 @@ TEST_P(CudaRouterPaths, MatchFp64) {
     const size_t xBytes = dtypeSize(types.x);
     ReadBuffer xIn{static_cast<char *>(x.device) + skip * xBytes, types.x};
     ReadBuffer wIn{wg.device, types.wg};
+    std::vector<char> fewBits; // the few-token kernel's, split-sum kernel
     for (RouterPath path :
-         {RouterPath::FewTokens, RouterPath::Gemm, RouterPath::Auto}) {
+         {RouterPath::FewTokens, RouterPath::FewTokensLastSplit,
+          RouterPath::Gemm, RouterPath::Auto}) {
       SCOPED_TRACE(path == RouterPath::FewTokens ? "few-token kernel"
-                   : path == RouterPath::Gemm    ? "GEMM path"
-                                                 : "auto");
+                   : path == RouterPath::FewTokensLastSplit
+                       ? "few-token kernel, splits added in the last"
+                   : path == RouterPath::Gemm ? "GEMM path"
+                                              : "auto");
       Buffer logits(DType::F32, T * E), again(DType::F32, T * E);
       logits.poison();
       again.poison();
@@ -130,6 +134,7 @@ TEST_P(CudaRouterPaths, MatchFp64) {
           std::min<int64_t>(d, 32 * ((d + 255) / 256)) + 8 + (d + 255) / 256;
       const bool few =
           path == RouterPath::FewTokens ||
+          path == RouterPath::FewTokensLastSplit ||
           (path == RouterPath::Auto && cuda::detail::routerFewTokensApplies(T));
       const double bound =
           few ? static_cast<double>(chain + 1) * 0x1p-24 : 1e-5;
@@ -146,6 +151,15 @@ TEST_P(CudaRouterPaths, MatchFp64) {
                               logits.host.size()),
                   0)
             << "the few-token kernel is deterministic";
+        // Adding the splits in the last block keeps their order and bits
+        // (the second call also finds its tickets zero again).
+        if (fewBits.empty())
+          fewBits.assign(logits.host.begin(), logits.host.end());
+        else
+          EXPECT_EQ(
+              std::memcmp(fewBits.data(), logits.host.data(), fewBits.size()),
+              0)
+              << "the same bits as the split-sum kernel";
       }
       std::printf("  %s, T %lld d %lld E %lld: worst |error| / sum|xw| %.3g\n",
                   few ? "few-token" : "GEMM", static_cast<long long>(T),

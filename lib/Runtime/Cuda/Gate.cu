@@ -541,13 +541,11 @@ __global__ void __launch_bounds__(kScanThreads) gateScanFusedKernel(
 namespace {
 
 /// The gate's scratch, one area: [scoreSums E f64][firstChoices E][counts E]
-/// [chunk counts][ticket][priority T, keys T][order T, sorted T][noisy T*E,
-/// legacy only][CUB temp]. The sums and counts (legacy) or the first five
-/// (fused) are cleared together (clearBytes).
+/// [chunk counts][priority T, keys T][order T, sorted T][noisy T*E, legacy
+/// only][CUB temp]. The first four are cleared together (clearBytes).
 struct GateScratch {
   double *scoreSums;
   int32_t *firstChoices, *counts, *chunkCounts;
-  uint32_t *ticket; ///< the lane kernel's finished blocks (cleared)
   float *priority, *keys, *noisy;
   int32_t *order, *sorted;
   void *sortTemp;
@@ -575,8 +573,7 @@ Status gateScratch(KernelContext &ctx, int64_t tokens, int32_t E,
   int64_t offFirst = align(8 * E);
   int64_t offCounts = offFirst + align(4 * E);
   int64_t offChunks = offCounts + align(4 * E);
-  int64_t offTicket = offChunks + align(4 * E * std::max<int64_t>(chunks, 1));
-  int64_t offPriority = offTicket + align(4);
+  int64_t offPriority = offChunks + align(4 * E * std::max<int64_t>(chunks, 1));
   int64_t offKeys = offPriority + align(4 * tokens);
   int64_t offOrder = offKeys + align(4 * tokens);
   int64_t offSorted = offOrder + align(4 * tokens);
@@ -591,7 +588,6 @@ Status gateScratch(KernelContext &ctx, int64_t tokens, int32_t E,
   g.firstChoices = reinterpret_cast<int32_t *>(bytes + offFirst);
   g.counts = reinterpret_cast<int32_t *>(bytes + offCounts);
   g.chunkCounts = reinterpret_cast<int32_t *>(bytes + offChunks);
-  g.ticket = reinterpret_cast<uint32_t *>(bytes + offTicket);
   g.priority = reinterpret_cast<float *>(bytes + offPriority);
   g.keys = reinterpret_cast<float *>(bytes + offKeys);
   g.order = reinterpret_cast<int32_t *>(bytes + offOrder);
@@ -709,6 +705,9 @@ detail::LaneTokenArgs laneTokenArgs(const float *logits, int64_t tokens,
 /// against the scan and location kernels (bench/gpu_session18.sh; written
 /// in a session whose device was paused). GatePath::Lanes takes it.
 constexpr bool kAutoRoutesInLaneKernel = false;
+/// The routed lane kernel's [loss-1] sums, first-choice counts and ticket:
+/// a zeroed scratch area its last block leaves zero again (no memset).
+constexpr int kRoutedGateSlot = 10;
 
 bool detail::gateFusedApplies(int64_t experts, int64_t topK) {
   return experts >= 2 && experts <= kMaxFusedGateExperts &&
@@ -748,6 +747,35 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
   }
   const bool legacy =
       path == GatePath::Legacy || !gateFusedApplies(experts, attrs.topK);
+  const double noiseScale =
+      attrs.noise != 0.0 ? attrs.noise / static_cast<double>(experts) : 0.0;
+  const bool normalize = attrs.normalize && k > 1;
+  if (!legacy &&
+      (path == GatePath::Lanes ||
+       (path == GatePath::Auto && kAutoRoutesInLaneKernel)) &&
+      gateLanesRouteApplies(tokens, experts, attrs.topK, bp)) {
+    // One launch: the lane kernel's last block writes the locations,
+    // [cap-1], rows, offsets and l_aux, and clears the sums it read.
+    void *area = nullptr;
+    const int64_t firstOffset = (8 * experts + 255) / 256 * 256,
+                  ticketOffset = firstOffset + (4 * experts + 255) / 256 * 256;
+    if (Status s = ctx.zeroedScratch(kRoutedGateSlot, ticketOffset + 4, area);
+        !s)
+      return s;
+    GateScratch g{};
+    g.scoreSums = static_cast<double *>(area);
+    g.firstChoices =
+        reinterpret_cast<int32_t *>(static_cast<char *>(area) + firstOffset);
+    detail::LaneTokenArgs args = laneTokenArgs(logits, tokens, E, k, normalize,
+                                               noiseScale, attrs, out, g);
+    args.chunkCounts = nullptr;
+    args.ticket =
+        reinterpret_cast<uint32_t *>(static_cast<char *>(area) + ticketOffset);
+    args.attrs = &attrs;
+    args.outputs = &out;
+    detail::launchLaneTokens(ctx, args);
+    return report("gate lane kernel, routed in its last block");
+  }
   const int64_t length = tokens * k;
   const int64_t chunks = (length + kLocationChunk - 1) / kLocationChunk;
   GateScratch g{};
@@ -760,29 +788,14 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
       !s)
     return s;
 
-  const double noiseScale =
-      attrs.noise != 0.0 ? attrs.noise / static_cast<double>(experts) : 0.0;
-  const bool normalize = attrs.normalize && k > 1;
   if (tokens > 0 && !legacy && path == GatePath::Tile) {
     launchFusedTokens(stream, logits, tokens, E, k, normalize, noiseScale,
                       attrs, out, g);
     if (Status s = report("gate fused token kernel"); !s)
       return s;
   } else if (tokens > 0 && !legacy) {
-    detail::LaneTokenArgs args = laneTokenArgs(logits, tokens, E, k, normalize,
-                                               noiseScale, attrs, out, g);
-    if ((path == GatePath::Lanes ||
-         (path == GatePath::Auto && kAutoRoutesInLaneKernel)) &&
-        gateLanesRouteApplies(tokens, experts, attrs.topK, bp)) {
-      // Its last block writes the locations, [cap-1], rows, offsets, l_aux.
-      args.chunkCounts = nullptr;
-      args.ticket = g.ticket;
-      args.attrs = &attrs;
-      args.outputs = &out;
-      detail::launchLaneTokens(ctx, args);
-      return report("gate lane kernel, routed in its last block");
-    }
-    detail::launchLaneTokens(ctx, args);
+    detail::launchLaneTokens(ctx, laneTokenArgs(logits, tokens, E, k, normalize,
+                                                noiseScale, attrs, out, g));
     if (Status s = report("gate lane token kernel"); !s)
       return s;
   } else if (tokens > 0) {

@@ -11,7 +11,9 @@
 //    writes what the 32-row tile kernel of Gate.cu writes (scores, indices,
 //    gates, the [loss-1] partial sums, first-choice counts, the [loc-1]
 //    chunk counts or the batch-prioritized keys) and Gate.cu's scan and
-//    location kernels follow it;
+//    location kernels follow it; or, up to 4096 (choice, token) pairs
+//    (GatePath::Lanes), its last block locates every slot and writes
+//    [cap-1], offsets, rows and l_aux itself, with no memset before it;
 //  - the one-block kernel for few tokens: the same token work, then the
 //    batch-prioritized order, the locations, [cap-1], offsets, rows and
 //    l_aux in the same launch, so a decode-sized gate is one launch instead
@@ -281,8 +283,8 @@ struct RoutingParams {
 /// location kernel. `running` (E, zero) is left holding the per-expert
 /// counts. The indices are read from L2 (__ldcg): other blocks may have
 /// written them (the lane kernel's last block); `order` (shared memory or
-/// null) is this block's. The next round's slot is loaded before this
-/// round's barriers.
+/// null) is this block's. (Loading the next round's slot before this
+/// round's barriers made the lane and one-block kernels spill for E <= 32.)
 template <int Threads>
 __device__ void locateSlots(const TokenParams &token, int32_t *locations,
                             const int32_t *order, int32_t *warpCounts,
@@ -301,12 +303,9 @@ __device__ void locateSlots(const TokenParams &token, int32_t *locations,
     expert = __ldcg(indices + slot);
     return slot;
   };
-  int32_t nextExpert;
-  int64_t nextSlot = slotAt(threadIdx.x, nextExpert);
   for (int64_t round = 0; round < length; round += Threads) {
-    const int64_t slot = nextSlot;
-    const int32_t expert = nextExpert;
-    nextSlot = slotAt(round + Threads + threadIdx.x, nextExpert);
+    int32_t expert;
+    const int64_t slot = slotAt(round + threadIdx.x, expert);
     const unsigned same = __match_any_sync(0xffffffffu, expert);
     const int32_t rankInWarp = __popc(same & lowerLanes);
     const bool leader = rankInWarp == 0;
@@ -394,7 +393,8 @@ struct LaneKernelParams {
   double *scoreSums;
   int32_t *firstChoices;
   /// Non-null: the last block to finish routes every slot (ticket counts
-  /// the finished blocks from 0; chunkCounts is null).
+  /// the finished blocks from 0; chunkCounts is null) and leaves the ticket,
+  /// scoreSums and firstChoices zero.
   uint32_t *ticket;
   RoutingParams routing;
 };
@@ -428,7 +428,9 @@ __device__ void addLossSums(double (&sums)[kSlots], double *warpSums, int32_t E,
 
 /// The routing after every block's tokens, in the last block: [loc-1]
 /// over the whole sequence (locateSlots), then [cap-1], rows, offsets and
-/// l_aux (finishRouting) from the sums and counts all blocks added. `area`
+/// l_aux (finishRouting) from the sums and counts all blocks added, which
+/// it leaves zero again with the ticket (the caller clears them once).
+/// `area`
 /// is the token rows (8 KiB: the warp counts, 8 x E ints) and the warp sums
 /// (8 x E doubles: means, prefix, running and first counts, 4 x E words).
 __device__ void routeInLastBlock(const LaneKernelParams &p, double *area) {
@@ -446,13 +448,18 @@ __device__ void routeInLastBlock(const LaneKernelParams &p, double *area) {
   int32_t *first = running + E;
   for (int i = tid; i < kWarps * E; i += kLaneThreads)
     warpCounts[i] = 0;
+  // Read, then cleared for the next call (every other block has added).
   for (int32_t e = tid; e < E; e += kLaneThreads) {
     running[e] = 0;
     means[e] = __ldcg(p.scoreSums + e);
     first[e] = __ldcg(p.firstChoices + e);
+    p.scoreSums[e] = 0.0;
+    p.firstChoices[e] = 0;
   }
-  if (tid == 0)
+  if (tid == 0) {
     maxCount = 0;
+    *p.ticket = 0;
+  }
   __syncthreads();
   locateSlots<kLaneThreads>(p.token, p.routing.locations, nullptr, warpCounts,
                             running);

@@ -87,7 +87,8 @@ struct LaneTokenArgs {
   /// Non-null (gateLanesRouteApplies; chunkCounts null): the kernel's last
   /// block also routes every slot - locations, [cap-1], the experts' rows
   /// and offsets, l_aux - into `outputs` by `attrs`; the ticket counts the
-  /// finished blocks and starts at 0.
+  /// finished blocks. Ticket, scoreSums and firstChoices start at 0 and the
+  /// last block leaves them 0 (no memset per call).
   uint32_t *ticket;
   const GateAttrs *attrs;
   const GateOutputs *outputs;

@@ -460,13 +460,17 @@ constexpr int kFewWarps = kThreads / 32;
 /// staged chunk split over the 8 warps, each warp a chain of fp32 FMAs
 /// (exact products, one rounding each), the warps' sums then added in warp
 /// order: the same bits on every run. With several splits each writes its
-/// sums to `out` + split * T * E for routerSplitSumKernel.
+/// sums to `out` + split * T * E; with `tickets` (one per token and expert
+/// tile, zero) the tile's last split to finish adds the splits' sums in
+/// split order into `logits` and leaves its ticket zero, else
+/// routerSplitSumKernel does.
 template <typename TX, typename TW, int TT>
 __global__ void __launch_bounds__(kThreads)
     routerFewTokensKernel(const TX *__restrict__ x, const TW *__restrict__ wg,
                           float *__restrict__ out, int64_t tokens,
                           int64_t width, int64_t experts, bool vectorX,
-                          int64_t splitWidth) {
+                          int64_t splitWidth, uint32_t *__restrict__ tickets,
+                          float *__restrict__ logits) {
   __shared__ __align__(16) float xs[TT][kFewChunk];
   __shared__ float partial[kFewWarps][TT][32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -511,16 +515,38 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = 0; t < TT; ++t)
     partial[warp][t][lane] = acc[t];
   __syncthreads();
-  if (tid >= TT * 32)
-    return;
   const int t = tid / 32;
-  float sum = 0.0f;
+  const bool stores = tid < TT * 32 && t0 + t < tokens && e < experts;
+  if (stores) {
+    float sum = 0.0f;
 #pragma unroll
-  for (int w = 0; w < kFewWarps; ++w)
-    sum = __fadd_rn(sum, partial[w][t][lane]);
-  if (t0 + t < tokens && e < experts)
+    for (int w = 0; w < kFewWarps; ++w)
+      sum = __fadd_rn(sum, partial[w][t][lane]);
     out[static_cast<int64_t>(blockIdx.z) * tokens * experts +
         (t0 + t) * experts + e] = sum;
+  }
+  if (!tickets)
+    return;
+  // The fence orders each thread's sums before the block's ticket; the
+  // last block's fence orders its reads after the other splits' tickets.
+  __shared__ bool lastSplit;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    uint32_t *ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
+    lastSplit = atomicAdd(ticket, 1u) == gridDim.z - 1;
+    if (lastSplit)
+      *ticket = 0;
+  }
+  __syncthreads();
+  if (!lastSplit || !stores)
+    return;
+  __threadfence();
+  const int64_t cell = (t0 + t) * experts + e, count = tokens * experts;
+  float sum = 0.0f;
+  for (unsigned z = 0; z < gridDim.z; ++z)
+    sum = __fadd_rn(sum, __ldcg(out + z * count + cell));
+  logits[cell] = sum;
 }
 
 /// logits = the splits' sums added in split order (the same bits every run).
@@ -545,9 +571,18 @@ __global__ void routerSplitSumKernel(const float *__restrict__ partial,
 /// so a token's logits have the same bits whatever T (<= 256) and the card.
 constexpr int64_t kFewSplitChunks = 2;
 
+/// Whether Auto adds the K splits in each tile's last block instead of a
+/// second kernel: not until a GPU has run its tests and timed it (written in
+/// a session whose device was paused; RouterPath::FewTokensLastSplit).
+constexpr bool kAutoSumsInLastSplit = false;
+
+/// The few-token kernel's tickets: a zeroed scratch area the kernel leaves
+/// zero again.
+constexpr int kRouterTicketSlot = 11;
+
 Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                        float *logits, int64_t tokens, int64_t modelDim,
-                       int64_t experts) {
+                       int64_t experts, bool sumInLastSplit) {
   const unsigned expertTiles = detail::gridFor(experts, 32, 65535);
   const bool small =
       int64_t{detail::gridFor(tokens, 8, INT32_MAX)} * expertTiles <
@@ -559,11 +594,21 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
       std::max(kFewSplitChunks, (chunks + 65534) / 65535);
   const int64_t splits = (chunks + chunksPerSplit - 1) / chunksPerSplit;
   float *out = logits;
+  uint32_t *tickets = nullptr;
+  const unsigned tokenTiles = detail::gridFor(tokens, tileTokens, INT32_MAX);
   if (splits > 1) {
     void *scratch = nullptr;
     if (Status s = ctx.scratch(6, 4 * splits * tokens * experts, scratch); !s)
       return s;
     out = static_cast<float *>(scratch);
+    if (sumInLastSplit) {
+      void *zeroed = nullptr;
+      if (Status s = ctx.zeroedScratch(
+              kRouterTicketSlot, 4 * int64_t{tokenTiles} * expertTiles, zeroed);
+          !s)
+        return s;
+      tickets = static_cast<uint32_t *>(zeroed);
+    }
   }
   return detail::withType(x.type, [&](auto xTag) -> Status {
     using TX = decltype(xTag);
@@ -571,12 +616,11 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
       using TW = decltype(wTag);
       const bool vectorX = detail::vectorizable(modelDim, sizeof(TX), {x.data});
       auto launch = [&](auto kernel) {
-        dim3 grid(detail::gridFor(tokens, tileTokens, INT32_MAX), expertTiles,
-                  static_cast<unsigned>(splits));
+        dim3 grid(tokenTiles, expertTiles, static_cast<unsigned>(splits));
         kernel<<<grid, kThreads, 0, ctx.stream()>>>(
             static_cast<const TX *>(x.data), static_cast<const TW *>(wg.data),
-            out, tokens, modelDim, experts, vectorX,
-            chunksPerSplit * kFewChunk);
+            out, tokens, modelDim, experts, vectorX, chunksPerSplit * kFewChunk,
+            tickets, logits);
       };
       if (small)
         launch(routerFewTokensKernel<TX, TW, 4>);
@@ -584,7 +628,7 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
         launch(routerFewTokensKernel<TX, TW, 8>);
       if (Status s = checkLaunch("router few-token kernel"); !s)
         return s;
-      if (splits == 1)
+      if (splits == 1 || tickets)
         return Status::ok();
       const int64_t count = tokens * experts;
       routerSplitSumKernel<<<detail::gridFor(count, kThreads), kThreads, 0,
@@ -613,8 +657,12 @@ Status detail::routerWith(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
   // (Its grid has up to 65535 tiles of 32 experts.)
   if (experts <= 32 * int64_t{65535} &&
       (path == RouterPath::FewTokens ||
+       path == RouterPath::FewTokensLastSplit ||
        (path == RouterPath::Auto && routerFewTokensApplies(tokens))))
-    return routerFewTokens(ctx, x, wg, logits, tokens, modelDim, experts);
+    return routerFewTokens(
+        ctx, x, wg, logits, tokens, modelDim, experts,
+        path == RouterPath::FewTokensLastSplit ||
+            (path == RouterPath::Auto && kAutoSumsInLastSplit));
   // bf16 tokens: cuBLAS on bf16 parts of wg (int-sized dimensions only).
   if (x.type == DType::BF16 && modelDim > 0 && tokens < INT32_MAX &&
       modelDim < INT32_MAX && 3 * experts < INT32_MAX)

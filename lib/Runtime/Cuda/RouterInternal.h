@@ -19,10 +19,14 @@ namespace flex::cuda::detail {
 
 /// Auto: FewTokens where routerFewTokensApplies, else Gemm.
 /// FewTokens: one kernel, fp32 FMAs on CUDA cores, K split over the warps of
-///   a block and summed in a fixed order (any T; Auto takes it for few).
+///   a block and summed in a fixed order (any T; Auto takes it for few);
+///   where K is also split over blocks, one more kernel adds the splits.
+/// FewTokensLastSplit: FewTokens whose last block of each tile adds the
+///   splits (the same order and bits: one launch). Auto takes it once a GPU
+///   has timed it (Router.cu's kAutoSumsInLastSplit).
 /// Gemm: bf16 x through cuBLAS on bf16 parts of wg (3 launches); f32 and
 ///   f16 x through the tiled fp32 kernel.
-enum class RouterPath { Auto, FewTokens, Gemm };
+enum class RouterPath { Auto, FewTokens, FewTokensLastSplit, Gemm };
 
 /// T <= 512 (the few-token kernel's limit under Auto).
 bool routerFewTokensApplies(int64_t tokens);

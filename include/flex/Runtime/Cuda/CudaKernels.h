@@ -163,7 +163,7 @@ private:
   /// 7 the grouped cuBLAS call's operand pointers, 8 grouped_gemm_glu's
   /// products where the unfused GEMMs run and the step keeps none, 9
   /// grouped_gemm_combine's arrival counters (zeroed).
-  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(10);
+  std::vector<ScratchArea> scratch_ = std::vector<ScratchArea>(12);
   /// Areas a slot outgrew, freed with the context (graphs may hold them).
   std::vector<void *> retiredScratch_;
   /// spreadOverStreams' side streams: each with its cuBLAS handle, that
