@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# This session's device calls (issue 13, session 18), in two parts on one
-# warm machine (BUILD=/tmp/gb keeps the build between them):
+# The device calls written in session 18 (issue 13; its device was paused
+# before any ran), in two parts on one warm machine (BUILD=/tmp/gb keeps the
+# build between them). First `git revert b5ca77d` (the A boxes of 32 rows,
+# reverted until a GPU runs them; else both A rows time the same code), then
+# bench/make_baseline.sh.
 #   PART=tests: builds, then the tests of what no GPU has run yet - the
-#     gate (abfaacc: the lane kernel's last block routes the slots; every
-#     path against the CPU gate), the wgmma forward with A in 32-row boxes
-#     (4707569, taken back in 770999f) and the fused stores (a79e74b) -
-#     memcheck over both, flex-gate-bench (lanes against lane-scan), the
+#     gate (GatePath::Lanes: the lane kernel's last block routes the slots;
+#     every path against the CPU gate), the router's splits added in the
+#     last block (RouterPath::FewTokensLastSplit), the wgmma forward with A
+#     in 32-row boxes and the fused stores (a79e74b) - memcheck over them,
+#     flex-gate-bench (lanes against lane-scan, the router's forms), the
 #     decode GEMMs and D1 / D2 with A's boxes against FLEX_WGMMA_A=full.
 #   PART=bench: flex-gemm-bench's C3 (the fused stores), the prefill layers
 #     under the new rules and D1 per kernel (ncu).
@@ -18,8 +22,8 @@ device_call "s18-${PART:-tests}" -DFLEX_ENABLE_TESTS=ON -- flex-gemm-bench moe-r
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
 G="$B/bin/flex-gemm-bench"
 if [[ ${PART:-tests} == tests ]]; then
-  timeout 120 "$K" --gtest_filter='*CudaGate*' > "$LOGS/gate.log" 2>&1
-  echo "gate tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/gate.log" | tr '\n' ' ')"
+  timeout 120 "$K" --gtest_filter='*CudaGate*:*CudaRouter*' > "$LOGS/gate.log" 2>&1
+  echo "gate and router tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/gate.log" | tr '\n' ' ')"
   grep -E '^\[  FAILED|Failure|Expected|Which is|slot|T [0-9]+, pattern' "$LOGS/gate.log" | cut -c1-160 | head -20
   FUSED='CudaDeviceGemmTiles.EveryTileMatchesFp64:*Epilogue*:*ActivationBackward*:*GluBackward*:*GluMatches*:*CudaDeviceGemm*:*CudaHopper*'
   timeout 140 "$K" --gtest_filter="$FUSED" > "$LOGS/kernels.log" 2>&1
@@ -27,12 +31,13 @@ if [[ ${PART:-tests} == tests ]]; then
   grep -E '^\[  FAILED' "$LOGS/kernels.log" | cut -c1-140 | head
   echo "tests done at ${SECONDS}s"
   timeout 90 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$K" \
-    --gtest_filter='*CudaGatePaths.MatchTheCpuGate/E64_k6*:*EpilogueMatchesFp64OnBothPaths/*:*ActivationBackwardMatches*/decode_ragged:CudaDeviceGemmTiles.EveryTileMatchesFp64' \
+    --gtest_filter='*CudaGatePaths.MatchTheCpuGate/E64_k6*:*CudaRouter*:*EpilogueMatchesFp64OnBothPaths/*:*ActivationBackwardMatches*/decode_ragged:CudaDeviceGemmTiles.EveryTileMatchesFp64' \
     > "$LOGS/memcheck.log" 2>&1
   echo "memcheck: exit $? ($(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1); $(grep -cE '^\[       OK' "$LOGS/memcheck.log") ok)"
   timeout 90 "$B/bin/flex-gate-bench" --iters 50 > "$LOGS/gate-bench.log" 2>&1
   echo "== flex-gate-bench (exit $?)"
   sed -n '/^shape (us)/,/^$/p' "$LOGS/gate-bench.log" | head -20
+  sed -n '/^router,/,$p' "$LOGS/gate-bench.log" | head -8
   grep -A6 "^decode T256 E64 k6 (" "$LOGS/gate-bench.log" | cut -c1-200
   for a in boxes full; do
     FLEX_WGMMA_A=$a timeout 40 "$G" --iters 20 --only decode_t256,decode_t128_big > "$LOGS/gemm-decode-$a.log" 2>&1
