@@ -48,6 +48,7 @@ if [[ ${PART:-tests} == tests ]]; then
   MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
   moe_run_row d1 d1_dropless.infer auto -- --graph
   moe_run_row d1-fullA d1_dropless.infer auto FLEX_WGMMA_A=full -- --graph
+  moe_run_row d1-routed d1_dropless.infer auto FLEX_GATE_ROUTE=last-block FLEX_ROUTER_SUM=last-split -- --graph
   moe_run_row d2 d2_dropless.infer auto -- --graph
   moe_run_row d2-fullA d2_dropless.infer auto FLEX_WGMMA_A=full -- --graph
   echo "done at ${SECONDS}s"

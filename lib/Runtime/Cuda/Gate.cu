@@ -35,7 +35,9 @@
 
 #include <cub/device/device_radix_sort.cuh>
 
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 
 namespace flex::cuda {
 
@@ -705,6 +707,15 @@ detail::LaneTokenArgs laneTokenArgs(const float *logits, int64_t tokens,
 /// against the scan and location kernels (bench/gpu_session18.sh; written
 /// in a session whose device was paused). GatePath::Lanes takes it.
 constexpr bool kAutoRoutesInLaneKernel = false;
+/// Auto's choice, or FLEX_GATE_ROUTE=last-block to time the layers with it
+/// (a knob of the measurements, as HopperGroupedGemm.cu's FLEX_WGMMA_*).
+bool autoRoutesInLaneKernel() {
+  static const bool routes = [] {
+    const char *v = std::getenv("FLEX_GATE_ROUTE");
+    return v ? std::string_view(v) == "last-block" : kAutoRoutesInLaneKernel;
+  }();
+  return routes;
+}
 /// The routed lane kernel's [loss-1] sums, first-choice counts and ticket:
 /// a zeroed scratch area its last block leaves zero again (no memset).
 constexpr int kRoutedGateSlot = 10;
@@ -752,7 +763,7 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
   const bool normalize = attrs.normalize && k > 1;
   if (!legacy &&
       (path == GatePath::Lanes ||
-       (path == GatePath::Auto && kAutoRoutesInLaneKernel)) &&
+       (path == GatePath::Auto && autoRoutesInLaneKernel())) &&
       gateLanesRouteApplies(tokens, experts, attrs.topK, bp)) {
     // One launch: the lane kernel's last block writes the locations,
     // [cap-1], rows, offsets and l_aux, and clears the sums it read.

@@ -23,6 +23,8 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 
 namespace flex::cuda {
 
@@ -575,6 +577,15 @@ constexpr int64_t kFewSplitChunks = 2;
 /// second kernel: not until a GPU has run its tests and timed it (written in
 /// a session whose device was paused; RouterPath::FewTokensLastSplit).
 constexpr bool kAutoSumsInLastSplit = false;
+/// Auto's choice, or FLEX_ROUTER_SUM=last-split to time the layers with it
+/// (a knob of the measurements, as HopperGroupedGemm.cu's FLEX_WGMMA_*).
+bool autoSumsInLastSplit() {
+  static const bool sums = [] {
+    const char *v = std::getenv("FLEX_ROUTER_SUM");
+    return v ? std::string_view(v) == "last-split" : kAutoSumsInLastSplit;
+  }();
+  return sums;
+}
 
 /// The few-token kernel's tickets: a zeroed scratch area the kernel leaves
 /// zero again.
@@ -662,7 +673,7 @@ Status detail::routerWith(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
     return routerFewTokens(
         ctx, x, wg, logits, tokens, modelDim, experts,
         path == RouterPath::FewTokensLastSplit ||
-            (path == RouterPath::Auto && kAutoSumsInLastSplit));
+            (path == RouterPath::Auto && autoSumsInLastSplit()));
   // bf16 tokens: cuBLAS on bf16 parts of wg (int-sized dimensions only).
   if (x.type == DType::BF16 && modelDim > 0 && tokens < INT32_MAX &&
       modelDim < INT32_MAX && 3 * experts < INT32_MAX)
