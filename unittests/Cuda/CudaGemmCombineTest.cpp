@@ -219,10 +219,12 @@ TEST(CudaGemmCombine, MatchesTheTwoStepsAndFp64) {
               *ctx, path, dt, K, n, routing.space(), false,
               {a.device, b.device, c.device, out.device, bias.device});
           if (path == GroupedGemmPath::Device && tc.T < 100 &&
-              cuda::detail::deviceGroupedGemmRuns(*ctx))
+              cuda::detail::deviceGroupedGemmRuns(*ctx)) {
             EXPECT_TRUE(inStore);
-          if (path == GroupedGemmPath::Cublas)
+          }
+          if (path == GroupedGemmPath::Cublas) {
             EXPECT_FALSE(inStore);
+          }
           std::cout << "[ path     ] " << tc.name << " " << toString(dt) << " "
                     << pathName(path)
                     << (inStore ? ": in the store\n" : ": two steps\n");
@@ -244,10 +246,11 @@ TEST(CudaGemmCombine, MatchesTheTwoStepsAndFp64) {
               norm += want[i] * want[i];
             }
             EXPECT_LE(std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30), 3e-2);
-            if (tc.padded)
+            if (tc.padded) {
               for (int64_t col = 0; col < n; ++col)
                 ASSERT_EQ(out.at((tc.T - 1) * n + col), 0.0)
                     << "the dropped token's column " << col;
+            }
             // The two steps apart on the same path: the same bits in out
             // and in every kept row of c.
             ASSERT_TRUE(cuda::detail::groupedGemmWith(
@@ -263,13 +266,15 @@ TEST(CudaGemmCombine, MatchesTheTwoStepsAndFp64) {
             EXPECT_EQ(out.host, out2.host)
                 << "out differs from grouped_gemm and combine";
             const size_t element = dt == DType::F32 ? 4 : 2;
-            for (int64_t r = 0; r < R; ++r)
-              if (routing.rowTokens[r] >= 0)
+            for (int64_t r = 0; r < R; ++r) {
+              if (routing.rowTokens[r] >= 0) {
                 ASSERT_EQ(std::memcmp(c.host.data() + r * n * element,
                                       c2.host.data() + r * n * element,
                                       n * element),
                           0)
                     << "row " << r << " of c";
+              }
+            }
           }
         }
       }
