@@ -85,9 +85,10 @@ TEST(CombineFusion, FusedVariantsEqualTheUnfusedOnesAndTheReference) {
       EXPECT_EQ(countSteps(forward, StepOp::Combine), fused ? 0 : 1);
       // The fused step takes the variant's row -> token map where it has
       // one (the gather-fused variants).
-      if (const Step *step = findStep(forward, StepOp::GroupedGemmCombine))
+      if (const Step *step = findStep(forward, StepOp::GroupedGemmCombine)) {
         EXPECT_EQ(step->in(OperandRole::RowTokens).isValid(),
                   findStep(forward, StepOp::DispatchRows) != nullptr);
+      }
     }
 
     RankInputs inputs;

@@ -240,10 +240,11 @@ TEST(CudaExecutor, EveryPlanAndVariantMatchesTheReference) {
             &grads.x,  &grads.wg, &grads.w1, &grads.b1,
             &grads.w2, &grads.b2, &grads.w3};
         for (size_t g = 0; g < std::size(kGradients); ++g)
-          if (plan->findArgument(kGradients[g]) >= 0)
+          if (plan->findArgument(kGradients[g]) >= 0) {
             EXPECT_LE(reference::relativeL2(args.get(kGradients[g]), *want[g]),
                       tolerance)
                 << kGradients[g];
+          }
       }
     }
   }

@@ -72,8 +72,9 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
   const char *transport = std::getenv("FLEX_A2A_TRANSPORT");
   const bool peerCopies = transport && std::string(transport) == "ce";
   std::vector<std::shared_ptr<Communicator>> hosts;
-  if (peerCopies)
+  if (peerCopies) {
     ASSERT_TRUE(createLocalCommunicators(W, hosts, 120).isOk());
+  }
   {
     std::vector<Status> made(W);
     std::vector<std::thread> threads;
@@ -190,7 +191,7 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
       // magnitude where they cancel (expertFloor).
       // A sharded rank's grad_b2 is the whole b2 gradient of its expert.
       for (auto [name, want, magnitude] : expertGradients(ref))
-        if (got.count(name))
+        if (got.count(name)) {
           EXPECT_LE(reference::relativeL2(
                         got[name],
                         sliceExpertParameter(config, W, r, name, *want),
@@ -198,6 +199,7 @@ TEST_P(CudaMultiRankRun, MatchesTheReferenceOnEveryRank) {
                                                          *magnitude))),
                     tolerance)
               << name;
+        }
     }
   }
 }

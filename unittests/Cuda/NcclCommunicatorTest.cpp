@@ -61,8 +61,9 @@ std::vector<std::shared_ptr<Communicator>> makeRanks(double timeout,
   Status status = createNcclUniqueId(id);
   EXPECT_TRUE(status.isOk()) << status.message();
   std::vector<std::shared_ptr<Communicator>> hosts;
-  if (peerCopies)
+  if (peerCopies) {
     EXPECT_TRUE(createLocalCommunicators(kRanks, hosts, timeout).isOk());
+  }
   std::vector<std::shared_ptr<Communicator>> ranks(kRanks);
   std::vector<Status> results(kRanks);
   onRanks([&](int r) {
@@ -474,8 +475,9 @@ TEST(NcclCommunicator, RejectsARankOutOfRange) {
   Status status = createNcclCommunicator(comm, NcclUniqueId{}, 2, 2);
   EXPECT_FALSE(status.isOk());
   EXPECT_FALSE(comm);
-  if (isNcclAvailable())
+  if (isNcclAvailable()) {
     EXPECT_THAT(status.message(), HasSubstr("out of range"));
+  }
 }
 
 } // namespace

@@ -300,10 +300,11 @@ Explanation runAutoOnRanks(const std::string &planName,
     EXPECT_LE(reference::relativeL2(buffers[r].get("out"), ref.forward[r].out),
               tolerance)
         << "rank " << r;
-    if (plan->training)
+    if (plan->training) {
       EXPECT_LE(reference::relativeL2(buffers[r].get("grad_x"), ref.grads[r].x),
                 tolerance)
           << "rank " << r;
+    }
   }
   return explanations[0];
 }

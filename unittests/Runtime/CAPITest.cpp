@@ -51,8 +51,9 @@ protected:
     ASSERT_EQ(flexContextCreate("cpu", &context), FLEX_STATUS_OK);
   }
   void TearDown() override {
-    if (exe)
+    if (exe) {
       EXPECT_EQ(flexExecutableDestroy(exe), FLEX_STATUS_OK);
+    }
     EXPECT_EQ(flexContextDestroy(context), FLEX_STATUS_OK);
   }
   void load(const std::string &name) {

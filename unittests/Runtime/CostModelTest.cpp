@@ -701,8 +701,9 @@ Plan swigluPlan(int64_t T, int64_t d, int64_t h, int64_t E, int64_t k,
   layer.dtype = DType::BF16;
   nlohmann::ordered_json doc = nlohmann::ordered_json::parse(
       test::swigluInferencePlan(layer, layout, gathered));
-  if (fused)
+  if (fused) {
     EXPECT_EQ(test::fuseGluSteps(doc, /*keepProducts=*/false), 1);
+  }
   Plan plan;
   Status status = parsePlan(doc.dump(), plan);
   EXPECT_TRUE(status.isOk()) << status.message();

@@ -56,8 +56,9 @@ TEST(Half, Bf16RoundsToNearestEven) {
   EXPECT_TRUE(std::isnan(bf16ToFloat(floatToBf16(bits(0x7f800001)))));
   for (uint32_t b = 0; b < 0x10000; ++b) {
     float v = bf16ToFloat(static_cast<uint16_t>(b));
-    if (!std::isnan(v))
+    if (!std::isnan(v)) {
       ASSERT_EQ(floatToBf16(v), b) << "bf16 round trip of " << b;
+    }
   }
 }
 
@@ -77,8 +78,9 @@ TEST(Half, F16RoundsToNearestEven) {
   EXPECT_EQ(f16ToFloat(0x0001), 0x1p-24f);
   for (uint32_t b = 0; b < 0x10000; ++b) {
     float v = f16ToFloat(static_cast<uint16_t>(b));
-    if (!std::isnan(v))
+    if (!std::isnan(v)) {
       ASSERT_EQ(floatToF16(v), b) << "f16 round trip of " << b;
+    }
   }
 }
 
@@ -591,16 +593,18 @@ TEST(GroupedGemmGlu, EqualsTwoGemmsAndAGluAndTheReference) {
               if (!g.valid(r))
                 for (int64_t j = 0; j < N; ++j) {
                   EXPECT_TRUE(std::isnan(c.at(r * N + j))) << "row " << r;
-                  if (g.keep)
+                  if (g.keep) {
                     EXPECT_TRUE(std::isnan(gate.at(r * N + j)) &&
                                 std::isnan(up.at(r * N + j)))
                         << "row " << r;
+                  }
                 }
             // Each product and c rounded once to the dtype (2^-9 for bf16,
             // 2^-12 for f16, relative).
             const double tolerance = type == DType::BF16 ? 1e-2 : 2e-3;
-            if (norm > 0)
+            if (norm > 0) {
               EXPECT_LE(std::sqrt(error / norm), tolerance);
+            }
             ++cases;
           }
   EXPECT_EQ(cases, 64);
@@ -683,11 +687,13 @@ TEST(GroupedGemmActivationBackward, EqualsGemmAndActivationBackward) {
                 }
             for (int64_t r = 0; r < g.R; ++r)
               if (!g.valid(r))
-                for (int64_t j = 0; j < N; ++j)
+                for (int64_t j = 0; j < N; ++j) {
                   EXPECT_TRUE(std::isnan(c.at(r * N + j))) << "row " << r;
+                }
             const double tolerance = type == DType::BF16 ? 1e-2 : 2e-3;
-            if (norm > 0)
+            if (norm > 0) {
               EXPECT_LE(std::sqrt(error / norm), tolerance);
+            }
             ++cases;
           }
   EXPECT_EQ(cases, 48);
@@ -760,13 +766,15 @@ TEST(GroupedGemmGluBackward, EqualsGemmAndGluBackward) {
               }
           for (int64_t r = 0; r < g.R; ++r)
             if (!g.valid(r))
-              for (int64_t j = 0; j < N; ++j)
+              for (int64_t j = 0; j < N; ++j) {
                 EXPECT_TRUE(std::isnan(gradGate.at(r * N + j)) &&
                             std::isnan(gradUp.at(r * N + j)))
                     << "row " << r;
+              }
           const double tolerance = type == DType::BF16 ? 1e-2 : 2e-3;
-          if (norm > 0)
+          if (norm > 0) {
             EXPECT_LE(std::sqrt(error / norm), tolerance);
+          }
           ++cases;
         }
   EXPECT_EQ(cases, 24);

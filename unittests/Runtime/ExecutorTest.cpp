@@ -162,9 +162,10 @@ void runAndCompare(std::shared_ptr<const Plan> plan, int64_t variant,
   ASSERT_TRUE(status.isOk()) << status.message();
   EXPECT_EQ(executor->lastRunStats().steps.size(),
             plan->variants[variant].forward.size());
-  if (!reused)
+  if (!reused) {
     EXPECT_EQ(executor->ownedWorkspaceBytes(),
               plan->variantWorkspaceBytes(variant));
+  }
   if (plan->training) {
     status = executor->backward(bindings.data(), bindings.size());
     ASSERT_TRUE(status.isOk()) << status.message();

@@ -898,8 +898,9 @@ TEST(CallbackCommunicator, RunsEveryVariantLikeTheCommunicatorBehindIt) {
                        ? createCallbackCommunicator(
                              comm, r, W, forwardingTo(ranks[r], mine), "test")
                        : Status::ok();
-        if (callbacks && s)
+        if (callbacks && s) {
           EXPECT_EQ(comm->name(), "test");
+        }
         CpuRankExecutor rank;
         if (s)
           s = rank.create(plan, comm, 0xff);
