@@ -9,7 +9,8 @@
 #     every path against the CPU gate), the router's splits added in the
 #     last block (RouterPath::FewTokensLastSplit), the wgmma forward with A
 #     in 32-row boxes and the fused stores (a79e74b) - memcheck over them,
-#     flex-gate-bench (lanes against lane-scan, the router's forms), the
+#     flex-gate-bench (lanes against lane-scan, the router's forms and
+#     tiles of 4, 8 and 16 tokens), the
 #     decode GEMMs and D1 / D2 with A's boxes against FLEX_WGMMA_A=full.
 #   PART=bench: flex-gemm-bench's C3 (the fused stores), the prefill layers
 #     under the new rules and D1 per kernel (ncu).
@@ -38,6 +39,12 @@ if [[ ${PART:-tests} == tests ]]; then
   echo "== flex-gate-bench (exit $?)"
   sed -n '/^shape (us)/,/^$/p' "$LOGS/gate-bench.log" | head -20
   sed -n '/^router,/,$p' "$LOGS/gate-bench.log" | head -8
+  for tt in 8 16; do
+    FLEX_ROUTER_TILE_TOKENS=$tt timeout 30 "$B/bin/flex-gate-bench" --router-only --iters 50 \
+      > "$LOGS/router-tile$tt.log" 2>&1
+    echo "== router, $tt tokens a block (exit $?)"
+    sed -n '/^router,/,$p' "$LOGS/router-tile$tt.log" | head -8
+  done
   grep -A6 "^decode T256 E64 k6 (" "$LOGS/gate-bench.log" | cut -c1-200
   for a in boxes full; do
     FLEX_WGMMA_A=$a timeout 40 "$G" --iters 20 --only decode_t256,decode_t128_big > "$LOGS/gemm-decode-$a.log" 2>&1
@@ -49,6 +56,7 @@ if [[ ${PART:-tests} == tests ]]; then
   moe_run_row d1 d1_dropless.infer auto -- --graph
   moe_run_row d1-fullA d1_dropless.infer auto FLEX_WGMMA_A=full -- --graph
   moe_run_row d1-routed d1_dropless.infer auto FLEX_GATE_ROUTE=last-block FLEX_ROUTER_SUM=last-split -- --graph
+  moe_run_row d1-routed-tt16 d1_dropless.infer auto FLEX_GATE_ROUTE=last-block FLEX_ROUTER_SUM=last-split FLEX_ROUTER_TILE_TOKENS=16 -- --graph
   moe_run_row d2 d2_dropless.infer auto -- --graph
   moe_run_row d2-fullA d2_dropless.infer auto FLEX_WGMMA_A=full -- --graph
   echo "done at ${SECONDS}s"

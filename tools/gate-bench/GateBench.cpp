@@ -4,9 +4,9 @@
 //
 //===----------------------------------------------------------------------===//
 //
-// flex-gate-bench [--iters N]: times cuda::gate's pipelines (legacy: one
-// thread per token; tile: the 32-row shared-memory token kernel; lanes: a
-// lane group per token, routed in its last block where that applies;
+// flex-gate-bench [--iters N] [--router-only]: times cuda::gate's pipelines
+// (legacy: one thread per token; tile: the 32-row shared-memory token kernel;
+// lanes: a lane group per token, routed in its last block where that applies;
 // lane-scan: the lane kernel, then the scan and location kernels; one-block:
 // the whole gate in one launch, where it applies; auto: what cuda::gate
 // takes) on the same card in one process,
@@ -316,8 +316,11 @@ void benchRouter(cuda::KernelContext &ctx, int iters) {
 
 int main(int argc, char **argv) {
   int iters = 25;
+  bool routerOnly = false;
   for (int i = 1; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc)
+    if (!std::strcmp(argv[i], "--router-only"))
+      routerOnly = true;
+    else if (!std::strcmp(argv[i], "--iters") && i + 1 < argc)
       iters = std::max(1, std::atoi(argv[++i]));
   std::unique_ptr<cuda::KernelContext> ctx;
   if (Status s = cuda::KernelContext::create(ctx); !s) {
@@ -329,6 +332,10 @@ int main(int argc, char **argv) {
   const double bandwidth = copyBandwidth(ctx->stream());
   std::printf("gpu: %s, copy bandwidth %.0f GB/s (read + write), %d runs\n",
               prop.name, bandwidth * 1e-9, iters);
+  if (routerOnly) {
+    benchRouter(*ctx, iters);
+    return 0;
+  }
 
   const std::vector<Shape> shapes = {
       {"C3 T16384 E64 k6", 16384, 64, 6, false, 0.0},

@@ -202,6 +202,54 @@ TEST(CudaRouterFewTokens, LogitsDoNotDependOnTheBatch) {
   }
 }
 
+// Every tile of the few-token kernel (4, 8, 16 tokens a block) gives the
+// rule's bits, with the splits added by the sum kernel or in the last block;
+// an unknown tile is refused.
+TEST(CudaRouterFewTokens, EveryTileGivesTheSameBits) {
+  FLEX_SKIP_WITHOUT_CUDA();
+  std::unique_ptr<cuda::KernelContext> ctx;
+  ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
+  std::mt19937_64 rng(29);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const int64_t d = 2048, E = 64;
+  for (int64_t T : {1, 37, 256}) {
+    SCOPED_TRACE("T " + std::to_string(T));
+    Buffer x(DType::BF16, T * d), wg(DType::F32, d * E);
+    std::vector<double> values(T * d), weights(d * E);
+    for (double &v : values)
+      v = normal(rng);
+    for (double &v : weights)
+      v = normal(rng) / std::sqrt(static_cast<double>(d));
+    x.set(values);
+    wg.set(weights);
+    Buffer rule(DType::F32, T * E), tiled(DType::F32, T * E);
+    rule.poison();
+    ASSERT_TRUE(cuda::detail::routerWith(
+                    *ctx, {x.device, DType::BF16}, {wg.device, DType::F32},
+                    rule.as<float>(), T, d, E, RouterPath::FewTokens)
+                    .isOk());
+    rule.download();
+    for (int tile : {4, 8, 16})
+      for (RouterPath path :
+           {RouterPath::FewTokens, RouterPath::FewTokensLastSplit}) {
+        SCOPED_TRACE("tile " + std::to_string(tile));
+        tiled.poison();
+        ASSERT_TRUE(cuda::detail::routerWith(
+                        *ctx, {x.device, DType::BF16}, {wg.device, DType::F32},
+                        tiled.as<float>(), T, d, E, path, tile)
+                        .isOk());
+        tiled.download();
+        EXPECT_EQ(
+            std::memcmp(rule.host.data(), tiled.host.data(), rule.host.size()),
+            0);
+      }
+    Status refused = cuda::detail::routerWith(
+        *ctx, {x.device, DType::BF16}, {wg.device, DType::F32},
+        tiled.as<float>(), T, d, E, RouterPath::FewTokens, 12);
+    EXPECT_EQ(refused.code(), StatusCode::InvalidArgument);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Types, CudaRouterPaths,
                          ::testing::ValuesIn(routerTypes()),
                          [](const ::testing::TestParamInfo<RouterTypes> &info) {

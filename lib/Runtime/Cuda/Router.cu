@@ -11,7 +11,7 @@
 // operands split into bf16 parts (v = h1 + h2 + h3 to fp32 precision; the
 // products of bf16 values are exact in fp32), so they keep fp32 accuracy at
 // the speed of reading x (and grad_x) once. f32 and f16 tokens use the tiled
-// fp32 kernels below. For few tokens (T <= 512) the forward is one kernel of
+// fp32 kernels below. For few tokens (T <= 256) the forward is one kernel of
 // fp32 FMAs instead (routerFewTokensKernel): three launches (weight split,
 // GEMM, part sums) cost more than the work at decode sizes.
 //
@@ -587,18 +587,34 @@ bool autoSumsInLastSplit() {
   return sums;
 }
 
+/// Tokens per block of the few-token kernel: `rule`'s, or 4, 8 or 16 from
+/// FLEX_ROUTER_TILE_TOKENS (a knob of the measurements: every block re-reads
+/// its split of wg from L2, 32 MB at D1's T 256 with 4 tokens a block, so
+/// larger tiles read less but fill fewer SMs). A token's sums are the same
+/// whatever the tile: each token's chain of FMAs does not depend on it.
+int routerTileTokens(int rule) {
+  static const int asked = [] {
+    const char *v = std::getenv("FLEX_ROUTER_TILE_TOKENS");
+    const int n = v ? std::atoi(v) : 0;
+    return n == 4 || n == 8 || n == 16 ? n : 0;
+  }();
+  return asked ? asked : rule;
+}
+
 /// The few-token kernel's tickets: a zeroed scratch area the kernel leaves
 /// zero again.
 constexpr int kRouterTicketSlot = 11;
 
 Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                        float *logits, int64_t tokens, int64_t modelDim,
-                       int64_t experts, bool sumInLastSplit) {
+                       int64_t experts, bool sumInLastSplit,
+                       int tileTokensAsked) {
   const unsigned expertTiles = detail::gridFor(experts, 32, 65535);
   const bool small =
       int64_t{detail::gridFor(tokens, 8, INT32_MAX)} * expertTiles <
       ctx.multiprocessors();
-  const int tileTokens = small ? 4 : 8;
+  const int tileTokens =
+      tileTokensAsked ? tileTokensAsked : routerTileTokens(small ? 4 : 8);
   const int64_t chunks =
       std::max<int64_t>(1, (modelDim + kFewChunk - 1) / kFewChunk);
   const int64_t chunksPerSplit =
@@ -633,10 +649,12 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
             out, tokens, modelDim, experts, vectorX, chunksPerSplit * kFewChunk,
             tickets, logits);
       };
-      if (small)
+      if (tileTokens == 4)
         launch(routerFewTokensKernel<TX, TW, 4>);
-      else
+      else if (tileTokens == 8)
         launch(routerFewTokensKernel<TX, TW, 8>);
+      else
+        launch(routerFewTokensKernel<TX, TW, 16>);
       if (Status s = checkLaunch("router few-token kernel"); !s)
         return s;
       if (splits == 1 || tickets)
@@ -662,7 +680,11 @@ Status router(KernelContext &ctx, ReadBuffer x, ReadBuffer wg, float *logits,
 
 Status detail::routerWith(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                           float *logits, int64_t tokens, int64_t modelDim,
-                          int64_t experts, RouterPath path) {
+                          int64_t experts, RouterPath path, int tileTokens) {
+  if (tileTokens != 0 && tileTokens != 4 && tileTokens != 8 && tileTokens != 16)
+    return Status(StatusCode::InvalidArgument,
+                  "the few-token router takes 4, 8 or 16 tokens a block; got " +
+                      std::to_string(tileTokens));
   if (tokens == 0 || experts == 0)
     return Status::ok();
   // (Its grid has up to 65535 tiles of 32 experts.)
@@ -673,7 +695,8 @@ Status detail::routerWith(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
     return routerFewTokens(
         ctx, x, wg, logits, tokens, modelDim, experts,
         path == RouterPath::FewTokensLastSplit ||
-            (path == RouterPath::Auto && autoSumsInLastSplit()));
+            (path == RouterPath::Auto && autoSumsInLastSplit()),
+        tileTokens);
   // bf16 tokens: cuBLAS on bf16 parts of wg (int-sized dimensions only).
   if (x.type == DType::BF16 && modelDim > 0 && tokens < INT32_MAX &&
       modelDim < INT32_MAX && 3 * experts < INT32_MAX)

@@ -28,12 +28,17 @@ namespace flex::cuda::detail {
 ///   f16 x through the tiled fp32 kernel.
 enum class RouterPath { Auto, FewTokens, FewTokensLastSplit, Gemm };
 
-/// T <= 512 (the few-token kernel's limit under Auto).
+/// routerWith's tileTokens: the few-token kernel's tokens a block, 4, 8 or
+/// 16 (0: its rule, 4 where 8 would leave SMs idle, else 8, or
+/// FLEX_ROUTER_TILE_TOKENS); a token's logits have the same bits whatever
+/// the tile.
+
+/// T <= 256 (kRouterFewTokens: the few-token kernel's limit under Auto).
 bool routerFewTokensApplies(int64_t tokens);
 
 Status routerWith(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                   float *logits, int64_t tokens, int64_t modelDim,
-                  int64_t experts, RouterPath path);
+                  int64_t experts, RouterPath path, int tileTokens = 0);
 
 } // namespace flex::cuda::detail
 
