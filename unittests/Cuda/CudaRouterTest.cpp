@@ -168,6 +168,19 @@ TEST_P(CudaRouterPaths, MatchFp64) {
   }
 }
 
+/// Fresh normal tokens, and weights scaled by 1 / sqrt(d) (logits of order
+/// one).
+void fillRouterInputs(std::mt19937_64 &rng, Buffer &x, Buffer &wg, int64_t d) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> values(x.count), weights(wg.count);
+  for (double &v : values)
+    v = normal(rng);
+  for (double &v : weights)
+    v = normal(rng) / std::sqrt(static_cast<double>(d));
+  x.set(values);
+  wg.set(weights);
+}
+
 // The few-token kernel's sums (K split over blocks included) follow d alone:
 // a token's logits have the same bits in a batch of 8 tokens and of 200.
 TEST(CudaRouterFewTokens, LogitsDoNotDependOnTheBatch) {
@@ -175,18 +188,11 @@ TEST(CudaRouterFewTokens, LogitsDoNotDependOnTheBatch) {
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
   std::mt19937_64 rng(23);
-  std::normal_distribution<double> normal(0.0, 1.0);
   for (int64_t d : {264, 2048, 4096}) {
     SCOPED_TRACE("d " + std::to_string(d));
     const int64_t E = 64, big = 200, few = 8;
     Buffer x(DType::BF16, big * d), wg(DType::F32, d * E);
-    std::vector<double> values(big * d), weights(d * E);
-    for (double &v : values)
-      v = normal(rng);
-    for (double &v : weights)
-      v = normal(rng) / std::sqrt(static_cast<double>(d));
-    x.set(values);
-    wg.set(weights);
+    fillRouterInputs(rng, x, wg, d);
     Buffer all(DType::F32, big * E), part(DType::F32, few * E);
     all.poison();
     part.poison();
@@ -210,18 +216,11 @@ TEST(CudaRouterFewTokens, EveryTileGivesTheSameBits) {
   std::unique_ptr<cuda::KernelContext> ctx;
   ASSERT_TRUE(cuda::KernelContext::create(ctx).isOk());
   std::mt19937_64 rng(29);
-  std::normal_distribution<double> normal(0.0, 1.0);
   const int64_t d = 2048, E = 64;
   for (int64_t T : {1, 37, 256}) {
     SCOPED_TRACE("T " + std::to_string(T));
     Buffer x(DType::BF16, T * d), wg(DType::F32, d * E);
-    std::vector<double> values(T * d), weights(d * E);
-    for (double &v : values)
-      v = normal(rng);
-    for (double &v : weights)
-      v = normal(rng) / std::sqrt(static_cast<double>(d));
-    x.set(values);
-    wg.set(weights);
+    fillRouterInputs(rng, x, wg, d);
     Buffer rule(DType::F32, T * E), tiled(DType::F32, T * E);
     rule.poison();
     ASSERT_TRUE(cuda::detail::routerWith(
