@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The device calls written in session 18 (issue 13; its device was paused
-# before any ran), in two parts on one warm machine (BUILD=/tmp/gb keeps the
-# build between them). First `git revert b5ca77d` (the A boxes of 32 rows,
-# reverted until a GPU runs them; else both A rows time the same code), then
-# bench/make_baseline.sh.
+# before any ran), in three parts on one warm machine (BUILD=/tmp/gb keeps
+# the build between them; each part fits one call). First `git revert
+# b5ca77d` (the A boxes of 32 rows, reverted until a GPU runs them; else
+# both A rows time the same code), then bench/make_baseline.sh.
 #   PART=tests: builds, then the tests of what no GPU has run yet - the
-#     gate (GatePath::Lanes: the lane kernel's last block routes the slots;
-#     every path against the CPU gate), the router's splits added in the
-#     last block (RouterPath::FewTokensLastSplit), the wgmma forward with A
-#     in 32-row boxes and the fused stores (a79e74b) - memcheck over them,
-#     flex-gate-bench (lanes against lane-scan, the router's forms and
-#     tiles of 4, 8 and 16 tokens), the
-#     decode GEMMs and D1 / D2 with A's boxes against FLEX_WGMMA_A=full.
+#     routed lane gate (GatePath::Lanes), the router's last-split sum and
+#     tiles, the wgmma forward with A in 32-row boxes, the fused stores
+#     (a79e74b), the same kernels with dependent launches (FLEX_PDL=1), the
+#     moe-run.cuda checks (two with FLEX_PDL=1) - and memcheck over them.
+#   PART=decode: flex-gate-bench (lanes against lane-scan, the router's
+#     forms and tiles), the decode GEMMs with A's boxes against
+#     FLEX_WGMMA_A=full, and D1 / D2 under auto with each new form.
 #   PART=bench: flex-gemm-bench's C3 (the fused stores), the prefill layers
 #     under the new rules and D1 per kernel (ncu).
 # Run inside bench/baseline (bench/make_baseline.sh):
@@ -30,11 +30,20 @@ if [[ ${PART:-tests} == tests ]]; then
   timeout 140 "$K" --gtest_filter="$FUSED" > "$LOGS/kernels.log" 2>&1
   echo "wgmma / fused-store tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/kernels.log" | tr '\n' ' ') last: $(grep -E '^\[ RUN' "$LOGS/kernels.log" | tail -1 | cut -c1-90)"
   grep -E '^\[  FAILED' "$LOGS/kernels.log" | cut -c1-140 | head
+  FLEX_PDL=1 timeout 90 "$K" --gtest_filter='*CudaGate*:*CudaRouter*:*CudaDeviceGemm*:*Combine*' > "$LOGS/pdl.log" 2>&1
+  echo "the same with dependent launches (FLEX_PDL=1): exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/pdl.log" | tr '\n' ' ')"
+  grep -E '^\[  FAILED' "$LOGS/pdl.log" | cut -c1-140 | head
+  (cd "$B" && timeout 90 ctest -R 'moe-run.cuda' --output-on-failure > "$LOGS/moe-run-ctest.log" 2>&1)
+  echo "ctest moe-run.cuda (pdl included): exit $? $(grep -E 'tests passed|tests failed' "$LOGS/moe-run-ctest.log")"
   echo "tests done at ${SECONDS}s"
   timeout 90 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$K" \
     --gtest_filter='*CudaGatePaths.MatchTheCpuGate/E64_k6*:*CudaRouter*:*EpilogueMatchesFp64OnBothPaths/*:*ActivationBackwardMatches*/decode_ragged:CudaDeviceGemmTiles.EveryTileMatchesFp64' \
     > "$LOGS/memcheck.log" 2>&1
   echo "memcheck: exit $? ($(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1); $(grep -cE '^\[       OK' "$LOGS/memcheck.log") ok)"
+  echo "done at ${SECONDS}s"
+  exit 0
+fi
+if [[ $PART == decode ]]; then
   timeout 90 "$B/bin/flex-gate-bench" --iters 50 > "$LOGS/gate-bench.log" 2>&1
   echo "== flex-gate-bench (exit $?)"
   sed -n '/^shape (us)/,/^$/p' "$LOGS/gate-bench.log" | head -20
@@ -57,6 +66,9 @@ if [[ ${PART:-tests} == tests ]]; then
   moe_run_row d1-fullA d1_dropless.infer auto FLEX_WGMMA_A=full -- --graph
   moe_run_row d1-routed d1_dropless.infer auto FLEX_GATE_ROUTE=last-block FLEX_ROUTER_SUM=last-split -- --graph
   moe_run_row d1-routed-tt16 d1_dropless.infer auto FLEX_GATE_ROUTE=last-block FLEX_ROUTER_SUM=last-split FLEX_ROUTER_TILE_TOKENS=16 -- --graph
+  moe_run_row d1-pdl d1_dropless.infer auto FLEX_PDL=1 -- --graph
+  moe_run_row d1-all d1_dropless.infer auto FLEX_PDL=1 FLEX_GATE_ROUTE=last-block FLEX_ROUTER_SUM=last-split FLEX_ROUTER_TILE_TOKENS=16 -- --graph
+  moe_run_row d2-pdl d2_dropless.infer auto FLEX_PDL=1 -- --graph
   moe_run_row d2 d2_dropless.infer auto -- --graph
   moe_run_row d2-fullA d2_dropless.infer auto FLEX_WGMMA_A=full -- --graph
   echo "done at ${SECONDS}s"

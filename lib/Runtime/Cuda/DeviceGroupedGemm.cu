@@ -27,6 +27,7 @@
 
 #include "CombineInStore.cuh"
 #include "CudaSupport.cuh"
+#include "DependentLaunch.cuh"
 #include "GroupedGemmInternal.h"
 #include "MmaSyncPrimitives.cuh"
 #include "flex/Runtime/Core/GroupedGemmRule.h"
@@ -456,6 +457,8 @@ __global__ void __launch_bounds__(Cfg::Threads)
 #ifdef FLEX_GEMM_UNSUPPORTED_ARCH
   __trap();
 #else
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   extern __shared__ __align__(16) unsigned char sharedRaw[];
   const int lane = threadIdx.x % 32;
   const int64_t tile = blockIdx.y;
@@ -638,7 +641,7 @@ Status launchRaggedM(KernelContext &ctx, const RaggedMArgs &args,
   constexpr int64_t tileColumns = Glu ? Cfg::BN / 2 : Cfg::BN;
   int64_t nTiles = (args.n + tileColumns - 1) / tileColumns;
   dim3 grid(static_cast<unsigned>(nTiles), static_cast<unsigned>(mTiles));
-  kernel<<<grid, Cfg::Threads, bytes, ctx.stream()>>>(args);
+  detail::launchDependent(ctx, kernel, grid, Cfg::Threads, bytes, args);
   return checkLaunch("grouped GEMM kernel (device-sized)");
 }
 

@@ -20,6 +20,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "CudaSupport.cuh"
+#include "DependentLaunch.cuh"
 
 namespace flex::cuda {
 
@@ -58,6 +59,8 @@ template <typename T, int V> struct Unit {
 /// token (topK, dispatch_rows), for the rows below rowCount.
 __global__ void slotMapKernel(Routing routing, int64_t rowCount,
                               int32_t perEntry, int32_t *__restrict__ rowMap) {
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   int64_t slot = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (slot >= routing.tokens * routing.topK)
     return;
@@ -81,8 +84,8 @@ Status buildSlotMap(KernelContext &ctx, const Routing &routing, int64_t rows,
   int64_t slots = routing.tokens * routing.topK;
   if (slots == 0)
     return Status::ok();
-  slotMapKernel<<<detail::gridFor(slots, 256), 256, 0, ctx.stream()>>>(
-      routing, rows, 1, rowSlot);
+  detail::launchDependent(ctx, slotMapKernel, detail::gridFor(slots, 256), 256,
+                          0, routing, rows, int32_t{1}, rowSlot);
   return checkLaunch("slot map kernel");
 }
 
@@ -132,6 +135,8 @@ template <typename T, int V, bool Gated>
 __global__ void __launch_bounds__(kThreads)
     sumChoicesKernel(const T *__restrict__ rows, int64_t width, Routing routing,
                      T *__restrict__ out) {
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   const int lane = threadIdx.x & 31;
   int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) +
                   threadIdx.x) >> 5;
@@ -251,9 +256,10 @@ Status sumChoices(KernelContext &ctx, ReadBuffer rows, int64_t width,
     bool vector = detail::vectorizable(width, sizeof(T), {rows.data, out.data});
     auto launch = [&](auto kernel, int64_t span) {
       int64_t chunks = (width + span - 1) / span;
-      kernel<<<warpGrid(ctx, routing.tokens * chunks), kThreads, 0,
-               ctx.stream()>>>(static_cast<const T *>(rows.data), width,
-                               routing, static_cast<T *>(out.data));
+      detail::launchDependent(ctx, kernel,
+                              warpGrid(ctx, routing.tokens * chunks), kThreads,
+                              0, static_cast<const T *>(rows.data), width,
+                              routing, static_cast<T *>(out.data));
     };
     if (vector)
       launch(sumChoicesKernel<T, kVector<T>, Gated>, 32 * kVector<T>);
@@ -319,8 +325,9 @@ Status dispatchRows(KernelContext &ctx, const Routing &routing,
   int64_t slots = routing.tokens * routing.topK;
   if (slots == 0)
     return Status::ok();
-  slotMapKernel<<<detail::gridFor(slots, 256), 256, 0, ctx.stream()>>>(
-      routing, rowCount, static_cast<int32_t>(routing.topK), rowTokens);
+  detail::launchDependent(ctx, slotMapKernel, detail::gridFor(slots, 256), 256,
+                          0, routing, rowCount,
+                          static_cast<int32_t>(routing.topK), rowTokens);
   return checkLaunch("dispatch_rows kernel");
 }
 

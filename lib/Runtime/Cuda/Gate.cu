@@ -30,6 +30,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "CudaSupport.cuh"
+#include "DependentLaunch.cuh"
 #include "GateDevice.cuh"
 #include "GateInternal.h"
 
@@ -235,6 +236,8 @@ __global__ void __launch_bounds__(kLocationThreads)
     locationKernel(SlotSequence sequence, int64_t length, int32_t experts,
                    const int32_t *__restrict__ chunkBases,
                    int32_t *__restrict__ locations) {
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   constexpr int kWarps = kLocationThreads / 32;
   extern __shared__ int32_t shared[];
   int32_t *running = shared;              // [experts]
@@ -461,6 +464,8 @@ __global__ void __launch_bounds__(kScanThreads) gateScanFusedKernel(
     const int32_t *__restrict__ firstChoices, int32_t *__restrict__ counts,
     int32_t *__restrict__ capacity, int32_t *__restrict__ expertOffsets,
     int32_t *__restrict__ expertRows, float *__restrict__ lAux) {
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   __shared__ int32_t sliceTotals[kScanThreads];
   __shared__ int64_t prefix[2][kMaxFusedGateExperts];
   __shared__ double loss[kMaxFusedGateExperts];
@@ -863,16 +868,17 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
         g.chunkCounts, chunks, params, g.scoreSums, g.firstChoices, g.counts,
         out.capacity, out.expertOffsets, out.expertRows, out.lAux);
   else
-    gateScanFusedKernel<<<1, kScanThreads, 0, stream>>>(
-        g.chunkCounts, chunks, params, g.scoreSums, g.firstChoices, g.counts,
-        out.capacity, out.expertOffsets, out.expertRows, out.lAux);
+    detail::launchDependent(ctx, gateScanFusedKernel, 1, kScanThreads, 0,
+                            g.chunkCounts, chunks, params, g.scoreSums,
+                            g.firstChoices, g.counts, out.capacity,
+                            out.expertOffsets, out.expertRows, out.lAux);
   if (Status s = report("gate scan kernel"); !s)
     return s;
   if (chunks > 0) {
     int smem = 4 * E * (1 + kLocationThreads / 32);
-    locationKernel<<<static_cast<unsigned>(chunks), kLocationThreads, smem,
-                     stream>>>(sequence, length, E, g.chunkCounts,
-                               out.locations);
+    detail::launchDependent(ctx, locationKernel, static_cast<unsigned>(chunks),
+                            kLocationThreads, smem, sequence, length, E,
+                            g.chunkCounts, out.locations);
     if (Status s = report("gate location kernel"); !s)
       return s;
   }

@@ -44,6 +44,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "DependentLaunch.cuh"
 #include "GateDevice.cuh"
 #include "GateInternal.h"
 
@@ -473,6 +474,8 @@ __device__ void routeInLastBlock(const LaneKernelParams &p, double *area) {
 template <int G>
 __global__ void __launch_bounds__(kLaneThreads, kLaneBlocksPerSM)
     gateLanesKernel(LaneKernelParams p) {
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   extern __shared__ double laneShared[];
   const int32_t E = p.token.experts, k = p.token.k;
   auto *table = reinterpret_cast<uint64_t *>(laneShared);
@@ -574,9 +577,10 @@ template <typename F> void withLanes(int lanes, F f) {
 }
 
 template <int G>
-void launchLanes(cudaStream_t stream, unsigned blocks, size_t smem,
+void launchLanes(const KernelContext &ctx, unsigned blocks, size_t smem,
                  const LaneKernelParams &p) {
-  gateLanesKernel<G><<<blocks, kLaneThreads, smem, stream>>>(p);
+  detail::launchDependent(ctx, gateLanesKernel<G>, blocks, kLaneThreads, smem,
+                          p);
 }
 
 //===----------------------------------------------------------------------===//
@@ -663,6 +667,8 @@ static_assert(kOneBlockAreaDoubles >= kOneBlockThreads &&
 template <int G>
 __global__ void __launch_bounds__(kOneBlockThreads)
     gateOneBlockKernel(OneBlockParams p) {
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   extern __shared__ double oneShared[];
   __shared__ int32_t maxCount;
   __shared__ int64_t cap;
@@ -723,8 +729,10 @@ __global__ void __launch_bounds__(kOneBlockThreads)
 }
 
 template <int G>
-void launchOneBlock(cudaStream_t stream, size_t smem, const OneBlockParams &p) {
-  gateOneBlockKernel<G><<<1, kOneBlockThreads, smem, stream>>>(p);
+void launchOneBlock(const KernelContext &ctx, size_t smem,
+                    const OneBlockParams &p) {
+  detail::launchDependent(ctx, gateOneBlockKernel<G>, 1, kOneBlockThreads, smem,
+                          p);
 }
 
 RoutingParams routingParams(int64_t tokens, int32_t E, int32_t k,
@@ -775,9 +783,8 @@ void detail::launchLaneTokens(KernelContext &ctx, const LaneTokenArgs &a) {
   const size_t smem = 8 * 32 + 4 * kSlots * kLaneThreads +
                       8 * (kLaneThreads / 32) * E + 4 * E +
                       (a.chunkCounts ? 4 * 2 * a.k * E : 0);
-  cudaStream_t stream = ctx.stream();
   withLanes(G, [&](auto lanes) {
-    launchLanes<decltype(lanes)::value>(stream, blocks, smem, p);
+    launchLanes<decltype(lanes)::value>(ctx, blocks, smem, p);
   });
 }
 
@@ -834,9 +841,8 @@ void detail::launchGateOneBlock(KernelContext &ctx, const float *logits,
   // priority, rank and order with batch-prioritized routing (< 48 KiB).
   const size_t smem = 8 * (32 + 3 * experts + kOneBlockAreaDoubles) +
                       4 * 2 * experts + (p.prioritized ? 12 * tokens : 0);
-  cudaStream_t stream = ctx.stream();
   withLanes(lanesFor(experts), [&](auto lanes) {
-    launchOneBlock<decltype(lanes)::value>(stream, smem, p);
+    launchOneBlock<decltype(lanes)::value>(ctx, smem, p);
   });
 }
 

@@ -35,6 +35,7 @@
 
 #include "Activations.cuh"
 #include "CombineInStore.cuh"
+#include "DependentLaunch.cuh"
 #include "GroupTiles.cuh"
 #include "HopperPrimitives.cuh"
 
@@ -430,6 +431,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t emptyBars = fullBars + Stages * 8;
   const uint32_t orderBars = emptyBars + Stages * 8;
 
+  // A dependent launch (DependentLaunch.cuh) waits here, before the first
+  // read of the groups' rows.
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   const int64_t mTiles = totalMTiles<kTileM * Cluster>(p);
   const int32_t nTiles = static_cast<int32_t>((p.n + TileN - 1) / TileN);
   const int64_t tiles = mTiles * nTiles;
@@ -847,7 +852,8 @@ cudaError_t clustersThatFit(int bytes, int ctas, int &fit) {
 /// its `bytes` of dynamic shared memory allowed.
 template <int Cluster, auto kernel, typename... Args>
 cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
-                             cudaStream_t stream, const Args &...args) {
+                             cudaStream_t stream, bool dependent,
+                             const Args &...args) {
   static const cudaError_t registers = startRegistersOf(kernel);
   if (registers != cudaSuccess)
     return registers;
@@ -867,10 +873,18 @@ cudaError_t launchPersistent(int bytes, int64_t bound, int ctas,
       return e;
     clusters = fit < clusters ? fit : clusters;
   }
-  cudaLaunchAttribute attribute;
-  cudaLaunchConfig_t config = clusterConfig(Cluster, bytes, attribute);
+  cudaLaunchAttribute attributes[2];
+  cudaLaunchConfig_t config = clusterConfig(Cluster, bytes, attributes[0]);
   config.stream = stream;
   config.gridDim = dim3(static_cast<unsigned>(clusters * Cluster));
+  if (dependent) { // (the kernel waits: raggedMKernel's contract)
+    attributes[config.numAttrs] = {};
+    attributes[config.numAttrs].id =
+        cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[config.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attributes;
+    ++config.numAttrs;
+  }
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
@@ -883,7 +897,7 @@ template <typename T, int BN, int Stages, bool BKMajor, bool PingPong,
           bool DirectStore = false>
 cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
                           const CUtensorMap &mapUp, const RaggedMParams &p,
-                          int ctas, cudaStream_t stream) {
+                          int ctas, cudaStream_t stream, bool dependent) {
   constexpr auto kernel =
       raggedMKernel<T, BN, Stages, BKMajor, PingPong, Glu, Gather, Cluster,
                     Store, Act, Combine, DirectStore>;
@@ -894,8 +908,8 @@ cudaError_t launchRaggedM(const CUtensorMap &mapA, const CUtensorMap &mapB,
   constexpr int64_t TileRows = kTileM * Cluster;
   const int64_t bound = ((p.rowBound + TileRows - 1) / TileRows + p.groups) *
                         ((p.n + TileN - 1) / TileN);
-  return launchPersistent<Cluster, kernel>(bytes, bound, ctas, stream, mapA,
-                                           mapB, mapUp, p);
+  return launchPersistent<Cluster, kernel>(bytes, bound, ctas, stream,
+                                           dependent, mapA, mapB, mapUp, p);
 }
 
 } // namespace flex::cuda::hopper

@@ -281,8 +281,8 @@ cudaError_t launchRaggedK(const CUtensorMap &mapA, const CUtensorMap &mapGradC,
   constexpr int bytes = Layout<BN, Stages>::SharedBytes;
   const int64_t bound = ((p.k + kTileM * Cluster - 1) / (kTileM * Cluster)) *
                         ((p.n + BN - 1) / BN) * int64_t(p.groups);
-  return launchPersistent<Cluster, kernel>(bytes, bound, ctas, stream, mapA,
-                                           mapGradC, p);
+  return launchPersistent<Cluster, kernel>(bytes, bound, ctas, stream, false,
+                                           mapA, mapGradC, p);
 }
 
 } // namespace flex::cuda::hopper

@@ -15,8 +15,10 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace flex::cuda {
 
@@ -71,6 +73,9 @@ Status KernelContext::create(std::unique_ptr<KernelContext> &context) {
       !s)
     return Status(StatusCode::Unavailable, s.message());
   result->computeCapability_ = major * 10 + minor;
+  if (const char *pdl = std::getenv("FLEX_PDL"))
+    result->dependentLaunches =
+        std::string_view(pdl) == "1" && result->computeCapability_ >= 90;
   // A blocking stream: it waits for work the caller queued on the legacy
   // default stream (cudaMemcpy of the inputs) without an explicit event.
   if (Status s = checkCuda(cudaStreamCreate(&result->ownStream_),

@@ -18,6 +18,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "CudaSupport.cuh"
+#include "DependentLaunch.cuh"
 #include "RouterInternal.h"
 
 #include <cublas_v2.h>
@@ -475,6 +476,8 @@ __global__ void __launch_bounds__(kThreads)
                           float *__restrict__ logits) {
   __shared__ __align__(16) float xs[TT][kFewChunk];
   __shared__ float partial[kFewWarps][TT][32];
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TT;
   const int64_t e = static_cast<int64_t>(blockIdx.y) * 32 + lane;
@@ -555,6 +558,8 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void routerSplitSumKernel(const float *__restrict__ partial,
                                      int64_t splits, int64_t count,
                                      float *__restrict__ logits) {
+  detail::waitForPrerequisiteGrids();
+  detail::allowDependentGrids();
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= count)
     return;
@@ -644,10 +649,10 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
       const bool vectorX = detail::vectorizable(modelDim, sizeof(TX), {x.data});
       auto launch = [&](auto kernel) {
         dim3 grid(tokenTiles, expertTiles, static_cast<unsigned>(splits));
-        kernel<<<grid, kThreads, 0, ctx.stream()>>>(
-            static_cast<const TX *>(x.data), static_cast<const TW *>(wg.data),
-            out, tokens, modelDim, experts, vectorX, chunksPerSplit * kFewChunk,
-            tickets, logits);
+        detail::launchDependent(
+            ctx, kernel, grid, kThreads, 0, static_cast<const TX *>(x.data),
+            static_cast<const TW *>(wg.data), out, tokens, modelDim, experts,
+            vectorX, chunksPerSplit * kFewChunk, tickets, logits);
       };
       if (tileTokens == 4)
         launch(routerFewTokensKernel<TX, TW, 4>);
@@ -660,8 +665,9 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
       if (splits == 1 || tickets)
         return Status::ok();
       const int64_t count = tokens * experts;
-      routerSplitSumKernel<<<detail::gridFor(count, kThreads), kThreads, 0,
-                             ctx.stream()>>>(out, splits, count, logits);
+      detail::launchDependent(ctx, routerSplitSumKernel,
+                              detail::gridFor(count, kThreads), kThreads, 0,
+                              out, splits, count, logits);
       return checkLaunch("router split sum kernel");
     });
   });

@@ -112,6 +112,11 @@ public:
   /// RuntimeOptions::wgmmaTile: the wgmma kernel's tile where a call asks
   /// for its default (Auto: each GEMM's measured one).
   WgmmaTile wgmmaTile = WgmmaTile::Auto;
+  /// Programmatic dependent launches for the decode chain's kernels (the
+  /// router, the gate, the slot map, the device GEMMs, the combine:
+  /// DependentLaunch.cuh), sm_90 and up. Off until a GPU has timed them;
+  /// FLEX_PDL=1 turns them on in new contexts, to measure.
+  bool dependentLaunches = false;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
   /// multi-rank backend waits through its device communicator, whose wait
