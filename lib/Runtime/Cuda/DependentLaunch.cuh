@@ -1,4 +1,5 @@
-//===- DependentLaunch.cuh - Programmatic dependent launches -----*- CUDA -*-===//
+//===- DependentLaunch.cuh - Programmatic dependent launches -----*- CUDA
+//-*-===//
 //
 // Part of Flex, an MLIR-based compiler and runtime for Mixture-of-Experts.
 //
@@ -22,6 +23,11 @@
 // compiled for an older architecture (JIT from its PTX: the calls compiled
 // out), launchDependent is a plain launch and both calls do nothing.
 //
+// Inputs the previous kernel writes should not be `const __restrict__`
+// where the compiler could hoist their loads (ld.global.nc) above the
+// wait; the converted kernels' PTX has every global access after it
+// (checked with nvcc -ptx for compute_90 when they were converted).
+//
 //===----------------------------------------------------------------------===//
 
 #ifndef LIB_RUNTIME_CUDA_DEPENDENTLAUNCH_CUH
@@ -31,8 +37,8 @@
 
 #include <cuda_runtime.h>
 
+#include <map>
 #include <mutex>
-#include <unordered_map>
 #include <utility>
 
 namespace flex::cuda::detail {
@@ -54,23 +60,26 @@ __device__ __forceinline__ void allowDependentGrids() {
 #endif
 }
 
-/// Whether the image the device runs of `kernel` was compiled for sm_90 or
-/// later (cudaFuncAttributes::ptxVersion): one JIT-compiled from older PTX
-/// has no griddepcontrol.wait, and launching it as a dependent would let it
-/// read what the kernel before it still writes. Asked once per kernel.
+/// Whether the image the current device runs of `kernel` was compiled for
+/// sm_90 or later (cudaFuncAttributes::ptxVersion): one JIT-compiled from
+/// older PTX has no griddepcontrol.wait, and launching it as a dependent
+/// would let it read what the kernel before it still writes. Asked once per
+/// device and kernel; a failed query is not kept (its error stays pending
+/// for the launch's check).
 inline bool waitsForPrerequisites(const void *kernel) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess)
+    return false;
   static std::mutex mutex;
-  static std::unordered_map<const void *, bool> known;
+  static std::map<std::pair<int, const void *>, bool> known;
   std::lock_guard<std::mutex> lock(mutex);
-  auto [found, added] = known.try_emplace(kernel, false);
-  if (added) {
-    cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess)
-      found->second = attributes.ptxVersion >= 90;
-    else
-      cudaGetLastError(); // (a plain launch then reports what is wrong)
-  }
-  return found->second;
+  const auto key = std::make_pair(device, kernel);
+  if (auto found = known.find(key); found != known.end())
+    return found->second;
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess)
+    return false;
+  return known[key] = attributes.ptxVersion >= 90;
 }
 
 /// The launch attribute of a programmatic dependent launch of `kernel`, in
@@ -79,7 +88,8 @@ inline bool waitsForPrerequisites(const void *kernel) {
 inline bool dependentLaunchAttribute(const KernelContext &ctx,
                                      const void *kernel,
                                      cudaLaunchAttribute &attribute) {
-  if (!ctx.dependentLaunches || !waitsForPrerequisites(kernel))
+  if (!ctx.dependentLaunches || ctx.computeCapability() < 90 ||
+      !waitsForPrerequisites(kernel))
     return false;
   attribute = {};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;

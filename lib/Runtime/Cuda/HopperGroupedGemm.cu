@@ -55,7 +55,7 @@ Status launch(KernelContext &ctx, const CUtensorMap &mapA,
       hopper::launchRaggedM<T, BN, Stages, BKMajor, PingPong, Glu, Gather,
                             Cluster, Store, Act, Combine, DirectStore>(
           mapA, mapB, mapUp ? *mapUp : mapB, params, ctx.multiprocessors(),
-          ctx.stream(), ctx.dependentLaunches),
+          ctx.stream(), ctx.dependentLaunches && ctx.computeCapability() >= 90),
       "grouped GEMM kernel (wgmma)");
 }
 
