@@ -44,7 +44,7 @@ if [[ ${PART:-tests} == tests ]]; then
   exit 0
 fi
 if [[ $PART == decode ]]; then
-  timeout 120 "$B/bin/flex-gate-bench" --iters 25 > "$LOGS/gate-bench.log" 2>  timeout 90 "$B/bin/flex-gate-bench" --iters 50 > "$LOGS/gate-bench.log" 2>&11
+  timeout 120 "$B/bin/flex-gate-bench" --iters 25 > "$LOGS/gate-bench.log" 2>&1
   echo "== flex-gate-bench (exit $?)"
   sed -n '/^shape (us)/,/^$/p' "$LOGS/gate-bench.log" | head -20
   sed -n '/^router,/,$p' "$LOGS/gate-bench.log" | head -8
