@@ -436,12 +436,12 @@ TEST(CudaGatePathLimits, OneBlockTakesTheDecodeShapes) {
 }
 
 /// The lane kernel's last block routes D1's gate (T 256, E 64, k 6: 1536
-/// pairs) up to 4096 pairs, never a prioritized order (it needs the sort).
+/// pairs) up to 2048 pairs, never a prioritized order (it needs the sort).
 TEST(CudaGatePathLimits, LaneKernelRoutesDecodeShapes) {
   using cuda::detail::gateLanesRouteApplies;
   EXPECT_TRUE(gateLanesRouteApplies(256, 64, 6, false));
-  EXPECT_TRUE(gateLanesRouteApplies(512, 64, 8, false)); // 4096 pairs
-  EXPECT_FALSE(gateLanesRouteApplies(513, 64, 8, false));
+  EXPECT_TRUE(gateLanesRouteApplies(256, 64, 8, false)); // 2048 pairs
+  EXPECT_FALSE(gateLanesRouteApplies(257, 64, 8, false));
   EXPECT_TRUE(gateLanesRouteApplies(1, 256, 8, false));
   EXPECT_FALSE(gateLanesRouteApplies(256, 64, 6, true));  // prioritized
   EXPECT_FALSE(gateLanesRouteApplies(0, 64, 6, false));   // no tokens

@@ -708,15 +708,19 @@ detail::LaneTokenArgs laneTokenArgs(const float *logits, int64_t tokens,
 } // namespace
 
 /// Whether Auto lets the lane kernel's last block route the slots where
-/// gateLanesRouteApplies: not until a GPU has run its tests and timed it
-/// against the scan and location kernels (bench/gpu_session18.sh; written
-/// in a session whose device was paused). GatePath::Lanes takes it.
-constexpr bool kAutoRoutesInLaneKernel = false;
-/// Auto's choice, or FLEX_GATE_ROUTE=last-block to time the layers with it
-/// (a knob of the measurements, as HopperGroupedGemm.cu's FLEX_WGMMA_*).
+/// gateLanesRouteApplies (and prefers it to the one-block gate there):
+/// on an H100 (flex-gate-bench, E 64, 2026-12-07) 20.9 us against 25.1 for
+/// the lane, scan and location kernels at T 256, k 6, and 19.7 against
+/// 22.5 for the one-block gate at T 128, k 8 (16.2 against 15.9 at T 32).
+constexpr bool kAutoRoutesInLaneKernel = true;
+/// Auto's choice; FLEX_GATE_ROUTE=last-block or =kernels to time the layers
+/// with either (a knob of the measurements, as HopperGroupedGemm.cu's
+/// FLEX_WGMMA_*).
 bool autoRoutesInLaneKernel() {
   static const bool routes = [] {
     const char *v = std::getenv("FLEX_GATE_ROUTE");
+    if (v && std::string_view(v) == "kernels")
+      return false;
     return v ? std::string_view(v) == "last-block" : kAutoRoutesInLaneKernel;
   }();
   return routes;
@@ -755,8 +759,11 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
                       std::to_string(tokens) + ", E " +
                       std::to_string(experts) + ", k " +
                       std::to_string(attrs.topK) + (bp ? " prioritized" : ""));
+  const bool autoRoutes =
+      path == GatePath::Auto && autoRoutesInLaneKernel() &&
+      gateLanesRouteApplies(tokens, experts, attrs.topK, bp);
   if (path == GatePath::OneBlock ||
-      (path == GatePath::Auto &&
+      (path == GatePath::Auto && !autoRoutes &&
        gateOneBlockPreferred(tokens, experts, attrs.topK, bp))) {
     detail::launchGateOneBlock(ctx, logits, tokens, experts, attrs, out);
     return report("gate one-block kernel");

@@ -11,9 +11,10 @@
 //    writes what the 32-row tile kernel of Gate.cu writes (scores, indices,
 //    gates, the [loss-1] partial sums, first-choice counts, the [loc-1]
 //    chunk counts or the batch-prioritized keys) and Gate.cu's scan and
-//    location kernels follow it; or, up to 4096 (choice, token) pairs
-//    (GatePath::Lanes), its last block locates every slot and writes
-//    [cap-1], offsets, rows and l_aux itself, with no memset before it;
+//    location kernels follow it; or, up to 2048 (choice, token) pairs
+//    (GatePath::Lanes, Auto's choice there), its last block locates every slot
+//    and writes [cap-1], offsets, rows and l_aux itself, with no memset before
+//    it;
 //  - the one-block kernel for few tokens: the same token work, then the
 //    batch-prioritized order, the locations, [cap-1], offsets, rows and
 //    l_aux in the same launch, so a decode-sized gate is one launch instead
@@ -69,8 +70,10 @@ constexpr int64_t kOneBlockLaneTokens = 4 * kOneBlockThreads;
 constexpr int64_t kOneBlockPairs = 8 * kOneBlockThreads;
 constexpr int64_t kOneBlockPrioritizedTokens = 256;
 /// gateLanesRouteApplies: (choice, token) pairs the lane kernel's last block
-/// locates, 16 rounds of its 256 threads (D1, T 256 x k 6, is 6).
-constexpr int64_t kLaneRoutePairs = 16 * kLaneThreads;
+/// locates, 8 rounds of its 256 threads (D1, T 256 x k 6, is 6). On an H100
+/// (E 64, k 6) it beat the scan and location kernels at 1536 pairs (20.9
+/// against 25.1 us) and lost at 3072 (26.2 against 25.3) and 4080.
+constexpr int64_t kLaneRoutePairs = 8 * kLaneThreads;
 
 /// ranksAbove (GateDevice.cuh) as an unsigned order: NaN is 1, -0 is +0,
 /// every other float maps monotonically above 1 (-inf to 0x007fffff); 0 is

@@ -20,9 +20,9 @@
 
 namespace flex::cuda::detail {
 
-/// Auto: OneBlock where gateOneBlockPreferred, else LanesScan where
-///   gateFusedApplies, else Legacy. (Lanes' last-block routing joins Auto
-///   once a GPU has measured it: kAutoRoutesInLaneKernel in Gate.cu.)
+/// Auto: Lanes routed in its last block where gateLanesRouteApplies, else
+///   OneBlock where gateOneBlockPreferred, else LanesScan where
+///   gateFusedApplies, else Legacy (kAutoRoutesInLaneKernel in Gate.cu).
 /// Legacy: one thread per token over global memory (the pre-fusion gate).
 /// Tile: the fused token kernel with 32 rows per block in shared memory and
 ///   the per-token work one thread per token (Legacy beyond its limits).
@@ -52,7 +52,7 @@ bool gateOneBlockPreferred(int64_t tokens, int64_t experts, int64_t topK,
 
 /// Where the lane kernel's last block routes the slots: the fused limits,
 /// T > 0, no batch-prioritized order (it needs the sort first) and at most
-/// kLaneRoutePairs (choice, token) pairs: one block's location pass over
+/// kLaneRoutePairs (2048) (choice, token) pairs: one block's location pass over
 /// them costs less than the scan and location launches it replaces.
 bool gateLanesRouteApplies(int64_t tokens, int64_t experts, int64_t topK,
                            bool batchPrioritized);

@@ -520,15 +520,19 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = 0; t < TT; ++t)
     partial[warp][t][lane] = acc[t];
   __syncthreads();
-  const int t = tid / 32;
-  const bool stores = tid < TT * 32 && t0 + t < tokens && e < experts;
-  if (stores) {
+  // The tile's TT x 32 sums, a thread each in rounds of the block (TT 16
+  // has two per thread: 256 threads).
+  const int64_t count = tokens * experts;
+  for (int cell = tid; cell < TT * 32; cell += kThreads) {
+    const int t = cell / 32;
+    if (t0 + t >= tokens || e >= experts)
+      continue;
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kFewWarps; ++w)
       sum = __fadd_rn(sum, partial[w][t][lane]);
-    out[static_cast<int64_t>(blockIdx.z) * tokens * experts +
-        (t0 + t) * experts + e] = sum;
+    out[static_cast<int64_t>(blockIdx.z) * count + (t0 + t) * experts + e] =
+        sum;
   }
   if (!tickets)
     return;
@@ -544,14 +548,19 @@ __global__ void __launch_bounds__(kThreads)
       *ticket = 0;
   }
   __syncthreads();
-  if (!lastSplit || !stores)
+  if (!lastSplit)
     return;
   __threadfence();
-  const int64_t cell = (t0 + t) * experts + e, count = tokens * experts;
-  float sum = 0.0f;
-  for (unsigned z = 0; z < gridDim.z; ++z)
-    sum = __fadd_rn(sum, __ldcg(out + z * count + cell));
-  logits[cell] = sum;
+  for (int cell = tid; cell < TT * 32; cell += kThreads) {
+    const int t = cell / 32;
+    if (t0 + t >= tokens || e >= experts)
+      continue;
+    const int64_t at = (t0 + t) * experts + e;
+    float sum = 0.0f;
+    for (unsigned z = 0; z < gridDim.z; ++z)
+      sum = __fadd_rn(sum, __ldcg(out + z * count + at));
+    logits[at] = sum;
+  }
 }
 
 /// logits = the splits' sums added in split order (the same bits every run).
@@ -579,14 +588,18 @@ __global__ void routerSplitSumKernel(const float *__restrict__ partial,
 constexpr int64_t kFewSplitChunks = 2;
 
 /// Whether Auto adds the K splits in each tile's last block instead of a
-/// second kernel: not until a GPU has run its tests and timed it (written in
-/// a session whose device was paused; RouterPath::FewTokensLastSplit).
-constexpr bool kAutoSumsInLastSplit = false;
-/// Auto's choice, or FLEX_ROUTER_SUM=last-split to time the layers with it
-/// (a knob of the measurements, as HopperGroupedGemm.cu's FLEX_WGMMA_*).
+/// second kernel (RouterPath::FewTokensLastSplit): the same bits, 0.5-0.7 us
+/// less on an H100 (flex-gate-bench, d 2048, E 64, T 32 to 2048,
+/// 2026-12-07).
+constexpr bool kAutoSumsInLastSplit = true;
+/// Auto's choice; FLEX_ROUTER_SUM=last-split or =kernel to time the layers
+/// with either (a knob of the measurements, as HopperGroupedGemm.cu's
+/// FLEX_WGMMA_*).
 bool autoSumsInLastSplit() {
   static const bool sums = [] {
     const char *v = std::getenv("FLEX_ROUTER_SUM");
+    if (v && std::string_view(v) == "kernel")
+      return false;
     return v ? std::string_view(v) == "last-split" : kAutoSumsInLastSplit;
   }();
   return sums;
@@ -615,16 +628,21 @@ Status routerFewTokens(KernelContext &ctx, ReadBuffer x, ReadBuffer wg,
                        int64_t experts, bool sumInLastSplit,
                        int tileTokensAsked) {
   const unsigned expertTiles = detail::gridFor(experts, 32, 65535);
-  const bool small =
-      int64_t{detail::gridFor(tokens, 8, INT32_MAX)} * expertTiles <
-      ctx.multiprocessors();
-  const int tileTokens =
-      tileTokensAsked ? tileTokensAsked : routerTileTokens(small ? 4 : 8);
   const int64_t chunks =
       std::max<int64_t>(1, (modelDim + kFewChunk - 1) / kFewChunk);
   const int64_t chunksPerSplit =
       std::max(kFewSplitChunks, (chunks + 65534) / 65535);
   const int64_t splits = (chunks + chunksPerSplit - 1) / chunksPerSplit;
+  // 8 tokens a block (each block re-reads its split of wg from L2) unless
+  // its blocks, splits counted, would fill fewer than half the SMs: on an
+  // H100 (d 2048, E 64, flex-gate-bench, 2026-12-07) 8 took 13.5 us against
+  // 16.3 for 4 at T 256 and 11.3 against 12.2 at T 128, 4 took 10.8 against
+  // 12.2 at T 32.
+  const bool small =
+      int64_t{detail::gridFor(tokens, 8, INT32_MAX)} * expertTiles * splits <
+      ctx.multiprocessors() / 2;
+  const int tileTokens =
+      tileTokensAsked ? tileTokensAsked : routerTileTokens(small ? 4 : 8);
   float *out = logits;
   uint32_t *tickets = nullptr;
   const unsigned tokenTiles = detail::gridFor(tokens, tileTokens, INT32_MAX);
