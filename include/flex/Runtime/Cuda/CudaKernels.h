@@ -114,8 +114,9 @@ public:
   WgmmaTile wgmmaTile = WgmmaTile::Auto;
   /// Programmatic dependent launches for the decode chain's kernels (the
   /// router, the gate, the slot map, the device GEMMs, the combine:
-  /// DependentLaunch.cuh), sm_90 and up. Off until a GPU has timed them;
-  /// FLEX_PDL=1 turns them on in new contexts, to measure.
+  /// DependentLaunch.cuh), sm_90 and up. Off: they gained nothing at D1 on
+  /// an H100 (bench/RESULTS.md Run 44); FLEX_PDL=1 turns them on in new
+  /// contexts, to measure.
   bool dependentLaunches = false;
 
   /// How the host waits for the stream; empty = cudaStreamSynchronize. A
