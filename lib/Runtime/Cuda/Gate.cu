@@ -729,6 +729,36 @@ bool autoRoutesInLaneKernel() {
 /// a zeroed scratch area its last block leaves zero again (no memset).
 constexpr int kRoutedGateSlot = 10;
 
+namespace {
+
+/// The routed lane gate (gateLanesRouteApplies): one launch whose last
+/// block writes the locations, [cap-1], rows, offsets and l_aux, with its
+/// sums, counts and ticket in a zeroed scratch area it leaves zero.
+Status launchRoutedLanes(KernelContext &ctx, const float *logits,
+                         int64_t tokens, int32_t E, int32_t k, bool normalize,
+                         double noiseScale, const GateAttrs &attrs,
+                         const GateOutputs &out) {
+  void *area = nullptr;
+  const int64_t firstOffset = (8 * int64_t{E} + 255) / 256 * 256,
+                ticketOffset = firstOffset + (4 * int64_t{E} + 255) / 256 * 256;
+  if (Status s = ctx.zeroedScratch(kRoutedGateSlot, ticketOffset + 4, area); !s)
+    return s;
+  char *bytes = static_cast<char *>(area);
+  GateScratch g{};
+  g.scoreSums = static_cast<double *>(area);
+  g.firstChoices = reinterpret_cast<int32_t *>(bytes + firstOffset);
+  detail::LaneTokenArgs args =
+      laneTokenArgs(logits, tokens, E, k, normalize, noiseScale, attrs, out, g);
+  args.chunkCounts = nullptr;
+  args.ticket = reinterpret_cast<uint32_t *>(bytes + ticketOffset);
+  args.attrs = &attrs;
+  args.outputs = &out;
+  detail::launchLaneTokens(ctx, args);
+  return Status::ok();
+}
+
+} // namespace
+
 bool detail::gateFusedApplies(int64_t experts, int64_t topK) {
   return experts >= 2 && experts <= kMaxFusedGateExperts &&
          std::clamp<int64_t>(topK, 1, experts) <= kMaxFusedTopK;
@@ -777,26 +807,10 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
       (path == GatePath::Lanes ||
        (path == GatePath::Auto && autoRoutesInLaneKernel())) &&
       gateLanesRouteApplies(tokens, experts, attrs.topK, bp)) {
-    // One launch: the lane kernel's last block writes the locations,
-    // [cap-1], rows, offsets and l_aux, and clears the sums it read.
-    void *area = nullptr;
-    const int64_t firstOffset = (8 * experts + 255) / 256 * 256,
-                  ticketOffset = firstOffset + (4 * experts + 255) / 256 * 256;
-    if (Status s = ctx.zeroedScratch(kRoutedGateSlot, ticketOffset + 4, area);
+    if (Status s = launchRoutedLanes(ctx, logits, tokens, E, k, normalize,
+                                     noiseScale, attrs, out);
         !s)
       return s;
-    GateScratch g{};
-    g.scoreSums = static_cast<double *>(area);
-    g.firstChoices =
-        reinterpret_cast<int32_t *>(static_cast<char *>(area) + firstOffset);
-    detail::LaneTokenArgs args = laneTokenArgs(logits, tokens, E, k, normalize,
-                                               noiseScale, attrs, out, g);
-    args.chunkCounts = nullptr;
-    args.ticket =
-        reinterpret_cast<uint32_t *>(static_cast<char *>(area) + ticketOffset);
-    args.attrs = &attrs;
-    args.outputs = &out;
-    detail::launchLaneTokens(ctx, args);
     return report("gate lane kernel, routed in its last block");
   }
   const int64_t length = tokens * k;
