@@ -55,6 +55,19 @@ struct RouterShape {
 
 class CudaRouterPaths : public ::testing::TestWithParam<RouterTypes> {};
 
+/// Fresh normal tokens, and weights scaled by 1 / sqrt(d) (logits of order
+/// one).
+void fillRouterInputs(std::mt19937_64 &rng, Buffer &x, Buffer &wg, int64_t d) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> values(x.count), weights(wg.count);
+  for (double &v : values)
+    v = normal(rng);
+  for (double &v : weights)
+    v = normal(rng) / std::sqrt(static_cast<double>(d));
+  x.set(values);
+  wg.set(weights);
+}
+
 TEST_P(CudaRouterPaths, MatchFp64) {
   FLEX_SKIP_WITHOUT_CUDA();
   const RouterTypes types = GetParam();
@@ -76,7 +89,6 @@ TEST_P(CudaRouterPaths, MatchFp64) {
       {3, 1800, 16, true},
       {40, 777, 300, false}};
   std::mt19937_64 rng(17);
-  std::normal_distribution<double> normal(0.0, 1.0);
   for (const RouterShape &s : shapes) {
     const int64_t T = s.tokens, d = s.width, E = s.experts;
     SCOPED_TRACE("T " + std::to_string(T) + ", d " + std::to_string(d) +
@@ -84,13 +96,7 @@ TEST_P(CudaRouterPaths, MatchFp64) {
                  (s.misaligned ? ", misaligned x" : ""));
     const int64_t skip = s.misaligned ? 1 : 0;
     Buffer x(types.x, T * d + skip), wg(types.wg, d * E);
-    std::vector<double> values(T * d + skip), weights(d * E);
-    for (double &v : values)
-      v = normal(rng);
-    for (double &v : weights)
-      v = normal(rng) / std::sqrt(static_cast<double>(d));
-    x.set(values);
-    wg.set(weights);
+    fillRouterInputs(rng, x, wg, d);
     // fp64 products of the stored values and the bound of their sums.
     std::vector<double> ref(T * E, 0.0), magnitude(T * E, 0.0);
     for (int64_t t = 0; t < T; ++t)
@@ -166,19 +172,6 @@ TEST_P(CudaRouterPaths, MatchFp64) {
                   static_cast<long long>(d), static_cast<long long>(E), worst);
     }
   }
-}
-
-/// Fresh normal tokens, and weights scaled by 1 / sqrt(d) (logits of order
-/// one).
-void fillRouterInputs(std::mt19937_64 &rng, Buffer &x, Buffer &wg, int64_t d) {
-  std::normal_distribution<double> normal(0.0, 1.0);
-  std::vector<double> values(x.count), weights(wg.count);
-  for (double &v : values)
-    v = normal(rng);
-  for (double &v : weights)
-    v = normal(rng) / std::sqrt(static_cast<double>(d));
-  x.set(values);
-  wg.set(weights);
 }
 
 // The few-token kernel's sums (K split over blocks included) follow d alone:
