@@ -4,40 +4,46 @@
 #     and router tests (Auto's routed lane gate up to 2048 pairs, the
 #     router's last-split sum, the 16-token tile's fix), the moe-run.cuda
 #     checks, memcheck over the gate and router, flex-gate-bench's decode
-#     shapes, and D1 / D2 under auto against the older forms (knobs).
+#     shapes, and D1 / D2 under auto against the older forms (knobs); then
+#     the goal table of "d1 d2 c3" in what is left of the call.
 #   PART=table: the goal table (bench/gpu_run.sh: PyTorch's layer, the
 #     GEMMs alone, Flex eager and as a graph, the chart) for TABLE_CONFIGS
-#     (default "c3 d1 d2 c1 c2"), on moe-run built here (no full build,
+#     (default "c1 c2 g1 g3"), on moe-run built here (no full build,
 #     no ctest: PART=verify ran the tests).
 # Run inside bench/baseline (bench/make_baseline.sh):
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> BUILD=/tmp/gb PART=verify bash bench/gpu_session19.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . bench/device_call.sh
+# goal_table CONFIGS: bench/gpu_run.sh on the moe-run built here, ending
+# by the call's 565th second; its results, chart and log in $OUT/table.
+goal_table() {
+  BENCH_SKIP="build ctest" BENCH_BUILD_DIR="$B" BENCH_ITERS="${TABLE_ITERS:-20}" \
+    BENCH_CONFIGS="$1" BENCH_DEADLINE=$((565 - SECONDS)) \
+    OUT="$OUT/table" bash bench/gpu_run.sh > "$LOGS/table.log" 2>&1
+  echo "gpu_run.sh ($1): exit $?"
+  tail -40 "$LOGS/table.log"
+  echo "done at ${SECONDS}s"
+}
 if [[ ${PART:-verify} == table ]]; then
   device_call "s19-table" -- moe-run
-  BENCH_SKIP="build ctest" BENCH_BUILD_DIR="$B" BENCH_ITERS="${TABLE_ITERS:-20}" \
-    BENCH_CONFIGS="${TABLE_CONFIGS:-c3 d1 d2 c1 c2}" BENCH_DEADLINE=$((560 - SECONDS)) \
-    OUT="$OUT/table" bash bench/gpu_run.sh > "$LOGS/table.log" 2>&1
-  echo "gpu_run.sh: exit $?"
-  tail -45 "$LOGS/table.log"
-  echo "done at ${SECONDS}s"
+  goal_table "${TABLE_CONFIGS:-c1 c2 g1 g3}"
   exit 0
 fi
 device_call "s19-verify" -DFLEX_ENABLE_TESTS=ON -- moe-run FlexCudaKernelsTests flex-gate-bench
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
-timeout 150 "$K" --gtest_filter='*CudaGate*:*CudaRouter*' > "$LOGS/gate.log" 2>&1
+timeout 120 "$K" --gtest_filter='*CudaGate*:*CudaRouter*' > "$LOGS/gate.log" 2>&1
 echo "gate and router tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/gate.log" | tr '\n' ' ')"
 grep -E '^\[  FAILED|Failure|Expected|Which is' "$LOGS/gate.log" | cut -c1-160 | head -20
 (cd "$B" && timeout 120 ctest -R 'moe-run.cuda' --output-on-failure > "$LOGS/moe-run-ctest.log" 2>&1)
 echo "ctest moe-run.cuda: exit $? $(grep -E 'tests passed|tests failed' "$LOGS/moe-run-ctest.log")"
 grep -E 'Failed|\*\*\*' "$LOGS/moe-run-ctest.log" | head -8
-timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$K" \
+timeout 60 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$K" \
   --gtest_filter='*CudaGatePaths.MatchTheCpuGate/E64_k6*:*CudaGatePathLimits*:*CudaRouterFewTokens*' \
   > "$LOGS/memcheck.log" 2>&1
 echo "memcheck: exit $? ($(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1); $(grep -cE '^\[       OK' "$LOGS/memcheck.log") ok)"
 echo "tests done at ${SECONDS}s"
-timeout 60 "$B/bin/flex-gate-bench" --iters 25 > "$LOGS/gate-bench.log" 2>&1
+timeout 40 "$B/bin/flex-gate-bench" --iters 25 > "$LOGS/gate-bench.log" 2>&1
 echo "== flex-gate-bench (exit $?)"
 sed -n '/^shape (us)/,/^$/p' "$LOGS/gate-bench.log" | head -20
 sed -n '/^router,/,$p' "$LOGS/gate-bench.log" | head -8
@@ -46,7 +52,6 @@ MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
 moe_run_row d1 d1_dropless.infer auto -- --graph
 moe_run_row d1-old-forms d1_dropless.infer auto FLEX_GATE_ROUTE=kernels FLEX_ROUTER_SUM=kernel FLEX_ROUTER_TILE_TOKENS=4 -- --graph
 moe_run_row d1-tt16 d1_dropless.infer auto FLEX_ROUTER_TILE_TOKENS=16 -- --graph
-moe_run_row d1-eager d1_dropless.infer auto
 moe_run_row d2 d2_dropless.infer auto -- --graph
-moe_run_row d2-old-forms d2_dropless.infer auto FLEX_GATE_ROUTE=kernels FLEX_ROUTER_SUM=kernel FLEX_ROUTER_TILE_TOKENS=4 -- --graph
-echo "done at ${SECONDS}s"
+echo "rows done at ${SECONDS}s"
+goal_table "${TABLE_CONFIGS:-d1 d2 c3}"
