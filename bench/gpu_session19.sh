@@ -4,7 +4,8 @@
 #     and router tests (Auto's routed lane gate up to 2048 pairs, the
 #     router's last-split sum, the 16-token tile's fix), the moe-run.cuda
 #     checks, memcheck over the gate and router, flex-gate-bench's decode
-#     shapes, and D1 / D2 under auto against the older forms (knobs); then
+#     shapes, D1 / D2 under auto against the older forms (knobs), the
+#     decode GEMMs and layers with raster bands of 1 M tile; then
 #     the goal table of "d1 d2 c3" in what is left of the call.
 #   PART=table: the goal table (bench/gpu_run.sh: PyTorch's layer, the
 #     GEMMs alone, Flex eager and as a graph, the chart) for TABLE_CONFIGS
@@ -30,7 +31,7 @@ if [[ ${PART:-verify} == table ]]; then
   goal_table "${TABLE_CONFIGS:-c1 c2 g1 g3}"
   exit 0
 fi
-device_call "s19-verify" -DFLEX_ENABLE_TESTS=ON -- moe-run FlexCudaKernelsTests flex-gate-bench
+device_call "s19-verify" -DFLEX_ENABLE_TESTS=ON -- moe-run FlexCudaKernelsTests flex-gate-bench flex-gemm-bench
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
 timeout 120 "$K" --gtest_filter='*CudaGate*:*CudaRouter*' > "$LOGS/gate.log" 2>&1
 echo "gate and router tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/gate.log" | tr '\n' ' ')"
@@ -53,5 +54,15 @@ moe_run_row d1 d1_dropless.infer auto -- --graph
 moe_run_row d1-old-forms d1_dropless.infer auto FLEX_GATE_ROUTE=kernels FLEX_ROUTER_SUM=kernel FLEX_ROUTER_TILE_TOKENS=4 -- --graph
 moe_run_row d1-tt16 d1_dropless.infer auto FLEX_ROUTER_TILE_TOKENS=16 -- --graph
 moe_run_row d2 d2_dropless.infer auto -- --graph
+# The decode GEMMs with raster bands of 1 M tile (each expert's column
+# tiles on CTAs running together: the same rows of B) against 8.
+for r in 8 1 2; do
+  FLEX_WGMMA_RASTER=$r timeout 40 "$B/bin/flex-gemm-bench" --iters 20 --only decode_t256,decode_t128_big \
+    > "$LOGS/gemm-decode-r$r.log" 2>&1
+  echo "== flex-gemm-bench decode, raster $r (exit $?)"
+  grep -E "^decode|wgmma 128x256|glu|gathered" "$LOGS/gemm-decode-r$r.log" | cut -c1-240
+done
+moe_run_row d1-raster1 d1_dropless.infer auto FLEX_WGMMA_RASTER=1 -- --graph
+moe_run_row d2-raster1 d2_dropless.infer auto FLEX_WGMMA_RASTER=1 -- --graph
 echo "rows done at ${SECONDS}s"
 goal_table "${TABLE_CONFIGS:-d1 d2 c3}"

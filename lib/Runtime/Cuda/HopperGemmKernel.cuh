@@ -116,7 +116,7 @@ struct RaggedMParams {
   /// kept row sums the token into combine.out (CombineInStore.cuh).
   detail::CombineInStore combine;
   /// M tiles per raster band (kRasterM; FLEX_WGMMA_RASTER sets it to
-  /// measure others), at least the cluster's CTAs.
+  /// measure others); below two cluster tiles, one M tile a band.
   int32_t rasterM = kRasterM;
 };
 
@@ -156,7 +156,9 @@ __device__ __forceinline__ TileWork tileAt(const RaggedMParams &p, int64_t t,
                                            int64_t mTiles, int32_t nTiles,
                                            int bn, uint32_t rank) {
   constexpr int64_t TileRows = kTileM * Cluster;
-  const int64_t BandM = p.rasterM / Cluster;
+  // (A band of one M tile walks each M tile's columns in turn: the CTAs
+  // running together read the same rows of B.)
+  const int64_t BandM = p.rasterM >= 2 * Cluster ? p.rasterM / Cluster : 1;
   const int64_t bandTiles = BandM * nTiles;
   const int64_t band = t / bandTiles, local = t % bandTiles;
   const int64_t firstM = band * BandM;

@@ -74,7 +74,7 @@ int32_t rasterBand() {
   static const int32_t band = [] {
     const char *v = std::getenv("FLEX_WGMMA_RASTER");
     const long n = v ? std::strtol(v, nullptr, 10) : 0;
-    return n >= 2 && n <= 1024 ? static_cast<int32_t>(n) : hopper::kRasterM;
+    return n >= 1 && n <= 1024 ? static_cast<int32_t>(n) : hopper::kRasterM;
   }();
   return band;
 }
