@@ -3,12 +3,12 @@
 #   PART=verify: builds, then what no GPU has run since 3a18f8c - the gate
 #     and router tests (Auto's routed lane gate up to 2048 pairs, the
 #     router's last-split sum, the 16-token tile's fix), the moe-run.cuda
-#     checks, memcheck over the gate and router, flex-gate-bench's decode
-#     shapes, D1 / D2 under auto against the older forms (knobs), the
-#     decode GEMMs and layers with raster bands of 1 M tile.
+#     checks, memcheck over the gate and router, the decode GEMMs and D1
+#     with raster bands of 1 M tile; then (unless TABLE=0) the goal table
+#     of D1, D2 and C3 in what is left of the call.
 #   PART=table: the goal table (bench/gpu_run.sh: PyTorch's layer, the
 #     GEMMs alone, Flex eager and as a graph, the chart) for TABLE_CONFIGS
-#     (default "d1 d2 c3 c1 c2"), on moe-run built here (no full build,
+#     (default "c1 c2 g1"), on moe-run built here (no full build,
 #     no ctest: PART=verify ran the tests).
 # Run inside bench/baseline (bench/make_baseline.sh):
 #   cd bench/baseline && OUT=$OUT FLEX_COMMIT=<sha> BUILD=/tmp/gb PART=verify bash bench/gpu_session19.sh
@@ -27,10 +27,10 @@ goal_table() {
 }
 if [[ ${PART:-verify} == table ]]; then
   device_call "s19-table" -- moe-run
-  goal_table "${TABLE_CONFIGS:-d1 d2 c3 c1 c2}"
+  goal_table "${TABLE_CONFIGS:-c1 c2 g1}"
   exit 0
 fi
-device_call "s19-verify" -DFLEX_ENABLE_TESTS=ON -- moe-run FlexCudaKernelsTests flex-gate-bench flex-gemm-bench
+device_call "s19-verify" -DFLEX_ENABLE_TESTS=ON -- moe-run FlexCudaKernelsTests flex-gemm-bench
 K="$B/unittests/Cuda/FlexCudaKernelsTests"
 timeout 120 "$K" --gtest_filter='*CudaGate*:*CudaRouter*' > "$LOGS/gate.log" 2>&1
 echo "gate and router tests: exit $? $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/gate.log" | tr '\n' ' ')"
@@ -43,24 +43,17 @@ timeout 60 compute-sanitizer --tool memcheck --report-api-errors no --error-exit
   > "$LOGS/memcheck.log" 2>&1
 echo "memcheck: exit $? ($(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1); $(grep -cE '^\[       OK' "$LOGS/memcheck.log") ok)"
 echo "tests done at ${SECONDS}s"
-timeout 40 "$B/bin/flex-gate-bench" --iters 25 > "$LOGS/gate-bench.log" 2>&1
-echo "== flex-gate-bench (exit $?)"
-sed -n '/^shape (us)/,/^$/p' "$LOGS/gate-bench.log" | head -20
-sed -n '/^router,/,$p' "$LOGS/gate-bench.log" | head -8
 . bench/moe_run_row.sh
 MOE_RUN="$B/bin/moe-run" ROW_LOGS="$LOGS"
-moe_run_row d1 d1_dropless.infer auto -- --graph
-moe_run_row d1-old-forms d1_dropless.infer auto FLEX_GATE_ROUTE=kernels FLEX_ROUTER_SUM=kernel FLEX_ROUTER_TILE_TOKENS=4 -- --graph
-moe_run_row d1-tt16 d1_dropless.infer auto FLEX_ROUTER_TILE_TOKENS=16 -- --graph
-moe_run_row d2 d2_dropless.infer auto -- --graph
 # The decode GEMMs with raster bands of 1 M tile (each expert's column
 # tiles on CTAs running together: the same rows of B) against 8.
-for r in 8 1 2; do
+for r in 8 1; do
   FLEX_WGMMA_RASTER=$r timeout 40 "$B/bin/flex-gemm-bench" --iters 20 --only decode_t256,decode_t128_big \
     > "$LOGS/gemm-decode-r$r.log" 2>&1
   echo "== flex-gemm-bench decode, raster $r (exit $?)"
   grep -E "^decode|wgmma 128x256|glu|gathered" "$LOGS/gemm-decode-r$r.log" | cut -c1-240
 done
 moe_run_row d1-raster1 d1_dropless.infer auto FLEX_WGMMA_RASTER=1 -- --graph
-moe_run_row d2-raster1 d2_dropless.infer auto FLEX_WGMMA_RASTER=1 -- --graph
-echo "done at ${SECONDS}s"
+moe_run_row d1 d1_dropless.infer auto -- --graph
+echo "rows done at ${SECONDS}s"
+[[ ${TABLE:-1} == 1 ]] && goal_table "${TABLE_CONFIGS:-d1 d2 c3}"
