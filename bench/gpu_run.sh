@@ -142,8 +142,11 @@ moe_run() {
   return $rc
 }
 flex_runs() {
-  local graph_flags=("")
-  grep -q -- "--graph" <<< "$("$MOE_RUN" --help 2>&1)" && graph_flags+=("--graph")
+  local graph_flags=("") settle=()
+  local help; help="$("$MOE_RUN" --help 2>&1)"
+  grep -q -- "--graph" <<< "$help" && graph_flags+=("--graph")
+  # Auto's exploring calls untimed: the rows time its settled choice.
+  grep -q -- "--settle" <<< "$help" && settle=(--settle 64)
   local failed=0
   # Correct first: the small plans against the fp64 reference, on the GPU.
   for plan in bench/plans/check_*.train.json; do
@@ -169,10 +172,10 @@ flex_runs() {
       for graph in "${graph_flags[@]}"; do
         local suffix=""; [[ -n "$graph" ]] && suffix="_graph"
         moe_run "flex_${cfg}_${mode}_fwd$suffix" "bench/plans/${cfg}_${mode}.infer.json" \
-            --inputs "$inputs" --iters "$ITERS" $graph || failed=1
+            --inputs "$inputs" --iters "$ITERS" "${settle[@]}" $graph || failed=1
         (( decode )) && continue  # decode rows: forward only
         moe_run "flex_${cfg}_${mode}_fwd_bwd$suffix" "bench/plans/${cfg}_${mode}.train.json" \
-            --inputs "$inputs" --iters "$ITERS" --train $graph || failed=1
+            --inputs "$inputs" --iters "$ITERS" --train "${settle[@]}" $graph || failed=1
       done
     done
     rm -rf "$inputs"

@@ -7,7 +7,8 @@
 # (FLEX_WGMMA=0, ...). Needs MOE_RUN (the binary) and ROW_LOGS (where
 # LABEL.json and LABEL.err go); ROW_ITERS timed calls (default 10; 30 for
 # VARIANT auto, whose first calls measure the candidates: with 10, call 47's
-# D1 row reported one of them, auto_exploring true).
+# D1 row reported one of them, auto_exploring true). Under auto, a moe-run
+# with --settle also leaves those calls untimed.
 moe_run_row() {
   local label=$1 plan=$2 variant=$3
   shift 3
@@ -17,9 +18,12 @@ moe_run_row() {
     env+=("$1")
     shift
   done
+  local settle=() help
+  help="$("$MOE_RUN" --help 2>&1)" # (grep -q on a pipe: SIGPIPE under pipefail)
+  [[ $variant == auto ]] && grep -q -- --settle <<< "$help" && settle=(--settle 64)
   env "${env[@]}" timeout 90 "$MOE_RUN" "bench/plans/$plan.json" --device cuda \
     --iters "${ROW_ITERS:-$([[ $variant == auto ]] && echo 30 || echo 10)}" \
-    --variant "$variant" --json "${flags[@]}" \
+    --variant "$variant" --json "${settle[@]}" "${flags[@]}" \
     > "$ROW_LOGS/$label.json" 2> "$ROW_LOGS/$label.err" ||
     { echo "$label failed: $(tail -2 "$ROW_LOGS/$label.err")"; return; }
   python3 - "$ROW_LOGS/$label.json" "$label" <<'PY'

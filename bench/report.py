@@ -79,6 +79,10 @@ def flex_entry(run):
     if "forward" not in run:
         return {"error": run.get("error", "no 'forward' in the moe-run output")}
     entry = {"variant": run.get("variant"), "layer": run.get("layer"), "stages": {}}
+    # Auto still measuring variants at the last call: the times are of a
+    # variant it tried, not of its choice (moe-run --settle avoids it).
+    if run.get("auto_exploring"):
+        entry["exploring"] = True
     total, is_median = 0.0, True
     for pass_name in ("forward", "backward"):
         record = run.get(pass_name)
@@ -179,7 +183,7 @@ def build_rows(results):
                     row["gemms_alone_ms"] = eg["median_ms"]
                 for graph in ("", "_graph"):
                     run = runs.get(f"{cfg}_{mode}_{pass_name}{graph}")
-                    if run and "total_ms" in run:
+                    if run and "total_ms" in run and not run.get("exploring"):
                         row["flex" + graph + "_ms"] = run["total_ms"]
                 for name in ("torch_ms", "gemms_alone_ms", "flex_ms", "flex_graph_ms"):
                     if name in row:
@@ -373,6 +377,10 @@ def print_table(results):
     failed_runs = {k: v for k, v in flex.get("runs", {}).items() if "error" in v}
     for key, run in failed_runs.items():
         print(f"Flex run {key} failed: {run['error']} {run.get('stderr', '').strip()[-200:]}")
+    for key, run in flex.get("runs", {}).items():
+        if run.get("exploring"):
+            print(f"Flex run {key} left out: auto was still measuring variants at its last "
+                  f"call ('{run.get('variant')}' timed, not its choice)")
     gemm, copy = ceilings(results)
     print(f"ceilings: bf16 GEMM 8192^3 {fmt(gemm, '.0f')} TFLOP/s, D2D copy {fmt(copy, '.2f')} TB/s")
     rows = build_rows(results)

@@ -40,6 +40,10 @@ struct Options {
   int64_t iters = 1;
   /// Untimed calls before the timed ones (--graph: at least 2).
   int64_t warmup = 1;
+  /// --settle N: with auto, calls that explore a variant are untimed (at
+  /// most N of them, then the calls are timed as they come), each followed
+  /// by the warm-up calls again; 0: every call after the warm-up is timed.
+  int64_t settle = 0;
   std::string device = "cpu";
   bool graph = false;
   /// --require-graph / --require-forward-graph: every timed pass (or every
@@ -202,6 +206,8 @@ struct LayerRun {
   std::vector<ArgumentBuffer> args;
   /// Untimed calls made before the timed ones.
   int64_t warmup = 0;
+  /// --settle: calls left untimed because auto explored a variant in them.
+  int64_t settleCalls = 0;
   StepTimes forwardTimes, backwardTimes;
   CheckReport check;
 

@@ -58,6 +58,10 @@ options:
   --warmup N        untimed calls before the timed ones (default 1, so the
                     first call's one-time costs are not timed; --graph makes
                     at least 2: the eager run and the one that records)
+  --settle N        with auto: a call in which it measures a variant it
+                    explores is not timed (at most N such calls; each is
+                    followed by the warm-up again), so the timed calls run
+                    its settled choice; the report counts them
   --device D        cpu (default) or cuda: with cuda the arguments live in
                     device memory (inputs copied in, outputs copied back for
                     --outputs and --check) and times come from CUDA events
@@ -160,6 +164,8 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
       options.iters = parseInteger(arg, value(), 1);
     } else if (arg == "--warmup") {
       options.warmup = parseInteger(arg, value(), 0);
+    } else if (arg == "--settle") {
+      options.settle = parseInteger(arg, value(), 1);
     } else if (arg == "--train") {
       options.train = true;
     } else if (arg == "--check") {

@@ -91,6 +91,7 @@ void printJson(const Options &options, const LayerRun &run) {
     out["explain"] = nlohmann::ordered_json::parse(run.explainJson);
   out["iters"] = options.iters;
   out["warmup"] = run.warmup;
+  out["settle_calls"] = run.settleCalls;
   out["seed"] = options.seed;
   out["device"] = options.device;
   out["graph"] = options.graph;
@@ -271,10 +272,15 @@ void printText(const Options &options, const LayerRun &run) {
                                  " backwards")
                                     .c_str()
                               : "");
+  if (run.settleCalls > 0)
+    std::printf("settle   %lld calls untimed while auto measured variants "
+                "(--settle)\n",
+                static_cast<long long>(run.settleCalls));
   if (run.exploring)
     std::printf("note     auto was still measuring variants at the last call "
                 "('%s' ran to be timed, not as its pick): these times are "
-                "not its choice's; time more calls (--iters)\n",
+                "not its choice's; time more calls (--iters) or let it "
+                "settle first (--settle)\n",
                 run.variantName);
   if (options.check)
     printCheck(run.check);

@@ -335,10 +335,26 @@ bool replayedGraph(FlexExecutable exe) {
   return replayed != 0;
 }
 
+/// Whether auto measured a variant it explores in the last call, on any
+/// rank (every rank then leaves the call untimed: the ranks' loops stay in
+/// step).
+bool exploredLastCall(FlexExecutable exe) {
+  char *json = nullptr;
+  checkApi(flexExecutableExplain(exe, &json), "explain");
+  auto explained = nlohmann::json::parse(json, nullptr, false);
+  flexFreeString(json);
+  std::vector<double> explored = {
+      explained.is_object() && explained.value("exploring", false) ? 1.0 : 0.0};
+  ranks.maxInPlace(explored);
+  return explored[0] > 0;
+}
+
 /// The calls: --warmup untimed ones (with --graph at least two: the eager
-/// run and the one that records), then the timed ones. The eager runs' step
-/// times are kept, as a replayed graph has none. Times are the largest over
-/// ranks (a step ends when its slowest rank does).
+/// run and the one that records), then the timed ones; with --settle a call
+/// in which auto explored a variant is untimed too, and the warm-up starts
+/// again after it. The eager runs' step times are kept, as a replayed graph
+/// has none. Times are the largest over ranks (a step ends when its slowest
+/// rank does).
 void runCalls(const Options &options, LayerRun &run) {
   DeviceBuffers device;
   std::vector<FlexBinding> bindings = bindArguments(options, run, device);
@@ -348,8 +364,9 @@ void runCalls(const Options &options, LayerRun &run) {
                      (options.graph ? FLEX_RUN_CUDA_GRAPH : 0);
   run.warmup =
       options.graph ? std::max<int64_t>(options.warmup, 2) : options.warmup;
-  for (int64_t iter = 0; iter < run.warmup + options.iters; ++iter) {
-    bool timed = iter >= run.warmup;
+  int64_t untimedLeft = run.warmup, timedCalls = 0;
+  int64_t settleLeft = run.automatic ? options.settle : 0;
+  for (int64_t call = 0; timedCalls < options.iters; ++call) {
     // Each call synchronizes (for its times), so the ranks' hosts resume at
     // different moments; without the barrier the first collective of the
     // next pass absorbs that skew.
@@ -360,11 +377,21 @@ void runCalls(const Options &options, LayerRun &run) {
                                    &runOptions),
              "forward");
     double forwardCall = microsSince(callStart);
+    bool timed = untimedLeft == 0;
+    if (settleLeft > 0 && exploredLastCall(run.exe)) {
+      --settleLeft;
+      ++run.settleCalls;
+      timed = false;
+      untimedLeft = run.warmup;
+    } else if (untimedLeft > 0) {
+      --untimedLeft;
+    }
+    timedCalls += timed;
     run.forwardReplays += timed && replayedGraph(run.exe);
     // Replays have no per-step times: with --graph they come from the
     // eager calls before the recording, the first left out (one-time
     // costs: cuBLAS's set-up read as a 43 ms router on an H100).
-    const bool stepsOnly = options.graph && iter > 0;
+    const bool stepsOnly = options.graph && call > 0;
     if (timed || stepsOnly)
       run.forwardTimes.add(run.exe, timed, forwardCall);
     if (options.train) {
