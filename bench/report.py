@@ -217,7 +217,7 @@ def stage_times(results, cfg, mode, pass_name):
     runs = results.get("flex", {}).get("runs", {})
     for graph, label in (("", "Flex"), ("_graph", "Flex graph")):
         run = runs.get(f"{cfg}_{mode}_{pass_name}{graph}")
-        if run and "total_ms" in run:
+        if run and "total_ms" in run and not run.get("exploring"):
             # A graph replays the whole pass at once: the per-step times moe-run
             # prints for it are not the steps' (they include the replay), so
             # the chart shows its total only.
@@ -414,7 +414,7 @@ def print_table(results):
         print("Flex stages (ms): gate / dispatch / experts / combine / other; forward "
               "dispatch, combine as % of the copy ceiling")
         for key, run in runs.items():
-            if run.get("stages"):
+            if run.get("stages") and not run.get("exploring"):
                 st = run["stages"]
                 line = f"  {key:<26}" + " / ".join(fmt(st.get(s), '.3f') for s in STAGES)
                 cfg = key.split("_")[0]

@@ -61,7 +61,8 @@ options:
   --settle N        with auto: a call in which it measures a variant it
                     explores is not timed (at most N such calls; each is
                     followed by the warm-up again), so the timed calls run
-                    its settled choice; the report counts them
+                    its settled choice; the report counts them (0: off,
+                    the default)
   --device D        cpu (default) or cuda: with cuda the arguments live in
                     device memory (inputs copied in, outputs copied back for
                     --outputs and --check) and times come from CUDA events
@@ -165,7 +166,7 @@ Options flex::moerun::parseOptions(int argc, char **argv) {
     } else if (arg == "--warmup") {
       options.warmup = parseInteger(arg, value(), 0);
     } else if (arg == "--settle") {
-      options.settle = parseInteger(arg, value(), 1);
+      options.settle = parseInteger(arg, value(), 0);
     } else if (arg == "--train") {
       options.train = true;
     } else if (arg == "--check") {
