@@ -227,6 +227,18 @@ void connectRanks(const Options &options, LayerRun &run) {
           "'" + options.path + "': " + flexGetLastError());
 }
 
+/// flexExecutableExplain's JSON (the text too, where asked), parsed; not
+/// an object if it does not parse.
+nlohmann::json explanation(FlexExecutable exe, std::string *text = nullptr) {
+  char *json = nullptr;
+  checkApi(flexExecutableExplain(exe, &json), "explain");
+  auto explained = nlohmann::json::parse(json, nullptr, false);
+  if (text)
+    *text = json;
+  flexFreeString(json);
+  return explained;
+}
+
 /// The variant the next (or, after the calls, the last) forward runs, and
 /// whether the cost model chose it.
 void readVariant(LayerRun &run) {
@@ -239,11 +251,7 @@ void readVariant(LayerRun &run) {
   checkApi(
       flexExecutableGetWorkspaceSize(run.exe, &run.planWorkspaceBytes, nullptr),
       "workspace size");
-  char *json = nullptr;
-  checkApi(flexExecutableExplain(run.exe, &json), "explain");
-  run.explainJson = json;
-  flexFreeString(json);
-  auto explained = nlohmann::json::parse(run.explainJson, nullptr, false);
+  auto explained = explanation(run.exe, &run.explainJson);
   run.automatic = explained.is_object() && explained.value("automatic", false);
   run.exploring = explained.is_object() && explained.value("exploring", false);
 }
@@ -339,10 +347,7 @@ bool replayedGraph(FlexExecutable exe) {
 /// rank (every rank then leaves the call untimed: the ranks' loops stay in
 /// step).
 bool exploredLastCall(FlexExecutable exe) {
-  char *json = nullptr;
-  checkApi(flexExecutableExplain(exe, &json), "explain");
-  auto explained = nlohmann::json::parse(json, nullptr, false);
-  flexFreeString(json);
+  auto explained = explanation(exe);
   std::vector<double> explored = {
       explained.is_object() && explained.value("exploring", false) ? 1.0 : 0.0};
   ranks.maxInPlace(explored);

@@ -789,11 +789,13 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
                       std::to_string(tokens) + ", E " +
                       std::to_string(experts) + ", k " +
                       std::to_string(attrs.topK) + (bp ? " prioritized" : ""));
-  const bool autoRoutes =
-      path == GatePath::Auto && autoRoutesInLaneKernel() &&
-      gateLanesRouteApplies(tokens, experts, attrs.topK, bp);
+  // The routed lane gate: asked for, or Auto's where it applies (before
+  // the one-block gate).
+  const bool routes = (path == GatePath::Lanes ||
+                       (path == GatePath::Auto && autoRoutesInLaneKernel())) &&
+                      gateLanesRouteApplies(tokens, experts, attrs.topK, bp);
   if (path == GatePath::OneBlock ||
-      (path == GatePath::Auto && !autoRoutes &&
+      (path == GatePath::Auto && !routes &&
        gateOneBlockPreferred(tokens, experts, attrs.topK, bp))) {
     detail::launchGateOneBlock(ctx, logits, tokens, experts, attrs, out);
     return report("gate one-block kernel");
@@ -803,10 +805,7 @@ Status detail::gateWith(KernelContext &ctx, const float *logits, int64_t tokens,
   const double noiseScale =
       attrs.noise != 0.0 ? attrs.noise / static_cast<double>(experts) : 0.0;
   const bool normalize = attrs.normalize && k > 1;
-  if (!legacy &&
-      (path == GatePath::Lanes ||
-       (path == GatePath::Auto && autoRoutesInLaneKernel())) &&
-      gateLanesRouteApplies(tokens, experts, attrs.topK, bp)) {
+  if (!legacy && routes) {
     if (Status s = launchRoutedLanes(ctx, logits, tokens, E, k, normalize,
                                      noiseScale, attrs, out);
         !s)
